@@ -1,0 +1,125 @@
+//! `kiln`: the command-line tool. `check` reports every diagnostic of a program; `compile`
+//! prints a stage of the pipeline (`--emit ast|ir`).
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use kiln_ir::DType;
+use kiln_lower::{Options, Program};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "kiln", version, about = "kiln: a kernel compiler and inference runtime for NVIDIA GPUs")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Parse and lower a program; print every diagnostic; exit non-zero on errors.
+    Check(ProgramArgs),
+    /// Compile a program and print the requested stage.
+    Compile {
+        #[command(flatten)]
+        program: ProgramArgs,
+        /// The stage to print.
+        #[arg(long, value_enum, default_value_t = Emit::Ir)]
+        emit: Emit,
+    },
+}
+
+#[derive(clap::Args)]
+struct ProgramArgs {
+    /// The .kiln source file.
+    file: PathBuf,
+    /// A Hugging Face config.json (or a model directory containing one) for the `config` block.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The dtype of params whose declaration names none.
+    #[arg(long, default_value = "f32")]
+    param_dtype: String,
+    /// Lower only this entry function (repeatable).
+    #[arg(long = "entry")]
+    entries: Vec<String>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Emit {
+    Ast,
+    Ir,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Check(args) => {
+            let (ok, _) = lower(&args)?;
+            Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        Command::Compile { program, emit } => match emit {
+            Emit::Ast => {
+                let source = std::fs::read_to_string(&program.file)
+                    .with_context(|| format!("reading {}", program.file.display()))?;
+                let mut sources = kiln_syntax::SourceMap::new();
+                let id = sources.add(program.file.display().to_string(), source.clone());
+                let (ast, diags) = kiln_syntax::parse(&source, id);
+                eprint!("{}", sources.render(&diags));
+                println!("{ast:#?}");
+                Ok(if diags.iter().any(|d| d.is_error()) { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+            }
+            Emit::Ir => {
+                let (ok, lowered) = lower(&program)?;
+                if let Some(lowered) = lowered {
+                    print!("{}", lowered.module);
+                }
+                Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            }
+        },
+    }
+}
+
+/// Reads a config.json given as a file or as a directory holding one.
+fn read_config(path: &Path) -> Result<serde_json::Value> {
+    let file = if path.is_dir() { path.join("config.json") } else { path.to_path_buf() };
+    let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", file.display()))
+}
+
+/// Loads and lowers a program, printing its diagnostics to stderr.
+fn lower(args: &ProgramArgs) -> Result<(bool, Option<kiln_lower::Lowered>)> {
+    let Some(param_dtype) = DType::from_name(&args.param_dtype) else {
+        bail!("unknown dtype `{}` for --param-dtype", args.param_dtype);
+    };
+    let config = args.config.as_deref().map(read_config).transpose()?;
+    let (program, mut diags) = Program::load(&args.file)
+        .with_context(|| format!("reading {}", args.file.display()))?;
+    let options = Options {
+        param_dtype,
+        entries: (!args.entries.is_empty()).then(|| args.entries.clone()),
+    };
+    let parse_failed = diags.iter().any(|d| d.is_error());
+    let lowered = if parse_failed {
+        None
+    } else {
+        let (lowered, mut more) = kiln_lower::lower(&program, config.as_ref(), &options);
+        diags.append(&mut more);
+        lowered
+    };
+    eprint!("{}", program.sources.render(&diags));
+    let errors = diags.iter().filter(|d| d.is_error()).count();
+    if errors > 0 {
+        eprintln!("{errors} error{} found", if errors == 1 { "" } else { "s" });
+    }
+    Ok((errors == 0, lowered))
+}
