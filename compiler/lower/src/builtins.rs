@@ -983,7 +983,7 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
                                 Val::Sym(s) => Some(Some(Dim::Sym(s))),
                                 Val::Poison => None,
                                 other => {
-                                    cx.err(e.span, format!("a slice bound must be an integer, found {}", other.describe()));
+                                    cx.err(e.span, format!("a slice bound must be an integer known at compile time, found {}", other.describe()));
                                     None
                                 }
                             },

@@ -732,8 +732,9 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
             self.bind(&p.name.name, Val::Tensor(v));
         }
         let result = self.block(&def.body);
+        let result_span = def.body.value.as_ref().map_or(def.body.span, |e| e.span);
         let result = match &def.ret {
-            Some(ret) => self.check_type(result, ret, "the result", def.body.span),
+            Some(ret) => self.check_type(result, ret, "the result", result_span),
             None => result,
         };
         let mut yields = Vec::new();
@@ -1212,9 +1213,10 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
                         self.err(
                             arg.span,
                             format!(
-                                "`{}` takes {} arguments, but more were given",
+                                "`{}` takes {} argument{}, but more were given",
                                 def.name.name,
-                                def.params.len()
+                                def.params.len(),
+                                if def.params.len() == 1 { "" } else { "s" }
                             ),
                         );
                         continue;
@@ -1262,8 +1264,9 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
             self.bind(&param.name.name, value);
         }
         let result = self.block(&def.body);
+        let result_span = def.body.value.as_ref().map_or(def.body.span, |e| e.span);
         let result = match &def.ret {
-            Some(ret) => self.check_type(result, ret, "the result", def.body.span),
+            Some(ret) => self.check_type(result, ret, "the result", result_span),
             None => result,
         };
         self.frames.pop();

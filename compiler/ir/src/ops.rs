@@ -1,0 +1,1126 @@
+//! The op table: the one place where every graph-IR operation is defined — its name in the
+//! text form, its operands and attributes, its shape and dtype rule, and (in `interp`) its
+//! meaning.
+//!
+//! Conventions shared by all ops:
+//! - The IR is strictly typed: element-wise binary ops take operands of one dtype (the
+//!   front end inserts `cast`s following docs/dtypes.md); shapes broadcast numpy-style
+//!   (right-aligned; a dim broadcasts when it is `1`; symbolic dims match only the same
+//!   symbol).
+//! - Axes in attributes are non-negative (the front end resolves negative axes).
+//! - A type rule failure is an [`IrError`] whose message names the op and every operand type
+//!   involved, e.g. "add: cannot broadcast f32[S, 64] with f32[S, 32]".
+//!
+//! Layout of this file: the [`Op`] enum (each variant's doc is its semantics); the names of
+//! the sub-operations (`op_names!`) and the dtypes they accept; the table proper,
+//! [`Op::spec`], one row per op with its name, operand count and region count; the type
+//! rules ([`Op::infer`] dispatching to one method per op); and the attributes that the
+//! text form shows ([`Op::attrs`] / [`Op::from_parts`]). The interpreter's `eval_op`
+//! matches the same enum.
+
+use crate::func::RegionSignature;
+use crate::types::{DType, Dim, Shape};
+use crate::{IrError, TensorType};
+use std::fmt;
+
+/// Element-wise operations of one operand. Result dtype = operand dtype, except `not`
+/// (bool → bool). Float-only: everything but `neg`, `abs` (any number) and `not` (bool).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum UnaryOp {
+    Neg,
+    Abs,
+    Exp,
+    Log,
+    Sqrt,
+    Rsqrt,
+    Sin,
+    Cos,
+    Tanh,
+    Sigmoid,
+    Erf,
+    Floor,
+    Ceil,
+    Recip,
+    Not,
+}
+
+/// Element-wise operations of two operands (broadcasting). Arithmetic ops keep the dtype;
+/// comparisons return bool; `and`/`or` take bools. `rem` is floored for floats and ints
+/// alike (the sign of the divisor, like Python's `%`); integer `div` is floor division.
+///
+/// Operand classes: `add sub mul div rem max min` take any number (not bool); `pow` takes
+/// floats; `lt le gt ge` take numbers; `eq ne` take any dtype (bool included); `and or`
+/// take bools. Float `max`/`min` return NaN when either operand is NaN. Integer arithmetic
+/// wraps at the dtype's width; integer `div`/`rem` by zero is a run-time error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BinaryOp {
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Rem,
+    Pow,
+    Max,
+    Min,
+    Eq,
+    Ne,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+    And,
+    Or,
+}
+
+/// Reductions over a set of axes. Float reductions accumulate in f64 in the interpreter;
+/// float `max`/`min` give NaN when any reduced element is NaN. Integer `sum`/`prod` wrap.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ReduceOp {
+    Sum,
+    Mean,
+    Max,
+    Min,
+    Prod,
+}
+
+/// Every operation of the graph IR.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Op {
+    /// A checkpoint tensor, looked up by `name` when the function runs. No operands.
+    Param {
+        name: String,
+        ty: TensorType,
+    },
+    /// A tensor of `shape` filled with `value` converted to `dtype` (as `cast` converts).
+    /// No operands. Symbolic dims in `shape` are bound from the function's inputs at run
+    /// time.
+    Full {
+        value: f64,
+        dtype: DType,
+        shape: Shape,
+    },
+    /// `[0, 1, ..., len-1]` as a 1-d tensor of a numeric `dtype`. No operands.
+    Arange {
+        len: Dim,
+        dtype: DType,
+    },
+    Unary(UnaryOp),
+    Binary(BinaryOp),
+    /// `select(cond: bool, a, b)`: broadcasting over all three; a and b share a dtype.
+    Select,
+    /// Converts every element to `to` (round to nearest even; floats to ints truncate toward
+    /// zero and saturate to the int's range, NaN becoming 0; ints to narrower ints wrap;
+    /// f16/bf16 overflow to inf; f8 saturates to the largest finite value and keeps NaN;
+    /// bool is 0/1 and anything nonzero, NaN included, casts to true).
+    Cast {
+        to: DType,
+    },
+    /// Reduces `axes` (sorted, unique, possibly none); `keep` leaves them as dims of size 1.
+    /// Dtypes: `mean` floats, the others any number. An empty reduction gives 0 (`sum`), 1
+    /// (`prod`), -inf / the int's minimum (`max`), +inf / the int's maximum (`min`), NaN
+    /// (`mean`).
+    Reduce {
+        op: ReduceOp,
+        axes: Vec<usize>,
+        keep: bool,
+    },
+    /// Index (i64) of the largest element along `axis`, the lowest index on ties; NaN counts
+    /// as the largest.
+    ArgMax {
+        axis: usize,
+        keep: bool,
+    },
+    /// Index (i64) of the smallest element along `axis`, the lowest index on ties; NaN
+    /// counts as the smallest (like numpy, both arg-reductions pick the first NaN).
+    ArgMin {
+        axis: usize,
+        keep: bool,
+    },
+    /// `a[..., M, K] @ b[..., K, N] -> [..., M, N]` with broadcast batch dims; both operands
+    /// of rank >= 2 and one dtype; floats accumulate in f64 in the interpreter.
+    MatMul,
+    /// Same elements in row-major order, new shape (equal element count; symbolic dims must
+    /// match as a multiset).
+    Reshape {
+        shape: Shape,
+    },
+    /// `out.dims[i] = in.dims[perm[i]]`.
+    Permute {
+        perm: Vec<usize>,
+    },
+    /// Broadcasts to `shape` (numpy rules; the operand's rank may be lower).
+    BroadcastTo {
+        shape: Shape,
+    },
+    /// Elements `start, start+step, ...` below `end` along `axis` (0 <= start <= end <= dim,
+    /// step >= 1; `end` may be symbolic only when it is the whole dim, and then start = 0 and
+    /// step = 1). A constant `end` on a symbolic dim is checked when the dim is bound.
+    Slice {
+        axis: usize,
+        start: u64,
+        end: Dim,
+        step: u64,
+    },
+    /// Joins operands (at least one, same dtype and rank) along `axis`; the other dims must
+    /// be equal. The joined dim must end up constant.
+    Concat {
+        axis: usize,
+    },
+    /// `gather(table, indices)` along `axis`, numpy `take`: the result shape is
+    /// `table[..axis] ++ indices.shape ++ table[axis+1..]`. Indices are integers; an index
+    /// out of range is a run-time error in the interpreter.
+    Gather {
+        axis: usize,
+    },
+    /// A fixed-count loop. Operands: `count` (an integer scalar) then the initial values of
+    /// the carried state. One region with arguments `(i: i64[], carried...)` that yields
+    /// the next carried state (same types). Results: the final carried state.
+    Loop,
+}
+
+// ---------------------------------------------------------------------------------------
+// Names of the sub-operations.
+// ---------------------------------------------------------------------------------------
+
+/// Gives an enum of sub-operations its text-form names: `name`, `from_name` and `ALL`.
+macro_rules! op_names {
+    ($ty:ident { $($variant:ident => $name:literal,)* }) => {
+        impl $ty {
+            /// Every variant, in declaration order.
+            pub const ALL: &'static [$ty] = &[$($ty::$variant),*];
+
+            /// The op's name in the text form.
+            pub fn name(self) -> &'static str {
+                match self {
+                    $($ty::$variant => $name,)*
+                }
+            }
+
+            /// The variant whose text-form name is `name`.
+            pub fn from_name(name: &str) -> Option<$ty> {
+                Self::ALL.iter().copied().find(|v| v.name() == name)
+            }
+        }
+    };
+}
+
+op_names!(UnaryOp {
+    Neg => "neg",
+    Abs => "abs",
+    Exp => "exp",
+    Log => "log",
+    Sqrt => "sqrt",
+    Rsqrt => "rsqrt",
+    Sin => "sin",
+    Cos => "cos",
+    Tanh => "tanh",
+    Sigmoid => "sigmoid",
+    Erf => "erf",
+    Floor => "floor",
+    Ceil => "ceil",
+    Recip => "recip",
+    Not => "not",
+});
+
+op_names!(BinaryOp {
+    Add => "add",
+    Sub => "sub",
+    Mul => "mul",
+    Div => "div",
+    Rem => "rem",
+    Pow => "pow",
+    Max => "max",
+    Min => "min",
+    Eq => "eq",
+    Ne => "ne",
+    Lt => "lt",
+    Le => "le",
+    Gt => "gt",
+    Ge => "ge",
+    And => "and",
+    Or => "or",
+});
+
+op_names!(ReduceOp {
+    Sum => "reduce_sum",
+    Mean => "reduce_mean",
+    Max => "reduce_max",
+    Min => "reduce_min",
+    Prod => "reduce_prod",
+});
+
+/// A set of element types that an operand may have.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DTypeClass {
+    Any,
+    /// Floats and integers, not bool.
+    Number,
+    Float,
+    Integer,
+    Bool,
+}
+
+impl DTypeClass {
+    pub fn admits(self, dtype: DType) -> bool {
+        match self {
+            DTypeClass::Any => true,
+            DTypeClass::Number => dtype != DType::Bool,
+            DTypeClass::Float => dtype.is_float(),
+            DTypeClass::Integer => dtype.is_int(),
+            DTypeClass::Bool => dtype == DType::Bool,
+        }
+    }
+
+    /// How an error message names the class: "expects {} operand".
+    pub fn describe(self) -> &'static str {
+        match self {
+            DTypeClass::Any => "any",
+            DTypeClass::Number => "a numeric (non-bool)",
+            DTypeClass::Float => "a float",
+            DTypeClass::Integer => "an integer",
+            DTypeClass::Bool => "a bool",
+        }
+    }
+}
+
+impl UnaryOp {
+    /// The dtypes the operand may have.
+    pub fn operand_class(self) -> DTypeClass {
+        match self {
+            UnaryOp::Neg | UnaryOp::Abs => DTypeClass::Number,
+            UnaryOp::Not => DTypeClass::Bool,
+            _ => DTypeClass::Float,
+        }
+    }
+}
+
+impl BinaryOp {
+    /// The dtypes the (equal-dtype) operands may have.
+    pub fn operand_class(self) -> DTypeClass {
+        use BinaryOp::*;
+        match self {
+            Add | Sub | Mul | Div | Rem | Max | Min | Lt | Le | Gt | Ge => DTypeClass::Number,
+            Pow => DTypeClass::Float,
+            Eq | Ne => DTypeClass::Any,
+            And | Or => DTypeClass::Bool,
+        }
+    }
+
+    /// Comparisons return bool; every other binary op keeps the operand dtype.
+    pub fn is_comparison(self) -> bool {
+        use BinaryOp::*;
+        matches!(self, Eq | Ne | Lt | Le | Gt | Ge)
+    }
+}
+
+impl ReduceOp {
+    /// The dtypes the operand may have (`mean` needs a float; the others any number).
+    pub fn operand_class(self) -> DTypeClass {
+        match self {
+            ReduceOp::Mean => DTypeClass::Float,
+            _ => DTypeClass::Number,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The table: one row per op with its name, operand count and region count. The type rule
+// of each op follows in `infer`, its attributes in `attrs`/`from_parts`, its meaning in
+// `interp::eval_op`.
+// ---------------------------------------------------------------------------------------
+
+/// How many operands an op takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arity {
+    Exactly(usize),
+    AtLeast(usize),
+}
+
+impl Arity {
+    pub fn admits(self, n: usize) -> bool {
+        match self {
+            Arity::Exactly(k) => n == k,
+            Arity::AtLeast(k) => n >= k,
+        }
+    }
+}
+
+impl fmt::Display for Arity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (prefix, n) = match *self {
+            Arity::Exactly(n) => ("", n),
+            Arity::AtLeast(n) => ("at least ", n),
+        };
+        let plural = if n == 1 { "" } else { "s" };
+        write!(f, "{prefix}{n} operand{plural}")
+    }
+}
+
+/// The facts of the op table that do not depend on operand types.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OpSpec {
+    /// The name in the text form (and in error messages).
+    pub name: &'static str,
+    pub operands: Arity,
+    /// The number of regions the op owns.
+    pub regions: usize,
+}
+
+const fn spec(name: &'static str, operands: Arity, regions: usize) -> OpSpec {
+    OpSpec {
+        name,
+        operands,
+        regions,
+    }
+}
+
+impl Op {
+    /// The op's row in the table.
+    pub fn spec(&self) -> OpSpec {
+        use Arity::{AtLeast, Exactly};
+        match self {
+            Op::Param { .. } => spec("param", Exactly(0), 0),
+            Op::Full { .. } => spec("full", Exactly(0), 0),
+            Op::Arange { .. } => spec("arange", Exactly(0), 0),
+            Op::Unary(u) => spec(u.name(), Exactly(1), 0),
+            Op::Binary(b) => spec(b.name(), Exactly(2), 0),
+            Op::Select => spec("select", Exactly(3), 0),
+            Op::Cast { .. } => spec("cast", Exactly(1), 0),
+            Op::Reduce { op, .. } => spec(op.name(), Exactly(1), 0),
+            Op::ArgMax { .. } => spec("argmax", Exactly(1), 0),
+            Op::ArgMin { .. } => spec("argmin", Exactly(1), 0),
+            Op::MatMul => spec("matmul", Exactly(2), 0),
+            Op::Reshape { .. } => spec("reshape", Exactly(1), 0),
+            Op::Permute { .. } => spec("permute", Exactly(1), 0),
+            Op::BroadcastTo { .. } => spec("broadcast_to", Exactly(1), 0),
+            Op::Slice { .. } => spec("slice", Exactly(1), 0),
+            Op::Concat { .. } => spec("concat", AtLeast(1), 0),
+            Op::Gather { .. } => spec("gather", Exactly(2), 0),
+            Op::Loop => spec("loop", AtLeast(1), 1),
+        }
+    }
+
+    /// The op's name in the text form.
+    pub fn name(&self) -> &'static str {
+        self.spec().name
+    }
+
+    /// The result types of this op applied to operands of the given types.
+    ///
+    /// Checks the operand and region counts of the table, then the op's shape and dtype
+    /// rule. Errors name the op and show the operand types involved.
+    pub fn infer(
+        &self,
+        operands: &[&TensorType],
+        regions: &[RegionSignature],
+    ) -> Result<Vec<TensorType>, IrError> {
+        let spec = self.spec();
+        if !spec.operands.admits(operands.len()) {
+            return Err(self.error(format!("expects {}, got {}", spec.operands, operands.len())));
+        }
+        if regions.len() != spec.regions {
+            let plural = if spec.regions == 1 { "" } else { "s" };
+            return Err(self.error(format!(
+                "expects {} region{plural}, got {}",
+                spec.regions,
+                regions.len()
+            )));
+        }
+        let rule = TypeRule { operands };
+        match self {
+            Op::Param { ty, .. } => Ok(vec![ty.clone()]),
+            Op::Full { dtype, shape, .. } => Ok(vec![TensorType::new(*dtype, shape.clone())]),
+            Op::Arange { len, dtype } => rule.arange(len, *dtype),
+            Op::Unary(u) => rule.unary(*u),
+            Op::Binary(b) => rule.binary(*b),
+            Op::Select => rule.select(),
+            Op::Cast { to } => Ok(vec![TensorType::new(*to, operands[0].shape.clone())]),
+            Op::Reduce { op, axes, keep } => rule.reduce(*op, axes, *keep),
+            Op::ArgMax { axis, keep } | Op::ArgMin { axis, keep } => rule.arg_reduce(*axis, *keep),
+            Op::MatMul => rule.matmul(),
+            Op::Reshape { shape } => rule.reshape(shape),
+            Op::Permute { perm } => rule.permute(perm),
+            Op::BroadcastTo { shape } => rule.broadcast_to(shape),
+            Op::Slice {
+                axis,
+                start,
+                end,
+                step,
+            } => rule.slice(*axis, *start, end, *step),
+            Op::Concat { axis } => rule.concat(*axis),
+            Op::Gather { axis } => rule.gather(*axis),
+            Op::Loop => rule.loop_(&regions[0]),
+        }
+        .map_err(|message| self.error(message))
+    }
+
+    /// An error about this op: "`name`: `message`".
+    pub fn error(&self, message: impl fmt::Display) -> IrError {
+        let message = message.to_string();
+        let prefix = format!("{}: ", self.name());
+        if message.starts_with(&prefix) {
+            IrError::new(message)
+        } else {
+            IrError::new(format!("{prefix}{message}"))
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Shape and dtype rules. Each returns the result types, or the error message without the
+// op's name (which `Op::infer` prefixes).
+// ---------------------------------------------------------------------------------------
+
+type RuleResult = Result<Vec<TensorType>, String>;
+
+/// One op's operands, as its type rule sees them.
+struct TypeRule<'a> {
+    operands: &'a [&'a TensorType],
+}
+
+/// `f32[4], f16[4]`: types for an error message.
+fn list_types(types: &[&TensorType]) -> String {
+    types
+        .iter()
+        .map(|t| t.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Broadcasts two dims: equal dims, or a constant `1` against anything.
+fn broadcast_dim(a: &Dim, b: &Dim) -> Option<Dim> {
+    if a == b {
+        Some(a.clone())
+    } else if *a == Dim::Const(1) {
+        Some(b.clone())
+    } else if *b == Dim::Const(1) {
+        Some(a.clone())
+    } else {
+        None
+    }
+}
+
+/// Broadcasts two shapes numpy-style (right-aligned), or `None` when a pair of dims clashes.
+pub fn broadcast_shapes(a: &Shape, b: &Shape) -> Option<Shape> {
+    let rank = a.rank().max(b.rank());
+    let one = Dim::Const(1);
+    let dim_at = |s: &Shape, i: usize| -> Dim {
+        // `i` counts from the left of the result; shorter shapes are padded with 1 on the left.
+        let pad = rank - s.rank();
+        if i < pad {
+            one.clone()
+        } else {
+            s.0[i - pad].clone()
+        }
+    };
+    (0..rank)
+        .map(|i| broadcast_dim(&dim_at(a, i), &dim_at(b, i)))
+        .collect::<Option<Vec<Dim>>>()
+        .map(Shape)
+}
+
+/// Whether `from` broadcasts to exactly `to` (the operand's dims are equal or `1`).
+pub fn broadcasts_to(from: &Shape, to: &Shape) -> bool {
+    if from.rank() > to.rank() {
+        return false;
+    }
+    let pad = to.rank() - from.rank();
+    from.0
+        .iter()
+        .zip(&to.0[pad..])
+        .all(|(f, t)| f == t || *f == Dim::Const(1))
+}
+
+/// The element count of a shape as (product of the constant dims, sorted symbols), or
+/// `None` when the constant product overflows.
+fn element_count(shape: &Shape) -> Option<(u64, Vec<&str>)> {
+    let mut product: u64 = 1;
+    let mut symbols = Vec::new();
+    for d in &shape.0 {
+        match d {
+            Dim::Const(n) => product = product.checked_mul(*n)?,
+            Dim::Sym(s) => symbols.push(s.as_str()),
+        }
+    }
+    symbols.sort_unstable();
+    Some((product, symbols))
+}
+
+impl TypeRule<'_> {
+    /// Checks that operand `index` has a dtype of `class`.
+    fn require_class(&self, index: usize, class: DTypeClass) -> Result<(), String> {
+        let ty = self.operands[index];
+        if class.admits(ty.dtype) {
+            Ok(())
+        } else {
+            Err(format!("expects {} operand, got {ty}", class.describe()))
+        }
+    }
+
+    /// Checks that an axis attribute names a dim of operand `index`.
+    fn require_axis(&self, index: usize, axis: usize) -> Result<(), String> {
+        let ty = self.operands[index];
+        if axis < ty.rank() {
+            Ok(())
+        } else {
+            Err(format!("axis {axis} out of range for {ty}"))
+        }
+    }
+
+    fn arange(&self, len: &Dim, dtype: DType) -> RuleResult {
+        if !DTypeClass::Number.admits(dtype) {
+            return Err(format!("expects a numeric dtype, got {dtype}"));
+        }
+        Ok(vec![TensorType::new(dtype, vec![len.clone()])])
+    }
+
+    fn unary(&self, op: UnaryOp) -> RuleResult {
+        self.require_class(0, op.operand_class())?;
+        Ok(vec![self.operands[0].clone()])
+    }
+
+    fn binary(&self, op: BinaryOp) -> RuleResult {
+        let (a, b) = (self.operands[0], self.operands[1]);
+        if a.dtype != b.dtype {
+            return Err(format!("operand dtypes differ: {a} and {b}"));
+        }
+        let class = op.operand_class();
+        if !class.admits(a.dtype) {
+            return Err(format!(
+                "expects {} operands, got {a} and {b}",
+                class.describe()
+            ));
+        }
+        let shape = broadcast_shapes(&a.shape, &b.shape)
+            .ok_or_else(|| format!("cannot broadcast {a} with {b}"))?;
+        let dtype = if op.is_comparison() {
+            DType::Bool
+        } else {
+            a.dtype
+        };
+        Ok(vec![TensorType::new(dtype, shape)])
+    }
+
+    fn select(&self) -> RuleResult {
+        let (cond, a, b) = (self.operands[0], self.operands[1], self.operands[2]);
+        if cond.dtype != DType::Bool {
+            return Err(format!("condition must be bool, got {cond}"));
+        }
+        if a.dtype != b.dtype {
+            return Err(format!("branch dtypes differ: {a} and {b}"));
+        }
+        let shape = broadcast_shapes(&cond.shape, &a.shape)
+            .and_then(|s| broadcast_shapes(&s, &b.shape))
+            .ok_or_else(|| format!("cannot broadcast {cond} with {a} and {b}"))?;
+        Ok(vec![TensorType::new(a.dtype, shape)])
+    }
+
+    /// The shape left after reducing `axes` (all in range, sorted, unique).
+    fn reduced_shape(&self, axes: &[usize], keep: bool) -> Result<Shape, String> {
+        let x = self.operands[0];
+        if let Some(&bad) = axes.iter().find(|&&a| a >= x.rank()) {
+            return Err(format!("axis {bad} out of range for {x}"));
+        }
+        if axes.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(format!("axes must be sorted and unique, got {axes:?}"));
+        }
+        let dims = x.shape.0.iter().enumerate().filter_map(|(i, d)| {
+            if !axes.contains(&i) {
+                Some(d.clone())
+            } else if keep {
+                Some(Dim::Const(1))
+            } else {
+                None
+            }
+        });
+        Ok(Shape(dims.collect()))
+    }
+
+    fn reduce(&self, op: ReduceOp, axes: &[usize], keep: bool) -> RuleResult {
+        self.require_class(0, op.operand_class())?;
+        let shape = self.reduced_shape(axes, keep)?;
+        Ok(vec![TensorType::new(self.operands[0].dtype, shape)])
+    }
+
+    fn arg_reduce(&self, axis: usize, keep: bool) -> RuleResult {
+        self.require_class(0, DTypeClass::Number)?;
+        self.require_axis(0, axis)?;
+        let shape = self.reduced_shape(&[axis], keep)?;
+        Ok(vec![TensorType::new(DType::I64, shape)])
+    }
+
+    fn matmul(&self) -> RuleResult {
+        let (a, b) = (self.operands[0], self.operands[1]);
+        if a.rank() < 2 || b.rank() < 2 {
+            return Err(format!("operands must have rank >= 2: {a} @ {b}"));
+        }
+        if a.dtype != b.dtype {
+            return Err(format!("operand dtypes differ: {a} @ {b}"));
+        }
+        if !DTypeClass::Number.admits(a.dtype) {
+            return Err(format!(
+                "expects numeric (non-bool) operands, got {a} @ {b}"
+            ));
+        }
+        let (ra, rb) = (a.rank(), b.rank());
+        let (m, k) = (&a.shape.0[ra - 2], &a.shape.0[ra - 1]);
+        let (k2, n) = (&b.shape.0[rb - 2], &b.shape.0[rb - 1]);
+        if k != k2 {
+            return Err(format!("inner dims differ: {a} @ {b}"));
+        }
+        let batch_a = Shape(a.shape.0[..ra - 2].to_vec());
+        let batch_b = Shape(b.shape.0[..rb - 2].to_vec());
+        let mut dims = broadcast_shapes(&batch_a, &batch_b)
+            .ok_or_else(|| format!("cannot broadcast batch dims of {a} @ {b}"))?
+            .0;
+        dims.push(m.clone());
+        dims.push(n.clone());
+        Ok(vec![TensorType::new(a.dtype, dims)])
+    }
+
+    fn reshape(&self, shape: &Shape) -> RuleResult {
+        let x = self.operands[0];
+        let same_count = match (element_count(&x.shape), element_count(shape)) {
+            (Some((0, _)), Some((0, _))) => true,
+            (Some(from), Some(to)) => from == to,
+            _ => false,
+        };
+        if !same_count {
+            return Err(format!("{x} has a different element count than {shape}"));
+        }
+        Ok(vec![TensorType::new(x.dtype, shape.clone())])
+    }
+
+    fn permute(&self, perm: &[usize]) -> RuleResult {
+        let x = self.operands[0];
+        let mut seen = vec![false; x.rank()];
+        let is_permutation = perm.len() == x.rank()
+            && perm
+                .iter()
+                .all(|&p| p < x.rank() && !std::mem::replace(&mut seen[p], true));
+        if !is_permutation {
+            return Err(format!(
+                "{perm:?} is not a permutation of the {} dims of {x}",
+                x.rank()
+            ));
+        }
+        let dims = perm
+            .iter()
+            .map(|&p| x.shape.0[p].clone())
+            .collect::<Vec<_>>();
+        Ok(vec![TensorType::new(x.dtype, dims)])
+    }
+
+    fn broadcast_to(&self, shape: &Shape) -> RuleResult {
+        let x = self.operands[0];
+        if !broadcasts_to(&x.shape, shape) {
+            return Err(format!("cannot broadcast {x} to {shape}"));
+        }
+        Ok(vec![TensorType::new(x.dtype, shape.clone())])
+    }
+
+    fn slice(&self, axis: usize, start: u64, end: &Dim, step: u64) -> RuleResult {
+        let x = self.operands[0];
+        self.require_axis(0, axis)?;
+        let dim = &x.shape.0[axis];
+        let range = format!("[{start}:{end}:{step}]");
+        if step == 0 {
+            return Err(format!("step must be >= 1, got {range} of {x}"));
+        }
+        let len = match end {
+            Dim::Const(end) => {
+                if start > *end {
+                    return Err(format!("start > end in {range} of axis {axis} of {x}"));
+                }
+                if let Dim::Const(size) = dim {
+                    if end > size {
+                        return Err(format!("{range} is out of range for axis {axis} of {x}"));
+                    }
+                }
+                // A constant end on a symbolic dim is checked when the dim is bound.
+                Dim::Const((end - start).div_ceil(step))
+            }
+            Dim::Sym(_) => {
+                if end != dim {
+                    return Err(format!(
+                        "a symbolic end must be the whole dim: {range} of axis {axis} of {x}"
+                    ));
+                }
+                if start != 0 || step != 1 {
+                    return Err(format!(
+                        "{range} of axis {axis} of {x} has a symbolic length"
+                    ));
+                }
+                dim.clone()
+            }
+        };
+        let mut dims = x.shape.0.clone();
+        dims[axis] = len;
+        Ok(vec![TensorType::new(x.dtype, dims)])
+    }
+
+    fn concat(&self, axis: usize) -> RuleResult {
+        let first = self.operands[0];
+        let all = list_types(self.operands);
+        if axis >= first.rank() {
+            return Err(format!("axis {axis} out of range for {all}"));
+        }
+        let mut joined: u64 = 0;
+        for ty in self.operands {
+            if ty.dtype != first.dtype {
+                return Err(format!("operand dtypes differ: {all}"));
+            }
+            if ty.rank() != first.rank() {
+                return Err(format!("operand ranks differ: {all}"));
+            }
+            for (i, (d, d0)) in ty.shape.0.iter().zip(&first.shape.0).enumerate() {
+                if i != axis && d != d0 {
+                    return Err(format!("dim {i} differs between operands: {all}"));
+                }
+            }
+            match &ty.shape.0[axis] {
+                Dim::Const(n) => joined += n,
+                Dim::Sym(_) => {
+                    return Err(format!("the joined dim {axis} must be constant: {all}"));
+                }
+            }
+        }
+        let mut dims = first.shape.0.clone();
+        dims[axis] = Dim::Const(joined);
+        Ok(vec![TensorType::new(first.dtype, dims)])
+    }
+
+    fn gather(&self, axis: usize) -> RuleResult {
+        let (table, indices) = (self.operands[0], self.operands[1]);
+        if !indices.dtype.is_int() {
+            return Err(format!("indices must be integers: {table}, {indices}"));
+        }
+        if axis >= table.rank() {
+            return Err(format!("axis {axis} out of range for table {table}"));
+        }
+        let mut dims = table.shape.0[..axis].to_vec();
+        dims.extend(indices.shape.0.iter().cloned());
+        dims.extend(table.shape.0[axis + 1..].iter().cloned());
+        Ok(vec![TensorType::new(table.dtype, dims)])
+    }
+
+    fn loop_(&self, body: &RegionSignature) -> RuleResult {
+        let count = self.operands[0];
+        if !(count.dtype.is_int() && count.rank() == 0) {
+            return Err(format!("count must be an integer scalar, got {count}"));
+        }
+        let carried = &self.operands[1..];
+        if body.args.len() != carried.len() + 1 {
+            return Err(format!(
+                "the body takes {} arguments, expected {} (the i64[] index and {} carried)",
+                body.args.len(),
+                carried.len() + 1,
+                carried.len()
+            ));
+        }
+        let index_type = TensorType::scalar(DType::I64);
+        if body.args[0] != index_type {
+            return Err(format!(
+                "the body's first argument (the index) must be {index_type}, got {}",
+                body.args[0]
+            ));
+        }
+        for (i, (arg, init)) in body.args[1..].iter().zip(carried).enumerate() {
+            if arg != *init {
+                return Err(format!(
+                    "body argument {} has type {arg}, but carried value {i} is {init}",
+                    i + 1
+                ));
+            }
+        }
+        if body.yields.len() != carried.len() {
+            return Err(format!(
+                "the body yields {} values, expected {} (the carried state)",
+                body.yields.len(),
+                carried.len()
+            ));
+        }
+        for (i, (yielded, init)) in body.yields.iter().zip(carried).enumerate() {
+            if yielded != *init {
+                return Err(format!(
+                    "the body yields {yielded} for carried value {i} of type {init}"
+                ));
+            }
+        }
+        Ok(carried.iter().map(|t| (*t).clone()).collect())
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Attributes: the op's fields as the text form shows them, `{axis = 0, keep = true}`.
+// ---------------------------------------------------------------------------------------
+
+/// An attribute value of the text form.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Attr {
+    Int(u64),
+    Float(f64),
+    Bool(bool),
+    Str(String),
+    DType(DType),
+    Dim(Dim),
+    /// A list of dims: a shape, or (all constant) a list of axes.
+    Dims(Vec<Dim>),
+    Type(TensorType),
+    /// A bare identifier as the parser reads it, before the op says what it means (a dtype,
+    /// `true`/`false`, a symbolic dim, `inf`/`nan`). Never produced by [`Op::attrs`].
+    Ident(String),
+}
+
+fn axes_attr(axes: &[usize]) -> Attr {
+    Attr::Dims(axes.iter().map(|&a| Dim::Const(a as u64)).collect())
+}
+
+impl Op {
+    /// The op's attributes in the order the text form prints them (its fields; the
+    /// sub-operation of `Unary`, `Binary` and `Reduce` is part of the name instead).
+    pub fn attrs(&self) -> Vec<(&'static str, Attr)> {
+        match self {
+            Op::Param { name, ty } => vec![
+                ("name", Attr::Str(name.clone())),
+                ("ty", Attr::Type(ty.clone())),
+            ],
+            Op::Full {
+                value,
+                dtype,
+                shape,
+            } => vec![
+                ("value", Attr::Float(*value)),
+                ("dtype", Attr::DType(*dtype)),
+                ("shape", Attr::Dims(shape.0.clone())),
+            ],
+            Op::Arange { len, dtype } => vec![
+                ("len", Attr::Dim(len.clone())),
+                ("dtype", Attr::DType(*dtype)),
+            ],
+            Op::Unary(_) | Op::Binary(_) | Op::Select | Op::MatMul | Op::Loop => vec![],
+            Op::Cast { to } => vec![("to", Attr::DType(*to))],
+            Op::Reduce { axes, keep, .. } => {
+                vec![("axes", axes_attr(axes)), ("keep", Attr::Bool(*keep))]
+            }
+            Op::ArgMax { axis, keep } | Op::ArgMin { axis, keep } => vec![
+                ("axis", Attr::Int(*axis as u64)),
+                ("keep", Attr::Bool(*keep)),
+            ],
+            Op::Reshape { shape } | Op::BroadcastTo { shape } => {
+                vec![("shape", Attr::Dims(shape.0.clone()))]
+            }
+            Op::Permute { perm } => vec![("perm", axes_attr(perm))],
+            Op::Slice {
+                axis,
+                start,
+                end,
+                step,
+            } => vec![
+                ("axis", Attr::Int(*axis as u64)),
+                ("start", Attr::Int(*start)),
+                ("end", Attr::Dim(end.clone())),
+                ("step", Attr::Int(*step)),
+            ],
+            Op::Concat { axis } | Op::Gather { axis } => vec![("axis", Attr::Int(*axis as u64))],
+        }
+    }
+
+    /// The op called `name` with the given attributes (the inverse of `name` + `attrs`).
+    /// Errors name the op and the offending attribute.
+    pub fn from_parts(name: &str, attrs: Vec<(String, Attr)>) -> Result<Op, IrError> {
+        let mut a = AttrReader::new(name, attrs)?;
+        let op = match name {
+            "param" => Op::Param {
+                name: a.string("name")?,
+                ty: a.tensor_type("ty")?,
+            },
+            "full" => Op::Full {
+                value: a.float("value")?,
+                dtype: a.dtype("dtype")?,
+                shape: a.shape("shape")?,
+            },
+            "arange" => Op::Arange {
+                len: a.dim("len")?,
+                dtype: a.dtype("dtype")?,
+            },
+            "select" => Op::Select,
+            "cast" => Op::Cast { to: a.dtype("to")? },
+            "argmax" => Op::ArgMax {
+                axis: a.index("axis")?,
+                keep: a.bool("keep")?,
+            },
+            "argmin" => Op::ArgMin {
+                axis: a.index("axis")?,
+                keep: a.bool("keep")?,
+            },
+            "matmul" => Op::MatMul,
+            "reshape" => Op::Reshape {
+                shape: a.shape("shape")?,
+            },
+            "permute" => Op::Permute {
+                perm: a.indices("perm")?,
+            },
+            "broadcast_to" => Op::BroadcastTo {
+                shape: a.shape("shape")?,
+            },
+            "slice" => Op::Slice {
+                axis: a.index("axis")?,
+                start: a.uint("start")?,
+                end: a.dim("end")?,
+                step: a.uint("step")?,
+            },
+            "concat" => Op::Concat {
+                axis: a.index("axis")?,
+            },
+            "gather" => Op::Gather {
+                axis: a.index("axis")?,
+            },
+            "loop" => Op::Loop,
+            _ => {
+                if let Some(u) = UnaryOp::from_name(name) {
+                    Op::Unary(u)
+                } else if let Some(b) = BinaryOp::from_name(name) {
+                    Op::Binary(b)
+                } else if let Some(r) = ReduceOp::from_name(name) {
+                    Op::Reduce {
+                        op: r,
+                        axes: a.indices("axes")?,
+                        keep: a.bool("keep")?,
+                    }
+                } else {
+                    return Err(IrError::new(format!("unknown op `{name}`")));
+                }
+            }
+        };
+        a.finish()?;
+        Ok(op)
+    }
+}
+
+/// Takes typed attributes out of a parsed attribute list, by key.
+struct AttrReader<'a> {
+    op: &'a str,
+    attrs: Vec<(String, Attr)>,
+}
+
+impl<'a> AttrReader<'a> {
+    fn new(op: &'a str, attrs: Vec<(String, Attr)>) -> Result<AttrReader<'a>, IrError> {
+        for (i, (key, _)) in attrs.iter().enumerate() {
+            if attrs[..i].iter().any(|(k, _)| k == key) {
+                return Err(IrError::new(format!("{op}: attribute `{key}` given twice")));
+            }
+        }
+        Ok(AttrReader { op, attrs })
+    }
+
+    fn error(&self, key: &str, expected: &str, found: &Attr) -> IrError {
+        IrError::new(format!(
+            "{}: attribute `{key}` must be {expected}, got {found:?}",
+            self.op
+        ))
+    }
+
+    fn take(&mut self, key: &str) -> Result<Attr, IrError> {
+        let at = self
+            .attrs
+            .iter()
+            .position(|(k, _)| k == key)
+            .ok_or_else(|| IrError::new(format!("{}: missing attribute `{key}`", self.op)))?;
+        Ok(self.attrs.remove(at).1)
+    }
+
+    /// Fails on any attribute the op does not have.
+    fn finish(self) -> Result<(), IrError> {
+        match self.attrs.first() {
+            Some((key, _)) => Err(IrError::new(format!(
+                "{}: unknown attribute `{key}`",
+                self.op
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    fn uint(&mut self, key: &str) -> Result<u64, IrError> {
+        match self.take(key)? {
+            Attr::Int(n) => Ok(n),
+            other => Err(self.error(key, "an unsigned integer", &other)),
+        }
+    }
+
+    fn index(&mut self, key: &str) -> Result<usize, IrError> {
+        let n = self.uint(key)?;
+        usize::try_from(n).map_err(|_| self.error(key, "an axis", &Attr::Int(n)))
+    }
+
+    fn float(&mut self, key: &str) -> Result<f64, IrError> {
+        match self.take(key)? {
+            Attr::Float(x) => Ok(x),
+            Attr::Int(n) => Ok(n as f64),
+            Attr::Ident(s) if s == "inf" => Ok(f64::INFINITY),
+            Attr::Ident(s) if s == "nan" => Ok(f64::NAN),
+            other => Err(self.error(key, "a number", &other)),
+        }
+    }
+
+    fn bool(&mut self, key: &str) -> Result<bool, IrError> {
+        match self.take(key)? {
+            Attr::Bool(b) => Ok(b),
+            Attr::Ident(s) if s == "true" => Ok(true),
+            Attr::Ident(s) if s == "false" => Ok(false),
+            other => Err(self.error(key, "true or false", &other)),
+        }
+    }
+
+    fn string(&mut self, key: &str) -> Result<String, IrError> {
+        match self.take(key)? {
+            Attr::Str(s) => Ok(s),
+            other => Err(self.error(key, "a string", &other)),
+        }
+    }
+
+    fn dtype(&mut self, key: &str) -> Result<DType, IrError> {
+        match self.take(key)? {
+            Attr::DType(d) => Ok(d),
+            Attr::Ident(s) if DType::from_name(&s).is_some() => {
+                Ok(DType::from_name(&s).expect("checked"))
+            }
+            other => Err(self.error(key, "a dtype", &other)),
+        }
+    }
+
+    fn dim(&mut self, key: &str) -> Result<Dim, IrError> {
+        match self.take(key)? {
+            Attr::Dim(d) => Ok(d),
+            Attr::Int(n) => Ok(Dim::Const(n)),
+            Attr::Ident(s) => Ok(Dim::Sym(s)),
+            other => Err(self.error(key, "a dim", &other)),
+        }
+    }
+
+    fn shape(&mut self, key: &str) -> Result<Shape, IrError> {
+        match self.take(key)? {
+            Attr::Dims(dims) => Ok(Shape(dims)),
+            other => Err(self.error(key, "a shape", &other)),
+        }
+    }
+
+    fn indices(&mut self, key: &str) -> Result<Vec<usize>, IrError> {
+        let attr = self.take(key)?;
+        let as_indices = match &attr {
+            Attr::Dims(dims) => dims
+                .iter()
+                .map(|d| d.as_const().and_then(|n| usize::try_from(n).ok()))
+                .collect::<Option<Vec<usize>>>(),
+            _ => None,
+        };
+        as_indices.ok_or_else(|| self.error(key, "a list of axes", &attr))
+    }
+
+    fn tensor_type(&mut self, key: &str) -> Result<TensorType, IrError> {
+        match self.take(key)? {
+            Attr::Type(t) => Ok(t),
+            other => Err(self.error(key, "a tensor type", &other)),
+        }
+    }
+}
