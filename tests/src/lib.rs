@@ -32,21 +32,7 @@ pub fn read_json(path: &Path) -> serde_json::Value {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("parsing {}: {e}", path.display()))
 }
 
-/// Loads every tensor of a safetensors file (F32, I64, I32 and BF16/F16 converted to f32).
+/// Loads every tensor of a safetensors file as stored.
 pub fn load_safetensors(path: &Path) -> BTreeMap<String, Tensor> {
-    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap_or_else(|e| panic!("parsing {}: {e}", path.display()));
-    let mut out = BTreeMap::new();
-    for (name, view) in st.tensors() {
-        let shape: Vec<usize> = view.shape().to_vec();
-        let data = view.data();
-        let tensor = match view.dtype() {
-            safetensors::Dtype::F32 => Tensor::from_f32(&shape, data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()),
-            safetensors::Dtype::I64 => Tensor::from_ints(kiln_ir::DType::I64, &shape, data.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes"))).collect()),
-            safetensors::Dtype::I32 => Tensor::from_ints(kiln_ir::DType::I32, &shape, data.chunks_exact(4).map(|c| i64::from(i32::from_le_bytes(c.try_into().expect("4 bytes")))).collect()),
-            other => panic!("{name}: dtype {other:?} is not supported by the test loader"),
-        };
-        out.insert(name, tensor);
-    }
-    out
+    kiln_runtime::weights::read_all(path).unwrap_or_else(|e| panic!("{e}"))
 }

@@ -458,7 +458,7 @@ fn bert_matches_transformers() {
     let d = 64;
     let (g, w): (Vec<f64>, Vec<f64>) = (0..keep.len())
         .filter(|i| keep[*i] != 0)
-        .flat_map(|i| (0..d).map(move |c| (i * d + c)))
+        .flat_map(|i| (0..d).map(move |c| i * d + c))
         .map(|i| (got[i], hidden[i]))
         .unzip();
     assert_close("bert last_hidden_state", &Tensor::from_f32(&[g.len()], g.iter().map(|x| *x as f32).collect()), &w, 1e-4);

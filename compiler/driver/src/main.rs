@@ -1,5 +1,8 @@
 //! `kiln`: the command-line tool. `check` reports every diagnostic of a program; `compile`
-//! prints a stage of the pipeline (`--emit ast|ir`).
+//! prints a stage of the pipeline (`--emit ast|ir`); `run` executes a program on a
+//! checkpoint (or random weights), optionally decoding greedily.
+
+mod run;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -27,21 +30,23 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Emit::Ir)]
         emit: Emit,
     },
+    /// Run a program's entry function on a checkpoint or on random weights.
+    Run(run::RunArgs),
 }
 
 #[derive(clap::Args)]
-struct ProgramArgs {
+pub(crate) struct ProgramArgs {
     /// The .kiln source file.
-    file: PathBuf,
+    pub(crate) file: PathBuf,
     /// A Hugging Face config.json (or a model directory containing one) for the `config` block.
     #[arg(long)]
-    config: Option<PathBuf>,
+    pub(crate) config: Option<PathBuf>,
     /// The dtype of params whose declaration names none.
     #[arg(long, default_value = "f32")]
-    param_dtype: String,
+    pub(crate) param_dtype: String,
     /// Lower only this entry function (repeatable).
     #[arg(long = "entry")]
-    entries: Vec<String>,
+    pub(crate) entries: Vec<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -63,6 +68,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
+        Command::Run(args) => run::run(args),
         Command::Check(args) => {
             let (ok, _) = lower(&args)?;
             Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
@@ -90,14 +96,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
 }
 
 /// Reads a config.json given as a file or as a directory holding one.
-fn read_config(path: &Path) -> Result<serde_json::Value> {
+pub(crate) fn read_config(path: &Path) -> Result<serde_json::Value> {
     let file = if path.is_dir() { path.join("config.json") } else { path.to_path_buf() };
     let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
     serde_json::from_str(&text).with_context(|| format!("parsing {}", file.display()))
 }
 
 /// Loads and lowers a program, printing its diagnostics to stderr.
-fn lower(args: &ProgramArgs) -> Result<(bool, Option<kiln_lower::Lowered>)> {
+pub(crate) fn lower(args: &ProgramArgs) -> Result<(bool, Option<kiln_lower::Lowered>)> {
     let Some(param_dtype) = DType::from_name(&args.param_dtype) else {
         bail!("unknown dtype `{}` for --param-dtype", args.param_dtype);
     };

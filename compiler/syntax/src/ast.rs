@@ -52,7 +52,10 @@ pub struct File {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Item {
     /// `import nn` or `import consensus.games`: the dotted path of a module.
-    Import { path: Vec<Ident>, span: Span },
+    Import {
+        path: Vec<Ident>,
+        span: Span,
+    },
     Config(ConfigBlock),
     Fn(FnDef),
     Model(ModelDef),
@@ -184,7 +187,11 @@ pub enum Stmt {
     /// `let pat = expr`
     Let { pat: Pat, value: Expr, span: Span },
     /// `name = expr`: rebinds an existing name.
-    Assign { name: Ident, value: Expr, span: Span },
+    Assign {
+        name: Ident,
+        value: Expr,
+        span: Span,
+    },
     /// `for L in layers { ... }` (or any compile-time range `for i in 0..n`): unrolled.
     For {
         var: Ident,
@@ -204,7 +211,10 @@ pub enum Pat {
     Name(Ident),
     /// `_`
     Wildcard(Span),
-    Tuple { elems: Vec<Pat>, span: Span },
+    Tuple {
+        elems: Vec<Pat>,
+        span: Span,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

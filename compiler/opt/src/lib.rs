@@ -1,0 +1,1 @@
+//! Graph-IR passes and the pipeline that runs them.

@@ -1,0 +1,1 @@
+//! PTX emission and the ptxas/fatbinary toolchain.

@@ -1,0 +1,68 @@
+//! kiln's runtime core: loading a checkpoint's tensors for a lowered program and running the
+//! program's entry functions on a backend.
+//!
+//! Backends: the reference interpreter today (exact, slow, always available); the Cranelift
+//! CPU backend and CUDA come with the code-generation and runtime issues and plug in behind
+//! [`Backend`].
+
+pub mod weights;
+
+pub use weights::Weights;
+
+use std::path::{Path, PathBuf};
+
+/// What can go wrong while loading or running.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Checkpoint { path: PathBuf, message: String },
+    #[error("the checkpoint in {dir} has no tensor `{name}` (the program expects {expected})")]
+    MissingTensor { name: String, expected: kiln_ir::TensorType, dir: PathBuf },
+    #[error("tensor `{name}` in {path}: {message}")]
+    BadTensor { name: String, path: PathBuf, message: String },
+    #[error("{0}")]
+    Input(String),
+    #[error("running `{function}`: {source}")]
+    Execution { function: String, source: kiln_ir::IrError },
+}
+
+impl RuntimeError {
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> RuntimeError {
+        RuntimeError::Io { path: path.to_path_buf(), source }
+    }
+}
+
+/// Where a program runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// The graph-IR reference interpreter.
+    Interpreter,
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Interpreter => "reference interpreter (CPU)",
+        }
+    }
+}
+
+/// Runs entry `function` of a lowered module on `inputs` with `weights`.
+pub fn run(
+    backend: Backend,
+    module: &kiln_ir::Module,
+    function: &str,
+    inputs: &[kiln_ir::Tensor],
+    weights: &Weights,
+) -> Result<Vec<kiln_ir::Tensor>, RuntimeError> {
+    let func = module.function(function).ok_or_else(|| {
+        let names: Vec<&str> = module.functions.iter().map(|f| f.name.as_str()).collect();
+        RuntimeError::Input(format!("no entry function `{function}`; the program has: {}", names.join(", ")))
+    })?;
+    match backend {
+        Backend::Interpreter => kiln_ir::interpret(func, inputs, weights)
+            .map_err(|source| RuntimeError::Execution { function: function.to_string(), source }),
+    }
+}
