@@ -8,11 +8,19 @@ use std::path::{Path, PathBuf};
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
 }
 
 /// Compiles a program from source; `Err` holds the rendered diagnostics.
-pub fn compile_source(name: &str, source: &str, dir: Option<&Path>, config: Option<&serde_json::Value>) -> Result<Lowered, String> {
+pub fn compile_source(
+    name: &str,
+    source: &str,
+    dir: Option<&Path>,
+    config: Option<&serde_json::Value>,
+) -> Result<Lowered, String> {
     let (program, mut diags) = Program::load_source(name, source, dir);
     if !diags.iter().any(|d| d.is_error()) {
         let (lowered, mut more) = kiln_lower::lower(&program, config, &Options::default());
@@ -28,7 +36,8 @@ pub fn compile_source(name: &str, source: &str, dir: Option<&Path>, config: Opti
 
 /// Reads a JSON file.
 pub fn read_json(path: &Path) -> serde_json::Value {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let text =
+        std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("parsing {}: {e}", path.display()))
 }
 

@@ -24,14 +24,25 @@ fn config_for(source: &str) -> Option<serde_json::Value> {
 
 /// Lowers `path` and returns its IR text, checking the print/parse round trip.
 fn lowered_ir(path: &Path, source: &str, config: Option<&serde_json::Value>) -> String {
-    let name = path.strip_prefix(repo_root()).unwrap_or(path).display().to_string();
+    let name = path
+        .strip_prefix(repo_root())
+        .unwrap_or(path)
+        .display()
+        .to_string();
     let lowered = compile_source(&name, source, path.parent(), config)
         .unwrap_or_else(|diags| panic!("{name} failed to lower:\n{diags}"));
     let text = lowered.module.to_string();
     let reparsed = kiln_ir::parse::parse_module(&text)
         .unwrap_or_else(|e| panic!("{name}: the printed IR does not parse back: {e}\n{text}"));
-    assert_eq!(reparsed, lowered.module, "{name}: the IR changed in a print/parse round trip");
-    assert_eq!(reparsed.to_string(), text, "{name}: reprinting changed the text");
+    assert_eq!(
+        reparsed, lowered.module,
+        "{name}: the IR changed in a print/parse round trip"
+    );
+    assert_eq!(
+        reparsed.to_string(),
+        text,
+        "{name}: reprinting changed the text"
+    );
     kiln_ir::verify::verify_module(&reparsed).unwrap_or_else(|e| panic!("{name}: {e}"));
     text
 }
@@ -50,7 +61,11 @@ fn error_filetests() {
     insta::glob!("../filetests/errors", "*.kiln", |path| {
         let source = std::fs::read_to_string(path).expect("read filetest");
         let config = config_for(&source);
-        let name = path.file_name().expect("file name").to_string_lossy().to_string();
+        let name = path
+            .file_name()
+            .expect("file name")
+            .to_string_lossy()
+            .to_string();
         match compile_source(&name, &source, path.parent(), config.as_ref()) {
             Ok(_) => panic!("{name} was expected to fail but lowered cleanly"),
             Err(rendered) => insta::assert_snapshot!(rendered),
@@ -62,10 +77,26 @@ fn error_filetests() {
 #[test]
 fn model_programs() {
     let cases = [
-        ("models/llama.kiln", "tests/fixtures/tiny-llama/config.json", "llama_tiny_llama"),
-        ("models/llama.kiln", "tests/fixtures/tiny-qwen2/config.json", "llama_tiny_qwen2"),
-        ("models/gpt2.kiln", "tests/fixtures/tiny-gpt2/config.json", "gpt2_tiny_gpt2"),
-        ("models/bert.kiln", "tests/fixtures/tiny-bert/config.json", "bert_tiny_bert"),
+        (
+            "models/llama.kiln",
+            "tests/fixtures/tiny-llama/config.json",
+            "llama_tiny_llama",
+        ),
+        (
+            "models/llama.kiln",
+            "tests/fixtures/tiny-qwen2/config.json",
+            "llama_tiny_qwen2",
+        ),
+        (
+            "models/gpt2.kiln",
+            "tests/fixtures/tiny-gpt2/config.json",
+            "gpt2_tiny_gpt2",
+        ),
+        (
+            "models/bert.kiln",
+            "tests/fixtures/tiny-bert/config.json",
+            "bert_tiny_bert",
+        ),
     ];
     for (program, config, snapshot) in cases {
         let path = repo_root().join(program);

@@ -15,7 +15,10 @@ struct Rng(u64);
 
 impl Rng {
     fn next(&mut self) -> f64 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((self.0 >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
     }
 
@@ -31,20 +34,31 @@ fn f32_tensor(shape: &[usize], data: &[f64]) -> Tensor {
 /// Compiles `source`, runs entry `entry` on `inputs`, returns its results.
 fn run(source: &str, entry: &str, inputs: &[Tensor]) -> Vec<Tensor> {
     let lowered = compile_source("test.kiln", source, None, None).unwrap_or_else(|d| panic!("{d}"));
-    let func = lowered.module.function(entry).unwrap_or_else(|| panic!("no entry {entry}"));
+    let func = lowered
+        .module
+        .function(entry)
+        .unwrap_or_else(|| panic!("no entry {entry}"));
     interpret(func, inputs, &NoParams).unwrap_or_else(|e| panic!("{entry}: {e}"))
 }
 
 fn rel_err(got: &[f64], want: &[f64]) -> f64 {
     assert_eq!(got.len(), want.len(), "length differs");
     let scale = want.iter().fold(0.0f64, |m, x| m.max(x.abs())).max(1e-30);
-    got.iter().zip(want).fold(0.0f64, |m, (a, b)| m.max((a - b).abs())) / scale
+    got.iter()
+        .zip(want)
+        .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()))
+        / scale
 }
 
 fn assert_close(what: &str, got: &Tensor, want: &[f64], tol: f64) {
     let got = got.to_f64_vec();
     let err = rel_err(&got, want);
-    assert!(err <= tol, "{what}: relative error {err:e} > {tol:e}\n got {:?}\nwant {:?}", &got[..got.len().min(8)], &want[..want.len().min(8)]);
+    assert!(
+        err <= tol,
+        "{what}: relative error {err:e} > {tol:e}\n got {:?}\nwant {:?}",
+        &got[..got.len().min(8)],
+        &want[..want.len().min(8)]
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -88,9 +102,15 @@ fn activations() {
         fn a(x: f32[N]) -> (f32[N], f32[N], f32[N]) { (gelu(x), gelu_tanh(x), silu(x)) }";
     let out = run(src, "a", &[f32_tensor(&[64], &x)]);
     let erf = |v: f64| libm_erf(v);
-    let gelu: Vec<f64> = x.iter().map(|v| 0.5 * v * (1.0 + erf(v / 2f64.sqrt()))).collect();
+    let gelu: Vec<f64> = x
+        .iter()
+        .map(|v| 0.5 * v * (1.0 + erf(v / 2f64.sqrt())))
+        .collect();
     let k = (2.0 / std::f64::consts::PI).sqrt();
-    let gelu_tanh: Vec<f64> = x.iter().map(|v| 0.5 * v * (1.0 + (k * (v + 0.044715 * v * v * v)).tanh())).collect();
+    let gelu_tanh: Vec<f64> = x
+        .iter()
+        .map(|v| 0.5 * v * (1.0 + (k * (v + 0.044715 * v * v * v)).tanh()))
+        .collect();
     let silu: Vec<f64> = x.iter().map(|v| v / (1.0 + (-v).exp())).collect();
     assert_close("gelu", &out[0], &gelu, 1e-5);
     assert_close("gelu_tanh", &out[1], &gelu_tanh, 1e-5);
@@ -132,7 +152,15 @@ fn softmax_logsumexp_and_linear() {
     let xs = rng.vec(24);
     let w = rng.vec(20);
     let b = rng.vec(5);
-    let out = run(src, "l", &[f32_tensor(&[2, 3, 4], &xs), f32_tensor(&[5, 4], &w), f32_tensor(&[5], &b)]);
+    let out = run(
+        src,
+        "l",
+        &[
+            f32_tensor(&[2, 3, 4], &xs),
+            f32_tensor(&[5, 4], &w),
+            f32_tensor(&[5], &b),
+        ],
+    );
     let mut want = Vec::new();
     for row in xs.chunks(4) {
         for n in 0..5 {
@@ -153,7 +181,16 @@ fn swiglu_and_embedding() {
     let src = "import nn
         fn m(x: f32[3, 4], g: f32[6, 4], u: f32[6, 4], d: f32[4, 6]) -> f32[3, 4] { swiglu(x, g, u, d) }
         fn e(table: f32[5, 3], ids: i32[2, 2]) -> f32[2, 2, 3] { embedding(table, ids) }";
-    let out = run(src, "m", &[f32_tensor(&[t, k], &x), f32_tensor(&[f, k], &gate), f32_tensor(&[f, k], &up), f32_tensor(&[k, f], &down)]);
+    let out = run(
+        src,
+        "m",
+        &[
+            f32_tensor(&[t, k], &x),
+            f32_tensor(&[f, k], &gate),
+            f32_tensor(&[f, k], &up),
+            f32_tensor(&[k, f], &down),
+        ],
+    );
     let mut want = Vec::new();
     for row in x.chunks(k) {
         let hidden: Vec<f64> = (0..f)
@@ -169,20 +206,41 @@ fn swiglu_and_embedding() {
 
     let table: Vec<f64> = rng.vec(15).iter().map(|x| f64::from(*x as f32)).collect();
     let ids = [4, 0, 2, 2];
-    let out = run(src, "e", &[f32_tensor(&[5, 3], &table), Tensor::from_ints(DType::I32, &[2, 2], ids.to_vec())]);
-    let want: Vec<f64> = ids.iter().flat_map(|i| table[*i as usize * 3..*i as usize * 3 + 3].to_vec()).collect();
+    let out = run(
+        src,
+        "e",
+        &[
+            f32_tensor(&[5, 3], &table),
+            Tensor::from_ints(DType::I32, &[2, 2], ids.to_vec()),
+        ],
+    );
+    let want: Vec<f64> = ids
+        .iter()
+        .flat_map(|i| table[*i as usize * 3..*i as usize * 3 + 3].to_vec())
+        .collect();
     assert_close("embedding", &out[0], &want, 0.0);
 }
 
 /// Rotary embedding reference: `pairs(i)` gives the two dims rotated by frequency i.
-fn rope_reference(x: &[f64], s: usize, h: usize, d: usize, inv: &[f64], interleaved: bool) -> Vec<f64> {
+fn rope_reference(
+    x: &[f64],
+    s: usize,
+    h: usize,
+    d: usize,
+    inv: &[f64],
+    interleaved: bool,
+) -> Vec<f64> {
     let mut out = x.to_vec();
     for p in 0..s {
         for head in 0..h {
             let base = (p * h + head) * d;
-            for i in 0..d / 2 {
-                let (a, b) = if interleaved { (2 * i, 2 * i + 1) } else { (i, i + d / 2) };
-                let angle = p as f64 * inv[i];
+            for (i, freq) in inv.iter().enumerate().take(d / 2) {
+                let (a, b) = if interleaved {
+                    (2 * i, 2 * i + 1)
+                } else {
+                    (i, i + d / 2)
+                };
+                let angle = p as f64 * freq;
                 let (xa, xb) = (x[base + a], x[base + b]);
                 out[base + a] = xa * angle.cos() - xb * angle.sin();
                 out[base + b] = xb * angle.cos() + xa * angle.sin();
@@ -193,7 +251,9 @@ fn rope_reference(x: &[f64], s: usize, h: usize, d: usize, inv: &[f64], interlea
 }
 
 fn inv_freq(d: usize, theta: f64) -> Vec<f64> {
-    (0..d / 2).map(|i| 1.0 / theta.powf(2.0 * i as f64 / d as f64)).collect()
+    (0..d / 2)
+        .map(|i| 1.0 / theta.powf(2.0 * i as f64 / d as f64))
+        .collect()
 }
 
 #[test]
@@ -213,12 +273,27 @@ fn rope_styles_and_scalings() {
     let xt = f32_tensor(&[s, h, d], &x);
     let base = inv_freq(d, 10000.0);
     let out = run(src, "half", &[xt.clone(), pos.clone()]);
-    assert_close("rope half-split", &out[0], &rope_reference(&x, s, h, d, &base, false), 1e-5);
+    assert_close(
+        "rope half-split",
+        &out[0],
+        &rope_reference(&x, s, h, d, &base, false),
+        1e-5,
+    );
     let out = run(src, "inter", &[xt.clone(), pos.clone()]);
-    assert_close("rope interleaved", &out[0], &rope_reference(&x, s, h, d, &base, true), 1e-5);
+    assert_close(
+        "rope interleaved",
+        &out[0],
+        &rope_reference(&x, s, h, d, &base, true),
+        1e-5,
+    );
     let lin: Vec<f64> = base.iter().map(|f| f / 4.0).collect();
     let out = run(src, "lin", &[xt.clone(), pos.clone()]);
-    assert_close("rope linear scaling", &out[0], &rope_reference(&x, s, h, d, &lin, false), 1e-5);
+    assert_close(
+        "rope linear scaling",
+        &out[0],
+        &rope_reference(&x, s, h, d, &lin, false),
+        1e-5,
+    );
     // Llama 3 scaling: wavelengths above 64 are divided by 8, below 16 kept, blended between.
     let l3: Vec<f64> = base
         .iter()
@@ -234,9 +309,17 @@ fn rope_styles_and_scalings() {
             }
         })
         .collect();
-    assert!(l3.iter().zip(&base).any(|(a, b)| a != b) && l3.iter().zip(&base).any(|(a, b)| a == b), "the test frequencies must cover both bands");
+    assert!(
+        l3.iter().zip(&base).any(|(a, b)| a != b) && l3.iter().zip(&base).any(|(a, b)| a == b),
+        "the test frequencies must cover both bands"
+    );
     let out = run(src, "l3", &[xt, pos]);
-    assert_close("rope llama3 scaling", &out[0], &rope_reference(&x, s, h, d, &l3, false), 1e-5);
+    assert_close(
+        "rope llama3 scaling",
+        &out[0],
+        &rope_reference(&x, s, h, d, &l3, false),
+        1e-5,
+    );
 }
 
 #[test]
@@ -260,26 +343,46 @@ fn attention_causal_gqa_and_padding() {
                     let scores: Vec<f64> = (0..s)
                         .map(|j| {
                             let kv_ = &k[((bi * s + j) * kv + g) * d..][..d];
-                            if allowed(bi, i, j) { (0..d).map(|c| qv[c] * kv_[c]).sum::<f64>() / (d as f64).sqrt() } else { f64::NEG_INFINITY }
+                            if allowed(bi, i, j) {
+                                (0..d).map(|c| qv[c] * kv_[c]).sum::<f64>() / (d as f64).sqrt()
+                            } else {
+                                f64::NEG_INFINITY
+                            }
                         })
                         .collect();
                     let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                     let z: f64 = scores.iter().map(|x| (x - m).exp()).sum();
                     for c in 0..d {
-                        out[((bi * s + i) * h + hi) * d + c] = (0..s).map(|j| (scores[j] - m).exp() / z * v[((bi * s + j) * kv + g) * d + c]).sum();
+                        out[((bi * s + i) * h + hi) * d + c] = (0..s)
+                            .map(|j| (scores[j] - m).exp() / z * v[((bi * s + j) * kv + g) * d + c])
+                            .sum();
                     }
                 }
             }
         }
         out
     };
-    let inputs = [f32_tensor(&[b, s, h, d], &q), f32_tensor(&[b, s, kv, d], &k), f32_tensor(&[b, s, kv, d], &v)];
+    let inputs = [
+        f32_tensor(&[b, s, h, d], &q),
+        f32_tensor(&[b, s, kv, d], &k),
+        f32_tensor(&[b, s, kv, d], &v),
+    ];
     let out = run(src, "causal", &inputs);
-    assert_close("causal GQA attention", &out[0], &reference(&|_, i, j| j <= i), 1e-5);
+    assert_close(
+        "causal GQA attention",
+        &out[0],
+        &reference(&|_, i, j| j <= i),
+        1e-5,
+    );
     let mut with_mask = inputs.to_vec();
     with_mask.push(Tensor::from_ints(DType::I32, &[b, s], keep.to_vec()));
     let out = run(src, "padded", &with_mask);
-    assert_close("padded attention", &out[0], &reference(&|bi, _, j| keep[bi * s + j] != 0), 1e-5);
+    assert_close(
+        "padded attention",
+        &out[0],
+        &reference(&|bi, _, j| keep[bi * s + j] != 0),
+        1e-5,
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -324,16 +427,22 @@ fn rps() -> (Vec<f64>, Vec<f64>) {
 
 fn nashconv_reference(a: &[f64], b: &[f64], x: &[f64], y: &[f64]) -> f64 {
     let (m, n) = (x.len(), y.len());
-    let ux: Vec<f64> = (0..m).map(|i| (0..n).map(|j| a[i * n + j] * y[j]).sum()).collect();
-    let uy: Vec<f64> = (0..n).map(|j| (0..m).map(|i| b[i * n + j] * x[i]).sum()).collect();
+    let ux: Vec<f64> = (0..m)
+        .map(|i| (0..n).map(|j| a[i * n + j] * y[j]).sum())
+        .collect();
+    let uy: Vec<f64> = (0..n)
+        .map(|j| (0..m).map(|i| b[i * n + j] * x[i]).sum())
+        .collect();
     let vx: f64 = (0..m).map(|i| ux[i] * x[i]).sum();
     let vy: f64 = (0..n).map(|j| uy[j] * y[j]).sum();
-    ux.iter().cloned().fold(f64::MIN, f64::max) - vx + uy.iter().cloned().fold(f64::MIN, f64::max) - vy
+    ux.iter().cloned().fold(f64::MIN, f64::max) - vx + uy.iter().cloned().fold(f64::MIN, f64::max)
+        - vy
 }
 
 #[test]
 fn nashconv_matches_an_f64_computation() {
-    let source = std::fs::read_to_string(repo_root().join("stdlib/consensus.kiln")).expect("stdlib");
+    let source =
+        std::fs::read_to_string(repo_root().join("stdlib/consensus.kiln")).expect("stdlib");
     let mut rng = Rng(8);
     let (g, m, n) = (3, 4, 5);
     let a = rng.vec(g * m * n);
@@ -347,14 +456,33 @@ fn nashconv_matches_an_f64_computation() {
         x.extend(xs.iter().map(|v| v / sx));
         y.extend(ys.iter().map(|v| v / sy));
     }
-    let out = run(&source, "nashconv", &[f32_tensor(&[g, m, n], &a), f32_tensor(&[g, m, n], &b), f32_tensor(&[g, m], &x), f32_tensor(&[g, n], &y)]);
-    let want: Vec<f64> = (0..g).map(|gi| nashconv_reference(&a[gi * m * n..][..m * n], &b[gi * m * n..][..m * n], &x[gi * m..][..m], &y[gi * n..][..n])).collect();
+    let out = run(
+        &source,
+        "nashconv",
+        &[
+            f32_tensor(&[g, m, n], &a),
+            f32_tensor(&[g, m, n], &b),
+            f32_tensor(&[g, m], &x),
+            f32_tensor(&[g, n], &y),
+        ],
+    );
+    let want: Vec<f64> = (0..g)
+        .map(|gi| {
+            nashconv_reference(
+                &a[gi * m * n..][..m * n],
+                &b[gi * m * n..][..m * n],
+                &x[gi * m..][..m],
+                &y[gi * n..][..n],
+            )
+        })
+        .collect();
     assert_close("nashconv", &out[0], &want, 1e-5);
 }
 
 #[test]
 fn regret_matching_plus_solves_rock_paper_scissors_and_a_dominance_game() {
-    let source = std::fs::read_to_string(repo_root().join("stdlib/consensus.kiln")).expect("stdlib");
+    let source =
+        std::fs::read_to_string(repo_root().join("stdlib/consensus.kiln")).expect("stdlib");
     // Game 0: rock-paper-scissors (uniform equilibrium, value 0). Game 1: prisoner's dilemma
     // (defect/defect is the unique equilibrium, a pure one).
     let (rps_a, rps_b) = rps();
@@ -372,30 +500,56 @@ fn regret_matching_plus_solves_rock_paper_scissors_and_a_dominance_game() {
     let a: Vec<f64> = rps_a.iter().cloned().chain(pad(&pd_a)).collect();
     let b: Vec<f64> = rps_b.iter().cloned().chain(pad(&pd_b)).collect();
     let iters = Tensor::from_ints(DType::I64, &[], vec![2000]);
-    let out = run(&source, "regret_matching_plus", &[f32_tensor(&[2, 3, 3], &a), f32_tensor(&[2, 3, 3], &b), iters]);
+    let out = run(
+        &source,
+        "regret_matching_plus",
+        &[
+            f32_tensor(&[2, 3, 3], &a),
+            f32_tensor(&[2, 3, 3], &b),
+            iters,
+        ],
+    );
     let (x, y) = (out[0].to_f64_vec(), out[1].to_f64_vec());
     for gi in 0..2 {
-        let nc = nashconv_reference(&a[gi * 9..][..9], &b[gi * 9..][..9], &x[gi * 3..][..3], &y[gi * 3..][..3]);
-        assert!(nc < 1e-2, "game {gi}: NashConv {nc} after 2000 iterations, strategies {x:?} {y:?}");
+        let nc = nashconv_reference(
+            &a[gi * 9..][..9],
+            &b[gi * 9..][..9],
+            &x[gi * 3..][..3],
+            &y[gi * 3..][..3],
+        );
+        assert!(
+            nc < 1e-2,
+            "game {gi}: NashConv {nc} after 2000 iterations, strategies {x:?} {y:?}"
+        );
     }
     // The dilemma's equilibrium is pure: defect (action 1) for both.
-    assert!(x[4] > 0.99 && y[4] > 0.99, "prisoner's dilemma: {x:?} {y:?}");
+    assert!(
+        x[4] > 0.99 && y[4] > 0.99,
+        "prisoner's dilemma: {x:?} {y:?}"
+    );
 }
 
 #[test]
 fn consensus_round_picks_the_central_proposal() {
-    let source = std::fs::read_to_string(repo_root().join("stdlib/consensus.kiln")).expect("stdlib");
+    let source =
+        std::fs::read_to_string(repo_root().join("stdlib/consensus.kiln")).expect("stdlib");
     // Four agents; proposals 0, 1, 2 are close to each other, 3 is far: the medoid among the
     // first three wins. Proposals 1 and 2 are mirror images around 0, so 0 is central.
     let e = vec![1.0, 0.0, 0.0, 0.9, 0.1, 0.0, 0.9, -0.1, 0.0, -1.0, 0.0, 1.0];
     let w = vec![1.0, 1.0, 1.0, 1.0];
-    let out = run(&source, "consensus_round", &[f32_tensor(&[1, 4, 3], &e), f32_tensor(&[1, 4], &w)]);
+    let out = run(
+        &source,
+        "consensus_round",
+        &[f32_tensor(&[1, 4, 3], &e), f32_tensor(&[1, 4], &w)],
+    );
     assert_eq!(out[0].to_i64_vec(), vec![0]);
     let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
-    let support: Vec<f64> = (0..4).map(|i| {
-        let (p, q) = (&e[i * 3..][..3], &e[..3]);
-        (0..3).map(|c| p[c] * q[c]).sum::<f64>() / (norm(p) * norm(q))
-    }).collect();
+    let support: Vec<f64> = (0..4)
+        .map(|i| {
+            let (p, q) = (&e[i * 3..][..3], &e[..3]);
+            (0..3).map(|c| p[c] * q[c]).sum::<f64>() / (norm(p) * norm(q))
+        })
+        .collect();
     assert_close("support", &out[1], &support, 1e-5);
 }
 
@@ -409,17 +563,27 @@ fn run_model(program: &str, fixture: &str, entry: &str, inputs: &[Tensor]) -> Ve
     let config = read_json(&dir.join("config.json"));
     let path = repo_root().join(program);
     let source = std::fs::read_to_string(&path).expect("model source");
-    let lowered = compile_source(program, &source, path.parent(), Some(&config)).unwrap_or_else(|d| panic!("{d}"));
+    let lowered = compile_source(program, &source, path.parent(), Some(&config))
+        .unwrap_or_else(|d| panic!("{d}"));
     let weights: BTreeMap<String, Tensor> = load_safetensors(&dir.join("model.safetensors"));
     for binding in &lowered.params {
-        assert!(weights.contains_key(&binding.checkpoint_name), "{fixture}: the checkpoint lacks {}", binding.checkpoint_name);
+        assert!(
+            weights.contains_key(&binding.checkpoint_name),
+            "{fixture}: the checkpoint lacks {}",
+            binding.checkpoint_name
+        );
     }
     let func = lowered.module.function(entry).expect("entry");
     interpret(func, inputs, &weights).unwrap_or_else(|e| panic!("{fixture}: {e}"))
 }
 
 fn expected(fixture: &str) -> BTreeMap<String, Tensor> {
-    load_safetensors(&repo_root().join("tests/fixtures").join(fixture).join("expected.safetensors"))
+    load_safetensors(
+        &repo_root()
+            .join("tests/fixtures")
+            .join(fixture)
+            .join("expected.safetensors"),
+    )
 }
 
 fn decoder_matches_transformers(program: &str, fixture: &str) {
@@ -427,7 +591,12 @@ fn decoder_matches_transformers(program: &str, fixture: &str) {
     let ids = exp["input_ids"].cast(DType::I32);
     let out = run_model(program, fixture, "forward", &[ids]);
     assert_eq!(out[0].shape, exp["logits"].shape);
-    assert_close(&format!("{fixture} logits"), &out[0], &exp["logits"].to_f64_vec(), 1e-4);
+    assert_close(
+        &format!("{fixture} logits"),
+        &out[0],
+        &exp["logits"].to_f64_vec(),
+        1e-4,
+    );
 }
 
 #[test]
@@ -450,7 +619,12 @@ fn bert_matches_transformers() {
     let exp = expected("tiny-bert");
     let ids = exp["input_ids"].cast(DType::I32);
     let mask = exp["attention_mask"].cast(DType::I32);
-    let out = run_model("models/bert.kiln", "tiny-bert", "forward", &[ids.clone(), mask.clone()]);
+    let out = run_model(
+        "models/bert.kiln",
+        "tiny-bert",
+        "forward",
+        &[ids.clone(), mask.clone()],
+    );
     // Padded positions' hidden states are not meaningful outputs; compare real tokens only.
     let hidden = exp["last_hidden_state"].to_f64_vec();
     let got = out[0].to_f64_vec();
@@ -461,7 +635,12 @@ fn bert_matches_transformers() {
         .flat_map(|i| (0..d).map(move |c| i * d + c))
         .map(|i| (got[i], hidden[i]))
         .unzip();
-    assert_close("bert last_hidden_state", &Tensor::from_f32(&[g.len()], g.iter().map(|x| *x as f32).collect()), &w, 1e-4);
+    assert_close(
+        "bert last_hidden_state",
+        &Tensor::from_f32(&[g.len()], g.iter().map(|x| *x as f32).collect()),
+        &w,
+        1e-4,
+    );
     let out = run_model("models/bert.kiln", "tiny-bert", "embed", &[ids, mask]);
     let pooled = exp["mean_pooled"].to_f64_vec();
     let mut want = Vec::new();

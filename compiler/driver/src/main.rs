@@ -12,7 +12,11 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "kiln", version, about = "kiln: a kernel compiler and inference runtime for NVIDIA GPUs")]
+#[command(
+    name = "kiln",
+    version,
+    about = "kiln: a kernel compiler and inference runtime for NVIDIA GPUs"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -71,7 +75,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Run(args) => run::run(args),
         Command::Check(args) => {
             let (ok, _) = lower(&args)?;
-            Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Command::Compile { program, emit } => match emit {
             Emit::Ast => {
@@ -82,14 +90,22 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 let (ast, diags) = kiln_syntax::parse(&source, id);
                 eprint!("{}", sources.render(&diags));
                 println!("{ast:#?}");
-                Ok(if diags.iter().any(|d| d.is_error()) { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+                Ok(if diags.iter().any(|d| d.is_error()) {
+                    ExitCode::FAILURE
+                } else {
+                    ExitCode::SUCCESS
+                })
             }
             Emit::Ir => {
                 let (ok, lowered) = lower(&program)?;
                 if let Some(lowered) = lowered {
                     print!("{}", lowered.module);
                 }
-                Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+                Ok(if ok {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                })
             }
         },
     }
@@ -97,8 +113,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
 
 /// Reads a config.json given as a file or as a directory holding one.
 pub(crate) fn read_config(path: &Path) -> Result<serde_json::Value> {
-    let file = if path.is_dir() { path.join("config.json") } else { path.to_path_buf() };
-    let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+    let file = if path.is_dir() {
+        path.join("config.json")
+    } else {
+        path.to_path_buf()
+    };
+    let text =
+        std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
     serde_json::from_str(&text).with_context(|| format!("parsing {}", file.display()))
 }
 
@@ -108,8 +129,8 @@ pub(crate) fn lower(args: &ProgramArgs) -> Result<(bool, Option<kiln_lower::Lowe
         bail!("unknown dtype `{}` for --param-dtype", args.param_dtype);
     };
     let config = args.config.as_deref().map(read_config).transpose()?;
-    let (program, mut diags) = Program::load(&args.file)
-        .with_context(|| format!("reading {}", args.file.display()))?;
+    let (program, mut diags) =
+        Program::load(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
     let options = Options {
         param_dtype,
         entries: (!args.entries.is_empty()).then(|| args.entries.clone()),

@@ -11,9 +11,21 @@ use std::process::ExitCode;
 
 /// The model programs shipped with kiln, by the `model_type` of a Hugging Face config.json.
 const MODEL_PROGRAMS: &[(&[&str], &str, &str)] = &[
-    (&["llama", "mistral", "qwen2"], "models/llama.kiln", include_str!("../../../models/llama.kiln")),
-    (&["gpt2"], "models/gpt2.kiln", include_str!("../../../models/gpt2.kiln")),
-    (&["bert"], "models/bert.kiln", include_str!("../../../models/bert.kiln")),
+    (
+        &["llama", "mistral", "qwen2"],
+        "models/llama.kiln",
+        include_str!("../../../models/llama.kiln"),
+    ),
+    (
+        &["gpt2"],
+        "models/gpt2.kiln",
+        include_str!("../../../models/gpt2.kiln"),
+    ),
+    (
+        &["bert"],
+        "models/bert.kiln",
+        include_str!("../../../models/bert.kiln"),
+    ),
 ];
 
 #[derive(clap::Args)]
@@ -47,25 +59,43 @@ pub(crate) struct RunArgs {
 }
 
 pub(crate) fn run(args: RunArgs) -> Result<ExitCode> {
-    let config = args.config.clone().or_else(|| args.model.as_ref().map(|m| m.join("config.json")));
+    let config = args
+        .config
+        .clone()
+        .or_else(|| args.model.as_ref().map(|m| m.join("config.json")));
     let (file, _embedded) = match (&args.file, &args.model) {
         (Some(file), _) => (file.clone(), false),
         (None, Some(model)) => {
             let json = crate::read_config(&model.join("config.json"))?;
-            let model_type = json.get("model_type").and_then(|v| v.as_str()).unwrap_or("");
-            let Some((_, path, source)) = MODEL_PROGRAMS.iter().find(|(types, _, _)| types.contains(&model_type)) else {
+            let model_type = json
+                .get("model_type")
+                .and_then(|v| v.as_str())
+                .unwrap_or("");
+            let Some((_, path, source)) = MODEL_PROGRAMS
+                .iter()
+                .find(|(types, _, _)| types.contains(&model_type))
+            else {
                 bail!("no kiln program for model_type `{model_type}`; kiln knows llama, mistral, qwen2, gpt2 and bert");
             };
             // The embedded copy, so the binary works outside the repository too.
             let dir = std::env::temp_dir().join(format!("kiln-{}", std::process::id()));
             std::fs::create_dir_all(&dir)?;
-            let file = dir.join(PathBuf::from(path).file_name().ok_or_else(|| anyhow!("bad path"))?);
+            let file = dir.join(
+                PathBuf::from(path)
+                    .file_name()
+                    .ok_or_else(|| anyhow!("bad path"))?,
+            );
             std::fs::write(&file, source)?;
             (file, true)
         }
         (None, None) => bail!("give a program file or --model DIR"),
     };
-    let program = ProgramArgs { file, config, param_dtype: args.param_dtype.clone(), entries: vec![args.entry.clone()] };
+    let program = ProgramArgs {
+        file,
+        config,
+        param_dtype: args.param_dtype.clone(),
+        entries: vec![args.entry.clone()],
+    };
     let (ok, lowered) = lower(&program)?;
     let Some(lowered) = lowered.filter(|_| ok) else {
         return Ok(ExitCode::FAILURE);
@@ -76,10 +106,15 @@ pub(crate) fn run(args: RunArgs) -> Result<ExitCode> {
         (None, None) if lowered.params.is_empty() => Weights::default(),
         (None, None) => bail!("this program reads {} checkpoint tensors: give --weights DIR, --model DIR or --random-weights SEED", lowered.params.len()),
     };
-    let func = lowered.module.function(&args.entry).ok_or_else(|| anyhow!("no entry `{}`", args.entry))?;
+    let func = lowered
+        .module
+        .function(&args.entry)
+        .ok_or_else(|| anyhow!("no entry `{}`", args.entry))?;
     let mut inputs = Vec::new();
     for (i, param) in func.params().iter().enumerate() {
-        let name = func.names[param.0 as usize].clone().unwrap_or_else(|| format!("#{i}"));
+        let name = func.names[param.0 as usize]
+            .clone()
+            .unwrap_or_else(|| format!("#{i}"));
         let ty = func.ty(*param);
         let text = args
             .inputs
@@ -89,17 +124,29 @@ pub(crate) fn run(args: RunArgs) -> Result<ExitCode> {
         inputs.push(parse_input(&name, text, ty.dtype, &ty.shape.0)?);
     }
     let backend = Backend::Interpreter;
-    eprintln!("kiln: running `{}` on the {} (no GPU backend in this build yet)", args.entry, backend.name());
+    eprintln!(
+        "kiln: running `{}` on the {} (no GPU backend in this build yet)",
+        args.entry,
+        backend.name()
+    );
     match args.generate {
         None => {
-            let results = kiln_runtime::run(backend, &lowered.module, &args.entry, &inputs, &weights)?;
+            let results =
+                kiln_runtime::run(backend, &lowered.module, &args.entry, &inputs, &weights)?;
             for (i, r) in results.iter().enumerate() {
                 println!("result {i}: {}", summarize(r));
             }
         }
         Some(n) => {
             let generated = generate(backend, &lowered.module, &args.entry, inputs, &weights, n)?;
-            println!("{}", generated.iter().map(i64::to_string).collect::<Vec<_>>().join(" "));
+            println!(
+                "{}",
+                generated
+                    .iter()
+                    .map(i64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            );
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -107,10 +154,22 @@ pub(crate) fn run(args: RunArgs) -> Result<ExitCode> {
 
 /// Greedy decoding by re-running the whole sequence each step (the interpreter has no KV
 /// cache): the first input must be token ids [1, S].
-fn generate(backend: Backend, module: &kiln_ir::Module, entry: &str, mut inputs: Vec<Tensor>, weights: &Weights, n: usize) -> Result<Vec<i64>> {
-    let Some(first) = inputs.first() else { bail!("--generate needs a token input") };
+fn generate(
+    backend: Backend,
+    module: &kiln_ir::Module,
+    entry: &str,
+    mut inputs: Vec<Tensor>,
+    weights: &Weights,
+    n: usize,
+) -> Result<Vec<i64>> {
+    let Some(first) = inputs.first() else {
+        bail!("--generate needs a token input")
+    };
     if first.shape.len() != 2 || first.shape[0] != 1 || first.dtype.is_float() {
-        bail!("--generate needs integer token ids of shape [1, S], found {}", first.ty());
+        bail!(
+            "--generate needs integer token ids of shape [1, S], found {}",
+            first.ty()
+        );
     }
     let mut tokens = first.to_i64_vec();
     let dtype = first.dtype;
@@ -119,7 +178,10 @@ fn generate(backend: Backend, module: &kiln_ir::Module, entry: &str, mut inputs:
         inputs[0] = Tensor::from_ints(dtype, &[1, tokens.len()], tokens.clone());
         let results = kiln_runtime::run(backend, module, entry, &inputs, weights)?;
         let logits = &results[0];
-        let vocab = *logits.shape.last().ok_or_else(|| anyhow!("logits have no dims"))?;
+        let vocab = *logits
+            .shape
+            .last()
+            .ok_or_else(|| anyhow!("logits have no dims"))?;
         let values = logits.to_f32_vec();
         let last = &values[values.len() - vocab..];
         let mut best = 0;
@@ -136,7 +198,8 @@ fn generate(backend: Backend, module: &kiln_ir::Module, entry: &str, mut inputs:
 
 /// Parses a JSON array (nested for more dims) into a tensor of `dtype`, checking constant dims.
 fn parse_input(name: &str, text: &str, dtype: DType, dims: &[Dim]) -> Result<Tensor> {
-    let json: serde_json::Value = serde_json::from_str(text).with_context(|| format!("input `{name}` is not valid JSON"))?;
+    let json: serde_json::Value =
+        serde_json::from_str(text).with_context(|| format!("input `{name}` is not valid JSON"))?;
     let mut shape = Vec::new();
     let mut node = &json;
     while let Some(items) = node.as_array() {
@@ -147,9 +210,18 @@ fn parse_input(name: &str, text: &str, dtype: DType, dims: &[Dim]) -> Result<Ten
         }
     }
     let mut flat = Vec::new();
-    flatten(&json, 0, &shape, &mut flat).with_context(|| format!("input `{name}`: arrays must be rectangular numbers"))?;
-    if shape.len() != dims.len() || dims.iter().zip(&shape).any(|(d, n)| d.as_const().is_some_and(|c| c as usize != *n)) {
-        bail!("input `{name}` has shape {shape:?} but the program expects {}", kiln_ir::Shape(dims.to_vec()));
+    flatten(&json, 0, &shape, &mut flat)
+        .with_context(|| format!("input `{name}`: arrays must be rectangular numbers"))?;
+    if shape.len() != dims.len()
+        || dims
+            .iter()
+            .zip(&shape)
+            .any(|(d, n)| d.as_const().is_some_and(|c| c as usize != *n))
+    {
+        bail!(
+            "input `{name}` has shape {shape:?} but the program expects {}",
+            kiln_ir::Shape(dims.to_vec())
+        );
     }
     Ok(if dtype.is_float() {
         Tensor::from_floats(dtype, &shape, flat.iter().map(|v| *v as f32).collect())
@@ -163,7 +235,9 @@ fn parse_input(name: &str, text: &str, dtype: DType, dims: &[Dim]) -> Result<Ten
 fn flatten(v: &serde_json::Value, depth: usize, shape: &[usize], out: &mut Vec<f64>) -> Result<()> {
     match v {
         serde_json::Value::Array(items) if depth < shape.len() && items.len() == shape[depth] => {
-            items.iter().try_for_each(|item| flatten(item, depth + 1, shape, out))
+            items
+                .iter()
+                .try_for_each(|item| flatten(item, depth + 1, shape, out))
         }
         serde_json::Value::Number(n) if depth == shape.len() => {
             out.push(n.as_f64().ok_or_else(|| anyhow!("bad number"))?);
@@ -181,5 +255,10 @@ fn flatten(v: &serde_json::Value, depth: usize, shape: &[usize], out: &mut Vec<f
 fn summarize(t: &Tensor) -> String {
     let values = t.to_f64_vec();
     let shown: Vec<String> = values.iter().take(8).map(|v| format!("{v:.6}")).collect();
-    format!("{} [{}{}]", t.ty(), shown.join(", "), if values.len() > 8 { ", ..." } else { "" })
+    format!(
+        "{} [{}{}]",
+        t.ty(),
+        shown.join(", "),
+        if values.len() > 8 { ", ..." } else { "" }
+    )
 }

@@ -9,12 +9,67 @@ use kiln_syntax::ast::{self, Span};
 
 /// Every built-in function name (for "did you mean" suggestions).
 pub const BUILTIN_NAMES: &[&str] = &[
-    "exp", "log", "sqrt", "rsqrt", "sin", "cos", "tanh", "sigmoid", "erf", "abs", "floor", "ceil",
-    "recip", "neg", "pow", "maximum", "minimum", "max", "min", "sum", "mean", "prod", "argmax",
-    "argmin", "select", "cast", "as", "view", "reshape", "permute", "transpose", "unsqueeze",
-    "squeeze", "broadcast_to", "expand", "concat", "stack", "gather", "zeros", "ones", "full",
-    "zeros_like", "ones_like", "full_like", "arange", "matmul", "shape", "dim", "int", "float",
-    "len", "compile_error", "f32", "f16", "bf16", "f8e4m3", "f8e5m2", "i8", "i32", "i64", "bool",
+    "exp",
+    "log",
+    "sqrt",
+    "rsqrt",
+    "sin",
+    "cos",
+    "tanh",
+    "sigmoid",
+    "erf",
+    "abs",
+    "floor",
+    "ceil",
+    "recip",
+    "neg",
+    "pow",
+    "maximum",
+    "minimum",
+    "max",
+    "min",
+    "sum",
+    "mean",
+    "prod",
+    "argmax",
+    "argmin",
+    "select",
+    "cast",
+    "as",
+    "view",
+    "reshape",
+    "permute",
+    "transpose",
+    "unsqueeze",
+    "squeeze",
+    "broadcast_to",
+    "expand",
+    "concat",
+    "stack",
+    "gather",
+    "zeros",
+    "ones",
+    "full",
+    "zeros_like",
+    "ones_like",
+    "full_like",
+    "arange",
+    "matmul",
+    "shape",
+    "dim",
+    "int",
+    "float",
+    "len",
+    "compile_error",
+    "f32",
+    "f16",
+    "bf16",
+    "f8e4m3",
+    "f8e5m2",
+    "i8",
+    "i32",
+    "i64",
+    "bool",
 ];
 
 /// The common dtype of two tensor operands (docs/dtypes.md).
@@ -115,7 +170,7 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
             (ast::UnOp::Neg, Val::Float(f)) => Val::Float(-f),
             (ast::UnOp::Not, Val::Bool(b)) => Val::Bool(!b),
             (op, v @ (Val::Tensor(_) | Val::Param(_))) => {
-                let Some(t) = self.to_tensor(&v, None, span) else {
+                let Some(t) = self.as_tensor(&v, None, span) else {
                     return Val::Poison;
                 };
                 let uop = match op {
@@ -126,7 +181,10 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
             }
             (op, other) => {
                 let sym = if op == ast::UnOp::Neg { "-" } else { "!" };
-                self.err(span, format!("`{sym}` cannot be applied to {}", other.describe()))
+                self.err(
+                    span,
+                    format!("`{sym}` cannot be applied to {}", other.describe()),
+                )
             }
         }
     }
@@ -161,7 +219,10 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
             B::And => BinaryOp::And,
             B::Or => BinaryOp::Or,
             B::MatMul => {
-                let (Some(x), Some(y)) = (self.to_tensor(&a, None, span), self.to_tensor(&b, None, span)) else {
+                let (Some(x), Some(y)) = (
+                    self.as_tensor(&a, None, span),
+                    self.as_tensor(&b, None, span),
+                ) else {
                     return Val::Poison;
                 };
                 let (x, y) = self.unify(x, y, span);
@@ -210,7 +271,10 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
         };
         let logical = matches!(op, BinaryOp::And | BinaryOp::Or);
         let target = if logical { DType::Bool } else { target };
-        let (Some(x), Some(y)) = (self.to_tensor(&a, Some(target), span), self.to_tensor(&b, Some(target), span)) else {
+        let (Some(x), Some(y)) = (
+            self.as_tensor(&a, Some(target), span),
+            self.as_tensor(&b, Some(target), span),
+        ) else {
             return Val::Poison;
         };
         let x = self.cast(x, target, span);
@@ -221,10 +285,26 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
     /// The run-time size of a symbolic dim as an i64 scalar tensor: the sum of a vector of
     /// ones that long (exact in the f64 accumulation of reductions).
     fn sym_tensor(&mut self, v: &Val, span: Span) -> Val {
-        let Some(dim) = v.as_dim() else { return Val::Poison };
-        let ones = Op::Full { value: 1.0, dtype: DType::I64, shape: Shape(vec![dim]) };
-        let Val::Tensor(ones) = self.push1(ones, &[], span) else { return Val::Poison };
-        self.push1(Op::Reduce { op: ReduceOp::Sum, axes: vec![0], keep: false }, &[ones], span)
+        let Some(dim) = v.as_dim() else {
+            return Val::Poison;
+        };
+        let ones = Op::Full {
+            value: 1.0,
+            dtype: DType::I64,
+            shape: Shape(vec![dim]),
+        };
+        let Val::Tensor(ones) = self.push1(ones, &[], span) else {
+            return Val::Poison;
+        };
+        self.push1(
+            Op::Reduce {
+                op: ReduceOp::Sum,
+                axes: vec![0],
+                keep: false,
+            },
+            &[ones],
+            span,
+        )
     }
 
     /// Replaces a model param by its IR tensor.
@@ -262,7 +342,9 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
                     B::Div if x % y == 0 => Some(Val::Int(x / y)),
                     B::Div => Some(Val::Float(x as f64 / y as f64)),
                     B::Rem if y == 0 => return self.err(span, "division by zero"),
-                    B::Rem => Some(Val::Int(x.rem_euclid(y) + if y < 0 && x.rem_euclid(y) != 0 { y } else { 0 })),
+                    B::Rem => Some(Val::Int(
+                        x.rem_euclid(y) + if y < 0 && x.rem_euclid(y) != 0 { y } else { 0 },
+                    )),
                     B::Eq => Some(Val::Bool(x == y)),
                     B::Ne => Some(Val::Bool(x != y)),
                     B::Lt => Some(Val::Bool(x < y)),
@@ -273,7 +355,9 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
                 };
                 match r {
                     Some(v) => v,
-                    None if matches!(op, B::Add | B::Sub | B::Mul) => self.err(span, "integer overflow"),
+                    None if matches!(op, B::Add | B::Sub | B::Mul) => {
+                        self.err(span, "integer overflow")
+                    }
                     None => self.bad_operands(op, &a, &b, span),
                 }
             }
@@ -344,15 +428,25 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
             Val::Int(a) => {
                 let r = rank as i64;
                 if *a < -r || *a >= r.max(1) && *a >= r {
-                    self.err(span, format!("axis {a} is out of range for a tensor of rank {rank}"));
+                    self.err(
+                        span,
+                        format!("axis {a} is out of range for a tensor of rank {rank}"),
+                    );
                     None
                 } else {
-                    Some(if *a < 0 { (a + r) as usize } else { *a as usize })
+                    Some(if *a < 0 {
+                        (a + r) as usize
+                    } else {
+                        *a as usize
+                    })
                 }
             }
             Val::Poison => None,
             other => {
-                self.err(span, format!("an axis must be an integer, found {}", other.describe()));
+                self.err(
+                    span,
+                    format!("an axis must be an integer, found {}", other.describe()),
+                );
                 None
             }
         }
@@ -372,7 +466,13 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
                 Val::Int(_) | Val::Sym(_) => {}
                 Val::Poison => return None,
                 other => {
-                    self.err(span, format!("a dimension must be an integer or a symbolic dim, found {}", other.describe()));
+                    self.err(
+                        span,
+                        format!(
+                            "a dimension must be an integer or a symbolic dim, found {}",
+                            other.describe()
+                        ),
+                    );
                     return None;
                 }
             }
@@ -381,7 +481,11 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
     }
 
     fn shape_of(items: &[Val]) -> Option<Shape> {
-        items.iter().map(Val::as_dim).collect::<Option<Vec<_>>>().map(Shape)
+        items
+            .iter()
+            .map(Val::as_dim)
+            .collect::<Option<Vec<_>>>()
+            .map(Shape)
     }
 
     /// Resolves one `-1` in a reshape target from the input shape.
@@ -400,8 +504,16 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
             self.err(span, "only one dimension of a reshape can be -1");
             return None;
         }
-        let known: Vec<Dim> = items.iter().filter(|v| **v != Val::Int(-1)).filter_map(Val::as_dim).collect();
-        let mut in_syms: Vec<&String> = input.0.iter().filter_map(|d| if let Dim::Sym(s) = d { Some(s) } else { None }).collect();
+        let known: Vec<Dim> = items
+            .iter()
+            .filter(|v| **v != Val::Int(-1))
+            .filter_map(Val::as_dim)
+            .collect();
+        let mut in_syms: Vec<&String> = input
+            .0
+            .iter()
+            .filter_map(|d| if let Dim::Sym(s) = d { Some(s) } else { None })
+            .collect();
         let in_const: u64 = input.0.iter().filter_map(Dim::as_const).product();
         let mut out_const: u64 = 1;
         for d in &known {
@@ -412,21 +524,38 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
                         in_syms.remove(i);
                     }
                     None => {
-                        self.err(span, format!("reshape of {input}: the symbolic dim {s} is not in the input"));
+                        self.err(
+                            span,
+                            format!("reshape of {input}: the symbolic dim {s} is not in the input"),
+                        );
                         return None;
                     }
                 },
             }
         }
         let inferred = match (in_syms.as_slice(), out_const) {
-            ([], c) if c > 0 && in_const % c == 0 => Dim::Const(in_const / c),
+            ([], c) if c > 0 && in_const.is_multiple_of(c) => Dim::Const(in_const / c),
             ([s], c) if c == in_const => Dim::Sym((*s).clone()),
             _ => {
-                self.err(span, format!("reshape of {input}: cannot infer the -1 dimension"));
+                self.err(
+                    span,
+                    format!("reshape of {input}: cannot infer the -1 dimension"),
+                );
                 return None;
             }
         };
-        Some(Shape(items.iter().map(|v| if *v == Val::Int(-1) { inferred.clone() } else { v.as_dim().expect("checked") }).collect()))
+        Some(Shape(
+            items
+                .iter()
+                .map(|v| {
+                    if *v == Val::Int(-1) {
+                        inferred.clone()
+                    } else {
+                        v.as_dim().expect("checked")
+                    }
+                })
+                .collect(),
+        ))
     }
 
     fn tensor_arg(&mut self, args: &[ArgVal], i: usize, fname: &str, span: Span) -> Option<Value> {
@@ -436,9 +565,17 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
                     return None;
                 }
                 match &a.value {
-                    Val::Tensor(_) | Val::Param(_) | Val::Int(_) | Val::Float(_) | Val::Bool(_) => self.to_tensor(&a.value, None, a.span),
+                    Val::Tensor(_) | Val::Param(_) | Val::Int(_) | Val::Float(_) | Val::Bool(_) => {
+                        self.as_tensor(&a.value, None, a.span)
+                    }
                     other => {
-                        self.err(a.span, format!("`{fname}` expects a tensor here, found {}", other.describe()));
+                        self.err(
+                            a.span,
+                            format!(
+                                "`{fname}` expects a tensor here, found {}",
+                                other.describe()
+                            ),
+                        );
                         None
                     }
                 }
@@ -452,15 +589,29 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
 
     /// Calls a built-in; `None` when `name` is not one.
     pub(crate) fn builtin(&mut self, name: &str, args: Vec<ArgVal>, span: Span) -> Option<Val> {
-        let (positional, named): (Vec<ArgVal>, Vec<ArgVal>) = args.into_iter().partition(|a| a.name.is_none());
-        let get_named = |n: &str| named.iter().find(|a| a.name.as_deref() == Some(n)).map(|a| (a.value.clone(), a.span));
-        if positional.iter().any(|a| a.value == Val::Poison) || named.iter().any(|a| a.value == Val::Poison) {
-            return if BUILTIN_NAMES.contains(&name) { Some(Val::Poison) } else { None };
+        let (positional, named): (Vec<ArgVal>, Vec<ArgVal>) =
+            args.into_iter().partition(|a| a.name.is_none());
+        let get_named = |n: &str| {
+            named
+                .iter()
+                .find(|a| a.name.as_deref() == Some(n))
+                .map(|a| (a.value.clone(), a.span))
+        };
+        if positional.iter().any(|a| a.value == Val::Poison)
+            || named.iter().any(|a| a.value == Val::Poison)
+        {
+            return if BUILTIN_NAMES.contains(&name) {
+                Some(Val::Poison)
+            } else {
+                None
+            };
         }
         let allowed_named: &[&str] = match name {
             "sum" | "mean" | "prod" | "max" | "min" | "argmax" | "argmin" => &["axis", "keep"],
             "concat" | "stack" | "gather" | "unsqueeze" | "squeeze" => &["axis"],
-            "zeros" | "ones" | "full" | "arange" | "full_like" | "zeros_like" | "ones_like" => &["dtype"],
+            "zeros" | "ones" | "full" | "arange" | "full_like" | "zeros_like" | "ones_like" => {
+                &["dtype"]
+            }
             _ => &[],
         };
         if BUILTIN_NAMES.contains(&name) {
@@ -473,7 +624,14 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
         }
         let arity = |cx: &mut Self, n: usize| -> bool {
             if positional.len() != n {
-                cx.err(span, format!("`{name}` takes {n} argument{}, found {}", if n == 1 { "" } else { "s" }, positional.len()));
+                cx.err(
+                    span,
+                    format!(
+                        "`{name}` takes {n} argument{}, found {}",
+                        if n == 1 { "" } else { "s" },
+                        positional.len()
+                    ),
+                );
                 false
             } else {
                 true
@@ -492,13 +650,17 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
             }
             let v = &positional[0].value;
             return Some(match v {
-                Val::Int(i) if op == UnaryOp::Neg || op == UnaryOp::Abs => Val::Int(if op == UnaryOp::Neg { -i } else { i.abs() }),
+                Val::Int(i) if op == UnaryOp::Neg || op == UnaryOp::Abs => {
+                    Val::Int(if op == UnaryOp::Neg { -i } else { i.abs() })
+                }
                 Val::Int(i) => Val::Float(fold_unary(op, *i as f64)),
                 Val::Float(x) => Val::Float(fold_unary(op, *x)),
                 _ => match self.tensor_arg(&positional, 0, name, span) {
                     Some(t) => {
                         // Float math on an integer tensor computes in f32.
-                        let t = if !matches!(op, UnaryOp::Neg | UnaryOp::Abs) && !self.b.ty(t).dtype.is_float() {
+                        let t = if !matches!(op, UnaryOp::Neg | UnaryOp::Abs)
+                            && !self.b.ty(t).dtype.is_float()
+                        {
                             self.cast(t, DType::F32, span)
                         } else {
                             t
@@ -516,7 +678,10 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
                 }
                 match positional[1].value {
                     Val::DType(to) => self.cast_val(&positional[0].value, to, span),
-                    ref other => self.err(positional[1].span, format!("`{name}` needs a dtype, found {}", other.describe())),
+                    ref other => self.err(
+                        positional[1].span,
+                        format!("`{name}` needs a dtype, found {}", other.describe()),
+                    ),
                 }
             }
             "pow" | "maximum" | "minimum" => {
@@ -525,12 +690,16 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
                 }
                 self.binary_builtin(name, &positional, span)
             }
-            "max" | "min" if positional.len() == 2 && named.is_empty() => self.binary_builtin(name, &positional, span),
+            "max" | "min" if positional.len() == 2 && named.is_empty() => {
+                self.binary_builtin(name, &positional, span)
+            }
             "sum" | "mean" | "prod" | "max" | "min" => {
                 if !arity(self, 1) {
                     return Some(Val::Poison);
                 }
-                let Some(x) = self.tensor_arg(&positional, 0, name, span) else { return Some(Val::Poison) };
+                let Some(x) = self.tensor_arg(&positional, 0, name, span) else {
+                    return Some(Val::Poison);
+                };
                 let rank = self.b.ty(x).rank();
                 let mut axes: Vec<usize> = match get_named("axis") {
                     None => (0..rank).collect(),
@@ -562,41 +731,70 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
                     "max" => ReduceOp::Max,
                     _ => ReduceOp::Min,
                 };
-                let x = if op == ReduceOp::Mean && !self.b.ty(x).dtype.is_float() { self.cast(x, DType::F32, span) } else { x };
+                let x = if op == ReduceOp::Mean && !self.b.ty(x).dtype.is_float() {
+                    self.cast(x, DType::F32, span)
+                } else {
+                    x
+                };
                 self.push1(Op::Reduce { op, axes, keep }, &[x], span)
             }
             "argmax" | "argmin" => {
                 if !arity(self, 1) {
                     return Some(Val::Poison);
                 }
-                let Some(x) = self.tensor_arg(&positional, 0, name, span) else { return Some(Val::Poison) };
+                let Some(x) = self.tensor_arg(&positional, 0, name, span) else {
+                    return Some(Val::Poison);
+                };
                 let rank = self.b.ty(x).rank();
                 let axis = match get_named("axis") {
                     Some((v, s)) => self.axis(&v, rank, s),
                     None => self.axis(&Val::Int(-1), rank, span),
                 };
-                let Some(axis) = axis else { return Some(Val::Poison) };
-                let Some(keep) = self.bool_named(get_named("keep")) else { return Some(Val::Poison) };
-                let op = if name == "argmax" { Op::ArgMax { axis, keep } } else { Op::ArgMin { axis, keep } };
+                let Some(axis) = axis else {
+                    return Some(Val::Poison);
+                };
+                let Some(keep) = self.bool_named(get_named("keep")) else {
+                    return Some(Val::Poison);
+                };
+                let op = if name == "argmax" {
+                    Op::ArgMax { axis, keep }
+                } else {
+                    Op::ArgMin { axis, keep }
+                };
                 self.push1(op, &[x], span)
             }
             "select" => {
                 if !arity(self, 3) {
                     return Some(Val::Poison);
                 }
-                let Some(c) = self.tensor_arg(&positional, 0, name, span) else { return Some(Val::Poison) };
+                let Some(c) = self.tensor_arg(&positional, 0, name, span) else {
+                    return Some(Val::Poison);
+                };
                 if self.b.ty(c).dtype != DType::Bool {
                     let ty = self.b.ty(c).clone();
-                    return Some(self.err(positional[0].span, format!("select's condition must be bool, found {ty}")));
+                    return Some(self.err(
+                        positional[0].span,
+                        format!("select's condition must be bool, found {ty}"),
+                    ));
                 }
                 let (a, b) = (&positional[1].value, &positional[2].value);
                 // Promote the two branches like a binary op would.
-                let dt = |cx: &Self, v: &Val| if let Val::Tensor(t) = v { Some(cx.b.ty(*t).dtype) } else { None };
+                let dt = |cx: &Self, v: &Val| {
+                    if let Val::Tensor(t) = v {
+                        Some(cx.b.ty(*t).dtype)
+                    } else {
+                        None
+                    }
+                };
                 let target = match (dt(self, a), dt(self, b)) {
                     (Some(x), Some(y)) => promote(x, y),
                     (Some(x), None) | (None, Some(x)) => {
                         let other = if dt(self, a).is_some() { b } else { a };
-                        if matches!(other, Val::Float(_)) && !x.is_float() { DType::F32 } else { x }
+                        if matches!(other, Val::Float(_)) && !x.is_float() {
+                            DType::F32
+                        } else {
+                            x
+                        }
                     }
                     (None, None) => match (a, b) {
                         (Val::Float(_), _) | (_, Val::Float(_)) => DType::F32,
@@ -604,7 +802,12 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
                         _ => DType::I64,
                     },
                 };
-                let (Some(x), Some(y)) = (self.to_tensor(a, Some(target), span), self.to_tensor(b, Some(target), span)) else { return Some(Val::Poison) };
+                let (Some(x), Some(y)) = (
+                    self.as_tensor(a, Some(target), span),
+                    self.as_tensor(b, Some(target), span),
+                ) else {
+                    return Some(Val::Poison);
+                };
                 let x = self.cast(x, target, span);
                 let y = self.cast(y, target, span);
                 self.push1(Op::Select, &[c, x, y], span)
@@ -617,22 +820,38 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
                 self.binary(ast::BinOp::MatMul, a, b, span)
             }
             "view" | "reshape" => {
-                let Some(x) = self.tensor_arg(&positional, 0, name, span) else { return Some(Val::Poison) };
-                let Some(items) = self.dims_arg(&positional[1..], span) else { return Some(Val::Poison) };
+                let Some(x) = self.tensor_arg(&positional, 0, name, span) else {
+                    return Some(Val::Poison);
+                };
+                let Some(items) = self.dims_arg(&positional[1..], span) else {
+                    return Some(Val::Poison);
+                };
                 let input = self.b.ty(x).shape.clone();
-                let Some(shape) = self.reshape_target(&input, &items, span) else { return Some(Val::Poison) };
+                let Some(shape) = self.reshape_target(&input, &items, span) else {
+                    return Some(Val::Poison);
+                };
                 self.push1(Op::Reshape { shape }, &[x], span)
             }
             "broadcast_to" | "expand" => {
-                let Some(x) = self.tensor_arg(&positional, 0, name, span) else { return Some(Val::Poison) };
-                let Some(items) = self.dims_arg(&positional[1..], span) else { return Some(Val::Poison) };
-                let Some(shape) = Self::shape_of(&items) else { return Some(self.err(span, "dimensions must be non-negative")) };
+                let Some(x) = self.tensor_arg(&positional, 0, name, span) else {
+                    return Some(Val::Poison);
+                };
+                let Some(items) = self.dims_arg(&positional[1..], span) else {
+                    return Some(Val::Poison);
+                };
+                let Some(shape) = Self::shape_of(&items) else {
+                    return Some(self.err(span, "dimensions must be non-negative"));
+                };
                 self.push1(Op::BroadcastTo { shape }, &[x], span)
             }
             "permute" => {
-                let Some(x) = self.tensor_arg(&positional, 0, name, span) else { return Some(Val::Poison) };
+                let Some(x) = self.tensor_arg(&positional, 0, name, span) else {
+                    return Some(Val::Poison);
+                };
                 let rank = self.b.ty(x).rank();
-                let Some(items) = self.dims_arg(&positional[1..], span) else { return Some(Val::Poison) };
+                let Some(items) = self.dims_arg(&positional[1..], span) else {
+                    return Some(Val::Poison);
+                };
                 let mut perm = Vec::new();
                 for item in &items {
                     match self.axis(item, rank, span) {
@@ -646,15 +865,24 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
                 if !arity(self, 3) {
                     return Some(Val::Poison);
                 }
-                let Some(x) = self.tensor_arg(&positional, 0, name, span) else { return Some(Val::Poison) };
+                let Some(x) = self.tensor_arg(&positional, 0, name, span) else {
+                    return Some(Val::Poison);
+                };
                 let rank = self.b.ty(x).rank();
-                let (Some(a), Some(b)) = (self.axis(&positional[1].value, rank, span), self.axis(&positional[2].value, rank, span)) else { return Some(Val::Poison) };
+                let (Some(a), Some(b)) = (
+                    self.axis(&positional[1].value, rank, span),
+                    self.axis(&positional[2].value, rank, span),
+                ) else {
+                    return Some(Val::Poison);
+                };
                 let mut perm: Vec<usize> = (0..rank).collect();
                 perm.swap(a, b);
                 self.push1(Op::Permute { perm }, &[x], span)
             }
             "unsqueeze" | "squeeze" => {
-                let Some(x) = self.tensor_arg(&positional, 0, name, span) else { return Some(Val::Poison) };
+                let Some(x) = self.tensor_arg(&positional, 0, name, span) else {
+                    return Some(Val::Poison);
+                };
                 let shape = self.b.ty(x).shape.clone();
                 let axis_val = match (positional.get(1), get_named("axis")) {
                     (Some(a), _) => a.value.clone(),
@@ -663,12 +891,19 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
                 };
                 let mut dims = shape.0.clone();
                 if name == "unsqueeze" {
-                    let Some(a) = self.axis(&axis_val, dims.len() + 1, span) else { return Some(Val::Poison) };
+                    let Some(a) = self.axis(&axis_val, dims.len() + 1, span) else {
+                        return Some(Val::Poison);
+                    };
                     dims.insert(a, Dim::Const(1));
                 } else {
-                    let Some(a) = self.axis(&axis_val, dims.len(), span) else { return Some(Val::Poison) };
+                    let Some(a) = self.axis(&axis_val, dims.len(), span) else {
+                        return Some(Val::Poison);
+                    };
                     if dims[a] != Dim::Const(1) {
-                        return Some(self.err(span, format!("squeeze: axis {a} of {shape} does not have size 1")));
+                        return Some(self.err(
+                            span,
+                            format!("squeeze: axis {a} of {shape} does not have size 1"),
+                        ));
                     }
                     dims.remove(a);
                 }
@@ -680,20 +915,37 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
                 }
                 let items = match &positional[0].value {
                     Val::List(v) | Val::Tuple(v) if !v.is_empty() => v.clone(),
-                    other => return Some(self.err(positional[0].span, format!("`{name}` takes a non-empty list of tensors, found {}", other.describe()))),
+                    other => {
+                        return Some(self.err(
+                            positional[0].span,
+                            format!(
+                                "`{name}` takes a non-empty list of tensors, found {}",
+                                other.describe()
+                            ),
+                        ))
+                    }
                 };
                 let mut tensors = Vec::new();
                 for item in &items {
-                    match self.to_tensor(item, None, span) {
+                    match self.as_tensor(item, None, span) {
                         Some(t) => tensors.push(t),
                         None => return Some(Val::Poison),
                     }
                 }
-                let dtype = tensors.iter().map(|t| self.b.ty(*t).dtype).reduce(promote).expect("non-empty");
-                let tensors: Vec<Value> = tensors.into_iter().map(|t| self.cast(t, dtype, span)).collect();
+                let dtype = tensors
+                    .iter()
+                    .map(|t| self.b.ty(*t).dtype)
+                    .reduce(promote)
+                    .expect("non-empty");
+                let tensors: Vec<Value> = tensors
+                    .into_iter()
+                    .map(|t| self.cast(t, dtype, span))
+                    .collect();
                 let rank = self.b.ty(tensors[0]).rank() + usize::from(name == "stack");
                 let axis_val = get_named("axis").map(|(v, _)| v).unwrap_or(Val::Int(0));
-                let Some(axis) = self.axis(&axis_val, rank, span) else { return Some(Val::Poison) };
+                let Some(axis) = self.axis(&axis_val, rank, span) else {
+                    return Some(Val::Poison);
+                };
                 let tensors = if name == "stack" {
                     let mut out = Vec::new();
                     for t in tensors {
@@ -714,10 +966,17 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
                 if !arity(self, 2) {
                     return Some(Val::Poison);
                 }
-                let (Some(table), Some(idx)) = (self.tensor_arg(&positional, 0, name, span), self.tensor_arg(&positional, 1, name, span)) else { return Some(Val::Poison) };
+                let (Some(table), Some(idx)) = (
+                    self.tensor_arg(&positional, 0, name, span),
+                    self.tensor_arg(&positional, 1, name, span),
+                ) else {
+                    return Some(Val::Poison);
+                };
                 let rank = self.b.ty(table).rank();
                 let axis_val = get_named("axis").map(|(v, _)| v).unwrap_or(Val::Int(0));
-                let Some(axis) = self.axis(&axis_val, rank, span) else { return Some(Val::Poison) };
+                let Some(axis) = self.axis(&axis_val, rank, span) else {
+                    return Some(Val::Poison);
+                };
                 self.push1(Op::Gather { axis }, &[table, idx], span)
             }
             "zeros" | "ones" | "full" => {
@@ -725,30 +984,66 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
                     "zeros" => (0.0, &positional[..]),
                     "ones" => (1.0, &positional[..]),
                     _ => {
-                        let Some(first) = positional.first() else { return Some(self.err(span, "`full` takes a shape then a value")) };
+                        let Some(first) = positional.first() else {
+                            return Some(self.err(span, "`full` takes a shape then a value"));
+                        };
                         let _ = first;
                         if positional.len() < 2 {
-                            return Some(self.err(span, "`full` takes a shape then a value: full([G, M], 0.5)"));
+                            return Some(self.err(
+                                span,
+                                "`full` takes a shape then a value: full([G, M], 0.5)",
+                            ));
                         }
                         let v = match positional[positional.len() - 1].value {
                             Val::Int(i) => i as f64,
                             Val::Float(f) => f,
                             Val::Bool(b) => f64::from(u8::from(b)),
-                            ref other => return Some(self.err(positional[positional.len() - 1].span, format!("`full`'s value must be a number, found {}", other.describe()))),
+                            ref other => {
+                                return Some(self.err(
+                                    positional[positional.len() - 1].span,
+                                    format!(
+                                        "`full`'s value must be a number, found {}",
+                                        other.describe()
+                                    ),
+                                ))
+                            }
                         };
                         (v, &positional[..positional.len() - 1])
                     }
                 };
                 let dtype = match self.dtype_named(get_named("dtype")) {
-                    Some(d) => d.unwrap_or(if name == "full" && value.fract() == 0.0 && matches!(positional.last().map(|a| &a.value), Some(Val::Int(_))) { DType::I64 } else { DType::F32 }),
+                    Some(d) => d.unwrap_or(
+                        if name == "full"
+                            && value.fract() == 0.0
+                            && matches!(positional.last().map(|a| &a.value), Some(Val::Int(_)))
+                        {
+                            DType::I64
+                        } else {
+                            DType::F32
+                        },
+                    ),
                     None => return Some(Val::Poison),
                 };
-                let Some(items) = self.dims_arg(dim_args, span) else { return Some(Val::Poison) };
-                let Some(shape) = Self::shape_of(&items) else { return Some(self.err(span, "dimensions must be non-negative")) };
-                self.push1(Op::Full { value, dtype, shape }, &[], span)
+                let Some(items) = self.dims_arg(dim_args, span) else {
+                    return Some(Val::Poison);
+                };
+                let Some(shape) = Self::shape_of(&items) else {
+                    return Some(self.err(span, "dimensions must be non-negative"));
+                };
+                self.push1(
+                    Op::Full {
+                        value,
+                        dtype,
+                        shape,
+                    },
+                    &[],
+                    span,
+                )
             }
             "zeros_like" | "ones_like" | "full_like" => {
-                let Some(x) = self.tensor_arg(&positional, 0, name, span) else { return Some(Val::Poison) };
+                let Some(x) = self.tensor_arg(&positional, 0, name, span) else {
+                    return Some(Val::Poison);
+                };
                 let ty = self.b.ty(x).clone();
                 let value = match name {
                     "zeros_like" => 0.0,
@@ -756,21 +1051,37 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
                     _ => match positional.get(1).map(|a| &a.value) {
                         Some(Val::Int(i)) => *i as f64,
                         Some(Val::Float(f)) => *f,
-                        _ => return Some(self.err(span, "`full_like` takes a tensor and a number")),
+                        _ => {
+                            return Some(self.err(span, "`full_like` takes a tensor and a number"))
+                        }
                     },
                 };
                 let dtype = match self.dtype_named(get_named("dtype")) {
                     Some(d) => d.unwrap_or(ty.dtype),
                     None => return Some(Val::Poison),
                 };
-                self.push1(Op::Full { value, dtype, shape: ty.shape }, &[], span)
+                self.push1(
+                    Op::Full {
+                        value,
+                        dtype,
+                        shape: ty.shape,
+                    },
+                    &[],
+                    span,
+                )
             }
             "arange" => {
                 if !arity(self, 1) {
                     return Some(Val::Poison);
                 }
                 let Some(len) = positional[0].value.as_dim() else {
-                    return Some(self.err(positional[0].span, format!("`arange` takes a length (an integer or a symbolic dim), found {}", positional[0].value.describe())));
+                    return Some(self.err(
+                        positional[0].span,
+                        format!(
+                            "`arange` takes a length (an integer or a symbolic dim), found {}",
+                            positional[0].value.describe()
+                        ),
+                    ));
                 };
                 let dtype = match self.dtype_named(get_named("dtype")) {
                     Some(d) => d.unwrap_or(DType::I64),
@@ -779,16 +1090,31 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
                 self.push1(Op::Arange { len, dtype }, &[], span)
             }
             "shape" => {
-                let Some(x) = self.tensor_arg(&positional, 0, name, span) else { return Some(Val::Poison) };
-                Val::List(self.b.ty(x).shape.0.iter().cloned().map(Val::from).collect())
+                let Some(x) = self.tensor_arg(&positional, 0, name, span) else {
+                    return Some(Val::Poison);
+                };
+                Val::List(
+                    self.b
+                        .ty(x)
+                        .shape
+                        .0
+                        .iter()
+                        .cloned()
+                        .map(Val::from)
+                        .collect(),
+                )
             }
             "dim" => {
                 if !arity(self, 2) {
                     return Some(Val::Poison);
                 }
-                let Some(x) = self.tensor_arg(&positional, 0, name, span) else { return Some(Val::Poison) };
+                let Some(x) = self.tensor_arg(&positional, 0, name, span) else {
+                    return Some(Val::Poison);
+                };
                 let shape = self.b.ty(x).shape.clone();
-                let Some(a) = self.axis(&positional[1].value, shape.rank(), span) else { return Some(Val::Poison) };
+                let Some(a) = self.axis(&positional[1].value, shape.rank(), span) else {
+                    return Some(Val::Poison);
+                };
                 Val::from(shape.0[a].clone())
             }
             "int" => match positional.first().map(|a| &a.value) {
@@ -806,10 +1132,13 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
                     Some(Val::Str(s)) => s.clone(),
                     _ => return Some(self.err(span, "`compile_error` takes a message string")),
                 };
-                let details: Vec<String> = positional[1..].iter().map(|a| match &a.value {
-                    Val::Str(s) => format!("{s:?}"),
-                    other => other.describe(),
-                }).collect();
+                let details: Vec<String> = positional[1..]
+                    .iter()
+                    .map(|a| match &a.value {
+                        Val::Str(s) => format!("{s:?}"),
+                        other => other.describe(),
+                    })
+                    .collect();
                 if details.is_empty() {
                     self.err(span, msg)
                 } else {
@@ -817,7 +1146,9 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
                 }
             }
             "len" => match positional.first().map(|a| &a.value) {
-                Some(Val::List(v) | Val::Tuple(v)) if positional.len() == 1 => Val::Int(v.len() as i64),
+                Some(Val::List(v) | Val::Tuple(v)) if positional.len() == 1 => {
+                    Val::Int(v.len() as i64)
+                }
                 _ => self.err(span, "`len` takes one list or tuple"),
             },
             _ => return None,
@@ -830,7 +1161,10 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
             None => Some(false),
             Some((Val::Bool(b), _)) => Some(b),
             Some((other, s)) => {
-                self.err(s, format!("expected true or false, found {}", other.describe()));
+                self.err(
+                    s,
+                    format!("expected true or false, found {}", other.describe()),
+                );
                 None
             }
         }
@@ -842,7 +1176,10 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
             None => Some(None),
             Some((Val::DType(d), _)) => Some(Some(d)),
             Some((other, s)) => {
-                self.err(s, format!("expected a dtype such as f32, found {}", other.describe()));
+                self.err(
+                    s,
+                    format!("expected a dtype such as f32, found {}", other.describe()),
+                );
                 None
             }
         }
@@ -863,7 +1200,11 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
         if let (Some(x), Some(y)) = (num(&a), num(&b)) {
             if let (Val::Int(i), Val::Int(j)) = (&a, &b) {
                 if op != BinaryOp::Pow {
-                    return Val::Int(if op == BinaryOp::Max { *i.max(j) } else { *i.min(j) });
+                    return Val::Int(if op == BinaryOp::Max {
+                        *i.max(j)
+                    } else {
+                        *i.min(j)
+                    });
                 }
             }
             return Val::Float(match op {
@@ -878,7 +1219,11 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
                 if let Val::Tensor(t) = v {
                     if !self.b.ty(*t).dtype.is_float() {
                         let c = self.cast(*t, DType::F32, span);
-                        let (a2, b2) = if v == &a { (Val::Tensor(c), b.clone()) } else { (a.clone(), Val::Tensor(c)) };
+                        let (a2, b2) = if v == &a {
+                            (Val::Tensor(c), b.clone())
+                        } else {
+                            (a.clone(), Val::Tensor(c))
+                        };
                         return self.elementwise(op, a2, b2, span);
                     }
                 }
@@ -889,10 +1234,12 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
 
     fn cast_val(&mut self, v: &Val, to: DType, span: Span) -> Val {
         match v {
-            Val::Int(_) | Val::Float(_) | Val::Bool(_) | Val::Tensor(_) | Val::Param(_) => match self.to_tensor(v, None, span) {
-                Some(t) => Val::Tensor(self.cast(t, to, span)),
-                None => Val::Poison,
-            },
+            Val::Int(_) | Val::Float(_) | Val::Bool(_) | Val::Tensor(_) | Val::Param(_) => {
+                match self.as_tensor(v, None, span) {
+                    Some(t) => Val::Tensor(self.cast(t, to, span)),
+                    None => Val::Poison,
+                }
+            }
             Val::Poison => Val::Poison,
             other => self.err(span, format!("cannot cast {} to {to}", other.describe())),
         }
@@ -912,22 +1259,41 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
                             if (0..n).contains(&j) {
                                 v[j as usize].clone()
                             } else {
-                                self.err(e.span, format!("index {i} is out of range for a list of {n}"))
+                                self.err(
+                                    e.span,
+                                    format!("index {i} is out of range for a list of {n}"),
+                                )
                             }
                         }
                         Val::Poison => Val::Poison,
-                        other => self.err(e.span, format!("a list index must be an integer, found {}", other.describe())),
+                        other => self.err(
+                            e.span,
+                            format!(
+                                "a list index must be an integer, found {}",
+                                other.describe()
+                            ),
+                        ),
                     };
                 }
                 return self.err(span, "a list takes one integer index");
             }
             _ => {}
         }
-        let Some(x) = self.to_tensor(&base, None, span) else { return Val::Poison };
+        let Some(x) = self.as_tensor(&base, None, span) else {
+            return Val::Poison;
+        };
         let shape = self.b.ty(x).shape.clone();
         let rank = shape.rank();
-        let explicit = items.iter().filter(|i| !matches!(i, ast::IndexItem::Ellipsis(_))).count();
-        if items.iter().filter(|i| matches!(i, ast::IndexItem::Ellipsis(_))).count() > 1 {
+        let explicit = items
+            .iter()
+            .filter(|i| !matches!(i, ast::IndexItem::Ellipsis(_)))
+            .count();
+        if items
+            .iter()
+            .filter(|i| matches!(i, ast::IndexItem::Ellipsis(_)))
+            .count()
+            > 1
+        {
             return self.err(span, "an index may contain `...` only once");
         }
         if explicit > rank {
@@ -965,7 +1331,7 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
                             if gather.is_some() {
                                 return self.err(e.span, "only one index may be a tensor");
                             }
-                            let Some(t) = self.to_tensor(&v, None, e.span) else { return Val::Poison };
+                            let Some(t) = self.as_tensor(&v, None, e.span) else { return Val::Poison };
                             gather = Some((axis, t, e.span));
                         }
                         Val::Poison => return Val::Poison,
@@ -973,13 +1339,23 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
                     }
                     axis += 1;
                 }
-                ast::IndexItem::Slice { start, end, step, span: sspan } => {
+                ast::IndexItem::Slice {
+                    start,
+                    end,
+                    step,
+                    span: sspan,
+                } => {
                     let dim = shape.0[axis].clone();
-                    let bound = |cx: &mut Self, e: &'p Option<ast::Expr>, default: Option<Dim>| -> Option<Option<Dim>> {
+                    let bound = |cx: &mut Self,
+                                 e: &'p Option<ast::Expr>,
+                                 default: Option<Dim>|
+                     -> Option<Option<Dim>> {
                         match e {
                             None => Some(default),
                             Some(e) => match cx.expr(e) {
-                                Val::Int(i) => cx.index_bound(i, &dim, e.span).map(|b| Some(Dim::Const(b.min(dim.as_const().unwrap_or(u64::MAX))))),
+                                Val::Int(i) => cx.index_bound(i, &dim, e.span).map(|b| {
+                                    Some(Dim::Const(b.min(dim.as_const().unwrap_or(u64::MAX))))
+                                }),
                                 Val::Sym(s) => Some(Some(Dim::Sym(s))),
                                 Val::Poison => None,
                                 other => {
@@ -989,17 +1365,31 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
                             },
                         }
                     };
-                    let Some(s) = bound(self, start, Some(Dim::Const(0))) else { return Val::Poison };
-                    let Some(en) = bound(self, end, Some(dim.clone())) else { return Val::Poison };
+                    let Some(s) = bound(self, start, Some(Dim::Const(0))) else {
+                        return Val::Poison;
+                    };
+                    let Some(en) = bound(self, end, Some(dim.clone())) else {
+                        return Val::Poison;
+                    };
                     let step = match step {
                         None => 1,
                         Some(e) => match self.expr(e) {
                             Val::Int(k) if k >= 1 => k as u64,
                             Val::Poison => return Val::Poison,
-                            other => return self.err(e.span, format!("a slice step must be a positive integer, found {}", other.describe())),
+                            other => {
+                                return self.err(
+                                    e.span,
+                                    format!(
+                                        "a slice step must be a positive integer, found {}",
+                                        other.describe()
+                                    ),
+                                )
+                            }
                         },
                     };
-                    let Some(Dim::Const(s)) = s else { return self.err(*sspan, "a slice start must be an integer") };
+                    let Some(Dim::Const(s)) = s else {
+                        return self.err(*sspan, "a slice start must be an integer");
+                    };
                     let en = en.unwrap_or(dim.clone());
                     if s == 0 && en == dim && step == 1 {
                         axis += 1;
@@ -1015,7 +1405,16 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
         }
         // Drop the selected axes, then gather.
         if !squeeze.is_empty() {
-            let dims: Vec<Dim> = self.b.ty(cur).shape.0.iter().enumerate().filter(|(i, _)| !squeeze.contains(i)).map(|(_, d)| d.clone()).collect();
+            let dims: Vec<Dim> = self
+                .b
+                .ty(cur)
+                .shape
+                .0
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| !squeeze.contains(i))
+                .map(|(_, d)| d.clone())
+                .collect();
             cur = match self.push1(Op::Reshape { shape: Shape(dims) }, &[cur], span) {
                 Val::Tensor(t) => t,
                 _ => return Val::Poison,
@@ -1023,7 +1422,13 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
         }
         if let Some((g_axis, idx, ispan)) = gather {
             let shift = squeeze.iter().filter(|a| **a < g_axis).count();
-            return self.push1(Op::Gather { axis: g_axis - shift }, &[cur, idx], ispan);
+            return self.push1(
+                Op::Gather {
+                    axis: g_axis - shift,
+                },
+                &[cur, idx],
+                ispan,
+            );
         }
         Val::Tensor(cur)
     }
@@ -1033,7 +1438,10 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
         if i >= 0 {
             if let Some(n) = dim.as_const() {
                 if i as u64 > n {
-                    self.err(span, format!("index {i} is out of range for a dimension of size {n}"));
+                    self.err(
+                        span,
+                        format!("index {i} is out of range for a dimension of size {n}"),
+                    );
                     return None;
                 }
             }
@@ -1042,18 +1450,43 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
         match dim.as_const() {
             Some(n) if (-i) as u64 <= n => Some(n - (-i) as u64),
             Some(n) => {
-                self.err(span, format!("index {i} is out of range for a dimension of size {n}"));
+                self.err(
+                    span,
+                    format!("index {i} is out of range for a dimension of size {n}"),
+                );
                 None
             }
             None => {
-                self.err(span, format!("a negative index needs a dimension of known size, but this one is {dim}"));
+                self.err(
+                    span,
+                    format!(
+                        "a negative index needs a dimension of known size, but this one is {dim}"
+                    ),
+                );
                 None
             }
         }
     }
 
-    fn slice(&mut self, x: Value, axis: usize, start: u64, end: Dim, step: u64, span: Span) -> Option<Value> {
-        match self.push1(Op::Slice { axis, start, end, step }, &[x], span) {
+    fn slice(
+        &mut self,
+        x: Value,
+        axis: usize,
+        start: u64,
+        end: Dim,
+        step: u64,
+        span: Span,
+    ) -> Option<Value> {
+        match self.push1(
+            Op::Slice {
+                axis,
+                start,
+                end,
+                step,
+            },
+            &[x],
+            span,
+        ) {
             Val::Tensor(t) => Some(t),
             _ => None,
         }
@@ -1074,5 +1507,4 @@ mod tests {
         assert_eq!(promote(DType::I8, DType::I64), DType::I64);
         assert_eq!(promote(DType::Bool, DType::I32), DType::I32);
     }
-
 }

@@ -131,7 +131,11 @@ pub fn lower(
     let mut g = Globals {
         program,
         fns: IndexMap::new(),
-        modules: program.files.iter().filter_map(|f| f.module.clone()).collect(),
+        modules: program
+            .files
+            .iter()
+            .filter_map(|f| f.module.clone())
+            .collect(),
         config: IndexMap::new(),
         params: Vec::new(),
         top_params: IndexMap::new(),
@@ -226,8 +230,14 @@ impl<'p> Globals<'p> {
             );
             return;
         }
-        self.fns
-            .insert(def.name.name.clone(), FnInfo { file, def, in_model });
+        self.fns.insert(
+            def.name.name.clone(),
+            FnInfo {
+                file,
+                def,
+                in_model,
+            },
+        );
     }
 
     fn add_param(&mut self, file: FileId, decl: &'p ast::ParamDecl, layer: Option<i64>) -> ParamId {
@@ -509,7 +519,8 @@ impl<'p> Globals<'p> {
         if let Some(wanted) = self.options.entries.clone() {
             for name in &wanted {
                 if !entries.iter().any(|e| &e.def.name.name == name) {
-                    let known: Vec<&str> = entries.iter().map(|e| e.def.name.name.as_str()).collect();
+                    let known: Vec<&str> =
+                        entries.iter().map(|e| e.def.name.name.as_str()).collect();
                     self.diags.push(Diagnostic::error(format!(
                         "no entry function `{name}` (entry functions have fully typed parameters; this program has: {})",
                         if known.is_empty() { "none".to_string() } else { known.join(", ") }
@@ -532,7 +543,10 @@ impl<'p> Globals<'p> {
             if ok {
                 if cfg!(debug_assertions) {
                     if let Err(e) = kiln_ir::verify::verify_function(&func) {
-                        panic!("lowering produced invalid IR for `{}`: {e}\n{func}", func.name);
+                        panic!(
+                            "lowering produced invalid IR for `{}`: {e}\n{func}",
+                            func.name
+                        );
                     }
                 }
                 module.functions.push(func);
@@ -704,7 +718,8 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
                         let ast::DimExpr::Expr(e) = d else { continue };
                         match &e.kind {
                             ExprKind::Name(n)
-                                if self.lookup_local(n).is_none() && !self.g.config.contains_key(n) =>
+                                if self.lookup_local(n).is_none()
+                                    && !self.g.config.contains_key(n) =>
                             {
                                 self.bind(n, Val::Sym(n.clone()));
                                 shape.push(Dim::Sym(n.clone()));
@@ -712,7 +727,10 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
                             _ => match self.expr(e).as_dim() {
                                 Some(d) => shape.push(d),
                                 None => {
-                                    self.err(e.span, "a dimension must be a non-negative integer or a name");
+                                    self.err(
+                                        e.span,
+                                        "a dimension must be a non-negative integer or a name",
+                                    );
                                 }
                             },
                         }
@@ -752,7 +770,7 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
             }
             Val::Poison => {}
             other => {
-                if let Some(t) = self.to_tensor(&other, None, span) {
+                if let Some(t) = self.as_tensor(&other, None, span) {
                     out.push(t);
                 }
             }
@@ -776,7 +794,7 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
         match stmt {
             Stmt::Let { pat, value, .. } => {
                 let v = self.expr(value);
-                self.bind_pat(pat, v, value.span);
+                self.bind_pat(pat, v);
             }
             Stmt::Assign { name, value, .. } => {
                 let v = self.expr(value);
@@ -811,7 +829,9 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
                 let (items, layers): (Vec<Val>, bool) = match it {
                     Val::Range(a, b) => ((a..b).map(Val::Int).collect(), false),
                     Val::Layers => (
-                        (self.g.layer_start..self.g.layer_end).map(Val::Int).collect(),
+                        (self.g.layer_start..self.g.layer_end)
+                            .map(Val::Int)
+                            .collect(),
                         true,
                     ),
                     Val::List(v) | Val::Tuple(v) => (v, false),
@@ -853,19 +873,19 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
         }
     }
 
-    fn bind_pat(&mut self, pat: &Pat, v: Val, span: Span) {
+    fn bind_pat(&mut self, pat: &Pat, v: Val) {
         match pat {
             Pat::Name(id) => self.bind(&id.name, v),
             Pat::Wildcard(_) => {}
             Pat::Tuple { elems, span: pspan } => match v {
                 Val::Tuple(items) | Val::List(items) if items.len() == elems.len() => {
                     for (p, item) in elems.iter().zip(items) {
-                        self.bind_pat(p, item, span);
+                        self.bind_pat(p, item);
                     }
                 }
                 Val::Poison => {
                     for p in elems {
-                        self.bind_pat(p, Val::Poison, span);
+                        self.bind_pat(p, Val::Poison);
                     }
                 }
                 other => {
@@ -878,7 +898,7 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
                         ),
                     );
                     for p in elems {
-                        self.bind_pat(p, Val::Poison, span);
+                        self.bind_pat(p, Val::Poison);
                     }
                 }
             },
@@ -995,7 +1015,7 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
         let mut inits = Vec::new();
         for var in vars {
             let v = self.expr(&var.init);
-            inits.push(self.to_tensor(&v, None, var.init.span));
+            inits.push(self.as_tensor(&v, None, var.init.span));
         }
         let (Some(count_t), Some(inits)) = (count_t, inits.into_iter().collect::<Option<Vec<_>>>())
         else {
@@ -1043,7 +1063,7 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
                 let want = self.b.ty(*arg).clone();
                 let t = match &next {
                     Val::Poison => None,
-                    v => self.to_tensor(v, Some(want.dtype), body.span),
+                    v => self.as_tensor(v, Some(want.dtype), body.span),
                 };
                 match t {
                     Some(t) if *self.b.ty(t) == want => yields.push(t),
@@ -1095,7 +1115,13 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
             (Val::Tensor(t), "T") => {
                 let rank = self.b.ty(*t).rank();
                 if rank < 2 {
-                    return self.err(span, format!("`.T` needs a tensor of rank 2 or more, found {}", self.b.ty(*t)));
+                    return self.err(
+                        span,
+                        format!(
+                            "`.T` needs a tensor of rank 2 or more, found {}",
+                            self.b.ty(*t)
+                        ),
+                    );
                 }
                 let mut perm: Vec<usize> = (0..rank).collect();
                 perm.swap(rank - 2, rank - 1);
@@ -1103,7 +1129,14 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
             }
             (Val::Tensor(t), "dtype") => Val::DType(self.b.ty(*t).dtype),
             (Val::Tensor(t), "shape") => Val::List(
-                self.b.ty(*t).shape.0.iter().cloned().map(Val::from).collect(),
+                self.b
+                    .ty(*t)
+                    .shape
+                    .0
+                    .iter()
+                    .cloned()
+                    .map(Val::from)
+                    .collect(),
             ),
             (Val::Tensor(t), "rank") => Val::Int(self.b.ty(*t).rank() as i64),
             (Val::List(items) | Val::Tuple(items), "len") => Val::Int(items.len() as i64),
@@ -1118,7 +1151,9 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
         let mut evaluated = Vec::new();
         let name: &'p ast::Ident = match &callee.kind {
             ExprKind::Name(_) => {
-                let ExprKind::Name(n) = &callee.kind else { unreachable!() };
+                let ExprKind::Name(n) = &callee.kind else {
+                    unreachable!()
+                };
                 // A synthetic ident covering the callee.
                 return self.call_named(n, callee.span, None, args, span);
             }
@@ -1182,10 +1217,17 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
     /// Inlines a call to a user function.
     fn call_user(&mut self, info: FnInfo<'p>, args: Vec<ArgVal>, span: Span) -> Val {
         let def = info.def;
-        if self.frames.iter().any(|f| f.def.is_some_and(|d| std::ptr::eq(d, def))) {
+        if self
+            .frames
+            .iter()
+            .any(|f| f.def.is_some_and(|d| std::ptr::eq(d, def)))
+        {
             return self.err(
                 span,
-                format!("`{}` calls itself; kiln functions are inlined and cannot recurse", def.name.name),
+                format!(
+                    "`{}` calls itself; kiln functions are inlined and cannot recurse",
+                    def.name.name
+                ),
             );
         }
         if self.frames.len() >= MAX_CALL_DEPTH {
@@ -1225,7 +1267,10 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
                 }
             };
             if slots[index].is_some() {
-                self.err(arg.span, format!("`{}` is given twice", def.params[index].name.name));
+                self.err(
+                    arg.span,
+                    format!("`{}` is given twice", def.params[index].name.name),
+                );
             }
             slots[index] = Some(arg);
         }
@@ -1248,7 +1293,10 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
                         self.frames.pop();
                         let v = self.err(
                             span,
-                            format!("missing argument `{}` of `{}`", param.name.name, def.name.name),
+                            format!(
+                                "missing argument `{}` of `{}`",
+                                param.name.name, def.name.name
+                            ),
                         );
                         return v;
                     }
@@ -1308,14 +1356,22 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
             }
             (ast::Type::Tuple { elems, .. }, other) => mismatch(
                 self,
-                format!("{what} should be a tuple of {}, found {}", elems.len(), other.describe()),
+                format!(
+                    "{what} should be a tuple of {}, found {}",
+                    elems.len(),
+                    other.describe()
+                ),
             ),
             (ast::Type::Named(id), v) => {
                 let name = id.name.as_str();
                 let ok = match (&v, name) {
                     (Val::Int(_), "int" | "float") => true,
                     (Val::Float(_), "float") => true,
-                    (Val::Int(_) | Val::Float(_), n) if DType::from_name(n).is_some_and(DType::is_float) => true,
+                    (Val::Int(_) | Val::Float(_), n)
+                        if DType::from_name(n).is_some_and(DType::is_float) =>
+                    {
+                        true
+                    }
                     (Val::Int(_), n) if DType::from_name(n).is_some_and(DType::is_int) => true,
                     (Val::Bool(_), "bool") => true,
                     (Val::Str(_), "str") => true,
@@ -1340,7 +1396,7 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
                         if dims.iter().all(|d| matches!(d, ast::DimExpr::Ellipsis(_))) =>
                     {
                         let want = dtype.as_ref().and_then(|d| DType::from_name(&d.name));
-                        self.to_tensor(&v, want, span)
+                        self.as_tensor(&v, want, span)
                     }
                     Val::Tensor(t) => Some(*t),
                     Val::Param(id) => self.materialize(*id, span),
@@ -1364,7 +1420,11 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
                     }
                 }
                 if !self.match_dims(dims, &actual.shape) {
-                    let expected = render_dims(dims, self.g.program, self.frames.last().expect("a frame").file);
+                    let expected = render_dims(
+                        dims,
+                        self.g.program,
+                        self.frames.last().expect("a frame").file,
+                    );
                     return mismatch(
                         self,
                         format!("{what} should have shape [{expected}], found {actual}"),
@@ -1377,7 +1437,9 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
 
     /// Matches declared dims against a shape, binding new dim names; false on mismatch.
     fn match_dims(&mut self, dims: &'p [ast::DimExpr], shape: &Shape) -> bool {
-        let ellipsis = dims.iter().position(|d| matches!(d, ast::DimExpr::Ellipsis(_)));
+        let ellipsis = dims
+            .iter()
+            .position(|d| matches!(d, ast::DimExpr::Ellipsis(_)));
         let fixed = dims.len() - usize::from(ellipsis.is_some());
         let rank = shape.rank();
         if ellipsis.is_some() && rank < fixed || ellipsis.is_none() && rank != fixed {
@@ -1423,7 +1485,10 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
     /// The declared type of a param: its dims evaluated now (they must be constants).
     fn param_type(&mut self, decl: &'p ast::ParamDecl) -> Option<TensorType> {
         let ast::Type::Tensor { dtype, dims, span } = &decl.ty else {
-            self.err(decl.ty.span(), "a param's type must be a tensor type such as `[vocab_size, hidden_size]`");
+            self.err(
+                decl.ty.span(),
+                "a param's type must be a tensor type such as `[vocab_size, hidden_size]`",
+            );
             return None;
         };
         let dtype = match dtype {
@@ -1440,7 +1505,10 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
         for d in dims {
             match d {
                 ast::DimExpr::Ellipsis(s) => {
-                    self.err(*s, "a param's shape must be fully known; `...` is not allowed here");
+                    self.err(
+                        *s,
+                        "a param's shape must be fully known; `...` is not allowed here",
+                    );
                     return None;
                 }
                 ast::DimExpr::Expr(e) => match self.expr(e) {
@@ -1565,7 +1633,7 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
 
     /// The value as an IR tensor: compile-time numbers become scalars of `hint` (or their
     /// natural dtype: i64 for integers, f32 for floats), params are materialized.
-    pub(crate) fn to_tensor(&mut self, v: &Val, hint: Option<DType>, span: Span) -> Option<Value> {
+    pub(crate) fn as_tensor(&mut self, v: &Val, hint: Option<DType>, span: Span) -> Option<Value> {
         match v {
             Val::Tensor(t) => Some(*t),
             Val::Param(id) => self.materialize(*id, span),
@@ -1583,7 +1651,10 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
             }
             Val::Poison => None,
             other => {
-                self.err(span, format!("expected a tensor or a number, found {}", other.describe()));
+                self.err(
+                    span,
+                    format!("expected a tensor or a number, found {}", other.describe()),
+                );
                 None
             }
         }
@@ -1603,7 +1674,10 @@ fn render_dims(dims: &[ast::DimExpr], program: &Program, file: FileId) -> String
 }
 
 /// The candidate closest to `name` by edit distance, when it is close enough to suggest.
-pub(crate) fn closest<'a>(name: &str, candidates: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+pub(crate) fn closest<'a>(
+    name: &str,
+    candidates: impl Iterator<Item = &'a str>,
+) -> Option<&'a str> {
     let limit = (name.len() / 3).max(1);
     candidates
         .filter(|c| *c != name)

@@ -239,7 +239,13 @@ mod tests {
     fn compute_capabilities_and_minimum_ptx_versions() {
         let table: Vec<_> = Target::ALL
             .iter()
-            .map(|t| (t.sm_name(), t.compute_capability(), t.min_ptx_version().to_string()))
+            .map(|t| {
+                (
+                    t.sm_name(),
+                    t.compute_capability(),
+                    t.min_ptx_version().to_string(),
+                )
+            })
             .collect();
         assert_eq!(
             table,

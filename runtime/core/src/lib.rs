@@ -15,22 +15,39 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: {message}")]
     Checkpoint { path: PathBuf, message: String },
     #[error("the checkpoint in {dir} has no tensor `{name}` (the program expects {expected})")]
-    MissingTensor { name: String, expected: kiln_ir::TensorType, dir: PathBuf },
+    MissingTensor {
+        name: String,
+        expected: kiln_ir::TensorType,
+        dir: PathBuf,
+    },
     #[error("tensor `{name}` in {path}: {message}")]
-    BadTensor { name: String, path: PathBuf, message: String },
+    BadTensor {
+        name: String,
+        path: PathBuf,
+        message: String,
+    },
     #[error("{0}")]
     Input(String),
     #[error("running `{function}`: {source}")]
-    Execution { function: String, source: kiln_ir::IrError },
+    Execution {
+        function: String,
+        source: kiln_ir::IrError,
+    },
 }
 
 impl RuntimeError {
     pub(crate) fn io(path: &Path, source: std::io::Error) -> RuntimeError {
-        RuntimeError::Io { path: path.to_path_buf(), source }
+        RuntimeError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
     }
 }
 
@@ -59,10 +76,17 @@ pub fn run(
 ) -> Result<Vec<kiln_ir::Tensor>, RuntimeError> {
     let func = module.function(function).ok_or_else(|| {
         let names: Vec<&str> = module.functions.iter().map(|f| f.name.as_str()).collect();
-        RuntimeError::Input(format!("no entry function `{function}`; the program has: {}", names.join(", ")))
+        RuntimeError::Input(format!(
+            "no entry function `{function}`; the program has: {}",
+            names.join(", ")
+        ))
     })?;
     match backend {
-        Backend::Interpreter => kiln_ir::interpret(func, inputs, weights)
-            .map_err(|source| RuntimeError::Execution { function: function.to_string(), source }),
+        Backend::Interpreter => {
+            kiln_ir::interpret(func, inputs, weights).map_err(|source| RuntimeError::Execution {
+                function: function.to_string(),
+                source,
+            })
+        }
     }
 }

@@ -27,20 +27,25 @@ impl Weights {
             // a checkpoint file changed on disk meanwhile yields wrong values, never UB in
             // safe code that copies bytes out of it.
             #[allow(unsafe_code)]
-            let map = unsafe { memmap2::Mmap::map(&handle) }.map_err(|e| RuntimeError::io(file, e))?;
+            let map =
+                unsafe { memmap2::Mmap::map(&handle) }.map_err(|e| RuntimeError::io(file, e))?;
             maps.push((file.clone(), map));
         }
         let mut parsed = Vec::new();
         for (file, map) in &maps {
-            let st = safetensors::SafeTensors::deserialize(map).map_err(|e| RuntimeError::Checkpoint {
-                path: file.clone(),
-                message: e.to_string(),
+            let st = safetensors::SafeTensors::deserialize(map).map_err(|e| {
+                RuntimeError::Checkpoint {
+                    path: file.clone(),
+                    message: e.to_string(),
+                }
             })?;
             parsed.push((file, st));
         }
         let mut tensors = BTreeMap::new();
         for binding in bindings {
-            let found = parsed.iter().find_map(|(file, st)| st.tensor(&binding.checkpoint_name).ok().map(|v| (file, v)));
+            let found = parsed
+                .iter()
+                .find_map(|(file, st)| st.tensor(&binding.checkpoint_name).ok().map(|v| (file, v)));
             let Some((file, view)) = found else {
                 return Err(RuntimeError::MissingTensor {
                     name: binding.checkpoint_name.clone(),
@@ -63,21 +68,35 @@ impl Weights {
     pub fn random(bindings: &[ParamBinding], seed: u64) -> Result<Weights, RuntimeError> {
         let mut tensors = BTreeMap::new();
         for (i, binding) in bindings.iter().enumerate() {
-            let dims: Option<Vec<usize>> = binding.ty.shape.0.iter().map(|d| d.as_const().map(|n| n as usize)).collect();
+            let dims: Option<Vec<usize>> = binding
+                .ty
+                .shape
+                .0
+                .iter()
+                .map(|d| d.as_const().map(|n| n as usize))
+                .collect();
             let Some(dims) = dims else {
-                return Err(RuntimeError::Input(format!("param {} has a symbolic shape", binding.checkpoint_name)));
+                return Err(RuntimeError::Input(format!(
+                    "param {} has a symbolic shape",
+                    binding.checkpoint_name
+                )));
             };
             let n: usize = dims.iter().product();
-            let mut state = seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
+            let mut state =
+                seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
             let mut next = || {
-                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((state >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
             };
             let data: Vec<f32> = if dims.len() == 1 {
                 (0..n).map(|_| (1.0 + 0.1 * next()) as f32).collect()
             } else {
                 let fan_in = *dims.last().unwrap_or(&1) as f64;
-                (0..n).map(|_| (next() * 1.7 / fan_in.sqrt()) as f32).collect()
+                (0..n)
+                    .map(|_| (next() * 1.7 / fan_in.sqrt()) as f32)
+                    .collect()
             };
             let t = Tensor::from_f32(&dims, data).cast(binding.ty.dtype);
             tensors.insert(binding.checkpoint_name.clone(), t);
@@ -99,7 +118,10 @@ impl Weights {
 
     /// Total bytes of the weights in their declared dtypes.
     pub fn bytes(&self) -> usize {
-        self.tensors.values().map(|t| t.numel() * t.dtype.size_bytes()).sum()
+        self.tensors
+            .values()
+            .map(|t| t.numel() * t.dtype.size_bytes())
+            .sum()
     }
 }
 
@@ -117,19 +139,28 @@ fn checkpoint_files(dir: &Path) -> Result<Vec<PathBuf>, RuntimeError> {
     let index = dir.join("model.safetensors.index.json");
     if index.exists() {
         let text = std::fs::read_to_string(&index).map_err(|e| RuntimeError::io(&index, e))?;
-        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| RuntimeError::Checkpoint {
-            path: index.clone(),
-            message: e.to_string(),
-        })?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| RuntimeError::Checkpoint {
+                path: index.clone(),
+                message: e.to_string(),
+            })?;
         let mut files: Vec<PathBuf> = json
             .get("weight_map")
             .and_then(|m| m.as_object())
-            .map(|m| m.values().filter_map(|v| v.as_str()).map(|f| dir.join(f)).collect())
+            .map(|m| {
+                m.values()
+                    .filter_map(|v| v.as_str())
+                    .map(|f| dir.join(f))
+                    .collect()
+            })
             .unwrap_or_default();
         files.sort();
         files.dedup();
         if files.is_empty() {
-            return Err(RuntimeError::Checkpoint { path: index, message: "no weight_map entries".into() });
+            return Err(RuntimeError::Checkpoint {
+                path: index,
+                message: "no weight_map entries".into(),
+            });
         }
         return Ok(files);
     }
@@ -146,18 +177,64 @@ fn checkpoint_files(dir: &Path) -> Result<Vec<PathBuf>, RuntimeError> {
 /// Converts one stored tensor to the declared type, checking the shape.
 fn convert(view: safetensors::tensor::TensorView<'_>, ty: &TensorType) -> Result<Tensor, String> {
     let shape: Vec<usize> = view.shape().to_vec();
-    let want: Option<Vec<usize>> = ty.shape.0.iter().map(|d| d.as_const().map(|n| n as usize)).collect();
+    let want: Option<Vec<usize>> = ty
+        .shape
+        .0
+        .iter()
+        .map(|d| d.as_const().map(|n| n as usize))
+        .collect();
     if want.as_deref() != Some(shape.as_slice()) {
-        return Err(format!("expected shape {}, found {:?} in the checkpoint", ty.shape, shape));
+        return Err(format!(
+            "expected shape {}, found {:?} in the checkpoint",
+            ty.shape, shape
+        ));
     }
     let bytes = view.data();
     let t = match view.dtype() {
-        safetensors::Dtype::F32 => Tensor::from_f32(&shape, bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()),
-        safetensors::Dtype::BF16 => Tensor::from_floats(DType::BF16, &shape, bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect()),
-        safetensors::Dtype::F16 => Tensor::from_floats(DType::F16, &shape, bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect()),
-        safetensors::Dtype::I64 => Tensor::from_ints(DType::I64, &shape, bytes.chunks_exact(8).map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])).collect()),
-        safetensors::Dtype::I32 => Tensor::from_ints(DType::I32, &shape, bytes.chunks_exact(4).map(|c| i64::from(i32::from_le_bytes([c[0], c[1], c[2], c[3]]))).collect()),
-        other => return Err(format!("the checkpoint stores it as {other:?}, which kiln cannot read yet")),
+        safetensors::Dtype::F32 => Tensor::from_f32(
+            &shape,
+            bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+        ),
+        safetensors::Dtype::BF16 => Tensor::from_floats(
+            DType::BF16,
+            &shape,
+            bytes
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+        ),
+        safetensors::Dtype::F16 => Tensor::from_floats(
+            DType::F16,
+            &shape,
+            bytes
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+        ),
+        safetensors::Dtype::I64 => Tensor::from_ints(
+            DType::I64,
+            &shape,
+            bytes
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+                .collect(),
+        ),
+        safetensors::Dtype::I32 => Tensor::from_ints(
+            DType::I32,
+            &shape,
+            bytes
+                .chunks_exact(4)
+                .map(|c| i64::from(i32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+                .collect(),
+        ),
+        other => {
+            return Err(format!(
+                "the checkpoint stores it as {other:?}, which kiln cannot read yet"
+            ))
+        }
     };
     Ok(t.cast(ty.dtype))
 }
@@ -165,13 +242,18 @@ fn convert(view: safetensors::tensor::TensorView<'_>, ty: &TensorType) -> Result
 /// Reads every tensor of a safetensors file as stored (for fixtures and inputs).
 pub fn read_all(path: &Path) -> Result<BTreeMap<String, Tensor>, RuntimeError> {
     let bytes = std::fs::read(path).map_err(|e| RuntimeError::io(path, e))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| RuntimeError::Checkpoint {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })?;
+    let st =
+        safetensors::SafeTensors::deserialize(&bytes).map_err(|e| RuntimeError::Checkpoint {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
     let mut out = BTreeMap::new();
     for (name, view) in st.tensors() {
-        let dims: Vec<kiln_ir::Dim> = view.shape().iter().map(|n| kiln_ir::Dim::Const(*n as u64)).collect();
+        let dims: Vec<kiln_ir::Dim> = view
+            .shape()
+            .iter()
+            .map(|n| kiln_ir::Dim::Const(*n as u64))
+            .collect();
         let dtype = match view.dtype() {
             safetensors::Dtype::F32 => DType::F32,
             safetensors::Dtype::BF16 => DType::BF16,
@@ -179,10 +261,20 @@ pub fn read_all(path: &Path) -> Result<BTreeMap<String, Tensor>, RuntimeError> {
             safetensors::Dtype::I64 => DType::I64,
             safetensors::Dtype::I32 => DType::I32,
             other => {
-                return Err(RuntimeError::BadTensor { name, path: path.to_path_buf(), message: format!("unsupported dtype {other:?}") })
+                return Err(RuntimeError::BadTensor {
+                    name,
+                    path: path.to_path_buf(),
+                    message: format!("unsupported dtype {other:?}"),
+                })
             }
         };
-        let t = convert(view, &TensorType::new(dtype, dims)).map_err(|message| RuntimeError::BadTensor { name: name.clone(), path: path.to_path_buf(), message })?;
+        let t = convert(view, &TensorType::new(dtype, dims)).map_err(|message| {
+            RuntimeError::BadTensor {
+                name: name.clone(),
+                path: path.to_path_buf(),
+                message,
+            }
+        })?;
         out.insert(name, t);
     }
     Ok(out)

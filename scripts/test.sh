@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Runs kiln's whole test suite, installing what the tests need first (ptxas and fatbinary from
+# the nvidia-cuda-nvcc wheel, into .tools/cuda). Usage: scripts/test.sh [extra cargo test args]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ -x scripts/install-ptxas.sh ] || [ -f scripts/install-ptxas.sh ]; then
+    bash scripts/install-ptxas.sh
+    export KILN_CUDA_WHEEL_DIR="$PWD/.tools/cuda"
+fi
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+cargo test --workspace "$@"
