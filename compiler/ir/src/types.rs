@@ -183,3 +183,17 @@ impl fmt::Display for TensorType {
         write!(f, "{}{}", self.dtype, self.shape)
     }
 }
+
+/// Dtypes serialize as their names (`"bf16"`), as in kiln source and the IR text form.
+impl serde::Serialize for DType {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.name())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for DType {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<DType, D::Error> {
+        let name = <String as serde::Deserialize>::deserialize(deserializer)?;
+        DType::from_name(&name).ok_or_else(|| serde::de::Error::custom(format!("unknown dtype `{name}`")))
+    }
+}

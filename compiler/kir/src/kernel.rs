@@ -1,0 +1,359 @@
+//! The kernel IR: one GPU kernel as a per-thread program (SIMT) with structured control flow,
+//! typed registers, explicit memory spaces, barriers and warp collectives.
+//!
+//! Both backends consume exactly this: the PTX emitter writes it as PTX for an SM target;
+//! the Cranelift backend runs it on the CPU, executing the threads of a block in lock step
+//! between barriers. The semantics below are the contract between them.
+//!
+//! Semantics:
+//! - A launch runs `grid` blocks of `block_dim` threads (1-D). `Special::ThreadIdx` is the
+//!   thread's index in its block, `BlockIdx(axis)` the block's coordinate in the 3-D grid.
+//! - Registers ([`VarId`]) are per thread, mutable, typed ([`Ty`]); every variable is
+//!   assigned before it is read on every path (the verifier checks declaration, not paths:
+//!   a read before any write yields 0).
+//! - Arithmetic happens in `I32`, `I64`, `F32` or `Pred`. Memory holds any [`DType`]: a load
+//!   converts the stored element to its compute type ([`Ty::compute_type_of`]: floats → F32,
+//!   i8/i32 → I32, i64 → I64, bool → Pred) and a store converts back (round to nearest even;
+//!   f8 saturating to ±max finite, NaN kept; float → int truncates toward zero).
+//! - Integer arithmetic wraps; integer division by zero is undefined (templates never do it).
+//! - Float transcendental ops (`Exp`, `Log`, `Sin`, `Cos`, `Tanh`, `Erf`, `Sigmoid`, `Pow`,
+//!   `Rsqrt`, `Sqrt`, `Div`) are accurate to within 4 ulp of the exact f32 result on every
+//!   backend (the differential tests state their tolerances from that).
+//! - `Barrier` synchronizes all threads of the block and orders shared-memory accesses; it
+//!   must only appear under block-uniform control flow. `ShuffleXor` exchanges a register
+//!   between the lanes of a warp (`lane ^ mask`); every lane of the warp must execute it
+//!   (warp-uniform control flow) — the verifier requires block-uniform control flow for both.
+//! - Global buffers are kernel parameters; indices are element indices (not bytes). A
+//!   vector access of `width` elements needs an index that is a multiple of `width`.
+
+use kiln_ir::DType;
+use std::fmt;
+
+/// The type of a register or an expression.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Ty {
+    Pred,
+    I32,
+    I64,
+    F32,
+}
+
+impl Ty {
+    /// The register type a memory element of `dtype` is loaded as.
+    pub fn compute_type_of(dtype: DType) -> Ty {
+        match dtype {
+            DType::F32 | DType::F16 | DType::BF16 | DType::F8E4M3 | DType::F8E5M2 => Ty::F32,
+            DType::I8 | DType::I32 => Ty::I32,
+            DType::I64 => Ty::I64,
+            DType::Bool => Ty::Pred,
+        }
+    }
+
+    pub fn is_int(self) -> bool {
+        matches!(self, Ty::I32 | Ty::I64)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Ty::Pred => "pred",
+            Ty::I32 => "i32",
+            Ty::I64 => "i64",
+            Ty::F32 => "f32",
+        }
+    }
+}
+
+impl fmt::Display for Ty {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A register of the kernel (index into [`Kernel::vars`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct VarId(pub u32);
+
+/// A constant.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Const {
+    Pred(bool),
+    I32(i32),
+    I64(i64),
+    F32(f32),
+}
+
+impl Const {
+    pub fn ty(self) -> Ty {
+        match self {
+            Const::Pred(_) => Ty::Pred,
+            Const::I32(_) => Ty::I32,
+            Const::I64(_) => Ty::I64,
+            Const::F32(_) => Ty::F32,
+        }
+    }
+}
+
+/// Hardware indices (all `I32`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Special {
+    /// Index of the thread in its block, `0..block_dim`.
+    ThreadIdx,
+    /// Coordinate of the block in the grid along axis 0, 1 or 2.
+    BlockIdx(u8),
+    /// Threads per block.
+    BlockDim,
+    /// `ThreadIdx % 32`.
+    LaneId,
+    /// `ThreadIdx / 32`.
+    WarpId,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum UnOp {
+    Neg,
+    Abs,
+    Exp,
+    Log,
+    Sqrt,
+    Rsqrt,
+    Sin,
+    Cos,
+    Tanh,
+    Sigmoid,
+    Erf,
+    Floor,
+    Ceil,
+    Recip,
+    /// Logical not of a `Pred`, bitwise not of an integer.
+    Not,
+}
+
+/// Binary operators. Operands share one type; comparisons give `Pred`; `And`/`Or`/`Xor`
+/// take `Pred` or integers; `Shl`/`Shr` take integers (arithmetic shift right); `Div` and
+/// `Rem` on integers truncate toward zero (C semantics, unlike the graph IR's floor).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BinOp {
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Rem,
+    Min,
+    Max,
+    Pow,
+    And,
+    Or,
+    Xor,
+    Shl,
+    Shr,
+    Eq,
+    Ne,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+}
+
+impl BinOp {
+    pub fn is_comparison(self) -> bool {
+        matches!(
+            self,
+            BinOp::Eq | BinOp::Ne | BinOp::Lt | BinOp::Le | BinOp::Gt | BinOp::Ge
+        )
+    }
+}
+
+/// A memory operand: a global buffer parameter or a shared-memory array.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Buf {
+    /// Index into [`Kernel::params`] (a `Param::Buffer`).
+    Global(u32),
+    /// Index into [`Kernel::shared`].
+    Shared(u32),
+}
+
+/// A side-effect-free expression tree.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Expr {
+    Const(Const),
+    Var(VarId),
+    /// A scalar kernel parameter (index into [`Kernel::params`]).
+    Param(u32),
+    Special(Special),
+    Unary(UnOp, Box<Expr>),
+    Binary(BinOp, Box<Expr>, Box<Expr>),
+    /// `a * b + c` in one rounding (floats) or wrapping (integers).
+    Fma(Box<Expr>, Box<Expr>, Box<Expr>),
+    /// `cond ? a : b`.
+    Select(Box<Expr>, Box<Expr>, Box<Expr>),
+    /// Numeric conversion (float → int truncates toward zero; Pred → 0/1).
+    Cast(Ty, Box<Expr>),
+    /// One element of a buffer, converted to its compute type. The index is I32 or I64.
+    Load {
+        buf: Buf,
+        index: Box<Expr>,
+    },
+}
+
+/// A statement.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Stmt {
+    Assign(VarId, Expr),
+    /// `dsts.len()` consecutive elements from `index` (a multiple of `dsts.len()`, which is
+    /// 2, 4 or 8 and at most 16 bytes of memory).
+    LoadVec {
+        dsts: Vec<VarId>,
+        buf: Buf,
+        index: Expr,
+    },
+    /// Converts `value` to the buffer's dtype and writes one element.
+    Store {
+        buf: Buf,
+        index: Expr,
+        value: Expr,
+    },
+    /// `values.len()` consecutive elements (same alignment rules as `LoadVec`).
+    StoreVec {
+        buf: Buf,
+        index: Expr,
+        values: Vec<Expr>,
+    },
+    /// `for var = start; var < end; var += step` (all of `var`'s type, step > 0).
+    For {
+        var: VarId,
+        start: Expr,
+        end: Expr,
+        step: Expr,
+        body: Vec<Stmt>,
+    },
+    If {
+        cond: Expr,
+        then: Vec<Stmt>,
+        otherwise: Vec<Stmt>,
+    },
+    /// Block-wide barrier (`bar.sync 0`).
+    Barrier,
+    /// `dst = value of src in lane (lane ^ mask)` across the 32 lanes of the warp.
+    ShuffleXor {
+        dst: VarId,
+        src: VarId,
+        mask: u32,
+    },
+}
+
+/// How a kernel may touch a global buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Access {
+    Read,
+    Write,
+    ReadWrite,
+}
+
+/// A kernel parameter.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Param {
+    /// A pointer to global memory holding elements of `dtype`.
+    Buffer {
+        name: String,
+        dtype: DType,
+        access: Access,
+    },
+    /// A scalar passed by value (sizes are `I64`).
+    Scalar { name: String, ty: Ty },
+}
+
+impl Param {
+    pub fn name(&self) -> &str {
+        match self {
+            Param::Buffer { name, .. } | Param::Scalar { name, .. } => name,
+        }
+    }
+}
+
+/// A shared-memory array (per block).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Shared {
+    pub name: String,
+    pub dtype: DType,
+    pub len: u32,
+}
+
+/// A register declaration.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Var {
+    pub name: String,
+    pub ty: Ty,
+}
+
+/// A size known at launch time: a function of the program's symbolic dims.
+#[derive(
+    Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum SizeExpr {
+    Const(u64),
+    /// A symbolic dim of the program (`S`, `B`), bound from the inputs at run time.
+    Sym(String),
+    Add(Box<SizeExpr>, Box<SizeExpr>),
+    Mul(Box<SizeExpr>, Box<SizeExpr>),
+    /// `ceil(a / b)`.
+    CeilDiv(Box<SizeExpr>, Box<SizeExpr>),
+    Min(Box<SizeExpr>, Box<SizeExpr>),
+    Max(Box<SizeExpr>, Box<SizeExpr>),
+}
+
+impl SizeExpr {
+    /// Evaluates with the given symbol values; `None` when a symbol is unbound.
+    pub fn eval(&self, sym: &dyn Fn(&str) -> Option<u64>) -> Option<u64> {
+        Some(match self {
+            SizeExpr::Const(n) => *n,
+            SizeExpr::Sym(s) => sym(s)?,
+            SizeExpr::Add(a, b) => a.eval(sym)?.checked_add(b.eval(sym)?)?,
+            SizeExpr::Mul(a, b) => a.eval(sym)?.checked_mul(b.eval(sym)?)?,
+            SizeExpr::CeilDiv(a, b) => {
+                let d = b.eval(sym)?;
+                if d == 0 {
+                    return None;
+                }
+                a.eval(sym)?.div_ceil(d)
+            }
+            SizeExpr::Min(a, b) => a.eval(sym)?.min(b.eval(sym)?),
+            SizeExpr::Max(a, b) => a.eval(sym)?.max(b.eval(sym)?),
+        })
+    }
+}
+
+impl fmt::Display for SizeExpr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SizeExpr::Const(n) => write!(f, "{n}"),
+            SizeExpr::Sym(s) => f.write_str(s),
+            SizeExpr::Add(a, b) => write!(f, "({a} + {b})"),
+            SizeExpr::Mul(a, b) => write!(f, "({a} * {b})"),
+            SizeExpr::CeilDiv(a, b) => write!(f, "ceil_div({a}, {b})"),
+            SizeExpr::Min(a, b) => write!(f, "min({a}, {b})"),
+            SizeExpr::Max(a, b) => write!(f, "max({a}, {b})"),
+        }
+    }
+}
+
+/// One kernel.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Kernel {
+    /// A valid PTX identifier, unique within a package.
+    pub name: String,
+    pub params: Vec<Param>,
+    /// Threads per block (a multiple of 32, at most 1024).
+    pub block_dim: u32,
+    /// Blocks along each grid axis, as functions of the program's symbolic dims.
+    pub grid: [SizeExpr; 3],
+    pub shared: Vec<Shared>,
+    pub vars: Vec<Var>,
+    pub body: Vec<Stmt>,
+}
+
+impl Kernel {
+    pub fn var_ty(&self, v: VarId) -> Ty {
+        self.vars[v.0 as usize].ty
+    }
+}

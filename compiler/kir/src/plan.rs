@@ -1,0 +1,92 @@
+//! The executable form of a lowered entry function: the kernels it launches, in order, over
+//! buffers laid out by a liveness-based plan, with launch shapes as functions of the symbolic
+//! dims. This is what crosses from the compiler to the runtime (serialized in the package
+//! manifest next to the kernels' PTX/cubins).
+
+use crate::kernel::SizeExpr;
+use kiln_ir::DType;
+use serde::{Deserialize, Serialize};
+
+/// Index of a buffer in [`Plan::buffers`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct BufferId(pub u32);
+
+/// Where a buffer's contents come from and go to.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BufferKind {
+    /// The function's `n`th input, written by the caller.
+    Input(usize),
+    /// The function's `n`th result, read by the caller.
+    Output(usize),
+    /// A checkpoint tensor, bound once at load time.
+    Weight(String),
+    /// An intermediate, placed in the arena at `offset` bytes (see [`Plan::arena_bytes`]).
+    Temp,
+    /// The same memory as another buffer (a reshape of a contiguous tensor).
+    View(BufferId),
+}
+
+/// A tensor in device memory.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BufferDecl {
+    pub id: BufferId,
+    pub dtype: DType,
+    pub shape: Vec<SizeExpr>,
+    pub kind: BufferKind,
+    /// Byte offset in the arena, for `Temp` buffers: a function of the symbolic dims.
+    pub offset: Option<SizeExpr>,
+}
+
+/// A kernel argument, in the order of the kernel's parameters.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Arg {
+    Buffer(BufferId),
+    /// The value of a symbolic dim (passed as i64).
+    Sym(String),
+}
+
+/// One step of a plan.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Step {
+    /// Launch kernel `kernel` (index into the package's kernels) with `args`.
+    Launch { kernel: usize, args: Vec<Arg> },
+    /// Copy `bytes` (a size expression) from one buffer to another.
+    Copy { src: BufferId, dst: BufferId },
+    /// Run `body` `count` times (`count` is an integer scalar buffer read on the host);
+    /// before the first iteration copy each `init` into its `carried` buffer, after each
+    /// iteration copy each `next` into its `carried` buffer; the final carried buffers are
+    /// the loop's results.
+    Loop {
+        count: BufferId,
+        carried: Vec<BufferId>,
+        init: Vec<BufferId>,
+        next: Vec<BufferId>,
+        /// The loop counter, an i64 scalar buffer the body may read.
+        counter: BufferId,
+        body: Vec<Step>,
+    },
+}
+
+/// How a symbolic dim gets its value: from dimension `axis` of input `input`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SymBinding {
+    pub name: String,
+    pub input: usize,
+    pub axis: usize,
+}
+
+/// The plan of one entry function.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    pub function: String,
+    pub symbols: Vec<SymBinding>,
+    pub buffers: Vec<BufferDecl>,
+    pub inputs: Vec<BufferId>,
+    pub outputs: Vec<BufferId>,
+    pub steps: Vec<Step>,
+    /// Bytes of the arena holding every `Temp` buffer.
+    pub arena_bytes: SizeExpr,
+}

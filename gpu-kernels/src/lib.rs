@@ -1,0 +1,1 @@
+//! Kernel templates and the fusion that picks them.
