@@ -327,6 +327,7 @@ fn eval_op(op: &Op, x: &[&Tensor], out_dtype: DType, out_shape: &[usize]) -> Eva
         Op::ArgMax { axis, .. } => one(out_dtype, out_shape, arg_reduce(x[0], *axis, true)?),
         Op::ArgMin { axis, .. } => one(out_dtype, out_shape, arg_reduce(x[0], *axis, false)?),
         Op::MatMul => one(out_dtype, out_shape, matmul(x[0], x[1], out_shape)),
+        Op::Attention { scale } => one(out_dtype, out_shape, attention(x, *scale)),
         Op::Reshape { .. } => one(out_dtype, out_shape, x[0].data.clone()),
         Op::Permute { perm } => {
             let in_strides = strides(&x[0].shape);
@@ -744,6 +745,69 @@ fn matmul(a: &Tensor, b: &Tensor, out_shape: &[usize]) -> TensorData {
         }
         _ => unreachable!("the type rule requires numeric operands of one dtype"),
     }
+}
+
+/// Scaled dot-product attention (see `Op::Attention`), rounding where the unfused
+/// composition would: the dot product to q's dtype, the scaled scores in f32, the
+/// probabilities to q's dtype, the weighted sum to q's dtype.
+fn attention(x: &[&Tensor], scale: f64) -> TensorData {
+    let (q, k, v, allow) = (x[0], x[1], x[2], x[3]);
+    let [b, s, h, d] = [q.shape[0], q.shape[1], q.shape[2], q.shape[3]];
+    let [t, kv] = [k.shape[1], k.shape[2]];
+    let group = h / kv;
+    let mask = broadcast_data(allow, &[b, h, s, t]);
+    let (
+        TensorData::Float(qv),
+        TensorData::Float(kvv),
+        TensorData::Float(vv),
+        TensorData::Bool(mask),
+    ) = (&q.data, &k.data, &v.data, &mask)
+    else {
+        unreachable!("the type rule requires float q/k/v and a bool mask")
+    };
+    let dtype = q.dtype;
+    let scale = scale as f32;
+    let mut out = vec![0.0f32; b * s * h * d];
+    let mut scores = vec![0.0f32; t];
+    for bi in 0..b {
+        for hi in 0..h {
+            let g = hi / group;
+            for i in 0..s {
+                let q_row = &qv[((bi * s + i) * h + hi) * d..][..d];
+                for (j, score) in scores.iter_mut().enumerate() {
+                    let k_row = &kvv[((bi * t + j) * kv + g) * d..][..d];
+                    let dot: f64 = q_row
+                        .iter()
+                        .zip(k_row)
+                        .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                        .sum();
+                    let allowed = mask[((bi * h + hi) * s + i) * t + j];
+                    *score = if allowed {
+                        round_f64(dtype, dot) * scale
+                    } else {
+                        f32::NEG_INFINITY
+                    };
+                }
+                let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                for score in scores.iter_mut() {
+                    *score = (*score - max).exp();
+                }
+                let total = round_f64(DType::F32, scores.iter().map(|e| f64::from(*e)).sum());
+                let probs: Vec<f32> = scores.iter().map(|e| round_f32(dtype, e / total)).collect();
+                for c in 0..d {
+                    let acc: f64 = probs
+                        .iter()
+                        .enumerate()
+                        .map(|(j, p)| {
+                            f64::from(*p) * f64::from(vv[((bi * t + j) * kv + g) * d + c])
+                        })
+                        .sum();
+                    out[((bi * s + i) * h + hi) * d + c] = round_f64(dtype, acc);
+                }
+            }
+        }
+    }
+    TensorData::Float(out)
 }
 
 fn gather(table: &Tensor, indices: &Tensor, axis: usize, out_shape: &[usize]) -> EvalResult {

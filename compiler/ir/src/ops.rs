@@ -172,6 +172,15 @@ pub enum Op {
     Gather {
         axis: usize,
     },
+    /// Scaled dot-product attention, the built-in fused op: `attention(q, k, v, allow)` with
+    /// q `[B, S, H, D]`, k and v `[B, T, KV, D]` (one float dtype; H a multiple of KV: query
+    /// head h reads key/value head h / (H / KV)), `allow` bool broadcastable to
+    /// `[B, H, S, T]`. For each (b, h, i): s_j = round(q·k_j) · scale where allowed, else
+    /// -inf; p = softmax(s) in f32; out = Σ_j p_j v_j, in q's dtype `[B, S, H, D]`. Dot
+    /// products and sums accumulate in f64 in the interpreter and round like `matmul`.
+    Attention {
+        scale: f64,
+    },
     /// A fixed-count loop. Operands: `count` (an integer scalar) then the initial values of
     /// the carried state. One region with arguments `(i: i64[], carried...)` that yields
     /// the next carried state (same types). Results: the final carried state.
@@ -396,6 +405,7 @@ impl Op {
             Op::Slice { .. } => spec("slice", Exactly(1), 0),
             Op::Concat { .. } => spec("concat", AtLeast(1), 0),
             Op::Gather { .. } => spec("gather", Exactly(2), 0),
+            Op::Attention { .. } => spec("attention", Exactly(4), 0),
             Op::Loop => spec("loop", AtLeast(1), 1),
         }
     }
@@ -449,6 +459,7 @@ impl Op {
             } => rule.slice(*axis, *start, end, *step),
             Op::Concat { axis } => rule.concat(*axis),
             Op::Gather { axis } => rule.gather(*axis),
+            Op::Attention { .. } => rule.attention(),
             Op::Loop => rule.loop_(&regions[0]),
         }
         .map_err(|message| self.error(message))
@@ -676,6 +687,55 @@ impl TypeRule<'_> {
         dims.push(m.clone());
         dims.push(n.clone());
         Ok(vec![TensorType::new(a.dtype, dims)])
+    }
+
+    fn attention(&self) -> RuleResult {
+        let (q, k, v, allow) = (
+            self.operands[0],
+            self.operands[1],
+            self.operands[2],
+            self.operands[3],
+        );
+        if q.rank() != 4 || k.rank() != 4 || v.rank() != 4 {
+            return Err(format!(
+                "q, k and v must be [B, S, H, D] and [B, T, KV, D], got {q}, {k}, {v}"
+            ));
+        }
+        if !q.dtype.is_float() || q.dtype != k.dtype || q.dtype != v.dtype {
+            return Err(format!(
+                "q, k and v must share one float dtype, got {q}, {k}, {v}"
+            ));
+        }
+        let (qd, kd, vd) = (&q.shape.0, &k.shape.0, &v.shape.0);
+        if kd != vd {
+            return Err(format!("k and v must have one shape, got {k} and {v}"));
+        }
+        if qd[0] != kd[0] || qd[3] != kd[3] {
+            return Err(format!("q and k differ in batch or head dim: {q}, {k}"));
+        }
+        match (qd[2].as_const(), kd[2].as_const()) {
+            (Some(h), Some(kv)) if kv > 0 && h % kv == 0 => {}
+            _ => {
+                return Err(format!(
+                    "query heads must be a constant multiple of key/value heads: {q}, {k}"
+                ))
+            }
+        }
+        if allow.dtype != DType::Bool {
+            return Err(format!("the mask must be bool, got {allow}"));
+        }
+        let scores = Shape(vec![
+            qd[0].clone(),
+            qd[2].clone(),
+            qd[1].clone(),
+            kd[1].clone(),
+        ]);
+        if !broadcasts_to(&allow.shape, &scores) {
+            return Err(format!(
+                "the mask {allow} does not broadcast to the scores {scores}"
+            ));
+        }
+        Ok(vec![q.clone()])
     }
 
     fn reshape(&self, shape: &Shape) -> RuleResult {
@@ -923,6 +983,7 @@ impl Op {
                 ("step", Attr::Int(*step)),
             ],
             Op::Concat { axis } | Op::Gather { axis } => vec![("axis", Attr::Int(*axis as u64))],
+            Op::Attention { scale } => vec![("scale", Attr::Float(*scale))],
         }
     }
 
@@ -975,6 +1036,9 @@ impl Op {
             },
             "gather" => Op::Gather {
                 axis: a.index("axis")?,
+            },
+            "attention" => Op::Attention {
+                scale: a.float("scale")?,
             },
             "loop" => Op::Loop,
             _ => {

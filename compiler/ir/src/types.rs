@@ -194,6 +194,7 @@ impl serde::Serialize for DType {
 impl<'de> serde::Deserialize<'de> for DType {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<DType, D::Error> {
         let name = <String as serde::Deserialize>::deserialize(deserializer)?;
-        DType::from_name(&name).ok_or_else(|| serde::de::Error::custom(format!("unknown dtype `{name}`")))
+        DType::from_name(&name)
+            .ok_or_else(|| serde::de::Error::custom(format!("unknown dtype `{name}`")))
     }
 }

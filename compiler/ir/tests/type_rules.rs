@@ -694,3 +694,35 @@ fn loops() {
         "loop: the body yields 0 values, expected 1 (the carried state)"
     );
 }
+
+#[test]
+fn attention() {
+    let op = Op::Attention { scale: 0.25 };
+    let (q, k) = ("bf16[B, S, 8, 16]", "bf16[B, T, 2, 16]");
+    check(op.clone(), &[q, k, k, "bool[]"], "bf16[B, S, 8, 16]");
+    check(
+        op.clone(),
+        &[q, k, k, "bool[B, 1, 1, T]"],
+        "bf16[B, S, 8, 16]",
+    );
+    check(
+        op.clone(),
+        &[q, k, k, "bool[S, S]"],
+        "attention: the mask bool[S, S] does not broadcast to the scores [B, 8, S, T]",
+    );
+    check(
+        op.clone(),
+        &[q, "bf16[B, T, 3, 16]", "bf16[B, T, 3, 16]", "bool[]"],
+        "attention: query heads must be a constant multiple of key/value heads: bf16[B, S, 8, 16], bf16[B, T, 3, 16]",
+    );
+    check(
+        op.clone(),
+        &[q, "f32[B, T, 2, 16]", "f32[B, T, 2, 16]", "bool[]"],
+        "attention: q, k and v must share one float dtype, got bf16[B, S, 8, 16], f32[B, T, 2, 16], f32[B, T, 2, 16]",
+    );
+    check(
+        op,
+        &[q, k, k, "i32[]"],
+        "attention: the mask must be bool, got i32[]",
+    );
+}

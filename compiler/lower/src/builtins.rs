@@ -1127,6 +1127,34 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
                 Some(Val::Float(f)) if positional.len() == 1 => Val::Float(*f),
                 _ => self.err(span, "`float` takes one compile-time number"),
             },
+            "sdpa" => {
+                // sdpa(q, k, v, allow, scale): the built-in attention op.
+                if !arity(self, 5) {
+                    return Some(Val::Poison);
+                }
+                let scale = match positional[4].value {
+                    Val::Int(i) => i as f64,
+                    Val::Float(f) => f,
+                    ref other => {
+                        return Some(self.err(
+                            positional[4].span,
+                            format!(
+                                "sdpa's scale must be a number known at compile time, found {}",
+                                other.describe()
+                            ),
+                        ))
+                    }
+                };
+                let mut operands = Vec::new();
+                for i in 0..4 {
+                    let hint = if i == 3 { Some(DType::Bool) } else { None };
+                    match self.as_tensor(&positional[i].value, hint, positional[i].span) {
+                        Some(t) => operands.push(t),
+                        None => return Some(Val::Poison),
+                    }
+                }
+                self.push1(Op::Attention { scale }, &operands, span)
+            }
             "compile_error" => {
                 let msg = match positional.first().map(|a| &a.value) {
                     Some(Val::Str(s)) => s.clone(),
