@@ -1146,9 +1146,9 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
                     }
                 };
                 let mut operands = Vec::new();
-                for i in 0..4 {
+                for (i, arg) in positional.iter().take(4).enumerate() {
                     let hint = if i == 3 { Some(DType::Bool) } else { None };
-                    match self.as_tensor(&positional[i].value, hint, positional[i].span) {
+                    match self.as_tensor(&arg.value, hint, arg.span) {
                         Some(t) => operands.push(t),
                         None => return Some(Val::Poison),
                     }
