@@ -31,8 +31,12 @@ enum Command {
         #[command(flatten)]
         program: ProgramArgs,
         /// The stage to print.
-        #[arg(long, value_enum, default_value_t = Emit::Ir)]
+        #[arg(long, value_enum, default_value_t = Emit::Opt)]
         emit: Emit,
+        /// Print the graph IR right after this pass of the optimization pipeline
+        /// (canonicalize, constfold, cse, dce) instead.
+        #[arg(long, value_name = "PASS")]
+        print_after: Option<String>,
     },
     /// Run a program's entry function on a checkpoint or on random weights.
     Run(run::RunArgs),
@@ -55,8 +59,12 @@ pub(crate) struct ProgramArgs {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum Emit {
+    /// The syntax tree of the root file.
     Ast,
+    /// The graph IR as lowered, before any pass.
     Ir,
+    /// The graph IR after the optimization pipeline.
+    Opt,
 }
 
 fn main() -> ExitCode {
@@ -81,7 +89,27 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
-        Command::Compile { program, emit } => match emit {
+        Command::Compile {
+            program,
+            print_after: Some(pass),
+            ..
+        } => {
+            let (ok, lowered) = lower(&program)?;
+            let Some(mut lowered) = lowered.filter(|_| ok) else {
+                return Ok(ExitCode::FAILURE);
+            };
+            let options = kiln_opt::RunOptions {
+                print_after: Some(pass.as_str()),
+                ..Default::default()
+            };
+            let report = kiln_opt::default_pipeline().run_with(&mut lowered.module, &options)?;
+            match report.printed {
+                Some(text) => print!("{text}"),
+                None => bail!("the pipeline never ran `{pass}`"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Compile { program, emit, .. } => match emit {
             Emit::Ast => {
                 let source = std::fs::read_to_string(&program.file)
                     .with_context(|| format!("reading {}", program.file.display()))?;
@@ -96,9 +124,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     ExitCode::SUCCESS
                 })
             }
-            Emit::Ir => {
+            Emit::Ir | Emit::Opt => {
                 let (ok, lowered) = lower(&program)?;
-                if let Some(lowered) = lowered {
+                if let Some(mut lowered) = lowered {
+                    if matches!(emit, Emit::Opt) {
+                        kiln_opt::optimize(&mut lowered.module)?;
+                    }
                     print!("{}", lowered.module);
                 }
                 Ok(if ok {

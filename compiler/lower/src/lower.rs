@@ -623,8 +623,12 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
     }
 
     pub(crate) fn bind(&mut self, name: &str, v: Val) {
+        // A value keeps the first name it was given (where it was defined), not the names
+        // of the parameters it is later passed as.
         if let Val::Tensor(t) = &v {
-            self.b.name(*t, name);
+            if self.b.func.names[t.0 as usize].is_none() {
+                self.b.name(*t, name);
+            }
         }
         let scope = self.frame().scopes.last_mut().expect("a scope");
         scope.insert(name.to_string(), v);
@@ -808,7 +812,9 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
                     Some(slot) => {
                         *slot = v.clone();
                         if let Val::Tensor(t) = v {
-                            self.b.name(t, &name.name);
+                            if self.b.func.names[t.0 as usize].is_none() {
+                                self.b.name(t, &name.name);
+                            }
                         }
                     }
                     None => {
