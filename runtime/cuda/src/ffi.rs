@@ -1,0 +1,476 @@
+//! Every call that the Rust compiler cannot check, in one place: opening the driver library
+//! with the dynamic loader (before cudarc may touch it, since cudarc panics when it is
+//! missing), and the CUDA driver calls that cudarc's safe API does not cover for us —
+//! loading a module with its JIT log, launching a kernel with arguments packed from a
+//! manifest, copying between raw regions of device memory, and keeping graphs and handles
+//! movable between threads.
+//!
+//! The rest of the crate is safe code. The invariants the `unsafe` blocks rely on are made
+//! structural here: a [`DeviceRegion`] can only be made inside a live allocation, copies
+//! check their lengths, and kernel handles keep their module alive. (`lib.rs` allows
+//! `unsafe_code`, denied in the rest of the workspace, for this module alone.)
+
+use std::ffi::{c_void, CString};
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+use cudarc::driver::sys::{self, CUjit_option, CUresult};
+use cudarc::driver::{
+    result, CudaContext, CudaGraph, CudaSlice, CudaStream, DevicePtr, DriverError,
+};
+
+use crate::launch::LaunchShape;
+
+/// The driver functions kiln calls, directly or through cudarc. cudarc resolves each one on
+/// first use and panics when it is missing, so the probe checks them all up front.
+pub(crate) const REQUIRED_DRIVER_SYMBOLS: &[&str] = &[
+    "cuInit",
+    "cuDriverGetVersion",
+    "cuGetErrorName",
+    "cuGetErrorString",
+    "cuDeviceGetCount",
+    "cuDeviceGet",
+    "cuDeviceGetName",
+    "cuDeviceTotalMem_v2",
+    "cuDeviceGetAttribute",
+    "cuDevicePrimaryCtxRetain",
+    "cuDevicePrimaryCtxRelease_v2",
+    "cuCtxGetCurrent",
+    "cuCtxSetCurrent",
+    "cuCtxSynchronize",
+    "cuStreamCreate",
+    "cuStreamDestroy_v2",
+    "cuStreamSynchronize",
+    "cuMemAllocAsync",
+    "cuMemAlloc_v2",
+    "cuMemFreeAsync",
+    "cuMemFree_v2",
+    "cuMemsetD8Async",
+    "cuMemcpyHtoDAsync_v2",
+    "cuMemcpyDtoHAsync_v2",
+    "cuMemcpyDtoDAsync_v2",
+    "cuModuleLoadDataEx",
+    "cuModuleGetFunction",
+    "cuModuleUnload",
+    "cuLaunchKernel",
+    "cuEventCreate",
+    "cuEventRecord",
+    "cuEventSynchronize",
+    "cuEventElapsedTime_v2",
+    "cuEventDestroy_v2",
+    "cuStreamBeginCapture_v2",
+    "cuStreamEndCapture",
+    "cuGraphInstantiateWithFlags",
+    "cuGraphLaunch",
+    "cuGraphExecDestroy",
+    "cuGraphDestroy",
+];
+
+/// Opens a shared library by file name or path, returning the loader's message on failure.
+pub(crate) fn open_library(name: &str) -> Result<libloading::Library, String> {
+    // SAFETY: opening a library runs its initialisers. The only library opened here is the
+    // NVIDIA driver library (under the names cudarc itself would open), which is made to be
+    // dlopen'ed by every CUDA application; no function is called through this handle.
+    unsafe { libloading::Library::new(name) }.map_err(|error| {
+        match std::error::Error::source(&error) {
+            Some(cause) => format!("{error}: {cause}"),
+            None => error.to_string(),
+        }
+    })
+}
+
+/// The names in `symbols` that `library` does not export.
+pub(crate) fn missing_symbols(library: &libloading::Library, symbols: &[&str]) -> Vec<String> {
+    symbols
+        .iter()
+        .filter(|symbol| {
+            // SAFETY: this only looks the symbol up; the address is never called or read, so
+            // the pointer type it is given does not matter.
+            let found = unsafe { library.get::<*const c_void>(**symbol) };
+            found.is_err()
+        })
+        .map(|symbol| symbol.to_string())
+        .collect()
+}
+
+/// `cuDriverGetVersion`: the CUDA version the driver supports, as `1000 * major + 10 * minor`.
+pub(crate) fn driver_version() -> Result<i32, DriverError> {
+    let mut version = 0i32;
+    // SAFETY: the probe checked that libcuda exports the function; it writes one int
+    // through a pointer to a live local and needs no initialisation.
+    unsafe { sys::cuDriverGetVersion(&mut version) }.result()?;
+    Ok(version)
+}
+
+/// The name, memory size and one attribute reader of device `ordinal`, without a context.
+pub(crate) struct RawDevice(sys::CUdevice);
+
+impl RawDevice {
+    pub(crate) fn get(ordinal: usize) -> Result<RawDevice, DriverError> {
+        let ordinal =
+            i32::try_from(ordinal).map_err(|_| DriverError(CUresult::CUDA_ERROR_INVALID_DEVICE))?;
+        result::device::get(ordinal).map(RawDevice)
+    }
+
+    pub(crate) fn name(&self) -> Result<String, DriverError> {
+        result::device::get_name(self.0)
+    }
+
+    pub(crate) fn total_memory(&self) -> Result<usize, DriverError> {
+        // SAFETY: `self.0` came from `cuDeviceGet`, as `total_mem` requires.
+        unsafe { result::device::total_mem(self.0) }
+    }
+
+    pub(crate) fn attribute(&self, attribute: sys::CUdevice_attribute) -> Result<i32, DriverError> {
+        // SAFETY: `self.0` came from `cuDeviceGet`, as `get_attribute` requires.
+        unsafe { result::device::get_attribute(self.0, attribute) }
+    }
+}
+
+/// Makes cudarc stop tracking reads and writes of its allocations with events.
+///
+/// kiln uses one stream per [`CudaContext`] object and orders everything on it, so the
+/// events add nothing; worse, waiting on events recorded outside a stream capture breaks
+/// CUDA graph capture. Must be called before the first stream or allocation of `ctx`.
+pub(crate) fn use_single_stream_ordering(ctx: &CudaContext) {
+    // SAFETY: cudarc requires that, without event tracking, the caller orders accesses to
+    // each allocation itself. Every allocation, copy, launch and free that kiln makes on
+    // this context object goes to its one stream (`CudaDevice::stream`), which orders them.
+    unsafe { ctx.disable_event_tracking() };
+}
+
+/// The device address of an allocation.
+pub(crate) fn address_of(slice: &CudaSlice<u8>, stream: &CudaStream) -> u64 {
+    let (address, _no_op_with_tracking_off) = slice.device_ptr(stream);
+    address
+}
+
+/// A range of bytes inside a live device allocation. It can only be made by
+/// [`DeviceRegion::within`], which checks the bounds, and it borrows the allocation, so it
+/// never outlives it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct DeviceRegion<'a> {
+    address: u64,
+    bytes: usize,
+    _allocation: PhantomData<&'a CudaSlice<u8>>,
+}
+
+impl<'a> DeviceRegion<'a> {
+    /// `bytes` bytes at `offset` of `allocation` (whose address is `address`), or `None`
+    /// when they do not fit.
+    pub(crate) fn within(
+        allocation: &'a CudaSlice<u8>,
+        address: u64,
+        offset: usize,
+        bytes: usize,
+    ) -> Option<DeviceRegion<'a>> {
+        let end = offset.checked_add(bytes)?;
+        (end <= allocation.len()).then_some(DeviceRegion {
+            address: address.checked_add(offset as u64)?,
+            bytes,
+            _allocation: PhantomData,
+        })
+    }
+
+    pub(crate) fn address(&self) -> u64 {
+        self.address
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.bytes
+    }
+}
+
+/// Copies `source` into the start of `destination` (stream-ordered; the host bytes may be
+/// dropped when this returns, since the driver stages pageable memory before returning).
+pub(crate) fn copy_host_to_device(
+    stream: &CudaStream,
+    destination: DeviceRegion<'_>,
+    source: &[u8],
+) -> Result<(), DriverError> {
+    if source.len() > destination.bytes {
+        return Err(DriverError(CUresult::CUDA_ERROR_INVALID_VALUE));
+    }
+    if source.is_empty() {
+        return Ok(());
+    }
+    stream.context().bind_to_thread()?;
+    // SAFETY: the destination lies inside a live allocation (DeviceRegion's invariant) and
+    // holds at least `source.len()` bytes (checked above); the source is a live host slice
+    // that the driver reads (into staging memory) before this call returns.
+    unsafe { result::memcpy_htod_async(destination.address, source, stream.cu_stream()) }
+}
+
+/// Copies the start of `source` into `destination` and waits for the copy to finish.
+pub(crate) fn copy_device_to_host(
+    stream: &CudaStream,
+    destination: &mut [u8],
+    source: DeviceRegion<'_>,
+) -> Result<(), DriverError> {
+    if destination.len() > source.bytes {
+        return Err(DriverError(CUresult::CUDA_ERROR_INVALID_VALUE));
+    }
+    if destination.is_empty() {
+        return Ok(());
+    }
+    stream.context().bind_to_thread()?;
+    // SAFETY: the source lies inside a live allocation and holds at least
+    // `destination.len()` bytes (checked above); the destination is a live, exclusively
+    // borrowed host slice, and the stream is synchronized before the borrow ends, so the
+    // driver's write completes while the slice is still ours.
+    unsafe { result::memcpy_dtoh_async(destination, source.address, stream.cu_stream()) }?;
+    stream.synchronize()
+}
+
+/// Copies `bytes` bytes from the start of `source` to the start of `destination`
+/// (stream-ordered; may be captured into a graph).
+pub(crate) fn copy_device_to_device(
+    stream: &CudaStream,
+    destination: DeviceRegion<'_>,
+    source: DeviceRegion<'_>,
+    bytes: usize,
+) -> Result<(), DriverError> {
+    if bytes > destination.bytes || bytes > source.bytes {
+        return Err(DriverError(CUresult::CUDA_ERROR_INVALID_VALUE));
+    }
+    if bytes == 0 {
+        return Ok(());
+    }
+    stream.context().bind_to_thread()?;
+    // SAFETY: both regions lie inside live allocations and hold at least `bytes` bytes
+    // (checked above); the allocations are freed stream-ordered on this same stream, so
+    // they outlive the copy.
+    unsafe {
+        result::memcpy_dtod_async(
+            destination.address,
+            source.address,
+            bytes,
+            stream.cu_stream(),
+        )
+    }
+}
+
+/// A loaded `CUmodule`, unloaded on drop.
+#[derive(Debug)]
+pub(crate) struct LoadedModule {
+    handle: sys::CUmodule,
+    ctx: Arc<CudaContext>,
+}
+
+// SAFETY: a CUmodule handle belongs to a context, not to a thread; every use here binds the
+// context to the calling thread first (as cudarc's own `CudaModule`, also Send + Sync, does).
+unsafe impl Send for LoadedModule {}
+// SAFETY: as above; the driver's module functions used here are thread-safe.
+unsafe impl Sync for LoadedModule {}
+
+impl Drop for LoadedModule {
+    fn drop(&mut self) {
+        self.ctx.record_err(self.ctx.bind_to_thread());
+        // SAFETY: the handle came from a successful cuModuleLoadDataEx and is unloaded only
+        // here, once; every KernelFunction holds an Arc to this module, so none outlives it.
+        self.ctx
+            .record_err(unsafe { result::module::unload(self.handle) });
+    }
+}
+
+/// Why `cuModuleLoadDataEx` failed: the driver's code and the JIT's error log.
+pub(crate) struct ModuleLoadFailure {
+    pub(crate) error: DriverError,
+    pub(crate) jit_log: String,
+}
+
+/// Bytes of each JIT log buffer.
+const JIT_LOG_BYTES: usize = 16 * 1024;
+
+/// Loads a fatbin, cubin or PTX image with `cuModuleLoadDataEx`, collecting the JIT log.
+///
+/// The image is copied into 8-byte aligned memory followed by zero bytes, so that fatbin
+/// headers are aligned and PTX text is NUL-terminated.
+pub(crate) fn load_module(
+    ctx: &Arc<CudaContext>,
+    image: &[u8],
+) -> Result<LoadedModule, ModuleLoadFailure> {
+    let no_log = |error| ModuleLoadFailure {
+        error,
+        jit_log: String::new(),
+    };
+    ctx.bind_to_thread().map_err(no_log)?;
+    let mut aligned = vec![0u64; image.len() / 8 + 2];
+    for (word, chunk) in aligned.iter_mut().zip(image.chunks(8)) {
+        let mut bytes = [0u8; 8];
+        bytes[..chunk.len()].copy_from_slice(chunk);
+        *word = u64::from_ne_bytes(bytes);
+    }
+    let mut error_log = vec![0u8; JIT_LOG_BYTES];
+    let mut info_log = vec![0u8; JIT_LOG_BYTES];
+    let mut options = [
+        CUjit_option::CU_JIT_ERROR_LOG_BUFFER,
+        CUjit_option::CU_JIT_ERROR_LOG_BUFFER_SIZE_BYTES,
+        CUjit_option::CU_JIT_INFO_LOG_BUFFER,
+        CUjit_option::CU_JIT_INFO_LOG_BUFFER_SIZE_BYTES,
+    ];
+    // Sizes are passed in the pointer-sized option values themselves, as the API specifies.
+    let mut values: [*mut c_void; 4] = [
+        error_log.as_mut_ptr().cast(),
+        std::ptr::without_provenance_mut(JIT_LOG_BYTES),
+        info_log.as_mut_ptr().cast(),
+        std::ptr::without_provenance_mut(JIT_LOG_BYTES),
+    ];
+    let mut handle: sys::CUmodule = std::ptr::null_mut();
+    // SAFETY: the image is a live, aligned buffer that is NUL-terminated past the end of the
+    // given bytes; the driver reads it only during this call. The option arrays have 4
+    // entries each, the log buffers are live and JIT_LOG_BYTES long as their size options
+    // say, and `handle` is a live local the driver writes on success.
+    let status = unsafe {
+        sys::cuModuleLoadDataEx(
+            &mut handle,
+            aligned.as_ptr().cast(),
+            options.len() as u32,
+            options.as_mut_ptr(),
+            values.as_mut_ptr(),
+        )
+    };
+    match status.result() {
+        Ok(()) => Ok(LoadedModule {
+            handle,
+            ctx: ctx.clone(),
+        }),
+        Err(error) => {
+            let mut jit_log = log_text(&error_log);
+            let info = log_text(&info_log);
+            if !info.is_empty() {
+                if !jit_log.is_empty() {
+                    jit_log.push('\n');
+                }
+                jit_log.push_str(&info);
+            }
+            Err(ModuleLoadFailure { error, jit_log })
+        }
+    }
+}
+
+/// The NUL-terminated text at the start of a log buffer.
+fn log_text(buffer: &[u8]) -> String {
+    let end = buffer.iter().position(|&b| b == 0).unwrap_or(buffer.len());
+    String::from_utf8_lossy(&buffer[..end]).trim().to_string()
+}
+
+/// A kernel of a loaded module; keeps the module loaded.
+#[derive(Debug)]
+pub(crate) struct KernelFunction {
+    handle: sys::CUfunction,
+    module: Arc<LoadedModule>,
+}
+
+// SAFETY: a CUfunction handle belongs to its module's context, not to a thread; launches bind
+// the context first. The Arc keeps the module (and so the handle) alive.
+unsafe impl Send for KernelFunction {}
+// SAFETY: as above; cuLaunchKernel may be called on one function from several threads.
+unsafe impl Sync for KernelFunction {}
+
+/// Looks up the kernel `name` in `module`.
+pub(crate) fn kernel_function(
+    module: &Arc<LoadedModule>,
+    name: &str,
+) -> Result<KernelFunction, DriverError> {
+    let name = CString::new(name).map_err(|_| DriverError(CUresult::CUDA_ERROR_INVALID_VALUE))?;
+    module.ctx.bind_to_thread()?;
+    // SAFETY: the module handle is live (the Arc keeps it loaded) and the name is a valid
+    // NUL-terminated string.
+    let handle = unsafe { result::module::get_function(module.handle, name) }?;
+    Ok(KernelFunction {
+        handle,
+        module: module.clone(),
+    })
+}
+
+/// One kernel argument by value, in the size of the kernel's PTX parameter.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) enum ArgValue {
+    /// A device address (`.u64`).
+    Address(u64),
+    I64(i64),
+    I32(i32),
+    F32(f32),
+    /// A predicate as one byte (`.u8`).
+    Pred(u8),
+}
+
+/// Launches `function` on `stream` with `shape` and `args`.
+///
+/// The caller guarantees that `args` match the kernel's parameters in count, order and size
+/// (they are built from the manifest's `ParamLayout`, which the PTX emitter derives from the
+/// same kernel) and that every address is inside an allocation that lives until the kernel
+/// has run (allocations are freed stream-ordered on this stream).
+pub(crate) fn launch(
+    stream: &CudaStream,
+    function: &KernelFunction,
+    shape: &LaunchShape,
+    args: &mut [ArgValue],
+) -> Result<(), DriverError> {
+    function.module.ctx.bind_to_thread()?;
+    let mut params: Vec<*mut c_void> = args
+        .iter_mut()
+        .map(|arg| -> *mut c_void {
+            match arg {
+                ArgValue::Address(value) => (value as *mut u64).cast(),
+                ArgValue::I64(value) => (value as *mut i64).cast(),
+                ArgValue::I32(value) => (value as *mut i32).cast(),
+                ArgValue::F32(value) => (value as *mut f32).cast(),
+                ArgValue::Pred(value) => (value as *mut u8).cast(),
+            }
+        })
+        .collect();
+    let [gx, gy, gz] = shape.grid;
+    let [bx, by, bz] = shape.block;
+    // SAFETY: the function handle is live (its module is held by `function`); `params` has
+    // one pointer per kernel parameter, each to a live value of the parameter's size in
+    // `args`, which the driver copies before returning (also while capturing a graph); the
+    // addresses passed satisfy the caller's guarantee above.
+    unsafe {
+        result::launch_kernel(
+            function.handle,
+            (gx, gy, gz),
+            (bx, by, bz),
+            shape.dynamic_shared_bytes,
+            stream.cu_stream(),
+            &mut params,
+        )
+    }
+}
+
+/// A captured and instantiated CUDA graph.
+///
+/// It holds the raw device addresses of the buffers it was captured with: its owner must
+/// drop it before any of those buffers is freed or re-allocated.
+pub(crate) struct CapturedGraph(CudaGraph);
+
+impl std::fmt::Debug for CapturedGraph {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CapturedGraph")
+    }
+}
+
+// SAFETY: graph objects must not be used from two threads at once; CapturedGraph is Send
+// but not Sync, and its owner (CudaProgram) needs `&mut self` to launch it, so one thread
+// at a time uses it. cudarc's CudaGraph binds the context before each call.
+unsafe impl Send for CapturedGraph {}
+
+impl CapturedGraph {
+    pub(crate) fn new(graph: CudaGraph) -> CapturedGraph {
+        CapturedGraph(graph)
+    }
+
+    pub(crate) fn launch(&self) -> Result<(), DriverError> {
+        self.0.launch()
+    }
+}
+
+impl std::fmt::Debug for ModuleLoadFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModuleLoadFailure")
+            .field("error", &self.error.0)
+            .field("jit_log", &self.jit_log)
+            .finish()
+    }
+}

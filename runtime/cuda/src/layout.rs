@@ -1,0 +1,95 @@
+//! Where each buffer of a plan lives for given symbol values: inputs and outputs in
+//! allocations of their own, weights in theirs (bound once), temps at their offsets in the
+//! one arena, and views at offset 0 of whatever they view. Every placement is checked to
+//! lie inside its storage. Plain Rust, testable without a GPU.
+
+use kiln_kir::{BufferId, BufferKind, Plan};
+
+use crate::binding::{buffer_bytes, buffer_decl, eval_size, SymbolValues};
+use crate::error::CudaError;
+use crate::validate::view_root;
+
+/// The device allocation a buffer lives in.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Storage {
+    /// The own allocation of an `Input` or `Output` buffer.
+    Own(BufferId),
+    /// The allocation of a bound weight, by checkpoint name.
+    Weight(String),
+    /// The arena of `Temp` buffers.
+    Arena,
+}
+
+/// A buffer's bytes: `bytes` bytes at `offset` of `storage`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Placement {
+    pub storage: Storage,
+    pub offset: usize,
+    pub bytes: usize,
+}
+
+/// Bytes of the arena for `symbols`.
+pub fn arena_bytes(plan: &Plan, symbols: &SymbolValues) -> Result<usize, CudaError> {
+    eval_size(plan, &plan.arena_bytes, symbols, &|| {
+        "the arena size".to_string()
+    })
+}
+
+/// Where buffer `id` lives for `symbols`.
+pub fn place(plan: &Plan, id: BufferId, symbols: &SymbolValues) -> Result<Placement, CudaError> {
+    let decl = buffer_decl(plan, id)?;
+    let bytes = buffer_bytes(plan, decl, symbols)?;
+    let bad = |detail: String| CudaError::BadPlan {
+        plan: plan.function.clone(),
+        detail,
+    };
+    match &decl.kind {
+        BufferKind::Input(_) | BufferKind::Output(_) => Ok(Placement {
+            storage: Storage::Own(id),
+            offset: 0,
+            bytes,
+        }),
+        BufferKind::Weight(name) => Ok(Placement {
+            storage: Storage::Weight(name.clone()),
+            offset: 0,
+            bytes,
+        }),
+        BufferKind::Temp => {
+            let offset_expr = decl
+                .offset
+                .as_ref()
+                .ok_or_else(|| bad(format!("temp buffer b{} has no arena offset", id.0)))?;
+            let offset = eval_size(plan, offset_expr, symbols, &|| {
+                format!("the arena offset of b{}", id.0)
+            })?;
+            let arena = arena_bytes(plan, symbols)?;
+            if offset.checked_add(bytes).is_none_or(|end| end > arena) {
+                return Err(bad(format!(
+                    "temp buffer b{} ({bytes} bytes at offset {offset}) does not fit in the \
+                     arena of {arena} bytes ({symbols})",
+                    id.0
+                )));
+            }
+            Ok(Placement {
+                storage: Storage::Arena,
+                offset,
+                bytes,
+            })
+        }
+        BufferKind::View(base) => {
+            // Resolve the chain first so that a cycle is an error, not a stack overflow.
+            view_root(plan, id)?;
+            let base_placement = place(plan, *base, symbols)?;
+            if bytes > base_placement.bytes {
+                return Err(bad(format!(
+                    "view b{} has {bytes} bytes, more than the {} of b{} it views ({symbols})",
+                    id.0, base_placement.bytes, base.0
+                )));
+            }
+            Ok(Placement {
+                bytes,
+                ..base_placement
+            })
+        }
+    }
+}

@@ -1,0 +1,596 @@
+//! Running one plan of a package on the GPU.
+//!
+//! A [`CudaProgram`] owns the device memory of one plan: the weights (uploaded once by
+//! [`CudaProgram::bind_weights`]), one allocation per input and output buffer, and one
+//! arena holding every temp buffer at its offset. Allocations are sized for the symbol
+//! values of each run and re-allocated only when they must grow. A run binds the symbols
+//! from the input shapes, copies the inputs in, executes the steps on the device's stream
+//! (launches with arguments packed from the kernels' parameter layouts, device-to-device
+//! copies, loops whose count is read on the host) and copies the outputs back.
+//!
+//! [`CudaProgram::run_graph`] captures the steps of a plan without loops into a CUDA graph
+//! once per set of symbol values and replays it afterwards. Graphs hold raw device
+//! addresses, so every (re-)allocation of the program's memory drops them all first.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use kiln_ir::{DType, Tensor};
+use kiln_kir::manifest::ParamLayout;
+use kiln_kir::{Arg, BufferId, BufferKind, Plan, Step};
+
+use crate::binding::{
+    bind_symbols, buffer_bytes, buffer_decl, buffer_shape, check_inputs, check_weight,
+    expected_weight, SymbolValues,
+};
+use crate::device::{host_tensor, CudaDevice, DeviceBuffer};
+use crate::error::CudaError;
+use crate::ffi::{self, ArgValue, CapturedGraph, DeviceRegion};
+use crate::launch::LaunchShape;
+use crate::layout::{arena_bytes, place, Storage};
+use crate::package::CudaPackage;
+use crate::timing::{time_on_device, Timing};
+use crate::validate::{check_plan, has_loop};
+
+/// The environment variable that turns CUDA graphs off when set to `0`.
+pub const GRAPHS_ENV: &str = "KILN_CUDA_GRAPHS";
+/// The environment variable that, set to `1`, waits after every launch so that a faulting
+/// kernel is named in the error.
+pub const SYNC_LAUNCHES_ENV: &str = "KILN_CUDA_SYNC_LAUNCHES";
+
+/// How a [`CudaProgram`] runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProgramOptions {
+    /// Whether [`CudaProgram::run_graph`] captures and replays CUDA graphs (otherwise it
+    /// runs the steps directly, like [`CudaProgram::run`]).
+    pub use_graphs: bool,
+    /// Whether to wait for each launch to finish (outside graph capture), so that a kernel
+    /// fault is reported with the kernel's name and launch shape. Slow; for debugging.
+    pub sync_after_each_launch: bool,
+}
+
+impl Default for ProgramOptions {
+    fn default() -> Self {
+        ProgramOptions {
+            use_graphs: true,
+            sync_after_each_launch: false,
+        }
+    }
+}
+
+impl ProgramOptions {
+    /// The defaults, changed by [`GRAPHS_ENV`]`=0` and [`SYNC_LAUNCHES_ENV`]`=1`.
+    pub fn from_env() -> ProgramOptions {
+        let set_to =
+            |name: &str, value: &str| std::env::var(name).is_ok_and(|found| found.trim() == value);
+        ProgramOptions {
+            use_graphs: !set_to(GRAPHS_ENV, "0"),
+            sync_after_each_launch: set_to(SYNC_LAUNCHES_ENV, "1"),
+        }
+    }
+}
+
+/// One plan of a package with its device memory.
+#[derive(Debug)]
+pub struct CudaProgram {
+    package: Arc<CudaPackage>,
+    plan_index: usize,
+    options: ProgramOptions,
+    /// Bound weights by checkpoint name.
+    weights: BTreeMap<String, DeviceBuffer>,
+    /// The allocations of `Input` and `Output` buffers.
+    own: BTreeMap<BufferId, DeviceBuffer>,
+    arena: Option<DeviceBuffer>,
+    /// Captured graphs by symbol values; `None` for a capture with no work in it.
+    graphs: BTreeMap<SymbolValues, Option<CapturedGraph>>,
+}
+
+impl CudaProgram {
+    /// The program of entry function `function`, with [`ProgramOptions::from_env`]. The plan
+    /// is checked against the package's kernels here.
+    pub fn new(package: Arc<CudaPackage>, function: &str) -> Result<CudaProgram, CudaError> {
+        CudaProgram::with_options(package, function, ProgramOptions::from_env())
+    }
+
+    pub fn with_options(
+        package: Arc<CudaPackage>,
+        function: &str,
+        options: ProgramOptions,
+    ) -> Result<CudaProgram, CudaError> {
+        let plan_index = package.plan_index(function)?;
+        check_plan(package.plan_at(plan_index), &package.manifest().kernels)?;
+        Ok(CudaProgram {
+            package,
+            plan_index,
+            options,
+            weights: BTreeMap::new(),
+            own: BTreeMap::new(),
+            arena: None,
+            graphs: BTreeMap::new(),
+        })
+    }
+
+    pub fn plan(&self) -> &Plan {
+        self.package.plan_at(self.plan_index)
+    }
+
+    pub fn package(&self) -> &Arc<CudaPackage> {
+        &self.package
+    }
+
+    pub fn options(&self) -> ProgramOptions {
+        self.options
+    }
+
+    /// Turns graph capture and replay on or off (off drops the captured graphs).
+    pub fn set_use_graphs(&mut self, use_graphs: bool) {
+        self.options.use_graphs = use_graphs;
+        if !use_graphs {
+            self.graphs.clear();
+        }
+    }
+
+    pub fn set_sync_after_each_launch(&mut self, sync: bool) {
+        self.options.sync_after_each_launch = sync;
+    }
+
+    /// How many graphs are captured (one per set of symbol values run with
+    /// [`CudaProgram::run_graph`] since the memory was last re-allocated).
+    pub fn captured_graphs(&self) -> usize {
+        self.graphs.len()
+    }
+
+    /// Uploads every weight the plan reads, looked up by checkpoint name, after checking
+    /// each one's dtype and shape against the manifest. Either all weights are bound or,
+    /// on an error naming the first bad one, none changes.
+    pub fn bind_weights<'w>(
+        &mut self,
+        lookup: &dyn Fn(&str) -> Option<&'w Tensor>,
+    ) -> Result<(), CudaError> {
+        let package = self.package.clone();
+        let plan = package.plan_at(self.plan_index);
+        let mut checked: BTreeMap<&str, &'w Tensor> = BTreeMap::new();
+        for decl in &plan.buffers {
+            let BufferKind::Weight(name) = &decl.kind else {
+                continue;
+            };
+            if checked.contains_key(name.as_str()) {
+                continue;
+            }
+            let (dtype, shape) = expected_weight(plan, decl, name, &package.manifest().weights)?;
+            let tensor =
+                lookup(name).ok_or_else(|| CudaError::MissingWeight { name: name.clone() })?;
+            check_weight(name, dtype, &shape, tensor)?;
+            checked.insert(name, tensor);
+        }
+        let device = package.device();
+        for (name, tensor) in checked {
+            let bytes = tensor.to_le_bytes();
+            let reusable = self
+                .weights
+                .get(name)
+                .is_some_and(|buffer| buffer.len() == bytes.len());
+            if !reusable {
+                // Captured graphs hold the old weight's address.
+                self.graphs.clear();
+                self.weights
+                    .insert(name.to_string(), device.alloc(bytes.len())?);
+            }
+            device.write(&self.weights[name], &bytes)?;
+        }
+        Ok(())
+    }
+
+    /// Runs the plan on `inputs` and returns its outputs.
+    pub fn run(&mut self, inputs: &[Tensor]) -> Result<Vec<Tensor>, CudaError> {
+        let symbols = self.prepare(inputs)?;
+        self.execute(&self.plan().steps, &symbols, inputs, false)?;
+        self.finish(&symbols)
+    }
+
+    /// Like [`CudaProgram::run`], but through a CUDA graph: the first run with given symbol
+    /// values captures the plan's steps, later ones replay them. Plans with loops, and
+    /// programs with graphs turned off, run directly.
+    pub fn run_graph(&mut self, inputs: &[Tensor]) -> Result<Vec<Tensor>, CudaError> {
+        if !self.graphs_apply() {
+            return self.run(inputs);
+        }
+        let symbols = self.prepare(inputs)?;
+        self.replay(&symbols, inputs)?;
+        self.finish(&symbols)
+    }
+
+    /// Times `runs` runs of the plan's steps on `inputs` (after warm-up) with CUDA events,
+    /// through a graph when [`CudaProgram::run_graph`] would use one. Inputs are copied in
+    /// once, before the timed runs; outputs are not read.
+    pub fn time_launches(&mut self, inputs: &[Tensor], runs: usize) -> Result<Timing, CudaError> {
+        let symbols = self.prepare(inputs)?;
+        let device = self.package.device().clone();
+        if self.graphs_apply() {
+            self.replay(&symbols, inputs)?;
+            time_on_device(&device, runs, &mut || self.replay(&symbols, inputs))
+        } else {
+            time_on_device(&device, runs, &mut || {
+                self.execute(&self.plan().steps, &symbols, inputs, false)
+            })
+        }
+    }
+
+    fn graphs_apply(&self) -> bool {
+        self.options.use_graphs && !has_loop(&self.plan().steps)
+    }
+
+    /// Launches the graph for `symbols`, capturing it first when there is none.
+    fn replay(&mut self, symbols: &SymbolValues, inputs: &[Tensor]) -> Result<(), CudaError> {
+        if !self.graphs.contains_key(symbols) {
+            let graph = self.capture(symbols, inputs)?;
+            self.graphs.insert(symbols.clone(), graph);
+        }
+        match &self.graphs[symbols] {
+            Some(graph) => graph.launch().map_err(|error| {
+                CudaError::driver(
+                    format!(
+                        "replaying the CUDA graph of plan `{}` ({symbols})",
+                        self.plan().function
+                    ),
+                    error,
+                )
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Captures the plan's steps for `symbols` into a graph (which is not run yet).
+    fn capture(
+        &self,
+        symbols: &SymbolValues,
+        inputs: &[Tensor],
+    ) -> Result<Option<CapturedGraph>, CudaError> {
+        let stream = self.package.device().stream();
+        let what = |step: &str| {
+            format!(
+                "{step} the CUDA graph of plan `{}` ({symbols})",
+                self.plan().function
+            )
+        };
+        stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(|error| CudaError::driver(what("starting to capture"), error))?;
+        let executed = self.execute(&self.plan().steps, symbols, inputs, true);
+        // End the capture even when a step failed, so the stream is usable again.
+        let ended = stream.end_capture(CUgraphInstantiate_flags(0));
+        executed?;
+        let graph = ended.map_err(|error| CudaError::driver(what("finishing"), error))?;
+        Ok(graph.map(CapturedGraph::new))
+    }
+
+    /// Binds the symbols, checks inputs and weights, sizes the memory and copies the
+    /// inputs in.
+    fn prepare(&mut self, inputs: &[Tensor]) -> Result<SymbolValues, CudaError> {
+        let package = self.package.clone();
+        let plan = package.plan_at(self.plan_index);
+        let shapes: Vec<&[usize]> = inputs.iter().map(|t| t.shape.as_slice()).collect();
+        let symbols = bind_symbols(plan, &shapes)?;
+        check_inputs(plan, inputs, &symbols)?;
+        for decl in &plan.buffers {
+            if let BufferKind::Weight(name) = &decl.kind {
+                if !self.weights.contains_key(name) {
+                    return Err(CudaError::WeightNotBound {
+                        plan: plan.function.clone(),
+                        name: name.clone(),
+                    });
+                }
+            }
+        }
+
+        let device = package.device();
+        let arena_needed = arena_bytes(plan, &symbols)?;
+        if self
+            .arena
+            .as_ref()
+            .is_none_or(|arena| arena.len() < arena_needed)
+        {
+            self.graphs.clear();
+            self.arena = Some(device.alloc(arena_needed)?);
+        }
+        for decl in &plan.buffers {
+            if matches!(decl.kind, BufferKind::Input(_) | BufferKind::Output(_)) {
+                let needed = buffer_bytes(plan, decl, &symbols)?;
+                if self
+                    .own
+                    .get(&decl.id)
+                    .is_none_or(|buffer| buffer.len() < needed)
+                {
+                    self.graphs.clear();
+                    self.own.insert(decl.id, device.alloc(needed)?);
+                }
+            }
+        }
+
+        for (tensor, &id) in inputs.iter().zip(&plan.inputs) {
+            let region = self.region(plan, id, &symbols)?;
+            let bytes = tensor.to_le_bytes();
+            ffi::copy_host_to_device(device.stream(), region, &bytes).map_err(|error| {
+                CudaError::driver(
+                    format!(
+                        "copying input b{} of plan `{}` to the device",
+                        id.0, plan.function
+                    ),
+                    error,
+                )
+            })?;
+        }
+        Ok(symbols)
+    }
+
+    /// Waits for the steps and copies the outputs back.
+    fn finish(&self, symbols: &SymbolValues) -> Result<Vec<Tensor>, CudaError> {
+        let plan = self.plan();
+        let device = self.package.device();
+        device.stream().synchronize().map_err(|error| {
+            CudaError::driver(
+                format!(
+                    "running plan `{}` ({symbols}); to find the kernel that failed, run with \
+                     {SYNC_LAUNCHES_ENV}=1",
+                    plan.function
+                ),
+                error,
+            )
+        })?;
+        plan.outputs
+            .iter()
+            .map(|&id| {
+                let decl = buffer_decl(plan, id)?;
+                let shape = buffer_shape(plan, decl, symbols)?;
+                let bytes = device.read_region(self.region(plan, id, symbols)?)?;
+                Ok(host_tensor(decl.dtype, &shape, &bytes))
+            })
+            .collect()
+    }
+
+    /// The device bytes of buffer `id` for `symbols`.
+    fn region(
+        &self,
+        plan: &Plan,
+        id: BufferId,
+        symbols: &SymbolValues,
+    ) -> Result<DeviceRegion<'_>, CudaError> {
+        let placement = place(plan, id, symbols)?;
+        let buffer = match &placement.storage {
+            Storage::Own(owner) => self.own.get(owner),
+            Storage::Weight(name) => self.weights.get(name),
+            Storage::Arena => self.arena.as_ref(),
+        };
+        let buffer = buffer.ok_or_else(|| match &placement.storage {
+            Storage::Weight(name) => CudaError::WeightNotBound {
+                plan: plan.function.clone(),
+                name: name.clone(),
+            },
+            _ => CudaError::BadPlan {
+                plan: plan.function.clone(),
+                detail: format!("buffer b{} has no device memory (not prepared)", id.0),
+            },
+        })?;
+        self.package
+            .device()
+            .region_of(buffer, placement.offset, placement.bytes, "using buffer")
+    }
+
+    /// Runs (or, when `capturing`, records) `steps` on the device's stream.
+    fn execute(
+        &self,
+        steps: &[Step],
+        symbols: &SymbolValues,
+        inputs: &[Tensor],
+        capturing: bool,
+    ) -> Result<(), CudaError> {
+        let plan = self.plan();
+        let device = self.package.device();
+        for step in steps {
+            match step {
+                Step::Launch { kernel, args } => {
+                    self.launch(plan, *kernel, args, symbols, capturing)?;
+                }
+                Step::Copy { src, dst } => {
+                    let source = self.region(plan, *src, symbols)?;
+                    let destination = self.region(plan, *dst, symbols)?;
+                    copy_between(device, plan, (*src, source), (*dst, destination))?;
+                }
+                Step::Loop {
+                    count,
+                    carried,
+                    init,
+                    next,
+                    counter,
+                    body,
+                } => {
+                    let iterations = self.loop_count(plan, *count, symbols, inputs)?;
+                    for (&from, &to) in init.iter().zip(carried) {
+                        let source = self.region(plan, from, symbols)?;
+                        let destination = self.region(plan, to, symbols)?;
+                        copy_between(device, plan, (from, source), (to, destination))?;
+                    }
+                    let counter_region = self.region(plan, *counter, symbols)?;
+                    for iteration in 0..iterations {
+                        ffi::copy_host_to_device(
+                            device.stream(),
+                            counter_region,
+                            &(iteration as i64).to_le_bytes(),
+                        )
+                        .map_err(|error| {
+                            CudaError::driver(
+                                format!(
+                                    "writing loop counter b{} of `{}`",
+                                    counter.0, plan.function
+                                ),
+                                error,
+                            )
+                        })?;
+                        self.execute(body, symbols, inputs, capturing)?;
+                        for (&from, &to) in next.iter().zip(carried) {
+                            let source = self.region(plan, from, symbols)?;
+                            let destination = self.region(plan, to, symbols)?;
+                            copy_between(device, plan, (from, source), (to, destination))?;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn launch(
+        &self,
+        plan: &Plan,
+        kernel: usize,
+        args: &[Arg],
+        symbols: &SymbolValues,
+        capturing: bool,
+    ) -> Result<(), CudaError> {
+        let info = self.package.kernel_info(kernel);
+        let Some(shape) = LaunchShape::for_kernel(info, symbols)? else {
+            return Ok(());
+        };
+        let mut values = Vec::with_capacity(args.len());
+        for (param, arg) in info.params.iter().zip(args) {
+            values.push(match (param, arg) {
+                (_, Arg::Buffer(id)) => {
+                    ArgValue::Address(self.region(plan, *id, symbols)?.address())
+                }
+                (ParamLayout::Scalar { name, ty }, Arg::Sym(symbol)) => {
+                    symbol_argument(plan, &info.name, name, ty, symbol, symbols)?
+                }
+                (ParamLayout::Buffer { name, .. }, Arg::Sym(symbol)) => {
+                    return Err(CudaError::BadPlan {
+                        plan: plan.function.clone(),
+                        detail: format!(
+                            "kernel `{}`: buffer parameter `{name}` is given symbol `{symbol}`",
+                            info.name
+                        ),
+                    });
+                }
+            });
+        }
+        self.package.launch_index(kernel, &shape, &mut values)?;
+        if self.options.sync_after_each_launch && !capturing {
+            self.package
+                .device()
+                .stream()
+                .synchronize()
+                .map_err(|error| CudaError::Launch {
+                    kernel: info.name.clone(),
+                    shape,
+                    source: error.into(),
+                })?;
+        }
+        Ok(())
+    }
+
+    /// The iteration count of a loop: from the caller's tensor when the count is an input,
+    /// else read back from the device (waiting for the steps before it).
+    fn loop_count(
+        &self,
+        plan: &Plan,
+        count: BufferId,
+        symbols: &SymbolValues,
+        inputs: &[Tensor],
+    ) -> Result<u64, CudaError> {
+        let bad = |detail: String| CudaError::BadPlan {
+            plan: plan.function.clone(),
+            detail,
+        };
+        let value = if let Some(position) = plan.inputs.iter().position(|&id| id == count) {
+            let tensor = &inputs[position];
+            *tensor
+                .to_i64_vec()
+                .first()
+                .ok_or_else(|| CudaError::BadInput {
+                    plan: plan.function.clone(),
+                    index: position,
+                    detail: "the loop count is read from this input, but it is empty".to_string(),
+                })?
+        } else {
+            let dtype = buffer_decl(plan, count)?.dtype;
+            let width = dtype.size_bytes();
+            let region = self.region(plan, count, symbols)?;
+            if region.len() < width {
+                return Err(bad(format!("the loop count b{} holds no element", count.0)));
+            }
+            let bytes = self.package.device().read_region(region)?;
+            let mut raw = [0u8; 8];
+            raw[..width].copy_from_slice(&bytes[..width]);
+            match dtype {
+                DType::I8 => i64::from(raw[0] as i8),
+                DType::I32 => i64::from(i32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]])),
+                DType::I64 => i64::from_le_bytes(raw),
+                other => {
+                    return Err(bad(format!(
+                        "the loop count b{} is {other}, not an integer",
+                        count.0
+                    )))
+                }
+            }
+        };
+        Ok(value.max(0) as u64)
+    }
+}
+
+/// The value of `symbol` as the scalar parameter `param` of type `ty`.
+fn symbol_argument(
+    plan: &Plan,
+    kernel: &str,
+    param: &str,
+    ty: &str,
+    symbol: &str,
+    symbols: &SymbolValues,
+) -> Result<ArgValue, CudaError> {
+    let bad = |detail: String| CudaError::BadPlan {
+        plan: plan.function.clone(),
+        detail: format!("kernel `{kernel}`, parameter `{param}`: {detail}"),
+    };
+    let value = symbols
+        .get(symbol)
+        .ok_or_else(|| bad(format!("symbol `{symbol}` is not bound ({symbols})")))?;
+    match ty {
+        "i64" => i64::try_from(value)
+            .map(ArgValue::I64)
+            .map_err(|_| bad(format!("`{symbol}` = {value} does not fit in i64"))),
+        "i32" => i32::try_from(value)
+            .map(ArgValue::I32)
+            .map_err(|_| bad(format!("`{symbol}` = {value} does not fit in i32"))),
+        other => Err(bad(format!("a symbol cannot be passed as {other}"))),
+    }
+}
+
+/// A `Copy` step: all of `source`'s bytes into `destination`.
+fn copy_between(
+    device: &CudaDevice,
+    plan: &Plan,
+    (source_id, source): (BufferId, DeviceRegion<'_>),
+    (destination_id, destination): (BufferId, DeviceRegion<'_>),
+) -> Result<(), CudaError> {
+    if destination.len() < source.len() {
+        return Err(CudaError::BadPlan {
+            plan: plan.function.clone(),
+            detail: format!(
+                "copy b{} -> b{}: {} bytes do not fit in {}",
+                source_id.0,
+                destination_id.0,
+                source.len(),
+                destination.len()
+            ),
+        });
+    }
+    ffi::copy_device_to_device(device.stream(), destination, source, source.len()).map_err(
+        |error| {
+            CudaError::driver(
+                format!(
+                    "copying b{} -> b{} in plan `{}`",
+                    source_id.0, destination_id.0, plan.function
+                ),
+                error,
+            )
+        },
+    )
+}
