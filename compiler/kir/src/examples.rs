@@ -1,0 +1,446 @@
+//! Hand-written example kernels: small, verified programs that exercise the kernel IR
+//! (grid-stride loops, vector memory access, divergence, warp shuffles, shared memory and
+//! barriers, dtype conversions). The backends' tests run them and compare against the
+//! reference interpreter ([`run_kernel`](crate::interp::run_kernel)).
+//!
+//! Launch conventions: scalar parameters named `n` are element counts (`I64`); grids
+//! are given as [`SizeExpr`]s over the symbols named in each function's doc.
+
+use crate::build::KernelBuilder;
+use crate::kernel::{Access, BinOp, Expr, Kernel, SizeExpr, Stmt, Ty, UnOp, VarId};
+use kiln_ir::DType;
+
+/// Blocks of [`vector_add`]'s fixed grid.
+pub const VECTOR_ADD_BLOCKS: u32 = 4;
+/// Threads per block of [`vector_add`].
+pub const VECTOR_ADD_BLOCK_DIM: u32 = 128;
+/// The epsilon that [`rms_norm_rows`] adds to the mean square.
+pub const RMS_NORM_EPS: f32 = 1e-5;
+
+/// Elements per vector access for `dtype`: 8, but at most 16 bytes.
+pub fn vector_width(dtype: DType) -> u32 {
+    (16 / dtype.size_bytes() as u32).min(8)
+}
+
+/// A grid of `blocks` along x.
+fn grid_x(blocks: SizeExpr) -> [SizeExpr; 3] {
+    [blocks, SizeExpr::Const(1), SizeExpr::Const(1)]
+}
+
+/// One block per `block_dim` elements of the symbol `n`.
+fn grid_over_n(block_dim: u32) -> [SizeExpr; 3] {
+    grid_x(SizeExpr::CeilDiv(
+        Box::new(SizeExpr::Sym("n".to_string())),
+        Box::new(SizeExpr::Const(u64::from(block_dim))),
+    ))
+}
+
+/// `blockIdx.x * blockDim + threadIdx` as an `I64`.
+fn global_thread_index() -> Expr {
+    Expr::block_idx(0).cast(Ty::I64) * Expr::block_dim().cast(Ty::I64)
+        + Expr::thread_idx().cast(Ty::I64)
+}
+
+/// A lower-case name for an operator, for kernel names.
+fn op_name(op: impl std::fmt::Debug) -> String {
+    format!("{op:?}").to_lowercase()
+}
+
+/// `out = a + b` over `n` elements of `dtype` (not `Bool`), with [`VECTOR_ADD_BLOCKS`]
+/// blocks of [`VECTOR_ADD_BLOCK_DIM`] threads: see [`vector_add_sized`].
+pub fn vector_add(dtype: DType) -> Kernel {
+    vector_add_sized(dtype, VECTOR_ADD_BLOCKS, VECTOR_ADD_BLOCK_DIM)
+}
+
+/// `out = a + b` over `n` elements of `dtype` (not `Bool`) on a fixed grid of `blocks`
+/// blocks. A grid-stride loop handles whole vectors of [`vector_width`] elements
+/// (`LoadVec`/`StoreVec`), then a second grid-stride loop handles the `n % width` tail one
+/// element at a time.
+///
+/// Parameters: `a`, `b` (read), `out` (write), all `dtype`; `n: i64`.
+pub fn vector_add_sized(dtype: DType, blocks: u32, block_dim: u32) -> Kernel {
+    assert!(dtype != DType::Bool, "vector_add adds numbers, not bools");
+    let ty = Ty::compute_type_of(dtype);
+    let width = vector_width(dtype);
+    let threads_in_grid = i64::from(blocks) * i64::from(block_dim);
+
+    let mut k = KernelBuilder::new(format!("vector_add_{dtype}"), block_dim);
+    k.grid(grid_x(SizeExpr::Const(u64::from(blocks))));
+    let a = k.buffer("a", dtype, Access::Read);
+    let b = k.buffer("b", dtype, Access::Read);
+    let out = k.buffer("out", dtype, Access::Write);
+    let n = k.scalar("n", Ty::I64);
+    let thread = k.var("thread", Ty::I64);
+    let vector_end = k.var("vector_end", Ty::I64);
+    let base = k.var("base", Ty::I64);
+    let a_lanes: Vec<VarId> = (0..width).map(|j| k.var(format!("a{j}"), ty)).collect();
+    let b_lanes: Vec<VarId> = (0..width).map(|j| k.var(format!("b{j}"), ty)).collect();
+    let i = k.var("i", Ty::I64);
+
+    let width_i64 = Expr::i64(i64::from(width));
+    let vector_body = vec![
+        Stmt::LoadVec {
+            dsts: a_lanes.clone(),
+            buf: a,
+            index: base.into(),
+        },
+        Stmt::LoadVec {
+            dsts: b_lanes.clone(),
+            buf: b,
+            index: base.into(),
+        },
+        Stmt::StoreVec {
+            buf: out,
+            index: base.into(),
+            values: a_lanes
+                .iter()
+                .zip(&b_lanes)
+                .map(|(&x, &y)| Expr::var(x) + y)
+                .collect(),
+        },
+    ];
+    let tail_body = vec![Stmt::store(
+        out,
+        i,
+        Expr::load(a, i) + Expr::load(b, i),
+    )];
+    k.finish(vec![
+        Stmt::assign(thread, global_thread_index()),
+        Stmt::assign(vector_end, (n.clone() / width_i64.clone()) * width_i64.clone()),
+        Stmt::for_range(
+            base,
+            Expr::var(thread) * width_i64,
+            vector_end,
+            Expr::i64(threads_in_grid * i64::from(width)),
+            vector_body,
+        ),
+        Stmt::for_range(
+            i,
+            Expr::var(vector_end) + thread,
+            n,
+            Expr::i64(threads_in_grid),
+            tail_body,
+        ),
+    ])
+}
+
+/// Statements that sum `value` over the 32 lanes of each warp (a butterfly of
+/// `ShuffleXor`s), leaving the total in every lane; `partner` is scratch.
+fn warp_all_reduce_sum(value: VarId, partner: VarId) -> Vec<Stmt> {
+    [16, 8, 4, 2, 1]
+        .into_iter()
+        .flat_map(|mask| {
+            [
+                Stmt::ShuffleXor {
+                    dst: partner,
+                    src: value,
+                    mask,
+                },
+                Stmt::assign(value, Expr::var(value) + partner),
+            ]
+        })
+        .collect()
+}
+
+/// RMSNorm of each row of `x: dtype[rows, cols]`, one block per row:
+/// `out[r, c] = x[r, c] * rsqrt(mean_c(x[r, c]^2) + RMS_NORM_EPS) * weight[c]`, computed in
+/// f32 and rounded once on the store.
+///
+/// Threads accumulate the squares of a strided slice of the row, reduce within their warp
+/// with a `ShuffleXor` butterfly, publish one partial per warp in shared memory, and after
+/// a `Barrier` every warp reduces the partials again; thread 0 broadcasts the inverse RMS
+/// through shared memory behind a second `Barrier`.
+///
+/// Parameters: `x`, `weight: dtype[cols]` (read), `out` (write). Grid: `[rows, 1, 1]`.
+/// `block_dim` is a multiple of 32.
+pub fn rms_norm_rows(dtype: DType, cols: u32, block_dim: u32) -> Kernel {
+    assert!(
+        dtype.is_float(),
+        "rms_norm_rows normalizes floats, not {dtype}"
+    );
+    assert!(
+        block_dim % 32 == 0 && (32..=1024).contains(&block_dim),
+        "block_dim {block_dim} is not a multiple of 32 in 32..=1024"
+    );
+    let warps = block_dim / 32;
+    let cols_i64 = Expr::i64(i64::from(cols));
+
+    let mut k = KernelBuilder::new(format!("rms_norm_rows_{dtype}_{cols}"), block_dim);
+    k.grid(grid_x(SizeExpr::Sym("rows".to_string())));
+    let x = k.buffer("x", dtype, Access::Read);
+    let weight = k.buffer("weight", dtype, Access::Read);
+    let out = k.buffer("out", dtype, Access::Write);
+    let partials = k.shared("partials", DType::F32, warps);
+    let inv_rms_shared = k.shared("inv_rms", DType::F32, 1);
+    let row_base = k.var("row_base", Ty::I64);
+    let col = k.var("col", Ty::I64);
+    let value = k.var("value", Ty::F32);
+    let sum_sq = k.var("sum_sq", Ty::F32);
+    let partner = k.var("partner", Ty::F32);
+    let total = k.var("total", Ty::F32);
+    let inv_rms = k.var("inv_rms", Ty::F32);
+
+    let first_col = Expr::thread_idx().cast(Ty::I64);
+    let col_step = Expr::i64(i64::from(block_dim));
+    let mut body = vec![
+        Stmt::assign(row_base, Expr::block_idx(0).cast(Ty::I64) * cols_i64.clone()),
+        Stmt::assign(sum_sq, Expr::f32(0.0)),
+        Stmt::for_range(
+            col,
+            first_col.clone(),
+            cols_i64.clone(),
+            col_step.clone(),
+            vec![
+                Stmt::assign(value, Expr::load(x, Expr::var(row_base) + col)),
+                Stmt::assign(sum_sq, Expr::fma(value, value, sum_sq)),
+            ],
+        ),
+    ];
+    body.extend(warp_all_reduce_sum(sum_sq, partner));
+    body.extend([
+        Stmt::if_then(
+            Expr::lane_id().equals(Expr::i32(0)),
+            vec![Stmt::store(partials, Expr::warp_id(), sum_sq)],
+        ),
+        Stmt::Barrier,
+        Stmt::assign(
+            total,
+            Expr::select(
+                Expr::lane_id().lt(Expr::i32(warps as i32)),
+                Expr::load(
+                    partials,
+                    Expr::lane_id().min(Expr::i32(warps as i32 - 1)),
+                ),
+                Expr::f32(0.0),
+            ),
+        ),
+    ]);
+    body.extend(warp_all_reduce_sum(total, partner));
+    body.extend([
+        Stmt::if_then(
+            Expr::thread_idx().equals(Expr::i32(0)),
+            vec![Stmt::store(
+                inv_rms_shared,
+                Expr::i32(0),
+                (Expr::var(total) / Expr::f32(cols as f32) + Expr::f32(RMS_NORM_EPS))
+                    .apply(UnOp::Rsqrt),
+            )],
+        ),
+        Stmt::Barrier,
+        Stmt::assign(inv_rms, Expr::load(inv_rms_shared, Expr::i32(0))),
+        Stmt::for_range(
+            col,
+            first_col,
+            cols_i64,
+            col_step,
+            vec![Stmt::store(
+                out,
+                Expr::var(row_base) + col,
+                Expr::load(x, Expr::var(row_base) + col) * inv_rms * Expr::load(weight, col),
+            )],
+        ),
+    ]);
+    k.finish(body)
+}
+
+/// `out[i] = op(x[i])` for `i < n`, one thread per element; `x` and `out` are `dtype`
+/// (whose compute type `op` must accept).
+///
+/// Parameters: `x` (read), `out` (write), `n: i64`. Grid: `[ceil_div(n, 128), 1, 1]`.
+pub fn unary_map(op: UnOp, dtype: DType) -> Kernel {
+    let block_dim = 128;
+    let mut k = KernelBuilder::new(format!("unary_{}_{dtype}", op_name(op)), block_dim);
+    k.grid(grid_over_n(block_dim));
+    let x = k.buffer("x", dtype, Access::Read);
+    let out = k.buffer("out", dtype, Access::Write);
+    let n = k.scalar("n", Ty::I64);
+    let i = k.var("i", Ty::I64);
+    k.finish(vec![
+        Stmt::assign(i, global_thread_index()),
+        Stmt::if_then(
+            Expr::var(i).lt(n),
+            vec![Stmt::store(out, i, Expr::load(x, i).apply(op))],
+        ),
+    ])
+}
+
+/// `out[i] = x[i] op y[i]` for `i < n`, one thread per element; `x` and `y` are `dtype`,
+/// `out` is `bool` for comparisons and `dtype` otherwise.
+///
+/// Parameters: `x`, `y` (read), `out` (write), `n: i64`. Grid: `[ceil_div(n, 128), 1, 1]`.
+pub fn binary_map(op: BinOp, dtype: DType) -> Kernel {
+    let block_dim = 128;
+    let out_dtype = if op.is_comparison() {
+        DType::Bool
+    } else {
+        dtype
+    };
+    let mut k = KernelBuilder::new(format!("binary_{}_{dtype}", op_name(op)), block_dim);
+    k.grid(grid_over_n(block_dim));
+    let x = k.buffer("x", dtype, Access::Read);
+    let y = k.buffer("y", dtype, Access::Read);
+    let out = k.buffer("out", out_dtype, Access::Write);
+    let n = k.scalar("n", Ty::I64);
+    let i = k.var("i", Ty::I64);
+    k.finish(vec![
+        Stmt::assign(i, global_thread_index()),
+        Stmt::if_then(
+            Expr::var(i).lt(n),
+            vec![Stmt::store(
+                out,
+                i,
+                Expr::binary(op, Expr::load(x, i), Expr::load(y, i)),
+            )],
+        ),
+    ])
+}
+
+/// `out[i] = x[i]` converted from `from` to `to` for `i < n`: a load into `from`'s compute
+/// type, a `Cast` to `to`'s, and the store's conversion (rounding to nearest even,
+/// saturating for f8).
+///
+/// Parameters: `x: from` (read), `out: to` (write), `n: i64`.
+/// Grid: `[ceil_div(n, 128), 1, 1]`.
+pub fn convert(from: DType, to: DType) -> Kernel {
+    let block_dim = 128;
+    let mut k = KernelBuilder::new(format!("convert_{from}_to_{to}"), block_dim);
+    k.grid(grid_over_n(block_dim));
+    let x = k.buffer("x", from, Access::Read);
+    let out = k.buffer("out", to, Access::Write);
+    let n = k.scalar("n", Ty::I64);
+    let i = k.var("i", Ty::I64);
+    k.finish(vec![
+        Stmt::assign(i, global_thread_index()),
+        Stmt::if_then(
+            Expr::var(i).lt(n),
+            vec![Stmt::store(
+                out,
+                i,
+                Expr::load(x, i).cast(Ty::compute_type_of(to)),
+            )],
+        ),
+    ])
+}
+
+/// `out[i] = x[i] > 0 ? fma(x[i], y[i], z[i]) : f32(i32(x[i]) * 3)` for `i < n` over f32:
+/// `Fma`, `Select` and `Cast` both ways.
+///
+/// Parameters: `x`, `y`, `z: f32` (read), `out: f32` (write), `n: i64`.
+/// Grid: `[ceil_div(n, 128), 1, 1]`.
+pub fn fma_select() -> Kernel {
+    let block_dim = 128;
+    let mut k = KernelBuilder::new("fma_select", block_dim);
+    k.grid(grid_over_n(block_dim));
+    let x = k.buffer("x", DType::F32, Access::Read);
+    let y = k.buffer("y", DType::F32, Access::Read);
+    let z = k.buffer("z", DType::F32, Access::Read);
+    let out = k.buffer("out", DType::F32, Access::Write);
+    let n = k.scalar("n", Ty::I64);
+    let i = k.var("i", Ty::I64);
+    let value = k.var("value", Ty::F32);
+    k.finish(vec![
+        Stmt::assign(i, global_thread_index()),
+        Stmt::if_then(
+            Expr::var(i).lt(n),
+            vec![
+                Stmt::assign(value, Expr::load(x, i)),
+                Stmt::store(
+                    out,
+                    i,
+                    Expr::select(
+                        Expr::var(value).gt(Expr::f32(0.0)),
+                        Expr::fma(value, Expr::load(y, i), Expr::load(z, i)),
+                        (Expr::var(value).cast(Ty::I32) * Expr::i32(3)).cast(Ty::F32),
+                    ),
+                ),
+            ],
+        ),
+    ])
+}
+
+/// Divergent control flow in one block of 64 threads over `x, out: f32[64]`:
+///
+/// ```text
+/// v = x[t]
+/// if t % 2 == 0 { if t < 16 { v = v * 2 } else { v = -v } }
+/// else { v = v + 100; if lane == 31 { v = 0 } }
+/// out[t] = v
+/// ```
+pub fn divergent_branches() -> Kernel {
+    let mut k = KernelBuilder::new("divergent_branches", 64);
+    let x = k.buffer("x", DType::F32, Access::Read);
+    let out = k.buffer("out", DType::F32, Access::Write);
+    let v = k.var("v", Ty::F32);
+    let t = Expr::thread_idx;
+    k.finish(vec![
+        Stmt::assign(v, Expr::load(x, t())),
+        Stmt::if_else(
+            (t() % Expr::i32(2)).equals(Expr::i32(0)),
+            vec![Stmt::if_else(
+                t().lt(Expr::i32(16)),
+                vec![Stmt::assign(v, Expr::var(v) * Expr::f32(2.0))],
+                vec![Stmt::assign(v, -Expr::var(v))],
+            )],
+            vec![
+                Stmt::assign(v, Expr::var(v) + Expr::f32(100.0)),
+                Stmt::if_then(
+                    Expr::lane_id().equals(Expr::i32(31)),
+                    vec![Stmt::assign(v, Expr::f32(0.0))],
+                ),
+            ],
+        ),
+        Stmt::store(out, t(), v),
+    ])
+}
+
+/// A loop whose trip count differs per thread, in one block of 64 threads over
+/// `x, out: f32[64]`: `out[t] = sum(x[0..=t])`.
+pub fn prefix_sums_by_loop() -> Kernel {
+    let mut k = KernelBuilder::new("prefix_sums_by_loop", 64);
+    let x = k.buffer("x", DType::F32, Access::Read);
+    let out = k.buffer("out", DType::F32, Access::Write);
+    let acc = k.var("acc", Ty::F32);
+    let j = k.var("j", Ty::I32);
+    k.finish(vec![
+        Stmt::assign(acc, Expr::f32(0.0)),
+        Stmt::for_range(
+            j,
+            Expr::i32(0),
+            Expr::thread_idx() + Expr::i32(1),
+            Expr::i32(1),
+            vec![Stmt::assign(acc, Expr::var(acc) + Expr::load(x, j))],
+        ),
+        Stmt::store(out, Expr::thread_idx(), acc),
+    ])
+}
+
+/// Each block reverses its `block_dim` elements of `x` through shared memory:
+/// `out[b * block_dim + t] = x[b * block_dim + (block_dim - 1 - t)]` (a store to shared
+/// memory, a `Barrier`, a load of another thread's element).
+///
+/// Parameters: `x` (read), `out` (write), both `dtype`. Grid: `[blocks, 1, 1]`.
+pub fn reverse_blocks(dtype: DType, block_dim: u32) -> Kernel {
+    let mut k = KernelBuilder::new(format!("reverse_blocks_{dtype}"), block_dim);
+    k.grid(grid_x(SizeExpr::Sym("blocks".to_string())));
+    let x = k.buffer("x", dtype, Access::Read);
+    let out = k.buffer("out", dtype, Access::Write);
+    let staged = k.shared("staged", dtype, block_dim);
+    let base = k.var("base", Ty::I32);
+    k.finish(vec![
+        Stmt::assign(base, Expr::block_idx(0) * Expr::block_dim()),
+        Stmt::store(
+            staged,
+            Expr::thread_idx(),
+            Expr::load(x, Expr::var(base) + Expr::thread_idx()),
+        ),
+        Stmt::Barrier,
+        Stmt::store(
+            out,
+            Expr::var(base) + Expr::thread_idx(),
+            Expr::load(
+                staged,
+                Expr::block_dim() - Expr::i32(1) - Expr::thread_idx(),
+            ),
+        ),
+    ])
+}

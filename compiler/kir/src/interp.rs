@@ -1,0 +1,864 @@
+//! The reference interpreter of kernel IR: the executable definition of its semantics (see
+//! the `kernel` module's documentation), against which both backends are tested. Clarity
+//! over speed.
+//!
+//! A launch runs the blocks one after another (x fastest, then y, then z). Within a block
+//! all threads run in lock step, one statement at a time, under an *active mask*:
+//! - every statement first evaluates its expressions for every active thread, then writes
+//!   (registers or memory, stores in thread order), so a statement never sees a write of
+//!   the same statement by another thread;
+//! - `If` runs its `then` branch for the active threads whose condition holds and then its
+//!   `else` branch for the others (a branch no thread takes is skipped);
+//! - `For` evaluates start, end and step once per thread on entry, then runs the body for
+//!   the threads whose register is below their end, adding each one's step, until no
+//!   thread is left (a step that is not positive, or a register that would overflow, is an
+//!   error);
+//! - `Barrier` is a no-op under lock step; it is an error unless every thread of the block
+//!   is active;
+//! - `ShuffleXor` gives each active thread the value its source register had in lane
+//!   `lane ^ mask` of its warp before the statement; it is an error unless every lane of
+//!   each warp that executes it is active;
+//! - `Select` evaluates both arms (as a GPU's `selp` does): a load in the arm not chosen
+//!   must be in bounds too.
+//!
+//! Registers start at 0 in every thread of every block; shared memory starts unwritten,
+//! and reading an element that no thread of the block has written is an error.
+//! Loads and stores convert between the memory dtype and the compute type: f16 and bf16 as
+//! IEEE/bfloat16 bits (via `half`, round to nearest even), f8 as OCP bits (`kiln_ir::fp8`:
+//! round to nearest even, saturating, NaN kept), i8 sign-extended on load and wrapped on
+//! store, bool as a byte (nonzero is true, stores 0 or 1). Memory is little-endian bytes.
+//!
+//! Arithmetic: integers wrap; integer division or remainder by zero is an error (the IR
+//! leaves it undefined); shifts by an amount that, read as unsigned, is at least the width
+//! give 0 (`Shl`) or the sign (`Shr`, arithmetic), like PTX's clamped shifts. Floats are
+//! IEEE f32: `Div`, `Sqrt`, `Recip` correctly rounded; `Rem` is C's `fmodf` (truncated,
+//! exact); `Min`/`Max` return the other operand when one is NaN; `Ne` is true when an
+//! operand is NaN (the other comparisons false); `Fma` rounds once; `Exp`, `Log`, `Sin`,
+//! `Cos`, `Tanh`, `Erf`, `Pow` come from `libm`, `Rsqrt` and `Sigmoid` are computed in f64
+//! and rounded. `Cast`: float → int truncates toward zero and saturates (NaN gives 0),
+//! int → float rounds to nearest even, i64 → i32 wraps, anything → pred is `!= 0`
+//! (NaN is true), pred → number is 0 or 1.
+//!
+//! Every failure (out-of-bounds or misaligned access, a bad launch argument, …) is a
+//! [`KirError`] naming the kernel, the statement, the block and thread and, for memory, the
+//! buffer and the index — never a panic.
+
+use crate::error::KirError;
+use crate::kernel::{
+    BinOp, Buf, Const, Expr, Kernel, Param, Special, Stmt, Ty, UnOp, VarId,
+};
+use crate::print::Names;
+use crate::verify::verify_kernel;
+use half::{bf16, f16};
+use kiln_ir::fp8::{E4M3, E5M2};
+use kiln_ir::DType;
+
+/// Evaluates the kernel's grid with the given symbol values.
+pub fn launch_grid(
+    kernel: &Kernel,
+    symbols: &dyn Fn(&str) -> Option<u64>,
+) -> Result<[u64; 3], KirError> {
+    let mut grid = [0; 3];
+    for (axis, size) in kernel.grid.iter().enumerate() {
+        grid[axis] = size.eval(symbols).ok_or_else(|| {
+            KirError::new(
+                &kernel.name,
+                "launch",
+                format!("grid axis {axis} `{size}` cannot be evaluated (an unbound symbol, an overflow or a division by zero)"),
+            )
+        })?;
+    }
+    Ok(grid)
+}
+
+/// Runs `kernel` on `grid` blocks after verifying it.
+///
+/// `buffers` holds the memory of each `Param::Buffer` in parameter order (little-endian
+/// elements of the parameter's dtype; the length must be a multiple of the element size),
+/// `scalars` the value of each `Param::Scalar` in parameter order (of the declared type).
+pub fn run_kernel(
+    kernel: &Kernel,
+    grid: [u64; 3],
+    buffers: &mut [&mut [u8]],
+    scalars: &[Const],
+) -> Result<(), KirError> {
+    verify_kernel(kernel)?;
+    let launch_error = |message: String| KirError::new(&kernel.name, "launch", message);
+
+    let buffer_params = kernel
+        .params
+        .iter()
+        .filter(|p| matches!(p, Param::Buffer { .. }))
+        .count();
+    let scalar_params = kernel.params.len() - buffer_params;
+    if buffers.len() != buffer_params {
+        return Err(launch_error(format!(
+            "{} buffers given for {buffer_params} buffer parameters",
+            buffers.len()
+        )));
+    }
+    if scalars.len() != scalar_params {
+        return Err(launch_error(format!(
+            "{} scalars given for {scalar_params} scalar parameters",
+            scalars.len()
+        )));
+    }
+    for (axis, &blocks) in grid.iter().enumerate() {
+        if blocks > i32::MAX as u64 {
+            return Err(launch_error(format!(
+                "{blocks} blocks along axis {axis}: block indices are i32"
+            )));
+        }
+    }
+
+    let mut globals: Vec<Option<GlobalBuffer<'_>>> = Vec::with_capacity(kernel.params.len());
+    let mut scalar_values: Vec<Option<Const>> = Vec::with_capacity(kernel.params.len());
+    let mut buffer_slots = buffers.iter_mut();
+    let mut scalar_slots = scalars.iter();
+    for param in &kernel.params {
+        match param {
+            Param::Buffer { name, dtype, .. } => {
+                let bytes: &mut [u8] = buffer_slots.next().expect("counted above");
+                if bytes.len() % dtype.size_bytes() != 0 {
+                    return Err(launch_error(format!(
+                        "buffer `{name}` has {} bytes, not a whole number of {dtype} elements",
+                        bytes.len()
+                    )));
+                }
+                globals.push(Some(GlobalBuffer {
+                    name,
+                    dtype: *dtype,
+                    bytes,
+                }));
+                scalar_values.push(None);
+            }
+            Param::Scalar { name, ty } => {
+                let value = *scalar_slots.next().expect("counted above");
+                if value.ty() != *ty {
+                    return Err(launch_error(format!(
+                        "scalar `{name}` is {ty}, but a {} value was given",
+                        value.ty()
+                    )));
+                }
+                globals.push(None);
+                scalar_values.push(Some(value));
+            }
+        }
+    }
+
+    let mut interpreter = Interpreter {
+        kernel,
+        names: Names::new(kernel),
+        scalars: scalar_values,
+        globals,
+        shared: Vec::new(),
+        registers: Vec::new(),
+        block: [0; 3],
+    };
+    for z in 0..grid[2] {
+        for y in 0..grid[1] {
+            for x in 0..grid[0] {
+                interpreter.run_block([x, y, z])?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A global buffer argument.
+struct GlobalBuffer<'b> {
+    name: &'b str,
+    dtype: DType,
+    bytes: &'b mut [u8],
+}
+
+/// One shared-memory array of the running block.
+struct SharedArray {
+    dtype: DType,
+    bytes: Vec<u8>,
+    written: Vec<bool>,
+}
+
+/// Which list of statements a path step goes into.
+#[derive(Clone, Copy)]
+enum Branch {
+    Body,
+    Then,
+    Else,
+}
+
+/// The position of a statement, outermost first: `body[2].then[0]`.
+type Path = Vec<(Branch, usize)>;
+
+fn format_path(path: &Path) -> String {
+    path.iter()
+        .map(|(branch, i)| {
+            let name = match branch {
+                Branch::Body => "body",
+                Branch::Then => "then",
+                Branch::Else => "else",
+            };
+            format!("{name}[{i}]")
+        })
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+struct Interpreter<'k, 'b> {
+    kernel: &'k Kernel,
+    names: Names<'k>,
+    /// The value of each scalar parameter, by parameter index.
+    scalars: Vec<Option<Const>>,
+    /// The memory of each buffer parameter, by parameter index.
+    globals: Vec<Option<GlobalBuffer<'b>>>,
+    shared: Vec<SharedArray>,
+    /// `registers[thread][var]`.
+    registers: Vec<Vec<Const>>,
+    block: [u64; 3],
+}
+
+fn zero_of(ty: Ty) -> Const {
+    match ty {
+        Ty::Pred => Const::Pred(false),
+        Ty::I32 => Const::I32(0),
+        Ty::I64 => Const::I64(0),
+        Ty::F32 => Const::F32(0.0),
+    }
+}
+
+impl Interpreter<'_, '_> {
+    fn threads(&self) -> usize {
+        self.kernel.block_dim as usize
+    }
+
+    fn run_block(&mut self, block: [u64; 3]) -> Result<(), KirError> {
+        self.block = block;
+        let zeros: Vec<Const> = self.kernel.vars.iter().map(|v| zero_of(v.ty)).collect();
+        self.registers = vec![zeros; self.threads()];
+        self.shared = self
+            .kernel
+            .shared
+            .iter()
+            .map(|s| SharedArray {
+                dtype: s.dtype,
+                bytes: vec![0; s.len as usize * s.dtype.size_bytes()],
+                written: vec![false; s.len as usize],
+            })
+            .collect();
+        let all_active = vec![true; self.threads()];
+        let mut path = Path::new();
+        let body = &self.kernel.body;
+        self.run_stmts(body, Branch::Body, &all_active, &mut path)
+    }
+
+    /// An error at the statement at `path`, in `thread` of the running block when given.
+    fn error(&self, stmt: &Stmt, path: &Path, thread: Option<usize>, message: &str) -> KirError {
+        let [x, y, z] = self.block;
+        let who = match thread {
+            Some(t) => format!("block ({x}, {y}, {z}) thread {t}"),
+            None => format!("block ({x}, {y}, {z})"),
+        };
+        KirError::new(
+            &self.kernel.name,
+            format!(
+                "statement {} `{}`",
+                format_path(path),
+                self.names.stmt_head(stmt)
+            ),
+            format!("{who}: {message}"),
+        )
+    }
+
+    fn run_stmts(
+        &mut self,
+        stmts: &[Stmt],
+        branch: Branch,
+        mask: &[bool],
+        path: &mut Path,
+    ) -> Result<(), KirError> {
+        for (i, stmt) in stmts.iter().enumerate() {
+            path.push((branch, i));
+            let result = self.run_stmt(stmt, mask, path);
+            path.pop();
+            result?;
+        }
+        Ok(())
+    }
+
+    fn active(mask: &[bool]) -> impl Iterator<Item = usize> + '_ {
+        mask.iter()
+            .enumerate()
+            .filter(|(_, &on)| on)
+            .map(|(t, _)| t)
+    }
+
+    /// Evaluates `expr` in every active thread: `(thread, value)` pairs.
+    fn eval_all(
+        &self,
+        expr: &Expr,
+        mask: &[bool],
+        stmt: &Stmt,
+        path: &Path,
+    ) -> Result<Vec<(usize, Const)>, KirError> {
+        Self::active(mask)
+            .map(|t| {
+                self.eval(expr, t)
+                    .map(|v| (t, v))
+                    .map_err(|m| self.error(stmt, path, Some(t), &m))
+            })
+            .collect()
+    }
+
+    fn run_stmt(&mut self, stmt: &Stmt, mask: &[bool], path: &mut Path) -> Result<(), KirError> {
+        let fail = |this: &Self, t: usize, m: String| this.error(stmt, path, Some(t), &m);
+        match stmt {
+            Stmt::Assign(var, value) => {
+                for (t, v) in self.eval_all(value, mask, stmt, path)? {
+                    self.set_register(t, *var, v);
+                }
+            }
+            Stmt::LoadVec { dsts, buf, index } => {
+                let mut loaded = Vec::new();
+                for (t, start) in self.eval_all(index, mask, stmt, path)? {
+                    let start = self
+                        .vector_start(start, dsts.len())
+                        .map_err(|m| fail(self, t, m))?;
+                    for (lane, &dst) in dsts.iter().enumerate() {
+                        let value = self
+                            .read(*buf, start + lane as i64)
+                            .map_err(|m| fail(self, t, m))?;
+                        loaded.push((t, dst, value));
+                    }
+                }
+                for (t, dst, value) in loaded {
+                    self.set_register(t, dst, value);
+                }
+            }
+            Stmt::Store { buf, index, value } => {
+                let mut writes = Vec::new();
+                for t in Self::active(mask) {
+                    let i = self.eval_index(index, t).map_err(|m| fail(self, t, m))?;
+                    let v = self.eval(value, t).map_err(|m| fail(self, t, m))?;
+                    writes.push((t, i, v));
+                }
+                for (t, i, v) in writes {
+                    self.write(*buf, i, v).map_err(|m| fail(self, t, m))?;
+                }
+            }
+            Stmt::StoreVec { buf, index, values } => {
+                let mut writes = Vec::new();
+                for t in Self::active(mask) {
+                    let start = self.eval(index, t).map_err(|m| fail(self, t, m))?;
+                    let start = self
+                        .vector_start(start, values.len())
+                        .map_err(|m| fail(self, t, m))?;
+                    for (lane, value) in values.iter().enumerate() {
+                        let v = self.eval(value, t).map_err(|m| fail(self, t, m))?;
+                        writes.push((t, start + lane as i64, v));
+                    }
+                }
+                for (t, i, v) in writes {
+                    self.write(*buf, i, v).map_err(|m| fail(self, t, m))?;
+                }
+            }
+            Stmt::For {
+                var,
+                start,
+                end,
+                step,
+                body,
+            } => self.run_for(stmt, *var, [start, end, step], body, mask, path)?,
+            Stmt::If {
+                cond,
+                then,
+                otherwise,
+            } => {
+                let mut then_mask = vec![false; mask.len()];
+                let mut else_mask = vec![false; mask.len()];
+                for (t, c) in self.eval_all(cond, mask, stmt, path)? {
+                    match c {
+                        Const::Pred(true) => then_mask[t] = true,
+                        Const::Pred(false) => else_mask[t] = true,
+                        other => {
+                            return Err(fail(self, t, format!("condition is {other:?}, not pred")))
+                        }
+                    }
+                }
+                if then_mask.contains(&true) {
+                    self.run_stmts(then, Branch::Then, &then_mask, path)?;
+                }
+                if else_mask.contains(&true) {
+                    self.run_stmts(otherwise, Branch::Else, &else_mask, path)?;
+                }
+            }
+            Stmt::Barrier => {
+                let active = Self::active(mask).count();
+                if active != mask.len() {
+                    return Err(self.error(
+                        stmt,
+                        path,
+                        None,
+                        &format!(
+                            "a barrier reached by {active} of the block's {} threads",
+                            mask.len()
+                        ),
+                    ));
+                }
+            }
+            Stmt::ShuffleXor { dst, src, mask: lane_mask } => {
+                for warp in mask.chunks(32).enumerate() {
+                    let (w, lanes) = warp;
+                    let active = lanes.iter().filter(|&&on| on).count();
+                    if active != 0 && active != lanes.len() {
+                        return Err(self.error(
+                            stmt,
+                            path,
+                            None,
+                            &format!(
+                                "warp {w} shuffles with {active} of its {} lanes active",
+                                lanes.len()
+                            ),
+                        ));
+                    }
+                }
+                let shuffled: Vec<(usize, Const)> = Self::active(mask)
+                    .map(|t| {
+                        let source = (t & !31) | ((t & 31) ^ (*lane_mask as usize & 31));
+                        (t, self.register(source, *src))
+                    })
+                    .collect();
+                for (t, v) in shuffled {
+                    self.set_register(t, *dst, v);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn run_for(
+        &mut self,
+        stmt: &Stmt,
+        var: VarId,
+        [start, end, step]: [&Expr; 3],
+        body: &[Stmt],
+        mask: &[bool],
+        path: &mut Path,
+    ) -> Result<(), KirError> {
+        // Each thread's end and step, fixed on entry.
+        let mut bounds: Vec<Option<(i64, i64)>> = vec![None; mask.len()];
+        for t in Self::active(mask) {
+            let fail = |m: String| self.error(stmt, path, Some(t), &m);
+            let first = self.eval(start, t).map_err(fail)?;
+            let last = self.eval(end, t).map_err(fail)?;
+            let stride = self.eval(step, t).map_err(fail)?;
+            let (Some(last), Some(stride)) = (int_value(last), int_value(stride)) else {
+                return Err(fail("loop bounds are not integers".to_string()));
+            };
+            if stride <= 0 {
+                return Err(fail(format!("the loop's step is {stride}, not positive")));
+            }
+            bounds[t] = Some((last, stride));
+            self.set_register(t, var, first);
+        }
+        loop {
+            let mut iterating = vec![false; mask.len()];
+            for (t, bound) in bounds.iter().enumerate() {
+                if let Some((last, _)) = bound {
+                    let current = int_value(self.register(t, var)).unwrap_or(i64::MAX);
+                    iterating[t] = current < *last;
+                }
+            }
+            if !iterating.contains(&true) {
+                return Ok(());
+            }
+            self.run_stmts(body, Branch::Body, &iterating, path)?;
+            for t in Self::active(&iterating) {
+                let (_, stride) = bounds[t].expect("iterating threads have bounds");
+                let next = match self.register(t, var) {
+                    Const::I32(v) => i32::try_from(stride)
+                        .ok()
+                        .and_then(|s| v.checked_add(s))
+                        .map(Const::I32),
+                    Const::I64(v) => v.checked_add(stride).map(Const::I64),
+                    _ => None,
+                };
+                let Some(next) = next else {
+                    return Err(self.error(
+                        stmt,
+                        path,
+                        Some(t),
+                        "the loop register overflows its type",
+                    ));
+                };
+                self.set_register(t, var, next);
+            }
+        }
+    }
+
+    fn register(&self, thread: usize, var: VarId) -> Const {
+        self.registers[thread][var.0 as usize]
+    }
+
+    fn set_register(&mut self, thread: usize, var: VarId, value: Const) {
+        self.registers[thread][var.0 as usize] = value;
+    }
+
+    /// The first element of a vector access of `width` elements at `start`.
+    fn vector_start(&self, start: Const, width: usize) -> Result<i64, String> {
+        let start = int_value(start).ok_or("the index is not an integer")?;
+        if start.rem_euclid(width as i64) != 0 {
+            return Err(format!(
+                "vector access of {width} elements at index {start}, not a multiple of {width}"
+            ));
+        }
+        Ok(start)
+    }
+
+    fn eval_index(&self, index: &Expr, thread: usize) -> Result<i64, String> {
+        let value = self.eval(index, thread)?;
+        int_value(value).ok_or_else(|| format!("index {value:?} is not an integer"))
+    }
+
+    /// The element at `index` of `buf`, its dtype and its bytes, after bounds checks.
+    fn locate(&self, buf: Buf, index: i64) -> Result<(DType, &[u8], Option<&[bool]>), String> {
+        let (name, dtype, bytes, written) = match buf {
+            Buf::Global(p) => {
+                let g = self
+                    .globals
+                    .get(p as usize)
+                    .and_then(Option::as_ref)
+                    .ok_or(format!("parameter {p} is not a buffer"))?;
+                (format!("buffer `{}`", g.name), g.dtype, &*g.bytes, None)
+            }
+            Buf::Shared(s) => {
+                let array = self
+                    .shared
+                    .get(s as usize)
+                    .ok_or(format!("shared array {s} is not declared"))?;
+                let name = &self.kernel.shared[s as usize].name;
+                (
+                    format!("shared array `{name}`"),
+                    array.dtype,
+                    &array.bytes[..],
+                    Some(&array.written[..]),
+                )
+            }
+        };
+        let len = bytes.len() / dtype.size_bytes();
+        if index < 0 || index as u64 >= len as u64 {
+            return Err(format!(
+                "index {index} is out of bounds of {name} ({len} elements of {dtype})"
+            ));
+        }
+        if written.is_some_and(|w| !w[index as usize]) {
+            return Err(format!(
+                "reads element {index} of {name} before any thread of the block wrote it"
+            ));
+        }
+        Ok((dtype, bytes, written))
+    }
+
+    fn read(&self, buf: Buf, index: i64) -> Result<Const, String> {
+        let (dtype, bytes, _) = self.locate(buf, index)?;
+        let size = dtype.size_bytes();
+        let at = index as usize * size;
+        Ok(decode(dtype, &bytes[at..at + size]))
+    }
+
+    fn write(&mut self, buf: Buf, index: i64, value: Const) -> Result<(), String> {
+        let (name, dtype, bytes, written) = match buf {
+            Buf::Global(p) => {
+                let g = self
+                    .globals
+                    .get_mut(p as usize)
+                    .and_then(Option::as_mut)
+                    .ok_or(format!("parameter {p} is not a buffer"))?;
+                (format!("buffer `{}`", g.name), g.dtype, &mut *g.bytes, None)
+            }
+            Buf::Shared(s) => {
+                let array = self
+                    .shared
+                    .get_mut(s as usize)
+                    .ok_or(format!("shared array {s} is not declared"))?;
+                let name = &self.kernel.shared[s as usize].name;
+                (
+                    format!("shared array `{name}`"),
+                    array.dtype,
+                    &mut array.bytes[..],
+                    Some(&mut array.written[..]),
+                )
+            }
+        };
+        let size = dtype.size_bytes();
+        let len = bytes.len() / size;
+        if index < 0 || index as u64 >= len as u64 {
+            return Err(format!(
+                "index {index} is out of bounds of {name} ({len} elements of {dtype})"
+            ));
+        }
+        let at = index as usize * size;
+        encode(dtype, value, &mut bytes[at..at + size])
+            .map_err(|m| format!("storing to {name}: {m}"))?;
+        if let Some(written) = written {
+            written[index as usize] = true;
+        }
+        Ok(())
+    }
+
+    fn eval(&self, expr: &Expr, thread: usize) -> Result<Const, String> {
+        Ok(match expr {
+            Expr::Const(value) => *value,
+            Expr::Var(var) => self.register(thread, *var),
+            Expr::Param(p) => self
+                .scalars
+                .get(*p as usize)
+                .copied()
+                .flatten()
+                .ok_or(format!("parameter {p} is not a scalar"))?,
+            Expr::Special(special) => Const::I32(match special {
+                Special::ThreadIdx => thread as i32,
+                Special::BlockIdx(axis) => self.block[usize::from(*axis).min(2)] as i32,
+                Special::BlockDim => self.kernel.block_dim as i32,
+                Special::LaneId => (thread % 32) as i32,
+                Special::WarpId => (thread / 32) as i32,
+            }),
+            Expr::Unary(op, a) => unary(*op, self.eval(a, thread)?)?,
+            Expr::Binary(op, a, b) => binary(*op, self.eval(a, thread)?, self.eval(b, thread)?)?,
+            Expr::Fma(a, b, c) => {
+                match (
+                    self.eval(a, thread)?,
+                    self.eval(b, thread)?,
+                    self.eval(c, thread)?,
+                ) {
+                    (Const::F32(a), Const::F32(b), Const::F32(c)) => Const::F32(libm::fmaf(a, b, c)),
+                    (Const::I32(a), Const::I32(b), Const::I32(c)) => {
+                        Const::I32(a.wrapping_mul(b).wrapping_add(c))
+                    }
+                    (Const::I64(a), Const::I64(b), Const::I64(c)) => {
+                        Const::I64(a.wrapping_mul(b).wrapping_add(c))
+                    }
+                    other => return Err(format!("fma of {other:?}")),
+                }
+            }
+            Expr::Select(cond, a, b) => {
+                let cond = self.eval(cond, thread)?;
+                let (a, b) = (self.eval(a, thread)?, self.eval(b, thread)?);
+                match cond {
+                    Const::Pred(c) => {
+                        if c {
+                            a
+                        } else {
+                            b
+                        }
+                    }
+                    other => return Err(format!("select on {other:?}")),
+                }
+            }
+            Expr::Cast(ty, a) => cast(*ty, self.eval(a, thread)?),
+            Expr::Load { buf, index } => {
+                let index = self.eval_index(index, thread)?;
+                self.read(*buf, index)?
+            }
+        })
+    }
+}
+
+/// An integer value as i64 (`None` for floats and preds).
+fn int_value(value: Const) -> Option<i64> {
+    match value {
+        Const::I32(v) => Some(i64::from(v)),
+        Const::I64(v) => Some(v),
+        Const::Pred(_) | Const::F32(_) => None,
+    }
+}
+
+/// One memory element converted to its compute type.
+fn decode(dtype: DType, bytes: &[u8]) -> Const {
+    let byte = |i: usize| bytes[i];
+    match dtype {
+        DType::F32 => Const::F32(f32::from_le_bytes([byte(0), byte(1), byte(2), byte(3)])),
+        DType::F16 => Const::F32(f16::from_le_bytes([byte(0), byte(1)]).to_f32()),
+        DType::BF16 => Const::F32(bf16::from_le_bytes([byte(0), byte(1)]).to_f32()),
+        DType::F8E4M3 => Const::F32(E4M3.decode(byte(0))),
+        DType::F8E5M2 => Const::F32(E5M2.decode(byte(0))),
+        DType::I8 => Const::I32(i32::from(byte(0) as i8)),
+        DType::I32 => Const::I32(i32::from_le_bytes([byte(0), byte(1), byte(2), byte(3)])),
+        DType::I64 => {
+            let mut b = [0; 8];
+            b.copy_from_slice(&bytes[..8]);
+            Const::I64(i64::from_le_bytes(b))
+        }
+        DType::Bool => Const::Pred(byte(0) != 0),
+    }
+}
+
+/// A value of `dtype`'s compute type converted to `dtype` and written to `out`.
+fn encode(dtype: DType, value: Const, out: &mut [u8]) -> Result<(), String> {
+    match (dtype, value) {
+        (DType::F32, Const::F32(x)) => out.copy_from_slice(&x.to_le_bytes()),
+        (DType::F16, Const::F32(x)) => out.copy_from_slice(&f16::from_f32(x).to_le_bytes()),
+        (DType::BF16, Const::F32(x)) => out.copy_from_slice(&bf16::from_f32(x).to_le_bytes()),
+        (DType::F8E4M3, Const::F32(x)) => out[0] = E4M3.encode(x),
+        (DType::F8E5M2, Const::F32(x)) => out[0] = E5M2.encode(x),
+        (DType::I8, Const::I32(x)) => out[0] = x as u8,
+        (DType::I32, Const::I32(x)) => out.copy_from_slice(&x.to_le_bytes()),
+        (DType::I64, Const::I64(x)) => out.copy_from_slice(&x.to_le_bytes()),
+        (DType::Bool, Const::Pred(b)) => out[0] = u8::from(b),
+        (dtype, value) => return Err(format!("a {} value is not stored as {dtype}", value.ty())),
+    }
+    Ok(())
+}
+
+/// `value` converted to `ty` (the semantics of `Expr::Cast`).
+pub fn cast(ty: Ty, value: Const) -> Const {
+    match (ty, value) {
+        (Ty::Pred, Const::Pred(b)) => Const::Pred(b),
+        (Ty::Pred, Const::I32(v)) => Const::Pred(v != 0),
+        (Ty::Pred, Const::I64(v)) => Const::Pred(v != 0),
+        (Ty::Pred, Const::F32(x)) => Const::Pred(x != 0.0),
+        (Ty::I32, Const::Pred(b)) => Const::I32(i32::from(b)),
+        (Ty::I32, Const::I32(v)) => Const::I32(v),
+        (Ty::I32, Const::I64(v)) => Const::I32(v as i32),
+        // `as` truncates toward zero, saturates and maps NaN to 0.
+        (Ty::I32, Const::F32(x)) => Const::I32(x as i32),
+        (Ty::I64, Const::Pred(b)) => Const::I64(i64::from(b)),
+        (Ty::I64, Const::I32(v)) => Const::I64(i64::from(v)),
+        (Ty::I64, Const::I64(v)) => Const::I64(v),
+        (Ty::I64, Const::F32(x)) => Const::I64(x as i64),
+        (Ty::F32, Const::Pred(b)) => Const::F32(f32::from(u8::from(b))),
+        // `as` rounds integers to the nearest f32, ties to even.
+        (Ty::F32, Const::I32(v)) => Const::F32(v as f32),
+        (Ty::F32, Const::I64(v)) => Const::F32(v as f32),
+        (Ty::F32, Const::F32(x)) => Const::F32(x),
+    }
+}
+
+/// `1 / (1 + e^-x)`, computed in f64 and rounded once.
+fn sigmoid(x: f32) -> f32 {
+    (1.0 / (1.0 + libm::exp(-f64::from(x)))) as f32
+}
+
+/// `op a` (the semantics of `Expr::Unary`).
+pub fn unary(op: UnOp, a: Const) -> Result<Const, String> {
+    Ok(match (op, a) {
+        (UnOp::Neg, Const::F32(x)) => Const::F32(-x),
+        (UnOp::Neg, Const::I32(v)) => Const::I32(v.wrapping_neg()),
+        (UnOp::Neg, Const::I64(v)) => Const::I64(v.wrapping_neg()),
+        (UnOp::Abs, Const::F32(x)) => Const::F32(x.abs()),
+        (UnOp::Abs, Const::I32(v)) => Const::I32(v.wrapping_abs()),
+        (UnOp::Abs, Const::I64(v)) => Const::I64(v.wrapping_abs()),
+        (UnOp::Not, Const::Pred(b)) => Const::Pred(!b),
+        (UnOp::Not, Const::I32(v)) => Const::I32(!v),
+        (UnOp::Not, Const::I64(v)) => Const::I64(!v),
+        (UnOp::Exp, Const::F32(x)) => Const::F32(libm::expf(x)),
+        (UnOp::Log, Const::F32(x)) => Const::F32(libm::logf(x)),
+        (UnOp::Sqrt, Const::F32(x)) => Const::F32(libm::sqrtf(x)),
+        (UnOp::Rsqrt, Const::F32(x)) => Const::F32((1.0 / libm::sqrt(f64::from(x))) as f32),
+        (UnOp::Sin, Const::F32(x)) => Const::F32(libm::sinf(x)),
+        (UnOp::Cos, Const::F32(x)) => Const::F32(libm::cosf(x)),
+        (UnOp::Tanh, Const::F32(x)) => Const::F32(libm::tanhf(x)),
+        (UnOp::Sigmoid, Const::F32(x)) => Const::F32(sigmoid(x)),
+        (UnOp::Erf, Const::F32(x)) => Const::F32(libm::erff(x)),
+        (UnOp::Floor, Const::F32(x)) => Const::F32(libm::floorf(x)),
+        (UnOp::Ceil, Const::F32(x)) => Const::F32(libm::ceilf(x)),
+        (UnOp::Recip, Const::F32(x)) => Const::F32(1.0 / x),
+        (op, a) => return Err(format!("{op:?} does not apply to {a:?}")),
+    })
+}
+
+/// `a << amount` or `a >> amount` (arithmetic) on a `width`-bit integer held in i64, with
+/// PTX's clamping: an amount that as unsigned is at least `width` shifts everything out.
+fn shift(op: BinOp, a: i64, amount: u64, width: u32) -> i64 {
+    let clamped = amount.min(u64::from(width)) as u32;
+    match op {
+        BinOp::Shl if clamped >= width => 0,
+        BinOp::Shl => a << clamped,
+        _ if clamped >= width => {
+            if a < 0 {
+                -1
+            } else {
+                0
+            }
+        }
+        _ => a >> clamped,
+    }
+}
+
+/// The result of a comparison, given `a.partial_cmp(b)`.
+fn compare(op: BinOp, ordering: Option<std::cmp::Ordering>) -> bool {
+    use std::cmp::Ordering::{Equal, Greater, Less};
+    match op {
+        BinOp::Eq => ordering == Some(Equal),
+        BinOp::Ne => ordering != Some(Equal),
+        BinOp::Lt => ordering == Some(Less),
+        BinOp::Le => matches!(ordering, Some(Less | Equal)),
+        BinOp::Gt => ordering == Some(Greater),
+        BinOp::Ge => matches!(ordering, Some(Greater | Equal)),
+        _ => unreachable!("compare is only called for comparisons"),
+    }
+}
+
+/// Integer arithmetic on 32- or 64-bit values held in i64, wrapping to `width`.
+fn integer_binary(op: BinOp, a: i64, b: i64, width: u32) -> Result<i64, String> {
+    let wrap = |v: i64| if width == 32 { i64::from(v as i32) } else { v };
+    let amount = if width == 32 {
+        u64::from(b as i32 as u32)
+    } else {
+        b as u64
+    };
+    Ok(match op {
+        BinOp::Add => wrap(a.wrapping_add(b)),
+        BinOp::Sub => wrap(a.wrapping_sub(b)),
+        BinOp::Mul => wrap(a.wrapping_mul(b)),
+        BinOp::Div | BinOp::Rem if b == 0 => {
+            return Err(format!("integer division of {a} by zero"))
+        }
+        BinOp::Div => wrap(a.wrapping_div(b)),
+        BinOp::Rem => wrap(a.wrapping_rem(b)),
+        BinOp::Min => a.min(b),
+        BinOp::Max => a.max(b),
+        BinOp::And => a & b,
+        BinOp::Or => a | b,
+        BinOp::Xor => a ^ b,
+        BinOp::Shl | BinOp::Shr => wrap(shift(op, a, amount, width)),
+        op => return Err(format!("{op:?} does not apply to integers")),
+    })
+}
+
+/// `a op b` (the semantics of `Expr::Binary`).
+pub fn binary(op: BinOp, a: Const, b: Const) -> Result<Const, String> {
+    if op.is_comparison() {
+        let ordering = match (a, b) {
+            (Const::Pred(a), Const::Pred(b)) => a.partial_cmp(&b),
+            (Const::I32(a), Const::I32(b)) => a.partial_cmp(&b),
+            (Const::I64(a), Const::I64(b)) => a.partial_cmp(&b),
+            (Const::F32(a), Const::F32(b)) => a.partial_cmp(&b),
+            _ => return Err(format!("{op:?} of {a:?} and {b:?}")),
+        };
+        return Ok(Const::Pred(compare(op, ordering)));
+    }
+    Ok(match (a, b) {
+        (Const::F32(a), Const::F32(b)) => Const::F32(match op {
+            BinOp::Add => a + b,
+            BinOp::Sub => a - b,
+            BinOp::Mul => a * b,
+            BinOp::Div => a / b,
+            BinOp::Rem => libm::fmodf(a, b),
+            BinOp::Min => a.min(b),
+            BinOp::Max => a.max(b),
+            BinOp::Pow => libm::powf(a, b),
+            op => return Err(format!("{op:?} does not apply to f32")),
+        }),
+        (Const::I32(a), Const::I32(b)) => {
+            Const::I32(integer_binary(op, i64::from(a), i64::from(b), 32)? as i32)
+        }
+        (Const::I64(a), Const::I64(b)) => Const::I64(integer_binary(op, a, b, 64)?),
+        (Const::Pred(a), Const::Pred(b)) => Const::Pred(match op {
+            BinOp::And => a & b,
+            BinOp::Or => a | b,
+            BinOp::Xor => a ^ b,
+            op => return Err(format!("{op:?} does not apply to pred")),
+        }),
+        (a, b) => return Err(format!("{op:?} of {a:?} and {b:?}")),
+    })
+}

@@ -1,0 +1,585 @@
+//! The kernel verifier: checks every invariant the backends rely on, so that they can
+//! translate a verified kernel without checking anything themselves.
+//!
+//! The header:
+//! 1. the name is a PTX identifier: `[A-Za-z][A-Za-z0-9_$]*` or `[_$][A-Za-z0-9_$]+`
+//!    (PTX also allows a leading `%`, which kiln leaves to registers);
+//! 2. `block_dim` is a multiple of 32 in `32..=1024`;
+//! 3. every shared array has at least one element, and together they take at most
+//!    48 KiB (the static shared-memory limit of a block).
+//!
+//! Every expression has a type, by these rules (a `VarId` indexes [`Kernel::vars`]):
+//! 4. `Var` refers to a declared register; `Param(i)` to a `Param::Scalar` (its type);
+//!    `Special` is `I32`, and `BlockIdx`'s axis is 0, 1 or 2;
+//! 5. `Unary`: `Neg`, `Abs` take `I32`, `I64` or `F32`; `Not` takes `Pred` or an integer;
+//!    the other operators (`Exp` … `Recip`) take `F32`; the result has the operand's type;
+//! 6. `Binary`: both operands have one type; `Add`, `Sub`, `Mul`, `Div`, `Rem`, `Min`,
+//!    `Max` take `I32`, `I64` or `F32`; `Pow` takes `F32`; `And`, `Or`, `Xor` take `Pred`
+//!    or integers; `Shl`, `Shr` take integers; `Eq`, `Ne` take any type and `Lt`, `Le`,
+//!    `Gt`, `Ge` any but `Pred`; comparisons give `Pred`, the others the operand type;
+//! 7. `Fma`: three operands of one type, `I32`, `I64` or `F32`;
+//! 8. `Select`: the condition is `Pred`, both arms have one type (the result's);
+//! 9. `Cast`: any type to any type;
+//! 10. `Load`: the index is `I32` or `I64`; the result is the buffer's compute type
+//!     ([`Ty::compute_type_of`]).
+//!
+//! Memory operands:
+//! 11. `Buf::Global(i)` refers to a `Param::Buffer`; loads (`Load`, `LoadVec`) need `Read`
+//!     or `ReadWrite` access, stores (`Store`, `StoreVec`) `Write` or `ReadWrite`;
+//!     `Buf::Shared(i)` refers to a declared shared array.
+//!
+//! Statements:
+//! 12. `Assign`: the register is declared and the value has its type;
+//! 13. `LoadVec`/`StoreVec`: 2, 4 or 8 elements taking at most 16 bytes of memory, an
+//!     `I32`/`I64` index; every destination register is declared, distinct and of the
+//!     buffer's compute type; every stored value is of the buffer's compute type;
+//! 14. `Store`: an `I32`/`I64` index and a value of the buffer's compute type;
+//! 15. `For`: the loop register is declared and an integer; start, end and step have its
+//!     type; a constant step is positive; the body does not write the loop register nor
+//!     any register that `end` or `step` reads (so evaluating them once on entry, as the
+//!     interpreter does, or on every iteration gives the same loop);
+//! 16. `If`: the condition is `Pred`;
+//! 17. `ShuffleXor`: both registers are declared and of one type; the mask is below 32;
+//! 18. `Barrier` and `ShuffleXor` appear only under block-uniform control flow, as
+//!     [`uniformity`](crate::uniformity::uniformity) defines it.
+//!
+//! Errors name the kernel and the statement (its path, e.g. `body[2].then[0]`, and its
+//! first printed line).
+
+use crate::error::KirError;
+use crate::kernel::{Access, BinOp, Buf, Expr, Kernel, Param, Special, Stmt, Ty, UnOp, VarId};
+use crate::print::{binop_symbol, unop_name, Names};
+use crate::uniformity::{uniformity, Uniformity};
+use kiln_ir::DType;
+use std::collections::BTreeSet;
+
+/// The static shared memory a block may declare, in bytes.
+pub const MAX_SHARED_BYTES: u64 = 48 * 1024;
+
+/// Checks every invariant listed in this module's documentation.
+pub fn verify_kernel(kernel: &Kernel) -> Result<(), KirError> {
+    let header_error = |message: String| KirError::new(&kernel.name, "header", message);
+    if !is_ptx_identifier(&kernel.name) {
+        return Err(header_error(format!(
+            "the name {:?} is not a PTX identifier",
+            kernel.name
+        )));
+    }
+    if kernel.block_dim % 32 != 0 || !(32..=1024).contains(&kernel.block_dim) {
+        return Err(header_error(format!(
+            "block_dim {} is not a multiple of 32 in 32..=1024",
+            kernel.block_dim
+        )));
+    }
+    let mut shared_bytes: u64 = 0;
+    for shared in &kernel.shared {
+        if shared.len == 0 {
+            return Err(header_error(format!(
+                "shared array `{}` has no elements",
+                shared.name
+            )));
+        }
+        shared_bytes += u64::from(shared.len) * shared.dtype.size_bytes() as u64;
+    }
+    if shared_bytes > MAX_SHARED_BYTES {
+        return Err(header_error(format!(
+            "shared arrays take {shared_bytes} bytes, more than the {MAX_SHARED_BYTES} a block may declare"
+        )));
+    }
+    let checker = Checker {
+        kernel,
+        names: Names::new(kernel),
+        uniformity: uniformity(kernel),
+    };
+    checker.check_block(&kernel.body, "body", true)
+}
+
+/// Whether `name` is a PTX identifier (without the leading `%` that PTX also allows).
+pub fn is_ptx_identifier(name: &str) -> bool {
+    let mut chars = name.chars();
+    let follows = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '$';
+    match chars.next() {
+        Some(c) if c.is_ascii_alphabetic() => chars.all(follows),
+        Some('_' | '$') => {
+            let rest: Vec<char> = chars.collect();
+            !rest.is_empty() && rest.into_iter().all(follows)
+        }
+        _ => false,
+    }
+}
+
+/// What a memory operand is used for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Use {
+    Read,
+    Write,
+}
+
+struct Checker<'k> {
+    kernel: &'k Kernel,
+    names: Names<'k>,
+    uniformity: Uniformity,
+}
+
+/// Where a statement is: its path and its first printed line, for error messages.
+struct Site {
+    location: String,
+}
+
+impl Checker<'_> {
+    fn error(&self, site: &Site, message: impl Into<String>) -> KirError {
+        KirError::new(&self.kernel.name, site.location.clone(), message)
+    }
+
+    fn check_block(&self, stmts: &[Stmt], path: &str, uniform_flow: bool) -> Result<(), KirError> {
+        for (i, stmt) in stmts.iter().enumerate() {
+            let path = format!("{path}[{i}]");
+            let site = Site {
+                location: format!("statement {path} `{}`", self.names.stmt_head(stmt)),
+            };
+            self.check_stmt(stmt, &path, &site, uniform_flow)?;
+        }
+        Ok(())
+    }
+
+    fn check_stmt(
+        &self,
+        stmt: &Stmt,
+        path: &str,
+        site: &Site,
+        uniform_flow: bool,
+    ) -> Result<(), KirError> {
+        match stmt {
+            Stmt::Assign(var, value) => {
+                let var_ty = self.var_ty(*var, site)?;
+                let value_ty = self.expr_ty(value, site)?;
+                if var_ty != value_ty {
+                    return Err(self.error(
+                        site,
+                        format!(
+                            "assigns a {value_ty} value to {} of type {var_ty}",
+                            self.names.var(*var)
+                        ),
+                    ));
+                }
+            }
+            Stmt::LoadVec { dsts, buf, index } => {
+                let element = self.memory_ty(*buf, Use::Read, site)?;
+                self.check_vector_width(*buf, dsts.len(), site)?;
+                self.check_index(index, site)?;
+                let mut seen = BTreeSet::new();
+                for &dst in dsts {
+                    if !seen.insert(dst) {
+                        return Err(self.error(
+                            site,
+                            format!("{} is a destination twice", self.names.var(dst)),
+                        ));
+                    }
+                    let ty = self.var_ty(dst, site)?;
+                    if ty != element {
+                        return Err(self.error(
+                            site,
+                            format!(
+                                "destination {} is {ty}, but the buffer's elements load as {element}",
+                                self.names.var(dst)
+                            ),
+                        ));
+                    }
+                }
+            }
+            Stmt::Store { buf, index, value } => {
+                let element = self.memory_ty(*buf, Use::Write, site)?;
+                self.check_index(index, site)?;
+                self.check_stored_value(value, element, site)?;
+            }
+            Stmt::StoreVec { buf, index, values } => {
+                let element = self.memory_ty(*buf, Use::Write, site)?;
+                self.check_vector_width(*buf, values.len(), site)?;
+                self.check_index(index, site)?;
+                for value in values {
+                    self.check_stored_value(value, element, site)?;
+                }
+            }
+            Stmt::For {
+                var,
+                start,
+                end,
+                step,
+                body,
+            } => {
+                let ty = self.var_ty(*var, site)?;
+                if !ty.is_int() {
+                    return Err(self.error(
+                        site,
+                        format!("the loop register {} is {ty}, not an integer", self.names.var(*var)),
+                    ));
+                }
+                for (what, expr) in [("start", start), ("end", end), ("step", step)] {
+                    let expr_ty = self.expr_ty(expr, site)?;
+                    if expr_ty != ty {
+                        return Err(self.error(
+                            site,
+                            format!("the loop's {what} is {expr_ty}, but its register is {ty}"),
+                        ));
+                    }
+                }
+                if let Expr::Const(step) = step {
+                    let positive = match *step {
+                        crate::Const::I32(s) => s > 0,
+                        crate::Const::I64(s) => s > 0,
+                        _ => false,
+                    };
+                    if !positive {
+                        return Err(self.error(site, "the loop's step is not positive"));
+                    }
+                }
+                let mut fixed = BTreeSet::from([*var]);
+                vars_read(end, &mut fixed);
+                vars_read(step, &mut fixed);
+                let mut written = BTreeSet::new();
+                vars_written(body, &mut written);
+                if let Some(var) = fixed.intersection(&written).next() {
+                    return Err(self.error(
+                        site,
+                        format!(
+                            "the body writes {}, which the loop's register, end or step depends on",
+                            self.names.var(*var)
+                        ),
+                    ));
+                }
+                let body_uniform =
+                    uniform_flow && self.uniformity.is_uniform_loop(*var, start, end, step);
+                self.check_block(body, &format!("{path}.body"), body_uniform)?;
+            }
+            Stmt::If {
+                cond,
+                then,
+                otherwise,
+            } => {
+                let cond_ty = self.expr_ty(cond, site)?;
+                if cond_ty != Ty::Pred {
+                    return Err(self.error(
+                        site,
+                        format!("the condition is {cond_ty}, not pred"),
+                    ));
+                }
+                let branch_uniform = uniform_flow && self.uniformity.is_uniform_expr(cond);
+                self.check_block(then, &format!("{path}.then"), branch_uniform)?;
+                self.check_block(otherwise, &format!("{path}.else"), branch_uniform)?;
+            }
+            Stmt::Barrier => {
+                if !uniform_flow {
+                    return Err(self.error(
+                        site,
+                        "a barrier under control flow that is not block-uniform",
+                    ));
+                }
+            }
+            Stmt::ShuffleXor { dst, src, mask } => {
+                let dst_ty = self.var_ty(*dst, site)?;
+                let src_ty = self.var_ty(*src, site)?;
+                if dst_ty != src_ty {
+                    return Err(self.error(
+                        site,
+                        format!("shuffles a {src_ty} register into a {dst_ty} one"),
+                    ));
+                }
+                if *mask >= 32 {
+                    return Err(self.error(site, format!("lane mask {mask} is not below 32")));
+                }
+                if !uniform_flow {
+                    return Err(self.error(
+                        site,
+                        "a warp shuffle under control flow that is not block-uniform",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn var_ty(&self, var: VarId, site: &Site) -> Result<Ty, KirError> {
+        match self.kernel.vars.get(var.0 as usize) {
+            Some(decl) => Ok(decl.ty),
+            None => Err(self.error(
+                site,
+                format!(
+                    "register %{} is not declared (the kernel has {})",
+                    var.0,
+                    self.kernel.vars.len()
+                ),
+            )),
+        }
+    }
+
+    /// The dtype of a memory operand used for `usage`.
+    fn memory_dtype(&self, buf: Buf, usage: Use, site: &Site) -> Result<DType, KirError> {
+        match buf {
+            Buf::Global(index) => match self.kernel.params.get(index as usize) {
+                Some(Param::Buffer {
+                    name,
+                    dtype,
+                    access,
+                }) => {
+                    let allowed = match usage {
+                        Use::Read => matches!(access, Access::Read | Access::ReadWrite),
+                        Use::Write => matches!(access, Access::Write | Access::ReadWrite),
+                    };
+                    if !allowed {
+                        let verb = match usage {
+                            Use::Read => "reads",
+                            Use::Write => "writes",
+                        };
+                        return Err(self.error(
+                            site,
+                            format!("{verb} buffer `{name}`, whose access is {access:?}"),
+                        ));
+                    }
+                    Ok(*dtype)
+                }
+                Some(Param::Scalar { name, .. }) => Err(self.error(
+                    site,
+                    format!("parameter {index} (`{name}`) is a scalar, not a buffer"),
+                )),
+                None => Err(self.error(
+                    site,
+                    format!(
+                        "global buffer {index} is not a parameter (the kernel has {})",
+                        self.kernel.params.len()
+                    ),
+                )),
+            },
+            Buf::Shared(index) => match self.kernel.shared.get(index as usize) {
+                Some(shared) => Ok(shared.dtype),
+                None => Err(self.error(
+                    site,
+                    format!(
+                        "shared array {index} is not declared (the kernel has {})",
+                        self.kernel.shared.len()
+                    ),
+                )),
+            },
+        }
+    }
+
+    fn memory_ty(&self, buf: Buf, usage: Use, site: &Site) -> Result<Ty, KirError> {
+        Ok(Ty::compute_type_of(self.memory_dtype(buf, usage, site)?))
+    }
+
+    fn check_vector_width(&self, buf: Buf, width: usize, site: &Site) -> Result<(), KirError> {
+        // The access itself was checked before; only the dtype matters here.
+        let dtype = match buf {
+            Buf::Global(index) => match self.kernel.params.get(index as usize) {
+                Some(Param::Buffer { dtype, .. }) => *dtype,
+                _ => return Ok(()),
+            },
+            Buf::Shared(index) => match self.kernel.shared.get(index as usize) {
+                Some(shared) => shared.dtype,
+                None => return Ok(()),
+            },
+        };
+        let bytes = width * dtype.size_bytes();
+        if !matches!(width, 2 | 4 | 8) || bytes > 16 {
+            return Err(self.error(
+                site,
+                format!(
+                    "a vector of {width} {dtype} elements ({bytes} bytes): the width must be 2, 4 or 8 and take at most 16 bytes"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_index(&self, index: &Expr, site: &Site) -> Result<(), KirError> {
+        let ty = self.expr_ty(index, site)?;
+        if !ty.is_int() {
+            return Err(self.error(site, format!("the index is {ty}, not i32 or i64")));
+        }
+        Ok(())
+    }
+
+    fn check_stored_value(&self, value: &Expr, element: Ty, site: &Site) -> Result<(), KirError> {
+        let ty = self.expr_ty(value, site)?;
+        if ty != element {
+            return Err(self.error(
+                site,
+                format!("stores a {ty} value, but the buffer's elements are stored from {element}"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The type of `expr`, checking rules 4 to 11 on the way.
+    fn expr_ty(&self, expr: &Expr, site: &Site) -> Result<Ty, KirError> {
+        let describe = |expr: &Expr| format!("`{}`", self.names.expr(expr));
+        match expr {
+            Expr::Const(value) => Ok(value.ty()),
+            Expr::Var(var) => self.var_ty(*var, site),
+            Expr::Param(index) => match self.kernel.params.get(*index as usize) {
+                Some(Param::Scalar { ty, .. }) => Ok(*ty),
+                Some(Param::Buffer { name, .. }) => Err(self.error(
+                    site,
+                    format!("parameter {index} (`{name}`) is a buffer, read as a scalar"),
+                )),
+                None => Err(self.error(
+                    site,
+                    format!(
+                        "scalar parameter {index} does not exist (the kernel has {} parameters)",
+                        self.kernel.params.len()
+                    ),
+                )),
+            },
+            Expr::Special(Special::BlockIdx(axis)) if *axis > 2 => Err(self.error(
+                site,
+                format!("block index axis {axis} is not 0, 1 or 2"),
+            )),
+            Expr::Special(_) => Ok(Ty::I32),
+            Expr::Unary(op, a) => {
+                let ty = self.expr_ty(a, site)?;
+                let accepted = match op {
+                    UnOp::Neg | UnOp::Abs => matches!(ty, Ty::I32 | Ty::I64 | Ty::F32),
+                    UnOp::Not => matches!(ty, Ty::Pred | Ty::I32 | Ty::I64),
+                    _ => ty == Ty::F32,
+                };
+                if !accepted {
+                    return Err(self.error(
+                        site,
+                        format!("{} does not take a {ty} operand in {}", unop_name(*op), describe(expr)),
+                    ));
+                }
+                Ok(ty)
+            }
+            Expr::Binary(op, a, b) => {
+                let (a_ty, b_ty) = (self.expr_ty(a, site)?, self.expr_ty(b, site)?);
+                if a_ty != b_ty {
+                    return Err(self.error(
+                        site,
+                        format!(
+                            "`{}` has operands of two types, {a_ty} and {b_ty}, in {}",
+                            binop_symbol(*op),
+                            describe(expr)
+                        ),
+                    ));
+                }
+                let accepted = match op {
+                    BinOp::Add
+                    | BinOp::Sub
+                    | BinOp::Mul
+                    | BinOp::Div
+                    | BinOp::Rem
+                    | BinOp::Min
+                    | BinOp::Max
+                    | BinOp::Lt
+                    | BinOp::Le
+                    | BinOp::Gt
+                    | BinOp::Ge => a_ty != Ty::Pred,
+                    BinOp::Pow => a_ty == Ty::F32,
+                    BinOp::And | BinOp::Or | BinOp::Xor => a_ty != Ty::F32,
+                    BinOp::Shl | BinOp::Shr => a_ty.is_int(),
+                    BinOp::Eq | BinOp::Ne => true,
+                };
+                if !accepted {
+                    return Err(self.error(
+                        site,
+                        format!(
+                            "`{}` does not take {a_ty} operands in {}",
+                            binop_symbol(*op),
+                            describe(expr)
+                        ),
+                    ));
+                }
+                Ok(if op.is_comparison() { Ty::Pred } else { a_ty })
+            }
+            Expr::Fma(a, b, c) => {
+                let tys = [
+                    self.expr_ty(a, site)?,
+                    self.expr_ty(b, site)?,
+                    self.expr_ty(c, site)?,
+                ];
+                if tys[0] != tys[1] || tys[0] != tys[2] || tys[0] == Ty::Pred {
+                    return Err(self.error(
+                        site,
+                        format!(
+                            "fma takes three operands of one numeric type, not {}, {}, {} in {}",
+                            tys[0],
+                            tys[1],
+                            tys[2],
+                            describe(expr)
+                        ),
+                    ));
+                }
+                Ok(tys[0])
+            }
+            Expr::Select(cond, a, b) => {
+                let cond_ty = self.expr_ty(cond, site)?;
+                if cond_ty != Ty::Pred {
+                    return Err(self.error(
+                        site,
+                        format!("select's condition is {cond_ty}, not pred, in {}", describe(expr)),
+                    ));
+                }
+                let (a_ty, b_ty) = (self.expr_ty(a, site)?, self.expr_ty(b, site)?);
+                if a_ty != b_ty {
+                    return Err(self.error(
+                        site,
+                        format!("select's arms are {a_ty} and {b_ty} in {}", describe(expr)),
+                    ));
+                }
+                Ok(a_ty)
+            }
+            Expr::Cast(ty, a) => {
+                self.expr_ty(a, site)?;
+                Ok(*ty)
+            }
+            Expr::Load { buf, index } => {
+                let ty = self.memory_ty(*buf, Use::Read, site)?;
+                self.check_index(index, site)?;
+                Ok(ty)
+            }
+        }
+    }
+}
+
+/// Every register that `expr` reads.
+pub(crate) fn vars_read(expr: &Expr, out: &mut BTreeSet<VarId>) {
+    match expr {
+        Expr::Const(_) | Expr::Param(_) | Expr::Special(_) => {}
+        Expr::Var(var) => {
+            out.insert(*var);
+        }
+        Expr::Unary(_, a) | Expr::Cast(_, a) => vars_read(a, out),
+        Expr::Binary(_, a, b) => {
+            vars_read(a, out);
+            vars_read(b, out);
+        }
+        Expr::Fma(a, b, c) | Expr::Select(a, b, c) => {
+            vars_read(a, out);
+            vars_read(b, out);
+            vars_read(c, out);
+        }
+        Expr::Load { index, .. } => vars_read(index, out),
+    }
+}
+
+/// Every register that some statement of `stmts` writes (nested ones included).
+pub(crate) fn vars_written(stmts: &[Stmt], out: &mut BTreeSet<VarId>) {
+    for stmt in stmts {
+        match stmt {
+            Stmt::Assign(var, _) | Stmt::ShuffleXor { dst: var, .. } => {
+                out.insert(*var);
+            }
+            Stmt::LoadVec { dsts, .. } => out.extend(dsts.iter().copied()),
+            Stmt::For { var, body, .. } => {
+                out.insert(*var);
+                vars_written(body, out);
+            }
+            Stmt::If {
+                then, otherwise, ..
+            } => {
+                vars_written(then, out);
+                vars_written(otherwise, out);
+            }
+            Stmt::Store { .. } | Stmt::StoreVec { .. } | Stmt::Barrier => {}
+        }
+    }
+}
