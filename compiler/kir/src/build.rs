@@ -5,8 +5,8 @@
 //! Nothing here checks types; run [`verify_kernel`](crate::verify_kernel) on the result.
 
 use crate::kernel::{
-    Access, BinOp, Buf, Const, Expr, Kernel, Param, Shared, SizeExpr, Special, Stmt, Ty, UnOp,
-    Var, VarId,
+    Access, BinOp, Buf, Const, Expr, Kernel, Param, Shared, SizeExpr, Special, Stmt, Ty, UnOp, Var,
+    VarId,
 };
 use kiln_ir::DType;
 use std::ops;

@@ -99,14 +99,13 @@ pub fn vector_add_sized(dtype: DType, blocks: u32, block_dim: u32) -> Kernel {
                 .collect(),
         },
     ];
-    let tail_body = vec![Stmt::store(
-        out,
-        i,
-        Expr::load(a, i) + Expr::load(b, i),
-    )];
+    let tail_body = vec![Stmt::store(out, i, Expr::load(a, i) + Expr::load(b, i))];
     k.finish(vec![
         Stmt::assign(thread, global_thread_index()),
-        Stmt::assign(vector_end, (n.clone() / width_i64.clone()) * width_i64.clone()),
+        Stmt::assign(
+            vector_end,
+            (n.clone() / width_i64.clone()) * width_i64.clone(),
+        ),
         Stmt::for_range(
             base,
             Expr::var(thread) * width_i64,
@@ -159,7 +158,7 @@ pub fn rms_norm_rows(dtype: DType, cols: u32, block_dim: u32) -> Kernel {
         "rms_norm_rows normalizes floats, not {dtype}"
     );
     assert!(
-        block_dim % 32 == 0 && (32..=1024).contains(&block_dim),
+        block_dim.is_multiple_of(32) && (32..=1024).contains(&block_dim),
         "block_dim {block_dim} is not a multiple of 32 in 32..=1024"
     );
     let warps = block_dim / 32;
@@ -183,7 +182,10 @@ pub fn rms_norm_rows(dtype: DType, cols: u32, block_dim: u32) -> Kernel {
     let first_col = Expr::thread_idx().cast(Ty::I64);
     let col_step = Expr::i64(i64::from(block_dim));
     let mut body = vec![
-        Stmt::assign(row_base, Expr::block_idx(0).cast(Ty::I64) * cols_i64.clone()),
+        Stmt::assign(
+            row_base,
+            Expr::block_idx(0).cast(Ty::I64) * cols_i64.clone(),
+        ),
         Stmt::assign(sum_sq, Expr::f32(0.0)),
         Stmt::for_range(
             col,
@@ -207,10 +209,7 @@ pub fn rms_norm_rows(dtype: DType, cols: u32, block_dim: u32) -> Kernel {
             total,
             Expr::select(
                 Expr::lane_id().lt(Expr::i32(warps as i32)),
-                Expr::load(
-                    partials,
-                    Expr::lane_id().min(Expr::i32(warps as i32 - 1)),
-                ),
+                Expr::load(partials, Expr::lane_id().min(Expr::i32(warps as i32 - 1))),
                 Expr::f32(0.0),
             ),
         ),

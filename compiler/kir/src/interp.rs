@@ -44,9 +44,7 @@
 //! buffer and the index — never a panic.
 
 use crate::error::KirError;
-use crate::kernel::{
-    BinOp, Buf, Const, Expr, Kernel, Param, Special, Stmt, Ty, UnOp, VarId,
-};
+use crate::kernel::{BinOp, Buf, Const, Expr, Kernel, Param, Special, Stmt, Ty, UnOp, VarId};
 use crate::print::Names;
 use crate::verify::verify_kernel;
 use half::{bf16, f16};
@@ -119,7 +117,7 @@ pub fn run_kernel(
         match param {
             Param::Buffer { name, dtype, .. } => {
                 let bytes: &mut [u8] = buffer_slots.next().expect("counted above");
-                if bytes.len() % dtype.size_bytes() != 0 {
+                if !bytes.len().is_multiple_of(dtype.size_bytes()) {
                     return Err(launch_error(format!(
                         "buffer `{name}` has {} bytes, not a whole number of {dtype} elements",
                         bytes.len()
@@ -405,7 +403,11 @@ impl Interpreter<'_, '_> {
                     ));
                 }
             }
-            Stmt::ShuffleXor { dst, src, mask: lane_mask } => {
+            Stmt::ShuffleXor {
+                dst,
+                src,
+                mask: lane_mask,
+            } => {
                 for warp in mask.chunks(32).enumerate() {
                     let (w, lanes) = warp;
                     let active = lanes.iter().filter(|&&on| on).count();
@@ -519,8 +521,9 @@ impl Interpreter<'_, '_> {
         int_value(value).ok_or_else(|| format!("index {value:?} is not an integer"))
     }
 
-    /// The element at `index` of `buf`, its dtype and its bytes, after bounds checks.
-    fn locate(&self, buf: Buf, index: i64) -> Result<(DType, &[u8], Option<&[bool]>), String> {
+    /// The element at `index` of `buf` as a load sees it: bounds and, for shared memory,
+    /// that some thread has written it.
+    fn read(&self, buf: Buf, index: i64) -> Result<Const, String> {
         let (name, dtype, bytes, written) = match buf {
             Buf::Global(p) => {
                 let g = self
@@ -544,25 +547,13 @@ impl Interpreter<'_, '_> {
                 )
             }
         };
-        let len = bytes.len() / dtype.size_bytes();
-        if index < 0 || index as u64 >= len as u64 {
-            return Err(format!(
-                "index {index} is out of bounds of {name} ({len} elements of {dtype})"
-            ));
-        }
+        let at = element_offset(&name, dtype, bytes.len(), index)?;
         if written.is_some_and(|w| !w[index as usize]) {
             return Err(format!(
                 "reads element {index} of {name} before any thread of the block wrote it"
             ));
         }
-        Ok((dtype, bytes, written))
-    }
-
-    fn read(&self, buf: Buf, index: i64) -> Result<Const, String> {
-        let (dtype, bytes, _) = self.locate(buf, index)?;
-        let size = dtype.size_bytes();
-        let at = index as usize * size;
-        Ok(decode(dtype, &bytes[at..at + size]))
+        Ok(decode(dtype, &bytes[at..at + dtype.size_bytes()]))
     }
 
     fn write(&mut self, buf: Buf, index: i64, value: Const) -> Result<(), String> {
@@ -589,15 +580,8 @@ impl Interpreter<'_, '_> {
                 )
             }
         };
-        let size = dtype.size_bytes();
-        let len = bytes.len() / size;
-        if index < 0 || index as u64 >= len as u64 {
-            return Err(format!(
-                "index {index} is out of bounds of {name} ({len} elements of {dtype})"
-            ));
-        }
-        let at = index as usize * size;
-        encode(dtype, value, &mut bytes[at..at + size])
+        let at = element_offset(&name, dtype, bytes.len(), index)?;
+        encode(dtype, value, &mut bytes[at..at + dtype.size_bytes()])
             .map_err(|m| format!("storing to {name}: {m}"))?;
         if let Some(written) = written {
             written[index as usize] = true;
@@ -630,7 +614,9 @@ impl Interpreter<'_, '_> {
                     self.eval(b, thread)?,
                     self.eval(c, thread)?,
                 ) {
-                    (Const::F32(a), Const::F32(b), Const::F32(c)) => Const::F32(libm::fmaf(a, b, c)),
+                    (Const::F32(a), Const::F32(b), Const::F32(c)) => {
+                        Const::F32(libm::fmaf(a, b, c))
+                    }
                     (Const::I32(a), Const::I32(b), Const::I32(c)) => {
                         Const::I32(a.wrapping_mul(b).wrapping_add(c))
                     }
@@ -661,6 +647,18 @@ impl Interpreter<'_, '_> {
             }
         })
     }
+}
+
+/// The byte offset of element `index` in `byte_len` bytes of `dtype` elements, or an error
+/// naming the memory (`name`) when it is out of bounds.
+fn element_offset(name: &str, dtype: DType, byte_len: usize, index: i64) -> Result<usize, String> {
+    let len = byte_len / dtype.size_bytes();
+    if index < 0 || index as u64 >= len as u64 {
+        return Err(format!(
+            "index {index} is out of bounds of {name} ({len} elements of {dtype})"
+        ));
+    }
+    Ok(index as usize * dtype.size_bytes())
 }
 
 /// An integer value as i64 (`None` for floats and preds).

@@ -15,7 +15,11 @@ use serde::{Deserialize, Serialize};
 #[serde(rename_all = "snake_case")]
 pub enum ParamLayout {
     /// A device pointer (8 bytes).
-    Buffer { name: String, dtype: DType, writes: bool },
+    Buffer {
+        name: String,
+        dtype: DType,
+        writes: bool,
+    },
     /// A scalar by value: `i64` for sizes, `f32`, `i32` or a predicate byte.
     Scalar { name: String, ty: String },
 }
@@ -39,7 +43,11 @@ impl KernelInfo {
                 .params
                 .iter()
                 .map(|p| match p {
-                    Param::Buffer { name, dtype, access } => ParamLayout::Buffer {
+                    Param::Buffer {
+                        name,
+                        dtype,
+                        access,
+                    } => ParamLayout::Buffer {
                         name: name.clone(),
                         dtype: *dtype,
                         writes: *access != Access::Read,

@@ -5,17 +5,23 @@
 //! registers) and then its statements, one per line, nested blocks indented by two spaces:
 //!
 //! ```text
-//! kernel vector_add_f32
-//!   param a: global f32 read
+//! kernel reverse_blocks_f32
+//!   param x: global f32 read
+//!   param out: global f32 write
 //!   param n: i64
-//!   grid [4, 1, 1]
+//!   grid [blocks, 1, 1]
 //!   block_dim 128
 //!   shared staged: f32[128]
-//!   var i: i64
+//!   var base: i32
+//!   var i: i32
 //! {
-//!   i = (i64(block_idx.x) * i64(block_dim)) + i64(thread_idx)
-//!   for i in i..$n step 512i64 {
-//!     out[i] = a[i] + b[i]
+//!   base = block_idx.x * block_dim
+//!   @staged[thread_idx] = x[base + thread_idx]
+//!   barrier
+//!   for i = base; i < $n; i += 128 {
+//!     if (i % 2) == 0 {
+//!       out[i] = -@staged[i - base]
+//!     }
 //!   }
 //! }
 //! ```
@@ -28,9 +34,7 @@
 //! accesses: `[v0, v1] = x[i..+2]` and `out[i..+2] = [e0, e1]`. Ids that are out of range
 //! (in a kernel the verifier is about to reject) print as `?` forms instead of panicking.
 
-use crate::kernel::{
-    Access, BinOp, Buf, Const, Expr, Kernel, Param, Special, Stmt, UnOp, VarId,
-};
+use crate::kernel::{Access, BinOp, Buf, Const, Expr, Kernel, Param, Special, Stmt, UnOp, VarId};
 use crate::plan::{Arg, BufferDecl, BufferKind, Plan, Step};
 use std::collections::BTreeMap;
 use std::fmt::{self, Write as _};
@@ -268,17 +272,23 @@ impl<'k> Names<'k> {
                 end,
                 step,
                 ..
-            } => format!(
-                "for {} in {}..{} step {} {{",
-                self.var(*var),
-                self.expr(start),
-                self.expr(end),
-                self.expr(step)
-            ),
+            } => {
+                let var = self.var(*var);
+                format!(
+                    "for {var} = {}; {var} < {}; {var} += {} {{",
+                    self.expr(start),
+                    self.expr(end),
+                    self.expr(step)
+                )
+            }
             Stmt::If { cond, .. } => format!("if {} {{", self.expr(cond)),
             Stmt::Barrier => "barrier".to_string(),
             Stmt::ShuffleXor { dst, src, mask } => {
-                format!("{} = shuffle_xor({}, {mask})", self.var(*dst), self.var(*src))
+                format!(
+                    "{} = shuffle_xor({}, {mask})",
+                    self.var(*dst),
+                    self.var(*src)
+                )
             }
         }
     }
@@ -363,7 +373,13 @@ fn buffer_list(ids: impl IntoIterator<Item = crate::plan::BufferId>) -> String {
 
 fn write_buffer_decl(f: &mut fmt::Formatter<'_>, decl: &BufferDecl) -> fmt::Result {
     let shape: Vec<String> = decl.shape.iter().map(ToString::to_string).collect();
-    write!(f, "  buffer b{}: {}[{}] ", decl.id.0, decl.dtype, shape.join(", "))?;
+    write!(
+        f,
+        "  buffer b{}: {}[{}] ",
+        decl.id.0,
+        decl.dtype,
+        shape.join(", ")
+    )?;
     match &decl.kind {
         BufferKind::Input(n) => write!(f, "input {n}")?,
         BufferKind::Output(n) => write!(f, "output {n}")?,
@@ -431,7 +447,11 @@ impl fmt::Display for Plan {
             write_buffer_decl(f, decl)?;
         }
         writeln!(f, "  inputs [{}]", buffer_list(self.inputs.iter().copied()))?;
-        writeln!(f, "  outputs [{}]", buffer_list(self.outputs.iter().copied()))?;
+        writeln!(
+            f,
+            "  outputs [{}]",
+            buffer_list(self.outputs.iter().copied())
+        )?;
         writeln!(f, "  arena_bytes {}", self.arena_bytes)?;
         writeln!(f, "{{")?;
         write_steps(f, &self.steps, 1)?;

@@ -140,8 +140,9 @@ impl Uniformity {
                     }
                 }
                 Stmt::LoadVec { dsts, buf, index } => {
-                    let uniform =
-                        uniform_flow && self.is_invariant_memory(*buf) && self.is_uniform_expr(index);
+                    let uniform = uniform_flow
+                        && self.is_invariant_memory(*buf)
+                        && self.is_uniform_expr(index);
                     if !uniform {
                         for dst in dsts {
                             self.mark_non_uniform(*dst, changed);
@@ -166,8 +167,7 @@ impl Uniformity {
                     if !(uniform_flow && bounds_uniform) {
                         self.mark_non_uniform(*var, changed);
                     }
-                    let body_uniform =
-                        uniform_flow && self.is_uniform_loop(*var, start, end, step);
+                    let body_uniform = uniform_flow && self.is_uniform_loop(*var, start, end, step);
                     self.mark_block(body, body_uniform, changed);
                 }
                 Stmt::If {

@@ -65,7 +65,7 @@ pub fn verify_kernel(kernel: &Kernel) -> Result<(), KirError> {
             kernel.name
         )));
     }
-    if kernel.block_dim % 32 != 0 || !(32..=1024).contains(&kernel.block_dim) {
+    if !kernel.block_dim.is_multiple_of(32) || !(32..=1024).contains(&kernel.block_dim) {
         return Err(header_error(format!(
             "block_dim {} is not a multiple of 32 in 32..=1024",
             kernel.block_dim
@@ -211,7 +211,10 @@ impl Checker<'_> {
                 if !ty.is_int() {
                     return Err(self.error(
                         site,
-                        format!("the loop register {} is {ty}, not an integer", self.names.var(*var)),
+                        format!(
+                            "the loop register {} is {ty}, not an integer",
+                            self.names.var(*var)
+                        ),
                     ));
                 }
                 for (what, expr) in [("start", start), ("end", end), ("step", step)] {
@@ -258,10 +261,7 @@ impl Checker<'_> {
             } => {
                 let cond_ty = self.expr_ty(cond, site)?;
                 if cond_ty != Ty::Pred {
-                    return Err(self.error(
-                        site,
-                        format!("the condition is {cond_ty}, not pred"),
-                    ));
+                    return Err(self.error(site, format!("the condition is {cond_ty}, not pred")));
                 }
                 let branch_uniform = uniform_flow && self.uniformity.is_uniform_expr(cond);
                 self.check_block(then, &format!("{path}.then"), branch_uniform)?;
@@ -429,10 +429,9 @@ impl Checker<'_> {
                     ),
                 )),
             },
-            Expr::Special(Special::BlockIdx(axis)) if *axis > 2 => Err(self.error(
-                site,
-                format!("block index axis {axis} is not 0, 1 or 2"),
-            )),
+            Expr::Special(Special::BlockIdx(axis)) if *axis > 2 => {
+                Err(self.error(site, format!("block index axis {axis} is not 0, 1 or 2")))
+            }
             Expr::Special(_) => Ok(Ty::I32),
             Expr::Unary(op, a) => {
                 let ty = self.expr_ty(a, site)?;
@@ -444,7 +443,11 @@ impl Checker<'_> {
                 if !accepted {
                     return Err(self.error(
                         site,
-                        format!("{} does not take a {ty} operand in {}", unop_name(*op), describe(expr)),
+                        format!(
+                            "{} does not take a {ty} operand in {}",
+                            unop_name(*op),
+                            describe(expr)
+                        ),
                     ));
                 }
                 Ok(ty)
@@ -515,7 +518,10 @@ impl Checker<'_> {
                 if cond_ty != Ty::Pred {
                     return Err(self.error(
                         site,
-                        format!("select's condition is {cond_ty}, not pred, in {}", describe(expr)),
+                        format!(
+                            "select's condition is {cond_ty}, not pred, in {}",
+                            describe(expr)
+                        ),
                     ));
                 }
                 let (a_ty, b_ty) = (self.expr_ty(a, site)?, self.expr_ty(b, site)?);

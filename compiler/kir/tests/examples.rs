@@ -10,8 +10,8 @@ use common::{floats, run, wavy, zeros};
 use kiln_ir::tensor::round_f32;
 use kiln_ir::{DType, Tensor};
 use kiln_kir::examples::{
-    divergent_branches, fma_select, prefix_sums_by_loop, reverse_blocks, rms_norm_rows,
-    vector_add, vector_width, RMS_NORM_EPS, VECTOR_ADD_BLOCKS,
+    divergent_branches, fma_select, prefix_sums_by_loop, reverse_blocks, rms_norm_rows, vector_add,
+    vector_width, RMS_NORM_EPS, VECTOR_ADD_BLOCKS,
 };
 use kiln_kir::{launch_grid, verify_kernel, Const};
 
@@ -83,8 +83,11 @@ fn vector_add_wraps_integers() {
 fn rms_norm_reference(x: &[f32], weight: &[f32], cols: usize) -> Vec<f64> {
     x.chunks(cols)
         .flat_map(|row| {
-            let mean_square =
-                row.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>() / cols as f64;
+            let mean_square = row
+                .iter()
+                .map(|&v| f64::from(v) * f64::from(v))
+                .sum::<f64>()
+                / cols as f64;
             let inv = 1.0 / (mean_square + f64::from(RMS_NORM_EPS)).sqrt();
             row.iter()
                 .zip(weight)
@@ -100,7 +103,13 @@ fn check_rms_norm(dtype: DType, rows: usize, cols: usize, block_dim: u32, tolera
     let grid = launch_grid(&kernel, &|s| (s == "rows").then_some(rows as u64)).unwrap();
     assert_eq!(grid, [rows as u64, 1, 1]);
     let x = floats(dtype, &wavy(rows * cols, 3));
-    let weight = floats(dtype, &wavy(cols, 4).iter().map(|w| 1.0 + w / 4.0).collect::<Vec<_>>());
+    let weight = floats(
+        dtype,
+        &wavy(cols, 4)
+            .iter()
+            .map(|w| 1.0 + w / 4.0)
+            .collect::<Vec<_>>(),
+    );
     let out = run(
         &kernel,
         grid,
@@ -176,7 +185,13 @@ fn shared_memory_and_a_barrier_exchange_elements_between_threads() {
     let kernel = reverse_blocks(DType::I32, 96);
     let grid = launch_grid(&kernel, &|s| (s == "blocks").then_some(3)).unwrap();
     let x = Tensor::from_i32(&[288], (0..288).collect());
-    let out = run(&kernel, grid, &[x, Tensor::from_i32(&[288], vec![0; 288])], &[]).unwrap();
+    let out = run(
+        &kernel,
+        grid,
+        &[x, Tensor::from_i32(&[288], vec![0; 288])],
+        &[],
+    )
+    .unwrap();
     let expected: Vec<i64> = (0..288)
         .map(|i: i64| (i / 96) * 96 + (95 - i % 96))
         .collect();

@@ -10,8 +10,8 @@ use common::{floats, run, ulps, zeros};
 use kiln_ir::{DType, Tensor};
 use kiln_kir::examples::{binary_map, convert, unary_map};
 use kiln_kir::{
-    launch_grid, run_kernel, Access, BinOp, Const, Expr, Kernel, KernelBuilder, SizeExpr, Stmt,
-    Ty, UnOp,
+    launch_grid, run_kernel, Access, BinOp, Const, Expr, Kernel, KernelBuilder, SizeExpr, Stmt, Ty,
+    UnOp,
 };
 
 /// Runs an element-wise example kernel (`x`, [`y`], `out`, `n`) over `inputs`.
@@ -25,7 +25,12 @@ fn map(kernel: &Kernel, inputs: Vec<Tensor>, out_dtype: DType) -> Tensor {
 }
 
 fn unary_f32(op: UnOp, x: &[f32]) -> Vec<f32> {
-    map(&unary_map(op, DType::F32), vec![floats(DType::F32, x)], DType::F32).to_f32_vec()
+    map(
+        &unary_map(op, DType::F32),
+        vec![floats(DType::F32, x)],
+        DType::F32,
+    )
+    .to_f32_vec()
 }
 
 fn binary_f32(op: BinOp, x: &[f32], y: &[f32]) -> Tensor {
@@ -97,7 +102,10 @@ fn float_unary_operators() {
     let specials = [f32::INFINITY, f32::NEG_INFINITY, f32::NAN];
     assert_eq!(unary_f32(UnOp::Exp, &specials)[..2], [f32::INFINITY, 0.0]);
     assert_eq!(unary_f32(UnOp::Sigmoid, &specials)[..2], [1.0, 0.0]);
-    assert_eq!(unary_f32(UnOp::Rsqrt, &[0.0, f32::INFINITY]), [f32::INFINITY, 0.0]);
+    assert_eq!(
+        unary_f32(UnOp::Rsqrt, &[0.0, f32::INFINITY]),
+        [f32::INFINITY, 0.0]
+    );
     assert!(unary_f32(UnOp::Sqrt, &[-1.0])[0].is_nan());
     assert!(unary_f32(UnOp::Tanh, &specials)[2].is_nan());
 }
@@ -113,13 +121,31 @@ fn integer_and_pred_unary_operators() {
         .to_i64_vec()
     };
     let min32 = i64::from(i32::MIN);
-    assert_eq!(run_int(UnOp::Neg, DType::I32, vec![5, -7, min32]), [-5, 7, min32]);
-    assert_eq!(run_int(UnOp::Abs, DType::I32, vec![5, -7, min32]), [5, 7, min32]);
-    assert_eq!(run_int(UnOp::Not, DType::I32, vec![0, -1, 12]), [-1, 0, -13]);
-    assert_eq!(run_int(UnOp::Neg, DType::I64, vec![i64::MIN, 3]), [i64::MIN, -3]);
-    assert_eq!(run_int(UnOp::Not, DType::I64, vec![1 << 40]), [!(1i64 << 40)]);
+    assert_eq!(
+        run_int(UnOp::Neg, DType::I32, vec![5, -7, min32]),
+        [-5, 7, min32]
+    );
+    assert_eq!(
+        run_int(UnOp::Abs, DType::I32, vec![5, -7, min32]),
+        [5, 7, min32]
+    );
+    assert_eq!(
+        run_int(UnOp::Not, DType::I32, vec![0, -1, 12]),
+        [-1, 0, -13]
+    );
+    assert_eq!(
+        run_int(UnOp::Neg, DType::I64, vec![i64::MIN, 3]),
+        [i64::MIN, -3]
+    );
+    assert_eq!(
+        run_int(UnOp::Not, DType::I64, vec![1 << 40]),
+        [!(1i64 << 40)]
+    );
     // i8 computes in i32 and wraps on the store: -(-128) = 128 stores as -128.
-    assert_eq!(run_int(UnOp::Neg, DType::I8, vec![-128, 127, 3]), [-128, -127, -3]);
+    assert_eq!(
+        run_int(UnOp::Neg, DType::I8, vec![-128, 127, 3]),
+        [-128, -127, -3]
+    );
     let not = map(
         &unary_map(UnOp::Not, DType::Bool),
         vec![Tensor::from_bool(&[2], vec![true, false])],
@@ -154,8 +180,14 @@ fn float_binary_operators() {
     check(BinOp::Max, f32::max);
     check(BinOp::Pow, |a, b| f64::from(a).powf(f64::from(b)) as f32);
     // Min and max ignore a NaN operand.
-    assert_eq!(binary_f32(BinOp::Min, &[f32::NAN], &[2.0]).to_f32_vec(), [2.0]);
-    assert_eq!(binary_f32(BinOp::Max, &[-1.0], &[f32::NAN]).to_f32_vec(), [-1.0]);
+    assert_eq!(
+        binary_f32(BinOp::Min, &[f32::NAN], &[2.0]).to_f32_vec(),
+        [2.0]
+    );
+    assert_eq!(
+        binary_f32(BinOp::Max, &[-1.0], &[f32::NAN]).to_f32_vec(),
+        [-1.0]
+    );
     // Comparisons are IEEE: NaN is unordered, `!=` is true for it; -0 == 0.
     let cmp = |op: BinOp| binary_f32(op, &x, &y).as_bool().unwrap().to_vec();
     assert_eq!(cmp(BinOp::Lt), [false, true, false, true, false, false]);
@@ -175,8 +207,14 @@ fn integer_binary_operators() {
     assert_eq!(i32_op(BinOp::Sub, &[min], &[1]), [max]);
     assert_eq!(i32_op(BinOp::Mul, &[65536, -3], &[65536, 7]), [0, -21]);
     // Division and remainder truncate toward zero (C), unlike the graph IR's floor.
-    assert_eq!(i32_op(BinOp::Div, &[7, -7, 7, min], &[2, 2, -2, -1]), [3, -3, -3, min]);
-    assert_eq!(i32_op(BinOp::Rem, &[7, -7, 7, min], &[2, 2, -2, -1]), [1, -1, 1, 0]);
+    assert_eq!(
+        i32_op(BinOp::Div, &[7, -7, 7, min], &[2, 2, -2, -1]),
+        [3, -3, -3, min]
+    );
+    assert_eq!(
+        i32_op(BinOp::Rem, &[7, -7, 7, min], &[2, 2, -2, -1]),
+        [1, -1, 1, 0]
+    );
     assert_eq!(i32_op(BinOp::Min, &[3, -3], &[-4, 4]), [-4, -3]);
     assert_eq!(i32_op(BinOp::Max, &[3, -3], &[-4, 4]), [3, 4]);
     assert_eq!(i32_op(BinOp::And, &[0b1100], &[0b1010]), [0b1000]);
@@ -189,7 +227,11 @@ fn integer_binary_operators() {
         [16, min, min, 0, 0]
     );
     assert_eq!(
-        i32_op(BinOp::Shr, &[-16, -16, 16, -1, -5, 5], &[2, 40, 40, 31, -3, 0]),
+        i32_op(
+            BinOp::Shr,
+            &[-16, -16, 16, -1, -5, 5],
+            &[2, 40, 40, 31, -3, 0]
+        ),
         [-4, -1, 0, -1, -1, 5]
     );
     assert_eq!(i32_op(BinOp::Lt, &[-1, 2], &[0, 2]), [1, 0]);
@@ -199,7 +241,10 @@ fn integer_binary_operators() {
     assert_eq!(i64_op(BinOp::Add, &[i64::MAX], &[1]), [i64::MIN]);
     assert_eq!(i64_op(BinOp::Mul, &[1 << 40], &[1 << 20]), [1 << 60]);
     assert_eq!(i64_op(BinOp::Shl, &[1, 1], &[40, 64]), [1 << 40, 0]);
-    assert_eq!(i64_op(BinOp::Shr, &[i64::MIN, i64::MIN], &[63, 64]), [-1, -1]);
+    assert_eq!(
+        i64_op(BinOp::Shr, &[i64::MIN, i64::MIN], &[63, 64]),
+        [-1, -1]
+    );
     assert_eq!(i64_op(BinOp::Div, &[-(1 << 40)], &[3]), [-(1 << 40) / 3]);
 
     let pred_op = |op| {
@@ -239,7 +284,18 @@ fn fp8_stores_round_to_nearest_even_and_saturate() {
     assert_eq!(
         stored_bytes(
             DType::F8E4M3,
-            &[1.0, 1.0625, 1.1875, 448.0, 464.0, 1e6, f32::INFINITY, -500.0, -0.0, 2f32.powi(-9)]
+            &[
+                1.0,
+                1.0625,
+                1.1875,
+                448.0,
+                464.0,
+                1e6,
+                f32::INFINITY,
+                -500.0,
+                -0.0,
+                2f32.powi(-9)
+            ]
         ),
         [0x38, 0x38, 0x3A, 0x7E, 0x7E, 0x7E, 0x7E, 0xFE, 0x80, 0x01]
     );
@@ -248,7 +304,15 @@ fn fp8_stores_round_to_nearest_even_and_saturate() {
     assert_eq!(
         stored_bytes(
             DType::F8E5M2,
-            &[1.0, 1.125, 1.375, 57344.0, 1e9, f32::NEG_INFINITY, 2f32.powi(-16)]
+            &[
+                1.0,
+                1.125,
+                1.375,
+                57344.0,
+                1e9,
+                f32::NEG_INFINITY,
+                2f32.powi(-16)
+            ]
         ),
         [0x3C, 0x3C, 0x3E, 0x7B, 0x7B, 0xFB, 0x01]
     );
@@ -268,11 +332,20 @@ fn bf16_and_f16_stores_round_to_nearest_even() {
     assert_eq!(
         stored_bytes(
             DType::BF16,
-            &[1.0, one_plus(8), 1.0 + 3.0 * 2f32.powi(-8), one_plus(8) + 2f32.powi(-20)]
+            &[
+                1.0,
+                one_plus(8),
+                1.0 + 3.0 * 2f32.powi(-8),
+                one_plus(8) + 2f32.powi(-20)
+            ]
         ),
         [0x80, 0x3F, 0x80, 0x3F, 0x82, 0x3F, 0x81, 0x3F]
     );
-    assert_eq!(stored_bytes(DType::BF16, &[f32::MAX]), [0x80, 0x7F], "rounds to inf");
+    assert_eq!(
+        stored_bytes(DType::BF16, &[f32::MAX]),
+        [0x80, 0x7F],
+        "rounds to inf"
+    );
     // f16 keeps 10 fraction bits; 65520 rounds to inf.
     assert_eq!(
         stored_bytes(DType::F16, &[1.0, one_plus(11), 65504.0, 65520.0]),
@@ -293,8 +366,8 @@ fn casts_between_every_type() {
     );
     let to_i8 = converted(floats(DType::F32, &[300.7, -1.5, 127.9]), DType::I8);
     assert_eq!(to_i8.to_i64_vec(), [44, -1, 127]);
-    let to_i64 = converted(floats(DType::F32, &[1e12, -0.5]), DType::I64);
-    assert_eq!(to_i64.to_i64_vec(), [1_000_000_000_000, 0]);
+    let to_i64 = converted(floats(DType::F32, &[2f32.powi(40), -0.5]), DType::I64);
+    assert_eq!(to_i64.to_i64_vec(), [1 << 40, 0]);
     // int → float rounds to nearest even.
     let to_f32 = converted(
         Tensor::from_i32(&[3], vec![16_777_217, 16_777_219, -5]),
@@ -548,7 +621,10 @@ fn out_of_bounds_accesses_name_the_buffer_and_the_index() {
         ),
     )]);
     let message = run_error(&kernel, &[zeros(DType::F32, 32)], &[]);
-    assert!(message.contains("thread 31: index 32 is out of bounds"), "{message}");
+    assert!(
+        message.contains("thread 31: index 32 is out of bounds"),
+        "{message}"
+    );
 }
 
 #[test]
@@ -564,9 +640,7 @@ fn misaligned_vectors_and_unwritten_shared_memory_are_errors() {
     }]);
     let message = run_error(&kernel, &[zeros(DType::BF16, 128)], &[]);
     assert!(
-        message.contains(
-            "thread 1: vector access of 2 elements at index 3, not a multiple of 2"
-        ),
+        message.contains("thread 1: vector access of 2 elements at index 3, not a multiple of 2"),
         "{message}"
     );
 
@@ -602,7 +676,10 @@ fn undefined_arithmetic_and_runaway_loops_are_errors() {
         "{message}"
     );
     let message = map_error(BinOp::Rem, &[5], &[0]);
-    assert!(message.contains("integer division of 5 by zero"), "{message}");
+    assert!(
+        message.contains("integer division of 5 by zero"),
+        "{message}"
+    );
 
     let mut k = KernelBuilder::new("loops", 32);
     let step = k.scalar("step", Ty::I32);
@@ -611,16 +688,24 @@ fn undefined_arithmetic_and_runaway_loops_are_errors() {
     let kernel = k.finish(vec![Stmt::for_range(j, Expr::i32(0), end, step, vec![])]);
     let message = run_error(&kernel, &[], &[Const::I32(0), Const::I32(10)]);
     assert!(
-        message.contains("`for j in 0..$end step $step {`: block (0, 0, 0) thread 0: the loop's step is 0, not positive"),
+        message.contains("`for j = 0; j < $end; j += $step {`: block (0, 0, 0) thread 0: the loop's step is 0, not positive"),
         "{message}"
     );
-    let message = run_error(&kernel, &[], &[Const::I32(2), Const::I32(i32::MAX)]);
+    // 0, 2^30, then 2^31 does not fit.
+    let message = run_error(&kernel, &[], &[Const::I32(1 << 30), Const::I32(i32::MAX)]);
     assert!(
         message.contains("the loop register overflows its type"),
         "{message}"
     );
-    // Up to the last representable value is fine.
-    run(&kernel, [1, 1, 1], &[], &[Const::I32(1 << 30), Const::I32(i32::MAX)]).unwrap();
+    // Reaching the end exactly near the top of the range is fine: 0, 2^30 - 1, 2^31 - 2.
+    let step = (1 << 30) - 1;
+    run(
+        &kernel,
+        [1, 1, 1],
+        &[],
+        &[Const::I32(step), Const::I32(2 * step)],
+    )
+    .unwrap();
 }
 
 fn map_error(op: BinOp, x: &[i64], y: &[i64]) -> String {
@@ -662,13 +747,56 @@ fn launch_arguments_are_checked() {
     let message = run_kernel(&kernel, [1, 1, 1], &mut [&mut lone], &[Const::I64(4)])
         .unwrap_err()
         .to_string();
-    assert!(message.contains("1 buffers given for 2 buffer parameters"), "{message}");
+    assert!(
+        message.contains("1 buffers given for 2 buffer parameters"),
+        "{message}"
+    );
     // A kernel that does not verify does not run.
     let mut bad = kernel.clone();
     bad.block_dim = 100;
-    let message = run_kernel(&bad, [1, 1, 1], &mut [], &[]).unwrap_err().to_string();
+    let message = run_kernel(&bad, [1, 1, 1], &mut [], &[])
+        .unwrap_err()
+        .to_string();
     assert!(message.contains("header: block_dim 100"), "{message}");
     // Grids come from the symbols.
     let message = launch_grid(&kernel, &|_| None).unwrap_err().to_string();
-    assert!(message.contains("grid axis 0 `ceil_div(n, 128)` cannot be evaluated"), "{message}");
+    assert!(
+        message.contains("grid axis 0 `ceil_div(n, 128)` cannot be evaluated"),
+        "{message}"
+    );
+}
+
+#[test]
+fn integer_fma_wraps() {
+    let mut k = KernelBuilder::new("int_fma", 32);
+    let out32 = k.buffer("out32", DType::I32, Access::Write);
+    let out64 = k.buffer("out64", DType::I64, Access::Write);
+    let t = Expr::thread_idx;
+    let kernel = k.finish(vec![
+        Stmt::store(
+            out32,
+            t(),
+            Expr::fma(t(), Expr::i32(1 << 27), Expr::i32(-5)),
+        ),
+        Stmt::store(
+            out64,
+            t(),
+            Expr::fma(t().cast(Ty::I64), Expr::i64(1 << 59), Expr::i64(7)),
+        ),
+    ]);
+    let result = run(
+        &kernel,
+        [1, 1, 1],
+        &[zeros(DType::I32, 32), zeros(DType::I64, 32)],
+        &[],
+    )
+    .unwrap();
+    let expected32: Vec<i64> = (0..32i32)
+        .map(|t| i64::from(t.wrapping_mul(1 << 27).wrapping_add(-5)))
+        .collect();
+    let expected64: Vec<i64> = (0..32i64)
+        .map(|t| t.wrapping_mul(1 << 59).wrapping_add(7))
+        .collect();
+    assert_eq!(result[0].to_i64_vec(), expected32);
+    assert_eq!(result[1].to_i64_vec(), expected64);
 }

@@ -173,7 +173,10 @@ fn header_invariants() {
         kernel
     };
     for bad in ["", "9lives", "has space", "dash-name", "_", "$", "%r1", "π"] {
-        rejects(&with(&|k| k.name = bad.to_string()), "is not a PTX identifier");
+        rejects(
+            &with(&|k| k.name = bad.to_string()),
+            "is not a PTX identifier",
+        );
     }
     for good in ["k", "rms_norm_bf16", "_k1", "$tmp", "A$b_9"] {
         accepts(&with(&|k| k.name = good.to_string()));
@@ -212,25 +215,45 @@ fn header_invariants() {
 
 #[test]
 fn registers_parameters_and_specials_must_exist() {
-    rejects_expr(|_| Expr::var(VarId(99)), Ty::F32, "register %99 is not declared");
+    rejects_expr(
+        |_| Expr::var(VarId(99)),
+        Ty::F32,
+        "register %99 is not declared",
+    );
     rejects_body(
         |_| vec![Stmt::assign(VarId(7), Expr::f32(0.0))],
         "register %7 is not declared (the kernel has 5)",
     );
     rejects_expr(|_| Expr::param(0), Ty::F32, "is a buffer, read as a scalar");
-    rejects_expr(|_| Expr::param(9), Ty::I64, "scalar parameter 9 does not exist");
+    rejects_expr(
+        |_| Expr::param(9),
+        Ty::I64,
+        "scalar parameter 9 does not exist",
+    );
     rejects_expr(
         |_| Expr::Special(Special::BlockIdx(3)),
         Ty::I32,
         "block index axis 3 is not 0, 1 or 2",
     );
-    rejects_expr(|_| Expr::lane_id(), Ty::I64, "assigns a i32 value to l of type i64");
+    rejects_expr(
+        |_| Expr::lane_id(),
+        Ty::I64,
+        "assigns a i32 value to l of type i64",
+    );
 }
 
 #[test]
 fn unary_operand_types() {
-    rejects_expr(|_| Expr::i32(1).apply(UnOp::Exp), Ty::I32, "exp does not take a i32");
-    rejects_expr(|fx| Expr::var(fx.f).apply(UnOp::Not), Ty::F32, "not does not take a f32");
+    rejects_expr(
+        |_| Expr::i32(1).apply(UnOp::Exp),
+        Ty::I32,
+        "exp does not take a i32",
+    );
+    rejects_expr(
+        |fx| Expr::var(fx.f).apply(UnOp::Not),
+        Ty::F32,
+        "not does not take a f32",
+    );
     rejects_expr(|fx| -Expr::var(fx.p), Ty::Pred, "neg does not take a pred");
     rejects_expr(
         |fx| Expr::var(fx.p).apply(UnOp::Abs),
@@ -246,12 +269,36 @@ fn binary_operand_types() {
         Ty::F32,
         "`+` has operands of two types, f32 and i32",
     );
-    rejects_expr(|_| Expr::i32(2).pow(Expr::i32(3)), Ty::I32, "`pow` does not take i32");
-    rejects_expr(|fx| Expr::var(fx.f) & fx.g, Ty::F32, "`&` does not take f32");
-    rejects_expr(|fx| Expr::var(fx.f) << fx.g, Ty::F32, "`<<` does not take f32");
-    rejects_expr(|fx| Expr::var(fx.p) << fx.p, Ty::Pred, "`<<` does not take pred");
-    rejects_expr(|fx| Expr::var(fx.p).lt(fx.p), Ty::Pred, "`<` does not take pred");
-    rejects_expr(|fx| Expr::var(fx.p) + fx.p, Ty::Pred, "`+` does not take pred");
+    rejects_expr(
+        |_| Expr::i32(2).pow(Expr::i32(3)),
+        Ty::I32,
+        "`pow` does not take i32",
+    );
+    rejects_expr(
+        |fx| Expr::var(fx.f) & fx.g,
+        Ty::F32,
+        "`&` does not take f32",
+    );
+    rejects_expr(
+        |fx| Expr::var(fx.f) << fx.g,
+        Ty::F32,
+        "`<<` does not take f32",
+    );
+    rejects_expr(
+        |fx| Expr::var(fx.p) << fx.p,
+        Ty::Pred,
+        "`<<` does not take pred",
+    );
+    rejects_expr(
+        |fx| Expr::var(fx.p).lt(fx.p),
+        Ty::Pred,
+        "`<` does not take pred",
+    );
+    rejects_expr(
+        |fx| Expr::var(fx.p) + fx.p,
+        Ty::Pred,
+        "`+` does not take pred",
+    );
     // A comparison gives a pred, not its operands' type.
     rejects_expr(
         |fx| Expr::var(fx.f).lt(fx.g),
@@ -339,7 +386,11 @@ fn memory_operands_and_access_modes() {
     accepts(&kernel_with(|fx| {
         vec![
             Stmt::store(fx.both, Expr::i32(1), Expr::load(fx.both, Expr::i64(0))),
-            Stmt::store(fx.tile, Expr::thread_idx(), Expr::load(fx.inp, Expr::thread_idx())),
+            Stmt::store(
+                fx.tile,
+                Expr::thread_idx(),
+                Expr::load(fx.inp, Expr::thread_idx()),
+            ),
         ]
     }));
 }
@@ -407,7 +458,12 @@ fn vector_access_rules() {
             Stmt::StoreVec {
                 buf: fx.out,
                 index: Expr::i64(4),
-                values: vec![Expr::var(fx.f), Expr::var(fx.g), Expr::f32(0.0), Expr::f32(1.0)],
+                values: vec![
+                    Expr::var(fx.f),
+                    Expr::var(fx.g),
+                    Expr::f32(0.0),
+                    Expr::f32(1.0),
+                ],
             },
         ]
     }));
@@ -431,29 +487,59 @@ fn store_and_assign_types() {
 
 #[test]
 fn loop_rules() {
-    let simple_loop = |var: VarId, start: Expr, end: Expr, step: Expr, body: Vec<Stmt>| {
-        Stmt::For {
-            var,
-            start,
-            end,
-            step,
-            body,
-        }
+    let simple_loop = |var: VarId, start: Expr, end: Expr, step: Expr, body: Vec<Stmt>| Stmt::For {
+        var,
+        start,
+        end,
+        step,
+        body,
     };
     rejects_body(
-        |fx| vec![simple_loop(fx.f, Expr::f32(0.0), Expr::f32(1.0), Expr::f32(0.5), vec![])],
+        |fx| {
+            vec![simple_loop(
+                fx.f,
+                Expr::f32(0.0),
+                Expr::f32(1.0),
+                Expr::f32(0.5),
+                vec![],
+            )]
+        },
         "the loop register f is f32, not an integer",
     );
     rejects_body(
-        |fx| vec![simple_loop(fx.i, Expr::i32(0), fx.n.clone(), Expr::i32(1), vec![])],
+        |fx| {
+            vec![simple_loop(
+                fx.i,
+                Expr::i32(0),
+                fx.n.clone(),
+                Expr::i32(1),
+                vec![],
+            )]
+        },
         "the loop's end is i64, but its register is i32",
     );
     rejects_body(
-        |fx| vec![simple_loop(fx.l, Expr::i64(0), fx.n.clone(), Expr::i64(0), vec![])],
+        |fx| {
+            vec![simple_loop(
+                fx.l,
+                Expr::i64(0),
+                fx.n.clone(),
+                Expr::i64(0),
+                vec![],
+            )]
+        },
         "the loop's step is not positive",
     );
     rejects_body(
-        |fx| vec![simple_loop(fx.i, Expr::i32(0), Expr::i32(9), Expr::i32(-1), vec![])],
+        |fx| {
+            vec![simple_loop(
+                fx.i,
+                Expr::i32(0),
+                Expr::i32(9),
+                Expr::i32(-1),
+                vec![],
+            )]
+        },
         "the loop's step is not positive",
     );
     rejects_body(
@@ -577,7 +663,12 @@ fn barriers_need_block_uniform_control_flow() {
     }
     // Memory that threads may see differently: shared memory, and buffers the kernel writes.
     rejects_body(
-        |fx| under_if(Expr::load(fx.tile, Expr::i32(0)).gt(Expr::f32(0.0)), Stmt::Barrier),
+        |fx| {
+            under_if(
+                Expr::load(fx.tile, Expr::i32(0)).gt(Expr::f32(0.0)),
+                Stmt::Barrier,
+            )
+        },
         not_uniform,
     );
     rejects_body(
@@ -613,10 +704,7 @@ fn barriers_need_block_uniform_control_flow() {
             vec![
                 Stmt::store(fx.tile, Expr::thread_idx(), Expr::f32(0.0)),
                 Stmt::Barrier,
-                Stmt::if_then(
-                    Expr::var(fx.l).lt(Expr::i64(4)),
-                    vec![Stmt::Barrier],
-                ),
+                Stmt::if_then(Expr::var(fx.l).lt(Expr::i64(4)), vec![Stmt::Barrier]),
             ],
         )]
     }));
@@ -634,7 +722,10 @@ fn uniformity_follows_registers_to_a_fixed_point() {
             Stmt::assign(fx.i, Expr::thread_idx()),
         ]
     });
-    rejects(&kernel, "a barrier under control flow that is not block-uniform");
+    rejects(
+        &kernel,
+        "a barrier under control flow that is not block-uniform",
+    );
     let analysis = uniformity(&kernel);
     let fx = fixture();
     assert!(!analysis.is_uniform_var(fx.i));
@@ -669,7 +760,10 @@ fn uniformity_follows_registers_to_a_fixed_point() {
     let analysis = uniformity(&kernel);
     assert!(analysis.is_uniform_var(fx.l));
     assert!(!analysis.is_uniform_var(fx.i));
-    assert!(!analysis.is_uniform_var(fx.f), "written in a divergent loop");
+    assert!(
+        !analysis.is_uniform_var(fx.f),
+        "written in a divergent loop"
+    );
 
     // Shuffles and vector loads keep uniform values uniform; loads from a buffer that the
     // kernel stores to do not.
@@ -686,7 +780,10 @@ fn uniformity_follows_registers_to_a_fixed_point() {
     });
     let analysis = uniformity(&kernel);
     assert!(analysis.is_uniform_var(fx.g));
-    assert!(analysis.is_uniform_var(fx.i), "the kernel never stores to `both`");
+    assert!(
+        analysis.is_uniform_var(fx.i),
+        "the kernel never stores to `both`"
+    );
     let kernel = kernel_with(|fx| {
         vec![
             Stmt::LoadVec {
@@ -700,7 +797,10 @@ fn uniformity_follows_registers_to_a_fixed_point() {
     });
     let analysis = uniformity(&kernel);
     assert!(analysis.is_uniform_var(fx.f) && analysis.is_uniform_var(fx.g));
-    assert!(!analysis.is_uniform_var(fx.i), "loaded from a buffer the kernel writes");
+    assert!(
+        !analysis.is_uniform_var(fx.i),
+        "loaded from a buffer the kernel writes"
+    );
 }
 
 #[test]
