@@ -4,9 +4,26 @@
 //! Backends: the reference interpreter today (exact, slow, always available); the Cranelift
 //! CPU backend and CUDA come with the code-generation and runtime issues and plug in behind
 //! [`Backend`].
+//!
+//! Text generation on the host: [`tokenizer`] (tokenizer.json, tokenizer_config.json,
+//! incremental detokenization), [`chat`] (chat templates), [`generation_config`],
+//! [`sampling`] (the sampler and stop conditions) and [`generate`] (the [`Generator`] that
+//! drives a model with them).
 
+pub mod chat;
+pub mod generate;
+pub mod generation_config;
+pub mod sampling;
+pub mod tokenizer;
 pub mod weights;
 
+pub use chat::{ChatMessage, ChatTemplate, MessageContent};
+pub use generate::{
+    Completion, GenerateError, GenerationEvent, Generator, LogitsModel, ProgramLogits, RequestId,
+};
+pub use generation_config::GenerationConfig;
+pub use sampling::{FinishReason, Sampler, SamplingError, SamplingParams};
+pub use tokenizer::{IncrementalDecoder, Tokenizer, TokenizerError};
 pub use weights::Weights;
 
 use std::path::{Path, PathBuf};
