@@ -9,6 +9,11 @@ if [ -x scripts/install-ptxas.sh ] || [ -f scripts/install-ptxas.sh ]; then
     export KILN_CUDA_WHEEL_DIR="$PWD/.tools/cuda"
 fi
 
+# The official OpenAI Python client, for the server's compatibility test.
+if ! PYTHONPATH="$PWD/.tools/pyenv" python3 -c "import openai" 2>/dev/null; then
+    python3 -m pip install --quiet --target .tools/pyenv openai
+fi
+
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 cargo test --workspace "$@"

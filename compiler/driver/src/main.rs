@@ -1,6 +1,7 @@
 //! `kiln`: the command-line tool. `check` reports every diagnostic of a program; `compile`
 //! prints a stage of the pipeline (`--emit ast|ir`); `run` executes a program on a
-//! checkpoint (or random weights), optionally decoding greedily.
+//! checkpoint (or random weights), optionally decoding greedily; `serve` runs the
+//! OpenAI-compatible server of `kiln-server`.
 
 mod run;
 
@@ -40,6 +41,8 @@ enum Command {
     },
     /// Run a program's entry function on a checkpoint or on random weights.
     Run(run::RunArgs),
+    /// Serve a model over an OpenAI-compatible HTTP API.
+    Serve(kiln_server::ServeArgs),
 }
 
 #[derive(clap::Args)]
@@ -81,6 +84,9 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Run(args) => run::run(args),
+        Command::Serve(args) => kiln_server::run_cli(&args)
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(Into::into),
         Command::Check(args) => {
             let (ok, _) = lower(&args)?;
             Ok(if ok {

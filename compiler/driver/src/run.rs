@@ -1,12 +1,20 @@
 //! `kiln run`: lowers a program, binds its params to a checkpoint (or to random weights),
 //! parses the inputs, runs an entry function and prints the results; `--generate N` decodes
 //! N tokens greedily by feeding the argmax of the last logits back as the next token.
+//! `--prompt TEXT` generates text instead: the model directory's tokenizer encodes the
+//! prompt (through its chat template with `--chat`), [`kiln_runtime::Generator`] samples
+//! with the given parameters (the checkpoint's generation_config.json supplies the
+//! defaults), and the text streams to stdout as it is produced.
 
 use crate::{lower, ProgramArgs};
 use anyhow::{anyhow, bail, Context, Result};
 use kiln_ir::{DType, Dim, Tensor};
-use kiln_runtime::{Backend, Weights};
-use std::path::PathBuf;
+use kiln_runtime::{
+    Backend, ChatMessage, GenerationConfig, Generator, ProgramLogits, SamplingParams, Tokenizer,
+    Weights,
+};
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 /// The model programs shipped with kiln, by the `model_type` of a Hugging Face config.json.
@@ -56,9 +64,71 @@ pub(crate) struct RunArgs {
     /// The dtype of params whose declaration names none.
     #[arg(long, default_value = "f32")]
     param_dtype: String,
+    #[command(flatten)]
+    text: TextArgs,
+}
+
+/// Text generation from a prompt (`--prompt`), with the model directory's tokenizer.
+#[derive(clap::Args)]
+struct TextArgs {
+    /// Generate text from this prompt, streaming it to stdout (needs --model).
+    #[arg(long, requires = "model", conflicts_with_all = ["inputs", "generate"])]
+    prompt: Option<String>,
+    /// Wrap the prompt in the model's chat template as a user message.
+    #[arg(long, requires = "prompt")]
+    chat: bool,
+    /// A system message before the prompt (with --chat).
+    #[arg(long, requires = "chat")]
+    system: Option<String>,
+    /// The most tokens to generate (default: generation_config.json's max_new_tokens, else
+    /// the rest of the context).
+    #[arg(long, value_name = "N")]
+    max_tokens: Option<usize>,
+    /// Sampling temperature; 0 is greedy (the default unless generation_config.json sets
+    /// do_sample).
+    #[arg(long, value_name = "T")]
+    temperature: Option<f32>,
+    /// Sample among the K most likely tokens only (0: all).
+    #[arg(long, value_name = "K")]
+    top_k: Option<usize>,
+    /// Nucleus sampling: the smallest set of tokens holding probability P.
+    #[arg(long, value_name = "P")]
+    top_p: Option<f32>,
+    /// Drop tokens less likely than P times the most likely one.
+    #[arg(long, value_name = "P")]
+    min_p: Option<f32>,
+    /// Hugging Face repetition penalty over prompt and output tokens (1: off).
+    #[arg(long, value_name = "X")]
+    repetition_penalty: Option<f32>,
+    /// OpenAI presence penalty in [-2, 2].
+    #[arg(long, value_name = "X")]
+    presence_penalty: Option<f32>,
+    /// OpenAI frequency penalty in [-2, 2].
+    #[arg(long, value_name = "X")]
+    frequency_penalty: Option<f32>,
+    /// Seed of the sampler: the same seed gives the same text.
+    #[arg(long, value_name = "S")]
+    seed: Option<u64>,
+    /// Stop before this string (repeatable); it is not printed.
+    #[arg(long = "stop", value_name = "STR")]
+    stop: Vec<String>,
+    /// Keep generating past end-of-sequence tokens.
+    #[arg(long)]
+    ignore_eos: bool,
 }
 
 pub(crate) fn run(args: RunArgs) -> Result<ExitCode> {
+    // Check the tokenizer and the sampling parameters before the slow part.
+    let text_generation = match (&args.text.prompt, &args.model) {
+        (Some(_), Some(model_dir)) => {
+            let tokenizer = Tokenizer::from_dir(model_dir)?;
+            let generation_config = GenerationConfig::from_dir(model_dir)?;
+            let params = sampling_params(&generation_config, &args.text);
+            params.validate()?;
+            Some((tokenizer, generation_config, params))
+        }
+        _ => None,
+    };
     let config = args
         .config
         .clone()
@@ -102,10 +172,43 @@ pub(crate) fn run(args: RunArgs) -> Result<ExitCode> {
     };
     let weights = match (&args.random_weights, args.weights.as_ref().or(args.model.as_ref())) {
         (Some(seed), _) => Weights::random(&lowered.params, *seed)?,
-        (None, Some(dir)) => Weights::load(dir, &lowered.params)?,
+        (None, Some(dir)) => {
+            eprintln!(
+                "kiln: loading {} tensors from {}",
+                lowered.params.len(),
+                dir.display()
+            );
+            let started = std::time::Instant::now();
+            let weights = Weights::load(dir, &lowered.params)?;
+            eprintln!(
+                "kiln: loaded {:.1} MiB in {:.2} s",
+                weights.bytes() as f64 / (1 << 20) as f64,
+                started.elapsed().as_secs_f64()
+            );
+            weights
+        }
         (None, None) if lowered.params.is_empty() => Weights::default(),
         (None, None) => bail!("this program reads {} checkpoint tensors: give --weights DIR, --model DIR or --random-weights SEED", lowered.params.len()),
     };
+    if let (Some(prompt), Some(model_dir), Some((tokenizer, generation_config, params))) =
+        (&args.text.prompt, &args.model, text_generation)
+    {
+        let backend = Backend::Interpreter;
+        eprintln!(
+            "kiln: generating with `{}` on the {} (no GPU backend in this build yet; no KV cache: every step re-runs the whole sequence)",
+            args.entry,
+            backend.name()
+        );
+        let model = ProgramLogits::new(backend, &lowered.module, &args.entry, &weights)?;
+        let request = TextRequest {
+            prompt,
+            chat: args.text.chat,
+            system: args.text.system.as_deref(),
+            params,
+        };
+        generate_text(model, tokenizer, model_dir, &generation_config, request)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let func = lowered
         .module
         .function(&args.entry)
@@ -150,6 +253,104 @@ pub(crate) fn run(args: RunArgs) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// What `--prompt` asks for.
+struct TextRequest<'a> {
+    prompt: &'a str,
+    chat: bool,
+    system: Option<&'a str>,
+    params: SamplingParams,
+}
+
+/// Encodes the prompt with `tokenizer`, generates with `model` and streams
+/// the text to stdout; a summary goes to stderr.
+fn generate_text(
+    model: ProgramLogits<'_>,
+    tokenizer: Tokenizer,
+    model_dir: &Path,
+    generation_config: &GenerationConfig,
+    request: TextRequest<'_>,
+) -> Result<()> {
+    let prompt_ids = if request.chat {
+        let mut messages = Vec::new();
+        if let Some(system) = request.system {
+            messages.push(ChatMessage::new("system", system));
+        }
+        messages.push(ChatMessage::new("user", request.prompt));
+        tokenizer.encode_chat(&messages, true)?
+    } else {
+        tokenizer.encode(request.prompt, true)?
+    };
+    let context = context_length(model_dir, &tokenizer)?;
+    let mut generator = Generator::new(model, tokenizer)
+        .with_eos_token_ids(generation_config.eos_token_ids.iter().copied());
+    if let Some(context) = context {
+        generator = generator.with_max_sequence_len(context);
+    }
+    let started = std::time::Instant::now();
+    let mut stdout = std::io::stdout().lock();
+    let mut write_error = None;
+    let completion = generator.complete(&prompt_ids, request.params, |event| {
+        if write_error.is_none() {
+            if let Err(e) = write!(stdout, "{}", event.text).and_then(|()| stdout.flush()) {
+                write_error = Some(e);
+            }
+        }
+    })?;
+    if let Some(e) = write_error {
+        return Err(e).context("writing to stdout");
+    }
+    writeln!(stdout)?;
+    let seconds = started.elapsed().as_secs_f64();
+    eprintln!(
+        "kiln: {} prompt tokens, {} generated in {:.2} s ({:.2} tokens/s), finish reason: {:?}",
+        completion.prompt_tokens,
+        completion.token_ids.len(),
+        seconds,
+        completion.token_ids.len() as f64 / seconds.max(1e-9),
+        completion.finish_reason
+    );
+    Ok(())
+}
+
+/// The checkpoint's defaults (generation_config.json) overridden by the command line.
+fn sampling_params(generation_config: &GenerationConfig, text_args: &TextArgs) -> SamplingParams {
+    let mut params = generation_config.sampling_defaults();
+    let overrides = [
+        (&mut params.temperature, text_args.temperature),
+        (&mut params.top_p, text_args.top_p),
+        (&mut params.min_p, text_args.min_p),
+        (&mut params.repetition_penalty, text_args.repetition_penalty),
+        (&mut params.presence_penalty, text_args.presence_penalty),
+        (&mut params.frequency_penalty, text_args.frequency_penalty),
+    ];
+    for (field, value) in overrides {
+        if let Some(value) = value {
+            *field = value;
+        }
+    }
+    if let Some(top_k) = text_args.top_k {
+        params.top_k = top_k;
+    }
+    if text_args.max_tokens.is_some() {
+        params.max_tokens = text_args.max_tokens;
+    }
+    params.seed = text_args.seed;
+    params.stop = text_args.stop.clone();
+    params.ignore_eos = text_args.ignore_eos;
+    params
+}
+
+/// The longest sequence the model takes: config.json's max_position_embeddings (or
+/// n_positions), else tokenizer_config.json's model_max_length.
+fn context_length(model_dir: &Path, tokenizer: &Tokenizer) -> Result<Option<usize>> {
+    let config = crate::read_config(model_dir)?;
+    let from_config = ["max_position_embeddings", "n_positions"]
+        .iter()
+        .find_map(|key| config.get(*key).and_then(|v| v.as_u64()))
+        .map(|n| n as usize);
+    Ok(from_config.or(tokenizer.config().model_max_length))
 }
 
 /// Greedy decoding by re-running the whole sequence each step (the interpreter has no KV

@@ -1,6 +1,7 @@
 //! The `kiln` binary end to end: `check` reports every independent error, `compile --emit ir`
-//! prints IR that parses back, and `run --generate` on the tiny Hugging Face checkpoints
-//! reproduces transformers' greedy tokens exactly.
+//! prints IR that parses back, `run --generate` on the tiny Hugging Face checkpoints
+//! reproduces transformers' greedy tokens exactly, and `run --prompt` on models/default
+//! streams the text the library's generator produces.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -133,4 +134,106 @@ fn run_reports_bad_input_clearly() {
     assert!(stderr.contains("input `tokens`"), "{stderr}");
     let (ok, _, stderr) = kiln(&["run", "--model", "tests/fixtures/tiny-llama"]);
     assert!(!ok && stderr.contains("missing input `tokens`"), "{stderr}");
+}
+
+/// The text kiln_runtime's generator produces for `prompt` on models/default, with the
+/// model program lowered and run on the interpreter as `kiln run` does.
+fn library_generation(prompt: &str, params: kiln_runtime::SamplingParams) -> String {
+    let dir = repo().join("models/default");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let (program, diagnostics) =
+        kiln_lower::Program::load(&repo().join("models/llama.kiln")).expect("llama.kiln");
+    assert!(diagnostics.iter().all(|d| !d.is_error()));
+    let options = kiln_lower::Options {
+        param_dtype: kiln_ir::DType::F32,
+        entries: Some(vec!["forward".into()]),
+    };
+    let (lowered, _) = kiln_lower::lower(&program, Some(&config), &options);
+    let lowered = lowered.expect("llama.kiln lowers with models/default's config");
+    let weights = kiln_runtime::Weights::load(&dir, &lowered.params).expect("weights");
+    let model = kiln_runtime::ProgramLogits::new(
+        kiln_runtime::Backend::Interpreter,
+        &lowered.module,
+        "forward",
+        &weights,
+    )
+    .expect("forward maps tokens to logits");
+    let tokenizer = kiln_runtime::Tokenizer::from_dir(&dir).expect("tokenizer");
+    let prompt_ids = tokenizer.encode(prompt, true).unwrap();
+    let mut generator = kiln_runtime::Generator::new(model, tokenizer);
+    generator
+        .complete(&prompt_ids, params, |_| {})
+        .expect("generation")
+        .text
+}
+
+/// What `kiln run --prompt` printed, without the final newline.
+fn printed_text(stdout: &str) -> &str {
+    stdout
+        .strip_suffix('\n')
+        .expect("the text ends with a newline")
+}
+
+#[test]
+fn run_prompt_prints_the_greedy_continuation() {
+    let prompt = "The for statement";
+    let params = kiln_runtime::SamplingParams {
+        max_tokens: Some(12),
+        ..kiln_runtime::SamplingParams::greedy()
+    };
+    // The interpreter is slow: compute the reference while the CLI runs.
+    let (reference, (ok, stdout, stderr)) = std::thread::scope(|scope| {
+        let reference = scope.spawn(|| library_generation(prompt, params));
+        let args = ["run", "--model", "models/default", "--prompt", prompt];
+        let cli = kiln(&[&args[..], &["--max-tokens", "12"]].concat());
+        (reference.join().expect("library generation"), cli)
+    });
+    assert!(ok, "{stderr}");
+    let printed = printed_text(&stdout);
+    // transformers' greedy sample (models/default/training.json) continues the prompt with
+    // " is executed, the first line of the\nvariable ends ...".
+    assert!(printed.starts_with(" is executed,"), "{printed:?}");
+    assert_eq!(printed, reference);
+    assert!(stderr.contains("finish reason: Length"), "{stderr}");
+}
+
+#[test]
+fn run_prompt_with_a_seed_is_reproducible() {
+    let args = [
+        "run",
+        "--model",
+        "models/default",
+        "--prompt",
+        "The for statement",
+        "--max-tokens",
+        "4",
+        "--temperature",
+        "0.8",
+        "--seed",
+        "7",
+    ];
+    let (ok, first, stderr) = kiln(&args);
+    assert!(ok, "{stderr}");
+    let (ok, second, stderr) = kiln(&args);
+    assert!(ok, "{stderr}");
+    assert!(!printed_text(&first).is_empty());
+    assert_eq!(first, second, "the same seed prints the same text");
+}
+
+#[test]
+fn run_prompt_rejects_bad_sampling_parameters() {
+    let (ok, _, stderr) = kiln(&[
+        "run",
+        "--model",
+        "models/default",
+        "--prompt",
+        "x",
+        "--top-p",
+        "1.5",
+    ]);
+    assert!(!ok);
+    assert!(stderr.contains("invalid `top_p`"), "{stderr}");
+    let (ok, _, stderr) = kiln(&["run", "--prompt", "x"]);
+    assert!(!ok && stderr.contains("--model"), "{stderr}");
 }

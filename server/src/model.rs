@@ -1,0 +1,210 @@
+//! Loading the served model: config.json's `model_type` picks the kiln program (the same table
+//! as `kiln run`), the program is lowered against config.json, the checkpoint's tensors are
+//! bound, and the tokenizer (or the byte-level fallback), end-of-sequence ids, sampling
+//! defaults, context length and KV-cache shape are read from the directory.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use kiln_kvcache::KvCacheShape;
+use kiln_lower::{Options, Program};
+use kiln_runtime::{GenerationConfig, Tokenizer, Weights};
+
+use crate::codec::TextCodec;
+use crate::error::ServerError;
+
+/// What a model family is served for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModelKind {
+    /// Text generation (`/v1/completions`, `/v1/chat/completions`) through `forward`.
+    Decoder,
+    /// Sentence embeddings (`/v1/embeddings`) through `embed`.
+    Encoder,
+}
+
+/// A model program shipped with kiln.
+struct ModelProgram {
+    model_types: &'static [&'static str],
+    path: &'static str,
+    source: &'static str,
+    kind: ModelKind,
+    entry: &'static str,
+}
+
+/// The programs by `model_type`, embedded so the server needs no source files at run time.
+const MODEL_PROGRAMS: &[ModelProgram] = &[
+    ModelProgram {
+        model_types: &["llama", "mistral", "qwen2"],
+        path: "models/llama.kiln",
+        source: include_str!("../../models/llama.kiln"),
+        kind: ModelKind::Decoder,
+        entry: "forward",
+    },
+    ModelProgram {
+        model_types: &["gpt2"],
+        path: "models/gpt2.kiln",
+        source: include_str!("../../models/gpt2.kiln"),
+        kind: ModelKind::Decoder,
+        entry: "forward",
+    },
+    ModelProgram {
+        model_types: &["bert"],
+        path: "models/bert.kiln",
+        source: include_str!("../../models/bert.kiln"),
+        kind: ModelKind::Encoder,
+        entry: "embed",
+    },
+];
+
+/// A loaded model: the lowered program with its weights, and everything about the checkpoint
+/// the server needs.
+#[derive(Debug)]
+pub struct LoadedModel {
+    /// The model directory.
+    pub dir: PathBuf,
+    /// config.json's `model_type`.
+    pub model_type: String,
+    /// Decoder or encoder.
+    pub kind: ModelKind,
+    /// The program the model runs (`models/llama.kiln`, ...).
+    pub program_path: &'static str,
+    /// The lowered program (one entry function).
+    pub module: Arc<kiln_ir::Module>,
+    /// The entry function the server runs (`forward` or `embed`).
+    pub entry: &'static str,
+    /// The checkpoint's tensors, converted to the program's dtypes.
+    pub weights: Arc<Weights>,
+    /// Text to ids and back.
+    pub codec: TextCodec,
+    /// Ids that end a sequence unless `ignore_eos`.
+    pub eos_token_ids: Vec<u32>,
+    /// generation_config.json (token ids and sampling defaults).
+    pub generation_config: GenerationConfig,
+    /// The longest sequence the model takes.
+    pub context_len: usize,
+    /// Vocabulary size (the logits' width).
+    pub vocab_size: usize,
+    /// Hidden size (an encoder's embedding width).
+    pub hidden_size: usize,
+    /// What one token's KV takes, for sizing the cache.
+    pub kv_shape: KvCacheShape,
+}
+
+impl LoadedModel {
+    /// Loads the model in `dir` (see the module docs).
+    pub fn load(dir: &Path) -> Result<LoadedModel, ServerError> {
+        let config_path = dir.join("config.json");
+        let config = read_json(&config_path)?;
+        let model_type = config
+            .get("model_type")
+            .and_then(|v| v.as_str())
+            .unwrap_or("")
+            .to_string();
+        let program = MODEL_PROGRAMS
+            .iter()
+            .find(|program| program.model_types.contains(&model_type.as_str()))
+            .ok_or_else(|| ServerError::UnknownModelType {
+                path: config_path.clone(),
+                model_type: model_type.clone(),
+            })?;
+        let (parsed, mut diagnostics) = Program::load_source(program.path, program.source, None);
+        let options = Options {
+            param_dtype: kiln_ir::DType::F32,
+            entries: Some(vec![program.entry.to_string()]),
+        };
+        let lowered = if diagnostics.iter().any(|d| d.is_error()) {
+            None
+        } else {
+            let (lowered, mut more) = kiln_lower::lower(&parsed, Some(&config), &options);
+            diagnostics.append(&mut more);
+            lowered
+        };
+        let lowered = match lowered {
+            Some(lowered) if !diagnostics.iter().any(|d| d.is_error()) => lowered,
+            _ => {
+                return Err(ServerError::Lowering {
+                    program: program.path.to_string(),
+                    dir: dir.to_path_buf(),
+                    diagnostics: parsed.sources.render(&diagnostics),
+                })
+            }
+        };
+        let weights = Weights::load(dir, &lowered.params)?;
+        let int = |keys: &[&str]| {
+            keys.iter()
+                .find_map(|key| config.get(*key).and_then(|v| v.as_u64()))
+                .map(|v| v as usize)
+        };
+        let missing = |what: &str| ServerError::ModelDir {
+            path: dir.to_path_buf(),
+            message: format!("config.json has no {what}"),
+        };
+        let vocab_size = int(&["vocab_size"]).ok_or_else(|| missing("vocab_size"))?;
+        let hidden_size =
+            int(&["hidden_size", "n_embd"]).ok_or_else(|| missing("hidden_size (or n_embd)"))?;
+        let num_layers = int(&["num_hidden_layers", "n_layer"])
+            .ok_or_else(|| missing("num_hidden_layers (or n_layer)"))?;
+        let num_heads = int(&["num_attention_heads", "n_head"])
+            .ok_or_else(|| missing("num_attention_heads (or n_head)"))?;
+        let num_kv_heads = int(&["num_key_value_heads"]).unwrap_or(num_heads);
+        let head_dim = int(&["head_dim"]).unwrap_or(hidden_size / num_heads.max(1));
+        let codec = if dir.join("tokenizer.json").is_file() {
+            TextCodec::Tokenizer(Tokenizer::from_dir(dir)?)
+        } else {
+            TextCodec::Bytes { vocab_size }
+        };
+        let context_len = int(&["max_position_embeddings", "n_positions"])
+            .or_else(|| codec.model_max_length())
+            .ok_or_else(|| missing("max_position_embeddings (or n_positions)"))?;
+        let generation_config = GenerationConfig::from_dir(dir)?;
+        let mut eos_token_ids = generation_config.eos_token_ids.clone();
+        if let Some(eos) = codec.eos_token_id() {
+            if !eos_token_ids.contains(&eos) {
+                eos_token_ids.push(eos);
+            }
+        }
+        Ok(LoadedModel {
+            dir: dir.to_path_buf(),
+            model_type,
+            kind: program.kind,
+            program_path: program.path,
+            module: Arc::new(lowered.module),
+            entry: program.entry,
+            weights: Arc::new(weights),
+            codec,
+            eos_token_ids,
+            generation_config,
+            context_len,
+            vocab_size,
+            hidden_size,
+            kv_shape: KvCacheShape {
+                num_layers,
+                num_kv_heads,
+                head_dim,
+                // The interpreter and the CPU backend keep activations in f32.
+                dtype_bytes: 4,
+            },
+        })
+    }
+
+    /// The name clients use when none is configured: the directory's own name.
+    pub fn default_name(&self) -> String {
+        self.dir
+            .canonicalize()
+            .unwrap_or_else(|_| self.dir.clone())
+            .file_name()
+            .map(|name| name.to_string_lossy().into_owned())
+            .unwrap_or_else(|| self.model_type.clone())
+    }
+}
+
+fn read_json(path: &Path) -> Result<serde_json::Value, ServerError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ServerError::ModelDir {
+        path: path.parent().unwrap_or(path).to_path_buf(),
+        message: format!("reading {}: {e}", path.display()),
+    })?;
+    serde_json::from_str(&text).map_err(|e| ServerError::ModelDir {
+        path: path.parent().unwrap_or(path).to_path_buf(),
+        message: format!("parsing {}: {e}", path.display()),
+    })
+}

@@ -1,0 +1,225 @@
+//! The engine's view of a model: [`ModelRunner`] turns one scheduled step into the
+//! last-position logits of every sequence that samples, and [`InterpreterRunner`] implements
+//! it on kiln's reference interpreter. [`Embedder`] runs an encoder's `embed` entry.
+//!
+//! `InterpreterRunner` keeps no KV cache: for each sampling sequence it runs the program's
+//! `forward` over the sequence's whole token list, alone (batch of one). A sequence's logits
+//! therefore never depend on what else is in the step — batch invariance by construction —
+//! at the price of recomputing the prefix every step, which is fine for the tiny models it
+//! serves. The compiled CPU and GPU paths plug in behind the same trait and use the block
+//! tables and `num_cached_tokens` the inputs carry.
+
+use std::sync::Arc;
+
+use kiln_ir::{DType, Tensor};
+use kiln_kvcache::{BlockCopy, BlockId, SeqId};
+use kiln_runtime::{Backend, RuntimeError, Weights};
+
+/// What a runner can fail with; the engine fails the step's requests with the message.
+#[derive(Debug, thiserror::Error)]
+pub enum RunnerError {
+    /// The program failed to run.
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    /// The program returned something of the wrong shape.
+    #[error("the model returned {0}")]
+    BadOutput(String),
+    /// A worker thread of the runner panicked.
+    #[error("a runner thread panicked")]
+    Panicked,
+}
+
+/// One scheduled sequence of a step, as the runner sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct SequenceInput<'a> {
+    /// The sequence (stable while it runs; block tables are kept per sequence).
+    pub seq_id: SeqId,
+    /// Every token of the sequence up to and including the last one scheduled this step.
+    pub token_ids: &'a [u32],
+    /// Leading tokens whose KV is already in the cache; the step computes the rest.
+    pub num_cached_tokens: usize,
+    /// The sequence's KV-cache blocks (position `p` lives in `block_table[p / block_size]`).
+    pub block_table: &'a [BlockId],
+    /// Whether the step samples a token from this sequence's last position.
+    pub samples_token: bool,
+}
+
+/// Runs the model for the engine, one step at a time.
+pub trait ModelRunner: Send {
+    /// Runs one step over `batch` (every scheduled sequence, decodes first) and returns the
+    /// last-position logits of each sequence with `samples_token`, in batch order.
+    fn logits(&mut self, batch: &[SequenceInput<'_>]) -> Result<Vec<Vec<f32>>, RunnerError>;
+
+    /// Performs copy-on-write block copies before the step's forward pass. Runners that
+    /// keep no KV cache have nothing to copy.
+    fn copy_blocks(&mut self, copies: &[BlockCopy]) -> Result<(), RunnerError> {
+        let _ = copies;
+        Ok(())
+    }
+
+    /// Where the model runs, for the startup log.
+    fn describe(&self) -> String;
+}
+
+/// [`ModelRunner`] on the reference interpreter (see the module docs).
+#[derive(Debug)]
+pub struct InterpreterRunner {
+    module: Arc<kiln_ir::Module>,
+    weights: Arc<Weights>,
+    entry: String,
+    threads: usize,
+}
+
+impl InterpreterRunner {
+    /// A runner of `entry` (`tokens: i32[B, S] -> logits: f32[B, S, vocab]`) spreading each
+    /// step's sequences over `threads` threads.
+    pub fn new(
+        module: Arc<kiln_ir::Module>,
+        weights: Arc<Weights>,
+        entry: &str,
+        threads: usize,
+    ) -> InterpreterRunner {
+        InterpreterRunner {
+            module,
+            weights,
+            entry: entry.to_string(),
+            threads: threads.max(1),
+        }
+    }
+
+    /// The last position's logits of one sequence, run alone.
+    fn last_logits(&self, token_ids: &[u32]) -> Result<Vec<f32>, RunnerError> {
+        let ids = token_ids.iter().map(|&id| i64::from(id)).collect();
+        let tokens = Tensor::from_ints(DType::I32, &[1, token_ids.len()], ids);
+        let results = kiln_runtime::run(
+            Backend::Interpreter,
+            &self.module,
+            &self.entry,
+            &[tokens],
+            &self.weights,
+        )?;
+        let logits = results
+            .first()
+            .ok_or_else(|| RunnerError::BadOutput("no result".into()))?;
+        let [1, length, vocab] = logits.shape[..] else {
+            return Err(RunnerError::BadOutput(format!(
+                "logits of shape {:?}, expected [1, {}, vocab]",
+                logits.shape,
+                token_ids.len()
+            )));
+        };
+        if length != token_ids.len() || vocab == 0 {
+            return Err(RunnerError::BadOutput(format!(
+                "logits of shape {:?} for {} tokens",
+                logits.shape,
+                token_ids.len()
+            )));
+        }
+        let values = logits.to_f32_vec();
+        Ok(values[(length - 1) * vocab..].to_vec())
+    }
+}
+
+impl ModelRunner for InterpreterRunner {
+    fn logits(&mut self, batch: &[SequenceInput<'_>]) -> Result<Vec<Vec<f32>>, RunnerError> {
+        let sampling: Vec<&[u32]> = batch
+            .iter()
+            .filter(|input| input.samples_token)
+            .map(|input| input.token_ids)
+            .collect();
+        if sampling.len() <= 1 || self.threads == 1 {
+            return sampling
+                .iter()
+                .map(|tokens| self.last_logits(tokens))
+                .collect();
+        }
+        // Each sequence runs alone, so spreading them over threads changes no result.
+        let threads = self.threads.min(sampling.len());
+        let mut rows: Vec<Option<Result<Vec<f32>, RunnerError>>> =
+            (0..sampling.len()).map(|_| None).collect();
+        let this = &*self;
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..threads)
+                .map(|worker| {
+                    let sampling = &sampling;
+                    scope.spawn(move || {
+                        (worker..sampling.len())
+                            .step_by(threads)
+                            .map(|index| (index, this.last_logits(sampling[index])))
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            for worker in workers {
+                match worker.join() {
+                    Ok(results) => {
+                        for (index, row) in results {
+                            rows[index] = Some(row);
+                        }
+                    }
+                    Err(_) => return,
+                }
+            }
+        });
+        rows.into_iter()
+            .map(|row| row.unwrap_or(Err(RunnerError::Panicked)))
+            .collect()
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{} over {} thread{} (no KV reuse: every step reruns each sampled sequence)",
+            Backend::Interpreter.name(),
+            self.threads,
+            if self.threads == 1 { "" } else { "s" }
+        )
+    }
+}
+
+/// Sentence embeddings from an encoder's `embed` entry (`tokens: i32[B, S], mask: i32[B, S]
+/// -> f32[B, hidden]`, mean-pooled and L2-normalized by the program).
+#[derive(Debug, Clone)]
+pub struct Embedder {
+    module: Arc<kiln_ir::Module>,
+    weights: Arc<Weights>,
+    entry: String,
+}
+
+impl Embedder {
+    /// An embedder running `entry` of `module`.
+    pub fn new(module: Arc<kiln_ir::Module>, weights: Arc<Weights>, entry: &str) -> Embedder {
+        Embedder {
+            module,
+            weights,
+            entry: entry.to_string(),
+        }
+    }
+
+    /// The embedding of one token sequence (run alone: no padding).
+    pub fn embed(&self, token_ids: &[u32]) -> Result<Vec<f32>, RunnerError> {
+        let shape = [1, token_ids.len()];
+        let tokens = Tensor::from_ints(
+            DType::I32,
+            &shape,
+            token_ids.iter().map(|&id| i64::from(id)).collect(),
+        );
+        let mask = Tensor::from_ints(DType::I32, &shape, vec![1; token_ids.len()]);
+        let results = kiln_runtime::run(
+            Backend::Interpreter,
+            &self.module,
+            &self.entry,
+            &[tokens, mask],
+            &self.weights,
+        )?;
+        let embedding = results
+            .first()
+            .ok_or_else(|| RunnerError::BadOutput("no result".into()))?;
+        if embedding.shape.len() != 2 || embedding.shape[0] != 1 {
+            return Err(RunnerError::BadOutput(format!(
+                "an embedding of shape {:?}, expected [1, hidden]",
+                embedding.shape
+            )));
+        }
+        Ok(embedding.to_f32_vec())
+    }
+}
