@@ -1,12 +1,13 @@
 //! `kiln`: the command-line tool. `check` reports every diagnostic of a program; `compile`
-//! prints a stage of the pipeline (`--emit ast|ir`); `run` executes a program on a
+//! prints a stage of the pipeline or writes a package; `run` executes a program on a
 //! checkpoint (or random weights), optionally decoding greedily; `serve` runs the
 //! OpenAI-compatible server of `kiln-server`.
 
+mod compile;
 mod run;
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use kiln_ir::DType;
 use kiln_lower::{Options, Program};
 use std::path::{Path, PathBuf};
@@ -27,18 +28,9 @@ struct Cli {
 enum Command {
     /// Parse and lower a program; print every diagnostic; exit non-zero on errors.
     Check(ProgramArgs),
-    /// Compile a program and print the requested stage.
-    Compile {
-        #[command(flatten)]
-        program: ProgramArgs,
-        /// The stage to print.
-        #[arg(long, value_enum, default_value_t = Emit::Opt)]
-        emit: Emit,
-        /// Print the graph IR right after this pass of the optimization pipeline
-        /// (canonicalize, constfold, cse, dce) instead.
-        #[arg(long, value_name = "PASS")]
-        print_after: Option<String>,
-    },
+    /// Compile a program: print a stage (`--emit`), the kernel statistics (`--stats`), or
+    /// write a package of PTX, cubins and a manifest (`-o DIR`).
+    Compile(compile::CompileArgs),
     /// Run a program's entry function on a checkpoint or on random weights.
     Run(run::RunArgs),
     /// Serve a model over an OpenAI-compatible HTTP API.
@@ -58,16 +50,6 @@ pub(crate) struct ProgramArgs {
     /// Lower only this entry function (repeatable).
     #[arg(long = "entry")]
     pub(crate) entries: Vec<String>,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum Emit {
-    /// The syntax tree of the root file.
-    Ast,
-    /// The graph IR as lowered, before any pass.
-    Ir,
-    /// The graph IR after the optimization pipeline.
-    Opt,
 }
 
 fn main() -> ExitCode {
@@ -95,56 +77,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
-        Command::Compile {
-            program,
-            print_after: Some(pass),
-            ..
-        } => {
-            let (ok, lowered) = lower(&program)?;
-            let Some(mut lowered) = lowered.filter(|_| ok) else {
-                return Ok(ExitCode::FAILURE);
-            };
-            let options = kiln_opt::RunOptions {
-                print_after: Some(pass.as_str()),
-                ..Default::default()
-            };
-            let report = kiln_opt::default_pipeline().run_with(&mut lowered.module, &options)?;
-            match report.printed {
-                Some(text) => print!("{text}"),
-                None => bail!("the pipeline never ran `{pass}`"),
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Compile { program, emit, .. } => match emit {
-            Emit::Ast => {
-                let source = std::fs::read_to_string(&program.file)
-                    .with_context(|| format!("reading {}", program.file.display()))?;
-                let mut sources = kiln_syntax::SourceMap::new();
-                let id = sources.add(program.file.display().to_string(), source.clone());
-                let (ast, diags) = kiln_syntax::parse(&source, id);
-                eprint!("{}", sources.render(&diags));
-                println!("{ast:#?}");
-                Ok(if diags.iter().any(|d| d.is_error()) {
-                    ExitCode::FAILURE
-                } else {
-                    ExitCode::SUCCESS
-                })
-            }
-            Emit::Ir | Emit::Opt => {
-                let (ok, lowered) = lower(&program)?;
-                if let Some(mut lowered) = lowered {
-                    if matches!(emit, Emit::Opt) {
-                        kiln_opt::optimize(&mut lowered.module)?;
-                    }
-                    print!("{}", lowered.module);
-                }
-                Ok(if ok {
-                    ExitCode::SUCCESS
-                } else {
-                    ExitCode::FAILURE
-                })
-            }
-        },
+        Command::Compile(args) => compile::run(args),
     }
 }
 
