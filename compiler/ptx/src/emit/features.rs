@@ -1,0 +1,79 @@
+//! The instructions whose availability depends on the target and the PTX version, with the
+//! floors found by assembling probes with ptxas 13.5 (see the tests in
+//! `tests/emit_snapshots.rs` and the table in the crate's `emit` module documentation).
+//!
+//! Everything else the emitter prints is baseline for every kiln target at its minimum
+//! `.version` (sm_80 / PTX 7.0): `cvt.rn.bf16.f32`, `cvt.rn.{bf16x2,f16x2}.f32`,
+//! `min.NaN`/`max.NaN`, `shfl.sync`, `bar.sync`, f64 arithmetic, `clz`, `bfe`/`bfi`.
+
+use crate::target::{PtxVersion, Target};
+
+/// An instruction family with a target- or version-dependent floor. The emitter uses it
+/// when the target has it and the version it needs is within the cap; otherwise it emits
+/// an exact fallback sequence.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Feature {
+    /// `cvt.f32.bf16`: sm_80 with PTX 7.1 (7.0 rejects it). Fallback: the bf16 bits
+    /// shifted into the top of an f32 (exact).
+    Bf16ToF32,
+    /// `cvt.rn.satfinite.{e4m3x2,e5m2x2}.f32` and `cvt.rn.f16x2.{e4m3x2,e5m2x2}`: sm_89
+    /// needs PTX 8.1, sm_90 and later 7.8; sm_80 has none. Fallback: the integer
+    /// routines of [`crate::numeric::convert`] (encode) and exact bit placement (decode).
+    Fp8Convert,
+}
+
+impl Feature {
+    pub const ALL: [Feature; 2] = [Feature::Bf16ToF32, Feature::Fp8Convert];
+
+    /// The instructions, as in a PTX listing.
+    pub fn instructions(self) -> &'static str {
+        match self {
+            Feature::Bf16ToF32 => "cvt.f32.bf16",
+            Feature::Fp8Convert => {
+                "cvt.rn.satfinite.{e4m3x2,e5m2x2}.f32, cvt.rn.f16x2.{e4m3x2,e5m2x2}"
+            }
+        }
+    }
+
+    /// The lowest `.version` that has the feature on `target`, or `None` when the target
+    /// lacks it (the result is never below the target's own minimum).
+    pub fn min_ptx_version(self, target: Target) -> Option<PtxVersion> {
+        let floor = match (self, target) {
+            (Feature::Bf16ToF32, _) => PtxVersion::new(7, 1),
+            (Feature::Fp8Convert, Target::Sm80) => return None,
+            (Feature::Fp8Convert, Target::Sm89) => PtxVersion::new(8, 1),
+            (Feature::Fp8Convert, _) => PtxVersion::new(7, 8),
+        };
+        Some(floor.max(target.min_ptx_version()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn floors_per_target() {
+        let table: Vec<(Target, Vec<Option<String>>)> = Target::ALL
+            .iter()
+            .map(|&t| {
+                let floors = Feature::ALL
+                    .iter()
+                    .map(|f| f.min_ptx_version(t).map(|v| v.to_string()))
+                    .collect();
+                (t, floors)
+            })
+            .collect();
+        let v = |s: &str| Some(s.to_string());
+        assert_eq!(
+            table,
+            [
+                (Target::Sm80, vec![v("7.1"), None]),
+                (Target::Sm89, vec![v("7.8"), v("8.1")]),
+                (Target::Sm90a, vec![v("8.0"), v("8.0")]),
+                (Target::Sm100a, vec![v("8.6"), v("8.6")]),
+                (Target::Sm120, vec![v("8.7"), v("8.7")]),
+            ]
+        );
+    }
+}

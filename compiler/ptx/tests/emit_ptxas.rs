@@ -1,0 +1,129 @@
+//! Every test kernel's PTX assembles with the real ptxas for all five targets (also the
+//! JIT copies and the capped fallbacks), and the pointwise and reduction kernels keep all
+//! their registers (no spills in the `ptxas -v` report).
+//!
+//! Without ptxas these tests fail with the install instructions, unless
+//! `KILN_ALLOW_NO_PTXAS=1` is set: then each prints that it was not run.
+
+mod kernels;
+
+use kiln_kir::Kernel;
+use kiln_ptx::{emit_ptx, AssembleOptions, Assembled, EmitOptions, PtxVersion, Target, Toolchain};
+
+/// The toolchain, or `None` (after saying so) when it is absent and that is allowed.
+fn toolchain(test: &str) -> Option<Toolchain> {
+    match Toolchain::discover() {
+        Ok(toolchain) => Some(toolchain),
+        Err(error) if std::env::var("KILN_ALLOW_NO_PTXAS").as_deref() == Ok("1") => {
+            eprintln!("NOT RUN: {test}: no ptxas ({error}); KILN_ALLOW_NO_PTXAS=1");
+            None
+        }
+        Err(error) => panic!("{test} needs ptxas: {error}\n(set KILN_ALLOW_NO_PTXAS=1 to skip)"),
+    }
+}
+
+fn assemble(
+    toolchain: &Toolchain,
+    kernels: &[Kernel],
+    target: Target,
+    options: &EmitOptions,
+) -> Assembled {
+    let ptx = emit_ptx(kernels, target, options).unwrap_or_else(|e| panic!("{target}: {e}"));
+    toolchain
+        .assemble(&ptx, target, &AssembleOptions::default())
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The snapshotted kernels whose registers must all fit: the pointwise and reduction ones.
+const NO_SPILLS: [&str; 4] = [
+    "vector_add_bf16",
+    "rms_norm_rows_bf16",
+    "every_unary_op",
+    "f8_quantize",
+];
+
+#[test]
+fn representative_kernels_assemble_for_every_target_without_spills() {
+    let Some(toolchain) =
+        toolchain("representative_kernels_assemble_for_every_target_without_spills")
+    else {
+        return;
+    };
+    for target in Target::ALL {
+        for (name, kernel) in kernels::representative() {
+            let assembled = assemble(
+                &toolchain,
+                std::slice::from_ref(&kernel),
+                target,
+                &EmitOptions::default(),
+            );
+            let report = assembled
+                .report
+                .functions
+                .iter()
+                .find(|f| f.name == kernel.name)
+                .unwrap_or_else(|| panic!("no report for {name}:\n{}", assembled.log));
+            println!(
+                "{:>7} {name:<20} {:>3} registers, {} bytes spill stores, {} bytes spill loads, {} bytes smem",
+                target.sm_name(), report.registers, report.spill_store_bytes, report.spill_load_bytes, report.shared_memory_bytes
+            );
+            if NO_SPILLS.contains(&name) {
+                assert!(
+                    !report.has_spills(),
+                    "{name} spills on {target}:\n{}",
+                    assembled.log
+                );
+            }
+            let errors: Vec<_> = assembled
+                .report
+                .notices
+                .iter()
+                .filter(|n| n.severity >= kiln_ptx::NoticeSeverity::Warning)
+                .collect();
+            assert!(errors.is_empty(), "{name} on {target}: {errors:?}");
+        }
+    }
+}
+
+#[test]
+fn every_dtype_operator_and_example_assembles_for_every_target() {
+    let Some(toolchain) = toolchain("every_dtype_operator_and_example_assembles_for_every_target")
+    else {
+        return;
+    };
+    let coverage = kernels::coverage();
+    for target in Target::ALL {
+        let assembled = assemble(&toolchain, &coverage, target, &EmitOptions::default());
+        assert_eq!(assembled.report.functions.len(), coverage.len(), "{target}");
+    }
+}
+
+#[test]
+fn jit_copies_and_capped_fallbacks_assemble() {
+    let Some(toolchain) = toolchain("jit_copies_and_capped_fallbacks_assemble") else {
+        return;
+    };
+    let all = kernels::everything();
+    for target in Target::ALL {
+        let ptx = emit_ptx(&all, target, &EmitOptions::for_jit()).unwrap();
+        let assembled = toolchain
+            .assemble(&ptx, target, &AssembleOptions::default())
+            .unwrap_or_else(|e| panic!("{e}"));
+        // The JIT copy packs into a fatbin next to its cubin.
+        if toolchain.fatbinary_path().is_some() {
+            toolchain
+                .fatbin(&[(target, &assembled.cubin)], Some((&ptx, target)))
+                .unwrap_or_else(|e| panic!("{target}: {e}"));
+        }
+    }
+    // The fallbacks: bf16 widening at PTX 7.0 on sm_80, f8 conversions at 7.8 on sm_89.
+    for (target, cap) in [
+        (Target::Sm80, PtxVersion::new(7, 0)),
+        (Target::Sm89, PtxVersion::new(7, 8)),
+    ] {
+        let options = EmitOptions {
+            max_ptx_version: Some(cap),
+        };
+        assemble(&toolchain, &all, target, &options);
+    }
+}
