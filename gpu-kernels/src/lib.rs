@@ -1,1 +1,123 @@
-//! Kernel templates and the fusion that picks them.
+//! Kernel templates and the fusion that picks them: a graph-IR function becomes a list of
+//! kir kernels and an execution plan.
+//!
+//! Pipeline of [`compile_function`] (run kiln-opt's `default_pipeline` first):
+//! 1. `graph`: use-def facts and element costs;
+//! 2. `partition`: which values are materialized and which kernel computes each
+//!    (pointwise, row reduction, loop reduction, matmul with horizontal fusion, attention;
+//!    loops become plan loops with their bodies partitioned the same way);
+//! 3. `templates`: each kernel group becomes a kir kernel, its element-wise work inlined by
+//!    the one fusion mechanism in `emit` (index expressions over materialized buffers);
+//! 4. `plan`: buffers, launches, loops, symbol bindings and the arena; identical kernels
+//!    are shared;
+//! 5. `stats`: per launch, the ops fused and the minimum bytes moved.
+//!
+//! Deliberately absent: tensor cores, cp.async pipelines and split-K (later templates);
+//! caching a reduction row in registers between the reduction and the epilogue pass; loop
+//! bodies fused into one persistent kernel.
+
+mod emit;
+mod error;
+mod graph;
+mod partition;
+mod plan;
+pub mod stats;
+mod templates;
+
+pub use error::FusionError;
+pub use stats::{KernelStats, Stats};
+pub use templates::MatmulTiling;
+
+use kiln_ir::Module;
+use kiln_kir::{Kernel, Plan};
+
+/// How wide index arithmetic is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum IndexWidth {
+    /// I32 when every tensor a kernel touches stays below 2^31 elements with symbolic dims
+    /// at most [`Options::symbol_bound`]; I64 otherwise.
+    #[default]
+    Auto,
+    I32,
+    I64,
+}
+
+/// Options of the fusion compiler.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Options {
+    pub index_width: IndexWidth,
+    /// The largest value a symbolic dim is assumed to take (for [`IndexWidth::Auto`]).
+    pub symbol_bound: u64,
+    pub matmul_tiling: MatmulTiling,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            index_width: IndexWidth::Auto,
+            symbol_bound: 1 << 16,
+            matmul_tiling: MatmulTiling::default(),
+        }
+    }
+}
+
+/// The kernels and plan of one function.
+#[derive(Clone, Debug)]
+pub struct CompiledFunction {
+    pub kernels: Vec<Kernel>,
+    pub plan: Plan,
+    pub stats: Stats,
+}
+
+/// Every function of a module, sharing one list of kernels.
+#[derive(Clone, Debug)]
+pub struct CompiledModule {
+    pub kernels: Vec<Kernel>,
+    pub plans: Vec<Plan>,
+    pub stats: Stats,
+}
+
+/// Compiles the function called `function` of `module`.
+pub fn compile_function(
+    module: &Module,
+    function: &str,
+    options: &Options,
+) -> Result<CompiledFunction, FusionError> {
+    let func = module
+        .function(function)
+        .ok_or_else(|| FusionError::UnknownFunction(function.to_string()))?;
+    let mut kernels = Vec::new();
+    let (plan, launches) = compile_into(func, options, &mut kernels)?;
+    Ok(CompiledFunction {
+        kernels,
+        plan,
+        stats: Stats { launches },
+    })
+}
+
+/// Compiles every function of `module`.
+pub fn compile_module(module: &Module, options: &Options) -> Result<CompiledModule, FusionError> {
+    let mut kernels = Vec::new();
+    let mut plans = Vec::new();
+    let mut stats = Stats::default();
+    for func in &module.functions {
+        let (plan, launches) = compile_into(func, options, &mut kernels)?;
+        plans.push(plan);
+        stats.launches.extend(launches);
+    }
+    Ok(CompiledModule {
+        kernels,
+        plans,
+        stats,
+    })
+}
+
+fn compile_into(
+    func: &kiln_ir::Function,
+    options: &Options,
+    kernels: &mut Vec<Kernel>,
+) -> Result<(Plan, Vec<KernelStats>), FusionError> {
+    let g = graph::FuncGraph::new(func);
+    let part = partition::partition(&g)?;
+    plan::PlanBuilder::new(&g, &part, options, kernels).build()
+}

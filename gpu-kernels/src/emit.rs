@@ -1,0 +1,976 @@
+//! The one fusion mechanism: the element of any graph value at a given index, as a kir
+//! expression over the buffers of materialized values.
+//!
+//! [`Emitter::elem`] walks from a value down through element-wise ops (index unchanged,
+//! broadcast dims read at 0) and movement ops (reshape, permute, broadcast, slice, concat,
+//! gather: index arithmetic) until it reaches a value that is stored in a buffer (a load)
+//! or held in registers by the kernel being built (a [`Binding`]: a reduction result for
+//! the current row, a matmul accumulator for the current output element). Every
+//! intermediate is assigned to a fresh register, memoized per (value, index) within a
+//! scope, so shared subexpressions are computed once per thread.
+//!
+//! Lanes: `elem(.., lanes = W)` computes `W` consecutive elements along the last axis at
+//! once (the last index is a multiple of `W`); buffer reads then become `LoadVec`s when the
+//! index arithmetic keeps the lanes contiguous, and fall back to one load per lane where it
+//! does not (a permuted last axis, a gather over the last axis).
+//!
+//! Numerics: every value is computed in its compute type (f32 for every float dtype);
+//! intermediate values of narrow float dtypes are not rounded to that dtype between fused
+//! ops (the interpreter rounds after every op), so bf16/f16 results may differ from it by
+//! about one unit in the last place of the narrow dtype.
+
+use crate::error::{EmitError, FusionError};
+use crate::graph::FuncGraph;
+use kiln_ir::{BinaryOp, DType, Dim, Op, UnaryOp, Value};
+use kiln_kir::{
+    Access, BinOp, Buf, Const, Expr, Kernel, Param, Shared, SizeExpr, Special, Stmt, Ty, UnOp, Var,
+    VarId,
+};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// What a kernel parameter is bound to in the plan.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum ParamArg {
+    /// The buffer holding this graph value.
+    Buffer(Value),
+    /// The value of a symbolic dim.
+    Sym(String),
+}
+
+/// A value the kernel holds in a register for exactly one index.
+#[derive(Clone, Debug)]
+pub(crate) struct Binding {
+    pub value: Value,
+    pub index: Vec<Expr>,
+    pub expr: Expr,
+}
+
+/// Builds one kernel: parameters, registers, shared arrays and element expressions.
+pub(crate) struct Emitter<'a, 'f> {
+    pub g: &'a FuncGraph<'f>,
+    /// Per value: whether a consumer outside its producing kernel reads it from a buffer.
+    pub stored: &'a [bool],
+    pub index_ty: Ty,
+    pub params: Vec<Param>,
+    pub args: Vec<ParamArg>,
+    pub vars: Vec<Var>,
+    pub shared: Vec<Shared>,
+    /// Values this kernel computes itself (inlined even when they are also stored).
+    pub owned: BTreeSet<Value>,
+    pub bindings: Vec<Binding>,
+    memo: Vec<BTreeMap<String, Vec<Expr>>>,
+    /// Every graph value whose op this kernel computes (for the statistics).
+    pub fused: BTreeSet<Value>,
+    buffer_params: BTreeMap<Value, u32>,
+    sym_params: BTreeMap<String, u32>,
+}
+
+pub(crate) type EResult<T> = Result<T, EmitError>;
+
+impl<'a, 'f> Emitter<'a, 'f> {
+    pub fn new(g: &'a FuncGraph<'f>, stored: &'a [bool], index_ty: Ty) -> Emitter<'a, 'f> {
+        Emitter {
+            g,
+            stored,
+            index_ty,
+            params: Vec::new(),
+            args: Vec::new(),
+            vars: Vec::new(),
+            shared: Vec::new(),
+            owned: BTreeSet::new(),
+            bindings: Vec::new(),
+            memo: vec![BTreeMap::new()],
+            fused: BTreeSet::new(),
+            buffer_params: BTreeMap::new(),
+            sym_params: BTreeMap::new(),
+        }
+    }
+
+    pub fn internal(&self, v: Value, message: impl Into<String>) -> EmitError {
+        EmitError::Fatal(FusionError::Internal {
+            function: self.g.func.name.clone(),
+            value: v,
+            message: message.into(),
+        })
+    }
+
+    // ---- declarations ----------------------------------------------------------------
+
+    pub fn var(&mut self, name: &str, ty: Ty) -> VarId {
+        let id = VarId(self.vars.len() as u32);
+        self.vars.push(Var {
+            name: format!("{name}{}", id.0),
+            ty,
+        });
+        id
+    }
+
+    pub fn shared_array(&mut self, name: &str, dtype: DType, len: u32) -> Buf {
+        let id = self.shared.len() as u32;
+        self.shared.push(Shared {
+            name: name.to_string(),
+            dtype,
+            len,
+        });
+        Buf::Shared(id)
+    }
+
+    /// The buffer parameter of value `v`, declared on first use.
+    pub fn buffer(&mut self, v: Value, access: Access) -> Buf {
+        if let Some(&i) = self.buffer_params.get(&v) {
+            if let Param::Buffer { access: a, .. } = &mut self.params[i as usize] {
+                if *a != access {
+                    *a = Access::ReadWrite;
+                }
+            }
+            return Buf::Global(i);
+        }
+        let i = self.params.len() as u32;
+        // Positional names, so that kernels differing only in which values they read are
+        // identical (and shared).
+        let name = match self.g.name(v) {
+            Some(n) => format!("{}{i}", sanitize(n)),
+            None => format!("buf{i}"),
+        };
+        self.params.push(Param::Buffer {
+            name,
+            dtype: self.g.ty(v).dtype,
+            access,
+        });
+        self.args.push(ParamArg::Buffer(v));
+        self.buffer_params.insert(v, i);
+        Buf::Global(i)
+    }
+
+    /// A symbolic dim's value, of the index type.
+    pub fn sym(&mut self, name: &str) -> Expr {
+        let i = match self.sym_params.get(name) {
+            Some(&i) => i,
+            None => {
+                let i = self.params.len() as u32;
+                self.params.push(Param::Scalar {
+                    name: name.to_string(),
+                    ty: Ty::I64,
+                });
+                self.args.push(ParamArg::Sym(name.to_string()));
+                self.sym_params.insert(name.to_string(), i);
+                i
+            }
+        };
+        if self.index_ty == Ty::I64 {
+            Expr::Param(i)
+        } else {
+            Expr::Cast(Ty::I32, Box::new(Expr::Param(i)))
+        }
+    }
+
+    pub fn dim(&mut self, d: &Dim) -> Expr {
+        match d {
+            Dim::Const(n) => self.ix(*n as i64),
+            Dim::Sym(s) => self.sym(s),
+        }
+    }
+
+    pub fn numel(&mut self, dims: &[Dim]) -> Expr {
+        let mut acc = self.ix(1);
+        for d in dims {
+            let e = self.dim(d);
+            acc = mul(acc, e);
+        }
+        acc
+    }
+
+    /// An integer constant of the index type.
+    pub fn ix(&self, n: i64) -> Expr {
+        int_const(self.index_ty, n)
+    }
+
+    /// A special register converted to the index type.
+    pub fn special(&self, s: Special) -> Expr {
+        let e = Expr::Special(s);
+        if self.index_ty == Ty::I64 {
+            Expr::Cast(Ty::I64, Box::new(e))
+        } else {
+            e
+        }
+    }
+
+    pub fn push_scope(&mut self) {
+        self.memo.push(BTreeMap::new());
+    }
+
+    pub fn pop_scope(&mut self) {
+        self.memo.pop();
+    }
+
+    /// Assigns `e` to a fresh register unless it is trivial; returns what to read.
+    pub fn bind(&mut self, out: &mut Vec<Stmt>, name: &str, ty: Ty, e: Expr) -> Expr {
+        if is_trivial(&e) {
+            return e;
+        }
+        let v = self.var(name, ty);
+        out.push(Stmt::Assign(v, e));
+        Expr::Var(v)
+    }
+
+    /// Splits a flat row-major index over `dims` into one index per dim.
+    pub fn delinearize(&mut self, out: &mut Vec<Stmt>, flat: Expr, dims: &[Dim]) -> Vec<Expr> {
+        let outermost = dims.iter().position(|d| *d != Dim::Const(1));
+        let mut idx = vec![self.ix(0); dims.len()];
+        let mut rest = flat;
+        for d in (0..dims.len()).rev() {
+            if dims[d] == Dim::Const(1) {
+                continue;
+            }
+            if Some(d) == outermost {
+                idx[d] = rest.clone();
+                break;
+            }
+            let size = self.dim(&dims[d]);
+            let ity = self.index_ty;
+            idx[d] = self.bind(out, "i", ity, rem(rest.clone(), size.clone()));
+            rest = self.bind(out, "r", ity, div(rest, size));
+        }
+        idx
+    }
+
+    /// The row-major offset of `idx` in a tensor of `dims`.
+    pub fn linear(&mut self, dims: &[Dim], idx: &[Expr]) -> Expr {
+        let mut acc = self.ix(0);
+        for (d, i) in dims.iter().zip(idx) {
+            if *d == Dim::Const(1) {
+                continue;
+            }
+            let size = self.dim(d);
+            acc = add(mul(acc, size), i.clone());
+        }
+        acc
+    }
+
+    /// Stores `values` (lanes along the last axis) into the buffer of `v` at `idx`.
+    pub fn store(&mut self, out: &mut Vec<Stmt>, v: Value, idx: &[Expr], values: Vec<Expr>) {
+        let buf = self.buffer(v, Access::Write);
+        let shape = self.g.shape(v);
+        let lin = self.linear(shape, idx);
+        let size = self.g.ty(v).dtype.size_bytes();
+        let lanes = values.len();
+        let chunk = vector_chunk(lanes, size);
+        for (c, part) in values.chunks(chunk).enumerate() {
+            let at = add(lin.clone(), self.ix((c * chunk) as i64));
+            if part.len() == 1 {
+                out.push(Stmt::Store {
+                    buf,
+                    index: at,
+                    value: part[0].clone(),
+                });
+            } else {
+                out.push(Stmt::StoreVec {
+                    buf,
+                    index: at,
+                    values: part.to_vec(),
+                });
+            }
+        }
+    }
+
+    /// The finished kernel and what each of its parameters is bound to.
+    pub fn finish(
+        self,
+        name: String,
+        block_dim: u32,
+        grid: [SizeExpr; 3],
+        body: Vec<Stmt>,
+    ) -> (Kernel, Vec<ParamArg>, BTreeSet<Value>) {
+        let kernel = Kernel {
+            name,
+            params: self.params,
+            block_dim,
+            grid,
+            shared: self.shared,
+            vars: self.vars,
+            body,
+        };
+        (kernel, self.args, self.fused)
+    }
+
+    // ---- element expressions ------------------------------------------------------------
+
+    /// The compute type of a value's elements.
+    pub fn cty(&self, v: Value) -> Ty {
+        Ty::compute_type_of(self.g.ty(v).dtype)
+    }
+
+    fn var_name(&self, v: Value) -> String {
+        match self.g.name(v) {
+            Some(n) => sanitize(n),
+            None => "t".to_string(),
+        }
+    }
+
+    fn is_loaded(&self, v: Value) -> bool {
+        !self.owned.contains(&v)
+            && (self.g.is_source(v) || self.g.is_heavy(v) || self.stored[v.0 as usize])
+    }
+
+    /// `lanes` consecutive elements of `v` from `idx` along the last axis.
+    pub fn elem(
+        &mut self,
+        out: &mut Vec<Stmt>,
+        v: Value,
+        idx: &[Expr],
+        lanes: usize,
+    ) -> EResult<Vec<Expr>> {
+        let shape = self.g.shape(v);
+        if idx.len() != shape.len() {
+            return Err(self.internal(v, "index rank differs from the value's rank"));
+        }
+        if lanes > 1 {
+            let divisible =
+                matches!(shape.last(), Some(Dim::Const(n)) if (*n as usize).is_multiple_of(lanes));
+            if shape.is_empty() || shape.last() == Some(&Dim::Const(1)) {
+                let one = self.elem(out, v, idx, 1)?;
+                return Ok(vec![one[0].clone(); lanes]);
+            }
+            if !divisible {
+                return self.per_lane(out, v, idx, lanes);
+            }
+        }
+        if let Some(b) = self.bindings.iter().find(|b| b.value == v) {
+            if lanes > 1 {
+                return self.per_lane(out, v, idx, lanes);
+            }
+            if b.index.as_slice() == idx {
+                return Ok(vec![b.expr.clone()]);
+            }
+            return Err(EmitError::NotFusable(v));
+        }
+        let key = format!("{}|{lanes}|{idx:?}", v.0);
+        if let Some(hit) = self.memo.iter().rev().find_map(|m| m.get(&key)) {
+            return Ok(hit.clone());
+        }
+        let result = if self.is_loaded(v) {
+            self.load(out, v, idx, lanes)
+        } else {
+            if self.g.is_heavy(v) || self.g.is_source(v) {
+                return Err(
+                    self.internal(v, "a reduction or matmul result read outside its kernel")
+                );
+            }
+            self.fused.insert(v);
+            self.compute(out, v, idx, lanes)?
+        };
+        self.memo
+            .last_mut()
+            .expect("a scope")
+            .insert(key, result.clone());
+        Ok(result)
+    }
+
+    fn per_lane(
+        &mut self,
+        out: &mut Vec<Stmt>,
+        v: Value,
+        idx: &[Expr],
+        lanes: usize,
+    ) -> EResult<Vec<Expr>> {
+        let mut vals = Vec::with_capacity(lanes);
+        for k in 0..lanes {
+            let mut at = idx.to_vec();
+            let last = at.len() - 1;
+            at[last] = add(at[last].clone(), self.ix(k as i64));
+            vals.push(self.elem(out, v, &at, 1)?.remove(0));
+        }
+        Ok(vals)
+    }
+
+    fn load(&mut self, out: &mut Vec<Stmt>, v: Value, idx: &[Expr], lanes: usize) -> Vec<Expr> {
+        let buf = self.buffer(v, Access::Read);
+        let shape = self.g.shape(v);
+        let lin = self.linear(shape, idx);
+        let ty = self.cty(v);
+        let name = self.var_name(v);
+        let chunk = vector_chunk(lanes, self.g.ty(v).dtype.size_bytes());
+        let mut vals = Vec::with_capacity(lanes);
+        for c in 0..lanes / chunk {
+            let at = add(lin.clone(), self.ix((c * chunk) as i64));
+            if chunk == 1 {
+                let e = Expr::Load {
+                    buf,
+                    index: Box::new(at),
+                };
+                vals.push(self.bind(out, &name, ty, e));
+            } else {
+                let dsts: Vec<VarId> = (0..chunk).map(|_| self.var(&name, ty)).collect();
+                vals.extend(dsts.iter().map(|d| Expr::Var(*d)));
+                out.push(Stmt::LoadVec {
+                    dsts,
+                    buf,
+                    index: at,
+                });
+            }
+        }
+        vals
+    }
+
+    /// The index of operand `x` (numpy-broadcast to `out_shape`) for output index `idx`,
+    /// and whether the lanes of the last axis pass through (the last axis not broadcast).
+    fn broadcast_index(&self, x: Value, out_shape: &[Dim], idx: &[Expr]) -> (Vec<Expr>, bool) {
+        let xs = self.g.shape(x);
+        let pad = out_shape.len() - xs.len();
+        let mut xi = Vec::with_capacity(xs.len());
+        for (d, xd) in xs.iter().enumerate() {
+            if *xd == Dim::Const(1) && out_shape[d + pad] != Dim::Const(1) {
+                xi.push(self.ix(0));
+            } else {
+                xi.push(idx[d + pad].clone());
+            }
+        }
+        let passes = !xs.is_empty() && *xs.last().expect("rank >= 1") != Dim::Const(1);
+        (xi, passes)
+    }
+
+    /// Operand `x` of an element-wise op with result shape `out_shape`, at `lanes` lanes.
+    fn operand(
+        &mut self,
+        out: &mut Vec<Stmt>,
+        x: Value,
+        out_shape: &[Dim],
+        idx: &[Expr],
+        lanes: usize,
+    ) -> EResult<Vec<Expr>> {
+        let (xi, passes) = self.broadcast_index(x, out_shape, idx);
+        if lanes > 1 && !passes {
+            let one = self.elem(out, x, &xi, 1)?;
+            return Ok(vec![one[0].clone(); lanes]);
+        }
+        self.elem(out, x, &xi, lanes)
+    }
+
+    fn compute(
+        &mut self,
+        out: &mut Vec<Stmt>,
+        v: Value,
+        idx: &[Expr],
+        lanes: usize,
+    ) -> EResult<Vec<Expr>> {
+        let inst = self
+            .g
+            .inst(v)
+            .expect("an element-wise value has an instruction");
+        let shape = self.g.shape(v);
+        let dtype = self.g.ty(v).dtype;
+        let ty = self.cty(v);
+        let name = self.var_name(v);
+        let ops = &inst.operands;
+        Ok(match &inst.op {
+            Op::Full { value, dtype, .. } => vec![Expr::Const(full_const(*dtype, *value)); lanes],
+            Op::Arange { .. } => {
+                let mut vals = Vec::with_capacity(lanes);
+                for k in 0..lanes {
+                    let i = add(idx[0].clone(), self.ix(k as i64));
+                    let e = if ty == self.index_ty {
+                        i
+                    } else {
+                        Expr::Cast(ty, Box::new(i))
+                    };
+                    vals.push(self.bind(out, &name, ty, e));
+                }
+                vals
+            }
+            Op::Unary(u) => {
+                let a = self.operand(out, ops[0], shape, idx, lanes)?;
+                let mut vals = Vec::with_capacity(lanes);
+                for x in a {
+                    let e = unary_expr(*u, ty, x);
+                    vals.push(self.bind(out, &name, ty, e));
+                }
+                vals
+            }
+            Op::Binary(b) => {
+                let a = self.operand(out, ops[0], shape, idx, lanes)?;
+                let c = self.operand(out, ops[1], shape, idx, lanes)?;
+                let operand_dtype = self.g.ty(ops[0]).dtype;
+                let mut vals = Vec::with_capacity(lanes);
+                for (x, y) in a.into_iter().zip(c) {
+                    let e = self.binary_expr(out, *b, operand_dtype, x, y);
+                    vals.push(self.bind(out, &name, ty, e));
+                }
+                vals
+            }
+            Op::Select => {
+                let c = self.operand(out, ops[0], shape, idx, lanes)?;
+                let a = self.operand(out, ops[1], shape, idx, lanes)?;
+                let b = self.operand(out, ops[2], shape, idx, lanes)?;
+                let mut vals = Vec::with_capacity(lanes);
+                for ((c, a), b) in c.into_iter().zip(a).zip(b) {
+                    let e = Expr::Select(Box::new(c), Box::new(a), Box::new(b));
+                    vals.push(self.bind(out, &name, ty, e));
+                }
+                vals
+            }
+            Op::Cast { to } => {
+                let from = self.g.ty(ops[0]).dtype;
+                let a = self.operand(out, ops[0], shape, idx, lanes)?;
+                let mut vals = Vec::with_capacity(lanes);
+                for x in a {
+                    let e = cast_expr(from, *to, x);
+                    vals.push(self.bind(out, &name, ty, e));
+                }
+                vals
+            }
+            Op::BroadcastTo { .. } => self.operand(out, ops[0], shape, idx, lanes)?,
+            Op::Reshape { .. } => {
+                let in_shape = self.g.shape(ops[0]);
+                let (xi, passes) = self.reshape_index(out, in_shape, shape, idx, lanes);
+                if lanes > 1 && !passes {
+                    return self.per_lane(out, v, idx, lanes);
+                }
+                self.elem(out, ops[0], &xi, lanes)?
+            }
+            Op::Permute { perm } => {
+                let rank = perm.len();
+                if lanes > 1 && perm[rank - 1] != rank - 1 {
+                    return self.per_lane(out, v, idx, lanes);
+                }
+                let mut xi = vec![self.ix(0); rank];
+                for (i, &p) in perm.iter().enumerate() {
+                    xi[p] = idx[i].clone();
+                }
+                self.elem(out, ops[0], &xi, lanes)?
+            }
+            Op::Slice {
+                axis, start, step, ..
+            } => {
+                let last = shape.len() - 1;
+                if lanes > 1
+                    && *axis == last
+                    && !(*step == 1 && (*start as usize).is_multiple_of(lanes))
+                {
+                    return self.per_lane(out, v, idx, lanes);
+                }
+                let mut xi = idx.to_vec();
+                let s = self.ix(*start as i64);
+                let st = self.ix(*step as i64);
+                xi[*axis] = add(s, mul(idx[*axis].clone(), st));
+                self.elem(out, ops[0], &xi, lanes)?
+            }
+            Op::Concat { axis } => {
+                let last = shape.len() - 1;
+                let sizes: Vec<u64> = ops
+                    .iter()
+                    .map(|o| self.g.shape(*o)[*axis].as_const().unwrap_or(0))
+                    .collect();
+                if lanes > 1
+                    && *axis == last
+                    && sizes.iter().any(|s| !(*s as usize).is_multiple_of(lanes))
+                {
+                    return self.per_lane(out, v, idx, lanes);
+                }
+                let step = if *axis == last { lanes as i64 } else { 1 };
+                let mut pieces = Vec::new();
+                let mut offset = 0i64;
+                for (o, size) in ops.iter().zip(&sizes) {
+                    let mut xi = idx.to_vec();
+                    // Clamped so that every piece's load stays in bounds (all are evaluated).
+                    let local = sub(idx[*axis].clone(), self.ix(offset));
+                    let hi = self.ix(*size as i64 - step);
+                    xi[*axis] = min_e(max_e(local, self.ix(0)), hi);
+                    let xi_bound: Vec<Expr> = {
+                        let ity = self.index_ty;
+                        let e = xi[*axis].clone();
+                        let mut xb = xi.clone();
+                        xb[*axis] = self.bind(out, "c", ity, e);
+                        xb
+                    };
+                    pieces.push((offset, self.elem(out, *o, &xi_bound, lanes)?));
+                    offset += *size as i64;
+                }
+                let mut vals = Vec::with_capacity(lanes);
+                for k in 0..lanes {
+                    let mut e = pieces.last().expect("concat has operands").1[k].clone();
+                    for (i, (_, piece)) in pieces.iter().enumerate().rev().skip(1) {
+                        let end = pieces[i + 1].0;
+                        let cond = Expr::Binary(
+                            BinOp::Lt,
+                            Box::new(idx[*axis].clone()),
+                            Box::new(self.ix(end)),
+                        );
+                        e = Expr::Select(Box::new(cond), Box::new(piece[k].clone()), Box::new(e));
+                    }
+                    vals.push(self.bind(out, &name, ty, e));
+                }
+                vals
+            }
+            Op::Gather { axis } => {
+                let (table, indices) = (ops[0], ops[1]);
+                let table_shape = self.g.shape(table);
+                let ir = self.g.shape(indices).len();
+                let last = shape.len() - 1;
+                if lanes > 1 && *axis + ir > last {
+                    return self.per_lane(out, v, idx, lanes);
+                }
+                let at = self
+                    .elem(out, indices, &idx[*axis..*axis + ir], 1)?
+                    .remove(0);
+                let ity = self.index_ty;
+                let at = if self.cty(indices) == ity {
+                    at
+                } else {
+                    Expr::Cast(ity, Box::new(at))
+                };
+                let len = self.dim(&table_shape[*axis]);
+                let clamped = min_e(max_e(at, self.ix(0)), sub(len, self.ix(1)));
+                let row = self.bind(out, "row", ity, clamped);
+                let mut xi = idx[..*axis].to_vec();
+                xi.push(row);
+                xi.extend_from_slice(&idx[*axis + ir..]);
+                self.elem(out, table, &xi, lanes)?
+            }
+            other => {
+                return Err(EmitError::Fatal(FusionError::Unsupported {
+                    function: self.g.func.name.clone(),
+                    value: v,
+                    op: other.name().to_string(),
+                    reason: format!("cannot be computed element-wise in a kernel ({dtype})"),
+                }))
+            }
+        })
+    }
+
+    /// Maps an index of a reshape's result to an index of its operand, dim group by dim
+    /// group; the second result says whether lanes along the last axis stay contiguous.
+    fn reshape_index(
+        &mut self,
+        out: &mut Vec<Stmt>,
+        in_dims: &[Dim],
+        out_dims: &[Dim],
+        idx: &[Expr],
+        lanes: usize,
+    ) -> (Vec<Expr>, bool) {
+        let mut xi = vec![self.ix(0); in_dims.len()];
+        let ins: Vec<usize> = (0..in_dims.len())
+            .filter(|&i| in_dims[i] != Dim::Const(1))
+            .collect();
+        let outs: Vec<usize> = (0..out_dims.len())
+            .filter(|&i| out_dims[i] != Dim::Const(1))
+            .collect();
+        let groups = match group_dims(in_dims, &ins, out_dims, &outs) {
+            Some(g) => g,
+            None => vec![(ins.clone(), outs.clone())],
+        };
+        for (gi, go) in groups {
+            if gi.len() == 1 && go.len() == 1 {
+                xi[gi[0]] = idx[go[0]].clone();
+                continue;
+            }
+            let o_dims: Vec<Dim> = go.iter().map(|&j| out_dims[j].clone()).collect();
+            let o_idx: Vec<Expr> = go.iter().map(|&j| idx[j].clone()).collect();
+            let flat = self.linear(&o_dims, &o_idx);
+            let ity = self.index_ty;
+            let flat = self.bind(out, "f", ity, flat);
+            let i_dims: Vec<Dim> = gi.iter().map(|&i| in_dims[i].clone()).collect();
+            let parts = self.delinearize(out, flat, &i_dims);
+            for (k, &i) in gi.iter().enumerate() {
+                xi[i] = parts[k].clone();
+            }
+        }
+        let divisible = |d: Option<&Dim>| matches!(d, Some(Dim::Const(n)) if (*n as usize).is_multiple_of(lanes));
+        let passes = divisible(in_dims.last()) && divisible(out_dims.last());
+        (xi, passes)
+    }
+
+    fn binary_expr(
+        &mut self,
+        out: &mut Vec<Stmt>,
+        op: BinaryOp,
+        dtype: DType,
+        a: Expr,
+        b: Expr,
+    ) -> Expr {
+        let ty = Ty::compute_type_of(dtype);
+        let bin = |o: BinOp, x: Expr, y: Expr| Expr::Binary(o, Box::new(x), Box::new(y));
+        if dtype == DType::Bool {
+            return match op {
+                BinaryOp::Eq => Expr::Unary(UnOp::Not, Box::new(bin(BinOp::Xor, a, b))),
+                BinaryOp::Ne => bin(BinOp::Xor, a, b),
+                BinaryOp::And => bin(BinOp::And, a, b),
+                _ => bin(BinOp::Or, a, b),
+            };
+        }
+        let simple = match op {
+            BinaryOp::Add => Some(BinOp::Add),
+            BinaryOp::Sub => Some(BinOp::Sub),
+            BinaryOp::Mul => Some(BinOp::Mul),
+            BinaryOp::Pow => Some(BinOp::Pow),
+            BinaryOp::Max => Some(BinOp::Max),
+            BinaryOp::Min => Some(BinOp::Min),
+            BinaryOp::Eq => Some(BinOp::Eq),
+            BinaryOp::Ne => Some(BinOp::Ne),
+            BinaryOp::Lt => Some(BinOp::Lt),
+            BinaryOp::Le => Some(BinOp::Le),
+            BinaryOp::Gt => Some(BinOp::Gt),
+            BinaryOp::Ge => Some(BinOp::Ge),
+            BinaryOp::And => Some(BinOp::And),
+            BinaryOp::Or => Some(BinOp::Or),
+            BinaryOp::Div if ty == Ty::F32 => Some(BinOp::Div),
+            _ => None,
+        };
+        if let Some(o) = simple {
+            return bin(o, a, b);
+        }
+        // Floored division and remainder (the graph IR's) from truncating ones.
+        let zero = Expr::Const(zero_of(ty));
+        let r = self.bind(out, "rem", ty, bin(BinOp::Rem, a.clone(), b.clone()));
+        let adjust = bin(
+            BinOp::And,
+            bin(BinOp::Ne, r.clone(), zero.clone()),
+            bin(
+                BinOp::Ne,
+                bin(BinOp::Lt, r.clone(), zero.clone()),
+                bin(BinOp::Lt, b.clone(), zero),
+            ),
+        );
+        match op {
+            BinaryOp::Rem => Expr::Select(
+                Box::new(adjust),
+                Box::new(bin(BinOp::Add, r.clone(), b)),
+                Box::new(r),
+            ),
+            _ => {
+                let q = self.bind(out, "quot", ty, bin(BinOp::Div, a, b));
+                let one = Expr::Const(one_of(ty));
+                Expr::Select(
+                    Box::new(adjust),
+                    Box::new(bin(BinOp::Sub, q.clone(), one)),
+                    Box::new(q),
+                )
+            }
+        }
+    }
+}
+
+/// Splits the non-unit dims of a reshape's operand and result into groups of equal size
+/// (a symbolic dim only matches itself); `None` when they do not line up.
+fn group_dims(
+    in_dims: &[Dim],
+    ins: &[usize],
+    out_dims: &[Dim],
+    outs: &[usize],
+) -> Option<Vec<(Vec<usize>, Vec<usize>)>> {
+    let mut groups = Vec::new();
+    let (mut i, mut j) = (0, 0);
+    while i < ins.len() && j < outs.len() {
+        let (a, b) = (&in_dims[ins[i]], &out_dims[outs[j]]);
+        if let (Dim::Sym(x), Dim::Sym(y)) = (a, b) {
+            if x != y {
+                return None;
+            }
+            groups.push((vec![ins[i]], vec![outs[j]]));
+            i += 1;
+            j += 1;
+            continue;
+        }
+        let (mut pa, mut pb) = (a.as_const()?, b.as_const()?);
+        let (mut gi, mut go) = (vec![ins[i]], vec![outs[j]]);
+        i += 1;
+        j += 1;
+        while pa != pb {
+            if pa < pb {
+                pa *= in_dims.get(*ins.get(i)?)?.as_const()?;
+                gi.push(ins[i]);
+                i += 1;
+            } else {
+                pb *= out_dims.get(*outs.get(j)?)?.as_const()?;
+                go.push(outs[j]);
+                j += 1;
+            }
+        }
+        groups.push((gi, go));
+    }
+    (i == ins.len() && j == outs.len()).then_some(groups)
+}
+
+/// How many lanes one vector access moves: at most 16 bytes, 2/4/8 elements, or 1.
+pub(crate) fn vector_chunk(lanes: usize, elem_bytes: usize) -> usize {
+    let mut chunk = lanes.min(16 / elem_bytes.max(1)).min(8);
+    while chunk > 1 && !lanes.is_multiple_of(chunk) {
+        chunk /= 2;
+    }
+    chunk.max(1)
+}
+
+pub(crate) fn sanitize(name: &str) -> String {
+    name.chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect()
+}
+
+fn is_trivial(e: &Expr) -> bool {
+    matches!(
+        e,
+        Expr::Const(_) | Expr::Var(_) | Expr::Param(_) | Expr::Special(_)
+    )
+}
+
+pub(crate) fn int_const(ty: Ty, n: i64) -> Expr {
+    match ty {
+        Ty::I64 => Expr::Const(Const::I64(n)),
+        _ => Expr::Const(Const::I32(n as i32)),
+    }
+}
+
+pub(crate) fn zero_of(ty: Ty) -> Const {
+    match ty {
+        Ty::Pred => Const::Pred(false),
+        Ty::I32 => Const::I32(0),
+        Ty::I64 => Const::I64(0),
+        Ty::F32 => Const::F32(0.0),
+    }
+}
+
+pub(crate) fn one_of(ty: Ty) -> Const {
+    match ty {
+        Ty::Pred => Const::Pred(true),
+        Ty::I32 => Const::I32(1),
+        Ty::I64 => Const::I64(1),
+        Ty::F32 => Const::F32(1.0),
+    }
+}
+
+/// The constant a `full` of `dtype` holds, converted as the interpreter converts it.
+pub(crate) fn full_const(dtype: DType, value: f64) -> Const {
+    if dtype.is_float() {
+        Const::F32(kiln_ir::tensor::round_f64(dtype, value))
+    } else if dtype == DType::Bool {
+        Const::Pred(value != 0.0)
+    } else {
+        let n = kiln_ir::tensor::float_to_int(dtype, value);
+        match Ty::compute_type_of(dtype) {
+            Ty::I64 => Const::I64(n),
+            _ => Const::I32(n as i32),
+        }
+    }
+}
+
+pub(crate) fn as_int(e: &Expr) -> Option<i64> {
+    match e {
+        Expr::Const(Const::I32(n)) => Some(i64::from(*n)),
+        Expr::Const(Const::I64(n)) => Some(*n),
+        _ => None,
+    }
+}
+
+fn same_kind_const(like: &Expr, n: i64) -> Expr {
+    match like {
+        Expr::Const(Const::I64(_)) => Expr::Const(Const::I64(n)),
+        _ => Expr::Const(Const::I32(n as i32)),
+    }
+}
+
+/// Integer `a + b` with constants folded.
+pub(crate) fn add(a: Expr, b: Expr) -> Expr {
+    match (as_int(&a), as_int(&b)) {
+        (Some(0), _) => b,
+        (_, Some(0)) => a,
+        (Some(x), Some(y)) => same_kind_const(&a, x + y),
+        _ => Expr::Binary(BinOp::Add, Box::new(a), Box::new(b)),
+    }
+}
+
+pub(crate) fn sub(a: Expr, b: Expr) -> Expr {
+    match (as_int(&a), as_int(&b)) {
+        (_, Some(0)) => a,
+        (Some(x), Some(y)) => same_kind_const(&a, x - y),
+        _ => Expr::Binary(BinOp::Sub, Box::new(a), Box::new(b)),
+    }
+}
+
+pub(crate) fn mul(a: Expr, b: Expr) -> Expr {
+    match (as_int(&a), as_int(&b)) {
+        (Some(0), _) => a,
+        (_, Some(0)) => b,
+        (Some(1), _) => b,
+        (_, Some(1)) => a,
+        (Some(x), Some(y)) => same_kind_const(&a, x * y),
+        _ => Expr::Binary(BinOp::Mul, Box::new(a), Box::new(b)),
+    }
+}
+
+pub(crate) fn div(a: Expr, b: Expr) -> Expr {
+    match (as_int(&a), as_int(&b)) {
+        (_, Some(1)) => a,
+        (Some(x), Some(y)) if y != 0 => same_kind_const(&a, x / y),
+        _ => Expr::Binary(BinOp::Div, Box::new(a), Box::new(b)),
+    }
+}
+
+pub(crate) fn rem(a: Expr, b: Expr) -> Expr {
+    match (as_int(&a), as_int(&b)) {
+        (_, Some(1)) => same_kind_const(&b, 0),
+        (Some(x), Some(y)) if y != 0 => same_kind_const(&a, x % y),
+        _ => Expr::Binary(BinOp::Rem, Box::new(a), Box::new(b)),
+    }
+}
+
+pub(crate) fn min_e(a: Expr, b: Expr) -> Expr {
+    match (as_int(&a), as_int(&b)) {
+        (Some(x), Some(y)) => same_kind_const(&a, x.min(y)),
+        _ => Expr::Binary(BinOp::Min, Box::new(a), Box::new(b)),
+    }
+}
+
+pub(crate) fn max_e(a: Expr, b: Expr) -> Expr {
+    match (as_int(&a), as_int(&b)) {
+        (Some(x), Some(y)) => same_kind_const(&a, x.max(y)),
+        _ => Expr::Binary(BinOp::Max, Box::new(a), Box::new(b)),
+    }
+}
+
+pub(crate) fn lt(a: Expr, b: Expr) -> Expr {
+    Expr::Binary(BinOp::Lt, Box::new(a), Box::new(b))
+}
+
+pub(crate) fn and(a: Expr, b: Expr) -> Expr {
+    Expr::Binary(BinOp::And, Box::new(a), Box::new(b))
+}
+
+pub(crate) fn bin(op: BinOp, a: Expr, b: Expr) -> Expr {
+    Expr::Binary(op, Box::new(a), Box::new(b))
+}
+
+fn unary_expr(u: UnaryOp, _ty: Ty, x: Expr) -> Expr {
+    let op = match u {
+        UnaryOp::Neg => UnOp::Neg,
+        UnaryOp::Abs => UnOp::Abs,
+        UnaryOp::Exp => UnOp::Exp,
+        UnaryOp::Log => UnOp::Log,
+        UnaryOp::Sqrt => UnOp::Sqrt,
+        UnaryOp::Rsqrt => UnOp::Rsqrt,
+        UnaryOp::Sin => UnOp::Sin,
+        UnaryOp::Cos => UnOp::Cos,
+        UnaryOp::Tanh => UnOp::Tanh,
+        UnaryOp::Sigmoid => UnOp::Sigmoid,
+        UnaryOp::Erf => UnOp::Erf,
+        UnaryOp::Floor => UnOp::Floor,
+        UnaryOp::Ceil => UnOp::Ceil,
+        UnaryOp::Recip => UnOp::Recip,
+        UnaryOp::Not => UnOp::Not,
+    };
+    Expr::Unary(op, Box::new(x))
+}
+
+/// The graph IR's `cast` between compute types (bool is `!= 0`; narrow floats stay f32).
+pub(crate) fn cast_expr(from: DType, to: DType, x: Expr) -> Expr {
+    let (ft, tt) = (Ty::compute_type_of(from), Ty::compute_type_of(to));
+    if to == DType::Bool {
+        if from == DType::Bool {
+            return x;
+        }
+        return Expr::Binary(BinOp::Ne, Box::new(x), Box::new(Expr::Const(zero_of(ft))));
+    }
+    if ft == tt {
+        x
+    } else {
+        Expr::Cast(tt, Box::new(x))
+    }
+}

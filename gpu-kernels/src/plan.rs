@@ -1,0 +1,522 @@
+//! The execution plan of one function: buffers (inputs, outputs, weights, arena temps and
+//! views), the launches and loops in order, symbol bindings, and the arena layout.
+//!
+//! Arena: every `Temp` buffer is live from the first step that touches it to the last (a
+//! buffer touched inside a loop is live for the whole loop). When every temp has a constant
+//! size they are placed first-fit by liveness (buffers whose live ranges overlap never
+//! overlap in memory); with symbolic sizes they are laid out one after another. Offsets and
+//! sizes are aligned to 256 bytes.
+
+use crate::emit::ParamArg;
+use crate::error::FusionError;
+use crate::graph::FuncGraph;
+use crate::partition::{Item, Partition};
+use crate::stats::KernelStats;
+use crate::templates;
+use crate::Options;
+use kiln_ir::{Dim, Op, Value};
+use kiln_kir::{Arg, BufferDecl, BufferId, BufferKind, Kernel, Plan, SizeExpr, Step, SymBinding};
+use std::collections::{BTreeMap, BTreeSet};
+
+const ALIGN: u64 = 256;
+
+pub(crate) struct PlanBuilder<'a, 'f> {
+    g: &'a FuncGraph<'f>,
+    part: &'a Partition<'f>,
+    options: &'a Options,
+    /// The package's kernels (shared by every function of a module).
+    kernels: &'a mut Vec<Kernel>,
+    buffers: Vec<BufferDecl>,
+    buffer_of: BTreeMap<Value, BufferId>,
+    weights: BTreeMap<String, BufferId>,
+    pub stats: Vec<KernelStats>,
+    /// The decoder layer whose kernel last wrote each buffer.
+    layer_of: BTreeMap<BufferId, usize>,
+}
+
+impl<'a, 'f> PlanBuilder<'a, 'f> {
+    pub fn new(
+        g: &'a FuncGraph<'f>,
+        part: &'a Partition<'f>,
+        options: &'a Options,
+        kernels: &'a mut Vec<Kernel>,
+    ) -> PlanBuilder<'a, 'f> {
+        PlanBuilder {
+            g,
+            part,
+            options,
+            kernels,
+            buffers: Vec::new(),
+            buffer_of: BTreeMap::new(),
+            weights: BTreeMap::new(),
+            stats: Vec::new(),
+            layer_of: BTreeMap::new(),
+        }
+    }
+
+    fn shape_of(&self, v: Value) -> Vec<SizeExpr> {
+        self.g.shape(v).iter().map(dim_size).collect()
+    }
+
+    fn declare(&mut self, v: Value, kind: BufferKind) -> BufferId {
+        let id = BufferId(self.buffers.len() as u32);
+        self.buffers.push(BufferDecl {
+            id,
+            dtype: self.g.ty(v).dtype,
+            shape: self.shape_of(v),
+            kind,
+            offset: None,
+        });
+        id
+    }
+
+    /// The buffer holding `v`, declared on first use.
+    fn buffer(&mut self, v: Value) -> BufferId {
+        if let Some(&b) = self.buffer_of.get(&v) {
+            return b;
+        }
+        let b = if let Some(Op::Param { name, .. }) = self.g.op(v) {
+            match self.weights.get(name) {
+                Some(&b) => b,
+                None => {
+                    let b = self.declare(v, BufferKind::Weight(name.clone()));
+                    self.weights.insert(name.clone(), b);
+                    b
+                }
+            }
+        } else if let Some(&base) = self.part.view_of.get(&v) {
+            let base_buf = self.buffer(base);
+            self.declare(v, BufferKind::View(base_buf))
+        } else {
+            self.declare(v, BufferKind::Temp)
+        };
+        self.buffer_of.insert(v, b);
+        b
+    }
+
+    pub fn build(mut self) -> Result<(Plan, Vec<KernelStats>), FusionError> {
+        let g = self.g;
+        let func = g.func;
+        let mut inputs = Vec::new();
+        for (i, &p) in func.params().iter().enumerate() {
+            let b = self.declare(p, BufferKind::Input(i));
+            self.buffer_of.insert(p, b);
+            inputs.push(b);
+        }
+        // Results written in place by their kernel, or copied at the end.
+        let mut outputs = Vec::new();
+        let mut copies = Vec::new();
+        for (n, &r) in func.results().iter().enumerate() {
+            let in_place = self.part.owner[r.0 as usize].is_some()
+                && !self.part.view_of.contains_key(&r)
+                && !self.buffer_of.contains_key(&r);
+            if in_place {
+                let b = self.declare(r, BufferKind::Output(n));
+                self.buffer_of.insert(r, b);
+                outputs.push(b);
+            } else {
+                let b = self.declare(r, BufferKind::Output(n));
+                outputs.push(b);
+                copies.push((r, b));
+            }
+        }
+        let items = self.part.items.clone();
+        let mut steps = self.steps(&items)?;
+        for (r, dst) in copies {
+            let src = self.buffer(r);
+            steps.push(Step::Copy { src, dst });
+        }
+        let symbols = self.symbols()?;
+        let arena_bytes = self.layout(&steps);
+        Ok((
+            Plan {
+                function: func.name.clone(),
+                symbols,
+                buffers: self.buffers,
+                inputs,
+                outputs,
+                steps,
+                arena_bytes,
+            },
+            self.stats,
+        ))
+    }
+
+    fn steps(&mut self, items: &[Item<'f>]) -> Result<Vec<Step>, FusionError> {
+        let mut steps = Vec::new();
+        for item in items {
+            match item {
+                Item::Kernel(gid) => {
+                    if let Some(step) = self.launch(*gid)? {
+                        steps.push(step);
+                    }
+                }
+                Item::Loop { inst, body } => steps.push(self.loop_step(inst, body)?),
+            }
+        }
+        Ok(steps)
+    }
+
+    fn launch(&mut self, gid: usize) -> Result<Option<Step>, FusionError> {
+        let Some(built) = templates::build(self.g, self.part, gid, self.options)? else {
+            return Ok(None);
+        };
+        let mut args = Vec::new();
+        let mut bytes: Option<SizeExpr> = None;
+        let mut seen = BTreeSet::new();
+        let mut layer: Option<usize> = None;
+        let mut reads_params = false;
+        let mut written = Vec::new();
+        for (k, a) in built.args.iter().enumerate() {
+            match a {
+                ParamArg::Buffer(v) => {
+                    let b = self.buffer(*v);
+                    args.push(Arg::Buffer(b));
+                    if seen.insert(b) {
+                        let size = bytes_of(&self.buffers[b.0 as usize]);
+                        bytes = Some(match bytes {
+                            None => size,
+                            Some(acc) => SizeExpr::Add(Box::new(acc), Box::new(size)),
+                        });
+                    }
+                    let writes = matches!(
+                        built.kernel.params[k],
+                        kiln_kir::Param::Buffer {
+                            access: kiln_kir::Access::Write | kiln_kir::Access::ReadWrite,
+                            ..
+                        }
+                    );
+                    if writes {
+                        written.push(b);
+                    } else if let Some(Op::Param { name, .. }) = self.g.op(*v) {
+                        reads_params = true;
+                        if let Some(l) = layer_of_name(name) {
+                            layer = Some(layer.map_or(l, |x: usize| x.max(l)));
+                        }
+                    } else if let Some(&l) = self.layer_of.get(&b) {
+                        if !reads_params {
+                            layer = Some(layer.map_or(l, |x: usize| x.max(l)));
+                        }
+                    }
+                }
+                ParamArg::Sym(s) => args.push(Arg::Sym(s.clone())),
+            }
+        }
+        if reads_params {
+            // Kernels reading weights belong to the layer of their weights (or none).
+            layer = built
+                .args
+                .iter()
+                .filter_map(|a| match a {
+                    ParamArg::Buffer(v) => match self.g.op(*v) {
+                        Some(Op::Param { name, .. }) => layer_of_name(name),
+                        _ => None,
+                    },
+                    _ => None,
+                })
+                .max();
+        }
+        for b in written {
+            match layer {
+                Some(l) => {
+                    self.layer_of.insert(b, l);
+                }
+                None => {
+                    self.layer_of.remove(&b);
+                }
+            }
+        }
+        let index = self.intern(built.kernel, &built.what);
+        let mut ops: Vec<String> = built
+            .fused
+            .iter()
+            .filter_map(|v| self.g.op(*v).map(|op| op.name().to_string()))
+            .collect();
+        ops.retain(|o| o != "param");
+        self.stats.push(KernelStats {
+            function: self.g.func.name.clone(),
+            kernel: index,
+            name: self.kernels[index].name.clone(),
+            layer,
+            ops,
+            bytes: bytes.unwrap_or(SizeExpr::Const(0)),
+        });
+        Ok(Some(Step::Launch {
+            kernel: index,
+            args,
+        }))
+    }
+
+    /// The index of `kernel` in the package, reusing an identical one.
+    fn intern(&mut self, mut kernel: Kernel, what: &str) -> usize {
+        for (i, k) in self.kernels.iter().enumerate() {
+            kernel.name.clone_from(&k.name);
+            if *k == kernel {
+                return i;
+            }
+        }
+        let index = self.kernels.len();
+        kernel.name = format!("k{index}_{what}");
+        self.kernels.push(kernel);
+        index
+    }
+
+    fn loop_step(
+        &mut self,
+        inst: &'f kiln_ir::Inst,
+        body: &[Item<'f>],
+    ) -> Result<Step, FusionError> {
+        let region = &inst.regions[0];
+        let count = self.buffer(inst.operands[0]);
+        let init: Vec<BufferId> = inst.operands[1..].iter().map(|v| self.buffer(*v)).collect();
+        let counter = self.declare(region.args[0], BufferKind::Temp);
+        self.buffer_of.insert(region.args[0], counter);
+        let mut carried = Vec::new();
+        for (k, &r) in inst.results.iter().enumerate() {
+            let b = self.declare(r, BufferKind::Temp);
+            self.buffer_of.insert(r, b);
+            self.buffer_of.insert(region.args[k + 1], b);
+            carried.push(b);
+        }
+        let mut steps = self.steps(body)?;
+        let mut next = Vec::new();
+        for &y in &region.yields {
+            let produced_here = self.part.owner[y.0 as usize].is_some_and(|gid| {
+                self.part.groups[gid].region == self.g.region_of[region.args[0].0 as usize]
+            }) && !self.part.view_of.contains_key(&y);
+            if produced_here {
+                next.push(self.buffer(y));
+            } else {
+                let src = self.buffer(y);
+                let dst = self.declare(y, BufferKind::Temp);
+                steps.push(Step::Copy { src, dst });
+                next.push(dst);
+            }
+        }
+        Ok(Step::Loop {
+            count,
+            carried,
+            init,
+            next,
+            counter,
+            body: steps,
+        })
+    }
+
+    fn symbols(&self) -> Result<Vec<SymBinding>, FusionError> {
+        let func = self.g.func;
+        let mut bound: Vec<SymBinding> = Vec::new();
+        for (i, &p) in func.params().iter().enumerate() {
+            for (axis, d) in self.g.shape(p).iter().enumerate() {
+                if let Dim::Sym(s) = d {
+                    if !bound.iter().any(|b| &b.name == s) {
+                        bound.push(SymBinding {
+                            name: s.clone(),
+                            input: i,
+                            axis,
+                        });
+                    }
+                }
+            }
+        }
+        let mut needed = BTreeSet::new();
+        for b in &self.buffers {
+            for s in &b.shape {
+                collect_syms(s, &mut needed);
+            }
+        }
+        for k in self.kernels.iter() {
+            for p in &k.params {
+                if let kiln_kir::Param::Scalar { name, .. } = p {
+                    needed.insert(name.clone());
+                }
+            }
+        }
+        for s in needed {
+            if !bound.iter().any(|b| b.name == s) {
+                return Err(FusionError::UnboundSymbol {
+                    function: func.name.clone(),
+                    symbol: s,
+                });
+            }
+        }
+        Ok(bound)
+    }
+
+    /// Places the temps in the arena; returns its size.
+    fn layout(&mut self, steps: &[Step]) -> SizeExpr {
+        let mut live: BTreeMap<BufferId, (usize, usize)> = BTreeMap::new();
+        let mut clock = 0;
+        liveness(steps, &mut clock, &mut live, None);
+        // A view keeps its base alive.
+        for b in &self.buffers {
+            if let (BufferKind::View(base), Some(&(s, e))) = (&b.kind, live.get(&b.id)) {
+                let entry = live.entry(*base).or_insert((s, e));
+                entry.0 = entry.0.min(s);
+                entry.1 = entry.1.max(e);
+            }
+        }
+        let temps: Vec<BufferId> = self
+            .buffers
+            .iter()
+            .filter(|b| b.kind == BufferKind::Temp)
+            .map(|b| b.id)
+            .collect();
+        let sizes: Vec<SizeExpr> = temps
+            .iter()
+            .map(|b| aligned(bytes_of(&self.buffers[b.0 as usize])))
+            .collect();
+        if sizes.iter().all(|s| matches!(s, SizeExpr::Const(_))) {
+            let mut placed: Vec<(u64, u64, (usize, usize))> = Vec::new();
+            let mut order: Vec<usize> = (0..temps.len()).collect();
+            order.sort_by_key(|&i| (live.get(&temps[i]).copied().unwrap_or((0, 0)), i));
+            let mut end = 0;
+            for i in order {
+                let SizeExpr::Const(size) = sizes[i] else {
+                    unreachable!()
+                };
+                let span = live.get(&temps[i]).copied().unwrap_or((0, 0));
+                let mut busy: Vec<(u64, u64)> = placed
+                    .iter()
+                    .filter(|(_, _, s)| s.0 <= span.1 && span.0 <= s.1)
+                    .map(|(o, z, _)| (*o, *z))
+                    .collect();
+                busy.sort();
+                let mut offset = 0;
+                for (o, z) in busy {
+                    if offset + size <= o {
+                        break;
+                    }
+                    offset = offset.max(o + z);
+                }
+                placed.push((offset, size, span));
+                end = end.max(offset + size);
+                self.buffers[temps[i].0 as usize].offset = Some(SizeExpr::Const(offset));
+            }
+            SizeExpr::Const(end)
+        } else {
+            let mut offset = SizeExpr::Const(0);
+            for (i, b) in temps.iter().enumerate() {
+                self.buffers[b.0 as usize].offset = Some(offset.clone());
+                offset = match offset {
+                    SizeExpr::Const(0) => sizes[i].clone(),
+                    o => SizeExpr::Add(Box::new(o), Box::new(sizes[i].clone())),
+                };
+            }
+            offset
+        }
+    }
+}
+
+fn liveness(
+    steps: &[Step],
+    clock: &mut usize,
+    live: &mut BTreeMap<BufferId, (usize, usize)>,
+    enclosing: Option<(usize, usize)>,
+) {
+    let touch = |b: BufferId, at: (usize, usize), live: &mut BTreeMap<BufferId, (usize, usize)>| {
+        let e = live.entry(b).or_insert(at);
+        e.0 = e.0.min(at.0);
+        e.1 = e.1.max(at.1);
+    };
+    for step in steps {
+        *clock += 1;
+        let here = enclosing.unwrap_or((*clock, *clock));
+        match step {
+            Step::Launch { args, .. } => {
+                for a in args {
+                    if let Arg::Buffer(b) = a {
+                        touch(*b, here, live);
+                    }
+                }
+            }
+            Step::Copy { src, dst } => {
+                touch(*src, here, live);
+                touch(*dst, here, live);
+            }
+            Step::Loop {
+                count,
+                carried,
+                init,
+                next,
+                counter,
+                body,
+            } => {
+                let start = *clock;
+                let mut inner_clock = *clock;
+                let mut inner = BTreeMap::new();
+                liveness(body, &mut inner_clock, &mut inner, Some((0, 0)));
+                let end = inner_clock + 1;
+                *clock = end;
+                let span = enclosing.unwrap_or((start, end));
+                for b in inner
+                    .keys()
+                    .chain([count, counter])
+                    .chain(carried)
+                    .chain(init)
+                    .chain(next)
+                {
+                    touch(*b, span, live);
+                }
+            }
+        }
+    }
+}
+
+fn collect_syms(s: &SizeExpr, out: &mut BTreeSet<String>) {
+    match s {
+        SizeExpr::Const(_) => {}
+        SizeExpr::Sym(n) => {
+            out.insert(n.clone());
+        }
+        SizeExpr::Add(a, b)
+        | SizeExpr::Mul(a, b)
+        | SizeExpr::CeilDiv(a, b)
+        | SizeExpr::Min(a, b)
+        | SizeExpr::Max(a, b) => {
+            collect_syms(a, out);
+            collect_syms(b, out);
+        }
+    }
+}
+
+pub(crate) fn dim_size(d: &Dim) -> SizeExpr {
+    match d {
+        Dim::Const(n) => SizeExpr::Const(*n),
+        Dim::Sym(s) => SizeExpr::Sym(s.clone()),
+    }
+}
+
+/// The bytes a buffer holds.
+pub(crate) fn bytes_of(b: &BufferDecl) -> SizeExpr {
+    let mut acc = SizeExpr::Const(b.dtype.size_bytes() as u64);
+    for d in &b.shape {
+        acc = templates::mul_size(acc, d.clone());
+    }
+    acc
+}
+
+fn aligned(s: SizeExpr) -> SizeExpr {
+    match s {
+        SizeExpr::Const(n) => SizeExpr::Const(n.div_ceil(ALIGN) * ALIGN),
+        other => SizeExpr::Mul(
+            Box::new(SizeExpr::CeilDiv(
+                Box::new(other),
+                Box::new(SizeExpr::Const(ALIGN)),
+            )),
+            Box::new(SizeExpr::Const(ALIGN)),
+        ),
+    }
+}
+
+/// The decoder layer a checkpoint name belongs to (`model.layers.3.mlp...` → 3).
+pub(crate) fn layer_of_name(name: &str) -> Option<usize> {
+    let parts: Vec<&str> = name.split('.').collect();
+    parts.windows(2).find_map(|w| {
+        if w[0] == "layers" || w[0] == "layer" || w[0] == "h" {
+            w[1].parse().ok()
+        } else {
+            None
+        }
+    })
+}

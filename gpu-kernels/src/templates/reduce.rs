@@ -1,0 +1,553 @@
+//! The reduction templates. Row reduction: reductions over the innermost axes with their
+//! element-wise prologue, several reductions in sequence over the same rows (softmax's max
+//! then sum), and the element-wise epilogue over the same rows, in one kernel: a warp per
+//! row for constant rows of at most 1024 elements, a block of 256 threads per row
+//! otherwise; f32 accumulation, `ShuffleXor` trees within a warp and shared memory across
+//! warps. Loop reduction: any other axes, a thread per output element looping over the
+//! reduced elements (correct, not fast).
+
+use super::pointwise::lanes_for;
+use super::{ceil_div_size, one, size_of_dims, Body};
+use crate::emit::{add, and, bin, lt, min_e, mul, sub, Binding, EResult, Emitter};
+use crate::partition::Group;
+use kiln_ir::{DType, Dim, Op, ReduceOp, Value};
+use kiln_kir::{BinOp, Const, Expr, Special, Stmt, Ty, UnOp, VarId};
+
+const WARP: u32 = 32;
+const ROW_BLOCK: u32 = 256;
+const WARPS_PER_BLOCK: u32 = 4;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Red {
+    Sum,
+    Mean,
+    Prod,
+    Max,
+    Min,
+    ArgMax,
+    ArgMin,
+}
+
+impl Red {
+    fn of(op: &Op) -> Red {
+        match op {
+            Op::Reduce { op, .. } => match op {
+                ReduceOp::Sum => Red::Sum,
+                ReduceOp::Mean => Red::Mean,
+                ReduceOp::Prod => Red::Prod,
+                ReduceOp::Max => Red::Max,
+                ReduceOp::Min => Red::Min,
+            },
+            Op::ArgMax { .. } => Red::ArgMax,
+            _ => Red::ArgMin,
+        }
+    }
+
+    fn is_arg(self) -> bool {
+        matches!(self, Red::ArgMax | Red::ArgMin)
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Red::Sum => "sum",
+            Red::Mean => "mean",
+            Red::Prod => "prod",
+            Red::Max => "max",
+            Red::Min => "min",
+            Red::ArgMax => "argmax",
+            Red::ArgMin => "argmin",
+        }
+    }
+}
+
+/// The accumulator of one reduction: a value register and, for arg-reductions, an index.
+struct Acc {
+    red: Red,
+    ty: Ty,
+    dtype: DType,
+    val: VarId,
+    idx: Option<VarId>,
+}
+
+impl Acc {
+    fn new(e: &mut Emitter<'_, '_>, out: &mut Vec<Stmt>, red: Red, dtype: DType) -> Acc {
+        let ty = Ty::compute_type_of(dtype);
+        let val = e.var(red.name(), ty);
+        let init = match red {
+            Red::Sum | Red::Mean => crate::emit::zero_of(ty),
+            Red::Prod => crate::emit::one_of(ty),
+            Red::Max | Red::ArgMax => extreme(dtype, false),
+            Red::Min | Red::ArgMin => extreme(dtype, true),
+        };
+        out.push(Stmt::Assign(val, Expr::Const(init)));
+        let idx = red.is_arg().then(|| {
+            let i = e.var("at", Ty::I64);
+            out.push(Stmt::Assign(i, Expr::Const(Const::I64(-1))));
+            i
+        });
+        Acc {
+            red,
+            ty,
+            dtype,
+            val,
+            idx,
+        }
+    }
+
+    /// Folds the candidate `x` (at position `at`, an I64 expression, for arg-reductions;
+    /// a negative position means "no candidate") into the accumulator.
+    fn fold(&self, e: &mut Emitter<'_, '_>, out: &mut Vec<Stmt>, x: Expr, at: Option<Expr>) {
+        let acc = Expr::Var(self.val);
+        let value = match self.red {
+            Red::Sum | Red::Mean => bin(BinOp::Add, acc, x),
+            Red::Prod => bin(BinOp::Mul, acc, x),
+            Red::Max => bin(BinOp::Max, acc, x),
+            Red::Min => bin(BinOp::Min, acc, x),
+            Red::ArgMax | Red::ArgMin => {
+                let at = at.expect("arg-reductions fold positions");
+                let idx = Expr::Var(self.idx.expect("arg index"));
+                let x = e.bind(out, "cand", self.ty, x);
+                let at = e.bind(out, "cand_at", Ty::I64, at);
+                let strictly = if self.red == Red::ArgMax {
+                    BinOp::Gt
+                } else {
+                    BinOp::Lt
+                };
+                let mut better = bin(strictly, x.clone(), acc.clone());
+                let earlier_tie = and(
+                    bin(BinOp::Eq, x.clone(), acc.clone()),
+                    bin(BinOp::Lt, at.clone(), idx.clone()),
+                );
+                better = bin(BinOp::Or, better, earlier_tie);
+                if self.ty == Ty::F32 {
+                    // NaN counts as the best; among NaNs the first wins.
+                    let x_nan = bin(BinOp::Ne, x.clone(), x.clone());
+                    let acc_nan = bin(BinOp::Ne, acc.clone(), acc.clone());
+                    let nan_wins = and(
+                        x_nan,
+                        bin(
+                            BinOp::Or,
+                            Expr::Unary(UnOp::Not, Box::new(acc_nan.clone())),
+                            bin(BinOp::Lt, at.clone(), idx.clone()),
+                        ),
+                    );
+                    better = bin(
+                        BinOp::Or,
+                        nan_wins,
+                        and(Expr::Unary(UnOp::Not, Box::new(acc_nan)), better),
+                    );
+                }
+                let present = bin(BinOp::Ge, at.clone(), Expr::Const(Const::I64(0)));
+                let none_yet = bin(BinOp::Lt, idx.clone(), Expr::Const(Const::I64(0)));
+                let take = and(present, bin(BinOp::Or, none_yet, better));
+                let take = e.bind(out, "take", Ty::Pred, take);
+                out.push(Stmt::Assign(
+                    self.idx.expect("arg index"),
+                    Expr::Select(Box::new(take.clone()), Box::new(at), Box::new(idx)),
+                ));
+                Expr::Select(Box::new(take), Box::new(x), Box::new(acc))
+            }
+        };
+        out.push(Stmt::Assign(self.val, value));
+    }
+
+    /// Combines the accumulators of all lanes of each warp (every lane gets the result).
+    fn warp_reduce(&self, e: &mut Emitter<'_, '_>, out: &mut Vec<Stmt>) {
+        let other = e.var("other", self.ty);
+        let other_at = self.idx.map(|_| e.var("other_at", Ty::I64));
+        for mask in [16u32, 8, 4, 2, 1] {
+            out.push(Stmt::ShuffleXor {
+                dst: other,
+                src: self.val,
+                mask,
+            });
+            if let (Some(dst), Some(src)) = (other_at, self.idx) {
+                out.push(Stmt::ShuffleXor { dst, src, mask });
+            }
+            self.fold(e, out, Expr::Var(other), other_at.map(Expr::Var));
+        }
+    }
+
+    /// Combines the warps of a block through shared memory (after `warp_reduce`).
+    fn block_reduce(&self, e: &mut Emitter<'_, '_>, out: &mut Vec<Stmt>, warps: u32) {
+        let vals = e.shared_array(
+            &format!("{}_partial", self.red.name()),
+            storage_dtype(self.dtype),
+            warps,
+        );
+        let idxs = self
+            .idx
+            .map(|_| e.shared_array("at_partial", DType::I64, warps));
+        let lane = Expr::Special(Special::LaneId);
+        let warp = Expr::Special(Special::WarpId);
+        let mut write = vec![Stmt::Store {
+            buf: vals,
+            index: warp.clone(),
+            value: Expr::Var(self.val),
+        }];
+        if let (Some(buf), Some(i)) = (idxs, self.idx) {
+            write.push(Stmt::Store {
+                buf,
+                index: warp,
+                value: Expr::Var(i),
+            });
+        }
+        out.push(Stmt::If {
+            cond: bin(BinOp::Eq, lane, Expr::Const(Const::I32(0))),
+            then: write,
+            otherwise: Vec::new(),
+        });
+        out.push(Stmt::Barrier);
+        out.push(Stmt::Assign(
+            self.val,
+            Expr::Load {
+                buf: vals,
+                index: Box::new(Expr::Const(Const::I32(0))),
+            },
+        ));
+        if let (Some(buf), Some(i)) = (idxs, self.idx) {
+            out.push(Stmt::Assign(
+                i,
+                Expr::Load {
+                    buf,
+                    index: Box::new(Expr::Const(Const::I32(0))),
+                },
+            ));
+        }
+        let w = e.var("w", Ty::I32);
+        let mut body = Vec::new();
+        let x = Expr::Load {
+            buf: vals,
+            index: Box::new(Expr::Var(w)),
+        };
+        let at = idxs.map(|buf| Expr::Load {
+            buf,
+            index: Box::new(Expr::Var(w)),
+        });
+        self.fold(e, &mut body, x, at);
+        out.push(Stmt::For {
+            var: w,
+            start: Expr::Const(Const::I32(1)),
+            end: Expr::Const(Const::I32(warps as i32)),
+            step: Expr::Const(Const::I32(1)),
+            body,
+        });
+    }
+
+    /// The reduction's value: the mean divides by the count; arg-reductions give the index.
+    fn result(&self, count: Expr) -> Expr {
+        match self.red {
+            Red::Mean => bin(
+                BinOp::Div,
+                Expr::Var(self.val),
+                Expr::Cast(Ty::F32, Box::new(count)),
+            ),
+            Red::ArgMax | Red::ArgMin => Expr::Var(self.idx.expect("arg index")),
+            _ => Expr::Var(self.val),
+        }
+    }
+}
+
+/// The dtype shared memory holds a compute type in.
+fn storage_dtype(dtype: DType) -> DType {
+    match Ty::compute_type_of(dtype) {
+        Ty::F32 => DType::F32,
+        Ty::I32 => DType::I32,
+        Ty::I64 => DType::I64,
+        Ty::Pred => DType::Bool,
+    }
+}
+
+/// The identity of max (`smallest`) or min: ±inf for floats, the dtype's range for ints.
+fn extreme(dtype: DType, largest: bool) -> Const {
+    if dtype.is_float() {
+        return Const::F32(if largest {
+            f32::INFINITY
+        } else {
+            f32::NEG_INFINITY
+        });
+    }
+    let (lo, hi) = kiln_ir::tensor::int_range(dtype);
+    let n = if largest { hi } else { lo };
+    match Ty::compute_type_of(dtype) {
+        Ty::I64 => Const::I64(n),
+        _ => Const::I32(n as i32),
+    }
+}
+
+fn to_i64(e: &Emitter<'_, '_>, x: Expr) -> Expr {
+    if e.index_ty == Ty::I64 {
+        x
+    } else {
+        Expr::Cast(Ty::I64, Box::new(x))
+    }
+}
+
+/// The index at which a row-shaped value (`outer`, or `outer` then 1s) is read for `row`.
+fn row_index(e: &Emitter<'_, '_>, v: Value, outer: usize, row: &[Expr]) -> Vec<Expr> {
+    let rank = e.g.shape(v).len();
+    let mut idx = row.to_vec();
+    idx.extend((outer..rank).map(|_| e.ix(0)));
+    idx
+}
+
+pub(crate) fn emit_rows(
+    e: &mut Emitter<'_, '_>,
+    group: &Group,
+    outer: &[Dim],
+    inner: &[Dim],
+    stores: &[Value],
+) -> EResult<Body> {
+    let g = e.g;
+    let const_len: Option<u64> = inner.iter().map(Dim::as_const).product();
+    let per_warp = matches!(const_len, Some(n) if n <= 1024);
+    let lanes = lanes_for(inner.last(), 4);
+    let full: Vec<Dim> = outer.iter().chain(inner).cloned().collect();
+    let mut body = Vec::new();
+    let ity = e.index_ty;
+    let rows = e.numel(outer);
+    let len = e.numel(inner);
+    let (row, valid, tid, stride, block_dim, grid_x) = if per_warp {
+        let block = e.special(Special::BlockIdx(0));
+        let warp = e.special(Special::WarpId);
+        let row = add(mul(block, e.ix(i64::from(WARPS_PER_BLOCK))), warp);
+        let row = e.bind(&mut body, "row", ity, row);
+        let valid = e.bind(&mut body, "valid", Ty::Pred, lt(row.clone(), rows.clone()));
+        let last = sub(rows.clone(), e.ix(1));
+        let row = e.bind(&mut body, "row", ity, min_e(row, last));
+        let grid = ceil_div_size(size_of_dims(outer), u64::from(WARPS_PER_BLOCK));
+        (
+            row,
+            Some(valid),
+            e.special(Special::LaneId),
+            WARP,
+            WARP * WARPS_PER_BLOCK,
+            grid,
+        )
+    } else {
+        let row = e.special(Special::BlockIdx(0));
+        let row = e.bind(&mut body, "row", ity, row);
+        (
+            row,
+            None,
+            e.special(Special::ThreadIdx),
+            ROW_BLOCK,
+            ROW_BLOCK,
+            size_of_dims(outer),
+        )
+    };
+    let row_idx = e.delinearize(&mut body, row, outer);
+    let mut names = Vec::new();
+    for &r in &group.roots {
+        let inst = g.inst(r).expect("a reduction");
+        let input = inst.operands[0];
+        let red = Red::of(&inst.op);
+        names.push(red);
+        let acc = Acc::new(e, &mut body, red, g.ty(input).dtype);
+        // The strided pass over the row.
+        let j = e.var("j", ity);
+        let mut pass = Vec::new();
+        e.push_scope();
+        let inner_idx = e.delinearize(&mut pass, Expr::Var(j), inner);
+        let mut at = row_idx.clone();
+        at.extend(inner_idx);
+        let vals = e.elem(&mut pass, input, &at, lanes)?;
+        for (k, x) in vals.into_iter().enumerate() {
+            let pos = red
+                .is_arg()
+                .then(|| to_i64(e, add(Expr::Var(j), e.ix(k as i64))));
+            acc.fold(e, &mut pass, x, pos);
+        }
+        e.pop_scope();
+        body.push(Stmt::For {
+            var: j,
+            start: mul(tid.clone(), e.ix(lanes as i64)),
+            end: len.clone(),
+            step: e.ix(i64::from(stride) * lanes as i64),
+            body: pass,
+        });
+        acc.warp_reduce(e, &mut body);
+        if !per_warp {
+            acc.block_reduce(e, &mut body, ROW_BLOCK / WARP);
+        }
+        let result = acc.result(len.clone());
+        let ty = Ty::compute_type_of(g.ty(r).dtype);
+        let result = e.bind(&mut body, red.name(), ty, result);
+        let index = row_index(e, r, outer.len(), &row_idx);
+        e.bindings.push(Binding {
+            value: r,
+            index,
+            expr: result,
+        });
+    }
+    // Epilogue over the row: every stored value of the full row shape.
+    let full_outputs: Vec<Value> = stores
+        .iter()
+        .copied()
+        .filter(|v| g.shape(*v) == full.as_slice())
+        .collect();
+    let row_outputs: Vec<Value> = stores
+        .iter()
+        .copied()
+        .filter(|v| g.shape(*v) != full.as_slice())
+        .collect();
+    let mut epilogue = Vec::new();
+    if !full_outputs.is_empty() {
+        let j = e.var("j", ity);
+        let mut pass = Vec::new();
+        e.push_scope();
+        let inner_idx = e.delinearize(&mut pass, Expr::Var(j), inner);
+        let mut at = row_idx.clone();
+        at.extend(inner_idx);
+        for &o in &full_outputs {
+            let vals = e.elem(&mut pass, o, &at, lanes)?;
+            e.store(&mut pass, o, &at, vals);
+        }
+        e.pop_scope();
+        epilogue.push(Stmt::For {
+            var: j,
+            start: mul(tid.clone(), e.ix(lanes as i64)),
+            end: len.clone(),
+            step: e.ix(i64::from(stride) * lanes as i64),
+            body: pass,
+        });
+    }
+    if !row_outputs.is_empty() {
+        let mut once = Vec::new();
+        e.push_scope();
+        for &o in &row_outputs {
+            let at = row_index(e, o, outer.len(), &row_idx);
+            let vals = e.elem(&mut once, o, &at, 1)?;
+            e.store(&mut once, o, &at, vals);
+        }
+        e.pop_scope();
+        epilogue.push(Stmt::If {
+            cond: bin(BinOp::Eq, tid.clone(), e.ix(0)),
+            then: once,
+            otherwise: Vec::new(),
+        });
+    }
+    match valid {
+        Some(valid) => body.push(Stmt::If {
+            cond: valid,
+            then: epilogue,
+            otherwise: Vec::new(),
+        }),
+        None => body.extend(epilogue),
+    }
+    let what = describe(&names, g, group);
+    Ok(Body {
+        what,
+        block_dim,
+        grid: [grid_x, one(), one()],
+        stmts: body,
+    })
+}
+
+/// A name for a row kernel from its reductions: softmax, rms_norm, layer_norm or the list.
+fn describe(reds: &[Red], g: &crate::graph::FuncGraph<'_>, group: &Group) -> String {
+    let has_rsqrt = group
+        .owned
+        .iter()
+        .any(|v| matches!(g.op(*v), Some(Op::Unary(kiln_ir::UnaryOp::Rsqrt))))
+        || group.outputs.iter().any(|v| uses_rsqrt(g, *v, 6));
+    match reds {
+        [Red::Max, Red::Sum] => "softmax".into(),
+        [Red::Mean] if has_rsqrt => "rms_norm".into(),
+        [Red::Mean, Red::Mean] if has_rsqrt => "layer_norm".into(),
+        _ => {
+            let parts: Vec<&str> = reds.iter().map(|r| r.name()).collect();
+            format!("reduce_{}", parts.join("_"))
+        }
+    }
+}
+
+fn uses_rsqrt(g: &crate::graph::FuncGraph<'_>, v: Value, depth: u32) -> bool {
+    if depth == 0 || g.is_heavy(v) || g.is_source(v) {
+        return false;
+    }
+    match g.inst(v) {
+        Some(inst) => {
+            matches!(inst.op, Op::Unary(kiln_ir::UnaryOp::Rsqrt))
+                || inst.operands.iter().any(|o| uses_rsqrt(g, *o, depth - 1))
+        }
+        None => false,
+    }
+}
+
+/// A reduction over any axes: a thread per output element looping over the reduced ones.
+pub(crate) fn emit_loop(e: &mut Emitter<'_, '_>, r: Value) -> EResult<Body> {
+    let g = e.g;
+    let inst = g.inst(r).expect("a reduction");
+    let input = inst.operands[0];
+    let in_shape = g.shape(input).to_vec();
+    let (axes, keep): (Vec<usize>, bool) = match &inst.op {
+        Op::Reduce { axes, keep, .. } => (axes.clone(), *keep),
+        Op::ArgMax { axis, keep } | Op::ArgMin { axis, keep } => (vec![*axis], *keep),
+        _ => return Err(e.internal(r, "not a reduction")),
+    };
+    let red = Red::of(&inst.op);
+    let kept: Vec<usize> = (0..in_shape.len()).filter(|d| !axes.contains(d)).collect();
+    let kept_dims: Vec<Dim> = kept.iter().map(|&d| in_shape[d].clone()).collect();
+    let red_dims: Vec<Dim> = axes.iter().map(|&d| in_shape[d].clone()).collect();
+    let ity = e.index_ty;
+    let mut body = Vec::new();
+    let block = e.special(Special::BlockIdx(0));
+    let thread = e.special(Special::ThreadIdx);
+    let gid = e.bind(&mut body, "gid", ity, add(mul(block, e.ix(256)), thread));
+    let total = e.numel(&kept_dims);
+    let mut then = Vec::new();
+    e.push_scope();
+    let kept_idx = e.delinearize(&mut then, gid.clone(), &kept_dims);
+    let acc = Acc::new(e, &mut then, red, g.ty(input).dtype);
+    let count = e.numel(&red_dims);
+    let j = e.var("j", ity);
+    let mut pass = Vec::new();
+    e.push_scope();
+    let red_idx = e.delinearize(&mut pass, Expr::Var(j), &red_dims);
+    let mut at = vec![e.ix(0); in_shape.len()];
+    for (k, &d) in kept.iter().enumerate() {
+        at[d] = kept_idx[k].clone();
+    }
+    for (k, &d) in axes.iter().enumerate() {
+        at[d] = red_idx[k].clone();
+    }
+    let x = e.elem(&mut pass, input, &at, 1)?.remove(0);
+    let pos = red.is_arg().then(|| to_i64(e, Expr::Var(j)));
+    acc.fold(e, &mut pass, x, pos);
+    e.pop_scope();
+    then.push(Stmt::For {
+        var: j,
+        start: e.ix(0),
+        end: count.clone(),
+        step: e.ix(1),
+        body: pass,
+    });
+    let result = acc.result(count);
+    let out_idx: Vec<Expr> = if keep {
+        let mut idx = at.clone();
+        for &d in &axes {
+            idx[d] = e.ix(0);
+        }
+        for (k, &d) in kept.iter().enumerate() {
+            idx[d] = kept_idx[k].clone();
+        }
+        idx
+    } else {
+        kept_idx.clone()
+    };
+    e.fused.insert(r);
+    e.store(&mut then, r, &out_idx, vec![result]);
+    e.pop_scope();
+    body.push(Stmt::If {
+        cond: lt(gid, total),
+        then,
+        otherwise: Vec::new(),
+    });
+    Ok(Body {
+        what: format!("reduce_{}_axes", red.name()),
+        block_dim: 256,
+        grid: [ceil_div_size(size_of_dims(&kept_dims), 256), one(), one()],
+        stmts: body,
+    })
+}

@@ -1,0 +1,333 @@
+//! Test helpers: a plan runner around kiln-kir's reference interpreter, and `check`, which
+//! compiles a graph function, runs its plan and compares every result with the graph
+//! interpreter's.
+//!
+//! Tolerances: f32 results within a relative error (max |a - b| / max |b|) of 1e-5 (f32
+//! accumulation in a different order than the interpreter's f64); results of narrow float
+//! dtypes within 2e-2 (fused kernels do not round intermediates to bf16/f16 as the
+//! interpreter does after every op); integers and bools exactly.
+
+#![allow(dead_code)]
+
+use kiln_gpu_kernels::{compile_function, CompiledFunction, Options};
+use kiln_ir::{DType, Dim, Function, Module, Tensor};
+use kiln_kir::{Arg, BufferId, BufferKind, Const, Kernel, Param, Plan, Step};
+use std::collections::BTreeMap;
+
+/// Where a buffer's bytes live: an allocation and a byte range in it.
+#[derive(Clone, Copy, Debug)]
+struct Loc {
+    alloc: usize,
+    offset: usize,
+    len: usize,
+}
+
+struct Machine<'a> {
+    kernels: &'a [Kernel],
+    plan: &'a Plan,
+    symbols: BTreeMap<String, u64>,
+    memory: Vec<Vec<u8>>,
+    locs: Vec<Loc>,
+}
+
+impl Machine<'_> {
+    fn sym(&self) -> impl Fn(&str) -> Option<u64> + '_ {
+        |s: &str| self.symbols.get(s).copied()
+    }
+
+    fn bytes(&self, b: BufferId) -> &[u8] {
+        let l = self.locs[b.0 as usize];
+        &self.memory[l.alloc][l.offset..l.offset + l.len]
+    }
+
+    fn write(&mut self, b: BufferId, data: &[u8]) {
+        let l = self.locs[b.0 as usize];
+        assert_eq!(data.len(), l.len, "buffer {b:?}: size mismatch");
+        self.memory[l.alloc][l.offset..l.offset + l.len].copy_from_slice(data);
+    }
+
+    fn run(&mut self, steps: &[Step]) -> Result<(), String> {
+        for step in steps {
+            match step {
+                Step::Launch { kernel, args } => {
+                    let k = &self.kernels[*kernel];
+                    let grid = kiln_kir::launch_grid(k, &self.sym()).map_err(|e| e.to_string())?;
+                    let mut bufs: Vec<(BufferId, Vec<u8>, bool)> = Vec::new();
+                    let mut scalars = Vec::new();
+                    for (p, a) in k.params.iter().zip(args) {
+                        match (p, a) {
+                            (Param::Buffer { access, .. }, Arg::Buffer(b)) => {
+                                let writes = *access != kiln_kir::Access::Read;
+                                bufs.push((*b, self.bytes(*b).to_vec(), writes));
+                            }
+                            (Param::Scalar { .. }, Arg::Sym(s)) => {
+                                let v =
+                                    self.symbols.get(s).copied().ok_or(format!("unbound {s}"))?;
+                                scalars.push(Const::I64(v as i64));
+                            }
+                            _ => return Err(format!("{}: argument kind mismatch", k.name)),
+                        }
+                    }
+                    {
+                        let mut slices: Vec<&mut [u8]> =
+                            bufs.iter_mut().map(|(_, d, _)| d.as_mut_slice()).collect();
+                        kiln_kir::run_kernel(k, grid, &mut slices, &scalars)
+                            .map_err(|e| e.to_string())?;
+                    }
+                    for (b, data, writes) in bufs {
+                        if writes {
+                            self.write(b, &data);
+                        }
+                    }
+                }
+                Step::Copy { src, dst } => {
+                    let data = self.bytes(*src).to_vec();
+                    self.write(*dst, &data);
+                }
+                Step::Loop {
+                    count,
+                    carried,
+                    init,
+                    next,
+                    counter,
+                    body,
+                } => {
+                    let decl = &self.plan.buffers[count.0 as usize];
+                    let t = Tensor::from_le_bytes(decl.dtype, &[], self.bytes(*count))
+                        .map_err(|e| e.to_string())?;
+                    let n = t.to_i64_vec()[0];
+                    for (c, i) in carried.iter().zip(init) {
+                        let data = self.bytes(*i).to_vec();
+                        self.write(*c, &data);
+                    }
+                    for it in 0..n {
+                        self.write(*counter, &it.to_le_bytes());
+                        self.run(body)?;
+                        for (c, x) in carried.iter().zip(next) {
+                            let data = self.bytes(*x).to_vec();
+                            self.write(*c, &data);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Runs a plan on the kernel interpreter: inputs in, results out.
+pub fn run_plan(
+    kernels: &[Kernel],
+    plan: &Plan,
+    inputs: &[Tensor],
+    weights: &BTreeMap<String, Tensor>,
+) -> Result<Vec<Tensor>, String> {
+    let mut symbols = BTreeMap::new();
+    for s in &plan.symbols {
+        symbols.insert(s.name.clone(), inputs[s.input].shape[s.axis] as u64);
+    }
+    let syms = symbols.clone();
+    let eval = move |e: &kiln_kir::SizeExpr| {
+        e.eval(&|s: &str| syms.get(s).copied())
+            .ok_or(format!("cannot evaluate {e}"))
+    };
+    let arena = eval(&plan.arena_bytes)? as usize;
+    let mut memory = vec![vec![0xA5u8; arena]];
+    let mut locs = Vec::new();
+    for b in &plan.buffers {
+        let numel: u64 = b
+            .shape
+            .iter()
+            .map(&eval)
+            .collect::<Result<Vec<_>, _>>()?
+            .iter()
+            .product();
+        let len = numel as usize * b.dtype.size_bytes();
+        let loc = match &b.kind {
+            BufferKind::Temp => {
+                let offset = eval(b.offset.as_ref().ok_or("temp without offset")?)? as usize;
+                if offset + len > arena {
+                    return Err(format!("buffer {:?} overflows the arena", b.id));
+                }
+                Loc {
+                    alloc: 0,
+                    offset,
+                    len,
+                }
+            }
+            BufferKind::View(base) => {
+                let l: Loc = locs[base.0 as usize];
+                assert_eq!(l.len, len, "a view and its base differ in size");
+                l
+            }
+            _ => {
+                memory.push(vec![0x5Au8; len]);
+                Loc {
+                    alloc: memory.len() - 1,
+                    offset: 0,
+                    len,
+                }
+            }
+        };
+        locs.push(loc);
+    }
+    let mut m = Machine {
+        kernels,
+        plan,
+        symbols,
+        memory,
+        locs,
+    };
+    for b in &plan.buffers {
+        match &b.kind {
+            BufferKind::Input(i) => m.write(b.id, &inputs[*i].to_le_bytes()),
+            BufferKind::Weight(name) => {
+                let t = weights.get(name).ok_or(format!("missing weight {name}"))?;
+                m.write(b.id, &t.to_le_bytes());
+            }
+            _ => {}
+        }
+    }
+    m.run(&plan.steps)?;
+    let mut outs = Vec::new();
+    for &o in &plan.outputs {
+        let b = &plan.buffers[o.0 as usize];
+        let shape: Vec<usize> = b
+            .shape
+            .iter()
+            .map(|d| eval(d).map(|x| x as usize))
+            .collect::<Result<_, _>>()?;
+        outs.push(Tensor::from_le_bytes(b.dtype, &shape, m.bytes(o)).map_err(|e| e.to_string())?);
+    }
+    Ok(outs)
+}
+
+/// A deterministic stream of values in [-1, 1).
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> f64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((self.0 >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+    }
+}
+
+/// Inputs for `func` with every symbolic dim set from `symbols` (default `n`): floats in
+/// [-1, 1), integers in [0, 4) (scalars: 3), bools alternating.
+pub fn inputs_for(
+    func: &Function,
+    symbols: &BTreeMap<String, usize>,
+    n: usize,
+    seed: u64,
+) -> Vec<Tensor> {
+    let mut rng = Rng(seed);
+    func.params()
+        .iter()
+        .map(|&p| {
+            let ty = func.ty(p);
+            let shape: Vec<usize> = ty
+                .shape
+                .dims()
+                .iter()
+                .map(|d| match d {
+                    Dim::Const(c) => *c as usize,
+                    Dim::Sym(s) => symbols.get(s).copied().unwrap_or(n),
+                })
+                .collect();
+            let count: usize = shape.iter().product();
+            if ty.dtype.is_float() {
+                Tensor::from_floats(
+                    ty.dtype,
+                    &shape,
+                    (0..count).map(|_| rng.next() as f32).collect(),
+                )
+            } else if ty.dtype.is_int() {
+                if shape.is_empty() {
+                    Tensor::from_ints(ty.dtype, &shape, vec![3])
+                } else {
+                    Tensor::from_ints(
+                        ty.dtype,
+                        &shape,
+                        (0..count)
+                            .map(|_| ((rng.next() + 1.0) * 2.0) as i64)
+                            .collect(),
+                    )
+                }
+            } else {
+                Tensor::from_bool(&shape, (0..count).map(|i| i % 3 != 0).collect())
+            }
+        })
+        .collect()
+}
+
+/// The relative error of `got` against `want`: max |a - b| / max |b| (NaN where exactly one
+/// side is NaN).
+pub fn rel_err(got: &Tensor, want: &Tensor) -> f64 {
+    let scale = want
+        .to_f64_vec()
+        .iter()
+        .filter(|x| x.is_finite())
+        .fold(0.0f64, |m, x| m.max(x.abs()))
+        .max(1e-30);
+    got.max_abs_diff(want) / scale
+}
+
+pub fn tolerance(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 => 1e-5,
+        d if d.is_float() => 2e-2,
+        _ => 0.0,
+    }
+}
+
+/// Lowers `source` and runs kiln-opt's default pipeline.
+pub fn lower(
+    name: &str,
+    source: &str,
+    dir: Option<&std::path::Path>,
+    config: Option<&serde_json::Value>,
+) -> Module {
+    let lowered =
+        kiln_tests::compile_source(name, source, dir, config).unwrap_or_else(|d| panic!("{d}"));
+    let mut module = lowered.module;
+    kiln_opt::optimize(&mut module).unwrap_or_else(|e| panic!("{e}"));
+    module
+}
+
+/// Compiles `function`, runs it on the kernel interpreter and on the graph interpreter,
+/// and asserts the results agree. Returns the compiled function.
+#[track_caller]
+pub fn check(
+    module: &Module,
+    function: &str,
+    inputs: &[Tensor],
+    weights: &BTreeMap<String, Tensor>,
+    options: &Options,
+) -> CompiledFunction {
+    let func = module
+        .function(function)
+        .unwrap_or_else(|| panic!("no function {function}"));
+    let want = kiln_ir::interpret(func, inputs, weights)
+        .unwrap_or_else(|e| panic!("graph interpreter: {e}"));
+    let compiled = compile_function(module, function, options).unwrap_or_else(|e| panic!("{e}"));
+    let got = run_plan(&compiled.kernels, &compiled.plan, inputs, weights)
+        .unwrap_or_else(|e| panic!("@{function}: {e}"));
+    assert_eq!(got.len(), want.len());
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(g.shape, w.shape, "@{function} result {i}: shape");
+        assert_eq!(g.dtype, w.dtype, "@{function} result {i}: dtype");
+        let err = rel_err(g, w);
+        let tol = tolerance(w.dtype);
+        assert!(
+            err <= tol,
+            "@{function} result {i} ({}): relative error {err:e} > {tol:e}\n got {:?}\nwant {:?}",
+            w.dtype,
+            &g.to_f64_vec()[..g.numel().min(8)],
+            &w.to_f64_vec()[..w.numel().min(8)]
+        );
+    }
+    compiled
+}
