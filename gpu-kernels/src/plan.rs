@@ -126,7 +126,7 @@ impl<'a, 'f> PlanBuilder<'a, 'f> {
             let src = self.buffer(r);
             steps.push(Step::Copy { src, dst });
         }
-        let symbols = self.symbols()?;
+        let symbols = self.symbols(&steps)?;
         let arena_bytes = self.layout(&steps);
         Ok((
             Plan {
@@ -303,7 +303,10 @@ impl<'a, 'f> PlanBuilder<'a, 'f> {
         })
     }
 
-    fn symbols(&self) -> Result<Vec<SymBinding>, FusionError> {
+    /// The symbol bindings of the function's inputs; every symbol a buffer shape or a
+    /// kernel launched by `steps` needs must be among them. (The kernel list is shared by
+    /// every function of a module, so only this function's launches count.)
+    fn symbols(&self, steps: &[Step]) -> Result<Vec<SymBinding>, FusionError> {
         let func = self.g.func;
         let mut bound: Vec<SymBinding> = Vec::new();
         for (i, &p) in func.params().iter().enumerate() {
@@ -325,7 +328,9 @@ impl<'a, 'f> PlanBuilder<'a, 'f> {
                 collect_syms(s, &mut needed);
             }
         }
-        for k in self.kernels.iter() {
+        let mut launched = BTreeSet::new();
+        launched_kernels(steps, &mut launched);
+        for k in launched.iter().map(|&i| &self.kernels[i]) {
             for p in &k.params {
                 if let kiln_kir::Param::Scalar { name, .. } = p {
                     needed.insert(name.clone());
@@ -519,4 +524,17 @@ pub(crate) fn layer_of_name(name: &str) -> Option<usize> {
             None
         }
     })
+}
+
+/// Indices of the kernels that `steps` launch, loop bodies included.
+fn launched_kernels(steps: &[Step], out: &mut BTreeSet<usize>) {
+    for step in steps {
+        match step {
+            Step::Launch { kernel, .. } => {
+                out.insert(*kernel);
+            }
+            Step::Loop { body, .. } => launched_kernels(body, out),
+            Step::Copy { .. } => {}
+        }
+    }
 }

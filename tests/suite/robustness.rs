@@ -20,9 +20,40 @@ impl Rng {
 /// Words and punctuation that make mutants reach deep into lowering rather than stop at
 /// the parser.
 const SPLICES: &[&str] = &[
-    "x", "S", "-1", "0", "2", "1e-5", ".T", ".view(S, -1)", "[..., 0:2]", "@", "*", "+", "f32(", ")", "(",
-    "]", "[", ",", "axis: -1", "keep: true", "bf16", "sum(", "max(", "select(", "loop 3 with (a = 0.0) { a }",
-    "if true { 1 } else { 2 }", "let y = ", "\n", "layers", "embed", "hidden_size", "\"{L}\"", "{", "}",
+    "x",
+    "S",
+    "-1",
+    "0",
+    "2",
+    "1e-5",
+    ".T",
+    ".view(S, -1)",
+    "[..., 0:2]",
+    "@",
+    "*",
+    "+",
+    "f32(",
+    ")",
+    "(",
+    "]",
+    "[",
+    ",",
+    "axis: -1",
+    "keep: true",
+    "bf16",
+    "sum(",
+    "max(",
+    "select(",
+    "loop 3 with (a = 0.0) { a }",
+    "if true { 1 } else { 2 }",
+    "let y = ",
+    "\n",
+    "layers",
+    "embed",
+    "hidden_size",
+    "\"{L}\"",
+    "{",
+    "}",
 ];
 
 fn mutate(source: &str, rng: &mut Rng) -> String {
@@ -56,11 +87,23 @@ fn mutate(source: &str, rng: &mut Rng) -> String {
 
 #[test]
 fn mutated_programs_never_panic() {
-    let cases: usize = std::env::var("KILN_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(1500);
+    let cases: usize = std::env::var("KILN_FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1500);
     let programs = [
-        ("models/llama.kiln", Some("tests/fixtures/tiny-llama/config.json")),
-        ("models/gpt2.kiln", Some("tests/fixtures/tiny-gpt2/config.json")),
-        ("models/bert.kiln", Some("tests/fixtures/tiny-bert/config.json")),
+        (
+            "models/llama.kiln",
+            Some("tests/fixtures/tiny-llama/config.json"),
+        ),
+        (
+            "models/gpt2.kiln",
+            Some("tests/fixtures/tiny-gpt2/config.json"),
+        ),
+        (
+            "models/bert.kiln",
+            Some("tests/fixtures/tiny-bert/config.json"),
+        ),
         ("stdlib/consensus.kiln", None),
         ("tests/filetests/ir/language_features.kiln", None),
         ("tests/filetests/ir/nn_rope.kiln", None),
@@ -70,7 +113,11 @@ fn mutated_programs_never_panic() {
         .iter()
         .map(|(p, c)| {
             let path = repo_root().join(p);
-            (p.to_string(), std::fs::read_to_string(&path).expect("program"), c.map(|c| read_json(&repo_root().join(c))))
+            (
+                p.to_string(),
+                std::fs::read_to_string(&path).expect("program"),
+                c.map(|c| read_json(&repo_root().join(c))),
+            )
         })
         .collect();
     let mut rng = Rng(0x5EED_1234_ABCD_0001);
@@ -78,13 +125,21 @@ fn mutated_programs_never_panic() {
     for case in 0..cases {
         let (name, source, config) = &loaded[case % loaded.len()];
         let mutant = mutate(source, &mut rng);
-        let result = catch_unwind(AssertUnwindSafe(|| compile_source(name, &mutant, None, config.as_ref())));
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            compile_source(name, &mutant, None, config.as_ref())
+        }));
         match result {
             Ok(Ok(_)) => lowered += 1,
-            Ok(Err(rendered)) => assert!(rendered.contains("error"), "a failure must render a diagnostic"),
+            Ok(Err(rendered)) => assert!(
+                rendered.contains("error"),
+                "a failure must render a diagnostic"
+            ),
             Err(_) => panic!("case {case}: compiling a mutant of {name} panicked:\n{mutant}"),
         }
     }
     // Some mutants are still valid programs; most are not. Both paths must be exercised.
-    assert!(lowered > 0 && lowered < cases, "{lowered} of {cases} mutants lowered");
+    assert!(
+        lowered > 0 && lowered < cases,
+        "{lowered} of {cases} mutants lowered"
+    );
 }

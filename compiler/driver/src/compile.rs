@@ -68,14 +68,21 @@ pub(crate) fn run(args: CompileArgs) -> Result<ExitCode> {
         let (ast, diags) = kiln_syntax::parse(&source, id);
         eprint!("{}", sources.render(&diags));
         println!("{ast:#?}");
-        return Ok(if diags.iter().any(|d| d.is_error()) { ExitCode::FAILURE } else { ExitCode::SUCCESS });
+        return Ok(if diags.iter().any(|d| d.is_error()) {
+            ExitCode::FAILURE
+        } else {
+            ExitCode::SUCCESS
+        });
     }
     let (ok, lowered) = lower(&args.program)?;
     let Some(mut lowered) = lowered.filter(|_| ok) else {
         return Ok(ExitCode::FAILURE);
     };
     if let Some(pass) = &args.print_after {
-        let options = kiln_opt::RunOptions { print_after: Some(pass.as_str()), ..Default::default() };
+        let options = kiln_opt::RunOptions {
+            print_after: Some(pass.as_str()),
+            ..Default::default()
+        };
         let report = kiln_opt::default_pipeline().run_with(&mut lowered.module, &options)?;
         match report.printed {
             Some(text) => print!("{text}"),
@@ -83,7 +90,10 @@ pub(crate) fn run(args: CompileArgs) -> Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let options = CompileOptions { targets: targets(&args.arch)?, ..CompileOptions::default() };
+    let options = CompileOptions {
+        targets: targets(&args.arch)?,
+        ..CompileOptions::default()
+    };
     if let Some(out) = &args.out {
         let toolchain = Toolchain::discover().context("`kiln compile -o` assembles with ptxas")?;
         let program = args.program.file.display().to_string();
@@ -106,7 +116,10 @@ pub(crate) fn run(args: CompileArgs) -> Result<ExitCode> {
             eprintln!("kiln: register spills: {}", spills.join("; "));
         }
         if args.stats {
-            print!("{}", package.compiled.stats.table(&symbol_values(&args.symbols)?));
+            print!(
+                "{}",
+                package.compiled.stats.table(&symbol_values(&args.symbols)?)
+            );
         }
         return Ok(ExitCode::SUCCESS);
     }
@@ -129,8 +142,16 @@ pub(crate) fn run(args: CompileArgs) -> Result<ExitCode> {
                     println!("{plan}");
                 }
             } else {
-                let target = options.targets.first().copied().context("--arch names no target")?;
-                let ptx = kiln_ptx::emit_ptx(&compiled.kernels, target, &kiln_ptx::EmitOptions::default())?;
+                let target = options
+                    .targets
+                    .first()
+                    .copied()
+                    .context("--arch names no target")?;
+                let ptx = kiln_ptx::emit_ptx(
+                    &compiled.kernels,
+                    target,
+                    &kiln_ptx::EmitOptions::default(),
+                )?;
                 print!("{ptx}");
             }
         }
@@ -142,8 +163,15 @@ fn symbol_values(pairs: &[String]) -> Result<BTreeMap<String, u64>> {
     pairs
         .iter()
         .map(|p| {
-            let (name, value) = p.split_once('=').with_context(|| format!("--sym {p}: expected NAME=VALUE"))?;
-            Ok((name.to_string(), value.parse().with_context(|| format!("--sym {p}: not a number"))?))
+            let (name, value) = p
+                .split_once('=')
+                .with_context(|| format!("--sym {p}: expected NAME=VALUE"))?;
+            Ok((
+                name.to_string(),
+                value
+                    .parse()
+                    .with_context(|| format!("--sym {p}: not a number"))?,
+            ))
         })
         .collect()
 }

@@ -56,11 +56,17 @@ pub enum PipelineError {
     #[error(transparent)]
     Tool(#[from] kiln_ptx::ToolError),
     #[error("writing {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 /// Optimizes and fuses a lowered program: the target-independent half of compilation.
-pub fn fuse(mut lowered: Lowered, options: &CompileOptions) -> Result<(Lowered, CompiledModule), PipelineError> {
+pub fn fuse(
+    mut lowered: Lowered,
+    options: &CompileOptions,
+) -> Result<(Lowered, CompiledModule), PipelineError> {
     kiln_opt::optimize(&mut lowered.module)?;
     let compiled = kiln_gpu_kernels::compile_module(&lowered.module, &options.fusion)?;
     Ok((lowered, compiled))
@@ -79,14 +85,23 @@ pub fn compile(
     let mut code = Vec::new();
     for &target in &options.targets {
         let ptx = kiln_ptx::emit_ptx(&compiled.kernels, target, &kiln_ptx::EmitOptions::default())
-            .map_err(|e| PipelineError::Emit { target, message: e.to_string() })?;
-        code.push(TargetCode { target, ptx, cubin: None, ptxas_log: None });
+            .map_err(|e| PipelineError::Emit {
+                target,
+                message: e.to_string(),
+            })?;
+        code.push(TargetCode {
+            target,
+            ptx,
+            cubin: None,
+            ptxas_log: None,
+        });
     }
     let mut resources = Vec::new();
     let mut fatbin = None;
     if let Some(toolchain) = toolchain {
         for tc in &mut code {
-            let assembled = toolchain.assemble(&tc.ptx, tc.target, &kiln_ptx::AssembleOptions::default())?;
+            let assembled =
+                toolchain.assemble(&tc.ptx, tc.target, &kiln_ptx::AssembleOptions::default())?;
             for report in &assembled.report.functions {
                 resources.push(KernelResources {
                     kernel: report.name.clone(),
@@ -99,13 +114,18 @@ pub fn compile(
             tc.ptxas_log = Some(assembled.log.clone());
             tc.cubin = Some(assembled.cubin);
         }
-        let cubins: Vec<(Target, Vec<u8>)> =
-            code.iter().filter_map(|tc| tc.cubin.clone().map(|c| (tc.target, c))).collect();
+        let cubins: Vec<(Target, Vec<u8>)> = code
+            .iter()
+            .filter_map(|tc| tc.cubin.clone().map(|c| (tc.target, c)))
+            .collect();
         // The JIT copy: the oldest target's PTX, re-emitted under the driver's version cap.
         let jit = match options.targets.iter().min() {
             Some(&target) => Some((
                 kiln_ptx::emit_ptx(&compiled.kernels, target, &kiln_ptx::EmitOptions::for_jit())
-                    .map_err(|e| PipelineError::Emit { target, message: e.to_string() })?,
+                    .map_err(|e| PipelineError::Emit {
+                        target,
+                        message: e.to_string(),
+                    })?,
                 target,
             )),
             None => None,
@@ -129,11 +149,19 @@ pub fn compile(
             })
             .collect(),
         targets: if fatbin.is_some() {
-            options.targets.iter().map(|t| t.sm_name().to_string()).collect()
+            options
+                .targets
+                .iter()
+                .map(|t| t.sm_name().to_string())
+                .collect()
         } else {
             Vec::new()
         },
-        ptx_target: options.targets.iter().min().map(|t| t.sm_name().to_string()),
+        ptx_target: options
+            .targets
+            .iter()
+            .min()
+            .map(|t| t.sm_name().to_string()),
         kernels: compiled.kernels.iter().map(KernelInfo::of).collect(),
         plans: compiled.plans.clone(),
         weights: lowered
@@ -142,13 +170,25 @@ pub fn compile(
             .map(|p| WeightInfo {
                 checkpoint_name: p.checkpoint_name.clone(),
                 dtype: p.ty.dtype,
-                shape: p.ty.shape.0.iter().map(|d| d.as_const().unwrap_or(0)).collect(),
+                shape: p
+                    .ty
+                    .shape
+                    .0
+                    .iter()
+                    .map(|d| d.as_const().unwrap_or(0))
+                    .collect(),
                 declared_as: p.declared_as.clone(),
             })
             .collect(),
         resources,
     };
-    Ok(Package { lowered, compiled, code, fatbin, manifest })
+    Ok(Package {
+        lowered,
+        compiled,
+        code,
+        fatbin,
+        manifest,
+    })
 }
 
 impl Package {

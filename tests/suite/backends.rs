@@ -1,0 +1,270 @@
+//! One set of test bodies run on every backend available: the compiled kernels and plans of
+//! every stdlib function and model program, executed by the Cranelift CPU backend (always)
+//! and by CUDA on the GPU (where there is one: the PTX for the device's target, assembled by
+//! ptxas and loaded from a fatbin), compared with the graph-IR reference interpreter on the
+//! same inputs. Without a GPU the GPU half prints `NOT RUN (no GPU)` with the reason; with
+//! `KILN_REQUIRE_GPU=1` a missing GPU fails the test instead.
+//!
+//! Sizes bind the symbolic dims to values that are not multiples of any tile (7, 33, 5, ...).
+//! Tolerances per output dtype (relative error max|a - b| / max|b|): f32 1e-4 (the kernels
+//! reorder f32 sums), f16 and bf16 2e-2 (one rounding of the narrower type may land on the
+//! other side), f8 0.13, integers and bools exact (argmax ties are avoided by random data).
+
+use kiln_cuda::{CudaDevice, CudaPackage, CudaProgram};
+use kiln_driver::pipeline::{self, CompileOptions};
+use kiln_ir::{interpret, DType, Function, Tensor};
+use kiln_ptx::{Target, Toolchain};
+use kiln_tests::{compile_source, load_safetensors, read_json, repo_root};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+
+/// A deterministic stream of values in [0, 1).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> f64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// The size given to each symbolic dim.
+fn symbol_size(name: &str) -> u64 {
+    match name {
+        "B" => 2,
+        "S" | "T" => 7,
+        "G" => 3,
+        "N" => 33,
+        "M" => 5,
+        "K" => 9,
+        "V" => 17,
+        "R" => 5,
+        _ => 6,
+    }
+}
+
+/// Random inputs for an entry function: floats in [-1, 1), integers in [0, 4) (valid indices
+/// and masks with zeros), the loop counts `n`/`iters` equal to 3.
+fn inputs_for(func: &Function, rng: &mut Rng) -> Vec<Tensor> {
+    func.params()
+        .iter()
+        .map(|p| {
+            let ty = func.ty(*p);
+            let shape: Vec<usize> = ty
+                .shape
+                .0
+                .iter()
+                .map(|d| d.as_const().unwrap_or_else(|| symbol_size(&d.to_string())) as usize)
+                .collect();
+            let n: usize = shape.iter().product();
+            if ty.dtype.is_float() {
+                Tensor::from_f32(
+                    &shape,
+                    (0..n).map(|_| (rng.next() * 2.0 - 1.0) as f32).collect(),
+                )
+                .cast(ty.dtype)
+            } else if ty.dtype == DType::Bool {
+                Tensor::from_bool(&shape, (0..n).map(|_| rng.next() < 0.7).collect())
+            } else if shape.is_empty() {
+                Tensor::from_ints(ty.dtype, &shape, vec![3])
+            } else {
+                Tensor::from_ints(
+                    ty.dtype,
+                    &shape,
+                    (0..n).map(|_| (rng.next() * 4.0) as i64).collect(),
+                )
+            }
+        })
+        .collect()
+}
+
+fn tolerance(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 => 1e-4,
+        DType::F16 | DType::BF16 => 2e-2,
+        DType::F8E4M3 | DType::F8E5M2 => 0.13,
+        _ => 0.0,
+    }
+}
+
+/// Relative error, NaN matching NaN.
+fn rel_err(got: &Tensor, want: &Tensor) -> f64 {
+    let (g, w) = (got.to_f64_vec(), want.to_f64_vec());
+    assert_eq!(g.len(), w.len());
+    let scale = w
+        .iter()
+        .filter(|x| x.is_finite())
+        .fold(0.0f64, |m, x| m.max(x.abs()))
+        .max(1e-30);
+    g.iter()
+        .zip(&w)
+        .map(|(a, b)| {
+            if a.is_nan() && b.is_nan() || a == b {
+                0.0
+            } else {
+                (a - b).abs()
+            }
+        })
+        .fold(0.0f64, f64::max)
+        / scale
+}
+
+/// The GPU and the toolchain for it, when both are present (once per process).
+fn gpu() -> Option<&'static (CudaDevice, Toolchain, Target)> {
+    static GPU: OnceLock<Option<(CudaDevice, Toolchain, Target)>> = OnceLock::new();
+    GPU.get_or_init(|| {
+        let required = std::env::var("KILN_REQUIRE_GPU").is_ok_and(|v| v == "1");
+        let found = CudaDevice::new(0)
+            .map_err(|e| e.to_string())
+            .and_then(|device| {
+                let (major, minor) = device.info().compute_capability;
+                let target = Target::for_compute_capability(major, minor)
+                    .ok_or_else(|| format!("no kiln target for sm_{major}{minor}"))?;
+                let toolchain = Toolchain::discover().map_err(|e| e.to_string())?;
+                Ok((device, toolchain, target))
+            });
+        match found {
+            Ok(found) => Some(found),
+            Err(why) if required => panic!("KILN_REQUIRE_GPU=1 but: {why}"),
+            Err(why) => {
+                // Straight to stderr, past the test harness's capture, so every run shows it.
+                use std::io::Write;
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "NOT RUN (no GPU): the GPU half of the backend tests: {why}"
+                );
+                None
+            }
+        }
+    })
+    .as_ref()
+}
+
+fn compare(what: &str, got: &[Tensor], want: &[Tensor]) {
+    assert_eq!(got.len(), want.len(), "{what}: number of results");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert_eq!(
+            (g.dtype, &g.shape),
+            (w.dtype, &w.shape),
+            "{what} result {i}"
+        );
+        let err = rel_err(g, w);
+        let tol = tolerance(w.dtype);
+        assert!(
+            err <= tol,
+            "{what} result {i} ({}): relative error {err:e} > {tol:e}",
+            w.ty()
+        );
+    }
+}
+
+/// Compiles `source` with `config`, runs every entry function through the CPU backend (and
+/// the GPU, when present) and the interpreter, and compares every output.
+fn check_program(
+    name: &str,
+    source: &str,
+    dir: Option<&Path>,
+    config: Option<&serde_json::Value>,
+    weights: &BTreeMap<String, Tensor>,
+    given_inputs: Option<Vec<Tensor>>,
+) {
+    let lowered = compile_source(name, source, dir, config).unwrap_or_else(|d| panic!("{d}"));
+    let mut optimized = lowered.module.clone();
+    kiln_opt::optimize(&mut optimized).expect("optimize");
+    let compiled =
+        kiln_gpu_kernels::compile_module(&optimized, &kiln_gpu_kernels::Options::default())
+            .unwrap_or_else(|e| panic!("{name}: fusion failed: {e}"));
+    let executor =
+        kiln_cpu::CpuExecutor::new(&compiled.kernels).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let cuda = gpu().map(|(device, toolchain, target)| {
+        let options = CompileOptions {
+            targets: vec![*target],
+            ..CompileOptions::default()
+        };
+        let package = pipeline::compile(name, lowered.clone(), &options, Some(toolchain))
+            .unwrap_or_else(|e| panic!("{name}: compiling for {target}: {e}"));
+        let fatbin = package.fatbin.as_ref().expect("assembled");
+        Arc::new(
+            CudaPackage::from_image(device, package.manifest.clone(), fatbin, name)
+                .unwrap_or_else(|e| panic!("{name}: {e}")),
+        )
+    });
+    let mut rng = Rng(0xBAC_0E4D);
+    for (func, plan) in lowered.module.functions.iter().zip(&compiled.plans) {
+        assert_eq!(func.name, plan.function);
+        let what = format!("{name}@{}", func.name);
+        let inputs = given_inputs
+            .clone()
+            .unwrap_or_else(|| inputs_for(func, &mut rng));
+        let want = interpret(func, &inputs, weights)
+            .unwrap_or_else(|e| panic!("{what}: interpreter: {e}"));
+        let got = executor
+            .run(plan, &inputs, &|n| weights.get(n))
+            .unwrap_or_else(|e| panic!("{what}: cpu backend: {e}"));
+        compare(&format!("{what} on the cpu backend"), &got, &want);
+        if let Some(package) = &cuda {
+            let mut program = CudaProgram::new(package.clone(), &func.name)
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+            program
+                .bind_weights(&|n| weights.get(n))
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+            let got = program
+                .run(&inputs)
+                .unwrap_or_else(|e| panic!("{what}: cuda: {e}"));
+            compare(&format!("{what} on the GPU"), &got, &want);
+        }
+    }
+}
+
+#[test]
+fn stdlib_functions_on_the_cpu_backend_equal_the_interpreter() {
+    let dir = repo_root().join("tests/filetests/ir");
+    let mut programs: Vec<_> = std::fs::read_dir(&dir)
+        .expect("filetests")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    programs.push(repo_root().join("stdlib/consensus.kiln"));
+    programs.sort();
+    for path in programs {
+        let source = std::fs::read_to_string(&path).expect("program");
+        let name = path
+            .file_name()
+            .expect("name")
+            .to_string_lossy()
+            .to_string();
+        check_program(&name, &source, path.parent(), None, &BTreeMap::new(), None);
+    }
+}
+
+#[test]
+fn model_programs_on_the_cpu_backend_equal_the_interpreter() {
+    for (program, fixture) in [
+        ("models/llama.kiln", "tiny-llama"),
+        ("models/llama.kiln", "tiny-qwen2"),
+        ("models/gpt2.kiln", "tiny-gpt2"),
+        ("models/bert.kiln", "tiny-bert"),
+    ] {
+        let fixture_dir = repo_root().join("tests/fixtures").join(fixture);
+        let config = read_json(&fixture_dir.join("config.json"));
+        let weights = load_safetensors(&fixture_dir.join("model.safetensors"));
+        let expected = load_safetensors(&fixture_dir.join("expected.safetensors"));
+        let mut inputs = vec![expected["input_ids"].cast(DType::I32)];
+        if let Some(mask) = expected.get("attention_mask") {
+            inputs.push(mask.cast(DType::I32));
+        }
+        let path = repo_root().join(program);
+        let source = std::fs::read_to_string(&path).expect("program");
+        check_program(
+            &format!("{program} ({fixture})"),
+            &source,
+            path.parent(),
+            Some(&config),
+            &weights,
+            Some(inputs),
+        );
+    }
+}
