@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 const PROGRAM: &str = "
 import nn
-fn copy(x: bf16[N]) -> bf16[N] { x + 0.0 }
+fn copy(x: bf16[R, 4096]) -> bf16[R, 4096] { x + 0.0 }
 fn add_rms_norm(x: bf16[T, 4096], residual: bf16[T, 4096], w: bf16[4096]) -> (bf16[T, 4096], bf16[T, 4096]) {
     let h = x + residual
     (h, rms_norm(h, w, 1e-5))
@@ -78,12 +78,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     )?);
 
     let t = 16384usize;
-    let copy_n = 256 << 20; // 512 MB of bf16 read + 512 MB written
+    let copy_rows = 65536; // 512 MB of bf16 read + 512 MB written
     let cases = vec![
         Case {
             function: "copy",
-            inputs: vec![random_bf16(&[copy_n], 1)],
-            bytes: 2 * 2 * copy_n as u64,
+            inputs: vec![random_bf16(&[copy_rows, 4096], 1)],
+            bytes: 2 * 2 * (copy_rows * 4096) as u64,
         },
         Case {
             function: "add_rms_norm",
