@@ -1,5 +1,5 @@
-//! Compile-time benchmarks: the front end (parse, lower, optimize) of the model programs at
-//! real model sizes. The code-generation stages join this benchmark as they land.
+//! Compile-time benchmarks at real model sizes: the front end (parse, lower, optimize), and
+//! the whole compiler to PTX for four targets (ptxas excluded; target under 1 s on one core).
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use kiln_benches::{lower_and_optimize, model};
@@ -28,5 +28,31 @@ fn front_end(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, front_end);
+/// The whole compiler short of ptxas: front end, fusion and PTX for four targets.
+fn to_ptx(c: &mut Criterion) {
+    let (llama, _) = model("models/llama.kiln", "tests/fixtures/tiny-llama/config.json");
+    let config = llama3_8b_config();
+    let targets = [
+        kiln_ptx::Target::Sm80,
+        kiln_ptx::Target::Sm89,
+        kiln_ptx::Target::Sm90a,
+        kiln_ptx::Target::Sm100a,
+    ];
+    let options = kiln_driver::pipeline::CompileOptions {
+        targets: targets.to_vec(),
+        ..Default::default()
+    };
+    c.bench_function(
+        "compile: llama 3 8B (32 layers) to PTX for 4 targets, ptxas excluded",
+        |b| {
+            b.iter(|| {
+                let lowered = lower_and_optimize("llama.kiln", &llama, &config);
+                kiln_driver::pipeline::compile("llama.kiln", lowered, &options, None)
+                    .expect("compile")
+            })
+        },
+    );
+}
+
+criterion_group!(benches, front_end, to_ptx);
 criterion_main!(benches);

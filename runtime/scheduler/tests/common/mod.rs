@@ -119,7 +119,7 @@ impl SimEngine {
                     .get_mut(&entry.seq_id)
                     .expect("inserted above")
                     .push(token);
-                let eos = self.eos_divisor != 0 && token % self.eos_divisor == 0;
+                let eos = self.eos_divisor != 0 && token.is_multiple_of(self.eos_divisor);
                 sampled.push(if eos {
                     SampledToken::finishing(entry.seq_id, token, FinishReason::Eos)
                 } else {
