@@ -32,13 +32,13 @@ use crate::codec::TextCodec;
 use crate::engine::{EngineFailure, EngineHandle, RequestEvent, RequestStream, SubmitError};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
-use crate::model::ModelKind;
 use crate::protocol::{
     chat_logprobs_json, completion_logprobs_json, finish_json, parse_prompts, plan_generation,
     usage_json, ChatRequest, CompletionRequest, EmbeddingRequest, GenerationPlan,
     ValidationContext,
 };
 use crate::runner::Embedder;
+use kiln_runtime::models::ModelKind;
 
 /// Everything the handlers share.
 #[derive(Debug)]

@@ -49,8 +49,9 @@ pub use cli::{run_cli, ServeArgs};
 pub use config::{resolve_model_dir, ServeConfig, DEFAULT_MODEL_DIR};
 pub use engine::{EngineHandle, GenerationRequest, RequestEvent, SampleEvent};
 pub use error::{ApiError, ServerError};
+pub use kiln_runtime::models::ModelKind;
 pub use metrics::Metrics;
-pub use model::{LoadedModel, ModelKind};
+pub use model::LoadedModel;
 pub use runner::{Embedder, InterpreterRunner, ModelRunner, RunnerError, SequenceInput};
 
 use crate::engine::{start_engine, EngineConfig};

@@ -1,5 +1,5 @@
-//! Loading the served model: config.json's `model_type` picks the kiln program (the same table
-//! as `kiln run`), the program is lowered against config.json, the checkpoint's tensors are
+//! Loading the served model: config.json's `model_type` picks the kiln program
+//! (`kiln_runtime::models`, the table `kiln run` uses too), the program is lowered against config.json, the checkpoint's tensors are
 //! bound, and the tokenizer (or the byte-level fallback), end-of-sequence ids, sampling
 //! defaults, context length and KV-cache shape are read from the directory.
 
@@ -8,53 +8,11 @@ use std::sync::Arc;
 
 use kiln_kvcache::KvCacheShape;
 use kiln_lower::{Options, Program};
+use kiln_runtime::models::{self, ModelKind};
 use kiln_runtime::{GenerationConfig, Tokenizer, Weights};
 
 use crate::codec::TextCodec;
 use crate::error::ServerError;
-
-/// What a model family is served for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ModelKind {
-    /// Text generation (`/v1/completions`, `/v1/chat/completions`) through `forward`.
-    Decoder,
-    /// Sentence embeddings (`/v1/embeddings`) through `embed`.
-    Encoder,
-}
-
-/// A model program shipped with kiln.
-struct ModelProgram {
-    model_types: &'static [&'static str],
-    path: &'static str,
-    source: &'static str,
-    kind: ModelKind,
-    entry: &'static str,
-}
-
-/// The programs by `model_type`, embedded so the server needs no source files at run time.
-const MODEL_PROGRAMS: &[ModelProgram] = &[
-    ModelProgram {
-        model_types: &["llama", "mistral", "qwen2"],
-        path: "models/llama.kiln",
-        source: include_str!("../../models/llama.kiln"),
-        kind: ModelKind::Decoder,
-        entry: "forward",
-    },
-    ModelProgram {
-        model_types: &["gpt2"],
-        path: "models/gpt2.kiln",
-        source: include_str!("../../models/gpt2.kiln"),
-        kind: ModelKind::Decoder,
-        entry: "forward",
-    },
-    ModelProgram {
-        model_types: &["bert"],
-        path: "models/bert.kiln",
-        source: include_str!("../../models/bert.kiln"),
-        kind: ModelKind::Encoder,
-        entry: "embed",
-    },
-];
 
 /// A loaded model: the lowered program with its weights, and everything about the checkpoint
 /// the server needs.
@@ -100,10 +58,8 @@ impl LoadedModel {
             .and_then(|v| v.as_str())
             .unwrap_or("")
             .to_string();
-        let program = MODEL_PROGRAMS
-            .iter()
-            .find(|program| program.model_types.contains(&model_type.as_str()))
-            .ok_or_else(|| ServerError::UnknownModelType {
+        let program =
+            models::program_for(&model_type).ok_or_else(|| ServerError::UnknownModelType {
                 path: config_path.clone(),
                 model_type: model_type.clone(),
             })?;

@@ -45,3 +45,55 @@ pub fn read_json(path: &Path) -> serde_json::Value {
 pub fn load_safetensors(path: &Path) -> BTreeMap<String, Tensor> {
     kiln_runtime::weights::read_all(path).unwrap_or_else(|e| panic!("{e}"))
 }
+
+/// A small deterministic random stream for test data (an LCG; statistical quality is not
+/// needed, reproducibility is).
+#[derive(Debug)]
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// A value in [0, 1).
+    pub fn unit(&mut self) -> f64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// A value in [-1, 1).
+    pub fn signed(&mut self) -> f64 {
+        self.unit() * 2.0 - 1.0
+    }
+
+    /// `n` values in [-1, 1).
+    pub fn signed_vec(&mut self, n: usize) -> Vec<f64> {
+        (0..n).map(|_| self.signed()).collect()
+    }
+
+    /// An index in `0..n` (0 when `n` is 0).
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.unit() * n as f64) as usize
+    }
+}
+
+/// Relative error max|got - want| / max|want| (over finite references), with NaN matching NaN.
+pub fn rel_err(got: &[f64], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len(), "length differs");
+    let scale = want
+        .iter()
+        .filter(|x| x.is_finite())
+        .fold(0.0f64, |m, x| m.max(x.abs()))
+        .max(1e-30);
+    got.iter()
+        .zip(want)
+        .map(|(a, b)| {
+            if (a.is_nan() && b.is_nan()) || a == b {
+                0.0
+            } else {
+                (a - b).abs()
+            }
+        })
+        .fold(0.0f64, f64::max)
+        / scale
+}

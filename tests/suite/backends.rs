@@ -14,23 +14,10 @@ use kiln_cuda::{CudaDevice, CudaPackage, CudaProgram};
 use kiln_driver::pipeline::{self, CompileOptions};
 use kiln_ir::{interpret, DType, Function, Tensor};
 use kiln_ptx::{Target, Toolchain};
-use kiln_tests::{compile_source, load_safetensors, read_json, repo_root};
+use kiln_tests::{compile_source, load_safetensors, read_json, rel_err, repo_root, Rng};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
-
-/// A deterministic stream of values in [0, 1).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> f64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (self.0 >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
 
 /// The size given to each symbolic dim.
 fn symbol_size(name: &str) -> u64 {
@@ -64,18 +51,18 @@ fn inputs_for(func: &Function, rng: &mut Rng) -> Vec<Tensor> {
             if ty.dtype.is_float() {
                 Tensor::from_f32(
                     &shape,
-                    (0..n).map(|_| (rng.next() * 2.0 - 1.0) as f32).collect(),
+                    (0..n).map(|_| (rng.unit() * 2.0 - 1.0) as f32).collect(),
                 )
                 .cast(ty.dtype)
             } else if ty.dtype == DType::Bool {
-                Tensor::from_bool(&shape, (0..n).map(|_| rng.next() < 0.7).collect())
+                Tensor::from_bool(&shape, (0..n).map(|_| rng.unit() < 0.7).collect())
             } else if shape.is_empty() {
                 Tensor::from_ints(ty.dtype, &shape, vec![3])
             } else {
                 Tensor::from_ints(
                     ty.dtype,
                     &shape,
-                    (0..n).map(|_| (rng.next() * 4.0) as i64).collect(),
+                    (0..n).map(|_| (rng.unit() * 4.0) as i64).collect(),
                 )
             }
         })
@@ -89,28 +76,6 @@ fn tolerance(dtype: DType) -> f64 {
         DType::F8E4M3 | DType::F8E5M2 => 0.13,
         _ => 0.0,
     }
-}
-
-/// Relative error, NaN matching NaN.
-fn rel_err(got: &Tensor, want: &Tensor) -> f64 {
-    let (g, w) = (got.to_f64_vec(), want.to_f64_vec());
-    assert_eq!(g.len(), w.len());
-    let scale = w
-        .iter()
-        .filter(|x| x.is_finite())
-        .fold(0.0f64, |m, x| m.max(x.abs()))
-        .max(1e-30);
-    g.iter()
-        .zip(&w)
-        .map(|(a, b)| {
-            if a.is_nan() && b.is_nan() || a == b {
-                0.0
-            } else {
-                (a - b).abs()
-            }
-        })
-        .fold(0.0f64, f64::max)
-        / scale
 }
 
 /// The GPU and the toolchain for it, when both are present (once per process).
@@ -152,7 +117,7 @@ fn compare(what: &str, got: &[Tensor], want: &[Tensor]) {
             (w.dtype, &w.shape),
             "{what} result {i}"
         );
-        let err = rel_err(g, w);
+        let err = rel_err(&g.to_f64_vec(), &w.to_f64_vec());
         let tol = tolerance(w.dtype);
         assert!(
             err <= tol,

@@ -7,25 +7,8 @@
 //! against transformers (float32 on the CPU) and ≤ 1e-5 against the f64 references here.
 
 use kiln_ir::{interpret, DType, NoParams, Tensor};
-use kiln_tests::{compile_source, load_safetensors, read_json, repo_root};
+use kiln_tests::{compile_source, load_safetensors, read_json, rel_err, repo_root, Rng};
 use std::collections::BTreeMap;
-
-/// A deterministic stream of values in [-1, 1).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> f64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((self.0 >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
-    }
-
-    fn vec(&mut self, n: usize) -> Vec<f64> {
-        (0..n).map(|_| self.next()).collect()
-    }
-}
 
 fn f32_tensor(shape: &[usize], data: &[f64]) -> Tensor {
     Tensor::from_f32(shape, data.iter().map(|x| *x as f32).collect())
@@ -39,15 +22,6 @@ fn run(source: &str, entry: &str, inputs: &[Tensor]) -> Vec<Tensor> {
         .function(entry)
         .unwrap_or_else(|| panic!("no entry {entry}"));
     interpret(func, inputs, &NoParams).unwrap_or_else(|e| panic!("{entry}: {e}"))
-}
-
-fn rel_err(got: &[f64], want: &[f64]) -> f64 {
-    assert_eq!(got.len(), want.len(), "length differs");
-    let scale = want.iter().fold(0.0f64, |m, x| m.max(x.abs())).max(1e-30);
-    got.iter()
-        .zip(want)
-        .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()))
-        / scale
 }
 
 fn assert_close(what: &str, got: &Tensor, want: &[f64], tol: f64) {
@@ -69,9 +43,9 @@ fn assert_close(what: &str, got: &Tensor, want: &[f64], tol: f64) {
 fn rms_norm_and_layer_norm() {
     let (rows, d) = (5, 12);
     let mut rng = Rng(1);
-    let x = rng.vec(rows * d);
-    let w = rng.vec(d);
-    let b = rng.vec(d);
+    let x = rng.signed_vec(rows * d);
+    let w = rng.signed_vec(d);
+    let b = rng.signed_vec(d);
     let src = "import nn
         fn rms(x: f32[R, 12], w: f32[12]) -> f32[R, 12] { rms_norm(x, w, 1e-5) }
         fn ln(x: f32[R, 12], w: f32[12], b: f32[12]) -> f32[R, 12] { layer_norm(x, w, b, 1e-5) }";
@@ -97,7 +71,7 @@ fn rms_norm_and_layer_norm() {
 #[test]
 fn activations() {
     let mut rng = Rng(2);
-    let x: Vec<f64> = rng.vec(64).iter().map(|v| v * 4.0).collect();
+    let x: Vec<f64> = rng.signed_vec(64).iter().map(|v| v * 4.0).collect();
     let src = "import nn
         fn a(x: f32[N]) -> (f32[N], f32[N], f32[N]) { (gelu(x), gelu_tanh(x), silu(x)) }";
     let out = run(src, "a", &[f32_tensor(&[64], &x)]);
@@ -132,7 +106,7 @@ fn libm_erf(x: f64) -> f64 {
 fn softmax_logsumexp_and_linear() {
     let mut rng = Rng(3);
     let (r, c) = (3, 7);
-    let x: Vec<f64> = rng.vec(r * c).iter().map(|v| v * 10.0).collect();
+    let x: Vec<f64> = rng.signed_vec(r * c).iter().map(|v| v * 10.0).collect();
     let src = "import nn
         fn s(x: f32[3, 7]) -> (f32[3, 7], f32[3]) { (softmax(x, axis: -1), logsumexp(x, axis: -1)) }
         fn l(x: f32[2, 3, 4], w: f32[5, 4], b: f32[5]) -> f32[2, 3, 5] { linear_bias(x, w, b) }";
@@ -149,9 +123,9 @@ fn softmax_logsumexp_and_linear() {
     assert_close("softmax", &out[0], &sm, 1e-5);
     assert_close("logsumexp", &out[1], &lse, 1e-5);
 
-    let xs = rng.vec(24);
-    let w = rng.vec(20);
-    let b = rng.vec(5);
+    let xs = rng.signed_vec(24);
+    let w = rng.signed_vec(20);
+    let b = rng.signed_vec(5);
     let out = run(
         src,
         "l",
@@ -174,10 +148,10 @@ fn softmax_logsumexp_and_linear() {
 fn swiglu_and_embedding() {
     let mut rng = Rng(4);
     let (t, k, f) = (3, 4, 6);
-    let x = rng.vec(t * k);
-    let gate = rng.vec(f * k);
-    let up = rng.vec(f * k);
-    let down = rng.vec(k * f);
+    let x = rng.signed_vec(t * k);
+    let gate = rng.signed_vec(f * k);
+    let up = rng.signed_vec(f * k);
+    let down = rng.signed_vec(k * f);
     let src = "import nn
         fn m(x: f32[3, 4], g: f32[6, 4], u: f32[6, 4], d: f32[4, 6]) -> f32[3, 4] { swiglu(x, g, u, d) }
         fn e(table: f32[5, 3], ids: i32[2, 2]) -> f32[2, 2, 3] { embedding(table, ids) }";
@@ -204,7 +178,11 @@ fn swiglu_and_embedding() {
     }
     assert_close("swiglu", &out[0], &want, 1e-5);
 
-    let table: Vec<f64> = rng.vec(15).iter().map(|x| f64::from(*x as f32)).collect();
+    let table: Vec<f64> = rng
+        .signed_vec(15)
+        .iter()
+        .map(|x| f64::from(*x as f32))
+        .collect();
     let ids = [4, 0, 2, 2];
     let out = run(
         src,
@@ -260,7 +238,7 @@ fn inv_freq(d: usize, theta: f64) -> Vec<f64> {
 fn rope_styles_and_scalings() {
     let (s, h, d) = (6, 2, 8);
     let mut rng = Rng(5);
-    let x = rng.vec(s * h * d);
+    let x = rng.signed_vec(s * h * d);
     let src = "import nn
         fn half(x: f32[6, 2, 8], pos: i64[6]) -> f32[6, 2, 8] { rope(x, pos, 10000.0) }
         fn inter(x: f32[6, 2, 8], pos: i64[6]) -> f32[6, 2, 8] { rope_interleaved(x, pos, 10000.0) }
@@ -326,9 +304,9 @@ fn rope_styles_and_scalings() {
 fn attention_causal_gqa_and_padding() {
     let (b, s, h, kv, d) = (2, 5, 4, 2, 3);
     let mut rng = Rng(6);
-    let q = rng.vec(b * s * h * d);
-    let k = rng.vec(b * s * kv * d);
-    let v = rng.vec(b * s * kv * d);
+    let q = rng.signed_vec(b * s * h * d);
+    let k = rng.signed_vec(b * s * kv * d);
+    let v = rng.signed_vec(b * s * kv * d);
     let src = "import nn
         fn causal(q: f32[2, 5, 4, 3], k: f32[2, 5, 2, 3], v: f32[2, 5, 2, 3]) -> f32[2, 5, 4, 3] { attention(q, k, v, causal: true) }
         fn padded(q: f32[2, 5, 4, 3], k: f32[2, 5, 2, 3], v: f32[2, 5, 2, 3], keep: i32[2, 5]) -> f32[2, 5, 4, 3] { attention_padded(q, k, v, keep) }";
@@ -397,7 +375,7 @@ const CONSENSUS: &str = "import consensus
 fn similarity_and_distances() {
     let (g, n, d) = (2, 4, 5);
     let mut rng = Rng(7);
-    let x = rng.vec(g * n * d);
+    let x = rng.signed_vec(g * n * d);
     let out = run(CONSENSUS, "cos", &[f32_tensor(&[g, n, d], &x)]);
     let out2 = run(CONSENSUS, "dist", &[f32_tensor(&[g, n, d], &x)]);
     let mut cos = Vec::new();
@@ -445,13 +423,13 @@ fn nashconv_matches_an_f64_computation() {
         std::fs::read_to_string(repo_root().join("stdlib/consensus.kiln")).expect("stdlib");
     let mut rng = Rng(8);
     let (g, m, n) = (3, 4, 5);
-    let a = rng.vec(g * m * n);
-    let b = rng.vec(g * m * n);
+    let a = rng.signed_vec(g * m * n);
+    let b = rng.signed_vec(g * m * n);
     let mut x = Vec::new();
     let mut y = Vec::new();
     for _ in 0..g {
-        let xs: Vec<f64> = (0..m).map(|_| rng.next().abs() + 0.1).collect();
-        let ys: Vec<f64> = (0..n).map(|_| rng.next().abs() + 0.1).collect();
+        let xs: Vec<f64> = (0..m).map(|_| rng.signed().abs() + 0.1).collect();
+        let ys: Vec<f64> = (0..n).map(|_| rng.signed().abs() + 0.1).collect();
         let (sx, sy): (f64, f64) = (xs.iter().sum(), ys.iter().sum());
         x.extend(xs.iter().map(|v| v / sx));
         y.extend(ys.iter().map(|v| v / sy));

@@ -3,19 +3,8 @@
 //! `KILN_FUZZ_CASES` raises the number of mutants (default 1,500 per run; the parser alone is
 //! exercised with 20,000 more in compiler/syntax/tests/no_panic.rs).
 
-use kiln_tests::{compile_source, read_json, repo_root};
+use kiln_tests::{compile_source, read_json, repo_root, Rng};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: usize) -> usize {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 % n.max(1) as u64) as usize
-    }
-}
 
 /// Words and punctuation that make mutants reach deep into lowering rather than stop at
 /// the parser.

@@ -17,25 +17,6 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-/// The model programs shipped with kiln, by the `model_type` of a Hugging Face config.json.
-const MODEL_PROGRAMS: &[(&[&str], &str, &str)] = &[
-    (
-        &["llama", "mistral", "qwen2"],
-        "models/llama.kiln",
-        include_str!("../../../models/llama.kiln"),
-    ),
-    (
-        &["gpt2"],
-        "models/gpt2.kiln",
-        include_str!("../../../models/gpt2.kiln"),
-    ),
-    (
-        &["bert"],
-        "models/bert.kiln",
-        include_str!("../../../models/bert.kiln"),
-    ),
-];
-
 #[derive(clap::Args)]
 pub(crate) struct RunArgs {
     /// The .kiln program; omit it with --model to use the program for the model's family.
@@ -141,11 +122,13 @@ pub(crate) fn run(args: RunArgs) -> Result<ExitCode> {
                 .get("model_type")
                 .and_then(|v| v.as_str())
                 .unwrap_or("");
-            let Some((_, path, source)) = MODEL_PROGRAMS
-                .iter()
-                .find(|(types, _, _)| types.contains(&model_type))
+            let Some(kiln_runtime::models::ModelProgram { path, source, .. }) =
+                kiln_runtime::models::program_for(model_type)
             else {
-                bail!("no kiln program for model_type `{model_type}`; kiln knows llama, mistral, qwen2, gpt2 and bert");
+                bail!(
+                    "no kiln program for model_type `{model_type}`; kiln knows {}",
+                    kiln_runtime::models::known_model_types().join(", ")
+                );
             };
             // The embedded copy, so the binary works outside the repository too.
             let dir = std::env::temp_dir().join(format!("kiln-{}", std::process::id()));

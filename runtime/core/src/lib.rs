@@ -13,6 +13,7 @@
 pub mod chat;
 pub mod generate;
 pub mod generation_config;
+pub mod models;
 pub mod sampling;
 pub mod tokenizer;
 pub mod weights;

@@ -1,0 +1,86 @@
+//! The model programs shipped with kiln, embedded so no source files are needed at run time,
+//! and the choice among them by the `model_type` of a Hugging Face config.json.
+
+/// What a model family is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModelKind {
+    /// Text generation through `forward` (logits at every position).
+    Decoder,
+    /// Sentence embeddings through `embed`.
+    Encoder,
+}
+
+/// A model program shipped with kiln.
+#[derive(Debug)]
+pub struct ModelProgram {
+    /// The `model_type` values of config.json it serves.
+    pub model_types: &'static [&'static str],
+    /// Its path in the repository (`models/llama.kiln`), for diagnostics.
+    pub path: &'static str,
+    pub source: &'static str,
+    pub kind: ModelKind,
+    /// The entry function a server runs.
+    pub entry: &'static str,
+}
+
+/// Every shipped program.
+pub const MODEL_PROGRAMS: &[ModelProgram] = &[
+    ModelProgram {
+        model_types: &["llama", "mistral", "qwen2"],
+        path: "models/llama.kiln",
+        source: include_str!("../../../models/llama.kiln"),
+        kind: ModelKind::Decoder,
+        entry: "forward",
+    },
+    ModelProgram {
+        model_types: &["gpt2"],
+        path: "models/gpt2.kiln",
+        source: include_str!("../../../models/gpt2.kiln"),
+        kind: ModelKind::Decoder,
+        entry: "forward",
+    },
+    ModelProgram {
+        model_types: &["bert"],
+        path: "models/bert.kiln",
+        source: include_str!("../../../models/bert.kiln"),
+        kind: ModelKind::Encoder,
+        entry: "embed",
+    },
+];
+
+/// The program for a config.json `model_type`.
+pub fn program_for(model_type: &str) -> Option<&'static ModelProgram> {
+    MODEL_PROGRAMS
+        .iter()
+        .find(|p| p.model_types.contains(&model_type))
+}
+
+/// Every `model_type` kiln knows, for error messages.
+pub fn known_model_types() -> Vec<&'static str> {
+    MODEL_PROGRAMS
+        .iter()
+        .flat_map(|p| p.model_types.iter().copied())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn families_map_to_their_programs() {
+        assert_eq!(
+            program_for("qwen2").map(|p| p.path),
+            Some("models/llama.kiln")
+        );
+        assert_eq!(
+            program_for("bert").map(|p| p.kind),
+            Some(ModelKind::Encoder)
+        );
+        assert!(program_for("t5").is_none());
+        assert_eq!(
+            known_model_types(),
+            ["llama", "mistral", "qwen2", "gpt2", "bert"]
+        );
+    }
+}
