@@ -128,6 +128,26 @@ pub enum UnOp {
     Not,
 }
 
+impl UnOp {
+    /// Every operator that takes an `F32` (all but `Not`), in declaration order.
+    pub const FLOAT: [UnOp; 14] = [
+        UnOp::Neg,
+        UnOp::Abs,
+        UnOp::Exp,
+        UnOp::Log,
+        UnOp::Sqrt,
+        UnOp::Rsqrt,
+        UnOp::Sin,
+        UnOp::Cos,
+        UnOp::Tanh,
+        UnOp::Sigmoid,
+        UnOp::Erf,
+        UnOp::Floor,
+        UnOp::Ceil,
+        UnOp::Recip,
+    ];
+}
+
 /// Binary operators. Operands share one type; comparisons give `Pred`; `And`/`Or`/`Xor`
 /// take `Pred` or integers; `Shl`/`Shr` take integers (arithmetic shift right); `Div` and
 /// `Rem` on integers truncate toward zero (C semantics, unlike the graph IR's floor).

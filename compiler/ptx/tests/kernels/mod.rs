@@ -27,22 +27,7 @@ fn grid_over(symbol: &str, block_dim: u32) -> [SizeExpr; 3] {
 }
 
 /// The f32 unary operators, in a fixed order.
-pub const FLOAT_UNARY_OPS: [UnOp; 14] = [
-    UnOp::Neg,
-    UnOp::Abs,
-    UnOp::Exp,
-    UnOp::Log,
-    UnOp::Sqrt,
-    UnOp::Rsqrt,
-    UnOp::Sin,
-    UnOp::Cos,
-    UnOp::Tanh,
-    UnOp::Sigmoid,
-    UnOp::Erf,
-    UnOp::Floor,
-    UnOp::Ceil,
-    UnOp::Recip,
-];
+pub const FLOAT_UNARY_OPS: [UnOp; 14] = UnOp::FLOAT;
 
 /// Every unary operator (and the two binary ones with routines, `pow` and float `%`):
 /// `out[i * 19 + k]` is the k-th result for `x[i]`, `y[i]`:
