@@ -95,12 +95,25 @@ pub(crate) fn read_config(path: &Path) -> Result<serde_json::Value> {
 
 /// Loads and lowers a program, printing its diagnostics to stderr.
 pub(crate) fn lower(args: &ProgramArgs) -> Result<(bool, Option<kiln_lower::Lowered>)> {
+    lower_from(args, None)
+}
+
+/// Like [`lower`]; `embedded` gives the program's text (a program shipped inside the binary,
+/// named `args.file`) instead of reading `args.file`.
+pub(crate) fn lower_from(
+    args: &ProgramArgs,
+    embedded: Option<&str>,
+) -> Result<(bool, Option<kiln_lower::Lowered>)> {
     let Some(param_dtype) = DType::from_name(&args.param_dtype) else {
         bail!("unknown dtype `{}` for --param-dtype", args.param_dtype);
     };
     let config = args.config.as_deref().map(read_config).transpose()?;
-    let (program, mut diags) =
-        Program::load(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
+    let (program, mut diags) = match embedded {
+        Some(source) => Program::load_source(&args.file.display().to_string(), source, None),
+        None => {
+            Program::load(&args.file).with_context(|| format!("reading {}", args.file.display()))?
+        }
+    };
     let options = Options {
         param_dtype,
         entries: (!args.entries.is_empty()).then(|| args.entries.clone()),

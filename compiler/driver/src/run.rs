@@ -6,7 +6,7 @@
 //! with the given parameters (the checkpoint's generation_config.json supplies the
 //! defaults), and the text streams to stdout as it is produced.
 
-use crate::{lower, ProgramArgs};
+use crate::{lower_from, ProgramArgs};
 use anyhow::{anyhow, bail, Context, Result};
 use kiln_ir::{DType, Dim, Tensor};
 use kiln_runtime::{
@@ -114,8 +114,8 @@ pub(crate) fn run(args: RunArgs) -> Result<ExitCode> {
         .config
         .clone()
         .or_else(|| args.model.as_ref().map(|m| m.join("config.json")));
-    let (file, _embedded) = match (&args.file, &args.model) {
-        (Some(file), _) => (file.clone(), false),
+    let (file, embedded) = match (&args.file, &args.model) {
+        (Some(file), _) => (file.clone(), None),
         (None, Some(model)) => {
             let json = crate::read_config(&model.join("config.json"))?;
             let model_type = json
@@ -130,16 +130,8 @@ pub(crate) fn run(args: RunArgs) -> Result<ExitCode> {
                     kiln_runtime::models::known_model_types().join(", ")
                 );
             };
-            // The embedded copy, so the binary works outside the repository too.
-            let dir = std::env::temp_dir().join(format!("kiln-{}", std::process::id()));
-            std::fs::create_dir_all(&dir)?;
-            let file = dir.join(
-                PathBuf::from(path)
-                    .file_name()
-                    .ok_or_else(|| anyhow!("bad path"))?,
-            );
-            std::fs::write(&file, source)?;
-            (file, true)
+            // The copy embedded in the binary, so it works outside the repository too.
+            (PathBuf::from(path), Some(*source))
         }
         (None, None) => bail!("give a program file or --model DIR"),
     };
@@ -149,7 +141,7 @@ pub(crate) fn run(args: RunArgs) -> Result<ExitCode> {
         param_dtype: args.param_dtype.clone(),
         entries: vec![args.entry.clone()],
     };
-    let (ok, lowered) = lower(&program)?;
+    let (ok, lowered) = lower_from(&program, embedded)?;
     let Some(lowered) = lowered.filter(|_| ok) else {
         return Ok(ExitCode::FAILURE);
     };
@@ -178,7 +170,7 @@ pub(crate) fn run(args: RunArgs) -> Result<ExitCode> {
     {
         let backend = Backend::Interpreter;
         eprintln!(
-            "kiln: generating with `{}` on the {} (no GPU backend in this build yet; no KV cache: every step re-runs the whole sequence)",
+            "kiln: generating with `{}` on the {} (`kiln run` does not use the compiled CPU/GPU kernels yet; no KV cache: every step re-runs the whole sequence)",
             args.entry,
             backend.name()
         );
@@ -211,7 +203,7 @@ pub(crate) fn run(args: RunArgs) -> Result<ExitCode> {
     }
     let backend = Backend::Interpreter;
     eprintln!(
-        "kiln: running `{}` on the {} (no GPU backend in this build yet)",
+        "kiln: running `{}` on the {} (`kiln run` does not use the compiled CPU/GPU kernels yet)",
         args.entry,
         backend.name()
     );
