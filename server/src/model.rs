@@ -1,6 +1,6 @@
 //! Loading the served model: config.json's `model_type` picks the kiln program
-//! (`kiln_runtime::models`, the table `kiln run` uses too), the program is lowered against config.json, the checkpoint's tensors are
-//! bound, and the tokenizer (or the byte-level fallback), end-of-sequence ids, sampling
+//! (`kiln_runtime::models`, the table `kiln run` uses too), the program is lowered against
+//! config.json, the checkpoint's tensors are bound, and the tokenizer (or the byte-level fallback), end-of-sequence ids, sampling
 //! defaults, context length and KV-cache shape are read from the directory.
 
 use std::path::{Path, PathBuf};

@@ -102,8 +102,7 @@ fn unary_inputs(rng: &mut Rng, op: UnOp, n: usize) -> Vec<f32> {
 #[test]
 fn every_unary_op_on_f32() {
     let mut rng = Rng::new(4);
-    let ops = UnOp::FLOAT;
-    for op in ops {
+    for op in UnOp::FLOAT {
         let n = 300; // three blocks, the last one partial
         let kernel = examples::unary_map(op, DType::F32);
         let values = unary_inputs(&mut rng, op, n);

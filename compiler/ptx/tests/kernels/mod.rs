@@ -26,12 +26,9 @@ fn grid_over(symbol: &str, block_dim: u32) -> [SizeExpr; 3] {
     ]
 }
 
-/// The f32 unary operators, in a fixed order.
-pub const FLOAT_UNARY_OPS: [UnOp; 14] = UnOp::FLOAT;
-
 /// Every unary operator (and the two binary ones with routines, `pow` and float `%`):
 /// `out[i * 19 + k]` is the k-th result for `x[i]`, `y[i]`:
-/// k = 0..14: the f32 ops of [`FLOAT_UNARY_OPS`]; 14: pow(x, y); 15: fmod(x, y);
+/// k = 0..14: the f32 ops of [`UnOp::FLOAT`]; 14: pow(x, y); 15: fmod(x, y);
 /// 16: f32(-(i32(x))), 17: f32(abs(i32(x))), 18: select(!(x > 0), 1, 0) and
 /// `bits[i] = !(i32 bits)`.
 pub fn every_unary_op() -> Kernel {
@@ -54,7 +51,7 @@ pub fn every_unary_op() -> Kernel {
         Stmt::assign(other, Expr::load(y, i)),
         Stmt::assign(base, Expr::var(i) * Expr::i64(19)),
     ];
-    for (slot, op) in FLOAT_UNARY_OPS.iter().enumerate() {
+    for (slot, op) in UnOp::FLOAT.iter().enumerate() {
         body.push(store(slot as i64, Expr::var(value).apply(*op)));
     }
     body.extend([
