@@ -566,40 +566,34 @@ impl<'a, 'f> Emitter<'a, 'f> {
                 {
                     return self.per_lane(out, v, idx, lanes);
                 }
-                let step = if *axis == last { lanes as i64 } else { 1 };
-                let mut pieces = Vec::new();
+                // One branch per piece, so each element reads only the piece it comes from;
+                // what a branch computes stays inside it.
+                let vals: Vec<VarId> = (0..lanes).map(|_| self.var(&name, ty)).collect();
                 let mut offset = 0i64;
+                let mut branches = Vec::new();
                 for (o, size) in ops.iter().zip(&sizes) {
                     let mut xi = idx.to_vec();
-                    // Clamped so that every piece's load stays in bounds (all are evaluated).
-                    let local = sub(idx[*axis].clone(), self.ix(offset));
-                    let hi = self.ix(*size as i64 - step);
-                    xi[*axis] = min_e(max_e(local, self.ix(0)), hi);
-                    let xi_bound: Vec<Expr> = {
-                        let ity = self.index_ty;
-                        let e = xi[*axis].clone();
-                        let mut xb = xi.clone();
-                        xb[*axis] = self.bind(out, "c", ity, e);
-                        xb
-                    };
-                    pieces.push((offset, self.elem(out, *o, &xi_bound, lanes)?));
-                    offset += *size as i64;
-                }
-                let mut vals = Vec::with_capacity(lanes);
-                for k in 0..lanes {
-                    let mut e = pieces.last().expect("concat has operands").1[k].clone();
-                    for (i, (_, piece)) in pieces.iter().enumerate().rev().skip(1) {
-                        let end = pieces[i + 1].0;
-                        let cond = Expr::Binary(
-                            BinOp::Lt,
-                            Box::new(idx[*axis].clone()),
-                            Box::new(self.ix(end)),
-                        );
-                        e = Expr::Select(Box::new(cond), Box::new(piece[k].clone()), Box::new(e));
+                    xi[*axis] = sub(idx[*axis].clone(), self.ix(offset));
+                    let mut stmts = Vec::new();
+                    self.push_scope();
+                    let piece = self.elem(&mut stmts, *o, &xi, lanes)?;
+                    self.pop_scope();
+                    for (dst, x) in vals.iter().zip(piece) {
+                        stmts.push(Stmt::Assign(*dst, x));
                     }
-                    vals.push(self.bind(out, &name, ty, e));
+                    offset += *size as i64;
+                    branches.push((offset, stmts));
                 }
-                vals
+                let (_, mut nested) = branches.pop().expect("concat has operands");
+                while let Some((end, stmts)) = branches.pop() {
+                    nested = vec![Stmt::If {
+                        cond: lt(idx[*axis].clone(), self.ix(end)),
+                        then: stmts,
+                        otherwise: nested,
+                    }];
+                }
+                out.extend(nested);
+                vals.into_iter().map(Expr::Var).collect()
             }
             Op::Gather { axis } => {
                 let (table, indices) = (ops[0], ops[1]);

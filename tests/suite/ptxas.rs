@@ -73,22 +73,8 @@ fn every_program_assembles_for_every_target_without_spills_in_pointwise_and_redu
     }
     spilling.sort();
     spilling.dedup();
-    // Known defect, kept visible: GPT-2's first layer norm (embedding gathers of wte and wpe
-    // fused into the row reduction, i64 indices) spills on sm_90a and sm_100a. When it is fixed
-    // this list must shrink; any new spill fails the test.
-    let known = [
-        "models/gpt2.kiln: k0_layer_norm_f32 on sm_100a".to_string(),
-        "models/gpt2.kiln: k0_layer_norm_f32 on sm_90a".to_string(),
-    ];
-    let unexpected: Vec<&String> = spilling.iter().filter(|s| !known.contains(s)).collect();
     assert!(
-        unexpected.is_empty(),
-        "pointwise/reduction kernels that spill: {unexpected:?}"
+        spilling.is_empty(),
+        "pointwise/reduction kernels that spill: {spilling:?}"
     );
-    for k in &known {
-        assert!(
-            spilling.contains(k),
-            "{k} no longer spills: remove it from the known list"
-        );
-    }
 }

@@ -1,12 +1,18 @@
 //! The pointwise template: one thread per element (or per 2/4/8 contiguous elements with
 //! vector loads and stores when the innermost dim is constant and divisible), exact grid.
+//! When a transcendental operand is broadcast along a short outer axis (RoPE's sin and cos
+//! are the same for every head), each thread walks that whole axis and computes the operand
+//! once.
 
 use super::{ceil_div_size, one, size_of_dims, Body};
 use crate::emit::{add, lt, mul, EResult, Emitter};
-use kiln_ir::{Dim, Value};
-use kiln_kir::{Special, Stmt};
+use kiln_ir::{BinaryOp, Dim, Op, UnaryOp, Value};
+use kiln_kir::{Expr, Special, Stmt};
+use std::collections::BTreeSet;
 
 const THREADS: u32 = 256;
+/// The longest axis a thread walks to reuse a broadcast transcendental operand.
+const MAX_REUSE_AXIS: u64 = 64;
 
 pub(crate) fn emit(e: &mut Emitter<'_, '_>, shape: &[Dim], outputs: &[Value]) -> EResult<Body> {
     let widest = outputs
@@ -15,7 +21,12 @@ pub(crate) fn emit(e: &mut Emitter<'_, '_>, shape: &[Dim], outputs: &[Value]) ->
         .max()
         .unwrap_or(4);
     let lanes = lanes_for(shape.last(), widest);
-    let mut dims = shape.to_vec();
+    let reuse = reuse_axis(e, shape, outputs);
+    let mut thread_shape = shape.to_vec();
+    if let Some((axis, _)) = reuse {
+        thread_shape[axis] = Dim::Const(1);
+    }
+    let mut dims = thread_shape.clone();
     if let Some(Dim::Const(n)) = dims.last_mut() {
         *n /= lanes as u64;
     }
@@ -29,10 +40,36 @@ pub(crate) fn emit(e: &mut Emitter<'_, '_>, shape: &[Dim], outputs: &[Value]) ->
     let mut inner = Vec::new();
     e.push_scope();
     let base = mul(gid.clone(), e.ix(lanes as i64));
-    let idx = e.delinearize(&mut inner, base, shape);
+    let idx = e.delinearize(&mut inner, base, &thread_shape);
+    // The walk's first position is emitted in the kernel's scope; the rest run as a loop
+    // whose body finds everything that does not depend on the walked axis (keyed by the
+    // same index) already computed, and computes only what does.
+    let mut first = idx.clone();
+    if let Some((axis, _)) = reuse {
+        first[axis] = e.ix(0);
+    }
     for &o in outputs {
-        let vals = e.elem(&mut inner, o, &idx, lanes)?;
-        e.store(&mut inner, o, &idx, vals);
+        let vals = e.elem(&mut inner, o, &first, lanes)?;
+        e.store(&mut inner, o, &first, vals);
+    }
+    if let Some((axis, steps)) = reuse {
+        let step = e.var("step", ity);
+        let mut at = idx.clone();
+        at[axis] = Expr::Var(step);
+        let mut walk = Vec::new();
+        e.push_scope();
+        for &o in outputs {
+            let vals = e.elem(&mut walk, o, &at, lanes)?;
+            e.store(&mut walk, o, &at, vals);
+        }
+        e.pop_scope();
+        inner.push(Stmt::For {
+            var: step,
+            start: e.ix(1),
+            end: e.ix(steps as i64),
+            step: e.ix(1),
+            body: walk,
+        });
     }
     e.pop_scope();
     body.push(Stmt::If {
@@ -55,6 +92,66 @@ pub(crate) fn emit(e: &mut Emitter<'_, '_>, shape: &[Dim], outputs: &[Value]) ->
         ],
         stmts: body,
     })
+}
+
+/// The outer axis (and its length) each thread should walk: one of constant length 2 to
+/// `MAX_REUSE_AXIS`, not the innermost, along which a transcendental value the kernel
+/// computes is broadcast (its own dim is 1 there); the longest such axis.
+fn reuse_axis(e: &Emitter<'_, '_>, shape: &[Dim], outputs: &[Value]) -> Option<(usize, u64)> {
+    let g = e.g;
+    let rank = shape.len();
+    let mut best: Option<(usize, u64)> = None;
+    let mut seen = BTreeSet::new();
+    let mut stack: Vec<Value> = outputs.to_vec();
+    while let Some(v) = stack.pop() {
+        if !seen.insert(v) {
+            continue;
+        }
+        let computed =
+            e.owned.contains(&v) || !(g.is_source(v) || g.is_heavy(v) || e.stored[v.0 as usize]);
+        if !computed && !outputs.contains(&v) {
+            continue;
+        }
+        let Some(inst) = g.inst(v) else { continue };
+        stack.extend(inst.operands.iter().copied());
+        if !is_transcendental(&inst.op) {
+            continue;
+        }
+        let vs = g.shape(v);
+        if vs.len() > rank {
+            continue;
+        }
+        let pad = rank - vs.len();
+        for axis in 0..rank.saturating_sub(1) {
+            let own = if axis < pad {
+                &Dim::Const(1)
+            } else {
+                &vs[axis - pad]
+            };
+            if let (Dim::Const(1), Dim::Const(n)) = (own, &shape[axis]) {
+                if (2..=MAX_REUSE_AXIS).contains(n) && best.is_none_or(|(_, b)| *n > b) {
+                    best = Some((axis, *n));
+                }
+            }
+        }
+    }
+    best
+}
+
+/// Ops whose element costs far more than a load: worth computing once per thread.
+fn is_transcendental(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::Unary(
+            UnaryOp::Exp
+                | UnaryOp::Log
+                | UnaryOp::Sin
+                | UnaryOp::Cos
+                | UnaryOp::Tanh
+                | UnaryOp::Erf
+                | UnaryOp::Sigmoid
+        ) | Op::Binary(BinaryOp::Pow)
+    )
 }
 
 /// How many contiguous elements a thread handles: 8, 4 or 2 when the innermost dim is a

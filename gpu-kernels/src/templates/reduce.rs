@@ -73,13 +73,7 @@ impl Acc {
     fn new(e: &mut Emitter<'_, '_>, out: &mut Vec<Stmt>, red: Red, dtype: DType) -> Acc {
         let ty = Ty::compute_type_of(dtype);
         let val = e.var(red.name(), ty);
-        let init = match red {
-            Red::Sum | Red::Mean => crate::emit::zero_of(ty),
-            Red::Prod => crate::emit::one_of(ty),
-            Red::Max | Red::ArgMax => extreme(dtype, false),
-            Red::Min | Red::ArgMin => extreme(dtype, true),
-        };
-        out.push(Stmt::Assign(val, Expr::Const(init)));
+        out.push(Stmt::Assign(val, Expr::Const(identity(red, dtype))));
         let idx = red.is_arg().then(|| {
             let i = e.var("at", Ty::I64);
             out.push(Stmt::Assign(i, Expr::Const(Const::I64(-1))));
@@ -248,6 +242,18 @@ impl Acc {
     }
 }
 
+/// The value folding leaves unchanged: 0 for sums, 1 for products, the far end of the
+/// range for max and min.
+fn identity(red: Red, dtype: DType) -> Const {
+    let ty = Ty::compute_type_of(dtype);
+    match red {
+        Red::Sum | Red::Mean => crate::emit::zero_of(ty),
+        Red::Prod => crate::emit::one_of(ty),
+        Red::Max | Red::ArgMax => extreme(dtype, false),
+        Red::Min | Red::ArgMin => extreme(dtype, true),
+    }
+}
+
 /// The dtype shared memory holds a compute type in.
 fn storage_dtype(dtype: DType) -> DType {
     match Ty::compute_type_of(dtype) {
@@ -291,6 +297,28 @@ fn row_index(e: &Emitter<'_, '_>, v: Value, outer: usize, row: &[Expr]) -> Vec<E
     idx
 }
 
+/// The most row elements a thread keeps in registers between the passes over its row.
+const MAX_RESIDENT: u64 = 32;
+
+/// How a thread visits its share of a row: a strided loop that recomputes the row's
+/// elements (prologue included) in every pass, or a fixed set of chunks whose elements are
+/// computed once, kept in registers and reused by every later pass and the epilogue.
+enum Walk {
+    Strided,
+    Resident(Vec<Chunk>),
+}
+
+/// `lanes` contiguous row elements one thread owns in the register-resident walk.
+struct Chunk {
+    /// Flat position in the row of the first lane (clamped into the row, see `valid`).
+    j: Expr,
+    /// The full index of the first lane.
+    at: Vec<Expr>,
+    /// Whether this thread's chunk lies in the row; `None` when it always does. A chunk
+    /// past the end is read at a clamped position and left out of folds and stores.
+    valid: Option<Expr>,
+}
+
 pub(crate) fn emit_rows(
     e: &mut Emitter<'_, '_>,
     group: &Group,
@@ -301,8 +329,6 @@ pub(crate) fn emit_rows(
     let g = e.g;
     let const_len: Option<u64> = inner.iter().map(Dim::as_const).product();
     let per_warp = matches!(const_len, Some(n) if n <= 1024);
-    let lanes = lanes_for(inner.last(), 4);
-    let full: Vec<Dim> = outer.iter().chain(inner).cloned().collect();
     let mut body = Vec::new();
     let ity = e.index_ty;
     let rows = e.numel(outer);
@@ -336,7 +362,14 @@ pub(crate) fn emit_rows(
             size_of_dims(outer),
         )
     };
+    let lanes = row_lanes(inner.last(), const_len, stride);
     let row_idx = e.delinearize(&mut body, row, outer);
+    // Everything computed for the row stays visible to the later passes of this kernel.
+    e.push_scope();
+    let walk = match const_len {
+        Some(n) => resident_chunks(e, &mut body, n, &tid, stride, lanes, &row_idx, inner),
+        None => Walk::Strided,
+    };
     let mut names = Vec::new();
     for &r in &group.roots {
         let inst = g.inst(r).expect("a reduction");
@@ -344,28 +377,31 @@ pub(crate) fn emit_rows(
         let red = Red::of(&inst.op);
         names.push(red);
         let acc = Acc::new(e, &mut body, red, g.ty(input).dtype);
-        // The strided pass over the row.
-        let j = e.var("j", ity);
-        let mut pass = Vec::new();
-        e.push_scope();
-        let inner_idx = e.delinearize(&mut pass, Expr::Var(j), inner);
-        let mut at = row_idx.clone();
-        at.extend(inner_idx);
-        let vals = e.elem(&mut pass, input, &at, lanes)?;
-        for (k, x) in vals.into_iter().enumerate() {
-            let pos = red
-                .is_arg()
-                .then(|| to_i64(e, add(Expr::Var(j), e.ix(k as i64))));
-            acc.fold(e, &mut pass, x, pos);
+        match &walk {
+            Walk::Strided => {
+                let j = e.var("j", ity);
+                let mut pass = Vec::new();
+                e.push_scope();
+                let inner_idx = e.delinearize(&mut pass, Expr::Var(j), inner);
+                let mut at = row_idx.clone();
+                at.extend(inner_idx);
+                fold_lanes(e, &mut pass, &acc, input, &at, &Expr::Var(j), None, lanes)?;
+                e.pop_scope();
+                body.push(Stmt::For {
+                    var: j,
+                    start: mul(tid.clone(), e.ix(lanes as i64)),
+                    end: len.clone(),
+                    step: e.ix(i64::from(stride) * lanes as i64),
+                    body: pass,
+                });
+            }
+            Walk::Resident(chunks) => {
+                for c in chunks {
+                    let valid = c.valid.as_ref();
+                    fold_lanes(e, &mut body, &acc, input, &c.at, &c.j, valid, lanes)?;
+                }
+            }
         }
-        e.pop_scope();
-        body.push(Stmt::For {
-            var: j,
-            start: mul(tid.clone(), e.ix(lanes as i64)),
-            end: len.clone(),
-            step: e.ix(i64::from(stride) * lanes as i64),
-            body: pass,
-        });
         acc.warp_reduce(e, &mut body);
         if !per_warp {
             acc.block_reduce(e, &mut body, ROW_BLOCK / WARP);
@@ -381,36 +417,51 @@ pub(crate) fn emit_rows(
         });
     }
     // Epilogue over the row: every stored value of the full row shape.
-    let full_outputs: Vec<Value> = stores
+    let full: Vec<Dim> = outer.iter().chain(inner).cloned().collect();
+    let (full_outputs, row_outputs): (Vec<Value>, Vec<Value>) = stores
         .iter()
         .copied()
-        .filter(|v| g.shape(*v) == full.as_slice())
-        .collect();
-    let row_outputs: Vec<Value> = stores
-        .iter()
-        .copied()
-        .filter(|v| g.shape(*v) != full.as_slice())
-        .collect();
+        .partition(|v| g.shape(*v) == full.as_slice());
     let mut epilogue = Vec::new();
+    e.push_scope();
     if !full_outputs.is_empty() {
-        let j = e.var("j", ity);
-        let mut pass = Vec::new();
-        e.push_scope();
-        let inner_idx = e.delinearize(&mut pass, Expr::Var(j), inner);
-        let mut at = row_idx.clone();
-        at.extend(inner_idx);
-        for &o in &full_outputs {
-            let vals = e.elem(&mut pass, o, &at, lanes)?;
-            e.store(&mut pass, o, &at, vals);
+        match &walk {
+            Walk::Strided => {
+                let j = e.var("j", ity);
+                let mut pass = Vec::new();
+                e.push_scope();
+                let inner_idx = e.delinearize(&mut pass, Expr::Var(j), inner);
+                let mut at = row_idx.clone();
+                at.extend(inner_idx);
+                store_lanes(e, &mut pass, &full_outputs, &at, lanes)?;
+                e.pop_scope();
+                epilogue.push(Stmt::For {
+                    var: j,
+                    start: mul(tid.clone(), e.ix(lanes as i64)),
+                    end: len.clone(),
+                    step: e.ix(i64::from(stride) * lanes as i64),
+                    body: pass,
+                });
+            }
+            Walk::Resident(chunks) => {
+                for c in chunks {
+                    match &c.valid {
+                        None => store_lanes(e, &mut epilogue, &full_outputs, &c.at, lanes)?,
+                        Some(valid) => {
+                            let mut then = Vec::new();
+                            e.push_scope();
+                            store_lanes(e, &mut then, &full_outputs, &c.at, lanes)?;
+                            e.pop_scope();
+                            epilogue.push(Stmt::If {
+                                cond: valid.clone(),
+                                then,
+                                otherwise: Vec::new(),
+                            });
+                        }
+                    }
+                }
+            }
         }
-        e.pop_scope();
-        epilogue.push(Stmt::For {
-            var: j,
-            start: mul(tid.clone(), e.ix(lanes as i64)),
-            end: len.clone(),
-            step: e.ix(i64::from(stride) * lanes as i64),
-            body: pass,
-        });
     }
     if !row_outputs.is_empty() {
         let mut once = Vec::new();
@@ -427,6 +478,8 @@ pub(crate) fn emit_rows(
             otherwise: Vec::new(),
         });
     }
+    e.pop_scope();
+    e.pop_scope();
     match valid {
         Some(valid) => body.push(Stmt::If {
             cond: valid,
@@ -442,6 +495,112 @@ pub(crate) fn emit_rows(
         grid: [grid_x, one(), one()],
         stmts: body,
     })
+}
+
+/// Contiguous elements per thread and step: 8 (16-byte loads of 16-bit data) when the row
+/// is long enough to give every thread of the row a full step, else 4, 2 or 1.
+fn row_lanes(last: Option<&Dim>, const_len: Option<u64>, stride: u32) -> usize {
+    let wide = lanes_for(last, 2);
+    match const_len {
+        Some(n) if wide == 8 && n >= u64::from(stride) * 8 => 8,
+        _ => lanes_for(last, 4),
+    }
+}
+
+/// The register-resident walk when a thread's share of a constant row is at most
+/// `MAX_RESIDENT` elements; the strided walk otherwise. Chunk `c` of a thread starts at
+/// `tid * lanes + c * stride * lanes`; only the last chunk can run past the row's end.
+#[allow(clippy::too_many_arguments)]
+fn resident_chunks(
+    e: &mut Emitter<'_, '_>,
+    body: &mut Vec<Stmt>,
+    len: u64,
+    tid: &Expr,
+    stride: u32,
+    lanes: usize,
+    row_idx: &[Expr],
+    inner: &[Dim],
+) -> Walk {
+    let step = u64::from(stride) * lanes as u64;
+    let count = len.div_ceil(step);
+    if count * lanes as u64 > MAX_RESIDENT || len < lanes as u64 {
+        return Walk::Strided;
+    }
+    let ity = e.index_ty;
+    let first = e.bind(body, "j", ity, mul(tid.clone(), e.ix(lanes as i64)));
+    let mut chunks = Vec::with_capacity(count as usize);
+    for c in 0..count {
+        let start = add(first.clone(), e.ix((c * step) as i64));
+        let partial = (c + 1) * step > len;
+        let (j, valid) = if partial {
+            let valid = e.bind(
+                body,
+                "in_row",
+                Ty::Pred,
+                lt(start.clone(), e.ix(len as i64)),
+            );
+            let last = e.ix((len - lanes as u64) as i64);
+            (e.bind(body, "j", ity, min_e(start, last)), Some(valid))
+        } else {
+            (e.bind(body, "j", ity, start), None)
+        };
+        let mut at = row_idx.to_vec();
+        at.extend(e.delinearize(body, j.clone(), inner));
+        chunks.push(Chunk { j, at, valid });
+    }
+    Walk::Resident(chunks)
+}
+
+/// Folds `lanes` elements of `input` from `at` (flat row position `j`) into `acc`; where
+/// `valid` is false the elements count as the reduction's identity (no candidate for
+/// arg-reductions).
+#[allow(clippy::too_many_arguments)]
+fn fold_lanes(
+    e: &mut Emitter<'_, '_>,
+    out: &mut Vec<Stmt>,
+    acc: &Acc,
+    input: Value,
+    at: &[Expr],
+    j: &Expr,
+    valid: Option<&Expr>,
+    lanes: usize,
+) -> EResult<()> {
+    let vals = e.elem(out, input, at, lanes)?;
+    for (k, x) in vals.into_iter().enumerate() {
+        let mut pos = acc
+            .red
+            .is_arg()
+            .then(|| to_i64(e, add(j.clone(), e.ix(k as i64))));
+        let mut x = x;
+        if let Some(valid) = valid {
+            let none = Expr::Const(identity(acc.red, acc.dtype));
+            x = Expr::Select(Box::new(valid.clone()), Box::new(x), Box::new(none));
+            pos = pos.map(|p| {
+                Expr::Select(
+                    Box::new(valid.clone()),
+                    Box::new(p),
+                    Box::new(Expr::Const(Const::I64(-1))),
+                )
+            });
+        }
+        acc.fold(e, out, x, pos);
+    }
+    Ok(())
+}
+
+/// Stores `lanes` elements of each of `outputs` at `at`.
+fn store_lanes(
+    e: &mut Emitter<'_, '_>,
+    out: &mut Vec<Stmt>,
+    outputs: &[Value],
+    at: &[Expr],
+    lanes: usize,
+) -> EResult<()> {
+    for &o in outputs {
+        let vals = e.elem(out, o, at, lanes)?;
+        e.store(out, o, at, vals);
+    }
+    Ok(())
 }
 
 /// A name for a row kernel from its reductions: softmax, rms_norm, layer_norm or the list.
