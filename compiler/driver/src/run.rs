@@ -1,5 +1,6 @@
 //! `kiln run`: lowers a program, binds its params to a checkpoint (or to random weights),
-//! parses the inputs, runs an entry function and prints the results; `--generate N` decodes
+//! parses the inputs, runs an entry function on the chosen backend (the GPU when there is
+//! one, else the compiled kernels on the CPU) and prints the results; `--generate N` decodes
 //! N tokens greedily by feeding the argmax of the last logits back as the next token.
 //! `--prompt TEXT` generates text instead: the model directory's tokenizer encodes the
 //! prompt (through its chat template with `--chat`), [`kiln_runtime::Generator`] samples
@@ -8,14 +9,16 @@
 
 use crate::{lower_from, ProgramArgs};
 use anyhow::{anyhow, bail, Context, Result};
+use kiln_driver::backend::{self, BackendChoice};
 use kiln_ir::{DType, Dim, Tensor};
 use kiln_runtime::{
-    Backend, ChatMessage, GenerationConfig, Generator, ProgramLogits, SamplingParams, Tokenizer,
+    ChatMessage, Executor, GenerationConfig, Generator, ProgramLogits, SamplingParams, Tokenizer,
     Weights,
 };
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 #[derive(clap::Args)]
 pub(crate) struct RunArgs {
@@ -45,6 +48,9 @@ pub(crate) struct RunArgs {
     /// The dtype of params whose declaration names none.
     #[arg(long, default_value = "f32")]
     param_dtype: String,
+    /// Where to run: the GPU when there is one, else the CPU backend (auto); or a given one.
+    #[arg(long, value_enum, default_value = "auto")]
+    backend: BackendChoice,
     #[command(flatten)]
     text: TextArgs,
 }
@@ -168,13 +174,13 @@ pub(crate) fn run(args: RunArgs) -> Result<ExitCode> {
     if let (Some(prompt), Some(model_dir), Some((tokenizer, generation_config, params))) =
         (&args.text.prompt, &args.model, text_generation)
     {
-        let backend = Backend::Interpreter;
+        let mut executor = executor_for(&args, lowered, weights)?;
         eprintln!(
-            "kiln: generating with `{}` on the {} (`kiln run` does not use the compiled CPU/GPU kernels yet; no KV cache: every step re-runs the whole sequence)",
+            "kiln: generating with `{}` on the {} (no KV cache yet: every step re-runs the whole sequence)",
             args.entry,
-            backend.name()
+            executor.describe()
         );
-        let model = ProgramLogits::new(backend, &lowered.module, &args.entry, &weights)?;
+        let model = ProgramLogits::new(executor.as_mut(), &args.entry)?;
         let request = TextRequest {
             prompt,
             chat: args.text.chat,
@@ -201,22 +207,21 @@ pub(crate) fn run(args: RunArgs) -> Result<ExitCode> {
             .ok_or_else(|| anyhow!("missing input `{name}` ({ty}): pass --input {name}=JSON"))?;
         inputs.push(parse_input(&name, text, ty.dtype, &ty.shape.0)?);
     }
-    let backend = Backend::Interpreter;
+    let mut executor = executor_for(&args, lowered, weights)?;
     eprintln!(
-        "kiln: running `{}` on the {} (`kiln run` does not use the compiled CPU/GPU kernels yet)",
+        "kiln: running `{}` on the {}",
         args.entry,
-        backend.name()
+        executor.describe()
     );
     match args.generate {
         None => {
-            let results =
-                kiln_runtime::run(backend, &lowered.module, &args.entry, &inputs, &weights)?;
+            let results = executor.run(&args.entry, &inputs)?;
             for (i, r) in results.iter().enumerate() {
                 println!("result {i}: {}", summarize(r));
             }
         }
         Some(n) => {
-            let generated = generate(backend, &lowered.module, &args.entry, inputs, &weights, n)?;
+            let generated = generate(executor.as_mut(), &args.entry, inputs, n)?;
             println!(
                 "{}",
                 generated
@@ -228,6 +233,26 @@ pub(crate) fn run(args: RunArgs) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The executor `--backend` asks for, over the lowered program and its weights.
+fn executor_for(
+    args: &RunArgs,
+    lowered: kiln_lower::Lowered,
+    weights: Weights,
+) -> Result<Box<dyn Executor>> {
+    let name = args
+        .file
+        .as_ref()
+        .or(args.model.as_ref())
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    Ok(backend::executor(
+        &name,
+        lowered,
+        Arc::new(weights),
+        args.backend,
+    )?)
 }
 
 /// What `--prompt` asks for.
@@ -328,14 +353,12 @@ fn context_length(model_dir: &Path, tokenizer: &Tokenizer) -> Result<Option<usiz
     Ok(from_config.or(tokenizer.config().model_max_length))
 }
 
-/// Greedy decoding by re-running the whole sequence each step (the interpreter has no KV
-/// cache): the first input must be token ids [1, S].
+/// Greedy decoding by re-running the whole sequence each step (no KV cache yet): the
+/// first input must be token ids [1, S].
 fn generate(
-    backend: Backend,
-    module: &kiln_ir::Module,
+    executor: &mut dyn Executor,
     entry: &str,
     mut inputs: Vec<Tensor>,
-    weights: &Weights,
     n: usize,
 ) -> Result<Vec<i64>> {
     let Some(first) = inputs.first() else {
@@ -352,7 +375,7 @@ fn generate(
     let mut out = Vec::new();
     for _ in 0..n {
         inputs[0] = Tensor::from_ints(dtype, &[1, tokens.len()], tokens.clone());
-        let results = kiln_runtime::run(backend, module, entry, &inputs, weights)?;
+        let results = executor.run(entry, &inputs)?;
         let logits = &results[0];
         let vocab = *logits
             .shape

@@ -114,11 +114,40 @@ fn run_generate_matches_transformers_greedy_tokens() {
             got, greedy,
             "{fixture}: greedy tokens differ from transformers'"
         );
-        assert!(
-            stderr.contains("reference interpreter"),
-            "the backend is announced: {stderr}"
-        );
+        // Without a GPU (this suite's machine) the CPU backend runs, and says so once.
+        if kiln_cuda::CudaDevice::new(0).is_err() {
+            assert_eq!(
+                stderr.matches("running on the CPU backend").count(),
+                1,
+                "the fallback is announced once: {stderr}"
+            );
+        }
     }
+}
+
+#[test]
+fn run_generate_on_the_interpreter_matches_transformers_too() {
+    let (prompt, greedy) = fixture_prompt_and_greedy("tiny-llama");
+    let input = format!("tokens=[{:?}]", prompt);
+    let n = greedy.len().to_string();
+    let (ok, stdout, stderr) = kiln(&[
+        "run",
+        "--model",
+        "tests/fixtures/tiny-llama",
+        "--backend",
+        "interpreter",
+        "--input",
+        &input,
+        "--generate",
+        &n,
+    ]);
+    assert!(ok, "{stderr}");
+    let got: Vec<i64> = stdout
+        .split_whitespace()
+        .map(|t| t.parse().expect("token id"))
+        .collect();
+    assert_eq!(got, greedy);
+    assert!(stderr.contains("reference interpreter"), "{stderr}");
 }
 
 #[test]
@@ -137,7 +166,7 @@ fn run_reports_bad_input_clearly() {
 }
 
 /// The text kiln_runtime's generator produces for `prompt` on models/default, with the
-/// model program lowered and run on the interpreter as `kiln run` does.
+/// model program lowered and run on the CPU backend as `kiln run --backend cpu` does.
 fn library_generation(prompt: &str, params: kiln_runtime::SamplingParams) -> String {
     let dir = repo().join("models/default");
     let config: serde_json::Value =
@@ -152,13 +181,11 @@ fn library_generation(prompt: &str, params: kiln_runtime::SamplingParams) -> Str
     let (lowered, _) = kiln_lower::lower(&program, Some(&config), &options);
     let lowered = lowered.expect("llama.kiln lowers with models/default's config");
     let weights = kiln_runtime::Weights::load(&dir, &lowered.params).expect("weights");
-    let model = kiln_runtime::ProgramLogits::new(
-        kiln_runtime::Backend::Interpreter,
-        &lowered.module,
-        "forward",
-        &weights,
-    )
-    .expect("forward maps tokens to logits");
+    let mut executor =
+        kiln_runtime::CpuPlans::compile(lowered.module, std::sync::Arc::new(weights))
+            .expect("compiles for the CPU");
+    let model = kiln_runtime::ProgramLogits::new(&mut executor, "forward")
+        .expect("forward maps tokens to logits");
     let tokenizer = kiln_runtime::Tokenizer::from_dir(&dir).expect("tokenizer");
     let prompt_ids = tokenizer.encode(prompt, true).unwrap();
     let mut generator = kiln_runtime::Generator::new(model, tokenizer);
@@ -182,10 +209,18 @@ fn run_prompt_prints_the_greedy_continuation() {
         max_tokens: Some(12),
         ..kiln_runtime::SamplingParams::greedy()
     };
-    // The interpreter is slow: compute the reference while the CLI runs.
+    // Compute the reference while the CLI runs.
     let (reference, (ok, stdout, stderr)) = std::thread::scope(|scope| {
         let reference = scope.spawn(|| library_generation(prompt, params));
-        let args = ["run", "--model", "models/default", "--prompt", prompt];
+        let args = [
+            "run",
+            "--model",
+            "models/default",
+            "--backend",
+            "cpu",
+            "--prompt",
+            prompt,
+        ];
         let cli = kiln(&[&args[..], &["--max-tokens", "12"]].concat());
         (reference.join().expect("library generation"), cli)
     });

@@ -4,7 +4,7 @@
 //!
 //! The model is anything implementing [`LogitsModel`], closures
 //! `FnMut(&[Vec<i64>]) -> Result<Vec<Vec<f32>>, RuntimeError>` included, so the reference
-//! interpreter ([`ProgramLogits`]), the CPU backend and the GPU path plug in the same way.
+//! [`ProgramLogits`] over any [`Executor`] (interpreter, CPU or GPU plans) plug in the same way.
 //! Without a KV cache each step passes every request's whole sequence (prompt + output).
 //!
 //! Per step and request: sample a token; an end-of-sequence id (unless `ignore_eos`) or a
@@ -19,7 +19,7 @@ use crate::sampling::{
     FinishReason, Sampler, SamplingError, SamplingParams, StopStringMatcher, TokenLogprobs,
 };
 use crate::tokenizer::{IncrementalDecoder, Tokenizer, TokenizerError};
-use crate::{Backend, RuntimeError, Weights};
+use crate::{Executor, RuntimeError};
 use kiln_ir::{DType, Tensor};
 use std::collections::{BTreeMap, VecDeque};
 
@@ -54,25 +54,22 @@ where
     }
 }
 
-/// A lowered program's entry `tokens: int[B, S] -> logits: float[B, S, V]` run on a
-/// [`Backend`], as a [`LogitsModel`]. Sequences of equal length share one run.
+/// A lowered program's entry `tokens: int[B, S] -> logits: float[B, S, V]` run by an
+/// [`Executor`], as a [`LogitsModel`]. Sequences of equal length share one run.
 pub struct ProgramLogits<'a> {
-    backend: Backend,
-    module: &'a kiln_ir::Module,
+    executor: &'a mut dyn Executor,
     entry: String,
-    weights: &'a Weights,
     token_dtype: DType,
 }
 
 impl<'a> ProgramLogits<'a> {
     /// Checks that `entry` takes one integer tensor of rank 2 and returns a rank-3 tensor.
     pub fn new(
-        backend: Backend,
-        module: &'a kiln_ir::Module,
+        executor: &'a mut dyn Executor,
         entry: &str,
-        weights: &'a Weights,
     ) -> Result<ProgramLogits<'a>, RuntimeError> {
-        let func = module
+        let func = executor
+            .module()
             .function(entry)
             .ok_or_else(|| RuntimeError::Input(format!("no entry function `{entry}`")))?;
         let (params, results) = (func.params(), func.results());
@@ -91,12 +88,11 @@ impl<'a> ProgramLogits<'a> {
         if !tokens_ty.dtype.is_int() || tokens_ty.shape.0.len() != 2 || !logits_ok {
             return Err(shape_error());
         }
+        let token_dtype = tokens_ty.dtype;
         Ok(ProgramLogits {
-            backend,
-            module,
+            executor,
             entry: entry.to_string(),
-            weights,
-            token_dtype: tokens_ty.dtype,
+            token_dtype,
         })
     }
 }
@@ -114,13 +110,7 @@ impl LogitsModel for ProgramLogits<'_> {
                 .flat_map(|&i| sequences[i].iter().copied())
                 .collect();
             let tokens = Tensor::from_ints(self.token_dtype, &[members.len(), length], ids);
-            let results = crate::run(
-                self.backend,
-                self.module,
-                &self.entry,
-                &[tokens],
-                self.weights,
-            )?;
+            let results = self.executor.run(&self.entry, &[tokens])?;
             let logits = results
                 .first()
                 .ok_or_else(|| RuntimeError::Input(format!("`{}` returned nothing", self.entry)))?;

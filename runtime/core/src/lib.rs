@@ -1,9 +1,9 @@
 //! kiln's runtime core: loading a checkpoint's tensors for a lowered program and running the
 //! program's entry functions on a backend.
 //!
-//! Backends: the reference interpreter today (exact, slow, always available); the Cranelift
-//! CPU backend and CUDA come with the code-generation and runtime issues and plug in behind
-//! [`Backend`].
+//! Backends ([`exec`]): the reference interpreter (exact, slow, always available), the
+//! compiled kernels on the CPU through Cranelift, and on an NVIDIA GPU through CUDA, all
+//! behind the [`Executor`] trait.
 //!
 //! Text generation on the host: [`tokenizer`] (tokenizer.json, tokenizer_config.json,
 //! incremental detokenization), [`chat`] (chat templates), [`generation_config`],
@@ -11,6 +11,7 @@
 //! drives a model with them).
 
 pub mod chat;
+pub mod exec;
 pub mod generate;
 pub mod generation_config;
 pub mod models;
@@ -19,6 +20,7 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use chat::{ChatMessage, ChatTemplate, MessageContent};
+pub use exec::{CpuPlans, CudaPlans, Executor, Interpreter};
 pub use generate::{
     Completion, GenerateError, GenerationEvent, Generator, LogitsModel, ProgramLogits, RequestId,
 };
@@ -53,6 +55,8 @@ pub enum RuntimeError {
     },
     #[error("{0}")]
     Input(String),
+    #[error("running `{function}`: {message}")]
+    Backend { function: String, message: String },
     #[error("running `{function}`: {source}")]
     Execution {
         function: String,

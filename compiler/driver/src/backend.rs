@@ -1,0 +1,84 @@
+//! Choosing where a program runs: on the GPU when there is one and ptxas to assemble for
+//! it, else on the Cranelift CPU backend (saying so once); `--backend` forces a choice.
+
+use crate::pipeline::{self, CompileOptions};
+use kiln_runtime::{CpuPlans, CudaPlans, Executor, Interpreter, Weights};
+use std::sync::Arc;
+
+/// Where `kiln run` runs a program.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendChoice {
+    /// The GPU if there is one (and ptxas), else the CPU backend.
+    Auto,
+    /// The GPU; an error when there is none.
+    Gpu,
+    /// The compiled kernels on this CPU (Cranelift).
+    Cpu,
+    /// The graph-IR reference interpreter (exact, slow).
+    Interpreter,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("no usable GPU: {0}")]
+    NoGpu(String),
+    #[error(transparent)]
+    Pipeline(#[from] pipeline::PipelineError),
+    #[error(transparent)]
+    Runtime(#[from] kiln_runtime::RuntimeError),
+    #[error("loading the package on the GPU: {0}")]
+    Cuda(#[from] kiln_cuda::CudaError),
+}
+
+/// An executor for `lowered` on the chosen backend. With [`BackendChoice::Auto`] and no
+/// usable GPU, one line on stderr says why and that the CPU backend runs instead.
+pub fn executor(
+    program: &str,
+    lowered: kiln_lower::Lowered,
+    weights: Arc<Weights>,
+    choice: BackendChoice,
+) -> Result<Box<dyn Executor>, BackendError> {
+    match choice {
+        BackendChoice::Interpreter => Ok(Box::new(Interpreter::new(lowered.module, weights))),
+        BackendChoice::Cpu => Ok(Box::new(CpuPlans::compile(lowered.module, weights)?)),
+        BackendChoice::Gpu => gpu_executor(program, lowered, weights),
+        BackendChoice::Auto => match gpu_parts() {
+            Ok(_) => gpu_executor(program, lowered, weights),
+            Err(why) => {
+                eprintln!("kiln: no GPU ({why}): running on the CPU backend");
+                Ok(Box::new(CpuPlans::compile(lowered.module, weights)?))
+            }
+        },
+    }
+}
+
+/// The device, its kiln target and the toolchain to assemble for it.
+fn gpu_parts() -> Result<(kiln_cuda::CudaDevice, kiln_ptx::Target, kiln_ptx::Toolchain), String> {
+    let device = kiln_cuda::CudaDevice::new(0).map_err(|e| e.to_string())?;
+    let (major, minor) = device.info().compute_capability;
+    let target = kiln_ptx::Target::for_compute_capability(major, minor)
+        .ok_or_else(|| format!("kiln has no target for compute capability {major}.{minor}"))?;
+    let toolchain = kiln_ptx::Toolchain::discover().map_err(|e| e.to_string())?;
+    Ok((device, target, toolchain))
+}
+
+fn gpu_executor(
+    program: &str,
+    lowered: kiln_lower::Lowered,
+    weights: Arc<Weights>,
+) -> Result<Box<dyn Executor>, BackendError> {
+    let (device, target, toolchain) = gpu_parts().map_err(BackendError::NoGpu)?;
+    let module = lowered.module.clone();
+    let options = CompileOptions {
+        targets: vec![target],
+        ..CompileOptions::default()
+    };
+    let package = pipeline::compile(program, lowered, &options, Some(&toolchain))?;
+    let fatbin = package
+        .fatbin
+        .as_ref()
+        .ok_or_else(|| BackendError::NoGpu("the package was not assembled".into()))?;
+    let cuda =
+        kiln_cuda::CudaPackage::from_image(&device, package.manifest.clone(), fatbin, program)?;
+    Ok(Box::new(CudaPlans::new(module, Arc::new(cuda), weights)))
+}
