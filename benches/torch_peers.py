@@ -1,4 +1,4 @@
-"""PyTorch peers for benches/src/bin/gpu_kernels.rs: the same shapes and dtypes, timed with CUDA
+"""PyTorch peers for `kiln bench kernels` (compiler/driver/src/bench.rs): the same shapes and dtypes, timed with CUDA
 events (warm-up, median), eager and torch.compile. Prints one JSON object.
 
     python3 benches/torch_peers.py [RUNS]

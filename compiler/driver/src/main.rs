@@ -1,8 +1,10 @@
 //! `kiln`: the command-line tool. `check` reports every diagnostic of a program; `compile`
 //! prints a stage of the pipeline or writes a package; `run` executes a program on a
 //! checkpoint (or random weights), optionally decoding greedily; `serve` runs the
-//! OpenAI-compatible server of `kiln-server`.
+//! OpenAI-compatible server of `kiln-server`; `bench kernels` times the fused kernels on the
+//! GPU.
 
+mod bench;
 mod compile;
 mod run;
 
@@ -35,6 +37,8 @@ enum Command {
     Run(run::RunArgs),
     /// Serve a model over an OpenAI-compatible HTTP API.
     Serve(kiln_server::ServeArgs),
+    /// Benchmarks on the GPU: `kiln bench kernels`.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(clap::Args)]
@@ -66,6 +70,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Run(args) => run::run(args),
+        Command::Bench(args) => bench::run(args),
         Command::Serve(args) => kiln_server::run_cli(&args)
             .map(|()| ExitCode::SUCCESS)
             .map_err(Into::into),

@@ -13,9 +13,6 @@ use kiln_kir::manifest::{KernelInfo, Manifest, ParamLayout, WeightInfo};
 use kiln_kir::{Arg, BufferDecl, BufferId, BufferKind, Plan, SizeExpr, Step, SymBinding};
 use kiln_ptx::{AssembleOptions, Target, Toolchain};
 
-/// Set to `1` on a GPU machine to make a missing GPU fail the tests instead of skipping.
-pub const REQUIRE_GPU_ENV: &str = "KILN_REQUIRE_GPU";
-
 /// Threads per block of the test kernels.
 pub const BLOCK: u32 = 128;
 
@@ -25,18 +22,10 @@ pub fn log_line(line: &str) {
     let _ = writeln!(std::io::stderr(), "{line}");
 }
 
-/// Device 0, or `None` after logging `NOT RUN (no GPU): <reason>` when this machine has no
-/// driver or no device. A GPU that is present but fails is a test failure, and so is a
-/// missing GPU when `KILN_REQUIRE_GPU=1`.
-pub fn gpu() -> Option<CudaDevice> {
-    match CudaDevice::new(0) {
-        Ok(device) => Some(device),
-        Err(error) if error.is_no_gpu() && std::env::var(REQUIRE_GPU_ENV).as_deref() != Ok("1") => {
-            log_line(&format!("NOT RUN (no GPU): {error}"));
-            None
-        }
-        Err(error) => panic!("the GPU is not usable: {error}"),
-    }
+/// Device 0, for the tests that need a GPU (they are `#[ignore]`d, so they only run when
+/// asked for); a missing or failing GPU fails them.
+pub fn gpu() -> CudaDevice {
+    CudaDevice::new(0).unwrap_or_else(|error| panic!("this test needs a usable GPU: {error}"))
 }
 
 pub fn sym(name: &str) -> SizeExpr {
