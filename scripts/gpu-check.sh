@@ -6,6 +6,7 @@
 #     and kiln-cuda's GPU tests, which are #[ignore]d without a GPU: --include-ignored runs
 #     them here, and a missing GPU fails them;
 #   - compute-sanitizer memcheck and racecheck over the same binaries;
+#   - `kiln run` on the tiny checkpoints (greedy tokens equal transformers');
 #   - the kernel benchmarks beside PyTorch eager and torch.compile.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -19,11 +20,16 @@ for bin in backends cuda-gpu cuda-plans cuda-probe; do
     echo "== $bin" >> "$OUT/tests.log"
     .carry/$bin --include-ignored --test-threads 1 >> "$OUT/tests.log" 2>&1 || status=1
 done
+# The README's main command on the GPU: greedy tokens equal transformers'.
+echo "== kiln run on the GPU" >> "$OUT/tests.log"
+python3 scripts/gpu-generate-check.py .carry/kiln >> "$OUT/tests.log" 2>&1 || status=1
 # cuda-gpu's negative tests make failing driver calls on purpose (a garbage image, a missing
 # kernel, an oversized block): API errors are not reported, memory and race errors are.
 # cuda-plans makes no CUDA calls, so it is not run under the sanitizer.
 # --ignored: only the GPU tests (the CPU half of `backends` needs no sanitizer).
-for tool in memcheck racecheck; do
+tools="memcheck racecheck"
+[ "${KILN_SKIP_SANITIZER:-0}" = 1 ] && tools=""
+for tool in $tools; do
     for bin in backends cuda-gpu; do
         echo "== $tool $bin" >> "$OUT/sanitizer.log"
         compute-sanitizer --tool "$tool" --report-api-errors no --error-exitcode 3 .carry/$bin --ignored --test-threads 1 >> "$OUT/sanitizer.log" 2>&1 || status=1
@@ -35,6 +41,6 @@ if [ "${KILN_SKIP_BENCH:-0}" != 1 ]; then
         > "$OUT/kiln-bench.txt" 2>&1 || status=1
     cat "$OUT/kiln-bench.txt"
 fi
-grep -E "test result|NOT RUN|FAILED|panicked" "$OUT/tests.log"
+grep -E "test result|NOT RUN|FAILED|panicked|tiny-" "$OUT/tests.log"
 grep -E "ERROR SUMMARY|== " "$OUT/sanitizer.log"
 exit $status
