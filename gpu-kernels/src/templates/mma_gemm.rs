@@ -389,7 +389,7 @@ pub(crate) fn emit(
                 &mut body,
                 "b_row",
                 Ty::I32,
-                shr(tid.clone(), chunks.trailing_zeros() as u32) + i32c(q * threads / chunks),
+                shr(tid.clone(), chunks.trailing_zeros()) + i32c(q * threads / chunks),
             );
             // Element (k, n) of B at k = 0 of the slice.
             let (gk, gn) = if source.k_rows {
@@ -595,9 +595,12 @@ pub(crate) fn emit(
     let t2 = e.bind(&mut body, "t2", Ty::I32, and_mask(lane, 3) * i32c(2));
     for mi in 0..mi_count {
         for ni in 0..ni_count {
-            for j in 0..4 {
-                let row = warp_m0.clone() + g4.clone() + i32c(mi as i64 * 16 + 8 * (j as i64 / 2));
-                let col = warp_n0.clone() + t2.clone() + i32c(ni as i64 * 8 + j as i64 % 2);
+            // Accumulator j holds row g + 8 (j / 2), column 2t + j % 2 of the m16n8 tile.
+            for (j, (row_offset, col_offset)) in
+                [(0, 0), (0, 1), (8, 0), (8, 1)].into_iter().enumerate()
+            {
+                let row = warp_m0.clone() + g4.clone() + i32c(mi as i64 * 16 + row_offset);
+                let col = warp_n0.clone() + t2.clone() + i32c(ni as i64 * 8 + col_offset);
                 let gm = e.bind(&mut body, "row", ity, add(m0.clone(), index(row)));
                 let gn = e.bind(&mut body, "col", ity, add(n0.clone(), index(col)));
                 let mut idx = batch.clone();
