@@ -23,6 +23,9 @@ fn gate_up(x: bf16[M, 32], gate: bf16[72, 32], up: bf16[72, 32]) -> bf16[M, 72] 
 fn residual(x: bf16[M, 48], w: bf16[40, 48], r: bf16[M, 40]) -> bf16[M, 40] { linear(x, w) + r }
 fn batched(x: bf16[B, M, 16], y: bf16[B, 16, 24]) -> bf16[B, M, 24] { x @ y }
 fn scaled(x: bf16[M, 32], w: bf16[24, 32]) -> bf16[M, 24] { linear(x, w) * 0.5 }
+fn decode1(x: bf16[1, 264], w: bf16[40, 264], b: bf16[40]) -> bf16[1, 40] { linear_bias(x, w, b) }
+fn decode16(x: bf16[16, 72], w: bf16[72, 96]) -> bf16[16, 96] { x @ w }
+fn decode5(x: f16[5, 136], w: f16[70, 136], r: f16[5, 70]) -> f16[5, 70] { linear(x, w) + r }
 fn odd_k(x: bf16[M, 20], w: bf16[16, 20]) -> bf16[M, 16] { linear(x, w) }
 fn wide(x: f32[M, 32], w: f32[16, 32]) -> f32[M, 16] { linear(x, w) }
 ";
@@ -100,6 +103,19 @@ fn residual_and_scale_epilogues_and_batch_dims() {
     assert!(uses_tensor_cores(&run("residual", &[("M", 33)])));
     assert!(uses_tensor_cores(&run("batched", &[("B", 2), ("M", 5)])));
     assert!(uses_tensor_cores(&run("scaled", &[("M", 9)])));
+}
+
+#[test]
+fn decode_shapes_split_k_over_warps() {
+    // M of 1, 5 and 16 rows: one m16 row of tiles, k slices shared by four warps; K of 264
+    // and 136 (ragged slices), N of 40 and 70 (ragged tiles), both B layouts, epilogues.
+    for function in ["decode1", "decode16", "decode5"] {
+        let names = run(function, &[]);
+        assert!(
+            names.iter().any(|n| n.contains("mma_gemm_16x32x128_w1x2x4")),
+            "{function}: {names:?}"
+        );
+    }
 }
 
 #[test]

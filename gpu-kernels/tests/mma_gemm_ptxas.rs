@@ -14,6 +14,7 @@ fn q_proj(x: bf16[T, 4096], w: bf16[4096, 4096]) -> bf16[T, 4096] { linear(x, w)
 fn down(x: bf16[T, 14336], w: bf16[4096, 14336], r: bf16[T, 4096]) -> bf16[T, 4096] { linear(x, w) + r }
 fn gate_up(x: bf16[T, 4096], gate: bf16[14336, 4096], up: bf16[14336, 4096]) -> bf16[T, 14336] { silu(linear(x, gate)) * linear(x, up) }
 fn decode(x: bf16[16, 4096], w: bf16[14336, 4096]) -> bf16[16, 14336] { linear(x, w) }
+fn decode1(x: bf16[1, 4096], w: bf16[4096, 4096]) -> bf16[1, 4096] { linear(x, w) }
 fn square(a: f16[4096, 4096], b: f16[4096, 4096]) -> f16[4096, 4096] { a @ b }
 ";
 
@@ -29,7 +30,7 @@ fn llm_shaped_gemms_assemble_for_every_target_without_spills() {
     };
     let module = lower("llm_gemms.kiln", SRC, None, None);
     let mut kernels = Vec::new();
-    for function in ["q_proj", "down", "gate_up", "decode", "square"] {
+    for function in ["q_proj", "down", "gate_up", "decode", "decode1", "square"] {
         let compiled =
             kiln_gpu_kernels::compile_function(&module, function, &Options::default()).unwrap();
         let gemms: Vec<_> = compiled
@@ -75,13 +76,14 @@ fn llm_shaped_gemms_assemble_for_every_target_without_spills() {
 }
 
 /// Shapes for the GPU check: `(function, T)`.
-const GPU_CASES: [(&str, u64); 6] = [
+const GPU_CASES: [(&str, u64); 7] = [
     ("small_nk", 37),
     ("small_kn", 130),
     ("q_proj", 4096),
     ("gate_up_plain", 4096),
     ("big", 8192),
     ("decode", 16),
+    ("decode1", 1),
 ];
 
 const GPU_SRC: &str = "import nn
@@ -91,6 +93,7 @@ fn q_proj(x: bf16[T, 4096], w: bf16[4096, 4096]) -> bf16[T, 4096] { linear(x, w)
 fn gate_up_plain(x: bf16[T, 4096], w: bf16[14336, 4096]) -> bf16[T, 14336] { linear(x, w) }
 fn big(x: bf16[T, 8192], w: bf16[8192, 8192]) -> bf16[T, 8192] { linear(x, w) }
 fn decode(x: bf16[16, 4096], w: bf16[14336, 4096]) -> bf16[16, 14336] { linear(x, w) }
+fn decode1(x: bf16[1, 4096], w: bf16[4096, 4096]) -> bf16[1, 4096] { linear(x, w) }
 ";
 
 /// Writes `$KILN_GEMM_CHECK_DIR/manifest.json` and one PTX file (sm_90a, JIT-capped) per

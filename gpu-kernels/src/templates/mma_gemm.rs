@@ -3,8 +3,11 @@
 //! buffers, B either as stored (`[K, N]`, N contiguous) or as the transpose of a stored
 //! `[N, K]` weight (K contiguous, the `linear` layout).
 //!
-//! A block computes a `bm × bn` output tile with `warps_m × warps_n` warps, each a
-//! `(bm / warps_m) × (bn / warps_n)` warp tile of m16n8k16 products:
+//! A block computes a `bm × bn` output tile with `warps_m × warps_n × warps_k` warps, each
+//! a `(bm / warps_m) × (bn / warps_n)` warp tile of m16n8k16 products over every
+//! `warps_k`-th k16 step of each slice (split-K inside the block: for decode-sized M the
+//! warps share one narrow output tile, so more weight bytes are in flight per block; their
+//! partial sums meet through shared memory before the epilogue):
 //! - a `stages`-deep `cp.async` pipeline stages `bk`-wide slices of A and B in shared
 //!   memory (16-byte chunks; rows or k beyond the matrix are zero-filled with a source
 //!   length of 0, so ragged M, N and K need no other guard);
@@ -44,12 +47,14 @@ pub struct MmaTile {
     pub bk: u32,
     pub warps_m: u32,
     pub warps_n: u32,
+    /// Warps splitting each slice's k16 steps among them.
+    pub warps_k: u32,
     pub stages: u32,
 }
 
 impl MmaTile {
     pub fn threads(&self) -> u32 {
-        32 * self.warps_m * self.warps_n
+        32 * self.warps_m * self.warps_n * self.warps_k
     }
 
     /// Rows of a warp tile.
@@ -72,10 +77,20 @@ impl MmaTile {
         2 * self.bk * (self.bm + matmuls * self.bn)
     }
 
-    /// `128x128x32_w2x2_s3`.
+    /// Shared-memory bytes where the split-K warps leave their partial sums.
+    pub fn reduction_bytes(&self, matmuls: u32) -> u32 {
+        (self.warps_k - 1) * 32 * self.warps_m * self.warps_n * self.accumulators(matmuls) * 4
+    }
+
+    /// `128x128x32_w2x2_s3`, or `16x32x128_w1x2x4_s3` with split-K warps.
     pub fn name(&self) -> String {
+        let warps_k = if self.warps_k > 1 {
+            format!("x{}", self.warps_k)
+        } else {
+            String::new()
+        };
         format!(
-            "{}x{}x{}_w{}x{}_s{}",
+            "{}x{}x{}_w{}x{}{warps_k}_s{}",
             self.bm, self.bn, self.bk, self.warps_m, self.warps_n, self.stages
         )
     }
@@ -85,13 +100,30 @@ impl MmaTile {
 /// matmuls: 128×128 blocks of four 64×64 warp tiles for large shapes, 64-row blocks when M
 /// is known to be at most 64, narrower blocks while the accumulators would exceed
 /// [`MAX_ACCUMULATORS`]; as many stages (2 to 4) as fit in 48 KiB of shared memory.
+/// Decode-sized M (at most 16) gets one m16 row of 32-column tiles with 128-wide k slices
+/// split over 4 warps, so that a 4096-wide N still makes 128 blocks that each keep tens of
+/// KiB of weights in flight.
 pub fn choose_tile(m: Option<u64>, n: u64, matmuls: u32) -> MmaTile {
+    if m.is_some_and(|m| m <= 16) && matmuls == 1 {
+        let mut tile = MmaTile {
+            bm: 16,
+            bn: 32,
+            bk: 128,
+            warps_m: 1,
+            warps_n: 2,
+            warps_k: 4,
+            stages: 2,
+        };
+        tile.stages = ((SHARED_BYTES - tile.reduction_bytes(1)) / tile.stage_bytes(1)).clamp(2, 4);
+        return tile;
+    }
     let mut tile = MmaTile {
         bm: if m.is_some_and(|m| m <= 64) { 64 } else { 128 },
         bn: if n <= 64 { 64 } else { 128 },
         bk: 32,
         warps_m: 2,
         warps_n: 2,
+        warps_k: 1,
         stages: 2,
     };
     while tile.accumulators(matmuls) > MAX_ACCUMULATORS && tile.bn > 32 {
@@ -269,17 +301,26 @@ pub(crate) fn emit(
     let tid = Expr::Special(Special::ThreadIdx);
     let lane = e.bind(&mut body, "lane", Ty::I32, Expr::Special(Special::LaneId));
     let warp = e.bind(&mut body, "warp", Ty::I32, Expr::Special(Special::WarpId));
+    // Warp w: k group w / (warps_m * warps_n), then row-major over the warp tiles.
+    let tile_warps = i64::from(t.warps_m * t.warps_n);
+    let warp_k = e.bind(
+        &mut body,
+        "warp_k",
+        Ty::I32,
+        Expr::binary(BinOp::Div, warp.clone(), i32c(tile_warps)),
+    );
+    let warp_in_k = Expr::binary(BinOp::Rem, warp, i32c(tile_warps));
     let warp_m0 = e.bind(
         &mut body,
         "warp_m0",
         Ty::I32,
-        Expr::binary(BinOp::Div, warp.clone(), i32c(i64::from(t.warps_n))) * i32c(wm),
+        Expr::binary(BinOp::Div, warp_in_k.clone(), i32c(i64::from(t.warps_n))) * i32c(wm),
     );
     let warp_n0 = e.bind(
         &mut body,
         "warp_n0",
         Ty::I32,
-        Expr::binary(BinOp::Rem, warp, i32c(i64::from(t.warps_n))) * i32c(wn),
+        Expr::binary(BinOp::Rem, warp_in_k, i32c(i64::from(t.warps_n))) * i32c(wn),
     );
     let m0 = mul(e.special(Special::BlockIdx(1)), e.ix(bm));
     let m0 = e.bind(&mut body, "m0", ity, m0);
@@ -472,12 +513,15 @@ pub(crate) fn emit(
         and_mask(shr(lane.clone(), 3), 1),
     );
     let ld_q_hi = e.bind(&mut body, "ld_h", Ty::I32, shr(lane.clone(), 4));
-    let k_steps = (bk / 16) as usize;
+    // The k16 steps of a slice this warp takes: `s * warps_k + warp_k` for s in 0..steps.
+    let warps_k = i64::from(t.warps_k);
+    let k_steps = (bk / 16 / warps_k) as usize;
+    let step_of = |s: usize| i32c(s as i64 * warps_k) + warp_k.clone();
     // A, x4: matrices (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15), (8-15, 8-15).
     let a_ld: Vec<Expr> = (0..k_steps)
         .map(|kk| {
             let row = warp_m0.clone() + ld_row.clone() + ld_q_lo.clone() * i32c(8);
-            let chunk = i32c(2 * kk as i64) + ld_q_hi.clone();
+            let chunk = step_of(kk) * i32c(2) + ld_q_hi.clone();
             let offset = row.clone() * i32c(bk)
                 + Expr::binary(BinOp::Xor, chunk, swizzle(row, a_chunks as u32)) * i32c(CHUNK);
             e.bind(&mut body, "a_ld", Ty::I32, offset)
@@ -495,7 +539,7 @@ pub(crate) fn emit(
                             let n_tile = warp_n0.clone()
                                 + (i32c(2 * pair as i64) + ld_q_hi.clone()) * i32c(8);
                             let offset = if source.k_rows {
-                                let row = i32c(16 * kk as i64)
+                                let row = step_of(kk) * i32c(16)
                                     + ld_q_lo.clone() * i32c(8)
                                     + ld_row.clone();
                                 let chunk = shr(n_tile, 3);
@@ -507,7 +551,7 @@ pub(crate) fn emit(
                                     ) * i32c(CHUNK)
                             } else {
                                 let row = n_tile + ld_row.clone();
-                                let chunk = i32c(2 * kk as i64) + ld_q_lo.clone();
+                                let chunk = step_of(kk) * i32c(2) + ld_q_lo.clone();
                                 row.clone() * i32c(bk)
                                     + Expr::binary(BinOp::Xor, chunk, swizzle(row, a_chunks as u32))
                                         * i32c(CHUNK)
@@ -590,6 +634,49 @@ pub(crate) fn emit(
     });
     body.push(Stmt::CpAsyncWait(0));
 
+    // ---- split-K warps: groups 1.. leave their partial sums, group 0 adds them in order.
+    if t.warps_k > 1 {
+        let group_threads = 32 * tile_warps;
+        let sums: Vec<VarId> = acc.iter().flatten().flatten().copied().collect();
+        let count = sums.len() as i64;
+        let partials = e.shared_array(
+            "partials",
+            DType::F32,
+            ((warps_k - 1) * group_threads * count) as u32,
+        );
+        let in_group = e.bind(
+            &mut body,
+            "in_group",
+            Ty::I32,
+            Expr::binary(BinOp::Rem, tid.clone(), i32c(group_threads)),
+        );
+        let own = e.bind(
+            &mut body,
+            "partial",
+            Ty::I32,
+            ((warp_k.clone() - i32c(1)) * i32c(group_threads) + in_group.clone()) * i32c(count),
+        );
+        let leave = sums
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| Stmt::store(partials, own.clone() + i32c(i as i64), v))
+            .collect();
+        body.push(Stmt::if_then(warp_k.clone().gt(i32c(0)), leave));
+        body.push(Stmt::Barrier);
+        let mut gather = Vec::new();
+        for group in 1..warps_k {
+            let first = (i32c((group - 1) * group_threads) + in_group.clone()) * i32c(count);
+            let first = e.bind(&mut gather, "partial", Ty::I32, first);
+            for (i, &v) in sums.iter().enumerate() {
+                gather.push(Stmt::assign(
+                    v,
+                    Expr::var(v) + Expr::load(partials, first.clone() + i32c(i as i64)),
+                ));
+            }
+        }
+        body.push(Stmt::if_then(warp_k.clone().equals(i32c(0)), gather));
+    }
+
     // ---- epilogue: each accumulator element through the fused element-wise work.
     let g4 = e.bind(&mut body, "g", Ty::I32, shr(lane.clone(), 2));
     let t2 = e.bind(&mut body, "t2", Ty::I32, and_mask(lane, 3) * i32c(2));
@@ -619,8 +706,12 @@ pub(crate) fn emit(
                     let vals = e.elem(&mut then, o, &idx, 1)?;
                     e.store(&mut then, o, &idx, vals);
                     e.pop_scope();
+                    let mut cond = and(lt(gm.clone(), m_size.clone()), lt(gn.clone(), n_size));
+                    if t.warps_k > 1 {
+                        cond = and(cond, warp_k.clone().equals(i32c(0)));
+                    }
                     body.push(Stmt::If {
-                        cond: and(lt(gm.clone(), m_size.clone()), lt(gn.clone(), n_size)),
+                        cond,
                         then,
                         otherwise: Vec::new(),
                     });
@@ -673,7 +764,12 @@ mod tests {
                 for matmuls in 1..=3 {
                     let t = choose_tile(m, n, matmuls);
                     assert!(t.stages >= 2, "{t:?}");
-                    assert!(t.stages * t.stage_bytes(matmuls) <= SHARED_BYTES, "{t:?}");
+                    assert!(
+                        t.stages * t.stage_bytes(matmuls) + t.reduction_bytes(matmuls)
+                            <= SHARED_BYTES,
+                        "{t:?}"
+                    );
+                    assert_eq!((t.bk / 16) % t.warps_k, 0, "{t:?}");
                     assert!(t.accumulators(matmuls) <= MAX_ACCUMULATORS, "{t:?}");
                     // Whole m16n8 fragments, pairs of n8 tiles for ldmatrix x4, and copies
                     // that divide evenly among the threads.
@@ -685,7 +781,8 @@ mod tests {
             }
         }
         assert_eq!(choose_tile(None, 4096, 1).name(), "128x128x32_w2x2_s3");
-        assert_eq!(choose_tile(Some(16), 4096, 1).name(), "64x128x32_w2x2_s4");
+        assert_eq!(choose_tile(Some(64), 4096, 1).name(), "64x128x32_w2x2_s4");
+        assert_eq!(choose_tile(Some(16), 4096, 1).name(), "16x32x128_w1x2x4_s3");
     }
 
     #[test]
