@@ -5,6 +5,7 @@
 #   - the backend differential tests (every stdlib function and model, CUDA vs interpreter)
 #     and kiln-cuda's GPU tests, with KILN_REQUIRE_GPU=1 so a missing GPU fails;
 #   - compute-sanitizer memcheck and racecheck over the same binaries;
+#   - the tensor-core GEMM check (gpu-kernels/tools/gemm_gpu_check.py) against PyTorch;
 #   - the kernel benchmarks beside PyTorch eager and torch.compile.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -27,10 +28,18 @@ for tool in memcheck racecheck; do
         compute-sanitizer --tool "$tool" --report-api-errors no --error-exitcode 3 .carry/$bin --test-threads 1 >> "$OUT/sanitizer.log" 2>&1 || status=1
     done
 done
+# Tensor-core GEMMs against PyTorch (correctness, then time beside torch.matmul), and the
+# small cases under memcheck and racecheck.
+python3 gpu-kernels/tools/gemm_gpu_check.py .carry/gemm-check > "$OUT/gemm-check.jsonl" 2> "$OUT/gemm-check.err" || status=1
+for tool in memcheck racecheck; do
+    echo "== $tool gemm-check" >> "$OUT/sanitizer.log"
+    compute-sanitizer --tool "$tool" --error-exitcode 3 python3 gpu-kernels/tools/gemm_gpu_check.py .carry/gemm-check --small >> "$OUT/sanitizer.log" 2>&1 || status=1
+done
 if [ "${KILN_SKIP_BENCH:-0}" != 1 ]; then
     .carry/gpu_kernels 50 > "$OUT/kiln-bench.json" 2> "$OUT/kiln-bench.err" || status=1
     python3 benches/torch_peers.py 50 > "$OUT/torch-bench.json" 2> "$OUT/torch-bench.err" || status=1
 fi
 grep -E "test result|NOT RUN|FAILED|panicked" "$OUT/tests.log"
 grep -E "ERROR SUMMARY|== " "$OUT/sanitizer.log"
+cat "$OUT/gemm-check.jsonl"
 exit $status
