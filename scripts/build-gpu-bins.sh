@@ -12,3 +12,5 @@ cp "$release/deps/$(newest backends)" .carry/backends
 for t in gpu plans probe; do cp "$release/deps/$(newest $t)" ".carry/cuda-$t"; done
 cp "$release/kiln" .carry/
 strip .carry/*
+# The tensor-core GEMM check (PTX and launch parameters; data is made on the GPU machine).
+KILN_GEMM_CHECK_DIR=$PWD/.carry/gemm-check cargo test -p kiln-gpu-kernels --test mma_gemm_ptxas export_gemm_gpu_check -- --ignored

@@ -7,6 +7,7 @@
 #     them here, and a missing GPU fails them;
 #   - compute-sanitizer memcheck and racecheck over the same binaries;
 #   - `kiln run` on the tiny checkpoints (greedy tokens equal transformers');
+#   - the tensor-core GEMM check (gpu-kernels/tools/gemm_gpu_check.py) against PyTorch;
 #   - the kernel benchmarks beside PyTorch eager and torch.compile.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -35,6 +36,13 @@ for tool in $tools; do
         compute-sanitizer --tool "$tool" --report-api-errors no --error-exitcode 3 .carry/$bin --ignored --test-threads 1 >> "$OUT/sanitizer.log" 2>&1 || status=1
     done
 done
+# Tensor-core GEMMs against PyTorch (correctness, then time beside torch.matmul), and the
+# small cases under memcheck and racecheck.
+python3 gpu-kernels/tools/gemm_gpu_check.py .carry/gemm-check > "$OUT/gemm-check.jsonl" 2> "$OUT/gemm-check.err" || status=1
+for tool in $tools; do
+    echo "== $tool gemm-check" >> "$OUT/sanitizer.log"
+    compute-sanitizer --tool "$tool" --error-exitcode 3 python3 gpu-kernels/tools/gemm_gpu_check.py .carry/gemm-check --small >> "$OUT/sanitizer.log" 2>&1 || status=1
+done
 if [ "${KILN_SKIP_BENCH:-0}" != 1 ]; then
     python3 benches/torch_peers.py 50 > "$OUT/torch-bench.json" 2> "$OUT/torch-bench.err" || status=1
     .carry/kiln bench kernels --runs 50 --torch-json "$OUT/torch-bench.json" -o "$OUT/memory-bound.json" \
@@ -43,4 +51,5 @@ if [ "${KILN_SKIP_BENCH:-0}" != 1 ]; then
 fi
 grep -E "test result|NOT RUN|FAILED|panicked|tiny-" "$OUT/tests.log"
 grep -E "ERROR SUMMARY|== " "$OUT/sanitizer.log"
+cat "$OUT/gemm-check.jsonl"
 exit $status

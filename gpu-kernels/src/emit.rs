@@ -307,7 +307,8 @@ impl<'a, 'f> Emitter<'a, 'f> {
         }
     }
 
-    fn is_loaded(&self, v: Value) -> bool {
+    /// Whether `v` is read from its buffer (not computed by the kernel being built).
+    pub(crate) fn is_loaded(&self, v: Value) -> bool {
         !self.owned.contains(&v)
             && (self.g.is_source(v) || self.g.is_heavy(v) || self.stored[v.0 as usize])
     }

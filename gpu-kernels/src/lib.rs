@@ -12,7 +12,11 @@
 //!    are shared;
 //! 5. `stats`: per launch, the ops fused and the minimum bytes moved.
 //!
-//! Deliberately absent: tensor cores, cp.async pipelines and split-K (later templates);
+//! Matmuls with bf16/f16 operands read straight from buffers use the tensor-core template
+//! (`mma.sync` with an `ldmatrix`/`cp.async` pipeline, tiles from a fixed table keyed by
+//! shape); other matmuls the plain shared-memory tiling.
+//!
+//! Deliberately absent: the wgmma/TMA and tcgen05 paths and split-K (later templates);
 //! caching a reduction row in registers between the reduction and the epilogue pass; loop
 //! bodies fused into one persistent kernel.
 
@@ -26,7 +30,7 @@ mod templates;
 
 pub use error::FusionError;
 pub use stats::{KernelStats, Stats};
-pub use templates::MatmulTiling;
+pub use templates::{choose_tile, MatmulTiling, MmaTile};
 
 use kiln_ir::Module;
 use kiln_kir::{Kernel, Plan};
@@ -49,6 +53,9 @@ pub struct Options {
     /// The largest value a symbolic dim is assumed to take (for [`IndexWidth::Auto`]).
     pub symbol_bound: u64,
     pub matmul_tiling: MatmulTiling,
+    /// Whether bf16/f16 matmuls may use the tensor-core template (else every matmul uses
+    /// the plain tiling).
+    pub tensor_cores: bool,
 }
 
 impl Default for Options {
@@ -57,6 +64,7 @@ impl Default for Options {
             index_width: IndexWidth::Auto,
             symbol_bound: 1 << 16,
             matmul_tiling: MatmulTiling::default(),
+            tensor_cores: true,
         }
     }
 }

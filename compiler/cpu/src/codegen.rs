@@ -37,6 +37,8 @@ use kiln_ir::DType;
 use kiln_kir::{BinOp, Buf, Const, Expr, Kernel, Param, Special, Stmt, Ty, UnOp, VarId};
 use std::collections::BTreeMap;
 
+mod tensor;
+
 /// Bytes of one register slot in scratch memory.
 pub(crate) const SLOT_BYTES: usize = 8;
 /// Words of a [`FaultRecord`].
@@ -440,6 +442,8 @@ impl Emitter<'_, '_> {
             match item {
                 BlockItem::ThreadLoop(segment) => self.thread_loop(segment)?,
                 BlockItem::Shuffle { dst, src, mask } => self.shuffle(*dst, *src, *mask)?,
+                BlockItem::Mma(stmt) => self.mma(stmt)?,
+                BlockItem::LdMatrix(stmt) => self.ldmatrix(stmt)?,
                 BlockItem::For {
                     var,
                     start,
@@ -836,9 +840,18 @@ impl Emitter<'_, '_> {
                 self.builder.seal_block(merge);
                 self.builder.switch_to_block(merge);
             }
-            Stmt::Barrier | Stmt::ShuffleXor { .. } => {
+            Stmt::CpAsync {
+                dst,
+                dst_index,
+                src,
+                src_index,
+                src_len,
+            } => self.cp_async(lane, [*dst, *src], dst_index, src_index, src_len)?,
+            // Copies complete when issued.
+            Stmt::CpAsyncCommit | Stmt::CpAsyncWait(_) => {}
+            Stmt::Barrier | Stmt::ShuffleXor { .. } | Stmt::Mma { .. } | Stmt::LdMatrix { .. } => {
                 return Err(self.invalid(
-                    "a barrier or shuffle under thread-dependent control flow \
+                    "a barrier or warp collective under thread-dependent control flow \
                      (the verifier requires block-uniform control flow)",
                 ));
             }

@@ -1,14 +1,18 @@
 //! Loop fission: how a kernel's per-thread statement tree becomes one block's sequential
 //! program, and where each register lives.
 //!
-//! The body is split at the synchronising statements (`Barrier`, `ShuffleXor`, and the
-//! `For`/`If` statements that contain one; the verifier only allows them under
-//! block-uniform control flow):
+//! The body is split at the synchronising statements (`Barrier`, the warp collectives
+//! `ShuffleXor`, `Mma` and `LdMatrix`, and the `For`/`If` statements that contain one; the
+//! verifier only allows them under block-uniform control flow):
 //! - each maximal run of statements without synchronisation becomes a **thread loop**, the
 //!   run executed for thread 0, then thread 1, ... (threads may not communicate within it,
 //!   so any order is a valid interleaving);
 //! - a `Barrier` is the boundary between two thread loops and emits nothing;
-//! - a `ShuffleXor` is a block-level exchange between the threads' register files;
+//! - a `ShuffleXor`, `Mma` or `LdMatrix` is a block-level exchange between the threads'
+//!   register files (`LdMatrix` first evaluates each thread's index);
+//! - `CpAsync` copies at once inside its thread loop, and its commit and wait do nothing:
+//!   a program that could tell the difference reads or writes the destination before the
+//!   wait, which is a race the IR leaves undefined;
 //! - a `For`/`If` containing synchronisation runs once at block level, with its bounds and
 //!   condition evaluated as thread 0 sees them, and its body split again.
 //!
@@ -29,6 +33,10 @@ pub(crate) enum BlockItem<'k> {
     ThreadLoop(Segment<'k>),
     /// `dst = src of thread (t ^ mask)` for every thread `t`, reading every `src` first.
     Shuffle { dst: VarId, src: VarId, mask: u32 },
+    /// A warp-level tensor-core product (`Stmt::Mma`) for every warp.
+    Mma(&'k Stmt),
+    /// A warp-level matrix load (`Stmt::LdMatrix`) for every warp.
+    LdMatrix(&'k Stmt),
     /// A block-uniform loop around synchronisation.
     For {
         var: VarId,
@@ -90,14 +98,18 @@ impl<'k> Fission<'k> {
 /// Whether a statement is or contains a `Barrier` or a `ShuffleXor`.
 pub(crate) fn synchronises(stmt: &Stmt) -> bool {
     match stmt {
-        Stmt::Barrier | Stmt::ShuffleXor { .. } => true,
+        Stmt::Barrier | Stmt::ShuffleXor { .. } | Stmt::Mma { .. } | Stmt::LdMatrix { .. } => true,
         Stmt::For { body, .. } => body.iter().any(synchronises),
         Stmt::If {
             then, otherwise, ..
         } => then.iter().any(synchronises) || otherwise.iter().any(synchronises),
-        Stmt::Assign(..) | Stmt::LoadVec { .. } | Stmt::Store { .. } | Stmt::StoreVec { .. } => {
-            false
-        }
+        Stmt::Assign(..)
+        | Stmt::LoadVec { .. }
+        | Stmt::Store { .. }
+        | Stmt::StoreVec { .. }
+        | Stmt::CpAsync { .. }
+        | Stmt::CpAsyncCommit
+        | Stmt::CpAsyncWait(_) => false,
     }
 }
 
@@ -121,6 +133,8 @@ fn split(stmts: &[Stmt]) -> Vec<BlockItem<'_>> {
                 src: *src,
                 mask: *mask,
             }),
+            Stmt::Mma { .. } => items.push(BlockItem::Mma(stmt)),
+            Stmt::LdMatrix { .. } => items.push(BlockItem::LdMatrix(stmt)),
             Stmt::For {
                 var,
                 start,
@@ -146,7 +160,10 @@ fn split(stmts: &[Stmt]) -> Vec<BlockItem<'_>> {
             Stmt::Assign(..)
             | Stmt::LoadVec { .. }
             | Stmt::Store { .. }
-            | Stmt::StoreVec { .. } => {
+            | Stmt::StoreVec { .. }
+            | Stmt::CpAsync { .. }
+            | Stmt::CpAsyncCommit
+            | Stmt::CpAsyncWait(_) => {
                 unreachable!("only synchronising statements end a run")
             }
         }
@@ -212,6 +229,13 @@ fn record_usage(
             BlockItem::Shuffle { dst, src, .. } => {
                 usage[dst.0 as usize].at_block_level = true;
                 usage[src.0 as usize].at_block_level = true;
+            }
+            BlockItem::Mma(stmt) | BlockItem::LdMatrix(stmt) => {
+                let (mut touched, mut written) = (BTreeSet::new(), BTreeSet::new());
+                stmt_vars(stmt, &mut touched, &mut written);
+                for v in touched {
+                    usage[v.0 as usize].at_block_level = true;
+                }
             }
             BlockItem::For {
                 var,
@@ -296,11 +320,30 @@ pub(crate) fn stmt_vars(stmt: &Stmt, touched: &mut BTreeSet<VarId>, written: &mu
                 stmt_vars(inner, touched, written);
             }
         }
-        Stmt::Barrier => {}
+        Stmt::Barrier | Stmt::CpAsyncCommit | Stmt::CpAsyncWait(_) => {}
         Stmt::ShuffleXor { dst, src, .. } => {
             written.insert(*dst);
             touched.insert(*dst);
             touched.insert(*src);
+        }
+        Stmt::Mma { d, a, b, c, .. } => {
+            written.extend(d.iter().copied());
+            touched.extend(d.iter().chain(a).chain(b).chain(c).copied());
+        }
+        Stmt::LdMatrix { dsts, index, .. } => {
+            written.extend(dsts.iter().copied());
+            touched.extend(dsts.iter().copied());
+            expr_vars(index, touched);
+        }
+        Stmt::CpAsync {
+            dst_index,
+            src_index,
+            src_len,
+            ..
+        } => {
+            for expr in [dst_index, src_index, src_len] {
+                expr_vars(expr, touched);
+            }
         }
     }
 }
@@ -344,6 +387,8 @@ mod tests {
             .map(|item| match item {
                 BlockItem::ThreadLoop(_) => 'T',
                 BlockItem::Shuffle { .. } => 'S',
+                BlockItem::Mma(_) => 'M',
+                BlockItem::LdMatrix(_) => 'L',
                 BlockItem::For { .. } => 'F',
                 BlockItem::If { .. } => 'I',
             })

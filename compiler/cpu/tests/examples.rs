@@ -396,3 +396,25 @@ fn reverse_blocks_through_shared_memory() {
         }
     }
 }
+
+#[test]
+fn tensor_core_tile_matches_bit_for_bit() {
+    // Random values (not exact sums): the backend must add in the reference's order.
+    let mut rng = Rng::new(11);
+    for input in [kiln_kir::MmaInput::Bf16, kiln_kir::MmaInput::F16] {
+        for b_k_major in [false, true] {
+            for (m, k) in [(16, 16), (13, 11), (0, 5)] {
+                let kernel = examples::mma_tile(input, b_k_major);
+                let dtype = input.dtype();
+                let args = [
+                    Arg::Buffer(random_buffer(&mut rng, dtype, 256)),
+                    Arg::Buffer(random_buffer(&mut rng, dtype, 128)),
+                    Arg::Buffer(vec![0; 128 * 4]),
+                    Arg::Scalar(Const::I32(m)),
+                    Arg::Scalar(Const::I32(k)),
+                ];
+                check(&kernel, [1, 1, 1], &args, Tolerance::Exact);
+            }
+        }
+    }
+}

@@ -1,13 +1,13 @@
 //! Hand-written example kernels: small, verified programs that exercise the kernel IR
 //! (grid-stride loops, vector memory access, divergence, warp shuffles, shared memory and
-//! barriers, dtype conversions). The backends' tests run them and compare against the
+//! barriers, dtype conversions, the tensor-core statements). The backends' tests run them and compare against the
 //! reference interpreter ([`run_kernel`](crate::interp::run_kernel)).
 //!
 //! Launch conventions: scalar parameters named `n` are element counts (`I64`); grids
 //! are given as [`SizeExpr`]s over the symbols named in each function's doc.
 
 use crate::build::KernelBuilder;
-use crate::kernel::{Access, BinOp, Expr, Kernel, SizeExpr, Stmt, Ty, UnOp, VarId};
+use crate::kernel::{Access, BinOp, Expr, Kernel, MmaInput, SizeExpr, Stmt, Ty, UnOp, VarId};
 use kiln_ir::DType;
 
 /// Blocks of [`vector_add`]'s fixed grid.
@@ -442,4 +442,114 @@ pub fn reverse_blocks(dtype: DType, block_dim: u32) -> Kernel {
             ),
         ),
     ])
+}
+
+/// One warp computes `out = a · b` for a 16×16 `a` and a 16×8 `b` of `input` through the
+/// tensor-core statements: `CpAsync` of both tiles into shared memory, with the rows of
+/// `a` at or beyond `m` and the k indices at or beyond `k` zero-filled through the copy's
+/// source length; `LdMatrix` ×4 for A and ×2 for B (`.trans` when `b` is stored k-major);
+/// one `Mma` from zero accumulators; the f32 result stored from the accumulator layout.
+///
+/// Parameters: `a` (16×16 row-major), `b` (`[k][n]` 16×8 row-major when `b_k_major`,
+/// else `[n][k]` 8×16), `out` (16×8 f32, written); `m: i32`, `k: i32` (0..=16). Grid: one
+/// block of one warp.
+pub fn mma_tile(input: MmaInput, b_k_major: bool) -> Kernel {
+    let dtype = input.dtype();
+    let layout = if b_k_major { "kn" } else { "nk" };
+    let mut kb = KernelBuilder::new(format!("mma_tile_{}_{layout}", input.name()), 32);
+    kb.grid(grid_x(SizeExpr::Const(1)));
+    let a = kb.buffer("a", dtype, Access::Read);
+    let b = kb.buffer("b", dtype, Access::Read);
+    let out = kb.buffer("out", DType::F32, Access::Write);
+    let m = kb.scalar("m", Ty::I32);
+    let k = kb.scalar("k", Ty::I32);
+    let a_tile = kb.shared("a_tile", dtype, 256);
+    let b_tile = kb.shared("b_tile", dtype, 128);
+    let lane = kb.var("lane", Ty::I32);
+    let a_frag: Vec<VarId> = (0..4).map(|i| kb.var(format!("a{i}"), Ty::I32)).collect();
+    let b_frag: Vec<VarId> = (0..2).map(|i| kb.var(format!("b{i}"), Ty::I32)).collect();
+    let acc: Vec<VarId> = (0..4).map(|i| kb.var(format!("c{i}"), Ty::F32)).collect();
+    let lane_e = || Expr::var(lane);
+    // The number of k indices of a chunk starting at `first` that lie below `k`.
+    let k_len = |first: Expr| (k.clone() - first).max(Expr::i32(0)).min(Expr::i32(8));
+
+    // A: 32 chunks of 8 elements, one per lane: row lane / 2, k from 8 * (lane % 2).
+    let a_row = lane_e() / Expr::i32(2);
+    let a_col = (lane_e() % Expr::i32(2)) * Expr::i32(8);
+    let a_copy = Stmt::CpAsync {
+        dst: a_tile,
+        dst_index: a_row.clone() * Expr::i32(16) + a_col.clone(),
+        src: a,
+        src_index: a_row.clone() * Expr::i32(16) + a_col.clone(),
+        src_len: Expr::select(a_row.lt(m), k_len(a_col), Expr::i32(0)),
+    };
+    // B: 16 chunks, lanes 0..16.
+    let b_copy = if b_k_major {
+        Stmt::CpAsync {
+            dst: b_tile,
+            dst_index: lane_e() * Expr::i32(8),
+            src: b,
+            src_index: lane_e() * Expr::i32(8),
+            src_len: Expr::select(lane_e().lt(k.clone()), Expr::i32(8), Expr::i32(0)),
+        }
+    } else {
+        let b_row = lane_e() / Expr::i32(2);
+        let b_col = (lane_e() % Expr::i32(2)) * Expr::i32(8);
+        Stmt::CpAsync {
+            dst: b_tile,
+            dst_index: b_row.clone() * Expr::i32(16) + b_col.clone(),
+            src: b,
+            src_index: b_row * Expr::i32(16) + b_col.clone(),
+            src_len: k_len(b_col),
+        }
+    };
+    // ldmatrix row addresses: lane 8i + r names row r of matrix i.
+    let matrix = lane_e() / Expr::i32(8);
+    let row_in_matrix = lane_e() % Expr::i32(8);
+    let a_index = (row_in_matrix.clone() + (matrix.clone() % Expr::i32(2)) * Expr::i32(8))
+        * Expr::i32(16)
+        + (matrix.clone() / Expr::i32(2)) * Expr::i32(8);
+    // Matrix i of B (lanes 0..16 matter): k rows 8i.. (k-major), or n rows with k from 8i.
+    let b_matrix = matrix % Expr::i32(2);
+    let b_index = if b_k_major {
+        (b_matrix * Expr::i32(8) + row_in_matrix) * Expr::i32(8)
+    } else {
+        row_in_matrix * Expr::i32(16) + b_matrix * Expr::i32(8)
+    };
+    let g = lane_e() / Expr::i32(4);
+    let t = lane_e() % Expr::i32(4);
+    let mut body = vec![
+        Stmt::assign(lane, Expr::lane_id()),
+        a_copy,
+        Stmt::if_then(lane_e().lt(Expr::i32(16)), vec![b_copy]),
+        Stmt::CpAsyncCommit,
+        Stmt::CpAsyncWait(0),
+        Stmt::Barrier,
+        Stmt::LdMatrix {
+            dsts: a_frag.clone(),
+            trans: false,
+            buf: a_tile,
+            index: a_index,
+        },
+        Stmt::LdMatrix {
+            dsts: b_frag.clone(),
+            trans: b_k_major,
+            buf: b_tile,
+            index: b_index,
+        },
+    ];
+    body.extend(acc.iter().map(|&c| Stmt::assign(c, Expr::f32(0.0))));
+    body.push(Stmt::Mma {
+        input,
+        d: [acc[0], acc[1], acc[2], acc[3]],
+        a: [a_frag[0], a_frag[1], a_frag[2], a_frag[3]],
+        b: [b_frag[0], b_frag[1]],
+        c: [acc[0], acc[1], acc[2], acc[3]],
+    });
+    for (j, &c) in acc.iter().enumerate() {
+        let row = g.clone() + Expr::i32(8 * (j as i32 / 2));
+        let col = t.clone() * Expr::i32(2) + Expr::i32(j as i32 % 2);
+        body.push(Stmt::store(out, row * Expr::i32(8) + col, c));
+    }
+    kb.finish(body)
 }

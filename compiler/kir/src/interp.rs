@@ -18,6 +18,14 @@
 //! - `ShuffleXor` gives each active thread the value its source register had in lane
 //!   `lane ^ mask` of its warp before the statement; it is an error unless every lane of
 //!   each warp that executes it is active;
+//! - `Mma` and `LdMatrix` compute each warp's result from all of its lanes' registers (or
+//!   indices) before the statement, like `ShuffleXor`, with the same rule about partially
+//!   active warps; `Mma` uses [`crate::tensor::mma_m16n8k16`]; `LdMatrix` checks the rows
+//!   it reads (alignment, bounds, written) and ignores the indices of the unused lanes;
+//! - `CpAsync` reads its source when issued and keeps the bytes with the thread's open
+//!   group; the destination elements are *pending* until a `CpAsyncWait` of that thread
+//!   completes the group, and any load or store of a pending element is an error (a race
+//!   on real hardware); copies still pending at the end of the block are dropped;
 //! - `Select` evaluates both arms (as a GPU's `selp` does): a load in the arm not chosen
 //!   must be in bounds too.
 //!
@@ -46,10 +54,12 @@
 use crate::error::KirError;
 use crate::kernel::{BinOp, Buf, Const, Expr, Kernel, Param, Special, Stmt, Ty, UnOp, VarId};
 use crate::print::Names;
+use crate::tensor::{self, WARP};
 use crate::verify::verify_kernel;
 use half::{bf16, f16};
 use kiln_ir::fp8::{E4M3, E5M2};
 use kiln_ir::DType;
+use std::collections::VecDeque;
 
 /// Evaluates the kernel's grid with the given symbol values.
 pub fn launch_grid(
@@ -151,6 +161,7 @@ pub fn run_kernel(
         globals,
         shared: Vec::new(),
         registers: Vec::new(),
+        copies: Vec::new(),
         block: [0; 3],
     };
     for z in 0..grid[2] {
@@ -175,6 +186,23 @@ struct SharedArray {
     dtype: DType,
     bytes: Vec<u8>,
     written: Vec<bool>,
+    /// Elements a `CpAsync` will write when its group completes.
+    pending: Vec<bool>,
+}
+
+/// A `CpAsync` in flight: the shared array, its first element, and the 16 bytes (source
+/// elements, then zeros) read when it was issued.
+struct PendingCopy {
+    array: usize,
+    first: usize,
+    bytes: Vec<u8>,
+}
+
+/// One thread's asynchronous copies: the open group and the committed ones, oldest first.
+#[derive(Default)]
+struct AsyncCopies {
+    open: Vec<PendingCopy>,
+    committed: VecDeque<Vec<PendingCopy>>,
 }
 
 /// Which list of statements a path step goes into.
@@ -212,6 +240,8 @@ struct Interpreter<'k, 'b> {
     shared: Vec<SharedArray>,
     /// `registers[thread][var]`.
     registers: Vec<Vec<Const>>,
+    /// `copies[thread]`.
+    copies: Vec<AsyncCopies>,
     block: [u64; 3],
 }
 
@@ -241,7 +271,11 @@ impl Interpreter<'_, '_> {
                 dtype: s.dtype,
                 bytes: vec![0; s.len as usize * s.dtype.size_bytes()],
                 written: vec![false; s.len as usize],
+                pending: vec![false; s.len as usize],
             })
+            .collect();
+        self.copies = (0..self.threads())
+            .map(|_| AsyncCopies::default())
             .collect();
         let all_active = vec![true; self.threads()];
         let mut path = Path::new();
@@ -408,21 +442,7 @@ impl Interpreter<'_, '_> {
                 src,
                 mask: lane_mask,
             } => {
-                for warp in mask.chunks(32).enumerate() {
-                    let (w, lanes) = warp;
-                    let active = lanes.iter().filter(|&&on| on).count();
-                    if active != 0 && active != lanes.len() {
-                        return Err(self.error(
-                            stmt,
-                            path,
-                            None,
-                            &format!(
-                                "warp {w} shuffles with {active} of its {} lanes active",
-                                lanes.len()
-                            ),
-                        ));
-                    }
-                }
+                self.require_whole_warps(stmt, path, mask)?;
                 let shuffled: Vec<(usize, Const)> = Self::active(mask)
                     .map(|t| {
                         let source = (t & !31) | ((t & 31) ^ (*lane_mask as usize & 31));
@@ -433,8 +453,225 @@ impl Interpreter<'_, '_> {
                     self.set_register(t, *dst, v);
                 }
             }
+            Stmt::Mma { input, d, a, b, c } => {
+                self.require_whole_warps(stmt, path, mask)?;
+                for first in (0..mask.len()).step_by(WARP) {
+                    if !mask[first] {
+                        continue;
+                    }
+                    let mut a_words = [[0u32; 4]; WARP];
+                    let mut b_words = [[0u32; 2]; WARP];
+                    let mut c_values = [[0f32; 4]; WARP];
+                    for lane in 0..WARP {
+                        let t = first + lane;
+                        for (word, var) in a_words[lane].iter_mut().zip(a) {
+                            *word = self.word_register(t, *var);
+                        }
+                        for (word, var) in b_words[lane].iter_mut().zip(b) {
+                            *word = self.word_register(t, *var);
+                        }
+                        for (value, var) in c_values[lane].iter_mut().zip(c) {
+                            *value = match self.register(t, *var) {
+                                Const::F32(x) => x,
+                                other => return Err(fail(self, t, format!("mma c is {other:?}"))),
+                            };
+                        }
+                    }
+                    let result = tensor::mma_m16n8k16(*input, &a_words, &b_words, &c_values);
+                    for (lane, values) in result.iter().enumerate() {
+                        for (var, value) in d.iter().zip(values) {
+                            self.set_register(first + lane, *var, Const::F32(*value));
+                        }
+                    }
+                }
+            }
+            Stmt::LdMatrix {
+                dsts,
+                trans,
+                buf,
+                index,
+            } => {
+                self.require_whole_warps(stmt, path, mask)?;
+                let rows = self.eval_all(index, mask, stmt, path)?;
+                let mut row_start = vec![0i64; mask.len()];
+                for (t, value) in rows {
+                    row_start[t] = int_value(value)
+                        .ok_or_else(|| fail(self, t, "the index is not an integer".into()))?;
+                }
+                let mut loaded = Vec::new();
+                for t in Self::active(mask) {
+                    let (first, lane) = (t - t % WARP, t % WARP);
+                    for (matrix, dst) in dsts.iter().enumerate() {
+                        let mut halves = [0u16; 2];
+                        for (half, (source, offset)) in
+                            tensor::ldmatrix_source(lane, matrix, *trans)
+                                .into_iter()
+                                .enumerate()
+                        {
+                            let start = row_start[first + source];
+                            if start.rem_euclid(8) != 0 {
+                                return Err(fail(
+                                    self,
+                                    first + source,
+                                    format!("ldmatrix row at index {start}, not a multiple of 8"),
+                                ));
+                            }
+                            let bytes = self
+                                .element_bytes(*buf, start + offset as i64)
+                                .map_err(|m| fail(self, first + source, m))?;
+                            halves[half] = u16::from_le_bytes([bytes[0], bytes[1]]);
+                        }
+                        let word = tensor::pack(halves[0], halves[1]);
+                        loaded.push((t, *dst, Const::I32(word as i32)));
+                    }
+                }
+                for (t, dst, value) in loaded {
+                    self.set_register(t, dst, value);
+                }
+            }
+            Stmt::CpAsync {
+                dst,
+                dst_index,
+                src,
+                src_index,
+                src_len,
+            } => {
+                let mut issued = Vec::new();
+                for t in Self::active(mask) {
+                    let copy = self
+                        .issue_copy(*dst, dst_index, *src, src_index, src_len, t)
+                        .map_err(|m| fail(self, t, m))?;
+                    issued.push((t, copy));
+                }
+                for (t, copy) in issued {
+                    let size = self.shared[copy.array].dtype.size_bytes();
+                    let elements = copy.first..copy.first + copy.bytes.len() / size;
+                    let pending = &self.shared[copy.array].pending;
+                    if let Some(element) = elements.clone().find(|&i| pending[i]) {
+                        return Err(fail(
+                            self,
+                            t,
+                            format!("cp.async to element {element}, which a copy already targets"),
+                        ));
+                    }
+                    for element in elements {
+                        self.shared[copy.array].pending[element] = true;
+                    }
+                    self.copies[t].open.push(copy);
+                }
+            }
+            Stmt::CpAsyncCommit => {
+                for t in Self::active(mask) {
+                    let group = std::mem::take(&mut self.copies[t].open);
+                    self.copies[t].committed.push_back(group);
+                }
+            }
+            Stmt::CpAsyncWait(n) => {
+                for t in Self::active(mask) {
+                    while self.copies[t].committed.len() > *n as usize {
+                        let group = self.copies[t]
+                            .committed
+                            .pop_front()
+                            .expect("more groups than n");
+                        for copy in group {
+                            let array = &mut self.shared[copy.array];
+                            let size = array.dtype.size_bytes();
+                            let at = copy.first * size;
+                            array.bytes[at..at + copy.bytes.len()].copy_from_slice(&copy.bytes);
+                            for element in copy.first..copy.first + copy.bytes.len() / size {
+                                array.pending[element] = false;
+                                array.written[element] = true;
+                            }
+                        }
+                    }
+                }
+            }
         }
         Ok(())
+    }
+
+    /// An error unless each warp has all of its lanes active or none.
+    fn require_whole_warps(&self, stmt: &Stmt, path: &Path, mask: &[bool]) -> Result<(), KirError> {
+        for (w, lanes) in mask.chunks(WARP).enumerate() {
+            let active = lanes.iter().filter(|&&on| on).count();
+            if active != 0 && active != lanes.len() {
+                return Err(self.error(
+                    stmt,
+                    path,
+                    None,
+                    &format!(
+                        "a warp collective in warp {w} with {active} of its {} lanes active",
+                        lanes.len()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The bits of an `I32` register (packed halves).
+    fn word_register(&self, thread: usize, var: VarId) -> u32 {
+        match self.register(thread, var) {
+            Const::I32(v) => v as u32,
+            _ => 0,
+        }
+    }
+
+    /// Checks one `CpAsync` of `thread` and reads its source bytes.
+    fn issue_copy(
+        &self,
+        dst: Buf,
+        dst_index: &Expr,
+        src: Buf,
+        src_index: &Expr,
+        src_len: &Expr,
+        thread: usize,
+    ) -> Result<PendingCopy, String> {
+        let Buf::Shared(array) = dst else {
+            return Err("the cp.async destination is not shared memory".into());
+        };
+        let dtype = self
+            .shared
+            .get(array as usize)
+            .ok_or(format!("shared array {array} is not declared"))?
+            .dtype;
+        let size = dtype.size_bytes();
+        let width = (16 / size) as i64;
+        let first = self.eval_index(dst_index, thread)?;
+        let source = self.eval_index(src_index, thread)?;
+        let len = match self.eval(src_len, thread)? {
+            Const::I32(n) => i64::from(n),
+            other => return Err(format!("the source length is {other:?}, not i32")),
+        };
+        if !(0..=width).contains(&len) {
+            return Err(format!("a cp.async of {len} elements (0..={width})"));
+        }
+        for (what, at) in [("destination", first), ("source", source)] {
+            if at.rem_euclid(width) != 0 {
+                return Err(format!(
+                    "cp.async {what} index {at} is not a multiple of {width} (16 bytes)"
+                ));
+            }
+        }
+        let name = &self.kernel.shared[array as usize].name;
+        let array_len = self.shared[array as usize].written.len() as i64;
+        if first < 0 || first + width > array_len {
+            return Err(format!(
+                "cp.async to elements {first}..{} of shared array `{name}` ({array_len} elements)",
+                first + width
+            ));
+        }
+        let mut bytes = vec![0u8; 16];
+        for element in 0..len {
+            let raw = self.element_bytes(src, source + element)?;
+            let at = element as usize * size;
+            bytes[at..at + size].copy_from_slice(raw);
+        }
+        Ok(PendingCopy {
+            array: array as usize,
+            first: first as usize,
+            bytes,
+        })
     }
 
     fn run_for(
@@ -522,9 +759,29 @@ impl Interpreter<'_, '_> {
     }
 
     /// The element at `index` of `buf` as a load sees it: bounds and, for shared memory,
-    /// that some thread has written it.
+    /// that some thread has written it and no copy to it is pending.
     fn read(&self, buf: Buf, index: i64) -> Result<Const, String> {
-        let (name, dtype, bytes, written) = match buf {
+        let dtype = match buf {
+            Buf::Global(p) => {
+                self.globals
+                    .get(p as usize)
+                    .and_then(Option::as_ref)
+                    .ok_or(format!("parameter {p} is not a buffer"))?
+                    .dtype
+            }
+            Buf::Shared(s) => {
+                self.shared
+                    .get(s as usize)
+                    .ok_or(format!("shared array {s} is not declared"))?
+                    .dtype
+            }
+        };
+        Ok(decode(dtype, self.element_bytes(buf, index)?))
+    }
+
+    /// The bytes of the element at `index` of `buf`, checked as [`Self::read`] says.
+    fn element_bytes(&self, buf: Buf, index: i64) -> Result<&[u8], String> {
+        let (name, dtype, bytes, shared) = match buf {
             Buf::Global(p) => {
                 let g = self
                     .globals
@@ -543,17 +800,24 @@ impl Interpreter<'_, '_> {
                     format!("shared array `{name}`"),
                     array.dtype,
                     &array.bytes[..],
-                    Some(&array.written[..]),
+                    Some(array),
                 )
             }
         };
         let at = element_offset(&name, dtype, bytes.len(), index)?;
-        if written.is_some_and(|w| !w[index as usize]) {
-            return Err(format!(
-                "reads element {index} of {name} before any thread of the block wrote it"
-            ));
+        if let Some(array) = shared {
+            if array.pending[index as usize] {
+                return Err(format!(
+                    "reads element {index} of {name} while a cp.async copy to it is pending"
+                ));
+            }
+            if !array.written[index as usize] {
+                return Err(format!(
+                    "reads element {index} of {name} before any thread of the block wrote it"
+                ));
+            }
         }
-        Ok(decode(dtype, &bytes[at..at + dtype.size_bytes()]))
+        Ok(&bytes[at..at + dtype.size_bytes()])
     }
 
     fn write(&mut self, buf: Buf, index: i64, value: Const) -> Result<(), String> {
@@ -572,6 +836,11 @@ impl Interpreter<'_, '_> {
                     .get_mut(s as usize)
                     .ok_or(format!("shared array {s} is not declared"))?;
                 let name = &self.kernel.shared[s as usize].name;
+                if array.pending.get(index as usize).copied().unwrap_or(false) {
+                    return Err(format!(
+                        "writes element {index} of shared array `{name}` while a cp.async copy to it is pending"
+                    ));
+                }
                 (
                     format!("shared array `{name}`"),
                     array.dtype,

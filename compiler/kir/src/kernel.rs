@@ -25,6 +25,38 @@
 //!   (warp-uniform control flow) — the verifier requires block-uniform control flow for both.
 //! - Global buffers are kernel parameters; indices are element indices (not bytes). A
 //!   vector access of `width` elements needs an index that is a multiple of `width`.
+//!
+//! Tensor cores (the SM80 warp-level path; every kiln target has it):
+//! - Half-precision operands live in `I32` registers as *packed pairs*: the 16-bit value
+//!   with the lower row/column index in bits 0..16, the other in bits 16..32 (f16 or bf16
+//!   bit patterns; the statement that reads them says which).
+//! - `Mma` is `mma.sync.m16n8k16.row.col` with f32 accumulators: the 32 lanes of a warp
+//!   together hold A (16×16), B (16×8) and C, D (16×8), in the fragment layout of
+//!   [`crate::tensor`] (with g = lane / 4, t = lane % 4: A register 0 holds row g, k 2t and
+//!   2t+1; 1 row g+8; 2 row g, k 2t+8 and 2t+9; 3 row g+8, k 2t+8 and 2t+9; B register 0
+//!   holds k 2t and 2t+1 of column g, 1 k 2t+8 and 2t+9; C/D element j is row g + 8·(j / 2),
+//!   column 2t + j % 2). `D = A·B + C`. The reference (interpreter and Cranelift) computes
+//!   each element as `fma` over k = 0..15 in order starting from C, which is exact for the
+//!   products and rounds each partial sum once; tensor cores add in another order and
+//!   precision, so GPU results may differ by a few ulp of the sum of |products| + |C|.
+//! - `LdMatrix` loads `n` (1, 2 or 4) 8×8 matrices of 16-bit elements from shared memory:
+//!   lane `8·i + r` supplies the element index of row `r` of matrix `i` (8 consecutive
+//!   elements, 16-byte aligned; the indices of lanes `8·n..32` are evaluated but unused).
+//!   Destination `i` of lane `l` receives the packed pair at row `l / 4`, columns
+//!   `2·(l % 4)` and `+1` of matrix `i`; with `trans`, the pair at rows `2·(l % 4)` and `+1`,
+//!   column `l / 4` (the transposed matrix).
+//! - `CpAsync` copies 16 bytes from global to shared memory without passing through
+//!   registers: the first `src_len` elements (0 ..= 16 / element size) come from the source,
+//!   the rest of the 16 bytes are zero (so an out-of-range chunk is `src_len = 0`, which
+//!   reads nothing). Both indices are multiples of 16 bytes' worth of elements. The copy is
+//!   asynchronous: it belongs to the issuing thread's open group, `CpAsyncCommit` closes that
+//!   group, and `CpAsyncWait(n)` waits until at most `n` of the thread's committed groups
+//!   are incomplete; only then are the bytes in shared memory, for the issuing thread, and
+//!   for the others after a following `Barrier`. Touching the destination before that is a
+//!   race (the interpreter reports a read or write of a pending element as an error; the
+//!   CPU backend copies at once). Copies still pending when the block ends are dropped.
+//! - `Mma` and `LdMatrix` are warp collectives like `ShuffleXor` (block-uniform control
+//!   flow); the `CpAsync` statements are per thread.
 
 use kiln_ir::DType;
 use std::fmt;
@@ -183,6 +215,30 @@ impl BinOp {
     }
 }
 
+/// The 16-bit input type of an `Mma` (both A and B).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum MmaInput {
+    F16,
+    Bf16,
+}
+
+impl MmaInput {
+    pub fn name(self) -> &'static str {
+        match self {
+            MmaInput::F16 => "f16",
+            MmaInput::Bf16 => "bf16",
+        }
+    }
+
+    /// The memory dtype whose bits the packed registers hold.
+    pub fn dtype(self) -> DType {
+        match self {
+            MmaInput::F16 => DType::F16,
+            MmaInput::Bf16 => DType::BF16,
+        }
+    }
+}
+
 /// A memory operand: a global buffer parameter or a shared-memory array.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Buf {
@@ -259,6 +315,38 @@ pub enum Stmt {
         src: VarId,
         mask: u32,
     },
+    /// `d = a · b + c`, one m16n8k16 tensor-core product across the warp: `a` (4) and `b`
+    /// (2) are `I32` registers of packed `input` pairs, `c` and `d` (4 each) are `F32` (`d`
+    /// may be `c`). Fragment layout in the module documentation.
+    Mma {
+        input: MmaInput,
+        d: [VarId; 4],
+        a: [VarId; 4],
+        b: [VarId; 2],
+        c: [VarId; 4],
+    },
+    /// `dsts.len()` (1, 2 or 4) 8×8 matrices of 16-bit elements from a shared array into
+    /// packed `I32` registers across the warp (`ldmatrix.sync.m8n8`); `index` is this
+    /// lane's row start.
+    LdMatrix {
+        dsts: Vec<VarId>,
+        trans: bool,
+        buf: Buf,
+        index: Expr,
+    },
+    /// An asynchronous 16-byte copy from the global buffer `src` to the shared array `dst`
+    /// (same dtype): `src_len` (`I32`) elements, then zeros.
+    CpAsync {
+        dst: Buf,
+        dst_index: Expr,
+        src: Buf,
+        src_index: Expr,
+        src_len: Expr,
+    },
+    /// Closes this thread's open group of `CpAsync` copies (an empty group is fine).
+    CpAsyncCommit,
+    /// Waits until at most `n` of this thread's committed groups are pending.
+    CpAsyncWait(u32),
 }
 
 /// How a kernel may touch a global buffer.

@@ -15,6 +15,7 @@ pub mod kernel;
 pub mod manifest;
 pub mod plan;
 pub mod print;
+pub mod tensor;
 pub mod uniformity;
 pub mod verify;
 
@@ -22,8 +23,8 @@ pub use build::KernelBuilder;
 pub use error::KirError;
 pub use interp::{launch_grid, run_kernel};
 pub use kernel::{
-    Access, BinOp, Buf, Const, Expr, Kernel, Param, Shared, SizeExpr, Special, Stmt, Ty, UnOp, Var,
-    VarId,
+    Access, BinOp, Buf, Const, Expr, Kernel, MmaInput, Param, Shared, SizeExpr, Special, Stmt, Ty,
+    UnOp, Var, VarId,
 };
 pub use manifest::{KernelInfo, KernelResources, Manifest, ParamLayout, WeightInfo};
 pub use plan::{Arg, BufferDecl, BufferId, BufferKind, Plan, Step, SymBinding};

@@ -290,6 +290,46 @@ impl<'k> Names<'k> {
                     self.var(*src)
                 )
             }
+            Stmt::Mma { input, d, a, b, c } => {
+                let list = |vars: &[VarId]| self.expr_list(vars.iter().map(|&v| self.var(v)));
+                format!(
+                    "{} = mma_m16n8k16_{}({}, {}, {})",
+                    list(d),
+                    input.name(),
+                    list(a),
+                    list(b),
+                    list(c)
+                )
+            }
+            Stmt::LdMatrix {
+                dsts,
+                trans,
+                buf,
+                index,
+            } => format!(
+                "{} = ldmatrix_x{}{}({}[{}])",
+                self.expr_list(dsts.iter().map(|&v| self.var(v))),
+                dsts.len(),
+                if *trans { "_trans" } else { "" },
+                self.buf(*buf),
+                self.expr(index)
+            ),
+            Stmt::CpAsync {
+                dst,
+                dst_index,
+                src,
+                src_index,
+                src_len,
+            } => format!(
+                "cp_async({}[{}], {}[{}], {})",
+                self.buf(*dst),
+                self.expr(dst_index),
+                self.buf(*src),
+                self.expr(src_index),
+                self.expr(src_len)
+            ),
+            Stmt::CpAsyncCommit => "cp_async_commit".to_string(),
+            Stmt::CpAsyncWait(n) => format!("cp_async_wait({n})"),
         }
     }
 

@@ -154,6 +154,17 @@ impl Uniformity {
                         self.mark_non_uniform(*dst, changed);
                     }
                 }
+                // Fragments differ from lane to lane.
+                Stmt::Mma { d, .. } => {
+                    for var in d {
+                        self.mark_non_uniform(*var, changed);
+                    }
+                }
+                Stmt::LdMatrix { dsts, .. } => {
+                    for var in dsts {
+                        self.mark_non_uniform(*var, changed);
+                    }
+                }
                 Stmt::For {
                     var,
                     start,
@@ -179,7 +190,12 @@ impl Uniformity {
                     self.mark_block(then, branch_uniform, changed);
                     self.mark_block(otherwise, branch_uniform, changed);
                 }
-                Stmt::Store { .. } | Stmt::StoreVec { .. } | Stmt::Barrier => {}
+                Stmt::Store { .. }
+                | Stmt::StoreVec { .. }
+                | Stmt::Barrier
+                | Stmt::CpAsync { .. }
+                | Stmt::CpAsyncCommit
+                | Stmt::CpAsyncWait(_) => {}
             }
         }
     }

@@ -40,8 +40,13 @@
 //!     interpreter does, or on every iteration gives the same loop);
 //! 16. `If`: the condition is `Pred`;
 //! 17. `ShuffleXor`: both registers are declared and of one type; the mask is below 32;
-//! 18. `Barrier` and `ShuffleXor` appear only under block-uniform control flow, as
-//!     [`uniformity`](crate::uniformity::uniformity) defines it.
+//! 18. `Barrier`, `ShuffleXor`, `Mma` and `LdMatrix` appear only under block-uniform
+//!     control flow, as [`uniformity`](crate::uniformity::uniformity) defines it;
+//! 19. `Mma`: `a` and `b` are `I32` registers, `c` and `d` `F32`, the four `d` distinct;
+//! 20. `LdMatrix`: 1, 2 or 4 distinct `I32` destinations; a shared array of 16-bit
+//!     elements; an `I32`/`I64` index;
+//! 21. `CpAsync`: `dst` is a shared array and `src` a readable global buffer of the same
+//!     dtype; both indices are `I32`/`I64`; `src_len` is `I32`.
 //!
 //! Errors name the kernel and the statement (its path, e.g. `body[2].then[0]`, and its
 //! first printed line).
@@ -293,6 +298,119 @@ impl Checker<'_> {
                         "a warp shuffle under control flow that is not block-uniform",
                     ));
                 }
+            }
+            Stmt::Mma { d, a, b, c, .. } => {
+                let groups: [(&str, &[VarId], Ty); 4] = [
+                    ("d", &d[..], Ty::F32),
+                    ("a", &a[..], Ty::I32),
+                    ("b", &b[..], Ty::I32),
+                    ("c", &c[..], Ty::F32),
+                ];
+                for (what, vars, want) in groups {
+                    for &var in vars {
+                        let ty = self.var_ty(var, site)?;
+                        if ty != want {
+                            return Err(self.error(
+                                site,
+                                format!(
+                                    "mma operand {what} register {} is {ty}, not {want}",
+                                    self.names.var(var)
+                                ),
+                            ));
+                        }
+                    }
+                }
+                self.check_distinct(d, site)?;
+                if !uniform_flow {
+                    return Err(
+                        self.error(site, "an mma under control flow that is not block-uniform")
+                    );
+                }
+            }
+            Stmt::LdMatrix {
+                dsts, buf, index, ..
+            } => {
+                if !matches!(dsts.len(), 1 | 2 | 4) {
+                    return Err(self.error(
+                        site,
+                        format!("ldmatrix of {} matrices (1, 2 or 4)", dsts.len()),
+                    ));
+                }
+                for &dst in dsts {
+                    let ty = self.var_ty(dst, site)?;
+                    if ty != Ty::I32 {
+                        return Err(self.error(
+                            site,
+                            format!(
+                                "ldmatrix destination {} is {ty}, not i32",
+                                self.names.var(dst)
+                            ),
+                        ));
+                    }
+                }
+                self.check_distinct(dsts, site)?;
+                let Buf::Shared(_) = buf else {
+                    return Err(self.error(site, "ldmatrix reads a shared array only"));
+                };
+                let dtype = self.memory_dtype(*buf, Use::Read, site)?;
+                if dtype.size_bytes() != 2 {
+                    return Err(self.error(
+                        site,
+                        format!("ldmatrix of {dtype} elements (16-bit elements only)"),
+                    ));
+                }
+                self.check_index(index, site)?;
+                if !uniform_flow {
+                    return Err(self.error(
+                        site,
+                        "an ldmatrix under control flow that is not block-uniform",
+                    ));
+                }
+            }
+            Stmt::CpAsync {
+                dst,
+                dst_index,
+                src,
+                src_index,
+                src_len,
+            } => {
+                let (Buf::Shared(_), Buf::Global(_)) = (dst, src) else {
+                    return Err(self.error(
+                        site,
+                        "cp.async copies from a global buffer to a shared array",
+                    ));
+                };
+                let dst_dtype = self.memory_dtype(*dst, Use::Write, site)?;
+                let src_dtype = self.memory_dtype(*src, Use::Read, site)?;
+                if dst_dtype != src_dtype {
+                    return Err(self.error(
+                        site,
+                        format!("cp.async from {src_dtype} elements to {dst_dtype} elements"),
+                    ));
+                }
+                self.check_index(dst_index, site)?;
+                self.check_index(src_index, site)?;
+                let len_ty = self.expr_ty(src_len, site)?;
+                if len_ty != Ty::I32 {
+                    return Err(self.error(
+                        site,
+                        format!("the cp.async source length is {len_ty}, not i32"),
+                    ));
+                }
+            }
+            Stmt::CpAsyncCommit | Stmt::CpAsyncWait(_) => {}
+        }
+        Ok(())
+    }
+
+    fn check_distinct(&self, vars: &[VarId], site: &Site) -> Result<(), KirError> {
+        let mut seen = BTreeSet::new();
+        for &var in vars {
+            if !seen.insert(var) {
+                return Err(self.error(
+                    site,
+                    format!("{} is a destination twice", self.names.var(var)),
+                ));
             }
         }
         Ok(())
@@ -574,7 +692,10 @@ pub(crate) fn vars_written(stmts: &[Stmt], out: &mut BTreeSet<VarId>) {
             Stmt::Assign(var, _) | Stmt::ShuffleXor { dst: var, .. } => {
                 out.insert(*var);
             }
-            Stmt::LoadVec { dsts, .. } => out.extend(dsts.iter().copied()),
+            Stmt::LoadVec { dsts, .. } | Stmt::LdMatrix { dsts, .. } => {
+                out.extend(dsts.iter().copied())
+            }
+            Stmt::Mma { d, .. } => out.extend(d.iter().copied()),
             Stmt::For { var, body, .. } => {
                 out.insert(*var);
                 vars_written(body, out);
@@ -585,7 +706,12 @@ pub(crate) fn vars_written(stmts: &[Stmt], out: &mut BTreeSet<VarId>) {
                 vars_written(then, out);
                 vars_written(otherwise, out);
             }
-            Stmt::Store { .. } | Stmt::StoreVec { .. } | Stmt::Barrier => {}
+            Stmt::Store { .. }
+            | Stmt::StoreVec { .. }
+            | Stmt::Barrier
+            | Stmt::CpAsync { .. }
+            | Stmt::CpAsyncCommit
+            | Stmt::CpAsyncWait(_) => {}
         }
     }
 }

@@ -23,6 +23,14 @@ fn vector_add_kernel() {
 }
 
 #[test]
+fn tensor_core_kernel() {
+    insta::assert_snapshot!(
+        "mma_tile_bf16_kn",
+        kiln_kir::examples::mma_tile(kiln_kir::MmaInput::Bf16, true).to_string()
+    );
+}
+
+#[test]
 fn divergent_kernel() {
     insta::assert_snapshot!("divergent_branches", divergent_branches().to_string());
 }

@@ -4,10 +4,12 @@
 
 mod attention;
 mod matmul;
+mod mma_gemm;
 mod pointwise;
 mod reduce;
 
 pub use matmul::MatmulTiling;
+pub use mma_gemm::{choose_tile, MmaTile};
 
 use crate::emit::{Emitter, ParamArg};
 use crate::error::{EmitError, FusionError};
@@ -60,7 +62,12 @@ pub(crate) fn build(
         GroupKind::Pointwise { shape } => pointwise::emit(&mut e, shape, &stores),
         GroupKind::Row { outer, inner } => reduce::emit_rows(&mut e, group, outer, inner, &stores),
         GroupKind::LoopReduce => reduce::emit_loop(&mut e, group.roots[0]),
-        GroupKind::Matmul { .. } => matmul::emit(&mut e, group, &stores, &options.matmul_tiling),
+        GroupKind::Matmul { .. } => {
+            match mma_gemm::plan(&e, group).filter(|_| options.tensor_cores) {
+                Some(plan) => mma_gemm::emit(&mut e, group, &stores, &plan),
+                None => matmul::emit(&mut e, group, &stores, &options.matmul_tiling),
+            }
+        }
         GroupKind::Attention(parts) => attention::emit(&mut e, &attention::Source::Pattern(parts)),
         GroupKind::BuiltinAttention(v) => attention::emit(&mut e, &attention::Source::Builtin(*v)),
     };

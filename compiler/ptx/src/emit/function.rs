@@ -430,6 +430,50 @@ impl<'k, 'c> FunctionEmitter<'k, 'c> {
             } => self.if_else(cond, then, otherwise)?,
             Stmt::Barrier => self.inst("bar.sync", &[&0]),
             Stmt::ShuffleXor { dst, src, mask } => self.shuffle_xor(*dst, *src, *mask)?,
+            Stmt::Mma { input, d, a, b, c } => {
+                let list = |e: &Self, vars: &[VarId]| -> Result<String, EmitError> {
+                    let regs = vars
+                        .iter()
+                        .map(|&v| e.var_reg(v).map(|r| r.to_string()))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    Ok(format!("{{{}}}", regs.join(", ")))
+                };
+                let opcode = format!(
+                    "mma.sync.aligned.m16n8k16.row.col.f32.{0}.{0}.f32",
+                    input.name()
+                );
+                let operands = [
+                    list(self, d)?,
+                    list(self, a)?,
+                    list(self, b)?,
+                    list(self, c)?,
+                ];
+                self.inst(
+                    &opcode,
+                    &[&operands[0], &operands[1], &operands[2], &operands[3]],
+                );
+            }
+            Stmt::LdMatrix {
+                dsts,
+                trans,
+                buf,
+                index,
+            } => {
+                let dsts = dsts
+                    .iter()
+                    .map(|&v| self.var_reg(v))
+                    .collect::<Result<Vec<_>, _>>()?;
+                self.ldmatrix(&dsts, *trans, *buf, index)?;
+            }
+            Stmt::CpAsync {
+                dst,
+                dst_index,
+                src,
+                src_index,
+                src_len,
+            } => self.cp_async(*dst, dst_index, *src, src_index, src_len)?,
+            Stmt::CpAsyncCommit => self.inst("cp.async.commit_group", &[]),
+            Stmt::CpAsyncWait(n) => self.inst("cp.async.wait_group", &[n]),
         }
         Ok(())
     }

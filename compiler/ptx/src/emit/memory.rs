@@ -272,6 +272,80 @@ impl FunctionEmitter<'_, '_> {
         self.unpack_elements(dtype, &words, dsts)
     }
 
+    /// `Stmt::LdMatrix`: `ldmatrix.sync.aligned.m8n8.xN[.trans].shared.b16`.
+    pub(super) fn ldmatrix(
+        &mut self,
+        dsts: &[Reg],
+        trans: bool,
+        buf: Buf,
+        index: &Expr,
+    ) -> Result<(), EmitError> {
+        let address = self.address(buf, index, 2, false)?;
+        if address.space != "shared" || !matches!(dsts.len(), 1 | 2 | 4) {
+            return Err(self.error(format!(
+                "an ldmatrix of {} matrices from {} memory",
+                dsts.len(),
+                address.space
+            )));
+        }
+        let opcode = format!(
+            "ldmatrix.sync.aligned.m8n8.x{}{}.shared.b16",
+            dsts.len(),
+            if trans { ".trans" } else { "" }
+        );
+        self.inst(&opcode, &[&brace_list(dsts), &address.text]);
+        Ok(())
+    }
+
+    /// `Stmt::CpAsync`: `cp.async.cg.shared.global [dst], [src], 16[, src-size]`, the
+    /// source size in bytes (omitted when it is a constant 16).
+    pub(super) fn cp_async(
+        &mut self,
+        dst: Buf,
+        dst_index: &Expr,
+        src: Buf,
+        src_index: &Expr,
+        src_len: &Expr,
+    ) -> Result<(), EmitError> {
+        let dtype = self.dtype(dst)?;
+        let bytes = dtype.size_bytes() as u32;
+        let destination = self.address(dst, dst_index, bytes, true)?;
+        // The source is read through the async proxy, never `.nc`: the address is the same.
+        let source = self.address(src, src_index, bytes, false)?;
+        if destination.space != "shared" || !source.space.starts_with("global") {
+            return Err(self.error(format!(
+                "a cp.async from {} to {} memory",
+                source.space, destination.space
+            )));
+        }
+        let len = self.expr(src_len)?;
+        match len.operand {
+            Operand::Imm(Scalar::I32(n)) if n as u32 * bytes == 16 => {
+                self.inst(
+                    "cp.async.cg.shared.global",
+                    &[&destination.text, &source.text, &16],
+                );
+            }
+            Operand::Imm(Scalar::I32(n)) => {
+                let size = (n as u32).wrapping_mul(bytes);
+                self.inst(
+                    "cp.async.cg.shared.global",
+                    &[&destination.text, &source.text, &16, &size],
+                );
+            }
+            operand => {
+                let count = self.reg(operand, RegKind::B32);
+                let size = self.fresh(RegKind::B32);
+                self.inst("mul.lo.s32", &[&size, &count, &bytes]);
+                self.inst(
+                    "cp.async.cg.shared.global",
+                    &[&destination.text, &source.text, &16, &size],
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// Loads `total` bytes (2, 4, 8 or 16) as 32-bit words (2 bytes: one word whose upper
     /// half is zero).
     fn load_words(&mut self, address: &Address, total: usize) -> Vec<Reg> {

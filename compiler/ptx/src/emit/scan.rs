@@ -132,13 +132,31 @@ pub(super) fn definite_assignment(
                     .copied()
                     .collect();
             }
-            Stmt::Barrier => {}
+            Stmt::Barrier | Stmt::CpAsyncCommit | Stmt::CpAsyncWait(_) => {}
             Stmt::ShuffleXor { dst, src, .. } => {
                 if !assigned.contains(src) {
                     read_first.insert(*src);
                 }
                 assigned.insert(*dst);
             }
+            Stmt::Mma { d, a, b, c, .. } => {
+                for var in a.iter().chain(b).chain(c) {
+                    if !assigned.contains(var) {
+                        read_first.insert(*var);
+                    }
+                }
+                assigned.extend(d.iter().copied());
+            }
+            Stmt::LdMatrix { dsts, index, .. } => {
+                read(&[index], assigned, read_first);
+                assigned.extend(dsts.iter().copied());
+            }
+            Stmt::CpAsync {
+                dst_index,
+                src_index,
+                src_len,
+                ..
+            } => read(&[dst_index, src_index, src_len], assigned, read_first),
         }
     }
 }
@@ -200,7 +218,22 @@ pub(super) fn collect_specials(stmts: &[Stmt], out: &mut BTreeSet<usize>) {
                 collect_specials(then, out);
                 collect_specials(otherwise, out);
             }
-            Stmt::Barrier | Stmt::ShuffleXor { .. } => {}
+            Stmt::LdMatrix { index, .. } => collect_specials_expr(index, out),
+            Stmt::CpAsync {
+                dst_index,
+                src_index,
+                src_len,
+                ..
+            } => {
+                for e in [dst_index, src_index, src_len] {
+                    collect_specials_expr(e, out);
+                }
+            }
+            Stmt::Barrier
+            | Stmt::ShuffleXor { .. }
+            | Stmt::Mma { .. }
+            | Stmt::CpAsyncCommit
+            | Stmt::CpAsyncWait(_) => {}
         }
     }
 }

@@ -1,5 +1,6 @@
 //! The kernels the emitter tests run: the representative set that is snapshotted (bf16
-//! vector add, RMSNorm rows, every unary op, f8 stores, a tiled loop) and a wider set
+//! vector add, RMSNorm rows, every unary op, f8 stores, a tiled loop, a tensor-core tile
+//! through cp.async, ldmatrix and mma) and a wider set
 //! (every dtype through vector add and conversions, the interpreter's examples) that only
 //! has to assemble.
 
@@ -7,7 +8,9 @@
 
 use kiln_ir::DType;
 use kiln_kir::examples;
-use kiln_kir::{Access, BinOp, Expr, Kernel, KernelBuilder, SizeExpr, Stmt, Ty, UnOp, VarId};
+use kiln_kir::{
+    Access, BinOp, Expr, Kernel, KernelBuilder, MmaInput, SizeExpr, Stmt, Ty, UnOp, VarId,
+};
 
 /// `blockIdx.x * blockDim + threadIdx` as an i64.
 fn global_index() -> Expr {
@@ -383,6 +386,7 @@ pub fn representative() -> Vec<(&'static str, Kernel)> {
         ("every_unary_op", every_unary_op()),
         ("f8_quantize", f8_stores()),
         ("tiled_matmul", tiled_matmul()),
+        ("mma_tile_bf16_kn", examples::mma_tile(MmaInput::Bf16, true)),
     ]
 }
 
@@ -439,6 +443,9 @@ pub fn coverage() -> Vec<Kernel> {
         examples::fma_select(),
         examples::divergent_branches(),
         examples::prefix_sums_by_loop(),
+        examples::mma_tile(MmaInput::F16, false),
+        examples::mma_tile(MmaInput::Bf16, false),
+        examples::mma_tile(MmaInput::F16, true),
     ]);
     kernels
 }

@@ -1,0 +1,805 @@
+//! The tensor-core GEMM template (SM80 `mma.sync` path) for bf16 and f16 matmuls with f32
+//! accumulation: `[.., M, K] @ [.., K, N]` where both operands are read straight from
+//! buffers, B either as stored (`[K, N]`, N contiguous) or as the transpose of a stored
+//! `[N, K]` weight (K contiguous, the `linear` layout).
+//!
+//! A block computes a `bm × bn` output tile with `warps_m × warps_n × warps_k` warps, each
+//! a `(bm / warps_m) × (bn / warps_n)` warp tile of m16n8k16 products over every
+//! `warps_k`-th k16 step of each slice (split-K inside the block: for decode-sized M the
+//! warps share one narrow output tile, so more weight bytes are in flight per block; their
+//! partial sums meet through shared memory before the epilogue):
+//! - a `stages`-deep `cp.async` pipeline stages `bk`-wide slices of A and B in shared
+//!   memory (16-byte chunks; rows or k beyond the matrix are zero-filled with a source
+//!   length of 0, so ragged M, N and K need no other guard);
+//! - each 16-byte chunk's position in its shared-memory row is XORed with bits of the row
+//!   index ([`swizzle`]) so that the 8 rows one `ldmatrix` reads fall in 8 different bank
+//!   groups;
+//! - `ldmatrix` ×4 loads A fragments and pairs of B fragments (`.trans` for `[K, N]` B);
+//! - the accumulators go through the same epilogue as the plain template (bias,
+//!   activation, residual, cast, horizontally fused matmuls), bounds-checked per element.
+//!
+//! The tile is chosen per shape by [`choose_tile`] (a fixed table, nothing is tuned at run
+//! time) and named in the kernel name (`mma_gemm_128x128x32_w2x2_s3`). A matmul the
+//! template cannot take (another dtype, a fused prologue on an operand, K or a `[K, N]`
+//! B's N not a multiple of 8, a symbolic K) goes to the plain tiled template.
+
+use super::matmul::batch_index;
+use super::{ceil_div_size, size_of_dims, Body};
+use crate::emit::{add, and, lt, mul, Binding, EResult, Emitter};
+use crate::partition::Group;
+use kiln_ir::{DType, Dim, Op, Value};
+use kiln_kir::{BinOp, Buf, Expr, MmaInput, Special, Stmt, Ty, VarId};
+
+/// Elements of one 16-byte chunk (16-bit elements).
+const CHUNK: i64 = 8;
+
+/// The static shared memory a block may use.
+const SHARED_BYTES: u32 = 48 * 1024;
+
+/// Accumulator registers per thread the tile table stays within.
+const MAX_ACCUMULATORS: u32 = 128;
+
+/// One entry of the tile table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MmaTile {
+    pub bm: u32,
+    pub bn: u32,
+    pub bk: u32,
+    pub warps_m: u32,
+    pub warps_n: u32,
+    /// Warps splitting each slice's k16 steps among them.
+    pub warps_k: u32,
+    pub stages: u32,
+}
+
+impl MmaTile {
+    pub fn threads(&self) -> u32 {
+        32 * self.warps_m * self.warps_n * self.warps_k
+    }
+
+    /// Rows of a warp tile.
+    pub fn warp_m(&self) -> u32 {
+        self.bm / self.warps_m
+    }
+
+    /// Columns of a warp tile.
+    pub fn warp_n(&self) -> u32 {
+        self.bn / self.warps_n
+    }
+
+    /// f32 accumulators per thread for `matmuls` fused matmuls.
+    pub fn accumulators(&self, matmuls: u32) -> u32 {
+        matmuls * (self.warp_m() / 16) * (self.warp_n() / 8) * 4
+    }
+
+    /// Shared-memory bytes of one pipeline stage for `matmuls` B operands (16-bit data).
+    pub fn stage_bytes(&self, matmuls: u32) -> u32 {
+        2 * self.bk * (self.bm + matmuls * self.bn)
+    }
+
+    /// Shared-memory bytes where the split-K warps leave their partial sums.
+    pub fn reduction_bytes(&self, matmuls: u32) -> u32 {
+        (self.warps_k - 1) * 32 * self.warps_m * self.warps_n * self.accumulators(matmuls) * 4
+    }
+
+    /// `128x128x32_w2x2_s3`, or `16x32x128_w1x2x4_s3` with split-K warps.
+    pub fn name(&self) -> String {
+        let warps_k = if self.warps_k > 1 {
+            format!("x{}", self.warps_k)
+        } else {
+            String::new()
+        };
+        format!(
+            "{}x{}x{}_w{}x{}{warps_k}_s{}",
+            self.bm, self.bn, self.bk, self.warps_m, self.warps_n, self.stages
+        )
+    }
+}
+
+/// The tile for an `m × n` output (m `None` when symbolic) of `matmuls` horizontally fused
+/// matmuls: 128×128 blocks of four 64×64 warp tiles for large shapes, 64-row blocks when M
+/// is known to be at most 64, narrower blocks while the accumulators would exceed
+/// [`MAX_ACCUMULATORS`]; as many stages (2 to 4) as fit in 48 KiB of shared memory.
+/// Decode-sized M (at most 16) gets one m16 row of 32-column tiles with 128-wide k slices
+/// split over 4 warps, so that a 4096-wide N still makes 128 blocks that each keep tens of
+/// KiB of weights in flight.
+pub fn choose_tile(m: Option<u64>, n: u64, matmuls: u32) -> MmaTile {
+    if m.is_some_and(|m| m <= 16) && matmuls == 1 {
+        let mut tile = MmaTile {
+            bm: 16,
+            bn: 32,
+            bk: 128,
+            warps_m: 1,
+            warps_n: 2,
+            warps_k: 4,
+            stages: 2,
+        };
+        tile.stages = ((SHARED_BYTES - tile.reduction_bytes(1)) / tile.stage_bytes(1)).clamp(2, 4);
+        return tile;
+    }
+    let mut tile = MmaTile {
+        bm: if m.is_some_and(|m| m <= 64) { 64 } else { 128 },
+        bn: if n <= 64 { 64 } else { 128 },
+        bk: 32,
+        warps_m: 2,
+        warps_n: 2,
+        warps_k: 1,
+        stages: 2,
+    };
+    while tile.accumulators(matmuls) > MAX_ACCUMULATORS && tile.bn > 32 {
+        tile.bn /= 2;
+    }
+    while tile.accumulators(matmuls) > MAX_ACCUMULATORS && tile.bm > 32 {
+        tile.bm /= 2;
+    }
+    tile.stages = (SHARED_BYTES / tile.stage_bytes(matmuls)).clamp(2, 4);
+    tile
+}
+
+/// How B of one matmul is read.
+#[derive(Clone, Debug)]
+struct BSource {
+    /// The buffer value read.
+    value: Value,
+    /// `true` for a `[.., K, N]` buffer (N contiguous), `false` for the `[.., N, K]`
+    /// weight under a transpose.
+    k_rows: bool,
+    /// The permute read through, when `k_rows` is false.
+    permute: Option<Value>,
+    n: Dim,
+}
+
+/// What the template needs to know about a matmul group it can take.
+pub(crate) struct MmaPlan {
+    input: MmaInput,
+    a: Value,
+    b: Vec<BSource>,
+    k: u64,
+    tile: MmaTile,
+}
+
+/// The plan for `group` when the tensor-core template applies to it.
+pub(crate) fn plan(e: &Emitter<'_, '_>, group: &Group) -> Option<MmaPlan> {
+    let g = e.g;
+    let first = *group.roots.first()?;
+    let a = g.inst(first)?.operands[0];
+    let input = match g.ty(a).dtype {
+        DType::BF16 => MmaInput::Bf16,
+        DType::F16 => MmaInput::F16,
+        _ => return None,
+    };
+    if !e.is_loaded(a) {
+        return None;
+    }
+    let a_shape = g.shape(a);
+    let k = a_shape.last()?.as_const()?;
+    if k == 0 || k % CHUNK as u64 != 0 {
+        return None;
+    }
+    let out_shape = g.shape(first);
+    let rank = out_shape.len();
+    let mut b = Vec::new();
+    for &m in &group.roots {
+        let inst = g.inst(m)?;
+        if inst.operands[0] != a {
+            return None;
+        }
+        let operand = inst.operands[1];
+        let n = g.shape(m)[rank - 1].clone();
+        let source = if e.is_loaded(operand) {
+            let n_const = n.as_const()?;
+            if n_const % CHUNK as u64 != 0 {
+                return None;
+            }
+            BSource {
+                value: operand,
+                k_rows: true,
+                permute: None,
+                n,
+            }
+        } else {
+            let Some(Op::Permute { perm }) = g.op(operand) else {
+                return None;
+            };
+            let r = perm.len();
+            let swaps_last_two = r >= 2
+                && perm[r - 1] == r - 2
+                && perm[r - 2] == r - 1
+                && perm[..r - 2].iter().enumerate().all(|(i, &p)| i == p);
+            let weight = g.inst(operand)?.operands[0];
+            if !swaps_last_two || !e.is_loaded(weight) {
+                return None;
+            }
+            BSource {
+                value: weight,
+                k_rows: false,
+                permute: Some(operand),
+                n,
+            }
+        };
+        if g.ty(source.value).dtype != g.ty(a).dtype {
+            return None;
+        }
+        b.push(source);
+    }
+    let m = out_shape[rank - 2].as_const();
+    let n_max = b
+        .iter()
+        .map(|s| s.n.as_const().unwrap_or(u64::MAX))
+        .max()
+        .unwrap_or(1);
+    let tile = choose_tile(m, n_max, b.len() as u32);
+    Some(MmaPlan {
+        input,
+        a,
+        b,
+        k,
+        tile,
+    })
+}
+
+fn i32c(n: i64) -> Expr {
+    Expr::i32(n as i32)
+}
+
+fn shr(a: Expr, bits: u32) -> Expr {
+    if bits == 0 {
+        return a;
+    }
+    Expr::binary(BinOp::Shr, a, i32c(i64::from(bits)))
+}
+
+fn and_mask(a: Expr, mask: i64) -> Expr {
+    Expr::binary(BinOp::And, a, i32c(mask))
+}
+
+/// The XOR applied to a chunk index in a row of `chunks` 16-byte chunks (a power of two),
+/// as `(row >> shift) & mask`: bits of the row chosen so that any 8 consecutive rows
+/// (8-aligned) put one chunk column in 8 different 16-byte positions modulo 128 bytes,
+/// the span of the 32 banks.
+fn swizzle_bits(chunks: u32) -> (u32, i64) {
+    let rows_per_line = (8 / chunks).max(1);
+    (rows_per_line.trailing_zeros(), i64::from(chunks.min(8)) - 1)
+}
+
+/// [`swizzle_bits`] applied to a row expression.
+fn swizzle(row: Expr, chunks: u32) -> Expr {
+    let (shift, mask) = swizzle_bits(chunks);
+    and_mask(shr(row, shift), mask)
+}
+
+pub(crate) fn emit(
+    e: &mut Emitter<'_, '_>,
+    group: &Group,
+    stores: &[Value],
+    plan: &MmaPlan,
+) -> EResult<Body> {
+    let g = e.g;
+    let matmuls = group.roots.clone();
+    let first = matmuls[0];
+    let out_shape = g.shape(first).to_vec();
+    let rank = out_shape.len();
+    let batch_dims = out_shape[..rank - 2].to_vec();
+    let t = plan.tile;
+    let dtype = g.ty(plan.a).dtype;
+    let threads = t.threads() as i64;
+    let (bm, bn, bk) = (i64::from(t.bm), i64::from(t.bn), i64::from(t.bk));
+    let (wm, wn) = (i64::from(t.warp_m()), i64::from(t.warp_n()));
+    let (mi_count, ni_count) = ((wm / 16) as usize, (wn / 8) as usize);
+    let stages = i64::from(t.stages);
+    let ity = e.index_ty;
+    let index = |x: Expr| -> Expr {
+        if ity == Ty::I64 {
+            Expr::Cast(Ty::I64, Box::new(x))
+        } else {
+            x
+        }
+    };
+    let mut body = Vec::new();
+
+    // Per-thread constants.
+    let tid = Expr::Special(Special::ThreadIdx);
+    let lane = e.bind(&mut body, "lane", Ty::I32, Expr::Special(Special::LaneId));
+    let warp = e.bind(&mut body, "warp", Ty::I32, Expr::Special(Special::WarpId));
+    // Warp w: k group w / (warps_m * warps_n), then row-major over the warp tiles.
+    let tile_warps = i64::from(t.warps_m * t.warps_n);
+    let warp_k = e.bind(
+        &mut body,
+        "warp_k",
+        Ty::I32,
+        Expr::binary(BinOp::Div, warp.clone(), i32c(tile_warps)),
+    );
+    let warp_in_k = Expr::binary(BinOp::Rem, warp, i32c(tile_warps));
+    let warp_m0 = e.bind(
+        &mut body,
+        "warp_m0",
+        Ty::I32,
+        Expr::binary(BinOp::Div, warp_in_k.clone(), i32c(i64::from(t.warps_n))) * i32c(wm),
+    );
+    let warp_n0 = e.bind(
+        &mut body,
+        "warp_n0",
+        Ty::I32,
+        Expr::binary(BinOp::Rem, warp_in_k, i32c(i64::from(t.warps_n))) * i32c(wn),
+    );
+    let m0 = mul(e.special(Special::BlockIdx(1)), e.ix(bm));
+    let m0 = e.bind(&mut body, "m0", ity, m0);
+    let n0 = mul(e.special(Special::BlockIdx(0)), e.ix(bn));
+    let n0 = e.bind(&mut body, "n0", ity, n0);
+    let bz = e.special(Special::BlockIdx(2));
+    let batch = e.delinearize(&mut body, bz, &batch_dims);
+    let m_size = e.dim(&out_shape[rank - 2]);
+    let k_size = e.ix(plan.k as i64);
+
+    let acc: Vec<Vec<[VarId; 4]>> = matmuls
+        .iter()
+        .map(|_| {
+            (0..mi_count * ni_count)
+                .map(|_| [0; 4].map(|_| e.var("acc", Ty::F32)))
+                .collect()
+        })
+        .collect();
+    for cells in acc.iter().flatten() {
+        for &c in cells {
+            body.push(Stmt::Assign(c, Expr::f32(0.0)));
+        }
+    }
+    let a_stage = bm * bk;
+    let b_stage = bk * bn;
+    let a_tile = e.shared_array("a_tile", dtype, (stages * a_stage) as u32);
+    let b_tiles: Vec<Buf> = matmuls
+        .iter()
+        .map(|_| e.shared_array("b_tile", dtype, (stages * b_stage) as u32))
+        .collect();
+    let a_buf = e.buffer(plan.a, kiln_kir::Access::Read);
+    let b_bufs: Vec<Buf> = plan
+        .b
+        .iter()
+        .map(|s| e.buffer(s.value, kiln_kir::Access::Read))
+        .collect();
+
+    // ---- the copies of one stage: per thread, chunks at fixed tile positions.
+    // A: rows of bk elements, `bk / 8` chunks each.
+    let a_chunks = bk / CHUNK;
+    let a_copies = bm * a_chunks / threads;
+    let a_batch = batch_index(e, plan.a, &batch_dims, &batch);
+    let a_shape = g.shape(plan.a).to_vec();
+    let a_col = e.bind(
+        &mut body,
+        "a_col",
+        Ty::I32,
+        and_mask(tid.clone(), a_chunks - 1) * i32c(CHUNK),
+    );
+    struct Copy {
+        /// Source index at k = 0.
+        src: Expr,
+        /// Whether the row (M or N) is inside the matrix.
+        row_ok: Expr,
+        /// The tile row (for k-rows B, the k offset within the slice).
+        row: Expr,
+        /// Destination index within a stage.
+        dst: Expr,
+    }
+    let mut a_plan = Vec::new();
+    for q in 0..a_copies {
+        let row = e.bind(
+            &mut body,
+            "a_row",
+            Ty::I32,
+            shr(tid.clone(), a_chunks.trailing_zeros()) + i32c(q * threads / a_chunks),
+        );
+        let gm = add(m0.clone(), index(row.clone()));
+        let mut idx = a_batch.clone();
+        idx.extend([gm.clone(), index(a_col.clone())]);
+        let src = e.linear(&a_shape, &idx);
+        let src = e.bind(&mut body, "a_src", ity, src);
+        let row_ok = e.bind(&mut body, "a_ok", Ty::Pred, lt(gm, m_size.clone()));
+        let chunk = shr(a_col.clone(), 3);
+        let dst = row.clone() * i32c(bk)
+            + Expr::binary(BinOp::Xor, chunk, swizzle(row.clone(), a_chunks as u32)) * i32c(CHUNK);
+        let dst = e.bind(&mut body, "a_dst", Ty::I32, dst);
+        a_plan.push(Copy {
+            src,
+            row_ok,
+            row,
+            dst,
+        });
+    }
+    let mut b_plans = Vec::new();
+    for (i, source) in plan.b.iter().enumerate() {
+        let w_shape = g.shape(source.value).to_vec();
+        let b_batch = batch_index(
+            e,
+            source.permute.unwrap_or(source.value),
+            &batch_dims,
+            &batch,
+        );
+        let n_size = e.dim(&source.n);
+        let (rows, cols) = if source.k_rows { (bk, bn) } else { (bn, bk) };
+        let chunks = cols / CHUNK;
+        let copies = rows * chunks / threads;
+        let col = e.bind(
+            &mut body,
+            "b_col",
+            Ty::I32,
+            and_mask(tid.clone(), chunks - 1) * i32c(CHUNK),
+        );
+        let mut copies_plan = Vec::new();
+        for q in 0..copies {
+            let row = e.bind(
+                &mut body,
+                "b_row",
+                Ty::I32,
+                shr(tid.clone(), chunks.trailing_zeros()) + i32c(q * threads / chunks),
+            );
+            // Element (k, n) of B at k = 0 of the slice.
+            let (gk, gn) = if source.k_rows {
+                (index(row.clone()), add(n0.clone(), index(col.clone())))
+            } else {
+                (index(col.clone()), add(n0.clone(), index(row.clone())))
+            };
+            let mut idx = b_batch.clone();
+            if source.k_rows {
+                idx.extend([gk, gn.clone()]);
+            } else {
+                idx.extend([gn.clone(), gk]);
+            }
+            let src = e.linear(&w_shape, &idx);
+            let src = e.bind(&mut body, "b_src", ity, src);
+            let row_ok = e.bind(&mut body, "b_ok", Ty::Pred, lt(gn, n_size.clone()));
+            let chunk = shr(col.clone(), 3);
+            let dst = row.clone() * i32c(cols)
+                + Expr::binary(BinOp::Xor, chunk, swizzle(row.clone(), chunks as u32))
+                    * i32c(CHUNK);
+            let dst = e.bind(&mut body, "b_dst", Ty::I32, dst);
+            copies_plan.push(Copy {
+                src,
+                row_ok,
+                row,
+                dst,
+            });
+        }
+        b_plans.push((i, col, copies_plan));
+    }
+
+    // The copies of the k slice `kt` into stage `stage` (both I32 expressions).
+    let load_stage = |e: &mut Emitter<'_, '_>, stage: Expr, kt: Expr| -> Vec<Stmt> {
+        let mut out = Vec::new();
+        let k0 = e.bind(&mut out, "k0", ity, mul(index(kt), e.ix(bk)));
+        let a_gk = add(k0.clone(), index(a_col.clone()));
+        let a_k_ok = e.bind(&mut out, "a_k_ok", Ty::Pred, lt(a_gk, k_size.clone()));
+        for copy in &a_plan {
+            let valid = and(copy.row_ok.clone(), a_k_ok.clone());
+            out.push(Stmt::CpAsync {
+                dst: a_tile,
+                dst_index: stage.clone() * i32c(a_stage) + copy.dst.clone(),
+                src: a_buf,
+                src_index: Expr::select(valid.clone(), add(copy.src.clone(), k0.clone()), e.ix(0)),
+                src_len: Expr::select(valid, i32c(CHUNK), i32c(0)),
+            });
+        }
+        for ((i, col, copies), source) in b_plans.iter().zip(&plan.b) {
+            let n_len = e.dim(&source.n);
+            for copy in copies {
+                let (gk, step) = if source.k_rows {
+                    let n_stride = n_len.clone();
+                    (
+                        add(k0.clone(), index(copy.row.clone())),
+                        mul(k0.clone(), n_stride),
+                    )
+                } else {
+                    (add(k0.clone(), index(col.clone())), k0.clone())
+                };
+                let valid = and(copy.row_ok.clone(), lt(gk, k_size.clone()));
+                out.push(Stmt::CpAsync {
+                    dst: b_tiles[*i],
+                    dst_index: stage.clone() * i32c(b_stage) + copy.dst.clone(),
+                    src: b_bufs[*i],
+                    src_index: Expr::select(valid.clone(), add(copy.src.clone(), step), e.ix(0)),
+                    src_len: Expr::select(valid, i32c(CHUNK), i32c(0)),
+                });
+            }
+        }
+        out
+    };
+
+    // ---- ldmatrix row offsets (within a stage), fixed per thread.
+    // Lane 8q + r names row r of matrix q.
+    let ld_row = e.bind(&mut body, "ld_row", Ty::I32, and_mask(lane.clone(), 7));
+    let ld_q_lo = e.bind(
+        &mut body,
+        "ld_q",
+        Ty::I32,
+        and_mask(shr(lane.clone(), 3), 1),
+    );
+    let ld_q_hi = e.bind(&mut body, "ld_h", Ty::I32, shr(lane.clone(), 4));
+    // The k16 steps of a slice this warp takes: `s * warps_k + warp_k` for s in 0..steps.
+    let warps_k = i64::from(t.warps_k);
+    let k_steps = (bk / 16 / warps_k) as usize;
+    let step_of = |s: usize| i32c(s as i64 * warps_k) + warp_k.clone();
+    // A, x4: matrices (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15), (8-15, 8-15).
+    let a_ld: Vec<Expr> = (0..k_steps)
+        .map(|kk| {
+            let row = warp_m0.clone() + ld_row.clone() + ld_q_lo.clone() * i32c(8);
+            let chunk = step_of(kk) * i32c(2) + ld_q_hi.clone();
+            let offset = row.clone() * i32c(bk)
+                + Expr::binary(BinOp::Xor, chunk, swizzle(row, a_chunks as u32)) * i32c(CHUNK);
+            e.bind(&mut body, "a_ld", Ty::I32, offset)
+        })
+        .collect();
+    // B, x4 over two n8 tiles: (n tile j, k 0-7), (j, k 8-15), (j + 1, k 0-7), (j + 1, k 8-15).
+    let b_ld: Vec<Vec<Vec<Expr>>> = plan
+        .b
+        .iter()
+        .map(|source| {
+            (0..k_steps)
+                .map(|kk| {
+                    (0..ni_count / 2)
+                        .map(|pair| {
+                            let n_tile = warp_n0.clone()
+                                + (i32c(2 * pair as i64) + ld_q_hi.clone()) * i32c(8);
+                            let offset = if source.k_rows {
+                                let row = step_of(kk) * i32c(16)
+                                    + ld_q_lo.clone() * i32c(8)
+                                    + ld_row.clone();
+                                let chunk = shr(n_tile, 3);
+                                row.clone() * i32c(bn)
+                                    + Expr::binary(
+                                        BinOp::Xor,
+                                        chunk,
+                                        swizzle(row, (bn / CHUNK) as u32),
+                                    ) * i32c(CHUNK)
+                            } else {
+                                let row = n_tile + ld_row.clone();
+                                let chunk = step_of(kk) * i32c(2) + ld_q_lo.clone();
+                                row.clone() * i32c(bk)
+                                    + Expr::binary(BinOp::Xor, chunk, swizzle(row, a_chunks as u32))
+                                        * i32c(CHUNK)
+                            };
+                            e.bind(&mut body, "b_ld", Ty::I32, offset)
+                        })
+                        .collect()
+                })
+                .collect()
+        })
+        .collect();
+
+    // ---- the pipeline.
+    let k_tiles = plan.k.div_ceil(bk as u64) as i64;
+    for s in 0..stages - 1 {
+        let copies = load_stage(e, i32c(s), i32c(s));
+        body.extend(copies);
+        body.push(Stmt::CpAsyncCommit);
+    }
+    let kt = e.var("kt", Ty::I32);
+    let mut kloop = vec![Stmt::CpAsyncWait((stages - 2) as u32), Stmt::Barrier];
+    let next = Expr::var(kt) + i32c(stages - 1);
+    let next_stage = e.bind(
+        &mut kloop,
+        "next_stage",
+        Ty::I32,
+        Expr::binary(BinOp::Rem, next.clone(), i32c(stages)),
+    );
+    let copies = load_stage(e, next_stage, next);
+    kloop.extend(copies);
+    kloop.push(Stmt::CpAsyncCommit);
+    let stage = Expr::binary(BinOp::Rem, Expr::var(kt), i32c(stages));
+    let a_base = e.bind(&mut kloop, "a_base", Ty::I32, stage.clone() * i32c(a_stage));
+    let b_base = e.bind(&mut kloop, "b_base", Ty::I32, stage * i32c(b_stage));
+    let a_frag: Vec<[VarId; 4]> = (0..mi_count)
+        .map(|_| [0; 4].map(|_| e.var("fa", Ty::I32)))
+        .collect();
+    let b_frag: Vec<[VarId; 2]> = (0..ni_count)
+        .map(|_| [0; 2].map(|_| e.var("fb", Ty::I32)))
+        .collect();
+    for kk in 0..k_steps {
+        for (mi, frag) in a_frag.iter().enumerate() {
+            kloop.push(Stmt::LdMatrix {
+                dsts: frag.to_vec(),
+                trans: false,
+                buf: a_tile,
+                index: a_base.clone() + a_ld[kk].clone() + i32c(mi as i64 * 16 * bk),
+            });
+        }
+        for (i, source) in plan.b.iter().enumerate() {
+            for pair in 0..ni_count / 2 {
+                let (lo, hi) = (&b_frag[2 * pair], &b_frag[2 * pair + 1]);
+                kloop.push(Stmt::LdMatrix {
+                    dsts: vec![lo[0], lo[1], hi[0], hi[1]],
+                    trans: source.k_rows,
+                    buf: b_tiles[i],
+                    index: b_base.clone() + b_ld[i][kk][pair].clone(),
+                });
+            }
+            for (mi, a) in a_frag.iter().enumerate() {
+                for (ni, b) in b_frag.iter().enumerate() {
+                    let c = acc[i][mi * ni_count + ni];
+                    kloop.push(Stmt::Mma {
+                        input: plan.input,
+                        d: c,
+                        a: *a,
+                        b: *b,
+                        c,
+                    });
+                }
+            }
+        }
+    }
+    body.push(Stmt::For {
+        var: kt,
+        start: i32c(0),
+        end: i32c(k_tiles),
+        step: i32c(1),
+        body: kloop,
+    });
+    body.push(Stmt::CpAsyncWait(0));
+
+    // ---- split-K warps: groups 1.. leave their partial sums, group 0 adds them in order.
+    if t.warps_k > 1 {
+        let group_threads = 32 * tile_warps;
+        let sums: Vec<VarId> = acc.iter().flatten().flatten().copied().collect();
+        let count = sums.len() as i64;
+        let partials = e.shared_array(
+            "partials",
+            DType::F32,
+            ((warps_k - 1) * group_threads * count) as u32,
+        );
+        let in_group = e.bind(
+            &mut body,
+            "in_group",
+            Ty::I32,
+            Expr::binary(BinOp::Rem, tid.clone(), i32c(group_threads)),
+        );
+        let own = e.bind(
+            &mut body,
+            "partial",
+            Ty::I32,
+            ((warp_k.clone() - i32c(1)) * i32c(group_threads) + in_group.clone()) * i32c(count),
+        );
+        let leave = sums
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| Stmt::store(partials, own.clone() + i32c(i as i64), v))
+            .collect();
+        body.push(Stmt::if_then(warp_k.clone().gt(i32c(0)), leave));
+        body.push(Stmt::Barrier);
+        let mut gather = Vec::new();
+        for group in 1..warps_k {
+            let first = (i32c((group - 1) * group_threads) + in_group.clone()) * i32c(count);
+            let first = e.bind(&mut gather, "partial", Ty::I32, first);
+            for (i, &v) in sums.iter().enumerate() {
+                gather.push(Stmt::assign(
+                    v,
+                    Expr::var(v) + Expr::load(partials, first.clone() + i32c(i as i64)),
+                ));
+            }
+        }
+        body.push(Stmt::if_then(warp_k.clone().equals(i32c(0)), gather));
+    }
+
+    // ---- epilogue: each accumulator element through the fused element-wise work.
+    let g4 = e.bind(&mut body, "g", Ty::I32, shr(lane.clone(), 2));
+    let t2 = e.bind(&mut body, "t2", Ty::I32, and_mask(lane, 3) * i32c(2));
+    for mi in 0..mi_count {
+        for ni in 0..ni_count {
+            // Accumulator j holds row g + 8 (j / 2), column 2t + j % 2 of the m16n8 tile.
+            for (j, (row_offset, col_offset)) in
+                [(0, 0), (0, 1), (8, 0), (8, 1)].into_iter().enumerate()
+            {
+                let row = warp_m0.clone() + g4.clone() + i32c(mi as i64 * 16 + row_offset);
+                let col = warp_n0.clone() + t2.clone() + i32c(ni as i64 * 8 + col_offset);
+                let gm = e.bind(&mut body, "row", ity, add(m0.clone(), index(row)));
+                let gn = e.bind(&mut body, "col", ity, add(n0.clone(), index(col)));
+                let mut idx = batch.clone();
+                idx.extend([gm.clone(), gn.clone()]);
+                for (i, &m) in matmuls.iter().enumerate() {
+                    e.bindings.push(Binding {
+                        value: m,
+                        index: idx.clone(),
+                        expr: Expr::Var(acc[i][mi * ni_count + ni][j]),
+                    });
+                }
+                for &o in stores {
+                    let n_size = e.dim(&g.shape(o)[rank - 1]);
+                    let mut then = Vec::new();
+                    e.push_scope();
+                    let vals = e.elem(&mut then, o, &idx, 1)?;
+                    e.store(&mut then, o, &idx, vals);
+                    e.pop_scope();
+                    let mut cond = and(lt(gm.clone(), m_size.clone()), lt(gn.clone(), n_size));
+                    if t.warps_k > 1 {
+                        cond = and(cond, warp_k.clone().equals(i32c(0)));
+                    }
+                    body.push(Stmt::If {
+                        cond,
+                        then,
+                        otherwise: Vec::new(),
+                    });
+                }
+                e.bindings.clear();
+            }
+        }
+    }
+    for &m in &matmuls {
+        e.fused.insert(m);
+    }
+    for source in &plan.b {
+        if let Some(p) = source.permute {
+            e.fused.insert(p);
+        }
+    }
+    let mut what = format!("mma_gemm_{}", t.name());
+    if matmuls.len() > 1 {
+        what = format!("{what}_x{}", matmuls.len());
+    }
+    if stores.iter().any(|s| !matmuls.contains(s)) {
+        what = format!("{what}_epilogue");
+    }
+    let grid_n = plan
+        .b
+        .iter()
+        .map(|s| s.n.clone())
+        .max_by_key(|d| d.as_const().unwrap_or(u64::MAX))
+        .unwrap_or(Dim::Const(1));
+    Ok(Body {
+        what,
+        block_dim: t.threads(),
+        grid: [
+            ceil_div_size(size_of_dims(&[grid_n]), t.bn as u64),
+            ceil_div_size(size_of_dims(&out_shape[rank - 2..rank - 1]), t.bm as u64),
+            size_of_dims(&batch_dims),
+        ],
+        stmts: body,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_fits_shared_memory_and_registers() {
+        for m in [Some(1), Some(16), Some(64), Some(65), Some(4096), None] {
+            for n in [8, 64, 4096, 14336] {
+                for matmuls in 1..=3 {
+                    let t = choose_tile(m, n, matmuls);
+                    assert!(t.stages >= 2, "{t:?}");
+                    assert!(
+                        t.stages * t.stage_bytes(matmuls) + t.reduction_bytes(matmuls)
+                            <= SHARED_BYTES,
+                        "{t:?}"
+                    );
+                    assert_eq!((t.bk / 16) % t.warps_k, 0, "{t:?}");
+                    assert!(t.accumulators(matmuls) <= MAX_ACCUMULATORS, "{t:?}");
+                    // Whole m16n8 fragments, pairs of n8 tiles for ldmatrix x4, and copies
+                    // that divide evenly among the threads.
+                    assert_eq!(t.warp_m() % 16, 0, "{t:?}");
+                    assert_eq!(t.warp_n() % 16, 0, "{t:?}");
+                    assert_eq!((t.bm * t.bk / 8) % t.threads(), 0, "{t:?}");
+                    assert_eq!((t.bn * t.bk / 8) % t.threads(), 0, "{t:?}");
+                }
+            }
+        }
+        assert_eq!(choose_tile(None, 4096, 1).name(), "128x128x32_w2x2_s3");
+        assert_eq!(choose_tile(Some(64), 4096, 1).name(), "64x128x32_w2x2_s4");
+        assert_eq!(choose_tile(Some(16), 4096, 1).name(), "16x32x128_w1x2x4_s3");
+    }
+
+    #[test]
+    fn the_swizzle_spreads_eight_rows_over_eight_bank_groups() {
+        for chunks in [4u32, 8, 16] {
+            for chunk in 0..chunks {
+                for first in (0..64).step_by(8) {
+                    let mut groups = std::collections::BTreeSet::new();
+                    for row in first..first + 8 {
+                        let (shift, mask) = swizzle_bits(chunks);
+                        let xor = (row >> shift) & mask as u32;
+                        let position = row * chunks + (chunk ^ xor);
+                        groups.insert(position % 8);
+                    }
+                    assert_eq!(groups.len(), 8, "{chunks} chunks, chunk {chunk}");
+                }
+            }
+        }
+    }
+}

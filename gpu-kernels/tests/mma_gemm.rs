@@ -1,0 +1,143 @@
+//! The tensor-core GEMM template against the graph interpreter at small ragged shapes, run
+//! through the kir interpreter (`check`) and the Cranelift backend: both B layouts (`x @ w`
+//! and `linear`'s transposed weight), bf16 and f16, fused epilogues, horizontally fused
+//! matmuls, batch dims, M, N and K that are not multiples of any tile; and the fallback to
+//! the plain template where the tensor-core one does not apply.
+//!
+//! Tolerance: that of `common::tolerance` for the output dtype (2e-2 relative for
+//! bf16/f16: the kernels do not round intermediates to the narrow dtype as the graph
+//! interpreter does after every op).
+
+mod common;
+
+use common::{check, inputs_for, lower, rel_err, tolerance};
+use kiln_gpu_kernels::Options;
+use std::collections::BTreeMap;
+
+const SRC: &str = "import nn
+fn nk(x: bf16[M, 24], w: bf16[53, 24]) -> bf16[M, 53] { linear(x, w) }
+fn kn(x: bf16[M, 64], w: bf16[64, 128]) -> bf16[M, 128] { x @ w }
+fn bias_gelu(x: bf16[M, 72], w: bf16[200, 72], b: bf16[200]) -> bf16[M, 200] { gelu(linear_bias(x, w, b)) }
+fn half_kn(x: f16[M, 40], w: f16[40, 48]) -> f16[M, 48] { x @ w }
+fn gate_up(x: bf16[M, 32], gate: bf16[72, 32], up: bf16[72, 32]) -> bf16[M, 72] { silu(linear(x, gate)) * linear(x, up) }
+fn residual(x: bf16[M, 48], w: bf16[40, 48], r: bf16[M, 40]) -> bf16[M, 40] { linear(x, w) + r }
+fn batched(x: bf16[B, M, 16], y: bf16[B, 16, 24]) -> bf16[B, M, 24] { x @ y }
+fn scaled(x: bf16[M, 32], w: bf16[24, 32]) -> bf16[M, 24] { linear(x, w) * 0.5 }
+fn decode1(x: bf16[1, 264], w: bf16[40, 264], b: bf16[40]) -> bf16[1, 40] { linear_bias(x, w, b) }
+fn decode16(x: bf16[16, 72], w: bf16[72, 96]) -> bf16[16, 96] { x @ w }
+fn decode5(x: f16[5, 136], w: f16[70, 136], r: f16[5, 70]) -> f16[5, 70] { linear(x, w) + r }
+fn odd_k(x: bf16[M, 20], w: bf16[16, 20]) -> bf16[M, 16] { linear(x, w) }
+fn wide(x: f32[M, 32], w: f32[16, 32]) -> f32[M, 16] { linear(x, w) }
+";
+
+/// Checks `function` at the given symbol values on the kir interpreter and on Cranelift;
+/// returns the kernel names.
+fn run(function: &str, symbols: &[(&str, usize)]) -> Vec<String> {
+    let module = lower("mma_gemm.kiln", SRC, None, None);
+    let func = module.function(function).unwrap();
+    let symbols: BTreeMap<String, usize> =
+        symbols.iter().map(|(s, v)| (s.to_string(), *v)).collect();
+    let inputs = inputs_for(func, &symbols, 1, 7);
+    let weights = BTreeMap::new();
+    let compiled = check(&module, function, &inputs, &weights, &Options::default());
+    let want = kiln_ir::interpret(func, &inputs, &weights).unwrap();
+    let cpu = kiln_cpu::CpuExecutor::new(&compiled.kernels).unwrap_or_else(|e| panic!("{e}"));
+    let got = cpu
+        .run(&compiled.plan, &inputs, &|name| weights.get(name))
+        .unwrap_or_else(|e| panic!("@{function} on Cranelift: {e}"));
+    for (g, w) in got.iter().zip(&want) {
+        let err = rel_err(g, w);
+        assert!(
+            err <= tolerance(w.dtype),
+            "@{function} on Cranelift: relative error {err:e}"
+        );
+    }
+    compiled.kernels.iter().map(|k| k.name.clone()).collect()
+}
+
+fn uses_tensor_cores(names: &[String]) -> bool {
+    names.iter().any(|n| n.contains("mma_gemm"))
+}
+
+#[test]
+fn transposed_weight_with_ragged_m_and_n() {
+    // 37 x 53 x 24.
+    let names = run("nk", &[("M", 37)]);
+    assert!(uses_tensor_cores(&names), "{names:?}");
+}
+
+#[test]
+fn row_major_b_whole_tiles() {
+    // 128 x 128 x 64: exactly one block tile, two k slices.
+    let names = run("kn", &[("M", 128)]);
+    assert!(uses_tensor_cores(&names), "{names:?}");
+}
+
+#[test]
+fn bias_and_gelu_epilogue_over_two_block_rows_and_columns() {
+    // 130 x 200 x 72: ragged in M, N and K.
+    let names = run("bias_gelu", &[("M", 130)]);
+    assert!(uses_tensor_cores(&names), "{names:?}");
+    assert!(names.iter().any(|n| n.contains("epilogue")), "{names:?}");
+}
+
+#[test]
+fn f16_inputs_with_k_not_a_multiple_of_the_slice() {
+    let names = run("half_kn", &[("M", 37)]);
+    assert!(uses_tensor_cores(&names), "{names:?}");
+}
+
+#[test]
+fn horizontally_fused_gate_and_up() {
+    let names = run("gate_up", &[("M", 19)]);
+    assert!(
+        names
+            .iter()
+            .any(|n| n.contains("mma_gemm") && n.contains("_x2")),
+        "{names:?}"
+    );
+}
+
+#[test]
+fn residual_and_scale_epilogues_and_batch_dims() {
+    assert!(uses_tensor_cores(&run("residual", &[("M", 33)])));
+    assert!(uses_tensor_cores(&run("batched", &[("B", 2), ("M", 5)])));
+    assert!(uses_tensor_cores(&run("scaled", &[("M", 9)])));
+}
+
+#[test]
+fn decode_shapes_split_k_over_warps() {
+    // M of 1, 5 and 16 rows: one m16 row of tiles, k slices shared by four warps; K of 264
+    // and 136 (ragged slices), N of 40 and 70 (ragged tiles), both B layouts, epilogues.
+    for function in ["decode1", "decode16", "decode5"] {
+        let names = run(function, &[]);
+        assert!(
+            names.iter().any(|n| n.contains("mma_gemm_16x32x128_w1x2x4")),
+            "{function}: {names:?}"
+        );
+    }
+}
+
+#[test]
+fn other_matmuls_use_the_plain_template() {
+    // K = 20 is not a multiple of 8 (16-byte copies); f32 has no tensor-core path here.
+    for function in ["odd_k", "wide"] {
+        let names = run(function, &[("M", 11)]);
+        assert!(!uses_tensor_cores(&names), "{function}: {names:?}");
+        assert!(names.iter().any(|n| n.contains("matmul")), "{names:?}");
+    }
+}
+
+#[test]
+fn the_plain_template_can_be_forced() {
+    let module = lower("mma_gemm.kiln", SRC, None, None);
+    let options = Options {
+        tensor_cores: false,
+        ..Options::default()
+    };
+    let compiled = kiln_gpu_kernels::compile_function(&module, "nk", &options).unwrap();
+    assert!(compiled
+        .kernels
+        .iter()
+        .all(|k| !k.name.contains("mma_gemm")));
+}

@@ -1,0 +1,176 @@
+//! The tensor-core GEMM kernels at LLM shapes (Llama-3-8B projections, a fused gate/up pair,
+//! decode-sized M, f16) assemble with ptxas for all five targets without spilling a register
+//! (ptxas's own `-v` report). Without ptxas the test fails with the install command, unless
+//! `KILN_ALLOW_NO_PTXAS=1`, when it says it was not run.
+
+mod common;
+
+use common::lower;
+use kiln_gpu_kernels::Options;
+use kiln_ptx::{emit_ptx, AssembleOptions, EmitOptions, Target, Toolchain};
+
+const SRC: &str = "import nn
+fn q_proj(x: bf16[T, 4096], w: bf16[4096, 4096]) -> bf16[T, 4096] { linear(x, w) }
+fn down(x: bf16[T, 14336], w: bf16[4096, 14336], r: bf16[T, 4096]) -> bf16[T, 4096] { linear(x, w) + r }
+fn gate_up(x: bf16[T, 4096], gate: bf16[14336, 4096], up: bf16[14336, 4096]) -> bf16[T, 14336] { silu(linear(x, gate)) * linear(x, up) }
+fn decode(x: bf16[16, 4096], w: bf16[14336, 4096]) -> bf16[16, 14336] { linear(x, w) }
+fn decode1(x: bf16[1, 4096], w: bf16[4096, 4096]) -> bf16[1, 4096] { linear(x, w) }
+fn square(a: f16[4096, 4096], b: f16[4096, 4096]) -> f16[4096, 4096] { a @ b }
+";
+
+#[test]
+fn llm_shaped_gemms_assemble_for_every_target_without_spills() {
+    let toolchain = match Toolchain::discover() {
+        Ok(t) => t,
+        Err(e) if std::env::var("KILN_ALLOW_NO_PTXAS").as_deref() == Ok("1") => {
+            eprintln!("NOT RUN (no ptxas): {e}");
+            return;
+        }
+        Err(e) => panic!("{e}\n(set KILN_ALLOW_NO_PTXAS=1 to skip)"),
+    };
+    let module = lower("llm_gemms.kiln", SRC, None, None);
+    let mut kernels = Vec::new();
+    for function in ["q_proj", "down", "gate_up", "decode", "decode1", "square"] {
+        let compiled =
+            kiln_gpu_kernels::compile_function(&module, function, &Options::default()).unwrap();
+        let gemms: Vec<_> = compiled
+            .kernels
+            .into_iter()
+            .filter(|k| k.name.contains("mma_gemm"))
+            .collect();
+        assert_eq!(gemms.len(), 1, "{function}: one tensor-core kernel");
+        kernels.extend(gemms);
+    }
+    for target in Target::ALL {
+        for kernel in &kernels {
+            let ptx = emit_ptx(
+                std::slice::from_ref(kernel),
+                target,
+                &EmitOptions::default(),
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+            let assembled = toolchain
+                .assemble(&ptx, target, &AssembleOptions::default())
+                .unwrap_or_else(|e| panic!("{}: {e}", kernel.name));
+            let report = assembled
+                .report
+                .functions
+                .iter()
+                .find(|f| f.name == kernel.name)
+                .unwrap_or_else(|| panic!("no report for {}:\n{}", kernel.name, assembled.log));
+            println!(
+                "{:>7} {:<50} {:>3} registers, {} bytes smem",
+                target.sm_name(),
+                kernel.name,
+                report.registers,
+                report.shared_memory_bytes
+            );
+            assert!(
+                !report.has_spills(),
+                "{} spills on {target}:\n{}",
+                kernel.name,
+                assembled.log
+            );
+        }
+    }
+}
+
+/// Shapes for the GPU check: `(function, T)`.
+const GPU_CASES: [(&str, u64); 7] = [
+    ("small_nk", 37),
+    ("small_kn", 130),
+    ("q_proj", 4096),
+    ("gate_up_plain", 4096),
+    ("big", 8192),
+    ("decode", 16),
+    ("decode1", 1),
+];
+
+const GPU_SRC: &str = "import nn
+fn small_nk(x: bf16[T, 24], w: bf16[53, 24]) -> bf16[T, 53] { linear(x, w) }
+fn small_kn(x: bf16[T, 72], w: bf16[72, 200]) -> bf16[T, 200] { x @ w }
+fn q_proj(x: bf16[T, 4096], w: bf16[4096, 4096]) -> bf16[T, 4096] { linear(x, w) }
+fn gate_up_plain(x: bf16[T, 4096], w: bf16[14336, 4096]) -> bf16[T, 14336] { linear(x, w) }
+fn big(x: bf16[T, 8192], w: bf16[8192, 8192]) -> bf16[T, 8192] { linear(x, w) }
+fn decode(x: bf16[16, 4096], w: bf16[14336, 4096]) -> bf16[16, 14336] { linear(x, w) }
+fn decode1(x: bf16[1, 4096], w: bf16[4096, 4096]) -> bf16[1, 4096] { linear(x, w) }
+";
+
+/// Writes `$KILN_GEMM_CHECK_DIR/manifest.json` and one PTX file (sm_90a, JIT-capped) per
+/// case, for `tools/gemm_gpu_check.py`, which runs them on random data against PyTorch
+/// and times them beside `torch.matmul`.
+#[test]
+#[ignore = "writes a GPU check to $KILN_GEMM_CHECK_DIR; run tools/gemm_gpu_check.py on a GPU"]
+fn export_gemm_gpu_check() {
+    use kiln_kir::{Arg, BufferKind, Param, Step};
+    let dir = std::path::PathBuf::from(
+        std::env::var_os("KILN_GEMM_CHECK_DIR").expect("set KILN_GEMM_CHECK_DIR"),
+    );
+    std::fs::create_dir_all(&dir).unwrap();
+    let module = lower("gemm_check.kiln", GPU_SRC, None, None);
+    let mut cases = Vec::new();
+    for (function, t) in GPU_CASES {
+        let compiled =
+            kiln_gpu_kernels::compile_function(&module, function, &Options::default()).unwrap();
+        let Some(Step::Launch { kernel, args }) = compiled.plan.steps.first() else {
+            panic!("{function}: no launch");
+        };
+        assert_eq!(compiled.plan.steps.len(), 1, "{function}: one launch");
+        let kernel = &compiled.kernels[*kernel];
+        let ptx = emit_ptx(
+            std::slice::from_ref(kernel),
+            Target::Sm90a,
+            &EmitOptions::for_jit(),
+        )
+        .unwrap();
+        let file = format!("{function}.ptx");
+        std::fs::write(dir.join(&file), ptx).unwrap();
+        let params: Vec<serde_json::Value> = kernel
+            .params
+            .iter()
+            .zip(args)
+            .map(|(param, arg)| match (param, arg) {
+                (Param::Buffer { .. }, Arg::Buffer(b)) => {
+                    match &compiled.plan.buffers[b.0 as usize].kind {
+                        BufferKind::Input(i) => serde_json::json!({ "input": i }),
+                        BufferKind::Output(o) => serde_json::json!({ "output": o }),
+                        other => panic!("{function}: a {other:?} buffer"),
+                    }
+                }
+                (Param::Scalar { .. }, Arg::Sym(s)) => serde_json::json!({ "sym": s }),
+                other => panic!("{function}: {other:?}"),
+            })
+            .collect();
+        let grid = kiln_kir::launch_grid(kernel, &|s| (s == "T").then_some(t)).unwrap();
+        let func = module.function(function).unwrap();
+        let shapes: Vec<Vec<u64>> = func
+            .params()
+            .iter()
+            .map(|&p| {
+                func.ty(p)
+                    .shape
+                    .dims()
+                    .iter()
+                    .map(|d| d.as_const().unwrap_or(t))
+                    .collect()
+            })
+            .collect();
+        cases.push(serde_json::json!({
+            "function": function,
+            "kernel": kernel.name,
+            "ptx": file,
+            "grid": grid,
+            "block": kernel.block_dim,
+            "params": params,
+            "T": t,
+            "inputs": shapes,
+            // x @ w for [K, N] weights, linear (x @ w.T) for [N, K] ones.
+            "transposed_weight": !function.ends_with("_kn"),
+        }));
+    }
+    std::fs::write(
+        dir.join("manifest.json"),
+        serde_json::to_string_pretty(&serde_json::json!({ "cases": cases })).unwrap(),
+    )
+    .unwrap();
+}

@@ -1,0 +1,93 @@
+#!/usr/bin/env python3
+"""Runs the tensor-core GEMM check exported by `tests/mma_gemm_ptxas.rs` on an NVIDIA GPU.
+
+For each case: random bf16 inputs (PyTorch), the kernel loaded from its PTX (CuPy's
+RawModule, JIT-compiled by the driver), the output compared with PyTorch's product in f32
+rounded to bf16 (relative error max |a - b| / max |b| at most 1e-2), then both timed with
+CUDA events (median of 20 after 3 warm-ups). Prints one JSON line per case; exits non-zero
+when a result is wrong.
+
+Usage: python3 gpu-kernels/tools/gemm_gpu_check.py DIR [--small]
+(`--small`: only the cases of at most 2^30 multiply-adds and no timing, for running under
+compute-sanitizer.)
+"""
+import json
+import sys
+
+import cupy as cp
+import torch
+
+
+def median_ms(fn, runs=20):
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(runs):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def main():
+    root = sys.argv[1]
+    small = "--small" in sys.argv[2:]
+    manifest = json.load(open(f"{root}/manifest.json"))
+    torch.manual_seed(0)
+    failures = 0
+    for case in manifest["cases"]:
+        x_shape, w_shape = case["inputs"]
+        if small and x_shape[0] * w_shape[0] * w_shape[1] > 1 << 30:
+            continue
+        x = torch.randn(x_shape, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(w_shape, device="cuda", dtype=torch.bfloat16)
+        if case["transposed_weight"]:
+            ref = lambda: torch.nn.functional.linear(x, w)
+            want = (x.float() @ w.float().T).bfloat16()
+        else:
+            ref = lambda: x @ w
+            want = (x.float() @ w.float()).bfloat16()
+        out = torch.full(tuple(want.shape), float("nan"), device="cuda", dtype=torch.bfloat16)
+        tensors = {"input": [x, w], "output": [out]}
+        module = cp.RawModule(path=f"{root}/{case['ptx']}")
+        kernel = module.get_function(case["kernel"])
+        args = []
+        for p in case["params"]:
+            if "sym" in p:
+                args.append(cp.int64(case["T"]))
+            else:
+                kind = "input" if "input" in p else "output"
+                args.append(cp.uint64(tensors[kind][p[kind]].data_ptr()))
+
+        def launch():
+            kernel(tuple(case["grid"]), (case["block"], 1, 1), tuple(args))
+
+        launch()
+        torch.cuda.synchronize()
+        err = ((out.float() - want.float()).abs().max() / want.float().abs().max()).item()
+        ok = err <= 1e-2
+        failures += 0 if ok else 1
+        m, n = want.shape[-2], want.shape[-1]
+        k = x_shape[-1]
+        if small:
+            print(json.dumps({"case": case["function"], "ok": ok, "rel_err": err}), flush=True)
+            continue
+        kiln_ms = median_ms(launch)
+        torch_ms = median_ms(ref)
+        flops = 2 * m * n * k
+        weight_bytes = w.numel() * 2
+        print(json.dumps({
+            "case": case["function"], "kernel": case["kernel"], "m": m, "n": n, "k": k,
+            "ok": ok, "rel_err": err,
+            "kiln_ms": kiln_ms, "torch_ms": torch_ms, "ratio_vs_torch": torch_ms / kiln_ms,
+            "kiln_tflops": flops / kiln_ms / 1e9, "torch_tflops": flops / torch_ms / 1e9,
+            "kiln_weight_tbps": weight_bytes / kiln_ms / 1e9,
+        }), flush=True)
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()
