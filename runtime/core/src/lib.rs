@@ -1,9 +1,12 @@
 //! kiln's runtime core: loading a checkpoint's tensors for a lowered program and running the
 //! program's entry functions on a backend.
 //!
-//! Backends: the reference interpreter today (exact, slow, always available); the Cranelift
-//! CPU backend and CUDA come with the code-generation and runtime issues and plug in behind
-//! [`Backend`].
+//! Backends: the reference interpreter ([`run`] with [`Backend`]: exact, slow, always
+//! available) and the compiled CPU plan ([`cpu::CpuProgram`]: the fused kernels JIT-compiled
+//! by Cranelift); CUDA lives in kiln-cuda.
+//!
+//! Sentence embeddings: [`embed`] ([`EmbeddingModel`]: text to L2-normalized vectors with an
+//! encoder checkpoint). Long steps report through [`progress`].
 //!
 //! Text generation on the host: [`tokenizer`] (tokenizer.json, tokenizer_config.json,
 //! incremental detokenization), [`chat`] (chat templates), [`generation_config`],
@@ -11,18 +14,24 @@
 //! drives a model with them).
 
 pub mod chat;
+pub mod cpu;
+pub mod embed;
 pub mod generate;
 pub mod generation_config;
 pub mod models;
+pub mod progress;
 pub mod sampling;
 pub mod tokenizer;
 pub mod weights;
 
 pub use chat::{ChatMessage, ChatTemplate, MessageContent};
+pub use cpu::CpuProgram;
+pub use embed::{EmbedBackend, EmbedError, EmbeddingModel};
 pub use generate::{
     Completion, GenerateError, GenerationEvent, Generator, LogitsModel, ProgramLogits, RequestId,
 };
 pub use generation_config::GenerationConfig;
+pub use progress::{NoProgress, Progress, ProgressUnit};
 pub use sampling::{FinishReason, Sampler, SamplingError, SamplingParams};
 pub use tokenizer::{IncrementalDecoder, Tokenizer, TokenizerError};
 pub use weights::Weights;
@@ -58,6 +67,10 @@ pub enum RuntimeError {
         function: String,
         source: kiln_ir::IrError,
     },
+    #[error("compiling for the CPU: {0}")]
+    Compile(String),
+    #[error("running `{function}` on the CPU plan: {message}")]
+    CpuExecution { function: String, message: String },
 }
 
 impl RuntimeError {
