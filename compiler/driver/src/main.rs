@@ -1,9 +1,11 @@
 //! `kiln`: the command-line tool. `check` reports every diagnostic of a program; `compile`
 //! prints a stage of the pipeline or writes a package; `run` executes a program on a
 //! checkpoint (or random weights), optionally decoding greedily; `serve` runs the
-//! OpenAI-compatible server of `kiln-server`.
+//! OpenAI-compatible server of `kiln-server`; `embed` prints sentence embeddings of texts.
 
 mod compile;
+mod embed;
+mod progress;
 mod run;
 
 use anyhow::{bail, Context, Result};
@@ -35,6 +37,8 @@ enum Command {
     Run(run::RunArgs),
     /// Serve a model over an OpenAI-compatible HTTP API.
     Serve(kiln_server::ServeArgs),
+    /// Print sentence embeddings of texts (JSON, one line a text) with an encoder checkpoint.
+    Embed(embed::EmbedArgs),
 }
 
 #[derive(clap::Args)]
@@ -78,6 +82,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             })
         }
         Command::Compile(args) => compile::run(args),
+        Command::Embed(args) => embed::run(args),
     }
 }
 
