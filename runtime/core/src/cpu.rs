@@ -19,7 +19,10 @@ pub struct CpuProgram {
 impl CpuProgram {
     /// Optimizes, fuses and compiles every function of `module`, reporting the kernels
     /// compiled so far to `progress`.
-    pub fn compile(module: &Module, progress: &mut dyn Progress) -> Result<CpuProgram, RuntimeError> {
+    pub fn compile(
+        module: &Module,
+        progress: &mut dyn Progress,
+    ) -> Result<CpuProgram, RuntimeError> {
         progress.start("optimizing and fusing", 0, ProgressUnit::Items);
         let mut optimized = module.clone();
         let fused = kiln_opt::optimize(&mut optimized)

@@ -14,8 +14,11 @@
 //!
 //! Batches: sequences are sorted by length and grouped so that each group, padded to its
 //! longest member, holds at most `batch_tokens` tokens (a sequence longer than that runs
-//! alone); padding uses id 0 and mask 0, so it changes no real token's result. Results come
-//! back in input order.
+//! alone) and at most a quarter of it is padding, counting every sequence as at least
+//! [`SHORT_SEQUENCE`] tokens long (short ones share a kernel tile on any backend, and the
+//! matmul template tiles each sequence of a batch on its own, so padding a short sequence
+//! to a long one's length costs the long one's time). Padding uses id 0 and mask 0, so it
+//! changes no real token's result. Results come back in input order.
 
 use crate::cpu::CpuProgram;
 use crate::models::{self, ModelKind};
@@ -27,6 +30,9 @@ use std::sync::Arc;
 
 /// Padded tokens per batch unless [`EmbeddingModel::with_batch_tokens`] says otherwise.
 pub const DEFAULT_BATCH_TOKENS: usize = 2048;
+
+/// Sequences up to this many tokens batch together without counting their padding.
+pub const SHORT_SEQUENCE: usize = 32;
 
 /// Where the `embed` entry runs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -106,7 +112,10 @@ pub struct EncoderLimits {
 impl EncoderLimits {
     /// Reads the limits from `dir`'s config.json and sentence_bert_config.json, with
     /// `model_max_length` from the tokenizer when there is one.
-    pub fn from_dir(dir: &Path, tokenizer: Option<&Tokenizer>) -> Result<EncoderLimits, EmbedError> {
+    pub fn from_dir(
+        dir: &Path,
+        tokenizer: Option<&Tokenizer>,
+    ) -> Result<EncoderLimits, EmbedError> {
         let config = read_json(&dir.join("config.json"))?;
         let int = |key: &str| {
             config
@@ -161,7 +170,9 @@ pub fn encoder_tokenizer(dir: &Path) -> Result<Option<Tokenizer>, EmbedError> {
     }
     let tokenizer = Tokenizer::from_dir(dir)?;
     let limits = EncoderLimits::from_dir(dir, Some(&tokenizer))?;
-    Ok(Some(tokenizer.with_truncation(Some(limits.max_seq_length))?))
+    Ok(Some(
+        tokenizer.with_truncation(Some(limits.max_seq_length))?,
+    ))
 }
 
 impl EmbeddingModel {
@@ -327,7 +338,8 @@ impl EmbeddingModel {
         }
         let mut results: Vec<Option<Vec<f32>>> = vec![None; sequences.len()];
         for batch in batches(sequences, self.batch_tokens) {
-            let vectors = self.run_batch(&batch.iter().map(|&i| &sequences[i][..]).collect::<Vec<_>>())?;
+            let vectors =
+                self.run_batch(&batch.iter().map(|&i| &sequences[i][..]).collect::<Vec<_>>())?;
             for (index, vector) in batch.into_iter().zip(vectors) {
                 results[index] = Some(vector);
             }
@@ -353,9 +365,13 @@ impl EmbeddingModel {
             Tensor::from_ints(DType::I32, &[rows, width], mask),
         ];
         let results = match &self.engine {
-            Engine::Interpreter(module) => {
-                crate::run(Backend::Interpreter, module, &self.entry, &inputs, &self.weights)?
-            }
+            Engine::Interpreter(module) => crate::run(
+                Backend::Interpreter,
+                module,
+                &self.entry,
+                &inputs,
+                &self.weights,
+            )?,
             Engine::Cpu(program) => program.run(&self.entry, &inputs, &self.weights)?,
         };
         let embeddings = results
@@ -376,19 +392,27 @@ impl EmbeddingModel {
 }
 
 /// Groups sequence indices into batches (see the module docs): sorted by length (ties in
-/// input order), each batch's longest length times its size at most `batch_tokens`.
+/// input order), each batch's longest length times its size at most `batch_tokens`, and its
+/// padding (sequences counted as at least [`SHORT_SEQUENCE`] long) at most a quarter of that.
 fn batches(sequences: &[Vec<u32>], batch_tokens: usize) -> Vec<Vec<usize>> {
     let mut order: Vec<usize> = (0..sequences.len()).collect();
     order.sort_by_key(|&i| sequences[i].len());
+    let effective = |i: usize| sequences[i].len().max(SHORT_SEQUENCE);
     let mut batches: Vec<Vec<usize>> = Vec::new();
     let mut current: Vec<usize> = Vec::new();
+    let mut current_tokens = 0;
     for index in order {
         // Sorted ascending: this sequence is the longest of the batch if it joins.
-        let padded = (current.len() + 1) * sequences[index].len();
-        if !current.is_empty() && padded > batch_tokens {
+        let count = current.len() + 1;
+        let padded = count * sequences[index].len();
+        let real = current_tokens + effective(index);
+        let too_much_padding = 4 * real < 3 * count * effective(index);
+        if !current.is_empty() && (padded > batch_tokens || too_much_padding) {
             batches.push(std::mem::take(&mut current));
+            current_tokens = 0;
         }
         current.push(index);
+        current_tokens += effective(index);
     }
     if !current.is_empty() {
         batches.push(current);
@@ -426,15 +450,21 @@ mod tests {
 
     #[test]
     fn batches_group_similar_lengths_under_the_token_budget() {
-        let sequences = lengths(&[5, 100, 6, 7, 90, 300]);
+        let sequences = lengths(&[5, 100, 6, 7, 90, 300, 40]);
+        // 5, 6, 7 and 40 count as 32, 32, 32, 40: 16 padded tokens of 160.
         assert_eq!(
             batches(&sequences, 200),
-            [vec![0, 2, 3], vec![4, 1], vec![5]]
+            [vec![0, 2, 3, 6], vec![4, 1], vec![5]]
+        );
+        // 90 and 100 in a batch of 1000 tokens, but padding 40 to 90 would be too much.
+        assert_eq!(
+            batches(&sequences, 1000),
+            [vec![0, 2, 3, 6], vec![4, 1], vec![5]]
         );
         // One token a batch: every sequence alone, shortest first.
         assert_eq!(
             batches(&sequences, 1),
-            [vec![0], vec![2], vec![3], vec![4], vec![1], vec![5]]
+            [vec![0], vec![2], vec![3], vec![6], vec![4], vec![1], vec![5]]
         );
         assert!(batches(&[], 10).is_empty());
     }
@@ -446,7 +476,12 @@ mod tests {
         assert_eq!(model.backend(), EmbedBackend::Interpreter);
         assert!(model.tokenizer().is_none());
         assert!(matches!(model.tokenize("hi"), Err(EmbedError::Input(_))));
-        let sequences = vec![vec![5, 9, 13], vec![7], vec![2, 4, 6, 8, 10, 12], vec![5, 9, 13]];
+        let sequences = vec![
+            vec![5, 9, 13],
+            vec![7],
+            vec![2, 4, 6, 8, 10, 12],
+            vec![5, 9, 13],
+        ];
         let batched = model.embed_ids(&sequences).expect("embed");
         let alone = model
             .clone()
@@ -458,11 +493,18 @@ mod tests {
             assert_eq!(b.len(), model.dimension());
             let norm: f32 = b.iter().map(|v| v * v).sum::<f32>().sqrt();
             assert!((norm - 1.0).abs() < 1e-5, "norm {norm}");
-            let max_diff = b.iter().zip(a).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+            let max_diff = b
+                .iter()
+                .zip(a)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0, f32::max);
             assert!(max_diff < 1e-5, "padding changed a result by {max_diff}");
         }
         assert_eq!(batched[0], batched[3]);
-        assert!(matches!(model.embed_ids(&[vec![]]), Err(EmbedError::Input(_))));
+        assert!(matches!(
+            model.embed_ids(&[vec![]]),
+            Err(EmbedError::Input(_))
+        ));
         assert!(matches!(
             model.embed_ids(&[vec![1_000_000]]),
             Err(EmbedError::Input(_))

@@ -59,7 +59,8 @@ impl ModelProgram {
     /// Lowers the program's entry function against a parsed config.json, with params in
     /// f32; `Err` holds the rendered diagnostics.
     pub fn lower(&self, config: &serde_json::Value) -> Result<kiln_lower::Lowered, String> {
-        let (parsed, mut diagnostics) = kiln_lower::Program::load_source(self.path, self.source, None);
+        let (parsed, mut diagnostics) =
+            kiln_lower::Program::load_source(self.path, self.source, None);
         let options = kiln_lower::Options {
             param_dtype: kiln_ir::DType::F32,
             entries: Some(vec![self.entry.to_string()]),
