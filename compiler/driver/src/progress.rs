@@ -48,11 +48,11 @@ impl Progress for Bars {
             (0, _) => (ProgressBar::new_spinner(), "{spinner} {msg} {elapsed}"),
             (n, ProgressUnit::Bytes) => (
                 ProgressBar::new(n),
-                "{msg} [{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} {eta}",
+                "{msg} [{bar:24}] {binary_bytes}/{binary_total_bytes} {eta}",
             ),
             (n, ProgressUnit::Items) => (
                 ProgressBar::new(n),
-                "{msg} [{bar:30}] {pos}/{len} {elapsed}",
+                "{msg} [{bar:24}] {pos}/{len} {elapsed}",
             ),
         };
         if let Ok(style) = ProgressStyle::with_template(template) {
