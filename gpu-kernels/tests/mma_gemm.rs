@@ -112,7 +112,9 @@ fn decode_shapes_split_k_over_warps() {
     for function in ["decode1", "decode16", "decode5"] {
         let names = run(function, &[]);
         assert!(
-            names.iter().any(|n| n.contains("mma_gemm_16x32x128_w1x2x4")),
+            names
+                .iter()
+                .any(|n| n.contains("mma_gemm_16x32x128_w1x2x4")),
             "{function}: {names:?}"
         );
     }

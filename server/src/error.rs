@@ -57,6 +57,9 @@ pub enum ServerError {
     /// The tokenizer files could not be loaded.
     #[error(transparent)]
     Tokenizer(#[from] kiln_runtime::TokenizerError),
+    /// An encoder could not be prepared for embeddings.
+    #[error(transparent)]
+    Embedding(#[from] kiln_runtime::EmbedError),
     /// A KV-cache sizing problem, in particular `max_model_len` not fitting the cache.
     #[error(transparent)]
     KvCache(#[from] kiln_kvcache::KvCacheError),

@@ -719,15 +719,10 @@ async fn embeddings_inner(
         .acquire()
         .await
         .map_err(|_| ApiError::unavailable("the server is shutting down"))?;
-    let vectors = tokio::task::spawn_blocking(move || {
-        inputs
-            .iter()
-            .map(|input| embedder.embed(input))
-            .collect::<Result<Vec<_>, _>>()
-    })
-    .await
-    .map_err(|e| ApiError::internal(format!("the embedding task failed: {e}")))?
-    .map_err(|e| ApiError::internal(e.to_string()))?;
+    let vectors = tokio::task::spawn_blocking(move || embedder.embed(&inputs))
+        .await
+        .map_err(|e| ApiError::internal(format!("the embedding task failed: {e}")))?
+        .map_err(|e| ApiError::internal(e.to_string()))?;
     let data: Vec<Value> = vectors
         .iter()
         .enumerate()

@@ -200,21 +200,15 @@ impl Server {
             }
             ModelKind::Encoder => {
                 let metrics = Arc::new(Metrics::new(&model_name, CacheConfigInfo::default()));
-                let description = format!(
-                    "{} (`{}` entry, one input at a time)",
-                    kiln_runtime::Backend::Interpreter.name(),
-                    model.entry
-                );
+                let description = model
+                    .embedding
+                    .clone()
+                    .map(|embedding| Embedder::new(embedding).describe())
+                    .unwrap_or_default();
                 (None, None, 0, description, metrics)
             }
         };
-        let embedder = (model.kind == ModelKind::Encoder).then(|| {
-            Embedder::new(
-                Arc::clone(&model.module),
-                Arc::clone(&model.weights),
-                model.entry,
-            )
-        });
+        let embedder = model.embedding.clone().map(Embedder::new);
         let info = ServerInfo {
             model_name: model_name.clone(),
             model_dir: model.dir.clone(),

@@ -1,7 +1,9 @@
 //! Loading the served model: config.json's `model_type` picks the kiln program
 //! (`kiln_runtime::models`, the table `kiln run` uses too), the program is lowered against
 //! config.json, the checkpoint's tensors are bound, and the tokenizer (or the byte-level fallback), end-of-sequence ids, sampling
-//! defaults, context length and KV-cache shape are read from the directory.
+//! defaults, context length and KV-cache shape are read from the directory. An encoder also
+//! gets its [`EmbeddingModel`] (compiled for the CPU), whose tokenizer (truncating at
+//! `max_seq_length` as sentence-transformers does) is the server's codec.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -9,7 +11,9 @@ use std::sync::Arc;
 use kiln_kvcache::KvCacheShape;
 use kiln_lower::{Options, Program};
 use kiln_runtime::models::{self, ModelKind};
-use kiln_runtime::{GenerationConfig, Tokenizer, Weights};
+use kiln_runtime::{
+    EmbedBackend, EmbeddingModel, GenerationConfig, NoProgress, Tokenizer, Weights,
+};
 
 use crate::codec::TextCodec;
 use crate::error::ServerError;
@@ -46,6 +50,8 @@ pub struct LoadedModel {
     pub hidden_size: usize,
     /// What one token's KV takes, for sizing the cache.
     pub kv_shape: KvCacheShape,
+    /// For encoders: the embedding path `kiln embed` takes too.
+    pub embedding: Option<EmbeddingModel>,
 }
 
 impl LoadedModel {
@@ -104,10 +110,27 @@ impl LoadedModel {
             .ok_or_else(|| missing("num_attention_heads (or n_head)"))?;
         let num_kv_heads = int(&["num_key_value_heads"]).unwrap_or(num_heads);
         let head_dim = int(&["head_dim"]).unwrap_or(hidden_size / num_heads.max(1));
-        let codec = if dir.join("tokenizer.json").is_file() {
-            TextCodec::Tokenizer(Tokenizer::from_dir(dir)?)
-        } else {
-            TextCodec::Bytes { vocab_size }
+        let module = Arc::new(lowered.module);
+        let weights = Arc::new(weights);
+        let embedding = match program.kind {
+            ModelKind::Encoder => Some(EmbeddingModel::from_parts(
+                dir,
+                Arc::clone(&module),
+                Arc::clone(&weights),
+                program.entry,
+                EmbedBackend::Cpu,
+                &mut NoProgress,
+            )?),
+            ModelKind::Decoder => None,
+        };
+        let tokenizer = match &embedding {
+            Some(embedding) => embedding.tokenizer().cloned(),
+            None if dir.join("tokenizer.json").is_file() => Some(Tokenizer::from_dir(dir)?),
+            None => None,
+        };
+        let codec = match tokenizer {
+            Some(tokenizer) => TextCodec::Tokenizer(tokenizer),
+            None => TextCodec::Bytes { vocab_size },
         };
         let context_len = int(&["max_position_embeddings", "n_positions"])
             .or_else(|| codec.model_max_length())
@@ -124,9 +147,9 @@ impl LoadedModel {
             model_type,
             kind: program.kind,
             program_path: program.path,
-            module: Arc::new(lowered.module),
+            module,
             entry: program.entry,
-            weights: Arc::new(weights),
+            weights,
             codec,
             eos_token_ids,
             generation_config,
@@ -140,6 +163,7 @@ impl LoadedModel {
                 // The interpreter and the CPU backend keep activations in f32.
                 dtype_bytes: 4,
             },
+            embedding,
         })
     }
 

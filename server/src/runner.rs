@@ -1,6 +1,7 @@
 //! The engine's view of a model: [`ModelRunner`] turns one scheduled step into the
 //! last-position logits of every sequence that samples, and [`InterpreterRunner`] implements
-//! it on kiln's reference interpreter. [`Embedder`] runs an encoder's `embed` entry.
+//! it on kiln's reference interpreter. [`Embedder`] runs an encoder's `embed` entry through
+//! `kiln_runtime::EmbeddingModel`.
 //!
 //! `InterpreterRunner` keeps no KV cache: for each sampling sequence it runs the program's
 //! `forward` over the sequence's whole token list, alone (batch of one). A sequence's logits
@@ -13,7 +14,7 @@ use std::sync::Arc;
 
 use kiln_ir::{DType, Tensor};
 use kiln_kvcache::{BlockCopy, BlockId, SeqId};
-use kiln_runtime::{Backend, RuntimeError, Weights};
+use kiln_runtime::{Backend, EmbedError, EmbeddingModel, RuntimeError, Weights};
 
 /// What a runner can fail with; the engine fails the step's requests with the message.
 #[derive(Debug, thiserror::Error)]
@@ -176,50 +177,33 @@ impl ModelRunner for InterpreterRunner {
     }
 }
 
-/// Sentence embeddings from an encoder's `embed` entry (`tokens: i32[B, S], mask: i32[B, S]
-/// -> f32[B, hidden]`, mean-pooled and L2-normalized by the program).
+/// Sentence embeddings for `/v1/embeddings`: [`kiln_runtime::EmbeddingModel`], the path
+/// `kiln embed` takes, so both give the same vectors for the same token ids.
 #[derive(Debug, Clone)]
 pub struct Embedder {
-    module: Arc<kiln_ir::Module>,
-    weights: Arc<Weights>,
-    entry: String,
+    model: EmbeddingModel,
 }
 
 impl Embedder {
-    /// An embedder running `entry` of `module`.
-    pub fn new(module: Arc<kiln_ir::Module>, weights: Arc<Weights>, entry: &str) -> Embedder {
-        Embedder {
-            module,
-            weights,
-            entry: entry.to_string(),
-        }
+    /// An embedder running `model`.
+    pub fn new(model: EmbeddingModel) -> Embedder {
+        Embedder { model }
     }
 
-    /// The embedding of one token sequence (run alone: no padding).
-    pub fn embed(&self, token_ids: &[u32]) -> Result<Vec<f32>, RunnerError> {
-        let shape = [1, token_ids.len()];
-        let tokens = Tensor::from_ints(
-            DType::I32,
-            &shape,
-            token_ids.iter().map(|&id| i64::from(id)).collect(),
-        );
-        let mask = Tensor::from_ints(DType::I32, &shape, vec![1; token_ids.len()]);
-        let results = kiln_runtime::run(
-            Backend::Interpreter,
-            &self.module,
-            &self.entry,
-            &[tokens, mask],
-            &self.weights,
-        )?;
-        let embedding = results
-            .first()
-            .ok_or_else(|| RunnerError::BadOutput("no result".into()))?;
-        if embedding.shape.len() != 2 || embedding.shape[0] != 1 {
-            return Err(RunnerError::BadOutput(format!(
-                "an embedding of shape {:?}, expected [1, hidden]",
-                embedding.shape
-            )));
-        }
-        Ok(embedding.to_f32_vec())
+    /// The L2-normalized embedding of every token sequence, in order.
+    pub fn embed(&self, sequences: &[Vec<u32>]) -> Result<Vec<Vec<f32>>, RunnerError> {
+        self.model.embed_ids(sequences).map_err(|e| match e {
+            EmbedError::Runtime(e) => RunnerError::Runtime(e),
+            other => RunnerError::BadOutput(other.to_string()),
+        })
+    }
+
+    /// Where the model runs, for the startup log.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} (sentence embeddings, batches of at most {} padded tokens)",
+            self.model.backend().name(),
+            kiln_runtime::embed::DEFAULT_BATCH_TOKENS
+        )
     }
 }

@@ -1,6 +1,7 @@
 //! The server's life around requests: a client that disconnects frees every KV block it held,
 //! /metrics parses as Prometheus text and its counters move, startup refuses a KV cache too
-//! small for max_model_len, shutdown is graceful, and embeddings work for encoders only.
+//! small for max_model_len, shutdown is graceful, and embeddings work for encoders only and
+//! equal `kiln embed`'s (the library's `EmbeddingModel`) for the real all-MiniLM-L6-v2.
 
 mod common;
 
@@ -384,6 +385,39 @@ async fn embeddings_for_encoders_only() {
         .as_str()
         .unwrap()
         .contains("embeddings"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn minilm_embeddings_equal_the_library_path() {
+    let dir = kiln_tests::minilm_dir();
+    let texts = [
+        "Hello, world!",
+        "   Leading and trailing spaces, and\ttabs\nand newlines.   ",
+        "Café, naïve, résumé.",
+        &"A long text that sentence-transformers truncates at 256 tokens. ".repeat(30),
+    ];
+    let server = TestServer::start(config_for(dir.clone())).await;
+    let (status, answer) = server
+        .post("/v1/embeddings", &json!({"input": texts}))
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    let model = kiln_runtime::EmbeddingModel::load_quiet(&dir, kiln_runtime::EmbedBackend::Cpu)
+        .expect("load all-MiniLM-L6-v2");
+    let want = model.embed_texts(&texts).expect("embed");
+    let tokens: usize = texts
+        .iter()
+        .map(|t| model.tokenize(t).expect("tokenize").len())
+        .sum();
+    assert_eq!(answer["usage"]["prompt_tokens"], tokens);
+    for (index, want) in want.iter().enumerate() {
+        let got: Vec<f32> = answer["data"][index]["embedding"]
+            .as_array()
+            .expect("an embedding")
+            .iter()
+            .map(|v| v.as_f64().expect("a number") as f32)
+            .collect();
+        assert_eq!(&got, want, "embedding {index}");
+    }
 }
 
 fn decode_base64_f32(text: &str) -> Vec<f32> {

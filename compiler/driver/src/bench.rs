@@ -1,11 +1,12 @@
-//! `kiln bench kernels`: the GPU kernel benchmarks of the memory-bound fusions of
-//! BASELINES.md (residual add + RMSNorm, SwiGLU's element-wise part, RoPE, and a plain copy
-//! for the ceiling), compiled for the device's target and timed with CUDA events (warm-up,
-//! median of the runs, random data larger than L2). Reports per case the median time, the
-//! bytes that must move (inputs read once + outputs written once), the effective GB/s and
-//! the fraction of the copy bandwidth measured in the same run; with PyTorch's numbers from
-//! `benches/torch_peers.py` (same shapes, same machine), also the ratios to eager and
-//! torch.compile.
+//! `kiln bench kernels`: the GPU kernel benchmarks of BASELINES.md, compiled for the
+//! device's target and timed with CUDA events (warm-up, median of the runs, random data):
+//! the memory-bound fusions (residual add + RMSNorm, SwiGLU's element-wise part, RoPE, and a
+//! plain copy for the ceiling) and the bf16 GEMMs (prefill-sized, and decode-sized with
+//! M = 1 and 16). Reports per case the median time, the bytes that must move (inputs read
+//! once + outputs written once; for decode GEMMs the weight bytes), the effective GB/s and
+//! the fraction of the copy bandwidth measured in the same run, and TFLOP/s for GEMMs; with
+//! PyTorch's numbers from `benches/torch_peers.py` (same shapes, same machine), also the
+//! ratios to eager and torch.compile (cuBLAS for GEMMs).
 
 use anyhow::{anyhow, bail, Context, Result};
 use kiln_cuda::{CudaDevice, CudaPackage, CudaProgram};
@@ -50,13 +51,37 @@ fn add_rms_norm(x: bf16[T, 4096], residual: bf16[T, 4096], w: bf16[4096]) -> (bf
 }
 fn swiglu_act(gate: bf16[T, 14336], up: bf16[T, 14336]) -> bf16[T, 14336] { silu(gate) * up }
 fn rotary(q: bf16[T, 32, 128], pos: i64[T]) -> bf16[T, 32, 128] { rope(q, pos, 500000.0) }
+fn gemm_4096(x: bf16[4096, 4096], w: bf16[4096, 4096]) -> bf16[4096, 4096] { x @ w.T }
+fn gemm_8192(x: bf16[8192, 8192], w: bf16[8192, 8192]) -> bf16[8192, 8192] { x @ w.T }
+fn gemm_4096x14336(x: bf16[4096, 4096], w: bf16[14336, 4096]) -> bf16[4096, 14336] { x @ w.T }
+fn decode_m1_4096(x: bf16[1, 4096], w: bf16[4096, 4096]) -> bf16[1, 4096] { x @ w.T }
+fn decode_m16_4096(x: bf16[16, 4096], w: bf16[4096, 4096]) -> bf16[16, 4096] { x @ w.T }
+fn decode_m1_14336(x: bf16[1, 4096], w: bf16[14336, 4096]) -> bf16[1, 14336] { x @ w.T }
+fn decode_m16_14336(x: bf16[16, 4096], w: bf16[14336, 4096]) -> bf16[16, 14336] { x @ w.T }
 ";
 
 struct Case {
     function: &'static str,
     inputs: Vec<Tensor>,
-    /// Bytes read and written at the minimum.
+    /// Bytes read and written at the minimum (for decode GEMMs: the weight's bytes).
     bytes: u64,
+    /// Multiply-adds times two, for GEMMs.
+    flops: Option<u64>,
+}
+
+/// `x [m, k] @ w [n, k]ᵀ` in bf16; decode-sized (`m <= 16`) counts only the weight's bytes.
+fn gemm_case(function: &'static str, m: usize, n: usize, k: usize, seed: u64) -> Case {
+    let bytes = if m <= 16 {
+        (n * k * 2) as u64
+    } else {
+        ((m * k + n * k + m * n) * 2) as u64
+    };
+    Case {
+        function,
+        inputs: vec![random_bf16(&[m, k], seed), random_bf16(&[n, k], seed + 1)],
+        bytes,
+        flops: Some((2 * m * n * k) as u64),
+    }
 }
 
 fn random_bf16(shape: &[usize], seed: u64) -> Tensor {
@@ -81,6 +106,7 @@ fn cases() -> Vec<Case> {
             function: "copy",
             inputs: vec![random_bf16(&[copy_rows, 4096], 1)],
             bytes: 2 * 2 * (copy_rows * 4096) as u64,
+            flops: None,
         },
         Case {
             function: "add_rms_norm",
@@ -90,11 +116,13 @@ fn cases() -> Vec<Case> {
                 random_bf16(&[4096], 4),
             ],
             bytes: (4 * t * 4096 * 2 + 4096 * 2) as u64,
+            flops: None,
         },
         Case {
             function: "swiglu_act",
             inputs: vec![random_bf16(&[t, 14336], 5), random_bf16(&[t, 14336], 6)],
             bytes: (3 * t * 14336 * 2) as u64,
+            flops: None,
         },
         Case {
             function: "rotary",
@@ -103,7 +131,15 @@ fn cases() -> Vec<Case> {
                 Tensor::from_ints(DType::I64, &[t], (0..t as i64).map(|p| p % 4096).collect()),
             ],
             bytes: (2 * t * 32 * 128 * 2 + t * 8) as u64,
+            flops: None,
         },
+        gemm_case("gemm_4096", 4096, 4096, 4096, 10),
+        gemm_case("gemm_8192", 8192, 8192, 8192, 12),
+        gemm_case("gemm_4096x14336", 4096, 14336, 4096, 14),
+        gemm_case("decode_m1_4096", 1, 4096, 4096, 16),
+        gemm_case("decode_m16_4096", 16, 4096, 4096, 18),
+        gemm_case("decode_m1_14336", 1, 14336, 4096, 20),
+        gemm_case("decode_m16_14336", 16, 14336, 4096, 22),
     ]
 }
 
@@ -150,8 +186,8 @@ pub(crate) fn run(args: BenchArgs) -> Result<ExitCode> {
     let mut results = Vec::new();
     let mut copy_gbs = None;
     println!(
-        "{:<14} {:>8} {:>10} {:>9} {:>8} {:>9} {:>9}",
-        "case", "kernels", "median ms", "GB/s", "of copy", "x eager", "x compile"
+        "{:<18} {:>8} {:>10} {:>9} {:>8} {:>8} {:>9} {:>9}",
+        "case", "kernels", "median ms", "GB/s", "of copy", "TFLOP/s", "x eager", "x compile"
     );
     for case in cases() {
         let mut program = CudaProgram::new(cuda.clone(), case.function)?;
@@ -161,41 +197,52 @@ pub(crate) fn run(args: BenchArgs) -> Result<ExitCode> {
         if case.function == "copy" {
             copy_gbs = Some(gbs);
         }
-        let launches = package
+        let kernel_names: Vec<&str> = package
             .compiled
             .stats
             .launches
             .iter()
             .filter(|k| k.function == case.function)
-            .count();
+            .map(|k| k.name.as_str())
+            .collect();
+        let launches = kernel_names.len();
+        let tflops = case
+            .flops
+            .map(|f| f as f64 / (timing.median_ms * 1e-3) / 1e12);
+        // PyTorch's time for the same case: ratios are time ratios (above 1: kiln is faster).
         let peer = |mode: &str| {
             torch
                 .as_ref()
-                .and_then(|t| t[mode][case.function]["gb_per_s"].as_f64())
+                .and_then(|t| t[mode][case.function]["median_ms"].as_f64())
         };
         let (eager, compiled) = (peer("eager"), peer("compiled"));
         let fraction = copy_gbs.map(|c| gbs / c);
         let show = |x: Option<f64>| x.map(|x| format!("{x:.2}")).unwrap_or_else(|| "-".into());
         println!(
-            "{:<14} {:>8} {:>10.4} {:>9.0} {:>8} {:>9} {:>9}",
+            "{:<18} {:>8} {:>10.4} {:>9.0} {:>8} {:>8} {:>9} {:>9}",
             case.function,
             launches,
             timing.median_ms,
             gbs,
             show(fraction),
-            show(eager.map(|e| gbs / e)),
-            show(compiled.map(|c| gbs / c)),
+            show(tflops),
+            show(eager.map(|e| e / timing.median_ms)),
+            show(compiled.map(|c| c / timing.median_ms)),
         );
         results.push(serde_json::json!({
             "case": case.function,
             "kernels": launches,
+            "kernel_names": kernel_names,
             "median_ms": timing.median_ms,
             "min_ms": timing.min_ms,
             "bytes": case.bytes,
             "gb_per_s": gbs,
             "fraction_of_copy": fraction,
-            "torch_eager_gb_per_s": eager,
-            "torch_compile_gb_per_s": compiled,
+            "tflop_per_s": tflops,
+            "torch_eager_median_ms": eager,
+            "torch_compile_median_ms": compiled,
+            "speedup_vs_torch_eager": eager.map(|e| e / timing.median_ms),
+            "speedup_vs_torch_compile": compiled.map(|c| c / timing.median_ms),
         }));
     }
     let info = device.info();

@@ -97,7 +97,16 @@ pub(crate) fn run(args: CompileArgs) -> Result<ExitCode> {
     if let Some(out) = &args.out {
         let toolchain = Toolchain::discover().context("`kiln compile -o` assembles with ptxas")?;
         let program = args.program.file.display().to_string();
-        let package = pipeline::compile(&program, lowered, &options, Some(&toolchain))?;
+        use kiln_runtime::Progress;
+        let mut bars = crate::progress::Bars::stderr();
+        let target_names: Vec<&str> = options.targets.iter().map(|t| t.sm_name()).collect();
+        bars.spinner(&format!(
+            "compiling {program} for {} (fuse, emit PTX, ptxas, fatbin)",
+            target_names.join(", ")
+        ));
+        let package = pipeline::compile(&program, lowered, &options, Some(&toolchain));
+        bars.finish();
+        let package = package?;
         package.write(out)?;
         let spills: Vec<String> = package
             .manifest

@@ -1,11 +1,13 @@
 //! `kiln`: the command-line tool. `check` reports every diagnostic of a program; `compile`
 //! prints a stage of the pipeline or writes a package; `run` executes a program on a
 //! checkpoint (or random weights), optionally decoding greedily; `serve` runs the
-//! OpenAI-compatible server of `kiln-server`; `bench kernels` times the fused kernels on the
-//! GPU.
+//! OpenAI-compatible server of `kiln-server`; `embed` prints sentence embeddings of texts;
+//! `bench kernels` times the fused kernels on the GPU.
 
 mod bench;
 mod compile;
+mod embed;
+mod progress;
 mod run;
 
 use anyhow::{bail, Context, Result};
@@ -39,6 +41,8 @@ enum Command {
     Serve(kiln_server::ServeArgs),
     /// Benchmarks on the GPU: `kiln bench kernels`.
     Bench(bench::BenchArgs),
+    /// Print sentence embeddings of texts (JSON, one line a text) with an encoder checkpoint.
+    Embed(embed::EmbedArgs),
 }
 
 #[derive(clap::Args)]
@@ -83,6 +87,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             })
         }
         Command::Compile(args) => compile::run(args),
+        Command::Embed(args) => embed::run(args),
     }
 }
 

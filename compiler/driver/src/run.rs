@@ -154,19 +154,8 @@ pub(crate) fn run(args: RunArgs) -> Result<ExitCode> {
     let weights = match (&args.random_weights, args.weights.as_ref().or(args.model.as_ref())) {
         (Some(seed), _) => Weights::random(&lowered.params, *seed)?,
         (None, Some(dir)) => {
-            eprintln!(
-                "kiln: loading {} tensors from {}",
-                lowered.params.len(),
-                dir.display()
-            );
-            let started = std::time::Instant::now();
-            let weights = Weights::load(dir, &lowered.params)?;
-            eprintln!(
-                "kiln: loaded {:.1} MiB in {:.2} s",
-                weights.bytes() as f64 / (1 << 20) as f64,
-                started.elapsed().as_secs_f64()
-            );
-            weights
+            eprintln!("kiln: reading the checkpoint in {}", dir.display());
+            Weights::load_with_progress(dir, &lowered.params, &mut crate::progress::Bars::stderr())?
         }
         (None, None) if lowered.params.is_empty() => Weights::default(),
         (None, None) => bail!("this program reads {} checkpoint tensors: give --weights DIR, --model DIR or --random-weights SEED", lowered.params.len()),
@@ -252,6 +241,7 @@ fn executor_for(
         lowered,
         Arc::new(weights),
         args.backend,
+        &mut crate::progress::Bars::stderr(),
     )?)
 }
 

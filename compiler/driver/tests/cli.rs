@@ -181,9 +181,12 @@ fn library_generation(prompt: &str, params: kiln_runtime::SamplingParams) -> Str
     let (lowered, _) = kiln_lower::lower(&program, Some(&config), &options);
     let lowered = lowered.expect("llama.kiln lowers with models/default's config");
     let weights = kiln_runtime::Weights::load(&dir, &lowered.params).expect("weights");
-    let mut executor =
-        kiln_runtime::CpuPlans::compile(lowered.module, std::sync::Arc::new(weights))
-            .expect("compiles for the CPU");
+    let mut executor = kiln_runtime::CpuPlans::compile(
+        lowered.module,
+        std::sync::Arc::new(weights),
+        &mut kiln_runtime::progress::NoProgress,
+    )
+    .expect("compiles for the CPU");
     let model = kiln_runtime::ProgramLogits::new(&mut executor, "forward")
         .expect("forward maps tokens to logits");
     let tokenizer = kiln_runtime::Tokenizer::from_dir(&dir).expect("tokenizer");
@@ -271,4 +274,73 @@ fn run_prompt_rejects_bad_sampling_parameters() {
     assert!(stderr.contains("invalid `top_p`"), "{stderr}");
     let (ok, _, stderr) = kiln(&["run", "--prompt", "x"]);
     assert!(!ok && stderr.contains("--model"), "{stderr}");
+}
+
+#[test]
+fn embed_prints_the_embeddings_of_the_library_path() {
+    use std::io::Write;
+    let model_dir = kiln_tests::minilm_dir();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["embed", "--model"])
+        .arg(&model_dir)
+        .args(["Hello, world!", "--file", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run kiln embed");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all("The quick brown fox jumps over the lazy dog.\r\nA\n".as_bytes())
+        .expect("write stdin");
+    let out = child.wait_with_output().expect("kiln embed finishes");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("compiled CPU plan (Cranelift)"),
+        "says where it runs: {stderr}"
+    );
+    let texts = [
+        "Hello, world!",
+        "The quick brown fox jumps over the lazy dog.",
+        "A",
+    ];
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("a JSON line"))
+        .collect();
+    assert_eq!(lines.len(), texts.len());
+    let model =
+        kiln_runtime::EmbeddingModel::load_quiet(&model_dir, kiln_runtime::EmbedBackend::Cpu)
+            .expect("load");
+    let want = model.embed_texts(&texts).expect("embed");
+    for (index, (line, text)) in lines.iter().zip(texts).enumerate() {
+        assert_eq!(line["index"], index);
+        assert_eq!(line["text"], text);
+        assert_eq!(
+            line["tokens"],
+            model.tokenize(text).expect("tokenize").len()
+        );
+        let got: Vec<f32> = line["embedding"]
+            .as_array()
+            .expect("embedding")
+            .iter()
+            .map(|v| v.as_f64().expect("number") as f32)
+            .collect();
+        assert_eq!(got, want[index], "embedding of {text:?}");
+    }
+}
+
+#[test]
+fn embed_refuses_a_decoder_and_empty_input() {
+    let (ok, _, stderr) = kiln(&["embed", "--model", "tests/fixtures/tiny-llama", "hi"]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("needs an encoder") || stderr.contains("embeddings need an encoder"),
+        "{stderr}"
+    );
+    let (ok, _, stderr) = kiln(&["embed", "--model", "tests/fixtures/tiny-bert"]);
+    assert!(!ok && stderr.contains("nothing to embed"), "{stderr}");
 }

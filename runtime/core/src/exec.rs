@@ -1,10 +1,11 @@
 //! Where a lowered program runs, behind one trait: the graph interpreter (the reference),
 //! the compiled kernels on this CPU through Cranelift, or on an NVIDIA GPU through CUDA.
 
+use crate::cpu::CpuProgram;
+use crate::progress::Progress;
 use crate::{RuntimeError, Weights};
 use kiln_cuda::{CudaPackage, CudaProgram};
 use kiln_ir::{Module, Tensor};
-use kiln_kir::Plan;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -65,29 +66,25 @@ impl Executor for Interpreter {
     }
 }
 
-/// The program optimized and fused into kernels, compiled for this CPU with Cranelift and
-/// run plan by plan, blocks in parallel.
+/// The program optimized and fused into kernels, compiled for this CPU with Cranelift
+/// ([`CpuProgram`]) and run plan by plan, blocks in parallel.
 pub struct CpuPlans {
     module: Module,
-    plans: Vec<Plan>,
-    executor: kiln_cpu::CpuExecutor,
+    program: CpuProgram,
     weights: Arc<Weights>,
 }
 
 impl CpuPlans {
-    /// Optimizes, fuses and compiles every entry of `module`.
-    pub fn compile(module: Module, weights: Arc<Weights>) -> Result<CpuPlans, RuntimeError> {
-        let mut optimized = module.clone();
-        kiln_opt::optimize(&mut optimized).map_err(|e| backend_error("(optimize)", e))?;
-        let compiled =
-            kiln_gpu_kernels::compile_module(&optimized, &kiln_gpu_kernels::Options::default())
-                .map_err(|e| backend_error("(fusion)", e))?;
-        let executor = kiln_cpu::CpuExecutor::new(&compiled.kernels)
-            .map_err(|e| backend_error("(cranelift)", e))?;
+    /// Optimizes, fuses and compiles every entry of `module`, reporting to `progress`.
+    pub fn compile(
+        module: Module,
+        weights: Arc<Weights>,
+        progress: &mut dyn Progress,
+    ) -> Result<CpuPlans, RuntimeError> {
+        let program = CpuProgram::compile(&module, progress)?;
         Ok(CpuPlans {
             module,
-            plans: compiled.plans,
-            executor,
+            program,
             weights,
         })
     }
@@ -103,15 +100,7 @@ impl Executor for CpuPlans {
     }
 
     fn run(&mut self, function: &str, inputs: &[Tensor]) -> Result<Vec<Tensor>, RuntimeError> {
-        let plan = self
-            .plans
-            .iter()
-            .find(|p| p.function == function)
-            .ok_or_else(|| no_entry(&self.module, function))?;
-        let weights = &self.weights;
-        self.executor
-            .run(plan, inputs, &|name| weights.get(name))
-            .map_err(|e| backend_error(function, e))
+        self.program.run(function, inputs, &self.weights)
     }
 }
 

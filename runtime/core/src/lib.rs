@@ -2,8 +2,11 @@
 //! program's entry functions on a backend.
 //!
 //! Backends ([`exec`]): the reference interpreter (exact, slow, always available), the
-//! compiled kernels on the CPU through Cranelift, and on an NVIDIA GPU through CUDA, all
-//! behind the [`Executor`] trait.
+//! compiled kernels on the CPU through Cranelift ([`cpu::CpuProgram`]), and on an NVIDIA GPU
+//! through CUDA, all behind the [`Executor`] trait.
+//!
+//! Sentence embeddings: [`embed`] ([`EmbeddingModel`]: text to L2-normalized vectors with an
+//! encoder checkpoint). Long steps report through [`progress`].
 //!
 //! Text generation on the host: [`tokenizer`] (tokenizer.json, tokenizer_config.json,
 //! incremental detokenization), [`chat`] (chat templates), [`generation_config`],
@@ -11,20 +14,26 @@
 //! drives a model with them).
 
 pub mod chat;
+pub mod cpu;
+pub mod embed;
 pub mod exec;
 pub mod generate;
 pub mod generation_config;
 pub mod models;
+pub mod progress;
 pub mod sampling;
 pub mod tokenizer;
 pub mod weights;
 
 pub use chat::{ChatMessage, ChatTemplate, MessageContent};
+pub use cpu::CpuProgram;
+pub use embed::{EmbedBackend, EmbedError, EmbeddingModel};
 pub use exec::{CpuPlans, CudaPlans, Executor, Interpreter};
 pub use generate::{
     Completion, GenerateError, GenerationEvent, Generator, LogitsModel, ProgramLogits, RequestId,
 };
 pub use generation_config::GenerationConfig;
+pub use progress::{NoProgress, Progress, ProgressUnit};
 pub use sampling::{FinishReason, Sampler, SamplingError, SamplingParams};
 pub use tokenizer::{IncrementalDecoder, Tokenizer, TokenizerError};
 pub use weights::Weights;
@@ -62,6 +71,10 @@ pub enum RuntimeError {
         function: String,
         source: kiln_ir::IrError,
     },
+    #[error("compiling for the CPU: {0}")]
+    Compile(String),
+    #[error("running `{function}` on the CPU plan: {message}")]
+    CpuExecution { function: String, message: String },
 }
 
 impl RuntimeError {

@@ -55,6 +55,27 @@ pub fn program_for(model_type: &str) -> Option<&'static ModelProgram> {
         .find(|p| p.model_types.contains(&model_type))
 }
 
+impl ModelProgram {
+    /// Lowers the program's entry function against a parsed config.json, with params in
+    /// f32; `Err` holds the rendered diagnostics.
+    pub fn lower(&self, config: &serde_json::Value) -> Result<kiln_lower::Lowered, String> {
+        let (parsed, mut diagnostics) =
+            kiln_lower::Program::load_source(self.path, self.source, None);
+        let options = kiln_lower::Options {
+            param_dtype: kiln_ir::DType::F32,
+            entries: Some(vec![self.entry.to_string()]),
+        };
+        if !diagnostics.iter().any(|d| d.is_error()) {
+            let (lowered, mut more) = kiln_lower::lower(&parsed, Some(config), &options);
+            diagnostics.append(&mut more);
+            if let Some(lowered) = lowered.filter(|_| !diagnostics.iter().any(|d| d.is_error())) {
+                return Ok(lowered);
+            }
+        }
+        Err(parsed.sources.render(&diagnostics))
+    }
+}
+
 /// Every `model_type` kiln knows, for error messages.
 pub fn known_model_types() -> Vec<&'static str> {
     MODEL_PROGRAMS

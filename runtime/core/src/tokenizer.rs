@@ -72,7 +72,7 @@ pub struct TokenizerConfig {
 struct TokenizerInner {
     tokenizer: tokenizers::Tokenizer,
     config: TokenizerConfig,
-    chat_templates: Vec<(String, ChatTemplate)>,
+    chat_templates: Arc<Vec<(String, ChatTemplate)>>,
 }
 
 /// A loaded tokenizer with its configuration and chat templates. Cloning is cheap (shared).
@@ -128,7 +128,7 @@ impl Tokenizer {
             inner: Arc::new(TokenizerInner {
                 tokenizer,
                 config,
-                chat_templates,
+                chat_templates: Arc::new(chat_templates),
             }),
         })
     }
@@ -139,13 +139,37 @@ impl Tokenizer {
             inner: Arc::new(TokenizerInner {
                 tokenizer: load_tokenizer_json(path)?,
                 config,
-                chat_templates: Vec::new(),
+                chat_templates: Arc::default(),
             }),
         })
     }
 
     pub fn config(&self) -> &TokenizerConfig {
         &self.inner.config
+    }
+
+    /// A copy that truncates every encoded text (special tokens included) to at most
+    /// `max_length` tokens, dropping tokens from the end as Hugging Face's `longest_first`
+    /// truncation does for a single text; `None` turns truncation off. This replaces the
+    /// `truncation` section of tokenizer.json.
+    pub fn with_truncation(&self, max_length: Option<usize>) -> Result<Tokenizer, TokenizerError> {
+        let mut tokenizer = self.inner.tokenizer.clone();
+        let params = max_length.map(|max_length| tokenizers::TruncationParams {
+            direction: tokenizers::TruncationDirection::Right,
+            max_length,
+            strategy: tokenizers::TruncationStrategy::LongestFirst,
+            stride: 0,
+        });
+        tokenizer
+            .with_truncation(params)
+            .map_err(|e| TokenizerError::Encode(format!("setting truncation: {e}")))?;
+        Ok(Tokenizer {
+            inner: Arc::new(TokenizerInner {
+                tokenizer,
+                config: self.inner.config.clone(),
+                chat_templates: self.inner.chat_templates.clone(),
+            }),
+        })
     }
 
     /// The vocabulary size including added tokens.
@@ -317,11 +341,16 @@ impl TokenizerConfig {
     }
 }
 
+/// Loads a tokenizer.json without its `padding` section: kiln encodes one sequence at a time
+/// and pads batches itself (all-MiniLM-L6-v2's file pads every text to 128 tokens).
 fn load_tokenizer_json(path: &Path) -> Result<tokenizers::Tokenizer, TokenizerError> {
-    tokenizers::Tokenizer::from_file(path).map_err(|e| TokenizerError::Load {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })
+    let mut tokenizer =
+        tokenizers::Tokenizer::from_file(path).map_err(|e| TokenizerError::Load {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+    tokenizer.with_padding(None);
+    Ok(tokenizer)
 }
 
 fn read_json(path: &Path) -> Result<serde_json::Value, TokenizerError> {

@@ -2,6 +2,7 @@
 //! `model.safetensors.index.json`) memory-mapped and converted to the dtypes a lowered program
 //! declares, or random weights from a seed.
 
+use crate::progress::{NoProgress, Progress, ProgressUnit};
 use crate::RuntimeError;
 use kiln_ir::interp::ParamSource;
 use kiln_ir::{DType, IrError, Tensor, TensorType};
@@ -19,6 +20,15 @@ impl Weights {
     /// Loads exactly the tensors `bindings` name from the checkpoint in `dir`, checking each
     /// shape and converting each to the declared dtype.
     pub fn load(dir: &Path, bindings: &[ParamBinding]) -> Result<Weights, RuntimeError> {
+        Weights::load_with_progress(dir, bindings, &mut NoProgress)
+    }
+
+    /// [`Weights::load`], reporting the bytes of the declared tensors converted so far.
+    pub fn load_with_progress(
+        dir: &Path,
+        bindings: &[ParamBinding],
+        progress: &mut dyn Progress,
+    ) -> Result<Weights, RuntimeError> {
         let files = checkpoint_files(dir)?;
         let mut maps = Vec::new();
         for file in &files {
@@ -41,6 +51,13 @@ impl Weights {
             })?;
             parsed.push((file, st));
         }
+        let total_bytes: u64 = bindings.iter().map(|b| declared_bytes(&b.ty)).sum();
+        progress.start(
+            &format!("loading {} tensors", bindings.len()),
+            total_bytes,
+            ProgressUnit::Bytes,
+        );
+        let mut done_bytes = 0;
         let mut tensors = BTreeMap::new();
         for binding in bindings {
             let found = parsed
@@ -59,7 +76,10 @@ impl Weights {
                 message,
             })?;
             tensors.insert(binding.checkpoint_name.clone(), tensor);
+            done_bytes += declared_bytes(&binding.ty);
+            progress.advance(done_bytes);
         }
+        progress.finish();
         Ok(Weights { tensors })
     }
 
@@ -123,6 +143,16 @@ impl Weights {
             .map(|t| t.numel() * t.dtype.size_bytes())
             .sum()
     }
+}
+
+/// The bytes a tensor of type `ty` takes (0 for a symbolic shape, which no param has).
+fn declared_bytes(ty: &TensorType) -> u64 {
+    ty.shape
+        .0
+        .iter()
+        .map(|d| d.as_const().unwrap_or(0))
+        .product::<u64>()
+        * ty.dtype.size_bytes() as u64
 }
 
 impl ParamSource for Weights {
