@@ -54,8 +54,12 @@ fn rotary(q: bf16[T, 32, 128], pos: i64[T]) -> bf16[T, 32, 128] { rope(q, pos, 5
 fn gemm_4096(x: bf16[4096, 4096], w: bf16[4096, 4096]) -> bf16[4096, 4096] { x @ w.T }
 fn gemm_8192(x: bf16[8192, 8192], w: bf16[8192, 8192]) -> bf16[8192, 8192] { x @ w.T }
 fn gemm_4096x14336(x: bf16[4096, 4096], w: bf16[14336, 4096]) -> bf16[4096, 14336] { x @ w.T }
-fn decode_m1_4096(x: bf16[1, 4096], w: bf16[4096, 4096]) -> bf16[1, 4096] { x @ w.T }
-fn decode_m16_4096(x: bf16[16, 4096], w: bf16[4096, 4096]) -> bf16[16, 4096] { x @ w.T }
+fn decode_m1_4096(x: bf16[1, 4096], w0: bf16[4096, 4096], w1: bf16[4096, 4096], w2: bf16[4096, 4096], w3: bf16[4096, 4096]) -> bf16[1, 4096] {
+    (((x @ w0.T) @ w1.T) @ w2.T) @ w3.T
+}
+fn decode_m16_4096(x: bf16[16, 4096], w0: bf16[4096, 4096], w1: bf16[4096, 4096], w2: bf16[4096, 4096], w3: bf16[4096, 4096]) -> bf16[16, 4096] {
+    (((x @ w0.T) @ w1.T) @ w2.T) @ w3.T
+}
 fn decode_m1_14336(x: bf16[1, 4096], w: bf16[14336, 4096]) -> bf16[1, 14336] { x @ w.T }
 fn decode_m16_14336(x: bf16[16, 4096], w: bf16[14336, 4096]) -> bf16[16, 14336] { x @ w.T }
 ";
@@ -69,18 +73,29 @@ struct Case {
     flops: Option<u64>,
 }
 
-/// `x [m, k] @ w [n, k]ᵀ` in bf16; decode-sized (`m <= 16`) counts only the weight's bytes.
-fn gemm_case(function: &'static str, m: usize, n: usize, k: usize, seed: u64) -> Case {
-    let bytes = if m <= 16 {
+/// `x [m, k] @ w [n, k]ᵀ` in bf16, `chain` times with a different weight each time (so that
+/// weights smaller than L2 are not found there by the next run); decode-sized (`m <= 16`)
+/// counts only the weights' bytes.
+fn gemm_case(
+    function: &'static str,
+    m: usize,
+    n: usize,
+    k: usize,
+    chain: usize,
+    seed: u64,
+) -> Case {
+    let per_gemm = if m <= 16 {
         (n * k * 2) as u64
     } else {
         ((m * k + n * k + m * n) * 2) as u64
     };
+    let mut inputs = vec![random_bf16(&[m, k], seed)];
+    inputs.extend((0..chain).map(|i| random_bf16(&[n, k], seed + 1 + i as u64)));
     Case {
         function,
-        inputs: vec![random_bf16(&[m, k], seed), random_bf16(&[n, k], seed + 1)],
-        bytes,
-        flops: Some((2 * m * n * k) as u64),
+        inputs,
+        bytes: per_gemm * chain as u64,
+        flops: Some((2 * m * n * k * chain) as u64),
     }
 }
 
@@ -133,13 +148,14 @@ fn cases() -> Vec<Case> {
             bytes: (2 * t * 32 * 128 * 2 + t * 8) as u64,
             flops: None,
         },
-        gemm_case("gemm_4096", 4096, 4096, 4096, 10),
-        gemm_case("gemm_8192", 8192, 8192, 8192, 12),
-        gemm_case("gemm_4096x14336", 4096, 14336, 4096, 14),
-        gemm_case("decode_m1_4096", 1, 4096, 4096, 16),
-        gemm_case("decode_m16_4096", 16, 4096, 4096, 18),
-        gemm_case("decode_m1_14336", 1, 14336, 4096, 20),
-        gemm_case("decode_m16_14336", 16, 14336, 4096, 22),
+        gemm_case("gemm_4096", 4096, 4096, 4096, 1, 10),
+        gemm_case("gemm_8192", 8192, 8192, 8192, 1, 12),
+        gemm_case("gemm_4096x14336", 4096, 14336, 4096, 1, 14),
+        // Four 32 MB weights in a chain: 128 MB a run, more than the 50 MB L2 of an H100.
+        gemm_case("decode_m1_4096", 1, 4096, 4096, 4, 16),
+        gemm_case("decode_m16_4096", 16, 4096, 4096, 4, 21),
+        gemm_case("decode_m1_14336", 1, 14336, 4096, 1, 26),
+        gemm_case("decode_m16_14336", 16, 14336, 4096, 1, 28),
     ]
 }
 

@@ -1,8 +1,8 @@
 //! The pointwise template: one thread per element (or per 2/4/8 contiguous elements with
 //! vector loads and stores when the innermost dim is constant and divisible), exact grid.
 //! When a transcendental operand is broadcast along a short outer axis (RoPE's sin and cos
-//! are the same for every head), each thread walks that whole axis and computes the operand
-//! once.
+//! are the same for every head), each thread walks up to 8 positions of that axis and computes
+//! the operand once for them.
 
 use super::{ceil_div_size, one, size_of_dims, Body};
 use crate::emit::{add, lt, mul, EResult, Emitter};
@@ -11,8 +11,11 @@ use kiln_kir::{Expr, Special, Stmt};
 use std::collections::BTreeSet;
 
 const THREADS: u32 = 256;
-/// The longest axis a thread walks to reuse a broadcast transcendental operand.
+/// The longest axis considered for reusing a broadcast transcendental operand.
 const MAX_REUSE_AXIS: u64 = 64;
+/// The most positions of that axis one thread walks: enough to amortize the operand, few
+/// enough that the grid keeps the memory system busy.
+const MAX_WALK: u64 = 8;
 
 pub(crate) fn emit(e: &mut Emitter<'_, '_>, shape: &[Dim], outputs: &[Value]) -> EResult<Body> {
     let widest = outputs
@@ -21,10 +24,17 @@ pub(crate) fn emit(e: &mut Emitter<'_, '_>, shape: &[Dim], outputs: &[Value]) ->
         .max()
         .unwrap_or(4);
     let lanes = lanes_for(shape.last(), widest);
-    let reuse = reuse_axis(e, shape, outputs);
+    // Each thread walks `walk` consecutive positions of the reuse axis.
+    let reuse = reuse_axis(e, shape, outputs).map(|(axis, n)| {
+        let walk = (1..=MAX_WALK.min(n))
+            .rev()
+            .find(|w| n % w == 0)
+            .unwrap_or(1);
+        (axis, n, walk)
+    });
     let mut thread_shape = shape.to_vec();
-    if let Some((axis, _)) = reuse {
-        thread_shape[axis] = Dim::Const(1);
+    if let Some((axis, n, walk)) = reuse {
+        thread_shape[axis] = Dim::Const(n / walk);
     }
     let mut dims = thread_shape.clone();
     if let Some(Dim::Const(n)) = dims.last_mut() {
@@ -45,17 +55,22 @@ pub(crate) fn emit(e: &mut Emitter<'_, '_>, shape: &[Dim], outputs: &[Value]) ->
     // whose body finds everything that does not depend on the walked axis (keyed by the
     // same index) already computed, and computes only what does.
     let mut first = idx.clone();
-    if let Some((axis, _)) = reuse {
-        first[axis] = e.ix(0);
+    if let Some((axis, _, walk)) = reuse {
+        first[axis] = e.bind(
+            &mut inner,
+            "at",
+            ity,
+            mul(idx[axis].clone(), e.ix(walk as i64)),
+        );
     }
     for &o in outputs {
         let vals = e.elem(&mut inner, o, &first, lanes)?;
         e.store(&mut inner, o, &first, vals);
     }
-    if let Some((axis, steps)) = reuse {
+    if let Some((axis, _, steps)) = reuse.filter(|r| r.2 > 1) {
         let step = e.var("step", ity);
         let mut at = idx.clone();
-        at[axis] = Expr::Var(step);
+        at[axis] = add(first[axis].clone(), Expr::Var(step));
         let mut walk = Vec::new();
         e.push_scope();
         for &o in outputs {
