@@ -14,6 +14,12 @@ if ! PYTHONPATH="$PWD/.tools/pyenv" python3 -c "import openai" 2>/dev/null; then
     python3 -m pip install --quiet --target .tools/pyenv openai
 fi
 
+# The oracles of the consensus tests (tests/oracles/consensus_oracle.py): numpy, scipy's
+# linprog, QuantEcon's equilibrium solvers and pref_voting's voting rules.
+if ! PYTHONPATH="$PWD/.tools/pyenv" python3 -c "import numpy, scipy, quantecon, pref_voting" 2>/dev/null; then
+    python3 -m pip install --quiet --target .tools/pyenv numpy scipy quantecon pref_voting
+fi
+
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 cargo test --workspace "$@"

@@ -11,6 +11,7 @@
 //! drives a model with them).
 
 pub mod chat;
+pub mod consensus;
 pub mod generate;
 pub mod generation_config;
 pub mod models;
