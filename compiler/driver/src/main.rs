@@ -1,9 +1,11 @@
 //! `kiln`: the command-line tool. `check` reports every diagnostic of a program; `compile`
 //! prints a stage of the pipeline or writes a package; `run` executes a program on a
 //! checkpoint (or random weights), optionally decoding greedily; `serve` runs the
-//! OpenAI-compatible server of `kiln-server`.
+//! OpenAI-compatible server of `kiln-server`; `consensus` chooses among proposals by the
+//! consensus game of the stdlib.
 
 mod compile;
+mod consensus;
 mod run;
 
 use anyhow::{bail, Context, Result};
@@ -35,6 +37,9 @@ enum Command {
     Run(run::RunArgs),
     /// Serve a model over an OpenAI-compatible HTTP API.
     Serve(kiln_server::ServeArgs),
+    /// Choose one of several proposals by the consensus game among agents (embeddings or
+    /// texts in, the decision as JSON out).
+    Consensus(consensus::ConsensusArgs),
 }
 
 #[derive(clap::Args)]
@@ -78,6 +83,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             })
         }
         Command::Compile(args) => compile::run(args),
+        Command::Consensus(args) => consensus::run(args),
     }
 }
 

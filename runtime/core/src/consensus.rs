@@ -155,6 +155,24 @@ pub struct Decision {
     pub nashconv: f32,
 }
 
+impl Decision {
+    /// The decision as the JSON object of docs/consensus.md; the similarity matrix only when
+    /// asked for.
+    pub fn to_json(&self, with_similarity: bool) -> serde_json::Value {
+        let mut out = serde_json::json!({
+            "winner": self.winner,
+            "proposal_support": self.proposal_support,
+            "agent_support": self.agent_support,
+            "strategies": self.strategies,
+            "nashconv": self.nashconv,
+        });
+        if with_similarity {
+            out["similarity"] = serde_json::json!(self.similarity);
+        }
+        out
+    }
+}
+
 /// The program that answers a consensus question with `method`.
 fn program_source(method: Method) -> String {
     let iters_and_eta = match method {
