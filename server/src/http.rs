@@ -773,25 +773,6 @@ fn base64_f32(values: &[f32]) -> String {
     out
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn base64_matches_the_standard_alphabet() {
-        // 1.0f32 = 00 00 80 3f
-        assert_eq!(base64_f32(&[1.0]), "AACAPw==");
-        assert_eq!(base64_f32(&[]), "");
-    }
-
-    #[test]
-    fn keys_compare_exactly() {
-        assert!(same_key(b"secret", b"secret"));
-        assert!(!same_key(b"secret", b"secreT"));
-        assert!(!same_key(b"secret", b"secret2"));
-    }
-}
-
 /// The most proposals, agents and iterations one consensus request may ask for (the game runs
 /// on the interpreter, and the work grows with their product).
 const CONSENSUS_MAX_PROPOSALS: usize = 256;
@@ -946,4 +927,23 @@ async fn consensus_inner(
         }
     }
     Ok(Json(out).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_matches_the_standard_alphabet() {
+        // 1.0f32 = 00 00 80 3f
+        assert_eq!(base64_f32(&[1.0]), "AACAPw==");
+        assert_eq!(base64_f32(&[]), "");
+    }
+
+    #[test]
+    fn keys_compare_exactly() {
+        assert!(same_key(b"secret", b"secret"));
+        assert!(!same_key(b"secret", b"secreT"));
+        assert!(!same_key(b"secret", b"secret2"));
+    }
 }

@@ -265,7 +265,7 @@ fn consensus_chooses_the_central_proposal_from_json_and_npy_embeddings() {
     std::fs::write(&json_path, serde_json::json!(PROPOSALS).to_string()).expect("write");
     // The same matrix as a version-1 .npy file of little-endian f32.
     let mut header = "{'descr': '<f4', 'fortran_order': False, 'shape': (4, 3), }".to_string();
-    while (10 + header.len() + 1) % 64 != 0 {
+    while !(10 + header.len() + 1).is_multiple_of(64) {
         header.push(' ');
     }
     header.push('\n');
