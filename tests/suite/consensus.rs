@@ -164,6 +164,17 @@ fn zero_sum_solvers_reach_the_lp_value() {
     let (g, m, n) = (6, 5, 5);
     let mut rng = Rng(31);
     let mut a = random_games(&mut rng, g, m, n);
+    // Game 1: matching pennies in [0, 1] (value 1/2), padded with dominated actions.
+    for i in 0..m {
+        for j in 0..n {
+            a[(m + i) * n + j] = match (i, j) {
+                (0, 0) | (1, 1) => 1.0,
+                (0 | 1, 0 | 1) => 0.0,
+                (_, 0 | 1) => 0.0,
+                _ => 1.0,
+            };
+        }
+    }
     // Game 0: rock-paper-scissors shifted to [0, 1] (value 1/2, uniform equilibrium).
     let rps = [0.5, 0.0, 1.0, 1.0, 0.5, 0.0, 0.0, 1.0, 0.5];
     for i in 0..3 {
@@ -186,6 +197,11 @@ fn zero_sum_solvers_reach_the_lp_value() {
     ]);
     let values = to_f64s(&lp[0]["value"]);
     assert!((values[0] - 0.5).abs() < 1e-9, "rps value {}", values[0]);
+    assert!(
+        (values[1] - 0.5).abs() < 1e-9,
+        "matching pennies value {}",
+        values[1]
+    );
     // The value must be within 1e-4 of the LP's for every method. NashConv: RM+ reaches
     // 1e-4; the last-iterate methods converge linearly but slowly on some games (degenerate
     // ones), so their stated tolerance after 6,000 iterations at η = 2 is 1e-3.
@@ -342,6 +358,27 @@ fn exact_equilibria_from_quantecon_have_zero_nashconv_and_the_solvers_certify_th
                 "{backend}: QuantEcon's equilibrium of game {gi} has NashConv {nc}"
             );
         }
+    }
+    // Battle of the sexes in closed form: both pure equilibria and the mixed one
+    // (x = (3/5, 2/5), y = (2/5, 3/5)) have NashConv 0; a miscoordinated profile does not.
+    let closed_x = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.6, 0.4, 0.0, 1.0, 0.0, 0.0];
+    let closed_y = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.4, 0.6, 0.0, 0.0, 1.0, 0.0];
+    let inputs = [
+        f32_tensor(&[4, 3, 3], &a[..9].repeat(4)),
+        f32_tensor(&[4, 3, 3], &b[..9].repeat(4)),
+        f32_tensor(&[4, 3], &closed_x),
+        f32_tensor(&[4, 3], &closed_y),
+    ];
+    for (backend, out) in kernel.run(&inputs) {
+        let nc = out[0].to_f64_vec();
+        for (i, v) in nc[..3].iter().enumerate() {
+            assert!(
+                v.abs() <= 1e-6,
+                "{backend}: battle of the sexes equilibrium {i}: {v}"
+            );
+        }
+        // Miscoordinated (row plays 0, column plays 1): each gains 2/5 by switching.
+        assert!((nc[3] - 0.8).abs() <= 1e-6, "{backend}: {}", nc[3]);
     }
     // The best-effort solvers: their reported NashConv is the true one of what they return,
     // `converged` means NashConv ≤ tol, and the games with pure equilibria are solved.
