@@ -339,3 +339,64 @@ pub fn embed_texts(
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn proposals() -> Vec<Vec<f32>> {
+        vec![
+            vec![0.9, 0.1, 0.0, 0.2],
+            vec![0.8, 0.2, 0.1, 0.1],
+            vec![0.1, 0.9, 0.3, 0.0],
+            vec![0.85, 0.0, 0.05, 0.3],
+        ]
+    }
+
+    #[test]
+    fn method_names_round_trip() {
+        for m in Method::ALL {
+            assert_eq!(Method::from_name(m.name()), Some(*m));
+        }
+        assert_eq!(Method::from_name("plurality"), None);
+    }
+
+    #[test]
+    fn validation_names_the_problem() {
+        let mut r = ConsensusRequest::new(vec![vec![1.0, 2.0], vec![3.0]]);
+        assert!(r.validate().unwrap_err().contains("width 1"));
+        r.embeddings = vec![];
+        assert!(r.validate().unwrap_err().contains("empty"));
+        r.embeddings = proposals();
+        r.preferences = Some(vec![vec![1.0; 3]]);
+        assert!(r.validate().unwrap_err().contains("one per proposal"));
+        r.preferences = None;
+        r.iterations = 0;
+        assert!(r.validate().unwrap_err().contains("iterations"));
+        r.iterations = 10;
+        r.eta = f32::NAN;
+        assert!(r.validate().is_err());
+    }
+
+    #[test]
+    fn agents_attached_to_their_own_proposals_keep_them() {
+        // Each agent's preference (1) outweighs λ times the similarity of the others' picks
+        // (below 0.5 × 2): everyone keeps its own proposal, an exact equilibrium, and the
+        // tie in support goes to the lowest index.
+        let mut request = ConsensusRequest::new(proposals());
+        request.preferences = Some(vec![
+            vec![1.0, 0.0, 0.0, 0.0],
+            vec![0.0, 1.0, 0.0, 0.0],
+            vec![0.0, 0.0, 1.0, 0.0],
+        ]);
+        request.lambda = 0.5;
+        request.method = Method::FictitiousPlay;
+        request.iterations = 100;
+        let d = decide(&request).expect("decide");
+        assert_eq!(d.winner, 0);
+        assert_eq!(d.agent_support, vec![1.0, 0.0, 0.0]);
+        assert_eq!(d.nashconv, 0.0);
+        assert_eq!(d.similarity.len(), 4);
+        assert!((d.similarity[0][0] - 1.0).abs() < 1e-6);
+    }
+}
