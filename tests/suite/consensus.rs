@@ -829,3 +829,44 @@ fn fused_scores_select_the_same_winner_as_the_similarity_matrix() {
         assert_eq!(out[1].to_i64_vec(), want_winner, "{backend} winners");
     }
 }
+
+#[test]
+fn robust_aggregate_dispatches_to_each_rule() {
+    let source = "import consensus
+        fn by_rule(U: f32[K, P], w: f32[K]) -> (f32[P], f32[P], f32[P], f32[P], f32[P], f32[P]) {
+            (robust_aggregate(U, w, \"mean\"), robust_aggregate(U, w, \"median\"),
+             robust_aggregate(U, w, \"trimmed_mean\", trim: 1), robust_aggregate(U, w, \"krum\", f: 1),
+             robust_aggregate(U, w, \"multi_krum\", f: 1, m: 2),
+             robust_aggregate(U, w, \"geometric_median\", iters: 50))
+        }";
+    let lowered = kiln_tests::compile_source("rules.kiln", source, None, None)
+        .unwrap_or_else(|d| panic!("{d}"));
+    let (k, p) = (7, 4);
+    let mut rng = Rng(71);
+    let u = as_f32(&rng.signed_vec(k * p));
+    let w = as_f32(&(0..k).map(|_| 0.5 + rng.unit()).collect::<Vec<_>>());
+    let (ut, wt) = (f32_tensor(&[k, p], &u), f32_tensor(&[k], &w));
+    let got = interpret(
+        &lowered.module.functions[0],
+        &[ut.clone(), wt.clone()],
+        &NoParams,
+    )
+    .expect("by_rule");
+    let first = |entry: &str, inputs: &[Tensor]| Kernel::new(entry).run(inputs)[0].1.clone();
+    let krum_index = first("krum", &[ut.clone(), scalar_int(1)])[0].to_i64_vec()[0] as usize;
+    let want = [
+        first("aggregate_mean", &[ut.clone(), wt.clone()])[0].to_f64_vec(),
+        first("coordinate_median", std::slice::from_ref(&ut))[0].to_f64_vec(),
+        first("trimmed_mean", &[ut.clone(), scalar_int(1)])[0].to_f64_vec(),
+        u[krum_index * p..][..p].to_vec(),
+        first("multi_krum", &[ut.clone(), scalar_int(1), scalar_int(2)])[0].to_f64_vec(),
+        first(
+            "geometric_median",
+            &[ut.clone(), wt.clone(), scalar_int(50)],
+        )[0]
+        .to_f64_vec(),
+    ];
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(&g.to_f64_vec(), w, "rule {i}");
+    }
+}
