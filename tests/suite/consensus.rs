@@ -870,3 +870,46 @@ fn robust_aggregate_dispatches_to_each_rule() {
         assert_eq!(&g.to_f64_vec(), w, "rule {i}");
     }
 }
+
+#[test]
+fn small_axis_sort_and_scatter_add() {
+    let source = "import consensus
+        fn sorted(x: f32[R, K]) -> f32[R, K] { sort_rows(x) }
+        fn binned(v: f32[R, I], idx: i64[R, I]) -> f32[R, 4] { scatter_add(v, idx, 4) }";
+    let lowered = kiln_tests::compile_source("small_axis.kiln", source, None, None)
+        .unwrap_or_else(|d| panic!("{d}"));
+    let (r, k) = (3, 6);
+    let mut rng = Rng(81);
+    let mut x = as_f32(&rng.signed_vec(r * k));
+    x[1] = x[0]; // a tie
+    let got = interpret(
+        lowered.module.function("sorted").expect("sorted"),
+        &[f32_tensor(&[r, k], &x)],
+        &NoParams,
+    )
+    .expect("sorted");
+    let mut want = Vec::new();
+    for row in x.chunks(k) {
+        let mut row = row.to_vec();
+        row.sort_by(f64::total_cmp);
+        want.extend(row);
+    }
+    assert_eq!(got[0].to_f64_vec(), want);
+    let idx: Vec<i64> = (0..r * k).map(|_| rng.below(4) as i64).collect();
+    let got = interpret(
+        lowered.module.function("binned").expect("binned"),
+        &[
+            f32_tensor(&[r, k], &x),
+            Tensor::from_ints(DType::I64, &[r, k], idx.clone()),
+        ],
+        &NoParams,
+    )
+    .expect("binned");
+    let mut want = vec![0.0f64; r * 4];
+    for (i, (v, c)) in x.iter().zip(&idx).enumerate() {
+        want[(i / k) * 4 + *c as usize] += v;
+    }
+    for (g, w) in got[0].to_f64_vec().iter().zip(&want) {
+        assert!((g - w).abs() <= 1e-6, "scatter_add {g} vs {w}");
+    }
+}
