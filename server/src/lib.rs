@@ -20,7 +20,8 @@
 //! them), stop the engine, return.
 //!
 //! # What is deliberately absent
-//! `/v1/consensus` (it needs the consensus programs' runtime entry points) and tool calls.
+//! Tool calls. (`/v1/consensus` is here: texts or embeddings through the consensus game of the
+//! stdlib, on the interpreter; docs/consensus.md.)
 //! The reference-interpreter runner keeps no KV: it reruns each sampled sequence every step,
 //! which is exact and batch-invariant but slow; compiled runners plug in behind the same trait.
 

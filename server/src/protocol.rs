@@ -593,3 +593,30 @@ mod tests {
         assert_eq!(error.detail.param.as_deref(), Some("priority"));
     }
 }
+
+/// `POST /v1/consensus` (docs/consensus.md): proposals as texts (embedded by the served
+/// encoder) or as embeddings, optional agents' preferences, and how the game is played.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsensusRequestBody {
+    /// The model to use (only checked against the served one).
+    pub model: Option<String>,
+    /// Proposals as texts: a list of strings (or of token-id lists); needs an encoder model.
+    pub proposals: Option<Value>,
+    /// Proposals as embeddings [K][D].
+    pub embeddings: Option<Vec<Vec<f32>>>,
+    /// Agents' preferences [N][K]; default: each proposal is one agent's, who prefers
+    /// proposals similar to its own.
+    pub preferences: Option<Vec<Vec<f32>>>,
+    /// `hedge` (default), `optimistic_hedge`, `replicator` or `fictitious_play`.
+    pub method: Option<String>,
+    /// λ, the weight of agreeing with the others (default 1).
+    pub lambda: Option<f32>,
+    /// Iterations of the dynamics (default 200, at most 100000).
+    pub iterations: Option<usize>,
+    /// Step size (default 0.5).
+    pub eta: Option<f32>,
+    /// Include the K×K cosine similarity matrix in the response.
+    #[serde(default)]
+    pub include_similarity: bool,
+}

@@ -508,7 +508,7 @@ fn regret_matching_plus_solves_rock_paper_scissors_and_a_dominance_game() {
 }
 
 #[test]
-fn consensus_round_picks_the_central_proposal() {
+fn consensus_support_picks_the_central_proposal() {
     let source =
         std::fs::read_to_string(repo_root().join("stdlib/consensus.kiln")).expect("stdlib");
     // Four agents; proposals 0, 1, 2 are close to each other, 3 is far: the medoid among the
@@ -517,7 +517,7 @@ fn consensus_round_picks_the_central_proposal() {
     let w = vec![1.0, 1.0, 1.0, 1.0];
     let out = run(
         &source,
-        "consensus_round",
+        "consensus_support",
         &[f32_tensor(&[1, 4, 3], &e), f32_tensor(&[1, 4], &w)],
     );
     assert_eq!(out[0].to_i64_vec(), vec![0]);

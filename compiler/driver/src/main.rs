@@ -2,10 +2,12 @@
 //! prints a stage of the pipeline or writes a package; `run` executes a program on a
 //! checkpoint (or random weights), optionally decoding greedily; `serve` runs the
 //! OpenAI-compatible server of `kiln-server`; `embed` prints sentence embeddings of texts;
-//! `bench kernels` times the fused kernels on the GPU.
+//! `consensus` chooses among proposals by the consensus game of the stdlib; `bench kernels`
+//! times the fused kernels on the GPU.
 
 mod bench;
 mod compile;
+mod consensus;
 mod embed;
 mod progress;
 mod run;
@@ -43,6 +45,9 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Print sentence embeddings of texts (JSON, one line a text) with an encoder checkpoint.
     Embed(embed::EmbedArgs),
+    /// Choose one of several proposals by the consensus game among agents (embeddings or
+    /// texts in, the decision as JSON out).
+    Consensus(consensus::ConsensusArgs),
 }
 
 #[derive(clap::Args)]
@@ -88,6 +93,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Compile(args) => compile::run(args),
         Command::Embed(args) => embed::run(args),
+        Command::Consensus(args) => consensus::run(args),
     }
 }
 

@@ -344,3 +344,138 @@ fn embed_refuses_a_decoder_and_empty_input() {
     let (ok, _, stderr) = kiln(&["embed", "--model", "tests/fixtures/tiny-bert"]);
     assert!(!ok && stderr.contains("nothing to embed"), "{stderr}");
 }
+
+/// A fresh directory under the system temp dir for one test.
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("kiln-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
+
+/// Proposals 0, 1, 2 are close (1 and 2 mirror each other around 0), 3 is far away.
+const PROPOSALS: [[f32; 3]; 4] = [
+    [1.0, 0.0, 0.0],
+    [0.9, 0.1, 0.0],
+    [0.9, -0.1, 0.0],
+    [-1.0, 0.0, 1.0],
+];
+
+fn decision(stdout: &str) -> serde_json::Value {
+    serde_json::from_str(stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+}
+
+#[test]
+fn consensus_chooses_the_central_proposal_from_json_and_npy_embeddings() {
+    let dir = scratch("consensus");
+    let json_path = dir.join("proposals.json");
+    std::fs::write(&json_path, serde_json::json!(PROPOSALS).to_string()).expect("write");
+    // The same matrix as a version-1 .npy file of little-endian f32.
+    let mut header = "{'descr': '<f4', 'fortran_order': False, 'shape': (4, 3), }".to_string();
+    while !(10 + header.len() + 1).is_multiple_of(64) {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut npy = b"\x93NUMPY\x01\x00".to_vec();
+    npy.extend((header.len() as u16).to_le_bytes());
+    npy.extend(header.as_bytes());
+    for v in PROPOSALS.iter().flatten() {
+        npy.extend(v.to_le_bytes());
+    }
+    let npy_path = dir.join("proposals.npy");
+    std::fs::write(&npy_path, npy).expect("write");
+    let mut outputs = Vec::new();
+    for path in [&json_path, &npy_path] {
+        let (ok, stdout, stderr) = kiln(&[
+            "consensus",
+            "--embeddings",
+            path.to_str().unwrap(),
+            "--iterations",
+            "1000",
+            "--eta",
+            "1.0",
+            "--similarity",
+        ]);
+        assert!(ok, "{stderr}");
+        let d = decision(&stdout);
+        assert_eq!(d["winner"], 0, "{stdout}");
+        assert_eq!(d["method"], "hedge");
+        assert_eq!(d["agent_support"].as_array().unwrap().len(), 4);
+        let nashconv = d["nashconv"].as_f64().unwrap();
+        assert!((0.0..1e-3).contains(&nashconv), "NashConv {nashconv}");
+        // The three agents of the cluster back the winner; the similarity matrix is
+        // symmetric with a unit diagonal.
+        for i in 0..3 {
+            assert!(d["agent_support"][i].as_f64().unwrap() > 0.9, "{stdout}");
+        }
+        let s = &d["similarity"];
+        for i in 0..4 {
+            assert!((s[i][i].as_f64().unwrap() - 1.0).abs() < 1e-6);
+            for j in 0..4 {
+                assert_eq!(s[i][j], s[j][i]);
+            }
+        }
+        outputs.push(d);
+    }
+    assert_eq!(outputs[0], outputs[1], "JSON and .npy inputs decide alike");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn consensus_embeds_texts_with_an_encoder_and_rejects_bad_input() {
+    // tiny-bert with a word-level tokenizer over a few words.
+    let dir = scratch("consensus-texts");
+    let fixture = repo().join("tests/fixtures/tiny-bert");
+    for file in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixture.join(file), dir.join(file)).expect("copy fixture");
+    }
+    let tokenizer = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"},
+        "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "unk_token": "[UNK]",
+                  "vocab": {"[UNK]": 0, "red": 1, "apple": 2, "blue": 3, "sky": 4, "green": 5}},
+    });
+    std::fs::write(dir.join("tokenizer.json"), tokenizer.to_string()).expect("write");
+    let model = dir.to_str().unwrap();
+    let (ok, stdout, stderr) = kiln(&[
+        "consensus",
+        "--model",
+        model,
+        "--text",
+        "blue sky",
+        "--text",
+        "red apple",
+        "--text",
+        "red apple",
+        "--text",
+        "green apple",
+        "--method",
+        "fictitious_play",
+    ]);
+    assert!(ok, "{stderr}");
+    let d = decision(&stdout);
+    assert_eq!(d["method"], "fictitious_play");
+    let winner = d["winner"].as_u64().unwrap() as usize;
+    assert!(winner < 4);
+    assert_eq!(
+        d["winner_text"],
+        ["blue sky", "red apple", "red apple", "green apple"][winner]
+    );
+    // Bad input: an unknown method and ragged embeddings are errors, not crashes.
+    let (ok, _, stderr) = kiln(&[
+        "consensus",
+        "--model",
+        model,
+        "--text",
+        "red",
+        "--method",
+        "plurality",
+    ]);
+    assert!(!ok && stderr.contains("unknown method"), "{stderr}");
+    let ragged = dir.join("ragged.json");
+    std::fs::write(&ragged, "[[1, 2], [3]]").expect("write");
+    let (ok, _, stderr) = kiln(&["consensus", "--embeddings", ragged.to_str().unwrap()]);
+    assert!(!ok && stderr.contains("width"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -14,6 +14,7 @@
 //! drives a model with them).
 
 pub mod chat;
+pub mod consensus;
 pub mod cpu;
 pub mod embed;
 pub mod exec;
