@@ -447,6 +447,73 @@ impl<'a, 'f> Emitter<'a, 'f> {
         self.elem(out, x, &xi, lanes)
     }
 
+    /// Whether `v` costs about a load: loaded, or a movement, cast or sign op over something
+    /// that does (within `depth` ops). Concat evaluates cheap pieces without branches.
+    fn is_cheap(&self, v: Value, depth: u32) -> bool {
+        if self.is_loaded(v) {
+            return true;
+        }
+        if depth == 0 || self.g.is_heavy(v) || self.g.is_source(v) {
+            return false;
+        }
+        let Some(inst) = self.g.inst(v) else {
+            return false;
+        };
+        let movement = matches!(
+            inst.op,
+            Op::Reshape { .. }
+                | Op::Permute { .. }
+                | Op::BroadcastTo { .. }
+                | Op::Slice { .. }
+                | Op::Cast { .. }
+                | Op::Unary(UnaryOp::Neg | UnaryOp::Abs)
+        );
+        movement && inst.operands.iter().all(|o| self.is_cheap(*o, depth - 1))
+    }
+
+    /// Concat of cheap pieces: every piece is read at an index clamped into it (so every read
+    /// is in bounds) and each element selects the piece it comes from, without branches.
+    #[allow(clippy::too_many_arguments)]
+    fn concat_by_select(
+        &mut self,
+        out: &mut Vec<Stmt>,
+        idx: &[Expr],
+        axis: usize,
+        ops: &[Value],
+        sizes: &[u64],
+        lanes: usize,
+        ty: Ty,
+        name: &str,
+    ) -> EResult<Vec<Expr>> {
+        let step = if axis == idx.len() - 1 {
+            lanes as i64
+        } else {
+            1
+        };
+        let ity = self.index_ty;
+        let mut pieces = Vec::new();
+        let mut offset = 0i64;
+        for (o, size) in ops.iter().zip(sizes) {
+            let local = sub(idx[axis].clone(), self.ix(offset));
+            let clamped = min_e(max_e(local, self.ix(0)), self.ix(*size as i64 - step));
+            let mut xi = idx.to_vec();
+            xi[axis] = self.bind(out, "c", ity, clamped);
+            offset += *size as i64;
+            pieces.push((offset, self.elem(out, *o, &xi, lanes)?));
+        }
+        let mut vals = Vec::with_capacity(lanes);
+        for k in 0..lanes {
+            let (_, last) = pieces.last().expect("concat has operands");
+            let mut e = last[k].clone();
+            for (end, piece) in pieces.iter().rev().skip(1) {
+                let cond = lt(idx[axis].clone(), self.ix(*end));
+                e = Expr::Select(Box::new(cond), Box::new(piece[k].clone()), Box::new(e));
+            }
+            vals.push(self.bind(out, name, ty, e));
+        }
+        Ok(vals)
+    }
+
     fn compute(
         &mut self,
         out: &mut Vec<Stmt>,
@@ -566,6 +633,9 @@ impl<'a, 'f> Emitter<'a, 'f> {
                     && sizes.iter().any(|s| !(*s as usize).is_multiple_of(lanes))
                 {
                     return self.per_lane(out, v, idx, lanes);
+                }
+                if ops.iter().all(|o| self.is_cheap(*o, 4)) {
+                    return self.concat_by_select(out, idx, *axis, ops, &sizes, lanes, ty, &name);
                 }
                 // One branch per piece, so each element reads only the piece it comes from;
                 // what a branch computes stays inside it.

@@ -279,7 +279,12 @@ impl<'k, 'c> FunctionEmitter<'k, 'c> {
             out.push_str(&params.join(",\n"));
             out.push_str("\n)\n");
         }
-        out.push_str(&format!(".maxntid {}, 1, 1\n{{\n", kernel.block_dim));
+        // `.minnctapersm 1`: one block per SM is enough, so ptxas never caps registers to
+        // reach a higher occupancy (which it otherwise does, spilling to local memory).
+        out.push_str(&format!(
+            ".maxntid {}, 1, 1\n.minnctapersm 1\n{{\n",
+            kernel.block_dim
+        ));
         for decl in self.regs.declarations() {
             out.push_str(&format!("\t{decl}\n"));
         }
