@@ -6,8 +6,10 @@
 //! an element-wise value gets a buffer when it is a result of its region (a function output
 //! or a loop yield), is used across a loop boundary or as a loop operand, is the operand of
 //! a matmul and is not cheap there (more than one load, any transcendental function or more
-//! than four other ops: the matmul reads each operand element many times), or has several
-//! users and costs more than 8. Everything else is recomputed inside each consumer.
+//! than four other ops: the matmul reads each operand element many times), computes a
+//! transcendental function at a constant size and is read by a larger consumer (which would
+//! recompute each element many times: RoPE's inverse frequencies for every position), or has
+//! several users and costs more than 8. Everything else is recomputed inside each consumer.
 //! Reductions and matmuls are always kernel roots; their results get a buffer only when
 //! something outside their kernel reads them.
 //!
@@ -314,7 +316,39 @@ impl<'g, 'f> State<'g, 'f> {
         if matmul_operand && !cheap_for_matmul {
             return true;
         }
+        if cost.transcendental > 0 && self.broadcast_into_larger(v) {
+            return true;
+        }
         self.users(v) >= 2 && cost.total() > 8
+    }
+
+    /// Whether `v`, of a constant size of at least 2 elements, is read (directly or through
+    /// movement ops) by a consumer with more elements: its elements would be recomputed for
+    /// each element of the consumer (RoPE's inverse frequencies for every position).
+    fn broadcast_into_larger(&self, v: Value) -> bool {
+        let Some(size) = const_numel(self.g.shape(v)) else {
+            return false;
+        };
+        size >= 2 && self.read_by_larger(v, size, 4)
+    }
+
+    fn read_by_larger(&self, v: Value, size: u64, depth: u32) -> bool {
+        self.g.users[v.0 as usize].iter().any(|(_, inst)| {
+            let Some(&r) = inst.results.first() else {
+                return false;
+            };
+            match const_numel(self.g.shape(r)) {
+                None => true,
+                Some(n) if n > size => true,
+                Some(_) => {
+                    let movement = matches!(
+                        inst.op,
+                        Op::Reshape { .. } | Op::Permute { .. } | Op::BroadcastTo { .. }
+                    );
+                    movement && depth > 0 && self.read_by_larger(r, size, depth - 1)
+                }
+            }
+        })
     }
 
     // ---- placement -----------------------------------------------------------------
@@ -767,6 +801,11 @@ enum Mode {
 
 /// Whether `shape` is the per-row shape `row` (outer dims then 1s), possibly with fewer
 /// leading dims of 1.
+/// The element count of a shape whose dims are all constant.
+fn const_numel(shape: &[Dim]) -> Option<u64> {
+    shape.iter().map(Dim::as_const).product()
+}
+
 fn broadcasts_as_row(shape: &[Dim], row: &[Dim]) -> bool {
     shape == row
         || shape.iter().all(|d| *d == Dim::Const(1))
