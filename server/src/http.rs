@@ -674,16 +674,13 @@ async fn embeddings_inner(
 ) -> Result<Response, ApiError> {
     let request: EmbeddingRequest = parse_body(body)?;
     state.check_model(request.model.as_deref())?;
-    let embedder = match (&state.embedder, state.kind) {
-        (Some(embedder), ModelKind::Encoder) => embedder.clone(),
-        _ => {
-            return Err(ApiError::invalid_request(format!(
-                "`{}` is a text-generation model (model_type {}): it serves /v1/completions \
-                 and /v1/chat/completions; /v1/embeddings needs an encoder model such as bert",
-                state.model_name, state.model_type
-            ))
-            .with_param("model"))
-        }
+    let Some(embedder) = served_encoder(state) else {
+        return Err(ApiError::invalid_request(format!(
+            "`{}` is a text-generation model (model_type {}): it serves /v1/completions \
+             and /v1/chat/completions; /v1/embeddings needs an encoder model such as bert",
+            state.model_name, state.model_type
+        ))
+        .with_param("model"));
     };
     let base64 = match request.encoding_format.as_deref() {
         None | Some("float") => false,
@@ -706,7 +703,8 @@ async fn embeddings_inner(
             return Err(ApiError::invalid_param(
                 "input",
                 format!(
-                    "an input is {} tokens long, but this model takes at most {}                      (max_model_len)",
+                    "an input is {} tokens long, but this model takes at most {} \
+                     (max_model_len)",
                     input.len(),
                     state.max_model_len
                 ),
@@ -715,15 +713,7 @@ async fn embeddings_inner(
         }
     }
     let prompt_tokens: usize = inputs.iter().map(Vec::len).sum();
-    let _slot = state
-        .embedding_slots
-        .acquire()
-        .await
-        .map_err(|_| ApiError::unavailable("the server is shutting down"))?;
-    let vectors = tokio::task::spawn_blocking(move || embedder.embed(&inputs))
-        .await
-        .map_err(|e| ApiError::internal(format!("the embedding task failed: {e}")))?
-        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let vectors = on_embedding_slot(state, "embedding", move || embedder.embed(&inputs)).await?;
     let data: Vec<Value> = vectors
         .iter()
         .enumerate()
@@ -743,6 +733,36 @@ async fn embeddings_inner(
         "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
     }))
     .into_response())
+}
+
+/// The served model's embedder, when it is an encoder.
+fn served_encoder(state: &AppState) -> Option<Embedder> {
+    match (&state.embedder, state.kind) {
+        (Some(embedder), ModelKind::Encoder) => Some(embedder.clone()),
+        _ => None,
+    }
+}
+
+/// Runs blocking `work` (named `what` in errors) on a thread of its own while holding one of
+/// the embedding slots, which bound how many such jobs run at once.
+async fn on_embedding_slot<T, E>(
+    state: &AppState,
+    what: &str,
+    work: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Result<T, ApiError>
+where
+    T: Send + 'static,
+    E: std::fmt::Display + Send + 'static,
+{
+    let _slot = state
+        .embedding_slots
+        .acquire()
+        .await
+        .map_err(|_| ApiError::unavailable("the server is shutting down"))?;
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| ApiError::internal(format!("the {what} task failed: {e}")))?
+        .map_err(|e| ApiError::internal(e.to_string()))
 }
 
 /// Little-endian f32 bytes in standard base64 (OpenAI's `encoding_format: base64`).
@@ -820,18 +840,15 @@ async fn consensus_inner(
         }
         (None, Some(embeddings)) => (None, embeddings),
         (Some(value), None) => {
-            let embedder = match (&state.embedder, state.kind) {
-                (Some(embedder), ModelKind::Encoder) => embedder.clone(),
-                _ => {
-                    return Err(ApiError::invalid_param(
-                        "proposals",
-                        format!(
-                            "`{}` is not an embedding model, so it cannot embed texts: send \
-                             `embeddings`, or serve an encoder such as bert",
-                            state.model_name
-                        ),
-                    ))
-                }
+            let Some(embedder) = served_encoder(state) else {
+                return Err(ApiError::invalid_param(
+                    "proposals",
+                    format!(
+                        "`{}` is not an embedding model, so it cannot embed texts: send \
+                         `embeddings`, or serve an encoder such as bert",
+                        state.model_name
+                    ),
+                ));
             };
             let context = state.validation_context();
             let inputs = parse_prompts(Some(value), "proposals", &context)?;
@@ -855,15 +872,8 @@ async fn consensus_inner(
                     ));
                 }
             }
-            let _slot = state
-                .embedding_slots
-                .acquire()
-                .await
-                .map_err(|_| ApiError::unavailable("the server is shutting down"))?;
-            let vectors = tokio::task::spawn_blocking(move || embedder.embed(&inputs))
-                .await
-                .map_err(|e| ApiError::internal(format!("the embedding task failed: {e}")))?
-                .map_err(|e| ApiError::internal(e.to_string()))?;
+            let vectors =
+                on_embedding_slot(state, "embedding", move || embedder.embed(&inputs)).await?;
             (value.as_array().cloned(), vectors)
         }
     };
@@ -897,16 +907,10 @@ async fn consensus_inner(
     consensus_request
         .validate()
         .map_err(ApiError::invalid_request)?;
-    let _slot = state
-        .embedding_slots
-        .acquire()
-        .await
-        .map_err(|_| ApiError::unavailable("the server is shutting down"))?;
-    let decision =
-        tokio::task::spawn_blocking(move || kiln_runtime::consensus::decide(&consensus_request))
-            .await
-            .map_err(|e| ApiError::internal(format!("the consensus task failed: {e}")))?
-            .map_err(|e| ApiError::internal(e.to_string()))?;
+    let decision = on_embedding_slot(state, "consensus", move || {
+        kiln_runtime::consensus::decide(&consensus_request)
+    })
+    .await?;
     let mut out = decision.to_json(request.include_similarity);
     out["object"] = json!("consensus");
     out["model"] = json!(state.model_name);
