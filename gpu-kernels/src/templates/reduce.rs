@@ -370,6 +370,14 @@ pub(crate) fn emit_rows(
         Some(n) => resident_chunks(e, &mut body, n, &tid, stride, lanes, &row_idx, inner),
         None => Walk::Strided,
     };
+    let strided = StridedPass {
+        row_idx: &row_idx,
+        inner,
+        tid: &tid,
+        len: &len,
+        step: i64::from(stride) * lanes as i64,
+        lanes,
+    };
     let mut names = Vec::new();
     for &r in &group.roots {
         let inst = g.inst(r).expect("a reduction");
@@ -379,21 +387,10 @@ pub(crate) fn emit_rows(
         let acc = Acc::new(e, &mut body, red, g.ty(input).dtype);
         match &walk {
             Walk::Strided => {
-                let j = e.var("j", ity);
-                let mut pass = Vec::new();
-                e.push_scope();
-                let inner_idx = e.delinearize(&mut pass, Expr::Var(j), inner);
-                let mut at = row_idx.clone();
-                at.extend(inner_idx);
-                fold_lanes(e, &mut pass, &acc, input, &at, &Expr::Var(j), None, lanes)?;
-                e.pop_scope();
-                body.push(Stmt::For {
-                    var: j,
-                    start: mul(tid.clone(), e.ix(lanes as i64)),
-                    end: len.clone(),
-                    step: e.ix(i64::from(stride) * lanes as i64),
-                    body: pass,
-                });
+                let pass = strided.pass(e, &mut |e, pass, at, j| {
+                    fold_lanes(e, pass, &acc, input, at, j, None, lanes)
+                })?;
+                body.push(pass);
             }
             Walk::Resident(chunks) => {
                 for c in chunks {
@@ -427,21 +424,10 @@ pub(crate) fn emit_rows(
     if !full_outputs.is_empty() {
         match &walk {
             Walk::Strided => {
-                let j = e.var("j", ity);
-                let mut pass = Vec::new();
-                e.push_scope();
-                let inner_idx = e.delinearize(&mut pass, Expr::Var(j), inner);
-                let mut at = row_idx.clone();
-                at.extend(inner_idx);
-                store_lanes(e, &mut pass, &full_outputs, &at, lanes)?;
-                e.pop_scope();
-                epilogue.push(Stmt::For {
-                    var: j,
-                    start: mul(tid.clone(), e.ix(lanes as i64)),
-                    end: len.clone(),
-                    step: e.ix(i64::from(stride) * lanes as i64),
-                    body: pass,
-                });
+                let pass = strided.pass(e, &mut |e, pass, at, _| {
+                    store_lanes(e, pass, &full_outputs, at, lanes)
+                })?;
+                epilogue.push(pass);
             }
             Walk::Resident(chunks) => {
                 for c in chunks {
@@ -495,6 +481,44 @@ pub(crate) fn emit_rows(
         grid: [grid_x, one(), one()],
         stmts: body,
     })
+}
+
+/// The strided walk over a row: thread `tid` visits `lanes` elements at `tid * lanes`, then
+/// every `step` elements up to `len`.
+struct StridedPass<'a> {
+    row_idx: &'a [Expr],
+    inner: &'a [Dim],
+    tid: &'a Expr,
+    len: &'a Expr,
+    step: i64,
+    lanes: usize,
+}
+
+/// What a pass does at one position: the full index and the flat row position of its first
+/// lane.
+type PassBody<'b> =
+    dyn FnMut(&mut Emitter<'_, '_>, &mut Vec<Stmt>, &[Expr], &Expr) -> EResult<()> + 'b;
+
+impl StridedPass<'_> {
+    /// The loop running `visit` at each of this thread's positions (its own scope, so that
+    /// nothing it computes is reused outside the loop).
+    fn pass(&self, e: &mut Emitter<'_, '_>, visit: &mut PassBody<'_>) -> EResult<Stmt> {
+        let j = e.var("j", e.index_ty);
+        let mut body = Vec::new();
+        e.push_scope();
+        let mut at = self.row_idx.to_vec();
+        at.extend(e.delinearize(&mut body, Expr::Var(j), self.inner));
+        let visited = visit(e, &mut body, &at, &Expr::Var(j));
+        e.pop_scope();
+        visited?;
+        Ok(Stmt::For {
+            var: j,
+            start: mul(self.tid.clone(), e.ix(self.lanes as i64)),
+            end: self.len.clone(),
+            step: e.ix(self.step),
+            body,
+        })
+    }
 }
 
 /// Contiguous elements per thread and step: 8 (16-byte loads of 16-bit data) when the row
