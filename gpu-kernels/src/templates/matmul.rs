@@ -265,45 +265,20 @@ pub(crate) fn emit(
                 add(mul(tx.clone(), e.ix(tn as i64)), e.ix(c as i64)),
             );
             let gn = e.bind(&mut body, "col", ity, gn);
-            let mut idx = batch.clone();
-            idx.extend([gm.clone(), gn.clone()]);
-            for (i, &m) in matmuls.iter().enumerate() {
-                e.bindings.push(Binding {
-                    value: m,
-                    index: idx.clone(),
-                    expr: Expr::Var(acc[i][r * tn + c]),
-                });
-            }
-            for &o in stores {
-                let n_size = e.dim(&g.shape(o)[rank - 1]);
-                let mut then = Vec::new();
-                e.push_scope();
-                let vals = e.elem(&mut then, o, &idx, 1)?;
-                e.store(&mut then, o, &idx, vals);
-                e.pop_scope();
-                body.push(Stmt::If {
-                    cond: and(lt(gm.clone(), m_size.clone()), lt(gn.clone(), n_size)),
-                    then,
-                    otherwise: Vec::new(),
-                });
-            }
-            e.bindings.clear();
+            let accs: Vec<VarId> = acc.iter().map(|a| a[r * tn + c]).collect();
+            let at = OutputElement {
+                batch: &batch,
+                row: &gm,
+                col: &gn,
+                rows: &m_size,
+            };
+            epilogue_at(e, &mut body, &matmuls, &accs, &at, None, stores)?;
         }
     }
     for &m in &matmuls {
         e.fused.insert(m);
     }
-    let what = if matmuls.len() > 1 {
-        format!("matmul_x{}", matmuls.len())
-    } else {
-        "matmul".to_string()
-    };
-    let epilogue = stores.iter().any(|s| !matmuls.contains(s));
-    let what = if epilogue {
-        format!("{what}_epilogue")
-    } else {
-        what
-    };
+    let what = kernel_name("matmul", &matmuls, stores);
     Ok(Body {
         what,
         block_dim: threads,
@@ -314,6 +289,73 @@ pub(crate) fn emit(
         ],
         stmts: body,
     })
+}
+
+/// One output element a thread holds: its batch index, row and column, and the row count.
+pub(crate) struct OutputElement<'a> {
+    pub batch: &'a [Expr],
+    pub row: &'a Expr,
+    pub col: &'a Expr,
+    pub rows: &'a Expr,
+}
+
+/// The epilogue at one output element: binds each matmul's value there to its accumulator
+/// (`accs[i]` for `matmuls[i]`) and stores every stored value of the group at that index,
+/// when the element is inside the output (and `guard`, if any, holds).
+pub(crate) fn epilogue_at(
+    e: &mut Emitter<'_, '_>,
+    body: &mut Vec<Stmt>,
+    matmuls: &[Value],
+    accs: &[VarId],
+    at: &OutputElement<'_>,
+    guard: Option<&Expr>,
+    stores: &[Value],
+) -> EResult<()> {
+    let mut idx = at.batch.to_vec();
+    idx.extend([at.row.clone(), at.col.clone()]);
+    for (&m, &a) in matmuls.iter().zip(accs) {
+        e.bindings.push(Binding {
+            value: m,
+            index: idx.clone(),
+            expr: Expr::Var(a),
+        });
+    }
+    for &o in stores {
+        let shape = e.g.shape(o);
+        let n_size = e.dim(&shape[shape.len() - 1]);
+        let mut then = Vec::new();
+        e.push_scope();
+        let vals = e.elem(&mut then, o, &idx, 1)?;
+        e.store(&mut then, o, &idx, vals);
+        e.pop_scope();
+        let mut cond = and(
+            lt(at.row.clone(), at.rows.clone()),
+            lt(at.col.clone(), n_size),
+        );
+        if let Some(guard) = guard {
+            cond = and(cond, guard.clone());
+        }
+        body.push(Stmt::If {
+            cond,
+            then,
+            otherwise: Vec::new(),
+        });
+    }
+    e.bindings.clear();
+    Ok(())
+}
+
+/// A matmul kernel's name: `prefix`, `_xN` for N horizontally fused matmuls, `_epilogue`
+/// when it stores more than the matmuls' own results.
+pub(crate) fn kernel_name(prefix: &str, matmuls: &[Value], stores: &[Value]) -> String {
+    let mut what = prefix.to_string();
+    if matmuls.len() > 1 {
+        what = format!("{what}_x{}", matmuls.len());
+    }
+    if stores.iter().any(|s| !matmuls.contains(s)) {
+        what = format!("{what}_epilogue");
+    }
+    what
 }
 
 /// `tile[slot] = inside ? operand[idx] : 0`.

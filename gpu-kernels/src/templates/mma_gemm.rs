@@ -23,9 +23,9 @@
 //! template cannot take (another dtype, a fused prologue on an operand, K or a `[K, N]`
 //! B's N not a multiple of 8, a symbolic K) goes to the plain tiled template.
 
-use super::matmul::batch_index;
+use super::matmul::{batch_index, epilogue_at, kernel_name, OutputElement};
 use super::{ceil_div_size, size_of_dims, Body};
-use crate::emit::{add, and, lt, mul, Binding, EResult, Emitter};
+use crate::emit::{add, and, lt, mul, EResult, Emitter};
 use crate::partition::Group;
 use kiln_ir::{DType, Dim, Op, Value};
 use kiln_kir::{BinOp, Buf, Expr, MmaInput, Special, Stmt, Ty, VarId};
@@ -677,7 +677,9 @@ pub(crate) fn emit(
         body.push(Stmt::if_then(warp_k.clone().equals(i32c(0)), gather));
     }
 
-    // ---- epilogue: each accumulator element through the fused element-wise work.
+    // ---- epilogue: each accumulator element through the fused element-wise work (only the
+    // first warp of a k split holds the sums).
+    let first_k = (t.warps_k > 1).then(|| warp_k.clone().equals(i32c(0)));
     let g4 = e.bind(&mut body, "g", Ty::I32, shr(lane.clone(), 2));
     let t2 = e.bind(&mut body, "t2", Ty::I32, and_mask(lane, 3) * i32c(2));
     for mi in 0..mi_count {
@@ -690,33 +692,14 @@ pub(crate) fn emit(
                 let col = warp_n0.clone() + t2.clone() + i32c(ni as i64 * 8 + col_offset);
                 let gm = e.bind(&mut body, "row", ity, add(m0.clone(), index(row)));
                 let gn = e.bind(&mut body, "col", ity, add(n0.clone(), index(col)));
-                let mut idx = batch.clone();
-                idx.extend([gm.clone(), gn.clone()]);
-                for (i, &m) in matmuls.iter().enumerate() {
-                    e.bindings.push(Binding {
-                        value: m,
-                        index: idx.clone(),
-                        expr: Expr::Var(acc[i][mi * ni_count + ni][j]),
-                    });
-                }
-                for &o in stores {
-                    let n_size = e.dim(&g.shape(o)[rank - 1]);
-                    let mut then = Vec::new();
-                    e.push_scope();
-                    let vals = e.elem(&mut then, o, &idx, 1)?;
-                    e.store(&mut then, o, &idx, vals);
-                    e.pop_scope();
-                    let mut cond = and(lt(gm.clone(), m_size.clone()), lt(gn.clone(), n_size));
-                    if t.warps_k > 1 {
-                        cond = and(cond, warp_k.clone().equals(i32c(0)));
-                    }
-                    body.push(Stmt::If {
-                        cond,
-                        then,
-                        otherwise: Vec::new(),
-                    });
-                }
-                e.bindings.clear();
+                let accs: Vec<VarId> = acc.iter().map(|a| a[mi * ni_count + ni][j]).collect();
+                let at = OutputElement {
+                    batch: &batch,
+                    row: &gm,
+                    col: &gn,
+                    rows: &m_size,
+                };
+                epilogue_at(e, &mut body, &matmuls, &accs, &at, first_k.as_ref(), stores)?;
             }
         }
     }
@@ -728,13 +711,7 @@ pub(crate) fn emit(
             e.fused.insert(p);
         }
     }
-    let mut what = format!("mma_gemm_{}", t.name());
-    if matmuls.len() > 1 {
-        what = format!("{what}_x{}", matmuls.len());
-    }
-    if stores.iter().any(|s| !matmuls.contains(s)) {
-        what = format!("{what}_epilogue");
-    }
+    let what = kernel_name(&format!("mma_gemm_{}", t.name()), &matmuls, stores);
     let grid_n = plan
         .b
         .iter()
