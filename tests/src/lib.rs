@@ -98,6 +98,23 @@ pub fn rel_err(got: &[f64], want: &[f64]) -> f64 {
         / scale
 }
 
+/// NashConv r_x + r_y of the profile (x, y) in the two-player game with row payoffs `a` and
+/// column payoffs `b` ([M, N] row-major), computed independently in f64: the reference the
+/// consensus kernels' `nashconv` is checked against.
+pub fn nashconv_f64(a: &[f64], b: &[f64], x: &[f64], y: &[f64]) -> f64 {
+    let (m, n) = (x.len(), y.len());
+    let ux: Vec<f64> = (0..m)
+        .map(|i| (0..n).map(|j| a[i * n + j] * y[j]).sum())
+        .collect();
+    let uy: Vec<f64> = (0..n)
+        .map(|j| (0..m).map(|i| b[i * n + j] * x[i]).sum())
+        .collect();
+    let vx: f64 = (0..m).map(|i| ux[i] * x[i]).sum();
+    let vy: f64 = (0..n).map(|j| uy[j] * y[j]).sum();
+    let best = |v: &[f64]| v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    best(&ux) - vx + best(&uy) - vy
+}
+
 /// The environment variable naming an all-MiniLM-L6-v2 directory to test against.
 pub const MINILM_DIR_VAR: &str = "KILN_MINILM_DIR";
 

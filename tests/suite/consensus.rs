@@ -135,21 +135,6 @@ fn games_json(data: &[f64], g: usize, m: usize, n: usize) -> Value {
     )
 }
 
-/// NashConv r_x + r_y of (x, y) in the game (A, B) [M, N], in f64.
-fn nashconv_f64(a: &[f64], b: &[f64], x: &[f64], y: &[f64]) -> f64 {
-    let (m, n) = (x.len(), y.len());
-    let ux: Vec<f64> = (0..m)
-        .map(|i| (0..n).map(|j| a[i * n + j] * y[j]).sum())
-        .collect();
-    let uy: Vec<f64> = (0..n)
-        .map(|j| (0..m).map(|i| b[i * n + j] * x[i]).sum())
-        .collect();
-    let vx: f64 = (0..m).map(|i| ux[i] * x[i]).sum();
-    let vy: f64 = (0..n).map(|j| uy[j] * y[j]).sum();
-    let best = |v: &[f64]| v.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-    best(&ux) - vx + best(&uy) - vy
-}
-
 /// `g` games of `m`×`n` with payoffs uniform in [0, 1].
 fn random_games(rng: &mut Rng, g: usize, m: usize, n: usize) -> Vec<f64> {
     (0..g * m * n).map(|_| rng.unit()).collect()
@@ -229,7 +214,8 @@ fn zero_sum_solvers_reach_the_lp_value() {
             for gi in 0..g {
                 let game = &a[gi * m * n..][..m * n];
                 let minus: Vec<f64> = game.iter().map(|v| -v).collect();
-                let exact_nc = nashconv_f64(game, &minus, &x[gi * m..][..m], &y[gi * n..][..n]);
+                let exact_nc =
+                    kiln_tests::nashconv_f64(game, &minus, &x[gi * m..][..m], &y[gi * n..][..n]);
                 let what = format!("{entry} on the {backend}, game {gi}");
                 assert!(exact_nc <= tol, "{what}: NashConv {exact_nc:e} > {tol:e}");
                 assert!(
@@ -291,7 +277,7 @@ fn nashconv_agrees_with_an_independent_f64_computation() {
     for (backend, out) in kernel.run(&inputs) {
         let got = out[0].to_f64_vec();
         for gi in 0..g {
-            let here = nashconv_f64(
+            let here = kiln_tests::nashconv_f64(
                 &a[gi * m * n..][..m * n],
                 &b[gi * m * n..][..m * n],
                 &x[gi * m..][..m],
@@ -408,7 +394,7 @@ fn exact_equilibria_from_quantecon_have_zero_nashconv_and_the_solvers_certify_th
             let converged = out[3].to_i64_vec();
             for gi in 0..g {
                 let what = format!("{entry} on the {backend}, game {gi}");
-                let exact_nc = nashconv_f64(
+                let exact_nc = kiln_tests::nashconv_f64(
                     &a[gi * 9..][..9],
                     &b[gi * 9..][..9],
                     &x[gi * 3..][..3],

@@ -403,20 +403,6 @@ fn rps() -> (Vec<f64>, Vec<f64>) {
     (a, b)
 }
 
-fn nashconv_reference(a: &[f64], b: &[f64], x: &[f64], y: &[f64]) -> f64 {
-    let (m, n) = (x.len(), y.len());
-    let ux: Vec<f64> = (0..m)
-        .map(|i| (0..n).map(|j| a[i * n + j] * y[j]).sum())
-        .collect();
-    let uy: Vec<f64> = (0..n)
-        .map(|j| (0..m).map(|i| b[i * n + j] * x[i]).sum())
-        .collect();
-    let vx: f64 = (0..m).map(|i| ux[i] * x[i]).sum();
-    let vy: f64 = (0..n).map(|j| uy[j] * y[j]).sum();
-    ux.iter().cloned().fold(f64::MIN, f64::max) - vx + uy.iter().cloned().fold(f64::MIN, f64::max)
-        - vy
-}
-
 #[test]
 fn nashconv_matches_an_f64_computation() {
     let source =
@@ -446,7 +432,7 @@ fn nashconv_matches_an_f64_computation() {
     );
     let want: Vec<f64> = (0..g)
         .map(|gi| {
-            nashconv_reference(
+            kiln_tests::nashconv_f64(
                 &a[gi * m * n..][..m * n],
                 &b[gi * m * n..][..m * n],
                 &x[gi * m..][..m],
@@ -489,7 +475,7 @@ fn regret_matching_plus_solves_rock_paper_scissors_and_a_dominance_game() {
     );
     let (x, y) = (out[0].to_f64_vec(), out[1].to_f64_vec());
     for gi in 0..2 {
-        let nc = nashconv_reference(
+        let nc = kiln_tests::nashconv_f64(
             &a[gi * 9..][..9],
             &b[gi * 9..][..9],
             &x[gi * 3..][..3],
