@@ -41,32 +41,34 @@ pub fn executor(
     choice: BackendChoice,
     progress: &mut dyn Progress,
 ) -> Result<Box<dyn Executor>, BackendError> {
-    let cpu = |lowered: kiln_lower::Lowered,
-               weights,
-               progress|
-     -> Result<Box<dyn Executor>, BackendError> {
-        Ok(Box::new(CpuPlans::compile(
+    let gpu = match choice {
+        BackendChoice::Interpreter => {
+            return Ok(Box::new(Interpreter::new(lowered.module, weights)))
+        }
+        BackendChoice::Cpu => None,
+        BackendChoice::Gpu => Some(gpu_parts().map_err(BackendError::NoGpu)?),
+        BackendChoice::Auto => match gpu_parts() {
+            Ok(parts) => Some(parts),
+            Err(why) => {
+                eprintln!("kiln: no GPU ({why}): running on the CPU backend");
+                None
+            }
+        },
+    };
+    match gpu {
+        Some(parts) => gpu_executor(program, lowered, weights, parts),
+        None => Ok(Box::new(CpuPlans::compile(
             lowered.module,
             weights,
             progress,
-        )?))
-    };
-    match choice {
-        BackendChoice::Interpreter => Ok(Box::new(Interpreter::new(lowered.module, weights))),
-        BackendChoice::Cpu => cpu(lowered, weights, progress),
-        BackendChoice::Gpu => gpu_executor(program, lowered, weights),
-        BackendChoice::Auto => match gpu_parts() {
-            Ok(_) => gpu_executor(program, lowered, weights),
-            Err(why) => {
-                eprintln!("kiln: no GPU ({why}): running on the CPU backend");
-                cpu(lowered, weights, progress)
-            }
-        },
+        )?)),
     }
 }
 
-/// The device, its kiln target and the toolchain to assemble for it.
-fn gpu_parts() -> Result<(kiln_cuda::CudaDevice, kiln_ptx::Target, kiln_ptx::Toolchain), String> {
+/// A usable GPU: the device, its kiln target and the toolchain to assemble for it.
+type GpuParts = (kiln_cuda::CudaDevice, kiln_ptx::Target, kiln_ptx::Toolchain);
+
+fn gpu_parts() -> Result<GpuParts, String> {
     let device = kiln_cuda::CudaDevice::new(0).map_err(|e| e.to_string())?;
     let (major, minor) = device.info().compute_capability;
     let target = kiln_ptx::Target::for_compute_capability(major, minor)
@@ -79,8 +81,8 @@ fn gpu_executor(
     program: &str,
     lowered: kiln_lower::Lowered,
     weights: Arc<Weights>,
+    (device, target, toolchain): GpuParts,
 ) -> Result<Box<dyn Executor>, BackendError> {
-    let (device, target, toolchain) = gpu_parts().map_err(BackendError::NoGpu)?;
     let module = lowered.module.clone();
     let options = CompileOptions {
         targets: vec![target],
