@@ -122,6 +122,8 @@ impl<'f> FuncGraph<'f> {
                     | Op::ArgMin { .. }
                     | Op::MatMul
                     | Op::Attention { .. }
+                    | Op::KvWrite { .. }
+                    | Op::PagedAttention { .. }
             )
         )
     }

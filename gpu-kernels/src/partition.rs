@@ -62,6 +62,11 @@ pub(crate) enum GroupKind {
     Attention(AttentionParts),
     /// The built-in `attention` op.
     BuiltinAttention(Value),
+    /// A `kv_write`: the new rows stored into the cache's memory (its result is a view of
+    /// the cache operand).
+    KvWrite(Value),
+    /// The built-in `paged_attention` op.
+    PagedAttention(Value),
 }
 
 /// One kernel to be: what it computes and stores.
@@ -414,11 +419,25 @@ impl<'g, 'f> State<'g, 'f> {
                     }
                     items.push(Item::Loop { inst, body });
                 }
-                Op::Attention { .. } => {
+                Op::Attention { .. } | Op::PagedAttention { .. } => {
                     let h = inst.results[0];
                     self.settle_pending(region, &[h], None, &mut items);
-                    let id = self.add_group(GroupKind::BuiltinAttention(h), region, &mut items);
+                    let kind = match inst.op {
+                        Op::Attention { .. } => GroupKind::BuiltinAttention(h),
+                        _ => GroupKind::PagedAttention(h),
+                    };
+                    let id = self.add_group(kind, region, &mut items);
                     self.own(id, h, false);
+                }
+                Op::KvWrite { .. } => {
+                    // Updated in place: the result lives in the cache operand's buffer.
+                    let h = inst.results[0];
+                    self.settle_pending(region, &[h], None, &mut items);
+                    let id = self.add_group(GroupKind::KvWrite(h), region, &mut items);
+                    self.own(id, h, false);
+                    let cache = inst.operands[0];
+                    let base = self.view_of.get(&cache).copied().unwrap_or(cache);
+                    self.view_of.insert(h, base);
                 }
                 Op::MatMul | Op::Reduce { .. } | Op::ArgMax { .. } | Op::ArgMin { .. } => {
                     let h = inst.results[0];
@@ -693,9 +712,11 @@ impl<'g, 'f> State<'g, 'f> {
                 grp.roots.iter().any(|r| g.shape(*r) == shape)
                     && self.access_ok(v, grp, Mode::Full, &[])
             }
-            GroupKind::LoopReduce | GroupKind::Attention(_) | GroupKind::BuiltinAttention(_) => {
-                false
-            }
+            GroupKind::LoopReduce
+            | GroupKind::Attention(_)
+            | GroupKind::BuiltinAttention(_)
+            | GroupKind::KvWrite(_)
+            | GroupKind::PagedAttention(_) => false,
         }
     }
 

@@ -106,7 +106,13 @@ impl<'a, 'f> PlanBuilder<'a, 'f> {
         // Results written in place by their kernel, or copied at the end.
         let mut outputs = Vec::new();
         let mut copies = Vec::new();
+        let updated_inputs = kiln_ir::in_place_inputs(func);
         for (n, &r) in func.results().iter().enumerate() {
+            // A cache updated in place by `kv_write`s is returned in its input's buffer.
+            if let Some(i) = updated_inputs[n] {
+                outputs.push(inputs[i]);
+                continue;
+            }
             let in_place = self.part.owner[r.0 as usize].is_some()
                 && !self.part.view_of.contains_key(&r)
                 && !self.buffer_of.contains_key(&r);

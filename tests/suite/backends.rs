@@ -70,6 +70,56 @@ fn inputs_for(func: &Function, rng: &mut Rng) -> Vec<Tensor> {
         .collect()
 }
 
+/// Inputs of a model's KV-cached `step` entry: two sequences with scattered blocks of 4
+/// slots in a cache of 6 blocks holding random earlier keys and values: the first adds 3
+/// tokens after 3 cached ones, the second 2 after 8, then one padding token (T = 6).
+fn paged_step_inputs(func: &Function, rng: &mut Rng) -> Vec<Tensor> {
+    let int = |shape: &[usize], v: Vec<i64>| Tensor::from_ints(DType::I32, shape, v);
+    let tables = [[4i64, 1, 3], [0, 5, 2]];
+    let entries: Vec<(i64, i64)> = [(0, 3), (0, 4), (0, 5), (1, 8), (1, 9)].to_vec();
+    let mut tokens: Vec<i64> = (0..entries.len())
+        .map(|_| (rng.unit() * 50.0) as i64)
+        .collect();
+    let mut pos: Vec<i64> = entries.iter().map(|e| e.1).collect();
+    let mut seq: Vec<i64> = entries.iter().map(|e| e.0).collect();
+    let mut slots: Vec<i64> = entries
+        .iter()
+        .map(|&(b, p)| tables[b as usize][(p / 4) as usize] * 4 + p % 4)
+        .collect();
+    // The padding token.
+    tokens.push(0);
+    pos.push(0);
+    seq.push(-1);
+    slots.push(-1);
+    let cache_ty = func.ty(func.params()[6]);
+    let dims: Vec<usize> = cache_ty
+        .shape
+        .0
+        .iter()
+        .zip([None, Some(6), Some(4), None, None])
+        .map(|(d, given)| given.unwrap_or_else(|| d.as_const().expect("constant") as usize))
+        .collect();
+    let n: usize = dims.iter().product();
+    let mut cache = || {
+        Tensor::from_f32(
+            &dims,
+            (0..n).map(|_| (rng.unit() * 2.0 - 1.0) as f32).collect(),
+        )
+        .cast(cache_ty.dtype)
+    };
+    let (k_cache, v_cache) = (cache(), cache());
+    vec![
+        int(&[6], tokens),
+        int(&[6], pos),
+        int(&[6], seq),
+        int(&[6], slots),
+        int(&[2, 3], tables.concat()),
+        int(&[2], vec![2, 4]),
+        k_cache,
+        v_cache,
+    ]
+}
+
 fn tolerance(dtype: DType) -> f64 {
     match dtype {
         DType::F32 => 1e-4,
@@ -159,9 +209,13 @@ fn check_program(
     for (func, plan) in lowered.module.functions.iter().zip(&compiled.plans) {
         assert_eq!(func.name, plan.function);
         let what = format!("{name}@{}", func.name);
-        let inputs = given_inputs
-            .clone()
-            .unwrap_or_else(|| inputs_for(func, &mut rng));
+        let inputs = if func.name == "step" {
+            paged_step_inputs(func, &mut rng)
+        } else {
+            given_inputs
+                .clone()
+                .unwrap_or_else(|| inputs_for(func, &mut rng))
+        };
         let want = interpret(func, &inputs, weights)
             .unwrap_or_else(|e| panic!("{what}: interpreter: {e}"));
         if let Some(executor) = &executor {

@@ -614,3 +614,98 @@ fn bert_matches_transformers() {
     }
     assert_close("bert sentence embedding", &out[0], &want, 1e-4);
 }
+
+// ---------------------------------------------------------------------------------------
+// The KV-cached step entry against transformers
+// ---------------------------------------------------------------------------------------
+
+/// Runs llama.kiln's `step` entry over a paged cache on `executor`, feeding a fixture's two
+/// sequences in uneven chunks (prefill 3 and 5 tokens, then chunks of 2 and 1, then one
+/// token a step) through small scattered blocks, and checks every step's last-token logits
+/// against transformers' logits at those positions.
+fn step_matches_transformers(fixture: &str, executor: &mut dyn kiln_runtime::Executor) {
+    use kiln_runtime::{PagedModel, StepSequence};
+    let exp = expected(fixture);
+    let ids: Vec<u32> = exp["input_ids"]
+        .to_i64_vec()
+        .iter()
+        .map(|&t| t as u32)
+        .collect();
+    let [batch, len] = exp["input_ids"].shape[..] else {
+        panic!("input_ids of rank 2")
+    };
+    let want = exp["logits"].to_f64_vec();
+    let vocab = exp["logits"].shape[2];
+    let block_size = 4;
+    // Non-contiguous, interleaved blocks (3 per sequence hold 11 tokens).
+    let blocks: [Vec<u32>; 2] = [vec![5, 2, 7], vec![0, 6, 3]];
+    let mut model = PagedModel::new(executor, "step", 8, block_size, 12).expect("step entry");
+    // Tokens each sequence holds after each step: uneven prefill chunks, then decoding;
+    // the second sequence finishes first, so the last steps run the first one alone.
+    let schedules: [Vec<usize>; 2] = [
+        [3, 5, 6].into_iter().chain(7..=len).collect(),
+        [5, 6].into_iter().chain(7..=len).collect(),
+    ];
+    assert_eq!(batch, 2, "{fixture}: two sequences");
+    let steps = schedules.iter().map(Vec::len).max().unwrap_or(0);
+    let mut done = [0usize; 2];
+    for step in 0..steps {
+        let active: Vec<usize> = (0..batch).filter(|&b| step < schedules[b].len()).collect();
+        let seqs: Vec<StepSequence<'_>> = active
+            .iter()
+            .map(|&b| StepSequence {
+                tokens: &ids[b * len..b * len + schedules[b][step]],
+                cached: done[b],
+                blocks: &blocks[b],
+            })
+            .collect();
+        let rows = model
+            .step(&seqs)
+            .unwrap_or_else(|e| panic!("{fixture}: {e}"));
+        for (row, &b) in rows.iter().zip(&active) {
+            let upto = schedules[b][step];
+            let at = (b * len + upto - 1) * vocab;
+            let got: Vec<f64> = row.iter().map(|&x| f64::from(x)).collect();
+            let err = rel_err(&got, &want[at..at + vocab]);
+            assert!(
+                err <= 1e-4,
+                "{fixture} on {}: sequence {b} at position {}: relative error {err:e}",
+                model.executor().describe(),
+                upto - 1
+            );
+            done[b] = upto;
+        }
+    }
+}
+
+/// The lowered llama program and its weights for a fixture.
+fn llama_program(fixture: &str) -> (kiln_ir::Module, std::sync::Arc<kiln_runtime::Weights>) {
+    let dir = repo_root().join("tests/fixtures").join(fixture);
+    let config = read_json(&dir.join("config.json"));
+    let path = repo_root().join("models/llama.kiln");
+    let source = std::fs::read_to_string(&path).expect("model source");
+    let lowered = compile_source("llama.kiln", &source, path.parent(), Some(&config))
+        .unwrap_or_else(|d| panic!("{d}"));
+    let weights = kiln_runtime::Weights::load(&dir, &lowered.params).expect("weights");
+    (lowered.module, std::sync::Arc::new(weights))
+}
+
+#[test]
+fn llama_step_with_paged_cache_matches_transformers_on_the_interpreter() {
+    for fixture in ["tiny-llama", "tiny-qwen2"] {
+        let (module, weights) = llama_program(fixture);
+        let mut executor = kiln_runtime::Interpreter::new(module, weights);
+        step_matches_transformers(fixture, &mut executor);
+    }
+}
+
+#[test]
+fn llama_step_with_paged_cache_matches_transformers_on_the_cpu_backend() {
+    for fixture in ["tiny-llama", "tiny-qwen2"] {
+        let (module, weights) = llama_program(fixture);
+        let mut executor =
+            kiln_runtime::CpuPlans::compile(module, weights, &mut kiln_runtime::NoProgress)
+                .expect("compile");
+        step_matches_transformers(fixture, &mut executor);
+    }
+}

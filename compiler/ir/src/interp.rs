@@ -328,6 +328,10 @@ fn eval_op(op: &Op, x: &[&Tensor], out_dtype: DType, out_shape: &[usize]) -> Eva
         Op::ArgMin { axis, .. } => one(out_dtype, out_shape, arg_reduce(x[0], *axis, false)?),
         Op::MatMul => one(out_dtype, out_shape, matmul(x[0], x[1], out_shape)),
         Op::Attention { scale } => one(out_dtype, out_shape, attention(x, *scale)),
+        Op::KvWrite { layer } => one(out_dtype, out_shape, kv_write(x, *layer)?),
+        Op::PagedAttention { layer, scale } => {
+            one(out_dtype, out_shape, paged_attention(x, *layer, *scale)?)
+        }
         Op::Reshape { .. } => one(out_dtype, out_shape, x[0].data.clone()),
         Op::Permute { perm } => {
             let in_strides = strides(&x[0].shape);
@@ -808,6 +812,120 @@ fn attention(x: &[&Tensor], scale: f64) -> TensorData {
         }
     }
     TensorData::Float(out)
+}
+
+/// The offset of the row at `slot` of `layer` in a paged cache `[L, NB, BS, KV, D]`, in
+/// elements, or an error naming what is out of range.
+fn cache_row(cache: &Tensor, layer: usize, slot: i64) -> Result<usize, String> {
+    let [_, blocks, block_size, heads, dim] = cache.shape[..] else {
+        unreachable!("the type rule requires a rank-5 cache")
+    };
+    let slots = blocks * block_size;
+    if slot < 0 || slot as usize >= slots {
+        return Err(format!(
+            "slot {slot} is outside the cache's {slots} slots ({blocks} blocks of {block_size})"
+        ));
+    }
+    Ok((layer * slots + slot as usize) * heads * dim)
+}
+
+/// `kv_write` (see `Op::KvWrite`): the cache with each row of x stored at its slot.
+fn kv_write(x: &[&Tensor], layer: usize) -> Result<TensorData, String> {
+    let (cache, rows, slots) = (x[0], x[1], x[2]);
+    let slots = slots.as_i64().ok_or("slots are not integers")?;
+    let (TensorData::Float(cache_data), TensorData::Float(row_data)) = (&cache.data, &rows.data)
+    else {
+        unreachable!("the type rule requires float cache and rows")
+    };
+    let width = cache.shape[3] * cache.shape[4];
+    let mut out = cache_data.clone();
+    for (n, &slot) in slots.iter().enumerate() {
+        if slot < 0 {
+            continue;
+        }
+        let at = cache_row(cache, layer, slot)?;
+        out[at..at + width].copy_from_slice(&row_data[n * width..][..width]);
+    }
+    Ok(TensorData::Float(out))
+}
+
+/// `paged_attention` (see `Op::PagedAttention`): each query token attends causally to its
+/// sequence's cached positions, rounding like one row of [`attention`].
+fn paged_attention(x: &[&Tensor], layer: usize, scale: f64) -> Result<TensorData, String> {
+    let (q, k, v, tables, seq, pos) = (x[0], x[1], x[2], x[3], x[4], x[5]);
+    let [n, h, d] = [q.shape[0], q.shape[1], q.shape[2]];
+    let [block_size, kv] = [k.shape[2], k.shape[3]];
+    let [batch, max_blocks] = [tables.shape[0], tables.shape[1]];
+    let group = h / kv;
+    let tables = tables.as_i64().ok_or("block tables are not integers")?;
+    let seq = seq.as_i64().ok_or("`seq` is not integers")?;
+    let pos = pos.as_i64().ok_or("`pos` is not integers")?;
+    let (TensorData::Float(qv), TensorData::Float(kc), TensorData::Float(vc)) =
+        (&q.data, &k.data, &v.data)
+    else {
+        unreachable!("the type rule requires float q and caches")
+    };
+    let dtype = q.dtype;
+    let scale = scale as f32;
+    let mut out = vec![0.0f32; n * h * d];
+    for t in 0..n {
+        if seq[t] < 0 {
+            continue;
+        }
+        let b = seq[t] as usize;
+        if b >= batch {
+            return Err(format!(
+                "token {t} belongs to sequence {b}, but the block tables have {batch} rows"
+            ));
+        }
+        if pos[t] < 0 || pos[t] as usize >= max_blocks * block_size {
+            return Err(format!(
+                "token {t} is at position {}, outside the {} positions a block-table row holds",
+                pos[t],
+                max_blocks * block_size
+            ));
+        }
+        let context = pos[t] as usize + 1;
+        let mut rows = Vec::with_capacity(context);
+        for p in 0..context {
+            let block = tables[b * max_blocks + p / block_size];
+            let slot = block * block_size as i64 + (p % block_size) as i64;
+            rows.push(cache_row(k, layer, slot).map_err(|e| {
+                format!("token {t}, position {p} (block {block} of sequence {b}): {e}")
+            })?);
+        }
+        for hi in 0..h {
+            let g = hi / group;
+            let q_row = &qv[(t * h + hi) * d..][..d];
+            let mut scores: Vec<f32> = rows
+                .iter()
+                .map(|&row| {
+                    let k_row = &kc[row + g * d..][..d];
+                    let dot: f64 = q_row
+                        .iter()
+                        .zip(k_row)
+                        .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                        .sum();
+                    round_f64(dtype, dot) * scale
+                })
+                .collect();
+            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            for score in scores.iter_mut() {
+                *score = (*score - max).exp();
+            }
+            let total = round_f64(DType::F32, scores.iter().map(|e| f64::from(*e)).sum());
+            let probs: Vec<f32> = scores.iter().map(|e| round_f32(dtype, e / total)).collect();
+            for c in 0..d {
+                let acc: f64 = probs
+                    .iter()
+                    .zip(&rows)
+                    .map(|(p, &row)| f64::from(*p) * f64::from(vc[row + g * d + c]))
+                    .sum();
+                out[(t * h + hi) * d + c] = round_f64(dtype, acc);
+            }
+        }
+    }
+    Ok(TensorData::Float(out))
 }
 
 fn gather(table: &Tensor, indices: &Tensor, axis: usize, out_shape: &[usize]) -> EvalResult {

@@ -4,6 +4,7 @@
 
 pub mod fp8;
 pub mod func;
+pub mod inplace;
 pub mod interp;
 pub mod ops;
 pub mod parse;
@@ -13,6 +14,7 @@ pub mod types;
 pub mod verify;
 
 pub use func::{Builder, Function, Inst, Module, Region, RegionSignature, Value};
+pub use inplace::{check_in_place, in_place_inputs};
 pub use interp::{interpret, NoParams, ParamSource};
 pub use ops::{Arity, Attr, BinaryOp, DTypeClass, Op, OpSpec, ReduceOp, UnaryOp};
 pub use parse::{parse_function, parse_module, parse_type};

@@ -181,6 +181,32 @@ pub enum Op {
     Attention {
         scale: f64,
     },
+    /// Stores new key (or value) rows in a paged KV cache: `kv_write(cache, x, slots)` with
+    /// cache `[L, NB, BS, KV, D]` (L layers of NB blocks of BS token slots), x `[N, KV, D]`
+    /// (one float dtype with the cache) and integer slots `[N]`. The result is `cache` with
+    /// `x[n]` stored at `[layer, slots[n] / BS, slots[n] % BS]`; a negative slot stores
+    /// nothing (a padding token); a slot past the cache is a run-time error in the
+    /// interpreter and stores nothing in compiled kernels.
+    ///
+    /// Compiled plans update the cache in place: the result shares the cache operand's
+    /// memory, so nothing may read the operand after the write (the verifier checks that
+    /// every other use of it comes before, by data dependence).
+    KvWrite {
+        layer: usize,
+    },
+    /// Attention of N query tokens over a paged KV cache:
+    /// `paged_attention(q, k_cache, v_cache, block_tables, seq, pos)` with q `[N, H, D]`,
+    /// caches `[L, NB, BS, KV, D]` (H a multiple of KV), integer block tables `[B, MB]`,
+    /// and per token the sequence `seq[n]` (its row of the block table) and position
+    /// `pos[n]`. Token n attends causally to its sequence's positions `0..=pos[n]`; position
+    /// p lives at `[layer, block_tables[seq[n], p / BS], p % BS]`. Scores, softmax and sums
+    /// round as in `attention` (one row of it). A token with a negative `seq` (padding) gets
+    /// zeros. Block or table entries out of range are run-time errors in the interpreter;
+    /// compiled kernels must only be given valid tables.
+    PagedAttention {
+        layer: usize,
+        scale: f64,
+    },
     /// A fixed-count loop. Operands: `count` (an integer scalar) then the initial values of
     /// the carried state. One region with arguments `(i: i64[], carried...)` that yields
     /// the next carried state (same types). Results: the final carried state.
@@ -406,6 +432,8 @@ impl Op {
             Op::Concat { .. } => spec("concat", AtLeast(1), 0),
             Op::Gather { .. } => spec("gather", Exactly(2), 0),
             Op::Attention { .. } => spec("attention", Exactly(4), 0),
+            Op::KvWrite { .. } => spec("kv_write", Exactly(3), 0),
+            Op::PagedAttention { .. } => spec("paged_attention", Exactly(6), 0),
             Op::Loop => spec("loop", AtLeast(1), 1),
         }
     }
@@ -460,6 +488,8 @@ impl Op {
             Op::Concat { axis } => rule.concat(*axis),
             Op::Gather { axis } => rule.gather(*axis),
             Op::Attention { .. } => rule.attention(),
+            Op::KvWrite { layer } => rule.kv_write(*layer),
+            Op::PagedAttention { layer, .. } => rule.paged_attention(*layer),
             Op::Loop => rule.loop_(&regions[0]),
         }
         .map_err(|message| self.error(message))
@@ -687,6 +717,78 @@ impl TypeRule<'_> {
         dims.push(m.clone());
         dims.push(n.clone());
         Ok(vec![TensorType::new(a.dtype, dims)])
+    }
+
+    /// A paged cache `[L, NB, BS, KV, D]` with a float dtype and `layer < L`.
+    fn paged_cache(what: &str, cache: &TensorType, layer: usize) -> Result<(), String> {
+        if cache.rank() != 5 || !cache.dtype.is_float() {
+            return Err(format!(
+                "the {what} must be a float [L, NB, BS, KV, D] tensor, got {cache}"
+            ));
+        }
+        if let Some(layers) = cache.shape.0[0].as_const() {
+            if layer as u64 >= layers {
+                return Err(format!(
+                    "layer {layer} is out of range for the {what} {cache} of {layers} layers"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn kv_write(&self, layer: usize) -> RuleResult {
+        let (cache, x, slots) = (self.operands[0], self.operands[1], self.operands[2]);
+        Self::paged_cache("cache", cache, layer)?;
+        let cd = &cache.shape.0;
+        if x.rank() != 3 || x.dtype != cache.dtype || x.shape.0[1..] != cd[3..] {
+            return Err(format!(
+                "the rows must be [N, {}, {}] {} to fit the cache {cache}, got {x}",
+                cd[3], cd[4], cache.dtype
+            ));
+        }
+        if !slots.dtype.is_int() || slots.rank() != 1 || slots.shape.0[0] != x.shape.0[0] {
+            return Err(format!(
+                "slots must be integers [{}], one per row, got {slots}",
+                x.shape.0[0]
+            ));
+        }
+        Ok(vec![cache.clone()])
+    }
+
+    fn paged_attention(&self, layer: usize) -> RuleResult {
+        let [q, k, v, tables, seq, pos] = [0, 1, 2, 3, 4, 5].map(|i| self.operands[i]);
+        Self::paged_cache("key cache", k, layer)?;
+        if k != v {
+            return Err(format!("the key and value caches differ: {k} and {v}"));
+        }
+        if q.rank() != 3 || q.dtype != k.dtype || q.shape.0[2] != k.shape.0[4] {
+            return Err(format!(
+                "q must be [N, H, {}] {} to match the caches, got {q}",
+                k.shape.0[4], k.dtype
+            ));
+        }
+        match (q.shape.0[1].as_const(), k.shape.0[3].as_const()) {
+            (Some(h), Some(kv)) if kv > 0 && h % kv == 0 => {}
+            _ => {
+                return Err(format!(
+                    "query heads must be a constant multiple of key/value heads: {q}, {k}"
+                ))
+            }
+        }
+        if !tables.dtype.is_int() || tables.rank() != 2 {
+            return Err(format!(
+                "block tables must be integers [B, MB], got {tables}"
+            ));
+        }
+        for (what, t) in [("seq", seq), ("pos", pos)] {
+            if !t.dtype.is_int() || t.rank() != 1 || t.shape.0[0] != q.shape.0[0] {
+                return Err(format!(
+                    "`{what}` must be integers [{}], one per query token, got {t}",
+                    q.shape.0[0]
+                ));
+            }
+        }
+        Ok(vec![q.clone()])
     }
 
     fn attention(&self) -> RuleResult {
@@ -984,6 +1086,11 @@ impl Op {
             ],
             Op::Concat { axis } | Op::Gather { axis } => vec![("axis", Attr::Int(*axis as u64))],
             Op::Attention { scale } => vec![("scale", Attr::Float(*scale))],
+            Op::KvWrite { layer } => vec![("layer", Attr::Int(*layer as u64))],
+            Op::PagedAttention { layer, scale } => vec![
+                ("layer", Attr::Int(*layer as u64)),
+                ("scale", Attr::Float(*scale)),
+            ],
         }
     }
 
@@ -1038,6 +1145,13 @@ impl Op {
                 axis: a.index("axis")?,
             },
             "attention" => Op::Attention {
+                scale: a.float("scale")?,
+            },
+            "kv_write" => Op::KvWrite {
+                layer: a.index("layer")?,
+            },
+            "paged_attention" => Op::PagedAttention {
+                layer: a.index("layer")?,
                 scale: a.float("scale")?,
             },
             "loop" => Op::Loop,

@@ -23,7 +23,8 @@
 //!    computes from its operand types and its regions' signatures, which also checks each
 //!    op's own region contract (a loop's body takes `(i64[], carried...)` and yields the
 //!    carried types);
-//! 6. the function's results (what its body yields) are defined in the body (a case of 3).
+//! 6. the function's results (what its body yields) are defined in the body (a case of 3);
+//! 7. every `kv_write` may update its cache in place (see [`crate::inplace`]).
 
 use crate::func::{Function, Inst, Module, Region, RegionSignature, Value};
 use crate::print::{describe_inst, format_type};
@@ -70,6 +71,7 @@ pub fn verify_function(func: &Function) -> Result<(), IrError> {
             format_type(&func.values[v])
         )));
     }
+    crate::inplace::check_in_place(func).map_err(fail)?;
     Ok(())
 }
 

@@ -246,3 +246,44 @@ fn function_names_are_unique() {
         "function @f is defined twice"
     );
 }
+
+/// A cache written in place, then read through the value the write returns: valid, and the
+/// result is reported as the input it updates.
+const CACHE_WRITE_THEN_READ: &str = r#"func @f(%0: f32[2, NB, 4, 1, 8], %1: f32[T, 1, 8], %2: i32[T], %3: i32[B, MB], %4: i32[T], %5: i32[T]) -> (f32[T, 1, 8], f32[2, NB, 4, 1, 8]) {
+  %6 = kv_write {layer = 1} %0, %1, %2 : f32[2, NB, 4, 1, 8]
+  %7 = paged_attention {layer = 1, scale = 0.5} %1, %6, %6, %3, %4, %5 : f32[T, 1, 8]
+  return %7, %6
+}
+"#;
+
+#[test]
+fn a_cache_written_in_place_and_read_after_verifies() {
+    let module = parse_module(CACHE_WRITE_THEN_READ).unwrap();
+    verify_module(&module).unwrap();
+    assert_eq!(
+        kiln_ir::in_place_inputs(&module.functions[0]),
+        vec![None, Some(0)]
+    );
+}
+
+#[test]
+fn the_old_cache_cannot_be_read_after_its_in_place_write() {
+    // %7 reads %0, the cache before the write, and does not come before the write.
+    let text = CACHE_WRITE_THEN_READ.replace("%1, %6, %6, %3", "%1, %0, %6, %3");
+    assert!(verify_error(&text).contains("kv_write updates %0 in place, but paged_attention"));
+    // Returning the old cache is reading it after the write too.
+    let text = CACHE_WRITE_THEN_READ.replace("return %7, %6", "return %7, %0");
+    assert!(verify_error(&text).contains("is written in place by kv_write but is also a result"));
+}
+
+#[test]
+fn a_cache_read_before_its_write_may_be_updated_in_place() {
+    // The write's rows depend on an attention over the old cache: it comes first.
+    let text = r#"func @f(%0: f32[2, NB, 4, 1, 8], %1: f32[T, 1, 8], %2: i32[T], %3: i32[B, MB], %4: i32[T], %5: i32[T]) -> (f32[2, NB, 4, 1, 8]) {
+  %6 = paged_attention {layer = 0, scale = 0.5} %1, %0, %0, %3, %4, %5 : f32[T, 1, 8]
+  %7 = kv_write {layer = 0} %0, %6, %2 : f32[2, NB, 4, 1, 8]
+  return %7
+}
+"#;
+    verify_module(&parse_module(text).unwrap()).unwrap();
+}

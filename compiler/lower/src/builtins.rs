@@ -36,6 +36,8 @@ pub const BUILTIN_NAMES: &[&str] = &[
     "select",
     "cast",
     "as",
+    "kv_write",
+    "paged_sdpa",
     "view",
     "reshape",
     "permute",
@@ -1155,6 +1157,55 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
                 }
                 self.push1(Op::Attention { scale }, &operands, span)
             }
+            "kv_write" => {
+                // kv_write(cache, rows, slots, layer): store rows at slots of a paged cache.
+                if !arity(self, 4) {
+                    return Some(Val::Poison);
+                }
+                let Some(layer) = self.layer_index(name, &positional[3]) else {
+                    return Some(Val::Poison);
+                };
+                let mut operands = Vec::new();
+                for arg in &positional[..3] {
+                    match self.as_tensor(&arg.value, None, arg.span) {
+                        Some(t) => operands.push(t),
+                        None => return Some(Val::Poison),
+                    }
+                }
+                self.push1(Op::KvWrite { layer }, &operands, span)
+            }
+            "paged_sdpa" => {
+                // paged_sdpa(q, k_cache, v_cache, block_tables, seq, pos, layer, scale):
+                // causal attention of each token over its sequence's cached positions.
+                if !arity(self, 8) {
+                    return Some(Val::Poison);
+                }
+                let Some(layer) = self.layer_index(name, &positional[6]) else {
+                    return Some(Val::Poison);
+                };
+                let scale = match positional[7].value {
+                    Val::Int(i) => i as f64,
+                    Val::Float(f) => f,
+                    ref other => {
+                        return Some(self.err(
+                            positional[7].span,
+                            format!(
+                                "paged_sdpa's scale must be a number known at compile time, \
+                                 found {}",
+                                other.describe()
+                            ),
+                        ))
+                    }
+                };
+                let mut operands = Vec::new();
+                for arg in &positional[..6] {
+                    match self.as_tensor(&arg.value, None, arg.span) {
+                        Some(t) => operands.push(t),
+                        None => return Some(Val::Poison),
+                    }
+                }
+                self.push1(Op::PagedAttention { layer, scale }, &operands, span)
+            }
             "compile_error" => {
                 let msg = match positional.first().map(|a| &a.value) {
                     Some(Val::Str(s)) => s.clone(),
@@ -1182,6 +1233,25 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
             _ => return None,
         };
         Some(v)
+    }
+
+    /// A layer index known at compile time (the `L` of a layer loop), for the paged-cache
+    /// built-ins.
+    fn layer_index(&mut self, fname: &str, arg: &ArgVal) -> Option<usize> {
+        match arg.value {
+            Val::Int(i) if i >= 0 => Some(i as usize),
+            ref other => {
+                let found = other.describe();
+                self.err(
+                    arg.span,
+                    format!(
+                        "`{fname}`'s layer must be a non-negative integer known at compile \
+                         time (a layer loop's index), found {found}"
+                    ),
+                );
+                None
+            }
+        }
     }
 
     fn bool_named(&mut self, v: Option<(Val, Span)>) -> Option<bool> {

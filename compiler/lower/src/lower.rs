@@ -705,13 +705,24 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
     // Entry functions, blocks and statements
     // -----------------------------------------------------------------------------------
 
+    /// The dtype a type annotation names: a dtype name, or `model_dtype`, the dtype of
+    /// params declared without one (a KV cache holds what the weights compute in).
+    fn dtype_named_in_type(&self, name: &str) -> Option<DType> {
+        match name {
+            "model_dtype" => Some(self.g.options.param_dtype),
+            _ => DType::from_name(name),
+        }
+    }
+
     /// Lowers an entry function's parameters and body; false when it failed.
     fn lower_entry(&mut self, def: &'p FnDef) -> bool {
         let errors_before = self.g.diags.len();
         for p in &def.params {
             let ty = match &p.ty {
                 Some(ast::Type::Tensor { dtype, dims, .. }) => {
-                    let dtype = dtype.as_ref().and_then(|d| DType::from_name(&d.name));
+                    let dtype = dtype
+                        .as_ref()
+                        .and_then(|d| self.dtype_named_in_type(&d.name));
                     let Some(dtype) = dtype else {
                         let span = p.ty.as_ref().map(ast::Type::span).unwrap_or(p.span);
                         self.err(span, "unknown dtype");
@@ -1401,7 +1412,9 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
                     Val::Int(_) | Val::Float(_) | Val::Bool(_)
                         if dims.iter().all(|d| matches!(d, ast::DimExpr::Ellipsis(_))) =>
                     {
-                        let want = dtype.as_ref().and_then(|d| DType::from_name(&d.name));
+                        let want = dtype
+                            .as_ref()
+                            .and_then(|d| self.dtype_named_in_type(&d.name));
                         self.as_tensor(&v, want, span)
                     }
                     Val::Tensor(t) => Some(*t),
@@ -1414,7 +1427,7 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
                 let Some(t) = t else { return Val::Poison };
                 let actual = self.b.ty(t).clone();
                 if let Some(d) = dtype {
-                    match DType::from_name(&d.name) {
+                    match self.dtype_named_in_type(&d.name) {
                         Some(want) if want == actual.dtype => {}
                         Some(want) => {
                             return mismatch(

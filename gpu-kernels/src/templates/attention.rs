@@ -5,6 +5,10 @@
 //! softmax (running max and sum, block-wide through shuffles and shared memory) weighs the
 //! value rows into per-thread output accumulators. q/k/v prologues (rope, bias, the GQA
 //! head broadcast) are inlined into their loads.
+//!
+//! The same kernel serves `paged_attention`: one block per (token, head), its keys are the
+//! token's sequence positions `0..=pos`, each read through the block table from the paged
+//! caches.
 
 use super::matmul::batch_index;
 use super::{size_of_dims, Body};
@@ -24,6 +28,9 @@ pub(crate) enum Source<'p> {
     Pattern(&'p AttentionParts),
     /// The built-in op `attention(q [B, S, H, D], k, v [B, T, KV, D], allow)`.
     Builtin(Value),
+    /// The built-in op `paged_attention(q [N, H, D], k_cache, v_cache [L, NB, BS, KV, D],
+    /// block_tables, seq, pos)`.
+    Paged(Value),
 }
 
 impl Source<'_> {
@@ -31,9 +38,19 @@ impl Source<'_> {
     fn out(&self) -> Value {
         match self {
             Source::Pattern(p) => p.pv,
-            Source::Builtin(v) => *v,
+            Source::Builtin(v) | Source::Paged(v) => *v,
         }
     }
+}
+
+/// Where a paged kernel finds its keys: the cache layer, the token's block-table row and
+/// the caches' block size.
+struct PagedKeys {
+    layer: i64,
+    tables: Value,
+    /// The token's sequence (row of the block tables), in the index type.
+    seq: Expr,
+    block_size: Expr,
 }
 
 /// Where the pieces of one (batch, head) live: the operands and their indices.
@@ -43,7 +60,8 @@ struct Layout {
     v: Value,
     /// Dims of the grid's z axis (batch and heads).
     batch_dims: Vec<Dim>,
-    sk: Dim,
+    /// The key count, the same for every query row (`None`: per token, paged).
+    sk: Option<Dim>,
     head: i64,
     dv: i64,
 }
@@ -64,7 +82,7 @@ impl Layout {
                     k: qk_inst.operands[1],
                     v: g.inst(p.pv).expect("matmul").operands[1],
                     batch_dims: qk_shape[..rank - 2].to_vec(),
-                    sk: qk_shape[rank - 1].clone(),
+                    sk: Some(qk_shape[rank - 1].clone()),
                     head: g.shape(qk_inst.operands[0])[rank - 1]
                         .as_const()
                         .expect("checked by the pattern") as i64,
@@ -90,20 +108,49 @@ impl Layout {
                     k: ops[1],
                     v: ops[2],
                     batch_dims: vec![qs[0].clone(), qs[2].clone()],
-                    sk: ks[1].clone(),
+                    sk: Some(ks[1].clone()),
                     head: head as i64,
                     dv: dv as i64,
+                })
+            }
+            Source::Paged(out) => {
+                let ops = &g.inst(*out).expect("paged_attention").operands;
+                let qs = g.shape(ops[0]);
+                let Some(head) = qs[2].as_const() else {
+                    return Err(EmitError::Fatal(crate::FusionError::Unsupported {
+                        function: g.func.name.clone(),
+                        value: *out,
+                        op: "paged_attention".into(),
+                        reason: "the head dim must be a constant".into(),
+                    }));
+                };
+                Ok(Layout {
+                    q: ops[0],
+                    k: ops[1],
+                    v: ops[2],
+                    batch_dims: vec![qs[0].clone(), qs[1].clone()],
+                    sk: None,
+                    head: head as i64,
+                    dv: head as i64,
                 })
             }
         }
     }
 }
 
-/// The query heads per key/value head of the built-in op.
+/// The query heads per key/value head of the built-in ops (heads are axis 2 of the
+/// attention operands, axis 1 of paged q and axis 3 of the caches).
 fn group_size(e: &Emitter<'_, '_>, out: Value) -> i64 {
-    let ops = &e.g.inst(out).expect("attention").operands;
-    let h = e.g.shape(ops[0])[2].as_const().unwrap_or(1);
-    let kv = e.g.shape(ops[1])[2].as_const().unwrap_or(1).max(1);
+    let inst = e.g.inst(out).expect("attention");
+    let (q_axis, kv_axis) = match inst.op {
+        Op::PagedAttention { .. } => (1, 3),
+        _ => (2, 2),
+    };
+    let h = e.g.shape(inst.operands[0])[q_axis].as_const().unwrap_or(1);
+    let kv = e.g.shape(inst.operands[1])[kv_axis]
+        .as_const()
+        .unwrap_or(1)
+        .max(1);
     (h / kv) as i64
 }
 
@@ -115,15 +162,18 @@ enum Operand {
     V,
 }
 
+#[allow(clippy::too_many_arguments)]
 fn operand_index(
     e: &mut Emitter<'_, '_>,
+    out: &mut Vec<Stmt>,
     source: &Source<'_>,
     lay: &Layout,
+    paged: Option<&PagedKeys>,
     which: Operand,
     batch: &[Expr],
     a: Expr,
     b: Expr,
-) -> (Value, Vec<Expr>) {
+) -> EResult<(Value, Vec<Expr>)> {
     let value = match which {
         Operand::Q => lay.q,
         Operand::K => lay.k,
@@ -133,16 +183,34 @@ fn operand_index(
         Source::Pattern(_) => {
             let mut idx = batch_index(e, value, &lay.batch_dims, batch);
             idx.extend([a, b]);
-            (value, idx)
+            Ok((value, idx))
         }
-        Source::Builtin(out) => {
+        Source::Builtin(res) => {
             // batch = [b, h]; q [b, i, h, d]; k and v [b, j, h / group, d].
             let head = if which == Operand::Q {
                 batch[1].clone()
             } else {
-                crate::emit::div(batch[1].clone(), e.ix(group_size(e, *out)))
+                crate::emit::div(batch[1].clone(), e.ix(group_size(e, *res)))
             };
-            (value, vec![batch[0].clone(), a, head, b])
+            Ok((value, vec![batch[0].clone(), a, head, b]))
+        }
+        Source::Paged(res) => {
+            // batch = [n, h]; q [n, h, d]; position a of the token's sequence lives at
+            // [layer, block_tables[seq, a / BS], a % BS, h / group, d] of the caches.
+            if which == Operand::Q {
+                return Ok((value, vec![batch[0].clone(), batch[1].clone(), b]));
+            }
+            let keys = paged.expect("paged keys for a paged source");
+            let ity = e.index_ty;
+            let at = [
+                keys.seq.clone(),
+                crate::emit::div(a.clone(), keys.block_size.clone()),
+            ];
+            let block = e.elem(out, keys.tables, &at, 1)?.remove(0);
+            let block = e.bind(out, "block", ity, Expr::Cast(ity, Box::new(block)));
+            let head = crate::emit::div(batch[1].clone(), e.ix(group_size(e, *res)));
+            let slot = crate::emit::rem(a, keys.block_size.clone());
+            Ok((value, vec![e.ix(keys.layer), block, slot, head, b]))
         }
     }
 }
@@ -160,13 +228,29 @@ pub(crate) fn emit(e: &mut Emitter<'_, '_>, source: &Source<'_>) -> EResult<Body
     let i = e.bind(&mut body, "qrow", ity, i);
     let bz = e.special(Special::BlockIdx(2));
     let batch = e.delinearize(&mut body, bz, &batch_dims);
-    let sk = e.dim(&lay.sk);
+    let paged = paged_keys(e, &mut body, source, &batch)?;
+    let sk = match (&lay.sk, &paged) {
+        (Some(d), _) => e.dim(d),
+        (None, Some((_, context))) => context.clone(),
+        (None, None) => return Err(e.internal(source.out(), "no key count")),
+    };
+    let paged = paged.map(|(keys, _)| keys);
     // Stage the query row.
     let q_row = e.shared_array("q_row", DType::F32, head as u32);
     let d = e.var("d", ity);
     let mut stage = Vec::new();
     e.push_scope();
-    let (q, qi) = operand_index(e, source, &lay, Operand::Q, &batch, i.clone(), Expr::Var(d));
+    let (q, qi) = operand_index(
+        e,
+        &mut stage,
+        source,
+        &lay,
+        paged.as_ref(),
+        Operand::Q,
+        &batch,
+        i.clone(),
+        Expr::Var(d),
+    )?;
     let qv = e.elem(&mut stage, q, &qi, 1)?.remove(0);
     e.pop_scope();
     stage.push(Stmt::Store {
@@ -206,25 +290,30 @@ pub(crate) fn emit(e: &mut Emitter<'_, '_>, source: &Source<'_>) -> EResult<Body
     let dd = e.var("d", ity);
     let mut dloop = Vec::new();
     e.push_scope();
+    // (Block-table loads of a paged key go before the dot-product loop.)
     let (kt, ki) = match source {
         Source::Pattern(_) => operand_index(
             e,
+            &mut chunk,
             source,
             &lay,
+            None,
             Operand::K,
             &batch,
             Expr::Var(dd),
             jc.clone(),
-        ),
-        Source::Builtin(_) => operand_index(
+        )?,
+        Source::Builtin(_) | Source::Paged(_) => operand_index(
             e,
+            &mut chunk,
             source,
             &lay,
+            paged.as_ref(),
             Operand::K,
             &batch,
             jc.clone(),
             Expr::Var(dd),
-        ),
+        )?,
     };
     let kv = e.elem(&mut dloop, kt, &ki, 1)?.remove(0);
     e.pop_scope();
@@ -287,6 +376,13 @@ pub(crate) fn emit(e: &mut Emitter<'_, '_>, source: &Source<'_>) -> EResult<Body
                 Box::new(bin(BinOp::Mul, Expr::Var(dot), f(scale))),
                 Box::new(f(f32::NEG_INFINITY)),
             )
+        }
+        Source::Paged(out) => {
+            let scale = match g.inst(*out).expect("paged_attention").op {
+                Op::PagedAttention { scale, .. } => scale as f32,
+                _ => 1.0,
+            };
+            bin(BinOp::Mul, Expr::Var(dot), f(scale))
         }
     };
     let s = Expr::Select(
@@ -351,13 +447,15 @@ pub(crate) fn emit(e: &mut Emitter<'_, '_>, source: &Source<'_>) -> EResult<Body
         e.push_scope();
         let (v, vi) = operand_index(
             e,
+            &mut tloop,
             source,
             &lay,
+            paged.as_ref(),
             Operand::V,
             &batch,
             add(Expr::Var(j0), Expr::Var(t)),
             col.clone(),
-        );
+        )?;
         let vv = e.elem(&mut tloop, v, &vi, 1)?.remove(0);
         e.pop_scope();
         let pt = Expr::Load {
@@ -400,9 +498,19 @@ pub(crate) fn emit(e: &mut Emitter<'_, '_>, source: &Source<'_>) -> EResult<Body
                 idx
             }
             Source::Builtin(_) => vec![batch[0].clone(), i.clone(), batch[1].clone(), col.clone()],
+            Source::Paged(_) => vec![batch[0].clone(), batch[1].clone(), col.clone()],
         };
         let mut then = Vec::new();
         let value = bin(BinOp::Div, Expr::Var(*acc), Expr::Var(l));
+        // A paged padding token has no keys: zeros rather than 0 / 0.
+        let value = match source {
+            Source::Paged(_) => Expr::Select(
+                Box::new(bin(BinOp::Gt, Expr::Var(l), f(0.0))),
+                Box::new(value),
+                Box::new(f(0.0)),
+            ),
+            _ => value,
+        };
         e.store(&mut then, source.out(), &out_idx, vec![value]);
         body.push(Stmt::If {
             cond: lt(col, e.ix(dv)),
@@ -416,20 +524,64 @@ pub(crate) fn emit(e: &mut Emitter<'_, '_>, source: &Source<'_>) -> EResult<Body
                 e.fused.insert(x);
             }
         }
-        Source::Builtin(out) => {
+        Source::Builtin(out) | Source::Paged(out) => {
             e.fused.insert(*out);
         }
     }
     let out_shape = g.shape(source.out());
-    let sq = size_of_dims(
-        &out_shape[out_shape.len() - 3 + usize::from(matches!(source, Source::Pattern(_)))..][..1],
-    );
+    let sq = match source {
+        Source::Paged(_) => super::one(),
+        _ => size_of_dims(
+            &out_shape[out_shape.len() - 3 + usize::from(matches!(source, Source::Pattern(_)))..]
+                [..1],
+        ),
+    };
     Ok(Body {
         what: "attention".into(),
         block_dim: THREADS,
         grid: [sq, super::one(), size_of_dims(&batch_dims)],
         stmts: body,
     })
+}
+
+/// For a paged source: where its keys are, and the token's key count (its position + 1,
+/// or 0 for a padding token).
+fn paged_keys(
+    e: &mut Emitter<'_, '_>,
+    out: &mut Vec<Stmt>,
+    source: &Source<'_>,
+    batch: &[Expr],
+) -> EResult<Option<(PagedKeys, Expr)>> {
+    let Source::Paged(res) = source else {
+        return Ok(None);
+    };
+    let g = e.g;
+    let inst = g.inst(*res).expect("paged_attention");
+    let Op::PagedAttention { layer, .. } = inst.op else {
+        return Err(e.internal(*res, "not a paged_attention"));
+    };
+    let ity = e.index_ty;
+    let token = [batch[0].clone()];
+    let seq = e.elem(out, inst.operands[4], &token, 1)?.remove(0);
+    let seq = e.bind(out, "seq", ity, Expr::Cast(ity, Box::new(seq)));
+    let pos = e.elem(out, inst.operands[5], &token, 1)?.remove(0);
+    let pos = Expr::Cast(ity, Box::new(pos));
+    let context = Expr::Select(
+        Box::new(lt(seq.clone(), e.ix(0))),
+        Box::new(e.ix(0)),
+        Box::new(add(pos, e.ix(1))),
+    );
+    let context = e.bind(out, "context", ity, context);
+    let block_size = e.dim(&g.shape(inst.operands[1])[2]);
+    Ok(Some((
+        PagedKeys {
+            layer: layer as i64,
+            tables: inst.operands[3],
+            seq,
+            block_size,
+        },
+        context,
+    )))
 }
 
 /// Combines `x` over the whole block with `op` (every thread gets the result).

@@ -3,6 +3,7 @@
 //! every template (prologues, epilogues) comes from the shared [`Emitter`].
 
 mod attention;
+mod kv_cache;
 mod matmul;
 mod mma_gemm;
 mod pointwise;
@@ -70,6 +71,8 @@ pub(crate) fn build(
         }
         GroupKind::Attention(parts) => attention::emit(&mut e, &attention::Source::Pattern(parts)),
         GroupKind::BuiltinAttention(v) => attention::emit(&mut e, &attention::Source::Builtin(*v)),
+        GroupKind::PagedAttention(v) => attention::emit(&mut e, &attention::Source::Paged(*v)),
+        GroupKind::KvWrite(v) => kv_cache::emit(&mut e, *v),
     };
     let body = body.map_err(|err| match err {
         EmitError::Fatal(f) => f,

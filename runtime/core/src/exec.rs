@@ -17,6 +17,68 @@ pub trait Executor {
     fn module(&self) -> &Module;
     /// Runs entry `function` on `inputs` (one per parameter, in order).
     fn run(&mut self, function: &str, inputs: &[Tensor]) -> Result<Vec<Tensor>, RuntimeError>;
+    /// Runs entry `function` keeping the inputs it updates in place (KV caches: results that
+    /// are `kv_write` chains of a parameter, see `kiln_ir::in_place_inputs`) in the executor
+    /// between runs. `inputs[i] = None` uses the value input i was left with by the previous
+    /// run (the first run must give it). Returns the other results, in order; the updated
+    /// inputs stay in the executor (on the GPU: on the device, never copied back).
+    fn run_kept(
+        &mut self,
+        function: &str,
+        inputs: Vec<Option<Tensor>>,
+    ) -> Result<Vec<Tensor>, RuntimeError>;
+}
+
+/// The inputs updated in place that a host-memory executor keeps between runs.
+#[derive(Default)]
+struct KeptInputs(BTreeMap<(String, usize), Tensor>);
+
+impl KeptInputs {
+    /// Fills the kept inputs in, calls `run` on the full inputs, keeps the updated ones and
+    /// returns the other results. A failed run leaves the kept values as they were.
+    fn run(
+        &mut self,
+        module: &Module,
+        function: &str,
+        inputs: Vec<Option<Tensor>>,
+        run: impl FnOnce(&[Tensor]) -> Result<Vec<Tensor>, RuntimeError>,
+    ) -> Result<Vec<Tensor>, RuntimeError> {
+        let func = module
+            .function(function)
+            .ok_or_else(|| no_entry(module, function))?;
+        let updated = kiln_ir::in_place_inputs(func);
+        let mut full = Vec::with_capacity(inputs.len());
+        for (index, input) in inputs.into_iter().enumerate() {
+            match input {
+                Some(tensor) => full.push(tensor),
+                None => {
+                    let kept = self.0.get(&(function.to_string(), index));
+                    let Some(kept) = kept else {
+                        let why = if updated.contains(&Some(index)) {
+                            "no value is kept for it yet: give it on the first run"
+                        } else {
+                            "only inputs the function updates in place are kept"
+                        };
+                        return Err(RuntimeError::Input(format!(
+                            "`{function}` input {index} was not given, and {why}"
+                        )));
+                    };
+                    full.push(kept.clone());
+                }
+            }
+        }
+        let results = run(&full)?;
+        let mut returned = Vec::new();
+        for (result, input) in results.into_iter().zip(updated) {
+            match input {
+                Some(index) => {
+                    self.0.insert((function.to_string(), index), result);
+                }
+                None => returned.push(result),
+            }
+        }
+        Ok(returned)
+    }
 }
 
 fn no_entry(module: &Module, function: &str) -> RuntimeError {
@@ -38,11 +100,16 @@ fn backend_error(function: &str, message: impl ToString) -> RuntimeError {
 pub struct Interpreter {
     module: Module,
     weights: Arc<Weights>,
+    kept: KeptInputs,
 }
 
 impl Interpreter {
     pub fn new(module: Module, weights: Arc<Weights>) -> Interpreter {
-        Interpreter { module, weights }
+        Interpreter {
+            module,
+            weights,
+            kept: KeptInputs::default(),
+        }
     }
 }
 
@@ -64,6 +131,17 @@ impl Executor for Interpreter {
             &self.weights,
         )
     }
+
+    fn run_kept(
+        &mut self,
+        function: &str,
+        inputs: Vec<Option<Tensor>>,
+    ) -> Result<Vec<Tensor>, RuntimeError> {
+        let (module, weights) = (&self.module, &self.weights);
+        self.kept.run(module, function, inputs, |full| {
+            crate::run(crate::Backend::Interpreter, module, function, full, weights)
+        })
+    }
 }
 
 /// The program optimized and fused into kernels, compiled for this CPU with Cranelift
@@ -72,6 +150,7 @@ pub struct CpuPlans {
     module: Module,
     program: CpuProgram,
     weights: Arc<Weights>,
+    kept: KeptInputs,
 }
 
 impl CpuPlans {
@@ -86,6 +165,7 @@ impl CpuPlans {
             module,
             program,
             weights,
+            kept: KeptInputs::default(),
         })
     }
 }
@@ -101,6 +181,17 @@ impl Executor for CpuPlans {
 
     fn run(&mut self, function: &str, inputs: &[Tensor]) -> Result<Vec<Tensor>, RuntimeError> {
         self.program.run(function, inputs, &self.weights)
+    }
+
+    fn run_kept(
+        &mut self,
+        function: &str,
+        inputs: Vec<Option<Tensor>>,
+    ) -> Result<Vec<Tensor>, RuntimeError> {
+        let (module, program, weights) = (&self.module, &self.program, &self.weights);
+        self.kept.run(module, function, inputs, |full| {
+            program.run(function, full, weights)
+        })
     }
 }
 
@@ -137,6 +228,28 @@ impl Executor for CudaPlans {
     }
 
     fn run(&mut self, function: &str, inputs: &[Tensor]) -> Result<Vec<Tensor>, RuntimeError> {
+        let program = self.program(function)?;
+        program
+            .run_graph(inputs)
+            .map_err(|e| backend_error(function, e))
+    }
+
+    fn run_kept(
+        &mut self,
+        function: &str,
+        inputs: Vec<Option<Tensor>>,
+    ) -> Result<Vec<Tensor>, RuntimeError> {
+        let program = self.program(function)?;
+        let refs: Vec<Option<&Tensor>> = inputs.iter().map(Option::as_ref).collect();
+        program
+            .run_graph_kept(&refs)
+            .map_err(|e| backend_error(function, e))
+    }
+}
+
+impl CudaPlans {
+    /// The program of entry `function`, made and given its weights on first use.
+    fn program(&mut self, function: &str) -> Result<&mut CudaProgram, RuntimeError> {
         if self.module.function(function).is_none() {
             return Err(no_entry(&self.module, function));
         }
@@ -149,9 +262,6 @@ impl Executor for CudaPlans {
                 .map_err(|e| backend_error(function, e))?;
             self.programs.insert(function.to_string(), program);
         }
-        let program = self.programs.get_mut(function).expect("inserted above");
-        program
-            .run_graph(inputs)
-            .map_err(|e| backend_error(function, e))
+        Ok(self.programs.get_mut(function).expect("inserted above"))
     }
 }

@@ -11,7 +11,8 @@
 //! Text generation on the host: [`tokenizer`] (tokenizer.json, tokenizer_config.json,
 //! incremental detokenization), [`chat`] (chat templates), [`generation_config`],
 //! [`sampling`] (the sampler and stop conditions) and [`generate`] (the [`Generator`] that
-//! drives a model with them).
+//! drives a model with them); [`paged`] runs a model's KV-cached `step` entry with a paged
+//! cache that the executor keeps between steps.
 
 pub mod chat;
 pub mod consensus;
@@ -21,6 +22,7 @@ pub mod exec;
 pub mod generate;
 pub mod generation_config;
 pub mod models;
+pub mod paged;
 pub mod progress;
 pub mod sampling;
 pub mod tokenizer;
@@ -34,6 +36,7 @@ pub use generate::{
     Completion, GenerateError, GenerationEvent, Generator, LogitsModel, ProgramLogits, RequestId,
 };
 pub use generation_config::GenerationConfig;
+pub use paged::{CacheShape, PagedLogits, PagedModel, StepSequence, STEP_ENTRY};
 pub use progress::{NoProgress, Progress, ProgressUnit};
 pub use sampling::{FinishReason, Sampler, SamplingError, SamplingParams};
 pub use tokenizer::{IncrementalDecoder, Tokenizer, TokenizerError};

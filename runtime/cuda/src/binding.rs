@@ -193,19 +193,31 @@ pub fn check_inputs(
             ),
         });
     }
-    for (index, (tensor, &id)) in inputs.iter().zip(&plan.inputs).enumerate() {
-        let decl = buffer_decl(plan, id)?;
-        let shape = buffer_shape(plan, decl, symbols)?;
-        if tensor.dtype != decl.dtype || tensor.shape != shape {
-            return Err(CudaError::BadInput {
-                plan: plan.function.clone(),
-                index,
-                detail: format!(
-                    "expected {} {shape:?} ({symbols}), got {} {:?}",
-                    decl.dtype, tensor.dtype, tensor.shape
-                ),
-            });
-        }
+    for (index, tensor) in inputs.iter().enumerate() {
+        check_input(plan, index, tensor, symbols)?;
+    }
+    Ok(())
+}
+
+/// Checks input `index` against its declaration (dtype and shape for `symbols`).
+pub fn check_input(
+    plan: &Plan,
+    index: usize,
+    tensor: &Tensor,
+    symbols: &SymbolValues,
+) -> Result<(), CudaError> {
+    let id = plan.inputs[index];
+    let decl = buffer_decl(plan, id)?;
+    let shape = buffer_shape(plan, decl, symbols)?;
+    if tensor.dtype != decl.dtype || tensor.shape != shape {
+        return Err(CudaError::BadInput {
+            plan: plan.function.clone(),
+            index,
+            detail: format!(
+                "expected {} {shape:?} ({symbols}), got {} {:?}",
+                decl.dtype, tensor.dtype, tensor.shape
+            ),
+        });
     }
     Ok(())
 }

@@ -21,7 +21,7 @@ use kiln_kir::manifest::ParamLayout;
 use kiln_kir::{Arg, BufferId, BufferKind, Plan, Step};
 
 use crate::binding::{
-    bind_symbols, buffer_bytes, buffer_decl, buffer_shape, check_inputs, check_weight,
+    bind_symbols, buffer_bytes, buffer_decl, buffer_shape, check_input, check_inputs, check_weight,
     expected_weight, SymbolValues,
 };
 use crate::device::{host_tensor, CudaDevice, DeviceBuffer};
@@ -84,6 +84,9 @@ pub struct CudaProgram {
     arena: Option<DeviceBuffer>,
     /// Captured graphs by symbol values; `None` for a capture with no work in it.
     graphs: BTreeMap<SymbolValues, Option<CapturedGraph>>,
+    /// The dtype and shape of each input updated in place whose device contents are kept
+    /// between runs (see [`CudaProgram::run_graph_kept`]).
+    kept: BTreeMap<usize, (DType, Vec<usize>)>,
 }
 
 impl CudaProgram {
@@ -108,6 +111,7 @@ impl CudaProgram {
             own: BTreeMap::new(),
             arena: None,
             graphs: BTreeMap::new(),
+            kept: BTreeMap::new(),
         })
     }
 
@@ -201,6 +205,109 @@ impl CudaProgram {
         self.finish(&symbols)
     }
 
+    /// Like [`CudaProgram::run_graph`], for a plan that updates inputs in place (outputs
+    /// that are input buffers: KV caches). Such an input may be given as `None` to keep the
+    /// device contents the previous run left in it, so it is neither copied in nor out; the
+    /// first run gives it. Returns the outputs that are not inputs updated in place.
+    pub fn run_graph_kept(&mut self, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, CudaError> {
+        let plan = self.plan().clone();
+        if has_loop(&plan.steps) {
+            return Err(CudaError::BadPlan {
+                plan: plan.function.clone(),
+                detail: "a plan with loops cannot keep inputs on the device".into(),
+            });
+        }
+        if inputs.len() != plan.inputs.len() {
+            return Err(CudaError::BadInput {
+                plan: plan.function.clone(),
+                index: inputs.len().min(plan.inputs.len()),
+                detail: format!(
+                    "{} inputs were given, the plan takes {}",
+                    inputs.len(),
+                    plan.inputs.len()
+                ),
+            });
+        }
+        let updated: Vec<usize> = plan
+            .outputs
+            .iter()
+            .filter_map(|id| plan.inputs.iter().position(|i| i == id))
+            .collect();
+        let mut shapes: Vec<Vec<usize>> = Vec::with_capacity(inputs.len());
+        for (index, input) in inputs.iter().enumerate() {
+            match (input, self.kept.get(&index)) {
+                (Some(tensor), _) => shapes.push(tensor.shape.clone()),
+                (None, Some((_, shape))) => shapes.push(shape.clone()),
+                (None, None) => {
+                    let detail = if updated.contains(&index) {
+                        "no value is kept on the device for this input yet: give it"
+                    } else {
+                        "only inputs the plan updates in place can be kept on the device"
+                    };
+                    return Err(CudaError::BadInput {
+                        plan: plan.function.clone(),
+                        index,
+                        detail: detail.into(),
+                    });
+                }
+            }
+        }
+        let shape_refs: Vec<&[usize]> = shapes.iter().map(Vec::as_slice).collect();
+        let symbols = bind_symbols(&plan, &shape_refs)?;
+        let given: Vec<(usize, &Tensor)> = inputs
+            .iter()
+            .enumerate()
+            .filter_map(|(i, t)| t.map(|t| (i, t)))
+            .collect();
+        for &(index, tensor) in &given {
+            check_input(&plan, index, tensor, &symbols)?;
+        }
+        self.allocate(&plan, &symbols)?;
+        self.upload(&plan, &given, &symbols)?;
+        for &index in &updated {
+            if let Some(tensor) = inputs.get(index).copied().flatten() {
+                self.kept
+                    .insert(index, (tensor.dtype, tensor.shape.clone()));
+            }
+        }
+        if self.graphs_apply() {
+            self.replay(&symbols, &[])?;
+        } else {
+            self.execute(&plan.steps, &symbols, &[], false)?;
+        }
+        let outputs: Vec<BufferId> = plan
+            .outputs
+            .iter()
+            .copied()
+            .filter(|id| !plan.inputs.contains(id))
+            .collect();
+        self.read_outputs(&outputs, &symbols)
+    }
+
+    /// The current device contents of input `index` (an input updated in place and kept).
+    pub fn read_input(&self, index: usize) -> Result<Tensor, CudaError> {
+        let plan = self.plan();
+        let Some((dtype, shape)) = self.kept.get(&index) else {
+            return Err(CudaError::BadInput {
+                plan: plan.function.clone(),
+                index,
+                detail: "no value is kept on the device for this input".into(),
+            });
+        };
+        let id = plan.inputs[index];
+        let decl = buffer_decl(plan, id)?;
+        let bytes = self
+            .package
+            .device()
+            .read_region(self.package.device().region_of(
+                &self.own[&decl.id],
+                0,
+                dtype.size_bytes() * shape.iter().product::<usize>(),
+                "reading a kept input",
+            )?)?;
+        Ok(host_tensor(*dtype, shape, &bytes))
+    }
+
     /// Times `runs` runs of the plan's steps on `inputs` (after warm-up) with CUDA events,
     /// through a graph when [`CudaProgram::run_graph`] would use one. Inputs are copied in
     /// once, before the timed runs; outputs are not read.
@@ -273,6 +380,16 @@ impl CudaProgram {
         let shapes: Vec<&[usize]> = inputs.iter().map(|t| t.shape.as_slice()).collect();
         let symbols = bind_symbols(plan, &shapes)?;
         check_inputs(plan, inputs, &symbols)?;
+        self.allocate(plan, &symbols)?;
+        let given: Vec<(usize, &Tensor)> = inputs.iter().enumerate().collect();
+        self.upload(plan, &given, &symbols)?;
+        Ok(symbols)
+    }
+
+    /// Checks that every weight is bound and sizes the device memory for `symbols`
+    /// (re-allocating only what must grow, which drops the captured graphs).
+    fn allocate(&mut self, plan: &Plan, symbols: &SymbolValues) -> Result<(), CudaError> {
+        let package = self.package.clone();
         for decl in &plan.buffers {
             if let BufferKind::Weight(name) = &decl.kind {
                 if !self.weights.contains_key(name) {
@@ -285,7 +402,7 @@ impl CudaProgram {
         }
 
         let device = package.device();
-        let arena_needed = arena_bytes(plan, &symbols)?;
+        let arena_needed = arena_bytes(plan, symbols)?;
         if self
             .arena
             .as_ref()
@@ -296,7 +413,7 @@ impl CudaProgram {
         }
         for decl in &plan.buffers {
             if matches!(decl.kind, BufferKind::Input(_) | BufferKind::Output(_)) {
-                let needed = buffer_bytes(plan, decl, &symbols)?;
+                let needed = buffer_bytes(plan, decl, symbols)?;
                 if self
                     .own
                     .get(&decl.id)
@@ -308,8 +425,20 @@ impl CudaProgram {
             }
         }
 
-        for (tensor, &id) in inputs.iter().zip(&plan.inputs) {
-            let region = self.region(plan, id, &symbols)?;
+        Ok(())
+    }
+
+    /// Copies the given inputs (by input index) to their device buffers.
+    fn upload(
+        &self,
+        plan: &Plan,
+        inputs: &[(usize, &Tensor)],
+        symbols: &SymbolValues,
+    ) -> Result<(), CudaError> {
+        let device = self.package.device();
+        for &(index, tensor) in inputs {
+            let id = plan.inputs[index];
+            let region = self.region(plan, id, symbols)?;
             let bytes = tensor.to_le_bytes();
             ffi::copy_host_to_device(device.stream(), region, &bytes).map_err(|error| {
                 CudaError::driver(
@@ -321,11 +450,21 @@ impl CudaProgram {
                 )
             })?;
         }
-        Ok(symbols)
+        Ok(())
     }
 
     /// Waits for the steps and copies the outputs back.
     fn finish(&self, symbols: &SymbolValues) -> Result<Vec<Tensor>, CudaError> {
+        let outputs = self.plan().outputs.clone();
+        self.read_outputs(&outputs, symbols)
+    }
+
+    /// Waits for the steps and copies the buffers `outputs` back.
+    fn read_outputs(
+        &self,
+        outputs: &[BufferId],
+        symbols: &SymbolValues,
+    ) -> Result<Vec<Tensor>, CudaError> {
         let plan = self.plan();
         let device = self.package.device();
         device.stream().synchronize().map_err(|error| {
@@ -338,7 +477,7 @@ impl CudaProgram {
                 error,
             )
         })?;
-        plan.outputs
+        outputs
             .iter()
             .map(|&id| {
                 let decl = buffer_decl(plan, id)?;

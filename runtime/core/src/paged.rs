@@ -1,0 +1,350 @@
+//! KV-cached execution of a model's `step` entry (models/llama.kiln): [`PagedModel`] builds
+//! the inputs of one step over a ragged batch from each sequence's new tokens and cache
+//! blocks, and runs it on an [`Executor`] that keeps the paged caches between steps (on the
+//! GPU they never leave the device); [`PagedLogits`] is a [`LogitsModel`] for the
+//! [`Generator`](crate::Generator) that gives each sequence only the tokens it has not
+//! cached yet, managing the blocks itself.
+//!
+//! The entry's signature (checked by [`PagedModel::new`]):
+//! `step(tokens: i32[T], pos: i32[T], seq: i32[T], slots: i32[T], block_tables: i32[B, MB],
+//! last: i32[B], k_cache, v_cache: [L, NB, BS, KV, D]) -> (logits: f32[B, vocab], k_cache,
+//! v_cache)`.
+
+use crate::generate::LogitsModel;
+use crate::{Executor, RuntimeError};
+use kiln_ir::{DType, Tensor};
+
+/// The name of the KV-cached entry of the model programs that have one.
+pub const STEP_ENTRY: &str = "step";
+
+/// One sequence's part of a step.
+#[derive(Clone, Copy, Debug)]
+pub struct StepSequence<'a> {
+    /// Every token of the sequence up to and including the last one of this step.
+    pub tokens: &'a [u32],
+    /// Leading tokens whose keys and values are already in the cache; the step computes
+    /// the rest (at least one).
+    pub cached: usize,
+    /// The sequence's cache blocks: position `p` lives in block `blocks[p / block_size]`.
+    pub blocks: &'a [u32],
+}
+
+/// The shape of one of the two caches: `[layers, blocks, block_size, kv_heads, head_dim]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CacheShape {
+    pub layers: usize,
+    pub blocks: usize,
+    pub block_size: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub dtype: DType,
+}
+
+impl CacheShape {
+    pub fn dims(&self) -> [usize; 5] {
+        [
+            self.layers,
+            self.blocks,
+            self.block_size,
+            self.kv_heads,
+            self.head_dim,
+        ]
+    }
+
+    /// Bytes of one cache (keys or values).
+    pub fn bytes(&self) -> usize {
+        self.dims().iter().product::<usize>() * self.dtype.size_bytes()
+    }
+}
+
+/// A program's `step` entry with its paged caches, run step by step on an executor.
+pub struct PagedModel<'e> {
+    executor: &'e mut dyn Executor,
+    entry: String,
+    cache: CacheShape,
+    /// Columns of the block-table input: the most blocks one sequence may hold. Fixed, so
+    /// that steps of the same batch size have the same shapes (and replay one CUDA graph).
+    table_width: usize,
+    /// Whether the executor holds the caches (after the first step).
+    started: bool,
+}
+
+impl<'e> PagedModel<'e> {
+    /// The `entry` of the executor's program with caches of `blocks` blocks of
+    /// `block_size` tokens, for sequences of at most `max_len` tokens.
+    pub fn new(
+        executor: &'e mut dyn Executor,
+        entry: &str,
+        blocks: usize,
+        block_size: usize,
+        max_len: usize,
+    ) -> Result<PagedModel<'e>, RuntimeError> {
+        let func = executor
+            .module()
+            .function(entry)
+            .ok_or_else(|| RuntimeError::Input(format!("no entry function `{entry}`")))?;
+        let bad = |why: &str| {
+            RuntimeError::Input(format!(
+                "`{entry}` is not a KV-cached step entry ({why}); expected step(tokens: i32[T], \
+                 pos: i32[T], seq: i32[T], slots: i32[T], block_tables: i32[B, MB], last: \
+                 i32[B], k_cache, v_cache: [L, NB, BS, KV, D]) -> (f32[B, vocab], k_cache, v_cache)"
+            ))
+        };
+        let params = func.params();
+        if params.len() != 8 || func.results().len() != 3 {
+            return Err(bad("it takes 8 inputs and returns 3 results"));
+        }
+        for (i, rank) in [(0, 1), (1, 1), (2, 1), (3, 1), (4, 2), (5, 1)] {
+            let ty = func.ty(params[i]);
+            if ty.dtype != DType::I32 || ty.shape.0.len() != rank {
+                return Err(bad(&format!("input {i} is {ty}")));
+            }
+        }
+        let cache_ty = func.ty(params[6]);
+        let fixed = |axis: usize| cache_ty.shape.0.get(axis).and_then(|d| d.as_const());
+        let (Some(layers), Some(kv_heads), Some(head_dim)) = (fixed(0), fixed(3), fixed(4)) else {
+            return Err(bad(&format!("the cache is {cache_ty}")));
+        };
+        if cache_ty.shape.0.len() != 5 || func.ty(params[7]) != cache_ty {
+            return Err(bad(&format!(
+                "the caches are {cache_ty} and {}",
+                func.ty(params[7])
+            )));
+        }
+        let updated = kiln_ir::in_place_inputs(func);
+        if updated[1..] != [Some(6), Some(7)] {
+            return Err(bad(
+                "its last two results are not the caches updated in place",
+            ));
+        }
+        if blocks == 0 || block_size == 0 || max_len == 0 {
+            return Err(RuntimeError::Input(
+                "a paged cache needs at least one block of at least one token".into(),
+            ));
+        }
+        Ok(PagedModel {
+            cache: CacheShape {
+                layers: layers as usize,
+                blocks,
+                block_size,
+                kv_heads: kv_heads as usize,
+                head_dim: head_dim as usize,
+                dtype: cache_ty.dtype,
+            },
+            table_width: max_len.div_ceil(block_size),
+            entry: entry.to_string(),
+            executor,
+            started: false,
+        })
+    }
+
+    pub fn cache_shape(&self) -> CacheShape {
+        self.cache
+    }
+
+    pub fn executor(&self) -> &dyn Executor {
+        &*self.executor
+    }
+
+    /// Runs one step and returns the logits of each sequence's last token, in order.
+    pub fn step(&mut self, batch: &[StepSequence<'_>]) -> Result<Vec<Vec<f32>>, RuntimeError> {
+        let mut inputs: Vec<Option<Tensor>> =
+            self.step_inputs(batch)?.into_iter().map(Some).collect();
+        if self.started {
+            inputs.extend([None, None]);
+        } else {
+            let dims = self.cache.dims();
+            let zeros =
+                Tensor::from_f32(&dims, vec![0.0; dims.iter().product()]).cast(self.cache.dtype);
+            inputs.extend([Some(zeros.clone()), Some(zeros)]);
+        }
+        let results = self.executor.run_kept(&self.entry, inputs)?;
+        self.started = true;
+        let logits = results
+            .first()
+            .ok_or_else(|| RuntimeError::Input(format!("`{}` returned nothing", self.entry)))?;
+        let [rows, vocab] = logits.shape[..] else {
+            return Err(RuntimeError::Input(format!(
+                "`{}` returned logits of shape {:?}, expected [B, vocab]",
+                self.entry, logits.shape
+            )));
+        };
+        if rows != batch.len() {
+            return Err(RuntimeError::Input(format!(
+                "`{}` returned {rows} logits rows for {} sequences",
+                self.entry,
+                batch.len()
+            )));
+        }
+        let values = logits.to_f32_vec();
+        Ok(values.chunks(vocab.max(1)).map(<[f32]>::to_vec).collect())
+    }
+
+    /// The six step inputs before the caches: tokens, pos, seq, slots, block_tables, last.
+    fn step_inputs(&self, batch: &[StepSequence<'_>]) -> Result<Vec<Tensor>, RuntimeError> {
+        if batch.is_empty() {
+            return Err(RuntimeError::Input(
+                "a step needs at least one sequence".into(),
+            ));
+        }
+        let bs = self.cache.block_size;
+        let (mut tokens, mut pos, mut seq, mut slots, mut last) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut tables = vec![0i64; batch.len() * self.table_width];
+        for (b, s) in batch.iter().enumerate() {
+            let len = s.tokens.len();
+            if s.cached >= len {
+                return Err(RuntimeError::Input(format!(
+                    "sequence {b} has {len} tokens, all cached: a step computes at least one"
+                )));
+            }
+            let needed = len.div_ceil(bs);
+            if s.blocks.len() < needed || s.blocks.len() > self.table_width {
+                return Err(RuntimeError::Input(format!(
+                    "sequence {b} has {} cache blocks for {len} tokens (needs {needed}, at most {})",
+                    s.blocks.len(),
+                    self.table_width
+                )));
+            }
+            if let Some(&block) = s.blocks.iter().find(|&&k| k as usize >= self.cache.blocks) {
+                return Err(RuntimeError::Input(format!(
+                    "sequence {b} uses block {block}, but the cache has {}",
+                    self.cache.blocks
+                )));
+            }
+            for (k, &block) in s.blocks.iter().enumerate() {
+                tables[b * self.table_width + k] = i64::from(block);
+            }
+            for p in s.cached..len {
+                tokens.push(i64::from(s.tokens[p]));
+                pos.push(p as i64);
+                seq.push(b as i64);
+                slots.push(i64::from(s.blocks[p / bs]) * bs as i64 + (p % bs) as i64);
+            }
+            last.push(tokens.len() as i64 - 1);
+        }
+        let n = tokens.len();
+        let int = |shape: &[usize], values: Vec<i64>| Tensor::from_ints(DType::I32, shape, values);
+        Ok(vec![
+            int(&[n], tokens),
+            int(&[n], pos),
+            int(&[n], seq),
+            int(&[n], slots),
+            int(&[batch.len(), self.table_width], tables),
+            int(&[batch.len()], last),
+        ])
+    }
+}
+
+/// A [`LogitsModel`] over a [`PagedModel`]: each call's sequences are matched to the
+/// sequences of the previous call they extend (the generator passes every request's whole
+/// sequence each step), so only their new tokens are computed; a sequence nobody extends
+/// any more gives its blocks back.
+pub struct PagedLogits<'e> {
+    model: PagedModel<'e>,
+    free: Vec<u32>,
+    cached: Vec<CachedSequence>,
+}
+
+struct CachedSequence {
+    tokens: Vec<u32>,
+    blocks: Vec<u32>,
+}
+
+impl<'e> PagedLogits<'e> {
+    pub fn new(model: PagedModel<'e>) -> PagedLogits<'e> {
+        let free = (0..model.cache.blocks as u32).rev().collect();
+        PagedLogits {
+            model,
+            free,
+            cached: Vec::new(),
+        }
+    }
+
+    pub fn model(&self) -> &PagedModel<'e> {
+        &self.model
+    }
+}
+
+impl LogitsModel for PagedLogits<'_> {
+    fn last_logits(&mut self, sequences: &[Vec<i64>]) -> Result<Vec<Vec<f32>>, RuntimeError> {
+        let mut tokens = Vec::with_capacity(sequences.len());
+        for (i, s) in sequences.iter().enumerate() {
+            let ids: Result<Vec<u32>, _> = s.iter().map(|&t| u32::try_from(t)).collect();
+            tokens.push(ids.map_err(|_| {
+                RuntimeError::Input(format!("sequence {i} holds a negative token id"))
+            })?);
+        }
+        // Each sequence takes the longest unclaimed cached sequence it extends.
+        let mut previous: Vec<Option<CachedSequence>> = std::mem::take(&mut self.cached)
+            .into_iter()
+            .map(Some)
+            .collect();
+        let mut entries = Vec::with_capacity(tokens.len());
+        for t in &tokens {
+            let best = previous
+                .iter()
+                .enumerate()
+                .filter_map(|(k, c)| c.as_ref().map(|c| (k, c)))
+                .filter(|(_, c)| c.tokens.len() <= t.len() && t.starts_with(&c.tokens))
+                .max_by_key(|(_, c)| c.tokens.len())
+                .map(|(k, _)| k);
+            entries.push(best.and_then(|k| previous[k].take()));
+        }
+        for unused in previous.into_iter().flatten() {
+            self.free.extend(unused.blocks);
+        }
+        let bs = self.model.cache.block_size;
+        let mut claimed = Vec::with_capacity(tokens.len());
+        for (t, entry) in tokens.iter().zip(entries) {
+            let (mut blocks, cached) = match entry {
+                // At least the last token is computed (its logits are wanted).
+                Some(e) => (e.blocks, e.tokens.len().min(t.len() - 1)),
+                None => (Vec::new(), 0),
+            };
+            while blocks.len() < t.len().div_ceil(bs) {
+                match self.free.pop() {
+                    Some(block) => blocks.push(block),
+                    None => {
+                        self.free.extend(blocks);
+                        for (blocks, _) in claimed {
+                            self.free.extend::<Vec<u32>>(blocks);
+                        }
+                        return Err(RuntimeError::Input(format!(
+                            "the KV cache's {} blocks of {bs} tokens are all in use",
+                            self.model.cache.blocks
+                        )));
+                    }
+                }
+            }
+            claimed.push((blocks, cached));
+        }
+        let batch: Vec<StepSequence<'_>> = tokens
+            .iter()
+            .zip(&claimed)
+            .map(|(t, (blocks, cached))| StepSequence {
+                tokens: t,
+                cached: *cached,
+                blocks,
+            })
+            .collect();
+        let logits = self.model.step(&batch);
+        match logits {
+            Ok(rows) => {
+                self.cached = tokens
+                    .into_iter()
+                    .zip(claimed)
+                    .map(|(tokens, (blocks, _))| CachedSequence { tokens, blocks })
+                    .collect();
+                Ok(rows)
+            }
+            Err(e) => {
+                // Nothing is known to be cached after a failed step.
+                for (blocks, _) in claimed {
+                    self.free.extend(blocks);
+                }
+                Err(e)
+            }
+        }
+    }
+}
