@@ -30,7 +30,7 @@ mod templates;
 
 pub use error::FusionError;
 pub use stats::{KernelStats, Stats};
-pub use templates::{choose_tile, MatmulTiling, MmaTile};
+pub use templates::{choose_splits, choose_tile, MatmulTiling, MmaTile};
 
 use kiln_ir::Module;
 use kiln_kir::{Kernel, Plan};

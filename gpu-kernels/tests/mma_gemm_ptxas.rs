@@ -1,6 +1,7 @@
 //! The tensor-core GEMM kernels at LLM shapes (Llama-3-8B projections, a fused gate/up pair,
-//! decode-sized M, f16) assemble with ptxas for all five targets without spilling a register
-//! (ptxas's own `-v` report). Without ptxas the test fails with the install command, unless
+//! decode-sized M with and without the split of K across blocks and its sum kernel, f16)
+//! assemble with ptxas for all five targets without spilling a register (ptxas's own `-v`
+//! report). Without ptxas the test fails with the install command, unless
 //! `KILN_ALLOW_NO_PTXAS=1`, when it says it was not run.
 
 mod common;
@@ -15,6 +16,7 @@ fn down(x: bf16[T, 14336], w: bf16[4096, 14336], r: bf16[T, 4096]) -> bf16[T, 40
 fn gate_up(x: bf16[T, 4096], gate: bf16[14336, 4096], up: bf16[14336, 4096]) -> bf16[T, 14336] { silu(linear(x, gate)) * linear(x, up) }
 fn decode(x: bf16[16, 4096], w: bf16[14336, 4096]) -> bf16[16, 14336] { linear(x, w) }
 fn decode1(x: bf16[1, 4096], w: bf16[4096, 4096]) -> bf16[1, 4096] { linear(x, w) }
+fn decode16_down(x: bf16[16, 14336], w: bf16[4096, 14336], r: bf16[16, 4096]) -> bf16[16, 4096] { linear(x, w) + r }
 fn square(a: f16[4096, 4096], b: f16[4096, 4096]) -> f16[4096, 4096] { a @ b }
 ";
 
@@ -30,15 +32,28 @@ fn llm_shaped_gemms_assemble_for_every_target_without_spills() {
     };
     let module = lower("llm_gemms.kiln", SRC, None, None);
     let mut kernels = Vec::new();
-    for function in ["q_proj", "down", "gate_up", "decode", "decode1", "square"] {
+    let functions = [
+        "q_proj",
+        "down",
+        "gate_up",
+        "decode",
+        "decode1",
+        "decode16_down",
+        "square",
+    ];
+    for function in functions {
         let compiled =
             kiln_gpu_kernels::compile_function(&module, function, &Options::default()).unwrap();
         let gemms: Vec<_> = compiled
             .kernels
             .into_iter()
-            .filter(|k| k.name.contains("mma_gemm"))
+            .filter(|k| k.name.contains("mma_gemm") || k.name.contains("splitk"))
             .collect();
-        assert_eq!(gemms.len(), 1, "{function}: one tensor-core kernel");
+        let tensor_core = gemms.iter().filter(|k| k.name.contains("mma_gemm")).count();
+        assert_eq!(tensor_core, 1, "{function}: one tensor-core kernel");
+        // 4096-wide decode GEMMs split K over blocks: a partial kernel and a sum kernel.
+        let split = matches!(function, "decode1" | "decode16_down");
+        assert_eq!(gemms.len(), if split { 2 } else { 1 }, "{function}");
         kernels.extend(gemms);
     }
     for target in Target::ALL {
