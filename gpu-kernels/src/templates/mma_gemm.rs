@@ -19,7 +19,16 @@
 //!   activation, residual, cast, horizontally fused matmuls), bounds-checked per element.
 //!
 //! The tile is chosen per shape by [`choose_tile`] (a fixed table, nothing is tuned at run
-//! time) and named in the kernel name (`mma_gemm_128x128x32_w2x2_s3`). A matmul the
+//! time) and named in the kernel name (`mma_gemm_128x128x32_w2x2_s3`).
+//!
+//! Split-K across blocks (decode shapes whose grid would leave the SMs underfed, chosen by
+//! [`choose_splits`] from the shape alone): block row `y` of the grid takes the `y`th run of
+//! consecutive k slices and writes its f32 partial sums to a workspace `[splits, batch..,
+//! M, N]` (an arena temp of the plan); a second kernel ([`emit_split_sum`], named
+//! `splitkS_sum`) adds the partial sums of each output element in split order and applies
+//! the epilogue. A fixed-order sum rather than f32 atomics into a zeroed buffer: the same
+//! input gives the same bits on every run, no zeroing launch is needed, and the kernel IR
+//! needs no atomics. A matmul the
 //! template cannot take (another dtype, a fused prologue on an operand, K or a `[K, N]`
 //! B's N not a multiple of 8, a symbolic K) goes to the plain tiled template.
 
@@ -113,7 +122,7 @@ impl MmaTile {
 /// [`MAX_ACCUMULATORS`]; as many stages (2 to 4) as fit in 48 KiB of shared memory.
 /// Decode-sized M (at most 16) gets one m16 row of 32-column tiles with 128-wide k slices
 /// split over 4 warps, so that a 4096-wide N still makes 128 blocks that each keep tens of
-/// KiB of weights in flight.
+/// KiB of weights in flight (and [`choose_splits`] may split K across blocks).
 pub fn choose_tile(m: Option<u64>, n: u64, matmuls: u32) -> MmaTile {
     if m.is_some_and(|m| m <= 16) && matmuls == 1 {
         let mut tile = MmaTile {
@@ -154,40 +163,36 @@ pub fn choose_tile(m: Option<u64>, n: u64, matmuls: u32) -> MmaTile {
 /// grid sized for this one.
 pub const H100_SMS: u64 = 132;
 
-/// A decode grid of fewer blocks than this per SM leaves the SMs underfed: one or two
-/// decode blocks per SM keep too few weight bytes in flight. (On an H100 a 4096-wide N,
-/// 128 blocks, streamed the weight at 64% of copy bandwidth; a 14336-wide N, 448 blocks or
-/// 3.4 per SM, at 87 to 89%.)
-const UNDERFED_BLOCKS_PER_SM: u64 = 3;
-
-/// The blocks per SM a split aims for (five decode blocks fit in an SM's shared memory, so
-/// the whole split grid is resident at once).
+/// The most blocks per SM a split grid may have, so that it runs as one wave: a decode
+/// block is 256 threads of 56 registers (ptxas, every target), four of them fill the 64K
+/// registers of an SM (and five its shared memory). A decode grid of one or two blocks per
+/// SM keeps too few weight bytes in flight (on an H100 a 4096-wide N, 128 blocks, streamed
+/// the weight at 64% of copy bandwidth; a 14336-wide N, 448 blocks or 3.4 per SM, at 87 to
+/// 89%), so the split takes it to up to four.
 const SPLIT_BLOCKS_PER_SM: u64 = 4;
 
 /// The fewest k slices a block of a split takes (so that the partial sums written and read
-/// back stay small beside the weight bytes: at most 1/16 of them for M = 16, K = 4096...).
+/// back stay small beside the weight bytes they sum: a block reads 4 × 8 KiB of weight or
+/// more per 2 KiB of f32 partial sums it writes).
 const MIN_SLICES_PER_SPLIT: u64 = 4;
 
 /// The most blocks one output tile's k slices are split over.
 const MAX_SPLITS: u64 = 8;
 
 /// Over how many blocks the k slices of `tile` (the decode tile, with split-K warps) are
-/// split for an `m × n` output with reduction length `k` and `batch` batch entries: 1
-/// unless the grid would have fewer than [`UNDERFED_BLOCKS_PER_SM`] blocks per SM of an
-/// H100; then enough to reach [`SPLIT_BLOCKS_PER_SM`] (at most [`MAX_SPLITS`], each block
-/// at least [`MIN_SLICES_PER_SPLIT`] slices), rounded so that every block has a slice.
-/// Each block then takes `ceil(slices / splits)` consecutive slices, the last fewer.
+/// split for an `m × n` output with reduction length `k` and `batch` batch entries: as many
+/// as keep the grid within [`SPLIT_BLOCKS_PER_SM`] blocks per SM of an H100, at most
+/// [`MAX_SPLITS`], each block at least [`MIN_SLICES_PER_SPLIT`] slices, rounded so that
+/// every block has a slice; 1 (no split) when that is fewer than two, as for grids of more
+/// than two blocks per SM. Each block takes `ceil(slices / splits)` consecutive slices, the
+/// last block fewer.
 pub fn choose_splits(tile: &MmaTile, m: u64, n: u64, k: u64, batch: u64) -> u32 {
     if tile.warps_k == 1 || m > u64::from(tile.bm) {
         return 1;
     }
     let blocks = n.div_ceil(u64::from(tile.bn)).saturating_mul(batch.max(1));
-    if blocks >= UNDERFED_BLOCKS_PER_SM * H100_SMS {
-        return 1;
-    }
     let slices = k.div_ceil(u64::from(tile.bk));
-    let want = (SPLIT_BLOCKS_PER_SM * H100_SMS)
-        .div_ceil(blocks.max(1))
+    let want = (SPLIT_BLOCKS_PER_SM * H100_SMS / blocks.max(1))
         .min(MAX_SPLITS)
         .min(slices / MIN_SLICES_PER_SPLIT);
     if want < 2 {
@@ -983,19 +988,21 @@ mod tests {
     }
 
     #[test]
-    fn decode_grids_below_three_blocks_per_sm_split_k_across_blocks() {
+    fn decode_grids_of_few_blocks_per_sm_split_k_across_blocks() {
         let decode = choose_tile(Some(16), 4096, 1);
         // (m, n, k, batch) -> splits: 4096-wide N makes 128 tiles; 32 slices of K = 4096
-        // in 5 blocks of 7 (the last 4) make 640 blocks. 14336-wide N (448 blocks, 3.4
-        // per SM) is left alone, and so is a K too short for two blocks of 4 slices.
+        // in 4 blocks of 8 make 512 blocks (3.9 per SM). 14336-wide N (448 blocks, 3.4 per
+        // SM) is left alone, and so is a K too short for two blocks of 4 slices.
         for (m, n, k, batch, splits) in [
-            (1, 4096, 4096, 1, 5),
-            (16, 4096, 4096, 1, 5),
-            (16, 4096, 14336, 1, 5),
+            (1, 4096, 4096, 1, 4),
+            (16, 4096, 4096, 1, 4),
+            (16, 4096, 14336, 1, 4),
             (16, 14336, 4096, 1, 1),
             (1, 14336, 4096, 1, 1),
+            (16, 11008, 4096, 1, 1),
             (16, 1024, 4096, 1, 8),
-            (16, 4096, 4096, 2, 3),
+            (16, 4096, 4096, 2, 2),
+            (16, 1024, 1408, 1, 2),
             (16, 4096, 4096, 4, 1),
             (16, 4096, 896, 1, 1),
             (16, 4096, 1024, 1, 2),
