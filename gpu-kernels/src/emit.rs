@@ -35,6 +35,9 @@ pub(crate) enum ParamArg {
     Buffer(Value),
     /// The value of a symbolic dim.
     Sym(String),
+    /// Workspace `n` of the kernel's group (scratch memory its launches share, declared
+    /// by the template and placed in the arena by the plan).
+    Workspace(usize),
 }
 
 /// A value the kernel holds in a register for exactly one index.
@@ -139,6 +142,18 @@ impl<'a, 'f> Emitter<'a, 'f> {
         });
         self.args.push(ParamArg::Buffer(v));
         self.buffer_params.insert(v, i);
+        Buf::Global(i)
+    }
+
+    /// The buffer parameter of the group's workspace `slot` (f32 or another `dtype`).
+    pub fn workspace(&mut self, slot: usize, dtype: DType, access: Access) -> Buf {
+        let i = self.params.len() as u32;
+        self.params.push(Param::Buffer {
+            name: format!("workspace{i}"),
+            dtype,
+            access,
+        });
+        self.args.push(ParamArg::Workspace(slot));
         Buf::Global(i)
     }
 

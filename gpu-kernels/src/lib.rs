@@ -14,9 +14,12 @@
 //!
 //! Matmuls with bf16/f16 operands read straight from buffers use the tensor-core template
 //! (`mma.sync` with an `ldmatrix`/`cp.async` pipeline, tiles from a fixed table keyed by
-//! shape); other matmuls the plain shared-memory tiling.
+//! shape, with K split across blocks for decode shapes whose grid is too small: partial
+//! sums in an f32 arena workspace, added in a fixed order by a second kernel that applies the
+//! epilogue); other matmuls the plain shared-memory tiling.
 //!
-//! Deliberately absent: the wgmma/TMA and tcgen05 paths and split-K (later templates);
+//! Deliberately absent: the wgmma/TMA and tcgen05 paths, split-K across blocks for
+//! prefill-sized shapes (later templates);
 //! caching a reduction row in registers between the reduction and the epilogue pass; loop
 //! bodies fused into one persistent kernel.
 
@@ -30,7 +33,7 @@ mod templates;
 
 pub use error::FusionError;
 pub use stats::{KernelStats, Stats};
-pub use templates::{choose_tile, MatmulTiling, MmaTile};
+pub use templates::{choose_splits, choose_tile, MatmulTiling, MmaTile};
 
 use kiln_ir::Module;
 use kiln_kir::{Kernel, Plan};

@@ -153,9 +153,8 @@ impl<'a, 'f> PlanBuilder<'a, 'f> {
         for item in items {
             match item {
                 Item::Kernel(gid) => {
-                    if let Some(step) = self.launch(*gid)? {
-                        steps.push(step);
-                    }
+                    let launches = self.launch(*gid)?;
+                    steps.extend(launches);
                 }
                 Item::Loop { inst, body } => steps.push(self.loop_step(inst, body)?),
             }
@@ -163,10 +162,39 @@ impl<'a, 'f> PlanBuilder<'a, 'f> {
         Ok(steps)
     }
 
-    fn launch(&mut self, gid: usize) -> Result<Option<Step>, FusionError> {
-        let Some(built) = templates::build(self.g, self.part, gid, self.options)? else {
-            return Ok(None);
+    /// The launches of group `gid` (none when it stores nothing anyone reads), each of
+    /// its workspaces a fresh temp.
+    fn launch(&mut self, gid: usize) -> Result<Vec<Step>, FusionError> {
+        let Some(launches) = templates::build(self.g, self.part, gid, self.options)? else {
+            return Ok(Vec::new());
         };
+        let workspaces: Vec<BufferId> = launches
+            .workspaces
+            .into_iter()
+            .map(|w| {
+                let id = BufferId(self.buffers.len() as u32);
+                self.buffers.push(BufferDecl {
+                    id,
+                    dtype: w.dtype,
+                    shape: w.shape,
+                    kind: BufferKind::Temp,
+                    offset: None,
+                });
+                id
+            })
+            .collect();
+        launches
+            .kernels
+            .into_iter()
+            .map(|built| self.launch_kernel(built, &workspaces))
+            .collect()
+    }
+
+    fn launch_kernel(
+        &mut self,
+        built: templates::Built,
+        workspaces: &[BufferId],
+    ) -> Result<Step, FusionError> {
         let mut args = Vec::new();
         let mut bytes: Option<SizeExpr> = None;
         let mut seen = BTreeSet::new();
@@ -174,38 +202,40 @@ impl<'a, 'f> PlanBuilder<'a, 'f> {
         let mut reads_params = false;
         let mut written = Vec::new();
         for (k, a) in built.args.iter().enumerate() {
-            match a {
-                ParamArg::Buffer(v) => {
-                    let b = self.buffer(*v);
-                    args.push(Arg::Buffer(b));
-                    if seen.insert(b) {
-                        let size = bytes_of(&self.buffers[b.0 as usize]);
-                        bytes = Some(match bytes {
-                            None => size,
-                            Some(acc) => SizeExpr::Add(Box::new(acc), Box::new(size)),
-                        });
-                    }
-                    let writes = matches!(
-                        built.kernel.params[k],
-                        kiln_kir::Param::Buffer {
-                            access: kiln_kir::Access::Write | kiln_kir::Access::ReadWrite,
-                            ..
-                        }
-                    );
-                    if writes {
-                        written.push(b);
-                    } else if let Some(Op::Param { name, .. }) = self.g.op(*v) {
-                        reads_params = true;
-                        if let Some(l) = layer_of_name(name) {
-                            layer = Some(layer.map_or(l, |x: usize| x.max(l)));
-                        }
-                    } else if let Some(&l) = self.layer_of.get(&b) {
-                        if !reads_params {
-                            layer = Some(layer.map_or(l, |x: usize| x.max(l)));
-                        }
-                    }
+            let (b, value) = match a {
+                ParamArg::Buffer(v) => (self.buffer(*v), Some(*v)),
+                ParamArg::Workspace(w) => (workspaces[*w], None),
+                ParamArg::Sym(s) => {
+                    args.push(Arg::Sym(s.clone()));
+                    continue;
                 }
-                ParamArg::Sym(s) => args.push(Arg::Sym(s.clone())),
+            };
+            args.push(Arg::Buffer(b));
+            if seen.insert(b) {
+                let size = bytes_of(&self.buffers[b.0 as usize]);
+                bytes = Some(match bytes {
+                    None => size,
+                    Some(acc) => SizeExpr::Add(Box::new(acc), Box::new(size)),
+                });
+            }
+            let writes = matches!(
+                built.kernel.params[k],
+                kiln_kir::Param::Buffer {
+                    access: kiln_kir::Access::Write | kiln_kir::Access::ReadWrite,
+                    ..
+                }
+            );
+            if writes {
+                written.push(b);
+            } else if let Some(Op::Param { name, .. }) = value.and_then(|v| self.g.op(v)) {
+                reads_params = true;
+                if let Some(l) = layer_of_name(name) {
+                    layer = Some(layer.map_or(l, |x: usize| x.max(l)));
+                }
+            } else if let Some(&l) = self.layer_of.get(&b) {
+                if !reads_params {
+                    layer = Some(layer.map_or(l, |x: usize| x.max(l)));
+                }
             }
         }
         if reads_params {
@@ -247,10 +277,10 @@ impl<'a, 'f> PlanBuilder<'a, 'f> {
             ops,
             bytes: bytes.unwrap_or(SizeExpr::Const(0)),
         });
-        Ok(Some(Step::Launch {
+        Ok(Step::Launch {
             kernel: index,
             args,
-        }))
+        })
     }
 
     /// The index of `kernel` in the package, reusing an identical one.

@@ -1,8 +1,9 @@
 //! The tensor-core GEMM template against the graph interpreter at small ragged shapes, run
 //! through the kir interpreter (`check`) and the Cranelift backend: both B layouts (`x @ w`
 //! and `linear`'s transposed weight), bf16 and f16, fused epilogues, horizontally fused
-//! matmuls, batch dims, M, N and K that are not multiples of any tile; and the fallback to
-//! the plain template where the tensor-core one does not apply.
+//! matmuls, batch dims, M, N and K that are not multiples of any tile, decode shapes with K
+//! split across blocks; and the fallback to the plain template where the tensor-core one
+//! does not apply.
 //!
 //! Tolerance: that of `common::tolerance` for the output dtype (2e-2 relative for
 //! bf16/f16: the kernels do not round intermediates to the narrow dtype as the graph
@@ -12,6 +13,7 @@ mod common;
 
 use common::{check, inputs_for, lower, rel_err, tolerance};
 use kiln_gpu_kernels::Options;
+use kiln_kir::{Arg, BufferKind, Step};
 use std::collections::BTreeMap;
 
 const SRC: &str = "import nn
@@ -26,6 +28,9 @@ fn scaled(x: bf16[M, 32], w: bf16[24, 32]) -> bf16[M, 24] { linear(x, w) * 0.5 }
 fn decode1(x: bf16[1, 264], w: bf16[40, 264], b: bf16[40]) -> bf16[1, 40] { linear_bias(x, w, b) }
 fn decode16(x: bf16[16, 72], w: bf16[72, 96]) -> bf16[16, 96] { x @ w }
 fn decode5(x: f16[5, 136], w: f16[70, 136], r: f16[5, 70]) -> f16[5, 70] { linear(x, w) + r }
+fn split5(x: f16[5, 1560], w: f16[70, 1560], r: f16[5, 70]) -> f16[5, 70] { linear(x, w) + r }
+fn split1(x: bf16[1, 1096], w: bf16[1096, 88], b: bf16[88]) -> bf16[1, 88] { x @ w + b }
+fn split_batched(x: bf16[2, 16, 1048], y: bf16[2, 1048, 40]) -> bf16[2, 16, 40] { x @ y }
 fn odd_k(x: bf16[M, 20], w: bf16[16, 20]) -> bf16[M, 16] { linear(x, w) }
 fn wide(x: f32[M, 32], w: f32[16, 32]) -> f32[M, 16] { linear(x, w) }
 ";
@@ -118,6 +123,53 @@ fn decode_shapes_split_k_over_warps() {
             "{function}: {names:?}"
         );
     }
+}
+
+#[test]
+fn decode_shapes_split_k_across_blocks() {
+    // Few output tiles and long K: the k slices are split over blocks whose partial sums a
+    // second kernel adds (with the epilogue). K of 1560 (13 slices of 128, the last 24
+    // wide: blocks of 5, 5 and 3 slices), 1096 and 1048 (9 slices: 5 and 4); N of 70, 88
+    // and 40 (ragged 32-wide tiles); both B layouts, a residual and a bias epilogue, batch
+    // dims (the workspace holds one [M, N] matrix per split and batch entry).
+    for (function, splits) in [("split5", 3), ("split1", 2), ("split_batched", 2)] {
+        let names = run(function, &[]);
+        let partial = format!("mma_gemm_16x32x128_w1x2x4_s3_splitk{splits}_f32");
+        let sum = format!("splitk{splits}_sum");
+        assert_eq!(names.len(), 2, "{function}: {names:?}");
+        assert!(names[0].ends_with(&partial), "{function}: {names:?}");
+        assert!(names[1].contains(&sum), "{function}: {names:?}");
+    }
+}
+
+#[test]
+fn the_split_workspace_is_an_arena_temp_of_the_partial_sums() {
+    let module = lower("mma_gemm.kiln", SRC, None, None);
+    let compiled =
+        kiln_gpu_kernels::compile_function(&module, "split_batched", &Options::default()).unwrap();
+    let plan = &compiled.plan;
+    let [Step::Launch { args: partial, .. }, Step::Launch { args: sum, .. }] =
+        plan.steps.as_slice()
+    else {
+        panic!("two launches: {:?}", plan.steps);
+    };
+    let temps: Vec<_> = plan
+        .buffers
+        .iter()
+        .filter(|b| b.kind == BufferKind::Temp)
+        .collect();
+    assert_eq!(temps.len(), 1, "{temps:?}");
+    let workspace = temps[0];
+    assert_eq!(workspace.dtype, kiln_ir::DType::F32);
+    let dims: Vec<u64> = workspace
+        .shape
+        .iter()
+        .map(|d| d.eval(&|_| None).unwrap())
+        .collect();
+    assert_eq!(dims, [2, 2, 16, 40]);
+    assert_eq!(plan.arena_bytes.eval(&|_| None), Some(2 * 2 * 16 * 40 * 4));
+    assert!(partial.contains(&Arg::Buffer(workspace.id)));
+    assert!(sum.contains(&Arg::Buffer(workspace.id)));
 }
 
 #[test]

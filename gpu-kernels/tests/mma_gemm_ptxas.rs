@@ -1,6 +1,7 @@
 //! The tensor-core GEMM kernels at LLM shapes (Llama-3-8B projections, a fused gate/up pair,
-//! decode-sized M, f16) assemble with ptxas for all five targets without spilling a register
-//! (ptxas's own `-v` report). Without ptxas the test fails with the install command, unless
+//! decode-sized M with and without the split of K across blocks and its sum kernel, f16)
+//! assemble with ptxas for all five targets without spilling a register (ptxas's own `-v`
+//! report). Without ptxas the test fails with the install command, unless
 //! `KILN_ALLOW_NO_PTXAS=1`, when it says it was not run.
 
 mod common;
@@ -15,6 +16,7 @@ fn down(x: bf16[T, 14336], w: bf16[4096, 14336], r: bf16[T, 4096]) -> bf16[T, 40
 fn gate_up(x: bf16[T, 4096], gate: bf16[14336, 4096], up: bf16[14336, 4096]) -> bf16[T, 14336] { silu(linear(x, gate)) * linear(x, up) }
 fn decode(x: bf16[16, 4096], w: bf16[14336, 4096]) -> bf16[16, 14336] { linear(x, w) }
 fn decode1(x: bf16[1, 4096], w: bf16[4096, 4096]) -> bf16[1, 4096] { linear(x, w) }
+fn decode16_down(x: bf16[16, 14336], w: bf16[4096, 14336], r: bf16[16, 4096]) -> bf16[16, 4096] { linear(x, w) + r }
 fn square(a: f16[4096, 4096], b: f16[4096, 4096]) -> f16[4096, 4096] { a @ b }
 ";
 
@@ -30,15 +32,28 @@ fn llm_shaped_gemms_assemble_for_every_target_without_spills() {
     };
     let module = lower("llm_gemms.kiln", SRC, None, None);
     let mut kernels = Vec::new();
-    for function in ["q_proj", "down", "gate_up", "decode", "decode1", "square"] {
+    let functions = [
+        "q_proj",
+        "down",
+        "gate_up",
+        "decode",
+        "decode1",
+        "decode16_down",
+        "square",
+    ];
+    for function in functions {
         let compiled =
             kiln_gpu_kernels::compile_function(&module, function, &Options::default()).unwrap();
         let gemms: Vec<_> = compiled
             .kernels
             .into_iter()
-            .filter(|k| k.name.contains("mma_gemm"))
+            .filter(|k| k.name.contains("mma_gemm") || k.name.contains("splitk"))
             .collect();
-        assert_eq!(gemms.len(), 1, "{function}: one tensor-core kernel");
+        let tensor_core = gemms.iter().filter(|k| k.name.contains("mma_gemm")).count();
+        assert_eq!(tensor_core, 1, "{function}: one tensor-core kernel");
+        // 4096-wide decode GEMMs split K over blocks: a partial kernel and a sum kernel.
+        let split = matches!(function, "decode1" | "decode16_down");
+        assert_eq!(gemms.len(), if split { 2 } else { 1 }, "{function}");
         kernels.extend(gemms);
     }
     for target in Target::ALL {
@@ -76,7 +91,7 @@ fn llm_shaped_gemms_assemble_for_every_target_without_spills() {
 }
 
 /// Shapes for the GPU check: `(function, T)`.
-const GPU_CASES: [(&str, u64); 7] = [
+const GPU_CASES: [(&str, u64); 8] = [
     ("small_nk", 37),
     ("small_kn", 130),
     ("q_proj", 4096),
@@ -84,6 +99,7 @@ const GPU_CASES: [(&str, u64); 7] = [
     ("big", 8192),
     ("decode", 16),
     ("decode1", 1),
+    ("decode16", 16),
 ];
 
 const GPU_SRC: &str = "import nn
@@ -94,11 +110,13 @@ fn gate_up_plain(x: bf16[T, 4096], w: bf16[14336, 4096]) -> bf16[T, 14336] { lin
 fn big(x: bf16[T, 8192], w: bf16[8192, 8192]) -> bf16[T, 8192] { linear(x, w) }
 fn decode(x: bf16[16, 4096], w: bf16[14336, 4096]) -> bf16[16, 14336] { linear(x, w) }
 fn decode1(x: bf16[1, 4096], w: bf16[4096, 4096]) -> bf16[1, 4096] { linear(x, w) }
+fn decode16(x: bf16[16, 4096], w: bf16[4096, 4096]) -> bf16[16, 4096] { linear(x, w) }
 ";
 
 /// Writes `$KILN_GEMM_CHECK_DIR/manifest.json` and one PTX file (sm_90a, JIT-capped) per
-/// case, for `tools/gemm_gpu_check.py`, which runs them on random data against PyTorch
-/// and times them beside `torch.matmul`.
+/// kernel launched, for `tools/gemm_gpu_check.py`, which runs each case's launches in order
+/// on random data (a split-K case: the partial kernel, then the sum kernel, sharing a
+/// workspace the script allocates) against PyTorch and times them beside `torch.matmul`.
 #[test]
 #[ignore = "writes a GPU check to $KILN_GEMM_CHECK_DIR; run tools/gemm_gpu_check.py on a GPU"]
 fn export_gemm_gpu_check() {
@@ -112,36 +130,56 @@ fn export_gemm_gpu_check() {
     for (function, t) in GPU_CASES {
         let compiled =
             kiln_gpu_kernels::compile_function(&module, function, &Options::default()).unwrap();
-        let Some(Step::Launch { kernel, args }) = compiled.plan.steps.first() else {
-            panic!("{function}: no launch");
-        };
-        assert_eq!(compiled.plan.steps.len(), 1, "{function}: one launch");
-        let kernel = &compiled.kernels[*kernel];
-        let ptx = emit_ptx(
-            std::slice::from_ref(kernel),
-            Target::Sm90a,
-            &EmitOptions::for_jit(),
-        )
-        .unwrap();
-        let file = format!("{function}.ptx");
-        std::fs::write(dir.join(&file), ptx).unwrap();
-        let params: Vec<serde_json::Value> = kernel
-            .params
-            .iter()
-            .zip(args)
-            .map(|(param, arg)| match (param, arg) {
-                (Param::Buffer { .. }, Arg::Buffer(b)) => {
-                    match &compiled.plan.buffers[b.0 as usize].kind {
-                        BufferKind::Input(i) => serde_json::json!({ "input": i }),
-                        BufferKind::Output(o) => serde_json::json!({ "output": o }),
-                        other => panic!("{function}: a {other:?} buffer"),
+        let symbols = |s: &str| (s == "T").then_some(t);
+        let mut launches = Vec::new();
+        for (n, step) in compiled.plan.steps.iter().enumerate() {
+            let Step::Launch { kernel, args } = step else {
+                panic!("{function}: a step that is not a launch");
+            };
+            let kernel = &compiled.kernels[*kernel];
+            let ptx = emit_ptx(
+                std::slice::from_ref(kernel),
+                Target::Sm90a,
+                &EmitOptions::for_jit(),
+            )
+            .unwrap();
+            let file = format!("{function}_{n}.ptx");
+            std::fs::write(dir.join(&file), ptx).unwrap();
+            let params: Vec<serde_json::Value> = kernel
+                .params
+                .iter()
+                .zip(args)
+                .map(|(param, arg)| match (param, arg) {
+                    (Param::Buffer { .. }, Arg::Buffer(b)) => {
+                        let decl = &compiled.plan.buffers[b.0 as usize];
+                        match &decl.kind {
+                            BufferKind::Input(i) => serde_json::json!({ "input": i }),
+                            BufferKind::Output(o) => serde_json::json!({ "output": o }),
+                            BufferKind::Temp => {
+                                let bytes = decl
+                                    .shape
+                                    .iter()
+                                    .fold(decl.dtype.size_bytes() as u64, |acc, d| {
+                                        acc * d.eval(&symbols).expect("a size")
+                                    });
+                                serde_json::json!({ "temp": b.0, "bytes": bytes })
+                            }
+                            other => panic!("{function}: a {other:?} buffer"),
+                        }
                     }
-                }
-                (Param::Scalar { .. }, Arg::Sym(s)) => serde_json::json!({ "sym": s }),
-                other => panic!("{function}: {other:?}"),
-            })
-            .collect();
-        let grid = kiln_kir::launch_grid(kernel, &|s| (s == "T").then_some(t)).unwrap();
+                    (Param::Scalar { .. }, Arg::Sym(s)) => serde_json::json!({ "sym": s }),
+                    other => panic!("{function}: {other:?}"),
+                })
+                .collect();
+            let grid = kiln_kir::launch_grid(kernel, &symbols).unwrap();
+            launches.push(serde_json::json!({
+                "kernel": kernel.name,
+                "ptx": file,
+                "grid": grid,
+                "block": kernel.block_dim,
+                "params": params,
+            }));
+        }
         let func = module.function(function).unwrap();
         let shapes: Vec<Vec<u64>> = func
             .params()
@@ -157,11 +195,7 @@ fn export_gemm_gpu_check() {
             .collect();
         cases.push(serde_json::json!({
             "function": function,
-            "kernel": kernel.name,
-            "ptx": file,
-            "grid": grid,
-            "block": kernel.block_dim,
-            "params": params,
+            "launches": launches,
             "T": t,
             "inputs": shapes,
             // x @ w for [K, N] weights, linear (x @ w.T) for [N, K] ones.

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Runs the tensor-core GEMM check exported by `tests/mma_gemm_ptxas.rs` on an NVIDIA GPU.
 
-For each case: random bf16 inputs (PyTorch), the kernel loaded from its PTX (CuPy's
-RawModule, JIT-compiled by the driver), the output compared with PyTorch's product in f32
+For each case: random bf16 inputs (PyTorch), the case's kernels loaded from their PTX
+(CuPy's RawModule, JIT-compiled by the driver) and launched in order (a split-K GEMM: the
+partial kernel and the sum kernel, with a workspace allocated here), the output compared with PyTorch's product in f32
 rounded to bf16 (relative error max |a - b| / max |b| at most 1e-2), then both timed with
 CUDA events (median of 20 after 3 warm-ups). Prints one JSON line per case; exits non-zero
 when a result is wrong.
@@ -52,18 +53,29 @@ def main():
             want = (x.float() @ w.float()).bfloat16()
         out = torch.full(tuple(want.shape), float("nan"), device="cuda", dtype=torch.bfloat16)
         tensors = {"input": [x, w], "output": [out]}
-        module = cp.RawModule(path=f"{root}/{case['ptx']}")
-        kernel = module.get_function(case["kernel"])
-        args = []
-        for p in case["params"]:
-            if "sym" in p:
-                args.append(cp.int64(case["T"]))
-            else:
-                kind = "input" if "input" in p else "output"
-                args.append(cp.uint64(tensors[kind][p[kind]].data_ptr()))
+        # Workspaces start as NaN bytes, so that a partial sum never written shows.
+        temps = {}
+        prepared = []
+        for step in case["launches"]:
+            module = cp.RawModule(path=f"{root}/{step['ptx']}")
+            kernel = module.get_function(step["kernel"])
+            args = []
+            for p in step["params"]:
+                if "sym" in p:
+                    args.append(cp.int64(case["T"]))
+                elif "temp" in p:
+                    if p["temp"] not in temps:
+                        temps[p["temp"]] = torch.full(
+                            (p["bytes"],), 0xFF, device="cuda", dtype=torch.uint8)
+                    args.append(cp.uint64(temps[p["temp"]].data_ptr()))
+                else:
+                    kind = "input" if "input" in p else "output"
+                    args.append(cp.uint64(tensors[kind][p[kind]].data_ptr()))
+            prepared.append((kernel, tuple(step["grid"]), (step["block"], 1, 1), tuple(args)))
 
         def launch():
-            kernel(tuple(case["grid"]), (case["block"], 1, 1), tuple(args))
+            for kernel, grid, block, args in prepared:
+                kernel(grid, block, args)
 
         launch()
         torch.cuda.synchronize()
@@ -80,7 +92,8 @@ def main():
         flops = 2 * m * n * k
         weight_bytes = w.numel() * 2
         print(json.dumps({
-            "case": case["function"], "kernel": case["kernel"], "m": m, "n": n, "k": k,
+            "case": case["function"], "kernels": [s["kernel"] for s in case["launches"]],
+            "m": m, "n": n, "k": k,
             "ok": ok, "rel_err": err,
             "kiln_ms": kiln_ms, "torch_ms": torch_ms, "ratio_vs_torch": torch_ms / kiln_ms,
             "kiln_tflops": flops / kiln_ms / 1e9, "torch_tflops": flops / torch_ms / 1e9,

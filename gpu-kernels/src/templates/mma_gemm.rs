@@ -19,16 +19,27 @@
 //!   activation, residual, cast, horizontally fused matmuls), bounds-checked per element.
 //!
 //! The tile is chosen per shape by [`choose_tile`] (a fixed table, nothing is tuned at run
-//! time) and named in the kernel name (`mma_gemm_128x128x32_w2x2_s3`). A matmul the
+//! time) and named in the kernel name (`mma_gemm_128x128x32_w2x2_s3`).
+//!
+//! Split-K across blocks (decode shapes whose grid would leave the SMs underfed, chosen by
+//! [`choose_splits`] from the shape alone): block row `y` of the grid takes the `y`th run of
+//! consecutive k slices and writes its f32 partial sums to a workspace `[splits, batch..,
+//! M, N]` (an arena temp of the plan); a second kernel ([`emit_split_sum`], named
+//! `splitkS_sum`) adds the partial sums of each output element in split order and applies
+//! the epilogue. A fixed-order sum rather than f32 atomics into a zeroed buffer: the same
+//! input gives the same bits on every run, no zeroing launch is needed, and the kernel IR
+//! needs no atomics. A matmul the
 //! template cannot take (another dtype, a fused prologue on an operand, K or a `[K, N]`
 //! B's N not a multiple of 8, a symbolic K) goes to the plain tiled template.
 
 use super::matmul::{batch_index, epilogue_at, kernel_name, OutputElement};
-use super::{ceil_div_size, size_of_dims, Body};
+use super::{ceil_div_size, one, size_of_dims, Body, Workspace};
 use crate::emit::{add, and, lt, mul, EResult, Emitter};
+use crate::graph::FuncGraph;
 use crate::partition::Group;
+use crate::plan::dim_size;
 use kiln_ir::{DType, Dim, Op, Value};
-use kiln_kir::{BinOp, Buf, Expr, MmaInput, Special, Stmt, Ty, VarId};
+use kiln_kir::{BinOp, Buf, Expr, MmaInput, SizeExpr, Special, Stmt, Ty, VarId};
 
 /// Elements of one 16-byte chunk (16-bit elements).
 const CHUNK: i64 = 8;
@@ -50,6 +61,9 @@ pub struct MmaTile {
     /// Warps splitting each slice's k16 steps among them.
     pub warps_k: u32,
     pub stages: u32,
+    /// Blocks splitting the k slices among them (1: no split across blocks; see
+    /// [`choose_splits`]).
+    pub splits: u32,
 }
 
 impl MmaTile {
@@ -82,15 +96,21 @@ impl MmaTile {
         (self.warps_k - 1) * 32 * self.warps_m * self.warps_n * self.accumulators(matmuls) * 4
     }
 
-    /// `128x128x32_w2x2_s3`, or `16x32x128_w1x2x4_s3` with split-K warps.
+    /// `128x128x32_w2x2_s3`, `16x32x128_w1x2x4_s3` with split-K warps, and
+    /// `16x32x128_w1x2x4_s3_splitk5` with the k slices split over 5 blocks.
     pub fn name(&self) -> String {
         let warps_k = if self.warps_k > 1 {
             format!("x{}", self.warps_k)
         } else {
             String::new()
         };
+        let splits = if self.splits > 1 {
+            format!("_splitk{}", self.splits)
+        } else {
+            String::new()
+        };
         format!(
-            "{}x{}x{}_w{}x{}{warps_k}_s{}",
+            "{}x{}x{}_w{}x{}{warps_k}_s{}{splits}",
             self.bm, self.bn, self.bk, self.warps_m, self.warps_n, self.stages
         )
     }
@@ -102,7 +122,7 @@ impl MmaTile {
 /// [`MAX_ACCUMULATORS`]; as many stages (2 to 4) as fit in 48 KiB of shared memory.
 /// Decode-sized M (at most 16) gets one m16 row of 32-column tiles with 128-wide k slices
 /// split over 4 warps, so that a 4096-wide N still makes 128 blocks that each keep tens of
-/// KiB of weights in flight.
+/// KiB of weights in flight (and [`choose_splits`] may split K across blocks).
 pub fn choose_tile(m: Option<u64>, n: u64, matmuls: u32) -> MmaTile {
     if m.is_some_and(|m| m <= 16) && matmuls == 1 {
         let mut tile = MmaTile {
@@ -113,6 +133,7 @@ pub fn choose_tile(m: Option<u64>, n: u64, matmuls: u32) -> MmaTile {
             warps_n: 2,
             warps_k: 4,
             stages: 2,
+            splits: 1,
         };
         tile.stages = ((SHARED_BYTES - tile.reduction_bytes(1)) / tile.stage_bytes(1)).clamp(2, 4);
         return tile;
@@ -125,6 +146,7 @@ pub fn choose_tile(m: Option<u64>, n: u64, matmuls: u32) -> MmaTile {
         warps_n: 2,
         warps_k: 1,
         stages: 2,
+        splits: 1,
     };
     while tile.accumulators(matmuls) > MAX_ACCUMULATORS && tile.bn > 32 {
         tile.bn /= 2;
@@ -134,6 +156,50 @@ pub fn choose_tile(m: Option<u64>, n: u64, matmuls: u32) -> MmaTile {
     }
     tile.stages = (SHARED_BYTES / tile.stage_bytes(matmuls)).clamp(2, 4);
     tile
+}
+
+/// SMs of an H100 SXM, the GPU the decode split is sized for. The split is a function of the
+/// shape alone (the same grid on every GPU, so the same bits everywhere); other parts get a
+/// grid sized for this one.
+pub const H100_SMS: u64 = 132;
+
+/// The most blocks per SM a split grid may have, so that it runs as one wave: a decode
+/// block is 256 threads of 56 registers (ptxas, every target), four of them fill the 64K
+/// registers of an SM (and five its shared memory). A decode grid of one or two blocks per
+/// SM keeps too few weight bytes in flight (on an H100 a 4096-wide N, 128 blocks, streamed
+/// the weight at 64% of copy bandwidth; a 14336-wide N, 448 blocks or 3.4 per SM, at 87 to
+/// 89%), so the split takes it to up to four.
+const SPLIT_BLOCKS_PER_SM: u64 = 4;
+
+/// The fewest k slices a block of a split takes (so that the partial sums written and read
+/// back stay small beside the weight bytes they sum: a block reads 4 × 8 KiB of weight or
+/// more per 2 KiB of f32 partial sums it writes).
+const MIN_SLICES_PER_SPLIT: u64 = 4;
+
+/// The most blocks one output tile's k slices are split over.
+const MAX_SPLITS: u64 = 8;
+
+/// Over how many blocks the k slices of `tile` (the decode tile, with split-K warps) are
+/// split for an `m × n` output with reduction length `k` and `batch` batch entries: as many
+/// as keep the grid within [`SPLIT_BLOCKS_PER_SM`] blocks per SM of an H100, at most
+/// [`MAX_SPLITS`], each block at least [`MIN_SLICES_PER_SPLIT`] slices, rounded so that
+/// every block has a slice; 1 (no split) when that is fewer than two, as for grids of more
+/// than two blocks per SM. Each block takes `ceil(slices / splits)` consecutive slices, the
+/// last block fewer.
+pub fn choose_splits(tile: &MmaTile, m: u64, n: u64, k: u64, batch: u64) -> u32 {
+    if tile.warps_k == 1 || m > u64::from(tile.bm) {
+        return 1;
+    }
+    let blocks = n.div_ceil(u64::from(tile.bn)).saturating_mul(batch.max(1));
+    let slices = k.div_ceil(u64::from(tile.bk));
+    let want = (SPLIT_BLOCKS_PER_SM * H100_SMS / blocks.max(1))
+        .min(MAX_SPLITS)
+        .min(slices / MIN_SLICES_PER_SPLIT);
+    if want < 2 {
+        return 1;
+    }
+    let per_split = slices.div_ceil(want);
+    slices.div_ceil(per_split) as u32
 }
 
 /// How B of one matmul is read.
@@ -156,6 +222,19 @@ pub(crate) struct MmaPlan {
     b: Vec<BSource>,
     k: u64,
     tile: MmaTile,
+}
+
+impl MmaPlan {
+    /// `(splits, slices per split)` when the k slices are split across blocks.
+    pub(crate) fn split(&self) -> Option<(u32, u64)> {
+        (self.tile.splits > 1).then(|| {
+            let slices = self.k.div_ceil(u64::from(self.tile.bk));
+            (
+                self.tile.splits,
+                slices.div_ceil(u64::from(self.tile.splits)),
+            )
+        })
+    }
 }
 
 /// The plan for `group` when the tensor-core template applies to it.
@@ -228,7 +307,13 @@ pub(crate) fn plan(e: &Emitter<'_, '_>, group: &Group) -> Option<MmaPlan> {
         .map(|s| s.n.as_const().unwrap_or(u64::MAX))
         .max()
         .unwrap_or(1);
-    let tile = choose_tile(m, n_max, b.len() as u32);
+    let mut tile = choose_tile(m, n_max, b.len() as u32);
+    let batch: Option<u64> = out_shape[..rank - 2]
+        .iter()
+        .try_fold(1u64, |acc, d| Some(acc.saturating_mul(d.as_const()?)));
+    if let (Some(m), Some(batch), true) = (m, batch, b.len() == 1) {
+        tile.splits = choose_splits(&tile, m, n_max, k, batch);
+    }
     Some(MmaPlan {
         input,
         a,
@@ -322,8 +407,26 @@ pub(crate) fn emit(
         Ty::I32,
         Expr::binary(BinOp::Rem, warp_in_k, i32c(i64::from(t.warps_n))) * i32c(wn),
     );
-    let m0 = mul(e.special(Special::BlockIdx(1)), e.ix(bm));
+    // Split across blocks (decode shapes, one row of tiles): block row y takes the k
+    // slices `y * per_split ..`, at most `per_split` of them.
+    let split = plan.split();
+    let m0 = if split.is_some() {
+        e.ix(0)
+    } else {
+        mul(e.special(Special::BlockIdx(1)), e.ix(bm))
+    };
     let m0 = e.bind(&mut body, "m0", ity, m0);
+    let k_tiles = plan.k.div_ceil(bk as u64) as i64;
+    let (k_first, k_count) = match split {
+        Some((_, per_split)) => {
+            let first = Expr::Special(Special::BlockIdx(1)) * i32c(per_split as i64);
+            let first = e.bind(&mut body, "k_first", Ty::I32, first);
+            let count = i32c(per_split as i64).min(i32c(k_tiles) - first.clone());
+            let count = e.bind(&mut body, "k_count", Ty::I32, count);
+            (Some(first), count)
+        }
+        None => (None, i32c(k_tiles)),
+    };
     let n0 = mul(e.special(Special::BlockIdx(0)), e.ix(bn));
     let n0 = e.bind(&mut body, "n0", ity, n0);
     let bz = e.special(Special::BlockIdx(2));
@@ -462,12 +565,30 @@ pub(crate) fn emit(
         b_plans.push((i, col, copies_plan));
     }
 
-    // The copies of the k slice `kt` into stage `stage` (both I32 expressions).
+    // The copies of the block's k slice `kt` (of `k_count`) into stage `stage` (both I32
+    // expressions); slices past the block's last are zero-filled without reading memory.
     let load_stage = |e: &mut Emitter<'_, '_>, stage: Expr, kt: Expr| -> Vec<Stmt> {
         let mut out = Vec::new();
+        let slice_ok = k_first.as_ref().map(|_| {
+            e.bind(
+                &mut out,
+                "slice_ok",
+                Ty::Pred,
+                lt(kt.clone(), k_count.clone()),
+            )
+        });
+        let kt = match &k_first {
+            Some(first) => first.clone() + kt,
+            None => kt,
+        };
         let k0 = e.bind(&mut out, "k0", ity, mul(index(kt), e.ix(bk)));
+        let in_block = |ok: Expr| match &slice_ok {
+            Some(s) => and(ok, s.clone()),
+            None => ok,
+        };
         let a_gk = add(k0.clone(), index(a_col.clone()));
-        let a_k_ok = e.bind(&mut out, "a_k_ok", Ty::Pred, lt(a_gk, k_size.clone()));
+        let a_k_ok = in_block(lt(a_gk, k_size.clone()));
+        let a_k_ok = e.bind(&mut out, "a_k_ok", Ty::Pred, a_k_ok);
         for copy in &a_plan {
             let valid = and(copy.row_ok.clone(), a_k_ok.clone());
             out.push(Stmt::CpAsync {
@@ -490,7 +611,7 @@ pub(crate) fn emit(
                 } else {
                     (add(k0.clone(), index(col.clone())), k0.clone())
                 };
-                let valid = and(copy.row_ok.clone(), lt(gk, k_size.clone()));
+                let valid = and(copy.row_ok.clone(), in_block(lt(gk, k_size.clone())));
                 out.push(Stmt::CpAsync {
                     dst: b_tiles[*i],
                     dst_index: stage.clone() * i32c(b_stage) + copy.dst.clone(),
@@ -565,7 +686,6 @@ pub(crate) fn emit(
         .collect();
 
     // ---- the pipeline.
-    let k_tiles = plan.k.div_ceil(bk as u64) as i64;
     for s in 0..stages - 1 {
         let copies = load_stage(e, i32c(s), i32c(s));
         body.extend(copies);
@@ -628,7 +748,7 @@ pub(crate) fn emit(
     body.push(Stmt::For {
         var: kt,
         start: i32c(0),
-        end: i32c(k_tiles),
+        end: k_count,
         step: i32c(1),
         body: kloop,
     });
@@ -680,6 +800,24 @@ pub(crate) fn emit(
     // ---- epilogue: each accumulator element through the fused element-wise work (only the
     // first warp of a k split holds the sums).
     let first_k = (t.warps_k > 1).then(|| warp_k.clone().equals(i32c(0)));
+    // Split across blocks: the block's partial sums go to the f32 workspace
+    // `[splits, batch.., M, N]` (`emit_split_sum` adds them); `workspace` is the offset of
+    // this block's `[M, N]` matrix in it.
+    let workspace = match split {
+        Some(_) => {
+            let buf = e.workspace(0, DType::F32, kiln_kir::Access::Write);
+            let matrix = e.numel(&out_shape[rank - 2..]);
+            let batch = e.numel(&batch_dims);
+            let which = add(
+                mul(e.special(Special::BlockIdx(1)), batch),
+                e.special(Special::BlockIdx(2)),
+            );
+            let offset = e.bind(&mut body, "workspace", ity, mul(which, matrix));
+            let n = e.dim(&plan.b[0].n);
+            Some((buf, offset, n))
+        }
+        None => None,
+    };
     let g4 = e.bind(&mut body, "g", Ty::I32, shr(lane.clone(), 2));
     let t2 = e.bind(&mut body, "t2", Ty::I32, and_mask(lane, 3) * i32c(2));
     for mi in 0..mi_count {
@@ -693,6 +831,16 @@ pub(crate) fn emit(
                 let gm = e.bind(&mut body, "row", ity, add(m0.clone(), index(row)));
                 let gn = e.bind(&mut body, "col", ity, add(n0.clone(), index(col)));
                 let accs: Vec<VarId> = acc.iter().map(|a| a[mi * ni_count + ni][j]).collect();
+                if let Some((buf, offset, n)) = &workspace {
+                    // The partial sum of this block's slices, at [split, batch, row, col].
+                    let mut cond = and(lt(gm.clone(), m_size.clone()), lt(gn.clone(), n.clone()));
+                    if let Some(first) = &first_k {
+                        cond = and(cond, first.clone());
+                    }
+                    let at = add(offset.clone(), add(mul(gm, n.clone()), gn));
+                    body.push(Stmt::if_then(cond, vec![Stmt::store(*buf, at, accs[0])]));
+                    continue;
+                }
                 let at = OutputElement {
                     batch: &batch,
                     row: &gm,
@@ -723,8 +871,85 @@ pub(crate) fn emit(
         block_dim: t.threads(),
         grid: [
             ceil_div_size(size_of_dims(&[grid_n]), t.bn as u64),
-            ceil_div_size(size_of_dims(&out_shape[rank - 2..rank - 1]), t.bm as u64),
+            match split {
+                Some((splits, _)) => SizeExpr::Const(u64::from(splits)),
+                None => ceil_div_size(size_of_dims(&out_shape[rank - 2..rank - 1]), t.bm as u64),
+            },
             size_of_dims(&batch_dims),
+        ],
+        stmts: body,
+    })
+}
+
+/// Threads of a block of the split-K sum kernel.
+const SUM_THREADS: u32 = 256;
+
+/// The f32 workspace of a split-K GEMM: `[splits, batch.., M, N]`, the partial sums of
+/// each block row's k slices.
+pub(crate) fn split_workspace(g: &FuncGraph<'_>, group: &Group, plan: &MmaPlan) -> Workspace {
+    let (splits, _) = plan.split().expect("a split GEMM");
+    let mut shape = vec![SizeExpr::Const(u64::from(splits))];
+    shape.extend(g.shape(group.roots[0]).iter().map(dim_size));
+    Workspace {
+        dtype: DType::F32,
+        shape,
+    }
+}
+
+/// The second kernel of a split-K GEMM: one thread per output element adds the
+/// workspace's partial sums in split order (a fixed order, so the result is the same bits
+/// on every run) and applies the group's epilogue to the total.
+pub(crate) fn emit_split_sum(
+    e: &mut Emitter<'_, '_>,
+    group: &Group,
+    stores: &[Value],
+    plan: &MmaPlan,
+) -> EResult<Body> {
+    let g = e.g;
+    let (splits, _) = plan.split().expect("a split GEMM");
+    let matmuls = group.roots.clone();
+    let out_shape = g.shape(matmuls[0]).to_vec();
+    let rank = out_shape.len();
+    let ity = e.index_ty;
+    let mut body = Vec::new();
+    let total = e.numel(&out_shape);
+    let gid = add(
+        mul(
+            e.special(Special::BlockIdx(0)),
+            e.ix(i64::from(SUM_THREADS)),
+        ),
+        e.special(Special::ThreadIdx),
+    );
+    let gid = e.bind(&mut body, "gid", ity, gid);
+    let workspace = e.workspace(0, DType::F32, kiln_kir::Access::Read);
+    let mut inner = Vec::new();
+    let sum = e.var("sum", Ty::F32);
+    inner.push(Stmt::Assign(sum, Expr::load(workspace, gid.clone())));
+    for s in 1..i64::from(splits) {
+        let at = add(gid.clone(), mul(e.ix(s), total.clone()));
+        inner.push(Stmt::assign(
+            sum,
+            Expr::var(sum) + Expr::load(workspace, at),
+        ));
+    }
+    let idx = e.delinearize(&mut inner, gid.clone(), &out_shape);
+    let rows = e.dim(&out_shape[rank - 2]);
+    let at = OutputElement {
+        batch: &idx[..rank - 2],
+        row: &idx[rank - 2],
+        col: &idx[rank - 1],
+        rows: &rows,
+    };
+    epilogue_at(e, &mut inner, &matmuls, &[sum], &at, None, stores)?;
+    body.push(Stmt::if_then(lt(gid, total), inner));
+    let what = kernel_name(&format!("splitk{splits}_sum"), &matmuls, stores);
+    Ok(Body {
+        what,
+        block_dim: SUM_THREADS,
+        grid: [
+            ceil_div_size(size_of_dims(&out_shape), u64::from(SUM_THREADS)),
+            one(),
+            one(),
         ],
         stmts: body,
     })
@@ -760,6 +985,47 @@ mod tests {
         assert_eq!(choose_tile(None, 4096, 1).name(), "128x128x32_w2x2_s3");
         assert_eq!(choose_tile(Some(64), 4096, 1).name(), "64x128x32_w2x2_s4");
         assert_eq!(choose_tile(Some(16), 4096, 1).name(), "16x32x128_w1x2x4_s3");
+    }
+
+    #[test]
+    fn decode_grids_of_few_blocks_per_sm_split_k_across_blocks() {
+        let decode = choose_tile(Some(16), 4096, 1);
+        // (m, n, k, batch) -> splits: 4096-wide N makes 128 tiles; 32 slices of K = 4096
+        // in 4 blocks of 8 make 512 blocks (3.9 per SM). 14336-wide N (448 blocks, 3.4 per
+        // SM) is left alone, and so is a K too short for two blocks of 4 slices.
+        for (m, n, k, batch, splits) in [
+            (1, 4096, 4096, 1, 4),
+            (16, 4096, 4096, 1, 4),
+            (16, 4096, 14336, 1, 4),
+            (16, 14336, 4096, 1, 1),
+            (1, 14336, 4096, 1, 1),
+            (16, 11008, 4096, 1, 1),
+            (16, 1024, 4096, 1, 8),
+            (16, 4096, 4096, 2, 2),
+            (16, 1024, 1408, 1, 2),
+            (16, 4096, 4096, 4, 1),
+            (16, 4096, 896, 1, 1),
+            (16, 4096, 1024, 1, 2),
+            (17, 4096, 4096, 1, 1),
+        ] {
+            assert_eq!(
+                choose_splits(&decode, m, n, k, batch),
+                splits,
+                "{m}x{n}x{k} batch {batch}"
+            );
+        }
+        // Every block of a split has a slice.
+        for k in (8..20_000).step_by(8) {
+            let s = u64::from(choose_splits(&decode, 1, 4096, k, 1));
+            let slices = k.div_ceil(128);
+            let per_split = slices.div_ceil(s);
+            assert!((s - 1) * per_split < slices, "k {k}: {s} splits");
+        }
+        let prefill = choose_tile(None, 4096, 1);
+        assert_eq!(choose_splits(&prefill, 16, 4096, 4096, 1), 1);
+        let mut split = decode;
+        split.splits = 5;
+        assert_eq!(split.name(), "16x32x128_w1x2x4_s3_splitk5");
     }
 
     #[test]

@@ -10,7 +10,7 @@ mod pointwise;
 mod reduce;
 
 pub use matmul::MatmulTiling;
-pub use mma_gemm::{choose_tile, MmaTile};
+pub use mma_gemm::{choose_splits, choose_tile, MmaTile};
 
 use crate::emit::{Emitter, ParamArg};
 use crate::error::{EmitError, FusionError};
@@ -38,13 +38,27 @@ pub(crate) struct Body {
     pub stmts: Vec<Stmt>,
 }
 
-/// Builds the kernel of group `gid`; `None` when it stores nothing anyone reads.
+/// Scratch memory the kernels of one group share, an arena temp of the plan.
+pub(crate) struct Workspace {
+    pub dtype: DType,
+    pub shape: Vec<SizeExpr>,
+}
+
+/// The launches of one group, in order, and the workspaces they share
+/// ([`crate::emit::ParamArg::Workspace`] indexes `workspaces`).
+pub(crate) struct Launches {
+    pub kernels: Vec<Built>,
+    pub workspaces: Vec<Workspace>,
+}
+
+/// Builds the kernels of group `gid` (one, or a split-K GEMM and its reduction); `None`
+/// when it stores nothing anyone reads.
 pub(crate) fn build(
     g: &FuncGraph<'_>,
     part: &Partition<'_>,
     gid: usize,
     options: &crate::Options,
-) -> Result<Option<Built>, FusionError> {
+) -> Result<Option<Launches>, FusionError> {
     let group = &part.groups[gid];
     let stores: Vec<Value> = group
         .roots
@@ -57,23 +71,62 @@ pub(crate) fn build(
         return Ok(None);
     }
     let index_ty = index_type(g, group, options);
-    let mut e = Emitter::new(g, &part.stored, index_ty);
-    e.owned = group.owned.clone();
+    let new_emitter = || {
+        let mut e = Emitter::new(g, &part.stored, index_ty);
+        e.owned = group.owned.clone();
+        e
+    };
+    let mut e = new_emitter();
+    let mma = match &group.kind {
+        GroupKind::Matmul { .. } => mma_gemm::plan(&e, group).filter(|_| options.tensor_cores),
+        _ => None,
+    };
+    if let Some(plan) = mma.as_ref().filter(|p| p.split().is_some()) {
+        // Split-K across blocks: f32 partial sums of each K slice into a workspace, then
+        // one kernel adds them in a fixed order and applies the epilogue.
+        let workspace = mma_gemm::split_workspace(g, group, plan);
+        let body = mma_gemm::emit(&mut e, group, &[], plan);
+        let partial = finish(g, e, body, DType::F32)?;
+        let mut e = new_emitter();
+        let body = mma_gemm::emit_split_sum(&mut e, group, &stores, plan);
+        let sum = finish(g, e, body, out_dtype(g, &stores))?;
+        return Ok(Some(Launches {
+            kernels: vec![partial, sum],
+            workspaces: vec![workspace],
+        }));
+    }
     let body = match &group.kind {
         GroupKind::Pointwise { shape } => pointwise::emit(&mut e, shape, &stores),
         GroupKind::Row { outer, inner } => reduce::emit_rows(&mut e, group, outer, inner, &stores),
         GroupKind::LoopReduce => reduce::emit_loop(&mut e, group.roots[0]),
-        GroupKind::Matmul { .. } => {
-            match mma_gemm::plan(&e, group).filter(|_| options.tensor_cores) {
-                Some(plan) => mma_gemm::emit(&mut e, group, &stores, &plan),
-                None => matmul::emit(&mut e, group, &stores, &options.matmul_tiling),
-            }
-        }
+        GroupKind::Matmul { .. } => match &mma {
+            Some(plan) => mma_gemm::emit(&mut e, group, &stores, plan),
+            None => matmul::emit(&mut e, group, &stores, &options.matmul_tiling),
+        },
         GroupKind::Attention(parts) => attention::emit(&mut e, &attention::Source::Pattern(parts)),
         GroupKind::BuiltinAttention(v) => attention::emit(&mut e, &attention::Source::Builtin(*v)),
         GroupKind::PagedAttention(v) => attention::emit(&mut e, &attention::Source::Paged(*v)),
         GroupKind::KvWrite(v) => kv_cache::emit(&mut e, *v),
     };
+    let built = finish(g, e, body, out_dtype(g, &stores))?;
+    Ok(Some(Launches {
+        kernels: vec![built],
+        workspaces: Vec::new(),
+    }))
+}
+
+/// The dtype a kernel's name ends with: that of its first stored value.
+fn out_dtype(g: &FuncGraph<'_>, stores: &[Value]) -> DType {
+    stores.first().map(|v| g.ty(*v).dtype).unwrap_or(DType::F32)
+}
+
+/// The kernel of a template's body, named `{what}_{dtype}`.
+fn finish(
+    g: &FuncGraph<'_>,
+    e: Emitter<'_, '_>,
+    body: Result<Body, EmitError>,
+    dtype: DType,
+) -> Result<Built, FusionError> {
     let body = body.map_err(|err| match err {
         EmitError::Fatal(f) => f,
         EmitError::NotFusable(v) => FusionError::Internal {
@@ -82,15 +135,14 @@ pub(crate) fn build(
             message: "read at an element its kernel does not hold".into(),
         },
     })?;
-    let dtype = stores.first().map(|v| g.ty(*v).dtype).unwrap_or(DType::F32);
     let what = format!("{}_{}", body.what, dtype.name());
     let (kernel, args, fused) = e.finish(String::new(), body.block_dim, body.grid, body.stmts);
-    Ok(Some(Built {
+    Ok(Built {
         kernel,
         args,
         fused,
         what,
-    }))
+    })
 }
 
 /// I32 index arithmetic when every tensor the kernel touches stays below 2^31 elements
