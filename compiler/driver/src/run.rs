@@ -5,15 +5,17 @@
 //! `--prompt TEXT` generates text instead: the model directory's tokenizer encodes the
 //! prompt (through its chat template with `--chat`), [`kiln_runtime::Generator`] samples
 //! with the given parameters (the checkpoint's generation_config.json supplies the
-//! defaults), and the text streams to stdout as it is produced.
+//! defaults), and the text streams to stdout as it is produced. Programs with a `step`
+//! entry (models/llama.kiln) generate through it with a paged KV cache, computing only each
+//! step's new token.
 
 use crate::{lower_from, ProgramArgs};
 use anyhow::{anyhow, bail, Context, Result};
 use kiln_driver::backend::{self, BackendChoice};
 use kiln_ir::{DType, Dim, Tensor};
 use kiln_runtime::{
-    ChatMessage, Executor, GenerationConfig, Generator, ProgramLogits, SamplingParams, Tokenizer,
-    Weights,
+    ChatMessage, Executor, GenerationConfig, Generator, LogitsModel, PagedLogits, PagedModel,
+    ProgramLogits, RuntimeError, SamplingParams, Tokenizer, Weights, STEP_ENTRY,
 };
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -163,20 +165,38 @@ pub(crate) fn run(args: RunArgs) -> Result<ExitCode> {
     if let (Some(prompt), Some(model_dir), Some((tokenizer, generation_config, params))) =
         (&args.text.prompt, &args.model, text_generation)
     {
+        // Programs with a KV-cached `step` entry generate through it, unless another entry
+        // was asked for.
+        let cached = args.entry == "forward" && lowered.module.function(STEP_ENTRY).is_some();
         let mut executor = executor_for(&args, lowered, weights)?;
-        eprintln!(
-            "kiln: generating with `{}` on the {} (no KV cache yet: every step re-runs the whole sequence)",
-            args.entry,
-            executor.describe()
-        );
-        let model = ProgramLogits::new(executor.as_mut(), &args.entry)?;
         let request = TextRequest {
             prompt,
             chat: args.text.chat,
             system: args.text.system.as_deref(),
             params,
         };
-        generate_text(model, tokenizer, model_dir, &generation_config, request)?;
+        let context = context_length(model_dir, &tokenizer)?;
+        if cached {
+            let executor = executor.as_mut();
+            generate_text(tokenizer, context, &generation_config, request, |longest| {
+                let blocks = longest.div_ceil(CACHE_BLOCK_TOKENS);
+                let model = PagedModel::new(executor, STEP_ENTRY, blocks, CACHE_BLOCK_TOKENS, longest)?;
+                eprintln!(
+                    "kiln: generating with `{STEP_ENTRY}` on the {} (KV cache: {blocks} blocks of \
+                     {CACHE_BLOCK_TOKENS} tokens)",
+                    model.executor().describe()
+                );
+                Ok(PagedLogits::new(model))
+            })?;
+        } else {
+            eprintln!(
+                "kiln: generating with `{}` on the {} (no KV cache: every step re-runs the whole sequence)",
+                args.entry,
+                executor.describe()
+            );
+            let model = ProgramLogits::new(executor.as_mut(), &args.entry)?;
+            generate_text(tokenizer, context, &generation_config, request, |_| Ok(model))?;
+        }
         return Ok(ExitCode::SUCCESS);
     }
     let func = lowered
@@ -245,6 +265,11 @@ fn executor_for(
     )?)
 }
 
+/// Tokens a KV-cache block holds.
+const CACHE_BLOCK_TOKENS: usize = 16;
+/// The most new tokens when neither --max-tokens nor the model's context bounds them.
+const DEFAULT_MAX_NEW_TOKENS: usize = 4096;
+
 /// What `--prompt` asks for.
 struct TextRequest<'a> {
     prompt: &'a str,
@@ -253,14 +278,15 @@ struct TextRequest<'a> {
     params: SamplingParams,
 }
 
-/// Encodes the prompt with `tokenizer`, generates with `model` and streams
-/// the text to stdout; a summary goes to stderr.
-fn generate_text(
-    model: ProgramLogits<'_>,
+/// Encodes the prompt with `tokenizer`, generates with the model `make_model` gives for
+/// sequences of at most the given number of tokens, and streams the text to stdout; a
+/// summary goes to stderr.
+fn generate_text<M: LogitsModel>(
     tokenizer: Tokenizer,
-    model_dir: &Path,
+    context: Option<usize>,
     generation_config: &GenerationConfig,
     request: TextRequest<'_>,
+    make_model: impl FnOnce(usize) -> Result<M, RuntimeError>,
 ) -> Result<()> {
     let prompt_ids = if request.chat {
         let mut messages = Vec::new();
@@ -272,7 +298,13 @@ fn generate_text(
     } else {
         tokenizer.encode(request.prompt, true)?
     };
-    let context = context_length(model_dir, &tokenizer)?;
+    let longest = match (request.params.max_tokens, context) {
+        (Some(n), Some(context)) => (prompt_ids.len() + n).min(context),
+        (Some(n), None) => prompt_ids.len() + n,
+        (None, Some(context)) => context,
+        (None, None) => prompt_ids.len() + DEFAULT_MAX_NEW_TOKENS,
+    };
+    let model = make_model(longest.max(prompt_ids.len() + 1))?;
     let mut generator = Generator::new(model, tokenizer)
         .with_eos_token_ids(generation_config.eos_token_ids.iter().copied());
     if let Some(context) = context {
@@ -343,8 +375,8 @@ fn context_length(model_dir: &Path, tokenizer: &Tokenizer) -> Result<Option<usiz
     Ok(from_config.or(tokenizer.config().model_max_length))
 }
 
-/// Greedy decoding by re-running the whole sequence each step (no KV cache yet): the
-/// first input must be token ids [1, S].
+/// Greedy decoding: the first input must be token ids [1, S]. Through the program's
+/// KV-cached `step` entry when it has one, else by re-running the whole sequence each step.
 fn generate(
     executor: &mut dyn Executor,
     entry: &str,
@@ -363,6 +395,21 @@ fn generate(
     let mut tokens = first.to_i64_vec();
     let dtype = first.dtype;
     let mut out = Vec::new();
+    // Programs with a KV-cached `step` entry decode through it, one new token a step.
+    if entry == "forward" && inputs.len() == 1 && executor.module().function(STEP_ENTRY).is_some()
+    {
+        let longest = tokens.len() + n;
+        let blocks = longest.div_ceil(CACHE_BLOCK_TOKENS);
+        let model = PagedModel::new(executor, STEP_ENTRY, blocks, CACHE_BLOCK_TOKENS, longest)?;
+        let mut model = PagedLogits::new(model);
+        for _ in 0..n {
+            let rows = model.last_logits(std::slice::from_ref(&tokens))?;
+            let best = argmax(rows.first().map(Vec::as_slice).unwrap_or_default());
+            tokens.push(best as i64);
+            out.push(best as i64);
+        }
+        return Ok(out);
+    }
     for _ in 0..n {
         inputs[0] = Tensor::from_ints(dtype, &[1, tokens.len()], tokens.clone());
         let results = executor.run(entry, &inputs)?;
@@ -372,17 +419,22 @@ fn generate(
             .last()
             .ok_or_else(|| anyhow!("logits have no dims"))?;
         let values = logits.to_f32_vec();
-        let last = &values[values.len() - vocab..];
-        let mut best = 0;
-        for (i, v) in last.iter().enumerate() {
-            if *v > last[best] {
-                best = i;
-            }
-        }
+        let best = argmax(&values[values.len() - vocab..]);
         tokens.push(best as i64);
         out.push(best as i64);
     }
     Ok(out)
+}
+
+/// The index of the largest value (the first of equal ones).
+fn argmax(values: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, v) in values.iter().enumerate() {
+        if *v > values[best] {
+            best = i;
+        }
+    }
+    best
 }
 
 /// Parses a JSON array (nested for more dims) into a tensor of `dtype`, checking constant dims.
