@@ -2,6 +2,7 @@
 events (warm-up, median), eager and torch.compile. Prints one JSON object.
 
     python3 benches/torch_peers.py [RUNS]
+    python3 benches/torch_peers.py decode   # transformers generate, for `kiln bench decode`
 """
 
 import json
@@ -10,7 +11,7 @@ import sys
 
 import torch
 
-RUNS = int(sys.argv[1]) if len(sys.argv) > 1 else 50
+RUNS = int(sys.argv[1]) if len(sys.argv) > 1 and sys.argv[1].isdigit() else 50
 dev = "cuda"
 
 
@@ -75,16 +76,54 @@ def main():
         nbytes = chain * (n * k * 2 if m <= 16 else (m * k + n * k + m * n) * 2)
         weights = [torch.randn(n, k, device=dev, dtype=bf) for _ in range(chain)]
         cases[name] = (linear_chain, (torch.randn(m, k, device=dev, dtype=bf), *weights), nbytes)
+    # Decode attention: 64 sequences of 4096 tokens, GQA 32/8, D 128 (kiln reads a paged cache;
+    # PyTorch a contiguous one, which is the easier case).
+    q = torch.randn(64, 32, 1, 128, device=dev, dtype=bf)
+    kv = [torch.randn(64, 8, 4096, 128, device=dev, dtype=bf) for _ in range(2)]
+    cases["paged_decode"] = (lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True),
+                             (q, *kv), 2 * 64 * 4096 * 8 * 128 * 2)
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "runs": RUNS, "eager": {}, "compiled": {}}
     for name, (fn, args, nbytes) in cases.items():
         ms = timed(fn, *args)
         out["eager"][name] = {"median_ms": ms, "gb_per_s": nbytes / (ms * 1e-3) / 1e9}
-        if name != "copy" and not name.startswith(("gemm", "decode")):
+        if name != "copy" and not name.startswith(("gemm", "decode", "paged")):
             cfn = torch.compile(fn)
             ms = timed(cfn, *args)
             out["compiled"][name] = {"median_ms": ms, "gb_per_s": nbytes / (ms * 1e-3) / 1e9}
     print(json.dumps(out, indent=1))
 
 
+def decode(prompt=128, new_tokens=128):
+    """transformers' greedy generate on the 1.1B Llama shape of `kiln bench decode`, random bf16 weights, batch 1."""
+    import time
+    from transformers import LlamaConfig, LlamaForCausalLM
+    config = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5, rope_theta=10000.0,
+                         max_position_embeddings=2048, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(dev, torch.bfloat16).eval()
+    ids = torch.randint(0, 32000, (1, prompt), device=dev)
+
+    def run(n):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.no_grad():
+            model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        torch.cuda.synchronize()
+        return (time.perf_counter() - start) * 1e3
+
+    run(new_tokens)
+    prefill_ms = statistics.median(run(1) for _ in range(3))
+    total_ms = statistics.median(run(new_tokens) for _ in range(3))
+    per_token = (total_ms - prefill_ms) / (new_tokens - 1)
+    print(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                      "transformers": __import__("transformers").__version__, "prompt_tokens": prompt,
+                      "new_tokens": new_tokens, "generate_ms": total_ms, "prefill_ms": prefill_ms,
+                      "decode_ms_per_token": per_token, "decode_tokens_per_s": 1e3 / per_token}, indent=1))
+
+
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) > 1 and sys.argv[1] == "decode":
+        decode()
+    else:
+        main()

@@ -8,7 +8,8 @@
 #   - compute-sanitizer memcheck and racecheck over the same binaries;
 #   - `kiln run` on the tiny checkpoints (greedy tokens equal transformers');
 #   - the tensor-core GEMM check (gpu-kernels/tools/gemm_gpu_check.py) against PyTorch;
-#   - the kernel benchmarks beside PyTorch eager and torch.compile.
+#   - the kernel benchmarks beside PyTorch eager and torch.compile;
+#   - the decode speed of the 1.1B Llama shape beside transformers' generate.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-results}
@@ -48,6 +49,11 @@ if [ "${KILN_SKIP_BENCH:-0}" != 1 ]; then
     .carry/kiln bench kernels --runs 50 --torch-json "$OUT/torch-bench.json" -o "$OUT/memory-bound.json" \
         > "$OUT/kiln-bench.txt" 2>&1 || status=1
     cat "$OUT/kiln-bench.txt"
+    # Decode speed of the 1.1B Llama shape beside transformers' generate.
+    python3 benches/torch_peers.py decode > "$OUT/torch-decode.json" 2> "$OUT/torch-decode.err" || status=1
+    .carry/kiln bench decode --torch-json "$OUT/torch-decode.json" -o "$OUT/decode.json" \
+        > "$OUT/kiln-decode.txt" 2>&1 || status=1
+    cat "$OUT/kiln-decode.txt"
 fi
 grep -E "test result|NOT RUN|FAILED|panicked|tiny-" "$OUT/tests.log"
 grep -E "ERROR SUMMARY|== " "$OUT/sanitizer.log"

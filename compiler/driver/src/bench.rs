@@ -25,8 +25,10 @@ pub(crate) struct BenchArgs {
 
 #[derive(clap::Subcommand)]
 enum BenchWhat {
-    /// Time the memory-bound fused kernels on the GPU.
+    /// Time the fused kernels, GEMMs and paged attention on the GPU.
     Kernels(KernelArgs),
+    /// Decode speed of a Llama-shaped 1.1B bf16 model (random weights) on the GPU.
+    Decode(crate::bench_decode::DecodeArgs),
 }
 
 #[derive(clap::Args)]
@@ -62,7 +64,15 @@ fn decode_m16_4096(x: bf16[16, 4096], w0: bf16[4096, 4096], w1: bf16[4096, 4096]
 }
 fn decode_m1_14336(x: bf16[1, 4096], w: bf16[14336, 4096]) -> bf16[1, 14336] { x @ w.T }
 fn decode_m16_14336(x: bf16[16, 4096], w: bf16[14336, 4096]) -> bf16[16, 14336] { x @ w.T }
+fn paged_decode(q: bf16[B, 32, 128], k_cache: bf16[1, NB, 16, 8, 128], v_cache: bf16[1, NB, 16, 8, 128],
+                block_tables: i32[B, MB], seq: i32[B], pos: i32[B]) -> bf16[B, 32, 128] {
+    paged_attention(q, k_cache, v_cache, block_tables, seq, pos, 0)
+}
 ";
+
+/// Decode attention of BASELINES.md: 64 sequences of 4096 cached tokens, GQA 32/8, D 128.
+const PAGED_BATCH: usize = 64;
+const PAGED_CONTEXT: usize = 4096;
 
 struct Case {
     function: &'static str,
@@ -156,11 +166,45 @@ fn cases() -> Vec<Case> {
         gemm_case("decode_m16_4096", 16, 4096, 4096, 4, 21),
         gemm_case("decode_m1_14336", 1, 14336, 4096, 1, 26),
         gemm_case("decode_m16_14336", 16, 14336, 4096, 1, 28),
+        paged_decode_case(30),
     ]
 }
 
+/// One decode token per sequence over `PAGED_CONTEXT` cached tokens each, in blocks of 16
+/// scattered over the cache (a fixed pseudo-random permutation); bytes = the K and V read.
+fn paged_decode_case(seed: u64) -> Case {
+    let (batch, per_seq) = (PAGED_BATCH, PAGED_CONTEXT / 16);
+    let blocks = batch * per_seq;
+    let cache = [1, blocks, 16, 8, 128];
+    let mut order: Vec<i64> = (0..blocks as i64).collect();
+    let mut state = seed;
+    for i in (1..order.len()).rev() {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        order.swap(i, (state >> 33) as usize % (i + 1));
+    }
+    let int = |shape: &[usize], v: Vec<i64>| Tensor::from_ints(DType::I32, shape, v);
+    Case {
+        function: "paged_decode",
+        inputs: vec![
+            random_bf16(&[batch, 32, 128], seed),
+            random_bf16(&cache, seed + 1),
+            random_bf16(&cache, seed + 2),
+            int(&[batch, per_seq], order),
+            int(&[batch], (0..batch as i64).collect()),
+            int(&[batch], vec![PAGED_CONTEXT as i64 - 1; batch]),
+        ],
+        bytes: (2 * blocks * 16 * 8 * 128 * 2) as u64,
+        flops: None,
+    }
+}
+
 pub(crate) fn run(args: BenchArgs) -> Result<ExitCode> {
-    let BenchWhat::Kernels(args) = args.what;
+    let args = match args.what {
+        BenchWhat::Kernels(args) => args,
+        BenchWhat::Decode(args) => return crate::bench_decode::run(args),
+    };
     if args.runs == 0 {
         bail!("--runs must be at least 1");
     }
@@ -173,32 +217,10 @@ pub(crate) fn run(args: BenchArgs) -> Result<ExitCode> {
             serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
         })
         .transpose()?;
-    let device = CudaDevice::new(0).context("kiln bench kernels needs a GPU")?;
+    let gpu = Gpu::open()?;
+    let (device, target) = (&gpu.device, gpu.target);
     let (major, minor) = device.info().compute_capability;
-    let target = Target::for_compute_capability(major, minor)
-        .ok_or_else(|| anyhow!("no kiln target for compute capability {major}.{minor}"))?;
-    let toolchain = Toolchain::discover()?;
-    let (program, diags) = kiln_lower::Program::load_source("bench.kiln", PROGRAM, None);
-    if diags.iter().any(|d| d.is_error()) {
-        bail!("{}", program.sources.render(&diags));
-    }
-    let (lowered, diags) = kiln_lower::lower(&program, None, &kiln_lower::Options::default());
-    let lowered = lowered.ok_or_else(|| anyhow!("{}", program.sources.render(&diags)))?;
-    let options = CompileOptions {
-        targets: vec![target],
-        ..CompileOptions::default()
-    };
-    let package = pipeline::compile("bench.kiln", lowered, &options, Some(&toolchain))?;
-    let fatbin = package
-        .fatbin
-        .as_ref()
-        .ok_or_else(|| anyhow!("not assembled"))?;
-    let cuda = Arc::new(CudaPackage::from_image(
-        &device,
-        package.manifest.clone(),
-        fatbin,
-        "bench",
-    )?);
+    let (package, cuda) = gpu.compile_source("bench.kiln", PROGRAM, None)?;
     let mut results = Vec::new();
     let mut copy_gbs = None;
     println!(
@@ -280,8 +302,82 @@ pub(crate) fn run(args: BenchArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The GPU, its kiln target and ptxas.
+pub(crate) struct Gpu {
+    pub device: CudaDevice,
+    pub target: Target,
+    pub toolchain: Toolchain,
+}
+
+impl Gpu {
+    pub fn open() -> Result<Gpu> {
+        let device = CudaDevice::new(0).context("kiln bench needs a GPU")?;
+        let (major, minor) = device.info().compute_capability;
+        let target = Target::for_compute_capability(major, minor)
+            .ok_or_else(|| anyhow!("no kiln target for compute capability {major}.{minor}"))?;
+        let toolchain = Toolchain::discover()?;
+        Ok(Gpu {
+            device,
+            target,
+            toolchain,
+        })
+    }
+
+    /// Lowers a program (with a config.json, params in `options`' dtype), compiles it for
+    /// this GPU and loads it.
+    pub fn compile_lowered(
+        &self,
+        name: &str,
+        lowered: kiln_lower::Lowered,
+    ) -> Result<(pipeline::Package, Arc<CudaPackage>)> {
+        let options = CompileOptions {
+            targets: vec![self.target],
+            ..CompileOptions::default()
+        };
+        let package = pipeline::compile(name, lowered, &options, Some(&self.toolchain))?;
+        let fatbin = package
+            .fatbin
+            .as_ref()
+            .ok_or_else(|| anyhow!("not assembled"))?;
+        let cuda = Arc::new(CudaPackage::from_image(
+            &self.device,
+            package.manifest.clone(),
+            fatbin,
+            name,
+        )?);
+        Ok((package, cuda))
+    }
+
+    /// [`Gpu::compile_lowered`] of a program's source, params in f32 unless they say.
+    pub fn compile_source(
+        &self,
+        name: &str,
+        source: &str,
+        config: Option<&serde_json::Value>,
+    ) -> Result<(pipeline::Package, Arc<CudaPackage>)> {
+        let (program, diags) = kiln_lower::Program::load_source(name, source, None);
+        if diags.iter().any(|d| d.is_error()) {
+            bail!("{}", program.sources.render(&diags));
+        }
+        let (lowered, diags) = kiln_lower::lower(&program, config, &kiln_lower::Options::default());
+        let lowered = lowered.ok_or_else(|| anyhow!("{}", program.sources.render(&diags)))?;
+        self.compile_lowered(name, lowered)
+    }
+
+    /// The copy bandwidth in GB/s (bf16, 512 MB read and written; median of `runs`).
+    pub fn copy_bandwidth(&self, runs: usize) -> Result<f64> {
+        let source = "fn copy(x: bf16[R, 4096]) -> bf16[R, 4096] { x + 0.0 }";
+        let (_, cuda) = self.compile_source("copy.kiln", source, None)?;
+        let case = &cases()[0];
+        let mut program = CudaProgram::new(cuda, case.function)?;
+        program.bind_weights(&|_| None)?;
+        let timing = program.time_launches(&case.inputs, runs)?;
+        Ok(case.bytes as f64 / (timing.median_ms * 1e-3) / 1e9)
+    }
+}
+
 /// The commit measured: `KILN_COMMIT` (set where the tree is a copy without .git), else git's.
-fn commit() -> Option<String> {
+pub(crate) fn commit() -> Option<String> {
     std::env::var("KILN_COMMIT").ok().or_else(|| {
         let out = std::process::Command::new("git")
             .args(["rev-parse", "HEAD"])

@@ -6,6 +6,7 @@
 //! times the fused kernels on the GPU.
 
 mod bench;
+mod bench_decode;
 mod compile;
 mod consensus;
 mod embed;

@@ -180,7 +180,8 @@ pub(crate) fn run(args: RunArgs) -> Result<ExitCode> {
             let executor = executor.as_mut();
             generate_text(tokenizer, context, &generation_config, request, |longest| {
                 let blocks = longest.div_ceil(CACHE_BLOCK_TOKENS);
-                let model = PagedModel::new(executor, STEP_ENTRY, blocks, CACHE_BLOCK_TOKENS, longest)?;
+                let model =
+                    PagedModel::new(executor, STEP_ENTRY, blocks, CACHE_BLOCK_TOKENS, longest)?;
                 eprintln!(
                     "kiln: generating with `{STEP_ENTRY}` on the {} (KV cache: {blocks} blocks of \
                      {CACHE_BLOCK_TOKENS} tokens)",
@@ -195,7 +196,9 @@ pub(crate) fn run(args: RunArgs) -> Result<ExitCode> {
                 executor.describe()
             );
             let model = ProgramLogits::new(executor.as_mut(), &args.entry)?;
-            generate_text(tokenizer, context, &generation_config, request, |_| Ok(model))?;
+            generate_text(tokenizer, context, &generation_config, request, |_| {
+                Ok(model)
+            })?;
         }
         return Ok(ExitCode::SUCCESS);
     }
@@ -396,8 +399,7 @@ fn generate(
     let dtype = first.dtype;
     let mut out = Vec::new();
     // Programs with a KV-cached `step` entry decode through it, one new token a step.
-    if entry == "forward" && inputs.len() == 1 && executor.module().function(STEP_ENTRY).is_some()
-    {
+    if entry == "forward" && inputs.len() == 1 && executor.module().function(STEP_ENTRY).is_some() {
         let longest = tokens.len() + n;
         let blocks = longest.div_ceil(CACHE_BLOCK_TOKENS);
         let model = PagedModel::new(executor, STEP_ENTRY, blocks, CACHE_BLOCK_TOKENS, longest)?;
