@@ -53,7 +53,9 @@ pub use error::{ApiError, ServerError};
 pub use kiln_runtime::models::ModelKind;
 pub use metrics::Metrics;
 pub use model::LoadedModel;
-pub use runner::{Embedder, InterpreterRunner, ModelRunner, RunnerError, SequenceInput};
+pub use runner::{
+    Embedder, InterpreterRunner, ModelRunner, PagedRunner, RunnerError, SequenceInput,
+};
 
 use crate::engine::{start_engine, EngineConfig};
 use crate::http::{router, AppState};
@@ -82,6 +84,14 @@ pub struct ServerInfo {
     pub codec: String,
 }
 
+/// The KV cache the engine manages, for a runner that holds it.
+#[derive(Clone, Copy, Debug)]
+pub struct CacheLayout {
+    pub num_blocks: usize,
+    pub block_size: usize,
+    pub max_model_len: usize,
+}
+
 /// A running server: the HTTP listener and, for decoders, the engine thread.
 #[derive(Debug)]
 pub struct Server {
@@ -96,16 +106,33 @@ pub struct Server {
 }
 
 impl Server {
-    /// Loads the model and serves it with the reference-interpreter runner.
+    /// Loads the model and serves it: a program with a KV-cached `step` entry runs on the
+    /// compiled CPU plans through [`PagedRunner`], others on the reference interpreter.
     pub async fn start(config: ServeConfig) -> Result<Server, ServerError> {
         let threads = config.interpreter_threads;
-        Server::start_with_runner(config, move |model| {
-            Box::new(InterpreterRunner::new(
-                Arc::clone(&model.module),
+        Server::start_with_cache_runner(config, move |model, cache| {
+            let Some(step) = &model.step_module else {
+                return Ok(Box::new(InterpreterRunner::new(
+                    Arc::clone(&model.module),
+                    Arc::clone(&model.weights),
+                    model.entry,
+                    threads,
+                )) as Box<dyn ModelRunner>);
+            };
+            let plans = kiln_runtime::CpuPlans::compile(
+                (**step).clone(),
                 Arc::clone(&model.weights),
-                model.entry,
-                threads,
-            ))
+                &mut kiln_runtime::NoProgress,
+            )
+            .map_err(|e| ServerError::Engine(format!("compiling the model for the CPU: {e}")))?;
+            let runner = PagedRunner::new(
+                Box::new(plans),
+                cache.num_blocks,
+                cache.block_size,
+                cache.max_model_len,
+            )
+            .map_err(|e| ServerError::Engine(e.to_string()))?;
+            Ok(Box::new(runner))
         })
         .await
     }
@@ -118,6 +145,18 @@ impl Server {
     ) -> Result<Server, ServerError>
     where
         F: FnOnce(&LoadedModel) -> Box<dyn ModelRunner>,
+    {
+        Server::start_with_cache_runner(config, |model, _| Ok(make_runner(model))).await
+    }
+
+    /// Like [`Server::start_with_runner`], for runners that hold the KV cache the engine
+    /// manages (its shape is given) and whose making can fail.
+    pub async fn start_with_cache_runner<F>(
+        config: ServeConfig,
+        make_runner: F,
+    ) -> Result<Server, ServerError>
+    where
+        F: FnOnce(&LoadedModel, &CacheLayout) -> Result<Box<dyn ModelRunner>, ServerError>,
     {
         config.validate()?;
         let api_keys = config.load_api_keys()?;
@@ -188,7 +227,14 @@ impl Server {
                         .with_prefix_caching(config.enable_prefix_caching),
                     max_queue: config.max_queue,
                 };
-                let runner = make_runner(&model);
+                let runner = make_runner(
+                    &model,
+                    &CacheLayout {
+                        num_blocks,
+                        block_size: block_size.tokens(),
+                        max_model_len,
+                    },
+                )?;
                 let description = runner.describe();
                 let (engine, thread) = start_engine(
                     engine_config,

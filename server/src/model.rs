@@ -34,6 +34,8 @@ pub struct LoadedModel {
     pub module: Arc<kiln_ir::Module>,
     /// The entry function the server runs (`forward` or `embed`).
     pub entry: &'static str,
+    /// The program's KV-cached `step` entry alone, for decoders that have one.
+    pub step_module: Option<Arc<kiln_ir::Module>>,
     /// The checkpoint's tensors, converted to the program's dtypes.
     pub weights: Arc<Weights>,
     /// Text to ids and back.
@@ -72,7 +74,12 @@ impl LoadedModel {
         let (parsed, mut diagnostics) = Program::load_source(program.path, program.source, None);
         let options = Options {
             param_dtype: kiln_ir::DType::F32,
-            entries: Some(vec![program.entry.to_string()]),
+            entries: Some(
+                std::iter::once(program.entry)
+                    .chain(program.step_entry)
+                    .map(str::to_string)
+                    .collect(),
+            ),
         };
         let lowered = if diagnostics.iter().any(|d| d.is_error()) {
             None
@@ -110,7 +117,15 @@ impl LoadedModel {
             .ok_or_else(|| missing("num_attention_heads (or n_head)"))?;
         let num_kv_heads = int(&["num_key_value_heads"]).unwrap_or(num_heads);
         let head_dim = int(&["head_dim"]).unwrap_or(hidden_size / num_heads.max(1));
-        let module = Arc::new(lowered.module);
+        // The served entry and the KV-cached step entry, each a module of its own.
+        let mut functions = lowered.module.functions;
+        let step_module = program.step_entry.and_then(|step| {
+            let at = functions.iter().position(|f| f.name == step)?;
+            Some(Arc::new(kiln_ir::Module {
+                functions: vec![functions.remove(at)],
+            }))
+        });
+        let module = Arc::new(kiln_ir::Module { functions });
         let weights = Arc::new(weights);
         let embedding = match program.kind {
             ModelKind::Encoder => Some(EmbeddingModel::from_parts(
@@ -148,6 +163,7 @@ impl LoadedModel {
             kind: program.kind,
             program_path: program.path,
             module,
+            step_module,
             entry: program.entry,
             weights,
             codec,

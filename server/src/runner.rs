@@ -1,20 +1,27 @@
 //! The engine's view of a model: [`ModelRunner`] turns one scheduled step into the
-//! last-position logits of every sequence that samples, and [`InterpreterRunner`] implements
-//! it on kiln's reference interpreter. [`Embedder`] runs an encoder's `embed` entry through
-//! `kiln_runtime::EmbeddingModel`.
+//! last-position logits of every sequence that samples. [`PagedRunner`] implements it on a
+//! compiled program's KV-cached `step` entry (the Cranelift CPU plans or the GPU): the whole
+//! ragged batch in one step, each sequence's new tokens only, keys and values in the paged
+//! cache at the blocks the engine's KV-cache manager assigned. [`InterpreterRunner`]
+//! implements it on kiln's reference interpreter without a KV cache. [`Embedder`] runs an
+//! encoder's `embed` entry through `kiln_runtime::EmbeddingModel`.
 //!
-//! `InterpreterRunner` keeps no KV cache: for each sampling sequence it runs the program's
-//! `forward` over the sequence's whole token list, alone (batch of one). A sequence's logits
-//! therefore never depend on what else is in the step — batch invariance by construction —
-//! at the price of recomputing the prefix every step, which is fine for the tiny models it
-//! serves. The compiled CPU and GPU paths plug in behind the same trait and use the block
-//! tables and `num_cached_tokens` the inputs carry.
+//! `InterpreterRunner` runs, for each sampling sequence, the program's `forward` over the
+//! sequence's whole token list, alone (batch of one): batch invariance by construction, at
+//! the price of recomputing the prefix every step. `PagedRunner` is batch invariant because
+//! every kernel of the step computes a token's row the same way whatever else is in the
+//! batch (the soak test checks it).
 
 use std::sync::Arc;
 
 use kiln_ir::{DType, Tensor};
+use std::collections::BTreeSet;
+
 use kiln_kvcache::{BlockCopy, BlockId, SeqId};
-use kiln_runtime::{Backend, EmbedError, EmbeddingModel, RuntimeError, Weights};
+use kiln_runtime::{
+    Backend, EmbedError, EmbeddingModel, Executor, PagedModel, RuntimeError, StepSequence, Weights,
+    STEP_ENTRY,
+};
 
 /// What a runner can fail with; the engine fails the step's requests with the message.
 #[derive(Debug, thiserror::Error)]
@@ -173,6 +180,93 @@ impl ModelRunner for InterpreterRunner {
             Backend::Interpreter.name(),
             self.threads,
             if self.threads == 1 { "" } else { "s" }
+        )
+    }
+}
+
+/// [`ModelRunner`] on a program's KV-cached `step` entry (see the module docs). A
+/// copy-on-write block copy is made by recomputation: the next step that runs the block's
+/// sequence computes the block's positions again (into the new block) instead of copying.
+pub struct PagedRunner {
+    executor: Box<dyn Executor + Send>,
+    model: PagedModel,
+    /// Blocks that received a copy not made yet.
+    copied_into: BTreeSet<u32>,
+}
+
+impl PagedRunner {
+    /// A runner of `executor`'s `step` entry with a cache of `num_blocks` blocks of
+    /// `block_size` tokens, for sequences of at most `max_model_len` tokens.
+    pub fn new(
+        executor: Box<dyn Executor + Send>,
+        num_blocks: usize,
+        block_size: usize,
+        max_model_len: usize,
+    ) -> Result<PagedRunner, RunnerError> {
+        let model = PagedModel::new(
+            executor.module(),
+            STEP_ENTRY,
+            num_blocks,
+            block_size,
+            max_model_len,
+        )?;
+        Ok(PagedRunner {
+            executor,
+            model,
+            copied_into: BTreeSet::new(),
+        })
+    }
+}
+
+impl ModelRunner for PagedRunner {
+    fn logits(&mut self, batch: &[SequenceInput<'_>]) -> Result<Vec<Vec<f32>>, RunnerError> {
+        let block_size = self.model.cache_shape().block_size;
+        let tables: Vec<Vec<u32>> = batch
+            .iter()
+            .map(|input| input.block_table.iter().map(|b| b.0).collect())
+            .collect();
+        let steps: Vec<StepSequence<'_>> = batch
+            .iter()
+            .zip(&tables)
+            .map(|(input, blocks)| {
+                // Positions of a block that got a copy are computed again.
+                let recompute_from = blocks
+                    .iter()
+                    .position(|b| self.copied_into.contains(b))
+                    .map_or(usize::MAX, |k| k * block_size);
+                StepSequence {
+                    tokens: input.token_ids,
+                    cached: input.num_cached_tokens.min(recompute_from),
+                    blocks,
+                }
+            })
+            .collect();
+        let rows = self.model.step(self.executor.as_mut(), &steps)?;
+        for blocks in &tables {
+            for b in blocks {
+                self.copied_into.remove(b);
+            }
+        }
+        Ok(rows
+            .into_iter()
+            .zip(batch)
+            .filter(|(_, input)| input.samples_token)
+            .map(|(row, _)| row)
+            .collect())
+    }
+
+    fn copy_blocks(&mut self, copies: &[BlockCopy]) -> Result<(), RunnerError> {
+        self.copied_into.extend(copies.iter().map(|c| c.dst.0));
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        let cache = self.model.cache_shape();
+        format!(
+            "{}, KV-cached `{STEP_ENTRY}` over a paged cache of {} blocks of {} tokens",
+            self.executor.describe(),
+            cache.blocks,
+            cache.block_size
         )
     }
 }

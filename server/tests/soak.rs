@@ -72,6 +72,12 @@ async fn concurrent_greedy_requests_equal_the_same_requests_alone() {
     };
     let server = Arc::new(TestServer::start(config).await);
     assert_eq!(server.server.info().num_blocks, 48);
+    // The compiled KV-cached step runs the batch (not the per-sequence interpreter).
+    assert!(
+        server.server.info().runner.contains("KV-cached `step`"),
+        "{}",
+        server.server.info().runner
+    );
     let engine = server.server.engine().unwrap().clone();
 
     // Watch how many sequences run at once while the batch is in flight.

@@ -639,7 +639,8 @@ fn step_matches_transformers(fixture: &str, executor: &mut dyn kiln_runtime::Exe
     let block_size = 4;
     // Non-contiguous, interleaved blocks (3 per sequence hold 11 tokens).
     let blocks: [Vec<u32>; 2] = [vec![5, 2, 7], vec![0, 6, 3]];
-    let mut model = PagedModel::new(executor, "step", 8, block_size, 12).expect("step entry");
+    let mut model =
+        PagedModel::new(executor.module(), "step", 8, block_size, 12).expect("step entry");
     // Tokens each sequence holds after each step: uneven prefill chunks, then decoding;
     // the second sequence finishes first, so the last steps run the first one alone.
     let schedules: [Vec<usize>; 2] = [
@@ -660,7 +661,7 @@ fn step_matches_transformers(fixture: &str, executor: &mut dyn kiln_runtime::Exe
             })
             .collect();
         let rows = model
-            .step(&seqs)
+            .step(&mut *executor, &seqs)
             .unwrap_or_else(|e| panic!("{fixture}: {e}"));
         for (row, &b) in rows.iter().zip(&active) {
             let upto = schedules[b][step];
@@ -670,7 +671,7 @@ fn step_matches_transformers(fixture: &str, executor: &mut dyn kiln_runtime::Exe
             assert!(
                 err <= 1e-4,
                 "{fixture} on {}: sequence {b} at position {}: relative error {err:e}",
-                model.executor().describe(),
+                executor.describe(),
                 upto - 1
             );
             done[b] = upto;

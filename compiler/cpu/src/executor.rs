@@ -50,7 +50,8 @@ impl CpuExecutor {
         inputs: &[Tensor],
         weights: &dyn Fn(&str) -> Option<&'w Tensor>,
     ) -> Result<Vec<Tensor>, CpuError> {
-        let mut run = PlanRun::prepare(plan, inputs, weights)?;
+        let given: Vec<Option<&Tensor>> = inputs.iter().map(Some).collect();
+        let mut run = PlanRun::prepare(plan, &given, &mut BTreeMap::new(), weights)?;
         run.steps(self, &plan.steps, "step")?;
         plan.outputs
             .iter()
@@ -58,6 +59,62 @@ impl CpuExecutor {
             .map(|(position, &id)| run.tensor(id, &format!("output {position}")))
             .collect()
     }
+
+    /// Runs `plan` keeping the inputs it updates in place (outputs that are input buffers:
+    /// KV caches) in `kept` between runs, by input index: `inputs[i] = None` moves input i's
+    /// bytes in from `kept` (no copy); after the run, successful or not, every updated
+    /// input's bytes move back into `kept`. Returns the outputs that are not updated inputs.
+    pub fn run_kept<'w>(
+        &self,
+        plan: &Plan,
+        inputs: &[Option<&Tensor>],
+        kept: &mut BTreeMap<usize, KeptInput>,
+        weights: &dyn Fn(&str) -> Option<&'w Tensor>,
+    ) -> Result<Vec<Tensor>, CpuError> {
+        let updated: Vec<usize> = plan
+            .outputs
+            .iter()
+            .filter_map(|id| plan.inputs.iter().position(|i| i == id))
+            .collect();
+        for (n, input) in inputs.iter().enumerate() {
+            if input.is_none() && !updated.contains(&n) {
+                return Err(plan_error(
+                    plan,
+                    "setup",
+                    format!("input {n} was not given, and only inputs updated in place are kept"),
+                ));
+            }
+        }
+        let mut run = PlanRun::prepare(plan, inputs, kept, weights)?;
+        let result = run.steps(self, &plan.steps, "step");
+        for &n in &updated {
+            let position = run.index_of[&plan.inputs[n]];
+            let info = &run.buffers[position];
+            kept.insert(
+                n,
+                KeptInput {
+                    dtype: info.dtype,
+                    shape: info.shape.clone(),
+                    bytes: std::mem::take(&mut run.storage[info.root]),
+                },
+            );
+        }
+        result?;
+        plan.outputs
+            .iter()
+            .enumerate()
+            .filter(|(_, id)| !plan.inputs.contains(id))
+            .map(|(position, &id)| run.tensor(id, &format!("output {position}")))
+            .collect()
+    }
+}
+
+/// An input a plan updates in place, kept in host memory between runs.
+#[derive(Clone, Debug)]
+pub struct KeptInput {
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    pub bytes: Vec<u8>,
 }
 
 /// One buffer's resolved declaration.
@@ -82,9 +139,11 @@ struct PlanRun<'p> {
 }
 
 impl<'p> PlanRun<'p> {
+    /// Sets up a run: `inputs[n] = None` takes input n from `kept` (moved, not copied).
     fn prepare<'w>(
         plan: &'p Plan,
-        inputs: &[Tensor],
+        inputs: &[Option<&Tensor>],
+        kept: &mut BTreeMap<usize, KeptInput>,
         weights: &dyn Fn(&str) -> Option<&'w Tensor>,
     ) -> Result<PlanRun<'p>, CpuError> {
         let setup_error = |message: String| plan_error(plan, "setup", message);
@@ -95,11 +154,22 @@ impl<'p> PlanRun<'p> {
                 plan.inputs.len()
             )));
         }
+        for (n, input) in inputs.iter().enumerate() {
+            if input.is_none() && !kept.contains_key(&n) {
+                return Err(setup_error(format!(
+                    "input {n} was not given and no value is kept for it"
+                )));
+            }
+        }
+        let shape_of = |n: usize| -> Option<&[usize]> {
+            match inputs.get(n)? {
+                Some(tensor) => Some(&tensor.shape),
+                None => kept.get(&n).map(|k| k.shape.as_slice()),
+            }
+        };
         let mut symbols = BTreeMap::new();
         for binding in &plan.symbols {
-            let Some(&value) = inputs
-                .get(binding.input)
-                .and_then(|tensor| tensor.shape.get(binding.axis))
+            let Some(&value) = shape_of(binding.input).and_then(|shape| shape.get(binding.axis))
             else {
                 return Err(setup_error(format!(
                     "symbol `{}` is bound to axis {} of input {}, which it does not have",
@@ -186,6 +256,7 @@ impl<'p> PlanRun<'p> {
                 }
             })
             .collect();
+        let mut kept_moves = Vec::new();
         for (position, decl) in plan.buffers.iter().enumerate() {
             let info = &buffers[position];
             let (tensor, what) = match &decl.kind {
@@ -197,7 +268,24 @@ impl<'p> PlanRun<'p> {
                             plan.inputs.get(*n).map(|id| id.0)
                         )));
                     }
-                    (&inputs[*n], format!("input {n}"))
+                    match inputs[*n] {
+                        Some(tensor) => (tensor, format!("input {n}")),
+                        None => {
+                            let k = &kept[n];
+                            if k.dtype != info.dtype
+                                || k.shape != info.shape
+                                || k.bytes.len() != info.bytes
+                            {
+                                return Err(setup_error(format!(
+                                    "kept input {n} is {}{:?}, buffer {} is {}{:?}",
+                                    k.dtype, k.shape, decl.id.0, info.dtype, info.shape
+                                )));
+                            }
+                            // Moved in once nothing else can fail.
+                            kept_moves.push((*n, info.root));
+                            continue;
+                        }
+                    }
                 }
                 BufferKind::Weight(name) => match weights(name) {
                     Some(tensor) => (tensor, format!("weight `{name}`")),
@@ -213,6 +301,9 @@ impl<'p> PlanRun<'p> {
             }
             let bytes = tensor.to_le_bytes();
             storage[info.root][..bytes.len()].copy_from_slice(&bytes);
+        }
+        for (n, root) in kept_moves {
+            storage[root] = kept.remove(&n).expect("checked above").bytes;
         }
         Ok(PlanRun {
             plan,

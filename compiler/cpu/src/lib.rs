@@ -15,5 +15,5 @@ mod launch;
 mod native;
 
 pub use error::{CpuError, FaultBuffer};
-pub use executor::CpuExecutor;
+pub use executor::{CpuExecutor, KeptInput};
 pub use launch::{CpuKernel, KernelArg};

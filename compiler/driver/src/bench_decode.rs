@@ -10,7 +10,7 @@
 use crate::bench::{commit, Gpu};
 use anyhow::{anyhow, Context, Result};
 use kiln_ir::DType;
-use kiln_runtime::{CudaPlans, PagedModel, StepSequence, Weights, STEP_ENTRY};
+use kiln_runtime::{CudaPlans, Executor, PagedModel, StepSequence, Weights, STEP_ENTRY};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -91,7 +91,7 @@ pub(crate) fn run(args: DecodeArgs) -> Result<ExitCode> {
     let mut plans = CudaPlans::new(module, cuda, Arc::new(weights));
     let longest = args.prompt + args.new_tokens;
     let blocks = longest.div_ceil(BLOCK_TOKENS);
-    let mut model = PagedModel::new(&mut plans, STEP_ENTRY, blocks, BLOCK_TOKENS, longest)?;
+    let mut model = PagedModel::new(plans.module(), STEP_ENTRY, blocks, BLOCK_TOKENS, longest)?;
     let table: Vec<u32> = (0..blocks as u32).collect();
     let vocab = config["vocab_size"].as_u64().unwrap_or(32000) as u32;
     let prompt: Vec<u32> = (0..args.prompt as u32)
@@ -102,19 +102,25 @@ pub(crate) fn run(args: DecodeArgs) -> Result<ExitCode> {
     for _ in 0..2 {
         let mut tokens = prompt.clone();
         let start = Instant::now();
-        let logits = model.step(&[StepSequence {
-            tokens: &tokens,
-            cached: 0,
-            blocks: &table,
-        }])?;
+        let logits = model.step(
+            &mut plans,
+            &[StepSequence {
+                tokens: &tokens,
+                cached: 0,
+                blocks: &table,
+            }],
+        )?;
         tokens.push(argmax(&logits[0]));
         let prefilled = Instant::now();
         while tokens.len() < longest {
-            let logits = model.step(&[StepSequence {
-                tokens: &tokens,
-                cached: tokens.len() - 1,
-                blocks: &table,
-            }])?;
+            let logits = model.step(
+                &mut plans,
+                &[StepSequence {
+                    tokens: &tokens,
+                    cached: tokens.len() - 1,
+                    blocks: &table,
+                }],
+            )?;
             tokens.push(argmax(&logits[0]));
         }
         let end = Instant::now();

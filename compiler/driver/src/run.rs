@@ -14,8 +14,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use kiln_driver::backend::{self, BackendChoice};
 use kiln_ir::{DType, Dim, Tensor};
 use kiln_runtime::{
-    ChatMessage, Executor, GenerationConfig, Generator, LogitsModel, PagedLogits, PagedModel,
-    ProgramLogits, RuntimeError, SamplingParams, Tokenizer, Weights, STEP_ENTRY,
+    ChatMessage, Executor, GenerationConfig, Generator, LogitsModel, PagedLogits, ProgramLogits,
+    RuntimeError, SamplingParams, Tokenizer, Weights, STEP_ENTRY,
 };
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -180,14 +180,13 @@ pub(crate) fn run(args: RunArgs) -> Result<ExitCode> {
             let executor = executor.as_mut();
             generate_text(tokenizer, context, &generation_config, request, |longest| {
                 let blocks = longest.div_ceil(CACHE_BLOCK_TOKENS);
-                let model =
-                    PagedModel::new(executor, STEP_ENTRY, blocks, CACHE_BLOCK_TOKENS, longest)?;
+                let model = PagedLogits::new(executor, blocks, CACHE_BLOCK_TOKENS, longest)?;
                 eprintln!(
                     "kiln: generating with `{STEP_ENTRY}` on the {} (KV cache: {blocks} blocks of \
                      {CACHE_BLOCK_TOKENS} tokens)",
-                    model.executor().describe()
+                    model.describe()
                 );
-                Ok(PagedLogits::new(model))
+                Ok(model)
             })?;
         } else {
             eprintln!(
@@ -402,8 +401,7 @@ fn generate(
     if entry == "forward" && inputs.len() == 1 && executor.module().function(STEP_ENTRY).is_some() {
         let longest = tokens.len() + n;
         let blocks = longest.div_ceil(CACHE_BLOCK_TOKENS);
-        let model = PagedModel::new(executor, STEP_ENTRY, blocks, CACHE_BLOCK_TOKENS, longest)?;
-        let mut model = PagedLogits::new(model);
+        let mut model = PagedLogits::new(executor, blocks, CACHE_BLOCK_TOKENS, longest)?;
         for _ in 0..n {
             let rows = model.last_logits(std::slice::from_ref(&tokens))?;
             let best = argmax(rows.first().map(Vec::as_slice).unwrap_or_default());

@@ -5,9 +5,10 @@
 
 use crate::progress::{Progress, ProgressUnit};
 use crate::{RuntimeError, Weights};
-use kiln_cpu::{CpuExecutor, CpuKernel};
+use kiln_cpu::{CpuExecutor, CpuKernel, KeptInput};
 use kiln_ir::{Module, Tensor};
 use kiln_kir::Plan;
+use std::collections::BTreeMap;
 
 /// A lowered module compiled for this CPU: one plan per entry function, sharing its kernels.
 #[derive(Debug)]
@@ -72,8 +73,35 @@ impl CpuProgram {
         inputs: &[Tensor],
         weights: &Weights,
     ) -> Result<Vec<Tensor>, RuntimeError> {
-        let plan = self
-            .plans
+        let plan = self.plan(function)?;
+        self.executor
+            .run(plan, inputs, &|name| weights.get(name))
+            .map_err(|e| RuntimeError::CpuExecution {
+                function: function.to_string(),
+                message: e.to_string(),
+            })
+    }
+
+    /// Runs the plan of entry `function` keeping the inputs it updates in place in `kept`
+    /// (see [`CpuExecutor::run_kept`]).
+    pub fn run_kept(
+        &self,
+        function: &str,
+        inputs: &[Option<&Tensor>],
+        kept: &mut BTreeMap<usize, KeptInput>,
+        weights: &Weights,
+    ) -> Result<Vec<Tensor>, RuntimeError> {
+        let plan = self.plan(function)?;
+        self.executor
+            .run_kept(plan, inputs, kept, &|name| weights.get(name))
+            .map_err(|e| RuntimeError::CpuExecution {
+                function: function.to_string(),
+                message: e.to_string(),
+            })
+    }
+
+    fn plan(&self, function: &str) -> Result<&Plan, RuntimeError> {
+        self.plans
             .iter()
             .find(|p| p.function == function)
             .ok_or_else(|| {
@@ -82,12 +110,6 @@ impl CpuProgram {
                     "no entry function `{function}`; the program has: {}",
                     names.join(", ")
                 ))
-            })?;
-        self.executor
-            .run(plan, inputs, &|name| weights.get(name))
-            .map_err(|e| RuntimeError::CpuExecution {
-                function: function.to_string(),
-                message: e.to_string(),
             })
     }
 }

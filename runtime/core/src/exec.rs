@@ -150,7 +150,8 @@ pub struct CpuPlans {
     module: Module,
     program: CpuProgram,
     weights: Arc<Weights>,
-    kept: KeptInputs,
+    /// Inputs updated in place, by entry and input index, kept in host memory.
+    kept: BTreeMap<String, BTreeMap<usize, kiln_cpu::KeptInput>>,
 }
 
 impl CpuPlans {
@@ -165,7 +166,7 @@ impl CpuPlans {
             module,
             program,
             weights,
-            kept: KeptInputs::default(),
+            kept: BTreeMap::new(),
         })
     }
 }
@@ -188,10 +189,9 @@ impl Executor for CpuPlans {
         function: &str,
         inputs: Vec<Option<Tensor>>,
     ) -> Result<Vec<Tensor>, RuntimeError> {
-        let (module, program, weights) = (&self.module, &self.program, &self.weights);
-        self.kept.run(module, function, inputs, |full| {
-            program.run(function, full, weights)
-        })
+        let refs: Vec<Option<&Tensor>> = inputs.iter().map(Option::as_ref).collect();
+        let kept = self.kept.entry(function.to_string()).or_default();
+        self.program.run_kept(function, &refs, kept, &self.weights)
     }
 }
 

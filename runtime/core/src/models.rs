@@ -21,6 +21,8 @@ pub struct ModelProgram {
     pub kind: ModelKind,
     /// The entry function a server runs.
     pub entry: &'static str,
+    /// The KV-cached entry over a paged cache, for programs that have one.
+    pub step_entry: Option<&'static str>,
 }
 
 /// Every shipped program.
@@ -31,6 +33,7 @@ pub const MODEL_PROGRAMS: &[ModelProgram] = &[
         source: include_str!("../../../models/llama.kiln"),
         kind: ModelKind::Decoder,
         entry: "forward",
+        step_entry: Some(crate::paged::STEP_ENTRY),
     },
     ModelProgram {
         model_types: &["gpt2"],
@@ -38,6 +41,7 @@ pub const MODEL_PROGRAMS: &[ModelProgram] = &[
         source: include_str!("../../../models/gpt2.kiln"),
         kind: ModelKind::Decoder,
         entry: "forward",
+        step_entry: None,
     },
     ModelProgram {
         model_types: &["bert"],
@@ -45,6 +49,7 @@ pub const MODEL_PROGRAMS: &[ModelProgram] = &[
         source: include_str!("../../../models/bert.kiln"),
         kind: ModelKind::Encoder,
         entry: "embed",
+        step_entry: None,
     },
 ];
 

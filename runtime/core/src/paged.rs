@@ -57,9 +57,9 @@ impl CacheShape {
     }
 }
 
-/// A program's `step` entry with its paged caches, run step by step on an executor.
-pub struct PagedModel<'e> {
-    executor: &'e mut dyn Executor,
+/// A program's `step` entry with its paged caches, run step by step on an executor (which
+/// holds the caches between steps: always pass the same one).
+pub struct PagedModel {
     entry: String,
     cache: CacheShape,
     /// Columns of the block-table input: the most blocks one sequence may hold. Fixed, so
@@ -69,18 +69,17 @@ pub struct PagedModel<'e> {
     started: bool,
 }
 
-impl<'e> PagedModel<'e> {
-    /// The `entry` of the executor's program with caches of `blocks` blocks of
+impl PagedModel {
+    /// The `entry` of `module` (the executor's program) with caches of `blocks` blocks of
     /// `block_size` tokens, for sequences of at most `max_len` tokens.
     pub fn new(
-        executor: &'e mut dyn Executor,
+        module: &kiln_ir::Module,
         entry: &str,
         blocks: usize,
         block_size: usize,
         max_len: usize,
-    ) -> Result<PagedModel<'e>, RuntimeError> {
-        let func = executor
-            .module()
+    ) -> Result<PagedModel, RuntimeError> {
+        let func = module
             .function(entry)
             .ok_or_else(|| RuntimeError::Input(format!("no entry function `{entry}`")))?;
         let bad = |why: &str| {
@@ -133,7 +132,6 @@ impl<'e> PagedModel<'e> {
             },
             table_width: max_len.div_ceil(block_size),
             entry: entry.to_string(),
-            executor,
             started: false,
         })
     }
@@ -142,12 +140,18 @@ impl<'e> PagedModel<'e> {
         self.cache
     }
 
-    pub fn executor(&self) -> &dyn Executor {
-        &*self.executor
+    /// The most blocks one sequence may hold.
+    pub fn table_width(&self) -> usize {
+        self.table_width
     }
 
-    /// Runs one step and returns the logits of each sequence's last token, in order.
-    pub fn step(&mut self, batch: &[StepSequence<'_>]) -> Result<Vec<Vec<f32>>, RuntimeError> {
+    /// Runs one step on `executor` and returns the logits of each sequence's last token,
+    /// in order.
+    pub fn step(
+        &mut self,
+        executor: &mut dyn Executor,
+        batch: &[StepSequence<'_>],
+    ) -> Result<Vec<Vec<f32>>, RuntimeError> {
         let mut inputs: Vec<Option<Tensor>> =
             self.step_inputs(batch)?.into_iter().map(Some).collect();
         if self.started {
@@ -158,7 +162,7 @@ impl<'e> PagedModel<'e> {
                 Tensor::from_f32(&dims, vec![0.0; dims.iter().product()]).cast(self.cache.dtype);
             inputs.extend([Some(zeros.clone()), Some(zeros)]);
         }
-        let results = self.executor.run_kept(&self.entry, inputs)?;
+        let results = executor.run_kept(&self.entry, inputs)?;
         self.started = true;
         let logits = results
             .first()
@@ -241,7 +245,8 @@ impl<'e> PagedModel<'e> {
 /// sequence each step), so only their new tokens are computed; a sequence nobody extends
 /// any more gives its blocks back.
 pub struct PagedLogits<'e> {
-    model: PagedModel<'e>,
+    executor: &'e mut dyn Executor,
+    model: PagedModel,
     free: Vec<u32>,
     cached: Vec<CachedSequence>,
 }
@@ -252,17 +257,31 @@ struct CachedSequence {
 }
 
 impl<'e> PagedLogits<'e> {
-    pub fn new(model: PagedModel<'e>) -> PagedLogits<'e> {
+    /// The `step` entry of the executor's program with a cache of `blocks` blocks of
+    /// `block_size` tokens, for sequences of at most `max_len` tokens.
+    pub fn new(
+        executor: &'e mut dyn Executor,
+        blocks: usize,
+        block_size: usize,
+        max_len: usize,
+    ) -> Result<PagedLogits<'e>, RuntimeError> {
+        let model = PagedModel::new(executor.module(), STEP_ENTRY, blocks, block_size, max_len)?;
         let free = (0..model.cache.blocks as u32).rev().collect();
-        PagedLogits {
+        Ok(PagedLogits {
+            executor,
             model,
             free,
             cached: Vec::new(),
-        }
+        })
     }
 
-    pub fn model(&self) -> &PagedModel<'e> {
+    pub fn model(&self) -> &PagedModel {
         &self.model
+    }
+
+    /// Where the model runs, for messages.
+    pub fn describe(&self) -> String {
+        self.executor.describe()
     }
 }
 
@@ -328,7 +347,7 @@ impl LogitsModel for PagedLogits<'_> {
                 blocks,
             })
             .collect();
-        let logits = self.model.step(&batch);
+        let logits = self.model.step(&mut *self.executor, &batch);
         match logits {
             Ok(rows) => {
                 self.cached = tokens
