@@ -159,6 +159,43 @@ fn cases() -> Vec<Case> {
     ]
 }
 
+/// The environment variable `kiln bench kernels` (and nothing else) reads to compile with
+/// other pointwise-template settings, for comparing variants on one GPU: comma-separated
+/// `walk=N` (the most positions of a short outer axis a pointwise thread walks; default 8,
+/// 1 for none), `segments=0|1` (a thread covers one vector per concat segment of the
+/// innermost axis; default 1) and `blocks=N` (`.minnctapersm N` on kernels without shared
+/// memory, so ptxas caps their registers for N blocks of 256 threads per SM; default 1).
+/// Example: `KILN_TUNE_POINTWISE=walk=4,segments=1,blocks=5`.
+const TUNE_VAR: &str = "KILN_TUNE_POINTWISE";
+
+fn apply_tuning(options: &mut CompileOptions) -> Result<()> {
+    let Ok(spec) = std::env::var(TUNE_VAR) else {
+        return Ok(());
+    };
+    let tuning = &mut options.fusion.pointwise;
+    for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let (key, value) = item
+            .split_once('=')
+            .ok_or_else(|| anyhow!("{TUNE_VAR}: `{item}` is not KEY=VALUE"))?;
+        let n: u64 = value
+            .parse()
+            .with_context(|| format!("{TUNE_VAR}: `{item}`: the value is not a number"))?;
+        match key {
+            "walk" => tuning.max_walk = n.max(1),
+            "segments" => tuning.segments = n != 0,
+            "blocks" => options.streaming_blocks_per_sm = u32::try_from(n).unwrap_or(u32::MAX),
+            _ => bail!("{TUNE_VAR}: unknown key `{key}` (walk, segments, blocks)"),
+        }
+    }
+    eprintln!(
+        "kiln bench: {TUNE_VAR}: walk {}, segments {}, blocks per SM {}",
+        tuning.max_walk,
+        tuning.segments,
+        options.streaming_blocks_per_sm.max(1)
+    );
+    Ok(())
+}
+
 pub(crate) fn run(args: BenchArgs) -> Result<ExitCode> {
     let BenchWhat::Kernels(args) = args.what;
     if args.runs == 0 {
@@ -184,10 +221,11 @@ pub(crate) fn run(args: BenchArgs) -> Result<ExitCode> {
     }
     let (lowered, diags) = kiln_lower::lower(&program, None, &kiln_lower::Options::default());
     let lowered = lowered.ok_or_else(|| anyhow!("{}", program.sources.render(&diags)))?;
-    let options = CompileOptions {
+    let mut options = CompileOptions {
         targets: vec![target],
         ..CompileOptions::default()
     };
+    apply_tuning(&mut options)?;
     let package = pipeline::compile("bench.kiln", lowered, &options, Some(&toolchain))?;
     let fatbin = package
         .fatbin
