@@ -70,6 +70,9 @@ pub struct PointwiseTuning {
     /// the kernel's concats cut it into (RoPE's rotate-half: each element of `x` read once,
     /// no selects).
     pub segments: bool,
+    /// Walk positions computed together, all their loads before their stores (1: one at a
+    /// time); used when it divides the walk.
+    pub unroll: u64,
 }
 
 impl Default for PointwiseTuning {
@@ -77,6 +80,7 @@ impl Default for PointwiseTuning {
         PointwiseTuning {
             max_walk: 8,
             segments: true,
+            unroll: 1,
         }
     }
 }

@@ -79,10 +79,22 @@ fn rope_is_inverse_frequencies_and_one_rotation_kernel() {
 
 #[test]
 fn rope_variants_match_the_interpreter() {
-    // The tuning knobs `kiln bench kernels` may set: no walk, no segments, a short walk.
-    for (max_walk, segments) in [(1, true), (8, false), (4, true), (1, false)] {
+    // The tuning knobs `kiln bench kernels` may set: no walk, no segments, a short walk,
+    // unrolled walks.
+    for (max_walk, segments, unroll) in [
+        (1, true, 1),
+        (8, false, 1),
+        (4, true, 1),
+        (1, false, 1),
+        (8, true, 2),
+        (8, false, 4),
+    ] {
         let options = Options {
-            pointwise: PointwiseTuning { max_walk, segments },
+            pointwise: PointwiseTuning {
+                max_walk,
+                segments,
+                unroll,
+            },
             ..Options::default()
         };
         let text = printed_with("rotary", &options);

@@ -163,9 +163,10 @@ fn cases() -> Vec<Case> {
 /// other pointwise-template settings, for comparing variants on one GPU: comma-separated
 /// `walk=N` (the most positions of a short outer axis a pointwise thread walks; default 8,
 /// 1 for none), `segments=0|1` (a thread covers one vector per concat segment of the
-/// innermost axis; default 1) and `blocks=N` (`.minnctapersm N` on kernels without shared
-/// memory, so ptxas caps their registers for N blocks of 256 threads per SM; default 1).
-/// Example: `KILN_TUNE_POINTWISE=walk=4,segments=1,blocks=5`.
+/// innermost axis; default 1), `unroll=N` (walk positions computed together, their loads
+/// before their stores; default 1) and `blocks=N` (`.minnctapersm N` on kernels without
+/// shared memory, so ptxas caps their registers for N blocks of 256 threads per SM; default
+/// 1). Example: `KILN_TUNE_POINTWISE=walk=4,segments=1,blocks=5`.
 const TUNE_VAR: &str = "KILN_TUNE_POINTWISE";
 
 fn apply_tuning(options: &mut CompileOptions) -> Result<()> {
@@ -183,14 +184,16 @@ fn apply_tuning(options: &mut CompileOptions) -> Result<()> {
         match key {
             "walk" => tuning.max_walk = n.max(1),
             "segments" => tuning.segments = n != 0,
+            "unroll" => tuning.unroll = n.max(1),
             "blocks" => options.streaming_blocks_per_sm = u32::try_from(n).unwrap_or(u32::MAX),
-            _ => bail!("{TUNE_VAR}: unknown key `{key}` (walk, segments, blocks)"),
+            _ => bail!("{TUNE_VAR}: unknown key `{key}` (walk, segments, unroll, blocks)"),
         }
     }
     eprintln!(
-        "kiln bench: {TUNE_VAR}: walk {}, segments {}, blocks per SM {}",
+        "kiln bench: {TUNE_VAR}: walk {}, segments {}, unroll {}, blocks per SM {}",
         tuning.max_walk,
         tuning.segments,
+        tuning.unroll,
         options.streaming_blocks_per_sm.max(1)
     );
     Ok(())

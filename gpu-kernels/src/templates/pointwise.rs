@@ -88,9 +88,13 @@ pub(crate) fn emit(
         };
         e.set_range(j, 0, seg_len - lanes as i64);
     }
-    // The walk's first position is emitted in the kernel's scope; the rest run as a loop
-    // whose body finds everything that does not depend on the walked axis (keyed by the
-    // same index) already computed, and computes only what does.
+    // The walk's first positions (`unroll` of them) are emitted in the kernel's scope; the
+    // rest run as a loop whose body finds everything that does not depend on the walked
+    // axis (keyed by the same index) already computed, and computes only what does.
+    let unroll = match reuse {
+        Some((_, _, walk)) if walk.is_multiple_of(tuning.unroll.max(1)) => tuning.unroll.max(1),
+        _ => 1,
+    };
     let mut first = idx.clone();
     if let Some((axis, _, walk)) = reuse {
         first[axis] = e.bind(
@@ -100,20 +104,33 @@ pub(crate) fn emit(
             mul(idx[axis].clone(), e.ix(walk as i64)),
         );
     }
-    emit_at(e, &mut inner, outputs, &first, lanes, segments, seg_len)?;
-    if let Some((axis, _, steps)) = reuse.filter(|r| r.2 > 1) {
+    let positions = |base: &[Expr], axis: Option<usize>, e: &Emitter<'_, '_>| {
+        (0..unroll as i64)
+            .map(|u| {
+                let mut at = base.to_vec();
+                if let Some(axis) = axis {
+                    at[axis] = shift(at[axis].clone(), u, e.index_ty);
+                }
+                at
+            })
+            .collect::<Vec<_>>()
+    };
+    let at0 = positions(&first, reuse.map(|r| r.0), e);
+    emit_at(e, &mut inner, outputs, &at0, lanes, segments, seg_len)?;
+    if let Some((axis, _, steps)) = reuse.filter(|r| r.2 > unroll) {
         let step = e.var("step", ity);
         let mut at = idx.clone();
         at[axis] = add(first[axis].clone(), Expr::Var(step));
+        let ats = positions(&at, Some(axis), e);
         let mut walk = Vec::new();
         e.push_scope();
-        emit_at(e, &mut walk, outputs, &at, lanes, segments, seg_len)?;
+        emit_at(e, &mut walk, outputs, &ats, lanes, segments, seg_len)?;
         e.pop_scope();
         inner.push(Stmt::For {
             var: step,
-            start: e.ix(1),
+            start: e.ix(unroll as i64),
             end: e.ix(steps as i64),
-            step: e.ix(1),
+            step: e.ix(unroll as i64),
             body: walk,
         });
     }
@@ -140,31 +157,34 @@ pub(crate) fn emit(
     })
 }
 
-/// Computes and stores every output at `at`, in each segment (the innermost index moved by
-/// whole segments). With segments, all values come first, then the stores, so that the loads
-/// of every segment are issued before the first store; without, each output is stored as
-/// soon as it is computed.
+/// Computes and stores every output at each position of `ats`, in each segment (the
+/// innermost index moved by whole segments). With several positions or segments, all
+/// values come first, then the stores, so that every load is issued before the first store;
+/// otherwise each output is stored as soon as it is computed.
 fn emit_at(
     e: &mut Emitter<'_, '_>,
     out: &mut Vec<Stmt>,
     outputs: &[Value],
-    at: &[Expr],
+    ats: &[Vec<Expr>],
     lanes: usize,
     segments: u64,
     seg_len: i64,
 ) -> EResult<()> {
+    let batch = segments > 1 || ats.len() > 1;
     let mut stores = Vec::new();
-    for k in 0..segments as i64 {
-        let mut idx = at.to_vec();
-        if let Some(last) = idx.last_mut().filter(|_| k > 0) {
-            *last = shift(last.clone(), k * seg_len, e.index_ty);
-        }
-        for &o in outputs {
-            let vals = e.elem(out, o, &idx, lanes)?;
-            if segments == 1 {
-                e.store(out, o, &idx, vals);
-            } else {
-                stores.push((o, idx.clone(), vals));
+    for at in ats {
+        for k in 0..segments as i64 {
+            let mut idx = at.clone();
+            if let Some(last) = idx.last_mut().filter(|_| k > 0) {
+                *last = shift(last.clone(), k * seg_len, e.index_ty);
+            }
+            for &o in outputs {
+                let vals = e.elem(out, o, &idx, lanes)?;
+                if batch {
+                    stores.push((o, idx.clone(), vals));
+                } else {
+                    e.store(out, o, &idx, vals);
+                }
             }
         }
     }
