@@ -7,7 +7,13 @@
 //! or held in registers by the kernel being built (a [`Binding`]: a reduction result for
 //! the current row, a matmul accumulator for the current output element). Every
 //! intermediate is assigned to a fresh register, memoized per (value, index) within a
-//! scope, so shared subexpressions are computed once per thread.
+//! scope, so shared subexpressions are computed once per thread. The memo key writes each
+//! index in a canonical affine form (`(64 + j) - 64` and `j` are one key), so a template
+//! that visits an element twice under different index expressions reads it once.
+//!
+//! Index ranges: [`Emitter::bind`] records the bounds of integer registers it can derive
+//! (templates may add their own, [`Emitter::set_range`]); a concat whose index is known to
+//! lie in one piece reads only that piece, without a select or a branch.
 //!
 //! Lanes: `elem(.., lanes = W)` computes `W` consecutive elements along the last axis at
 //! once (the last index is a multiple of `W`); buffer reads then become `LoadVec`s when the
@@ -62,6 +68,8 @@ pub(crate) struct Emitter<'a, 'f> {
     pub owned: BTreeSet<Value>,
     pub bindings: Vec<Binding>,
     memo: Vec<BTreeMap<String, Vec<Expr>>>,
+    /// Inclusive bounds of integer registers, where known.
+    ranges: BTreeMap<VarId, (i64, i64)>,
     /// Every graph value whose op this kernel computes (for the statistics).
     pub fused: BTreeSet<Value>,
     buffer_params: BTreeMap<Value, u32>,
@@ -83,6 +91,7 @@ impl<'a, 'f> Emitter<'a, 'f> {
             owned: BTreeSet::new(),
             bindings: Vec::new(),
             memo: vec![BTreeMap::new()],
+            ranges: BTreeMap::new(),
             fused: BTreeSet::new(),
             buffer_params: BTreeMap::new(),
             sym_params: BTreeMap::new(),
@@ -224,8 +233,72 @@ impl<'a, 'f> Emitter<'a, 'f> {
             return e;
         }
         let v = self.var(name, ty);
+        if let Some(r) = self.range(&e) {
+            self.ranges.insert(v, r);
+        }
         out.push(Stmt::Assign(v, e));
         Expr::Var(v)
+    }
+
+    /// Like [`Emitter::bind`] for the value of an element-wise op: an expression already
+    /// bound in a visible scope is read from its register instead of being computed again
+    /// (RoPE's two halves take the cosine of the same angle through different indices).
+    fn bind_value(&mut self, out: &mut Vec<Stmt>, name: &str, ty: Ty, e: Expr) -> Expr {
+        if is_trivial(&e) {
+            return e;
+        }
+        let key = format!("={ty:?}|{e:?}");
+        if let Some(hit) = self.memo.iter().rev().find_map(|m| m.get(&key)) {
+            return hit[0].clone();
+        }
+        let r = self.bind(out, name, ty, e);
+        self.memo
+            .last_mut()
+            .expect("a scope")
+            .insert(key, vec![r.clone()]);
+        r
+    }
+
+    /// Declares that register `v` stays within `lo..=hi`.
+    pub fn set_range(&mut self, v: VarId, lo: i64, hi: i64) {
+        self.ranges.insert(v, (lo, hi));
+    }
+
+    /// Inclusive bounds of the integer index expression `e`, where they follow from
+    /// constants, special registers and the recorded ranges of registers (`None`: unknown;
+    /// `i64::MAX`: no known upper bound). Index arithmetic never wraps (the index width is
+    /// chosen to hold every index), so the bounds of sums and products are those of
+    /// integers.
+    pub fn range(&self, e: &Expr) -> Option<(i64, i64)> {
+        Some(match e {
+            Expr::Const(_) => as_int(e).map(|n| (n, n))?,
+            Expr::Var(v) => *self.ranges.get(v)?,
+            Expr::Special(_) => (0, i64::MAX),
+            Expr::Cast(Ty::I32 | Ty::I64, x) => self.range(x)?,
+            Expr::Binary(op, a, b) => {
+                let (al, ah) = self.range(a)?;
+                let (bl, bh) = self.range(b)?;
+                match op {
+                    BinOp::Add => (al.saturating_add(bl), ah.saturating_add(bh)),
+                    BinOp::Sub => (al.saturating_sub(bh), ah.saturating_sub(bl)),
+                    BinOp::Mul if al >= 0 && bl >= 0 => {
+                        (al.saturating_mul(bl), ah.saturating_mul(bh))
+                    }
+                    BinOp::Div if al >= 0 && bl > 0 => (al / bh, ah / bl),
+                    BinOp::Rem if al >= 0 && bl > 0 => {
+                        if ah < bl {
+                            (al, ah)
+                        } else {
+                            (0, bh - 1)
+                        }
+                    }
+                    BinOp::Min => (al.min(bl), ah.min(bh)),
+                    BinOp::Max => (al.max(bl), ah.max(bh)),
+                    _ => return None,
+                }
+            }
+            _ => return None,
+        })
     }
 
     /// Splits a flat row-major index over `dims` into one index per dim.
@@ -360,7 +433,11 @@ impl<'a, 'f> Emitter<'a, 'f> {
             }
             return Err(EmitError::NotFusable(v));
         }
-        let key = format!("{}|{lanes}|{idx:?}", v.0);
+        let key = format!(
+            "{}|{lanes}|{}",
+            v.0,
+            idx.iter().map(affine_key).collect::<Vec<_>>().join(",")
+        );
         if let Some(hit) = self.memo.iter().rev().find_map(|m| m.get(&key)) {
             return Ok(hit.clone());
         }
@@ -565,7 +642,7 @@ impl<'a, 'f> Emitter<'a, 'f> {
                 let mut vals = Vec::with_capacity(lanes);
                 for x in a {
                     let e = unary_expr(*u, ty, x);
-                    vals.push(self.bind(out, &name, ty, e));
+                    vals.push(self.bind_value(out, &name, ty, e));
                 }
                 vals
             }
@@ -576,7 +653,7 @@ impl<'a, 'f> Emitter<'a, 'f> {
                 let mut vals = Vec::with_capacity(lanes);
                 for (x, y) in a.into_iter().zip(c) {
                     let e = self.binary_expr(out, *b, operand_dtype, x, y);
-                    vals.push(self.bind(out, &name, ty, e));
+                    vals.push(self.bind_value(out, &name, ty, e));
                 }
                 vals
             }
@@ -587,7 +664,7 @@ impl<'a, 'f> Emitter<'a, 'f> {
                 let mut vals = Vec::with_capacity(lanes);
                 for ((c, a), b) in c.into_iter().zip(a).zip(b) {
                     let e = Expr::Select(Box::new(c), Box::new(a), Box::new(b));
-                    vals.push(self.bind(out, &name, ty, e));
+                    vals.push(self.bind_value(out, &name, ty, e));
                 }
                 vals
             }
@@ -597,7 +674,7 @@ impl<'a, 'f> Emitter<'a, 'f> {
                 let mut vals = Vec::with_capacity(lanes);
                 for x in a {
                     let e = cast_expr(from, *to, x);
-                    vals.push(self.bind(out, &name, ty, e));
+                    vals.push(self.bind_value(out, &name, ty, e));
                 }
                 vals
             }
@@ -648,6 +725,24 @@ impl<'a, 'f> Emitter<'a, 'f> {
                     && sizes.iter().any(|s| !(*s as usize).is_multiple_of(lanes))
                 {
                     return self.per_lane(out, v, idx, lanes);
+                }
+                // An index known to lie in one piece reads that piece only. Pieces along the
+                // last axis hold whole vectors here (sizes divisible by `lanes`) and the index
+                // is a multiple of `lanes`, so a first lane inside a piece keeps all inside.
+                let all_const = ops
+                    .iter()
+                    .all(|o| self.g.shape(*o)[*axis].as_const().is_some());
+                if let Some((lo, hi)) = self.range(&idx[*axis]).filter(|_| all_const) {
+                    let mut offset = 0i64;
+                    for (o, size) in ops.iter().zip(&sizes) {
+                        let end = offset + *size as i64;
+                        if lo >= offset && hi < end {
+                            let mut xi = idx.to_vec();
+                            xi[*axis] = shift(idx[*axis].clone(), -offset, self.index_ty);
+                            return self.elem(out, *o, &xi, lanes);
+                        }
+                        offset = end;
+                    }
                 }
                 if ops.iter().all(|o| self.is_cheap(*o, 4)) {
                     return self.concat_by_select(out, idx, *axis, ops, &sizes, lanes, ty, &name);
@@ -945,6 +1040,62 @@ fn same_kind_const(like: &Expr, n: i64) -> Expr {
         Expr::Const(Const::I64(_)) => Expr::Const(Const::I64(n)),
         _ => Expr::Const(Const::I32(n as i32)),
     }
+}
+
+/// `e + k` for an integer expression of type `ty`, folding `k` into a constant term of `e`.
+pub(crate) fn shift(e: Expr, k: i64, ty: Ty) -> Expr {
+    if k == 0 {
+        return e;
+    }
+    if let Expr::Binary(BinOp::Add, a, b) = &e {
+        if let Some(c) = as_int(a) {
+            return add(same_kind_const(a, c + k), (**b).clone());
+        }
+        if let Some(c) = as_int(b) {
+            return add((**a).clone(), same_kind_const(b, c + k));
+        }
+    }
+    match as_int(&e) {
+        Some(c) => same_kind_const(&e, c + k),
+        None if k > 0 => add(e, int_const(ty, k)),
+        None => sub(e, int_const(ty, -k)),
+    }
+}
+
+/// A canonical text of an integer index expression: sums, differences and products by
+/// constants flattened into `constant + Σ coefficient·term`, terms sorted. Two indices with
+/// equal keys are equal (also under wrapping arithmetic), so the memo may share them.
+fn affine_key(e: &Expr) -> String {
+    fn walk(e: &Expr, coef: i64, terms: &mut BTreeMap<String, i64>, c: &mut i64) {
+        match e {
+            Expr::Binary(BinOp::Add, a, b) => {
+                walk(a, coef, terms, c);
+                walk(b, coef, terms, c);
+            }
+            Expr::Binary(BinOp::Sub, a, b) => {
+                walk(a, coef, terms, c);
+                walk(b, coef.wrapping_neg(), terms, c);
+            }
+            Expr::Binary(BinOp::Mul, a, b) if as_int(b).is_some() => {
+                walk(a, coef.wrapping_mul(as_int(b).unwrap_or(1)), terms, c);
+            }
+            Expr::Binary(BinOp::Mul, a, b) if as_int(a).is_some() => {
+                walk(b, coef.wrapping_mul(as_int(a).unwrap_or(1)), terms, c);
+            }
+            _ => match as_int(e) {
+                Some(n) => *c = c.wrapping_add(coef.wrapping_mul(n)),
+                None => {
+                    let t = terms.entry(format!("{e:?}")).or_insert(0);
+                    *t = t.wrapping_add(coef);
+                }
+            },
+        }
+    }
+    let mut terms = BTreeMap::new();
+    let mut c = 0i64;
+    walk(e, 1, &mut terms, &mut c);
+    terms.retain(|_, k| *k != 0);
+    format!("{c}{terms:?}")
 }
 
 /// Integer `a + b` with constants folded.

@@ -59,6 +59,33 @@ pub struct Options {
     /// Whether bf16/f16 matmuls may use the tensor-core template (else every matmul uses
     /// the plain tiling).
     pub tensor_cores: bool,
+    pub pointwise: PointwiseTuning,
+}
+
+/// Knobs of the pointwise template (the defaults are what kiln compiles with; `kiln bench
+/// kernels` may override them to compare variants).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PointwiseTuning {
+    /// The most positions of a short outer axis one thread walks to reuse a broadcast
+    /// transcendental operand (1: no walk).
+    pub max_walk: u64,
+    /// Whether a thread covers one vector in each equal segment of the innermost axis that
+    /// the kernel's concats cut it into (RoPE's rotate-half: each element of `x` read once,
+    /// no selects).
+    pub segments: bool,
+    /// Walk positions computed together, all their loads before their stores (1: one at a
+    /// time); used when it divides the walk.
+    pub unroll: u64,
+}
+
+impl Default for PointwiseTuning {
+    fn default() -> PointwiseTuning {
+        PointwiseTuning {
+            max_walk: 8,
+            segments: true,
+            unroll: 1,
+        }
+    }
 }
 
 impl Default for Options {
@@ -68,6 +95,7 @@ impl Default for Options {
             symbol_bound: 1 << 16,
             matmul_tiling: MatmulTiling::default(),
             tensor_cores: true,
+            pointwise: PointwiseTuning::default(),
         }
     }
 }

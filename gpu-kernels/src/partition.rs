@@ -2,7 +2,8 @@
 //! computes each of them, and the order the kernels run in.
 //!
 //! Materialization rule (decided once per element-wise value, in program order, with the
-//! [`Cost`] of its expression measured with every element-wise producer inlined):
+//! [`Cost`] of its expression measured with every element-wise producer inlined; a concat
+//! counts its costliest piece, as each of its elements is computed from one piece):
 //! an element-wise value gets a buffer when it is a result of its region (a function output
 //! or a loop yield), is used across a loop boundary or as a loop operand, is the operand of
 //! a matmul and is not cheap there (more than one load, any transcendental function or more
@@ -292,8 +293,21 @@ impl<'g, 'f> State<'g, 'f> {
                     continue;
                 }
                 let mut cost = op_cost(&inst.op);
-                for &o in &inst.operands {
-                    cost = cost.plus(self.leaf_cost(o));
+                if matches!(inst.op, Op::Concat { .. }) {
+                    // An element of a concat is computed from one piece (a branch, or the
+                    // piece its index is known to lie in); only pieces that cost about a
+                    // load are all read, and then the costliest is a fair measure too.
+                    let piece = inst
+                        .operands
+                        .iter()
+                        .map(|&o| self.leaf_cost(o))
+                        .max_by_key(|c| c.total())
+                        .unwrap_or_default();
+                    cost = cost.plus(piece);
+                } else {
+                    for &o in &inst.operands {
+                        cost = cost.plus(self.leaf_cost(o));
+                    }
                 }
                 self.cost[r.0 as usize] = cost;
                 self.materialized[r.0 as usize] = self.rule(r, cost);

@@ -1,11 +1,12 @@
 //! Snapshots of the printed kernels of representative fusions: residual add + RMSNorm in
-//! one row kernel, softmax in one row kernel, a matmul with a bias + gelu epilogue.
+//! one row kernel, softmax in one row kernel, a matmul with a bias + gelu epilogue, RoPE as
+//! the inverse frequencies and one rotation kernel.
 //! Re-bless with `INSTA_UPDATE=always`.
 
 mod common;
 
 use common::{check, inputs_for, lower};
-use kiln_gpu_kernels::Options;
+use kiln_gpu_kernels::{Options, PointwiseTuning};
 use std::collections::BTreeMap;
 
 const SRC: &str = "import nn
@@ -15,19 +16,18 @@ fn add_rms(h: bf16[T, 4096], x: bf16[T, 4096], w: bf16[4096]) -> (bf16[T, 4096],
 }
 fn probs(x: f32[B, 1000]) -> f32[B, 1000] { softmax(x, axis: -1) }
 fn dense_gelu(x: f32[T, 96], w: f32[80, 96], b: f32[80]) -> f32[T, 80] { gelu(linear_bias(x, w, b)) }
+fn rotary(q: bf16[T, 32, 128], pos: i64[T]) -> bf16[T, 32, 128] { rope(q, pos, 500000.0) }
 ";
 
 fn printed(function: &str) -> String {
+    printed_with(function, &Options::default())
+}
+
+fn printed_with(function: &str, options: &Options) -> String {
     let module = lower("kernels.kiln", SRC, None, None);
     let func = module.function(function).expect("function");
     let inputs = inputs_for(func, &BTreeMap::new(), 5, 3);
-    let compiled = check(
-        &module,
-        function,
-        &inputs,
-        &BTreeMap::new(),
-        &Options::default(),
-    );
+    let compiled = check(&module, function, &inputs, &BTreeMap::new(), options);
     let mut text = String::new();
     for k in &compiled.kernels {
         text.push_str(&k.to_string());
@@ -55,4 +55,53 @@ fn softmax_is_one_kernel() {
 #[test]
 fn matmul_with_bias_and_gelu_epilogue() {
     insta::assert_snapshot!(printed("dense_gelu"));
+}
+
+fn kernel_count(text: &str) -> usize {
+    text.matches("\nkernel ").count() + usize::from(text.starts_with("kernel "))
+}
+
+#[test]
+fn rope_is_inverse_frequencies_and_one_rotation_kernel() {
+    let text = printed("rotary");
+    // The angles are computed inline (no table), each thread covers both halves of a head's
+    // vector position: every element of `q` is loaded once (two vector loads per walked
+    // head), the rotate-half concat needs no select, and cos/sin are computed once.
+    assert_eq!(kernel_count(&text), 2, "{text}");
+    let rotation = text.split("\nkernel ").nth(1).expect("a second kernel");
+    let q_loads = rotation.lines().filter(|l| l.contains("] = q1[")).count();
+    assert_eq!(q_loads, 4, "{rotation}");
+    assert!(!rotation.contains("select("), "{rotation}");
+    assert_eq!(rotation.matches("= cos(").count(), 8, "{rotation}");
+    assert_eq!(rotation.matches("= sin(").count(), 8, "{rotation}");
+    insta::assert_snapshot!(text);
+}
+
+#[test]
+fn rope_variants_match_the_interpreter() {
+    // The tuning knobs `kiln bench kernels` may set: no walk, no segments, a short walk,
+    // unrolled walks.
+    for (max_walk, segments, unroll) in [
+        (1, true, 1),
+        (8, false, 1),
+        (4, true, 1),
+        (1, false, 1),
+        (8, true, 2),
+        (8, false, 4),
+    ] {
+        let options = Options {
+            pointwise: PointwiseTuning {
+                max_walk,
+                segments,
+                unroll,
+            },
+            ..Options::default()
+        };
+        let text = printed_with("rotary", &options);
+        let selects = text.contains("select(");
+        assert_eq!(
+            selects, !segments,
+            "walk {max_walk}, segments {segments}:\n{text}"
+        );
+    }
 }

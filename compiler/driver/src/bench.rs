@@ -200,6 +200,46 @@ fn paged_decode_case(seed: u64) -> Case {
     }
 }
 
+/// The environment variable `kiln bench kernels` (and nothing else) reads to compile with
+/// other pointwise-template settings, for comparing variants on one GPU: comma-separated
+/// `walk=N` (the most positions of a short outer axis a pointwise thread walks; default 8,
+/// 1 for none), `segments=0|1` (a thread covers one vector per concat segment of the
+/// innermost axis; default 1), `unroll=N` (walk positions computed together, their loads
+/// before their stores; default 1) and `blocks=N` (`.minnctapersm N` on kernels without
+/// shared memory, so ptxas caps their registers for N blocks of 256 threads per SM; default
+/// 1). Example: `KILN_TUNE_POINTWISE=walk=4,segments=1,blocks=5`.
+const TUNE_VAR: &str = "KILN_TUNE_POINTWISE";
+
+fn apply_tuning(options: &mut CompileOptions) -> Result<()> {
+    let Ok(spec) = std::env::var(TUNE_VAR) else {
+        return Ok(());
+    };
+    let tuning = &mut options.fusion.pointwise;
+    for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let (key, value) = item
+            .split_once('=')
+            .ok_or_else(|| anyhow!("{TUNE_VAR}: `{item}` is not KEY=VALUE"))?;
+        let n: u64 = value
+            .parse()
+            .with_context(|| format!("{TUNE_VAR}: `{item}`: the value is not a number"))?;
+        match key {
+            "walk" => tuning.max_walk = n.max(1),
+            "segments" => tuning.segments = n != 0,
+            "unroll" => tuning.unroll = n.max(1),
+            "blocks" => options.streaming_blocks_per_sm = u32::try_from(n).unwrap_or(u32::MAX),
+            _ => bail!("{TUNE_VAR}: unknown key `{key}` (walk, segments, unroll, blocks)"),
+        }
+    }
+    eprintln!(
+        "kiln bench: {TUNE_VAR}: walk {}, segments {}, unroll {}, blocks per SM {}",
+        tuning.max_walk,
+        tuning.segments,
+        tuning.unroll,
+        options.streaming_blocks_per_sm.max(1)
+    );
+    Ok(())
+}
+
 pub(crate) fn run(args: BenchArgs) -> Result<ExitCode> {
     let args = match args.what {
         BenchWhat::Kernels(args) => args,
@@ -220,7 +260,9 @@ pub(crate) fn run(args: BenchArgs) -> Result<ExitCode> {
     let gpu = Gpu::open()?;
     let (device, target) = (&gpu.device, gpu.target);
     let (major, minor) = device.info().compute_capability;
-    let (package, cuda) = gpu.compile_source("bench.kiln", PROGRAM, None)?;
+    let mut options = gpu.compile_options();
+    apply_tuning(&mut options)?;
+    let (package, cuda) = gpu.compile_source("bench.kiln", PROGRAM, None, &options)?;
     let mut results = Vec::new();
     let mut copy_gbs = None;
     println!(
@@ -323,18 +365,22 @@ impl Gpu {
         })
     }
 
-    /// Lowers a program (with a config.json, params in `options`' dtype), compiles it for
-    /// this GPU and loads it.
+    /// The compile options for this GPU's target.
+    pub fn compile_options(&self) -> CompileOptions {
+        CompileOptions {
+            targets: vec![self.target],
+            ..CompileOptions::default()
+        }
+    }
+
+    /// Compiles a lowered program for this GPU and loads it.
     pub fn compile_lowered(
         &self,
         name: &str,
         lowered: kiln_lower::Lowered,
+        options: &CompileOptions,
     ) -> Result<(pipeline::Package, Arc<CudaPackage>)> {
-        let options = CompileOptions {
-            targets: vec![self.target],
-            ..CompileOptions::default()
-        };
-        let package = pipeline::compile(name, lowered, &options, Some(&self.toolchain))?;
+        let package = pipeline::compile(name, lowered, options, Some(&self.toolchain))?;
         let fatbin = package
             .fatbin
             .as_ref()
@@ -354,6 +400,7 @@ impl Gpu {
         name: &str,
         source: &str,
         config: Option<&serde_json::Value>,
+        options: &CompileOptions,
     ) -> Result<(pipeline::Package, Arc<CudaPackage>)> {
         let (program, diags) = kiln_lower::Program::load_source(name, source, None);
         if diags.iter().any(|d| d.is_error()) {
@@ -361,13 +408,13 @@ impl Gpu {
         }
         let (lowered, diags) = kiln_lower::lower(&program, config, &kiln_lower::Options::default());
         let lowered = lowered.ok_or_else(|| anyhow!("{}", program.sources.render(&diags)))?;
-        self.compile_lowered(name, lowered)
+        self.compile_lowered(name, lowered, options)
     }
 
     /// The copy bandwidth in GB/s (bf16, 512 MB read and written; median of `runs`).
     pub fn copy_bandwidth(&self, runs: usize) -> Result<f64> {
         let source = "fn copy(x: bf16[R, 4096]) -> bf16[R, 4096] { x + 0.0 }";
-        let (_, cuda) = self.compile_source("copy.kiln", source, None)?;
+        let (_, cuda) = self.compile_source("copy.kiln", source, None, &self.compile_options())?;
         let case = &cases()[0];
         let mut program = CudaProgram::new(cuda, case.function)?;
         program.bind_weights(&|_| None)?;

@@ -14,6 +14,9 @@ pub struct CompileOptions {
     /// Targets to emit PTX for (and assemble, when a toolchain is given).
     pub targets: Vec<Target>,
     pub fusion: kiln_gpu_kernels::Options,
+    /// The `.minnctapersm` of kernels without shared memory
+    /// ([`kiln_ptx::EmitOptions::streaming_blocks_per_sm`]; 0: one block).
+    pub streaming_blocks_per_sm: u32,
 }
 
 impl Default for CompileOptions {
@@ -21,6 +24,7 @@ impl Default for CompileOptions {
         CompileOptions {
             targets: Target::ALL.to_vec(),
             fusion: kiln_gpu_kernels::Options::default(),
+            streaming_blocks_per_sm: 0,
         }
     }
 }
@@ -84,11 +88,16 @@ pub fn compile(
     let (lowered, compiled) = fuse(lowered, options)?;
     let mut code = Vec::new();
     for &target in &options.targets {
-        let ptx = kiln_ptx::emit_ptx(&compiled.kernels, target, &kiln_ptx::EmitOptions::default())
-            .map_err(|e| PipelineError::Emit {
+        let emit = kiln_ptx::EmitOptions {
+            streaming_blocks_per_sm: options.streaming_blocks_per_sm,
+            ..kiln_ptx::EmitOptions::default()
+        };
+        let ptx = kiln_ptx::emit_ptx(&compiled.kernels, target, &emit).map_err(|e| {
+            PipelineError::Emit {
                 target,
                 message: e.to_string(),
-            })?;
+            }
+        })?;
         code.push(TargetCode {
             target,
             ptx,
@@ -121,11 +130,18 @@ pub fn compile(
         // The JIT copy: the oldest target's PTX, re-emitted under the driver's version cap.
         let jit = match options.targets.iter().min() {
             Some(&target) => Some((
-                kiln_ptx::emit_ptx(&compiled.kernels, target, &kiln_ptx::EmitOptions::for_jit())
-                    .map_err(|e| PipelineError::Emit {
-                        target,
-                        message: e.to_string(),
-                    })?,
+                kiln_ptx::emit_ptx(
+                    &compiled.kernels,
+                    target,
+                    &kiln_ptx::EmitOptions {
+                        streaming_blocks_per_sm: options.streaming_blocks_per_sm,
+                        ..kiln_ptx::EmitOptions::for_jit()
+                    },
+                )
+                .map_err(|e| PipelineError::Emit {
+                    target,
+                    message: e.to_string(),
+                })?,
                 target,
             )),
             None => None,

@@ -49,6 +49,11 @@ use function::ModuleContext;
 pub struct EmitOptions {
     /// The newest `.version` the module may declare; `None` for no cap.
     pub max_ptx_version: Option<PtxVersion>,
+    /// The `.minnctapersm` of kernels without shared memory (streaming kernels, whose speed
+    /// is the bytes in flight per SM); 0 or 1 declare one block, so that ptxas never caps
+    /// their registers. More makes ptxas cap registers so that that many blocks fit on an SM
+    /// (spilling if it must): a tuning knob, left at 0 by the compiler.
+    pub streaming_blocks_per_sm: u32,
 }
 
 impl EmitOptions {
@@ -57,6 +62,7 @@ impl EmitOptions {
     pub fn for_jit() -> EmitOptions {
         EmitOptions {
             max_ptx_version: Some(JIT_PTX_VERSION_CAP),
+            ..EmitOptions::default()
         }
     }
 }
@@ -131,6 +137,7 @@ pub fn emit_module(
     }
 
     let mut ctx = ModuleContext::new(target, options.max_ptx_version);
+    ctx.streaming_blocks_per_sm = options.streaming_blocks_per_sm.max(1);
     let functions = kernels
         .iter()
         .map(|kernel| function::emit_kernel(kernel, &mut ctx))

@@ -125,6 +125,7 @@ fn jit_copies_and_capped_fallbacks_assemble() {
     ] {
         let options = EmitOptions {
             max_ptx_version: Some(cap),
+            ..EmitOptions::default()
         };
         assemble(&toolchain, &all, target, &options);
     }

@@ -108,6 +108,23 @@ fn header_parameters_and_shared_arrays() {
 }
 
 #[test]
+fn streaming_kernels_may_ask_for_more_blocks_per_sm() {
+    let options = EmitOptions {
+        streaming_blocks_per_sm: 5,
+        ..EmitOptions::default()
+    };
+    let with = |kernel: &kiln_kir::Kernel, options: &EmitOptions| {
+        emit_ptx(std::slice::from_ref(kernel), Target::Sm90a, options).expect("emits")
+    };
+    // Without shared memory the option applies; a kernel with shared memory keeps one block.
+    let plain = examples::vector_add(DType::F32);
+    assert!(with(&plain, &EmitOptions::default()).contains("\n.minnctapersm 1\n"));
+    assert!(with(&plain, &options).contains("\n.minnctapersm 5\n"));
+    let shared = examples::rms_norm_rows(DType::F32, 1024, 256);
+    assert!(with(&shared, &options).contains("\n.minnctapersm 1\n"));
+}
+
+#[test]
 fn the_version_is_the_lowest_covering_target_and_features() {
     let version = |kernel: &kiln_kir::Kernel, target: Target, options: &EmitOptions| {
         let module = emit_module(std::slice::from_ref(kernel), target, options).unwrap();
@@ -146,6 +163,7 @@ fn the_version_is_the_lowest_covering_target_and_features() {
     // Under a cap the emitter falls back to exact sequences instead.
     let cap = |v: PtxVersion| EmitOptions {
         max_ptx_version: Some(v),
+        ..EmitOptions::default()
     };
     assert_eq!(
         version(&bf16, Target::Sm80, &cap(PtxVersion::new(7, 0))),
@@ -189,6 +207,7 @@ fn errors_say_what_is_wrong() {
     let kernel = examples::vector_add(DType::F32);
     let capped = EmitOptions {
         max_ptx_version: Some(PtxVersion::new(8, 0)),
+        ..EmitOptions::default()
     };
     let error = emit_ptx(std::slice::from_ref(&kernel), Target::Sm120, &capped).unwrap_err();
     assert_eq!(

@@ -96,7 +96,9 @@ pub(crate) fn build(
         }));
     }
     let body = match &group.kind {
-        GroupKind::Pointwise { shape } => pointwise::emit(&mut e, shape, &stores),
+        GroupKind::Pointwise { shape } => {
+            pointwise::emit(&mut e, shape, &stores, &options.pointwise)
+        }
         GroupKind::Row { outer, inner } => reduce::emit_rows(&mut e, group, outer, inner, &stores),
         GroupKind::LoopReduce => reduce::emit_loop(&mut e, group.roots[0]),
         GroupKind::Matmul { .. } => match &mma {

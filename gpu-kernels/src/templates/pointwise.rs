@@ -3,9 +3,16 @@
 //! When a transcendental operand is broadcast along a short outer axis (RoPE's sin and cos
 //! are the same for every head), each thread walks up to 8 positions of that axis and computes
 //! the operand once for them.
+//!
+//! Segments: when the kernel's concats along the innermost axis cut it into 2 to 4 equal
+//! segments of whole vectors (RoPE's rotate-half: two halves), a thread computes the same
+//! vector position of every segment. Each such concat then reads one known piece (the
+//! emitter knows the index range: no clamped loads, no selects), and an element that one
+//! segment reads from another (the rotation partner) is loaded once for both.
 
 use super::{ceil_div_size, one, size_of_dims, Body};
-use crate::emit::{add, lt, mul, EResult, Emitter};
+use crate::emit::{add, lt, mul, shift, EResult, Emitter};
+use crate::PointwiseTuning;
 use kiln_ir::{BinaryOp, Dim, Op, UnaryOp, Value};
 use kiln_kir::{Expr, Special, Stmt};
 use std::collections::BTreeSet;
@@ -13,20 +20,29 @@ use std::collections::BTreeSet;
 const THREADS: u32 = 256;
 /// The longest axis considered for reusing a broadcast transcendental operand.
 const MAX_REUSE_AXIS: u64 = 64;
-/// The most positions of that axis one thread walks: enough to amortize the operand, few
-/// enough that the grid keeps the memory system busy.
-const MAX_WALK: u64 = 8;
+/// The most segments of the innermost axis one thread covers.
+const MAX_SEGMENTS: u64 = 4;
 
-pub(crate) fn emit(e: &mut Emitter<'_, '_>, shape: &[Dim], outputs: &[Value]) -> EResult<Body> {
+pub(crate) fn emit(
+    e: &mut Emitter<'_, '_>,
+    shape: &[Dim],
+    outputs: &[Value],
+    tuning: &PointwiseTuning,
+) -> EResult<Body> {
     let widest = outputs
         .iter()
         .map(|v| e.g.ty(*v).dtype.size_bytes())
         .max()
         .unwrap_or(4);
     let lanes = lanes_for(shape.last(), widest);
+    let segments = if tuning.segments {
+        segments(e, shape, outputs, lanes)
+    } else {
+        1
+    };
     // Each thread walks `walk` consecutive positions of the reuse axis.
     let reuse = reuse_axis(e, shape, outputs).map(|(axis, n)| {
-        let walk = (1..=MAX_WALK.min(n))
+        let walk = (1..=tuning.max_walk.clamp(1, n))
             .rev()
             .find(|w| n % w == 0)
             .unwrap_or(1);
@@ -36,6 +52,14 @@ pub(crate) fn emit(e: &mut Emitter<'_, '_>, shape: &[Dim], outputs: &[Value]) ->
     if let Some((axis, n, walk)) = reuse {
         thread_shape[axis] = Dim::Const(n / walk);
     }
+    // With segments, the thread's innermost index is a position within the first segment.
+    let seg_len = match thread_shape.last_mut() {
+        Some(Dim::Const(n)) if segments > 1 => {
+            *n /= segments;
+            *n as i64
+        }
+        _ => 0,
+    };
     let mut dims = thread_shape.clone();
     if let Some(Dim::Const(n)) = dims.last_mut() {
         *n /= lanes as u64;
@@ -50,10 +74,27 @@ pub(crate) fn emit(e: &mut Emitter<'_, '_>, shape: &[Dim], outputs: &[Value]) ->
     let mut inner = Vec::new();
     e.push_scope();
     let base = mul(gid.clone(), e.ix(lanes as i64));
-    let idx = e.delinearize(&mut inner, base, &thread_shape);
-    // The walk's first position is emitted in the kernel's scope; the rest run as a loop
-    // whose body finds everything that does not depend on the walked axis (keyed by the
-    // same index) already computed, and computes only what does.
+    let mut idx = e.delinearize(&mut inner, base, &thread_shape);
+    if segments > 1 {
+        let last = idx.len() - 1;
+        let j = match &idx[last] {
+            Expr::Var(v) => *v,
+            other => {
+                let v = e.var("j", ity);
+                inner.push(Stmt::Assign(v, other.clone()));
+                idx[last] = Expr::Var(v);
+                v
+            }
+        };
+        e.set_range(j, 0, seg_len - lanes as i64);
+    }
+    // The walk's first positions (`unroll` of them) are emitted in the kernel's scope; the
+    // rest run as a loop whose body finds everything that does not depend on the walked
+    // axis (keyed by the same index) already computed, and computes only what does.
+    let unroll = match reuse {
+        Some((_, _, walk)) if walk.is_multiple_of(tuning.unroll.max(1)) => tuning.unroll.max(1),
+        _ => 1,
+    };
     let mut first = idx.clone();
     if let Some((axis, _, walk)) = reuse {
         first[axis] = e.bind(
@@ -63,26 +104,33 @@ pub(crate) fn emit(e: &mut Emitter<'_, '_>, shape: &[Dim], outputs: &[Value]) ->
             mul(idx[axis].clone(), e.ix(walk as i64)),
         );
     }
-    for &o in outputs {
-        let vals = e.elem(&mut inner, o, &first, lanes)?;
-        e.store(&mut inner, o, &first, vals);
-    }
-    if let Some((axis, _, steps)) = reuse.filter(|r| r.2 > 1) {
+    let positions = |base: &[Expr], axis: Option<usize>, e: &Emitter<'_, '_>| {
+        (0..unroll as i64)
+            .map(|u| {
+                let mut at = base.to_vec();
+                if let Some(axis) = axis {
+                    at[axis] = shift(at[axis].clone(), u, e.index_ty);
+                }
+                at
+            })
+            .collect::<Vec<_>>()
+    };
+    let at0 = positions(&first, reuse.map(|r| r.0), e);
+    emit_at(e, &mut inner, outputs, &at0, lanes, segments, seg_len)?;
+    if let Some((axis, _, steps)) = reuse.filter(|r| r.2 > unroll) {
         let step = e.var("step", ity);
         let mut at = idx.clone();
         at[axis] = add(first[axis].clone(), Expr::Var(step));
+        let ats = positions(&at, Some(axis), e);
         let mut walk = Vec::new();
         e.push_scope();
-        for &o in outputs {
-            let vals = e.elem(&mut walk, o, &at, lanes)?;
-            e.store(&mut walk, o, &at, vals);
-        }
+        emit_at(e, &mut walk, outputs, &ats, lanes, segments, seg_len)?;
         e.pop_scope();
         inner.push(Stmt::For {
             var: step,
-            start: e.ix(1),
+            start: e.ix(unroll as i64),
             end: e.ix(steps as i64),
-            step: e.ix(1),
+            step: e.ix(unroll as i64),
             body: walk,
         });
     }
@@ -107,6 +155,98 @@ pub(crate) fn emit(e: &mut Emitter<'_, '_>, shape: &[Dim], outputs: &[Value]) ->
         ],
         stmts: body,
     })
+}
+
+/// Computes and stores every output at each position of `ats`, in each segment (the
+/// innermost index moved by whole segments). With several positions or segments, all
+/// values come first, then the stores, so that every load is issued before the first store;
+/// otherwise each output is stored as soon as it is computed.
+fn emit_at(
+    e: &mut Emitter<'_, '_>,
+    out: &mut Vec<Stmt>,
+    outputs: &[Value],
+    ats: &[Vec<Expr>],
+    lanes: usize,
+    segments: u64,
+    seg_len: i64,
+) -> EResult<()> {
+    let batch = segments > 1 || ats.len() > 1;
+    let mut stores = Vec::new();
+    for at in ats {
+        for k in 0..segments as i64 {
+            let mut idx = at.clone();
+            if let Some(last) = idx.last_mut().filter(|_| k > 0) {
+                *last = shift(last.clone(), k * seg_len, e.index_ty);
+            }
+            for &o in outputs {
+                let vals = e.elem(out, o, &idx, lanes)?;
+                if batch {
+                    stores.push((o, idx.clone(), vals));
+                } else {
+                    e.store(out, o, &idx, vals);
+                }
+            }
+        }
+    }
+    for (o, idx, vals) in stores {
+        e.store(out, o, &idx, vals);
+    }
+    Ok(())
+}
+
+/// How many equal segments of the innermost axis a thread covers: the piece boundaries of
+/// the concats along that axis that the kernel computes (at the outputs' innermost length)
+/// split it into `n / gcd(n, boundaries)` segments; used when that is 2 to
+/// [`MAX_SEGMENTS`] and a segment holds whole vectors of `lanes`, else 1.
+fn segments(e: &Emitter<'_, '_>, shape: &[Dim], outputs: &[Value], lanes: usize) -> u64 {
+    let g = e.g;
+    let Some(&Dim::Const(n)) = shape.last() else {
+        return 1;
+    };
+    let mut step = n;
+    let mut seen = BTreeSet::new();
+    let mut stack: Vec<Value> = outputs.to_vec();
+    while let Some(v) = stack.pop() {
+        if !seen.insert(v) {
+            continue;
+        }
+        let computed =
+            e.owned.contains(&v) || !(g.is_source(v) || g.is_heavy(v) || e.stored[v.0 as usize]);
+        if !computed && !outputs.contains(&v) {
+            continue;
+        }
+        let Some(inst) = g.inst(v) else { continue };
+        stack.extend(inst.operands.iter().copied());
+        let Op::Concat { axis } = inst.op else {
+            continue;
+        };
+        let vs = g.shape(v);
+        if axis + 1 != vs.len() || vs.last() != Some(&Dim::Const(n)) {
+            continue;
+        }
+        let mut offset = 0;
+        for o in &inst.operands {
+            let Some(size) = g.shape(*o)[axis].as_const() else {
+                return 1;
+            };
+            offset += size;
+            step = gcd(step, offset);
+        }
+    }
+    let count = n / step.max(1);
+    if (2..=MAX_SEGMENTS).contains(&count) && step.is_multiple_of(lanes as u64) {
+        count
+    } else {
+        1
+    }
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
 }
 
 /// The outer axis (and its length) each thread should walk: one of constant length 2 to

@@ -29,6 +29,8 @@ pub struct ModuleContext {
     pub cap: Option<PtxVersion>,
     pub features: BTreeSet<Feature>,
     pub tables: BTreeSet<Table>,
+    /// The `.minnctapersm` of kernels without shared memory ([`super::EmitOptions`]).
+    pub streaming_blocks_per_sm: u32,
 }
 
 impl ModuleContext {
@@ -38,6 +40,7 @@ impl ModuleContext {
             cap,
             features: BTreeSet::new(),
             tables: BTreeSet::new(),
+            streaming_blocks_per_sm: 1,
         }
     }
 
@@ -281,8 +284,14 @@ impl<'k, 'c> FunctionEmitter<'k, 'c> {
         }
         // `.minnctapersm 1`: one block per SM is enough, so ptxas never caps registers to
         // reach a higher occupancy (which it otherwise does, spilling to local memory).
+        // Kernels without shared memory may be asked for more (a tuning option).
+        let blocks = if kernel.shared.is_empty() {
+            self.ctx.streaming_blocks_per_sm.max(1)
+        } else {
+            1
+        };
         out.push_str(&format!(
-            ".maxntid {}, 1, 1\n.minnctapersm 1\n{{\n",
+            ".maxntid {}, 1, 1\n.minnctapersm {blocks}\n{{\n",
             kernel.block_dim
         ));
         for decl in self.regs.declarations() {
