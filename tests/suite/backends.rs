@@ -315,3 +315,65 @@ fn check_models(backend: Backend) {
         );
     }
 }
+
+/// Paged attention at head dims the split template takes (64 and 128, GQA 8/2), f32 and
+/// bf16: tokens whose keys span several partitions of 128 positions, one in the first
+/// partition only, one at a partition's first position, and a padding token; block tables
+/// in scrambled order.
+fn check_paged_attention(backend: Backend) {
+    for (dtype, d) in [("f32", 64), ("bf16", 128)] {
+        let source = format!(
+            "import nn\n\
+             fn attend(q: {dtype}[N, 8, {d}], k_cache: {dtype}[2, NB, 16, 2, {d}], \
+             v_cache: {dtype}[2, NB, 16, 2, {d}], block_tables: i32[B, MB], seq: i32[N], \
+             pos: i32[N]) -> {dtype}[N, 8, {d}] {{\n\
+             paged_attention(q, k_cache, v_cache, block_tables, seq, pos, 1)\n}}\n"
+        );
+        let (blocks, batch, width) = (40usize, 3usize, 20usize);
+        let mut rng = Rng(0x9A6E + d as u64);
+        let mut random = |shape: &[usize]| {
+            let n: usize = shape.iter().product();
+            Tensor::from_f32(
+                shape,
+                (0..n).map(|_| (rng.unit() * 2.0 - 1.0) as f32).collect(),
+            )
+            .cast(DType::from_name(dtype).expect("dtype"))
+        };
+        let tokens = 5;
+        let q = random(&[tokens, 8, d]);
+        let k = random(&[2, blocks, 16, 2, d]);
+        let v = random(&[2, blocks, 16, 2, d]);
+        let tables: Vec<i64> = (0..batch * width)
+            .map(|i| ((i * 17 + 5) % blocks) as i64)
+            .collect();
+        let int = |shape: &[usize], v: Vec<i64>| Tensor::from_ints(DType::I32, shape, v);
+        let inputs = vec![
+            q,
+            k,
+            v,
+            int(&[batch, width], tables),
+            int(&[tokens], vec![0, 1, 2, -1, 0]),
+            int(&[tokens], vec![299, 5, 130, 0, 128]),
+        ];
+        check_program(
+            backend,
+            &format!("paged attention {dtype} d{d}"),
+            &source,
+            Some(&repo_root().join("stdlib")),
+            None,
+            &BTreeMap::new(),
+            Some(inputs),
+        );
+    }
+}
+
+#[test]
+fn paged_attention_on_the_cpu_backend_equals_the_interpreter() {
+    check_paged_attention(Backend::Cpu);
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU; run with --include-ignored on a machine with one"]
+fn paged_attention_on_the_gpu_equals_the_interpreter() {
+    check_paged_attention(Backend::Gpu);
+}

@@ -6,6 +6,7 @@ mod attention;
 mod kv_cache;
 mod matmul;
 mod mma_gemm;
+mod paged_decode;
 mod pointwise;
 mod reduce;
 
@@ -94,6 +95,21 @@ pub(crate) fn build(
             kernels: vec![partial, sum],
             workspaces: vec![workspace],
         }));
+    }
+    if let GroupKind::PagedAttention(out) = &group.kind {
+        if let Some(shape) = paged_decode::PagedShape::of(&e, *out) {
+            // Split over the sequence: partial softmax per partition, then the merge.
+            let workspace = paged_decode::workspace(&e, *out, &shape);
+            let body = paged_decode::emit_partial(&mut e, *out, &shape);
+            let partial = finish(g, e, body, out_dtype(g, &stores))?;
+            let mut e = new_emitter();
+            let body = paged_decode::emit_merge(&mut e, *out, &shape);
+            let merge = finish(g, e, body, out_dtype(g, &stores))?;
+            return Ok(Some(Launches {
+                kernels: vec![partial, merge],
+                workspaces: vec![workspace],
+            }));
+        }
     }
     let body = match &group.kind {
         GroupKind::Pointwise { shape } => {
