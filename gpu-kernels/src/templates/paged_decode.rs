@@ -43,7 +43,7 @@ impl PagedShape {
         let (q, k) = (e.g.shape(inst.operands[0]), e.g.shape(inst.operands[1]));
         let d = q[2].as_const()? as usize;
         let (h, kv) = (q[1].as_const()? as usize, k[3].as_const()? as usize);
-        (d % 32 == 0 && d <= 256 && kv > 0 && h % kv == 0).then_some(PagedShape {
+        (d.is_multiple_of(32) && d <= 256 && kv > 0 && h % kv == 0).then_some(PagedShape {
             d,
             group: h / kv,
             kv_heads: kv,
@@ -301,12 +301,12 @@ pub(crate) fn emit_partial(
             ],
             otherwise: Vec::new(),
         });
-        for c in 0..per_lane {
+        for (c, a) in acc[gi].iter().enumerate() {
             let at = warp.clone() * e.ix((group * d) as i64)
                 + e.ix((gi * d) as i64)
                 + col.clone()
                 + e.ix(c as i64);
-            body.push(Stmt::store(sums, at, Expr::var(acc[gi][c])));
+            body.push(Stmt::store(sums, at, Expr::var(*a)));
         }
     }
     body.push(Stmt::Barrier);
