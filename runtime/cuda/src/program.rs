@@ -210,7 +210,8 @@ impl CudaProgram {
     /// device contents the previous run left in it, so it is neither copied in nor out; the
     /// first run gives it. Returns the outputs that are not inputs updated in place.
     pub fn run_graph_kept(&mut self, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, CudaError> {
-        let plan = self.plan().clone();
+        let package = self.package.clone();
+        let plan = package.plan_at(self.plan_index);
         if has_loop(&plan.steps) {
             return Err(CudaError::BadPlan {
                 plan: plan.function.clone(),
