@@ -295,7 +295,9 @@ fn check_models(backend: Backend) {
         ("models/bert.kiln", "tiny-bert"),
     ] {
         let fixture_dir = repo_root().join("tests/fixtures").join(fixture);
-        let config = read_json(&fixture_dir.join("config.json"));
+        let mut config = read_json(&fixture_dir.join("config.json"));
+        // The KV-cached step with blocks of 4 tokens (paged_step_inputs' layout).
+        config["kv_block_size"] = serde_json::json!(4);
         let weights = load_safetensors(&fixture_dir.join("model.safetensors"));
         let expected = load_safetensors(&fixture_dir.join("expected.safetensors"));
         let mut inputs = vec![expected["input_ids"].cast(DType::I32)];
@@ -321,15 +323,17 @@ fn check_models(backend: Backend) {
 /// partition only, one at a partition's first position, and a padding token; block tables
 /// in scrambled order.
 fn check_paged_attention(backend: Backend) {
-    for (dtype, d) in [("f32", 64), ("bf16", 128)] {
+    // (dtype, head dim, block size): blocks of 16 put a step's keys in one block, blocks of
+    // 8 read the block table per key.
+    for (dtype, d, bs) in [("f32", 64, 16), ("bf16", 128, 16), ("f32", 32, 8)] {
         let source = format!(
             "import nn\n\
-             fn attend(q: {dtype}[N, 8, {d}], k_cache: {dtype}[2, NB, 16, 2, {d}], \
-             v_cache: {dtype}[2, NB, 16, 2, {d}], block_tables: i32[B, MB], seq: i32[N], \
+             fn attend(q: {dtype}[N, 8, {d}], k_cache: {dtype}[2, NB, {bs}, 2, {d}], \
+             v_cache: {dtype}[2, NB, {bs}, 2, {d}], block_tables: i32[B, MB], seq: i32[N], \
              pos: i32[N]) -> {dtype}[N, 8, {d}] {{\n\
              paged_attention(q, k_cache, v_cache, block_tables, seq, pos, 1)\n}}\n"
         );
-        let (blocks, batch, width) = (40usize, 3usize, 20usize);
+        let (blocks, batch, width) = (40usize, 3usize, 320 / bs);
         let mut rng = Rng(0x9A6E + d as u64);
         let mut random = |shape: &[usize]| {
             let n: usize = shape.iter().product();
@@ -341,8 +345,8 @@ fn check_paged_attention(backend: Backend) {
         };
         let tokens = 5;
         let q = random(&[tokens, 8, d]);
-        let k = random(&[2, blocks, 16, 2, d]);
-        let v = random(&[2, blocks, 16, 2, d]);
+        let k = random(&[2, blocks, bs, 2, d]);
+        let v = random(&[2, blocks, bs, 2, d]);
         let tables: Vec<i64> = (0..batch * width)
             .map(|i| ((i * 17 + 5) % blocks) as i64)
             .collect();
@@ -357,7 +361,7 @@ fn check_paged_attention(backend: Backend) {
         ];
         check_program(
             backend,
-            &format!("paged attention {dtype} d{d}"),
+            &format!("paged attention {dtype} d{d} blocks of {bs}"),
             &source,
             Some(&repo_root().join("stdlib")),
             None,

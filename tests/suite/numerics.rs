@@ -682,7 +682,9 @@ fn step_matches_transformers(fixture: &str, executor: &mut dyn kiln_runtime::Exe
 /// The lowered llama program and its weights for a fixture.
 fn llama_program(fixture: &str) -> (kiln_ir::Module, std::sync::Arc<kiln_runtime::Weights>) {
     let dir = repo_root().join("tests/fixtures").join(fixture);
-    let config = read_json(&dir.join("config.json"));
+    let mut config = read_json(&dir.join("config.json"));
+    // Blocks of 4 tokens, so the fixtures' sequences span several.
+    config["kv_block_size"] = serde_json::json!(4);
     let path = repo_root().join("models/llama.kiln");
     let source = std::fs::read_to_string(&path).expect("model source");
     let lowered = compile_source("llama.kiln", &source, path.parent(), Some(&config))

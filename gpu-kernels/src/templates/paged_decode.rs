@@ -178,21 +178,42 @@ pub(crate) fn emit_partial(
     let mut valid = Vec::with_capacity(UNROLL);
     let mut keys: Vec<Vec<Expr>> = Vec::with_capacity(UNROLL);
     let mut values: Vec<Vec<Expr>> = Vec::with_capacity(UNROLL);
+    // With a constant block size that the step's keys divide (and partitions start at
+    // multiples of it), a step's keys lie in one cache block: one block-table read a step,
+    // no division per key.
+    let keys_per_step = u64::from(WARPS) * UNROLL as u64;
+    let step_block = match g.shape(k_cache)[2] {
+        Dim::Const(bs) if bs % keys_per_step == 0 && PART % bs == 0 => {
+            let at = [s.clone(), Expr::var(j0) / block_size.clone()];
+            let block = e.elem(&mut step, tables, &at, 1)?.remove(0);
+            let block = e.bind(&mut step, "block", ity, index(e, block));
+            let first = Expr::var(j0) % block_size.clone() + warp.clone() * e.ix(UNROLL as i64);
+            Some((block, e.bind(&mut step, "slot", ity, first)))
+        }
+        _ => None,
+    };
     for u in 0..UNROLL {
         let j = Expr::var(j0) + warp.clone() * e.ix(UNROLL as i64) + e.ix(u as i64);
         let j = e.bind(&mut step, "j", ity, j);
         let ok = e.bind(&mut step, "key_ok", Ty::Pred, j.clone().lt(end.clone()));
         valid.push(ok);
-        // Out-of-range keys read the partition's first key (valid memory, weight 0).
-        let jc = Expr::select(valid[u].clone(), j, start.clone());
-        let jc = e.bind(&mut step, "key", ity, jc);
-        let at = [s.clone(), jc.clone() / block_size.clone()];
-        let block = e.elem(&mut step, tables, &at, 1)?.remove(0);
-        let block = e.bind(&mut step, "block", ity, index(e, block));
+        let (block, slot) = match &step_block {
+            // Keys past the end stay inside the step's block (weight 0).
+            Some((block, first)) => (block.clone(), first.clone() + e.ix(u as i64)),
+            None => {
+                // Out-of-range keys read the partition's first key (valid memory, weight 0).
+                let jc = Expr::select(valid[u].clone(), j, start.clone());
+                let jc = e.bind(&mut step, "key", ity, jc);
+                let at = [s.clone(), jc.clone() / block_size.clone()];
+                let block = e.elem(&mut step, tables, &at, 1)?.remove(0);
+                let block = e.bind(&mut step, "block", ity, index(e, block));
+                (block, jc % block_size.clone())
+            }
+        };
         let row = [
             e.ix(shape.layer as i64),
             block,
-            jc % block_size.clone(),
+            slot,
             kvh.clone(),
             col.clone(),
         ];

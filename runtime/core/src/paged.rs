@@ -116,6 +116,14 @@ impl PagedModel {
                 "its last two results are not the caches updated in place",
             ));
         }
+        if let Some(declared) = fixed(2) {
+            if declared as usize != block_size {
+                return Err(RuntimeError::Input(format!(
+                    "`{entry}` is compiled for cache blocks of {declared} tokens, not {block_size} \
+                     (the model program's kv_block_size)"
+                )));
+            }
+        }
         if blocks == 0 || block_size == 0 || max_len == 0 {
             return Err(RuntimeError::Input(
                 "a paged cache needs at least one block of at least one token".into(),
