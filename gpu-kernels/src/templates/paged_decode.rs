@@ -178,12 +178,12 @@ pub(crate) fn emit_partial(
     let mut valid = Vec::with_capacity(UNROLL);
     let mut keys: Vec<Vec<Expr>> = Vec::with_capacity(UNROLL);
     let mut values: Vec<Vec<Expr>> = Vec::with_capacity(UNROLL);
-    // With a constant block size that the step's keys divide (and partitions start at
-    // multiples of it), a step's keys lie in one cache block: one block-table read a step,
-    // no division per key.
+    // With a constant block size that the step's key count divides, a step's keys (which
+    // start at a multiple of that count) lie in one cache block: one block-table read a
+    // step, no division per key.
     let keys_per_step = u64::from(WARPS) * UNROLL as u64;
     let step_block = match g.shape(k_cache)[2] {
-        Dim::Const(bs) if bs % keys_per_step == 0 && PART % bs == 0 => {
+        Dim::Const(bs) if bs.is_multiple_of(keys_per_step) => {
             let at = [s.clone(), Expr::var(j0) / block_size.clone()];
             let block = e.elem(&mut step, tables, &at, 1)?.remove(0);
             let block = e.bind(&mut step, "block", ity, index(e, block));

@@ -254,17 +254,17 @@ impl CudaProgram {
             }
         }
         let shape_refs: Vec<&[usize]> = shapes.iter().map(Vec::as_slice).collect();
-        let symbols = bind_symbols(&plan, &shape_refs)?;
+        let symbols = bind_symbols(plan, &shape_refs)?;
         let given: Vec<(usize, &Tensor)> = inputs
             .iter()
             .enumerate()
             .filter_map(|(i, t)| t.map(|t| (i, t)))
             .collect();
         for &(index, tensor) in &given {
-            check_input(&plan, index, tensor, &symbols)?;
+            check_input(plan, index, tensor, &symbols)?;
         }
-        self.allocate(&plan, &symbols)?;
-        self.upload(&plan, &given, &symbols)?;
+        self.allocate(plan, &symbols)?;
+        self.upload(plan, &given, &symbols)?;
         for &index in &updated {
             if let Some(tensor) = inputs.get(index).copied().flatten() {
                 self.kept
