@@ -248,15 +248,7 @@ pub(crate) fn run(args: BenchArgs) -> Result<ExitCode> {
     if args.runs == 0 {
         bail!("--runs must be at least 1");
     }
-    let torch: Option<serde_json::Value> = args
-        .torch_json
-        .as_ref()
-        .map(|path| -> Result<serde_json::Value> {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
-        })
-        .transpose()?;
+    let torch = read_peers(args.torch_json.as_deref())?;
     let gpu = Gpu::open()?;
     let (device, target) = (&gpu.device, gpu.target);
     let (major, minor) = device.info().compute_capability;
@@ -342,6 +334,16 @@ pub(crate) fn run(args: BenchArgs) -> Result<ExitCode> {
         eprintln!("kiln: wrote {}", path.display());
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The peers' numbers (the JSON `benches/torch_peers.py` prints), when a file is given.
+pub(crate) fn read_peers(path: Option<&std::path::Path>) -> Result<Option<serde_json::Value>> {
+    path.map(|path| -> Result<serde_json::Value> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+    })
+    .transpose()
 }
 
 /// The GPU, its kiln target and ptxas.

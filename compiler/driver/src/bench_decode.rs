@@ -7,7 +7,7 @@
 //! decode step reads, divided by the copy bandwidth measured in the same run), and with
 //! `benches/torch_peers.py decode` output, transformers' `generate` on the same shapes.
 
-use crate::bench::{commit, Gpu};
+use crate::bench::{commit, read_peers, Gpu};
 use anyhow::{anyhow, Context, Result};
 use kiln_ir::DType;
 use kiln_runtime::{CudaPlans, Executor, PagedModel, StepSequence, Weights, STEP_ENTRY};
@@ -133,15 +133,7 @@ pub(crate) fn run(args: DecodeArgs) -> Result<ExitCode> {
     let decode_steps = args.new_tokens - 1;
     let ms_per_token = decode_ms / decode_steps as f64;
     let limit_ms = weight_bytes as f64 / (copy_gbs * 1e9) * 1e3;
-    let torch: Option<serde_json::Value> = args
-        .torch_json
-        .as_ref()
-        .map(|path| -> Result<serde_json::Value> {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            Ok(serde_json::from_str(&text)?)
-        })
-        .transpose()?;
+    let torch = read_peers(args.torch_json.as_deref())?;
     let torch_ms = torch
         .as_ref()
         .and_then(|t| t["decode_ms_per_token"].as_f64());

@@ -792,12 +792,7 @@ fn attention(x: &[&Tensor], scale: f64) -> TensorData {
                         f32::NEG_INFINITY
                     };
                 }
-                let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                for score in scores.iter_mut() {
-                    *score = (*score - max).exp();
-                }
-                let total = round_f64(DType::F32, scores.iter().map(|e| f64::from(*e)).sum());
-                let probs: Vec<f32> = scores.iter().map(|e| round_f32(dtype, e / total)).collect();
+                let probs = softmax_probs(&scores, dtype);
                 for c in 0..d {
                     let acc: f64 = probs
                         .iter()
@@ -827,6 +822,15 @@ fn cache_row(cache: &Tensor, layer: usize, slot: i64) -> Result<usize, String> {
         ));
     }
     Ok((layer * slots + slot as usize) * heads * dim)
+}
+
+/// The softmax of one row of attention scores as the unfused composition rounds it: the
+/// exponentials and their sum in f32, each probability rounded to `dtype`.
+fn softmax_probs(scores: &[f32], dtype: DType) -> Vec<f32> {
+    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let exps: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
+    let total = round_f64(DType::F32, exps.iter().map(|e| f64::from(*e)).sum());
+    exps.iter().map(|e| round_f32(dtype, e / total)).collect()
 }
 
 /// `kv_write` (see `Op::KvWrite`): the cache with each row of x stored at its slot.
@@ -897,7 +901,7 @@ fn paged_attention(x: &[&Tensor], layer: usize, scale: f64) -> Result<TensorData
         for hi in 0..h {
             let g = hi / group;
             let q_row = &qv[(t * h + hi) * d..][..d];
-            let mut scores: Vec<f32> = rows
+            let scores: Vec<f32> = rows
                 .iter()
                 .map(|&row| {
                     let k_row = &kc[row + g * d..][..d];
@@ -909,12 +913,7 @@ fn paged_attention(x: &[&Tensor], layer: usize, scale: f64) -> Result<TensorData
                     round_f64(dtype, dot) * scale
                 })
                 .collect();
-            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            for score in scores.iter_mut() {
-                *score = (*score - max).exp();
-            }
-            let total = round_f64(DType::F32, scores.iter().map(|e| f64::from(*e)).sum());
-            let probs: Vec<f32> = scores.iter().map(|e| round_f32(dtype, e / total)).collect();
+            let probs = softmax_probs(&scores, dtype);
             for c in 0..d {
                 let acc: f64 = probs
                     .iter()

@@ -182,21 +182,26 @@ pub fn check_inputs(
     inputs: &[Tensor],
     symbols: &SymbolValues,
 ) -> Result<(), CudaError> {
-    if inputs.len() != plan.inputs.len() {
-        return Err(CudaError::BadInput {
-            plan: plan.function.clone(),
-            index: inputs.len().min(plan.inputs.len()),
-            detail: format!(
-                "{} inputs were given, the plan takes {}",
-                inputs.len(),
-                plan.inputs.len()
-            ),
-        });
-    }
+    check_input_count(plan, inputs.len())?;
     for (index, tensor) in inputs.iter().enumerate() {
         check_input(plan, index, tensor, symbols)?;
     }
     Ok(())
+}
+
+/// Checks that `given` inputs are as many as the plan takes.
+pub fn check_input_count(plan: &Plan, given: usize) -> Result<(), CudaError> {
+    if given == plan.inputs.len() {
+        return Ok(());
+    }
+    Err(CudaError::BadInput {
+        plan: plan.function.clone(),
+        index: given.min(plan.inputs.len()),
+        detail: format!(
+            "{given} inputs were given, the plan takes {}",
+            plan.inputs.len()
+        ),
+    })
 }
 
 /// Checks input `index` against its declaration (dtype and shape for `symbols`).

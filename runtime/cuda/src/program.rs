@@ -21,8 +21,8 @@ use kiln_kir::manifest::ParamLayout;
 use kiln_kir::{Arg, BufferId, BufferKind, Plan, Step};
 
 use crate::binding::{
-    bind_symbols, buffer_bytes, buffer_decl, buffer_shape, check_input, check_inputs, check_weight,
-    expected_weight, SymbolValues,
+    bind_symbols, buffer_bytes, buffer_decl, buffer_shape, check_input, check_input_count,
+    check_inputs, check_weight, expected_weight, SymbolValues,
 };
 use crate::device::{host_tensor, CudaDevice, DeviceBuffer};
 use crate::error::CudaError;
@@ -218,17 +218,7 @@ impl CudaProgram {
                 detail: "a plan with loops cannot keep inputs on the device".into(),
             });
         }
-        if inputs.len() != plan.inputs.len() {
-            return Err(CudaError::BadInput {
-                plan: plan.function.clone(),
-                index: inputs.len().min(plan.inputs.len()),
-                detail: format!(
-                    "{} inputs were given, the plan takes {}",
-                    inputs.len(),
-                    plan.inputs.len()
-                ),
-            });
-        }
+        check_input_count(plan, inputs.len())?;
         let updated: Vec<usize> = plan
             .outputs
             .iter()
