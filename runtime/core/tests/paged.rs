@@ -1,0 +1,96 @@
+//! KV-cached generation through `PagedLogits`: models/default's compiled `step` (on the CPU
+//! plans) gives the logits its `forward` gives on the interpreter while sequences come, grow
+//! and go; the blocks of a finished sequence serve the next one; a full cache is an error that
+//! leaves the model usable.
+
+use kiln_runtime::{CpuPlans, Interpreter, LogitsModel, NoProgress, PagedLogits, ProgramLogits};
+use kiln_runtime::{Executor, RuntimeError, Weights};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+fn default_model() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/default")
+}
+
+/// models/default's program lowered with both entries, and its weights.
+fn program() -> (kiln_ir::Module, Arc<Weights>) {
+    let dir = default_model();
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let program = kiln_runtime::models::program_for("llama").expect("llama");
+    let (parsed, diagnostics) =
+        kiln_lower::Program::load_source(program.path, program.source, None);
+    assert!(diagnostics.iter().all(|d| !d.is_error()));
+    let options = kiln_lower::Options {
+        param_dtype: kiln_ir::DType::F32,
+        entries: Some(vec!["forward".into(), "step".into()]),
+    };
+    let (lowered, diagnostics) = kiln_lower::lower(&parsed, Some(&config), &options);
+    assert!(diagnostics.iter().all(|d| !d.is_error()));
+    let lowered = lowered.expect("lowers");
+    let weights = Weights::load(&dir, &lowered.params).expect("weights");
+    (lowered.module, Arc::new(weights))
+}
+
+fn assert_rows_close(got: &[Vec<f32>], want: &[Vec<f32>], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}");
+    for (g, w) in got.iter().zip(want) {
+        let scale = w.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let err = g.iter().zip(w).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(
+            err <= 1e-4 * scale,
+            "{what}: max error {err} (scale {scale})"
+        );
+    }
+}
+
+#[test]
+fn paged_logits_equal_forward_as_sequences_come_and_go() {
+    let (module, weights) = program();
+    let mut reference = Interpreter::new(module.clone(), weights.clone());
+    let mut reference = ProgramLogits::new(&mut reference, "forward").expect("forward");
+    let mut plans = CpuPlans::compile(module, weights, &mut NoProgress).expect("compiles");
+    // 6 blocks of 16: two sequences of up to 48 tokens.
+    let mut paged = PagedLogits::new(&mut plans, 6, 16, 48).expect("step entry");
+    let a: Vec<i64> = (0..24).map(|i| (i * 37 + 11) % 500).collect();
+    let b: Vec<i64> = (0..35).map(|i| (i * 53 + 7) % 500).collect();
+    let c: Vec<i64> = (0..40).map(|i| (i * 29 + 3) % 500).collect();
+    let mut check = |seqs: &[Vec<i64>], what: &str| {
+        let got = paged.last_logits(seqs).expect("paged step");
+        let want = reference.last_logits(seqs).expect("forward");
+        assert_rows_close(&got, &want, what);
+    };
+    check(&[a[..20].to_vec(), b[..30].to_vec()], "two prefills");
+    check(
+        &[a[..21].to_vec(), b[..31].to_vec()],
+        "one decode step each",
+    );
+    // b grows by several tokens at once (a chunk), a is gone: its blocks are free again.
+    check(&[b[..35].to_vec()], "a chunk of b alone");
+    // c needs 3 blocks: only possible with a's blocks back.
+    check(
+        &[b[..35].to_vec(), c.clone()],
+        "b and a new sequence in a's blocks",
+    );
+}
+
+#[test]
+fn a_full_cache_is_an_error_that_leaves_the_model_usable() {
+    let (module, weights) = program();
+    let mut plans = CpuPlans::compile(module, weights, &mut NoProgress).expect("compiles");
+    let mut paged = PagedLogits::new(&mut plans, 2, 16, 32).expect("step entry");
+    let long: Vec<i64> = (0..30).collect();
+    let other: Vec<i64> = (100..120).collect();
+    let err = paged
+        .last_logits(&[long.clone(), other.clone()])
+        .expect_err("4 blocks do not fit in 2");
+    assert!(
+        matches!(&err, RuntimeError::Input(m) if m.contains("all in use")),
+        "{err}"
+    );
+    // Nothing leaked: the long sequence alone still fits.
+    paged
+        .last_logits(&[long])
+        .expect("fits after the failed step");
+    assert!(paged.describe().contains("Cranelift"));
+}
