@@ -4,7 +4,7 @@
 //! leaves the model usable.
 
 use kiln_runtime::{CpuPlans, Interpreter, LogitsModel, NoProgress, PagedLogits, ProgramLogits};
-use kiln_runtime::{Executor, RuntimeError, Weights};
+use kiln_runtime::{RuntimeError, Weights};
 use std::path::PathBuf;
 use std::sync::Arc;
 
