@@ -163,9 +163,28 @@ impl<'a, 'f> PlanBuilder<'a, 'f> {
     }
 
     /// The launches of group `gid` (none when it stores nothing anyone reads), each of
-    /// its workspaces a fresh temp.
+    /// its workspaces a fresh temp. A GEMM with a symbolic row count gets both its variants,
+    /// chosen at run time by the row count (`Step::BySize`).
     fn launch(&mut self, gid: usize) -> Result<Vec<Step>, FusionError> {
-        let Some(launches) = templates::build(self.g, self.part, gid, self.options)? else {
+        if let Some(symbol) = templates::small_rows_symbol(self.g, self.part, gid, self.options) {
+            let small = self.launch_variant(gid, true)?;
+            let large = self.launch_variant(gid, false)?;
+            if small.is_empty() && large.is_empty() {
+                return Ok(Vec::new());
+            }
+            return Ok(vec![Step::BySize {
+                symbol,
+                at_most: templates::SMALL_ROWS,
+                small,
+                large,
+            }]);
+        }
+        self.launch_variant(gid, false)
+    }
+
+    fn launch_variant(&mut self, gid: usize, small_rows: bool) -> Result<Vec<Step>, FusionError> {
+        let Some(launches) = templates::build(self.g, self.part, gid, self.options, small_rows)?
+        else {
             return Ok(Vec::new());
         };
         let workspaces: Vec<BufferId> = launches
@@ -500,6 +519,11 @@ fn liveness(
                     touch(*b, span, live);
                 }
             }
+            // Either branch may run: both count, one after the other.
+            Step::BySize { small, large, .. } => {
+                liveness(small, clock, live, enclosing);
+                liveness(large, clock, live, enclosing);
+            }
         }
     }
 }
@@ -570,6 +594,10 @@ fn launched_kernels(steps: &[Step], out: &mut BTreeSet<usize>) {
                 out.insert(*kernel);
             }
             Step::Loop { body, .. } => launched_kernels(body, out),
+            Step::BySize { small, large, .. } => {
+                launched_kernels(small, out);
+                launched_kernels(large, out);
+            }
             Step::Copy { .. } => {}
         }
     }

@@ -33,6 +33,8 @@ fn split1(x: bf16[1, 1096], w: bf16[1096, 88], b: bf16[88]) -> bf16[1, 88] { x @
 fn split_batched(x: bf16[2, 16, 1048], y: bf16[2, 1048, 40]) -> bf16[2, 16, 40] { x @ y }
 fn odd_k(x: bf16[M, 20], w: bf16[16, 20]) -> bf16[M, 16] { linear(x, w) }
 fn wide(x: f32[M, 32], w: f32[16, 32]) -> f32[M, 16] { linear(x, w) }
+fn qkv(x: bf16[M, 256], q: bf16[64, 256], k: bf16[32, 256], v: bf16[32, 256]) -> (bf16[M, 64], bf16[M, 32], bf16[M, 32]) { (linear(x, q), linear(x, k), linear(x, v)) }
+fn long_k(x: bf16[M, 2048], w: bf16[96, 2048], r: bf16[M, 96]) -> bf16[M, 96] { linear(x, w) + r }
 ";
 
 /// Checks `function` at the given symbol values on the kir interpreter and on Cranelift;
@@ -194,4 +196,40 @@ fn the_plain_template_can_be_forced() {
         .kernels
         .iter()
         .all(|k| !k.name.contains("mma_gemm")));
+}
+
+#[test]
+fn a_symbolic_row_count_gets_a_decode_variant_chosen_at_run_time() {
+    // The same plan runs the decode-sized kernels for at most 16 rows and the large tiles
+    // above: single, two (gate/up, half the split-K warps) and a split-K one; three fused
+    // matmuls (q/k/v) do not fit the decode tile's shared memory and take 64-row tiles.
+    for (function, rows, small) in [
+        ("nk", [1, 16, 17], "mma_gemm_16x32x128_w1x2x4"),
+        ("gate_up", [3, 16, 40], "mma_gemm_16x32x128_w1x2x2"),
+        ("qkv", [1, 7, 33], "mma_gemm_64x"),
+        ("long_k", [1, 5, 20], "mma_gemm_16x32x128_w1x2x4_s3_splitk"),
+    ] {
+        for m in rows {
+            let names = run(function, &[("M", m)]);
+            assert!(
+                names.iter().any(|n| n.contains(small)),
+                "{function}: {names:?}"
+            );
+            assert!(
+                names.iter().any(|n| n.contains("mma_gemm_128x")),
+                "{function}: {names:?}"
+            );
+        }
+    }
+    let module = lower("mma_gemm.kiln", SRC, None, None);
+    let compiled =
+        kiln_gpu_kernels::compile_function(&module, "long_k", &Options::default()).unwrap();
+    assert!(
+        matches!(
+            compiled.plan.steps.as_slice(),
+            [Step::BySize { symbol, at_most: 16, .. }] if symbol == "M"
+        ),
+        "{:?}",
+        compiled.plan.steps
+    );
 }

@@ -68,6 +68,14 @@ pub enum Step {
         counter: BufferId,
         body: Vec<Step>,
     },
+    /// Runs `small` when symbol `symbol` is at most `at_most`, else `large`: the same
+    /// computation with kernels specialized for few rows (decode-sized GEMMs).
+    BySize {
+        symbol: String,
+        at_most: u64,
+        small: Vec<Step>,
+        large: Vec<Step>,
+    },
 }
 
 /// How a symbolic dim gets its value: from dimension `axis` of input `input`.

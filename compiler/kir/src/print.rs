@@ -468,6 +468,18 @@ fn write_steps(f: &mut fmt::Formatter<'_>, steps: &[Step], depth: usize) -> fmt:
                 write_steps(f, body, depth + 1)?;
                 writeln!(f, "{indent}}}")?;
             }
+            Step::BySize {
+                symbol,
+                at_most,
+                small,
+                large,
+            } => {
+                writeln!(f, "{indent}if {symbol} <= {at_most} {{")?;
+                write_steps(f, small, depth + 1)?;
+                writeln!(f, "{indent}}} else {{")?;
+                write_steps(f, large, depth + 1)?;
+                writeln!(f, "{indent}}}")?;
+            }
         }
     }
     Ok(())

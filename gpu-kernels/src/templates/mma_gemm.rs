@@ -124,18 +124,20 @@ impl MmaTile {
 /// split over 4 warps, so that a 4096-wide N still makes 128 blocks that each keep tens of
 /// KiB of weights in flight (and [`choose_splits`] may split K across blocks).
 pub fn choose_tile(m: Option<u64>, n: u64, matmuls: u32) -> MmaTile {
-    if m.is_some_and(|m| m <= 16) && matmuls == 1 {
+    if m.is_some_and(|m| m <= 16) && matmuls <= 2 {
+        // Two fused matmuls (gate and up) take half the split-K warps to fit two stages.
         let mut tile = MmaTile {
             bm: 16,
             bn: 32,
             bk: 128,
             warps_m: 1,
             warps_n: 2,
-            warps_k: 4,
+            warps_k: if matmuls == 1 { 4 } else { 2 },
             stages: 2,
             splits: 1,
         };
-        tile.stages = ((SHARED_BYTES - tile.reduction_bytes(1)) / tile.stage_bytes(1)).clamp(2, 4);
+        tile.stages = ((SHARED_BYTES - tile.reduction_bytes(matmuls)) / tile.stage_bytes(matmuls))
+            .clamp(2, 4);
         return tile;
     }
     let mut tile = MmaTile {
@@ -237,8 +239,13 @@ impl MmaPlan {
     }
 }
 
-/// The plan for `group` when the tensor-core template applies to it.
-pub(crate) fn plan(e: &Emitter<'_, '_>, group: &Group) -> Option<MmaPlan> {
+/// The most rows the decode-sized variant of a GEMM with a symbolic row count is built for
+/// (plans choose it at run time for at most this many rows: `Step::BySize`).
+pub const SMALL_ROWS: u64 = 16;
+
+/// The plan for `group` when the tensor-core template applies to it; with `small_rows`, the
+/// variant for a symbolic row count of at most [`SMALL_ROWS`].
+pub(crate) fn plan(e: &Emitter<'_, '_>, group: &Group, small_rows: bool) -> Option<MmaPlan> {
     let g = e.g;
     let first = *group.roots.first()?;
     let a = g.inst(first)?.operands[0];
@@ -301,7 +308,11 @@ pub(crate) fn plan(e: &Emitter<'_, '_>, group: &Group) -> Option<MmaPlan> {
         }
         b.push(source);
     }
-    let m = out_shape[rank - 2].as_const();
+    let m = if small_rows {
+        Some(SMALL_ROWS)
+    } else {
+        out_shape[rank - 2].as_const()
+    };
     let n_max = b
         .iter()
         .map(|s| s.n.as_const().unwrap_or(u64::MAX))

@@ -11,7 +11,7 @@ mod pointwise;
 mod reduce;
 
 pub use matmul::MatmulTiling;
-pub use mma_gemm::{choose_splits, choose_tile, MmaTile};
+pub use mma_gemm::{choose_splits, choose_tile, MmaTile, SMALL_ROWS};
 
 use crate::emit::{Emitter, ParamArg};
 use crate::error::{EmitError, FusionError};
@@ -52,13 +52,37 @@ pub(crate) struct Launches {
     pub workspaces: Vec<Workspace>,
 }
 
+/// The symbol of a tensor-core GEMM group's row count, when it is one symbolic dim (a
+/// `[T, N]` result): such a group gets a variant for few rows ([`build`] with `small_rows`)
+/// chosen at run time.
+pub(crate) fn small_rows_symbol(
+    g: &FuncGraph<'_>,
+    part: &Partition<'_>,
+    gid: usize,
+    options: &crate::Options,
+) -> Option<String> {
+    let group = &part.groups[gid];
+    if !matches!(group.kind, GroupKind::Matmul { .. }) || !options.tensor_cores {
+        return None;
+    }
+    let shape = g.shape(*group.roots.first()?);
+    let [Dim::Sym(rows), _] = shape else {
+        return None;
+    };
+    let mut e = Emitter::new(g, &part.stored, Ty::I32);
+    e.owned = group.owned.clone();
+    mma_gemm::plan(&e, group, true).map(|_| rows.clone())
+}
+
 /// Builds the kernels of group `gid` (one, or a split-K GEMM and its reduction); `None`
-/// when it stores nothing anyone reads.
+/// when it stores nothing anyone reads. `small_rows` builds a GEMM's variant for at most
+/// [`mma_gemm::SMALL_ROWS`] rows.
 pub(crate) fn build(
     g: &FuncGraph<'_>,
     part: &Partition<'_>,
     gid: usize,
     options: &crate::Options,
+    small_rows: bool,
 ) -> Result<Option<Launches>, FusionError> {
     let group = &part.groups[gid];
     let stores: Vec<Value> = group
@@ -79,7 +103,9 @@ pub(crate) fn build(
     };
     let mut e = new_emitter();
     let mma = match &group.kind {
-        GroupKind::Matmul { .. } => mma_gemm::plan(&e, group).filter(|_| options.tensor_cores),
+        GroupKind::Matmul { .. } => {
+            mma_gemm::plan(&e, group, small_rows).filter(|_| options.tensor_cores)
+        }
         _ => None,
     };
     if let Some(plan) = mma.as_ref().filter(|p| p.split().is_some()) {

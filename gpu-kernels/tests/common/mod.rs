@@ -109,6 +109,18 @@ impl Machine<'_> {
                         }
                     }
                 }
+                Step::BySize {
+                    symbol,
+                    at_most,
+                    small,
+                    large,
+                } => {
+                    let value = *self
+                        .symbols
+                        .get(symbol)
+                        .ok_or(format!("unbound {symbol}"))?;
+                    self.run(if value <= *at_most { small } else { large })?;
+                }
             }
         }
         Ok(())

@@ -565,6 +565,19 @@ impl CudaProgram {
                         }
                     }
                 }
+                Step::BySize {
+                    symbol,
+                    at_most,
+                    small,
+                    large,
+                } => {
+                    let value = symbols.get(symbol).ok_or_else(|| CudaError::BadPlan {
+                        plan: plan.function.clone(),
+                        detail: format!("a branch reads the unbound symbol `{symbol}`"),
+                    })?;
+                    let branch = if value <= *at_most { small } else { large };
+                    self.execute(branch, symbols, inputs, capturing)?;
+                }
             }
         }
         Ok(())

@@ -126,6 +126,20 @@ fn check_steps(
                 }
                 check_steps(plan, body, kernels, &format!("{here}, body step"))?;
             }
+            Step::BySize {
+                symbol,
+                small,
+                large,
+                ..
+            } => {
+                if !plan.symbols.iter().any(|b| &b.name == symbol) {
+                    return Err(bad(format!(
+                        "{here}: the branch reads symbol `{symbol}`, which no input binds"
+                    )));
+                }
+                check_steps(plan, small, kernels, &format!("{here}, small step"))?;
+                check_steps(plan, large, kernels, &format!("{here}, large step"))?;
+            }
         }
     }
     Ok(())
@@ -205,5 +219,9 @@ pub(crate) fn parameter_names(kernel: &KernelInfo) -> String {
 /// Whether `steps` contain a loop (whose count is read on the host, so the plan cannot be
 /// captured into one CUDA graph).
 pub fn has_loop(steps: &[Step]) -> bool {
-    steps.iter().any(|step| matches!(step, Step::Loop { .. }))
+    steps.iter().any(|step| match step {
+        Step::Loop { .. } => true,
+        Step::BySize { small, large, .. } => has_loop(small) || has_loop(large),
+        Step::Launch { .. } | Step::Copy { .. } => false,
+    })
 }
