@@ -35,6 +35,7 @@ fn odd_k(x: bf16[M, 20], w: bf16[16, 20]) -> bf16[M, 16] { linear(x, w) }
 fn wide(x: f32[M, 32], w: f32[16, 32]) -> f32[M, 16] { linear(x, w) }
 fn qkv(x: bf16[M, 256], q: bf16[64, 256], k: bf16[32, 256], v: bf16[32, 256]) -> (bf16[M, 64], bf16[M, 32], bf16[M, 32]) { (linear(x, q), linear(x, k), linear(x, v)) }
 fn long_k(x: bf16[M, 2048], w: bf16[96, 2048], r: bf16[M, 96]) -> bf16[M, 96] { linear(x, w) + r }
+fn heads_out(a: bf16[M, 4, 32], w: bf16[40, 128], r: bf16[M, 40]) -> bf16[M, 40] { linear(a.view(M, 128), w) + r }
 ";
 
 /// Checks `function` at the given symbol values on the kir interpreter and on Cranelift;
@@ -232,4 +233,15 @@ fn a_symbolic_row_count_gets_a_decode_variant_chosen_at_run_time() {
         "{:?}",
         compiled.plan.steps
     );
+}
+
+#[test]
+fn a_reshaped_operand_is_read_from_the_buffer_it_reshapes() {
+    // Attention's [T, H, D] output viewed as [T, H * D] feeds the o-projection: the
+    // tensor-core template reads the stored buffer (same row-major order), both variants.
+    for m in [1, 5, 37] {
+        let names = run("heads_out", &[("M", m)]);
+        assert!(uses_tensor_cores(&names), "{names:?}");
+        assert!(!names.iter().any(|n| n.contains("_matmul_")), "{names:?}");
+    }
 }

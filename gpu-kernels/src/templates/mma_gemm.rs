@@ -221,6 +221,9 @@ struct BSource {
 pub(crate) struct MmaPlan {
     input: MmaInput,
     a: Value,
+    /// The stored value whose buffer holds A: `a` itself, or the value `a` reshapes (a
+    /// reshape keeps the row-major order, so A's linear index addresses it directly).
+    a_source: Value,
     b: Vec<BSource>,
     k: u64,
     tile: MmaTile,
@@ -254,8 +257,12 @@ pub(crate) fn plan(e: &Emitter<'_, '_>, group: &Group, small_rows: bool) -> Opti
         DType::F16 => MmaInput::F16,
         _ => return None,
     };
-    if !e.is_loaded(a) {
-        return None;
+    let mut a_source = a;
+    while !e.is_loaded(a_source) {
+        let Some(Op::Reshape { .. }) = g.op(a_source) else {
+            return None;
+        };
+        a_source = g.inst(a_source)?.operands[0];
     }
     let a_shape = g.shape(a);
     let k = a_shape.last()?.as_const()?;
@@ -328,6 +335,7 @@ pub(crate) fn plan(e: &Emitter<'_, '_>, group: &Group, small_rows: bool) -> Opti
     Some(MmaPlan {
         input,
         a,
+        a_source,
         b,
         k,
         tile,
@@ -465,7 +473,7 @@ pub(crate) fn emit(
         .iter()
         .map(|_| e.shared_array("b_tile", dtype, (stages * b_stage) as u32))
         .collect();
-    let a_buf = e.buffer(plan.a, kiln_kir::Access::Read);
+    let a_buf = e.buffer(plan.a_source, kiln_kir::Access::Read);
     let b_bufs: Vec<Buf> = plan
         .b
         .iter()
