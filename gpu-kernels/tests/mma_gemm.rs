@@ -202,12 +202,12 @@ fn the_plain_template_can_be_forced() {
 #[test]
 fn a_symbolic_row_count_gets_a_decode_variant_chosen_at_run_time() {
     // The same plan runs the decode-sized kernels for at most 16 rows and the large tiles
-    // above: single, two (gate/up, half the split-K warps) and a split-K one; three fused
-    // matmuls (q/k/v) do not fit the decode tile's shared memory and take 64-row tiles.
+    // above: single, two (gate/up, half the split-K warps), three (q/k/v, also half the
+    // slice) and a split-K one.
     for (function, rows, small) in [
         ("nk", [1, 16, 17], "mma_gemm_16x32x128_w1x2x4"),
         ("gate_up", [3, 16, 40], "mma_gemm_16x32x128_w1x2x2"),
-        ("qkv", [1, 7, 33], "mma_gemm_64x"),
+        ("qkv", [1, 7, 33], "mma_gemm_16x32x64_w1x2x2"),
         ("long_k", [1, 5, 20], "mma_gemm_16x32x128_w1x2x4_s3_splitk"),
     ] {
         for m in rows {

@@ -124,12 +124,13 @@ impl MmaTile {
 /// split over 4 warps, so that a 4096-wide N still makes 128 blocks that each keep tens of
 /// KiB of weights in flight (and [`choose_splits`] may split K across blocks).
 pub fn choose_tile(m: Option<u64>, n: u64, matmuls: u32) -> MmaTile {
-    if m.is_some_and(|m| m <= 16) && matmuls <= 2 {
-        // Two fused matmuls (gate and up) take half the split-K warps to fit two stages.
+    if m.is_some_and(|m| m <= 16) && matmuls <= 3 {
+        // Fused matmuls (gate and up, q/k/v) take half the split-K warps, and three of them
+        // half the slice, to fit their B tiles in two or more stages.
         let mut tile = MmaTile {
             bm: 16,
             bn: 32,
-            bk: 128,
+            bk: if matmuls <= 2 { 128 } else { 64 },
             warps_m: 1,
             warps_n: 2,
             warps_k: if matmuls == 1 { 4 } else { 2 },
