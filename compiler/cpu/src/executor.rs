@@ -391,21 +391,12 @@ impl<'p> PlanRun<'p> {
                         self.copy_all(&next, &carried, &label)?;
                     }
                 }
-                Step::BySize {
-                    symbol,
-                    at_most,
-                    small,
-                    large,
-                } => {
-                    let Some(&value) = self.symbols.get(symbol) else {
-                        return Err(self.error(&label, format!("symbol `{symbol}` is not bound")));
-                    };
-                    let (branch, which) = if value <= *at_most {
-                        (small, "small")
-                    } else {
-                        (large, "large")
-                    };
-                    self.steps(executor, branch, &format!("{label} ({which}) step"))?;
+                Step::BySize { .. } => {
+                    let branch = step
+                        .by_size_branch(|s| self.symbols.get(s).copied())
+                        .expect("a BySize step")
+                        .map_err(|m| self.error(&label, m))?;
+                    self.steps(executor, branch, &format!("{label} branch step"))?;
                 }
             }
         }

@@ -123,16 +123,21 @@ fn random_bf16(shape: &[usize], seed: u64) -> Tensor {
     Tensor::from_f32(shape, data).cast(DType::BF16)
 }
 
+/// The copy that sets the bandwidth ceiling: 512 MB of bf16 read and 512 MB written.
+fn copy_case() -> Case {
+    let rows = 65536;
+    Case {
+        function: "copy",
+        inputs: vec![random_bf16(&[rows, 4096], 1)],
+        bytes: 2 * 2 * (rows * 4096) as u64,
+        flops: None,
+    }
+}
+
 fn cases() -> Vec<Case> {
     let t = 16384usize;
-    let copy_rows = 65536; // 512 MB of bf16 read + 512 MB written
     vec![
-        Case {
-            function: "copy",
-            inputs: vec![random_bf16(&[copy_rows, 4096], 1)],
-            bytes: 2 * 2 * (copy_rows * 4096) as u64,
-            flops: None,
-        },
+        copy_case(),
         Case {
             function: "add_rms_norm",
             inputs: vec![
@@ -417,7 +422,7 @@ impl Gpu {
     pub fn copy_bandwidth(&self, runs: usize) -> Result<f64> {
         let source = "fn copy(x: bf16[R, 4096]) -> bf16[R, 4096] { x + 0.0 }";
         let (_, cuda) = self.compile_source("copy.kiln", source, None, &self.compile_options())?;
-        let case = &cases()[0];
+        let case = copy_case();
         let mut program = CudaProgram::new(cuda, case.function)?;
         program.bind_weights(&|_| None)?;
         let timing = program.time_launches(&case.inputs, runs)?;

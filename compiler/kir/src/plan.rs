@@ -78,6 +78,30 @@ pub enum Step {
     },
 }
 
+impl Step {
+    /// For a [`Step::BySize`]: the branch that runs, given the symbols' values; an error
+    /// names a symbol that has none. `None` for other steps.
+    pub fn by_size_branch(
+        &self,
+        value_of: impl Fn(&str) -> Option<u64>,
+    ) -> Option<Result<&[Step], String>> {
+        let Step::BySize {
+            symbol,
+            at_most,
+            small,
+            large,
+        } = self
+        else {
+            return None;
+        };
+        Some(match value_of(symbol) {
+            Some(v) if v <= *at_most => Ok(small),
+            Some(_) => Ok(large),
+            None => Err(format!("a branch reads the unbound symbol `{symbol}`")),
+        })
+    }
+}
+
 /// How a symbolic dim gets its value: from dimension `axis` of input `input`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SymBinding {

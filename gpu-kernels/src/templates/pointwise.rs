@@ -13,7 +13,7 @@
 use super::{ceil_div_size, one, size_of_dims, Body};
 use crate::emit::{add, lt, mul, shift, EResult, Emitter};
 use crate::PointwiseTuning;
-use kiln_ir::{BinaryOp, Dim, Op, UnaryOp, Value};
+use kiln_ir::{BinaryOp, Dim, Inst, Op, UnaryOp, Value};
 use kiln_kir::{Expr, Special, Stmt};
 use std::collections::BTreeSet;
 
@@ -204,19 +204,7 @@ fn segments(e: &Emitter<'_, '_>, shape: &[Dim], outputs: &[Value], lanes: usize)
         return 1;
     };
     let mut step = n;
-    let mut seen = BTreeSet::new();
-    let mut stack: Vec<Value> = outputs.to_vec();
-    while let Some(v) = stack.pop() {
-        if !seen.insert(v) {
-            continue;
-        }
-        let computed =
-            e.owned.contains(&v) || !(g.is_source(v) || g.is_heavy(v) || e.stored[v.0 as usize]);
-        if !computed && !outputs.contains(&v) {
-            continue;
-        }
-        let Some(inst) = g.inst(v) else { continue };
-        stack.extend(inst.operands.iter().copied());
+    for (v, inst) in computed_insts(e, outputs) {
         let Op::Concat { axis } = inst.op else {
             continue;
         };
@@ -241,6 +229,23 @@ fn segments(e: &Emitter<'_, '_>, shape: &[Dim], outputs: &[Value], lanes: usize)
     }
 }
 
+/// The instructions the kernel computes for `outputs` (the outputs and everything it does
+/// not read from a buffer), each once, with the value they define.
+fn computed_insts<'f>(e: &Emitter<'_, 'f>, outputs: &[Value]) -> Vec<(Value, &'f Inst)> {
+    let mut found = Vec::new();
+    let mut seen = BTreeSet::new();
+    let mut stack: Vec<Value> = outputs.to_vec();
+    while let Some(v) = stack.pop() {
+        if !seen.insert(v) || (e.is_loaded(v) && !outputs.contains(&v)) {
+            continue;
+        }
+        let Some(inst) = e.g.inst(v) else { continue };
+        stack.extend(inst.operands.iter().copied());
+        found.push((v, inst));
+    }
+    found
+}
+
 fn gcd(a: u64, b: u64) -> u64 {
     if b == 0 {
         a
@@ -256,19 +261,7 @@ fn reuse_axis(e: &Emitter<'_, '_>, shape: &[Dim], outputs: &[Value]) -> Option<(
     let g = e.g;
     let rank = shape.len();
     let mut best: Option<(usize, u64)> = None;
-    let mut seen = BTreeSet::new();
-    let mut stack: Vec<Value> = outputs.to_vec();
-    while let Some(v) = stack.pop() {
-        if !seen.insert(v) {
-            continue;
-        }
-        let computed =
-            e.owned.contains(&v) || !(g.is_source(v) || g.is_heavy(v) || e.stored[v.0 as usize]);
-        if !computed && !outputs.contains(&v) {
-            continue;
-        }
-        let Some(inst) = g.inst(v) else { continue };
-        stack.extend(inst.operands.iter().copied());
+    for (v, inst) in computed_insts(e, outputs) {
         if !is_transcendental(&inst.op) {
             continue;
         }

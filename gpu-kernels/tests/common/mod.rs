@@ -109,17 +109,12 @@ impl Machine<'_> {
                         }
                     }
                 }
-                Step::BySize {
-                    symbol,
-                    at_most,
-                    small,
-                    large,
-                } => {
-                    let value = *self
-                        .symbols
-                        .get(symbol)
-                        .ok_or(format!("unbound {symbol}"))?;
-                    self.run(if value <= *at_most { small } else { large })?;
+                Step::BySize { .. } => {
+                    let symbols = &self.symbols;
+                    let branch = step
+                        .by_size_branch(|s| symbols.get(s).copied())
+                        .expect("a BySize step")?;
+                    self.run(branch)?;
                 }
             }
         }

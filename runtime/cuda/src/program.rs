@@ -565,17 +565,14 @@ impl CudaProgram {
                         }
                     }
                 }
-                Step::BySize {
-                    symbol,
-                    at_most,
-                    small,
-                    large,
-                } => {
-                    let value = symbols.get(symbol).ok_or_else(|| CudaError::BadPlan {
-                        plan: plan.function.clone(),
-                        detail: format!("a branch reads the unbound symbol `{symbol}`"),
-                    })?;
-                    let branch = if value <= *at_most { small } else { large };
+                Step::BySize { .. } => {
+                    let branch = step
+                        .by_size_branch(|s| symbols.get(s))
+                        .expect("a BySize step")
+                        .map_err(|detail| CudaError::BadPlan {
+                            plan: plan.function.clone(),
+                            detail,
+                        })?;
                     self.execute(branch, symbols, inputs, capturing)?;
                 }
             }
