@@ -29,7 +29,8 @@ pub trait Executor {
     ) -> Result<Vec<Tensor>, RuntimeError>;
 }
 
-/// The inputs updated in place that a host-memory executor keeps between runs.
+/// The inputs updated in place that the interpreter keeps between runs (as tensors; the
+/// CPU plans keep bytes, `kiln_cpu::KeptInput`, and CUDA keeps device buffers).
 #[derive(Default)]
 struct KeptInputs(BTreeMap<(String, usize), Tensor>);
 
