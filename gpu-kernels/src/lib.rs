@@ -60,6 +60,7 @@ pub struct Options {
     /// the plain tiling).
     pub tensor_cores: bool,
     pub pointwise: PointwiseTuning,
+    pub paged: PagedTuning,
 }
 
 /// Knobs of the pointwise template (the defaults are what kiln compiles with; `kiln bench
@@ -88,6 +89,28 @@ impl Default for PointwiseTuning {
     }
 }
 
+/// Knobs of the paged decode attention template (the defaults are what kiln compiles with;
+/// `kiln bench` may override them to compare variants).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PagedTuning {
+    /// Key positions of one partition (one block of the first kernel).
+    pub part: u64,
+    /// Keys one warp takes per loop step, their loads issued together.
+    pub unroll: usize,
+    /// Warps of a block of the first kernel.
+    pub warps: u32,
+}
+
+impl Default for PagedTuning {
+    fn default() -> PagedTuning {
+        PagedTuning {
+            part: 128,
+            unroll: 4,
+            warps: 4,
+        }
+    }
+}
+
 impl Default for Options {
     fn default() -> Options {
         Options {
@@ -96,6 +119,7 @@ impl Default for Options {
             matmul_tiling: MatmulTiling::default(),
             tensor_cores: true,
             pointwise: PointwiseTuning::default(),
+            paged: PagedTuning::default(),
         }
     }
 }

@@ -182,12 +182,36 @@ fn check_program(
     weights: &BTreeMap<String, Tensor>,
     given_inputs: Option<Vec<Tensor>>,
 ) {
+    let fusion = kiln_gpu_kernels::Options::default();
+    check_program_with(
+        backend,
+        &fusion,
+        name,
+        source,
+        dir,
+        config,
+        weights,
+        given_inputs,
+    );
+}
+
+/// [`check_program`] with the given fusion options (template settings).
+#[allow(clippy::too_many_arguments)]
+fn check_program_with(
+    backend: Backend,
+    fusion: &kiln_gpu_kernels::Options,
+    name: &str,
+    source: &str,
+    dir: Option<&Path>,
+    config: Option<&serde_json::Value>,
+    weights: &BTreeMap<String, Tensor>,
+    given_inputs: Option<Vec<Tensor>>,
+) {
     let lowered = compile_source(name, source, dir, config).unwrap_or_else(|d| panic!("{d}"));
     let mut optimized = lowered.module.clone();
     kiln_opt::optimize(&mut optimized).expect("optimize");
-    let compiled =
-        kiln_gpu_kernels::compile_module(&optimized, &kiln_gpu_kernels::Options::default())
-            .unwrap_or_else(|e| panic!("{name}: fusion failed: {e}"));
+    let compiled = kiln_gpu_kernels::compile_module(&optimized, fusion)
+        .unwrap_or_else(|e| panic!("{name}: fusion failed: {e}"));
     let executor = (backend == Backend::Cpu).then(|| {
         kiln_cpu::CpuExecutor::new(&compiled.kernels).unwrap_or_else(|e| panic!("{name}: {e}"))
     });
@@ -195,6 +219,7 @@ fn check_program(
         let (device, toolchain, target) = gpu();
         let options = CompileOptions {
             targets: vec![*target],
+            fusion: fusion.clone(),
             ..CompileOptions::default()
         };
         let package = pipeline::compile(name, lowered.clone(), &options, Some(toolchain))
@@ -321,8 +346,20 @@ fn check_models(backend: Backend) {
 /// Paged attention at head dims the split template takes (64 and 128, GQA 8/2), f32 and
 /// bf16: tokens whose keys span several partitions of 128 positions, one in the first
 /// partition only, one at a partition's first position, and a padding token; block tables
-/// in scrambled order.
+/// in scrambled order. Also with partitions of 32 positions of eight keys a warp (per-warp
+/// block-table reads across blocks of 8) and of 96 for two warps of 3 keys (a partition
+/// that starts inside a cache block: the table read per key).
 fn check_paged_attention(backend: Backend) {
+    let mut fusion = kiln_gpu_kernels::Options::default();
+    for (part, unroll, warps) in [(128, 4, 4), (32, 8, 4), (96, 3, 2)] {
+        fusion.paged.part = part;
+        fusion.paged.unroll = unroll;
+        fusion.paged.warps = warps;
+        check_paged_attention_with(backend, &fusion);
+    }
+}
+
+fn check_paged_attention_with(backend: Backend, fusion: &kiln_gpu_kernels::Options) {
     // (dtype, head dim, block size): blocks of 16 put a step's keys in one block, blocks of
     // 8 read the block table per key.
     for (dtype, d, bs) in [("f32", 64, 16), ("bf16", 128, 16), ("f32", 32, 8)] {
@@ -359,9 +396,13 @@ fn check_paged_attention(backend: Backend) {
             int(&[tokens], vec![0, 1, 2, -1, 0]),
             int(&[tokens], vec![299, 5, 130, 0, 128]),
         ];
-        check_program(
+        check_program_with(
             backend,
-            &format!("paged attention {dtype} d{d} blocks of {bs}"),
+            fusion,
+            &format!(
+                "paged attention {dtype} d{d} blocks of {bs}, partitions of {} for {} warps of {}",
+                fusion.paged.part, fusion.paged.warps, fusion.paged.unroll
+            ),
             &source,
             Some(&repo_root().join("stdlib")),
             None,

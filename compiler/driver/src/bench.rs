@@ -42,6 +42,9 @@ struct KernelArgs {
     /// Also write the JSON here (e.g. benches/results/DATE-GPU-memory-bound.json).
     #[arg(long, short = 'o', value_name = "FILE")]
     out: Option<PathBuf>,
+    /// Time only these cases (repeatable; the copy case, the bandwidth ceiling, always runs).
+    #[arg(long = "case", value_name = "NAME")]
+    cases: Vec<String>,
 }
 
 const PROGRAM: &str = "
@@ -205,43 +208,83 @@ fn paged_decode_case(seed: u64) -> Case {
     }
 }
 
-/// The environment variable `kiln bench kernels` (and nothing else) reads to compile with
-/// other pointwise-template settings, for comparing variants on one GPU: comma-separated
-/// `walk=N` (the most positions of a short outer axis a pointwise thread walks; default 8,
-/// 1 for none), `segments=0|1` (a thread covers one vector per concat segment of the
-/// innermost axis; default 1), `unroll=N` (walk positions computed together, their loads
-/// before their stores; default 1) and `blocks=N` (`.minnctapersm N` on kernels without
-/// shared memory, so ptxas caps their registers for N blocks of 256 threads per SM; default
-/// 1). Example: `KILN_TUNE_POINTWISE=walk=4,segments=1,blocks=5`.
-const TUNE_VAR: &str = "KILN_TUNE_POINTWISE";
+/// The environment variables `kiln bench` (and nothing else) reads to compile with other
+/// template settings, for comparing variants on one GPU; each holds comma-separated
+/// `KEY=N` items.
+///
+/// `KILN_TUNE_POINTWISE`: `walk=N` (the most positions of a short outer axis a pointwise
+/// thread walks; default 8, 1 for none), `segments=0|1` (a thread covers one vector per
+/// concat segment of the innermost axis; default 1), `unroll=N` (walk positions computed
+/// together, their loads before their stores; default 1) and `blocks=N` (`.minnctapersm N`
+/// on kernels without shared memory, so ptxas caps their registers for N blocks of 256
+/// threads per SM; default 1). Example: `KILN_TUNE_POINTWISE=walk=4,segments=1,blocks=5`.
+const TUNE_POINTWISE: &str = "KILN_TUNE_POINTWISE";
 
-fn apply_tuning(options: &mut CompileOptions) -> Result<()> {
-    let Ok(spec) = std::env::var(TUNE_VAR) else {
-        return Ok(());
+/// `KILN_TUNE_PAGED`: `part=N` (key positions of a paged-attention partition), `unroll=N`
+/// (keys a warp takes per step) and `warps=N` (warps of the partial kernel's block);
+/// defaults in [`kiln_gpu_kernels::PagedTuning`].
+const TUNE_PAGED: &str = "KILN_TUNE_PAGED";
+
+/// The `KEY=N` items of the tuning variable `var`, if it is set.
+fn tuning_items(var: &str) -> Result<Vec<(String, u64)>> {
+    let Ok(spec) = std::env::var(var) else {
+        return Ok(Vec::new());
     };
+    spec.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|item| {
+            let (key, value) = item
+                .split_once('=')
+                .ok_or_else(|| anyhow!("{var}: `{item}` is not KEY=VALUE"))?;
+            let n: u64 = value
+                .parse()
+                .with_context(|| format!("{var}: `{item}`: the value is not a number"))?;
+            Ok((key.to_string(), n))
+        })
+        .collect()
+}
+
+/// Applies the tuning variables to `options` and says so on stderr when any is set.
+pub(crate) fn apply_tuning(options: &mut CompileOptions) -> Result<()> {
+    let pointwise = tuning_items(TUNE_POINTWISE)?;
     let tuning = &mut options.fusion.pointwise;
-    for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let (key, value) = item
-            .split_once('=')
-            .ok_or_else(|| anyhow!("{TUNE_VAR}: `{item}` is not KEY=VALUE"))?;
-        let n: u64 = value
-            .parse()
-            .with_context(|| format!("{TUNE_VAR}: `{item}`: the value is not a number"))?;
-        match key {
+    for (key, n) in &pointwise {
+        let n = *n;
+        match key.as_str() {
             "walk" => tuning.max_walk = n.max(1),
             "segments" => tuning.segments = n != 0,
             "unroll" => tuning.unroll = n.max(1),
             "blocks" => options.streaming_blocks_per_sm = u32::try_from(n).unwrap_or(u32::MAX),
-            _ => bail!("{TUNE_VAR}: unknown key `{key}` (walk, segments, unroll, blocks)"),
+            _ => bail!("{TUNE_POINTWISE}: unknown key `{key}` (walk, segments, unroll, blocks)"),
         }
     }
-    eprintln!(
-        "kiln bench: {TUNE_VAR}: walk {}, segments {}, unroll {}, blocks per SM {}",
-        tuning.max_walk,
-        tuning.segments,
-        tuning.unroll,
-        options.streaming_blocks_per_sm.max(1)
-    );
+    if !pointwise.is_empty() {
+        eprintln!(
+            "kiln bench: {TUNE_POINTWISE}: walk {}, segments {}, unroll {}, blocks per SM {}",
+            tuning.max_walk,
+            tuning.segments,
+            tuning.unroll,
+            options.streaming_blocks_per_sm.max(1)
+        );
+    }
+    let paged_items = tuning_items(TUNE_PAGED)?;
+    let paged = &mut options.fusion.paged;
+    for (key, n) in &paged_items {
+        let n = (*n).max(1);
+        match key.as_str() {
+            "part" => paged.part = n,
+            "unroll" => paged.unroll = n as usize,
+            "warps" => paged.warps = u32::try_from(n.min(32)).unwrap_or(32),
+            _ => bail!("{TUNE_PAGED}: unknown key `{key}` (part, unroll, warps)"),
+        }
+    }
+    if !paged_items.is_empty() {
+        eprintln!(
+            "kiln bench: {TUNE_PAGED}: part {}, unroll {}, warps {}",
+            paged.part, paged.unroll, paged.warps
+        );
+    }
     Ok(())
 }
 
@@ -266,7 +309,21 @@ pub(crate) fn run(args: BenchArgs) -> Result<ExitCode> {
         "{:<18} {:>8} {:>10} {:>9} {:>8} {:>8} {:>9} {:>9}",
         "case", "kernels", "median ms", "GB/s", "of copy", "TFLOP/s", "x eager", "x compile"
     );
-    for case in cases() {
+    let all = cases();
+    if let Some(unknown) = args
+        .cases
+        .iter()
+        .find(|name| !all.iter().any(|case| case.function == name.as_str()))
+    {
+        let known: Vec<&str> = all.iter().map(|case| case.function).collect();
+        bail!("--case {unknown}: no such case ({})", known.join(", "));
+    }
+    let chosen = all.into_iter().filter(|case| {
+        case.function == "copy"
+            || args.cases.is_empty()
+            || args.cases.iter().any(|name| name == case.function)
+    });
+    for case in chosen {
         let mut program = CudaProgram::new(cuda.clone(), case.function)?;
         program.bind_weights(&|_| None)?;
         let timing = program.time_launches(&case.inputs, args.runs)?;

@@ -87,7 +87,9 @@ pub(crate) fn run(args: DecodeArgs) -> Result<ExitCode> {
         .sum();
     eprintln!("kiln: compiling for {}", gpu.target.sm_name());
     let module = lowered.module.clone();
-    let (_, cuda) = gpu.compile_lowered("llama.kiln", lowered, &gpu.compile_options())?;
+    let mut compile_options = gpu.compile_options();
+    crate::bench::apply_tuning(&mut compile_options)?;
+    let (_, cuda) = gpu.compile_lowered("llama.kiln", lowered, &compile_options)?;
     let mut plans = CudaPlans::new(module, cuda, Arc::new(weights));
     let longest = args.prompt + args.new_tokens;
     let blocks = longest.div_ceil(BLOCK_TOKENS);

@@ -123,7 +123,7 @@ pub(crate) fn build(
         }));
     }
     if let GroupKind::PagedAttention(out) = &group.kind {
-        if let Some(shape) = paged_decode::PagedShape::of(&e, *out) {
+        if let Some(shape) = paged_decode::PagedShape::of(&e, *out, &options.paged) {
             // Split over the sequence: partial softmax per partition, then the merge.
             let workspace = paged_decode::workspace(&e, *out, &shape);
             let body = paged_decode::emit_partial(&mut e, *out, &shape);

@@ -1,10 +1,10 @@
 //! The paged attention template (split over the sequence, as in flash-decoding): the keys
-//! of each token are cut into partitions of `PART` positions; one block of four warps per
+//! of each token are cut into partitions of `part` positions; one block of `warps` warps per
 //! (partition, key/value head, token) runs an online softmax over its partition for all the
 //! query heads that share the key/value head (GQA: each key and value row is read once for
 //! them), a warp per key with the lanes splitting the head dim (vector loads of D / 32
-//! elements, dot products summed across the warp by shuffles), `UNROLL` keys a step with
-//! their loads issued together. The block's four warps are merged through shared memory
+//! elements, dot products summed across the warp by shuffles), `unroll` keys a step with
+//! their loads issued together. The block's warps are merged through shared memory
 //! into one partial result per query head (running max, sum and weighted values) in an f32
 //! workspace; a second kernel merges the partitions of each (token, head) in order and
 //! stores the output. Keys are read through the block table; a token with a negative
@@ -12,15 +12,9 @@
 
 use super::{mul_size, size_of_dims, Body, Workspace};
 use crate::emit::{EResult, Emitter};
+use crate::PagedTuning;
 use kiln_ir::{DType, Dim, Op, Value};
 use kiln_kir::{Access, BinOp, Expr, SizeExpr, Special, Stmt, Ty, UnOp, VarId};
-
-const WARPS: u32 = 4;
-const THREADS: u32 = WARPS * 32;
-/// Keys one warp takes per loop step.
-const UNROLL: usize = 4;
-/// Key positions of one partition (one block).
-const PART: u64 = 128;
 
 /// The shape the template handles: the head dim a multiple of 32 of at most 256, constant
 /// head counts.
@@ -32,10 +26,15 @@ pub(crate) struct PagedShape {
     kv_heads: usize,
     layer: usize,
     scale: f32,
+    /// Key positions of one partition (one block of the first kernel).
+    part: u64,
+    /// Keys one warp takes per loop step.
+    unroll: usize,
+    warps: u32,
 }
 
 impl PagedShape {
-    pub(crate) fn of(e: &Emitter<'_, '_>, out: Value) -> Option<PagedShape> {
+    pub(crate) fn of(e: &Emitter<'_, '_>, out: Value, tuning: &PagedTuning) -> Option<PagedShape> {
         let inst = e.g.inst(out)?;
         let Op::PagedAttention { layer, scale } = inst.op else {
             return None;
@@ -49,7 +48,14 @@ impl PagedShape {
             kv_heads: kv,
             layer,
             scale: scale as f32,
+            part: tuning.part.max(1),
+            unroll: tuning.unroll.max(1),
+            warps: tuning.warps.clamp(1, 32),
         })
+    }
+
+    fn threads(&self) -> u32 {
+        self.warps * 32
     }
 
     /// Elements of a row each lane holds.
@@ -58,23 +64,23 @@ impl PagedShape {
     }
 }
 
-/// The partition count: ceil(MB · BS / PART), the most positions a block-table row holds.
-fn partitions(e: &Emitter<'_, '_>, out: Value) -> SizeExpr {
+/// The partition count: ceil(MB · BS / part), the most positions a block-table row holds.
+fn partitions(e: &Emitter<'_, '_>, out: Value, part: u64) -> SizeExpr {
     let inst = e.g.inst(out).expect("paged_attention");
     let (tables, cache) = (e.g.shape(inst.operands[3]), e.g.shape(inst.operands[1]));
     let positions = mul_size(size_of_dims(&tables[1..2]), size_of_dims(&cache[2..3]));
     match positions {
-        SizeExpr::Const(n) => SizeExpr::Const(n.div_ceil(PART)),
-        p => SizeExpr::CeilDiv(Box::new(p), Box::new(SizeExpr::Const(PART))),
+        SizeExpr::Const(n) => SizeExpr::Const(n.div_ceil(part)),
+        p => SizeExpr::CeilDiv(Box::new(p), Box::new(SizeExpr::Const(part))),
     }
 }
 
 /// [`partitions`] as a run-time value of the index type.
-fn partitions_expr(e: &mut Emitter<'_, '_>, out: Value) -> Expr {
+fn partitions_expr(e: &mut Emitter<'_, '_>, out: Value, part: u64) -> Expr {
     let inst = e.g.inst(out).expect("paged_attention");
     let (tables, cache) = (e.g.shape(inst.operands[3]), e.g.shape(inst.operands[1]));
     let positions = e.dim(&tables[1]) * e.dim(&cache[2]);
-    (positions + e.ix(PART as i64 - 1)) / e.ix(PART as i64)
+    (positions + e.ix(part as i64 - 1)) / e.ix(part as i64)
 }
 
 /// The workspace: per (token, query head, partition) the D weighted value sums, then the
@@ -87,7 +93,7 @@ pub(crate) fn workspace(e: &Emitter<'_, '_>, out: Value, shape: &PagedShape) -> 
         shape: vec![
             size_of_dims(&q[0..1]),
             size_of_dims(&q[1..2]),
-            partitions(e, out),
+            partitions(e, out, shape.part),
             SizeExpr::Const(shape.d as u64 + 2),
         ],
     }
@@ -113,6 +119,7 @@ pub(crate) fn emit_partial(
     let [q, k_cache, v_cache, tables, seq, pos] = [0, 1, 2, 3, 4, 5].map(|i| inst.operands[i]);
     let ity = e.index_ty;
     let (d, group, per_lane) = (shape.d, shape.group, shape.per_lane());
+    let (warps, unroll, threads) = (shape.warps, shape.unroll, shape.threads());
     let mut body = Vec::new();
     let part = e.special(Special::BlockIdx(0));
     let part = e.bind(&mut body, "part", ity, part);
@@ -135,12 +142,17 @@ pub(crate) fn emit_partial(
         .remove(0);
     let context = Expr::select(s.clone().lt(e.ix(0)), e.ix(0), index(e, p) + e.ix(1));
     let context = e.bind(&mut body, "context", ity, context);
-    let start = e.bind(&mut body, "start", ity, part.clone() * e.ix(PART as i64));
+    let start = e.bind(
+        &mut body,
+        "start",
+        ity,
+        part.clone() * e.ix(shape.part as i64),
+    );
     let end = e.bind(
         &mut body,
         "end",
         ity,
-        context.min(start.clone() + e.ix(PART as i64)),
+        context.min(start.clone() + e.ix(shape.part as i64)),
     );
     let block_size = e.dim(&g.shape(k_cache)[2]);
     // The query rows of the group, this lane's columns, in registers.
@@ -171,34 +183,39 @@ pub(crate) fn emit_partial(
         }
     }
     // The loop over key steps: block-uniform bounds; warp w takes keys
-    // j0 + w·UNROLL .. + UNROLL of each step.
+    // j0 + w·unroll .. + unroll of each step.
     let j0 = e.var("j0", ity);
     let mut step = Vec::new();
     e.push_scope();
-    let mut valid = Vec::with_capacity(UNROLL);
-    let mut keys: Vec<Vec<Expr>> = Vec::with_capacity(UNROLL);
-    let mut values: Vec<Vec<Expr>> = Vec::with_capacity(UNROLL);
-    // With a constant block size that the step's key count divides, a step's keys (which
-    // start at a multiple of that count) lie in one cache block: one block-table read a
-    // step, no division per key.
-    let keys_per_step = u64::from(WARPS) * UNROLL as u64;
-    let step_block = match g.shape(k_cache)[2] {
-        Dim::Const(bs) if bs.is_multiple_of(keys_per_step) => {
-            let at = [s.clone(), Expr::var(j0) / block_size.clone()];
+    let mut valid = Vec::with_capacity(unroll);
+    let mut keys: Vec<Vec<Expr>> = Vec::with_capacity(unroll);
+    let mut values: Vec<Vec<Expr>> = Vec::with_capacity(unroll);
+    // With a constant block size that `unroll` divides (and partitions that start at
+    // multiples of it), a warp's keys of a step lie in one cache block: one block-table
+    // read per warp and step, no division per key. A warp whose first key is past the end
+    // reads the partition's first block instead (valid memory, weight 0).
+    let warp_block = match g.shape(k_cache)[2] {
+        Dim::Const(bs)
+            if bs.is_multiple_of(unroll as u64) && shape.part.is_multiple_of(unroll as u64) =>
+        {
+            let first = Expr::var(j0) + warp.clone() * e.ix(unroll as i64);
+            let first = Expr::select(first.clone().lt(end.clone()), first, start.clone());
+            let first = e.bind(&mut step, "first", ity, first);
+            let at = [s.clone(), first.clone() / block_size.clone()];
             let block = e.elem(&mut step, tables, &at, 1)?.remove(0);
             let block = e.bind(&mut step, "block", ity, index(e, block));
-            let first = Expr::var(j0) % block_size.clone() + warp.clone() * e.ix(UNROLL as i64);
-            Some((block, e.bind(&mut step, "slot", ity, first)))
+            let slot = first % block_size.clone();
+            Some((block, e.bind(&mut step, "slot", ity, slot)))
         }
         _ => None,
     };
-    for u in 0..UNROLL {
-        let j = Expr::var(j0) + warp.clone() * e.ix(UNROLL as i64) + e.ix(u as i64);
+    for u in 0..unroll {
+        let j = Expr::var(j0) + warp.clone() * e.ix(unroll as i64) + e.ix(u as i64);
         let j = e.bind(&mut step, "j", ity, j);
         let ok = e.bind(&mut step, "key_ok", Ty::Pred, j.clone().lt(end.clone()));
         valid.push(ok);
-        let (block, slot) = match &step_block {
-            // Keys past the end stay inside the step's block (weight 0).
+        let (block, slot) = match &warp_block {
+            // Keys past the end stay inside the warp's block (weight 0).
             Some((block, first)) => (block.clone(), first.clone() + e.ix(u as i64)),
             None => {
                 // Out-of-range keys read the partition's first key (valid memory, weight 0).
@@ -232,9 +249,9 @@ pub(crate) fn emit_partial(
     }
     e.pop_scope();
     for gi in 0..group {
-        // Scores of the UNROLL keys: lane partial dot products summed across the warp.
-        let mut scores = Vec::with_capacity(UNROLL);
-        for u in 0..UNROLL {
+        // Scores of the `unroll` keys: lane partial dot products summed across the warp.
+        let mut scores = Vec::with_capacity(unroll);
+        for u in 0..unroll {
             let dot = e.var("dot", Ty::F32);
             let mut sum = qv[gi][0].clone() * keys[u][0].clone();
             for c in 1..per_lane {
@@ -304,13 +321,13 @@ pub(crate) fn emit_partial(
         var: j0,
         start: start.clone(),
         end: end.clone(),
-        step: e.ix(i64::from(WARPS) * UNROLL as i64),
+        step: e.ix(i64::from(warps) * unroll as i64),
         body: step,
     });
     // Merge the warps: each warp's max, sum and columns to shared memory, then thread t
-    // merges entries t, t + THREADS, ... of the group's (head, column) pairs.
-    let stats = e.shared_array("warp_stats", DType::F32, WARPS * 2 * group as u32);
-    let sums = e.shared_array("warp_acc", DType::F32, WARPS * (group * d) as u32);
+    // merges entries t, t + threads, ... of the group's (head, column) pairs.
+    let stats = e.shared_array("warp_stats", DType::F32, warps * 2 * group as u32);
+    let sums = e.shared_array("warp_acc", DType::F32, warps * (group * d) as u32);
     let lane0 = lane.clone().equals(e.ix(0));
     for gi in 0..group {
         let at = warp.clone() * e.ix(2 * group as i64) + e.ix(2 * gi as i64);
@@ -332,10 +349,10 @@ pub(crate) fn emit_partial(
     }
     body.push(Stmt::Barrier);
     let ws = e.workspace(0, DType::F32, Access::Write);
-    let parts = partitions_expr(e, out);
+    let parts = partitions_expr(e, out, shape.part);
     let heads = e.ix((shape.kv_heads * group) as i64);
     let tid = e.special(Special::ThreadIdx);
-    for first in (0..group * d).step_by(THREADS as usize) {
+    for first in (0..group * d).step_by(threads as usize) {
         let item = e.bind(&mut body, "item", ity, tid.clone() + e.ix(first as i64));
         let mut merge = Vec::new();
         let gi = e.bind(&mut merge, "g", ity, item.clone() / e.ix(d as i64));
@@ -347,7 +364,7 @@ pub(crate) fn emit_partial(
             )
         };
         let mut most = stat(0, 0, e);
-        for w in 1..WARPS {
+        for w in 1..warps {
             most = most.max(stat(w, 0, e));
         }
         let most = e.bind(&mut merge, "most", Ty::F32, most);
@@ -358,7 +375,7 @@ pub(crate) fn emit_partial(
             most.clone().gt(f(f32::NEG_INFINITY)),
         );
         let (mut total, mut weighted) = (f(0.0), f(0.0));
-        for w in 0..WARPS {
+        for w in 0..warps {
             let scale = Expr::select(
                 live.clone(),
                 (stat(w, 0, e) - most.clone()).apply(UnOp::Exp),
@@ -383,7 +400,7 @@ pub(crate) fn emit_partial(
             ],
             otherwise: Vec::new(),
         });
-        if (first + THREADS as usize) <= group * d {
+        if (first + threads as usize) <= group * d {
             body.extend(merge);
         } else {
             body.push(Stmt::If {
@@ -396,9 +413,9 @@ pub(crate) fn emit_partial(
     let q_shape = g.shape(q);
     Ok(Body {
         what: "paged_attention_partial".into(),
-        block_dim: THREADS,
+        block_dim: threads,
         grid: [
-            partitions(e, out),
+            partitions(e, out, shape.part),
             SizeExpr::Const(shape.kv_heads as u64),
             size_of_dims(&q_shape[0..1]),
         ],
@@ -421,7 +438,7 @@ pub(crate) fn emit_merge(e: &mut Emitter<'_, '_>, out: Value, shape: &PagedShape
     let c = e.special(Special::ThreadIdx);
     let c = e.bind(&mut body, "c", ity, c);
     let ws = e.workspace(0, DType::F32, Access::Read);
-    let parts = partitions_expr(e, out);
+    let parts = partitions_expr(e, out, shape.part);
     let parts = e.bind(&mut body, "parts", ity, parts);
     let row = e.bind(
         &mut body,
