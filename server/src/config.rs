@@ -49,6 +49,11 @@ pub struct ServeConfig {
     pub interpreter_threads: usize,
     /// How long a shutdown waits for in-flight requests before cancelling them.
     pub shutdown_timeout: Duration,
+    /// The dtype of the weights and of the KV cache (f32 or bf16; checkpoints are converted).
+    pub param_dtype: kiln_ir::DType,
+    /// Serve random weights drawn with this seed instead of the checkpoint's: the model
+    /// directory then needs only config.json (benchmarks of a model shape).
+    pub random_weights: Option<u64>,
 }
 
 impl Default for ServeConfig {
@@ -73,6 +78,8 @@ impl Default for ServeConfig {
                 .map(|n| n.get())
                 .unwrap_or(1),
             shutdown_timeout: Duration::from_secs(30),
+            param_dtype: kiln_ir::DType::F32,
+            random_weights: None,
         }
     }
 }

@@ -5,7 +5,7 @@ use crate::cpu::CpuProgram;
 use crate::progress::Progress;
 use crate::{RuntimeError, Weights};
 use kiln_cuda::{CudaPackage, CudaProgram};
-use kiln_ir::{Module, Tensor};
+use kiln_ir::{DType, Module, Tensor};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -27,6 +27,20 @@ pub trait Executor {
         function: &str,
         inputs: Vec<Option<Tensor>>,
     ) -> Result<Vec<Tensor>, RuntimeError>;
+    /// Makes input `index` of `function` (one it updates in place) a kept value of zeros of
+    /// `dtype` and `shape`, without a host tensor of that size, when the executor can (the
+    /// GPU makes the zeros on the device); returns whether it did. When it returns false,
+    /// give the zeros on the first [`Executor::run_kept`] instead.
+    fn keep_zeros(
+        &mut self,
+        function: &str,
+        index: usize,
+        dtype: DType,
+        shape: &[usize],
+    ) -> Result<bool, RuntimeError> {
+        let _ = (function, index, dtype, shape);
+        Ok(false)
+    }
 }
 
 /// The inputs updated in place that the interpreter keeps between runs (as tensors; the
@@ -246,9 +260,34 @@ impl Executor for CudaPlans {
             .run_graph_kept(&refs)
             .map_err(|e| backend_error(function, e))
     }
+
+    fn keep_zeros(
+        &mut self,
+        function: &str,
+        index: usize,
+        dtype: DType,
+        shape: &[usize],
+    ) -> Result<bool, RuntimeError> {
+        let program = self.program(function)?;
+        program
+            .keep_zeros(index, dtype, shape)
+            .map_err(|e| backend_error(function, e))?;
+        Ok(true)
+    }
 }
 
 impl CudaPlans {
+    /// Makes entry `function`'s program and uploads its weights now rather than on its first
+    /// run (so that the device memory left for other uses, a KV cache, can be measured).
+    pub fn load(&mut self, function: &str) -> Result<(), RuntimeError> {
+        self.program(function).map(|_| ())
+    }
+
+    /// The package (and through it the device) the plans run on.
+    pub fn package(&self) -> &Arc<CudaPackage> {
+        &self.package
+    }
+
     /// The program of entry `function`, made and given its weights on first use.
     fn program(&mut self, function: &str) -> Result<&mut CudaProgram, RuntimeError> {
         if self.module.function(function).is_none() {

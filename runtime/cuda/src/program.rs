@@ -275,6 +275,42 @@ impl CudaProgram {
         self.read_outputs(&outputs, &symbols)
     }
 
+    /// Keeps input `index` (one the plan updates in place) on the device as zeros of `dtype`
+    /// and `shape`, made there rather than copied from the host: a later
+    /// [`CudaProgram::run_graph_kept`] given `None` for it starts from zeros. This is how a
+    /// KV cache of many gigabytes starts without a host copy of its size.
+    pub fn keep_zeros(
+        &mut self,
+        index: usize,
+        dtype: DType,
+        shape: &[usize],
+    ) -> Result<(), CudaError> {
+        let package = self.package.clone();
+        let plan = package.plan_at(self.plan_index);
+        let bad = |detail: &str| CudaError::BadInput {
+            plan: plan.function.clone(),
+            index,
+            detail: detail.into(),
+        };
+        let id = *plan
+            .inputs
+            .get(index)
+            .ok_or_else(|| bad("the plan has no such input"))?;
+        if !plan.outputs.contains(&id) {
+            return Err(bad(
+                "only inputs the plan updates in place can be kept on the device",
+            ));
+        }
+        let decl = buffer_decl(plan, id)?;
+        let bytes = shape.iter().product::<usize>() * dtype.size_bytes();
+        // A new buffer is zeroed; captured graphs hold the old one's address.
+        self.graphs.clear();
+        self.own.remove(&decl.id);
+        self.own.insert(decl.id, package.device().alloc(bytes)?);
+        self.kept.insert(index, (dtype, shape.to_vec()));
+        Ok(())
+    }
+
     /// The current device contents of input `index` (an input updated in place and kept).
     pub fn read_input(&self, index: usize) -> Result<Tensor, CudaError> {
         let plan = self.plan();
