@@ -116,14 +116,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
 
 /// Reads a config.json given as a file or as a directory holding one.
 pub(crate) fn read_config(path: &Path) -> Result<serde_json::Value> {
-    let file = if path.is_dir() {
-        path.join("config.json")
-    } else {
-        path.to_path_buf()
-    };
-    let text =
-        std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("parsing {}", file.display()))
+    kiln_driver::read_config_json(path)
 }
 
 /// Loads and lowers a program, printing its diagnostics to stderr.
