@@ -77,6 +77,8 @@ impl RunnerFactory for InterpreterFactory {
 pub struct GpuRunnerFactory {
     gpu: Option<GpuParts>,
     plans: Option<CudaPlans>,
+    /// A fixed KV-cache budget instead of a fraction of the free memory (tests).
+    kv_cache_bytes: Option<u64>,
 }
 
 impl GpuRunnerFactory {
@@ -85,7 +87,15 @@ impl GpuRunnerFactory {
         GpuRunnerFactory {
             gpu: Some(parts),
             plans: None,
+            kv_cache_bytes: None,
         }
+    }
+
+    /// Gives the KV cache `bytes` of device memory rather than `--gpu-memory-utilization` of
+    /// what is free (a cache small enough to force preemptions, in tests).
+    pub fn with_kv_cache_bytes(mut self, bytes: u64) -> GpuRunnerFactory {
+        self.kv_cache_bytes = Some(bytes);
+        self
     }
 
     /// A factory for GPU 0; an error says why there is none.
@@ -158,7 +168,7 @@ impl RunnerFactory for GpuRunnerFactory {
         // of at most `symbol_bound`.
         let bytes_per_token = model.kv_shape.bytes_per_token();
         let most = symbol_bound * config.block_size as u64 * bytes_per_token;
-        let bytes = wanted.min(most);
+        let bytes = self.kv_cache_bytes.unwrap_or(wanted).min(most);
         Ok(KvCacheBudget {
             bytes,
             device: "cuda".into(),
