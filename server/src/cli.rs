@@ -84,6 +84,10 @@ pub struct ServeArgs {
     /// The dtype of the weights and of the KV cache.
     #[arg(long, value_enum, default_value_t = DtypeArg::Auto)]
     pub dtype: DtypeArg,
+    /// Let steps of few rows use the decode-sized bf16 GEMM kernels: faster at low load, but
+    /// a request's tokens may then depend on what it was batched with.
+    #[arg(long)]
+    pub no_batch_invariance: bool,
     /// Host memory for the KV cache when the model runs on the CPU: bytes, or with a suffix
     /// (KiB, MiB, GiB; K, M, G).
     #[arg(long, default_value = "1GiB", value_name = "SIZE", value_parser = parse_size)]
@@ -137,6 +141,7 @@ impl ServeArgs {
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout),
             param_dtype: self.dtype.resolve(gpu),
             random_weights: None,
+            batch_invariant: !self.no_batch_invariance,
         }
     }
 }

@@ -12,18 +12,21 @@
 //!   server-sent events. [`metrics`] renders Prometheus text with vLLM's names under `kiln:`.
 //!
 //! # Startup
-//! [`Server::start`] loads the model, sizes the KV cache (from `--kv-cache-memory` on the CPU;
-//! `--gpu-memory-utilization` applies once a GPU backend runs the model), refuses to start
-//! when one `max_model_len` sequence does not fit (naming both numbers), starts the engine and
-//! binds the listener. [`serve`] adds logging and graceful shutdown on SIGTERM / ctrl-c:
+//! [`Server::start_with_factory`] loads the model, asks the [`RunnerFactory`] for the KV-cache
+//! budget (the CPU's is `--kv-cache-memory`; the `kiln` binary's GPU factory puts the model
+//! on the device and gives `--gpu-memory-utilization` of the memory left), sizes the cache,
+//! refuses to start when one `max_model_len` sequence does not fit (naming both numbers and
+//! the budget), makes the runner for that cache, starts the engine and binds the listener.
+//! [`Server::start`] does so on the CPU ([`CpuRunnerFactory`]). [`serve`] adds logging and graceful shutdown on SIGTERM / ctrl-c:
 //! stop accepting, let in-flight requests finish (up to the shutdown timeout, then cancel
 //! them), stop the engine, return.
 //!
 //! # What is deliberately absent
 //! Tool calls. (`/v1/consensus` is here: texts or embeddings through the consensus game of the
 //! stdlib, on the interpreter; docs/consensus.md.)
-//! The reference-interpreter runner keeps no KV: it reruns each sampled sequence every step,
-//! which is exact and batch-invariant but slow; compiled runners plug in behind the same trait.
+//! Compiling for the GPU: this crate runs what it is given; the `kiln` binary (kiln-cli, which
+//! holds the compiler pipeline) makes the GPU runner. The reference-interpreter runner keeps
+//! no KV: it reruns each sampled sequence every step, exact and batch-invariant but slow.
 
 pub mod cli;
 pub mod codec;
@@ -143,6 +146,7 @@ pub fn cpu_runner(
     model: &LoadedModel,
     cache: &CacheLayout,
     threads: usize,
+    batch_invariant: bool,
 ) -> Result<Box<dyn ModelRunner>, ServerError> {
     let Some(step) = &model.step_module else {
         return Ok(Box::new(InterpreterRunner::new(
@@ -152,12 +156,13 @@ pub fn cpu_runner(
             threads,
         )));
     };
-    let plans = kiln_runtime::CpuPlans::compile(
+    let mut plans = kiln_runtime::CpuPlans::compile(
         (**step).clone(),
         Arc::clone(&model.weights),
         &mut kiln_runtime::NoProgress,
     )
     .map_err(|e| ServerError::Engine(format!("compiling the model for the CPU: {e}")))?;
+    plans.set_batch_invariant(batch_invariant);
     let runner = PagedRunner::new(
         Box::new(plans),
         cache.num_blocks,
@@ -191,12 +196,16 @@ pub trait RunnerFactory {
 #[derive(Debug, Clone, Copy)]
 pub struct CpuRunnerFactory {
     threads: usize,
+    batch_invariant: bool,
 }
 
 impl CpuRunnerFactory {
     /// The interpreter (for programs without a `step` entry) uses `threads` threads.
     pub fn new(threads: usize) -> CpuRunnerFactory {
-        CpuRunnerFactory { threads }
+        CpuRunnerFactory {
+            threads,
+            batch_invariant: true,
+        }
     }
 }
 
@@ -206,6 +215,7 @@ impl RunnerFactory for CpuRunnerFactory {
         model: &LoadedModel,
         config: &ServeConfig,
     ) -> Result<KvCacheBudget, ServerError> {
+        self.batch_invariant = config.batch_invariant;
         Ok(cpu_kv_cache_budget(model, config))
     }
 
@@ -214,7 +224,7 @@ impl RunnerFactory for CpuRunnerFactory {
         model: &LoadedModel,
         cache: &CacheLayout,
     ) -> Result<Box<dyn ModelRunner>, ServerError> {
-        cpu_runner(model, cache, self.threads)
+        cpu_runner(model, cache, self.threads, self.batch_invariant)
     }
 }
 

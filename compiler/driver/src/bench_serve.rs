@@ -92,6 +92,10 @@ pub struct ServeBenchArgs {
     #[arg(long, default_value = "1GiB", value_name = "SIZE",
           value_parser = kiln_server::cli::parse_size)]
     pub kv_cache_memory: u64,
+    /// Let the GPU server use decode-sized GEMM kernels for steps of few tokens (see `kiln
+    /// serve --no-batch-invariance`).
+    #[arg(long)]
+    pub no_batch_invariance: bool,
     /// Write the JSON result here.
     #[arg(long, short = 'o', value_name = "FILE")]
     pub out: Option<PathBuf>,
@@ -379,6 +383,7 @@ async fn start_server(args: &ServeBenchArgs) -> Result<Target> {
         cpu_kv_cache_bytes: args.kv_cache_memory,
         param_dtype: dtype,
         random_weights: random,
+        batch_invariant: !args.no_batch_invariance,
         shutdown_timeout: Duration::from_secs(5),
         ..ServeConfig::for_model(&dir)
     };
@@ -404,6 +409,7 @@ async fn start_server(args: &ServeBenchArgs) -> Result<Target> {
         "kv_cache_blocks": info.num_blocks,
         "kv_block_size": info.block_size,
         "max_num_seqs": args.max_num_seqs,
+        "batch_invariant": !args.no_batch_invariance,
     });
     Ok(Target {
         base: format!("http://{}", server.local_addr()),
@@ -467,7 +473,7 @@ pub fn run(args: &ServeBenchArgs) -> Result<Value> {
     if args.num_prompts == 0 || args.input_len == 0 || args.output_len == 0 {
         bail!("--num-prompts, --input-len and --output-len must be at least 1");
     }
-    if !(args.request_rate > 0.0) {
+    if args.request_rate.is_nan() || args.request_rate <= 0.0 {
         bail!("--request-rate must be positive (inf: all at once)");
     }
     if args.max_concurrency == Some(0) {

@@ -3,7 +3,9 @@
 //! left (`--gpu-memory-utilization` of it) and hands the server a
 //! [`PagedRunner`](kiln_server::PagedRunner) over the CUDA plans: the same runner the CPU
 //! path uses, so each scheduled ragged batch runs as one step with the paged caches kept on
-//! the device, and batch invariance holds as on the CPU. [`factory`] picks the GPU when
+//! the device. Batch invariance holds as on the CPU unless `--no-batch-invariance`: the
+//! plans then let steps of few tokens pick the decode-sized GEMM kernels, whose sums run in
+//! another order than the kernels of larger steps. [`factory`] picks the GPU when
 //! [`backend`](crate::backend) finds one, else the CPU runner (saying so once).
 
 use crate::backend::{self, BackendChoice, GpuParts};
@@ -155,6 +157,7 @@ impl RunnerFactory for GpuRunnerFactory {
         .map_err(|e| engine_error("loading the package on the GPU", e))?;
         let mut plans =
             CudaPlans::new((**step).clone(), Arc::new(cuda), Arc::clone(&model.weights));
+        plans.set_batch_invariant(config.batch_invariant);
         plans
             .load(STEP_ENTRY)
             .map_err(|e| engine_error("putting the weights on the GPU", e))?;

@@ -184,6 +184,12 @@ impl CpuPlans {
             kept: BTreeMap::new(),
         })
     }
+
+    /// Makes the plans batch invariant: a row's result is the same bits whatever else the run
+    /// computes (for bf16 GEMMs, which otherwise pick decode-sized kernels for few rows).
+    pub fn set_batch_invariant(&mut self, batch_invariant: bool) {
+        self.program.set_batch_invariant(batch_invariant);
+    }
 }
 
 impl Executor for CpuPlans {
@@ -217,6 +223,7 @@ pub struct CudaPlans {
     package: Arc<CudaPackage>,
     programs: BTreeMap<String, CudaProgram>,
     weights: Arc<Weights>,
+    batch_invariant: bool,
 }
 
 impl CudaPlans {
@@ -227,6 +234,17 @@ impl CudaPlans {
             package,
             programs: BTreeMap::new(),
             weights,
+            batch_invariant: false,
+        }
+    }
+
+    /// Makes every program batch invariant (`kiln_cuda::ProgramOptions::batch_invariant`): a
+    /// row's result is the same bits whatever else the run computes, as a server needs for a
+    /// request's tokens not to depend on the batch it ran in.
+    pub fn set_batch_invariant(&mut self, batch_invariant: bool) {
+        self.batch_invariant = batch_invariant;
+        for program in self.programs.values_mut() {
+            program.set_batch_invariant(batch_invariant);
         }
     }
 }
@@ -296,6 +314,7 @@ impl CudaPlans {
         if !self.programs.contains_key(function) {
             let mut program = CudaProgram::new(self.package.clone(), function)
                 .map_err(|e| backend_error(function, e))?;
+            program.set_batch_invariant(self.batch_invariant);
             let weights = &self.weights;
             program
                 .bind_weights(&|name| weights.get(name))

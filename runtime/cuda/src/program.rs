@@ -48,6 +48,10 @@ pub struct ProgramOptions {
     /// Whether to wait for each launch to finish (outside graph capture), so that a kernel
     /// fault is reported with the kernel's name and launch shape. Slow; for debugging.
     pub sync_after_each_launch: bool,
+    /// Whether every `Step::BySize` runs its `large` branch whatever the row count, so that a
+    /// row's result never depends on how many rows the run has (batch invariance for a
+    /// server, at the price of the decode-sized GEMM kernels for runs of few rows).
+    pub batch_invariant: bool,
 }
 
 impl Default for ProgramOptions {
@@ -55,6 +59,7 @@ impl Default for ProgramOptions {
         ProgramOptions {
             use_graphs: true,
             sync_after_each_launch: false,
+            batch_invariant: false,
         }
     }
 }
@@ -67,6 +72,7 @@ impl ProgramOptions {
         ProgramOptions {
             use_graphs: !set_to(GRAPHS_ENV, "0"),
             sync_after_each_launch: set_to(SYNC_LAUNCHES_ENV, "1"),
+            batch_invariant: false,
         }
     }
 }
@@ -137,6 +143,15 @@ impl CudaProgram {
 
     pub fn set_sync_after_each_launch(&mut self, sync: bool) {
         self.options.sync_after_each_launch = sync;
+    }
+
+    /// Turns batch invariance on or off ([`ProgramOptions::batch_invariant`]; a change drops
+    /// the captured graphs, which hold the other branches).
+    pub fn set_batch_invariant(&mut self, batch_invariant: bool) {
+        if self.options.batch_invariant != batch_invariant {
+            self.graphs.clear();
+        }
+        self.options.batch_invariant = batch_invariant;
     }
 
     /// How many graphs are captured (one per set of symbol values run with
@@ -600,6 +615,9 @@ impl CudaProgram {
                             copy_between(device, plan, (from, source), (to, destination))?;
                         }
                     }
+                }
+                Step::BySize { large, .. } if self.options.batch_invariant => {
+                    self.execute(large, symbols, inputs, capturing)?;
                 }
                 Step::BySize { .. } => {
                     let branch = step
