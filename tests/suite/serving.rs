@@ -440,3 +440,58 @@ fn gpu_runner_rows_do_not_depend_on_the_batch() {
          differ from the same sequence alone"
     );
 }
+
+/// The package the GPU runner loads: models/default's `step` in bf16 assembles for every
+/// target, and its manifest lists every weight the checkpoint binds (needs ptxas, no GPU).
+#[test]
+fn the_gpu_runners_step_package_assembles_for_every_target() {
+    let toolchain = match kiln_ptx::Toolchain::discover() {
+        Ok(toolchain) => toolchain,
+        Err(e) if std::env::var("KILN_ALLOW_NO_PTXAS").is_ok_and(|v| v == "1") => {
+            eprintln!("NOT RUN (no ptxas): {e}");
+            return;
+        }
+        Err(e) => panic!("{e}"),
+    };
+    let model = kiln_server::LoadedModel::load_as(
+        &repo().join("models/default"),
+        kiln_ir::DType::BF16,
+        None,
+    )
+    .unwrap();
+    let options = kiln_driver::pipeline::CompileOptions::default();
+    let (step, package) =
+        kiln_driver::serve::compile_step(&model, &options, Some(&toolchain)).unwrap();
+    assert_eq!(step.functions.len(), 1);
+    assert_eq!(step.functions[0].name, "step");
+    assert!(package.fatbin.is_some());
+    assert_eq!(package.code.len(), kiln_ptx::Target::ALL.len());
+    for target in &package.code {
+        assert!(target.cubin.is_some(), "{}", target.target.sm_name());
+    }
+    let weights: Vec<&str> = package
+        .manifest
+        .weights
+        .iter()
+        .map(|w| w.checkpoint_name.as_str())
+        .collect();
+    for param in &model.params {
+        assert!(
+            weights.contains(&param.checkpoint_name.as_str()),
+            "{}",
+            param.checkpoint_name
+        );
+        assert_eq!(
+            param.ty.dtype,
+            kiln_ir::DType::BF16,
+            "{}",
+            param.checkpoint_name
+        );
+    }
+    // The plan has both GEMM variants that batch invariance chooses between.
+    let text = format!("{:?}", package.manifest.plans);
+    assert!(
+        text.contains("BySize"),
+        "bf16 GEMMs of symbolic rows get a decode-sized variant"
+    );
+}

@@ -106,6 +106,30 @@ impl GpuRunnerFactory {
     }
 }
 
+/// The model's KV-cached `step` entry (the module the plans run) and its package compiled
+/// with `options` (assembled when a toolchain is given): what the GPU runner loads.
+pub fn compile_step(
+    model: &LoadedModel,
+    options: &CompileOptions,
+    toolchain: Option<&kiln_ptx::Toolchain>,
+) -> Result<(kiln_ir::Module, pipeline::Package), ServerError> {
+    let step = model.step_module.as_ref().ok_or_else(|| {
+        ServerError::Engine(format!(
+            "{} has no KV-cached `{STEP_ENTRY}` entry, which the GPU runner runs; serve it \
+             with --backend cpu",
+            model.program_path
+        ))
+    })?;
+    let lowered = kiln_lower::Lowered {
+        module: (**step).clone(),
+        config: Default::default(),
+        params: model.params.clone(),
+    };
+    let package = pipeline::compile(model.program_path, lowered, options, toolchain)
+        .map_err(|e| engine_error("compiling the model for the GPU", e))?;
+    Ok(((**step).clone(), package))
+}
+
 fn engine_error(what: &str, e: impl std::fmt::Display) -> ServerError {
     ServerError::Engine(format!("{what}: {e}"))
 }
@@ -120,30 +144,17 @@ impl RunnerFactory for GpuRunnerFactory {
             .gpu
             .take()
             .ok_or_else(|| ServerError::Engine("the GPU runner was already made".into()))?;
-        let step = model.step_module.as_ref().ok_or_else(|| {
-            ServerError::Engine(format!(
-                "{} has no KV-cached `{STEP_ENTRY}` entry, which the GPU runner runs; serve it \
-                 with --backend cpu",
-                model.program_path
-            ))
-        })?;
         let options = CompileOptions {
             targets: vec![target],
             ..CompileOptions::default()
         };
         let symbol_bound = options.fusion.symbol_bound;
-        let lowered = kiln_lower::Lowered {
-            module: (**step).clone(),
-            config: Default::default(),
-            params: model.params.clone(),
-        };
         tracing::info!(
             "compiling `{STEP_ENTRY}` of {} for {}",
             model.program_path,
             target.sm_name()
         );
-        let package = pipeline::compile(model.program_path, lowered, &options, Some(&toolchain))
-            .map_err(|e| engine_error("compiling the model for the GPU", e))?;
+        let (step, package) = compile_step(model, &options, Some(&toolchain))?;
         let fatbin = package
             .fatbin
             .as_ref()
@@ -155,8 +166,7 @@ impl RunnerFactory for GpuRunnerFactory {
             model.program_path,
         )
         .map_err(|e| engine_error("loading the package on the GPU", e))?;
-        let mut plans =
-            CudaPlans::new((**step).clone(), Arc::new(cuda), Arc::clone(&model.weights));
+        let mut plans = CudaPlans::new(step, Arc::new(cuda), Arc::clone(&model.weights));
         plans.set_batch_invariant(config.batch_invariant);
         plans
             .load(STEP_ENTRY)
