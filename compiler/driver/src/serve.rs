@@ -17,6 +17,10 @@ use kiln_server::{
 };
 use std::sync::Arc;
 
+/// The most CUDA graphs the step keeps (one per distinct token and sequence count of a
+/// step, captured on first use; steps of other counts run uncaptured).
+pub const MAX_GRAPHS: usize = 512;
+
 /// The runner factory for `choice` and whether it runs on the GPU. With
 /// [`BackendChoice::Auto`] and no usable GPU, one line on stderr says why and that the CPU
 /// runs the model instead.
@@ -168,6 +172,7 @@ impl RunnerFactory for GpuRunnerFactory {
         .map_err(|e| engine_error("loading the package on the GPU", e))?;
         let mut plans = CudaPlans::new(step, Arc::new(cuda), Arc::clone(&model.weights));
         plans.set_batch_invariant(config.batch_invariant);
+        plans.set_max_graphs(Some(MAX_GRAPHS));
         plans
             .load(STEP_ENTRY)
             .map_err(|e| engine_error("putting the weights on the GPU", e))?;

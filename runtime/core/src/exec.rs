@@ -224,6 +224,7 @@ pub struct CudaPlans {
     programs: BTreeMap<String, CudaProgram>,
     weights: Arc<Weights>,
     batch_invariant: bool,
+    max_graphs: Option<usize>,
 }
 
 impl CudaPlans {
@@ -235,6 +236,15 @@ impl CudaPlans {
             programs: BTreeMap::new(),
             weights,
             batch_invariant: false,
+            max_graphs: None,
+        }
+    }
+
+    /// Bounds the CUDA graphs each program keeps (`kiln_cuda::ProgramOptions::max_graphs`).
+    pub fn set_max_graphs(&mut self, max_graphs: Option<usize>) {
+        self.max_graphs = max_graphs;
+        for program in self.programs.values_mut() {
+            program.set_max_graphs(max_graphs);
         }
     }
 
@@ -315,6 +325,7 @@ impl CudaPlans {
             let mut program = CudaProgram::new(self.package.clone(), function)
                 .map_err(|e| backend_error(function, e))?;
             program.set_batch_invariant(self.batch_invariant);
+            program.set_max_graphs(self.max_graphs);
             let weights = &self.weights;
             program
                 .bind_weights(&|name| weights.get(name))

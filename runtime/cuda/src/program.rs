@@ -52,6 +52,9 @@ pub struct ProgramOptions {
     /// row's result never depends on how many rows the run has (batch invariance for a
     /// server, at the price of the decode-sized GEMM kernels for runs of few rows).
     pub batch_invariant: bool,
+    /// The most graphs kept; runs of further symbol values run directly, uncaptured (a
+    /// server meets a new token count at many steps; `None`: no bound).
+    pub max_graphs: Option<usize>,
 }
 
 impl Default for ProgramOptions {
@@ -60,6 +63,7 @@ impl Default for ProgramOptions {
             use_graphs: true,
             sync_after_each_launch: false,
             batch_invariant: false,
+            max_graphs: None,
         }
     }
 }
@@ -73,6 +77,7 @@ impl ProgramOptions {
             use_graphs: !set_to(GRAPHS_ENV, "0"),
             sync_after_each_launch: set_to(SYNC_LAUNCHES_ENV, "1"),
             batch_invariant: false,
+            max_graphs: None,
         }
     }
 }
@@ -143,6 +148,11 @@ impl CudaProgram {
 
     pub fn set_sync_after_each_launch(&mut self, sync: bool) {
         self.options.sync_after_each_launch = sync;
+    }
+
+    /// Bounds the graphs kept ([`ProgramOptions::max_graphs`]).
+    pub fn set_max_graphs(&mut self, max_graphs: Option<usize>) {
+        self.options.max_graphs = max_graphs;
     }
 
     /// Turns batch invariance on or off ([`ProgramOptions::batch_invariant`]; a change drops
@@ -372,6 +382,13 @@ impl CudaProgram {
 
     /// Launches the graph for `symbols`, capturing it first when there is none.
     fn replay(&mut self, symbols: &SymbolValues, inputs: &[Tensor]) -> Result<(), CudaError> {
+        let full = self
+            .options
+            .max_graphs
+            .is_some_and(|most| self.graphs.len() >= most);
+        if full && !self.graphs.contains_key(symbols) {
+            return self.execute(&self.plan().steps, symbols, inputs, false);
+        }
         if !self.graphs.contains_key(symbols) {
             let graph = self.capture(symbols, inputs)?;
             self.graphs.insert(symbols.clone(), graph);
