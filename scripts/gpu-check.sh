@@ -2,14 +2,17 @@
 # Runs kiln's GPU checks on a machine with an NVIDIA GPU, from test binaries built elsewhere
 # (the GPU machine need not have Rust). Build them with scripts/build-gpu-bins.sh, which puts
 # them in .carry/; results go to $OUT (default ./gpu-results).
-#   - the backend differential tests (every stdlib function and model, CUDA vs interpreter)
-#     and kiln-cuda's GPU tests, which are #[ignore]d without a GPU: --include-ignored runs
-#     them here, and a missing GPU fails them;
+#   - the backend differential tests (every stdlib function and model, CUDA vs interpreter),
+#     the serving soak on the GPU (64 concurrent greedy requests, each equal to itself run
+#     alone) and kiln-cuda's GPU tests, which are #[ignore]d without a GPU: --include-ignored
+#     runs them here, and a missing GPU fails them;
 #   - compute-sanitizer memcheck and racecheck over the same binaries;
 #   - `kiln run` on the tiny checkpoints (greedy tokens equal transformers');
 #   - the tensor-core GEMM check (gpu-kernels/tools/gemm_gpu_check.py) against PyTorch;
 #   - the kernel benchmarks beside PyTorch eager and torch.compile;
-#   - the decode speed of the 1.1B Llama shape beside transformers' generate.
+#   - the decode speed of the 1.1B Llama shape beside transformers' generate;
+#   - `kiln bench serve` on the 1.1B Llama shape (random weights): 64 prompts, 128 tokens in,
+#     128 out, all at once.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-results}
@@ -18,7 +21,7 @@ export KILN_REPO_ROOT=$PWD
 status=0
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$OUT/gpu.txt"
 git rev-parse HEAD > "$OUT/commit.txt" 2>/dev/null || true
-for bin in backends cuda-gpu cuda-plans cuda-probe; do
+for bin in backends serving cuda-gpu cuda-plans cuda-probe; do
     echo "== $bin" >> "$OUT/tests.log"
     .carry/$bin --include-ignored --test-threads 1 >> "$OUT/tests.log" 2>&1 || status=1
 done
@@ -54,6 +57,10 @@ if [ "${KILN_SKIP_BENCH:-0}" != 1 ]; then
     .carry/kiln bench decode --torch-json "$OUT/torch-decode.json" -o "$OUT/decode.json" \
         > "$OUT/kiln-decode.txt" 2>&1 || status=1
     cat "$OUT/kiln-decode.txt"
+    # Serving: the OpenAI-compatible server on the GPU under vLLM's serving benchmark.
+    .carry/kiln bench serve --num-prompts 64 --input-len 128 --output-len 128 -o "$OUT/serve.json" \
+        > "$OUT/kiln-serve.txt" 2>&1 || status=1
+    cat "$OUT/kiln-serve.txt"
 fi
 grep -E "test result|NOT RUN|FAILED|panicked|tiny-" "$OUT/tests.log"
 grep -E "ERROR SUMMARY|== " "$OUT/sanitizer.log"

@@ -19,6 +19,29 @@ pub enum PolicyArg {
     Priority,
 }
 
+/// The dtype the weights and the KV cache are served in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DtypeArg {
+    /// bf16 on the GPU, f32 on the CPU.
+    Auto,
+    /// 32-bit floats.
+    F32,
+    /// bfloat16 (checkpoints in other dtypes are converted).
+    Bf16,
+}
+
+impl DtypeArg {
+    /// The dtype on the GPU (`gpu`) or the CPU.
+    pub fn resolve(self, gpu: bool) -> kiln_ir::DType {
+        match self {
+            DtypeArg::F32 => kiln_ir::DType::F32,
+            DtypeArg::Bf16 => kiln_ir::DType::BF16,
+            DtypeArg::Auto if gpu => kiln_ir::DType::BF16,
+            DtypeArg::Auto => kiln_ir::DType::F32,
+        }
+    }
+}
+
 /// Serve a model over an OpenAI-compatible HTTP API.
 #[derive(Clone, Debug, clap::Args)]
 pub struct ServeArgs {
@@ -54,11 +77,17 @@ pub struct ServeArgs {
     /// Most requests waiting to start; more are answered 429 at once.
     #[arg(long, default_value_t = 1024, value_name = "N")]
     pub max_queue: usize,
-    /// Fraction of free GPU memory given to the KV cache. Accepted and checked now; it takes
-    /// effect once a GPU backend runs the model (today the model runs on the CPU and
-    /// --kv-cache-memory sizes the cache).
+    /// Fraction of the GPU memory left free once the model is on the device that the KV
+    /// cache takes (on the CPU, --kv-cache-memory sizes it).
     #[arg(long, default_value_t = 0.9, value_name = "FRACTION")]
     pub gpu_memory_utilization: f64,
+    /// The dtype of the weights and of the KV cache.
+    #[arg(long, value_enum, default_value_t = DtypeArg::Auto)]
+    pub dtype: DtypeArg,
+    /// Let steps of few rows use the decode-sized bf16 GEMM kernels: faster at low load, but
+    /// a request's tokens may then depend on what it was batched with.
+    #[arg(long)]
+    pub no_batch_invariance: bool,
     /// Host memory for the KV cache when the model runs on the CPU: bytes, or with a suffix
     /// (KiB, MiB, GiB; K, M, G).
     #[arg(long, default_value = "1GiB", value_name = "SIZE", value_parser = parse_size)]
@@ -81,8 +110,13 @@ pub struct ServeArgs {
 }
 
 impl ServeArgs {
-    /// The server configuration these flags describe.
+    /// The server configuration these flags describe, for the CPU.
     pub fn to_config(&self) -> ServeConfig {
+        self.to_config_for(false)
+    }
+
+    /// The server configuration these flags describe, for the GPU (`gpu`) or the CPU.
+    pub fn to_config_for(&self, gpu: bool) -> ServeConfig {
         let defaults = ServeConfig::default();
         ServeConfig {
             model: self.model.clone(),
@@ -105,6 +139,9 @@ impl ServeArgs {
             },
             interpreter_threads: self.threads.unwrap_or(defaults.interpreter_threads),
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout),
+            param_dtype: self.dtype.resolve(gpu),
+            random_weights: None,
+            batch_invariant: !self.no_batch_invariance,
         }
     }
 }
@@ -130,14 +167,25 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     Ok((number * scale as f64) as u64)
 }
 
-/// Runs `kiln serve` with `args` on a new multi-threaded tokio runtime.
+/// Runs `kiln serve` with `args` on the CPU, on a new multi-threaded tokio runtime.
 pub fn run_cli(args: &ServeArgs) -> Result<(), ServerError> {
+    let config = args.to_config();
+    let factory = crate::CpuRunnerFactory::new(config.interpreter_threads);
+    run_cli_on(config, Box::new(factory))
+}
+
+/// Runs `kiln serve` with `config` and the runner `factory` makes (the `kiln` binary's GPU
+/// runner comes this way), on a new multi-threaded tokio runtime.
+pub fn run_cli_on(
+    config: ServeConfig,
+    factory: Box<dyn crate::RunnerFactory>,
+) -> Result<(), ServerError> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("kiln-http")
         .build()
         .map_err(|e| ServerError::Engine(format!("starting the async runtime: {e}")))?;
-    runtime.block_on(crate::serve(args.to_config()))
+    runtime.block_on(crate::serve_with(config, factory))
 }
 
 #[cfg(test)]

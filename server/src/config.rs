@@ -35,7 +35,8 @@ pub struct ServeConfig {
     pub max_num_batched_tokens: Option<usize>,
     /// Most requests waiting to start; one more is answered 429 at once.
     pub max_queue: usize,
-    /// Fraction of free GPU memory given to the KV cache once a GPU backend runs the model.
+    /// Fraction of the GPU memory free with the model on the device that the KV cache takes
+    /// (when the model runs on the GPU).
     pub gpu_memory_utilization: f64,
     /// Bytes of host memory the KV cache may take when the model runs on the CPU.
     pub cpu_kv_cache_bytes: u64,
@@ -49,6 +50,15 @@ pub struct ServeConfig {
     pub interpreter_threads: usize,
     /// How long a shutdown waits for in-flight requests before cancelling them.
     pub shutdown_timeout: Duration,
+    /// The dtype of the weights and of the KV cache (f32 or bf16; checkpoints are converted).
+    pub param_dtype: kiln_ir::DType,
+    /// Serve random weights drawn with this seed instead of the checkpoint's: the model
+    /// directory then needs only config.json (benchmarks of a model shape).
+    pub random_weights: Option<u64>,
+    /// Whether a request's tokens must not depend on what it is batched with: bf16 GEMMs
+    /// then always use the kernels of many rows, never the decode-sized ones a step of few
+    /// rows would otherwise pick (faster at low load; f32 GEMMs have one kernel anyway).
+    pub batch_invariant: bool,
 }
 
 impl Default for ServeConfig {
@@ -73,6 +83,9 @@ impl Default for ServeConfig {
                 .map(|n| n.get())
                 .unwrap_or(1),
             shutdown_timeout: Duration::from_secs(30),
+            param_dtype: kiln_ir::DType::F32,
+            random_weights: None,
+            batch_invariant: true,
         }
     }
 }

@@ -12,18 +12,21 @@
 //!   server-sent events. [`metrics`] renders Prometheus text with vLLM's names under `kiln:`.
 //!
 //! # Startup
-//! [`Server::start`] loads the model, sizes the KV cache (from `--kv-cache-memory` on the CPU;
-//! `--gpu-memory-utilization` applies once a GPU backend runs the model), refuses to start
-//! when one `max_model_len` sequence does not fit (naming both numbers), starts the engine and
-//! binds the listener. [`serve`] adds logging and graceful shutdown on SIGTERM / ctrl-c:
+//! [`Server::start_with_factory`] loads the model, asks the [`RunnerFactory`] for the KV-cache
+//! budget (the CPU's is `--kv-cache-memory`; the `kiln` binary's GPU factory puts the model
+//! on the device and gives `--gpu-memory-utilization` of the memory left), sizes the cache,
+//! refuses to start when one `max_model_len` sequence does not fit (naming both numbers and
+//! the budget), makes the runner for that cache, starts the engine and binds the listener.
+//! [`Server::start`] does so on the CPU ([`CpuRunnerFactory`]). [`serve`] adds logging and graceful shutdown on SIGTERM / ctrl-c:
 //! stop accepting, let in-flight requests finish (up to the shutdown timeout, then cancel
 //! them), stop the engine, return.
 //!
 //! # What is deliberately absent
 //! Tool calls. (`/v1/consensus` is here: texts or embeddings through the consensus game of the
 //! stdlib, on the interpreter; docs/consensus.md.)
-//! The reference-interpreter runner keeps no KV: it reruns each sampled sequence every step,
-//! which is exact and batch-invariant but slow; compiled runners plug in behind the same trait.
+//! Compiling for the GPU: this crate runs what it is given; the `kiln` binary (kiln-cli, which
+//! holds the compiler pipeline) makes the GPU runner. The reference-interpreter runner keeps
+//! no KV: it reruns each sampled sequence every step, exact and batch-invariant but slow.
 
 pub mod cli;
 pub mod codec;
@@ -46,7 +49,7 @@ use kiln_kvcache::{check_max_model_len_fits, num_blocks_for_memory, BlockSize, K
 use kiln_scheduler::{SchedulerConfig, SchedulingPolicy};
 use tokio::sync::{oneshot, Semaphore};
 
-pub use cli::{run_cli, ServeArgs};
+pub use cli::{run_cli, run_cli_on, DtypeArg, ServeArgs};
 pub use config::{resolve_model_dir, ServeConfig, DEFAULT_MODEL_DIR};
 pub use engine::{EngineHandle, GenerationRequest, RequestEvent, SampleEvent};
 pub use error::{ApiError, ServerError};
@@ -105,36 +108,155 @@ pub struct Server {
     shutdown_timeout: Duration,
 }
 
+/// Where the KV cache lives and how many bytes it may take.
+#[derive(Clone, Debug)]
+pub struct KvCacheBudget {
+    /// Bytes the cache (keys and values together) may take.
+    pub bytes: u64,
+    /// Where the cache lives, for the `kiln:cache_config_info` metric ("cpu", "cuda").
+    pub device: String,
+    /// How `bytes` was computed and which flag changes it, for the refusal to start when
+    /// one `max_model_len` sequence does not fit.
+    pub hint: String,
+}
+
+/// The host-memory budget of `--kv-cache-memory`, for runners that keep the cache on the CPU.
+pub fn cpu_kv_cache_budget(model: &LoadedModel, config: &ServeConfig) -> KvCacheBudget {
+    let shape = &model.kv_shape;
+    KvCacheBudget {
+        bytes: config.cpu_kv_cache_bytes,
+        device: "cpu".into(),
+        hint: format!(
+            "The CPU KV-cache budget is {} bytes ({} bytes a token for {} layers x {} KV heads \
+             x {} head dim x {} bytes); raise --kv-cache-memory or lower --max-model-len",
+            config.cpu_kv_cache_bytes,
+            shape.bytes_per_token(),
+            shape.num_layers,
+            shape.num_kv_heads,
+            shape.head_dim,
+            shape.dtype_bytes
+        ),
+    }
+}
+
+/// The runner `kiln serve` uses on the CPU: a program with a KV-cached `step` entry runs on
+/// the compiled CPU plans through [`PagedRunner`], others on the reference interpreter
+/// (`threads` threads).
+pub fn cpu_runner(
+    model: &LoadedModel,
+    cache: &CacheLayout,
+    threads: usize,
+    batch_invariant: bool,
+) -> Result<Box<dyn ModelRunner>, ServerError> {
+    let Some(step) = &model.step_module else {
+        return Ok(Box::new(InterpreterRunner::new(
+            Arc::clone(&model.module),
+            Arc::clone(&model.weights),
+            model.entry,
+            threads,
+        )));
+    };
+    let mut plans = kiln_runtime::CpuPlans::compile(
+        (**step).clone(),
+        Arc::clone(&model.weights),
+        &mut kiln_runtime::NoProgress,
+    )
+    .map_err(|e| ServerError::Engine(format!("compiling the model for the CPU: {e}")))?;
+    plans.set_batch_invariant(batch_invariant);
+    let runner = PagedRunner::new(
+        Box::new(plans),
+        cache.num_blocks,
+        cache.block_size,
+        cache.max_model_len,
+    )
+    .map_err(|e| ServerError::Engine(e.to_string()))?;
+    Ok(Box::new(runner))
+}
+
+/// Makes a decoder's runner in two stages: the KV-cache budget first (a GPU runner puts the
+/// model on the device, then measures the memory left), then the runner for the cache the
+/// engine sized from that budget.
+pub trait RunnerFactory {
+    /// The bytes the KV cache may take (called once, after the model is loaded).
+    fn kv_cache_budget(
+        &mut self,
+        model: &LoadedModel,
+        config: &ServeConfig,
+    ) -> Result<KvCacheBudget, ServerError>;
+
+    /// The runner for a cache of `cache`'s shape.
+    fn make(
+        self: Box<Self>,
+        model: &LoadedModel,
+        cache: &CacheLayout,
+    ) -> Result<Box<dyn ModelRunner>, ServerError>;
+}
+
+/// The CPU runner of `kiln serve` ([`cpu_runner`]) with the host-memory budget.
+#[derive(Debug, Clone, Copy)]
+pub struct CpuRunnerFactory {
+    threads: usize,
+    batch_invariant: bool,
+}
+
+impl CpuRunnerFactory {
+    /// The interpreter (for programs without a `step` entry) uses `threads` threads.
+    pub fn new(threads: usize) -> CpuRunnerFactory {
+        CpuRunnerFactory {
+            threads,
+            batch_invariant: true,
+        }
+    }
+}
+
+impl RunnerFactory for CpuRunnerFactory {
+    fn kv_cache_budget(
+        &mut self,
+        model: &LoadedModel,
+        config: &ServeConfig,
+    ) -> Result<KvCacheBudget, ServerError> {
+        self.batch_invariant = config.batch_invariant;
+        Ok(cpu_kv_cache_budget(model, config))
+    }
+
+    fn make(
+        self: Box<Self>,
+        model: &LoadedModel,
+        cache: &CacheLayout,
+    ) -> Result<Box<dyn ModelRunner>, ServerError> {
+        cpu_runner(model, cache, self.threads, self.batch_invariant)
+    }
+}
+
+/// A [`RunnerFactory`] of a closure, with the host-memory budget.
+struct HostRunner<F>(F);
+
+impl<F> RunnerFactory for HostRunner<F>
+where
+    F: FnOnce(&LoadedModel, &CacheLayout) -> Result<Box<dyn ModelRunner>, ServerError>,
+{
+    fn kv_cache_budget(
+        &mut self,
+        model: &LoadedModel,
+        config: &ServeConfig,
+    ) -> Result<KvCacheBudget, ServerError> {
+        Ok(cpu_kv_cache_budget(model, config))
+    }
+
+    fn make(
+        self: Box<Self>,
+        model: &LoadedModel,
+        cache: &CacheLayout,
+    ) -> Result<Box<dyn ModelRunner>, ServerError> {
+        (self.0)(model, cache)
+    }
+}
+
 impl Server {
-    /// Loads the model and serves it: a program with a KV-cached `step` entry runs on the
-    /// compiled CPU plans through [`PagedRunner`], others on the reference interpreter.
+    /// Loads the model and serves it on the CPU ([`cpu_runner`]).
     pub async fn start(config: ServeConfig) -> Result<Server, ServerError> {
-        let threads = config.interpreter_threads;
-        Server::start_with_cache_runner(config, move |model, cache| {
-            let Some(step) = &model.step_module else {
-                return Ok(Box::new(InterpreterRunner::new(
-                    Arc::clone(&model.module),
-                    Arc::clone(&model.weights),
-                    model.entry,
-                    threads,
-                )) as Box<dyn ModelRunner>);
-            };
-            let plans = kiln_runtime::CpuPlans::compile(
-                (**step).clone(),
-                Arc::clone(&model.weights),
-                &mut kiln_runtime::NoProgress,
-            )
-            .map_err(|e| ServerError::Engine(format!("compiling the model for the CPU: {e}")))?;
-            let runner = PagedRunner::new(
-                Box::new(plans),
-                cache.num_blocks,
-                cache.block_size,
-                cache.max_model_len,
-            )
-            .map_err(|e| ServerError::Engine(e.to_string()))?;
-            Ok(Box::new(runner))
-        })
-        .await
+        let factory = CpuRunnerFactory::new(config.interpreter_threads);
+        Server::start_with_factory(config, Box::new(factory)).await
     }
 
     /// Loads the model and serves it with the runner `make_runner` builds (for decoders; an
@@ -150,7 +272,7 @@ impl Server {
     }
 
     /// Like [`Server::start_with_runner`], for runners that hold the KV cache the engine
-    /// manages (its shape is given) and whose making can fail.
+    /// manages (its shape is given, sized from `--kv-cache-memory`) and whose making can fail.
     pub async fn start_with_cache_runner<F>(
         config: ServeConfig,
         make_runner: F,
@@ -158,10 +280,20 @@ impl Server {
     where
         F: FnOnce(&LoadedModel, &CacheLayout) -> Result<Box<dyn ModelRunner>, ServerError>,
     {
+        Server::start_with_factory(config, Box::new(HostRunner(make_runner))).await
+    }
+
+    /// Loads the model and serves it with the runner `factory` makes, the KV cache sized
+    /// from the budget it gives (the GPU runner of `kiln serve` comes this way).
+    pub async fn start_with_factory(
+        config: ServeConfig,
+        mut factory: Box<dyn RunnerFactory + '_>,
+    ) -> Result<Server, ServerError> {
         config.validate()?;
         let api_keys = config.load_api_keys()?;
         let dir = resolve_model_dir(config.model.as_deref())?;
-        let model = tokio::task::spawn_blocking(move || LoadedModel::load(&dir))
+        let (dtype, random) = (config.param_dtype, config.random_weights);
+        let model = tokio::task::spawn_blocking(move || LoadedModel::load_as(&dir, dtype, random))
             .await
             .map_err(|e| ServerError::Engine(format!("loading the model: {e}")))??;
         let model_name = config
@@ -179,27 +311,15 @@ impl Server {
         let block_size = BlockSize::try_from(config.block_size)?;
         let (engine, engine_thread, num_blocks, runner_description, metrics) = match model.kind {
             ModelKind::Decoder => {
+                let budget = factory.kv_cache_budget(&model, &config)?;
                 let bytes_per_token = model.kv_shape.bytes_per_token();
-                let num_blocks = num_blocks_for_memory(
-                    config.cpu_kv_cache_bytes,
-                    1.0,
-                    bytes_per_token,
-                    block_size,
-                )?
-                .min(u32::MAX as usize);
+                let num_blocks =
+                    num_blocks_for_memory(budget.bytes, 1.0, bytes_per_token, block_size)?
+                        .min(u32::MAX as usize);
                 check_max_model_len_fits(max_model_len, num_blocks, block_size).map_err(
                     |check| ServerError::KvCacheTooSmall {
                         check,
-                        hint: format!(
-                            "The CPU KV-cache budget is {} bytes ({} bytes a token for {} \
-                             layers x {} KV heads x {} head dim in f32); raise \
-                             --kv-cache-memory or lower --max-model-len",
-                            config.cpu_kv_cache_bytes,
-                            bytes_per_token,
-                            model.kv_shape.num_layers,
-                            model.kv_shape.num_kv_heads,
-                            model.kv_shape.head_dim
-                        ),
+                        hint: budget.hint.clone(),
                     },
                 )?;
                 let metrics = Arc::new(Metrics::new(
@@ -209,7 +329,7 @@ impl Server {
                         num_blocks,
                         enable_prefix_caching: config.enable_prefix_caching,
                         gpu_memory_utilization: config.gpu_memory_utilization,
-                        device: "cpu".into(),
+                        device: budget.device.clone(),
                     },
                 ));
                 let engine_config = EngineConfig {
@@ -227,7 +347,7 @@ impl Server {
                         .with_prefix_caching(config.enable_prefix_caching),
                     max_queue: config.max_queue,
                 };
-                let runner = make_runner(
+                let runner = factory.make(
                     &model,
                     &CacheLayout {
                         num_blocks,
@@ -388,11 +508,20 @@ impl Server {
     }
 }
 
-/// `kiln serve`: starts the server, logs where it listens, and shuts down gracefully on
-/// SIGTERM or ctrl-c.
+/// `kiln serve` on the CPU: starts the server, logs where it listens, and shuts down
+/// gracefully on SIGTERM or ctrl-c.
 pub async fn serve(config: ServeConfig) -> Result<(), ServerError> {
+    let factory = CpuRunnerFactory::new(config.interpreter_threads);
+    serve_with(config, Box::new(factory)).await
+}
+
+/// [`serve`] with the runner `factory` makes.
+pub async fn serve_with(
+    config: ServeConfig,
+    factory: Box<dyn RunnerFactory + '_>,
+) -> Result<(), ServerError> {
     init_logging();
-    let server = Server::start(config.clone()).await?;
+    let server = Server::start_with_factory(config.clone(), factory).await?;
     let info = server.info();
     tracing::info!(
         "serving `{}` ({} from {}) on http://{}",

@@ -80,9 +80,9 @@ pub struct CacheConfigInfo {
     pub num_blocks: usize,
     /// Whether prefix caching is on.
     pub enable_prefix_caching: bool,
-    /// The fraction of GPU memory asked for (used once a GPU backend runs the model).
+    /// The fraction of the GPU memory left with the model loaded that the KV cache takes.
     pub gpu_memory_utilization: f64,
-    /// Where the cache lives ("cpu" today).
+    /// Where the cache lives ("cpu" or "cuda").
     pub device: String,
 }
 

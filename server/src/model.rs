@@ -38,6 +38,8 @@ pub struct LoadedModel {
     pub step_module: Option<Arc<kiln_ir::Module>>,
     /// The checkpoint's tensors, converted to the program's dtypes.
     pub weights: Arc<Weights>,
+    /// The program's params and the checkpoint tensors they bind (for compiling a package).
+    pub params: Vec<kiln_lower::ParamBinding>,
     /// Text to ids and back.
     pub codec: TextCodec,
     /// Ids that end a sequence unless `ignore_eos`.
@@ -57,8 +59,18 @@ pub struct LoadedModel {
 }
 
 impl LoadedModel {
-    /// Loads the model in `dir` (see the module docs).
+    /// Loads the model in `dir` (see the module docs) with f32 weights.
     pub fn load(dir: &Path) -> Result<LoadedModel, ServerError> {
+        LoadedModel::load_as(dir, kiln_ir::DType::F32, None)
+    }
+
+    /// Loads the model in `dir` with weights of `param_dtype`; with `random_weights`, weights
+    /// drawn from that seed instead of the checkpoint's (then `dir` needs only config.json).
+    pub fn load_as(
+        dir: &Path,
+        param_dtype: kiln_ir::DType,
+        random_weights: Option<u64>,
+    ) -> Result<LoadedModel, ServerError> {
         let config_path = dir.join("config.json");
         let config = read_json(&config_path)?;
         let model_type = config
@@ -73,7 +85,7 @@ impl LoadedModel {
             })?;
         let (parsed, mut diagnostics) = Program::load_source(program.path, program.source, None);
         let options = Options {
-            param_dtype: kiln_ir::DType::F32,
+            param_dtype,
             entries: Some(
                 std::iter::once(program.entry)
                     .chain(program.step_entry)
@@ -98,7 +110,10 @@ impl LoadedModel {
                 })
             }
         };
-        let weights = Weights::load(dir, &lowered.params)?;
+        let weights = match random_weights {
+            Some(seed) => Weights::random(&lowered.params, seed)?,
+            None => Weights::load(dir, &lowered.params)?,
+        };
         let int = |keys: &[&str]| {
             keys.iter()
                 .find_map(|key| config.get(*key).and_then(|v| v.as_u64()))
@@ -126,6 +141,15 @@ impl LoadedModel {
             }))
         });
         let module = Arc::new(kiln_ir::Module { functions });
+        // The step entry's cache dtype (the model's); the interpreter keeps activations in f32.
+        let cache_dtype_bytes = step_module
+            .as_ref()
+            .and_then(|step| {
+                let func = step.functions.first()?;
+                let cache = *func.params().get(6)?;
+                Some(func.ty(cache).dtype.size_bytes())
+            })
+            .unwrap_or(4);
         let weights = Arc::new(weights);
         let embedding = match program.kind {
             ModelKind::Encoder => Some(EmbeddingModel::from_parts(
@@ -166,6 +190,7 @@ impl LoadedModel {
             step_module,
             entry: program.entry,
             weights,
+            params: lowered.params,
             codec,
             eos_token_ids,
             generation_config,
@@ -176,8 +201,7 @@ impl LoadedModel {
                 num_layers,
                 num_kv_heads,
                 head_dim,
-                // The interpreter and the CPU backend keep activations in f32.
-                dtype_bytes: 4,
+                dtype_bytes: cache_dtype_bytes,
             },
             embedding,
         })

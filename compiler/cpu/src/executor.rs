@@ -21,6 +21,9 @@ use std::collections::BTreeMap;
 #[derive(Debug)]
 pub struct CpuExecutor {
     kernels: Vec<CpuKernel>,
+    /// Whether every `Step::BySize` runs its `large` branch (see
+    /// [`CpuExecutor::set_batch_invariant`]).
+    batch_invariant: bool,
 }
 
 impl CpuExecutor {
@@ -30,12 +33,22 @@ impl CpuExecutor {
             .iter()
             .map(CpuKernel::compile)
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(CpuExecutor { kernels })
+        Ok(CpuExecutor::from_compiled(kernels))
     }
 
     /// An executor over kernels compiled already.
     pub fn from_compiled(kernels: Vec<CpuKernel>) -> CpuExecutor {
-        CpuExecutor { kernels }
+        CpuExecutor {
+            kernels,
+            batch_invariant: false,
+        }
+    }
+
+    /// With `true`, every `Step::BySize` runs its `large` branch whatever the row count, so a
+    /// row's result never depends on how many rows the run has (batch invariance for a
+    /// server; the decode-sized GEMM kernels sum in another order).
+    pub fn set_batch_invariant(&mut self, batch_invariant: bool) {
+        self.batch_invariant = batch_invariant;
     }
 
     pub fn kernels(&self) -> &[CpuKernel] {
@@ -390,6 +403,9 @@ impl<'p> PlanRun<'p> {
                         )?;
                         self.copy_all(&next, &carried, &label)?;
                     }
+                }
+                Step::BySize { large, .. } if executor.batch_invariant => {
+                    self.steps(executor, large, &format!("{label} branch step"))?;
                 }
                 Step::BySize { .. } => {
                     let branch = step

@@ -66,9 +66,10 @@ pub fn executor(
 }
 
 /// A usable GPU: the device, its kiln target and the toolchain to assemble for it.
-type GpuParts = (kiln_cuda::CudaDevice, kiln_ptx::Target, kiln_ptx::Toolchain);
+pub type GpuParts = (kiln_cuda::CudaDevice, kiln_ptx::Target, kiln_ptx::Toolchain);
 
-fn gpu_parts() -> Result<GpuParts, String> {
+/// GPU 0 with its target and ptxas; an error says why it cannot be used.
+pub fn gpu_parts() -> Result<GpuParts, String> {
     let device = kiln_cuda::CudaDevice::new(0).map_err(|e| e.to_string())?;
     let (major, minor) = device.info().compute_capability;
     let target = kiln_ptx::Target::for_compute_capability(major, minor)

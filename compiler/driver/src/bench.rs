@@ -29,6 +29,9 @@ enum BenchWhat {
     Kernels(KernelArgs),
     /// Decode speed of a Llama-shaped 1.1B bf16 model (random weights) on the GPU.
     Decode(crate::bench_decode::DecodeArgs),
+    /// Load-test an OpenAI-compatible server (started here, or --url) with vLLM's serving
+    /// benchmark definitions: TTFT, TPOT, ITL, E2E latency, throughput.
+    Serve(kiln_driver::bench_serve::ServeBenchArgs),
 }
 
 #[derive(clap::Args)]
@@ -292,6 +295,10 @@ pub(crate) fn run(args: BenchArgs) -> Result<ExitCode> {
     let args = match args.what {
         BenchWhat::Kernels(args) => args,
         BenchWhat::Decode(args) => return crate::bench_decode::run(args),
+        BenchWhat::Serve(args) => {
+            kiln_driver::bench_serve::run(&args)?;
+            return Ok(ExitCode::SUCCESS);
+        }
     };
     if args.runs == 0 {
         bail!("--runs must be at least 1");
@@ -489,13 +496,5 @@ impl Gpu {
 
 /// The commit measured: `KILN_COMMIT` (set where the tree is a copy without .git), else git's.
 pub(crate) fn commit() -> Option<String> {
-    std::env::var("KILN_COMMIT").ok().or_else(|| {
-        let out = std::process::Command::new("git")
-            .args(["rev-parse", "HEAD"])
-            .output()
-            .ok()?;
-        out.status
-            .success()
-            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
-    })
+    kiln_driver::bench_serve::commit()
 }

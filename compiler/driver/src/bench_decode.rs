@@ -35,12 +35,7 @@ pub(crate) struct DecodeArgs {
     out: Option<PathBuf>,
 }
 
-const LLAMA_1B: &str = r#"{
-  "model_type": "llama", "vocab_size": 32000, "hidden_size": 2048,
-  "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
-  "num_key_value_heads": 8, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-  "max_position_embeddings": 2048, "tie_word_embeddings": false
-}"#;
+use kiln_driver::bench_serve::LLAMA_1B;
 
 const BLOCK_TOKENS: usize = 16;
 

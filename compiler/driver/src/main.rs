@@ -1,7 +1,7 @@
 //! `kiln`: the command-line tool. `check` reports every diagnostic of a program; `compile`
 //! prints a stage of the pipeline or writes a package; `run` executes a program on a
 //! checkpoint (or random weights), optionally decoding greedily; `serve` runs the
-//! OpenAI-compatible server of `kiln-server`; `embed` prints sentence embeddings of texts;
+//! OpenAI-compatible server of `kiln-server` (on the GPU when there is one); `embed` prints sentence embeddings of texts;
 //! `consensus` chooses among proposals by the consensus game of the stdlib; `bench kernels`
 //! times the fused kernels on the GPU.
 
@@ -40,8 +40,8 @@ enum Command {
     Compile(compile::CompileArgs),
     /// Run a program's entry function on a checkpoint or on random weights.
     Run(run::RunArgs),
-    /// Serve a model over an OpenAI-compatible HTTP API.
-    Serve(kiln_server::ServeArgs),
+    /// Serve a model over an OpenAI-compatible HTTP API (on the GPU when there is one).
+    Serve(ServeCommand),
     /// Benchmarks on the GPU: `kiln bench kernels`.
     Bench(bench::BenchArgs),
     /// Print sentence embeddings of texts (JSON, one line a text) with an encoder checkpoint.
@@ -49,6 +49,24 @@ enum Command {
     /// Choose one of several proposals by the consensus game among agents (embeddings or
     /// texts in, the decision as JSON out).
     Consensus(consensus::ConsensusArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeCommand {
+    #[command(flatten)]
+    serve: kiln_server::ServeArgs,
+    /// Where the model runs: the GPU if there is one (else the CPU backend, said once), the
+    /// GPU, the CPU backend, or the reference interpreter.
+    #[arg(long, value_enum, default_value_t = kiln_driver::backend::BackendChoice::Auto)]
+    backend: kiln_driver::backend::BackendChoice,
+}
+
+/// `kiln serve`: the server with the runner of the chosen backend.
+fn serve(args: ServeCommand) -> Result<ExitCode> {
+    let threads = args.serve.to_config().interpreter_threads;
+    let (factory, gpu) = kiln_driver::serve::factory(args.backend, threads)?;
+    kiln_server::run_cli_on(args.serve.to_config_for(gpu), factory)?;
+    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(clap::Args)]
@@ -81,9 +99,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Run(args) => run::run(args),
         Command::Bench(args) => bench::run(args),
-        Command::Serve(args) => kiln_server::run_cli(&args)
-            .map(|()| ExitCode::SUCCESS)
-            .map_err(Into::into),
+        Command::Serve(args) => serve(args),
         Command::Check(args) => {
             let (ok, _) = lower(&args)?;
             Ok(if ok {
@@ -100,14 +116,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
 
 /// Reads a config.json given as a file or as a directory holding one.
 pub(crate) fn read_config(path: &Path) -> Result<serde_json::Value> {
-    let file = if path.is_dir() {
-        path.join("config.json")
-    } else {
-        path.to_path_buf()
-    };
-    let text =
-        std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("parsing {}", file.display()))
+    kiln_driver::read_config_json(path)
 }
 
 /// Loads and lowers a program, printing its diagnostics to stderr.

@@ -61,6 +61,12 @@ impl CpuProgram {
         })
     }
 
+    /// Batch invariance ([`CpuExecutor::set_batch_invariant`]): a row's result never depends
+    /// on how many rows the run has.
+    pub fn set_batch_invariant(&mut self, batch_invariant: bool) {
+        self.executor.set_batch_invariant(batch_invariant);
+    }
+
     /// How many distinct kernels the plans launch.
     pub fn kernel_count(&self) -> usize {
         self.executor.kernels().len()

@@ -5,7 +5,7 @@ use crate::cpu::CpuProgram;
 use crate::progress::Progress;
 use crate::{RuntimeError, Weights};
 use kiln_cuda::{CudaPackage, CudaProgram};
-use kiln_ir::{Module, Tensor};
+use kiln_ir::{DType, Module, Tensor};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -27,6 +27,20 @@ pub trait Executor {
         function: &str,
         inputs: Vec<Option<Tensor>>,
     ) -> Result<Vec<Tensor>, RuntimeError>;
+    /// Makes input `index` of `function` (one it updates in place) a kept value of zeros of
+    /// `dtype` and `shape`, without a host tensor of that size, when the executor can (the
+    /// GPU makes the zeros on the device); returns whether it did. When it returns false,
+    /// give the zeros on the first [`Executor::run_kept`] instead.
+    fn keep_zeros(
+        &mut self,
+        function: &str,
+        index: usize,
+        dtype: DType,
+        shape: &[usize],
+    ) -> Result<bool, RuntimeError> {
+        let _ = (function, index, dtype, shape);
+        Ok(false)
+    }
 }
 
 /// The inputs updated in place that the interpreter keeps between runs (as tensors; the
@@ -170,6 +184,12 @@ impl CpuPlans {
             kept: BTreeMap::new(),
         })
     }
+
+    /// Makes the plans batch invariant: a row's result is the same bits whatever else the run
+    /// computes (for bf16 GEMMs, which otherwise pick decode-sized kernels for few rows).
+    pub fn set_batch_invariant(&mut self, batch_invariant: bool) {
+        self.program.set_batch_invariant(batch_invariant);
+    }
 }
 
 impl Executor for CpuPlans {
@@ -203,6 +223,8 @@ pub struct CudaPlans {
     package: Arc<CudaPackage>,
     programs: BTreeMap<String, CudaProgram>,
     weights: Arc<Weights>,
+    batch_invariant: bool,
+    max_graphs: Option<usize>,
 }
 
 impl CudaPlans {
@@ -213,6 +235,26 @@ impl CudaPlans {
             package,
             programs: BTreeMap::new(),
             weights,
+            batch_invariant: false,
+            max_graphs: None,
+        }
+    }
+
+    /// Bounds the CUDA graphs each program keeps (`kiln_cuda::ProgramOptions::max_graphs`).
+    pub fn set_max_graphs(&mut self, max_graphs: Option<usize>) {
+        self.max_graphs = max_graphs;
+        for program in self.programs.values_mut() {
+            program.set_max_graphs(max_graphs);
+        }
+    }
+
+    /// Makes every program batch invariant (`kiln_cuda::ProgramOptions::batch_invariant`): a
+    /// row's result is the same bits whatever else the run computes, as a server needs for a
+    /// request's tokens not to depend on the batch it ran in.
+    pub fn set_batch_invariant(&mut self, batch_invariant: bool) {
+        self.batch_invariant = batch_invariant;
+        for program in self.programs.values_mut() {
+            program.set_batch_invariant(batch_invariant);
         }
     }
 }
@@ -246,9 +288,34 @@ impl Executor for CudaPlans {
             .run_graph_kept(&refs)
             .map_err(|e| backend_error(function, e))
     }
+
+    fn keep_zeros(
+        &mut self,
+        function: &str,
+        index: usize,
+        dtype: DType,
+        shape: &[usize],
+    ) -> Result<bool, RuntimeError> {
+        let program = self.program(function)?;
+        program
+            .keep_zeros(index, dtype, shape)
+            .map_err(|e| backend_error(function, e))?;
+        Ok(true)
+    }
 }
 
 impl CudaPlans {
+    /// Makes entry `function`'s program and uploads its weights now rather than on its first
+    /// run (so that the device memory left for other uses, a KV cache, can be measured).
+    pub fn load(&mut self, function: &str) -> Result<(), RuntimeError> {
+        self.program(function).map(|_| ())
+    }
+
+    /// The package (and through it the device) the plans run on.
+    pub fn package(&self) -> &Arc<CudaPackage> {
+        &self.package
+    }
+
     /// The program of entry `function`, made and given its weights on first use.
     fn program(&mut self, function: &str) -> Result<&mut CudaProgram, RuntimeError> {
         if self.module.function(function).is_none() {
@@ -257,6 +324,8 @@ impl CudaPlans {
         if !self.programs.contains_key(function) {
             let mut program = CudaProgram::new(self.package.clone(), function)
                 .map_err(|e| backend_error(function, e))?;
+            program.set_batch_invariant(self.batch_invariant);
+            program.set_max_graphs(self.max_graphs);
             let weights = &self.weights;
             program
                 .bind_weights(&|name| weights.get(name))

@@ -162,7 +162,14 @@ impl PagedModel {
     ) -> Result<Vec<Vec<f32>>, RuntimeError> {
         let mut inputs: Vec<Option<Tensor>> =
             self.step_inputs(batch)?.into_iter().map(Some).collect();
-        if self.started {
+        let kept_zeros = |executor: &mut dyn Executor| -> Result<bool, RuntimeError> {
+            let dims = self.cache.dims();
+            Ok(
+                executor.keep_zeros(&self.entry, 6, self.cache.dtype, &dims)?
+                    && executor.keep_zeros(&self.entry, 7, self.cache.dtype, &dims)?,
+            )
+        };
+        if self.started || kept_zeros(executor)? {
             inputs.extend([None, None]);
         } else {
             let dims = self.cache.dims();

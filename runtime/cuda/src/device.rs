@@ -58,6 +58,17 @@ impl CudaDevice {
         })
     }
 
+    /// Free and total bytes of device memory, as the driver reports them now.
+    pub fn memory_info(&self) -> Result<(u64, u64), CudaError> {
+        let (free, total) = self.context.mem_get_info().map_err(|error| {
+            CudaError::driver(
+                format!("reading the memory of CUDA device {}", self.info.ordinal),
+                error,
+            )
+        })?;
+        Ok((free as u64, total as u64))
+    }
+
     /// A zeroed buffer of `bytes` bytes.
     pub fn alloc(&self, bytes: usize) -> Result<DeviceBuffer, CudaError> {
         // The driver refuses zero-byte allocations; a 1-byte one stands in for them.

@@ -48,6 +48,13 @@ pub struct ProgramOptions {
     /// Whether to wait for each launch to finish (outside graph capture), so that a kernel
     /// fault is reported with the kernel's name and launch shape. Slow; for debugging.
     pub sync_after_each_launch: bool,
+    /// Whether every `Step::BySize` runs its `large` branch whatever the row count, so that a
+    /// row's result never depends on how many rows the run has (batch invariance for a
+    /// server, at the price of the decode-sized GEMM kernels for runs of few rows).
+    pub batch_invariant: bool,
+    /// The most graphs kept; runs of further symbol values run directly, uncaptured (a
+    /// server meets a new token count at many steps; `None`: no bound).
+    pub max_graphs: Option<usize>,
 }
 
 impl Default for ProgramOptions {
@@ -55,6 +62,8 @@ impl Default for ProgramOptions {
         ProgramOptions {
             use_graphs: true,
             sync_after_each_launch: false,
+            batch_invariant: false,
+            max_graphs: None,
         }
     }
 }
@@ -67,6 +76,8 @@ impl ProgramOptions {
         ProgramOptions {
             use_graphs: !set_to(GRAPHS_ENV, "0"),
             sync_after_each_launch: set_to(SYNC_LAUNCHES_ENV, "1"),
+            batch_invariant: false,
+            max_graphs: None,
         }
     }
 }
@@ -137,6 +148,20 @@ impl CudaProgram {
 
     pub fn set_sync_after_each_launch(&mut self, sync: bool) {
         self.options.sync_after_each_launch = sync;
+    }
+
+    /// Bounds the graphs kept ([`ProgramOptions::max_graphs`]).
+    pub fn set_max_graphs(&mut self, max_graphs: Option<usize>) {
+        self.options.max_graphs = max_graphs;
+    }
+
+    /// Turns batch invariance on or off ([`ProgramOptions::batch_invariant`]; a change drops
+    /// the captured graphs, which hold the other branches).
+    pub fn set_batch_invariant(&mut self, batch_invariant: bool) {
+        if self.options.batch_invariant != batch_invariant {
+            self.graphs.clear();
+        }
+        self.options.batch_invariant = batch_invariant;
     }
 
     /// How many graphs are captured (one per set of symbol values run with
@@ -275,6 +300,42 @@ impl CudaProgram {
         self.read_outputs(&outputs, &symbols)
     }
 
+    /// Keeps input `index` (one the plan updates in place) on the device as zeros of `dtype`
+    /// and `shape`, made there rather than copied from the host: a later
+    /// [`CudaProgram::run_graph_kept`] given `None` for it starts from zeros. This is how a
+    /// KV cache of many gigabytes starts without a host copy of its size.
+    pub fn keep_zeros(
+        &mut self,
+        index: usize,
+        dtype: DType,
+        shape: &[usize],
+    ) -> Result<(), CudaError> {
+        let package = self.package.clone();
+        let plan = package.plan_at(self.plan_index);
+        let bad = |detail: &str| CudaError::BadInput {
+            plan: plan.function.clone(),
+            index,
+            detail: detail.into(),
+        };
+        let id = *plan
+            .inputs
+            .get(index)
+            .ok_or_else(|| bad("the plan has no such input"))?;
+        if !plan.outputs.contains(&id) {
+            return Err(bad(
+                "only inputs the plan updates in place can be kept on the device",
+            ));
+        }
+        let decl = buffer_decl(plan, id)?;
+        let bytes = shape.iter().product::<usize>() * dtype.size_bytes();
+        // A new buffer is zeroed; captured graphs hold the old one's address.
+        self.graphs.clear();
+        self.own.remove(&decl.id);
+        self.own.insert(decl.id, package.device().alloc(bytes)?);
+        self.kept.insert(index, (dtype, shape.to_vec()));
+        Ok(())
+    }
+
     /// The current device contents of input `index` (an input updated in place and kept).
     pub fn read_input(&self, index: usize) -> Result<Tensor, CudaError> {
         let plan = self.plan();
@@ -321,6 +382,13 @@ impl CudaProgram {
 
     /// Launches the graph for `symbols`, capturing it first when there is none.
     fn replay(&mut self, symbols: &SymbolValues, inputs: &[Tensor]) -> Result<(), CudaError> {
+        let full = self
+            .options
+            .max_graphs
+            .is_some_and(|most| self.graphs.len() >= most);
+        if full && !self.graphs.contains_key(symbols) {
+            return self.execute(&self.plan().steps, symbols, inputs, false);
+        }
         if !self.graphs.contains_key(symbols) {
             let graph = self.capture(symbols, inputs)?;
             self.graphs.insert(symbols.clone(), graph);
@@ -564,6 +632,9 @@ impl CudaProgram {
                             copy_between(device, plan, (from, source), (to, destination))?;
                         }
                     }
+                }
+                Step::BySize { large, .. } if self.options.batch_invariant => {
+                    self.execute(large, symbols, inputs, capturing)?;
                 }
                 Step::BySize { .. } => {
                     let branch = step

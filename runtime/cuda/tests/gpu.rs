@@ -150,6 +150,29 @@ fn a_graph_replay_equals_the_direct_run() {
 
 #[test]
 #[ignore = "needs an NVIDIA GPU; run with --include-ignored on a machine with one"]
+fn past_the_graph_bound_runs_are_direct_and_equal() {
+    let device = gpu();
+    let package = test_package(&device);
+    let mut fused = program(&package, "add_then_mul");
+    fused.set_max_graphs(Some(2));
+    let inputs = |n: usize, start: f32| [f32_tensor(ramp(n, start)), f32_tensor(ramp(n, -start))];
+    for n in [1000, 900, 800, 700] {
+        let graphed = fused.run_graph(&inputs(n, 2.0)).unwrap();
+        assert_eq!(graphed, fused.run(&inputs(n, 2.0)).unwrap(), "{n} elements");
+    }
+    assert_eq!(
+        fused.captured_graphs(),
+        2,
+        "only the first two shapes are captured"
+    );
+    // A captured shape still replays.
+    let replayed = fused.run_graph(&inputs(900, 5.0)).unwrap();
+    assert_eq!(replayed, fused.run(&inputs(900, 5.0)).unwrap());
+    assert_eq!(fused.captured_graphs(), 2);
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU; run with --include-ignored on a machine with one"]
 fn loops_run_their_body_count_times() {
     let device = gpu();
     let package = test_package(&device);
