@@ -1,0 +1,886 @@
+//! The persistent loop template: a graph `loop` over a batch of independent instances (the
+//! games of a batched solver) becomes one kernel that runs every iteration itself, instead of
+//! a plan loop that launches the body's kernels from the host once per iteration.
+//!
+//! Mechanism: a block per instance. Each value the body reads or computes lives in a static
+//! shared-memory array for the whole kernel, one instance's slice of it: the loop-invariant
+//! operands (a game's payoffs `A[g]` and `-A[g]`), the carried state and the body's
+//! temporaries. The prologue copies the invariant operands and the initial state in from
+//! global memory once; then a `For` over the iterations runs the body's ops in program order,
+//! each one a *pass*: a block-strided loop over the instance's elements of its result (a thread
+//! per element; a reduction or a matmul element loops over its reduced axis in row-major
+//! order, the interpreter's order, accumulating in f32). Element-wise ops with one reader of
+//! the same shape, movement ops and constants are not passes: they are inlined into their
+//! reader by the shared [`Emitter`] (whose element expressions read these shared arrays
+//! instead of buffers). A barrier separates passes only where one reads or overwrites an array
+//! that another pass since the last barrier wrote or read; small passes in one barrier
+//! interval start at different warps. A yield that is computed element by element from the
+//! state it replaces at the same index, after every other read of that state, is written
+//! straight into the state's array; the other yields are copied in at the end of the
+//! iteration. The epilogue writes the final state to the loop's results.
+//!
+//! Eligibility (anything else keeps the plan-loop path): every carried value of rank ≥ 1 has
+//! the same leading dim G (the batch axis; the others are 0-d); a value whose leading dim is
+//! G is *batched* and each of its ops keeps instances apart (element-wise ops and broadcasts
+//! align G with G, reshapes and permutes keep it leading, reductions, arg-reductions, slices
+//! and concats work on other axes, matmuls have it as a batch dim); unbatched values are
+//! computed whole by every block. The body has no nested region and only element-wise,
+//! movement (reshape, permute, broadcast, slice, concat), constant, reduction and matmul ops;
+//! every dim but G is a constant; the whole working set fits in [`SHARED_BUDGET`] bytes of
+//! static shared memory (the kir limit of a block).
+
+use super::reduce::{to_i64, Acc, Red};
+use super::Built;
+use crate::emit::{add, lt, mul, Binding, Emitter, LocalArray};
+use crate::error::{EmitError, FusionError};
+use crate::graph::FuncGraph;
+use crate::partition::Partition;
+use crate::plan::dim_size;
+use kiln_ir::{Dim, Inst, Op, Value};
+use kiln_kir::{Access, Buf, Expr, SizeExpr, Special, Stmt, Ty};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// The static shared memory one block may declare (48 KiB, the kir verifier's limit).
+pub(crate) const SHARED_BUDGET: u64 = 48 * 1024;
+/// The most threads per block (the largest pass has at most this many per round).
+const MAX_THREADS: u32 = 256;
+/// The fewest threads per block (so that small passes of one interval spread over warps).
+const MIN_THREADS: u32 = 128;
+
+/// How a loop runs as a persistent kernel.
+#[derive(Clone, Debug)]
+pub(crate) struct LoopPlan {
+    /// The batch axis G: a block per index.
+    batch: Dim,
+    /// Loop-invariant values the body reads, in order of first use.
+    outer: Vec<Value>,
+    /// Body values computed by a pass of their own into a shared array, in program order.
+    passes: Vec<Value>,
+    /// Body values computed inline where they are read.
+    inlined: BTreeSet<Value>,
+    /// Per carried slot: whether its yield is computed straight into the state's array.
+    in_place: Vec<bool>,
+    pub block_dim: u32,
+    /// Symbolic dims besides G: the kernel holds at most `bound` along each, and the plan
+    /// launches it only when every one of them is at most `bound`.
+    pub symbols: BTreeSet<String>,
+    pub bound: u64,
+}
+
+/// Decides whether the `loop` instruction `inst` runs as a persistent kernel; the error
+/// says why not.
+pub(crate) fn plan(
+    g: &FuncGraph<'_>,
+    part: &Partition<'_>,
+    inst: &Inst,
+) -> Result<LoopPlan, String> {
+    let region = inst.regions.first().ok_or("a loop without a body")?;
+    let carried = &region.args[1..];
+    let batch = carried
+        .iter()
+        .find_map(|a| g.shape(*a).first().cloned())
+        .ok_or("no carried value has a batch axis")?;
+    if carried
+        .iter()
+        .any(|a| g.shape(*a).first().is_some_and(|d| *d != batch))
+    {
+        return Err("carried values disagree on the leading dim".into());
+    }
+    let batched = |v: Value| g.shape(v).first() == Some(&batch);
+    let local_dims = |v: Value| -> Vec<Dim> {
+        let s = g.shape(v);
+        if batched(v) {
+            s[1..].to_vec()
+        } else {
+            s.to_vec()
+        }
+    };
+    let mut symbols = BTreeSet::new();
+    let mut note_symbols = |v: Value| {
+        for d in local_dims(v) {
+            if let Dim::Sym(s) = d {
+                symbols.insert(s);
+            }
+        }
+    };
+
+    let mut inside: BTreeSet<Value> = region.args.iter().copied().collect();
+    for i in &region.insts {
+        inside.extend(i.results.iter().copied());
+    }
+    // Readers of each body value (an operand used twice counts twice; a yield counts).
+    let mut readers: BTreeMap<Value, Vec<Option<&Inst>>> = BTreeMap::new();
+    let mut outer = Vec::new();
+    let note_outer = |v: Value, outer: &mut Vec<Value>| {
+        if !inside.contains(&v) && !outer.contains(&v) {
+            outer.push(v);
+        }
+    };
+    for i in &region.insts {
+        if !i.regions.is_empty() {
+            return Err("a nested loop".into());
+        }
+        if i.results.len() != 1 {
+            return Err(format!("`{}` has several results", i.op.name()));
+        }
+        let r = i.results[0];
+        check_op(g, i, &batched)?;
+        note_symbols(r);
+        for &o in &i.operands {
+            readers.entry(o).or_default().push(Some(i));
+            note_outer(o, &mut outer);
+        }
+    }
+    for &y in &region.yields {
+        readers.entry(y).or_default().push(None);
+        note_outer(y, &mut outer);
+    }
+    for (k, &y) in region.yields.iter().enumerate() {
+        if region.args.contains(&y) && y != region.args[k + 1] {
+            return Err("a yield is another region argument".into());
+        }
+    }
+    for &o in outer.iter().chain(&inst.operands) {
+        let has_buffer =
+            g.is_source(o) || part.stored[o.0 as usize] || part.view_of.contains_key(&o);
+        if !has_buffer {
+            return Err(format!("{o:?} is read by the loop but has no buffer"));
+        }
+        note_symbols(o);
+    }
+    for &a in carried {
+        note_symbols(a);
+    }
+
+    // Which body values get a pass; the rest are inlined into their one reader.
+    let mut passes = Vec::new();
+    let mut inlined = BTreeSet::new();
+    for i in &region.insts {
+        let r = i.results[0];
+        let reads = readers.get(&r).map(Vec::as_slice).unwrap_or(&[]);
+        let own_pass = match &i.op {
+            _ if g.is_heavy(r) || g.yielded[r.0 as usize] => true,
+            Op::Full { .. } | Op::Arange { .. } => false,
+            op if is_movement(op) => false,
+            // One reader that reads each element once: an element-wise op of the same
+            // shape, or a reduction.
+            _ => !matches!(reads, [Some(user)] if (is_computing(&user.op)
+                && g.shape(user.results[0]) == g.shape(r))
+                || matches!(user.op, Op::Reduce { .. } | Op::ArgMax { .. } | Op::ArgMin { .. })),
+        };
+        if reads.is_empty() && !own_pass {
+            continue;
+        }
+        if own_pass {
+            passes.push(r);
+        } else {
+            inlined.insert(r);
+        }
+    }
+
+    // Yields written in place: computed element-wise from their state at the same index,
+    // after the last pass that reads the state.
+    let reads_of = |v: Value| transitive_reads(g, v, &inlined);
+    let mut in_place = vec![false; carried.len()];
+    for (k, &y) in region.yields.iter().enumerate() {
+        let state = carried[k];
+        let Some(pos) = passes.iter().position(|p| *p == y) else {
+            continue;
+        };
+        let once = region.yields.iter().filter(|z| **z == y).count() == 1;
+        let elementwise = g.inst(y).is_some_and(|i| is_computing(&i.op));
+        let later_reads = passes[pos + 1..]
+            .iter()
+            .any(|p| reads_of(*p).contains(&state));
+        if once
+            && elementwise
+            && g.shape(y) == g.shape(state)
+            && g.ty(y).dtype == g.ty(state).dtype
+            && !later_reads
+            && same_index_only(g, y, state, &inlined)
+        {
+            in_place[k] = true;
+        }
+    }
+
+    let array_bytes = |v: Value, bound: u64| -> u64 {
+        let dims = local_dims(v);
+        let n = padded_numel(&dims, row_pad(&dims), bound);
+        (n * g.ty(v).dtype.size_bytes() as u64).next_multiple_of(16)
+    };
+    let in_place_yields: BTreeSet<Value> = region
+        .yields
+        .iter()
+        .zip(&in_place)
+        .filter(|(_, p)| **p)
+        .map(|(y, _)| *y)
+        .collect();
+    let shared_bytes = |bound: u64| -> u64 {
+        outer
+            .iter()
+            .chain(carried)
+            .chain(passes.iter().filter(|p| !in_place_yields.contains(p)))
+            .map(|v| array_bytes(*v, bound))
+            .sum()
+    };
+    // Symbolic dims besides G get the largest bound (a power of two) at which the working
+    // set fits; the plan runs this kernel only when they are within it.
+    let bound = if symbols.is_empty() {
+        1
+    } else {
+        BOUNDS
+            .iter()
+            .copied()
+            .find(|b| shared_bytes(*b) <= SHARED_BUDGET)
+            .ok_or("the working set exceeds shared memory at every bound")?
+    };
+    let bytes = shared_bytes(bound);
+    if bytes > SHARED_BUDGET {
+        return Err(format!(
+            "the working set ({bytes} bytes) exceeds {SHARED_BUDGET} bytes of shared memory"
+        ));
+    }
+    let widest = passes
+        .iter()
+        .chain(carried)
+        .map(|v| numel_at(&local_dims(*v), bound))
+        .max()
+        .unwrap_or(1);
+    let block_dim = (widest.next_multiple_of(32) as u32).clamp(MIN_THREADS, MAX_THREADS);
+    Ok(LoopPlan {
+        batch,
+        outer,
+        passes,
+        inlined,
+        in_place,
+        block_dim,
+        symbols,
+        bound,
+    })
+}
+
+/// Element-wise ops that compute something (as opposed to moving elements).
+fn is_computing(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::Unary(_) | Op::Binary(_) | Op::Select | Op::Cast { .. }
+    )
+}
+
+fn is_movement(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::Reshape { .. }
+            | Op::Permute { .. }
+            | Op::BroadcastTo { .. }
+            | Op::Slice { .. }
+            | Op::Concat { .. }
+    )
+}
+
+/// Whether op `i` keeps the instances of the batch apart (see the module documentation).
+fn check_op(g: &FuncGraph<'_>, i: &Inst, batched: &dyn Fn(Value) -> bool) -> Result<(), String> {
+    let r = i.results[0];
+    let rank = g.shape(r).len();
+    let rb = batched(r);
+    let aligned = |o: Value| -> bool {
+        // An operand broadcast against the result: a batched one must line up with G.
+        let s = g.shape(o);
+        if batched(o) {
+            rb && s.len() == rank
+        } else {
+            !(rb && s.len() == rank && s[0] != Dim::Const(1))
+        }
+    };
+    let ok = match &i.op {
+        Op::Full { .. } | Op::Arange { .. } => true,
+        Op::Unary(_) | Op::Binary(_) | Op::Select | Op::Cast { .. } | Op::BroadcastTo { .. } => {
+            i.operands.iter().all(|o| aligned(*o))
+        }
+        Op::Reshape { .. } => batched(i.operands[0]) == rb,
+        Op::Permute { perm } => {
+            let ob = batched(i.operands[0]);
+            ob == rb && (!ob || perm[0] == 0)
+        }
+        Op::Slice { axis, .. } | Op::Concat { axis } => {
+            i.operands.iter().all(|o| batched(*o) == rb) && (!rb || *axis != 0)
+        }
+        Op::Reduce { axes, .. } => {
+            let ob = batched(i.operands[0]);
+            ob == rb && (!ob || !axes.contains(&0))
+        }
+        Op::ArgMax { axis, .. } | Op::ArgMin { axis, .. } => {
+            let ob = batched(i.operands[0]);
+            ob == rb && (!ob || *axis != 0)
+        }
+        Op::MatMul => (!rb || rank >= 3) && i.operands.iter().all(|o| aligned(*o)),
+        other => return Err(format!("`{}` has no block-local form", other.name())),
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{}` mixes the batch axis with another",
+            i.op.name()
+        ))
+    }
+}
+
+/// The values held in arrays (not inlined) that computing `v` reads.
+fn transitive_reads(g: &FuncGraph<'_>, v: Value, inlined: &BTreeSet<Value>) -> BTreeSet<Value> {
+    let mut out = BTreeSet::new();
+    let mut stack: Vec<Value> = g.inst(v).map(|i| i.operands.clone()).unwrap_or_default();
+    while let Some(o) = stack.pop() {
+        if inlined.contains(&o) {
+            if let Some(i) = g.inst(o) {
+                stack.extend(i.operands.iter().copied());
+            }
+        } else {
+            out.insert(o);
+        }
+    }
+    out
+}
+
+/// Whether the element-wise value `v` reads `state` only at its own index: through
+/// computing ops whose operands on the way have `v`'s shape.
+fn same_index_only(g: &FuncGraph<'_>, v: Value, state: Value, inlined: &BTreeSet<Value>) -> bool {
+    let shape = g.shape(v);
+    let Some(i) = g.inst(v) else {
+        return true;
+    };
+    i.operands.iter().all(|&o| {
+        if o == state {
+            return g.shape(o) == shape;
+        }
+        if !inlined.contains(&o) {
+            return true;
+        }
+        let reaches = transitive_reads(g, o, inlined).contains(&state);
+        if !reaches {
+            return true;
+        }
+        g.shape(o) == shape
+            && g.inst(o).is_some_and(|oi| is_computing(&oi.op))
+            && same_index_only(g, o, state, inlined)
+    })
+}
+
+/// The bounds tried for symbolic dims besides G, largest first.
+const BOUNDS: [u64; 7] = [1024, 512, 256, 128, 64, 32, 16];
+
+/// Padding after each innermost row of a shared array: one element when rows may be a
+/// multiple of 32 elements long (a column read by neighbouring threads then spans every
+/// bank instead of one).
+fn row_pad(dims: &[Dim]) -> u64 {
+    match dims {
+        [.., _, Dim::Const(n)] if n % 32 == 0 => 1,
+        [.., _, Dim::Sym(_)] => 1,
+        _ => 0,
+    }
+}
+
+/// The elements of `dims` with every symbolic dim at `bound`.
+fn numel_at(dims: &[Dim], bound: u64) -> u64 {
+    dims.iter().map(|d| d.as_const().unwrap_or(bound)).product()
+}
+
+/// The length of a shared array holding `dims` (symbolic dims at `bound`), rows padded.
+fn padded_numel(dims: &[Dim], pad: u64, bound: u64) -> u64 {
+    let mut n = 1;
+    for (k, d) in dims.iter().enumerate() {
+        let size = d.as_const().unwrap_or(bound);
+        n *= if k + 1 == dims.len() {
+            size + pad
+        } else {
+            size
+        };
+    }
+    n
+}
+
+/// Which shared arrays a pass reads and writes, for placing barriers.
+struct Hazards {
+    read: BTreeSet<u32>,
+    written: BTreeSet<u32>,
+    /// Threads already given to passes since the last barrier (the next pass starts there).
+    base: u32,
+}
+
+impl Hazards {
+    /// Whether a barrier must come before a pass reading `reads` and writing `writes`.
+    fn conflicts(&self, reads: &BTreeSet<u32>, writes: &BTreeSet<u32>) -> bool {
+        reads.iter().any(|r| self.written.contains(r))
+            || writes
+                .iter()
+                .any(|w| self.written.contains(w) || self.read.contains(w))
+    }
+
+    fn barrier(&mut self, out: &mut Vec<Stmt>) {
+        out.push(Stmt::Barrier);
+        self.read.clear();
+        self.written.clear();
+        self.base = 0;
+    }
+}
+
+fn shared_index(buf: Buf) -> u32 {
+    match buf {
+        Buf::Shared(i) => i,
+        Buf::Global(_) => unreachable!("local arrays are shared"),
+    }
+}
+
+/// Emits the kernel of a loop that [`plan`] accepted.
+pub(crate) fn emit(
+    g: &FuncGraph<'_>,
+    part: &Partition<'_>,
+    inst: &Inst,
+    p: &LoopPlan,
+    options: &crate::Options,
+) -> Result<Built, FusionError> {
+    let region = &inst.regions[0];
+    let carried = &region.args[1..];
+    let index_ty = index_type(g, inst, p, options);
+    let mut e = Emitter::new(g, &part.stored, index_ty);
+    e.owned = p.inlined.clone();
+    let batched = |v: Value| g.shape(v).first() == Some(&p.batch);
+    let t = p.block_dim;
+
+    // The shared arrays.
+    let declare = |e: &mut Emitter<'_, '_>, v: Value, name: &str| {
+        let s = g.shape(v);
+        let b = batched(v);
+        let dims: Vec<Dim> = if b { s[1..].to_vec() } else { s.to_vec() };
+        let pad = row_pad(&dims);
+        let len = padded_numel(&dims, pad, p.bound) as u32;
+        let buf = e.shared_array(name, g.ty(v).dtype, len);
+        e.local.insert(
+            v,
+            LocalArray {
+                buf,
+                batched: b,
+                dims,
+                pad,
+            },
+        );
+    };
+    for (n, &v) in p.outer.iter().enumerate() {
+        declare(&mut e, v, &format!("invariant{n}"));
+    }
+    for (k, &a) in carried.iter().enumerate() {
+        declare(&mut e, a, &format!("state{k}"));
+    }
+    for (k, &y) in region.yields.iter().enumerate() {
+        if p.in_place[k] {
+            let state = e.local[&carried[k]].clone();
+            e.local.insert(y, state);
+        }
+    }
+    for (n, &v) in p.passes.iter().enumerate() {
+        if !e.local.contains_key(&v) {
+            declare(&mut e, v, &format!("temp{n}"));
+        }
+    }
+
+    let instance = e.special(Special::BlockIdx(0));
+    let full_index = |v: Value, local: Vec<Expr>| -> Vec<Expr> {
+        if batched(v) {
+            let mut idx = vec![instance.clone()];
+            idx.extend(local);
+            idx
+        } else {
+            local
+        }
+    };
+    let fatal = |err: EmitError| match err {
+        EmitError::Fatal(f) => f,
+        EmitError::NotFusable(v) => FusionError::Internal {
+            function: g.func.name.clone(),
+            value: v,
+            message: "a persistent loop read a value at an element it does not hold".into(),
+        },
+    };
+
+    let mut body = Vec::new();
+    // Prologue: invariant operands and the initial state from global memory.
+    let mut copies: Vec<(Value, Value)> = p.outer.iter().map(|&v| (v, v)).collect();
+    copies.extend(
+        carried
+            .iter()
+            .zip(&inst.operands[1..])
+            .map(|(&a, &i)| (i, a)),
+    );
+    for (src, dst) in copies {
+        let dims = e.local[&dst].dims.clone();
+        let n = Count::of(&mut e, &dims, p.bound);
+        let buf = e.buffer(src, Access::Read);
+        let shape = g.shape(src);
+        strided(&mut e, &mut body, n, t, 0, |e, out, j| {
+            let local = e.delinearize(out, j, &dims);
+            let idx = full_index(src, local);
+            let at = e.linear(shape, &idx);
+            let value = Expr::Load {
+                buf,
+                index: Box::new(at),
+            };
+            let dst_buf = e.local[&dst].buf;
+            let index = e.local_offset(dst, &idx);
+            out.push(Stmt::Store {
+                buf: dst_buf,
+                index,
+                value,
+            });
+            Ok(())
+        })
+        .map_err(fatal)?;
+    }
+    body.push(Stmt::Barrier);
+
+    // The iterations.
+    let count_v = inst.operands[0];
+    let count_buf = e.buffer(count_v, Access::Read);
+    let count = e.var("count", Ty::I32);
+    let count_load = Expr::Load {
+        buf: count_buf,
+        index: Box::new(e.ix(0)),
+    };
+    let count_load = if e.cty(count_v) == Ty::I32 {
+        count_load
+    } else {
+        Expr::Cast(Ty::I32, Box::new(count_load))
+    };
+    body.push(Stmt::Assign(count, count_load));
+    let it = e.var("iter", Ty::I32);
+    let counter = region.args[0];
+    let counter_ty = e.cty(counter);
+    e.bindings.push(Binding {
+        value: counter,
+        index: Vec::new(),
+        expr: Expr::Cast(counter_ty, Box::new(Expr::Var(it))),
+    });
+    let mut iteration = Vec::new();
+    let mut hz = Hazards {
+        read: BTreeSet::new(),
+        written: BTreeSet::new(),
+        base: 0,
+    };
+    let buf_of = |e: &Emitter<'_, '_>, v: Value| shared_index(e.local[&v].buf);
+    for &v in &p.passes {
+        let reads: BTreeSet<u32> = transitive_reads(g, v, &p.inlined)
+            .into_iter()
+            .filter(|o| *o != counter)
+            .map(|o| buf_of(&e, o))
+            .collect();
+        let writes: BTreeSet<u32> = [buf_of(&e, v)].into();
+        if hz.conflicts(&reads, &writes) {
+            hz.barrier(&mut iteration);
+        }
+        let dims = e.local[&v].dims.clone();
+        let n = Count::of(&mut e, &dims, p.bound);
+        let most = n.most;
+        let base = hz.base;
+        strided(&mut e, &mut iteration, n, t, base, |e, out, j| {
+            let local = e.delinearize(out, j, &dims);
+            let idx = full_index(v, local);
+            let value = compute(e, out, v, &idx)?;
+            let buf = e.local[&v].buf;
+            let index = e.local_offset(v, &idx);
+            out.push(Stmt::Store { buf, index, value });
+            Ok(())
+        })
+        .map_err(fatal)?;
+        hz.base = (base + (most.min(u64::from(t)) as u32).next_multiple_of(32)) % t;
+        hz.read.extend(reads);
+        hz.written.extend(writes);
+    }
+    // Yields not written in place are copied into the state.
+    for (k, &y) in region.yields.iter().enumerate() {
+        let state = carried[k];
+        if p.in_place[k] || y == state {
+            continue;
+        }
+        let reads: BTreeSet<u32> = [buf_of(&e, y)].into();
+        let writes: BTreeSet<u32> = [buf_of(&e, state)].into();
+        if hz.conflicts(&reads, &writes) {
+            hz.barrier(&mut iteration);
+        }
+        let dims = e.local[&state].dims.clone();
+        let n = Count::of(&mut e, &dims, p.bound);
+        let most = n.most;
+        let base = hz.base;
+        strided(&mut e, &mut iteration, n, t, base, |e, out, j| {
+            let local = e.delinearize(out, j, &dims);
+            let idx = full_index(state, local);
+            let value = e.elem(out, y, &idx, 1)?.remove(0);
+            let buf = e.local[&state].buf;
+            let index = e.local_offset(state, &idx);
+            out.push(Stmt::Store { buf, index, value });
+            Ok(())
+        })
+        .map_err(fatal)?;
+        hz.base = (base + (most.min(u64::from(t)) as u32).next_multiple_of(32)) % t;
+        hz.read.extend(reads);
+        hz.written.extend(writes);
+    }
+    iteration.push(Stmt::Barrier);
+    body.push(Stmt::For {
+        var: it,
+        start: Expr::Const(kiln_kir::Const::I32(0)),
+        end: Expr::Var(count),
+        step: Expr::Const(kiln_kir::Const::I32(1)),
+        body: iteration,
+    });
+
+    // Epilogue: the final state to the loop's results (unbatched ones by block 0 only).
+    for (k, &state) in carried.iter().enumerate() {
+        let result = inst.results[k];
+        let dims = e.local[&state].dims.clone();
+        let n = Count::of(&mut e, &dims, p.bound);
+        let buf = e.buffer(result, Access::Write);
+        let shape = g.shape(result);
+        let mut stores = Vec::new();
+        strided(&mut e, &mut stores, n, t, 0, |e, out, j| {
+            let local = e.delinearize(out, j, &dims);
+            let idx = full_index(state, local);
+            let value = e.elem(out, state, &idx, 1)?.remove(0);
+            let index = e.linear(shape, &idx);
+            out.push(Stmt::Store { buf, index, value });
+            Ok(())
+        })
+        .map_err(fatal)?;
+        if batched(state) {
+            body.extend(stores);
+        } else {
+            body.push(Stmt::If {
+                cond: Expr::Binary(
+                    kiln_kir::BinOp::Eq,
+                    Box::new(instance.clone()),
+                    Box::new(e.ix(0)),
+                ),
+                then: stores,
+                otherwise: Vec::new(),
+            });
+        }
+    }
+
+    let grid = [dim_size(&p.batch), SizeExpr::Const(1), SizeExpr::Const(1)];
+    let dtype = inst
+        .results
+        .first()
+        .map(|r| g.ty(*r).dtype)
+        .unwrap_or(kiln_ir::DType::F32);
+    let (kernel, args, mut fused) = e.finish(String::new(), t, grid, body);
+    fused.extend(p.passes.iter().copied());
+    fused.insert(inst.results[0]);
+    Ok(Built {
+        kernel,
+        args,
+        fused,
+        what: format!("persistent_loop_{}", dtype.name()),
+    })
+}
+
+/// How many elements a pass covers: an expression and its largest value.
+struct Count {
+    expr: Expr,
+    most: u64,
+    constant: bool,
+}
+
+impl Count {
+    fn of(e: &mut Emitter<'_, '_>, dims: &[Dim], bound: u64) -> Count {
+        Count {
+            expr: e.numel(dims),
+            most: numel_at(dims, bound),
+            constant: dims.iter().all(|d| d.as_const().is_some()),
+        }
+    }
+}
+
+/// A block-strided loop over `n` elements (`f` emits the work of element `j`), its threads
+/// rotated by `base` so that passes sharing a barrier interval start at different warps.
+fn strided(
+    e: &mut Emitter<'_, '_>,
+    out: &mut Vec<Stmt>,
+    n: Count,
+    threads: u32,
+    base: u32,
+    mut f: impl FnMut(&mut Emitter<'_, '_>, &mut Vec<Stmt>, Expr) -> Result<(), EmitError>,
+) -> Result<(), EmitError> {
+    let ity = e.index_ty;
+    let tid = e.special(Special::ThreadIdx);
+    let lane = if base == 0 {
+        tid
+    } else {
+        crate::emit::rem(
+            add(tid, e.ix(i64::from(threads - base))),
+            e.ix(i64::from(threads)),
+        )
+    };
+    let j = e.var("j", ity);
+    e.set_range(j, 0, n.most as i64 - 1);
+    let mut inner = Vec::new();
+    e.push_scope();
+    f(e, &mut inner, Expr::Var(j))?;
+    e.pop_scope();
+    if n.most <= u64::from(threads) {
+        let mut then = vec![Stmt::Assign(j, lane.clone())];
+        then.extend(inner);
+        let cond = if n.constant && n.most == u64::from(threads) {
+            Expr::Const(kiln_kir::Const::Pred(true))
+        } else {
+            lt(lane, n.expr)
+        };
+        out.push(Stmt::If {
+            cond,
+            then,
+            otherwise: Vec::new(),
+        });
+    } else {
+        out.push(Stmt::For {
+            var: j,
+            start: lane,
+            end: n.expr,
+            step: e.ix(i64::from(threads)),
+            body: inner,
+        });
+    }
+    Ok(())
+}
+
+/// The element of pass value `v` at `idx`: an element-wise op through the emitter, a
+/// reduction or a matmul by a loop over its reduced axis in row-major order.
+fn compute(
+    e: &mut Emitter<'_, '_>,
+    out: &mut Vec<Stmt>,
+    v: Value,
+    idx: &[Expr],
+) -> Result<Expr, EmitError> {
+    let g = e.g;
+    let inst = g.inst(v).expect("a pass value has an instruction");
+    let ity = e.index_ty;
+    match &inst.op {
+        Op::Reduce { .. } | Op::ArgMax { .. } | Op::ArgMin { .. } => {
+            let input = inst.operands[0];
+            let in_shape = g.shape(input).to_vec();
+            let (axes, keep): (Vec<usize>, bool) = match &inst.op {
+                Op::Reduce { axes, keep, .. } => (axes.clone(), *keep),
+                Op::ArgMax { axis, keep } | Op::ArgMin { axis, keep } => (vec![*axis], *keep),
+                _ => unreachable!("a reduction"),
+            };
+            let red = Red::of(&inst.op);
+            let kept: Vec<usize> = (0..in_shape.len()).filter(|d| !axes.contains(d)).collect();
+            let red_dims: Vec<Dim> = axes.iter().map(|&d| in_shape[d].clone()).collect();
+            let mut at = vec![e.ix(0); in_shape.len()];
+            for (k, &d) in kept.iter().enumerate() {
+                at[d] = if keep { idx[d].clone() } else { idx[k].clone() };
+            }
+            let acc = Acc::new(e, out, red, g.ty(input).dtype);
+            let count = e.numel(&red_dims);
+            let j = e.var("r", ity);
+            let mut step = Vec::new();
+            e.push_scope();
+            let red_idx = e.delinearize(&mut step, Expr::Var(j), &red_dims);
+            for (k, &d) in axes.iter().enumerate() {
+                at[d] = red_idx[k].clone();
+            }
+            let x = e.elem(&mut step, input, &at, 1)?.remove(0);
+            let pos = red.is_arg().then(|| to_i64(e, Expr::Var(j)));
+            acc.fold(e, &mut step, x, pos);
+            e.pop_scope();
+            out.push(Stmt::For {
+                var: j,
+                start: e.ix(0),
+                end: count.clone(),
+                step: e.ix(1),
+                body: step,
+            });
+            Ok(acc.result(count))
+        }
+        Op::MatMul => {
+            let (a, b) = (inst.operands[0], inst.operands[1]);
+            let rank = idx.len();
+            let (i, j) = (idx[rank - 2].clone(), idx[rank - 1].clone());
+            let operand_index = |x: Value, row: Expr, col: Expr| -> Vec<Expr> {
+                let s = g.shape(x);
+                let batch = s.len() - 2;
+                let mut xi: Vec<Expr> = (0..batch)
+                    .map(|d| {
+                        let od = d + (rank - 2 - batch);
+                        if s[d] == Dim::Const(1) && g.shape(v)[od] != Dim::Const(1) {
+                            Expr::Const(crate::emit::zero_of(ity))
+                        } else {
+                            idx[od].clone()
+                        }
+                    })
+                    .collect();
+                xi.push(row);
+                xi.push(col);
+                xi
+            };
+            let k_dim = g.shape(a)[g.shape(a).len() - 1].clone();
+            let ty = e.cty(v);
+            let acc = e.var("dot", ty);
+            out.push(Stmt::Assign(acc, Expr::Const(crate::emit::zero_of(ty))));
+            let p = e.var("p", ity);
+            let mut step = Vec::new();
+            e.push_scope();
+            let x = e
+                .elem(&mut step, a, &operand_index(a, i, Expr::Var(p)), 1)?
+                .remove(0);
+            let y = e
+                .elem(&mut step, b, &operand_index(b, Expr::Var(p), j), 1)?
+                .remove(0);
+            let next = if ty == Ty::F32 {
+                Expr::Fma(Box::new(x), Box::new(y), Box::new(Expr::Var(acc)))
+            } else {
+                add(Expr::Var(acc), mul(x, y))
+            };
+            step.push(Stmt::Assign(acc, next));
+            e.pop_scope();
+            let k = e.dim(&k_dim);
+            out.push(Stmt::For {
+                var: p,
+                start: e.ix(0),
+                end: k,
+                step: e.ix(1),
+                body: step,
+            });
+            Ok(Expr::Var(acc))
+        }
+        _ => {
+            e.fused.insert(v);
+            Ok(e.compute(out, v, idx, 1)?.remove(0))
+        }
+    }
+}
+
+/// I32 index arithmetic when every buffer the kernel touches stays below 2^31 elements
+/// with the batch axis at most `options.symbol_bound`; I64 otherwise.
+fn index_type(g: &FuncGraph<'_>, inst: &Inst, p: &LoopPlan, options: &crate::Options) -> Ty {
+    match options.index_width {
+        crate::IndexWidth::I32 => return Ty::I32,
+        crate::IndexWidth::I64 => return Ty::I64,
+        crate::IndexWidth::Auto => {}
+    }
+    let limit = (1u128 << 31) - 1;
+    let fits = p
+        .outer
+        .iter()
+        .chain(&inst.operands)
+        .chain(&inst.results)
+        .all(|v| {
+            g.shape(*v).iter().fold(1u128, |acc, d| {
+                acc.saturating_mul(match d {
+                    Dim::Const(n) => u128::from(*n),
+                    Dim::Sym(_) => u128::from(options.symbol_bound),
+                })
+            }) <= limit
+        });
+    if fits {
+        Ty::I32
+    } else {
+        Ty::I64
+    }
+}
