@@ -113,7 +113,7 @@ fn the_benchmark_solver_is_one_persistent_kernel_without_a_plan_loop() {
             .sum();
         // A game's payoffs (A and -A, or A and B) stay in shared memory: 2 × 64 × 65 floats.
         assert!(
-            shared >= 2 * 64 * 65 * 4 && shared <= 48 * 1024,
+            (2 * 64 * 65 * 4..=48 * 1024).contains(&shared),
             "{function}: {shared} bytes"
         );
     }
