@@ -312,3 +312,27 @@ fn persistent_kernels_assemble_for_every_target_without_spills() {
         }
     }
 }
+
+#[test]
+#[ignore = "prints which consensus loops run persistent"]
+fn dump_consensus_census() {
+    let path = kiln_tests::repo_root().join("stdlib/consensus.kiln");
+    let source = std::fs::read_to_string(&path).unwrap();
+    let module = lower("consensus.kiln", &source, path.parent(), None);
+    let mut text = String::new();
+    for func in &module.functions {
+        let compiled =
+            kiln_gpu_kernels::compile_function(&module, &func.name, &Options::default()).unwrap();
+        let c = census(&compiled.plan, &compiled.kernels);
+        text.push_str(&format!("{} {:?}\n", func.name, c));
+    }
+    std::fs::write("/tmp/pl/census.txt", text).unwrap();
+}
+
+#[test]
+#[ignore = "prints a kernel"]
+fn dump_rm_plus_64() {
+    let module = module();
+    let kernels = persistent_kernels(&module, &["rm_plus_64"]);
+    std::fs::write("/tmp/pl/rm_plus_64.kir", kernels[0].to_string()).unwrap();
+}

@@ -8,11 +8,18 @@
 //! temporaries. The prologue copies the invariant operands and the initial state in from
 //! global memory once; then a `For` over the iterations runs the body's ops in program order,
 //! each one a *pass*: a block-strided loop over the instance's elements of its result (a thread
-//! per element; a reduction or a matmul element loops over its reduced axis in row-major
-//! order, the interpreter's order, accumulating in f32). Element-wise ops with one reader of
-//! the same shape, movement ops and constants are not passes: they are inlined into their
-//! reader by the shared [`Emitter`] (whose element expressions read these shared arrays
-//! instead of buffers). A barrier separates passes only where one reads or overwrites an array
+//! per element; a matmul element loops over its reduced axis in order, accumulating in f32
+//! with `fma`; a reduction element likewise, in row-major order as the interpreter sums,
+//! except that a reduction of at least 32 elements per output, with at most a few outputs,
+//! gets a warp per output whose lanes fold every 32nd element in order and then combine by
+//! `ShuffleXor`, the same order on every backend). Element-wise ops with one reader that
+//! reads each element once, expressions of at most four cheap ops (a scalar compared or
+//! clamped and broadcast: every reader recomputes them), movement ops and constants are not
+//! passes: they are inlined into their readers by the shared [`Emitter`] (whose element
+//! expressions read these shared arrays instead of buffers). Arrays of rows that are a
+//! multiple of 32 elements (or of symbolic length) get one element of padding per row, so a
+//! column read by neighbouring threads (`A @ y`) hits every bank once. A barrier separates
+//! passes only where one reads or overwrites an array
 //! that another pass since the last barrier wrote or read; small passes in one barrier
 //! interval start at different warps. A yield that is computed element by element from the
 //! state it replaces at the same index, after every other read of that state, is written
@@ -26,8 +33,15 @@
 //! and concats work on other axes, matmuls have it as a batch dim); unbatched values are
 //! computed whole by every block. The body has no nested region and only element-wise,
 //! movement (reshape, permute, broadcast, slice, concat), constant, reduction and matmul ops;
-//! every dim but G is a constant; the whole working set fits in [`SHARED_BUDGET`] bytes of
-//! static shared memory (the kir limit of a block).
+//! the whole working set fits in [`SHARED_BUDGET`] bytes of static shared memory (the kir
+//! limit of a block). Dims besides G may be symbolic: the kernel is then built for the
+//! largest power-of-two bound (at most 1024) on them at which the working set fits, and the
+//! plan runs it under `Step::BySize` branches when every such dim is within the bound,
+//! the plan loop otherwise.
+//!
+//! Cost model (for reading profiles): per iteration a pass costs its longest per-thread
+//! chain plus a barrier; a matmul pass reads its shared operand once per output element,
+//! so a `[64, 64]` matrix-vector product moves 16 KiB through the shared-memory pipe.
 
 use super::reduce::{to_i64, Acc, Red};
 use super::Built;
@@ -155,18 +169,49 @@ pub(crate) fn plan(
     // Which body values get a pass; the rest are inlined into their one reader.
     let mut passes = Vec::new();
     let mut inlined = BTreeSet::new();
+    // Arithmetic ops of each inlined value's expression (recomputed per read; `u32::MAX`
+    // when it computes a transcendental function).
+    let mut cost: BTreeMap<Value, u32> = BTreeMap::new();
     for i in &region.insts {
         let r = i.results[0];
         let reads = readers.get(&r).map(Vec::as_slice).unwrap_or(&[]);
+        let operand_cost = i
+            .operands
+            .iter()
+            .filter_map(|o| cost.get(o))
+            .fold(0u32, |a, c| a.saturating_add(*c));
         let own_pass = match &i.op {
             _ if g.is_heavy(r) || g.yielded[r.0 as usize] => true,
-            Op::Full { .. } | Op::Arange { .. } => false,
-            op if is_movement(op) => false,
-            // One reader that reads each element once: an element-wise op of the same
-            // shape, or a reduction.
-            _ => !matches!(reads, [Some(user)] if (is_computing(&user.op)
-                && g.shape(user.results[0]) == g.shape(r))
-                || matches!(user.op, Op::Reduce { .. } | Op::ArgMax { .. } | Op::ArgMin { .. })),
+            Op::Full { .. } | Op::Arange { .. } => {
+                cost.insert(r, 0);
+                false
+            }
+            op if is_movement(op) => {
+                cost.insert(r, operand_cost);
+                false
+            }
+            op => {
+                // One reader that reads each element once (an element-wise op of the same
+                // shape, or a reduction), or a few cheap ops that every reader recomputes
+                // (a scalar compared or clamped and broadcast) rather than a pass and a
+                // barrier; never recomputed inside a matmul's inner loop.
+                let once = matches!(reads, [Some(user)] if (is_computing(&user.op)
+                    && g.shape(user.results[0]) == g.shape(r))
+                    || matches!(user.op, Op::Reduce { .. } | Op::ArgMax { .. } | Op::ArgMin { .. }));
+                let c = if crate::graph::op_cost(op).transcendental > 0 {
+                    u32::MAX
+                } else {
+                    operand_cost.saturating_add(1)
+                };
+                let into_matmul = reads
+                    .iter()
+                    .any(|u| matches!(u, Some(u) if matches!(u.op, Op::MatMul)));
+                let cheap = c <= MAX_RECOMPUTED && !into_matmul;
+                if once || cheap {
+                    cost.insert(r, c);
+                }
+                !(once || cheap)
+            }
         };
         if reads.is_empty() && !own_pass {
             continue;
@@ -365,6 +410,9 @@ fn same_index_only(g: &FuncGraph<'_>, v: Value, state: Value, inlined: &BTreeSet
             && same_index_only(g, o, state, inlined)
     })
 }
+
+/// The most arithmetic ops an inlined expression read by several elements may have.
+const MAX_RECOMPUTED: u32 = 4;
 
 /// The bounds tried for symbolic dims besides G, largest first.
 const BOUNDS: [u64; 7] = [1024, 512, 256, 128, 64, 32, 16];
@@ -578,8 +626,27 @@ pub(crate) fn emit(
         }
         let dims = e.local[&v].dims.clone();
         let n = Count::of(&mut e, &dims, p.bound);
-        let most = n.most;
         let base = hz.base;
+        if let Some(outputs) = warp_reduction(&e, v, &dims, t, base, p.bound) {
+            // A warp per output element, its lanes striding over the reduced elements.
+            let first = full_index(v, vec![e.ix(0); dims.len()]);
+            warp_reduce_pass(
+                &mut e,
+                &mut iteration,
+                v,
+                &dims,
+                outputs,
+                t,
+                base,
+                &first[..usize::from(batched(v))],
+            )
+            .map_err(fatal)?;
+            hz.base = (base + 32 * outputs as u32) % t;
+            hz.read.extend(reads);
+            hz.written.extend(writes);
+            continue;
+        }
+        let most = n.most;
         strided(&mut e, &mut iteration, n, t, base, |e, out, j| {
             let local = e.delinearize(out, j, &dims);
             let idx = full_index(v, local);
@@ -746,6 +813,122 @@ fn strided(
             body: inner,
         });
     }
+    Ok(())
+}
+
+/// For a reduction pass whose few output elements each reduce at least a warp's worth of
+/// elements: how many outputs (each gets a warp of the block, from warp `base / 32` on).
+fn warp_reduction(
+    e: &Emitter<'_, '_>,
+    v: Value,
+    dims: &[Dim],
+    threads: u32,
+    base: u32,
+    bound: u64,
+) -> Option<u64> {
+    let inst = e.g.inst(v)?;
+    let axes: Vec<usize> = match &inst.op {
+        Op::Reduce { axes, .. } => axes.clone(),
+        Op::ArgMax { axis, .. } | Op::ArgMin { axis, .. } => vec![*axis],
+        _ => return None,
+    };
+    let in_shape = e.g.shape(inst.operands[0]);
+    let reduced: Vec<Dim> = axes.iter().map(|&d| in_shape[d].clone()).collect();
+    let outputs = dims.iter().map(Dim::as_const).product::<Option<u64>>()?;
+    let free_warps = u64::from((threads - base) / 32);
+    (numel_at(&reduced, bound) >= 32 && outputs <= free_warps).then_some(outputs)
+}
+
+/// A reduction pass with a warp per output element (see [`warp_reduction`]): each lane
+/// folds the elements `lane, lane + 32, ...` of its output's reduced axes in order, then
+/// the lanes combine by `ShuffleXor` (executed by every thread: block-uniform), and lane 0
+/// stores. `batch` is the instance index when `v` is batched (else empty).
+#[allow(clippy::too_many_arguments)]
+fn warp_reduce_pass(
+    e: &mut Emitter<'_, '_>,
+    out: &mut Vec<Stmt>,
+    v: Value,
+    dims: &[Dim],
+    outputs: u64,
+    threads: u32,
+    base: u32,
+    batch: &[Expr],
+) -> Result<(), EmitError> {
+    let g = e.g;
+    let inst = g.inst(v).expect("a reduction");
+    let input = inst.operands[0];
+    let in_shape = g.shape(input).to_vec();
+    let (axes, keep): (Vec<usize>, bool) = match &inst.op {
+        Op::Reduce { axes, keep, .. } => (axes.clone(), *keep),
+        Op::ArgMax { axis, keep } | Op::ArgMin { axis, keep } => (vec![*axis], *keep),
+        _ => unreachable!("a reduction"),
+    };
+    let red = Red::of(&inst.op);
+    let ity = e.index_ty;
+    let warps = i64::from(threads / 32);
+    let warp = e.special(Special::WarpId);
+    let lane = e.special(Special::LaneId);
+    let rotated = crate::emit::rem(add(warp, e.ix(warps - i64::from(base / 32))), e.ix(warps));
+    let o = e.bind(out, "o", ity, rotated);
+    let mine = lt(o.clone(), e.ix(outputs as i64));
+    let index_of = |e: &mut Emitter<'_, '_>, stmts: &mut Vec<Stmt>| -> Vec<Expr> {
+        let mut idx = batch.to_vec();
+        idx.extend(e.delinearize(stmts, o.clone(), dims));
+        idx
+    };
+    let acc = Acc::new(e, out, red, g.ty(input).dtype);
+    let red_dims: Vec<Dim> = axes.iter().map(|&d| in_shape[d].clone()).collect();
+    let count = e.numel(&red_dims);
+    let mut gather = Vec::new();
+    e.push_scope();
+    let idx = index_of(e, &mut gather);
+    let kept: Vec<usize> = (0..in_shape.len()).filter(|d| !axes.contains(d)).collect();
+    let mut at = vec![e.ix(0); in_shape.len()];
+    for (k, &d) in kept.iter().enumerate() {
+        at[d] = if keep { idx[d].clone() } else { idx[k].clone() };
+    }
+    let r = e.var("r", ity);
+    let mut step = Vec::new();
+    e.push_scope();
+    let red_idx = e.delinearize(&mut step, Expr::Var(r), &red_dims);
+    for (k, &d) in axes.iter().enumerate() {
+        at[d] = red_idx[k].clone();
+    }
+    let x = e.elem(&mut step, input, &at, 1)?.remove(0);
+    let pos = red.is_arg().then(|| to_i64(e, Expr::Var(r)));
+    acc.fold(e, &mut step, x, pos);
+    e.pop_scope();
+    gather.push(Stmt::For {
+        var: r,
+        start: lane.clone(),
+        end: count.clone(),
+        step: e.ix(32),
+        body: step,
+    });
+    e.pop_scope();
+    out.push(Stmt::If {
+        cond: mine.clone(),
+        then: gather,
+        otherwise: Vec::new(),
+    });
+    acc.warp_reduce(e, out);
+    let mut store = Vec::new();
+    e.push_scope();
+    let idx = index_of(e, &mut store);
+    let buf = e.local[&v].buf;
+    let index = e.local_offset(v, &idx);
+    store.push(Stmt::Store {
+        buf,
+        index,
+        value: acc.result(count),
+    });
+    e.pop_scope();
+    let first_lane = Expr::Binary(kiln_kir::BinOp::Eq, Box::new(lane), Box::new(e.ix(0)));
+    out.push(Stmt::If {
+        cond: crate::emit::and(mine, first_lane),
+        then: store,
+        otherwise: Vec::new(),
+    });
     Ok(())
 }
 

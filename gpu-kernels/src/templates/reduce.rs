@@ -152,7 +152,7 @@ impl Acc {
     }
 
     /// Combines the accumulators of all lanes of each warp (every lane gets the result).
-    fn warp_reduce(&self, e: &mut Emitter<'_, '_>, out: &mut Vec<Stmt>) {
+    pub(crate) fn warp_reduce(&self, e: &mut Emitter<'_, '_>, out: &mut Vec<Stmt>) {
         let other = e.var("other", self.ty);
         let other_at = self.idx.map(|_| e.var("other_at", Ty::I64));
         for mask in [16u32, 8, 4, 2, 1] {
