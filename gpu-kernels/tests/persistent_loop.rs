@@ -111,6 +111,8 @@ fn the_benchmark_solver_is_one_persistent_kernel_without_a_plan_loop() {
             .iter()
             .map(|s| u64::from(s.len) * s.dtype.size_bytes() as u64)
             .sum();
+        // The products with A and -A (or B) keep the matrices in registers: 256 threads.
+        assert_eq!(kernel.block_dim, 256, "{function}");
         // A game's payoffs (A and -A, or A and B) stay in shared memory: 2 × 64 × 65 floats.
         assert!(
             (2 * 64 * 65 * 4..=48 * 1024).contains(&shared),
@@ -229,7 +231,7 @@ fn other_solver_loops_equal_the_interpreter() {
     }
 }
 
-/// The persistent kernels of `functions`.
+/// The persistent kernels of `functions`, renamed after their function.
 fn persistent_kernels(module: &Module, functions: &[&str]) -> Vec<kiln_kir::Kernel> {
     let mut out = Vec::new();
     for function in functions {
@@ -239,7 +241,11 @@ fn persistent_kernels(module: &Module, functions: &[&str]) -> Vec<kiln_kir::Kern
             compiled
                 .kernels
                 .into_iter()
-                .filter(|k| k.name.contains("persistent_loop")),
+                .filter(|k| k.name.contains("persistent_loop"))
+                .map(|mut k| {
+                    k.name = format!("{function}_{}", k.name);
+                    k
+                }),
         );
     }
     out
@@ -311,28 +317,4 @@ fn persistent_kernels_assemble_for_every_target_without_spills() {
             );
         }
     }
-}
-
-#[test]
-#[ignore = "prints which consensus loops run persistent"]
-fn dump_consensus_census() {
-    let path = kiln_tests::repo_root().join("stdlib/consensus.kiln");
-    let source = std::fs::read_to_string(&path).unwrap();
-    let module = lower("consensus.kiln", &source, path.parent(), None);
-    let mut text = String::new();
-    for func in &module.functions {
-        let compiled =
-            kiln_gpu_kernels::compile_function(&module, &func.name, &Options::default()).unwrap();
-        let c = census(&compiled.plan, &compiled.kernels);
-        text.push_str(&format!("{} {:?}\n", func.name, c));
-    }
-    std::fs::write("/tmp/pl/census.txt", text).unwrap();
-}
-
-#[test]
-#[ignore = "prints a kernel"]
-fn dump_rm_plus_64() {
-    let module = module();
-    let kernels = persistent_kernels(&module, &["rm_plus_64"]);
-    std::fs::write("/tmp/pl/rm_plus_64.kir", kernels[0].to_string()).unwrap();
 }

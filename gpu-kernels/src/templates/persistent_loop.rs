@@ -6,25 +6,35 @@
 //! shared-memory array for the whole kernel, one instance's slice of it: the loop-invariant
 //! operands (a game's payoffs `A[g]` and `-A[g]`), the carried state and the body's
 //! temporaries. The prologue copies the invariant operands and the initial state in from
-//! global memory once; then a `For` over the iterations runs the body's ops in program order,
-//! each one a *pass*: a block-strided loop over the instance's elements of its result (a thread
-//! per element; a matmul element loops over its reduced axis in order, accumulating in f32
-//! with `fma`; a reduction element likewise, in row-major order as the interpreter sums,
-//! except that a reduction of at least 32 elements per output, with at most a few outputs,
-//! gets a warp per output whose lanes fold every 32nd element in order and then combine by
-//! `ShuffleXor`, the same order on every backend). Element-wise ops with one reader that
-//! reads each element once, expressions of at most four cheap ops (a scalar compared or
-//! clamped and broadcast: every reader recomputes them), movement ops and constants are not
-//! passes: they are inlined into their readers by the shared [`Emitter`] (whose element
-//! expressions read these shared arrays instead of buffers). Arrays of rows that are a
-//! multiple of 32 elements (or of symbolic length) get one element of padding per row, so a
-//! column read by neighbouring threads (`A @ y`) hits every bank once. A barrier separates
-//! passes only where one reads or overwrites an array
-//! that another pass since the last barrier wrote or read; small passes in one barrier
-//! interval start at different warps. A yield that is computed element by element from the
-//! state it replaces at the same index, after every other read of that state, is written
-//! straight into the state's array; the other yields are copied in at the end of the
-//! iteration. The epilogue writes the final state to the loop's results.
+//! global memory once; a `For` over the iterations then runs the body's ops in program order,
+//! each one a *pass* over the instance's elements of its result; the epilogue writes the
+//! final state to the loop's results.
+//!
+//! - Element-wise ops: a block-strided loop, a thread per element. An element-wise op read
+//!   once per element (by one element-wise reader of its shape, or a reduction), an
+//!   expression of at most four cheap ops (a scalar compared or clamped and broadcast: each
+//!   reader recomputes it), movement ops and constants are no passes: the shared
+//!   [`Emitter`] inlines them into their readers (its element expressions read these shared
+//!   arrays instead of buffers).
+//! - Reductions: a thread per output element folding its elements in row-major order (the
+//!   interpreter's order), in f32; with at least 32 elements per output and at most a few
+//!   outputs, a warp per output whose lanes fold every 32nd element in order and combine by
+//!   `ShuffleXor` (the same order on every backend).
+//! - Matmuls: a thread per output element, an in-order `fma` loop over the reduced axis;
+//!   except a matrix-vector product of a loop-invariant f32 matrix (a game's `A @ y` and
+//!   `x @ B`), whose matrix the threads keep in registers for the whole kernel: a few
+//!   consecutive lanes per output element each hold a segment of its row (or column), fold
+//!   it against the vector (read from shared memory four elements at a time where the
+//!   segments allow) and add their sums by `ShuffleXor`. Kernels with such products take
+//!   256 threads (16 registers per matrix for a 64 × 64 game).
+//! - Barriers separate passes only where one reads or overwrites an array that another pass
+//!   since the last barrier wrote or read; small passes in one interval start at different
+//!   warps. Arrays of rows that are a multiple of 32 elements (or of symbolic length) get
+//!   one element of padding per row, so a column read by neighbouring threads hits every
+//!   bank once.
+//! - A yield computed element by element from the state it replaces, at the same index and
+//!   after every other read of that state, is written straight into the state's array; the
+//!   other yields are copied in at the end of the iteration.
 //!
 //! Eligibility (anything else keeps the plan-loop path): every carried value of rank ≥ 1 has
 //! the same leading dim G (the batch axis; the others are 0-d); a value whose leading dim is
@@ -40,8 +50,11 @@
 //! the plan loop otherwise.
 //!
 //! Cost model (for reading profiles): per iteration a pass costs its longest per-thread
-//! chain plus a barrier; a matmul pass reads its shared operand once per output element,
-//! so a `[64, 64]` matrix-vector product moves 16 KiB through the shared-memory pipe.
+//! chain plus a barrier; a matmul pass from shared memory reads its matrix once per
+//! iteration (a `[64, 64]` one moves 16 KiB through the shared-memory pipe), a register
+//! matrix-vector product only its vector. The invariant operands are copied to shared
+//! memory even when only register products read them (the bound on symbolic dims counts
+//! them).
 
 use super::reduce::{to_i64, Acc, Red};
 use super::Built;
@@ -79,7 +92,32 @@ pub(crate) struct LoopPlan {
     /// launches it only when every one of them is at most `bound`.
     pub symbols: BTreeSet<String>,
     pub bound: u64,
+    /// Matrix-vector products whose matrix (loop-invariant) threads keep in registers.
+    matvecs: BTreeMap<Value, MatVec>,
 }
+
+/// A matrix-vector product `W @ v` (`left`) or `v @ W` of a loop-invariant matrix `W`: each
+/// output element gets `split` consecutive lanes, lane `s` holding `W`'s elements
+/// `s·seg .. (s+1)·seg` of the output's row (or column) in registers for the whole kernel;
+/// per iteration a lane folds its segment against the vector in order (`fma`), and the
+/// lanes add their partial sums by `ShuffleXor` (a tree over `split`).
+#[derive(Clone, Debug)]
+struct MatVec {
+    matrix: Value,
+    left: bool,
+    /// The array holding the vector's elements contiguously (the operand, or what it is a
+    /// reshape of).
+    vector: Value,
+    outputs: Dim,
+    reduced: Dim,
+    split: u32,
+    seg: u64,
+    /// Elements per vector load of the vector (4 when the segments allow, else 1).
+    lanes: u64,
+}
+
+/// The most registers per thread that matrices kept in registers may take.
+const MATRIX_REGISTERS: u64 = 72;
 
 /// Decides whether the `loop` instruction `inst` runs as a persistent kernel; the error
 /// says why not.
@@ -203,9 +241,7 @@ pub(crate) fn plan(
                 } else {
                     operand_cost.saturating_add(1)
                 };
-                let into_matmul = reads
-                    .iter()
-                    .any(|u| matches!(u, Some(u) if matches!(u.op, Op::MatMul)));
+                let into_matmul = read_by_matmul(r, &readers);
                 let cheap = c <= MAX_RECOMPUTED && !into_matmul;
                 if once || cheap {
                     cost.insert(r, c);
@@ -291,7 +327,36 @@ pub(crate) fn plan(
         .map(|v| numel_at(&local_dims(*v), bound))
         .max()
         .unwrap_or(1);
-    let block_dim = (widest.next_multiple_of(32) as u32).clamp(MIN_THREADS, MAX_THREADS);
+    let mut block_dim = (widest.next_multiple_of(32) as u32).clamp(MIN_THREADS, MAX_THREADS);
+    // Matrices kept in registers take a quarter of the registers each at the most threads.
+    if passes
+        .iter()
+        .any(|v| matvec(g, *v, &outer, &inlined, &batched, MAX_THREADS, bound).is_some())
+    {
+        block_dim = MAX_THREADS;
+    }
+    let mut matvecs = BTreeMap::new();
+    let mut registers: BTreeMap<(Value, bool), u64> = BTreeMap::new();
+    for &v in &passes {
+        let Some(mv) = matvec(g, v, &outer, &inlined, &batched, block_dim, bound) else {
+            continue;
+        };
+        // One register copy per matrix and side, shared by its products, within a budget.
+        let total: u64 = registers.values().sum();
+        let held = match registers.entry((mv.matrix, mv.left)) {
+            std::collections::btree_map::Entry::Occupied(o) => *o.get() == mv.seg,
+            std::collections::btree_map::Entry::Vacant(slot) => {
+                let fits = total + mv.seg <= MATRIX_REGISTERS;
+                if fits {
+                    slot.insert(mv.seg);
+                }
+                fits
+            }
+        };
+        if held {
+            matvecs.insert(v, mv);
+        }
+    }
     Ok(LoopPlan {
         batch,
         outer,
@@ -301,6 +366,98 @@ pub(crate) fn plan(
         block_dim,
         symbols,
         bound,
+        matvecs,
+    })
+}
+
+/// Whether pass `v` is a matrix-vector product of a batched loop-invariant matrix that
+/// can be kept in registers (see [`MatVec`]).
+fn matvec(
+    g: &FuncGraph<'_>,
+    v: Value,
+    outer: &[Value],
+    inlined: &BTreeSet<Value>,
+    batched: &dyn Fn(Value) -> bool,
+    threads: u32,
+    bound: u64,
+) -> Option<MatVec> {
+    let inst = g.inst(v)?;
+    if !matches!(inst.op, Op::MatMul) || !batched(v) || g.ty(v).dtype != kiln_ir::DType::F32 {
+        return None;
+    }
+    let (a, b) = (inst.operands[0], inst.operands[1]);
+    let shape = g.shape(v);
+    let (left, matrix, other) = match shape {
+        [_, _, Dim::Const(1)] => (true, a, b),
+        [_, Dim::Const(1), _] => (false, b, a),
+        _ => return None,
+    };
+    let ms = g.shape(matrix);
+    if !outer.contains(&matrix) || !batched(matrix) || ms.len() != 3 {
+        return None;
+    }
+    let (outputs, reduced) = if left {
+        (ms[1].clone(), ms[2].clone())
+    } else {
+        (ms[2].clone(), ms[1].clone())
+    };
+    let out_dim = if left { &shape[1] } else { &shape[2] };
+    if *out_dim != outputs {
+        return None;
+    }
+    // The vector: the other operand, through reshapes, down to an array holding its elements
+    // along its last axis.
+    let mut vector = other;
+    while inlined.contains(&vector) {
+        let i = g.inst(vector)?;
+        if !matches!(i.op, Op::Reshape { .. }) {
+            return None;
+        }
+        vector = i.operands[0];
+    }
+    let vs = g.shape(vector);
+    let local: Vec<&Dim> = vs[usize::from(batched(vector))..].iter().collect();
+    let (last, rest) = local.split_last()?;
+    if **last != reduced || rest.iter().any(|d| **d != Dim::Const(1)) || !batched(vector) {
+        return None;
+    }
+    let out_most = outputs.as_const().unwrap_or(bound);
+    let red_most = reduced.as_const().unwrap_or(bound);
+    // Lanes per output: at most a warp, no more than the reduced elements (rounded up to a
+    // power of two), as many as the threads allow.
+    let mut split = red_most.next_power_of_two().min(32) as u32;
+    while split > 1 && out_most * u64::from(split) > u64::from(threads) {
+        split /= 2;
+    }
+    if out_most * u64::from(split) > u64::from(threads) {
+        return None;
+    }
+    let seg = red_most.div_ceil(u64::from(split));
+    let lanes = if seg % 4 == 0 && reduced.as_const() == Some(seg * u64::from(split)) {
+        4
+    } else {
+        1
+    };
+    Some(MatVec {
+        matrix,
+        left,
+        vector,
+        outputs,
+        reduced,
+        split,
+        seg,
+        lanes,
+    })
+}
+
+/// Whether a matmul reads `v`, directly or through movement ops (it would recompute an
+/// inlined `v` for every output element).
+fn read_by_matmul(v: Value, readers: &BTreeMap<Value, Vec<Option<&Inst>>>) -> bool {
+    readers.get(&v).is_some_and(|users| {
+        users.iter().flatten().any(|u| {
+            matches!(u.op, Op::MatMul)
+                || (is_movement(&u.op) && read_by_matmul(u.results[0], readers))
+        })
     })
 }
 
@@ -584,6 +741,15 @@ pub(crate) fn emit(
         .map_err(fatal)?;
     }
     body.push(Stmt::Barrier);
+    // Matrices kept in registers, loaded once.
+    let mut held: BTreeMap<(Value, bool), Vec<kiln_kir::VarId>> = BTreeMap::new();
+    for mv in p.matvecs.values() {
+        if held.contains_key(&(mv.matrix, mv.left)) {
+            continue;
+        }
+        let regs = load_matrix(&mut e, &mut body, mv, &instance);
+        held.insert((mv.matrix, mv.left), regs);
+    }
 
     // The iterations.
     let count_v = inst.operands[0];
@@ -627,6 +793,15 @@ pub(crate) fn emit(
         let dims = e.local[&v].dims.clone();
         let n = Count::of(&mut e, &dims, p.bound);
         let base = hz.base;
+        if let Some(mv) = p.matvecs.get(&v) {
+            let regs = held[&(mv.matrix, mv.left)].clone();
+            matvec_pass(&mut e, &mut iteration, v, mv, &regs, &instance);
+            let used = mv.outputs.as_const().unwrap_or(p.bound) * u64::from(mv.split);
+            hz.base = ((used.min(u64::from(t)) as u32).next_multiple_of(32)) % t;
+            hz.read.extend(reads);
+            hz.written.extend(writes);
+            continue;
+        }
         if let Some(outputs) = warp_reduction(&e, v, &dims, t, base, p.bound) {
             // A warp per output element, its lanes striding over the reduced elements.
             let first = full_index(v, vec![e.ix(0); dims.len()]);
@@ -814,6 +989,178 @@ fn strided(
         });
     }
     Ok(())
+}
+
+/// The registers of a [`MatVec`]'s matrix: element `k` of this lane's segment of its
+/// output's row (or column), 0 outside the matrix.
+fn load_matrix(
+    e: &mut Emitter<'_, '_>,
+    out: &mut Vec<Stmt>,
+    mv: &MatVec,
+    instance: &Expr,
+) -> Vec<kiln_kir::VarId> {
+    let ity = e.index_ty;
+    let tid = e.special(Special::ThreadIdx);
+    let split = e.ix(i64::from(mv.split));
+    let o = e.bind(
+        out,
+        "row",
+        ity,
+        crate::emit::div(tid.clone(), split.clone()),
+    );
+    let s = e.bind(out, "seg", ity, crate::emit::rem(tid, split));
+    let outputs = e.dim(&mv.outputs);
+    let reduced = e.dim(&mv.reduced);
+    let buf = e.buffer(mv.matrix, Access::Read);
+    let shape = e.g.shape(mv.matrix);
+    let one = e.ix(1);
+    let o_c = e.bind(
+        out,
+        "row",
+        ity,
+        crate::emit::min_e(o.clone(), crate::emit::sub(outputs.clone(), one.clone())),
+    );
+    let mut regs = Vec::new();
+    for k in 0..mv.seg {
+        let at = add(mul(s.clone(), e.ix(mv.seg as i64)), e.ix(k as i64));
+        let at = e.bind(out, "k", ity, at);
+        let at_c = crate::emit::min_e(at.clone(), crate::emit::sub(reduced.clone(), one.clone()));
+        let idx = if mv.left {
+            vec![instance.clone(), o_c.clone(), at_c]
+        } else {
+            vec![instance.clone(), at_c, o_c.clone()]
+        };
+        let lin = e.linear(shape, &idx);
+        let valid = crate::emit::and(lt(o.clone(), outputs.clone()), lt(at, reduced.clone()));
+        let r = e.var("w", Ty::F32);
+        out.push(Stmt::Assign(
+            r,
+            Expr::Select(
+                Box::new(valid),
+                Box::new(Expr::Load {
+                    buf,
+                    index: Box::new(lin),
+                }),
+                Box::new(Expr::Const(kiln_kir::Const::F32(0.0))),
+            ),
+        ));
+        regs.push(r);
+    }
+    regs
+}
+
+/// A [`MatVec`] pass: each lane folds its segment of the vector against its registers, the
+/// `split` lanes of an output combine by `ShuffleXor` (every thread takes part: block-uniform)
+/// and the first stores.
+fn matvec_pass(
+    e: &mut Emitter<'_, '_>,
+    out: &mut Vec<Stmt>,
+    v: Value,
+    mv: &MatVec,
+    regs: &[kiln_kir::VarId],
+    instance: &Expr,
+) {
+    let ity = e.index_ty;
+    let tid = e.special(Special::ThreadIdx);
+    let split = e.ix(i64::from(mv.split));
+    e.push_scope();
+    let o = e.bind(
+        out,
+        "row",
+        ity,
+        crate::emit::div(tid.clone(), split.clone()),
+    );
+    let s = e.bind(out, "seg", ity, crate::emit::rem(tid, split));
+    let outputs = e.dim(&mv.outputs);
+    let reduced = e.dim(&mv.reduced);
+    let exact = mv.reduced.as_const() == Some(mv.seg * u64::from(mv.split));
+    let acc = e.var("dot", Ty::F32);
+    out.push(Stmt::Assign(acc, Expr::Const(kiln_kir::Const::F32(0.0))));
+    let vbuf = e.local[&mv.vector].buf;
+    let vrank = e.g.shape(mv.vector).len();
+    let mut fold = Vec::new();
+    let mut k = 0;
+    while k < mv.seg {
+        let at = add(mul(s.clone(), e.ix(mv.seg as i64)), e.ix(k as i64));
+        let at = e.bind(&mut fold, "k", ity, at);
+        let mut idx = vec![e.ix(0); vrank];
+        idx[0] = instance.clone();
+        // Segments may run past the vector's length (symbolic, or not a multiple of the
+        // split): such reads are clamped into it and their products masked.
+        let read_at = if exact {
+            at.clone()
+        } else {
+            crate::emit::min_e(at.clone(), crate::emit::sub(reduced.clone(), e.ix(1)))
+        };
+        idx[vrank - 1] = read_at;
+        let index = e.local_offset(mv.vector, &idx);
+        let vals: Vec<Expr> = if mv.lanes > 1 {
+            let dsts: Vec<kiln_kir::VarId> = (0..mv.lanes).map(|_| e.var("x", Ty::F32)).collect();
+            fold.push(Stmt::LoadVec {
+                dsts: dsts.clone(),
+                buf: vbuf,
+                index,
+            });
+            dsts.into_iter().map(Expr::Var).collect()
+        } else {
+            vec![e.bind(
+                &mut fold,
+                "x",
+                Ty::F32,
+                Expr::Load {
+                    buf: vbuf,
+                    index: Box::new(index),
+                },
+            )]
+        };
+        for (q, x) in vals.into_iter().enumerate() {
+            let w = Expr::Var(regs[k as usize + q]);
+            let next = Expr::Fma(Box::new(w), Box::new(x), Box::new(Expr::Var(acc)));
+            let next = if exact {
+                next
+            } else {
+                let inside = lt(add(at.clone(), e.ix(q as i64)), reduced.clone());
+                Expr::Select(Box::new(inside), Box::new(next), Box::new(Expr::Var(acc)))
+            };
+            fold.push(Stmt::Assign(acc, next));
+        }
+        k += mv.lanes;
+    }
+    let mine = lt(o.clone(), outputs);
+    out.push(Stmt::If {
+        cond: mine.clone(),
+        then: fold,
+        otherwise: Vec::new(),
+    });
+    let other = e.var("other", Ty::F32);
+    let mut mask = mv.split / 2;
+    while mask >= 1 {
+        out.push(Stmt::ShuffleXor {
+            dst: other,
+            src: acc,
+            mask,
+        });
+        out.push(Stmt::Assign(acc, add(Expr::Var(acc), Expr::Var(other))));
+        mask /= 2;
+    }
+    let idx = if mv.left {
+        vec![instance.clone(), o, e.ix(0)]
+    } else {
+        vec![instance.clone(), e.ix(0), o]
+    };
+    let buf = e.local[&v].buf;
+    let index = e.local_offset(v, &idx);
+    let first = Expr::Binary(kiln_kir::BinOp::Eq, Box::new(s), Box::new(e.ix(0)));
+    out.push(Stmt::If {
+        cond: crate::emit::and(mine, first),
+        then: vec![Stmt::Store {
+            buf,
+            index,
+            value: Expr::Var(acc),
+        }],
+        otherwise: Vec::new(),
+    });
+    e.pop_scope();
 }
 
 /// For a reduction pass whose few output elements each reduce at least a warp's worth of
