@@ -27,9 +27,10 @@
 //!   it against the vector (read from shared memory four elements at a time where the
 //!   segments allow) and add their sums by `ShuffleXor`. Kernels with such products take
 //!   256 threads (16 registers per matrix for a 64 × 64 game).
-//! - Barriers separate passes only where one reads or overwrites an array that another pass
-//!   since the last barrier wrote or read; small passes in one interval start at different
-//!   warps. Arrays of rows that are a multiple of 32 elements (or of symbolic length) get
+//! - Passes run by dependency level (see [`schedule`]), not in program order, so independent
+//!   ones share a barrier interval; barriers separate passes only where one reads or
+//!   overwrites an array that another pass since the last barrier wrote or read; small
+//!   passes in one interval start at different warps. Arrays of rows that are a multiple of 32 elements (or of symbolic length) get
 //!   one element of padding per row, so a column read by neighbouring threads hits every
 //!   bank once.
 //! - A yield computed element by element from the state it replaces, at the same index and
@@ -574,6 +575,49 @@ const MAX_RECOMPUTED: u32 = 4;
 /// The bounds tried for symbolic dims besides G, largest first.
 const BOUNDS: [u64; 7] = [1024, 512, 256, 128, 64, 32, 16];
 
+/// The passes in the order they run: by level (one more than the highest level of a pass
+/// they read, and for a yield written in place one more than every other reader of its
+/// state), then in program order. Passes of one level do not depend on each other, so they
+/// share barrier intervals; the hazard check in [`emit`] places the barriers.
+fn schedule(g: &FuncGraph<'_>, p: &LoopPlan, yields: &[Value], carried: &[Value]) -> Vec<Value> {
+    let in_place: BTreeMap<Value, Value> = yields
+        .iter()
+        .zip(carried)
+        .zip(&p.in_place)
+        .filter(|(_, here)| **here)
+        .map(|((y, state), _)| (*y, *state))
+        .collect();
+    let reads: Vec<BTreeSet<Value>> = p
+        .passes
+        .iter()
+        .map(|v| transitive_reads(g, *v, &p.inlined))
+        .collect();
+    let mut level: BTreeMap<Value, usize> = BTreeMap::new();
+    for (i, &v) in p.passes.iter().enumerate() {
+        let mut l = reads[i]
+            .iter()
+            .filter_map(|r| level.get(r).map(|lr| lr + 1))
+            .max()
+            .unwrap_or(0);
+        if let Some(state) = in_place.get(&v) {
+            for (j, &u) in p.passes[..i].iter().enumerate() {
+                if reads[j].contains(state) {
+                    l = l.max(level[&u] + 1);
+                }
+            }
+        }
+        level.insert(v, l);
+    }
+    let mut order: Vec<(usize, usize, Value)> = p
+        .passes
+        .iter()
+        .enumerate()
+        .map(|(i, v)| (level[v], i, *v))
+        .collect();
+    order.sort();
+    order.into_iter().map(|(_, _, v)| v).collect()
+}
+
 /// Padding after each innermost row of a shared array: one element when rows may be a
 /// multiple of 32 elements long (a column read by neighbouring threads then spans every
 /// bank instead of one).
@@ -780,7 +824,7 @@ pub(crate) fn emit(
         base: 0,
     };
     let buf_of = |e: &Emitter<'_, '_>, v: Value| shared_index(e.local[&v].buf);
-    for &v in &p.passes {
+    for v in schedule(g, p, &region.yields, carried) {
         let reads: BTreeSet<u32> = transitive_reads(g, v, &p.inlined)
             .into_iter()
             .filter(|o| *o != counter)
