@@ -61,6 +61,28 @@ pub struct Options {
     /// the plain tiling).
     pub tensor_cores: bool,
     pub pointwise: PointwiseTuning,
+    pub persistent: PersistentTuning,
+}
+
+/// Knobs of the persistent loop template (`templates/persistent_loop.rs`; the defaults are
+/// what kiln compiles with, benchmarks may compare the variants).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PersistentTuning {
+    /// Whether an eligible graph loop runs as one persistent kernel (else as a plan loop
+    /// that launches its body's kernels every iteration).
+    pub enabled: bool,
+    /// Whether a matrix-vector product of a loop-invariant matrix keeps the matrix in
+    /// registers (else it reads it from shared memory every iteration).
+    pub matrix_registers: bool,
+}
+
+impl Default for PersistentTuning {
+    fn default() -> PersistentTuning {
+        PersistentTuning {
+            enabled: true,
+            matrix_registers: true,
+        }
+    }
 }
 
 /// Knobs of the pointwise template (the defaults are what kiln compiles with; `kiln bench
@@ -97,6 +119,7 @@ impl Default for Options {
             matmul_tiling: MatmulTiling::default(),
             tensor_cores: true,
             pointwise: PointwiseTuning::default(),
+            persistent: PersistentTuning::default(),
         }
     }
 }

@@ -157,7 +157,12 @@ impl<'a, 'f> PlanBuilder<'a, 'f> {
                     steps.extend(launches);
                 }
                 Item::Loop { inst, body } => {
-                    match templates::persistent_loop::plan(self.g, self.part, inst) {
+                    let persistent = if self.options.persistent.enabled {
+                        templates::persistent_loop::plan(self.g, self.part, inst, self.options)
+                    } else {
+                        Err("persistent loops are disabled".to_string())
+                    };
+                    match persistent {
                         Ok(p) if p.symbols.is_empty() => {
                             let built = templates::persistent_loop::emit(
                                 self.g,

@@ -6,7 +6,7 @@
 mod common;
 
 use common::{check, inputs_for, lower, rel_err, run_plan};
-use kiln_gpu_kernels::Options;
+use kiln_gpu_kernels::{Options, PersistentTuning};
 use kiln_ir::{Module, Tensor};
 use kiln_kir::{Plan, Step};
 use std::collections::BTreeMap;
@@ -315,6 +315,36 @@ fn persistent_kernels_assemble_for_every_target_without_spills() {
                 kernel.name,
                 assembled.log
             );
+        }
+    }
+}
+
+#[test]
+fn the_tuning_variants_equal_the_interpreter() {
+    let module = module();
+    let inputs = vec![
+        games(2, 64, 64, 8),
+        scalar_int(3),
+        scalar_f32(1e-3),
+        scalar_int(2),
+    ];
+    for (enabled, matrix_registers, want) in [(true, false, (0, 1)), (false, true, (1, 0))] {
+        let options = Options {
+            persistent: PersistentTuning {
+                enabled,
+                matrix_registers,
+            },
+            ..Options::default()
+        };
+        let compiled = check(&module, "rm_plus_64", &inputs, &BTreeMap::new(), &options);
+        assert_eq!(census(&compiled.plan, &compiled.kernels), want);
+        if let Some(k) = compiled
+            .kernels
+            .iter()
+            .find(|k| k.name.contains("persistent"))
+        {
+            // The matrices read from shared memory: no register products, fewer threads.
+            assert_eq!(k.block_dim, 128);
         }
     }
 }

@@ -126,6 +126,7 @@ pub(crate) fn plan(
     g: &FuncGraph<'_>,
     part: &Partition<'_>,
     inst: &Inst,
+    options: &crate::Options,
 ) -> Result<LoopPlan, String> {
     let region = inst.regions.first().ok_or("a loop without a body")?;
     let carried = &region.args[1..];
@@ -330,15 +331,17 @@ pub(crate) fn plan(
         .unwrap_or(1);
     let mut block_dim = (widest.next_multiple_of(32) as u32).clamp(MIN_THREADS, MAX_THREADS);
     // Matrices kept in registers take a quarter of the registers each at the most threads.
-    if passes
-        .iter()
-        .any(|v| matvec(g, *v, &outer, &inlined, &batched, MAX_THREADS, bound).is_some())
+    let registers_allowed = options.persistent.matrix_registers;
+    if registers_allowed
+        && passes
+            .iter()
+            .any(|v| matvec(g, *v, &outer, &inlined, &batched, MAX_THREADS, bound).is_some())
     {
         block_dim = MAX_THREADS;
     }
     let mut matvecs = BTreeMap::new();
     let mut registers: BTreeMap<(Value, bool), u64> = BTreeMap::new();
-    for &v in &passes {
+    for &v in passes.iter().filter(|_| registers_allowed) {
         let Some(mv) = matvec(g, v, &outer, &inlined, &batched, block_dim, bound) else {
             continue;
         };
