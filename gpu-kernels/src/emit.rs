@@ -54,6 +54,20 @@ pub(crate) struct Binding {
     pub expr: Expr,
 }
 
+/// A value the kernel keeps in a shared-memory array (the persistent loop template): one
+/// instance's slice of it when `batched` (its leading axis is the loop's batch axis, read
+/// at the block's instance), else all of it.
+#[derive(Clone, Debug)]
+pub(crate) struct LocalArray {
+    pub buf: Buf,
+    pub batched: bool,
+    /// The dims the array holds (the value's dims without the batch axis when batched).
+    pub dims: Vec<Dim>,
+    /// Extra elements after each row of the innermost axis (rows of 32·k floats read down a
+    /// column by neighbouring threads would otherwise fall into one bank).
+    pub pad: u64,
+}
+
 /// Builds one kernel: parameters, registers, shared arrays and element expressions.
 pub(crate) struct Emitter<'a, 'f> {
     pub g: &'a FuncGraph<'f>,
@@ -67,6 +81,8 @@ pub(crate) struct Emitter<'a, 'f> {
     /// Values this kernel computes itself (inlined even when they are also stored).
     pub owned: BTreeSet<Value>,
     pub bindings: Vec<Binding>,
+    /// Values held in shared arrays by the kernel (read from there, never from a buffer).
+    pub local: BTreeMap<Value, LocalArray>,
     memo: Vec<BTreeMap<String, Vec<Expr>>>,
     /// Inclusive bounds of integer registers, where known.
     ranges: BTreeMap<VarId, (i64, i64)>,
@@ -90,6 +106,7 @@ impl<'a, 'f> Emitter<'a, 'f> {
             shared: Vec::new(),
             owned: BTreeSet::new(),
             bindings: Vec::new(),
+            local: BTreeMap::new(),
             memo: vec![BTreeMap::new()],
             ranges: BTreeMap::new(),
             fused: BTreeSet::new(),
@@ -397,8 +414,9 @@ impl<'a, 'f> Emitter<'a, 'f> {
 
     /// Whether `v` is read from its buffer (not computed by the kernel being built).
     pub(crate) fn is_loaded(&self, v: Value) -> bool {
-        !self.owned.contains(&v)
-            && (self.g.is_source(v) || self.g.is_heavy(v) || self.stored[v.0 as usize])
+        self.local.contains_key(&v)
+            || !self.owned.contains(&v)
+                && (self.g.is_source(v) || self.g.is_heavy(v) || self.stored[v.0 as usize])
     }
 
     /// `lanes` consecutive elements of `v` from `idx` along the last axis.
@@ -476,7 +494,47 @@ impl<'a, 'f> Emitter<'a, 'f> {
         Ok(vals)
     }
 
+    /// The offset of element `idx` (an index of the whole value) in `v`'s shared array.
+    pub fn local_offset(&mut self, v: Value, idx: &[Expr]) -> Expr {
+        let l = self.local[&v].clone();
+        let idx = if l.batched { &idx[1..] } else { idx };
+        let mut acc = self.ix(0);
+        let last = l.dims.len().saturating_sub(1);
+        for (k, (d, i)) in l.dims.iter().zip(idx).enumerate() {
+            if *d == Dim::Const(1) {
+                continue;
+            }
+            let size = if k == last && l.pad > 0 {
+                let d = self.dim(d);
+                add(d, self.ix(l.pad as i64))
+            } else {
+                self.dim(d)
+            };
+            acc = add(mul(acc, size), i.clone());
+        }
+        acc
+    }
+
     fn load(&mut self, out: &mut Vec<Stmt>, v: Value, idx: &[Expr], lanes: usize) -> Vec<Expr> {
+        if let Some(buf) = self.local.get(&v).map(|l| l.buf) {
+            let name = self.var_name(v);
+            let ty = self.cty(v);
+            return (0..lanes)
+                .map(|k| {
+                    let mut at = idx.to_vec();
+                    if k > 0 {
+                        let last = at.len() - 1;
+                        at[last] = add(at[last].clone(), self.ix(k as i64));
+                    }
+                    let index = self.local_offset(v, &at);
+                    let e = Expr::Load {
+                        buf,
+                        index: Box::new(index),
+                    };
+                    self.bind(out, &name, ty, e)
+                })
+                .collect();
+        }
         let buf = self.buffer(v, Access::Read);
         let shape = self.g.shape(v);
         let lin = self.linear(shape, idx);
@@ -606,7 +664,7 @@ impl<'a, 'f> Emitter<'a, 'f> {
         Ok(vals)
     }
 
-    fn compute(
+    pub(crate) fn compute(
         &mut self,
         out: &mut Vec<Stmt>,
         v: Value,

@@ -5,7 +5,8 @@
 //! 1. `graph`: use-def facts and element costs;
 //! 2. `partition`: which values are materialized and which kernel computes each
 //!    (pointwise, row reduction, loop reduction, matmul with horizontal fusion, attention;
-//!    loops become plan loops with their bodies partitioned the same way);
+//!    loops become plan loops with their bodies partitioned the same way, unless the plan
+//!    runs them as one persistent kernel, `templates/persistent_loop.rs`);
 //! 3. `templates`: each kernel group becomes a kir kernel, its element-wise work inlined by
 //!    the one fusion mechanism in `emit` (index expressions over materialized buffers);
 //! 4. `plan`: buffers, launches, loops, symbol bindings and the arena; identical kernels
@@ -20,8 +21,8 @@
 //!
 //! Deliberately absent: the wgmma/TMA and tcgen05 paths, split-K across blocks for
 //! prefill-sized shapes (later templates);
-//! caching a reduction row in registers between the reduction and the epilogue pass; loop
-//! bodies fused into one persistent kernel.
+//! caching a reduction row in registers between the reduction and the epilogue pass;
+//! persistent loops with several instances per block or dynamic shared memory.
 
 mod emit;
 mod error;
@@ -61,6 +62,28 @@ pub struct Options {
     pub tensor_cores: bool,
     pub pointwise: PointwiseTuning,
     pub paged: PagedTuning,
+    pub persistent: PersistentTuning,
+}
+
+/// Knobs of the persistent loop template (`templates/persistent_loop.rs`; the defaults are
+/// what kiln compiles with, benchmarks may compare the variants).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PersistentTuning {
+    /// Whether an eligible graph loop runs as one persistent kernel (else as a plan loop
+    /// that launches its body's kernels every iteration).
+    pub enabled: bool,
+    /// Whether a matrix-vector product of a loop-invariant matrix keeps the matrix in
+    /// registers (else it reads it from shared memory every iteration).
+    pub matrix_registers: bool,
+}
+
+impl Default for PersistentTuning {
+    fn default() -> PersistentTuning {
+        PersistentTuning {
+            enabled: true,
+            matrix_registers: true,
+        }
+    }
 }
 
 /// Knobs of the pointwise template (the defaults are what kiln compiles with; `kiln bench
@@ -120,6 +143,7 @@ impl Default for Options {
             tensor_cores: true,
             pointwise: PointwiseTuning::default(),
             paged: PagedTuning::default(),
+            persistent: PersistentTuning::default(),
         }
     }
 }

@@ -156,7 +156,49 @@ impl<'a, 'f> PlanBuilder<'a, 'f> {
                     let launches = self.launch(*gid)?;
                     steps.extend(launches);
                 }
-                Item::Loop { inst, body } => steps.push(self.loop_step(inst, body)?),
+                Item::Loop { inst, body } => {
+                    let persistent = if self.options.persistent.enabled {
+                        templates::persistent_loop::plan(self.g, self.part, inst, self.options)
+                    } else {
+                        Err("persistent loops are disabled".to_string())
+                    };
+                    match persistent {
+                        Ok(p) if p.symbols.is_empty() => {
+                            let built = templates::persistent_loop::emit(
+                                self.g,
+                                self.part,
+                                inst,
+                                &p,
+                                self.options,
+                            )?;
+                            steps.push(self.launch_kernel(built, &[])?);
+                        }
+                        Ok(p) => {
+                            // The kernel holds symbolic dims up to a bound: it runs when
+                            // every one is within it, the plan loop otherwise. The loop
+                            // comes first so that both write the loop's result buffers.
+                            let fallback = self.loop_step(inst, body)?;
+                            let built = templates::persistent_loop::emit(
+                                self.g,
+                                self.part,
+                                inst,
+                                &p,
+                                self.options,
+                            )?;
+                            let mut chosen = vec![self.launch_kernel(built, &[])?];
+                            for symbol in p.symbols.iter().rev() {
+                                chosen = vec![Step::BySize {
+                                    symbol: symbol.clone(),
+                                    at_most: p.bound,
+                                    small: chosen,
+                                    large: vec![fallback.clone()],
+                                }];
+                            }
+                            steps.extend(chosen);
+                        }
+                        Err(_) => steps.push(self.loop_step(inst, body)?),
+                    }
+                }
             }
         }
         Ok(steps)

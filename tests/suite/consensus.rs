@@ -899,3 +899,39 @@ fn small_axis_sort_and_scatter_add() {
         assert!((g - w).abs() <= 1e-6, "scatter_add {g} vs {w}");
     }
 }
+
+/// Whether `steps` launch a persistent loop kernel (`kernels` names them) anywhere.
+fn launches_persistent(steps: &[kiln_kir::Step], kernels: &[kiln_kir::Kernel]) -> bool {
+    steps.iter().any(|s| match s {
+        kiln_kir::Step::Launch { kernel, .. } => kernels[*kernel].name.contains("persistent_loop"),
+        kiln_kir::Step::BySize { small, large, .. } => {
+            launches_persistent(small, kernels) || launches_persistent(large, kernels)
+        }
+        kiln_kir::Step::Loop { body, .. } => launches_persistent(body, kernels),
+        kiln_kir::Step::Copy { .. } => false,
+    })
+}
+
+#[test]
+fn the_solver_loops_above_run_as_persistent_kernels() {
+    // The games of these tests (at most 64 actions a player) are within the kernel's bound,
+    // so the CPU-backend results checked above came from the persistent kernels.
+    for entry in [
+        "zero_sum_rm_plus",
+        "zero_sum_optimistic_hedge",
+        "zero_sum_extragradient",
+        "bimatrix_rm_plus",
+        "bimatrix_hedge",
+        "bimatrix_optimistic_hedge",
+        "bimatrix_fictitious_play",
+        "consensus_game_hedge",
+        "consensus_round",
+    ] {
+        let kernel = Kernel::new(entry);
+        let plan = &kernel.compiled.plans[0];
+        assert!(
+            launches_persistent(&plan.steps, &kernel.compiled.kernels),
+            "{entry}:\n{plan}"
+        );
+    }
+}

@@ -7,6 +7,7 @@ mod kv_cache;
 mod matmul;
 mod mma_gemm;
 mod paged_decode;
+pub(crate) mod persistent_loop;
 mod pointwise;
 mod reduce;
 

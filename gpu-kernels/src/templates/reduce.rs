@@ -18,7 +18,7 @@ const ROW_BLOCK: u32 = 256;
 const WARPS_PER_BLOCK: u32 = 4;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
-enum Red {
+pub(crate) enum Red {
     Sum,
     Mean,
     Prod,
@@ -29,7 +29,7 @@ enum Red {
 }
 
 impl Red {
-    fn of(op: &Op) -> Red {
+    pub(crate) fn of(op: &Op) -> Red {
         match op {
             Op::Reduce { op, .. } => match op {
                 ReduceOp::Sum => Red::Sum,
@@ -43,11 +43,11 @@ impl Red {
         }
     }
 
-    fn is_arg(self) -> bool {
+    pub(crate) fn is_arg(self) -> bool {
         matches!(self, Red::ArgMax | Red::ArgMin)
     }
 
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Red::Sum => "sum",
             Red::Mean => "mean",
@@ -61,7 +61,7 @@ impl Red {
 }
 
 /// The accumulator of one reduction: a value register and, for arg-reductions, an index.
-struct Acc {
+pub(crate) struct Acc {
     red: Red,
     ty: Ty,
     dtype: DType,
@@ -70,7 +70,7 @@ struct Acc {
 }
 
 impl Acc {
-    fn new(e: &mut Emitter<'_, '_>, out: &mut Vec<Stmt>, red: Red, dtype: DType) -> Acc {
+    pub(crate) fn new(e: &mut Emitter<'_, '_>, out: &mut Vec<Stmt>, red: Red, dtype: DType) -> Acc {
         let ty = Ty::compute_type_of(dtype);
         let val = e.var(red.name(), ty);
         out.push(Stmt::Assign(val, Expr::Const(identity(red, dtype))));
@@ -90,7 +90,13 @@ impl Acc {
 
     /// Folds the candidate `x` (at position `at`, an I64 expression, for arg-reductions;
     /// a negative position means "no candidate") into the accumulator.
-    fn fold(&self, e: &mut Emitter<'_, '_>, out: &mut Vec<Stmt>, x: Expr, at: Option<Expr>) {
+    pub(crate) fn fold(
+        &self,
+        e: &mut Emitter<'_, '_>,
+        out: &mut Vec<Stmt>,
+        x: Expr,
+        at: Option<Expr>,
+    ) {
         let acc = Expr::Var(self.val);
         let value = match self.red {
             Red::Sum | Red::Mean => bin(BinOp::Add, acc, x),
@@ -146,7 +152,7 @@ impl Acc {
     }
 
     /// Combines the accumulators of all lanes of each warp (every lane gets the result).
-    fn warp_reduce(&self, e: &mut Emitter<'_, '_>, out: &mut Vec<Stmt>) {
+    pub(crate) fn warp_reduce(&self, e: &mut Emitter<'_, '_>, out: &mut Vec<Stmt>) {
         let other = e.var("other", self.ty);
         let other_at = self.idx.map(|_| e.var("other_at", Ty::I64));
         for mask in [16u32, 8, 4, 2, 1] {
@@ -229,7 +235,7 @@ impl Acc {
     }
 
     /// The reduction's value: the mean divides by the count; arg-reductions give the index.
-    fn result(&self, count: Expr) -> Expr {
+    pub(crate) fn result(&self, count: Expr) -> Expr {
         match self.red {
             Red::Mean => bin(
                 BinOp::Div,
@@ -281,7 +287,7 @@ fn extreme(dtype: DType, largest: bool) -> Const {
     }
 }
 
-fn to_i64(e: &Emitter<'_, '_>, x: Expr) -> Expr {
+pub(crate) fn to_i64(e: &Emitter<'_, '_>, x: Expr) -> Expr {
     if e.index_ty == Ty::I64 {
         x
     } else {
