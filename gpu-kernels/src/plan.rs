@@ -1,5 +1,7 @@
-//! The execution plan of one function: buffers (inputs, outputs, weights, arena temps and
-//! views), the launches and loops in order, symbol bindings, and the arena layout.
+//! The execution plan of one function: buffers (inputs, outputs, weights, constants the
+//! compiler computed, arena temps and views), the launches and loops in order, symbol
+//! bindings, and the arena layout. A group whose stored values are all small constant
+//! tensors (RoPE's inverse frequencies) launches nothing: its buffers are plan constants.
 //!
 //! Arena: every `Temp` buffer is live from the first step that touches it to the last (a
 //! buffer touched inside a loop is live for the whole loop). When every temp has a constant
@@ -14,7 +16,7 @@ use crate::partition::{Item, Partition};
 use crate::stats::KernelStats;
 use crate::templates;
 use crate::Options;
-use kiln_ir::{Dim, Op, Value};
+use kiln_ir::{Dim, Op, Tensor, Value};
 use kiln_kir::{Arg, BufferDecl, BufferId, BufferKind, Kernel, Plan, SizeExpr, Step, SymBinding};
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -32,6 +34,9 @@ pub(crate) struct PlanBuilder<'a, 'f> {
     pub stats: Vec<KernelStats>,
     /// The decoder layer whose kernel last wrote each buffer.
     layer_of: BTreeMap<BufferId, usize>,
+    /// Small constant tensors of distinct elements (`kiln_opt::small_constants`): a group
+    /// that stores only such values is no kernel, its buffers hold the values.
+    constants: BTreeMap<Value, Tensor>,
 }
 
 impl<'a, 'f> PlanBuilder<'a, 'f> {
@@ -51,6 +56,7 @@ impl<'a, 'f> PlanBuilder<'a, 'f> {
             weights: BTreeMap::new(),
             stats: Vec::new(),
             layer_of: BTreeMap::new(),
+            constants: kiln_opt::small_constants(g.func),
         }
     }
 
@@ -208,6 +214,9 @@ impl<'a, 'f> PlanBuilder<'a, 'f> {
     /// its workspaces a fresh temp. A GEMM with a symbolic row count gets both its variants,
     /// chosen at run time by the row count (`Step::BySize`).
     fn launch(&mut self, gid: usize) -> Result<Vec<Step>, FusionError> {
+        if self.store_constants(gid) {
+            return Ok(Vec::new());
+        }
         if let Some(symbol) = templates::small_rows_symbol(self.g, self.part, gid, self.options) {
             let small = self.launch_variant(gid, true)?;
             let large = self.launch_variant(gid, false)?;
@@ -222,6 +231,38 @@ impl<'a, 'f> PlanBuilder<'a, 'f> {
             }]);
         }
         self.launch_variant(gid, false)
+    }
+
+    /// When every value group `gid` stores is a small constant tensor (and none is a
+    /// function result), declares their buffers as plan constants holding the values and
+    /// returns true: the group needs no kernel.
+    fn store_constants(&mut self, gid: usize) -> bool {
+        let group = &self.part.groups[gid];
+        let stores: Vec<Value> = group
+            .roots
+            .iter()
+            .chain(&group.outputs)
+            .copied()
+            .filter(|v| self.part.stored[v.0 as usize])
+            .collect();
+        let constant = |v: &Value| {
+            self.constants.get(v).is_some_and(|t| {
+                let ty = self.g.ty(*v);
+                t.dtype == ty.dtype
+                    && !self.buffer_of.contains_key(v)
+                    && !self.part.view_of.contains_key(v)
+                    && ty.shape.dims().iter().all(|d| d.as_const().is_some())
+            })
+        };
+        if stores.is_empty() || !stores.iter().all(constant) {
+            return false;
+        }
+        for v in stores {
+            let bytes = self.constants[&v].to_le_bytes();
+            let b = self.declare(v, BufferKind::Constant(bytes));
+            self.buffer_of.insert(v, b);
+        }
+        true
     }
 
     fn launch_variant(&mut self, gid: usize, small_rows: bool) -> Result<Vec<Step>, FusionError> {

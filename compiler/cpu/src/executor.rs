@@ -304,6 +304,21 @@ impl<'p> PlanRun<'p> {
                     Some(tensor) => (tensor, format!("weight `{name}`")),
                     None => return Err(setup_error(format!("weight `{name}` is not given"))),
                 },
+                BufferKind::Constant(bytes) => {
+                    if bytes.len() != info.bytes {
+                        return Err(setup_error(format!(
+                            "constant buffer {} holds {} bytes, its type {}{:?} needs {}",
+                            decl.id.0,
+                            bytes.len(),
+                            info.dtype,
+                            info.shape,
+                            info.bytes
+                        )));
+                    }
+                    let root = info.root;
+                    storage[root].copy_from_slice(bytes);
+                    continue;
+                }
                 BufferKind::Output(_) | BufferKind::Temp | BufferKind::View(_) => continue,
             };
             if tensor.dtype != info.dtype || tensor.shape != info.shape {

@@ -21,6 +21,10 @@ pub enum BufferKind {
     Output(usize),
     /// A checkpoint tensor, bound once at load time.
     Weight(String),
+    /// A small tensor the compiler computed (it depends on no input or weight: RoPE's
+    /// inverse frequencies), as the little-endian bytes of its elements; written once when
+    /// the plan is loaded, never by a kernel.
+    Constant(Vec<u8>),
     /// An intermediate, placed in the arena at `offset` bytes (see [`Plan::arena_bytes`]).
     Temp,
     /// The same memory as another buffer (a reshape of a contiguous tensor).

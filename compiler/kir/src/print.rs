@@ -424,6 +424,7 @@ fn write_buffer_decl(f: &mut fmt::Formatter<'_>, decl: &BufferDecl) -> fmt::Resu
         BufferKind::Input(n) => write!(f, "input {n}")?,
         BufferKind::Output(n) => write!(f, "output {n}")?,
         BufferKind::Weight(name) => write!(f, "weight {name:?}")?,
+        BufferKind::Constant(bytes) => write!(f, "constant ({} bytes)", bytes.len())?,
         BufferKind::Temp => write!(f, "temp")?,
         BufferKind::View(of) => write!(f, "view of b{}", of.0)?,
     }

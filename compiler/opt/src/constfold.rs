@@ -57,6 +57,29 @@ pub fn run(func: &mut Function) -> Result<bool, IrError> {
     Ok(changed)
 }
 
+/// The values of `func` (at any nesting) that are small constant tensors of distinct
+/// elements (at most [`MAX_CONSTANT_ELEMENTS`], computed from constants by the interpreter,
+/// exactly as constfold computes them), which the IR cannot state as literals: the fusion
+/// stores them in the plan instead of computing them in a kernel on every run.
+pub fn small_constants(func: &Function) -> std::collections::BTreeMap<kiln_ir::Value, Tensor> {
+    let mut body = func.body.clone();
+    let mut folder = Folder {
+        types: &func.values,
+        known: vec![None; func.values.len()],
+        changed: false,
+    };
+    folder.region(&mut body);
+    folder
+        .known
+        .into_iter()
+        .enumerate()
+        .filter_map(|(v, known)| match known {
+            Some(Constant::Tensor(t)) => Some((kiln_ir::Value(v as u32), t)),
+            _ => None,
+        })
+        .collect()
+}
+
 /// What constfold knows about a value.
 #[derive(Clone, Debug)]
 enum Constant {

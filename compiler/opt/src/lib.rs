@@ -14,7 +14,8 @@
 //!
 //! Deliberately absent (for now): layout passes, loop-invariant code motion, removal of
 //! dead loop-carried state, and a literal for constant tensors of distinct elements (so
-//! folding `arange`-derived tensors stops at `full` results).
+//! folding `arange`-derived tensors stops at `full` results; [`small_constants`] hands
+//! such tensors to the fusion, which stores them in the plan).
 
 pub mod canonicalize;
 pub mod constfold;
@@ -23,6 +24,7 @@ pub mod dce;
 pub mod pipeline;
 mod rewrite;
 
+pub use constfold::small_constants;
 pub use pipeline::{
     all_passes, default_pipeline, optimize, pass_by_name, OptError, Pass, PassRun, Pipeline,
     RunOptions, RunReport, Step, DEFAULT_MAX_ROUNDS,

@@ -192,6 +192,7 @@ pub fn run_plan(
                 let t = weights.get(name).ok_or(format!("missing weight {name}"))?;
                 m.write(b.id, &t.to_le_bytes());
             }
+            BufferKind::Constant(bytes) => m.write(b.id, bytes),
             _ => {}
         }
     }

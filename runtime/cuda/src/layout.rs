@@ -44,7 +44,7 @@ pub fn place(plan: &Plan, id: BufferId, symbols: &SymbolValues) -> Result<Placem
         detail,
     };
     match &decl.kind {
-        BufferKind::Input(_) | BufferKind::Output(_) => Ok(Placement {
+        BufferKind::Input(_) | BufferKind::Output(_) | BufferKind::Constant(_) => Ok(Placement {
             storage: Storage::Own(id),
             offset: 0,
             bytes,

@@ -471,6 +471,27 @@ impl CudaProgram {
             self.arena = Some(device.alloc(arena_needed)?);
         }
         for decl in &plan.buffers {
+            // Constants: allocated and written once (no kernel writes them).
+            if let BufferKind::Constant(bytes) = &decl.kind {
+                if !self.own.contains_key(&decl.id) {
+                    let needed = buffer_bytes(plan, decl, symbols)?;
+                    if needed != bytes.len() {
+                        return Err(CudaError::BadPlan {
+                            plan: plan.function.clone(),
+                            detail: format!(
+                                "constant buffer b{} holds {} bytes, its type needs {needed}",
+                                decl.id.0,
+                                bytes.len()
+                            ),
+                        });
+                    }
+                    let buffer = device.alloc(bytes.len())?;
+                    device.write(&buffer, bytes)?;
+                    self.graphs.clear();
+                    self.own.insert(decl.id, buffer);
+                }
+                continue;
+            }
             if matches!(decl.kind, BufferKind::Input(_) | BufferKind::Output(_)) {
                 let needed = buffer_bytes(plan, decl, symbols)?;
                 if self
