@@ -56,6 +56,8 @@ pub(crate) struct AppState {
     pub(crate) engine: Option<EngineHandle>,
     pub(crate) embedder: Option<Embedder>,
     pub(crate) embedding_slots: Semaphore,
+    /// Where consensus requests run (one at a time: the solver keeps its compiled programs).
+    pub(crate) consensus: Arc<std::sync::Mutex<kiln_runtime::consensus::ConsensusSolver>>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) api_keys: Vec<String>,
     pub(crate) created: u64,
@@ -907,8 +909,14 @@ async fn consensus_inner(
     consensus_request
         .validate()
         .map_err(ApiError::invalid_request)?;
+    let solver = Arc::clone(&state.consensus);
     let decision = on_embedding_slot(state, "consensus", move || {
-        kiln_runtime::consensus::decide(&consensus_request)
+        // A panic while deciding poisons the lock; the solver holds only compiled programs,
+        // so the next request may use it.
+        let mut solver = solver
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        solver.decide(&consensus_request)
     })
     .await?;
     let mut out = decision.to_json(request.include_similarity);

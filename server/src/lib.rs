@@ -46,6 +46,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use kiln_kvcache::{check_max_model_len_fits, num_blocks_for_memory, BlockSize, KvCacheConfig};
+use kiln_runtime::consensus::ConsensusSolver;
 use kiln_scheduler::{SchedulerConfig, SchedulingPolicy};
 use tokio::sync::{oneshot, Semaphore};
 
@@ -190,6 +191,12 @@ pub trait RunnerFactory {
         model: &LoadedModel,
         cache: &CacheLayout,
     ) -> Result<Box<dyn ModelRunner>, ServerError>;
+
+    /// Where `POST /v1/consensus` runs its programs (called once, before [`Self::make`]):
+    /// by default the compiled kernels on the CPU.
+    fn consensus_solver(&mut self) -> ConsensusSolver {
+        ConsensusSolver::cpu()
+    }
 }
 
 /// The CPU runner of `kiln serve` ([`cpu_runner`]) with the host-memory budget.
@@ -309,6 +316,7 @@ impl Server {
             )));
         }
         let block_size = BlockSize::try_from(config.block_size)?;
+        let consensus = Arc::new(std::sync::Mutex::new(factory.consensus_solver()));
         let (engine, engine_thread, num_blocks, runner_description, metrics) = match model.kind {
             ModelKind::Decoder => {
                 let budget = factory.kv_cache_budget(&model, &config)?;
@@ -401,6 +409,7 @@ impl Server {
             engine: engine.clone(),
             embedder,
             embedding_slots: Semaphore::new(config.interpreter_threads),
+            consensus,
             metrics: Arc::clone(&metrics),
             api_keys,
             created: SystemTime::now()

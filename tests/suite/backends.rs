@@ -422,3 +422,80 @@ fn paged_attention_on_the_cpu_backend_equals_the_interpreter() {
 fn paged_attention_on_the_gpu_equals_the_interpreter() {
     check_paged_attention(Backend::Gpu);
 }
+
+/// The worked examples of docs/consensus.md: with the agents' preferences (fictitious play),
+/// and without them (the similarity as preferences, Hedge).
+fn consensus_examples() -> Vec<kiln_runtime::consensus::ConsensusRequest> {
+    use kiln_runtime::consensus::{ConsensusRequest, Method};
+    let embeddings = vec![
+        vec![0.9, 0.1, 0.0, 0.2],
+        vec![0.8, 0.2, 0.1, 0.1],
+        vec![0.1, 0.9, 0.3, 0.0],
+        vec![0.85, 0.0, 0.05, 0.3],
+    ];
+    let preferences = vec![
+        vec![1.0, 0.0, 0.0, 0.0],
+        vec![0.0, 1.0, 0.0, 0.0],
+        vec![0.0, 0.0, 1.0, 0.0],
+    ];
+    vec![
+        ConsensusRequest {
+            embeddings: embeddings.clone(),
+            preferences: Some(preferences),
+            lambda: 0.5,
+            iterations: 500,
+            eta: 0.5,
+            method: Method::FictitiousPlay,
+        },
+        ConsensusRequest {
+            embeddings,
+            preferences: None,
+            lambda: 1.0,
+            iterations: 500,
+            eta: 0.5,
+            method: Method::Hedge,
+        },
+    ]
+}
+
+/// The consensus decisions of `backend` equal the interpreter's: the same winner, supports
+/// and NashConv within 1e-4 (the documented winners: 0 with preferences, 1 without).
+fn check_consensus_decisions(backend: kiln_driver::backend::BackendChoice) {
+    use kiln_runtime::consensus::ConsensusSolver;
+    let mut reference = ConsensusSolver::interpreter();
+    let mut solver = kiln_driver::backend::consensus_solver(backend).expect("a consensus solver");
+    for (request, documented_winner) in consensus_examples().iter().zip([0, 1]) {
+        let want = reference.decide(request).expect("interpreter decision");
+        let got = solver.decide(request).expect("decision");
+        let what = format!("{} on {}", request.method.name(), solver.describe());
+        assert_eq!(
+            want.winner, documented_winner,
+            "{what}: the documented winner"
+        );
+        assert_eq!(got.winner, want.winner, "{what}: winner");
+        let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 1e-4);
+        assert!(
+            close(&got.proposal_support, &want.proposal_support),
+            "{what}: support {:?} vs {:?}",
+            got.proposal_support,
+            want.proposal_support
+        );
+        assert!(
+            (got.nashconv - want.nashconv).abs() <= 1e-4,
+            "{what}: NashConv {} vs {}",
+            got.nashconv,
+            want.nashconv
+        );
+    }
+}
+
+#[test]
+fn consensus_decisions_on_the_cpu_backend_equal_the_interpreter() {
+    check_consensus_decisions(kiln_driver::backend::BackendChoice::Cpu);
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU; run with --include-ignored on a machine with one"]
+fn consensus_decisions_on_the_gpu_equal_the_interpreter() {
+    check_consensus_decisions(kiln_driver::backend::BackendChoice::Gpu);
+}

@@ -2,8 +2,9 @@
 //! it, else on the Cranelift CPU backend (saying so once); `--backend` forces a choice.
 
 use crate::pipeline::{self, CompileOptions};
+use kiln_runtime::consensus::ConsensusSolver;
 use kiln_runtime::progress::Progress;
-use kiln_runtime::{CpuPlans, CudaPlans, Executor, Interpreter, Weights};
+use kiln_runtime::{CpuPlans, CudaPlans, Executor, Interpreter, RuntimeError, Weights};
 use std::sync::Arc;
 
 /// Where `kiln run` runs a program.
@@ -78,12 +79,55 @@ pub fn gpu_parts() -> Result<GpuParts, String> {
     Ok((device, target, toolchain))
 }
 
+/// Where consensus programs run for `choice` (`kiln consensus`, `POST /v1/consensus`). With
+/// [`BackendChoice::Auto`] and no usable GPU, one line on stderr says so and the CPU
+/// backend runs them.
+pub fn consensus_solver(choice: BackendChoice) -> Result<ConsensusSolver, BackendError> {
+    let on_gpu = match choice {
+        BackendChoice::Interpreter => return Ok(ConsensusSolver::interpreter()),
+        BackendChoice::Cpu => false,
+        BackendChoice::Gpu => {
+            gpu_parts().map_err(BackendError::NoGpu)?;
+            true
+        }
+        BackendChoice::Auto => match gpu_parts() {
+            Ok(_) => true,
+            Err(why) => {
+                eprintln!("kiln: no GPU ({why}): consensus runs on the CPU backend");
+                false
+            }
+        },
+    };
+    if !on_gpu {
+        return Ok(ConsensusSolver::cpu());
+    }
+    Ok(ConsensusSolver::new(Box::new(
+        |lowered: kiln_lower::Lowered| {
+            let parts =
+                gpu_parts().map_err(|why| RuntimeError::Input(format!("no usable GPU: {why}")))?;
+            gpu_plans("consensus", lowered, Arc::new(Weights::default()), parts)
+                .map(|plans| Box::new(plans) as Box<dyn Executor + Send>)
+                .map_err(|e| RuntimeError::Input(e.to_string()))
+        },
+    )))
+}
+
 fn gpu_executor(
     program: &str,
     lowered: kiln_lower::Lowered,
     weights: Arc<Weights>,
-    (device, target, toolchain): GpuParts,
+    parts: GpuParts,
 ) -> Result<Box<dyn Executor>, BackendError> {
+    Ok(Box::new(gpu_plans(program, lowered, weights, parts)?))
+}
+
+/// `lowered` compiled for the GPU of `parts` and loaded on it.
+fn gpu_plans(
+    program: &str,
+    lowered: kiln_lower::Lowered,
+    weights: Arc<Weights>,
+    (device, target, toolchain): GpuParts,
+) -> Result<CudaPlans, BackendError> {
     let module = lowered.module.clone();
     let options = CompileOptions {
         targets: vec![target],
@@ -96,5 +140,5 @@ fn gpu_executor(
         .ok_or_else(|| BackendError::NoGpu("the package was not assembled".into()))?;
     let cuda =
         kiln_cuda::CudaPackage::from_image(&device, package.manifest.clone(), fatbin, program)?;
-    Ok(Box::new(CudaPlans::new(module, Arc::new(cuda), weights)))
+    Ok(CudaPlans::new(module, Arc::new(cuda), weights))
 }

@@ -3,7 +3,7 @@
 //! directory; prints the decision as JSON (docs/consensus.md describes every field).
 
 use anyhow::{bail, Context, Result};
-use kiln_runtime::consensus::{self, ConsensusRequest, Method};
+use kiln_runtime::consensus::{ConsensusRequest, Method};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -43,6 +43,10 @@ pub(crate) struct ConsensusArgs {
     /// Include the K×K cosine similarity matrix in the output.
     #[arg(long)]
     similarity: bool,
+    /// Where the similarity and the game run: the GPU if there is one (else the CPU
+    /// backend, said once), the GPU, the CPU backend, or the reference interpreter.
+    #[arg(long, value_enum, default_value_t = kiln_driver::backend::BackendChoice::Auto)]
+    backend: kiln_driver::backend::BackendChoice,
 }
 
 pub(crate) fn run(args: ConsensusArgs) -> Result<ExitCode> {
@@ -90,7 +94,8 @@ pub(crate) fn run(args: ConsensusArgs) -> Result<ExitCode> {
     if let Err(message) = request.validate() {
         bail!("{message}");
     }
-    let decision = consensus::decide(&request)?;
+    let mut solver = kiln_driver::backend::consensus_solver(args.backend)?;
+    let decision = solver.decide(&request)?;
     let mut out = decision.to_json(args.similarity);
     if !texts.is_empty() && args.embeddings.is_none() {
         out["winner_text"] = serde_json::Value::String(texts[decision.winner].clone());

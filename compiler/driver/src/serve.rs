@@ -139,6 +139,13 @@ fn engine_error(what: &str, e: impl std::fmt::Display) -> ServerError {
 }
 
 impl RunnerFactory for GpuRunnerFactory {
+    fn consensus_solver(&mut self) -> kiln_runtime::consensus::ConsensusSolver {
+        crate::backend::consensus_solver(crate::backend::BackendChoice::Gpu).unwrap_or_else(|e| {
+            tracing::warn!("consensus requests run on the CPU backend: {e}");
+            kiln_runtime::consensus::ConsensusSolver::cpu()
+        })
+    }
+
     fn kv_cache_budget(
         &mut self,
         model: &LoadedModel,

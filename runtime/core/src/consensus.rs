@@ -8,9 +8,11 @@
 //! what the others back). Without explicit preferences every proposal is one agent's
 //! (N = K) and agent i prefers proposals similar to its own: `P = S`.
 
-use crate::{Backend, RuntimeError, Weights};
+use crate::{CpuPlans, Executor, Interpreter, RuntimeError, Weights};
 use kiln_ir::{DType, Tensor};
+use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 
 /// How the consensus game is played.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -173,7 +175,8 @@ impl Decision {
     }
 }
 
-/// The program that answers a consensus question with `method`.
+/// The program that answers a consensus question with `method`: entry `similarity` (the
+/// cosine similarity of the proposals, the default preferences) and entry `decide`.
 fn program_source(method: Method) -> String {
     let iters_and_eta = match method {
         Method::FictitiousPlay => "iters",
@@ -181,6 +184,7 @@ fn program_source(method: Method) -> String {
     };
     format!(
         "import consensus\n\
+         fn similarity(E: f32[1, K, D]) -> f32[1, K, K] {{ cosine_similarity(E) }}\n\
          fn decide(E: f32[1, K, D], P: f32[1, N, K], lam: float, iters: int, eta: float) \
          -> (f32[1, K, K], f32[1, N, K], f32[1], i64[1], f32[1, K]) {{\n\
          let S = cosine_similarity(E)\n\
@@ -190,12 +194,9 @@ fn program_source(method: Method) -> String {
     )
 }
 
-/// Answers `request` on the reference interpreter.
-pub fn decide(request: &ConsensusRequest) -> Result<Decision, RuntimeError> {
-    request.validate().map_err(RuntimeError::Input)?;
-    let k = request.embeddings.len();
-    let d = request.embeddings[0].len();
-    let source = program_source(request.method);
+/// The consensus program of `method`, lowered.
+pub fn lower_program(method: Method) -> Result<kiln_lower::Lowered, RuntimeError> {
+    let source = program_source(method);
     let (program, mut diags) = kiln_lower::Program::load_source("consensus request", &source, None);
     let lowered = if diags.iter().any(|d| d.is_error()) {
         None
@@ -204,75 +205,128 @@ pub fn decide(request: &ConsensusRequest) -> Result<Decision, RuntimeError> {
         diags.extend(more);
         lowered.filter(|_| !diags.iter().any(|d| d.is_error()))
     };
-    let lowered = lowered.ok_or_else(|| {
+    lowered.ok_or_else(|| {
         RuntimeError::Input(format!(
             "the consensus program does not compile: {}",
             program.sources.render(&diags)
         ))
-    })?;
-    let embeddings = Tensor::from_f32(&[1, k, d], request.embeddings.concat());
-    // Without preferences, agent i (who proposed i) prefers proposals similar to its own.
-    let preferences = match &request.preferences {
-        Some(p) => Tensor::from_f32(&[1, p.len(), k], p.concat()),
-        None => {
-            let s = run_similarity(&embeddings)?;
-            Tensor::from_f32(&[1, k, k], s)
-        }
-    };
-    let n = preferences.shape[1];
-    let inputs = [
-        embeddings,
-        preferences,
-        Tensor::from_f32(&[], vec![request.lambda]),
-        Tensor::from_ints(DType::I64, &[], vec![request.iterations as i64]),
-        Tensor::from_f32(&[], vec![request.eta]),
-    ];
-    let results = crate::run(
-        Backend::Interpreter,
-        &lowered.module,
-        "decide",
-        &inputs,
-        &Weights::default(),
-    )?;
-    let [s, sigma, nc, winner, support] = results.as_slice() else {
-        return Err(RuntimeError::Input(format!(
-            "the consensus program returned {} results, expected 5",
-            results.len()
-        )));
-    };
-    let similarity = s.to_f32_vec().chunks(k).map(<[f32]>::to_vec).collect();
-    let strategies: Vec<Vec<f32>> = sigma.to_f32_vec().chunks(k).map(<[f32]>::to_vec).collect();
-    let winner = winner.to_i64_vec()[0] as usize;
-    debug_assert_eq!(strategies.len(), n);
-    Ok(Decision {
-        winner,
-        proposal_support: support.to_f32_vec(),
-        agent_support: strategies.iter().map(|row| row[winner]).collect(),
-        strategies,
-        similarity,
-        nashconv: nc.to_f32_vec()[0],
     })
 }
 
-/// The cosine similarity [K * K] of embeddings [1, K, D], by the stdlib function.
-fn run_similarity(embeddings: &Tensor) -> Result<Vec<f32>, RuntimeError> {
-    let source = "import consensus\nfn similarity(E: f32[1, K, D]) -> f32[1, K, K] { cosine_similarity(E) }\n";
-    let (program, _) = kiln_lower::Program::load_source("similarity", source, None);
-    let (lowered, diags) = kiln_lower::lower(&program, None, &kiln_lower::Options::default());
-    let lowered = lowered.ok_or_else(|| {
-        RuntimeError::Input(format!(
-            "the similarity program does not compile: {}",
-            program.sources.render(&diags)
-        ))
-    })?;
-    let out = crate::run(
-        Backend::Interpreter,
-        &lowered.module,
-        "similarity",
-        std::slice::from_ref(embeddings),
-        &Weights::default(),
-    )?;
-    Ok(out[0].to_f32_vec())
+/// Makes the executor a consensus program runs on (the interpreter, the CPU plans or the
+/// GPU); called once per method a [`ConsensusSolver`] is asked for.
+pub type ExecutorMaker = Box<
+    dyn Fn(kiln_lower::Lowered) -> Result<Box<dyn Executor + Send>, RuntimeError> + Send + Sync,
+>;
+
+/// Answers consensus requests on one backend, compiling each method's program once (its
+/// shapes are symbolic: one executor serves every request of that method).
+pub struct ConsensusSolver {
+    make: ExecutorMaker,
+    executors: BTreeMap<&'static str, Box<dyn Executor + Send>>,
+}
+
+impl fmt::Debug for ConsensusSolver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConsensusSolver")
+            .field("methods", &self.executors.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ConsensusSolver {
+    /// A solver whose programs run on executors `make` builds.
+    pub fn new(make: ExecutorMaker) -> ConsensusSolver {
+        ConsensusSolver {
+            make,
+            executors: BTreeMap::new(),
+        }
+    }
+
+    /// A solver on the reference interpreter.
+    pub fn interpreter() -> ConsensusSolver {
+        ConsensusSolver::new(Box::new(|lowered: kiln_lower::Lowered| {
+            Ok(Box::new(Interpreter::new(
+                lowered.module,
+                Arc::new(Weights::default()),
+            )) as Box<dyn Executor + Send>)
+        }))
+    }
+
+    /// A solver on the compiled kernels run by the Cranelift CPU backend.
+    pub fn cpu() -> ConsensusSolver {
+        ConsensusSolver::new(Box::new(|lowered: kiln_lower::Lowered| {
+            let plans = CpuPlans::compile(
+                lowered.module,
+                Arc::new(Weights::default()),
+                &mut crate::progress::NoProgress,
+            )?;
+            Ok(Box::new(plans) as Box<dyn Executor + Send>)
+        }))
+    }
+
+    /// Where the programs run, for messages ("" before the first request).
+    pub fn describe(&self) -> String {
+        self.executors
+            .values()
+            .next()
+            .map(|e| e.describe())
+            .unwrap_or_default()
+    }
+
+    /// Answers `request`.
+    pub fn decide(&mut self, request: &ConsensusRequest) -> Result<Decision, RuntimeError> {
+        request.validate().map_err(RuntimeError::Input)?;
+        let name = request.method.name();
+        if !self.executors.contains_key(name) {
+            let executor = (self.make)(lower_program(request.method)?)?;
+            self.executors.insert(name, executor);
+        }
+        let executor = self.executors.get_mut(name).expect("inserted above");
+        let k = request.embeddings.len();
+        let d = request.embeddings[0].len();
+        let embeddings = Tensor::from_f32(&[1, k, d], request.embeddings.concat());
+        // Without preferences, agent i (who proposed i) prefers proposals similar to its own.
+        let preferences = match &request.preferences {
+            Some(p) => Tensor::from_f32(&[1, p.len(), k], p.concat()),
+            None => {
+                let s = executor.run("similarity", std::slice::from_ref(&embeddings))?;
+                Tensor::from_f32(&[1, k, k], s[0].to_f32_vec())
+            }
+        };
+        let n = preferences.shape[1];
+        let inputs = [
+            embeddings,
+            preferences,
+            Tensor::from_f32(&[], vec![request.lambda]),
+            Tensor::from_ints(DType::I64, &[], vec![request.iterations as i64]),
+            Tensor::from_f32(&[], vec![request.eta]),
+        ];
+        let results = executor.run("decide", &inputs)?;
+        let [s, sigma, nc, winner, support] = results.as_slice() else {
+            return Err(RuntimeError::Input(format!(
+                "the consensus program returned {} results, expected 5",
+                results.len()
+            )));
+        };
+        let similarity = s.to_f32_vec().chunks(k).map(<[f32]>::to_vec).collect();
+        let strategies: Vec<Vec<f32>> = sigma.to_f32_vec().chunks(k).map(<[f32]>::to_vec).collect();
+        let winner = winner.to_i64_vec()[0] as usize;
+        debug_assert_eq!(strategies.len(), n);
+        Ok(Decision {
+            winner,
+            proposal_support: support.to_f32_vec(),
+            agent_support: strategies.iter().map(|row| row[winner]).collect(),
+            strategies,
+            similarity,
+            nashconv: nc.to_f32_vec()[0],
+        })
+    }
+}
+
+/// Answers `request` on the reference interpreter.
+pub fn decide(request: &ConsensusRequest) -> Result<Decision, RuntimeError> {
+    ConsensusSolver::interpreter().decide(request)
 }
 
 #[cfg(test)]
