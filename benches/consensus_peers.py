@@ -189,7 +189,8 @@ def torch_cosine(torch, args):
         torch.backends.cudnn.allow_tf32 = tf32
         ms = cuda_timed(torch, cos, args.runs)
         out["tf32_on" if tf32 else "f32"] = {"median_ms": ms, "tflop_per_s": out["flops"] / (ms * 1e-3) / 1e12,
-                                             "allow_tf32": tf32}
+                                             "allow_tf32": tf32,
+                                             "float32_matmul_precision": torch.get_float32_matmul_precision()}
     torch.backends.cuda.matmul.allow_tf32 = False
     return out
 
