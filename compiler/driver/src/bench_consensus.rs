@@ -314,7 +314,7 @@ pub(crate) fn assemble(
             ));
         }
         out["coordinate_median"] = json!({
-            "k": md.k, "p": md.p, "bytes": bytes, "kernels": md.kernels,
+            "k": md.k, "p": md.p, "elements": md.k * md.p, "bytes": bytes, "kernels": md.kernels,
             "median_ms": md.median_ms, "gb_per_s": gbs, "fraction_of_copy": fraction,
             "target_fraction_of_copy": 0.9, "meets_target": fraction >= 0.9,
             "checked_coordinates": md.checked, "mismatches": md.mismatches,
@@ -383,6 +383,14 @@ pub(crate) fn run(args: ConsensusBenchArgs) -> Result<ExitCode> {
     }
     if chosen("median") {
         let (k, p) = (args.median_k, args.median_p);
+        if k * p >= 1 << 31 {
+            // The ranks kernel of coordinate_median counts K·P elements in an i32.
+            eprintln!(
+                "kiln bench consensus: warning: {k} x {p} = {} elements, at or past 2^31 \
+                 (kiln's kernels index elements with 32-bit integers)",
+                k * p
+            );
+        }
         eprintln!(
             "kiln: drawing {:.1} GB of updates",
             (k * p * 4) as f64 / 1e9
