@@ -435,8 +435,7 @@ pub(crate) fn run(args: ConsensusBenchArgs) -> Result<ExitCode> {
         "commit": commit(),
         "target": gpu.target.sm_name(),
         "data": "unit(index, seed) of bench_consensus.rs / benches/consensus_peers.py: payoffs in [0, 1), embeddings 2u - 1, updates u",
-        "runs": args.runs,
-        "solver_runs": args.solver_runs,
+        "settings": settings(&args),
     });
     let (out, failures) = assemble(header, &measured, peers.as_ref(), args.agree_tol);
     print_summary(&out);
@@ -452,6 +451,22 @@ pub(crate) fn run(args: ConsensusBenchArgs) -> Result<ExitCode> {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
+    })
+}
+
+/// The settings of the run, for the report.
+fn settings(args: &ConsensusBenchArgs) -> Value {
+    json!({
+        "games": args.games, "size": args.size, "iters": args.iters, "tol": NO_EARLY_EXIT,
+        "solver_runs": args.solver_runs, "runs": args.runs,
+        "cos_n": args.cos_n, "cos_d": args.cos_d,
+        "median_k": args.median_k, "median_p": args.median_p,
+        "agree_tol": args.agree_tol,
+        "cases": if args.cases.is_empty() { CASES.map(String::from).to_vec() } else { args.cases.clone() },
+        "solver_variants": VARIANTS.iter().map(|(name, t)| json!({
+            "variant": name, "persistent": t.enabled, "matrix_registers": t.matrix_registers,
+        })).collect::<Vec<_>>(),
+        "timing": "CUDA events around whole launches of the entry (inputs already on the GPU), median of the runs",
     })
 }
 
@@ -652,6 +667,28 @@ mod tests {
         assert!(
             crate::Cli::try_parse_from(["kiln", "bench", "consensus", "--case", "cosine"]).is_ok()
         );
+    }
+
+    #[test]
+    fn bad_arguments_fail_before_looking_for_a_gpu() {
+        let run_with = |argv: &[&str]| {
+            let mut all = vec!["x"];
+            all.extend_from_slice(argv);
+            run(Wrap::try_parse_from(all).expect("parses").args)
+                .expect_err("an argument error")
+                .to_string()
+        };
+        assert!(run_with(&["--case", "krum"]).contains("no such case (rm_plus, cosine, median)"));
+        assert!(run_with(&["--iters", "0"]).contains("at least 1"));
+        let missing = std::env::temp_dir().join("kiln-no-such-peers.json");
+        assert!(run_with(&["--torch-json", missing.to_str().unwrap()]).contains("reading"));
+        let a = Wrap::try_parse_from(["x", "--case", "median"])
+            .unwrap()
+            .args;
+        let s = settings(&a);
+        assert_eq!(s["cases"], json!(["median"]));
+        assert_eq!(s["solver_variants"].as_array().map(Vec::len), Some(3));
+        assert_eq!(s["median_p"], 134_217_728);
     }
 
     #[test]
