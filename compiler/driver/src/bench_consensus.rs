@@ -106,16 +106,19 @@ fn fill(len: usize, seed: u64, map: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
     data
 }
 
-/// The program timed: one entry per case.
-fn program(size: usize) -> String {
+/// The program timed: one entry per case, the game size, embedding width and worker
+/// count fixed (as the kernels are compiled for one model), the batch axes symbolic.
+fn program(size: usize, width: usize, workers: usize) -> String {
     format!(
         "import consensus
 fn rm_plus(A: f32[G, {size}, {size}], iters: int, tol: float, check_every: int) ->
         (f32[G, {size}], f32[G, {size}], f32[G], f32[G], f32[G]) {{
     zero_sum_rm_plus(A, iters, tol, check_every)
 }}
-fn cosine(E: f32[N, D]) -> f32[N, N] {{ cosine_similarity(E) }}
-fn median(U: f32[K, P], w: f32[K]) -> f32[P] {{ robust_aggregate(U, w, \"median\") }}
+fn cosine(E: f32[N, {width}]) -> f32[N, N] {{ cosine_similarity(E) }}
+fn median(U: f32[{workers}, P], w: f32[{workers}]) -> f32[P] {{
+    robust_aggregate(U, w, \"median\")
+}}
 "
     )
 }
@@ -341,7 +344,7 @@ pub(crate) fn run(args: ConsensusBenchArgs) -> Result<ExitCode> {
     let gpu = Gpu::open()?;
     let copy_gb_per_s = gpu.copy_bandwidth(20)?;
     println!("copy: {copy_gb_per_s:.0} GB/s");
-    let source = program(args.size);
+    let source = program(args.size, args.cos_d, args.median_k);
     let mut measured = Measured {
         copy_gb_per_s,
         ..Measured::default()
@@ -692,6 +695,33 @@ mod tests {
     }
 
     #[test]
+    fn the_solver_variants_compile_as_named() {
+        let source = program(64, 768, 16);
+        for (name, tuning) in VARIANTS {
+            let (parsed, diags) = kiln_lower::Program::load_source("b.kiln", &source, None);
+            assert!(!diags.iter().any(|d| d.is_error()));
+            let (lowered, diags) =
+                kiln_lower::lower(&parsed, None, &kiln_lower::Options::default());
+            let lowered = lowered.unwrap_or_else(|| panic!("{}", parsed.sources.render(&diags)));
+            let mut options = kiln_driver::pipeline::CompileOptions {
+                targets: vec![kiln_ptx::Target::for_compute_capability(9, 0).expect("sm_90a")],
+                ..Default::default()
+            };
+            options.fusion.persistent = tuning;
+            let package = kiln_driver::pipeline::compile("b.kiln", lowered, &options, None)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            let launches = &package.compiled.stats.launches;
+            let persistent = launches
+                .iter()
+                .any(|k| k.function == "rm_plus" && k.name.contains("persistent_loop"));
+            assert_eq!(persistent, tuning.enabled, "{name}");
+            for entry in ["cosine", "median"] {
+                assert!(launches.iter().any(|k| k.function == entry), "{entry}");
+            }
+        }
+    }
+
+    #[test]
     fn the_data_equal_the_python_peers() {
         let data = peers_script(&["--print-data", "300"]);
         for seed in [SEED_GAMES, SEED_EMBEDDINGS, SEED_UPDATES] {
@@ -720,7 +750,8 @@ mod tests {
     /// kiln's `zero_sum_rm_plus` (the benchmark's entry, on the graph interpreter) on the
     /// benchmark's data at a tiny size.
     fn kiln_rm_plus(games: usize, size: usize, iters: usize) -> Vec<Tensor> {
-        let (program, diags) = kiln_lower::Program::load_source("b.kiln", &program(size), None);
+        let (program, diags) =
+            kiln_lower::Program::load_source("b.kiln", &program(size, 8, 4), None);
         assert!(!diags.iter().any(|d| d.is_error()));
         let options = kiln_lower::Options {
             entries: Some(vec!["rm_plus".into()]),
