@@ -219,7 +219,7 @@ def main(argv=None):
     ap.add_argument("--size", type=int, default=64, help="actions per player (square games)")
     ap.add_argument("--iters", type=int, default=1000)
     ap.add_argument("--tol", type=float, default=-1.0, help="-1: no game finishes early")
-    ap.add_argument("--check-every", type=int, default=1000)
+    ap.add_argument("--check-every", type=int, default=None, help="default: --iters")
     ap.add_argument("--check-games", type=int, default=64, help="games whose results kiln compares")
     ap.add_argument("--numpy-games", type=int, default=256)
     ap.add_argument("--numpy-iters", type=int, default=None, help="default: --iters")
@@ -233,6 +233,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.numpy_iters is None:
         args.numpy_iters = args.iters
+    if args.check_every is None:
+        args.check_every = args.iters
     if args.print_data:
         idx = np.arange(args.print_data, dtype=np.int64)
         print(json.dumps({str(s): unit(idx, s).tolist() for s in (SEED_GAMES, SEED_EMBEDDINGS, SEED_UPDATES)}))
