@@ -235,10 +235,12 @@ pub(crate) fn assemble(
         let peer_ms = |who: &str| p[who]["ms_per_iteration"].as_f64().filter(|_| same_size);
         let (torch, numpy) = (peer_ms("torch_eager"), peer_ms("numpy"));
         // The peer's results on the first games: torch's (same GPU), else numpy's.
-        let check = [("torch", "torch_check"), ("numpy", "numpy_check")]
-            .into_iter()
-            .find(|(_, key)| p[*key]["iters"].as_u64() == Some(r.iters as u64) && same_size);
-        let agreement = check.map(|(who, key)| {
+        // Each peer's results on the first games (torch's on this GPU, numpy's on the CPU).
+        let mut agreement = serde_json::Map::new();
+        for (who, key) in [("torch", "torch_check"), ("numpy", "numpy_check")] {
+            if !same_size || p[key]["iters"].as_u64() != Some(r.iters as u64) {
+                continue;
+            }
             let (dv, games) = max_diff(&r.value, &numbers(&p[key]["value"]));
             let (dn, _) = max_diff(&r.nashconv, &numbers(&p[key]["nashconv"]));
             let agree = games > 0 && dv <= agree_tol && dn <= agree_tol;
@@ -248,9 +250,13 @@ pub(crate) fn assemble(
                      {dn:e} on {games} games (tolerance {agree_tol:e})"
                 ));
             }
-            json!({"peer": who, "games": games, "max_value_diff": dv, "max_nashconv_diff": dn,
-                   "tolerance": agree_tol, "agree": agree})
-        });
+            agreement.insert(
+                who.to_string(),
+                json!({"games": games, "max_value_diff": dv, "max_nashconv_diff": dn,
+                       "tolerance": agree_tol, "agree": agree}),
+            );
+        }
+        let agreement = (!agreement.is_empty()).then_some(Value::Object(agreement));
         if !r.all_ran {
             failures.push("zero_sum_rm_plus: a game finished before the last iteration".into());
         }
@@ -822,8 +828,8 @@ mod tests {
         let r = &report["zero_sum_rm_plus"];
         assert_eq!(r["kiln_variant"], "b");
         assert_eq!(r["kiln_ms_per_iteration"].as_f64(), Some(1.0 / 40.0));
-        assert_eq!(r["agreement"]["peer"], "numpy");
-        assert_eq!(r["agreement"]["agree"], true);
+        assert_eq!(r["agreement"]["numpy"]["agree"], true);
+        assert!(r["agreement"]["torch"].is_null());
         let numpy = r["numpy_ms_per_iteration"].as_f64().expect("numpy's time");
         assert_eq!(r["speedup_vs_numpy"].as_f64(), Some(numpy / (1.0 / 40.0)));
         assert!(r["speedup_vs_torch_eager"].is_null());
@@ -878,7 +884,7 @@ mod tests {
         assert_eq!(z["speedup_vs_torch_eager"].as_f64(), Some(20.0));
         assert_eq!(z["speedup_vs_numpy"].as_f64(), Some(2000.0));
         assert_eq!(z["meets_targets"], true);
-        assert_eq!(z["agreement"]["games"], 2);
+        assert_eq!(z["agreement"]["torch"]["games"], 2);
         assert_eq!(
             r["cosine_similarity"]["speedup_vs_torch_f32"].as_f64(),
             Some(4.0)
@@ -900,7 +906,7 @@ mod tests {
         let (r, failures) = assemble(json!({}), &m, Some(&peers), 1e-3);
         assert_eq!(failures.len(), 3, "{failures:?}");
         assert_eq!(r["failures"].as_array().map(Vec::len), Some(3));
-        assert_eq!(r["zero_sum_rm_plus"]["agreement"]["agree"], false);
+        assert_eq!(r["zero_sum_rm_plus"]["agreement"]["torch"]["agree"], false);
 
         // Peers measured at other sizes give no ratios; no peers at all neither.
         m.rm_plus.as_mut().unwrap().iters = 50;
