@@ -373,6 +373,7 @@ pub(crate) fn run(args: ConsensusBenchArgs) -> Result<ExitCode> {
         let (n, d) = (args.cos_n, args.cos_d);
         let e = fill(n * d, SEED_EMBEDDINGS, |u| 2.0 * u - 1.0);
         let mut program = CudaProgram::new(cuda.clone(), "cosine")?;
+        program.bind_weights(&|_| None)?;
         let inputs = [Tensor::from_f32(&[n, d], e.clone())];
         let s = program.run(&inputs)?.remove(0).to_f32_vec();
         let timing = program.time_launches(&inputs, args.runs)?;
@@ -415,6 +416,7 @@ pub(crate) fn run(args: ConsensusBenchArgs) -> Result<ExitCode> {
             Tensor::from_f32(&[k], vec![1.0; k]),
         ];
         let mut program = CudaProgram::new(cuda.clone(), "median")?;
+        program.bind_weights(&|_| None)?;
         let got = program.run(&inputs)?.remove(0).to_f32_vec();
         let mismatches = columns
             .iter()
@@ -511,6 +513,7 @@ fn rm_plus(gpu: &Gpu, source: &str, args: &ConsensusBenchArgs) -> Result<RmPlus>
             .filter(|k| k.function == "rm_plus")
             .count();
         let mut program = CudaProgram::new(cuda, "rm_plus")?;
+        program.bind_weights(&|_| None)?;
         let out = program.run(&inputs)?;
         let (value, nashconv) = (out[2].to_f64_vec(), out[3].to_f64_vec());
         result.all_ran &= out[4].to_f64_vec().iter().all(|u| *u == args.iters as f64);
