@@ -12,7 +12,8 @@
 #   - the kernel benchmarks beside PyTorch eager and torch.compile;
 #   - the decode speed of the 1.1B Llama shape beside transformers' generate;
 #   - `kiln bench serve` on the 1.1B Llama shape (random weights): 64 prompts, 128 tokens in,
-#     128 out, all at once.
+#     128 out, all at once;
+#   - the consensus benchmarks beside PyTorch eager and numpy (`kiln bench consensus`).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-results}
@@ -61,6 +62,19 @@ if [ "${KILN_SKIP_BENCH:-0}" != 1 ]; then
     .carry/kiln bench serve --num-prompts 64 --input-len 128 --output-len 128 -o "$OUT/serve.json" \
         > "$OUT/kiln-serve.txt" 2>&1 || status=1
     cat "$OUT/kiln-serve.txt"
+    # The consensus kernels (issue 8): RM+ on 10,000 games of 64x64 for 1,000 iterations,
+    # cosine similarity 16,384 x 768, the coordinate median of 16 x 134M, beside PyTorch
+    # eager on this GPU and numpy on the CPU (same data; value and NashConv compared).
+    # Without the peers' JSON (the script failed) kiln's side still runs, without ratios.
+    peers=()
+    if python3 benches/consensus_peers.py > "$OUT/torch-consensus.json" 2> "$OUT/torch-consensus.err"; then
+        peers=(--torch-json "$OUT/torch-consensus.json")
+    else
+        status=1
+    fi
+    .carry/kiln bench consensus "${peers[@]}" -o "$OUT/consensus.json" \
+        > "$OUT/kiln-consensus.txt" 2>&1 || status=1
+    cat "$OUT/kiln-consensus.txt"
 fi
 grep -E "test result|NOT RUN|FAILED|panicked|tiny-" "$OUT/tests.log"
 grep -E "ERROR SUMMARY|== " "$OUT/sanitizer.log"

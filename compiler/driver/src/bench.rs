@@ -32,6 +32,9 @@ enum BenchWhat {
     /// Load-test an OpenAI-compatible server (started here, or --url) with vLLM's serving
     /// benchmark definitions: TTFT, TPOT, ITL, E2E latency, throughput.
     Serve(kiln_driver::bench_serve::ServeBenchArgs),
+    /// The consensus kernels on the GPU (RM+ solver, cosine similarity, coordinate median)
+    /// beside PyTorch eager and numpy.
+    Consensus(crate::bench_consensus::ConsensusBenchArgs),
 }
 
 #[derive(clap::Args)]
@@ -295,6 +298,7 @@ pub(crate) fn run(args: BenchArgs) -> Result<ExitCode> {
     let args = match args.what {
         BenchWhat::Kernels(args) => args,
         BenchWhat::Decode(args) => return crate::bench_decode::run(args),
+        BenchWhat::Consensus(args) => return crate::bench_consensus::run(args),
         BenchWhat::Serve(args) => {
             kiln_driver::bench_serve::run(&args)?;
             return Ok(ExitCode::SUCCESS);

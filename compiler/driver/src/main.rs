@@ -3,9 +3,10 @@
 //! checkpoint (or random weights), optionally decoding greedily; `serve` runs the
 //! OpenAI-compatible server of `kiln-server` (on the GPU when there is one); `embed` prints sentence embeddings of texts;
 //! `consensus` chooses among proposals by the consensus game of the stdlib; `bench kernels`
-//! times the fused kernels on the GPU.
+//! times the fused kernels on the GPU, `bench consensus` the consensus kernels.
 
 mod bench;
+mod bench_consensus;
 mod bench_decode;
 mod compile;
 mod consensus;
@@ -42,7 +43,7 @@ enum Command {
     Run(run::RunArgs),
     /// Serve a model over an OpenAI-compatible HTTP API (on the GPU when there is one).
     Serve(ServeCommand),
-    /// Benchmarks on the GPU: `kiln bench kernels`.
+    /// Benchmarks on the GPU: `kiln bench kernels`, `decode`, `serve`, `consensus`.
     Bench(bench::BenchArgs),
     /// Print sentence embeddings of texts (JSON, one line a text) with an encoder checkpoint.
     Embed(embed::EmbedArgs),
