@@ -106,9 +106,11 @@ fn fill(len: usize, seed: u64, map: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
     data
 }
 
-/// The program timed: one entry per case, the game size, embedding width and worker
-/// count fixed (as the kernels are compiled for one model), the batch axes symbolic.
-fn program(size: usize, width: usize, workers: usize) -> String {
+/// The program timed: one entry per case, the game size, embedding width, worker count and
+/// parameter count fixed (as the kernels are compiled for one model; a constant parameter
+/// count past 2^31 elements makes the median's kernels index with 64-bit integers), the
+/// batch axes symbolic.
+fn program(size: usize, width: usize, workers: usize, params: usize) -> String {
     format!(
         "import consensus
 fn rm_plus(A: f32[G, {size}, {size}], iters: int, tol: float, check_every: int) ->
@@ -116,7 +118,7 @@ fn rm_plus(A: f32[G, {size}, {size}], iters: int, tol: float, check_every: int) 
     zero_sum_rm_plus(A, iters, tol, check_every)
 }}
 fn cosine(E: f32[N, {width}]) -> f32[N, N] {{ cosine_similarity(E) }}
-fn median(U: f32[{workers}, P], w: f32[{workers}]) -> f32[P] {{
+fn median(U: f32[{workers}, {params}], w: f32[{workers}]) -> f32[{params}] {{
     robust_aggregate(U, w, \"median\")
 }}
 "
@@ -350,7 +352,7 @@ pub(crate) fn run(args: ConsensusBenchArgs) -> Result<ExitCode> {
     let gpu = Gpu::open()?;
     let copy_gb_per_s = gpu.copy_bandwidth(20)?;
     println!("copy: {copy_gb_per_s:.0} GB/s");
-    let source = program(args.size, args.cos_d, args.median_k);
+    let source = program(args.size, args.cos_d, args.median_k, args.median_p);
     let mut measured = Measured {
         copy_gb_per_s,
         ..Measured::default()
@@ -393,14 +395,6 @@ pub(crate) fn run(args: ConsensusBenchArgs) -> Result<ExitCode> {
     }
     if chosen("median") {
         let (k, p) = (args.median_k, args.median_p);
-        if k * p >= 1 << 31 {
-            // The ranks kernel of coordinate_median counts K·P elements in an i32.
-            eprintln!(
-                "kiln bench consensus: warning: {k} x {p} = {} elements, at or past 2^31 \
-                 (kiln's kernels index elements with 32-bit integers)",
-                k * p
-            );
-        }
         eprintln!(
             "kiln: drawing {:.1} GB of updates",
             (k * p * 4) as f64 / 1e9
@@ -705,7 +699,7 @@ mod tests {
 
     #[test]
     fn the_solver_variants_compile_as_named() {
-        let source = program(64, 768, 16);
+        let source = program(64, 768, 16, 1 << 20);
         for (name, tuning) in VARIANTS {
             let (parsed, diags) = kiln_lower::Program::load_source("b.kiln", &source, None);
             assert!(!diags.iter().any(|d| d.is_error()));
@@ -760,7 +754,7 @@ mod tests {
     /// benchmark's data at a tiny size.
     fn kiln_rm_plus(games: usize, size: usize, iters: usize) -> Vec<Tensor> {
         let (program, diags) =
-            kiln_lower::Program::load_source("b.kiln", &program(size, 8, 4), None);
+            kiln_lower::Program::load_source("b.kiln", &program(size, 8, 4, 64), None);
         assert!(!diags.iter().any(|d| d.is_error()));
         let options = kiln_lower::Options {
             entries: Some(vec!["rm_plus".into()]),
