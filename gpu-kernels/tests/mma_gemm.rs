@@ -35,6 +35,7 @@ fn odd_k(x: bf16[M, 20], w: bf16[16, 20]) -> bf16[M, 16] { linear(x, w) }
 fn wide(x: f32[M, 32], w: f32[16, 32]) -> f32[M, 16] { linear(x, w) }
 fn qkv(x: bf16[M, 256], q: bf16[64, 256], k: bf16[32, 256], v: bf16[32, 256]) -> (bf16[M, 64], bf16[M, 32], bf16[M, 32]) { (linear(x, q), linear(x, k), linear(x, v)) }
 fn long_k(x: bf16[M, 2048], w: bf16[96, 2048], r: bf16[M, 96]) -> bf16[M, 96] { linear(x, w) + r }
+fn kv_long_k(x: bf16[M, 2048], k: bf16[72, 2048], v: bf16[72, 2048]) -> (bf16[M, 72], bf16[M, 72]) { (linear(x, k), linear(x, v) * 0.5) }
 fn heads_out(a: bf16[M, 4, 32], w: bf16[40, 128], r: bf16[M, 40]) -> bf16[M, 40] { linear(a.view(M, 128), w) + r }
 ";
 
@@ -202,13 +203,20 @@ fn the_plain_template_can_be_forced() {
 #[test]
 fn a_symbolic_row_count_gets_a_decode_variant_chosen_at_run_time() {
     // The same plan runs the decode-sized kernels for at most 16 rows and the large tiles
-    // above: single, two (gate/up, half the split-K warps), three (q/k/v, also half the
-    // slice) and a split-K one.
+    // above: single, two (gate/up, half the split-K warps), q/k/v (q alone, k and v fused:
+    // only matmuls of one output shape fuse), a split-K one, and two fused matmuls whose
+    // few output tiles split K across blocks (their sum kernel adds each one's partial sums
+    // and applies both epilogues).
     for (function, rows, small) in [
         ("nk", [1, 16, 17], "mma_gemm_16x32x128_w1x2x4"),
         ("gate_up", [3, 16, 40], "mma_gemm_16x32x128_w1x2x2"),
-        ("qkv", [1, 7, 33], "mma_gemm_16x32x64_w1x2x2"),
+        ("qkv", [1, 7, 33], "mma_gemm_16x32x128_w1x2x2_s2_x2"),
         ("long_k", [1, 5, 20], "mma_gemm_16x32x128_w1x2x4_s3_splitk"),
+        (
+            "kv_long_k",
+            [1, 5, 20],
+            "mma_gemm_16x32x128_w1x2x2_s2_splitk4_x2",
+        ),
     ] {
         for m in rows {
             let names = run(function, &[("M", m)]);

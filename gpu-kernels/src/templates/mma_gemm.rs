@@ -330,8 +330,15 @@ pub(crate) fn plan(e: &Emitter<'_, '_>, group: &Group, small_rows: bool) -> Opti
     let batch: Option<u64> = out_shape[..rank - 2]
         .iter()
         .try_fold(1u64, |acc, d| Some(acc.saturating_mul(d.as_const()?)));
-    if let (Some(m), Some(batch), true) = (m, batch, b.len() == 1) {
-        tile.splits = choose_splits(&tile, m, n_max, k, batch);
+    // Horizontally fused matmuls (which share the output shape) split K across blocks too
+    // when their grid has at most a block per SM (k and v of GQA); wider ones (gate and up)
+    // keep their epilogue in the GEMM.
+    let one_shape = b.iter().all(|s| s.n == b[0].n);
+    if let (Some(m), Some(batch), true) = (m, batch, one_shape) {
+        let blocks = n_max.div_ceil(u64::from(tile.bn)).saturating_mul(batch);
+        if b.len() == 1 || blocks <= H100_SMS {
+            tile.splits = choose_splits(&tile, m, n_max, k, batch);
+        }
     }
     Some(MmaPlan {
         input,
@@ -834,7 +841,13 @@ pub(crate) fn emit(
             );
             let offset = e.bind(&mut body, "workspace", ity, mul(which, matrix));
             let n = e.dim(&plan.b[0].n);
-            Some((buf, offset, n))
+            // Fused matmul i's partial sums follow the first's: `[matmuls, splits, ..]`.
+            let per_matmul = mul(
+                e.ix(i64::from(split.expect("split").0)),
+                e.numel(&out_shape),
+            );
+            let per_matmul = e.bind(&mut body, "per_matmul", ity, per_matmul);
+            Some((buf, offset, n, per_matmul))
         }
         None => None,
     };
@@ -851,14 +864,32 @@ pub(crate) fn emit(
                 let gm = e.bind(&mut body, "row", ity, add(m0.clone(), index(row)));
                 let gn = e.bind(&mut body, "col", ity, add(n0.clone(), index(col)));
                 let accs: Vec<VarId> = acc.iter().map(|a| a[mi * ni_count + ni][j]).collect();
-                if let Some((buf, offset, n)) = &workspace {
-                    // The partial sum of this block's slices, at [split, batch, row, col].
+                if let Some((buf, offset, n, per_matmul)) = &workspace {
+                    // The partial sums of this block's slices, at [matmul, split, batch, row,
+                    // col].
                     let mut cond = and(lt(gm.clone(), m_size.clone()), lt(gn.clone(), n.clone()));
                     if let Some(first) = &first_k {
                         cond = and(cond, first.clone());
                     }
-                    let at = add(offset.clone(), add(mul(gm, n.clone()), gn));
-                    body.push(Stmt::if_then(cond, vec![Stmt::store(*buf, at, accs[0])]));
+                    let at = e.bind(
+                        &mut body,
+                        "at",
+                        ity,
+                        add(offset.clone(), add(mul(gm, n.clone()), gn)),
+                    );
+                    let partials = accs
+                        .iter()
+                        .enumerate()
+                        .map(|(i, acc)| {
+                            let at = if i == 0 {
+                                at.clone()
+                            } else {
+                                add(at.clone(), mul(e.ix(i as i64), per_matmul.clone()))
+                            };
+                            Stmt::store(*buf, at, *acc)
+                        })
+                        .collect();
+                    body.push(Stmt::if_then(cond, partials));
                     continue;
                 }
                 let at = OutputElement {
@@ -905,10 +936,14 @@ pub(crate) fn emit(
 const SUM_THREADS: u32 = 256;
 
 /// The f32 workspace of a split-K GEMM: `[splits, batch.., M, N]`, the partial sums of
-/// each block row's k slices.
+/// each block row's k slices (`[matmuls, splits, ..]` for horizontally fused matmuls).
 pub(crate) fn split_workspace(g: &FuncGraph<'_>, group: &Group, plan: &MmaPlan) -> Workspace {
     let (splits, _) = plan.split().expect("a split GEMM");
-    let mut shape = vec![SizeExpr::Const(u64::from(splits))];
+    let mut shape = Vec::new();
+    if group.roots.len() > 1 {
+        shape.push(SizeExpr::Const(group.roots.len() as u64));
+    }
+    shape.push(SizeExpr::Const(u64::from(splits)));
     shape.extend(g.shape(group.roots[0]).iter().map(dim_size));
     Workspace {
         dtype: DType::F32,
@@ -943,14 +978,23 @@ pub(crate) fn emit_split_sum(
     let gid = e.bind(&mut body, "gid", ity, gid);
     let workspace = e.workspace(0, DType::F32, kiln_kir::Access::Read);
     let mut inner = Vec::new();
-    let sum = e.var("sum", Ty::F32);
-    inner.push(Stmt::Assign(sum, Expr::load(workspace, gid.clone())));
-    for s in 1..i64::from(splits) {
-        let at = add(gid.clone(), mul(e.ix(s), total.clone()));
-        inner.push(Stmt::assign(
-            sum,
-            Expr::var(sum) + Expr::load(workspace, at),
-        ));
+    // One sum per fused matmul, each over its splits in order.
+    let mut sums = Vec::with_capacity(matmuls.len());
+    for i in 0..matmuls.len() as i64 {
+        let sum = e.var("sum", Ty::F32);
+        let first = add(gid.clone(), mul(e.ix(i * i64::from(splits)), total.clone()));
+        inner.push(Stmt::Assign(sum, Expr::load(workspace, first)));
+        for s in 1..i64::from(splits) {
+            let at = add(
+                gid.clone(),
+                mul(e.ix(i * i64::from(splits) + s), total.clone()),
+            );
+            inner.push(Stmt::assign(
+                sum,
+                Expr::var(sum) + Expr::load(workspace, at),
+            ));
+        }
+        sums.push(sum);
     }
     let idx = e.delinearize(&mut inner, gid.clone(), &out_shape);
     let rows = e.dim(&out_shape[rank - 2]);
@@ -960,7 +1004,7 @@ pub(crate) fn emit_split_sum(
         col: &idx[rank - 1],
         rows: &rows,
     };
-    epilogue_at(e, &mut inner, &matmuls, &[sum], &at, None, stores)?;
+    epilogue_at(e, &mut inner, &matmuls, &sums, &at, None, stores)?;
     body.push(Stmt::if_then(lt(gid, total), inner));
     let what = kernel_name(&format!("splitk{splits}_sum"), &matmuls, stores);
     Ok(Body {
