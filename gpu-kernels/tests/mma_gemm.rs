@@ -203,14 +203,14 @@ fn the_plain_template_can_be_forced() {
 #[test]
 fn a_symbolic_row_count_gets_a_decode_variant_chosen_at_run_time() {
     // The same plan runs the decode-sized kernels for at most 16 rows and the large tiles
-    // above: single, two (gate/up, half the split-K warps), q/k/v (q alone, k and v fused:
-    // only matmuls of one output shape fuse), a split-K one, and two fused matmuls whose
-    // few output tiles split K across blocks (their sum kernel adds each one's partial sums
-    // and applies both epilogues).
+    // above: single, two (gate/up, half the split-K warps), three (q/k/v, also half the
+    // slice), a split-K one, and two fused matmuls of one shape whose few output tiles
+    // split K across blocks (their sum kernel adds each one's partial sums and applies both
+    // epilogues).
     for (function, rows, small) in [
         ("nk", [1, 16, 17], "mma_gemm_16x32x128_w1x2x4"),
         ("gate_up", [3, 16, 40], "mma_gemm_16x32x128_w1x2x2"),
-        ("qkv", [1, 7, 33], "mma_gemm_16x32x128_w1x2x2_s2_x2"),
+        ("qkv", [1, 7, 33], "mma_gemm_16x32x64_w1x2x2"),
         ("long_k", [1, 5, 20], "mma_gemm_16x32x128_w1x2x4_s3_splitk"),
         (
             "kv_long_k",
