@@ -169,21 +169,15 @@ impl<'a, 'f> PlanBuilder<'a, 'f> {
                         Err("persistent loops are disabled".to_string())
                     };
                     match persistent {
-                        Ok(p) if p.symbols.is_empty() => {
-                            let built = templates::persistent_loop::emit(
-                                self.g,
-                                self.part,
-                                inst,
-                                &p,
-                                self.options,
-                            )?;
-                            steps.push(self.launch_kernel(built, &[])?);
-                        }
                         Ok(p) => {
-                            // The kernel holds symbolic dims up to a bound: it runs when
-                            // every one is within it, the plan loop otherwise. The loop
+                            // With symbolic dims the kernel holds them up to a bound: it runs
+                            // when every one is within it, the plan loop otherwise. The loop
                             // comes first so that both write the loop's result buffers.
-                            let fallback = self.loop_step(inst, body)?;
+                            let fallback = if p.symbols.is_empty() {
+                                None
+                            } else {
+                                Some(self.loop_step(inst, body)?)
+                            };
                             let built = templates::persistent_loop::emit(
                                 self.g,
                                 self.part,
@@ -192,13 +186,15 @@ impl<'a, 'f> PlanBuilder<'a, 'f> {
                                 self.options,
                             )?;
                             let mut chosen = vec![self.launch_kernel(built, &[])?];
-                            for symbol in p.symbols.iter().rev() {
-                                chosen = vec![Step::BySize {
-                                    symbol: symbol.clone(),
-                                    at_most: p.bound,
-                                    small: chosen,
-                                    large: vec![fallback.clone()],
-                                }];
+                            if let Some(fallback) = fallback {
+                                for symbol in p.symbols.iter().rev() {
+                                    chosen = vec![Step::BySize {
+                                        symbol: symbol.clone(),
+                                        at_most: p.bound,
+                                        small: chosen,
+                                        large: vec![fallback.clone()],
+                                    }];
+                                }
                             }
                             steps.extend(chosen);
                         }

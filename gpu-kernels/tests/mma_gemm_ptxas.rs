@@ -8,7 +8,7 @@ mod common;
 
 use common::lower;
 use kiln_gpu_kernels::Options;
-use kiln_ptx::{emit_ptx, AssembleOptions, EmitOptions, Target, Toolchain};
+use kiln_ptx::{emit_ptx, EmitOptions, Target, Toolchain};
 
 const SRC: &str = "import nn
 fn q_proj(x: bf16[T, 4096], w: bf16[4096, 4096]) -> bf16[T, 4096] { linear(x, w) }
@@ -67,38 +67,7 @@ fn llm_shaped_gemms_assemble_for_every_target_without_spills() {
         }
         kernels.extend(gemms);
     }
-    for target in Target::ALL {
-        for kernel in &kernels {
-            let ptx = emit_ptx(
-                std::slice::from_ref(kernel),
-                target,
-                &EmitOptions::default(),
-            )
-            .unwrap_or_else(|e| panic!("{e}"));
-            let assembled = toolchain
-                .assemble(&ptx, target, &AssembleOptions::default())
-                .unwrap_or_else(|e| panic!("{}: {e}", kernel.name));
-            let report = assembled
-                .report
-                .functions
-                .iter()
-                .find(|f| f.name == kernel.name)
-                .unwrap_or_else(|| panic!("no report for {}:\n{}", kernel.name, assembled.log));
-            println!(
-                "{:>7} {:<50} {:>3} registers, {} bytes smem",
-                target.sm_name(),
-                kernel.name,
-                report.registers,
-                report.shared_memory_bytes
-            );
-            assert!(
-                !report.has_spills(),
-                "{} spills on {target}:\n{}",
-                kernel.name,
-                assembled.log
-            );
-        }
-    }
+    common::assert_assembles_without_spills(&toolchain, &kernels);
 }
 
 /// Shapes for the GPU check: `(function, T)`.

@@ -266,7 +266,7 @@ fn the_power_iteration_kernel_snapshot() {
 
 #[test]
 fn persistent_kernels_assemble_for_every_target_without_spills() {
-    use kiln_ptx::{emit_ptx, AssembleOptions, EmitOptions, Target, Toolchain};
+    use kiln_ptx::Toolchain;
     let toolchain = match Toolchain::discover() {
         Ok(t) => t,
         Err(e) if std::env::var("KILN_ALLOW_NO_PTXAS").as_deref() == Ok("1") => {
@@ -287,39 +287,7 @@ fn persistent_kernels_assemble_for_every_target_without_spills() {
         ],
     );
     assert_eq!(kernels.len(), 5);
-    for target in Target::ALL {
-        for kernel in &kernels {
-            let ptx = emit_ptx(
-                std::slice::from_ref(kernel),
-                target,
-                &EmitOptions::default(),
-            )
-            .unwrap_or_else(|e| panic!("{e}"));
-            let assembled = toolchain
-                .assemble(&ptx, target, &AssembleOptions::default())
-                .unwrap_or_else(|e| panic!("{}: {e}", kernel.name));
-            let report = assembled
-                .report
-                .functions
-                .iter()
-                .find(|f| f.name == kernel.name)
-                .unwrap_or_else(|| panic!("no report for {}:\n{}", kernel.name, assembled.log));
-            println!(
-                "{:>7} {:<40} {:>4} threads {:>3} registers, {} bytes smem",
-                target.sm_name(),
-                kernel.name,
-                kernel.block_dim,
-                report.registers,
-                report.shared_memory_bytes
-            );
-            assert!(
-                !report.has_spills(),
-                "{} spills on {target}:\n{}",
-                kernel.name,
-                assembled.log
-            );
-        }
-    }
+    common::assert_assembles_without_spills(&toolchain, &kernels);
 }
 
 #[test]

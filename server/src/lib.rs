@@ -23,7 +23,7 @@
 //!
 //! # What is deliberately absent
 //! Tool calls. (`/v1/consensus` is here: texts or embeddings through the consensus game of the
-//! stdlib, on the interpreter; docs/consensus.md.)
+//! stdlib, on the runner factory's `ConsensusSolver`; docs/consensus.md.)
 //! Compiling for the GPU: this crate runs what it is given; the `kiln` binary (kiln-cli, which
 //! holds the compiler pipeline) makes the GPU runner. The reference-interpreter runner keeps
 //! no KV: it reruns each sampled sequence every step, exact and batch-invariant but slow.

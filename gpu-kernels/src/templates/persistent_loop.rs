@@ -1210,6 +1210,68 @@ fn matvec_pass(
     e.pop_scope();
 }
 
+/// The reduced axes of a reduction or arg-reduction, and whether it keeps them.
+fn reduced_axes(op: &Op) -> (Vec<usize>, bool) {
+    match op {
+        Op::Reduce { axes, keep, .. } => (axes.clone(), *keep),
+        Op::ArgMax { axis, keep } | Op::ArgMin { axis, keep } => (vec![*axis], *keep),
+        _ => unreachable!("a reduction"),
+    }
+}
+
+/// The input index of output element `idx` of a reduction over `axes` (the reduced
+/// positions 0, filled in by [`fold_loop`]).
+fn input_index(
+    e: &Emitter<'_, '_>,
+    rank: usize,
+    axes: &[usize],
+    keep: bool,
+    idx: &[Expr],
+) -> Vec<Expr> {
+    let kept: Vec<usize> = (0..rank).filter(|d| !axes.contains(d)).collect();
+    let mut at = vec![e.ix(0); rank];
+    for (k, &d) in kept.iter().enumerate() {
+        at[d] = if keep { idx[d].clone() } else { idx[k].clone() };
+    }
+    at
+}
+
+/// The loop folding the reduced elements `start, start + step, ..` of `input` at `at` (the
+/// output element's input index) into `acc`, in that order.
+#[allow(clippy::too_many_arguments)]
+fn fold_loop(
+    e: &mut Emitter<'_, '_>,
+    acc: &Acc,
+    input: Value,
+    axes: &[usize],
+    mut at: Vec<Expr>,
+    red: Red,
+    start: Expr,
+    step: Expr,
+) -> Result<Stmt, EmitError> {
+    let in_shape = e.g.shape(input).to_vec();
+    let red_dims: Vec<Dim> = axes.iter().map(|&d| in_shape[d].clone()).collect();
+    let count = e.numel(&red_dims);
+    let r = e.var("r", e.index_ty);
+    let mut body = Vec::new();
+    e.push_scope();
+    let red_idx = e.delinearize(&mut body, Expr::Var(r), &red_dims);
+    for (k, &d) in axes.iter().enumerate() {
+        at[d] = red_idx[k].clone();
+    }
+    let x = e.elem(&mut body, input, &at, 1)?.remove(0);
+    let pos = red.is_arg().then(|| to_i64(e, Expr::Var(r)));
+    acc.fold(e, &mut body, x, pos);
+    e.pop_scope();
+    Ok(Stmt::For {
+        var: r,
+        start,
+        end: count,
+        step,
+        body,
+    })
+}
+
 /// For a reduction pass whose few output elements each reduce at least a warp's worth of
 /// elements: how many outputs (each gets a warp of the block, from warp `base / 32` on).
 fn warp_reduction(
@@ -1252,11 +1314,7 @@ fn warp_reduce_pass(
     let inst = g.inst(v).expect("a reduction");
     let input = inst.operands[0];
     let in_shape = g.shape(input).to_vec();
-    let (axes, keep): (Vec<usize>, bool) = match &inst.op {
-        Op::Reduce { axes, keep, .. } => (axes.clone(), *keep),
-        Op::ArgMax { axis, keep } | Op::ArgMin { axis, keep } => (vec![*axis], *keep),
-        _ => unreachable!("a reduction"),
-    };
+    let (axes, keep) = reduced_axes(&inst.op);
     let red = Red::of(&inst.op);
     let ity = e.index_ty;
     let warps = i64::from(threads / 32);
@@ -1276,29 +1334,9 @@ fn warp_reduce_pass(
     let mut gather = Vec::new();
     e.push_scope();
     let idx = index_of(e, &mut gather);
-    let kept: Vec<usize> = (0..in_shape.len()).filter(|d| !axes.contains(d)).collect();
-    let mut at = vec![e.ix(0); in_shape.len()];
-    for (k, &d) in kept.iter().enumerate() {
-        at[d] = if keep { idx[d].clone() } else { idx[k].clone() };
-    }
-    let r = e.var("r", ity);
-    let mut step = Vec::new();
-    e.push_scope();
-    let red_idx = e.delinearize(&mut step, Expr::Var(r), &red_dims);
-    for (k, &d) in axes.iter().enumerate() {
-        at[d] = red_idx[k].clone();
-    }
-    let x = e.elem(&mut step, input, &at, 1)?.remove(0);
-    let pos = red.is_arg().then(|| to_i64(e, Expr::Var(r)));
-    acc.fold(e, &mut step, x, pos);
-    e.pop_scope();
-    gather.push(Stmt::For {
-        var: r,
-        start: lane.clone(),
-        end: count.clone(),
-        step: e.ix(32),
-        body: step,
-    });
+    let at = input_index(e, in_shape.len(), &axes, keep, &idx);
+    let fold = fold_loop(e, &acc, input, &axes, at, red, lane.clone(), e.ix(32))?;
+    gather.push(fold);
     e.pop_scope();
     out.push(Stmt::If {
         cond: mine.clone(),
@@ -1341,38 +1379,14 @@ fn compute(
         Op::Reduce { .. } | Op::ArgMax { .. } | Op::ArgMin { .. } => {
             let input = inst.operands[0];
             let in_shape = g.shape(input).to_vec();
-            let (axes, keep): (Vec<usize>, bool) = match &inst.op {
-                Op::Reduce { axes, keep, .. } => (axes.clone(), *keep),
-                Op::ArgMax { axis, keep } | Op::ArgMin { axis, keep } => (vec![*axis], *keep),
-                _ => unreachable!("a reduction"),
-            };
+            let (axes, keep) = reduced_axes(&inst.op);
             let red = Red::of(&inst.op);
-            let kept: Vec<usize> = (0..in_shape.len()).filter(|d| !axes.contains(d)).collect();
             let red_dims: Vec<Dim> = axes.iter().map(|&d| in_shape[d].clone()).collect();
-            let mut at = vec![e.ix(0); in_shape.len()];
-            for (k, &d) in kept.iter().enumerate() {
-                at[d] = if keep { idx[d].clone() } else { idx[k].clone() };
-            }
+            let at = input_index(e, in_shape.len(), &axes, keep, idx);
             let acc = Acc::new(e, out, red, g.ty(input).dtype);
             let count = e.numel(&red_dims);
-            let j = e.var("r", ity);
-            let mut step = Vec::new();
-            e.push_scope();
-            let red_idx = e.delinearize(&mut step, Expr::Var(j), &red_dims);
-            for (k, &d) in axes.iter().enumerate() {
-                at[d] = red_idx[k].clone();
-            }
-            let x = e.elem(&mut step, input, &at, 1)?.remove(0);
-            let pos = red.is_arg().then(|| to_i64(e, Expr::Var(j)));
-            acc.fold(e, &mut step, x, pos);
-            e.pop_scope();
-            out.push(Stmt::For {
-                var: j,
-                start: e.ix(0),
-                end: count.clone(),
-                step: e.ix(1),
-                body: step,
-            });
+            let fold = fold_loop(e, &acc, input, &axes, at, red, e.ix(0), e.ix(1))?;
+            out.push(fold);
             Ok(acc.result(count))
         }
         Op::MatMul => {

@@ -339,3 +339,42 @@ pub fn check(
     }
     compiled
 }
+
+/// Assembles each of `kernels` for every target with `toolchain`, prints its registers and
+/// shared memory, and asserts that none spills.
+pub fn assert_assembles_without_spills(toolchain: &kiln_ptx::Toolchain, kernels: &[Kernel]) {
+    use kiln_ptx::{emit_ptx, AssembleOptions, EmitOptions, Target};
+    for target in Target::ALL {
+        for kernel in kernels {
+            let ptx = emit_ptx(
+                std::slice::from_ref(kernel),
+                target,
+                &EmitOptions::default(),
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+            let assembled = toolchain
+                .assemble(&ptx, target, &AssembleOptions::default())
+                .unwrap_or_else(|e| panic!("{}: {e}", kernel.name));
+            let report = assembled
+                .report
+                .functions
+                .iter()
+                .find(|f| f.name == kernel.name)
+                .unwrap_or_else(|| panic!("no report for {}:\n{}", kernel.name, assembled.log));
+            println!(
+                "{:>7} {:<50} {:>4} threads {:>3} registers, {} bytes smem",
+                target.sm_name(),
+                kernel.name,
+                kernel.block_dim,
+                report.registers,
+                report.shared_memory_bytes
+            );
+            assert!(
+                !report.has_spills(),
+                "{} spills on {target}:\n{}",
+                kernel.name,
+                assembled.log
+            );
+        }
+    }
+}
