@@ -346,12 +346,13 @@ fn check_models(backend: Backend) {
 /// Paged attention at head dims the split template takes (64 and 128, GQA 8/2), f32 and
 /// bf16: tokens whose keys span several partitions of 128 positions, one in the first
 /// partition only, one at a partition's first position, and a padding token; block tables
-/// in scrambled order. Also with partitions of 32 positions of eight keys a warp (per-warp
+/// in scrambled order; with the default settings (partitions of 128 keys, eight keys a warp
+/// and step, four warps), with four keys a warp, with partitions of 32 positions (per-warp
 /// block-table reads across blocks of 8) and of 96 for two warps of 3 keys (a partition
 /// that starts inside a cache block: the table read per key).
 fn check_paged_attention(backend: Backend) {
     let mut fusion = kiln_gpu_kernels::Options::default();
-    for (part, unroll, warps) in [(128, 4, 4), (32, 8, 4), (96, 3, 2)] {
+    for (part, unroll, warps) in [(128, 8, 4), (128, 4, 4), (32, 8, 4), (96, 3, 2)] {
         fusion.paged.part = part;
         fusion.paged.unroll = unroll;
         fusion.paged.warps = warps;
