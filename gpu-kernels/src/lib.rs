@@ -139,11 +139,14 @@ impl Default for PagedTuning {
     }
 }
 
+/// The default [`Options::symbol_bound`].
+pub const DEFAULT_SYMBOL_BOUND: u64 = 1 << 16;
+
 impl Default for Options {
     fn default() -> Options {
         Options {
             index_width: IndexWidth::Auto,
-            symbol_bound: 1 << 16,
+            symbol_bound: DEFAULT_SYMBOL_BOUND,
             matmul_tiling: MatmulTiling::default(),
             tensor_cores: true,
             pointwise: PointwiseTuning::default(),

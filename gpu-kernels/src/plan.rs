@@ -140,6 +140,11 @@ impl<'a, 'f> PlanBuilder<'a, 'f> {
         }
         let symbols = self.symbols(&steps)?;
         let arena_bytes = self.layout(&steps);
+        // With index widths chosen from the shapes, 32-bit indexing assumed every symbol at
+        // most `symbol_bound`.
+        let symbol_bound = (self.options.index_width == crate::IndexWidth::Auto
+            && !symbols.is_empty())
+        .then_some(self.options.symbol_bound);
         Ok((
             Plan {
                 function: func.name.clone(),
@@ -149,6 +154,7 @@ impl<'a, 'f> PlanBuilder<'a, 'f> {
                 outputs,
                 steps,
                 arena_bytes,
+                symbol_bound,
             },
             self.stats,
         ))

@@ -111,3 +111,41 @@ fn rope_variants_match_the_interpreter() {
         );
     }
 }
+
+#[test]
+fn symbols_past_the_bound_the_kernels_assume_are_refused() {
+    // Widths chosen from the shapes assume every symbol at most `symbol_bound`: the plan
+    // says so, and the CPU executor refuses a larger value instead of indexing wrongly.
+    let module = lower(
+        "bound.kiln",
+        "fn double(x: f32[N, 4]) -> f32[N, 4] { x * 2.0 }\n",
+        None,
+        None,
+    );
+    let options = Options {
+        symbol_bound: 8,
+        ..Options::default()
+    };
+    let compiled = kiln_gpu_kernels::compile_function(&module, "double", &options).unwrap();
+    assert_eq!(compiled.plan.symbol_bound, Some(8));
+    assert!(compiled.plan.to_string().contains("symbols at most 8"));
+    let cpu = kiln_cpu::CpuExecutor::new(&compiled.kernels).unwrap();
+    let input = |n: usize| kiln_ir::Tensor::from_f32(&[n, 4], vec![1.0; n * 4]);
+    let weights: BTreeMap<String, kiln_ir::Tensor> = BTreeMap::new();
+    let ok = cpu
+        .run(&compiled.plan, &[input(8)], &|name| weights.get(name))
+        .unwrap();
+    assert_eq!(ok[0].to_f32_vec(), vec![2.0; 32]);
+    let err = cpu
+        .run(&compiled.plan, &[input(9)], &|name| weights.get(name))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("`N` is 9, more than 8"), "{err}");
+    // With a fixed index width nothing is assumed.
+    let wide = Options {
+        index_width: kiln_gpu_kernels::IndexWidth::I64,
+        ..options
+    };
+    let compiled = kiln_gpu_kernels::compile_function(&module, "double", &wide).unwrap();
+    assert_eq!(compiled.plan.symbol_bound, None);
+}

@@ -124,18 +124,24 @@ pub struct KvCacheBudget {
 /// The host-memory budget of `--kv-cache-memory`, for runners that keep the cache on the CPU.
 pub fn cpu_kv_cache_budget(model: &LoadedModel, config: &ServeConfig) -> KvCacheBudget {
     let shape = &model.kv_shape;
+    // The compiled step's cache has a symbolic block count, at most the plans' bound.
+    let most = kiln_runtime::cpu::SYMBOL_BOUND
+        .saturating_mul(config.block_size as u64)
+        .saturating_mul(shape.bytes_per_token());
     KvCacheBudget {
-        bytes: config.cpu_kv_cache_bytes,
+        bytes: config.cpu_kv_cache_bytes.min(most),
         device: "cpu".into(),
         hint: format!(
             "The CPU KV-cache budget is {} bytes ({} bytes a token for {} layers x {} KV heads \
-             x {} head dim x {} bytes); raise --kv-cache-memory or lower --max-model-len",
+             x {} head dim x {} bytes; at most {} blocks, the largest symbolic dim the kernels \
+             are compiled for); raise --kv-cache-memory or lower --max-model-len",
             config.cpu_kv_cache_bytes,
             shape.bytes_per_token(),
             shape.num_layers,
             shape.num_kv_heads,
             shape.head_dim,
-            shape.dtype_bytes
+            shape.dtype_bytes,
+            kiln_runtime::cpu::SYMBOL_BOUND
         ),
     }
 }

@@ -190,6 +190,8 @@ impl<'p> PlanRun<'p> {
                 )));
             };
             let value = value as u64;
+            plan.check_symbol(&binding.name, value)
+                .map_err(setup_error)?;
             if let Some(previous) = symbols.insert(binding.name.clone(), value) {
                 if previous != value {
                     return Err(setup_error(format!(

@@ -151,6 +151,7 @@ fn plan() -> Plan {
             },
         ],
         arena_bytes: SizeExpr::Mul(Box::new(n()), Box::new(SizeExpr::Const(16))),
+        symbol_bound: None,
     }
 }
 

@@ -125,4 +125,24 @@ pub struct Plan {
     pub steps: Vec<Step>,
     /// Bytes of the arena holding every `Temp` buffer.
     pub arena_bytes: SizeExpr,
+    /// The largest value any symbol may take, when the kernels were compiled assuming one
+    /// (their index arithmetic may be 32-bit): executors refuse larger values instead of
+    /// computing wrong addresses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub symbol_bound: Option<u64>,
+}
+
+impl Plan {
+    /// Checks `value` of symbol `name` against [`Plan::symbol_bound`]; the error says why.
+    pub fn check_symbol(&self, name: &str, value: u64) -> Result<(), String> {
+        match self.symbol_bound {
+            Some(bound) if value > bound => Err(format!(
+                "symbol `{name}` is {value}, more than {bound}, the largest value the kernels \
+                 of `{}` were compiled for (their index arithmetic assumes it); compile with a \
+                 larger symbol bound",
+                self.function
+            )),
+            _ => Ok(()),
+        }
+    }
 }

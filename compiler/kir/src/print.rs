@@ -506,6 +506,9 @@ impl fmt::Display for Plan {
             buffer_list(self.outputs.iter().copied())
         )?;
         writeln!(f, "  arena_bytes {}", self.arena_bytes)?;
+        if let Some(bound) = self.symbol_bound {
+            writeln!(f, "  symbols at most {bound}")?;
+        }
         writeln!(f, "{{")?;
         write_steps(f, &self.steps, 1)?;
         writeln!(f, "}}")

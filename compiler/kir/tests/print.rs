@@ -169,6 +169,7 @@ fn plan_text_form() {
             )),
             Box::new(SizeExpr::Const(8)),
         ),
+        symbol_bound: None,
     };
     insta::assert_snapshot!("plan", plan.to_string());
 }

@@ -17,6 +17,10 @@ pub struct CpuProgram {
     executor: CpuExecutor,
 }
 
+/// The largest value a symbolic dim of a program compiled by [`CpuProgram::compile`] may
+/// take (the plans refuse larger ones: their index arithmetic may assume it).
+pub const SYMBOL_BOUND: u64 = kiln_gpu_kernels::DEFAULT_SYMBOL_BOUND;
+
 impl CpuProgram {
     /// Optimizes, fuses and compiles every function of `module`, reporting the kernels
     /// compiled so far to `progress`.

@@ -87,6 +87,7 @@ pub fn bind_symbols(plan: &Plan, input_shapes: &[&[usize]]) -> Result<SymbolValu
                 binding.name, binding.axis
             ))
         })? as u64;
+        plan.check_symbol(&binding.name, size).map_err(bad_input)?;
         match values.get(&binding.name) {
             Some(previous) if previous != size => {
                 let (input, axis) = origin[binding.name.as_str()];

@@ -202,6 +202,7 @@ pub fn vector_add_plan() -> Plan {
         outputs: vec![BufferId(2)],
         steps: vec![launch(VADD, [0, 1, 2])],
         arena_bytes: konst(0),
+        symbol_bound: None,
     }
 }
 
@@ -239,6 +240,7 @@ pub fn two_launch_plan() -> Plan {
             },
         ],
         arena_bytes: mul(sym("n"), konst(4)),
+        symbol_bound: None,
     }
 }
 
@@ -271,6 +273,7 @@ pub fn weighted_plan() -> Plan {
         outputs: vec![BufferId(2)],
         steps: vec![launch(VADD, [0, 1, 2])],
         arena_bytes: konst(0),
+        symbol_bound: None,
     }
 }
 
@@ -315,6 +318,7 @@ pub fn loop_plan() -> Plan {
             },
         ],
         arena_bytes: add(mul(n_bytes(), konst(2)), konst(8)),
+        symbol_bound: None,
     }
 }
 
