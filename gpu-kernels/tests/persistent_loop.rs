@@ -266,14 +266,8 @@ fn the_power_iteration_kernel_snapshot() {
 
 #[test]
 fn persistent_kernels_assemble_for_every_target_without_spills() {
-    use kiln_ptx::Toolchain;
-    let toolchain = match Toolchain::discover() {
-        Ok(t) => t,
-        Err(e) if std::env::var("KILN_ALLOW_NO_PTXAS").as_deref() == Ok("1") => {
-            eprintln!("NOT RUN (no ptxas): {e}");
-            return;
-        }
-        Err(e) => panic!("{e}\n(set KILN_ALLOW_NO_PTXAS=1 to skip)"),
+    let Some(toolchain) = common::toolchain() else {
+        return;
     };
     let module = module();
     let kernels = persistent_kernels(

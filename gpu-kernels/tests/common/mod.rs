@@ -340,6 +340,19 @@ pub fn check(
     compiled
 }
 
+/// ptxas and fatbinary, or `None` (the test says NOT RUN) when they are missing and
+/// `KILN_ALLOW_NO_PTXAS=1` allows that; otherwise a missing toolchain fails the test.
+pub fn toolchain() -> Option<kiln_ptx::Toolchain> {
+    match kiln_ptx::Toolchain::discover() {
+        Ok(t) => Some(t),
+        Err(e) if std::env::var("KILN_ALLOW_NO_PTXAS").as_deref() == Ok("1") => {
+            eprintln!("NOT RUN (no ptxas): {e}");
+            None
+        }
+        Err(e) => panic!("{e}\n(set KILN_ALLOW_NO_PTXAS=1 to skip)"),
+    }
+}
+
 /// Assembles each of `kernels` for every target with `toolchain`, prints its registers and
 /// shared memory, and asserts that none spills.
 pub fn assert_assembles_without_spills(toolchain: &kiln_ptx::Toolchain, kernels: &[Kernel]) {
