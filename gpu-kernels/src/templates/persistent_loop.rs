@@ -868,18 +868,17 @@ pub(crate) fn emit(
             hz.written.extend(writes);
             continue;
         }
-        let most = n.most;
-        strided(&mut e, &mut iteration, n, t, base, |e, out, j| {
-            let local = e.delinearize(out, j, &dims);
-            let idx = full_index(v, local);
-            let value = compute(e, out, v, &idx)?;
-            let buf = e.local[&v].buf;
-            let index = e.local_offset(v, &idx);
-            out.push(Stmt::Store { buf, index, value });
-            Ok(())
-        })
+        hz.base = store_pass(
+            &mut e,
+            &mut iteration,
+            v,
+            &dims,
+            n,
+            (t, base),
+            &full_index,
+            |e, out, idx| compute(e, out, v, idx),
+        )
         .map_err(fatal)?;
-        hz.base = (base + (most.min(u64::from(t)) as u32).next_multiple_of(32)) % t;
         hz.read.extend(reads);
         hz.written.extend(writes);
     }
@@ -896,19 +895,17 @@ pub(crate) fn emit(
         }
         let dims = e.local[&state].dims.clone();
         let n = Count::of(&mut e, &dims, p.bound);
-        let most = n.most;
-        let base = hz.base;
-        strided(&mut e, &mut iteration, n, t, base, |e, out, j| {
-            let local = e.delinearize(out, j, &dims);
-            let idx = full_index(state, local);
-            let value = e.elem(out, y, &idx, 1)?.remove(0);
-            let buf = e.local[&state].buf;
-            let index = e.local_offset(state, &idx);
-            out.push(Stmt::Store { buf, index, value });
-            Ok(())
-        })
+        hz.base = store_pass(
+            &mut e,
+            &mut iteration,
+            state,
+            &dims,
+            n,
+            (t, hz.base),
+            &full_index,
+            |e, out, idx| Ok(e.elem(out, y, idx, 1)?.remove(0)),
+        )
         .map_err(fatal)?;
-        hz.base = (base + (most.min(u64::from(t)) as u32).next_multiple_of(32)) % t;
         hz.read.extend(reads);
         hz.written.extend(writes);
     }
@@ -985,6 +982,33 @@ impl Count {
             constant: dims.iter().all(|d| d.as_const().is_some()),
         }
     }
+}
+
+/// A pass storing every element of `target` (of shape `dims`, `n` elements) that `value`
+/// computes from its full index, block-strided over `threads` threads rotated by `base`;
+/// returns the rotation the next pass of the barrier interval starts at.
+#[allow(clippy::too_many_arguments)]
+fn store_pass(
+    e: &mut Emitter<'_, '_>,
+    out: &mut Vec<Stmt>,
+    target: Value,
+    dims: &[Dim],
+    n: Count,
+    (threads, base): (u32, u32),
+    full_index: &dyn Fn(Value, Vec<Expr>) -> Vec<Expr>,
+    mut value: impl FnMut(&mut Emitter<'_, '_>, &mut Vec<Stmt>, &[Expr]) -> Result<Expr, EmitError>,
+) -> Result<u32, EmitError> {
+    let most = n.most;
+    strided(e, out, n, threads, base, |e, out, j| {
+        let local = e.delinearize(out, j, dims);
+        let idx = full_index(target, local);
+        let value = value(e, out, &idx)?;
+        let buf = e.local[&target].buf;
+        let index = e.local_offset(target, &idx);
+        out.push(Stmt::Store { buf, index, value });
+        Ok(())
+    })?;
+    Ok((base + (most.min(u64::from(threads)) as u32).next_multiple_of(32)) % threads)
 }
 
 /// A block-strided loop over `n` elements (`f` emits the work of element `j`), its threads
