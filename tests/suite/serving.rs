@@ -460,8 +460,8 @@ fn the_gpu_runners_step_package_assembles_for_every_target() {
     )
     .unwrap();
     let options = kiln_driver::pipeline::CompileOptions::default();
-    let (step, package) =
-        kiln_driver::serve::compile_step(&model, &options, Some(&toolchain)).unwrap();
+    let package = kiln_driver::serve::compile_step(&model, &options, Some(&toolchain)).unwrap();
+    let step = &package.lowered.module;
     assert_eq!(step.functions.len(), 1);
     assert_eq!(step.functions[0].name, "step");
     assert!(package.fatbin.is_some());

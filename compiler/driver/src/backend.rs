@@ -122,7 +122,7 @@ fn gpu_executor(
 }
 
 /// `lowered` compiled for the GPU of `parts` and loaded on it.
-fn gpu_plans(
+pub fn gpu_plans(
     program: &str,
     lowered: kiln_lower::Lowered,
     weights: Arc<Weights>,

@@ -110,13 +110,8 @@ impl GpuRunnerFactory {
     }
 }
 
-/// The model's KV-cached `step` entry (the module the plans run) and its package compiled
-/// with `options` (assembled when a toolchain is given): what the GPU runner loads.
-pub fn compile_step(
-    model: &LoadedModel,
-    options: &CompileOptions,
-    toolchain: Option<&kiln_ptx::Toolchain>,
-) -> Result<(kiln_ir::Module, pipeline::Package), ServerError> {
+/// The model's KV-cached `step` entry as a lowered program: what the GPU runner compiles.
+fn step_program(model: &LoadedModel) -> Result<kiln_lower::Lowered, ServerError> {
     let step = model.step_module.as_ref().ok_or_else(|| {
         ServerError::Engine(format!(
             "{} has no KV-cached `{STEP_ENTRY}` entry, which the GPU runner runs; serve it \
@@ -124,14 +119,22 @@ pub fn compile_step(
             model.program_path
         ))
     })?;
-    let lowered = kiln_lower::Lowered {
+    Ok(kiln_lower::Lowered {
         module: (**step).clone(),
         config: Default::default(),
         params: model.params.clone(),
-    };
-    let package = pipeline::compile(model.program_path, lowered, options, toolchain)
-        .map_err(|e| engine_error("compiling the model for the GPU", e))?;
-    Ok(((**step).clone(), package))
+    })
+}
+
+/// The package of the model's `step` entry compiled with `options` (assembled when a
+/// toolchain is given).
+pub fn compile_step(
+    model: &LoadedModel,
+    options: &CompileOptions,
+    toolchain: Option<&kiln_ptx::Toolchain>,
+) -> Result<pipeline::Package, ServerError> {
+    pipeline::compile(model.program_path, step_program(model)?, options, toolchain)
+        .map_err(|e| engine_error("compiling the model for the GPU", e))
 }
 
 fn engine_error(what: &str, e: impl std::fmt::Display) -> ServerError {
@@ -155,29 +158,19 @@ impl RunnerFactory for GpuRunnerFactory {
             .gpu
             .take()
             .ok_or_else(|| ServerError::Engine("the GPU runner was already made".into()))?;
-        let options = CompileOptions {
-            targets: vec![target],
-            ..CompileOptions::default()
-        };
-        let symbol_bound = options.fusion.symbol_bound;
+        let symbol_bound = kiln_gpu_kernels::DEFAULT_SYMBOL_BOUND;
         tracing::info!(
             "compiling `{STEP_ENTRY}` of {} for {}",
             model.program_path,
             target.sm_name()
         );
-        let (step, package) = compile_step(model, &options, Some(&toolchain))?;
-        let fatbin = package
-            .fatbin
-            .as_ref()
-            .ok_or_else(|| ServerError::Engine("the GPU package was not assembled".into()))?;
-        let cuda = kiln_cuda::CudaPackage::from_image(
-            &device,
-            package.manifest.clone(),
-            fatbin,
+        let mut plans = backend::gpu_plans(
             model.program_path,
+            step_program(model)?,
+            Arc::clone(&model.weights),
+            (device.clone(), target, toolchain),
         )
-        .map_err(|e| engine_error("loading the package on the GPU", e))?;
-        let mut plans = CudaPlans::new(step, Arc::new(cuda), Arc::clone(&model.weights));
+        .map_err(|e| engine_error("compiling the model for the GPU", e))?;
         plans.set_batch_invariant(config.batch_invariant);
         plans.set_max_graphs(Some(MAX_GRAPHS));
         plans
