@@ -309,8 +309,6 @@ pub(crate) fn run(args: BenchArgs) -> Result<ExitCode> {
     }
     let torch = read_peers(args.torch_json.as_deref())?;
     let gpu = Gpu::open()?;
-    let (device, target) = (&gpu.device, gpu.target);
-    let (major, minor) = device.info().compute_capability;
     let mut options = gpu.compile_options();
     apply_tuning(&mut options)?;
     let (package, cuda) = gpu.compile_source("bench.kiln", PROGRAM, None, &options)?;
@@ -390,17 +388,11 @@ pub(crate) fn run(args: BenchArgs) -> Result<ExitCode> {
             "speedup_vs_torch_compile": compiled.map(|c| c / timing.median_ms),
         }));
     }
-    let info = device.info();
-    let out = serde_json::json!({
-        "device": info.name,
-        "compute_capability": format!("{major}.{minor}"),
-        "driver": info.driver_version.to_string(),
-        "commit": commit(),
-        "target": target.sm_name(),
+    let out = gpu.record(serde_json::json!({
         "runs": args.runs,
         "kiln": results,
         "torch": torch,
-    });
+    }));
     let text = serde_json::to_string_pretty(&out)?;
     if let Some(path) = &args.out {
         std::fs::write(path, &text).with_context(|| format!("writing {}", path.display()))?;
@@ -427,6 +419,24 @@ pub(crate) struct Gpu {
 }
 
 impl Gpu {
+    /// A result record: the GPU (name, compute capability, driver), the commit and the
+    /// target first, then the fields of `rest` (a JSON object) in their order.
+    pub fn record(&self, rest: serde_json::Value) -> serde_json::Value {
+        let info = self.device.info();
+        let (major, minor) = info.compute_capability;
+        let mut out = serde_json::json!({
+            "device": info.name,
+            "compute_capability": format!("{major}.{minor}"),
+            "driver": info.driver_version.to_string(),
+            "commit": kiln_driver::bench_serve::commit(),
+            "target": self.target.sm_name(),
+        });
+        if let (Some(out), serde_json::Value::Object(rest)) = (out.as_object_mut(), rest) {
+            out.extend(rest);
+        }
+        out
+    }
+
     pub fn open() -> Result<Gpu> {
         let device = CudaDevice::new(0).context("kiln bench needs a GPU")?;
         let (major, minor) = device.info().compute_capability;
@@ -496,9 +506,4 @@ impl Gpu {
         let timing = program.time_launches(&case.inputs, runs)?;
         Ok(case.bytes as f64 / (timing.median_ms * 1e-3) / 1e9)
     }
-}
-
-/// The commit measured: `KILN_COMMIT` (set where the tree is a copy without .git), else git's.
-pub(crate) fn commit() -> Option<String> {
-    kiln_driver::bench_serve::commit()
 }

@@ -11,7 +11,7 @@
 //! bandwidth measured in the same run, beside `torch.median(dim=0)`, checked exactly against
 //! a CPU median on the first coordinates. Prints a table and writes the JSON (`-o`).
 
-use crate::bench::{commit, read_peers, Gpu};
+use crate::bench::{read_peers, Gpu};
 use anyhow::{bail, Context, Result};
 use kiln_cuda::CudaProgram;
 use kiln_gpu_kernels::PersistentTuning;
@@ -431,17 +431,10 @@ pub(crate) fn run(args: ConsensusBenchArgs) -> Result<ExitCode> {
             mismatches,
         });
     }
-    let info = gpu.device.info();
-    let (major, minor) = info.compute_capability;
-    let header = json!({
-        "device": info.name,
-        "compute_capability": format!("{major}.{minor}"),
-        "driver": info.driver_version.to_string(),
-        "commit": commit(),
-        "target": gpu.target.sm_name(),
+    let header = gpu.record(json!({
         "data": "unit(index, seed) of bench_consensus.rs / benches/consensus_peers.py: payoffs in [0, 1), embeddings 2u - 1, updates u",
         "settings": settings(&args),
-    });
+    }));
     let (out, failures) = assemble(header, &measured, peers.as_ref(), args.agree_tol);
     print_summary(&out);
     if let Some(path) = &args.out {

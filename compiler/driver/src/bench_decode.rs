@@ -7,7 +7,7 @@
 //! decode step reads, divided by the copy bandwidth measured in the same run), and with
 //! `benches/torch_peers.py decode` output, transformers' `generate` on the same shapes.
 
-use crate::bench::{commit, read_peers, Gpu};
+use crate::bench::{read_peers, Gpu};
 use anyhow::{anyhow, Context, Result};
 use kiln_ir::DType;
 use kiln_runtime::{CudaPlans, Executor, PagedModel, StepSequence, Weights, STEP_ENTRY};
@@ -153,12 +153,7 @@ pub(crate) fn run(args: DecodeArgs) -> Result<ExitCode> {
             t / ms_per_token
         );
     }
-    let info = gpu.device.info();
-    let out = serde_json::json!({
-        "device": info.name,
-        "driver": info.driver_version.to_string(),
-        "commit": commit(),
-        "target": gpu.target.sm_name(),
+    let out = gpu.record(serde_json::json!({
         "config": config,
         "params": params,
         "dtype": "bf16",
@@ -177,7 +172,7 @@ pub(crate) fn run(args: DecodeArgs) -> Result<ExitCode> {
         },
         "transformers": torch,
         "speedup_vs_transformers": torch_ms.map(|t| t / ms_per_token),
-    });
+    }));
     if let Some(path) = &args.out {
         std::fs::write(path, serde_json::to_string_pretty(&out)?)
             .with_context(|| format!("writing {}", path.display()))?;
