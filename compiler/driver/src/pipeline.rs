@@ -178,6 +178,8 @@ pub fn compile(
             .iter()
             .min()
             .map(|t| t.sm_name().to_string()),
+        // The PTX emitter starts every kernel for sm_90a and later with the wait.
+        dependent_launch: true,
         kernels: compiled.kernels.iter().map(KernelInfo::of).collect(),
         plans: compiled.plans.clone(),
         weights: lowered

@@ -107,6 +107,12 @@ pub struct Manifest {
     pub targets: Vec<String>,
     /// The target whose PTX is embedded for JIT (`.version` ≤ 9.0).
     pub ptx_target: Option<String>,
+    /// Whether every kernel built for a target of compute capability 9.0 or later starts by
+    /// waiting for the kernel before it (`griddepcontrol.wait`), so that the runtime may
+    /// launch it with programmatic dependent launch. False in manifests written before kiln
+    /// emitted the wait: their kernels are launched one after another.
+    #[serde(default)]
+    pub dependent_launch: bool,
     pub kernels: Vec<KernelInfo>,
     pub plans: Vec<Plan>,
     pub weights: Vec<WeightInfo>,

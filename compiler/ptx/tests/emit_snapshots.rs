@@ -134,11 +134,17 @@ fn the_version_is_the_lowest_covering_target_and_features() {
     let bf16 = examples::vector_add(DType::BF16);
     let f8 = kernels::f8_stores();
     let none = EmitOptions::default();
-    // Only the target's minimum without version-dependent features.
+    // Only the target's minimum without version-dependent features; sm_90a and later start
+    // every kernel with the grid-dependency wait (within their minimum version).
     for target in Target::ALL {
+        let dependent = if target.compute_capability().0 >= 9 {
+            vec![Feature::GridDependencyControl]
+        } else {
+            vec![]
+        };
         assert_eq!(
             version(&plain, target, &none),
-            (target.min_ptx_version().to_string(), vec![])
+            (target.min_ptx_version().to_string(), dependent)
         );
     }
     // cvt.f32.bf16 lifts sm_80 from 7.0 to 7.1; the later targets already have it.
@@ -157,7 +163,10 @@ fn the_version_is_the_lowest_covering_target_and_features() {
     );
     assert_eq!(
         version(&f8, Target::Sm90a, &none),
-        ("8.0".into(), vec![Feature::Fp8Convert])
+        (
+            "8.0".into(),
+            vec![Feature::Fp8Convert, Feature::GridDependencyControl]
+        )
     );
     assert_eq!(version(&f8, Target::Sm80, &none), ("7.0".into(), vec![]));
     // Under a cap the emitter falls back to exact sequences instead.

@@ -38,6 +38,7 @@ pub(crate) const REQUIRED_DRIVER_SYMBOLS: &[&str] = &[
     "cuCtxGetCurrent",
     "cuCtxSetCurrent",
     "cuCtxSynchronize",
+    "cuLaunchKernelEx",
     "cuStreamCreate",
     "cuStreamDestroy_v2",
     "cuStreamSynchronize",
@@ -396,6 +397,19 @@ pub(crate) enum ArgValue {
     Pred(u8),
 }
 
+/// How a launch relates to the kernel before it on the stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum LaunchOrder {
+    /// The kernel starts once everything before it on the stream has finished.
+    Serial,
+    /// Programmatic dependent launch (compute capability 9.0 and later): the kernel may be
+    /// scheduled once every block of the kernel before it has run
+    /// `griddepcontrol.launch_dependents`, and its own `griddepcontrol.wait` holds it until
+    /// that kernel has finished and its writes are visible. Only for kernels whose PTX waits
+    /// before touching memory another kernel writes (kiln's PTX for sm_90a and later).
+    DependsOnPrevious,
+}
+
 /// Launches `function` on `stream` with `shape` and `args`.
 ///
 /// The caller guarantees that `args` match the kernel's parameters in count, order and size
@@ -407,6 +421,7 @@ pub(crate) fn launch(
     function: &KernelFunction,
     shape: &LaunchShape,
     args: &mut [ArgValue],
+    order: LaunchOrder,
 ) -> Result<(), DriverError> {
     function.module.ctx.bind_to_thread()?;
     let mut params: Vec<*mut c_void> = args
@@ -423,19 +438,51 @@ pub(crate) fn launch(
         .collect();
     let [gx, gy, gz] = shape.grid;
     let [bx, by, bz] = shape.block;
-    // SAFETY: the function handle is live (its module is held by `function`); `params` has
+    // The function handle is live (its module is held by `function`); `params` has
     // one pointer per kernel parameter, each to a live value of the parameter's size in
     // `args`, which the driver copies before returning (also while capturing a graph); the
     // addresses passed satisfy the caller's guarantee above.
+    if order == LaunchOrder::Serial {
+        // SAFETY: see above.
+        return unsafe {
+            result::launch_kernel(
+                function.handle,
+                (gx, gy, gz),
+                (bx, by, bz),
+                shape.dynamic_shared_bytes,
+                stream.cu_stream(),
+                &mut params,
+            )
+        };
+    }
+    let mut attribute = sys::CUlaunchAttribute {
+        id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+        pad: [0; 4],
+        value: sys::CUlaunchAttributeValue { pad: [0; 64] },
+    };
+    attribute.value.programmaticStreamSerializationAllowed = 1;
+    let config = sys::CUlaunchConfig {
+        gridDimX: gx,
+        gridDimY: gy,
+        gridDimZ: gz,
+        blockDimX: bx,
+        blockDimY: by,
+        blockDimZ: bz,
+        sharedMemBytes: shape.dynamic_shared_bytes,
+        hStream: stream.cu_stream(),
+        attrs: &mut attribute,
+        numAttrs: 1,
+    };
+    // SAFETY: see above; `config` and the one attribute it points to live until the call
+    // returns, and the driver copies them.
     unsafe {
-        result::launch_kernel(
+        sys::cuLaunchKernelEx(
+            &config,
             function.handle,
-            (gx, gy, gz),
-            (bx, by, bz),
-            shape.dynamic_shared_bytes,
-            stream.cu_stream(),
-            &mut params,
+            params.as_mut_ptr(),
+            std::ptr::null_mut(),
         )
+        .result()
     }
 }
 

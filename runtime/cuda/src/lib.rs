@@ -40,6 +40,8 @@ pub use probe::{
     device_count, driver_library, driver_library_candidates, locate_driver_library, probe,
     probe_device, DeviceInfo, DriverLibrary, DriverVersion,
 };
-pub use program::{CudaProgram, ProgramOptions, GRAPHS_ENV, SYNC_LAUNCHES_ENV};
+pub use program::{
+    CudaProgram, ProgramOptions, DEPENDENT_LAUNCH_ENV, GRAPHS_ENV, SYNC_LAUNCHES_ENV,
+};
 pub use timing::{Timing, WARMUP_RUNS};
 pub use validate::check_plan;

@@ -13,7 +13,7 @@ use kiln_kir::Plan;
 
 use crate::device::{CudaDevice, DeviceBuffer, DeviceTensor};
 use crate::error::{CudaError, DriverFailure};
-use crate::ffi::{self, ArgValue, KernelFunction};
+use crate::ffi::{self, ArgValue, KernelFunction, LaunchOrder};
 use crate::launch::LaunchShape;
 use crate::timing::{time_on_device, Timing};
 use crate::validate::parameter_names;
@@ -40,6 +40,8 @@ pub struct CudaPackage {
     name: String,
     /// One per `manifest.kernels`, in that order.
     kernels: Vec<KernelFunction>,
+    /// How plan launches follow each other ([`dependent_launch_safe`]).
+    plan_launch_order: LaunchOrder,
 }
 
 impl CudaPackage {
@@ -115,11 +117,18 @@ impl CudaPackage {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let plan_launch_order =
+            if dependent_launch_safe(&manifest, device.info().compute_capability) {
+                LaunchOrder::DependsOnPrevious
+            } else {
+                LaunchOrder::Serial
+            };
         Ok(CudaPackage {
             device: device.clone(),
             manifest,
             name,
             kernels,
+            plan_launch_order,
         })
     }
 
@@ -183,7 +192,7 @@ impl CudaPackage {
     ) -> Result<(), CudaError> {
         let (index, shape, mut values) = self.prepare_launch(kernel, grid, args)?;
         match shape {
-            Some(shape) => self.launch_index(index, &shape, &mut values),
+            Some(shape) => self.launch_index(index, &shape, &mut values, LaunchOrder::Serial),
             None => Ok(()),
         }
     }
@@ -203,24 +212,38 @@ impl CudaPackage {
         })?;
         time_on_device(&self.device, runs, &mut || {
             let mut values = values.clone();
-            self.launch_index(index, &shape, &mut values)
+            self.launch_index(index, &shape, &mut values, LaunchOrder::Serial)
         })
     }
 
-    /// Launches the kernel at `index` with arguments already packed from its parameters.
+    /// Launches the kernel at `index` with arguments already packed from its parameters,
+    /// after the kernel before it on the stream (`order`; plan steps may use
+    /// [`CudaPackage::plan_launch_order`]).
     pub(crate) fn launch_index(
         &self,
         index: usize,
         shape: &LaunchShape,
         args: &mut [ArgValue],
+        order: LaunchOrder,
     ) -> Result<(), CudaError> {
-        ffi::launch(self.device.stream(), &self.kernels[index], shape, args).map_err(|error| {
-            CudaError::Launch {
-                kernel: self.manifest.kernels[index].name.clone(),
-                shape: *shape,
-                source: DriverFailure::from_driver(error),
-            }
+        ffi::launch(
+            self.device.stream(),
+            &self.kernels[index],
+            shape,
+            args,
+            order,
+        )
+        .map_err(|error| CudaError::Launch {
+            kernel: self.manifest.kernels[index].name.clone(),
+            shape: *shape,
+            source: DriverFailure::from_driver(error),
         })
+    }
+
+    /// How the kernels of a plan may follow each other on this device: with programmatic
+    /// dependent launch when every kernel the device runs waits for the one before it.
+    pub(crate) fn plan_launch_order(&self) -> LaunchOrder {
+        self.plan_launch_order
     }
 
     /// Finds the kernel, computes its launch shape and packs `args` against its parameters.
@@ -338,6 +361,21 @@ fn argument_kind(arg: &KernelArg<'_>) -> String {
 }
 
 /// What a module-load failure usually means for a kiln package.
+/// Whether the module loaded from `manifest`'s fatbin on a device of `compute_capability`
+/// waits in every kernel for the kernel before it: the manifest says its kernels for compute
+/// capability 9.0 and later do, the device is one, and a cubin of such a target runs on it
+/// (otherwise the driver runs JIT-compiled PTX of an older target, which has no wait).
+fn dependent_launch_safe(manifest: &Manifest, compute_capability: (u32, u32)) -> bool {
+    let (major, minor) = compute_capability;
+    manifest.dependent_launch
+        && major >= 9
+        && manifest
+            .targets
+            .iter()
+            .filter_map(|name| kiln_ptx::Target::parse(name).ok())
+            .any(|target| target.compute_capability().0 >= 9 && target.cubin_runs_on(major, minor))
+}
+
 fn module_load_hint(failure: &DriverFailure, device: &CudaDevice, manifest: &Manifest) -> String {
     let (major, minor) = device.info().compute_capability;
     let targets = if manifest.targets.is_empty() {
@@ -369,5 +407,60 @@ fn module_load_hint(failure: &DriverFailure, device: &CudaDevice, manifest: &Man
         )
     } else {
         String::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest(targets: &[&str], dependent_launch: bool) -> Manifest {
+        Manifest {
+            format: Manifest::FORMAT,
+            program: "test".to_string(),
+            config: serde_json::Map::new(),
+            targets: targets.iter().map(|t| t.to_string()).collect(),
+            ptx_target: Some("sm_80".to_string()),
+            dependent_launch,
+            kernels: Vec::new(),
+            plans: Vec::new(),
+            weights: Vec::new(),
+            resources: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn dependent_launch_only_where_the_running_cubin_waits() {
+        let all = manifest(&["sm_80", "sm_89", "sm_90a", "sm_100a", "sm_120"], true);
+        assert!(dependent_launch_safe(&all, (9, 0)));
+        assert!(dependent_launch_safe(&all, (10, 0)));
+        assert!(dependent_launch_safe(&all, (12, 0)));
+        // Devices before Hopper have no dependent launch.
+        assert!(!dependent_launch_safe(&all, (8, 0)));
+        assert!(!dependent_launch_safe(&all, (8, 9)));
+        // A Hopper device running JIT-compiled sm_80 PTX, or a device of an `a` target's
+        // major with another minor, has no cubin with the wait.
+        assert!(!dependent_launch_safe(&manifest(&["sm_80"], true), (9, 0)));
+        assert!(!dependent_launch_safe(
+            &manifest(&["sm_90a"], true),
+            (10, 0)
+        ));
+        assert!(!dependent_launch_safe(
+            &manifest(&["sm_100a"], true),
+            (10, 3)
+        ));
+        // A manifest written before kiln emitted the wait.
+        assert!(!dependent_launch_safe(
+            &manifest(&["sm_90a"], false),
+            (9, 0)
+        ));
+    }
+
+    #[test]
+    fn manifests_without_the_field_read_as_serial() {
+        let mut json = serde_json::to_value(manifest(&["sm_90a"], true)).unwrap();
+        json.as_object_mut().unwrap().remove("dependent_launch");
+        let read: Manifest = serde_json::from_value(json).unwrap();
+        assert!(!read.dependent_launch);
     }
 }

@@ -26,7 +26,7 @@ use crate::binding::{
 };
 use crate::device::{host_tensor, CudaDevice, DeviceBuffer};
 use crate::error::CudaError;
-use crate::ffi::{self, ArgValue, CapturedGraph, DeviceRegion};
+use crate::ffi::{self, ArgValue, CapturedGraph, DeviceRegion, LaunchOrder};
 use crate::launch::LaunchShape;
 use crate::layout::{arena_bytes, place, Storage};
 use crate::package::CudaPackage;
@@ -38,6 +38,10 @@ pub const GRAPHS_ENV: &str = "KILN_CUDA_GRAPHS";
 /// The environment variable that, set to `1`, waits after every launch so that a faulting
 /// kernel is named in the error.
 pub const SYNC_LAUNCHES_ENV: &str = "KILN_CUDA_SYNC_LAUNCHES";
+
+/// Set to `0` to launch a plan's kernels one after another, without programmatic
+/// dependent launch ([`ProgramOptions::dependent_launch`]).
+pub const DEPENDENT_LAUNCH_ENV: &str = "KILN_CUDA_DEPENDENT_LAUNCH";
 
 /// How a [`CudaProgram`] runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,6 +59,11 @@ pub struct ProgramOptions {
     /// The most graphs kept; runs of further symbol values run directly, uncaptured (a
     /// server meets a new token count at many steps; `None`: no bound).
     pub max_graphs: Option<usize>,
+    /// Whether a plan's kernels may start while the kernel before them finishes
+    /// (programmatic dependent launch, on devices and packages that allow it; each kernel
+    /// still waits for its predecessor's results). Off with [`DEPENDENT_LAUNCH_ENV`]`=0`,
+    /// for comparisons.
+    pub dependent_launch: bool,
 }
 
 impl Default for ProgramOptions {
@@ -64,12 +73,14 @@ impl Default for ProgramOptions {
             sync_after_each_launch: false,
             batch_invariant: false,
             max_graphs: None,
+            dependent_launch: true,
         }
     }
 }
 
 impl ProgramOptions {
-    /// The defaults, changed by [`GRAPHS_ENV`]`=0` and [`SYNC_LAUNCHES_ENV`]`=1`.
+    /// The defaults, changed by [`GRAPHS_ENV`]`=0`, [`SYNC_LAUNCHES_ENV`]`=1` and
+    /// [`DEPENDENT_LAUNCH_ENV`]`=0`.
     pub fn from_env() -> ProgramOptions {
         let set_to =
             |name: &str, value: &str| std::env::var(name).is_ok_and(|found| found.trim() == value);
@@ -78,6 +89,7 @@ impl ProgramOptions {
             sync_after_each_launch: set_to(SYNC_LAUNCHES_ENV, "1"),
             batch_invariant: false,
             max_graphs: None,
+            dependent_launch: !set_to(DEPENDENT_LAUNCH_ENV, "0"),
         }
     }
 }
@@ -704,7 +716,13 @@ impl CudaProgram {
                 }
             });
         }
-        self.package.launch_index(kernel, &shape, &mut values)?;
+        let order = if self.options.dependent_launch {
+            self.package.plan_launch_order()
+        } else {
+            LaunchOrder::Serial
+        };
+        self.package
+            .launch_index(kernel, &shape, &mut values, order)?;
         if self.options.sync_after_each_launch && !capturing {
             self.package
                 .device()

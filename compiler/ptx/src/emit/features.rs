@@ -20,10 +20,19 @@ pub enum Feature {
     /// needs PTX 8.1, sm_90 and later 7.8; sm_80 has none. Fallback: the integer
     /// routines of [`crate::numeric::convert`] (encode) and exact bit placement (decode).
     Fp8Convert,
+    /// `griddepcontrol.launch_dependents` and `griddepcontrol.wait` (programmatic dependent
+    /// launch): sm_90 and later with PTX 7.8; sm_80 and sm_89 have none. Every kernel starts
+    /// with them where the target has them (see the prologue in `function.rs`); without them
+    /// the runtime launches kernels one after another, so there is no fallback sequence.
+    GridDependencyControl,
 }
 
 impl Feature {
-    pub const ALL: [Feature; 2] = [Feature::Bf16ToF32, Feature::Fp8Convert];
+    pub const ALL: [Feature; 3] = [
+        Feature::Bf16ToF32,
+        Feature::Fp8Convert,
+        Feature::GridDependencyControl,
+    ];
 
     /// The instructions, as in a PTX listing.
     pub fn instructions(self) -> &'static str {
@@ -31,6 +40,9 @@ impl Feature {
             Feature::Bf16ToF32 => "cvt.f32.bf16",
             Feature::Fp8Convert => {
                 "cvt.rn.satfinite.{e4m3x2,e5m2x2}.f32, cvt.rn.f16x2.{e4m3x2,e5m2x2}"
+            }
+            Feature::GridDependencyControl => {
+                "griddepcontrol.launch_dependents, griddepcontrol.wait"
             }
         }
     }
@@ -43,6 +55,8 @@ impl Feature {
             (Feature::Fp8Convert, Target::Sm80) => return None,
             (Feature::Fp8Convert, Target::Sm89) => PtxVersion::new(8, 1),
             (Feature::Fp8Convert, _) => PtxVersion::new(7, 8),
+            (Feature::GridDependencyControl, Target::Sm80 | Target::Sm89) => return None,
+            (Feature::GridDependencyControl, _) => PtxVersion::new(7, 8),
         };
         Some(floor.max(target.min_ptx_version()))
     }
@@ -68,11 +82,11 @@ mod tests {
         assert_eq!(
             table,
             [
-                (Target::Sm80, vec![v("7.1"), None]),
-                (Target::Sm89, vec![v("7.8"), v("8.1")]),
-                (Target::Sm90a, vec![v("8.0"), v("8.0")]),
-                (Target::Sm100a, vec![v("8.6"), v("8.6")]),
-                (Target::Sm120, vec![v("8.7"), v("8.7")]),
+                (Target::Sm80, vec![v("7.1"), None, None]),
+                (Target::Sm89, vec![v("7.8"), v("8.1"), None]),
+                (Target::Sm90a, vec![v("8.0"), v("8.0"), v("8.0")]),
+                (Target::Sm100a, vec![v("8.6"), v("8.6"), v("8.6")]),
+                (Target::Sm120, vec![v("8.7"), v("8.7"), v("8.7")]),
             ]
         );
     }

@@ -388,6 +388,14 @@ impl<'k, 'c> FunctionEmitter<'k, 'c> {
             let zero = zero_of(kernel.var_ty(var));
             self.inst(reg.kind.mov(), &[&reg, &Operand::Imm(zero)]);
         }
+        // Programmatic dependent launch: let the next kernel on the stream be scheduled now
+        // (its blocks wait in their own prologue), then wait until the kernel before this
+        // one has finished and its writes are visible. Nothing before this point touches
+        // memory, so a kernel launched early reads nothing stale.
+        if self.ctx.use_feature(Feature::GridDependencyControl) {
+            self.inst("griddepcontrol.launch_dependents", &[]);
+            self.inst("griddepcontrol.wait", &[]);
+        }
         self.prologue_counts = self.regs.counts();
         Ok(())
     }

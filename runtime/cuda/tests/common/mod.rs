@@ -352,6 +352,7 @@ pub fn manifest(kernels: Vec<KernelInfo>, plans: Vec<Plan>, weights: Vec<WeightI
         config: serde_json::Map::new(),
         targets: Vec::new(),
         ptx_target: Some("sm_80".to_string()),
+        dependent_launch: false,
         kernels,
         plans,
         weights,
