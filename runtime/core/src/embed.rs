@@ -22,10 +22,11 @@
 //! matmul template tiles each sequence of a batch on its own, so padding a short sequence
 //! to a long one's length costs the long one's time). Padding uses id 0 and mask 0, so it
 //! changes no real token's result. Results come back in input order. The batch and sequence
-//! sizes are the entry's symbols, so one executor serves every batch shape; on the GPU each
-//! shape's run is captured as a CUDA graph on first use (at most
-//! [`EMBED_GPU_MAX_GRAPHS`] shapes, others run uncaptured), and every size stays far below
-//! the plans' symbol bound (`kiln_kir::Plan::symbol_bound`).
+//! sizes are the entry's symbols, so one executor serves every batch shape (on the GPU, a
+//! plan without loops is captured as a CUDA graph per shape on first use, at most
+//! [`EMBED_GPU_MAX_GRAPHS`] shapes, others run uncaptured; a plan with the layer loop runs
+//! directly). The sizes stay far below the plans' symbol bound
+//! (`kiln_kir::Plan::symbol_bound`); a larger one is the executor's error naming the symbol.
 
 use crate::models::{self, ModelKind};
 use crate::progress::{NoProgress, Progress};
