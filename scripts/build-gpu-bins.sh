@@ -4,6 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo test --release --no-run -p kiln-tests --test backends
 cargo test --release --no-run -p kiln-tests --test serving
+cargo test --release --no-run -p kiln-tests --test embeddings
 cargo test --release --no-run -p kiln-cuda
 cargo build --release -p kiln-cli --bin kiln
 rm -rf .carry && mkdir -p .carry
@@ -11,6 +12,7 @@ release=${CARGO_TARGET_DIR:-target}/release
 newest() { ls -t "$release/deps/" | grep -E "^$1-[0-9a-f]+$" | head -1; }
 cp "$release/deps/$(newest backends)" .carry/backends
 cp "$release/deps/$(newest serving)" .carry/serving
+cp "$release/deps/$(newest embeddings)" .carry/embeddings
 for t in gpu plans probe; do cp "$release/deps/$(newest $t)" ".carry/cuda-$t"; done
 cp "$release/kiln" .carry/
 strip .carry/*

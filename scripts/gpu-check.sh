@@ -4,8 +4,10 @@
 # them in .carry/; results go to $OUT (default ./gpu-results).
 #   - the backend differential tests (every stdlib function and model, CUDA vs interpreter),
 #     the serving soak on the GPU (64 concurrent greedy requests, each equal to itself run
-#     alone) and kiln-cuda's GPU tests, which are #[ignore]d without a GPU: --include-ignored
-#     runs them here, and a missing GPU fails them;
+#     alone), all-MiniLM-L6-v2's embeddings on the GPU and the CPU against
+#     sentence-transformers' (the model from .tools/minilm or KILN_MINILM_DIR; a missing one
+#     fails the test) and kiln-cuda's GPU tests, which are #[ignore]d without a GPU:
+#     --include-ignored runs them here, and a missing GPU fails them;
 #   - compute-sanitizer memcheck and racecheck over the same binaries;
 #   - `kiln run` on the tiny checkpoints (greedy tokens equal transformers');
 #   - the tensor-core GEMM check (gpu-kernels/tools/gemm_gpu_check.py) against PyTorch;
@@ -24,9 +26,12 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > 
 git rev-parse HEAD > "$OUT/commit.txt" 2>/dev/null || true
 # KILN_SKIP_TESTS=1 runs only the benchmarks (one device call may not fit everything).
 if [ "${KILN_SKIP_TESTS:-0}" != 1 ]; then
-    for bin in backends serving cuda-gpu cuda-plans cuda-probe; do
+    for bin in backends serving embeddings cuda-gpu cuda-plans cuda-probe; do
         echo "== $bin" >> "$OUT/tests.log"
-        .carry/$bin --include-ignored --test-threads 1 >> "$OUT/tests.log" 2>&1 || status=1
+        # The embeddings' lowest cosines (and their ptxas report) go into the log.
+        show=()
+        [ "$bin" = embeddings ] && show=(--nocapture)
+        .carry/$bin --include-ignored --test-threads 1 "${show[@]}" >> "$OUT/tests.log" 2>&1 || status=1
     done
     # The README's main command on the GPU: greedy tokens equal transformers'.
     echo "== kiln run on the GPU" >> "$OUT/tests.log"
@@ -79,7 +84,7 @@ if [ "${KILN_SKIP_BENCH:-0}" != 1 ]; then
         > "$OUT/kiln-consensus.txt" 2>&1 || status=1
     cat "$OUT/kiln-consensus.txt"
 fi
-grep -E "test result|NOT RUN|FAILED|panicked|tiny-" "$OUT/tests.log" 2>/dev/null
+grep -E "test result|NOT RUN|FAILED|panicked|tiny-|lowest cosine" "$OUT/tests.log" 2>/dev/null
 grep -E "ERROR SUMMARY|== " "$OUT/sanitizer.log" 2>/dev/null
 cat "$OUT/gemm-check.jsonl" 2>/dev/null
 exit $status

@@ -47,6 +47,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use kiln_kvcache::{check_max_model_len_fits, num_blocks_for_memory, BlockSize, KvCacheConfig};
 use kiln_runtime::consensus::ConsensusSolver;
+use kiln_runtime::embed::EmbedExecutorMaker;
 use kiln_scheduler::{SchedulerConfig, SchedulingPolicy};
 use tokio::sync::{oneshot, Semaphore};
 
@@ -203,6 +204,13 @@ pub trait RunnerFactory {
     fn consensus_solver(&mut self) -> ConsensusSolver {
         ConsensusSolver::cpu()
     }
+
+    /// Where an encoder's `embed` entry runs for `/v1/embeddings` and the texts of
+    /// `/v1/consensus` (called once, before the model is loaded; the maker runs only for an
+    /// encoder): by default the compiled kernels on the CPU.
+    fn embedding_maker(&mut self) -> Box<EmbedExecutorMaker> {
+        kiln_runtime::EmbedBackend::Cpu.maker()
+    }
 }
 
 /// The CPU runner of `kiln serve` ([`cpu_runner`]) with the host-memory budget.
@@ -306,9 +314,12 @@ impl Server {
         let api_keys = config.load_api_keys()?;
         let dir = resolve_model_dir(config.model.as_deref())?;
         let (dtype, random) = (config.param_dtype, config.random_weights);
-        let model = tokio::task::spawn_blocking(move || LoadedModel::load_as(&dir, dtype, random))
-            .await
-            .map_err(|e| ServerError::Engine(format!("loading the model: {e}")))??;
+        let embed_on = factory.embedding_maker();
+        let model = tokio::task::spawn_blocking(move || {
+            LoadedModel::load_with(&dir, dtype, random, embed_on.as_ref())
+        })
+        .await
+        .map_err(|e| ServerError::Engine(format!("loading the model: {e}")))??;
         let model_name = config
             .served_model_name
             .clone()

@@ -2,7 +2,8 @@
 //! (`kiln_runtime::models`, the table `kiln run` uses too), the program is lowered against
 //! config.json, the checkpoint's tensors are bound, and the tokenizer (or the byte-level fallback), end-of-sequence ids, sampling
 //! defaults, context length and KV-cache shape are read from the directory. An encoder also
-//! gets its [`EmbeddingModel`] (compiled for the CPU), whose tokenizer (truncating at
+//! gets its [`EmbeddingModel`] on the executor the runner factory's embedding maker builds
+//! (the compiled CPU plan unless `kiln serve` runs on the GPU), whose tokenizer (truncating at
 //! `max_seq_length` as sentence-transformers does) is the server's codec.
 
 use std::path::{Path, PathBuf};
@@ -10,6 +11,7 @@ use std::sync::Arc;
 
 use kiln_kvcache::KvCacheShape;
 use kiln_lower::{Options, Program};
+use kiln_runtime::embed::EmbedExecutorMaker;
 use kiln_runtime::models::{self, ModelKind};
 use kiln_runtime::{
     EmbedBackend, EmbeddingModel, GenerationConfig, NoProgress, Tokenizer, Weights,
@@ -66,10 +68,23 @@ impl LoadedModel {
 
     /// Loads the model in `dir` with weights of `param_dtype`; with `random_weights`, weights
     /// drawn from that seed instead of the checkpoint's (then `dir` needs only config.json).
+    /// An encoder's embeddings run on the compiled CPU plan.
     pub fn load_as(
         dir: &Path,
         param_dtype: kiln_ir::DType,
         random_weights: Option<u64>,
+    ) -> Result<LoadedModel, ServerError> {
+        let cpu = EmbedBackend::Cpu.maker();
+        LoadedModel::load_with(dir, param_dtype, random_weights, cpu.as_ref())
+    }
+
+    /// Like [`LoadedModel::load_as`], an encoder's embeddings running on the executor
+    /// `embed_on` builds (a runner factory's `embedding_maker`).
+    pub fn load_with(
+        dir: &Path,
+        param_dtype: kiln_ir::DType,
+        random_weights: Option<u64>,
+        embed_on: &EmbedExecutorMaker,
     ) -> Result<LoadedModel, ServerError> {
         let config_path = dir.join("config.json");
         let config = read_json(&config_path)?;
@@ -154,10 +169,14 @@ impl LoadedModel {
         let embedding = match program.kind {
             ModelKind::Encoder => Some(EmbeddingModel::from_parts(
                 dir,
-                Arc::clone(&module),
+                kiln_lower::Lowered {
+                    module: (*module).clone(),
+                    config: lowered.config.clone(),
+                    params: lowered.params.clone(),
+                },
                 Arc::clone(&weights),
                 program.entry,
-                EmbedBackend::Cpu,
+                embed_on,
                 &mut NoProgress,
             )?),
             ModelKind::Decoder => None,

@@ -296,7 +296,7 @@ impl Embedder {
     pub fn describe(&self) -> String {
         format!(
             "{} (sentence embeddings, batches of at most {} padded tokens)",
-            self.model.backend().name(),
+            self.model.describe(),
             kiln_runtime::embed::DEFAULT_BATCH_TOKENS
         )
     }

@@ -6,12 +6,17 @@ use kiln_lower::{Lowered, Options, Program};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-/// The repository root.
+/// The repository root: `KILN_REPO_ROOT` when set (test binaries built on one machine and
+/// run from a copy of the repository on another, as scripts/gpu-check.sh does), else the
+/// checkout the tests were built in.
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ has a parent")
-        .to_path_buf()
+    match std::env::var_os("KILN_REPO_ROOT") {
+        Some(root) => PathBuf::from(root),
+        None => Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("tests/ has a parent")
+            .to_path_buf(),
+    }
 }
 
 /// Compiles a program from source; `Err` holds the rendered diagnostics.

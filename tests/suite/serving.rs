@@ -4,8 +4,11 @@
 //! for token and logprob for logprob to the same request run alone, in a KV cache small
 //! enough to force preemptions — and, beneath it, the GPU runner's step over a ragged batch
 //! against each sequence alone (prefill and decode, bit for bit), with batch invariance on
-//! (and, reported but not asserted, off); the same on the CPU plans in bf16. The GPU tests are `#[ignore]`d with the reason (it needs an
-//! NVIDIA GPU); scripts/gpu-check.sh runs it with `--include-ignored` where there is one.
+//! (and, reported but not asserted, off); the same on the CPU plans in bf16. All-MiniLM-L6-v2
+//! served on the executor the runner factory's embedding maker builds (the interpreter here, the
+//! GPU under the GPU factory): `/v1/embeddings` within a cosine of 0.9999 of
+//! sentence-transformers'. The GPU tests are `#[ignore]`d with the reason (it needs an NVIDIA
+//! GPU); scripts/gpu-check.sh runs it with `--include-ignored` where there is one.
 
 use kiln_driver::bench_serve::{self, ServeBenchArgs};
 use serde_json::{json, Value};
@@ -494,4 +497,126 @@ fn the_gpu_runners_step_package_assembles_for_every_target() {
         text.contains("BySize"),
         "bf16 GEMMs of symbolic rows get a decode-sized variant"
     );
+}
+
+/// Serves all-MiniLM-L6-v2 (`kiln_tests::minilm_dir()`, which `KILN_MINILM_DIR` overrides; a
+/// missing model fails the test) with `factory` and checks that `/v1/embeddings` of the 20
+/// sentences of tests/fixtures/minilm-expected.json have a cosine of at least 0.9999 with
+/// sentence-transformers' and that `/v1/consensus` decides among texts; returns where the
+/// server said the embeddings run.
+fn served_minilm_matches_sentence_transformers(
+    factory: Box<dyn kiln_server::RunnerFactory>,
+) -> String {
+    let expected = kiln_tests::read_json(&repo().join("tests/fixtures/minilm-expected.json"));
+    let sentences = expected["sentences"].as_array().expect("sentences");
+    let texts: Vec<&str> = sentences
+        .iter()
+        .map(|s| s["text"].as_str().expect("text"))
+        .collect();
+    let config = kiln_server::ServeConfig {
+        port: 0,
+        host: "127.0.0.1".into(),
+        shutdown_timeout: Duration::from_secs(5),
+        ..kiln_server::ServeConfig::for_model(kiln_tests::minilm_dir())
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let server = kiln_server::Server::start_with_factory(config, factory)
+            .await
+            .expect("the server starts");
+        let client = reqwest::Client::new();
+        let post = |path: &str, body: Value| {
+            let request = client
+                .post(format!("http://{}{path}", server.local_addr()))
+                .json(&body);
+            async move {
+                let response = request.send().await.unwrap();
+                let status = response.status();
+                let answer: Value = response.json().await.unwrap();
+                assert!(status.is_success(), "{status}: {answer}");
+                answer
+            }
+        };
+        let answer = post("/v1/embeddings", json!({"input": texts})).await;
+        for (index, sentence) in sentences.iter().enumerate() {
+            let numbers = |value: &Value| -> Vec<f64> {
+                value
+                    .as_array()
+                    .expect("an array")
+                    .iter()
+                    .map(|v| v.as_f64().expect("a number"))
+                    .collect()
+            };
+            let got = numbers(&answer["data"][index]["embedding"]);
+            let want = numbers(&sentence["embedding"]);
+            assert_eq!(got.len(), want.len(), "dimension of sentence {index}");
+            let dot: f64 = got.iter().zip(&want).map(|(a, b)| a * b).sum();
+            let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+            let cosine = dot / (norm(&got) * norm(&want));
+            assert!(
+                cosine >= 0.9999,
+                "sentence {index} ({:?}): cosine {cosine} with sentence-transformers",
+                texts[index]
+            );
+        }
+        let decision = post(
+            "/v1/consensus",
+            json!({"proposals": ["ship on friday", "ship on friday please", "never ship"]}),
+        )
+        .await;
+        assert!(
+            decision["winner"].as_u64().is_some_and(|w| w < 3),
+            "{decision}"
+        );
+        let runner = server.info().runner.clone();
+        server.shutdown().await.expect("the server shuts down");
+        runner
+    })
+}
+
+/// A CPU runner factory whose encoder embeddings run on the reference interpreter: the
+/// server must embed on the executor the factory's `embedding_maker` builds.
+struct InterpreterEmbeddings(kiln_server::CpuRunnerFactory);
+
+impl kiln_server::RunnerFactory for InterpreterEmbeddings {
+    fn kv_cache_budget(
+        &mut self,
+        model: &kiln_server::LoadedModel,
+        config: &kiln_server::ServeConfig,
+    ) -> Result<kiln_server::KvCacheBudget, kiln_server::ServerError> {
+        kiln_server::RunnerFactory::kv_cache_budget(&mut self.0, model, config)
+    }
+
+    fn make(
+        self: Box<Self>,
+        model: &kiln_server::LoadedModel,
+        cache: &kiln_server::CacheLayout,
+    ) -> Result<Box<dyn kiln_server::ModelRunner>, kiln_server::ServerError> {
+        kiln_server::RunnerFactory::make(Box::new(self.0), model, cache)
+    }
+
+    fn embedding_maker(&mut self) -> Box<kiln_runtime::embed::EmbedExecutorMaker> {
+        kiln_runtime::EmbedBackend::Interpreter.maker()
+    }
+}
+
+#[test]
+fn served_embeddings_run_on_the_runner_factorys_executor() {
+    let factory = InterpreterEmbeddings(kiln_server::CpuRunnerFactory::new(1));
+    let runner = served_minilm_matches_sentence_transformers(Box::new(factory));
+    assert!(
+        runner.starts_with(kiln_runtime::EmbedBackend::Interpreter.name()),
+        "{runner}"
+    );
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU; run with --include-ignored on a machine with one"]
+fn gpu_serving_of_minilm_embeddings_matches_sentence_transformers() {
+    let runner = served_minilm_matches_sentence_transformers(gpu_factory());
+    assert!(runner.starts_with("GPU ("), "{runner}");
 }

@@ -3,8 +3,11 @@
 
 use crate::pipeline::{self, CompileOptions};
 use kiln_runtime::consensus::ConsensusSolver;
+use kiln_runtime::embed::{EmbedExecutorMaker, EMBED_GPU_MAX_GRAPHS};
 use kiln_runtime::progress::Progress;
-use kiln_runtime::{CpuPlans, CudaPlans, Executor, Interpreter, RuntimeError, Weights};
+use kiln_runtime::{
+    CpuPlans, CudaPlans, EmbedBackend, Executor, Interpreter, RuntimeError, Weights,
+};
 use std::sync::Arc;
 
 /// Where `kiln run` runs a program.
@@ -66,6 +69,22 @@ pub fn executor(
     }
 }
 
+/// `choice` with [`BackendChoice::Auto`] made [`BackendChoice::Gpu`] when there is a usable
+/// GPU, else [`BackendChoice::Cpu`] (one line on stderr says why): for commands that run
+/// several programs and should say so once.
+pub fn resolve(choice: BackendChoice) -> BackendChoice {
+    match choice {
+        BackendChoice::Auto => match gpu_parts() {
+            Ok(_) => BackendChoice::Gpu,
+            Err(why) => {
+                eprintln!("kiln: no GPU ({why}): running on the CPU backend");
+                BackendChoice::Cpu
+            }
+        },
+        chosen => chosen,
+    }
+}
+
 /// A usable GPU: the device, its kiln target and the toolchain to assemble for it.
 pub type GpuParts = (kiln_cuda::CudaDevice, kiln_ptx::Target, kiln_ptx::Toolchain);
 
@@ -110,6 +129,57 @@ pub fn consensus_solver(choice: BackendChoice) -> Result<ConsensusSolver, Backen
                 .map_err(|e| RuntimeError::Input(e.to_string()))
         },
     )))
+}
+
+/// Where an encoder's `embed` entry runs for `choice` (`kiln embed`, the texts of `kiln
+/// consensus`, and `kiln serve`'s embeddings on the GPU): the maker [`EmbeddingModel`]
+/// (`kiln_runtime::EmbeddingModel::load_on`) builds its executor with. On the GPU the entry is
+/// compiled by [`gpu_plans`] (the path `kiln run` takes), batch invariant (a text's vector
+/// does not depend on the batch it ran in) and keeping at most
+/// [`EMBED_GPU_MAX_GRAPHS`] CUDA graphs, one per batch shape. With [`BackendChoice::Auto`]
+/// and no usable GPU, one line on stderr says so and the CPU backend runs it.
+///
+/// [`EmbeddingModel`]: kiln_runtime::EmbeddingModel
+pub fn embed_maker(choice: BackendChoice) -> Result<Box<EmbedExecutorMaker>, BackendError> {
+    let on_gpu = match choice {
+        BackendChoice::Interpreter => return Ok(EmbedBackend::Interpreter.maker()),
+        BackendChoice::Cpu => false,
+        BackendChoice::Gpu => {
+            gpu_parts().map_err(BackendError::NoGpu)?;
+            true
+        }
+        BackendChoice::Auto => match gpu_parts() {
+            Ok(_) => true,
+            Err(why) => {
+                eprintln!("kiln: no GPU ({why}): embeddings run on the CPU backend");
+                false
+            }
+        },
+    };
+    if !on_gpu {
+        return Ok(EmbedBackend::Cpu.maker());
+    }
+    Ok(Box::new(
+        |lowered: kiln_lower::Lowered, weights: Arc<Weights>, _: &mut dyn Progress| {
+            let parts =
+                gpu_parts().map_err(|why| RuntimeError::Input(format!("no usable GPU: {why}")))?;
+            let entries: Vec<String> = lowered
+                .module
+                .functions
+                .iter()
+                .map(|f| f.name.clone())
+                .collect();
+            let mut plans = gpu_plans("embed", lowered, weights, parts)
+                .map_err(|e| RuntimeError::Input(format!("compiling for the GPU: {e}")))?;
+            plans.set_batch_invariant(true);
+            plans.set_max_graphs(Some(EMBED_GPU_MAX_GRAPHS));
+            // The weights go to the device now, so that a problem shows at load time.
+            for entry in &entries {
+                plans.load(entry)?;
+            }
+            Ok(Box::new(plans) as Box<dyn Executor + Send>)
+        },
+    ))
 }
 
 fn gpu_executor(

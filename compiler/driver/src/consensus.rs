@@ -43,8 +43,9 @@ pub(crate) struct ConsensusArgs {
     /// Include the K×K cosine similarity matrix in the output.
     #[arg(long)]
     similarity: bool,
-    /// Where the similarity and the game run: the GPU if there is one (else the CPU
-    /// backend, said once), the GPU, the CPU backend, or the reference interpreter.
+    /// Where the texts' embeddings, the similarity and the game run: the GPU if there is one
+    /// (else the CPU backend, said once), the GPU, the CPU backend, or the reference
+    /// interpreter.
     #[arg(long, value_enum, default_value_t = kiln_driver::backend::BackendChoice::Auto)]
     backend: kiln_driver::backend::BackendChoice,
 }
@@ -68,11 +69,18 @@ pub(crate) fn run(args: ConsensusArgs) -> Result<ExitCode> {
                 .map(str::to_string),
         );
     }
+    // Auto resolved once, so that a missing GPU is reported once.
+    let backend = kiln_driver::backend::resolve(args.backend);
     let embeddings = match (&args.embeddings, &args.model) {
         (Some(path), _) => read_embeddings(path)?,
         (None, Some(model)) if !texts.is_empty() => {
-            kiln_runtime::EmbeddingModel::load_quiet(model, kiln_runtime::EmbedBackend::Cpu)?
-                .embed_texts(&texts)?
+            let make = kiln_driver::backend::embed_maker(backend)?;
+            kiln_runtime::EmbeddingModel::load_on(
+                model,
+                make.as_ref(),
+                &mut kiln_runtime::NoProgress,
+            )?
+            .embed_texts(&texts)?
         }
         _ => {
             bail!("give the proposals: --embeddings FILE, or --text/--texts-file with --model DIR")
@@ -94,7 +102,7 @@ pub(crate) fn run(args: ConsensusArgs) -> Result<ExitCode> {
     if let Err(message) = request.validate() {
         bail!("{message}");
     }
-    let mut solver = kiln_driver::backend::consensus_solver(args.backend)?;
+    let mut solver = kiln_driver::backend::consensus_solver(backend)?;
     let decision = solver.decide(&request)?;
     let mut out = decision.to_json(args.similarity);
     if !texts.is_empty() && args.embeddings.is_none() {

@@ -1,24 +1,17 @@
 //! `kiln embed`: sentence embeddings of texts with an encoder checkpoint (all-MiniLM-L6-v2
 //! and other BERT-family models) through [`kiln_runtime::EmbeddingModel`], the path the
-//! server's `/v1/embeddings` takes too. Texts come from the command line, or one a line from
+//! server's `/v1/embeddings` takes too, on the GPU when there is one (`--backend` picks:
+//! [`kiln_driver::backend::embed_maker`]). Texts come from the command line, or one a line from
 //! a file or stdin; each embedding is printed as one line of JSON (`index`, `text`, `tokens`,
 //! `embedding`), its numbers as the shortest decimals that read back as the same f32.
 
 use crate::progress::Bars;
 use anyhow::{bail, Context, Result};
-use kiln_runtime::{EmbedBackend, EmbeddingModel};
+use kiln_driver::backend::{self, BackendChoice};
+use kiln_runtime::EmbeddingModel;
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
-
-/// Where the model runs.
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
-enum BackendArg {
-    /// The fused kernels compiled for this CPU by Cranelift.
-    Cpu,
-    /// The graph-IR reference interpreter (exact, slow).
-    Interpreter,
-}
 
 #[derive(clap::Args)]
 pub(crate) struct EmbedArgs {
@@ -30,9 +23,10 @@ pub(crate) struct EmbedArgs {
     /// Read texts from this file, one a line (`-`: stdin); empty lines are embedded too.
     #[arg(long, value_name = "PATH")]
     file: Option<PathBuf>,
-    /// Where the model runs.
-    #[arg(long, value_enum, default_value = "cpu")]
-    backend: BackendArg,
+    /// Where the model runs: the GPU if there is one (else the CPU backend, said once), the
+    /// GPU, the CPU backend, or the reference interpreter.
+    #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+    backend: BackendChoice,
     /// The most padded tokens per batch (1 runs every text alone).
     #[arg(long, value_name = "N", default_value_t = kiln_runtime::embed::DEFAULT_BATCH_TOKENS)]
     batch_tokens: usize,
@@ -46,12 +40,9 @@ pub(crate) fn run(args: EmbedArgs) -> Result<ExitCode> {
     if texts.is_empty() {
         bail!("nothing to embed: give texts as arguments or --file PATH (- for stdin)");
     }
-    let backend = match args.backend {
-        BackendArg::Cpu => EmbedBackend::Cpu,
-        BackendArg::Interpreter => EmbedBackend::Interpreter,
-    };
+    let make = backend::embed_maker(args.backend)?;
     let mut bars = Bars::stderr();
-    let model = EmbeddingModel::load(&args.model, backend, &mut bars)
+    let model = EmbeddingModel::load_on(&args.model, make.as_ref(), &mut bars)
         .with_context(|| format!("loading {}", args.model.display()))?
         .with_batch_tokens(args.batch_tokens);
     drop(bars);
@@ -65,7 +56,7 @@ pub(crate) fn run(args: EmbedArgs) -> Result<ExitCode> {
         "kiln: embedding {} text{} on the {} ({} dimensions, at most {} tokens a text)",
         texts.len(),
         if texts.len() == 1 { "" } else { "s" },
-        model.backend().name(),
+        model.describe(),
         model.dimension(),
         model.max_seq_length()
     );

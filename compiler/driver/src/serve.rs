@@ -5,7 +5,9 @@
 //! path uses, so each scheduled ragged batch runs as one step with the paged caches kept on
 //! the device. Batch invariance holds as on the CPU unless `--no-batch-invariance`: the
 //! plans then let steps of few tokens pick the decode-sized GEMM kernels, whose sums run in
-//! another order than the kernels of larger steps. [`factory`] picks the GPU when
+//! another order than the kernels of larger steps. An encoder's embeddings (`/v1/embeddings`,
+//! the texts of `/v1/consensus`) run on the GPU too, through
+//! [`backend::embed_maker`](crate::backend::embed_maker). [`factory`] picks the GPU when
 //! [`backend`](crate::backend) finds one, else the CPU runner (saying so once).
 
 use crate::backend::{self, BackendChoice, GpuParts};
@@ -146,6 +148,13 @@ impl RunnerFactory for GpuRunnerFactory {
         crate::backend::consensus_solver(crate::backend::BackendChoice::Gpu).unwrap_or_else(|e| {
             tracing::warn!("consensus requests run on the CPU backend: {e}");
             kiln_runtime::consensus::ConsensusSolver::cpu()
+        })
+    }
+
+    fn embedding_maker(&mut self) -> Box<kiln_runtime::embed::EmbedExecutorMaker> {
+        crate::backend::embed_maker(crate::backend::BackendChoice::Gpu).unwrap_or_else(|e| {
+            tracing::warn!("embeddings run on the CPU backend: {e}");
+            kiln_runtime::EmbedBackend::Cpu.maker()
         })
     }
 

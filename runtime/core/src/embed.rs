@@ -3,8 +3,11 @@
 //! `/v1/embeddings` and anything else that turns text into vectors.
 //!
 //! [`EmbeddingModel`] holds the lowered `embed` entry of the model's program (mean pooling
-//! over the attention mask, then L2 normalization, both inside the program), its weights,
-//! and the tokenizer configured the way sentence-transformers tokenizes:
+//! over the attention mask, then L2 normalization, both inside the program) on the
+//! [`Executor`] a maker ([`EmbedExecutorMaker`]) built for it with the weights: the reference
+//! interpreter or the compiled CPU plan ([`EmbedBackend`]), or the CUDA plans that kiln-cli's
+//! backend choice compiles for the GPU (this crate does not compile for the GPU). It also
+//! holds the tokenizer configured the way sentence-transformers tokenizes:
 //! - the text is stripped of leading and trailing whitespace;
 //! - special tokens are added by tokenizer.json's post-processor ([CLS] … [SEP]);
 //! - the ids are truncated to `max_seq_length` (sentence_bert_config.json's, else the
@@ -18,21 +21,43 @@
 //! [`SHORT_SEQUENCE`] tokens long (short ones share a kernel tile on any backend, and the
 //! matmul template tiles each sequence of a batch on its own, so padding a short sequence
 //! to a long one's length costs the long one's time). Padding uses id 0 and mask 0, so it
-//! changes no real token's result. Results come back in input order.
+//! changes no real token's result. Results come back in input order. The batch and sequence
+//! sizes are the entry's symbols, so one executor serves every batch shape (on the GPU, a
+//! plan without loops is captured as a CUDA graph per shape on first use, at most
+//! [`EMBED_GPU_MAX_GRAPHS`] shapes, others run uncaptured; a plan with the layer loop runs
+//! directly). The sizes stay far below the plans' symbol bound
+//! (`kiln_kir::Plan::symbol_bound`); a larger one is the executor's error naming the symbol.
 
-use crate::cpu::CpuProgram;
 use crate::models::{self, ModelKind};
 use crate::progress::{NoProgress, Progress};
-use crate::{Backend, RuntimeError, Tokenizer, TokenizerError, Weights};
-use kiln_ir::{DType, Module, Tensor};
+use crate::{
+    Backend, CpuPlans, Executor, Interpreter, RuntimeError, Tokenizer, TokenizerError, Weights,
+};
+use kiln_ir::{DType, Tensor};
+use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// Padded tokens per batch unless [`EmbeddingModel::with_batch_tokens`] says otherwise.
 pub const DEFAULT_BATCH_TOKENS: usize = 2048;
 
 /// Sequences up to this many tokens batch together without counting their padding.
 pub const SHORT_SEQUENCE: usize = 32;
+
+/// The most CUDA graphs (one per batch shape) a GPU embedding executor keeps; the GPU maker
+/// of kiln-cli sets it.
+pub const EMBED_GPU_MAX_GRAPHS: usize = 64;
+
+/// Makes the executor an encoder's `embed` entry runs on from the lowered program (that entry
+/// only) and its weights, reporting compilation to the progress: [`EmbedBackend::make`] for
+/// the interpreter and the CPU plans; kiln-cli's `backend::embed_maker` for the GPU.
+pub type EmbedExecutorMaker = dyn Fn(
+        kiln_lower::Lowered,
+        Arc<Weights>,
+        &mut dyn Progress,
+    ) -> Result<Box<dyn Executor + Send>, RuntimeError>
+    + Send
+    + Sync;
 
 /// Where the `embed` entry runs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -51,6 +76,26 @@ impl EmbedBackend {
             EmbedBackend::Cpu => "compiled CPU plan (Cranelift)",
             EmbedBackend::Interpreter => Backend::Interpreter.name(),
         }
+    }
+
+    /// This backend as an [`EmbedExecutorMaker`].
+    pub fn maker(self) -> Box<EmbedExecutorMaker> {
+        Box::new(move |lowered, weights, progress: &mut dyn Progress| {
+            self.make(lowered, weights, progress)
+        })
+    }
+
+    /// The executor of this backend for `lowered` with `weights` (an [`EmbedExecutorMaker`]).
+    pub fn make(
+        self,
+        lowered: kiln_lower::Lowered,
+        weights: Arc<Weights>,
+        progress: &mut dyn Progress,
+    ) -> Result<Box<dyn Executor + Send>, RuntimeError> {
+        Ok(match self {
+            EmbedBackend::Interpreter => Box::new(Interpreter::new(lowered.module, weights)),
+            EmbedBackend::Cpu => Box::new(CpuPlans::compile(lowered.module, weights, progress)?),
+        })
     }
 }
 
@@ -75,18 +120,13 @@ pub enum EmbedError {
     BadOutput(String),
 }
 
-/// How the program runs.
-#[derive(Clone, Debug)]
-enum Engine {
-    Interpreter(Arc<Module>),
-    Cpu(Arc<CpuProgram>),
-}
-
-/// An encoder ready to embed text (see the module docs). Cloning is cheap (shared).
-#[derive(Clone, Debug)]
+/// An encoder ready to embed text (see the module docs). Cloning is cheap: clones share the
+/// executor, whose runs take turns (one batch at a time; each run uses the whole backend).
+#[derive(Clone)]
 pub struct EmbeddingModel {
-    engine: Engine,
-    weights: Arc<Weights>,
+    executor: Arc<Mutex<Box<dyn Executor + Send>>>,
+    /// The executor's description, for logs.
+    description: String,
     entry: String,
     tokenizer: Option<Tokenizer>,
     max_seq_length: usize,
@@ -94,6 +134,18 @@ pub struct EmbeddingModel {
     vocab_size: usize,
     dimension: usize,
     batch_tokens: usize,
+}
+
+impl fmt::Debug for EmbeddingModel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EmbeddingModel")
+            .field("executor", &self.description)
+            .field("entry", &self.entry)
+            .field("max_seq_length", &self.max_seq_length)
+            .field("dimension", &self.dimension)
+            .field("batch_tokens", &self.batch_tokens)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The sequence limits and sizes of an encoder directory.
@@ -185,6 +237,16 @@ impl EmbeddingModel {
         backend: EmbedBackend,
         progress: &mut dyn Progress,
     ) -> Result<EmbeddingModel, EmbedError> {
+        EmbeddingModel::load_on(dir, backend.maker().as_ref(), progress)
+    }
+
+    /// Like [`EmbeddingModel::load`], the `embed` entry running on the executor `make`
+    /// builds (the GPU's, from kiln-cli).
+    pub fn load_on(
+        dir: &Path,
+        make: &EmbedExecutorMaker,
+        progress: &mut dyn Progress,
+    ) -> Result<EmbeddingModel, EmbedError> {
         let config_path = dir.join("config.json");
         let config = read_json(&config_path)?;
         let model_type = config
@@ -222,38 +284,36 @@ impl EmbeddingModel {
         let weights = Weights::load_with_progress(dir, &lowered.params, progress)?;
         EmbeddingModel::from_parts(
             dir,
-            Arc::new(lowered.module),
+            lowered,
             Arc::new(weights),
             program.entry,
-            backend,
+            make,
             progress,
         )
     }
 
     /// An embedding model over a program lowered and weights loaded already (the server
-    /// has them); `dir` supplies the tokenizer and the limits.
+    /// has them), run on the executor `make` builds; `dir` supplies the tokenizer and the
+    /// limits.
     pub fn from_parts(
         dir: &Path,
-        module: Arc<Module>,
+        lowered: kiln_lower::Lowered,
         weights: Arc<Weights>,
         entry: &str,
-        backend: EmbedBackend,
+        make: &EmbedExecutorMaker,
         progress: &mut dyn Progress,
     ) -> Result<EmbeddingModel, EmbedError> {
         let tokenizer = encoder_tokenizer(dir)?;
         let limits = EncoderLimits::from_dir(dir, tokenizer.as_ref())?;
-        if module.function(entry).is_none() {
+        if lowered.module.function(entry).is_none() {
             return Err(EmbedError::Input(format!(
                 "the program has no entry function `{entry}`"
             )));
         }
-        let engine = match backend {
-            EmbedBackend::Interpreter => Engine::Interpreter(module),
-            EmbedBackend::Cpu => Engine::Cpu(Arc::new(CpuProgram::compile(&module, progress)?)),
-        };
+        let executor = make(lowered, weights, progress)?;
         Ok(EmbeddingModel {
-            engine,
-            weights,
+            description: executor.describe(),
+            executor: Arc::new(Mutex::new(executor)),
             entry: entry.to_string(),
             tokenizer,
             max_seq_length: limits.max_seq_length,
@@ -276,11 +336,9 @@ impl EmbeddingModel {
         self
     }
 
-    pub fn backend(&self) -> EmbedBackend {
-        match self.engine {
-            Engine::Interpreter(_) => EmbedBackend::Interpreter,
-            Engine::Cpu(_) => EmbedBackend::Cpu,
-        }
+    /// Where the `embed` entry runs (the executor's description).
+    pub fn describe(&self) -> &str {
+        &self.description
     }
 
     /// The length of every embedding.
@@ -337,9 +395,15 @@ impl EmbeddingModel {
             }
         }
         let mut results: Vec<Option<Vec<f32>>> = vec![None; sequences.len()];
+        // One call's batches run back to back; other clones' calls wait.
+        let mut executor = self.executor.lock().map_err(|_| {
+            EmbedError::BadOutput("nothing: an earlier embedding run panicked".into())
+        })?;
         for batch in batches(sequences, self.batch_tokens) {
-            let vectors =
-                self.run_batch(&batch.iter().map(|&i| &sequences[i][..]).collect::<Vec<_>>())?;
+            let vectors = self.run_batch(
+                executor.as_mut(),
+                &batch.iter().map(|&i| &sequences[i][..]).collect::<Vec<_>>(),
+            )?;
             for (index, vector) in batch.into_iter().zip(vectors) {
                 results[index] = Some(vector);
             }
@@ -347,8 +411,12 @@ impl EmbeddingModel {
         Ok(results.into_iter().flatten().collect())
     }
 
-    /// Runs one padded batch through the `embed` entry.
-    fn run_batch(&self, sequences: &[&[u32]]) -> Result<Vec<Vec<f32>>, EmbedError> {
+    /// Runs one padded batch through the `embed` entry on `executor`.
+    fn run_batch(
+        &self,
+        executor: &mut (dyn Executor + Send),
+        sequences: &[&[u32]],
+    ) -> Result<Vec<Vec<f32>>, EmbedError> {
         let rows = sequences.len();
         let width = sequences.iter().map(|s| s.len()).max().unwrap_or(0);
         let mut ids = Vec::with_capacity(rows * width);
@@ -364,16 +432,7 @@ impl EmbeddingModel {
             Tensor::from_ints(DType::I32, &[rows, width], ids),
             Tensor::from_ints(DType::I32, &[rows, width], mask),
         ];
-        let results = match &self.engine {
-            Engine::Interpreter(module) => crate::run(
-                Backend::Interpreter,
-                module,
-                &self.entry,
-                &inputs,
-                &self.weights,
-            )?,
-            Engine::Cpu(program) => program.run(&self.entry, &inputs, &self.weights)?,
-        };
+        let results = executor.run(&self.entry, &inputs)?;
         let embeddings = results
             .first()
             .ok_or_else(|| EmbedError::BadOutput("no result".into()))?;
@@ -481,7 +540,7 @@ mod tests {
     fn embedding_a_tiny_bert_gives_unit_vectors_that_do_not_depend_on_batching() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-bert");
         let model = EmbeddingModel::load_quiet(&dir, EmbedBackend::Interpreter).expect("load");
-        assert_eq!(model.backend(), EmbedBackend::Interpreter);
+        assert_eq!(model.describe(), Backend::Interpreter.name());
         assert!(model.tokenizer().is_none());
         assert!(matches!(model.tokenize("hi"), Err(EmbedError::Input(_))));
         let sequences = vec![
