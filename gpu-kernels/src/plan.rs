@@ -219,15 +219,15 @@ impl<'a, 'f> PlanBuilder<'a, 'f> {
         if self.store_constants(gid) {
             return Ok(Vec::new());
         }
-        if let Some(symbol) = templates::small_rows_symbol(self.g, self.part, gid, self.options) {
+        if let Some(variant) = templates::size_variant(self.g, self.part, gid, self.options) {
             let small = self.launch_variant(gid, true)?;
             let large = self.launch_variant(gid, false)?;
             if small.is_empty() && large.is_empty() {
                 return Ok(Vec::new());
             }
             return Ok(vec![Step::BySize {
-                symbol,
-                at_most: templates::SMALL_ROWS,
+                symbol: variant.symbol,
+                at_most: variant.at_most,
                 small,
                 large,
             }]);

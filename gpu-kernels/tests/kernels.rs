@@ -149,3 +149,45 @@ fn symbols_past_the_bound_the_kernels_assume_are_refused() {
     let compiled = kiln_gpu_kernels::compile_function(&module, "double", &wide).unwrap();
     assert_eq!(compiled.plan.symbol_bound, None);
 }
+
+#[test]
+fn paged_attention_has_a_short_context_variant_chosen_by_the_block_table_width() {
+    let src = "import nn
+fn attend(q: bf16[N, 32, 128], k_cache: bf16[2, NB, 16, 8, 128], v_cache: bf16[2, NB, 16, 8, 128],
+          block_tables: i32[B, MB], seq: i32[N], pos: i32[N]) -> bf16[N, 32, 128] {
+    paged_attention(q, k_cache, v_cache, block_tables, seq, pos, 1)
+}
+";
+    let module = lower("paged.kiln", src, None, None);
+    let partial_grid = |steps: &[kiln_kir::Step], kernels: &[kiln_kir::Kernel]| {
+        let [kiln_kir::Step::Launch { kernel, .. }, kiln_kir::Step::Launch { .. }] = steps else {
+            panic!("a partial and a merge kernel: {steps:?}");
+        };
+        kernels[*kernel].grid.clone()
+    };
+    let options = Options::default();
+    let compiled = kiln_gpu_kernels::compile_function(&module, "attend", &options).unwrap();
+    let [kiln_kir::Step::BySize {
+        symbol,
+        at_most,
+        small,
+        large,
+    }] = compiled.plan.steps.as_slice()
+    else {
+        panic!("one choice by size: {:?}", compiled.plan.steps);
+    };
+    // Up to 512 positions (32 blocks of 16) the partitions are 32 positions, else 128.
+    assert_eq!((symbol.as_str(), *at_most), ("MB", 32));
+    let (small, large) = (
+        partial_grid(small, &compiled.kernels),
+        partial_grid(large, &compiled.kernels),
+    );
+    assert_ne!(small, large);
+    assert!(format!("{small:?}").contains("32"), "{small:?}");
+    assert!(format!("{large:?}").contains("128"), "{large:?}");
+    // Without the variant (short partitions as long as the others) one pair of kernels.
+    let mut off = Options::default();
+    off.paged.short_part = off.paged.part;
+    let compiled = kiln_gpu_kernels::compile_function(&module, "attend", &off).unwrap();
+    partial_grid(&compiled.plan.steps, &compiled.kernels);
+}

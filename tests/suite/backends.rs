@@ -349,13 +349,29 @@ fn check_models(backend: Backend) {
 /// in scrambled order; with the default settings (partitions of 128 keys, eight keys a warp
 /// and step, four warps), with four keys a warp, with partitions of 32 positions (per-warp
 /// block-table reads across blocks of 8) and of 96 for two warps of 3 keys (a partition
-/// that starts inside a cache block: the table read per key).
+/// that starts inside a cache block: the table read per key). The block tables hold 320
+/// positions: the default plan has both partition sizes and runs its short-context variant
+/// (partitions of 32 up to 512 positions); with that variant up to 256 positions it runs
+/// the partitions of 128; the other settings turn the variant off.
 fn check_paged_attention(backend: Backend) {
+    let defaults = kiln_gpu_kernels::PagedTuning::default();
+    let settings = [
+        (128, 8, 4, defaults.short_part, defaults.short_context),
+        (128, 8, 4, defaults.short_part, 256),
+        (128, 8, 4, 128, 0),
+        (128, 4, 4, 128, 0),
+        (32, 8, 4, 32, 0),
+        (96, 3, 2, 96, 0),
+    ];
     let mut fusion = kiln_gpu_kernels::Options::default();
-    for (part, unroll, warps) in [(128, 8, 4), (128, 4, 4), (32, 8, 4), (96, 3, 2)] {
-        fusion.paged.part = part;
-        fusion.paged.unroll = unroll;
-        fusion.paged.warps = warps;
+    for (part, unroll, warps, short_part, short_context) in settings {
+        fusion.paged = kiln_gpu_kernels::PagedTuning {
+            part,
+            unroll,
+            warps,
+            short_part,
+            short_context,
+        };
         check_paged_attention_with(backend, &fusion);
     }
 }
@@ -401,8 +417,13 @@ fn check_paged_attention_with(backend: Backend, fusion: &kiln_gpu_kernels::Optio
             backend,
             fusion,
             &format!(
-                "paged attention {dtype} d{d} blocks of {bs}, partitions of {} for {} warps of {}",
-                fusion.paged.part, fusion.paged.warps, fusion.paged.unroll
+                "paged attention {dtype} d{d} blocks of {bs}, partitions of {} ({} up to {} \
+                 positions) for {} warps of {}",
+                fusion.paged.part,
+                fusion.paged.short_part,
+                fusion.paged.short_context,
+                fusion.paged.warps,
+                fusion.paged.unroll
             ),
             &source,
             Some(&repo_root().join("stdlib")),

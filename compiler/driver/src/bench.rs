@@ -227,8 +227,10 @@ fn paged_decode_case(seed: u64) -> Case {
 const TUNE_POINTWISE: &str = "KILN_TUNE_POINTWISE";
 
 /// `KILN_TUNE_PAGED`: `part=N` (key positions of a paged-attention partition), `unroll=N`
-/// (keys a warp takes per step) and `warps=N` (warps of the partial kernel's block);
-/// defaults in [`kiln_gpu_kernels::PagedTuning`].
+/// (keys a warp takes per step), `warps=N` (warps of the partial kernel's block),
+/// `short_part=N` and `short_context=N` (the partition for block tables of at most that many
+/// positions; `short_part` ≥ `part` turns the variant off); defaults in
+/// [`kiln_gpu_kernels::PagedTuning`].
 const TUNE_PAGED: &str = "KILN_TUNE_PAGED";
 
 /// The `KEY=N` items of the tuning variable `var`, if it is set.
@@ -282,13 +284,17 @@ pub(crate) fn apply_tuning(options: &mut CompileOptions) -> Result<()> {
             "part" => paged.part = n,
             "unroll" => paged.unroll = n as usize,
             "warps" => paged.warps = u32::try_from(n.min(32)).unwrap_or(32),
-            _ => bail!("{TUNE_PAGED}: unknown key `{key}` (part, unroll, warps)"),
+            "short_part" => paged.short_part = n,
+            "short_context" => paged.short_context = n,
+            _ => bail!(
+                "{TUNE_PAGED}: unknown key `{key}` (part, unroll, warps, short_part, short_context)"
+            ),
         }
     }
     if !paged_items.is_empty() {
         eprintln!(
-            "kiln bench: {TUNE_PAGED}: part {}, unroll {}, warps {}",
-            paged.part, paged.unroll, paged.warps
+            "kiln bench: {TUNE_PAGED}: part {}, unroll {}, warps {}, short_part {} up to {} keys",
+            paged.part, paged.unroll, paged.warps, paged.short_part, paged.short_context
         );
     }
     Ok(())

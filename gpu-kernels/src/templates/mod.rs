@@ -53,37 +53,67 @@ pub(crate) struct Launches {
     pub workspaces: Vec<Workspace>,
 }
 
-/// The symbol of a tensor-core GEMM group's row count, when it is one symbolic dim (a
-/// `[T, N]` result): such a group gets a variant for few rows ([`build`] with `small_rows`)
-/// chosen at run time.
-pub(crate) fn small_rows_symbol(
+/// A group whose kernels come in two variants, chosen at run time by a symbol's value
+/// (`Step::BySize`): [`build`] with `small` for values of at most `at_most`.
+pub(crate) struct SizeVariant {
+    pub symbol: String,
+    pub at_most: u64,
+}
+
+/// The size variant of group `gid`, if it has one:
+/// - a tensor-core GEMM whose row count is one symbolic dim (a `[T, N]` result) has a
+///   decode-sized variant for at most [`mma_gemm::SMALL_ROWS`] rows;
+/// - paged decode attention whose block tables have a symbolic width has a variant with
+///   short partitions ([`crate::PagedTuning::short_part`]) for block tables of at most
+///   [`crate::PagedTuning::short_context`] key positions, so that short contexts still
+///   make enough blocks to fill the GPU.
+pub(crate) fn size_variant(
     g: &FuncGraph<'_>,
     part: &Partition<'_>,
     gid: usize,
     options: &crate::Options,
-) -> Option<String> {
+) -> Option<SizeVariant> {
     let group = &part.groups[gid];
-    if !matches!(group.kind, GroupKind::Matmul { .. }) || !options.tensor_cores {
-        return None;
-    }
-    let shape = g.shape(*group.roots.first()?);
-    let [Dim::Sym(rows), _] = shape else {
-        return None;
-    };
     let mut e = Emitter::new(g, &part.stored, Ty::I32);
     e.owned = group.owned.clone();
-    mma_gemm::plan(&e, group, true).map(|_| rows.clone())
+    match &group.kind {
+        GroupKind::Matmul { .. } if options.tensor_cores => {
+            let shape = g.shape(*group.roots.first()?);
+            let [Dim::Sym(rows), _] = shape else {
+                return None;
+            };
+            mma_gemm::plan(&e, group, true).map(|_| SizeVariant {
+                symbol: rows.clone(),
+                at_most: SMALL_ROWS,
+            })
+        }
+        GroupKind::PagedAttention(out) => {
+            let tuning = &options.paged;
+            paged_decode::PagedShape::of(&e, *out, tuning)?;
+            let inst = g.inst(*out)?;
+            let Dim::Sym(width) = g.shape(inst.operands[3]).get(1)? else {
+                return None;
+            };
+            let block_tokens = g.shape(inst.operands[1]).get(2)?.as_const()?.max(1);
+            let at_most = tuning.short_context / block_tokens;
+            (tuning.short_part < tuning.part && at_most > 0).then(|| SizeVariant {
+                symbol: width.clone(),
+                at_most,
+            })
+        }
+        _ => None,
+    }
 }
 
 /// Builds the kernels of group `gid` (one, or a split-K GEMM and its reduction); `None`
-/// when it stores nothing anyone reads. `small_rows` builds a GEMM's variant for at most
-/// [`mma_gemm::SMALL_ROWS`] rows.
+/// when it stores nothing anyone reads. `small` builds the small variant of a group that
+/// has one ([`size_variant`]).
 pub(crate) fn build(
     g: &FuncGraph<'_>,
     part: &Partition<'_>,
     gid: usize,
     options: &crate::Options,
-    small_rows: bool,
+    small: bool,
 ) -> Result<Option<Launches>, FusionError> {
     let group = &part.groups[gid];
     let stores: Vec<Value> = group
@@ -105,7 +135,7 @@ pub(crate) fn build(
     let mut e = new_emitter();
     let mma = match &group.kind {
         GroupKind::Matmul { .. } => {
-            mma_gemm::plan(&e, group, small_rows).filter(|_| options.tensor_cores)
+            mma_gemm::plan(&e, group, small).filter(|_| options.tensor_cores)
         }
         _ => None,
     };
@@ -124,7 +154,11 @@ pub(crate) fn build(
         }));
     }
     if let GroupKind::PagedAttention(out) = &group.kind {
-        if let Some(shape) = paged_decode::PagedShape::of(&e, *out, &options.paged) {
+        let mut tuning = options.paged;
+        if small {
+            tuning.part = tuning.short_part;
+        }
+        if let Some(shape) = paged_decode::PagedShape::of(&e, *out, &tuning) {
             // Split over the sequence: partial softmax per partition, then the merge.
             let workspace = paged_decode::workspace(&e, *out, &shape);
             let body = paged_decode::emit_partial(&mut e, *out, &shape);
