@@ -63,9 +63,10 @@ pub(crate) enum GroupKind {
     Attention(AttentionParts),
     /// The built-in `attention` op.
     BuiltinAttention(Value),
-    /// A `kv_write`: the new rows stored into the cache's memory (its result is a view of
-    /// the cache operand).
-    KvWrite(Value),
+    /// `kv_write`s (the group's roots): the new rows stored into each cache's memory (each
+    /// result is a view of its cache operand). Consecutive independent writes of rows of
+    /// one shape — a layer's keys and values — share the kernel.
+    KvWrite,
     /// The built-in `paged_attention` op.
     PagedAttention(Value),
 }
@@ -447,7 +448,10 @@ impl<'g, 'f> State<'g, 'f> {
                     // Updated in place: the result lives in the cache operand's buffer.
                     let h = inst.results[0];
                     self.settle_pending(region, &[h], None, &mut items);
-                    let id = self.add_group(GroupKind::KvWrite(h), region, &mut items);
+                    let id = match self.kv_write_partner(h, &items) {
+                        Some(id) => id,
+                        None => self.add_group(GroupKind::KvWrite, region, &mut items),
+                    };
                     self.own(id, h, false);
                     let cache = inst.operands[0];
                     let base = self.view_of.get(&cache).copied().unwrap_or(cache);
@@ -472,6 +476,29 @@ impl<'g, 'f> State<'g, 'f> {
         }
         self.flush_all(region, &mut items);
         Ok(items)
+    }
+
+    /// The `kv_write` group that `kv_write` result `h` can join: the last group placed, when
+    /// it writes rows of the same shape and dtype, into other caches than `h`'s, and
+    /// everything `h` reads was ready before it.
+    fn kv_write_partner(&self, h: Value, items: &[Item<'f>]) -> Option<usize> {
+        let Some(Item::Kernel(id)) = items.last() else {
+            return None;
+        };
+        let grp = &self.groups[*id];
+        if !matches!(grp.kind, GroupKind::KvWrite) {
+            return None;
+        }
+        let g = self.g;
+        let rows = |v: Value| g.inst(v).map(|i| i.operands[1]);
+        let (first, new_rows) = (rows(*grp.roots.first()?)?, rows(h)?);
+        if g.shape(first) != g.shape(new_rows) || g.ty(first).dtype != g.ty(new_rows).dtype {
+            return None;
+        }
+        let mut leaves = BTreeSet::new();
+        self.leaves(h, &BTreeSet::from([h]), &mut leaves);
+        let writes_what_it_reads = grp.roots.iter().any(|r| leaves.contains(r));
+        (!writes_what_it_reads && self.ready_before(&leaves, grp.pos)).then_some(*id)
     }
 
     fn add_group(&mut self, kind: GroupKind, region: usize, items: &mut Vec<Item<'f>>) -> usize {
@@ -733,7 +760,7 @@ impl<'g, 'f> State<'g, 'f> {
             GroupKind::LoopReduce
             | GroupKind::Attention(_)
             | GroupKind::BuiltinAttention(_)
-            | GroupKind::KvWrite(_)
+            | GroupKind::KvWrite
             | GroupKind::PagedAttention(_) => false,
         }
     }

@@ -185,7 +185,7 @@ pub(crate) fn build(
         GroupKind::Attention(parts) => attention::emit(&mut e, &attention::Source::Pattern(parts)),
         GroupKind::BuiltinAttention(v) => attention::emit(&mut e, &attention::Source::Builtin(*v)),
         GroupKind::PagedAttention(v) => attention::emit(&mut e, &attention::Source::Paged(*v)),
-        GroupKind::KvWrite(v) => kv_cache::emit(&mut e, *v),
+        GroupKind::KvWrite => kv_cache::emit(&mut e, &group.roots),
     };
     let built = finish(g, e, body, out_dtype(g, &stores))?;
     Ok(Some(Launches {
