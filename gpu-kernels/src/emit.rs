@@ -54,6 +54,18 @@ pub(crate) struct Binding {
     pub expr: Expr,
 }
 
+/// A value whose lines along `axis` the kernel holds in registers, one line per thread
+/// (the small-sort template's sorted row): `regs[j]` is the element at position `j` of the
+/// thread's own line. The partition only lets a kernel read such a value within the
+/// thread's line, so a read looks at the index along `axis` only: a constant picks its
+/// register, anything else selects among them.
+#[derive(Clone, Debug)]
+pub(crate) struct HeldRow {
+    pub value: Value,
+    pub axis: usize,
+    pub regs: Vec<Expr>,
+}
+
 /// A value the kernel keeps in a shared-memory array (the persistent loop template): one
 /// instance's slice of it when `batched` (its leading axis is the loop's batch axis, read
 /// at the block's instance), else all of it.
@@ -81,6 +93,8 @@ pub(crate) struct Emitter<'a, 'f> {
     /// Values this kernel computes itself (inlined even when they are also stored).
     pub owned: BTreeSet<Value>,
     pub bindings: Vec<Binding>,
+    /// Values held a line per thread in registers.
+    pub rows: Vec<HeldRow>,
     /// Values held in shared arrays by the kernel (read from there, never from a buffer).
     pub local: BTreeMap<Value, LocalArray>,
     memo: Vec<BTreeMap<String, Vec<Expr>>>,
@@ -106,6 +120,7 @@ impl<'a, 'f> Emitter<'a, 'f> {
             shared: Vec::new(),
             owned: BTreeSet::new(),
             bindings: Vec::new(),
+            rows: Vec::new(),
             local: BTreeMap::new(),
             memo: vec![BTreeMap::new()],
             ranges: BTreeMap::new(),
@@ -261,6 +276,7 @@ impl<'a, 'f> Emitter<'a, 'f> {
     /// bound in a visible scope is read from its register instead of being computed again
     /// (RoPE's two halves take the cosine of the same angle through different indices).
     fn bind_value(&mut self, out: &mut Vec<Stmt>, name: &str, ty: Ty, e: Expr) -> Expr {
+        let e = fold_const(e);
         if is_trivial(&e) {
             return e;
         }
@@ -442,6 +458,12 @@ impl<'a, 'f> Emitter<'a, 'f> {
                 return self.per_lane(out, v, idx, lanes);
             }
         }
+        if let Some(row) = self.rows.iter().find(|r| r.value == v).cloned() {
+            if lanes > 1 {
+                return self.per_lane(out, v, idx, lanes);
+            }
+            return Ok(vec![self.held_element(out, &row, &idx[row.axis])]);
+        }
         if let Some(b) = self.bindings.iter().find(|b| b.value == v) {
             if lanes > 1 {
                 return self.per_lane(out, v, idx, lanes);
@@ -475,6 +497,26 @@ impl<'a, 'f> Emitter<'a, 'f> {
             .expect("a scope")
             .insert(key, result.clone());
         Ok(result)
+    }
+
+    /// Element `at` of the thread's line of a held row: its register when `at` is known,
+    /// else a chain of selects over the registers.
+    fn held_element(&mut self, out: &mut Vec<Stmt>, row: &HeldRow, at: &Expr) -> Expr {
+        let len = row.regs.len() as i64;
+        match self.range(at) {
+            Some((lo, hi)) if lo == hi && (0..len).contains(&lo) => row.regs[lo as usize].clone(),
+            _ => {
+                let ity = self.index_ty;
+                let at = self.bind(out, "at", ity, at.clone());
+                let mut e = row.regs[row.regs.len() - 1].clone();
+                for j in (0..row.regs.len() - 1).rev() {
+                    let here = bin(BinOp::Eq, at.clone(), self.ix(j as i64));
+                    e = Expr::Select(Box::new(here), Box::new(row.regs[j].clone()), Box::new(e));
+                }
+                let ty = self.cty(row.value);
+                self.bind(out, "held", ty, e)
+            }
+        }
     }
 
     fn per_lane(
@@ -1036,6 +1078,64 @@ pub(crate) fn sanitize(name: &str) -> String {
     name.chars()
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
         .collect()
+}
+
+/// `e` with a top-level comparison, logical op, select or integer-to-float cast of
+/// constants replaced by its value (exact in every backend's semantics; arithmetic is left
+/// alone). A template that holds a row in registers reads it at constant positions, and
+/// masks such as `arange(K) == r` then cost nothing.
+pub(crate) fn fold_const(e: Expr) -> Expr {
+    match &e {
+        Expr::Select(c, a, b) => match **c {
+            Expr::Const(Const::Pred(true)) => (**a).clone(),
+            Expr::Const(Const::Pred(false)) => (**b).clone(),
+            _ => e,
+        },
+        Expr::Unary(UnOp::Not, x) => match **x {
+            Expr::Const(Const::Pred(p)) => Expr::Const(Const::Pred(!p)),
+            _ => e,
+        },
+        Expr::Cast(Ty::F32, x) => match **x {
+            Expr::Const(Const::I32(n)) if n.unsigned_abs() <= 1 << 24 => {
+                Expr::Const(Const::F32(n as f32))
+            }
+            Expr::Const(Const::I64(n)) if n.unsigned_abs() <= 1 << 24 => {
+                Expr::Const(Const::F32(n as f32))
+            }
+            _ => e,
+        },
+        Expr::Binary(op, a, b) => {
+            let (Expr::Const(x), Expr::Const(y)) = (&**a, &**b) else {
+                return e;
+            };
+            let ordering = match (x, y) {
+                (Const::F32(x), Const::F32(y)) => x.partial_cmp(y),
+                (Const::I32(x), Const::I32(y)) => x.partial_cmp(y),
+                (Const::I64(x), Const::I64(y)) => x.partial_cmp(y),
+                (Const::Pred(x), Const::Pred(y)) => {
+                    return match op {
+                        BinOp::And => Expr::Const(Const::Pred(*x && *y)),
+                        BinOp::Or => Expr::Const(Const::Pred(*x || *y)),
+                        BinOp::Xor => Expr::Const(Const::Pred(x != y)),
+                        _ => e,
+                    }
+                }
+                _ => return e,
+            };
+            use std::cmp::Ordering::*;
+            let value = match op {
+                BinOp::Eq => ordering == Some(Equal),
+                BinOp::Ne => ordering != Some(Equal),
+                BinOp::Lt => ordering == Some(Less),
+                BinOp::Le => matches!(ordering, Some(Less | Equal)),
+                BinOp::Gt => ordering == Some(Greater),
+                BinOp::Ge => matches!(ordering, Some(Greater | Equal)),
+                _ => return e,
+            };
+            Expr::Const(Const::Pred(value))
+        }
+        _ => e,
+    }
 }
 
 fn is_trivial(e: &Expr) -> bool {
