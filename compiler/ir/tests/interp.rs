@@ -935,12 +935,19 @@ fn sort_along_a_leading_axis_and_integers() {
     // Axis 0 of a [3, 2]: each column sorted.
     let out = run1(
         &unary_fn("sort {axis = 0}", "f32[3, 2]", "f32[3, 2]"),
-        &[Tensor::from_f32(&[3, 2], vec![5.0, -1.0, 1.0, 4.0, 3.0, 0.0])],
+        &[Tensor::from_f32(
+            &[3, 2],
+            vec![5.0, -1.0, 1.0, 4.0, 3.0, 0.0],
+        )],
     );
     assert_eq!(f32s(&out), vec![1.0, -1.0, 3.0, 0.0, 5.0, 4.0]);
     let out = run1(
         &unary_fn("sort {axis = 0}", "i64[5]", "i64[5]"),
-        &[Tensor::from_ints(DType::I64, &[5], vec![4, -9, 4, 0, i64::MAX])],
+        &[Tensor::from_ints(
+            DType::I64,
+            &[5],
+            vec![4, -9, 4, 0, i64::MAX],
+        )],
     );
     assert_eq!(ints(&out), vec![-9, 0, 4, 4, i64::MAX]);
 }
