@@ -261,6 +261,7 @@ impl<'a, 'f> Emitter<'a, 'f> {
 
     /// Assigns `e` to a fresh register unless it is trivial; returns what to read.
     pub fn bind(&mut self, out: &mut Vec<Stmt>, name: &str, ty: Ty, e: Expr) -> Expr {
+        let e = fold_const(e);
         if is_trivial(&e) {
             return e;
         }
@@ -1080,47 +1081,54 @@ pub(crate) fn sanitize(name: &str) -> String {
         .collect()
 }
 
-/// `e` with a top-level comparison, logical op, select or integer-to-float cast of
-/// constants replaced by its value (exact in every backend's semantics; arithmetic is left
-/// alone). A template that holds a row in registers reads it at constant positions, and
-/// masks such as `arange(K) == r` then cost nothing.
+/// `e` with its comparisons, logical ops, selects and integer casts of constants replaced
+/// by their values (exact in every backend's semantics; arithmetic is left alone). A
+/// template that holds a row in registers reads it at constant positions, and masks such
+/// as `arange(K) == r` then cost nothing.
 pub(crate) fn fold_const(e: Expr) -> Expr {
-    match &e {
-        Expr::Select(c, a, b) => match **c {
-            Expr::Const(Const::Pred(true)) => (**a).clone(),
-            Expr::Const(Const::Pred(false)) => (**b).clone(),
-            _ => e,
+    match e {
+        Expr::Select(c, a, b) => match fold_const(*c) {
+            Expr::Const(Const::Pred(true)) => fold_const(*a),
+            Expr::Const(Const::Pred(false)) => fold_const(*b),
+            c => Expr::Select(Box::new(c), Box::new(fold_const(*a)), Box::new(fold_const(*b))),
         },
-        Expr::Unary(UnOp::Not, x) => match **x {
+        Expr::Unary(UnOp::Not, x) => match fold_const(*x) {
             Expr::Const(Const::Pred(p)) => Expr::Const(Const::Pred(!p)),
-            _ => e,
+            x => Expr::Unary(UnOp::Not, Box::new(x)),
         },
-        Expr::Cast(Ty::F32, x) => match **x {
-            Expr::Const(Const::I32(n)) if n.unsigned_abs() <= 1 << 24 => {
-                Expr::Const(Const::F32(n as f32))
+        Expr::Cast(ty, x) => {
+            let x = fold_const(*x);
+            let n = match x {
+                Expr::Const(Const::I32(n)) => i64::from(n),
+                Expr::Const(Const::I64(n)) => n,
+                _ => return Expr::Cast(ty, Box::new(x)),
+            };
+            match ty {
+                Ty::I32 => Expr::Const(Const::I32(n as i32)),
+                Ty::I64 => Expr::Const(Const::I64(n)),
+                Ty::F32 if n.unsigned_abs() <= 1 << 24 => Expr::Const(Const::F32(n as f32)),
+                _ => Expr::Cast(ty, Box::new(x)),
             }
-            Expr::Const(Const::I64(n)) if n.unsigned_abs() <= 1 << 24 => {
-                Expr::Const(Const::F32(n as f32))
-            }
-            _ => e,
-        },
+        }
         Expr::Binary(op, a, b) => {
-            let (Expr::Const(x), Expr::Const(y)) = (&**a, &**b) else {
-                return e;
+            let (a, b) = (fold_const(*a), fold_const(*b));
+            let (Expr::Const(x), Expr::Const(y)) = (&a, &b) else {
+                return Expr::Binary(op, Box::new(a), Box::new(b));
             };
             let ordering = match (x, y) {
                 (Const::F32(x), Const::F32(y)) => x.partial_cmp(y),
                 (Const::I32(x), Const::I32(y)) => x.partial_cmp(y),
                 (Const::I64(x), Const::I64(y)) => x.partial_cmp(y),
                 (Const::Pred(x), Const::Pred(y)) => {
-                    return match op {
-                        BinOp::And => Expr::Const(Const::Pred(*x && *y)),
-                        BinOp::Or => Expr::Const(Const::Pred(*x || *y)),
-                        BinOp::Xor => Expr::Const(Const::Pred(x != y)),
-                        _ => e,
-                    }
+                    let value = match op {
+                        BinOp::And => *x && *y,
+                        BinOp::Or => *x || *y,
+                        BinOp::Xor => x != y,
+                        _ => return Expr::Binary(op, Box::new(a), Box::new(b)),
+                    };
+                    return Expr::Const(Const::Pred(value));
                 }
-                _ => return e,
+                _ => return Expr::Binary(op, Box::new(a), Box::new(b)),
             };
             use std::cmp::Ordering::*;
             let value = match op {
@@ -1130,11 +1138,11 @@ pub(crate) fn fold_const(e: Expr) -> Expr {
                 BinOp::Le => matches!(ordering, Some(Less | Equal)),
                 BinOp::Gt => ordering == Some(Greater),
                 BinOp::Ge => matches!(ordering, Some(Greater | Equal)),
-                _ => return e,
+                _ => return Expr::Binary(op, Box::new(a), Box::new(b)),
             };
             Expr::Const(Const::Pred(value))
         }
-        _ => e,
+        e => e,
     }
 }
 
