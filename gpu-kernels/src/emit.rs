@@ -1090,7 +1090,11 @@ pub(crate) fn fold_const(e: Expr) -> Expr {
         Expr::Select(c, a, b) => match fold_const(*c) {
             Expr::Const(Const::Pred(true)) => fold_const(*a),
             Expr::Const(Const::Pred(false)) => fold_const(*b),
-            c => Expr::Select(Box::new(c), Box::new(fold_const(*a)), Box::new(fold_const(*b))),
+            c => Expr::Select(
+                Box::new(c),
+                Box::new(fold_const(*a)),
+                Box::new(fold_const(*b)),
+            ),
         },
         Expr::Unary(UnOp::Not, x) => match fold_const(*x) {
             Expr::Const(Const::Pred(p)) => Expr::Const(Const::Pred(!p)),
@@ -1112,6 +1116,16 @@ pub(crate) fn fold_const(e: Expr) -> Expr {
         }
         Expr::Binary(op, a, b) => {
             let (a, b) = (fold_const(*a), fold_const(*b));
+            // `false || x`, `true && x` and the like (a logical op's other operand).
+            for (c, other) in [(&a, &b), (&b, &a)] {
+                match (op, c) {
+                    (BinOp::Or, Expr::Const(Const::Pred(false)))
+                    | (BinOp::And, Expr::Const(Const::Pred(true))) => return other.clone(),
+                    (BinOp::Or, Expr::Const(Const::Pred(true)))
+                    | (BinOp::And, Expr::Const(Const::Pred(false))) => return c.clone(),
+                    _ => {}
+                }
+            }
             let (Expr::Const(x), Expr::Const(y)) = (&a, &b) else {
                 return Expr::Binary(op, Box::new(a), Box::new(b));
             };

@@ -99,31 +99,50 @@ pub(crate) fn emit_small(
         regs.push(e.bind(&mut work, "v", ty, v[0].clone()));
     }
     // NaN sorts last: it enters the network as +inf, and the last `nans` positions get NaN
-    // back afterwards (the +infs it stood for end up there, after any real +inf).
+    // back afterwards (the +infs it stood for end up there, after any real +inf). Lines
+    // without NaN (one predicate per element, folded into its comparison by ptxas) skip
+    // both steps.
     let nans = (ty == Ty::F32 && n > 0).then(|| {
-        let mut count = Expr::Const(Const::I32(0));
+        let mut any = Expr::Const(Const::Pred(false));
+        for r in &regs {
+            let is_nan = bin(BinOp::Ne, r.clone(), r.clone());
+            any = e.bind(&mut work, "any_nan", Ty::Pred, bin(BinOp::Or, any, is_nan));
+        }
+        let count = e.var("nans", Ty::I32);
+        work.push(Stmt::Assign(count, Expr::Const(Const::I32(0))));
+        let mut then = Vec::new();
         for r in regs.iter_mut() {
+            let v = e.var("v", ty);
+            work.push(Stmt::Assign(v, r.clone()));
             let is_nan = e.bind(
-                &mut work,
+                &mut then,
                 "nan",
                 Ty::Pred,
-                bin(BinOp::Ne, r.clone(), r.clone()),
+                bin(BinOp::Ne, Expr::Var(v), Expr::Var(v)),
             );
             let inf = Expr::Const(Const::F32(f32::INFINITY));
-            *r = e.bind(
-                &mut work,
-                "v",
-                ty,
-                Expr::Select(Box::new(is_nan.clone()), Box::new(inf), Box::new(r.clone())),
-            );
+            then.push(Stmt::Assign(
+                v,
+                Expr::Select(
+                    Box::new(is_nan.clone()),
+                    Box::new(inf),
+                    Box::new(Expr::Var(v)),
+                ),
+            ));
             let one = Expr::Select(
                 Box::new(is_nan),
                 Box::new(Expr::Const(Const::I32(1))),
                 Box::new(Expr::Const(Const::I32(0))),
             );
-            count = e.bind(&mut work, "nans", Ty::I32, add(count, one));
+            then.push(Stmt::Assign(count, add(Expr::Var(count), one)));
+            *r = Expr::Var(v);
         }
-        count
+        work.push(Stmt::If {
+            cond: any.clone(),
+            then,
+            otherwise: Vec::new(),
+        });
+        (any, count)
     });
     for (i, j) in network(n) {
         let (a, b) = (regs[i].clone(), regs[j].clone());
@@ -144,22 +163,29 @@ pub(crate) fn emit_small(
         regs[i] = e.bind(&mut work, "lo", ty, lo);
         regs[j] = e.bind(&mut work, "hi", ty, hi);
     }
-    if let Some(count) = nans {
+    if let Some((any, count)) = nans {
+        let mut then = Vec::new();
         for (i, r) in regs.iter_mut().enumerate() {
+            let s = e.var("s", ty);
+            work.push(Stmt::Assign(s, r.clone()));
             // Position i holds a NaN when i >= n - nans.
             let is_nan = bin(
                 BinOp::Ge,
-                count.clone(),
+                Expr::Var(count),
                 Expr::Const(Const::I32((n - i) as i32)),
             );
             let nan = Expr::Const(Const::F32(f32::NAN));
-            *r = e.bind(
-                &mut work,
-                "s",
-                ty,
-                Expr::Select(Box::new(is_nan), Box::new(nan), Box::new(r.clone())),
-            );
+            then.push(Stmt::Assign(
+                s,
+                Expr::Select(Box::new(is_nan), Box::new(nan), Box::new(Expr::Var(s))),
+            ));
+            *r = Expr::Var(s);
         }
+        work.push(Stmt::If {
+            cond: any,
+            then,
+            otherwise: Vec::new(),
+        });
     }
     e.rows.push(HeldRow {
         value: h,
