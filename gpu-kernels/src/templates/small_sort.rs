@@ -187,6 +187,7 @@ pub(crate) fn emit_small(
             otherwise: Vec::new(),
         });
     }
+    e.fused.extend(group.roots.iter().copied());
     e.rows.push(HeldRow {
         value: h,
         axis,
@@ -358,6 +359,7 @@ pub(crate) fn emit_loop(e: &mut Emitter<'_, '_>, h: Value) -> EResult<Body> {
         &at(&line_idx, axis, Expr::Var(rank)),
         vec![xi],
     );
+    e.fused.insert(h);
     e.pop_scope();
     work.push(Stmt::For {
         var: i,
