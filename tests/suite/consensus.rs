@@ -534,6 +534,23 @@ fn both(U: f32[{k}, P]) -> (f32[P], f32[P]) {{ (coordinate_median(U), trimmed_me
             );
         }
     }
+    // A NaN in a coordinate makes its median NaN (np.median); the others stay as they were.
+    let mut with_nan = u.clone();
+    with_nan[3 * p + 5] = f64::NAN;
+    let nan_u = f32_tensor(&[k, p], &with_nan);
+    for kernel in [&median, &fixed] {
+        for (backend, out) in kernel.run(std::slice::from_ref(&nan_u)) {
+            let got = out[0].to_f64_vec();
+            let want = to_f64s(&want["median"]);
+            for c in 0..p {
+                if c == 5 {
+                    assert!(got[c].is_nan(), "{backend}: the NaN coordinate's median {}", got[c]);
+                } else {
+                    assert_eq!(got[c] as f32, want[c] as f32, "{backend}: coordinate {c}");
+                }
+            }
+        }
+    }
     let krum = Kernel::new("krum");
     for (backend, out) in krum.run(&[ut.clone(), scalar_int(f as i64)]) {
         assert_eq!(
