@@ -516,9 +516,18 @@ fn both(U: f32[{k}, P]) -> (f32[P], f32[P]) {{ (coordinate_median(U), trimmed_me
         "both",
     );
     assert!(
-        fixed.compiled.kernels.iter().all(|k| k.name.contains("sort9")),
+        fixed
+            .compiled
+            .kernels
+            .iter()
+            .all(|k| k.name.contains("sort9")),
         "the register kernels: {:?}",
-        fixed.compiled.kernels.iter().map(|k| &k.name).collect::<Vec<_>>()
+        fixed
+            .compiled
+            .kernels
+            .iter()
+            .map(|k| &k.name)
+            .collect::<Vec<_>>()
     );
     for (backend, out) in fixed.run(std::slice::from_ref(&ut)) {
         let as_f32s = |v: Vec<f64>| v.iter().map(|x| *x as f32).collect::<Vec<f32>>();
@@ -527,7 +536,11 @@ fn both(U: f32[{k}, P]) -> (f32[P], f32[P]) {{ (coordinate_median(U), trimmed_me
             as_f32s(to_f64s(&want["median"])),
             "{backend} median, K constant"
         );
-        for (g, w) in out[1].to_f64_vec().iter().zip(to_f64s(&want["trimmed_mean"])) {
+        for (g, w) in out[1]
+            .to_f64_vec()
+            .iter()
+            .zip(to_f64s(&want["trimmed_mean"]))
+        {
             assert!(
                 (g - w).abs() <= 1e-6 * w.abs().max(1.0),
                 "{backend} trimmed mean {g} vs {w}, K constant"
@@ -544,7 +557,11 @@ fn both(U: f32[{k}, P]) -> (f32[P], f32[P]) {{ (coordinate_median(U), trimmed_me
             let want = to_f64s(&want["median"]);
             for c in 0..p {
                 if c == 5 {
-                    assert!(got[c].is_nan(), "{backend}: the NaN coordinate's median {}", got[c]);
+                    assert!(
+                        got[c].is_nan(),
+                        "{backend}: the NaN coordinate's median {}",
+                        got[c]
+                    );
                 } else {
                     assert_eq!(got[c] as f32, want[c] as f32, "{backend}: coordinate {c}");
                 }
