@@ -54,6 +54,18 @@ pub(crate) struct Binding {
     pub expr: Expr,
 }
 
+/// A value whose lines along `axis` the kernel holds in registers, one line per thread
+/// (the small-sort template's sorted row): `regs[j]` is the element at position `j` of the
+/// thread's own line. The partition only lets a kernel read such a value within the
+/// thread's line, so a read looks at the index along `axis` only: a constant picks its
+/// register, anything else selects among them.
+#[derive(Clone, Debug)]
+pub(crate) struct HeldRow {
+    pub value: Value,
+    pub axis: usize,
+    pub regs: Vec<Expr>,
+}
+
 /// A value the kernel keeps in a shared-memory array (the persistent loop template): one
 /// instance's slice of it when `batched` (its leading axis is the loop's batch axis, read
 /// at the block's instance), else all of it.
@@ -81,6 +93,8 @@ pub(crate) struct Emitter<'a, 'f> {
     /// Values this kernel computes itself (inlined even when they are also stored).
     pub owned: BTreeSet<Value>,
     pub bindings: Vec<Binding>,
+    /// Values held a line per thread in registers.
+    pub rows: Vec<HeldRow>,
     /// Values held in shared arrays by the kernel (read from there, never from a buffer).
     pub local: BTreeMap<Value, LocalArray>,
     memo: Vec<BTreeMap<String, Vec<Expr>>>,
@@ -106,6 +120,7 @@ impl<'a, 'f> Emitter<'a, 'f> {
             shared: Vec::new(),
             owned: BTreeSet::new(),
             bindings: Vec::new(),
+            rows: Vec::new(),
             local: BTreeMap::new(),
             memo: vec![BTreeMap::new()],
             ranges: BTreeMap::new(),
@@ -246,6 +261,7 @@ impl<'a, 'f> Emitter<'a, 'f> {
 
     /// Assigns `e` to a fresh register unless it is trivial; returns what to read.
     pub fn bind(&mut self, out: &mut Vec<Stmt>, name: &str, ty: Ty, e: Expr) -> Expr {
+        let e = fold_const(e);
         if is_trivial(&e) {
             return e;
         }
@@ -261,6 +277,7 @@ impl<'a, 'f> Emitter<'a, 'f> {
     /// bound in a visible scope is read from its register instead of being computed again
     /// (RoPE's two halves take the cosine of the same angle through different indices).
     fn bind_value(&mut self, out: &mut Vec<Stmt>, name: &str, ty: Ty, e: Expr) -> Expr {
+        let e = fold_const(e);
         if is_trivial(&e) {
             return e;
         }
@@ -442,6 +459,12 @@ impl<'a, 'f> Emitter<'a, 'f> {
                 return self.per_lane(out, v, idx, lanes);
             }
         }
+        if let Some(row) = self.rows.iter().find(|r| r.value == v).cloned() {
+            if lanes > 1 {
+                return self.per_lane(out, v, idx, lanes);
+            }
+            return Ok(vec![self.held_element(out, &row, &idx[row.axis])]);
+        }
         if let Some(b) = self.bindings.iter().find(|b| b.value == v) {
             if lanes > 1 {
                 return self.per_lane(out, v, idx, lanes);
@@ -475,6 +498,26 @@ impl<'a, 'f> Emitter<'a, 'f> {
             .expect("a scope")
             .insert(key, result.clone());
         Ok(result)
+    }
+
+    /// Element `at` of the thread's line of a held row: its register when `at` is known,
+    /// else a chain of selects over the registers.
+    fn held_element(&mut self, out: &mut Vec<Stmt>, row: &HeldRow, at: &Expr) -> Expr {
+        let len = row.regs.len() as i64;
+        match self.range(at) {
+            Some((lo, hi)) if lo == hi && (0..len).contains(&lo) => row.regs[lo as usize].clone(),
+            _ => {
+                let ity = self.index_ty;
+                let at = self.bind(out, "at", ity, at.clone());
+                let mut e = row.regs[row.regs.len() - 1].clone();
+                for j in (0..row.regs.len() - 1).rev() {
+                    let here = bin(BinOp::Eq, at.clone(), self.ix(j as i64));
+                    e = Expr::Select(Box::new(here), Box::new(row.regs[j].clone()), Box::new(e));
+                }
+                let ty = self.cty(row.value);
+                self.bind(out, "held", ty, e)
+            }
+        }
     }
 
     fn per_lane(
@@ -1036,6 +1079,85 @@ pub(crate) fn sanitize(name: &str) -> String {
     name.chars()
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
         .collect()
+}
+
+/// `e` with its comparisons, logical ops, selects and integer casts of constants replaced
+/// by their values (exact in every backend's semantics; arithmetic is left alone). A
+/// template that holds a row in registers reads it at constant positions, and masks such
+/// as `arange(K) == r` then cost nothing.
+pub(crate) fn fold_const(e: Expr) -> Expr {
+    match e {
+        Expr::Select(c, a, b) => match fold_const(*c) {
+            Expr::Const(Const::Pred(true)) => fold_const(*a),
+            Expr::Const(Const::Pred(false)) => fold_const(*b),
+            c => Expr::Select(
+                Box::new(c),
+                Box::new(fold_const(*a)),
+                Box::new(fold_const(*b)),
+            ),
+        },
+        Expr::Unary(UnOp::Not, x) => match fold_const(*x) {
+            Expr::Const(Const::Pred(p)) => Expr::Const(Const::Pred(!p)),
+            x => Expr::Unary(UnOp::Not, Box::new(x)),
+        },
+        Expr::Cast(ty, x) => {
+            let x = fold_const(*x);
+            let n = match x {
+                Expr::Const(Const::I32(n)) => i64::from(n),
+                Expr::Const(Const::I64(n)) => n,
+                _ => return Expr::Cast(ty, Box::new(x)),
+            };
+            match ty {
+                Ty::I32 => Expr::Const(Const::I32(n as i32)),
+                Ty::I64 => Expr::Const(Const::I64(n)),
+                Ty::F32 if n.unsigned_abs() <= 1 << 24 => Expr::Const(Const::F32(n as f32)),
+                _ => Expr::Cast(ty, Box::new(x)),
+            }
+        }
+        Expr::Binary(op, a, b) => {
+            let (a, b) = (fold_const(*a), fold_const(*b));
+            // `false || x`, `true && x` and the like (a logical op's other operand).
+            for (c, other) in [(&a, &b), (&b, &a)] {
+                match (op, c) {
+                    (BinOp::Or, Expr::Const(Const::Pred(false)))
+                    | (BinOp::And, Expr::Const(Const::Pred(true))) => return other.clone(),
+                    (BinOp::Or, Expr::Const(Const::Pred(true)))
+                    | (BinOp::And, Expr::Const(Const::Pred(false))) => return c.clone(),
+                    _ => {}
+                }
+            }
+            let (Expr::Const(x), Expr::Const(y)) = (&a, &b) else {
+                return Expr::Binary(op, Box::new(a), Box::new(b));
+            };
+            let ordering = match (x, y) {
+                (Const::F32(x), Const::F32(y)) => x.partial_cmp(y),
+                (Const::I32(x), Const::I32(y)) => x.partial_cmp(y),
+                (Const::I64(x), Const::I64(y)) => x.partial_cmp(y),
+                (Const::Pred(x), Const::Pred(y)) => {
+                    let value = match op {
+                        BinOp::And => *x && *y,
+                        BinOp::Or => *x || *y,
+                        BinOp::Xor => x != y,
+                        _ => return Expr::Binary(op, Box::new(a), Box::new(b)),
+                    };
+                    return Expr::Const(Const::Pred(value));
+                }
+                _ => return Expr::Binary(op, Box::new(a), Box::new(b)),
+            };
+            use std::cmp::Ordering::*;
+            let value = match op {
+                BinOp::Eq => ordering == Some(Equal),
+                BinOp::Ne => ordering != Some(Equal),
+                BinOp::Lt => ordering == Some(Less),
+                BinOp::Le => matches!(ordering, Some(Less | Equal)),
+                BinOp::Gt => ordering == Some(Greater),
+                BinOp::Ge => matches!(ordering, Some(Greater | Equal)),
+                _ => return Expr::Binary(op, Box::new(a), Box::new(b)),
+            };
+            Expr::Const(Const::Pred(value))
+        }
+        e => e,
+    }
 }
 
 fn is_trivial(e: &Expr) -> bool {

@@ -120,6 +120,7 @@ impl<'f> FuncGraph<'f> {
                 Op::Reduce { .. }
                     | Op::ArgMax { .. }
                     | Op::ArgMin { .. }
+                    | Op::Sort { .. }
                     | Op::MatMul
                     | Op::Attention { .. }
                     | Op::KvWrite { .. }

@@ -69,7 +69,24 @@ pub(crate) enum GroupKind {
     KvWrite,
     /// The built-in `paged_attention` op.
     PagedAttention(Value),
+    /// A `sort` over a constant axis of at most [`SMALL_SORT_LEN`] elements, a thread per
+    /// line held in registers; when the axis is the last, the reductions over it and the
+    /// element-wise values of the line that read the sorted line within the thread's own
+    /// line join the kernel (its roots after the sort, and its outputs).
+    SmallSort {
+        sort: Value,
+        axis: usize,
+        len: u64,
+    },
+    /// Any other `sort`: a thread per line ranks its elements (correct, not fast).
+    SortLoop(Value),
 }
+
+/// The longest sorted axis the register template takes.
+pub(crate) const SMALL_SORT_LEN: u64 = 32;
+
+/// The longest constant reduction (or line of an output) the small-sort kernel unrolls.
+const SMALL_SORT_UNROLL: u64 = 64;
 
 /// One kernel to be: what it computes and stores.
 #[derive(Clone, Debug)]
@@ -457,6 +474,20 @@ impl<'g, 'f> State<'g, 'f> {
                     let base = self.view_of.get(&cache).copied().unwrap_or(cache);
                     self.view_of.insert(h, base);
                 }
+                Op::Sort { axis } => {
+                    let h = inst.results[0];
+                    self.settle_pending(region, &[h], None, &mut items);
+                    let kind = match g.shape(h)[*axis].as_const() {
+                        Some(len) if len <= SMALL_SORT_LEN => GroupKind::SmallSort {
+                            sort: h,
+                            axis: *axis,
+                            len,
+                        },
+                        _ => GroupKind::SortLoop(h),
+                    };
+                    let id = self.add_group(kind, region, &mut items);
+                    self.own(id, h, false);
+                }
                 Op::MatMul | Op::Reduce { .. } | Op::ArgMax { .. } | Op::ArgMin { .. } => {
                     let h = inst.results[0];
                     if let Some(parts) = self.attention.get(&h).cloned() {
@@ -652,6 +683,12 @@ impl<'g, 'f> State<'g, 'f> {
             Op::Reduce { axes, .. } => axes.len(),
             _ => 1,
         };
+        if k == 1 {
+            if let Some(gid) = self.sort_group_for(region, h, &input_shape) {
+                self.own(gid, h, false);
+                return;
+            }
+        }
         let (outer, inner) = (
             input_shape[..rank - k].to_vec(),
             input_shape[rank - k..].to_vec(),
@@ -757,7 +794,16 @@ impl<'g, 'f> State<'g, 'f> {
                 grp.roots.iter().any(|r| g.shape(*r) == shape)
                     && self.access_ok(v, grp, Mode::Full, &[])
             }
-            GroupKind::LoopReduce
+            GroupKind::SmallSort { sort, axis, .. } => {
+                let row = &g.shape(*sort)[..*axis];
+                *axis + 1 == g.shape(*sort).len()
+                    && shape.len() >= row.len()
+                    && &shape[..row.len()] == row
+                    && const_numel(&shape[row.len()..]).is_some_and(|n| n <= SMALL_SORT_UNROLL)
+                    && self.row_local(v, grp, row.len(), false)
+            }
+            GroupKind::SortLoop(_)
+            | GroupKind::LoopReduce
             | GroupKind::Attention(_)
             | GroupKind::BuiltinAttention(_)
             | GroupKind::KvWrite
@@ -805,6 +851,85 @@ impl<'g, 'f> State<'g, 'f> {
                 Mode::Other
             };
             next != Mode::Other && self.access_ok(o, grp, next, row_shape)
+        })
+    }
+
+    /// The small-sort group a reduction `h` over the last axis of `input_shape` can join:
+    /// the latest one of this region sorting the last axis of lines of the same outer
+    /// shape, whose roots `h`'s input reads within the thread's line, and whose other
+    /// inputs are ready before it.
+    fn sort_group_for(&self, region: usize, h: Value, input_shape: &[Dim]) -> Option<usize> {
+        let g = self.g;
+        let outer = &input_shape[..input_shape.len().checked_sub(1)?];
+        input_shape
+            .last()?
+            .as_const()
+            .filter(|n| *n <= SMALL_SORT_UNROLL)?;
+        let gid = (0..self.groups.len()).rev().find(|&gid| {
+            let grp = &self.groups[gid];
+            grp.region == region && matches!(grp.kind, GroupKind::SmallSort { .. })
+        })?;
+        let grp = &self.groups[gid];
+        let GroupKind::SmallSort { sort, axis, .. } = grp.kind else {
+            return None;
+        };
+        let sort_shape = g.shape(sort);
+        if axis + 1 != sort_shape.len() || &sort_shape[..axis] != outer {
+            return None;
+        }
+        let input = self.operands(h)[0];
+        if !self.depends_on_roots(input, grp) || !self.row_local(input, grp, outer.len(), false) {
+            return None;
+        }
+        let mut leaves = BTreeSet::new();
+        self.leaves(h, &grp.owned, &mut leaves);
+        self.ready_before(&leaves, grp.pos).then_some(gid)
+    }
+
+    /// Whether computing `v` in a small-sort kernel reads the group's roots only within
+    /// the thread's own line: every value on the way keeps the `outer` leading dims (no
+    /// broadcast over them); element-wise ops, slices past the outer dims and reshapes
+    /// that keep them lead to the sorted line (held in registers, read at any position);
+    /// the group's reductions are reached through element-wise ops only (`moved` says a
+    /// slice or reshape came first), where they are read at the line's own index.
+    fn row_local(&self, v: Value, grp: &Group, outer: usize, moved: bool) -> bool {
+        let g = self.g;
+        let keeps_outer = |x: Value, of: Value| {
+            let (xs, os) = (g.shape(x), g.shape(of));
+            xs.len() >= outer && os.len() >= outer && xs[..outer] == os[..outer]
+        };
+        if grp.roots.first() == Some(&v) {
+            return true;
+        }
+        if grp.roots.contains(&v) {
+            return !moved;
+        }
+        if !self.depends_on_roots(v, grp) {
+            return true;
+        }
+        let Some(inst) = g.inst(v) else { return true };
+        let (elementwise, movement) = match &inst.op {
+            Op::Unary(_)
+            | Op::Binary(_)
+            | Op::Select
+            | Op::Cast { .. }
+            | Op::BroadcastTo { .. } => (true, false),
+            Op::Slice { axis, .. } => (false, *axis >= outer),
+            Op::Reshape { .. } => (false, true),
+            _ => (false, false),
+        };
+        if !elementwise && !movement {
+            return false;
+        }
+        let rank = g.shape(v).len();
+        inst.operands.iter().all(|&o| {
+            if !self.depends_on_roots(o, grp) {
+                return true;
+            }
+            // Right-aligned broadcasting: the operand must reach the outer dims unchanged.
+            (movement || g.shape(o).len() == rank)
+                && keeps_outer(o, v)
+                && self.row_local(o, grp, outer, moved || movement)
         })
     }
 

@@ -27,8 +27,16 @@ impl Kernel {
     fn new(entry: &str) -> Kernel {
         let path = repo_root().join("stdlib/consensus.kiln");
         let source = std::fs::read_to_string(&path).expect("stdlib");
+        Kernel::from_source(&source, entry)
+    }
+
+    /// Lowers `entry` of a program next to the stdlib (`import consensus` reaches it) and
+    /// compiles it for the CPU backend: concrete shapes select other kernels than the
+    /// stdlib's symbolic ones (a constant K sorts in registers).
+    fn from_source(source: &str, entry: &str) -> Kernel {
+        let path = repo_root().join("stdlib/consensus.kiln");
         let (program, diags) =
-            kiln_lower::Program::load_source("consensus.kiln", &source, path.parent());
+            kiln_lower::Program::load_source("consensus.kiln", source, path.parent());
         assert!(!diags.iter().any(|d| d.is_error()), "parse errors");
         let options = kiln_lower::Options {
             entries: Some(vec![entry.to_string()]),
@@ -496,6 +504,68 @@ fn robust_aggregators_equal_numpy() {
                 (g - w).abs() <= 1e-6 * w.abs().max(1.0),
                 "{backend} trimmed mean {g} vs {w}"
             );
+        }
+    }
+    // The same with K a constant: one kernel sorting each coordinate in registers, the
+    // median and the trimmed mean computed there.
+    let fixed = Kernel::from_source(
+        &format!(
+            "import consensus
+fn both(U: f32[{k}, P]) -> (f32[P], f32[P]) {{ (coordinate_median(U), trimmed_mean(U, {trim})) }}"
+        ),
+        "both",
+    );
+    assert!(
+        fixed
+            .compiled
+            .kernels
+            .iter()
+            .all(|k| k.name.contains("sort9")),
+        "the register kernels: {:?}",
+        fixed
+            .compiled
+            .kernels
+            .iter()
+            .map(|k| &k.name)
+            .collect::<Vec<_>>()
+    );
+    for (backend, out) in fixed.run(std::slice::from_ref(&ut)) {
+        let as_f32s = |v: Vec<f64>| v.iter().map(|x| *x as f32).collect::<Vec<f32>>();
+        assert_eq!(
+            as_f32s(out[0].to_f64_vec()),
+            as_f32s(to_f64s(&want["median"])),
+            "{backend} median, K constant"
+        );
+        for (g, w) in out[1]
+            .to_f64_vec()
+            .iter()
+            .zip(to_f64s(&want["trimmed_mean"]))
+        {
+            assert!(
+                (g - w).abs() <= 1e-6 * w.abs().max(1.0),
+                "{backend} trimmed mean {g} vs {w}, K constant"
+            );
+        }
+    }
+    // A NaN in a coordinate makes its median NaN (np.median); the others stay as they were.
+    let mut with_nan = u.clone();
+    with_nan[3 * p + 5] = f64::NAN;
+    let nan_u = f32_tensor(&[k, p], &with_nan);
+    for kernel in [&median, &fixed] {
+        for (backend, out) in kernel.run(std::slice::from_ref(&nan_u)) {
+            let got = out[0].to_f64_vec();
+            let want = to_f64s(&want["median"]);
+            for c in 0..p {
+                if c == 5 {
+                    assert!(
+                        got[c].is_nan(),
+                        "{backend}: the NaN coordinate's median {}",
+                        got[c]
+                    );
+                } else {
+                    assert_eq!(got[c] as f32, want[c] as f32, "{backend}: coordinate {c}");
+                }
+            }
         }
     }
     let krum = Kernel::new("krum");

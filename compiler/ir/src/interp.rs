@@ -326,6 +326,7 @@ fn eval_op(op: &Op, x: &[&Tensor], out_dtype: DType, out_shape: &[usize]) -> Eva
         Op::Reduce { op, axes, .. } => one(out_dtype, out_shape, reduce(*op, x[0], axes)),
         Op::ArgMax { axis, .. } => one(out_dtype, out_shape, arg_reduce(x[0], *axis, true)?),
         Op::ArgMin { axis, .. } => one(out_dtype, out_shape, arg_reduce(x[0], *axis, false)?),
+        Op::Sort { axis } => one(out_dtype, out_shape, sort(x[0], *axis)),
         Op::MatMul => one(out_dtype, out_shape, matmul(x[0], x[1], out_shape)),
         Op::Attention { scale } => one(out_dtype, out_shape, attention(x, *scale)),
         Op::KvWrite { layer } => one(out_dtype, out_shape, kv_write(x, *layer)?),
@@ -690,6 +691,40 @@ fn arg_reduce(x: &Tensor, axis: usize, largest: bool) -> Result<TensorData, Stri
         }
     }
     Ok(TensorData::Int(out))
+}
+
+/// Every line of `x` along `axis` sorted ascending, stably; float NaNs go last (numpy's
+/// `np.sort(kind="stable")`).
+fn sort(x: &Tensor, axis: usize) -> TensorData {
+    let len = x.shape[axis];
+    let outer = numel(&x.shape[..axis]);
+    let inner = numel(&x.shape[axis + 1..]);
+    let mut picks = vec![0usize; numel(&x.shape)];
+    let values = x.to_f64_vec();
+    let ints = x.as_i64();
+    let mut line: Vec<usize> = Vec::with_capacity(len);
+    for o in 0..outer {
+        for n in 0..inner {
+            let at = |k: usize| (o * len + k) * inner + n;
+            line.clear();
+            line.extend((0..len).map(at));
+            match ints {
+                Some(v) => line.sort_by_key(|&i| v[i]),
+                // NaN after every number; numbers by value (-0.0 == +0.0); stable.
+                None => line.sort_by(|&i, &j| {
+                    let (a, b) = (values[i], values[j]);
+                    match (a.is_nan(), b.is_nan()) {
+                        (false, false) => a.partial_cmp(&b).expect("numbers compare"),
+                        (a_nan, b_nan) => a_nan.cmp(&b_nan),
+                    }
+                }),
+            }
+            for (k, &i) in line.iter().enumerate() {
+                picks[at(k)] = i;
+            }
+        }
+    }
+    x.data.take(&picks)
 }
 
 fn matmul(a: &Tensor, b: &Tensor, out_shape: &[usize]) -> TensorData {

@@ -136,6 +136,15 @@ pub enum Op {
         axis: usize,
         keep: bool,
     },
+    /// The operand with every line along `axis` sorted ascending (numpy's `np.sort` with
+    /// `kind="stable"`): same shape and dtype, numbers only. Floats order by value with NaN
+    /// after everything (as numpy); equal values (including -0.0 and +0.0, which compare
+    /// equal) keep their input order in the interpreter. Compiled kernels give the same
+    /// values: they may order a -0.0 and a +0.0 of one line differently, which no
+    /// comparison can see.
+    Sort {
+        axis: usize,
+    },
     /// `a[..., M, K] @ b[..., K, N] -> [..., M, N]` with broadcast batch dims; both operands
     /// of rank >= 2 and one dtype; floats accumulate in f64 in the interpreter.
     MatMul,
@@ -424,6 +433,7 @@ impl Op {
             Op::Reduce { op, .. } => spec(op.name(), Exactly(1), 0),
             Op::ArgMax { .. } => spec("argmax", Exactly(1), 0),
             Op::ArgMin { .. } => spec("argmin", Exactly(1), 0),
+            Op::Sort { .. } => spec("sort", Exactly(1), 0),
             Op::MatMul => spec("matmul", Exactly(2), 0),
             Op::Reshape { .. } => spec("reshape", Exactly(1), 0),
             Op::Permute { .. } => spec("permute", Exactly(1), 0),
@@ -475,6 +485,7 @@ impl Op {
             Op::Cast { to } => Ok(vec![TensorType::new(*to, operands[0].shape.clone())]),
             Op::Reduce { op, axes, keep } => rule.reduce(*op, axes, *keep),
             Op::ArgMax { axis, keep } | Op::ArgMin { axis, keep } => rule.arg_reduce(*axis, *keep),
+            Op::Sort { axis } => rule.sort(*axis),
             Op::MatMul => rule.matmul(),
             Op::Reshape { shape } => rule.reshape(shape),
             Op::Permute { perm } => rule.permute(perm),
@@ -688,6 +699,12 @@ impl TypeRule<'_> {
         self.require_axis(0, axis)?;
         let shape = self.reduced_shape(&[axis], keep)?;
         Ok(vec![TensorType::new(DType::I64, shape)])
+    }
+
+    fn sort(&self, axis: usize) -> RuleResult {
+        self.require_class(0, DTypeClass::Number)?;
+        self.require_axis(0, axis)?;
+        Ok(vec![self.operands[0].clone()])
     }
 
     fn matmul(&self) -> RuleResult {
@@ -1084,7 +1101,9 @@ impl Op {
                 ("end", Attr::Dim(end.clone())),
                 ("step", Attr::Int(*step)),
             ],
-            Op::Concat { axis } | Op::Gather { axis } => vec![("axis", Attr::Int(*axis as u64))],
+            Op::Concat { axis } | Op::Gather { axis } | Op::Sort { axis } => {
+                vec![("axis", Attr::Int(*axis as u64))]
+            }
             Op::Attention { scale } => vec![("scale", Attr::Float(*scale))],
             Op::KvWrite { layer } => vec![("layer", Attr::Int(*layer as u64))],
             Op::PagedAttention { layer, scale } => vec![
@@ -1121,6 +1140,9 @@ impl Op {
             "argmin" => Op::ArgMin {
                 axis: a.index("axis")?,
                 keep: a.bool("keep")?,
+            },
+            "sort" => Op::Sort {
+                axis: a.index("axis")?,
             },
             "matmul" => Op::MatMul,
             "reshape" => Op::Reshape {

@@ -878,3 +878,76 @@ fn tensor_bytes_round_trip() {
     let t = Tensor::from_floats(DType::BF16, &[2], vec![1.0, -2.0]);
     assert_eq!(t.to_le_bytes(), vec![0x80, 0x3F, 0x00, 0xC0]);
 }
+
+/// numpy's `np.sort(x, kind="stable")` of one line: numbers ascending, equal values
+/// (-0.0 and +0.0 included) in input order, NaN last.
+fn numpy_stable_sort(line: &[f32]) -> Vec<f32> {
+    let mut numbers: Vec<f32> = line.iter().copied().filter(|x| !x.is_nan()).collect();
+    // Insertion sort, stable by construction (written out rather than trusting a library
+    // comparator to treat -0.0 and +0.0 as equal).
+    for i in 1..numbers.len() {
+        let mut j = i;
+        while j > 0 && numbers[j - 1] > numbers[j] {
+            numbers.swap(j - 1, j);
+            j -= 1;
+        }
+    }
+    numbers.extend(line.iter().filter(|x| x.is_nan()));
+    numbers
+}
+
+#[test]
+fn sort_orders_lines_like_numpy() {
+    let nan = f32::NAN;
+    let rows: Vec<Vec<f32>> = vec![
+        vec![3.0, -1.0, 2.0, -1.0, 0.5, 7.0],
+        vec![nan, 1.0, -nan, -5.0, f32::INFINITY, f32::NEG_INFINITY],
+        vec![0.0, -0.0, 1.0, -0.0, 0.0, -1.0],
+        vec![2.0, 2.0, 2.0, 2.0, 2.0, 2.0],
+    ];
+    let x: Vec<f32> = rows.concat();
+    let out = run1(
+        &unary_fn("sort {axis = 1}", "f32[R, 6]", "f32[R, 6]"),
+        &[Tensor::from_f32(&[4, 6], x)],
+    );
+    let got = f32s(&out);
+    for (r, row) in rows.iter().enumerate() {
+        let want = numpy_stable_sort(row);
+        let line = &got[r * 6..(r + 1) * 6];
+        // Bit for bit: the sign of each zero is where numpy's stable sort puts it.
+        let bits = |v: &[f32]| {
+            v.iter()
+                .map(|x| if x.is_nan() { u32::MAX } else { x.to_bits() })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(bits(line), bits(&want), "row {r}: {line:?} vs {want:?}");
+    }
+    // The zeros row: [-1, 0, -0, -0, 0, 1] (input order among the equal zeros).
+    assert_eq!(
+        got[12..18].iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+        [-1.0f32, 0.0, -0.0, -0.0, 0.0, 1.0].map(f32::to_bits)
+    );
+    assert!(got[10].is_nan() && got[11].is_nan() && got[9] == f32::INFINITY);
+}
+
+#[test]
+fn sort_along_a_leading_axis_and_integers() {
+    // Axis 0 of a [3, 2]: each column sorted.
+    let out = run1(
+        &unary_fn("sort {axis = 0}", "f32[3, 2]", "f32[3, 2]"),
+        &[Tensor::from_f32(
+            &[3, 2],
+            vec![5.0, -1.0, 1.0, 4.0, 3.0, 0.0],
+        )],
+    );
+    assert_eq!(f32s(&out), vec![1.0, -1.0, 3.0, 0.0, 5.0, 4.0]);
+    let out = run1(
+        &unary_fn("sort {axis = 0}", "i64[5]", "i64[5]"),
+        &[Tensor::from_ints(
+            DType::I64,
+            &[5],
+            vec![4, -9, 4, 0, i64::MAX],
+        )],
+    );
+    assert_eq!(ints(&out), vec![-9, 0, 4, 4, i64::MAX]);
+}

@@ -92,6 +92,7 @@ fn every_op() -> Function {
         &[x],
     )
     .unwrap();
+    b.push1(Op::Sort { axis: 1 }, &[x]).unwrap();
     let y = b.push1(Op::MatMul, &[x, w]).unwrap();
     b.name(y, "y");
     let r = b

@@ -68,6 +68,7 @@ fn names_are_unique_and_cover_every_op() {
             axis: 0,
             keep: false,
         },
+        Op::Sort { axis: 0 },
         Op::MatMul,
         Op::Reshape { shape: shape(&[]) },
         Op::Permute { perm: vec![] },
@@ -96,7 +97,7 @@ fn names_are_unique_and_cover_every_op() {
     assert_eq!(names.len(), count, "duplicate op names: {names:?}");
     assert_eq!(
         count,
-        15 + UnaryOp::ALL.len() + BinaryOp::ALL.len() + ReduceOp::ALL.len()
+        16 + UnaryOp::ALL.len() + BinaryOp::ALL.len() + ReduceOp::ALL.len()
     );
 }
 
@@ -397,6 +398,18 @@ fn arg_reductions() {
         },
         &["bool[4]"],
         "argmin: expects a numeric (non-bool) operand, got bool[4]",
+    );
+    check(Op::Sort { axis: 1 }, &["f32[P, 16]"], "f32[P, 16]");
+    check(Op::Sort { axis: 0 }, &["i32[K]"], "i32[K]");
+    check(
+        Op::Sort { axis: 2 },
+        &["f32[P, 16]"],
+        "sort: axis 2 out of range for f32[P, 16]",
+    );
+    check(
+        Op::Sort { axis: 0 },
+        &["bool[4]"],
+        "sort: expects a numeric (non-bool) operand, got bool[4]",
     );
 }
 

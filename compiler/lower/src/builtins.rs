@@ -33,6 +33,7 @@ pub const BUILTIN_NAMES: &[&str] = &[
     "prod",
     "argmax",
     "argmin",
+    "sort",
     "select",
     "cast",
     "as",
@@ -610,7 +611,7 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
         }
         let allowed_named: &[&str] = match name {
             "sum" | "mean" | "prod" | "max" | "min" | "argmax" | "argmin" => &["axis", "keep"],
-            "concat" | "stack" | "gather" | "unsqueeze" | "squeeze" => &["axis"],
+            "concat" | "stack" | "gather" | "unsqueeze" | "squeeze" | "sort" => &["axis"],
             "zeros" | "ones" | "full" | "arange" | "full_like" | "zeros_like" | "ones_like" => {
                 &["dtype"]
             }
@@ -764,6 +765,29 @@ impl<'g, 'p, 'f> Cx<'g, 'p, 'f> {
                     Op::ArgMin { axis, keep }
                 };
                 self.push1(op, &[x], span)
+            }
+            "sort" => {
+                if !arity(self, 1) {
+                    return Some(Val::Poison);
+                }
+                let Some(x) = self.tensor_arg(&positional, 0, name, span) else {
+                    return Some(Val::Poison);
+                };
+                let ty = self.b.ty(x).clone();
+                if ty.dtype == DType::Bool {
+                    return Some(self.err(
+                        positional[0].span,
+                        format!("`sort` takes numbers, found {ty}"),
+                    ));
+                }
+                let axis = match get_named("axis") {
+                    Some((v, s)) => self.axis(&v, ty.rank(), s),
+                    None => self.axis(&Val::Int(-1), ty.rank(), span),
+                };
+                let Some(axis) = axis else {
+                    return Some(Val::Poison);
+                };
+                self.push1(Op::Sort { axis }, &[x], span)
             }
             "select" => {
                 if !arity(self, 3) {

@@ -180,7 +180,7 @@ fn fold_uniform(
         Op::Unary(_) | Op::Binary(_) | Op::Select | Op::Cast { .. } => {
             uniform_result(&evaluate(op, elements.to_vec())?)
         }
-        Op::Reshape { .. } | Op::Permute { .. } | Op::BroadcastTo { .. } => {
+        Op::Reshape { .. } | Op::Permute { .. } | Op::BroadcastTo { .. } | Op::Sort { .. } => {
             Some(operands[0].clone())
         }
         Op::Slice { axis, .. } => {

@@ -10,6 +10,7 @@ mod paged_decode;
 pub(crate) mod persistent_loop;
 mod pointwise;
 mod reduce;
+mod small_sort;
 
 pub use matmul::MatmulTiling;
 pub use mma_gemm::{choose_splits, choose_tile, MmaTile, SMALL_ROWS};
@@ -186,6 +187,10 @@ pub(crate) fn build(
         GroupKind::BuiltinAttention(v) => attention::emit(&mut e, &attention::Source::Builtin(*v)),
         GroupKind::PagedAttention(v) => attention::emit(&mut e, &attention::Source::Paged(*v)),
         GroupKind::KvWrite => kv_cache::emit(&mut e, &group.roots),
+        GroupKind::SmallSort { axis, len, .. } => {
+            small_sort::emit_small(&mut e, group, *axis, *len, &stores)
+        }
+        GroupKind::SortLoop(v) => small_sort::emit_loop(&mut e, *v),
     };
     let built = finish(g, e, body, out_dtype(g, &stores))?;
     Ok(Some(Launches {
