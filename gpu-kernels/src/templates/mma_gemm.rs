@@ -584,13 +584,18 @@ pub(crate) fn emit(
     let sets = if segmented { 1 } else { matmuls.len() };
     let segment = segmented.then(|| {
         let bx = Expr::Special(Special::BlockIdx(0));
-        let mut which = i32c(0);
+        let mut which: Option<Expr> = None;
         let mut start = i32c(0);
         for s in &segs[1..] {
             let past = bx.clone().ge(i32c(s.start as i64));
-            which = which + Expr::select(past.clone(), i32c(1), i32c(0));
+            let one = Expr::select(past.clone(), i32c(1), i32c(0));
+            which = Some(match which {
+                Some(w) => w + one,
+                None => one,
+            });
             start = Expr::select(past, i32c(s.start as i64), start);
         }
+        let which = which.unwrap_or_else(|| i32c(0));
         let which = e.bind(&mut body, "segment", Ty::I32, which);
         let start = e.bind(&mut body, "segment_start", Ty::I32, start);
         (which, bx - start)
@@ -1301,10 +1306,12 @@ fn emit_segmented_sum(
     let rows = e.dim(&dims[rank - 2]);
     for (i, seg) in segs.iter().enumerate() {
         let first = e.ix(seg.col as i64);
-        let inside = and(
-            first.clone().le(idx[rank - 1].clone()),
-            lt(idx[rank - 1].clone(), e.ix((seg.col + seg.n) as i64)),
-        );
+        let below_end = lt(idx[rank - 1].clone(), e.ix((seg.col + seg.n) as i64));
+        let inside = if seg.col == 0 {
+            below_end
+        } else {
+            and(first.clone().le(idx[rank - 1].clone()), below_end)
+        };
         let col = e.bind(&mut inner, "col", ity, sub(idx[rank - 1].clone(), first));
         let at = OutputElement {
             batch: &idx[..rank - 2],
