@@ -21,12 +21,27 @@
 //! The tile is chosen per shape by [`choose_tile`] (a fixed table, nothing is tuned at run
 //! time) and named in the kernel name (`mma_gemm_128x128x32_w2x2_s3`).
 //!
+//! Horizontally fused matmuls normally share the grid: it covers the widest output and
+//! every block computes the same column tile of each (accumulators and B tiles for all).
+//! At decode sizes (M at most 16) matmuls of different widths (GQA's q/k/v) get a grid of
+//! segments instead ([`segments`], `_seg` in the name): block column x belongs to the
+//! matmul whose run of `ceil(N / bn)` block columns holds it (a block-uniform choice) and
+//! computes column tile `x - start` of that matmul only, with the single-matmul decode tile
+//! and one B tile. The B copies and the epilogue branch on the segment; the A copies, the
+//! mma loop and the split-K-warp reduction are shared. Otherwise a block whose column lies
+//! past the narrower matmuls streams one weight tile while the first blocks stream three.
+//! It applies when every stored value comes from one matmul and the B operands share a
+//! layout; prefill-sized tiles keep the shared grid.
+//!
 //! Split-K across blocks (decode shapes whose grid would leave the SMs underfed, chosen by
 //! [`choose_splits`] from the shape alone): block row `y` of the grid takes the `y`th run of
 //! consecutive k slices and writes its f32 partial sums to a workspace `[splits, batch..,
 //! M, N]` (an arena temp of the plan); a second kernel ([`emit_split_sum`], named
 //! `splitkS_sum`) adds the partial sums of each output element in split order and applies
-//! the epilogue. A fixed-order sum rather than f32 atomics into a zeroed buffer: the same
+//! the epilogue. A grid of segments splits the same way while it has at most a block per SM
+//! of an H100 (q/k/v of the 1.1B Llama: 96 block columns, split over 4 blocks each), its
+//! workspace rows holding the segments' columns side by side (`[splits, batch.., M, sum of
+//! N]`). A fixed-order sum rather than f32 atomics into a zeroed buffer: the same
 //! input gives the same bits on every run, no zeroing launch is needed, and the kernel IR
 //! needs no atomics. A matmul the
 //! template cannot take (another dtype, a fused prologue on an operand, K or a `[K, N]`
@@ -131,8 +146,10 @@ impl MmaTile {
 /// KiB of weights in flight (and [`choose_splits`] may split K across blocks).
 pub fn choose_tile(m: Option<u64>, n: u64, matmuls: u32) -> MmaTile {
     if m.is_some_and(|m| m <= 16) && matmuls <= 3 {
-        // Fused matmuls (gate and up, q/k/v) take half the split-K warps, and three of them
-        // half the slice, to fit their B tiles in two or more stages.
+        // Fused matmuls sharing the grid (gate and up; three of one width) take half the
+        // split-K warps, and three of them half the slice, to fit their B tiles in two or
+        // more stages. (Unequal widths, q/k/v, usually get a grid of segments instead, with
+        // the single-matmul tile: see `plan`.)
         let mut tile = MmaTile {
             bm: 16,
             bn: 32,
