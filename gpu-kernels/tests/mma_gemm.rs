@@ -12,7 +12,7 @@
 mod common;
 
 use common::{check, inputs_for, lower, rel_err, tolerance};
-use kiln_gpu_kernels::Options;
+use kiln_gpu_kernels::{GemmTuning, Options};
 use kiln_kir::{Arg, BufferKind, Step};
 use std::collections::BTreeMap;
 
@@ -356,5 +356,43 @@ fn unequal_widths_keep_the_shared_layout_where_segments_do_not_apply() {
                 "{function}: {names:?}"
             );
         }
+    }
+}
+
+#[test]
+fn the_gemm_knobs_turn_segments_and_their_split_off() {
+    // `kiln bench`'s KILN_TUNE_GEMM: the same q/k/v-like group with segments but no split
+    // across blocks, and with the shared grid of the widest matmul (three B tiles a block).
+    let module = lower("mma_gemm.kiln", SRC, None, None);
+    for (segments, segment_splits, want) in [
+        (
+            true,
+            true,
+            "mma_gemm_16x32x128_w1x2x4_s3_seg_splitk4_x3_f32",
+        ),
+        (
+            true,
+            false,
+            "mma_gemm_16x32x128_w1x2x4_s3_seg_x3_epilogue_bf16",
+        ),
+        (false, true, "mma_gemm_16x32x64_w1x2x2_s3_x3_epilogue_bf16"),
+    ] {
+        let options = Options {
+            gemm: GemmTuning {
+                segments,
+                segment_splits,
+            },
+            ..Options::default()
+        };
+        let weights = BTreeMap::new();
+        let func = module.function("seg_split").unwrap();
+        let symbols = BTreeMap::from([("M".to_string(), 3)]);
+        let inputs = inputs_for(func, &symbols, 1, 7);
+        let compiled = check(&module, "seg_split", &inputs, &weights, &options);
+        let names: Vec<&str> = compiled.kernels.iter().map(|k| k.name.as_str()).collect();
+        assert!(
+            names.iter().any(|n| n.ends_with(want)),
+            "segments {segments}, splits {segment_splits}: {names:?}"
+        );
     }
 }

@@ -53,6 +53,7 @@ use crate::emit::{add, and, lt, mul, sub, EResult, Emitter};
 use crate::graph::FuncGraph;
 use crate::partition::Group;
 use crate::plan::dim_size;
+use crate::GemmTuning;
 use kiln_ir::{DType, Dim, Op, Value};
 use kiln_kir::{BinOp, Buf, Expr, MmaInput, SizeExpr, Special, Stmt, Ty, VarId};
 use std::collections::BTreeSet;
@@ -334,7 +335,12 @@ pub const SMALL_ROWS: u64 = 16;
 
 /// The plan for `group` when the tensor-core template applies to it; with `small_rows`, the
 /// variant for a symbolic row count of at most [`SMALL_ROWS`].
-pub(crate) fn plan(e: &Emitter<'_, '_>, group: &Group, small_rows: bool) -> Option<MmaPlan> {
+pub(crate) fn plan(
+    e: &Emitter<'_, '_>,
+    group: &Group,
+    small_rows: bool,
+    tuning: &GemmTuning,
+) -> Option<MmaPlan> {
     let g = e.g;
     let first = *group.roots.first()?;
     let a = g.inst(first)?.operands[0];
@@ -421,7 +427,7 @@ pub(crate) fn plan(e: &Emitter<'_, '_>, group: &Group, small_rows: bool) -> Opti
     // value comes from one matmul and the B operands share a layout (one shared tile).
     let widths: Option<Vec<u64>> = b.iter().map(|s| s.n.as_const()).collect();
     let segmented = match (&widths, m) {
-        (Some(widths), Some(m)) if m <= SMALL_ROWS && !one_shape => {
+        (Some(widths), Some(m)) if m <= SMALL_ROWS && !one_shape && tuning.segments => {
             b.iter().all(|s| s.k_rows == b[0].k_rows)
                 && group
                     .roots
@@ -440,7 +446,7 @@ pub(crate) fn plan(e: &Emitter<'_, '_>, group: &Group, small_rows: bool) -> Opti
         // K split across blocks, as for one matmul, while the grid has at most a block per
         // SM (q/k/v of the 1.1B Llama: 64 + 16 + 16 = 96 block columns).
         let blocks: u64 = segments.iter().map(|s| s.blocks).sum();
-        if let Some(batch) = batch {
+        if let (Some(batch), true) = (batch, tuning.segment_splits) {
             if blocks.saturating_mul(batch) <= H100_SMS {
                 tile.splits = choose_splits(&tile, m, blocks * u64::from(tile.bn), k, batch);
             }

@@ -72,7 +72,7 @@ pub(crate) fn small_rows_symbol(
     };
     let mut e = Emitter::new(g, &part.stored, Ty::I32);
     e.owned = group.owned.clone();
-    mma_gemm::plan(&e, group, true).map(|_| rows.clone())
+    mma_gemm::plan(&e, group, true, &options.gemm).map(|_| rows.clone())
 }
 
 /// Builds the kernels of group `gid` (one, or a split-K GEMM and its reduction); `None`
@@ -105,7 +105,7 @@ pub(crate) fn build(
     let mut e = new_emitter();
     let mma = match &group.kind {
         GroupKind::Matmul { .. } => {
-            mma_gemm::plan(&e, group, small_rows).filter(|_| options.tensor_cores)
+            mma_gemm::plan(&e, group, small_rows, &options.gemm).filter(|_| options.tensor_cores)
         }
         _ => None,
     };
