@@ -444,7 +444,10 @@ pub(crate) fn plan(
         tile.segmented = true;
         let segments = segments(&widths, tile.bn);
         // K split across blocks, as for one matmul, while the grid has at most a block per
-        // SM (q/k/v of the 1.1B Llama: 64 + 16 + 16 = 96 block columns).
+        // SM of an H100: q/k/v of the 1.1B Llama make 64 + 16 + 16 = 96 block columns (36
+        // SMs idle, each block two 8 KiB weight stages in flight); 4 splits make 384 blocks
+        // (2.9 per SM) for one more launch, the sum kernel, which takes over the epilogue
+        // (`GemmTuning::segment_splits`, `KILN_TUNE_GEMM=splits=0`, compares).
         let blocks: u64 = segments.iter().map(|s| s.blocks).sum();
         if let (Some(batch), true) = (batch, tuning.segment_splits) {
             if blocks.saturating_mul(batch) <= H100_SMS {
