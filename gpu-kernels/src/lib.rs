@@ -63,6 +63,29 @@ pub struct Options {
     pub pointwise: PointwiseTuning,
     pub paged: PagedTuning,
     pub persistent: PersistentTuning,
+    pub gemm: GemmTuning,
+}
+
+/// Knobs of the tensor-core GEMM template (`templates/mma_gemm.rs`; the defaults are what
+/// kiln compiles with, `kiln bench` may compare the variants).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GemmTuning {
+    /// Whether decode-sized fused matmuls of unequal widths (q/k/v) run a grid of
+    /// segments, each block one matmul's tile (else every block computes a tile of each
+    /// over the widest matmul's grid).
+    pub segments: bool,
+    /// Whether a grid of segments of at most a block per SM of an H100 splits K across
+    /// blocks (a partial-sum kernel and a sum kernel).
+    pub segment_splits: bool,
+}
+
+impl Default for GemmTuning {
+    fn default() -> GemmTuning {
+        GemmTuning {
+            segments: true,
+            segment_splits: true,
+        }
+    }
 }
 
 /// Knobs of the persistent loop template (`templates/persistent_loop.rs`; the defaults are
@@ -163,6 +186,7 @@ impl Default for Options {
             pointwise: PointwiseTuning::default(),
             paged: PagedTuning::default(),
             persistent: PersistentTuning::default(),
+            gemm: GemmTuning::default(),
         }
     }
 }

@@ -12,7 +12,7 @@
 mod common;
 
 use common::{check, inputs_for, lower, rel_err, tolerance};
-use kiln_gpu_kernels::Options;
+use kiln_gpu_kernels::{GemmTuning, Options};
 use kiln_kir::{Arg, BufferKind, Step};
 use std::collections::BTreeMap;
 
@@ -37,6 +37,12 @@ fn qkv(x: bf16[M, 256], q: bf16[64, 256], k: bf16[32, 256], v: bf16[32, 256]) ->
 fn long_k(x: bf16[M, 2048], w: bf16[96, 2048], r: bf16[M, 96]) -> bf16[M, 96] { linear(x, w) + r }
 fn kv_long_k(x: bf16[M, 2048], k: bf16[72, 2048], v: bf16[72, 2048]) -> (bf16[M, 72], bf16[M, 72]) { (linear(x, k), linear(x, v) * 0.5) }
 fn heads_out(a: bf16[M, 4, 32], w: bf16[40, 128], r: bf16[M, 40]) -> bf16[M, 40] { linear(a.view(M, 128), w) + r }
+fn seg_qkv(x: bf16[M, 256], q: bf16[96, 256], k: bf16[32, 256], v: bf16[40, 256], b: bf16[96], r: bf16[M, 40]) -> (bf16[M, 96], bf16[M, 32], bf16[M, 40]) { (linear_bias(x, q, b), silu(linear(x, k)), linear(x, v) + r) }
+fn seg_split(x: bf16[M, 2048], q: bf16[96, 2048], k: bf16[32, 2048], v: bf16[37, 2048], r: bf16[M, 37]) -> (bf16[M, 96], bf16[M, 32], bf16[M, 37]) { (linear(x, q) * 0.5, linear(x, k), linear(x, v) + r) }
+fn seg_batched(x: bf16[2, 5, 64], a: bf16[2, 64, 48], b: bf16[2, 64, 16]) -> (bf16[2, 5, 48], bf16[2, 5, 16]) { (x @ a, x @ b) }
+fn seg_batched_split(x: bf16[2, 3, 1024], a: bf16[2, 1024, 48], b: bf16[2, 1024, 16]) -> (bf16[2, 3, 48], bf16[2, 3, 16]) { (x @ a, x @ b + 1.0) }
+fn seg_mixed(x: bf16[M, 64], a: bf16[64, 48], b: bf16[16, 64]) -> (bf16[M, 48], bf16[M, 16]) { (x @ a, linear(x, b)) }
+fn seg_shared(x: bf16[M, 64], a: bf16[48, 64], b: bf16[48, 64], c: bf16[16, 64]) -> (bf16[M, 48], bf16[M, 16]) { (linear(x, a) * linear(x, b), linear(x, c)) }
 ";
 
 /// Checks `function` at the given symbol values on the kir interpreter and on Cranelift;
@@ -203,14 +209,14 @@ fn the_plain_template_can_be_forced() {
 #[test]
 fn a_symbolic_row_count_gets_a_decode_variant_chosen_at_run_time() {
     // The same plan runs the decode-sized kernels for at most 16 rows and the large tiles
-    // above: single, two (gate/up, half the split-K warps), three (q/k/v, also half the
-    // slice), a split-K one, and two fused matmuls of one shape whose few output tiles
-    // split K across blocks (their sum kernel adds each one's partial sums and applies both
-    // epilogues).
+    // above: single, two (gate/up, half the split-K warps), three of unequal widths (q/k/v:
+    // a grid of segments, each block one matmul's tile with the single-matmul tile), a
+    // split-K one, and two fused matmuls of one shape whose few output tiles split K across
+    // blocks (their sum kernel adds each one's partial sums and applies both epilogues).
     for (function, rows, small) in [
         ("nk", [1, 16, 17], "mma_gemm_16x32x128_w1x2x4"),
         ("gate_up", [3, 16, 40], "mma_gemm_16x32x128_w1x2x2"),
-        ("qkv", [1, 7, 33], "mma_gemm_16x32x64_w1x2x2"),
+        ("qkv", [1, 7, 33], "mma_gemm_16x32x128_w1x2x4_s3_seg_x3"),
         ("long_k", [1, 5, 20], "mma_gemm_16x32x128_w1x2x4_s3_splitk"),
         (
             "kv_long_k",
@@ -251,5 +257,142 @@ fn a_reshaped_operand_is_read_from_the_buffer_it_reshapes() {
         let names = run("heads_out", &[("M", m)]);
         assert!(uses_tensor_cores(&names), "{names:?}");
         assert!(!names.iter().any(|n| n.contains("_matmul_")), "{names:?}");
+    }
+}
+
+#[test]
+fn fused_matmuls_of_unequal_widths_get_a_grid_of_segments_at_decode_sizes() {
+    // q/k/v-like widths 96, 32 and 40 (3 + 1 + 2 block columns, the last ragged), a bias,
+    // an activation and a residual epilogue each on its own matmul; K of 256 (two slices,
+    // no split across blocks). Symbolic M: the decode variant for at most 16 rows, today's
+    // layout above.
+    for m in [1, 5, 16, 17, 33] {
+        let names = run("seg_qkv", &[("M", m)]);
+        assert!(
+            names
+                .iter()
+                .any(|n| n.contains("mma_gemm_16x32x128_w1x2x4_s3_seg_x3_epilogue")),
+            "{names:?}"
+        );
+        assert!(
+            names
+                .iter()
+                .any(|n| n.contains("mma_gemm_128x") && !n.contains("_seg")),
+            "{names:?}"
+        );
+    }
+    let module = lower("mma_gemm.kiln", SRC, None, None);
+    let compiled =
+        kiln_gpu_kernels::compile_function(&module, "seg_qkv", &Options::default()).unwrap();
+    let seg = compiled
+        .kernels
+        .iter()
+        .find(|k| k.name.contains("_seg"))
+        .expect("a segmented kernel");
+    assert_eq!(
+        seg.grid[0].eval(&|_| None),
+        Some(6),
+        "3 + 1 + 2 block columns"
+    );
+    // Batch dims and `[K, N]` B operands (N 48 and 16).
+    let names = run("seg_batched", &[]);
+    assert!(
+        names
+            .iter()
+            .any(|n| n.contains("mma_gemm_16x32x128_w1x2x4_s3_seg_x2")),
+        "{names:?}"
+    );
+}
+
+#[test]
+fn a_grid_of_segments_splits_k_across_blocks_when_it_is_small() {
+    // 3 + 1 + 2 block columns and K = 2048 (16 slices): 4 splits of 4 slices, partial
+    // sums side by side in a [4, M, 96 + 32 + 37] workspace, then the sum kernel applies
+    // each segment's epilogue (scale, none, residual on a ragged 37-wide N).
+    for m in [1, 7, 16, 20] {
+        let names = run("seg_split", &[("M", m)]);
+        assert!(
+            names
+                .iter()
+                .any(|n| n.contains("mma_gemm_16x32x128_w1x2x4_s3_seg_splitk4_x3_f32")),
+            "{names:?}"
+        );
+        assert!(
+            names.iter().any(|n| n.contains("splitk4_sum_x3_epilogue")),
+            "{names:?}"
+        );
+    }
+    let names = run("seg_batched_split", &[]);
+    assert!(
+        names
+            .iter()
+            .any(|n| n.contains("mma_gemm_16x32x128_w1x2x4_s3_seg_splitk2_x2_f32")),
+        "{names:?}"
+    );
+    let module = lower("mma_gemm.kiln", SRC, None, None);
+    let compiled =
+        kiln_gpu_kernels::compile_function(&module, "seg_batched_split", &Options::default())
+            .unwrap();
+    let temps: Vec<Vec<u64>> = compiled
+        .plan
+        .buffers
+        .iter()
+        .filter(|b| b.kind == BufferKind::Temp)
+        .map(|b| b.shape.iter().map(|d| d.eval(&|_| None).unwrap()).collect())
+        .collect();
+    assert_eq!(temps, [vec![2, 2, 3, 64]]);
+}
+
+#[test]
+fn unequal_widths_keep_the_shared_layout_where_segments_do_not_apply() {
+    // B operands of both layouts (no one shared tile), and a stored value computed from
+    // two matmuls: every block computes every matmul's tile, as for prefill.
+    for function in ["seg_mixed", "seg_shared"] {
+        for m in [1, 9, 40] {
+            let names = run(function, &[("M", m)]);
+            assert!(uses_tensor_cores(&names), "{function}: {names:?}");
+            assert!(
+                !names.iter().any(|n| n.contains("_seg")),
+                "{function}: {names:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_gemm_knobs_turn_segments_and_their_split_off() {
+    // `kiln bench`'s KILN_TUNE_GEMM: the same q/k/v-like group with segments but no split
+    // across blocks, and with the shared grid of the widest matmul (three B tiles a block).
+    let module = lower("mma_gemm.kiln", SRC, None, None);
+    for (segments, segment_splits, want) in [
+        (
+            true,
+            true,
+            "mma_gemm_16x32x128_w1x2x4_s3_seg_splitk4_x3_f32",
+        ),
+        (
+            true,
+            false,
+            "mma_gemm_16x32x128_w1x2x4_s3_seg_x3_epilogue_bf16",
+        ),
+        (false, true, "mma_gemm_16x32x64_w1x2x2_s3_x3_epilogue_bf16"),
+    ] {
+        let options = Options {
+            gemm: GemmTuning {
+                segments,
+                segment_splits,
+            },
+            ..Options::default()
+        };
+        let weights = BTreeMap::new();
+        let func = module.function("seg_split").unwrap();
+        let symbols = BTreeMap::from([("M".to_string(), 3)]);
+        let inputs = inputs_for(func, &symbols, 1, 7);
+        let compiled = check(&module, "seg_split", &inputs, &weights, &options);
+        let names: Vec<&str> = compiled.kernels.iter().map(|k| k.name.as_str()).collect();
+        assert!(
+            names.iter().any(|n| n.ends_with(want)),
+            "segments {segments}, splits {segment_splits}: {names:?}"
+        );
     }
 }

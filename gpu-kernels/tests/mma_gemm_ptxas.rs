@@ -1,5 +1,6 @@
 //! The tensor-core GEMM kernels at LLM shapes (Llama-3-8B projections, a fused gate/up pair,
-//! decode-sized M with and without the split of K across blocks and its sum kernel, f16)
+//! decode-sized M with and without the split of K across blocks and its sum kernel, f16,
+//! the 1.1B Llama's q/k/v of unequal widths whose decode variant is a grid of segments)
 //! assemble with ptxas for all five targets without spilling a register (ptxas's own `-v`
 //! report). Without ptxas the test fails with the install command, unless
 //! `KILN_ALLOW_NO_PTXAS=1`, when it says it was not run.
@@ -18,6 +19,8 @@ fn decode(x: bf16[16, 4096], w: bf16[14336, 4096]) -> bf16[16, 14336] { linear(x
 fn decode1(x: bf16[1, 4096], w: bf16[4096, 4096]) -> bf16[1, 4096] { linear(x, w) }
 fn decode16_down(x: bf16[16, 14336], w: bf16[4096, 14336], r: bf16[16, 4096]) -> bf16[16, 4096] { linear(x, w) + r }
 fn square(a: f16[4096, 4096], b: f16[4096, 4096]) -> f16[4096, 4096] { a @ b }
+fn qkv_short_k(x: bf16[16, 512], q: bf16[2048, 512], k: bf16[512, 512], v: bf16[512, 512], b: bf16[512]) -> (bf16[16, 2048], bf16[16, 512], bf16[16, 512]) { (linear(x, q), linear(x, k), linear_bias(x, v, b)) }
+fn qkv(x: bf16[T, 2048], q: bf16[2048, 2048], k: bf16[512, 2048], v: bf16[512, 2048]) -> (bf16[T, 2048], bf16[T, 512], bf16[T, 512]) { (linear(x, q), linear(x, k), linear(x, v)) }
 ";
 
 #[test]
@@ -35,6 +38,8 @@ fn llm_shaped_gemms_assemble_for_every_target_without_spills() {
         "decode1",
         "decode16_down",
         "square",
+        "qkv",
+        "qkv_short_k",
     ];
     for function in functions {
         let compiled =

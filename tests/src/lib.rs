@@ -26,9 +26,20 @@ pub fn compile_source(
     dir: Option<&Path>,
     config: Option<&serde_json::Value>,
 ) -> Result<Lowered, String> {
+    compile_source_with(name, source, dir, config, &Options::default())
+}
+
+/// [`compile_source`] with the given lowering options (param dtype, entries).
+pub fn compile_source_with(
+    name: &str,
+    source: &str,
+    dir: Option<&Path>,
+    config: Option<&serde_json::Value>,
+    options: &Options,
+) -> Result<Lowered, String> {
     let (program, mut diags) = Program::load_source(name, source, dir);
     if !diags.iter().any(|d| d.is_error()) {
-        let (lowered, mut more) = kiln_lower::lower(&program, config, &Options::default());
+        let (lowered, mut more) = kiln_lower::lower(&program, config, options);
         diags.append(&mut more);
         if let Some(l) = lowered {
             if !diags.iter().any(|d| d.is_error()) {

@@ -15,7 +15,9 @@ use kiln_cuda::{CudaDevice, CudaPackage, CudaProgram};
 use kiln_driver::pipeline::{self, CompileOptions};
 use kiln_ir::{interpret, DType, Function, Tensor};
 use kiln_ptx::{Target, Toolchain};
-use kiln_tests::{compile_source, load_safetensors, read_json, rel_err, repo_root, Rng};
+use kiln_tests::{
+    compile_source, compile_source_with, load_safetensors, read_json, rel_err, repo_root, Rng,
+};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
@@ -153,7 +155,7 @@ enum Backend {
     Gpu,
 }
 
-fn compare(what: &str, got: &[Tensor], want: &[Tensor]) {
+fn compare(what: &str, got: &[Tensor], want: &[Tensor], tolerance_given: Option<f64>) {
     assert_eq!(got.len(), want.len(), "{what}: number of results");
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
         assert_eq!(
@@ -162,7 +164,7 @@ fn compare(what: &str, got: &[Tensor], want: &[Tensor]) {
             "{what} result {i}"
         );
         let err = rel_err(&g.to_f64_vec(), &w.to_f64_vec());
-        let tol = tolerance(w.dtype);
+        let tol = tolerance_given.unwrap_or_else(|| tolerance(w.dtype));
         assert!(
             err <= tol,
             "{what} result {i} ({}): relative error {err:e} > {tol:e}",
@@ -208,6 +210,19 @@ fn check_program_with(
     given_inputs: Option<Vec<Tensor>>,
 ) {
     let lowered = compile_source(name, source, dir, config).unwrap_or_else(|d| panic!("{d}"));
+    check_lowered(backend, fusion, name, lowered, weights, given_inputs, None);
+}
+
+/// [`check_program_with`] for a lowered program; `tolerance` replaces the per-dtype one.
+fn check_lowered(
+    backend: Backend,
+    fusion: &kiln_gpu_kernels::Options,
+    name: &str,
+    lowered: kiln_lower::Lowered,
+    weights: &BTreeMap<String, Tensor>,
+    given_inputs: Option<Vec<Tensor>>,
+    tolerance: Option<f64>,
+) {
     let mut optimized = lowered.module.clone();
     kiln_opt::optimize(&mut optimized).expect("optimize");
     let compiled = kiln_gpu_kernels::compile_module(&optimized, fusion)
@@ -247,7 +262,12 @@ fn check_program_with(
             let got = executor
                 .run(plan, &inputs, &|n| weights.get(n))
                 .unwrap_or_else(|e| panic!("{what}: cpu backend: {e}"));
-            compare(&format!("{what} on the cpu backend"), &got, &want);
+            compare(
+                &format!("{what} on the cpu backend"),
+                &got,
+                &want,
+                tolerance,
+            );
         }
         if let Some(package) = &cuda {
             let mut program = CudaProgram::new(package.clone(), &func.name)
@@ -258,7 +278,7 @@ fn check_program_with(
             let got = program
                 .run(&inputs)
                 .unwrap_or_else(|e| panic!("{what}: cuda: {e}"));
-            compare(&format!("{what} on the GPU"), &got, &want);
+            compare(&format!("{what} on the GPU"), &got, &want, tolerance);
         }
     }
 }
@@ -283,6 +303,55 @@ fn model_programs_on_the_cpu_backend_equal_the_interpreter() {
 #[ignore = "needs an NVIDIA GPU; run with --include-ignored on a machine with one"]
 fn model_programs_on_the_gpu_equal_the_interpreter() {
     check_models(Backend::Gpu);
+}
+
+#[test]
+fn llama_steps_in_bf16_on_the_cpu_backend_equal_the_interpreter() {
+    check_bf16_steps(Backend::Cpu);
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU; run with --include-ignored on a machine with one"]
+fn llama_steps_in_bf16_on_the_gpu_equal_the_interpreter() {
+    check_bf16_steps(Backend::Gpu);
+}
+
+/// The Llama program's KV-cached `step` in bf16 on tiny-llama and tiny-qwen2 (q/k/v biases)
+/// with the fixtures' weights rounded to bf16: 6 tokens take the decode-sized tensor-core
+/// kernels, q/k/v (64, 32 and 32 wide under GQA) a grid of segments. Tolerance 2e-2 for
+/// every output, the f32 logits too: the interpreter rounds each op's result to bf16, the
+/// kernels only what they store.
+fn check_bf16_steps(backend: Backend) {
+    for fixture in ["tiny-llama", "tiny-qwen2"] {
+        let dir = repo_root().join("tests/fixtures").join(fixture);
+        let mut config = read_json(&dir.join("config.json"));
+        config["kv_block_size"] = serde_json::json!(4);
+        let weights: BTreeMap<String, Tensor> = load_safetensors(&dir.join("model.safetensors"))
+            .into_iter()
+            .map(|(n, t)| (n, t.cast(DType::BF16)))
+            .collect();
+        let path = repo_root().join("models/llama.kiln");
+        let source = std::fs::read_to_string(&path).expect("program");
+        let name = format!("models/llama.kiln ({fixture}, bf16)");
+        let options = kiln_lower::Options {
+            param_dtype: DType::BF16,
+            entries: Some(vec!["step".to_string()]),
+        };
+        let lowered = compile_source_with(&name, &source, path.parent(), Some(&config), &options)
+            .unwrap_or_else(|d| panic!("{d}"));
+        let mut optimized = lowered.module.clone();
+        kiln_opt::optimize(&mut optimized).expect("optimize");
+        let fusion = kiln_gpu_kernels::Options::default();
+        let compiled = kiln_gpu_kernels::compile_module(&optimized, &fusion).unwrap();
+        assert!(
+            compiled
+                .kernels
+                .iter()
+                .any(|k| k.name.contains("mma_gemm_16x32x128_w1x2x4_s3_seg")),
+            "{name}: a grid of segments for q/k/v"
+        );
+        check_lowered(backend, &fusion, &name, lowered, &weights, None, Some(2e-2));
+    }
 }
 
 fn check_stdlib(backend: Backend) {

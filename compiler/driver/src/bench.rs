@@ -233,6 +233,12 @@ const TUNE_POINTWISE: &str = "KILN_TUNE_POINTWISE";
 /// [`kiln_gpu_kernels::PagedTuning`].
 const TUNE_PAGED: &str = "KILN_TUNE_PAGED";
 
+/// `KILN_TUNE_GEMM`: `segments=0|1` (decode-sized fused matmuls of unequal widths, q/k/v,
+/// run a grid of segments, each block one matmul's tile; default 1) and `splits=0|1` (such a
+/// grid of at most a block per SM splits K across blocks; default 1). Example:
+/// `KILN_TUNE_GEMM=segments=1,splits=0`.
+const TUNE_GEMM: &str = "KILN_TUNE_GEMM";
+
 /// The `KEY=N` items of the tuning variable `var`, if it is set.
 fn tuning_items(var: &str) -> Result<Vec<(String, u64)>> {
     let Ok(spec) = std::env::var(var) else {
@@ -295,6 +301,22 @@ pub(crate) fn apply_tuning(options: &mut CompileOptions) -> Result<()> {
         eprintln!(
             "kiln bench: {TUNE_PAGED}: part {}, unroll {}, warps {}, short_part {} up to {} keys",
             paged.part, paged.unroll, paged.warps, paged.short_part, paged.short_context
+        );
+    }
+    let gemm_items = tuning_items(TUNE_GEMM)?;
+    let gemm = &mut options.fusion.gemm;
+    for (key, n) in &gemm_items {
+        match key.as_str() {
+            "segments" => gemm.segments = *n != 0,
+            "splits" => gemm.segment_splits = *n != 0,
+            _ => bail!("{TUNE_GEMM}: unknown key `{key}` (segments, splits)"),
+        }
+    }
+    if !gemm_items.is_empty() {
+        eprintln!(
+            "kiln bench: {TUNE_GEMM}: segments {}, splits {}",
+            u8::from(gemm.segments),
+            u8::from(gemm.segment_splits)
         );
     }
     Ok(())

@@ -21,12 +21,27 @@
 //! The tile is chosen per shape by [`choose_tile`] (a fixed table, nothing is tuned at run
 //! time) and named in the kernel name (`mma_gemm_128x128x32_w2x2_s3`).
 //!
+//! Horizontally fused matmuls normally share the grid: it covers the widest output and
+//! every block computes the same column tile of each (accumulators and B tiles for all).
+//! At decode sizes (M at most 16) matmuls of different widths (GQA's q/k/v) get a grid of
+//! segments instead ([`segments`], `_seg` in the name): block column x belongs to the
+//! matmul whose run of `ceil(N / bn)` block columns holds it (a block-uniform choice) and
+//! computes column tile `x - start` of that matmul only, with the single-matmul decode tile
+//! and one B tile. The B copies and the epilogue branch on the segment; the A copies, the
+//! mma loop and the split-K-warp reduction are shared. Otherwise a block whose column lies
+//! past the narrower matmuls streams one weight tile while the first blocks stream three.
+//! It applies when every stored value comes from one matmul and the B operands share a
+//! layout; prefill-sized tiles keep the shared grid.
+//!
 //! Split-K across blocks (decode shapes whose grid would leave the SMs underfed, chosen by
 //! [`choose_splits`] from the shape alone): block row `y` of the grid takes the `y`th run of
 //! consecutive k slices and writes its f32 partial sums to a workspace `[splits, batch..,
 //! M, N]` (an arena temp of the plan); a second kernel ([`emit_split_sum`], named
 //! `splitkS_sum`) adds the partial sums of each output element in split order and applies
-//! the epilogue. A fixed-order sum rather than f32 atomics into a zeroed buffer: the same
+//! the epilogue. A grid of segments splits the same way while it has at most a block per SM
+//! of an H100 (q/k/v of the 1.1B Llama: 96 block columns, split over 4 blocks each), its
+//! workspace rows holding the segments' columns side by side (`[splits, batch.., M, sum of
+//! N]`). A fixed-order sum rather than f32 atomics into a zeroed buffer: the same
 //! input gives the same bits on every run, no zeroing launch is needed, and the kernel IR
 //! needs no atomics. A matmul the
 //! template cannot take (another dtype, a fused prologue on an operand, K or a `[K, N]`
@@ -34,12 +49,14 @@
 
 use super::matmul::{batch_index, epilogue_at, kernel_name, OutputElement};
 use super::{ceil_div_size, one, size_of_dims, Body, Workspace};
-use crate::emit::{add, and, lt, mul, EResult, Emitter};
+use crate::emit::{add, and, lt, mul, sub, EResult, Emitter};
 use crate::graph::FuncGraph;
 use crate::partition::Group;
 use crate::plan::dim_size;
+use crate::GemmTuning;
 use kiln_ir::{DType, Dim, Op, Value};
 use kiln_kir::{BinOp, Buf, Expr, MmaInput, SizeExpr, Special, Stmt, Ty, VarId};
+use std::collections::BTreeSet;
 
 /// Elements of one 16-byte chunk (16-bit elements).
 const CHUNK: i64 = 8;
@@ -64,6 +81,9 @@ pub struct MmaTile {
     /// Blocks splitting the k slices among them (1: no split across blocks; see
     /// [`choose_splits`]).
     pub splits: u32,
+    /// Whether the grid's block columns are laid out by segments, one per horizontally
+    /// fused matmul (each block computes one matmul's tile; see [`segments`]).
+    pub segmented: bool,
 }
 
 impl MmaTile {
@@ -96,8 +116,9 @@ impl MmaTile {
         (self.warps_k - 1) * 32 * self.warps_m * self.warps_n * self.accumulators(matmuls) * 4
     }
 
-    /// `128x128x32_w2x2_s3`, `16x32x128_w1x2x4_s3` with split-K warps, and
-    /// `16x32x128_w1x2x4_s3_splitk5` with the k slices split over 5 blocks.
+    /// `128x128x32_w2x2_s3`, `16x32x128_w1x2x4_s3` with split-K warps,
+    /// `16x32x128_w1x2x4_s3_splitk5` with the k slices split over 5 blocks, and
+    /// `16x32x128_w1x2x4_s3_seg` for a grid of segments.
     pub fn name(&self) -> String {
         let warps_k = if self.warps_k > 1 {
             format!("x{}", self.warps_k)
@@ -109,8 +130,9 @@ impl MmaTile {
         } else {
             String::new()
         };
+        let segmented = if self.segmented { "_seg" } else { "" };
         format!(
-            "{}x{}x{}_w{}x{}{warps_k}_s{}{splits}",
+            "{}x{}x{}_w{}x{}{warps_k}_s{}{segmented}{splits}",
             self.bm, self.bn, self.bk, self.warps_m, self.warps_n, self.stages
         )
     }
@@ -125,8 +147,10 @@ impl MmaTile {
 /// KiB of weights in flight (and [`choose_splits`] may split K across blocks).
 pub fn choose_tile(m: Option<u64>, n: u64, matmuls: u32) -> MmaTile {
     if m.is_some_and(|m| m <= 16) && matmuls <= 3 {
-        // Fused matmuls (gate and up, q/k/v) take half the split-K warps, and three of them
-        // half the slice, to fit their B tiles in two or more stages.
+        // Fused matmuls sharing the grid (gate and up; three of one width) take half the
+        // split-K warps, and three of them half the slice, to fit their B tiles in two or
+        // more stages. (Unequal widths, q/k/v, usually get a grid of segments instead, with
+        // the single-matmul tile: see `plan`.)
         let mut tile = MmaTile {
             bm: 16,
             bn: 32,
@@ -136,6 +160,7 @@ pub fn choose_tile(m: Option<u64>, n: u64, matmuls: u32) -> MmaTile {
             warps_k: if matmuls == 1 { 4 } else { 2 },
             stages: 2,
             splits: 1,
+            segmented: false,
         };
         tile.stages = ((SHARED_BYTES - tile.reduction_bytes(matmuls)) / tile.stage_bytes(matmuls))
             .clamp(2, 4);
@@ -150,6 +175,7 @@ pub fn choose_tile(m: Option<u64>, n: u64, matmuls: u32) -> MmaTile {
         warps_k: 1,
         stages: 2,
         splits: 1,
+        segmented: false,
     };
     while tile.accumulators(matmuls) > MAX_ACCUMULATORS && tile.bn > 32 {
         tile.bn /= 2;
@@ -228,6 +254,66 @@ pub(crate) struct MmaPlan {
     b: Vec<BSource>,
     k: u64,
     tile: MmaTile,
+    /// The grid's segments, one per matmul, when `tile.segmented`.
+    segments: Vec<Segment>,
+}
+
+/// One matmul's share of a segmented grid's block columns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Segment {
+    /// Its first block column.
+    pub start: u64,
+    /// Its block columns, `ceil(n / bn)`.
+    pub blocks: u64,
+    /// The matmul's N.
+    pub n: u64,
+    /// Its first column in a row of the split workspace (`[.., M, sum of N]`).
+    pub col: u64,
+}
+
+/// The segments of a grid of `bn`-wide block columns over matmuls of widths `widths`, in
+/// order: each matmul's `ceil(n / bn)` block columns follow the previous one's.
+pub fn segments(widths: &[u64], bn: u32) -> Vec<Segment> {
+    let (mut start, mut col) = (0, 0);
+    widths
+        .iter()
+        .map(|&n| {
+            let s = Segment {
+                start,
+                blocks: n.div_ceil(u64::from(bn)),
+                n,
+                col,
+            };
+            start += s.blocks;
+            col += n;
+            s
+        })
+        .collect()
+}
+
+/// The columns of all segments together (a row of a segmented split's workspace).
+fn segment_columns(segments: &[Segment]) -> u64 {
+    segments.iter().map(|s| s.n).sum()
+}
+
+/// The indices of `group`'s matmuls that `v` (a value the group stores) is computed from.
+fn matmuls_of(e: &Emitter<'_, '_>, group: &Group, v: Value) -> BTreeSet<usize> {
+    let mut found = BTreeSet::new();
+    let mut seen = BTreeSet::new();
+    let mut stack = vec![v];
+    while let Some(x) = stack.pop() {
+        if !seen.insert(x) {
+            continue;
+        }
+        if let Some(i) = group.roots.iter().position(|&r| r == x) {
+            found.insert(i);
+        } else if !e.is_loaded(x) {
+            if let Some(inst) = e.g.inst(x) {
+                stack.extend(inst.operands.iter().copied());
+            }
+        }
+    }
+    found
 }
 
 impl MmaPlan {
@@ -249,7 +335,12 @@ pub const SMALL_ROWS: u64 = 16;
 
 /// The plan for `group` when the tensor-core template applies to it; with `small_rows`, the
 /// variant for a symbolic row count of at most [`SMALL_ROWS`].
-pub(crate) fn plan(e: &Emitter<'_, '_>, group: &Group, small_rows: bool) -> Option<MmaPlan> {
+pub(crate) fn plan(
+    e: &Emitter<'_, '_>,
+    group: &Group,
+    small_rows: bool,
+    tuning: &GemmTuning,
+) -> Option<MmaPlan> {
     let g = e.g;
     let first = *group.roots.first()?;
     let a = g.inst(first)?.operands[0];
@@ -330,10 +421,52 @@ pub(crate) fn plan(e: &Emitter<'_, '_>, group: &Group, small_rows: bool) -> Opti
     let batch: Option<u64> = out_shape[..rank - 2]
         .iter()
         .try_fold(1u64, |acc, d| Some(acc.saturating_mul(d.as_const()?)));
-    // Horizontally fused matmuls (which share the output shape) split K across blocks too
-    // when their grid has at most a block per SM (k and v of GQA); wider ones (gate and up)
-    // keep their epilogue in the GEMM.
     let one_shape = b.iter().all(|s| s.n == b[0].n);
+    // Decode-sized fused matmuls of different widths (q/k/v of GQA): a grid of segments,
+    // each block one matmul's tile with the single-matmul decode tile, when every stored
+    // value comes from one matmul and the B operands share a layout (one shared tile).
+    let widths: Option<Vec<u64>> = b.iter().map(|s| s.n.as_const()).collect();
+    let segmented = match (&widths, m) {
+        (Some(widths), Some(m)) if m <= SMALL_ROWS && !one_shape && tuning.segments => {
+            b.iter().all(|s| s.k_rows == b[0].k_rows)
+                && group
+                    .roots
+                    .iter()
+                    .chain(&group.outputs)
+                    .all(|&v| matmuls_of(e, group, v).len() == 1)
+        }
+        _ => false,
+    };
+    if segmented {
+        let widths = widths.expect("constant widths");
+        let m = m.expect("decode rows");
+        tile = choose_tile(Some(m), n_max, 1);
+        tile.segmented = true;
+        let segments = segments(&widths, tile.bn);
+        // K split across blocks, as for one matmul, while the grid has at most a block per
+        // SM of an H100: q/k/v of the 1.1B Llama make 64 + 16 + 16 = 96 block columns (36
+        // SMs idle, each block two 8 KiB weight stages in flight); 4 splits make 384 blocks
+        // (2.9 per SM) for one more launch, the sum kernel, which takes over the epilogue
+        // (`GemmTuning::segment_splits`, `KILN_TUNE_GEMM=splits=0`, compares).
+        let blocks: u64 = segments.iter().map(|s| s.blocks).sum();
+        if let (Some(batch), true) = (batch, tuning.segment_splits) {
+            if blocks.saturating_mul(batch) <= H100_SMS {
+                tile.splits = choose_splits(&tile, m, blocks * u64::from(tile.bn), k, batch);
+            }
+        }
+        return Some(MmaPlan {
+            input,
+            a,
+            a_source,
+            b,
+            k,
+            tile,
+            segments,
+        });
+    }
+    // Horizontally fused matmuls of one shape split K across blocks too when their grid
+    // has at most a block per SM (k and v of GQA); wider ones (gate and up) keep their
+    // epilogue in the GEMM.
     if let (Some(m), Some(batch), true) = (m, batch, one_shape) {
         let blocks = n_max.div_ceil(u64::from(tile.bn)).saturating_mul(batch);
         if b.len() == 1 || blocks <= H100_SMS {
@@ -347,6 +480,7 @@ pub(crate) fn plan(e: &Emitter<'_, '_>, group: &Group, small_rows: bool) -> Opti
         b,
         k,
         tile,
+        segments: Vec::new(),
     })
 }
 
@@ -378,6 +512,21 @@ fn swizzle_bits(chunks: u32) -> (u32, i64) {
 fn swizzle(row: Expr, chunks: u32) -> Expr {
     let (shift, mask) = swizzle_bits(chunks);
     and_mask(shr(row, shift), mask)
+}
+
+/// `branches[i]` under `segment == i` (the last one otherwise): a block-uniform choice in
+/// a grid of segments.
+fn by_segment(segment: &Expr, mut branches: Vec<Vec<Stmt>>) -> Vec<Stmt> {
+    let mut chain = branches.pop().unwrap_or_default();
+    while let Some(branch) = branches.pop() {
+        let i = branches.len() as i64;
+        chain = vec![Stmt::if_else(
+            segment.clone().equals(i32c(i)),
+            branch,
+            chain,
+        )];
+    }
+    chain
 }
 
 pub(crate) fn emit(
@@ -454,15 +603,41 @@ pub(crate) fn emit(
         }
         None => (None, i32c(k_tiles)),
     };
-    let n0 = mul(e.special(Special::BlockIdx(0)), e.ix(bn));
+    // A grid of segments: block column x is column tile `x - start` of the matmul whose
+    // segment holds it (`segment`, the same in the whole block).
+    let segmented = t.segmented;
+    let segs = &plan.segments;
+    let sets = if segmented { 1 } else { matmuls.len() };
+    let segment = segmented.then(|| {
+        let bx = Expr::Special(Special::BlockIdx(0));
+        let mut which: Option<Expr> = None;
+        let mut start = i32c(0);
+        for s in &segs[1..] {
+            let past = bx.clone().ge(i32c(s.start as i64));
+            let one = Expr::select(past.clone(), i32c(1), i32c(0));
+            which = Some(match which {
+                Some(w) => w + one,
+                None => one,
+            });
+            start = Expr::select(past, i32c(s.start as i64), start);
+        }
+        let which = which.unwrap_or_else(|| i32c(0));
+        let which = e.bind(&mut body, "segment", Ty::I32, which);
+        let start = e.bind(&mut body, "segment_start", Ty::I32, start);
+        (which, bx - start)
+    });
+    let n0 = match &segment {
+        Some((_, column)) => mul(index(column.clone()), e.ix(bn)),
+        None => mul(e.special(Special::BlockIdx(0)), e.ix(bn)),
+    };
     let n0 = e.bind(&mut body, "n0", ity, n0);
+    let segment = segment.map(|(which, _)| which);
     let bz = e.special(Special::BlockIdx(2));
     let batch = e.delinearize(&mut body, bz, &batch_dims);
     let m_size = e.dim(&out_shape[rank - 2]);
     let k_size = e.ix(plan.k as i64);
 
-    let acc: Vec<Vec<[VarId; 4]>> = matmuls
-        .iter()
+    let acc: Vec<Vec<[VarId; 4]>> = (0..sets)
         .map(|_| {
             (0..mi_count * ni_count)
                 .map(|_| [0; 4].map(|_| e.var("acc", Ty::F32)))
@@ -477,8 +652,7 @@ pub(crate) fn emit(
     let a_stage = bm * bk;
     let b_stage = bk * bn;
     let a_tile = e.shared_array("a_tile", dtype, (stages * a_stage) as u32);
-    let b_tiles: Vec<Buf> = matmuls
-        .iter()
+    let b_tiles: Vec<Buf> = (0..sets)
         .map(|_| e.shared_array("b_tile", dtype, (stages * b_stage) as u32))
         .collect();
     let a_buf = e.buffer(plan.a_source, kiln_kir::Access::Read);
@@ -535,8 +709,9 @@ pub(crate) fn emit(
             dst,
         });
     }
-    let mut b_plans = Vec::new();
-    for (i, source) in plan.b.iter().enumerate() {
+    // The copies of matmul i's B tile (at k = 0 of the slice), bound in `out`.
+    let b_plan_of = |e: &mut Emitter<'_, '_>, out: &mut Vec<Stmt>, i: usize| {
+        let source = &plan.b[i];
         let w_shape = g.shape(source.value).to_vec();
         let b_batch = batch_index(
             e,
@@ -549,7 +724,7 @@ pub(crate) fn emit(
         let chunks = cols / CHUNK;
         let copies = rows * chunks / threads;
         let col = e.bind(
-            &mut body,
+            out,
             "b_col",
             Ty::I32,
             and_mask(tid.clone(), chunks - 1) * i32c(CHUNK),
@@ -557,7 +732,7 @@ pub(crate) fn emit(
         let mut copies_plan = Vec::new();
         for q in 0..copies {
             let row = e.bind(
-                &mut body,
+                out,
                 "b_row",
                 Ty::I32,
                 shr(tid.clone(), chunks.trailing_zeros()) + i32c(q * threads / chunks),
@@ -575,13 +750,13 @@ pub(crate) fn emit(
                 idx.extend([gn.clone(), gk]);
             }
             let src = e.linear(&w_shape, &idx);
-            let src = e.bind(&mut body, "b_src", ity, src);
-            let row_ok = e.bind(&mut body, "b_ok", Ty::Pred, lt(gn, n_size.clone()));
+            let src = e.bind(out, "b_src", ity, src);
+            let row_ok = e.bind(out, "b_ok", Ty::Pred, lt(gn, n_size.clone()));
             let chunk = shr(col.clone(), 3);
             let dst = row.clone() * i32c(cols)
                 + Expr::binary(BinOp::Xor, chunk, swizzle(row.clone(), chunks as u32))
                     * i32c(CHUNK);
-            let dst = e.bind(&mut body, "b_dst", Ty::I32, dst);
+            let dst = e.bind(out, "b_dst", Ty::I32, dst);
             copies_plan.push(Copy {
                 src,
                 row_ok,
@@ -589,8 +764,20 @@ pub(crate) fn emit(
                 dst,
             });
         }
-        b_plans.push((i, col, copies_plan));
-    }
+        (col, copies_plan)
+    };
+    // Fused matmuls side by side: every B plan bound once, before the loop; a grid of
+    // segments binds its segment's in the branch that copies it.
+    let b_plans: Vec<(usize, Expr, Vec<Copy>)> = if segmented {
+        Vec::new()
+    } else {
+        (0..plan.b.len())
+            .map(|i| {
+                let (col, copies) = b_plan_of(e, &mut body, i);
+                (i, col, copies)
+            })
+            .collect()
+    };
 
     // The copies of the block's k slice `kt` (of `k_count`) into stage `stage` (both I32
     // expressions); slices past the block's last are zero-filled without reading memory.
@@ -626,7 +813,12 @@ pub(crate) fn emit(
                 src_len: Expr::select(valid, i32c(CHUNK), i32c(0)),
             });
         }
-        for ((i, col, copies), source) in b_plans.iter().zip(&plan.b) {
+        let b_copies = |e: &mut Emitter<'_, '_>,
+                        out: &mut Vec<Stmt>,
+                        i: usize,
+                        col: &Expr,
+                        copies: &[Copy]| {
+            let source = &plan.b[i];
             let n_len = e.dim(&source.n);
             for copy in copies {
                 let (gk, step) = if source.k_rows {
@@ -640,12 +832,30 @@ pub(crate) fn emit(
                 };
                 let valid = and(copy.row_ok.clone(), in_block(lt(gk, k_size.clone())));
                 out.push(Stmt::CpAsync {
-                    dst: b_tiles[*i],
+                    dst: b_tiles[if segmented { 0 } else { i }],
                     dst_index: stage.clone() * i32c(b_stage) + copy.dst.clone(),
-                    src: b_bufs[*i],
+                    src: b_bufs[i],
                     src_index: Expr::select(valid.clone(), add(copy.src.clone(), step), e.ix(0)),
                     src_len: Expr::select(valid, i32c(CHUNK), i32c(0)),
                 });
+            }
+        };
+        match &segment {
+            Some(which) => {
+                let branches = (0..plan.b.len())
+                    .map(|i| {
+                        let mut branch = Vec::new();
+                        let (col, copies) = b_plan_of(e, &mut branch, i);
+                        b_copies(e, &mut branch, i, &col, &copies);
+                        branch
+                    })
+                    .collect();
+                out.extend(by_segment(which, branches));
+            }
+            None => {
+                for (i, col, copies) in &b_plans {
+                    b_copies(e, &mut out, *i, col, copies);
+                }
             }
         }
         out
@@ -679,6 +889,7 @@ pub(crate) fn emit(
     let b_ld: Vec<Vec<Vec<Expr>>> = plan
         .b
         .iter()
+        .take(sets)
         .map(|source| {
             (0..k_steps)
                 .map(|kk| {
@@ -748,7 +959,7 @@ pub(crate) fn emit(
                 index: a_base.clone() + a_ld[kk].clone() + i32c(mi as i64 * 16 * bk),
             });
         }
-        for (i, source) in plan.b.iter().enumerate() {
+        for (i, source) in plan.b.iter().enumerate().take(sets) {
             for pair in 0..ni_count / 2 {
                 let (lo, hi) = (&b_frag[2 * pair], &b_frag[2 * pair + 1]);
                 kloop.push(Stmt::LdMatrix {
@@ -829,78 +1040,119 @@ pub(crate) fn emit(
     let first_k = (t.warps_k > 1).then(|| warp_k.clone().equals(i32c(0)));
     // Split across blocks: the block's partial sums go to the f32 workspace
     // `[splits, batch.., M, N]` (`emit_split_sum` adds them); `workspace` is the offset of
-    // this block's `[M, N]` matrix in it.
+    // this block's `[M, N]` matrix in it (`[M, sum of N]` for a grid of segments).
     let workspace = match split {
         Some(_) => {
             let buf = e.workspace(0, DType::F32, kiln_kir::Access::Write);
-            let matrix = e.numel(&out_shape[rank - 2..]);
+            let matrix = if segmented {
+                mul(m_size.clone(), e.ix(segment_columns(segs) as i64))
+            } else {
+                e.numel(&out_shape[rank - 2..])
+            };
             let batch = e.numel(&batch_dims);
             let which = add(
                 mul(e.special(Special::BlockIdx(1)), batch),
                 e.special(Special::BlockIdx(2)),
             );
             let offset = e.bind(&mut body, "workspace", ity, mul(which, matrix));
-            let n = e.dim(&plan.b[0].n);
+            let row_len = if segmented {
+                e.ix(segment_columns(segs) as i64)
+            } else {
+                e.dim(&plan.b[0].n)
+            };
             // Fused matmul i's partial sums follow the first's: `[matmuls, splits, ..]`.
             let per_matmul = mul(
                 e.ix(i64::from(split.expect("split").0)),
                 e.numel(&out_shape),
             );
             let per_matmul = e.bind(&mut body, "per_matmul", ity, per_matmul);
-            Some((buf, offset, n, per_matmul))
+            Some((buf, offset, row_len, per_matmul))
         }
         None => None,
     };
     let g4 = e.bind(&mut body, "g", Ty::I32, shr(lane.clone(), 2));
     let t2 = e.bind(&mut body, "t2", Ty::I32, and_mask(lane, 3) * i32c(2));
-    for mi in 0..mi_count {
-        for ni in 0..ni_count {
-            // Accumulator j holds row g + 8 (j / 2), column 2t + j % 2 of the m16n8 tile.
-            for (j, (row_offset, col_offset)) in
-                [(0, 0), (0, 1), (8, 0), (8, 1)].into_iter().enumerate()
-            {
-                let row = warp_m0.clone() + g4.clone() + i32c(mi as i64 * 16 + row_offset);
-                let col = warp_n0.clone() + t2.clone() + i32c(ni as i64 * 8 + col_offset);
-                let gm = e.bind(&mut body, "row", ity, add(m0.clone(), index(row)));
-                let gn = e.bind(&mut body, "col", ity, add(n0.clone(), index(col)));
-                let accs: Vec<VarId> = acc.iter().map(|a| a[mi * ni_count + ni][j]).collect();
-                if let Some((buf, offset, n, per_matmul)) = &workspace {
-                    // The partial sums of this block's slices, at [matmul, split, batch, row,
-                    // col].
-                    let mut cond = and(lt(gm.clone(), m_size.clone()), lt(gn.clone(), n.clone()));
-                    if let Some(first) = &first_k {
-                        cond = and(cond, first.clone());
-                    }
-                    let at = e.bind(
-                        &mut body,
-                        "at",
-                        ity,
-                        add(offset.clone(), add(mul(gm, n.clone()), gn)),
-                    );
-                    let partials = accs
+    // The accumulators' elements into `out`: every matmul's, or (`seg`) one segment's
+    // matmul with the stored values computed from it.
+    let elements =
+        |e: &mut Emitter<'_, '_>, out: &mut Vec<Stmt>, seg: Option<usize>| -> EResult<()> {
+            let (these, stored): (Vec<Value>, Vec<Value>) = match seg {
+                Some(i) => (
+                    vec![matmuls[i]],
+                    stores
                         .iter()
-                        .enumerate()
-                        .map(|(i, acc)| {
-                            let at = if i == 0 {
-                                at.clone()
-                            } else {
-                                add(at.clone(), mul(e.ix(i as i64), per_matmul.clone()))
+                        .copied()
+                        .filter(|&v| matmuls_of(e, group, v).contains(&i))
+                        .collect(),
+                ),
+                None => (matmuls.clone(), stores.to_vec()),
+            };
+            for mi in 0..mi_count {
+                for ni in 0..ni_count {
+                    // Accumulator j holds row g + 8 (j / 2), column 2t + j % 2 of the m16n8 tile.
+                    for (j, (row_offset, col_offset)) in
+                        [(0, 0), (0, 1), (8, 0), (8, 1)].into_iter().enumerate()
+                    {
+                        let row = warp_m0.clone() + g4.clone() + i32c(mi as i64 * 16 + row_offset);
+                        let col = warp_n0.clone() + t2.clone() + i32c(ni as i64 * 8 + col_offset);
+                        let gm = e.bind(out, "row", ity, add(m0.clone(), index(row)));
+                        let gn = e.bind(out, "col", ity, add(n0.clone(), index(col)));
+                        let accs: Vec<VarId> =
+                            acc.iter().map(|a| a[mi * ni_count + ni][j]).collect();
+                        if let Some((buf, offset, row_len, per_matmul)) = &workspace {
+                            // The partial sums of this block's slices, at [matmul, split, batch,
+                            // row, col] (a segment's at its columns of [split, batch, row, col]).
+                            let (n, first_col) = match seg {
+                                Some(i) => (e.ix(segs[i].n as i64), e.ix(segs[i].col as i64)),
+                                None => (row_len.clone(), e.ix(0)),
                             };
-                            Stmt::store(*buf, at, *acc)
-                        })
-                        .collect();
-                    body.push(Stmt::if_then(cond, partials));
-                    continue;
+                            let mut cond = and(lt(gm.clone(), m_size.clone()), lt(gn.clone(), n));
+                            if let Some(first) = &first_k {
+                                cond = and(cond, first.clone());
+                            }
+                            let at = add(
+                                offset.clone(),
+                                add(mul(gm, row_len.clone()), add(first_col, gn)),
+                            );
+                            let at = e.bind(out, "at", ity, at);
+                            let partials = accs
+                                .iter()
+                                .enumerate()
+                                .map(|(i, acc)| {
+                                    let at = if i == 0 {
+                                        at.clone()
+                                    } else {
+                                        add(at.clone(), mul(e.ix(i as i64), per_matmul.clone()))
+                                    };
+                                    Stmt::store(*buf, at, *acc)
+                                })
+                                .collect();
+                            out.push(Stmt::if_then(cond, partials));
+                            continue;
+                        }
+                        let at = OutputElement {
+                            batch: &batch,
+                            row: &gm,
+                            col: &gn,
+                            rows: &m_size,
+                        };
+                        epilogue_at(e, out, &these, &accs, &at, first_k.as_ref(), &stored)?;
+                    }
                 }
-                let at = OutputElement {
-                    batch: &batch,
-                    row: &gm,
-                    col: &gn,
-                    rows: &m_size,
-                };
-                epilogue_at(e, &mut body, &matmuls, &accs, &at, first_k.as_ref(), stores)?;
             }
+            Ok(())
+        };
+    match &segment {
+        Some(which) => {
+            let mut branches = Vec::new();
+            for i in 0..segs.len() {
+                let mut branch = Vec::new();
+                elements(e, &mut branch, Some(i))?;
+                branches.push(branch);
+            }
+            body.extend(by_segment(which, branches));
         }
+        None => elements(e, &mut body, None)?,
     }
     for &m in &matmuls {
         e.fused.insert(m);
@@ -917,11 +1169,16 @@ pub(crate) fn emit(
         .map(|s| s.n.clone())
         .max_by_key(|d| d.as_const().unwrap_or(u64::MAX))
         .unwrap_or(Dim::Const(1));
+    let grid_x = if segmented {
+        SizeExpr::Const(segs.iter().map(|s| s.blocks).sum())
+    } else {
+        ceil_div_size(size_of_dims(&[grid_n]), t.bn as u64)
+    };
     Ok(Body {
         what,
         block_dim: t.threads(),
         grid: [
-            ceil_div_size(size_of_dims(&[grid_n]), t.bn as u64),
+            grid_x,
             match split {
                 Some((splits, _)) => SizeExpr::Const(u64::from(splits)),
                 None => ceil_div_size(size_of_dims(&out_shape[rank - 2..rank - 1]), t.bm as u64),
@@ -940,6 +1197,17 @@ const SUM_THREADS: u32 = 256;
 pub(crate) fn split_workspace(g: &FuncGraph<'_>, group: &Group, plan: &MmaPlan) -> Workspace {
     let (splits, _) = plan.split().expect("a split GEMM");
     let mut shape = Vec::new();
+    if plan.tile.segmented {
+        // `[splits, batch.., M, sum of N]`: the segments' columns side by side.
+        let out = g.shape(group.roots[0]);
+        shape.push(SizeExpr::Const(u64::from(splits)));
+        shape.extend(out[..out.len() - 1].iter().map(dim_size));
+        shape.push(SizeExpr::Const(segment_columns(&plan.segments)));
+        return Workspace {
+            dtype: DType::F32,
+            shape,
+        };
+    }
     if group.roots.len() > 1 {
         shape.push(SizeExpr::Const(group.roots.len() as u64));
     }
@@ -967,6 +1235,9 @@ pub(crate) fn emit_split_sum(
     let rank = out_shape.len();
     let ity = e.index_ty;
     let mut body = Vec::new();
+    if plan.tile.segmented {
+        return emit_segmented_sum(e, group, stores, plan, splits);
+    }
     let total = e.numel(&out_shape);
     let gid = add(
         mul(
@@ -1012,6 +1283,84 @@ pub(crate) fn emit_split_sum(
         block_dim: SUM_THREADS,
         grid: [
             ceil_div_size(size_of_dims(&out_shape), u64::from(SUM_THREADS)),
+            one(),
+            one(),
+        ],
+        stmts: body,
+    })
+}
+
+/// [`emit_split_sum`] for a grid of segments: a thread per element of the workspace's
+/// `[batch.., M, sum of N]` rows; the segment holding its column gives the matmul, whose
+/// stored values the epilogue writes.
+fn emit_segmented_sum(
+    e: &mut Emitter<'_, '_>,
+    group: &Group,
+    stores: &[Value],
+    plan: &MmaPlan,
+    splits: u32,
+) -> EResult<Body> {
+    let g = e.g;
+    let matmuls = group.roots.clone();
+    let segs = &plan.segments;
+    let mut dims = g.shape(matmuls[0]).to_vec();
+    let rank = dims.len();
+    dims[rank - 1] = Dim::Const(segment_columns(segs));
+    let ity = e.index_ty;
+    let mut body = Vec::new();
+    let total = e.numel(&dims);
+    let gid = add(
+        mul(
+            e.special(Special::BlockIdx(0)),
+            e.ix(i64::from(SUM_THREADS)),
+        ),
+        e.special(Special::ThreadIdx),
+    );
+    let gid = e.bind(&mut body, "gid", ity, gid);
+    let workspace = e.workspace(0, DType::F32, kiln_kir::Access::Read);
+    let mut inner = Vec::new();
+    let sum = e.var("sum", Ty::F32);
+    inner.push(Stmt::Assign(sum, Expr::load(workspace, gid.clone())));
+    for s in 1..i64::from(splits) {
+        let at = add(gid.clone(), mul(e.ix(s), total.clone()));
+        inner.push(Stmt::assign(
+            sum,
+            Expr::var(sum) + Expr::load(workspace, at),
+        ));
+    }
+    let idx = e.delinearize(&mut inner, gid.clone(), &dims);
+    let rows = e.dim(&dims[rank - 2]);
+    for (i, seg) in segs.iter().enumerate() {
+        let first = e.ix(seg.col as i64);
+        let below_end = lt(idx[rank - 1].clone(), e.ix((seg.col + seg.n) as i64));
+        let inside = if seg.col == 0 {
+            below_end
+        } else {
+            and(first.clone().le(idx[rank - 1].clone()), below_end)
+        };
+        let col = e.bind(&mut inner, "col", ity, sub(idx[rank - 1].clone(), first));
+        let at = OutputElement {
+            batch: &idx[..rank - 2],
+            row: &idx[rank - 2],
+            col: &col,
+            rows: &rows,
+        };
+        let stored: Vec<Value> = stores
+            .iter()
+            .copied()
+            .filter(|&v| matmuls_of(e, group, v).contains(&i))
+            .collect();
+        let mut then = Vec::new();
+        epilogue_at(e, &mut then, &[matmuls[i]], &[sum], &at, None, &stored)?;
+        inner.push(Stmt::if_then(inside, then));
+    }
+    body.push(Stmt::if_then(lt(gid, total), inner));
+    let what = kernel_name(&format!("splitk{splits}_sum"), &matmuls, stores);
+    Ok(Body {
+        what,
+        block_dim: SUM_THREADS,
+        grid: [
+            ceil_div_size(size_of_dims(&dims), u64::from(SUM_THREADS)),
             one(),
             one(),
         ],
@@ -1090,6 +1439,26 @@ mod tests {
         let mut split = decode;
         split.splits = 5;
         assert_eq!(split.name(), "16x32x128_w1x2x4_s3_splitk5");
+    }
+
+    #[test]
+    fn segments_lay_out_the_matmuls_block_columns_one_after_another() {
+        // q/k/v of the 1.1B Llama: 64 + 16 + 16 = 96 block columns of 32; as one grid of at
+        // most a block per SM, its 16 slices of K = 2048 split over 4 blocks (384 blocks).
+        let segs = segments(&[2048, 512, 512], 32);
+        let starts: Vec<(u64, u64, u64)> =
+            segs.iter().map(|s| (s.start, s.blocks, s.col)).collect();
+        assert_eq!(starts, [(0, 64, 0), (64, 16, 2048), (80, 16, 2560)]);
+        assert_eq!(segment_columns(&segs), 3072);
+        let mut tile = choose_tile(Some(16), 2048, 1);
+        tile.segmented = true;
+        assert_eq!(tile.name(), "16x32x128_w1x2x4_s3_seg");
+        assert_eq!(choose_splits(&tile, 1, 96 * 32, 2048, 1), 4);
+        // Ragged widths: a partial last tile in each segment.
+        let segs = segments(&[96, 32, 40], 32);
+        let starts: Vec<(u64, u64, u64)> =
+            segs.iter().map(|s| (s.start, s.blocks, s.col)).collect();
+        assert_eq!(starts, [(0, 3, 0), (3, 1, 96), (4, 2, 128)]);
     }
 
     #[test]

@@ -83,7 +83,7 @@ pub(crate) fn size_variant(
             let [Dim::Sym(rows), _] = shape else {
                 return None;
             };
-            mma_gemm::plan(&e, group, true).map(|_| SizeVariant {
+            mma_gemm::plan(&e, group, true, &options.gemm).map(|_| SizeVariant {
                 symbol: rows.clone(),
                 at_most: SMALL_ROWS,
             })
@@ -136,7 +136,7 @@ pub(crate) fn build(
     let mut e = new_emitter();
     let mma = match &group.kind {
         GroupKind::Matmul { .. } => {
-            mma_gemm::plan(&e, group, small).filter(|_| options.tensor_cores)
+            mma_gemm::plan(&e, group, small, &options.gemm).filter(|_| options.tensor_cores)
         }
         _ => None,
     };
