@@ -442,11 +442,16 @@ impl<'a, 'f> Emitter<'a, 'f> {
                 return self.per_lane(out, v, idx, lanes);
             }
         }
-        if let Some(b) = self.bindings.iter().find(|b| b.value == v) {
+        if self.bindings.iter().any(|b| b.value == v) {
             if lanes > 1 {
                 return self.per_lane(out, v, idx, lanes);
             }
-            if b.index.as_slice() == idx {
+            // A value may be bound at several indices (the lanes of a matmul epilogue).
+            if let Some(b) = self
+                .bindings
+                .iter()
+                .find(|b| b.value == v && b.index.as_slice() == idx)
+            {
                 return Ok(vec![b.expr.clone()]);
             }
             return Err(EmitError::NotFusable(v));

@@ -56,7 +56,9 @@ pub struct Options {
     pub index_width: IndexWidth,
     /// The largest value a symbolic dim is assumed to take (for [`IndexWidth::Auto`]).
     pub symbol_bound: u64,
-    pub matmul_tiling: MatmulTiling,
+    /// The tiling of the plain matmul template for every matmul (`None`: chosen by shape,
+    /// [`MatmulTiling::choose`]).
+    pub matmul_tiling: Option<MatmulTiling>,
     /// Whether bf16/f16 matmuls may use the tensor-core template (else every matmul uses
     /// the plain tiling).
     pub tensor_cores: bool,
@@ -147,7 +149,7 @@ impl Default for Options {
         Options {
             index_width: IndexWidth::Auto,
             symbol_bound: DEFAULT_SYMBOL_BOUND,
-            matmul_tiling: MatmulTiling::default(),
+            matmul_tiling: None,
             tensor_cores: true,
             pointwise: PointwiseTuning::default(),
             paged: PagedTuning::default(),

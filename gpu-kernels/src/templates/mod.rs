@@ -146,7 +146,7 @@ pub(crate) fn build(
         GroupKind::LoopReduce => reduce::emit_loop(&mut e, group.roots[0]),
         GroupKind::Matmul { .. } => match &mma {
             Some(plan) => mma_gemm::emit(&mut e, group, &stores, plan),
-            None => matmul::emit(&mut e, group, &stores, &options.matmul_tiling),
+            None => matmul::emit(&mut e, group, &stores, options.matmul_tiling.as_ref()),
         },
         GroupKind::Attention(parts) => attention::emit(&mut e, &attention::Source::Pattern(parts)),
         GroupKind::BuiltinAttention(v) => attention::emit(&mut e, &attention::Source::Builtin(*v)),
