@@ -90,6 +90,8 @@ pub(crate) struct Emitter<'a, 'f> {
     pub fused: BTreeSet<Value>,
     buffer_params: BTreeMap<Value, u32>,
     sym_params: BTreeMap<String, u32>,
+    /// The kernel's [`Kernel::blocks_per_sm`] (1 unless the template asks for more).
+    pub blocks_per_sm: u32,
 }
 
 pub(crate) type EResult<T> = Result<T, EmitError>;
@@ -112,6 +114,7 @@ impl<'a, 'f> Emitter<'a, 'f> {
             fused: BTreeSet::new(),
             buffer_params: BTreeMap::new(),
             sym_params: BTreeMap::new(),
+            blocks_per_sm: 1,
         }
     }
 
@@ -390,6 +393,7 @@ impl<'a, 'f> Emitter<'a, 'f> {
             name,
             params: self.params,
             block_dim,
+            blocks_per_sm: self.blocks_per_sm,
             grid,
             shared: self.shared,
             vars: self.vars,

@@ -5,7 +5,7 @@
 //! broadcast batch dims, fused prologues (cosine similarity's row normalization, a cast)
 //! and epilogues (bias + gelu, a residual), horizontal fusion of two, three and five
 //! matmuls, integer matmuls; what each kernel reads as vectors; and ptxas reports (registers,
-//! no spills) for all five targets.
+//! at most 128 for the large tile, no spills) for all five targets.
 
 mod common;
 
@@ -338,4 +338,27 @@ fn f32_gemms_assemble_for_every_target_without_spills() {
     forced.name = format!("{}_forced", forced.name);
     kernels.push(forced);
     common::assert_assembles_without_spills(&toolchain, &kernels);
+    // The large tile asks for two blocks an SM (16 warps): ptxas fits it in 128 registers.
+    use kiln_ptx::{emit_ptx, AssembleOptions, EmitOptions, Target};
+    for kernel in kernels.iter().filter(|k| k.name.contains("128x128")) {
+        assert_eq!(kernel.blocks_per_sm, 2, "{}", kernel.name);
+        for target in Target::ALL {
+            let ptx = emit_ptx(
+                std::slice::from_ref(kernel),
+                target,
+                &EmitOptions::default(),
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+            let assembled = toolchain
+                .assemble(&ptx, target, &AssembleOptions::default())
+                .unwrap_or_else(|e| panic!("{}: {e}", kernel.name));
+            let report = &assembled.report.functions[0];
+            assert!(
+                report.registers <= 128,
+                "{} on {target}: {} registers",
+                kernel.name,
+                report.registers
+            );
+        }
+    }
 }

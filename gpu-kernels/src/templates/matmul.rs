@@ -136,10 +136,14 @@ impl MatmulTiling {
     /// 4 elements of each tile.
     pub fn is_valid(&self) -> bool {
         let per_thread = |t: u32| t == 4 || t == 8;
-        if !per_thread(self.tm) || !per_thread(self.tn) || self.bk % 4 != 0 || self.bk == 0 {
+        if !per_thread(self.tm)
+            || !per_thread(self.tn)
+            || !self.bk.is_multiple_of(4)
+            || self.bk == 0
+        {
             return false;
         }
-        if self.bm % self.tm != 0 || self.bn % self.tn != 0 {
+        if !self.bm.is_multiple_of(self.tm) || !self.bn.is_multiple_of(self.tn) {
             return false;
         }
         let (cols, rows) = (self.bn / self.tn, self.bm / self.tm);
@@ -203,12 +207,12 @@ struct TileRead {
     k_last: bool,
     /// Whether that axis has a constant size divisible by 4 (one vector, one check).
     vector: bool,
-    /// The first outer index of the block's tile, the outer size, and the tile's extent.
-    origin: Expr,
+    /// The outer size and the tile's extent along it.
     outer: Expr,
     extent: i64,
-    /// Per group: the tile-local outer and K coordinates of its first element.
-    groups: Vec<(Expr, Expr)>,
+    /// Per group: the tile-local outer and K coordinates of its first element, and its
+    /// global outer index.
+    groups: Vec<(Expr, Expr, Expr)>,
     /// The shared array (two stages of `[bk][extent + PAD]`).
     tile: Buf,
     /// Per group, the 4 registers the loads land in.
@@ -238,7 +242,11 @@ impl TileRead {
         ty: Ty,
     ) -> TileRead {
         let (src, transposed) = match transposed_source(e, operand) {
-            Some(s) => (s, true),
+            Some(s) => {
+                // The kernel computes the transpose (by reading its source).
+                e.fused.insert(operand);
+                (s, true)
+            }
             None => (operand, false),
         };
         // A is [.., M, K] (K last) unless transposed; B is [.., K, N] (N last) unless
@@ -269,7 +277,8 @@ impl TileRead {
             };
             let o = e.bind(body, "to", ity, o);
             let k = e.bind(body, "tk", ity, k);
-            groups.push((o, k));
+            let go = e.bind(body, "go", ity, add(origin.clone(), o.clone()));
+            groups.push((o, k, go));
         }
         let len = (2 * bk * (extent + PAD)) as u32;
         let tile = e.shared_array(if is_a { "a_tile" } else { "b_tile" }, sdtype, len);
@@ -281,7 +290,6 @@ impl TileRead {
             batch: src_batch,
             k_last,
             vector,
-            origin,
             outer,
             extent,
             groups,
@@ -301,8 +309,8 @@ impl TileRead {
         zero: &Expr,
     ) -> EResult<()> {
         let ity = e.index_ty;
-        for ((o, k), regs) in self.groups.iter().zip(&self.regs) {
-            let go = e.bind(out, "go", ity, add(self.origin.clone(), o.clone()));
+        for ((_, k, go), regs) in self.groups.iter().zip(&self.regs) {
+            let go = go.clone();
             let gk = e.bind(out, "gk", ity, add(k0.clone(), k.clone()));
             // (slow, fast) axes of `src`: lanes run along the fast one.
             let (slow, slow_size, fast, fast_size) = if self.k_last {
@@ -357,7 +365,7 @@ impl TileRead {
     /// (K-major: element (k, o) at `k · (extent + PAD) + o`).
     fn store(&self, e: &Emitter<'_, '_>, out: &mut Vec<Stmt>, stage: &Expr, chunk: usize) {
         let ld = self.extent + PAD;
-        for ((o, k), regs) in self.groups.iter().zip(&self.regs) {
+        for ((o, k, _), regs) in self.groups.iter().zip(&self.regs) {
             let at = |e: &Emitter<'_, '_>, k: Expr, o: Expr| {
                 add(stage.clone(), add(mul(k, e.ix(ld)), o))
             };
@@ -489,6 +497,11 @@ pub(crate) fn emit(
         return Err(e.internal(first, format!("an unusable matmul tiling {t:?}")));
     }
     let threads = t.threads();
+    if t.tm * t.tn >= 64 {
+        // 8 × 8 accumulators: ptxas fits the registers of two blocks (at most 128 a thread
+        // for 256 threads), so that an SM runs 16 warps rather than 8.
+        e.blocks_per_sm = 65536 / (128 * threads);
+    }
     let (bm, bn, bk, tm, tn) = (
         i64::from(t.bm),
         i64::from(t.bn),
