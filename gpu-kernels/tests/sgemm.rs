@@ -32,6 +32,8 @@ fn gate_up(x: f32[M, 32], gate: f32[72, 32], up: f32[72, 32]) -> f32[M, 72] { si
 fn qkv(x: f32[M, 64], q: f32[64, 64], k: f32[32, 64], v: f32[32, 64]) -> (f32[M, 64], f32[M, 32], f32[M, 32]) { (linear(x, q), linear(x, k), linear(x, v)) }
 fn five(x: f32[M, 16], a: f32[8, 16], b: f32[8, 16], c: f32[8, 16], d: f32[8, 16], e: f32[8, 16]) -> f32[M, 8] { linear(x, a) + linear(x, b) + linear(x, c) + linear(x, d) + linear(x, e) }
 fn int_mm(a: i32[M, 12], b: i32[12, 20]) -> i32[M, 20] { a @ b }
+fn long_mm(a: i64[M, 12], b: i64[12, 20]) -> i64[M, 20] { a @ b }
+fn to_bf16(x: f32[M, 40], w: f32[40, 72]) -> bf16[M, 72] { bf16(x @ w) }
 ";
 
 /// Checks `function` at `symbols` with `tiling` (`None`: chosen by shape) on the kir
@@ -226,6 +228,9 @@ fn prologue_cast_and_epilogues() {
         let (_, _, vec_stores, scalar_stores) = access_counts(matmul_kernel(&k));
         assert!(vec_stores > 0 && scalar_stores == 0, "{tiling:?}");
         run("residual", &[("M", 66)], tiling);
+        let k = run("to_bf16", &[("M", 35)], tiling);
+        let (_, _, vec_stores, scalar_stores) = access_counts(matmul_kernel(&k));
+        assert!(vec_stores > 0 && scalar_stores == 0, "{tiling:?}");
     }
 }
 
@@ -244,6 +249,7 @@ fn horizontal_fusion_and_integers() {
         let k = run("qkv", &[("M", 33)], tiling);
         assert!(matmul_kernel(&k).name.contains("_x3"));
         run("int_mm", &[("M", 19)], tiling);
+        run("long_mm", &[("M", 19)], tiling);
     }
     // Five fused matmuls: the small tile's shared arrays would exceed 48 KiB.
     let k = run("five", &[("M", 20)], None);
