@@ -34,7 +34,7 @@ use super::{ceil_div_size, size_of_dims, Body};
 use crate::emit::{add, and, bin, div, lt, mul, rem, sub, Binding, EResult, Emitter};
 use crate::partition::Group;
 use kiln_ir::{DType, Dim, Op, Value};
-use kiln_kir::{BinOp, Buf, Expr, Special, Stmt, Ty, VarId};
+use kiln_kir::{BinOp, Buf, Const, Expr, Special, Stmt, Ty, VarId};
 
 /// The tiling of the matmul template, in one place.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -257,27 +257,27 @@ impl TileRead {
         let ity = e.index_ty;
         let threads = i64::from(t.threads());
         let bk = i64::from(t.bk);
-        let tid = e.special(Special::ThreadIdx);
+        let tid = Expr::Special(Special::ThreadIdx);
         let count = (extent * bk / 4 / threads) as usize;
         let mut groups = Vec::new();
         for q in 0..count {
-            let flat = add(tid.clone(), e.ix(q as i64 * threads));
+            let flat = add(tid.clone(), c32(q as i64 * threads));
             let (o, k) = if k_last {
                 let per_row = bk / 4;
                 (
-                    div(flat.clone(), e.ix(per_row)),
-                    mul(rem(flat, e.ix(per_row)), e.ix(4)),
+                    div(flat.clone(), c32(per_row)),
+                    mul(rem(flat, c32(per_row)), c32(4)),
                 )
             } else {
                 let per_row = extent / 4;
                 (
-                    mul(rem(flat.clone(), e.ix(per_row)), e.ix(4)),
-                    div(flat, e.ix(per_row)),
+                    mul(rem(flat.clone(), c32(per_row)), c32(4)),
+                    div(flat, c32(per_row)),
                 )
             };
-            let o = e.bind(body, "to", ity, o);
-            let k = e.bind(body, "tk", ity, k);
-            let go = e.bind(body, "go", ity, add(origin.clone(), o.clone()));
+            let o = e.bind(body, "to", Ty::I32, o);
+            let k = e.bind(body, "tk", Ty::I32, k);
+            let go = e.bind(body, "go", ity, add(origin.clone(), widen(e, o.clone())));
             groups.push((o, k, go));
         }
         let len = (2 * bk * (extent + PAD)) as u32;
@@ -311,7 +311,7 @@ impl TileRead {
         let ity = e.index_ty;
         for ((_, k, go), regs) in self.groups.iter().zip(&self.regs) {
             let go = go.clone();
-            let gk = e.bind(out, "gk", ity, add(k0.clone(), k.clone()));
+            let gk = e.bind(out, "gk", ity, add(k0.clone(), widen(e, k.clone())));
             // (slow, fast) axes of `src`: lanes run along the fast one.
             let (slow, slow_size, fast, fast_size) = if self.k_last {
                 (go, self.outer.clone(), gk, k_size.clone())
@@ -363,40 +363,46 @@ impl TileRead {
 
     /// Stores the registers into the stage starting at element `stage` of the tile
     /// (K-major: element (k, o) at `k · (extent + PAD) + o`).
-    fn store(&self, e: &Emitter<'_, '_>, out: &mut Vec<Stmt>, stage: &Expr, chunk: usize) {
+    fn store(&self, out: &mut Vec<Stmt>, stage: &Expr, chunk: usize) {
         let ld = self.extent + PAD;
         for ((o, k, _), regs) in self.groups.iter().zip(&self.regs) {
-            let at = |e: &Emitter<'_, '_>, k: Expr, o: Expr| {
-                add(stage.clone(), add(mul(k, e.ix(ld)), o))
-            };
+            let at = |k: Expr, o: Expr| add(stage.clone(), add(mul(k, c32(ld)), o));
             if self.k_last {
                 // Four K values of one outer index: a column of the K-major tile.
                 for (j, r) in regs.iter().enumerate() {
                     out.push(Stmt::Store {
                         buf: self.tile,
-                        index: at(e, add(k.clone(), e.ix(j as i64)), o.clone()),
+                        index: at(add(k.clone(), c32(j as i64)), o.clone()),
                         value: Expr::Var(*r),
                     });
                 }
             } else {
-                let base = at(e, k.clone(), o.clone());
-                store_run(e, out, self.tile, &base, regs, chunk);
+                let base = at(k.clone(), o.clone());
+                store_run(out, self.tile, &base, regs, chunk);
             }
         }
     }
 }
 
+/// An `I32` constant: tile-local indices (threads, shared memory) are `I32` whatever the
+/// kernel's index type.
+fn c32(n: i64) -> Expr {
+    Expr::Const(Const::I32(i32::try_from(n).expect("a tile-local index")))
+}
+
+/// A tile-local `I32` index as the kernel's index type.
+fn widen(e: &Emitter<'_, '_>, x: Expr) -> Expr {
+    if e.index_ty == Ty::I64 {
+        Expr::Cast(Ty::I64, Box::new(x))
+    } else {
+        x
+    }
+}
+
 /// Stores 4 consecutive registers from `base` as vectors of `chunk` elements.
-fn store_run(
-    e: &Emitter<'_, '_>,
-    out: &mut Vec<Stmt>,
-    buf: Buf,
-    base: &Expr,
-    regs: &[VarId],
-    chunk: usize,
-) {
+fn store_run(out: &mut Vec<Stmt>, buf: Buf, base: &Expr, regs: &[VarId], chunk: usize) {
     for (c, part) in regs.chunks(chunk).enumerate() {
-        let index = add(base.clone(), e.ix((c * chunk) as i64));
+        let index = add(base.clone(), c32((c * chunk) as i64));
         if part.len() == 1 {
             out.push(Stmt::Store {
                 buf,
@@ -414,16 +420,9 @@ fn store_run(
 }
 
 /// Loads 4 consecutive shared elements from `base` into `dsts` as vectors of `chunk`.
-fn load_run(
-    e: &Emitter<'_, '_>,
-    out: &mut Vec<Stmt>,
-    buf: Buf,
-    base: &Expr,
-    dsts: &[VarId],
-    chunk: usize,
-) {
+fn load_run(out: &mut Vec<Stmt>, buf: Buf, base: &Expr, dsts: &[VarId], chunk: usize) {
     for (c, part) in dsts.chunks(chunk).enumerate() {
-        let index = add(base.clone(), e.ix((c * chunk) as i64));
+        let index = add(base.clone(), c32((c * chunk) as i64));
         if part.len() == 1 {
             out.push(Stmt::Assign(
                 part[0],
@@ -517,15 +516,15 @@ pub(crate) fn emit(
     let wx = cols.min(8);
     let wy = 32 / wx;
     let warps_n = cols / wx;
-    let lane = e.special(Special::LaneId);
-    let warp = e.special(Special::WarpId);
+    let lane = Expr::Special(Special::LaneId);
+    let warp = Expr::Special(Special::WarpId);
     let tx = add(
-        mul(rem(warp.clone(), e.ix(warps_n)), e.ix(wx)),
-        rem(lane.clone(), e.ix(wx)),
+        mul(rem(warp.clone(), c32(warps_n)), c32(wx)),
+        rem(lane.clone(), c32(wx)),
     );
-    let tx = e.bind(&mut body, "tx", ity, tx);
-    let ty_ = add(mul(div(warp, e.ix(warps_n)), e.ix(wy)), div(lane, e.ix(wx)));
-    let ty_ = e.bind(&mut body, "ty", ity, ty_);
+    let tx = e.bind(&mut body, "tx", Ty::I32, tx);
+    let ty_ = add(mul(div(warp, c32(warps_n)), c32(wy)), div(lane, c32(wx)));
+    let ty_ = e.bind(&mut body, "ty", Ty::I32, ty_);
     let m0 = mul(e.special(Special::BlockIdx(1)), e.ix(bm));
     let m0 = e.bind(&mut body, "m0", ity, m0);
     let n0 = mul(e.special(Special::BlockIdx(0)), e.ix(bn));
@@ -584,15 +583,15 @@ pub(crate) fn emit(
     for r in &reads {
         r.load(e, &mut body, &k_first, &k_size, &zero)?;
     }
-    let stage0 = e.ix(0);
+    let stage0 = c32(0);
     for r in &reads {
-        r.store(e, &mut body, &stage0, chunk);
+        r.store(&mut body, &stage0, chunk);
     }
     body.push(Stmt::Barrier);
     // Each K step: load the next step into registers, multiply the current stage, store
     // the registers into the other stage, one barrier.
-    let parity = e.var("stage", ity);
-    body.push(Stmt::Assign(parity, e.ix(0)));
+    let parity = e.var("stage", Ty::I32);
+    body.push(Stmt::Assign(parity, c32(0)));
     let k0 = e.var("k0", ity);
     let mut kloop = Vec::new();
     let next = e.bind(&mut kloop, "knext", ity, add(Expr::Var(k0), e.ix(bk)));
@@ -603,12 +602,12 @@ pub(crate) fn emit(
     let mut write_at = Vec::new();
     for (i, r) in reads.iter().enumerate() {
         let len = stage_len(r);
-        let rd = e.bind(&mut kloop, "rd", ity, mul(Expr::Var(parity), e.ix(len)));
-        let wr = e.bind(&mut kloop, "wr", ity, sub(e.ix(len), rd.clone()));
+        let rd = e.bind(&mut kloop, "rd", Ty::I32, mul(Expr::Var(parity), c32(len)));
+        let wr = e.bind(&mut kloop, "wr", Ty::I32, sub(c32(len), rd.clone()));
         // The thread's first row (A) or column (B) in the stage it reads.
         let own = if i == 0 { &ty_ } else { &tx };
-        let base = add(rd, mul(own.clone(), e.ix(4)));
-        read_at.push(e.bind(&mut kloop, "frag", ity, base));
+        let base = add(rd, mul(own.clone(), c32(4)));
+        read_at.push(e.bind(&mut kloop, "frag", Ty::I32, base));
         write_at.push(wr);
     }
     let a_frag: Vec<VarId> = (0..tm).map(|_| e.var("a", ty)).collect();
@@ -616,9 +615,8 @@ pub(crate) fn emit(
     let (m_gap, n_gap) = (bm / (tm as i64 / 4), bn / (tn as i64 / 4));
     for kk in 0..bk {
         for p in 0..tm / 4 {
-            let at = add(read_at[0].clone(), e.ix(kk * (bm + PAD) + p as i64 * m_gap));
+            let at = add(read_at[0].clone(), c32(kk * (bm + PAD) + p as i64 * m_gap));
             load_run(
-                e,
                 &mut kloop,
                 a_read.tile,
                 &at,
@@ -630,10 +628,9 @@ pub(crate) fn emit(
             for p in 0..tn / 4 {
                 let at = add(
                     read_at[i + 1].clone(),
-                    e.ix(kk * (bn + PAD) + p as i64 * n_gap),
+                    c32(kk * (bn + PAD) + p as i64 * n_gap),
                 );
                 load_run(
-                    e,
                     &mut kloop,
                     b_reads[i].tile,
                     &at,
@@ -663,10 +660,10 @@ pub(crate) fn emit(
         }
     }
     for (r, wr) in reads.iter().zip(&write_at) {
-        r.store(e, &mut kloop, wr, chunk);
+        r.store(&mut kloop, wr, chunk);
     }
     kloop.push(Stmt::Barrier);
-    kloop.push(Stmt::Assign(parity, sub(e.ix(1), Expr::Var(parity))));
+    kloop.push(Stmt::Assign(parity, sub(c32(1), Expr::Var(parity))));
     body.push(Stmt::For {
         var: k0,
         start: e.ix(0),
@@ -674,51 +671,95 @@ pub(crate) fn emit(
         step: e.ix(bk),
         body: kloop,
     });
-    // Epilogue: each row of 4 consecutive columns the thread holds.
-    let lanes_ok = stores
-        .iter()
-        .all(|o| matches!(g.shape(*o).last(), Some(Dim::Const(n)) if n % 4 == 0));
+    // Epilogue: each row of 4 consecutive columns the thread holds, as vectors when every
+    // stored value's last axis is a multiple of 4 (checked at run time where symbolic).
+    let mut places = Vec::new();
     for p in 0..tm / 4 {
         for r in 0..4 {
             let row = add(
                 m0.clone(),
-                add(mul(ty_.clone(), e.ix(4)), e.ix(p as i64 * m_gap + r as i64)),
+                widen(
+                    e,
+                    add(mul(ty_.clone(), c32(4)), c32(p as i64 * m_gap + r as i64)),
+                ),
             );
             let row = e.bind(&mut body, "row", ity, row);
             for q in 0..tn / 4 {
                 let col = add(
                     n0.clone(),
-                    add(mul(tx.clone(), e.ix(4)), e.ix(q as i64 * n_gap)),
+                    widen(e, add(mul(tx.clone(), c32(4)), c32(q as i64 * n_gap))),
                 );
                 let col = e.bind(&mut body, "col", ity, col);
-                let cell = |cells: &Vec<VarId>, c: usize| cells[(4 * p + r) * tn + 4 * q + c];
-                if lanes_ok {
-                    let accs: Vec<Vec<VarId>> = acc
-                        .iter()
-                        .map(|cells| (0..4).map(|c| cell(cells, c)).collect())
-                        .collect();
+                places.push((4 * p + r, 4 * q, row.clone(), col));
+            }
+        }
+    }
+    let mut widths = Vec::new();
+    for &o in stores {
+        let last = g.shape(o).last().cloned().unwrap_or(Dim::Const(1));
+        if !widths.contains(&last) {
+            widths.push(last);
+        }
+    }
+    let vectors = !widths
+        .iter()
+        .any(|d| matches!(d, Dim::Const(n) if n % 4 != 0));
+    let symbolic = widths.iter().any(|d| d.as_const().is_none());
+    let mut paths = Vec::new();
+    for vector in [true, false] {
+        if vector && !vectors || !vector && vectors && !symbolic {
+            continue;
+        }
+        let mut out = Vec::new();
+        for (row_cell, col_cell, row, col) in &places {
+            let cell = |cells: &Vec<VarId>, c: usize| cells[row_cell * tn + col_cell + c];
+            if vector {
+                let accs: Vec<Vec<VarId>> = acc
+                    .iter()
+                    .map(|cells| (0..4).map(|c| cell(cells, c)).collect())
+                    .collect();
+                let at = OutputElement {
+                    batch: &batch,
+                    row,
+                    col,
+                    rows: &m_size,
+                };
+                epilogue_lanes(e, &mut out, &matmuls, &accs, &at, None, stores)?;
+            } else {
+                for c in 0..4 {
+                    let col_c = e.bind(&mut out, "col", ity, add(col.clone(), e.ix(c as i64)));
+                    let accs: Vec<VarId> = acc.iter().map(|cells| cell(cells, c)).collect();
                     let at = OutputElement {
                         batch: &batch,
-                        row: &row,
-                        col: &col,
+                        row,
+                        col: &col_c,
                         rows: &m_size,
                     };
-                    epilogue_lanes(e, &mut body, &matmuls, &accs, &at, None, stores)?;
-                } else {
-                    for c in 0..4 {
-                        let col_c = e.bind(&mut body, "col", ity, add(col.clone(), e.ix(c as i64)));
-                        let accs: Vec<VarId> = acc.iter().map(|cells| cell(cells, c)).collect();
-                        let at = OutputElement {
-                            batch: &batch,
-                            row: &row,
-                            col: &col_c,
-                            rows: &m_size,
-                        };
-                        epilogue_at(e, &mut body, &matmuls, &accs, &at, None, stores)?;
-                    }
+                    epilogue_at(e, &mut out, &matmuls, &accs, &at, None, stores)?;
                 }
             }
         }
+        paths.push(out);
+    }
+    let divisible: Vec<Expr> = widths
+        .iter()
+        .filter(|d| d.as_const().is_none())
+        .map(|d| {
+            let size = e.dim(d);
+            bin(BinOp::Eq, rem(size, e.ix(4)), e.ix(0))
+        })
+        .collect();
+    match (paths.len(), divisible.into_iter().reduce(and)) {
+        (2, Some(cond)) => {
+            let scalar = paths.pop().expect("two paths");
+            let vector = paths.pop().expect("two paths");
+            body.push(Stmt::If {
+                cond,
+                then: vector,
+                otherwise: scalar,
+            });
+        }
+        _ => body.extend(paths.into_iter().next().expect("a path")),
     }
     for &m in &matmuls {
         e.fused.insert(m);
