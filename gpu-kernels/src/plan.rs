@@ -219,7 +219,9 @@ impl<'a, 'f> PlanBuilder<'a, 'f> {
         if self.store_constants(gid) {
             return Ok(Vec::new());
         }
-        if let Some(symbol) = templates::small_rows_symbol(self.g, self.part, gid, self.options) {
+        if let Some((symbol, at_most)) =
+            templates::small_rows_symbol(self.g, self.part, gid, self.options)
+        {
             let small = self.launch_variant(gid, true)?;
             let large = self.launch_variant(gid, false)?;
             if small.is_empty() && large.is_empty() {
@@ -227,7 +229,7 @@ impl<'a, 'f> PlanBuilder<'a, 'f> {
             }
             return Ok(vec![Step::BySize {
                 symbol,
-                at_most: templates::SMALL_ROWS,
+                at_most,
                 small,
                 large,
             }]);

@@ -32,6 +32,7 @@
 
 use super::{ceil_div_size, size_of_dims, Body};
 use crate::emit::{add, and, bin, div, lt, mul, rem, sub, Binding, EResult, Emitter};
+use crate::graph::FuncGraph;
 use crate::partition::Group;
 use kiln_ir::{DType, Dim, Op, Value};
 use kiln_kir::{BinOp, Buf, Const, Expr, Special, Stmt, Ty, VarId};
@@ -155,6 +156,43 @@ impl MatmulTiling {
             && (self.bm * self.bk).is_multiple_of(4 * threads)
             && (self.bn * self.bk).is_multiple_of(4 * threads)
     }
+}
+
+/// For a plain group of one f32 matmul whose row count is a symbol (its other sizes
+/// constant, or its column count the same symbol, as in `x @ x.T`): the symbol and the most
+/// rows for which the small tile is kept, chosen at run time (`Step::BySize`) — fewer rows
+/// than give the large tile the 128 blocks [`MatmulTiling::choose`] asks for, and always
+/// fewer than 128 (one mostly empty large tile).
+pub(crate) fn large_tile_rows(g: &FuncGraph<'_>, group: &Group) -> Option<(String, u64)> {
+    let [m] = group.roots[..] else {
+        return None;
+    };
+    if Ty::compute_type_of(g.ty(m).dtype) != Ty::F32 {
+        return None;
+    }
+    let shape = g.shape(m);
+    let r = shape.len();
+    let Dim::Sym(rows) = &shape[r - 2] else {
+        return None;
+    };
+    let batch = shape[..r - 2]
+        .iter()
+        .try_fold(1u64, |acc, d| d.as_const().map(|n| acc * n))?;
+    let tile = u64::from(MatmulTiling::LARGE.bm);
+    // The large tiles of `k` tile rows.
+    let tiles = |k: u64| match &shape[r - 1] {
+        Dim::Const(n) => Some(k * n.div_ceil(tile) * batch),
+        Dim::Sym(s) if s == rows => Some(k * k * batch),
+        Dim::Sym(_) => None,
+    };
+    if tiles(1)? == 0 {
+        return None;
+    }
+    let mut k = 1;
+    while tiles(k)? < 128 {
+        k += 1;
+    }
+    Some((rows.clone(), ((k - 1) * tile).max(tile - 1)))
 }
 
 /// The operand index for batch index `batch` of the result (numpy-broadcast batch dims).

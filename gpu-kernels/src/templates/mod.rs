@@ -53,26 +53,39 @@ pub(crate) struct Launches {
     pub workspaces: Vec<Workspace>,
 }
 
-/// The symbol of a tensor-core GEMM group's row count, when it is one symbolic dim (a
-/// `[T, N]` result): such a group gets a variant for few rows ([`build`] with `small_rows`)
-/// chosen at run time.
+/// The symbol of a GEMM group's row count and the most rows of its variant for few rows
+/// ([`build`] with `small_rows`), chosen at run time: a tensor-core GEMM whose row count is
+/// one symbolic dim (a `[T, N]` result) gets a decode-sized variant for at most
+/// [`mma_gemm::SMALL_ROWS`] rows; a plain one whose row count is symbolic gets its small
+/// tile up to the row count where the large tile would have enough blocks
+/// ([`matmul::large_tile_rows`]).
 pub(crate) fn small_rows_symbol(
     g: &FuncGraph<'_>,
     part: &Partition<'_>,
     gid: usize,
     options: &crate::Options,
-) -> Option<String> {
+) -> Option<(String, u64)> {
     let group = &part.groups[gid];
-    if !matches!(group.kind, GroupKind::Matmul { .. }) || !options.tensor_cores {
+    if !matches!(group.kind, GroupKind::Matmul { .. }) {
         return None;
     }
     let shape = g.shape(*group.roots.first()?);
-    let [Dim::Sym(rows), _] = shape else {
-        return None;
-    };
     let mut e = Emitter::new(g, &part.stored, Ty::I32);
     e.owned = group.owned.clone();
-    mma_gemm::plan(&e, group, true).map(|_| rows.clone())
+    if options.tensor_cores {
+        if let [Dim::Sym(rows), _] = shape {
+            if mma_gemm::plan(&e, group, true).is_some() {
+                return Some((rows.clone(), SMALL_ROWS));
+            }
+        }
+        if mma_gemm::plan(&e, group, false).is_some() {
+            return None;
+        }
+    }
+    if options.matmul_tiling.is_some() {
+        return None;
+    }
+    matmul::large_tile_rows(g, group)
 }
 
 /// Builds the kernels of group `gid` (one, or a split-K GEMM and its reduction); `None`
@@ -146,7 +159,19 @@ pub(crate) fn build(
         GroupKind::LoopReduce => reduce::emit_loop(&mut e, group.roots[0]),
         GroupKind::Matmul { .. } => match &mma {
             Some(plan) => mma_gemm::emit(&mut e, group, &stores, plan),
-            None => matmul::emit(&mut e, group, &stores, options.matmul_tiling.as_ref()),
+            None => {
+                // A group with a run-time choice builds its small tile for few rows and
+                // its large tile for the rest.
+                let variant = (options.matmul_tiling.is_none()
+                    && matmul::large_tile_rows(g, group).is_some())
+                .then_some(if small_rows {
+                    MatmulTiling::SMALL
+                } else {
+                    MatmulTiling::LARGE
+                });
+                let tiling = options.matmul_tiling.or(variant);
+                matmul::emit(&mut e, group, &stores, tiling.as_ref())
+            }
         },
         GroupKind::Attention(parts) => attention::emit(&mut e, &attention::Source::Pattern(parts)),
         GroupKind::BuiltinAttention(v) => attention::emit(&mut e, &attention::Source::Builtin(*v)),
