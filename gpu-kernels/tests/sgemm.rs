@@ -345,6 +345,7 @@ fn the_tiling_is_chosen_by_shape() {
 const BIG: &str = "import nn
 import consensus
 fn cosine(x: f32[16384, 768]) -> f32[16384, 16384] { cosine_similarity(x) }
+fn cosine_rows(x: f32[N, 768]) -> f32[N, N] { cosine_similarity(x) }
 fn nn_f32(a: f32[4096, 4096], b: f32[4096, 4096]) -> f32[4096, 4096] { a @ b }
 fn tn(a: f32[4096, 4096], b: f32[4096, 4096]) -> f32[4096, 4096] { a.T @ b }
 fn bias_gelu(x: f32[T, 4096], w: f32[4096, 4096], b: f32[4096]) -> f32[T, 4096] { gelu(linear_bias(x, w, b)) }
@@ -373,10 +374,29 @@ fn f32_gemms_assemble_for_every_target_without_spills() {
     };
     let module = lower("sgemm_big.kiln", BIG, None, None);
     let mut kernels = Vec::new();
-    for function in ["cosine", "nn_f32", "tn", "bias_gelu", "gate_up", "five"] {
+    // `cosine_rows` (as `kiln bench consensus` compiles it) and `bias_gelu` have a symbolic
+    // row count: both their tiles, 64-bit indices for `cosine_rows`'s N × N result.
+    for function in [
+        "cosine",
+        "cosine_rows",
+        "nn_f32",
+        "tn",
+        "bias_gelu",
+        "gate_up",
+        "five",
+    ] {
         let compiled =
             kiln_gpu_kernels::compile_function(&module, function, &Options::default()).unwrap();
-        kernels.push(matmul_kernel(&compiled.kernels).clone());
+        kernels.extend(
+            compiled
+                .kernels
+                .into_iter()
+                .filter(|k| k.name.contains("_matmul_"))
+                .map(|mut k| {
+                    k.name = format!("{function}_{}", k.name);
+                    k
+                }),
+        );
     }
     // The large tile in the forced form too, over a symbolic row count with an epilogue.
     let options = Options {

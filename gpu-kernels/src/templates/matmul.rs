@@ -239,17 +239,24 @@ fn transposed_source(e: &Emitter<'_, '_>, v: Value) -> Option<Value> {
 struct TileRead {
     /// The value read: the operand, or the source of its transpose.
     src: Value,
-    /// `src`'s batch index.
+    /// The index type of the reads (`I32` where every value they touch is small enough,
+    /// even when the kernel's index type is `I64` for its result).
+    ity: Ty,
+    /// `src`'s batch index (of `ity`).
     batch: Vec<Expr>,
     /// Whether `src`'s last axis is K (else the operand's outer axis, M of A or N of B).
     k_last: bool,
     /// Whether that axis has a constant size divisible by 4 (one vector, one check).
     vector: bool,
-    /// The outer size and the tile's extent along it.
+    /// The outer size (of `ity`) and the tile's extent along it.
     outer: Expr,
     extent: i64,
-    /// Per group: the tile-local outer and K coordinates of its first element, and its
-    /// global outer index.
+    /// Whether the grid's tiles cover the outer axis exactly (a constant multiple of
+    /// `extent`, not narrower than the grid of horizontally fused wider matmuls): no bounds
+    /// check along it.
+    exact: bool,
+    /// Per group: the tile-local outer and K coordinates of its first element (`I32`), and
+    /// its global outer index (of `ity`).
     groups: Vec<(Expr, Expr, Expr)>,
     /// The shared array (two stages of `[bk][extent + PAD]`).
     tile: Buf,
@@ -263,7 +270,23 @@ const PAD: i64 = 4;
 /// The static shared memory a kernel may declare.
 const MAX_SHARED: u64 = 48 * 1024;
 
+/// Runs `f` with the emitter's index type set to `ity`.
+fn with_index_ty<T>(
+    e: &mut Emitter<'_, '_>,
+    ity: Ty,
+    f: impl FnOnce(&mut Emitter<'_, '_>) -> T,
+) -> T {
+    let saved = e.index_ty;
+    e.index_ty = ity;
+    let result = f(e);
+    e.index_ty = saved;
+    result
+}
+
 impl TileRead {
+    /// The reads of `operand` (`A` when `is_a`): its tile spans `extent` along the outer
+    /// axis `outer` (M or N; the grid covers `grid`), from block coordinate
+    /// `BlockIdx(axis) · extent`.
     #[allow(clippy::too_many_arguments)]
     fn new(
         e: &mut Emitter<'_, '_>,
@@ -271,13 +294,13 @@ impl TileRead {
         operand: Value,
         is_a: bool,
         out_batch: &[Dim],
-        batch: &[Expr],
-        origin: Expr,
-        outer: Expr,
+        outer: &Dim,
+        grid: &Dim,
         extent: i64,
         t: &MatmulTiling,
         sdtype: DType,
         ty: Ty,
+        ity: Ty,
     ) -> TileRead {
         let (src, transposed) = match transposed_source(e, operand) {
             Some(s) => {
@@ -291,13 +314,11 @@ impl TileRead {
         // transposed.
         let k_last = is_a != transposed;
         let vector = matches!(e.g.shape(src).last(), Some(Dim::Const(n)) if n % 4 == 0);
-        let src_batch = batch_index(e, src, out_batch, batch);
-        let ity = e.index_ty;
         let threads = i64::from(t.threads());
         let bk = i64::from(t.bk);
         let tid = Expr::Special(Special::ThreadIdx);
         let count = (extent * bk / 4 / threads) as usize;
-        let mut groups = Vec::new();
+        let mut locals = Vec::new();
         for q in 0..count {
             let flat = add(tid.clone(), c32(q as i64 * threads));
             let (o, k) = if k_last {
@@ -315,9 +336,26 @@ impl TileRead {
             };
             let o = e.bind(body, "to", Ty::I32, o);
             let k = e.bind(body, "tk", Ty::I32, k);
-            let go = e.bind(body, "go", ity, add(origin.clone(), widen(e, o.clone())));
-            groups.push((o, k, go));
+            locals.push((o, k));
         }
+        let exact = matches!(outer, Dim::Const(n) if (*n as i64) % extent == 0) && outer == grid;
+        let axis = if is_a { 1 } else { 0 };
+        let (batch, outer, groups) = with_index_ty(e, ity, |e| {
+            let origin = mul(e.special(Special::BlockIdx(axis)), e.ix(extent));
+            let origin = e.bind(body, "origin", ity, origin);
+            let outer = e.dim(outer);
+            let bz = e.special(Special::BlockIdx(2));
+            let batch = e.delinearize(body, bz, out_batch);
+            let batch = batch_index(e, src, out_batch, &batch);
+            let groups = locals
+                .into_iter()
+                .map(|(o, k)| {
+                    let go = e.bind(body, "go", ity, add(origin.clone(), widen(e, o.clone())));
+                    (o, k, go)
+                })
+                .collect();
+            (batch, outer, groups)
+        });
         let len = (2 * bk * (extent + PAD)) as u32;
         let tile = e.shared_array(if is_a { "a_tile" } else { "b_tile" }, sdtype, len);
         let regs = (0..count)
@@ -325,31 +363,51 @@ impl TileRead {
             .collect();
         TileRead {
             src,
-            batch: src_batch,
+            ity,
+            batch,
             k_last,
             vector,
             outer,
             extent,
+            exact,
             groups,
             tile,
             regs,
         }
     }
 
-    /// Loads this thread's groups of the K step starting at `k0` into the registers
-    /// (zeros outside the operand).
+    /// Loads this thread's groups of the K step starting at `k0` (a K position of any
+    /// index type) into the registers (zeros outside the operand).
     fn load(
         &self,
         e: &mut Emitter<'_, '_>,
         out: &mut Vec<Stmt>,
-        k0: &Expr,
-        k_size: &Expr,
+        k0: (&Expr, Ty),
+        k_dim: &Dim,
         zero: &Expr,
     ) -> EResult<()> {
-        let ity = e.index_ty;
+        // The K position in the reads' index type.
+        let k0 = match (k0.1, self.ity) {
+            (from, to) if from == to => k0.0.clone(),
+            (_, to) => Expr::Cast(to, Box::new(k0.0.clone())),
+        };
+        with_index_ty(e, self.ity, |e| self.load_in(e, out, &k0, k_dim, zero))
+    }
+
+    fn load_in(
+        &self,
+        e: &mut Emitter<'_, '_>,
+        out: &mut Vec<Stmt>,
+        k0: &Expr,
+        k_dim: &Dim,
+        zero: &Expr,
+    ) -> EResult<()> {
+        let ity = self.ity;
+        let k_size = e.dim(k_dim);
         for ((_, k, go), regs) in self.groups.iter().zip(&self.regs) {
             let go = go.clone();
-            let gk = e.bind(out, "gk", ity, add(k0.clone(), widen(e, k.clone())));
+            let gk = add(k0.clone(), widen(e, k.clone()));
+            let gk = e.bind(out, "gk", ity, gk);
             // (slow, fast) axes of `src`: lanes run along the fast one.
             let (slow, slow_size, fast, fast_size) = if self.k_last {
                 (go, self.outer.clone(), gk, k_size.clone())
@@ -361,7 +419,14 @@ impl TileRead {
                 idx.extend([slow.clone(), fast]);
                 idx
             };
-            let slow_inside = lt(slow.clone(), slow_size);
+            let check = |at: Expr, size: Expr, along_outer: bool| {
+                if along_outer && self.exact {
+                    Expr::Const(Const::Pred(true))
+                } else {
+                    lt(at, size)
+                }
+            };
+            let slow_inside = check(slow.clone(), slow_size, self.k_last);
             if self.vector {
                 let mut then = Vec::new();
                 e.push_scope();
@@ -371,7 +436,7 @@ impl TileRead {
                     then.push(Stmt::Assign(*r, v));
                 }
                 out.push(Stmt::If {
-                    cond: and(slow_inside, lt(fast, fast_size)),
+                    cond: and_folded(slow_inside, check(fast, fast_size, !self.k_last)),
                     then,
                     otherwise: regs
                         .iter()
@@ -389,7 +454,10 @@ impl TileRead {
                     e.pop_scope();
                     then.push(Stmt::Assign(*r, v));
                     out.push(Stmt::If {
-                        cond: and(slow_inside.clone(), lt(at, fast_size.clone())),
+                        cond: and_folded(
+                            slow_inside.clone(),
+                            check(at, fast_size.clone(), !self.k_last),
+                        ),
                         then,
                         otherwise: vec![Stmt::Assign(*r, zero.clone())],
                     });
@@ -419,6 +487,18 @@ impl TileRead {
                 store_run(out, self.tile, &base, regs, chunk);
             }
         }
+    }
+}
+
+/// `a & b`, without a constant `true` operand.
+fn and_folded(a: Expr, b: Expr) -> Expr {
+    let known = Expr::Const(Const::Pred(true));
+    if a == known {
+        b
+    } else if b == known {
+        a
+    } else {
+        and(a, b)
     }
 }
 
@@ -479,11 +559,15 @@ fn load_run(out: &mut Vec<Stmt>, buf: Buf, base: &Expr, dsts: &[VarId], chunk: u
     }
 }
 
+/// The kernel of a matmul group with the given tiling (`None`: [`MatmulTiling::choose`]);
+/// `load_ty` is the index type of the operand reads (`I32` where every value they touch is
+/// below 2^31 elements, even when the result needs `I64`).
 pub(crate) fn emit(
     e: &mut Emitter<'_, '_>,
     group: &Group,
     stores: &[Value],
     forced: Option<&MatmulTiling>,
+    load_ty: Ty,
 ) -> EResult<Body> {
     let g = e.g;
     let matmuls = group.roots.clone();
@@ -563,14 +647,16 @@ pub(crate) fn emit(
     let tx = e.bind(&mut body, "tx", Ty::I32, tx);
     let ty_ = add(mul(div(warp, c32(warps_n)), c32(wy)), div(lane, c32(wx)));
     let ty_ = e.bind(&mut body, "ty", Ty::I32, ty_);
-    let m0 = mul(e.special(Special::BlockIdx(1)), e.ix(bm));
-    let m0 = e.bind(&mut body, "m0", ity, m0);
-    let n0 = mul(e.special(Special::BlockIdx(0)), e.ix(bn));
-    let n0 = e.bind(&mut body, "n0", ity, n0);
-    let bz = e.special(Special::BlockIdx(2));
-    let batch = e.delinearize(&mut body, bz, &batch_dims);
-    let m_size = e.dim(&out_shape[rank - 2]);
-    let k_size = e.dim(&k_dim);
+    // K steps count in `I32` when K is a constant that fits or the reads index in `I32`.
+    let k_ty = match k_dim {
+        Dim::Const(n) if n < (1 << 30) => Ty::I32,
+        _ => load_ty,
+    };
+    let k_size = match k_dim {
+        Dim::Const(n) if k_ty == Ty::I32 => c32(n as i64),
+        _ => with_index_ty(e, k_ty, |e| e.dim(&k_dim)),
+    };
+    let k_const = |n: i64| crate::emit::int_const(k_ty, n);
     let zero = Expr::Const(crate::emit::zero_of(ty));
     // Accumulators: acc[matmul][row * tn + col] over the thread's tm × tn outputs.
     let mut acc: Vec<Vec<VarId>> = Vec::new();
@@ -587,39 +673,38 @@ pub(crate) fn emit(
         a,
         true,
         &batch_dims,
-        &batch,
-        m0.clone(),
-        m_size.clone(),
+        &out_shape[rank - 2],
+        &out_shape[rank - 2],
         bm,
         &t,
         sdtype,
         ty,
+        load_ty,
     );
     let mut b_reads = Vec::new();
     for (i, &m) in matmuls.iter().enumerate() {
         let b = g.inst(m).expect("matmul").operands[1];
-        let n_size = e.dim(&n_dims[i]);
         b_reads.push(TileRead::new(
             e,
             &mut body,
             b,
             false,
             &batch_dims,
-            &batch,
-            n0.clone(),
-            n_size,
+            &n_dims[i],
+            &grid_n,
             bn,
             &t,
             sdtype,
             ty,
+            load_ty,
         ));
     }
     let reads: Vec<&TileRead> = std::iter::once(&a_read).chain(&b_reads).collect();
     let stage_len = |r: &TileRead| bk * (r.extent + PAD);
     // The first K step into stage 0.
-    let k_first = e.ix(0);
+    let k_first = k_const(0);
     for r in &reads {
-        r.load(e, &mut body, &k_first, &k_size, &zero)?;
+        r.load(e, &mut body, (&k_first, k_ty), &k_dim, &zero)?;
     }
     let stage0 = c32(0);
     for r in &reads {
@@ -630,11 +715,11 @@ pub(crate) fn emit(
     // the registers into the other stage, one barrier.
     let parity = e.var("stage", Ty::I32);
     body.push(Stmt::Assign(parity, c32(0)));
-    let k0 = e.var("k0", ity);
+    let k0 = e.var("k0", k_ty);
     let mut kloop = Vec::new();
-    let next = e.bind(&mut kloop, "knext", ity, add(Expr::Var(k0), e.ix(bk)));
+    let next = e.bind(&mut kloop, "knext", k_ty, add(Expr::Var(k0), k_const(bk)));
     for r in &reads {
-        r.load(e, &mut kloop, &next, &k_size, &zero)?;
+        r.load(e, &mut kloop, (&next, k_ty), &k_dim, &zero)?;
     }
     let mut read_at = Vec::new();
     let mut write_at = Vec::new();
@@ -704,14 +789,22 @@ pub(crate) fn emit(
     kloop.push(Stmt::Assign(parity, sub(c32(1), Expr::Var(parity))));
     body.push(Stmt::For {
         var: k0,
-        start: e.ix(0),
+        start: k_const(0),
         end: k_size,
-        step: e.ix(bk),
+        step: k_const(bk),
         body: kloop,
     });
     // Epilogue: each row of 4 consecutive columns the thread holds, as vectors when every
     // stored value's last axis is a multiple of 4 (checked at run time where symbolic).
-    let mut places = Vec::new();
+    // Its indices are computed here, not kept through the loop.
+    let m0 = mul(e.special(Special::BlockIdx(1)), e.ix(bm));
+    let m0 = e.bind(&mut body, "m0", ity, m0);
+    let n0 = mul(e.special(Special::BlockIdx(0)), e.ix(bn));
+    let n0 = e.bind(&mut body, "n0", ity, n0);
+    let bz = e.special(Special::BlockIdx(2));
+    let batch = e.delinearize(&mut body, bz, &batch_dims);
+    let m_size = e.dim(&out_shape[rank - 2]);
+    let mut rows = Vec::new();
     for p in 0..tm / 4 {
         for r in 0..4 {
             let row = add(
@@ -721,17 +814,18 @@ pub(crate) fn emit(
                     add(mul(ty_.clone(), c32(4)), c32(p as i64 * m_gap + r as i64)),
                 ),
             );
-            let row = e.bind(&mut body, "row", ity, row);
-            for q in 0..tn / 4 {
-                let col = add(
-                    n0.clone(),
-                    widen(e, add(mul(tx.clone(), c32(4)), c32(q as i64 * n_gap))),
-                );
-                let col = e.bind(&mut body, "col", ity, col);
-                places.push((4 * p + r, 4 * q, row.clone(), col));
-            }
+            rows.push((4 * p + r, row));
         }
     }
+    let cols: Vec<(usize, Expr)> = (0..tn / 4)
+        .map(|q| {
+            let col = add(
+                n0.clone(),
+                widen(e, add(mul(tx.clone(), c32(4)), c32(q as i64 * n_gap))),
+            );
+            (4 * q, col)
+        })
+        .collect();
     let mut widths = Vec::new();
     for &o in stores {
         let last = g.shape(o).last().cloned().unwrap_or(Dim::Const(1));
@@ -749,31 +843,40 @@ pub(crate) fn emit(
             continue;
         }
         let mut out = Vec::new();
-        for (row_cell, col_cell, row, col) in &places {
-            let cell = |cells: &Vec<VarId>, c: usize| cells[row_cell * tn + col_cell + c];
-            if vector {
-                let accs: Vec<Vec<VarId>> = acc
-                    .iter()
-                    .map(|cells| (0..4).map(|c| cell(cells, c)).collect())
-                    .collect();
-                let at = OutputElement {
-                    batch: &batch,
-                    row,
-                    col,
-                    rows: &m_size,
-                };
-                epilogue_lanes(e, &mut out, &matmuls, &accs, &at, None, stores)?;
-            } else {
-                for c in 0..4 {
-                    let col_c = e.bind(&mut out, "col", ity, add(col.clone(), e.ix(c as i64)));
-                    let accs: Vec<VarId> = acc.iter().map(|cells| cell(cells, c)).collect();
+        // Each row index is computed where its outputs are stored (kept from the start,
+        // the rows would hold registers beside the accumulators).
+        let cols: Vec<(usize, Expr)> = cols
+            .iter()
+            .map(|(c, col)| (*c, e.bind(&mut out, "col", ity, col.clone())))
+            .collect();
+        for (row_cell, row) in &rows {
+            let row = &e.bind(&mut out, "row", ity, row.clone());
+            for (col_cell, col) in &cols {
+                let cell = |cells: &Vec<VarId>, c: usize| cells[row_cell * tn + col_cell + c];
+                if vector {
+                    let accs: Vec<Vec<VarId>> = acc
+                        .iter()
+                        .map(|cells| (0..4).map(|c| cell(cells, c)).collect())
+                        .collect();
                     let at = OutputElement {
                         batch: &batch,
                         row,
-                        col: &col_c,
+                        col,
                         rows: &m_size,
                     };
-                    epilogue_at(e, &mut out, &matmuls, &accs, &at, None, stores)?;
+                    epilogue_lanes(e, &mut out, &matmuls, &accs, &at, None, stores)?;
+                } else {
+                    for c in 0..4 {
+                        let col_c = e.bind(&mut out, "col", ity, add(col.clone(), e.ix(c as i64)));
+                        let accs: Vec<VarId> = acc.iter().map(|cells| cell(cells, c)).collect();
+                        let at = OutputElement {
+                            batch: &batch,
+                            row,
+                            col: &col_c,
+                            rows: &m_size,
+                        };
+                        epilogue_at(e, &mut out, &matmuls, &accs, &at, None, stores)?;
+                    }
                 }
             }
         }

@@ -170,7 +170,8 @@ pub(crate) fn build(
                     MatmulTiling::LARGE
                 });
                 let tiling = options.matmul_tiling.or(variant);
-                matmul::emit(&mut e, group, &stores, tiling.as_ref())
+                let load_ty = operand_index_type(g, group, options, index_ty);
+                matmul::emit(&mut e, group, &stores, tiling.as_ref(), load_ty)
             }
         },
         GroupKind::Attention(parts) => attention::emit(&mut e, &attention::Source::Pattern(parts)),
@@ -213,6 +214,53 @@ fn finish(
         fused,
         what,
     })
+}
+
+/// The index type of a matmul group's operand reads: `I32` when every value they reach
+/// (the matmuls' operands and, through the values the kernel computes, their inputs) stays
+/// below 2^31 elements, else `index_ty` (x @ x.T of many rows: a large result, small
+/// operands).
+fn operand_index_type(
+    g: &FuncGraph<'_>,
+    group: &Group,
+    options: &crate::Options,
+    index_ty: Ty,
+) -> Ty {
+    if index_ty == Ty::I32 || options.index_width == crate::IndexWidth::I64 {
+        return index_ty;
+    }
+    let mut stack: Vec<Value> = group
+        .roots
+        .iter()
+        .filter_map(|m| g.inst(*m))
+        .flat_map(|inst| inst.operands.iter().copied())
+        .collect();
+    let mut seen = BTreeSet::new();
+    while let Some(v) = stack.pop() {
+        if !seen.insert(v) {
+            continue;
+        }
+        if group.owned.contains(&v) {
+            if let Some(inst) = g.inst(v) {
+                stack.extend(inst.operands.iter().copied());
+            }
+        }
+    }
+    let limit = (1u128 << 31) - 1;
+    let fits = seen.iter().all(|v| {
+        let n = g.shape(*v).iter().fold(1u128, |acc, d| {
+            acc.saturating_mul(match d {
+                Dim::Const(n) => u128::from(*n),
+                Dim::Sym(_) => u128::from(options.symbol_bound),
+            })
+        });
+        n <= limit
+    });
+    if fits {
+        Ty::I32
+    } else {
+        index_ty
+    }
 }
 
 /// I32 index arithmetic when every tensor the kernel touches stays below 2^31 elements
