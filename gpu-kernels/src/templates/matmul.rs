@@ -8,7 +8,8 @@
 //! the accumulators before the store. Ragged edges are bounds-checked; sizes may be
 //! symbolic.
 //!
-//! The kernel (tile sizes from [`MatmulTiling::choose`]):
+//! The kernel (tile sizes from [`MatmulTiling::choose`]; a symbolic row count gets both the
+//! small and the large tile, the plan choosing by its value, [`large_tile_rows`]):
 //! - A block computes a `bm × bn` output tile; each thread a `tm × tn` sub-block (4 or 8 a
 //!   side) made of 4×4 pieces spaced half a tile apart, so the 4 values of a piece that a
 //!   thread reads from a shared row are one 16-byte `ld.shared.v4`, and the 8 lanes of a
@@ -23,12 +24,16 @@
 //!   (`x @ w.T`, read through the permute from its source), M or N otherwise (a transposed
 //!   `A`, a plain `B`): a thread reads 4 consecutive elements, one 16-byte vector when that
 //!   axis has a constant size divisible by 4 (one bounds check for the vector), else 4
-//!   scalar loads each checked alone.
+//!   scalar loads each checked alone. Tile-local indices (threads, shared memory) are `I32`;
+//!   the reads index in `I32` too where every value they touch fits, even when the result
+//!   needs 64-bit indices (`x @ x.T` of many rows).
 //! - The multiply of a K step is fully unrolled: per k, `tm / 4 + tn / 4` vector reads from
 //!   shared memory and `tm · tn` FMAs.
 //! - The epilogue runs on 4 consecutive columns at once (vector loads of its operands,
-//!   vector stores) when every stored value's last axis is a constant multiple of 4, else
-//!   element by element.
+//!   vector stores) when every stored value's last axis is a multiple of 4 (a run-time
+//!   branch where it is symbolic), else element by element.
+//! - The large tile asks for two blocks an SM (`Kernel::blocks_per_sm`): ptxas fits it in
+//!   128 registers, so an SM runs 16 warps.
 
 use super::{ceil_div_size, size_of_dims, Body};
 use crate::emit::{add, and, bin, div, lt, mul, rem, sub, Binding, EResult, Emitter};
