@@ -104,6 +104,8 @@ pub(crate) struct Emitter<'a, 'f> {
     pub fused: BTreeSet<Value>,
     buffer_params: BTreeMap<Value, u32>,
     sym_params: BTreeMap<String, u32>,
+    /// The kernel's [`Kernel::blocks_per_sm`] (1 unless the template asks for more).
+    pub blocks_per_sm: u32,
 }
 
 pub(crate) type EResult<T> = Result<T, EmitError>;
@@ -127,6 +129,7 @@ impl<'a, 'f> Emitter<'a, 'f> {
             fused: BTreeSet::new(),
             buffer_params: BTreeMap::new(),
             sym_params: BTreeMap::new(),
+            blocks_per_sm: 1,
         }
     }
 
@@ -407,6 +410,7 @@ impl<'a, 'f> Emitter<'a, 'f> {
             name,
             params: self.params,
             block_dim,
+            blocks_per_sm: self.blocks_per_sm,
             grid,
             shared: self.shared,
             vars: self.vars,
@@ -465,11 +469,16 @@ impl<'a, 'f> Emitter<'a, 'f> {
             }
             return Ok(vec![self.held_element(out, &row, &idx[row.axis])]);
         }
-        if let Some(b) = self.bindings.iter().find(|b| b.value == v) {
+        if self.bindings.iter().any(|b| b.value == v) {
             if lanes > 1 {
                 return self.per_lane(out, v, idx, lanes);
             }
-            if b.index.as_slice() == idx {
+            // A value may be bound at several indices (the lanes of a matmul epilogue).
+            if let Some(b) = self
+                .bindings
+                .iter()
+                .find(|b| b.value == v && b.index.as_slice() == idx)
+            {
                 return Ok(vec![b.expr.clone()]);
             }
             return Err(EmitError::NotFusable(v));

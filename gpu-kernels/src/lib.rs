@@ -17,7 +17,8 @@
 //! (`mma.sync` with an `ldmatrix`/`cp.async` pipeline, tiles from a fixed table keyed by
 //! shape, with K split across blocks for decode shapes whose grid is too small: partial
 //! sums in an f32 arena workspace, added in a fixed order by a second kernel that applies the
-//! epilogue); other matmuls the plain shared-memory tiling.
+//! epilogue); other matmuls a register-blocked SIMT GEMM (`templates/matmul.rs`, tiles
+//! chosen by shape).
 //!
 //! Deliberately absent: the wgmma/TMA and tcgen05 paths, split-K across blocks for
 //! prefill-sized shapes (later templates);
@@ -56,7 +57,9 @@ pub struct Options {
     pub index_width: IndexWidth,
     /// The largest value a symbolic dim is assumed to take (for [`IndexWidth::Auto`]).
     pub symbol_bound: u64,
-    pub matmul_tiling: MatmulTiling,
+    /// The tiling of the plain matmul template for every matmul (`None`: chosen by shape,
+    /// [`MatmulTiling::choose`]).
+    pub matmul_tiling: Option<MatmulTiling>,
     /// Whether bf16/f16 matmuls may use the tensor-core template (else every matmul uses
     /// the plain tiling).
     pub tensor_cores: bool,
@@ -181,7 +184,7 @@ impl Default for Options {
         Options {
             index_width: IndexWidth::Auto,
             symbol_bound: DEFAULT_SYMBOL_BOUND,
-            matmul_tiling: MatmulTiling::default(),
+            matmul_tiling: None,
             tensor_cores: true,
             pointwise: PointwiseTuning::default(),
             paged: PagedTuning::default(),

@@ -249,12 +249,19 @@ impl KernelBuilder {
                 name: name.into(),
                 params: Vec::new(),
                 block_dim,
+                blocks_per_sm: 1,
                 grid: [SizeExpr::Const(1), SizeExpr::Const(1), SizeExpr::Const(1)],
                 shared: Vec::new(),
                 vars: Vec::new(),
                 body: Vec::new(),
             },
         }
+    }
+
+    /// Sets [`Kernel::blocks_per_sm`].
+    pub fn blocks_per_sm(&mut self, blocks: u32) -> &mut KernelBuilder {
+        self.kernel.blocks_per_sm = blocks;
+        self
     }
 
     /// Sets the number of blocks along each grid axis.

@@ -453,6 +453,11 @@ pub struct Kernel {
     pub params: Vec<Param>,
     /// Threads per block (a multiple of 32, at most 1024).
     pub block_dim: u32,
+    /// How many blocks of this kernel should fit on an SM at once (at least 1): a
+    /// performance hint, not semantics. The PTX backend declares it as `.minnctapersm`,
+    /// making ptxas fit the registers of that many blocks (1 sets no register cap); the
+    /// interpreter and the CPU backend ignore it.
+    pub blocks_per_sm: u32,
     /// Blocks along each grid axis, as functions of the program's symbolic dims.
     pub grid: [SizeExpr; 3],
     pub shared: Vec<Shared>,

@@ -388,6 +388,9 @@ impl fmt::Display for Kernel {
         let [x, y, z] = &self.grid;
         writeln!(f, "  grid [{x}, {y}, {z}]")?;
         writeln!(f, "  block_dim {}", self.block_dim)?;
+        if self.blocks_per_sm != 1 {
+            writeln!(f, "  blocks_per_sm {}", self.blocks_per_sm)?;
+        }
         for shared in &self.shared {
             writeln!(
                 f,

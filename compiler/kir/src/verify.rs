@@ -4,7 +4,9 @@
 //! The header:
 //! 1. the name is a PTX identifier: `[A-Za-z][A-Za-z0-9_$]*` or `[_$][A-Za-z0-9_$]+`
 //!    (PTX also allows a leading `%`, which kiln leaves to registers);
-//! 2. `block_dim` is a multiple of 32 in `32..=1024`;
+//! 2. `block_dim` is a multiple of 32 in `32..=1024`; `blocks_per_sm` is at least 1, and
+//!    that many blocks hold at most 1536 threads (what an SM of sm_89 or sm_120 holds, the
+//!    fewest among kiln's targets);
 //! 3. every shared array has at least one element, and together they take at most
 //!    48 KiB (the static shared-memory limit of a block).
 //!
@@ -58,6 +60,9 @@ use crate::uniformity::{uniformity, Uniformity};
 use kiln_ir::DType;
 use std::collections::BTreeSet;
 
+/// The threads an SM holds at once on every kiln target (sm_89 and sm_120 hold 1536).
+pub const MAX_THREADS_PER_SM: u64 = 1536;
+
 /// The static shared memory a block may declare, in bytes.
 pub const MAX_SHARED_BYTES: u64 = 48 * 1024;
 
@@ -74,6 +79,13 @@ pub fn verify_kernel(kernel: &Kernel) -> Result<(), KirError> {
         return Err(header_error(format!(
             "block_dim {} is not a multiple of 32 in 32..=1024",
             kernel.block_dim
+        )));
+    }
+    let resident = u64::from(kernel.block_dim) * u64::from(kernel.blocks_per_sm);
+    if kernel.blocks_per_sm == 0 || resident > MAX_THREADS_PER_SM {
+        return Err(header_error(format!(
+            "blocks_per_sm {} of {} threads is not 1..={} threads an SM",
+            kernel.blocks_per_sm, kernel.block_dim, MAX_THREADS_PER_SM
         )));
     }
     let mut shared_bytes: u64 = 0;

@@ -173,3 +173,14 @@ fn plan_text_form() {
     };
     insta::assert_snapshot!("plan", plan.to_string());
 }
+
+#[test]
+fn blocks_per_sm_is_printed_when_not_one() {
+    let mut kernel = vector_add(DType::F32);
+    assert!(!kernel.to_string().contains("blocks_per_sm"));
+    kernel.blocks_per_sm = 2;
+    let text = kernel.to_string();
+    let header = text.find("  block_dim ").expect("a block_dim line");
+    let hint = text.find("  blocks_per_sm 2\n").expect("the hint");
+    assert!(header < hint, "{text}");
+}

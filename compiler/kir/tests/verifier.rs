@@ -190,6 +190,13 @@ fn header_invariants() {
     for good in [32, 96, 1024] {
         accepts(&with(&|k| k.block_dim = good));
     }
+    // The test kernel has 64 threads: 24 blocks fill 1536 threads, 25 do not.
+    for good in [1, 2, 24] {
+        accepts(&with(&|k| k.blocks_per_sm = good));
+    }
+    for bad in [0, 25, 64] {
+        rejects(&with(&|k| k.blocks_per_sm = bad), "threads an SM");
+    }
     rejects(
         &with(&|k| k.shared[0].len = 0),
         "shared array `tile` has no elements",

@@ -130,3 +130,34 @@ fn jit_copies_and_capped_fallbacks_assemble() {
         assemble(&toolchain, &all, target, &options);
     }
 }
+
+#[test]
+fn blocks_per_sm_is_declared_and_caps_the_registers() {
+    let (_, mut kernel) = kernels::representative()
+        .into_iter()
+        .find(|(name, _)| *name == "tiled_matmul")
+        .expect("the tiled matmul");
+    kernel.blocks_per_sm = 6;
+    let cap = 65536 / (6 * kernel.block_dim);
+    let toolchain = toolchain("blocks_per_sm_is_declared_and_caps_the_registers");
+    for target in Target::ALL {
+        let ptx = emit_ptx(
+            std::slice::from_ref(&kernel),
+            target,
+            &EmitOptions::default(),
+        )
+        .unwrap();
+        assert!(ptx.contains(".minnctapersm 6\n"), "{ptx}");
+        if let Some(toolchain) = &toolchain {
+            let assembled = toolchain
+                .assemble(&ptx, target, &AssembleOptions::default())
+                .unwrap_or_else(|e| panic!("{e}"));
+            let report = &assembled.report.functions[0];
+            assert!(
+                report.registers <= cap,
+                "{target}: {} registers, more than {cap}",
+                report.registers
+            );
+        }
+    }
+}

@@ -63,7 +63,9 @@ pub(crate) struct SizeVariant {
 
 /// The size variant of group `gid`, if it has one:
 /// - a tensor-core GEMM whose row count is one symbolic dim (a `[T, N]` result) has a
-///   decode-sized variant for at most [`mma_gemm::SMALL_ROWS`] rows;
+///   decode-sized variant for at most [`mma_gemm::SMALL_ROWS`] rows; a plain one whose row
+///   count is symbolic has its small tile up to the row count where the large tile would
+///   have enough blocks ([`matmul::large_tile_rows`]);
 /// - paged decode attention whose block tables have a symbolic width has a variant with
 ///   short partitions ([`crate::PagedTuning::short_part`]) for block tables of at most
 ///   [`crate::PagedTuning::short_context`] key positions, so that short contexts still
@@ -78,15 +80,25 @@ pub(crate) fn size_variant(
     let mut e = Emitter::new(g, &part.stored, Ty::I32);
     e.owned = group.owned.clone();
     match &group.kind {
-        GroupKind::Matmul { .. } if options.tensor_cores => {
+        GroupKind::Matmul { .. } => {
             let shape = g.shape(*group.roots.first()?);
-            let [Dim::Sym(rows), _] = shape else {
+            if options.tensor_cores {
+                if let [Dim::Sym(rows), _] = shape {
+                    if mma_gemm::plan(&e, group, true, &options.gemm).is_some() {
+                        return Some(SizeVariant {
+                            symbol: rows.clone(),
+                            at_most: SMALL_ROWS,
+                        });
+                    }
+                }
+                if mma_gemm::plan(&e, group, false, &options.gemm).is_some() {
+                    return None;
+                }
+            }
+            if options.matmul_tiling.is_some() {
                 return None;
-            };
-            mma_gemm::plan(&e, group, true, &options.gemm).map(|_| SizeVariant {
-                symbol: rows.clone(),
-                at_most: SMALL_ROWS,
-            })
+            }
+            matmul::large_tile_rows(g, group).map(|(symbol, at_most)| SizeVariant { symbol, at_most })
         }
         GroupKind::PagedAttention(out) => {
             let tuning = &options.paged;
@@ -181,7 +193,20 @@ pub(crate) fn build(
         GroupKind::LoopReduce => reduce::emit_loop(&mut e, group.roots[0]),
         GroupKind::Matmul { .. } => match &mma {
             Some(plan) => mma_gemm::emit(&mut e, group, &stores, plan),
-            None => matmul::emit(&mut e, group, &stores, &options.matmul_tiling),
+            None => {
+                // A group with a run-time choice builds its small tile for few rows and
+                // its large tile for the rest.
+                let variant = (options.matmul_tiling.is_none()
+                    && matmul::large_tile_rows(g, group).is_some())
+                .then_some(if small {
+                    MatmulTiling::SMALL
+                } else {
+                    MatmulTiling::LARGE
+                });
+                let tiling = options.matmul_tiling.or(variant);
+                let load_ty = operand_index_type(g, group, options, index_ty);
+                matmul::emit(&mut e, group, &stores, tiling.as_ref(), load_ty)
+            }
         },
         GroupKind::Attention(parts) => attention::emit(&mut e, &attention::Source::Pattern(parts)),
         GroupKind::BuiltinAttention(v) => attention::emit(&mut e, &attention::Source::Builtin(*v)),
@@ -227,6 +252,53 @@ fn finish(
         fused,
         what,
     })
+}
+
+/// The index type of a matmul group's operand reads: `I32` when every value they reach
+/// (the matmuls' operands and, through the values the kernel computes, their inputs) stays
+/// below 2^31 elements, else `index_ty` (x @ x.T of many rows: a large result, small
+/// operands).
+fn operand_index_type(
+    g: &FuncGraph<'_>,
+    group: &Group,
+    options: &crate::Options,
+    index_ty: Ty,
+) -> Ty {
+    if index_ty == Ty::I32 || options.index_width == crate::IndexWidth::I64 {
+        return index_ty;
+    }
+    let mut stack: Vec<Value> = group
+        .roots
+        .iter()
+        .filter_map(|m| g.inst(*m))
+        .flat_map(|inst| inst.operands.iter().copied())
+        .collect();
+    let mut seen = BTreeSet::new();
+    while let Some(v) = stack.pop() {
+        if !seen.insert(v) {
+            continue;
+        }
+        if group.owned.contains(&v) {
+            if let Some(inst) = g.inst(v) {
+                stack.extend(inst.operands.iter().copied());
+            }
+        }
+    }
+    let limit = (1u128 << 31) - 1;
+    let fits = seen.iter().all(|v| {
+        let n = g.shape(*v).iter().fold(1u128, |acc, d| {
+            acc.saturating_mul(match d {
+                Dim::Const(n) => u128::from(*n),
+                Dim::Sym(_) => u128::from(options.symbol_bound),
+            })
+        });
+        n <= limit
+    });
+    if fits {
+        Ty::I32
+    } else {
+        index_ty
+    }
 }
 
 /// I32 index arithmetic when every tensor the kernel touches stays below 2^31 elements

@@ -283,13 +283,16 @@ impl<'k, 'c> FunctionEmitter<'k, 'c> {
             out.push_str("\n)\n");
         }
         // `.minnctapersm 1`: one block per SM is enough, so ptxas never caps registers to
-        // reach a higher occupancy (which it otherwise does, spilling to local memory).
-        // Kernels without shared memory may be asked for more (a tuning option).
+        // reach a higher occupancy (which it otherwise does, spilling to local memory),
+        // unless the kernel asks for more (`Kernel::blocks_per_sm`, a template that fits
+        // its registers). Kernels without shared memory may be asked for more (a tuning
+        // option).
         let blocks = if kernel.shared.is_empty() {
-            self.ctx.streaming_blocks_per_sm.max(1)
+            self.ctx.streaming_blocks_per_sm.max(kernel.blocks_per_sm)
         } else {
-            1
-        };
+            kernel.blocks_per_sm
+        }
+        .max(1);
         out.push_str(&format!(
             ".maxntid {}, 1, 1\n.minnctapersm {blocks}\n{{\n",
             kernel.block_dim
