@@ -104,6 +104,10 @@ pub struct PersistentTuning {
     /// registers (128 registers a thread, two games an SM) and 0.096 ms reading them from
     /// shared memory (`kiln bench consensus`, 90777eb).
     pub matrix_registers: bool,
+    /// Independent partial sums of each dot product of a matmul pass from shared memory
+    /// (over every `dot_chains`-th element, added in order at the end; 1: one in-order
+    /// chain), when the reduced length is a multiple.
+    pub dot_chains: u32,
 }
 
 impl Default for PersistentTuning {
@@ -111,6 +115,7 @@ impl Default for PersistentTuning {
         PersistentTuning {
             enabled: true,
             matrix_registers: false,
+            dot_chains: 4,
         }
     }
 }

@@ -126,12 +126,13 @@ fn median(U: f32[{workers}, {params}], w: f32[{workers}]) -> f32[{params}] {{
 }
 
 /// The solver variants timed: name, persistent-loop settings.
-const VARIANTS: [(&str, PersistentTuning); 3] = [
+const VARIANTS: [(&str, PersistentTuning); 4] = [
     (
         "persistent, matrices in registers",
         PersistentTuning {
             enabled: true,
             matrix_registers: true,
+            dot_chains: 4,
         },
     ),
     (
@@ -139,6 +140,15 @@ const VARIANTS: [(&str, PersistentTuning); 3] = [
         PersistentTuning {
             enabled: true,
             matrix_registers: false,
+            dot_chains: 4,
+        },
+    ),
+    (
+        "persistent, matrices in shared memory, one chain a dot product",
+        PersistentTuning {
+            enabled: true,
+            matrix_registers: false,
+            dot_chains: 1,
         },
     ),
     (
@@ -146,6 +156,7 @@ const VARIANTS: [(&str, PersistentTuning); 3] = [
         PersistentTuning {
             enabled: false,
             matrix_registers: false,
+            dot_chains: 4,
         },
     ),
 ];
@@ -463,6 +474,7 @@ fn settings(args: &ConsensusBenchArgs) -> Value {
         "cases": if args.cases.is_empty() { CASES.map(String::from).to_vec() } else { args.cases.clone() },
         "solver_variants": VARIANTS.iter().map(|(name, t)| json!({
             "variant": name, "persistent": t.enabled, "matrix_registers": t.matrix_registers,
+            "dot_chains": t.dot_chains,
         })).collect::<Vec<_>>(),
         "timing": "CUDA events around whole launches of the entry (inputs already on the GPU), median of the runs",
     })
@@ -686,7 +698,10 @@ mod tests {
             .args;
         let s = settings(&a);
         assert_eq!(s["cases"], json!(["median"]));
-        assert_eq!(s["solver_variants"].as_array().map(Vec::len), Some(3));
+        assert_eq!(
+            s["solver_variants"].as_array().map(Vec::len),
+            Some(VARIANTS.len())
+        );
         assert_eq!(s["median_p"], 134_217_728);
     }
 

@@ -98,7 +98,8 @@ pub(crate) fn size_variant(
             if options.matmul_tiling.is_some() {
                 return None;
             }
-            matmul::large_tile_rows(g, group).map(|(symbol, at_most)| SizeVariant { symbol, at_most })
+            matmul::large_tile_rows(g, group)
+                .map(|(symbol, at_most)| SizeVariant { symbol, at_most })
         }
         GroupKind::PagedAttention(out) => {
             let tuning = &options.paged;

@@ -20,9 +20,8 @@ pub enum Feature {
     /// needs PTX 8.1, sm_90 and later 7.8; sm_80 has none. Fallback: the integer
     /// routines of [`crate::numeric::convert`] (encode) and exact bit placement (decode).
     Fp8Convert,
-    /// `griddepcontrol.launch_dependents` and `griddepcontrol.wait` (programmatic dependent
-    /// launch): sm_90 and later with PTX 7.8; sm_80 and sm_89 have none. Every kernel starts
-    /// with them where the target has them (see the prologue in `function.rs`); without them
+    /// `griddepcontrol.wait` (programmatic dependent launch): sm_90 and later with PTX 7.8;
+    /// sm_80 and sm_89 have none. Every kernel starts with it where the target has it (see the prologue in `function.rs`); without them
     /// the runtime launches kernels one after another, so there is no fallback sequence.
     GridDependencyControl,
 }
@@ -41,9 +40,7 @@ impl Feature {
             Feature::Fp8Convert => {
                 "cvt.rn.satfinite.{e4m3x2,e5m2x2}.f32, cvt.rn.f16x2.{e4m3x2,e5m2x2}"
             }
-            Feature::GridDependencyControl => {
-                "griddepcontrol.launch_dependents, griddepcontrol.wait"
-            }
+            Feature::GridDependencyControl => "griddepcontrol.wait",
         }
     }
 
