@@ -132,7 +132,7 @@ const VARIANTS: [(&str, PersistentTuning); 4] = [
         PersistentTuning {
             enabled: true,
             matrix_registers: true,
-            dot_chains: 4,
+            dot_chains: 1,
         },
     ),
     (
@@ -140,15 +140,15 @@ const VARIANTS: [(&str, PersistentTuning); 4] = [
         PersistentTuning {
             enabled: true,
             matrix_registers: false,
-            dot_chains: 4,
+            dot_chains: 1,
         },
     ),
     (
-        "persistent, matrices in shared memory, one chain a dot product",
+        "persistent, matrices in shared memory, four chains a dot product",
         PersistentTuning {
             enabled: true,
             matrix_registers: false,
-            dot_chains: 1,
+            dot_chains: 4,
         },
     ),
     (
@@ -156,7 +156,7 @@ const VARIANTS: [(&str, PersistentTuning); 4] = [
         PersistentTuning {
             enabled: false,
             matrix_registers: false,
-            dot_chains: 4,
+            dot_chains: 1,
         },
     ),
 ];
