@@ -191,3 +191,21 @@ fn attend(q: bf16[N, 32, 128], k_cache: bf16[2, NB, 16, 8, 128], v_cache: bf16[2
     let compiled = kiln_gpu_kernels::compile_function(&module, "attend", &off).unwrap();
     partial_grid(&compiled.plan.steps, &compiled.kernels);
 }
+
+#[test]
+fn a_key_and_a_value_write_share_one_kernel_and_equal_the_interpreter() {
+    // Both writes read the same slots; each branch of the shared kernel loads them itself.
+    let src = "import nn
+fn write_both(kc: f32[2, 6, 4, 2, 8], vc: f32[2, 6, 4, 2, 8], k: f32[T, 2, 8], v: f32[T, 2, 8],
+              slots: i32[T]) -> (f32[2, 6, 4, 2, 8], f32[2, 6, 4, 2, 8]) {
+    (kv_write(kc, k * 2.0, slots, 1), kv_write(vc, v + 1.0, slots, 1))
+}
+";
+    let module = lower("kv.kiln", src, None, None);
+    let func = module.function("write_both").expect("function");
+    let mut inputs = inputs_for(func, &BTreeMap::from([("T".to_string(), 5)]), 5, 7);
+    inputs[4] = kiln_ir::Tensor::from_ints(kiln_ir::DType::I32, &[5], vec![3, 17, -1, 0, 23]);
+    let compiled = check(&module, "write_both", &inputs, &BTreeMap::new(), &Options::default());
+    let names: Vec<&str> = compiled.kernels.iter().map(|k| k.name.as_str()).collect();
+    assert!(names.iter().any(|n| n.contains("kv_write_x2")), "{names:?}");
+}

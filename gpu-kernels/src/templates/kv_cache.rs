@@ -45,7 +45,12 @@ pub(crate) fn emit(e: &mut Emitter<'_, '_>, writes: &[Value]) -> EResult<Body> {
     // One branch per write, the last taking what the others do not.
     let mut chain: Vec<Stmt> = Vec::new();
     for (i, &out) in writes.iter().enumerate().rev() {
-        let store = store_row(e, out, &token, &head, &col, lanes)?;
+        // Each write's loads in their own scope: a value one branch loads (the slots) is
+        // not assigned in the others.
+        e.push_scope();
+        let store = store_row(e, out, &token, &head, &col, lanes);
+        e.pop_scope();
+        let store = store?;
         chain = if chain.is_empty() {
             store
         } else {
