@@ -205,7 +205,51 @@ fn write_both(kc: f32[2, 6, 4, 2, 8], vc: f32[2, 6, 4, 2, 8], k: f32[T, 2, 8], v
     let func = module.function("write_both").expect("function");
     let mut inputs = inputs_for(func, &BTreeMap::from([("T".to_string(), 5)]), 5, 7);
     inputs[4] = kiln_ir::Tensor::from_ints(kiln_ir::DType::I32, &[5], vec![3, 17, -1, 0, 23]);
-    let compiled = check(&module, "write_both", &inputs, &BTreeMap::new(), &Options::default());
+    let compiled = check(
+        &module,
+        "write_both",
+        &inputs,
+        &BTreeMap::new(),
+        &Options::default(),
+    );
     let names: Vec<&str> = compiled.kernels.iter().map(|k| k.name.as_str()).collect();
     assert!(names.iter().any(|n| n.contains("kv_write_x2")), "{names:?}");
+}
+
+#[test]
+fn temps_of_one_symbolic_size_with_disjoint_lifetimes_share_arena_space() {
+    // Four matmul results of one symbolic shape [T, 64], each dead once the next softmax
+    // has read it: they take turns in one slot instead of four.
+    let src = "import nn
+fn chain(x: f32[T, 64], w: f32[64, 64]) -> f32[T, 64] {
+    let a = softmax(x @ w, axis: -1)
+    let b = softmax(a @ w, axis: -1)
+    let c = softmax(b @ w, axis: -1)
+    softmax(c @ w, axis: -1)
+}
+";
+    let module = lower("chain.kiln", src, None, None);
+    let func = module.function("chain").expect("function");
+    let inputs = inputs_for(func, &BTreeMap::from([("T".to_string(), 37)]), 5, 11);
+    let compiled = check(
+        &module,
+        "chain",
+        &inputs,
+        &BTreeMap::new(),
+        &Options::default(),
+    );
+    let plan = &compiled.plan;
+    let temps: Vec<&kiln_kir::BufferDecl> = plan
+        .buffers
+        .iter()
+        .filter(|b| b.kind == kiln_kir::BufferKind::Temp)
+        .collect();
+    let t = |name: &str| (name == "T").then_some(1000);
+    let bytes = |b: &kiln_kir::BufferDecl| {
+        b.shape.iter().map(|d| d.eval(&t).unwrap()).product::<u64>() * b.dtype.size_bytes() as u64
+    };
+    let sum: u64 = temps.iter().map(|b| bytes(b)).sum();
+    let arena = plan.arena_bytes.eval(&t).unwrap();
+    assert!(temps.len() >= 2, "{temps:?}");
+    assert!(arena < sum, "arena {arena} bytes, temps {sum} bytes");
 }
