@@ -543,19 +543,24 @@ impl<'a, 'f> PlanBuilder<'a, 'f> {
             // Symbolic sizes cannot be compared, so temps share a slot only with temps of
             // the same size expression whose lifetimes do not overlap (a layer's workspace
             // with the next layer's); each slot follows the one before it.
-            let mut slots: Vec<(SizeExpr, SizeExpr, Vec<(usize, usize)>)> = Vec::new();
+            struct Slot {
+                size: SizeExpr,
+                offset: SizeExpr,
+                spans: Vec<(usize, usize)>,
+            }
+            let mut slots: Vec<Slot> = Vec::new();
             let mut offset = SizeExpr::Const(0);
             let mut order: Vec<usize> = (0..temps.len()).collect();
             order.sort_by_key(|&i| (live.get(&temps[i]).copied().unwrap_or((0, 0)), i));
             for i in order {
                 let span = live.get(&temps[i]).copied().unwrap_or((0, 0));
-                let free = slots.iter_mut().find(|(size, _, spans)| {
-                    *size == sizes[i] && spans.iter().all(|s| s.1 < span.0 || span.1 < s.0)
+                let free = slots.iter_mut().find(|slot| {
+                    slot.size == sizes[i] && slot.spans.iter().all(|s| s.1 < span.0 || span.1 < s.0)
                 });
                 let at = match free {
-                    Some((_, at, spans)) => {
-                        spans.push(span);
-                        at.clone()
+                    Some(slot) => {
+                        slot.spans.push(span);
+                        slot.offset.clone()
                     }
                     None => {
                         let at = offset.clone();
@@ -563,7 +568,11 @@ impl<'a, 'f> PlanBuilder<'a, 'f> {
                             SizeExpr::Const(0) => sizes[i].clone(),
                             o => SizeExpr::Add(Box::new(o), Box::new(sizes[i].clone())),
                         };
-                        slots.push((sizes[i].clone(), at.clone(), vec![span]));
+                        slots.push(Slot {
+                            size: sizes[i].clone(),
+                            offset: at.clone(),
+                            spans: vec![span],
+                        });
                         at
                     }
                 };

@@ -85,6 +85,26 @@ pub fn resolve(choice: BackendChoice) -> BackendChoice {
     }
 }
 
+/// Whether `choice` runs `what` on the GPU: a forced GPU must be usable; with
+/// [`BackendChoice::Auto`] and no usable GPU, one line on stderr says that `what` (e.g.
+/// "consensus runs") on the CPU backend instead.
+fn on_gpu(choice: BackendChoice, what: &str) -> Result<bool, BackendError> {
+    match choice {
+        BackendChoice::Interpreter | BackendChoice::Cpu => Ok(false),
+        BackendChoice::Gpu => {
+            gpu_parts().map_err(BackendError::NoGpu)?;
+            Ok(true)
+        }
+        BackendChoice::Auto => match gpu_parts() {
+            Ok(_) => Ok(true),
+            Err(why) => {
+                eprintln!("kiln: no GPU ({why}): {what} on the CPU backend");
+                Ok(false)
+            }
+        },
+    }
+}
+
 /// A usable GPU: the device, its kiln target and the toolchain to assemble for it.
 pub type GpuParts = (kiln_cuda::CudaDevice, kiln_ptx::Target, kiln_ptx::Toolchain);
 
@@ -102,22 +122,10 @@ pub fn gpu_parts() -> Result<GpuParts, String> {
 /// [`BackendChoice::Auto`] and no usable GPU, one line on stderr says so and the CPU
 /// backend runs them.
 pub fn consensus_solver(choice: BackendChoice) -> Result<ConsensusSolver, BackendError> {
-    let on_gpu = match choice {
-        BackendChoice::Interpreter => return Ok(ConsensusSolver::interpreter()),
-        BackendChoice::Cpu => false,
-        BackendChoice::Gpu => {
-            gpu_parts().map_err(BackendError::NoGpu)?;
-            true
-        }
-        BackendChoice::Auto => match gpu_parts() {
-            Ok(_) => true,
-            Err(why) => {
-                eprintln!("kiln: no GPU ({why}): consensus runs on the CPU backend");
-                false
-            }
-        },
-    };
-    if !on_gpu {
+    if choice == BackendChoice::Interpreter {
+        return Ok(ConsensusSolver::interpreter());
+    }
+    if !on_gpu(choice, "consensus runs")? {
         return Ok(ConsensusSolver::cpu());
     }
     Ok(ConsensusSolver::new(Box::new(
@@ -141,22 +149,10 @@ pub fn consensus_solver(choice: BackendChoice) -> Result<ConsensusSolver, Backen
 ///
 /// [`EmbeddingModel`]: kiln_runtime::EmbeddingModel
 pub fn embed_maker(choice: BackendChoice) -> Result<Box<EmbedExecutorMaker>, BackendError> {
-    let on_gpu = match choice {
-        BackendChoice::Interpreter => return Ok(EmbedBackend::Interpreter.maker()),
-        BackendChoice::Cpu => false,
-        BackendChoice::Gpu => {
-            gpu_parts().map_err(BackendError::NoGpu)?;
-            true
-        }
-        BackendChoice::Auto => match gpu_parts() {
-            Ok(_) => true,
-            Err(why) => {
-                eprintln!("kiln: no GPU ({why}): embeddings run on the CPU backend");
-                false
-            }
-        },
-    };
-    if !on_gpu {
+    if choice == BackendChoice::Interpreter {
+        return Ok(EmbedBackend::Interpreter.maker());
+    }
+    if !on_gpu(choice, "embeddings run")? {
         return Ok(EmbedBackend::Cpu.maker());
     }
     Ok(Box::new(

@@ -285,8 +285,22 @@ fn operand_index_type(
             }
         }
     }
+    if below_2_31_elements(g, &seen, options) {
+        Ty::I32
+    } else {
+        index_ty
+    }
+}
+
+/// Whether every value of `values` has fewer than 2^31 elements with each symbolic dim at
+/// most `options.symbol_bound`.
+fn below_2_31_elements(
+    g: &FuncGraph<'_>,
+    values: &BTreeSet<Value>,
+    options: &crate::Options,
+) -> bool {
     let limit = (1u128 << 31) - 1;
-    let fits = seen.iter().all(|v| {
+    values.iter().all(|v| {
         let n = g.shape(*v).iter().fold(1u128, |acc, d| {
             acc.saturating_mul(match d {
                 Dim::Const(n) => u128::from(*n),
@@ -294,12 +308,7 @@ fn operand_index_type(
             })
         });
         n <= limit
-    });
-    if fits {
-        Ty::I32
-    } else {
-        index_ty
-    }
+    })
 }
 
 /// I32 index arithmetic when every tensor the kernel touches stays below 2^31 elements
@@ -316,16 +325,7 @@ fn index_type(g: &FuncGraph<'_>, group: &Group, options: &crate::Options) -> Ty 
             values.extend(inst.operands.iter().copied());
         }
     }
-    let limit = (1u128 << 31) - 1;
-    let fits = values.iter().all(|v| {
-        let n = g.shape(*v).iter().fold(1u128, |acc, d| {
-            acc.saturating_mul(match d {
-                Dim::Const(n) => u128::from(*n),
-                Dim::Sym(_) => u128::from(options.symbol_bound),
-            })
-        });
-        n <= limit
-    });
+    let fits = below_2_31_elements(g, &values, options);
     // Operands reached through inlined chains are bounded by the same shapes in practice;
     // the widest shapes are the group's own values and their direct operands.
     if fits {
