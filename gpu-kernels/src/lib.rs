@@ -104,12 +104,6 @@ pub struct PersistentTuning {
     /// registers (128 registers a thread, two games an SM) and 0.096 ms reading them from
     /// shared memory (`kiln bench consensus`, 90777eb).
     pub matrix_registers: bool,
-    /// Independent partial sums of each dot product of a matmul pass from shared memory
-    /// (over every `dot_chains`-th element, added in order at the end; 1: one in-order
-    /// chain), when the reduced length is a multiple. 1: on an H100, RM+ on 10,000 games
-    /// of 64×64 took 0.0964 ms an iteration with one chain and 0.1106 ms with four
-    /// (`kiln bench consensus`, e441082).
-    pub dot_chains: u32,
 }
 
 impl Default for PersistentTuning {
@@ -117,7 +111,6 @@ impl Default for PersistentTuning {
         PersistentTuning {
             enabled: true,
             matrix_registers: false,
-            dot_chains: 1,
         }
     }
 }

@@ -293,16 +293,11 @@ fn the_tuning_variants_equal_the_interpreter() {
         scalar_f32(1e-3),
         scalar_int(2),
     ];
-    for (enabled, matrix_registers, dot_chains, want) in [
-        (true, false, 4, (0, 1)),
-        (true, false, 1, (0, 1)),
-        (false, true, 4, (1, 0)),
-    ] {
+    for (enabled, matrix_registers, want) in [(true, false, (0, 1)), (false, true, (1, 0))] {
         let options = Options {
             persistent: PersistentTuning {
                 enabled,
                 matrix_registers,
-                dot_chains,
             },
             ..Options::default()
         };

@@ -126,13 +126,12 @@ fn median(U: f32[{workers}, {params}], w: f32[{workers}]) -> f32[{params}] {{
 }
 
 /// The solver variants timed: name, persistent-loop settings.
-const VARIANTS: [(&str, PersistentTuning); 4] = [
+const VARIANTS: [(&str, PersistentTuning); 3] = [
     (
         "persistent, matrices in registers",
         PersistentTuning {
             enabled: true,
             matrix_registers: true,
-            dot_chains: 1,
         },
     ),
     (
@@ -140,15 +139,6 @@ const VARIANTS: [(&str, PersistentTuning); 4] = [
         PersistentTuning {
             enabled: true,
             matrix_registers: false,
-            dot_chains: 1,
-        },
-    ),
-    (
-        "persistent, matrices in shared memory, four chains a dot product",
-        PersistentTuning {
-            enabled: true,
-            matrix_registers: false,
-            dot_chains: 4,
         },
     ),
     (
@@ -156,7 +146,6 @@ const VARIANTS: [(&str, PersistentTuning); 4] = [
         PersistentTuning {
             enabled: false,
             matrix_registers: false,
-            dot_chains: 1,
         },
     ),
 ];
@@ -474,7 +463,6 @@ fn settings(args: &ConsensusBenchArgs) -> Value {
         "cases": if args.cases.is_empty() { CASES.map(String::from).to_vec() } else { args.cases.clone() },
         "solver_variants": VARIANTS.iter().map(|(name, t)| json!({
             "variant": name, "persistent": t.enabled, "matrix_registers": t.matrix_registers,
-            "dot_chains": t.dot_chains,
         })).collect::<Vec<_>>(),
         "timing": "CUDA events around whole launches of the entry (inputs already on the GPU), median of the runs",
     })
@@ -910,7 +898,7 @@ mod tests {
         m.cosine.as_mut().unwrap().max_abs_err = 1e-3;
         let (r, failures) = assemble(json!({}), &m, Some(&peers), 1e-3);
         assert_eq!(failures.len(), 3, "{failures:?}");
-        assert_eq!(r["failures"].as_array().map(Vec::len), Some(3));
+        assert_eq!(r["failures"].as_array().map(Vec::len), Some(VARIANTS.len()));
         assert_eq!(r["zero_sum_rm_plus"]["agreement"]["torch"]["agree"], false);
 
         // Peers measured at other sizes give no ratios; no peers at all neither.

@@ -65,7 +65,7 @@ use crate::graph::FuncGraph;
 use crate::partition::Partition;
 use crate::plan::dim_size;
 use kiln_ir::{Dim, Inst, Op, Value};
-use kiln_kir::{Access, Buf, Expr, SizeExpr, Special, Stmt, Ty, VarId};
+use kiln_kir::{Access, Buf, Expr, SizeExpr, Special, Stmt, Ty};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// The static shared memory one block may declare (48 KiB, the kir verifier's limit).
@@ -876,7 +876,7 @@ pub(crate) fn emit(
             n,
             (t, base),
             &full_index,
-            |e, out, idx| compute(e, out, v, idx, options.persistent.dot_chains),
+            |e, out, idx| compute(e, out, v, idx),
         )
         .map_err(fatal)?;
         hz.read.extend(reads);
@@ -1395,7 +1395,6 @@ fn compute(
     out: &mut Vec<Stmt>,
     v: Value,
     idx: &[Expr],
-    dot_chains: u32,
 ) -> Result<Expr, EmitError> {
     let g = e.g;
     let inst = g.inst(v).expect("a pass value has an instruction");
@@ -1437,51 +1436,33 @@ fn compute(
             };
             let k_dim = g.shape(a)[g.shape(a).len() - 1].clone();
             let ty = e.cty(v);
-            // `chains` independent partial sums (over k = c, c + chains, ...) added in
-            // order at the end, when the reduced length is a constant multiple of them:
-            // shorter dependent chains of fma for the same loads.
-            let chains = match k_dim.as_const() {
-                Some(k) if ty == Ty::F32 && dot_chains > 1 && k % u64::from(dot_chains) == 0 => {
-                    dot_chains as usize
-                }
-                _ => 1,
-            };
-            let accs: Vec<VarId> = (0..chains).map(|_| e.var("dot", ty)).collect();
-            for &acc in &accs {
-                out.push(Stmt::Assign(acc, Expr::Const(crate::emit::zero_of(ty))));
-            }
+            let acc = e.var("dot", ty);
+            out.push(Stmt::Assign(acc, Expr::Const(crate::emit::zero_of(ty))));
             let p = e.var("p", ity);
             let mut step = Vec::new();
             e.push_scope();
-            for (c, &acc) in accs.iter().enumerate() {
-                let k = add(Expr::Var(p), e.ix(c as i64));
-                let x = e
-                    .elem(&mut step, a, &operand_index(a, i.clone(), k.clone()), 1)?
-                    .remove(0);
-                let y = e
-                    .elem(&mut step, b, &operand_index(b, k, j.clone()), 1)?
-                    .remove(0);
-                let next = if ty == Ty::F32 {
-                    Expr::Fma(Box::new(x), Box::new(y), Box::new(Expr::Var(acc)))
-                } else {
-                    add(Expr::Var(acc), mul(x, y))
-                };
-                step.push(Stmt::Assign(acc, next));
-            }
+            let x = e
+                .elem(&mut step, a, &operand_index(a, i, Expr::Var(p)), 1)?
+                .remove(0);
+            let y = e
+                .elem(&mut step, b, &operand_index(b, Expr::Var(p), j), 1)?
+                .remove(0);
+            let next = if ty == Ty::F32 {
+                Expr::Fma(Box::new(x), Box::new(y), Box::new(Expr::Var(acc)))
+            } else {
+                add(Expr::Var(acc), mul(x, y))
+            };
+            step.push(Stmt::Assign(acc, next));
             e.pop_scope();
             let k = e.dim(&k_dim);
             out.push(Stmt::For {
                 var: p,
                 start: e.ix(0),
                 end: k,
-                step: e.ix(chains as i64),
+                step: e.ix(1),
                 body: step,
             });
-            let total = accs
-                .iter()
-                .skip(1)
-                .fold(Expr::Var(accs[0]), |sum, &acc| add(sum, Expr::Var(acc)));
-            Ok(total)
+            Ok(Expr::Var(acc))
         }
         _ => {
             e.fused.insert(v);

@@ -39,7 +39,6 @@ pub(crate) const REQUIRED_DRIVER_SYMBOLS: &[&str] = &[
     "cuCtxSetCurrent",
     "cuCtxSynchronize",
     "cuLaunchKernelEx",
-    "cuFuncSetAttribute",
     "cuStreamCreate",
     "cuStreamDestroy_v2",
     "cuStreamSynchronize",
@@ -384,25 +383,6 @@ pub(crate) fn kernel_function(
         handle,
         module: module.clone(),
     })
-}
-
-/// Asks the driver to give `function`'s blocks the largest shared-memory carveout of an
-/// SM's unified L1/shared storage, so that as many blocks fit as their static shared memory
-/// allows (the driver's own choice can leave room for fewer: on an H100 a block of 38 KiB
-/// ran three to an SM). A preference the driver may round; for kernels that declare shared
-/// memory.
-pub(crate) fn prefer_shared_memory(function: &KernelFunction) -> Result<(), DriverError> {
-    function.module.ctx.bind_to_thread()?;
-    // SAFETY: the function handle is live (its module is held by `function`); the attribute
-    // takes a percentage, 100 being the most shared memory.
-    unsafe {
-        sys::cuFuncSetAttribute(
-            function.handle,
-            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
-            100,
-        )
-        .result()
-    }
 }
 
 /// One kernel argument by value, in the size of the kernel's PTX parameter.

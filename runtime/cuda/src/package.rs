@@ -108,23 +108,13 @@ impl CudaPackage {
             .kernels
             .iter()
             .map(|kernel| {
-                let function = ffi::kernel_function(&module, &kernel.name).map_err(|error| {
+                ffi::kernel_function(&module, &kernel.name).map_err(|error| {
                     CudaError::MissingKernel {
                         package: name.clone(),
                         kernel: kernel.name.clone(),
                         source: DriverFailure::from_driver(error),
                     }
-                })?;
-                if kernel.shared_bytes > 0 {
-                    ffi::prefer_shared_memory(&function).map_err(|error| CudaError::Driver {
-                        action: format!(
-                            "setting the shared-memory carveout of kernel `{}` in {name}",
-                            kernel.name
-                        ),
-                        source: DriverFailure::from_driver(error),
-                    })?;
-                }
-                Ok(function)
+                })
             })
             .collect::<Result<Vec<_>, _>>()?;
         let plan_launch_order =
