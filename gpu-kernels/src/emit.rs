@@ -1138,32 +1138,16 @@ pub(crate) fn fold_const(e: Expr) -> Expr {
             let (Expr::Const(x), Expr::Const(y)) = (&a, &b) else {
                 return Expr::Binary(op, Box::new(a), Box::new(b));
             };
-            let ordering = match (x, y) {
-                (Const::F32(x), Const::F32(y)) => x.partial_cmp(y),
-                (Const::I32(x), Const::I32(y)) => x.partial_cmp(y),
-                (Const::I64(x), Const::I64(y)) => x.partial_cmp(y),
-                (Const::Pred(x), Const::Pred(y)) => {
-                    let value = match op {
-                        BinOp::And => *x && *y,
-                        BinOp::Or => *x || *y,
-                        BinOp::Xor => x != y,
-                        _ => return Expr::Binary(op, Box::new(a), Box::new(b)),
-                    };
-                    return Expr::Const(Const::Pred(value));
-                }
-                _ => return Expr::Binary(op, Box::new(a), Box::new(b)),
-            };
-            use std::cmp::Ordering::*;
-            let value = match op {
-                BinOp::Eq => ordering == Some(Equal),
-                BinOp::Ne => ordering != Some(Equal),
-                BinOp::Lt => ordering == Some(Less),
-                BinOp::Le => matches!(ordering, Some(Less | Equal)),
-                BinOp::Gt => ordering == Some(Greater),
-                BinOp::Ge => matches!(ordering, Some(Greater | Equal)),
-                _ => return Expr::Binary(op, Box::new(a), Box::new(b)),
-            };
-            Expr::Const(Const::Pred(value))
+            // Comparisons and the logic of predicates, by the kernel IR's own semantics.
+            let folds = op.is_comparison()
+                || matches!(
+                    (x, op),
+                    (Const::Pred(_), BinOp::And | BinOp::Or | BinOp::Xor)
+                );
+            match kiln_kir::interp::binary(op, *x, *y) {
+                Ok(value) if folds => Expr::Const(value),
+                _ => Expr::Binary(op, Box::new(a), Box::new(b)),
+            }
         }
         e => e,
     }

@@ -57,6 +57,16 @@ pub fn read_json(path: &Path) -> serde_json::Value {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("parsing {}: {e}", path.display()))
 }
 
+/// The numbers of a JSON array (an embedding, token ids), as f64.
+pub fn json_numbers(value: &serde_json::Value) -> Vec<f64> {
+    value
+        .as_array()
+        .expect("an array")
+        .iter()
+        .map(|v| v.as_f64().expect("a number"))
+        .collect()
+}
+
 /// Loads every tensor of a safetensors file as stored.
 pub fn load_safetensors(path: &Path) -> BTreeMap<String, Tensor> {
     kiln_runtime::weights::read_all(path).unwrap_or_else(|e| panic!("{e}"))

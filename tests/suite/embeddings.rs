@@ -11,7 +11,7 @@
 
 use kiln_driver::backend::{self, BackendChoice};
 use kiln_runtime::{EmbedBackend, EmbeddingModel, NoProgress};
-use kiln_tests::{minilm_dir, read_json, repo_root};
+use kiln_tests::{json_numbers, minilm_dir, read_json, repo_root};
 
 const MIN_COSINE: f64 = 0.9999;
 
@@ -28,14 +28,6 @@ struct Expected {
 fn expected() -> Expected {
     let json = read_json(&repo_root().join("tests/fixtures/minilm-expected.json"));
     let sentences = json["sentences"].as_array().expect("sentences");
-    let numbers = |value: &serde_json::Value| -> Vec<f64> {
-        value
-            .as_array()
-            .expect("an array")
-            .iter()
-            .map(|v| v.as_f64().expect("a number"))
-            .collect()
-    };
     Expected {
         texts: sentences
             .iter()
@@ -43,11 +35,21 @@ fn expected() -> Expected {
             .collect(),
         token_ids: sentences
             .iter()
-            .map(|s| numbers(&s["token_ids"]).iter().map(|&v| v as u32).collect())
+            .map(|s| {
+                json_numbers(&s["token_ids"])
+                    .iter()
+                    .map(|&v| v as u32)
+                    .collect()
+            })
             .collect(),
         embeddings: sentences
             .iter()
-            .map(|s| numbers(&s["embedding"]).iter().map(|&v| v as f32).collect())
+            .map(|s| {
+                json_numbers(&s["embedding"])
+                    .iter()
+                    .map(|&v| v as f32)
+                    .collect()
+            })
             .collect(),
         max_seq_length: json["max_seq_length"].as_u64().expect("max_seq_length") as usize,
     }

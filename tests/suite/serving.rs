@@ -543,16 +543,8 @@ fn served_minilm_matches_sentence_transformers(
         };
         let answer = post("/v1/embeddings", json!({"input": texts})).await;
         for (index, sentence) in sentences.iter().enumerate() {
-            let numbers = |value: &Value| -> Vec<f64> {
-                value
-                    .as_array()
-                    .expect("an array")
-                    .iter()
-                    .map(|v| v.as_f64().expect("a number"))
-                    .collect()
-            };
-            let got = numbers(&answer["data"][index]["embedding"]);
-            let want = numbers(&sentence["embedding"]);
+            let got = kiln_tests::json_numbers(&answer["data"][index]["embedding"]);
+            let want = kiln_tests::json_numbers(&sentence["embedding"]);
             assert_eq!(got.len(), want.len(), "dimension of sentence {index}");
             let dot: f64 = got.iter().zip(&want).map(|(a, b)| a * b).sum();
             let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();

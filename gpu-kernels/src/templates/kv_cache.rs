@@ -6,7 +6,7 @@
 //! values) are one kernel, the threads of each write after those of the one before.
 
 use super::pointwise::lanes_for;
-use super::{ceil_div_size, one, size_of_dims, Body};
+use super::Body;
 use crate::emit::{add, and, div, lt, mul, rem, EResult, Emitter};
 use kiln_ir::{Dim, Op, Value};
 use kiln_kir::{BinOp, Expr, Special, Stmt};
@@ -73,16 +73,7 @@ pub(crate) fn emit(e: &mut Emitter<'_, '_>, writes: &[Value]) -> EResult<Body> {
     } else {
         format!("kv_write_x{}", writes.len())
     };
-    Ok(Body {
-        what,
-        block_dim: THREADS,
-        grid: [
-            ceil_div_size(size_of_dims(&dims), u64::from(THREADS)),
-            one(),
-            one(),
-        ],
-        stmts: body,
-    })
+    Ok(Body::over(what, THREADS, &dims, body))
 }
 
 /// The statements of one thread's part of `kv_write` `out`: its token's slot read, and

@@ -48,7 +48,7 @@
 //! B's N not a multiple of 8, a symbolic K) goes to the plain tiled template.
 
 use super::matmul::{batch_index, epilogue_at, kernel_name, OutputElement};
-use super::{ceil_div_size, one, size_of_dims, Body, Workspace};
+use super::{ceil_div_size, size_of_dims, Body, Workspace};
 use crate::emit::{add, and, lt, mul, sub, EResult, Emitter};
 use crate::graph::FuncGraph;
 use crate::partition::Group;
@@ -1233,11 +1233,11 @@ pub(crate) fn emit_split_sum(
     let matmuls = group.roots.clone();
     let out_shape = g.shape(matmuls[0]).to_vec();
     let rank = out_shape.len();
-    let ity = e.index_ty;
-    let mut body = Vec::new();
     if plan.tile.segmented {
         return emit_segmented_sum(e, group, stores, plan, splits);
     }
+    let ity = e.index_ty;
+    let mut body = Vec::new();
     let total = e.numel(&out_shape);
     let gid = add(
         mul(
@@ -1252,20 +1252,10 @@ pub(crate) fn emit_split_sum(
     // One sum per fused matmul, each over its splits in order.
     let mut sums = Vec::with_capacity(matmuls.len());
     for i in 0..matmuls.len() as i64 {
-        let sum = e.var("sum", Ty::F32);
         let first = add(gid.clone(), mul(e.ix(i * i64::from(splits)), total.clone()));
-        inner.push(Stmt::Assign(sum, Expr::load(workspace, first)));
-        for s in 1..i64::from(splits) {
-            let at = add(
-                gid.clone(),
-                mul(e.ix(i * i64::from(splits) + s), total.clone()),
-            );
-            inner.push(Stmt::assign(
-                sum,
-                Expr::var(sum) + Expr::load(workspace, at),
-            ));
-        }
-        sums.push(sum);
+        sums.push(sum_in_split_order(
+            e, &mut inner, workspace, first, &total, splits,
+        ));
     }
     let idx = e.delinearize(&mut inner, gid.clone(), &out_shape);
     let rows = e.dim(&out_shape[rank - 2]);
@@ -1278,16 +1268,29 @@ pub(crate) fn emit_split_sum(
     epilogue_at(e, &mut inner, &matmuls, &sums, &at, None, stores)?;
     body.push(Stmt::if_then(lt(gid, total), inner));
     let what = kernel_name(&format!("splitk{splits}_sum"), &matmuls, stores);
-    Ok(Body {
-        what,
-        block_dim: SUM_THREADS,
-        grid: [
-            ceil_div_size(size_of_dims(&out_shape), u64::from(SUM_THREADS)),
-            one(),
-            one(),
-        ],
-        stmts: body,
-    })
+    Ok(Body::over(what, SUM_THREADS, &out_shape, body))
+}
+
+/// The f32 sum of the workspace's `splits` partial sums at `first`, `first + stride`, ... in
+/// split order (the same bits every run), computed into `out`.
+fn sum_in_split_order(
+    e: &mut Emitter<'_, '_>,
+    out: &mut Vec<Stmt>,
+    workspace: Buf,
+    first: Expr,
+    stride: &Expr,
+    splits: u32,
+) -> VarId {
+    let sum = e.var("sum", Ty::F32);
+    out.push(Stmt::Assign(sum, Expr::load(workspace, first.clone())));
+    for s in 1..i64::from(splits) {
+        let at = add(first.clone(), mul(e.ix(s), stride.clone()));
+        out.push(Stmt::assign(
+            sum,
+            Expr::var(sum) + Expr::load(workspace, at),
+        ));
+    }
+    sum
 }
 
 /// [`emit_split_sum`] for a grid of segments: a thread per element of the workspace's
@@ -1319,15 +1322,7 @@ fn emit_segmented_sum(
     let gid = e.bind(&mut body, "gid", ity, gid);
     let workspace = e.workspace(0, DType::F32, kiln_kir::Access::Read);
     let mut inner = Vec::new();
-    let sum = e.var("sum", Ty::F32);
-    inner.push(Stmt::Assign(sum, Expr::load(workspace, gid.clone())));
-    for s in 1..i64::from(splits) {
-        let at = add(gid.clone(), mul(e.ix(s), total.clone()));
-        inner.push(Stmt::assign(
-            sum,
-            Expr::var(sum) + Expr::load(workspace, at),
-        ));
-    }
+    let sum = sum_in_split_order(e, &mut inner, workspace, gid.clone(), &total, splits);
     let idx = e.delinearize(&mut inner, gid.clone(), &dims);
     let rows = e.dim(&dims[rank - 2]);
     for (i, seg) in segs.iter().enumerate() {
@@ -1356,16 +1351,7 @@ fn emit_segmented_sum(
     }
     body.push(Stmt::if_then(lt(gid, total), inner));
     let what = kernel_name(&format!("splitk{splits}_sum"), &matmuls, stores);
-    Ok(Body {
-        what,
-        block_dim: SUM_THREADS,
-        grid: [
-            ceil_div_size(size_of_dims(&dims), u64::from(SUM_THREADS)),
-            one(),
-            one(),
-        ],
-        stmts: body,
-    })
+    Ok(Body::over(what, SUM_THREADS, &dims, body))
 }
 
 #[cfg(test)]

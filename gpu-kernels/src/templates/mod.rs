@@ -41,6 +41,23 @@ pub(crate) struct Body {
     pub stmts: Vec<Stmt>,
 }
 
+impl Body {
+    /// A kernel of `threads`-thread blocks in a one-dimensional grid with a thread for each
+    /// element of `dims`.
+    pub(crate) fn over(what: String, threads: u32, dims: &[Dim], stmts: Vec<Stmt>) -> Body {
+        Body {
+            what,
+            block_dim: threads,
+            grid: [
+                ceil_div_size(size_of_dims(dims), u64::from(threads)),
+                one(),
+                one(),
+            ],
+            stmts,
+        }
+    }
+}
+
 /// Scratch memory the kernels of one group share, an arena temp of the plan.
 pub(crate) struct Workspace {
     pub dtype: DType,

@@ -10,7 +10,7 @@
 //! emitter knows the index range: no clamped loads, no selects), and an element that one
 //! segment reads from another (the rotation partner) is loaded once for both.
 
-use super::{ceil_div_size, one, size_of_dims, Body};
+use super::Body;
 use crate::emit::{add, lt, mul, shift, EResult, Emitter};
 use crate::PointwiseTuning;
 use kiln_ir::{BinaryOp, Dim, Inst, Op, UnaryOp, Value};
@@ -145,16 +145,12 @@ pub(crate) fn emit(
         .and_then(|v| e.g.name(*v))
         .map(crate::emit::sanitize)
         .unwrap_or_else(|| "elementwise".into());
-    Ok(Body {
-        what: format!("pointwise_{name}"),
-        block_dim: THREADS,
-        grid: [
-            ceil_div_size(size_of_dims(&dims), u64::from(THREADS)),
-            one(),
-            one(),
-        ],
-        stmts: body,
-    })
+    Ok(Body::over(
+        format!("pointwise_{name}"),
+        THREADS,
+        &dims,
+        body,
+    ))
 }
 
 /// Computes and stores every output at each position of `ats`, in each segment (the

@@ -13,7 +13,7 @@
 //! +0.0 can show. The rank loop is stable and matches the interpreter bit for bit.
 
 use super::reduce::{Acc, Red};
-use super::{ceil_div_size, one, size_of_dims, Body};
+use super::Body;
 use crate::emit::{add, and, bin, lt, mul, EResult, Emitter, HeldRow};
 use crate::partition::Group;
 use kiln_ir::{Dim, Op, Value};
@@ -49,16 +49,47 @@ pub(crate) fn network(n: usize) -> Vec<(usize, usize)> {
     pairs
 }
 
-/// The first thread index of this thread's line, the number of lines, and the line's index
-/// over the other axes (the sorted axis left out).
-fn line_of(e: &mut Emitter<'_, '_>, body: &mut Vec<Stmt>, others: &[Dim]) -> (Expr, Expr) {
+/// This thread's line of a sort over `axis` of `shape` (a thread per line): the other
+/// axes' dims, whether the thread has a line (bound in `body`), and the line's index over
+/// the other axes (bound in `work`, the statements run only when it has one).
+fn line_of(
+    e: &mut Emitter<'_, '_>,
+    body: &mut Vec<Stmt>,
+    work: &mut Vec<Stmt>,
+    shape: &[Dim],
+    axis: usize,
+) -> (Vec<Dim>, Expr, Vec<Expr>) {
+    let others: Vec<Dim> = shape
+        .iter()
+        .enumerate()
+        .filter(|(d, _)| *d != axis)
+        .map(|(_, d)| d.clone())
+        .collect();
     let ity = e.index_ty;
     let block = e.special(Special::BlockIdx(0));
     let thread = e.special(Special::ThreadIdx);
     let line = add(mul(block, e.ix(i64::from(BLOCK))), thread);
     let line = e.bind(body, "line", ity, line);
-    let lines = e.numel(others);
-    (line, lines)
+    let lines = e.numel(&others);
+    let valid = e.bind(body, "valid", Ty::Pred, lt(line.clone(), lines));
+    let line_idx = e.delinearize(work, line, &others);
+    (others, valid, line_idx)
+}
+
+/// The kernel of a thread per line: `body`, then `work` where the thread has a line.
+fn per_line_body(
+    mut body: Vec<Stmt>,
+    valid: Expr,
+    work: Vec<Stmt>,
+    others: &[Dim],
+    what: String,
+) -> Body {
+    body.push(Stmt::If {
+        cond: valid,
+        then: work,
+        otherwise: Vec::new(),
+    });
+    Body::over(what, BLOCK, others, body)
 }
 
 /// The index of element `j` of the line at `line_idx` (the other axes' indices).
@@ -79,17 +110,9 @@ pub(crate) fn emit_small(
     let h = group.roots[0];
     let x = g.inst(h).expect("a sort").operands[0];
     let shape = g.shape(h).to_vec();
-    let others: Vec<Dim> = shape
-        .iter()
-        .enumerate()
-        .filter(|(d, _)| *d != axis)
-        .map(|(_, d)| d.clone())
-        .collect();
     let mut body = Vec::new();
-    let (line, lines) = line_of(e, &mut body, &others);
-    let valid = e.bind(&mut body, "valid", Ty::Pred, lt(line.clone(), lines));
     let mut work = Vec::new();
-    let line_idx = e.delinearize(&mut work, line, &others);
+    let (others, valid, line_idx) = line_of(e, &mut body, &mut work, &shape, axis);
     e.push_scope();
     let ty = e.cty(h);
     let n = len as usize;
@@ -265,21 +288,7 @@ pub(crate) fn emit_small(
     }
     e.pop_scope();
     e.pop_scope();
-    body.push(Stmt::If {
-        cond: valid,
-        then: work,
-        otherwise: Vec::new(),
-    });
-    Ok(Body {
-        what: names.join("_"),
-        block_dim: BLOCK,
-        grid: [
-            ceil_div_size(size_of_dims(&others), u64::from(BLOCK)),
-            one(),
-            one(),
-        ],
-        stmts: body,
-    })
+    Ok(per_line_body(body, valid, work, &others, names.join("_")))
 }
 
 /// A thread per line: element `i` goes to position `#{j : x_j before x_i}`, where `x_j`
@@ -293,19 +302,11 @@ pub(crate) fn emit_loop(e: &mut Emitter<'_, '_>, h: Value) -> EResult<Body> {
     };
     let x = inst.operands[0];
     let shape = g.shape(h).to_vec();
-    let others: Vec<Dim> = shape
-        .iter()
-        .enumerate()
-        .filter(|(d, _)| *d != axis)
-        .map(|(_, d)| d.clone())
-        .collect();
     let ity = e.index_ty;
     let ty = e.cty(h);
     let mut body = Vec::new();
-    let (line, lines) = line_of(e, &mut body, &others);
-    let valid = e.bind(&mut body, "valid", Ty::Pred, lt(line.clone(), lines));
     let mut work = Vec::new();
-    let line_idx = e.delinearize(&mut work, line, &others);
+    let (others, valid, line_idx) = line_of(e, &mut body, &mut work, &shape, axis);
     let len = e.dim(&shape[axis]);
     let i = e.var("i", ity);
     let j = e.var("j", ity);
@@ -368,21 +369,13 @@ pub(crate) fn emit_loop(e: &mut Emitter<'_, '_>, h: Value) -> EResult<Body> {
         step: e.ix(1),
         body: outer_body,
     });
-    body.push(Stmt::If {
-        cond: valid,
-        then: work,
-        otherwise: Vec::new(),
-    });
-    Ok(Body {
-        what: "sort".to_string(),
-        block_dim: BLOCK,
-        grid: [
-            ceil_div_size(size_of_dims(&others), u64::from(BLOCK)),
-            one(),
-            one(),
-        ],
-        stmts: body,
-    })
+    Ok(per_line_body(
+        body,
+        valid,
+        work,
+        &others,
+        "sort".to_string(),
+    ))
 }
 
 #[cfg(test)]

@@ -354,9 +354,14 @@ pub fn toolchain() -> Option<kiln_ptx::Toolchain> {
 }
 
 /// Assembles each of `kernels` for every target with `toolchain`, prints its registers and
-/// shared memory, and asserts that none spills.
-pub fn assert_assembles_without_spills(toolchain: &kiln_ptx::Toolchain, kernels: &[Kernel]) {
+/// shared memory, and asserts that none spills. Returns each kernel's registers per target
+/// (target, kernel name, registers).
+pub fn assert_assembles_without_spills(
+    toolchain: &kiln_ptx::Toolchain,
+    kernels: &[Kernel],
+) -> Vec<(kiln_ptx::Target, String, u32)> {
     use kiln_ptx::{emit_ptx, AssembleOptions, EmitOptions, Target};
+    let mut registers = Vec::new();
     for target in Target::ALL {
         for kernel in kernels {
             let ptx = emit_ptx(
@@ -388,6 +393,8 @@ pub fn assert_assembles_without_spills(toolchain: &kiln_ptx::Toolchain, kernels:
                 kernel.name,
                 assembled.log
             );
+            registers.push((target, kernel.name.clone(), report.registers));
         }
     }
+    registers
 }
