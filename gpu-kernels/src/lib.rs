@@ -100,10 +100,14 @@ pub struct PersistentTuning {
     pub enabled: bool,
     /// Whether a matrix-vector product of a loop-invariant matrix keeps the matrix in
     /// registers (else it reads it from shared memory every iteration). Off: on an H100,
-    /// RM+ on 10,000 games of 64×64 took 0.206 ms an iteration with the matrices in
-    /// registers (128 registers a thread, two games an SM) and 0.096 ms reading them from
-    /// shared memory (`kiln bench consensus`, 90777eb).
+    /// RM+ on 10,000 games of 64×64 took 0.17 ms an iteration with the matrices in
+    /// registers (256 threads, two games an SM) and 0.07 ms reading them from shared memory
+    /// (`kiln bench consensus`).
     pub matrix_registers: bool,
+    /// The blocks an SM the kernel asks ptxas to fit (`Kernel::blocks_per_sm`, capping its
+    /// registers); 0 derives it from the kernel's shared memory (at most 8); 1 leaves the
+    /// registers to ptxas.
+    pub blocks_per_sm: u32,
 }
 
 impl Default for PersistentTuning {
@@ -111,6 +115,7 @@ impl Default for PersistentTuning {
         PersistentTuning {
             enabled: true,
             matrix_registers: false,
+            blocks_per_sm: 0,
         }
     }
 }

@@ -131,6 +131,17 @@ impl Target {
         matches!(self, Target::Sm90a | Target::Sm100a)
     }
 
+    /// The shared memory one SM of the target's GPUs offers its blocks, in bytes (the
+    /// largest configuration: A100 164 KiB, Ada and consumer Blackwell 100 KiB, H100 and
+    /// B200 228 KiB). Each resident block also reserves 1 KiB of it.
+    pub const fn shared_bytes_per_sm(self) -> u64 {
+        match self {
+            Target::Sm80 => 164 * 1024,
+            Target::Sm89 | Target::Sm120 => 100 * 1024,
+            Target::Sm90a | Target::Sm100a => 228 * 1024,
+        }
+    }
+
     /// Whether a cubin built for this target loads on a device of compute capability
     /// `major.minor`: the same major with an equal or higher minor, or, for an `a`
     /// target, exactly its own compute capability.

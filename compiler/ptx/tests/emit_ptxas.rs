@@ -161,3 +161,34 @@ fn blocks_per_sm_is_declared_and_caps_the_registers() {
         }
     }
 }
+
+#[test]
+fn blocks_per_sm_is_cut_to_the_blocks_whose_shared_memory_an_sm_holds() {
+    let (_, mut kernel) = kernels::representative()
+        .into_iter()
+        .find(|(name, _)| *name == "tiled_matmul")
+        .expect("the tiled matmul");
+    // Lengthen its first shared array (the tail unused) to 40 KiB of shared memory in all.
+    let others: u64 = kernel.shared[1..]
+        .iter()
+        .map(|s| u64::from(s.len) * s.dtype.size_bytes() as u64)
+        .sum();
+    let first = &mut kernel.shared[0];
+    first.len = ((40 * 1024 - others) / first.dtype.size_bytes() as u64) as u32;
+    let shared = 40 * 1024;
+    kernel.blocks_per_sm = 6;
+    for target in Target::ALL {
+        let ptx = emit_ptx(
+            std::slice::from_ref(&kernel),
+            target,
+            &EmitOptions::default(),
+        )
+        .unwrap();
+        let fit = target.shared_bytes_per_sm() / (shared + 1024);
+        assert!(fit < 6, "{target}: {fit}");
+        assert!(
+            ptx.contains(&format!(".minnctapersm {fit}\n")),
+            "{target}: {ptx}"
+        );
+    }
+}

@@ -18,21 +18,29 @@
 //!   arrays instead of buffers).
 //! - Reductions: a thread per output element folding its elements in row-major order (the
 //!   interpreter's order), in f32; with at least 32 elements per output and at most a few
-//!   outputs, a warp per output whose lanes fold every 32nd element in order and combine by
-//!   `ShuffleXor` (the same order on every backend).
-//! - Matmuls: a thread per output element, an in-order `fma` loop over the reduced axis;
-//!   except a matrix-vector product of a loop-invariant f32 matrix (a game's `A @ y` and
-//!   `x @ B`), whose matrix the threads keep in registers for the whole kernel: a few
-//!   consecutive lanes per output element each hold a segment of its row (or column), fold
-//!   it against the vector (read from shared memory four elements at a time where the
-//!   segments allow) and add their sums by `ShuffleXor`. Kernels with such products take
-//!   256 threads (16 registers per matrix for a 64 × 64 game).
+//!   outputs, a warp per output whose lanes fold every 32nd element in order (a constant
+//!   number of rounds when the count is constant) and combine by `ShuffleXor` (the same
+//!   order on every backend). Shuffles are block-uniform, so every warp executes each tree:
+//!   the warp reductions of one barrier interval with the same accumulator kind, on
+//!   different warps, share one tree ([`WarpTree`]).
+//! - Matmuls: a thread per output element, an in-order `fma` loop over the reduced axis. A
+//!   matrix-vector product (a game's `A @ y` and `x @ B`) with a reduced length that is a
+//!   multiple of four reads four elements a step ([`SharedMatVec`]): the vector and, for
+//!   `W @ v`, the matrix row as 16-byte vector loads. With `matrix_registers`, a product of a
+//!   loop-invariant f32 matrix keeps the matrix in registers for the whole kernel instead: a
+//!   few consecutive lanes per output element each hold a segment of its row (or column),
+//!   fold it against the vector and add their sums by `ShuffleXor`; such kernels take 256
+//!   threads (16 registers per matrix for a 64 × 64 game).
+//! - A loop-invariant operand that is the negation of another buffer (a zero-sum game's `-A`)
+//!   gets no array: its reads negate the other's (one copy of the payoffs in shared memory).
 //! - Passes run by dependency level (see [`schedule`]), not in program order, so independent
 //!   ones share a barrier interval; barriers separate passes only where one reads or
 //!   overwrites an array that another pass since the last barrier wrote or read; small
-//!   passes in one interval start at different warps. Arrays of rows that are a multiple of 32 elements (or of symbolic length) get
-//!   one element of padding per row, so a column read by neighbouring threads hits every
-//!   bank once.
+//!   passes in one interval start at different warps. Arrays of rows that are a multiple of
+//!   32 elements (or of symbolic length) get one element of padding per row, so a column
+//!   read by neighbouring threads hits every bank once; four for rows read four at a time.
+//! - The kernel asks for as many blocks an SM as its shared memory allows, at most eight
+//!   (`Kernel::blocks_per_sm` caps the registers to fit them).
 //! - A yield computed element by element from the state it replaces, at the same index and
 //!   after every other read of that state, is written straight into the state's array; the
 //!   other yields are copied in at the end of the iteration.
@@ -64,7 +72,7 @@ use crate::error::{EmitError, FusionError};
 use crate::graph::FuncGraph;
 use crate::partition::Partition;
 use crate::plan::dim_size;
-use kiln_ir::{Dim, Inst, Op, Value};
+use kiln_ir::{Dim, Inst, Op, UnaryOp, Value};
 use kiln_kir::{Access, Buf, Expr, SizeExpr, Special, Stmt, Ty};
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -95,6 +103,28 @@ pub(crate) struct LoopPlan {
     pub bound: u64,
     /// Matrix-vector products whose matrix (loop-invariant) threads keep in registers.
     matvecs: BTreeMap<Value, MatVec>,
+    /// The other matrix-vector products that read four reduced elements at a time.
+    shared_matvecs: BTreeMap<Value, SharedMatVec>,
+    /// Arrays whose rows a [`SharedMatVec`] reads four elements at a time (rows padded to a
+    /// multiple of four elements).
+    wide_rows: BTreeSet<Value>,
+}
+
+/// A matrix-vector product read from shared memory four reduced elements at a time: the
+/// vector by `LoadVec`s of four; the matrix by `LoadVec`s along its rows for `W @ v` (each
+/// thread reads its own row: rows padded to four more than a multiple of 32 elements, so
+/// the eight threads of a 16-byte wavefront fall in distinct banks), or by four loads of
+/// neighbouring threads' column elements for `v @ W`. The fold is the plain in-order `fma`
+/// chain, so the result is the same bits.
+#[derive(Clone, Debug)]
+struct SharedMatVec {
+    left: bool,
+    /// The array the matrix's elements are read from, and whether the matrix is its
+    /// negation (an inlined `-A`).
+    array: Value,
+    negate: bool,
+    vector: Value,
+    reduced: u64,
 }
 
 /// A matrix-vector product `W @ v` (`left`) or `v @ W` of a loop-invariant matrix `W`: each
@@ -209,6 +239,26 @@ pub(crate) fn plan(
     // Which body values get a pass; the rest are inlined into their one reader.
     let mut passes = Vec::new();
     let mut inlined = BTreeSet::new();
+    // An invariant operand that negates another buffer of its shape (a zero-sum game's
+    // `-A` beside `A`) is read as the negation of that buffer's array: one shared copy of
+    // the payoffs instead of two (a negated operand of an `fma` costs no instruction).
+    for o in outer.clone() {
+        let Some(i) = g
+            .inst(o)
+            .filter(|i| matches!(i.op, Op::Unary(UnaryOp::Neg)))
+        else {
+            continue;
+        };
+        let negated = i.operands[0];
+        let has_buffer = g.is_source(negated) || part.stored[negated.0 as usize];
+        if has_buffer && g.shape(negated) == g.shape(o) && g.ty(negated).dtype == g.ty(o).dtype {
+            outer.retain(|v| *v != o);
+            if !outer.contains(&negated) {
+                outer.push(negated);
+            }
+            inlined.insert(o);
+        }
+    }
     // Arithmetic ops of each inlined value's expression (recomputed per read; `u32::MAX`
     // when it computes a transcendental function).
     let mut cost: BTreeMap<Value, u32> = BTreeMap::new();
@@ -286,9 +336,22 @@ pub(crate) fn plan(
         }
     }
 
+    // Matrix-vector products read from shared memory four elements at a time, and the
+    // arrays whose rows they read that way (padded to keep each row 16-byte aligned).
+    let mut shared_matvecs = BTreeMap::new();
+    for &v in &passes {
+        if let Some(m) = shared_matvec(g, v, &inlined, &batched) {
+            shared_matvecs.insert(v, m);
+        }
+    }
+    let wide_rows: BTreeSet<Value> = shared_matvecs
+        .values()
+        .filter(|m| m.left)
+        .map(|m| m.array)
+        .collect();
     let array_bytes = |v: Value, bound: u64| -> u64 {
         let dims = local_dims(v);
-        let n = padded_numel(&dims, row_pad(&dims), bound);
+        let n = padded_numel(&dims, row_pad(&dims, wide_rows.contains(&v)), bound);
         (n * g.ty(v).dtype.size_bytes() as u64).next_multiple_of(16)
     };
     let in_place_yields: BTreeSet<Value> = region
@@ -358,6 +421,7 @@ pub(crate) fn plan(
             }
         };
         if held {
+            shared_matvecs.remove(&v);
             matvecs.insert(v, mv);
         }
     }
@@ -371,20 +435,29 @@ pub(crate) fn plan(
         symbols,
         bound,
         matvecs,
+        shared_matvecs,
+        wide_rows,
     })
 }
 
-/// Whether pass `v` is a matrix-vector product of a batched loop-invariant matrix that
-/// can be kept in registers (see [`MatVec`]).
-fn matvec(
+/// A batched f32 matrix-vector product `W @ v` (`left`) or `v @ W`: its matrix operand,
+/// the array holding the vector's elements along its last axis, and the dims.
+struct Product {
+    left: bool,
+    matrix: Value,
+    vector: Value,
+    outputs: Dim,
+    reduced: Dim,
+}
+
+/// Whether pass `v` is a batched f32 matrix-vector product whose vector is an array of the
+/// loop (through reshapes).
+fn product(
     g: &FuncGraph<'_>,
     v: Value,
-    outer: &[Value],
     inlined: &BTreeSet<Value>,
     batched: &dyn Fn(Value) -> bool,
-    threads: u32,
-    bound: u64,
-) -> Option<MatVec> {
+) -> Option<Product> {
     let inst = g.inst(v)?;
     if !matches!(inst.op, Op::MatMul) || !batched(v) || g.ty(v).dtype != kiln_ir::DType::F32 {
         return None;
@@ -397,7 +470,7 @@ fn matvec(
         _ => return None,
     };
     let ms = g.shape(matrix);
-    if !outer.contains(&matrix) || !batched(matrix) || ms.len() != 3 {
+    if !batched(matrix) || ms.len() != 3 {
         return None;
     }
     let (outputs, reduced) = if left {
@@ -423,6 +496,36 @@ fn matvec(
     let local: Vec<&Dim> = vs[usize::from(batched(vector))..].iter().collect();
     let (last, rest) = local.split_last()?;
     if **last != reduced || rest.iter().any(|d| **d != Dim::Const(1)) || !batched(vector) {
+        return None;
+    }
+    Some(Product {
+        left,
+        matrix,
+        vector,
+        outputs,
+        reduced,
+    })
+}
+
+/// Whether pass `v` is a matrix-vector product of a batched loop-invariant matrix that
+/// can be kept in registers (see [`MatVec`]).
+fn matvec(
+    g: &FuncGraph<'_>,
+    v: Value,
+    outer: &[Value],
+    inlined: &BTreeSet<Value>,
+    batched: &dyn Fn(Value) -> bool,
+    threads: u32,
+    bound: u64,
+) -> Option<MatVec> {
+    let Product {
+        left,
+        matrix,
+        vector,
+        outputs,
+        reduced,
+    } = product(g, v, inlined, batched)?;
+    if !outer.contains(&matrix) {
         return None;
     }
     let out_most = outputs.as_const().unwrap_or(bound);
@@ -451,6 +554,45 @@ fn matvec(
         split,
         seg,
         lanes,
+    })
+}
+
+/// Whether pass `v` is a matrix-vector product [`SharedMatVec`] can take: a reduced
+/// length that is a multiple of four, and a matrix that is an array of the loop or the
+/// inlined negation of one.
+fn shared_matvec(
+    g: &FuncGraph<'_>,
+    v: Value,
+    inlined: &BTreeSet<Value>,
+    batched: &dyn Fn(Value) -> bool,
+) -> Option<SharedMatVec> {
+    let Product {
+        left,
+        matrix,
+        vector,
+        reduced,
+        ..
+    } = product(g, v, inlined, batched)?;
+    let reduced = reduced.as_const().filter(|k| k % 4 == 0)?;
+    let (array, negate) = if inlined.contains(&matrix) {
+        let i = g.inst(matrix)?;
+        let base = *i.operands.first()?;
+        if !matches!(i.op, Op::Unary(UnaryOp::Neg))
+            || inlined.contains(&base)
+            || g.shape(base) != g.shape(matrix)
+        {
+            return None;
+        }
+        (base, true)
+    } else {
+        (matrix, false)
+    };
+    Some(SharedMatVec {
+        left,
+        array,
+        negate,
+        vector,
+        reduced,
     })
 }
 
@@ -623,10 +765,17 @@ fn schedule(g: &FuncGraph<'_>, p: &LoopPlan, yields: &[Value], carried: &[Value]
 
 /// Padding after each innermost row of a shared array: one element when rows may be a
 /// multiple of 32 elements long (a column read by neighbouring threads then spans every
-/// bank instead of one).
-fn row_pad(dims: &[Dim]) -> u64 {
+/// bank instead of one); four for `wide` rows read four elements at a time (each row stays
+/// 16-byte aligned, and the rows of eight neighbouring threads start in distinct banks).
+fn row_pad(dims: &[Dim], wide: bool) -> u64 {
     match dims {
-        [.., _, Dim::Const(n)] if n % 32 == 0 => 1,
+        [.., _, Dim::Const(n)] if n % 32 == 0 => {
+            if wide {
+                4
+            } else {
+                1
+            }
+        }
         [.., _, Dim::Sym(_)] => 1,
         _ => 0,
     }
@@ -657,6 +806,24 @@ struct Hazards {
     written: BTreeSet<u32>,
     /// Threads already given to passes since the last barrier (the next pass starts there).
     base: u32,
+    /// The warp reductions of the interval, their shuffle trees not yet emitted.
+    trees: Vec<WarpTree>,
+}
+
+/// Warp reductions of one barrier interval that share an accumulator kind and one shuffle
+/// tree: each runs on warps of its own, folds its elements into the same accumulator
+/// registers, and one tree (executed by every thread, as shuffles must be) combines every
+/// warp's lanes at once instead of one tree per reduction.
+struct WarpTree {
+    red: Red,
+    dtype: kiln_ir::DType,
+    acc: Acc,
+    /// The accumulator's initialization, the reductions' folds and their stores.
+    init: Vec<Stmt>,
+    folds: Vec<Stmt>,
+    stores: Vec<Stmt>,
+    /// The warps the reductions occupy.
+    warps: BTreeSet<u32>,
 }
 
 impl Hazards {
@@ -668,7 +835,14 @@ impl Hazards {
                 .any(|w| self.written.contains(w) || self.read.contains(w))
     }
 
-    fn barrier(&mut self, out: &mut Vec<Stmt>) {
+    /// Emits the interval's pending shuffle trees, then the barrier.
+    fn barrier(&mut self, e: &mut Emitter<'_, '_>, out: &mut Vec<Stmt>) {
+        for tree in self.trees.drain(..) {
+            out.extend(tree.init);
+            out.extend(tree.folds);
+            tree.acc.warp_reduce(e, out);
+            out.extend(tree.stores);
+        }
         out.push(Stmt::Barrier);
         self.read.clear();
         self.written.clear();
@@ -704,7 +878,7 @@ pub(crate) fn emit(
         let s = g.shape(v);
         let b = batched(v);
         let dims: Vec<Dim> = if b { s[1..].to_vec() } else { s.to_vec() };
-        let pad = row_pad(&dims);
+        let pad = row_pad(&dims, p.wide_rows.contains(&v));
         let len = padded_numel(&dims, pad, p.bound) as u32;
         let buf = e.shared_array(name, g.ty(v).dtype, len);
         e.local.insert(
@@ -825,6 +999,7 @@ pub(crate) fn emit(
         read: BTreeSet::new(),
         written: BTreeSet::new(),
         base: 0,
+        trees: Vec::new(),
     };
     let buf_of = |e: &Emitter<'_, '_>, v: Value| shared_index(e.local[&v].buf);
     for v in schedule(g, p, &region.yields, carried) {
@@ -835,7 +1010,7 @@ pub(crate) fn emit(
             .collect();
         let writes: BTreeSet<u32> = [buf_of(&e, v)].into();
         if hz.conflicts(&reads, &writes) {
-            hz.barrier(&mut iteration);
+            hz.barrier(&mut e, &mut iteration);
         }
         let dims = e.local[&v].dims.clone();
         let n = Count::of(&mut e, &dims, p.bound);
@@ -854,7 +1029,7 @@ pub(crate) fn emit(
             let first = full_index(v, vec![e.ix(0); dims.len()]);
             warp_reduce_pass(
                 &mut e,
-                &mut iteration,
+                &mut hz.trees,
                 v,
                 &dims,
                 outputs,
@@ -876,7 +1051,10 @@ pub(crate) fn emit(
             n,
             (t, base),
             &full_index,
-            |e, out, idx| compute(e, out, v, idx),
+            |e, out, idx| match p.shared_matvecs.get(&v) {
+                Some(m) => Ok(shared_matvec_fold(e, out, m, idx)),
+                None => compute(e, out, v, idx),
+            },
         )
         .map_err(fatal)?;
         hz.read.extend(reads);
@@ -891,7 +1069,7 @@ pub(crate) fn emit(
         let reads: BTreeSet<u32> = [buf_of(&e, y)].into();
         let writes: BTreeSet<u32> = [buf_of(&e, state)].into();
         if hz.conflicts(&reads, &writes) {
-            hz.barrier(&mut iteration);
+            hz.barrier(&mut e, &mut iteration);
         }
         let dims = e.local[&state].dims.clone();
         let n = Count::of(&mut e, &dims, p.bound);
@@ -909,7 +1087,7 @@ pub(crate) fn emit(
         hz.read.extend(reads);
         hz.written.extend(writes);
     }
-    iteration.push(Stmt::Barrier);
+    hz.barrier(&mut e, &mut iteration);
     body.push(Stmt::For {
         var: it,
         start: Expr::Const(kiln_kir::Const::I32(0)),
@@ -956,7 +1134,13 @@ pub(crate) fn emit(
         .first()
         .map(|r| g.ty(*r).dtype)
         .unwrap_or(kiln_ir::DType::F32);
-    let (kernel, args, mut fused) = e.finish(String::new(), t, grid, body);
+    let (mut kernel, args, mut fused) = e.finish(String::new(), t, grid, body);
+    let shared: u64 = kernel
+        .shared
+        .iter()
+        .map(|a| (u64::from(a.len) * a.dtype.size_bytes() as u64).next_multiple_of(16))
+        .sum();
+    kernel.blocks_per_sm = blocks_per_sm(shared, t, options.persistent.blocks_per_sm);
     fused.extend(p.passes.iter().copied());
     fused.insert(inst.results[0]);
     Ok(Built {
@@ -965,6 +1149,27 @@ pub(crate) fn emit(
         fused,
         what: format!("persistent_loop_{}", dtype.name()),
     })
+}
+
+/// The shared memory an H100 SM offers its blocks (each block also reserves 1 KiB).
+const SM_SHARED: u64 = 228 * 1024;
+/// The most blocks an SM a persistent kernel asks for by default.
+const MOST_BLOCKS_PER_SM: u64 = 8;
+
+/// The blocks an SM a persistent kernel asks ptxas to fit (`Kernel::blocks_per_sm`, which
+/// caps its registers): `tuning` when set, else as many as the kernel's shared memory lets
+/// an H100 SM hold, at most [`MOST_BLOCKS_PER_SM`]. The solver loops are bound by latency
+/// and the shared-memory pipe, so resident games matter more than registers: RM+ on
+/// 10,000 games of 64 × 64 took 0.0695 ms an iteration at eight blocks an SM (64 registers)
+/// against 0.0722 ms with ptxas's 68 registers (seven blocks).
+fn blocks_per_sm(shared: u64, threads: u32, tuning: u32) -> u32 {
+    if tuning > 0 {
+        return tuning;
+    }
+    let by_shared = SM_SHARED / (shared + 1024);
+    // The fewest threads an SM of the targets holds (sm_89 and sm_120: 1536).
+    let by_threads = 1536 / u64::from(threads);
+    by_shared.min(by_threads).clamp(1, MOST_BLOCKS_PER_SM) as u32
 }
 
 /// How many elements a pass covers: an expression and its largest value.
@@ -1234,6 +1439,82 @@ fn matvec_pass(
     e.pop_scope();
 }
 
+/// Output element `idx` (`[instance, row, col]`) of a [`SharedMatVec`]: the in-order `fma`
+/// fold over the reduced axis, four elements a step.
+fn shared_matvec_fold(
+    e: &mut Emitter<'_, '_>,
+    out: &mut Vec<Stmt>,
+    m: &SharedMatVec,
+    idx: &[Expr],
+) -> Expr {
+    let ity = e.index_ty;
+    let o = if m.left {
+        idx[1].clone()
+    } else {
+        idx[2].clone()
+    };
+    let acc = e.var("dot", Ty::F32);
+    out.push(Stmt::Assign(acc, Expr::Const(kiln_kir::Const::F32(0.0))));
+    let p = e.var("p", ity);
+    let mut step = Vec::new();
+    let vrank = e.g.shape(m.vector).len();
+    let mut vidx = vec![e.ix(0); vrank];
+    vidx[0] = idx[0].clone();
+    vidx[vrank - 1] = Expr::Var(p);
+    let xs: Vec<kiln_kir::VarId> = (0..4).map(|_| e.var("x", Ty::F32)).collect();
+    step.push(Stmt::LoadVec {
+        dsts: xs.clone(),
+        buf: e.local[&m.vector].buf,
+        index: e.local_offset(m.vector, &vidx),
+    });
+    let wbuf = e.local[&m.array].buf;
+    let ws: Vec<Expr> = if m.left {
+        let ws: Vec<kiln_kir::VarId> = (0..4).map(|_| e.var("w", Ty::F32)).collect();
+        let at = [idx[0].clone(), o, Expr::Var(p)];
+        step.push(Stmt::LoadVec {
+            dsts: ws.clone(),
+            buf: wbuf,
+            index: e.local_offset(m.array, &at),
+        });
+        ws.into_iter().map(Expr::Var).collect()
+    } else {
+        (0..4)
+            .map(|q| {
+                let at = [idx[0].clone(), add(Expr::Var(p), e.ix(q)), o.clone()];
+                Expr::Load {
+                    buf: wbuf,
+                    index: Box::new(e.local_offset(m.array, &at)),
+                }
+            })
+            .collect()
+    };
+    for (w, x) in ws.into_iter().zip(xs) {
+        let w = if m.negate {
+            Expr::Unary(kiln_kir::UnOp::Neg, Box::new(w))
+        } else {
+            w
+        };
+        // The plain fold's operand order: the left operand's element first.
+        let (first, second) = if m.left {
+            (w, Expr::Var(x))
+        } else {
+            (Expr::Var(x), w)
+        };
+        step.push(Stmt::Assign(
+            acc,
+            Expr::Fma(Box::new(first), Box::new(second), Box::new(Expr::Var(acc))),
+        ));
+    }
+    out.push(Stmt::For {
+        var: p,
+        start: e.ix(0),
+        end: e.ix(m.reduced as i64),
+        step: e.ix(4),
+        body: step,
+    });
+    Expr::Var(acc)
+}
+
 /// The reduced axes of a reduction or arg-reduction, and whether it keeps them.
 fn reduced_axes(op: &Op) -> (Vec<usize>, bool) {
     match op {
@@ -1261,7 +1542,10 @@ fn input_index(
 }
 
 /// The loop folding the reduced elements `start, start + step, ..` of `input` at `at` (the
-/// output element's input index) into `acc`, in that order.
+/// output element's input index) into `acc`, in that order. With a constant count of
+/// reduced elements the loop runs a constant number of rounds (`start` below `step`, a
+/// lane of a warp), so that ptxas unrolls it straight instead of guarding an unknown trip
+/// count.
 #[allow(clippy::too_many_arguments)]
 fn fold_loop(
     e: &mut Emitter<'_, '_>,
@@ -1271,28 +1555,73 @@ fn fold_loop(
     mut at: Vec<Expr>,
     red: Red,
     start: Expr,
-    step: Expr,
+    step: i64,
 ) -> Result<Stmt, EmitError> {
     let in_shape = e.g.shape(input).to_vec();
     let red_dims: Vec<Dim> = axes.iter().map(|&d| in_shape[d].clone()).collect();
     let count = e.numel(&red_dims);
-    let r = e.var("r", e.index_ty);
+    let constant: Option<i64> = red_dims
+        .iter()
+        .map(|d| d.as_const().map(|n| n as i64))
+        .product();
+    let ity = e.index_ty;
     let mut body = Vec::new();
     e.push_scope();
-    let red_idx = e.delinearize(&mut body, Expr::Var(r), &red_dims);
+    let (var, r, rounds) = match constant {
+        Some(n) if step > 1 => {
+            let q = e.var("q", ity);
+            let r = e.bind(
+                &mut body,
+                "r",
+                ity,
+                add(start.clone(), mul(Expr::Var(q), e.ix(step))),
+            );
+            (q, r, Some((n + step - 1) / step))
+        }
+        _ => {
+            let r = e.var("r", ity);
+            (r, Expr::Var(r), None)
+        }
+    };
+    let mut fold = Vec::new();
+    let red_idx = e.delinearize(&mut fold, r.clone(), &red_dims);
     for (k, &d) in axes.iter().enumerate() {
         at[d] = red_idx[k].clone();
     }
-    let x = e.elem(&mut body, input, &at, 1)?.remove(0);
-    let pos = red.is_arg().then(|| to_i64(e, Expr::Var(r)));
-    acc.fold(e, &mut body, x, pos);
+    let x = e.elem(&mut fold, input, &at, 1)?.remove(0);
+    let pos = red.is_arg().then(|| to_i64(e, r.clone()));
+    acc.fold(e, &mut fold, x, pos);
     e.pop_scope();
-    Ok(Stmt::For {
-        var: r,
-        start,
-        end: count,
-        step,
-        body,
+    Ok(match rounds {
+        Some(rounds) => {
+            // The last round's lanes past the count skip it (none when it divides).
+            if constant.is_some_and(|n| n % step != 0) {
+                body.push(Stmt::If {
+                    cond: lt(r, count),
+                    then: fold,
+                    otherwise: Vec::new(),
+                });
+            } else {
+                body.extend(fold);
+            }
+            Stmt::For {
+                var,
+                start: e.ix(0),
+                end: e.ix(rounds),
+                step: e.ix(1),
+                body,
+            }
+        }
+        None => {
+            body.extend(fold);
+            Stmt::For {
+                var,
+                start,
+                end: count,
+                step: e.ix(step),
+                body,
+            }
+        }
     })
 }
 
@@ -1321,12 +1650,14 @@ fn warp_reduction(
 
 /// A reduction pass with a warp per output element (see [`warp_reduction`]): each lane
 /// folds the elements `lane, lane + 32, ...` of its output's reduced axes in order, then
-/// the lanes combine by `ShuffleXor` (executed by every thread: block-uniform), and lane 0
-/// stores. `batch` is the instance index when `v` is batched (else empty).
+/// the lanes combine by `ShuffleXor` and lane 0 stores. The combining is left to the
+/// interval's [`WarpTree`] of the same accumulator kind on other warps (a new one if none
+/// is free), emitted at the next barrier. `batch` is the instance index when `v` is
+/// batched (else empty).
 #[allow(clippy::too_many_arguments)]
 fn warp_reduce_pass(
     e: &mut Emitter<'_, '_>,
-    out: &mut Vec<Stmt>,
+    trees: &mut Vec<WarpTree>,
     v: Value,
     dims: &[Dim],
     outputs: u64,
@@ -1340,34 +1671,61 @@ fn warp_reduce_pass(
     let in_shape = g.shape(input).to_vec();
     let (axes, keep) = reduced_axes(&inst.op);
     let red = Red::of(&inst.op);
+    let dtype = g.ty(input).dtype;
     let ity = e.index_ty;
-    let warps = i64::from(threads / 32);
+    let warps = threads / 32;
+    let mine_warps: BTreeSet<u32> = (0..outputs as u32)
+        .map(|k| (base / 32 + k) % warps)
+        .collect();
+    let tree = match trees
+        .iter()
+        .position(|t| t.red == red && t.dtype == dtype && t.warps.is_disjoint(&mine_warps))
+    {
+        Some(k) => k,
+        None => {
+            let mut init = Vec::new();
+            let acc = Acc::new(e, &mut init, red, dtype);
+            trees.push(WarpTree {
+                red,
+                dtype,
+                acc,
+                init,
+                folds: Vec::new(),
+                stores: Vec::new(),
+                warps: BTreeSet::new(),
+            });
+            trees.len() - 1
+        }
+    };
+    let tree = &mut trees[tree];
+    tree.warps.extend(&mine_warps);
     let warp = e.special(Special::WarpId);
     let lane = e.special(Special::LaneId);
-    let rotated = crate::emit::rem(add(warp, e.ix(warps - i64::from(base / 32))), e.ix(warps));
-    let o = e.bind(out, "o", ity, rotated);
+    let rotated = crate::emit::rem(
+        add(warp, e.ix(i64::from(warps) - i64::from(base / 32))),
+        e.ix(i64::from(warps)),
+    );
+    let o = e.bind(&mut tree.folds, "o", ity, rotated);
     let mine = lt(o.clone(), e.ix(outputs as i64));
     let index_of = |e: &mut Emitter<'_, '_>, stmts: &mut Vec<Stmt>| -> Vec<Expr> {
         let mut idx = batch.to_vec();
         idx.extend(e.delinearize(stmts, o.clone(), dims));
         idx
     };
-    let acc = Acc::new(e, out, red, g.ty(input).dtype);
     let red_dims: Vec<Dim> = axes.iter().map(|&d| in_shape[d].clone()).collect();
     let count = e.numel(&red_dims);
     let mut gather = Vec::new();
     e.push_scope();
     let idx = index_of(e, &mut gather);
     let at = input_index(e, in_shape.len(), &axes, keep, &idx);
-    let fold = fold_loop(e, &acc, input, &axes, at, red, lane.clone(), e.ix(32))?;
+    let fold = fold_loop(e, &tree.acc, input, &axes, at, red, lane.clone(), 32)?;
     gather.push(fold);
     e.pop_scope();
-    out.push(Stmt::If {
+    tree.folds.push(Stmt::If {
         cond: mine.clone(),
         then: gather,
         otherwise: Vec::new(),
     });
-    acc.warp_reduce(e, out);
     let mut store = Vec::new();
     e.push_scope();
     let idx = index_of(e, &mut store);
@@ -1376,11 +1734,11 @@ fn warp_reduce_pass(
     store.push(Stmt::Store {
         buf,
         index,
-        value: acc.result(count),
+        value: tree.acc.result(count),
     });
     e.pop_scope();
     let first_lane = Expr::Binary(kiln_kir::BinOp::Eq, Box::new(lane), Box::new(e.ix(0)));
-    out.push(Stmt::If {
+    tree.stores.push(Stmt::If {
         cond: crate::emit::and(mine, first_lane),
         then: store,
         otherwise: Vec::new(),
@@ -1409,7 +1767,7 @@ fn compute(
             let at = input_index(e, in_shape.len(), &axes, keep, idx);
             let acc = Acc::new(e, out, red, g.ty(input).dtype);
             let count = e.numel(&red_dims);
-            let fold = fold_loop(e, &acc, input, &axes, at, red, e.ix(0), e.ix(1))?;
+            let fold = fold_loop(e, &acc, input, &axes, at, red, e.ix(0), 1)?;
             out.push(fold);
             Ok(acc.result(count))
         }

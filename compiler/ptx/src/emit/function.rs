@@ -286,11 +286,15 @@ impl<'k, 'c> FunctionEmitter<'k, 'c> {
         // reach a higher occupancy (which it otherwise does, spilling to local memory),
         // unless the kernel asks for more (`Kernel::blocks_per_sm`, a template that fits
         // its registers). Kernels without shared memory may be asked for more (a tuning
-        // option).
+        // option). A request beyond the blocks whose shared memory the target's SM holds
+        // is cut to those: more could never be resident, and the registers need not shrink
+        // for them.
+        let shared: u64 = self.shared.iter().map(|a| a.bytes).sum();
+        let resident = self.ctx.target.shared_bytes_per_sm() / (shared + 1024);
         let blocks = if kernel.shared.is_empty() {
             self.ctx.streaming_blocks_per_sm.max(kernel.blocks_per_sm)
         } else {
-            kernel.blocks_per_sm
+            (u64::from(kernel.blocks_per_sm).min(resident)) as u32
         }
         .max(1);
         out.push_str(&format!(
