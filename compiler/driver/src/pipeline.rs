@@ -72,7 +72,14 @@ pub fn fuse(
     options: &CompileOptions,
 ) -> Result<(Lowered, CompiledModule), PipelineError> {
     kiln_opt::optimize(&mut lowered.module)?;
-    let compiled = kiln_gpu_kernels::compile_module(&lowered.module, &options.fusion)?;
+    let mut fusion = options.fusion.clone();
+    // One set of kernels serves every target: the FP8 mma only when each one has it (sm_89
+    // and later); otherwise FP8 matmuls take the plain template.
+    fusion.fp8_tensor_cores &= options
+        .targets
+        .iter()
+        .all(|&t| kiln_ptx::Feature::Fp8Mma.min_ptx_version(t).is_some());
+    let compiled = kiln_gpu_kernels::compile_module(&lowered.module, &fusion)?;
     Ok((lowered, compiled))
 }
 
