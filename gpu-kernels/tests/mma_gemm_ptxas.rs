@@ -70,6 +70,61 @@ fn llm_shaped_gemms_assemble_for_every_target_without_spills() {
     common::assert_assembles_without_spills(&toolchain, &kernels);
 }
 
+const FP8_SRC: &str = "import nn
+fn fp8_8192(a: f8e4m3[8192, 8192], b: f8e4m3[8192, 8192], sa: f32, sb: f32) -> bf16[8192, 8192] { bf16(scaled_mm(a, b, sa, sb)) }
+fn fp8_channel(a: f8e4m3[T, 4096], b: f8e4m3[14336, 4096], sa: f32[T, 1], sb: f32[14336]) -> bf16[T, 14336] { bf16(scaled_mm(a, b, sa, sb)) }
+fn fp8_decode1(a: f8e4m3[1, 4096], b: f8e4m3[4096, 4096], sa: f32, sb: f32) -> bf16[1, 4096] { bf16(scaled_mm(a, b, sa, sb)) }
+";
+
+/// The FP8 GEMMs (the 8192³ bench shape with per-tensor scales, per-channel scales with a
+/// symbolic row count and its decode variant, a decode GEMM split across blocks) assemble
+/// for every target with the FP8 mma (sm_89 and later) without spills; the PTX of the
+/// 8192³ kernel for sm_89 is a reviewed snapshot.
+#[test]
+fn fp8_gemms_assemble_from_sm_89_without_spills() {
+    let module = lower("fp8_gemms.kiln", FP8_SRC, None, None);
+    let mut kernels = Vec::new();
+    for function in ["fp8_8192", "fp8_channel", "fp8_decode1"] {
+        let compiled =
+            kiln_gpu_kernels::compile_function(&module, function, &Options::default()).unwrap();
+        let gemms: Vec<_> = compiled
+            .kernels
+            .into_iter()
+            .filter(|k| k.name.contains("mma_gemm") || k.name.contains("splitk"))
+            .collect();
+        assert!(
+            gemms.iter().any(|k| k.name.contains("mma_gemm_e4m3")),
+            "{function}: {:?}",
+            gemms.iter().map(|k| &k.name).collect::<Vec<_>>()
+        );
+        if function == "fp8_8192" {
+            assert_eq!(gemms.len(), 1);
+            assert!(
+                gemms[0].name.contains("mma_gemm_e4m3_128x128x64_w2x4_s3"),
+                "{}",
+                gemms[0].name
+            );
+            let ptx = emit_ptx(
+                std::slice::from_ref(&gemms[0]),
+                Target::Sm89,
+                &EmitOptions::default(),
+            )
+            .unwrap();
+            assert!(ptx.contains("mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32"));
+            insta::assert_snapshot!("fp8_gemm_8192_sm_89", ptx);
+        }
+        kernels.extend(gemms);
+    }
+    let Some(toolchain) = common::toolchain() else {
+        return;
+    };
+    common::assert_assembles_without_spills_for(
+        &toolchain,
+        &kernels,
+        &[Target::Sm89, Target::Sm90a, Target::Sm100a, Target::Sm120],
+    );
+}
+
 /// Shapes for the GPU check: `(function, T)`.
 const GPU_CASES: [(&str, u64); 8] = [
     ("small_nk", 37),

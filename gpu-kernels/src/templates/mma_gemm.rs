@@ -188,6 +188,25 @@ pub fn choose_tile(m: Option<u64>, n: u64, matmuls: u32) -> MmaTile {
     tile
 }
 
+/// The FP8 tile for the 16-bit `tile` of `matmuls` fused matmuls: slices of the same
+/// bytes (twice the elements), and, where a warp would hold more than
+/// [`FP8_MAX_ACCUMULATORS`] accumulators, twice the warps across N (sm_90a runs the
+/// m16n8k32 FP8 `mma.sync` with extra registers: a 64×64 warp tile used all 255 and
+/// spilled there, 202 on sm_89).
+pub fn fp8_tile(mut tile: MmaTile, matmuls: u32) -> MmaTile {
+    tile.bk *= 2;
+    while tile.warps_k == 1
+        && tile.accumulators(matmuls) > FP8_MAX_ACCUMULATORS
+        && tile.warp_n() > 16
+    {
+        tile.warps_n *= 2;
+    }
+    tile
+}
+
+/// Accumulator registers per thread of an FP8 tile.
+const FP8_MAX_ACCUMULATORS: u32 = 64;
+
 /// SMs of an H100 SXM, the GPU the decode split is sized for. The split is a function of the
 /// shape alone (the same grid on every GPU, so the same bits everywhere); other parts get a
 /// grid sized for this one.
@@ -471,13 +490,13 @@ pub(crate) fn plan(
         }
         b.push(source);
     }
-    // FP8 slices hold the bytes of the 16-bit ones: twice the elements.
     let choose = |m: Option<u64>, n: u64, matmuls: u32| {
-        let mut tile = choose_tile(m, n, matmuls);
+        let tile = choose_tile(m, n, matmuls);
         if fp8 {
-            tile.bk *= 2;
+            fp8_tile(tile, matmuls)
+        } else {
+            tile
         }
-        tile
     };
     let m = if small_rows {
         Some(SMALL_ROWS)
