@@ -243,3 +243,41 @@ impl Package {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The kernel names of `source` fused for `targets`.
+    fn kernel_names(source: &str, targets: &[Target]) -> Vec<String> {
+        let (program, diags) = kiln_lower::Program::load_source("t.kiln", source, None);
+        assert!(!diags.iter().any(|d| d.is_error()));
+        let (lowered, _) = kiln_lower::lower(&program, None, &kiln_lower::Options::default());
+        let options = CompileOptions {
+            targets: targets.to_vec(),
+            ..CompileOptions::default()
+        };
+        let (_, compiled) = fuse(lowered.expect("lowered"), &options).unwrap();
+        compiled.kernels.iter().map(|k| k.name.clone()).collect()
+    }
+
+    #[test]
+    fn fp8_matmuls_use_the_fp8_mma_only_when_every_target_has_it() {
+        let source = "import nn
+fn f(a: f8e4m3[64, 64], b: f8e4m3[32, 64], sa: f32, sb: f32[32]) -> bf16[64, 32] { bf16(scaled_mm(a, b, sa, sb)) }";
+        let fp8 = |names: &[String]| names.iter().any(|n| n.contains("mma_gemm_e4m3"));
+        for targets in [
+            vec![Target::Sm89],
+            vec![Target::Sm90a],
+            vec![Target::Sm89, Target::Sm90a, Target::Sm100a, Target::Sm120],
+        ] {
+            assert!(fp8(&kernel_names(source, &targets)), "{targets:?}");
+        }
+        // sm_80 has no FP8 mma: the same program compiles to the plain template.
+        for targets in [vec![Target::Sm80], Target::ALL.to_vec()] {
+            let names = kernel_names(source, &targets);
+            assert!(!fp8(&names), "{targets:?}: {names:?}");
+            assert!(names.iter().any(|n| n.contains("matmul")), "{names:?}");
+        }
+    }
+}
