@@ -1,8 +1,9 @@
 //! `kiln bench kernels`: the GPU kernel benchmarks of BASELINES.md, compiled for the
 //! device's target and timed with CUDA events (warm-up, median of the runs, random data):
 //! the memory-bound fusions (residual add + RMSNorm, SwiGLU's element-wise part, RoPE, and a
-//! plain copy for the ceiling) and the bf16 GEMMs (prefill-sized, and decode-sized with
-//! M = 1 and 16). Reports per case the median time, the bytes that must move (inputs read
+//! plain copy for the ceiling), the bf16 GEMMs (prefill-sized, and decode-sized with
+//! M = 1 and 16) and an FP8 e4m3 GEMM at 8192³ (`scaled_mm`, per-tensor scales, bf16 out;
+//! its peer is torch._scaled_mm). Reports per case the median time, the bytes that must move (inputs read
 //! once + outputs written once; for decode GEMMs the weight bytes), the effective GB/s and
 //! the fraction of the copy bandwidth measured in the same run, and TFLOP/s for GEMMs; with
 //! PyTorch's numbers from `benches/torch_peers.py` (same shapes, same machine), also the

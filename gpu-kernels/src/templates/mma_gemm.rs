@@ -3,6 +3,15 @@
 //! buffers, B either as stored (`[K, N]`, N contiguous) or as the transpose of a stored
 //! `[N, K]` weight (K contiguous, the `linear` layout).
 //!
+//! The same template, with the input type as its parameter, takes FP8 matmuls (sm_89 and
+//! later, [`crate::Options::fp8_tensor_cores`]): `f32(a) @ f32(w).T` of f8e4m3 (or f8e5m2)
+//! operands, as the stdlib's `scaled_mm` writes it, with B the transpose of an `[N, K]`
+//! weight (the layout torch._scaled_mm uses; 8-bit elements have no transposing
+//! `ldmatrix`). The exact casts are dropped: the FP8 bytes are staged (16-element chunks,
+//! slices of the same bytes as the 16-bit ones, [`fp8_tile`]), `ldmatrix` moves 16-byte rows
+//! exactly as for 16-bit data, and each k32 step is one m16n8k32 `mma`. Per-tensor or
+//! per-channel scales are ordinary epilogue work (`* scale_a * scale_b` after the matmul).
+//!
 //! A block computes a `bm × bn` output tile with `warps_m × warps_n × warps_k` warps, each
 //! a `(bm / warps_m) × (bn / warps_n)` warp tile of m16n8k16 products over every
 //! `warps_k`-th k16 step of each slice (split-K inside the block: for decode-sized M the
@@ -1491,6 +1500,36 @@ mod tests {
         assert_eq!(choose_tile(None, 4096, 1).name(), "128x128x32_w2x2_s3");
         assert_eq!(choose_tile(Some(64), 4096, 1).name(), "64x128x32_w2x2_s4");
         assert_eq!(choose_tile(Some(16), 4096, 1).name(), "16x32x128_w1x2x4_s3");
+    }
+
+    #[test]
+    fn fp8_tiles_stage_the_same_bytes_and_fit_their_registers() {
+        for m in [Some(1), Some(16), Some(64), Some(4096), None] {
+            for n in [8, 64, 4096] {
+                for matmuls in 1..=3 {
+                    let wide = choose_tile(m, n, matmuls);
+                    let t = fp8_tile(wide, matmuls);
+                    // One byte an element: the 16-bit tile's stage bytes.
+                    assert_eq!(t.bk * (t.bm + matmuls * t.bn), wide.stage_bytes(matmuls));
+                    assert_eq!((t.bk / 32) % t.warps_k, 0, "{t:?}");
+                    assert_eq!(t.warp_n() % 16, 0, "{t:?}");
+                    assert_eq!((t.bm * t.bk / 16) % t.threads(), 0, "{t:?}");
+                    assert_eq!((t.bn * t.bk / 16) % t.threads(), 0, "{t:?}");
+                    assert!(t.threads() <= 256, "{t:?}");
+                    if t.warps_k == 1 && t.warp_n() > 16 {
+                        assert!(t.accumulators(matmuls) <= FP8_MAX_ACCUMULATORS, "{t:?}");
+                    }
+                }
+            }
+        }
+        assert_eq!(
+            fp8_tile(choose_tile(None, 8192, 1), 1).name(),
+            "128x128x64_w2x4_s3"
+        );
+        assert_eq!(
+            fp8_tile(choose_tile(Some(16), 4096, 1), 1).name(),
+            "16x32x256_w1x2x4_s3"
+        );
     }
 
     #[test]
