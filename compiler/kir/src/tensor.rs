@@ -323,9 +323,9 @@ mod tests {
                     let (row, col) = c_element(lane, reg);
                     c[lane][reg] = (row as f32) - (col as f32) * 0.5;
                 }
-                for reg in 0..2 {
+                for (reg, word) in b[lane].iter_mut().enumerate() {
                     for (i, (k, col)) in b_elements(input, lane, reg).into_iter().enumerate() {
-                        b[lane][reg] |= u32::from(b_byte(k, col)) << (8 * i);
+                        *word |= u32::from(b_byte(k, col)) << (8 * i);
                     }
                 }
             }
