@@ -76,6 +76,16 @@ def main():
         nbytes = chain * (n * k * 2 if m <= 16 else (m * k + n * k + m * n) * 2)
         weights = [torch.randn(n, k, device=dev, dtype=bf) for _ in range(chain)]
         cases[name] = (linear_chain, (torch.randn(m, k, device=dev, dtype=bf), *weights), nbytes)
+    # FP8 e4m3 GEMM with per-tensor scales and bf16 out (kiln's fp8_gemm_8192: scaled_mm of a [M, K]
+    # and a weight stored [N, K] row-major); _scaled_mm wants the second operand column-major: b.t().
+    m = n = k = 8192
+    fp8 = torch.float8_e4m3fn
+    a8 = (torch.rand(m, k, device=dev) * 2 - 1).to(fp8)
+    b8 = (torch.rand(n, k, device=dev) * 2 - 1).to(fp8)
+    scale_a = torch.tensor(0.5, device=dev)
+    scale_b = torch.tensor(0.25, device=dev)
+    cases["fp8_gemm_8192"] = (lambda a, b, sa, sb: torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb, out_dtype=bf),
+                              (a8, b8, scale_a, scale_b), m * k + n * k + m * n * 2)
     # Decode attention: 64 sequences of 4096 tokens, GQA 32/8, D 128 (kiln reads a paged cache;
     # PyTorch a contiguous one, which is the easier case).
     q = torch.randn(64, 32, 1, 128, device=dev, dtype=bf)
@@ -86,7 +96,7 @@ def main():
     for name, (fn, args, nbytes) in cases.items():
         ms = timed(fn, *args)
         out["eager"][name] = {"median_ms": ms, "gb_per_s": nbytes / (ms * 1e-3) / 1e9}
-        if name != "copy" and not name.startswith(("gemm", "decode", "paged")):
+        if name != "copy" and not name.startswith(("gemm", "decode", "paged", "fp8")):
             cfn = torch.compile(fn)
             ms = timed(cfn, *args)
             out["compiled"][name] = {"median_ms": ms, "gb_per_s": nbytes / (ms * 1e-3) / 1e9}

@@ -63,6 +63,11 @@ pub struct Options {
     /// Whether bf16/f16 matmuls may use the tensor-core template (else every matmul uses
     /// the plain tiling).
     pub tensor_cores: bool,
+    /// Whether FP8 matmuls (`f32(a) @ f32(b).T` of f8e4m3 or f8e5m2 operands, `scaled_mm`)
+    /// may use the tensor-core template's m16n8k32 FP8 `mma`, which needs sm_89 or later
+    /// (the driver turns it off when a target lacks it; they then take the plain template,
+    /// converting in its prologue).
+    pub fp8_tensor_cores: bool,
     pub pointwise: PointwiseTuning,
     pub paged: PagedTuning,
     pub persistent: PersistentTuning,
@@ -191,6 +196,7 @@ impl Default for Options {
             symbol_bound: DEFAULT_SYMBOL_BOUND,
             matmul_tiling: None,
             tensor_cores: true,
+            fp8_tensor_cores: true,
             pointwise: PointwiseTuning::default(),
             paged: PagedTuning::default(),
             persistent: PersistentTuning::default(),

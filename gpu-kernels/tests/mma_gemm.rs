@@ -43,6 +43,15 @@ fn seg_batched(x: bf16[2, 5, 64], a: bf16[2, 64, 48], b: bf16[2, 64, 16]) -> (bf
 fn seg_batched_split(x: bf16[2, 3, 1024], a: bf16[2, 1024, 48], b: bf16[2, 1024, 16]) -> (bf16[2, 3, 48], bf16[2, 3, 16]) { (x @ a, x @ b + 1.0) }
 fn seg_mixed(x: bf16[M, 64], a: bf16[64, 48], b: bf16[16, 64]) -> (bf16[M, 48], bf16[M, 16]) { (x @ a, linear(x, b)) }
 fn seg_shared(x: bf16[M, 64], a: bf16[48, 64], b: bf16[48, 64], c: bf16[16, 64]) -> (bf16[M, 48], bf16[M, 16]) { (linear(x, a) * linear(x, b), linear(x, c)) }
+fn fp8_tensor(x: f8e4m3[M, 96], w: f8e4m3[53, 96], sa: f32, sb: f32) -> bf16[M, 53] { bf16(scaled_mm(x, w, sa, sb)) }
+fn fp8_channel(x: f8e4m3[M, 48], w: f8e4m3[40, 48], sa: f32[M, 1], sb: f32[40]) -> f32[M, 40] { scaled_mm(x, w, sa, sb) }
+fn fp8_e5m2(x: f8e5m2[M, 80], w: f8e5m2[24, 80]) -> f32[M, 24] { f32(x) @ f32(w.T) }
+fn fp8_batched(x: f8e4m3[B, M, 32], w: f8e4m3[B, 24, 32], sb: f32[24]) -> f32[B, M, 24] { (f32(x) @ f32(w).transpose(-1, -2)) * sb }
+fn fp8_decode(x: f8e4m3[1, 2080], w: f8e4m3[72, 2080], sa: f32, sb: f32[72]) -> bf16[1, 72] { bf16(scaled_mm(x, w, sa, sb)) }
+fn fp8_gate_up(x: f8e4m3[M, 64], g: f8e4m3[40, 64], u: f8e4m3[40, 64], s: f32) -> f32[M, 40] { silu(scaled_mm(x, g, s, s)) * scaled_mm(x, u, s, s) }
+fn fp8_kn(x: f8e4m3[M, 32], w: f8e4m3[32, 24]) -> f32[M, 24] { f32(x) @ f32(w) }
+fn fp8_odd_k(x: f8e4m3[M, 40], w: f8e4m3[24, 40]) -> f32[M, 24] { f32(x) @ f32(w).T }
+fn fp8_mixed(x: f8e4m3[M, 32], w: f8e5m2[24, 32]) -> f32[M, 24] { f32(x) @ f32(w).T }
 ";
 
 /// Checks `function` at the given symbol values on the kir interpreter and on Cranelift;
@@ -394,5 +403,76 @@ fn the_gemm_knobs_turn_segments_and_their_split_off() {
             names.iter().any(|n| n.ends_with(want)),
             "segments {segments}, splits {segment_splits}: {names:?}"
         );
+    }
+}
+
+/// Runs `function` on both backends with `options`, returns the kernel names.
+fn run_with(function: &str, symbols: &[(&str, usize)], options: &Options) -> Vec<String> {
+    let module = lower("mma_gemm.kiln", SRC, None, None);
+    let func = module.function(function).unwrap();
+    let symbols: BTreeMap<String, usize> =
+        symbols.iter().map(|(s, v)| (s.to_string(), *v)).collect();
+    let inputs = inputs_for(func, &symbols, 1, 7);
+    let weights = BTreeMap::new();
+    let compiled = check(&module, function, &inputs, &weights, options);
+    compiled.kernels.iter().map(|k| k.name.clone()).collect()
+}
+
+fn uses_fp8_tensor_cores(names: &[String]) -> bool {
+    names
+        .iter()
+        .any(|n| n.contains("mma_gemm_e4m3") || n.contains("mma_gemm_e5m2"))
+}
+
+#[test]
+fn fp8_scaled_matmuls_take_the_fp8_mma_with_scales_in_the_epilogue() {
+    // Per-tensor scales, bf16 out, 37 x 53 x 96 (ragged M and N, three k32 steps of a
+    // 64-wide slice and a half); per-channel scales ([M, 1] and [N]), f32 out; e5m2;
+    // batch dims with a transposed batched weight; two fused matmuls sharing A.
+    for (function, m) in [
+        ("fp8_tensor", 37),
+        ("fp8_tensor", 130),
+        ("fp8_channel", 21),
+        ("fp8_e5m2", 19),
+        ("fp8_gate_up", 33),
+    ] {
+        let names = run(function, &[("M", m)]);
+        assert!(uses_fp8_tensor_cores(&names), "{function}: {names:?}");
+        assert!(
+            names.iter().all(|n| !n.contains("pointwise")),
+            "{function}: the casts and scales are fused: {names:?}"
+        );
+    }
+    let names = run("fp8_batched", &[("B", 2), ("M", 9)]);
+    assert!(uses_fp8_tensor_cores(&names), "{names:?}");
+    // A decode shape: K = 2080 split over warps and across blocks (a sum kernel applies
+    // the scales); a symbolic M also gets the decode variant.
+    let names = run("fp8_decode", &[]);
+    assert!(uses_fp8_tensor_cores(&names), "{names:?}");
+    assert!(names.iter().any(|n| n.contains("splitk")), "{names:?}");
+    let names = run("fp8_tensor", &[("M", 3)]);
+    assert!(
+        names.iter().any(|n| n.contains("mma_gemm_e4m3_16x32x256")),
+        "{names:?}"
+    );
+}
+
+#[test]
+fn fp8_matmuls_the_fp8_mma_cannot_take_use_the_plain_template() {
+    // A [K, N] FP8 B (no transposing 8-bit ldmatrix), K not a multiple of 16 (16-byte
+    // copies), mixed FP8 dtypes; and any FP8 matmul when a target lacks the FP8 mma
+    // (`fp8_tensor_cores` off, as the driver sets it for sm_80): still correct.
+    for function in ["fp8_kn", "fp8_odd_k", "fp8_mixed"] {
+        let names = run(function, &[("M", 11)]);
+        assert!(!uses_tensor_cores(&names), "{function}: {names:?}");
+        assert!(names.iter().any(|n| n.contains("matmul")), "{names:?}");
+    }
+    let options = Options {
+        fp8_tensor_cores: false,
+        ..Options::default()
+    };
+    for function in ["fp8_tensor", "fp8_channel"] {
+        let names = run_with(function, &[("M", 37)], &options);
+        assert!(!uses_tensor_cores(&names), "{function}: {names:?}");
     }
 }

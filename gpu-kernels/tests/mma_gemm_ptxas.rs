@@ -70,8 +70,63 @@ fn llm_shaped_gemms_assemble_for_every_target_without_spills() {
     common::assert_assembles_without_spills(&toolchain, &kernels);
 }
 
+const FP8_SRC: &str = "import nn
+fn fp8_8192(a: f8e4m3[8192, 8192], b: f8e4m3[8192, 8192], sa: f32, sb: f32) -> bf16[8192, 8192] { bf16(scaled_mm(a, b, sa, sb)) }
+fn fp8_channel(a: f8e4m3[T, 4096], b: f8e4m3[14336, 4096], sa: f32[T, 1], sb: f32[14336]) -> bf16[T, 14336] { bf16(scaled_mm(a, b, sa, sb)) }
+fn fp8_decode1(a: f8e4m3[1, 4096], b: f8e4m3[4096, 4096], sa: f32, sb: f32) -> bf16[1, 4096] { bf16(scaled_mm(a, b, sa, sb)) }
+";
+
+/// The FP8 GEMMs (the 8192³ bench shape with per-tensor scales, per-channel scales with a
+/// symbolic row count and its decode variant, a decode GEMM split across blocks) assemble
+/// for every target with the FP8 mma (sm_89 and later) without spills; the PTX of the
+/// 8192³ kernel for sm_89 is a reviewed snapshot.
+#[test]
+fn fp8_gemms_assemble_from_sm_89_without_spills() {
+    let module = lower("fp8_gemms.kiln", FP8_SRC, None, None);
+    let mut kernels = Vec::new();
+    for function in ["fp8_8192", "fp8_channel", "fp8_decode1"] {
+        let compiled =
+            kiln_gpu_kernels::compile_function(&module, function, &Options::default()).unwrap();
+        let gemms: Vec<_> = compiled
+            .kernels
+            .into_iter()
+            .filter(|k| k.name.contains("mma_gemm") || k.name.contains("splitk"))
+            .collect();
+        assert!(
+            gemms.iter().any(|k| k.name.contains("mma_gemm_e4m3")),
+            "{function}: {:?}",
+            gemms.iter().map(|k| &k.name).collect::<Vec<_>>()
+        );
+        if function == "fp8_8192" {
+            assert_eq!(gemms.len(), 1);
+            assert!(
+                gemms[0].name.contains("mma_gemm_e4m3_128x128x64_w2x4_s3"),
+                "{}",
+                gemms[0].name
+            );
+            let ptx = emit_ptx(
+                std::slice::from_ref(&gemms[0]),
+                Target::Sm89,
+                &EmitOptions::default(),
+            )
+            .unwrap();
+            assert!(ptx.contains("mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32"));
+            insta::assert_snapshot!("fp8_gemm_8192_sm_89", ptx);
+        }
+        kernels.extend(gemms);
+    }
+    let Some(toolchain) = common::toolchain() else {
+        return;
+    };
+    common::assert_assembles_without_spills_for(
+        &toolchain,
+        &kernels,
+        &[Target::Sm89, Target::Sm90a, Target::Sm100a, Target::Sm120],
+    );
+}
+
 /// Shapes for the GPU check: `(function, T)`.
-const GPU_CASES: [(&str, u64); 8] = [
+const GPU_CASES: [(&str, u64); 11] = [
     ("small_nk", 37),
     ("small_kn", 130),
     ("q_proj", 4096),
@@ -80,6 +135,9 @@ const GPU_CASES: [(&str, u64); 8] = [
     ("decode", 16),
     ("decode1", 1),
     ("decode16", 16),
+    ("fp8_small", 37),
+    ("fp8_8192", 8192),
+    ("fp8_decode", 16),
 ];
 
 const GPU_SRC: &str = "import nn
@@ -91,12 +149,16 @@ fn big(x: bf16[T, 8192], w: bf16[8192, 8192]) -> bf16[T, 8192] { linear(x, w) }
 fn decode(x: bf16[16, 4096], w: bf16[14336, 4096]) -> bf16[16, 14336] { linear(x, w) }
 fn decode1(x: bf16[1, 4096], w: bf16[4096, 4096]) -> bf16[1, 4096] { linear(x, w) }
 fn decode16(x: bf16[16, 4096], w: bf16[4096, 4096]) -> bf16[16, 4096] { linear(x, w) }
+fn fp8_small(x: f8e4m3[T, 96], w: f8e4m3[53, 96], sa: f32[T, 1], sb: f32[53]) -> bf16[T, 53] { bf16(scaled_mm(x, w, sa, sb)) }
+fn fp8_8192(x: f8e4m3[T, 8192], w: f8e4m3[8192, 8192], sa: f32, sb: f32) -> bf16[T, 8192] { bf16(scaled_mm(x, w, sa, sb)) }
+fn fp8_decode(x: f8e4m3[T, 4096], w: f8e4m3[4096, 4096], sa: f32, sb: f32[4096]) -> bf16[T, 4096] { bf16(scaled_mm(x, w, sa, sb)) }
 ";
 
 /// Writes `$KILN_GEMM_CHECK_DIR/manifest.json` and one PTX file (sm_90a, JIT-capped) per
 /// kernel launched, for `tools/gemm_gpu_check.py`, which runs each case's launches in order
 /// on random data (a split-K case: the partial kernel, then the sum kernel, sharing a
-/// workspace the script allocates) against PyTorch and times them beside `torch.matmul`.
+/// workspace the script allocates) against PyTorch and times them beside `torch.matmul`
+/// (FP8 cases: `scaled_mm` beside `torch._scaled_mm`).
 #[test]
 #[ignore = "writes a GPU check to $KILN_GEMM_CHECK_DIR; run tools/gemm_gpu_check.py on a GPU"]
 fn export_gemm_gpu_check() {
@@ -195,6 +257,8 @@ fn export_gemm_gpu_check() {
             "inputs": shapes,
             // x @ w for [K, N] weights, linear (x @ w.T) for [N, K] ones.
             "transposed_weight": !function.ends_with("_kn"),
+            // f8e4m3 x and w, then the scales of x's rows and w's rows (0-d: per tensor).
+            "fp8": function.starts_with("fp8"),
         }));
     }
     std::fs::write(

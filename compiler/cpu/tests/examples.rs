@@ -401,14 +401,25 @@ fn reverse_blocks_through_shared_memory() {
 fn tensor_core_tile_matches_bit_for_bit() {
     // Random values (not exact sums): the backend must add in the reference's order.
     let mut rng = Rng::new(11);
-    for input in [kiln_kir::MmaInput::Bf16, kiln_kir::MmaInput::F16] {
-        for b_k_major in [false, true] {
-            for (m, k) in [(16, 16), (13, 11), (0, 5)] {
+    use kiln_kir::MmaInput;
+    for input in [
+        MmaInput::Bf16,
+        MmaInput::F16,
+        MmaInput::E4M3,
+        MmaInput::E5M2,
+    ] {
+        let layouts: &[bool] = if input.is_fp8() {
+            &[false]
+        } else {
+            &[false, true]
+        };
+        for &b_k_major in layouts {
+            for (m, k) in [(16, 16), (13, 11), (0, 5), (16, input.k() as i32)] {
                 let kernel = examples::mma_tile(input, b_k_major);
                 let dtype = input.dtype();
                 let args = [
-                    Arg::Buffer(random_buffer(&mut rng, dtype, 256)),
-                    Arg::Buffer(random_buffer(&mut rng, dtype, 128)),
+                    Arg::Buffer(random_buffer(&mut rng, dtype, 16 * input.k())),
+                    Arg::Buffer(random_buffer(&mut rng, dtype, 8 * input.k())),
                     Arg::Buffer(vec![0; 128 * 4]),
                     Arg::Scalar(Const::I32(m)),
                     Arg::Scalar(Const::I32(k)),

@@ -1,8 +1,9 @@
 //! `kiln bench kernels`: the GPU kernel benchmarks of BASELINES.md, compiled for the
 //! device's target and timed with CUDA events (warm-up, median of the runs, random data):
 //! the memory-bound fusions (residual add + RMSNorm, SwiGLU's element-wise part, RoPE, and a
-//! plain copy for the ceiling) and the bf16 GEMMs (prefill-sized, and decode-sized with
-//! M = 1 and 16). Reports per case the median time, the bytes that must move (inputs read
+//! plain copy for the ceiling), the bf16 GEMMs (prefill-sized, and decode-sized with
+//! M = 1 and 16) and an FP8 e4m3 GEMM at 8192³ (`scaled_mm`, per-tensor scales, bf16 out;
+//! its peer is torch._scaled_mm). Reports per case the median time, the bytes that must move (inputs read
 //! once + outputs written once; for decode GEMMs the weight bytes), the effective GB/s and
 //! the fraction of the copy bandwidth measured in the same run, and TFLOP/s for GEMMs; with
 //! PyTorch's numbers from `benches/torch_peers.py` (same shapes, same machine), also the
@@ -65,6 +66,9 @@ fn rotary(q: bf16[T, 32, 128], pos: i64[T]) -> bf16[T, 32, 128] { rope(q, pos, 5
 fn gemm_4096(x: bf16[4096, 4096], w: bf16[4096, 4096]) -> bf16[4096, 4096] { x @ w.T }
 fn gemm_8192(x: bf16[8192, 8192], w: bf16[8192, 8192]) -> bf16[8192, 8192] { x @ w.T }
 fn gemm_4096x14336(x: bf16[4096, 4096], w: bf16[14336, 4096]) -> bf16[4096, 14336] { x @ w.T }
+fn fp8_gemm_8192(a: f8e4m3[8192, 8192], b: f8e4m3[8192, 8192], scale_a: f32, scale_b: f32) -> bf16[8192, 8192] {
+    bf16(scaled_mm(a, b, scale_a, scale_b))
+}
 fn decode_m1_4096(x: bf16[1, 4096], w0: bf16[4096, 4096], w1: bf16[4096, 4096], w2: bf16[4096, 4096], w3: bf16[4096, 4096]) -> bf16[1, 4096] {
     (((x @ w0.T) @ w1.T) @ w2.T) @ w3.T
 }
@@ -115,6 +119,25 @@ fn gemm_case(
         inputs,
         bytes: per_gemm * chain as u64,
         flops: Some((2 * m * n * k * chain) as u64),
+    }
+}
+
+/// `bf16((a [m, k] · b [n, k]ᵀ) · scale_a · scale_b)` for f8e4m3 `a` and `b` (values in
+/// [-1, 1] rounded to e4m3) and per-tensor f32 scales, as torch._scaled_mm computes it
+/// (`benches/torch_peers.py`).
+fn fp8_gemm_case(function: &'static str, m: usize, n: usize, k: usize, seed: u64) -> Case {
+    let fp8 = |shape: &[usize], seed| random_bf16(shape, seed).cast(DType::F8E4M3);
+    let scale = |x: f32| Tensor::from_f32(&[], vec![x]);
+    Case {
+        function,
+        inputs: vec![
+            fp8(&[m, k], seed),
+            fp8(&[n, k], seed + 1),
+            scale(0.5),
+            scale(0.25),
+        ],
+        bytes: (m * k + n * k + m * n * 2) as u64,
+        flops: Some((2 * m * n * k) as u64),
     }
 }
 
@@ -175,6 +198,8 @@ fn cases() -> Vec<Case> {
         gemm_case("gemm_4096", 4096, 4096, 4096, 1, 10),
         gemm_case("gemm_8192", 8192, 8192, 8192, 1, 12),
         gemm_case("gemm_4096x14336", 4096, 14336, 4096, 1, 14),
+        // On the FP8 tensor cores from sm_89 (an sm_80 GPU runs the plain template).
+        fp8_gemm_case("fp8_gemm_8192", 8192, 8192, 8192, 40),
         // Four 32 MB weights in a chain: 128 MB a run, more than the 50 MB L2 of an H100.
         gemm_case("decode_m1_4096", 1, 4096, 4096, 4, 16),
         gemm_case("decode_m16_4096", 16, 4096, 4096, 4, 21),

@@ -72,7 +72,14 @@ pub fn fuse(
     options: &CompileOptions,
 ) -> Result<(Lowered, CompiledModule), PipelineError> {
     kiln_opt::optimize(&mut lowered.module)?;
-    let compiled = kiln_gpu_kernels::compile_module(&lowered.module, &options.fusion)?;
+    let mut fusion = options.fusion.clone();
+    // One set of kernels serves every target: the FP8 mma only when each one has it (sm_89
+    // and later); otherwise FP8 matmuls take the plain template.
+    fusion.fp8_tensor_cores &= options
+        .targets
+        .iter()
+        .all(|&t| kiln_ptx::Feature::Fp8Mma.min_ptx_version(t).is_some());
+    let compiled = kiln_gpu_kernels::compile_module(&lowered.module, &fusion)?;
     Ok((lowered, compiled))
 }
 
@@ -234,5 +241,43 @@ impl Package {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The kernel names of `source` fused for `targets`.
+    fn kernel_names(source: &str, targets: &[Target]) -> Vec<String> {
+        let (program, diags) = kiln_lower::Program::load_source("t.kiln", source, None);
+        assert!(!diags.iter().any(|d| d.is_error()));
+        let (lowered, _) = kiln_lower::lower(&program, None, &kiln_lower::Options::default());
+        let options = CompileOptions {
+            targets: targets.to_vec(),
+            ..CompileOptions::default()
+        };
+        let (_, compiled) = fuse(lowered.expect("lowered"), &options).unwrap();
+        compiled.kernels.iter().map(|k| k.name.clone()).collect()
+    }
+
+    #[test]
+    fn fp8_matmuls_use_the_fp8_mma_only_when_every_target_has_it() {
+        let source = "import nn
+fn f(a: f8e4m3[64, 64], b: f8e4m3[32, 64], sa: f32, sb: f32[32]) -> bf16[64, 32] { bf16(scaled_mm(a, b, sa, sb)) }";
+        let fp8 = |names: &[String]| names.iter().any(|n| n.contains("mma_gemm_e4m3"));
+        for targets in [
+            vec![Target::Sm89],
+            vec![Target::Sm90a],
+            vec![Target::Sm89, Target::Sm90a, Target::Sm100a, Target::Sm120],
+        ] {
+            assert!(fp8(&kernel_names(source, &targets)), "{targets:?}");
+        }
+        // sm_80 has no FP8 mma: the same program compiles to the plain template.
+        for targets in [vec![Target::Sm80], Target::ALL.to_vec()] {
+            let names = kernel_names(source, &targets);
+            assert!(!fp8(&names), "{targets:?}: {names:?}");
+            assert!(names.iter().any(|n| n.contains("matmul")), "{names:?}");
+        }
     }
 }

@@ -444,17 +444,25 @@ pub fn reverse_blocks(dtype: DType, block_dim: u32) -> Kernel {
     ])
 }
 
-/// One warp computes `out = a · b` for a 16×16 `a` and a 16×8 `b` of `input` through the
-/// tensor-core statements: `CpAsync` of both tiles into shared memory, with the rows of
-/// `a` at or beyond `m` and the k indices at or beyond `k` zero-filled through the copy's
-/// source length; `LdMatrix` ×4 for A and ×2 for B (`.trans` when `b` is stored k-major);
-/// one `Mma` from zero accumulators; the f32 result stored from the accumulator layout.
+/// One warp computes `out = a · b` for a 16×K `a` and a K×8 `b` of `input` (K =
+/// `input.k()`: 16, or 32 for FP8) through the tensor-core statements: `CpAsync` of both
+/// tiles into shared memory, with the rows of `a` at or beyond `m` and the k indices at or
+/// beyond `k` zero-filled through the copy's source length; `LdMatrix` ×4 for A and ×2 for
+/// B (`.trans` when `b` is stored k-major, 16-bit inputs only); one `Mma` from zero
+/// accumulators; the f32 result stored from the accumulator layout.
 ///
-/// Parameters: `a` (16×16 row-major), `b` (`[k][n]` 16×8 row-major when `b_k_major`,
-/// else `[n][k]` 8×16), `out` (16×8 f32, written); `m: i32`, `k: i32` (0..=16). Grid: one
-/// block of one warp.
+/// Parameters: `a` (16×K row-major), `b` (`[k][n]` K×8 row-major when `b_k_major`, else
+/// `[n][k]` 8×K), `out` (16×8 f32, written); `m: i32`, `k: i32` (0..=K). Grid: one block
+/// of one warp.
 pub fn mma_tile(input: MmaInput, b_k_major: bool) -> Kernel {
+    assert!(
+        !(b_k_major && input.is_fp8()),
+        "FP8 B tiles are k-contiguous"
+    );
     let dtype = input.dtype();
+    let kdim = input.k() as i32;
+    // Elements of one 16-byte chunk.
+    let chunk = (16 / dtype.size_bytes()) as i32;
     let layout = if b_k_major { "kn" } else { "nk" };
     let mut kb = KernelBuilder::new(format!("mma_tile_{}_{layout}", input.name()), 32);
     kb.grid(grid_x(SizeExpr::Const(1)));
@@ -463,24 +471,24 @@ pub fn mma_tile(input: MmaInput, b_k_major: bool) -> Kernel {
     let out = kb.buffer("out", DType::F32, Access::Write);
     let m = kb.scalar("m", Ty::I32);
     let k = kb.scalar("k", Ty::I32);
-    let a_tile = kb.shared("a_tile", dtype, 256);
-    let b_tile = kb.shared("b_tile", dtype, 128);
+    let a_tile = kb.shared("a_tile", dtype, 16 * kdim as u32);
+    let b_tile = kb.shared("b_tile", dtype, 8 * kdim as u32);
     let lane = kb.var("lane", Ty::I32);
     let a_frag: Vec<VarId> = (0..4).map(|i| kb.var(format!("a{i}"), Ty::I32)).collect();
     let b_frag: Vec<VarId> = (0..2).map(|i| kb.var(format!("b{i}"), Ty::I32)).collect();
     let acc: Vec<VarId> = (0..4).map(|i| kb.var(format!("c{i}"), Ty::F32)).collect();
     let lane_e = || Expr::var(lane);
     // The number of k indices of a chunk starting at `first` that lie below `k`.
-    let k_len = |first: Expr| (k.clone() - first).max(Expr::i32(0)).min(Expr::i32(8));
+    let k_len = |first: Expr| (k.clone() - first).max(Expr::i32(0)).min(Expr::i32(chunk));
 
-    // A: 32 chunks of 8 elements, one per lane: row lane / 2, k from 8 * (lane % 2).
+    // A: 32 chunks, one per lane: row lane / 2, k from chunk * (lane % 2).
     let a_row = lane_e() / Expr::i32(2);
-    let a_col = (lane_e() % Expr::i32(2)) * Expr::i32(8);
+    let a_col = (lane_e() % Expr::i32(2)) * Expr::i32(chunk);
     let a_copy = Stmt::CpAsync {
         dst: a_tile,
-        dst_index: a_row.clone() * Expr::i32(16) + a_col.clone(),
+        dst_index: a_row.clone() * Expr::i32(kdim) + a_col.clone(),
         src: a,
-        src_index: a_row.clone() * Expr::i32(16) + a_col.clone(),
+        src_index: a_row.clone() * Expr::i32(kdim) + a_col.clone(),
         src_len: Expr::select(a_row.lt(m), k_len(a_col), Expr::i32(0)),
     };
     // B: 16 chunks, lanes 0..16.
@@ -494,12 +502,12 @@ pub fn mma_tile(input: MmaInput, b_k_major: bool) -> Kernel {
         }
     } else {
         let b_row = lane_e() / Expr::i32(2);
-        let b_col = (lane_e() % Expr::i32(2)) * Expr::i32(8);
+        let b_col = (lane_e() % Expr::i32(2)) * Expr::i32(chunk);
         Stmt::CpAsync {
             dst: b_tile,
-            dst_index: b_row.clone() * Expr::i32(16) + b_col.clone(),
+            dst_index: b_row.clone() * Expr::i32(kdim) + b_col.clone(),
             src: b,
-            src_index: b_row * Expr::i32(16) + b_col.clone(),
+            src_index: b_row * Expr::i32(kdim) + b_col.clone(),
             src_len: k_len(b_col),
         }
     };
@@ -507,14 +515,15 @@ pub fn mma_tile(input: MmaInput, b_k_major: bool) -> Kernel {
     let matrix = lane_e() / Expr::i32(8);
     let row_in_matrix = lane_e() % Expr::i32(8);
     let a_index = (row_in_matrix.clone() + (matrix.clone() % Expr::i32(2)) * Expr::i32(8))
-        * Expr::i32(16)
-        + (matrix.clone() / Expr::i32(2)) * Expr::i32(8);
-    // Matrix i of B (lanes 0..16 matter): k rows 8i.. (k-major), or n rows with k from 8i.
+        * Expr::i32(kdim)
+        + (matrix.clone() / Expr::i32(2)) * Expr::i32(chunk);
+    // Matrix i of B (lanes 0..16 matter): k rows 8i.. (k-major), or n rows with k from
+    // chunk * i.
     let b_matrix = matrix % Expr::i32(2);
     let b_index = if b_k_major {
         (b_matrix * Expr::i32(8) + row_in_matrix) * Expr::i32(8)
     } else {
-        row_in_matrix * Expr::i32(16) + b_matrix * Expr::i32(8)
+        row_in_matrix * Expr::i32(kdim) + b_matrix * Expr::i32(chunk)
     };
     let g = lane_e() / Expr::i32(4);
     let t = lane_e() % Expr::i32(4);

@@ -20,7 +20,7 @@
 //!   each warp that executes it is active;
 //! - `Mma` and `LdMatrix` compute each warp's result from all of its lanes' registers (or
 //!   indices) before the statement, like `ShuffleXor`, with the same rule about partially
-//!   active warps; `Mma` uses [`crate::tensor::mma_m16n8k16`]; `LdMatrix` checks the rows
+//!   active warps; `Mma` uses [`crate::tensor::mma`]; `LdMatrix` checks the rows
 //!   it reads (alignment, bounds, written) and ignores the indices of the unused lanes;
 //! - `CpAsync` reads its source when issued and keeps the bytes with the thread's open
 //!   group; the destination elements are *pending* until a `CpAsyncWait` of that thread
@@ -477,7 +477,7 @@ impl Interpreter<'_, '_> {
                             };
                         }
                     }
-                    let result = tensor::mma_m16n8k16(*input, &a_words, &b_words, &c_values);
+                    let result = tensor::mma(*input, &a_words, &b_words, &c_values);
                     for (lane, values) in result.iter().enumerate() {
                         for (var, value) in d.iter().zip(values) {
                             self.set_register(first + lane, *var, Const::F32(*value));
@@ -498,6 +498,14 @@ impl Interpreter<'_, '_> {
                     row_start[t] = int_value(value)
                         .ok_or_else(|| fail(self, t, "the index is not an integer".into()))?;
                 }
+                // A 16-bit position of the row is `per_half` elements (2 for 8-bit arrays).
+                let per_half = match buf {
+                    Buf::Shared(i) => {
+                        (2 / self.shared[*i as usize].dtype.size_bytes().clamp(1, 2)) as i64
+                    }
+                    Buf::Global(_) => 1,
+                };
+                let row_elements = 8 * per_half;
                 let mut loaded = Vec::new();
                 for t in Self::active(mask) {
                     let (first, lane) = (t - t % WARP, t % WARP);
@@ -509,17 +517,25 @@ impl Interpreter<'_, '_> {
                                 .enumerate()
                         {
                             let start = row_start[first + source];
-                            if start.rem_euclid(8) != 0 {
+                            if start.rem_euclid(row_elements) != 0 {
                                 return Err(fail(
                                     self,
                                     first + source,
-                                    format!("ldmatrix row at index {start}, not a multiple of 8"),
+                                    format!(
+                                        "ldmatrix row at index {start}, not a multiple of \
+                                         {row_elements}"
+                                    ),
                                 ));
                             }
-                            let bytes = self
-                                .element_bytes(*buf, start + offset as i64)
-                                .map_err(|m| fail(self, first + source, m))?;
-                            halves[half] = u16::from_le_bytes([bytes[0], bytes[1]]);
+                            let mut bits = Vec::with_capacity(2);
+                            for e in 0..per_half {
+                                let at = start + offset as i64 * per_half + e;
+                                let bytes = self
+                                    .element_bytes(*buf, at)
+                                    .map_err(|m| fail(self, first + source, m))?;
+                                bits.extend_from_slice(&bytes[..(2 / per_half) as usize]);
+                            }
+                            halves[half] = u16::from_le_bytes([bits[0], bits[1]]);
                         }
                         let word = tensor::pack(halves[0], halves[1]);
                         loaded.push((t, *dst, Const::I32(word as i32)));

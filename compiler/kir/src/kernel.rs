@@ -26,17 +26,20 @@
 //! - Global buffers are kernel parameters; indices are element indices (not bytes). A
 //!   vector access of `width` elements needs an index that is a multiple of `width`.
 //!
-//! Tensor cores (the SM80 warp-level path; every kiln target has it):
+//! Tensor cores (the SM80 warp-level path; every kiln target has it, FP8 needs sm_89):
 //! - Half-precision operands live in `I32` registers as *packed pairs*: the 16-bit value
 //!   with the lower row/column index in bits 0..16, the other in bits 16..32 (f16 or bf16
-//!   bit patterns; the statement that reads them says which).
-//! - `Mma` is `mma.sync.m16n8k16.row.col` with f32 accumulators: the 32 lanes of a warp
-//!   together hold A (16×16), B (16×8) and C, D (16×8), in the fragment layout of
-//!   [`crate::tensor`] (with g = lane / 4, t = lane % 4: A register 0 holds row g, k 2t and
-//!   2t+1; 1 row g+8; 2 row g, k 2t+8 and 2t+9; 3 row g+8, k 2t+8 and 2t+9; B register 0
-//!   holds k 2t and 2t+1 of column g, 1 k 2t+8 and 2t+9; C/D element j is row g + 8·(j / 2),
-//!   column 2t + j % 2). `D = A·B + C`. The reference (interpreter and Cranelift) computes
-//!   each element as `fma` over k = 0..15 in order starting from C, which is exact for the
+//!   bit patterns; the statement that reads them says which). FP8 operands are *packed
+//!   quads*: four 8-bit values, the lowest index in bits 0..8.
+//! - `Mma` is `mma.sync.m16n8k16.row.col` (16-bit inputs) or `mma.sync.m16n8k32.row.col`
+//!   (e4m3/e5m2 inputs) with f32 accumulators: the 32 lanes of a warp together hold A
+//!   (16×K), B (K×8) and C, D (16×8), in the fragment layout of [`crate::tensor`]. With
+//!   g = lane / 4, t = lane % 4 and p the values a register holds (2 or 4): A register 0
+//!   holds row g, k p·t .. p·t+p-1; 1 row g+8, the same k; 2 row g, k p·t+4p ..; 3 row g+8,
+//!   k p·t+4p ..; B register 0 holds k p·t .. p·t+p-1 of column g, 1 k p·t+4p ..; C/D
+//!   element j is row g + 8·(j / 2), column 2t + j % 2 — in bytes the two shapes are the
+//!   same layout. `D = A·B + C`. The reference (interpreter and Cranelift) computes
+//!   each element as `fma` over k = 0..K-1 in order starting from C, which is exact for the
 //!   products and rounds each partial sum once; tensor cores add in another order and
 //!   precision, so GPU results may differ by a few ulp of the sum of |products| + |C|.
 //! - `LdMatrix` loads `n` (1, 2 or 4) 8×8 matrices of 16-bit elements from shared memory:
@@ -44,7 +47,9 @@
 //!   elements, 16-byte aligned; the indices of lanes `8·n..32` are evaluated but unused).
 //!   Destination `i` of lane `l` receives the packed pair at row `l / 4`, columns
 //!   `2·(l % 4)` and `+1` of matrix `i`; with `trans`, the pair at rows `2·(l % 4)` and `+1`,
-//!   column `l / 4` (the transposed matrix).
+//!   column `l / 4` (the transposed matrix). On an array of 8-bit elements (no `trans`) it
+//!   moves the same bytes: a row is 16 elements and lane `l` receives the packed quad of
+//!   row `l / 4`, columns `4·(l % 4)` .. `+3` — the FP8 `Mma` fragments of a row-major tile.
 //! - `CpAsync` copies 16 bytes from global to shared memory without passing through
 //!   registers: the first `src_len` elements (0 ..= 16 / element size) come from the source,
 //!   the rest of the 16 bytes are zero (so an out-of-range chunk is `src_len = 0`, which
@@ -215,11 +220,16 @@ impl BinOp {
     }
 }
 
-/// The 16-bit input type of an `Mma` (both A and B).
+/// The input type of an `Mma` (both A and B), which also fixes its shape: m16n8k16 for the
+/// 16-bit types, m16n8k32 for the 8-bit (FP8, sm_89 and later) ones.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum MmaInput {
     F16,
     Bf16,
+    /// OCP FP8 e4m3 (`DType::F8E4M3`).
+    E4M3,
+    /// OCP FP8 e5m2 (`DType::F8E5M2`).
+    E5M2,
 }
 
 impl MmaInput {
@@ -227,6 +237,8 @@ impl MmaInput {
         match self {
             MmaInput::F16 => "f16",
             MmaInput::Bf16 => "bf16",
+            MmaInput::E4M3 => "e4m3",
+            MmaInput::E5M2 => "e5m2",
         }
     }
 
@@ -235,7 +247,44 @@ impl MmaInput {
         match self {
             MmaInput::F16 => DType::F16,
             MmaInput::Bf16 => DType::BF16,
+            MmaInput::E4M3 => DType::F8E4M3,
+            MmaInput::E5M2 => DType::F8E5M2,
         }
+    }
+
+    /// The input type whose bits `dtype` holds, if an `Mma` takes it.
+    pub fn of_dtype(dtype: DType) -> Option<MmaInput> {
+        match dtype {
+            DType::F16 => Some(MmaInput::F16),
+            DType::BF16 => Some(MmaInput::Bf16),
+            DType::F8E4M3 => Some(MmaInput::E4M3),
+            DType::F8E5M2 => Some(MmaInput::E5M2),
+            _ => None,
+        }
+    }
+
+    /// Whether this is an 8-bit (FP8) type: an m16n8k32 product.
+    pub fn is_fp8(self) -> bool {
+        matches!(self, MmaInput::E4M3 | MmaInput::E5M2)
+    }
+
+    /// Bits of one element (16 or 8).
+    pub fn bits(self) -> usize {
+        if self.is_fp8() {
+            8
+        } else {
+            16
+        }
+    }
+
+    /// Elements one 32-bit register holds (2 or 4).
+    pub fn per_register(self) -> usize {
+        32 / self.bits()
+    }
+
+    /// The k extent of one product: 16 (16-bit types) or 32 (FP8).
+    pub fn k(self) -> usize {
+        8 * self.per_register()
     }
 }
 
@@ -315,8 +364,8 @@ pub enum Stmt {
         src: VarId,
         mask: u32,
     },
-    /// `d = a · b + c`, one m16n8k16 tensor-core product across the warp: `a` (4) and `b`
-    /// (2) are `I32` registers of packed `input` pairs, `c` and `d` (4 each) are `F32` (`d`
+    /// `d = a · b + c`, one m16n8k16 (m16n8k32 for FP8 `input`) tensor-core product across
+    /// the warp: `a` (4) and `b` (2) are `I32` registers of packed `input` pairs (quads), `c` and `d` (4 each) are `F32` (`d`
     /// may be `c`). Fragment layout in the module documentation.
     Mma {
         input: MmaInput,
@@ -325,7 +374,8 @@ pub enum Stmt {
         b: [VarId; 2],
         c: [VarId; 4],
     },
-    /// `dsts.len()` (1, 2 or 4) 8×8 matrices of 16-bit elements from a shared array into
+    /// `dsts.len()` (1, 2 or 4) 8×8 matrices of 16-bit elements (8×16 of 8-bit elements,
+    /// no `trans`) from a shared array into
     /// packed `I32` registers across the warp (`ldmatrix.sync.m8n8`); `index` is this
     /// lane's row start.
     LdMatrix {

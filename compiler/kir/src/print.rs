@@ -293,8 +293,9 @@ impl<'k> Names<'k> {
             Stmt::Mma { input, d, a, b, c } => {
                 let list = |vars: &[VarId]| self.expr_list(vars.iter().map(|&v| self.var(v)));
                 format!(
-                    "{} = mma_m16n8k16_{}({}, {}, {})",
+                    "{} = mma_m16n8k{}_{}({}, {}, {})",
                     list(d),
+                    input.k(),
                     input.name(),
                     list(a),
                     list(b),

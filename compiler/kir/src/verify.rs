@@ -46,7 +46,7 @@
 //!     control flow, as [`uniformity`](crate::uniformity::uniformity) defines it;
 //! 19. `Mma`: `a` and `b` are `I32` registers, `c` and `d` `F32`, the four `d` distinct;
 //! 20. `LdMatrix`: 1, 2 or 4 distinct `I32` destinations; a shared array of 16-bit
-//!     elements; an `I32`/`I64` index;
+//!     elements, or of 8-bit elements without `trans`; an `I32`/`I64` index;
 //! 21. `CpAsync`: `dst` is a shared array and `src` a readable global buffer of the same
 //!     dtype; both indices are `I32`/`I64`; `src_len` is `I32`.
 //!
@@ -365,11 +365,21 @@ impl Checker<'_> {
                     return Err(self.error(site, "ldmatrix reads a shared array only"));
                 };
                 let dtype = self.memory_dtype(*buf, Use::Read, site)?;
-                if dtype.size_bytes() != 2 {
-                    return Err(self.error(
-                        site,
-                        format!("ldmatrix of {dtype} elements (16-bit elements only)"),
-                    ));
+                let trans = matches!(stmt, Stmt::LdMatrix { trans: true, .. });
+                match (dtype.size_bytes(), trans) {
+                    (2, _) | (1, false) => {}
+                    (1, true) => {
+                        return Err(self.error(
+                            site,
+                            format!("a transposing ldmatrix of {dtype} elements (16-bit only)"),
+                        ))
+                    }
+                    _ => {
+                        return Err(self.error(
+                            site,
+                            format!("ldmatrix of {dtype} elements (16-bit or 8-bit elements)"),
+                        ))
+                    }
                 }
                 self.check_index(index, site)?;
                 if !uniform_flow {

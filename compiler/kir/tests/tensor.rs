@@ -19,12 +19,13 @@ fn small_ints(len: usize, seed: usize) -> Vec<f32> {
 
 fn run_tile(input: MmaInput, b_k_major: bool, m: usize, k: usize) {
     let kernel = mma_tile(input, b_k_major);
-    let a = small_ints(256, 1);
-    let b = small_ints(128, 2);
+    let kdim = input.k();
+    let a = small_ints(16 * kdim, 1);
+    let b = small_ints(8 * kdim, 2);
     let dtype = input.dtype();
     let buffers = [
-        Tensor::from_floats(dtype, &[256], a.clone()),
-        Tensor::from_floats(dtype, &[128], b.clone()),
+        Tensor::from_floats(dtype, &[16 * kdim], a.clone()),
+        Tensor::from_floats(dtype, &[8 * kdim], b.clone()),
         Tensor::zeros(DType::F32, &[128]),
     ];
     let out = run(
@@ -43,9 +44,9 @@ fn run_tile(input: MmaInput, b_k_major: bool, m: usize, k: usize) {
                     let b_value = if b_k_major {
                         b[kk * 8 + col]
                     } else {
-                        b[col * 16 + kk]
+                        b[col * kdim + kk]
                     };
-                    expected += a[row * 16 + kk] * b_value;
+                    expected += a[row * kdim + kk] * b_value;
                 }
             }
             assert_eq!(
@@ -63,6 +64,16 @@ fn one_warp_tile_equals_the_matrix_product() {
     for input in [MmaInput::Bf16, MmaInput::F16] {
         for b_k_major in [false, true] {
             run_tile(input, b_k_major, 16, 16);
+        }
+    }
+}
+
+#[test]
+fn one_warp_fp8_tile_is_an_m16n8k32_product() {
+    for input in [MmaInput::E4M3, MmaInput::E5M2] {
+        run_tile(input, false, 16, 32);
+        for (m, k) in [(13, 27), (1, 32), (16, 5), (0, 0), (9, 16), (16, 17)] {
+            run_tile(input, false, m, k);
         }
     }
 }
@@ -287,4 +298,21 @@ fn ldmatrix_row_alignment_is_checked() {
     let buffers = [Tensor::from_floats(DType::BF16, &[512], vec![0.5; 512])];
     let error = run(&kernel, [1, 1, 1], &buffers, &[]).unwrap_err();
     assert!(error.to_string().contains("not a multiple of 8"), "{error}");
+}
+
+#[test]
+fn ldmatrix_of_8_bit_elements_moves_rows_of_16_and_never_transposes() {
+    let kernel = |trans: bool| {
+        let mut kb = KernelBuilder::new("k", 32);
+        let tile = kb.shared("tile", DType::F8E4M3, 512);
+        let w: Vec<VarId> = (0..4).map(|i| kb.var(format!("w{i}"), Ty::I32)).collect();
+        kb.finish(vec![Stmt::LdMatrix {
+            dsts: w,
+            trans,
+            buf: tile,
+            index: Expr::lane_id() * Expr::i32(16),
+        }])
+    };
+    assert!(verify_kernel(&kernel(false)).is_ok());
+    rejected(&kernel(true), "transposing ldmatrix");
 }

@@ -192,3 +192,30 @@ fn blocks_per_sm_is_cut_to_the_blocks_whose_shared_memory_an_sm_holds() {
         );
     }
 }
+
+#[test]
+fn fp8_mma_tiles_assemble_from_sm_89_without_spills() {
+    let Some(toolchain) = toolchain("fp8_mma_tiles_assemble_from_sm_89_without_spills") else {
+        return;
+    };
+    let tiles = [
+        kiln_kir::examples::mma_tile(kiln_kir::MmaInput::E4M3, false),
+        kiln_kir::examples::mma_tile(kiln_kir::MmaInput::E5M2, false),
+    ];
+    for target in [Target::Sm89, Target::Sm90a, Target::Sm100a, Target::Sm120] {
+        let assembled = assemble(&toolchain, &tiles, target, &EmitOptions::default());
+        assert_eq!(assembled.report.functions.len(), 2, "{target}");
+        for report in &assembled.report.functions {
+            println!(
+                "{:>7} {} {} registers",
+                target.sm_name(),
+                report.name,
+                report.registers
+            );
+            assert!(!report.has_spills(), "{} spills on {target}", report.name);
+        }
+        // The JIT copy (PTX at most 9.0) keeps the FP8 mma.
+        let jit = assemble(&toolchain, &tiles, target, &EmitOptions::for_jit());
+        assert_eq!(jit.report.functions.len(), 2, "{target}");
+    }
+}

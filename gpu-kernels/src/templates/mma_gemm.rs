@@ -3,6 +3,15 @@
 //! buffers, B either as stored (`[K, N]`, N contiguous) or as the transpose of a stored
 //! `[N, K]` weight (K contiguous, the `linear` layout).
 //!
+//! The same template, with the input type as its parameter, takes FP8 matmuls (sm_89 and
+//! later, [`crate::Options::fp8_tensor_cores`]): `f32(a) @ f32(w).T` of f8e4m3 (or f8e5m2)
+//! operands, as the stdlib's `scaled_mm` writes it, with B the transpose of an `[N, K]`
+//! weight (the layout torch._scaled_mm uses; 8-bit elements have no transposing
+//! `ldmatrix`). The exact casts are dropped: the FP8 bytes are staged (16-element chunks,
+//! slices of the same bytes as the 16-bit ones, [`fp8_tile`]), `ldmatrix` moves 16-byte rows
+//! exactly as for 16-bit data, and each k32 step is one m16n8k32 `mma`. Per-tensor or
+//! per-channel scales are ordinary epilogue work (`* scale_a * scale_b` after the matmul).
+//!
 //! A block computes a `bm × bn` output tile with `warps_m × warps_n × warps_k` warps, each
 //! a `(bm / warps_m) × (bn / warps_n)` warp tile of m16n8k16 products over every
 //! `warps_k`-th k16 step of each slice (split-K inside the block: for decode-sized M the
@@ -53,13 +62,14 @@ use crate::emit::{add, and, lt, mul, sub, EResult, Emitter};
 use crate::graph::FuncGraph;
 use crate::partition::Group;
 use crate::plan::dim_size;
-use crate::GemmTuning;
 use kiln_ir::{DType, Dim, Op, Value};
 use kiln_kir::{BinOp, Buf, Expr, MmaInput, SizeExpr, Special, Stmt, Ty, VarId};
 use std::collections::BTreeSet;
 
-/// Elements of one 16-byte chunk (16-bit elements).
-const CHUNK: i64 = 8;
+/// Elements of one 16-byte chunk of `input` values: 8 (16-bit) or 16 (FP8).
+fn chunk_elements(input: MmaInput) -> i64 {
+    16 / (input.bits() as i64 / 8)
+}
 
 /// The static shared memory a block may use.
 const SHARED_BYTES: u32 = 48 * 1024;
@@ -187,6 +197,25 @@ pub fn choose_tile(m: Option<u64>, n: u64, matmuls: u32) -> MmaTile {
     tile
 }
 
+/// The FP8 tile for the 16-bit `tile` of `matmuls` fused matmuls: slices of the same
+/// bytes (twice the elements), and, where a warp would hold more than
+/// [`FP8_MAX_ACCUMULATORS`] accumulators, twice the warps across N (sm_90a runs the
+/// m16n8k32 FP8 `mma.sync` with extra registers: a 64×64 warp tile used all 255 and
+/// spilled there, 202 on sm_89).
+pub fn fp8_tile(mut tile: MmaTile, matmuls: u32) -> MmaTile {
+    tile.bk *= 2;
+    while tile.warps_k == 1
+        && tile.accumulators(matmuls) > FP8_MAX_ACCUMULATORS
+        && tile.warp_n() > 16
+    {
+        tile.warps_n *= 2;
+    }
+    tile
+}
+
+/// Accumulator registers per thread of an FP8 tile.
+const FP8_MAX_ACCUMULATORS: u32 = 64;
+
 /// SMs of an H100 SXM, the GPU the decode split is sized for. The split is a function of the
 /// shape alone (the same grid on every GPU, so the same bits everywhere); other parts get a
 /// grid sized for this one.
@@ -249,13 +278,16 @@ pub(crate) struct MmaPlan {
     input: MmaInput,
     a: Value,
     /// The stored value whose buffer holds A: `a` itself, or the value `a` reshapes (a
-    /// reshape keeps the row-major order, so A's linear index addresses it directly).
+    /// reshape keeps the row-major order, so A's linear index addresses it directly); for
+    /// FP8, the f8 value `a` casts (or one it reshapes).
     a_source: Value,
     b: Vec<BSource>,
     k: u64,
     tile: MmaTile,
     /// The grid's segments, one per matmul, when `tile.segmented`.
     segments: Vec<Segment>,
+    /// The FP8-to-float casts of the operands the FP8 `mma` takes over.
+    casts: Vec<Value>,
 }
 
 /// One matmul's share of a segmented grid's block columns.
@@ -333,32 +365,102 @@ impl MmaPlan {
 /// (plans choose it at run time for at most this many rows: `Step::BySize`).
 pub const SMALL_ROWS: u64 = 16;
 
+/// The FP8 value that `v`, a matmul operand computed inside the kernel, converts exactly to
+/// a wider float (`f32(x)`, `bf16(x)` or `f16(x)` of an f8e4m3 or f8e5m2 `x`).
+fn fp8_cast_source(e: &Emitter<'_, '_>, v: Value) -> Option<Value> {
+    let g = e.g;
+    if e.is_loaded(v) {
+        return None;
+    }
+    let Some(Op::Cast { to }) = g.op(v) else {
+        return None;
+    };
+    if !matches!(to, DType::F32 | DType::BF16 | DType::F16) {
+        return None;
+    }
+    let x = g.inst(v)?.operands[0];
+    matches!(g.ty(x).dtype, DType::F8E4M3 | DType::F8E5M2).then_some(x)
+}
+
+/// Whether `perm` swaps the last two axes and keeps the others.
+fn swaps_last_two(perm: &[usize]) -> bool {
+    let r = perm.len();
+    r >= 2
+        && perm[r - 1] == r - 2
+        && perm[r - 2] == r - 1
+        && perm[..r - 2].iter().enumerate().all(|(i, &p)| i == p)
+}
+
+/// `operand` as the transpose of a stored `[.., N, K]` weight: `(permute, weight, cast)`,
+/// the permute read through, the weight's value and, for FP8 inputs, the cast to a wider
+/// float on either side of the permute (`f32(w).T` or `f32(w.T)`).
+fn transposed_weight(
+    e: &Emitter<'_, '_>,
+    operand: Value,
+    fp8: bool,
+) -> Option<(Value, Value, Option<Value>)> {
+    let g = e.g;
+    let (permute, cast) = match g.op(operand) {
+        Some(Op::Cast { .. }) if fp8 => (fp8_cast_source(e, operand)?, Some(operand)),
+        _ => (operand, None),
+    };
+    if e.is_loaded(permute) {
+        return None;
+    }
+    let Some(Op::Permute { perm }) = g.op(permute) else {
+        return None;
+    };
+    let inner = g.inst(permute)?.operands[0];
+    let (weight, cast) = match cast {
+        Some(c) => (inner, Some(c)),
+        None if fp8 => (fp8_cast_source(e, inner)?, Some(inner)),
+        None => (inner, None),
+    };
+    (swaps_last_two(perm) && e.is_loaded(weight)).then_some((permute, weight, cast))
+}
+
 /// The plan for `group` when the tensor-core template applies to it; with `small_rows`, the
 /// variant for a symbolic row count of at most [`SMALL_ROWS`].
+///
+/// FP8: when A is an exact cast of an f8e4m3/f8e5m2 value to a wider float and every B the
+/// same cast of a `[.., N, K]` weight of that dtype under a transpose (the `linear` layout
+/// torch._scaled_mm uses), and `options.fp8_tensor_cores`, the casts are dropped: the FP8
+/// bytes are copied, and the m16n8k32 `mma` multiplies them exactly as the casts would
+/// (f32 accumulation either way). The scales are ordinary element-wise epilogue work. A
+/// `[K, N]` FP8 B (8-bit elements have no transposing `ldmatrix`) or mixed dtypes go to
+/// the plain template.
 pub(crate) fn plan(
     e: &Emitter<'_, '_>,
     group: &Group,
     small_rows: bool,
-    tuning: &GemmTuning,
+    options: &crate::Options,
 ) -> Option<MmaPlan> {
+    let tuning = &options.gemm;
     let g = e.g;
     let first = *group.roots.first()?;
     let a = g.inst(first)?.operands[0];
-    let input = match g.ty(a).dtype {
-        DType::BF16 => MmaInput::Bf16,
-        DType::F16 => MmaInput::F16,
+    let (input, a_stored) = match g.ty(a).dtype {
+        DType::BF16 => (MmaInput::Bf16, a),
+        DType::F16 => (MmaInput::F16, a),
+        _ if options.fp8_tensor_cores => {
+            let x = fp8_cast_source(e, a)?;
+            (MmaInput::of_dtype(g.ty(x).dtype)?, x)
+        }
         _ => return None,
     };
-    let mut a_source = a;
+    let fp8 = input.is_fp8();
+    let chunk = chunk_elements(input) as u64;
+    let mut a_source = a_stored;
     while !e.is_loaded(a_source) {
         let Some(Op::Reshape { .. }) = g.op(a_source) else {
             return None;
         };
         a_source = g.inst(a_source)?.operands[0];
     }
+    let mut casts: Vec<Value> = if fp8 { vec![a] } else { Vec::new() };
     let a_shape = g.shape(a);
     let k = a_shape.last()?.as_const()?;
-    if k == 0 || k % CHUNK as u64 != 0 {
+    if k == 0 || k % chunk != 0 {
         return None;
     }
     let out_shape = g.shape(first);
@@ -371,9 +473,9 @@ pub(crate) fn plan(
         }
         let operand = inst.operands[1];
         let n = g.shape(m)[rank - 1].clone();
-        let source = if e.is_loaded(operand) {
+        let source = if e.is_loaded(operand) && !fp8 {
             let n_const = n.as_const()?;
-            if n_const % CHUNK as u64 != 0 {
+            if n_const % chunk != 0 {
                 return None;
             }
             BSource {
@@ -383,30 +485,28 @@ pub(crate) fn plan(
                 n,
             }
         } else {
-            let Some(Op::Permute { perm }) = g.op(operand) else {
-                return None;
-            };
-            let r = perm.len();
-            let swaps_last_two = r >= 2
-                && perm[r - 1] == r - 2
-                && perm[r - 2] == r - 1
-                && perm[..r - 2].iter().enumerate().all(|(i, &p)| i == p);
-            let weight = g.inst(operand)?.operands[0];
-            if !swaps_last_two || !e.is_loaded(weight) {
-                return None;
-            }
+            let (permute, weight, cast) = transposed_weight(e, operand, fp8)?;
+            casts.extend(cast);
             BSource {
                 value: weight,
                 k_rows: false,
-                permute: Some(operand),
+                permute: Some(permute),
                 n,
             }
         };
-        if g.ty(source.value).dtype != g.ty(a).dtype {
+        if g.ty(source.value).dtype != input.dtype() {
             return None;
         }
         b.push(source);
     }
+    let choose = |m: Option<u64>, n: u64, matmuls: u32| {
+        let tile = choose_tile(m, n, matmuls);
+        if fp8 {
+            fp8_tile(tile, matmuls)
+        } else {
+            tile
+        }
+    };
     let m = if small_rows {
         Some(SMALL_ROWS)
     } else {
@@ -417,7 +517,7 @@ pub(crate) fn plan(
         .map(|s| s.n.as_const().unwrap_or(u64::MAX))
         .max()
         .unwrap_or(1);
-    let mut tile = choose_tile(m, n_max, b.len() as u32);
+    let mut tile = choose(m, n_max, b.len() as u32);
     let batch: Option<u64> = out_shape[..rank - 2]
         .iter()
         .try_fold(1u64, |acc, d| Some(acc.saturating_mul(d.as_const()?)));
@@ -440,7 +540,7 @@ pub(crate) fn plan(
     if segmented {
         let widths = widths.expect("constant widths");
         let m = m.expect("decode rows");
-        tile = choose_tile(Some(m), n_max, 1);
+        tile = choose(Some(m), n_max, 1);
         tile.segmented = true;
         let segments = segments(&widths, tile.bn);
         // K split across blocks, as for one matmul, while the grid has at most a block per
@@ -462,6 +562,7 @@ pub(crate) fn plan(
             k,
             tile,
             segments,
+            casts,
         });
     }
     // Horizontally fused matmuls of one shape split K across blocks too when their grid
@@ -481,6 +582,7 @@ pub(crate) fn plan(
         k,
         tile,
         segments: Vec::new(),
+        casts,
     })
 }
 
@@ -542,7 +644,10 @@ pub(crate) fn emit(
     let rank = out_shape.len();
     let batch_dims = out_shape[..rank - 2].to_vec();
     let t = plan.tile;
-    let dtype = g.ty(plan.a).dtype;
+    let dtype = plan.input.dtype();
+    // Elements of one 16-byte chunk (8, or 16 for FP8), and its log2.
+    let chunk_len = chunk_elements(plan.input);
+    let chunk_shift = chunk_len.trailing_zeros();
     let threads = t.threads() as i64;
     let (bm, bn, bk) = (i64::from(t.bm), i64::from(t.bn), i64::from(t.bk));
     let (wm, wn) = (i64::from(t.warp_m()), i64::from(t.warp_n()));
@@ -664,7 +769,7 @@ pub(crate) fn emit(
 
     // ---- the copies of one stage: per thread, chunks at fixed tile positions.
     // A: rows of bk elements, `bk / 8` chunks each.
-    let a_chunks = bk / CHUNK;
+    let a_chunks = bk / chunk_len;
     let a_copies = bm * a_chunks / threads;
     let a_batch = batch_index(e, plan.a, &batch_dims, &batch);
     let a_shape = g.shape(plan.a).to_vec();
@@ -672,7 +777,7 @@ pub(crate) fn emit(
         &mut body,
         "a_col",
         Ty::I32,
-        and_mask(tid.clone(), a_chunks - 1) * i32c(CHUNK),
+        and_mask(tid.clone(), a_chunks - 1) * i32c(chunk_len),
     );
     struct Copy {
         /// Source index at k = 0.
@@ -698,9 +803,10 @@ pub(crate) fn emit(
         let src = e.linear(&a_shape, &idx);
         let src = e.bind(&mut body, "a_src", ity, src);
         let row_ok = e.bind(&mut body, "a_ok", Ty::Pred, lt(gm, m_size.clone()));
-        let chunk = shr(a_col.clone(), 3);
+        let chunk = shr(a_col.clone(), chunk_shift);
         let dst = row.clone() * i32c(bk)
-            + Expr::binary(BinOp::Xor, chunk, swizzle(row.clone(), a_chunks as u32)) * i32c(CHUNK);
+            + Expr::binary(BinOp::Xor, chunk, swizzle(row.clone(), a_chunks as u32))
+                * i32c(chunk_len);
         let dst = e.bind(&mut body, "a_dst", Ty::I32, dst);
         a_plan.push(Copy {
             src,
@@ -721,13 +827,13 @@ pub(crate) fn emit(
         );
         let n_size = e.dim(&source.n);
         let (rows, cols) = if source.k_rows { (bk, bn) } else { (bn, bk) };
-        let chunks = cols / CHUNK;
+        let chunks = cols / chunk_len;
         let copies = rows * chunks / threads;
         let col = e.bind(
             out,
             "b_col",
             Ty::I32,
-            and_mask(tid.clone(), chunks - 1) * i32c(CHUNK),
+            and_mask(tid.clone(), chunks - 1) * i32c(chunk_len),
         );
         let mut copies_plan = Vec::new();
         for q in 0..copies {
@@ -752,10 +858,10 @@ pub(crate) fn emit(
             let src = e.linear(&w_shape, &idx);
             let src = e.bind(out, "b_src", ity, src);
             let row_ok = e.bind(out, "b_ok", Ty::Pred, lt(gn, n_size.clone()));
-            let chunk = shr(col.clone(), 3);
+            let chunk = shr(col.clone(), chunk_shift);
             let dst = row.clone() * i32c(cols)
                 + Expr::binary(BinOp::Xor, chunk, swizzle(row.clone(), chunks as u32))
-                    * i32c(CHUNK);
+                    * i32c(chunk_len);
             let dst = e.bind(out, "b_dst", Ty::I32, dst);
             copies_plan.push(Copy {
                 src,
@@ -810,7 +916,7 @@ pub(crate) fn emit(
                 dst_index: stage.clone() * i32c(a_stage) + copy.dst.clone(),
                 src: a_buf,
                 src_index: Expr::select(valid.clone(), add(copy.src.clone(), k0.clone()), e.ix(0)),
-                src_len: Expr::select(valid, i32c(CHUNK), i32c(0)),
+                src_len: Expr::select(valid, i32c(chunk_len), i32c(0)),
             });
         }
         let b_copies = |e: &mut Emitter<'_, '_>,
@@ -836,7 +942,7 @@ pub(crate) fn emit(
                     dst_index: stage.clone() * i32c(b_stage) + copy.dst.clone(),
                     src: b_bufs[i],
                     src_index: Expr::select(valid.clone(), add(copy.src.clone(), step), e.ix(0)),
-                    src_len: Expr::select(valid, i32c(CHUNK), i32c(0)),
+                    src_len: Expr::select(valid, i32c(chunk_len), i32c(0)),
                 });
             }
         };
@@ -873,7 +979,7 @@ pub(crate) fn emit(
     let ld_q_hi = e.bind(&mut body, "ld_h", Ty::I32, shr(lane.clone(), 4));
     // The k16 steps of a slice this warp takes: `s * warps_k + warp_k` for s in 0..steps.
     let warps_k = i64::from(t.warps_k);
-    let k_steps = (bk / 16 / warps_k) as usize;
+    let k_steps = (bk / plan.input.k() as i64 / warps_k) as usize;
     let step_of = |s: usize| i32c(s as i64 * warps_k) + warp_k.clone();
     // A, x4: matrices (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15), (8-15, 8-15).
     let a_ld: Vec<Expr> = (0..k_steps)
@@ -881,7 +987,7 @@ pub(crate) fn emit(
             let row = warp_m0.clone() + ld_row.clone() + ld_q_lo.clone() * i32c(8);
             let chunk = step_of(kk) * i32c(2) + ld_q_hi.clone();
             let offset = row.clone() * i32c(bk)
-                + Expr::binary(BinOp::Xor, chunk, swizzle(row, a_chunks as u32)) * i32c(CHUNK);
+                + Expr::binary(BinOp::Xor, chunk, swizzle(row, a_chunks as u32)) * i32c(chunk_len);
             e.bind(&mut body, "a_ld", Ty::I32, offset)
         })
         .collect();
@@ -906,14 +1012,14 @@ pub(crate) fn emit(
                                     + Expr::binary(
                                         BinOp::Xor,
                                         chunk,
-                                        swizzle(row, (bn / CHUNK) as u32),
-                                    ) * i32c(CHUNK)
+                                        swizzle(row, (bn / chunk_len) as u32),
+                                    ) * i32c(chunk_len)
                             } else {
                                 let row = n_tile + ld_row.clone();
                                 let chunk = step_of(kk) * i32c(2) + ld_q_lo.clone();
                                 row.clone() * i32c(bk)
                                     + Expr::binary(BinOp::Xor, chunk, swizzle(row, a_chunks as u32))
-                                        * i32c(CHUNK)
+                                        * i32c(chunk_len)
                             };
                             e.bind(&mut body, "b_ld", Ty::I32, offset)
                         })
@@ -1162,7 +1268,17 @@ pub(crate) fn emit(
             e.fused.insert(p);
         }
     }
-    let what = kernel_name(&format!("mma_gemm_{}", t.name()), &matmuls, stores);
+    e.fused.extend(plan.casts.iter().copied());
+    let input_name = if plan.input.is_fp8() {
+        format!("{}_", plan.input.name())
+    } else {
+        String::new()
+    };
+    let what = kernel_name(
+        &format!("mma_gemm_{input_name}{}", t.name()),
+        &matmuls,
+        stores,
+    );
     let grid_n = plan
         .b
         .iter()
@@ -1384,6 +1500,36 @@ mod tests {
         assert_eq!(choose_tile(None, 4096, 1).name(), "128x128x32_w2x2_s3");
         assert_eq!(choose_tile(Some(64), 4096, 1).name(), "64x128x32_w2x2_s4");
         assert_eq!(choose_tile(Some(16), 4096, 1).name(), "16x32x128_w1x2x4_s3");
+    }
+
+    #[test]
+    fn fp8_tiles_stage_the_same_bytes_and_fit_their_registers() {
+        for m in [Some(1), Some(16), Some(64), Some(4096), None] {
+            for n in [8, 64, 4096] {
+                for matmuls in 1..=3 {
+                    let wide = choose_tile(m, n, matmuls);
+                    let t = fp8_tile(wide, matmuls);
+                    // One byte an element: the 16-bit tile's stage bytes.
+                    assert_eq!(t.bk * (t.bm + matmuls * t.bn), wide.stage_bytes(matmuls));
+                    assert_eq!((t.bk / 32) % t.warps_k, 0, "{t:?}");
+                    assert_eq!(t.warp_n() % 16, 0, "{t:?}");
+                    assert_eq!((t.bm * t.bk / 16) % t.threads(), 0, "{t:?}");
+                    assert_eq!((t.bn * t.bk / 16) % t.threads(), 0, "{t:?}");
+                    assert!(t.threads() <= 256, "{t:?}");
+                    if t.warps_k == 1 && t.warp_n() > 16 {
+                        assert!(t.accumulators(matmuls) <= FP8_MAX_ACCUMULATORS, "{t:?}");
+                    }
+                }
+            }
+        }
+        assert_eq!(
+            fp8_tile(choose_tile(None, 8192, 1), 1).name(),
+            "128x128x64_w2x4_s3"
+        );
+        assert_eq!(
+            fp8_tile(choose_tile(Some(16), 4096, 1), 1).name(),
+            "16x32x256_w1x2x4_s3"
+        );
     }
 
     #[test]

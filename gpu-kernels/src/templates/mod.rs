@@ -101,14 +101,14 @@ pub(crate) fn size_variant(
             let shape = g.shape(*group.roots.first()?);
             if options.tensor_cores {
                 if let [Dim::Sym(rows), _] = shape {
-                    if mma_gemm::plan(&e, group, true, &options.gemm).is_some() {
+                    if mma_gemm::plan(&e, group, true, options).is_some() {
                         return Some(SizeVariant {
                             symbol: rows.clone(),
                             at_most: SMALL_ROWS,
                         });
                     }
                 }
-                if mma_gemm::plan(&e, group, false, &options.gemm).is_some() {
+                if mma_gemm::plan(&e, group, false, options).is_some() {
                     return None;
                 }
             }
@@ -166,7 +166,7 @@ pub(crate) fn build(
     let mut e = new_emitter();
     let mma = match &group.kind {
         GroupKind::Matmul { .. } => {
-            mma_gemm::plan(&e, group, small, &options.gemm).filter(|_| options.tensor_cores)
+            mma_gemm::plan(&e, group, small, options).filter(|_| options.tensor_cores)
         }
         _ => None,
     };

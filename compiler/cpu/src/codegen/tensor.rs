@@ -15,11 +15,12 @@ impl Emitter<'_, '_> {
         vars.iter().map(|&v| self.slot_offset(v)).collect()
     }
 
-    /// The f32 value of half `half` of a packed `I32` word.
-    fn half_value(&mut self, input: MmaInput, word: Value, half: usize) -> Value {
+    /// The f32 value of element `i` of a packed `I32` word of `input` values (two 16-bit
+    /// halves or four FP8 bytes).
+    fn element_value(&mut self, input: MmaInput, word: Value, i: usize) -> Value {
         match input {
             MmaInput::Bf16 => {
-                let bits = if half == 0 {
+                let bits = if i == 0 {
                     self.builder.ins().ishl_imm_s(word, 16)
                 } else {
                     self.builder.ins().band_imm_s(word, -65536)
@@ -29,25 +30,38 @@ impl Emitter<'_, '_> {
                     .bitcast(types::F32, MemFlagsData::new(), bits)
             }
             MmaInput::F16 => {
-                let bits = if half == 0 {
+                let bits = if i == 0 {
                     self.builder.ins().band_imm_s(word, 0xFFFF)
                 } else {
                     self.builder.ins().ushr_imm_s(word, 16)
                 };
                 self.call_helper(Helper::F16ToF32, &[bits])
             }
+            MmaInput::E4M3 | MmaInput::E5M2 => {
+                let shifted = self.builder.ins().ushr_imm_s(word, 8 * i as i64);
+                let bits = self.builder.ins().band_imm_s(shifted, 0xFF);
+                let helper = if input == MmaInput::E4M3 {
+                    Helper::E4m3ToF32
+                } else {
+                    Helper::E5m2ToF32
+                };
+                self.call_helper(helper, &[bits])
+            }
         }
     }
 
     /// `Stmt::Mma` for every warp: each thread reads the A and B words of the lanes that
     /// hold its row and column, and its own C, and adds the products in k order with `fma`
-    /// (as `kiln_kir::tensor::mma_m16n8k16` does). A and B are `I32` and D `F32`, so writing
+    /// (as `kiln_kir::tensor::mma` does). A and B are `I32` and D `F32`, so writing
     /// D while later threads still read A and B is safe; C is read only by its own thread.
     pub(super) fn mma(&mut self, stmt: &Stmt) -> Result<(), CpuError> {
         let Stmt::Mma { input, d, a, b, c } = stmt else {
             return Err(self.invalid("not an mma statement"));
         };
         let input = *input;
+        // p values a word; a run of 4p consecutive k is spread over the 4 lanes of a group.
+        let p = input.per_register();
+        let k_len = input.k();
         let (a_slots, b_slots) = (self.slot_offsets(a)?, self.slot_offsets(b)?);
         let (c_slots, d_slots) = (self.slot_offsets(c)?, self.slot_offsets(d)?);
         self.for_each_thread(&mut |this: &mut Self, thread, row| {
@@ -67,25 +81,28 @@ impl Emitter<'_, '_> {
                 let t8 = this.builder.ins().ishl_imm_s(t, 3);
                 let column4 = this.builder.ins().iadd_imm_s(t8, 4 * (j as i64 % 2));
                 let b_lanes = this.builder.ins().iadd(warp_first, column4);
-                for pair in 0..8 {
-                    let k = 2 * pair;
-                    let a_lane = this.builder.ins().iadd_imm_s(a_lanes, (k as i64 % 8) / 2);
+                for word_k in (0..k_len).step_by(p) {
+                    // k = word_k .. word_k + p: lane (k % 4p) / p of the group, register
+                    // k / 4p (A: j / 2 + 2 · that).
+                    let lane_in_group = ((word_k % (4 * p)) / p) as i64;
+                    let reg = word_k / (4 * p);
+                    let a_lane = this.builder.ins().iadd_imm_s(a_lanes, lane_in_group);
                     let a_row = this.scratch_row(a_lane);
                     let a_word = this.builder.ins().load(
                         types::I32,
                         own_flags(),
                         a_row,
-                        a_slots[j / 2 + 2 * (k / 8)],
+                        a_slots[j / 2 + 2 * reg],
                     );
-                    let b_lane = this.builder.ins().iadd_imm_s(b_lanes, (k as i64 % 8) / 2);
+                    let b_lane = this.builder.ins().iadd_imm_s(b_lanes, lane_in_group);
                     let b_row = this.scratch_row(b_lane);
                     let b_word =
                         this.builder
                             .ins()
-                            .load(types::I32, own_flags(), b_row, b_slots[k / 8]);
-                    for half in 0..2 {
-                        let x = this.half_value(input, a_word, half);
-                        let y = this.half_value(input, b_word, half);
+                            .load(types::I32, own_flags(), b_row, b_slots[reg]);
+                    for i in 0..p {
+                        let x = this.element_value(input, a_word, i);
+                        let y = this.element_value(input, b_word, i);
                         acc = this.builder.ins().fma(x, y, acc);
                     }
                 }
@@ -131,6 +148,12 @@ impl Emitter<'_, '_> {
         })?;
         let operand = self.operand(*buf)?;
         let trans = *trans;
+        // Elements of one 16-bit position: 2 for an 8-bit array (a row is 16 of them).
+        let per_half: i64 = if operand.dtype.size_bytes() == 1 {
+            2
+        } else {
+            1
+        };
         self.for_each_thread(&mut |this: &mut Self, thread, row| {
             let lane = this.builder.ins().band_imm_s(thread, 31);
             let warp_first = this.builder.ins().isub(thread, lane);
@@ -149,7 +172,12 @@ impl Emitter<'_, '_> {
                     let source = this.builder.ins().iadd(matrix_first, row_in_matrix);
                     let stage = this.staging_address(source, staging);
                     let start = this.builder.ins().load(types::I64, own_flags(), stage, 0);
-                    let element = this.ldmatrix_element(&operand, source, start, offset);
+                    let offset = if per_half == 2 {
+                        this.builder.ins().ishl_imm_s(offset, 1)
+                    } else {
+                        offset
+                    };
+                    let element = this.ldmatrix_element(&operand, source, start, offset, per_half);
                     let address = this.element_address(&operand, element);
                     halves.push(
                         this.builder
@@ -165,28 +193,31 @@ impl Emitter<'_, '_> {
         })
     }
 
-    /// Checks the row start `start` (`I64`) staged by thread `source` and returns the
-    /// index of element `offset` (`I32`) of that row.
+    /// Checks the row start `start` (`I64`) staged by thread `source` (a row is 16 bytes,
+    /// `8 · per_half` elements) and returns the index of element `offset` (`I32`) of that
+    /// row, whose 16 bits (`per_half` elements) must lie in the array.
     fn ldmatrix_element(
         &mut self,
         operand: &Operand,
         source: Value,
         start: Value,
         offset: Value,
+        per_half: i64,
     ) -> Value {
         let thread = self.builder.ins().uextend(types::I64, source);
         let buffer = self.iconst(types::I64, operand.fault_id as i64);
-        let eight = self.const_i64(8);
-        let misaligned = self.builder.ins().band_imm_s(start, 7);
+        let eight = self.const_i64(8 * per_half);
+        let misaligned = self.builder.ins().band_imm_s(start, 8 * per_half - 1);
         let aligned = self.builder.ins().icmp_imm_s(IntCC::Equal, misaligned, 0);
         let code = self.const_i64(FaultCode::Misaligned as i64);
         self.guard(aligned, [code, buffer, start, eight, thread]);
         let offset = self.builder.ins().uextend(types::I64, offset);
         let element = self.builder.ins().iadd(start, offset);
+        let last = self.builder.ins().iadd_imm_s(element, per_half - 1);
         let in_bounds = self
             .builder
             .ins()
-            .icmp(IntCC::UnsignedLessThan, element, operand.len);
+            .icmp(IntCC::UnsignedLessThan, last, operand.len);
         let code = self.const_i64(FaultCode::OutOfBounds as i64);
         self.guard(in_bounds, [code, buffer, element, eight, thread]);
         element

@@ -468,9 +468,18 @@ impl<'k, 'c> FunctionEmitter<'k, 'c> {
                         .collect::<Result<Vec<_>, _>>()?;
                     Ok(format!("{{{}}}", regs.join(", ")))
                 };
+                if input.is_fp8() && !self.ctx.use_feature(Feature::Fp8Mma) {
+                    return Err(self.error(format!(
+                        "an {} mma needs sm_89 or later and PTX 8.4 ({} with cap {:?})",
+                        input.name(),
+                        self.ctx.target,
+                        self.ctx.cap.map(|c| c.to_string())
+                    )));
+                }
                 let opcode = format!(
-                    "mma.sync.aligned.m16n8k16.row.col.f32.{0}.{0}.f32",
-                    input.name()
+                    "mma.sync.aligned.m16n8k{1}.row.col.f32.{0}.{0}.f32",
+                    input.name(),
+                    input.k()
                 );
                 let operands = [
                     list(self, d)?,

@@ -280,7 +280,8 @@ impl FunctionEmitter<'_, '_> {
         buf: Buf,
         index: &Expr,
     ) -> Result<(), EmitError> {
-        let address = self.address(buf, index, 2, false)?;
+        let bytes = self.dtype(buf)?.size_bytes() as u32;
+        let address = self.address(buf, index, bytes, false)?;
         if address.space != "shared" || !matches!(dsts.len(), 1 | 2 | 4) {
             return Err(self.error(format!(
                 "an ldmatrix of {} matrices from {} memory",
