@@ -398,6 +398,19 @@ fn reverse_blocks_through_shared_memory() {
 }
 
 #[test]
+fn pack_halves_matches_bit_for_bit() {
+    let mut rng = Rng::new(12);
+    for input in [kiln_kir::MmaInput::Bf16, kiln_kir::MmaInput::F16] {
+        let kernel = examples::pack_halves(input);
+        let args = [
+            Arg::Buffer(random_buffer(&mut rng, DType::F32, 128)),
+            Arg::Buffer(vec![0; 64 * 4]),
+        ];
+        check(&kernel, [1, 1, 1], &args, Tolerance::Exact);
+    }
+}
+
+#[test]
 fn tensor_core_tile_matches_bit_for_bit() {
     // Random values (not exact sums): the backend must add in the reference's order.
     let mut rng = Rng::new(11);

@@ -453,6 +453,17 @@ impl Interpreter<'_, '_> {
                     self.set_register(t, *dst, v);
                 }
             }
+            Stmt::PackHalves { dst, input, lo, hi } => {
+                let lows = self.eval_all(lo, mask, stmt, path)?;
+                let highs = self.eval_all(hi, mask, stmt, path)?;
+                for ((t, l), (_, h)) in lows.into_iter().zip(highs) {
+                    let (Const::F32(l), Const::F32(h)) = (l, h) else {
+                        return Err(fail(self, t, "pack of non-f32 values".into()));
+                    };
+                    let word = tensor::pack_halves(*input, l, h);
+                    self.set_register(t, *dst, Const::I32(word as i32));
+                }
+            }
             Stmt::Mma { input, d, a, b, c } => {
                 self.require_whole_warps(stmt, path, mask)?;
                 for first in (0..mask.len()).step_by(WARP) {

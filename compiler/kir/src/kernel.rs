@@ -55,6 +55,9 @@
 //!   for the others after a following `Barrier`. Touching the destination before that is a
 //!   race (the interpreter reports a read or write of a pending element as an error; the
 //!   CPU backend copies at once). Copies still pending when the block ends are dropped.
+//! - `PackHalves` rounds two `F32` values to f16 or bf16 (nearest even, as a store does) and
+//!   packs them into one `I32` register, low index in bits 0..16: a product computed in
+//!   registers (attention's probabilities) becomes an `Mma` A fragment without memory.
 //! - `Mma` and `LdMatrix` are warp collectives like `ShuffleXor` (block-uniform control
 //!   flow); the `CpAsync` statements are per thread.
 
@@ -347,6 +350,15 @@ pub enum Stmt {
     CpAsyncCommit,
     /// Waits until at most `n` of this thread's committed groups are pending.
     CpAsyncWait(u32),
+    /// `dst` (`I32`) = the packed pair of `lo` and `hi` (`F32`) each rounded to `input`'s
+    /// 16-bit type (nearest even; `lo` in bits 0..16): an `Mma` operand made in registers
+    /// (`cvt.rn.{bf16,f16}x2.f32`). Per thread.
+    PackHalves {
+        dst: VarId,
+        input: MmaInput,
+        lo: Expr,
+        hi: Expr,
+    },
 }
 
 /// How a kernel may touch a global buffer.

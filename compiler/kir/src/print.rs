@@ -301,6 +301,13 @@ impl<'k> Names<'k> {
                     list(c)
                 )
             }
+            Stmt::PackHalves { dst, input, lo, hi } => format!(
+                "{} = pack_{}x2({}, {})",
+                self.var(*dst),
+                input.name(),
+                self.expr(lo),
+                self.expr(hi)
+            ),
             Stmt::LdMatrix {
                 dsts,
                 trans,

@@ -288,3 +288,48 @@ fn ldmatrix_row_alignment_is_checked() {
     let error = run(&kernel, [1, 1, 1], &buffers, &[]).unwrap_err();
     assert!(error.to_string().contains("not a multiple of 8"), "{error}");
 }
+
+#[test]
+fn pack_halves_rounds_to_nearest_even_and_puts_the_first_value_low() {
+    // Exact values, ties to even in both formats, overflow, infinities and NaN.
+    let values: Vec<f32> = [
+        1.0,
+        -2.5,
+        1.0 + 1.0 / 256.0,  // bf16 tie: rounds to 1.0
+        1.0 + 3.0 / 256.0,  // bf16 tie: rounds up to 1 + 4/256
+        1.0 + 1.0 / 2048.0, // f16 tie: rounds to 1.0
+        70000.0,            // f16 overflow: inf
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        0.0,
+        -0.0,
+        3.0e-41,
+    ]
+    .into_iter()
+    .cycle()
+    .take(128)
+    .collect();
+    for input in [MmaInput::Bf16, MmaInput::F16] {
+        let kernel = kiln_kir::examples::pack_halves(input);
+        verify_kernel(&kernel).unwrap_or_else(|e| panic!("{e}"));
+        let buffers = [
+            Tensor::from_f32(&[128], values.clone()),
+            Tensor::zeros(DType::I32, &[64]),
+        ];
+        let out = run(&kernel, [1, 1, 1], &buffers, &[]).unwrap_or_else(|e| panic!("{e}"));
+        let words = out[1].as_i64().unwrap();
+        for (t, &word) in words.iter().enumerate() {
+            let word = word as u32;
+            let want = |x: f32| -> u32 {
+                u32::from(match input {
+                    MmaInput::Bf16 => half::bf16::from_f32(x).to_bits(),
+                    MmaInput::F16 => half::f16::from_f32(x).to_bits(),
+                })
+            };
+            let (lo, hi) = (values[2 * t], values[2 * t + 1]);
+            assert_eq!(word & 0xffff, want(lo), "{input:?} low half of {lo}");
+            assert_eq!(word >> 16, want(hi), "{input:?} high half of {hi}");
+        }
+    }
+}

@@ -446,6 +446,8 @@ pub fn coverage() -> Vec<Kernel> {
         examples::mma_tile(MmaInput::F16, false),
         examples::mma_tile(MmaInput::Bf16, false),
         examples::mma_tile(MmaInput::F16, true),
+        examples::pack_halves(MmaInput::Bf16),
+        examples::pack_halves(MmaInput::F16),
     ]);
     kernels
 }
