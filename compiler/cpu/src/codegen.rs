@@ -1179,6 +1179,7 @@ impl Emitter<'_, '_> {
     fn unary(&mut self, op: UnOp, x: Value, ty: Ty) -> Result<(Value, Ty), CpuError> {
         let float_helper = match op {
             UnOp::Exp => Some(Helper::Exp),
+            UnOp::Exp2 => Some(Helper::Exp2),
             UnOp::Log => Some(Helper::Log),
             UnOp::Sin => Some(Helper::Sin),
             UnOp::Cos => Some(Helper::Cos),

@@ -79,6 +79,7 @@ fn unary_inputs(rng: &mut Rng, op: UnOp, n: usize) -> Vec<f32> {
     let (lo, hi) = match op {
         UnOp::Log | UnOp::Sqrt | UnOp::Rsqrt => (1e-3, 100.0),
         UnOp::Exp => (-80.0, 80.0),
+        UnOp::Exp2 => (-140.0, 140.0),
         UnOp::Sin | UnOp::Cos => (-100.0, 100.0),
         _ => (-10.0, 10.0),
     };

@@ -16,7 +16,7 @@
 //!   i8/i32 → I32, i64 → I64, bool → Pred) and a store converts back (round to nearest even;
 //!   f8 saturating to ±max finite, NaN kept; float → int truncates toward zero).
 //! - Integer arithmetic wraps; integer division by zero is undefined (templates never do it).
-//! - Float transcendental ops (`Exp`, `Log`, `Sin`, `Cos`, `Tanh`, `Erf`, `Sigmoid`, `Pow`,
+//! - Float transcendental ops (`Exp`, `Exp2`, `Log`, `Sin`, `Cos`, `Tanh`, `Erf`, `Sigmoid`, `Pow`,
 //!   `Rsqrt`, `Sqrt`, `Div`) are accurate to within 4 ulp of the exact f32 result on every
 //!   backend (the differential tests state their tolerances from that).
 //! - `Barrier` synchronizes all threads of the block and orders shared-memory accesses; it
@@ -159,13 +159,16 @@ pub enum UnOp {
     Floor,
     Ceil,
     Recip,
+    /// `2^x`: the fast base-2 exponential of online softmax (`ex2.approx.f32` on the GPU,
+    /// within 2 ulp; subnormal results kept).
+    Exp2,
     /// Logical not of a `Pred`, bitwise not of an integer.
     Not,
 }
 
 impl UnOp {
     /// Every operator that takes an `F32` (all but `Not`), in declaration order.
-    pub const FLOAT: [UnOp; 14] = [
+    pub const FLOAT: [UnOp; 15] = [
         UnOp::Neg,
         UnOp::Abs,
         UnOp::Exp,
@@ -180,6 +183,7 @@ impl UnOp {
         UnOp::Floor,
         UnOp::Ceil,
         UnOp::Recip,
+        UnOp::Exp2,
     ];
 }
 

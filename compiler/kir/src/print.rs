@@ -45,6 +45,7 @@ pub fn unop_name(op: UnOp) -> &'static str {
         UnOp::Neg => "neg",
         UnOp::Abs => "abs",
         UnOp::Exp => "exp",
+        UnOp::Exp2 => "exp2",
         UnOp::Log => "log",
         UnOp::Sqrt => "sqrt",
         UnOp::Rsqrt => "rsqrt",
