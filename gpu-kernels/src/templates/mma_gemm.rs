@@ -59,7 +59,7 @@ use kiln_kir::{BinOp, Buf, Expr, MmaInput, SizeExpr, Special, Stmt, Ty, VarId};
 use std::collections::BTreeSet;
 
 /// Elements of one 16-byte chunk (16-bit elements).
-const CHUNK: i64 = 8;
+pub(crate) const CHUNK: i64 = 8;
 
 /// The static shared memory a block may use.
 const SHARED_BYTES: u32 = 48 * 1024;
@@ -484,18 +484,18 @@ pub(crate) fn plan(
     })
 }
 
-fn i32c(n: i64) -> Expr {
+pub(crate) fn i32c(n: i64) -> Expr {
     Expr::i32(n as i32)
 }
 
-fn shr(a: Expr, bits: u32) -> Expr {
+pub(crate) fn shr(a: Expr, bits: u32) -> Expr {
     if bits == 0 {
         return a;
     }
     Expr::binary(BinOp::Shr, a, i32c(i64::from(bits)))
 }
 
-fn and_mask(a: Expr, mask: i64) -> Expr {
+pub(crate) fn and_mask(a: Expr, mask: i64) -> Expr {
     Expr::binary(BinOp::And, a, i32c(mask))
 }
 
@@ -509,7 +509,7 @@ fn swizzle_bits(chunks: u32) -> (u32, i64) {
 }
 
 /// [`swizzle_bits`] applied to a row expression.
-fn swizzle(row: Expr, chunks: u32) -> Expr {
+pub(crate) fn swizzle(row: Expr, chunks: u32) -> Expr {
     let (shift, mask) = swizzle_bits(chunks);
     and_mask(shr(row, shift), mask)
 }

@@ -1,0 +1,150 @@
+//! The tensor-core attention prefill template (`flash_attention.rs`) against the graph
+//! interpreter at small ragged shapes, through the kir interpreter (`check`) and the
+//! Cranelift backend: causal and not, GQA, head dims 64 and 128, bf16 and f16, query and
+//! key counts that are not multiples of the 64-row tiles, key counts unlike the query
+//! count, a general mask (`attention_padded`), q/k/v read through reshapes; and the
+//! reference template for what the new one does not take (f32, another head dim, a fused
+//! prologue, the stdlib pattern, `paged_attention`, tensor cores switched off).
+//!
+//! Tolerance: that of `common::tolerance` (2e-2 relative for bf16/f16: the kernel rounds
+//! the probabilities before normalizing, the interpreter after).
+
+mod common;
+
+use common::{check, inputs_for, lower, rel_err, tolerance};
+use kiln_gpu_kernels::Options;
+use std::collections::BTreeMap;
+
+const SRC: &str = "import nn
+fn causal(q: bf16[B, S, 8, 64], k: bf16[B, S, 2, 64], v: bf16[B, S, 2, 64]) -> bf16[B, S, 8, 64] { attention(q, k, v, causal: true) }
+fn full(q: bf16[B, S, 4, 64], k: bf16[B, S, 4, 64], v: bf16[B, S, 4, 64]) -> bf16[B, S, 4, 64] { attention(q, k, v, causal: false) }
+fn causal128(q: f16[B, S, 4, 128], k: f16[B, S, 1, 128], v: f16[B, S, 1, 128]) -> f16[B, S, 4, 128] { attention(q, k, v, causal: true) }
+fn full128(q: bf16[B, S, 2, 128], k: bf16[B, T, 2, 128], v: bf16[B, T, 2, 128]) -> bf16[B, S, 2, 128] { attention_core(q, k, v, true) }
+fn half_full(q: f16[B, S, 4, 64], k: f16[B, T, 2, 64], v: f16[B, T, 2, 64]) -> f16[B, S, 4, 64] { attention_core(q, k, v, true) }
+fn padded(q: bf16[B, S, 4, 64], k: bf16[B, T, 2, 64], v: bf16[B, T, 2, 64], keep: bool[B, T]) -> bf16[B, S, 4, 64] { attention_padded(q, k, v, keep) }
+fn viewed(x: bf16[B, S, 256], kv: bf16[B, S, 128]) -> bf16[B, S, 4, 64] { attention(x.view(B, S, 4, 64), kv.view(B, S, 2, 64), kv.view(B, S, 2, 64), causal: true) }
+fn wide32(q: bf16[B, S, 4, 32], k: bf16[B, S, 4, 32], v: bf16[B, S, 4, 32]) -> bf16[B, S, 4, 32] { attention(q, k, v, causal: true) }
+fn single(q: f32[B, S, 2, 64], k: f32[B, S, 2, 64], v: f32[B, S, 2, 64]) -> f32[B, S, 2, 64] { attention(q, k, v, causal: true) }
+fn scaled_q(q: bf16[B, S, 2, 64], k: bf16[B, S, 2, 64], v: bf16[B, S, 2, 64]) -> bf16[B, S, 2, 64] { attention(q * 0.5, k, v, causal: true) }
+";
+
+/// Checks `function` at the given symbol values on the kir interpreter and on Cranelift
+/// with `options`; returns the kernel names.
+fn run_with(function: &str, symbols: &[(&str, usize)], options: &Options) -> Vec<String> {
+    let module = lower("flash_attention.kiln", SRC, None, None);
+    let func = module.function(function).unwrap();
+    let symbols: BTreeMap<String, usize> =
+        symbols.iter().map(|(s, v)| (s.to_string(), *v)).collect();
+    let mut inputs = inputs_for(func, &symbols, 1, 11);
+    if function == "padded" {
+        // Keep at least the first key of every sequence (a row with no key is NaN).
+        let keep = inputs.last_mut().unwrap();
+        let t = keep.shape[1];
+        let values: Vec<bool> = (0..keep.numel())
+            .map(|i| i % t == 0 || i % 3 != 1)
+            .collect();
+        *keep = kiln_ir::Tensor::from_bool(&keep.shape.clone(), values);
+    }
+    let weights = BTreeMap::new();
+    let compiled = check(&module, function, &inputs, &weights, options);
+    let want = kiln_ir::interpret(func, &inputs, &weights).unwrap();
+    let cpu = kiln_cpu::CpuExecutor::new(&compiled.kernels).unwrap_or_else(|e| panic!("{e}"));
+    let got = cpu
+        .run(&compiled.plan, &inputs, &|name| weights.get(name))
+        .unwrap_or_else(|e| panic!("@{function} on Cranelift: {e}"));
+    for (g, w) in got.iter().zip(&want) {
+        let err = rel_err(g, w);
+        assert!(
+            err <= tolerance(w.dtype),
+            "@{function} on Cranelift: relative error {err:e}"
+        );
+    }
+    compiled.kernels.iter().map(|k| k.name.clone()).collect()
+}
+
+fn run(function: &str, symbols: &[(&str, usize)]) -> Vec<String> {
+    run_with(function, symbols, &Options::default())
+}
+
+fn flash(names: &[String], variant: &str) -> bool {
+    names
+        .iter()
+        .any(|n| n.contains("flash_attention") && n.contains(variant))
+}
+
+#[test]
+fn causal_gqa_d64_with_ragged_query_tiles() {
+    // 2 sequences of 70 tokens: a full and a 6-row query tile, the diagonal tiles masked,
+    // 4 query heads per key/value head.
+    let names = run("causal", &[("B", 2), ("S", 70)]);
+    assert!(flash(&names, "_d64_causal"), "{names:?}");
+}
+
+#[test]
+fn causal_over_several_key_tiles() {
+    // 150 tokens: three query tiles, the last one visits three key tiles, the first one.
+    let names = run("causal", &[("B", 1), ("S", 150)]);
+    assert!(flash(&names, "_d64_causal"), "{names:?}");
+}
+
+#[test]
+fn not_causal_without_gqa() {
+    let names = run("full", &[("B", 1), ("S", 100)]);
+    assert!(
+        names
+            .iter()
+            .any(|n| n.contains("flash_attention_64x64_d64_bf16")),
+        "{names:?}"
+    );
+}
+
+#[test]
+fn causal_d128_f16_gqa() {
+    let names = run("causal128", &[("B", 1), ("S", 77)]);
+    assert!(flash(&names, "_d128_causal"), "{names:?}");
+}
+
+#[test]
+fn more_keys_than_queries_d128() {
+    // 20 queries over 130 keys: three key tiles, the last of 2 keys.
+    let names = run("full128", &[("B", 2), ("S", 20), ("T", 130)]);
+    assert!(flash(&names, "_d128"), "{names:?}");
+}
+
+#[test]
+fn fewer_keys_than_queries_f16() {
+    let names = run("half_full", &[("B", 1), ("S", 90), ("T", 9)]);
+    assert!(flash(&names, "_d64"), "{names:?}");
+}
+
+#[test]
+fn a_general_mask_is_evaluated_per_score() {
+    let names = run("padded", &[("B", 2), ("S", 33), ("T", 71)]);
+    assert!(flash(&names, "_d64_masked"), "{names:?}");
+}
+
+#[test]
+fn operands_read_through_reshapes() {
+    let names = run("viewed", &[("B", 1), ("S", 65)]);
+    assert!(flash(&names, "_d64_causal"), "{names:?}");
+}
+
+#[test]
+fn what_the_template_does_not_take_goes_to_the_reference_template() {
+    // Head dim 32, f32, a prologue computed in the kernel.
+    for function in ["wide32", "single", "scaled_q"] {
+        let names = run(function, &[("B", 1), ("S", 40)]);
+        assert!(!flash(&names, ""), "{function}: {names:?}");
+        assert!(
+            names.iter().any(|n| n.contains("attention")),
+            "{function}: {names:?}"
+        );
+    }
+    // Tensor cores switched off.
+    let options = Options {
+        tensor_cores: false,
+        ..Options::default()
+    };
+    let names = run_with("causal", &[("B", 1), ("S", 40)], &options);
+    assert!(!flash(&names, ""), "{names:?}");
+}
