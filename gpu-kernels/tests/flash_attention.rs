@@ -148,3 +148,47 @@ fn what_the_template_does_not_take_goes_to_the_reference_template() {
     let names = run_with("causal", &[("B", 1), ("S", 40)], &options);
     assert!(!flash(&names, ""), "{names:?}");
 }
+
+/// The prefill benchmark's shapes (B4 H32 S4096 D128, causal and not), the head dim 64,
+/// f16, GQA and a general mask.
+const LLM_SRC: &str = "import nn
+fn prefill_causal(q: bf16[4, 4096, 32, 128], k: bf16[4, 4096, 32, 128], v: bf16[4, 4096, 32, 128]) -> bf16[4, 4096, 32, 128] { attention(q, k, v, causal: true) }
+fn prefill(q: bf16[4, 4096, 32, 128], k: bf16[4, 4096, 32, 128], v: bf16[4, 4096, 32, 128]) -> bf16[4, 4096, 32, 128] { attention(q, k, v, causal: false) }
+fn gqa64(q: f16[B, S, 32, 64], k: f16[B, S, 8, 64], v: f16[B, S, 8, 64]) -> f16[B, S, 32, 64] { attention(q, k, v, causal: true) }
+fn padded(q: bf16[B, S, 32, 128], k: bf16[B, S, 8, 128], v: bf16[B, S, 8, 128], keep: i32[B, S]) -> bf16[B, S, 32, 128] { attention_padded(q, k, v, keep) }
+";
+
+fn flash_kernels(functions: &[&str]) -> Vec<kiln_kir::Kernel> {
+    let module = lower("flash_llm.kiln", LLM_SRC, None, None);
+    let mut kernels = Vec::new();
+    for function in functions {
+        let compiled =
+            kiln_gpu_kernels::compile_function(&module, function, &Options::default()).unwrap();
+        let flash: Vec<_> = compiled
+            .kernels
+            .into_iter()
+            .filter(|k| k.name.contains("flash_attention"))
+            .collect();
+        assert_eq!(flash.len(), 1, "{function}");
+        kernels.extend(flash);
+    }
+    kernels
+}
+
+#[test]
+fn the_causal_prefill_kernel_snapshot() {
+    let kernels = flash_kernels(&["prefill_causal"]);
+    let ptx = kiln_ptx::emit_ptx(&kernels, kiln_ptx::Target::Sm90a, &Default::default())
+        .unwrap_or_else(|e| panic!("{e}"));
+    insta::assert_snapshot!(ptx);
+}
+
+#[test]
+fn prefill_kernels_assemble_for_every_target_without_spills() {
+    let Some(toolchain) = common::toolchain() else {
+        return;
+    };
+    let kernels = flash_kernels(&["prefill_causal", "prefill", "gqa64", "padded"]);
+    let registers = common::assert_assembles_without_spills(&toolchain, &kernels);
+    assert_eq!(registers.len(), 5 * kernels.len());
+}
