@@ -2,9 +2,11 @@
 //! interpreter at small ragged shapes, through the kir interpreter (`check`) and the
 //! Cranelift backend: causal and not, GQA, head dims 64 and 128, bf16 and f16, query and
 //! key counts that are not multiples of the 64-row tiles, key counts unlike the query
-//! count, a general mask (`attention_padded`), q/k/v read through reshapes; and the
-//! reference template for what the new one does not take (f32, another head dim, a fused
-//! prologue, the stdlib pattern, `paged_attention`, tensor cores switched off).
+//! count, a general mask (`attention_padded`), q/k/v read through reshapes, a q computed in
+//! the kernel (RoPE; the RoPE'd k gets a buffer of its own); and the reference template for
+//! what the new one does not take (f32, head dim 32, k and v read through slices, tensor
+//! cores switched off). The stdlib pattern and `paged_attention` never reach it (their
+//! tests: attention_pattern.rs, kernels.rs).
 //!
 //! Tolerance: that of `common::tolerance` (2e-2 relative for bf16/f16: the kernel rounds
 //! the probabilities before normalizing, the interpreter after).
@@ -26,6 +28,11 @@ fn viewed(x: bf16[B, S, 256], kv: bf16[B, S, 128]) -> bf16[B, S, 4, 64] { attent
 fn wide32(q: bf16[B, S, 4, 32], k: bf16[B, S, 4, 32], v: bf16[B, S, 4, 32]) -> bf16[B, S, 4, 32] { attention(q, k, v, causal: true) }
 fn single(q: f32[B, S, 2, 64], k: f32[B, S, 2, 64], v: f32[B, S, 2, 64]) -> f32[B, S, 2, 64] { attention(q, k, v, causal: true) }
 fn scaled_q(q: bf16[B, S, 2, 64], k: bf16[B, S, 2, 64], v: bf16[B, S, 2, 64]) -> bf16[B, S, 2, 64] { attention(q * 0.5, k, v, causal: true) }
+fn roped(q: bf16[B, S, 4, 128], k: bf16[B, S, 2, 128], v: bf16[B, S, 2, 128]) -> bf16[B, S, 4, 128] {
+    let pos = arange(S)
+    attention(rope(q, pos, 10000.0), rope(k, pos, 10000.0), v, causal: true)
+}
+fn sliced(qkv: bf16[B, S, 3, 2, 64]) -> bf16[B, S, 2, 64] { attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], causal: true) }
 ";
 
 /// Checks `function` at the given symbol values on the kir interpreter and on Cranelift
@@ -130,9 +137,19 @@ fn operands_read_through_reshapes() {
 }
 
 #[test]
+fn a_computed_q_is_staged_through_registers() {
+    // q * 0.5 in the kernel; RoPE'd q in the kernel and RoPE'd k in a buffer of its own.
+    let names = run("scaled_q", &[("B", 1), ("S", 70)]);
+    assert!(flash(&names, "_d64_causal"), "{names:?}");
+    let names = run("roped", &[("B", 2), ("S", 67)]);
+    assert!(flash(&names, "_d128_causal"), "{names:?}");
+    assert!(names.iter().any(|n| n.contains("pointwise_k")), "{names:?}");
+}
+
+#[test]
 fn what_the_template_does_not_take_goes_to_the_reference_template() {
-    // Head dim 32, f32, a prologue computed in the kernel.
-    for function in ["wide32", "single", "scaled_q"] {
+    // Head dim 32, f32, k and v read through slices.
+    for function in ["wide32", "single", "sliced"] {
         let names = run(function, &[("B", 1), ("S", 40)]);
         assert!(!flash(&names, ""), "{function}: {names:?}");
         assert!(

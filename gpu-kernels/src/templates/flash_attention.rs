@@ -3,8 +3,9 @@
 //! from their buffers and head dims of 64 or 128.
 //!
 //! A block of 4 warps takes 64 query rows of one (batch, head), each warp 16 of them:
-//! - the Q tile is copied once (`cp.async`) into XOR-swizzled shared memory and its A
-//!   fragments are loaded with `ldmatrix` into registers, where they stay;
+//! - the Q tile is copied once (`cp.async`; a q computed in the kernel, RoPE's, is
+//!   computed 8 elements a thread at a time and stored) into XOR-swizzled shared memory
+//!   and its A fragments are loaded with `ldmatrix` into registers, where they stay;
 //! - keys and values are visited in tiles of 64, each staged in swizzled shared memory by
 //!   `cp.async` (16-byte chunks; rows past the sequence are zero-filled), two buffers that
 //!   alternate: V of a tile is copied while the warps compute its scores, K of the next
@@ -29,8 +30,9 @@
 //!
 //! What it does not take (the reference template in `attention.rs` does): the stdlib
 //! `softmax(q kᵀ) v` pattern and `paged_attention` (serving's prefill runs through the
-//! paged cache), f32 or f8 operands, other head dims, q/k/v computed in the kernel (a
-//! fused prologue) or read through a permute, and non-positive scales.
+//! paged cache), f32 or f8 operands, other head dims, k or v computed in the kernel or
+//! read through a permute or a slice (the partition gives computed keys and values a
+//! buffer), and non-positive scales.
 
 use super::mma_gemm::{and_mask, i32c, shr, swizzle, CHUNK};
 use super::{ceil_div_size, size_of_dims, Body};
@@ -61,8 +63,9 @@ pub(crate) struct FlashPlan {
     input: MmaInput,
     out: Value,
     /// The stored values whose buffers hold q, k and v (the operands themselves or the
-    /// values they reshape: a reshape keeps the row-major order).
-    q: Value,
+    /// values they reshape: a reshape keeps the row-major order); `None` for a q the
+    /// kernel computes (a fused prologue such as RoPE), staged through registers.
+    q: Option<Value>,
     k: Value,
     v: Value,
     head_dim: i64,
@@ -122,7 +125,7 @@ pub(crate) fn plan(e: &Emitter<'_, '_>, out: Value) -> Option<FlashPlan> {
     Some(FlashPlan {
         input,
         out,
-        q: stored_source(e, q)?,
+        q: stored_source(e, q),
         k: stored_source(e, k)?,
         v: stored_source(e, v)?,
         head_dim,
@@ -239,7 +242,7 @@ pub(crate) fn emit(e: &mut Emitter<'_, '_>, p: &FlashPlan) -> EResult<Body> {
     let q_tile_buf = e.shared_array("q_tile", dtype, (BM * d) as u32);
     let k_tile_buf = e.shared_array("k_tile", dtype, (BN * d) as u32);
     let v_tile_buf = e.shared_array("v_tile", dtype, (BN * d) as u32);
-    let q_buf = e.buffer(p.q, Access::Read);
+    let q_buf = p.q.map(|q| e.buffer(q, Access::Read));
     let k_buf = e.buffer(p.k, Access::Read);
     let v_buf = e.buffer(p.v, Access::Read);
     let col = e.bind(
@@ -261,16 +264,6 @@ pub(crate) fn emit(e: &mut Emitter<'_, '_>, p: &FlashPlan) -> EResult<Body> {
             swizzle(row0.clone(), chunks as u32),
         ) * i32c(CHUNK);
     let dst0 = e.bind(&mut body, "copy_dst", Ty::I32, dst0);
-    let q_src = e.linear(
-        &q_shape,
-        &[
-            b.clone(),
-            m0.clone() + index(row0.clone()),
-            h.clone(),
-            index(col.clone()),
-        ],
-    );
-    let q_src = e.bind(&mut body, "q_src", ity, q_src);
     let kv_src = e.linear(
         &k_shape,
         &[
@@ -364,16 +357,59 @@ pub(crate) fn emit(e: &mut Emitter<'_, '_>, p: &FlashPlan) -> EResult<Body> {
         |c: i64, x: &Expr| Expr::binary(BinOp::Xor, i32c(2 * c), x.clone()) * i32c(CHUNK);
 
     // ---- Q and the first K tile, then the Q fragments into registers.
-    let q_left = s_len.clone() - m0.clone() - index(row0.clone());
-    copies(
-        e,
-        &mut body,
-        q_tile_buf,
-        q_buf,
-        q_src,
-        &q_row_stride,
-        q_left,
-    );
+    match q_buf {
+        Some(q_buf) => {
+            let q_src = e.linear(
+                &q_shape,
+                &[
+                    b.clone(),
+                    m0.clone() + index(row0.clone()),
+                    h.clone(),
+                    index(col.clone()),
+                ],
+            );
+            let q_src = e.bind(&mut body, "q_src", ity, q_src);
+            let q_left = s_len.clone() - m0.clone() - index(row0.clone());
+            copies(
+                e,
+                &mut body,
+                q_tile_buf,
+                q_buf,
+                q_src,
+                &q_row_stride,
+                q_left,
+            );
+        }
+        None => {
+            // Rows past the sequence are zeros; their (clamped) elements are computed.
+            for pass in 0..passes {
+                let row = e.bind(
+                    &mut body,
+                    "q_row",
+                    ity,
+                    m0.clone() + index(row0.clone()) + e.ix(pass * rows_per_pass),
+                );
+                let ok = e.bind(&mut body, "q_ok", Ty::Pred, lt(row.clone(), s_len.clone()));
+                let at = [
+                    b.clone(),
+                    min_e(row, s_len.clone() - e.ix(1)),
+                    h.clone(),
+                    index(col.clone()),
+                ];
+                e.push_scope();
+                let values = e.elem(&mut body, q_op, &at, CHUNK as usize)?;
+                e.pop_scope();
+                body.push(Stmt::StoreVec {
+                    buf: q_tile_buf,
+                    index: dst0.clone() + i32c(pass * rows_per_pass * d),
+                    values: values
+                        .into_iter()
+                        .map(|x| Expr::select(ok.clone(), x, Expr::f32(0.0)))
+                        .collect(),
+                });
+            }
+        }
+    }
     kv_copies(e, &mut body, k_tile_buf, k_buf, e.ix(0));
     body.push(Stmt::CpAsyncCommit);
     body.push(Stmt::CpAsyncWait(0));
