@@ -36,7 +36,7 @@
 
 use super::mma_gemm::{and_mask, i32c, shr, swizzle, CHUNK};
 use super::{ceil_div_size, size_of_dims, Body};
-use crate::emit::{lt, min_e, EResult, Emitter};
+use crate::emit::{add, lt, min_e, mul, EResult, Emitter};
 use kiln_ir::{BinaryOp, DType, Dim, Op, Value};
 use kiln_kir::{Access, BinOp, Buf, Expr, MmaInput, SizeExpr, Special, Stmt, Ty, UnOp, VarId};
 
@@ -289,10 +289,10 @@ pub(crate) fn emit(e: &mut Emitter<'_, '_>, p: &FlashPlan) -> EResult<Body> {
         for pass in 0..passes {
             let row = pass * rows_per_pass;
             let valid = lt(e.ix(row), rows_left.clone());
-            let at = src.clone() + e.ix(row) * stride.clone();
+            let at = add(src.clone(), mul(e.ix(row), stride.clone()));
             out.push(Stmt::CpAsync {
                 dst,
-                dst_index: dst0.clone() + i32c(row * d),
+                dst_index: add(dst0.clone(), i32c(row * d)),
                 src: src_buf,
                 src_index: Expr::select(valid.clone(), at, e.ix(0)),
                 src_len: Expr::select(valid, i32c(CHUNK), i32c(0)),
@@ -304,7 +304,7 @@ pub(crate) fn emit(e: &mut Emitter<'_, '_>, p: &FlashPlan) -> EResult<Body> {
             out,
             "kv_at",
             ity,
-            kv_src.clone() + n0.clone() * kv_row_stride.clone(),
+            add(kv_src.clone(), mul(n0.clone(), kv_row_stride.clone())),
         );
         let left = t_len.clone() - n0 - index(row0.clone());
         copies(e, out, dst, src, from, &kv_row_stride, left);
@@ -747,7 +747,7 @@ fn mul_dims(e: &mut Emitter<'_, '_>, dims: &[Dim]) -> Expr {
     for dim in dims {
         let x = e.dim(dim);
         acc = Some(match acc {
-            Some(a) => a * x,
+            Some(a) => mul(a, x),
             None => x,
         });
     }
