@@ -95,6 +95,51 @@ fn causal_over_several_key_tiles() {
 }
 
 #[test]
+fn large_scores_rescale_the_running_sums_across_tiles() {
+    // Scores of tens: the row maximum moves between key tiles by far more than exp's
+    // range. The graph interpreter rounds each dot product to bf16 first (the unfused
+    // composition), which moves such scores by more than the tolerance; both templates
+    // keep it in f32, so the tensor-core kernel is compared with the reference one.
+    let module = lower("flash_attention.kiln", SRC, None, None);
+    let func = module.function("causal").unwrap();
+    let symbols = BTreeMap::from([("B".to_string(), 2), ("S".to_string(), 150)]);
+    let mut inputs = inputs_for(func, &symbols, 1, 5);
+    let q = &inputs[0];
+    let sharp: Vec<f32> = q.to_f32_vec().iter().map(|x| x * 40.0).collect();
+    inputs[0] = kiln_ir::Tensor::from_f32(&q.shape.clone(), sharp).cast(q.dtype);
+    let outputs = |tensor_cores: bool| {
+        let options = Options {
+            tensor_cores,
+            ..Options::default()
+        };
+        let compiled = kiln_gpu_kernels::compile_function(&module, "causal", &options).unwrap();
+        let names: Vec<String> = compiled.kernels.iter().map(|k| k.name.clone()).collect();
+        assert_eq!(flash(&names, "_d64_causal"), tensor_cores, "{names:?}");
+        let cpu = kiln_cpu::CpuExecutor::new(&compiled.kernels).unwrap_or_else(|e| panic!("{e}"));
+        cpu.run(&compiled.plan, &inputs, &|_| None)
+            .unwrap_or_else(|e| panic!("{e}"))
+    };
+    let (flash_out, reference) = (outputs(true), outputs(false));
+    let err = rel_err(&flash_out[0], &reference[0]);
+    assert!(
+        err <= tolerance(reference[0].dtype),
+        "relative error {err:e}"
+    );
+}
+
+#[test]
+fn sixty_four_bit_indices() {
+    let options = Options {
+        index_width: kiln_gpu_kernels::IndexWidth::I64,
+        ..Options::default()
+    };
+    let names = run_with("causal", &[("B", 2), ("S", 70)], &options);
+    assert!(flash(&names, "_d64_causal"), "{names:?}");
+    let names = run_with("padded", &[("B", 1), ("S", 20), ("T", 65)], &options);
+    assert!(flash(&names, "_d64_masked"), "{names:?}");
+}
+
+#[test]
 fn not_causal_without_gqa() {
     let names = run("full", &[("B", 1), ("S", 100)]);
     assert!(
