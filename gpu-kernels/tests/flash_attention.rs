@@ -3,13 +3,16 @@
 //! Cranelift backend: causal and not, GQA, head dims 64 and 128, bf16 and f16, query and
 //! key counts that are not multiples of the 64-row tiles, key counts unlike the query
 //! count, a general mask (`attention_padded`), q/k/v read through reshapes, a q computed in
-//! the kernel (RoPE; the RoPE'd k gets a buffer of its own); and the reference template for
-//! what the new one does not take (f32, head dim 32, k and v read through slices, tensor
-//! cores switched off). The stdlib pattern and `paged_attention` never reach it (their
+//! the kernel (RoPE; the RoPE'd k gets a buffer of its own), 64-bit indices, scores large
+//! enough that the running maximum moves far across key tiles (against the reference
+//! template: the graph interpreter rounds each dot product to bf16); and the reference
+//! template for what the new one does not take (f32, head dim 32, k and v read through
+//! slices, tensor cores switched off). The stdlib pattern and `paged_attention` never reach it (their
 //! tests: attention_pattern.rs, kernels.rs).
 //!
 //! Tolerance: that of `common::tolerance` (2e-2 relative for bf16/f16: the kernel rounds
-//! the probabilities before normalizing, the interpreter after).
+//! the probabilities before normalizing, the interpreter after). A PTX snapshot of the
+//! causal B4 H32 S4096 D128 kernel; ptxas for every target without spills.
 
 mod common;
 
