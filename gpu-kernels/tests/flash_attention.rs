@@ -257,3 +257,91 @@ fn prefill_kernels_assemble_for_every_target_without_spills() {
     let registers = common::assert_assembles_without_spills(&toolchain, &kernels);
     assert_eq!(registers.len(), 5 * kernels.len());
 }
+
+/// Cases of the GPU check: the prefill benchmark's shapes, GQA at a ragged length, head
+/// dim 64 in f16 with more keys than queries.
+const GPU_SRC: &str = "import nn
+fn prefill_causal(q: bf16[4, 4096, 32, 128], k: bf16[4, 4096, 32, 128], v: bf16[4, 4096, 32, 128]) -> bf16[4, 4096, 32, 128] { attention(q, k, v, causal: true) }
+fn prefill(q: bf16[4, 4096, 32, 128], k: bf16[4, 4096, 32, 128], v: bf16[4, 4096, 32, 128]) -> bf16[4, 4096, 32, 128] { attention(q, k, v, causal: false) }
+fn gqa_ragged(q: bf16[2, 1000, 32, 128], k: bf16[2, 1000, 8, 128], v: bf16[2, 1000, 8, 128]) -> bf16[2, 1000, 32, 128] { attention(q, k, v, causal: true) }
+fn d64_f16(q: f16[3, 333, 16, 64], k: f16[3, 777, 16, 64], v: f16[3, 777, 16, 64]) -> f16[3, 333, 16, 64] { attention_core(q, k, v, true) }
+";
+
+/// Writes `$KILN_FLASH_CHECK_DIR/manifest.json` and one PTX file (sm_90a, JIT-capped) per
+/// case for `tools/flash_gpu_check.py`, which runs each kernel on random data against
+/// PyTorch's `scaled_dot_product_attention` and times both.
+#[test]
+#[ignore = "writes a GPU check to $KILN_FLASH_CHECK_DIR; run tools/flash_gpu_check.py on a GPU"]
+fn export_flash_gpu_check() {
+    use kiln_kir::{Arg, BufferKind, Param, Step};
+    use kiln_ptx::{emit_ptx, EmitOptions, Target};
+    let dir = std::path::PathBuf::from(
+        std::env::var_os("KILN_FLASH_CHECK_DIR").expect("set KILN_FLASH_CHECK_DIR"),
+    );
+    std::fs::create_dir_all(&dir).unwrap();
+    let module = lower("flash_check.kiln", GPU_SRC, None, None);
+    let mut cases = Vec::new();
+    for function in ["prefill_causal", "prefill", "gqa_ragged", "d64_f16"] {
+        let compiled =
+            kiln_gpu_kernels::compile_function(&module, function, &Options::default()).unwrap();
+        let [Step::Launch { kernel, args }] = &compiled.plan.steps[..] else {
+            panic!("{function}: one launch expected");
+        };
+        let kernel = &compiled.kernels[*kernel];
+        assert!(kernel.name.contains("flash_attention"), "{}", kernel.name);
+        let ptx = emit_ptx(
+            std::slice::from_ref(kernel),
+            Target::Sm90a,
+            &EmitOptions::for_jit(),
+        )
+        .unwrap();
+        let file = format!("{function}.ptx");
+        std::fs::write(dir.join(&file), ptx).unwrap();
+        let params: Vec<serde_json::Value> = kernel
+            .params
+            .iter()
+            .zip(args)
+            .map(|(param, arg)| match (param, arg) {
+                (Param::Buffer { .. }, Arg::Buffer(b)) => {
+                    match &compiled.plan.buffers[b.0 as usize].kind {
+                        BufferKind::Input(i) => serde_json::json!({ "input": i }),
+                        BufferKind::Output(o) => serde_json::json!({ "output": o }),
+                        other => panic!("{function}: a {other:?} buffer"),
+                    }
+                }
+                other => panic!("{function}: {other:?}"),
+            })
+            .collect();
+        let grid = kiln_kir::launch_grid(kernel, &|_| None).unwrap();
+        let func = module.function(function).unwrap();
+        let shapes: Vec<Vec<u64>> = func
+            .params()
+            .iter()
+            .map(|&p| {
+                func.ty(p)
+                    .shape
+                    .dims()
+                    .iter()
+                    .map(|d| d.as_const().unwrap())
+                    .collect()
+            })
+            .collect();
+        cases.push(serde_json::json!({
+            "function": function,
+            "kernel": kernel.name,
+            "ptx": file,
+            "grid": grid,
+            "block": kernel.block_dim,
+            "shared_bytes": kernel.shared.iter().map(|s| s.len as usize * s.dtype.size_bytes()).sum::<usize>(),
+            "params": params,
+            "inputs": shapes,
+            "dtype": func.ty(func.params()[0]).dtype.name(),
+            "causal": kernel.name.contains("_causal"),
+        }));
+    }
+    std::fs::write(
+        dir.join("manifest.json"),
+        serde_json::to_string_pretty(&serde_json::json!({ "cases": cases })).unwrap(),
+    )
+    .unwrap();
+}
