@@ -92,11 +92,24 @@ def main():
     kv = [torch.randn(64, 8, 4096, 128, device=dev, dtype=bf) for _ in range(2)]
     cases["paged_decode"] = (lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True),
                              (q, *kv), 2 * 64 * 4096 * 8 * 128 * 2)
+    # Attention prefill: B4 H32 S4096 D128, causal and not, on PyTorch's flash backend; q/k/v
+    # in kiln's [B, S, H, D] layout, handed over as [B, H, S, D] views.
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def flash(causal):
+        def run(q, k, v):
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return torch.nn.functional.scaled_dot_product_attention(
+                    q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal)
+        return run
+    qkv = [torch.randn(4, 4096, 32, 128, device=dev, dtype=bf) for _ in range(3)]
+    for name, causal in [("prefill_causal", True), ("prefill", False)]:
+        cases[name] = (flash(causal), tuple(qkv), 4 * 4 * 4096 * 32 * 128 * 2)
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "runs": RUNS, "eager": {}, "compiled": {}}
     for name, (fn, args, nbytes) in cases.items():
         ms = timed(fn, *args)
         out["eager"][name] = {"median_ms": ms, "gb_per_s": nbytes / (ms * 1e-3) / 1e9}
-        if name != "copy" and not name.startswith(("gemm", "decode", "paged", "fp8")):
+        if name != "copy" and not name.startswith(("gemm", "decode", "paged", "fp8", "prefill")):
             cfn = torch.compile(fn)
             ms = timed(cfn, *args)
             out["compiled"][name] = {"median_ms": ms, "gb_per_s": nbytes / (ms * 1e-3) / 1e9}

@@ -7,7 +7,9 @@
 //! an element-wise value gets a buffer when it is a result of its region (a function output
 //! or a loop yield), is used across a loop boundary or as a loop operand, is the operand of
 //! a matmul and is not cheap there (more than one load, any transcendental function or more
-//! than four other ops: the matmul reads each operand element many times), computes a
+//! than four other ops: the matmul reads each operand element many times), is the key or
+//! value operand of `attention` and more than a load or a view (read once per query row or
+//! tile: RoPE'd keys), computes a
 //! transcendental function at a constant size and is read by a larger consumer (which would
 //! recompute each element many times: RoPE's inverse frequencies for every position), or has
 //! several users and costs more than 8. Everything else is recomputed inside each consumer.
@@ -354,6 +356,16 @@ impl<'g, 'f> State<'g, 'f> {
             return true;
         }
         if cost.transcendental > 0 && self.broadcast_into_larger(v) {
+            return true;
+        }
+        // The keys and values of `attention` are read once per query row (the reference
+        // template) or query tile (the tensor-core one, which copies them straight from
+        // memory): anything more than a load or a view gets a buffer (RoPE'd keys).
+        let attention_kv = users.iter().any(|(_, inst)| {
+            matches!(inst.op, Op::Attention { .. }) && inst.operands[1..3].contains(&v)
+        });
+        let just_a_load = cost.loads <= 1 && cost.transcendental == 0 && cost.arith == 0;
+        if attention_kv && !just_a_load {
             return true;
         }
         self.users(v) >= 2 && cost.total() > 8

@@ -514,6 +514,42 @@ fn paged_attention_on_the_gpu_equals_the_interpreter() {
     check_paged_attention(Backend::Gpu);
 }
 
+/// The tensor-core attention prefill (`flash_attention.rs`) at shapes that are not
+/// multiples of its 64-row tiles: causal GQA at head dim 64, more keys than queries at head
+/// dim 128 in f16, RoPE'd q computed in the kernel (its k in a buffer of its own) and a
+/// padding mask evaluated per score.
+fn check_flash_attention(backend: Backend) {
+    let source = "import nn
+fn causal64(q: bf16[2, 200, 8, 64], k: bf16[2, 200, 2, 64], v: bf16[2, 200, 2, 64]) -> bf16[2, 200, 8, 64] { attention(q, k, v, causal: true) }
+fn full128(q: f16[1, 150, 4, 128], k: f16[1, 333, 4, 128], v: f16[1, 333, 4, 128]) -> f16[1, 150, 4, 128] { attention_core(q, k, v, true) }
+fn roped(q: bf16[2, 130, 8, 128], k: bf16[2, 130, 2, 128], v: bf16[2, 130, 2, 128]) -> bf16[2, 130, 8, 128] {
+    let pos = arange(130)
+    attention(rope(q, pos, 10000.0), rope(k, pos, 10000.0), v, causal: true)
+}
+fn padded(q: bf16[2, 90, 4, 64], k: bf16[2, 100, 4, 64], v: bf16[2, 100, 4, 64], keep: bool[2, 100]) -> bf16[2, 90, 4, 64] { attention_padded(q, k, v, keep) }
+";
+    check_program(
+        backend,
+        "flash attention",
+        source,
+        Some(&repo_root().join("stdlib")),
+        None,
+        &BTreeMap::new(),
+        None,
+    );
+}
+
+#[test]
+fn flash_attention_on_the_cpu_backend_equals_the_interpreter() {
+    check_flash_attention(Backend::Cpu);
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU; run with --include-ignored on a machine with one"]
+fn flash_attention_on_the_gpu_equals_the_interpreter() {
+    check_flash_attention(Backend::Gpu);
+}
+
 /// The worked examples of docs/consensus.md: with the agents' preferences (fictitious play),
 /// and without them (the similarity as preferences, Hedge).
 fn consensus_examples() -> Vec<kiln_runtime::consensus::ConsensusRequest> {

@@ -34,7 +34,7 @@ use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext, Variable};
 use cranelift_jit::{JITBuilder, JITModule};
 use cranelift_module::{default_libcall_names, FuncId, Linkage, Module};
 use kiln_ir::DType;
-use kiln_kir::{BinOp, Buf, Const, Expr, Kernel, Param, Special, Stmt, Ty, UnOp, VarId};
+use kiln_kir::{BinOp, Buf, Const, Expr, Kernel, MmaInput, Param, Special, Stmt, Ty, UnOp, VarId};
 use std::collections::BTreeMap;
 
 mod tensor;
@@ -847,6 +847,22 @@ impl Emitter<'_, '_> {
                 src_index,
                 src_len,
             } => self.cp_async(lane, [*dst, *src], dst_index, src_index, src_len)?,
+            Stmt::PackHalves { dst, input, lo, hi } => {
+                let helper = match input {
+                    MmaInput::F16 => Helper::F32ToF16,
+                    MmaInput::Bf16 => Helper::F32ToBf16,
+                    MmaInput::E4M3 | MmaInput::E5M2 => {
+                        return Err(self.invalid("PackHalves packs f16 or bf16 halves only"));
+                    }
+                };
+                let lo = self.expr_of_type(lane, lo, Ty::F32)?;
+                let hi = self.expr_of_type(lane, hi, Ty::F32)?;
+                let lo = self.call_helper(helper, &[lo]);
+                let hi = self.call_helper(helper, &[hi]);
+                let hi = self.builder.ins().ishl_imm_u(hi, 16);
+                let word = self.builder.ins().bor(lo, hi);
+                self.builder.def_var(self.vars[dst.0 as usize], word);
+            }
             // Copies complete when issued.
             Stmt::CpAsyncCommit | Stmt::CpAsyncWait(_) => {}
             Stmt::Barrier | Stmt::ShuffleXor { .. } | Stmt::Mma { .. } | Stmt::LdMatrix { .. } => {
@@ -1166,6 +1182,7 @@ impl Emitter<'_, '_> {
     fn unary(&mut self, op: UnOp, x: Value, ty: Ty) -> Result<(Value, Ty), CpuError> {
         let float_helper = match op {
             UnOp::Exp => Some(Helper::Exp),
+            UnOp::Exp2 => Some(Helper::Exp2),
             UnOp::Log => Some(Helper::Log),
             UnOp::Sin => Some(Helper::Sin),
             UnOp::Cos => Some(Helper::Cos),

@@ -107,6 +107,7 @@ pub(crate) fn synchronises(stmt: &Stmt) -> bool {
         | Stmt::LoadVec { .. }
         | Stmt::Store { .. }
         | Stmt::StoreVec { .. }
+        | Stmt::PackHalves { .. }
         | Stmt::CpAsync { .. }
         | Stmt::CpAsyncCommit
         | Stmt::CpAsyncWait(_) => false,
@@ -161,6 +162,7 @@ fn split(stmts: &[Stmt]) -> Vec<BlockItem<'_>> {
             | Stmt::LoadVec { .. }
             | Stmt::Store { .. }
             | Stmt::StoreVec { .. }
+            | Stmt::PackHalves { .. }
             | Stmt::CpAsync { .. }
             | Stmt::CpAsyncCommit
             | Stmt::CpAsyncWait(_) => {
@@ -329,6 +331,12 @@ pub(crate) fn stmt_vars(stmt: &Stmt, touched: &mut BTreeSet<VarId>, written: &mu
         Stmt::Mma { d, a, b, c, .. } => {
             written.extend(d.iter().copied());
             touched.extend(d.iter().chain(a).chain(b).chain(c).copied());
+        }
+        Stmt::PackHalves { dst, lo, hi, .. } => {
+            written.insert(*dst);
+            touched.insert(*dst);
+            expr_vars(lo, touched);
+            expr_vars(hi, touched);
         }
         Stmt::LdMatrix { dsts, index, .. } => {
             written.extend(dsts.iter().copied());

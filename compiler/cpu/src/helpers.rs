@@ -14,6 +14,7 @@ use kiln_ir::fp8::{E4M3, E5M2};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Helper {
     Exp,
+    Exp2,
     Log,
     Sin,
     Cos,
@@ -42,8 +43,9 @@ pub(crate) enum HelperType {
 }
 
 impl Helper {
-    pub(crate) const ALL: [Helper; 18] = [
+    pub(crate) const ALL: [Helper; 19] = [
         Helper::Exp,
+        Helper::Exp2,
         Helper::Log,
         Helper::Sin,
         Helper::Cos,
@@ -67,6 +69,7 @@ impl Helper {
     pub(crate) fn symbol(self) -> &'static str {
         match self {
             Helper::Exp => "kiln_cpu_exp_f32",
+            Helper::Exp2 => "kiln_cpu_exp2_f32",
             Helper::Log => "kiln_cpu_log_f32",
             Helper::Sin => "kiln_cpu_sin_f32",
             Helper::Cos => "kiln_cpu_cos_f32",
@@ -91,6 +94,7 @@ impl Helper {
     pub(crate) fn address(self) -> *const u8 {
         let unary: extern "C" fn(f32) -> f32 = match self {
             Helper::Exp => exp_f32,
+            Helper::Exp2 => exp2_f32,
             Helper::Log => log_f32,
             Helper::Sin => sin_f32,
             Helper::Cos => cos_f32,
@@ -117,6 +121,7 @@ impl Helper {
         use HelperType::{F32, U32};
         match self {
             Helper::Exp
+            | Helper::Exp2
             | Helper::Log
             | Helper::Sin
             | Helper::Cos
@@ -137,6 +142,11 @@ impl Helper {
 
 extern "C" fn exp_f32(x: f32) -> f32 {
     libm::exp(f64::from(x)) as f32
+}
+
+/// As the interpreter computes it: in f64, rounded once.
+extern "C" fn exp2_f32(x: f32) -> f32 {
+    libm::exp2(f64::from(x)) as f32
 }
 
 extern "C" fn log_f32(x: f32) -> f32 {

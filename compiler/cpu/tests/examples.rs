@@ -79,6 +79,7 @@ fn unary_inputs(rng: &mut Rng, op: UnOp, n: usize) -> Vec<f32> {
     let (lo, hi) = match op {
         UnOp::Log | UnOp::Sqrt | UnOp::Rsqrt => (1e-3, 100.0),
         UnOp::Exp => (-80.0, 80.0),
+        UnOp::Exp2 => (-140.0, 140.0),
         UnOp::Sin | UnOp::Cos => (-100.0, 100.0),
         _ => (-10.0, 10.0),
     };
@@ -394,6 +395,19 @@ fn reverse_blocks_through_shared_memory() {
             ];
             check(&kernel, [blocks, 1, 1], &args, Tolerance::Exact);
         }
+    }
+}
+
+#[test]
+fn pack_halves_matches_bit_for_bit() {
+    let mut rng = Rng::new(12);
+    for input in [kiln_kir::MmaInput::Bf16, kiln_kir::MmaInput::F16] {
+        let kernel = examples::pack_halves(input);
+        let args = [
+            Arg::Buffer(random_buffer(&mut rng, DType::F32, 128)),
+            Arg::Buffer(vec![0; 64 * 4]),
+        ];
+        check(&kernel, [1, 1, 1], &args, Tolerance::Exact);
     }
 }
 

@@ -5,7 +5,8 @@
 //! M = 1 and 16) and an FP8 e4m3 GEMM at 8192³ (`scaled_mm`, per-tensor scales, bf16 out;
 //! its peer is torch._scaled_mm). Reports per case the median time, the bytes that must move (inputs read
 //! once + outputs written once; for decode GEMMs the weight bytes), the effective GB/s and
-//! the fraction of the copy bandwidth measured in the same run, and TFLOP/s for GEMMs; with
+//! the fraction of the copy bandwidth measured in the same run, and TFLOP/s for GEMMs and
+//! attention prefill (B4 H32 S4096 D128, causal and not, beside PyTorch's flash backend); with
 //! PyTorch's numbers from `benches/torch_peers.py` (same shapes, same machine), also the
 //! ratios to eager and torch.compile (cuBLAS for GEMMs).
 
@@ -77,6 +78,12 @@ fn decode_m16_4096(x: bf16[16, 4096], w0: bf16[4096, 4096], w1: bf16[4096, 4096]
 }
 fn decode_m1_14336(x: bf16[1, 4096], w: bf16[14336, 4096]) -> bf16[1, 14336] { x @ w.T }
 fn decode_m16_14336(x: bf16[16, 4096], w: bf16[14336, 4096]) -> bf16[16, 14336] { x @ w.T }
+fn prefill_causal(q: bf16[4, 4096, 32, 128], k: bf16[4, 4096, 32, 128], v: bf16[4, 4096, 32, 128]) -> bf16[4, 4096, 32, 128] {
+    attention(q, k, v, causal: true)
+}
+fn prefill(q: bf16[4, 4096, 32, 128], k: bf16[4, 4096, 32, 128], v: bf16[4, 4096, 32, 128]) -> bf16[4, 4096, 32, 128] {
+    attention(q, k, v, causal: false)
+}
 fn paged_decode(q: bf16[B, 32, 128], k_cache: bf16[1, NB, 16, 8, 128], v_cache: bf16[1, NB, 16, 8, 128],
                 block_tables: i32[B, MB], seq: i32[B], pos: i32[B]) -> bf16[B, 32, 128] {
     paged_attention(q, k_cache, v_cache, block_tables, seq, pos, 0)
@@ -206,7 +213,24 @@ fn cases() -> Vec<Case> {
         gemm_case("decode_m1_14336", 1, 14336, 4096, 1, 26),
         gemm_case("decode_m16_14336", 16, 14336, 4096, 1, 28),
         paged_decode_case(30),
+        prefill_case("prefill_causal", true, 40),
+        prefill_case("prefill", false, 44),
     ]
+}
+
+/// Attention prefill of BASELINES.md: B4 H32 S4096 D128 bf16, q/k/v/out `[B, S, H, D]`;
+/// FLOPs of the two products (`4 · B · H · S² · D`, half of it causal), bytes of q, k, v
+/// and the output.
+fn prefill_case(function: &'static str, causal: bool, seed: u64) -> Case {
+    let (b, s, h, d) = (4usize, 4096usize, 32usize, 128usize);
+    let shape = [b, s, h, d];
+    let flops = 4 * b * h * s * s * d;
+    Case {
+        function,
+        inputs: (0..3).map(|i| random_bf16(&shape, seed + i)).collect(),
+        bytes: (4 * b * s * h * d * 2) as u64,
+        flops: Some(if causal { flops / 2 } else { flops } as u64),
+    }
 }
 
 /// One decode token per sequence over `PAGED_CONTEXT` cached tokens each, in blocks of 16

@@ -444,6 +444,28 @@ pub fn reverse_blocks(dtype: DType, block_dim: u32) -> Kernel {
     ])
 }
 
+/// Each thread packs two f32 values into one register of `input` halves (`PackHalves`) and
+/// stores the word: `out[t] = pack(x[2t], x[2t + 1])`.
+///
+/// Parameters: `x` (f32, 2 per thread), `out` (i32, written). Grid: one block of 64 threads.
+pub fn pack_halves(input: MmaInput) -> Kernel {
+    let mut kb = KernelBuilder::new(format!("pack_halves_{}", input.name()), 64);
+    kb.grid(grid_x(SizeExpr::Const(1)));
+    let x = kb.buffer("x", DType::F32, Access::Read);
+    let out = kb.buffer("out", DType::I32, Access::Write);
+    let word = kb.var("word", Ty::I32);
+    let pair = Expr::thread_idx() * Expr::i32(2);
+    kb.finish(vec![
+        Stmt::PackHalves {
+            dst: word,
+            input,
+            lo: Expr::load(x, pair.clone()),
+            hi: Expr::load(x, pair + Expr::i32(1)),
+        },
+        Stmt::store(out, Expr::thread_idx(), Expr::var(word)),
+    ])
+}
+
 /// One warp computes `out = a · b` for a 16×K `a` and a K×8 `b` of `input` (K =
 /// `input.k()`: 16, or 32 for FP8) through the tensor-core statements: `CpAsync` of both
 /// tiles into shared memory, with the rows of `a` at or beyond `m` and the k indices at or

@@ -453,6 +453,17 @@ impl Interpreter<'_, '_> {
                     self.set_register(t, *dst, v);
                 }
             }
+            Stmt::PackHalves { dst, input, lo, hi } => {
+                let lows = self.eval_all(lo, mask, stmt, path)?;
+                let highs = self.eval_all(hi, mask, stmt, path)?;
+                for ((t, l), (_, h)) in lows.into_iter().zip(highs) {
+                    let (Const::F32(l), Const::F32(h)) = (l, h) else {
+                        return Err(fail(self, t, "pack of non-f32 values".into()));
+                    };
+                    let word = tensor::pack_halves(*input, l, h);
+                    self.set_register(t, *dst, Const::I32(word as i32));
+                }
+            }
             Stmt::Mma { input, d, a, b, c } => {
                 self.require_whole_warps(stmt, path, mask)?;
                 for first in (0..mask.len()).step_by(WARP) {
@@ -1034,6 +1045,7 @@ pub fn unary(op: UnOp, a: Const) -> Result<Const, String> {
         (UnOp::Not, Const::I32(v)) => Const::I32(!v),
         (UnOp::Not, Const::I64(v)) => Const::I64(!v),
         (UnOp::Exp, Const::F32(x)) => Const::F32(libm::expf(x)),
+        (UnOp::Exp2, Const::F32(x)) => Const::F32(libm::exp2(f64::from(x)) as f32),
         (UnOp::Log, Const::F32(x)) => Const::F32(libm::logf(x)),
         (UnOp::Sqrt, Const::F32(x)) => Const::F32(libm::sqrtf(x)),
         (UnOp::Rsqrt, Const::F32(x)) => Const::F32((1.0 / libm::sqrt(f64::from(x))) as f32),

@@ -16,7 +16,7 @@
 //!   i8/i32 → I32, i64 → I64, bool → Pred) and a store converts back (round to nearest even;
 //!   f8 saturating to ±max finite, NaN kept; float → int truncates toward zero).
 //! - Integer arithmetic wraps; integer division by zero is undefined (templates never do it).
-//! - Float transcendental ops (`Exp`, `Log`, `Sin`, `Cos`, `Tanh`, `Erf`, `Sigmoid`, `Pow`,
+//! - Float transcendental ops (`Exp`, `Exp2`, `Log`, `Sin`, `Cos`, `Tanh`, `Erf`, `Sigmoid`, `Pow`,
 //!   `Rsqrt`, `Sqrt`, `Div`) are accurate to within 4 ulp of the exact f32 result on every
 //!   backend (the differential tests state their tolerances from that).
 //! - `Barrier` synchronizes all threads of the block and orders shared-memory accesses; it
@@ -60,6 +60,9 @@
 //!   for the others after a following `Barrier`. Touching the destination before that is a
 //!   race (the interpreter reports a read or write of a pending element as an error; the
 //!   CPU backend copies at once). Copies still pending when the block ends are dropped.
+//! - `PackHalves` rounds two `F32` values to f16 or bf16 (nearest even, as a store does) and
+//!   packs them into one `I32` register, low index in bits 0..16: a product computed in
+//!   registers (attention's probabilities) becomes an `Mma` A fragment without memory.
 //! - `Mma` and `LdMatrix` are warp collectives like `ShuffleXor` (block-uniform control
 //!   flow); the `CpAsync` statements are per thread.
 
@@ -161,13 +164,16 @@ pub enum UnOp {
     Floor,
     Ceil,
     Recip,
+    /// `2^x`: the fast base-2 exponential of online softmax (`ex2.approx.f32` on the GPU,
+    /// within 2 ulp; subnormal results kept).
+    Exp2,
     /// Logical not of a `Pred`, bitwise not of an integer.
     Not,
 }
 
 impl UnOp {
     /// Every operator that takes an `F32` (all but `Not`), in declaration order.
-    pub const FLOAT: [UnOp; 14] = [
+    pub const FLOAT: [UnOp; 15] = [
         UnOp::Neg,
         UnOp::Abs,
         UnOp::Exp,
@@ -182,6 +188,7 @@ impl UnOp {
         UnOp::Floor,
         UnOp::Ceil,
         UnOp::Recip,
+        UnOp::Exp2,
     ];
 }
 
@@ -397,6 +404,15 @@ pub enum Stmt {
     CpAsyncCommit,
     /// Waits until at most `n` of this thread's committed groups are pending.
     CpAsyncWait(u32),
+    /// `dst` (`I32`) = the packed pair of `lo` and `hi` (`F32`) each rounded to `input`'s
+    /// 16-bit type (nearest even; `lo` in bits 0..16): an `Mma` operand made in registers
+    /// (`cvt.rn.{bf16,f16}x2.f32`). Per thread.
+    PackHalves {
+        dst: VarId,
+        input: MmaInput,
+        lo: Expr,
+        hi: Expr,
+    },
 }
 
 /// How a kernel may touch a global buffer.

@@ -45,6 +45,7 @@ pub fn unop_name(op: UnOp) -> &'static str {
         UnOp::Neg => "neg",
         UnOp::Abs => "abs",
         UnOp::Exp => "exp",
+        UnOp::Exp2 => "exp2",
         UnOp::Log => "log",
         UnOp::Sqrt => "sqrt",
         UnOp::Rsqrt => "rsqrt",
@@ -302,6 +303,13 @@ impl<'k> Names<'k> {
                     list(c)
                 )
             }
+            Stmt::PackHalves { dst, input, lo, hi } => format!(
+                "{} = pack_{}x2({}, {})",
+                self.var(*dst),
+                input.name(),
+                self.expr(lo),
+                self.expr(hi)
+            ),
             Stmt::LdMatrix {
                 dsts,
                 trans,

@@ -58,6 +58,22 @@ pub fn unpack(word: u32, half: usize) -> u16 {
     (word >> (16 * half)) as u16
 }
 
+/// `value` rounded to `input`'s 16-bit type (nearest even), as bits.
+pub fn f32_to_half(input: MmaInput, value: f32) -> u16 {
+    match input {
+        MmaInput::F16 => f16::from_f32(value).to_bits(),
+        MmaInput::Bf16 => bf16::from_f32(value).to_bits(),
+        MmaInput::E4M3 | MmaInput::E5M2 => {
+            unreachable!("16-bit halves only: the verifier rejects packing 8-bit inputs")
+        }
+    }
+}
+
+/// `Stmt::PackHalves`: `lo` and `hi` rounded to `input` and packed (`lo` in bits 0..16).
+pub fn pack_halves(input: MmaInput, lo: f32, hi: f32) -> u32 {
+    pack(f32_to_half(input, lo), f32_to_half(input, hi))
+}
+
 /// A 16-bit `input` value as f32 (exact).
 pub fn half_to_f32(input: MmaInput, bits: u16) -> f32 {
     element_to_f32(input, u32::from(bits))

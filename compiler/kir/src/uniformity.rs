@@ -154,6 +154,11 @@ impl Uniformity {
                         self.mark_non_uniform(*dst, changed);
                     }
                 }
+                Stmt::PackHalves { dst, lo, hi, .. } => {
+                    if !(uniform_flow && self.is_uniform_expr(lo) && self.is_uniform_expr(hi)) {
+                        self.mark_non_uniform(*dst, changed);
+                    }
+                }
                 // Fragments differ from lane to lane.
                 Stmt::Mma { d, .. } => {
                     for var in d {

@@ -311,6 +311,27 @@ impl Checker<'_> {
                     ));
                 }
             }
+            Stmt::PackHalves { dst, lo, hi, input } => {
+                if input.is_fp8() {
+                    return Err(self.error(
+                        site,
+                        format!("packs halves of {}, not f16 or bf16", input.name()),
+                    ));
+                }
+                let ty = self.var_ty(*dst, site)?;
+                if ty != Ty::I32 {
+                    return Err(self.error(
+                        site,
+                        format!("pack destination {} is {ty}, not i32", self.names.var(*dst)),
+                    ));
+                }
+                for value in [lo, hi] {
+                    let ty = self.expr_ty(value, site)?;
+                    if ty != Ty::F32 {
+                        return Err(self.error(site, format!("packs a {ty} value, not f32")));
+                    }
+                }
+            }
             Stmt::Mma { d, a, b, c, .. } => {
                 let groups: [(&str, &[VarId], Ty); 4] = [
                     ("d", &d[..], Ty::F32),
@@ -718,6 +739,9 @@ pub(crate) fn vars_written(stmts: &[Stmt], out: &mut BTreeSet<VarId>) {
                 out.extend(dsts.iter().copied())
             }
             Stmt::Mma { d, .. } => out.extend(d.iter().copied()),
+            Stmt::PackHalves { dst, .. } => {
+                out.insert(*dst);
+            }
             Stmt::For { var, body, .. } => {
                 out.insert(*var);
                 vars_written(body, out);

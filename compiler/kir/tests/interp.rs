@@ -92,6 +92,7 @@ fn float_unary_operators() {
     assert_close(UnOp::Sqrt, &SAMPLES, f64::sqrt, 0);
     assert_close(UnOp::Rsqrt, &SAMPLES, |x| 1.0 / x.sqrt(), 1);
     assert_close(UnOp::Exp, &SAMPLES, f64::exp, 4);
+    assert_close(UnOp::Exp2, &SAMPLES, f64::exp2, 0);
     assert_close(UnOp::Log, &SAMPLES, f64::ln, 4);
     assert_close(UnOp::Sin, &SAMPLES, f64::sin, 4);
     assert_close(UnOp::Cos, &SAMPLES, f64::cos, 4);

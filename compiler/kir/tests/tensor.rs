@@ -316,3 +316,60 @@ fn ldmatrix_of_8_bit_elements_moves_rows_of_16_and_never_transposes() {
     assert!(verify_kernel(&kernel(false)).is_ok());
     rejected(&kernel(true), "transposing ldmatrix");
 }
+
+#[test]
+fn pack_halves_rounds_to_nearest_even_and_puts_the_first_value_low() {
+    // Exact values, ties to even in both formats, overflow, infinities and NaN.
+    let values: Vec<f32> = [
+        1.0,
+        -2.5,
+        1.0 + 1.0 / 256.0,  // bf16 tie: rounds to 1.0
+        1.0 + 3.0 / 256.0,  // bf16 tie: rounds up to 1 + 4/256
+        1.0 + 1.0 / 2048.0, // f16 tie: rounds to 1.0
+        70000.0,            // f16 overflow: inf
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        0.0,
+        -0.0,
+        3.0e-41,
+    ]
+    .into_iter()
+    .cycle()
+    .take(128)
+    .collect();
+    for input in [MmaInput::Bf16, MmaInput::F16] {
+        let kernel = kiln_kir::examples::pack_halves(input);
+        verify_kernel(&kernel).unwrap_or_else(|e| panic!("{e}"));
+        let buffers = [
+            Tensor::from_f32(&[128], values.clone()),
+            Tensor::zeros(DType::I32, &[64]),
+        ];
+        let out = run(&kernel, [1, 1, 1], &buffers, &[]).unwrap_or_else(|e| panic!("{e}"));
+        let words = out[1].as_i64().unwrap();
+        for (t, &word) in words.iter().enumerate() {
+            let word = word as u32;
+            let want = |x: f32| -> u32 {
+                u32::from(match input {
+                    MmaInput::Bf16 => half::bf16::from_f32(x).to_bits(),
+                    MmaInput::F16 => half::f16::from_f32(x).to_bits(),
+                    MmaInput::E4M3 | MmaInput::E5M2 => unreachable!("16-bit inputs only"),
+                })
+            };
+            let (lo, hi) = (values[2 * t], values[2 * t + 1]);
+            assert_eq!(word & 0xffff, want(lo), "{input:?} low half of {lo}");
+            assert_eq!(word >> 16, want(hi), "{input:?} high half of {hi}");
+        }
+    }
+}
+
+#[test]
+fn packing_8_bit_halves_is_rejected() {
+    let mut kernel = kiln_kir::examples::pack_halves(MmaInput::Bf16);
+    for stmt in &mut kernel.body {
+        if let Stmt::PackHalves { input, .. } = stmt {
+            *input = MmaInput::E4M3;
+        }
+    }
+    rejected(&kernel, "packs halves of e4m3");
+}

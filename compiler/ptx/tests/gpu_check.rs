@@ -366,7 +366,7 @@ fn export(dir: &Path) {
             vec![
                 f32_bytes(&x),
                 f32_bytes(&y),
-                vec![0; len * 19 * 4],
+                vec![0; len * 20 * 4],
                 vec![0; len * 8],
             ],
             &[Const::I64(len as i64)],

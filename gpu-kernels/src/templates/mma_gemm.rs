@@ -70,6 +70,8 @@ use std::collections::BTreeSet;
 fn chunk_elements(input: MmaInput) -> i64 {
     16 / (input.bits() as i64 / 8)
 }
+/// Elements of one 16-byte chunk (16-bit elements).
+pub(crate) const CHUNK: i64 = 8;
 
 /// The static shared memory a block may use.
 const SHARED_BYTES: u32 = 48 * 1024;
@@ -586,18 +588,18 @@ pub(crate) fn plan(
     })
 }
 
-fn i32c(n: i64) -> Expr {
+pub(crate) fn i32c(n: i64) -> Expr {
     Expr::i32(n as i32)
 }
 
-fn shr(a: Expr, bits: u32) -> Expr {
+pub(crate) fn shr(a: Expr, bits: u32) -> Expr {
     if bits == 0 {
         return a;
     }
     Expr::binary(BinOp::Shr, a, i32c(i64::from(bits)))
 }
 
-fn and_mask(a: Expr, mask: i64) -> Expr {
+pub(crate) fn and_mask(a: Expr, mask: i64) -> Expr {
     Expr::binary(BinOp::And, a, i32c(mask))
 }
 
@@ -611,7 +613,7 @@ fn swizzle_bits(chunks: u32) -> (u32, i64) {
 }
 
 /// [`swizzle_bits`] applied to a row expression.
-fn swizzle(row: Expr, chunks: u32) -> Expr {
+pub(crate) fn swizzle(row: Expr, chunks: u32) -> Expr {
     let (shift, mask) = swizzle_bits(chunks);
     and_mask(shr(row, shift), mask)
 }

@@ -3,6 +3,7 @@
 //! every template (prologues, epilogues) comes from the shared [`Emitter`].
 
 mod attention;
+mod flash_attention;
 mod kv_cache;
 mod matmul;
 mod mma_gemm;
@@ -227,7 +228,12 @@ pub(crate) fn build(
             }
         },
         GroupKind::Attention(parts) => attention::emit(&mut e, &attention::Source::Pattern(parts)),
-        GroupKind::BuiltinAttention(v) => attention::emit(&mut e, &attention::Source::Builtin(*v)),
+        GroupKind::BuiltinAttention(v) => {
+            match flash_attention::plan(&e, *v).filter(|_| options.tensor_cores) {
+                Some(plan) => flash_attention::emit(&mut e, &plan),
+                None => attention::emit(&mut e, &attention::Source::Builtin(*v)),
+            }
+        }
         GroupKind::PagedAttention(v) => attention::emit(&mut e, &attention::Source::Paged(*v)),
         GroupKind::KvWrite => kv_cache::emit(&mut e, &group.roots),
         GroupKind::SmallSort { axis, len, .. } => {

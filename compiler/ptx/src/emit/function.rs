@@ -492,6 +492,16 @@ impl<'k, 'c> FunctionEmitter<'k, 'c> {
                     &[&operands[0], &operands[1], &operands[2], &operands[3]],
                 );
             }
+            Stmt::PackHalves { dst, input, lo, hi } => {
+                let (lo, hi) = (self.expr(lo)?, self.expr(hi)?);
+                let (lo, hi) = (self.value_reg(lo), self.value_reg(hi));
+                let word = self.fresh(RegKind::B32);
+                // The first source goes to the upper half.
+                let opcode = format!("cvt.rn.{}x2.f32", input.name());
+                self.inst(&opcode, &[&word, &hi, &lo]);
+                let dst = self.var_reg(*dst)?;
+                self.inst("mov.b32", &[&dst, &word]);
+            }
             Stmt::LdMatrix {
                 dsts,
                 trans,

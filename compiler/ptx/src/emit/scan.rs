@@ -147,6 +147,10 @@ pub(super) fn definite_assignment(
                 }
                 assigned.extend(d.iter().copied());
             }
+            Stmt::PackHalves { dst, lo, hi, .. } => {
+                read(&[lo, hi], assigned, read_first);
+                assigned.insert(*dst);
+            }
             Stmt::LdMatrix { dsts, index, .. } => {
                 read(&[index], assigned, read_first);
                 assigned.extend(dsts.iter().copied());
@@ -219,6 +223,10 @@ pub(super) fn collect_specials(stmts: &[Stmt], out: &mut BTreeSet<usize>) {
                 collect_specials(otherwise, out);
             }
             Stmt::LdMatrix { index, .. } => collect_specials_expr(index, out),
+            Stmt::PackHalves { lo, hi, .. } => {
+                collect_specials_expr(lo, out);
+                collect_specials_expr(hi, out);
+            }
             Stmt::CpAsync {
                 dst_index,
                 src_index,

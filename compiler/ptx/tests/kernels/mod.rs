@@ -30,9 +30,9 @@ fn grid_over(symbol: &str, block_dim: u32) -> [SizeExpr; 3] {
 }
 
 /// Every unary operator (and the two binary ones with routines, `pow` and float `%`):
-/// `out[i * 19 + k]` is the k-th result for `x[i]`, `y[i]`:
-/// k = 0..14: the f32 ops of [`UnOp::FLOAT`]; 14: pow(x, y); 15: fmod(x, y);
-/// 16: f32(-(i32(x))), 17: f32(abs(i32(x))), 18: select(!(x > 0), 1, 0) and
+/// `out[i * 20 + k]` is the k-th result for `x[i]`, `y[i]`:
+/// k = 0..15: the f32 ops of [`UnOp::FLOAT`]; 15: pow(x, y); 16: fmod(x, y);
+/// 17: f32(-(i32(x))), 18: f32(abs(i32(x))), 19: select(!(x > 0), 1, 0) and
 /// `bits[i] = !(i32 bits)`.
 pub fn every_unary_op() -> Kernel {
     let block_dim = 128;
@@ -52,19 +52,19 @@ pub fn every_unary_op() -> Kernel {
     let mut body = vec![
         Stmt::assign(value, Expr::load(x, i)),
         Stmt::assign(other, Expr::load(y, i)),
-        Stmt::assign(base, Expr::var(i) * Expr::i64(19)),
+        Stmt::assign(base, Expr::var(i) * Expr::i64(20)),
     ];
     for (slot, op) in UnOp::FLOAT.iter().enumerate() {
         body.push(store(slot as i64, Expr::var(value).apply(*op)));
     }
     body.extend([
-        store(14, Expr::var(value).pow(other)),
-        store(15, Expr::var(value) % other),
+        store(15, Expr::var(value).pow(other)),
+        store(16, Expr::var(value) % other),
         Stmt::assign(whole, Expr::var(value).cast(Ty::I32)),
-        store(16, (-Expr::var(whole)).cast(Ty::F32)),
-        store(17, Expr::var(whole).apply(UnOp::Abs).cast(Ty::F32)),
+        store(17, (-Expr::var(whole)).cast(Ty::F32)),
+        store(18, Expr::var(whole).apply(UnOp::Abs).cast(Ty::F32)),
         store(
-            18,
+            19,
             Expr::select(
                 !Expr::var(value).gt(Expr::f32(0.0)),
                 Expr::f32(1.0),
@@ -446,6 +446,8 @@ pub fn coverage() -> Vec<Kernel> {
         examples::mma_tile(MmaInput::F16, false),
         examples::mma_tile(MmaInput::Bf16, false),
         examples::mma_tile(MmaInput::F16, true),
+        examples::pack_halves(MmaInput::Bf16),
+        examples::pack_halves(MmaInput::F16),
     ]);
     kernels
 }

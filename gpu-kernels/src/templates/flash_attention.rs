@@ -1,0 +1,755 @@
+//! The tensor-core attention prefill template (the FlashAttention-2 design, SM80
+//! `mma.sync` path) for the built-in `attention` op with bf16 or f16 q/k/v read straight
+//! from their buffers and head dims of 64 or 128.
+//!
+//! A block of 4 warps takes 64 query rows of one (batch, head), each warp 16 of them:
+//! - the Q tile is copied once (`cp.async`; a q computed in the kernel, RoPE's, is
+//!   computed 8 elements a thread at a time and stored) into XOR-swizzled shared memory
+//!   and its A fragments are loaded with `ldmatrix` into registers, where they stay;
+//! - keys and values are visited in tiles of 64, each staged in swizzled shared memory by
+//!   `cp.async` (16-byte chunks; rows past the sequence are zero-filled), two buffers that
+//!   alternate: V of a tile is copied while the warps compute its scores, K of the next
+//!   tile while they weigh the values;
+//! - `S = Q Kᵀ` by `mma.sync` m16n8k16 with f32 accumulators (K fragments by `ldmatrix`);
+//!   the mask is applied only to tiles that need it (the diagonal tile of causal
+//!   attention, the last tile of a ragged key count, every tile of a general mask), tiles
+//!   that causal attention masks entirely are never visited;
+//! - an online softmax in base 2 per row, in registers: the row maximum over the four
+//!   lanes of a quad by shuffles, `exp2(s · scale · log2 e − m)`, running sums kept per
+//!   lane and added across the quad once at the end;
+//! - the probabilities are packed to the input type in registers (`PackHalves`): the
+//!   accumulator layout of S is the A fragment layout of `P V`, so no shared memory is
+//!   involved; V fragments come from `ldmatrix.trans`;
+//! - the output is divided by the row sum and stored, rows past the sequence skipped.
+//!
+//! GQA: query head h reads key/value head `h / (H / KV)`. Query and key counts need not
+//! be multiples of the tile. The mask (`allow`) is recognised as all-true (`causal:
+//! false`), as causal (`arange(S)[:, None] >= arange(S)[None, :]`, the stdlib's `causal:
+//! true`), or else evaluated per score through its index expression, like the reference
+//! template does (`attention_padded`).
+//!
+//! What it does not take (the reference template in `attention.rs` does): the stdlib
+//! `softmax(q kᵀ) v` pattern and `paged_attention` (serving's prefill runs through the
+//! paged cache), f32 or f8 operands, other head dims, k or v computed in the kernel or
+//! read through a permute or a slice (the partition gives computed keys and values a
+//! buffer), and non-positive scales.
+
+use super::mma_gemm::{and_mask, i32c, shr, swizzle, CHUNK};
+use super::{ceil_div_size, size_of_dims, Body};
+use crate::emit::{add, lt, min_e, mul, EResult, Emitter};
+use kiln_ir::{BinaryOp, DType, Dim, Op, Value};
+use kiln_kir::{Access, BinOp, Buf, Expr, MmaInput, SizeExpr, Special, Stmt, Ty, UnOp, VarId};
+
+/// Threads of a block: 4 warps of 16 query rows each.
+const THREADS: i64 = 128;
+/// Query rows of a block.
+const BM: i64 = 64;
+/// Keys of a tile.
+const BN: i64 = 64;
+
+/// How the `allow` operand masks the scores.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Mask {
+    /// Every key is allowed.
+    Full,
+    /// Query i sees keys `0..=i`.
+    Causal,
+    /// Evaluated per score from the operand's index expression.
+    General,
+}
+
+/// What the template needs to know about an attention it can take.
+pub(crate) struct FlashPlan {
+    input: MmaInput,
+    out: Value,
+    /// The stored values whose buffers hold q, k and v (the operands themselves or the
+    /// values they reshape: a reshape keeps the row-major order); `None` for a q the
+    /// kernel computes (a fused prologue such as RoPE), staged through registers.
+    q: Option<Value>,
+    k: Value,
+    v: Value,
+    head_dim: i64,
+    /// Query heads per key/value head.
+    group: i64,
+    scale: f32,
+    mask: Mask,
+    /// The values of a recognised mask's expression (for the kernel's op list).
+    mask_values: Vec<Value>,
+}
+
+/// The stored value behind `v` through reshapes, if `v` is read from a buffer.
+fn stored_source(e: &Emitter<'_, '_>, v: Value) -> Option<Value> {
+    let mut x = v;
+    while !e.is_loaded(x) {
+        let Some(Op::Reshape { .. }) = e.g.op(x) else {
+            return None;
+        };
+        x = e.g.inst(x)?.operands[0];
+    }
+    Some(x)
+}
+
+/// The plan for the `attention` op `out`, when the template applies.
+pub(crate) fn plan(e: &Emitter<'_, '_>, out: Value) -> Option<FlashPlan> {
+    let g = e.g;
+    let inst = g.inst(out)?;
+    let Op::Attention { scale } = inst.op else {
+        return None;
+    };
+    let scale = scale as f32;
+    if !(scale.is_finite() && scale > 0.0) {
+        return None;
+    }
+    let (q, k, v, allow) = (
+        inst.operands[0],
+        inst.operands[1],
+        inst.operands[2],
+        inst.operands[3],
+    );
+    let input = match g.ty(q).dtype {
+        DType::BF16 => MmaInput::Bf16,
+        DType::F16 => MmaInput::F16,
+        _ => return None,
+    };
+    let qs = g.shape(q);
+    let head_dim = qs[3].as_const()? as i64;
+    if head_dim != 64 && head_dim != 128 {
+        return None;
+    }
+    let heads = qs[2].as_const()? as i64;
+    let kv_heads = g.shape(k)[2].as_const()? as i64;
+    if kv_heads == 0 || heads % kv_heads != 0 {
+        return None;
+    }
+    let (mask, mask_values) = classify_mask(e, allow, &qs[1], &g.shape(k)[1]);
+    Some(FlashPlan {
+        input,
+        out,
+        q: stored_source(e, q),
+        k: stored_source(e, k)?,
+        v: stored_source(e, v)?,
+        head_dim,
+        group: heads / kv_heads,
+        scale,
+        mask,
+        mask_values,
+    })
+}
+
+/// The mask `allow` computes, with the values of its expression when recognised.
+fn classify_mask(e: &Emitter<'_, '_>, allow: Value, s: &Dim, t: &Dim) -> (Mask, Vec<Value>) {
+    let g = e.g;
+    if let Some(Op::Full { value, .. }) = g.op(allow) {
+        if *value != 0.0 && !e.is_loaded(allow) {
+            return (Mask::Full, vec![allow]);
+        }
+    }
+    // ge(arange(S).view(S, 1), arange(S).view(1, S)) or le with the operands swapped:
+    // rows are queries, columns keys.
+    let causal = (|| {
+        if e.is_loaded(allow) || s != t || g.shape(allow) != [s.clone(), s.clone()] {
+            return None;
+        }
+        let inst = g.inst(allow)?;
+        let (row, col) = match inst.op {
+            Op::Binary(BinaryOp::Ge) => (inst.operands[0], inst.operands[1]),
+            Op::Binary(BinaryOp::Le) => (inst.operands[1], inst.operands[0]),
+            _ => return None,
+        };
+        let arange_of = |x: Value, shape: [Dim; 2]| -> Option<(Value, Value)> {
+            if e.is_loaded(x) || g.shape(x) != shape {
+                return None;
+            }
+            let Some(Op::Reshape { .. }) = g.op(x) else {
+                return None;
+            };
+            let a = g.inst(x)?.operands[0];
+            match g.op(a)? {
+                Op::Arange { len, .. } if len == s && !e.is_loaded(a) => Some((x, a)),
+                _ => None,
+            }
+        };
+        let (row_view, row_range) = arange_of(row, [s.clone(), Dim::Const(1)])?;
+        let (col_view, col_range) = arange_of(col, [Dim::Const(1), s.clone()])?;
+        Some(vec![allow, row_view, row_range, col_view, col_range])
+    })();
+    match causal {
+        Some(values) => (Mask::Causal, values),
+        None => (Mask::General, Vec::new()),
+    }
+}
+
+pub(crate) fn emit(e: &mut Emitter<'_, '_>, p: &FlashPlan) -> EResult<Body> {
+    let g = e.g;
+    let inst = g.inst(p.out).expect("attention");
+    let (q_op, k_op, allow) = (inst.operands[0], inst.operands[1], inst.operands[3]);
+    let q_shape = g.shape(q_op).to_vec();
+    let k_shape = g.shape(k_op).to_vec();
+    let dtype = g.ty(q_op).dtype;
+    let ity = e.index_ty;
+    let index = |x: Expr| -> Expr {
+        if ity == Ty::I64 {
+            Expr::Cast(Ty::I64, Box::new(x))
+        } else {
+            x
+        }
+    };
+    let d = p.head_dim;
+    let chunks = d / CHUNK;
+    let rows_per_pass = THREADS / chunks;
+    let passes = BM / rows_per_pass;
+    let k16 = (d / 16) as usize;
+    let d_pairs = (d / 16) as usize;
+    let causal = p.mask == Mask::Causal;
+    let scale2 = (f64::from(p.scale) * std::f64::consts::LOG2_E) as f32;
+    let neg_inf = Expr::f32(f32::NEG_INFINITY);
+    let mut body = Vec::new();
+
+    // ---- the block's (batch, head) and query tile.
+    let tid = Expr::Special(Special::ThreadIdx);
+    let lane = e.bind(&mut body, "lane", Ty::I32, Expr::Special(Special::LaneId));
+    let warp = e.bind(&mut body, "warp", Ty::I32, Expr::Special(Special::WarpId));
+    let bz = e.special(Special::BlockIdx(2));
+    let bh = e.delinearize(&mut body, bz, &[q_shape[0].clone(), q_shape[2].clone()]);
+    let (b, h) = (bh[0].clone(), bh[1].clone());
+    let kvh = e.bind(
+        &mut body,
+        "kv_head",
+        ity,
+        Expr::binary(BinOp::Div, h.clone(), e.ix(p.group)),
+    );
+    let s_len = e.dim(&q_shape[1]);
+    let t_len = e.dim(&k_shape[1]);
+    // Causal blocks with the most key tiles start first.
+    let bx = e.special(Special::BlockIdx(0));
+    let q_tile = if causal {
+        let tiles = Expr::binary(BinOp::Div, s_len.clone() + e.ix(BM - 1), e.ix(BM));
+        tiles - e.ix(1) - bx
+    } else {
+        bx
+    };
+    let m0 = e.bind(&mut body, "m0", ity, q_tile * e.ix(BM));
+    // Keys the block visits: all, or those up to its last query row (causal).
+    let n_end = if causal {
+        min_e(t_len.clone(), m0.clone() + e.ix(BM))
+    } else {
+        t_len.clone()
+    };
+    let n_end = e.bind(&mut body, "n_end", ity, n_end);
+
+    // ---- shared tiles and the copies: thread tid copies chunk `tid % chunks` of rows
+    // `tid / chunks + rows_per_pass · pass`.
+    let q_tile_buf = e.shared_array("q_tile", dtype, (BM * d) as u32);
+    let k_tile_buf = e.shared_array("k_tile", dtype, (BN * d) as u32);
+    let v_tile_buf = e.shared_array("v_tile", dtype, (BN * d) as u32);
+    let q_buf = p.q.map(|q| e.buffer(q, Access::Read));
+    let k_buf = e.buffer(p.k, Access::Read);
+    let v_buf = e.buffer(p.v, Access::Read);
+    let col = e.bind(
+        &mut body,
+        "copy_col",
+        Ty::I32,
+        and_mask(tid.clone(), chunks - 1) * i32c(CHUNK),
+    );
+    let row0 = e.bind(
+        &mut body,
+        "copy_row",
+        Ty::I32,
+        shr(tid.clone(), chunks.trailing_zeros()),
+    );
+    let dst0 = row0.clone() * i32c(d)
+        + Expr::binary(
+            BinOp::Xor,
+            shr(col.clone(), 3),
+            swizzle(row0.clone(), chunks as u32),
+        ) * i32c(CHUNK);
+    let dst0 = e.bind(&mut body, "copy_dst", Ty::I32, dst0);
+    let kv_src = e.linear(
+        &k_shape,
+        &[
+            b.clone(),
+            index(row0.clone()),
+            kvh.clone(),
+            index(col.clone()),
+        ],
+    );
+    let kv_src = e.bind(&mut body, "kv_src", ity, kv_src);
+    let q_row_stride = mul_dims(e, &q_shape[2..]);
+    let kv_row_stride = mul_dims(e, &k_shape[2..]);
+    // The copies of 64 rows from `src` (the element of row `row0` at the tile's first
+    // row), of which `rows_left` (counted from `row0`) exist.
+    let copies = |e: &mut Emitter<'_, '_>,
+                  out: &mut Vec<Stmt>,
+                  dst: Buf,
+                  src_buf: Buf,
+                  src: Expr,
+                  stride: &Expr,
+                  rows_left: Expr| {
+        let rows_left = e.bind(out, "rows_left", ity, rows_left);
+        for pass in 0..passes {
+            let row = pass * rows_per_pass;
+            let valid = lt(e.ix(row), rows_left.clone());
+            let at = add(src.clone(), mul(e.ix(row), stride.clone()));
+            out.push(Stmt::CpAsync {
+                dst,
+                dst_index: add(dst0.clone(), i32c(row * d)),
+                src: src_buf,
+                src_index: Expr::select(valid.clone(), at, e.ix(0)),
+                src_len: Expr::select(valid, i32c(CHUNK), i32c(0)),
+            });
+        }
+    };
+    let kv_copies = |e: &mut Emitter<'_, '_>, out: &mut Vec<Stmt>, dst: Buf, src: Buf, n0: Expr| {
+        let from = e.bind(
+            out,
+            "kv_at",
+            ity,
+            add(kv_src.clone(), mul(n0.clone(), kv_row_stride.clone())),
+        );
+        let left = t_len.clone() - n0 - index(row0.clone());
+        copies(e, out, dst, src, from, &kv_row_stride, left);
+    };
+
+    // ---- fragment addresses. Lane 8q + r gives row r of matrix q of an ldmatrix x4.
+    let lr = e.bind(&mut body, "ld_row", Ty::I32, and_mask(lane.clone(), 7));
+    let lq = e.bind(
+        &mut body,
+        "ld_q",
+        Ty::I32,
+        and_mask(shr(lane.clone(), 3), 1),
+    );
+    let lh = e.bind(&mut body, "ld_h", Ty::I32, shr(lane.clone(), 4));
+    // Rows are multiples of 8 plus `lr`, so every swizzle below is `^ lr`; chunk `2c + x`
+    // (x of 0 or 1) swizzles to `2c ^ (x ^ lr)`.
+    let q_row = warp.clone() * i32c(16) + lq.clone() * i32c(8) + lr.clone();
+    let q_base = e.bind(&mut body, "q_ld", Ty::I32, q_row * i32c(d));
+    let q_x = e.bind(
+        &mut body,
+        "q_x",
+        Ty::I32,
+        Expr::binary(BinOp::Xor, lh.clone(), lr.clone()),
+    );
+    let k_base = e.bind(
+        &mut body,
+        "k_ld",
+        Ty::I32,
+        (lh.clone() * i32c(8) + lr.clone()) * i32c(d),
+    );
+    let k_x = e.bind(
+        &mut body,
+        "k_x",
+        Ty::I32,
+        Expr::binary(BinOp::Xor, lq.clone(), lr.clone()),
+    );
+    let v_base = e.bind(
+        &mut body,
+        "v_ld",
+        Ty::I32,
+        (lq.clone() * i32c(8) + lr.clone()) * i32c(d),
+    );
+    let v_x = e.bind(
+        &mut body,
+        "v_x",
+        Ty::I32,
+        Expr::binary(BinOp::Xor, lh.clone(), lr.clone()),
+    );
+    let chunk_at =
+        |c: i64, x: &Expr| Expr::binary(BinOp::Xor, i32c(2 * c), x.clone()) * i32c(CHUNK);
+
+    // ---- Q and the first K tile, then the Q fragments into registers.
+    match q_buf {
+        Some(q_buf) => {
+            let q_src = e.linear(
+                &q_shape,
+                &[
+                    b.clone(),
+                    m0.clone() + index(row0.clone()),
+                    h.clone(),
+                    index(col.clone()),
+                ],
+            );
+            let q_src = e.bind(&mut body, "q_src", ity, q_src);
+            let q_left = s_len.clone() - m0.clone() - index(row0.clone());
+            copies(
+                e,
+                &mut body,
+                q_tile_buf,
+                q_buf,
+                q_src,
+                &q_row_stride,
+                q_left,
+            );
+        }
+        None => {
+            // Rows past the sequence are zeros; their (clamped) elements are computed.
+            for pass in 0..passes {
+                let row = e.bind(
+                    &mut body,
+                    "q_row",
+                    ity,
+                    m0.clone() + index(row0.clone()) + e.ix(pass * rows_per_pass),
+                );
+                let ok = e.bind(&mut body, "q_ok", Ty::Pred, lt(row.clone(), s_len.clone()));
+                let at = [
+                    b.clone(),
+                    min_e(row, s_len.clone() - e.ix(1)),
+                    h.clone(),
+                    index(col.clone()),
+                ];
+                e.push_scope();
+                let values = e.elem(&mut body, q_op, &at, CHUNK as usize)?;
+                e.pop_scope();
+                body.push(Stmt::StoreVec {
+                    buf: q_tile_buf,
+                    index: dst0.clone() + i32c(pass * rows_per_pass * d),
+                    values: values
+                        .into_iter()
+                        .map(|x| Expr::select(ok.clone(), x, Expr::f32(0.0)))
+                        .collect(),
+                });
+            }
+        }
+    }
+    kv_copies(e, &mut body, k_tile_buf, k_buf, e.ix(0));
+    body.push(Stmt::CpAsyncCommit);
+    body.push(Stmt::CpAsyncWait(0));
+    body.push(Stmt::Barrier);
+    let q_frag: Vec<[VarId; 4]> = (0..k16)
+        .map(|_| [0; 4].map(|_| e.var("fq", Ty::I32)))
+        .collect();
+    for (kk, frag) in q_frag.iter().enumerate() {
+        body.push(Stmt::LdMatrix {
+            dsts: frag.to_vec(),
+            trans: false,
+            buf: q_tile_buf,
+            index: q_base.clone() + chunk_at(kk as i64, &q_x),
+        });
+    }
+
+    // ---- per-row state: rows g and g + 8 of the warp's 16 (g = lane / 4, t = lane % 4).
+    let row_max: [VarId; 2] = [0; 2].map(|_| e.var("m", Ty::F32));
+    let row_sum: [VarId; 2] = [0; 2].map(|_| e.var("l", Ty::F32));
+    for r in 0..2 {
+        body.push(Stmt::Assign(row_max[r], neg_inf.clone()));
+        body.push(Stmt::Assign(row_sum[r], Expr::f32(0.0)));
+    }
+    let o_acc: Vec<[VarId; 4]> = (0..d / 8)
+        .map(|_| [0; 4].map(|_| e.var("o", Ty::F32)))
+        .collect();
+    for cells in &o_acc {
+        for &c in cells {
+            body.push(Stmt::Assign(c, Expr::f32(0.0)));
+        }
+    }
+    let quad_g = shr(lane.clone(), 2);
+    let quad_t = and_mask(lane.clone(), 3);
+    // The query of the thread's first row; its key within a tile at column 2t.
+    let q_first = m0.clone() + index(warp.clone() * i32c(16) + quad_g);
+    let q_first = e.bind(&mut body, "query", ity, q_first);
+    let key_col = e.bind(&mut body, "key_col", ity, index(quad_t * i32c(2)));
+
+    // ---- the key tiles.
+    let n0v = e.var("n0", ity);
+    let n0 = Expr::Var(n0v);
+    let mut tile = vec![Stmt::CpAsyncWait(0), Stmt::Barrier];
+    // V of this tile streams in while the scores are computed.
+    kv_copies(e, &mut tile, v_tile_buf, v_buf, n0.clone());
+    tile.push(Stmt::CpAsyncCommit);
+    let s_acc: Vec<[VarId; 4]> = (0..BN / 8)
+        .map(|_| [0; 4].map(|_| e.var("s", Ty::F32)))
+        .collect();
+    for cells in &s_acc {
+        for &c in cells {
+            tile.push(Stmt::Assign(c, Expr::f32(0.0)));
+        }
+    }
+    let kb: [VarId; 4] = [0; 4].map(|_| e.var("fk", Ty::I32));
+    for (kk, qf) in q_frag.iter().enumerate() {
+        for pair in 0..(BN / 16) as usize {
+            tile.push(Stmt::LdMatrix {
+                dsts: kb.to_vec(),
+                trans: false,
+                buf: k_tile_buf,
+                index: k_base.clone() + i32c(pair as i64 * 16 * d) + chunk_at(kk as i64, &k_x),
+            });
+            for (half, s) in [&s_acc[2 * pair], &s_acc[2 * pair + 1]]
+                .into_iter()
+                .enumerate()
+            {
+                tile.push(Stmt::Mma {
+                    input: p.input,
+                    d: *s,
+                    a: *qf,
+                    b: [kb[2 * half], kb[2 * half + 1]],
+                    c: *s,
+                });
+            }
+        }
+    }
+    // The mask, where the tile needs one.
+    let key0 = e.bind(&mut tile, "key0", ity, n0.clone() + key_col.clone());
+    let mut masked = Vec::new();
+    let keys_left = e.bind(&mut masked, "keys_left", ity, t_len.clone() - key0.clone());
+    let ahead = if causal {
+        Some(e.bind(&mut masked, "ahead", ity, key0.clone() - q_first.clone()))
+    } else {
+        None
+    };
+    for (ni, cells) in s_acc.iter().enumerate() {
+        for (j, &cell) in cells.iter().enumerate() {
+            let (key_off, row_off) = (8 * ni as i64 + (j % 2) as i64, 8 * (j / 2) as i64);
+            let mut ok = lt(e.ix(key_off), keys_left.clone());
+            if let Some(ahead) = &ahead {
+                // key0 + key_off <= query + row_off
+                ok = Expr::binary(
+                    BinOp::And,
+                    ok,
+                    Expr::binary(BinOp::Le, ahead.clone(), e.ix(row_off - key_off)),
+                );
+            }
+            if p.mask == Mask::General {
+                let key = min_e(key0.clone() + e.ix(key_off), t_len.clone() - e.ix(1));
+                let query = min_e(q_first.clone() + e.ix(row_off), s_len.clone() - e.ix(1));
+                let full = [b.clone(), h.clone(), query, key];
+                let shape = g.shape(allow);
+                let pad = 4 - shape.len();
+                let at: Vec<Expr> = shape
+                    .iter()
+                    .enumerate()
+                    .map(|(a, dim)| {
+                        if *dim == Dim::Const(1) {
+                            e.ix(0)
+                        } else {
+                            full[a + pad].clone()
+                        }
+                    })
+                    .collect();
+                e.push_scope();
+                let allowed = e.elem(&mut masked, allow, &at, 1)?.remove(0);
+                e.pop_scope();
+                ok = Expr::binary(BinOp::And, ok, allowed);
+            }
+            masked.push(Stmt::Assign(
+                cell,
+                Expr::select(ok, Expr::var(cell), neg_inf.clone()),
+            ));
+        }
+    }
+    let needs_mask = match p.mask {
+        Mask::General => Expr::pred(true),
+        Mask::Full => lt(t_len.clone(), n0.clone() + e.ix(BN)),
+        Mask::Causal => Expr::binary(
+            BinOp::Or,
+            lt(t_len.clone(), n0.clone() + e.ix(BN)),
+            lt(m0.clone(), n0.clone() + e.ix(BN - 1)),
+        ),
+    };
+    if p.mask == Mask::General {
+        tile.extend(masked);
+    } else {
+        tile.push(Stmt::if_then(needs_mask, masked));
+    }
+    // Online softmax (base 2) of the thread's two rows.
+    let other = e.var("other", Ty::F32);
+    let red = e.var("red", Ty::F32);
+    let exp2 = |x: Expr| x.apply(UnOp::Exp2);
+    for r in 0..2 {
+        let mut most = None::<Expr>;
+        for cells in &s_acc {
+            for &c in &cells[2 * r..2 * r + 2] {
+                most = Some(match most {
+                    Some(m) => m.max(Expr::var(c)),
+                    None => Expr::var(c),
+                });
+            }
+        }
+        tile.push(Stmt::Assign(red, most.expect("a tile has keys")));
+        for mask in [1, 2] {
+            tile.push(Stmt::ShuffleXor {
+                dst: other,
+                src: red,
+                mask,
+            });
+            tile.push(Stmt::Assign(red, Expr::var(red).max(Expr::var(other))));
+        }
+        let m_new = e.bind(
+            &mut tile,
+            "m_new",
+            Ty::F32,
+            Expr::var(row_max[r]).max(Expr::var(red) * Expr::f32(scale2)),
+        );
+        // A row with every key masked so far subtracts 0 (its terms are all 0).
+        let m_use = e.bind(
+            &mut tile,
+            "m_use",
+            Ty::F32,
+            Expr::select(
+                m_new.clone().equals(neg_inf.clone()),
+                Expr::f32(0.0),
+                m_new.clone(),
+            ),
+        );
+        let alpha = e.bind(
+            &mut tile,
+            "alpha",
+            Ty::F32,
+            exp2(Expr::var(row_max[r]) - m_use.clone()),
+        );
+        tile.push(Stmt::Assign(row_max[r], m_new));
+        let neg_m = e.bind(&mut tile, "neg_m", Ty::F32, -m_use);
+        let mut sum = None::<Expr>;
+        for cells in &s_acc {
+            for &c in &cells[2 * r..2 * r + 2] {
+                tile.push(Stmt::Assign(
+                    c,
+                    exp2(Expr::fma(Expr::var(c), Expr::f32(scale2), neg_m.clone())),
+                ));
+                sum = Some(match sum {
+                    Some(s) => s + Expr::var(c),
+                    None => Expr::var(c),
+                });
+            }
+        }
+        tile.push(Stmt::Assign(
+            row_sum[r],
+            Expr::fma(
+                Expr::var(row_sum[r]),
+                alpha.clone(),
+                sum.expect("a tile has keys"),
+            ),
+        ));
+        for cells in &o_acc {
+            for &c in &cells[2 * r..2 * r + 2] {
+                tile.push(Stmt::Assign(c, Expr::var(c) * alpha.clone()));
+            }
+        }
+    }
+    // P as the A fragments of P V: k16 step kk covers score tiles 2kk and 2kk + 1.
+    let p_frag: Vec<[VarId; 4]> = (0..(BN / 16) as usize)
+        .map(|_| [0; 4].map(|_| e.var("fp", Ty::I32)))
+        .collect();
+    for (kk, frag) in p_frag.iter().enumerate() {
+        let (lo, hi) = (&s_acc[2 * kk], &s_acc[2 * kk + 1]);
+        for (reg, (cells, first)) in [(lo, 0), (lo, 2), (hi, 0), (hi, 2)].into_iter().enumerate() {
+            tile.push(Stmt::PackHalves {
+                dst: frag[reg],
+                input: p.input,
+                lo: Expr::var(cells[first]),
+                hi: Expr::var(cells[first + 1]),
+            });
+        }
+    }
+    // V has landed and every warp is done with K: the next K tile streams in while the
+    // values are weighed.
+    tile.push(Stmt::CpAsyncWait(0));
+    tile.push(Stmt::Barrier);
+    let next = e.bind(&mut tile, "next", ity, n0.clone() + e.ix(BN));
+    let mut prefetch = Vec::new();
+    kv_copies(e, &mut prefetch, k_tile_buf, k_buf, next.clone());
+    tile.push(Stmt::if_then(lt(next, n_end.clone()), prefetch));
+    tile.push(Stmt::CpAsyncCommit);
+    let vb: [VarId; 4] = [0; 4].map(|_| e.var("fv", Ty::I32));
+    for (kk, pf) in p_frag.iter().enumerate() {
+        for pair in 0..d_pairs {
+            tile.push(Stmt::LdMatrix {
+                dsts: vb.to_vec(),
+                trans: true,
+                buf: v_tile_buf,
+                index: v_base.clone() + i32c(kk as i64 * 16 * d) + chunk_at(pair as i64, &v_x),
+            });
+            for half in 0..2 {
+                let o = o_acc[2 * pair + half];
+                tile.push(Stmt::Mma {
+                    input: p.input,
+                    d: o,
+                    a: *pf,
+                    b: [vb[2 * half], vb[2 * half + 1]],
+                    c: o,
+                });
+            }
+        }
+    }
+    body.push(Stmt::For {
+        var: n0v,
+        start: e.ix(0),
+        end: n_end,
+        step: e.ix(BN),
+        body: tile,
+    });
+    body.push(Stmt::CpAsyncWait(0));
+
+    // ---- the row sums over the quad, the division and the store.
+    for r in 0..2 {
+        quad_sum(&mut body, row_sum[r], other);
+        let inv = e.bind(
+            &mut body,
+            "inv",
+            Ty::F32,
+            Expr::f32(1.0) / Expr::var(row_sum[r]),
+        );
+        let query = e.bind(
+            &mut body,
+            "out_row",
+            ity,
+            q_first.clone() + e.ix(8 * r as i64),
+        );
+        let mut store = Vec::new();
+        for (nd, cells) in o_acc.iter().enumerate() {
+            let col = key_col.clone() + e.ix(8 * nd as i64);
+            let idx = [b.clone(), query.clone(), h.clone(), col];
+            let values = vec![
+                Expr::var(cells[2 * r]) * inv.clone(),
+                Expr::var(cells[2 * r + 1]) * inv.clone(),
+            ];
+            e.store(&mut store, p.out, &idx, values);
+        }
+        body.push(Stmt::if_then(lt(query, s_len.clone()), store));
+    }
+
+    e.fused.insert(p.out);
+    e.fused.extend(p.mask_values.iter().copied());
+    let batch_heads = size_of_dims(&[q_shape[0].clone(), q_shape[2].clone()]);
+    let what = format!(
+        "flash_attention_{BM}x{BN}_d{d}{}",
+        match p.mask {
+            Mask::Full => "",
+            Mask::Causal => "_causal",
+            Mask::General => "_masked",
+        }
+    );
+    Ok(Body {
+        what,
+        block_dim: THREADS as u32,
+        grid: [
+            ceil_div_size(size_of_dims(&q_shape[1..2]), BM as u64),
+            SizeExpr::Const(1),
+            batch_heads,
+        ],
+        stmts: body,
+    })
+}
+
+/// `var` summed over the four lanes of its quad (every lane gets the sum).
+fn quad_sum(out: &mut Vec<Stmt>, var: VarId, other: VarId) {
+    for mask in [1, 2] {
+        out.push(Stmt::ShuffleXor {
+            dst: other,
+            src: var,
+            mask,
+        });
+        out.push(Stmt::Assign(var, Expr::var(var) + Expr::var(other)));
+    }
+}
+
+/// The product of `dims` in the index type.
+fn mul_dims(e: &mut Emitter<'_, '_>, dims: &[Dim]) -> Expr {
+    let mut acc: Option<Expr> = None;
+    for dim in dims {
+        let x = e.dim(dim);
+        acc = Some(match acc {
+            Some(a) => mul(a, x),
+            None => x,
+        });
+    }
+    acc.unwrap_or_else(|| e.ix(1))
+}
