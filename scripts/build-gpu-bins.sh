@@ -18,3 +18,5 @@ cp "$release/kiln" .carry/
 strip .carry/*
 # The tensor-core GEMM check (PTX and launch parameters; data is made on the GPU machine).
 KILN_GEMM_CHECK_DIR=$PWD/.carry/gemm-check cargo test -p kiln-gpu-kernels --test mma_gemm_ptxas export_gemm_gpu_check -- --ignored
+# The tensor-core attention prefill check (PTX and launch parameters, for tools/flash_gpu_check.py).
+KILN_FLASH_CHECK_DIR=$PWD/.carry/flash-check cargo test -p kiln-gpu-kernels --test flash_attention export_flash_gpu_check -- --ignored

@@ -10,7 +10,8 @@
 #     --include-ignored runs them here, and a missing GPU fails them;
 #   - compute-sanitizer memcheck and racecheck over the same binaries;
 #   - `kiln run` on the tiny checkpoints (greedy tokens equal transformers');
-#   - the tensor-core GEMM check (gpu-kernels/tools/gemm_gpu_check.py) against PyTorch;
+#   - the tensor-core GEMM check (gpu-kernels/tools/gemm_gpu_check.py) and the attention
+#     prefill check (gpu-kernels/tools/flash_gpu_check.py) against PyTorch;
 #   - the kernel benchmarks beside PyTorch eager and torch.compile;
 #   - the decode speed of the 1.1B Llama shape beside transformers' generate;
 #   - `kiln bench serve` on the 1.1B Llama shape (random weights): 64 prompts, 128 tokens in,
@@ -54,6 +55,13 @@ if [ "${KILN_SKIP_TESTS:-0}" != 1 ]; then
     for tool in $tools; do
         echo "== $tool gemm-check" >> "$OUT/sanitizer.log"
         compute-sanitizer --tool "$tool" --error-exitcode 3 python3 gpu-kernels/tools/gemm_gpu_check.py .carry/gemm-check --small >> "$OUT/sanitizer.log" 2>&1 || status=1
+    done
+    # Tensor-core attention prefill against PyTorch's SDPA (then timed beside its flash
+    # backend), and its small cases under memcheck and racecheck.
+    python3 gpu-kernels/tools/flash_gpu_check.py .carry/flash-check > "$OUT/flash-check.jsonl" 2> "$OUT/flash-check.err" || status=1
+    for tool in $tools; do
+        echo "== $tool flash-check" >> "$OUT/sanitizer.log"
+        compute-sanitizer --tool "$tool" --error-exitcode 3 python3 gpu-kernels/tools/flash_gpu_check.py .carry/flash-check --small >> "$OUT/sanitizer.log" 2>&1 || status=1
     done
 fi
 if [ "${KILN_SKIP_BENCH:-0}" != 1 ]; then
