@@ -80,6 +80,10 @@ pub struct GemmTuning {
     /// Whether a grid of segments of at most a block per SM of an H100 splits K across
     /// blocks (a partial-sum kernel and a sum kernel).
     pub segment_splits: bool,
+    /// Whether a split-K GEMM whose stored values are first read by a row reduction over
+    /// their rows (the residual add read by the next RMSNorm) leaves its sum to that row
+    /// kernel (`templates::RowSums`: one kernel fewer) instead of launching a sum kernel.
+    pub row_sums: bool,
 }
 
 impl Default for GemmTuning {
@@ -87,6 +91,7 @@ impl Default for GemmTuning {
         GemmTuning {
             segments: true,
             segment_splits: true,
+            row_sums: true,
         }
     }
 }

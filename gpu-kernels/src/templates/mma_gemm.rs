@@ -317,6 +317,11 @@ fn matmuls_of(e: &Emitter<'_, '_>, group: &Group, v: Value) -> BTreeSet<usize> {
 }
 
 impl MmaPlan {
+    /// Whether the grid is one of segments ([`segments`]).
+    pub(crate) fn segmented(&self) -> bool {
+        self.tile.segmented
+    }
+
     /// `(splits, slices per split)` when the k slices are split across blocks.
     pub(crate) fn split(&self) -> Option<(u32, u64)> {
         (self.tile.splits > 1).then(|| {
