@@ -522,11 +522,7 @@ impl<'a, 'f> Emitter<'a, 'f> {
             }
             return Err(EmitError::NotFusable(v));
         }
-        let key = format!(
-            "{}|{lanes}|{}",
-            v.0,
-            idx.iter().map(affine_key).collect::<Vec<_>>().join(",")
-        );
+        let key = memo_key(v, idx, lanes);
         if let Some(hit) = self.memo.iter().rev().find_map(|m| m.get(&key)) {
             return Ok(hit.clone());
         }
@@ -553,9 +549,10 @@ impl<'a, 'f> Emitter<'a, 'f> {
 
     /// `lanes` elements of `v`, a value split-K GEMM group `split_sums[s]` stores, from
     /// its partial sums: each matmul's sum in split order (what the group's sum kernel adds),
-    /// then `v` as that kernel computes it (its epilogue inline, nothing reused from this
-    /// kernel's other expressions); the result is stored to `v`'s buffer and read back, so
-    /// that this kernel sees the stored bits.
+    /// then every value the group stores as that kernel computes it (its epilogue inline,
+    /// nothing reused from this kernel's other expressions). Each is stored to its buffer
+    /// and, unless its dtype is its compute type, read back, so that this kernel sees the
+    /// stored bits; the others are remembered for their later reads at this index.
     fn split_sum_element(
         &mut self,
         out: &mut Vec<Stmt>,
@@ -567,7 +564,13 @@ impl<'a, 'f> Emitter<'a, 'f> {
         let src = self.split_sums[s].clone();
         let ity = self.index_ty;
         let shape = self.g.shape(src.matmuls[0]);
-        if self.g.shape(v) != shape {
+        let values: Vec<Value> = self
+            .sourced
+            .iter()
+            .filter(|(_, &i)| i == s)
+            .map(|(u, _)| *u)
+            .collect();
+        if values.iter().any(|u| self.g.shape(*u) != shape) {
             return Err(self.internal(v, "a split-K sum read at another shape"));
         }
         let total = self.numel(shape);
@@ -596,19 +599,40 @@ impl<'a, 'f> Emitter<'a, 'f> {
         let memo = std::mem::replace(&mut self.memo, vec![BTreeMap::new()]);
         let held = self.bindings.len();
         self.bindings.extend(bound);
-        let vals = match src.matmuls.iter().position(|&m| m == v) {
-            Some(i) => Ok(self.bindings[held + i * lanes..held + (i + 1) * lanes]
-                .iter()
-                .map(|b| b.expr.clone())
-                .collect()),
-            None => self.elem(out, v, idx, lanes),
-        };
+        let mut computed = Vec::with_capacity(values.len());
+        for &u in &values {
+            let vals = match src.matmuls.iter().position(|&m| m == u) {
+                Some(i) => Ok(self.bindings[held + i * lanes..held + (i + 1) * lanes]
+                    .iter()
+                    .map(|b| b.expr.clone())
+                    .collect()),
+                None => self.elem(out, u, idx, lanes),
+            };
+            computed.push(vals);
+        }
         self.bindings.truncate(held);
         self.memo = memo;
         self.owned = owned;
-        let vals = vals?;
-        self.store(out, v, idx, vals);
-        Ok(self.load(out, v, idx, lanes))
+        let mut result = Vec::new();
+        for (u, vals) in values.into_iter().zip(computed) {
+            let vals = vals?;
+            self.store(out, u, idx, vals.clone());
+            let exact = matches!(self.g.ty(u).dtype, DType::F32 | DType::I32 | DType::I64);
+            let read = if exact {
+                vals
+            } else {
+                self.load(out, u, idx, lanes)
+            };
+            if u == v {
+                result = read;
+            } else {
+                self.memo
+                    .last_mut()
+                    .expect("a scope")
+                    .insert(memo_key(u, idx, lanes), read);
+            }
+        }
+        Ok(result)
     }
 
     /// The f32 sums of `lanes` consecutive elements of the workspace's `splits` partial
@@ -1217,6 +1241,16 @@ fn group_dims(
         groups.push((gi, go));
     }
     (i == ins.len() && j == outs.len()).then_some(groups)
+}
+
+/// The memo key of `lanes` elements of `v` from `idx` (each index in its canonical affine
+/// form).
+fn memo_key(v: Value, idx: &[Expr], lanes: usize) -> String {
+    format!(
+        "{}|{lanes}|{}",
+        v.0,
+        idx.iter().map(affine_key).collect::<Vec<_>>().join(",")
+    )
 }
 
 /// How many lanes one vector access moves: at most 16 bytes, 2/4/8 elements, or 1.

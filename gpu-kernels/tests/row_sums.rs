@@ -3,11 +3,12 @@
 //! sizes. The plans with and without it are run on the kir interpreter and on Cranelift:
 //! the same bits (the row kernel adds the partial sums in split order and applies the same
 //! epilogue as the sum kernel it replaces), both within tolerance of the graph interpreter,
-//! and one kernel fewer per fused pair.
+//! and one kernel fewer per fused pair. The decode step of the 1.1B Llama shape: 31 sum
+//! kernels fewer, its fused RMSNorm kernels assembled by ptxas without spills.
 
 mod common;
 
-use common::{check, inputs_for, lower, run_plan};
+use common::{assert_assembles_without_spills, check, inputs_for, lower, run_plan, toolchain};
 use kiln_gpu_kernels::{compile_function, GemmTuning, Options};
 use kiln_ir::Tensor;
 use kiln_kir::{Kernel, Plan, Step};
@@ -195,4 +196,90 @@ fn the_plan_without_row_sums_is_the_default_off_switch() {
         .kernels
         .iter()
         .any(|k| k.name.contains("rms_norm_splitk")));
+}
+
+/// The `step` entry of models/llama.kiln at the 1.1B shape `kiln bench decode` measures
+/// (hidden 2048, 16 layers, 32 query / 8 KV heads, ffn 8192), bf16 weights.
+fn llama_1b() -> kiln_ir::Module {
+    let root = kiln_tests::repo_root();
+    let mut config = kiln_tests::read_json(&root.join("tests/fixtures/tiny-llama/config.json"));
+    for (key, value) in [
+        ("hidden_size", 2048),
+        ("intermediate_size", 8192),
+        ("num_attention_heads", 32),
+        ("num_key_value_heads", 8),
+        ("head_dim", 64),
+        ("num_hidden_layers", 16),
+        ("vocab_size", 32000),
+    ] {
+        config[key] = serde_json::json!(value);
+    }
+    let path = root.join("models/llama.kiln");
+    let source = std::fs::read_to_string(&path).expect("program");
+    let options = kiln_lower::Options {
+        param_dtype: kiln_ir::DType::BF16,
+        entries: Some(vec!["step".to_string()]),
+    };
+    let lowered = kiln_tests::compile_source_with(
+        "llama.kiln",
+        &source,
+        path.parent(),
+        Some(&config),
+        &options,
+    )
+    .unwrap_or_else(|d| panic!("{d}"));
+    let mut module = lowered.module;
+    kiln_opt::optimize(&mut module).unwrap_or_else(|e| panic!("{e}"));
+    module
+}
+
+#[test]
+fn the_1b_llama_decode_step_launches_31_kernels_fewer() {
+    // Per layer the o-proj's and the down-proj's split-K sums go into the next RMSNorm;
+    // the last layer's down-proj is read first by the final norm through `h[last]` (rows
+    // of another shape), so its sum kernel stays: 2 × 16 - 1 pairs.
+    let module = llama_1b();
+    let mut counts = Vec::new();
+    for row_sums in [true, false] {
+        let compiled = compile_function(&module, "step", &options(row_sums)).unwrap();
+        // One token, one sequence (the batch-invariant option takes the large branches,
+        // which the row sums leave alone).
+        let sizes = BTreeMap::from([
+            ("T".to_string(), 1),
+            ("B".to_string(), 1),
+            ("MB".to_string(), 8),
+            ("NB".to_string(), 64),
+        ]);
+        let names = launches(&compiled.plan, &compiled.kernels, &sizes);
+        counts.push((
+            names.len(),
+            count(&names, "rms_norm_splitk"),
+            count(&names, "_sum_"),
+        ));
+    }
+    println!("decode step launches (with, fused norms, sum kernels): {counts:?}");
+    let (with, fused, _) = counts[0];
+    let (without, _, sums) = counts[1];
+    assert_eq!(fused, 31);
+    assert_eq!(with + 31, without);
+    assert_eq!(sums, 16 * 3, "q/k/v, o-proj and down-proj sums per layer");
+}
+
+#[test]
+fn the_fused_norms_of_the_1b_llama_assemble_without_spills() {
+    let Some(toolchain) = toolchain() else { return };
+    let compiled = compile_function(&llama_1b(), "step", &Options::default()).unwrap();
+    let fused: Vec<Kernel> = compiled
+        .kernels
+        .into_iter()
+        .filter(|k| k.name.contains("rms_norm_splitk"))
+        .collect();
+    // The o-proj's (4 splits) and the down-proj's (8), with the residual read from the
+    // embedding gather in layer 0.
+    assert!(
+        fused.len() >= 2,
+        "{:?}",
+        fused.iter().map(|k| &k.name).collect::<Vec<_>>()
+    );
+    assert_assembles_without_spills(&toolchain, &fused);
 }

@@ -190,7 +190,10 @@ fn row_reader(g: &FuncGraph<'_>, part: &Partition<'_>, mg: usize) -> Option<usiz
     let full: Vec<Dim> = outer.iter().chain(inner).cloned().collect();
     let fits = group.region == gemm.region
         && group.pos > gemm.pos
-        && stores.iter().all(|s| g.shape(*s) == full.as_slice());
+        && stores
+            .iter()
+            .chain(&gemm.roots)
+            .all(|v| g.shape(*v) == full.as_slice());
     fits.then_some(row)
 }
 
