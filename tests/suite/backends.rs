@@ -394,10 +394,17 @@ fn llama_step_with_split_k_sums_in_rms_norms_on_the_cpu_backend() {
             let data = (0..count)
                 .map(|_| {
                     let x = rng.signed();
-                    (if dims.len() == 1 { 1.0 + 0.1 * x } else { x * scale }) as f32
+                    (if dims.len() == 1 {
+                        1.0 + 0.1 * x
+                    } else {
+                        x * scale
+                    }) as f32
                 })
                 .collect();
-            (n.to_string(), Tensor::from_f32(&dims, data).cast(DType::BF16))
+            (
+                n.to_string(),
+                Tensor::from_f32(&dims, data).cast(DType::BF16),
+            )
         })
         .collect();
     let inputs = paged_step_inputs(func, &mut rng);
