@@ -17,7 +17,8 @@
 //! (`mma.sync` with an `ldmatrix`/`cp.async` pipeline, tiles from a fixed table keyed by
 //! shape, with K split across blocks for decode shapes whose grid is too small: partial
 //! sums in an f32 arena workspace, added in a fixed order by a second kernel that applies the
-//! epilogue); other matmuls a register-blocked SIMT GEMM (`templates/matmul.rs`, tiles
+//! epilogue, or by the row-reduction kernel that first reads the result over its rows, the
+//! RMSNorm after a residual add: `templates::RowSums`); other matmuls a register-blocked SIMT GEMM (`templates/matmul.rs`, tiles
 //! chosen by shape).
 //!
 //! Deliberately absent: the wgmma/TMA and tcgen05 paths, split-K across blocks for

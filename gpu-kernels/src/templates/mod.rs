@@ -348,8 +348,10 @@ pub(crate) fn build(
         let workspace = mma_gemm::split_workspace(g, group, plan);
         let body = mma_gemm::emit(&mut e, group, &[], plan);
         let partial = finish(g, e, body, DType::F32)?;
-        if rows.by_gemm.contains_key(&gid) && !plan.segmented() {
-            // A row-reduction kernel adds the sums (`RowSums`).
+        let into_rows = rows.by_gemm.contains_key(&gid)
+            && split_into_rows(g, part, gid, options, small).is_some();
+        if into_rows {
+            // A row-reduction kernel adds the sums (`RowSums`), by the same test.
             return Ok(Some(Launches {
                 kernels: vec![partial],
                 workspaces: vec![workspace],
