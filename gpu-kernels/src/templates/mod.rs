@@ -101,11 +101,16 @@ impl RowSums {
         if !options.tensor_cores || !options.gemm.row_sums {
             return sums;
         }
+        let reads: Vec<BTreeSet<Value>> = part
+            .groups
+            .iter()
+            .map(|group| buffers_read(g, part, group))
+            .collect();
         for (mg, group) in part.groups.iter().enumerate() {
             if !matches!(group.kind, GroupKind::Matmul { .. }) {
                 continue;
             }
-            let Some(row) = row_reader(g, part, mg) else {
+            let Some(row) = row_reader(g, part, &reads, mg) else {
                 continue;
             };
             let splits = [true, false]
@@ -147,8 +152,13 @@ fn stored_values(part: &Partition<'_>, gid: usize) -> Vec<Value> {
 /// The row group that may add GEMM group `mg`'s split-K sums: the first kernel (in run
 /// order) to read any value `mg` stores, when it is a row group of the same region over
 /// rows of exactly the shape of every such value, every other reader runs after it, and no
-/// loop reads them.
-fn row_reader(g: &FuncGraph<'_>, part: &Partition<'_>, mg: usize) -> Option<usize> {
+/// loop reads them. `reads[gid]`: the values whose buffers group `gid` reads.
+fn row_reader(
+    g: &FuncGraph<'_>,
+    part: &Partition<'_>,
+    reads: &[BTreeSet<Value>],
+    mg: usize,
+) -> Option<usize> {
     let gemm = &part.groups[mg];
     let stores = stored_values(part, mg);
     if stores.is_empty() {
@@ -172,16 +182,11 @@ fn row_reader(g: &FuncGraph<'_>, part: &Partition<'_>, mg: usize) -> Option<usiz
             }
         }
     }
-    let reads = |group: &Group| {
-        buffers_read(g, part, group)
-            .into_iter()
-            .any(|v| stores.contains(&base(v)))
-    };
     let first = part
         .groups
         .iter()
         .enumerate()
-        .filter(|(gid, group)| *gid != mg && reads(group))
+        .filter(|(gid, _)| *gid != mg && reads[*gid].iter().any(|v| stores.contains(&base(*v))))
         .min_by_key(|(_, group)| group.pos)?;
     let (row, group) = first;
     let GroupKind::Row { outer, inner } = &group.kind else {
