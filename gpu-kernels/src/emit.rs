@@ -44,6 +44,26 @@ pub(crate) enum ParamArg {
     /// Workspace `n` of the kernel's group (scratch memory its launches share, declared
     /// by the template and placed in the arena by the plan).
     Workspace(usize),
+    /// The split-K workspace of another group, the GEMM group `n` whose partial sums this
+    /// kernel adds itself ([`SplitSum`]).
+    GroupWorkspace(usize),
+}
+
+/// The split-K partial sums of a GEMM group that the kernel being built adds itself in
+/// place of that group's sum kernel: every value the GEMM group stores is then computed
+/// here, element by element, exactly as its sum kernel would (the f32 partial sums added in
+/// split order, then the group's epilogue), stored to its buffer and read back from there
+/// (so that this kernel uses the value as rounded to its dtype, as a kernel loading it
+/// would).
+#[derive(Clone, Debug)]
+pub(crate) struct SplitSum {
+    /// The f32 workspace `[matmuls, splits, out..]` (`matmuls` left out for one).
+    pub workspace: Buf,
+    /// The GEMM group's matmuls (its roots), all of the shape of the values it stores.
+    pub matmuls: Vec<Value>,
+    pub splits: u32,
+    /// Everything the GEMM group computes (its epilogue is computed as in its own kernel).
+    pub owned: BTreeSet<Value>,
 }
 
 /// A value the kernel holds in a register for exactly one index.
@@ -97,6 +117,11 @@ pub(crate) struct Emitter<'a, 'f> {
     pub rows: Vec<HeldRow>,
     /// Values held in shared arrays by the kernel (read from there, never from a buffer).
     pub local: BTreeMap<Value, LocalArray>,
+    /// Split-K GEMM groups whose partial sums this kernel adds itself.
+    pub split_sums: Vec<SplitSum>,
+    /// The values those groups store, each with its index in `split_sums`: computed from
+    /// the partial sums instead of loaded.
+    pub sourced: BTreeMap<Value, usize>,
     memo: Vec<BTreeMap<String, Vec<Expr>>>,
     /// Inclusive bounds of integer registers, where known.
     ranges: BTreeMap<VarId, (i64, i64)>,
@@ -124,6 +149,8 @@ impl<'a, 'f> Emitter<'a, 'f> {
             bindings: Vec::new(),
             rows: Vec::new(),
             local: BTreeMap::new(),
+            split_sums: Vec::new(),
+            sourced: BTreeMap::new(),
             memo: vec![BTreeMap::new()],
             ranges: BTreeMap::new(),
             fused: BTreeSet::new(),
@@ -198,6 +225,18 @@ impl<'a, 'f> Emitter<'a, 'f> {
             access,
         });
         self.args.push(ParamArg::Workspace(slot));
+        Buf::Global(i)
+    }
+
+    /// The buffer parameter of GEMM group `gid`'s split-K workspace (read only).
+    pub fn group_workspace(&mut self, gid: usize) -> Buf {
+        let i = self.params.len() as u32;
+        self.params.push(Param::Buffer {
+            name: format!("workspace{i}"),
+            dtype: DType::F32,
+            access: Access::Read,
+        });
+        self.args.push(ParamArg::GroupWorkspace(gid));
         Buf::Global(i)
     }
 
@@ -483,15 +522,14 @@ impl<'a, 'f> Emitter<'a, 'f> {
             }
             return Err(EmitError::NotFusable(v));
         }
-        let key = format!(
-            "{}|{lanes}|{}",
-            v.0,
-            idx.iter().map(affine_key).collect::<Vec<_>>().join(",")
-        );
+        let key = memo_key(v, idx, lanes);
         if let Some(hit) = self.memo.iter().rev().find_map(|m| m.get(&key)) {
             return Ok(hit.clone());
         }
-        let result = if self.is_loaded(v) {
+        let sourced = self.sourced.get(&v).copied();
+        let result = if let Some(s) = sourced.filter(|_| !self.owned.contains(&v)) {
+            self.split_sum_element(out, v, idx, lanes, s)?
+        } else if self.is_loaded(v) {
             self.load(out, v, idx, lanes)
         } else {
             if self.g.is_heavy(v) || self.g.is_source(v) {
@@ -507,6 +545,136 @@ impl<'a, 'f> Emitter<'a, 'f> {
             .expect("a scope")
             .insert(key, result.clone());
         Ok(result)
+    }
+
+    /// `lanes` elements of `v`, a value split-K GEMM group `split_sums[s]` stores, from
+    /// its partial sums: each matmul's sum in split order (what the group's sum kernel adds),
+    /// then every value the group stores as that kernel computes it (its epilogue inline,
+    /// nothing reused from this kernel's other expressions). Each is stored to its buffer
+    /// and, unless its dtype is its compute type, read back, so that this kernel sees the
+    /// stored bits; the others are remembered for their later reads at this index.
+    fn split_sum_element(
+        &mut self,
+        out: &mut Vec<Stmt>,
+        v: Value,
+        idx: &[Expr],
+        lanes: usize,
+        s: usize,
+    ) -> EResult<Vec<Expr>> {
+        let src = self.split_sums[s].clone();
+        let ity = self.index_ty;
+        let shape = self.g.shape(src.matmuls[0]);
+        let values: Vec<Value> = self
+            .sourced
+            .iter()
+            .filter(|(_, &i)| i == s)
+            .map(|(u, _)| *u)
+            .collect();
+        if values.iter().any(|u| self.g.shape(*u) != shape) {
+            return Err(self.internal(v, "a split-K sum read at another shape"));
+        }
+        let total = self.numel(shape);
+        let total = self.bind(out, "total", ity, total);
+        let lin = self.linear(shape, idx);
+        let lin = self.bind(out, "at", ity, lin);
+        let last = idx.len() - 1;
+        let mut bound = Vec::new();
+        for (i, &m) in src.matmuls.iter().enumerate() {
+            let first = add(
+                lin.clone(),
+                mul(self.ix(i as i64 * i64::from(src.splits)), total.clone()),
+            );
+            let sums = self.sum_splits(out, src.workspace, first, &total, src.splits, lanes);
+            for (c, sum) in sums.into_iter().enumerate() {
+                let mut index = idx.to_vec();
+                index[last] = add(idx[last].clone(), self.ix(c as i64));
+                bound.push(Binding {
+                    value: m,
+                    index,
+                    expr: Expr::Var(sum),
+                });
+            }
+        }
+        let owned = std::mem::replace(&mut self.owned, src.owned.clone());
+        let memo = std::mem::replace(&mut self.memo, vec![BTreeMap::new()]);
+        let held = self.bindings.len();
+        self.bindings.extend(bound);
+        let mut computed = Vec::with_capacity(values.len());
+        for &u in &values {
+            let vals = match src.matmuls.iter().position(|&m| m == u) {
+                Some(i) => Ok(self.bindings[held + i * lanes..held + (i + 1) * lanes]
+                    .iter()
+                    .map(|b| b.expr.clone())
+                    .collect()),
+                None => self.elem(out, u, idx, lanes),
+            };
+            computed.push(vals);
+        }
+        self.bindings.truncate(held);
+        self.memo = memo;
+        self.owned = owned;
+        let mut result = Vec::new();
+        for (u, vals) in values.into_iter().zip(computed) {
+            let vals = vals?;
+            self.store(out, u, idx, vals.clone());
+            let exact = matches!(self.g.ty(u).dtype, DType::F32 | DType::I32 | DType::I64);
+            let read = if exact {
+                vals
+            } else {
+                self.load(out, u, idx, lanes)
+            };
+            if u == v {
+                result = read;
+            } else {
+                self.memo
+                    .last_mut()
+                    .expect("a scope")
+                    .insert(memo_key(u, idx, lanes), read);
+            }
+        }
+        Ok(result)
+    }
+
+    /// The f32 sums of `lanes` consecutive elements of the workspace's `splits` partial
+    /// sums at `first`, `first + stride`, ..., each added in split order (16-byte vector
+    /// loads where the lanes allow).
+    fn sum_splits(
+        &mut self,
+        out: &mut Vec<Stmt>,
+        workspace: Buf,
+        first: Expr,
+        stride: &Expr,
+        splits: u32,
+        lanes: usize,
+    ) -> Vec<VarId> {
+        let sums: Vec<VarId> = (0..lanes).map(|_| self.var("sum", Ty::F32)).collect();
+        let chunk = vector_chunk(lanes, 4);
+        for s in 0..i64::from(splits) {
+            let base = add(first.clone(), mul(self.ix(s), stride.clone()));
+            let dsts: Vec<VarId> = if s == 0 {
+                sums.clone()
+            } else {
+                (0..lanes).map(|_| self.var("part", Ty::F32)).collect()
+            };
+            for c in (0..lanes).step_by(chunk) {
+                let at = add(base.clone(), self.ix(c as i64));
+                if chunk == 1 {
+                    out.push(Stmt::Assign(dsts[c], Expr::load(workspace, at)));
+                } else {
+                    out.push(Stmt::LoadVec {
+                        dsts: dsts[c..c + chunk].to_vec(),
+                        buf: workspace,
+                        index: at,
+                    });
+                }
+            }
+            if s > 0 {
+                for (sum, part) in sums.iter().zip(&dsts) {
+                    out.push(Stmt::assign(*sum, Expr::var(*sum) + Expr::var(*part)));
+                }
+            }
+        }
+        sums
     }
 
     /// Element `at` of the thread's line of a held row: its register when `at` is known,
@@ -1073,6 +1241,16 @@ fn group_dims(
         groups.push((gi, go));
     }
     (i == ins.len() && j == outs.len()).then_some(groups)
+}
+
+/// The memo key of `lanes` elements of `v` from `idx` (each index in its canonical affine
+/// form).
+fn memo_key(v: Value, idx: &[Expr], lanes: usize) -> String {
+    format!(
+        "{}|{lanes}|{}",
+        v.0,
+        idx.iter().map(affine_key).collect::<Vec<_>>().join(",")
+    )
 }
 
 /// How many lanes one vector access moves: at most 16 bytes, 2/4/8 elements, or 1.

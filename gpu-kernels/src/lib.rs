@@ -17,7 +17,8 @@
 //! (`mma.sync` with an `ldmatrix`/`cp.async` pipeline, tiles from a fixed table keyed by
 //! shape, with K split across blocks for decode shapes whose grid is too small: partial
 //! sums in an f32 arena workspace, added in a fixed order by a second kernel that applies the
-//! epilogue); other matmuls a register-blocked SIMT GEMM (`templates/matmul.rs`, tiles
+//! epilogue, or by the row-reduction kernel that first reads the result over its rows, the
+//! RMSNorm after a residual add: `templates::RowSums`); other matmuls a register-blocked SIMT GEMM (`templates/matmul.rs`, tiles
 //! chosen by shape).
 //!
 //! Deliberately absent: the wgmma/TMA and tcgen05 paths, split-K across blocks for
@@ -85,6 +86,10 @@ pub struct GemmTuning {
     /// Whether a grid of segments of at most a block per SM of an H100 splits K across
     /// blocks (a partial-sum kernel and a sum kernel).
     pub segment_splits: bool,
+    /// Whether a split-K GEMM whose stored values are first read by a row reduction over
+    /// their rows (the residual add read by the next RMSNorm) leaves its sum to that row
+    /// kernel (`templates::RowSums`: one kernel fewer) instead of launching a sum kernel.
+    pub row_sums: bool,
 }
 
 impl Default for GemmTuning {
@@ -92,6 +97,7 @@ impl Default for GemmTuning {
         GemmTuning {
             segments: true,
             segment_splits: true,
+            row_sums: true,
         }
     }
 }

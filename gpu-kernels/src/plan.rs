@@ -37,6 +37,10 @@ pub(crate) struct PlanBuilder<'a, 'f> {
     /// Small constant tensors of distinct elements (`kiln_opt::small_constants`): a group
     /// that stores only such values is no kernel, its buffers hold the values.
     constants: BTreeMap<Value, Tensor>,
+    /// Split-K GEMM groups whose sums a row-reduction kernel adds.
+    row_sums: templates::RowSums,
+    /// The split-K workspace of each such GEMM group, once launched.
+    group_workspaces: BTreeMap<usize, BufferId>,
 }
 
 impl<'a, 'f> PlanBuilder<'a, 'f> {
@@ -57,6 +61,8 @@ impl<'a, 'f> PlanBuilder<'a, 'f> {
             stats: Vec::new(),
             layer_of: BTreeMap::new(),
             constants: kiln_opt::small_constants(g.func),
+            row_sums: templates::RowSums::find(g, part, options),
+            group_workspaces: BTreeMap::new(),
         }
     }
 
@@ -219,7 +225,9 @@ impl<'a, 'f> PlanBuilder<'a, 'f> {
         if self.store_constants(gid) {
             return Ok(Vec::new());
         }
-        if let Some(variant) = templates::size_variant(self.g, self.part, gid, self.options) {
+        if let Some(variant) =
+            templates::size_variant(self.g, self.part, gid, self.options, &self.row_sums)
+        {
             let small = self.launch_variant(gid, true)?;
             let large = self.launch_variant(gid, false)?;
             if small.is_empty() && large.is_empty() {
@@ -268,7 +276,14 @@ impl<'a, 'f> PlanBuilder<'a, 'f> {
     }
 
     fn launch_variant(&mut self, gid: usize, small_rows: bool) -> Result<Vec<Step>, FusionError> {
-        let Some(launches) = templates::build(self.g, self.part, gid, self.options, small_rows)?
+        let Some(launches) = templates::build(
+            self.g,
+            self.part,
+            gid,
+            self.options,
+            small_rows,
+            &self.row_sums,
+        )?
         else {
             return Ok(Vec::new());
         };
@@ -287,6 +302,9 @@ impl<'a, 'f> PlanBuilder<'a, 'f> {
                 id
             })
             .collect();
+        if launches.shared_workspace {
+            self.group_workspaces.insert(gid, workspaces[0]);
+        }
         launches
             .kernels
             .into_iter()
@@ -309,6 +327,16 @@ impl<'a, 'f> PlanBuilder<'a, 'f> {
             let (b, value) = match a {
                 ParamArg::Buffer(v) => (self.buffer(*v), Some(*v)),
                 ParamArg::Workspace(w) => (workspaces[*w], None),
+                ParamArg::GroupWorkspace(gid) => match self.group_workspaces.get(gid) {
+                    Some(&b) => (b, None),
+                    None => {
+                        return Err(FusionError::Internal {
+                            function: self.g.func.name.clone(),
+                            value: self.part.groups[*gid].roots[0],
+                            message: "a split-K sum read before its GEMM ran".into(),
+                        })
+                    }
+                },
                 ParamArg::Sym(s) => {
                     args.push(Arg::Sym(s.clone()));
                     continue;

@@ -390,6 +390,7 @@ fn the_gemm_knobs_turn_segments_and_their_split_off() {
             gemm: GemmTuning {
                 segments,
                 segment_splits,
+                ..GemmTuning::default()
             },
             ..Options::default()
         };

@@ -354,6 +354,127 @@ fn check_bf16_steps(backend: Backend) {
     }
 }
 
+#[test]
+fn llama_step_with_split_k_sums_in_rms_norms_on_the_cpu_backend() {
+    // A Llama shape whose o-proj (K = 8 × 128) and down-proj (K = 1024) split K across
+    // blocks at decode sizes: each RMSNorm that reads a residual add adds the split-K sums
+    // itself (`GemmTuning::row_sums`). Six tokens take the decode kernels: three sum
+    // kernels fewer (layer 0's o-proj and down-proj, layer 1's o-proj; layer 1's down-proj
+    // sum is read first by the final norm through `h[last]`, another shape), the same bits
+    // as without, and within bf16 tolerance of the interpreter.
+    let dir = repo_root().join("tests/fixtures/tiny-llama");
+    let mut config = read_json(&dir.join("config.json"));
+    config["num_attention_heads"] = serde_json::json!(8);
+    config["head_dim"] = serde_json::json!(128);
+    config["intermediate_size"] = serde_json::json!(1024);
+    config["kv_block_size"] = serde_json::json!(4);
+    let path = repo_root().join("models/llama.kiln");
+    let source = std::fs::read_to_string(&path).expect("program");
+    let name = "models/llama.kiln (split-K sums in RMSNorms, bf16)";
+    let options = kiln_lower::Options {
+        param_dtype: DType::BF16,
+        entries: Some(vec!["step".to_string()]),
+    };
+    let lowered = compile_source_with(name, &source, path.parent(), Some(&config), &options)
+        .unwrap_or_else(|d| panic!("{d}"));
+    let func = &lowered.module.functions[0];
+    let mut rng = Rng(0x5EED_5A11);
+    let weights: BTreeMap<String, Tensor> = func
+        .checkpoint_params()
+        .into_iter()
+        .map(|(n, ty)| {
+            let dims: Vec<usize> = ty
+                .shape
+                .dims()
+                .iter()
+                .map(|d| d.as_const().expect("constant weights") as usize)
+                .collect();
+            let scale = 1.0 / (*dims.last().unwrap_or(&1) as f64).sqrt();
+            let count: usize = dims.iter().product();
+            let data = (0..count)
+                .map(|_| {
+                    let x = rng.signed();
+                    (if dims.len() == 1 {
+                        1.0 + 0.1 * x
+                    } else {
+                        x * scale
+                    }) as f32
+                })
+                .collect();
+            (
+                n.to_string(),
+                Tensor::from_f32(&dims, data).cast(DType::BF16),
+            )
+        })
+        .collect();
+    let inputs = paged_step_inputs(func, &mut rng);
+    let mut optimized = lowered.module.clone();
+    kiln_opt::optimize(&mut optimized).expect("optimize");
+    let mut results = Vec::new();
+    let mut launched = Vec::new();
+    for row_sums in [true, false] {
+        let mut fusion = kiln_gpu_kernels::Options::default();
+        fusion.gemm.row_sums = row_sums;
+        let compiled = kiln_gpu_kernels::compile_module(&optimized, &fusion).unwrap();
+        let plan = &compiled.plans[0];
+        let sizes: BTreeMap<String, u64> = plan
+            .symbols
+            .iter()
+            .map(|s| (s.name.clone(), inputs[s.input].shape[s.axis] as u64))
+            .collect();
+        launched.push(launches(&plan.steps, &compiled.kernels, &sizes));
+        let executor = kiln_cpu::CpuExecutor::new(&compiled.kernels).unwrap();
+        results.push(
+            executor
+                .run(plan, &inputs, &|n| weights.get(n))
+                .unwrap_or_else(|e| panic!("{name}: {e}")),
+        );
+    }
+    let fused = launched[0]
+        .iter()
+        .filter(|k| k.contains("rms_norm_splitk"))
+        .count();
+    assert_eq!(fused, 3, "{:?}", launched[0]);
+    assert_eq!(launched[0].len() + 3, launched[1].len(), "{launched:?}");
+    for (i, (a, b)) in results[0].iter().zip(&results[1]).enumerate() {
+        assert_eq!(a.to_le_bytes(), b.to_le_bytes(), "{name}: result {i}");
+    }
+    let fusion = kiln_gpu_kernels::Options::default();
+    check_lowered(
+        Backend::Cpu,
+        &fusion,
+        name,
+        lowered,
+        &weights,
+        Some(inputs),
+        Some(2e-2),
+    );
+}
+
+/// The names of the kernels `steps` launch with the symbols at `sizes`.
+fn launches(
+    steps: &[kiln_kir::Step],
+    kernels: &[kiln_kir::Kernel],
+    sizes: &BTreeMap<String, u64>,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    for step in steps {
+        match step {
+            kiln_kir::Step::Launch { kernel, .. } => out.push(kernels[*kernel].name.clone()),
+            kiln_kir::Step::Loop { body, .. } => out.extend(launches(body, kernels, sizes)),
+            kiln_kir::Step::BySize { .. } => {
+                let branch = step
+                    .by_size_branch(|s| sizes.get(s).copied())
+                    .expect("a BySize step")
+                    .expect("bound symbols");
+                out.extend(launches(branch, kernels, sizes));
+            }
+            kiln_kir::Step::Copy { .. } => {}
+        }
+    }
+    out
+}
+
 fn check_stdlib(backend: Backend) {
     let dir = repo_root().join("tests/filetests/ir");
     let mut programs: Vec<_> = std::fs::read_dir(&dir)

@@ -284,7 +284,9 @@ const TUNE_PAGED: &str = "KILN_TUNE_PAGED";
 
 /// `KILN_TUNE_GEMM`: `segments=0|1` (decode-sized fused matmuls of unequal widths, q/k/v,
 /// run a grid of segments, each block one matmul's tile; default 1) and `splits=0|1` (such a
-/// grid of at most a block per SM splits K across blocks; default 1). Example:
+/// grid of at most a block per SM splits K across blocks; default 1) and `rowsum=0|1` (a
+/// split-K GEMM whose stored values a row reduction reads first, the residual add before
+/// an RMSNorm, leaves its sum to that row kernel; default 1). Example:
 /// `KILN_TUNE_GEMM=segments=1,splits=0`.
 const TUNE_GEMM: &str = "KILN_TUNE_GEMM";
 
@@ -358,14 +360,16 @@ pub(crate) fn apply_tuning(options: &mut CompileOptions) -> Result<()> {
         match key.as_str() {
             "segments" => gemm.segments = *n != 0,
             "splits" => gemm.segment_splits = *n != 0,
-            _ => bail!("{TUNE_GEMM}: unknown key `{key}` (segments, splits)"),
+            "rowsum" => gemm.row_sums = *n != 0,
+            _ => bail!("{TUNE_GEMM}: unknown key `{key}` (segments, splits, rowsum)"),
         }
     }
     if !gemm_items.is_empty() {
         eprintln!(
-            "kiln bench: {TUNE_GEMM}: segments {}, splits {}",
+            "kiln bench: {TUNE_GEMM}: segments {}, splits {}, rowsum {}",
             u8::from(gemm.segments),
-            u8::from(gemm.segment_splits)
+            u8::from(gemm.segment_splits),
+            u8::from(gemm.row_sums)
         );
     }
     Ok(())

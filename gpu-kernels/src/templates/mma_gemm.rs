@@ -47,7 +47,8 @@
 //! consecutive k slices and writes its f32 partial sums to a workspace `[splits, batch..,
 //! M, N]` (an arena temp of the plan); a second kernel ([`emit_split_sum`], named
 //! `splitkS_sum`) adds the partial sums of each output element in split order and applies
-//! the epilogue. A grid of segments splits the same way while it has at most a block per SM
+//! the epilogue (unless a row-reduction kernel reading the result does so itself,
+//! `super::RowSums`). A grid of segments splits the same way while it has at most a block per SM
 //! of an H100 (q/k/v of the 1.1B Llama: 96 block columns, split over 4 blocks each), its
 //! workspace rows holding the segments' columns side by side (`[splits, batch.., M, sum of
 //! N]`). A fixed-order sum rather than f32 atomics into a zeroed buffer: the same
@@ -351,6 +352,11 @@ fn matmuls_of(e: &Emitter<'_, '_>, group: &Group, v: Value) -> BTreeSet<usize> {
 }
 
 impl MmaPlan {
+    /// Whether the grid is one of segments ([`segments`]).
+    pub(crate) fn segmented(&self) -> bool {
+        self.tile.segmented
+    }
+
     /// `(splits, slices per split)` when the k slices are split across blocks.
     pub(crate) fn split(&self) -> Option<(u32, u64)> {
         (self.tile.splits > 1).then(|| {

@@ -16,13 +16,13 @@ mod small_sort;
 pub use matmul::MatmulTiling;
 pub use mma_gemm::{choose_splits, choose_tile, MmaTile, SMALL_ROWS};
 
-use crate::emit::{Emitter, ParamArg};
+use crate::emit::{Emitter, ParamArg, SplitSum};
 use crate::error::{EmitError, FusionError};
 use crate::graph::FuncGraph;
 use crate::partition::{Group, GroupKind, Partition};
 use kiln_ir::{DType, Dim, Value};
 use kiln_kir::{Kernel, SizeExpr, Stmt, Ty};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// A kernel as a template produced it, before it gets its final name.
 pub(crate) struct Built {
@@ -70,6 +70,176 @@ pub(crate) struct Workspace {
 pub(crate) struct Launches {
     pub kernels: Vec<Built>,
     pub workspaces: Vec<Workspace>,
+    /// Whether a later group's kernel reads workspace 0 too (a split-K GEMM whose sum a
+    /// row-reduction kernel adds, [`RowSums`]).
+    pub shared_workspace: bool,
+}
+
+/// Split-K GEMM groups whose sum kernel a row-reduction group replaces: when the values
+/// a split GEMM group stores (its epilogue's, e.g. a residual add `h`) are first read by a
+/// row group over rows of their shape (an RMSNorm of `h`), the row kernel adds the partial
+/// sums itself in split order, applies the same epilogue, stores those values (bit for bit
+/// what the sum kernel would store: later kernels read `h` as the residual) and reduces
+/// them; the GEMM group launches only its partial-sum kernel. Decided per group, the same
+/// for both variants of a [`SizeVariant`]; whether it applies to one variant depends on
+/// whether that variant's GEMM splits ([`split_into_rows`]).
+#[derive(Default)]
+pub(crate) struct RowSums {
+    /// Row group → the GEMM groups whose sums it adds.
+    pub by_row: BTreeMap<usize, Vec<usize>>,
+    /// GEMM group → the row group that adds its sums.
+    pub by_gemm: BTreeMap<usize, usize>,
+}
+
+impl RowSums {
+    /// Finds the pairs (none unless tensor cores and [`crate::GemmTuning::row_sums`] are on).
+    pub(crate) fn find(
+        g: &FuncGraph<'_>,
+        part: &Partition<'_>,
+        options: &crate::Options,
+    ) -> RowSums {
+        let mut sums = RowSums::default();
+        if !options.tensor_cores || !options.gemm.row_sums {
+            return sums;
+        }
+        let reads: Vec<BTreeSet<Value>> = part
+            .groups
+            .iter()
+            .map(|group| buffers_read(g, part, group))
+            .collect();
+        for (mg, group) in part.groups.iter().enumerate() {
+            if !matches!(group.kind, GroupKind::Matmul { .. }) {
+                continue;
+            }
+            let Some(row) = row_reader(g, part, &reads, mg) else {
+                continue;
+            };
+            let splits = [true, false]
+                .into_iter()
+                .any(|small| split_into_rows(g, part, mg, options, small).is_some());
+            let wide = index_type(g, &part.groups[row], options) == Ty::I64
+                || index_type(g, group, options) == Ty::I32;
+            // A row group's kernels are chosen by one size (that of the GEMMs it reads).
+            let variant = |gid: usize| {
+                size_variant(g, part, gid, options, &RowSums::default())
+                    .map(|v| (v.symbol, v.at_most))
+            };
+            let agrees = sums
+                .by_row
+                .get(&row)
+                .and_then(|gemms| gemms.first())
+                .is_none_or(|&first| variant(first) == variant(mg));
+            if splits && wide && agrees {
+                sums.by_row.entry(row).or_default().push(mg);
+                sums.by_gemm.insert(mg, row);
+            }
+        }
+        sums
+    }
+}
+
+/// The values group `gid` stores (writes to buffers that other kernels read).
+fn stored_values(part: &Partition<'_>, gid: usize) -> Vec<Value> {
+    let group = &part.groups[gid];
+    group
+        .roots
+        .iter()
+        .chain(&group.outputs)
+        .copied()
+        .filter(|v| part.stored[v.0 as usize])
+        .collect()
+}
+
+/// The row group that may add GEMM group `mg`'s split-K sums: the first kernel (in run
+/// order) to read any value `mg` stores, when it is a row group of the same region over
+/// rows of exactly the shape of every such value, every other reader runs after it, and no
+/// loop reads them. `reads[gid]`: the values whose buffers group `gid` reads.
+fn row_reader(
+    g: &FuncGraph<'_>,
+    part: &Partition<'_>,
+    reads: &[BTreeSet<Value>],
+    mg: usize,
+) -> Option<usize> {
+    let gemm = &part.groups[mg];
+    let stores = stored_values(part, mg);
+    if stores.is_empty() {
+        return None;
+    }
+    let base = |mut v: Value| {
+        while let Some(&b) = part.view_of.get(&v) {
+            v = b;
+        }
+        v
+    };
+    for &s in &stores {
+        // Every use of a stored value (or of a view of it) is by an op of this region.
+        let mut stack = vec![s];
+        while let Some(v) = stack.pop() {
+            for (region, inst) in &g.users[v.0 as usize] {
+                if *region != gemm.region || matches!(inst.op, kiln_ir::Op::Loop) {
+                    return None;
+                }
+                stack.extend(inst.results.iter().filter(|r| part.view_of.contains_key(r)));
+            }
+        }
+    }
+    let first = part
+        .groups
+        .iter()
+        .enumerate()
+        .filter(|(gid, _)| *gid != mg && reads[*gid].iter().any(|v| stores.contains(&base(*v))))
+        .min_by_key(|(_, group)| group.pos)?;
+    let (row, group) = first;
+    let GroupKind::Row { outer, inner } = &group.kind else {
+        return None;
+    };
+    let full: Vec<Dim> = outer.iter().chain(inner).cloned().collect();
+    let fits = group.region == gemm.region
+        && group.pos > gemm.pos
+        && stores
+            .iter()
+            .chain(&gemm.roots)
+            .all(|v| g.shape(*v) == full.as_slice());
+    fits.then_some(row)
+}
+
+/// The values whose buffers a group's kernel reads: walking down from what it computes
+/// through the element-wise values it inlines, as the emitter does.
+fn buffers_read(g: &FuncGraph<'_>, part: &Partition<'_>, group: &Group) -> BTreeSet<Value> {
+    let mut read = BTreeSet::new();
+    let mut seen = BTreeSet::new();
+    let mut stack: Vec<Value> = group.owned.iter().copied().collect();
+    while let Some(v) = stack.pop() {
+        if !seen.insert(v) {
+            continue;
+        }
+        let computed = group.owned.contains(&v)
+            || !(g.is_source(v) || g.is_heavy(v) || part.stored[v.0 as usize]);
+        if !computed {
+            read.insert(v);
+            continue;
+        }
+        if let Some(inst) = g.inst(v) {
+            stack.extend(inst.operands.iter().copied());
+        }
+    }
+    read
+}
+
+/// The split tensor-core plan of GEMM group `mg` in variant `small` when a row group adds
+/// its sums ([`RowSums`]): the GEMM's K split across blocks, one grid (not segments).
+fn split_into_rows(
+    g: &FuncGraph<'_>,
+    part: &Partition<'_>,
+    mg: usize,
+    options: &crate::Options,
+    small: bool,
+) -> Option<mma_gemm::MmaPlan> {
+    let group = &part.groups[mg];
+    let mut e = Emitter::new(g, &part.stored, Ty::I32);
+    e.owned = group.owned.clone();
+    mma_gemm::plan(&e, group, small, options)
+        .filter(|p| options.tensor_cores && p.split().is_some() && !p.segmented())
 }
 
 /// A group whose kernels come in two variants, chosen at run time by a symbol's value
@@ -84,6 +254,7 @@ pub(crate) struct SizeVariant {
 ///   decode-sized variant for at most [`mma_gemm::SMALL_ROWS`] rows; a plain one whose row
 ///   count is symbolic has its small tile up to the row count where the large tile would
 ///   have enough blocks ([`matmul::large_tile_rows`]);
+/// - a row group that adds split-K GEMM sums ([`RowSums`]) has the GEMMs' variants;
 /// - paged decode attention whose block tables have a symbolic width has a variant with
 ///   short partitions ([`crate::PagedTuning::short_part`]) for block tables of at most
 ///   [`crate::PagedTuning::short_context`] key positions, so that short contexts still
@@ -93,8 +264,13 @@ pub(crate) fn size_variant(
     part: &Partition<'_>,
     gid: usize,
     options: &crate::Options,
+    rows: &RowSums,
 ) -> Option<SizeVariant> {
     let group = &part.groups[gid];
+    if let Some(&mg) = rows.by_row.get(&gid).and_then(|gemms| gemms.first()) {
+        // A row group adding split-K sums has the variants of the GEMMs it reads.
+        return size_variant(g, part, mg, options, rows);
+    }
     let mut e = Emitter::new(g, &part.stored, Ty::I32);
     e.owned = group.owned.clone();
     match &group.kind {
@@ -146,6 +322,7 @@ pub(crate) fn build(
     gid: usize,
     options: &crate::Options,
     small: bool,
+    rows: &RowSums,
 ) -> Result<Option<Launches>, FusionError> {
     let group = &part.groups[gid];
     let stores: Vec<Value> = group
@@ -177,12 +354,23 @@ pub(crate) fn build(
         let workspace = mma_gemm::split_workspace(g, group, plan);
         let body = mma_gemm::emit(&mut e, group, &[], plan);
         let partial = finish(g, e, body, DType::F32)?;
+        let into_rows = rows.by_gemm.contains_key(&gid)
+            && split_into_rows(g, part, gid, options, small).is_some();
+        if into_rows {
+            // A row-reduction kernel adds the sums (`RowSums`), by the same test.
+            return Ok(Some(Launches {
+                kernels: vec![partial],
+                workspaces: vec![workspace],
+                shared_workspace: true,
+            }));
+        }
         let mut e = new_emitter();
         let body = mma_gemm::emit_split_sum(&mut e, group, &stores, plan);
         let sum = finish(g, e, body, out_dtype(g, &stores))?;
         return Ok(Some(Launches {
             kernels: vec![partial, sum],
             workspaces: vec![workspace],
+            shared_workspace: false,
         }));
     }
     if let GroupKind::PagedAttention(out) = &group.kind {
@@ -201,6 +389,7 @@ pub(crate) fn build(
             return Ok(Some(Launches {
                 kernels: vec![partial, merge],
                 workspaces: vec![workspace],
+                shared_workspace: false,
             }));
         }
     }
@@ -208,7 +397,30 @@ pub(crate) fn build(
         GroupKind::Pointwise { shape } => {
             pointwise::emit(&mut e, shape, &stores, &options.pointwise)
         }
-        GroupKind::Row { outer, inner } => reduce::emit_rows(&mut e, group, outer, inner, &stores),
+        GroupKind::Row { outer, inner } => {
+            // The values of split-K GEMMs whose sums this kernel adds are computed, stored
+            // and reduced here.
+            let mut stores = stores.clone();
+            for &mg in rows.by_row.get(&gid).into_iter().flatten() {
+                let Some(plan) = split_into_rows(g, part, mg, options, small) else {
+                    continue;
+                };
+                let gemm = &part.groups[mg];
+                let (splits, _) = plan.split().expect("a split GEMM");
+                let workspace = e.group_workspace(mg);
+                e.split_sums.push(SplitSum {
+                    workspace,
+                    matmuls: gemm.roots.clone(),
+                    splits,
+                    owned: gemm.owned.clone(),
+                });
+                for v in stored_values(part, mg) {
+                    e.sourced.insert(v, e.split_sums.len() - 1);
+                    stores.push(v);
+                }
+            }
+            reduce::emit_rows(&mut e, group, outer, inner, &stores)
+        }
         GroupKind::LoopReduce => reduce::emit_loop(&mut e, group.roots[0]),
         GroupKind::Matmul { .. } => match &mma {
             Some(plan) => mma_gemm::emit(&mut e, group, &stores, plan),
@@ -245,6 +457,7 @@ pub(crate) fn build(
     Ok(Some(Launches {
         kernels: vec![built],
         workspaces: Vec::new(),
+        shared_workspace: false,
     }))
 }
 

@@ -480,7 +480,10 @@ pub(crate) fn emit_rows(
         }),
         None => body.extend(epilogue),
     }
-    let what = describe(&names, g, group);
+    let mut what = describe(&names, g, group);
+    for sum in &e.split_sums {
+        what = format!("{what}_splitk{}_sum", sum.splits);
+    }
     Ok(Body {
         what,
         block_dim,
@@ -628,7 +631,10 @@ fn store_lanes(
 ) -> EResult<()> {
     for &o in outputs {
         let vals = e.elem(out, o, at, lanes)?;
-        e.store(out, o, at, vals);
+        // A value computed from split-K partial sums was stored when it was computed.
+        if !e.sourced.contains_key(&o) {
+            e.store(out, o, at, vals);
+        }
     }
     Ok(())
 }
