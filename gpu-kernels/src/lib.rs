@@ -90,6 +90,9 @@ pub struct GemmTuning {
     /// their rows (the residual add read by the next RMSNorm) leaves its sum to that row
     /// kernel (`templates::RowSums`: one kernel fewer) instead of launching a sum kernel.
     pub row_sums: bool,
+    /// The most blocks a decode GEMM's k slices are split over (0: the template's limit,
+    /// 8; 1: no split-K across blocks).
+    pub max_splits: u32,
 }
 
 impl Default for GemmTuning {
@@ -98,6 +101,7 @@ impl Default for GemmTuning {
             segments: true,
             segment_splits: true,
             row_sums: true,
+            max_splits: 0,
         }
     }
 }

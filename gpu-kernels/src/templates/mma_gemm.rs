@@ -240,6 +240,14 @@ const MIN_SLICES_PER_SPLIT: u64 = 4;
 /// The most blocks one output tile's k slices are split over.
 const MAX_SPLITS: u64 = 8;
 
+/// The most blocks one output tile's k slices may be split over under `tuning`.
+fn most_splits(tuning: &crate::GemmTuning) -> u64 {
+    match tuning.max_splits {
+        0 => MAX_SPLITS,
+        n => u64::from(n),
+    }
+}
+
 /// Over how many blocks the k slices of `tile` (the decode tile, with split-K warps) are
 /// split for an `m × n` output with reduction length `k` and `batch` batch entries: as many
 /// as keep the grid within [`SPLIT_BLOCKS_PER_SM`] blocks per SM of an H100, at most
@@ -248,13 +256,18 @@ const MAX_SPLITS: u64 = 8;
 /// than two blocks per SM. Each block takes `ceil(slices / splits)` consecutive slices, the
 /// last block fewer.
 pub fn choose_splits(tile: &MmaTile, m: u64, n: u64, k: u64, batch: u64) -> u32 {
+    choose_splits_at_most(tile, m, n, k, batch, MAX_SPLITS)
+}
+
+/// [`choose_splits`] with at most `most` splits (`GemmTuning::max_splits`).
+fn choose_splits_at_most(tile: &MmaTile, m: u64, n: u64, k: u64, batch: u64, most: u64) -> u32 {
     if tile.warps_k == 1 || m > u64::from(tile.bm) {
         return 1;
     }
     let blocks = n.div_ceil(u64::from(tile.bn)).saturating_mul(batch.max(1));
     let slices = k.div_ceil(u64::from(tile.bk));
     let want = (SPLIT_BLOCKS_PER_SM * H100_SMS / blocks.max(1))
-        .min(MAX_SPLITS)
+        .min(most)
         .min(slices / MIN_SLICES_PER_SPLIT);
     if want < 2 {
         return 1;
@@ -559,7 +572,14 @@ pub(crate) fn plan(
         let blocks: u64 = segments.iter().map(|s| s.blocks).sum();
         if let (Some(batch), true) = (batch, tuning.segment_splits) {
             if blocks.saturating_mul(batch) <= H100_SMS {
-                tile.splits = choose_splits(&tile, m, blocks * u64::from(tile.bn), k, batch);
+                tile.splits = choose_splits_at_most(
+                    &tile,
+                    m,
+                    blocks * u64::from(tile.bn),
+                    k,
+                    batch,
+                    most_splits(tuning),
+                );
             }
         }
         return Some(MmaPlan {
@@ -579,7 +599,7 @@ pub(crate) fn plan(
     if let (Some(m), Some(batch), true) = (m, batch, one_shape) {
         let blocks = n_max.div_ceil(u64::from(tile.bn)).saturating_mul(batch);
         if b.len() == 1 || blocks <= H100_SMS {
-            tile.splits = choose_splits(&tile, m, n_max, k, batch);
+            tile.splits = choose_splits_at_most(&tile, m, n_max, k, batch, most_splits(tuning));
         }
     }
     Some(MmaPlan {
@@ -1594,6 +1614,9 @@ mod tests {
         tile.segmented = true;
         assert_eq!(tile.name(), "16x32x128_w1x2x4_s3_seg");
         assert_eq!(choose_splits(&tile, 1, 96 * 32, 2048, 1), 4);
+        // A cap on the splits (`GemmTuning::max_splits`) holds, 1 meaning none.
+        assert_eq!(choose_splits_at_most(&tile, 1, 96 * 32, 2048, 1, 2), 2);
+        assert_eq!(choose_splits_at_most(&tile, 1, 96 * 32, 2048, 1, 1), 1);
         // Ragged widths: a partial last tile in each segment.
         let segs = segments(&[96, 32, 40], 32);
         let starts: Vec<(u64, u64, u64)> =
