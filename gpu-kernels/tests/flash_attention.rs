@@ -16,7 +16,7 @@
 
 mod common;
 
-use common::{check, inputs_for, lower, rel_err, tolerance};
+use common::{check, export_launch, inputs_for, lower, param_shapes, rel_err, tolerance};
 use kiln_gpu_kernels::Options;
 use std::collections::BTreeMap;
 
@@ -273,8 +273,7 @@ fn d64_f16(q: f16[3, 333, 16, 64], k: f16[3, 777, 16, 64], v: f16[3, 777, 16, 64
 #[test]
 #[ignore = "writes a GPU check to $KILN_FLASH_CHECK_DIR; run tools/flash_gpu_check.py on a GPU"]
 fn export_flash_gpu_check() {
-    use kiln_kir::{Arg, BufferKind, Param, Step};
-    use kiln_ptx::{emit_ptx, EmitOptions, Target};
+    use kiln_kir::Step;
     let dir = std::path::PathBuf::from(
         std::env::var_os("KILN_FLASH_CHECK_DIR").expect("set KILN_FLASH_CHECK_DIR"),
     );
@@ -289,55 +288,20 @@ fn export_flash_gpu_check() {
         };
         let kernel = &compiled.kernels[*kernel];
         assert!(kernel.name.contains("flash_attention"), "{}", kernel.name);
-        let ptx = emit_ptx(
-            std::slice::from_ref(kernel),
-            Target::Sm90a,
-            &EmitOptions::for_jit(),
-        )
-        .unwrap();
         let file = format!("{function}.ptx");
-        std::fs::write(dir.join(&file), ptx).unwrap();
-        let params: Vec<serde_json::Value> = kernel
-            .params
-            .iter()
-            .zip(args)
-            .map(|(param, arg)| match (param, arg) {
-                (Param::Buffer { .. }, Arg::Buffer(b)) => {
-                    match &compiled.plan.buffers[b.0 as usize].kind {
-                        BufferKind::Input(i) => serde_json::json!({ "input": i }),
-                        BufferKind::Output(o) => serde_json::json!({ "output": o }),
-                        other => panic!("{function}: a {other:?} buffer"),
-                    }
-                }
-                other => panic!("{function}: {other:?}"),
-            })
-            .collect();
-        let grid = kiln_kir::launch_grid(kernel, &|_| None).unwrap();
+        let mut case = export_launch(&dir, &file, &compiled, kernel, args, &|_| None);
         let func = module.function(function).unwrap();
-        let shapes: Vec<Vec<u64>> = func
-            .params()
-            .iter()
-            .map(|&p| {
-                func.ty(p)
-                    .shape
-                    .dims()
-                    .iter()
-                    .map(|d| d.as_const().unwrap())
-                    .collect()
-            })
-            .collect();
-        cases.push(serde_json::json!({
+        let extra = serde_json::json!({
             "function": function,
-            "kernel": kernel.name,
-            "ptx": file,
-            "grid": grid,
-            "block": kernel.block_dim,
             "shared_bytes": kernel.shared.iter().map(|s| s.len as usize * s.dtype.size_bytes()).sum::<usize>(),
-            "params": params,
-            "inputs": shapes,
+            "inputs": param_shapes(&module, function, 0),
             "dtype": func.ty(func.params()[0]).dtype.name(),
             "causal": kernel.name.contains("_causal"),
-        }));
+        });
+        case.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        cases.push(case);
     }
     std::fs::write(
         dir.join("manifest.json"),

@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::lower;
+use common::{export_launch, lower, param_shapes};
 use kiln_gpu_kernels::Options;
 use kiln_ptx::{emit_ptx, EmitOptions, Target};
 
@@ -162,7 +162,7 @@ fn fp8_decode(x: f8e4m3[T, 4096], w: f8e4m3[4096, 4096], sa: f32, sb: f32[4096])
 #[test]
 #[ignore = "writes a GPU check to $KILN_GEMM_CHECK_DIR; run tools/gemm_gpu_check.py on a GPU"]
 fn export_gemm_gpu_check() {
-    use kiln_kir::{Arg, BufferKind, Param, Step};
+    use kiln_kir::Step;
     let dir = std::path::PathBuf::from(
         std::env::var_os("KILN_GEMM_CHECK_DIR").expect("set KILN_GEMM_CHECK_DIR"),
     );
@@ -194,62 +194,12 @@ fn export_gemm_gpu_check() {
                 panic!("{function}: a step that is not a launch");
             };
             let kernel = &compiled.kernels[*kernel];
-            let ptx = emit_ptx(
-                std::slice::from_ref(kernel),
-                Target::Sm90a,
-                &EmitOptions::for_jit(),
-            )
-            .unwrap();
             let file = format!("{function}_{n}.ptx");
-            std::fs::write(dir.join(&file), ptx).unwrap();
-            let params: Vec<serde_json::Value> = kernel
-                .params
-                .iter()
-                .zip(args)
-                .map(|(param, arg)| match (param, arg) {
-                    (Param::Buffer { .. }, Arg::Buffer(b)) => {
-                        let decl = &compiled.plan.buffers[b.0 as usize];
-                        match &decl.kind {
-                            BufferKind::Input(i) => serde_json::json!({ "input": i }),
-                            BufferKind::Output(o) => serde_json::json!({ "output": o }),
-                            BufferKind::Temp => {
-                                let bytes = decl
-                                    .shape
-                                    .iter()
-                                    .fold(decl.dtype.size_bytes() as u64, |acc, d| {
-                                        acc * d.eval(&symbols).expect("a size")
-                                    });
-                                serde_json::json!({ "temp": b.0, "bytes": bytes })
-                            }
-                            other => panic!("{function}: a {other:?} buffer"),
-                        }
-                    }
-                    (Param::Scalar { .. }, Arg::Sym(s)) => serde_json::json!({ "sym": s }),
-                    other => panic!("{function}: {other:?}"),
-                })
-                .collect();
-            let grid = kiln_kir::launch_grid(kernel, &symbols).unwrap();
-            launches.push(serde_json::json!({
-                "kernel": kernel.name,
-                "ptx": file,
-                "grid": grid,
-                "block": kernel.block_dim,
-                "params": params,
-            }));
+            launches.push(export_launch(
+                &dir, &file, &compiled, kernel, args, &symbols,
+            ));
         }
-        let func = module.function(function).unwrap();
-        let shapes: Vec<Vec<u64>> = func
-            .params()
-            .iter()
-            .map(|&p| {
-                func.ty(p)
-                    .shape
-                    .dims()
-                    .iter()
-                    .map(|d| d.as_const().unwrap_or(t))
-                    .collect()
-            })
-            .collect();
+        let shapes = param_shapes(&module, function, t);
         cases.push(serde_json::json!({
             "function": function,
             "launches": launches,

@@ -20,19 +20,7 @@ import cupy as cp
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-
-def median_ms(fn, runs=20):
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(runs):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+from gemm_gpu_check import median_ms
 
 
 def main():

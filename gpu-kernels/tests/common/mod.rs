@@ -408,3 +408,74 @@ pub fn assert_assembles_without_spills_for(
     }
     registers
 }
+
+/// One launch of a GPU check (the `tools/*_gpu_check.py` scripts): writes the kernel's PTX
+/// (sm_90a, capped for the driver's JIT) to `dir/file` and describes the launch — kernel,
+/// PTX file, grid and block at the symbol values `symbols`, and each parameter as an input
+/// or output index, a temp (its id and bytes, which the script allocates) or a symbol.
+pub fn export_launch(
+    dir: &std::path::Path,
+    file: &str,
+    compiled: &CompiledFunction,
+    kernel: &Kernel,
+    args: &[Arg],
+    symbols: &dyn Fn(&str) -> Option<u64>,
+) -> serde_json::Value {
+    use kiln_ptx::{emit_ptx, EmitOptions, Target};
+    let ptx = emit_ptx(
+        std::slice::from_ref(kernel),
+        Target::Sm90a,
+        &EmitOptions::for_jit(),
+    )
+    .unwrap();
+    std::fs::write(dir.join(file), ptx).unwrap();
+    let params: Vec<serde_json::Value> = kernel
+        .params
+        .iter()
+        .zip(args)
+        .map(|(param, arg)| match (param, arg) {
+            (Param::Buffer { .. }, Arg::Buffer(b)) => {
+                let decl = &compiled.plan.buffers[b.0 as usize];
+                match &decl.kind {
+                    BufferKind::Input(i) => serde_json::json!({ "input": i }),
+                    BufferKind::Output(o) => serde_json::json!({ "output": o }),
+                    BufferKind::Temp => {
+                        let bytes = decl
+                            .shape
+                            .iter()
+                            .fold(decl.dtype.size_bytes() as u64, |acc, d| {
+                                acc * d.eval(symbols).expect("a size")
+                            });
+                        serde_json::json!({ "temp": b.0, "bytes": bytes })
+                    }
+                    other => panic!("{}: a {other:?} buffer", kernel.name),
+                }
+            }
+            (Param::Scalar { .. }, Arg::Sym(s)) => serde_json::json!({ "sym": s }),
+            other => panic!("{}: {other:?}", kernel.name),
+        })
+        .collect();
+    serde_json::json!({
+        "kernel": kernel.name,
+        "ptx": file,
+        "grid": kiln_kir::launch_grid(kernel, symbols).unwrap(),
+        "block": kernel.block_dim,
+        "params": params,
+    })
+}
+
+/// The shapes of `function`'s parameters with every symbolic dim at `t`.
+pub fn param_shapes(module: &Module, function: &str, t: u64) -> Vec<Vec<u64>> {
+    let func = module.function(function).unwrap();
+    func.params()
+        .iter()
+        .map(|&p| {
+            func.ty(p)
+                .shape
+                .dims()
+                .iter()
+                .map(|d| d.as_const().unwrap_or(t))
+                .collect()
+        })
+        .collect()
+}
