@@ -178,6 +178,16 @@ pub struct PagedTuning {
     pub short_part: u64,
     /// The most key positions (block-table width × block size) the short variant serves.
     pub short_context: u64,
+    /// Keys of one shared-memory tile of the staged design of the long-context kernel
+    /// (`templates/paged_decode.rs`: key and value tiles copied by `cp.async`, `stages - 1`
+    /// tiles ahead of the math, each warp scoring `tile / warps` keys of a tile from shared
+    /// memory); 0 keeps the register design (a warp's keys loaded into registers each
+    /// step). Rounded up to a multiple of `warps`; `part` is rounded up to a multiple of
+    /// it. The short-context variant always uses the register design.
+    pub tile: u64,
+    /// Tiles of the staged design in shared memory (2 or more; fewer when they would not
+    /// fit 48 KiB beside the block merge, the register design when 2 do not).
+    pub stages: u64,
 }
 
 impl Default for PagedTuning {
@@ -188,6 +198,8 @@ impl Default for PagedTuning {
             warps: 4,
             short_part: 32,
             short_context: 512,
+            tile: 16,
+            stages: 4,
         }
     }
 }
