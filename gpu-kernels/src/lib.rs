@@ -188,6 +188,14 @@ pub struct PagedTuning {
     /// Tiles of the staged design in shared memory (2 or more; fewer when they would not
     /// fit 48 KiB beside the block merge, the register design when 2 do not).
     pub stages: u64,
+    /// Blocks of the staged kernel an SM that ptxas fits the registers of
+    /// (`Kernel::blocks_per_sm`); 0 or 1 leaves the registers to ptxas.
+    pub blocks_per_sm: u32,
+    /// Lanes of the staged design that split one key's head dim: 32 / `lanes` keys a warp
+    /// at once, each score summed by log2(`lanes`) shuffles, one max across the lane
+    /// groups a step and the groups' sums added after the loop (a power of two, at least
+    /// head dim / 16 and 4, at most head dim / 4).
+    pub lanes: u32,
 }
 
 impl Default for PagedTuning {
@@ -200,6 +208,8 @@ impl Default for PagedTuning {
             short_context: 512,
             tile: 16,
             stages: 4,
+            blocks_per_sm: 0,
+            lanes: 16,
         }
     }
 }

@@ -544,9 +544,10 @@ fn check_models(backend: Backend) {
 /// (partitions of 32 up to 512 positions); with that variant up to 256 positions it runs
 /// the partitions of 128; the other settings turn the variant off. The first six run the
 /// register design; the staged design (key/value tiles through shared memory) runs with
-/// the default tiles, tiles of 32 for two warps in two stages, tiles of 12 (crossing cache
-/// blocks, partitions rounded up to 132) and tiles of 8 in five stages (partitions of 104;
-/// at head dim 32 a tile is fewer 16-byte chunks than threads).
+/// the default tiles, tiles of 32 for two warps in two stages, tiles of 12 with a warp a
+/// key (crossing cache blocks, partitions rounded up to 132) and tiles of 8 in five stages
+/// (rounded up to 16 lanes a key's warps; at head dim 32 a tile is fewer 16-byte chunks
+/// than threads).
 fn check_paged_attention(backend: Backend) {
     let defaults = kiln_gpu_kernels::PagedTuning::default();
     let (short_part, short_context) = (defaults.short_part, defaults.short_context);
@@ -582,6 +583,8 @@ fn check_paged_attention(backend: Backend) {
             short_context,
             tile,
             stages,
+            lanes: if tile == 12 { 32 } else { defaults.lanes },
+            ..defaults
         };
         check_paged_attention_with(backend, &fusion);
     }
@@ -629,14 +632,15 @@ fn check_paged_attention_with(backend: Backend, fusion: &kiln_gpu_kernels::Optio
             fusion,
             &format!(
                 "paged attention {dtype} d{d} blocks of {bs}, partitions of {} ({} up to {} \
-                 positions) for {} warps of {}, tiles of {} ({} stages)",
+                 positions) for {} warps of {}, tiles of {} ({} stages, {} lanes a key)",
                 fusion.paged.part,
                 fusion.paged.short_part,
                 fusion.paged.short_context,
                 fusion.paged.warps,
                 fusion.paged.unroll,
                 fusion.paged.tile,
-                fusion.paged.stages
+                fusion.paged.stages,
+                fusion.paged.lanes
             ),
             &source,
             Some(&repo_root().join("stdlib")),

@@ -280,7 +280,8 @@ const TUNE_POINTWISE: &str = "KILN_TUNE_POINTWISE";
 /// `short_part=N` and `short_context=N` (the partition for block tables of at most that many
 /// positions; `short_part` ≥ `part` turns the variant off), `tile=N` (keys of a shared-memory
 /// tile of the staged long-context design; 0: the register design) and `stages=N` (its
-/// tiles in flight); defaults in [`kiln_gpu_kernels::PagedTuning`]. Example:
+/// tiles in flight), `blocks=N` (blocks an SM ptxas fits the staged kernel's registers
+/// for), `lanes=N` (lanes splitting a key's head dim in it); defaults in [`kiln_gpu_kernels::PagedTuning`]. Example:
 /// `KILN_TUNE_PAGED=tile=32,stages=2,part=256`.
 const TUNE_PAGED: &str = "KILN_TUNE_PAGED";
 
@@ -347,23 +348,27 @@ pub(crate) fn apply_tuning(options: &mut CompileOptions) -> Result<()> {
             "short_context" => paged.short_context = n,
             "tile" => paged.tile = raw,
             "stages" => paged.stages = n,
+            "lanes" => paged.lanes = u32::try_from(n.min(32)).unwrap_or(32),
+            "blocks" => paged.blocks_per_sm = u32::try_from(n.min(32)).unwrap_or(32),
             _ => bail!(
                 "{TUNE_PAGED}: unknown key `{key}` (part, unroll, warps, short_part, \
-                 short_context, tile, stages)"
+                 short_context, tile, stages, blocks, lanes)"
             ),
         }
     }
     if !paged_items.is_empty() {
         eprintln!(
             "kiln bench: {TUNE_PAGED}: part {}, unroll {}, warps {}, short_part {} up to {} keys, \
-             tile {} ({} stages)",
+             tile {} ({} stages, {} blocks an SM, {} lanes a key)",
             paged.part,
             paged.unroll,
             paged.warps,
             paged.short_part,
             paged.short_context,
             paged.tile,
-            paged.stages
+            paged.stages,
+            paged.blocks_per_sm,
+            paged.lanes
         );
     }
     let gemm_items = tuning_items(TUNE_GEMM)?;

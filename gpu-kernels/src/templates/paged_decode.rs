@@ -35,6 +35,11 @@ pub(crate) struct PagedShape {
     tile: usize,
     /// Tiles in flight of the staged design.
     stages: usize,
+    /// The staged kernel's `Kernel::blocks_per_sm`.
+    blocks_per_sm: u32,
+    /// Lanes that split one key's head dim (32: a warp per key; fewer: 32 / lanes keys of
+    /// a warp at once, the scores summed over fewer shuffles; staged design only).
+    lanes: usize,
 }
 
 impl PagedShape {
@@ -60,6 +65,8 @@ impl PagedShape {
             warps: tuning.warps.clamp(1, 32),
             tile: 0,
             stages: 0,
+            blocks_per_sm: tuning.blocks_per_sm.max(1),
+            lanes: 32,
         };
         let (kt, vt) = (
             e.g.ty(inst.operands[1]).dtype,
@@ -71,9 +78,15 @@ impl PagedShape {
             && 16 % kt.size_bytes() == 0
             && e.g.shape(inst.operands[2]) == k;
         if staged {
-            // Whole tiles: a warp takes tile / warps keys of each, partitions are whole
-            // tiles; as many stages as fit the shared memory beside the block merge.
-            let tile = (tuning.tile as usize).next_multiple_of(shape.warps as usize);
+            // Lanes a key: a power of two of 4 to 32 with whole rows of at most 16
+            // elements per lane.
+            let lanes = (tuning.lanes as usize).clamp(1, 32).next_power_of_two();
+            let lanes = lanes.max(d / 16).min(d / 4).max(4);
+            // Whole tiles: a warp takes tile / warps keys of each, 32 / lanes at once,
+            // partitions are whole tiles; as many stages as fit the shared memory beside
+            // the block merge.
+            let per_step = shape.warps as usize * (32 / lanes);
+            let tile = (tuning.tile as usize).next_multiple_of(per_step);
             let merge = shape.warps as usize * (2 + d) * shape.group * 4;
             let stage = 2 * tile * d * kt.size_bytes();
             let budget = (kiln_kir::verify::MAX_SHARED_BYTES as usize).saturating_sub(merge);
@@ -81,6 +94,7 @@ impl PagedShape {
             if stages >= 2 {
                 shape.tile = tile;
                 shape.stages = stages;
+                shape.lanes = lanes;
                 shape.part = shape.part.next_multiple_of(tile as u64);
             }
         }
@@ -98,7 +112,20 @@ impl PagedShape {
 
     /// Elements of a row each lane holds.
     fn per_lane(&self) -> usize {
-        self.d / 32
+        self.d / self.lanes
+    }
+
+    /// Keys a warp scores at once (lane groups).
+    fn slots(&self) -> usize {
+        32 / self.lanes
+    }
+
+    /// The shuffle masks across the lane groups (none for a warp per key).
+    fn slot_masks(&self) -> Vec<u32> {
+        (0..5)
+            .map(|b| 1u32 << b)
+            .filter(|&m| m as usize >= self.lanes)
+            .collect()
     }
 }
 
@@ -155,6 +182,8 @@ struct Partial {
     lane: Expr,
     warp: Expr,
     col: Expr,
+    /// This lane's key of the warp's `slots` keys at once.
+    slot: Expr,
     /// The token's sequence (negative: padding).
     seq: Expr,
     start: Expr,
@@ -188,7 +217,9 @@ fn prologue(
     let lane = e.bind(body, "lane", ity, lane);
     let warp = e.special(Special::WarpId);
     let warp = e.bind(body, "warp", ity, warp);
-    let col = e.bind(body, "col", ity, lane.clone() * e.ix(per_lane as i64));
+    let in_key = lane.clone() % e.ix(shape.lanes as i64);
+    let col = e.bind(body, "col", ity, in_key * e.ix(per_lane as i64));
+    let slot = e.bind(body, "slot", ity, lane.clone() / e.ix(shape.lanes as i64));
     // The token's sequence and key count, and this partition's key range.
     let s = e
         .elem(body, seq, std::slice::from_ref(&token), 1)?
@@ -241,6 +272,7 @@ fn prologue(
         lane,
         warp,
         col,
+        slot,
         seq: s,
         start,
         end,
@@ -276,7 +308,10 @@ fn online_step(
             }
             step.push(Stmt::Assign(dot, sum));
             let other = e.var("other", Ty::F32);
-            for mask in [16u32, 8, 4, 2, 1] {
+            for mask in [16u32, 8, 4, 2, 1]
+                .into_iter()
+                .filter(|&m| (m as usize) < shape.lanes)
+            {
                 step.push(Stmt::ShuffleXor {
                     dst: other,
                     src: dot,
@@ -295,7 +330,19 @@ fn online_step(
         for sc in &scores {
             most = most.max(sc.clone());
         }
-        let m_new = e.bind(step, "m_new", Ty::F32, most);
+        let m_new = e.var("m_new", Ty::F32);
+        step.push(Stmt::Assign(m_new, most));
+        // Lane groups score different keys: one max across the warp.
+        for mask in shape.slot_masks() {
+            let other = e.var("other", Ty::F32);
+            step.push(Stmt::ShuffleXor {
+                dst: other,
+                src: m_new,
+                mask,
+            });
+            step.push(Stmt::Assign(m_new, Expr::var(m_new).max(Expr::var(other))));
+        }
+        let m_new = Expr::var(m_new);
         // While every key so far is masked the max is -inf: keep the sums at 0.
         let live = e.bind(
             step,
@@ -349,6 +396,7 @@ pub(crate) fn emit_partial(
     let mut body = Vec::new();
     let st = prologue(e, &mut body, out, shape)?;
     if shape.staged() {
+        e.blocks_per_sm = shape.blocks_per_sm;
         staged_loop(e, &mut body, out, shape, &st)?;
         return epilogue(e, body, out, shape, &st);
     }
@@ -573,7 +621,9 @@ fn staged_loop(
     step.extend(copies);
     step.push(Stmt::CpAsyncCommit);
     let stage = Expr::binary(BinOp::Rem, Expr::var(t), e.ix(stages as i64));
-    let row0 = st.warp.clone() * e.ix(per_warp as i64);
+    // Lane group g of warp w takes the tile's keys w·per_warp + g + u·slots.
+    let slots = shape.slots();
+    let row0 = st.warp.clone() * e.ix(per_warp as i64) + st.slot.clone();
     let first = e.bind(
         &mut step,
         "first",
@@ -591,13 +641,13 @@ fn staged_loop(
     let mut valid = Vec::with_capacity(per_warp);
     let mut keys = Vec::with_capacity(per_warp);
     let mut values = Vec::with_capacity(per_warp);
-    for u in 0..per_warp {
-        let ok = (first.clone() + e.ix(u as i64)).lt(end.clone());
+    for u in 0..per_warp / slots {
+        let ok = (first.clone() + e.ix((u * slots) as i64)).lt(end.clone());
         valid.push(e.bind(&mut step, "key_ok", Ty::Pred, ok));
         for (buf, rows, name) in [(k_tiles, &mut keys, "k"), (v_tiles, &mut values, "v")] {
             let regs: Vec<VarId> = (0..per_lane).map(|_| e.var(name, Ty::F32)).collect();
             for (c, part) in regs.chunks(width).enumerate() {
-                let index = base.clone() + e.ix((u * d + c * width) as i64);
+                let index = base.clone() + e.ix((u * slots * d + c * width) as i64);
                 if part.len() == 1 {
                     step.push(Stmt::Assign(part[0], Expr::load(buf, index)));
                 } else {
@@ -623,6 +673,18 @@ fn staged_loop(
     // Copies still in flight are of tiles past the end (zero fills): drained here so that
     // none outlives the loop.
     body.push(Stmt::CpAsyncWait(0));
+    // The lane groups' sums (under the warp's common max) added across the warp.
+    for mask in shape.slot_masks() {
+        let other = e.var("other", Ty::F32);
+        for var in st.l.iter().chain(st.acc.iter().flatten()) {
+            body.push(Stmt::ShuffleXor {
+                dst: other,
+                src: *var,
+                mask,
+            });
+            body.push(Stmt::Assign(*var, Expr::var(*var) + Expr::var(other)));
+        }
+    }
     Ok(())
 }
 
@@ -662,12 +724,23 @@ fn epilogue(
             ],
             otherwise: Vec::new(),
         });
+        // Lane groups hold equal sums after the warp's shuffles: the first stores them.
+        let mut stores = Vec::new();
         for (c, a) in acc[gi].iter().enumerate() {
             let at = warp.clone() * e.ix((group * d) as i64)
                 + e.ix((gi * d) as i64)
                 + col.clone()
                 + e.ix(c as i64);
-            body.push(Stmt::store(sums, at, Expr::var(*a)));
+            stores.push(Stmt::store(sums, at, Expr::var(*a)));
+        }
+        if shape.lanes < 32 {
+            body.push(Stmt::If {
+                cond: lane.clone().lt(e.ix(shape.lanes as i64)),
+                then: stores,
+                otherwise: Vec::new(),
+            });
+        } else {
+            body.extend(stores);
         }
     }
     body.push(Stmt::Barrier);
