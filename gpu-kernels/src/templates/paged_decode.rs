@@ -9,6 +9,18 @@
 //! workspace; a second kernel merges the partitions of each (token, head) in order and
 //! stores the output. Keys are read through the block table; a token with a negative
 //! sequence (padding) gets zeros.
+//!
+//! Two designs of the first kernel (`PagedTuning::tile`): the register design above, and
+//! the staged design of the long-context kernel: the partition's keys in tiles of `tile`
+//! keys whose key and value rows the block copies into shared memory with 16-byte
+//! `cp.async` chunks, `stages - 1` tiles ahead of the tile it computes (one barrier a tile;
+//! the bytes in flight cost no registers and overlap the math; keys past the end are
+//! zero-fill copies that read neither the block table nor the cache). The warps score
+//! their keys of a tile from shared memory in lane groups of `lanes` lanes, each group a
+//! key (D / lanes elements a lane: 8 bf16, one 16-byte shared load, at 16 lanes and D 128),
+//! so a score takes log2(lanes) shuffles; the warp keeps one running max (a shuffle max
+//! across the groups a step), each group its own sums, added across the warp after the
+//! loop. The short-context variant keeps the register design.
 
 use super::{mul_size, size_of_dims, Body, Workspace};
 use crate::emit::{EResult, Emitter};
@@ -217,9 +229,17 @@ fn prologue(
     let lane = e.bind(body, "lane", ity, lane);
     let warp = e.special(Special::WarpId);
     let warp = e.bind(body, "warp", ity, warp);
-    let in_key = lane.clone() % e.ix(shape.lanes as i64);
+    // A warp per key: every lane in slot 0; else lane group `slot` of `lanes` lanes.
+    let (in_key, slot) = if shape.lanes == 32 {
+        (lane.clone(), e.ix(0))
+    } else {
+        let slot = lane.clone() / e.ix(shape.lanes as i64);
+        (
+            lane.clone() % e.ix(shape.lanes as i64),
+            e.bind(body, "slot", ity, slot),
+        )
+    };
     let col = e.bind(body, "col", ity, in_key * e.ix(per_lane as i64));
-    let slot = e.bind(body, "slot", ity, lane.clone() / e.ix(shape.lanes as i64));
     // The token's sequence and key count, and this partition's key range.
     let s = e
         .elem(body, seq, std::slice::from_ref(&token), 1)?
