@@ -508,6 +508,19 @@ pub(crate) fn emit_partial(
     epilogue(e, body, out, shape, &st)
 }
 
+/// One 16-byte chunk a thread copies of each tile (key and value rows alike).
+struct Copy {
+    /// The chunk's row of the tile and first column.
+    row: Expr,
+    col: Expr,
+    /// Its offset in a stage of the shared tiles.
+    dst: Expr,
+    /// Its offset in the cache from the tile's first row, when a tile lies in one block.
+    src: Option<Expr>,
+    /// Whether some threads have no chunk here (the tile has fewer chunks left).
+    partial: bool,
+}
+
 /// The staged design's loop: the partition's keys in tiles of `tile` keys; the block
 /// copies each tile's key and value rows into shared memory with 16-byte `cp.async`
 /// chunks, `stages - 1` tiles ahead of the one it computes (the copies cost no registers
@@ -545,7 +558,11 @@ fn staged_loop(
     let tiles = e.bind(body, "tiles", ity, tiles);
     // This thread's chunks of a tile: chunk i·threads + tid is row (i·threads + tid) /
     // row_chunks, columns (… % row_chunks)·chunk ..; the key and value rows alike.
-    let copy_plan: Vec<(Expr, Expr, bool)> = (0..tile_chunks.div_ceil(threads))
+    // With a constant block size that the tile divides (tiles start at multiples of it), a
+    // tile lies in one cache block: one block-table read a tile, each chunk at a fixed
+    // offset from the tile's first row.
+    let one_block = matches!(cache_dims[2], Dim::Const(bs) if bs.is_multiple_of(tile as u64));
+    let copy_plan: Vec<Copy> = (0..tile_chunks.div_ceil(threads))
         .map(|i| {
             let flat = tid.clone() + e.ix((i * threads) as i64);
             let row = e.bind(
@@ -556,7 +573,25 @@ fn staged_loop(
             );
             let c = flat.clone() % e.ix(row_chunks as i64);
             let c = e.bind(body, "copy_col", ity, c * e.ix(chunk as i64));
-            (row, c, (i + 1) * threads > tile_chunks)
+            let dst = e.bind(
+                body,
+                "copy_dst",
+                ity,
+                row.clone() * e.ix(d as i64) + c.clone(),
+            );
+            let src = one_block.then(|| {
+                let zero = e.ix(0);
+                let at = [zero.clone(), zero.clone(), row.clone(), zero, c.clone()];
+                let at = e.linear(&cache_dims, &at);
+                e.bind(body, "copy_src", ity, at)
+            });
+            Copy {
+                row,
+                col: c,
+                dst,
+                src,
+                partial: (i + 1) * threads > tile_chunks,
+            }
         })
         .collect();
     let load_tile = |e: &mut Emitter<'_, '_>, stage: Expr, t: Expr| -> EResult<Vec<Stmt>> {
@@ -568,36 +603,56 @@ fn staged_loop(
             ity,
             start.clone() + t * e.ix(tile as i64),
         );
-        for (row, c, partial) in &copy_plan {
-            let mut copy = Vec::new();
-            let j = e.bind(&mut copy, "j", ity, first.clone() + row.clone());
-            let ok = e.bind(&mut copy, "key_ok", Ty::Pred, j.clone().lt(end.clone()));
-            // The block table is read only for keys in range.
-            let src = e.var("src", ity);
+        // The block table is read only for keys in range: the source index of row `j`
+        // (its column `col`), 0 when out of range.
+        let row_at = |e: &mut Emitter<'_, '_>,
+                      out: &mut Vec<Stmt>,
+                      j: &Expr,
+                      col: Expr,
+                      name: &str|
+         -> EResult<Expr> {
+            let ok = j.clone().lt(end.clone());
+            let src = e.var(name, ity);
             let mut read = Vec::new();
+            e.push_scope();
             let at = [st.seq.clone(), j.clone() / st.block_size.clone()];
             let block = e.elem(&mut read, tables, &at, 1)?.remove(0);
+            e.pop_scope();
             let block = e.bind(&mut read, "block", ity, index(e, block));
             let idx = [
                 e.ix(shape.layer as i64),
                 block,
-                j % st.block_size.clone(),
+                j.clone() % st.block_size.clone(),
                 st.kvh.clone(),
-                c.clone(),
+                col,
             ];
             let at = e.linear(&cache_dims, &idx);
             read.push(Stmt::Assign(src, at));
-            copy.push(Stmt::If {
-                cond: ok.clone(),
+            out.push(Stmt::If {
+                cond: ok,
                 then: read,
                 otherwise: vec![Stmt::Assign(src, e.ix(0))],
             });
-            let dst = e.bind(
-                &mut copy,
-                "dst",
-                ity,
-                stage.clone() + row.clone() * e.ix(d as i64) + c.clone(),
-            );
+            Ok(Expr::var(src))
+        };
+        let tile_src = if one_block {
+            Some(row_at(e, &mut out, &first, e.ix(0), "tile_src")?)
+        } else {
+            None
+        };
+        for cp in &copy_plan {
+            let (row, c, partial) = (&cp.row, &cp.col, &cp.partial);
+            let mut copy = Vec::new();
+            let j = e.bind(&mut copy, "j", ity, first.clone() + row.clone());
+            let ok = e.bind(&mut copy, "key_ok", Ty::Pred, j.clone().lt(end.clone()));
+            let src = match (&tile_src, &cp.src) {
+                (Some(base), Some(offset)) => {
+                    let at = Expr::select(ok.clone(), base.clone() + offset.clone(), e.ix(0));
+                    e.bind(&mut copy, "src", ity, at)
+                }
+                _ => row_at(e, &mut copy, &j, c.clone(), "src")?,
+            };
+            let dst = e.bind(&mut copy, "dst", ity, stage.clone() + cp.dst.clone());
             let len = Expr::select(
                 ok,
                 Expr::Const(kiln_kir::Const::I32(chunk as i32)),
@@ -609,7 +664,7 @@ fn staged_loop(
                     dst: dst_buf,
                     dst_index: dst.clone(),
                     src: src_buf,
-                    src_index: Expr::var(src),
+                    src_index: src.clone(),
                     src_len: len.clone(),
                 });
             }
