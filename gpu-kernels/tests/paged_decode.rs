@@ -103,6 +103,13 @@ fn staged_gqa_f32_equals_the_interpreter() {
 }
 
 #[test]
+fn staged_gqa_32_8_equals_the_interpreter() {
+    // The benchmark's head counts at head dim 32: four warps, tiles of 16 (8 lanes a key),
+    // tiles inside the cache blocks of 16 (one block-table read a tile).
+    assert!(run("f32", 32, 8, 32, 16, tuning(32, 4, 16, 3, 8)));
+}
+
+#[test]
 fn staged_mha_bf16_equals_the_interpreter() {
     // Head dim 64 in bf16: a row is 8 chunks of 16 bytes, a tile of 4 keys fewer chunks
     // than the block's 64 threads.
