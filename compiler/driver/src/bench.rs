@@ -279,10 +279,10 @@ const TUNE_POINTWISE: &str = "KILN_TUNE_POINTWISE";
 /// (keys a warp takes per step), `warps=N` (warps of the partial kernel's block),
 /// `short_part=N` and `short_context=N` (the partition for block tables of at most that many
 /// positions; `short_part` ≥ `part` turns the variant off), `tile=N` (keys of a shared-memory
-/// tile of the staged long-context design; 0: the register design) and `stages=N` (its
-/// tiles in flight), `blocks=N` (blocks an SM ptxas fits the staged kernel's registers
-/// for), `lanes=N` (lanes splitting a key's head dim in it); defaults in [`kiln_gpu_kernels::PagedTuning`]. Example:
-/// `KILN_TUNE_PAGED=tile=32,stages=2,part=256`.
+/// tile of the staged long-context design; 0: the register design), `stages=N` (its tiles
+/// in flight), `blocks=N` (blocks an SM ptxas fits the staged kernel's registers for) and
+/// `lanes=N` (lanes splitting a key's head dim in it); defaults in
+/// [`kiln_gpu_kernels::PagedTuning`]. Example: `KILN_TUNE_PAGED=tile=32,stages=2,part=256`.
 const TUNE_PAGED: &str = "KILN_TUNE_PAGED";
 
 /// `KILN_TUNE_GEMM`: `segments=0|1` (decode-sized fused matmuls of unequal widths, q/k/v,
