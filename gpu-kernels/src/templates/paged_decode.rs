@@ -22,6 +22,7 @@
 //! across the groups a step), each group its own sums, added across the warp after the
 //! loop. The short-context variant keeps the register design.
 
+use super::mma_gemm::i32c;
 use super::{mul_size, size_of_dims, Body, Workspace};
 use crate::emit::{EResult, Emitter};
 use crate::PagedTuning;
@@ -174,6 +175,11 @@ pub(crate) fn workspace(e: &Emitter<'_, '_>, out: Value, shape: &PagedShape) -> 
             SizeExpr::Const(shape.d as u64 + 2),
         ],
     }
+}
+
+/// `x` as a 32-bit integer (a shared-memory offset).
+fn i32_of(x: Expr) -> Expr {
+    Expr::Cast(Ty::I32, Box::new(x))
 }
 
 /// `x` converted to the index type.
@@ -573,12 +579,8 @@ fn staged_loop(
             );
             let c = flat.clone() % e.ix(row_chunks as i64);
             let c = e.bind(body, "copy_col", ity, c * e.ix(chunk as i64));
-            let dst = e.bind(
-                body,
-                "copy_dst",
-                ity,
-                row.clone() * e.ix(d as i64) + c.clone(),
-            );
+            let dst = i32_of(row.clone()) * i32c(d as i64) + i32_of(c.clone());
+            let dst = e.bind(body, "copy_dst", Ty::I32, dst);
             let src = one_block.then(|| {
                 let zero = e.ix(0);
                 let at = [zero.clone(), zero.clone(), row.clone(), zero, c.clone()];
@@ -596,7 +598,12 @@ fn staged_loop(
         .collect();
     let load_tile = |e: &mut Emitter<'_, '_>, stage: Expr, t: Expr| -> EResult<Vec<Stmt>> {
         let mut out = Vec::new();
-        let stage = e.bind(&mut out, "stage_at", ity, stage * e.ix(stage_len));
+        let stage = e.bind(
+            &mut out,
+            "stage_at",
+            Ty::I32,
+            i32_of(stage) * i32c(stage_len),
+        );
         let first = e.bind(
             &mut out,
             "tile_first",
@@ -652,7 +659,7 @@ fn staged_loop(
                 }
                 _ => row_at(e, &mut copy, &j, c.clone(), "src")?,
             };
-            let dst = e.bind(&mut copy, "dst", ity, stage.clone() + cp.dst.clone());
+            let dst = e.bind(&mut copy, "dst", Ty::I32, stage.clone() + cp.dst.clone());
             let len = Expr::select(
                 ok,
                 Expr::Const(kiln_kir::Const::I32(chunk as i32)),
@@ -705,12 +712,10 @@ fn staged_loop(
         ity,
         start.clone() + Expr::var(t) * e.ix(tile as i64) + row0.clone(),
     );
-    let base = e.bind(
-        &mut step,
-        "base",
-        ity,
-        stage * e.ix(stage_len) + row0 * e.ix(d as i64) + st.col.clone(),
-    );
+    // Shared-memory offsets in 32 bits.
+    let base =
+        i32_of(stage) * i32c(stage_len) + i32_of(row0) * i32c(d as i64) + i32_of(st.col.clone());
+    let base = e.bind(&mut step, "base", Ty::I32, base);
     let per_lane = shape.per_lane();
     let width = per_lane.min(chunk);
     let mut valid = Vec::with_capacity(per_warp);
@@ -722,7 +727,7 @@ fn staged_loop(
         for (buf, rows, name) in [(k_tiles, &mut keys, "k"), (v_tiles, &mut values, "v")] {
             let regs: Vec<VarId> = (0..per_lane).map(|_| e.var(name, Ty::F32)).collect();
             for (c, part) in regs.chunks(width).enumerate() {
-                let index = base.clone() + e.ix((u * slots * d + c * width) as i64);
+                let index = base.clone() + i32c((u * slots * d + c * width) as i64);
                 if part.len() == 1 {
                     step.push(Stmt::Assign(part[0], Expr::load(buf, index)));
                 } else {
