@@ -193,8 +193,8 @@ pub struct PagedTuning {
     pub blocks_per_sm: u32,
     /// Lanes of the staged design that split one key's head dim: 32 / `lanes` keys a warp
     /// at once, each score summed by log2(`lanes`) shuffles, one max across the lane
-    /// groups a step and the groups' sums added after the loop (a power of two, at least
-    /// head dim / 16 and 4, at most head dim / 4).
+    /// groups a step and the groups' sums added after the loop (rounded up to a power of
+    /// two of at most 32 and at least head dim / 16).
     pub lanes: u32,
 }
 

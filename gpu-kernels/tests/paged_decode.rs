@@ -103,6 +103,14 @@ fn staged_gqa_f32_equals_the_interpreter() {
 }
 
 #[test]
+fn staged_head_dim_96_equals_the_interpreter() {
+    // Six elements a lane at 16 lanes a key (loaded from shared memory as pairs); twelve
+    // at 8 lanes.
+    assert!(run("f32", 4, 2, 96, 4, tuning(16, 2, 8, 2, 16)));
+    assert!(run("bf16", 4, 2, 96, 4, tuning(16, 2, 8, 2, 8)));
+}
+
+#[test]
 fn staged_gqa_32_8_equals_the_interpreter() {
     // The benchmark's head counts at head dim 32: four warps, tiles of 16 (8 lanes a key),
     // tiles inside the cache blocks of 16 (one block-table read a tile).

@@ -91,10 +91,10 @@ impl PagedShape {
             && 16 % kt.size_bytes() == 0
             && e.g.shape(inst.operands[2]) == k;
         if staged {
-            // Lanes a key: a power of two of 4 to 32 with whole rows of at most 16
-            // elements per lane.
+            // Lanes a key: a power of two up to 32 (dividing the head dim, a multiple of
+            // 32) with at most 16 elements a lane.
             let lanes = (tuning.lanes as usize).clamp(1, 32).next_power_of_two();
-            let lanes = lanes.max(d / 16).min(d / 4).max(4);
+            let lanes = lanes.max((d / 16).next_power_of_two()).min(32);
             // Whole tiles: a warp takes tile / warps keys of each, 32 / lanes at once,
             // partitions are whole tiles; as many stages as fit the shared memory beside
             // the block merge.
@@ -717,7 +717,9 @@ fn staged_loop(
         i32_of(stage) * i32c(stage_len) + i32_of(row0) * i32c(d as i64) + i32_of(st.col.clone());
     let base = e.bind(&mut step, "base", Ty::I32, base);
     let per_lane = shape.per_lane();
-    let width = per_lane.min(chunk);
+    // Vectors of the largest power of two dividing a lane's share (at most 16 bytes, 8
+    // elements): head dim 96 at 16 lanes a key loads pairs.
+    let width = (1usize << per_lane.trailing_zeros()).min(chunk).min(8);
     let mut valid = Vec::with_capacity(per_warp);
     let mut keys = Vec::with_capacity(per_warp);
     let mut values = Vec::with_capacity(per_warp);
