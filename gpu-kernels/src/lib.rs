@@ -163,7 +163,8 @@ impl Default for PointwiseTuning {
 pub struct PagedTuning {
     /// Key positions of one partition (one block of the first kernel).
     pub part: u64,
-    /// Keys one warp takes per loop step, their loads issued together. 8: on an H100 the
+    /// Keys one warp takes per loop step of the register design, their loads issued
+    /// together (the staged design takes `tile / warps`). 8: on an H100 the
     /// long-context case (64 × 4096 keys, GQA 32/8, D 128) read 1214 GB/s with 8 and 1131
     /// with 4 (`…-paged-tuning-c7ac524.txt`); 167 registers, no spills on the five targets.
     pub unroll: usize,

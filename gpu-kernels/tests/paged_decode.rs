@@ -182,6 +182,7 @@ fn paged_kernels_assemble_for_every_target_without_spills() {
         (32, 2, 0, 16),
         (16, 4, 0, 32),
         (8, 4, 0, 32),
+        (8, 8, 0, 16),
         (32, 2, 0, 8),
     ];
     for (tile, stages, blocks, lanes) in variants {
