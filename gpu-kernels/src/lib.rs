@@ -167,7 +167,8 @@ impl Default for PointwiseTuning {
 pub struct PagedTuning {
     /// Key positions of one partition (one block of the first kernel).
     pub part: u64,
-    /// Keys one warp takes per loop step, their loads issued together. 8: on an H100 the
+    /// Keys one warp takes per loop step of the register design, their loads issued
+    /// together (the staged design takes `tile / warps`). 8: on an H100 the
     /// long-context case (64 × 4096 keys, GQA 32/8, D 128) read 1214 GB/s with 8 and 1131
     /// with 4 (`…-paged-tuning-c7ac524.txt`); 167 registers, no spills on the five targets.
     pub unroll: usize,
@@ -182,6 +183,24 @@ pub struct PagedTuning {
     pub short_part: u64,
     /// The most key positions (block-table width × block size) the short variant serves.
     pub short_context: u64,
+    /// Keys of one shared-memory tile of the staged design of the long-context kernel
+    /// (`templates/paged_decode.rs`: key and value tiles copied by `cp.async`, `stages - 1`
+    /// tiles ahead of the math, each warp scoring `tile / warps` keys of a tile from shared
+    /// memory); 0 keeps the register design (a warp's keys loaded into registers each
+    /// step). Rounded up to a multiple of `warps`; `part` is rounded up to a multiple of
+    /// it. The short-context variant always uses the register design.
+    pub tile: u64,
+    /// Tiles of the staged design in shared memory (2 or more; fewer when they would not
+    /// fit 48 KiB beside the block merge, the register design when 2 do not).
+    pub stages: u64,
+    /// Blocks of the staged kernel an SM that ptxas fits the registers of
+    /// (`Kernel::blocks_per_sm`); 0 or 1 leaves the registers to ptxas.
+    pub blocks_per_sm: u32,
+    /// Lanes of the staged design that split one key's head dim: 32 / `lanes` keys a warp
+    /// at once, each score summed by log2(`lanes`) shuffles, one max across the lane
+    /// groups a step and the groups' sums added after the loop (rounded up to a power of
+    /// two of at most 32 and at least head dim / 16).
+    pub lanes: u32,
 }
 
 impl Default for PagedTuning {
@@ -192,6 +211,10 @@ impl Default for PagedTuning {
             warps: 4,
             short_part: 32,
             short_context: 512,
+            tile: 16,
+            stages: 4,
+            blocks_per_sm: 0,
+            lanes: 16,
         }
     }
 }

@@ -542,25 +542,49 @@ fn check_models(backend: Backend) {
 /// that starts inside a cache block: the table read per key). The block tables hold 320
 /// positions: the default plan has both partition sizes and runs its short-context variant
 /// (partitions of 32 up to 512 positions); with that variant up to 256 positions it runs
-/// the partitions of 128; the other settings turn the variant off.
+/// the partitions of 128; the other settings turn the variant off. The first six run the
+/// register design; the staged design (key/value tiles through shared memory) runs with
+/// the default tiles, tiles of 32 for two warps in two stages, tiles of 12 with a warp a
+/// key (crossing cache blocks, partitions rounded up to 132) and tiles of 8 in five stages
+/// (rounded up to 16 lanes a key's warps; at head dim 32 a tile is fewer 16-byte chunks
+/// than threads).
 fn check_paged_attention(backend: Backend) {
     let defaults = kiln_gpu_kernels::PagedTuning::default();
+    let (short_part, short_context) = (defaults.short_part, defaults.short_context);
+    // (part, unroll, warps, short_part, short_context, tile, stages); tile 0 is the
+    // register design.
     let settings = [
-        (128, 8, 4, defaults.short_part, defaults.short_context),
-        (128, 8, 4, defaults.short_part, 256),
-        (128, 8, 4, 128, 0),
-        (128, 4, 4, 128, 0),
-        (32, 8, 4, 32, 0),
-        (96, 3, 2, 96, 0),
+        (128, 8, 4, short_part, short_context, 0, 0),
+        (128, 8, 4, short_part, 256, 0, 0),
+        (128, 8, 4, 128, 0, 0, 0),
+        (128, 4, 4, 128, 0, 0, 0),
+        (32, 8, 4, 32, 0, 0, 0),
+        (96, 3, 2, 96, 0, 0, 0),
+        (
+            defaults.part,
+            8,
+            4,
+            short_part,
+            256,
+            defaults.tile,
+            defaults.stages,
+        ),
+        (96, 1, 2, 96, 0, 32, 2),
+        (128, 1, 4, 128, 0, 12, 3),
+        (100, 1, 4, 100, 0, 8, 5),
     ];
     let mut fusion = kiln_gpu_kernels::Options::default();
-    for (part, unroll, warps, short_part, short_context) in settings {
+    for (part, unroll, warps, short_part, short_context, tile, stages) in settings {
         fusion.paged = kiln_gpu_kernels::PagedTuning {
             part,
             unroll,
             warps,
             short_part,
             short_context,
+            tile,
+            stages,
+            lanes: if tile == 12 { 32 } else { defaults.lanes },
+            ..defaults
         };
         check_paged_attention_with(backend, &fusion);
     }
@@ -608,12 +632,15 @@ fn check_paged_attention_with(backend: Backend, fusion: &kiln_gpu_kernels::Optio
             fusion,
             &format!(
                 "paged attention {dtype} d{d} blocks of {bs}, partitions of {} ({} up to {} \
-                 positions) for {} warps of {}",
+                 positions) for {} warps of {}, tiles of {} ({} stages, {} lanes a key)",
                 fusion.paged.part,
                 fusion.paged.short_part,
                 fusion.paged.short_context,
                 fusion.paged.warps,
-                fusion.paged.unroll
+                fusion.paged.unroll,
+                fusion.paged.tile,
+                fusion.paged.stages,
+                fusion.paged.lanes
             ),
             &source,
             Some(&repo_root().join("stdlib")),

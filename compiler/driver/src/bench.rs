@@ -278,8 +278,11 @@ const TUNE_POINTWISE: &str = "KILN_TUNE_POINTWISE";
 /// `KILN_TUNE_PAGED`: `part=N` (key positions of a paged-attention partition), `unroll=N`
 /// (keys a warp takes per step), `warps=N` (warps of the partial kernel's block),
 /// `short_part=N` and `short_context=N` (the partition for block tables of at most that many
-/// positions; `short_part` ≥ `part` turns the variant off); defaults in
-/// [`kiln_gpu_kernels::PagedTuning`].
+/// positions; `short_part` ≥ `part` turns the variant off), `tile=N` (keys of a shared-memory
+/// tile of the staged long-context design; 0: the register design), `stages=N` (its tiles
+/// in flight), `blocks=N` (blocks an SM ptxas fits the staged kernel's registers for) and
+/// `lanes=N` (lanes splitting a key's head dim in it); defaults in
+/// [`kiln_gpu_kernels::PagedTuning`]. Example: `KILN_TUNE_PAGED=tile=32,stages=2,part=256`.
 const TUNE_PAGED: &str = "KILN_TUNE_PAGED";
 
 /// `KILN_TUNE_GEMM`: `segments=0|1` (decode-sized fused matmuls of unequal widths, q/k/v,
@@ -337,22 +340,36 @@ pub(crate) fn apply_tuning(options: &mut CompileOptions) -> Result<()> {
     let paged_items = tuning_items(TUNE_PAGED)?;
     let paged = &mut options.fusion.paged;
     for (key, n) in &paged_items {
-        let n = (*n).max(1);
+        let (raw, n) = (*n, (*n).max(1));
         match key.as_str() {
             "part" => paged.part = n,
             "unroll" => paged.unroll = n as usize,
             "warps" => paged.warps = u32::try_from(n.min(32)).unwrap_or(32),
             "short_part" => paged.short_part = n,
             "short_context" => paged.short_context = n,
+            "tile" => paged.tile = raw,
+            "stages" => paged.stages = n,
+            "lanes" => paged.lanes = u32::try_from(n.min(32)).unwrap_or(32),
+            "blocks" => paged.blocks_per_sm = u32::try_from(n.min(32)).unwrap_or(32),
             _ => bail!(
-                "{TUNE_PAGED}: unknown key `{key}` (part, unroll, warps, short_part, short_context)"
+                "{TUNE_PAGED}: unknown key `{key}` (part, unroll, warps, short_part, \
+                 short_context, tile, stages, blocks, lanes)"
             ),
         }
     }
     if !paged_items.is_empty() {
         eprintln!(
-            "kiln bench: {TUNE_PAGED}: part {}, unroll {}, warps {}, short_part {} up to {} keys",
-            paged.part, paged.unroll, paged.warps, paged.short_part, paged.short_context
+            "kiln bench: {TUNE_PAGED}: part {}, unroll {}, warps {}, short_part {} up to {} keys, \
+             tile {} ({} stages, {} blocks an SM, {} lanes a key)",
+            paged.part,
+            paged.unroll,
+            paged.warps,
+            paged.short_part,
+            paged.short_context,
+            paged.tile,
+            paged.stages,
+            paged.blocks_per_sm,
+            paged.lanes
         );
     }
     let gemm_items = tuning_items(TUNE_GEMM)?;

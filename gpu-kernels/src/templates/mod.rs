@@ -377,6 +377,7 @@ pub(crate) fn build(
         let mut tuning = options.paged;
         if small {
             tuning.part = tuning.short_part;
+            tuning.tile = 0;
         }
         if let Some(shape) = paged_decode::PagedShape::of(&e, *out, &tuning) {
             // Split over the sequence: partial softmax per partition, then the merge.

@@ -1,0 +1,203 @@
+//! The paged decode attention template (`templates/paged_decode.rs`): the staged
+//! long-context design (key/value tiles through shared memory by `cp.async`) run by the
+//! kernel-IR interpreter against the graph interpreter — GQA and MHA, f32 and bf16, ragged
+//! contexts that end inside a tile, partitions past the context, a padding token, tiles
+//! that cross cache blocks; a PTX snapshot of the benchmark's partial kernel (GQA 32/8,
+//! D 128, bf16); ptxas for every target without spills, both designs.
+
+mod common;
+
+use common::{check, lower};
+use kiln_gpu_kernels::{Options, PagedTuning};
+use kiln_ir::{DType, Tensor};
+use std::collections::BTreeMap;
+
+/// The partial kernels of a compiled function.
+fn partials(kernels: &[kiln_kir::Kernel]) -> Vec<&kiln_kir::Kernel> {
+    kernels
+        .iter()
+        .filter(|k| k.name.contains("paged_attention_partial"))
+        .collect()
+}
+
+fn staged(kernel: &kiln_kir::Kernel) -> bool {
+    kernel.shared.iter().any(|s| s.name == "k_tiles")
+}
+
+/// Runs `attend` (q heads `heads`, key/value heads `kv`, head dim `d`, blocks of `bs`
+/// tokens) on four tokens of three sequences and a padding token through the plan, for
+/// `tuning`, and returns whether the plan's partial kernel is staged.
+fn run(dtype: &str, heads: usize, kv: usize, d: usize, bs: usize, tuning: PagedTuning) -> bool {
+    let src = format!(
+        "import nn\n\
+         fn attend(q: {dtype}[N, {heads}, {d}], k_cache: {dtype}[2, 12, {bs}, {kv}, {d}], \
+         v_cache: {dtype}[2, 12, {bs}, {kv}, {d}], block_tables: i32[3, 6], seq: i32[N], \
+         pos: i32[N]) -> {dtype}[N, {heads}, {d}] {{\n\
+         paged_attention(q, k_cache, v_cache, block_tables, seq, pos, 1)\n}}\n"
+    );
+    let module = lower("paged.kiln", &src, None, None);
+    let mut rng = common::Rng(0x5EED + d as u64 + heads as u64);
+    let dt = DType::from_name(dtype).expect("dtype");
+    let mut random = |shape: &[usize]| {
+        let n: usize = shape.iter().product();
+        Tensor::from_f32(
+            shape,
+            (0..n).map(|_| (rng.next() * 2.0 - 1.0) as f32).collect(),
+        )
+        .cast(dt)
+    };
+    let tokens = 5;
+    let positions = 6 * bs;
+    let inputs = vec![
+        random(&[tokens, heads, d]),
+        random(&[2, 12, bs, kv, d]),
+        random(&[2, 12, bs, kv, d]),
+        Tensor::from_ints(
+            DType::I32,
+            &[3, 6],
+            (0..18).map(|i| ((i * 7 + 3) % 12) as i64).collect(),
+        ),
+        Tensor::from_ints(DType::I32, &[tokens], vec![0, 1, -1, 2, 0]),
+        // The last position of the table, one inside the first tile, a padding token, a
+        // context ending inside a tile of a later partition, the first position.
+        Tensor::from_ints(
+            DType::I32,
+            &[tokens],
+            vec![positions as i64 - 1, 2, 7, positions as i64 / 2 + 1, 0],
+        ),
+    ];
+    let options = Options {
+        paged: tuning,
+        ..Options::default()
+    };
+    let compiled = check(&module, "attend", &inputs, &BTreeMap::new(), &options);
+    let partial = partials(&compiled.kernels);
+    assert_eq!(partial.len(), 1, "{:?}", compiled.plan.steps);
+    staged(partial[0])
+}
+
+fn tuning(part: u64, warps: u32, tile: u64, stages: u64, lanes: u32) -> PagedTuning {
+    PagedTuning {
+        part,
+        warps,
+        tile,
+        stages,
+        lanes,
+        short_part: part,
+        short_context: 0,
+        ..PagedTuning::default()
+    }
+}
+
+#[test]
+fn staged_gqa_f32_equals_the_interpreter() {
+    // Tiles of 8 for two warps, three stages, 8 lanes a key (4 keys a warp at once):
+    // partitions of 16 are two tiles, the copies run a tile past the partition (zero
+    // fills).
+    assert!(run("f32", 8, 2, 32, 4, tuning(16, 2, 8, 3, 8)));
+    // A warp a key; tiles of 6 (not dividing the cache blocks of 4: a tile crosses
+    // blocks), partitions rounded up to 12.
+    assert!(run("f32", 8, 2, 32, 4, tuning(10, 2, 6, 2, 32)));
+    // 4 lanes a key (8 keys a warp at once): tiles of 5 rounded up to 16.
+    assert!(run("f32", 8, 2, 32, 4, tuning(16, 2, 5, 2, 4)));
+}
+
+#[test]
+fn staged_head_dim_96_equals_the_interpreter() {
+    // Six elements a lane at 16 lanes a key (loaded from shared memory as pairs); twelve
+    // at 8 lanes.
+    assert!(run("f32", 4, 2, 96, 4, tuning(16, 2, 8, 2, 16)));
+    assert!(run("bf16", 4, 2, 96, 4, tuning(16, 2, 8, 2, 8)));
+}
+
+#[test]
+fn staged_gqa_32_8_equals_the_interpreter() {
+    // The benchmark's head counts at head dim 32: four warps, tiles of 16 (8 lanes a key),
+    // tiles inside the cache blocks of 16 (one block-table read a tile).
+    assert!(run("f32", 32, 8, 32, 16, tuning(32, 4, 16, 3, 8)));
+}
+
+#[test]
+fn staged_mha_bf16_equals_the_interpreter() {
+    // Head dim 64 in bf16: a row is 8 chunks of 16 bytes, a tile of 4 keys fewer chunks
+    // than the block's 64 threads.
+    assert!(run("bf16", 2, 2, 64, 8, tuning(8, 2, 4, 4, 32)));
+    // 16 lanes a key: two keys a warp at once.
+    assert!(run("bf16", 2, 2, 64, 8, tuning(8, 2, 4, 4, 16)));
+    assert!(run("bf16", 4, 2, 64, 8, tuning(24, 4, 8, 2, 8)));
+}
+
+#[test]
+fn without_tiles_or_room_the_register_design_runs() {
+    assert!(!run("f32", 8, 2, 32, 4, tuning(16, 2, 0, 3, 16)));
+    // Two stages of 64 keys of head dim 256 in f32 need 256 KiB: no room.
+    let mut wide = tuning(128, 4, 64, 2, 16);
+    wide.unroll = 2;
+    assert!(!run("f32", 2, 1, 256, 4, wide));
+}
+
+/// The benchmark's function (`kiln bench kernels`): GQA 32/8, D 128, bf16, blocks of 16.
+const BENCH_SRC: &str = "import nn
+fn paged_decode(q: bf16[B, 32, 128], k_cache: bf16[1, NB, 16, 8, 128], v_cache: bf16[1, NB, 16, 8, 128],
+                block_tables: i32[B, MB], seq: i32[B], pos: i32[B]) -> bf16[B, 32, 128] {
+    paged_attention(q, k_cache, v_cache, block_tables, seq, pos, 0)
+}
+";
+
+fn bench_kernels(options: &Options) -> Vec<kiln_kir::Kernel> {
+    let module = lower("paged_bench.kiln", BENCH_SRC, None, None);
+    let compiled = kiln_gpu_kernels::compile_function(&module, "paged_decode", options)
+        .unwrap_or_else(|e| panic!("{e}"));
+    compiled.kernels
+}
+
+#[test]
+fn the_long_context_partial_kernel_snapshot() {
+    let kernels = bench_kernels(&Options::default());
+    let long: Vec<kiln_kir::Kernel> = partials(&kernels)
+        .into_iter()
+        .filter(|k| staged(k))
+        .cloned()
+        .collect();
+    assert_eq!(
+        long.len(),
+        1,
+        "the long-context variant is staged, the short one not"
+    );
+    let ptx = kiln_ptx::emit_ptx(&long, kiln_ptx::Target::Sm90a, &Default::default())
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(ptx.contains("cp.async"), "{ptx}");
+    insta::assert_snapshot!(ptx);
+}
+
+#[test]
+fn paged_kernels_assemble_for_every_target_without_spills() {
+    let Some(toolchain) = common::toolchain() else {
+        return;
+    };
+    let mut kernels = bench_kernels(&Options::default());
+    // (tile, stages, blocks an SM, lanes a key) besides the defaults.
+    let variants = [
+        (16, 4, 4, 16),
+        (32, 2, 0, 16),
+        (16, 4, 0, 32),
+        (8, 4, 0, 32),
+        (8, 8, 0, 16),
+        (32, 2, 0, 8),
+    ];
+    for (tile, stages, blocks, lanes) in variants {
+        let mut options = Options::default();
+        options.paged.tile = tile;
+        options.paged.stages = stages;
+        options.paged.blocks_per_sm = blocks;
+        options.paged.lanes = lanes;
+        options.paged.short_part = options.paged.part;
+        kernels.extend(
+            bench_kernels(&options)
+                .into_iter()
+                .filter(|k| k.name.contains("partial")),
+        );
+    }
+    let registers = common::assert_assembles_without_spills(&toolchain, &kernels);
+    assert_eq!(registers.len(), 5 * kernels.len());
+}
