@@ -90,6 +90,10 @@ pub struct GemmTuning {
     /// their rows (the residual add read by the next RMSNorm) leaves its sum to that row
     /// kernel (`templates::RowSums`: one kernel fewer) instead of launching a sum kernel.
     pub row_sums: bool,
+    /// Whether the sum kernel of a split-K grid of segments (decode q/k/v) stores the rows
+    /// of a segment whose values only `kv_write`s read straight into the caches at their
+    /// slots (`templates::KvWrites`: the `kv_write` kernel disappears).
+    pub kv_writes: bool,
 }
 
 impl Default for GemmTuning {
@@ -98,6 +102,7 @@ impl Default for GemmTuning {
             segments: true,
             segment_splits: true,
             row_sums: true,
+            kv_writes: true,
         }
     }
 }
