@@ -206,9 +206,7 @@ impl KvWrites {
             let splits = [true, false]
                 .into_iter()
                 .any(|small| segmented_split(g, part, mg, options, small).is_some());
-            let wide = index_type(g, &part.groups[mg], options) == Ty::I64
-                || index_type(g, group, options) == Ty::I32;
-            if splits && wide && !rows.by_gemm.contains_key(&mg) {
+            if splits && !rows.by_gemm.contains_key(&mg) {
                 found.by_kv.insert(kg, mg);
                 found.by_gemm.insert(mg, fused);
             }
