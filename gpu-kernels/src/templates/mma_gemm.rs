@@ -58,7 +58,7 @@
 //! B's N not a multiple of 8, a symbolic K) goes to the plain tiled template.
 
 use super::matmul::{batch_index, epilogue_at, kernel_name, OutputElement};
-use super::{ceil_div_size, size_of_dims, Body, Workspace};
+use super::{ceil_div_size, size_of_dims, Body, KvFused, Workspace};
 use crate::emit::{add, and, div, lt, mul, rem, sub, EResult, Emitter, SplitSum};
 use crate::graph::FuncGraph;
 use crate::partition::Group;
@@ -1345,15 +1345,14 @@ pub(crate) fn split_workspace(g: &FuncGraph<'_>, group: &Group, plan: &MmaPlan) 
 
 /// The second kernel of a split-K GEMM: one thread per output element adds the
 /// workspace's partial sums in split order (a fixed order, so the result is the same bits
-/// on every run) and applies the group's epilogue to the total. `writes`: the `kv_write`
-/// group whose writes a grid of segments' sum kernel performs, each write with its segment
-/// (`templates::KvWrites`).
+/// on every run) and applies the group's epilogue to the total. `writes`: the `kv_write`s
+/// a grid of segments' sum kernel performs, each with its segment (`templates::KvWrites`).
 pub(crate) fn emit_split_sum(
     e: &mut Emitter<'_, '_>,
     group: &Group,
     stores: &[Value],
     plan: &MmaPlan,
-    writes: Option<(&BTreeSet<Value>, &[(usize, Value)])>,
+    writes: Option<&KvFused>,
 ) -> EResult<Body> {
     let g = e.g;
     let (splits, _) = plan.split().expect("a split GEMM");
@@ -1433,7 +1432,7 @@ fn emit_segmented_sum(
     stores: &[Value],
     plan: &MmaPlan,
     splits: u32,
-    writes: Option<(&BTreeSet<Value>, &[(usize, Value)])>,
+    writes: Option<&KvFused>,
 ) -> EResult<Body> {
     let g = e.g;
     let matmuls = group.roots.clone();
@@ -1478,8 +1477,10 @@ fn emit_segmented_sum(
             .filter(|&v| matmuls_of(e, group, v).contains(&i))
             .collect();
         let mut then = Vec::new();
-        let write =
-            writes.and_then(|(kv, ws)| ws.iter().find(|(seg, _)| *seg == i).map(|&(_, w)| (kv, w)));
+        let write = writes.and_then(|fused| {
+            let (_, w) = fused.writes.iter().find(|(seg, _)| *seg == i)?;
+            Some((&fused.owned, *w))
+        });
         match write {
             Some((kv, w)) => {
                 let source = SplitSum {
@@ -1497,7 +1498,7 @@ fn emit_segmented_sum(
     }
     body.push(Stmt::if_then(lt(gid, total), inner));
     let mut what = kernel_name(&format!("splitk{splits}_sum"), &matmuls, stores);
-    if writes.is_some_and(|(_, ws)| !ws.is_empty()) {
+    if writes.is_some_and(|fused| !fused.writes.is_empty()) {
         what = format!("{what}_kv_write");
     }
     Ok(Body::over(what, SUM_THREADS, &dims, body))

@@ -632,8 +632,7 @@ pub(crate) fn build(
         if fused.is_some_and(|f| index_type(g, &part.groups[f.kv], options) == Ty::I64) {
             e.index_ty = Ty::I64;
         }
-        let writes = fused.map(|f| (&f.owned, f.writes.as_slice()));
-        let body = mma_gemm::emit_split_sum(&mut e, group, &stores, plan, writes);
+        let body = mma_gemm::emit_split_sum(&mut e, group, &stores, plan, fused);
         let sum = finish(g, e, body, out_dtype(g, &stores))?;
         return Ok(Some(Launches {
             kernels: vec![partial, sum],
