@@ -111,7 +111,7 @@ impl<'a, 'f> PlanBuilder<'a, 'f> {
         } else if let Some(&base) = self.part.view_of.get(&v) {
             let base_buf = self.buffer(base);
             self.declare(v, BufferKind::View(base_buf))
-        } else if let Some(bytes) = self.constant_bytes(v) {
+        } else if let Some(bytes) = self.constant_bytes(v).filter(|_| self.constant_group(v)) {
             // A plan constant read before its group's place in the schedule (a sum kernel
             // computing RoPE's angles inline, `templates::KvWrites`).
             self.declare(v, BufferKind::Constant(bytes))
@@ -298,6 +298,20 @@ impl<'a, 'f> PlanBuilder<'a, 'f> {
             && !self.part.view_of.contains_key(&v)
             && ty.shape.dims().iter().all(|d| d.as_const().is_some());
         fits.then(|| t.to_le_bytes())
+    }
+
+    /// Whether the group computing `v` stores only plan constants (so launches nothing).
+    fn constant_group(&self, v: Value) -> bool {
+        let Some(gid) = self.part.owner[v.0 as usize] else {
+            return false;
+        };
+        let group = &self.part.groups[gid];
+        group
+            .roots
+            .iter()
+            .chain(&group.outputs)
+            .filter(|u| self.part.stored[u.0 as usize])
+            .all(|&u| self.constant_bytes(u).is_some())
     }
 
     fn launch_variant(&mut self, gid: usize, small_rows: bool) -> Result<Vec<Step>, FusionError> {
