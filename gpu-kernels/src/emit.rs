@@ -64,6 +64,9 @@ pub(crate) struct SplitSum {
     pub splits: u32,
     /// Everything the GEMM group computes (its epilogue is computed as in its own kernel).
     pub owned: BTreeSet<Value>,
+    /// For one matmul of a grid of segments: the workspace's row length (every segment's
+    /// columns, `[splits, M, row]`) and the matmul's first column in it.
+    pub segment: Option<(u64, u64)>,
 }
 
 /// A value the kernel holds in a register for exactly one index.
@@ -573,9 +576,21 @@ impl<'a, 'f> Emitter<'a, 'f> {
         if values.iter().any(|u| self.g.shape(*u) != shape) {
             return Err(self.internal(v, "a split-K sum read at another shape"));
         }
-        let total = self.numel(shape);
+        let (total, lin) = match src.segment {
+            Some((row_len, first_col)) => {
+                // `[splits, M, row_len]`: the matmul's columns from `first_col` of each row.
+                let rows = self.numel(&shape[..shape.len() - 1]);
+                let total = mul(rows, self.ix(row_len as i64));
+                let row = self.linear(&shape[..shape.len() - 1], &idx[..idx.len() - 1]);
+                let lin = add(
+                    mul(row, self.ix(row_len as i64)),
+                    add(self.ix(first_col as i64), idx[idx.len() - 1].clone()),
+                );
+                (total, lin)
+            }
+            None => (self.numel(shape), self.linear(shape, idx)),
+        };
         let total = self.bind(out, "total", ity, total);
-        let lin = self.linear(shape, idx);
         let lin = self.bind(out, "at", ity, lin);
         let last = idx.len() - 1;
         let mut bound = Vec::new();

@@ -90,6 +90,10 @@ pub struct GemmTuning {
     /// their rows (the residual add read by the next RMSNorm) leaves its sum to that row
     /// kernel (`templates::RowSums`: one kernel fewer) instead of launching a sum kernel.
     pub row_sums: bool,
+    /// Whether the sum kernel of a split-K grid of segments (decode q/k/v) stores the rows
+    /// of a segment whose values only `kv_write`s read straight into the caches at their
+    /// slots (`templates::KvWrites`: the `kv_write` kernel disappears).
+    pub kv_writes: bool,
     /// The most blocks a decode GEMM's k slices are split over (0: the template's limit,
     /// 8; 1: no split-K across blocks).
     pub max_splits: u32,
@@ -101,6 +105,7 @@ impl Default for GemmTuning {
             segments: true,
             segment_splits: true,
             row_sums: true,
+            kv_writes: true,
             max_splits: 0,
         }
     }
@@ -188,7 +193,11 @@ pub struct PagedTuning {
     /// tiles ahead of the math, each warp scoring `tile / warps` keys of a tile from shared
     /// memory); 0 keeps the register design (a warp's keys loaded into registers each
     /// step). Rounded up to a multiple of `warps`; `part` is rounded up to a multiple of
-    /// it. The short-context variant always uses the register design.
+    /// it. The short-context variant always uses the register design. Default 0: on an
+    /// H100 (64 × 4096 keys, GQA 32/8, D 128, one call) the register design read 1206 GB/s
+    /// and the staged one 975 with tiles of 16 in 4 stages, 1044 at 4 blocks an SM, 1209 with
+    /// partitions of 256 at 4 blocks an SM, 881 with 32 lanes a key, 747 with tiles of 32 in
+    /// 2 stages (`…-paged-staged-1d5799f.txt`): no faster yet, so it stays a knob.
     pub tile: u64,
     /// Tiles of the staged design in shared memory (2 or more; fewer when they would not
     /// fit 48 KiB beside the block merge, the register design when 2 do not).
@@ -211,7 +220,7 @@ impl Default for PagedTuning {
             warps: 4,
             short_part: 32,
             short_context: 512,
-            tile: 16,
+            tile: 0,
             stages: 4,
             blocks_per_sm: 0,
             lanes: 16,

@@ -39,6 +39,8 @@ pub(crate) struct PlanBuilder<'a, 'f> {
     constants: BTreeMap<Value, Tensor>,
     /// Split-K GEMM groups whose sums a row-reduction kernel adds.
     row_sums: templates::RowSums,
+    /// `kv_write` groups whose writes a split-K GEMM's sum kernel performs.
+    kv_writes: templates::KvWrites,
     /// The split-K workspace of each such GEMM group, once launched.
     group_workspaces: BTreeMap<usize, BufferId>,
 }
@@ -50,6 +52,15 @@ impl<'a, 'f> PlanBuilder<'a, 'f> {
         options: &'a Options,
         kernels: &'a mut Vec<Kernel>,
     ) -> PlanBuilder<'a, 'f> {
+        let row_sums = templates::RowSums::find(g, part, options);
+        let constants = kiln_opt::small_constants(g.func);
+        let kv_writes = templates::KvWrites::find(
+            g,
+            part,
+            options,
+            &row_sums,
+            &constants.keys().copied().collect(),
+        );
         PlanBuilder {
             g,
             part,
@@ -60,8 +71,9 @@ impl<'a, 'f> PlanBuilder<'a, 'f> {
             weights: BTreeMap::new(),
             stats: Vec::new(),
             layer_of: BTreeMap::new(),
-            constants: kiln_opt::small_constants(g.func),
-            row_sums: templates::RowSums::find(g, part, options),
+            constants,
+            row_sums,
+            kv_writes,
             group_workspaces: BTreeMap::new(),
         }
     }
@@ -99,6 +111,10 @@ impl<'a, 'f> PlanBuilder<'a, 'f> {
         } else if let Some(&base) = self.part.view_of.get(&v) {
             let base_buf = self.buffer(base);
             self.declare(v, BufferKind::View(base_buf))
+        } else if let Some(bytes) = self.constant_bytes(v).filter(|_| self.constant_group(v)) {
+            // A plan constant read before its group's place in the schedule (a sum kernel
+            // computing RoPE's angles inline, `templates::KvWrites`).
+            self.declare(v, BufferKind::Constant(bytes))
         } else {
             self.declare(v, BufferKind::Temp)
         };
@@ -225,9 +241,14 @@ impl<'a, 'f> PlanBuilder<'a, 'f> {
         if self.store_constants(gid) {
             return Ok(Vec::new());
         }
-        if let Some(variant) =
-            templates::size_variant(self.g, self.part, gid, self.options, &self.row_sums)
-        {
+        if let Some(variant) = templates::size_variant(
+            self.g,
+            self.part,
+            gid,
+            self.options,
+            &self.row_sums,
+            &self.kv_writes,
+        ) {
             let small = self.launch_variant(gid, true)?;
             let large = self.launch_variant(gid, false)?;
             if small.is_empty() && large.is_empty() {
@@ -255,24 +276,42 @@ impl<'a, 'f> PlanBuilder<'a, 'f> {
             .copied()
             .filter(|v| self.part.stored[v.0 as usize])
             .collect();
-        let constant = |v: &Value| {
-            self.constants.get(v).is_some_and(|t| {
-                let ty = self.g.ty(*v);
-                t.dtype == ty.dtype
-                    && !self.buffer_of.contains_key(v)
-                    && !self.part.view_of.contains_key(v)
-                    && ty.shape.dims().iter().all(|d| d.as_const().is_some())
-            })
+        let constant = |v: &Value| match self.buffer_of.get(v) {
+            Some(b) => matches!(self.buffers[b.0 as usize].kind, BufferKind::Constant(_)),
+            None => self.constant_bytes(*v).is_some(),
         };
         if stores.is_empty() || !stores.iter().all(constant) {
             return false;
         }
         for v in stores {
-            let bytes = self.constants[&v].to_le_bytes();
-            let b = self.declare(v, BufferKind::Constant(bytes));
-            self.buffer_of.insert(v, b);
+            self.buffer(v);
         }
         true
+    }
+
+    /// The bytes of `v` when it is a small constant tensor the plan may hold as a constant
+    /// (of its own dtype and a constant shape, no view).
+    fn constant_bytes(&self, v: Value) -> Option<Vec<u8>> {
+        let t = self.constants.get(&v)?;
+        let ty = self.g.ty(v);
+        let fits = t.dtype == ty.dtype
+            && !self.part.view_of.contains_key(&v)
+            && ty.shape.dims().iter().all(|d| d.as_const().is_some());
+        fits.then(|| t.to_le_bytes())
+    }
+
+    /// Whether the group computing `v` stores only plan constants (so launches nothing).
+    fn constant_group(&self, v: Value) -> bool {
+        let Some(gid) = self.part.owner[v.0 as usize] else {
+            return false;
+        };
+        let group = &self.part.groups[gid];
+        group
+            .roots
+            .iter()
+            .chain(&group.outputs)
+            .filter(|u| self.part.stored[u.0 as usize])
+            .all(|&u| self.constant_bytes(u).is_some())
     }
 
     fn launch_variant(&mut self, gid: usize, small_rows: bool) -> Result<Vec<Step>, FusionError> {
@@ -283,6 +322,7 @@ impl<'a, 'f> PlanBuilder<'a, 'f> {
             self.options,
             small_rows,
             &self.row_sums,
+            &self.kv_writes,
         )?
         else {
             return Ok(Vec::new());

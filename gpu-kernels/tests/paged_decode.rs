@@ -153,7 +153,11 @@ fn bench_kernels(options: &Options) -> Vec<kiln_kir::Kernel> {
 
 #[test]
 fn the_long_context_partial_kernel_snapshot() {
-    let kernels = bench_kernels(&Options::default());
+    // The staged design at tiles of 16 in four stages (the register design is the default).
+    let mut options = Options::default();
+    options.paged.tile = 16;
+    options.paged.stages = 4;
+    let kernels = bench_kernels(&options);
     let long: Vec<kiln_kir::Kernel> = partials(&kernels)
         .into_iter()
         .filter(|k| staged(k))
@@ -176,8 +180,9 @@ fn paged_kernels_assemble_for_every_target_without_spills() {
         return;
     };
     let mut kernels = bench_kernels(&Options::default());
-    // (tile, stages, blocks an SM, lanes a key) besides the defaults.
+    // (tile, stages, blocks an SM, lanes a key) of the staged design besides the defaults.
     let variants = [
+        (16, 4, 0, 16),
         (16, 4, 4, 16),
         (32, 2, 0, 16),
         (16, 4, 0, 32),

@@ -362,15 +362,64 @@ fn llama_step_with_split_k_sums_in_rms_norms_on_the_cpu_backend() {
     // kernels fewer (layer 0's o-proj and down-proj, layer 1's o-proj; layer 1's down-proj
     // sum is read first by the final norm through `h[last]`, another shape), the same bits
     // as without, and within bf16 tolerance of the interpreter.
+    let launched = split_step_with_and_without(
+        "models/llama.kiln (split-K sums in RMSNorms, bf16)",
+        &[],
+        |options, on| options.gemm.row_sums = on,
+    );
+    let fused = launched[0]
+        .iter()
+        .filter(|k| k.contains("rms_norm_splitk"))
+        .count();
+    assert_eq!(fused, 3, "{:?}", launched[0]);
+    assert_eq!(launched[0].len() + 3, launched[1].len(), "{launched:?}");
+}
+
+#[test]
+fn llama_step_with_kv_writes_in_the_qkv_sum_kernel_on_the_cpu_backend() {
+    // Hidden 1024: the q/k/v grid of segments (1024, 256, 256 wide) splits K across blocks
+    // at decode sizes, and its sum kernel writes RoPE'd k and v into the paged caches at
+    // their slots (`GemmTuning::kv_writes`; the padding token's slot -1 stores nothing):
+    // no kv_write kernel in either layer, the same bits as without, and within bf16
+    // tolerance of the interpreter.
+    let launched = split_step_with_and_without(
+        "models/llama.kiln (k/v written by the q/k/v sum kernel, bf16)",
+        &[("hidden_size", 1024)],
+        |options, on| options.gemm.kv_writes = on,
+    );
+    let count = |names: &[String], part: &str| names.iter().filter(|k| k.contains(part)).count();
+    assert_eq!(
+        count(&launched[0], "_sum_x3_kv_write"),
+        2,
+        "{:?}",
+        launched[0]
+    );
+    assert_eq!(count(&launched[0], "kv_write_x2"), 0, "{:?}", launched[0]);
+    assert_eq!(count(&launched[1], "kv_write_x2"), 2, "{:?}", launched[1]);
+    assert_eq!(launched[0].len() + 2, launched[1].len(), "{launched:?}");
+}
+
+/// The Llama program's `step` at tiny-llama's config with 8 heads × 128, ffn 1024, blocks
+/// of 4 (and `edits`), random bf16 weights, on the paged inputs of six tokens (one
+/// padding): compiled with a fusion switched on and off (`switch`), run on Cranelift;
+/// asserts both give the same bits and the switched-on plan is within bf16 tolerance of
+/// the interpreter. Returns both plans' launches at these sizes (on, off).
+fn split_step_with_and_without(
+    name: &str,
+    edits: &[(&str, i64)],
+    switch: fn(&mut kiln_gpu_kernels::Options, bool),
+) -> Vec<Vec<String>> {
     let dir = repo_root().join("tests/fixtures/tiny-llama");
     let mut config = read_json(&dir.join("config.json"));
     config["num_attention_heads"] = serde_json::json!(8);
     config["head_dim"] = serde_json::json!(128);
     config["intermediate_size"] = serde_json::json!(1024);
     config["kv_block_size"] = serde_json::json!(4);
+    for (key, value) in edits {
+        config[*key] = serde_json::json!(value);
+    }
     let path = repo_root().join("models/llama.kiln");
     let source = std::fs::read_to_string(&path).expect("program");
-    let name = "models/llama.kiln (split-K sums in RMSNorms, bf16)";
     let options = kiln_lower::Options {
         param_dtype: DType::BF16,
         entries: Some(vec!["step".to_string()]),
@@ -412,9 +461,9 @@ fn llama_step_with_split_k_sums_in_rms_norms_on_the_cpu_backend() {
     kiln_opt::optimize(&mut optimized).expect("optimize");
     let mut results = Vec::new();
     let mut launched = Vec::new();
-    for row_sums in [true, false] {
+    for on in [true, false] {
         let mut fusion = kiln_gpu_kernels::Options::default();
-        fusion.gemm.row_sums = row_sums;
+        switch(&mut fusion, on);
         let compiled = kiln_gpu_kernels::compile_module(&optimized, &fusion).unwrap();
         let plan = &compiled.plans[0];
         let sizes: BTreeMap<String, u64> = plan
@@ -430,12 +479,6 @@ fn llama_step_with_split_k_sums_in_rms_norms_on_the_cpu_backend() {
                 .unwrap_or_else(|e| panic!("{name}: {e}")),
         );
     }
-    let fused = launched[0]
-        .iter()
-        .filter(|k| k.contains("rms_norm_splitk"))
-        .count();
-    assert_eq!(fused, 3, "{:?}", launched[0]);
-    assert_eq!(launched[0].len() + 3, launched[1].len(), "{launched:?}");
     for (i, (a, b)) in results[0].iter().zip(&results[1]).enumerate() {
         assert_eq!(a.to_le_bytes(), b.to_le_bytes(), "{name}: result {i}");
     }
@@ -449,6 +492,7 @@ fn llama_step_with_split_k_sums_in_rms_norms_on_the_cpu_backend() {
         Some(inputs),
         Some(2e-2),
     );
+    launched
 }
 
 /// The names of the kernels `steps` launch with the symbols at `sizes`.
@@ -543,8 +587,8 @@ fn check_models(backend: Backend) {
 /// positions: the default plan has both partition sizes and runs its short-context variant
 /// (partitions of 32 up to 512 positions); with that variant up to 256 positions it runs
 /// the partitions of 128; the other settings turn the variant off. The first six run the
-/// register design; the staged design (key/value tiles through shared memory) runs with
-/// the default tiles, tiles of 32 for two warps in two stages, tiles of 12 with a warp a
+/// register design (the default); the staged design (key/value tiles through shared
+/// memory) runs with tiles of 16 in four stages, tiles of 32 for two warps in two stages, tiles of 12 with a warp a
 /// key (crossing cache blocks, partitions rounded up to 132) and tiles of 8 in five stages
 /// (rounded up to 16 lanes a key's warps; at head dim 32 a tile is fewer 16-byte chunks
 /// than threads).
@@ -560,15 +604,7 @@ fn check_paged_attention(backend: Backend) {
         (128, 4, 4, 128, 0, 0, 0),
         (32, 8, 4, 32, 0, 0, 0),
         (96, 3, 2, 96, 0, 0, 0),
-        (
-            defaults.part,
-            8,
-            4,
-            short_part,
-            256,
-            defaults.tile,
-            defaults.stages,
-        ),
+        (defaults.part, 8, 4, short_part, 256, 16, 4),
         (96, 1, 2, 96, 0, 32, 2),
         (128, 1, 4, 128, 0, 12, 3),
         (100, 1, 4, 100, 0, 8, 5),

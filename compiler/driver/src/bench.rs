@@ -289,8 +289,10 @@ const TUNE_PAGED: &str = "KILN_TUNE_PAGED";
 /// run a grid of segments, each block one matmul's tile; default 1) and `splits=0|1` (such a
 /// grid of at most a block per SM splits K across blocks; default 1) and `rowsum=0|1` (a
 /// split-K GEMM whose stored values a row reduction reads first, the residual add before
-/// an RMSNorm, leaves its sum to that row kernel; default 1) and `maxsplits=N` (the most
-/// blocks a decode GEMM's k slices are split over; default 0, the template's 8). Example:
+/// an RMSNorm, leaves its sum to that row kernel; default 1), `kvwrite=0|1` (the sum
+/// kernel of a split-K q/k/v grid stores k and v straight into the paged caches, no
+/// `kv_write` kernel; default 1) and `maxsplits=N` (the most blocks a decode GEMM's k slices
+/// are split over; default 0, the template's 8). Example:
 /// `KILN_TUNE_GEMM=segments=1,splits=0`.
 const TUNE_GEMM: &str = "KILN_TUNE_GEMM";
 
@@ -379,16 +381,20 @@ pub(crate) fn apply_tuning(options: &mut CompileOptions) -> Result<()> {
             "segments" => gemm.segments = *n != 0,
             "splits" => gemm.segment_splits = *n != 0,
             "rowsum" => gemm.row_sums = *n != 0,
+            "kvwrite" => gemm.kv_writes = *n != 0,
             "maxsplits" => gemm.max_splits = u32::try_from(*n)?,
-            _ => bail!("{TUNE_GEMM}: unknown key `{key}` (segments, splits, rowsum, maxsplits)"),
+            _ => bail!(
+                "{TUNE_GEMM}: unknown key `{key}` (segments, splits, rowsum, kvwrite, maxsplits)"
+            ),
         }
     }
     if !gemm_items.is_empty() {
         eprintln!(
-            "kiln bench: {TUNE_GEMM}: segments {}, splits {}, rowsum {}, maxsplits {}",
+            "kiln bench: {TUNE_GEMM}: segments {}, splits {}, rowsum {}, kvwrite {}, maxsplits {}",
             u8::from(gemm.segments),
             u8::from(gemm.segment_splits),
             u8::from(gemm.row_sums),
+            u8::from(gemm.kv_writes),
             gemm.max_splits
         );
     }

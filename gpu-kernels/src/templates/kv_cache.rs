@@ -78,8 +78,9 @@ pub(crate) fn emit(e: &mut Emitter<'_, '_>, writes: &[Value]) -> EResult<Body> {
 
 /// The statements of one thread's part of `kv_write` `out`: its token's slot read, and
 /// unless the slot is negative or past the cache, `lanes` elements of row (`token`,
-/// `head`) from `col` stored into it.
-fn store_row(
+/// `head`) from `col` stored into it (also a split-K sum kernel's part of the write,
+/// `mma_gemm::emit_segmented_sum`).
+pub(crate) fn store_row(
     e: &mut Emitter<'_, '_>,
     out: Value,
     token: &Expr,

@@ -58,8 +58,8 @@
 //! B's N not a multiple of 8, a symbolic K) goes to the plain tiled template.
 
 use super::matmul::{batch_index, epilogue_at, kernel_name, OutputElement};
-use super::{ceil_div_size, size_of_dims, Body, Workspace};
-use crate::emit::{add, and, lt, mul, sub, EResult, Emitter};
+use super::{ceil_div_size, size_of_dims, Body, KvFused, Workspace};
+use crate::emit::{add, and, div, lt, mul, rem, sub, EResult, Emitter, SplitSum};
 use crate::graph::FuncGraph;
 use crate::partition::Group;
 use crate::plan::dim_size;
@@ -345,7 +345,7 @@ fn segment_columns(segments: &[Segment]) -> u64 {
 }
 
 /// The indices of `group`'s matmuls that `v` (a value the group stores) is computed from.
-fn matmuls_of(e: &Emitter<'_, '_>, group: &Group, v: Value) -> BTreeSet<usize> {
+pub(crate) fn matmuls_of(e: &Emitter<'_, '_>, group: &Group, v: Value) -> BTreeSet<usize> {
     let mut found = BTreeSet::new();
     let mut seen = BTreeSet::new();
     let mut stack = vec![v];
@@ -1365,12 +1365,14 @@ pub(crate) fn split_workspace(g: &FuncGraph<'_>, group: &Group, plan: &MmaPlan) 
 
 /// The second kernel of a split-K GEMM: one thread per output element adds the
 /// workspace's partial sums in split order (a fixed order, so the result is the same bits
-/// on every run) and applies the group's epilogue to the total.
+/// on every run) and applies the group's epilogue to the total. `writes`: the `kv_write`s
+/// a grid of segments' sum kernel performs, each with its segment (`templates::KvWrites`).
 pub(crate) fn emit_split_sum(
     e: &mut Emitter<'_, '_>,
     group: &Group,
     stores: &[Value],
     plan: &MmaPlan,
+    writes: Option<&KvFused>,
 ) -> EResult<Body> {
     let g = e.g;
     let (splits, _) = plan.split().expect("a split GEMM");
@@ -1378,7 +1380,7 @@ pub(crate) fn emit_split_sum(
     let out_shape = g.shape(matmuls[0]).to_vec();
     let rank = out_shape.len();
     if plan.tile.segmented {
-        return emit_segmented_sum(e, group, stores, plan, splits);
+        return emit_segmented_sum(e, group, stores, plan, splits, writes);
     }
     let ity = e.index_ty;
     let mut body = Vec::new();
@@ -1439,13 +1441,18 @@ fn sum_in_split_order(
 
 /// [`emit_split_sum`] for a grid of segments: a thread per element of the workspace's
 /// `[batch.., M, sum of N]` rows; the segment holding its column gives the matmul, whose
-/// stored values the epilogue writes.
+/// stored values the epilogue writes. The threads of a segment with a `kv_write` of
+/// `writes` store that write's rows instead: the thread of row `t`, column `c` the element
+/// (`t`, `c / dim`, `c % dim`) of the rows into the cache at slot `slots[t]`, its values
+/// computed from the partial sums ([`SplitSum`], read wherever the rows read them: RoPE's
+/// rotated half).
 fn emit_segmented_sum(
     e: &mut Emitter<'_, '_>,
     group: &Group,
     stores: &[Value],
     plan: &MmaPlan,
     splits: u32,
+    writes: Option<&KvFused>,
 ) -> EResult<Body> {
     let g = e.g;
     let matmuls = group.roots.clone();
@@ -1490,12 +1497,74 @@ fn emit_segmented_sum(
             .filter(|&v| matmuls_of(e, group, v).contains(&i))
             .collect();
         let mut then = Vec::new();
-        epilogue_at(e, &mut then, &[matmuls[i]], &[sum], &at, None, &stored)?;
+        let write = writes.and_then(|fused| {
+            let (_, w) = fused.writes.iter().find(|(seg, _)| *seg == i)?;
+            Some((&fused.owned, *w))
+        });
+        match write {
+            Some((kv, w)) => {
+                let source = SplitSum {
+                    workspace,
+                    matmuls: vec![matmuls[i]],
+                    splits,
+                    owned: group.owned.clone(),
+                    segment: Some((segment_columns(segs), seg.col)),
+                };
+                then = kv_write_element(e, kv, w, source, &stored, &idx[rank - 2], &col)?;
+            }
+            None => epilogue_at(e, &mut then, &[matmuls[i]], &[sum], &at, None, &stored)?,
+        }
         inner.push(Stmt::if_then(inside, then));
     }
     body.push(Stmt::if_then(lt(gid, total), inner));
-    let what = kernel_name(&format!("splitk{splits}_sum"), &matmuls, stores);
+    let mut what = kernel_name(&format!("splitk{splits}_sum"), &matmuls, stores);
+    if writes.is_some_and(|fused| !fused.writes.is_empty()) {
+        what = format!("{what}_kv_write");
+    }
     Ok(Body::over(what, SUM_THREADS, &dims, body))
+}
+
+/// The statements of a sum kernel's thread that stores element (`row`, `col`) of
+/// `kv_write` `w`'s rows (`[M, heads, dim]`, computed from the values one segment stores,
+/// each added from the partial sums by `source`, and the values of `kv`) into its cache:
+/// `w`'s own addressing, a negative slot or one past the cache storing nothing.
+fn kv_write_element(
+    e: &mut Emitter<'_, '_>,
+    kv: &BTreeSet<Value>,
+    w: Value,
+    source: SplitSum,
+    stored: &[Value],
+    row: &Expr,
+    col: &Expr,
+) -> EResult<Vec<Stmt>> {
+    let g = e.g;
+    let rows = g.inst(w).expect("kv_write").operands[1];
+    let Some(dim) = g.shape(rows).get(2).and_then(Dim::as_const) else {
+        return Err(e.internal(w, "kv_write rows of a symbolic head dim"));
+    };
+    let ity = e.index_ty;
+    let mut out = Vec::new();
+    let head = e.bind(&mut out, "head", ity, div(col.clone(), e.ix(dim as i64)));
+    let at = e.bind(&mut out, "d", ity, rem(col.clone(), e.ix(dim as i64)));
+    // The rows are computed as the `kv_write` kernel computes them, the segment's stored
+    // values from the partial sums.
+    let held_sums = e.split_sums.len();
+    e.split_sums.push(source);
+    for &v in stored {
+        e.sourced.insert(v, held_sums);
+    }
+    let owned = std::mem::replace(&mut e.owned, kv.clone());
+    e.push_scope();
+    let stmts = super::kv_cache::store_row(e, w, row, &head, &at, 1);
+    e.pop_scope();
+    e.owned = owned;
+    for v in stored {
+        e.sourced.remove(v);
+    }
+    e.split_sums.truncate(held_sums);
+    out.extend(stmts?);
+    e.fused.insert(w);
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -121,8 +121,15 @@ impl RowSums {
                 || index_type(g, group, options) == Ty::I32;
             // A row group's kernels are chosen by one size (that of the GEMMs it reads).
             let variant = |gid: usize| {
-                size_variant(g, part, gid, options, &RowSums::default())
-                    .map(|v| (v.symbol, v.at_most))
+                size_variant(
+                    g,
+                    part,
+                    gid,
+                    options,
+                    &RowSums::default(),
+                    &KvWrites::default(),
+                )
+                .map(|v| (v.symbol, v.at_most))
             };
             let agrees = sums
                 .by_row
@@ -136,6 +143,246 @@ impl RowSums {
         }
         sums
     }
+}
+
+/// `kv_write` groups whose writes a split-K GEMM's sum kernel performs: when the values of
+/// some segments of a split-K grid of segments (decode q/k/v: k and v) are read by nothing
+/// but one `kv_write` group (a layer's key and value writes), each write's rows computed
+/// from one such segment's values and everything else the writes read ready before the
+/// GEMM runs, the sum kernel's threads of those segments store the rows into the caches at
+/// their slots instead (the `kv_write`'s own addressing, its rows computed from the
+/// partial sums as the `kv_write` kernel would compute them from the stored values: each
+/// value the segment stores is added in split order, stored and read back, so the cache
+/// gets the same bits), and the `kv_write` group launches nothing. Decided per group pair;
+/// in each variant of a [`SizeVariant`] it applies when that variant's GEMM is a split
+/// grid of segments ([`segmented_split`]), the `kv_write` group taking the GEMM's variants.
+#[derive(Default)]
+pub(crate) struct KvWrites {
+    /// `kv_write` group → the GEMM group whose sum kernel writes its rows.
+    pub by_kv: BTreeMap<usize, usize>,
+    /// GEMM group → what its sum kernel writes.
+    pub by_gemm: BTreeMap<usize, KvFused>,
+}
+
+/// The `kv_write`s a GEMM group's sum kernel performs.
+pub(crate) struct KvFused {
+    /// The `kv_write` group.
+    pub kv: usize,
+    /// Per write, the segment (matmul index) whose values its rows read.
+    pub writes: Vec<(usize, Value)>,
+    /// What the sum kernel computes of the rows itself: the `kv_write` group's values and
+    /// the f32 values a pointwise kernel after the GEMM stores (RoPE's angles of the first
+    /// layer, stored before their first reader), computed inline to the same bits.
+    pub owned: BTreeSet<Value>,
+}
+
+impl KvWrites {
+    /// Finds the pairs (none unless tensor cores and [`crate::GemmTuning::kv_writes`] are
+    /// on; never for a GEMM whose sums a row group adds). `constants`: the values the plan
+    /// holds as constants (`kiln_opt::small_constants`), ready before any kernel runs.
+    pub(crate) fn find(
+        g: &FuncGraph<'_>,
+        part: &Partition<'_>,
+        options: &crate::Options,
+        rows: &RowSums,
+        constants: &BTreeSet<Value>,
+    ) -> KvWrites {
+        let mut found = KvWrites::default();
+        if !options.tensor_cores || !options.gemm.kv_writes {
+            return found;
+        }
+        let reads: Vec<BTreeSet<Value>> = part
+            .groups
+            .iter()
+            .map(|group| buffers_read(g, part, group))
+            .collect();
+        for (kg, group) in part.groups.iter().enumerate() {
+            if !matches!(group.kind, GroupKind::KvWrite) {
+                continue;
+            }
+            let Some((mg, fused)) = kv_gemm(g, part, &reads, constants, kg) else {
+                continue;
+            };
+            let splits = [true, false]
+                .into_iter()
+                .any(|small| segmented_split(g, part, mg, options, small).is_some());
+            if splits && !rows.by_gemm.contains_key(&mg) {
+                found.by_kv.insert(kg, mg);
+                found.by_gemm.insert(mg, fused);
+            }
+        }
+        found
+    }
+}
+
+/// The base buffer value of `v` (through the reshapes that share a buffer).
+fn base_of(part: &Partition<'_>, mut v: Value) -> Value {
+    while let Some(&b) = part.view_of.get(&v) {
+        v = b;
+    }
+    v
+}
+
+/// The GEMM group whose sum kernel may perform `kv_write` group `kg`'s writes, with each
+/// write's segment ([`KvWrites`]): the one group of matmuls whose stored values `kg` reads,
+/// earlier in the same region; every stored value `kg` reads belongs to a segment (one
+/// matmul's values) that only `kg` reads (no other group, no function result, no loop), each
+/// write's rows `[M, heads, dim]` read exactly one such segment of `heads × dim` columns and
+/// the GEMM's `[M, N]` rows; everything else `kg` reads (slots, the caches, RoPE's angles)
+/// was stored before the GEMM runs (or is a plan constant) or is an f32 output of a pointwise kernel that reads
+/// only such values (then computed inline), and no kernel between the two touches the
+/// caches.
+fn kv_gemm(
+    g: &FuncGraph<'_>,
+    part: &Partition<'_>,
+    reads: &[BTreeSet<Value>],
+    constants: &BTreeSet<Value>,
+    kg: usize,
+) -> Option<(usize, KvFused)> {
+    let kv = &part.groups[kg];
+    let owner = |v: Value| part.owner[base_of(part, v).0 as usize];
+    let mut gemms = reads[kg]
+        .iter()
+        .filter_map(|&v| owner(v))
+        .filter(|&o| matches!(part.groups[o].kind, GroupKind::Matmul { .. }));
+    let mg = gemms.next()?;
+    if gemms.any(|o| o != mg) {
+        return None;
+    }
+    let gemm = &part.groups[mg];
+    if gemm.region != kv.region || gemm.pos >= kv.pos {
+        return None;
+    }
+    let out_shape = g.shape(*gemm.roots.first()?);
+    let [rows_dim, _] = out_shape else {
+        return None;
+    };
+    let stores = stored_values(part, mg);
+    let results: BTreeSet<Value> = g.func.results().iter().map(|&r| base_of(part, r)).collect();
+    // Everything else read was stored before the GEMM runs, or is computed inline.
+    // (A group storing only plan constants launches nothing: its values are there first.)
+    let constant = |o: usize| {
+        stored_values(part, o)
+            .iter()
+            .all(|v| constants.contains(v) && g.shape(*v).iter().all(|d| d.as_const().is_some()))
+    };
+    let before = |v: &Value| owner(*v).is_none_or(|o| part.groups[o].pos < gemm.pos || constant(o));
+    let mut owned = kv.owned.clone();
+    for &v in &reads[kg] {
+        let b = base_of(part, v);
+        if stores.contains(&b) || before(&b) {
+            continue;
+        }
+        let o = owner(b)?;
+        let pointwise = &part.groups[o];
+        let inline = matches!(pointwise.kind, GroupKind::Pointwise { .. })
+            && b == v
+            && g.ty(v).dtype == DType::F32
+            && reads[o].iter().all(before);
+        if !inline {
+            return None;
+        }
+        owned.extend(pointwise.owned.iter().copied());
+    }
+    // The caches: untouched by the kernels between the GEMM and the writes.
+    let caches: BTreeSet<Value> = kv.roots.iter().map(|&w| base_of(part, w)).collect();
+    for (gid, other) in part.groups.iter().enumerate() {
+        if other.pos <= gemm.pos || other.pos >= kv.pos {
+            continue;
+        }
+        let touches = matches!(other.kind, GroupKind::KvWrite)
+            || reads[gid]
+                .iter()
+                .any(|&v| caches.contains(&base_of(part, v)));
+        if touches {
+            return None;
+        }
+    }
+    // The segment of each stored value (the matmuls it is computed from).
+    let mut e = Emitter::new(g, &part.stored, Ty::I32);
+    e.owned = gemm.owned.clone();
+    let segment_of = |v: Value| {
+        let set = mma_gemm::matmuls_of(&e, gemm, v);
+        (set.len() == 1).then(|| *set.iter().next().expect("one matmul"))
+    };
+    let mut taken: BTreeSet<usize> = BTreeSet::new();
+    let mut writes = Vec::new();
+    for &w in &kv.roots {
+        let inst = g.inst(w)?;
+        let rows = inst.operands[1];
+        let mut only = Group {
+            owned: BTreeSet::from([rows]),
+            ..kv.clone()
+        };
+        only.roots = vec![rows];
+        let read: BTreeSet<Value> = buffers_read(g, part, &only)
+            .into_iter()
+            .map(|v| base_of(part, v))
+            .filter(|v| stores.contains(v))
+            .collect();
+        let segments: BTreeSet<usize> =
+            read.iter().map(|&v| segment_of(v)).collect::<Option<_>>()?;
+        let [seg] = segments.into_iter().collect::<Vec<_>>()[..] else {
+            return None;
+        };
+        let n = g.shape(gemm.roots[seg]).get(1)?.as_const()?;
+        let fits = match g.shape(rows) {
+            [m, Dim::Const(heads), Dim::Const(dim)] => m == rows_dim && heads * dim == n,
+            _ => false,
+        };
+        if !fits || !taken.insert(seg) {
+            return None;
+        }
+        writes.push((seg, w));
+    }
+    let fused = KvFused {
+        kv: kg,
+        writes,
+        owned,
+    };
+    // Every stored value of those segments is read by these writes only.
+    for &s in &stores {
+        let seg = mma_gemm::matmuls_of(&e, gemm, s);
+        if !seg.iter().any(|i| taken.contains(i)) {
+            continue;
+        }
+        if seg.len() != 1 || results.contains(&s) {
+            return None;
+        }
+        let elsewhere = reads
+            .iter()
+            .enumerate()
+            .any(|(gid, r)| gid != kg && gid != mg && r.iter().any(|&v| base_of(part, v) == s));
+        if elsewhere {
+            return None;
+        }
+        let mut stack = vec![s];
+        while let Some(v) = stack.pop() {
+            for (region, inst) in &g.users[v.0 as usize] {
+                if *region != gemm.region || matches!(inst.op, kiln_ir::Op::Loop) {
+                    return None;
+                }
+                stack.extend(inst.results.iter().filter(|r| part.view_of.contains_key(r)));
+            }
+        }
+    }
+    Some((mg, fused))
+}
+
+/// The split tensor-core plan of GEMM group `mg` in variant `small` when it is a grid of
+/// segments whose sum kernel may perform `kv_write`s ([`KvWrites`]).
+fn segmented_split(
+    g: &FuncGraph<'_>,
+    part: &Partition<'_>,
+    mg: usize,
+    options: &crate::Options,
+    small: bool,
+) -> Option<mma_gemm::MmaPlan> {
+    let group = &part.groups[mg];
+    let mut e = Emitter::new(g, &part.stored, Ty::I32);
+    e.owned = group.owned.clone();
+    mma_gemm::plan(&e, group, small, options)
+        .filter(|p| options.tensor_cores && p.split().is_some() && p.segmented())
 }
 
 /// The values group `gid` stores (writes to buffers that other kernels read).
@@ -254,7 +501,9 @@ pub(crate) struct SizeVariant {
 ///   decode-sized variant for at most [`mma_gemm::SMALL_ROWS`] rows; a plain one whose row
 ///   count is symbolic has its small tile up to the row count where the large tile would
 ///   have enough blocks ([`matmul::large_tile_rows`]);
-/// - a row group that adds split-K GEMM sums ([`RowSums`]) has the GEMMs' variants;
+/// - a row group that adds split-K GEMM sums ([`RowSums`]) has the GEMMs' variants, a
+///   `kv_write` group whose writes a GEMM's sum kernel may perform ([`KvWrites`]) the
+///   GEMM's;
 /// - paged decode attention whose block tables have a symbolic width has a variant with
 ///   short partitions ([`crate::PagedTuning::short_part`]) for block tables of at most
 ///   [`crate::PagedTuning::short_context`] key positions, so that short contexts still
@@ -265,11 +514,16 @@ pub(crate) fn size_variant(
     gid: usize,
     options: &crate::Options,
     rows: &RowSums,
+    kv: &KvWrites,
 ) -> Option<SizeVariant> {
     let group = &part.groups[gid];
     if let Some(&mg) = rows.by_row.get(&gid).and_then(|gemms| gemms.first()) {
         // A row group adding split-K sums has the variants of the GEMMs it reads.
-        return size_variant(g, part, mg, options, rows);
+        return size_variant(g, part, mg, options, rows, kv);
+    }
+    if let Some(&mg) = kv.by_kv.get(&gid) {
+        // So has a `kv_write` group whose writes a GEMM's sum kernel may perform.
+        return size_variant(g, part, mg, options, rows, kv);
     }
     let mut e = Emitter::new(g, &part.stored, Ty::I32);
     e.owned = group.owned.clone();
@@ -323,8 +577,15 @@ pub(crate) fn build(
     options: &crate::Options,
     small: bool,
     rows: &RowSums,
+    kv: &KvWrites,
 ) -> Result<Option<Launches>, FusionError> {
     let group = &part.groups[gid];
+    if let Some(&mg) = kv.by_kv.get(&gid) {
+        if segmented_split(g, part, mg, options, small).is_some() {
+            // The GEMM's sum kernel stores the rows ([`KvWrites`]).
+            return Ok(None);
+        }
+    }
     let stores: Vec<Value> = group
         .roots
         .iter()
@@ -364,8 +625,14 @@ pub(crate) fn build(
                 shared_workspace: true,
             }));
         }
+        // The `kv_write`s its sum kernel performs ([`KvWrites`]), in the wider index type
+        // of the two groups.
+        let fused = kv.by_gemm.get(&gid).filter(|_| plan.segmented());
         let mut e = new_emitter();
-        let body = mma_gemm::emit_split_sum(&mut e, group, &stores, plan);
+        if fused.is_some_and(|f| index_type(g, &part.groups[f.kv], options) == Ty::I64) {
+            e.index_ty = Ty::I64;
+        }
+        let body = mma_gemm::emit_split_sum(&mut e, group, &stores, plan, fused);
         let sum = finish(g, e, body, out_dtype(g, &stores))?;
         return Ok(Some(Launches {
             kernels: vec![partial, sum],
@@ -414,6 +681,7 @@ pub(crate) fn build(
                     matmuls: gemm.roots.clone(),
                     splits,
                     owned: gemm.owned.clone(),
+                    segment: None,
                 });
                 for v in stored_values(part, mg) {
                     e.sourced.insert(v, e.split_sums.len() - 1);

@@ -1,0 +1,241 @@
+//! `kv_write`s performed by a split-K GEMM's sum kernel (`templates::KvWrites`): decode
+//! q/k/v as a split grid of segments whose k (RoPE'd) and v values only a layer's
+//! `kv_write`s read. The plans with and without it are run on the kir interpreter (each
+//! checked against the graph interpreter) and on Cranelift: the same bits (the sum kernel
+//! adds, stores and reads back each value as the sum kernel and the `kv_write` kernel did),
+//! and one kernel fewer per layer. The 1.1B Llama decode step: 16 kernels fewer, its sum
+//! kernels assembled by ptxas without spills.
+
+mod common;
+
+use common::{assert_assembles_without_spills, check, inputs_for, lower, run_plan, toolchain};
+use kiln_gpu_kernels::{compile_function, GemmTuning, Options};
+use kiln_ir::{DType, Tensor};
+use kiln_kir::{Kernel, Plan, Step};
+use std::collections::BTreeMap;
+
+const SRC: &str = "import nn
+fn qkv(x: bf16[T, 2048], wq: bf16[256, 2048], wk: bf16[128, 2048], wv: bf16[128, 2048],
+       pos: i32[T], slots: i32[T], kc: bf16[2, 6, 4, 2, 64], vc: bf16[2, 6, 4, 2, 64]) -> (bf16[T, 256], bf16[2, 6, 4, 2, 64], bf16[2, 6, 4, 2, 64]) {
+    let q = linear(x, wq)
+    let k = rope(linear(x, wk).view(T, 2, 64), pos, 10000.0)
+    let v = linear(x, wv).view(T, 2, 64)
+    (q, kv_write(kc, k, slots, 1), kv_write(vc, v, slots, 1))
+}
+fn k_read_twice(x: bf16[T, 2048], wq: bf16[256, 2048], wk: bf16[128, 2048], wv: bf16[128, 2048],
+       slots: i32[T], kc: bf16[2, 6, 4, 2, 64], vc: bf16[2, 6, 4, 2, 64]) -> (bf16[T, 256], bf16[T, 128], bf16[2, 6, 4, 2, 64], bf16[2, 6, 4, 2, 64]) {
+    let k = linear(x, wk)
+    (linear(x, wq), k * 2.0, kv_write(kc, k.view(T, 2, 64), slots, 1),
+     kv_write(vc, linear(x, wv).view(T, 2, 64), slots, 1))
+}
+";
+
+fn options(kv_writes: bool) -> Options {
+    Options {
+        gemm: GemmTuning {
+            kv_writes,
+            ..GemmTuning::default()
+        },
+        ..Options::default()
+    }
+}
+
+/// The launches a plan makes at the given symbol values (each `BySize` step's branch
+/// for those values), without the `k{index}_` prefix.
+fn launches(plan: &Plan, kernels: &[Kernel], symbols: &BTreeMap<String, u64>) -> Vec<String> {
+    fn walk(
+        steps: &[Step],
+        kernels: &[Kernel],
+        symbols: &BTreeMap<String, u64>,
+        out: &mut Vec<String>,
+    ) {
+        for step in steps {
+            match step {
+                Step::Launch { kernel, .. } => out.push(kernels[*kernel].name.clone()),
+                Step::BySize { .. } => {
+                    let branch = step
+                        .by_size_branch(|s| symbols.get(s).copied())
+                        .expect("a BySize step")
+                        .expect("a bound symbol");
+                    walk(branch, kernels, symbols, out);
+                }
+                Step::Loop { body, .. } => walk(body, kernels, symbols, out),
+                Step::Copy { .. } => {}
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(&plan.steps, kernels, symbols, &mut out);
+    out.iter()
+        .map(|n| {
+            n.split_once('_')
+                .map_or(n.clone(), |(_, rest)| rest.to_string())
+        })
+        .collect()
+}
+
+/// Runs `function` at `t` tokens with and without the fused writes on the kir interpreter
+/// (against the graph interpreter) and on Cranelift; asserts the four results are the same
+/// bits and returns the launches of both plans. Slots: padding (-1), the rest scattered
+/// over the cache's blocks and offsets.
+fn same_bits(function: &str, t: usize) -> (Vec<String>, Vec<String>) {
+    let module = lower("kv_writes.kiln", SRC, None, None);
+    let func = module.function(function).unwrap();
+    let symbols = BTreeMap::from([("T".to_string(), t)]);
+    let mut inputs = inputs_for(func, &symbols, t, 17);
+    let slots: Vec<i64> = (0..t as i64)
+        .map(|i| match i % 7 {
+            2 | 5 => -1,
+            _ => (i * 5 + 3) % 24,
+        })
+        .collect();
+    let at = if function == "qkv" { 5 } else { 4 };
+    inputs[at] = Tensor::from_ints(DType::I32, &[t], slots);
+    let weights = BTreeMap::new();
+    let mut results: Vec<(String, Vec<Tensor>)> = Vec::new();
+    let mut names = Vec::new();
+    for kv_writes in [true, false] {
+        let compiled = check(&module, function, &inputs, &weights, &options(kv_writes));
+        let got = run_plan(&compiled.kernels, &compiled.plan, &inputs, &weights).unwrap();
+        results.push((format!("kv_writes {kv_writes}, kir interpreter"), got));
+        let cpu = kiln_cpu::CpuExecutor::new(&compiled.kernels).unwrap_or_else(|e| panic!("{e}"));
+        let got = cpu
+            .run(&compiled.plan, &inputs, &|name| weights.get(name))
+            .unwrap_or_else(|e| panic!("@{function} on Cranelift: {e}"));
+        results.push((format!("kv_writes {kv_writes}, Cranelift"), got));
+        let sizes = BTreeMap::from([("T".to_string(), t as u64)]);
+        names.push(launches(&compiled.plan, &compiled.kernels, &sizes));
+    }
+    let (first, want) = &results[0];
+    for (what, got) in &results[1..] {
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert_eq!(
+                g.to_le_bytes(),
+                w.to_le_bytes(),
+                "@{function} T={t}: result {i} of {what} differs from {first}"
+            );
+        }
+    }
+    let without = names.pop().unwrap();
+    let with = names.pop().unwrap();
+    (with, without)
+}
+
+fn count(names: &[String], part: &str) -> usize {
+    names.iter().filter(|n| n.contains(part)).count()
+}
+
+#[test]
+fn the_sum_kernel_of_a_split_qkv_grid_writes_k_and_v_into_the_caches() {
+    // K = 2048, widths 256/128/128: a split grid of segments at decode sizes. The sum
+    // kernel stores q and writes RoPE'd k and v at their slots; no kv_write kernel.
+    for t in [1, 7, 16] {
+        let (with, without) = same_bits("qkv", t);
+        assert_eq!(count(&without, "kv_write_x2"), 1, "T={t}: {without:?}");
+        assert_eq!(count(&with, "kv_write_x2"), 0, "T={t}: {with:?}");
+        assert_eq!(count(&with, "_sum_x3_kv_write"), 1, "T={t}: {with:?}");
+        assert_eq!(with.len() + 1, without.len(), "T={t}: {with:?}");
+    }
+}
+
+#[test]
+fn prefill_sizes_keep_the_kv_write_kernel() {
+    // 40 rows take the prefill tile (no split, no sum kernel): the kv_write kernel runs.
+    let (with, without) = same_bits("qkv", 40);
+    assert_eq!(with, without);
+    assert_eq!(count(&with, "kv_write_x2"), 1, "{with:?}");
+}
+
+#[test]
+fn a_key_read_by_another_kernel_keeps_the_kv_write_kernel() {
+    // k is also a result (k * 2.0): its buffer must be stored, the writes stay apart.
+    let (with, without) = same_bits("k_read_twice", 3);
+    assert_eq!(with, without);
+    assert_eq!(count(&with, "kv_write_x2"), 1, "{with:?}");
+}
+
+/// The `step` entry of models/llama.kiln at the 1.1B shape `kiln bench decode` measures
+/// (hidden 2048, 16 layers, 32 query / 8 KV heads, ffn 8192), bf16 weights.
+fn llama_1b() -> kiln_ir::Module {
+    let root = kiln_tests::repo_root();
+    let mut config = kiln_tests::read_json(&root.join("tests/fixtures/tiny-llama/config.json"));
+    for (key, value) in [
+        ("hidden_size", 2048),
+        ("intermediate_size", 8192),
+        ("num_attention_heads", 32),
+        ("num_key_value_heads", 8),
+        ("head_dim", 64),
+        ("num_hidden_layers", 16),
+        ("vocab_size", 32000),
+    ] {
+        config[key] = serde_json::json!(value);
+    }
+    let path = root.join("models/llama.kiln");
+    let source = std::fs::read_to_string(&path).expect("program");
+    let options = kiln_lower::Options {
+        param_dtype: DType::BF16,
+        entries: Some(vec!["step".to_string()]),
+    };
+    let lowered = kiln_tests::compile_source_with(
+        "llama.kiln",
+        &source,
+        path.parent(),
+        Some(&config),
+        &options,
+    )
+    .unwrap_or_else(|d| panic!("{d}"));
+    let mut module = lowered.module;
+    kiln_opt::optimize(&mut module).unwrap_or_else(|e| panic!("{e}"));
+    module
+}
+
+#[test]
+fn the_1b_llama_decode_step_launches_16_kernels_fewer() {
+    // Every layer's k and v writes go into its q/k/v sum kernel (layer 0's computing
+    // RoPE's angles inline: their kernel runs after the GEMM).
+    let module = llama_1b();
+    let mut counts = Vec::new();
+    for kv_writes in [true, false] {
+        let compiled = compile_function(&module, "step", &options(kv_writes)).unwrap();
+        let sizes = BTreeMap::from([
+            ("T".to_string(), 1),
+            ("B".to_string(), 1),
+            ("MB".to_string(), 8),
+            ("NB".to_string(), 64),
+        ]);
+        let names = launches(&compiled.plan, &compiled.kernels, &sizes);
+        counts.push((
+            names.len(),
+            count(&names, "_kv_write_bf16"),
+            count(&names, "kv_write_x2"),
+        ));
+    }
+    println!("decode step launches (kernels, fused sums, kv_write kernels): {counts:?}");
+    let (with, fused, left) = counts[0];
+    let (without, _, writes) = counts[1];
+    assert_eq!((fused, left, writes), (16, 0, 16));
+    assert_eq!(with + 16, without);
+    // Prefill sizes keep every kv_write kernel.
+    let compiled = compile_function(&module, "step", &Options::default()).unwrap();
+    let sizes = BTreeMap::from([
+        ("T".to_string(), 128),
+        ("B".to_string(), 1),
+        ("MB".to_string(), 8),
+        ("NB".to_string(), 64),
+    ]);
+    let names = launches(&compiled.plan, &compiled.kernels, &sizes);
+    assert_eq!(count(&names, "kv_write_x2"), 16);
+}
+
+#[test]
+fn the_kv_writing_sum_kernels_of_the_1b_llama_assemble_without_spills() {
+    let Some(toolchain) = toolchain() else { return };
+    let compiled = compile_function(&llama_1b(), "step", &Options::default()).unwrap();
+    let fused: Vec<Kernel> = compiled
+        .kernels
+        .into_iter()
+        .filter(|k| k.name.contains("_kv_write_bf16"))
+        .collect();
+    assert!(!fused.is_empty());
+    assert_assembles_without_spills(&toolchain, &fused);
+}
