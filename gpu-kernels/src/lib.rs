@@ -92,10 +92,16 @@ pub struct GemmTuning {
     pub row_sums: bool,
     /// Whether the sum kernel of a split-K grid of segments (decode q/k/v) stores the rows
     /// of a segment whose values only `kv_write`s read straight into the caches at their
-    /// slots (`templates::KvWrites`: the `kv_write` kernel disappears).
+    /// slots (`templates::KvWrites`: the `kv_write` kernel disappears). Off: on an H100 the
+    /// 1.1B decode step took 1.322–1.324 ms/token with it and 1.299–1.301 without
+    /// (`…-decode-ab-99e3952.txt`): the sum kernel's k rows add RoPE's second half (three
+    /// sums an element) and each layer's sum kernel becomes its own kernel, which costs
+    /// more than the 16 `kv_write` launches it saves.
     pub kv_writes: bool,
     /// The most blocks a decode GEMM's k slices are split over (0: the template's limit,
-    /// 8; 1: no split-K across blocks).
+    /// 8; 1: no split-K across blocks). On an H100 the 4096 × 4096 decode GEMM read 2101 /
+    /// 2116 GB/s (M = 1 / 16) split 4 ways, 2133 / 2075 split 2 ways and 1948 / 1941 unsplit
+    /// (`…-decode-ab-99e3952.txt`).
     pub max_splits: u32,
 }
 
@@ -105,7 +111,7 @@ impl Default for GemmTuning {
             segments: true,
             segment_splits: true,
             row_sums: true,
-            kv_writes: true,
+            kv_writes: false,
             max_splits: 0,
         }
     }

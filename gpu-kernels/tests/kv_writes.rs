@@ -230,7 +230,7 @@ fn the_1b_llama_decode_step_launches_16_kernels_fewer() {
 #[test]
 fn the_kv_writing_sum_kernels_of_the_1b_llama_assemble_without_spills() {
     let Some(toolchain) = toolchain() else { return };
-    let compiled = compile_function(&llama_1b(), "step", &Options::default()).unwrap();
+    let compiled = compile_function(&llama_1b(), "step", &options(true)).unwrap();
     let fused: Vec<Kernel> = compiled
         .kernels
         .into_iter()

@@ -291,7 +291,7 @@ const TUNE_PAGED: &str = "KILN_TUNE_PAGED";
 /// split-K GEMM whose stored values a row reduction reads first, the residual add before
 /// an RMSNorm, leaves its sum to that row kernel; default 1), `kvwrite=0|1` (the sum
 /// kernel of a split-K q/k/v grid stores k and v straight into the paged caches, no
-/// `kv_write` kernel; default 1) and `maxsplits=N` (the most blocks a decode GEMM's k slices
+/// `kv_write` kernel; default 0) and `maxsplits=N` (the most blocks a decode GEMM's k slices
 /// are split over; default 0, the template's 8). Example:
 /// `KILN_TUNE_GEMM=segments=1,splits=0`.
 const TUNE_GEMM: &str = "KILN_TUNE_GEMM";
