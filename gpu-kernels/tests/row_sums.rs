@@ -8,10 +8,12 @@
 
 mod common;
 
-use common::{assert_assembles_without_spills, check, inputs_for, lower, run_plan, toolchain};
+use common::{
+    assert_assembles_without_spills, check, inputs_for, launches, lower, run_plan, toolchain,
+};
 use kiln_gpu_kernels::{compile_function, GemmTuning, Options};
 use kiln_ir::Tensor;
-use kiln_kir::{Kernel, Plan, Step};
+use kiln_kir::Kernel;
 use std::collections::BTreeMap;
 
 const SRC: &str = "import nn
@@ -47,41 +49,6 @@ fn options(row_sums: bool) -> Options {
         },
         ..Options::default()
     }
-}
-
-/// The launches a plan makes at the given symbol values (each `BySize` step's branch
-/// for those values).
-fn launches(plan: &Plan, kernels: &[Kernel], symbols: &BTreeMap<String, u64>) -> Vec<String> {
-    fn walk(
-        steps: &[Step],
-        kernels: &[Kernel],
-        symbols: &BTreeMap<String, u64>,
-        out: &mut Vec<String>,
-    ) {
-        for step in steps {
-            match step {
-                Step::Launch { kernel, .. } => out.push(kernels[*kernel].name.clone()),
-                Step::BySize { .. } => {
-                    let branch = step
-                        .by_size_branch(|s| symbols.get(s).copied())
-                        .expect("a BySize step")
-                        .expect("a bound symbol");
-                    walk(branch, kernels, symbols, out);
-                }
-                Step::Loop { body, .. } => walk(body, kernels, symbols, out),
-                Step::Copy { .. } => {}
-            }
-        }
-    }
-    let mut out = Vec::new();
-    walk(&plan.steps, kernels, symbols, &mut out);
-    // Without the `k{index}_` prefix, which depends on the order kernels were made in.
-    out.iter()
-        .map(|n| {
-            n.split_once('_')
-                .map_or(n.clone(), |(_, rest)| rest.to_string())
-        })
-        .collect()
 }
 
 /// Runs `function` compiled with and without row sums on the kir interpreter (each checked

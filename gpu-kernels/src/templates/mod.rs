@@ -102,11 +102,7 @@ impl RowSums {
         if !options.tensor_cores || !options.gemm.row_sums {
             return sums;
         }
-        let reads: Vec<BTreeSet<Value>> = part
-            .groups
-            .iter()
-            .map(|group| buffers_read(g, part, group))
-            .collect();
+        let reads = reads_by_group(g, part);
         for (mg, group) in part.groups.iter().enumerate() {
             if !matches!(group.kind, GroupKind::Matmul { .. }) {
                 continue;
@@ -191,11 +187,7 @@ impl KvWrites {
         if !options.tensor_cores || !options.gemm.kv_writes {
             return found;
         }
-        let reads: Vec<BTreeSet<Value>> = part
-            .groups
-            .iter()
-            .map(|group| buffers_read(g, part, group))
-            .collect();
+        let reads = reads_by_group(g, part);
         for (kg, group) in part.groups.iter().enumerate() {
             if !matches!(group.kind, GroupKind::KvWrite) {
                 continue;
@@ -448,6 +440,14 @@ fn row_reader(
             .chain(&gemm.roots)
             .all(|v| g.shape(*v) == full.as_slice());
     fits.then_some(row)
+}
+
+/// [`buffers_read`] of every group of `part`, by group index.
+fn reads_by_group(g: &FuncGraph<'_>, part: &Partition<'_>) -> Vec<BTreeSet<Value>> {
+    part.groups
+        .iter()
+        .map(|group| buffers_read(g, part, group))
+        .collect()
 }
 
 /// The values whose buffers a group's kernel reads: walking down from what it computes

@@ -479,3 +479,38 @@ pub fn param_shapes(module: &Module, function: &str, t: u64) -> Vec<Vec<u64>> {
         })
         .collect()
 }
+
+/// The launches a plan makes at the given symbol values (each `BySize` step's branch
+/// for those values).
+pub fn launches(plan: &Plan, kernels: &[Kernel], symbols: &BTreeMap<String, u64>) -> Vec<String> {
+    fn walk(
+        steps: &[Step],
+        kernels: &[Kernel],
+        symbols: &BTreeMap<String, u64>,
+        out: &mut Vec<String>,
+    ) {
+        for step in steps {
+            match step {
+                Step::Launch { kernel, .. } => out.push(kernels[*kernel].name.clone()),
+                Step::BySize { .. } => {
+                    let branch = step
+                        .by_size_branch(|s| symbols.get(s).copied())
+                        .expect("a BySize step")
+                        .expect("a bound symbol");
+                    walk(branch, kernels, symbols, out);
+                }
+                Step::Loop { body, .. } => walk(body, kernels, symbols, out),
+                Step::Copy { .. } => {}
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(&plan.steps, kernels, symbols, &mut out);
+    // Without the `k{index}_` prefix, which depends on the order kernels were made in.
+    out.iter()
+        .map(|n| {
+            n.split_once('_')
+                .map_or(n.clone(), |(_, rest)| rest.to_string())
+        })
+        .collect()
+}
