@@ -9,10 +9,10 @@
 mod common;
 
 use common::{
-    assert_assembles_without_spills, check, inputs_for, launches, lower, run_plan, toolchain,
+    assert_assembles_without_spills, count, inputs_for, launches, llama_1b, lower,
+    same_bits_with_and_without, toolchain,
 };
 use kiln_gpu_kernels::{compile_function, GemmTuning, Options};
-use kiln_ir::Tensor;
 use kiln_kir::Kernel;
 use std::collections::BTreeMap;
 
@@ -59,38 +59,7 @@ fn same_bits(function: &str, t: usize) -> (Vec<String>, Vec<String>) {
     let func = module.function(function).unwrap();
     let symbols = BTreeMap::from([("T".to_string(), t)]);
     let inputs = inputs_for(func, &symbols, t, 11);
-    let weights = BTreeMap::new();
-    let mut results: Vec<(String, Vec<Tensor>)> = Vec::new();
-    let mut names = Vec::new();
-    for row_sums in [true, false] {
-        let compiled = check(&module, function, &inputs, &weights, &options(row_sums));
-        let got = run_plan(&compiled.kernels, &compiled.plan, &inputs, &weights).unwrap();
-        results.push((format!("row_sums {row_sums}, kir interpreter"), got));
-        let cpu = kiln_cpu::CpuExecutor::new(&compiled.kernels).unwrap_or_else(|e| panic!("{e}"));
-        let got = cpu
-            .run(&compiled.plan, &inputs, &|name| weights.get(name))
-            .unwrap_or_else(|e| panic!("@{function} on Cranelift: {e}"));
-        results.push((format!("row_sums {row_sums}, Cranelift"), got));
-        let sizes = BTreeMap::from([("T".to_string(), t as u64)]);
-        names.push(launches(&compiled.plan, &compiled.kernels, &sizes));
-    }
-    let (first, want) = &results[0];
-    for (what, got) in &results[1..] {
-        for (i, (g, w)) in got.iter().zip(want).enumerate() {
-            assert_eq!(
-                g.to_le_bytes(),
-                w.to_le_bytes(),
-                "@{function} T={t}: result {i} of {what} differs from {first}"
-            );
-        }
-    }
-    let without = names.pop().unwrap();
-    let with = names.pop().unwrap();
-    (with, without)
-}
-
-fn count(names: &[String], part: &str) -> usize {
-    names.iter().filter(|n| n.contains(part)).count()
+    same_bits_with_and_without(&module, function, &inputs, t, options)
 }
 
 #[test]
@@ -163,41 +132,6 @@ fn the_plan_without_row_sums_is_the_default_off_switch() {
         .kernels
         .iter()
         .any(|k| k.name.contains("rms_norm_splitk")));
-}
-
-/// The `step` entry of models/llama.kiln at the 1.1B shape `kiln bench decode` measures
-/// (hidden 2048, 16 layers, 32 query / 8 KV heads, ffn 8192), bf16 weights.
-fn llama_1b() -> kiln_ir::Module {
-    let root = kiln_tests::repo_root();
-    let mut config = kiln_tests::read_json(&root.join("tests/fixtures/tiny-llama/config.json"));
-    for (key, value) in [
-        ("hidden_size", 2048),
-        ("intermediate_size", 8192),
-        ("num_attention_heads", 32),
-        ("num_key_value_heads", 8),
-        ("head_dim", 64),
-        ("num_hidden_layers", 16),
-        ("vocab_size", 32000),
-    ] {
-        config[key] = serde_json::json!(value);
-    }
-    let path = root.join("models/llama.kiln");
-    let source = std::fs::read_to_string(&path).expect("program");
-    let options = kiln_lower::Options {
-        param_dtype: kiln_ir::DType::BF16,
-        entries: Some(vec!["step".to_string()]),
-    };
-    let lowered = kiln_tests::compile_source_with(
-        "llama.kiln",
-        &source,
-        path.parent(),
-        Some(&config),
-        &options,
-    )
-    .unwrap_or_else(|d| panic!("{d}"));
-    let mut module = lowered.module;
-    kiln_opt::optimize(&mut module).unwrap_or_else(|e| panic!("{e}"));
-    module
 }
 
 #[test]

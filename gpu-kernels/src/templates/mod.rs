@@ -82,7 +82,7 @@ pub(crate) struct Launches {
 /// what the sum kernel would store: later kernels read `h` as the residual) and reduces
 /// them; the GEMM group launches only its partial-sum kernel. Decided per group, the same
 /// for both variants of a [`SizeVariant`]; whether it applies to one variant depends on
-/// whether that variant's GEMM splits ([`split_into_rows`]).
+/// whether that variant's GEMM splits ([`split_plan`]).
 #[derive(Default)]
 pub(crate) struct RowSums {
     /// Row group → the GEMM groups whose sums it adds.
@@ -112,7 +112,7 @@ impl RowSums {
             };
             let splits = [true, false]
                 .into_iter()
-                .any(|small| split_into_rows(g, part, mg, options, small).is_some());
+                .any(|small| split_plan(g, part, mg, options, small, false).is_some());
             let wide = index_type(g, &part.groups[row], options) == Ty::I64
                 || index_type(g, group, options) == Ty::I32;
             // A row group's kernels are chosen by one size (that of the GEMMs it reads).
@@ -151,7 +151,7 @@ impl RowSums {
 /// value the segment stores is added in split order, stored and read back, so the cache
 /// gets the same bits), and the `kv_write` group launches nothing. Decided per group pair;
 /// in each variant of a [`SizeVariant`] it applies when that variant's GEMM is a split
-/// grid of segments ([`segmented_split`]), the `kv_write` group taking the GEMM's variants.
+/// grid of segments ([`split_plan`]), the `kv_write` group taking the GEMM's variants.
 #[derive(Default)]
 pub(crate) struct KvWrites {
     /// `kv_write` group → the GEMM group whose sum kernel writes its rows.
@@ -197,7 +197,7 @@ impl KvWrites {
             };
             let splits = [true, false]
                 .into_iter()
-                .any(|small| segmented_split(g, part, mg, options, small).is_some());
+                .any(|small| split_plan(g, part, mg, options, small, true).is_some());
             if splits && !rows.by_gemm.contains_key(&mg) {
                 found.by_kv.insert(kg, mg);
                 found.by_gemm.insert(mg, fused);
@@ -361,22 +361,6 @@ fn kv_gemm(
     Some((mg, fused))
 }
 
-/// The split tensor-core plan of GEMM group `mg` in variant `small` when it is a grid of
-/// segments whose sum kernel may perform `kv_write`s ([`KvWrites`]).
-fn segmented_split(
-    g: &FuncGraph<'_>,
-    part: &Partition<'_>,
-    mg: usize,
-    options: &crate::Options,
-    small: bool,
-) -> Option<mma_gemm::MmaPlan> {
-    let group = &part.groups[mg];
-    let mut e = Emitter::new(g, &part.stored, Ty::I32);
-    e.owned = group.owned.clone();
-    mma_gemm::plan(&e, group, small, options)
-        .filter(|p| options.tensor_cores && p.split().is_some() && p.segmented())
-}
-
 /// The values group `gid` stores (writes to buffers that other kernels read).
 fn stored_values(part: &Partition<'_>, gid: usize) -> Vec<Value> {
     let group = &part.groups[gid];
@@ -473,20 +457,23 @@ fn buffers_read(g: &FuncGraph<'_>, part: &Partition<'_>, group: &Group) -> BTree
     read
 }
 
-/// The split tensor-core plan of GEMM group `mg` in variant `small` when a row group adds
-/// its sums ([`RowSums`]): the GEMM's K split across blocks, one grid (not segments).
-fn split_into_rows(
+/// The tensor-core plan of GEMM group `mg` in variant `small` when it splits K across
+/// blocks and is (`segmented`) or is not a grid of segments: a grid of segments' sum kernel
+/// may perform `kv_write`s ([`KvWrites`]), a single grid's sums a row group may add
+/// ([`RowSums`]).
+fn split_plan(
     g: &FuncGraph<'_>,
     part: &Partition<'_>,
     mg: usize,
     options: &crate::Options,
     small: bool,
+    segmented: bool,
 ) -> Option<mma_gemm::MmaPlan> {
     let group = &part.groups[mg];
     let mut e = Emitter::new(g, &part.stored, Ty::I32);
     e.owned = group.owned.clone();
     mma_gemm::plan(&e, group, small, options)
-        .filter(|p| options.tensor_cores && p.split().is_some() && !p.segmented())
+        .filter(|p| options.tensor_cores && p.split().is_some() && p.segmented() == segmented)
 }
 
 /// A group whose kernels come in two variants, chosen at run time by a symbol's value
@@ -581,7 +568,7 @@ pub(crate) fn build(
 ) -> Result<Option<Launches>, FusionError> {
     let group = &part.groups[gid];
     if let Some(&mg) = kv.by_kv.get(&gid) {
-        if segmented_split(g, part, mg, options, small).is_some() {
+        if split_plan(g, part, mg, options, small, true).is_some() {
             // The GEMM's sum kernel stores the rows ([`KvWrites`]).
             return Ok(None);
         }
@@ -616,7 +603,7 @@ pub(crate) fn build(
         let body = mma_gemm::emit(&mut e, group, &[], plan);
         let partial = finish(g, e, body, DType::F32)?;
         let into_rows = rows.by_gemm.contains_key(&gid)
-            && split_into_rows(g, part, gid, options, small).is_some();
+            && split_plan(g, part, gid, options, small, false).is_some();
         if into_rows {
             // A row-reduction kernel adds the sums (`RowSums`), by the same test.
             return Ok(Some(Launches {
@@ -670,7 +657,7 @@ pub(crate) fn build(
             // and reduced here.
             let mut stores = stores.clone();
             for &mg in rows.by_row.get(&gid).into_iter().flatten() {
-                let Some(plan) = split_into_rows(g, part, mg, options, small) else {
+                let Some(plan) = split_plan(g, part, mg, options, small, false) else {
                     continue;
                 };
                 let gemm = &part.groups[mg];
