@@ -39,8 +39,8 @@
 //!   passes in one interval start at different warps. Arrays of rows that are a multiple of
 //!   32 elements (or of symbolic length) get one element of padding per row, so a column
 //!   read by neighbouring threads hits every bank once; four for rows read four at a time.
-//! - The kernel asks for as many blocks an SM as its shared memory allows, at most eight
-//!   (`Kernel::blocks_per_sm` caps the registers to fit them).
+//! - The kernel asks for eight blocks an SM (`Kernel::blocks_per_sm` caps the registers to
+//!   fit them; the PTX emitter cuts the request to what the target's shared memory holds).
 //! - A yield computed element by element from the state it replaces, at the same index and
 //!   after every other read of that state, is written straight into the state's array; the
 //!   other yields are copied in at the end of the iteration.
@@ -1134,13 +1134,8 @@ pub(crate) fn emit(
         .first()
         .map(|r| g.ty(*r).dtype)
         .unwrap_or(kiln_ir::DType::F32);
-    let (mut kernel, args, mut fused) = e.finish(String::new(), t, grid, body);
-    let shared: u64 = kernel
-        .shared
-        .iter()
-        .map(|a| (u64::from(a.len) * a.dtype.size_bytes() as u64).next_multiple_of(16))
-        .sum();
-    kernel.blocks_per_sm = blocks_per_sm(shared, t, options.persistent.blocks_per_sm);
+    e.blocks_per_sm = blocks_per_sm(t, options.persistent.blocks_per_sm);
+    let (kernel, args, mut fused) = e.finish(String::new(), t, grid, body);
     fused.extend(p.passes.iter().copied());
     fused.insert(inst.results[0]);
     Ok(Built {
@@ -1151,25 +1146,21 @@ pub(crate) fn emit(
     })
 }
 
-/// The shared memory an H100 SM offers its blocks (each block also reserves 1 KiB).
-const SM_SHARED: u64 = 228 * 1024;
 /// The most blocks an SM a persistent kernel asks for by default.
-const MOST_BLOCKS_PER_SM: u64 = 8;
+const MOST_BLOCKS_PER_SM: u32 = 8;
 
 /// The blocks an SM a persistent kernel asks ptxas to fit (`Kernel::blocks_per_sm`, which
-/// caps its registers): `tuning` when set, else as many as the kernel's shared memory lets
-/// an H100 SM hold, at most [`MOST_BLOCKS_PER_SM`]. The solver loops are bound by latency
-/// and the shared-memory pipe, so resident games matter more than registers: RM+ on
-/// 10,000 games of 64 × 64 took 0.0695 ms an iteration at eight blocks an SM (64 registers)
-/// against 0.0722 ms with ptxas's 68 registers (seven blocks).
-fn blocks_per_sm(shared: u64, threads: u32, tuning: u32) -> u32 {
+/// caps its registers): `tuning` when set, else [`MOST_BLOCKS_PER_SM`] within the fewest
+/// threads an SM of the targets holds (sm_89 and sm_120: 1536). The PTX emitter cuts the
+/// request to the blocks whose shared memory the target's SM holds. The solver loops are
+/// bound by latency and the shared-memory pipe, so resident games matter more than
+/// registers: RM+ on 10,000 games of 64 × 64 took 0.0695 ms an iteration at eight blocks an
+/// SM (64 registers) against 0.0722 ms with ptxas's 68 registers (seven blocks).
+fn blocks_per_sm(threads: u32, tuning: u32) -> u32 {
     if tuning > 0 {
         return tuning;
     }
-    let by_shared = SM_SHARED / (shared + 1024);
-    // The fewest threads an SM of the targets holds (sm_89 and sm_120: 1536).
-    let by_threads = 1536 / u64::from(threads);
-    by_shared.min(by_threads).clamp(1, MOST_BLOCKS_PER_SM) as u32
+    (1536 / threads).clamp(1, MOST_BLOCKS_PER_SM)
 }
 
 /// How many elements a pass covers: an expression and its largest value.
