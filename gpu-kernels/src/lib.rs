@@ -131,8 +131,8 @@ pub struct PersistentTuning {
     /// (`kiln bench consensus`).
     pub matrix_registers: bool,
     /// The blocks an SM the kernel asks ptxas to fit (`Kernel::blocks_per_sm`, capping its
-    /// registers); 0 asks for 8 (the PTX emitter cuts it to what shared memory allows); 1 leaves the
-    /// registers to ptxas.
+    /// registers); 0 asks for 8 (the PTX emitter cuts it to what the target's shared memory
+    /// allows); 1 leaves the registers to ptxas.
     pub blocks_per_sm: u32,
 }
 
