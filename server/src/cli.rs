@@ -78,7 +78,8 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 1024, value_name = "N")]
     pub max_queue: usize,
     /// Fraction of the GPU memory left free once the model is on the device that the KV
-    /// cache takes (on the CPU, --kv-cache-memory sizes it).
+    /// cache and the largest step's working memory take together (on the CPU,
+    /// --kv-cache-memory sizes the cache).
     #[arg(long, default_value_t = 0.9, value_name = "FRACTION")]
     pub gpu_memory_utilization: f64,
     /// The dtype of the weights and of the KV cache.

@@ -35,8 +35,9 @@ pub struct ServeConfig {
     pub max_num_batched_tokens: Option<usize>,
     /// Most requests waiting to start; one more is answered 429 at once.
     pub max_queue: usize,
-    /// Fraction of the GPU memory free with the model on the device that the KV cache takes
-    /// (when the model runs on the GPU).
+    /// Fraction of the GPU memory free with the model on the device that the KV cache and
+    /// the largest step's working memory (arena, logits, inputs) take together (when the
+    /// model runs on the GPU).
     pub gpu_memory_utilization: f64,
     /// Bytes of host memory the KV cache may take when the model runs on the CPU.
     pub cpu_kv_cache_bytes: u64,
@@ -97,6 +98,14 @@ impl ServeConfig {
             model: Some(model.into()),
             ..ServeConfig::default()
         }
+    }
+
+    /// Most tokens one engine step runs: `max_num_batched_tokens`, by default 2048, and at
+    /// least `max_num_seqs` (every running sequence's decode token fits one step).
+    pub fn step_tokens(&self) -> usize {
+        self.max_num_batched_tokens
+            .unwrap_or(2048)
+            .max(self.max_num_seqs)
     }
 
     /// The keys of `api_keys` and of `api_key_file` together.

@@ -359,10 +359,7 @@ impl Server {
                 ));
                 let engine_config = EngineConfig {
                     scheduler: SchedulerConfig {
-                        max_num_batched_tokens: config
-                            .max_num_batched_tokens
-                            .unwrap_or(2048)
-                            .max(config.max_num_seqs),
+                        max_num_batched_tokens: config.step_tokens(),
                         max_num_seqs: config.max_num_seqs,
                         max_waiting_requests: config.max_queue,
                         policy: config.scheduling_policy,

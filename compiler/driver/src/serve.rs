@@ -188,25 +188,44 @@ impl RunnerFactory for GpuRunnerFactory {
         let (free, total) = device
             .memory_info()
             .map_err(|e| engine_error("reading the GPU's memory", e))?;
-        self.plans = Some(plans);
-        let fraction = config.gpu_memory_utilization;
-        let wanted = (free as f64 * fraction) as u64;
         // The kernels are compiled for symbolic dims (the cache's block count among them)
         // of at most `symbol_bound`.
         let bytes_per_token = model.kv_shape.bytes_per_token();
         let most = symbol_bound * config.block_size as u64 * bytes_per_token;
+        // The largest step (the most tokens and sequences, full block tables; the dims of
+        // the `step` signature that `PagedModel::new` checks) allocates its
+        // arena, logits and inputs after the cache: keep that much out of the cache's share.
+        let max_model_len = config.max_model_len.unwrap_or(model.context_len) as u64;
+        let step_bytes = plans
+            .working_bytes(
+                STEP_ENTRY,
+                &[
+                    ("T", config.step_tokens() as u64),
+                    ("B", config.max_num_seqs as u64),
+                    ("MB", max_model_len.div_ceil(config.block_size as u64)),
+                    ("NB", symbol_bound),
+                ],
+            )
+            .map_err(|e| engine_error("sizing the largest step", e))?
+            as u64;
+        self.plans = Some(plans);
+        let fraction = config.gpu_memory_utilization;
+        let wanted = ((free as f64 * fraction) as u64).saturating_sub(step_bytes);
         let bytes = self.kv_cache_bytes.unwrap_or(wanted).min(most);
         Ok(KvCacheBudget {
             bytes,
             device: "cuda".into(),
             hint: format!(
                 "With the model on {} ({:.2} GiB in all), {:.2} GiB are free; \
-                 --gpu-memory-utilization {fraction} gives the KV cache {:.2} GiB ({} bytes a \
-                 token; at most {symbol_bound} blocks, the largest symbolic dim the kernels \
-                 are compiled for); raise --gpu-memory-utilization or lower --max-model-len",
+                 --gpu-memory-utilization {fraction} of that, less {:.2} GiB for the largest \
+                 step (--max-num-batched-tokens, --max-num-seqs), gives the KV cache {:.2} GiB \
+                 ({} bytes a token; at most {symbol_bound} blocks, the largest symbolic dim \
+                 the kernels are compiled for); raise --gpu-memory-utilization or lower \
+                 --max-model-len",
                 device.info().name,
                 total as f64 / f64::from(1 << 30),
                 free as f64 / f64::from(1 << 30),
+                step_bytes as f64 / f64::from(1 << 30),
                 bytes as f64 / f64::from(1 << 30),
                 bytes_per_token
             ),

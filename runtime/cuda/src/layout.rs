@@ -3,6 +3,8 @@
 //! one arena, and views at offset 0 of whatever they view. Every placement is checked to
 //! lie inside its storage. Plain Rust, testable without a GPU.
 
+use std::collections::BTreeSet;
+
 use kiln_kir::{BufferId, BufferKind, Plan};
 
 use crate::binding::{buffer_bytes, buffer_decl, eval_size, SymbolValues};
@@ -33,6 +35,19 @@ pub fn arena_bytes(plan: &Plan, symbols: &SymbolValues) -> Result<usize, CudaErr
     eval_size(plan, &plan.arena_bytes, symbols, &|| {
         "the arena size".to_string()
     })
+}
+
+/// Device bytes a run of `plan` with `symbols` allocates beside its weights and constants:
+/// the arena and the own allocations of its inputs and outputs, except the inputs the plan
+/// updates in place (a server sizes those, its KV caches, from what is left after this).
+pub fn working_bytes(plan: &Plan, symbols: &SymbolValues) -> Result<usize, CudaError> {
+    let mut bytes = arena_bytes(plan, symbols)?;
+    let in_place = |id: &BufferId| plan.inputs.contains(id) && plan.outputs.contains(id);
+    let own: BTreeSet<BufferId> = plan.inputs.iter().chain(&plan.outputs).copied().collect();
+    for id in own.iter().filter(|id| !in_place(id)) {
+        bytes += buffer_bytes(plan, buffer_decl(plan, *id)?, symbols)?;
+    }
+    Ok(bytes)
 }
 
 /// Where buffer `id` lives for `symbols`.

@@ -34,7 +34,7 @@ pub use binding::{bind_symbols, SymbolValues};
 pub use device::{CudaDevice, DeviceBuffer, DeviceTensor};
 pub use error::{CudaError, DriverFailure};
 pub use launch::LaunchShape;
-pub use layout::{place, Placement, Storage};
+pub use layout::{place, working_bytes, Placement, Storage};
 pub use package::{CudaPackage, KernelArg};
 pub use probe::{
     device_count, driver_library, driver_library_candidates, locate_driver_library, probe,

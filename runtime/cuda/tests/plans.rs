@@ -7,7 +7,7 @@ mod common;
 use common::*;
 use kiln_cuda::binding::{check_inputs, check_weight, expected_weight};
 use kiln_cuda::{bind_symbols, check_plan, place, CudaError, CudaPackage, Placement, Storage};
-use kiln_cuda::{LaunchShape, SymbolValues};
+use kiln_cuda::{working_bytes, LaunchShape, SymbolValues};
 use kiln_ir::{DType, Tensor};
 use kiln_kir::manifest::Manifest;
 use kiln_kir::{Arg, BufferId, BufferKind, Step};
@@ -187,6 +187,20 @@ fn buffers_are_placed_in_their_storage() {
         "plan `add_then_mul`: temp buffer b2 (40 bytes at offset 4) does not fit in the arena \
          of 40 bytes (n=10)"
     );
+}
+
+#[test]
+fn working_bytes_count_the_arena_and_the_buffers_not_updated_in_place() {
+    let symbols = SymbolValues::from_pairs([("n", 10)]);
+    let mut plan = two_launch_plan();
+    // The arena (n f32), two inputs and two outputs of n f32 each.
+    assert_eq!(working_bytes(&plan, &symbols).unwrap(), 5 * 40);
+    // An input the plan updates in place is left to the caller (a server's KV cache).
+    plan.outputs[1] = BufferId(1);
+    plan.buffers.remove(5);
+    assert_eq!(working_bytes(&plan, &symbols).unwrap(), 3 * 40);
+    let unbound = working_bytes(&plan, &SymbolValues::new()).unwrap_err();
+    assert!(unbound.to_string().contains("n"), "{unbound}");
 }
 
 #[test]
