@@ -2,14 +2,19 @@
 //! `mma.sync` path) for the built-in `attention` op with bf16 or f16 q/k/v read straight
 //! from their buffers and head dims of 64 or 128.
 //!
-//! A block of 4 warps takes 64 query rows of one (batch, head), each warp 16 of them:
+//! A block of 4 or 8 warps (`AttentionTuning::warps`; 8 by default) takes 64 or 128 query
+//! rows of one (batch, head), each warp 16 of them:
 //! - the Q tile is copied once (`cp.async`; a q computed in the kernel, RoPE's, is
 //!   computed 8 elements a thread at a time and stored) into XOR-swizzled shared memory
 //!   and its A fragments are loaded with `ldmatrix` into registers, where they stay;
 //! - keys and values are visited in tiles of 64, each staged in swizzled shared memory by
-//!   `cp.async` (16-byte chunks; rows past the sequence are zero-filled), two buffers that
-//!   alternate: V of a tile is copied while the warps compute its scores, K of the next
-//!   tile while they weigh the values;
+//!   `cp.async` (16-byte chunks; rows past the sequence are zero-filled). With one stage
+//!   (`AttentionTuning::stages`) a K and a V buffer alternate: V of a tile is copied while
+//!   the warps compute its scores, K of the next tile while they weigh the values. With
+//!   two (the default) each has two buffers: after one barrier a tile, the next tile's K
+//!   and V are copied into the other pair while this tile is computed. Shared arrays
+//!   beyond 48 KiB (D 128: 8 warps and 2 stages take 96 KiB) live in the kernel's dynamic
+//!   shared memory, within the 99 KiB every target offers;
 //! - `S = Q Kᵀ` by `mma.sync` m16n8k16 with f32 accumulators (K fragments by `ldmatrix`);
 //!   the mask is applied only to tiles that need it (the diagonal tile of causal
 //!   attention, the last tile of a ragged key count, every tile of a general mask), tiles
