@@ -351,9 +351,28 @@ fn gqa_ragged(q: bf16[2, 1000, 32, 128], k: bf16[2, 1000, 8, 128], v: bf16[2, 10
 fn d64_f16(q: f16[3, 333, 16, 64], k: f16[3, 777, 16, 64], v: f16[3, 777, 16, 64]) -> f16[3, 333, 16, 64] { attention_core(q, k, v, true) }
 ";
 
+/// The block shape of `KILN_TUNE_ATTENTION` (`warps=N,stages=N`, as `kiln bench` reads it),
+/// else the default.
+fn tuning_from_env() -> Options {
+    let mut options = Options::default();
+    if let Ok(spec) = std::env::var("KILN_TUNE_ATTENTION") {
+        for item in spec.split(',').filter(|s| !s.trim().is_empty()) {
+            let (key, value) = item.trim().split_once('=').expect("KEY=N");
+            let n: u32 = value.parse().expect("a number");
+            match key {
+                "warps" => options.attention.warps = n,
+                "stages" => options.attention.stages = n,
+                _ => panic!("KILN_TUNE_ATTENTION: unknown key `{key}` (warps, stages)"),
+            }
+        }
+    }
+    options
+}
+
 /// Writes `$KILN_FLASH_CHECK_DIR/manifest.json` and one PTX file (sm_90a, JIT-capped) per
 /// case for `tools/flash_gpu_check.py`, which runs each kernel on random data against
-/// PyTorch's `scaled_dot_product_attention` and times both.
+/// PyTorch's `scaled_dot_product_attention` and times both. `KILN_TUNE_ATTENTION` picks
+/// another block shape (`warps=4,stages=1`).
 #[test]
 #[ignore = "writes a GPU check to $KILN_FLASH_CHECK_DIR; run tools/flash_gpu_check.py on a GPU"]
 fn export_flash_gpu_check() {
@@ -363,10 +382,10 @@ fn export_flash_gpu_check() {
     );
     std::fs::create_dir_all(&dir).unwrap();
     let module = lower("flash_check.kiln", GPU_SRC, None, None);
+    let options = tuning_from_env();
     let mut cases = Vec::new();
     for function in ["prefill_causal", "prefill", "gqa_ragged", "d64_f16"] {
-        let compiled =
-            kiln_gpu_kernels::compile_function(&module, function, &Options::default()).unwrap();
+        let compiled = kiln_gpu_kernels::compile_function(&module, function, &options).unwrap();
         let [Step::Launch { kernel, args }] = &compiled.plan.steps[..] else {
             panic!("{function}: one launch expected");
         };
