@@ -73,6 +73,32 @@ pub struct Options {
     pub paged: PagedTuning,
     pub persistent: PersistentTuning,
     pub gemm: GemmTuning,
+    pub attention: AttentionTuning,
+}
+
+/// Knobs of the tensor-core attention prefill template (`templates/flash_attention.rs`; the
+/// defaults are what kiln compiles with, `kiln bench` may compare the variants through
+/// `KILN_TUNE_ATTENTION`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttentionTuning {
+    /// Warps of a block, 16 query rows each: 4 or 8 (fewer than 8 take 4, more take 8).
+    /// 8: 128 query rows a block, each K/V tile copied once for twice the rows of 4 warps.
+    pub warps: u32,
+    /// K/V tiles in shared memory (1 or 2). 1: one K and one V buffer, V of a tile copied
+    /// during its scores and K of the next during P·V. 2: two of each, the next tile's K
+    /// and V copied (`cp.async`) while this tile is computed. More than 48 KiB of shared
+    /// arrays (D 128: 8 warps take 64 KiB with 1 stage and 96 KiB with 2) run from dynamic
+    /// shared memory; every configuration fits the 99 KiB of sm_89 and sm_120.
+    pub stages: u32,
+}
+
+impl Default for AttentionTuning {
+    fn default() -> AttentionTuning {
+        AttentionTuning {
+            warps: 8,
+            stages: 2,
+        }
+    }
 }
 
 /// Knobs of the tensor-core GEMM template (`templates/mma_gemm.rs`; the defaults are what
@@ -249,6 +275,7 @@ impl Default for Options {
             paged: PagedTuning::default(),
             persistent: PersistentTuning::default(),
             gemm: GemmTuning::default(),
+            attention: AttentionTuning::default(),
         }
     }
 }

@@ -17,7 +17,7 @@
 mod common;
 
 use common::{check, export_launch, inputs_for, lower, param_shapes, rel_err, tolerance};
-use kiln_gpu_kernels::Options;
+use kiln_gpu_kernels::{AttentionTuning, Options};
 use std::collections::BTreeMap;
 
 const SRC: &str = "import nn
@@ -148,7 +148,7 @@ fn not_causal_without_gqa() {
     assert!(
         names
             .iter()
-            .any(|n| n.contains("flash_attention_64x64_d64_bf16")),
+            .any(|n| n.contains("flash_attention_128x64x2_d64_bf16")),
         "{names:?}"
     );
 }
@@ -224,11 +224,14 @@ fn padded(q: bf16[B, S, 32, 128], k: bf16[B, S, 8, 128], v: bf16[B, S, 8, 128], 
 ";
 
 fn flash_kernels(functions: &[&str]) -> Vec<kiln_kir::Kernel> {
+    flash_kernels_with(functions, &Options::default())
+}
+
+fn flash_kernels_with(functions: &[&str], options: &Options) -> Vec<kiln_kir::Kernel> {
     let module = lower("flash_llm.kiln", LLM_SRC, None, None);
     let mut kernels = Vec::new();
     for function in functions {
-        let compiled =
-            kiln_gpu_kernels::compile_function(&module, function, &Options::default()).unwrap();
+        let compiled = kiln_gpu_kernels::compile_function(&module, function, options).unwrap();
         let flash: Vec<_> = compiled
             .kernels
             .into_iter()
@@ -246,6 +249,87 @@ fn the_causal_prefill_kernel_snapshot() {
     let ptx = kiln_ptx::emit_ptx(&kernels, kiln_ptx::Target::Sm90a, &Default::default())
         .unwrap_or_else(|e| panic!("{e}"));
     insta::assert_snapshot!(ptx);
+}
+
+/// The block shapes other than the default (8 warps, 2 stages).
+const OTHER_SHAPES: [(u32, u32); 3] = [(4, 1), (4, 2), (8, 1)];
+
+fn with_shape(warps: u32, stages: u32) -> Options {
+    Options {
+        attention: AttentionTuning { warps, stages },
+        ..Options::default()
+    }
+}
+
+#[test]
+fn every_block_shape_matches_the_interpreter() {
+    // Ragged query and key tiles, causal (two or three query tiles, the diagonal tiles
+    // masked), more keys than queries at D 128, GQA, a general mask and a computed q.
+    for (warps, stages) in OTHER_SHAPES {
+        let options = with_shape(warps, stages);
+        let shape = format!(
+            "flash_attention_{}x64{}_d",
+            16 * warps,
+            if stages == 2 { "x2" } else { "" }
+        );
+        let names = run_with("causal", &[("B", 1), ("S", 150)], &options);
+        assert!(flash(&names, &format!("{shape}64_causal")), "{names:?}");
+        let names = run_with("full128", &[("B", 1), ("S", 20), ("T", 130)], &options);
+        assert!(flash(&names, &format!("{shape}128")), "{names:?}");
+        let names = run_with("padded", &[("B", 1), ("S", 33), ("T", 71)], &options);
+        assert!(flash(&names, &format!("{shape}64_masked")), "{names:?}");
+        let names = run_with("roped", &[("B", 1), ("S", 67)], &options);
+        assert!(flash(&names, &format!("{shape}128_causal")), "{names:?}");
+    }
+}
+
+#[test]
+fn shared_memory_per_block_shape() {
+    // D 128: Q tile of 16 rows a warp, K and V tiles of 64 rows a stage, 256 bytes a row.
+    // Beyond 48 KiB the arrays take the dynamic window; 96 KiB fits every target.
+    for (warps, stages, bytes, dynamic) in [
+        (4, 1, 48 * 1024, 0),
+        (4, 2, 80 * 1024, 80 * 1024),
+        (8, 1, 64 * 1024, 64 * 1024),
+        (8, 2, 96 * 1024, 96 * 1024),
+    ] {
+        let kernels = flash_kernels_with(&["prefill_causal"], &with_shape(warps, stages));
+        let info = kiln_kir::KernelInfo::of(&kernels[0]);
+        assert_eq!(info.block_dim, 32 * warps);
+        assert_eq!(info.shared_bytes, bytes, "{warps} warps, {stages} stages");
+        assert_eq!(
+            info.dynamic_shared_bytes, dynamic,
+            "{warps} warps, {stages} stages"
+        );
+    }
+    assert_eq!(
+        Options::default().attention,
+        AttentionTuning {
+            warps: 8,
+            stages: 2
+        }
+    );
+}
+
+#[test]
+fn the_causal_prefill_kernel_of_4_warps_and_1_stage_snapshot() {
+    // The 48 KiB design of static shared memory.
+    let kernels = flash_kernels_with(&["prefill_causal"], &with_shape(4, 1));
+    let ptx = kiln_ptx::emit_ptx(&kernels, kiln_ptx::Target::Sm90a, &Default::default())
+        .unwrap_or_else(|e| panic!("{e}"));
+    insta::assert_snapshot!(ptx);
+}
+
+#[test]
+fn other_block_shapes_assemble_for_every_target_without_spills() {
+    let Some(toolchain) = common::toolchain() else {
+        return;
+    };
+    for (warps, stages) in OTHER_SHAPES {
+        let kernels = flash_kernels_with(&["prefill_causal", "gqa64"], &with_shape(warps, stages));
+        let registers = common::assert_assembles_without_spills(&toolchain, &kernels);
+        assert_eq!(registers.len(), 5 * kernels.len());
+    }
 }
 
 #[test]
@@ -267,9 +351,28 @@ fn gqa_ragged(q: bf16[2, 1000, 32, 128], k: bf16[2, 1000, 8, 128], v: bf16[2, 10
 fn d64_f16(q: f16[3, 333, 16, 64], k: f16[3, 777, 16, 64], v: f16[3, 777, 16, 64]) -> f16[3, 333, 16, 64] { attention_core(q, k, v, true) }
 ";
 
+/// The block shape of `KILN_TUNE_ATTENTION` (`warps=N,stages=N`, as `kiln bench` reads it),
+/// else the default.
+fn tuning_from_env() -> Options {
+    let mut options = Options::default();
+    if let Ok(spec) = std::env::var("KILN_TUNE_ATTENTION") {
+        for item in spec.split(',').filter(|s| !s.trim().is_empty()) {
+            let (key, value) = item.trim().split_once('=').expect("KEY=N");
+            let n: u32 = value.parse().expect("a number");
+            match key {
+                "warps" => options.attention.warps = n,
+                "stages" => options.attention.stages = n,
+                _ => panic!("KILN_TUNE_ATTENTION: unknown key `{key}` (warps, stages)"),
+            }
+        }
+    }
+    options
+}
+
 /// Writes `$KILN_FLASH_CHECK_DIR/manifest.json` and one PTX file (sm_90a, JIT-capped) per
 /// case for `tools/flash_gpu_check.py`, which runs each kernel on random data against
-/// PyTorch's `scaled_dot_product_attention` and times both.
+/// PyTorch's `scaled_dot_product_attention` and times both. `KILN_TUNE_ATTENTION` picks
+/// another block shape (`warps=4,stages=1`).
 #[test]
 #[ignore = "writes a GPU check to $KILN_FLASH_CHECK_DIR; run tools/flash_gpu_check.py on a GPU"]
 fn export_flash_gpu_check() {
@@ -279,10 +382,10 @@ fn export_flash_gpu_check() {
     );
     std::fs::create_dir_all(&dir).unwrap();
     let module = lower("flash_check.kiln", GPU_SRC, None, None);
+    let options = tuning_from_env();
     let mut cases = Vec::new();
     for function in ["prefill_causal", "prefill", "gqa_ragged", "d64_f16"] {
-        let compiled =
-            kiln_gpu_kernels::compile_function(&module, function, &Options::default()).unwrap();
+        let compiled = kiln_gpu_kernels::compile_function(&module, function, &options).unwrap();
         let [Step::Launch { kernel, args }] = &compiled.plan.steps[..] else {
             panic!("{function}: one launch expected");
         };
@@ -294,6 +397,7 @@ fn export_flash_gpu_check() {
         let extra = serde_json::json!({
             "function": function,
             "shared_bytes": kernel.shared.iter().map(|s| s.len as usize * s.dtype.size_bytes()).sum::<usize>(),
+            "dynamic_shared_bytes": kiln_kir::KernelInfo::of(kernel).dynamic_shared_bytes,
             "inputs": param_shapes(&module, function, 0),
             "dtype": func.ty(func.params()[0]).dtype.name(),
             "causal": kernel.name.contains("_causal"),

@@ -57,9 +57,14 @@ def main():
             args.append(cp.uint64(tensors[kind][p[kind]].data_ptr()))
         args = tuple(args)
         grid, block = tuple(case["grid"]), (case["block"], 1, 1)
+        # Shared arrays beyond 48 KiB live in dynamic shared memory: the kernel opts in
+        # once and every launch passes the bytes.
+        dynamic = case.get("dynamic_shared_bytes", 0)
+        if dynamic:
+            kernel.max_dynamic_shared_size_bytes = dynamic
 
         def launch():
-            kernel(grid, block, args)
+            kernel(grid, block, args, shared_mem=dynamic)
 
         launch()
         torch.cuda.synchronize()

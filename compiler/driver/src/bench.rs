@@ -296,6 +296,13 @@ const TUNE_PAGED: &str = "KILN_TUNE_PAGED";
 /// `KILN_TUNE_GEMM=segments=1,splits=0`.
 const TUNE_GEMM: &str = "KILN_TUNE_GEMM";
 
+/// `KILN_TUNE_ATTENTION`: `warps=4|8` (warps of a prefill block, 16 query rows each;
+/// default 8) and `stages=1|2` (K/V tiles in shared memory: 1 alternates a K and a V
+/// buffer, 2 copies the next tile while this one is computed; default 2); defaults in
+/// [`kiln_gpu_kernels::AttentionTuning`]. Example: `KILN_TUNE_ATTENTION=warps=4,stages=1`
+/// (the 48 KiB design of static shared memory).
+const TUNE_ATTENTION: &str = "KILN_TUNE_ATTENTION";
+
 /// The `KEY=N` items of the tuning variable `var`, if it is set.
 fn tuning_items(var: &str) -> Result<Vec<(String, u64)>> {
     let Ok(spec) = std::env::var(var) else {
@@ -396,6 +403,23 @@ pub(crate) fn apply_tuning(options: &mut CompileOptions) -> Result<()> {
             u8::from(gemm.row_sums),
             u8::from(gemm.kv_writes),
             gemm.max_splits
+        );
+    }
+    let attention_items = tuning_items(TUNE_ATTENTION)?;
+    let attention = &mut options.fusion.attention;
+    for (key, n) in &attention_items {
+        match (key.as_str(), *n) {
+            ("warps", 4 | 8) => attention.warps = *n as u32,
+            ("stages", 1 | 2) => attention.stages = *n as u32,
+            ("warps", _) => bail!("{TUNE_ATTENTION}: warps={n}: 4 or 8"),
+            ("stages", _) => bail!("{TUNE_ATTENTION}: stages={n}: 1 or 2"),
+            _ => bail!("{TUNE_ATTENTION}: unknown key `{key}` (warps, stages)"),
+        }
+    }
+    if !attention_items.is_empty() {
+        eprintln!(
+            "kiln bench: {TUNE_ATTENTION}: warps {}, stages {}",
+            attention.warps, attention.stages
         );
     }
     Ok(())

@@ -2,14 +2,19 @@
 //! `mma.sync` path) for the built-in `attention` op with bf16 or f16 q/k/v read straight
 //! from their buffers and head dims of 64 or 128.
 //!
-//! A block of 4 warps takes 64 query rows of one (batch, head), each warp 16 of them:
+//! A block of 4 or 8 warps (`AttentionTuning::warps`; 8 by default) takes 64 or 128 query
+//! rows of one (batch, head), each warp 16 of them:
 //! - the Q tile is copied once (`cp.async`; a q computed in the kernel, RoPE's, is
 //!   computed 8 elements a thread at a time and stored) into XOR-swizzled shared memory
 //!   and its A fragments are loaded with `ldmatrix` into registers, where they stay;
 //! - keys and values are visited in tiles of 64, each staged in swizzled shared memory by
-//!   `cp.async` (16-byte chunks; rows past the sequence are zero-filled), two buffers that
-//!   alternate: V of a tile is copied while the warps compute its scores, K of the next
-//!   tile while they weigh the values;
+//!   `cp.async` (16-byte chunks; rows past the sequence are zero-filled). With one stage
+//!   (`AttentionTuning::stages`) a K and a V buffer alternate: V of a tile is copied while
+//!   the warps compute its scores, K of the next tile while they weigh the values. With
+//!   two (the default) each has two buffers: after one barrier a tile, the next tile's K
+//!   and V are copied into the other pair while this tile is computed. Shared arrays
+//!   beyond 48 KiB (D 128: 8 warps and 2 stages take 96 KiB) live in the kernel's dynamic
+//!   shared memory, within the 99 KiB every target offers;
 //! - `S = Q Kᵀ` by `mma.sync` m16n8k16 with f32 accumulators (K fragments by `ldmatrix`);
 //!   the mask is applied only to tiles that need it (the diagonal tile of causal
 //!   attention, the last tile of a ragged key count, every tile of a general mask), tiles
@@ -37,15 +42,21 @@
 use super::mma_gemm::{and_mask, i32c, shr, swizzle, CHUNK};
 use super::{ceil_div_size, size_of_dims, Body};
 use crate::emit::{add, lt, min_e, mul, EResult, Emitter};
+use crate::AttentionTuning;
 use kiln_ir::{BinaryOp, DType, Dim, Op, Value};
 use kiln_kir::{Access, BinOp, Buf, Expr, MmaInput, SizeExpr, Special, Stmt, Ty, UnOp, VarId};
 
-/// Threads of a block: 4 warps of 16 query rows each.
-const THREADS: i64 = 128;
-/// Query rows of a block.
-const BM: i64 = 64;
+/// Query rows of a warp.
+const WARP_ROWS: i64 = 16;
 /// Keys of a tile.
 const BN: i64 = 64;
+
+/// The block shape a tuning asks for: 4 or 8 warps (at least 128 threads, so a copy pass
+/// covers a multiple of 8 rows and keeps every row's swizzle), 1 or 2 stages.
+fn block_shape(tuning: &AttentionTuning) -> (i64, i64) {
+    let warps = if tuning.warps < 8 { 4 } else { 8 };
+    (warps, i64::from(tuning.stages.clamp(1, 2)))
+}
 
 /// How the `allow` operand masks the scores.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -179,7 +190,14 @@ fn classify_mask(e: &Emitter<'_, '_>, allow: Value, s: &Dim, t: &Dim) -> (Mask, 
     }
 }
 
-pub(crate) fn emit(e: &mut Emitter<'_, '_>, p: &FlashPlan) -> EResult<Body> {
+pub(crate) fn emit(
+    e: &mut Emitter<'_, '_>,
+    p: &FlashPlan,
+    tuning: &AttentionTuning,
+) -> EResult<Body> {
+    let (warps, stages) = block_shape(tuning);
+    let threads = 32 * warps;
+    let bm = WARP_ROWS * warps;
     let g = e.g;
     let inst = g.inst(p.out).expect("attention");
     let (q_op, k_op, allow) = (inst.operands[0], inst.operands[1], inst.operands[3]);
@@ -196,8 +214,12 @@ pub(crate) fn emit(e: &mut Emitter<'_, '_>, p: &FlashPlan) -> EResult<Body> {
     };
     let d = p.head_dim;
     let chunks = d / CHUNK;
-    let rows_per_pass = THREADS / chunks;
-    let passes = BM / rows_per_pass;
+    let rows_per_pass = threads / chunks;
+    // Copies of Q tiles of `bm` rows and K/V tiles of `BN`, `rows_per_pass` rows a pass.
+    let q_passes = bm / rows_per_pass;
+    let kv_passes = BN / rows_per_pass;
+    // Elements of one K or V tile: the offset of the second stage.
+    let stage_elems = BN * d;
     let k16 = (d / 16) as usize;
     let d_pairs = (d / 16) as usize;
     let causal = p.mask == Mask::Causal;
@@ -223,15 +245,15 @@ pub(crate) fn emit(e: &mut Emitter<'_, '_>, p: &FlashPlan) -> EResult<Body> {
     // Causal blocks with the most key tiles start first.
     let bx = e.special(Special::BlockIdx(0));
     let q_tile = if causal {
-        let tiles = Expr::binary(BinOp::Div, s_len.clone() + e.ix(BM - 1), e.ix(BM));
+        let tiles = Expr::binary(BinOp::Div, s_len.clone() + e.ix(bm - 1), e.ix(bm));
         tiles - e.ix(1) - bx
     } else {
         bx
     };
-    let m0 = e.bind(&mut body, "m0", ity, q_tile * e.ix(BM));
+    let m0 = e.bind(&mut body, "m0", ity, q_tile * e.ix(bm));
     // Keys the block visits: all, or those up to its last query row (causal).
     let n_end = if causal {
-        min_e(t_len.clone(), m0.clone() + e.ix(BM))
+        min_e(t_len.clone(), m0.clone() + e.ix(bm))
     } else {
         t_len.clone()
     };
@@ -239,9 +261,9 @@ pub(crate) fn emit(e: &mut Emitter<'_, '_>, p: &FlashPlan) -> EResult<Body> {
 
     // ---- shared tiles and the copies: thread tid copies chunk `tid % chunks` of rows
     // `tid / chunks + rows_per_pass · pass`.
-    let q_tile_buf = e.shared_array("q_tile", dtype, (BM * d) as u32);
-    let k_tile_buf = e.shared_array("k_tile", dtype, (BN * d) as u32);
-    let v_tile_buf = e.shared_array("v_tile", dtype, (BN * d) as u32);
+    let q_tile_buf = e.shared_array("q_tile", dtype, (bm * d) as u32);
+    let k_tile_buf = e.shared_array("k_tile", dtype, (stages * stage_elems) as u32);
+    let v_tile_buf = e.shared_array("v_tile", dtype, (stages * stage_elems) as u32);
     let q_buf = p.q.map(|q| e.buffer(q, Access::Read));
     let k_buf = e.buffer(p.k, Access::Read);
     let v_buf = e.buffer(p.v, Access::Read);
@@ -276,30 +298,42 @@ pub(crate) fn emit(e: &mut Emitter<'_, '_>, p: &FlashPlan) -> EResult<Body> {
     let kv_src = e.bind(&mut body, "kv_src", ity, kv_src);
     let q_row_stride = mul_dims(e, &q_shape[2..]);
     let kv_row_stride = mul_dims(e, &k_shape[2..]);
-    // The copies of 64 rows from `src` (the element of row `row0` at the tile's first
-    // row), of which `rows_left` (counted from `row0`) exist.
+    // The copies of `passes` passes of rows from `src` (the element of row `row0` at the
+    // tile's first row), of which `rows_left` (counted from `row0`) exist, to `dst` at
+    // `dst_off` (the stage of a double-buffered tile).
     let copies = |e: &mut Emitter<'_, '_>,
                   out: &mut Vec<Stmt>,
                   dst: Buf,
+                  dst_off: Option<&Expr>,
+                  passes: i64,
                   src_buf: Buf,
                   src: Expr,
                   stride: &Expr,
                   rows_left: Expr| {
         let rows_left = e.bind(out, "rows_left", ity, rows_left);
+        let dst_at = match dst_off {
+            Some(off) => e.bind(out, "copy_at", Ty::I32, dst0.clone() + off.clone()),
+            None => dst0.clone(),
+        };
         for pass in 0..passes {
             let row = pass * rows_per_pass;
             let valid = lt(e.ix(row), rows_left.clone());
             let at = add(src.clone(), mul(e.ix(row), stride.clone()));
             out.push(Stmt::CpAsync {
                 dst,
-                dst_index: add(dst0.clone(), i32c(row * d)),
+                dst_index: add(dst_at.clone(), i32c(row * d)),
                 src: src_buf,
                 src_index: Expr::select(valid.clone(), at, e.ix(0)),
                 src_len: Expr::select(valid, i32c(CHUNK), i32c(0)),
             });
         }
     };
-    let kv_copies = |e: &mut Emitter<'_, '_>, out: &mut Vec<Stmt>, dst: Buf, src: Buf, n0: Expr| {
+    let kv_copies = |e: &mut Emitter<'_, '_>,
+                     out: &mut Vec<Stmt>,
+                     dst: Buf,
+                     dst_off: Option<&Expr>,
+                     src: Buf,
+                     n0: Expr| {
         let from = e.bind(
             out,
             "kv_at",
@@ -307,7 +341,17 @@ pub(crate) fn emit(e: &mut Emitter<'_, '_>, p: &FlashPlan) -> EResult<Body> {
             add(kv_src.clone(), mul(n0.clone(), kv_row_stride.clone())),
         );
         let left = t_len.clone() - n0 - index(row0.clone());
-        copies(e, out, dst, src, from, &kv_row_stride, left);
+        copies(
+            e,
+            out,
+            dst,
+            dst_off,
+            kv_passes,
+            src,
+            from,
+            &kv_row_stride,
+            left,
+        );
     };
 
     // ---- fragment addresses. Lane 8q + r gives row r of matrix q of an ldmatrix x4.
@@ -321,7 +365,7 @@ pub(crate) fn emit(e: &mut Emitter<'_, '_>, p: &FlashPlan) -> EResult<Body> {
     let lh = e.bind(&mut body, "ld_h", Ty::I32, shr(lane.clone(), 4));
     // Rows are multiples of 8 plus `lr`, so every swizzle below is `^ lr`; chunk `2c + x`
     // (x of 0 or 1) swizzles to `2c ^ (x ^ lr)`.
-    let q_row = warp.clone() * i32c(16) + lq.clone() * i32c(8) + lr.clone();
+    let q_row = warp.clone() * i32c(WARP_ROWS) + lq.clone() * i32c(8) + lr.clone();
     let q_base = e.bind(&mut body, "q_ld", Ty::I32, q_row * i32c(d));
     let q_x = e.bind(
         &mut body,
@@ -374,6 +418,8 @@ pub(crate) fn emit(e: &mut Emitter<'_, '_>, p: &FlashPlan) -> EResult<Body> {
                 e,
                 &mut body,
                 q_tile_buf,
+                None,
+                q_passes,
                 q_buf,
                 q_src,
                 &q_row_stride,
@@ -382,7 +428,7 @@ pub(crate) fn emit(e: &mut Emitter<'_, '_>, p: &FlashPlan) -> EResult<Body> {
         }
         None => {
             // Rows past the sequence are zeros; their (clamped) elements are computed.
-            for pass in 0..passes {
+            for pass in 0..q_passes {
                 let row = e.bind(
                     &mut body,
                     "q_row",
@@ -410,7 +456,10 @@ pub(crate) fn emit(e: &mut Emitter<'_, '_>, p: &FlashPlan) -> EResult<Body> {
             }
         }
     }
-    kv_copies(e, &mut body, k_tile_buf, k_buf, e.ix(0));
+    kv_copies(e, &mut body, k_tile_buf, None, k_buf, e.ix(0));
+    if stages == 2 {
+        kv_copies(e, &mut body, v_tile_buf, None, v_buf, e.ix(0));
+    }
     body.push(Stmt::CpAsyncCommit);
     body.push(Stmt::CpAsyncWait(0));
     body.push(Stmt::Barrier);
@@ -444,7 +493,7 @@ pub(crate) fn emit(e: &mut Emitter<'_, '_>, p: &FlashPlan) -> EResult<Body> {
     let quad_g = shr(lane.clone(), 2);
     let quad_t = and_mask(lane.clone(), 3);
     // The query of the thread's first row; its key within a tile at column 2t.
-    let q_first = m0.clone() + index(warp.clone() * i32c(16) + quad_g);
+    let q_first = m0.clone() + index(warp.clone() * i32c(WARP_ROWS) + quad_g);
     let q_first = e.bind(&mut body, "query", ity, q_first);
     let key_col = e.bind(&mut body, "key_col", ity, index(quad_t * i32c(2)));
 
@@ -452,9 +501,60 @@ pub(crate) fn emit(e: &mut Emitter<'_, '_>, p: &FlashPlan) -> EResult<Body> {
     let n0v = e.var("n0", ity);
     let n0 = Expr::Var(n0v);
     let mut tile = vec![Stmt::CpAsyncWait(0), Stmt::Barrier];
-    // V of this tile streams in while the scores are computed.
-    kv_copies(e, &mut tile, v_tile_buf, v_buf, n0.clone());
-    tile.push(Stmt::CpAsyncCommit);
+    // With two stages, the element offset of this tile's stage (0 or `stage_elems`), and
+    // the next tile's K and V stream into the other stage while this one is computed:
+    // every warp is past the barrier, so done with the tile that stage held.
+    let stage = (stages == 2).then(|| e.var("stage", Ty::I32));
+    let (k_at, v_at) = match stage {
+        Some(stage) => {
+            body.push(Stmt::Assign(stage, i32c(0)));
+            let other = e.bind(
+                &mut tile,
+                "other_stage",
+                Ty::I32,
+                i32c(stage_elems) - Expr::var(stage),
+            );
+            let next = e.bind(&mut tile, "next", ity, n0.clone() + e.ix(BN));
+            let mut prefetch = Vec::new();
+            kv_copies(
+                e,
+                &mut prefetch,
+                k_tile_buf,
+                Some(&other),
+                k_buf,
+                next.clone(),
+            );
+            kv_copies(
+                e,
+                &mut prefetch,
+                v_tile_buf,
+                Some(&other),
+                v_buf,
+                next.clone(),
+            );
+            tile.push(Stmt::if_then(lt(next, n_end.clone()), prefetch));
+            tile.push(Stmt::CpAsyncCommit);
+            let k_at = e.bind(
+                &mut tile,
+                "k_at",
+                Ty::I32,
+                k_base.clone() + Expr::var(stage),
+            );
+            let v_at = e.bind(
+                &mut tile,
+                "v_at",
+                Ty::I32,
+                v_base.clone() + Expr::var(stage),
+            );
+            (k_at, v_at)
+        }
+        None => {
+            // V of this tile streams in while the scores are computed.
+            kv_copies(e, &mut tile, v_tile_buf, None, v_buf, n0.clone());
+            tile.push(Stmt::CpAsyncCommit);
+            (k_base.clone(), v_base.clone())
+        }
+    };
     let s_acc: Vec<[VarId; 4]> = (0..BN / 8)
         .map(|_| [0; 4].map(|_| e.var("s", Ty::F32)))
         .collect();
@@ -470,7 +570,7 @@ pub(crate) fn emit(e: &mut Emitter<'_, '_>, p: &FlashPlan) -> EResult<Body> {
                 dsts: kb.to_vec(),
                 trans: false,
                 buf: k_tile_buf,
-                index: k_base.clone() + i32c(pair as i64 * 16 * d) + chunk_at(kk as i64, &k_x),
+                index: k_at.clone() + i32c(pair as i64 * 16 * d) + chunk_at(kk as i64, &k_x),
             });
             for (half, s) in [&s_acc[2 * pair], &s_acc[2 * pair + 1]]
                 .into_iter()
@@ -639,15 +739,17 @@ pub(crate) fn emit(e: &mut Emitter<'_, '_>, p: &FlashPlan) -> EResult<Body> {
             });
         }
     }
-    // V has landed and every warp is done with K: the next K tile streams in while the
-    // values are weighed.
-    tile.push(Stmt::CpAsyncWait(0));
-    tile.push(Stmt::Barrier);
-    let next = e.bind(&mut tile, "next", ity, n0.clone() + e.ix(BN));
-    let mut prefetch = Vec::new();
-    kv_copies(e, &mut prefetch, k_tile_buf, k_buf, next.clone());
-    tile.push(Stmt::if_then(lt(next, n_end.clone()), prefetch));
-    tile.push(Stmt::CpAsyncCommit);
+    if stage.is_none() {
+        // V has landed and every warp is done with K: the next K tile streams in while
+        // the values are weighed.
+        tile.push(Stmt::CpAsyncWait(0));
+        tile.push(Stmt::Barrier);
+        let next = e.bind(&mut tile, "next", ity, n0.clone() + e.ix(BN));
+        let mut prefetch = Vec::new();
+        kv_copies(e, &mut prefetch, k_tile_buf, None, k_buf, next.clone());
+        tile.push(Stmt::if_then(lt(next, n_end.clone()), prefetch));
+        tile.push(Stmt::CpAsyncCommit);
+    }
     let vb: [VarId; 4] = [0; 4].map(|_| e.var("fv", Ty::I32));
     for (kk, pf) in p_frag.iter().enumerate() {
         for pair in 0..d_pairs {
@@ -655,7 +757,7 @@ pub(crate) fn emit(e: &mut Emitter<'_, '_>, p: &FlashPlan) -> EResult<Body> {
                 dsts: vb.to_vec(),
                 trans: true,
                 buf: v_tile_buf,
-                index: v_base.clone() + i32c(kk as i64 * 16 * d) + chunk_at(pair as i64, &v_x),
+                index: v_at.clone() + i32c(kk as i64 * 16 * d) + chunk_at(pair as i64, &v_x),
             });
             for half in 0..2 {
                 let o = o_acc[2 * pair + half];
@@ -668,6 +770,9 @@ pub(crate) fn emit(e: &mut Emitter<'_, '_>, p: &FlashPlan) -> EResult<Body> {
                 });
             }
         }
+    }
+    if let Some(stage) = stage {
+        tile.push(Stmt::Assign(stage, i32c(stage_elems) - Expr::var(stage)));
     }
     body.push(Stmt::For {
         var: n0v,
@@ -710,7 +815,8 @@ pub(crate) fn emit(e: &mut Emitter<'_, '_>, p: &FlashPlan) -> EResult<Body> {
     e.fused.extend(p.mask_values.iter().copied());
     let batch_heads = size_of_dims(&[q_shape[0].clone(), q_shape[2].clone()]);
     let what = format!(
-        "flash_attention_{BM}x{BN}_d{d}{}",
+        "flash_attention_{bm}x{BN}{}_d{d}{}",
+        if stages == 2 { "x2" } else { "" },
         match p.mask {
             Mask::Full => "",
             Mask::Causal => "_causal",
@@ -719,9 +825,9 @@ pub(crate) fn emit(e: &mut Emitter<'_, '_>, p: &FlashPlan) -> EResult<Body> {
     );
     Ok(Body {
         what,
-        block_dim: THREADS as u32,
+        block_dim: threads as u32,
         grid: [
-            ceil_div_size(size_of_dims(&q_shape[1..2]), BM as u64),
+            ceil_div_size(size_of_dims(&q_shape[1..2]), bm as u64),
             SizeExpr::Const(1),
             batch_heads,
         ],

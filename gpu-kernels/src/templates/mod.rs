@@ -698,7 +698,7 @@ pub(crate) fn build(
         GroupKind::Attention(parts) => attention::emit(&mut e, &attention::Source::Pattern(parts)),
         GroupKind::BuiltinAttention(v) => {
             match flash_attention::plan(&e, *v).filter(|_| options.tensor_cores) {
-                Some(plan) => flash_attention::emit(&mut e, &plan),
+                Some(plan) => flash_attention::emit(&mut e, &plan, &options.attention),
                 None => attention::emit(&mut e, &attention::Source::Builtin(*v)),
             }
         }
