@@ -216,6 +216,15 @@ pub struct PagedTuning {
     /// groups a step and the groups' sums added after the loop (rounded up to a power of
     /// two of at most 32 and at least head dim / 16).
     pub lanes: u32,
+    /// Warps of the tensor-core staged design of the long-context kernel (0: off; it
+    /// needs `tile` > 0): the group's query heads (at most 16) as one m16 row tile of A
+    /// fragments, each warp scoring `tile / warps` keys of a tile (rounded up to a multiple
+    /// of 16) from swizzled shared memory with `mma.sync` m16n8k16 (`S = Q Kᵀ`), an online
+    /// softmax on the accumulator fragments and `P V` on the tensor cores
+    /// (`templates/paged_decode.rs`). bf16 or f16 q, k and v (one type), head dims 64 and
+    /// 128, positive scales; otherwise, or when 2 stages do not fit, the CUDA-core staged
+    /// design runs.
+    pub mma_warps: u32,
 }
 
 impl Default for PagedTuning {
@@ -230,6 +239,7 @@ impl Default for PagedTuning {
             stages: 4,
             blocks_per_sm: 0,
             lanes: 16,
+            mma_warps: 0,
         }
     }
 }

@@ -24,10 +24,22 @@ fn staged(kernel: &kiln_kir::Kernel) -> bool {
     kernel.shared.iter().any(|s| s.name == "k_tiles")
 }
 
+/// Whether the kernel scores on the tensor cores.
+fn on_tensor_cores(kernel: &kiln_kir::Kernel) -> bool {
+    format!("{:?}", kernel.body).contains("Mma {")
+}
+
 /// Runs `attend` (q heads `heads`, key/value heads `kv`, head dim `d`, blocks of `bs`
 /// tokens) on four tokens of three sequences and a padding token through the plan, for
-/// `tuning`, and returns whether the plan's partial kernel is staged.
-fn run(dtype: &str, heads: usize, kv: usize, d: usize, bs: usize, tuning: PagedTuning) -> bool {
+/// `tuning`, and returns the plan's partial kernel.
+fn partial(
+    dtype: &str,
+    heads: usize,
+    kv: usize,
+    d: usize,
+    bs: usize,
+    tuning: PagedTuning,
+) -> kiln_kir::Kernel {
     let src = format!(
         "import nn\n\
          fn attend(q: {dtype}[N, {heads}, {d}], k_cache: {dtype}[2, 12, {bs}, {kv}, {d}], \
@@ -73,7 +85,18 @@ fn run(dtype: &str, heads: usize, kv: usize, d: usize, bs: usize, tuning: PagedT
     let compiled = check(&module, "attend", &inputs, &BTreeMap::new(), &options);
     let partial = partials(&compiled.kernels);
     assert_eq!(partial.len(), 1, "{:?}", compiled.plan.steps);
-    staged(partial[0])
+    partial[0].clone()
+}
+
+/// [`partial`]: whether its partial kernel is staged.
+fn run(dtype: &str, heads: usize, kv: usize, d: usize, bs: usize, tuning: PagedTuning) -> bool {
+    staged(&partial(dtype, heads, kv, d, bs, tuning))
+}
+
+/// [`partial`]: whether its partial kernel is staged and scores on the tensor cores.
+fn run_mma(dtype: &str, heads: usize, kv: usize, d: usize, bs: usize, t: PagedTuning) -> bool {
+    let kernel = partial(dtype, heads, kv, d, bs, t);
+    staged(&kernel) && on_tensor_cores(&kernel)
 }
 
 fn tuning(part: u64, warps: u32, tile: u64, stages: u64, lanes: u32) -> PagedTuning {
@@ -87,6 +110,63 @@ fn tuning(part: u64, warps: u32, tile: u64, stages: u64, lanes: u32) -> PagedTun
         short_context: 0,
         ..PagedTuning::default()
     }
+}
+
+/// The tensor-core staged design: `warps` warps, tiles of `tile` keys, `stages` stages.
+fn mma(part: u64, warps: u32, tile: u64, stages: u64) -> PagedTuning {
+    PagedTuning {
+        mma_warps: warps,
+        ..tuning(part, 4, tile, stages, 16)
+    }
+}
+
+#[test]
+fn tensor_core_gqa_bf16_equals_the_interpreter() {
+    // Group 4 (rows 4..16 of the tile are zeros), head dim 64, cache blocks of 4: a tile
+    // of 16 keys crosses four blocks; one warp, three stages; partitions of 16 are one
+    // tile, so the copies run two tiles past the partition (zero fills).
+    assert!(run_mma("bf16", 8, 2, 64, 4, mma(16, 1, 16, 3)));
+    // Two warps of 16 keys a tile, partitions of 40 rounded up to 64 (two tiles): the
+    // second warp's keys of the last tile lie past a ragged end.
+    assert!(run_mma("bf16", 8, 2, 64, 4, mma(40, 2, 32, 2)));
+    // 32 keys a warp (two slabs), f16.
+    assert!(run_mma("f16", 8, 2, 64, 8, mma(64, 1, 32, 2)));
+}
+
+#[test]
+fn tensor_core_gqa_32_8_head_dim_128_equals_the_interpreter() {
+    // The benchmark's head counts and head dim, blocks of 16: one block-table read a tile.
+    assert!(run_mma("bf16", 32, 8, 128, 16, mma(32, 2, 32, 2)));
+    assert!(run_mma("bf16", 32, 8, 128, 16, mma(64, 1, 16, 4)));
+}
+
+#[test]
+fn tensor_core_mha_and_wide_groups_equal_the_interpreter() {
+    // Group 1 (MHA): one real row of the 16.
+    assert!(run_mma("bf16", 2, 2, 64, 8, mma(16, 1, 16, 2)));
+    assert!(run_mma("bf16", 2, 2, 128, 8, mma(32, 2, 32, 2)));
+    // Group 12: all of rows 0..8, some of rows 8..16.
+    assert!(run_mma("bf16", 24, 2, 64, 4, mma(32, 2, 32, 2)));
+    // Group 16: every row.
+    assert!(run_mma("bf16", 32, 2, 64, 4, mma(16, 1, 16, 2)));
+}
+
+#[test]
+fn where_the_tensor_cores_do_not_apply_the_cuda_core_designs_run() {
+    // f32 operands and head dim 96: the CUDA-core staged design.
+    assert!(run("f32", 8, 2, 64, 4, mma(16, 1, 16, 2)));
+    assert!(!run_mma("f32", 8, 2, 64, 4, mma(16, 1, 16, 2)));
+    let wide = PagedTuning {
+        mma_warps: 1,
+        ..tuning(16, 2, 16, 2, 8)
+    };
+    assert!(run("bf16", 4, 2, 96, 4, wide));
+    assert!(!run_mma("bf16", 4, 2, 96, 4, wide));
+    // A group of 32 does not fit the 16 rows of the tile.
+    assert!(run("bf16", 32, 1, 64, 4, mma(16, 1, 16, 2)));
+    assert!(!run_mma("bf16", 32, 1, 64, 4, mma(16, 1, 16, 2)));
+    // Tiles of 64 keys of head dim 128 (32 KiB a stage): two stages do not fit.
+    assert!(!run_mma("bf16", 8, 2, 128, 16, mma(64, 4, 64, 2)));
 }
 
 #[test]

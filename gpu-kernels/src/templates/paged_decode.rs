@@ -22,12 +22,15 @@
 //! across the groups a step), each group its own sums, added across the warp after the
 //! loop. The short-context variant keeps the register design.
 
-use super::mma_gemm::i32c;
+use super::mma_gemm::{and_mask, i32c, shr, swizzle};
+use super::mma_softmax::{
+    kv_addresses, online_softmax, pack_probabilities, quad_sum, scores, weigh_values, Rows,
+};
 use super::{mul_size, size_of_dims, Body, Workspace};
 use crate::emit::{EResult, Emitter};
 use crate::PagedTuning;
 use kiln_ir::{DType, Dim, Op, Value};
-use kiln_kir::{Access, BinOp, Expr, SizeExpr, Special, Stmt, Ty, UnOp, VarId};
+use kiln_kir::{Access, BinOp, Buf, Expr, MmaInput, SizeExpr, Special, Stmt, Ty, UnOp, VarId};
 
 /// The shape the template handles: the head dim a multiple of 32 of at most 256, constant
 /// head counts.
@@ -53,6 +56,8 @@ pub(crate) struct PagedShape {
     /// Lanes that split one key's head dim (32: a warp per key; fewer: 32 / lanes keys of
     /// a warp at once, the scores summed over fewer shuffles; staged design only).
     lanes: usize,
+    /// The tensor-core staged design's operand type (`None`: the CUDA-core designs).
+    mma: Option<MmaInput>,
 }
 
 impl PagedShape {
@@ -80,11 +85,29 @@ impl PagedShape {
             stages: 0,
             blocks_per_sm: tuning.blocks_per_sm.max(1),
             lanes: 32,
+            mma: None,
         };
         let (kt, vt) = (
             e.g.ty(inst.operands[1]).dtype,
             e.g.ty(inst.operands[2]).dtype,
         );
+        if let Some(input) = mma_input(e, out, &shape, tuning) {
+            // Whole 16-key slabs a warp; as many stages as fit beside the block merge.
+            let warps = tuning.mma_warps.clamp(1, 16);
+            let tile = (tuning.tile as usize).next_multiple_of(16 * warps as usize);
+            let merge = warps as usize * (2 + d) * shape.group * 4;
+            let stage = 2 * tile * d * kt.size_bytes();
+            let budget = (kiln_kir::verify::MAX_SHARED_BYTES as usize).saturating_sub(merge);
+            let stages = (tuning.stages as usize).min(budget / stage);
+            if stages >= 2 {
+                shape.warps = warps;
+                shape.tile = tile;
+                shape.stages = stages;
+                shape.mma = Some(input);
+                shape.part = shape.part.next_multiple_of(tile as u64);
+                return Some(shape);
+            }
+        }
         let staged = tuning.tile > 0
             && tuning.stages >= 2
             && kt == vt
@@ -140,6 +163,36 @@ impl PagedShape {
             .filter(|&m| m as usize >= self.lanes)
             .collect()
     }
+}
+
+/// The operand type of the tensor-core staged design, when `tuning` asks for it and it
+/// applies: q, k and v of one 16-bit float type, head dim 64 or 128, at most 16 query heads
+/// a key/value head, a positive scale, equal cache shapes.
+fn mma_input(
+    e: &Emitter<'_, '_>,
+    out: Value,
+    shape: &PagedShape,
+    tuning: &PagedTuning,
+) -> Option<MmaInput> {
+    let inst = e.g.inst(out)?;
+    let [q, k, v] = [0, 1, 2].map(|i| inst.operands[i]);
+    let dtype = e.g.ty(k).dtype;
+    let input = match dtype {
+        DType::BF16 => MmaInput::Bf16,
+        DType::F16 => MmaInput::F16,
+        _ => return None,
+    };
+    let ok = tuning.mma_warps > 0
+        && tuning.tile > 0
+        && tuning.stages >= 2
+        && e.g.ty(q).dtype == dtype
+        && e.g.ty(v).dtype == dtype
+        && e.g.shape(k) == e.g.shape(v)
+        && matches!(shape.d, 64 | 128)
+        && shape.group <= 16
+        && shape.scale.is_finite()
+        && shape.scale > 0.0;
+    ok.then_some(input)
 }
 
 /// The partition count: ceil(MB · BS / part), the most positions a block-table row holds.
@@ -213,12 +266,14 @@ struct Partial {
     acc: Vec<Vec<VarId>>,
 }
 
-/// The first kernel's prologue: coordinates, key range, query rows, zeroed state.
+/// The first kernel's prologue: coordinates, key range, and for the CUDA-core designs
+/// (`registers`) the query rows and zeroed state.
 fn prologue(
     e: &mut Emitter<'_, '_>,
     body: &mut Vec<Stmt>,
     out: Value,
     shape: &PagedShape,
+    registers: bool,
 ) -> EResult<Partial> {
     let g = e.g;
     let inst = g.inst(out).expect("paged_attention");
@@ -245,7 +300,11 @@ fn prologue(
             e.bind(body, "slot", ity, slot),
         )
     };
-    let col = e.bind(body, "col", ity, in_key * e.ix(per_lane as i64));
+    let col = if registers {
+        e.bind(body, "col", ity, in_key * e.ix(per_lane as i64))
+    } else {
+        e.ix(0)
+    };
     // The token's sequence and key count, and this partition's key range.
     let s = e
         .elem(body, seq, std::slice::from_ref(&token), 1)?
@@ -264,6 +323,25 @@ fn prologue(
         context.min(start.clone() + e.ix(shape.part as i64)),
     );
     let block_size = e.dim(&g.shape(k_cache)[2]);
+    if !registers {
+        return Ok(Partial {
+            part,
+            kvh,
+            token,
+            lane,
+            warp,
+            col,
+            slot,
+            seq: s,
+            start,
+            end,
+            block_size,
+            qv: Vec::new(),
+            m: Vec::new(),
+            l: Vec::new(),
+            acc: Vec::new(),
+        });
+    }
     // The query rows of the group, this lane's columns, in registers.
     let mut qv: Vec<Vec<Expr>> = Vec::with_capacity(group);
     for gi in 0..group {
@@ -420,7 +498,10 @@ pub(crate) fn emit_partial(
     let [k_cache, v_cache, tables] = [1, 2, 3].map(|i| inst.operands[i]);
     let ity = e.index_ty;
     let mut body = Vec::new();
-    let st = prologue(e, &mut body, out, shape)?;
+    if let Some(input) = shape.mma {
+        return mma_partial(e, out, shape, input);
+    }
+    let st = prologue(e, &mut body, out, shape, true)?;
     if shape.staged() {
         e.blocks_per_sm = shape.blocks_per_sm;
         staged_loop(e, &mut body, out, shape, &st)?;
@@ -527,18 +608,32 @@ struct Copy {
     partial: bool,
 }
 
+/// What the computation of one tile of the staged pipeline reads.
+struct Tile {
+    /// The tile's number in the partition (the loop variable).
+    t: Expr,
+    /// The element offset of its stage in `k_tiles` and `v_tiles` (32 bits).
+    stage: Expr,
+    k_tiles: Buf,
+    v_tiles: Buf,
+}
+
 /// The staged design's loop: the partition's keys in tiles of `tile` keys; the block
 /// copies each tile's key and value rows into shared memory with 16-byte `cp.async`
 /// chunks, `stages - 1` tiles ahead of the one it computes (the copies cost no registers
-/// and overlap the math); warp w scores keys w·tile/warps .. of each tile from shared
-/// memory. Keys past the end are zero-filled copies that read nothing (weight 0), so a
-/// padding token or an empty partition reads no block table and no cache row.
-fn staged_loop(
+/// and overlap the math); `compute` emits the math of a tile from shared memory. Keys
+/// past the end are zero-filled copies that read nothing (weight 0), so a padding token or
+/// an empty partition reads no block table and no cache row. `swizzled`: chunk `c` of
+/// tile row `r` lies at chunk position `c ^ swizzle(r)` (the `ldmatrix` layout of the
+/// tensor-core design); else rows are plain.
+fn pipeline(
     e: &mut Emitter<'_, '_>,
     body: &mut Vec<Stmt>,
     out: Value,
     shape: &PagedShape,
     st: &Partial,
+    swizzled: bool,
+    compute: impl FnOnce(&mut Emitter<'_, '_>, &mut Vec<Stmt>, &Tile) -> EResult<()>,
 ) -> EResult<()> {
     let g = e.g;
     let inst = g.inst(out).expect("paged_attention");
@@ -546,7 +641,6 @@ fn staged_loop(
     let ity = e.index_ty;
     let (d, tile, stages) = (shape.d, shape.tile, shape.stages);
     let threads = shape.threads() as usize;
-    let per_warp = tile / shape.warps as usize;
     let dtype = g.ty(k_cache).dtype;
     let chunk = 16 / dtype.size_bytes();
     let row_chunks = d / chunk;
@@ -579,7 +673,16 @@ fn staged_loop(
             );
             let c = flat.clone() % e.ix(row_chunks as i64);
             let c = e.bind(body, "copy_col", ity, c * e.ix(chunk as i64));
-            let dst = i32_of(row.clone()) * i32c(d as i64) + i32_of(c.clone());
+            let dst = if swizzled {
+                let chunk_pos = Expr::binary(
+                    BinOp::Xor,
+                    i32_of(c.clone()) / i32c(chunk as i64),
+                    swizzle(i32_of(row.clone()), row_chunks as u32),
+                );
+                i32_of(row.clone()) * i32c(d as i64) + chunk_pos * i32c(chunk as i64)
+            } else {
+                i32_of(row.clone()) * i32c(d as i64) + i32_of(c.clone())
+            };
             let dst = e.bind(body, "copy_dst", Ty::I32, dst);
             let src = one_block.then(|| {
                 let zero = e.ix(0);
@@ -703,48 +806,14 @@ fn staged_loop(
     step.extend(copies);
     step.push(Stmt::CpAsyncCommit);
     let stage = Expr::binary(BinOp::Rem, Expr::var(t), e.ix(stages as i64));
-    // Lane group g of warp w takes the tile's keys w·per_warp + g + u·slots.
-    let slots = shape.slots();
-    let row0 = st.warp.clone() * e.ix(per_warp as i64) + st.slot.clone();
-    let first = e.bind(
-        &mut step,
-        "first",
-        ity,
-        start.clone() + Expr::var(t) * e.ix(tile as i64) + row0.clone(),
-    );
-    // Shared-memory offsets in 32 bits.
-    let base =
-        i32_of(stage) * i32c(stage_len) + i32_of(row0) * i32c(d as i64) + i32_of(st.col.clone());
-    let base = e.bind(&mut step, "base", Ty::I32, base);
-    let per_lane = shape.per_lane();
-    // Vectors of the largest power of two dividing a lane's share (at most 16 bytes, 8
-    // elements): head dim 96 at 16 lanes a key loads pairs.
-    let width = (1usize << per_lane.trailing_zeros()).min(chunk).min(8);
-    let mut valid = Vec::with_capacity(per_warp);
-    let mut keys = Vec::with_capacity(per_warp);
-    let mut values = Vec::with_capacity(per_warp);
-    for u in 0..per_warp / slots {
-        let ok = (first.clone() + e.ix((u * slots) as i64)).lt(end.clone());
-        valid.push(e.bind(&mut step, "key_ok", Ty::Pred, ok));
-        for (buf, rows, name) in [(k_tiles, &mut keys, "k"), (v_tiles, &mut values, "v")] {
-            let regs: Vec<VarId> = (0..per_lane).map(|_| e.var(name, Ty::F32)).collect();
-            for (c, part) in regs.chunks(width).enumerate() {
-                let index = base.clone() + i32c((u * slots * d + c * width) as i64);
-                if part.len() == 1 {
-                    step.push(Stmt::Assign(part[0], Expr::load(buf, index)));
-                } else {
-                    step.push(Stmt::LoadVec {
-                        dsts: part.to_vec(),
-                        buf,
-                        index,
-                    });
-                }
-            }
-            rows.push(regs.into_iter().map(Expr::var).collect::<Vec<_>>());
-        }
-    }
+    let at = Tile {
+        t: Expr::var(t),
+        stage: i32_of(stage) * i32c(stage_len),
+        k_tiles,
+        v_tiles,
+    };
+    compute(e, &mut step, &at)?;
     e.pop_scope();
-    online_step(e, &mut step, shape, st, &valid, &keys, &values);
     body.push(Stmt::For {
         var: t,
         start: e.ix(0),
@@ -755,6 +824,72 @@ fn staged_loop(
     // Copies still in flight are of tiles past the end (zero fills): drained here so that
     // none outlives the loop.
     body.push(Stmt::CpAsyncWait(0));
+    Ok(())
+}
+
+/// The staged CUDA-core design's loop ([`pipeline`]): lane group g of warp w scores keys
+/// w·tile/warps + g + u·slots of each tile from shared memory; the lane groups' sums are
+/// added across the warp after the loop.
+fn staged_loop(
+    e: &mut Emitter<'_, '_>,
+    body: &mut Vec<Stmt>,
+    out: Value,
+    shape: &PagedShape,
+    st: &Partial,
+) -> EResult<()> {
+    let ity = e.index_ty;
+    let (d, tile) = (shape.d, shape.tile);
+    let per_warp = tile / shape.warps as usize;
+    let dtype =
+        e.g.ty(e.g.inst(out).expect("paged_attention").operands[1])
+            .dtype;
+    let chunk = 16 / dtype.size_bytes();
+    let (start, end) = (st.start.clone(), st.end.clone());
+    let compute = |e: &mut Emitter<'_, '_>, step: &mut Vec<Stmt>, at: &Tile| -> EResult<()> {
+        let (k_tiles, v_tiles) = (at.k_tiles, at.v_tiles);
+        // Lane group g of warp w takes the tile's keys w·per_warp + g + u·slots.
+        let slots = shape.slots();
+        let row0 = st.warp.clone() * e.ix(per_warp as i64) + st.slot.clone();
+        let first = e.bind(
+            step,
+            "first",
+            ity,
+            start.clone() + at.t.clone() * e.ix(tile as i64) + row0.clone(),
+        );
+        // Shared-memory offsets in 32 bits.
+        let base = at.stage.clone() + i32_of(row0) * i32c(d as i64) + i32_of(st.col.clone());
+        let base = e.bind(step, "base", Ty::I32, base);
+        let per_lane = shape.per_lane();
+        // Vectors of the largest power of two dividing a lane's share (at most 16 bytes, 8
+        // elements): head dim 96 at 16 lanes a key loads pairs.
+        let width = (1usize << per_lane.trailing_zeros()).min(chunk).min(8);
+        let mut valid = Vec::with_capacity(per_warp);
+        let mut keys = Vec::with_capacity(per_warp);
+        let mut values = Vec::with_capacity(per_warp);
+        for u in 0..per_warp / slots {
+            let ok = (first.clone() + e.ix((u * slots) as i64)).lt(end.clone());
+            valid.push(e.bind(step, "key_ok", Ty::Pred, ok));
+            for (buf, rows, name) in [(k_tiles, &mut keys, "k"), (v_tiles, &mut values, "v")] {
+                let regs: Vec<VarId> = (0..per_lane).map(|_| e.var(name, Ty::F32)).collect();
+                for (c, part) in regs.chunks(width).enumerate() {
+                    let index = base.clone() + i32c((u * slots * d + c * width) as i64);
+                    if part.len() == 1 {
+                        step.push(Stmt::Assign(part[0], Expr::load(buf, index)));
+                    } else {
+                        step.push(Stmt::LoadVec {
+                            dsts: part.to_vec(),
+                            buf,
+                            index,
+                        });
+                    }
+                }
+                rows.push(regs.into_iter().map(Expr::var).collect::<Vec<_>>());
+            }
+        }
+        online_step(e, step, shape, st, &valid, &keys, &values);
+        Ok(())
+    };
+    pipeline(e, body, out, shape, st, false, compute)?;
     // The lane groups' sums (under the warp's common max) added across the warp.
     for mask in shape.slot_masks() {
         let other = e.var("other", Ty::F32);
@@ -779,18 +914,9 @@ fn epilogue(
     shape: &PagedShape,
     st: &Partial,
 ) -> EResult<Body> {
-    let g = e.g;
-    let ity = e.index_ty;
-    let (d, group, warps, threads) = (shape.d, shape.group, shape.warps, shape.threads());
+    let (d, group, warps) = (shape.d, shape.group, shape.warps);
     let (m, l, acc) = (&st.m, &st.l, &st.acc);
-    let (lane, warp, col, kvh, token, part) = (
-        st.lane.clone(),
-        st.warp.clone(),
-        st.col.clone(),
-        st.kvh.clone(),
-        st.token.clone(),
-        st.part.clone(),
-    );
+    let (lane, warp, col) = (st.lane.clone(), st.warp.clone(), st.col.clone());
     // Merge the warps: each warp's max, sum and columns to shared memory, then thread t
     // merges entries t, t + threads, ... of the group's (head, column) pairs.
     let stats = e.shared_array("warp_stats", DType::F32, warps * 2 * group as u32);
@@ -825,6 +951,26 @@ fn epilogue(
             body.extend(stores);
         }
     }
+    merge_block(e, body, out, shape, st, stats, sums)
+}
+
+/// The block merge of [`epilogue`] once every warp's max and sum per query head
+/// (`stats`: warp, head, 2) and weighted values (`sums`: warp, head, D) are in shared
+/// memory: thread t merges entries t, t + threads, ... of the group's (head, column) pairs
+/// and stores them in the workspace.
+fn merge_block(
+    e: &mut Emitter<'_, '_>,
+    mut body: Vec<Stmt>,
+    out: Value,
+    shape: &PagedShape,
+    st: &Partial,
+    stats: Buf,
+    sums: Buf,
+) -> EResult<Body> {
+    let g = e.g;
+    let ity = e.index_ty;
+    let (d, group, warps, threads) = (shape.d, shape.group, shape.warps, shape.threads());
+    let (kvh, token, part) = (st.kvh.clone(), st.token.clone(), st.part.clone());
     body.push(Stmt::Barrier);
     let ws = e.workspace(0, DType::F32, Access::Write);
     let parts = partitions_expr(e, out, shape.part);
@@ -998,4 +1144,199 @@ pub(crate) fn emit_merge(e: &mut Emitter<'_, '_>, out: Value, shape: &PagedShape
         ],
         stmts: body,
     })
+}
+
+/// The first kernel of the tensor-core staged design: the group's query heads as the rows
+/// of one m16 tile (rows past the group are zeros, never stored), held as A fragments;
+/// each tile of the [`pipeline`] (swizzled rows) gives warp w its keys w·tile/warps ..,
+/// whole 16-key slabs: `S = Q Kᵀ` by `mma.sync` (K fragments by `ldmatrix`), keys past the
+/// end at -inf, an online softmax (base 2) on the accumulator fragments, P packed to A
+/// fragments and `P V` (V fragments by `ldmatrix.trans`). The warps' rows are then merged
+/// through shared memory as in the CUDA-core designs (maxima converted to base e).
+fn mma_partial(
+    e: &mut Emitter<'_, '_>,
+    out: Value,
+    shape: &PagedShape,
+    input: MmaInput,
+) -> EResult<Body> {
+    let g = e.g;
+    let q = g.inst(out).expect("paged_attention").operands[0];
+    let ity = e.index_ty;
+    let (d, group, tile) = (shape.d as i64, shape.group, shape.tile as i64);
+    let per_warp = tile / i64::from(shape.warps);
+    let mut body = Vec::new();
+    let st = prologue(e, &mut body, out, shape, false)?;
+    e.blocks_per_sm = shape.blocks_per_sm;
+    let lane = e.bind(&mut body, "lane32", Ty::I32, Expr::Special(Special::LaneId));
+    let warp = e.bind(&mut body, "warp32", Ty::I32, Expr::Special(Special::WarpId));
+    let quad_g = e.bind(&mut body, "quad_g", Ty::I32, shr(lane.clone(), 2));
+    let quad_t = e.bind(&mut body, "quad_t", Ty::I32, and_mask(lane.clone(), 3));
+    // Rows g and g + 8 of the tile: all, some or none of each eight are query heads.
+    let some_rows = |r: usize| group > 8 * r;
+    let all_rows = |r: usize| group >= 8 * r + 8;
+    let row_of = |r: usize| quad_g.clone() + i32c(8 * r as i64);
+    let mut row_ok = Vec::with_capacity(2);
+    let mut heads = Vec::with_capacity(2);
+    for r in 0..2 {
+        let ok = e.bind(
+            &mut body,
+            "row_ok",
+            Ty::Pred,
+            row_of(r).lt(i32c(group as i64)),
+        );
+        row_ok.push(ok);
+        // Rows past the group read its last head (valid memory, replaced by zeros).
+        let head =
+            st.kvh.clone() * e.ix(group as i64) + index(e, row_of(r).min(i32c(group as i64 - 1)));
+        heads.push(if some_rows(r) {
+            e.bind(&mut body, "head", ity, head)
+        } else {
+            e.ix(0)
+        });
+    }
+    // Q's A fragments: registers (row g, k 2t), (row g + 8, k 2t), (row g, k 2t + 8),
+    // (row g + 8, k 2t + 8) of each 16 columns.
+    let q_frag: Vec<[VarId; 4]> = (0..d / 16)
+        .map(|_| [0; 4].map(|_| e.var("fq", Ty::I32)))
+        .collect();
+    for (kk, frag) in q_frag.iter().enumerate() {
+        for (reg, (r, off)) in [(0, 0), (1, 0), (0, 8), (1, 8)].into_iter().enumerate() {
+            if !some_rows(r) {
+                body.push(Stmt::Assign(frag[reg], i32c(0)));
+                continue;
+            }
+            let col = index(e, quad_t.clone() * i32c(2) + i32c(kk as i64 * 16 + off));
+            e.push_scope();
+            let at = [st.token.clone(), heads[r].clone(), col];
+            let x = e.elem(&mut body, q, &at, 2)?;
+            e.pop_scope();
+            let x: Vec<Expr> = if all_rows(r) {
+                x
+            } else {
+                x.into_iter()
+                    .map(|v| Expr::select(row_ok[r].clone(), v, f(0.0)))
+                    .collect()
+            };
+            body.push(Stmt::PackHalves {
+                dst: frag[reg],
+                input,
+                lo: x[0].clone(),
+                hi: x[1].clone(),
+            });
+        }
+    }
+    let rows = Rows::new(e, &mut body);
+    let o_acc: Vec<[VarId; 4]> = (0..d / 8)
+        .map(|_| [0; 4].map(|_| e.var("o", Ty::F32)))
+        .collect();
+    for &c in o_acc.iter().flatten() {
+        body.push(Stmt::Assign(c, f(0.0)));
+    }
+    let [k_base, k_x, v_base, v_x] = kv_addresses(e, &mut body, &lane, d);
+    let warp_rows = e.bind(
+        &mut body,
+        "warp_rows",
+        Ty::I32,
+        warp.clone() * i32c(per_warp * d),
+    );
+    let warp_first = e.bind(
+        &mut body,
+        "warp_first",
+        ity,
+        st.start.clone() + index(e, warp.clone() * i32c(per_warp)),
+    );
+    let key_col = e.bind(
+        &mut body,
+        "key_col",
+        ity,
+        index(e, quad_t.clone() * i32c(2)),
+    );
+    let scale2 = (f64::from(shape.scale) * std::f64::consts::LOG2_E) as f32;
+    let other = e.var("other", Ty::F32);
+    let red = e.var("red", Ty::F32);
+    let end = st.end.clone();
+    let compute = |e: &mut Emitter<'_, '_>, step: &mut Vec<Stmt>, at: &Tile| -> EResult<()> {
+        let s_acc: Vec<[VarId; 4]> = (0..per_warp / 8)
+            .map(|_| [0; 4].map(|_| e.var("s", Ty::F32)))
+            .collect();
+        for &c in s_acc.iter().flatten() {
+            step.push(Stmt::Assign(c, f(0.0)));
+        }
+        let kb: [VarId; 4] = [0; 4].map(|_| e.var("fk", Ty::I32));
+        let rows_at = e.bind(
+            step,
+            "rows_at",
+            Ty::I32,
+            at.stage.clone() + warp_rows.clone(),
+        );
+        let k_at = e.bind(step, "k_at", Ty::I32, rows_at.clone() + k_base.clone());
+        scores(step, input, &q_frag, &s_acc, kb, at.k_tiles, &k_at, &k_x, d);
+        // Keys past the end (zero-filled rows) at -inf, where the warp's keys reach it.
+        let first = e.bind(
+            step,
+            "first",
+            ity,
+            warp_first.clone() + at.t.clone() * e.ix(tile),
+        );
+        let mut masked = Vec::new();
+        let left = end.clone() - first.clone() - key_col.clone();
+        let left = e.bind(&mut masked, "keys_left", ity, left);
+        for (ni, cells) in s_acc.iter().enumerate() {
+            for (j, &cell) in cells.iter().enumerate() {
+                let key = e.ix(8 * ni as i64 + (j % 2) as i64);
+                masked.push(Stmt::Assign(
+                    cell,
+                    Expr::select(key.lt(left.clone()), Expr::var(cell), f(f32::NEG_INFINITY)),
+                ));
+            }
+        }
+        let short = end.clone().lt(first + e.ix(per_warp));
+        step.push(Stmt::if_then(short, masked));
+        online_softmax(e, step, &s_acc, &rows, &o_acc, scale2, other, red);
+        let p_frag = pack_probabilities(e, step, &s_acc, input);
+        let vb: [VarId; 4] = [0; 4].map(|_| e.var("fv", Ty::I32));
+        let v_at = e.bind(step, "v_at", Ty::I32, rows_at + v_base.clone());
+        weigh_values(step, input, &p_frag, &o_acc, vb, at.v_tiles, &v_at, &v_x, d);
+        Ok(())
+    };
+    pipeline(e, &mut body, out, shape, &st, true, compute)?;
+    // Each warp's rows to shared memory: the max in base e (`m · ln 2`), the row sum over
+    // the quad (lane t = 0 stores both), the weighted values of columns 8n + 2t, + 1.
+    let (warps, du) = (shape.warps, shape.d);
+    let stats = e.shared_array("warp_stats", DType::F32, warps * 2 * group as u32);
+    let sums = e.shared_array("warp_acc", DType::F32, warps * (group * du) as u32);
+    let warp_ix = index(e, warp.clone());
+    for r in (0..2).filter(|&r| some_rows(r)) {
+        quad_sum(&mut body, rows.sum[r], other);
+        let row = index(e, row_of(r));
+        let mut store = Vec::new();
+        let at = e.bind(
+            &mut store,
+            "stat_at",
+            ity,
+            warp_ix.clone() * e.ix(2 * group as i64) + row.clone() * e.ix(2),
+        );
+        let ln2 = std::f32::consts::LN_2;
+        store.push(Stmt::if_then(
+            quad_t.clone().equals(i32c(0)),
+            vec![
+                Stmt::store(stats, at.clone(), Expr::var(rows.max[r]) * f(ln2)),
+                Stmt::store(stats, at + e.ix(1), Expr::var(rows.sum[r])),
+            ],
+        ));
+        let base = warp_ix.clone() * e.ix(group as i64 * d) + row * e.ix(d) + key_col.clone();
+        let base = e.bind(&mut store, "acc_at", ity, base);
+        for (nd, cells) in o_acc.iter().enumerate() {
+            for x in 0..2 {
+                let at = base.clone() + e.ix(8 * nd as i64 + x as i64);
+                store.push(Stmt::store(sums, at, Expr::var(cells[2 * r + x])));
+            }
+        }
+        if all_rows(r) {
+            body.extend(store);
+        } else {
+            body.push(Stmt::if_then(row_ok[r].clone(), store));
+        }
+    }
+    merge_block(e, body, out, shape, &st, stats, sums)
 }
