@@ -286,3 +286,56 @@ fn paged_kernels_assemble_for_every_target_without_spills() {
     let registers = common::assert_assembles_without_spills(&toolchain, &kernels);
     assert_eq!(registers.len(), 5 * kernels.len());
 }
+
+/// The benchmark's long-context partial kernel of the tensor-core design.
+fn mma_kernel(warps: u32, tile: u64, stages: u64, part: u64, blocks: u32) -> kiln_kir::Kernel {
+    let mut options = Options::default();
+    options.paged.mma_warps = warps;
+    options.paged.tile = tile;
+    options.paged.stages = stages;
+    options.paged.part = part;
+    options.paged.blocks_per_sm = blocks;
+    let kernels = bench_kernels(&options);
+    let long: Vec<kiln_kir::Kernel> = partials(&kernels)
+        .into_iter()
+        .filter(|k| staged(k))
+        .cloned()
+        .collect();
+    assert_eq!(long.len(), 1, "the long-context variant is staged");
+    assert!(on_tensor_cores(&long[0]));
+    long.into_iter().next().expect("one kernel")
+}
+
+#[test]
+fn the_tensor_core_partial_kernel_snapshot() {
+    // Two warps of 16 keys a tile, two stages.
+    let kernel = mma_kernel(2, 32, 2, 256, 0);
+    let ptx = kiln_ptx::emit_ptx(&[kernel], kiln_ptx::Target::Sm90a, &Default::default())
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(ptx.contains("mma.sync.aligned.m16n8k16"), "{ptx}");
+    assert!(ptx.contains("ldmatrix.sync.aligned.m8n8.x4.trans"), "{ptx}");
+    assert!(ptx.contains("cp.async"), "{ptx}");
+    insta::assert_snapshot!(ptx);
+}
+
+#[test]
+fn tensor_core_kernels_assemble_for_every_target_without_spills() {
+    let Some(toolchain) = common::toolchain() else {
+        return;
+    };
+    // (warps, tile, stages, partition, blocks an SM): the knob settings to measure.
+    let variants = [
+        (1, 16, 4, 256, 0),
+        (1, 32, 2, 256, 0),
+        (2, 32, 2, 256, 0),
+        (2, 32, 2, 128, 6),
+        (1, 16, 4, 256, 6),
+        (1, 16, 2, 128, 0),
+    ];
+    let kernels: Vec<kiln_kir::Kernel> = variants
+        .into_iter()
+        .map(|(w, t, s, p, b)| mma_kernel(w, t, s, p, b))
+        .collect();
+    let registers = common::assert_assembles_without_spills(&toolchain, &kernels);
+    assert_eq!(registers.len(), 5 * kernels.len());
+}

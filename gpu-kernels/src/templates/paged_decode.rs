@@ -22,7 +22,7 @@
 //! across the groups a step), each group its own sums, added across the warp after the
 //! loop. The short-context variant keeps the register design.
 
-use super::mma_gemm::{and_mask, i32c, shr, swizzle};
+use super::mma_gemm::{and_mask, i32c, shr};
 use super::mma_softmax::{
     kv_addresses, online_softmax, pack_probabilities, quad_sum, scores, weigh_values, Rows,
 };
@@ -93,7 +93,7 @@ impl PagedShape {
         );
         if let Some(input) = mma_input(e, out, &shape, tuning) {
             // Whole 16-key slabs a warp; as many stages as fit beside the block merge.
-            let warps = tuning.mma_warps.clamp(1, 16);
+            let warps = tuning.mma_warps.clamp(1, 16).next_power_of_two();
             let tile = (tuning.tile as usize).next_multiple_of(16 * warps as usize);
             let merge = warps as usize * (2 + d) * shape.group * 4;
             let stage = 2 * tile * d * kt.size_bytes();
@@ -608,6 +608,75 @@ struct Copy {
     partial: bool,
 }
 
+/// The copy plan of swizzled tiles (rows of 8 chunks or more): thread t copies chunks of
+/// the tile rows ≡ t (mod 8) only. Chunk c of row 8j + x lies at chunk position c ^ x, so
+/// each chunk column of a thread has one base offset in shared memory (and in the cache,
+/// where a tile lies in one block), its rows of the other eights at constant offsets from
+/// it: few registers live across the loop and no address arithmetic a tile.
+fn swizzled_plan(
+    e: &mut Emitter<'_, '_>,
+    body: &mut Vec<Stmt>,
+    shape: &PagedShape,
+    tid: &Expr,
+    cache_dims: &[Dim],
+    one_block: bool,
+) -> Vec<Copy> {
+    let ity = e.index_ty;
+    let (d, tile, threads) = (shape.d, shape.tile, shape.threads() as usize);
+    let chunk = 8;
+    let row_chunks = d / chunk;
+    // (row mod 8, chunk) pairs; with more threads than pairs, threads also split the
+    // eights of rows.
+    let pairs = 8 * row_chunks;
+    let (columns, stride) = if threads <= pairs {
+        (pairs / threads, 1)
+    } else {
+        (1, threads / pairs)
+    };
+    let x = e.bind(body, "copy_x", ity, tid.clone() % e.ix(8));
+    let row0 = if stride > 1 {
+        x.clone() + tid.clone() / e.ix(pairs as i64) * e.ix(8)
+    } else {
+        x.clone()
+    };
+    let row0 = e.bind(body, "copy_row", ity, row0);
+    let octets = tile / 8;
+    let mut plan = Vec::new();
+    for b in 0..columns {
+        let c = (tid.clone() + e.ix((b * threads) as i64)) / e.ix(8) % e.ix(row_chunks as i64);
+        let c = e.bind(body, "copy_col", ity, c * e.ix(chunk as i64));
+        let position = Expr::binary(
+            BinOp::Xor,
+            i32_of(c.clone()) / i32c(chunk as i64),
+            i32_of(x.clone()),
+        );
+        let dst = i32_of(row0.clone()) * i32c(d as i64) + position * i32c(chunk as i64);
+        let dst = e.bind(body, "copy_dst", Ty::I32, dst);
+        let src = one_block.then(|| {
+            let zero = e.ix(0);
+            let at = [zero.clone(), zero.clone(), row0.clone(), zero, c.clone()];
+            let at = e.linear(cache_dims, &at);
+            e.bind(body, "copy_src", ity, at)
+        });
+        for i in 0..octets.div_ceil(stride) {
+            let rows = (8 * stride * i) as i64;
+            let src = src.as_ref().map(|base| {
+                let zero = e.ix(0);
+                let at = [zero.clone(), zero.clone(), e.ix(rows), zero.clone(), zero];
+                base.clone() + e.linear(cache_dims, &at)
+            });
+            plan.push(Copy {
+                row: row0.clone() + e.ix(rows),
+                col: c.clone(),
+                dst: dst.clone() + i32c(rows * d as i64),
+                src,
+                partial: (i + 1) * stride > octets,
+            });
+        }
+    }
+    plan
+}
+
 /// What the computation of one tile of the staged pipeline reads.
 struct Tile {
     /// The tile's number in the partition (the loop variable).
@@ -662,43 +731,38 @@ fn pipeline(
     // tile lies in one cache block: one block-table read a tile, each chunk at a fixed
     // offset from the tile's first row.
     let one_block = matches!(cache_dims[2], Dim::Const(bs) if bs.is_multiple_of(tile as u64));
-    let copy_plan: Vec<Copy> = (0..tile_chunks.div_ceil(threads))
-        .map(|i| {
-            let flat = tid.clone() + e.ix((i * threads) as i64);
-            let row = e.bind(
-                body,
-                "copy_row",
-                ity,
-                flat.clone() / e.ix(row_chunks as i64),
-            );
-            let c = flat.clone() % e.ix(row_chunks as i64);
-            let c = e.bind(body, "copy_col", ity, c * e.ix(chunk as i64));
-            let dst = if swizzled {
-                let chunk_pos = Expr::binary(
-                    BinOp::Xor,
-                    i32_of(c.clone()) / i32c(chunk as i64),
-                    swizzle(i32_of(row.clone()), row_chunks as u32),
+    let copy_plan: Vec<Copy> = if swizzled {
+        swizzled_plan(e, body, shape, &tid, &cache_dims, one_block)
+    } else {
+        (0..tile_chunks.div_ceil(threads))
+            .map(|i| {
+                let flat = tid.clone() + e.ix((i * threads) as i64);
+                let row = e.bind(
+                    body,
+                    "copy_row",
+                    ity,
+                    flat.clone() / e.ix(row_chunks as i64),
                 );
-                i32_of(row.clone()) * i32c(d as i64) + chunk_pos * i32c(chunk as i64)
-            } else {
-                i32_of(row.clone()) * i32c(d as i64) + i32_of(c.clone())
-            };
-            let dst = e.bind(body, "copy_dst", Ty::I32, dst);
-            let src = one_block.then(|| {
-                let zero = e.ix(0);
-                let at = [zero.clone(), zero.clone(), row.clone(), zero, c.clone()];
-                let at = e.linear(&cache_dims, &at);
-                e.bind(body, "copy_src", ity, at)
-            });
-            Copy {
-                row,
-                col: c,
-                dst,
-                src,
-                partial: (i + 1) * threads > tile_chunks,
-            }
-        })
-        .collect();
+                let c = flat.clone() % e.ix(row_chunks as i64);
+                let c = e.bind(body, "copy_col", ity, c * e.ix(chunk as i64));
+                let dst = i32_of(row.clone()) * i32c(d as i64) + i32_of(c.clone());
+                let dst = e.bind(body, "copy_dst", Ty::I32, dst);
+                let src = one_block.then(|| {
+                    let zero = e.ix(0);
+                    let at = [zero.clone(), zero.clone(), row.clone(), zero, c.clone()];
+                    let at = e.linear(&cache_dims, &at);
+                    e.bind(body, "copy_src", ity, at)
+                });
+                Copy {
+                    row,
+                    col: c,
+                    dst,
+                    src,
+                    partial: (i + 1) * threads > tile_chunks,
+                }
+            })
+            .collect()
+    };
     let load_tile = |e: &mut Emitter<'_, '_>, stage: Expr, t: Expr| -> EResult<Vec<Stmt>> {
         let mut out = Vec::new();
         let stage = e.bind(
