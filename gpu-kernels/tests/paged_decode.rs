@@ -3,7 +3,10 @@
 //! kernel-IR interpreter against the graph interpreter — GQA and MHA, f32 and bf16, ragged
 //! contexts that end inside a tile, partitions past the context, a padding token, tiles
 //! that cross cache blocks; a PTX snapshot of the benchmark's partial kernel (GQA 32/8,
-//! D 128, bf16); ptxas for every target without spills, both designs.
+//! D 128, bf16); ptxas for every target without spills, both designs. The tensor-core
+//! staged design (the default of the long-context kernel): GQA, MHA and groups up to 16,
+//! head dims 64 and 128, bf16 and f16, against the interpreter; where it does not apply
+//! the register design runs; its PTX snapshot and ptxas reports.
 
 mod common;
 
@@ -108,6 +111,7 @@ fn tuning(part: u64, warps: u32, tile: u64, stages: u64, lanes: u32) -> PagedTun
         lanes,
         short_part: part,
         short_context: 0,
+        mma_warps: 0,
         ..PagedTuning::default()
     }
 }
@@ -152,21 +156,15 @@ fn tensor_core_mha_and_wide_groups_equal_the_interpreter() {
 }
 
 #[test]
-fn where_the_tensor_cores_do_not_apply_the_cuda_core_designs_run() {
-    // f32 operands and head dim 96: the CUDA-core staged design.
-    assert!(run("f32", 8, 2, 64, 4, mma(16, 1, 16, 2)));
-    assert!(!run_mma("f32", 8, 2, 64, 4, mma(16, 1, 16, 2)));
-    let wide = PagedTuning {
-        mma_warps: 1,
-        ..tuning(16, 2, 16, 2, 8)
-    };
-    assert!(run("bf16", 4, 2, 96, 4, wide));
-    assert!(!run_mma("bf16", 4, 2, 96, 4, wide));
-    // A group of 32 does not fit the 16 rows of the tile.
-    assert!(run("bf16", 32, 1, 64, 4, mma(16, 1, 16, 2)));
-    assert!(!run_mma("bf16", 32, 1, 64, 4, mma(16, 1, 16, 2)));
-    // Tiles of 64 keys of head dim 128 (32 KiB a stage): two stages do not fit.
-    assert!(!run_mma("bf16", 8, 2, 128, 16, mma(64, 4, 64, 2)));
+fn where_the_tensor_cores_do_not_apply_the_register_design_runs() {
+    // f32 operands, head dim 32, a group of 32, no room: the register design.
+    assert!(!run("f32", 8, 2, 64, 4, mma(16, 1, 16, 2)));
+    assert!(!run("bf16", 8, 2, 32, 4, mma(16, 1, 16, 2)));
+    assert!(!run("bf16", 32, 1, 64, 4, mma(16, 1, 16, 2)));
+    // Tiles of 64 keys of head dim 128 take 32 KiB a stage: two stages do not fit.
+    assert!(!run("bf16", 8, 2, 128, 16, mma(64, 4, 64, 2)));
+    // Without tiles (the short-context variant's setting) the register design too.
+    assert!(!run("bf16", 8, 2, 64, 4, mma(16, 1, 0, 2)));
 }
 
 #[test]
@@ -233,10 +231,11 @@ fn bench_kernels(options: &Options) -> Vec<kiln_kir::Kernel> {
 
 #[test]
 fn the_long_context_partial_kernel_snapshot() {
-    // The staged design at tiles of 16 in four stages (the register design is the default).
+    // The CUDA-core staged design at tiles of 16 in four stages.
     let mut options = Options::default();
     options.paged.tile = 16;
     options.paged.stages = 4;
+    options.paged.mma_warps = 0;
     let kernels = bench_kernels(&options);
     let long: Vec<kiln_kir::Kernel> = partials(&kernels)
         .into_iter()
@@ -259,8 +258,11 @@ fn paged_kernels_assemble_for_every_target_without_spills() {
     let Some(toolchain) = common::toolchain() else {
         return;
     };
-    let mut kernels = bench_kernels(&Options::default());
-    // (tile, stages, blocks an SM, lanes a key) of the staged design besides the defaults.
+    let mut register = Options::default();
+    register.paged.mma_warps = 0;
+    register.paged.tile = 0;
+    let mut kernels = bench_kernels(&register);
+    // (tile, stages, blocks an SM, lanes a key) of the CUDA-core staged design.
     let variants = [
         (16, 4, 0, 16),
         (16, 4, 4, 16),
@@ -276,6 +278,7 @@ fn paged_kernels_assemble_for_every_target_without_spills() {
         options.paged.stages = stages;
         options.paged.blocks_per_sm = blocks;
         options.paged.lanes = lanes;
+        options.paged.mma_warps = 0;
         options.paged.short_part = options.paged.part;
         kernels.extend(
             bench_kernels(&options)
@@ -304,6 +307,18 @@ fn mma_kernel(warps: u32, tile: u64, stages: u64, part: u64, blocks: u32) -> kil
     assert_eq!(long.len(), 1, "the long-context variant is staged");
     assert!(on_tensor_cores(&long[0]));
     long.into_iter().next().expect("one kernel")
+}
+
+#[test]
+fn the_tensor_core_design_is_the_default_of_the_long_context_kernel() {
+    let kernels = bench_kernels(&Options::default());
+    let partial = partials(&kernels);
+    assert_eq!(partial.len(), 2, "a long- and a short-context kernel");
+    let mma: Vec<bool> = partial.iter().map(|k| on_tensor_cores(k)).collect();
+    assert_eq!(mma.iter().filter(|&&m| m).count(), 1, "{mma:?}");
+    for kernel in partial {
+        assert_eq!(on_tensor_cores(kernel), staged(kernel), "{}", kernel.name);
+    }
 }
 
 #[test]

@@ -592,7 +592,7 @@ fn check_models(backend: Backend) {
 /// key (crossing cache blocks, partitions rounded up to 132) and tiles of 8 in five stages
 /// (rounded up to 16 lanes a key's warps; at head dim 32 a tile is fewer 16-byte chunks
 /// than threads). The last three ask for the tensor-core staged design (bf16 only; f32
-/// runs the CUDA-core one): one warp of 16 keys a tile in four stages, two warps of 16 in
+/// and head dim 32 run the register design): one warp of 16 keys a tile in four stages, two warps of 16 in
 /// two stages, one warp in three stages with partitions of 100 rounded up to 112 (a tile
 /// that crosses cache blocks of 8).
 fn check_paged_attention(backend: Backend) {

@@ -108,7 +108,10 @@ impl PagedShape {
                 return Some(shape);
             }
         }
-        let staged = tuning.tile > 0
+        // Where the tensor-core design was asked for but does not apply, the register
+        // design runs (the CUDA-core staged one measured slower on the H100).
+        let staged = tuning.mma_warps == 0
+            && tuning.tile > 0
             && tuning.stages >= 2
             && kt == vt
             && 16 % kt.size_bytes() == 0
