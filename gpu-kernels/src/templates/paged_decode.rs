@@ -10,17 +10,23 @@
 //! stores the output. Keys are read through the block table; a token with a negative
 //! sequence (padding) gets zeros.
 //!
-//! Two designs of the first kernel (`PagedTuning::tile`): the register design above, and
-//! the staged design of the long-context kernel: the partition's keys in tiles of `tile`
-//! keys whose key and value rows the block copies into shared memory with 16-byte
-//! `cp.async` chunks, `stages - 1` tiles ahead of the tile it computes (one barrier a tile;
-//! the bytes in flight cost no registers and overlap the math; keys past the end are
-//! zero-fill copies that read neither the block table nor the cache). The warps score
-//! their keys of a tile from shared memory in lane groups of `lanes` lanes, each group a
-//! key (D / lanes elements a lane: 8 bf16, one 16-byte shared load, at 16 lanes and D 128),
-//! so a score takes log2(lanes) shuffles; the warp keeps one running max (a shuffle max
-//! across the groups a step), each group its own sums, added across the warp after the
-//! loop. The short-context variant keeps the register design.
+//! Designs of the first kernel (`PagedTuning::tile`): the register design above, and the
+//! staged designs of the long-context kernel: the partition's keys in tiles of `tile` keys
+//! whose key and value rows the block copies into shared memory with 16-byte `cp.async`
+//! chunks, `stages - 1` tiles ahead of the tile it computes (one barrier a tile; the bytes
+//! in flight cost no registers and overlap the math; keys past the end are zero-fill copies
+//! that read neither the block table nor the cache). In the CUDA-core staged design the
+//! warps score their keys of a tile from shared memory in lane groups of `lanes` lanes,
+//! each group a key (D / lanes elements a lane: 8 bf16, one 16-byte shared load, at 16
+//! lanes and D 128), so a score takes log2(lanes) shuffles; the warp keeps one running max
+//! (a shuffle max across the groups a step), each group its own sums, added across the warp
+//! after the loop. The tensor-core staged design (`PagedTuning::mma_warps`, the default of
+//! the long-context kernel where it applies: bf16/f16, head dims 64 and 128, groups of at
+//! most 16) holds the group's query heads as the rows of one m16 tile of A fragments and
+//! gives each warp whole 16-key slabs of a tile, copied into swizzled shared memory: `S = Q
+//! Kᵀ` by `mma.sync`, the online softmax on the accumulator fragments, `P V` by `mma.sync`
+//! (`mma_softmax.rs`, shared with the flash template), the warps merged as above. The
+//! short-context variant keeps the register design.
 
 use super::mma_gemm::{and_mask, i32c, shr};
 use super::mma_softmax::{
