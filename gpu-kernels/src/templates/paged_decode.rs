@@ -611,8 +611,9 @@ struct Copy {
     col: Expr,
     /// Its offset in a stage of the shared tiles.
     dst: Expr,
-    /// Its offset in the cache from the tile's first row, when a tile lies in one block.
-    src: Option<Expr>,
+    /// When a tile lies in whole cache blocks (or in one): which of them holds the chunk
+    /// and its offset in the cache from that block's first row of the tile.
+    src: Option<(usize, Expr)>,
     /// Whether some threads have no chunk here (the tile has fewer chunks left).
     partial: bool,
 }
@@ -620,15 +621,16 @@ struct Copy {
 /// The copy plan of swizzled tiles (rows of 8 chunks or more): thread t copies chunks of
 /// the tile rows ≡ t (mod 8) only. Chunk c of row 8j + x lies at chunk position c ^ x, so
 /// each chunk column of a thread has one base offset in shared memory (and in the cache,
-/// where a tile lies in one block), its rows of the other eights at constant offsets from
-/// it: few registers live across the loop and no address arithmetic a tile.
+/// where a tile lies in `tile_blocks` whole blocks, or one), its rows of the other eights
+/// at constant offsets from it: few registers live across the loop and no address
+/// arithmetic a tile.
 fn swizzled_plan(
     e: &mut Emitter<'_, '_>,
     body: &mut Vec<Stmt>,
     shape: &PagedShape,
     tid: &Expr,
     cache_dims: &[Dim],
-    one_block: bool,
+    tile_blocks: usize,
 ) -> Vec<Copy> {
     let ity = e.index_ty;
     let (d, tile, threads) = (shape.d, shape.tile, shape.threads() as usize);
@@ -661,18 +663,21 @@ fn swizzled_plan(
         );
         let dst = i32_of(row0.clone()) * i32c(d as i64) + position * i32c(chunk as i64);
         let dst = e.bind(body, "copy_dst", Ty::I32, dst);
-        let src = one_block.then(|| {
+        let src = (tile_blocks > 0).then(|| {
             let zero = e.ix(0);
             let at = [zero.clone(), zero.clone(), row0.clone(), zero, c.clone()];
             let at = e.linear(cache_dims, &at);
             e.bind(body, "copy_src", ity, at)
         });
+        // Rows per block of the tile (one block: the tile's rows).
+        let block_rows = (tile / tile_blocks.max(1)) as i64;
         for i in 0..octets.div_ceil(stride) {
             let rows = (8 * stride * i) as i64;
             let src = src.as_ref().map(|base| {
+                let (block, within) = (rows / block_rows, rows % block_rows);
                 let zero = e.ix(0);
-                let at = [zero.clone(), zero.clone(), e.ix(rows), zero.clone(), zero];
-                base.clone() + e.linear(cache_dims, &at)
+                let at = [zero.clone(), zero.clone(), e.ix(within), zero.clone(), zero];
+                (block as usize, base.clone() + e.linear(cache_dims, &at))
             });
             plan.push(Copy {
                 row: row0.clone() + e.ix(rows),
@@ -740,8 +745,22 @@ fn pipeline(
     // tile lies in one cache block: one block-table read a tile, each chunk at a fixed
     // offset from the tile's first row.
     let one_block = matches!(cache_dims[2], Dim::Const(bs) if bs.is_multiple_of(tile as u64));
+    // A swizzled tile of whole blocks of a multiple of 8 rows, where a thread's rows lie in
+    // one eight of each: one block-table read a block of the tile.
+    let tile_blocks = match cache_dims[2] {
+        _ if one_block => 1,
+        Dim::Const(bs)
+            if swizzled
+                && bs.is_multiple_of(8)
+                && (tile as u64).is_multiple_of(bs)
+                && threads <= 8 * row_chunks =>
+        {
+            tile / bs as usize
+        }
+        _ => 0,
+    };
     let copy_plan: Vec<Copy> = if swizzled {
-        swizzled_plan(e, body, shape, &tid, &cache_dims, one_block)
+        swizzled_plan(e, body, shape, &tid, &cache_dims, tile_blocks)
     } else {
         (0..tile_chunks.div_ceil(threads))
             .map(|i| {
@@ -760,7 +779,7 @@ fn pipeline(
                     let zero = e.ix(0);
                     let at = [zero.clone(), zero.clone(), row.clone(), zero, c.clone()];
                     let at = e.linear(&cache_dims, &at);
-                    e.bind(body, "copy_src", ity, at)
+                    (0, e.bind(body, "copy_src", ity, at))
                 });
                 Copy {
                     row,
@@ -818,19 +837,27 @@ fn pipeline(
             });
             Ok(Expr::var(src))
         };
-        let tile_src = if one_block {
-            Some(row_at(e, &mut out, &first, e.ix(0), "tile_src")?)
-        } else {
-            None
-        };
+        // The first row of each cache block of the tile (0 past the end).
+        let mut tile_src = Vec::with_capacity(tile_blocks);
+        for b in 0..tile_blocks {
+            let row = match b {
+                0 => first.clone(),
+                _ => {
+                    let at = first.clone() + st.block_size.clone() * e.ix(b as i64);
+                    e.bind(&mut out, "block_first", ity, at)
+                }
+            };
+            tile_src.push(row_at(e, &mut out, &row, e.ix(0), "tile_src")?);
+        }
         for cp in &copy_plan {
             let (row, c, partial) = (&cp.row, &cp.col, &cp.partial);
             let mut copy = Vec::new();
             let j = e.bind(&mut copy, "j", ity, first.clone() + row.clone());
             let ok = e.bind(&mut copy, "key_ok", Ty::Pred, j.clone().lt(end.clone()));
-            let src = match (&tile_src, &cp.src) {
-                (Some(base), Some(offset)) => {
-                    let at = Expr::select(ok.clone(), base.clone() + offset.clone(), e.ix(0));
+            let src = match &cp.src {
+                Some((b, offset)) if *b < tile_src.len() => {
+                    let base = tile_src[*b].clone();
+                    let at = Expr::select(ok.clone(), base + offset.clone(), e.ix(0));
                     e.bind(&mut copy, "src", ity, at)
                 }
                 _ => row_at(e, &mut copy, &j, c.clone(), "src")?,
