@@ -220,16 +220,18 @@ pub struct PagedTuning {
     pub short_part: u64,
     /// The most key positions (block-table width × block size) the short variant serves.
     pub short_context: u64,
-    /// Keys of one shared-memory tile of the staged design of the long-context kernel
+    /// Keys of one shared-memory tile of the staged designs of the long-context kernel
     /// (`templates/paged_decode.rs`: key and value tiles copied by `cp.async`, `stages - 1`
-    /// tiles ahead of the math, each warp scoring `tile / warps` keys of a tile from shared
-    /// memory); 0 keeps the register design (a warp's keys loaded into registers each
-    /// step). Rounded up to a multiple of `warps`; `part` is rounded up to a multiple of
-    /// it. The short-context variant always uses the register design. Default 0: on an
-    /// H100 (64 × 4096 keys, GQA 32/8, D 128, one call) the register design read 1206 GB/s
-    /// and the staged one 975 with tiles of 16 in 4 stages, 1044 at 4 blocks an SM, 1209 with
-    /// partitions of 256 at 4 blocks an SM, 881 with 32 lanes a key, 747 with tiles of 32 in
-    /// 2 stages (`…-paged-staged-1d5799f.txt`): no faster yet, so it stays a knob.
+    /// tiles ahead of the math); 0 keeps the register design (a warp's keys loaded into
+    /// registers each step). With `mma_warps` the tensor-core design; without, the
+    /// CUDA-core one, each warp scoring `tile / warps` keys of a tile from shared memory
+    /// (rounded up to a multiple of `warps`). `part` is rounded up to a multiple of it.
+    /// The short-context variant always uses the register design. The CUDA-core staged
+    /// design measured no faster than the register one on an H100 (64 × 4096 keys, GQA
+    /// 32/8, D 128, one call: 1206 GB/s for the register design, 975 for tiles of 16 in 4
+    /// stages, 1044 at 4 blocks an SM, 1209 with partitions of 256 at 4 blocks an SM, 881
+    /// with 32 lanes a key, 747 with tiles of 32 in 2 stages, `…-paged-staged-1d5799f.txt`).
+    /// Default 16: one 16-token cache block a tile of the tensor-core design.
     pub tile: u64,
     /// Tiles of the staged design in shared memory (2 or more; fewer when they would not
     /// fit 48 KiB beside the block merge, the register design when 2 do not).
@@ -242,6 +244,20 @@ pub struct PagedTuning {
     /// groups a step and the groups' sums added after the loop (rounded up to a power of
     /// two of at most 32 and at least head dim / 16).
     pub lanes: u32,
+    /// Warps of the tensor-core staged design of the long-context kernel (0: off; it
+    /// needs `tile` > 0): the group's query heads (at most 16) as one m16 row tile of A
+    /// fragments, each warp scoring `tile / warps` keys of a tile (rounded up to a multiple
+    /// of 16) from swizzled shared memory with `mma.sync` m16n8k16 (`S = Q Kᵀ`), an online
+    /// softmax on the accumulator fragments and `P V` on the tensor cores
+    /// (`templates/paged_decode.rs`); rounded up to a power of two. It takes bf16 or f16 q,
+    /// k and v (one type), head dims 64 and 128 and positive scales; elsewhere, or when 2
+    /// stages do not fit beside the block merge, the register design runs. Default 1 (with
+    /// tiles of 16 in 4 stages): the register design is issue-bound on an H100 (Nsight
+    /// Compute: SM throughput 70%, DRAM 32%, 5 shuffle rounds a key and query head), and
+    /// the tensor cores take a 16-key slab of all the group's heads in 32 `mma.sync` and
+    /// 16 `ldmatrix` a warp — several times fewer instructions a key; 188 registers on
+    /// sm_90a, no spills on the five targets; not yet measured on the H100.
+    pub mma_warps: u32,
 }
 
 impl Default for PagedTuning {
@@ -252,10 +268,11 @@ impl Default for PagedTuning {
             warps: 4,
             short_part: 32,
             short_context: 512,
-            tile: 0,
+            tile: 16,
             stages: 4,
             blocks_per_sm: 0,
             lanes: 16,
+            mma_warps: 1,
         }
     }
 }

@@ -3,7 +3,10 @@
 //! kernel-IR interpreter against the graph interpreter — GQA and MHA, f32 and bf16, ragged
 //! contexts that end inside a tile, partitions past the context, a padding token, tiles
 //! that cross cache blocks; a PTX snapshot of the benchmark's partial kernel (GQA 32/8,
-//! D 128, bf16); ptxas for every target without spills, both designs.
+//! D 128, bf16); ptxas for every target without spills, both designs. The tensor-core
+//! staged design (the default of the long-context kernel): GQA, MHA and groups up to 16,
+//! head dims 64 and 128, bf16 and f16, against the interpreter; where it does not apply
+//! the register design runs; its PTX snapshot and ptxas reports.
 
 mod common;
 
@@ -24,10 +27,22 @@ fn staged(kernel: &kiln_kir::Kernel) -> bool {
     kernel.shared.iter().any(|s| s.name == "k_tiles")
 }
 
+/// Whether the kernel scores on the tensor cores.
+fn on_tensor_cores(kernel: &kiln_kir::Kernel) -> bool {
+    format!("{:?}", kernel.body).contains("Mma {")
+}
+
 /// Runs `attend` (q heads `heads`, key/value heads `kv`, head dim `d`, blocks of `bs`
 /// tokens) on four tokens of three sequences and a padding token through the plan, for
-/// `tuning`, and returns whether the plan's partial kernel is staged.
-fn run(dtype: &str, heads: usize, kv: usize, d: usize, bs: usize, tuning: PagedTuning) -> bool {
+/// `tuning`, and returns the plan's partial kernel.
+fn partial(
+    dtype: &str,
+    heads: usize,
+    kv: usize,
+    d: usize,
+    bs: usize,
+    tuning: PagedTuning,
+) -> kiln_kir::Kernel {
     let src = format!(
         "import nn\n\
          fn attend(q: {dtype}[N, {heads}, {d}], k_cache: {dtype}[2, 12, {bs}, {kv}, {d}], \
@@ -73,7 +88,18 @@ fn run(dtype: &str, heads: usize, kv: usize, d: usize, bs: usize, tuning: PagedT
     let compiled = check(&module, "attend", &inputs, &BTreeMap::new(), &options);
     let partial = partials(&compiled.kernels);
     assert_eq!(partial.len(), 1, "{:?}", compiled.plan.steps);
-    staged(partial[0])
+    partial[0].clone()
+}
+
+/// [`partial`]: whether its partial kernel is staged.
+fn run(dtype: &str, heads: usize, kv: usize, d: usize, bs: usize, tuning: PagedTuning) -> bool {
+    staged(&partial(dtype, heads, kv, d, bs, tuning))
+}
+
+/// [`partial`]: whether its partial kernel is staged and scores on the tensor cores.
+fn run_mma(dtype: &str, heads: usize, kv: usize, d: usize, bs: usize, t: PagedTuning) -> bool {
+    let kernel = partial(dtype, heads, kv, d, bs, t);
+    staged(&kernel) && on_tensor_cores(&kernel)
 }
 
 fn tuning(part: u64, warps: u32, tile: u64, stages: u64, lanes: u32) -> PagedTuning {
@@ -85,8 +111,60 @@ fn tuning(part: u64, warps: u32, tile: u64, stages: u64, lanes: u32) -> PagedTun
         lanes,
         short_part: part,
         short_context: 0,
+        mma_warps: 0,
         ..PagedTuning::default()
     }
+}
+
+/// The tensor-core staged design: `warps` warps, tiles of `tile` keys, `stages` stages.
+fn mma(part: u64, warps: u32, tile: u64, stages: u64) -> PagedTuning {
+    PagedTuning {
+        mma_warps: warps,
+        ..tuning(part, 4, tile, stages, 16)
+    }
+}
+
+#[test]
+fn tensor_core_gqa_bf16_equals_the_interpreter() {
+    // Group 4 (rows 4..16 of the tile are zeros), head dim 64, cache blocks of 4: a tile
+    // of 16 keys crosses four blocks; one warp, three stages; partitions of 16 are one
+    // tile, so the copies run two tiles past the partition (zero fills).
+    assert!(run_mma("bf16", 8, 2, 64, 4, mma(16, 1, 16, 3)));
+    // Two warps of 16 keys a tile, partitions of 40 rounded up to 64 (two tiles): the
+    // second warp's keys of the last tile lie past a ragged end.
+    assert!(run_mma("bf16", 8, 2, 64, 4, mma(40, 2, 32, 2)));
+    // 32 keys a warp (two slabs), f16.
+    assert!(run_mma("f16", 8, 2, 64, 8, mma(64, 1, 32, 2)));
+}
+
+#[test]
+fn tensor_core_gqa_32_8_head_dim_128_equals_the_interpreter() {
+    // The benchmark's head counts and head dim, blocks of 16: one block-table read a tile.
+    assert!(run_mma("bf16", 32, 8, 128, 16, mma(32, 2, 32, 2)));
+    assert!(run_mma("bf16", 32, 8, 128, 16, mma(64, 1, 16, 4)));
+}
+
+#[test]
+fn tensor_core_mha_and_wide_groups_equal_the_interpreter() {
+    // Group 1 (MHA): one real row of the 16.
+    assert!(run_mma("bf16", 2, 2, 64, 8, mma(16, 1, 16, 2)));
+    assert!(run_mma("bf16", 2, 2, 128, 8, mma(32, 2, 32, 2)));
+    // Group 12: all of rows 0..8, some of rows 8..16.
+    assert!(run_mma("bf16", 24, 2, 64, 4, mma(32, 2, 32, 2)));
+    // Group 16: every row.
+    assert!(run_mma("bf16", 32, 2, 64, 4, mma(16, 1, 16, 2)));
+}
+
+#[test]
+fn where_the_tensor_cores_do_not_apply_the_register_design_runs() {
+    // f32 operands, head dim 32, a group of 32, no room: the register design.
+    assert!(!run("f32", 8, 2, 64, 4, mma(16, 1, 16, 2)));
+    assert!(!run("bf16", 8, 2, 32, 4, mma(16, 1, 16, 2)));
+    assert!(!run("bf16", 32, 1, 64, 4, mma(16, 1, 16, 2)));
+    // Tiles of 64 keys of head dim 128 take 32 KiB a stage: two stages do not fit.
+    assert!(!run("bf16", 8, 2, 128, 16, mma(64, 4, 64, 2)));
+    // Without tiles (the short-context variant's setting) the register design too.
+    assert!(!run("bf16", 8, 2, 64, 4, mma(16, 1, 0, 2)));
 }
 
 #[test]
@@ -153,10 +231,11 @@ fn bench_kernels(options: &Options) -> Vec<kiln_kir::Kernel> {
 
 #[test]
 fn the_long_context_partial_kernel_snapshot() {
-    // The staged design at tiles of 16 in four stages (the register design is the default).
+    // The CUDA-core staged design at tiles of 16 in four stages.
     let mut options = Options::default();
     options.paged.tile = 16;
     options.paged.stages = 4;
+    options.paged.mma_warps = 0;
     let kernels = bench_kernels(&options);
     let long: Vec<kiln_kir::Kernel> = partials(&kernels)
         .into_iter()
@@ -179,8 +258,11 @@ fn paged_kernels_assemble_for_every_target_without_spills() {
     let Some(toolchain) = common::toolchain() else {
         return;
     };
-    let mut kernels = bench_kernels(&Options::default());
-    // (tile, stages, blocks an SM, lanes a key) of the staged design besides the defaults.
+    let mut register = Options::default();
+    register.paged.mma_warps = 0;
+    register.paged.tile = 0;
+    let mut kernels = bench_kernels(&register);
+    // (tile, stages, blocks an SM, lanes a key) of the CUDA-core staged design.
     let variants = [
         (16, 4, 0, 16),
         (16, 4, 4, 16),
@@ -196,6 +278,7 @@ fn paged_kernels_assemble_for_every_target_without_spills() {
         options.paged.stages = stages;
         options.paged.blocks_per_sm = blocks;
         options.paged.lanes = lanes;
+        options.paged.mma_warps = 0;
         options.paged.short_part = options.paged.part;
         kernels.extend(
             bench_kernels(&options)
@@ -203,6 +286,71 @@ fn paged_kernels_assemble_for_every_target_without_spills() {
                 .filter(|k| k.name.contains("partial")),
         );
     }
+    let registers = common::assert_assembles_without_spills(&toolchain, &kernels);
+    assert_eq!(registers.len(), 5 * kernels.len());
+}
+
+/// The benchmark's long-context partial kernel of the tensor-core design.
+fn mma_kernel(warps: u32, tile: u64, stages: u64, part: u64, blocks: u32) -> kiln_kir::Kernel {
+    let mut options = Options::default();
+    options.paged.mma_warps = warps;
+    options.paged.tile = tile;
+    options.paged.stages = stages;
+    options.paged.part = part;
+    options.paged.blocks_per_sm = blocks;
+    let kernels = bench_kernels(&options);
+    let long: Vec<kiln_kir::Kernel> = partials(&kernels)
+        .into_iter()
+        .filter(|k| staged(k))
+        .cloned()
+        .collect();
+    assert_eq!(long.len(), 1, "the long-context variant is staged");
+    assert!(on_tensor_cores(&long[0]));
+    long.into_iter().next().expect("one kernel")
+}
+
+#[test]
+fn the_tensor_core_design_is_the_default_of_the_long_context_kernel() {
+    let kernels = bench_kernels(&Options::default());
+    let partial = partials(&kernels);
+    assert_eq!(partial.len(), 2, "a long- and a short-context kernel");
+    let mma: Vec<bool> = partial.iter().map(|k| on_tensor_cores(k)).collect();
+    assert_eq!(mma.iter().filter(|&&m| m).count(), 1, "{mma:?}");
+    for kernel in partial {
+        assert_eq!(on_tensor_cores(kernel), staged(kernel), "{}", kernel.name);
+    }
+}
+
+#[test]
+fn the_tensor_core_partial_kernel_snapshot() {
+    // Two warps of 16 keys a tile, two stages.
+    let kernel = mma_kernel(2, 32, 2, 256, 0);
+    let ptx = kiln_ptx::emit_ptx(&[kernel], kiln_ptx::Target::Sm90a, &Default::default())
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(ptx.contains("mma.sync.aligned.m16n8k16"), "{ptx}");
+    assert!(ptx.contains("ldmatrix.sync.aligned.m8n8.x4.trans"), "{ptx}");
+    assert!(ptx.contains("cp.async"), "{ptx}");
+    insta::assert_snapshot!(ptx);
+}
+
+#[test]
+fn tensor_core_kernels_assemble_for_every_target_without_spills() {
+    let Some(toolchain) = common::toolchain() else {
+        return;
+    };
+    // (warps, tile, stages, partition, blocks an SM): the knob settings to measure.
+    let variants = [
+        (1, 16, 4, 256, 0),
+        (1, 32, 2, 256, 0),
+        (2, 32, 2, 256, 0),
+        (2, 32, 2, 128, 6),
+        (1, 16, 4, 256, 6),
+        (1, 16, 2, 128, 0),
+    ];
+    let kernels: Vec<kiln_kir::Kernel> = variants
+        .into_iter()
+        .map(|(w, t, s, p, b)| mma_kernel(w, t, s, p, b))
+        .collect();
     let registers = common::assert_assembles_without_spills(&toolchain, &kernels);
     assert_eq!(registers.len(), 5 * kernels.len());
 }

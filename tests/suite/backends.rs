@@ -577,8 +577,8 @@ fn check_models(backend: Backend) {
     }
 }
 
-/// Paged attention at head dims the split template takes (64 and 128, GQA 8/2), f32 and
-/// bf16: tokens whose keys span several partitions of 128 positions, one in the first
+/// Paged attention at head dims the split template takes (32, 64 and 128, GQA 8/2), f32
+/// and bf16: tokens whose keys span several partitions of 128 positions, one in the first
 /// partition only, one at a partition's first position, and a padding token; block tables
 /// in scrambled order; with the default settings (partitions of 128 keys, eight keys a warp
 /// and step, four warps), with four keys a warp, with partitions of 32 positions (per-warp
@@ -591,26 +591,32 @@ fn check_models(backend: Backend) {
 /// memory) runs with tiles of 16 in four stages, tiles of 32 for two warps in two stages, tiles of 12 with a warp a
 /// key (crossing cache blocks, partitions rounded up to 132) and tiles of 8 in five stages
 /// (rounded up to 16 lanes a key's warps; at head dim 32 a tile is fewer 16-byte chunks
-/// than threads).
+/// than threads). The last three ask for the tensor-core staged design (bf16 only; f32
+/// and head dim 32 run the register design): one warp of 16 keys a tile in four stages, two warps of 16 in
+/// two stages, one warp in three stages with partitions of 100 rounded up to 112 (a tile
+/// that crosses cache blocks of 8).
 fn check_paged_attention(backend: Backend) {
     let defaults = kiln_gpu_kernels::PagedTuning::default();
     let (short_part, short_context) = (defaults.short_part, defaults.short_context);
-    // (part, unroll, warps, short_part, short_context, tile, stages); tile 0 is the
-    // register design.
+    // (part, unroll, warps, short_part, short_context, tile, stages, tensor-core warps);
+    // tile 0 is the register design.
     let settings = [
-        (128, 8, 4, short_part, short_context, 0, 0),
-        (128, 8, 4, short_part, 256, 0, 0),
-        (128, 8, 4, 128, 0, 0, 0),
-        (128, 4, 4, 128, 0, 0, 0),
-        (32, 8, 4, 32, 0, 0, 0),
-        (96, 3, 2, 96, 0, 0, 0),
-        (defaults.part, 8, 4, short_part, 256, 16, 4),
-        (96, 1, 2, 96, 0, 32, 2),
-        (128, 1, 4, 128, 0, 12, 3),
-        (100, 1, 4, 100, 0, 8, 5),
+        (128, 8, 4, short_part, short_context, 0, 0, 0),
+        (128, 8, 4, short_part, 256, 0, 0, 0),
+        (128, 8, 4, 128, 0, 0, 0, 0),
+        (128, 4, 4, 128, 0, 0, 0, 0),
+        (32, 8, 4, 32, 0, 0, 0, 0),
+        (96, 3, 2, 96, 0, 0, 0, 0),
+        (defaults.part, 8, 4, short_part, 256, 16, 4, 0),
+        (96, 1, 2, 96, 0, 32, 2, 0),
+        (128, 1, 4, 128, 0, 12, 3, 0),
+        (100, 1, 4, 100, 0, 8, 5, 0),
+        (defaults.part, 8, 4, short_part, 256, 16, 4, 1),
+        (96, 1, 4, 96, 0, 32, 2, 2),
+        (100, 1, 4, 100, 0, 16, 3, 1),
     ];
     let mut fusion = kiln_gpu_kernels::Options::default();
-    for (part, unroll, warps, short_part, short_context, tile, stages) in settings {
+    for (part, unroll, warps, short_part, short_context, tile, stages, mma_warps) in settings {
         fusion.paged = kiln_gpu_kernels::PagedTuning {
             part,
             unroll,
@@ -620,6 +626,7 @@ fn check_paged_attention(backend: Backend) {
             tile,
             stages,
             lanes: if tile == 12 { 32 } else { defaults.lanes },
+            mma_warps,
             ..defaults
         };
         check_paged_attention_with(backend, &fusion);
@@ -629,7 +636,12 @@ fn check_paged_attention(backend: Backend) {
 fn check_paged_attention_with(backend: Backend, fusion: &kiln_gpu_kernels::Options) {
     // (dtype, head dim, block size): blocks of 16 put a step's keys in one block, blocks of
     // 8 read the block table per key.
-    for (dtype, d, bs) in [("f32", 64, 16), ("bf16", 128, 16), ("f32", 32, 8)] {
+    for (dtype, d, bs) in [
+        ("f32", 64, 16),
+        ("bf16", 128, 16),
+        ("f32", 32, 8),
+        ("bf16", 64, 8),
+    ] {
         let source = format!(
             "import nn\n\
              fn attend(q: {dtype}[N, 8, {d}], k_cache: {dtype}[2, NB, {bs}, 2, {d}], \
@@ -668,7 +680,8 @@ fn check_paged_attention_with(backend: Backend, fusion: &kiln_gpu_kernels::Optio
             fusion,
             &format!(
                 "paged attention {dtype} d{d} blocks of {bs}, partitions of {} ({} up to {} \
-                 positions) for {} warps of {}, tiles of {} ({} stages, {} lanes a key)",
+                 positions) for {} warps of {}, tiles of {} ({} stages, {} lanes a key, {} \
+                 tensor-core warps)",
                 fusion.paged.part,
                 fusion.paged.short_part,
                 fusion.paged.short_context,
@@ -676,7 +689,8 @@ fn check_paged_attention_with(backend: Backend, fusion: &kiln_gpu_kernels::Optio
                 fusion.paged.unroll,
                 fusion.paged.tile,
                 fusion.paged.stages,
-                fusion.paged.lanes
+                fusion.paged.lanes,
+                fusion.paged.mma_warps
             ),
             &source,
             Some(&repo_root().join("stdlib")),

@@ -281,7 +281,8 @@ const TUNE_POINTWISE: &str = "KILN_TUNE_POINTWISE";
 /// positions; `short_part` ≥ `part` turns the variant off), `tile=N` (keys of a shared-memory
 /// tile of the staged long-context design; 0: the register design), `stages=N` (its tiles
 /// in flight), `blocks=N` (blocks an SM ptxas fits the staged kernel's registers for) and
-/// `lanes=N` (lanes splitting a key's head dim in it); defaults in
+/// `lanes=N` (lanes splitting a key's head dim in it), `mma=N` (warps of the tensor-core
+/// staged design, `mma.sync` scores and weighted values; 0: the CUDA-core one); defaults in
 /// [`kiln_gpu_kernels::PagedTuning`]. Example: `KILN_TUNE_PAGED=tile=32,stages=2,part=256`.
 const TUNE_PAGED: &str = "KILN_TUNE_PAGED";
 
@@ -360,16 +361,17 @@ pub(crate) fn apply_tuning(options: &mut CompileOptions) -> Result<()> {
             "stages" => paged.stages = n,
             "lanes" => paged.lanes = u32::try_from(n.min(32)).unwrap_or(32),
             "blocks" => paged.blocks_per_sm = u32::try_from(n.min(32)).unwrap_or(32),
+            "mma" => paged.mma_warps = u32::try_from(raw.min(32)).unwrap_or(32),
             _ => bail!(
                 "{TUNE_PAGED}: unknown key `{key}` (part, unroll, warps, short_part, \
-                 short_context, tile, stages, blocks, lanes)"
+                 short_context, tile, stages, blocks, lanes, mma)"
             ),
         }
     }
     if !paged_items.is_empty() {
         eprintln!(
             "kiln bench: {TUNE_PAGED}: part {}, unroll {}, warps {}, short_part {} up to {} keys, \
-             tile {} ({} stages, {} blocks an SM, {} lanes a key)",
+             tile {} ({} stages, {} blocks an SM, {} lanes a key, {} tensor-core warps)",
             paged.part,
             paged.unroll,
             paged.warps,
@@ -378,7 +380,8 @@ pub(crate) fn apply_tuning(options: &mut CompileOptions) -> Result<()> {
             paged.tile,
             paged.stages,
             paged.blocks_per_sm,
-            paged.lanes
+            paged.lanes,
+            paged.mma_warps
         );
     }
     let gemm_items = tuning_items(TUNE_GEMM)?;

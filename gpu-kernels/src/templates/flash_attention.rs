@@ -40,11 +40,14 @@
 //! buffer), and non-positive scales.
 
 use super::mma_gemm::{and_mask, i32c, shr, swizzle, CHUNK};
+use super::mma_softmax::{
+    chunk_at, online_softmax, pack_probabilities, quad_sum, scores, weigh_values, Rows,
+};
 use super::{ceil_div_size, size_of_dims, Body};
 use crate::emit::{add, lt, min_e, mul, EResult, Emitter};
 use crate::AttentionTuning;
 use kiln_ir::{BinaryOp, DType, Dim, Op, Value};
-use kiln_kir::{Access, BinOp, Buf, Expr, MmaInput, SizeExpr, Special, Stmt, Ty, UnOp, VarId};
+use kiln_kir::{Access, BinOp, Buf, Expr, MmaInput, SizeExpr, Special, Stmt, Ty, VarId};
 
 /// Query rows of a warp.
 const WARP_ROWS: i64 = 16;
@@ -221,7 +224,6 @@ pub(crate) fn emit(
     // Elements of one K or V tile: the offset of the second stage.
     let stage_elems = BN * d;
     let k16 = (d / 16) as usize;
-    let d_pairs = (d / 16) as usize;
     let causal = p.mask == Mask::Causal;
     let scale2 = (f64::from(p.scale) * std::f64::consts::LOG2_E) as f32;
     let neg_inf = Expr::f32(f32::NEG_INFINITY);
@@ -397,8 +399,6 @@ pub(crate) fn emit(
         Ty::I32,
         Expr::binary(BinOp::Xor, lh.clone(), lr.clone()),
     );
-    let chunk_at =
-        |c: i64, x: &Expr| Expr::binary(BinOp::Xor, i32c(2 * c), x.clone()) * i32c(CHUNK);
 
     // ---- Q and the first K tile, then the Q fragments into registers.
     match q_buf {
@@ -476,12 +476,7 @@ pub(crate) fn emit(
     }
 
     // ---- per-row state: rows g and g + 8 of the warp's 16 (g = lane / 4, t = lane % 4).
-    let row_max: [VarId; 2] = [0; 2].map(|_| e.var("m", Ty::F32));
-    let row_sum: [VarId; 2] = [0; 2].map(|_| e.var("l", Ty::F32));
-    for r in 0..2 {
-        body.push(Stmt::Assign(row_max[r], neg_inf.clone()));
-        body.push(Stmt::Assign(row_sum[r], Expr::f32(0.0)));
-    }
+    let rows = Rows::new(e, &mut body);
     let o_acc: Vec<[VarId; 4]> = (0..d / 8)
         .map(|_| [0; 4].map(|_| e.var("o", Ty::F32)))
         .collect();
@@ -564,28 +559,9 @@ pub(crate) fn emit(
         }
     }
     let kb: [VarId; 4] = [0; 4].map(|_| e.var("fk", Ty::I32));
-    for (kk, qf) in q_frag.iter().enumerate() {
-        for pair in 0..(BN / 16) as usize {
-            tile.push(Stmt::LdMatrix {
-                dsts: kb.to_vec(),
-                trans: false,
-                buf: k_tile_buf,
-                index: k_at.clone() + i32c(pair as i64 * 16 * d) + chunk_at(kk as i64, &k_x),
-            });
-            for (half, s) in [&s_acc[2 * pair], &s_acc[2 * pair + 1]]
-                .into_iter()
-                .enumerate()
-            {
-                tile.push(Stmt::Mma {
-                    input: p.input,
-                    d: *s,
-                    a: *qf,
-                    b: [kb[2 * half], kb[2 * half + 1]],
-                    c: *s,
-                });
-            }
-        }
-    }
+    scores(
+        &mut tile, p.input, &q_frag, &s_acc, kb, k_tile_buf, &k_at, &k_x, d,
+    );
     // The mask, where the tile needs one.
     let key0 = e.bind(&mut tile, "key0", ity, n0.clone() + key_col.clone());
     let mut masked = Vec::new();
@@ -649,96 +625,11 @@ pub(crate) fn emit(
     } else {
         tile.push(Stmt::if_then(needs_mask, masked));
     }
-    // Online softmax (base 2) of the thread's two rows.
+    // Online softmax (base 2) of the thread's two rows; P as the A fragments of P V.
     let other = e.var("other", Ty::F32);
     let red = e.var("red", Ty::F32);
-    let exp2 = |x: Expr| x.apply(UnOp::Exp2);
-    for r in 0..2 {
-        let mut most = None::<Expr>;
-        for cells in &s_acc {
-            for &c in &cells[2 * r..2 * r + 2] {
-                most = Some(match most {
-                    Some(m) => m.max(Expr::var(c)),
-                    None => Expr::var(c),
-                });
-            }
-        }
-        tile.push(Stmt::Assign(red, most.expect("a tile has keys")));
-        for mask in [1, 2] {
-            tile.push(Stmt::ShuffleXor {
-                dst: other,
-                src: red,
-                mask,
-            });
-            tile.push(Stmt::Assign(red, Expr::var(red).max(Expr::var(other))));
-        }
-        let m_new = e.bind(
-            &mut tile,
-            "m_new",
-            Ty::F32,
-            Expr::var(row_max[r]).max(Expr::var(red) * Expr::f32(scale2)),
-        );
-        // A row with every key masked so far subtracts 0 (its terms are all 0).
-        let m_use = e.bind(
-            &mut tile,
-            "m_use",
-            Ty::F32,
-            Expr::select(
-                m_new.clone().equals(neg_inf.clone()),
-                Expr::f32(0.0),
-                m_new.clone(),
-            ),
-        );
-        let alpha = e.bind(
-            &mut tile,
-            "alpha",
-            Ty::F32,
-            exp2(Expr::var(row_max[r]) - m_use.clone()),
-        );
-        tile.push(Stmt::Assign(row_max[r], m_new));
-        let neg_m = e.bind(&mut tile, "neg_m", Ty::F32, -m_use);
-        let mut sum = None::<Expr>;
-        for cells in &s_acc {
-            for &c in &cells[2 * r..2 * r + 2] {
-                tile.push(Stmt::Assign(
-                    c,
-                    exp2(Expr::fma(Expr::var(c), Expr::f32(scale2), neg_m.clone())),
-                ));
-                sum = Some(match sum {
-                    Some(s) => s + Expr::var(c),
-                    None => Expr::var(c),
-                });
-            }
-        }
-        tile.push(Stmt::Assign(
-            row_sum[r],
-            Expr::fma(
-                Expr::var(row_sum[r]),
-                alpha.clone(),
-                sum.expect("a tile has keys"),
-            ),
-        ));
-        for cells in &o_acc {
-            for &c in &cells[2 * r..2 * r + 2] {
-                tile.push(Stmt::Assign(c, Expr::var(c) * alpha.clone()));
-            }
-        }
-    }
-    // P as the A fragments of P V: k16 step kk covers score tiles 2kk and 2kk + 1.
-    let p_frag: Vec<[VarId; 4]> = (0..(BN / 16) as usize)
-        .map(|_| [0; 4].map(|_| e.var("fp", Ty::I32)))
-        .collect();
-    for (kk, frag) in p_frag.iter().enumerate() {
-        let (lo, hi) = (&s_acc[2 * kk], &s_acc[2 * kk + 1]);
-        for (reg, (cells, first)) in [(lo, 0), (lo, 2), (hi, 0), (hi, 2)].into_iter().enumerate() {
-            tile.push(Stmt::PackHalves {
-                dst: frag[reg],
-                input: p.input,
-                lo: Expr::var(cells[first]),
-                hi: Expr::var(cells[first + 1]),
-            });
-        }
-    }
+    online_softmax(e, &mut tile, &s_acc, &rows, &o_acc, scale2, other, red);
+    let p_frag = pack_probabilities(e, &mut tile, &s_acc, p.input);
     if stage.is_none() {
         // V has landed and every warp is done with K: the next K tile streams in while
         // the values are weighed.
@@ -751,26 +642,9 @@ pub(crate) fn emit(
         tile.push(Stmt::CpAsyncCommit);
     }
     let vb: [VarId; 4] = [0; 4].map(|_| e.var("fv", Ty::I32));
-    for (kk, pf) in p_frag.iter().enumerate() {
-        for pair in 0..d_pairs {
-            tile.push(Stmt::LdMatrix {
-                dsts: vb.to_vec(),
-                trans: true,
-                buf: v_tile_buf,
-                index: v_at.clone() + i32c(kk as i64 * 16 * d) + chunk_at(pair as i64, &v_x),
-            });
-            for half in 0..2 {
-                let o = o_acc[2 * pair + half];
-                tile.push(Stmt::Mma {
-                    input: p.input,
-                    d: o,
-                    a: *pf,
-                    b: [vb[2 * half], vb[2 * half + 1]],
-                    c: o,
-                });
-            }
-        }
-    }
+    weigh_values(
+        &mut tile, p.input, &p_frag, &o_acc, vb, v_tile_buf, &v_at, &v_x, d,
+    );
     if let Some(stage) = stage {
         tile.push(Stmt::Assign(stage, i32c(stage_elems) - Expr::var(stage)));
     }
@@ -785,12 +659,12 @@ pub(crate) fn emit(
 
     // ---- the row sums over the quad, the division and the store.
     for r in 0..2 {
-        quad_sum(&mut body, row_sum[r], other);
+        quad_sum(&mut body, rows.sum[r], other);
         let inv = e.bind(
             &mut body,
             "inv",
             Ty::F32,
-            Expr::f32(1.0) / Expr::var(row_sum[r]),
+            Expr::f32(1.0) / Expr::var(rows.sum[r]),
         );
         let query = e.bind(
             &mut body,
@@ -833,18 +707,6 @@ pub(crate) fn emit(
         ],
         stmts: body,
     })
-}
-
-/// `var` summed over the four lanes of its quad (every lane gets the sum).
-fn quad_sum(out: &mut Vec<Stmt>, var: VarId, other: VarId) {
-    for mask in [1, 2] {
-        out.push(Stmt::ShuffleXor {
-            dst: other,
-            src: var,
-            mask,
-        });
-        out.push(Stmt::Assign(var, Expr::var(var) + Expr::var(other)));
-    }
 }
 
 /// The product of `dims` in the index type.

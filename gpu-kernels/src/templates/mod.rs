@@ -7,6 +7,7 @@ mod flash_attention;
 mod kv_cache;
 mod matmul;
 mod mma_gemm;
+mod mma_softmax;
 mod paged_decode;
 pub(crate) mod persistent_loop;
 mod pointwise;

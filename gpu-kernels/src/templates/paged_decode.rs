@@ -10,24 +10,33 @@
 //! stores the output. Keys are read through the block table; a token with a negative
 //! sequence (padding) gets zeros.
 //!
-//! Two designs of the first kernel (`PagedTuning::tile`): the register design above, and
-//! the staged design of the long-context kernel: the partition's keys in tiles of `tile`
-//! keys whose key and value rows the block copies into shared memory with 16-byte
-//! `cp.async` chunks, `stages - 1` tiles ahead of the tile it computes (one barrier a tile;
-//! the bytes in flight cost no registers and overlap the math; keys past the end are
-//! zero-fill copies that read neither the block table nor the cache). The warps score
-//! their keys of a tile from shared memory in lane groups of `lanes` lanes, each group a
-//! key (D / lanes elements a lane: 8 bf16, one 16-byte shared load, at 16 lanes and D 128),
-//! so a score takes log2(lanes) shuffles; the warp keeps one running max (a shuffle max
-//! across the groups a step), each group its own sums, added across the warp after the
-//! loop. The short-context variant keeps the register design.
+//! Designs of the first kernel (`PagedTuning::tile`): the register design above, and the
+//! staged designs of the long-context kernel: the partition's keys in tiles of `tile` keys
+//! whose key and value rows the block copies into shared memory with 16-byte `cp.async`
+//! chunks, `stages - 1` tiles ahead of the tile it computes (one barrier a tile; the bytes
+//! in flight cost no registers and overlap the math; keys past the end are zero-fill copies
+//! that read neither the block table nor the cache). In the CUDA-core staged design the
+//! warps score their keys of a tile from shared memory in lane groups of `lanes` lanes,
+//! each group a key (D / lanes elements a lane: 8 bf16, one 16-byte shared load, at 16
+//! lanes and D 128), so a score takes log2(lanes) shuffles; the warp keeps one running max
+//! (a shuffle max across the groups a step), each group its own sums, added across the warp
+//! after the loop. The tensor-core staged design (`PagedTuning::mma_warps`, the default of
+//! the long-context kernel where it applies: bf16/f16, head dims 64 and 128, groups of at
+//! most 16) holds the group's query heads as the rows of one m16 tile of A fragments and
+//! gives each warp whole 16-key slabs of a tile, copied into swizzled shared memory: `S = Q
+//! Kᵀ` by `mma.sync`, the online softmax on the accumulator fragments, `P V` by `mma.sync`
+//! (`mma_softmax.rs`, shared with the flash template), the warps merged as above. The
+//! short-context variant keeps the register design.
 
-use super::mma_gemm::i32c;
+use super::mma_gemm::{and_mask, i32c, shr};
+use super::mma_softmax::{
+    kv_addresses, online_softmax, pack_probabilities, quad_sum, scores, weigh_values, Rows,
+};
 use super::{mul_size, size_of_dims, Body, Workspace};
 use crate::emit::{EResult, Emitter};
 use crate::PagedTuning;
 use kiln_ir::{DType, Dim, Op, Value};
-use kiln_kir::{Access, BinOp, Expr, SizeExpr, Special, Stmt, Ty, UnOp, VarId};
+use kiln_kir::{Access, BinOp, Buf, Expr, MmaInput, SizeExpr, Special, Stmt, Ty, UnOp, VarId};
 
 /// The shape the template handles: the head dim a multiple of 32 of at most 256, constant
 /// head counts.
@@ -53,6 +62,8 @@ pub(crate) struct PagedShape {
     /// Lanes that split one key's head dim (32: a warp per key; fewer: 32 / lanes keys of
     /// a warp at once, the scores summed over fewer shuffles; staged design only).
     lanes: usize,
+    /// The tensor-core staged design's operand type (`None`: the CUDA-core designs).
+    mma: Option<MmaInput>,
 }
 
 impl PagedShape {
@@ -80,12 +91,33 @@ impl PagedShape {
             stages: 0,
             blocks_per_sm: tuning.blocks_per_sm.max(1),
             lanes: 32,
+            mma: None,
         };
         let (kt, vt) = (
             e.g.ty(inst.operands[1]).dtype,
             e.g.ty(inst.operands[2]).dtype,
         );
-        let staged = tuning.tile > 0
+        if let Some(input) = mma_input(e, out, &shape, tuning) {
+            // Whole 16-key slabs a warp; as many stages as fit beside the block merge.
+            let warps = tuning.mma_warps.clamp(1, 16).next_power_of_two();
+            let tile = (tuning.tile as usize).next_multiple_of(16 * warps as usize);
+            let merge = warps as usize * (2 + d) * shape.group * 4;
+            let stage = 2 * tile * d * kt.size_bytes();
+            let budget = (kiln_kir::verify::MAX_SHARED_BYTES as usize).saturating_sub(merge);
+            let stages = (tuning.stages as usize).min(budget / stage);
+            if stages >= 2 {
+                shape.warps = warps;
+                shape.tile = tile;
+                shape.stages = stages;
+                shape.mma = Some(input);
+                shape.part = shape.part.next_multiple_of(tile as u64);
+                return Some(shape);
+            }
+        }
+        // Where the tensor-core design was asked for but does not apply, the register
+        // design runs (the CUDA-core staged one measured slower on the H100).
+        let staged = tuning.mma_warps == 0
+            && tuning.tile > 0
             && tuning.stages >= 2
             && kt == vt
             && 16 % kt.size_bytes() == 0
@@ -140,6 +172,36 @@ impl PagedShape {
             .filter(|&m| m as usize >= self.lanes)
             .collect()
     }
+}
+
+/// The operand type of the tensor-core staged design, when `tuning` asks for it and it
+/// applies: q, k and v of one 16-bit float type, head dim 64 or 128, at most 16 query heads
+/// a key/value head, a positive scale, equal cache shapes.
+fn mma_input(
+    e: &Emitter<'_, '_>,
+    out: Value,
+    shape: &PagedShape,
+    tuning: &PagedTuning,
+) -> Option<MmaInput> {
+    let inst = e.g.inst(out)?;
+    let [q, k, v] = [0, 1, 2].map(|i| inst.operands[i]);
+    let dtype = e.g.ty(k).dtype;
+    let input = match dtype {
+        DType::BF16 => MmaInput::Bf16,
+        DType::F16 => MmaInput::F16,
+        _ => return None,
+    };
+    let ok = tuning.mma_warps > 0
+        && tuning.tile > 0
+        && tuning.stages >= 2
+        && e.g.ty(q).dtype == dtype
+        && e.g.ty(v).dtype == dtype
+        && e.g.shape(k) == e.g.shape(v)
+        && matches!(shape.d, 64 | 128)
+        && shape.group <= 16
+        && shape.scale.is_finite()
+        && shape.scale > 0.0;
+    ok.then_some(input)
 }
 
 /// The partition count: ceil(MB · BS / part), the most positions a block-table row holds.
@@ -213,12 +275,14 @@ struct Partial {
     acc: Vec<Vec<VarId>>,
 }
 
-/// The first kernel's prologue: coordinates, key range, query rows, zeroed state.
+/// The first kernel's prologue: coordinates, key range, and for the CUDA-core designs
+/// (`registers`) the query rows and zeroed state.
 fn prologue(
     e: &mut Emitter<'_, '_>,
     body: &mut Vec<Stmt>,
     out: Value,
     shape: &PagedShape,
+    registers: bool,
 ) -> EResult<Partial> {
     let g = e.g;
     let inst = g.inst(out).expect("paged_attention");
@@ -245,7 +309,11 @@ fn prologue(
             e.bind(body, "slot", ity, slot),
         )
     };
-    let col = e.bind(body, "col", ity, in_key * e.ix(per_lane as i64));
+    let col = if registers {
+        e.bind(body, "col", ity, in_key * e.ix(per_lane as i64))
+    } else {
+        e.ix(0)
+    };
     // The token's sequence and key count, and this partition's key range.
     let s = e
         .elem(body, seq, std::slice::from_ref(&token), 1)?
@@ -264,6 +332,25 @@ fn prologue(
         context.min(start.clone() + e.ix(shape.part as i64)),
     );
     let block_size = e.dim(&g.shape(k_cache)[2]);
+    if !registers {
+        return Ok(Partial {
+            part,
+            kvh,
+            token,
+            lane,
+            warp,
+            col,
+            slot,
+            seq: s,
+            start,
+            end,
+            block_size,
+            qv: Vec::new(),
+            m: Vec::new(),
+            l: Vec::new(),
+            acc: Vec::new(),
+        });
+    }
     // The query rows of the group, this lane's columns, in registers.
     let mut qv: Vec<Vec<Expr>> = Vec::with_capacity(group);
     for gi in 0..group {
@@ -420,7 +507,10 @@ pub(crate) fn emit_partial(
     let [k_cache, v_cache, tables] = [1, 2, 3].map(|i| inst.operands[i]);
     let ity = e.index_ty;
     let mut body = Vec::new();
-    let st = prologue(e, &mut body, out, shape)?;
+    if let Some(input) = shape.mma {
+        return mma_partial(e, out, shape, input);
+    }
+    let st = prologue(e, &mut body, out, shape, true)?;
     if shape.staged() {
         e.blocks_per_sm = shape.blocks_per_sm;
         staged_loop(e, &mut body, out, shape, &st)?;
@@ -521,24 +611,112 @@ struct Copy {
     col: Expr,
     /// Its offset in a stage of the shared tiles.
     dst: Expr,
-    /// Its offset in the cache from the tile's first row, when a tile lies in one block.
-    src: Option<Expr>,
+    /// When a tile lies in whole cache blocks (or in one): which of them holds the chunk
+    /// and its offset in the cache from that block's first row of the tile.
+    src: Option<(usize, Expr)>,
     /// Whether some threads have no chunk here (the tile has fewer chunks left).
     partial: bool,
+}
+
+/// The copy plan of swizzled tiles (rows of 8 chunks or more): thread t copies chunks of
+/// the tile rows ≡ t (mod 8) only. Chunk c of row 8j + x lies at chunk position c ^ x, so
+/// each chunk column of a thread has one base offset in shared memory (and in the cache,
+/// where a tile lies in `tile_blocks` whole blocks, or one), its rows of the other eights
+/// at constant offsets from it: few registers live across the loop and no address
+/// arithmetic a tile.
+fn swizzled_plan(
+    e: &mut Emitter<'_, '_>,
+    body: &mut Vec<Stmt>,
+    shape: &PagedShape,
+    tid: &Expr,
+    cache_dims: &[Dim],
+    tile_blocks: usize,
+) -> Vec<Copy> {
+    let ity = e.index_ty;
+    let (d, tile, threads) = (shape.d, shape.tile, shape.threads() as usize);
+    let chunk = 8;
+    let row_chunks = d / chunk;
+    // (row mod 8, chunk) pairs; with more threads than pairs, threads also split the
+    // eights of rows.
+    let pairs = 8 * row_chunks;
+    let (columns, stride) = if threads <= pairs {
+        (pairs / threads, 1)
+    } else {
+        (1, threads / pairs)
+    };
+    let x = e.bind(body, "copy_x", ity, tid.clone() % e.ix(8));
+    let row0 = if stride > 1 {
+        x.clone() + tid.clone() / e.ix(pairs as i64) * e.ix(8)
+    } else {
+        x.clone()
+    };
+    let row0 = e.bind(body, "copy_row", ity, row0);
+    let octets = tile / 8;
+    let mut plan = Vec::new();
+    for b in 0..columns {
+        let c = (tid.clone() + e.ix((b * threads) as i64)) / e.ix(8) % e.ix(row_chunks as i64);
+        let c = e.bind(body, "copy_col", ity, c * e.ix(chunk as i64));
+        let position = Expr::binary(
+            BinOp::Xor,
+            i32_of(c.clone()) / i32c(chunk as i64),
+            i32_of(x.clone()),
+        );
+        let dst = i32_of(row0.clone()) * i32c(d as i64) + position * i32c(chunk as i64);
+        let dst = e.bind(body, "copy_dst", Ty::I32, dst);
+        let src = (tile_blocks > 0).then(|| {
+            let zero = e.ix(0);
+            let at = [zero.clone(), zero.clone(), row0.clone(), zero, c.clone()];
+            let at = e.linear(cache_dims, &at);
+            e.bind(body, "copy_src", ity, at)
+        });
+        // Rows per block of the tile (one block: the tile's rows).
+        let block_rows = (tile / tile_blocks.max(1)) as i64;
+        for i in 0..octets.div_ceil(stride) {
+            let rows = (8 * stride * i) as i64;
+            let src = src.as_ref().map(|base| {
+                let (block, within) = (rows / block_rows, rows % block_rows);
+                let zero = e.ix(0);
+                let at = [zero.clone(), zero.clone(), e.ix(within), zero.clone(), zero];
+                (block as usize, base.clone() + e.linear(cache_dims, &at))
+            });
+            plan.push(Copy {
+                row: row0.clone() + e.ix(rows),
+                col: c.clone(),
+                dst: dst.clone() + i32c(rows * d as i64),
+                src,
+                partial: (i + 1) * stride > octets,
+            });
+        }
+    }
+    plan
+}
+
+/// What the computation of one tile of the staged pipeline reads.
+struct Tile {
+    /// The tile's number in the partition (the loop variable).
+    t: Expr,
+    /// The element offset of its stage in `k_tiles` and `v_tiles` (32 bits).
+    stage: Expr,
+    k_tiles: Buf,
+    v_tiles: Buf,
 }
 
 /// The staged design's loop: the partition's keys in tiles of `tile` keys; the block
 /// copies each tile's key and value rows into shared memory with 16-byte `cp.async`
 /// chunks, `stages - 1` tiles ahead of the one it computes (the copies cost no registers
-/// and overlap the math); warp w scores keys w·tile/warps .. of each tile from shared
-/// memory. Keys past the end are zero-filled copies that read nothing (weight 0), so a
-/// padding token or an empty partition reads no block table and no cache row.
-fn staged_loop(
+/// and overlap the math); `compute` emits the math of a tile from shared memory. Keys
+/// past the end are zero-filled copies that read nothing (weight 0), so a padding token or
+/// an empty partition reads no block table and no cache row. `swizzled`: chunk `c` of
+/// tile row `r` lies at chunk position `c ^ swizzle(r)` (the `ldmatrix` layout of the
+/// tensor-core design); else rows are plain.
+fn pipeline(
     e: &mut Emitter<'_, '_>,
     body: &mut Vec<Stmt>,
     out: Value,
     shape: &PagedShape,
     st: &Partial,
+    swizzled: bool,
+    compute: impl FnOnce(&mut Emitter<'_, '_>, &mut Vec<Stmt>, &Tile) -> EResult<()>,
 ) -> EResult<()> {
     let g = e.g;
     let inst = g.inst(out).expect("paged_attention");
@@ -546,7 +724,6 @@ fn staged_loop(
     let ity = e.index_ty;
     let (d, tile, stages) = (shape.d, shape.tile, shape.stages);
     let threads = shape.threads() as usize;
-    let per_warp = tile / shape.warps as usize;
     let dtype = g.ty(k_cache).dtype;
     let chunk = 16 / dtype.size_bytes();
     let row_chunks = d / chunk;
@@ -568,34 +745,52 @@ fn staged_loop(
     // tile lies in one cache block: one block-table read a tile, each chunk at a fixed
     // offset from the tile's first row.
     let one_block = matches!(cache_dims[2], Dim::Const(bs) if bs.is_multiple_of(tile as u64));
-    let copy_plan: Vec<Copy> = (0..tile_chunks.div_ceil(threads))
-        .map(|i| {
-            let flat = tid.clone() + e.ix((i * threads) as i64);
-            let row = e.bind(
-                body,
-                "copy_row",
-                ity,
-                flat.clone() / e.ix(row_chunks as i64),
-            );
-            let c = flat.clone() % e.ix(row_chunks as i64);
-            let c = e.bind(body, "copy_col", ity, c * e.ix(chunk as i64));
-            let dst = i32_of(row.clone()) * i32c(d as i64) + i32_of(c.clone());
-            let dst = e.bind(body, "copy_dst", Ty::I32, dst);
-            let src = one_block.then(|| {
-                let zero = e.ix(0);
-                let at = [zero.clone(), zero.clone(), row.clone(), zero, c.clone()];
-                let at = e.linear(&cache_dims, &at);
-                e.bind(body, "copy_src", ity, at)
-            });
-            Copy {
-                row,
-                col: c,
-                dst,
-                src,
-                partial: (i + 1) * threads > tile_chunks,
-            }
-        })
-        .collect();
+    // A swizzled tile of whole blocks of a multiple of 8 rows, where a thread's rows lie in
+    // one eight of each: one block-table read a block of the tile.
+    let tile_blocks = match cache_dims[2] {
+        _ if one_block => 1,
+        Dim::Const(bs)
+            if swizzled
+                && bs.is_multiple_of(8)
+                && (tile as u64).is_multiple_of(bs)
+                && threads <= 8 * row_chunks =>
+        {
+            tile / bs as usize
+        }
+        _ => 0,
+    };
+    let copy_plan: Vec<Copy> = if swizzled {
+        swizzled_plan(e, body, shape, &tid, &cache_dims, tile_blocks)
+    } else {
+        (0..tile_chunks.div_ceil(threads))
+            .map(|i| {
+                let flat = tid.clone() + e.ix((i * threads) as i64);
+                let row = e.bind(
+                    body,
+                    "copy_row",
+                    ity,
+                    flat.clone() / e.ix(row_chunks as i64),
+                );
+                let c = flat.clone() % e.ix(row_chunks as i64);
+                let c = e.bind(body, "copy_col", ity, c * e.ix(chunk as i64));
+                let dst = i32_of(row.clone()) * i32c(d as i64) + i32_of(c.clone());
+                let dst = e.bind(body, "copy_dst", Ty::I32, dst);
+                let src = one_block.then(|| {
+                    let zero = e.ix(0);
+                    let at = [zero.clone(), zero.clone(), row.clone(), zero, c.clone()];
+                    let at = e.linear(&cache_dims, &at);
+                    (0, e.bind(body, "copy_src", ity, at))
+                });
+                Copy {
+                    row,
+                    col: c,
+                    dst,
+                    src,
+                    partial: (i + 1) * threads > tile_chunks,
+                }
+            })
+            .collect()
+    };
     let load_tile = |e: &mut Emitter<'_, '_>, stage: Expr, t: Expr| -> EResult<Vec<Stmt>> {
         let mut out = Vec::new();
         let stage = e.bind(
@@ -642,19 +837,27 @@ fn staged_loop(
             });
             Ok(Expr::var(src))
         };
-        let tile_src = if one_block {
-            Some(row_at(e, &mut out, &first, e.ix(0), "tile_src")?)
-        } else {
-            None
-        };
+        // The first row of each cache block of the tile (0 past the end).
+        let mut tile_src = Vec::with_capacity(tile_blocks);
+        for b in 0..tile_blocks {
+            let row = match b {
+                0 => first.clone(),
+                _ => {
+                    let at = first.clone() + st.block_size.clone() * e.ix(b as i64);
+                    e.bind(&mut out, "block_first", ity, at)
+                }
+            };
+            tile_src.push(row_at(e, &mut out, &row, e.ix(0), "tile_src")?);
+        }
         for cp in &copy_plan {
             let (row, c, partial) = (&cp.row, &cp.col, &cp.partial);
             let mut copy = Vec::new();
             let j = e.bind(&mut copy, "j", ity, first.clone() + row.clone());
             let ok = e.bind(&mut copy, "key_ok", Ty::Pred, j.clone().lt(end.clone()));
-            let src = match (&tile_src, &cp.src) {
-                (Some(base), Some(offset)) => {
-                    let at = Expr::select(ok.clone(), base.clone() + offset.clone(), e.ix(0));
+            let src = match &cp.src {
+                Some((b, offset)) if *b < tile_src.len() => {
+                    let base = tile_src[*b].clone();
+                    let at = Expr::select(ok.clone(), base + offset.clone(), e.ix(0));
                     e.bind(&mut copy, "src", ity, at)
                 }
                 _ => row_at(e, &mut copy, &j, c.clone(), "src")?,
@@ -703,48 +906,14 @@ fn staged_loop(
     step.extend(copies);
     step.push(Stmt::CpAsyncCommit);
     let stage = Expr::binary(BinOp::Rem, Expr::var(t), e.ix(stages as i64));
-    // Lane group g of warp w takes the tile's keys w·per_warp + g + u·slots.
-    let slots = shape.slots();
-    let row0 = st.warp.clone() * e.ix(per_warp as i64) + st.slot.clone();
-    let first = e.bind(
-        &mut step,
-        "first",
-        ity,
-        start.clone() + Expr::var(t) * e.ix(tile as i64) + row0.clone(),
-    );
-    // Shared-memory offsets in 32 bits.
-    let base =
-        i32_of(stage) * i32c(stage_len) + i32_of(row0) * i32c(d as i64) + i32_of(st.col.clone());
-    let base = e.bind(&mut step, "base", Ty::I32, base);
-    let per_lane = shape.per_lane();
-    // Vectors of the largest power of two dividing a lane's share (at most 16 bytes, 8
-    // elements): head dim 96 at 16 lanes a key loads pairs.
-    let width = (1usize << per_lane.trailing_zeros()).min(chunk).min(8);
-    let mut valid = Vec::with_capacity(per_warp);
-    let mut keys = Vec::with_capacity(per_warp);
-    let mut values = Vec::with_capacity(per_warp);
-    for u in 0..per_warp / slots {
-        let ok = (first.clone() + e.ix((u * slots) as i64)).lt(end.clone());
-        valid.push(e.bind(&mut step, "key_ok", Ty::Pred, ok));
-        for (buf, rows, name) in [(k_tiles, &mut keys, "k"), (v_tiles, &mut values, "v")] {
-            let regs: Vec<VarId> = (0..per_lane).map(|_| e.var(name, Ty::F32)).collect();
-            for (c, part) in regs.chunks(width).enumerate() {
-                let index = base.clone() + i32c((u * slots * d + c * width) as i64);
-                if part.len() == 1 {
-                    step.push(Stmt::Assign(part[0], Expr::load(buf, index)));
-                } else {
-                    step.push(Stmt::LoadVec {
-                        dsts: part.to_vec(),
-                        buf,
-                        index,
-                    });
-                }
-            }
-            rows.push(regs.into_iter().map(Expr::var).collect::<Vec<_>>());
-        }
-    }
+    let at = Tile {
+        t: Expr::var(t),
+        stage: i32_of(stage) * i32c(stage_len),
+        k_tiles,
+        v_tiles,
+    };
+    compute(e, &mut step, &at)?;
     e.pop_scope();
-    online_step(e, &mut step, shape, st, &valid, &keys, &values);
     body.push(Stmt::For {
         var: t,
         start: e.ix(0),
@@ -755,6 +924,72 @@ fn staged_loop(
     // Copies still in flight are of tiles past the end (zero fills): drained here so that
     // none outlives the loop.
     body.push(Stmt::CpAsyncWait(0));
+    Ok(())
+}
+
+/// The staged CUDA-core design's loop ([`pipeline`]): lane group g of warp w scores keys
+/// w·tile/warps + g + u·slots of each tile from shared memory; the lane groups' sums are
+/// added across the warp after the loop.
+fn staged_loop(
+    e: &mut Emitter<'_, '_>,
+    body: &mut Vec<Stmt>,
+    out: Value,
+    shape: &PagedShape,
+    st: &Partial,
+) -> EResult<()> {
+    let ity = e.index_ty;
+    let (d, tile) = (shape.d, shape.tile);
+    let per_warp = tile / shape.warps as usize;
+    let dtype =
+        e.g.ty(e.g.inst(out).expect("paged_attention").operands[1])
+            .dtype;
+    let chunk = 16 / dtype.size_bytes();
+    let (start, end) = (st.start.clone(), st.end.clone());
+    let compute = |e: &mut Emitter<'_, '_>, step: &mut Vec<Stmt>, at: &Tile| -> EResult<()> {
+        let (k_tiles, v_tiles) = (at.k_tiles, at.v_tiles);
+        // Lane group g of warp w takes the tile's keys w·per_warp + g + u·slots.
+        let slots = shape.slots();
+        let row0 = st.warp.clone() * e.ix(per_warp as i64) + st.slot.clone();
+        let first = e.bind(
+            step,
+            "first",
+            ity,
+            start.clone() + at.t.clone() * e.ix(tile as i64) + row0.clone(),
+        );
+        // Shared-memory offsets in 32 bits.
+        let base = at.stage.clone() + i32_of(row0) * i32c(d as i64) + i32_of(st.col.clone());
+        let base = e.bind(step, "base", Ty::I32, base);
+        let per_lane = shape.per_lane();
+        // Vectors of the largest power of two dividing a lane's share (at most 16 bytes, 8
+        // elements): head dim 96 at 16 lanes a key loads pairs.
+        let width = (1usize << per_lane.trailing_zeros()).min(chunk).min(8);
+        let mut valid = Vec::with_capacity(per_warp);
+        let mut keys = Vec::with_capacity(per_warp);
+        let mut values = Vec::with_capacity(per_warp);
+        for u in 0..per_warp / slots {
+            let ok = (first.clone() + e.ix((u * slots) as i64)).lt(end.clone());
+            valid.push(e.bind(step, "key_ok", Ty::Pred, ok));
+            for (buf, rows, name) in [(k_tiles, &mut keys, "k"), (v_tiles, &mut values, "v")] {
+                let regs: Vec<VarId> = (0..per_lane).map(|_| e.var(name, Ty::F32)).collect();
+                for (c, part) in regs.chunks(width).enumerate() {
+                    let index = base.clone() + i32c((u * slots * d + c * width) as i64);
+                    if part.len() == 1 {
+                        step.push(Stmt::Assign(part[0], Expr::load(buf, index)));
+                    } else {
+                        step.push(Stmt::LoadVec {
+                            dsts: part.to_vec(),
+                            buf,
+                            index,
+                        });
+                    }
+                }
+                rows.push(regs.into_iter().map(Expr::var).collect::<Vec<_>>());
+            }
+        }
+        online_step(e, step, shape, st, &valid, &keys, &values);
+        Ok(())
+    };
+    pipeline(e, body, out, shape, st, false, compute)?;
     // The lane groups' sums (under the warp's common max) added across the warp.
     for mask in shape.slot_masks() {
         let other = e.var("other", Ty::F32);
@@ -779,18 +1014,9 @@ fn epilogue(
     shape: &PagedShape,
     st: &Partial,
 ) -> EResult<Body> {
-    let g = e.g;
-    let ity = e.index_ty;
-    let (d, group, warps, threads) = (shape.d, shape.group, shape.warps, shape.threads());
+    let (d, group, warps) = (shape.d, shape.group, shape.warps);
     let (m, l, acc) = (&st.m, &st.l, &st.acc);
-    let (lane, warp, col, kvh, token, part) = (
-        st.lane.clone(),
-        st.warp.clone(),
-        st.col.clone(),
-        st.kvh.clone(),
-        st.token.clone(),
-        st.part.clone(),
-    );
+    let (lane, warp, col) = (st.lane.clone(), st.warp.clone(), st.col.clone());
     // Merge the warps: each warp's max, sum and columns to shared memory, then thread t
     // merges entries t, t + threads, ... of the group's (head, column) pairs.
     let stats = e.shared_array("warp_stats", DType::F32, warps * 2 * group as u32);
@@ -825,6 +1051,26 @@ fn epilogue(
             body.extend(stores);
         }
     }
+    merge_block(e, body, out, shape, st, stats, sums)
+}
+
+/// The block merge of [`epilogue`] once every warp's max and sum per query head
+/// (`stats`: warp, head, 2) and weighted values (`sums`: warp, head, D) are in shared
+/// memory: thread t merges entries t, t + threads, ... of the group's (head, column) pairs
+/// and stores them in the workspace.
+fn merge_block(
+    e: &mut Emitter<'_, '_>,
+    mut body: Vec<Stmt>,
+    out: Value,
+    shape: &PagedShape,
+    st: &Partial,
+    stats: Buf,
+    sums: Buf,
+) -> EResult<Body> {
+    let g = e.g;
+    let ity = e.index_ty;
+    let (d, group, warps, threads) = (shape.d, shape.group, shape.warps, shape.threads());
+    let (kvh, token, part) = (st.kvh.clone(), st.token.clone(), st.part.clone());
     body.push(Stmt::Barrier);
     let ws = e.workspace(0, DType::F32, Access::Write);
     let parts = partitions_expr(e, out, shape.part);
@@ -998,4 +1244,199 @@ pub(crate) fn emit_merge(e: &mut Emitter<'_, '_>, out: Value, shape: &PagedShape
         ],
         stmts: body,
     })
+}
+
+/// The first kernel of the tensor-core staged design: the group's query heads as the rows
+/// of one m16 tile (rows past the group are zeros, never stored), held as A fragments;
+/// each tile of the [`pipeline`] (swizzled rows) gives warp w its keys w·tile/warps ..,
+/// whole 16-key slabs: `S = Q Kᵀ` by `mma.sync` (K fragments by `ldmatrix`), keys past the
+/// end at -inf, an online softmax (base 2) on the accumulator fragments, P packed to A
+/// fragments and `P V` (V fragments by `ldmatrix.trans`). The warps' rows are then merged
+/// through shared memory as in the CUDA-core designs (maxima converted to base e).
+fn mma_partial(
+    e: &mut Emitter<'_, '_>,
+    out: Value,
+    shape: &PagedShape,
+    input: MmaInput,
+) -> EResult<Body> {
+    let g = e.g;
+    let q = g.inst(out).expect("paged_attention").operands[0];
+    let ity = e.index_ty;
+    let (d, group, tile) = (shape.d as i64, shape.group, shape.tile as i64);
+    let per_warp = tile / i64::from(shape.warps);
+    let mut body = Vec::new();
+    let st = prologue(e, &mut body, out, shape, false)?;
+    e.blocks_per_sm = shape.blocks_per_sm;
+    let lane = e.bind(&mut body, "lane32", Ty::I32, Expr::Special(Special::LaneId));
+    let warp = e.bind(&mut body, "warp32", Ty::I32, Expr::Special(Special::WarpId));
+    let quad_g = e.bind(&mut body, "quad_g", Ty::I32, shr(lane.clone(), 2));
+    let quad_t = e.bind(&mut body, "quad_t", Ty::I32, and_mask(lane.clone(), 3));
+    // Rows g and g + 8 of the tile: all, some or none of each eight are query heads.
+    let some_rows = |r: usize| group > 8 * r;
+    let all_rows = |r: usize| group >= 8 * r + 8;
+    let row_of = |r: usize| quad_g.clone() + i32c(8 * r as i64);
+    let mut row_ok = Vec::with_capacity(2);
+    let mut heads = Vec::with_capacity(2);
+    for r in 0..2 {
+        let ok = e.bind(
+            &mut body,
+            "row_ok",
+            Ty::Pred,
+            row_of(r).lt(i32c(group as i64)),
+        );
+        row_ok.push(ok);
+        // Rows past the group read its last head (valid memory, replaced by zeros).
+        let head =
+            st.kvh.clone() * e.ix(group as i64) + index(e, row_of(r).min(i32c(group as i64 - 1)));
+        heads.push(if some_rows(r) {
+            e.bind(&mut body, "head", ity, head)
+        } else {
+            e.ix(0)
+        });
+    }
+    // Q's A fragments: registers (row g, k 2t), (row g + 8, k 2t), (row g, k 2t + 8),
+    // (row g + 8, k 2t + 8) of each 16 columns.
+    let q_frag: Vec<[VarId; 4]> = (0..d / 16)
+        .map(|_| [0; 4].map(|_| e.var("fq", Ty::I32)))
+        .collect();
+    for (kk, frag) in q_frag.iter().enumerate() {
+        for (reg, (r, off)) in [(0, 0), (1, 0), (0, 8), (1, 8)].into_iter().enumerate() {
+            if !some_rows(r) {
+                body.push(Stmt::Assign(frag[reg], i32c(0)));
+                continue;
+            }
+            let col = index(e, quad_t.clone() * i32c(2) + i32c(kk as i64 * 16 + off));
+            e.push_scope();
+            let at = [st.token.clone(), heads[r].clone(), col];
+            let x = e.elem(&mut body, q, &at, 2)?;
+            e.pop_scope();
+            let x: Vec<Expr> = if all_rows(r) {
+                x
+            } else {
+                x.into_iter()
+                    .map(|v| Expr::select(row_ok[r].clone(), v, f(0.0)))
+                    .collect()
+            };
+            body.push(Stmt::PackHalves {
+                dst: frag[reg],
+                input,
+                lo: x[0].clone(),
+                hi: x[1].clone(),
+            });
+        }
+    }
+    let rows = Rows::new(e, &mut body);
+    let o_acc: Vec<[VarId; 4]> = (0..d / 8)
+        .map(|_| [0; 4].map(|_| e.var("o", Ty::F32)))
+        .collect();
+    for &c in o_acc.iter().flatten() {
+        body.push(Stmt::Assign(c, f(0.0)));
+    }
+    let [k_base, k_x, v_base, v_x] = kv_addresses(e, &mut body, &lane, d);
+    let warp_rows = e.bind(
+        &mut body,
+        "warp_rows",
+        Ty::I32,
+        warp.clone() * i32c(per_warp * d),
+    );
+    let warp_first = e.bind(
+        &mut body,
+        "warp_first",
+        ity,
+        st.start.clone() + index(e, warp.clone() * i32c(per_warp)),
+    );
+    let key_col = e.bind(
+        &mut body,
+        "key_col",
+        ity,
+        index(e, quad_t.clone() * i32c(2)),
+    );
+    let scale2 = (f64::from(shape.scale) * std::f64::consts::LOG2_E) as f32;
+    let other = e.var("other", Ty::F32);
+    let red = e.var("red", Ty::F32);
+    let end = st.end.clone();
+    let compute = |e: &mut Emitter<'_, '_>, step: &mut Vec<Stmt>, at: &Tile| -> EResult<()> {
+        let s_acc: Vec<[VarId; 4]> = (0..per_warp / 8)
+            .map(|_| [0; 4].map(|_| e.var("s", Ty::F32)))
+            .collect();
+        for &c in s_acc.iter().flatten() {
+            step.push(Stmt::Assign(c, f(0.0)));
+        }
+        let kb: [VarId; 4] = [0; 4].map(|_| e.var("fk", Ty::I32));
+        let rows_at = e.bind(
+            step,
+            "rows_at",
+            Ty::I32,
+            at.stage.clone() + warp_rows.clone(),
+        );
+        let k_at = e.bind(step, "k_at", Ty::I32, rows_at.clone() + k_base.clone());
+        scores(step, input, &q_frag, &s_acc, kb, at.k_tiles, &k_at, &k_x, d);
+        // Keys past the end (zero-filled rows) at -inf, where the warp's keys reach it.
+        let first = e.bind(
+            step,
+            "first",
+            ity,
+            warp_first.clone() + at.t.clone() * e.ix(tile),
+        );
+        let mut masked = Vec::new();
+        let left = end.clone() - first.clone() - key_col.clone();
+        let left = e.bind(&mut masked, "keys_left", ity, left);
+        for (ni, cells) in s_acc.iter().enumerate() {
+            for (j, &cell) in cells.iter().enumerate() {
+                let key = e.ix(8 * ni as i64 + (j % 2) as i64);
+                masked.push(Stmt::Assign(
+                    cell,
+                    Expr::select(key.lt(left.clone()), Expr::var(cell), f(f32::NEG_INFINITY)),
+                ));
+            }
+        }
+        let short = end.clone().lt(first + e.ix(per_warp));
+        step.push(Stmt::if_then(short, masked));
+        online_softmax(e, step, &s_acc, &rows, &o_acc, scale2, other, red);
+        let p_frag = pack_probabilities(e, step, &s_acc, input);
+        let vb: [VarId; 4] = [0; 4].map(|_| e.var("fv", Ty::I32));
+        let v_at = e.bind(step, "v_at", Ty::I32, rows_at + v_base.clone());
+        weigh_values(step, input, &p_frag, &o_acc, vb, at.v_tiles, &v_at, &v_x, d);
+        Ok(())
+    };
+    pipeline(e, &mut body, out, shape, &st, true, compute)?;
+    // Each warp's rows to shared memory: the max in base e (`m · ln 2`), the row sum over
+    // the quad (lane t = 0 stores both), the weighted values of columns 8n + 2t, + 1.
+    let (warps, du) = (shape.warps, shape.d);
+    let stats = e.shared_array("warp_stats", DType::F32, warps * 2 * group as u32);
+    let sums = e.shared_array("warp_acc", DType::F32, warps * (group * du) as u32);
+    let warp_ix = index(e, warp.clone());
+    for r in (0..2).filter(|&r| some_rows(r)) {
+        quad_sum(&mut body, rows.sum[r], other);
+        let row = index(e, row_of(r));
+        let mut store = Vec::new();
+        let at = e.bind(
+            &mut store,
+            "stat_at",
+            ity,
+            warp_ix.clone() * e.ix(2 * group as i64) + row.clone() * e.ix(2),
+        );
+        let ln2 = std::f32::consts::LN_2;
+        store.push(Stmt::if_then(
+            quad_t.clone().equals(i32c(0)),
+            vec![
+                Stmt::store(stats, at.clone(), Expr::var(rows.max[r]) * f(ln2)),
+                Stmt::store(stats, at + e.ix(1), Expr::var(rows.sum[r])),
+            ],
+        ));
+        let base = warp_ix.clone() * e.ix(group as i64 * d) + row * e.ix(d) + key_col.clone();
+        let base = e.bind(&mut store, "acc_at", ity, base);
+        for (nd, cells) in o_acc.iter().enumerate() {
+            for x in 0..2 {
+                let at = base.clone() + e.ix(8 * nd as i64 + x as i64);
+                store.push(Stmt::store(sums, at, Expr::var(cells[2 * r + x])));
+            }
+        }
+        if all_rows(r) {
+            body.extend(store);
+        } else {
+            body.push(Stmt::if_then(row_ok[r].clone(), store));
+        }
+    }
+    merge_block(e, body, out, shape, &st, stats, sums)
 }
