@@ -103,6 +103,24 @@ pub struct GemmTuning {
     /// 2116 GB/s (M = 1 / 16) split 4 ways, 2133 / 2075 split 2 ways and 1948 / 1941 unsplit
     /// (`…-decode-ab-99e3952.txt`).
     pub max_splits: u32,
+    /// Prefill block tile `(bm, bn)` of 16-bit GEMMs (0: the tile table, `choose_tile`);
+    /// used when the tile it makes is valid and fits shared memory, else the table's.
+    pub tile: (u32, u32),
+    /// Prefill warps `(warps_m, warps_n)` of 16-bit GEMMs (0: the table's 2 × 2).
+    pub warps: (u32, u32),
+    /// Width of a prefill k slice of 16-bit GEMMs (0: the table's 32).
+    pub bk: u32,
+    /// Prefill pipeline stages (0: as many as fit, at most 4).
+    pub stages: u32,
+    /// Block rasterization of prefill grids: consecutive blocks walk groups of this many
+    /// block rows column by column, so that a wave of blocks shares A and B tiles in L2
+    /// (0 or 1: the plain row-major block order).
+    pub raster: u32,
+    /// Whether the prefill main loop double-buffers the A/B fragments in registers: the
+    /// `ldmatrix` of k16 step i + 1 (of the next slice after the last step) is issued before
+    /// the `mma`s of step i, and the next stage's `cp.async` after the first step's
+    /// fragments.
+    pub double_buffer: bool,
 }
 
 impl Default for GemmTuning {
@@ -113,6 +131,12 @@ impl Default for GemmTuning {
             row_sums: true,
             kv_writes: false,
             max_splits: 0,
+            tile: (0, 0),
+            warps: (0, 0),
+            bk: 0,
+            stages: 0,
+            raster: 0,
+            double_buffer: false,
         }
     }
 }

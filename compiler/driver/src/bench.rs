@@ -292,12 +292,17 @@ const TUNE_PAGED: &str = "KILN_TUNE_PAGED";
 /// an RMSNorm, leaves its sum to that row kernel; default 1), `kvwrite=0|1` (the sum
 /// kernel of a split-K q/k/v grid stores k and v straight into the paged caches, no
 /// `kv_write` kernel; default 0) and `maxsplits=N` (the most blocks a decode GEMM's k slices
-/// are split over; default 0, the template's 8). Example:
-/// `KILN_TUNE_GEMM=segments=1,splits=0`.
+/// are split over; default 0, the template's 8); for prefill GEMMs (16-bit, M > 64)
+/// `tile=BMxBN` (block tile), `warps=WMxWN`, `bk=N` (k slice), `stages=N` (0: as many as fit
+/// in shared memory; the table's tile where the overrides make one the template cannot
+/// run), `raster=N` (block rows of a rasterization group; 0 or 1: row-major blocks) and
+/// `dbuf=0|1` (fragments double-buffered across k16 steps); defaults in
+/// [`kiln_gpu_kernels::GemmTuning`]. Examples: `KILN_TUNE_GEMM=segments=1,splits=0`,
+/// `KILN_TUNE_GEMM=tile=128x256,warps=2x4,stages=2,raster=8,dbuf=1`.
 const TUNE_GEMM: &str = "KILN_TUNE_GEMM";
 
-/// The `KEY=N` items of the tuning variable `var`, if it is set.
-fn tuning_items(var: &str) -> Result<Vec<(String, u64)>> {
+/// The `KEY=VALUE` items of the tuning variable `var`, if it is set.
+fn tuning_pairs(var: &str) -> Result<Vec<(String, String)>> {
     let Ok(spec) = std::env::var(var) else {
         return Ok(Vec::new());
     };
@@ -308,12 +313,30 @@ fn tuning_items(var: &str) -> Result<Vec<(String, u64)>> {
             let (key, value) = item
                 .split_once('=')
                 .ok_or_else(|| anyhow!("{var}: `{item}` is not KEY=VALUE"))?;
-            let n: u64 = value
-                .parse()
-                .with_context(|| format!("{var}: `{item}`: the value is not a number"))?;
-            Ok((key.to_string(), n))
+            Ok((key.to_string(), value.to_string()))
         })
         .collect()
+}
+
+/// The `KEY=N` items of the tuning variable `var`, if it is set.
+fn tuning_items(var: &str) -> Result<Vec<(String, u64)>> {
+    tuning_pairs(var)?
+        .into_iter()
+        .map(|(key, value)| {
+            let n: u64 = value
+                .parse()
+                .with_context(|| format!("{var}: `{key}={value}`: the value is not a number"))?;
+            Ok((key, n))
+        })
+        .collect()
+}
+
+/// `AxB` (a tile or warp grid) as a pair of numbers.
+fn pair(var: &str, key: &str, value: &str) -> Result<(u32, u32)> {
+    let parsed = value
+        .split_once('x')
+        .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)));
+    parsed.ok_or_else(|| anyhow!("{var}: `{key}={value}`: want AxB, two numbers"))
 }
 
 /// Applies the tuning variables to `options` and says so on stderr when any is set.
@@ -374,28 +397,53 @@ pub(crate) fn apply_tuning(options: &mut CompileOptions) -> Result<()> {
             paged.lanes
         );
     }
-    let gemm_items = tuning_items(TUNE_GEMM)?;
+    let gemm_items = tuning_pairs(TUNE_GEMM)?;
     let gemm = &mut options.fusion.gemm;
-    for (key, n) in &gemm_items {
+    for (key, value) in &gemm_items {
+        if key == "tile" {
+            gemm.tile = pair(TUNE_GEMM, key, value)?;
+            continue;
+        }
+        if key == "warps" {
+            gemm.warps = pair(TUNE_GEMM, key, value)?;
+            continue;
+        }
+        let n: u64 = value
+            .parse()
+            .with_context(|| format!("{TUNE_GEMM}: `{key}={value}`: the value is not a number"))?;
         match key.as_str() {
-            "segments" => gemm.segments = *n != 0,
-            "splits" => gemm.segment_splits = *n != 0,
-            "rowsum" => gemm.row_sums = *n != 0,
-            "kvwrite" => gemm.kv_writes = *n != 0,
-            "maxsplits" => gemm.max_splits = u32::try_from(*n)?,
+            "segments" => gemm.segments = n != 0,
+            "splits" => gemm.segment_splits = n != 0,
+            "rowsum" => gemm.row_sums = n != 0,
+            "kvwrite" => gemm.kv_writes = n != 0,
+            "maxsplits" => gemm.max_splits = u32::try_from(n)?,
+            "bk" => gemm.bk = u32::try_from(n)?,
+            "stages" => gemm.stages = u32::try_from(n)?,
+            "raster" => gemm.raster = u32::try_from(n)?,
+            "dbuf" => gemm.double_buffer = n != 0,
             _ => bail!(
-                "{TUNE_GEMM}: unknown key `{key}` (segments, splits, rowsum, kvwrite, maxsplits)"
+                "{TUNE_GEMM}: unknown key `{key}` (segments, splits, rowsum, kvwrite, maxsplits, \
+                 tile, warps, bk, stages, raster, dbuf)"
             ),
         }
     }
     if !gemm_items.is_empty() {
         eprintln!(
-            "kiln bench: {TUNE_GEMM}: segments {}, splits {}, rowsum {}, kvwrite {}, maxsplits {}",
+            "kiln bench: {TUNE_GEMM}: segments {}, splits {}, rowsum {}, kvwrite {}, maxsplits {}, \
+             tile {}x{}, warps {}x{}, bk {}, stages {}, raster {}, dbuf {} (0: the table's)",
             u8::from(gemm.segments),
             u8::from(gemm.segment_splits),
             u8::from(gemm.row_sums),
             u8::from(gemm.kv_writes),
-            gemm.max_splits
+            gemm.max_splits,
+            gemm.tile.0,
+            gemm.tile.1,
+            gemm.warps.0,
+            gemm.warps.1,
+            gemm.bk,
+            gemm.stages,
+            gemm.raster,
+            u8::from(gemm.double_buffer)
         );
     }
     Ok(())

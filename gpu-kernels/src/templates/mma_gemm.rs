@@ -200,6 +200,74 @@ pub fn choose_tile(m: Option<u64>, n: u64, matmuls: u32) -> MmaTile {
     tile
 }
 
+/// The prefill tile of a 16-bit GEMM under `tuning`'s overrides of the block tile, the
+/// warps, the slice width and the stages (`GemmTuning::{tile, warps, bk, stages}`): the
+/// table's tile ([`choose_tile`]) with each override that is set, the same narrowing while
+/// the accumulators exceed [`MAX_ACCUMULATORS`], and as many stages as asked for that fit
+/// (at most 4 when none is asked for). Decode-sized tiles (split-K warps) and M known to be
+/// at most 64 keep the table's; so does an override whose tile the template cannot run
+/// ([`valid_prefill_tile`]).
+pub fn tuned_tile(m: Option<u64>, n: u64, matmuls: u32, tuning: &crate::GemmTuning) -> MmaTile {
+    let table = choose_tile(m, n, matmuls);
+    let overridden =
+        tuning.tile != (0, 0) || tuning.warps != (0, 0) || tuning.bk != 0 || tuning.stages != 0;
+    if !overridden || table.warps_k > 1 || m.is_some_and(|m| m <= 64) {
+        return table;
+    }
+    let mut t = table;
+    let pick = |knob: u32, table: u32| if knob > 0 { knob } else { table };
+    t.bm = pick(tuning.tile.0, t.bm);
+    t.bn = pick(tuning.tile.1, t.bn);
+    t.warps_m = pick(tuning.warps.0, t.warps_m);
+    t.warps_n = pick(tuning.warps.1, t.warps_n);
+    t.bk = pick(tuning.bk, t.bk);
+    while t.accumulators(matmuls) > MAX_ACCUMULATORS && t.bn / t.warps_n > 16 {
+        t.bn /= 2;
+    }
+    while t.accumulators(matmuls) > MAX_ACCUMULATORS && t.bm / t.warps_m > 16 {
+        t.bm /= 2;
+    }
+    let fit = SHARED_BYTES / t.stage_bytes(matmuls);
+    t.stages = match tuning.stages {
+        0 => fit.min(4),
+        s => s.min(fit),
+    };
+    if valid_prefill_tile(&t, matmuls) {
+        t
+    } else {
+        table
+    }
+}
+
+/// Whether the emitter can run the prefill tile `t` (no split-K warps) of `matmuls` fused
+/// 16-bit matmuls: powers of two, whole pairs of m16n8 fragments per warp, at least two
+/// stages in shared memory, accumulators within [`MAX_ACCUMULATORS`], and copies of 16-byte
+/// chunks that divide evenly among the threads in whole rows of either B layout.
+pub fn valid_prefill_tile(t: &MmaTile, matmuls: u32) -> bool {
+    let pow2 = |x: u32| x.is_power_of_two();
+    let threads = t.threads();
+    let chunks = |cols: u32| cols / CHUNK as u32;
+    let copies_divide = |rows: u32, cols: u32| {
+        chunks(cols) > 0 && threads % chunks(cols) == 0 && (rows * chunks(cols)) % threads == 0
+    };
+    t.warps_k == 1
+        && [t.bm, t.bn, t.bk, t.warps_m, t.warps_n]
+            .into_iter()
+            .all(pow2)
+        && t.bk >= 16
+        && t.bm % t.warps_m == 0
+        && t.bn % t.warps_n == 0
+        && t.warp_m() % 16 == 0
+        && t.warp_n() % 16 == 0
+        && threads <= 512
+        && t.stages >= 2
+        && t.stages * t.stage_bytes(matmuls) <= SHARED_BYTES
+        && t.accumulators(matmuls) <= MAX_ACCUMULATORS
+        && copies_divide(t.bm, t.bk)
+        && copies_divide(t.bn, t.bk)
+        && copies_divide(t.bk, t.bn)
+}
+
 /// The FP8 tile for the 16-bit `tile` of `matmuls` fused matmuls: slices of the same
 /// bytes (twice the elements), and, where a warp would hold more than
 /// [`FP8_MAX_ACCUMULATORS`] accumulators, twice the warps across N (sm_90a runs the
@@ -304,6 +372,10 @@ pub(crate) struct MmaPlan {
     segments: Vec<Segment>,
     /// The FP8-to-float casts of the operands the FP8 `mma` takes over.
     casts: Vec<Value>,
+    /// Block rows of a rasterization group (`GemmTuning::raster`; 1: row-major blocks).
+    raster: u32,
+    /// Whether the main loop double-buffers the fragments (`GemmTuning::double_buffer`).
+    double_buffer: bool,
 }
 
 /// One matmul's share of a segmented grid's block columns.
@@ -521,11 +593,10 @@ pub(crate) fn plan(
         b.push(source);
     }
     let choose = |m: Option<u64>, n: u64, matmuls: u32| {
-        let tile = choose_tile(m, n, matmuls);
         if fp8 {
-            fp8_tile(tile, matmuls)
+            fp8_tile(choose_tile(m, n, matmuls), matmuls)
         } else {
-            tile
+            tuned_tile(m, n, matmuls, tuning)
         }
     };
     let m = if small_rows {
@@ -591,6 +662,8 @@ pub(crate) fn plan(
             tile,
             segments,
             casts,
+            raster: 1,
+            double_buffer: false,
         });
     }
     // Horizontally fused matmuls of one shape split K across blocks too when their grid
@@ -602,6 +675,11 @@ pub(crate) fn plan(
             tile.splits = choose_splits_at_most(&tile, m, n_max, k, batch, most_splits(tuning));
         }
     }
+    // Prefill tiles (no split-K warps): the block order and the fragment double buffer of
+    // `tuning`; the double buffer alternates two fragment sets over the k16 steps of a
+    // slice, so it needs an even number of them.
+    let prefill = tile.warps_k == 1 && tile.splits == 1;
+    let k_steps = tile.bk / input.k() as u32;
     Some(MmaPlan {
         input,
         a,
@@ -611,6 +689,8 @@ pub(crate) fn plan(
         tile,
         segments: Vec::new(),
         casts,
+        raster: if prefill { tuning.raster.max(1) } else { 1 },
+        double_buffer: prefill && tuning.double_buffer && k_steps % 2 == 0,
     })
 }
 
@@ -657,6 +737,129 @@ fn by_segment(segment: &Expr, mut branches: Vec<Vec<Stmt>>) -> Vec<Stmt> {
         )];
     }
     chain
+}
+
+/// The fragment sets of a double-buffered main loop and what loading and multiplying them
+/// needs.
+struct Fragments<'a> {
+    a_tile: Buf,
+    b_tiles: &'a [Buf],
+    /// Per k16 step, the thread's `ldmatrix` offset in an A stage.
+    a_ld: &'a [Expr],
+    /// Per B tile, k16 step and pair of n8 tiles, the offset in a B stage.
+    b_ld: &'a [Vec<Vec<Expr>>],
+    /// Per B tile, whether it is `[K, N]` (a transposing `ldmatrix`).
+    trans: Vec<bool>,
+    bk: i64,
+    input: MmaInput,
+    acc: &'a [Vec<[VarId; 4]>],
+    /// Two sets of A fragments, one per m16 tile.
+    a: [Vec<[VarId; 4]>; 2],
+    /// Two sets of B fragments, per B tile and n8 tile.
+    b: [Vec<Vec<[VarId; 2]>>; 2],
+}
+
+impl Fragments<'_> {
+    /// The `ldmatrix`es of k16 step `kk` of the stage at `a_base`/`b_base` into `set`.
+    fn load(&self, out: &mut Vec<Stmt>, kk: usize, set: usize, a_base: &Expr, b_base: &Expr) {
+        for (mi, frag) in self.a[set].iter().enumerate() {
+            out.push(Stmt::LdMatrix {
+                dsts: frag.to_vec(),
+                trans: false,
+                buf: self.a_tile,
+                index: a_base.clone() + self.a_ld[kk].clone() + i32c(mi as i64 * 16 * self.bk),
+            });
+        }
+        for (i, frags) in self.b[set].iter().enumerate() {
+            for pair in 0..frags.len() / 2 {
+                let (lo, hi) = (&frags[2 * pair], &frags[2 * pair + 1]);
+                out.push(Stmt::LdMatrix {
+                    dsts: vec![lo[0], lo[1], hi[0], hi[1]],
+                    trans: self.trans[i],
+                    buf: self.b_tiles[i],
+                    index: b_base.clone() + self.b_ld[i][kk][pair].clone(),
+                });
+            }
+        }
+    }
+
+    /// The products of fragment set `set` into the accumulators.
+    fn products(&self, out: &mut Vec<Stmt>, set: usize) {
+        for (i, b_frags) in self.b[set].iter().enumerate() {
+            let ni_count = b_frags.len();
+            for (mi, a) in self.a[set].iter().enumerate() {
+                for (ni, b) in b_frags.iter().enumerate() {
+                    let c = self.acc[i][mi * ni_count + ni];
+                    out.push(Stmt::Mma {
+                        input: self.input,
+                        d: c,
+                        a: *a,
+                        b: *b,
+                        c,
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// The tile `(m_tile, n_tile)` (I32) of this block of a rasterized grid: blocks in launch
+/// order (`pid = blockIdx.y * columns + blockIdx.x`) walk groups of `plan.raster` block
+/// rows (the last group the rows left) column by column, the rows of a group first, so
+/// that the blocks running at once read fewer distinct A and B tiles (kept in L2). The grid
+/// itself is unchanged, `ceil(N / bn) × ceil(M / bm)`.
+fn raster(
+    e: &mut Emitter<'_, '_>,
+    body: &mut Vec<Stmt>,
+    plan: &MmaPlan,
+    out_shape: &[Dim],
+    grid_n: &Dim,
+) -> (Expr, Expr) {
+    let t = plan.tile;
+    let group = i64::from(plan.raster);
+    let wide = e.index_ty == Ty::I64;
+    let to_i32 = |x: Expr| {
+        if wide {
+            Expr::Cast(Ty::I32, Box::new(x))
+        } else {
+            x
+        }
+    };
+    let rank = out_shape.len();
+    let m_size = e.dim(&out_shape[rank - 2]);
+    let n_size = e.dim(grid_n);
+    let rows = to_i32(ceil_div_expr(m_size, e.ix(i64::from(t.bm)), e.ix(1)));
+    let rows = e.bind(body, "tile_rows", Ty::I32, rows);
+    let columns = to_i32(ceil_div_expr(n_size, e.ix(i64::from(t.bn)), e.ix(1)));
+    let columns = e.bind(body, "tile_columns", Ty::I32, columns);
+    let pid =
+        Expr::Special(Special::BlockIdx(1)) * columns.clone() + Expr::Special(Special::BlockIdx(0));
+    let pid = e.bind(body, "pid", Ty::I32, pid);
+    let width = e.bind(body, "group_blocks", Ty::I32, columns * i32c(group));
+    let first = Expr::binary(BinOp::Div, pid.clone(), width.clone()) * i32c(group);
+    let first = e.bind(body, "group_row", Ty::I32, first);
+    let in_group = e.bind(
+        body,
+        "in_group",
+        Ty::I32,
+        Expr::binary(BinOp::Rem, pid, width),
+    );
+    let group_rows = e.bind(
+        body,
+        "group_rows",
+        Ty::I32,
+        (rows - first.clone()).min(i32c(group)),
+    );
+    let m_tile = first + Expr::binary(BinOp::Rem, in_group.clone(), group_rows.clone());
+    let m_tile = e.bind(body, "m_tile", Ty::I32, m_tile);
+    let n_tile = Expr::binary(BinOp::Div, in_group, group_rows);
+    let n_tile = e.bind(body, "n_tile", Ty::I32, n_tile);
+    (m_tile, n_tile)
+}
+
+/// `ceil(a / b)` of index expressions (`one` the index type's 1).
+fn ceil_div_expr(a: Expr, b: Expr, one: Expr) -> Expr {
+    div(sub(add(a, b.clone()), one), b)
 }
 
 pub(crate) fn emit(
@@ -719,8 +922,18 @@ pub(crate) fn emit(
     // Split across blocks (decode shapes, one row of tiles): block row y takes the k
     // slices `y * per_split ..`, at most `per_split` of them.
     let split = plan.split();
+    let grid_n = plan
+        .b
+        .iter()
+        .map(|s| s.n.clone())
+        .max_by_key(|d| d.as_const().unwrap_or(u64::MAX))
+        .unwrap_or(Dim::Const(1));
+    // A rasterized grid: the block's tile `(m_tile, n_tile)` from its place in launch order.
+    let rastered = (plan.raster > 1).then(|| raster(e, &mut body, plan, &out_shape, &grid_n));
     let m0 = if split.is_some() {
         e.ix(0)
+    } else if let Some((m_tile, _)) = &rastered {
+        mul(index(m_tile.clone()), e.ix(bm))
     } else {
         mul(e.special(Special::BlockIdx(1)), e.ix(bm))
     };
@@ -759,9 +972,10 @@ pub(crate) fn emit(
         let start = e.bind(&mut body, "segment_start", Ty::I32, start);
         (which, bx - start)
     });
-    let n0 = match &segment {
-        Some((_, column)) => mul(index(column.clone()), e.ix(bn)),
-        None => mul(e.special(Special::BlockIdx(0)), e.ix(bn)),
+    let n0 = match (&segment, &rastered) {
+        (Some((_, column)), _) => mul(index(column.clone()), e.ix(bn)),
+        (None, Some((_, n_tile))) => mul(index(n_tile.clone()), e.ix(bn)),
+        (None, None) => mul(e.special(Special::BlockIdx(0)), e.ix(bn)),
     };
     let n0 = e.bind(&mut body, "n0", ity, n0);
     let segment = segment.map(|(which, _)| which);
@@ -1063,67 +1277,143 @@ pub(crate) fn emit(
         body.extend(copies);
         body.push(Stmt::CpAsyncCommit);
     }
-    let kt = e.var("kt", Ty::I32);
-    let mut kloop = vec![Stmt::CpAsyncWait((stages - 2) as u32), Stmt::Barrier];
-    let next = Expr::var(kt) + i32c(stages - 1);
-    let next_stage = e.bind(
-        &mut kloop,
-        "next_stage",
-        Ty::I32,
-        Expr::binary(BinOp::Rem, next.clone(), i32c(stages)),
-    );
-    let copies = load_stage(e, next_stage, next);
-    kloop.extend(copies);
-    kloop.push(Stmt::CpAsyncCommit);
-    let stage = Expr::binary(BinOp::Rem, Expr::var(kt), i32c(stages));
-    let a_base = e.bind(&mut kloop, "a_base", Ty::I32, stage.clone() * i32c(a_stage));
-    let b_base = e.bind(&mut kloop, "b_base", Ty::I32, stage * i32c(b_stage));
-    let a_frag: Vec<[VarId; 4]> = (0..mi_count)
-        .map(|_| [0; 4].map(|_| e.var("fa", Ty::I32)))
-        .collect();
-    let b_frag: Vec<[VarId; 2]> = (0..ni_count)
-        .map(|_| [0; 2].map(|_| e.var("fb", Ty::I32)))
-        .collect();
-    for kk in 0..k_steps {
-        for (mi, frag) in a_frag.iter().enumerate() {
-            kloop.push(Stmt::LdMatrix {
-                dsts: frag.to_vec(),
-                trans: false,
-                buf: a_tile,
-                index: a_base.clone() + a_ld[kk].clone() + i32c(mi as i64 * 16 * bk),
-            });
+    if plan.double_buffer {
+        // Two fragment sets, step kk of every slice in set kk % 2 (k_steps is even). Step
+        // kk + 1's fragments are loaded before step kk's products; the last step waits for
+        // the next slice's stage and loads its first step. The next stage's copies go out
+        // after step 1's fragments: the stage they overwrite, `(kt - 1) % stages`, was last
+        // read before the previous slice's barrier.
+        let frags = Fragments {
+            a_tile,
+            b_tiles: &b_tiles[..sets],
+            a_ld: &a_ld,
+            b_ld: &b_ld,
+            trans: plan.b.iter().take(sets).map(|s| s.k_rows).collect(),
+            bk,
+            input: plan.input,
+            acc: &acc,
+            a: [0; 2].map(|_| {
+                (0..mi_count)
+                    .map(|_| [0; 4].map(|_| e.var("fa", Ty::I32)))
+                    .collect()
+            }),
+            b: [0; 2].map(|_| {
+                (0..sets)
+                    .map(|_| {
+                        (0..ni_count)
+                            .map(|_| [0; 2].map(|_| e.var("fb", Ty::I32)))
+                            .collect()
+                    })
+                    .collect()
+            }),
+        };
+        body.extend([Stmt::CpAsyncWait((stages - 2) as u32), Stmt::Barrier]);
+        frags.load(&mut body, 0, 0, &i32c(0), &i32c(0));
+        let kt = e.var("kt", Ty::I32);
+        let mut kloop = Vec::new();
+        let stage = Expr::binary(BinOp::Rem, Expr::var(kt), i32c(stages));
+        let a_base = e.bind(&mut kloop, "a_base", Ty::I32, stage.clone() * i32c(a_stage));
+        let b_base = e.bind(&mut kloop, "b_base", Ty::I32, stage * i32c(b_stage));
+        for kk in 0..k_steps {
+            let set = kk % 2;
+            if kk + 1 < k_steps {
+                frags.load(&mut kloop, kk + 1, 1 - set, &a_base, &b_base);
+            } else {
+                kloop.extend([Stmt::CpAsyncWait((stages - 2) as u32), Stmt::Barrier]);
+                let following = Expr::binary(BinOp::Rem, Expr::var(kt) + i32c(1), i32c(stages));
+                let a_next = e.bind(
+                    &mut kloop,
+                    "a_next",
+                    Ty::I32,
+                    following.clone() * i32c(a_stage),
+                );
+                let b_next = e.bind(&mut kloop, "b_next", Ty::I32, following * i32c(b_stage));
+                frags.load(&mut kloop, 0, 1 - set, &a_next, &b_next);
+            }
+            if kk == 0 {
+                let next = Expr::var(kt) + i32c(stages - 1);
+                let next_stage = e.bind(
+                    &mut kloop,
+                    "next_stage",
+                    Ty::I32,
+                    Expr::binary(BinOp::Rem, next.clone(), i32c(stages)),
+                );
+                let copies = load_stage(e, next_stage, next);
+                kloop.extend(copies);
+                kloop.push(Stmt::CpAsyncCommit);
+            }
+            frags.products(&mut kloop, set);
         }
-        for (i, source) in plan.b.iter().enumerate().take(sets) {
-            for pair in 0..ni_count / 2 {
-                let (lo, hi) = (&b_frag[2 * pair], &b_frag[2 * pair + 1]);
+        body.push(Stmt::For {
+            var: kt,
+            start: i32c(0),
+            end: k_count,
+            step: i32c(1),
+            body: kloop,
+        });
+    } else {
+        let kt = e.var("kt", Ty::I32);
+        let mut kloop = vec![Stmt::CpAsyncWait((stages - 2) as u32), Stmt::Barrier];
+        let next = Expr::var(kt) + i32c(stages - 1);
+        let next_stage = e.bind(
+            &mut kloop,
+            "next_stage",
+            Ty::I32,
+            Expr::binary(BinOp::Rem, next.clone(), i32c(stages)),
+        );
+        let copies = load_stage(e, next_stage, next);
+        kloop.extend(copies);
+        kloop.push(Stmt::CpAsyncCommit);
+        let stage = Expr::binary(BinOp::Rem, Expr::var(kt), i32c(stages));
+        let a_base = e.bind(&mut kloop, "a_base", Ty::I32, stage.clone() * i32c(a_stage));
+        let b_base = e.bind(&mut kloop, "b_base", Ty::I32, stage * i32c(b_stage));
+        let a_frag: Vec<[VarId; 4]> = (0..mi_count)
+            .map(|_| [0; 4].map(|_| e.var("fa", Ty::I32)))
+            .collect();
+        let b_frag: Vec<[VarId; 2]> = (0..ni_count)
+            .map(|_| [0; 2].map(|_| e.var("fb", Ty::I32)))
+            .collect();
+        for kk in 0..k_steps {
+            for (mi, frag) in a_frag.iter().enumerate() {
                 kloop.push(Stmt::LdMatrix {
-                    dsts: vec![lo[0], lo[1], hi[0], hi[1]],
-                    trans: source.k_rows,
-                    buf: b_tiles[i],
-                    index: b_base.clone() + b_ld[i][kk][pair].clone(),
+                    dsts: frag.to_vec(),
+                    trans: false,
+                    buf: a_tile,
+                    index: a_base.clone() + a_ld[kk].clone() + i32c(mi as i64 * 16 * bk),
                 });
             }
-            for (mi, a) in a_frag.iter().enumerate() {
-                for (ni, b) in b_frag.iter().enumerate() {
-                    let c = acc[i][mi * ni_count + ni];
-                    kloop.push(Stmt::Mma {
-                        input: plan.input,
-                        d: c,
-                        a: *a,
-                        b: *b,
-                        c,
+            for (i, source) in plan.b.iter().enumerate().take(sets) {
+                for pair in 0..ni_count / 2 {
+                    let (lo, hi) = (&b_frag[2 * pair], &b_frag[2 * pair + 1]);
+                    kloop.push(Stmt::LdMatrix {
+                        dsts: vec![lo[0], lo[1], hi[0], hi[1]],
+                        trans: source.k_rows,
+                        buf: b_tiles[i],
+                        index: b_base.clone() + b_ld[i][kk][pair].clone(),
                     });
+                }
+                for (mi, a) in a_frag.iter().enumerate() {
+                    for (ni, b) in b_frag.iter().enumerate() {
+                        let c = acc[i][mi * ni_count + ni];
+                        kloop.push(Stmt::Mma {
+                            input: plan.input,
+                            d: c,
+                            a: *a,
+                            b: *b,
+                            c,
+                        });
+                    }
                 }
             }
         }
+        body.push(Stmt::For {
+            var: kt,
+            start: i32c(0),
+            end: k_count,
+            step: i32c(1),
+            body: kloop,
+        });
     }
-    body.push(Stmt::For {
-        var: kt,
-        start: i32c(0),
-        end: k_count,
-        step: i32c(1),
-        body: kloop,
-    });
     body.push(Stmt::CpAsyncWait(0));
 
     // ---- split-K warps: groups 1.. leave their partial sums, group 0 adds them in order.
@@ -1302,17 +1592,17 @@ pub(crate) fn emit(
     } else {
         String::new()
     };
+    let raster_name = if plan.raster > 1 {
+        format!("_r{}", plan.raster)
+    } else {
+        String::new()
+    };
+    let db_name = if plan.double_buffer { "_db" } else { "" };
     let what = kernel_name(
-        &format!("mma_gemm_{input_name}{}", t.name()),
+        &format!("mma_gemm_{input_name}{}{raster_name}{db_name}", t.name()),
         &matmuls,
         stores,
     );
-    let grid_n = plan
-        .b
-        .iter()
-        .map(|s| s.n.clone())
-        .max_by_key(|d| d.as_const().unwrap_or(u64::MAX))
-        .unwrap_or(Dim::Const(1));
     let grid_x = if segmented {
         SizeExpr::Const(segs.iter().map(|s| s.blocks).sum())
     } else {
