@@ -15,6 +15,7 @@ pub mod kernel;
 pub mod manifest;
 pub mod plan;
 pub mod print;
+pub mod shared_layout;
 pub mod tensor;
 pub mod uniformity;
 pub mod verify;
@@ -28,5 +29,6 @@ pub use kernel::{
 };
 pub use manifest::{KernelInfo, KernelResources, Manifest, ParamLayout, WeightInfo};
 pub use plan::{Arg, BufferDecl, BufferId, BufferKind, Plan, Step, SymBinding};
+pub use shared_layout::SharedLayout;
 pub use uniformity::{uniformity, Uniformity};
 pub use verify::verify_kernel;

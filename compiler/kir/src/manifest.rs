@@ -31,8 +31,13 @@ pub struct KernelInfo {
     pub params: Vec<ParamLayout>,
     pub block_dim: u32,
     pub grid: [SizeExpr; 3],
-    /// Static shared memory in bytes.
+    /// Shared memory in bytes: the arrays' sum.
     pub shared_bytes: u64,
+    /// Dynamic shared memory each launch passes, in bytes: the size of the window holding
+    /// the arrays of a kernel beyond the static limit ([`crate::SharedLayout`]), else 0.
+    /// The runtime raises the function's limit to it once and launches with it.
+    #[serde(default)]
+    pub dynamic_shared_bytes: u64,
 }
 
 impl KernelInfo {
@@ -71,6 +76,7 @@ impl KernelInfo {
                 .iter()
                 .map(|s| u64::from(s.len) * s.dtype.size_bytes() as u64)
                 .sum(),
+            dynamic_shared_bytes: crate::SharedLayout::of(kernel).dynamic_bytes(),
         }
     }
 }

@@ -63,8 +63,9 @@ use std::collections::BTreeSet;
 /// The threads an SM holds at once on every kiln target (sm_89 and sm_120 hold 1536).
 pub const MAX_THREADS_PER_SM: u64 = 1536;
 
-/// The static shared memory a block may declare, in bytes.
-pub const MAX_SHARED_BYTES: u64 = 48 * 1024;
+/// The static shared memory a block may declare, in bytes: kernels needing more take the
+/// dynamic window of [`crate::shared_layout`].
+pub const MAX_SHARED_BYTES: u64 = crate::shared_layout::MAX_STATIC_SHARED_BYTES;
 
 /// Checks every invariant listed in this module's documentation.
 pub fn verify_kernel(kernel: &Kernel) -> Result<(), KirError> {
@@ -98,9 +99,10 @@ pub fn verify_kernel(kernel: &Kernel) -> Result<(), KirError> {
         }
         shared_bytes += u64::from(shared.len) * shared.dtype.size_bytes() as u64;
     }
-    if shared_bytes > MAX_SHARED_BYTES {
+    let max = crate::shared_layout::MAX_DYNAMIC_SHARED_BYTES;
+    if shared_bytes > max {
         return Err(header_error(format!(
-            "shared arrays take {shared_bytes} bytes, more than the {MAX_SHARED_BYTES} a block may declare"
+            "shared arrays take {shared_bytes} bytes, more than the {max} a block of any target may use"
         )));
     }
     let checker = Checker {

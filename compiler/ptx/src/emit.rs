@@ -36,7 +36,7 @@ mod scan;
 
 use std::collections::BTreeSet;
 
-use kiln_kir::{verify_kernel, Kernel, KirError};
+use kiln_kir::{verify_kernel, Kernel, KirError, SharedLayout};
 
 pub use features::Feature;
 
@@ -74,13 +74,22 @@ pub enum EmitError {
     InvalidKernel(#[from] KirError),
     #[error("two kernels of the module are named `{0}`")]
     DuplicateKernel(String),
-    #[error("the kernel name `{0}` is reserved for kiln's constant tables")]
+    #[error("the kernel name `{0}` is reserved for kiln's constant tables or shared windows")]
     ReservedName(String),
     #[error("{target} needs PTX ISA {needed}, but the module is capped at {cap}")]
     TargetAboveCap {
         target: Target,
         needed: PtxVersion,
         cap: PtxVersion,
+    },
+    #[error(
+        "kernel `{kernel}`: its shared arrays take {bytes} bytes, more than the {limit} a block may use on {target}"
+    )]
+    SharedMemory {
+        kernel: String,
+        bytes: u64,
+        target: Target,
+        limit: u64,
     },
     #[error("kernel `{kernel}`: the PTX emitter cannot translate {message}")]
     Unsupported { kernel: String, message: String },
@@ -126,14 +135,27 @@ pub fn emit_module(
         .iter()
         .map(|t| t.ptx_name())
         .collect();
+    let windows: BTreeSet<String> = kernels
+        .iter()
+        .map(|kernel| function::dynamic_shared_symbol(&kernel.name))
+        .collect();
     for kernel in kernels {
-        if reserved.contains(&kernel.name.as_str()) {
+        if reserved.contains(&kernel.name.as_str()) || windows.contains(&kernel.name) {
             return Err(EmitError::ReservedName(kernel.name.clone()));
         }
         if !names.insert(kernel.name.as_str()) {
             return Err(EmitError::DuplicateKernel(kernel.name.clone()));
         }
         verify_kernel(kernel)?;
+        let bytes = SharedLayout::of(kernel).bytes;
+        if bytes > target.max_shared_bytes_per_block() {
+            return Err(EmitError::SharedMemory {
+                kernel: kernel.name.clone(),
+                bytes,
+                target,
+                limit: target.max_shared_bytes_per_block(),
+            });
+        }
     }
 
     let mut ctx = ModuleContext::new(target, options.max_ptx_version);

@@ -142,6 +142,19 @@ impl Target {
         }
     }
 
+    /// The most shared memory one block may use, in bytes, once the kernel opts in
+    /// (`CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`): the SM's shared memory less the
+    /// 1 KiB each block reserves, as the CUDA programming guide's table of compute
+    /// capabilities lists it (8.0: 163 KiB, 8.9 and 12.0: 99 KiB, 9.0 and 10.0: 227 KiB).
+    /// Without opting in a block has 48 KiB.
+    pub const fn max_shared_bytes_per_block(self) -> u64 {
+        match self {
+            Target::Sm80 => 163 * 1024,
+            Target::Sm89 | Target::Sm120 => 99 * 1024,
+            Target::Sm90a | Target::Sm100a => 227 * 1024,
+        }
+    }
+
     /// Whether a cubin built for this target loads on a device of compute capability
     /// `major.minor`: the same major with an equal or higher minor, or, for an `a`
     /// target, exactly its own compute capability.
@@ -270,6 +283,36 @@ mod tests {
         );
         for target in Target::ALL {
             assert!(target.min_ptx_version() <= JIT_PTX_VERSION_CAP);
+        }
+    }
+
+    #[test]
+    fn shared_memory_a_block_may_opt_into() {
+        let kib: Vec<_> = Target::ALL
+            .iter()
+            .map(|t| (t.sm_name(), t.max_shared_bytes_per_block() / 1024))
+            .collect();
+        assert_eq!(
+            kib,
+            [
+                ("sm_80", 163),
+                ("sm_89", 99),
+                ("sm_90a", 227),
+                ("sm_100a", 227),
+                ("sm_120", 99),
+            ]
+        );
+        for target in Target::ALL {
+            // One block's 1 KiB reservation below the SM, above the static 48 KiB.
+            assert_eq!(
+                target.max_shared_bytes_per_block() + 1024,
+                target.shared_bytes_per_sm()
+            );
+            assert!(target.max_shared_bytes_per_block() > 48 * 1024);
+            assert!(
+                target.max_shared_bytes_per_block()
+                    <= kiln_kir::shared_layout::MAX_DYNAMIC_SHARED_BYTES
+            );
         }
     }
 

@@ -219,3 +219,24 @@ fn fp8_mma_tiles_assemble_from_sm_89_without_spills() {
         assert_eq!(jit.report.functions.len(), 2, "{target}");
     }
 }
+
+#[test]
+fn dynamic_shared_windows_assemble_for_every_target() {
+    let Some(toolchain) = toolchain("dynamic_shared_windows_assemble_for_every_target") else {
+        return;
+    };
+    // 12 + 96 KiB: within every target's opt-in limit (99 KiB on sm_89 and sm_120).
+    let kernel = kernels::dynamic_shared(24 * 1024);
+    for target in Target::ALL {
+        let assembled = assemble(
+            &toolchain,
+            std::slice::from_ref(&kernel),
+            target,
+            &EmitOptions::default(),
+        );
+        let report = &assembled.report.functions[0];
+        assert!(!report.has_spills(), "{target}: {}", assembled.log);
+        // Dynamic shared memory is sized at launch: ptxas reports no static bytes.
+        assert_eq!(report.shared_memory_bytes, 0, "{target}: {}", assembled.log);
+    }
+}

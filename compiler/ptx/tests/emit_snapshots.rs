@@ -290,3 +290,73 @@ fn fp8_mma_is_m16n8k32_from_sm_89_with_ptx_8_4_and_an_error_for_sm_80() {
         "{error}"
     );
 }
+
+#[test]
+fn shared_arrays_beyond_48_kib_take_one_dynamic_window() {
+    // 12 + 64 KiB: beyond the static limit, within every target's.
+    let kernel = kernels::dynamic_shared(16 * 1024);
+    let ptx = emit(&kernel, Target::Sm80);
+    insta::assert_snapshot!("dynamic_shared_sm_80", ptx);
+    for target in Target::ALL {
+        let ptx = emit(&kernel, target);
+        assert!(
+            ptx.contains(".extern .shared .align 16 .b8 dynamic_shared$smem[];\n"),
+            "{target}"
+        );
+        assert!(
+            !ptx.contains("\t.shared "),
+            "{target}: a static array is left"
+        );
+        // `tile` starts at 16 (after `bias`'s 12 bytes): its base and the constant offset
+        // of `bias[2]`.
+        assert!(ptx.contains("dynamic_shared$smem+16;"), "{target}");
+        assert!(ptx.contains("[dynamic_shared$smem+8]"), "{target}");
+    }
+    // A kernel at the static limit keeps its static arrays.
+    let small = kernels::dynamic_shared(12 * 1024 - 3);
+    let ptx = emit(&small, Target::Sm80);
+    assert!(!ptx.contains(".extern"));
+    assert!(
+        ptx.contains("\t.shared .align 16 .b8 smem_tile[49140];"),
+        "{ptx}"
+    );
+}
+
+#[test]
+fn shared_memory_beyond_a_targets_block_limit_is_an_error() {
+    // 12 + 120 KiB: sm_80, sm_90a and sm_100a take it; sm_89 and sm_120 (99 KiB) do not.
+    let kernel = kernels::dynamic_shared(30 * 1024);
+    for target in Target::ALL {
+        let result = emit_ptx(
+            std::slice::from_ref(&kernel),
+            target,
+            &EmitOptions::default(),
+        );
+        if target.max_shared_bytes_per_block() >= 12 + 120 * 1024 {
+            assert!(result.is_ok(), "{target}: {result:?}");
+            continue;
+        }
+        let error = result.unwrap_err();
+        assert_eq!(
+            error,
+            EmitError::SharedMemory {
+                kernel: "dynamic_shared".into(),
+                bytes: 16 + 120 * 1024,
+                target,
+                limit: 99 * 1024,
+            }
+        );
+        assert_eq!(
+            error.to_string(),
+            format!(
+                "kernel `dynamic_shared`: its shared arrays take 122896 bytes, more than the \
+                 101376 a block may use on {target}"
+            )
+        );
+    }
+    // A kernel named like another's window.
+    let mut clash = examples::vector_add(DType::F32);
+    clash.name = "dynamic_shared$smem".into();
+    let error = emit_ptx(&[kernel, clash], Target::Sm90a, &EmitOptions::default()).unwrap_err();
+    assert_eq!(error, EmitError::ReservedName("dynamic_shared$smem".into()));
+}

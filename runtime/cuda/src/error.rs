@@ -115,6 +115,18 @@ pub enum CudaError {
         #[source]
         source: DriverFailure,
     },
+    /// The device refused a kernel's dynamic shared memory (more than a block may use).
+    #[error(
+        "kernel `{kernel}` of package `{package}` needs {bytes} bytes of shared memory a block, \
+         more than this device gives: {source}"
+    )]
+    SharedMemory {
+        package: String,
+        kernel: String,
+        bytes: u64,
+        #[source]
+        source: DriverFailure,
+    },
     #[error("package `{package}` has no kernel named `{kernel}`")]
     UnknownKernel { package: String, kernel: String },
     #[error("package `{package}` has no plan for function `{function}` (it has: {available})")]

@@ -52,6 +52,7 @@ pub(crate) const REQUIRED_DRIVER_SYMBOLS: &[&str] = &[
     "cuMemcpyDtoDAsync_v2",
     "cuModuleLoadDataEx",
     "cuModuleGetFunction",
+    "cuFuncSetAttribute",
     "cuModuleUnload",
     "cuLaunchKernel",
     "cuEventCreate",
@@ -383,6 +384,26 @@ pub(crate) fn kernel_function(
         handle,
         module: module.clone(),
     })
+}
+
+/// Lets `function` launch with up to `bytes` of dynamic shared memory
+/// (`CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`; without it a launch may pass at most
+/// 48 KiB). Fails when the device cannot give a block that much.
+pub(crate) fn allow_dynamic_shared(
+    function: &KernelFunction,
+    bytes: u32,
+) -> Result<(), DriverError> {
+    let bytes =
+        i32::try_from(bytes).map_err(|_| DriverError(CUresult::CUDA_ERROR_INVALID_VALUE))?;
+    function.module.ctx.bind_to_thread()?;
+    // SAFETY: the function handle is live (its module is held by `function`).
+    unsafe {
+        result::function::set_function_attribute(
+            function.handle,
+            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            bytes,
+        )
+    }
 }
 
 /// One kernel argument by value, in the size of the kernel's PTX parameter.

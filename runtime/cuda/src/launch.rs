@@ -22,7 +22,8 @@ pub struct LaunchShape {
     pub grid: [u32; 3],
     /// Threads per block along x, y, z (kiln's kernels are 1-D: `[block_dim, 1, 1]`).
     pub block: [u32; 3],
-    /// Dynamic shared memory per block (kiln's kernels declare theirs statically: 0).
+    /// Dynamic shared memory per block: the manifest's `dynamic_shared_bytes` (0 for
+    /// kernels whose shared arrays are declared statically).
     pub dynamic_shared_bytes: u32,
 }
 
@@ -88,7 +89,23 @@ impl LaunchShape {
                     ),
                 })?;
         }
-        LaunchShape::new(&kernel.name, grid, kernel.block_dim)
+        LaunchShape::new(&kernel.name, grid, kernel.block_dim)?
+            .map(|shape| shape.with_dynamic_shared(kernel))
+            .transpose()
+    }
+
+    /// This shape with `kernel`'s dynamic shared memory (an error beyond what a launch
+    /// may pass).
+    pub fn with_dynamic_shared(mut self, kernel: &KernelInfo) -> Result<LaunchShape, CudaError> {
+        self.dynamic_shared_bytes =
+            u32::try_from(kernel.dynamic_shared_bytes).map_err(|_| CudaError::BadLaunchShape {
+                kernel: kernel.name.clone(),
+                detail: format!(
+                    "{} bytes of dynamic shared memory",
+                    kernel.dynamic_shared_bytes
+                ),
+            })?;
+        Ok(self)
     }
 
     /// Threads in the whole launch.
@@ -129,6 +146,7 @@ mod tests {
             block_dim,
             grid: [grid_x, SizeExpr::Const(1), SizeExpr::Const(1)],
             shared_bytes: 0,
+            dynamic_shared_bytes: 0,
         }
     }
 
@@ -149,6 +167,36 @@ mod tests {
         assert_eq!(shape.block, [128, 1, 1]);
         assert_eq!(shape.threads(), 1024);
         assert_eq!(shape.to_string(), "grid (8, 1, 1), block (128, 1, 1)");
+    }
+
+    #[test]
+    fn dynamic_shared_memory_comes_from_the_manifest() {
+        let symbols = SymbolValues::from_pairs([("n", 1000)]);
+        let mut info = kernel(ceil_div_n(256), 256);
+        info.shared_bytes = 96 * 1024;
+        info.dynamic_shared_bytes = 96 * 1024 + 16;
+        let shape = LaunchShape::for_kernel(&info, &symbols).unwrap().unwrap();
+        assert_eq!(shape.dynamic_shared_bytes, 98_320);
+        assert_eq!(
+            shape.to_string(),
+            "grid (4, 1, 1), block (256, 1, 1), 98320 bytes of dynamic shared memory"
+        );
+        // Static kernels launch with none.
+        info.dynamic_shared_bytes = 0;
+        let shape = LaunchShape::for_kernel(&info, &symbols).unwrap().unwrap();
+        assert_eq!(shape.dynamic_shared_bytes, 0);
+        // More than 32 bits is no launch.
+        info.dynamic_shared_bytes = 1 << 32;
+        let error = LaunchShape::for_kernel(&info, &symbols)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("4294967296 bytes of dynamic shared memory"),
+            "{error}"
+        );
+        // An empty grid is still no launch.
+        let empty = SymbolValues::from_pairs([("n", 0)]);
+        assert_eq!(LaunchShape::for_kernel(&info, &empty).unwrap(), None);
     }
 
     #[test]

@@ -117,6 +117,21 @@ impl CudaPackage {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
+        // Kernels beyond the static 48 KiB opt into their dynamic shared memory, once.
+        for (kernel, function) in manifest.kernels.iter().zip(&kernels) {
+            if kernel.dynamic_shared_bytes == 0 {
+                continue;
+            }
+            let bytes = u32::try_from(kernel.dynamic_shared_bytes).unwrap_or(u32::MAX);
+            ffi::allow_dynamic_shared(function, bytes).map_err(|error| {
+                CudaError::SharedMemory {
+                    package: name.clone(),
+                    kernel: kernel.name.clone(),
+                    bytes: kernel.dynamic_shared_bytes,
+                    source: DriverFailure::from_driver(error),
+                }
+            })?;
+        }
         let plan_launch_order =
             if dependent_launch_safe(&manifest, device.info().compute_capability) {
                 LaunchOrder::DependsOnPrevious
@@ -260,7 +275,9 @@ impl CudaPackage {
                 kernel: kernel.to_string(),
             })?;
         let info = self.kernel_info(index);
-        let shape = LaunchShape::new(kernel, grid, info.block_dim)?;
+        let shape = LaunchShape::new(kernel, grid, info.block_dim)?
+            .map(|shape| shape.with_dynamic_shared(info))
+            .transpose()?;
         let values = self.pack_args(info, args)?;
         Ok((index, shape, values))
     }

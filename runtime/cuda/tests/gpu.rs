@@ -414,3 +414,77 @@ fn plans_time_their_launches() {
     let sum = elementwise(&values(&inputs[0]), &values(&inputs[1]), |x, y| x + y);
     assert_eq!(values(&outputs[1]), sum);
 }
+
+/// A kernel whose 96 KiB of shared arrays live in the dynamic window: each block stages
+/// its 256 elements at the far end of the window and writes them back reversed.
+fn dynamic_shared_kernel() -> kiln_kir::Kernel {
+    use kiln_kir::{Access, Expr, KernelBuilder, SizeExpr, Stmt, Ty};
+    let block_dim = 256;
+    let tile_len = 24 * 1024;
+    let mut k = KernelBuilder::new("reverse_far", block_dim);
+    k.grid([
+        SizeExpr::Sym("blocks".to_string()),
+        SizeExpr::Const(1),
+        SizeExpr::Const(1),
+    ]);
+    let x = k.buffer("x", DType::F32, Access::Read);
+    let out = k.buffer("out", DType::F32, Access::Write);
+    let tile = k.shared("tile", DType::F32, tile_len);
+    let base = k.var("base", Ty::I32);
+    let start = (tile_len - block_dim) as i32;
+    k.finish(vec![
+        Stmt::assign(base, Expr::block_idx(0) * Expr::block_dim()),
+        Stmt::store(
+            tile,
+            Expr::i32(start) + Expr::thread_idx(),
+            Expr::load(x, Expr::var(base) + Expr::thread_idx()),
+        ),
+        Stmt::Barrier,
+        Stmt::store(
+            out,
+            Expr::var(base) + Expr::thread_idx(),
+            Expr::load(tile, Expr::i32(tile_len as i32 - 1) - Expr::thread_idx()),
+        ),
+    ])
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU; run with --include-ignored on a machine with one"]
+fn kernels_beyond_48_kib_launch_with_dynamic_shared_memory() {
+    let device = gpu();
+    let kernel = dynamic_shared_kernel();
+    let info = kiln_kir::KernelInfo::of(&kernel);
+    assert_eq!(info.dynamic_shared_bytes, 96 * 1024);
+    let (major, minor) = device.info().compute_capability;
+    let target = kiln_ptx::Target::for_compute_capability(major, minor).unwrap();
+    let mut ptx = kiln_ptx::emit_ptx(
+        std::slice::from_ref(&kernel),
+        target,
+        &kiln_ptx::EmitOptions::for_jit(),
+    )
+    .unwrap();
+    ptx.push('\0');
+    let package = CudaPackage::from_image(
+        &device,
+        manifest(vec![info], Vec::new(), Vec::new()),
+        ptx.as_bytes(),
+        "dynamic shared",
+    )
+    .unwrap_or_else(|error| panic!("{error}"));
+    let blocks = 40;
+    let host = ramp(blocks * 256, 2.0);
+    let x = device.upload(&f32_tensor(host.clone())).unwrap();
+    let out = device.zeros(DType::F32, &[blocks * 256]).unwrap();
+    package
+        .launch(
+            "reverse_far",
+            [blocks as u64, 1, 1],
+            &[KernelArg::Tensor(&x), KernelArg::Tensor(&out)],
+        )
+        .unwrap_or_else(|error| panic!("{error}"));
+    let expected: Vec<f32> = host
+        .chunks(256)
+        .flat_map(|block| block.iter().rev().copied())
+        .collect();
+    assert_eq!(values(&device.download(&out).unwrap()), expected);
+}

@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 
 use kiln_ir::DType;
 use kiln_kir::print::Names;
-use kiln_kir::{Access, Buf, Const, Expr, Kernel, Param, Special, Stmt, Ty, VarId};
+use kiln_kir::{Access, Buf, Const, Expr, Kernel, Param, SharedLayout, Special, Stmt, Ty, VarId};
 
 use super::features::Feature;
 use super::isa::{self, BinaryLowering, CastLowering, UnaryLowering};
@@ -69,8 +69,14 @@ pub struct Value {
 pub enum Place {
     /// A global buffer: the register holding its (global-window) address.
     Global { pointer: Reg, read_only: bool },
-    /// A shared array: its symbol and the register holding its 32-bit address.
-    Shared { symbol: String, base: Reg },
+    /// A shared array: the symbol it is addressed from, the array's byte offset from that
+    /// symbol (nonzero only in the dynamic window) and the register holding its 32-bit
+    /// address.
+    Shared {
+        symbol: String,
+        offset: u64,
+        base: Reg,
+    },
 }
 
 /// The shared arrays' PTX symbols and their declarations.
@@ -79,6 +85,8 @@ struct SharedArray {
     symbol: String,
     bytes: u64,
     dtype: DType,
+    /// The byte offset from `symbol` (the dynamic window's arrays).
+    offset: u64,
 }
 
 /// One line of a function body.
@@ -136,6 +144,9 @@ pub struct FunctionEmitter<'k, 'c> {
     param_symbols: Vec<String>,
     shared: Vec<SharedArray>,
     shared_bases: Vec<Reg>,
+    /// The `.extern .shared` window of a kernel whose arrays exceed the static limit: its
+    /// symbol and size ([`SharedLayout`]).
+    dynamic_shared: Option<(String, u64)>,
     /// Registers of the special values the kernel reads (see [`special_slot`]).
     specials: [Option<Reg>; 7],
 }
@@ -159,14 +170,25 @@ impl<'k, 'c> FunctionEmitter<'k, 'c> {
         );
         let mut identifiers = distinct_identifiers(declared);
         let shared_symbols = identifiers.split_off(kernel.params.len());
+        let layout = SharedLayout::of(kernel);
+        // ptxas takes `.extern .shared` only at module scope, so the window's name carries
+        // the kernel's (`emit_module` rejects a kernel named like another's window).
+        let dynamic_shared = layout
+            .dynamic
+            .then(|| (dynamic_shared_symbol(&kernel.name), layout.bytes));
         let shared = kernel
             .shared
             .iter()
             .zip(shared_symbols)
-            .map(|(s, symbol)| SharedArray {
-                symbol,
+            .zip(&layout.offsets)
+            .map(|((s, symbol), &offset)| SharedArray {
+                symbol: match &dynamic_shared {
+                    Some((window, _)) => window.clone(),
+                    None => symbol,
+                },
                 bytes: u64::from(s.len) * s.dtype.size_bytes() as u64,
                 dtype: s.dtype,
+                offset,
             })
             .collect();
         FunctionEmitter {
@@ -182,6 +204,7 @@ impl<'k, 'c> FunctionEmitter<'k, 'c> {
             param_symbols: identifiers,
             shared,
             shared_bases: Vec::new(),
+            dynamic_shared,
             specials: [None; 7],
         }
     }
@@ -268,6 +291,11 @@ impl<'k, 'c> FunctionEmitter<'k, 'c> {
         let kernel = self.kernel;
         let mut out = String::new();
         out.push_str(&format!("// kernel {}\n", kernel.name));
+        if let Some((window, bytes)) = &self.dynamic_shared {
+            out.push_str(&format!(
+                "// {bytes} bytes of dynamic shared memory\n.extern .shared .align 16 .b8 {window}[];\n"
+            ));
+        }
         out.push_str(&format!(".visible .entry {}(", kernel.name));
         let params: Vec<String> = kernel
             .params
@@ -304,11 +332,13 @@ impl<'k, 'c> FunctionEmitter<'k, 'c> {
         for decl in self.regs.declarations() {
             out.push_str(&format!("\t{decl}\n"));
         }
-        for array in &self.shared {
-            out.push_str(&format!(
-                "\t.shared .align 16 .b8 {}[{}];\n",
-                array.symbol, array.bytes
-            ));
+        if self.dynamic_shared.is_none() {
+            for array in &self.shared {
+                out.push_str(&format!(
+                    "\t.shared .align 16 .b8 {}[{}];\n",
+                    array.symbol, array.bytes
+                ));
+            }
         }
         out.push('\n');
         for line in &self.lines {
@@ -349,7 +379,11 @@ impl<'k, 'c> FunctionEmitter<'k, 'c> {
         }
         for index in 0..self.shared.len() {
             let base = self.fresh(RegKind::B32);
-            let symbol = self.shared[index].symbol.clone();
+            let array = &self.shared[index];
+            let symbol = match array.offset {
+                0 => array.symbol.clone(),
+                offset => format!("{}+{offset}", array.symbol),
+            };
             self.inst("mov.u32", &[&base, &symbol]);
             self.shared_bases.push(base);
         }
@@ -866,6 +900,7 @@ impl<'k, 'c> FunctionEmitter<'k, 'c> {
                 .get(index as usize)
                 .map(|array| Place::Shared {
                     symbol: array.symbol.clone(),
+                    offset: array.offset,
                     base: self.shared_bases[index as usize],
                 })
                 .ok_or_else(|| self.error(format!("shared array {index} is not declared"))),
@@ -886,6 +921,11 @@ impl<'k, 'c> FunctionEmitter<'k, 'c> {
                 .ok_or_else(|| self.error(format!("shared array {index} is not declared"))),
         }
     }
+}
+
+/// The module-scope symbol of `kernel`'s dynamic shared-memory window.
+pub(super) fn dynamic_shared_symbol(kernel: &str) -> String {
+    format!("{kernel}$smem")
 }
 
 /// The `.param` type of a parameter: buffers are 64-bit addresses, predicates a byte (as a

@@ -83,11 +83,15 @@ impl FunctionEmitter<'_, '_> {
                     text: format!("[{address}]"),
                 })
             }
-            Place::Shared { symbol, base } => {
+            Place::Shared {
+                symbol,
+                offset: array_offset,
+                base,
+            } => {
                 if let Some(offset) = offset {
                     return Ok(Address {
                         space: "shared",
-                        text: with_offset(&symbol, offset),
+                        text: with_offset(&symbol, array_offset as i64 + offset),
                     });
                 }
                 let index32 = match index.ty {

@@ -462,3 +462,39 @@ pub fn everything() -> Vec<Kernel> {
         .filter(|kernel| seen.insert(kernel.name.clone()))
         .collect()
 }
+
+/// A kernel whose shared arrays exceed the static 48 KiB, so they live in the dynamic
+/// window: a 12-byte `bias` (the next array's offset is rounded up to 16) and a `tile` of
+/// `tile_len` f32. Each block stages its `block_dim` elements of `x` at the far end of
+/// `tile` (a register-addressed store), thread 0 writes `bias[2]` (a constant offset),
+/// and after a barrier `out[b * block_dim + t] = tile[end - 1 - t] + bias[2]`.
+pub fn dynamic_shared(tile_len: u32) -> Kernel {
+    let block_dim = 128;
+    let mut k = KernelBuilder::new("dynamic_shared", block_dim);
+    k.grid(grid_over("n", block_dim));
+    let x = k.buffer("x", DType::F32, Access::Read);
+    let out = k.buffer("out", DType::F32, Access::Write);
+    let bias = k.shared("bias", DType::F32, 3);
+    let tile = k.shared("tile", DType::F32, tile_len);
+    let base = k.var("base", Ty::I32);
+    let start = tile_len as i32 - block_dim as i32;
+    k.finish(vec![
+        Stmt::assign(base, Expr::block_idx(0) * Expr::block_dim()),
+        Stmt::store(
+            tile,
+            Expr::i32(start) + Expr::thread_idx(),
+            Expr::load(x, Expr::var(base) + Expr::thread_idx()),
+        ),
+        Stmt::if_then(
+            Expr::thread_idx().equals(Expr::i32(0)),
+            vec![Stmt::store(bias, Expr::i32(2), Expr::f32(0.5))],
+        ),
+        Stmt::Barrier,
+        Stmt::store(
+            out,
+            Expr::var(base) + Expr::thread_idx(),
+            Expr::load(tile, Expr::i32(tile_len as i32 - 1) - Expr::thread_idx())
+                + Expr::load(bias, Expr::i32(2)),
+        ),
+    ])
+}

@@ -138,6 +138,7 @@ pub fn elementwise_kernel(name: &str) -> KernelInfo {
             konst(1),
         ],
         shared_bytes: 0,
+        dynamic_shared_bytes: 0,
     }
 }
 
