@@ -500,17 +500,19 @@ fn prefill_knob_sets() -> Vec<(GemmTuning, &'static str)> {
         ..GemmTuning::default()
     };
     vec![
-        // 8 warps of 64 x 64 over a 128 x 256 block, two 24 KiB stages.
+        // 8 warps of 64 x 64 over a 128 x 256 block, four 24 KiB stages (dynamic shared
+        // memory).
         (
             tuned((128, 256), (2, 4), 0, 0, 8, true),
-            "128x256x32_w2x4_s2_r8_db",
+            "128x256x32_w2x4_s4_r8_db",
         ),
         (tuned((256, 128), (4, 2), 0, 2, 2, false), "256x128x32_w4x2_s2_r2"),
         // 64-wide slices (four k16 steps), 8 warps of 32 x 32.
-        (tuned((128, 64), (4, 2), 64, 0, 3, true), "128x64x64_w4x2_s2_r3_db"),
-        // The table's tile, rasterized and double-buffered.
+        (tuned((128, 64), (4, 2), 64, 0, 3, true), "128x64x64_w4x2_s4_r3_db"),
+        (tuned((128, 128), (2, 2), 64, 3, 0, true), "128x128x64_w2x2_s3_db"),
+        // The table's tile, rasterized and double-buffered; with four stages.
         (tuned((0, 0), (0, 0), 0, 0, 2, true), "128x128x32_w2x2_s3_r2_db"),
-        (tuned((0, 0), (0, 0), 0, 4, 0, true), "128x128x32_w2x2_s3_db"),
+        (tuned((0, 0), (0, 0), 0, 4, 0, true), "128x128x32_w2x2_s4_db"),
     ]
 }
 

@@ -70,6 +70,65 @@ fn llm_shaped_gemms_assemble_for_every_target_without_spills() {
     common::assert_assembles_without_spills(&toolchain, &kernels);
 }
 
+/// The prefill knobs of `GemmTuning` (`KILN_TUNE_GEMM`) at the bench shapes (4096³, 8192³,
+/// 4096 × 14336 × 4096, a fused gate/up pair, f16 with a `[K, N]` B): every variant
+/// assembles for all five targets without spills (registers printed with `--nocapture`).
+#[test]
+fn prefill_knob_gemms_assemble_for_every_target_without_spills() {
+    use kiln_gpu_kernels::GemmTuning;
+    let Some(toolchain) = common::toolchain() else {
+        return;
+    };
+    let module = lower("llm_gemms.kiln", KNOB_SRC, None, None);
+    let tuned = |tile, warps, bk, stages, raster, double_buffer| GemmTuning {
+        tile,
+        warps,
+        bk,
+        stages,
+        raster,
+        double_buffer,
+        ..GemmTuning::default()
+    };
+    let mut kernels = Vec::new();
+    for (tuning, want) in [
+        (tuned((0, 0), (0, 0), 0, 0, 8, true), "128x128x32_w2x2_s3_r8_db"),
+        (tuned((128, 256), (2, 4), 0, 0, 8, true), "128x256x32_w2x4_s4_r8_db"),
+        (tuned((256, 128), (4, 2), 0, 0, 8, true), "256x128x32_w4x2_s4_r8_db"),
+        (tuned((128, 128), (2, 4), 0, 0, 8, true), "128x128x32_w2x4_s4_r8_db"),
+        (tuned((128, 128), (2, 4), 64, 0, 8, true), "128x128x64_w2x4_s3_r8_db"),
+        (tuned((128, 256), (2, 4), 0, 3, 8, false), "128x256x32_w2x4_s3_r8"),
+    ] {
+        let options = Options {
+            gemm: tuning,
+            ..Options::default()
+        };
+        for function in ["square", "big", "gate_up_plain", "gate_up", "f16_kn"] {
+            let compiled = kiln_gpu_kernels::compile_function(&module, function, &options).unwrap();
+            let gemms: Vec<_> = compiled
+                .kernels
+                .into_iter()
+                .filter(|k| k.name.contains("mma_gemm"))
+                .collect();
+            assert_eq!(gemms.len(), 1, "{function}");
+            if function != "gate_up" {
+                assert!(gemms[0].name.contains(want), "{}: {want}", gemms[0].name);
+            }
+            if !kernels.iter().any(|k: &kiln_kir::Kernel| k.name == gemms[0].name) {
+                kernels.extend(gemms);
+            }
+        }
+    }
+    common::assert_assembles_without_spills(&toolchain, &kernels);
+}
+
+const KNOB_SRC: &str = "import nn
+fn square(a: bf16[4096, 4096], b: bf16[4096, 4096]) -> bf16[4096, 4096] { linear(a, b) }
+fn big(a: bf16[8192, 8192], b: bf16[8192, 8192]) -> bf16[8192, 8192] { linear(a, b) }
+fn gate_up_plain(x: bf16[4096, 4096], w: bf16[14336, 4096]) -> bf16[4096, 14336] { linear(x, w) }
+fn gate_up(x: bf16[4096, 4096], gate: bf16[14336, 4096], up: bf16[14336, 4096]) -> bf16[4096, 14336] { silu(linear(x, gate)) * linear(x, up) }
+fn f16_kn(a: f16[4096, 4096], b: f16[4096, 4096]) -> f16[4096, 4096] { a @ b }
+";
+
 const FP8_SRC: &str = "import nn
 fn fp8_8192(a: f8e4m3[8192, 8192], b: f8e4m3[8192, 8192], sa: f32, sb: f32) -> bf16[8192, 8192] { bf16(scaled_mm(a, b, sa, sb)) }
 fn fp8_channel(a: f8e4m3[T, 4096], b: f8e4m3[14336, 4096], sa: f32[T, 1], sb: f32[14336]) -> bf16[T, 14336] { bf16(scaled_mm(a, b, sa, sb)) }

@@ -77,6 +77,12 @@ pub(crate) const CHUNK: i64 = 8;
 /// The static shared memory a block may use.
 const SHARED_BYTES: u32 = 48 * 1024;
 
+/// The shared memory a block of a tuned prefill tile may use ([`tuned_tile`]): the smallest
+/// opt-in limit of the kiln targets (sm_89 and sm_120: 99 KiB; sm_80 has 163, sm_90a and
+/// sm_100a 227), so that one kernel assembles for all of them. Past the static 48 KiB the
+/// arrays live in the dynamic window (`kiln_kir::shared_layout`).
+const TUNED_SHARED_BYTES: u32 = 99 * 1024;
+
 /// Accumulator registers per thread the tile table stays within.
 const MAX_ACCUMULATORS: u32 = 128;
 
@@ -204,7 +210,7 @@ pub fn choose_tile(m: Option<u64>, n: u64, matmuls: u32) -> MmaTile {
 /// warps, the slice width and the stages (`GemmTuning::{tile, warps, bk, stages}`): the
 /// table's tile ([`choose_tile`]) with each override that is set, the same narrowing while
 /// the accumulators exceed [`MAX_ACCUMULATORS`], and as many stages as asked for that fit
-/// (at most 4 when none is asked for). Decode-sized tiles (split-K warps) and M known to be
+/// in [`TUNED_SHARED_BYTES`] (at most 4 when none is asked for). Decode-sized tiles (split-K warps) and M known to be
 /// at most 64 keep the table's; so does an override whose tile the template cannot run
 /// ([`valid_prefill_tile`]).
 pub fn tuned_tile(m: Option<u64>, n: u64, matmuls: u32, tuning: &crate::GemmTuning) -> MmaTile {
@@ -227,7 +233,7 @@ pub fn tuned_tile(m: Option<u64>, n: u64, matmuls: u32, tuning: &crate::GemmTuni
     while t.accumulators(matmuls) > MAX_ACCUMULATORS && t.bm / t.warps_m > 16 {
         t.bm /= 2;
     }
-    let fit = SHARED_BYTES / t.stage_bytes(matmuls);
+    let fit = TUNED_SHARED_BYTES / t.stage_bytes(matmuls);
     t.stages = match tuning.stages {
         0 => fit.min(4),
         s => s.min(fit),
@@ -241,7 +247,7 @@ pub fn tuned_tile(m: Option<u64>, n: u64, matmuls: u32, tuning: &crate::GemmTuni
 
 /// Whether the emitter can run the prefill tile `t` (no split-K warps) of `matmuls` fused
 /// 16-bit matmuls: powers of two, whole pairs of m16n8 fragments per warp, at least two
-/// stages in shared memory, accumulators within [`MAX_ACCUMULATORS`], and copies of 16-byte
+/// stages in [`TUNED_SHARED_BYTES`], accumulators within [`MAX_ACCUMULATORS`], and copies of 16-byte
 /// chunks that divide evenly among the threads in whole rows of either B layout.
 pub fn valid_prefill_tile(t: &MmaTile, matmuls: u32) -> bool {
     let pow2 = |x: u32| x.is_power_of_two();
@@ -261,7 +267,7 @@ pub fn valid_prefill_tile(t: &MmaTile, matmuls: u32) -> bool {
         && t.warp_n() % 16 == 0
         && threads <= 512
         && t.stages >= 2
-        && t.stages * t.stage_bytes(matmuls) <= SHARED_BYTES
+        && t.stages * t.stage_bytes(matmuls) <= TUNED_SHARED_BYTES
         && t.accumulators(matmuls) <= MAX_ACCUMULATORS
         && copies_divide(t.bm, t.bk)
         && copies_divide(t.bn, t.bk)
@@ -744,13 +750,17 @@ fn by_segment(segment: &Expr, mut branches: Vec<Vec<Stmt>>) -> Vec<Stmt> {
 struct Fragments<'a> {
     a_tile: Buf,
     b_tiles: &'a [Buf],
-    /// Per k16 step, the thread's `ldmatrix` offset in an A stage.
+    /// Per k step, the thread's `ldmatrix` offset in an A stage (only step 0's is used).
     a_ld: &'a [Expr],
-    /// Per B tile, k16 step and pair of n8 tiles, the offset in a B stage.
+    /// Per B tile, k step and pair of n8 tiles, the offset in a B stage (only step 0's
+    /// first pair's is used).
     b_ld: &'a [Vec<Vec<Expr>>],
     /// Per B tile, whether it is `[K, N]` (a transposing `ldmatrix`).
     trans: Vec<bool>,
     bk: i64,
+    bn: i64,
+    /// Elements of a 16-byte chunk.
+    chunk_len: i64,
     input: MmaInput,
     acc: &'a [Vec<[VarId; 4]>],
     /// Two sets of A fragments, one per m16 tile.
@@ -759,25 +769,50 @@ struct Fragments<'a> {
     b: [Vec<Vec<[VarId; 2]>>; 2],
 }
 
+/// `a ^ bits` (`a` when `bits` is 0).
+fn xor(a: Expr, bits: i64) -> Expr {
+    if bits == 0 {
+        a
+    } else {
+        Expr::binary(BinOp::Xor, a, i32c(bits))
+    }
+}
+
 impl Fragments<'_> {
-    /// The `ldmatrix`es of k16 step `kk` of the stage at `a_base`/`b_base` into `set`.
+    /// The `ldmatrix`es of k step `kk` of the stage at `a_base`/`b_base` into `set`.
+    ///
+    /// The offsets derive from step 0's (one register each, not one per step and pair): a
+    /// step's chunks are step 0's XOR `2 kk` (their low bit is the lane's half, the swizzle
+    /// depends on the row only), so in a row of chunks the offset is step 0's XOR
+    /// `2 kk × chunk_len`; the next m16 tile (A) or pair of n8 tiles (transposed B) is 16
+    /// rows on, which the swizzle (bits 0 to 2 of `row >> shift`, shift at most 2) does not
+    /// see. In a `[K, N]` B the roles swap: the step moves 16 rows, the pair 2 chunks.
     fn load(&self, out: &mut Vec<Stmt>, kk: usize, set: usize, a_base: &Expr, b_base: &Expr) {
+        let step_bits = kk as i64 * 2 * self.chunk_len;
+        let a_offset = xor(self.a_ld[0].clone(), step_bits);
         for (mi, frag) in self.a[set].iter().enumerate() {
             out.push(Stmt::LdMatrix {
                 dsts: frag.to_vec(),
                 trans: false,
                 buf: self.a_tile,
-                index: a_base.clone() + self.a_ld[kk].clone() + i32c(mi as i64 * 16 * self.bk),
+                index: a_base.clone() + a_offset.clone() + i32c(mi as i64 * 16 * self.bk),
             });
         }
         for (i, frags) in self.b[set].iter().enumerate() {
             for pair in 0..frags.len() / 2 {
                 let (lo, hi) = (&frags[2 * pair], &frags[2 * pair + 1]);
+                let first = self.b_ld[i][0][0].clone();
+                let pair = pair as i64;
+                let offset = if self.trans[i] {
+                    xor(first, pair * 2 * CHUNK) + i32c(kk as i64 * 16 * self.bn)
+                } else {
+                    xor(first, step_bits) + i32c(pair * 16 * self.bk)
+                };
                 out.push(Stmt::LdMatrix {
                     dsts: vec![lo[0], lo[1], hi[0], hi[1]],
                     trans: self.trans[i],
                     buf: self.b_tiles[i],
-                    index: b_base.clone() + self.b_ld[i][kk][pair].clone(),
+                    index: b_base.clone() + offset,
                 });
             }
         }
@@ -1290,6 +1325,8 @@ pub(crate) fn emit(
             b_ld: &b_ld,
             trans: plan.b.iter().take(sets).map(|s| s.k_rows).collect(),
             bk,
+            bn,
+            chunk_len,
             input: plan.input,
             acc: &acc,
             a: [0; 2].map(|_| {
