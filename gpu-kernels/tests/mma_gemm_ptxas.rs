@@ -72,13 +72,12 @@ fn llm_shaped_gemms_assemble_for_every_target_without_spills() {
 
 /// The prefill knobs of `GemmTuning` (`KILN_TUNE_GEMM`) at the bench shapes (4096³, 8192³,
 /// 4096 × 14336 × 4096, a fused gate/up pair, f16 with a `[K, N]` B): every variant
-/// assembles for all five targets without spills (registers printed with `--nocapture`).
+/// assembles for all five targets without spills (registers printed with `--nocapture`);
+/// the PTX of the 8-warp 128 × 256 kernel for sm_90a (dynamic shared memory, rasterized,
+/// double-buffered) is a reviewed snapshot.
 #[test]
 fn prefill_knob_gemms_assemble_for_every_target_without_spills() {
     use kiln_gpu_kernels::GemmTuning;
-    let Some(toolchain) = common::toolchain() else {
-        return;
-    };
     let module = lower("llm_gemms.kiln", KNOB_SRC, None, None);
     let tuned = |tile, warps, bk, stages, raster, double_buffer| GemmTuning {
         tile,
@@ -118,6 +117,21 @@ fn prefill_knob_gemms_assemble_for_every_target_without_spills() {
             }
         }
     }
+    let wide = kernels
+        .iter()
+        .find(|k| k.name == "k0_mma_gemm_128x256x32_w2x4_s4_r8_db_bf16")
+        .expect("the 128 x 256 kernel");
+    let ptx = emit_ptx(
+        std::slice::from_ref(wide),
+        Target::Sm90a,
+        &EmitOptions::default(),
+    )
+    .unwrap();
+    assert!(ptx.contains(".extern .shared"), "dynamic shared memory");
+    insta::assert_snapshot!("gemm_128x256_r8_db_sm_90a", ptx);
+    let Some(toolchain) = common::toolchain() else {
+        return;
+    };
     common::assert_assembles_without_spills(&toolchain, &kernels);
 }
 

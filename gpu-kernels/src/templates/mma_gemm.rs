@@ -254,17 +254,19 @@ pub fn valid_prefill_tile(t: &MmaTile, matmuls: u32) -> bool {
     let threads = t.threads();
     let chunks = |cols: u32| cols / CHUNK as u32;
     let copies_divide = |rows: u32, cols: u32| {
-        chunks(cols) > 0 && threads % chunks(cols) == 0 && (rows * chunks(cols)) % threads == 0
+        chunks(cols) > 0
+            && threads.is_multiple_of(chunks(cols))
+            && (rows * chunks(cols)).is_multiple_of(threads)
     };
     t.warps_k == 1
         && [t.bm, t.bn, t.bk, t.warps_m, t.warps_n]
             .into_iter()
             .all(pow2)
         && t.bk >= 16
-        && t.bm % t.warps_m == 0
-        && t.bn % t.warps_n == 0
-        && t.warp_m() % 16 == 0
-        && t.warp_n() % 16 == 0
+        && t.bm.is_multiple_of(t.warps_m)
+        && t.bn.is_multiple_of(t.warps_n)
+        && t.warp_m().is_multiple_of(16)
+        && t.warp_n().is_multiple_of(16)
         && threads <= 512
         && t.stages >= 2
         && t.stages * t.stage_bytes(matmuls) <= TUNED_SHARED_BYTES
@@ -696,7 +698,7 @@ pub(crate) fn plan(
         segments: Vec::new(),
         casts,
         raster: if prefill { tuning.raster.max(1) } else { 1 },
-        double_buffer: prefill && tuning.double_buffer && k_steps % 2 == 0,
+        double_buffer: prefill && tuning.double_buffer && k_steps.is_multiple_of(2),
     })
 }
 
