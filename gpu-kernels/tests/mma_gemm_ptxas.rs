@@ -198,6 +198,46 @@ fn fp8_gemms_assemble_from_sm_89_without_spills() {
     );
 }
 
+/// The 8192³ FP8 GEMM with the prefill knobs that apply to FP8 (the rasterized block order
+/// and the double-buffered fragments; its tile stays the table's) assembles from sm_89
+/// without spills.
+#[test]
+fn fp8_gemm_with_the_block_order_and_double_buffer_assembles_without_spills() {
+    let module = lower("fp8_gemms.kiln", FP8_SRC, None, None);
+    let options = Options {
+        gemm: kiln_gpu_kernels::GemmTuning {
+            raster: 8,
+            double_buffer: true,
+            tile: (128, 256),
+            warps: (2, 4),
+            ..Default::default()
+        },
+        ..Options::default()
+    };
+    let compiled = kiln_gpu_kernels::compile_function(&module, "fp8_8192", &options).unwrap();
+    let gemms: Vec<_> = compiled
+        .kernels
+        .into_iter()
+        .filter(|k| k.name.contains("mma_gemm"))
+        .collect();
+    assert_eq!(gemms.len(), 1);
+    assert!(
+        gemms[0]
+            .name
+            .contains("mma_gemm_e4m3_128x128x64_w2x4_s3_r8_db"),
+        "{}",
+        gemms[0].name
+    );
+    let Some(toolchain) = common::toolchain() else {
+        return;
+    };
+    common::assert_assembles_without_spills_for(
+        &toolchain,
+        &gemms,
+        &[Target::Sm89, Target::Sm90a, Target::Sm100a, Target::Sm120],
+    );
+}
+
 /// Shapes for the GPU check: `(function, T)`.
 const GPU_CASES: [(&str, u64); 11] = [
     ("small_nk", 37),
