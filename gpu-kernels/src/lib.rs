@@ -141,6 +141,43 @@ impl Default for GemmTuning {
     }
 }
 
+impl GemmTuning {
+    /// The knob names [`GemmTuning::set`] takes.
+    pub const KEYS: &'static str =
+        "segments, splits, rowsum, kvwrite, maxsplits, tile, warps, bk, stages, raster, dbuf";
+
+    /// Sets knob `key` (the `KILN_TUNE_GEMM` names, [`GemmTuning::KEYS`]) from `value`: a
+    /// number (`0|1` for switches), or `AxB` for `tile` and `warps`.
+    pub fn set(&mut self, key: &str, value: &str) -> Result<(), String> {
+        let pair = || -> Result<(u32, u32), String> {
+            value
+                .split_once('x')
+                .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)))
+                .ok_or_else(|| format!("`{key}={value}`: want AxB, two numbers"))
+        };
+        let number = || -> Result<u32, String> {
+            value
+                .parse()
+                .map_err(|_| format!("`{key}={value}`: the value is not a number"))
+        };
+        match key {
+            "tile" => self.tile = pair()?,
+            "warps" => self.warps = pair()?,
+            "segments" => self.segments = number()? != 0,
+            "splits" => self.segment_splits = number()? != 0,
+            "rowsum" => self.row_sums = number()? != 0,
+            "kvwrite" => self.kv_writes = number()? != 0,
+            "maxsplits" => self.max_splits = number()?,
+            "bk" => self.bk = number()?,
+            "stages" => self.stages = number()?,
+            "raster" => self.raster = number()?,
+            "dbuf" => self.double_buffer = number()? != 0,
+            _ => return Err(format!("unknown key `{key}` ({})", Self::KEYS)),
+        }
+        Ok(())
+    }
+}
+
 /// Knobs of the persistent loop template (`templates/persistent_loop.rs`; the defaults are
 /// what kiln compiles with, benchmarks may compare the variants).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

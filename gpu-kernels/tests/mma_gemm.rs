@@ -506,13 +506,28 @@ fn prefill_knob_sets() -> Vec<(GemmTuning, &'static str)> {
             tuned((128, 256), (2, 4), 0, 0, 8, true),
             "128x256x32_w2x4_s4_r8_db",
         ),
-        (tuned((256, 128), (4, 2), 0, 2, 2, false), "256x128x32_w4x2_s2_r2"),
+        (
+            tuned((256, 128), (4, 2), 0, 2, 2, false),
+            "256x128x32_w4x2_s2_r2",
+        ),
         // 64-wide slices (four k16 steps), 8 warps of 32 x 32.
-        (tuned((128, 64), (4, 2), 64, 0, 3, true), "128x64x64_w4x2_s4_r3_db"),
-        (tuned((128, 128), (2, 2), 64, 3, 0, true), "128x128x64_w2x2_s3_db"),
+        (
+            tuned((128, 64), (4, 2), 64, 0, 3, true),
+            "128x64x64_w4x2_s4_r3_db",
+        ),
+        (
+            tuned((128, 128), (2, 2), 64, 3, 0, true),
+            "128x128x64_w2x2_s3_db",
+        ),
         // The table's tile, rasterized and double-buffered; with four stages.
-        (tuned((0, 0), (0, 0), 0, 0, 2, true), "128x128x32_w2x2_s3_r2_db"),
-        (tuned((0, 0), (0, 0), 0, 4, 0, true), "128x128x32_w2x2_s4_db"),
+        (
+            tuned((0, 0), (0, 0), 0, 0, 2, true),
+            "128x128x32_w2x2_s3_r2_db",
+        ),
+        (
+            tuned((0, 0), (0, 0), 0, 4, 0, true),
+            "128x128x32_w2x2_s4_db",
+        ),
     ]
 }
 
@@ -564,7 +579,9 @@ fn prefill_knobs_leave_decode_tiles_and_fp8_alone() {
     );
     let names = run_both("long_nk", &[("M", 9)], &options);
     assert!(
-        names.iter().any(|n| n.contains("mma_gemm_16x32x128_w1x2x4_s3_")),
+        names
+            .iter()
+            .any(|n| n.contains("mma_gemm_16x32x128_w1x2x4_s3_")),
         "{names:?}"
     );
     // FP8 keeps its table tile (N of 53: 64 wide), with the block order and the double
@@ -586,7 +603,34 @@ fn prefill_knobs_leave_decode_tiles_and_fp8_alone() {
     };
     let names = run_both("long_nk", &[("M", 130)], &options);
     assert!(
-        names.iter().any(|n| n.contains("mma_gemm_128x128x32_w2x2_s3_")),
+        names
+            .iter()
+            .any(|n| n.contains("mma_gemm_128x128x32_w2x2_s3_")),
         "{names:?}"
     );
+}
+
+#[test]
+fn gemm_knobs_parse_from_their_kiln_tune_names() {
+    let mut tuning = GemmTuning::default();
+    for (key, value) in [
+        ("tile", "128x256"),
+        ("warps", "2x4"),
+        ("stages", "4"),
+        ("raster", "8"),
+        ("dbuf", "1"),
+        ("bk", "64"),
+        ("maxsplits", "2"),
+    ] {
+        tuning.set(key, value).unwrap();
+    }
+    assert_eq!(
+        (tuning.tile, tuning.warps, tuning.stages, tuning.raster),
+        ((128, 256), (2, 4), 4, 8)
+    );
+    assert!(tuning.double_buffer);
+    assert_eq!((tuning.bk, tuning.max_splits), (64, 2));
+    assert!(tuning.set("tile", "128").is_err());
+    assert!(tuning.set("stages", "x").is_err());
+    assert!(tuning.set("colour", "1").is_err());
 }

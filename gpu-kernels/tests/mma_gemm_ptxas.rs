@@ -90,12 +90,30 @@ fn prefill_knob_gemms_assemble_for_every_target_without_spills() {
     };
     let mut kernels = Vec::new();
     for (tuning, want) in [
-        (tuned((0, 0), (0, 0), 0, 0, 8, true), "128x128x32_w2x2_s3_r8_db"),
-        (tuned((128, 256), (2, 4), 0, 0, 8, true), "128x256x32_w2x4_s4_r8_db"),
-        (tuned((256, 128), (4, 2), 0, 0, 8, true), "256x128x32_w4x2_s4_r8_db"),
-        (tuned((128, 128), (2, 4), 0, 0, 8, true), "128x128x32_w2x4_s4_r8_db"),
-        (tuned((128, 128), (2, 4), 64, 0, 8, true), "128x128x64_w2x4_s3_r8_db"),
-        (tuned((128, 256), (2, 4), 0, 3, 8, false), "128x256x32_w2x4_s3_r8"),
+        (
+            tuned((0, 0), (0, 0), 0, 0, 8, true),
+            "128x128x32_w2x2_s3_r8_db",
+        ),
+        (
+            tuned((128, 256), (2, 4), 0, 0, 8, true),
+            "128x256x32_w2x4_s4_r8_db",
+        ),
+        (
+            tuned((256, 128), (4, 2), 0, 0, 8, true),
+            "256x128x32_w4x2_s4_r8_db",
+        ),
+        (
+            tuned((128, 128), (2, 4), 0, 0, 8, true),
+            "128x128x32_w2x4_s4_r8_db",
+        ),
+        (
+            tuned((128, 128), (2, 4), 64, 0, 8, true),
+            "128x128x64_w2x4_s3_r8_db",
+        ),
+        (
+            tuned((128, 256), (2, 4), 0, 3, 8, false),
+            "128x256x32_w2x4_s3_r8",
+        ),
     ] {
         let options = Options {
             gemm: tuning,
@@ -112,7 +130,10 @@ fn prefill_knob_gemms_assemble_for_every_target_without_spills() {
             if function != "gate_up" {
                 assert!(gemms[0].name.contains(want), "{}: {want}", gemms[0].name);
             }
-            if !kernels.iter().any(|k: &kiln_kir::Kernel| k.name == gemms[0].name) {
+            if !kernels
+                .iter()
+                .any(|k: &kiln_kir::Kernel| k.name == gemms[0].name)
+            {
                 kernels.extend(gemms);
             }
         }
@@ -271,7 +292,9 @@ fn fp8_decode(x: f8e4m3[T, 4096], w: f8e4m3[4096, 4096], sa: f32, sb: f32[4096])
 /// kernel launched, for `tools/gemm_gpu_check.py`, which runs each case's launches in order
 /// on random data (a split-K case: the partial kernel, then the sum kernel, sharing a
 /// workspace the script allocates) against PyTorch and times them beside `torch.matmul`
-/// (FP8 cases: `scaled_mm` beside `torch._scaled_mm`).
+/// (FP8 cases: `scaled_mm` beside `torch._scaled_mm`). `KILN_TUNE_GEMM` (as `kiln bench`
+/// reads it) sets the GEMM knobs of the exported kernels, so that each variant can be
+/// checked on the GPU.
 #[test]
 #[ignore = "writes a GPU check to $KILN_GEMM_CHECK_DIR; run tools/gemm_gpu_check.py on a GPU"]
 fn export_gemm_gpu_check() {
@@ -281,10 +304,18 @@ fn export_gemm_gpu_check() {
     );
     std::fs::create_dir_all(&dir).unwrap();
     let module = lower("gemm_check.kiln", GPU_SRC, None, None);
+    let mut options = Options::default();
+    for item in std::env::var("KILN_TUNE_GEMM")
+        .unwrap_or_default()
+        .split(',')
+    {
+        if let Some((key, value)) = item.trim().split_once('=') {
+            options.gemm.set(key, value).unwrap();
+        }
+    }
     let mut cases = Vec::new();
     for (function, t) in GPU_CASES {
-        let compiled =
-            kiln_gpu_kernels::compile_function(&module, function, &Options::default()).unwrap();
+        let compiled = kiln_gpu_kernels::compile_function(&module, function, &options).unwrap();
         let symbols = |s: &str| (s == "T").then_some(t);
         let mut launches = Vec::new();
         // The branch of a decode-variant choice that runs at this T.

@@ -331,14 +331,6 @@ fn tuning_items(var: &str) -> Result<Vec<(String, u64)>> {
         .collect()
 }
 
-/// `AxB` (a tile or warp grid) as a pair of numbers.
-fn pair(var: &str, key: &str, value: &str) -> Result<(u32, u32)> {
-    let parsed = value
-        .split_once('x')
-        .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)));
-    parsed.ok_or_else(|| anyhow!("{var}: `{key}={value}`: want AxB, two numbers"))
-}
-
 /// Applies the tuning variables to `options` and says so on stderr when any is set.
 pub(crate) fn apply_tuning(options: &mut CompileOptions) -> Result<()> {
     let pointwise = tuning_items(TUNE_POINTWISE)?;
@@ -400,32 +392,8 @@ pub(crate) fn apply_tuning(options: &mut CompileOptions) -> Result<()> {
     let gemm_items = tuning_pairs(TUNE_GEMM)?;
     let gemm = &mut options.fusion.gemm;
     for (key, value) in &gemm_items {
-        if key == "tile" {
-            gemm.tile = pair(TUNE_GEMM, key, value)?;
-            continue;
-        }
-        if key == "warps" {
-            gemm.warps = pair(TUNE_GEMM, key, value)?;
-            continue;
-        }
-        let n: u64 = value
-            .parse()
-            .with_context(|| format!("{TUNE_GEMM}: `{key}={value}`: the value is not a number"))?;
-        match key.as_str() {
-            "segments" => gemm.segments = n != 0,
-            "splits" => gemm.segment_splits = n != 0,
-            "rowsum" => gemm.row_sums = n != 0,
-            "kvwrite" => gemm.kv_writes = n != 0,
-            "maxsplits" => gemm.max_splits = u32::try_from(n)?,
-            "bk" => gemm.bk = u32::try_from(n)?,
-            "stages" => gemm.stages = u32::try_from(n)?,
-            "raster" => gemm.raster = u32::try_from(n)?,
-            "dbuf" => gemm.double_buffer = n != 0,
-            _ => bail!(
-                "{TUNE_GEMM}: unknown key `{key}` (segments, splits, rowsum, kvwrite, maxsplits, \
-                 tile, warps, bk, stages, raster, dbuf)"
-            ),
-        }
+        gemm.set(key, value)
+            .map_err(|e| anyhow!("{TUNE_GEMM}: {e}"))?;
     }
     if !gemm_items.is_empty() {
         eprintln!(
