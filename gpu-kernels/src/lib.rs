@@ -121,6 +121,10 @@ pub struct GemmTuning {
     /// the `mma`s of step i, and the next stage's `cp.async` after the first step's
     /// fragments.
     pub double_buffer: bool,
+    /// Whether the prefill epilogue stores each thread's two adjacent output columns as one
+    /// 2-element vector (operands read likewise, one bounds check) where every stored width
+    /// is even (`_p2` in the kernel name).
+    pub paired_epilogue: bool,
 }
 
 impl Default for GemmTuning {
@@ -137,6 +141,7 @@ impl Default for GemmTuning {
             stages: 0,
             raster: 0,
             double_buffer: false,
+            paired_epilogue: false,
         }
     }
 }
@@ -144,7 +149,7 @@ impl Default for GemmTuning {
 impl GemmTuning {
     /// The knob names [`GemmTuning::set`] takes.
     pub const KEYS: &'static str =
-        "segments, splits, rowsum, kvwrite, maxsplits, tile, warps, bk, stages, raster, dbuf";
+        "segments, splits, rowsum, kvwrite, maxsplits, tile, warps, bk, stages, raster, dbuf, pairs";
 
     /// Sets knob `key` (the `KILN_TUNE_GEMM` names, [`GemmTuning::KEYS`]) from `value`: a
     /// number (`0|1` for switches), or `AxB` for `tile` and `warps`.
@@ -172,6 +177,7 @@ impl GemmTuning {
             "stages" => self.stages = number()?,
             "raster" => self.raster = number()?,
             "dbuf" => self.double_buffer = number()? != 0,
+            "pairs" => self.paired_epilogue = number()? != 0,
             _ => return Err(format!("unknown key `{key}` ({})", Self::KEYS)),
         }
         Ok(())

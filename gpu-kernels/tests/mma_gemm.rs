@@ -488,7 +488,7 @@ fn fp8_matmuls_the_fp8_mma_cannot_take_use_the_plain_template() {
 }
 
 /// The prefill knobs of `GemmTuning` (block tile, warps, slice width, stages, rasterized
-/// block order, double-buffered fragments), each set forced on.
+/// block order, double-buffered fragments, paired epilogue stores), each set forced on.
 fn prefill_knob_sets() -> Vec<(GemmTuning, &'static str)> {
     let tuned = |tile, warps, bk, stages, raster, double_buffer| GemmTuning {
         tile,
@@ -503,8 +503,11 @@ fn prefill_knob_sets() -> Vec<(GemmTuning, &'static str)> {
         // 8 warps of 64 x 64 over a 128 x 256 block, four 24 KiB stages (dynamic shared
         // memory).
         (
-            tuned((128, 256), (2, 4), 0, 0, 8, true),
-            "128x256x32_w2x4_s4_r8_db",
+            GemmTuning {
+                paired_epilogue: true,
+                ..tuned((128, 256), (2, 4), 0, 0, 8, true)
+            },
+            "128x256x32_w2x4_s4_r8_db_p2",
         ),
         (
             tuned((256, 128), (4, 2), 0, 2, 2, false),
@@ -512,8 +515,11 @@ fn prefill_knob_sets() -> Vec<(GemmTuning, &'static str)> {
         ),
         // 64-wide slices (four k16 steps), 8 warps of 32 x 32.
         (
-            tuned((128, 64), (4, 2), 64, 0, 3, true),
-            "128x64x64_w4x2_s4_r3_db",
+            GemmTuning {
+                paired_epilogue: true,
+                ..tuned((128, 64), (4, 2), 64, 0, 3, true)
+            },
+            "128x64x64_w4x2_s4_r3_db_p2",
         ),
         (
             tuned((128, 128), (2, 2), 64, 3, 0, true),
@@ -593,6 +599,14 @@ fn prefill_knobs_leave_decode_tiles_and_fp8_alone() {
             .any(|n| n.contains("mma_gemm_e4m3_128x64x64_w2x2_s4_r8_db")),
         "{names:?}"
     );
+    // An odd width (53) keeps the stores of single columns.
+    let names = run_both("nk", &[("M", 130)], &options);
+    assert!(
+        names
+            .iter()
+            .any(|n| n.contains("mma_gemm_128x256x32_w2x4_s4_r8_db_bf16")),
+        "{names:?}"
+    );
     // A tile the template cannot run falls back to the table's.
     let options = Options {
         gemm: GemmTuning {
@@ -619,6 +633,7 @@ fn gemm_knobs_parse_from_their_kiln_tune_names() {
         ("stages", "4"),
         ("raster", "8"),
         ("dbuf", "1"),
+        ("pairs", "1"),
         ("bk", "64"),
         ("maxsplits", "2"),
     ] {
@@ -628,7 +643,7 @@ fn gemm_knobs_parse_from_their_kiln_tune_names() {
         (tuning.tile, tuning.warps, tuning.stages, tuning.raster),
         ((128, 256), (2, 4), 4, 8)
     );
-    assert!(tuning.double_buffer);
+    assert!(tuning.double_buffer && tuning.paired_epilogue);
     assert_eq!((tuning.bk, tuning.max_splits), (64, 2));
     assert!(tuning.set("tile", "128").is_err());
     assert!(tuning.set("stages", "x").is_err());

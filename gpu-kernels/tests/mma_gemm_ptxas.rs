@@ -74,7 +74,7 @@ fn llm_shaped_gemms_assemble_for_every_target_without_spills() {
 /// 4096 × 14336 × 4096, a fused gate/up pair, f16 with a `[K, N]` B): every variant
 /// assembles for all five targets without spills (registers printed with `--nocapture`);
 /// the PTX of the 8-warp 128 × 256 kernel for sm_90a (dynamic shared memory, rasterized,
-/// double-buffered) is a reviewed snapshot.
+/// double-buffered, paired stores) is a reviewed snapshot.
 #[test]
 fn prefill_knob_gemms_assemble_for_every_target_without_spills() {
     use kiln_gpu_kernels::GemmTuning;
@@ -97,6 +97,13 @@ fn prefill_knob_gemms_assemble_for_every_target_without_spills() {
         (
             tuned((128, 256), (2, 4), 0, 0, 8, true),
             "128x256x32_w2x4_s4_r8_db",
+        ),
+        (
+            GemmTuning {
+                paired_epilogue: true,
+                ..tuned((128, 256), (2, 4), 0, 0, 8, true)
+            },
+            "128x256x32_w2x4_s4_r8_db_p2",
         ),
         (
             tuned((256, 128), (4, 2), 0, 0, 8, true),
@@ -140,7 +147,7 @@ fn prefill_knob_gemms_assemble_for_every_target_without_spills() {
     }
     let wide = kernels
         .iter()
-        .find(|k| k.name == "k0_mma_gemm_128x256x32_w2x4_s4_r8_db_bf16")
+        .find(|k| k.name == "k0_mma_gemm_128x256x32_w2x4_s4_r8_db_p2_bf16")
         .expect("the 128 x 256 kernel");
     let ptx = emit_ptx(
         std::slice::from_ref(wide),
@@ -149,7 +156,7 @@ fn prefill_knob_gemms_assemble_for_every_target_without_spills() {
     )
     .unwrap();
     assert!(ptx.contains(".extern .shared"), "dynamic shared memory");
-    insta::assert_snapshot!("gemm_128x256_r8_db_sm_90a", ptx);
+    insta::assert_snapshot!("gemm_128x256_r8_db_p2_sm_90a", ptx);
     let Some(toolchain) = common::toolchain() else {
         return;
     };

@@ -296,9 +296,10 @@ const TUNE_PAGED: &str = "KILN_TUNE_PAGED";
 /// `tile=BMxBN` (block tile), `warps=WMxWN`, `bk=N` (k slice), `stages=N` (0: as many as fit
 /// in shared memory; the table's tile where the overrides make one the template cannot
 /// run), `raster=N` (block rows of a rasterization group; 0 or 1: row-major blocks) and
-/// `dbuf=0|1` (fragments double-buffered across k16 steps); defaults in
+/// `dbuf=0|1` (fragments double-buffered across k16 steps) and `pairs=0|1` (the epilogue
+/// stores two adjacent columns at once); defaults in
 /// [`kiln_gpu_kernels::GemmTuning`]. Examples: `KILN_TUNE_GEMM=segments=1,splits=0`,
-/// `KILN_TUNE_GEMM=tile=128x256,warps=2x4,stages=2,raster=8,dbuf=1`.
+/// `KILN_TUNE_GEMM=tile=128x256,warps=2x4,stages=4,raster=8,dbuf=1,pairs=1`.
 const TUNE_GEMM: &str = "KILN_TUNE_GEMM";
 
 /// The `KEY=VALUE` items of the tuning variable `var`, if it is set.
@@ -398,7 +399,7 @@ pub(crate) fn apply_tuning(options: &mut CompileOptions) -> Result<()> {
     if !gemm_items.is_empty() {
         eprintln!(
             "kiln bench: {TUNE_GEMM}: segments {}, splits {}, rowsum {}, kvwrite {}, maxsplits {}, \
-             tile {}x{}, warps {}x{}, bk {}, stages {}, raster {}, dbuf {} (0: the table's)",
+             tile {}x{}, warps {}x{}, bk {}, stages {}, raster {}, dbuf {}, pairs {} (0: the table's)",
             u8::from(gemm.segments),
             u8::from(gemm.segment_splits),
             u8::from(gemm.row_sums),
@@ -411,7 +412,8 @@ pub(crate) fn apply_tuning(options: &mut CompileOptions) -> Result<()> {
             gemm.bk,
             gemm.stages,
             gemm.raster,
-            u8::from(gemm.double_buffer)
+            u8::from(gemm.double_buffer),
+            u8::from(gemm.paired_epilogue)
         );
     }
     Ok(())

@@ -57,7 +57,7 @@
 //! template cannot take (another dtype, a fused prologue on an operand, K or a `[K, N]`
 //! B's N not a multiple of 8, a symbolic K) goes to the plain tiled template.
 
-use super::matmul::{batch_index, epilogue_at, kernel_name, OutputElement};
+use super::matmul::{batch_index, epilogue_at, epilogue_lanes, kernel_name, OutputElement};
 use super::{ceil_div_size, size_of_dims, Body, KvFused, Workspace};
 use crate::emit::{add, and, div, lt, mul, rem, sub, EResult, Emitter, SplitSum};
 use crate::graph::FuncGraph;
@@ -384,6 +384,9 @@ pub(crate) struct MmaPlan {
     raster: u32,
     /// Whether the main loop double-buffers the fragments (`GemmTuning::double_buffer`).
     double_buffer: bool,
+    /// Whether the epilogue stores each thread's two adjacent columns together where every
+    /// stored width is even (`GemmTuning::paired_epilogue`).
+    paired: bool,
 }
 
 /// One matmul's share of a segmented grid's block columns.
@@ -672,6 +675,7 @@ pub(crate) fn plan(
             casts,
             raster: 1,
             double_buffer: false,
+            paired: false,
         });
     }
     // Horizontally fused matmuls of one shape split K across blocks too when their grid
@@ -699,6 +703,7 @@ pub(crate) fn plan(
         casts,
         raster: if prefill { tuning.raster.max(1) } else { 1 },
         double_buffer: prefill && tuning.double_buffer && k_steps.is_multiple_of(2),
+        paired: prefill && tuning.paired_epilogue,
     })
 }
 
@@ -1535,76 +1540,106 @@ pub(crate) fn emit(
     };
     let g4 = e.bind(&mut body, "g", Ty::I32, shr(lane.clone(), 2));
     let t2 = e.bind(&mut body, "t2", Ty::I32, and_mask(lane, 3) * i32c(2));
+    // Paired stores: accumulators j and j + 1 are columns 2t and 2t + 1 of one row, stored
+    // (and their epilogue operands read) as 2-element vectors under one bounds check, which
+    // an even width makes exact (2t + 1 < N when 2t < N).
+    let paired = plan.paired
+        && workspace.is_none()
+        && !segmented
+        && stores
+            .iter()
+            .all(|&o| matches!(g.shape(o).last(), Some(Dim::Const(n)) if n % 2 == 0));
     // The accumulators' elements into `out`: every matmul's, or (`seg`) one segment's
     // matmul with the stored values computed from it.
-    let elements =
-        |e: &mut Emitter<'_, '_>, out: &mut Vec<Stmt>, seg: Option<usize>| -> EResult<()> {
-            let (these, stored): (Vec<Value>, Vec<Value>) = match seg {
-                Some(i) => (
-                    vec![matmuls[i]],
-                    stores
-                        .iter()
-                        .copied()
-                        .filter(|&v| matmuls_of(e, group, v).contains(&i))
-                        .collect(),
-                ),
-                None => (matmuls.clone(), stores.to_vec()),
-            };
-            for mi in 0..mi_count {
-                for ni in 0..ni_count {
-                    // Accumulator j holds row g + 8 (j / 2), column 2t + j % 2 of the m16n8 tile.
-                    for (j, (row_offset, col_offset)) in
-                        [(0, 0), (0, 1), (8, 0), (8, 1)].into_iter().enumerate()
-                    {
+    let elements = |e: &mut Emitter<'_, '_>,
+                    out: &mut Vec<Stmt>,
+                    seg: Option<usize>|
+     -> EResult<()> {
+        let (these, stored): (Vec<Value>, Vec<Value>) = match seg {
+            Some(i) => (
+                vec![matmuls[i]],
+                stores
+                    .iter()
+                    .copied()
+                    .filter(|&v| matmuls_of(e, group, v).contains(&i))
+                    .collect(),
+            ),
+            None => (matmuls.clone(), stores.to_vec()),
+        };
+        for mi in 0..mi_count {
+            for ni in 0..ni_count {
+                if paired {
+                    for (j, row_offset) in [(0, 0), (2, 8)] {
                         let row = warp_m0.clone() + g4.clone() + i32c(mi as i64 * 16 + row_offset);
-                        let col = warp_n0.clone() + t2.clone() + i32c(ni as i64 * 8 + col_offset);
+                        let col = warp_n0.clone() + t2.clone() + i32c(ni as i64 * 8);
                         let gm = e.bind(out, "row", ity, add(m0.clone(), index(row)));
                         let gn = e.bind(out, "col", ity, add(n0.clone(), index(col)));
-                        let accs: Vec<VarId> =
-                            acc.iter().map(|a| a[mi * ni_count + ni][j]).collect();
-                        if let Some((buf, offset, row_len, per_matmul)) = &workspace {
-                            // The partial sums of this block's slices, at [matmul, split, batch,
-                            // row, col] (a segment's at its columns of [split, batch, row, col]).
-                            let (n, first_col) = match seg {
-                                Some(i) => (e.ix(segs[i].n as i64), e.ix(segs[i].col as i64)),
-                                None => (row_len.clone(), e.ix(0)),
-                            };
-                            let mut cond = and(lt(gm.clone(), m_size.clone()), lt(gn.clone(), n));
-                            if let Some(first) = &first_k {
-                                cond = and(cond, first.clone());
-                            }
-                            let at = add(
-                                offset.clone(),
-                                add(mul(gm, row_len.clone()), add(first_col, gn)),
-                            );
-                            let at = e.bind(out, "at", ity, at);
-                            let partials = accs
-                                .iter()
-                                .enumerate()
-                                .map(|(i, acc)| {
-                                    let at = if i == 0 {
-                                        at.clone()
-                                    } else {
-                                        add(at.clone(), mul(e.ix(i as i64), per_matmul.clone()))
-                                    };
-                                    Stmt::store(*buf, at, *acc)
-                                })
-                                .collect();
-                            out.push(Stmt::if_then(cond, partials));
-                            continue;
-                        }
+                        let accs: Vec<Vec<VarId>> = acc
+                            .iter()
+                            .map(|a| a[mi * ni_count + ni][j..j + 2].to_vec())
+                            .collect();
                         let at = OutputElement {
                             batch: &batch,
                             row: &gm,
                             col: &gn,
                             rows: &m_size,
                         };
-                        epilogue_at(e, out, &these, &accs, &at, first_k.as_ref(), &stored)?;
+                        epilogue_lanes(e, out, &these, &accs, &at, None, &stored)?;
                     }
+                    continue;
+                }
+                // Accumulator j holds row g + 8 (j / 2), column 2t + j % 2 of the m16n8 tile.
+                for (j, (row_offset, col_offset)) in
+                    [(0, 0), (0, 1), (8, 0), (8, 1)].into_iter().enumerate()
+                {
+                    let row = warp_m0.clone() + g4.clone() + i32c(mi as i64 * 16 + row_offset);
+                    let col = warp_n0.clone() + t2.clone() + i32c(ni as i64 * 8 + col_offset);
+                    let gm = e.bind(out, "row", ity, add(m0.clone(), index(row)));
+                    let gn = e.bind(out, "col", ity, add(n0.clone(), index(col)));
+                    let accs: Vec<VarId> = acc.iter().map(|a| a[mi * ni_count + ni][j]).collect();
+                    if let Some((buf, offset, row_len, per_matmul)) = &workspace {
+                        // The partial sums of this block's slices, at [matmul, split, batch,
+                        // row, col] (a segment's at its columns of [split, batch, row, col]).
+                        let (n, first_col) = match seg {
+                            Some(i) => (e.ix(segs[i].n as i64), e.ix(segs[i].col as i64)),
+                            None => (row_len.clone(), e.ix(0)),
+                        };
+                        let mut cond = and(lt(gm.clone(), m_size.clone()), lt(gn.clone(), n));
+                        if let Some(first) = &first_k {
+                            cond = and(cond, first.clone());
+                        }
+                        let at = add(
+                            offset.clone(),
+                            add(mul(gm, row_len.clone()), add(first_col, gn)),
+                        );
+                        let at = e.bind(out, "at", ity, at);
+                        let partials = accs
+                            .iter()
+                            .enumerate()
+                            .map(|(i, acc)| {
+                                let at = if i == 0 {
+                                    at.clone()
+                                } else {
+                                    add(at.clone(), mul(e.ix(i as i64), per_matmul.clone()))
+                                };
+                                Stmt::store(*buf, at, *acc)
+                            })
+                            .collect();
+                        out.push(Stmt::if_then(cond, partials));
+                        continue;
+                    }
+                    let at = OutputElement {
+                        batch: &batch,
+                        row: &gm,
+                        col: &gn,
+                        rows: &m_size,
+                    };
+                    epilogue_at(e, out, &these, &accs, &at, first_k.as_ref(), &stored)?;
                 }
             }
-            Ok(())
-        };
+        }
+        Ok(())
+    };
     match &segment {
         Some(which) => {
             let mut branches = Vec::new();
@@ -1637,8 +1672,12 @@ pub(crate) fn emit(
         String::new()
     };
     let db_name = if plan.double_buffer { "_db" } else { "" };
+    let paired_name = if paired { "_p2" } else { "" };
     let what = kernel_name(
-        &format!("mma_gemm_{input_name}{}{raster_name}{db_name}", t.name()),
+        &format!(
+            "mma_gemm_{input_name}{}{raster_name}{db_name}{paired_name}",
+            t.name()
+        ),
         &matmuls,
         stores,
     );
