@@ -125,6 +125,10 @@ pub struct GemmTuning {
     /// 2-element vector (operands read likewise, one bounds check) where every stored width
     /// is even (`_p2` in the kernel name).
     pub paired_epilogue: bool,
+    /// The shared memory a tuned prefill tile may use, in KiB (0: 99, the smallest opt-in
+    /// limit of the five targets; a kernel compiled for sm_90a alone, as `kiln bench` does
+    /// on an H100, may use up to 227).
+    pub shared_kib: u32,
 }
 
 impl Default for GemmTuning {
@@ -142,6 +146,7 @@ impl Default for GemmTuning {
             raster: 0,
             double_buffer: false,
             paired_epilogue: false,
+            shared_kib: 0,
         }
     }
 }
@@ -149,7 +154,8 @@ impl Default for GemmTuning {
 impl GemmTuning {
     /// The knob names [`GemmTuning::set`] takes.
     pub const KEYS: &'static str =
-        "segments, splits, rowsum, kvwrite, maxsplits, tile, warps, bk, stages, raster, dbuf, pairs";
+        "segments, splits, rowsum, kvwrite, maxsplits, tile, warps, bk, stages, raster, dbuf, pairs, \
+         smem";
 
     /// Sets knob `key` (the `KILN_TUNE_GEMM` names, [`GemmTuning::KEYS`]) from `value`: a
     /// number (`0|1` for switches), or `AxB` for `tile` and `warps`.
@@ -178,6 +184,7 @@ impl GemmTuning {
             "raster" => self.raster = number()?,
             "dbuf" => self.double_buffer = number()? != 0,
             "pairs" => self.paired_epilogue = number()? != 0,
+            "smem" => self.shared_kib = number()?,
             _ => return Err(format!("unknown key `{key}` ({})", Self::KEYS)),
         }
         Ok(())

@@ -46,6 +46,8 @@ fn seg_shared(x: bf16[M, 64], a: bf16[48, 64], b: bf16[48, 64], c: bf16[16, 64])
 fn long_nk(x: bf16[M, 200], w: bf16[264, 200], b: bf16[264]) -> bf16[M, 264] { gelu(linear_bias(x, w, b)) }
 fn long_kn(x: f16[M, 200], w: f16[200, 264], r: f16[M, 264]) -> f16[M, 264] { x @ w + r }
 fn long_gate_up(x: bf16[M, 200], g: bf16[136, 200], u: bf16[136, 200]) -> bf16[M, 136] { silu(linear(x, g)) * linear(x, u) }
+fn exact_nk(x: bf16[256, 96], w: bf16[512, 96], r: bf16[256, 512]) -> bf16[256, 512] { linear(x, w) + r }
+fn exact_kn(x: f16[256, 128], w: f16[128, 256]) -> f16[256, 256] { x @ w }
 fn long_batched(x: bf16[B, M, 96], y: bf16[B, 96, 136]) -> bf16[B, M, 136] { x @ y }
 fn fp8_tensor(x: f8e4m3[M, 96], w: f8e4m3[53, 96], sa: f32, sb: f32) -> bf16[M, 53] { bf16(scaled_mm(x, w, sa, sb)) }
 fn fp8_channel(x: f8e4m3[M, 48], w: f8e4m3[40, 48], sa: f32[M, 1], sb: f32[40]) -> f32[M, 40] { scaled_mm(x, w, sa, sb) }
@@ -525,6 +527,14 @@ fn prefill_knob_sets() -> Vec<(GemmTuning, &'static str)> {
             tuned((128, 128), (2, 2), 64, 3, 0, true),
             "128x128x64_w2x2_s3_db",
         ),
+        // Four 48 KiB stages: past the 99 KiB every target allows (`shared_kib`).
+        (
+            GemmTuning {
+                shared_kib: 227,
+                ..tuned((128, 256), (2, 4), 64, 0, 0, true)
+            },
+            "128x256x64_w2x4_s4_db",
+        ),
         // The table's tile, rasterized and double-buffered; with four stages.
         (
             tuned((0, 0), (0, 0), 0, 0, 2, true),
@@ -543,7 +553,7 @@ fn prefill_tile_knobs_match_the_interpreter_at_ragged_shapes() {
     // (two 256-wide block columns, the second 8 wide), K of 200 (seven 32-wide slices, the
     // last 8 wide; four 64-wide ones): fewer and more slices than stages, a rasterization
     // group cut short by the last block rows, both B layouts, f16, epilogues with a bias,
-    // GELU and a residual, two fused matmuls and batch dims.
+    // GELU and a residual, two fused matmuls and batch dims; and shapes of whole tiles.
     for (tuning, want) in prefill_knob_sets() {
         let options = Options {
             gemm: tuning,
@@ -555,6 +565,9 @@ fn prefill_tile_knobs_match_the_interpreter_at_ragged_shapes() {
             ("long_gate_up", vec![("M", 130)]),
             ("long_batched", vec![("B", 2), ("M", 140)]),
             ("bias_gelu", vec![("M", 130)]),
+            // Whole tiles and slices: no bounds checks in the copies of the double buffer.
+            ("exact_nk", vec![]),
+            ("exact_kn", vec![]),
         ] {
             let names = run_both(function, &symbols, &options);
             let prefill: Vec<&String> = names
@@ -635,6 +648,7 @@ fn gemm_knobs_parse_from_their_kiln_tune_names() {
         ("dbuf", "1"),
         ("pairs", "1"),
         ("bk", "64"),
+        ("smem", "227"),
         ("maxsplits", "2"),
     ] {
         tuning.set(key, value).unwrap();
@@ -644,7 +658,10 @@ fn gemm_knobs_parse_from_their_kiln_tune_names() {
         ((128, 256), (2, 4), 4, 8)
     );
     assert!(tuning.double_buffer && tuning.paired_epilogue);
-    assert_eq!((tuning.bk, tuning.max_splits), (64, 2));
+    assert_eq!(
+        (tuning.bk, tuning.max_splits, tuning.shared_kib),
+        (64, 2, 227)
+    );
     assert!(tuning.set("tile", "128").is_err());
     assert!(tuning.set("stages", "x").is_err());
     assert!(tuning.set("colour", "1").is_err());

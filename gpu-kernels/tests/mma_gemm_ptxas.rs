@@ -161,6 +161,26 @@ fn prefill_knob_gemms_assemble_for_every_target_without_spills() {
         return;
     };
     common::assert_assembles_without_spills(&toolchain, &kernels);
+    // Past 99 KiB (`smem=227`): for the targets with 227 KiB a block, sm_90a and sm_100a.
+    let options = Options {
+        gemm: GemmTuning {
+            shared_kib: 227,
+            ..tuned((128, 256), (2, 4), 64, 0, 8, true)
+        },
+        ..Options::default()
+    };
+    let compiled = kiln_gpu_kernels::compile_function(&module, "big", &options).unwrap();
+    let wide: Vec<_> = compiled
+        .kernels
+        .into_iter()
+        .filter(|k| k.name.contains("mma_gemm_128x256x64_w2x4_s4_r8_db"))
+        .collect();
+    assert_eq!(wide.len(), 1);
+    common::assert_assembles_without_spills_for(
+        &toolchain,
+        &wide,
+        &[Target::Sm90a, Target::Sm100a],
+    );
 }
 
 const KNOB_SRC: &str = "import nn

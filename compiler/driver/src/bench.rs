@@ -296,8 +296,9 @@ const TUNE_PAGED: &str = "KILN_TUNE_PAGED";
 /// `tile=BMxBN` (block tile), `warps=WMxWN`, `bk=N` (k slice), `stages=N` (0: as many as fit
 /// in shared memory; the table's tile where the overrides make one the template cannot
 /// run), `raster=N` (block rows of a rasterization group; 0 or 1: row-major blocks) and
-/// `dbuf=0|1` (fragments double-buffered across k16 steps) and `pairs=0|1` (the epilogue
-/// stores two adjacent columns at once); defaults in
+/// `dbuf=0|1` (fragments double-buffered across k16 steps), `pairs=0|1` (the epilogue
+/// stores two adjacent columns at once) and `smem=KiB` (the shared memory a tuned tile may
+/// use; default 99, every target; up to 227 on an H100); defaults in
 /// [`kiln_gpu_kernels::GemmTuning`]. Examples: `KILN_TUNE_GEMM=segments=1,splits=0`,
 /// `KILN_TUNE_GEMM=tile=128x256,warps=2x4,stages=4,raster=8,dbuf=1,pairs=1`.
 const TUNE_GEMM: &str = "KILN_TUNE_GEMM";
@@ -399,7 +400,8 @@ pub(crate) fn apply_tuning(options: &mut CompileOptions) -> Result<()> {
     if !gemm_items.is_empty() {
         eprintln!(
             "kiln bench: {TUNE_GEMM}: segments {}, splits {}, rowsum {}, kvwrite {}, maxsplits {}, \
-             tile {}x{}, warps {}x{}, bk {}, stages {}, raster {}, dbuf {}, pairs {} (0: the table's)",
+             tile {}x{}, warps {}x{}, bk {}, stages {}, raster {}, dbuf {}, pairs {}, smem {} KiB \
+             (0: the table's)",
             u8::from(gemm.segments),
             u8::from(gemm.segment_splits),
             u8::from(gemm.row_sums),
@@ -413,7 +415,8 @@ pub(crate) fn apply_tuning(options: &mut CompileOptions) -> Result<()> {
             gemm.stages,
             gemm.raster,
             u8::from(gemm.double_buffer),
-            u8::from(gemm.paired_epilogue)
+            u8::from(gemm.paired_epilogue),
+            gemm.shared_kib
         );
     }
     Ok(())

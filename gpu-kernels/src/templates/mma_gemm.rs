@@ -210,9 +210,9 @@ pub fn choose_tile(m: Option<u64>, n: u64, matmuls: u32) -> MmaTile {
 /// warps, the slice width and the stages (`GemmTuning::{tile, warps, bk, stages}`): the
 /// table's tile ([`choose_tile`]) with each override that is set, the same narrowing while
 /// the accumulators exceed [`MAX_ACCUMULATORS`], and as many stages as asked for that fit
-/// in [`TUNED_SHARED_BYTES`] (at most 4 when none is asked for). Decode-sized tiles (split-K warps) and M known to be
-/// at most 64 keep the table's; so does an override whose tile the template cannot run
-/// ([`valid_prefill_tile`]).
+/// in [`TUNED_SHARED_BYTES`] or `GemmTuning::shared_kib` (at most 4 when none is asked
+/// for). Decode-sized tiles (split-K warps) and M known to be at most 64 keep the table's;
+/// so does an override whose tile the template cannot run ([`valid_prefill_tile`]).
 pub fn tuned_tile(m: Option<u64>, n: u64, matmuls: u32, tuning: &crate::GemmTuning) -> MmaTile {
     let table = choose_tile(m, n, matmuls);
     let overridden =
@@ -233,12 +233,16 @@ pub fn tuned_tile(m: Option<u64>, n: u64, matmuls: u32, tuning: &crate::GemmTuni
     while t.accumulators(matmuls) > MAX_ACCUMULATORS && t.bm / t.warps_m > 16 {
         t.bm /= 2;
     }
-    let fit = TUNED_SHARED_BYTES / t.stage_bytes(matmuls);
+    let budget = match tuning.shared_kib {
+        0 => TUNED_SHARED_BYTES,
+        kib => kib.saturating_mul(1024),
+    };
+    let fit = budget / t.stage_bytes(matmuls);
     t.stages = match tuning.stages {
         0 => fit.min(4),
         s => s.min(fit),
     };
-    if valid_prefill_tile(&t, matmuls) {
+    if valid_prefill_tile(&t, matmuls, budget) {
         t
     } else {
         table
@@ -247,9 +251,9 @@ pub fn tuned_tile(m: Option<u64>, n: u64, matmuls: u32, tuning: &crate::GemmTuni
 
 /// Whether the emitter can run the prefill tile `t` (no split-K warps) of `matmuls` fused
 /// 16-bit matmuls: powers of two, whole pairs of m16n8 fragments per warp, at least two
-/// stages in [`TUNED_SHARED_BYTES`], accumulators within [`MAX_ACCUMULATORS`], and copies of 16-byte
+/// stages in `shared_bytes`, accumulators within [`MAX_ACCUMULATORS`], and copies of 16-byte
 /// chunks that divide evenly among the threads in whole rows of either B layout.
-pub fn valid_prefill_tile(t: &MmaTile, matmuls: u32) -> bool {
+pub fn valid_prefill_tile(t: &MmaTile, matmuls: u32, shared_bytes: u32) -> bool {
     let pow2 = |x: u32| x.is_power_of_two();
     let threads = t.threads();
     let chunks = |cols: u32| cols / CHUNK as u32;
@@ -269,7 +273,7 @@ pub fn valid_prefill_tile(t: &MmaTile, matmuls: u32) -> bool {
         && t.warp_n().is_multiple_of(16)
         && threads <= 512
         && t.stages >= 2
-        && t.stages * t.stage_bytes(matmuls) <= TUNED_SHARED_BYTES
+        && t.stages * t.stage_bytes(matmuls) <= shared_bytes
         && t.accumulators(matmuls) <= MAX_ACCUMULATORS
         && copies_divide(t.bm, t.bk)
         && copies_divide(t.bn, t.bk)
@@ -1063,18 +1067,46 @@ pub(crate) fn emit(
         Ty::I32,
         and_mask(tid.clone(), a_chunks - 1) * i32c(chunk_len),
     );
+    // Compact copies (the double-buffered loop): copy q > 0 of a thread addresses from copy
+    // 0's source and destination plus constants (its rows are a multiple of 8 on, which
+    // the swizzle does not see), and the bounds a constant shape keeps whole (M or N a
+    // multiple of the tile, K of the slice) are not checked per copy: fewer registers and
+    // integer instructions beside the `mma`s.
+    let compact = plan.double_buffer && k_first.is_none();
+    let exact_m = compact
+        && out_shape[rank - 2]
+            .as_const()
+            .is_some_and(|m| m % t.bm as u64 == 0);
+    let exact_k = compact && plan.k % t.bk as u64 == 0;
     struct Copy {
         /// Source index at k = 0.
         src: Expr,
-        /// Whether the row (M or N) is inside the matrix.
-        row_ok: Expr,
+        /// Whether the row (M or N) is inside the matrix (`None`: always).
+        row_ok: Option<Expr>,
         /// The tile row (for k-rows B, the k offset within the slice).
         row: Expr,
         /// Destination index within a stage.
         dst: Expr,
     }
-    let mut a_plan = Vec::new();
+    let mut a_plan: Vec<Copy> = Vec::new();
     for q in 0..a_copies {
+        let step = q * threads / a_chunks;
+        if compact && q > 0 && step % 8 == 0 {
+            let first = &a_plan[0];
+            let row = first.row.clone() + i32c(step);
+            let row_ok = (!exact_m).then(|| {
+                let gm = add(m0.clone(), index(row.clone()));
+                e.bind(&mut body, "a_ok", Ty::Pred, lt(gm, m_size.clone()))
+            });
+            let copy = Copy {
+                src: add(first.src.clone(), e.ix(step * plan.k as i64)),
+                row_ok,
+                row,
+                dst: first.dst.clone() + i32c(step * bk),
+            };
+            a_plan.push(copy);
+            continue;
+        }
         let row = e.bind(
             &mut body,
             "a_row",
@@ -1086,7 +1118,8 @@ pub(crate) fn emit(
         idx.extend([gm.clone(), index(a_col.clone())]);
         let src = e.linear(&a_shape, &idx);
         let src = e.bind(&mut body, "a_src", ity, src);
-        let row_ok = e.bind(&mut body, "a_ok", Ty::Pred, lt(gm, m_size.clone()));
+        let row_ok =
+            (!exact_m).then(|| e.bind(&mut body, "a_ok", Ty::Pred, lt(gm, m_size.clone())));
         let chunk = shr(a_col.clone(), chunk_shift);
         let dst = row.clone() * i32c(bk)
             + Expr::binary(BinOp::Xor, chunk, swizzle(row.clone(), a_chunks as u32))
@@ -1119,8 +1152,32 @@ pub(crate) fn emit(
             Ty::I32,
             and_mask(tid.clone(), chunks - 1) * i32c(chunk_len),
         );
-        let mut copies_plan = Vec::new();
+        let exact_n = compact && source.n.as_const().is_some_and(|n| n % t.bn as u64 == 0);
+        // The stride of B's rows (k for `[K, N]`, n for `[N, K]`).
+        let row_stride = e.dim(w_shape.last().expect("a matrix"));
+        let mut copies_plan: Vec<Copy> = Vec::new();
         for q in 0..copies {
+            let step = q * threads / chunks;
+            if compact && q > 0 && step % 8 == 0 {
+                let first = &copies_plan[0];
+                let row = first.row.clone() + i32c(step);
+                let row_ok = match (source.k_rows, exact_n) {
+                    (_, true) => None,
+                    (true, false) => first.row_ok.clone(),
+                    (false, false) => {
+                        let gn = add(n0.clone(), index(row.clone()));
+                        Some(e.bind(out, "b_ok", Ty::Pred, lt(gn, n_size.clone())))
+                    }
+                };
+                let copy = Copy {
+                    src: add(first.src.clone(), mul(e.ix(step), row_stride.clone())),
+                    row_ok,
+                    row,
+                    dst: first.dst.clone() + i32c(step * cols),
+                };
+                copies_plan.push(copy);
+                continue;
+            }
             let row = e.bind(
                 out,
                 "b_row",
@@ -1141,7 +1198,7 @@ pub(crate) fn emit(
             }
             let src = e.linear(&w_shape, &idx);
             let src = e.bind(out, "b_src", ity, src);
-            let row_ok = e.bind(out, "b_ok", Ty::Pred, lt(gn, n_size.clone()));
+            let row_ok = (!exact_n).then(|| e.bind(out, "b_ok", Ty::Pred, lt(gn, n_size.clone())));
             let chunk = shr(col.clone(), chunk_shift);
             let dst = row.clone() * i32c(cols)
                 + Expr::binary(BinOp::Xor, chunk, swizzle(row.clone(), chunks as u32))
@@ -1185,16 +1242,30 @@ pub(crate) fn emit(
             Some(first) => first.clone() + kt,
             None => kt,
         };
-        let k0 = e.bind(&mut out, "k0", ity, mul(index(kt), e.ix(bk)));
+        let k0 = e.bind(&mut out, "k0", ity, mul(index(kt.clone()), e.ix(bk)));
         let in_block = |ok: Expr| match &slice_ok {
             Some(s) => and(ok, s.clone()),
             None => ok,
         };
-        let a_gk = add(k0.clone(), index(a_col.clone()));
-        let a_k_ok = in_block(lt(a_gk, k_size.clone()));
-        let a_k_ok = e.bind(&mut out, "a_k_ok", Ty::Pred, a_k_ok);
+        // Whole slices (`exact_k`): a slice inside K is inside for every copy.
+        let slice_in_k = exact_k.then(|| {
+            let ok = lt(kt.clone(), i32c(k_tiles));
+            e.bind(&mut out, "slice_in_k", Ty::Pred, ok)
+        });
+        let a_k_ok = match &slice_in_k {
+            Some(ok) => ok.clone(),
+            None => {
+                let a_gk = add(k0.clone(), index(a_col.clone()));
+                let a_k_ok = in_block(lt(a_gk, k_size.clone()));
+                e.bind(&mut out, "a_k_ok", Ty::Pred, a_k_ok)
+            }
+        };
+        let both = |row_ok: &Option<Expr>, k_ok: Expr| match row_ok {
+            Some(r) => and(r.clone(), k_ok),
+            None => k_ok,
+        };
         for copy in &a_plan {
-            let valid = and(copy.row_ok.clone(), a_k_ok.clone());
+            let valid = both(&copy.row_ok, a_k_ok.clone());
             out.push(Stmt::CpAsync {
                 dst: a_tile,
                 dst_index: stage.clone() * i32c(a_stage) + copy.dst.clone(),
@@ -1220,7 +1291,11 @@ pub(crate) fn emit(
                 } else {
                     (add(k0.clone(), index(col.clone())), k0.clone())
                 };
-                let valid = and(copy.row_ok.clone(), in_block(lt(gk, k_size.clone())));
+                let k_ok = match &slice_in_k {
+                    Some(ok) => ok.clone(),
+                    None => in_block(lt(gk, k_size.clone())),
+                };
+                let valid = both(&copy.row_ok, k_ok);
                 out.push(Stmt::CpAsync {
                     dst: b_tiles[if segmented { 0 } else { i }],
                     dst_index: stage.clone() * i32c(b_stage) + copy.dst.clone(),
@@ -1353,41 +1428,64 @@ pub(crate) fn emit(
         };
         body.extend([Stmt::CpAsyncWait((stages - 2) as u32), Stmt::Barrier]);
         frags.load(&mut body, 0, 0, &i32c(0), &i32c(0));
+        // The stages read (`kt % stages`) and written (`(kt + stages - 1) % stages`) as
+        // counters that wrap, not remainders: fewer integer instructions beside the `mma`s.
+        let read = e.var("read_stage", Ty::I32);
+        let write = e.var("write_stage", Ty::I32);
+        body.push(Stmt::Assign(read, i32c(0)));
+        body.push(Stmt::Assign(write, i32c(stages - 1)));
+        let wrap = |v: VarId| {
+            Expr::select(
+                (Expr::var(v) + i32c(1)).equals(i32c(stages)),
+                i32c(0),
+                Expr::var(v) + i32c(1),
+            )
+        };
         let kt = e.var("kt", Ty::I32);
         let mut kloop = Vec::new();
-        let stage = Expr::binary(BinOp::Rem, Expr::var(kt), i32c(stages));
-        let a_base = e.bind(&mut kloop, "a_base", Ty::I32, stage.clone() * i32c(a_stage));
-        let b_base = e.bind(&mut kloop, "b_base", Ty::I32, stage * i32c(b_stage));
+        let a_base = e.bind(
+            &mut kloop,
+            "a_base",
+            Ty::I32,
+            Expr::var(read) * i32c(a_stage),
+        );
+        let b_base = e.bind(
+            &mut kloop,
+            "b_base",
+            Ty::I32,
+            Expr::var(read) * i32c(b_stage),
+        );
+        let following = e.bind(&mut kloop, "next_read", Ty::I32, wrap(read));
         for kk in 0..k_steps {
             let set = kk % 2;
             if kk + 1 < k_steps {
                 frags.load(&mut kloop, kk + 1, 1 - set, &a_base, &b_base);
             } else {
                 kloop.extend([Stmt::CpAsyncWait((stages - 2) as u32), Stmt::Barrier]);
-                let following = Expr::binary(BinOp::Rem, Expr::var(kt) + i32c(1), i32c(stages));
                 let a_next = e.bind(
                     &mut kloop,
                     "a_next",
                     Ty::I32,
                     following.clone() * i32c(a_stage),
                 );
-                let b_next = e.bind(&mut kloop, "b_next", Ty::I32, following * i32c(b_stage));
+                let b_next = e.bind(
+                    &mut kloop,
+                    "b_next",
+                    Ty::I32,
+                    following.clone() * i32c(b_stage),
+                );
                 frags.load(&mut kloop, 0, 1 - set, &a_next, &b_next);
             }
             if kk == 0 {
                 let next = Expr::var(kt) + i32c(stages - 1);
-                let next_stage = e.bind(
-                    &mut kloop,
-                    "next_stage",
-                    Ty::I32,
-                    Expr::binary(BinOp::Rem, next.clone(), i32c(stages)),
-                );
-                let copies = load_stage(e, next_stage, next);
+                let copies = load_stage(e, Expr::var(write), next);
                 kloop.extend(copies);
                 kloop.push(Stmt::CpAsyncCommit);
             }
             frags.products(&mut kloop, set);
         }
+        kloop.push(Stmt::Assign(read, following));
+        kloop.push(Stmt::Assign(write, wrap(write)));
         body.push(Stmt::For {
             var: kt,
             start: i32c(0),
