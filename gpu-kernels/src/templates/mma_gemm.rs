@@ -1076,8 +1076,8 @@ pub(crate) fn emit(
     let exact_m = compact
         && out_shape[rank - 2]
             .as_const()
-            .is_some_and(|m| m % t.bm as u64 == 0);
-    let exact_k = compact && plan.k % t.bk as u64 == 0;
+            .is_some_and(|m| m.is_multiple_of(u64::from(t.bm)));
+    let exact_k = compact && plan.k.is_multiple_of(u64::from(t.bk));
     struct Copy {
         /// Source index at k = 0.
         src: Expr,
@@ -1152,7 +1152,11 @@ pub(crate) fn emit(
             Ty::I32,
             and_mask(tid.clone(), chunks - 1) * i32c(chunk_len),
         );
-        let exact_n = compact && source.n.as_const().is_some_and(|n| n % t.bn as u64 == 0);
+        let exact_n = compact
+            && source
+                .n
+                .as_const()
+                .is_some_and(|n| n.is_multiple_of(u64::from(t.bn)));
         // The stride of B's rows (k for `[K, N]`, n for `[N, K]`).
         let row_stride = e.dim(w_shape.last().expect("a matrix"));
         let mut copies_plan: Vec<Copy> = Vec::new();
