@@ -129,6 +129,32 @@ pub struct GemmTuning {
     /// 2116 GB/s (M = 1 / 16) split 4 ways, 2133 / 2075 split 2 ways and 1948 / 1941 unsplit
     /// (`…-decode-ab-99e3952.txt`).
     pub max_splits: u32,
+    /// Prefill block tile `(bm, bn)` of 16-bit GEMMs (0: the tile table, `choose_tile`);
+    /// used when the tile it makes is valid and fits shared memory, else the table's.
+    pub tile: (u32, u32),
+    /// Prefill warps `(warps_m, warps_n)` of 16-bit GEMMs (0: the table's 2 × 2).
+    pub warps: (u32, u32),
+    /// Width of a prefill k slice of 16-bit GEMMs (0: the table's 32).
+    pub bk: u32,
+    /// Prefill pipeline stages (0: as many as fit, at most 4).
+    pub stages: u32,
+    /// Block rasterization of prefill grids: consecutive blocks walk groups of this many
+    /// block rows column by column, so that a wave of blocks shares A and B tiles in L2
+    /// (0 or 1: the plain row-major block order).
+    pub raster: u32,
+    /// Whether the prefill main loop double-buffers the A/B fragments in registers: the
+    /// `ldmatrix` of k16 step i + 1 (of the next slice after the last step) is issued before
+    /// the `mma`s of step i, and the next stage's `cp.async` after the first step's
+    /// fragments.
+    pub double_buffer: bool,
+    /// Whether the prefill epilogue stores each thread's two adjacent output columns as one
+    /// 2-element vector (operands read likewise, one bounds check) where every stored width
+    /// is even (`_p2` in the kernel name).
+    pub paired_epilogue: bool,
+    /// The shared memory a tuned prefill tile may use, in KiB (0: 99, the smallest opt-in
+    /// limit of the five targets; a kernel compiled for sm_90a alone, as `kiln bench` does
+    /// on an H100, may use up to 227).
+    pub shared_kib: u32,
 }
 
 impl Default for GemmTuning {
@@ -139,7 +165,55 @@ impl Default for GemmTuning {
             row_sums: true,
             kv_writes: false,
             max_splits: 0,
+            tile: (0, 0),
+            warps: (0, 0),
+            bk: 0,
+            stages: 0,
+            raster: 0,
+            double_buffer: false,
+            paired_epilogue: false,
+            shared_kib: 0,
         }
+    }
+}
+
+impl GemmTuning {
+    /// The knob names [`GemmTuning::set`] takes.
+    pub const KEYS: &'static str =
+        "segments, splits, rowsum, kvwrite, maxsplits, tile, warps, bk, stages, raster, dbuf, pairs, \
+         smem";
+
+    /// Sets knob `key` (the `KILN_TUNE_GEMM` names, [`GemmTuning::KEYS`]) from `value`: a
+    /// number (`0|1` for switches), or `AxB` for `tile` and `warps`.
+    pub fn set(&mut self, key: &str, value: &str) -> Result<(), String> {
+        let pair = || -> Result<(u32, u32), String> {
+            value
+                .split_once('x')
+                .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)))
+                .ok_or_else(|| format!("`{key}={value}`: want AxB, two numbers"))
+        };
+        let number = || -> Result<u32, String> {
+            value
+                .parse()
+                .map_err(|_| format!("`{key}={value}`: the value is not a number"))
+        };
+        match key {
+            "tile" => self.tile = pair()?,
+            "warps" => self.warps = pair()?,
+            "segments" => self.segments = number()? != 0,
+            "splits" => self.segment_splits = number()? != 0,
+            "rowsum" => self.row_sums = number()? != 0,
+            "kvwrite" => self.kv_writes = number()? != 0,
+            "maxsplits" => self.max_splits = number()?,
+            "bk" => self.bk = number()?,
+            "stages" => self.stages = number()?,
+            "raster" => self.raster = number()?,
+            "dbuf" => self.double_buffer = number()? != 0,
+            "pairs" => self.paired_epilogue = number()? != 0,
+            "smem" => self.shared_kib = number()?,
+            _ => return Err(format!("unknown key `{key}` ({})", Self::KEYS)),
+        }
+        Ok(())
     }
 }
 

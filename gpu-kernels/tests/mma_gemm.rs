@@ -43,6 +43,12 @@ fn seg_batched(x: bf16[2, 5, 64], a: bf16[2, 64, 48], b: bf16[2, 64, 16]) -> (bf
 fn seg_batched_split(x: bf16[2, 3, 1024], a: bf16[2, 1024, 48], b: bf16[2, 1024, 16]) -> (bf16[2, 3, 48], bf16[2, 3, 16]) { (x @ a, x @ b + 1.0) }
 fn seg_mixed(x: bf16[M, 64], a: bf16[64, 48], b: bf16[16, 64]) -> (bf16[M, 48], bf16[M, 16]) { (x @ a, linear(x, b)) }
 fn seg_shared(x: bf16[M, 64], a: bf16[48, 64], b: bf16[48, 64], c: bf16[16, 64]) -> (bf16[M, 48], bf16[M, 16]) { (linear(x, a) * linear(x, b), linear(x, c)) }
+fn long_nk(x: bf16[M, 200], w: bf16[264, 200], b: bf16[264]) -> bf16[M, 264] { gelu(linear_bias(x, w, b)) }
+fn long_kn(x: f16[M, 200], w: f16[200, 264], r: f16[M, 264]) -> f16[M, 264] { x @ w + r }
+fn long_gate_up(x: bf16[M, 200], g: bf16[136, 200], u: bf16[136, 200]) -> bf16[M, 136] { silu(linear(x, g)) * linear(x, u) }
+fn exact_nk(x: bf16[256, 96], w: bf16[512, 96], r: bf16[256, 512]) -> bf16[256, 512] { linear(x, w) + r }
+fn exact_kn(x: f16[256, 128], w: f16[128, 256]) -> f16[256, 256] { x @ w }
+fn long_batched(x: bf16[B, M, 96], y: bf16[B, 96, 136]) -> bf16[B, M, 136] { x @ y }
 fn fp8_tensor(x: f8e4m3[M, 96], w: f8e4m3[53, 96], sa: f32, sb: f32) -> bf16[M, 53] { bf16(scaled_mm(x, w, sa, sb)) }
 fn fp8_channel(x: f8e4m3[M, 48], w: f8e4m3[40, 48], sa: f32[M, 1], sb: f32[40]) -> f32[M, 40] { scaled_mm(x, w, sa, sb) }
 fn fp8_e5m2(x: f8e5m2[M, 80], w: f8e5m2[24, 80]) -> f32[M, 24] { f32(x) @ f32(w.T) }
@@ -57,13 +63,18 @@ fn fp8_mixed(x: f8e4m3[M, 32], w: f8e5m2[24, 32]) -> f32[M, 24] { f32(x) @ f32(w
 /// Checks `function` at the given symbol values on the kir interpreter and on Cranelift;
 /// returns the kernel names.
 fn run(function: &str, symbols: &[(&str, usize)]) -> Vec<String> {
+    run_both(function, symbols, &Options::default())
+}
+
+/// [`run`] with `options`.
+fn run_both(function: &str, symbols: &[(&str, usize)], options: &Options) -> Vec<String> {
     let module = lower("mma_gemm.kiln", SRC, None, None);
     let func = module.function(function).unwrap();
     let symbols: BTreeMap<String, usize> =
         symbols.iter().map(|(s, v)| (s.to_string(), *v)).collect();
     let inputs = inputs_for(func, &symbols, 1, 7);
     let weights = BTreeMap::new();
-    let compiled = check(&module, function, &inputs, &weights, &Options::default());
+    let compiled = check(&module, function, &inputs, &weights, options);
     let want = kiln_ir::interpret(func, &inputs, &weights).unwrap();
     let cpu = kiln_cpu::CpuExecutor::new(&compiled.kernels).unwrap_or_else(|e| panic!("{e}"));
     let got = cpu
@@ -476,4 +487,182 @@ fn fp8_matmuls_the_fp8_mma_cannot_take_use_the_plain_template() {
         let names = run_with(function, &[("M", 37)], &options);
         assert!(!uses_tensor_cores(&names), "{function}: {names:?}");
     }
+}
+
+/// The prefill knobs of `GemmTuning` (block tile, warps, slice width, stages, rasterized
+/// block order, double-buffered fragments, paired epilogue stores), each set forced on.
+fn prefill_knob_sets() -> Vec<(GemmTuning, &'static str)> {
+    let tuned = |tile, warps, bk, stages, raster, double_buffer| GemmTuning {
+        tile,
+        warps,
+        bk,
+        stages,
+        raster,
+        double_buffer,
+        ..GemmTuning::default()
+    };
+    vec![
+        // 8 warps of 64 x 64 over a 128 x 256 block, four 24 KiB stages (dynamic shared
+        // memory).
+        (
+            GemmTuning {
+                paired_epilogue: true,
+                ..tuned((128, 256), (2, 4), 0, 0, 8, true)
+            },
+            "128x256x32_w2x4_s4_r8_db_p2",
+        ),
+        (
+            tuned((256, 128), (4, 2), 0, 2, 2, false),
+            "256x128x32_w4x2_s2_r2",
+        ),
+        // 64-wide slices (four k16 steps), 8 warps of 32 x 32.
+        (
+            GemmTuning {
+                paired_epilogue: true,
+                ..tuned((128, 64), (4, 2), 64, 0, 3, true)
+            },
+            "128x64x64_w4x2_s4_r3_db_p2",
+        ),
+        (
+            tuned((128, 128), (2, 2), 64, 3, 0, true),
+            "128x128x64_w2x2_s3_db",
+        ),
+        // Four 48 KiB stages: past the 99 KiB every target allows (`shared_kib`).
+        (
+            GemmTuning {
+                shared_kib: 227,
+                ..tuned((128, 256), (2, 4), 64, 0, 0, true)
+            },
+            "128x256x64_w2x4_s4_db",
+        ),
+        // The table's tile, rasterized and double-buffered; with four stages.
+        (
+            tuned((0, 0), (0, 0), 0, 0, 2, true),
+            "128x128x32_w2x2_s3_r2_db",
+        ),
+        (
+            tuned((0, 0), (0, 0), 0, 4, 0, true),
+            "128x128x32_w2x2_s4_db",
+        ),
+    ]
+}
+
+#[test]
+fn prefill_tile_knobs_match_the_interpreter_at_ragged_shapes() {
+    // M of 300 (three 128-row block rows, the last ragged; two 256-row ones), N of 264
+    // (two 256-wide block columns, the second 8 wide), K of 200 (seven 32-wide slices, the
+    // last 8 wide; four 64-wide ones): fewer and more slices than stages, a rasterization
+    // group cut short by the last block rows, both B layouts, f16, epilogues with a bias,
+    // GELU and a residual, two fused matmuls and batch dims; and shapes of whole tiles.
+    for (tuning, want) in prefill_knob_sets() {
+        let options = Options {
+            gemm: tuning,
+            ..Options::default()
+        };
+        for (function, symbols) in [
+            ("long_nk", vec![("M", 300)]),
+            ("long_kn", vec![("M", 300)]),
+            ("long_gate_up", vec![("M", 130)]),
+            ("long_batched", vec![("B", 2), ("M", 140)]),
+            ("bias_gelu", vec![("M", 130)]),
+            // Whole tiles and slices: no bounds checks in the copies of the double buffer.
+            ("exact_nk", vec![]),
+            ("exact_kn", vec![]),
+        ] {
+            let names = run_both(function, &symbols, &options);
+            let prefill: Vec<&String> = names
+                .iter()
+                .filter(|n| n.contains("mma_gemm") && !n.contains("mma_gemm_16x"))
+                .collect();
+            assert_eq!(prefill.len(), 1, "{function}: {names:?}");
+            // Two fused matmuls narrow the tile to keep their accumulators in registers.
+            if function != "long_gate_up" {
+                assert!(prefill[0].contains(want), "{function}: {want}: {names:?}");
+            }
+        }
+    }
+}
+
+#[test]
+fn prefill_knobs_leave_decode_tiles_and_fp8_alone() {
+    let (tuning, _) = prefill_knob_sets().remove(0);
+    let options = Options {
+        gemm: tuning,
+        ..Options::default()
+    };
+    // Decode shapes keep the split-K-warp tile and its split across blocks.
+    let names = run_both("split5", &[], &options);
+    assert!(
+        names[0].ends_with("mma_gemm_16x32x128_w1x2x4_s3_splitk3_f32"),
+        "{names:?}"
+    );
+    let names = run_both("long_nk", &[("M", 9)], &options);
+    assert!(
+        names
+            .iter()
+            .any(|n| n.contains("mma_gemm_16x32x128_w1x2x4_s3_")),
+        "{names:?}"
+    );
+    // FP8 keeps its table tile (N of 53: 64 wide), with the block order and the double
+    // buffer.
+    let names = run_both("fp8_tensor", &[("M", 130)], &options);
+    assert!(
+        names
+            .iter()
+            .any(|n| n.contains("mma_gemm_e4m3_128x64x64_w2x2_s4_r8_db")),
+        "{names:?}"
+    );
+    // An odd width (53) keeps the stores of single columns.
+    let names = run_both("nk", &[("M", 130)], &options);
+    assert!(
+        names
+            .iter()
+            .any(|n| n.contains("mma_gemm_128x256x32_w2x4_s4_r8_db_bf16")),
+        "{names:?}"
+    );
+    // A tile the template cannot run falls back to the table's.
+    let options = Options {
+        gemm: GemmTuning {
+            tile: (96, 128),
+            ..GemmTuning::default()
+        },
+        ..Options::default()
+    };
+    let names = run_both("long_nk", &[("M", 130)], &options);
+    assert!(
+        names
+            .iter()
+            .any(|n| n.contains("mma_gemm_128x128x32_w2x2_s3_")),
+        "{names:?}"
+    );
+}
+
+#[test]
+fn gemm_knobs_parse_from_their_kiln_tune_names() {
+    let mut tuning = GemmTuning::default();
+    for (key, value) in [
+        ("tile", "128x256"),
+        ("warps", "2x4"),
+        ("stages", "4"),
+        ("raster", "8"),
+        ("dbuf", "1"),
+        ("pairs", "1"),
+        ("bk", "64"),
+        ("smem", "227"),
+        ("maxsplits", "2"),
+    ] {
+        tuning.set(key, value).unwrap();
+    }
+    assert_eq!(
+        (tuning.tile, tuning.warps, tuning.stages, tuning.raster),
+        ((128, 256), (2, 4), 4, 8)
+    );
+    assert!(tuning.double_buffer && tuning.paired_epilogue);
+    assert_eq!(
+        (tuning.bk, tuning.max_splits, tuning.shared_kib),
+        (64, 2, 227)
+    );
+    assert!(tuning.set("tile", "128").is_err());
+    assert!(tuning.set("stages", "x").is_err());
+    assert!(tuning.set("colour", "1").is_err());
 }

@@ -70,6 +70,127 @@ fn llm_shaped_gemms_assemble_for_every_target_without_spills() {
     common::assert_assembles_without_spills(&toolchain, &kernels);
 }
 
+/// The prefill knobs of `GemmTuning` (`KILN_TUNE_GEMM`) at the bench shapes (4096³, 8192³,
+/// 4096 × 14336 × 4096, a fused gate/up pair, f16 with a `[K, N]` B): every variant
+/// assembles for all five targets without spills (registers printed with `--nocapture`);
+/// the PTX of the 8-warp 128 × 256 kernel for sm_90a (dynamic shared memory, rasterized,
+/// double-buffered, paired stores) is a reviewed snapshot.
+#[test]
+fn prefill_knob_gemms_assemble_for_every_target_without_spills() {
+    use kiln_gpu_kernels::GemmTuning;
+    let module = lower("llm_gemms.kiln", KNOB_SRC, None, None);
+    let tuned = |tile, warps, bk, stages, raster, double_buffer| GemmTuning {
+        tile,
+        warps,
+        bk,
+        stages,
+        raster,
+        double_buffer,
+        ..GemmTuning::default()
+    };
+    let mut kernels = Vec::new();
+    for (tuning, want) in [
+        (
+            tuned((0, 0), (0, 0), 0, 0, 8, true),
+            "128x128x32_w2x2_s3_r8_db",
+        ),
+        (
+            tuned((128, 256), (2, 4), 0, 0, 8, true),
+            "128x256x32_w2x4_s4_r8_db",
+        ),
+        (
+            GemmTuning {
+                paired_epilogue: true,
+                ..tuned((128, 256), (2, 4), 0, 0, 8, true)
+            },
+            "128x256x32_w2x4_s4_r8_db_p2",
+        ),
+        (
+            tuned((256, 128), (4, 2), 0, 0, 8, true),
+            "256x128x32_w4x2_s4_r8_db",
+        ),
+        (
+            tuned((128, 128), (2, 4), 0, 0, 8, true),
+            "128x128x32_w2x4_s4_r8_db",
+        ),
+        (
+            tuned((128, 128), (2, 4), 64, 0, 8, true),
+            "128x128x64_w2x4_s3_r8_db",
+        ),
+        (
+            tuned((128, 256), (2, 4), 0, 3, 8, false),
+            "128x256x32_w2x4_s3_r8",
+        ),
+    ] {
+        let options = Options {
+            gemm: tuning,
+            ..Options::default()
+        };
+        for function in ["square", "big", "gate_up_plain", "gate_up", "f16_kn"] {
+            let compiled = kiln_gpu_kernels::compile_function(&module, function, &options).unwrap();
+            let gemms: Vec<_> = compiled
+                .kernels
+                .into_iter()
+                .filter(|k| k.name.contains("mma_gemm"))
+                .collect();
+            assert_eq!(gemms.len(), 1, "{function}");
+            if function != "gate_up" {
+                assert!(gemms[0].name.contains(want), "{}: {want}", gemms[0].name);
+            }
+            if !kernels
+                .iter()
+                .any(|k: &kiln_kir::Kernel| k.name == gemms[0].name)
+            {
+                kernels.extend(gemms);
+            }
+        }
+    }
+    let wide = kernels
+        .iter()
+        .find(|k| k.name == "k0_mma_gemm_128x256x32_w2x4_s4_r8_db_p2_bf16")
+        .expect("the 128 x 256 kernel");
+    let ptx = emit_ptx(
+        std::slice::from_ref(wide),
+        Target::Sm90a,
+        &EmitOptions::default(),
+    )
+    .unwrap();
+    assert!(ptx.contains(".extern .shared"), "dynamic shared memory");
+    insta::assert_snapshot!("gemm_128x256_r8_db_p2_sm_90a", ptx);
+    let Some(toolchain) = common::toolchain() else {
+        return;
+    };
+    common::assert_assembles_without_spills(&toolchain, &kernels);
+    // Past 99 KiB (`smem=227`): for the targets with 227 KiB a block, sm_90a and sm_100a.
+    let options = Options {
+        gemm: GemmTuning {
+            shared_kib: 227,
+            ..tuned((128, 256), (2, 4), 64, 0, 8, true)
+        },
+        ..Options::default()
+    };
+    let compiled = kiln_gpu_kernels::compile_function(&module, "big", &options).unwrap();
+    let wide: Vec<_> = compiled
+        .kernels
+        .into_iter()
+        .filter(|k| k.name.contains("mma_gemm_128x256x64_w2x4_s4_r8_db"))
+        .collect();
+    assert_eq!(wide.len(), 1);
+    common::assert_assembles_without_spills_for(
+        &toolchain,
+        &wide,
+        &[Target::Sm90a, Target::Sm100a],
+    );
+}
+
+const KNOB_SRC: &str = "import nn
+fn square(a: bf16[4096, 4096], b: bf16[4096, 4096]) -> bf16[4096, 4096] { linear(a, b) }
+fn big(a: bf16[8192, 8192], b: bf16[8192, 8192]) -> bf16[8192, 8192] { linear(a, b) }
+fn gate_up_plain(x: bf16[4096, 4096], w: bf16[14336, 4096]) -> bf16[4096, 14336] { linear(x, w) }
+fn gate_up(x: bf16[4096, 4096], gate: bf16[14336, 4096], up: bf16[14336, 4096]) -> bf16[4096, 14336] { silu(linear(x, gate)) * linear(x, up) }
+fn f16_kn(a: f16[4096, 4096], b: f16[4096, 4096]) -> f16[4096, 4096] { a @ b }
+";
+
 const FP8_SRC: &str = "import nn
 fn fp8_8192(a: f8e4m3[8192, 8192], b: f8e4m3[8192, 8192], sa: f32, sb: f32) -> bf16[8192, 8192] { bf16(scaled_mm(a, b, sa, sb)) }
 fn fp8_channel(a: f8e4m3[T, 4096], b: f8e4m3[14336, 4096], sa: f32[T, 1], sb: f32[14336]) -> bf16[T, 14336] { bf16(scaled_mm(a, b, sa, sb)) }
@@ -125,6 +246,46 @@ fn fp8_gemms_assemble_from_sm_89_without_spills() {
     );
 }
 
+/// The 8192³ FP8 GEMM with the prefill knobs that apply to FP8 (the rasterized block order
+/// and the double-buffered fragments; its tile stays the table's) assembles from sm_89
+/// without spills.
+#[test]
+fn fp8_gemm_with_the_block_order_and_double_buffer_assembles_without_spills() {
+    let module = lower("fp8_gemms.kiln", FP8_SRC, None, None);
+    let options = Options {
+        gemm: kiln_gpu_kernels::GemmTuning {
+            raster: 8,
+            double_buffer: true,
+            tile: (128, 256),
+            warps: (2, 4),
+            ..Default::default()
+        },
+        ..Options::default()
+    };
+    let compiled = kiln_gpu_kernels::compile_function(&module, "fp8_8192", &options).unwrap();
+    let gemms: Vec<_> = compiled
+        .kernels
+        .into_iter()
+        .filter(|k| k.name.contains("mma_gemm"))
+        .collect();
+    assert_eq!(gemms.len(), 1);
+    assert!(
+        gemms[0]
+            .name
+            .contains("mma_gemm_e4m3_128x128x64_w2x4_s3_r8_db"),
+        "{}",
+        gemms[0].name
+    );
+    let Some(toolchain) = common::toolchain() else {
+        return;
+    };
+    common::assert_assembles_without_spills_for(
+        &toolchain,
+        &gemms,
+        &[Target::Sm89, Target::Sm90a, Target::Sm100a, Target::Sm120],
+    );
+}
+
 /// Shapes for the GPU check: `(function, T)`.
 const GPU_CASES: [(&str, u64); 11] = [
     ("small_nk", 37),
@@ -158,7 +319,9 @@ fn fp8_decode(x: f8e4m3[T, 4096], w: f8e4m3[4096, 4096], sa: f32, sb: f32[4096])
 /// kernel launched, for `tools/gemm_gpu_check.py`, which runs each case's launches in order
 /// on random data (a split-K case: the partial kernel, then the sum kernel, sharing a
 /// workspace the script allocates) against PyTorch and times them beside `torch.matmul`
-/// (FP8 cases: `scaled_mm` beside `torch._scaled_mm`).
+/// (FP8 cases: `scaled_mm` beside `torch._scaled_mm`). `KILN_TUNE_GEMM` (as `kiln bench`
+/// reads it) sets the GEMM knobs of the exported kernels, so that each variant can be
+/// checked on the GPU.
 #[test]
 #[ignore = "writes a GPU check to $KILN_GEMM_CHECK_DIR; run tools/gemm_gpu_check.py on a GPU"]
 fn export_gemm_gpu_check() {
@@ -168,10 +331,18 @@ fn export_gemm_gpu_check() {
     );
     std::fs::create_dir_all(&dir).unwrap();
     let module = lower("gemm_check.kiln", GPU_SRC, None, None);
+    let mut options = Options::default();
+    for item in std::env::var("KILN_TUNE_GEMM")
+        .unwrap_or_default()
+        .split(',')
+    {
+        if let Some((key, value)) = item.trim().split_once('=') {
+            options.gemm.set(key, value).unwrap();
+        }
+    }
     let mut cases = Vec::new();
     for (function, t) in GPU_CASES {
-        let compiled =
-            kiln_gpu_kernels::compile_function(&module, function, &Options::default()).unwrap();
+        let compiled = kiln_gpu_kernels::compile_function(&module, function, &options).unwrap();
         let symbols = |s: &str| (s == "T").then_some(t);
         let mut launches = Vec::new();
         // The branch of a decode-variant choice that runs at this T.

@@ -93,11 +93,16 @@ def main():
                 else:
                     kind = "input" if "input" in p else "output"
                     args.append(cp.uint64(tensors[kind][p[kind]].data_ptr()))
-            prepared.append((kernel, tuple(step["grid"]), (step["block"], 1, 1), tuple(args)))
+            # Shared memory past the static 48 KiB: the dynamic window, opted into.
+            shared = step.get("dynamic_shared_bytes", 0)
+            if shared:
+                kernel.max_dynamic_shared_size_bytes = shared
+            prepared.append(
+                (kernel, tuple(step["grid"]), (step["block"], 1, 1), tuple(args), shared))
 
         def launch():
-            for kernel, grid, block, args in prepared:
-                kernel(grid, block, args)
+            for kernel, grid, block, args, shared in prepared:
+                kernel(grid, block, args, shared_mem=shared)
 
         launch()
         torch.cuda.synchronize()

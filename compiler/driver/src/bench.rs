@@ -293,8 +293,15 @@ const TUNE_PAGED: &str = "KILN_TUNE_PAGED";
 /// an RMSNorm, leaves its sum to that row kernel; default 1), `kvwrite=0|1` (the sum
 /// kernel of a split-K q/k/v grid stores k and v straight into the paged caches, no
 /// `kv_write` kernel; default 0) and `maxsplits=N` (the most blocks a decode GEMM's k slices
-/// are split over; default 0, the template's 8). Example:
-/// `KILN_TUNE_GEMM=segments=1,splits=0`.
+/// are split over; default 0, the template's 8); for prefill GEMMs (16-bit, M > 64)
+/// `tile=BMxBN` (block tile), `warps=WMxWN`, `bk=N` (k slice), `stages=N` (0: as many as fit
+/// in shared memory; the table's tile where the overrides make one the template cannot
+/// run), `raster=N` (block rows of a rasterization group; 0 or 1: row-major blocks) and
+/// `dbuf=0|1` (fragments double-buffered across k16 steps), `pairs=0|1` (the epilogue
+/// stores two adjacent columns at once) and `smem=KiB` (the shared memory a tuned tile may
+/// use; default 99, every target; up to 227 on an H100); defaults in
+/// [`kiln_gpu_kernels::GemmTuning`]. Examples: `KILN_TUNE_GEMM=segments=1,splits=0`,
+/// `KILN_TUNE_GEMM=tile=128x256,warps=2x4,stages=4,raster=8,dbuf=1,pairs=1`.
 const TUNE_GEMM: &str = "KILN_TUNE_GEMM";
 
 /// `KILN_TUNE_ATTENTION`: `warps=4|8` (warps of a prefill block, 16 query rows each;
@@ -304,8 +311,8 @@ const TUNE_GEMM: &str = "KILN_TUNE_GEMM";
 /// (the 48 KiB design of static shared memory).
 const TUNE_ATTENTION: &str = "KILN_TUNE_ATTENTION";
 
-/// The `KEY=N` items of the tuning variable `var`, if it is set.
-fn tuning_items(var: &str) -> Result<Vec<(String, u64)>> {
+/// The `KEY=VALUE` items of the tuning variable `var`, if it is set.
+fn tuning_pairs(var: &str) -> Result<Vec<(String, String)>> {
     let Ok(spec) = std::env::var(var) else {
         return Ok(Vec::new());
     };
@@ -316,10 +323,20 @@ fn tuning_items(var: &str) -> Result<Vec<(String, u64)>> {
             let (key, value) = item
                 .split_once('=')
                 .ok_or_else(|| anyhow!("{var}: `{item}` is not KEY=VALUE"))?;
+            Ok((key.to_string(), value.to_string()))
+        })
+        .collect()
+}
+
+/// The `KEY=N` items of the tuning variable `var`, if it is set.
+fn tuning_items(var: &str) -> Result<Vec<(String, u64)>> {
+    tuning_pairs(var)?
+        .into_iter()
+        .map(|(key, value)| {
             let n: u64 = value
                 .parse()
-                .with_context(|| format!("{var}: `{item}`: the value is not a number"))?;
-            Ok((key.to_string(), n))
+                .with_context(|| format!("{var}: `{key}={value}`: the value is not a number"))?;
+            Ok((key, n))
         })
         .collect()
 }
@@ -384,28 +401,32 @@ pub(crate) fn apply_tuning(options: &mut CompileOptions) -> Result<()> {
             paged.mma_warps
         );
     }
-    let gemm_items = tuning_items(TUNE_GEMM)?;
+    let gemm_items = tuning_pairs(TUNE_GEMM)?;
     let gemm = &mut options.fusion.gemm;
-    for (key, n) in &gemm_items {
-        match key.as_str() {
-            "segments" => gemm.segments = *n != 0,
-            "splits" => gemm.segment_splits = *n != 0,
-            "rowsum" => gemm.row_sums = *n != 0,
-            "kvwrite" => gemm.kv_writes = *n != 0,
-            "maxsplits" => gemm.max_splits = u32::try_from(*n)?,
-            _ => bail!(
-                "{TUNE_GEMM}: unknown key `{key}` (segments, splits, rowsum, kvwrite, maxsplits)"
-            ),
-        }
+    for (key, value) in &gemm_items {
+        gemm.set(key, value)
+            .map_err(|e| anyhow!("{TUNE_GEMM}: {e}"))?;
     }
     if !gemm_items.is_empty() {
         eprintln!(
-            "kiln bench: {TUNE_GEMM}: segments {}, splits {}, rowsum {}, kvwrite {}, maxsplits {}",
+            "kiln bench: {TUNE_GEMM}: segments {}, splits {}, rowsum {}, kvwrite {}, maxsplits {}, \
+             tile {}x{}, warps {}x{}, bk {}, stages {}, raster {}, dbuf {}, pairs {}, smem {} KiB \
+             (0: the table's)",
             u8::from(gemm.segments),
             u8::from(gemm.segment_splits),
             u8::from(gemm.row_sums),
             u8::from(gemm.kv_writes),
-            gemm.max_splits
+            gemm.max_splits,
+            gemm.tile.0,
+            gemm.tile.1,
+            gemm.warps.0,
+            gemm.warps.1,
+            gemm.bk,
+            gemm.stages,
+            gemm.raster,
+            u8::from(gemm.double_buffer),
+            u8::from(gemm.paired_epilogue),
+            gemm.shared_kib
         );
     }
     let attention_items = tuning_items(TUNE_ATTENTION)?;

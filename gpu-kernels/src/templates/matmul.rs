@@ -953,7 +953,7 @@ pub(crate) fn epilogue_at(
 /// [`epilogue_at`] for `accs[i].len()` consecutive columns from `at.col` (each stored
 /// value's last axis a constant multiple of that count when it is more than one): the
 /// operands are read and the results stored as vectors, one bounds check for all.
-fn epilogue_lanes(
+pub(crate) fn epilogue_lanes(
     e: &mut Emitter<'_, '_>,
     body: &mut Vec<Stmt>,
     matmuls: &[Value],

@@ -57,7 +57,7 @@
 //! template cannot take (another dtype, a fused prologue on an operand, K or a `[K, N]`
 //! B's N not a multiple of 8, a symbolic K) goes to the plain tiled template.
 
-use super::matmul::{batch_index, epilogue_at, kernel_name, OutputElement};
+use super::matmul::{batch_index, epilogue_at, epilogue_lanes, kernel_name, OutputElement};
 use super::{ceil_div_size, size_of_dims, Body, KvFused, Workspace};
 use crate::emit::{add, and, div, lt, mul, rem, sub, EResult, Emitter, SplitSum};
 use crate::graph::FuncGraph;
@@ -76,6 +76,12 @@ pub(crate) const CHUNK: i64 = 8;
 
 /// The static shared memory a block may use.
 const SHARED_BYTES: u32 = 48 * 1024;
+
+/// The shared memory a block of a tuned prefill tile may use ([`tuned_tile`]): the smallest
+/// opt-in limit of the kiln targets (sm_89 and sm_120: 99 KiB; sm_80 has 163, sm_90a and
+/// sm_100a 227), so that one kernel assembles for all of them. Past the static 48 KiB the
+/// arrays live in the dynamic window (`kiln_kir::shared_layout`).
+const TUNED_SHARED_BYTES: u32 = 99 * 1024;
 
 /// Accumulator registers per thread the tile table stays within.
 const MAX_ACCUMULATORS: u32 = 128;
@@ -200,6 +206,80 @@ pub fn choose_tile(m: Option<u64>, n: u64, matmuls: u32) -> MmaTile {
     tile
 }
 
+/// The prefill tile of a 16-bit GEMM under `tuning`'s overrides of the block tile, the
+/// warps, the slice width and the stages (`GemmTuning::{tile, warps, bk, stages}`): the
+/// table's tile ([`choose_tile`]) with each override that is set, the same narrowing while
+/// the accumulators exceed [`MAX_ACCUMULATORS`], and as many stages as asked for that fit
+/// in [`TUNED_SHARED_BYTES`] or `GemmTuning::shared_kib` (at most 4 when none is asked
+/// for). Decode-sized tiles (split-K warps) and M known to be at most 64 keep the table's;
+/// so does an override whose tile the template cannot run ([`valid_prefill_tile`]).
+pub fn tuned_tile(m: Option<u64>, n: u64, matmuls: u32, tuning: &crate::GemmTuning) -> MmaTile {
+    let table = choose_tile(m, n, matmuls);
+    let overridden =
+        tuning.tile != (0, 0) || tuning.warps != (0, 0) || tuning.bk != 0 || tuning.stages != 0;
+    if !overridden || table.warps_k > 1 || m.is_some_and(|m| m <= 64) {
+        return table;
+    }
+    let mut t = table;
+    let pick = |knob: u32, table: u32| if knob > 0 { knob } else { table };
+    t.bm = pick(tuning.tile.0, t.bm);
+    t.bn = pick(tuning.tile.1, t.bn);
+    t.warps_m = pick(tuning.warps.0, t.warps_m);
+    t.warps_n = pick(tuning.warps.1, t.warps_n);
+    t.bk = pick(tuning.bk, t.bk);
+    while t.accumulators(matmuls) > MAX_ACCUMULATORS && t.bn / t.warps_n > 16 {
+        t.bn /= 2;
+    }
+    while t.accumulators(matmuls) > MAX_ACCUMULATORS && t.bm / t.warps_m > 16 {
+        t.bm /= 2;
+    }
+    let budget = match tuning.shared_kib {
+        0 => TUNED_SHARED_BYTES,
+        kib => kib.saturating_mul(1024),
+    };
+    let fit = budget / t.stage_bytes(matmuls);
+    t.stages = match tuning.stages {
+        0 => fit.min(4),
+        s => s.min(fit),
+    };
+    if valid_prefill_tile(&t, matmuls, budget) {
+        t
+    } else {
+        table
+    }
+}
+
+/// Whether the emitter can run the prefill tile `t` (no split-K warps) of `matmuls` fused
+/// 16-bit matmuls: powers of two, whole pairs of m16n8 fragments per warp, at least two
+/// stages in `shared_bytes`, accumulators within [`MAX_ACCUMULATORS`], and copies of 16-byte
+/// chunks that divide evenly among the threads in whole rows of either B layout.
+pub fn valid_prefill_tile(t: &MmaTile, matmuls: u32, shared_bytes: u32) -> bool {
+    let pow2 = |x: u32| x.is_power_of_two();
+    let threads = t.threads();
+    let chunks = |cols: u32| cols / CHUNK as u32;
+    let copies_divide = |rows: u32, cols: u32| {
+        chunks(cols) > 0
+            && threads.is_multiple_of(chunks(cols))
+            && (rows * chunks(cols)).is_multiple_of(threads)
+    };
+    t.warps_k == 1
+        && [t.bm, t.bn, t.bk, t.warps_m, t.warps_n]
+            .into_iter()
+            .all(pow2)
+        && t.bk >= 16
+        && t.bm.is_multiple_of(t.warps_m)
+        && t.bn.is_multiple_of(t.warps_n)
+        && t.warp_m().is_multiple_of(16)
+        && t.warp_n().is_multiple_of(16)
+        && threads <= 512
+        && t.stages >= 2
+        && t.stages * t.stage_bytes(matmuls) <= shared_bytes
+        && t.accumulators(matmuls) <= MAX_ACCUMULATORS
+        && copies_divide(t.bm, t.bk)
+        && copies_divide(t.bn, t.bk)
+        && copies_divide(t.bk, t.bn)
+}
+
 /// The FP8 tile for the 16-bit `tile` of `matmuls` fused matmuls: slices of the same
 /// bytes (twice the elements), and, where a warp would hold more than
 /// [`FP8_MAX_ACCUMULATORS`] accumulators, twice the warps across N (sm_90a runs the
@@ -304,6 +384,13 @@ pub(crate) struct MmaPlan {
     segments: Vec<Segment>,
     /// The FP8-to-float casts of the operands the FP8 `mma` takes over.
     casts: Vec<Value>,
+    /// Block rows of a rasterization group (`GemmTuning::raster`; 1: row-major blocks).
+    raster: u32,
+    /// Whether the main loop double-buffers the fragments (`GemmTuning::double_buffer`).
+    double_buffer: bool,
+    /// Whether the epilogue stores each thread's two adjacent columns together where every
+    /// stored width is even (`GemmTuning::paired_epilogue`).
+    paired: bool,
 }
 
 /// One matmul's share of a segmented grid's block columns.
@@ -521,11 +608,10 @@ pub(crate) fn plan(
         b.push(source);
     }
     let choose = |m: Option<u64>, n: u64, matmuls: u32| {
-        let tile = choose_tile(m, n, matmuls);
         if fp8 {
-            fp8_tile(tile, matmuls)
+            fp8_tile(choose_tile(m, n, matmuls), matmuls)
         } else {
-            tile
+            tuned_tile(m, n, matmuls, tuning)
         }
     };
     let m = if small_rows {
@@ -591,6 +677,9 @@ pub(crate) fn plan(
             tile,
             segments,
             casts,
+            raster: 1,
+            double_buffer: false,
+            paired: false,
         });
     }
     // Horizontally fused matmuls of one shape split K across blocks too when their grid
@@ -602,6 +691,11 @@ pub(crate) fn plan(
             tile.splits = choose_splits_at_most(&tile, m, n_max, k, batch, most_splits(tuning));
         }
     }
+    // Prefill tiles (no split-K warps): the block order and the fragment double buffer of
+    // `tuning`; the double buffer alternates two fragment sets over the k16 steps of a
+    // slice, so it needs an even number of them.
+    let prefill = tile.warps_k == 1 && tile.splits == 1;
+    let k_steps = tile.bk / input.k() as u32;
     Some(MmaPlan {
         input,
         a,
@@ -611,6 +705,9 @@ pub(crate) fn plan(
         tile,
         segments: Vec::new(),
         casts,
+        raster: if prefill { tuning.raster.max(1) } else { 1 },
+        double_buffer: prefill && tuning.double_buffer && k_steps.is_multiple_of(2),
+        paired: prefill && tuning.paired_epilogue,
     })
 }
 
@@ -657,6 +754,158 @@ fn by_segment(segment: &Expr, mut branches: Vec<Vec<Stmt>>) -> Vec<Stmt> {
         )];
     }
     chain
+}
+
+/// The fragment sets of a double-buffered main loop and what loading and multiplying them
+/// needs.
+struct Fragments<'a> {
+    a_tile: Buf,
+    b_tiles: &'a [Buf],
+    /// Per k step, the thread's `ldmatrix` offset in an A stage (only step 0's is used).
+    a_ld: &'a [Expr],
+    /// Per B tile, k step and pair of n8 tiles, the offset in a B stage (only step 0's
+    /// first pair's is used).
+    b_ld: &'a [Vec<Vec<Expr>>],
+    /// Per B tile, whether it is `[K, N]` (a transposing `ldmatrix`).
+    trans: Vec<bool>,
+    bk: i64,
+    bn: i64,
+    /// Elements of a 16-byte chunk.
+    chunk_len: i64,
+    input: MmaInput,
+    acc: &'a [Vec<[VarId; 4]>],
+    /// Two sets of A fragments, one per m16 tile.
+    a: [Vec<[VarId; 4]>; 2],
+    /// Two sets of B fragments, per B tile and n8 tile.
+    b: [Vec<Vec<[VarId; 2]>>; 2],
+}
+
+/// `a ^ bits` (`a` when `bits` is 0).
+fn xor(a: Expr, bits: i64) -> Expr {
+    if bits == 0 {
+        a
+    } else {
+        Expr::binary(BinOp::Xor, a, i32c(bits))
+    }
+}
+
+impl Fragments<'_> {
+    /// The `ldmatrix`es of k step `kk` of the stage at `a_base`/`b_base` into `set`.
+    ///
+    /// The offsets derive from step 0's (one register each, not one per step and pair): a
+    /// step's chunks are step 0's XOR `2 kk` (their low bit is the lane's half, the swizzle
+    /// depends on the row only), so in a row of chunks the offset is step 0's XOR
+    /// `2 kk × chunk_len`; the next m16 tile (A) or pair of n8 tiles (transposed B) is 16
+    /// rows on, which the swizzle (bits 0 to 2 of `row >> shift`, shift at most 2) does not
+    /// see. In a `[K, N]` B the roles swap: the step moves 16 rows, the pair 2 chunks.
+    fn load(&self, out: &mut Vec<Stmt>, kk: usize, set: usize, a_base: &Expr, b_base: &Expr) {
+        let step_bits = kk as i64 * 2 * self.chunk_len;
+        let a_offset = xor(self.a_ld[0].clone(), step_bits);
+        for (mi, frag) in self.a[set].iter().enumerate() {
+            out.push(Stmt::LdMatrix {
+                dsts: frag.to_vec(),
+                trans: false,
+                buf: self.a_tile,
+                index: a_base.clone() + a_offset.clone() + i32c(mi as i64 * 16 * self.bk),
+            });
+        }
+        for (i, frags) in self.b[set].iter().enumerate() {
+            for pair in 0..frags.len() / 2 {
+                let (lo, hi) = (&frags[2 * pair], &frags[2 * pair + 1]);
+                let first = self.b_ld[i][0][0].clone();
+                let pair = pair as i64;
+                let offset = if self.trans[i] {
+                    xor(first, pair * 2 * CHUNK) + i32c(kk as i64 * 16 * self.bn)
+                } else {
+                    xor(first, step_bits) + i32c(pair * 16 * self.bk)
+                };
+                out.push(Stmt::LdMatrix {
+                    dsts: vec![lo[0], lo[1], hi[0], hi[1]],
+                    trans: self.trans[i],
+                    buf: self.b_tiles[i],
+                    index: b_base.clone() + offset,
+                });
+            }
+        }
+    }
+
+    /// The products of fragment set `set` into the accumulators.
+    fn products(&self, out: &mut Vec<Stmt>, set: usize) {
+        for (i, b_frags) in self.b[set].iter().enumerate() {
+            let ni_count = b_frags.len();
+            for (mi, a) in self.a[set].iter().enumerate() {
+                for (ni, b) in b_frags.iter().enumerate() {
+                    let c = self.acc[i][mi * ni_count + ni];
+                    out.push(Stmt::Mma {
+                        input: self.input,
+                        d: c,
+                        a: *a,
+                        b: *b,
+                        c,
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// The tile `(m_tile, n_tile)` (I32) of this block of a rasterized grid: blocks in launch
+/// order (`pid = blockIdx.y * columns + blockIdx.x`) walk groups of `plan.raster` block
+/// rows (the last group the rows left) column by column, the rows of a group first, so
+/// that the blocks running at once read fewer distinct A and B tiles (kept in L2). The grid
+/// itself is unchanged, `ceil(N / bn) × ceil(M / bm)`.
+fn raster(
+    e: &mut Emitter<'_, '_>,
+    body: &mut Vec<Stmt>,
+    plan: &MmaPlan,
+    out_shape: &[Dim],
+    grid_n: &Dim,
+) -> (Expr, Expr) {
+    let t = plan.tile;
+    let group = i64::from(plan.raster);
+    let wide = e.index_ty == Ty::I64;
+    let to_i32 = |x: Expr| {
+        if wide {
+            Expr::Cast(Ty::I32, Box::new(x))
+        } else {
+            x
+        }
+    };
+    let rank = out_shape.len();
+    let m_size = e.dim(&out_shape[rank - 2]);
+    let n_size = e.dim(grid_n);
+    let rows = to_i32(ceil_div_expr(m_size, e.ix(i64::from(t.bm)), e.ix(1)));
+    let rows = e.bind(body, "tile_rows", Ty::I32, rows);
+    let columns = to_i32(ceil_div_expr(n_size, e.ix(i64::from(t.bn)), e.ix(1)));
+    let columns = e.bind(body, "tile_columns", Ty::I32, columns);
+    let pid =
+        Expr::Special(Special::BlockIdx(1)) * columns.clone() + Expr::Special(Special::BlockIdx(0));
+    let pid = e.bind(body, "pid", Ty::I32, pid);
+    let width = e.bind(body, "group_blocks", Ty::I32, columns * i32c(group));
+    let first = Expr::binary(BinOp::Div, pid.clone(), width.clone()) * i32c(group);
+    let first = e.bind(body, "group_row", Ty::I32, first);
+    let in_group = e.bind(
+        body,
+        "in_group",
+        Ty::I32,
+        Expr::binary(BinOp::Rem, pid, width),
+    );
+    let group_rows = e.bind(
+        body,
+        "group_rows",
+        Ty::I32,
+        (rows - first.clone()).min(i32c(group)),
+    );
+    let m_tile = first + Expr::binary(BinOp::Rem, in_group.clone(), group_rows.clone());
+    let m_tile = e.bind(body, "m_tile", Ty::I32, m_tile);
+    let n_tile = Expr::binary(BinOp::Div, in_group, group_rows);
+    let n_tile = e.bind(body, "n_tile", Ty::I32, n_tile);
+    (m_tile, n_tile)
+}
+
+/// `ceil(a / b)` of index expressions (`one` the index type's 1).
+fn ceil_div_expr(a: Expr, b: Expr, one: Expr) -> Expr {
+    div(sub(add(a, b.clone()), one), b)
 }
 
 pub(crate) fn emit(
@@ -719,8 +968,18 @@ pub(crate) fn emit(
     // Split across blocks (decode shapes, one row of tiles): block row y takes the k
     // slices `y * per_split ..`, at most `per_split` of them.
     let split = plan.split();
+    let grid_n = plan
+        .b
+        .iter()
+        .map(|s| s.n.clone())
+        .max_by_key(|d| d.as_const().unwrap_or(u64::MAX))
+        .unwrap_or(Dim::Const(1));
+    // A rasterized grid: the block's tile `(m_tile, n_tile)` from its place in launch order.
+    let rastered = (plan.raster > 1).then(|| raster(e, &mut body, plan, &out_shape, &grid_n));
     let m0 = if split.is_some() {
         e.ix(0)
+    } else if let Some((m_tile, _)) = &rastered {
+        mul(index(m_tile.clone()), e.ix(bm))
     } else {
         mul(e.special(Special::BlockIdx(1)), e.ix(bm))
     };
@@ -759,9 +1018,10 @@ pub(crate) fn emit(
         let start = e.bind(&mut body, "segment_start", Ty::I32, start);
         (which, bx - start)
     });
-    let n0 = match &segment {
-        Some((_, column)) => mul(index(column.clone()), e.ix(bn)),
-        None => mul(e.special(Special::BlockIdx(0)), e.ix(bn)),
+    let n0 = match (&segment, &rastered) {
+        (Some((_, column)), _) => mul(index(column.clone()), e.ix(bn)),
+        (None, Some((_, n_tile))) => mul(index(n_tile.clone()), e.ix(bn)),
+        (None, None) => mul(e.special(Special::BlockIdx(0)), e.ix(bn)),
     };
     let n0 = e.bind(&mut body, "n0", ity, n0);
     let segment = segment.map(|(which, _)| which);
@@ -807,18 +1067,46 @@ pub(crate) fn emit(
         Ty::I32,
         and_mask(tid.clone(), a_chunks - 1) * i32c(chunk_len),
     );
+    // Compact copies (the double-buffered loop): copy q > 0 of a thread addresses from copy
+    // 0's source and destination plus constants (its rows are a multiple of 8 on, which
+    // the swizzle does not see), and the bounds a constant shape keeps whole (M or N a
+    // multiple of the tile, K of the slice) are not checked per copy: fewer registers and
+    // integer instructions beside the `mma`s.
+    let compact = plan.double_buffer && k_first.is_none();
+    let exact_m = compact
+        && out_shape[rank - 2]
+            .as_const()
+            .is_some_and(|m| m.is_multiple_of(u64::from(t.bm)));
+    let exact_k = compact && plan.k.is_multiple_of(u64::from(t.bk));
     struct Copy {
         /// Source index at k = 0.
         src: Expr,
-        /// Whether the row (M or N) is inside the matrix.
-        row_ok: Expr,
+        /// Whether the row (M or N) is inside the matrix (`None`: always).
+        row_ok: Option<Expr>,
         /// The tile row (for k-rows B, the k offset within the slice).
         row: Expr,
         /// Destination index within a stage.
         dst: Expr,
     }
-    let mut a_plan = Vec::new();
+    let mut a_plan: Vec<Copy> = Vec::new();
     for q in 0..a_copies {
+        let step = q * threads / a_chunks;
+        if compact && q > 0 && step % 8 == 0 {
+            let first = &a_plan[0];
+            let row = first.row.clone() + i32c(step);
+            let row_ok = (!exact_m).then(|| {
+                let gm = add(m0.clone(), index(row.clone()));
+                e.bind(&mut body, "a_ok", Ty::Pred, lt(gm, m_size.clone()))
+            });
+            let copy = Copy {
+                src: add(first.src.clone(), e.ix(step * plan.k as i64)),
+                row_ok,
+                row,
+                dst: first.dst.clone() + i32c(step * bk),
+            };
+            a_plan.push(copy);
+            continue;
+        }
         let row = e.bind(
             &mut body,
             "a_row",
@@ -830,7 +1118,8 @@ pub(crate) fn emit(
         idx.extend([gm.clone(), index(a_col.clone())]);
         let src = e.linear(&a_shape, &idx);
         let src = e.bind(&mut body, "a_src", ity, src);
-        let row_ok = e.bind(&mut body, "a_ok", Ty::Pred, lt(gm, m_size.clone()));
+        let row_ok =
+            (!exact_m).then(|| e.bind(&mut body, "a_ok", Ty::Pred, lt(gm, m_size.clone())));
         let chunk = shr(a_col.clone(), chunk_shift);
         let dst = row.clone() * i32c(bk)
             + Expr::binary(BinOp::Xor, chunk, swizzle(row.clone(), a_chunks as u32))
@@ -863,8 +1152,36 @@ pub(crate) fn emit(
             Ty::I32,
             and_mask(tid.clone(), chunks - 1) * i32c(chunk_len),
         );
-        let mut copies_plan = Vec::new();
+        let exact_n = compact
+            && source
+                .n
+                .as_const()
+                .is_some_and(|n| n.is_multiple_of(u64::from(t.bn)));
+        // The stride of B's rows (k for `[K, N]`, n for `[N, K]`).
+        let row_stride = e.dim(w_shape.last().expect("a matrix"));
+        let mut copies_plan: Vec<Copy> = Vec::new();
         for q in 0..copies {
+            let step = q * threads / chunks;
+            if compact && q > 0 && step % 8 == 0 {
+                let first = &copies_plan[0];
+                let row = first.row.clone() + i32c(step);
+                let row_ok = match (source.k_rows, exact_n) {
+                    (_, true) => None,
+                    (true, false) => first.row_ok.clone(),
+                    (false, false) => {
+                        let gn = add(n0.clone(), index(row.clone()));
+                        Some(e.bind(out, "b_ok", Ty::Pred, lt(gn, n_size.clone())))
+                    }
+                };
+                let copy = Copy {
+                    src: add(first.src.clone(), mul(e.ix(step), row_stride.clone())),
+                    row_ok,
+                    row,
+                    dst: first.dst.clone() + i32c(step * cols),
+                };
+                copies_plan.push(copy);
+                continue;
+            }
             let row = e.bind(
                 out,
                 "b_row",
@@ -885,7 +1202,7 @@ pub(crate) fn emit(
             }
             let src = e.linear(&w_shape, &idx);
             let src = e.bind(out, "b_src", ity, src);
-            let row_ok = e.bind(out, "b_ok", Ty::Pred, lt(gn, n_size.clone()));
+            let row_ok = (!exact_n).then(|| e.bind(out, "b_ok", Ty::Pred, lt(gn, n_size.clone())));
             let chunk = shr(col.clone(), chunk_shift);
             let dst = row.clone() * i32c(cols)
                 + Expr::binary(BinOp::Xor, chunk, swizzle(row.clone(), chunks as u32))
@@ -929,16 +1246,30 @@ pub(crate) fn emit(
             Some(first) => first.clone() + kt,
             None => kt,
         };
-        let k0 = e.bind(&mut out, "k0", ity, mul(index(kt), e.ix(bk)));
+        let k0 = e.bind(&mut out, "k0", ity, mul(index(kt.clone()), e.ix(bk)));
         let in_block = |ok: Expr| match &slice_ok {
             Some(s) => and(ok, s.clone()),
             None => ok,
         };
-        let a_gk = add(k0.clone(), index(a_col.clone()));
-        let a_k_ok = in_block(lt(a_gk, k_size.clone()));
-        let a_k_ok = e.bind(&mut out, "a_k_ok", Ty::Pred, a_k_ok);
+        // Whole slices (`exact_k`): a slice inside K is inside for every copy.
+        let slice_in_k = exact_k.then(|| {
+            let ok = lt(kt.clone(), i32c(k_tiles));
+            e.bind(&mut out, "slice_in_k", Ty::Pred, ok)
+        });
+        let a_k_ok = match &slice_in_k {
+            Some(ok) => ok.clone(),
+            None => {
+                let a_gk = add(k0.clone(), index(a_col.clone()));
+                let a_k_ok = in_block(lt(a_gk, k_size.clone()));
+                e.bind(&mut out, "a_k_ok", Ty::Pred, a_k_ok)
+            }
+        };
+        let both = |row_ok: &Option<Expr>, k_ok: Expr| match row_ok {
+            Some(r) => and(r.clone(), k_ok),
+            None => k_ok,
+        };
         for copy in &a_plan {
-            let valid = and(copy.row_ok.clone(), a_k_ok.clone());
+            let valid = both(&copy.row_ok, a_k_ok.clone());
             out.push(Stmt::CpAsync {
                 dst: a_tile,
                 dst_index: stage.clone() * i32c(a_stage) + copy.dst.clone(),
@@ -964,7 +1295,11 @@ pub(crate) fn emit(
                 } else {
                     (add(k0.clone(), index(col.clone())), k0.clone())
                 };
-                let valid = and(copy.row_ok.clone(), in_block(lt(gk, k_size.clone())));
+                let k_ok = match &slice_in_k {
+                    Some(ok) => ok.clone(),
+                    None => in_block(lt(gk, k_size.clone())),
+                };
+                let valid = both(&copy.row_ok, k_ok);
                 out.push(Stmt::CpAsync {
                     dst: b_tiles[if segmented { 0 } else { i }],
                     dst_index: stage.clone() * i32c(b_stage) + copy.dst.clone(),
@@ -1063,67 +1398,168 @@ pub(crate) fn emit(
         body.extend(copies);
         body.push(Stmt::CpAsyncCommit);
     }
-    let kt = e.var("kt", Ty::I32);
-    let mut kloop = vec![Stmt::CpAsyncWait((stages - 2) as u32), Stmt::Barrier];
-    let next = Expr::var(kt) + i32c(stages - 1);
-    let next_stage = e.bind(
-        &mut kloop,
-        "next_stage",
-        Ty::I32,
-        Expr::binary(BinOp::Rem, next.clone(), i32c(stages)),
-    );
-    let copies = load_stage(e, next_stage, next);
-    kloop.extend(copies);
-    kloop.push(Stmt::CpAsyncCommit);
-    let stage = Expr::binary(BinOp::Rem, Expr::var(kt), i32c(stages));
-    let a_base = e.bind(&mut kloop, "a_base", Ty::I32, stage.clone() * i32c(a_stage));
-    let b_base = e.bind(&mut kloop, "b_base", Ty::I32, stage * i32c(b_stage));
-    let a_frag: Vec<[VarId; 4]> = (0..mi_count)
-        .map(|_| [0; 4].map(|_| e.var("fa", Ty::I32)))
-        .collect();
-    let b_frag: Vec<[VarId; 2]> = (0..ni_count)
-        .map(|_| [0; 2].map(|_| e.var("fb", Ty::I32)))
-        .collect();
-    for kk in 0..k_steps {
-        for (mi, frag) in a_frag.iter().enumerate() {
-            kloop.push(Stmt::LdMatrix {
-                dsts: frag.to_vec(),
-                trans: false,
-                buf: a_tile,
-                index: a_base.clone() + a_ld[kk].clone() + i32c(mi as i64 * 16 * bk),
-            });
+    if plan.double_buffer {
+        // Two fragment sets, step kk of every slice in set kk % 2 (k_steps is even). Step
+        // kk + 1's fragments are loaded before step kk's products; the last step waits for
+        // the next slice's stage and loads its first step. The next stage's copies go out
+        // after step 1's fragments: the stage they overwrite, `(kt - 1) % stages`, was last
+        // read before the previous slice's barrier.
+        let frags = Fragments {
+            a_tile,
+            b_tiles: &b_tiles[..sets],
+            a_ld: &a_ld,
+            b_ld: &b_ld,
+            trans: plan.b.iter().take(sets).map(|s| s.k_rows).collect(),
+            bk,
+            bn,
+            chunk_len,
+            input: plan.input,
+            acc: &acc,
+            a: [0; 2].map(|_| {
+                (0..mi_count)
+                    .map(|_| [0; 4].map(|_| e.var("fa", Ty::I32)))
+                    .collect()
+            }),
+            b: [0; 2].map(|_| {
+                (0..sets)
+                    .map(|_| {
+                        (0..ni_count)
+                            .map(|_| [0; 2].map(|_| e.var("fb", Ty::I32)))
+                            .collect()
+                    })
+                    .collect()
+            }),
+        };
+        body.extend([Stmt::CpAsyncWait((stages - 2) as u32), Stmt::Barrier]);
+        frags.load(&mut body, 0, 0, &i32c(0), &i32c(0));
+        // The stages read (`kt % stages`) and written (`(kt + stages - 1) % stages`) as
+        // counters that wrap, not remainders: fewer integer instructions beside the `mma`s.
+        let read = e.var("read_stage", Ty::I32);
+        let write = e.var("write_stage", Ty::I32);
+        body.push(Stmt::Assign(read, i32c(0)));
+        body.push(Stmt::Assign(write, i32c(stages - 1)));
+        let wrap = |v: VarId| {
+            Expr::select(
+                (Expr::var(v) + i32c(1)).equals(i32c(stages)),
+                i32c(0),
+                Expr::var(v) + i32c(1),
+            )
+        };
+        let kt = e.var("kt", Ty::I32);
+        let mut kloop = Vec::new();
+        let a_base = e.bind(
+            &mut kloop,
+            "a_base",
+            Ty::I32,
+            Expr::var(read) * i32c(a_stage),
+        );
+        let b_base = e.bind(
+            &mut kloop,
+            "b_base",
+            Ty::I32,
+            Expr::var(read) * i32c(b_stage),
+        );
+        let following = e.bind(&mut kloop, "next_read", Ty::I32, wrap(read));
+        for kk in 0..k_steps {
+            let set = kk % 2;
+            if kk + 1 < k_steps {
+                frags.load(&mut kloop, kk + 1, 1 - set, &a_base, &b_base);
+            } else {
+                kloop.extend([Stmt::CpAsyncWait((stages - 2) as u32), Stmt::Barrier]);
+                let a_next = e.bind(
+                    &mut kloop,
+                    "a_next",
+                    Ty::I32,
+                    following.clone() * i32c(a_stage),
+                );
+                let b_next = e.bind(
+                    &mut kloop,
+                    "b_next",
+                    Ty::I32,
+                    following.clone() * i32c(b_stage),
+                );
+                frags.load(&mut kloop, 0, 1 - set, &a_next, &b_next);
+            }
+            if kk == 0 {
+                let next = Expr::var(kt) + i32c(stages - 1);
+                let copies = load_stage(e, Expr::var(write), next);
+                kloop.extend(copies);
+                kloop.push(Stmt::CpAsyncCommit);
+            }
+            frags.products(&mut kloop, set);
         }
-        for (i, source) in plan.b.iter().enumerate().take(sets) {
-            for pair in 0..ni_count / 2 {
-                let (lo, hi) = (&b_frag[2 * pair], &b_frag[2 * pair + 1]);
+        kloop.push(Stmt::Assign(read, following));
+        kloop.push(Stmt::Assign(write, wrap(write)));
+        body.push(Stmt::For {
+            var: kt,
+            start: i32c(0),
+            end: k_count,
+            step: i32c(1),
+            body: kloop,
+        });
+    } else {
+        let kt = e.var("kt", Ty::I32);
+        let mut kloop = vec![Stmt::CpAsyncWait((stages - 2) as u32), Stmt::Barrier];
+        let next = Expr::var(kt) + i32c(stages - 1);
+        let next_stage = e.bind(
+            &mut kloop,
+            "next_stage",
+            Ty::I32,
+            Expr::binary(BinOp::Rem, next.clone(), i32c(stages)),
+        );
+        let copies = load_stage(e, next_stage, next);
+        kloop.extend(copies);
+        kloop.push(Stmt::CpAsyncCommit);
+        let stage = Expr::binary(BinOp::Rem, Expr::var(kt), i32c(stages));
+        let a_base = e.bind(&mut kloop, "a_base", Ty::I32, stage.clone() * i32c(a_stage));
+        let b_base = e.bind(&mut kloop, "b_base", Ty::I32, stage * i32c(b_stage));
+        let a_frag: Vec<[VarId; 4]> = (0..mi_count)
+            .map(|_| [0; 4].map(|_| e.var("fa", Ty::I32)))
+            .collect();
+        let b_frag: Vec<[VarId; 2]> = (0..ni_count)
+            .map(|_| [0; 2].map(|_| e.var("fb", Ty::I32)))
+            .collect();
+        for kk in 0..k_steps {
+            for (mi, frag) in a_frag.iter().enumerate() {
                 kloop.push(Stmt::LdMatrix {
-                    dsts: vec![lo[0], lo[1], hi[0], hi[1]],
-                    trans: source.k_rows,
-                    buf: b_tiles[i],
-                    index: b_base.clone() + b_ld[i][kk][pair].clone(),
+                    dsts: frag.to_vec(),
+                    trans: false,
+                    buf: a_tile,
+                    index: a_base.clone() + a_ld[kk].clone() + i32c(mi as i64 * 16 * bk),
                 });
             }
-            for (mi, a) in a_frag.iter().enumerate() {
-                for (ni, b) in b_frag.iter().enumerate() {
-                    let c = acc[i][mi * ni_count + ni];
-                    kloop.push(Stmt::Mma {
-                        input: plan.input,
-                        d: c,
-                        a: *a,
-                        b: *b,
-                        c,
+            for (i, source) in plan.b.iter().enumerate().take(sets) {
+                for pair in 0..ni_count / 2 {
+                    let (lo, hi) = (&b_frag[2 * pair], &b_frag[2 * pair + 1]);
+                    kloop.push(Stmt::LdMatrix {
+                        dsts: vec![lo[0], lo[1], hi[0], hi[1]],
+                        trans: source.k_rows,
+                        buf: b_tiles[i],
+                        index: b_base.clone() + b_ld[i][kk][pair].clone(),
                     });
+                }
+                for (mi, a) in a_frag.iter().enumerate() {
+                    for (ni, b) in b_frag.iter().enumerate() {
+                        let c = acc[i][mi * ni_count + ni];
+                        kloop.push(Stmt::Mma {
+                            input: plan.input,
+                            d: c,
+                            a: *a,
+                            b: *b,
+                            c,
+                        });
+                    }
                 }
             }
         }
+        body.push(Stmt::For {
+            var: kt,
+            start: i32c(0),
+            end: k_count,
+            step: i32c(1),
+            body: kloop,
+        });
     }
-    body.push(Stmt::For {
-        var: kt,
-        start: i32c(0),
-        end: k_count,
-        step: i32c(1),
-        body: kloop,
-    });
     body.push(Stmt::CpAsyncWait(0));
 
     // ---- split-K warps: groups 1.. leave their partial sums, group 0 adds them in order.
@@ -1206,76 +1642,106 @@ pub(crate) fn emit(
     };
     let g4 = e.bind(&mut body, "g", Ty::I32, shr(lane.clone(), 2));
     let t2 = e.bind(&mut body, "t2", Ty::I32, and_mask(lane, 3) * i32c(2));
+    // Paired stores: accumulators j and j + 1 are columns 2t and 2t + 1 of one row, stored
+    // (and their epilogue operands read) as 2-element vectors under one bounds check, which
+    // an even width makes exact (2t + 1 < N when 2t < N).
+    let paired = plan.paired
+        && workspace.is_none()
+        && !segmented
+        && stores
+            .iter()
+            .all(|&o| matches!(g.shape(o).last(), Some(Dim::Const(n)) if n % 2 == 0));
     // The accumulators' elements into `out`: every matmul's, or (`seg`) one segment's
     // matmul with the stored values computed from it.
-    let elements =
-        |e: &mut Emitter<'_, '_>, out: &mut Vec<Stmt>, seg: Option<usize>| -> EResult<()> {
-            let (these, stored): (Vec<Value>, Vec<Value>) = match seg {
-                Some(i) => (
-                    vec![matmuls[i]],
-                    stores
-                        .iter()
-                        .copied()
-                        .filter(|&v| matmuls_of(e, group, v).contains(&i))
-                        .collect(),
-                ),
-                None => (matmuls.clone(), stores.to_vec()),
-            };
-            for mi in 0..mi_count {
-                for ni in 0..ni_count {
-                    // Accumulator j holds row g + 8 (j / 2), column 2t + j % 2 of the m16n8 tile.
-                    for (j, (row_offset, col_offset)) in
-                        [(0, 0), (0, 1), (8, 0), (8, 1)].into_iter().enumerate()
-                    {
+    let elements = |e: &mut Emitter<'_, '_>,
+                    out: &mut Vec<Stmt>,
+                    seg: Option<usize>|
+     -> EResult<()> {
+        let (these, stored): (Vec<Value>, Vec<Value>) = match seg {
+            Some(i) => (
+                vec![matmuls[i]],
+                stores
+                    .iter()
+                    .copied()
+                    .filter(|&v| matmuls_of(e, group, v).contains(&i))
+                    .collect(),
+            ),
+            None => (matmuls.clone(), stores.to_vec()),
+        };
+        for mi in 0..mi_count {
+            for ni in 0..ni_count {
+                if paired {
+                    for (j, row_offset) in [(0, 0), (2, 8)] {
                         let row = warp_m0.clone() + g4.clone() + i32c(mi as i64 * 16 + row_offset);
-                        let col = warp_n0.clone() + t2.clone() + i32c(ni as i64 * 8 + col_offset);
+                        let col = warp_n0.clone() + t2.clone() + i32c(ni as i64 * 8);
                         let gm = e.bind(out, "row", ity, add(m0.clone(), index(row)));
                         let gn = e.bind(out, "col", ity, add(n0.clone(), index(col)));
-                        let accs: Vec<VarId> =
-                            acc.iter().map(|a| a[mi * ni_count + ni][j]).collect();
-                        if let Some((buf, offset, row_len, per_matmul)) = &workspace {
-                            // The partial sums of this block's slices, at [matmul, split, batch,
-                            // row, col] (a segment's at its columns of [split, batch, row, col]).
-                            let (n, first_col) = match seg {
-                                Some(i) => (e.ix(segs[i].n as i64), e.ix(segs[i].col as i64)),
-                                None => (row_len.clone(), e.ix(0)),
-                            };
-                            let mut cond = and(lt(gm.clone(), m_size.clone()), lt(gn.clone(), n));
-                            if let Some(first) = &first_k {
-                                cond = and(cond, first.clone());
-                            }
-                            let at = add(
-                                offset.clone(),
-                                add(mul(gm, row_len.clone()), add(first_col, gn)),
-                            );
-                            let at = e.bind(out, "at", ity, at);
-                            let partials = accs
-                                .iter()
-                                .enumerate()
-                                .map(|(i, acc)| {
-                                    let at = if i == 0 {
-                                        at.clone()
-                                    } else {
-                                        add(at.clone(), mul(e.ix(i as i64), per_matmul.clone()))
-                                    };
-                                    Stmt::store(*buf, at, *acc)
-                                })
-                                .collect();
-                            out.push(Stmt::if_then(cond, partials));
-                            continue;
-                        }
+                        let accs: Vec<Vec<VarId>> = acc
+                            .iter()
+                            .map(|a| a[mi * ni_count + ni][j..j + 2].to_vec())
+                            .collect();
                         let at = OutputElement {
                             batch: &batch,
                             row: &gm,
                             col: &gn,
                             rows: &m_size,
                         };
-                        epilogue_at(e, out, &these, &accs, &at, first_k.as_ref(), &stored)?;
+                        epilogue_lanes(e, out, &these, &accs, &at, None, &stored)?;
                     }
+                    continue;
+                }
+                // Accumulator j holds row g + 8 (j / 2), column 2t + j % 2 of the m16n8 tile.
+                for (j, (row_offset, col_offset)) in
+                    [(0, 0), (0, 1), (8, 0), (8, 1)].into_iter().enumerate()
+                {
+                    let row = warp_m0.clone() + g4.clone() + i32c(mi as i64 * 16 + row_offset);
+                    let col = warp_n0.clone() + t2.clone() + i32c(ni as i64 * 8 + col_offset);
+                    let gm = e.bind(out, "row", ity, add(m0.clone(), index(row)));
+                    let gn = e.bind(out, "col", ity, add(n0.clone(), index(col)));
+                    let accs: Vec<VarId> = acc.iter().map(|a| a[mi * ni_count + ni][j]).collect();
+                    if let Some((buf, offset, row_len, per_matmul)) = &workspace {
+                        // The partial sums of this block's slices, at [matmul, split, batch,
+                        // row, col] (a segment's at its columns of [split, batch, row, col]).
+                        let (n, first_col) = match seg {
+                            Some(i) => (e.ix(segs[i].n as i64), e.ix(segs[i].col as i64)),
+                            None => (row_len.clone(), e.ix(0)),
+                        };
+                        let mut cond = and(lt(gm.clone(), m_size.clone()), lt(gn.clone(), n));
+                        if let Some(first) = &first_k {
+                            cond = and(cond, first.clone());
+                        }
+                        let at = add(
+                            offset.clone(),
+                            add(mul(gm, row_len.clone()), add(first_col, gn)),
+                        );
+                        let at = e.bind(out, "at", ity, at);
+                        let partials = accs
+                            .iter()
+                            .enumerate()
+                            .map(|(i, acc)| {
+                                let at = if i == 0 {
+                                    at.clone()
+                                } else {
+                                    add(at.clone(), mul(e.ix(i as i64), per_matmul.clone()))
+                                };
+                                Stmt::store(*buf, at, *acc)
+                            })
+                            .collect();
+                        out.push(Stmt::if_then(cond, partials));
+                        continue;
+                    }
+                    let at = OutputElement {
+                        batch: &batch,
+                        row: &gm,
+                        col: &gn,
+                        rows: &m_size,
+                    };
+                    epilogue_at(e, out, &these, &accs, &at, first_k.as_ref(), &stored)?;
                 }
             }
-            Ok(())
-        };
+        }
+        Ok(())
+    };
     match &segment {
         Some(which) => {
             let mut branches = Vec::new();
@@ -1302,17 +1768,21 @@ pub(crate) fn emit(
     } else {
         String::new()
     };
+    let raster_name = if plan.raster > 1 {
+        format!("_r{}", plan.raster)
+    } else {
+        String::new()
+    };
+    let db_name = if plan.double_buffer { "_db" } else { "" };
+    let paired_name = if paired { "_p2" } else { "" };
     let what = kernel_name(
-        &format!("mma_gemm_{input_name}{}", t.name()),
+        &format!(
+            "mma_gemm_{input_name}{}{raster_name}{db_name}{paired_name}",
+            t.name()
+        ),
         &matmuls,
         stores,
     );
-    let grid_n = plan
-        .b
-        .iter()
-        .map(|s| s.n.clone())
-        .max_by_key(|d| d.as_const().unwrap_or(u64::MAX))
-        .unwrap_or(Dim::Const(1));
     let grid_x = if segmented {
         SizeExpr::Const(segs.iter().map(|s| s.blocks).sum())
     } else {

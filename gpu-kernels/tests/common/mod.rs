@@ -460,6 +460,7 @@ pub fn export_launch(
         "ptx": file,
         "grid": kiln_kir::launch_grid(kernel, symbols).unwrap(),
         "block": kernel.block_dim,
+        "dynamic_shared_bytes": kiln_kir::shared_layout::SharedLayout::of(kernel).dynamic_bytes(),
         "params": params,
     })
 }
