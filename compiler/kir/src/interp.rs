@@ -587,6 +587,13 @@ impl Interpreter<'_, '_> {
                     self.copies[t].open.push(copy);
                 }
             }
+            Stmt::GridDependencyWait | Stmt::LaunchDependents => {}
+            Stmt::PrefetchL2 { buf, index, bytes } => {
+                for t in Self::active(mask) {
+                    self.check_prefetch(*buf, index, bytes, t)
+                        .map_err(|m| fail(self, t, m))?;
+                }
+            }
             Stmt::CpAsyncCommit => {
                 for t in Self::active(mask) {
                     let group = std::mem::take(&mut self.copies[t].open);
@@ -642,6 +649,51 @@ impl Interpreter<'_, '_> {
             Const::I32(v) => v as u32,
             _ => 0,
         }
+    }
+
+    /// Checks one `PrefetchL2` of `thread`: a positive multiple of 16 bytes from a 16-byte
+    /// aligned element, inside the global buffer (it reads nothing).
+    fn check_prefetch(
+        &self,
+        buf: Buf,
+        index: &Expr,
+        bytes: &Expr,
+        thread: usize,
+    ) -> Result<(), String> {
+        let Buf::Global(p) = buf else {
+            return Err("an L2 prefetch of shared memory".into());
+        };
+        let g = self
+            .globals
+            .get(p as usize)
+            .and_then(Option::as_ref)
+            .ok_or(format!("parameter {p} is not a buffer"))?;
+        let size = g.dtype.size_bytes() as i64;
+        let first = self.eval_index(index, thread)?;
+        let bytes = match self.eval(bytes, thread)? {
+            Const::I32(n) => i64::from(n),
+            other => return Err(format!("the prefetch size is {other:?}, not i32")),
+        };
+        if bytes <= 0 || bytes % 16 != 0 {
+            return Err(format!(
+                "an L2 prefetch of {bytes} bytes (a positive multiple of 16)"
+            ));
+        }
+        if (first * size).rem_euclid(16) != 0 {
+            return Err(format!(
+                "L2 prefetch start index {first} is not 16-byte aligned"
+            ));
+        }
+        let len = g.bytes.len() as i64;
+        if first < 0 || first * size + bytes > len {
+            return Err(format!(
+                "an L2 prefetch of bytes {}..{} of buffer `{}` ({len} bytes)",
+                first * size,
+                first * size + bytes,
+                g.name
+            ));
+        }
+        Ok(())
     }
 
     /// Checks one `CpAsync` of `thread` and reads its source bytes.
