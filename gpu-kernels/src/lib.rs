@@ -103,6 +103,23 @@ pub struct GemmTuning {
     /// 2116 GB/s (M = 1 / 16) split 4 ways, 2133 / 2075 split 2 ways and 1948 / 1941 unsplit
     /// (`…-decode-ab-99e3952.txt`).
     pub max_splits: u32,
+    /// Whether each block of a decode-sized GEMM (the M ≤ 16 tile, split-K and segmented
+    /// grids included) asks L2 for its slice of an `[N, K]` weight before its
+    /// grid-dependency wait (`cp.async.bulk.prefetch.L2` on sm_90 and later), so that the
+    /// weight streams from HBM while the previous kernel finishes and during the pipeline's
+    /// ramp-up; the real loads then hit L2.
+    pub prefetch: bool,
+    /// The most weight bytes, in MiB, one decode GEMM's blocks prefetch together (0: the
+    /// template's 24, about half an H100's L2): a larger weight prefetches that share of
+    /// each block's k range, from its start.
+    pub prefetch_mib: u32,
+    /// Whether a decode-sized GEMM block lets the next kernel launch once its main loop has
+    /// issued its last weight loads (`griddepcontrol.launch_dependents`), so that a
+    /// following GEMM's blocks prefetch their weights while this one's reduction and
+    /// epilogue run. On: the next kernel still waits for this one to finish before it
+    /// touches memory, so only timing changes, and without it a prefetching GEMM after a
+    /// GEMM (gate/up → down) could only start prefetching when the last block had exited.
+    pub trigger: bool,
 }
 
 impl Default for GemmTuning {
@@ -113,6 +130,9 @@ impl Default for GemmTuning {
             row_sums: true,
             kv_writes: false,
             max_splits: 0,
+            prefetch: true,
+            prefetch_mib: 0,
+            trigger: true,
         }
     }
 }

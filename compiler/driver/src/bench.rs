@@ -292,8 +292,11 @@ const TUNE_PAGED: &str = "KILN_TUNE_PAGED";
 /// an RMSNorm, leaves its sum to that row kernel; default 1), `kvwrite=0|1` (the sum
 /// kernel of a split-K q/k/v grid stores k and v straight into the paged caches, no
 /// `kv_write` kernel; default 0) and `maxsplits=N` (the most blocks a decode GEMM's k slices
-/// are split over; default 0, the template's 8). Example:
-/// `KILN_TUNE_GEMM=segments=1,splits=0`.
+/// are split over; default 0, the template's 8), `prefetch=0|1` (each decode GEMM block
+/// asks L2 for its weight slice before its grid-dependency wait; default 1), `prefetch_mib=N`
+/// (the most weight MiB a decode GEMM prefetches; default 0, the template's 24) and
+/// `trigger=0|1` (a decode GEMM block lets the next kernel launch after its main loop;
+/// default 1). Example: `KILN_TUNE_GEMM=segments=1,splits=0`.
 const TUNE_GEMM: &str = "KILN_TUNE_GEMM";
 
 /// The `KEY=N` items of the tuning variable `var`, if it is set.
@@ -383,19 +386,25 @@ pub(crate) fn apply_tuning(options: &mut CompileOptions) -> Result<()> {
             "rowsum" => gemm.row_sums = *n != 0,
             "kvwrite" => gemm.kv_writes = *n != 0,
             "maxsplits" => gemm.max_splits = u32::try_from(*n)?,
+            "prefetch" => gemm.prefetch = *n != 0,
+            "prefetch_mib" => gemm.prefetch_mib = u32::try_from(*n)?,
+            "trigger" => gemm.trigger = *n != 0,
             _ => bail!(
-                "{TUNE_GEMM}: unknown key `{key}` (segments, splits, rowsum, kvwrite, maxsplits)"
+                "{TUNE_GEMM}: unknown key `{key}` (segments, splits, rowsum, kvwrite, maxsplits, prefetch, prefetch_mib, trigger)"
             ),
         }
     }
     if !gemm_items.is_empty() {
         eprintln!(
-            "kiln bench: {TUNE_GEMM}: segments {}, splits {}, rowsum {}, kvwrite {}, maxsplits {}",
+            "kiln bench: {TUNE_GEMM}: segments {}, splits {}, rowsum {}, kvwrite {}, maxsplits {}, prefetch {}, prefetch_mib {}, trigger {}",
             u8::from(gemm.segments),
             u8::from(gemm.segment_splits),
             u8::from(gemm.row_sums),
             u8::from(gemm.kv_writes),
-            gemm.max_splits
+            gemm.max_splits,
+            u8::from(gemm.prefetch),
+            gemm.prefetch_mib,
+            u8::from(gemm.trigger)
         );
     }
     Ok(())
