@@ -289,9 +289,34 @@ fn prefetching_decode_gemms_assemble_for_every_target_without_spills() {
         return;
     };
     let module = lower("prefetch.kiln", SRC, None, None);
-    let kernels: Vec<Kernel> = ["o_proj", "qkv", "gate_up", "down", "lm_head", "ragged"]
-        .into_iter()
-        .map(|f| decode_kernel(&module, f, &Options::default()))
-        .collect();
-    common::assert_assembles_without_spills(&toolchain, &kernels);
+    let functions = ["o_proj", "qkv", "gate_up", "down", "lm_head", "ragged"];
+    let kernels = |options: &Options| -> Vec<Kernel> {
+        functions
+            .into_iter()
+            .map(|f| decode_kernel(&module, f, options))
+            .collect()
+    };
+    let off = Options {
+        gemm: GemmTuning {
+            prefetch: false,
+            trigger: false,
+            ..GemmTuning::default()
+        },
+        ..Options::default()
+    };
+    let with = common::assert_assembles_without_spills(&toolchain, &kernels(&Options::default()));
+    let without = common::assert_assembles_without_spills(&toolchain, &kernels(&off));
+    // The prefetch's address arithmetic costs few registers (and none where it is absent).
+    for (((target, name, on), (_, _, plain)), function) in
+        with.iter().zip(&without).zip(functions.iter().cycle())
+    {
+        println!("{target:>7} {function:<8} {name:<55} {plain:>3} -> {on:>3} registers");
+        assert!(
+            *on <= plain + 8,
+            "{target} {name}: {plain} -> {on} registers"
+        );
+        if target.compute_capability().0 < 9 {
+            assert_eq!(on, plain, "{target} {name}");
+        }
+    }
 }

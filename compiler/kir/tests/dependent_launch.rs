@@ -8,7 +8,10 @@ mod common;
 use common::{floats, run};
 use kiln_ir::{DType, Tensor};
 use kiln_kir::examples::prefetch_copy;
-use kiln_kir::{verify_kernel, Access, Const, Expr, Kernel, KernelBuilder, Stmt, Ty};
+use kiln_kir::{
+    run_kernel_prefetching, verify_kernel, Access, Const, Expr, Kernel, KernelBuilder, Prefetch,
+    Stmt, Ty,
+};
 
 fn copy_of(dtype: DType, n: usize) -> Vec<f32> {
     let kernel = prefetch_copy(dtype);
@@ -30,6 +33,24 @@ fn the_prefetching_copy_copies_ragged_sizes() {
             assert_eq!(copy_of(dtype, n), x, "{dtype} n = {n}");
         }
     }
+}
+
+#[test]
+fn a_run_reports_each_prefetch() {
+    // 100 bf16: block 0 asks for its 128 bytes, block 1 for the whole chunks of its 36
+    // elements (64 bytes; the last 8 bytes are no whole chunk).
+    let kernel = prefetch_copy(DType::BF16);
+    let mut memory = [vec![0u8; 200], vec![0u8; 200]];
+    let mut slices: Vec<&mut [u8]> = memory.iter_mut().map(Vec::as_mut_slice).collect();
+    let prefetches =
+        run_kernel_prefetching(&kernel, [2, 1, 1], &mut slices, &[Const::I64(100)]).unwrap();
+    let at = |block: u64, first_byte: u64, bytes: u64| Prefetch {
+        block: [block, 0, 0],
+        param: 0,
+        first_byte,
+        bytes,
+    };
+    assert_eq!(prefetches, vec![at(0, 0, 128), at(1, 128, 64)]);
 }
 
 #[test]
