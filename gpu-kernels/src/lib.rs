@@ -155,6 +155,23 @@ pub struct GemmTuning {
     /// limit of the five targets; a kernel compiled for sm_90a alone, as `kiln bench` does
     /// on an H100, may use up to 227).
     pub shared_kib: u32,
+    /// Whether each block of a decode-sized GEMM (the M ≤ 16 tile, split-K and segmented
+    /// grids included) asks L2 for its slice of an `[N, K]` weight before its
+    /// grid-dependency wait (`cp.async.bulk.prefetch.L2` on sm_90 and later), so that the
+    /// weight streams from HBM while the previous kernel finishes and during the pipeline's
+    /// ramp-up; the real loads then hit L2.
+    pub prefetch: bool,
+    /// The most weight bytes, in MiB, one decode GEMM's blocks prefetch together (0: the
+    /// template's 24, about half an H100's L2): a larger weight prefetches that share of
+    /// each block's k range, from its start.
+    pub prefetch_mib: u32,
+    /// Whether a decode-sized GEMM block lets the next kernel launch once its main loop has
+    /// issued its last weight loads (`griddepcontrol.launch_dependents`), so that a
+    /// following GEMM's blocks prefetch their weights while this one's reduction and
+    /// epilogue run. On: the next kernel still waits for this one to finish before it
+    /// touches memory, so only timing changes, and without it a prefetching GEMM after a
+    /// GEMM (gate/up → down) could only start prefetching when the last block had exited.
+    pub trigger: bool,
 }
 
 impl Default for GemmTuning {
@@ -173,6 +190,9 @@ impl Default for GemmTuning {
             double_buffer: false,
             paired_epilogue: false,
             shared_kib: 0,
+            prefetch: true,
+            prefetch_mib: 0,
+            trigger: true,
         }
     }
 }
@@ -181,7 +201,7 @@ impl GemmTuning {
     /// The knob names [`GemmTuning::set`] takes.
     pub const KEYS: &'static str =
         "segments, splits, rowsum, kvwrite, maxsplits, tile, warps, bk, stages, raster, dbuf, pairs, \
-         smem";
+         smem, prefetch, prefetch_mib, trigger";
 
     /// Sets knob `key` (the `KILN_TUNE_GEMM` names, [`GemmTuning::KEYS`]) from `value`: a
     /// number (`0|1` for switches), or `AxB` for `tile` and `warps`.
@@ -211,6 +231,9 @@ impl GemmTuning {
             "dbuf" => self.double_buffer = number()? != 0,
             "pairs" => self.paired_epilogue = number()? != 0,
             "smem" => self.shared_kib = number()?,
+            "prefetch" => self.prefetch = number()? != 0,
+            "prefetch_mib" => self.prefetch_mib = number()?,
+            "trigger" => self.trigger = number()? != 0,
             _ => return Err(format!("unknown key `{key}` ({})", Self::KEYS)),
         }
         Ok(())

@@ -865,6 +865,8 @@ impl Emitter<'_, '_> {
             }
             // Copies complete when issued.
             Stmt::CpAsyncCommit | Stmt::CpAsyncWait(_) => {}
+            // Kernels run one after another, and the CPU has no L2 to hint.
+            Stmt::GridDependencyWait | Stmt::PrefetchL2 { .. } | Stmt::LaunchDependents => {}
             Stmt::Barrier | Stmt::ShuffleXor { .. } | Stmt::Mma { .. } | Stmt::LdMatrix { .. } => {
                 return Err(self.invalid(
                     "a barrier or warp collective under thread-dependent control flow \

@@ -110,7 +110,10 @@ pub(crate) fn synchronises(stmt: &Stmt) -> bool {
         | Stmt::PackHalves { .. }
         | Stmt::CpAsync { .. }
         | Stmt::CpAsyncCommit
-        | Stmt::CpAsyncWait(_) => false,
+        | Stmt::CpAsyncWait(_)
+        | Stmt::GridDependencyWait
+        | Stmt::PrefetchL2 { .. }
+        | Stmt::LaunchDependents => false,
     }
 }
 
@@ -165,7 +168,10 @@ fn split(stmts: &[Stmt]) -> Vec<BlockItem<'_>> {
             | Stmt::PackHalves { .. }
             | Stmt::CpAsync { .. }
             | Stmt::CpAsyncCommit
-            | Stmt::CpAsyncWait(_) => {
+            | Stmt::CpAsyncWait(_)
+            | Stmt::GridDependencyWait
+            | Stmt::PrefetchL2 { .. }
+            | Stmt::LaunchDependents => {
                 unreachable!("only synchronising statements end a run")
             }
         }
@@ -322,7 +328,13 @@ pub(crate) fn stmt_vars(stmt: &Stmt, touched: &mut BTreeSet<VarId>, written: &mu
                 stmt_vars(inner, touched, written);
             }
         }
-        Stmt::Barrier | Stmt::CpAsyncCommit | Stmt::CpAsyncWait(_) => {}
+        // The CPU backend runs no L2 prefetches nor grid-dependency control.
+        Stmt::Barrier
+        | Stmt::CpAsyncCommit
+        | Stmt::CpAsyncWait(_)
+        | Stmt::GridDependencyWait
+        | Stmt::PrefetchL2 { .. }
+        | Stmt::LaunchDependents => {}
         Stmt::ShuffleXor { dst, src, .. } => {
             written.insert(*dst);
             touched.insert(*dst);

@@ -443,3 +443,23 @@ fn tensor_core_tile_matches_bit_for_bit() {
         }
     }
 }
+
+#[test]
+fn prefetching_copy_runs_its_prefetches_and_launch_control_as_no_ops() {
+    let mut rng = Rng::new(13);
+    for dtype in [DType::F32, DType::BF16, DType::F8E4M3] {
+        for n in [1usize, 64, 100, 130] {
+            let kernel = examples::prefetch_copy(dtype);
+            let x = random_buffer(&mut rng, dtype, n);
+            let args = [
+                Arg::Buffer(x.clone()),
+                Arg::Buffer(vec![0; n * dtype.size_bytes()]),
+                Arg::Scalar(Const::I64(n as i64)),
+            ];
+            let grid = [n.div_ceil(64) as u64, 1, 1];
+            check(&kernel, grid, &args, Tolerance::Exact);
+            let out = common::run_native(&kernel, grid, &args).expect("runs");
+            assert_eq!(out[1], x, "{dtype} n = {n}");
+        }
+    }
+}

@@ -293,7 +293,11 @@ const TUNE_PAGED: &str = "KILN_TUNE_PAGED";
 /// an RMSNorm, leaves its sum to that row kernel; default 1), `kvwrite=0|1` (the sum
 /// kernel of a split-K q/k/v grid stores k and v straight into the paged caches, no
 /// `kv_write` kernel; default 0) and `maxsplits=N` (the most blocks a decode GEMM's k slices
-/// are split over; default 0, the template's 8); for prefill GEMMs (16-bit, M > 64)
+/// are split over; default 0, the template's 8), `prefetch=0|1` (each decode GEMM block
+/// asks L2 for its weight slice before its grid-dependency wait; default 1), `prefetch_mib=N`
+/// (the most weight MiB a decode GEMM prefetches; default 0, the template's 24),
+/// `trigger=0|1` (a decode GEMM block lets the next kernel launch after its main loop;
+/// default 1); for prefill GEMMs (16-bit, M > 64)
 /// `tile=BMxBN` (block tile), `warps=WMxWN`, `bk=N` (k slice), `stages=N` (0: as many as fit
 /// in shared memory; the table's tile where the overrides make one the template cannot
 /// run), `raster=N` (block rows of a rasterization group; 0 or 1: row-major blocks) and
@@ -410,6 +414,7 @@ pub(crate) fn apply_tuning(options: &mut CompileOptions) -> Result<()> {
     if !gemm_items.is_empty() {
         eprintln!(
             "kiln bench: {TUNE_GEMM}: segments {}, splits {}, rowsum {}, kvwrite {}, maxsplits {}, \
+             prefetch {}, prefetch_mib {}, trigger {}, \
              tile {}x{}, warps {}x{}, bk {}, stages {}, raster {}, dbuf {}, pairs {}, smem {} KiB \
              (0: the table's)",
             u8::from(gemm.segments),
@@ -417,6 +422,9 @@ pub(crate) fn apply_tuning(options: &mut CompileOptions) -> Result<()> {
             u8::from(gemm.row_sums),
             u8::from(gemm.kv_writes),
             gemm.max_splits,
+            u8::from(gemm.prefetch),
+            gemm.prefetch_mib,
+            u8::from(gemm.trigger),
             gemm.tile.0,
             gemm.tile.1,
             gemm.warps.0,

@@ -584,3 +584,52 @@ pub fn mma_tile(input: MmaInput, b_k_major: bool) -> Kernel {
     }
     kb.finish(body)
 }
+
+/// Programmatic dependent launch: each block asks L2 for its 64 elements of `x` before the
+/// grid-dependency wait (thread 0, one `PrefetchL2` of the whole 16-byte chunks below `n`),
+/// then copies them (`out[i] = x[i]` for `i < n`) and lets the next kernel launch
+/// (`LaunchDependents`).
+///
+/// Parameters: `x` (read), `out` (write), both `dtype`; `n: i64`. Grid: `ceil(n / 64)`
+/// blocks of 64 threads.
+pub fn prefetch_copy(dtype: DType) -> Kernel {
+    let mut k = KernelBuilder::new(format!("prefetch_copy_{dtype}"), 64);
+    k.grid(grid_over_n(64));
+    let x = k.buffer("x", dtype, Access::Read);
+    let out = k.buffer("out", dtype, Access::Write);
+    let n = k.scalar("n", Ty::I64);
+    let base = k.var("base", Ty::I64);
+    let bytes = k.var("bytes", Ty::I32);
+    let i = k.var("i", Ty::I64);
+    let size = dtype.size_bytes() as i32;
+    let left = (n.clone() - Expr::var(base))
+        .min(Expr::i64(64))
+        .cast(Ty::I32);
+    k.finish(vec![
+        Stmt::assign(base, Expr::block_idx(0).cast(Ty::I64) * Expr::i64(64)),
+        Stmt::if_then(
+            Expr::thread_idx().equals(Expr::i32(0)),
+            vec![
+                Stmt::assign(
+                    bytes,
+                    left * Expr::i32(size) / Expr::i32(16) * Expr::i32(16),
+                ),
+                Stmt::if_then(
+                    Expr::var(bytes).gt(Expr::i32(0)),
+                    vec![Stmt::PrefetchL2 {
+                        buf: x,
+                        index: Expr::var(base),
+                        bytes: Expr::var(bytes),
+                    }],
+                ),
+            ],
+        ),
+        Stmt::GridDependencyWait,
+        Stmt::assign(i, Expr::var(base) + Expr::thread_idx().cast(Ty::I64)),
+        Stmt::if_then(
+            Expr::var(i).lt(n),
+            vec![Stmt::store(out, Expr::var(i), Expr::load(x, Expr::var(i)))],
+        ),
+        Stmt::LaunchDependents,
+    ])
+}

@@ -90,6 +90,27 @@ pub fn run_kernel(
     buffers: &mut [&mut [u8]],
     scalars: &[Const],
 ) -> Result<(), KirError> {
+    run_kernel_prefetching(kernel, grid, buffers, scalars).map(|_| ())
+}
+
+/// One `PrefetchL2` a run issued: the block, the buffer's parameter index, and the byte
+/// range from the buffer's start.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Prefetch {
+    pub block: [u64; 3],
+    pub param: u32,
+    pub first_byte: u64,
+    pub bytes: u64,
+}
+
+/// [`run_kernel`], also returning every L2 prefetch the threads issued, in order (for tests
+/// of what a kernel asks L2 for; the run itself ignores them).
+pub fn run_kernel_prefetching(
+    kernel: &Kernel,
+    grid: [u64; 3],
+    buffers: &mut [&mut [u8]],
+    scalars: &[Const],
+) -> Result<Vec<Prefetch>, KirError> {
     verify_kernel(kernel)?;
     let launch_error = |message: String| KirError::new(&kernel.name, "launch", message);
 
@@ -163,6 +184,7 @@ pub fn run_kernel(
         registers: Vec::new(),
         copies: Vec::new(),
         block: [0; 3],
+        prefetches: Vec::new(),
     };
     for z in 0..grid[2] {
         for y in 0..grid[1] {
@@ -171,7 +193,7 @@ pub fn run_kernel(
             }
         }
     }
-    Ok(())
+    Ok(interpreter.prefetches)
 }
 
 /// A global buffer argument.
@@ -243,6 +265,8 @@ struct Interpreter<'k, 'b> {
     /// `copies[thread]`.
     copies: Vec<AsyncCopies>,
     block: [u64; 3],
+    /// The L2 prefetches issued so far.
+    prefetches: Vec<Prefetch>,
 }
 
 fn zero_of(ty: Ty) -> Const {
@@ -587,6 +611,15 @@ impl Interpreter<'_, '_> {
                     self.copies[t].open.push(copy);
                 }
             }
+            Stmt::GridDependencyWait | Stmt::LaunchDependents => {}
+            Stmt::PrefetchL2 { buf, index, bytes } => {
+                for t in Self::active(mask) {
+                    let prefetch = self
+                        .check_prefetch(*buf, index, bytes, t)
+                        .map_err(|m| fail(self, t, m))?;
+                    self.prefetches.push(prefetch);
+                }
+            }
             Stmt::CpAsyncCommit => {
                 for t in Self::active(mask) {
                     let group = std::mem::take(&mut self.copies[t].open);
@@ -642,6 +675,56 @@ impl Interpreter<'_, '_> {
             Const::I32(v) => v as u32,
             _ => 0,
         }
+    }
+
+    /// Checks one `PrefetchL2` of `thread`: a positive multiple of 16 bytes from a 16-byte
+    /// aligned element, inside the global buffer (it reads nothing).
+    fn check_prefetch(
+        &self,
+        buf: Buf,
+        index: &Expr,
+        bytes: &Expr,
+        thread: usize,
+    ) -> Result<Prefetch, String> {
+        let Buf::Global(p) = buf else {
+            return Err("an L2 prefetch of shared memory".into());
+        };
+        let g = self
+            .globals
+            .get(p as usize)
+            .and_then(Option::as_ref)
+            .ok_or(format!("parameter {p} is not a buffer"))?;
+        let size = g.dtype.size_bytes() as i64;
+        let first = self.eval_index(index, thread)?;
+        let bytes = match self.eval(bytes, thread)? {
+            Const::I32(n) => i64::from(n),
+            other => return Err(format!("the prefetch size is {other:?}, not i32")),
+        };
+        if bytes <= 0 || bytes % 16 != 0 {
+            return Err(format!(
+                "an L2 prefetch of {bytes} bytes (a positive multiple of 16)"
+            ));
+        }
+        if (first * size).rem_euclid(16) != 0 {
+            return Err(format!(
+                "L2 prefetch start index {first} is not 16-byte aligned"
+            ));
+        }
+        let len = g.bytes.len() as i64;
+        if first < 0 || first * size + bytes > len {
+            return Err(format!(
+                "an L2 prefetch of bytes {}..{} of buffer `{}` ({len} bytes)",
+                first * size,
+                first * size + bytes,
+                g.name
+            ));
+        }
+        Ok(Prefetch {
+            block: self.block,
+            param: p,
+            first_byte: (first * size) as u64,
+            bytes: bytes as u64,
+        })
     }
 
     /// Checks one `CpAsync` of `thread` and reads its source bytes.

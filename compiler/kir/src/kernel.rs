@@ -65,6 +65,21 @@
 //!   registers (attention's probabilities) becomes an `Mma` A fragment without memory.
 //! - `Mma` and `LdMatrix` are warp collectives like `ShuffleXor` (block-uniform control
 //!   flow); the `CpAsync` statements are per thread.
+//!
+//! Programmatic dependent launch (sm_90 and later; elsewhere these are no-ops):
+//! - A kernel waits for the kernel launched before it to finish (and its writes to become
+//!   visible) before its first statement, or, when its body holds a top-level
+//!   `GridDependencyWait`, there. The statements before that marker may touch no memory:
+//!   they are address arithmetic (`Assign`s without `Load`s, `If` and `For` of such) and
+//!   `PrefetchL2` hints, so they may run while the previous kernel still runs.
+//! - `PrefetchL2` asks L2 to fetch `bytes` bytes of a global buffer from element `index`:
+//!   only a hint (L2 is the coherence point, so a later load after the wait still sees
+//!   the previous kernel's writes). `bytes` is a positive multiple of 16, the start 16-byte
+//!   aligned (`index` a multiple of 16 bytes' worth of elements), the range inside the
+//!   buffer (the interpreter checks all three; the CPU backend does nothing).
+//! - `LaunchDependents` lets the kernel launched after this one start once every block
+//!   has executed it or exited (by default, once every block has exited): that kernel
+//!   still waits for this one's completion at its own wait, so it changes timing only.
 
 use kiln_ir::DType;
 use std::fmt;
@@ -413,6 +428,21 @@ pub enum Stmt {
         lo: Expr,
         hi: Expr,
     },
+    /// Where the kernel waits for the kernel launched before it (`griddepcontrol.wait`):
+    /// at most one, at the top level of the body; without one the wait precedes the body.
+    /// The statements before it touch no memory but `PrefetchL2` (module documentation).
+    GridDependencyWait,
+    /// An L2 prefetch hint of `bytes` (`I32`, a positive multiple of 16) bytes of the
+    /// global buffer `buf` from element `index` (16-byte aligned): per thread, no effect
+    /// on values (`cp.async.bulk.prefetch.L2`).
+    PrefetchL2 {
+        buf: Buf,
+        index: Expr,
+        bytes: Expr,
+    },
+    /// Lets the next kernel launch before this one finishes
+    /// (`griddepcontrol.launch_dependents`; module documentation).
+    LaunchDependents,
 }
 
 /// How a kernel may touch a global buffer.

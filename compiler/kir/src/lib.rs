@@ -22,7 +22,7 @@ pub mod verify;
 
 pub use build::KernelBuilder;
 pub use error::KirError;
-pub use interp::{launch_grid, run_kernel};
+pub use interp::{launch_grid, run_kernel, run_kernel_prefetching, Prefetch};
 pub use kernel::{
     Access, BinOp, Buf, Const, Expr, Kernel, MmaInput, Param, Shared, SizeExpr, Special, Stmt, Ty,
     UnOp, Var, VarId,

@@ -339,6 +339,14 @@ impl<'k> Names<'k> {
             ),
             Stmt::CpAsyncCommit => "cp_async_commit".to_string(),
             Stmt::CpAsyncWait(n) => format!("cp_async_wait({n})"),
+            Stmt::GridDependencyWait => "grid_dependency_wait".to_string(),
+            Stmt::PrefetchL2 { buf, index, bytes } => format!(
+                "prefetch_l2({}[{}], {})",
+                self.buf(*buf),
+                self.expr(index),
+                self.expr(bytes)
+            ),
+            Stmt::LaunchDependents => "launch_dependents".to_string(),
         }
     }
 

@@ -200,7 +200,10 @@ impl Uniformity {
                 | Stmt::Barrier
                 | Stmt::CpAsync { .. }
                 | Stmt::CpAsyncCommit
-                | Stmt::CpAsyncWait(_) => {}
+                | Stmt::CpAsyncWait(_)
+                | Stmt::GridDependencyWait
+                | Stmt::PrefetchL2 { .. }
+                | Stmt::LaunchDependents => {}
             }
         }
     }

@@ -49,6 +49,11 @@
 //!     elements, or of 8-bit elements without `trans`; an `I32`/`I64` index;
 //! 21. `CpAsync`: `dst` is a shared array and `src` a readable global buffer of the same
 //!     dtype; both indices are `I32`/`I64`; `src_len` is `I32`.
+//! 22. `PrefetchL2`: a readable global buffer, an `I32`/`I64` index, `bytes` `I32`;
+//! 23. `GridDependencyWait`: at most one, at the top level of the body; every statement
+//!     before it is an `Assign` whose value loads nothing, a `PrefetchL2` whose operands
+//!     load nothing, or an `If` / `For` whose condition or bounds load nothing and whose
+//!     statements follow the same rule (no memory is touched before the wait).
 //!
 //! Errors name the kernel and the statement (its path, e.g. `body[2].then[0]`, and its
 //! first printed line).
@@ -110,7 +115,63 @@ pub fn verify_kernel(kernel: &Kernel) -> Result<(), KirError> {
         names: Names::new(kernel),
         uniformity: uniformity(kernel),
     };
-    checker.check_block(&kernel.body, "body", true)
+    checker.check_block(&kernel.body, "body", true)?;
+    checker.check_wait_placement()
+}
+
+/// Whether `expr` reads memory.
+fn loads(expr: &Expr) -> bool {
+    match expr {
+        Expr::Const(_) | Expr::Param(_) | Expr::Special(_) | Expr::Var(_) => false,
+        Expr::Unary(_, a) | Expr::Cast(_, a) => loads(a),
+        Expr::Binary(_, a, b) => loads(a) || loads(b),
+        Expr::Fma(a, b, c) | Expr::Select(a, b, c) => loads(a) || loads(b) || loads(c),
+        Expr::Load { .. } => true,
+    }
+}
+
+/// The first statement of `stmts` (nested ones included) that may not run before the
+/// grid-dependency wait (rule 23), with its path below `path`.
+fn before_wait_violation<'s>(stmts: &'s [Stmt], path: &str) -> Option<(String, &'s Stmt)> {
+    for (i, stmt) in stmts.iter().enumerate() {
+        let here = format!("{path}[{i}]");
+        let found = match stmt {
+            Stmt::Assign(_, value) if !loads(value) => None,
+            Stmt::PrefetchL2 { index, bytes, .. } if !loads(index) && !loads(bytes) => None,
+            Stmt::If {
+                cond,
+                then,
+                otherwise,
+            } if !loads(cond) => before_wait_violation(then, &format!("{here}.then"))
+                .or_else(|| before_wait_violation(otherwise, &format!("{here}.else"))),
+            Stmt::For {
+                start,
+                end,
+                step,
+                body,
+                ..
+            } if !loads(start) && !loads(end) && !loads(step) => {
+                before_wait_violation(body, &format!("{here}.body"))
+            }
+            _ => Some((here, stmt)),
+        };
+        if found.is_some() {
+            return found;
+        }
+    }
+    None
+}
+
+/// Whether some statement of `stmts` (nested ones included) is a `GridDependencyWait`.
+fn has_wait(stmts: &[Stmt]) -> bool {
+    stmts.iter().any(|stmt| match stmt {
+        Stmt::GridDependencyWait => true,
+        Stmt::If {
+            then, otherwise, ..
+        } => has_wait(then) || has_wait(otherwise),
+        Stmt::For { body, .. } => has_wait(body),
+        _ => false,
+    })
 }
 
 /// Whether `name` is a PTX identifier (without the leading `%` that PTX also allows).
@@ -443,7 +504,62 @@ impl Checker<'_> {
                     ));
                 }
             }
-            Stmt::CpAsyncCommit | Stmt::CpAsyncWait(_) => {}
+            Stmt::PrefetchL2 { buf, index, bytes } => {
+                let Buf::Global(_) = buf else {
+                    return Err(self.error(site, "an L2 prefetch of a shared array"));
+                };
+                self.memory_dtype(*buf, Use::Read, site)?;
+                self.check_index(index, site)?;
+                let ty = self.expr_ty(bytes, site)?;
+                if ty != Ty::I32 {
+                    return Err(self.error(site, format!("the L2 prefetch size is {ty}, not i32")));
+                }
+            }
+            Stmt::CpAsyncCommit
+            | Stmt::CpAsyncWait(_)
+            | Stmt::GridDependencyWait
+            | Stmt::LaunchDependents => {}
+        }
+        Ok(())
+    }
+
+    /// Rule 23.
+    fn check_wait_placement(&self) -> Result<(), KirError> {
+        let body = &self.kernel.body;
+        let top: Vec<usize> = (0..body.len())
+            .filter(|&i| body[i] == Stmt::GridDependencyWait)
+            .collect();
+        let site = |path: String, stmt: &Stmt| Site {
+            location: format!("statement {path} `{}`", self.names.stmt_head(stmt)),
+        };
+        for (i, stmt) in body.iter().enumerate() {
+            let nested = match stmt {
+                Stmt::If {
+                    then, otherwise, ..
+                } => has_wait(then) || has_wait(otherwise),
+                Stmt::For { body, .. } => has_wait(body),
+                _ => false,
+            };
+            if nested {
+                return Err(self.error(
+                    &site(format!("body[{i}]"), stmt),
+                    "a grid-dependency wait below the top level of the body",
+                ));
+            }
+        }
+        if let Some(&second) = top.get(1) {
+            return Err(self.error(
+                &site(format!("body[{second}]"), &body[second]),
+                "a second grid-dependency wait",
+            ));
+        }
+        if let Some(&wait) = top.first() {
+            if let Some((path, stmt)) = before_wait_violation(&body[..wait], "body") {
+                return Err(self.error(
+                    &site(path, stmt),
+                    "touches memory before the grid-dependency wait (only address arithmetic and L2 prefetches may)",
+                ));
+            }
         }
         Ok(())
     }
@@ -759,7 +875,10 @@ pub(crate) fn vars_written(stmts: &[Stmt], out: &mut BTreeSet<VarId>) {
             | Stmt::Barrier
             | Stmt::CpAsync { .. }
             | Stmt::CpAsyncCommit
-            | Stmt::CpAsyncWait(_) => {}
+            | Stmt::CpAsyncWait(_)
+            | Stmt::GridDependencyWait
+            | Stmt::PrefetchL2 { .. }
+            | Stmt::LaunchDependents => {}
         }
     }
 }

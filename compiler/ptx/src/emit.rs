@@ -19,6 +19,8 @@
 //! | `cvt.f32.bf16` | PTX 7.1 | target minimum | target minimum |
 //! | `cvt.rn.satfinite.{e4m3x2,e5m2x2}.f32`, `cvt.rn.f16x2.{e4m3x2,e5m2x2}` | absent | PTX 8.1 | target minimum (7.8) |
 //! | `cvt.rn.bf16.f32`, `cvt.rn.{bf16,f16}x2.f32`, `min/max.NaN.f32`, `shfl.sync` | 7.0 | 7.8 | target minimum |
+//! | `griddepcontrol.{wait,launch_dependents}` | absent | absent | target minimum (7.8) |
+//! | `cp.async.bulk.prefetch.L2.global` | absent | absent | target minimum (8.0) |
 //!
 //! The submodules: [`features`] (that table), `isa` (instruction selection tables),
 //! `regs` (registers and operands), `scan` (what a kernel reads before it writes, its

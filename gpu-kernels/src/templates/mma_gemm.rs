@@ -391,6 +391,13 @@ pub(crate) struct MmaPlan {
     /// Whether the epilogue stores each thread's two adjacent columns together where every
     /// stored width is even (`GemmTuning::paired_epilogue`).
     paired: bool,
+    /// For the decode tile: the k elements of each weight row a block asks L2 for before
+    /// its grid-dependency wait, from the start of its k range ([`prefetch_len`]); `None`
+    /// for no prefetch.
+    prefetch: Option<u64>,
+    /// For the decode tile: whether a block lets the next kernel launch after its main
+    /// loop (`GemmTuning::trigger`).
+    trigger: bool,
 }
 
 /// One matmul's share of a segmented grid's block columns.
@@ -668,19 +675,25 @@ pub(crate) fn plan(
                 );
             }
         }
-        return Some(MmaPlan {
-            input,
-            a,
-            a_source,
-            b,
-            k,
-            tile,
-            segments,
-            casts,
-            raster: 1,
-            double_buffer: false,
-            paired: false,
-        });
+        return Some(MmaPlan::with_launch_control(
+            MmaPlan {
+                input,
+                a,
+                a_source,
+                b,
+                k,
+                tile,
+                segments,
+                casts,
+                raster: 1,
+                double_buffer: false,
+                paired: false,
+                prefetch: None,
+                trigger: false,
+            },
+            g,
+            tuning,
+        ));
     }
     // Horizontally fused matmuls of one shape split K across blocks too when their grid
     // has at most a block per SM (k and v of GQA); wider ones (gate and up) keep their
@@ -696,19 +709,85 @@ pub(crate) fn plan(
     // slice, so it needs an even number of them.
     let prefill = tile.warps_k == 1 && tile.splits == 1;
     let k_steps = tile.bk / input.k() as u32;
-    Some(MmaPlan {
-        input,
-        a,
-        a_source,
-        b,
-        k,
-        tile,
-        segments: Vec::new(),
-        casts,
-        raster: if prefill { tuning.raster.max(1) } else { 1 },
-        double_buffer: prefill && tuning.double_buffer && k_steps.is_multiple_of(2),
-        paired: prefill && tuning.paired_epilogue,
-    })
+    Some(MmaPlan::with_launch_control(
+        MmaPlan {
+            input,
+            a,
+            a_source,
+            b,
+            k,
+            tile,
+            segments: Vec::new(),
+            casts,
+            raster: if prefill { tuning.raster.max(1) } else { 1 },
+            double_buffer: prefill && tuning.double_buffer && k_steps.is_multiple_of(2),
+            paired: prefill && tuning.paired_epilogue,
+            prefetch: None,
+            trigger: false,
+        },
+        g,
+        tuning,
+    ))
+}
+
+/// The weight bytes a decode GEMM's blocks prefetch together at most, unless
+/// `GemmTuning::prefetch_mib` says otherwise: about half of an H100's 50 MB L2, so that the
+/// prefetched bytes are still there when the pipeline's loads reach them.
+const PREFETCH_BUDGET: u64 = 24 << 20;
+
+/// The k elements of each `[N, K]` weight row that a block of the decode tile `plan`
+/// prefetches into L2 from the start of its k range, under `tuning`: the whole range while
+/// the weights (every B operand, each row once) take at most the budget, else that share of
+/// it, in whole 16-byte chunks. `None` when there is nothing to prefetch: another tile, a
+/// `[K, N]` B, a batched or symbolic-width weight, rows not 16-byte aligned, or more tile
+/// rows than threads (one row a thread).
+fn prefetch_len(plan: &MmaPlan, shapes: &[&[Dim]], tuning: &crate::GemmTuning) -> Option<u64> {
+    let t = &plan.tile;
+    if !tuning.prefetch || t.warps_k == 1 || t.bn > t.threads() {
+        return None;
+    }
+    let element = (plan.input.bits() / 8) as u64;
+    if !(plan.k * element).is_multiple_of(16) {
+        return None;
+    }
+    let mut weight_bytes = 0u64;
+    for (source, shape) in plan.b.iter().zip(shapes) {
+        let leading = &shape[..shape.len().saturating_sub(2)];
+        if source.k_rows || leading.iter().any(|d| *d != Dim::Const(1)) {
+            return None;
+        }
+        weight_bytes += source.n.as_const()? * plan.k * element;
+    }
+    let budget = match tuning.prefetch_mib {
+        0 => PREFETCH_BUDGET,
+        mib => u64::from(mib) << 20,
+    };
+    let range = match plan.split() {
+        Some((_, per_split)) => (per_split * u64::from(t.bk)).min(plan.k),
+        None => plan.k,
+    };
+    let share = if weight_bytes <= budget {
+        range
+    } else {
+        (u128::from(range) * u128::from(budget) / u128::from(weight_bytes)) as u64
+    };
+    let chunk = 16 / element;
+    let len = share / chunk * chunk;
+    (len > 0).then_some(len)
+}
+
+impl MmaPlan {
+    /// `plan` with its prefetch length and trigger for the decode tile under `tuning`.
+    fn with_launch_control(
+        mut plan: MmaPlan,
+        g: &FuncGraph<'_>,
+        tuning: &crate::GemmTuning,
+    ) -> MmaPlan {
+        let shapes: Vec<&[Dim]> = plan.b.iter().map(|s| g.shape(s.value)).collect();
+        plan.prefetch = prefetch_len(&plan, &shapes, tuning);
+        plan.trigger = tuning.trigger && plan.tile.warps_k > 1;
+        plan
+    }
 }
 
 pub(crate) fn i32c(n: i64) -> Expr {
@@ -1055,6 +1134,50 @@ pub(crate) fn emit(
         .map(|s| e.buffer(s.value, kiln_kir::Access::Read))
         .collect();
 
+    // ---- before the grid-dependency wait: thread r asks L2 for row n0 + r of each weight
+    // the block reads, the first `len` elements of its k range (address arithmetic and
+    // prefetches only, so the previous kernel may still be running).
+    if let Some(len) = plan.prefetch {
+        let element = (plan.input.bits() / 8) as i64;
+        let k_lo = match &k_first {
+            Some(first) => first.clone() * i32c(bk),
+            None => i32c(0),
+        };
+        let k_lo = e.bind(&mut body, "pf_k0", Ty::I32, k_lo);
+        let bytes = (i32c(len as i64).min(i32c(plan.k as i64) - k_lo.clone())) * i32c(element);
+        let bytes = e.bind(&mut body, "pf_bytes", Ty::I32, bytes);
+        let rows = |e: &mut Emitter<'_, '_>, i: usize| -> Vec<Stmt> {
+            let source = &plan.b[i];
+            let w_shape = g.shape(source.value).to_vec();
+            let gn = add(n0.clone(), index(tid.clone()));
+            let mut idx = vec![e.ix(0); w_shape.len() - 2];
+            idx.extend([gn.clone(), index(k_lo.clone())]);
+            let at = e.linear(&w_shape, &idx);
+            let n_size = e.dim(&source.n);
+            let inside = and(lt(tid.clone(), i32c(bn)), lt(gn, n_size));
+            vec![Stmt::if_then(
+                inside,
+                vec![Stmt::PrefetchL2 {
+                    buf: b_bufs[i],
+                    index: at,
+                    bytes: bytes.clone(),
+                }],
+            )]
+        };
+        match &segment {
+            Some(which) => {
+                let branches = (0..plan.b.len()).map(|i| rows(e, i)).collect();
+                body.extend(by_segment(which, branches));
+            }
+            None => {
+                for i in 0..plan.b.len() {
+                    let stmts = rows(e, i);
+                    body.extend(stmts);
+                }
+            }
+        }
+    }
+
     // ---- the copies of one stage: per thread, chunks at fixed tile positions.
     // A: rows of bk elements, `bk / 8` chunks each.
     let a_chunks = bk / chunk_len;
@@ -1392,7 +1515,10 @@ pub(crate) fn emit(
         })
         .collect();
 
-    // ---- the pipeline.
+    // ---- the pipeline (after the grid-dependency wait when the block prefetched).
+    if plan.prefetch.is_some() {
+        body.push(Stmt::GridDependencyWait);
+    }
     for s in 0..stages - 1 {
         let copies = load_stage(e, i32c(s), i32c(s));
         body.extend(copies);
@@ -1559,6 +1685,10 @@ pub(crate) fn emit(
             step: i32c(1),
             body: kloop,
         });
+    }
+    // Every weight load of the block is issued: the next kernel may launch (and prefetch).
+    if plan.trigger {
+        body.push(Stmt::LaunchDependents);
     }
     body.push(Stmt::CpAsyncWait(0));
 

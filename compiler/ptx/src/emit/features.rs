@@ -24,6 +24,11 @@ pub enum Feature {
     /// sm_80 and sm_89 have none. Every kernel starts with it where the target has it (see the prologue in `function.rs`); without them
     /// the runtime launches kernels one after another, so there is no fallback sequence.
     GridDependencyControl,
+    /// `cp.async.bulk.prefetch.L2.global` (an L2 prefetch of a byte range, the kernel IR's
+    /// `PrefetchL2`): sm_90 and later with PTX 8.0; sm_80 and sm_89 have none. It is only a
+    /// hint, placed before `griddepcontrol.wait` to overlap the previous kernel, which those
+    /// targets cannot do: without it the emitter leaves the statement out.
+    BulkPrefetchL2,
     /// `mma.sync.aligned.m16n8k32.row.col.f32.{e4m3,e5m2}.{e4m3,e5m2}.f32`: sm_89 and later
     /// with PTX 8.4; sm_80 has none and there is no fallback (an FP8 `Mma` for sm_80 is an
     /// error: the fusion leaves FP8 matmuls to other templates unless every target has it).
@@ -31,10 +36,11 @@ pub enum Feature {
 }
 
 impl Feature {
-    pub const ALL: [Feature; 4] = [
+    pub const ALL: [Feature; 5] = [
         Feature::Bf16ToF32,
         Feature::Fp8Convert,
         Feature::GridDependencyControl,
+        Feature::BulkPrefetchL2,
         Feature::Fp8Mma,
     ];
 
@@ -45,7 +51,10 @@ impl Feature {
             Feature::Fp8Convert => {
                 "cvt.rn.satfinite.{e4m3x2,e5m2x2}.f32, cvt.rn.f16x2.{e4m3x2,e5m2x2}"
             }
-            Feature::GridDependencyControl => "griddepcontrol.wait",
+            Feature::GridDependencyControl => {
+                "griddepcontrol.wait, griddepcontrol.launch_dependents"
+            }
+            Feature::BulkPrefetchL2 => "cp.async.bulk.prefetch.L2.global",
             Feature::Fp8Mma => "mma.sync.aligned.m16n8k32.row.col.f32.{e4m3,e5m2}",
         }
     }
@@ -60,6 +69,8 @@ impl Feature {
             (Feature::Fp8Convert, _) => PtxVersion::new(7, 8),
             (Feature::GridDependencyControl, Target::Sm80 | Target::Sm89) => return None,
             (Feature::GridDependencyControl, _) => PtxVersion::new(7, 8),
+            (Feature::BulkPrefetchL2, Target::Sm80 | Target::Sm89) => return None,
+            (Feature::BulkPrefetchL2, _) => PtxVersion::new(8, 0),
             (Feature::Fp8Mma, Target::Sm80) => return None,
             (Feature::Fp8Mma, _) => PtxVersion::new(8, 4),
         };
@@ -87,11 +98,20 @@ mod tests {
         assert_eq!(
             table,
             [
-                (Target::Sm80, vec![v("7.1"), None, None, None]),
-                (Target::Sm89, vec![v("7.8"), v("8.1"), None, v("8.4")]),
-                (Target::Sm90a, vec![v("8.0"), v("8.0"), v("8.0"), v("8.4")]),
-                (Target::Sm100a, vec![v("8.6"), v("8.6"), v("8.6"), v("8.6")]),
-                (Target::Sm120, vec![v("8.7"), v("8.7"), v("8.7"), v("8.7")]),
+                (Target::Sm80, vec![v("7.1"), None, None, None, None]),
+                (Target::Sm89, vec![v("7.8"), v("8.1"), None, None, v("8.4")]),
+                (
+                    Target::Sm90a,
+                    vec![v("8.0"), v("8.0"), v("8.0"), v("8.0"), v("8.4")]
+                ),
+                (
+                    Target::Sm100a,
+                    vec![v("8.6"), v("8.6"), v("8.6"), v("8.6"), v("8.6")]
+                ),
+                (
+                    Target::Sm120,
+                    vec![v("8.7"), v("8.7"), v("8.7"), v("8.7"), v("8.7")]
+                ),
             ]
         );
     }

@@ -431,11 +431,14 @@ impl<'k, 'c> FunctionEmitter<'k, 'c> {
         }
         // Programmatic dependent launch: wait until the kernel before this one has finished
         // and its writes are visible. Nothing before this point touches memory, so a kernel
-        // launched early reads nothing stale. The next kernel may launch once every block of
-        // this one has exited (the implicit trigger): an explicit
+        // launched early reads nothing stale. A kernel with a `GridDependencyWait` waits
+        // there instead (what precedes it touches no memory but L2 prefetches, which the
+        // verifier checks). The next kernel may launch once every block of this one has
+        // exited (the implicit trigger) or executed a `LaunchDependents`: an explicit
         // `griddepcontrol.launch_dependents` at the start let later kernels' waiting blocks
         // take SMs early, and the 1.1B decode step measured no faster with it.
-        if self.ctx.use_feature(Feature::GridDependencyControl) {
+        let waits_later = kernel.body.contains(&Stmt::GridDependencyWait);
+        if !waits_later && self.ctx.use_feature(Feature::GridDependencyControl) {
             self.inst("griddepcontrol.wait", &[]);
         }
         self.prologue_counts = self.regs.counts();
@@ -557,6 +560,21 @@ impl<'k, 'c> FunctionEmitter<'k, 'c> {
             } => self.cp_async(*dst, dst_index, *src, src_index, src_len)?,
             Stmt::CpAsyncCommit => self.inst("cp.async.commit_group", &[]),
             Stmt::CpAsyncWait(n) => self.inst("cp.async.wait_group", &[n]),
+            Stmt::GridDependencyWait => {
+                if self.ctx.use_feature(Feature::GridDependencyControl) {
+                    self.inst("griddepcontrol.wait", &[]);
+                }
+            }
+            Stmt::LaunchDependents => {
+                if self.ctx.use_feature(Feature::GridDependencyControl) {
+                    self.inst("griddepcontrol.launch_dependents", &[]);
+                }
+            }
+            Stmt::PrefetchL2 { buf, index, bytes } => {
+                if self.ctx.use_feature(Feature::BulkPrefetchL2) {
+                    self.prefetch_l2(*buf, index, bytes)?;
+                }
+            }
         }
         Ok(())
     }

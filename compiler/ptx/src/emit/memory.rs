@@ -304,6 +304,27 @@ impl FunctionEmitter<'_, '_> {
 
     /// `Stmt::CpAsync`: `cp.async.cg.shared.global [dst], [src], 16[, src-size]`, the
     /// source size in bytes (omitted when it is a constant 16).
+    /// `cp.async.bulk.prefetch.L2.global [address], size;` (the caller checked the feature).
+    pub(super) fn prefetch_l2(
+        &mut self,
+        buf: Buf,
+        index: &Expr,
+        bytes: &Expr,
+    ) -> Result<(), EmitError> {
+        let element = self.dtype(buf)?.size_bytes() as u32;
+        let address = self.address(buf, index, element, false)?;
+        if !address.space.starts_with("global") {
+            return Err(self.error(format!("an L2 prefetch of {} memory", address.space)));
+        }
+        let size = self.expr(bytes)?;
+        let size = match size.operand {
+            Operand::Imm(Scalar::I32(n)) => Operand::Imm(Scalar::I32(n)),
+            operand => Operand::Reg(self.reg(operand, RegKind::B32)),
+        };
+        self.inst("cp.async.bulk.prefetch.L2.global", &[&address.text, &size]);
+        Ok(())
+    }
+
     pub(super) fn cp_async(
         &mut self,
         dst: Buf,

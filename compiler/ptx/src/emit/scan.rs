@@ -132,7 +132,12 @@ pub(super) fn definite_assignment(
                     .copied()
                     .collect();
             }
-            Stmt::Barrier | Stmt::CpAsyncCommit | Stmt::CpAsyncWait(_) => {}
+            Stmt::Barrier
+            | Stmt::CpAsyncCommit
+            | Stmt::CpAsyncWait(_)
+            | Stmt::GridDependencyWait
+            | Stmt::LaunchDependents => {}
+            Stmt::PrefetchL2 { index, bytes, .. } => read(&[index, bytes], assigned, read_first),
             Stmt::ShuffleXor { dst, src, .. } => {
                 if !assigned.contains(src) {
                     read_first.insert(*src);
@@ -237,11 +242,17 @@ pub(super) fn collect_specials(stmts: &[Stmt], out: &mut BTreeSet<usize>) {
                     collect_specials_expr(e, out);
                 }
             }
+            Stmt::PrefetchL2 { index, bytes, .. } => {
+                collect_specials_expr(index, out);
+                collect_specials_expr(bytes, out);
+            }
             Stmt::Barrier
             | Stmt::ShuffleXor { .. }
             | Stmt::Mma { .. }
             | Stmt::CpAsyncCommit
-            | Stmt::CpAsyncWait(_) => {}
+            | Stmt::CpAsyncWait(_)
+            | Stmt::GridDependencyWait
+            | Stmt::LaunchDependents => {}
         }
     }
 }

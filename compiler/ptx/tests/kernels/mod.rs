@@ -399,6 +399,7 @@ pub fn coverage() -> Vec<Kernel> {
             kernels.push(examples::vector_add(dtype));
         }
         kernels.push(examples::reverse_blocks(dtype, 64));
+        kernels.push(examples::prefetch_copy(dtype));
         for to in DType::ALL {
             if to != dtype {
                 kernels.push(examples::convert(dtype, to));
