@@ -36,7 +36,7 @@ mod templates;
 
 pub use error::FusionError;
 pub use stats::{KernelStats, Stats};
-pub use templates::{choose_splits, choose_tile, MatmulTiling, MmaTile};
+pub use templates::{choose_splits, choose_tile, MatmulTiling, MmaTile, GEMV_ROWS};
 
 use kiln_ir::Module;
 use kiln_kir::{Kernel, Plan};
@@ -103,6 +103,14 @@ pub struct GemmTuning {
     /// 2116 GB/s (M = 1 / 16) split 4 ways, 2133 / 2075 split 2 ways and 1948 / 1941 unsplit
     /// (`…-decode-ab-99e3952.txt`).
     pub max_splits: u32,
+    /// Whether matmuls of at most [`GEMV_ROWS`] rows (a constant, or a symbolic row count
+    /// as a further run-time variant) of `linear` weights take the GEMV template
+    /// (`templates/gemv.rs`: a warp a column, 16-byte weight loads, no split-K, no sum
+    /// kernel) instead of the tensor-core decode tile.
+    pub gemv: bool,
+    /// 16-byte weight vectors a lane of the GEMV template loads together per step (fewer
+    /// when the row is shorter or fused matmuls would hold too many registers).
+    pub gemv_unroll: u32,
 }
 
 impl Default for GemmTuning {
@@ -113,6 +121,8 @@ impl Default for GemmTuning {
             row_sums: true,
             kv_writes: false,
             max_splits: 0,
+            gemv: true,
+            gemv_unroll: 8,
         }
     }
 }

@@ -292,7 +292,9 @@ const TUNE_PAGED: &str = "KILN_TUNE_PAGED";
 /// an RMSNorm, leaves its sum to that row kernel; default 1), `kvwrite=0|1` (the sum
 /// kernel of a split-K q/k/v grid stores k and v straight into the paged caches, no
 /// `kv_write` kernel; default 0) and `maxsplits=N` (the most blocks a decode GEMM's k slices
-/// are split over; default 0, the template's 8). Example:
+/// are split over; default 0, the template's 8), `gemv=0|1` (matmuls of at most 4 rows of a
+/// `linear` weight take the GEMV template, a warp a column, no split-K; default 1) and
+/// `gemvunroll=N` (16-byte weight vectors a lane loads together per step; default 8). Example:
 /// `KILN_TUNE_GEMM=segments=1,splits=0`.
 const TUNE_GEMM: &str = "KILN_TUNE_GEMM";
 
@@ -383,19 +385,25 @@ pub(crate) fn apply_tuning(options: &mut CompileOptions) -> Result<()> {
             "rowsum" => gemm.row_sums = *n != 0,
             "kvwrite" => gemm.kv_writes = *n != 0,
             "maxsplits" => gemm.max_splits = u32::try_from(*n)?,
+            "gemv" => gemm.gemv = *n != 0,
+            "gemvunroll" => gemm.gemv_unroll = u32::try_from(*n)?.max(1),
             _ => bail!(
-                "{TUNE_GEMM}: unknown key `{key}` (segments, splits, rowsum, kvwrite, maxsplits)"
+                "{TUNE_GEMM}: unknown key `{key}` (segments, splits, rowsum, kvwrite, maxsplits, \
+                 gemv, gemvunroll)"
             ),
         }
     }
     if !gemm_items.is_empty() {
         eprintln!(
-            "kiln bench: {TUNE_GEMM}: segments {}, splits {}, rowsum {}, kvwrite {}, maxsplits {}",
+            "kiln bench: {TUNE_GEMM}: segments {}, splits {}, rowsum {}, kvwrite {}, maxsplits {}, \
+             gemv {}, gemvunroll {}",
             u8::from(gemm.segments),
             u8::from(gemm.segment_splits),
             u8::from(gemm.row_sums),
             u8::from(gemm.kv_writes),
-            gemm.max_splits
+            gemm.max_splits,
+            u8::from(gemm.gemv),
+            gemm.gemv_unroll
         );
     }
     Ok(())
