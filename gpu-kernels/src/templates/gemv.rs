@@ -180,6 +180,9 @@ pub(crate) fn emit(
             x
         }
     };
+    // Four blocks an SM at least (ptxas keeps to 128 registers): 16 warps, each with
+    // `unroll` 16-byte loads a lane in flight.
+    e.blocks_per_sm = 65536 / (128 * 32 * WARPS);
     let mut body = Vec::new();
     let lane = e.bind(&mut body, "lane", Ty::I32, Expr::Special(Special::LaneId));
     let warp = e.bind(&mut body, "warp", Ty::I32, Expr::Special(Special::WarpId));
