@@ -18,8 +18,10 @@
 //! shape, with K split across blocks for decode shapes whose grid is too small: partial
 //! sums in an f32 arena workspace, added in a fixed order by a second kernel that applies the
 //! epilogue, or by the row-reduction kernel that first reads the result over its rows, the
-//! RMSNorm after a residual add: `templates::RowSums`); other matmuls a register-blocked SIMT GEMM (`templates/matmul.rs`, tiles
-//! chosen by shape).
+//! RMSNorm after a residual add: `templates::RowSums`); those of at most [`GEMV_ROWS`]
+//! rows of a `linear` weight the GEMV template instead (`templates/gemv.rs`: a warp a
+//! column, no split-K; a symbolic row count gets it as a further run-time variant); other
+//! matmuls a register-blocked SIMT GEMM (`templates/matmul.rs`, tiles chosen by shape).
 //!
 //! Deliberately absent: the wgmma/TMA and tcgen05 paths, split-K across blocks for
 //! prefill-sized shapes (later templates);

@@ -63,7 +63,7 @@ fn run(function: &str, symbols: &[(&str, usize)]) -> Vec<String> {
         symbols.iter().map(|(s, v)| (s.to_string(), *v)).collect();
     let inputs = inputs_for(func, &symbols, 1, 7);
     let weights = BTreeMap::new();
-    let compiled = check(&module, function, &inputs, &weights, &Options::default());
+    let compiled = check(&module, function, &inputs, &weights, &common::mma_options());
     let want = kiln_ir::interpret(func, &inputs, &weights).unwrap();
     let cpu = kiln_cpu::CpuExecutor::new(&compiled.kernels).unwrap_or_else(|e| panic!("{e}"));
     let got = cpu
@@ -165,7 +165,7 @@ fn decode_shapes_split_k_across_blocks() {
 fn the_split_workspace_is_an_arena_temp_of_the_partial_sums() {
     let module = lower("mma_gemm.kiln", SRC, None, None);
     let compiled =
-        kiln_gpu_kernels::compile_function(&module, "split_batched", &Options::default()).unwrap();
+        kiln_gpu_kernels::compile_function(&module, "split_batched", &common::mma_options()).unwrap();
     let plan = &compiled.plan;
     let [Step::Launch { args: partial, .. }, Step::Launch { args: sum, .. }] =
         plan.steps.as_slice()
@@ -206,7 +206,7 @@ fn the_plain_template_can_be_forced() {
     let module = lower("mma_gemm.kiln", SRC, None, None);
     let options = Options {
         tensor_cores: false,
-        ..Options::default()
+        ..common::mma_options()
     };
     let compiled = kiln_gpu_kernels::compile_function(&module, "nk", &options).unwrap();
     assert!(compiled
@@ -247,7 +247,7 @@ fn a_symbolic_row_count_gets_a_decode_variant_chosen_at_run_time() {
     }
     let module = lower("mma_gemm.kiln", SRC, None, None);
     let compiled =
-        kiln_gpu_kernels::compile_function(&module, "long_k", &Options::default()).unwrap();
+        kiln_gpu_kernels::compile_function(&module, "long_k", &common::mma_options()).unwrap();
     assert!(
         matches!(
             compiled.plan.steps.as_slice(),
@@ -292,7 +292,7 @@ fn fused_matmuls_of_unequal_widths_get_a_grid_of_segments_at_decode_sizes() {
     }
     let module = lower("mma_gemm.kiln", SRC, None, None);
     let compiled =
-        kiln_gpu_kernels::compile_function(&module, "seg_qkv", &Options::default()).unwrap();
+        kiln_gpu_kernels::compile_function(&module, "seg_qkv", &common::mma_options()).unwrap();
     let seg = compiled
         .kernels
         .iter()
@@ -340,7 +340,7 @@ fn a_grid_of_segments_splits_k_across_blocks_when_it_is_small() {
     );
     let module = lower("mma_gemm.kiln", SRC, None, None);
     let compiled =
-        kiln_gpu_kernels::compile_function(&module, "seg_batched_split", &Options::default())
+        kiln_gpu_kernels::compile_function(&module, "seg_batched_split", &common::mma_options())
             .unwrap();
     let temps: Vec<Vec<u64>> = compiled
         .plan
@@ -390,9 +390,9 @@ fn the_gemm_knobs_turn_segments_and_their_split_off() {
             gemm: GemmTuning {
                 segments,
                 segment_splits,
-                ..GemmTuning::default()
+                ..common::mma_options().gemm
             },
-            ..Options::default()
+            ..common::mma_options()
         };
         let weights = BTreeMap::new();
         let func = module.function("seg_split").unwrap();
@@ -470,7 +470,7 @@ fn fp8_matmuls_the_fp8_mma_cannot_take_use_the_plain_template() {
     }
     let options = Options {
         fp8_tensor_cores: false,
-        ..Options::default()
+        ..common::mma_options()
     };
     for function in ["fp8_tensor", "fp8_channel"] {
         let names = run_with(function, &[("M", 37)], &options);

@@ -43,7 +43,7 @@ fn llm_shaped_gemms_assemble_for_every_target_without_spills() {
     ];
     for function in functions {
         let compiled =
-            kiln_gpu_kernels::compile_function(&module, function, &Options::default()).unwrap();
+            kiln_gpu_kernels::compile_function(&module, function, &common::mma_options()).unwrap();
         let symbolic_rows = compiled.plan.symbols.iter().any(|s| s.name == "T");
         let gemms: Vec<_> = compiled
             .kernels
@@ -86,7 +86,7 @@ fn fp8_gemms_assemble_from_sm_89_without_spills() {
     let mut kernels = Vec::new();
     for function in ["fp8_8192", "fp8_channel", "fp8_decode1"] {
         let compiled =
-            kiln_gpu_kernels::compile_function(&module, function, &Options::default()).unwrap();
+            kiln_gpu_kernels::compile_function(&module, function, &common::mma_options()).unwrap();
         let gemms: Vec<_> = compiled
             .kernels
             .into_iter()
@@ -171,7 +171,7 @@ fn export_gemm_gpu_check() {
     let mut cases = Vec::new();
     for (function, t) in GPU_CASES {
         let compiled =
-            kiln_gpu_kernels::compile_function(&module, function, &Options::default()).unwrap();
+            kiln_gpu_kernels::compile_function(&module, function, &common::mma_options()).unwrap();
         let symbols = |s: &str| (s == "T").then_some(t);
         let mut launches = Vec::new();
         // The branch of a decode-variant choice that runs at this T.

@@ -23,8 +23,9 @@
 //! stays in its own pointwise kernel (it reads the rotary partner column, another warp's):
 //! the GEMV stores q, k and v as the tensor-core template's sum kernel did.
 //!
-//! Columns past N load row N - 1 (no guard in the loop) and store nothing; rows past a
-//! symbolic M load row M - 1 and store nothing.
+//! Columns past N load row N - 1 (no guard in the loop) and store nothing. A symbolic M
+//! (the GEMV variant of a plan that picks it at run time for M at most [`GEMV_ROWS`]) is
+//! held as four rows whose work past M is skipped by a branch every thread takes alike.
 
 use super::matmul::{epilogue_at, kernel_name, OutputElement};
 use super::mma_gemm::{i32c, matmuls_of, segments, transposed_weight, Segment};
@@ -190,17 +191,10 @@ pub(crate) fn emit(
     let symbolic_rows = out_shape[0].as_const().is_none();
     let k = plan.k as i64;
     let a_buf = e.buffer(plan.a_source, kiln_kir::Access::Read);
-    // The rows of A each lane reads: row r, or the last row for rows past a symbolic M.
-    let last_row = crate::emit::sub(m_size.clone(), e.ix(1));
-    let last_row = e.bind(&mut body, "last_row", ity, last_row);
+    // The rows of A each lane reads (rows past a symbolic M are skipped).
     let mut a_rows = Vec::new();
     for r in 0..plan.rows as i64 {
-        let row = if symbolic_rows && r > 0 {
-            crate::emit::min_e(e.ix(r), last_row.clone())
-        } else {
-            e.ix(r)
-        };
-        let at = mul(row, e.ix(k));
+        let at = mul(e.ix(r), e.ix(k));
         a_rows.push(e.bind(&mut body, "a_row", ity, at));
     }
     // Block column x: the matmul whose segment holds it and x's offset in that segment.
@@ -296,8 +290,9 @@ pub(crate) fn emit(
                     &mut *out
                 };
                 for (r, a_row) in a_rows.iter().enumerate() {
+                    let mut row_stmts = Vec::new();
                     let x: Vec<VarId> = (0..vector).map(|_| e.var("x", Ty::F32)).collect();
-                    target.push(Stmt::LoadVec {
+                    row_stmts.push(Stmt::LoadVec {
                         dsts: x.clone(),
                         buf: a_buf,
                         index: add(a_row.clone(), offset(u as i64)),
@@ -310,8 +305,16 @@ pub(crate) fn emit(
                                 Box::new(Expr::var(*xj)),
                                 Box::new(Expr::var(cell)),
                             );
-                            target.push(Stmt::assign(cell, fma));
+                            row_stmts.push(Stmt::assign(cell, fma));
                         }
+                    }
+                    if symbolic_rows && r > 0 {
+                        // Rows past a symbolic M: skipped (the same branch in every
+                        // thread), so one row costs one row's work.
+                        let inside = lt(e.ix(r as i64), m_size.clone());
+                        target.push(Stmt::if_then(inside, row_stmts));
+                    } else {
+                        target.extend(row_stmts);
                     }
                 }
             }
