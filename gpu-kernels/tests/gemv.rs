@@ -73,7 +73,14 @@ fn run(function: &str, m: usize, gemv: bool) -> Vec<String> {
 
 #[test]
 fn one_to_four_rows_take_the_gemv_and_match_the_interpreter() {
-    for function in ["plain", "long_k", "bias", "residual", "gate_up", "heads_out"] {
+    for function in [
+        "plain",
+        "long_k",
+        "bias",
+        "residual",
+        "gate_up",
+        "heads_out",
+    ] {
         for m in 1..=4 {
             let names = run(function, m, true);
             assert_eq!(count(&names, "gemv"), 1, "{function} M={m}: {names:?}");
@@ -84,7 +91,10 @@ fn one_to_four_rows_take_the_gemv_and_match_the_interpreter() {
         for m in [5, 40] {
             let names = run(function, m, true);
             assert_eq!(count(&names, "gemv"), 0, "{function} M={m}: {names:?}");
-            assert!(count(&names, "mma_gemm") >= 1, "{function} M={m}: {names:?}");
+            assert!(
+                count(&names, "mma_gemm") >= 1,
+                "{function} M={m}: {names:?}"
+            );
         }
     }
 }
@@ -93,7 +103,10 @@ fn one_to_four_rows_take_the_gemv_and_match_the_interpreter() {
 fn fused_matmuls_share_a_warp_or_take_segments() {
     // gate/up: one kernel computing both at each column, the SwiGLU product its epilogue.
     let names = run("gate_up", 2, true);
-    assert!(names[0].starts_with("gemv_w4_") && names[0].contains("_x2_epilogue"), "{names:?}");
+    assert!(
+        names[0].starts_with("gemv_w4_") && names[0].contains("_x2_epilogue"),
+        "{names:?}"
+    );
     assert!(!names[0].contains("_seg"), "{names:?}");
     // q/k/v of widths 64/32/32: a grid of segments; RoPE stays in its pointwise kernel.
     for m in 1..=4 {
@@ -183,13 +196,24 @@ fn the_gemv_kernels_assemble_without_spills() {
     let Some(toolchain) = toolchain() else { return };
     let (_, kernels) = llama_step(true);
     let module = lower("gemv.kiln", SRC, None, None);
-    let mut gemvs: Vec<kiln_kir::Kernel> =
-        kernels.into_iter().filter(|k| k.name.contains("gemv")).collect();
+    let mut gemvs: Vec<kiln_kir::Kernel> = kernels
+        .into_iter()
+        .filter(|k| k.name.contains("gemv"))
+        .collect();
     for function in ["gate_up", "qkv_rope", "three"] {
         let compiled = compile_function(&module, function, &options(true)).unwrap();
-        gemvs.extend(compiled.kernels.into_iter().filter(|k| k.name.contains("gemv")));
+        gemvs.extend(
+            compiled
+                .kernels
+                .into_iter()
+                .filter(|k| k.name.contains("gemv")),
+        );
     }
-    assert!(gemvs.len() >= 5, "{:?}", gemvs.iter().map(|k| &k.name).collect::<Vec<_>>());
+    assert!(
+        gemvs.len() >= 5,
+        "{:?}",
+        gemvs.iter().map(|k| &k.name).collect::<Vec<_>>()
+    );
     let registers = assert_assembles_without_spills(&toolchain, &gemvs);
     for (target, name, regs) in &registers {
         println!("{target:?} {name}: {regs} registers");
@@ -203,8 +227,12 @@ fn the_o_proj_gemv_kernel_snapshot() {
     let compiled = compile_function(&module, "o_proj", &options(true)).unwrap();
     assert_eq!(compiled.kernels.len(), 1);
     assert_eq!(compiled.kernels[0].name, "k0_gemv_w4_u8_epilogue_bf16");
-    let ptx = kiln_ptx::emit_ptx(&compiled.kernels, kiln_ptx::Target::Sm90a, &Default::default())
-        .unwrap_or_else(|e| panic!("{e}"));
+    let ptx = kiln_ptx::emit_ptx(
+        &compiled.kernels,
+        kiln_ptx::Target::Sm90a,
+        &Default::default(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
     assert!(ptx.contains("shfl.sync.bfly"), "{ptx}");
     insta::assert_snapshot!(ptx);
 }

@@ -165,7 +165,8 @@ fn decode_shapes_split_k_across_blocks() {
 fn the_split_workspace_is_an_arena_temp_of_the_partial_sums() {
     let module = lower("mma_gemm.kiln", SRC, None, None);
     let compiled =
-        kiln_gpu_kernels::compile_function(&module, "split_batched", &common::mma_options()).unwrap();
+        kiln_gpu_kernels::compile_function(&module, "split_batched", &common::mma_options())
+            .unwrap();
     let plan = &compiled.plan;
     let [Step::Launch { args: partial, .. }, Step::Launch { args: sum, .. }] =
         plan.steps.as_slice()

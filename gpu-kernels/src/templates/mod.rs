@@ -560,12 +560,11 @@ pub(crate) fn size_variant(
             if options.matmul_tiling.is_some() {
                 return None;
             }
-            matmul::large_tile_rows(g, group)
-                .map(|(symbol, at_most)| SizeVariant {
-                    symbol,
-                    at_most,
-                    gemv: false,
-                })
+            matmul::large_tile_rows(g, group).map(|(symbol, at_most)| SizeVariant {
+                symbol,
+                at_most,
+                gemv: false,
+            })
         }
         GroupKind::PagedAttention(out) => {
             let tuning = &options.paged;
