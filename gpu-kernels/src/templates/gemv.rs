@@ -47,7 +47,6 @@ const MAX_WEIGHT_REGISTERS: u32 = 64;
 
 /// What the template needs to know about a matmul group it takes.
 pub(crate) struct GemvPlan {
-    dtype: DType,
     /// The stored value holding A (`[M, K]` row-major, through reshapes).
     a_source: Value,
     /// Per matmul: the `[N, K]` weight, the permute read through, N.
@@ -146,7 +145,6 @@ pub(crate) fn plan(
         .min(vectors)
         .max(1);
     Some(GemvPlan {
-        dtype,
         a_source,
         b,
         k,
@@ -441,7 +439,6 @@ pub(crate) fn emit(
     for &(_, permute, _) in &plan.b {
         e.fused.insert(permute);
     }
-    let _ = plan.dtype;
     if symbolic_rows {
         // A symbolic M of 0 reads no row.
         let zero = e.ix(0);
