@@ -8,7 +8,6 @@
 mod common;
 
 use common::{export_launch, lower, param_shapes};
-use kiln_gpu_kernels::Options;
 use kiln_ptx::{emit_ptx, EmitOptions, Target};
 
 const SRC: &str = "import nn
