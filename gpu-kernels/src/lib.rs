@@ -18,8 +18,10 @@
 //! shape, with K split across blocks for decode shapes whose grid is too small: partial
 //! sums in an f32 arena workspace, added in a fixed order by a second kernel that applies the
 //! epilogue, or by the row-reduction kernel that first reads the result over its rows, the
-//! RMSNorm after a residual add: `templates::RowSums`); other matmuls a register-blocked SIMT GEMM (`templates/matmul.rs`, tiles
-//! chosen by shape).
+//! RMSNorm after a residual add: `templates::RowSums`); those of at most [`GEMV_ROWS`]
+//! rows of a `linear` weight the GEMV template instead (`templates/gemv.rs`: a warp a
+//! column, no split-K; a symbolic row count gets it as a further run-time variant); other
+//! matmuls a register-blocked SIMT GEMM (`templates/matmul.rs`, tiles chosen by shape).
 //!
 //! Deliberately absent: the wgmma/TMA and tcgen05 paths, split-K across blocks for
 //! prefill-sized shapes (later templates);
@@ -36,7 +38,7 @@ mod templates;
 
 pub use error::FusionError;
 pub use stats::{KernelStats, Stats};
-pub use templates::{choose_splits, choose_tile, MatmulTiling, MmaTile};
+pub use templates::{choose_splits, choose_tile, MatmulTiling, MmaTile, GEMV_ROWS};
 
 use kiln_ir::Module;
 use kiln_kir::{Kernel, Plan};
@@ -172,6 +174,14 @@ pub struct GemmTuning {
     /// touches memory, so only timing changes, and without it a prefetching GEMM after a
     /// GEMM (gate/up → down) could only start prefetching when the last block had exited.
     pub trigger: bool,
+    /// Whether matmuls of at most [`GEMV_ROWS`] rows (a constant, or a symbolic row count
+    /// as a further run-time variant) of `linear` weights take the GEMV template
+    /// (`templates/gemv.rs`: a warp a column, 16-byte weight loads, no split-K, no sum
+    /// kernel) instead of the tensor-core decode tile.
+    pub gemv: bool,
+    /// 16-byte weight vectors a lane of the GEMV template loads together per step (fewer
+    /// when the row is shorter or fused matmuls would hold too many registers).
+    pub gemv_unroll: u32,
 }
 
 impl Default for GemmTuning {
@@ -193,6 +203,8 @@ impl Default for GemmTuning {
             prefetch: true,
             prefetch_mib: 0,
             trigger: true,
+            gemv: true,
+            gemv_unroll: 8,
         }
     }
 }
@@ -201,7 +213,7 @@ impl GemmTuning {
     /// The knob names [`GemmTuning::set`] takes.
     pub const KEYS: &'static str =
         "segments, splits, rowsum, kvwrite, maxsplits, tile, warps, bk, stages, raster, dbuf, pairs, \
-         smem, prefetch, prefetch_mib, trigger";
+         smem, prefetch, prefetch_mib, trigger, gemv, gemvunroll";
 
     /// Sets knob `key` (the `KILN_TUNE_GEMM` names, [`GemmTuning::KEYS`]) from `value`: a
     /// number (`0|1` for switches), or `AxB` for `tile` and `warps`.
@@ -234,6 +246,8 @@ impl GemmTuning {
             "prefetch" => self.prefetch = number()? != 0,
             "prefetch_mib" => self.prefetch_mib = number()?,
             "trigger" => self.trigger = number()? != 0,
+            "gemv" => self.gemv = number()? != 0,
+            "gemvunroll" => self.gemv_unroll = number()?.max(1),
             _ => return Err(format!("unknown key `{key}` ({})", Self::KEYS)),
         }
         Ok(())

@@ -14,7 +14,7 @@ use crate::error::FusionError;
 use crate::graph::FuncGraph;
 use crate::partition::{Item, Partition};
 use crate::stats::KernelStats;
-use crate::templates;
+use crate::templates::{self, Variant};
 use crate::Options;
 use kiln_ir::{Dim, Op, Tensor, Value};
 use kiln_kir::{Arg, BufferDecl, BufferId, BufferKind, Kernel, Plan, SizeExpr, Step, SymBinding};
@@ -249,19 +249,34 @@ impl<'a, 'f> PlanBuilder<'a, 'f> {
             &self.row_sums,
             &self.kv_writes,
         ) {
-            let small = self.launch_variant(gid, true)?;
-            let large = self.launch_variant(gid, false)?;
-            if small.is_empty() && large.is_empty() {
+            let small = self.launch_variant(gid, Variant::Small)?;
+            let large = self.launch_variant(gid, Variant::Large)?;
+            let gemv = if variant.gemv {
+                self.launch_variant(gid, Variant::Gemv)?
+            } else {
+                Vec::new()
+            };
+            if small.is_empty() && large.is_empty() && gemv.is_empty() {
                 return Ok(Vec::new());
             }
-            return Ok(vec![Step::BySize {
-                symbol: variant.symbol,
+            let by_size = Step::BySize {
+                symbol: variant.symbol.clone(),
                 at_most: variant.at_most,
                 small,
                 large,
+            };
+            if !variant.gemv {
+                return Ok(vec![by_size]);
+            }
+            // The GEMV for the fewest rows, then the decode tile, then the large tile.
+            return Ok(vec![Step::BySize {
+                symbol: variant.symbol,
+                at_most: templates::GEMV_ROWS,
+                small: gemv,
+                large: vec![by_size],
             }]);
         }
-        self.launch_variant(gid, false)
+        self.launch_variant(gid, Variant::Large)
     }
 
     /// When every value group `gid` stores is a small constant tensor (and none is a
@@ -314,13 +329,13 @@ impl<'a, 'f> PlanBuilder<'a, 'f> {
             .all(|&u| self.constant_bytes(u).is_some())
     }
 
-    fn launch_variant(&mut self, gid: usize, small_rows: bool) -> Result<Vec<Step>, FusionError> {
+    fn launch_variant(&mut self, gid: usize, variant: Variant) -> Result<Vec<Step>, FusionError> {
         let Some(launches) = templates::build(
             self.g,
             self.part,
             gid,
             self.options,
-            small_rows,
+            variant,
             &self.row_sums,
             &self.kv_writes,
         )?

@@ -37,9 +37,9 @@ fn options(kv_writes: bool) -> Options {
     Options {
         gemm: GemmTuning {
             kv_writes,
-            ..GemmTuning::default()
+            ..common::mma_options().gemm
         },
-        ..Options::default()
+        ..common::mma_options()
     }
 }
 
@@ -73,6 +73,36 @@ fn the_sum_kernel_of_a_split_qkv_grid_writes_k_and_v_into_the_caches() {
         assert_eq!(count(&with, "kv_write_x2"), 0, "T={t}: {with:?}");
         assert_eq!(count(&with, "_sum_x3_kv_write"), 1, "T={t}: {with:?}");
         assert_eq!(with.len() + 1, without.len(), "T={t}: {with:?}");
+    }
+}
+
+#[test]
+fn the_gemv_variant_keeps_the_kv_write_kernel() {
+    // With the GEMV on (the default), at most four tokens take it: q/k/v in one kernel of
+    // segments storing q, k and v, RoPE and the writes in their own kernels, the same bits
+    // whether the switch is on or off (it is moot: the GEMV never splits); 7 and 16 tokens
+    // take the split grid whose sum kernel performs the writes.
+    let module = lower("kv_writes.kiln", SRC, None, None);
+    let func = module.function("qkv").unwrap();
+    for t in [1, 4, 7, 16] {
+        let symbols = BTreeMap::from([("T".to_string(), t)]);
+        let mut inputs = inputs_for(func, &symbols, t, 17);
+        let slots: Vec<i64> = (0..t as i64).map(|i| (i * 5 + 3) % 24).collect();
+        inputs[5] = Tensor::from_ints(DType::I32, &[t], slots);
+        let with_gemv = |kv_writes: bool| {
+            let mut o = options(kv_writes);
+            o.gemm.gemv = true;
+            o
+        };
+        let (with, without) = same_bits_with_and_without(&module, "qkv", &inputs, t, with_gemv);
+        if t <= 4 {
+            assert_eq!(with, without, "T={t}");
+            assert_eq!(count(&with, "gemv_w4_u8_seg_x3"), 1, "T={t}: {with:?}");
+            assert_eq!(count(&with, "kv_write_x2"), 1, "T={t}: {with:?}");
+        } else {
+            assert_eq!(count(&with, "_sum_x3_kv_write"), 1, "T={t}: {with:?}");
+            assert_eq!(with.len() + 1, without.len(), "T={t}: {with:?}");
+        }
     }
 }
 
@@ -119,7 +149,7 @@ fn the_1b_llama_decode_step_launches_16_kernels_fewer() {
     assert_eq!((fused, left, writes), (16, 0, 16));
     assert_eq!(with + 16, without);
     // Prefill sizes keep every kv_write kernel.
-    let compiled = compile_function(&module, "step", &Options::default()).unwrap();
+    let compiled = compile_function(&module, "step", &common::mma_options()).unwrap();
     let sizes = BTreeMap::from([
         ("T".to_string(), 128),
         ("B".to_string(), 1),

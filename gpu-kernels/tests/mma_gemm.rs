@@ -63,7 +63,7 @@ fn fp8_mixed(x: f8e4m3[M, 32], w: f8e5m2[24, 32]) -> f32[M, 24] { f32(x) @ f32(w
 /// Checks `function` at the given symbol values on the kir interpreter and on Cranelift;
 /// returns the kernel names.
 fn run(function: &str, symbols: &[(&str, usize)]) -> Vec<String> {
-    run_both(function, symbols, &Options::default())
+    run_both(function, symbols, &common::mma_options())
 }
 
 /// [`run`] with `options`.
@@ -176,7 +176,8 @@ fn decode_shapes_split_k_across_blocks() {
 fn the_split_workspace_is_an_arena_temp_of_the_partial_sums() {
     let module = lower("mma_gemm.kiln", SRC, None, None);
     let compiled =
-        kiln_gpu_kernels::compile_function(&module, "split_batched", &Options::default()).unwrap();
+        kiln_gpu_kernels::compile_function(&module, "split_batched", &common::mma_options())
+            .unwrap();
     let plan = &compiled.plan;
     let [Step::Launch { args: partial, .. }, Step::Launch { args: sum, .. }] =
         plan.steps.as_slice()
@@ -217,7 +218,7 @@ fn the_plain_template_can_be_forced() {
     let module = lower("mma_gemm.kiln", SRC, None, None);
     let options = Options {
         tensor_cores: false,
-        ..Options::default()
+        ..common::mma_options()
     };
     let compiled = kiln_gpu_kernels::compile_function(&module, "nk", &options).unwrap();
     assert!(compiled
@@ -258,7 +259,7 @@ fn a_symbolic_row_count_gets_a_decode_variant_chosen_at_run_time() {
     }
     let module = lower("mma_gemm.kiln", SRC, None, None);
     let compiled =
-        kiln_gpu_kernels::compile_function(&module, "long_k", &Options::default()).unwrap();
+        kiln_gpu_kernels::compile_function(&module, "long_k", &common::mma_options()).unwrap();
     assert!(
         matches!(
             compiled.plan.steps.as_slice(),
@@ -303,7 +304,7 @@ fn fused_matmuls_of_unequal_widths_get_a_grid_of_segments_at_decode_sizes() {
     }
     let module = lower("mma_gemm.kiln", SRC, None, None);
     let compiled =
-        kiln_gpu_kernels::compile_function(&module, "seg_qkv", &Options::default()).unwrap();
+        kiln_gpu_kernels::compile_function(&module, "seg_qkv", &common::mma_options()).unwrap();
     let seg = compiled
         .kernels
         .iter()
@@ -351,7 +352,7 @@ fn a_grid_of_segments_splits_k_across_blocks_when_it_is_small() {
     );
     let module = lower("mma_gemm.kiln", SRC, None, None);
     let compiled =
-        kiln_gpu_kernels::compile_function(&module, "seg_batched_split", &Options::default())
+        kiln_gpu_kernels::compile_function(&module, "seg_batched_split", &common::mma_options())
             .unwrap();
     let temps: Vec<Vec<u64>> = compiled
         .plan
@@ -401,9 +402,9 @@ fn the_gemm_knobs_turn_segments_and_their_split_off() {
             gemm: GemmTuning {
                 segments,
                 segment_splits,
-                ..GemmTuning::default()
+                ..common::mma_options().gemm
             },
-            ..Options::default()
+            ..common::mma_options()
         };
         let weights = BTreeMap::new();
         let func = module.function("seg_split").unwrap();
@@ -481,7 +482,7 @@ fn fp8_matmuls_the_fp8_mma_cannot_take_use_the_plain_template() {
     }
     let options = Options {
         fp8_tensor_cores: false,
-        ..Options::default()
+        ..common::mma_options()
     };
     for function in ["fp8_tensor", "fp8_channel"] {
         let names = run_with(function, &[("M", 37)], &options);

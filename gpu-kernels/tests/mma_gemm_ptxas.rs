@@ -43,7 +43,7 @@ fn llm_shaped_gemms_assemble_for_every_target_without_spills() {
     ];
     for function in functions {
         let compiled =
-            kiln_gpu_kernels::compile_function(&module, function, &Options::default()).unwrap();
+            kiln_gpu_kernels::compile_function(&module, function, &common::mma_options()).unwrap();
         let symbolic_rows = compiled.plan.symbols.iter().any(|s| s.name == "T");
         let gemms: Vec<_> = compiled
             .kernels
@@ -207,7 +207,7 @@ fn fp8_gemms_assemble_from_sm_89_without_spills() {
     let mut kernels = Vec::new();
     for function in ["fp8_8192", "fp8_channel", "fp8_decode1"] {
         let compiled =
-            kiln_gpu_kernels::compile_function(&module, function, &Options::default()).unwrap();
+            kiln_gpu_kernels::compile_function(&module, function, &common::mma_options()).unwrap();
         let gemms: Vec<_> = compiled
             .kernels
             .into_iter()
@@ -331,7 +331,7 @@ fn export_gemm_gpu_check() {
     );
     std::fs::create_dir_all(&dir).unwrap();
     let module = lower("gemm_check.kiln", GPU_SRC, None, None);
-    let mut options = Options::default();
+    let mut options = common::mma_options();
     for item in std::env::var("KILN_TUNE_GEMM")
         .unwrap_or_default()
         .split(',')

@@ -45,9 +45,9 @@ fn options(row_sums: bool) -> Options {
     Options {
         gemm: GemmTuning {
             row_sums,
-            ..GemmTuning::default()
+            ..common::mma_options().gemm
         },
-        ..Options::default()
+        ..common::mma_options()
     }
 }
 
@@ -169,7 +169,7 @@ fn the_1b_llama_decode_step_launches_31_kernels_fewer() {
 #[test]
 fn the_fused_norms_of_the_1b_llama_assemble_without_spills() {
     let Some(toolchain) = toolchain() else { return };
-    let compiled = compile_function(&llama_1b(), "step", &Options::default()).unwrap();
+    let compiled = compile_function(&llama_1b(), "step", &common::mma_options()).unwrap();
     let fused: Vec<Kernel> = compiled
         .kernels
         .into_iter()

@@ -76,9 +76,20 @@ fn inputs_for(func: &Function, rng: &mut Rng) -> Vec<Tensor> {
 /// slots in a cache of 6 blocks holding random earlier keys and values: the first adds 3
 /// tokens after 3 cached ones, the second 2 after 8, then one padding token (T = 6).
 fn paged_step_inputs(func: &Function, rng: &mut Rng) -> Vec<Tensor> {
+    paged_step_inputs_of(func, rng, &[(0, 3), (0, 4), (0, 5), (1, 8), (1, 9)], [2, 4])
+}
+
+/// [`paged_step_inputs`] with the tokens `entries` (sequence, position) of the two
+/// sequences, `last` the index of each one's last token, and the padding token.
+fn paged_step_inputs_of(
+    func: &Function,
+    rng: &mut Rng,
+    entries: &[(i64, i64)],
+    last: [i64; 2],
+) -> Vec<Tensor> {
     let int = |shape: &[usize], v: Vec<i64>| Tensor::from_ints(DType::I32, shape, v);
     let tables = [[4i64, 1, 3], [0, 5, 2]];
-    let entries: Vec<(i64, i64)> = [(0, 3), (0, 4), (0, 5), (1, 8), (1, 9)].to_vec();
+    let t = entries.len() + 1;
     let mut tokens: Vec<i64> = (0..entries.len())
         .map(|_| (rng.unit() * 50.0) as i64)
         .collect();
@@ -111,12 +122,12 @@ fn paged_step_inputs(func: &Function, rng: &mut Rng) -> Vec<Tensor> {
     };
     let (k_cache, v_cache) = (cache(), cache());
     vec![
-        int(&[6], tokens),
-        int(&[6], pos),
-        int(&[6], seq),
-        int(&[6], slots),
+        int(&[t], tokens),
+        int(&[t], pos),
+        int(&[t], seq),
+        int(&[t], slots),
         int(&[2, 3], tables.concat()),
-        int(&[2], vec![2, 4]),
+        int(&[2], last.to_vec()),
         k_cache,
         v_cache,
     ]
@@ -249,12 +260,12 @@ fn check_lowered(
     for (func, plan) in lowered.module.functions.iter().zip(&compiled.plans) {
         assert_eq!(func.name, plan.function);
         let what = format!("{name}@{}", func.name);
-        let inputs = if func.name == "step" {
-            paged_step_inputs(func, &mut rng)
-        } else {
-            given_inputs
-                .clone()
-                .unwrap_or_else(|| inputs_for(func, &mut rng))
+        // A `step` takes the given inputs only when they are its own (one per parameter).
+        let inputs = match (&given_inputs, func.name == "step") {
+            (Some(given), true) if given.len() == func.params().len() => given.clone(),
+            (_, true) => paged_step_inputs(func, &mut rng),
+            (Some(given), false) => given.clone(),
+            (None, false) => inputs_for(func, &mut rng),
         };
         let want = interpret(func, &inputs, weights)
             .unwrap_or_else(|e| panic!("{what}: interpreter: {e}"));
@@ -352,6 +363,57 @@ fn check_bf16_steps(backend: Backend) {
         );
         check_lowered(backend, &fusion, &name, lowered, &weights, None, Some(2e-2));
     }
+}
+
+#[test]
+fn llama_step_with_the_gemv_on_the_cpu_backend() {
+    // Four tokens (three of two sequences and a padding token) on tiny-llama in bf16: every
+    // projection (q/k/v as a grid of segments, o-proj, gate/up, down, the LM head) takes
+    // the GEMV variant (`GemmTuning::gemv`), no split-K sum kernel; within bf16 tolerance
+    // of the interpreter on Cranelift.
+    let dir = repo_root().join("tests/fixtures/tiny-llama");
+    let mut config = read_json(&dir.join("config.json"));
+    config["kv_block_size"] = serde_json::json!(4);
+    let weights: BTreeMap<String, Tensor> = load_safetensors(&dir.join("model.safetensors"))
+        .into_iter()
+        .map(|(n, t)| (n, t.cast(DType::BF16)))
+        .collect();
+    let path = repo_root().join("models/llama.kiln");
+    let source = std::fs::read_to_string(&path).expect("program");
+    let name = "models/llama.kiln (tiny-llama, bf16, the GEMV)";
+    let options = kiln_lower::Options {
+        param_dtype: DType::BF16,
+        entries: Some(vec!["step".to_string()]),
+    };
+    let lowered = compile_source_with(name, &source, path.parent(), Some(&config), &options)
+        .unwrap_or_else(|d| panic!("{d}"));
+    let func = &lowered.module.functions[0];
+    let inputs = paged_step_inputs_of(func, &mut Rng(0x6E3F), &[(0, 3), (0, 4), (1, 8)], [1, 2]);
+    let mut optimized = lowered.module.clone();
+    kiln_opt::optimize(&mut optimized).expect("optimize");
+    let fusion = kiln_gpu_kernels::Options::default();
+    let compiled = kiln_gpu_kernels::compile_module(&optimized, &fusion).unwrap();
+    let plan = &compiled.plans[0];
+    let sizes: BTreeMap<String, u64> = plan
+        .symbols
+        .iter()
+        .map(|s| (s.name.clone(), inputs[s.input].shape[s.axis] as u64))
+        .collect();
+    let names = launches(&plan.steps, &compiled.kernels, &sizes);
+    let count = |part: &str| names.iter().filter(|k| k.contains(part)).count();
+    let layers = config["num_hidden_layers"].as_u64().expect("layers") as usize;
+    assert_eq!(count("gemv"), 4 * layers + 1, "{names:?}");
+    assert_eq!(count("gemv_w4_u1_seg_x3"), layers, "{names:?}");
+    assert_eq!(count("splitk") + count("mma_gemm"), 0, "{names:?}");
+    check_lowered(
+        Backend::Cpu,
+        &fusion,
+        name,
+        lowered,
+        &weights,
+        Some(inputs),
+        Some(2e-2),
+    );
 }
 
 #[test]

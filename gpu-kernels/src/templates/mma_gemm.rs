@@ -509,7 +509,7 @@ fn swaps_last_two(perm: &[usize]) -> bool {
 /// `operand` as the transpose of a stored `[.., N, K]` weight: `(permute, weight, cast)`,
 /// the permute read through, the weight's value and, for FP8 inputs, the cast to a wider
 /// float on either side of the permute (`f32(w).T` or `f32(w.T)`).
-fn transposed_weight(
+pub(crate) fn transposed_weight(
     e: &Emitter<'_, '_>,
     operand: Value,
     fp8: bool,

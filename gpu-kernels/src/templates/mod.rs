@@ -4,6 +4,7 @@
 
 mod attention;
 mod flash_attention;
+mod gemv;
 mod kv_cache;
 mod matmul;
 mod mma_gemm;
@@ -14,6 +15,7 @@ mod pointwise;
 mod reduce;
 mod small_sort;
 
+pub use gemv::GEMV_ROWS;
 pub use matmul::MatmulTiling;
 pub use mma_gemm::{choose_splits, choose_tile, MmaTile, SMALL_ROWS};
 
@@ -57,6 +59,24 @@ impl Body {
             ],
             stmts,
         }
+    }
+}
+
+/// Which variant of a group with run-time size variants ([`SizeVariant`]) is built.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Variant {
+    /// The only one of a group without variants, or the large one.
+    Large,
+    /// The small one (decode-sized GEMMs, short-context paged attention).
+    Small,
+    /// The GEMV of a GEMM with a symbolic row count, for at most [`GEMV_ROWS`] rows.
+    Gemv,
+}
+
+impl Variant {
+    /// Whether the templates other than the GEMV build their small variant.
+    pub(crate) fn small(self) -> bool {
+        self != Variant::Large
     }
 }
 
@@ -111,7 +131,7 @@ impl RowSums {
             let Some(row) = row_reader(g, part, &reads, mg) else {
                 continue;
             };
-            let splits = [true, false]
+            let splits = [Variant::Small, Variant::Large]
                 .into_iter()
                 .any(|small| split_plan(g, part, mg, options, small, false).is_some());
             let wide = index_type(g, &part.groups[row], options) == Ty::I64
@@ -126,7 +146,7 @@ impl RowSums {
                     &RowSums::default(),
                     &KvWrites::default(),
                 )
-                .map(|v| (v.symbol, v.at_most))
+                .map(|v| (v.symbol, v.at_most, v.gemv))
             };
             let agrees = sums
                 .by_row
@@ -196,7 +216,7 @@ impl KvWrites {
             let Some((mg, fused)) = kv_gemm(g, part, &reads, constants, kg) else {
                 continue;
             };
-            let splits = [true, false]
+            let splits = [Variant::Small, Variant::Large]
                 .into_iter()
                 .any(|small| split_plan(g, part, mg, options, small, true).is_some());
             if splits && !rows.by_gemm.contains_key(&mg) {
@@ -461,32 +481,38 @@ fn buffers_read(g: &FuncGraph<'_>, part: &Partition<'_>, group: &Group) -> BTree
 /// The tensor-core plan of GEMM group `mg` in variant `small` when it splits K across
 /// blocks and is (`segmented`) or is not a grid of segments: a grid of segments' sum kernel
 /// may perform `kv_write`s ([`KvWrites`]), a single grid's sums a row group may add
-/// ([`RowSums`]).
+/// ([`RowSums`]). None where the GEMV takes the group in that variant (it never splits).
 fn split_plan(
     g: &FuncGraph<'_>,
     part: &Partition<'_>,
     mg: usize,
     options: &crate::Options,
-    small: bool,
+    variant: Variant,
     segmented: bool,
 ) -> Option<mma_gemm::MmaPlan> {
     let group = &part.groups[mg];
     let mut e = Emitter::new(g, &part.stored, Ty::I32);
     e.owned = group.owned.clone();
-    mma_gemm::plan(&e, group, small, options)
+    if gemv::plan(&e, group, variant, options).is_some() {
+        return None;
+    }
+    mma_gemm::plan(&e, group, variant.small(), options)
         .filter(|p| options.tensor_cores && p.split().is_some() && p.segmented() == segmented)
 }
 
 /// A group whose kernels come in two variants, chosen at run time by a symbol's value
-/// (`Step::BySize`): [`build`] with `small` for values of at most `at_most`.
+/// (`Step::BySize`): [`build`] with [`Variant::Small`] for values of at most `at_most`;
+/// with `gemv`, a third one, [`Variant::Gemv`], for values of at most [`GEMV_ROWS`].
 pub(crate) struct SizeVariant {
     pub symbol: String,
     pub at_most: u64,
+    pub gemv: bool,
 }
 
 /// The size variant of group `gid`, if it has one:
 /// - a tensor-core GEMM whose row count is one symbolic dim (a `[T, N]` result) has a
-///   decode-sized variant for at most [`mma_gemm::SMALL_ROWS`] rows; a plain one whose row
+///   decode-sized variant for at most [`mma_gemm::SMALL_ROWS`] rows, and the GEMV for at
+///   most [`GEMV_ROWS`] where it applies ([`crate::GemmTuning::gemv`]); a plain one whose row
 ///   count is symbolic has its small tile up to the row count where the large tile would
 ///   have enough blocks ([`matmul::large_tile_rows`]);
 /// - a row group that adds split-K GEMM sums ([`RowSums`]) has the GEMMs' variants, a
@@ -524,6 +550,7 @@ pub(crate) fn size_variant(
                         return Some(SizeVariant {
                             symbol: rows.clone(),
                             at_most: SMALL_ROWS,
+                            gemv: gemv::plan(&e, group, Variant::Gemv, options).is_some(),
                         });
                     }
                 }
@@ -534,8 +561,11 @@ pub(crate) fn size_variant(
             if options.matmul_tiling.is_some() {
                 return None;
             }
-            matmul::large_tile_rows(g, group)
-                .map(|(symbol, at_most)| SizeVariant { symbol, at_most })
+            matmul::large_tile_rows(g, group).map(|(symbol, at_most)| SizeVariant {
+                symbol,
+                at_most,
+                gemv: false,
+            })
         }
         GroupKind::PagedAttention(out) => {
             let tuning = &options.paged;
@@ -549,6 +579,7 @@ pub(crate) fn size_variant(
             (tuning.short_part < tuning.part && at_most > 0).then(|| SizeVariant {
                 symbol: width.clone(),
                 at_most,
+                gemv: false,
             })
         }
         _ => None,
@@ -556,20 +587,20 @@ pub(crate) fn size_variant(
 }
 
 /// Builds the kernels of group `gid` (one, or a split-K GEMM and its reduction); `None`
-/// when it stores nothing anyone reads. `small` builds the small variant of a group that
-/// has one ([`size_variant`]).
+/// when it stores nothing anyone reads. `variant`: which variant of a group that has them
+/// ([`size_variant`]).
 pub(crate) fn build(
     g: &FuncGraph<'_>,
     part: &Partition<'_>,
     gid: usize,
     options: &crate::Options,
-    small: bool,
+    variant: Variant,
     rows: &RowSums,
     kv: &KvWrites,
 ) -> Result<Option<Launches>, FusionError> {
     let group = &part.groups[gid];
     if let Some(&mg) = kv.by_kv.get(&gid) {
-        if split_plan(g, part, mg, options, small, true).is_some() {
+        if split_plan(g, part, mg, options, variant, true).is_some() {
             // The GEMM's sum kernel stores the rows ([`KvWrites`]).
             return Ok(None);
         }
@@ -591,6 +622,19 @@ pub(crate) fn build(
         e
     };
     let mut e = new_emitter();
+    if let GroupKind::Matmul { .. } = &group.kind {
+        if let Some(plan) = gemv::plan(&e, group, variant, options) {
+            // At most four rows: a warp a column, no split-K.
+            let body = gemv::emit(&mut e, group, &stores, &plan);
+            let built = finish(g, e, body, out_dtype(g, &stores))?;
+            return Ok(Some(Launches {
+                kernels: vec![built],
+                workspaces: Vec::new(),
+                shared_workspace: false,
+            }));
+        }
+    }
+    let small = variant.small();
     let mma = match &group.kind {
         GroupKind::Matmul { .. } => {
             mma_gemm::plan(&e, group, small, options).filter(|_| options.tensor_cores)
@@ -604,7 +648,7 @@ pub(crate) fn build(
         let body = mma_gemm::emit(&mut e, group, &[], plan);
         let partial = finish(g, e, body, DType::F32)?;
         let into_rows = rows.by_gemm.contains_key(&gid)
-            && split_plan(g, part, gid, options, small, false).is_some();
+            && split_plan(g, part, gid, options, variant, false).is_some();
         if into_rows {
             // A row-reduction kernel adds the sums (`RowSums`), by the same test.
             return Ok(Some(Launches {
@@ -658,7 +702,7 @@ pub(crate) fn build(
             // and reduced here.
             let mut stores = stores.clone();
             for &mg in rows.by_row.get(&gid).into_iter().flatten() {
-                let Some(plan) = split_plan(g, part, mg, options, small, false) else {
+                let Some(plan) = split_plan(g, part, mg, options, variant, false) else {
                     continue;
                 };
                 let gemm = &part.groups[mg];

@@ -1,0 +1,459 @@
+//! The GEMV template: bf16 and f16 matmuls of at most [`GEMV_ROWS`] rows (decode) of
+//! `linear` weights (`x @ w.T`, `w` stored `[N, K]`, K contiguous), with f32 accumulation.
+//!
+//! Every output column (a row of `w`) belongs to one warp; a block is [`WARPS`] warps, so
+//! [`WARPS`] consecutive columns, and the grid has `ceil(N / WARPS)` blocks: no split of K
+//! across blocks, no workspace and no sum kernel (the decode grids of the tensor-core
+//! template needed both to keep enough weight bytes in flight; here the columns alone make
+//! thousands of warps). Each K step a lane loads `unroll` 16-byte vectors of the weight row
+//! (consecutive lanes consecutive vectors, the loads issued together before any is used),
+//! then for each vector the matching vectors of the (at most four) activation rows, which
+//! every warp of the GPU reads (cache hits after the first), and multiply-adds in f32. A
+//! K that is not a multiple of the step ends with a guarded tail of vectors (K must be a
+//! multiple of 8). The lanes' sums meet by a `ShuffleXor` tree and lane 0 runs the
+//! matmul templates' epilogue (`matmul::epilogue_at`: bias, activation, residual, cast,
+//! every stored value of the group).
+//!
+//! Horizontally fused matmuls of one width (gate and up) share the warp: each step loads a
+//! vector of every weight, the activations once, and the epilogue sees all accumulators of
+//! the column (`silu(gate) * up`). Matmuls of different widths (GQA's q/k/v) get a grid of
+//! segments as in the tensor-core template (`mma_gemm::segments`, [`WARPS`]-column block
+//! columns): block column x belongs to the matmul whose run of blocks holds it (a
+//! block-uniform choice), when every stored value comes from one matmul. RoPE after q/k/v
+//! stays in its own pointwise kernel (it reads the rotary partner column, another warp's):
+//! the GEMV stores q, k and v as the tensor-core template's sum kernel did.
+//!
+//! Columns past N load row N - 1 (no guard in the loop) and store nothing. A symbolic M
+//! (the GEMV variant of a plan that picks it at run time for M at most [`GEMV_ROWS`]) is
+//! held as four rows whose work past M is skipped by a branch every thread takes alike.
+
+use super::matmul::{epilogue_at, kernel_name, OutputElement};
+use super::mma_gemm::{i32c, matmuls_of, segments, transposed_weight, Segment};
+use super::{Body, Variant};
+use crate::emit::{add, lt, mul, EResult, Emitter};
+use crate::partition::Group;
+use kiln_ir::{DType, Dim, Op, Value};
+use kiln_kir::{Expr, SizeExpr, Special, Stmt, Ty, VarId};
+
+/// The most rows (M) the template takes: every row's accumulators live in each lane.
+pub const GEMV_ROWS: u64 = 4;
+
+/// Warps of a block (one output column each).
+pub const WARPS: u32 = 4;
+
+/// Weight registers (f32) a lane's step may hold across its fused matmuls; the unroll is
+/// cut to stay within it.
+const MAX_WEIGHT_REGISTERS: u32 = 64;
+
+/// What the template needs to know about a matmul group it takes.
+pub(crate) struct GemvPlan {
+    /// The stored value holding A (`[M, K]` row-major, through reshapes).
+    a_source: Value,
+    /// Per matmul: the `[N, K]` weight, the permute read through, N.
+    b: Vec<(Value, Value, u64)>,
+    k: u64,
+    /// Rows the lanes accumulate: M when constant, else [`GEMV_ROWS`].
+    rows: u64,
+    /// 16-byte weight vectors a lane loads per step.
+    unroll: u32,
+    /// The grid's segments, one per matmul, when the widths differ.
+    segments: Vec<Segment>,
+}
+
+/// Elements of a 16-byte vector.
+const VECTOR: u64 = 8;
+
+/// The plan for `group` when the GEMV applies in `variant`: `linear` matmuls of bf16 or f16
+/// operands of one dtype, `[M, K] @ [N, K].T` without batch dims, A read straight from a
+/// buffer (through reshapes), K a constant multiple of 8, every N constant, M a constant of
+/// at most [`GEMV_ROWS`] or symbolic in the [`Variant::Gemv`] variant, and for matmuls of
+/// different widths every stored value computed from one of them. Only with tensor cores
+/// and [`crate::GemmTuning::gemv`] on (it replaces the tensor-core decode tile).
+pub(crate) fn plan(
+    e: &Emitter<'_, '_>,
+    group: &Group,
+    variant: Variant,
+    options: &crate::Options,
+) -> Option<GemvPlan> {
+    if !options.tensor_cores || !options.gemm.gemv {
+        return None;
+    }
+    let g = e.g;
+    let first = *group.roots.first()?;
+    let out_shape = g.shape(first);
+    let [m, _] = out_shape else {
+        return None;
+    };
+    let rows = match m {
+        Dim::Const(m) if *m <= GEMV_ROWS => *m,
+        Dim::Sym(_) if variant == Variant::Gemv => GEMV_ROWS,
+        _ => return None,
+    };
+    let a = g.inst(first)?.operands[0];
+    let dtype = g.ty(a).dtype;
+    if !matches!(dtype, DType::BF16 | DType::F16) {
+        return None;
+    }
+    let mut a_source = a;
+    while !e.is_loaded(a_source) {
+        let Some(Op::Reshape { .. }) = g.op(a_source) else {
+            return None;
+        };
+        a_source = g.inst(a_source)?.operands[0];
+    }
+    let k = g.shape(a).last()?.as_const()?;
+    if k == 0 || k % VECTOR != 0 {
+        return None;
+    }
+    let mut b = Vec::new();
+    for &mm in &group.roots {
+        let inst = g.inst(mm)?;
+        if inst.operands[0] != a {
+            return None;
+        }
+        let (permute, weight, _) = transposed_weight(e, inst.operands[1], false)?;
+        if g.ty(weight).dtype != dtype || g.shape(weight).len() != 2 {
+            return None;
+        }
+        let n = g.shape(mm)[1].as_const()?;
+        b.push((weight, permute, n));
+    }
+    let one_width = b.iter().all(|s| s.2 == b[0].2);
+    let segments = if one_width {
+        Vec::new()
+    } else {
+        let single = group
+            .roots
+            .iter()
+            .chain(&group.outputs)
+            .all(|&v| matmuls_of(e, group, v).len() == 1);
+        if !single {
+            return None;
+        }
+        let widths: Vec<u64> = b.iter().map(|s| s.2).collect();
+        segments(&widths, WARPS)
+    };
+    let sets = if segments.is_empty() { b.len() } else { 1 } as u32;
+    let per_vector = VECTOR as u32 * sets;
+    // At least one whole step where K allows: a K shorter than the step would leave every
+    // vector to the guarded tail.
+    let vectors = u32::try_from(k / (32 * VECTOR)).unwrap_or(u32::MAX);
+    let unroll = options
+        .gemm
+        .gemv_unroll
+        .min(MAX_WEIGHT_REGISTERS / per_vector)
+        .min(vectors)
+        .max(1);
+    Some(GemvPlan {
+        a_source,
+        b,
+        k,
+        rows,
+        unroll,
+        segments,
+    })
+}
+
+impl GemvPlan {
+    /// `gemv_w4_u8`, `gemv_w4_u8_seg` for a grid of segments.
+    fn name(&self) -> String {
+        let seg = if self.segments.is_empty() { "" } else { "_seg" };
+        format!("gemv_w{WARPS}_u{}{seg}", self.unroll)
+    }
+}
+
+pub(crate) fn emit(
+    e: &mut Emitter<'_, '_>,
+    group: &Group,
+    stores: &[Value],
+    plan: &GemvPlan,
+) -> EResult<Body> {
+    let g = e.g;
+    let matmuls = group.roots.clone();
+    let out_shape = g.shape(matmuls[0]).to_vec();
+    let ity = e.index_ty;
+    let index = |x: Expr| -> Expr {
+        if ity == Ty::I64 {
+            Expr::Cast(Ty::I64, Box::new(x))
+        } else {
+            x
+        }
+    };
+    // Four blocks an SM at least (ptxas keeps to 128 registers): 16 warps, each with
+    // `unroll` 16-byte loads a lane in flight.
+    e.blocks_per_sm = 65536 / (128 * 32 * WARPS);
+    let mut body = Vec::new();
+    let lane = e.bind(&mut body, "lane", Ty::I32, Expr::Special(Special::LaneId));
+    let warp = e.bind(&mut body, "warp", Ty::I32, Expr::Special(Special::WarpId));
+    let m_size = e.dim(&out_shape[0]);
+    let symbolic_rows = out_shape[0].as_const().is_none();
+    let k = plan.k as i64;
+    let a_buf = e.buffer(plan.a_source, kiln_kir::Access::Read);
+    // The rows of A each lane reads (rows past a symbolic M are skipped).
+    let mut a_rows = Vec::new();
+    for r in 0..plan.rows as i64 {
+        let at = mul(e.ix(r), e.ix(k));
+        a_rows.push(e.bind(&mut body, "a_row", ity, at));
+    }
+    // Block column x: the matmul whose segment holds it and x's offset in that segment.
+    let bx = Expr::Special(Special::BlockIdx(0));
+    let segmented = !plan.segments.is_empty();
+    let (segment, block) = if segmented {
+        let mut which: Option<Expr> = None;
+        let mut start = i32c(0);
+        for s in &plan.segments[1..] {
+            let past = bx.clone().ge(i32c(s.start as i64));
+            let one = Expr::select(past.clone(), i32c(1), i32c(0));
+            which = Some(match which {
+                Some(w) => w + one,
+                None => one,
+            });
+            start = Expr::select(past, i32c(s.start as i64), start);
+        }
+        let which = which.unwrap_or_else(|| i32c(0));
+        let which = e.bind(&mut body, "segment", Ty::I32, which);
+        let start = e.bind(&mut body, "segment_start", Ty::I32, start);
+        (Some(which), bx - start)
+    } else {
+        (None, bx)
+    };
+    let col = index(block * i32c(i64::from(WARPS)) + warp);
+    let col = e.bind(&mut body, "col", ity, col);
+    // The matmuls of this block (all, or one segment's), their column and loop.
+    let column = |e: &mut Emitter<'_, '_>, out: &mut Vec<Stmt>, these: &[usize]| -> EResult<()> {
+        let n = plan.b[these[0]].2 as i64;
+        let row = e.bind(
+            out,
+            "w_row",
+            ity,
+            mul(crate::emit::min_e(col.clone(), e.ix(n - 1)), e.ix(k)),
+        );
+        let w_bufs: Vec<_> = these
+            .iter()
+            .map(|&i| e.buffer(plan.b[i].0, kiln_kir::Access::Read))
+            .collect();
+        let rows = plan.rows as usize;
+        // Two accumulators a row (even and odd vectors): two dependent chains of FMAs.
+        let chains = if plan.unroll > 1 { 2 } else { 1 };
+        let acc: Vec<Vec<Vec<VarId>>> = these
+            .iter()
+            .map(|_| {
+                (0..rows)
+                    .map(|_| (0..chains).map(|_| e.var("acc", Ty::F32)).collect())
+                    .collect()
+            })
+            .collect();
+        for &a in acc.iter().flatten().flatten() {
+            out.push(Stmt::Assign(a, Expr::f32(0.0)));
+        }
+        let vector = VECTOR as i64;
+        let unroll = i64::from(plan.unroll);
+        let step = 32 * vector * unroll;
+        // The vectors at `k0 + u * 32 * 8` (u in `vectors`), each under `ok(u)` if given.
+        let fold = |e: &mut Emitter<'_, '_>,
+                    out: &mut Vec<Stmt>,
+                    k0: Expr,
+                    vectors: i64,
+                    ok: &dyn Fn(i64) -> Option<Expr>| {
+            let k0 = e.bind(out, "k0", ity, k0);
+            let offsets: Vec<Expr> = (0..vectors)
+                .map(|u| add(k0.clone(), e.ix(u * 32 * vector)))
+                .collect();
+            let offset = |u: i64| offsets[u as usize].clone();
+            let mut weights = Vec::new();
+            let mut guarded: Vec<Vec<Stmt>> = (0..vectors).map(|_| Vec::new()).collect();
+            for u in 0..vectors {
+                let regs: Vec<Vec<VarId>> = w_bufs
+                    .iter()
+                    .map(|_| (0..vector).map(|_| e.var("w", Ty::F32)).collect())
+                    .collect();
+                for (buf, dsts) in w_bufs.iter().zip(&regs) {
+                    let load = Stmt::LoadVec {
+                        dsts: dsts.clone(),
+                        buf: *buf,
+                        index: add(row.clone(), offset(u)),
+                    };
+                    if ok(u).is_some() {
+                        guarded[u as usize].push(load);
+                    } else {
+                        out.push(load);
+                    }
+                }
+                weights.push(regs);
+            }
+            for (u, regs) in weights.iter().enumerate() {
+                let target = if ok(u as i64).is_some() {
+                    &mut guarded[u]
+                } else {
+                    &mut *out
+                };
+                for (r, a_row) in a_rows.iter().enumerate() {
+                    let mut row_stmts = Vec::new();
+                    let x: Vec<VarId> = (0..vector).map(|_| e.var("x", Ty::F32)).collect();
+                    row_stmts.push(Stmt::LoadVec {
+                        dsts: x.clone(),
+                        buf: a_buf,
+                        index: add(a_row.clone(), offset(u as i64)),
+                    });
+                    for (set, w) in regs.iter().enumerate() {
+                        let cell = acc[set][r][u % chains];
+                        for (wj, xj) in w.iter().zip(&x) {
+                            let fma = Expr::Fma(
+                                Box::new(Expr::var(*wj)),
+                                Box::new(Expr::var(*xj)),
+                                Box::new(Expr::var(cell)),
+                            );
+                            row_stmts.push(Stmt::assign(cell, fma));
+                        }
+                    }
+                    if symbolic_rows && r > 0 {
+                        // Rows past a symbolic M: skipped (the same branch in every
+                        // thread), so one row costs one row's work.
+                        let inside = lt(e.ix(r as i64), m_size.clone());
+                        target.push(Stmt::if_then(inside, row_stmts));
+                    } else {
+                        target.extend(row_stmts);
+                    }
+                }
+            }
+            for (u, stmts) in guarded.into_iter().enumerate() {
+                if let Some(cond) = ok(u as i64) {
+                    out.push(Stmt::if_then(cond, stmts));
+                }
+            }
+        };
+        // Whole steps, then the tail of `tail` vectors over the lanes.
+        let lane_k = e.bind(out, "lane_k", ity, index(lane.clone() * i32c(vector)));
+        let full = k / step;
+        if full > 0 {
+            let s = e.var("kstep", ity);
+            let mut inner = Vec::new();
+            fold(
+                e,
+                &mut inner,
+                add(Expr::var(s), lane_k.clone()),
+                unroll,
+                &|_| None,
+            );
+            out.push(Stmt::For {
+                var: s,
+                start: e.ix(0),
+                end: e.ix(full * step),
+                step: e.ix(step),
+                body: inner,
+            });
+        }
+        let tail = (k - full * step) / vector;
+        if tail > 0 {
+            let k0 = add(e.ix(full * step), lane_k.clone());
+            let lane_e = lane.clone();
+            fold(e, out, k0, (tail + 31) / 32, &|u| {
+                Some(lt(lane_e.clone() + i32c(u * 32), i32c(tail)))
+            });
+        }
+        // The chains added, then the lanes' sums: every lane ends with the total.
+        let acc: Vec<Vec<VarId>> = acc
+            .iter()
+            .map(|set| {
+                set.iter()
+                    .map(|cells| {
+                        for &c in &cells[1..] {
+                            out.push(Stmt::assign(cells[0], Expr::var(cells[0]) + Expr::var(c)));
+                        }
+                        cells[0]
+                    })
+                    .collect()
+            })
+            .collect();
+        let other = e.var("other", Ty::F32);
+        for &a in acc.iter().flatten() {
+            for mask in [16, 8, 4, 2, 1] {
+                out.push(Stmt::ShuffleXor {
+                    dst: other,
+                    src: a,
+                    mask,
+                });
+                out.push(Stmt::assign(a, Expr::var(a) + Expr::var(other)));
+            }
+        }
+        let first_lane = lane.clone().equals(i32c(0));
+        let these_values: Vec<Value> = these.iter().map(|&i| matmuls[i]).collect();
+        let stored: Vec<Value> = if segmented {
+            stores
+                .iter()
+                .copied()
+                .filter(|&v| matmuls_of(e, group, v).contains(&these[0]))
+                .collect()
+        } else {
+            stores.to_vec()
+        };
+        for r in 0..rows {
+            let accs: Vec<VarId> = acc.iter().map(|a| a[r]).collect();
+            let row = e.ix(r as i64);
+            let at = OutputElement {
+                batch: &[],
+                row: &row,
+                col: &col,
+                rows: &m_size,
+            };
+            epilogue_at(
+                e,
+                out,
+                &these_values,
+                &accs,
+                &at,
+                Some(&first_lane),
+                &stored,
+            )?;
+        }
+        Ok(())
+    };
+    match &segment {
+        Some(which) => {
+            let mut chain: Vec<Stmt> = Vec::new();
+            for i in (0..plan.b.len()).rev() {
+                let mut branch = Vec::new();
+                e.push_scope();
+                column(e, &mut branch, &[i])?;
+                e.pop_scope();
+                chain = if i + 1 == plan.b.len() {
+                    branch
+                } else {
+                    vec![Stmt::if_else(
+                        which.clone().equals(i32c(i as i64)),
+                        branch,
+                        chain,
+                    )]
+                };
+            }
+            body.extend(chain);
+        }
+        None => {
+            let all: Vec<usize> = (0..plan.b.len()).collect();
+            column(e, &mut body, &all)?;
+        }
+    }
+    for &m in &matmuls {
+        e.fused.insert(m);
+    }
+    for &(_, permute, _) in &plan.b {
+        e.fused.insert(permute);
+    }
+    if symbolic_rows {
+        // A symbolic M of 0 reads no row.
+        let zero = e.ix(0);
+        body = vec![Stmt::if_then(lt(zero, m_size), body)];
+    }
+    let what = kernel_name(&plan.name(), &matmuls, stores);
+    let blocks = if segmented {
+        plan.segments.iter().map(|s| s.blocks).sum()
+    } else {
+        plan.b[0].2.div_ceil(u64::from(WARPS))
+    };
+    Ok(Body {
+        what,
+        block_dim: 32 * WARPS,
+        grid: [SizeExpr::Const(blocks), super::one(), super::one()],
+        stmts: body,
+    })
+}
