@@ -58,6 +58,12 @@ pub(crate) struct GemvPlan {
     unroll: u32,
     /// The grid's segments, one per matmul, when the widths differ.
     segments: Vec<Segment>,
+    /// The elements at the start of each weight row a warp asks L2 for before the
+    /// grid-dependency wait (`GemmTuning::prefetch`; `None`: no prefetch).
+    prefetch: Option<u64>,
+    /// Whether a block lets the next kernel launch after its last weight loads
+    /// (`GemmTuning::trigger`).
+    trigger: bool,
 }
 
 /// Elements of a 16-byte vector.
@@ -144,6 +150,15 @@ pub(crate) fn plan(
         .min(MAX_WEIGHT_REGISTERS / per_vector)
         .min(vectors)
         .max(1);
+    // The weights' share that fits the prefetch budget, in whole 16-byte vectors.
+    let weight_bytes: u64 = b.iter().map(|s| s.2 * k * dtype.size_bytes() as u64).sum();
+    let budget = super::mma_gemm::prefetch_budget(&options.gemm);
+    let share = if weight_bytes <= budget {
+        k
+    } else {
+        (u128::from(k) * u128::from(budget) / u128::from(weight_bytes)) as u64 / VECTOR * VECTOR
+    };
+    let prefetch = (options.gemm.prefetch && share > 0).then_some(share);
     Some(GemvPlan {
         a_source,
         b,
@@ -151,6 +166,8 @@ pub(crate) fn plan(
         rows,
         unroll,
         segments,
+        prefetch,
+        trigger: options.gemm.trigger,
     })
 }
 
@@ -219,6 +236,52 @@ pub(crate) fn emit(
     };
     let col = index(block * i32c(i64::from(WARPS)) + warp);
     let col = e.bind(&mut body, "col", ity, col);
+    // Before the grid-dependency wait (address arithmetic and prefetches only, so the
+    // previous kernel may still run): lane 0 asks L2 for the start of the warp's weight
+    // rows, which stream from HBM while the previous kernel finishes.
+    if let Some(len) = plan.prefetch {
+        let bytes = i32c((len * g.ty(plan.b[0].0).dtype.size_bytes() as u64) as i64);
+        let first_lane = lane.clone().equals(i32c(0));
+        let rows = |e: &mut Emitter<'_, '_>, these: &[usize]| -> Vec<Stmt> {
+            let prefetches = these
+                .iter()
+                .map(|&i| {
+                    let (weight, _, n) = plan.b[i];
+                    Stmt::PrefetchL2 {
+                        buf: e.buffer(weight, kiln_kir::Access::Read),
+                        index: mul(crate::emit::min_e(col.clone(), e.ix(n as i64 - 1)), e.ix(k)),
+                        bytes: bytes.clone(),
+                    }
+                })
+                .collect();
+            vec![Stmt::if_then(first_lane.clone(), prefetches)]
+        };
+        match &segment {
+            Some(which) => {
+                let mut chain: Vec<Stmt> = Vec::new();
+                for i in (0..plan.b.len()).rev() {
+                    let branch = rows(e, &[i]);
+                    chain = if i + 1 == plan.b.len() {
+                        branch
+                    } else {
+                        vec![Stmt::if_else(
+                            which.clone().equals(i32c(i as i64)),
+                            branch,
+                            chain,
+                        )]
+                    };
+                }
+                body.extend(chain);
+            }
+            None => {
+                let all: Vec<usize> = (0..plan.b.len()).collect();
+                body.extend(rows(e, &all));
+            }
+        }
+        body.push(Stmt::GridDependencyWait);
+    }
+    // What runs before the wait stays outside the branch on a symbolic M below.
+    let prelude = body.len();
     // The matmuls of this block (all, or one segment's), their column and loop.
     let column = |e: &mut Emitter<'_, '_>, out: &mut Vec<Stmt>, these: &[usize]| -> EResult<()> {
         let n = plan.b[these[0]].2 as i64;
@@ -351,6 +414,10 @@ pub(crate) fn emit(
                 Some(lt(lane_e.clone() + i32c(u * 32), i32c(tail)))
             });
         }
+        // Every weight load is issued: the next kernel may launch (and prefetch).
+        if plan.trigger {
+            out.push(Stmt::LaunchDependents);
+        }
         // The chains added, then the lanes' sums: every lane ends with the total.
         let acc: Vec<Vec<VarId>> = acc
             .iter()
@@ -442,7 +509,8 @@ pub(crate) fn emit(
     if symbolic_rows {
         // A symbolic M of 0 reads no row.
         let zero = e.ix(0);
-        body = vec![Stmt::if_then(lt(zero, m_size), body)];
+        let rest = body.split_off(prelude);
+        body.push(Stmt::if_then(lt(zero, m_size), rest));
     }
     let what = kernel_name(&plan.name(), &matmuls, stores);
     let blocks = if segmented {

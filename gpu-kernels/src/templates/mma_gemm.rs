@@ -735,6 +735,14 @@ pub(crate) fn plan(
 /// prefetched bytes are still there when the pipeline's loads reach them.
 const PREFETCH_BUDGET: u64 = 24 << 20;
 
+/// The weight bytes one decode GEMM (or GEMV) prefetches at most under `tuning`.
+pub(crate) fn prefetch_budget(tuning: &crate::GemmTuning) -> u64 {
+    match tuning.prefetch_mib {
+        0 => PREFETCH_BUDGET,
+        mib => u64::from(mib) << 20,
+    }
+}
+
 /// The k elements of each `[N, K]` weight row that a block of the decode tile `plan`
 /// prefetches into L2 from the start of its k range, under `tuning`: the whole range while
 /// the weights (every B operand, each row once) take at most the budget, else that share of
@@ -758,10 +766,7 @@ fn prefetch_len(plan: &MmaPlan, shapes: &[&[Dim]], tuning: &crate::GemmTuning) -
         }
         weight_bytes += source.n.as_const()? * plan.k * element;
     }
-    let budget = match tuning.prefetch_mib {
-        0 => PREFETCH_BUDGET,
-        mib => u64::from(mib) << 20,
-    };
+    let budget = prefetch_budget(tuning);
     let range = match plan.split() {
         Some((_, per_split)) => (per_split * u64::from(t.bk)).min(plan.k),
         None => plan.k,
