@@ -3,7 +3,8 @@
 //! prefetches exactly its `[N, K]` weight slice — rows `n0..n0 + 32` clamped to N, its k
 //! range — one bulk prefetch a row, while the weights fit the budget, and the start of it
 //! (at most the budget in all) when they do not; after its main loop it lets the next
-//! kernel launch. The prefetches are checked by running the statements before each
+//! kernel launch. The GEMV of at most 4 rows does the same, each warp for its weight row
+//! (lane 0, one prefetch a row). The prefetches are checked by running the statements before each
 //! kernel's wait in the interpreter (which also checks each range lies inside its weight);
 //! the PTX of a split decode GEMM for sm_90a is a reviewed snapshot, and the prefetching
 //! kernels assemble for every target without spills.
@@ -40,11 +41,22 @@ fn weights(function: &str) -> Vec<(&'static str, u64, u64)> {
 
 /// The decode-sized tensor-core kernel of `function` (the `T ≤ 16` variant).
 fn decode_kernel(module: &kiln_ir::Module, function: &str, options: &Options) -> Kernel {
+    variant_kernel(module, function, options, "mma_gemm_16x")
+}
+
+/// The one kernel of `function` whose name holds `kind` (`mma_gemm_16x`: the decode tile;
+/// `gemv_`: the GEMV of at most 4 rows).
+fn variant_kernel(
+    module: &kiln_ir::Module,
+    function: &str,
+    options: &Options,
+    kind: &str,
+) -> Kernel {
     let compiled = kiln_gpu_kernels::compile_function(module, function, options).unwrap();
     let mut decode: Vec<Kernel> = compiled
         .kernels
         .into_iter()
-        .filter(|k| k.name.contains("mma_gemm_16x"))
+        .filter(|k| k.name.contains(kind))
         .collect();
     assert_eq!(decode.len(), 1, "{function}");
     decode.remove(0)
@@ -78,111 +90,119 @@ fn split_of(name: &str, k: u64) -> (u64, u64) {
 fn each_decode_block_prefetches_its_weight_slice() {
     let module = lower("prefetch.kiln", SRC, None, None);
     let budget = 24u64 << 20;
-    for function in ["o_proj", "qkv", "gate_up", "down", "lm_head", "ragged"] {
-        let kernel = decode_kernel(&module, function, &Options::default());
-        let prefix = before_wait(&kernel);
-        let weights = weights(function);
-        // Zeroed buffers: each weight exactly its size (the interpreter checks every
-        // prefetch lies inside), every other buffer one element (nothing reads them).
-        let mut memory = Vec::new();
-        let mut scalars = Vec::new();
-        let mut weight_of_param = BTreeMap::new();
-        for (index, param) in kernel.params.iter().enumerate() {
-            match param {
-                Param::Buffer { name, dtype, .. } => {
-                    // Parameter names end with a number (`w2`).
-                    let base = name.trim_end_matches(|c: char| c.is_ascii_digit());
-                    let bytes = match weights.iter().position(|(w, _, _)| *w == base) {
-                        Some(i) => {
-                            weight_of_param.insert(index as u32, i);
-                            let (_, n, k) = weights[i];
-                            (n * k * 2) as usize
-                        }
-                        None => dtype.size_bytes(),
-                    };
-                    memory.push(vec![0u8; bytes]);
+    // (kernel kind, weight rows a block column covers): the tensor-core decode tile's 32
+    // columns, the GEMV's 4 warps of one column each.
+    for (kind, block_rows) in [("mma_gemm_16x", 32u64), ("gemv_", 4)] {
+        for function in ["o_proj", "qkv", "gate_up", "down", "lm_head", "ragged"] {
+            let kernel = variant_kernel(&module, function, &Options::default(), kind);
+            let prefix = before_wait(&kernel);
+            let weights = weights(function);
+            // Zeroed buffers: each weight exactly its size (the interpreter checks every
+            // prefetch lies inside), every other buffer one element (nothing reads them).
+            let mut memory = Vec::new();
+            let mut scalars = Vec::new();
+            let mut weight_of_param = BTreeMap::new();
+            for (index, param) in kernel.params.iter().enumerate() {
+                match param {
+                    Param::Buffer { name, dtype, .. } => {
+                        // Parameter names end with a number (`w2`).
+                        let base = name.trim_end_matches(|c: char| c.is_ascii_digit());
+                        let bytes = match weights.iter().position(|(w, _, _)| *w == base) {
+                            Some(i) => {
+                                weight_of_param.insert(index as u32, i);
+                                let (_, n, k) = weights[i];
+                                (n * k * 2) as usize
+                            }
+                            None => dtype.size_bytes(),
+                        };
+                        memory.push(vec![0u8; bytes]);
+                    }
+                    Param::Scalar { ty, .. } => scalars.push(match ty {
+                        Ty::I64 => Const::I64(1),
+                        _ => Const::I32(1),
+                    }),
                 }
-                Param::Scalar { ty, .. } => scalars.push(match ty {
-                    Ty::I64 => Const::I64(1),
-                    _ => Const::I32(1),
-                }),
             }
-        }
-        let names: Vec<&str> = kernel.params.iter().map(Param::name).collect();
-        assert_eq!(
-            weight_of_param.len(),
-            weights.len(),
-            "{function}: {names:?}"
-        );
-        let grid = launch_grid(&kernel, &|s| (s == "T").then_some(1)).unwrap();
-        let mut slices: Vec<&mut [u8]> = memory.iter_mut().map(Vec::as_mut_slice).collect();
-        let prefetches = run_kernel_prefetching(&prefix, grid, &mut slices, &scalars)
-            .unwrap_or_else(|e| panic!("{function}: {e}"));
-
-        let k = weights[0].2;
-        let row_bytes = k * 2;
-        let (splits, per_split) = split_of(&kernel.name, k);
-        assert_eq!(grid[1], splits, "{function}: {}", kernel.name);
-        let segmented = kernel.name.contains("_seg");
-        let total: u64 = weights.iter().map(|(_, n, k)| n * k * 2).sum();
-        // Each block column's first block of a weight: its segment's start, or 0.
-        let mut starts = Vec::new();
-        let mut start = 0;
-        for (_, n, _) in &weights {
-            starts.push(if segmented { start } else { 0 });
-            start += n.div_ceil(32);
-        }
-        let mut ranges: Vec<(usize, u64, u64)> = Vec::new();
-        let mut per_row = BTreeMap::new();
-        for p in &prefetches {
-            let w = weight_of_param[&p.param];
-            let row = p.first_byte / row_bytes;
-            let k_first = (p.first_byte % row_bytes) / 2;
-            // One row, its block's column tile and split.
+            let names: Vec<&str> = kernel.params.iter().map(Param::name).collect();
             assert_eq!(
-                row,
-                (p.first_byte + p.bytes - 1) / row_bytes,
-                "{function}: {p:?}"
+                weight_of_param.len(),
+                weights.len(),
+                "{function}: {names:?}"
             );
-            assert_eq!(row / 32, p.block[0] - starts[w], "{function}: {p:?}");
-            assert_eq!(k_first, p.block[1] * per_split, "{function}: {p:?}");
-            assert!(k_first * 2 + p.bytes <= (k_first + per_split).min(k) * 2);
-            assert_eq!(p.bytes % 16, 0);
-            *per_row.entry((w, row)).or_insert(0u64) += 1;
-            ranges.push((w, p.first_byte, p.bytes));
-        }
-        // Every row of every weight, once per split; no byte twice.
-        for (w, (_, n, _)) in weights.iter().enumerate() {
-            for row in 0..*n {
+            let grid = launch_grid(&kernel, &|s| (s == "T").then_some(1)).unwrap();
+            let mut slices: Vec<&mut [u8]> = memory.iter_mut().map(Vec::as_mut_slice).collect();
+            let prefetches = run_kernel_prefetching(&prefix, grid, &mut slices, &scalars)
+                .unwrap_or_else(|e| panic!("{function}: {e}"));
+
+            let k = weights[0].2;
+            let row_bytes = k * 2;
+            let (splits, per_split) = split_of(&kernel.name, k);
+            assert_eq!(grid[1], splits, "{function}: {}", kernel.name);
+            let segmented = kernel.name.contains("_seg");
+            let total: u64 = weights.iter().map(|(_, n, k)| n * k * 2).sum();
+            // Each block column's first block of a weight: its segment's start, or 0.
+            let mut starts = Vec::new();
+            let mut start = 0;
+            for (_, n, _) in &weights {
+                starts.push(if segmented { start } else { 0 });
+                start += n.div_ceil(block_rows);
+            }
+            let mut ranges: Vec<(usize, u64, u64)> = Vec::new();
+            let mut per_row = BTreeMap::new();
+            for p in &prefetches {
+                let w = weight_of_param[&p.param];
+                let row = p.first_byte / row_bytes;
+                let k_first = (p.first_byte % row_bytes) / 2;
+                // One row, its block's column tile and split.
                 assert_eq!(
-                    per_row.get(&(w, row)),
-                    Some(&splits),
-                    "{function} row {row}"
+                    row,
+                    (p.first_byte + p.bytes - 1) / row_bytes,
+                    "{function}: {p:?}"
+                );
+                assert_eq!(
+                    row / block_rows,
+                    p.block[0] - starts[w],
+                    "{function}: {p:?}"
+                );
+                assert_eq!(k_first, p.block[1] * per_split, "{function}: {p:?}");
+                assert!(k_first * 2 + p.bytes <= (k_first + per_split).min(k) * 2);
+                assert_eq!(p.bytes % 16, 0);
+                *per_row.entry((w, row)).or_insert(0u64) += 1;
+                ranges.push((w, p.first_byte, p.bytes));
+            }
+            // Every row of every weight, once per split; no byte twice.
+            for (w, (_, n, _)) in weights.iter().enumerate() {
+                for row in 0..*n {
+                    assert_eq!(
+                        per_row.get(&(w, row)),
+                        Some(&splits),
+                        "{function} row {row}"
+                    );
+                }
+            }
+            ranges.sort();
+            for pair in ranges.windows(2) {
+                let ((w0, at0, len0), (w1, at1, _)) = (pair[0], pair[1]);
+                assert!(
+                    w0 != w1 || at0 + len0 <= at1,
+                    "{function}: overlap {pair:?}"
                 );
             }
-        }
-        ranges.sort();
-        for pair in ranges.windows(2) {
-            let ((w0, at0, len0), (w1, at1, _)) = (pair[0], pair[1]);
-            assert!(
-                w0 != w1 || at0 + len0 <= at1,
-                "{function}: overlap {pair:?}"
+            let prefetched: u64 = ranges.iter().map(|r| r.2).sum();
+            if total <= budget {
+                assert_eq!(prefetched, total, "{function}: the whole weights");
+            } else {
+                assert!(
+                    prefetched <= budget && prefetched > budget / 10 * 9,
+                    "{function}: {prefetched} bytes of {total} (budget {budget})"
+                );
+            }
+            println!(
+                "{function:<8} {:<55} grid {grid:?}: {} prefetches, {prefetched} of {total} bytes",
+                kernel.name,
+                prefetches.len()
             );
         }
-        let prefetched: u64 = ranges.iter().map(|r| r.2).sum();
-        if total <= budget {
-            assert_eq!(prefetched, total, "{function}: the whole weights");
-        } else {
-            assert!(
-                prefetched <= budget && prefetched > budget / 10 * 9,
-                "{function}: {prefetched} bytes of {total} (budget {budget})"
-            );
-        }
-        println!(
-            "{function:<8} {:<55} grid {grid:?}: {} prefetches, {prefetched} of {total} bytes",
-            kernel.name,
-            prefetches.len()
-        );
     }
 }
 
