@@ -133,10 +133,16 @@ pub struct GemmTuning {
     pub max_splits: u32,
     /// Prefill block tile `(bm, bn)` of 16-bit GEMMs (0: the tile table, `choose_tile`);
     /// used when the tile it makes is valid and fits shared memory, else the table's.
+    /// Default 128 × 256 with 2 × 4 warps, 4 stages, block rows rasterized by 8, double-
+    /// buffered fragments and paired stores: on an H100 (`…-kernels-ab-*.txt`, stop 16) the
+    /// 4096³ / 8192³ / 4096×14336×4096 GEMMs ran at 457 / 498 / 467 TFLOP/s with slices of
+    /// 64 in 227 KiB (an sm_90a build), 423 / 459 / 430 with slices of 32 in 99 KiB (every
+    /// target), against 354 / 356 / 336 for the table's 128 × 128 tile of 4 warps.
     pub tile: (u32, u32),
     /// Prefill warps `(warps_m, warps_n)` of 16-bit GEMMs (0: the table's 2 × 2).
     pub warps: (u32, u32),
-    /// Width of a prefill k slice of 16-bit GEMMs (0: the table's 32).
+    /// Width of a prefill k slice of 16-bit GEMMs (0: 64 where four stages of the tile fit
+    /// the shared memory, else the table's 32).
     pub bk: u32,
     /// Prefill pipeline stages (0: as many as fit, at most 4).
     pub stages: u32,
@@ -161,7 +167,10 @@ pub struct GemmTuning {
     /// grids included) asks L2 for its slice of an `[N, K]` weight before its
     /// grid-dependency wait (`cp.async.bulk.prefetch.L2` on sm_90 and later), so that the
     /// weight streams from HBM while the previous kernel finishes and during the pipeline's
-    /// ramp-up; the real loads then hit L2.
+    /// ramp-up; the real loads then hit L2. Off by default: on an H100 the 1.1B decode step
+    /// took 1.286 / 1.346 ms a token with the prefetch and the trigger and 1.231 without
+    /// (`…-decode-ab-*.txt`, stop 16), although a chain of four 4096² M = 1 GEMVs alone read
+    /// 2568 GB/s with them and 2303 without.
     pub prefetch: bool,
     /// The most weight bytes, in MiB, one decode GEMM's blocks prefetch together (0: the
     /// template's 24, about half an H100's L2): a larger weight prefetches that share of
@@ -173,6 +182,7 @@ pub struct GemmTuning {
     /// epilogue run. On: the next kernel still waits for this one to finish before it
     /// touches memory, so only timing changes, and without it a prefetching GEMM after a
     /// GEMM (gate/up → down) could only start prefetching when the last block had exited.
+    /// Off by default with `prefetch` (the decode step measured faster without both).
     pub trigger: bool,
     /// Whether matmuls of at most [`GEMV_ROWS`] rows (a constant, or a symbolic row count
     /// as a further run-time variant) of `linear` weights take the GEMV template
@@ -192,17 +202,17 @@ impl Default for GemmTuning {
             row_sums: true,
             kv_writes: false,
             max_splits: 0,
-            tile: (0, 0),
-            warps: (0, 0),
+            tile: (128, 256),
+            warps: (2, 4),
             bk: 0,
             stages: 0,
-            raster: 0,
-            double_buffer: false,
-            paired_epilogue: false,
+            raster: 8,
+            double_buffer: true,
+            paired_epilogue: true,
             shared_kib: 0,
-            prefetch: true,
+            prefetch: false,
             prefetch_mib: 0,
-            trigger: true,
+            trigger: false,
             gemv: true,
             gemv_unroll: 8,
         }
@@ -313,7 +323,9 @@ impl Default for PointwiseTuning {
 /// `kiln bench` may override them to compare variants).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PagedTuning {
-    /// Key positions of one partition (one block of the first kernel).
+    /// Key positions of one partition (one block of the first kernel). 256: on an H100 the
+    /// tensor-core design read 2164 GB/s of KV with 256 and 1652 with 128 (64 × 4096 keys,
+    /// GQA 32/8, D 128; `…-kernels-ab-*.txt`, stop 16).
     pub part: u64,
     /// Keys one warp takes per loop step of the register design, their loads issued
     /// together (the staged design takes `tile / warps`). 8: on an H100 the
@@ -374,7 +386,7 @@ pub struct PagedTuning {
 impl Default for PagedTuning {
     fn default() -> PagedTuning {
         PagedTuning {
-            part: 128,
+            part: 256,
             unroll: 8,
             warps: 4,
             short_part: 32,

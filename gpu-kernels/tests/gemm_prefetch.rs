@@ -39,6 +39,18 @@ fn weights(function: &str) -> Vec<(&'static str, u64, u64)> {
     }
 }
 
+/// Options with the weight prefetch and the early trigger on (both off by default).
+fn prefetching() -> Options {
+    Options {
+        gemm: GemmTuning {
+            prefetch: true,
+            trigger: true,
+            ..GemmTuning::default()
+        },
+        ..Options::default()
+    }
+}
+
 /// The decode-sized tensor-core kernel of `function` (the `T ≤ 16` variant).
 fn decode_kernel(module: &kiln_ir::Module, function: &str, options: &Options) -> Kernel {
     variant_kernel(module, function, options, "mma_gemm_16x")
@@ -94,7 +106,7 @@ fn each_decode_block_prefetches_its_weight_slice() {
     // columns, the GEMV's 4 warps of one column each.
     for (kind, block_rows) in [("mma_gemm_16x", 32u64), ("gemv_", 4)] {
         for function in ["o_proj", "qkv", "gate_up", "down", "lm_head", "ragged"] {
-            let kernel = variant_kernel(&module, function, &Options::default(), kind);
+            let kernel = variant_kernel(&module, function, &prefetching(), kind);
             let prefix = before_wait(&kernel);
             let weights = weights(function);
             // Zeroed buffers: each weight exactly its size (the interpreter checks every
@@ -270,7 +282,7 @@ fn the_knobs_turn_the_prefetch_and_the_trigger_off() {
     let options = Options {
         gemm: GemmTuning {
             prefetch_mib: 4,
-            ..GemmTuning::default()
+            ..prefetching().gemm
         },
         ..Options::default()
     };
@@ -287,7 +299,7 @@ fn the_knobs_turn_the_prefetch_and_the_trigger_off() {
 #[test]
 fn the_split_decode_gemm_ptx_for_sm_90a() {
     let module = lower("prefetch.kiln", SRC, None, None);
-    let kernel = decode_kernel(&module, "o_proj", &Options::default());
+    let kernel = decode_kernel(&module, "o_proj", &prefetching());
     let ptx = emit_ptx(
         std::slice::from_ref(&kernel),
         Target::Sm90a,
@@ -324,7 +336,7 @@ fn prefetching_decode_gemms_assemble_for_every_target_without_spills() {
         },
         ..Options::default()
     };
-    let with = common::assert_assembles_without_spills(&toolchain, &kernels(&Options::default()));
+    let with = common::assert_assembles_without_spills(&toolchain, &kernels(&prefetching()));
     let without = common::assert_assembles_without_spills(&toolchain, &kernels(&off));
     // The prefetch's address arithmetic costs few registers (and none where it is absent).
     for (((target, name, on), (_, _, plain)), function) in

@@ -79,6 +79,18 @@ pub fn fuse(
         .targets
         .iter()
         .all(|&t| kiln_ptx::Feature::Fp8Mma.min_ptx_version(t).is_some());
+    // Prefill GEMM tiles may take the shared memory every target's blocks can opt into
+    // (99 KiB for the five targets together, 227 KiB for an H100 alone), unless a knob says.
+    if fusion.gemm.shared_kib == 0 {
+        if let Some(least) = options
+            .targets
+            .iter()
+            .map(|t| t.max_shared_bytes_per_block())
+            .min()
+        {
+            fusion.gemm.shared_kib = (least / 1024) as u32;
+        }
+    }
     let compiled = kiln_gpu_kernels::compile_module(&lowered.module, &fusion)?;
     Ok((lowered, compiled))
 }

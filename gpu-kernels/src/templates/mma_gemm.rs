@@ -226,17 +226,28 @@ pub fn tuned_tile(m: Option<u64>, n: u64, matmuls: u32, tuning: &crate::GemmTuni
     t.bn = pick(tuning.tile.1, t.bn);
     t.warps_m = pick(tuning.warps.0, t.warps_m);
     t.warps_n = pick(tuning.warps.1, t.warps_n);
-    t.bk = pick(tuning.bk, t.bk);
+    let budget = match tuning.shared_kib {
+        0 => TUNED_SHARED_BYTES,
+        kib => kib.saturating_mul(1024),
+    };
+    // No width asked: slices of 64 where four stages of them fit the budget, else the
+    // table's 32.
+    t.bk = if tuning.bk > 0 {
+        tuning.bk
+    } else {
+        let wide = MmaTile { bk: 64, ..t };
+        if 4 * wide.stage_bytes(matmuls) <= budget {
+            64
+        } else {
+            t.bk
+        }
+    };
     while t.accumulators(matmuls) > MAX_ACCUMULATORS && t.bn / t.warps_n > 16 {
         t.bn /= 2;
     }
     while t.accumulators(matmuls) > MAX_ACCUMULATORS && t.bm / t.warps_m > 16 {
         t.bm /= 2;
     }
-    let budget = match tuning.shared_kib {
-        0 => TUNED_SHARED_BYTES,
-        kib => kib.saturating_mul(1024),
-    };
     let fit = budget / t.stage_bytes(matmuls);
     t.stages = match tuning.stages {
         0 => fit.min(4),
@@ -1280,11 +1291,13 @@ pub(crate) fn emit(
             Ty::I32,
             and_mask(tid.clone(), chunks - 1) * i32c(chunk_len),
         );
+        // Whole tiles only where this matmul spans the grid: horizontally fused matmuls of
+        // different widths share the widest one's grid, past a narrower one's N.
         let exact_n = compact
-            && source
-                .n
-                .as_const()
-                .is_some_and(|n| n.is_multiple_of(u64::from(t.bn)));
+            && source.n.as_const().is_some_and(|n| {
+                n.is_multiple_of(u64::from(t.bn))
+                    && plan.b.iter().all(|other| other.n.as_const() == Some(n))
+            });
         // The stride of B's rows (k for `[K, N]`, n for `[N, K]`).
         let row_stride = e.dim(w_shape.last().expect("a matrix"));
         let mut copies_plan: Vec<Copy> = Vec::new();
