@@ -28,7 +28,9 @@
 //! held as four rows whose work past M is skipped by a branch every thread takes alike.
 
 use super::matmul::{epilogue_at, kernel_name, OutputElement};
-use super::mma_gemm::{i32c, matmuls_of, segments, transposed_weight, Segment};
+use super::mma_gemm::{
+    by_segment, i32c, matmuls_of, segment_of_block, segments, transposed_weight, Segment,
+};
 use super::{Body, Variant};
 use crate::emit::{add, lt, mul, EResult, Emitter};
 use crate::partition::Group;
@@ -213,26 +215,12 @@ pub(crate) fn emit(
         a_rows.push(e.bind(&mut body, "a_row", ity, at));
     }
     // Block column x: the matmul whose segment holds it and x's offset in that segment.
-    let bx = Expr::Special(Special::BlockIdx(0));
     let segmented = !plan.segments.is_empty();
     let (segment, block) = if segmented {
-        let mut which: Option<Expr> = None;
-        let mut start = i32c(0);
-        for s in &plan.segments[1..] {
-            let past = bx.clone().ge(i32c(s.start as i64));
-            let one = Expr::select(past.clone(), i32c(1), i32c(0));
-            which = Some(match which {
-                Some(w) => w + one,
-                None => one,
-            });
-            start = Expr::select(past, i32c(s.start as i64), start);
-        }
-        let which = which.unwrap_or_else(|| i32c(0));
-        let which = e.bind(&mut body, "segment", Ty::I32, which);
-        let start = e.bind(&mut body, "segment_start", Ty::I32, start);
-        (Some(which), bx - start)
+        let (which, block) = segment_of_block(e, &mut body, &plan.segments);
+        (Some(which), block)
     } else {
-        (None, bx)
+        (None, Expr::Special(Special::BlockIdx(0)))
     };
     let col = index(block * i32c(i64::from(WARPS)) + warp);
     let col = e.bind(&mut body, "col", ity, col);
@@ -258,20 +246,8 @@ pub(crate) fn emit(
         };
         match &segment {
             Some(which) => {
-                let mut chain: Vec<Stmt> = Vec::new();
-                for i in (0..plan.b.len()).rev() {
-                    let branch = rows(e, &[i]);
-                    chain = if i + 1 == plan.b.len() {
-                        branch
-                    } else {
-                        vec![Stmt::if_else(
-                            which.clone().equals(i32c(i as i64)),
-                            branch,
-                            chain,
-                        )]
-                    };
-                }
-                body.extend(chain);
+                let branches = (0..plan.b.len()).map(|i| rows(e, &[i])).collect();
+                body.extend(by_segment(which, branches));
             }
             None => {
                 let all: Vec<usize> = (0..plan.b.len()).collect();
@@ -477,23 +453,15 @@ pub(crate) fn emit(
     };
     match &segment {
         Some(which) => {
-            let mut chain: Vec<Stmt> = Vec::new();
-            for i in (0..plan.b.len()).rev() {
+            let mut branches = Vec::new();
+            for i in 0..plan.b.len() {
                 let mut branch = Vec::new();
                 e.push_scope();
                 column(e, &mut branch, &[i])?;
                 e.pop_scope();
-                chain = if i + 1 == plan.b.len() {
-                    branch
-                } else {
-                    vec![Stmt::if_else(
-                        which.clone().equals(i32c(i as i64)),
-                        branch,
-                        chain,
-                    )]
-                };
+                branches.push(branch);
             }
-            body.extend(chain);
+            body.extend(by_segment(which, branches));
         }
         None => {
             let all: Vec<usize> = (0..plan.b.len()).collect();

@@ -838,7 +838,32 @@ pub(crate) fn swizzle(row: Expr, chunks: u32) -> Expr {
 
 /// `branches[i]` under `segment == i` (the last one otherwise): a block-uniform choice in
 /// a grid of segments.
-fn by_segment(segment: &Expr, mut branches: Vec<Vec<Stmt>>) -> Vec<Stmt> {
+/// In a grid of `segments`, block column x's segment (bound as `segment`, the same in the
+/// whole block) and x's offset in it.
+pub(crate) fn segment_of_block(
+    e: &mut Emitter<'_, '_>,
+    body: &mut Vec<Stmt>,
+    segments: &[Segment],
+) -> (Expr, Expr) {
+    let bx = Expr::Special(Special::BlockIdx(0));
+    let mut which: Option<Expr> = None;
+    let mut start = i32c(0);
+    for s in &segments[1..] {
+        let past = bx.clone().ge(i32c(s.start as i64));
+        let one = Expr::select(past.clone(), i32c(1), i32c(0));
+        which = Some(match which {
+            Some(w) => w + one,
+            None => one,
+        });
+        start = Expr::select(past, i32c(s.start as i64), start);
+    }
+    let which = which.unwrap_or_else(|| i32c(0));
+    let which = e.bind(body, "segment", Ty::I32, which);
+    let start = e.bind(body, "segment_start", Ty::I32, start);
+    (which, bx - start)
+}
+
+pub(crate) fn by_segment(segment: &Expr, mut branches: Vec<Vec<Stmt>>) -> Vec<Stmt> {
     let mut chain = branches.pop().unwrap_or_default();
     while let Some(branch) = branches.pop() {
         let i = branches.len() as i64;
@@ -1095,24 +1120,7 @@ pub(crate) fn emit(
     let segmented = t.segmented;
     let segs = &plan.segments;
     let sets = if segmented { 1 } else { matmuls.len() };
-    let segment = segmented.then(|| {
-        let bx = Expr::Special(Special::BlockIdx(0));
-        let mut which: Option<Expr> = None;
-        let mut start = i32c(0);
-        for s in &segs[1..] {
-            let past = bx.clone().ge(i32c(s.start as i64));
-            let one = Expr::select(past.clone(), i32c(1), i32c(0));
-            which = Some(match which {
-                Some(w) => w + one,
-                None => one,
-            });
-            start = Expr::select(past, i32c(s.start as i64), start);
-        }
-        let which = which.unwrap_or_else(|| i32c(0));
-        let which = e.bind(&mut body, "segment", Ty::I32, which);
-        let start = e.bind(&mut body, "segment_start", Ty::I32, start);
-        (which, bx - start)
-    });
+    let segment = segmented.then(|| segment_of_block(e, &mut body, segs));
     let n0 = match (&segment, &rastered) {
         (Some((_, column)), _) => mul(index(column.clone()), e.ix(bn)),
         (None, Some((_, n_tile))) => mul(index(n_tile.clone()), e.ix(bn)),
