@@ -323,9 +323,9 @@ impl Default for PointwiseTuning {
 /// `kiln bench` may override them to compare variants).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PagedTuning {
-    /// Key positions of one partition (one block of the first kernel). 256: on an H100 the
-    /// tensor-core design read 2164 GB/s of KV with 256 and 1652 with 128 (64 × 4096 keys,
-    /// GQA 32/8, D 128; `…-kernels-ab-*.txt`, stop 16).
+    /// Key positions of one partition (one block of the first kernel). 512: on an H100 the
+    /// tensor-core design read 2341 GB/s of KV with 512, 2163 with 256 and 1625 with 128
+    /// (64 × 4096 keys, GQA 32/8, D 128; `…-kernels-c0e3c5f.txt`, stop 16).
     pub part: u64,
     /// Keys one warp takes per loop step of the register design, their loads issued
     /// together (the staged design takes `tile / warps`). 8: on an H100 the
@@ -386,7 +386,7 @@ pub struct PagedTuning {
 impl Default for PagedTuning {
     fn default() -> PagedTuning {
         PagedTuning {
-            part: 256,
+            part: 512,
             unroll: 8,
             warps: 4,
             short_part: 32,
