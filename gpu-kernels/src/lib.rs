@@ -323,9 +323,12 @@ impl Default for PointwiseTuning {
 /// `kiln bench` may override them to compare variants).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PagedTuning {
-    /// Key positions of one partition (one block of the first kernel). 512: on an H100 the
-    /// tensor-core design read 2341 GB/s of KV with 512, 2163 with 256 and 1625 with 128
-    /// (64 × 4096 keys, GQA 32/8, D 128; `…-kernels-c0e3c5f.txt`, stop 16).
+    /// Key positions of one partition (one block of the first kernel). 1024: on an H100 the
+    /// tensor-core design read 2507 GB/s of KV with 1024, 2329–2341 with 512, 2163 with 256
+    /// and 1625 with 128 (64 × 4096 keys, GQA 32/8, D 128; `…-kernels-c0e3c5f.txt` and
+    /// `…-paged-ab-c0e3c5f.txt`, stop 16). The cost: a small batch of contexts between 512
+    /// and a few thousand positions gets few blocks (the short-context variant takes those
+    /// of at most `short_context`).
     pub part: u64,
     /// Keys one warp takes per loop step of the register design, their loads issued
     /// together (the staged design takes `tile / warps`). 8: on an H100 the
@@ -386,7 +389,7 @@ pub struct PagedTuning {
 impl Default for PagedTuning {
     fn default() -> PagedTuning {
         PagedTuning {
-            part: 512,
+            part: 1024,
             unroll: 8,
             warps: 4,
             short_part: 32,
