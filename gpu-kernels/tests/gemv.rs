@@ -9,7 +9,10 @@
 
 mod common;
 
-use common::{assert_assembles_without_spills, check, count, inputs_for, launches, lower, rel_err};
+use common::{
+    assert_assembles_without_spills, check, count, inputs_for, launches, llama_decode_launches,
+    lower, rel_err,
+};
 use common::{llama_1b, tolerance, toolchain};
 use kiln_gpu_kernels::{compile_function, GemmTuning, Options};
 use std::collections::BTreeMap;
@@ -162,15 +165,7 @@ fn the_switch_turns_the_gemv_off() {
 
 /// The 1.1B Llama decode step's kernels at one token of one sequence.
 fn llama_step(gemv: bool) -> (Vec<String>, Vec<kiln_kir::Kernel>) {
-    let compiled = compile_function(&llama_1b(), "step", &options(gemv)).unwrap();
-    let sizes = BTreeMap::from([
-        ("T".to_string(), 1),
-        ("B".to_string(), 1),
-        ("MB".to_string(), 8),
-        ("NB".to_string(), 64),
-    ]);
-    let names = launches(&compiled.plan, &compiled.kernels, &sizes);
-    (names, compiled.kernels)
+    llama_decode_launches(&llama_1b(), &options(gemv))
 }
 
 #[test]

@@ -9,8 +9,8 @@
 mod common;
 
 use common::{
-    assert_assembles_without_spills, count, inputs_for, launches, llama_1b, lower,
-    same_bits_with_and_without, toolchain,
+    assert_assembles_without_spills, count, inputs_for, launches, llama_1b, llama_decode_launches,
+    lower, same_bits_with_and_without, toolchain,
 };
 use kiln_gpu_kernels::{compile_function, GemmTuning, Options};
 use kiln_ir::{DType, Tensor};
@@ -129,14 +129,7 @@ fn the_1b_llama_decode_step_launches_16_kernels_fewer() {
     let module = llama_1b();
     let mut counts = Vec::new();
     for kv_writes in [true, false] {
-        let compiled = compile_function(&module, "step", &options(kv_writes)).unwrap();
-        let sizes = BTreeMap::from([
-            ("T".to_string(), 1),
-            ("B".to_string(), 1),
-            ("MB".to_string(), 8),
-            ("NB".to_string(), 64),
-        ]);
-        let names = launches(&compiled.plan, &compiled.kernels, &sizes);
+        let (names, _) = llama_decode_launches(&module, &options(kv_writes));
         counts.push((
             names.len(),
             count(&names, "_kv_write_bf16"),

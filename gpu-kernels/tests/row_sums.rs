@@ -9,7 +9,7 @@
 mod common;
 
 use common::{
-    assert_assembles_without_spills, count, inputs_for, launches, llama_1b, lower,
+    assert_assembles_without_spills, count, inputs_for, llama_1b, llama_decode_launches, lower,
     same_bits_with_and_without, toolchain,
 };
 use kiln_gpu_kernels::{compile_function, GemmTuning, Options};
@@ -142,16 +142,9 @@ fn the_1b_llama_decode_step_launches_31_kernels_fewer() {
     let module = llama_1b();
     let mut counts = Vec::new();
     for row_sums in [true, false] {
-        let compiled = compile_function(&module, "step", &options(row_sums)).unwrap();
         // One token, one sequence (the batch-invariant option takes the large branches,
         // which the row sums leave alone).
-        let sizes = BTreeMap::from([
-            ("T".to_string(), 1),
-            ("B".to_string(), 1),
-            ("MB".to_string(), 8),
-            ("NB".to_string(), 64),
-        ]);
-        let names = launches(&compiled.plan, &compiled.kernels, &sizes);
+        let (names, _) = llama_decode_launches(&module, &options(row_sums));
         counts.push((
             names.len(),
             count(&names, "rms_norm_splitk"),

@@ -332,28 +332,11 @@ fn prologue(
         context.min(start.clone() + e.ix(shape.part as i64)),
     );
     let block_size = e.dim(&g.shape(k_cache)[2]);
-    if !registers {
-        return Ok(Partial {
-            part,
-            kvh,
-            token,
-            lane,
-            warp,
-            col,
-            slot,
-            seq: s,
-            start,
-            end,
-            block_size,
-            qv: Vec::new(),
-            m: Vec::new(),
-            l: Vec::new(),
-            acc: Vec::new(),
-        });
-    }
-    // The query rows of the group, this lane's columns, in registers.
-    let mut qv: Vec<Vec<Expr>> = Vec::with_capacity(group);
-    for gi in 0..group {
+    // The query rows of the group, this lane's columns, in registers (the tensor-core
+    // design keeps them in fragments and its softmax state itself: none here).
+    let held = if registers { group } else { 0 };
+    let mut qv: Vec<Vec<Expr>> = Vec::with_capacity(held);
+    for gi in 0..held {
         let head = kvh.clone() * e.ix(group as i64) + e.ix(gi as i64);
         let head = e.bind(body, "head", ity, head);
         e.push_scope();
@@ -366,12 +349,12 @@ fn prologue(
         qv.push(regs);
     }
     // Running max, weight sum and weighted values per query head (per warp).
-    let m: Vec<VarId> = (0..group).map(|_| e.var("m", Ty::F32)).collect();
-    let l: Vec<VarId> = (0..group).map(|_| e.var("l", Ty::F32)).collect();
-    let acc: Vec<Vec<VarId>> = (0..group)
+    let m: Vec<VarId> = (0..held).map(|_| e.var("m", Ty::F32)).collect();
+    let l: Vec<VarId> = (0..held).map(|_| e.var("l", Ty::F32)).collect();
+    let acc: Vec<Vec<VarId>> = (0..held)
         .map(|_| (0..per_lane).map(|_| e.var("acc", Ty::F32)).collect())
         .collect();
-    for gi in 0..group {
+    for gi in 0..held {
         body.push(Stmt::Assign(m[gi], f(f32::NEG_INFINITY)));
         body.push(Stmt::Assign(l[gi], f(0.0)));
         for a in &acc[gi] {
