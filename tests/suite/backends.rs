@@ -366,6 +366,61 @@ fn check_bf16_steps(backend: Backend) {
 }
 
 #[test]
+fn the_largest_step_is_sized_from_the_paged_models_input_shapes() {
+    // What the GPU server reserves before sizing its KV cache: the step plan's symbols bound
+    // from `PagedModel::step_shapes` (no dim names assumed), and its working bytes, which
+    // grow with the tokens of the step and leave out the caches it updates in place.
+    let dir = repo_root().join("tests/fixtures/tiny-llama");
+    let mut config = read_json(&dir.join("config.json"));
+    config["kv_block_size"] = serde_json::json!(4);
+    let path = repo_root().join("models/llama.kiln");
+    let source = std::fs::read_to_string(&path).expect("program");
+    let options = kiln_lower::Options {
+        param_dtype: DType::BF16,
+        entries: Some(vec!["step".to_string()]),
+    };
+    let lowered = compile_source_with(
+        "llama.kiln",
+        &source,
+        path.parent(),
+        Some(&config),
+        &options,
+    )
+    .unwrap_or_else(|d| panic!("{d}"));
+    let compiled = kiln_gpu_kernels::compile_function(
+        &lowered.module,
+        "step",
+        &kiln_gpu_kernels::Options::default(),
+    )
+    .unwrap();
+    let bytes_with = |blocks: usize, tokens: usize, sequences: usize| {
+        let model = kiln_runtime::PagedModel::new(&lowered.module, "step", blocks, 4, 12).unwrap();
+        let shapes = model.step_shapes(tokens, sequences);
+        let shapes: Vec<&[usize]> = shapes.iter().map(Vec::as_slice).collect();
+        let symbols = kiln_cuda::bind_symbols(&compiled.plan, &shapes).unwrap();
+        assert_eq!(
+            [
+                symbols.get("T"),
+                symbols.get("B"),
+                symbols.get("MB"),
+                symbols.get("NB")
+            ],
+            [
+                Some(tokens as u64),
+                Some(sequences as u64),
+                Some(3),
+                Some(blocks as u64)
+            ]
+        );
+        kiln_cuda::working_bytes(&compiled.plan, &symbols).unwrap()
+    };
+    let (small, large) = (bytes_with(8, 6, 2), bytes_with(8, 60, 2));
+    assert!(small < large, "{small} {large}");
+    // The caches are the server's budget, not working memory: their size changes nothing.
+    assert_eq!(bytes_with(64, 60, 2), large);
+}
+
+#[test]
 fn llama_step_with_the_gemv_on_the_cpu_backend() {
     // Four tokens (three of two sequences and a padding token) on tiny-llama in bf16: every
     // projection (q/k/v as a grid of segments, o-proj, gate/up, down, the LM head) takes

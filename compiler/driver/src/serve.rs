@@ -12,7 +12,7 @@
 
 use crate::backend::{self, BackendChoice, GpuParts};
 use crate::pipeline::{self, CompileOptions};
-use kiln_runtime::{CudaPlans, Executor, STEP_ENTRY};
+use kiln_runtime::{CudaPlans, Executor, PagedModel, STEP_ENTRY};
 use kiln_server::{
     CacheLayout, CpuRunnerFactory, InterpreterRunner, KvCacheBudget, LoadedModel, ModelRunner,
     PagedRunner, RunnerFactory, ServeConfig, ServerError,
@@ -192,20 +192,19 @@ impl RunnerFactory for GpuRunnerFactory {
         // of at most `symbol_bound`.
         let bytes_per_token = model.kv_shape.bytes_per_token();
         let most = symbol_bound * config.block_size as u64 * bytes_per_token;
-        // The largest step (the most tokens and sequences, full block tables; the dims of
-        // the `step` signature that `PagedModel::new` checks) allocates its
+        // The largest step (the most tokens and sequences, full block tables) allocates its
         // arena, logits and inputs after the cache: keep that much out of the cache's share.
-        let max_model_len = config.max_model_len.unwrap_or(model.context_len) as u64;
+        let largest = PagedModel::new(
+            plans.module(),
+            STEP_ENTRY,
+            symbol_bound as usize,
+            config.block_size,
+            config.max_model_len.unwrap_or(model.context_len),
+        )
+        .map_err(|e| engine_error("sizing the largest step", e))?
+        .step_shapes(config.step_tokens(), config.max_num_seqs);
         let step_bytes = plans
-            .working_bytes(
-                STEP_ENTRY,
-                &[
-                    ("T", config.step_tokens() as u64),
-                    ("B", config.max_num_seqs as u64),
-                    ("MB", max_model_len.div_ceil(config.block_size as u64)),
-                    ("NB", symbol_bound),
-                ],
-            )
+            .working_bytes(STEP_ENTRY, &largest)
             .map_err(|e| engine_error("sizing the largest step", e))?
             as u64;
         self.plans = Some(plans);

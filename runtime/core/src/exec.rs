@@ -311,18 +311,20 @@ impl CudaPlans {
         self.program(function).map(|_| ())
     }
 
-    /// Device bytes a run of entry `function` with the symbolic dims `symbols` allocates
-    /// beside its weights: its arena and the inputs and outputs it does not update in place
+    /// Device bytes a run of entry `function` on inputs of `shapes` allocates beside its
+    /// weights: its arena and the inputs and outputs it does not update in place
     /// ([`kiln_cuda::working_bytes`]). A server reserves this for its largest step before
     /// giving the rest of the memory to the KV cache.
     pub fn working_bytes(
         &mut self,
         function: &str,
-        symbols: &[(&str, u64)],
+        shapes: &[Vec<usize>],
     ) -> Result<usize, RuntimeError> {
         let program = self.program(function)?;
-        let symbols = kiln_cuda::SymbolValues::from_pairs(symbols.iter().copied());
-        kiln_cuda::working_bytes(program.plan(), &symbols).map_err(|e| backend_error(function, e))
+        let shapes: Vec<&[usize]> = shapes.iter().map(Vec::as_slice).collect();
+        let bytes = kiln_cuda::bind_symbols(program.plan(), &shapes)
+            .and_then(|symbols| kiln_cuda::working_bytes(program.plan(), &symbols));
+        bytes.map_err(|e| backend_error(function, e))
     }
 
     /// The package (and through it the device) the plans run on.

@@ -148,6 +148,17 @@ impl PagedModel {
         self.cache
     }
 
+    /// The input shapes of a step of `tokens` tokens over `sequences` sequences, in the
+    /// entry's order (tokens, positions, sequences, slots, block tables, last tokens, the
+    /// two caches): what a run binds the entry's symbolic dims from.
+    pub fn step_shapes(&self, tokens: usize, sequences: usize) -> Vec<Vec<usize>> {
+        let mut shapes = vec![vec![tokens]; 4];
+        shapes.push(vec![sequences, self.table_width]);
+        shapes.push(vec![sequences]);
+        shapes.extend([self.cache.dims().to_vec(), self.cache.dims().to_vec()]);
+        shapes
+    }
+
     /// The most blocks one sequence may hold.
     pub fn table_width(&self) -> usize {
         self.table_width
