@@ -146,7 +146,7 @@ extern "C" fn exp_f32(x: f32) -> f32 {
 
 /// As the interpreter computes it: in f64, rounded once.
 extern "C" fn exp2_f32(x: f32) -> f32 {
-    libm::exp2(f64::from(x)) as f32
+    kiln_kir::kernel::exp2_ftz(x)
 }
 
 extern "C" fn log_f32(x: f32) -> f32 {

@@ -1128,7 +1128,7 @@ pub fn unary(op: UnOp, a: Const) -> Result<Const, String> {
         (UnOp::Not, Const::I32(v)) => Const::I32(!v),
         (UnOp::Not, Const::I64(v)) => Const::I64(!v),
         (UnOp::Exp, Const::F32(x)) => Const::F32(libm::expf(x)),
-        (UnOp::Exp2, Const::F32(x)) => Const::F32(libm::exp2(f64::from(x)) as f32),
+        (UnOp::Exp2, Const::F32(x)) => Const::F32(crate::kernel::exp2_ftz(x)),
         (UnOp::Log, Const::F32(x)) => Const::F32(libm::logf(x)),
         (UnOp::Sqrt, Const::F32(x)) => Const::F32(libm::sqrtf(x)),
         (UnOp::Rsqrt, Const::F32(x)) => Const::F32((1.0 / libm::sqrt(f64::from(x))) as f32),

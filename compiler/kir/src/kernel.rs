@@ -179,8 +179,10 @@ pub enum UnOp {
     Floor,
     Ceil,
     Recip,
-    /// `2^x`: the fast base-2 exponential of online softmax (`ex2.approx.f32` on the GPU,
-    /// within 2 ulp; subnormal results kept).
+    /// `2^x`: the fast base-2 exponential of online softmax (`ex2.approx.ftz.f32` on the GPU,
+    /// within 2 ulp): subnormal inputs count as zero and subnormal results flush to zero
+    /// ([`exp2_ftz`]; a softmax term below 2^-126 of its row's largest is negligible, and the
+    /// flush makes it one instruction instead of four).
     Exp2,
     /// Logical not of a `Pred`, bitwise not of an integer.
     Not,
@@ -564,5 +566,33 @@ pub struct Kernel {
 impl Kernel {
     pub fn var_ty(&self, v: VarId) -> Ty {
         self.vars[v.0 as usize].ty
+    }
+}
+
+/// [`UnOp::Exp2`]'s meaning on every backend: `2^x` with subnormal inputs read as zero and
+/// subnormal results flushed to zero, as `ex2.approx.ftz.f32` computes it.
+pub fn exp2_ftz(x: f32) -> f32 {
+    let x = if x.is_subnormal() { 0.0 } else { x };
+    let r = libm::exp2(f64::from(x)) as f32;
+    if r.is_subnormal() {
+        0.0
+    } else {
+        r
+    }
+}
+
+#[cfg(test)]
+mod exp2_tests {
+    use super::exp2_ftz;
+
+    #[test]
+    fn exp2_flushes_subnormal_inputs_and_results_to_zero() {
+        assert_eq!(exp2_ftz(3.0), 8.0);
+        assert_eq!(exp2_ftz(-126.0), f32::MIN_POSITIVE);
+        // 2^-127 is subnormal: flushed.
+        assert_eq!(exp2_ftz(-127.0), 0.0);
+        // A subnormal input counts as 0.
+        assert_eq!(exp2_ftz(f32::from_bits(1)), 1.0);
+        assert_eq!(exp2_ftz(f32::NEG_INFINITY), 0.0);
     }
 }

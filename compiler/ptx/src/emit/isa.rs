@@ -37,7 +37,7 @@ pub fn unary(op: UnOp, ty: Ty) -> Option<UnaryLowering> {
         (UnOp::Floor, Ty::F32) => Inst("cvt.rmi.f32.f32"),
         (UnOp::Ceil, Ty::F32) => Inst("cvt.rpi.f32.f32"),
         (UnOp::Exp, Ty::F32) => Routine(MathFunction::Exp),
-        (UnOp::Exp2, Ty::F32) => Inst("ex2.approx.f32"),
+        (UnOp::Exp2, Ty::F32) => Inst("ex2.approx.ftz.f32"),
         (UnOp::Log, Ty::F32) => Routine(MathFunction::Log),
         (UnOp::Sin, Ty::F32) => Routine(MathFunction::Sin),
         (UnOp::Cos, Ty::F32) => Routine(MathFunction::Cos),
