@@ -384,6 +384,15 @@ pub struct PagedTuning {
     /// 16 `ldmatrix` a warp — several times fewer instructions a key; 188 registers on
     /// sm_90a, no spills on the five targets; not yet measured on the H100.
     pub mma_warps: u32,
+    /// Warps of the one-pass kernel of the short-context variant (0: off, the partial and
+    /// merge kernels of `short_part` partitions): one block per (token, key/value head) of
+    /// `one_pass` warps takes the whole block table (at most `short_context` positions) in
+    /// the register design, its block-table row read once into shared memory, the warps
+    /// merged in shared memory and the output stored: no workspace and no merge kernel (16
+    /// launches fewer in the 1.1B decode step, whose merges took 4.1 µs a layer on the H100
+    /// against 7.7 µs for the partial, Nsight Compute). Default 8; not yet measured on the
+    /// H100 (`KILN_TUNE_PAGED=onepass=0` for the A/B).
+    pub one_pass: u32,
 }
 
 impl Default for PagedTuning {
@@ -399,6 +408,7 @@ impl Default for PagedTuning {
             blocks_per_sm: 0,
             lanes: 16,
             mma_warps: 1,
+            one_pass: 8,
         }
     }
 }
