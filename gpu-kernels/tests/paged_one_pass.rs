@@ -123,7 +123,7 @@ const SHAPES: [(&str, usize, usize, usize, usize); 5] = [
 fn short_tables_take_one_pass_and_equal_the_interpreter() {
     let options = Options::default();
     for shape in SHAPES {
-        // 160 positions: one pass of 8 warps (ten steps of 64 keys at most).
+        // 160 positions: one pass of 16 warps (two steps of 128 keys at most).
         let names = run(shape, 160, &options);
         assert_eq!(
             count(&names, "paged_attention_one_pass"),
@@ -218,7 +218,7 @@ fn switched(one_pass: u32) -> Options {
 #[test]
 fn the_1b_llama_decode_step_launches_16_kernels_fewer() {
     let module = llama_1b();
-    let (with, kernels) = llama_decode_launches(&module, &switched(8));
+    let (with, kernels) = llama_decode_launches(&module, &Options::default());
     let (without, _) = llama_decode_launches(&module, &switched(0));
     assert_eq!(count(&with, "paged_attention_one_pass"), 16, "{with:?}");
     assert_eq!(count(&with, "paged_attention_merge"), 0, "{with:?}");
@@ -233,10 +233,10 @@ fn the_1b_llama_decode_step_launches_16_kernels_fewer() {
         16,
         "a kernel a layer (the layer is a constant)"
     );
-    assert!(one_pass.iter().all(|k| k.block_dim == 256));
+    assert!(one_pass.iter().all(|k| k.block_dim == 512));
     // Tables past 512 positions keep both kernels (the long-context variant).
     let sizes = [("T", 1), ("B", 1), ("MB", 40), ("NB", 64)];
-    let (long, _) = llama_step_launches(&module, &switched(8), &sizes);
+    let (long, _) = llama_step_launches(&module, &Options::default(), &sizes);
     assert_eq!(count(&long, "paged_attention_one_pass"), 0, "{long:?}");
     assert_eq!(count(&long, "paged_attention_merge"), 16, "{long:?}");
 }
@@ -277,7 +277,7 @@ fn one_pass_kernels_assemble_for_every_target_without_spills() {
         return;
     };
     let mut kernels = one_pass_kernels(&Options::default());
-    kernels.extend(one_pass_kernels(&switched(16)));
+    kernels.extend(one_pass_kernels(&switched(8)));
     let registers = common::assert_assembles_without_spills(&toolchain, &kernels);
     assert_eq!(registers.len(), 5 * kernels.len());
 }

@@ -373,11 +373,6 @@ fn prologue(
         context.min(start.clone() + e.ix(shape.part as i64)),
     );
     let block_size = e.dim(&g.shape(k_cache)[2]);
-    let table = if shape.whole() {
-        Some(table_row(e, body, out, shape, &s)?)
-    } else {
-        None
-    };
     // The query rows of the group, this lane's columns, in registers (the tensor-core
     // design keeps them in fragments and its softmax state itself: none here).
     let held = if registers { group } else { 0 };
@@ -394,6 +389,12 @@ fn prologue(
             .collect();
         qv.push(regs);
     }
+    // The one-pass kernel's table row, its loads in flight with the query rows'.
+    let table = if shape.whole() {
+        Some(table_row(e, body, out, shape, &s)?)
+    } else {
+        None
+    };
     // Running max, weight sum and weighted values per query head (per warp).
     let m: Vec<VarId> = (0..held).map(|_| e.var("m", Ty::F32)).collect();
     let l: Vec<VarId> = (0..held).map(|_| e.var("l", Ty::F32)).collect();
