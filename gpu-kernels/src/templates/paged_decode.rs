@@ -175,7 +175,8 @@ impl PagedShape {
             return false;
         }
         let row = (2 + self.d) * self.group * 4;
-        let budget = (kiln_kir::verify::MAX_SHARED_BYTES as usize).saturating_sub(4 * entries);
+        // Beside the table (entries of at most 8 bytes).
+        let budget = (kiln_kir::verify::MAX_SHARED_BYTES as usize).saturating_sub(8 * entries);
         let warps = warps.clamp(1, 32).min((budget / row) as u32);
         if warps == 0 {
             return false;
