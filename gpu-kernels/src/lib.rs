@@ -384,6 +384,18 @@ pub struct PagedTuning {
     /// 16 `ldmatrix` a warp — several times fewer instructions a key; 188 registers on
     /// sm_90a, no spills on the five targets; not yet measured on the H100.
     pub mma_warps: u32,
+    /// Warps of the one-pass kernel of the short-context variant (0: off, the partial and
+    /// merge kernels of `short_part` partitions): one block per (token, key/value head) of
+    /// `one_pass` warps takes the whole block table (at most `short_context` positions) in
+    /// the register design, its block-table row read once into shared memory, the warps
+    /// merged in shared memory and the output stored: no workspace and no merge kernel (16
+    /// launches fewer in the 1.1B decode step, whose merges took 4.1 µs a layer on the H100
+    /// against 7.7 µs for the partial, Nsight Compute). Default 16: at one token the grid
+    /// is one block per key/value head, so the warps a block are the keys in flight (16
+    /// warps of `unroll` 8: 128 keys a step; ptxas caps them at 128 registers, no spills on
+    /// the five targets). Not yet measured on the H100 (`KILN_TUNE_PAGED=onepass=0` for the
+    /// A/B, `onepass=8`, `onepass=32,unroll=4`).
+    pub one_pass: u32,
 }
 
 impl Default for PagedTuning {
@@ -399,6 +411,7 @@ impl Default for PagedTuning {
             blocks_per_sm: 0,
             lanes: 16,
             mma_warps: 1,
+            one_pass: 16,
         }
     }
 }

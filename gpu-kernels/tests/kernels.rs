@@ -165,7 +165,21 @@ fn attend(q: bf16[N, 32, 128], k_cache: bf16[2, NB, 16, 8, 128], v_cache: bf16[2
         };
         kernels[*kernel].grid.clone()
     };
-    let options = Options::default();
+    // By default the short tables take one pass (`PagedTuning::one_pass`): one kernel.
+    let compiled =
+        kiln_gpu_kernels::compile_function(&module, "attend", &Options::default()).unwrap();
+    let [kiln_kir::Step::BySize { small, large, .. }] = compiled.plan.steps.as_slice() else {
+        panic!("one choice by size: {:?}", compiled.plan.steps);
+    };
+    let [kiln_kir::Step::Launch { kernel, .. }] = small.as_slice() else {
+        panic!("one kernel for short tables: {small:?}");
+    };
+    assert!(compiled.kernels[*kernel]
+        .name
+        .contains("paged_attention_one_pass"));
+    partial_grid(large, &compiled.kernels);
+    let mut options = Options::default();
+    options.paged.one_pass = 0;
     let compiled = kiln_gpu_kernels::compile_function(&module, "attend", &options).unwrap();
     let [kiln_kir::Step::BySize {
         symbol,

@@ -716,24 +716,30 @@ fn check_paged_attention(backend: Backend) {
     let defaults = kiln_gpu_kernels::PagedTuning::default();
     let (short_part, short_context) = (defaults.short_part, defaults.short_context);
     // (part, unroll, warps, short_part, short_context, tile, stages, tensor-core warps);
-    // tile 0 is the register design.
+    // tile 0 is the register design. Short tables (the 320 positions here, at most
+    // `short_context`) take the one-pass kernel of `one_pass` warps (0: partial and merge).
+    let one_pass = defaults.one_pass;
     let settings = [
-        (128, 8, 4, short_part, short_context, 0, 0, 0),
-        (128, 8, 4, short_part, 256, 0, 0, 0),
-        (128, 8, 4, 128, 0, 0, 0, 0),
-        (128, 4, 4, 128, 0, 0, 0, 0),
-        (32, 8, 4, 32, 0, 0, 0, 0),
-        (96, 3, 2, 96, 0, 0, 0, 0),
-        (defaults.part, 8, 4, short_part, 256, 16, 4, 0),
-        (96, 1, 2, 96, 0, 32, 2, 0),
-        (128, 1, 4, 128, 0, 12, 3, 0),
-        (100, 1, 4, 100, 0, 8, 5, 0),
-        (defaults.part, 8, 4, short_part, 256, 16, 4, 1),
-        (96, 1, 4, 96, 0, 32, 2, 2),
-        (100, 1, 4, 100, 0, 16, 3, 1),
+        (128, 8, 4, short_part, short_context, 0, 0, 0, one_pass),
+        (128, 8, 4, short_part, short_context, 0, 0, 0, 0),
+        (128, 8, 4, short_part, 256, 0, 0, 0, one_pass),
+        (128, 4, 4, short_part, 512, 0, 0, 0, 3),
+        (128, 8, 4, 128, 0, 0, 0, 0, one_pass),
+        (128, 4, 4, 128, 0, 0, 0, 0, one_pass),
+        (32, 8, 4, 32, 0, 0, 0, 0, one_pass),
+        (96, 3, 2, 96, 0, 0, 0, 0, one_pass),
+        (defaults.part, 8, 4, short_part, 256, 16, 4, 0, one_pass),
+        (96, 1, 2, 96, 0, 32, 2, 0, one_pass),
+        (128, 1, 4, 128, 0, 12, 3, 0, one_pass),
+        (100, 1, 4, 100, 0, 8, 5, 0, one_pass),
+        (defaults.part, 8, 4, short_part, 256, 16, 4, 1, one_pass),
+        (96, 1, 4, 96, 0, 32, 2, 2, one_pass),
+        (100, 1, 4, 100, 0, 16, 3, 1, one_pass),
     ];
     let mut fusion = kiln_gpu_kernels::Options::default();
-    for (part, unroll, warps, short_part, short_context, tile, stages, mma_warps) in settings {
+    for (part, unroll, warps, short_part, short_context, tile, stages, mma_warps, one_pass) in
+        settings
+    {
         fusion.paged = kiln_gpu_kernels::PagedTuning {
             part,
             unroll,
@@ -744,6 +750,7 @@ fn check_paged_attention(backend: Backend) {
             stages,
             lanes: if tile == 12 { 32 } else { defaults.lanes },
             mma_warps,
+            one_pass,
             ..defaults
         };
         check_paged_attention_with(backend, &fusion);
@@ -797,11 +804,12 @@ fn check_paged_attention_with(backend: Backend, fusion: &kiln_gpu_kernels::Optio
             fusion,
             &format!(
                 "paged attention {dtype} d{d} blocks of {bs}, partitions of {} ({} up to {} \
-                 positions) for {} warps of {}, tiles of {} ({} stages, {} lanes a key, {} \
-                 tensor-core warps)",
+                 positions, one pass of {} warps) for {} warps of {}, tiles of {} ({} stages, \
+                 {} lanes a key, {} tensor-core warps)",
                 fusion.paged.part,
                 fusion.paged.short_part,
                 fusion.paged.short_context,
+                fusion.paged.one_pass,
                 fusion.paged.warps,
                 fusion.paged.unroll,
                 fusion.paged.tile,

@@ -282,7 +282,9 @@ const TUNE_POINTWISE: &str = "KILN_TUNE_POINTWISE";
 /// tile of the staged long-context design; 0: the register design), `stages=N` (its tiles
 /// in flight), `blocks=N` (blocks an SM ptxas fits the staged kernel's registers for) and
 /// `lanes=N` (lanes splitting a key's head dim in it), `mma=N` (warps of the tensor-core
-/// staged design, `mma.sync` scores and weighted values; 0: the CUDA-core one); defaults in
+/// staged design, `mma.sync` scores and weighted values; 0: the CUDA-core one), `onepass=N`
+/// (warps of the short-context variant's one-pass kernel, no merge kernel; 0: the partial
+/// and merge kernels of `short_part` partitions); defaults in
 /// [`kiln_gpu_kernels::PagedTuning`]. Example: `KILN_TUNE_PAGED=tile=32,stages=2,part=256`.
 const TUNE_PAGED: &str = "KILN_TUNE_PAGED";
 
@@ -385,16 +387,18 @@ pub(crate) fn apply_tuning(options: &mut CompileOptions) -> Result<()> {
             "lanes" => paged.lanes = u32::try_from(n.min(32)).unwrap_or(32),
             "blocks" => paged.blocks_per_sm = u32::try_from(n.min(32)).unwrap_or(32),
             "mma" => paged.mma_warps = u32::try_from(raw.min(32)).unwrap_or(32),
+            "onepass" => paged.one_pass = u32::try_from(raw.min(32)).unwrap_or(32),
             _ => bail!(
                 "{TUNE_PAGED}: unknown key `{key}` (part, unroll, warps, short_part, \
-                 short_context, tile, stages, blocks, lanes, mma)"
+                 short_context, tile, stages, blocks, lanes, mma, onepass)"
             ),
         }
     }
     if !paged_items.is_empty() {
         eprintln!(
             "kiln bench: {TUNE_PAGED}: part {}, unroll {}, warps {}, short_part {} up to {} keys, \
-             tile {} ({} stages, {} blocks an SM, {} lanes a key, {} tensor-core warps)",
+             tile {} ({} stages, {} blocks an SM, {} lanes a key, {} tensor-core warps), \
+             one-pass short kernel of {} warps",
             paged.part,
             paged.unroll,
             paged.warps,
@@ -404,7 +408,8 @@ pub(crate) fn apply_tuning(options: &mut CompileOptions) -> Result<()> {
             paged.stages,
             paged.blocks_per_sm,
             paged.lanes,
-            paged.mma_warps
+            paged.mma_warps,
+            paged.one_pass
         );
     }
     let gemm_items = tuning_pairs(TUNE_GEMM)?;

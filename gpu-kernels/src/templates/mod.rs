@@ -518,10 +518,11 @@ pub(crate) struct SizeVariant {
 /// - a row group that adds split-K GEMM sums ([`RowSums`]) has the GEMMs' variants, a
 ///   `kv_write` group whose writes a GEMM's sum kernel may perform ([`KvWrites`]) the
 ///   GEMM's;
-/// - paged decode attention whose block tables have a symbolic width has a variant with
-///   short partitions ([`crate::PagedTuning::short_part`]) for block tables of at most
-///   [`crate::PagedTuning::short_context`] key positions, so that short contexts still
-///   make enough blocks to fill the GPU.
+/// - paged decode attention whose block tables have a symbolic width has a variant for
+///   block tables of at most [`crate::PagedTuning::short_context`] key positions: one pass
+///   over each table ([`crate::PagedTuning::one_pass`]), or short partitions
+///   ([`crate::PagedTuning::short_part`]) so that short contexts still make enough blocks
+///   to fill the GPU.
 pub(crate) fn size_variant(
     g: &FuncGraph<'_>,
     part: &Partition<'_>,
@@ -677,6 +678,27 @@ pub(crate) fn build(
         if small {
             tuning.part = tuning.short_part;
             tuning.tile = 0;
+            // Short block tables: one pass over each, no merge kernel (the variant serves
+            // tables of at most `short_context` positions, a whole one a partition).
+            let whole = crate::PagedTuning {
+                part: tuning.short_context.max(1),
+                ..tuning
+            };
+            let entries = match g.shape(g.inst(*out).expect("paged_attention").operands[1])[2] {
+                Dim::Const(bs) if bs > 0 => tuning.short_context / bs,
+                _ => 0,
+            };
+            if let Some(mut shape) = paged_decode::PagedShape::of(&e, *out, &whole) {
+                if shape.one_pass(tuning.one_pass, entries) {
+                    let body = paged_decode::emit_partial(&mut e, *out, &shape);
+                    let built = finish(g, e, body, out_dtype(g, &stores))?;
+                    return Ok(Some(Launches {
+                        kernels: vec![built],
+                        workspaces: Vec::new(),
+                        shared_workspace: false,
+                    }));
+                }
+            }
         }
         if let Some(shape) = paged_decode::PagedShape::of(&e, *out, &tuning) {
             // Split over the sequence: partial softmax per partition, then the merge.

@@ -10,6 +10,14 @@
 //! stores the output. Keys are read through the block table; a token with a negative
 //! sequence (padding) gets zeros.
 //!
+//! Short block tables (the variant of at most `PagedTuning::short_context` positions) take
+//! one pass instead (`PagedTuning::one_pass`, [`PagedShape::one_pass`]): one block per
+//! (key/value head, token) over the whole table in the register design, the table's row
+//! copied into shared memory first (each key step's block is then a shared load, not a
+//! global one before the key loads), the block's warps merged through shared memory as
+//! above and the output stored as the merge kernel stores it: no workspace, no merge
+//! kernel and its launch.
+//!
 //! Designs of the first kernel (`PagedTuning::tile`): the register design above, and the
 //! staged designs of the long-context kernel: the partition's keys in tiles of `tile` keys
 //! whose key and value rows the block copies into shared memory with 16-byte `cp.async`
@@ -64,6 +72,9 @@ pub(crate) struct PagedShape {
     lanes: usize,
     /// The tensor-core staged design's operand type (`None`: the CUDA-core designs).
     mma: Option<MmaInput>,
+    /// The one-pass kernel's block-table entries held in shared memory (0: the partial
+    /// and merge kernels). See [`PagedShape::one_pass`].
+    table: usize,
 }
 
 impl PagedShape {
@@ -92,6 +103,7 @@ impl PagedShape {
             blocks_per_sm: tuning.blocks_per_sm.max(1),
             lanes: 32,
             mma: None,
+            table: 0,
         };
         let (kt, vt) = (
             e.g.ty(inst.operands[1]).dtype,
@@ -149,6 +161,34 @@ impl PagedShape {
     /// Whether the kernel stages key/value tiles in shared memory.
     pub(crate) fn staged(&self) -> bool {
         self.tile > 0
+    }
+
+    /// Makes this the one-pass kernel of block tables of at most `entries` entries
+    /// (`part` covers them all: one partition): one block of `warps` warps per (token,
+    /// key/value head), the table row in shared memory, the warps merged in shared memory
+    /// and the output stored, no workspace and no merge kernel. The register design only;
+    /// fewer warps where the block merge would not fit the shared memory. Whether it
+    /// applies.
+    pub(crate) fn one_pass(&mut self, warps: u32, entries: u64) -> bool {
+        let entries = entries as usize;
+        if self.staged() || warps == 0 || entries == 0 {
+            return false;
+        }
+        let row = (2 + self.d) * self.group * 4;
+        // Beside the table (entries of at most 8 bytes).
+        let budget = (kiln_kir::verify::MAX_SHARED_BYTES as usize).saturating_sub(8 * entries);
+        let warps = warps.clamp(1, 32).min((budget / row) as u32);
+        if warps == 0 {
+            return false;
+        }
+        self.warps = warps;
+        self.table = entries;
+        true
+    }
+
+    /// Whether this is the one-pass kernel ([`PagedShape::one_pass`]).
+    pub(crate) fn whole(&self) -> bool {
+        self.table > 0
     }
 
     fn threads(&self) -> u32 {
@@ -269,6 +309,8 @@ struct Partial {
     start: Expr,
     end: Expr,
     block_size: Expr,
+    /// The one-pass kernel's block-table row in shared memory.
+    table: Option<Buf>,
     qv: Vec<Vec<Expr>>,
     m: Vec<VarId>,
     l: Vec<VarId>,
@@ -348,6 +390,12 @@ fn prologue(
             .collect();
         qv.push(regs);
     }
+    // The one-pass kernel's table row, its loads in flight with the query rows'.
+    let table = if shape.whole() {
+        Some(table_row(e, body, out, shape, &s)?)
+    } else {
+        None
+    };
     // Running max, weight sum and weighted values per query head (per warp).
     let m: Vec<VarId> = (0..held).map(|_| e.var("m", Ty::F32)).collect();
     let l: Vec<VarId> = (0..held).map(|_| e.var("l", Ty::F32)).collect();
@@ -373,11 +421,68 @@ fn prologue(
         start,
         end,
         block_size,
+        table,
         qv,
         m,
         l,
         acc,
     })
+}
+
+/// The one-pass kernel's copy of the token's block-table row in shared memory (entries
+/// past the row's width, and all of a padding token's, are never written nor read), then
+/// a barrier: each key step then reads its cache block from shared memory, one global
+/// load fewer in the chain of each step.
+fn table_row(
+    e: &mut Emitter<'_, '_>,
+    body: &mut Vec<Stmt>,
+    out: Value,
+    shape: &PagedShape,
+    seq: &Expr,
+) -> EResult<Buf> {
+    let g = e.g;
+    let tables = g.inst(out).expect("paged_attention").operands[3];
+    let ity = e.index_ty;
+    let entries = shape.table;
+    let held = e.shared_array("table", g.ty(tables).dtype, entries as u32);
+    let width = e.dim(&g.shape(tables)[1]);
+    let width = e.bind(body, "table_width", ity, width.min(e.ix(entries as i64)));
+    let tid = e.special(Special::ThreadIdx);
+    let threads = shape.threads() as usize;
+    for first in (0..entries).step_by(threads) {
+        let i = e.bind(body, "entry", ity, tid.clone() + e.ix(first as i64));
+        let mut read = Vec::new();
+        e.push_scope();
+        let at = [seq.clone(), i.clone()];
+        let block = e.elem(&mut read, tables, &at, 1)?.remove(0);
+        e.pop_scope();
+        read.push(Stmt::store(held, i32_of(i.clone()), block));
+        let ok = Expr::binary(BinOp::And, i.lt(width.clone()), seq.clone().ge(e.ix(0)));
+        body.push(Stmt::if_then(ok, read));
+    }
+    // The block's only communication besides the warp merge: `bar.sync` makes the shared
+    // stores above visible to every thread of the block after it (a CTA barrier orders
+    // the memory accesses of the threads that reach it). No other block reads what this
+    // one writes, so no fence or atomic is needed.
+    body.push(Stmt::Barrier);
+    Ok(held)
+}
+
+/// The cache block of key position `j` of the token's sequence: from the block table, or
+/// from the one-pass kernel's copy of its row.
+fn cache_block(
+    e: &mut Emitter<'_, '_>,
+    out: &mut Vec<Stmt>,
+    tables: Value,
+    st: &Partial,
+    j: Expr,
+) -> EResult<Expr> {
+    let entry = j / st.block_size.clone();
+    let block = match st.table {
+        Some(held) => Expr::load(held, i32_of(entry)),
+        None => e.elem(out, tables, &[st.seq.clone(), entry], 1)?.remove(0),
+    };
+    Ok(index(e, block))
 }
 
 /// One online-softmax step of a warp over its keys (`valid`: the key is in range; this
@@ -501,8 +606,7 @@ pub(crate) fn emit_partial(
     }
     let per_lane = shape.per_lane();
     let (warps, unroll) = (shape.warps, shape.unroll);
-    let (s, start, end, warp, kvh, col) = (
-        st.seq.clone(),
+    let (start, end, warp, kvh, col) = (
         st.start.clone(),
         st.end.clone(),
         st.warp.clone(),
@@ -529,9 +633,8 @@ pub(crate) fn emit_partial(
             let first = Expr::var(j0) + warp.clone() * e.ix(unroll as i64);
             let first = Expr::select(first.clone().lt(end.clone()), first, start.clone());
             let first = e.bind(&mut step, "first", ity, first);
-            let at = [s.clone(), first.clone() / block_size.clone()];
-            let block = e.elem(&mut step, tables, &at, 1)?.remove(0);
-            let block = e.bind(&mut step, "block", ity, index(e, block));
+            let block = cache_block(e, &mut step, tables, &st, first.clone())?;
+            let block = e.bind(&mut step, "block", ity, block);
             let slot = first % block_size.clone();
             Some((block, e.bind(&mut step, "slot", ity, slot)))
         }
@@ -549,9 +652,8 @@ pub(crate) fn emit_partial(
                 // Out-of-range keys read the partition's first key (valid memory, weight 0).
                 let jc = Expr::select(valid[u].clone(), j, start.clone());
                 let jc = e.bind(&mut step, "key", ity, jc);
-                let at = [s.clone(), jc.clone() / block_size.clone()];
-                let block = e.elem(&mut step, tables, &at, 1)?.remove(0);
-                let block = e.bind(&mut step, "block", ity, index(e, block));
+                let block = cache_block(e, &mut step, tables, &st, jc.clone())?;
+                let block = e.bind(&mut step, "block", ity, block);
                 (block, jc % block_size.clone())
             }
         };
@@ -1055,8 +1157,13 @@ fn merge_block(
     let (d, group, warps, threads) = (shape.d, shape.group, shape.warps, shape.threads());
     let (kvh, token, part) = (st.kvh.clone(), st.token.clone(), st.part.clone());
     body.push(Stmt::Barrier);
-    let ws = e.workspace(0, DType::F32, Access::Write);
-    let parts = partitions_expr(e, out, shape.part);
+    // The one-pass kernel stores the output; the partial kernel its partition's state.
+    let ws = (!shape.whole()).then(|| e.workspace(0, DType::F32, Access::Write));
+    let parts = if shape.whole() {
+        e.ix(1)
+    } else {
+        partitions_expr(e, out, shape.part)
+    };
     let heads = e.ix((shape.kv_heads * group) as i64);
     let tid = e.special(Special::ThreadIdx);
     for first in (0..group * d).step_by(threads as usize) {
@@ -1095,18 +1202,35 @@ fn merge_block(
             weighted = Expr::fma(Expr::load(sums, at), scale, weighted);
         }
         let head = kvh.clone() * e.ix(group as i64) + gi.clone();
-        let base = ((token.clone() * heads.clone() + head) * parts.clone() + part.clone())
-            * e.ix(d as i64 + 2);
-        let base = e.bind(&mut merge, "slot", ity, base);
-        merge.push(Stmt::store(ws, base.clone() + c.clone(), weighted));
-        merge.push(Stmt::If {
-            cond: c.equals(e.ix(0)),
-            then: vec![
-                Stmt::store(ws, base.clone() + e.ix(d as i64), most),
-                Stmt::store(ws, base + e.ix(d as i64 + 1), total),
-            ],
-            otherwise: Vec::new(),
-        });
+        if let Some(ws) = ws {
+            let base = ((token.clone() * heads.clone() + head) * parts.clone() + part.clone())
+                * e.ix(d as i64 + 2);
+            let base = e.bind(&mut merge, "slot", ity, base);
+            merge.push(Stmt::store(ws, base.clone() + c.clone(), weighted));
+            merge.push(Stmt::If {
+                cond: c.equals(e.ix(0)),
+                then: vec![
+                    Stmt::store(ws, base.clone() + e.ix(d as i64), most),
+                    Stmt::store(ws, base + e.ix(d as i64 + 1), total),
+                ],
+                otherwise: Vec::new(),
+            });
+        } else {
+            // As the merge kernel stores a (token, head) of one partition.
+            let total = e.bind(&mut merge, "total", Ty::F32, total);
+            let value = Expr::select(
+                total.clone().gt(f(0.0)),
+                Expr::binary(BinOp::Div, weighted, total),
+                f(0.0),
+            );
+            let head = e.bind(&mut merge, "head", ity, head);
+            e.store(
+                &mut merge,
+                out,
+                &[token.clone(), head, c.clone()],
+                vec![value],
+            );
+        }
         if (first + threads as usize) <= group * d {
             body.extend(merge);
         } else {
@@ -1118,11 +1242,17 @@ fn merge_block(
         }
     }
     let q_shape = g.shape(g.inst(out).expect("paged_attention").operands[0]);
+    let (what, parts) = if shape.whole() {
+        e.fused.insert(out);
+        ("paged_attention_one_pass", super::one())
+    } else {
+        ("paged_attention_partial", partitions(e, out, shape.part))
+    };
     Ok(Body {
-        what: "paged_attention_partial".into(),
+        what: what.into(),
         block_dim: threads,
         grid: [
-            partitions(e, out, shape.part),
+            parts,
             SizeExpr::Const(shape.kv_heads as u64),
             size_of_dims(&q_shape[0..1]),
         ],

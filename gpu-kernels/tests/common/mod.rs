@@ -551,24 +551,30 @@ pub fn llama_1b() -> kiln_ir::Module {
     module
 }
 
-/// How many of the kernel names contain `part`.
 /// The 1.1B Llama `step` compiled with `options`: the kernels it launches at one token of
 /// one sequence (8 cache blocks in its table, 64 in the cache), and all its kernels.
 pub fn llama_decode_launches(
     module: &kiln_ir::Module,
     options: &kiln_gpu_kernels::Options,
 ) -> (Vec<String>, Vec<Kernel>) {
+    let sizes = [("T", 1), ("B", 1), ("MB", 8), ("NB", 64)];
+    llama_step_launches(module, options, &sizes)
+}
+
+/// [`llama_decode_launches`] at other values of the step's symbols (`T`, `B`, `MB`, `NB`):
+/// wider block tables take the long-context paged attention.
+pub fn llama_step_launches(
+    module: &kiln_ir::Module,
+    options: &kiln_gpu_kernels::Options,
+    sizes: &[(&str, u64)],
+) -> (Vec<String>, Vec<Kernel>) {
     let compiled = kiln_gpu_kernels::compile_function(module, "step", options).unwrap();
-    let sizes = BTreeMap::from([
-        ("T".to_string(), 1),
-        ("B".to_string(), 1),
-        ("MB".to_string(), 8),
-        ("NB".to_string(), 64),
-    ]);
+    let sizes: BTreeMap<String, u64> = sizes.iter().map(|&(s, v)| (s.to_string(), v)).collect();
     let names = launches(&compiled.plan, &compiled.kernels, &sizes);
     (names, compiled.kernels)
 }
 
+/// How many of the kernel names contain `part`.
 pub fn count(names: &[String], part: &str) -> usize {
     names.iter().filter(|n| n.contains(part)).count()
 }
