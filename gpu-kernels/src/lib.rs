@@ -92,6 +92,12 @@ pub struct AttentionTuning {
     /// arrays (D 128: 8 warps take 64 KiB with 1 stage and 96 KiB with 2) run from dynamic
     /// shared memory; every configuration fits the 99 KiB of sm_89 and sm_120.
     pub stages: u32,
+    /// m16 row tiles a warp owns (1 or 2): a block takes `16 · m_tiles · warps` query rows.
+    /// 2: each K and V fragment read from shared memory feeds two `mma`s (half the shared
+    /// memory reads per row), the Q fragments reloaded from shared memory for each 16
+    /// columns of the head dim instead of held in registers. A block of 8 warps of 2 tiles
+    /// whose shared arrays would pass 99 KiB (D 128 with 2 stages) takes 4 warps.
+    pub m_tiles: u32,
 }
 
 impl Default for AttentionTuning {
@@ -99,6 +105,7 @@ impl Default for AttentionTuning {
         AttentionTuning {
             warps: 8,
             stages: 2,
+            m_tiles: 1,
         }
     }
 }
