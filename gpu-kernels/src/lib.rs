@@ -95,8 +95,9 @@ pub struct AttentionTuning {
     /// m16 row tiles a warp owns (1 or 2): a block takes `16 · m_tiles · warps` query rows.
     /// 2: each K and V fragment read from shared memory feeds two `mma`s (half the shared
     /// memory reads per row), the Q fragments reloaded from shared memory for each 16
-    /// columns of the head dim instead of held in registers. A block of 8 warps of 2 tiles
-    /// whose shared arrays would pass 99 KiB (D 128 with 2 stages) takes 4 warps.
+    /// columns of the head dim instead of held in registers. With 2 tiles, D 128 takes 1
+    /// stage (64 KiB of shared memory at 4 warps, 96 at 8) and a general mask at D 128
+    /// keeps 1 tile: what ptxas fits in 255 registers without spills.
     pub m_tiles: u32,
 }
 

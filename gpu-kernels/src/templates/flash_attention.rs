@@ -27,6 +27,15 @@
 //!   involved; V fragments come from `ldmatrix.trans`;
 //! - the output is divided by the row sum and stored, rows past the sequence skipped.
 //!
+//! Two m16 row tiles a warp (`AttentionTuning::m_tiles`, off by default): a block of 4
+//! warps takes 128 rows (8 warps 256), each warp 32, and every K or V fragment read from
+//! shared memory feeds the `mma`s of both tiles (`mma_warp_tiles.rs`), halving the shared
+//! memory read per row of math, which bounds the one-tile loop. The Q fragments are then
+//! loaded again from the Q tile for each 16 columns of the head dim instead of held in
+//! registers; at D 128 the block takes one stage (FlashAttention-2's: V during the scores,
+//! the next K during `P V`) and a general mask keeps one row tile, which keeps ptxas
+//! within 255 registers without spills on every target.
+//!
 //! GQA: query head h reads key/value head `h / (H / KV)`. Query and key counts need not
 //! be multiples of the tile. The mask (`allow`) is recognised as all-true (`causal:
 //! false`), as causal (`arange(S)[:, None] >= arange(S)[None, :]`, the stdlib's `causal:
@@ -55,21 +64,26 @@ const WARP_ROWS: i64 = 16;
 /// Keys of a tile.
 const BN: i64 = 64;
 
-/// The shared memory every target offers a block.
-const SHARED_LIMIT: i64 = 99 * 1024;
-
 /// The block shape a tuning asks for at head dim `d`: 4 or 8 warps (at least 128 threads,
 /// so a copy pass covers a multiple of 8 rows and keeps every row's swizzle), 1 or 2
-/// stages, 1 or 2 m16 row tiles a warp (8 warps of 2 tiles take 4 where the shared
-/// arrays would pass [`SHARED_LIMIT`]).
-fn block_shape(tuning: &AttentionTuning, d: i64) -> (i64, i64, i64) {
-    let mut warps = if tuning.warps < 8 { 4 } else { 8 };
-    let stages = i64::from(tuning.stages.clamp(1, 2));
-    let m_tiles = i64::from(tuning.m_tiles.clamp(1, 2));
-    let bytes = |warps: i64| (WARP_ROWS * m_tiles * warps + 2 * stages * BN) * d * 2;
-    if m_tiles == 2 && bytes(warps) > SHARED_LIMIT {
-        warps = 4;
-    }
+/// stages, 1 or 2 m16 row tiles a warp. Two row tiles at D 128 take one stage: their
+/// 128 output and 64 score accumulators leave too few registers for the addresses of a
+/// prefetch of K and V during the scores (ptxas spills), and one stage (V copied during
+/// the scores, the next K during `P V`) is FlashAttention-2's design at that shape; a
+/// general mask at D 128 (evaluated per score) takes one row tile, for the same reason.
+/// Every shape fits 96 KiB of shared memory.
+fn block_shape(tuning: &AttentionTuning, d: i64, mask: Mask) -> (i64, i64, i64) {
+    let warps = if tuning.warps < 8 { 4 } else { 8 };
+    let m_tiles = if mask == Mask::General && d == 128 {
+        1
+    } else {
+        i64::from(tuning.m_tiles.clamp(1, 2))
+    };
+    let stages = if m_tiles == 2 && d == 128 {
+        1
+    } else {
+        i64::from(tuning.stages.clamp(1, 2))
+    };
     (warps, stages, m_tiles)
 }
 
@@ -210,7 +224,7 @@ pub(crate) fn emit(
     p: &FlashPlan,
     tuning: &AttentionTuning,
 ) -> EResult<Body> {
-    let (warps, stages, m_tiles) = block_shape(tuning, p.head_dim);
+    let (warps, stages, m_tiles) = block_shape(tuning, p.head_dim, p.mask);
     let threads = 32 * warps;
     // Query rows of a warp, `m_tiles` m16 tiles.
     let warp_rows = WARP_ROWS * m_tiles;
@@ -259,14 +273,18 @@ pub(crate) fn emit(
     let s_len = e.dim(&q_shape[1]);
     let t_len = e.dim(&k_shape[1]);
     // Causal blocks with the most key tiles start first.
-    let bx = e.special(Special::BlockIdx(0));
-    let q_tile = if causal {
-        let tiles = Expr::binary(BinOp::Div, s_len.clone() + e.ix(bm - 1), e.ix(bm));
-        tiles - e.ix(1) - bx
-    } else {
-        bx
+    let first_row = |e: &mut Emitter<'_, '_>| {
+        let bx = e.special(Special::BlockIdx(0));
+        let q_tile = if causal {
+            let tiles = Expr::binary(BinOp::Div, s_len.clone() + e.ix(bm - 1), e.ix(bm));
+            tiles - e.ix(1) - bx
+        } else {
+            bx
+        };
+        q_tile * e.ix(bm)
     };
-    let m0 = e.bind(&mut body, "m0", ity, q_tile * e.ix(bm));
+    let m0 = first_row(e);
+    let m0 = e.bind(&mut body, "m0", ity, m0);
     // Keys the block visits: all, or those up to its last query row (causal).
     let n_end = if causal {
         min_e(t_len.clone(), m0.clone() + e.ix(bm))
@@ -709,6 +727,22 @@ pub(crate) fn emit(
     body.push(Stmt::CpAsyncWait(0));
 
     // ---- the row sums over the quad, the division and the store.
+    let (b, h, q_first, key_col) = if m_tiles == 1 {
+        (b, h, q_first, key_col)
+    } else {
+        // Two row tiles leave few registers: the store's coordinates are computed again
+        // from the special registers rather than kept across the key loop.
+        let lane = e.bind(&mut body, "lane", Ty::I32, Expr::Special(Special::LaneId));
+        let warp = e.bind(&mut body, "warp", Ty::I32, Expr::Special(Special::WarpId));
+        let bz = e.special(Special::BlockIdx(2));
+        let bh = e.delinearize(&mut body, bz, &[q_shape[0].clone(), q_shape[2].clone()]);
+        let m0 = first_row(e);
+        let q_first = m0 + index(warp * i32c(warp_rows) + shr(lane.clone(), 2));
+        let q_first = e.bind(&mut body, "query", ity, q_first);
+        let key_col = index(and_mask(lane, 3) * i32c(2));
+        let key_col = e.bind(&mut body, "key_col", ity, key_col);
+        (bh[0].clone(), bh[1].clone(), q_first, key_col)
+    };
     for (mt, (rows, o_acc)) in rows.iter().zip(&o_acc).enumerate() {
         for r in 0..2 {
             quad_sum(&mut body, rows.sum[r], other);

@@ -9,9 +9,21 @@
 //! Layouts as in `mma_softmax.rs`; the online softmax and the packing of P run per tile
 //! through its helpers.
 
-use super::mma_gemm::i32c;
-use super::mma_softmax::chunk_at;
-use kiln_kir::{Buf, Expr, MmaInput, Stmt, VarId};
+use super::mma_gemm::{i32c, CHUNK};
+use kiln_kir::{BinOp, Buf, Expr, MmaInput, Stmt, VarId};
+
+/// The element offset of chunk pair `c` of a fragment row at `row_at` (a multiple of the
+/// row length `d`, 64 or 128) with chunk XOR `x` (below 8): `row_at + (2c ^ x) · 8`
+/// written as `(row_at + 8x) ^ 16c`, which `row_at`'s alignment makes equal, so that
+/// every pair's offset is one XOR of the lane's `row_at + 8x` (the row offsets added
+/// after it are multiples of `d` too).
+fn chunk_pair(row_at: &Expr, x: &Expr, c: i64) -> Expr {
+    Expr::binary(
+        BinOp::Xor,
+        row_at.clone() + x.clone() * i32c(CHUNK),
+        i32c(2 * c * CHUNK),
+    )
+}
 
 /// `s_acc[t] += Q_t Kᵀ` for the warp's row tiles `t` (`s_acc[t]`: 8 keys a tile, in slabs
 /// of 16 rows of `k_tile`, rows of `d`; `k_at`, `k_x` the lane's K row offset and chunk
@@ -41,7 +53,7 @@ pub(crate) fn scores_from_shared(
                 dsts: f.to_vec(),
                 trans: false,
                 buf: q_tile,
-                index: q_at.clone() + i32c(t as i64 * 16 * d) + chunk_at(kk, q_x),
+                index: chunk_pair(q_at, q_x, kk) + i32c(t as i64 * 16 * d),
             });
         }
         for pair in 0..pairs {
@@ -49,7 +61,7 @@ pub(crate) fn scores_from_shared(
                 dsts: kb.to_vec(),
                 trans: false,
                 buf: k_tile,
-                index: k_at.clone() + i32c(pair as i64 * 16 * d) + chunk_at(kk, k_x),
+                index: chunk_pair(k_at, k_x, kk) + i32c(pair as i64 * 16 * d),
             });
             for (f, s) in qf.iter().zip(s_acc) {
                 for half in 0..2 {
@@ -89,7 +101,7 @@ pub(crate) fn weigh_values_tiles(
                 dsts: vb.to_vec(),
                 trans: true,
                 buf: v_tile,
-                index: v_at.clone() + i32c(kk as i64 * 16 * d) + chunk_at(pair as i64, v_x),
+                index: chunk_pair(v_at, v_x, pair as i64) + i32c(kk as i64 * 16 * d),
             });
             for (p, o) in p_frag.iter().zip(o_acc) {
                 for half in 0..2 {
