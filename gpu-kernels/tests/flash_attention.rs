@@ -150,7 +150,7 @@ fn not_causal_without_gqa() {
     assert!(
         names
             .iter()
-            .any(|n| n.contains("flash_attention_128x64x2_d64_bf16")),
+            .any(|n| n.contains("flash_attention_128x64x2_m2_d64_bf16")),
         "{names:?}"
     );
 }
@@ -247,14 +247,19 @@ fn flash_kernels_with(functions: &[&str], options: &Options) -> Vec<kiln_kir::Ke
 
 #[test]
 fn the_causal_prefill_kernel_snapshot() {
+    // The default: 4 warps of two m16 row tiles, one stage at D 128 (FlashAttention-2's
+    // block).
     let kernels = flash_kernels(&["prefill_causal"]);
+    assert!(kernels[0]
+        .name
+        .contains("flash_attention_128x64_m2_d128_causal"));
     let ptx = kiln_ptx::emit_ptx(&kernels, kiln_ptx::Target::Sm90a, &Default::default())
         .unwrap_or_else(|e| panic!("{e}"));
     insta::assert_snapshot!(ptx);
 }
 
-/// The block shapes other than the default (8 warps, 2 stages).
-const OTHER_SHAPES: [(u32, u32); 3] = [(4, 1), (4, 2), (8, 1)];
+/// The block shapes of one m16 row tile a warp (warps, stages; the default has two).
+const OTHER_SHAPES: [(u32, u32); 4] = [(4, 1), (4, 2), (8, 1), (8, 2)];
 
 fn with_shape(warps: u32, stages: u32) -> Options {
     with_tiles(warps, stages, 1)
@@ -315,9 +320,9 @@ fn shared_memory_per_block_shape() {
     assert_eq!(
         Options::default().attention,
         AttentionTuning {
-            warps: 8,
+            warps: 4,
             stages: 2,
-            m_tiles: 1
+            m_tiles: 2
         }
     );
 }
@@ -384,8 +389,9 @@ fn tuning_from_env() -> Options {
 /// Writes `$KILN_FLASH_CHECK_DIR/manifest.json` and one PTX file (sm_90a, JIT-capped) per
 /// case for `tools/flash_gpu_check.py`, which runs each kernel on random data against
 /// PyTorch's `scaled_dot_product_attention` and times both. `KILN_TUNE_ATTENTION` picks
-/// another block shape (`warps=4,stages=1`); the cases `*_m2` are those of two m16 row
-/// tiles a warp (4 warps), unless the tuning asks for them (`mtiles=2`).
+/// another block shape (`warps=4,stages=1`); beside its cases, those of the other row
+/// tiles a warp: `*_m1` (one tile, 8 warps) for a tuning of two tiles (the default),
+/// `*_m2` (two tiles, 4 warps) for one of one tile.
 #[test]
 #[ignore = "writes a GPU check to $KILN_FLASH_CHECK_DIR; run tools/flash_gpu_check.py on a GPU"]
 fn export_flash_gpu_check() {
@@ -396,23 +402,22 @@ fn export_flash_gpu_check() {
     std::fs::create_dir_all(&dir).unwrap();
     let module = lower("flash_check.kiln", GPU_SRC, None, None);
     let options = tuning_from_env();
-    // Beside the tuning's kernels, those of two m16 row tiles a warp (4 warps; cases and
-    // files `*_m2`), unless the tuning asks for them already.
-    let mut variants = vec![(options.clone(), "")];
-    if options.attention.m_tiles != 2 {
-        let attention = AttentionTuning {
-            warps: 4,
-            m_tiles: 2,
-            ..options.attention
-        };
-        variants.push((
-            Options {
-                attention,
-                ..options.clone()
-            },
-            "_m2",
-        ));
-    }
+    // Beside the tuning's kernels, those of the other row tiles a warp (the one-tile
+    // design in 8 warps, the two-tile one in 4), side by side in one run.
+    let (warps, m_tiles, suffix) = match options.attention.m_tiles {
+        2 => (8, 1, "_m1"),
+        _ => (4, 2, "_m2"),
+    };
+    let attention = AttentionTuning {
+        warps,
+        m_tiles,
+        ..options.attention
+    };
+    let other = Options {
+        attention,
+        ..options.clone()
+    };
+    let variants = [(options, ""), (other, suffix)];
     let mut cases = Vec::new();
     for ((options, suffix), function) in variants.iter().flat_map(|v| {
         ["prefill_causal", "prefill", "gqa_ragged", "d64_f16"]
@@ -541,12 +546,12 @@ fn shared_memory_of_two_row_tiles_a_warp() {
 }
 
 #[test]
-fn the_causal_prefill_kernel_of_two_row_tiles_a_warp_snapshot() {
-    // 4 warps of 32 query rows and one stage: FlashAttention-2's block at D 128.
-    let kernels = flash_kernels_with(&["prefill_causal"], &with_tiles(4, 1, 2));
+fn the_causal_prefill_kernel_of_one_row_tile_a_warp_snapshot() {
+    // 8 warps of 16 query rows, Q fragments in registers and two stages.
+    let kernels = flash_kernels_with(&["prefill_causal"], &with_tiles(8, 2, 1));
     assert!(kernels[0]
         .name
-        .contains("flash_attention_128x64_m2_d128_causal"));
+        .contains("flash_attention_128x64x2_d128_causal"));
     let ptx = kiln_ptx::emit_ptx(&kernels, kiln_ptx::Target::Sm90a, &Default::default())
         .unwrap_or_else(|e| panic!("{e}"));
     insta::assert_snapshot!(ptx);

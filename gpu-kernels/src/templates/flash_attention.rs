@@ -2,8 +2,8 @@
 //! `mma.sync` path) for the built-in `attention` op with bf16 or f16 q/k/v read straight
 //! from their buffers and head dims of 64 or 128.
 //!
-//! A block of 4 or 8 warps (`AttentionTuning::warps`; 8 by default) takes 64 or 128 query
-//! rows of one (batch, head), each warp 16 of them:
+//! With one m16 row tile a warp, a block of 4 or 8 warps (`AttentionTuning::warps`)
+//! takes 64 or 128 query rows of one (batch, head), each warp 16 of them:
 //! - the Q tile is copied once (`cp.async`; a q computed in the kernel, RoPE's, is
 //!   computed 8 elements a thread at a time and stored) into XOR-swizzled shared memory
 //!   and its A fragments are loaded with `ldmatrix` into registers, where they stay;
@@ -27,8 +27,8 @@
 //!   involved; V fragments come from `ldmatrix.trans`;
 //! - the output is divided by the row sum and stored, rows past the sequence skipped.
 //!
-//! Two m16 row tiles a warp (`AttentionTuning::m_tiles`, off by default): a block of 4
-//! warps takes 128 rows (8 warps 256), each warp 32, and every K or V fragment read from
+//! Two m16 row tiles a warp (`AttentionTuning::m_tiles`, the default with 4 warps): a
+//! block of 4 warps takes 128 rows (8 warps 256), each warp 32, and every K or V fragment read from
 //! shared memory feeds the `mma`s of both tiles (`mma_warp_tiles.rs`), halving the shared
 //! memory read per row of math, which bounds the one-tile loop. The Q fragments are then
 //! loaded again from the Q tile for each 16 columns of the head dim instead of held in
@@ -70,15 +70,14 @@ const BN: i64 = 64;
 /// 128 output and 64 score accumulators leave too few registers for the addresses of a
 /// prefetch of K and V during the scores (ptxas spills), and one stage (V copied during
 /// the scores, the next K during `P V`) is FlashAttention-2's design at that shape; a
-/// general mask at D 128 (evaluated per score) takes one row tile, for the same reason.
-/// Every shape fits 96 KiB of shared memory.
+/// general mask at D 128 (evaluated per score) takes one row tile, for the same reason,
+/// and 8 warps. Every shape fits 96 KiB of shared memory.
 fn block_shape(tuning: &AttentionTuning, d: i64, mask: Mask) -> (i64, i64, i64) {
-    let warps = if tuning.warps < 8 { 4 } else { 8 };
-    let m_tiles = if mask == Mask::General && d == 128 {
-        1
-    } else {
-        i64::from(tuning.m_tiles.clamp(1, 2))
-    };
+    let mut warps = if tuning.warps < 8 { 4 } else { 8 };
+    let mut m_tiles = i64::from(tuning.m_tiles.clamp(1, 2));
+    if m_tiles == 2 && mask == Mask::General && d == 128 {
+        (warps, m_tiles) = (8, 1);
+    }
     let stages = if m_tiles == 2 && d == 128 {
         1
     } else {
