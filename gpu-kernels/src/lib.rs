@@ -83,8 +83,8 @@ pub struct Options {
 /// `KILN_TUNE_ATTENTION`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AttentionTuning {
-    /// Warps of a block, 16 query rows each: 4 or 8 (fewer than 8 take 4, more take 8).
-    /// 8: 128 query rows a block, each K/V tile copied once for twice the rows of 4 warps.
+    /// Warps of a block, `16 · m_tiles` query rows each: 4 or 8 (fewer than 8 take 4,
+    /// more take 8). 8: each K/V tile copied once for twice the rows of 4 warps.
     pub warps: u32,
     /// K/V tiles in shared memory (1 or 2). 1: one K and one V buffer, V of a tile copied
     /// during its scores and K of the next during P·V. 2: two of each, the next tile's K
@@ -92,13 +92,22 @@ pub struct AttentionTuning {
     /// arrays (D 128: 8 warps take 64 KiB with 1 stage and 96 KiB with 2) run from dynamic
     /// shared memory; every configuration fits the 99 KiB of sm_89 and sm_120.
     pub stages: u32,
+    /// m16 row tiles a warp owns (1 or 2; 2 by default, with 4 warps: 128 query rows a
+    /// block): a block takes `16 · m_tiles · warps` query rows.
+    /// 2: each K and V fragment read from shared memory feeds two `mma`s (half the shared
+    /// memory reads per row), the Q fragments reloaded from shared memory for each 16
+    /// columns of the head dim instead of held in registers. With 2 tiles, D 128 takes 1
+    /// stage (64 KiB of shared memory at 4 warps, 96 at 8) and a general mask at D 128
+    /// keeps 1 tile with 8 warps: what ptxas fits in 255 registers without spills.
+    pub m_tiles: u32,
 }
 
 impl Default for AttentionTuning {
     fn default() -> AttentionTuning {
         AttentionTuning {
-            warps: 8,
+            warps: 4,
             stages: 2,
+            m_tiles: 2,
         }
     }
 }

@@ -8,7 +8,9 @@
 //! template: the graph interpreter rounds each dot product to bf16); and the reference
 //! template for what the new one does not take (f32, head dim 32, k and v read through
 //! slices, tensor cores switched off). The stdlib pattern and `paged_attention` never reach it (their
-//! tests: attention_pattern.rs, kernels.rs).
+//! tests: attention_pattern.rs, kernels.rs). The block shapes of two m16 row tiles a warp
+//! (`AttentionTuning::m_tiles`) at the same shapes, their shared memory, PTX snapshot and
+//! ptxas reports.
 //!
 //! Tolerance: that of `common::tolerance` (2e-2 relative for bf16/f16: the kernel rounds
 //! the probabilities before normalizing, the interpreter after). A PTX snapshot of the
@@ -148,7 +150,7 @@ fn not_causal_without_gqa() {
     assert!(
         names
             .iter()
-            .any(|n| n.contains("flash_attention_128x64x2_d64_bf16")),
+            .any(|n| n.contains("flash_attention_128x64x2_m2_d64_bf16")),
         "{names:?}"
     );
 }
@@ -245,18 +247,31 @@ fn flash_kernels_with(functions: &[&str], options: &Options) -> Vec<kiln_kir::Ke
 
 #[test]
 fn the_causal_prefill_kernel_snapshot() {
+    // The default: 4 warps of two m16 row tiles, one stage at D 128 (FlashAttention-2's
+    // block).
     let kernels = flash_kernels(&["prefill_causal"]);
+    assert!(kernels[0]
+        .name
+        .contains("flash_attention_128x64_m2_d128_causal"));
     let ptx = kiln_ptx::emit_ptx(&kernels, kiln_ptx::Target::Sm90a, &Default::default())
         .unwrap_or_else(|e| panic!("{e}"));
     insta::assert_snapshot!(ptx);
 }
 
-/// The block shapes other than the default (8 warps, 2 stages).
-const OTHER_SHAPES: [(u32, u32); 3] = [(4, 1), (4, 2), (8, 1)];
+/// The block shapes of one m16 row tile a warp (warps, stages; the default has two).
+const OTHER_SHAPES: [(u32, u32); 4] = [(4, 1), (4, 2), (8, 1), (8, 2)];
 
 fn with_shape(warps: u32, stages: u32) -> Options {
+    with_tiles(warps, stages, 1)
+}
+
+fn with_tiles(warps: u32, stages: u32, m_tiles: u32) -> Options {
     Options {
-        attention: AttentionTuning { warps, stages },
+        attention: AttentionTuning {
+            warps,
+            stages,
+            m_tiles,
+        },
         ..Options::default()
     }
 }
@@ -305,8 +320,9 @@ fn shared_memory_per_block_shape() {
     assert_eq!(
         Options::default().attention,
         AttentionTuning {
-            warps: 8,
-            stages: 2
+            warps: 4,
+            stages: 2,
+            m_tiles: 2
         }
     );
 }
@@ -351,8 +367,8 @@ fn gqa_ragged(q: bf16[2, 1000, 32, 128], k: bf16[2, 1000, 8, 128], v: bf16[2, 10
 fn d64_f16(q: f16[3, 333, 16, 64], k: f16[3, 777, 16, 64], v: f16[3, 777, 16, 64]) -> f16[3, 333, 16, 64] { attention_core(q, k, v, true) }
 ";
 
-/// The block shape of `KILN_TUNE_ATTENTION` (`warps=N,stages=N`, as `kiln bench` reads it),
-/// else the default.
+/// The block shape of `KILN_TUNE_ATTENTION` (`warps=N,stages=N,mtiles=N`, as `kiln bench`
+/// reads it), else the default.
 fn tuning_from_env() -> Options {
     let mut options = Options::default();
     if let Ok(spec) = std::env::var("KILN_TUNE_ATTENTION") {
@@ -362,7 +378,8 @@ fn tuning_from_env() -> Options {
             match key {
                 "warps" => options.attention.warps = n,
                 "stages" => options.attention.stages = n,
-                _ => panic!("KILN_TUNE_ATTENTION: unknown key `{key}` (warps, stages)"),
+                "mtiles" => options.attention.m_tiles = n,
+                _ => panic!("KILN_TUNE_ATTENTION: unknown key `{key}` (warps, stages, mtiles)"),
             }
         }
     }
@@ -372,7 +389,9 @@ fn tuning_from_env() -> Options {
 /// Writes `$KILN_FLASH_CHECK_DIR/manifest.json` and one PTX file (sm_90a, JIT-capped) per
 /// case for `tools/flash_gpu_check.py`, which runs each kernel on random data against
 /// PyTorch's `scaled_dot_product_attention` and times both. `KILN_TUNE_ATTENTION` picks
-/// another block shape (`warps=4,stages=1`).
+/// another block shape (`warps=4,stages=1`); beside its cases, those of the other row
+/// tiles a warp: `*_m1` (one tile, 8 warps) for a tuning of two tiles (the default),
+/// `*_m2` (two tiles, 4 warps) for one of one tile.
 #[test]
 #[ignore = "writes a GPU check to $KILN_FLASH_CHECK_DIR; run tools/flash_gpu_check.py on a GPU"]
 fn export_flash_gpu_check() {
@@ -383,19 +402,39 @@ fn export_flash_gpu_check() {
     std::fs::create_dir_all(&dir).unwrap();
     let module = lower("flash_check.kiln", GPU_SRC, None, None);
     let options = tuning_from_env();
+    // Beside the tuning's kernels, those of the other row tiles a warp (the one-tile
+    // design in 8 warps, the two-tile one in 4), side by side in one run.
+    let (warps, m_tiles, suffix) = match options.attention.m_tiles {
+        2 => (8, 1, "_m1"),
+        _ => (4, 2, "_m2"),
+    };
+    let attention = AttentionTuning {
+        warps,
+        m_tiles,
+        ..options.attention
+    };
+    let other = Options {
+        attention,
+        ..options.clone()
+    };
+    let variants = [(options, ""), (other, suffix)];
     let mut cases = Vec::new();
-    for function in ["prefill_causal", "prefill", "gqa_ragged", "d64_f16"] {
-        let compiled = kiln_gpu_kernels::compile_function(&module, function, &options).unwrap();
+    for ((options, suffix), function) in variants.iter().flat_map(|v| {
+        ["prefill_causal", "prefill", "gqa_ragged", "d64_f16"]
+            .into_iter()
+            .map(move |f| (v, f))
+    }) {
+        let compiled = kiln_gpu_kernels::compile_function(&module, function, options).unwrap();
         let [Step::Launch { kernel, args }] = &compiled.plan.steps[..] else {
             panic!("{function}: one launch expected");
         };
         let kernel = &compiled.kernels[*kernel];
         assert!(kernel.name.contains("flash_attention"), "{}", kernel.name);
-        let file = format!("{function}.ptx");
+        let file = format!("{function}{suffix}.ptx");
         let mut case = export_launch(&dir, &file, &compiled, kernel, args, &|_| None);
         let func = module.function(function).unwrap();
         let extra = serde_json::json!({
-            "function": function,
+            "function": format!("{function}{suffix}"),
             "shared_bytes": kernel.shared.iter().map(|s| s.len as usize * s.dtype.size_bytes()).sum::<usize>(),
             "dynamic_shared_bytes": kiln_kir::KernelInfo::of(kernel).dynamic_shared_bytes,
             "inputs": param_shapes(&module, function, 0),
@@ -412,4 +451,123 @@ fn export_flash_gpu_check() {
         serde_json::to_string_pretty(&serde_json::json!({ "cases": cases })).unwrap(),
     )
     .unwrap();
+}
+
+/// Block shapes of two m16 row tiles a warp (warps, stages; at D 128 they take one stage).
+const TWO_TILE_SHAPES: [(u32, u32); 4] = [(4, 2), (4, 1), (8, 1), (8, 2)];
+
+#[test]
+fn two_row_tiles_a_warp_match_the_interpreter() {
+    // Ragged query and key counts against 128- and 256-row blocks: causal GQA with the
+    // diagonal tile inside the block (a warp's second tile past its first), a key count
+    // unlike the query count at D 128 and f16, fewer keys than queries, a general mask, a
+    // computed q and 64-bit indices.
+    for (warps, stages) in TWO_TILE_SHAPES {
+        let options = with_tiles(warps, stages, 2);
+        let rows = 32 * warps;
+        let x2 = if stages == 2 { "x2" } else { "" };
+        let d64 = format!("flash_attention_{rows}x64{x2}_m2_d64");
+        let d128 = format!("flash_attention_{rows}x64_m2_d128");
+        for s in [70, 150, 300] {
+            let names = run_with("causal", &[("B", 2), ("S", s)], &options);
+            assert!(flash(&names, &format!("{d64}_causal")), "{names:?}");
+        }
+        let names = run_with("causal128", &[("B", 1), ("S", 177)], &options);
+        assert!(flash(&names, &format!("{d128}_causal")), "{names:?}");
+        let names = run_with("full128", &[("B", 2), ("S", 20), ("T", 130)], &options);
+        assert!(flash(&names, &format!("{d128}_bf16")), "{names:?}");
+        let names = run_with("full", &[("B", 1), ("S", 140)], &options);
+        assert!(flash(&names, &format!("{d64}_bf16")), "{names:?}");
+        let names = run_with("half_full", &[("B", 1), ("S", 90), ("T", 9)], &options);
+        assert!(flash(&names, &d64), "{names:?}");
+        let names = run_with("padded", &[("B", 2), ("S", 33), ("T", 71)], &options);
+        assert!(flash(&names, &format!("{d64}_masked")), "{names:?}");
+        let names = run_with("roped", &[("B", 1), ("S", 67)], &options);
+        assert!(flash(&names, &format!("{d128}_causal")), "{names:?}");
+    }
+    let options = Options {
+        index_width: kiln_gpu_kernels::IndexWidth::I64,
+        ..with_tiles(4, 2, 2)
+    };
+    let names = run_with("causal", &[("B", 2), ("S", 70)], &options);
+    assert!(flash(&names, "_m2_d64_causal"), "{names:?}");
+}
+
+#[test]
+fn two_row_tiles_a_warp_rescale_large_scores_like_the_reference() {
+    // As `large_scores_rescale_the_running_sums_across_tiles`, the row maxima moving far
+    // across key tiles in both of a warp's row tiles.
+    let module = lower("flash_attention.kiln", SRC, None, None);
+    let func = module.function("causal").unwrap();
+    let symbols = BTreeMap::from([("B".to_string(), 1), ("S".to_string(), 200)]);
+    let mut inputs = inputs_for(func, &symbols, 1, 5);
+    let q = &inputs[0];
+    let sharp: Vec<f32> = q.to_f32_vec().iter().map(|x| x * 40.0).collect();
+    inputs[0] = kiln_ir::Tensor::from_f32(&q.shape.clone(), sharp).cast(q.dtype);
+    let outputs = |tensor_cores: bool| {
+        let options = Options {
+            tensor_cores,
+            ..with_tiles(4, 2, 2)
+        };
+        let compiled = kiln_gpu_kernels::compile_function(&module, "causal", &options).unwrap();
+        let names: Vec<String> = compiled.kernels.iter().map(|k| k.name.clone()).collect();
+        assert_eq!(flash(&names, "_m2_d64_causal"), tensor_cores, "{names:?}");
+        let cpu = kiln_cpu::CpuExecutor::new(&compiled.kernels).unwrap_or_else(|e| panic!("{e}"));
+        cpu.run(&compiled.plan, &inputs, &|_| None)
+            .unwrap_or_else(|e| panic!("{e}"))
+    };
+    let (flash_out, reference) = (outputs(true), outputs(false));
+    let err = rel_err(&flash_out[0], &reference[0]);
+    assert!(
+        err <= tolerance(reference[0].dtype),
+        "relative error {err:e}"
+    );
+}
+
+#[test]
+fn shared_memory_of_two_row_tiles_a_warp() {
+    // D 128: a Q tile of 32 rows a warp and one K/V stage whatever the tuning asks
+    // (64 KiB at 4 warps, 96 KiB at 8); a general mask at D 128 keeps one row tile.
+    for (warps, stages) in TWO_TILE_SHAPES {
+        let options = with_tiles(warps, stages, 2);
+        let kernels = flash_kernels_with(&["prefill_causal", "padded"], &options);
+        let bytes = u64::from(32 * warps + 2 * 64) * 128 * 2;
+        let info = kiln_kir::KernelInfo::of(&kernels[0]);
+        assert!(
+            kernels[0].name.contains("x64_m2_d128_causal"),
+            "{}",
+            kernels[0].name
+        );
+        assert_eq!(info.block_dim, 32 * warps);
+        assert_eq!(info.shared_bytes, bytes, "{warps} warps, {stages} stages");
+        assert_eq!(info.dynamic_shared_bytes, bytes);
+        assert!(!kernels[1].name.contains("_m2"), "{}", kernels[1].name);
+    }
+}
+
+#[test]
+fn the_causal_prefill_kernel_of_one_row_tile_a_warp_snapshot() {
+    // 8 warps of 16 query rows, Q fragments in registers and two stages.
+    let kernels = flash_kernels_with(&["prefill_causal"], &with_tiles(8, 2, 1));
+    assert!(kernels[0]
+        .name
+        .contains("flash_attention_128x64x2_d128_causal"));
+    let ptx = kiln_ptx::emit_ptx(&kernels, kiln_ptx::Target::Sm90a, &Default::default())
+        .unwrap_or_else(|e| panic!("{e}"));
+    insta::assert_snapshot!(ptx);
+}
+
+#[test]
+fn two_row_tiles_a_warp_assemble_for_every_target_without_spills() {
+    let Some(toolchain) = common::toolchain() else {
+        return;
+    };
+    for (warps, stages) in TWO_TILE_SHAPES {
+        let kernels = flash_kernels_with(
+            &["prefill_causal", "prefill", "gqa64", "padded"],
+            &with_tiles(warps, stages, 2),
+        );
+        let registers = common::assert_assembles_without_spills(&toolchain, &kernels);
+        assert_eq!(registers.len(), 5 * kernels.len());
+    }
 }

@@ -312,11 +312,13 @@ const TUNE_PAGED: &str = "KILN_TUNE_PAGED";
 /// `KILN_TUNE_GEMM=tile=128x256,warps=2x4,stages=4,raster=8,dbuf=1,pairs=1`.
 const TUNE_GEMM: &str = "KILN_TUNE_GEMM";
 
-/// `KILN_TUNE_ATTENTION`: `warps=4|8` (warps of a prefill block, 16 query rows each;
-/// default 8) and `stages=1|2` (K/V tiles in shared memory: 1 alternates a K and a V
-/// buffer, 2 copies the next tile while this one is computed; default 2); defaults in
-/// [`kiln_gpu_kernels::AttentionTuning`]. Example: `KILN_TUNE_ATTENTION=warps=4,stages=1`
-/// (the 48 KiB design of static shared memory).
+/// `KILN_TUNE_ATTENTION`: `warps=4|8` (warps of a prefill block, `16 · mtiles` query rows
+/// each; default 4), `stages=1|2` (K/V tiles in shared memory: 1 alternates a K and a V
+/// buffer, 2 copies the next tile while this one is computed; default 2; two row tiles at
+/// D 128 take 1) and `mtiles=1|2` (m16 row tiles a warp: 2 feeds each K/V fragment to two
+/// `mma`s; default 2); defaults in [`kiln_gpu_kernels::AttentionTuning`]. Examples:
+/// `KILN_TUNE_ATTENTION=warps=8,mtiles=1` (the one-tile design of 128 rows a block),
+/// `KILN_TUNE_ATTENTION=warps=4,stages=1,mtiles=1` (48 KiB of static shared memory).
 const TUNE_ATTENTION: &str = "KILN_TUNE_ATTENTION";
 
 /// The `KEY=VALUE` items of the tuning variable `var`, if it is set.
@@ -452,15 +454,17 @@ pub(crate) fn apply_tuning(options: &mut CompileOptions) -> Result<()> {
         match (key.as_str(), *n) {
             ("warps", 4 | 8) => attention.warps = *n as u32,
             ("stages", 1 | 2) => attention.stages = *n as u32,
+            ("mtiles", 1 | 2) => attention.m_tiles = *n as u32,
             ("warps", _) => bail!("{TUNE_ATTENTION}: warps={n}: 4 or 8"),
             ("stages", _) => bail!("{TUNE_ATTENTION}: stages={n}: 1 or 2"),
-            _ => bail!("{TUNE_ATTENTION}: unknown key `{key}` (warps, stages)"),
+            ("mtiles", _) => bail!("{TUNE_ATTENTION}: mtiles={n}: 1 or 2"),
+            _ => bail!("{TUNE_ATTENTION}: unknown key `{key}` (warps, stages, mtiles)"),
         }
     }
     if !attention_items.is_empty() {
         eprintln!(
-            "kiln bench: {TUNE_ATTENTION}: warps {}, stages {}",
-            attention.warps, attention.stages
+            "kiln bench: {TUNE_ATTENTION}: warps {}, stages {}, m16 tiles a warp {}",
+            attention.warps, attention.stages, attention.m_tiles
         );
     }
     Ok(())

@@ -2,8 +2,8 @@
 //! `mma.sync` path) for the built-in `attention` op with bf16 or f16 q/k/v read straight
 //! from their buffers and head dims of 64 or 128.
 //!
-//! A block of 4 or 8 warps (`AttentionTuning::warps`; 8 by default) takes 64 or 128 query
-//! rows of one (batch, head), each warp 16 of them:
+//! With one m16 row tile a warp, a block of 4 or 8 warps (`AttentionTuning::warps`)
+//! takes 64 or 128 query rows of one (batch, head), each warp 16 of them:
 //! - the Q tile is copied once (`cp.async`; a q computed in the kernel, RoPE's, is
 //!   computed 8 elements a thread at a time and stored) into XOR-swizzled shared memory
 //!   and its A fragments are loaded with `ldmatrix` into registers, where they stay;
@@ -27,6 +27,15 @@
 //!   involved; V fragments come from `ldmatrix.trans`;
 //! - the output is divided by the row sum and stored, rows past the sequence skipped.
 //!
+//! Two m16 row tiles a warp (`AttentionTuning::m_tiles`, the default with 4 warps): a
+//! block of 4 warps takes 128 rows (8 warps 256), each warp 32, and every K or V fragment read from
+//! shared memory feeds the `mma`s of both tiles (`mma_warp_tiles.rs`), halving the shared
+//! memory read per row of math, which bounds the one-tile loop. The Q fragments are then
+//! loaded again from the Q tile for each 16 columns of the head dim instead of held in
+//! registers; at D 128 the block takes one stage (FlashAttention-2's: V during the scores,
+//! the next K during `P V`) and a general mask keeps one row tile, which keeps ptxas
+//! within 255 registers without spills on every target.
+//!
 //! GQA: query head h reads key/value head `h / (H / KV)`. Query and key counts need not
 //! be multiples of the tile. The mask (`allow`) is recognised as all-true (`causal:
 //! false`), as causal (`arange(S)[:, None] >= arange(S)[None, :]`, the stdlib's `causal:
@@ -43,6 +52,7 @@ use super::mma_gemm::{and_mask, i32c, shr, swizzle, CHUNK};
 use super::mma_softmax::{
     chunk_at, online_softmax, pack_probabilities, quad_sum, scores, weigh_values, Rows,
 };
+use super::mma_warp_tiles::{scores_from_shared, weigh_values_tiles};
 use super::{ceil_div_size, size_of_dims, Body};
 use crate::emit::{add, lt, min_e, mul, EResult, Emitter};
 use crate::AttentionTuning;
@@ -54,11 +64,26 @@ const WARP_ROWS: i64 = 16;
 /// Keys of a tile.
 const BN: i64 = 64;
 
-/// The block shape a tuning asks for: 4 or 8 warps (at least 128 threads, so a copy pass
-/// covers a multiple of 8 rows and keeps every row's swizzle), 1 or 2 stages.
-fn block_shape(tuning: &AttentionTuning) -> (i64, i64) {
-    let warps = if tuning.warps < 8 { 4 } else { 8 };
-    (warps, i64::from(tuning.stages.clamp(1, 2)))
+/// The block shape a tuning asks for at head dim `d`: 4 or 8 warps (at least 128 threads,
+/// so a copy pass covers a multiple of 8 rows and keeps every row's swizzle), 1 or 2
+/// stages, 1 or 2 m16 row tiles a warp. Two row tiles at D 128 take one stage: their
+/// 128 output and 64 score accumulators leave too few registers for the addresses of a
+/// prefetch of K and V during the scores (ptxas spills), and one stage (V copied during
+/// the scores, the next K during `P V`) is FlashAttention-2's design at that shape; a
+/// general mask at D 128 (evaluated per score) takes one row tile, for the same reason,
+/// and 8 warps. Every shape fits 96 KiB of shared memory.
+fn block_shape(tuning: &AttentionTuning, d: i64, mask: Mask) -> (i64, i64, i64) {
+    let mut warps = if tuning.warps < 8 { 4 } else { 8 };
+    let mut m_tiles = i64::from(tuning.m_tiles.clamp(1, 2));
+    if m_tiles == 2 && mask == Mask::General && d == 128 {
+        (warps, m_tiles) = (8, 1);
+    }
+    let stages = if m_tiles == 2 && d == 128 {
+        1
+    } else {
+        i64::from(tuning.stages.clamp(1, 2))
+    };
+    (warps, stages, m_tiles)
 }
 
 /// How the `allow` operand masks the scores.
@@ -198,9 +223,11 @@ pub(crate) fn emit(
     p: &FlashPlan,
     tuning: &AttentionTuning,
 ) -> EResult<Body> {
-    let (warps, stages) = block_shape(tuning);
+    let (warps, stages, m_tiles) = block_shape(tuning, p.head_dim, p.mask);
     let threads = 32 * warps;
-    let bm = WARP_ROWS * warps;
+    // Query rows of a warp, `m_tiles` m16 tiles.
+    let warp_rows = WARP_ROWS * m_tiles;
+    let bm = warp_rows * warps;
     let g = e.g;
     let inst = g.inst(p.out).expect("attention");
     let (q_op, k_op, allow) = (inst.operands[0], inst.operands[1], inst.operands[3]);
@@ -245,14 +272,18 @@ pub(crate) fn emit(
     let s_len = e.dim(&q_shape[1]);
     let t_len = e.dim(&k_shape[1]);
     // Causal blocks with the most key tiles start first.
-    let bx = e.special(Special::BlockIdx(0));
-    let q_tile = if causal {
-        let tiles = Expr::binary(BinOp::Div, s_len.clone() + e.ix(bm - 1), e.ix(bm));
-        tiles - e.ix(1) - bx
-    } else {
-        bx
+    let first_row = |e: &mut Emitter<'_, '_>| {
+        let bx = e.special(Special::BlockIdx(0));
+        let q_tile = if causal {
+            let tiles = Expr::binary(BinOp::Div, s_len.clone() + e.ix(bm - 1), e.ix(bm));
+            tiles - e.ix(1) - bx
+        } else {
+            bx
+        };
+        q_tile * e.ix(bm)
     };
-    let m0 = e.bind(&mut body, "m0", ity, q_tile * e.ix(bm));
+    let m0 = first_row(e);
+    let m0 = e.bind(&mut body, "m0", ity, m0);
     // Keys the block visits: all, or those up to its last query row (causal).
     let n_end = if causal {
         min_e(t_len.clone(), m0.clone() + e.ix(bm))
@@ -367,7 +398,7 @@ pub(crate) fn emit(
     let lh = e.bind(&mut body, "ld_h", Ty::I32, shr(lane.clone(), 4));
     // Rows are multiples of 8 plus `lr`, so every swizzle below is `^ lr`; chunk `2c + x`
     // (x of 0 or 1) swizzles to `2c ^ (x ^ lr)`.
-    let q_row = warp.clone() * i32c(WARP_ROWS) + lq.clone() * i32c(8) + lr.clone();
+    let q_row = warp.clone() * i32c(warp_rows) + lq.clone() * i32c(8) + lr.clone();
     let q_base = e.bind(&mut body, "q_ld", Ty::I32, q_row * i32c(d));
     let q_x = e.bind(
         &mut body,
@@ -463,32 +494,47 @@ pub(crate) fn emit(
     body.push(Stmt::CpAsyncCommit);
     body.push(Stmt::CpAsyncWait(0));
     body.push(Stmt::Barrier);
-    let q_frag: Vec<[VarId; 4]> = (0..k16)
-        .map(|_| [0; 4].map(|_| e.var("fq", Ty::I32)))
-        .collect();
-    for (kk, frag) in q_frag.iter().enumerate() {
-        body.push(Stmt::LdMatrix {
-            dsts: frag.to_vec(),
-            trans: false,
-            buf: q_tile_buf,
-            index: q_base.clone() + chunk_at(kk as i64, &q_x),
-        });
-    }
-
-    // ---- per-row state: rows g and g + 8 of the warp's 16 (g = lane / 4, t = lane % 4).
-    let rows = Rows::new(e, &mut body);
-    let o_acc: Vec<[VarId; 4]> = (0..d / 8)
-        .map(|_| [0; 4].map(|_| e.var("o", Ty::F32)))
-        .collect();
-    for cells in &o_acc {
-        for &c in cells {
-            body.push(Stmt::Assign(c, Expr::f32(0.0)));
+    // One m16 tile a warp: its Q fragments stay in registers. Two: a slice's fragments of
+    // both tiles are loaded for each 16 columns of the head dim (`scores_from_shared`).
+    let q_frag: Vec<[VarId; 4]> = if m_tiles == 1 {
+        let q_frag: Vec<[VarId; 4]> = (0..k16)
+            .map(|_| [0; 4].map(|_| e.var("fq", Ty::I32)))
+            .collect();
+        for (kk, frag) in q_frag.iter().enumerate() {
+            body.push(Stmt::LdMatrix {
+                dsts: frag.to_vec(),
+                trans: false,
+                buf: q_tile_buf,
+                index: q_base.clone() + chunk_at(kk as i64, &q_x),
+            });
         }
+        q_frag
+    } else {
+        (0..m_tiles)
+            .map(|_| [0; 4].map(|_| e.var("fq", Ty::I32)))
+            .collect()
+    };
+
+    // ---- per-row state of each m16 tile `mt` of the warp: rows g and g + 8 of its 16
+    // (g = lane / 4, t = lane % 4).
+    let mut rows = Vec::new();
+    let mut o_acc: Vec<Vec<[VarId; 4]>> = Vec::new();
+    for _ in 0..m_tiles {
+        rows.push(Rows::new(e, &mut body));
+        let acc: Vec<[VarId; 4]> = (0..d / 8)
+            .map(|_| [0; 4].map(|_| e.var("o", Ty::F32)))
+            .collect();
+        for cells in &acc {
+            for &c in cells {
+                body.push(Stmt::Assign(c, Expr::f32(0.0)));
+            }
+        }
+        o_acc.push(acc);
     }
     let quad_g = shr(lane.clone(), 2);
     let quad_t = and_mask(lane.clone(), 3);
     // The query of the thread's first row; its key within a tile at column 2t.
-    let q_first = m0.clone() + index(warp.clone() * i32c(WARP_ROWS) + quad_g);
+    let q_first = m0.clone() + index(warp.clone() * i32c(warp_rows) + quad_g);
     let q_first = e.bind(&mut body, "query", ity, q_first);
     let key_col = e.bind(&mut body, "key_col", ity, index(quad_t * i32c(2)));
 
@@ -550,18 +596,29 @@ pub(crate) fn emit(
             (k_base.clone(), v_base.clone())
         }
     };
-    let s_acc: Vec<[VarId; 4]> = (0..BN / 8)
-        .map(|_| [0; 4].map(|_| e.var("s", Ty::F32)))
-        .collect();
-    for cells in &s_acc {
-        for &c in cells {
-            tile.push(Stmt::Assign(c, Expr::f32(0.0)));
+    let mut s_acc: Vec<Vec<[VarId; 4]>> = Vec::new();
+    for _ in 0..m_tiles {
+        let acc: Vec<[VarId; 4]> = (0..BN / 8)
+            .map(|_| [0; 4].map(|_| e.var("s", Ty::F32)))
+            .collect();
+        for cells in &acc {
+            for &c in cells {
+                tile.push(Stmt::Assign(c, Expr::f32(0.0)));
+            }
         }
+        s_acc.push(acc);
     }
     let kb: [VarId; 4] = [0; 4].map(|_| e.var("fk", Ty::I32));
-    scores(
-        &mut tile, p.input, &q_frag, &s_acc, kb, k_tile_buf, &k_at, &k_x, d,
-    );
+    if m_tiles == 1 {
+        scores(
+            &mut tile, p.input, &q_frag, &s_acc[0], kb, k_tile_buf, &k_at, &k_x, d,
+        );
+    } else {
+        scores_from_shared(
+            &mut tile, p.input, q_tile_buf, &q_base, &q_x, &q_frag, &s_acc, kb, k_tile_buf, &k_at,
+            &k_x, d,
+        );
+    }
     // The mask, where the tile needs one.
     let key0 = e.bind(&mut tile, "key0", ity, n0.clone() + key_col.clone());
     let mut masked = Vec::new();
@@ -571,9 +628,11 @@ pub(crate) fn emit(
     } else {
         None
     };
-    for (ni, cells) in s_acc.iter().enumerate() {
+    for (ni, cells) in s_acc.iter().flatten().enumerate() {
+        // Tile `mt` of the warp's rows, 8-key column block `nk`.
+        let (mt, nk) = (ni as i64 / (BN / 8), ni as i64 % (BN / 8));
         for (j, &cell) in cells.iter().enumerate() {
-            let (key_off, row_off) = (8 * ni as i64 + (j % 2) as i64, 8 * (j / 2) as i64);
+            let (key_off, row_off) = (8 * nk + (j % 2) as i64, 16 * mt + 8 * (j / 2) as i64);
             let mut ok = lt(e.ix(key_off), keys_left.clone());
             if let Some(ahead) = &ahead {
                 // key0 + key_off <= query + row_off
@@ -628,8 +687,11 @@ pub(crate) fn emit(
     // Online softmax (base 2) of the thread's two rows; P as the A fragments of P V.
     let other = e.var("other", Ty::F32);
     let red = e.var("red", Ty::F32);
-    online_softmax(e, &mut tile, &s_acc, &rows, &o_acc, scale2, other, red);
-    let p_frag = pack_probabilities(e, &mut tile, &s_acc, p.input);
+    let mut p_frag = Vec::new();
+    for ((s, r), o) in s_acc.iter().zip(&rows).zip(&o_acc) {
+        online_softmax(e, &mut tile, s, r, o, scale2, other, red);
+        p_frag.push(pack_probabilities(e, &mut tile, s, p.input));
+    }
     if stage.is_none() {
         // V has landed and every warp is done with K: the next K tile streams in while
         // the values are weighed.
@@ -642,9 +704,15 @@ pub(crate) fn emit(
         tile.push(Stmt::CpAsyncCommit);
     }
     let vb: [VarId; 4] = [0; 4].map(|_| e.var("fv", Ty::I32));
-    weigh_values(
-        &mut tile, p.input, &p_frag, &o_acc, vb, v_tile_buf, &v_at, &v_x, d,
-    );
+    if m_tiles == 1 {
+        weigh_values(
+            &mut tile, p.input, &p_frag[0], &o_acc[0], vb, v_tile_buf, &v_at, &v_x, d,
+        );
+    } else {
+        weigh_values_tiles(
+            &mut tile, p.input, &p_frag, &o_acc, vb, v_tile_buf, &v_at, &v_x, d,
+        );
+    }
     if let Some(stage) = stage {
         tile.push(Stmt::Assign(stage, i32c(stage_elems) - Expr::var(stage)));
     }
@@ -658,39 +726,58 @@ pub(crate) fn emit(
     body.push(Stmt::CpAsyncWait(0));
 
     // ---- the row sums over the quad, the division and the store.
-    for r in 0..2 {
-        quad_sum(&mut body, rows.sum[r], other);
-        let inv = e.bind(
-            &mut body,
-            "inv",
-            Ty::F32,
-            Expr::f32(1.0) / Expr::var(rows.sum[r]),
-        );
-        let query = e.bind(
-            &mut body,
-            "out_row",
-            ity,
-            q_first.clone() + e.ix(8 * r as i64),
-        );
-        let mut store = Vec::new();
-        for (nd, cells) in o_acc.iter().enumerate() {
-            let col = key_col.clone() + e.ix(8 * nd as i64);
-            let idx = [b.clone(), query.clone(), h.clone(), col];
-            let values = vec![
-                Expr::var(cells[2 * r]) * inv.clone(),
-                Expr::var(cells[2 * r + 1]) * inv.clone(),
-            ];
-            e.store(&mut store, p.out, &idx, values);
+    let (b, h, q_first, key_col) = if m_tiles == 1 {
+        (b, h, q_first, key_col)
+    } else {
+        // Two row tiles leave few registers: the store's coordinates are computed again
+        // from the special registers rather than kept across the key loop.
+        let lane = e.bind(&mut body, "lane", Ty::I32, Expr::Special(Special::LaneId));
+        let warp = e.bind(&mut body, "warp", Ty::I32, Expr::Special(Special::WarpId));
+        let bz = e.special(Special::BlockIdx(2));
+        let bh = e.delinearize(&mut body, bz, &[q_shape[0].clone(), q_shape[2].clone()]);
+        let m0 = first_row(e);
+        let q_first = m0 + index(warp * i32c(warp_rows) + shr(lane.clone(), 2));
+        let q_first = e.bind(&mut body, "query", ity, q_first);
+        let key_col = index(and_mask(lane, 3) * i32c(2));
+        let key_col = e.bind(&mut body, "key_col", ity, key_col);
+        (bh[0].clone(), bh[1].clone(), q_first, key_col)
+    };
+    for (mt, (rows, o_acc)) in rows.iter().zip(&o_acc).enumerate() {
+        for r in 0..2 {
+            quad_sum(&mut body, rows.sum[r], other);
+            let inv = e.bind(
+                &mut body,
+                "inv",
+                Ty::F32,
+                Expr::f32(1.0) / Expr::var(rows.sum[r]),
+            );
+            let query = e.bind(
+                &mut body,
+                "out_row",
+                ity,
+                q_first.clone() + e.ix(16 * mt as i64 + 8 * r as i64),
+            );
+            let mut store = Vec::new();
+            for (nd, cells) in o_acc.iter().enumerate() {
+                let col = key_col.clone() + e.ix(8 * nd as i64);
+                let idx = [b.clone(), query.clone(), h.clone(), col];
+                let values = vec![
+                    Expr::var(cells[2 * r]) * inv.clone(),
+                    Expr::var(cells[2 * r + 1]) * inv.clone(),
+                ];
+                e.store(&mut store, p.out, &idx, values);
+            }
+            body.push(Stmt::if_then(lt(query, s_len.clone()), store));
         }
-        body.push(Stmt::if_then(lt(query, s_len.clone()), store));
     }
 
     e.fused.insert(p.out);
     e.fused.extend(p.mask_values.iter().copied());
     let batch_heads = size_of_dims(&[q_shape[0].clone(), q_shape[2].clone()]);
     let what = format!(
-        "flash_attention_{bm}x{BN}{}_d{d}{}",
+        "flash_attention_{bm}x{BN}{}{}_d{d}{}",
         if stages == 2 { "x2" } else { "" },
+        if m_tiles == 2 { "_m2" } else { "" },
         match p.mask {
             Mask::Full => "",
             Mask::Causal => "_causal",

@@ -9,6 +9,7 @@ mod kv_cache;
 mod matmul;
 mod mma_gemm;
 mod mma_softmax;
+mod mma_warp_tiles;
 mod paged_decode;
 pub(crate) mod persistent_loop;
 mod pointwise;
