@@ -28,8 +28,9 @@
 //!   on real hardware); copies still pending at the end of the block are dropped;
 //! - `Wgmma` statements (the `wgmma` submodule) compute a warpgroup's product from its
 //!   shared tiles when issued, and track the async proxy: an `Mma` reading an element
-//!   whose writer has not executed `FenceProxyAsync` since the write, or a write to an
-//!   element a batch not yet waited for reads, is an error;
+//!   whose writer has not executed `FenceProxyAsync` since the write, a write to an
+//!   element a batch not yet waited for reads, or any other statement touching an
+//!   accumulator of such a batch, is an error;
 //! - `Select` evaluates both arms (as a GPU's `selp` does): a load in the arm not chosen
 //!   must be in bounds too.
 //!
@@ -378,6 +379,7 @@ impl Interpreter<'_, '_> {
 
     fn run_stmt(&mut self, stmt: &Stmt, mask: &[bool], path: &mut Path) -> Result<(), KirError> {
         let fail = |this: &Self, t: usize, m: String| this.error(stmt, path, Some(t), &m);
+        self.check_accumulators(stmt, mask, path)?;
         match stmt {
             Stmt::Assign(var, value) => {
                 for (t, v) in self.eval_all(value, mask, stmt, path)? {

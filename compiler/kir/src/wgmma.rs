@@ -28,9 +28,9 @@
 //!   first `Mma` of a batch the warpgroup executes `Fence` (`wgmma.fence`, which orders the
 //!   accumulator registers' earlier writes); `Commit` closes the warpgroup's open batch;
 //!   `Wait(n)` waits until at most `n` committed batches are pending. The interpreter
-//!   computes the product when it is issued, so a kernel must not touch `d` between `Mma`
-//!   and its `Wait` (ptxas reports that, C7515, and serializes); it does track the shared
-//!   elements a pending batch reads: a write to one before the batch's `Wait` is an error.
+//!   computes the product when it is issued; a kernel must not touch `d` between `Mma`
+//!   and its `Wait` (ptxas reports that, C7515, and serializes), nor write a shared element
+//!   a pending batch reads: the interpreter reports both.
 //! - Shared memory written through the generic proxy (`Store`, `StoreVec`, `CpAsync`) is
 //!   read by `Mma` through the async proxy: each writing thread executes `FenceProxyAsync`
 //!   (`fence.proxy.async.shared::cta`) after its writes are complete (after the

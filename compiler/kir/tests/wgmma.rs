@@ -144,3 +144,33 @@ fn the_verifier_checks_wgmma_shapes_and_warpgroups() {
     let err = verify_kernel(&kb.finish(body)).unwrap_err().to_string();
     assert!(err.contains("block-uniform"), "{err}");
 }
+
+#[test]
+fn touching_an_accumulator_before_its_wait_is_an_error() {
+    let mut kernel = wgmma_tile(MmaInput::Bf16, 16, true);
+    let wait = kernel
+        .body
+        .iter()
+        .position(|s| *s == Stmt::Wgmma(WgmmaOp::Wait(0)))
+        .expect("a wait");
+    let Some(Stmt::Wgmma(WgmmaOp::Mma { d, .. })) = kernel
+        .body
+        .iter()
+        .find(|s| matches!(s, Stmt::Wgmma(WgmmaOp::Mma { .. })))
+        .cloned()
+    else {
+        panic!("an mma");
+    };
+    let read = Stmt::assign(d[1], Expr::var(d[1]) + Expr::f32(1.0));
+    kernel.body.insert(wait, read.clone());
+    let (_, _, buffers) = inputs(MmaInput::Bf16, 16);
+    let err = run(&kernel, [1, 1, 1], &buffers, &[]).expect_err("in flight");
+    assert!(
+        err.to_string().contains("no wgmma_wait has completed"),
+        "{err}"
+    );
+    // After the wait it is an ordinary register.
+    let mut kernel = wgmma_tile(MmaInput::Bf16, 16, true);
+    kernel.body.insert(wait + 1, read);
+    run(&kernel, [1, 1, 1], &buffers, &[]).unwrap_or_else(|e| panic!("{e}"));
+}

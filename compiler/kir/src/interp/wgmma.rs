@@ -1,13 +1,15 @@
 //! The interpreter's warpgroup matrix multiply ([`crate::wgmma`]): the product read through
 //! its descriptors, and the bookkeeping of the async proxy (shared elements written without
-//! a following `FenceProxyAsync` of their writer, and elements a pending batch reads).
+//! a following `FenceProxyAsync` of their writer, elements a pending batch reads, and the
+//! accumulator registers of batches not yet waited for, which no other statement may
+//! touch).
 
 use super::{int_value, Interpreter, Path};
 use crate::error::KirError;
-use crate::kernel::{Buf, Const, Stmt};
+use crate::kernel::{Buf, Const, Expr, Stmt, VarId};
 use crate::tensor::element_to_f32;
 use crate::wgmma::{self, WgmmaOp, WgmmaTile, WARPGROUP};
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 
 /// The async-proxy state of a running block.
 #[derive(Default)]
@@ -21,6 +23,9 @@ pub(super) struct AsyncProxy {
     /// Per warpgroup: the open batch's reads, then the committed batches, oldest first.
     open: Vec<Vec<(usize, usize)>>,
     committed: Vec<VecDeque<Vec<(usize, usize)>>>,
+    /// Per warpgroup: the accumulators of the open batch, then of each committed one.
+    open_vars: Vec<Vec<VarId>>,
+    committed_vars: Vec<VecDeque<Vec<VarId>>>,
 }
 
 impl AsyncProxy {
@@ -32,6 +37,8 @@ impl AsyncProxy {
             reads: array_lens.iter().map(|&n| vec![0; n]).collect(),
             open: vec![Vec::new(); groups],
             committed: vec![VecDeque::new(); groups],
+            open_vars: vec![Vec::new(); groups],
+            committed_vars: vec![VecDeque::new(); groups],
         }
     }
 
@@ -84,6 +91,8 @@ impl Interpreter<'_, '_> {
                     let w = first / WARPGROUP;
                     let batch = std::mem::take(&mut self.proxy.open[w]);
                     self.proxy.committed[w].push_back(batch);
+                    let vars = std::mem::take(&mut self.proxy.open_vars[w]);
+                    self.proxy.committed_vars[w].push_back(vars);
                 }
             }
             WgmmaOp::Wait(n) => {
@@ -91,6 +100,7 @@ impl Interpreter<'_, '_> {
                     let w = first / WARPGROUP;
                     while self.proxy.committed[w].len() > *n as usize {
                         let batch = self.proxy.committed[w].pop_front().expect("a batch");
+                        self.proxy.committed_vars[w].pop_front();
                         for (array, element) in batch {
                             self.proxy.reads[array][element] -= 1;
                         }
@@ -141,10 +151,59 @@ impl Interpreter<'_, '_> {
                         self.set_register(t, var, Const::F32(value));
                     }
                     let w = first / WARPGROUP;
+                    self.proxy.open_vars[w].extend(d.iter().copied());
                     for (array, element) in a_read.into_iter().chain(b_read) {
                         self.proxy.reads[array][element] += 1;
                         self.proxy.open[w].push((array, element));
                     }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// An error when `stmt` (not a `Wgmma`; of a `For` or `If` only its own expressions and
+    /// register) reads or writes, in an active thread, an accumulator of its warpgroup's
+    /// `Mma` whose batch no `Wait` has completed.
+    pub(super) fn check_accumulators(
+        &self,
+        stmt: &Stmt,
+        mask: &[bool],
+        path: &Path,
+    ) -> Result<(), KirError> {
+        let in_flight = |w: usize| {
+            !self.proxy.open_vars[w].is_empty()
+                || self.proxy.committed_vars[w].iter().any(|v| !v.is_empty())
+        };
+        let groups: Vec<usize> = (0..self.proxy.open_vars.len())
+            .filter(|&w| in_flight(w))
+            .filter(|&w| {
+                mask.iter()
+                    .skip(w * WARPGROUP)
+                    .take(WARPGROUP)
+                    .any(|&on| on)
+            })
+            .collect();
+        if groups.is_empty() || matches!(stmt, Stmt::Wgmma(_)) {
+            return Ok(());
+        }
+        let mut touched = BTreeSet::new();
+        head_vars(stmt, &mut touched);
+        for w in groups {
+            let pending = self.proxy.open_vars[w]
+                .iter()
+                .chain(self.proxy.committed_vars[w].iter().flatten());
+            for var in pending {
+                if touched.contains(var) {
+                    return Err(self.error(
+                        stmt,
+                        path,
+                        Some(w * WARPGROUP),
+                        &format!(
+                            "touches accumulator {} of a wgmma no wgmma_wait has completed",
+                            self.names.var(*var)
+                        ),
+                    ));
                 }
             }
         }
@@ -236,5 +295,60 @@ impl Interpreter<'_, '_> {
             }
         }
         Ok((matrix, read))
+    }
+}
+
+/// The registers `stmt` itself reads or writes (a `For`'s or `If`'s own expressions and
+/// register, not its body's).
+fn head_vars(stmt: &Stmt, out: &mut BTreeSet<VarId>) {
+    use crate::verify::vars_read;
+    let mut exprs: Vec<&Expr> = Vec::new();
+    match stmt {
+        Stmt::Assign(var, value) => {
+            out.insert(*var);
+            exprs.push(value);
+        }
+        Stmt::LoadVec { dsts, index, .. } | Stmt::LdMatrix { dsts, index, .. } => {
+            out.extend(dsts.iter().copied());
+            exprs.push(index);
+        }
+        Stmt::Store { index, value, .. } => exprs.extend([index, value]),
+        Stmt::StoreVec { index, values, .. } => {
+            exprs.push(index);
+            exprs.extend(values);
+        }
+        Stmt::For {
+            var,
+            start,
+            end,
+            step,
+            ..
+        } => {
+            out.insert(*var);
+            exprs.extend([start, end, step]);
+        }
+        Stmt::If { cond, .. } => exprs.push(cond),
+        Stmt::ShuffleXor { dst, src, .. } => out.extend([*dst, *src]),
+        Stmt::Mma { d, a, b, c, .. } => out.extend(d.iter().chain(a).chain(b).chain(c).copied()),
+        Stmt::CpAsync {
+            dst_index,
+            src_index,
+            src_len,
+            ..
+        } => exprs.extend([dst_index, src_index, src_len]),
+        Stmt::PackHalves { dst, lo, hi, .. } => {
+            out.insert(*dst);
+            exprs.extend([lo, hi]);
+        }
+        Stmt::PrefetchL2 { index, bytes, .. } => exprs.extend([index, bytes]),
+        Stmt::Barrier
+        | Stmt::CpAsyncCommit
+        | Stmt::CpAsyncWait(_)
+        | Stmt::GridDependencyWait
+        | Stmt::LaunchDependents
+        | Stmt::Wgmma(_) => {}
+    }
+    for expr in exprs {
+        vars_read(expr, out);
     }
 }
