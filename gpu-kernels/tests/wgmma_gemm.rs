@@ -109,7 +109,10 @@ fn llm_shaped_wgmma_gemms_assemble_for_sm_90a_without_spills_or_serialization() 
         }
     }
     let q_proj = emit_ptx(&kernels[..1], Target::Sm90a, &EmitOptions::default()).unwrap();
-    assert!(q_proj.contains(".extern .shared .align 1024"), "1024-byte aligned tiles");
+    assert!(
+        q_proj.contains(".extern .shared .align 1024"),
+        "1024-byte aligned tiles"
+    );
     insta::assert_snapshot!("wgmma_gemm_128x256_q_proj_sm_90a", q_proj);
     let Some(toolchain) = common::toolchain() else {
         return;
