@@ -71,6 +71,11 @@ pub struct Options {
     /// (the driver turns it off when a target lacks it; they then take the plain template,
     /// converting in its prologue).
     pub fp8_tensor_cores: bool,
+    /// Whether every compiled target has Hopper's `wgmma` (sm_90a): the driver sets it from
+    /// the targets (off by default, and always for the CPU backend, which has none). With
+    /// [`GemmTuning::wgmma`], prefill bf16/f16 GEMMs of `linear` weights then take the
+    /// `wgmma` template (`templates/wgmma_gemm.rs`).
+    pub wgmma: bool,
     pub pointwise: PointwiseTuning,
     pub paged: PagedTuning,
     pub persistent: PersistentTuning,
@@ -201,6 +206,12 @@ pub struct GemmTuning {
     /// 16-byte weight vectors a lane of the GEMV template loads together per step (fewer
     /// when the row is shorter or fused matmuls would hold too many registers).
     pub gemv_unroll: u32,
+    /// Whether prefill bf16/f16 GEMMs of `linear` weights take the `wgmma` template
+    /// (`templates/wgmma_gemm.rs`: two warpgroups, a 128 × 256 tile, 128-byte swizzled
+    /// `cp.async` stages read by `wgmma` descriptors) where every target has it
+    /// ([`Options::wgmma`]); else the `mma.sync` template. On: its kernel-IR tests match
+    /// the graph interpreter; not yet measured on an H100.
+    pub wgmma: bool,
 }
 
 impl Default for GemmTuning {
@@ -224,6 +235,7 @@ impl Default for GemmTuning {
             trigger: false,
             gemv: true,
             gemv_unroll: 8,
+            wgmma: true,
         }
     }
 }
@@ -232,7 +244,7 @@ impl GemmTuning {
     /// The knob names [`GemmTuning::set`] takes.
     pub const KEYS: &'static str =
         "segments, splits, rowsum, kvwrite, maxsplits, tile, warps, bk, stages, raster, dbuf, pairs, \
-         smem, prefetch, prefetch_mib, trigger, gemv, gemvunroll";
+         smem, prefetch, prefetch_mib, trigger, gemv, gemvunroll, wgmma";
 
     /// Sets knob `key` (the `KILN_TUNE_GEMM` names, [`GemmTuning::KEYS`]) from `value`: a
     /// number (`0|1` for switches), or `AxB` for `tile` and `warps`.
@@ -267,6 +279,7 @@ impl GemmTuning {
             "trigger" => self.trigger = number()? != 0,
             "gemv" => self.gemv = number()? != 0,
             "gemvunroll" => self.gemv_unroll = number()?.max(1),
+            "wgmma" => self.wgmma = number()? != 0,
             _ => return Err(format!("unknown key `{key}` ({})", Self::KEYS)),
         }
         Ok(())
@@ -436,6 +449,7 @@ impl Default for Options {
             matmul_tiling: None,
             tensor_cores: true,
             fp8_tensor_cores: true,
+            wgmma: false,
             pointwise: PointwiseTuning::default(),
             paged: PagedTuning::default(),
             persistent: PersistentTuning::default(),

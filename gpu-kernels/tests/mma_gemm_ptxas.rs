@@ -287,7 +287,7 @@ fn fp8_gemm_with_the_block_order_and_double_buffer_assembles_without_spills() {
 }
 
 /// Shapes for the GPU check: `(function, T)`.
-const GPU_CASES: [(&str, u64); 11] = [
+const GPU_CASES: [(&str, u64); 12] = [
     ("small_nk", 37),
     ("small_kn", 130),
     ("q_proj", 4096),
@@ -299,6 +299,7 @@ const GPU_CASES: [(&str, u64); 11] = [
     ("fp8_small", 37),
     ("fp8_8192", 8192),
     ("fp8_decode", 16),
+    ("ragged", 1000),
 ];
 
 const GPU_SRC: &str = "import nn
@@ -313,6 +314,7 @@ fn decode16(x: bf16[16, 4096], w: bf16[4096, 4096]) -> bf16[16, 4096] { linear(x
 fn fp8_small(x: f8e4m3[T, 96], w: f8e4m3[53, 96], sa: f32[T, 1], sb: f32[53]) -> bf16[T, 53] { bf16(scaled_mm(x, w, sa, sb)) }
 fn fp8_8192(x: f8e4m3[T, 8192], w: f8e4m3[8192, 8192], sa: f32, sb: f32) -> bf16[T, 8192] { bf16(scaled_mm(x, w, sa, sb)) }
 fn fp8_decode(x: f8e4m3[T, 4096], w: f8e4m3[4096, 4096], sa: f32, sb: f32[4096]) -> bf16[T, 4096] { bf16(scaled_mm(x, w, sa, sb)) }
+fn ragged(x: bf16[T, 1032], w: bf16[1500, 1032]) -> bf16[T, 1500] { linear(x, w) }
 ";
 
 /// Writes `$KILN_GEMM_CHECK_DIR/manifest.json` and one PTX file (sm_90a, JIT-capped) per
@@ -321,7 +323,9 @@ fn fp8_decode(x: f8e4m3[T, 4096], w: f8e4m3[4096, 4096], sa: f32, sb: f32[4096])
 /// workspace the script allocates) against PyTorch and times them beside `torch.matmul`
 /// (FP8 cases: `scaled_mm` beside `torch._scaled_mm`). `KILN_TUNE_GEMM` (as `kiln bench`
 /// reads it) sets the GEMM knobs of the exported kernels, so that each variant can be
-/// checked on the GPU.
+/// checked on the GPU. An explicit `wgmma=1` exports what an sm_90a-only build compiles
+/// (`Options::wgmma`, and 227 KiB of shared memory unless `smem` says otherwise): the
+/// prefill cases (4096³, 8192³, the ragged 1000 × 1500 × 1032) take the `wgmma` template.
 #[test]
 #[ignore = "writes a GPU check to $KILN_GEMM_CHECK_DIR; run tools/gemm_gpu_check.py on a GPU"]
 fn export_gemm_gpu_check() {
@@ -338,7 +342,13 @@ fn export_gemm_gpu_check() {
     {
         if let Some((key, value)) = item.trim().split_once('=') {
             options.gemm.set(key, value).unwrap();
+            if key == "wgmma" && value == "1" {
+                options.wgmma = true;
+            }
         }
+    }
+    if options.wgmma && options.gemm.shared_kib == 0 {
+        options.gemm.shared_kib = 227;
     }
     let mut cases = Vec::new();
     for (function, t) in GPU_CASES {

@@ -142,6 +142,12 @@ pub(crate) fn compile(kernel: &Kernel) -> Result<CompiledModule, CpuError> {
         kernel: kernel.name.clone(),
         message,
     };
+    if kiln_kir::wgmma::uses_wgmma(&kernel.body) {
+        return Err(invalid(
+            kernel,
+            "Hopper's wgmma has no CPU lowering (the fusion selects it only for sm_90a builds)",
+        ));
+    }
     if kernel.block_dim == 0 || !kernel.block_dim.is_multiple_of(32) || kernel.block_dim > 1024 {
         return Err(invalid(
             kernel,
@@ -865,6 +871,7 @@ impl Emitter<'_, '_> {
             }
             // Copies complete when issued.
             Stmt::CpAsyncCommit | Stmt::CpAsyncWait(_) => {}
+            Stmt::Wgmma(_) => return Err(self.invalid("wgmma has no CPU lowering")),
             // Kernels run one after another, and the CPU has no L2 to hint.
             Stmt::GridDependencyWait | Stmt::PrefetchL2 { .. } | Stmt::LaunchDependents => {}
             Stmt::Barrier | Stmt::ShuffleXor { .. } | Stmt::Mma { .. } | Stmt::LdMatrix { .. } => {

@@ -113,7 +113,8 @@ pub(crate) fn synchronises(stmt: &Stmt) -> bool {
         | Stmt::CpAsyncWait(_)
         | Stmt::GridDependencyWait
         | Stmt::PrefetchL2 { .. }
-        | Stmt::LaunchDependents => false,
+        | Stmt::LaunchDependents
+        | Stmt::Wgmma(_) => false,
     }
 }
 
@@ -171,7 +172,8 @@ fn split(stmts: &[Stmt]) -> Vec<BlockItem<'_>> {
             | Stmt::CpAsyncWait(_)
             | Stmt::GridDependencyWait
             | Stmt::PrefetchL2 { .. }
-            | Stmt::LaunchDependents => {
+            | Stmt::LaunchDependents
+            | Stmt::Wgmma(_) => {
                 unreachable!("only synchronising statements end a run")
             }
         }
@@ -335,6 +337,8 @@ pub(crate) fn stmt_vars(stmt: &Stmt, touched: &mut BTreeSet<VarId>, written: &mu
         | Stmt::GridDependencyWait
         | Stmt::PrefetchL2 { .. }
         | Stmt::LaunchDependents => {}
+        // Rejected before lowering (`codegen::compile`).
+        Stmt::Wgmma(_) => {}
         Stmt::ShuffleXor { dst, src, .. } => {
             written.insert(*dst);
             touched.insert(*dst);

@@ -307,7 +307,9 @@ const TUNE_PAGED: &str = "KILN_TUNE_PAGED";
 /// run), `raster=N` (block rows of a rasterization group; 0 or 1: row-major blocks) and
 /// `dbuf=0|1` (fragments double-buffered across k16 steps), `pairs=0|1` (the epilogue
 /// stores two adjacent columns at once) and `smem=KiB` (the shared memory a tuned tile may
-/// use; default 99, every target; up to 227 on an H100); defaults in
+/// use; default 99, every target; up to 227 on an H100), `wgmma=0|1` (prefill GEMMs of
+/// `linear` weights take the sm_90a `wgmma` template where every compiled target has it, as
+/// in the sm_90a-only build `kiln bench kernels` makes on an H100; default 1); defaults in
 /// [`kiln_gpu_kernels::GemmTuning`]. Examples: `KILN_TUNE_GEMM=segments=1,splits=0`,
 /// `KILN_TUNE_GEMM=tile=128x256,warps=2x4,stages=4,raster=8,dbuf=1,pairs=1`.
 const TUNE_GEMM: &str = "KILN_TUNE_GEMM";

@@ -79,6 +79,13 @@ pub fn fuse(
         .targets
         .iter()
         .all(|&t| kiln_ptx::Feature::Fp8Mma.min_ptx_version(t).is_some());
+    // Hopper's wgmma only when every target is sm_90a (the GEMM template then takes it,
+    // unless `GemmTuning::wgmma` is off); no targets (a CPU build) means none.
+    fusion.wgmma = !options.targets.is_empty()
+        && options
+            .targets
+            .iter()
+            .all(|&t| kiln_ptx::Feature::Wgmma.min_ptx_version(t).is_some());
     // Prefill GEMM tiles may take the shared memory every target's blocks can opt into
     // (99 KiB for the five targets together, 227 KiB for an H100 alone), unless a knob says.
     if fusion.gemm.shared_kib == 0 {
@@ -271,6 +278,23 @@ mod tests {
         };
         let (_, compiled) = fuse(lowered.expect("lowered"), &options).unwrap();
         compiled.kernels.iter().map(|k| k.name.clone()).collect()
+    }
+
+    #[test]
+    fn prefill_gemms_use_wgmma_only_when_every_target_is_sm_90a() {
+        let source = "import nn
+fn f(x: bf16[512, 256], w: bf16[384, 256]) -> bf16[512, 384] { linear(x, w) }";
+        let wgmma = |names: &[String]| names.iter().any(|n| n.contains("wgmma_gemm"));
+        assert!(wgmma(&kernel_names(source, &[Target::Sm90a])));
+        for targets in [
+            vec![Target::Sm100a],
+            vec![Target::Sm89, Target::Sm90a],
+            Target::ALL.to_vec(),
+        ] {
+            let names = kernel_names(source, &targets);
+            assert!(!wgmma(&names), "{targets:?}: {names:?}");
+            assert!(names.iter().any(|n| n.contains("mma_gemm")), "{names:?}");
+        }
     }
 
     #[test]

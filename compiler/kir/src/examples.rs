@@ -7,7 +7,7 @@
 //! are given as [`SizeExpr`]s over the symbols named in each function's doc.
 
 use crate::build::KernelBuilder;
-use crate::kernel::{Access, BinOp, Expr, Kernel, MmaInput, SizeExpr, Stmt, Ty, UnOp, VarId};
+use crate::kernel::{Access, BinOp, Buf, Expr, Kernel, MmaInput, SizeExpr, Stmt, Ty, UnOp, VarId};
 use kiln_ir::DType;
 
 /// Blocks of [`vector_add`]'s fixed grid.
@@ -632,4 +632,81 @@ pub fn prefetch_copy(dtype: DType) -> Kernel {
         ),
         Stmt::LaunchDependents,
     ])
+}
+
+/// Hopper's warpgroup product ([`crate::wgmma`]): one warpgroup copies a 64 × 64 A and an
+/// `n` × 64 B (both K-major, `[rows, 64]` row-major in memory) into 128-byte swizzled shared
+/// tiles with `cp.async`, fences the async proxy (unless `fence` is false: a kernel the
+/// interpreter rejects), and multiplies them with four m64n`n`k16 `wgmma`s whose
+/// descriptors start 32 bytes apart; each thread stores its `n / 2` accumulators to `out`
+/// (`[64, n]` f32, `out = A · Bᵀ`).
+///
+/// Parameters: `a`, `b` (read, `input`'s dtype), `out` (write). Grid: one block of 128
+/// threads. `n` a multiple of 16 in 16..=256.
+pub fn wgmma_tile(input: MmaInput, n: u32, fence: bool) -> Kernel {
+    use crate::wgmma::{WgmmaOp, WgmmaTile};
+    let mut kb = KernelBuilder::new(format!("wgmma_tile_{}_n{n}", input.name()), 128);
+    let dtype = input.dtype();
+    let a = kb.buffer("a", dtype, Access::Read);
+    let b = kb.buffer("b", dtype, Access::Read);
+    let out = kb.buffer("out", DType::F32, Access::Write);
+    let a_tile = kb.shared("a_tile", dtype, 64 * 64);
+    let b_tile = kb.shared("b_tile", dtype, n * 64);
+    let acc: Vec<VarId> = (0..n / 2)
+        .map(|i| kb.var(format!("d{i}"), Ty::F32))
+        .collect();
+    let mut body = Vec::new();
+    // Chunk c of the tile (row c / 8, 16-byte chunk c % 8) from thread t: c = t + 128 q.
+    let copies = |body: &mut Vec<Stmt>, rows: u32, src: Buf, dst: Buf| {
+        for q in 0..rows * 8 / 128 {
+            let c = Expr::thread_idx() + Expr::i32(128 * q as i32);
+            let row = c.clone() / Expr::i32(8);
+            let chunk = c.clone() % Expr::i32(8);
+            // `wgmma::swizzled_chunk(row, chunk)` in elements: row · 64 + (chunk ^ row % 8) · 8.
+            let swizzled = Expr::binary(BinOp::Xor, chunk, row.clone() % Expr::i32(8));
+            body.push(Stmt::CpAsync {
+                dst,
+                dst_index: row * Expr::i32(64) + swizzled * Expr::i32(8),
+                src,
+                src_index: c * Expr::i32(8),
+                src_len: Expr::i32(8),
+            });
+        }
+    };
+    copies(&mut body, 64, a, a_tile);
+    copies(&mut body, n, b, b_tile);
+    body.extend([Stmt::CpAsyncCommit, Stmt::CpAsyncWait(0)]);
+    if fence {
+        body.push(Stmt::Wgmma(WgmmaOp::FenceProxyAsync));
+    }
+    body.push(Stmt::Barrier);
+    body.extend(acc.iter().map(|&d| Stmt::assign(d, Expr::f32(0.0))));
+    body.push(Stmt::Wgmma(WgmmaOp::Fence));
+    for step in 0..4 {
+        let tile = |buf: Buf| WgmmaTile {
+            buf,
+            index: Expr::i32(16 * step),
+            sbo: 1024,
+        };
+        body.push(Stmt::Wgmma(WgmmaOp::Mma {
+            input,
+            n,
+            d: acc.clone(),
+            a: tile(a_tile),
+            b: tile(b_tile),
+            accumulate: step > 0,
+        }));
+    }
+    body.extend([Stmt::Wgmma(WgmmaOp::Commit), Stmt::Wgmma(WgmmaOp::Wait(0))]);
+    // Register i of thread t: row 16 w + g + 8 ((i / 2) % 2), column 8 (i / 4) + 2 q + i % 2.
+    let lane = Expr::lane_id();
+    let row0 = Expr::warp_id() * Expr::i32(16) + lane.clone() / Expr::i32(4);
+    let col0 = (lane % Expr::i32(4)) * Expr::i32(2);
+    for (i, &d) in acc.iter().enumerate() {
+        let i = i as i32;
+        let row = row0.clone() + Expr::i32(8 * ((i / 2) % 2));
+        let col = col0.clone() + Expr::i32(8 * (i / 4) + i % 2);
+        body.push(Stmt::store(out, row * Expr::i32(n as i32) + col, d));
+    }
+    kb.finish(body)
 }

@@ -26,6 +26,11 @@
 //!   group; the destination elements are *pending* until a `CpAsyncWait` of that thread
 //!   completes the group, and any load or store of a pending element is an error (a race
 //!   on real hardware); copies still pending at the end of the block are dropped;
+//! - `Wgmma` statements (the `wgmma` submodule) compute a warpgroup's product from its
+//!   shared tiles when issued, and track the async proxy: an `Mma` reading an element
+//!   whose writer has not executed `FenceProxyAsync` since the write, a write to an
+//!   element a batch not yet waited for reads, or any other statement touching an
+//!   accumulator of such a batch, is an error;
 //! - `Select` evaluates both arms (as a GPU's `selp` does): a load in the arm not chosen
 //!   must be in bounds too.
 //!
@@ -60,6 +65,8 @@ use half::{bf16, f16};
 use kiln_ir::fp8::{E4M3, E5M2};
 use kiln_ir::DType;
 use std::collections::VecDeque;
+
+mod wgmma;
 
 /// Evaluates the kernel's grid with the given symbol values.
 pub fn launch_grid(
@@ -185,6 +192,7 @@ pub fn run_kernel_prefetching(
         copies: Vec::new(),
         block: [0; 3],
         prefetches: Vec::new(),
+        proxy: wgmma::AsyncProxy::default(),
     };
     for z in 0..grid[2] {
         for y in 0..grid[1] {
@@ -267,6 +275,8 @@ struct Interpreter<'k, 'b> {
     block: [u64; 3],
     /// The L2 prefetches issued so far.
     prefetches: Vec<Prefetch>,
+    /// The async proxy's view of shared memory (`Wgmma`).
+    proxy: wgmma::AsyncProxy,
 }
 
 fn zero_of(ty: Ty) -> Const {
@@ -301,6 +311,8 @@ impl Interpreter<'_, '_> {
         self.copies = (0..self.threads())
             .map(|_| AsyncCopies::default())
             .collect();
+        let lens: Vec<usize> = self.kernel.shared.iter().map(|s| s.len as usize).collect();
+        self.proxy = wgmma::AsyncProxy::new(&lens, self.threads());
         let all_active = vec![true; self.threads()];
         let mut path = Path::new();
         let body = &self.kernel.body;
@@ -367,6 +379,7 @@ impl Interpreter<'_, '_> {
 
     fn run_stmt(&mut self, stmt: &Stmt, mask: &[bool], path: &mut Path) -> Result<(), KirError> {
         let fail = |this: &Self, t: usize, m: String| this.error(stmt, path, Some(t), &m);
+        self.check_accumulators(stmt, mask, path)?;
         match stmt {
             Stmt::Assign(var, value) => {
                 for (t, v) in self.eval_all(value, mask, stmt, path)? {
@@ -399,6 +412,7 @@ impl Interpreter<'_, '_> {
                 }
                 for (t, i, v) in writes {
                     self.write(*buf, i, v).map_err(|m| fail(self, t, m))?;
+                    self.written_by(t, *buf, i).map_err(|m| fail(self, t, m))?;
                 }
             }
             Stmt::StoreVec { buf, index, values } => {
@@ -415,6 +429,7 @@ impl Interpreter<'_, '_> {
                 }
                 for (t, i, v) in writes {
                     self.write(*buf, i, v).map_err(|m| fail(self, t, m))?;
+                    self.written_by(t, *buf, i).map_err(|m| fail(self, t, m))?;
                 }
             }
             Stmt::For {
@@ -606,12 +621,16 @@ impl Interpreter<'_, '_> {
                         ));
                     }
                     for element in elements {
+                        self.proxy
+                            .check_write(copy.array, element)
+                            .map_err(|m| fail(self, t, m))?;
                         self.shared[copy.array].pending[element] = true;
                     }
                     self.copies[t].open.push(copy);
                 }
             }
             Stmt::GridDependencyWait | Stmt::LaunchDependents => {}
+            Stmt::Wgmma(op) => self.run_wgmma(stmt, op, mask, path)?,
             Stmt::PrefetchL2 { buf, index, bytes } => {
                 for t in Self::active(mask) {
                     let prefetch = self
@@ -641,11 +660,23 @@ impl Interpreter<'_, '_> {
                             for element in copy.first..copy.first + copy.bytes.len() / size {
                                 array.pending[element] = false;
                                 array.written[element] = true;
+                                self.proxy.written(t, copy.array, element);
                             }
                         }
                     }
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Records a completed store of element `index` of `buf` by `thread` for the async
+    /// proxy (an error when a pending `Wgmma` reads it).
+    fn written_by(&mut self, thread: usize, buf: Buf, index: i64) -> Result<(), String> {
+        if let Buf::Shared(array) = buf {
+            let (array, element) = (array as usize, index as usize);
+            self.proxy.check_write(array, element)?;
+            self.proxy.written(thread, array, element);
         }
         Ok(())
     }

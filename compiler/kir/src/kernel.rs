@@ -66,6 +66,9 @@
 //! - `Mma` and `LdMatrix` are warp collectives like `ShuffleXor` (block-uniform control
 //!   flow); the `CpAsync` statements are per thread.
 //!
+//! - `Wgmma` is Hopper's warpgroup matrix multiply (sm_90a only; the PTX emitter rejects it
+//!   elsewhere and the CPU backend has none): its semantics are in [`crate::wgmma`].
+//!
 //! Programmatic dependent launch (sm_90 and later; elsewhere these are no-ops):
 //! - A kernel waits for the kernel launched before it to finish (and its writes to become
 //!   visible) before its first statement, or, when its body holds a top-level
@@ -445,6 +448,8 @@ pub enum Stmt {
     /// Lets the next kernel launch before this one finishes
     /// (`griddepcontrol.launch_dependents`; module documentation).
     LaunchDependents,
+    /// A warpgroup matrix-multiply statement (sm_90a; [`crate::wgmma`]).
+    Wgmma(crate::wgmma::WgmmaOp),
 }
 
 /// How a kernel may touch a global buffer.

@@ -19,6 +19,7 @@ pub mod shared_layout;
 pub mod tensor;
 pub mod uniformity;
 pub mod verify;
+pub mod wgmma;
 
 pub use build::KernelBuilder;
 pub use error::KirError;
@@ -32,3 +33,4 @@ pub use plan::{Arg, BufferDecl, BufferId, BufferKind, Plan, Step, SymBinding};
 pub use shared_layout::SharedLayout;
 pub use uniformity::{uniformity, Uniformity};
 pub use verify::verify_kernel;
+pub use wgmma::{WgmmaOp, WgmmaTile};

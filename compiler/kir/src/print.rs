@@ -243,6 +243,37 @@ impl<'k> Names<'k> {
         format!("[{}]", exprs.into_iter().collect::<Vec<_>>().join(", "))
     }
 
+    /// The text of a warpgroup matrix-multiply statement.
+    fn wgmma(&self, op: &crate::wgmma::WgmmaOp) -> String {
+        use crate::wgmma::WgmmaOp;
+        match op {
+            WgmmaOp::Fence => "wgmma_fence".to_string(),
+            WgmmaOp::Commit => "wgmma_commit".to_string(),
+            WgmmaOp::Wait(n) => format!("wgmma_wait({n})"),
+            WgmmaOp::FenceProxyAsync => "fence_proxy_async".to_string(),
+            WgmmaOp::Mma {
+                input,
+                n,
+                d,
+                a,
+                b,
+                accumulate,
+            } => {
+                let tile = |t: &crate::wgmma::WgmmaTile| {
+                    format!("{}[{}] sbo {}", self.buf(t.buf), self.expr(&t.index), t.sbo)
+                };
+                format!(
+                    "{} = wgmma_m64n{n}k16_{}({}, {}{})",
+                    self.expr_list(d.iter().map(|&v| self.var(v))),
+                    input.name(),
+                    tile(a),
+                    tile(b),
+                    if *accumulate { ", accumulate" } else { "" }
+                )
+            }
+        }
+    }
+
     /// The first line of a statement's text form (a `for` or `if` ends with `{`).
     pub fn stmt_head(&self, stmt: &Stmt) -> String {
         match stmt {
@@ -347,6 +378,7 @@ impl<'k> Names<'k> {
                 self.expr(bytes)
             ),
             Stmt::LaunchDependents => "launch_dependents".to_string(),
+            Stmt::Wgmma(op) => self.wgmma(op),
         }
     }
 

@@ -33,6 +33,9 @@ pub struct SharedLayout {
     /// The bytes a block needs: the static arrays' sum, or the window's size (the last
     /// array's end, arrays padded to [`ARRAY_ALIGN`]).
     pub bytes: u64,
+    /// The alignment of each array (and of the window): [`ARRAY_ALIGN`], or 1024 bytes in
+    /// a kernel with a `Wgmma` (its 128-byte swizzled tiles, [`crate::wgmma`]).
+    pub align: u64,
 }
 
 impl SharedLayout {
@@ -44,18 +47,24 @@ impl SharedLayout {
             .map(|s| u64::from(s.len) * s.dtype.size_bytes() as u64)
             .collect();
         let total: u64 = sizes.iter().sum();
+        let align = if crate::wgmma::uses_wgmma(&kernel.body) {
+            crate::wgmma::SHARED_ALIGN
+        } else {
+            ARRAY_ALIGN
+        };
         if total <= MAX_STATIC_SHARED_BYTES {
             return SharedLayout {
                 offsets: vec![0; sizes.len()],
                 sizes,
                 dynamic: false,
                 bytes: total,
+                align,
             };
         }
         let mut offsets = Vec::with_capacity(sizes.len());
         let mut end = 0u64;
         for size in &sizes {
-            let start = end.next_multiple_of(ARRAY_ALIGN);
+            let start = end.next_multiple_of(align);
             offsets.push(start);
             end = start + size;
         }
@@ -64,6 +73,7 @@ impl SharedLayout {
             offsets,
             dynamic: true,
             bytes: end,
+            align,
         }
     }
 

@@ -170,6 +170,12 @@ impl Uniformity {
                         self.mark_non_uniform(*var, changed);
                     }
                 }
+                Stmt::Wgmma(crate::wgmma::WgmmaOp::Mma { d, .. }) => {
+                    for var in d {
+                        self.mark_non_uniform(*var, changed);
+                    }
+                }
+                Stmt::Wgmma(_) => {}
                 Stmt::For {
                     var,
                     start,

@@ -54,6 +54,11 @@
 //!     before it is an `Assign` whose value loads nothing, a `PrefetchL2` whose operands
 //!     load nothing, or an `If` / `For` whose condition or bounds load nothing and whose
 //!     statements follow the same rule (no memory is touched before the wait).
+//! 24. `Wgmma`: collectives only under block-uniform control flow in a block of whole
+//!     warpgroups (`block_dim` a multiple of 128); an `Mma` of f16 or bf16 inputs, `n` a
+//!     multiple of 8 in 8..=256, `n / 2` distinct `F32` registers `d`, both operands in
+//!     shared arrays of the input's dtype with an `I32` index and an `sbo` that is a
+//!     positive multiple of 16 below 2^18.
 //!
 //! Errors name the kernel and the statement (its path, e.g. `body[2].then[0]`, and its
 //! first printed line).
@@ -519,6 +524,95 @@ impl Checker<'_> {
             | Stmt::CpAsyncWait(_)
             | Stmt::GridDependencyWait
             | Stmt::LaunchDependents => {}
+            Stmt::Wgmma(op) => self.check_wgmma(op, site, uniform_flow)?,
+        }
+        Ok(())
+    }
+
+    /// Rule 24.
+    fn check_wgmma(
+        &self,
+        op: &crate::wgmma::WgmmaOp,
+        site: &Site,
+        uniform_flow: bool,
+    ) -> Result<(), KirError> {
+        use crate::wgmma::WgmmaOp;
+        if op.is_collective() {
+            if !uniform_flow {
+                return Err(self.error(
+                    site,
+                    "a wgmma collective under control flow that is not block-uniform",
+                ));
+            }
+            if !self
+                .kernel
+                .block_dim
+                .is_multiple_of(crate::wgmma::WARPGROUP as u32)
+            {
+                return Err(self.error(
+                    site,
+                    format!(
+                        "a wgmma collective in a block of {} threads (whole warpgroups of 128)",
+                        self.kernel.block_dim
+                    ),
+                ));
+            }
+        }
+        let WgmmaOp::Mma {
+            input, n, d, a, b, ..
+        } = op
+        else {
+            return Ok(());
+        };
+        if input.is_fp8() {
+            return Err(self.error(site, "a wgmma of FP8 inputs (f16 or bf16 only)"));
+        }
+        if !n.is_multiple_of(8) || !(8..=256).contains(n) {
+            return Err(self.error(
+                site,
+                format!("a wgmma of n {n} (a multiple of 8 in 8..=256)"),
+            ));
+        }
+        if d.len() != *n as usize / 2 {
+            return Err(self.error(
+                site,
+                format!(
+                    "a wgmma of n {n} with {} accumulators, not {}",
+                    d.len(),
+                    n / 2
+                ),
+            ));
+        }
+        for &var in d {
+            let ty = self.var_ty(var, site)?;
+            if ty != Ty::F32 {
+                return Err(self.error(
+                    site,
+                    format!("wgmma accumulator {} is {ty}, not f32", self.names.var(var)),
+                ));
+            }
+        }
+        self.check_distinct(d, site)?;
+        for tile in [a, b] {
+            let Buf::Shared(_) = tile.buf else {
+                return Err(self.error(site, "a wgmma operand outside shared memory"));
+            };
+            let dtype = self.memory_dtype(tile.buf, Use::Read, site)?;
+            if dtype != input.dtype() {
+                return Err(self.error(
+                    site,
+                    format!("a {} wgmma reading {dtype} elements", input.name()),
+                ));
+            }
+            let ty = self.expr_ty(&tile.index, site)?;
+            if ty != Ty::I32 {
+                return Err(self.error(site, format!("a wgmma operand index of {ty}, not i32")));
+            }
+            if tile.sbo == 0 || !tile.sbo.is_multiple_of(16) || tile.sbo >= 1 << 18 {
+                return Err(
+                    self.error(site, format!("a wgmma stride offset of {} bytes", tile.sbo))
+                );
+            }
         }
         Ok(())
     }
@@ -857,6 +951,8 @@ pub(crate) fn vars_written(stmts: &[Stmt], out: &mut BTreeSet<VarId>) {
                 out.extend(dsts.iter().copied())
             }
             Stmt::Mma { d, .. } => out.extend(d.iter().copied()),
+            Stmt::Wgmma(crate::wgmma::WgmmaOp::Mma { d, .. }) => out.extend(d.iter().copied()),
+            Stmt::Wgmma(_) => {}
             Stmt::PackHalves { dst, .. } => {
                 out.insert(*dst);
             }

@@ -21,6 +21,7 @@
 //! | `cvt.rn.bf16.f32`, `cvt.rn.{bf16,f16}x2.f32`, `min/max.NaN.f32`, `shfl.sync` | 7.0 | 7.8 | target minimum |
 //! | `griddepcontrol.{wait,launch_dependents}` | absent | absent | target minimum (7.8) |
 //! | `cp.async.bulk.prefetch.L2.global` | absent | absent | target minimum (8.0) |
+//! | `wgmma.*`, `fence.proxy.async` | absent | absent | sm_90a only (8.0) |
 //!
 //! The submodules: [`features`] (that table), `isa` (instruction selection tables),
 //! `regs` (registers and operands), `scan` (what a kernel reads before it writes, its
@@ -35,6 +36,7 @@ mod isa;
 mod memory;
 mod regs;
 mod scan;
+mod wgmma;
 
 use std::collections::BTreeSet;
 

@@ -240,3 +240,27 @@ fn dynamic_shared_windows_assemble_for_every_target() {
         assert_eq!(report.shared_memory_bytes, 0, "{target}: {}", assembled.log);
     }
 }
+
+#[test]
+fn wgmma_tiles_assemble_for_sm_90a_without_spills_or_serialization() {
+    let Some(toolchain) =
+        toolchain("wgmma_tiles_assemble_for_sm_90a_without_spills_or_serialization")
+    else {
+        return;
+    };
+    let tiles = [
+        kiln_kir::examples::wgmma_tile(kiln_kir::MmaInput::Bf16, 256, true),
+        kiln_kir::examples::wgmma_tile(kiln_kir::MmaInput::F16, 128, true),
+    ];
+    for options in [EmitOptions::default(), EmitOptions::for_jit()] {
+        let assembled = assemble(&toolchain, &tiles, Target::Sm90a, &options);
+        assert_eq!(assembled.report.functions.len(), 2);
+        for report in &assembled.report.functions {
+            println!("{} {} registers", report.name, report.registers);
+            assert!(!report.has_spills(), "{} spills", report.name);
+        }
+        for code in ["C7515", "C7511", "C7510"] {
+            assert!(!assembled.log.contains(code), "{}", assembled.log);
+        }
+    }
+}

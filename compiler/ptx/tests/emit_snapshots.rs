@@ -360,3 +360,34 @@ fn shared_memory_beyond_a_targets_block_limit_is_an_error() {
     let error = emit_ptx(&[kernel, clash], Target::Sm90a, &EmitOptions::default()).unwrap_err();
     assert_eq!(error, EmitError::ReservedName("dynamic_shared$smem".into()));
 }
+
+#[test]
+fn wgmma_is_sm_90a_only_with_1024_byte_aligned_tiles() {
+    let tile = examples::wgmma_tile(kiln_kir::MmaInput::Bf16, 64, true);
+    let none = EmitOptions::default();
+    let module = emit_module(std::slice::from_ref(&tile), Target::Sm90a, &none).unwrap();
+    assert!(module.features.contains(&Feature::Wgmma));
+    let ptx = emit(&tile, Target::Sm90a);
+    for line in [
+        "wgmma.fence.sync.aligned;",
+        "fence.proxy.async.shared::cta;",
+        "wgmma.commit_group.sync.aligned;",
+        "wgmma.wait_group.sync.aligned 0;",
+        ".shared .align 1024 .b8 smem_a_tile[8192];",
+    ] {
+        assert!(ptx.contains(line), "{line}");
+    }
+    assert_eq!(
+        ptx.matches("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16")
+            .count(),
+        4
+    );
+    insta::assert_snapshot!("wgmma_tile_bf16_n64_sm_90a", ptx);
+    for target in [Target::Sm80, Target::Sm89, Target::Sm100a, Target::Sm120] {
+        let error = emit_ptx(std::slice::from_ref(&tile), target, &none).unwrap_err();
+        assert!(
+            matches!(error, EmitError::Unsupported { .. }) && error.to_string().contains("sm_90a"),
+            "{target}: {error}"
+        );
+    }
+}

@@ -68,7 +68,7 @@ use kiln_kir::{BinOp, Buf, Expr, MmaInput, SizeExpr, Special, Stmt, Ty, VarId};
 use std::collections::BTreeSet;
 
 /// Elements of one 16-byte chunk of `input` values: 8 (16-bit) or 16 (FP8).
-fn chunk_elements(input: MmaInput) -> i64 {
+pub(crate) fn chunk_elements(input: MmaInput) -> i64 {
     16 / (input.bits() as i64 / 8)
 }
 /// Elements of one 16-byte chunk (16-bit elements).
@@ -369,46 +369,47 @@ fn choose_splits_at_most(tile: &MmaTile, m: u64, n: u64, k: u64, batch: u64, mos
 
 /// How B of one matmul is read.
 #[derive(Clone, Debug)]
-struct BSource {
+pub(crate) struct BSource {
     /// The buffer value read.
-    value: Value,
+    pub(crate) value: Value,
     /// `true` for a `[.., K, N]` buffer (N contiguous), `false` for the `[.., N, K]`
     /// weight under a transpose.
-    k_rows: bool,
+    pub(crate) k_rows: bool,
     /// The permute read through, when `k_rows` is false.
-    permute: Option<Value>,
-    n: Dim,
+    pub(crate) permute: Option<Value>,
+    pub(crate) n: Dim,
 }
 
 /// What the template needs to know about a matmul group it can take.
+#[derive(Clone)]
 pub(crate) struct MmaPlan {
-    input: MmaInput,
-    a: Value,
+    pub(crate) input: MmaInput,
+    pub(crate) a: Value,
     /// The stored value whose buffer holds A: `a` itself, or the value `a` reshapes (a
     /// reshape keeps the row-major order, so A's linear index addresses it directly); for
     /// FP8, the f8 value `a` casts (or one it reshapes).
-    a_source: Value,
-    b: Vec<BSource>,
-    k: u64,
-    tile: MmaTile,
+    pub(crate) a_source: Value,
+    pub(crate) b: Vec<BSource>,
+    pub(crate) k: u64,
+    pub(crate) tile: MmaTile,
     /// The grid's segments, one per matmul, when `tile.segmented`.
-    segments: Vec<Segment>,
+    pub(crate) segments: Vec<Segment>,
     /// The FP8-to-float casts of the operands the FP8 `mma` takes over.
-    casts: Vec<Value>,
+    pub(crate) casts: Vec<Value>,
     /// Block rows of a rasterization group (`GemmTuning::raster`; 1: row-major blocks).
-    raster: u32,
+    pub(crate) raster: u32,
     /// Whether the main loop double-buffers the fragments (`GemmTuning::double_buffer`).
-    double_buffer: bool,
+    pub(crate) double_buffer: bool,
     /// Whether the epilogue stores each thread's two adjacent columns together where every
     /// stored width is even (`GemmTuning::paired_epilogue`).
-    paired: bool,
+    pub(crate) paired: bool,
     /// For the decode tile: the k elements of each weight row a block asks L2 for before
     /// its grid-dependency wait, from the start of its k range ([`prefetch_len`]); `None`
     /// for no prefetch.
-    prefetch: Option<u64>,
+    pub(crate) prefetch: Option<u64>,
     /// For the decode tile: whether a block lets the next kernel launch after its main
     /// loop (`GemmTuning::trigger`).
-    trigger: bool,
+    pub(crate) trigger: bool,
 }
 
 /// One matmul's share of a segmented grid's block columns.
@@ -974,7 +975,7 @@ impl Fragments<'_> {
 /// rows (the last group the rows left) column by column, the rows of a group first, so
 /// that the blocks running at once read fewer distinct A and B tiles (kept in L2). The grid
 /// itself is unchanged, `ceil(N / bn) × ceil(M / bm)`.
-fn raster(
+pub(crate) fn raster(
     e: &mut Emitter<'_, '_>,
     body: &mut Vec<Stmt>,
     plan: &MmaPlan,

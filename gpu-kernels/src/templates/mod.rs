@@ -15,6 +15,7 @@ pub(crate) mod persistent_loop;
 mod pointwise;
 mod reduce;
 mod small_sort;
+mod wgmma_gemm;
 
 pub use gemv::GEMV_ROWS;
 pub use matmul::MatmulTiling;
@@ -747,7 +748,10 @@ pub(crate) fn build(
         }
         GroupKind::LoopReduce => reduce::emit_loop(&mut e, group.roots[0]),
         GroupKind::Matmul { .. } => match &mma {
-            Some(plan) => mma_gemm::emit(&mut e, group, &stores, plan),
+            Some(plan) => match wgmma_gemm::plan(g, plan, options, small) {
+                Some(wgmma) => wgmma_gemm::emit(&mut e, group, &stores, &wgmma),
+                None => mma_gemm::emit(&mut e, group, &stores, plan),
+            },
             None => {
                 // A group with a run-time choice builds its small tile for few rows and
                 // its large tile for the rest.

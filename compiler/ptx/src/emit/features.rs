@@ -33,15 +33,20 @@ pub enum Feature {
     /// with PTX 8.4; sm_80 has none and there is no fallback (an FP8 `Mma` for sm_80 is an
     /// error: the fusion leaves FP8 matmuls to other templates unless every target has it).
     Fp8Mma,
+    /// `wgmma.{fence,commit_group,wait_group,mma_async}` and `fence.proxy.async.shared::cta`
+    /// (the kernel IR's `Wgmma`): sm_90a only with PTX 8.0 (sm_100a and sm_120 reject
+    /// wgmma); no fallback (the fusion uses the wgmma GEMM only when every target has it).
+    Wgmma,
 }
 
 impl Feature {
-    pub const ALL: [Feature; 5] = [
+    pub const ALL: [Feature; 6] = [
         Feature::Bf16ToF32,
         Feature::Fp8Convert,
         Feature::GridDependencyControl,
         Feature::BulkPrefetchL2,
         Feature::Fp8Mma,
+        Feature::Wgmma,
     ];
 
     /// The instructions, as in a PTX listing.
@@ -56,6 +61,7 @@ impl Feature {
             }
             Feature::BulkPrefetchL2 => "cp.async.bulk.prefetch.L2.global",
             Feature::Fp8Mma => "mma.sync.aligned.m16n8k32.row.col.f32.{e4m3,e5m2}",
+            Feature::Wgmma => "wgmma.*, fence.proxy.async.shared::cta",
         }
     }
 
@@ -73,6 +79,8 @@ impl Feature {
             (Feature::BulkPrefetchL2, _) => PtxVersion::new(8, 0),
             (Feature::Fp8Mma, Target::Sm80) => return None,
             (Feature::Fp8Mma, _) => PtxVersion::new(8, 4),
+            (Feature::Wgmma, Target::Sm90a) => PtxVersion::new(8, 0),
+            (Feature::Wgmma, _) => return None,
         };
         Some(floor.max(target.min_ptx_version()))
     }
@@ -98,19 +106,22 @@ mod tests {
         assert_eq!(
             table,
             [
-                (Target::Sm80, vec![v("7.1"), None, None, None, None]),
-                (Target::Sm89, vec![v("7.8"), v("8.1"), None, None, v("8.4")]),
+                (Target::Sm80, vec![v("7.1"), None, None, None, None, None]),
+                (
+                    Target::Sm89,
+                    vec![v("7.8"), v("8.1"), None, None, v("8.4"), None]
+                ),
                 (
                     Target::Sm90a,
-                    vec![v("8.0"), v("8.0"), v("8.0"), v("8.0"), v("8.4")]
+                    vec![v("8.0"), v("8.0"), v("8.0"), v("8.0"), v("8.4"), v("8.0")]
                 ),
                 (
                     Target::Sm100a,
-                    vec![v("8.6"), v("8.6"), v("8.6"), v("8.6"), v("8.6")]
+                    vec![v("8.6"), v("8.6"), v("8.6"), v("8.6"), v("8.6"), None]
                 ),
                 (
                     Target::Sm120,
-                    vec![v("8.7"), v("8.7"), v("8.7"), v("8.7"), v("8.7")]
+                    vec![v("8.7"), v("8.7"), v("8.7"), v("8.7"), v("8.7"), None]
                 ),
             ]
         );

@@ -147,6 +147,8 @@ pub struct FunctionEmitter<'k, 'c> {
     /// The `.extern .shared` window of a kernel whose arrays exceed the static limit: its
     /// symbol and size ([`SharedLayout`]).
     dynamic_shared: Option<(String, u64)>,
+    /// The alignment of the shared arrays and the window ([`SharedLayout::align`]).
+    shared_align: u64,
     /// Registers of the special values the kernel reads (see [`special_slot`]).
     specials: [Option<Reg>; 7],
 }
@@ -205,6 +207,7 @@ impl<'k, 'c> FunctionEmitter<'k, 'c> {
             shared,
             shared_bases: Vec::new(),
             dynamic_shared,
+            shared_align: layout.align,
             specials: [None; 7],
         }
     }
@@ -293,7 +296,8 @@ impl<'k, 'c> FunctionEmitter<'k, 'c> {
         out.push_str(&format!("// kernel {}\n", kernel.name));
         if let Some((window, bytes)) = &self.dynamic_shared {
             out.push_str(&format!(
-                "// {bytes} bytes of dynamic shared memory\n.extern .shared .align 16 .b8 {window}[];\n"
+                "// {bytes} bytes of dynamic shared memory\n.extern .shared .align {} .b8 {window}[];\n",
+                self.shared_align
             ));
         }
         out.push_str(&format!(".visible .entry {}(", kernel.name));
@@ -335,8 +339,8 @@ impl<'k, 'c> FunctionEmitter<'k, 'c> {
         if self.dynamic_shared.is_none() {
             for array in &self.shared {
                 out.push_str(&format!(
-                    "\t.shared .align 16 .b8 {}[{}];\n",
-                    array.symbol, array.bytes
+                    "\t.shared .align {} .b8 {}[{}];\n",
+                    self.shared_align, array.symbol, array.bytes
                 ));
             }
         }
@@ -575,11 +579,12 @@ impl<'k, 'c> FunctionEmitter<'k, 'c> {
                     self.prefetch_l2(*buf, index, bytes)?;
                 }
             }
+            Stmt::Wgmma(op) => self.wgmma(op)?,
         }
         Ok(())
     }
 
-    fn var_reg(&self, var: VarId) -> Result<Reg, EmitError> {
+    pub(super) fn var_reg(&self, var: VarId) -> Result<Reg, EmitError> {
         self.vars
             .get(var.0 as usize)
             .copied()

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeSet;
 
-use kiln_kir::{Expr, Special, Stmt, VarId};
+use kiln_kir::{Expr, Special, Stmt, VarId, WgmmaOp};
 
 /// The index of a special value in the emitter's table of special-value registers
 /// (0 `%tid.x`, 1-3 `%ctaid`, 4 `%ntid.x`, 5 `%laneid`, 6 the warp index).
@@ -166,6 +166,20 @@ pub(super) fn definite_assignment(
                 src_len,
                 ..
             } => read(&[dst_index, src_index, src_len], assigned, read_first),
+            Stmt::Wgmma(WgmmaOp::Mma {
+                d,
+                a,
+                b,
+                accumulate,
+                ..
+            }) => {
+                read(&[&a.index, &b.index], assigned, read_first);
+                if *accumulate {
+                    read_first.extend(d.iter().filter(|v| !assigned.contains(v)));
+                }
+                assigned.extend(d.iter().copied());
+            }
+            Stmt::Wgmma(_) => {}
         }
     }
 }
@@ -246,6 +260,11 @@ pub(super) fn collect_specials(stmts: &[Stmt], out: &mut BTreeSet<usize>) {
                 collect_specials_expr(index, out);
                 collect_specials_expr(bytes, out);
             }
+            Stmt::Wgmma(WgmmaOp::Mma { a, b, .. }) => {
+                collect_specials_expr(&a.index, out);
+                collect_specials_expr(&b.index, out);
+            }
+            Stmt::Wgmma(_) => {}
             Stmt::Barrier
             | Stmt::ShuffleXor { .. }
             | Stmt::Mma { .. }
