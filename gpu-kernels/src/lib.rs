@@ -20,7 +20,10 @@
 //! epilogue, or by the row-reduction kernel that first reads the result over its rows, the
 //! RMSNorm after a residual add: `templates::RowSums`); those of at most [`GEMV_ROWS`]
 //! rows of a `linear` weight the GEMV template instead (`templates/gemv.rs`: a warp a
-//! column, no split-K; a symbolic row count gets it as a further run-time variant); other
+//! column, no split-K; a symbolic row count gets it as a further run-time variant), and
+//! those of at most [`MMA_GEMV_ROWS`] the tensor-core GEMV (`templates/mma_gemv.rs`:
+//! m16n8k16 products on weights loaded straight into registers, K split over a block's
+//! warps only; a symbolic row count gets it as its decode variant); other
 //! matmuls a register-blocked SIMT GEMM (`templates/matmul.rs`, tiles chosen by shape).
 //!
 //! Deliberately absent: the wgmma/TMA and tcgen05 paths, split-K across blocks for
@@ -38,7 +41,7 @@ mod templates;
 
 pub use error::FusionError;
 pub use stats::{KernelStats, Stats};
-pub use templates::{choose_splits, choose_tile, MatmulTiling, MmaTile, GEMV_ROWS};
+pub use templates::{choose_splits, choose_tile, MatmulTiling, MmaTile, GEMV_ROWS, MMA_GEMV_ROWS};
 
 use kiln_ir::Module;
 use kiln_kir::{Kernel, Plan};
@@ -192,6 +195,12 @@ pub struct GemmTuning {
     /// 16-byte weight vectors a lane of the GEMV template loads together per step (fewer
     /// when the row is shorter or fused matmuls would hold too many registers).
     pub gemv_unroll: u32,
+    /// Whether matmuls of at most [`MMA_GEMV_ROWS`] rows of `linear` weights that the GEMV
+    /// does not take (5 to 16 rows, a constant or the decode variant of a symbolic row
+    /// count) take the tensor-core GEMV (`templates/mma_gemv.rs`: m16n8k16 products on
+    /// weight registers loaded straight from global memory, no split-K across blocks, no
+    /// sum kernel) instead of the tensor-core decode tile.
+    pub mma_gemv: bool,
 }
 
 impl Default for GemmTuning {
@@ -215,6 +224,7 @@ impl Default for GemmTuning {
             trigger: false,
             gemv: true,
             gemv_unroll: 8,
+            mma_gemv: true,
         }
     }
 }
@@ -223,7 +233,7 @@ impl GemmTuning {
     /// The knob names [`GemmTuning::set`] takes.
     pub const KEYS: &'static str =
         "segments, splits, rowsum, kvwrite, maxsplits, tile, warps, bk, stages, raster, dbuf, pairs, \
-         smem, prefetch, prefetch_mib, trigger, gemv, gemvunroll";
+         smem, prefetch, prefetch_mib, trigger, gemv, gemvunroll, mmagemv";
 
     /// Sets knob `key` (the `KILN_TUNE_GEMM` names, [`GemmTuning::KEYS`]) from `value`: a
     /// number (`0|1` for switches), or `AxB` for `tile` and `warps`.
@@ -258,6 +268,7 @@ impl GemmTuning {
             "trigger" => self.trigger = number()? != 0,
             "gemv" => self.gemv = number()? != 0,
             "gemvunroll" => self.gemv_unroll = number()?.max(1),
+            "mmagemv" => self.mma_gemv = number()? != 0,
             _ => return Err(format!("unknown key `{key}` ({})", Self::KEYS)),
         }
         Ok(())
