@@ -358,7 +358,7 @@ fn check_bf16_steps(backend: Backend) {
             compiled
                 .kernels
                 .iter()
-                .any(|k| k.name.contains("mma_gemv_n8_w4_u2_seg")),
+                .any(|k| k.name.contains("mma_gemv_n8_w4_u1_seg")),
             "{name}: a grid of segments for q/k/v"
         );
         check_lowered(backend, &fusion, &name, lowered, &weights, None, Some(2e-2));
