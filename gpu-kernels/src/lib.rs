@@ -201,6 +201,11 @@ pub struct GemmTuning {
     /// weight registers loaded straight from global memory, no split-K across blocks, no
     /// sum kernel) instead of the tensor-core decode tile.
     pub mma_gemv: bool,
+    /// 32-wide k chunks a warp of the tensor-core GEMV loads together per step (fewer when
+    /// K is shorter or fused matmuls would hold too many registers).
+    pub mma_gemv_unroll: u32,
+    /// Warps of a tensor-core GEMV block, splitting K (1 to 16).
+    pub mma_gemv_warps: u32,
 }
 
 impl Default for GemmTuning {
@@ -225,6 +230,8 @@ impl Default for GemmTuning {
             gemv: true,
             gemv_unroll: 8,
             mma_gemv: true,
+            mma_gemv_unroll: 8,
+            mma_gemv_warps: 4,
         }
     }
 }
@@ -233,7 +240,8 @@ impl GemmTuning {
     /// The knob names [`GemmTuning::set`] takes.
     pub const KEYS: &'static str =
         "segments, splits, rowsum, kvwrite, maxsplits, tile, warps, bk, stages, raster, dbuf, pairs, \
-         smem, prefetch, prefetch_mib, trigger, gemv, gemvunroll, mmagemv";
+         smem, prefetch, prefetch_mib, trigger, gemv, gemvunroll, mmagemv, \
+         mmagemvunroll, mmagemvwarps";
 
     /// Sets knob `key` (the `KILN_TUNE_GEMM` names, [`GemmTuning::KEYS`]) from `value`: a
     /// number (`0|1` for switches), or `AxB` for `tile` and `warps`.
@@ -269,6 +277,8 @@ impl GemmTuning {
             "gemv" => self.gemv = number()? != 0,
             "gemvunroll" => self.gemv_unroll = number()?.max(1),
             "mmagemv" => self.mma_gemv = number()? != 0,
+            "mmagemvunroll" => self.mma_gemv_unroll = number()?.max(1),
+            "mmagemvwarps" => self.mma_gemv_warps = number()?.clamp(1, 16),
             _ => return Err(format!("unknown key `{key}` ({})", Self::KEYS)),
         }
         Ok(())

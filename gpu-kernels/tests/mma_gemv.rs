@@ -139,6 +139,29 @@ fn the_switch_turns_the_mma_gemv_off() {
 }
 
 #[test]
+fn the_block_knobs_keep_the_results() {
+    // Warps splitting K (1, 2, 8) and chunks a step (1, 3) under `KILN_TUNE_GEMM` names.
+    let module = lower("mma_gemv.kiln", SRC, None, None);
+    for (warps, unroll) in [("1", "3"), ("2", "1"), ("8", "8")] {
+        let mut options = options(true);
+        options.gemm.set("mmagemvwarps", warps).unwrap();
+        options.gemm.set("mmagemvunroll", unroll).unwrap();
+        for (function, m) in [("long_k", 7), ("gate_up", 16), ("qkv_rope", 9)] {
+            let func = module.function(function).unwrap();
+            let symbols = BTreeMap::from([("M".to_string(), m)]);
+            let inputs = inputs_for(func, &symbols, m, 11);
+            let compiled = check(&module, function, &inputs, &BTreeMap::new(), &options);
+            let sizes = BTreeMap::from([("M".to_string(), m as u64)]);
+            let names = launches(&compiled.plan, &compiled.kernels, &sizes);
+            assert!(
+                names[0].contains(&format!("mma_gemv_n8_w{warps}_u")),
+                "{function} {warps}x{unroll}: {names:?}"
+            );
+        }
+    }
+}
+
+#[test]
 fn the_mma_gemv_kernels_assemble_without_spills() {
     let Some(toolchain) = toolchain() else { return };
     let module = lower("mma_gemv.kiln", SRC, None, None);

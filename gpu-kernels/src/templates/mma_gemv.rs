@@ -4,8 +4,9 @@
 //! `mma.sync` m16n8k16 products whose B fragments come straight from global memory.
 //!
 //! Every weight element is used once, so the weights skip shared memory: a block owns
-//! [`COLUMNS`] output columns (one n8 tile) and is [`WARPS_K`] warps that split K among
-//! them (warp w takes the 32-wide k chunks `w, w + WARPS_K, ..`); a lane loads 16-byte
+//! [`COLUMNS`] output columns (one n8 tile) and is `warps` warps (`GemmTuning::mma_gemv_warps`,
+//! 4 by default) that split K among them (warp w takes the 32-wide k chunks `w, w + warps,
+//! ..`); a lane loads 16-byte
 //! vectors of weight row `n = lane / 4` (8 consecutive k: `8t .. 8t + 7` of a chunk,
 //! `t = lane % 4`), `unroll` chunks in flight before any is used. No split of K across
 //! blocks, no workspace and no sum kernel.
@@ -62,12 +63,6 @@ pub const MMA_GEMV_ROWS: u64 = 16;
 /// Output columns of a block (one n8 tile; every warp of the block has the same).
 pub const COLUMNS: u32 = 8;
 
-/// Warps of a block, splitting K.
-pub const WARPS_K: u32 = 4;
-
-/// 32-wide k chunks a warp loads together per step (fewer for fused matmuls or short K).
-const UNROLL: u32 = 8;
-
 /// Packed weight registers a lane's step may hold across its fused matmuls.
 const MAX_WEIGHT_REGISTERS: u32 = 32;
 
@@ -89,6 +84,8 @@ pub(crate) struct MmaGemvPlan {
     rows: u64,
     /// Chunks a warp loads per step.
     unroll: u32,
+    /// Warps of a block, splitting K.
+    warps: u32,
     /// The grid's segments, one per matmul, when the widths differ.
     segments: Vec<Segment>,
     /// Whether a block lets the next kernel launch after its last weight loads
@@ -170,8 +167,11 @@ pub(crate) fn plan(
     let sets = if segments.is_empty() { b.len() } else { 1 } as u32;
     // At least one whole step where K allows (a shorter K leaves every chunk to the guarded
     // tail), and four packed registers a weight vector.
-    let chunks = u32::try_from(k / (CHUNK * u64::from(WARPS_K))).unwrap_or(u32::MAX);
-    let unroll = UNROLL
+    let warps = options.gemm.mma_gemv_warps.clamp(1, 16);
+    let chunks = u32::try_from(k / (CHUNK * u64::from(warps))).unwrap_or(u32::MAX);
+    let unroll = options
+        .gemm
+        .mma_gemv_unroll
         .min(MAX_WEIGHT_REGISTERS / (4 * sets))
         .min(chunks)
         .max(1);
@@ -182,6 +182,7 @@ pub(crate) fn plan(
         k,
         rows,
         unroll,
+        warps,
         segments,
         trigger: options.gemm.trigger,
     })
@@ -191,7 +192,7 @@ impl MmaGemvPlan {
     /// `mma_gemv_n8_w4_u8`, `mma_gemv_n8_w4_u8_seg` for a grid of segments.
     fn name(&self) -> String {
         let seg = if self.segments.is_empty() { "" } else { "_seg" };
-        format!("mma_gemv_n{COLUMNS}_w{WARPS_K}_u{}{seg}", self.unroll)
+        format!("mma_gemv_n{COLUMNS}_w{}_u{}{seg}", self.warps, self.unroll)
     }
 }
 
@@ -213,7 +214,8 @@ pub(crate) fn emit(
         }
     };
     // Four blocks an SM at least (ptxas keeps to 128 registers).
-    e.blocks_per_sm = 65536 / (128 * 32 * WARPS_K);
+    let warps = plan.warps;
+    e.blocks_per_sm = (65536 / (128 * 32 * warps)).max(1);
     let mut body = Vec::new();
     let lane = e.bind(&mut body, "lane", Ty::I32, Expr::Special(Special::LaneId));
     let warp = e.bind(&mut body, "warp", Ty::I32, Expr::Special(Special::WarpId));
@@ -290,7 +292,7 @@ pub(crate) fn emit(
         let zero_pack = e.var("zero", Ty::I32);
         out.push(Stmt::Assign(zero_pack, Expr::i32(0)));
         let input = plan.input;
-        // Chunks `base + (j * WARPS_K) * 32` (j in `chunks`) of this warp and lane, each
+        // Chunks `base + (j * warps) * 32` (j in `chunks`) of this warp and lane, each
         // lane's vector under `k < K` when `guarded`.
         let fold = |e: &mut Emitter<'_, '_>,
                     out: &mut Vec<Stmt>,
@@ -304,7 +306,7 @@ pub(crate) fn emit(
             let lane_k = e.bind(out, "k0", ity, lane_k);
             let offsets: Vec<Expr> = (0..chunks)
                 .map(|j| {
-                    let at = add(lane_k.clone(), e.ix(j * i64::from(WARPS_K) * CHUNK as i64));
+                    let at = add(lane_k.clone(), e.ix(j * i64::from(warps) * CHUNK as i64));
                     e.bind(out, "kj", ity, at)
                 })
                 .collect();
@@ -387,7 +389,7 @@ pub(crate) fn emit(
             }
         };
         let unroll = i64::from(plan.unroll);
-        let step = i64::from(WARPS_K) * CHUNK as i64 * unroll;
+        let step = i64::from(warps) * CHUNK as i64 * unroll;
         let full = k / step;
         if full > 0 {
             let s = e.var("kstep", ity);
@@ -403,7 +405,7 @@ pub(crate) fn emit(
         }
         let rest = k - full * step;
         if rest > 0 {
-            let per_round = i64::from(WARPS_K) * CHUNK as i64;
+            let per_round = i64::from(warps) * CHUNK as i64;
             let chunks = (rest + per_round - 1) / per_round;
             fold(e, out, e.ix(full * step), chunks, true);
         }
@@ -414,34 +416,36 @@ pub(crate) fn emit(
         // Warps 1.. leave their sums, warp 0 adds them in warp order.
         let sums: Vec<VarId> = acc.iter().flatten().copied().collect();
         let count = sums.len() as i64;
-        let partials = e.shared_array(
-            "partials",
-            DType::F32,
-            (i64::from(WARPS_K - 1) * 32 * count) as u32,
-        );
-        let own = e.bind(
-            out,
-            "partial",
-            Ty::I32,
-            ((warp.clone() - i32c(1)) * i32c(32) + lane.clone()) * i32c(count),
-        );
-        let leave = sums
-            .iter()
-            .enumerate()
-            .map(|(i, &v)| Stmt::store(partials, own.clone() + i32c(i as i64), v))
-            .collect();
-        out.push(Stmt::if_then(warp.clone().gt(i32c(0)), leave));
-        out.push(Stmt::Barrier);
         let first_warp = warp.clone().equals(i32c(0));
         let mut gather = Vec::new();
-        for w in 1..i64::from(WARPS_K) {
-            let at = (i32c((w - 1) * 32) + lane.clone()) * i32c(count);
-            let at = e.bind(&mut gather, "partial", Ty::I32, at);
-            for (i, &v) in sums.iter().enumerate() {
-                gather.push(Stmt::assign(
-                    v,
-                    Expr::var(v) + Expr::load(partials, at.clone() + i32c(i as i64)),
-                ));
+        if warps > 1 {
+            let partials = e.shared_array(
+                "partials",
+                DType::F32,
+                (i64::from(warps - 1) * 32 * count) as u32,
+            );
+            let own = e.bind(
+                out,
+                "partial",
+                Ty::I32,
+                ((warp.clone() - i32c(1)) * i32c(32) + lane.clone()) * i32c(count),
+            );
+            let leave = sums
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| Stmt::store(partials, own.clone() + i32c(i as i64), v))
+                .collect();
+            out.push(Stmt::if_then(warp.clone().gt(i32c(0)), leave));
+            out.push(Stmt::Barrier);
+            for w in 1..i64::from(warps) {
+                let at = (i32c((w - 1) * 32) + lane.clone()) * i32c(count);
+                let at = e.bind(&mut gather, "partial", Ty::I32, at);
+                for (i, &v) in sums.iter().enumerate() {
+                    gather.push(Stmt::assign(
+                        v,
+                        Expr::var(v) + Expr::load(partials, at.clone() + i32c(i as i64)),
+                    ));
+                }
             }
         }
         // The epilogue: accumulators 0, 1 are row g, columns 2t and 2t + 1 of the tile, 2, 3
@@ -540,7 +544,7 @@ pub(crate) fn emit(
     };
     Ok(Body {
         what,
-        block_dim: 32 * WARPS_K,
+        block_dim: 32 * warps,
         grid: [SizeExpr::Const(blocks), super::one(), super::one()],
         stmts: body,
     })
