@@ -428,22 +428,23 @@ pub(crate) fn emit(
                 out,
                 "partial",
                 Ty::I32,
-                ((warp.clone() - i32c(1)) * i32c(32) + lane.clone()) * i32c(count),
+                (warp.clone() - i32c(1)) * i32c(32 * count) + lane.clone(),
             );
+            // Sum i of every lane side by side (consecutive words, no bank conflicts).
             let leave = sums
                 .iter()
                 .enumerate()
-                .map(|(i, &v)| Stmt::store(partials, own.clone() + i32c(i as i64), v))
+                .map(|(i, &v)| Stmt::store(partials, own.clone() + i32c(32 * i as i64), v))
                 .collect();
             out.push(Stmt::if_then(warp.clone().gt(i32c(0)), leave));
             out.push(Stmt::Barrier);
             for w in 1..i64::from(warps) {
-                let at = (i32c((w - 1) * 32) + lane.clone()) * i32c(count);
+                let at = i32c((w - 1) * 32 * count) + lane.clone();
                 let at = e.bind(&mut gather, "partial", Ty::I32, at);
                 for (i, &v) in sums.iter().enumerate() {
                     gather.push(Stmt::assign(
                         v,
-                        Expr::var(v) + Expr::load(partials, at.clone() + i32c(i as i64)),
+                        Expr::var(v) + Expr::load(partials, at.clone() + i32c(32 * i as i64)),
                     ));
                 }
             }
