@@ -20,7 +20,10 @@
 //! epilogue, or by the row-reduction kernel that first reads the result over its rows, the
 //! RMSNorm after a residual add: `templates::RowSums`); those of at most [`GEMV_ROWS`]
 //! rows of a `linear` weight the GEMV template instead (`templates/gemv.rs`: a warp a
-//! column, no split-K; a symbolic row count gets it as a further run-time variant); other
+//! column, no split-K; a symbolic row count gets it as a further run-time variant), and
+//! those of at most [`MMA_GEMV_ROWS`] the tensor-core GEMV (`templates/mma_gemv.rs`:
+//! m16n8k16 products on weights loaded straight into registers, K split over a block's
+//! warps only; a symbolic row count gets it as its decode variant); other
 //! matmuls a register-blocked SIMT GEMM (`templates/matmul.rs`, tiles chosen by shape).
 //!
 //! Deliberately absent: the wgmma/TMA and tcgen05 paths, split-K across blocks for
@@ -38,7 +41,7 @@ mod templates;
 
 pub use error::FusionError;
 pub use stats::{KernelStats, Stats};
-pub use templates::{choose_splits, choose_tile, MatmulTiling, MmaTile, GEMV_ROWS};
+pub use templates::{choose_splits, choose_tile, MatmulTiling, MmaTile, GEMV_ROWS, MMA_GEMV_ROWS};
 
 use kiln_ir::Module;
 use kiln_kir::{Kernel, Plan};
@@ -212,6 +215,17 @@ pub struct GemmTuning {
     /// ([`Options::wgmma`]); else the `mma.sync` template. On: its kernel-IR tests match
     /// the graph interpreter; not yet measured on an H100.
     pub wgmma: bool,
+    /// Whether matmuls of at most [`MMA_GEMV_ROWS`] rows of `linear` weights that the GEMV
+    /// does not take (5 to 16 rows, a constant or the decode variant of a symbolic row
+    /// count) take the tensor-core GEMV (`templates/mma_gemv.rs`: m16n8k16 products on
+    /// weight registers loaded straight from global memory, no split-K across blocks, no
+    /// sum kernel) instead of the tensor-core decode tile.
+    pub mma_gemv: bool,
+    /// 32-wide k chunks a warp of the tensor-core GEMV loads together per step (fewer when
+    /// K is shorter or fused matmuls would hold too many registers).
+    pub mma_gemv_unroll: u32,
+    /// Warps of a tensor-core GEMV block, splitting K (1 to 16).
+    pub mma_gemv_warps: u32,
 }
 
 impl Default for GemmTuning {
@@ -236,6 +250,9 @@ impl Default for GemmTuning {
             gemv: true,
             gemv_unroll: 8,
             wgmma: true,
+            mma_gemv: true,
+            mma_gemv_unroll: 8,
+            mma_gemv_warps: 4,
         }
     }
 }
@@ -244,7 +261,8 @@ impl GemmTuning {
     /// The knob names [`GemmTuning::set`] takes.
     pub const KEYS: &'static str =
         "segments, splits, rowsum, kvwrite, maxsplits, tile, warps, bk, stages, raster, dbuf, pairs, \
-         smem, prefetch, prefetch_mib, trigger, gemv, gemvunroll, wgmma";
+         smem, prefetch, prefetch_mib, trigger, gemv, gemvunroll, wgmma, mmagemv, \
+         mmagemvunroll, mmagemvwarps";
 
     /// Sets knob `key` (the `KILN_TUNE_GEMM` names, [`GemmTuning::KEYS`]) from `value`: a
     /// number (`0|1` for switches), or `AxB` for `tile` and `warps`.
@@ -280,6 +298,9 @@ impl GemmTuning {
             "gemv" => self.gemv = number()? != 0,
             "gemvunroll" => self.gemv_unroll = number()?.max(1),
             "wgmma" => self.wgmma = number()? != 0,
+            "mmagemv" => self.mma_gemv = number()? != 0,
+            "mmagemvunroll" => self.mma_gemv_unroll = number()?.max(1),
+            "mmagemvwarps" => self.mma_gemv_warps = number()?.clamp(1, 16),
             _ => return Err(format!("unknown key `{key}` ({})", Self::KEYS)),
         }
         Ok(())

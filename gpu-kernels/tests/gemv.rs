@@ -43,6 +43,8 @@ fn options(gemv: bool) -> Options {
     Options {
         gemm: GemmTuning {
             gemv,
+            // Past four rows the decode tile (the tensor-core GEMV has its own tests).
+            mma_gemv: false,
             ..GemmTuning::default()
         },
         ..Options::default()

@@ -588,10 +588,13 @@ fn prefill_tile_knobs_match_the_interpreter_at_ragged_shapes() {
 fn prefill_knobs_leave_decode_tiles_and_fp8_alone() {
     let (tuning, _) = prefill_knob_sets().remove(0);
     let options = Options {
-        gemm: tuning,
+        gemm: GemmTuning {
+            mma_gemv: false,
+            ..tuning
+        },
         ..Options::default()
     };
-    // Decode shapes keep the split-K-warp tile and its split across blocks.
+    // Decode shapes (the tensor-core GEMV off) keep the split-K-warp tile and its split across blocks.
     let names = run_both("split5", &[], &options);
     assert!(
         names[0].ends_with("mma_gemm_16x32x128_w1x2x4_s3_splitk3_f32"),
@@ -651,9 +654,11 @@ fn gemm_knobs_parse_from_their_kiln_tune_names() {
         ("bk", "64"),
         ("smem", "227"),
         ("maxsplits", "2"),
+        ("mmagemv", "0"),
     ] {
         tuning.set(key, value).unwrap();
     }
+    assert!(!tuning.mma_gemv && GemmTuning::default().mma_gemv);
     assert_eq!(
         (tuning.tile, tuning.warps, tuning.stages, tuning.raster),
         ((128, 256), (2, 4), 4, 8)

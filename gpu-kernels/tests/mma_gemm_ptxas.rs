@@ -287,7 +287,7 @@ fn fp8_gemm_with_the_block_order_and_double_buffer_assembles_without_spills() {
 }
 
 /// Shapes for the GPU check: `(function, T)`.
-const GPU_CASES: [(&str, u64); 12] = [
+const GPU_CASES: [(&str, u64); 15] = [
     ("small_nk", 37),
     ("small_kn", 130),
     ("q_proj", 4096),
@@ -300,6 +300,12 @@ const GPU_CASES: [(&str, u64); 12] = [
     ("fp8_8192", 8192),
     ("fp8_decode", 16),
     ("ragged", 1000),
+    // The tensor-core GEMV (`mmagemv_` functions compile with `GemmTuning::mma_gemv` on):
+    // the decode shapes of the bench at M = 16, and a ragged one (N not a multiple of 8, K
+    // of 32) at a symbolic T of 11.
+    ("mmagemv_4096", 16),
+    ("mmagemv_14336", 16),
+    ("mmagemv_ragged", 11),
 ];
 
 const GPU_SRC: &str = "import nn
@@ -315,6 +321,9 @@ fn fp8_small(x: f8e4m3[T, 96], w: f8e4m3[53, 96], sa: f32[T, 1], sb: f32[53]) ->
 fn fp8_8192(x: f8e4m3[T, 8192], w: f8e4m3[8192, 8192], sa: f32, sb: f32) -> bf16[T, 8192] { bf16(scaled_mm(x, w, sa, sb)) }
 fn fp8_decode(x: f8e4m3[T, 4096], w: f8e4m3[4096, 4096], sa: f32, sb: f32[4096]) -> bf16[T, 4096] { bf16(scaled_mm(x, w, sa, sb)) }
 fn ragged(x: bf16[T, 1032], w: bf16[1500, 1032]) -> bf16[T, 1500] { linear(x, w) }
+fn mmagemv_4096(x: bf16[16, 4096], w: bf16[4096, 4096]) -> bf16[16, 4096] { linear(x, w) }
+fn mmagemv_14336(x: bf16[16, 4096], w: bf16[14336, 4096]) -> bf16[16, 14336] { linear(x, w) }
+fn mmagemv_ragged(x: bf16[T, 4104], w: bf16[4099, 4104]) -> bf16[T, 4099] { linear(x, w) }
 ";
 
 /// Writes `$KILN_GEMM_CHECK_DIR/manifest.json` and one PTX file (sm_90a, JIT-capped) per
@@ -352,6 +361,8 @@ fn export_gemm_gpu_check() {
     }
     let mut cases = Vec::new();
     for (function, t) in GPU_CASES {
+        let mut options = options.clone();
+        options.gemm.mma_gemv |= function.starts_with("mmagemv_");
         let compiled = kiln_gpu_kernels::compile_function(&module, function, &options).unwrap();
         let symbols = |s: &str| (s == "T").then_some(t);
         let mut launches = Vec::new();

@@ -301,7 +301,11 @@ const TUNE_PAGED: &str = "KILN_TUNE_PAGED";
 /// `trigger=0|1` (a decode GEMM block lets the next kernel launch after its main loop;
 /// default 1), `gemv=0|1` (matmuls of at most 4 rows of a `linear` weight take the GEMV
 /// template, a warp a column, no split-K; default 1), `gemvunroll=N` (16-byte weight vectors
-/// a lane loads together per step; default 8); for prefill GEMMs (16-bit, M > 64)
+/// a lane loads together per step; default 8), `mmagemv=0|1` (matmuls of 5 to 16 rows of a
+/// `linear` weight take the tensor-core GEMV, m16n8k16 products on weights loaded straight
+/// into registers, no split-K across blocks; default 1), `mmagemvunroll=N` (32-wide k chunks
+/// a warp of it loads together per step; default 8, at most 8 for one matmul) and
+/// `mmagemvwarps=N` (warps of its block, splitting K; default 4); for prefill GEMMs (16-bit, M > 64)
 /// `tile=BMxBN` (block tile), `warps=WMxWN`, `bk=N` (k slice), `stages=N` (0: as many as fit
 /// in shared memory; the table's tile where the overrides make one the template cannot
 /// run), `raster=N` (block rows of a rasterization group; 0 or 1: row-major blocks) and
@@ -425,7 +429,8 @@ pub(crate) fn apply_tuning(options: &mut CompileOptions) -> Result<()> {
     if !gemm_items.is_empty() {
         eprintln!(
             "kiln bench: {TUNE_GEMM}: segments {}, splits {}, rowsum {}, kvwrite {}, maxsplits {}, \
-             prefetch {}, prefetch_mib {}, trigger {}, gemv {}, gemvunroll {}, \
+             prefetch {}, prefetch_mib {}, trigger {}, gemv {}, gemvunroll {}, mmagemv {}, \
+             mmagemvunroll {}, mmagemvwarps {}, \
              tile {}x{}, warps {}x{}, bk {}, stages {}, raster {}, dbuf {}, pairs {}, smem {} KiB \
              (0: the table's)",
             u8::from(gemm.segments),
@@ -438,6 +443,9 @@ pub(crate) fn apply_tuning(options: &mut CompileOptions) -> Result<()> {
             u8::from(gemm.trigger),
             u8::from(gemm.gemv),
             gemm.gemv_unroll,
+            u8::from(gemm.mma_gemv),
+            gemm.mma_gemv_unroll,
+            gemm.mma_gemv_warps,
             gemm.tile.0,
             gemm.tile.1,
             gemm.warps.0,
@@ -705,5 +713,45 @@ impl Gpu {
         program.bind_weights(&|_| None)?;
         let timing = program.time_launches(&case.inputs, runs)?;
         Ok(case.bytes as f64 / (timing.median_ms * 1e-3) / 1e9)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The kernel names each decode GEMM case compiles to with the default options.
+    fn decode_kernels(function: &str) -> Vec<String> {
+        let (program, diags) = kiln_lower::Program::load_source("bench.kiln", PROGRAM, None);
+        assert!(!diags.iter().any(|d| d.is_error()));
+        let options = kiln_lower::Options {
+            entries: Some(vec![function.to_string()]),
+            ..kiln_lower::Options::default()
+        };
+        let (lowered, _) = kiln_lower::lower(&program, None, &options);
+        let mut module = lowered.expect("lowered").module;
+        kiln_opt::optimize(&mut module).expect("optimized");
+        let compiled =
+            kiln_gpu_kernels::compile_module(&module, &kiln_gpu_kernels::Options::default())
+                .expect("compiled");
+        compiled.kernels.iter().map(|k| k.name.clone()).collect()
+    }
+
+    #[test]
+    fn the_decode_gemm_cases_take_the_gemvs() {
+        // M = 1: the GEMV; M = 16: the tensor-core GEMV, one kernel a GEMM, no sum kernel.
+        for (function, kind, gemms) in [
+            ("decode_m1_4096", "gemv_w4", 4),
+            ("decode_m1_14336", "gemv_w4", 1),
+            ("decode_m16_4096", "mma_gemv_n8_w4_u8", 4),
+            ("decode_m16_14336", "mma_gemv_n8_w4_u8", 1),
+        ] {
+            let names = decode_kernels(function);
+            assert_eq!(names.len(), gemms, "{function}: {names:?}");
+            assert!(
+                names.iter().all(|n| n.contains(kind)),
+                "{function}: {names:?}"
+            );
+        }
     }
 }

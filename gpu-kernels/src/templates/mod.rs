@@ -8,6 +8,7 @@ mod gemv;
 mod kv_cache;
 mod matmul;
 mod mma_gemm;
+mod mma_gemv;
 mod mma_softmax;
 mod mma_warp_tiles;
 mod paged_decode;
@@ -20,6 +21,7 @@ mod wgmma_gemm;
 pub use gemv::GEMV_ROWS;
 pub use matmul::MatmulTiling;
 pub use mma_gemm::{choose_splits, choose_tile, MmaTile, SMALL_ROWS};
+pub use mma_gemv::MMA_GEMV_ROWS;
 
 use crate::emit::{Emitter, ParamArg, SplitSum};
 use crate::error::{EmitError, FusionError};
@@ -483,7 +485,8 @@ fn buffers_read(g: &FuncGraph<'_>, part: &Partition<'_>, group: &Group) -> BTree
 /// The tensor-core plan of GEMM group `mg` in variant `small` when it splits K across
 /// blocks and is (`segmented`) or is not a grid of segments: a grid of segments' sum kernel
 /// may perform `kv_write`s ([`KvWrites`]), a single grid's sums a row group may add
-/// ([`RowSums`]). None where the GEMV takes the group in that variant (it never splits).
+/// ([`RowSums`]). None where the GEMV or the tensor-core GEMV takes the group in that
+/// variant (neither splits).
 fn split_plan(
     g: &FuncGraph<'_>,
     part: &Partition<'_>,
@@ -495,7 +498,9 @@ fn split_plan(
     let group = &part.groups[mg];
     let mut e = Emitter::new(g, &part.stored, Ty::I32);
     e.owned = group.owned.clone();
-    if gemv::plan(&e, group, variant, options).is_some() {
+    if gemv::plan(&e, group, variant, options).is_some()
+        || mma_gemv::plan(&e, group, variant, options).is_some()
+    {
         return None;
     }
     mma_gemm::plan(&e, group, variant.small(), options)
@@ -629,6 +634,16 @@ pub(crate) fn build(
         if let Some(plan) = gemv::plan(&e, group, variant, options) {
             // At most four rows: a warp a column, no split-K.
             let body = gemv::emit(&mut e, group, &stores, &plan);
+            let built = finish(g, e, body, out_dtype(g, &stores))?;
+            return Ok(Some(Launches {
+                kernels: vec![built],
+                workspaces: Vec::new(),
+                shared_workspace: false,
+            }));
+        }
+        if let Some(plan) = mma_gemv::plan(&e, group, variant, options) {
+            // At most 16 rows: tensor-core products on weights straight from memory.
+            let body = mma_gemv::emit(&mut e, group, &stores, &plan);
             let built = finish(g, e, body, out_dtype(g, &stores))?;
             return Ok(Some(Launches {
                 kernels: vec![built],

@@ -620,11 +620,12 @@ pub fn same_bits_with_and_without(
     (with, without)
 }
 
-/// The default options with the GEMV off (`GemmTuning::gemv`): tests of the tensor-core
-/// template's decode tile, its split-K and what rides on it (row sums, KV writes) at the
-/// decode sizes the GEMV would otherwise take.
+/// The default options with both GEMVs off (`GemmTuning::gemv`, `GemmTuning::mma_gemv`):
+/// tests of the tensor-core template's decode tile, its split-K and what rides on it (row
+/// sums, KV writes) at the decode sizes the GEMVs would otherwise take.
 pub fn mma_options() -> kiln_gpu_kernels::Options {
     let mut options = kiln_gpu_kernels::Options::default();
     options.gemm.gemv = false;
+    options.gemm.mma_gemv = false;
     options
 }

@@ -1,0 +1,552 @@
+//! The tensor-core GEMV template: bf16 and f16 matmuls of at most [`MMA_GEMV_ROWS`] rows
+//! (decode batches of 5 to 16 rows; fewer where the GEMV does not take them) of `linear`
+//! weights (`x @ w.T`, `w` stored `[N, K]`, K contiguous), f32 accumulation, on
+//! `mma.sync` m16n8k16 products whose B fragments come straight from global memory.
+//!
+//! Every weight element is used once, so the weights skip shared memory: a block owns
+//! [`COLUMNS`] output columns (one n8 tile) and is `warps` warps (`GemmTuning::mma_gemv_warps`,
+//! 4 by default) that split K among them (warp w takes the 32-wide k chunks `w, w + warps,
+//! ..`); a lane loads 16-byte
+//! vectors of weight row `n = lane / 4` (8 consecutive k: `8t .. 8t + 7` of a chunk,
+//! `t = lane % 4`), `unroll` chunks in flight before any is used. No split of K across
+//! blocks, no workspace and no sum kernel.
+//!
+//! Why the registers as loaded are B fragments: m16n8k16 gives thread `(g, t)` (`g = lane /
+//! 4`) the B elements of column g at logical k `2t, 2t+1` (b0) and `2t+8, 2t+9` (b1), and
+//! the A elements of rows g and g+8 at the same logical k (a0, a1: `2t, 2t+1`; a2, a3:
+//! `2t+8, 2t+9`), and sums over the 16 logical k. Map logical k of the first product to
+//! physical k of the chunk by `2t + i ↦ 8t + i`, `2t + 8 + i ↦ 8t + 2 + i` (i in 0, 1), and of
+//! the second by the same plus 4: over the four t these are bijections onto `8t + 0..3` and
+//! `8t + 4..7`, together the 32 k of the chunk. A dot product is a sum over k, invariant
+//! under any permutation of k applied to both operands alike, so when A's registers are
+//! read with the same map (row g: `A[g][8t .. 8t+3]` for the first product, `A[g][8t+4 ..
+//! 8t+7]` for the second; row g+8 likewise) the two products add exactly the chunk's 32
+//! terms of every output element: the weight vector's four registers are b0, b1 of the
+//! first product and b0, b1 of the second, with no shuffle.
+//!
+//! A (at most 16 activation rows, padded to 16) is read from global memory, the same 16-byte
+//! vectors in every block (cache hits after the first), not staged in shared memory: a
+//! block reads all of K, 128 KiB of A at K = 4096 and 16 rows, more than a block's shared
+//! memory, and each A element is read by one lane of a warp, twice the weight bytes a warp
+//! step (the GEMV reads four times). Rows past M read row M - 1 (their products land in
+//! accumulator rows that are never stored: an output row depends on its A row alone), so
+//! no lane branches; a constant M of at most 8 reads no second row at all (zero
+//! registers). The loads arrive as f32 and are packed back to the 16-bit type exactly
+//! (`PackHalves`, a round trip of representable values).
+//!
+//! A K that is not a multiple of the step ends with guarded chunks: a lane's vector outside
+//! K (K is a multiple of 8, so a vector is wholly in or out) leaves its A and B registers 0,
+//! and the products run in every lane (an `mma` needs the whole warp). The warps' partial
+//! sums meet through shared memory in warp order; warp 0 runs the matmul templates'
+//! epilogue (`matmul::epilogue_lanes`: bias, activation, residual, gate/up, cast) on its
+//! accumulators (rows g and g+8, columns 2t and 2t+1 of the tile). Horizontally fused
+//! matmuls of one width (gate and up) share the block (a weight vector of each per chunk,
+//! A once); matmuls of different widths (q/k/v) get a grid of segments as in the other
+//! decode templates (`mma_gemm::segments`). Columns past N load row N - 1 and store
+//! nothing. A symbolic M (the decode variant of a plan, `Step::BySize`, at most
+//! [`MMA_GEMV_ROWS`] rows) is held as 16 rows.
+
+use super::matmul::{epilogue_lanes, kernel_name, OutputElement};
+use super::mma_gemm::{
+    and_mask, by_segment, i32c, matmuls_of, segment_of_block, segments, shr, transposed_weight,
+    Segment,
+};
+use super::{Body, Variant};
+use crate::emit::{add, lt, min_e, mul, EResult, Emitter};
+use crate::partition::Group;
+use kiln_ir::{DType, Dim, Op, Value};
+use kiln_kir::{Expr, MmaInput, SizeExpr, Special, Stmt, Ty, VarId};
+
+/// The most rows (M) the template takes: one m16 tile.
+pub const MMA_GEMV_ROWS: u64 = 16;
+
+/// Output columns of a block (one n8 tile; every warp of the block has the same).
+pub const COLUMNS: u32 = 8;
+
+/// Packed weight registers a lane's step may hold across its fused matmuls.
+const MAX_WEIGHT_REGISTERS: u32 = 32;
+
+/// Elements of a 16-byte vector.
+const VECTOR: u64 = 8;
+
+/// k of one chunk: four lanes' vectors.
+const CHUNK: u64 = 4 * VECTOR;
+
+/// What the template needs to know about a matmul group it takes.
+pub(crate) struct MmaGemvPlan {
+    input: MmaInput,
+    /// The stored value holding A (`[M, K]` row-major, through reshapes).
+    a_source: Value,
+    /// Per matmul: the `[N, K]` weight, the permute read through, N.
+    b: Vec<(Value, Value, u64)>,
+    k: u64,
+    /// M when constant, else [`MMA_GEMV_ROWS`].
+    rows: u64,
+    /// Chunks a warp loads per step.
+    unroll: u32,
+    /// Warps of a block, splitting K.
+    warps: u32,
+    /// The grid's segments, one per matmul, when the widths differ.
+    segments: Vec<Segment>,
+    /// Whether a block lets the next kernel launch after its last weight loads
+    /// (`GemmTuning::trigger`).
+    trigger: bool,
+}
+
+/// The plan for `group` when the template applies in `variant`: `linear` matmuls of bf16
+/// or f16 operands of one dtype, `[M, K] @ [N, K].T` without batch dims, A read straight
+/// from a buffer (through reshapes), K a constant multiple of 8, every N constant, M a
+/// constant of at most [`MMA_GEMV_ROWS`] or symbolic in a small variant, and for matmuls of
+/// different widths every stored value computed from one of them. Only with tensor cores
+/// and [`crate::GemmTuning::mma_gemv`] on; the GEMV (M at most 4) is asked first.
+pub(crate) fn plan(
+    e: &Emitter<'_, '_>,
+    group: &Group,
+    variant: Variant,
+    options: &crate::Options,
+) -> Option<MmaGemvPlan> {
+    if !options.tensor_cores || !options.gemm.mma_gemv {
+        return None;
+    }
+    let g = e.g;
+    let first = *group.roots.first()?;
+    let [m, _] = g.shape(first) else {
+        return None;
+    };
+    let rows = match m {
+        Dim::Const(m) if (1..=MMA_GEMV_ROWS).contains(m) => *m,
+        Dim::Sym(_) if variant.small() => MMA_GEMV_ROWS,
+        _ => return None,
+    };
+    let a = g.inst(first)?.operands[0];
+    let dtype = g.ty(a).dtype;
+    let input = match dtype {
+        DType::BF16 => MmaInput::Bf16,
+        DType::F16 => MmaInput::F16,
+        _ => return None,
+    };
+    let mut a_source = a;
+    while !e.is_loaded(a_source) {
+        let Some(Op::Reshape { .. }) = g.op(a_source) else {
+            return None;
+        };
+        a_source = g.inst(a_source)?.operands[0];
+    }
+    let k = g.shape(a).last()?.as_const()?;
+    if k == 0 || k % VECTOR != 0 {
+        return None;
+    }
+    let mut b = Vec::new();
+    for &mm in &group.roots {
+        let inst = g.inst(mm)?;
+        if inst.operands[0] != a {
+            return None;
+        }
+        let (permute, weight, _) = transposed_weight(e, inst.operands[1], false)?;
+        if g.ty(weight).dtype != dtype || g.shape(weight).len() != 2 {
+            return None;
+        }
+        let n = g.shape(mm)[1].as_const()?;
+        b.push((weight, permute, n));
+    }
+    let one_width = b.iter().all(|s| s.2 == b[0].2);
+    let segments = if one_width {
+        Vec::new()
+    } else {
+        let single = group
+            .roots
+            .iter()
+            .chain(&group.outputs)
+            .all(|&v| matmuls_of(e, group, v).len() == 1);
+        if !single {
+            return None;
+        }
+        let widths: Vec<u64> = b.iter().map(|s| s.2).collect();
+        segments(&widths, COLUMNS)
+    };
+    let sets = if segments.is_empty() { b.len() } else { 1 } as u32;
+    // At least one whole step where K allows (a shorter K leaves every chunk to the guarded
+    // tail), and four packed registers a weight vector.
+    let warps = options.gemm.mma_gemv_warps.clamp(1, 16);
+    let chunks = u32::try_from(k / (CHUNK * u64::from(warps))).unwrap_or(u32::MAX);
+    let unroll = options
+        .gemm
+        .mma_gemv_unroll
+        .min(MAX_WEIGHT_REGISTERS / (4 * sets))
+        .min(chunks)
+        .max(1);
+    Some(MmaGemvPlan {
+        input,
+        a_source,
+        b,
+        k,
+        rows,
+        unroll,
+        warps,
+        segments,
+        trigger: options.gemm.trigger,
+    })
+}
+
+impl MmaGemvPlan {
+    /// `mma_gemv_n8_w4_u8`, `mma_gemv_n8_w4_u8_seg` for a grid of segments.
+    fn name(&self) -> String {
+        let seg = if self.segments.is_empty() { "" } else { "_seg" };
+        format!("mma_gemv_n{COLUMNS}_w{}_u{}{seg}", self.warps, self.unroll)
+    }
+}
+
+pub(crate) fn emit(
+    e: &mut Emitter<'_, '_>,
+    group: &Group,
+    stores: &[Value],
+    plan: &MmaGemvPlan,
+) -> EResult<Body> {
+    let g = e.g;
+    let matmuls = group.roots.clone();
+    let out_shape = g.shape(matmuls[0]).to_vec();
+    let ity = e.index_ty;
+    let index = |x: Expr| -> Expr {
+        if ity == Ty::I64 {
+            Expr::Cast(Ty::I64, Box::new(x))
+        } else {
+            x
+        }
+    };
+    // Four blocks an SM at least (ptxas keeps to 128 registers).
+    let warps = plan.warps;
+    e.blocks_per_sm = (65536 / (128 * 32 * warps)).max(1);
+    let mut body = Vec::new();
+    let lane = e.bind(&mut body, "lane", Ty::I32, Expr::Special(Special::LaneId));
+    let warp = e.bind(&mut body, "warp", Ty::I32, Expr::Special(Special::WarpId));
+    let gid = e.bind(&mut body, "g", Ty::I32, shr(lane.clone(), 2));
+    let tig = e.bind(&mut body, "t", Ty::I32, and_mask(lane.clone(), 3));
+    let m_size = e.dim(&out_shape[0]);
+    let symbolic_rows = out_shape[0].as_const().is_none();
+    let k = plan.k as i64;
+    let a_buf = e.buffer(plan.a_source, kiln_kir::Access::Read);
+    // This lane's A rows g and g + 8 (rows past M read row M - 1; none for a constant M of
+    // at most 8).
+    let last_row = if symbolic_rows {
+        crate::emit::sub(m_size.clone(), e.ix(1))
+    } else {
+        e.ix(plan.rows as i64 - 1)
+    };
+    let mut a_rows = Vec::new();
+    for half in 0..2i64 {
+        if half == 1 && !symbolic_rows && plan.rows <= 8 {
+            break;
+        }
+        let row = index(gid.clone() + i32c(8 * half));
+        let row = if !symbolic_rows && plan.rows == MMA_GEMV_ROWS {
+            row
+        } else {
+            min_e(row, last_row.clone())
+        };
+        a_rows.push(row);
+    }
+    let segmented = !plan.segments.is_empty();
+    let (segment, block) = if segmented {
+        let (which, block) = segment_of_block(e, &mut body, &plan.segments);
+        (Some(which), block)
+    } else {
+        (None, Expr::Special(Special::BlockIdx(0)))
+    };
+    let col0 = e.bind(
+        &mut body,
+        "col0",
+        ity,
+        index(block * i32c(i64::from(COLUMNS))),
+    );
+    // What runs before here stays outside the branch on a symbolic M below.
+    let prelude = body.len();
+    let column = |e: &mut Emitter<'_, '_>, out: &mut Vec<Stmt>, these: &[usize]| -> EResult<()> {
+        let n = plan.b[these[0]].2 as i64;
+        let w_row = e.bind(
+            out,
+            "w_row",
+            ity,
+            mul(
+                min_e(add(col0.clone(), index(gid.clone())), e.ix(n - 1)),
+                e.ix(k),
+            ),
+        );
+        let a_at: Vec<Expr> = a_rows
+            .iter()
+            .map(|r| {
+                let at = mul(r.clone(), e.ix(k));
+                e.bind(out, "a_row", ity, at)
+            })
+            .collect();
+        let w_bufs: Vec<_> = these
+            .iter()
+            .map(|&i| e.buffer(plan.b[i].0, kiln_kir::Access::Read))
+            .collect();
+        let acc: Vec<[VarId; 4]> = these
+            .iter()
+            .map(|_| std::array::from_fn(|_| e.var("acc", Ty::F32)))
+            .collect();
+        for &a in acc.iter().flatten() {
+            out.push(Stmt::Assign(a, Expr::f32(0.0)));
+        }
+        let zero_pack = e.var("zero", Ty::I32);
+        out.push(Stmt::Assign(zero_pack, Expr::i32(0)));
+        let input = plan.input;
+        // Chunks `base + (j * warps) * 32` (j in `chunks`) of this warp and lane, each
+        // lane's vector under `k < K` when `guarded`.
+        let fold = |e: &mut Emitter<'_, '_>,
+                    out: &mut Vec<Stmt>,
+                    base: Expr,
+                    chunks: i64,
+                    guarded: bool| {
+            let lane_k = add(
+                index(warp.clone() * i32c(CHUNK as i64) + tig.clone() * i32c(VECTOR as i64)),
+                base,
+            );
+            let lane_k = e.bind(out, "k0", ity, lane_k);
+            let offsets: Vec<Expr> = (0..chunks)
+                .map(|j| {
+                    let at = add(lane_k.clone(), e.ix(j * i64::from(warps) * CHUNK as i64));
+                    e.bind(out, "kj", ity, at)
+                })
+                .collect();
+            // Each chunk's loads: into f32 registers, zero outside K when guarded.
+            let load = |e: &mut Emitter<'_, '_>,
+                        out: &mut Vec<Stmt>,
+                        buf: kiln_kir::Buf,
+                        at: Expr,
+                        j: usize|
+             -> Vec<VarId> {
+                let dsts: Vec<VarId> = (0..VECTOR).map(|_| e.var("v", Ty::F32)).collect();
+                let stmt = Stmt::LoadVec {
+                    dsts: dsts.clone(),
+                    buf,
+                    index: add(at, offsets[j].clone()),
+                };
+                if guarded {
+                    for &d in &dsts {
+                        out.push(Stmt::Assign(d, Expr::f32(0.0)));
+                    }
+                    let inside = lt(offsets[j].clone(), e.ix(k));
+                    out.push(Stmt::if_then(inside, vec![stmt]));
+                } else {
+                    out.push(stmt);
+                }
+                dsts
+            };
+            // The weight vectors first, all in flight before any product.
+            let weights: Vec<Vec<Vec<VarId>>> = (0..chunks as usize)
+                .map(|j| {
+                    w_bufs
+                        .iter()
+                        .map(|&buf| load(e, out, buf, w_row.clone(), j))
+                        .collect()
+                })
+                .collect();
+            let pack = |e: &mut Emitter<'_, '_>, out: &mut Vec<Stmt>, v: &[VarId]| -> Vec<VarId> {
+                v.chunks(2)
+                    .map(|pair| {
+                        let dst = e.var("p", Ty::I32);
+                        out.push(Stmt::PackHalves {
+                            dst,
+                            input,
+                            lo: Expr::var(pair[0]),
+                            hi: Expr::var(pair[1]),
+                        });
+                        dst
+                    })
+                    .collect()
+            };
+            for (j, vectors) in weights.iter().enumerate() {
+                // A rows g and g + 8 at this lane's 8 k, packed: registers 0, 1 are the
+                // first product's `a0/a2` (row g) and `a1/a3` (row g + 8) pairs, 2, 3 the
+                // second's.
+                let mut packed_a = Vec::new();
+                for at in &a_at {
+                    let x = load(e, out, a_buf, at.clone(), j);
+                    packed_a.push(pack(e, out, &x));
+                }
+                let hi = |i: usize| packed_a.get(1).map_or(zero_pack, |p| p[i]);
+                let lo = |i: usize| packed_a[0][i];
+                for (set, v) in vectors.iter().enumerate() {
+                    let w = pack(e, out, v);
+                    for half in 0..2 {
+                        let c = acc[set];
+                        out.push(Stmt::Mma {
+                            input,
+                            d: c,
+                            a: [
+                                lo(2 * half),
+                                hi(2 * half),
+                                lo(2 * half + 1),
+                                hi(2 * half + 1),
+                            ],
+                            b: [w[2 * half], w[2 * half + 1]],
+                            c,
+                        });
+                    }
+                }
+            }
+        };
+        let unroll = i64::from(plan.unroll);
+        let step = i64::from(warps) * CHUNK as i64 * unroll;
+        let full = k / step;
+        if full > 0 {
+            let s = e.var("kstep", ity);
+            let mut inner = Vec::new();
+            fold(e, &mut inner, Expr::var(s), unroll, false);
+            out.push(Stmt::For {
+                var: s,
+                start: e.ix(0),
+                end: e.ix(full * step),
+                step: e.ix(step),
+                body: inner,
+            });
+        }
+        let rest = k - full * step;
+        if rest > 0 {
+            let per_round = i64::from(warps) * CHUNK as i64;
+            let chunks = (rest + per_round - 1) / per_round;
+            fold(e, out, e.ix(full * step), chunks, true);
+        }
+        // Every weight load is issued: the next kernel may launch.
+        if plan.trigger {
+            out.push(Stmt::LaunchDependents);
+        }
+        // Warps 1.. leave their sums, warp 0 adds them in warp order.
+        let sums: Vec<VarId> = acc.iter().flatten().copied().collect();
+        let count = sums.len() as i64;
+        let first_warp = warp.clone().equals(i32c(0));
+        let mut gather = Vec::new();
+        if warps > 1 {
+            let partials = e.shared_array(
+                "partials",
+                DType::F32,
+                (i64::from(warps - 1) * 32 * count) as u32,
+            );
+            let own = e.bind(
+                out,
+                "partial",
+                Ty::I32,
+                (warp.clone() - i32c(1)) * i32c(32 * count) + lane.clone(),
+            );
+            // Sum i of every lane side by side (consecutive words, no bank conflicts).
+            let leave = sums
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| Stmt::store(partials, own.clone() + i32c(32 * i as i64), v))
+                .collect();
+            out.push(Stmt::if_then(warp.clone().gt(i32c(0)), leave));
+            out.push(Stmt::Barrier);
+            for w in 1..i64::from(warps) {
+                let at = i32c((w - 1) * 32 * count) + lane.clone();
+                let at = e.bind(&mut gather, "partial", Ty::I32, at);
+                for (i, &v) in sums.iter().enumerate() {
+                    gather.push(Stmt::assign(
+                        v,
+                        Expr::var(v) + Expr::load(partials, at.clone() + i32c(32 * i as i64)),
+                    ));
+                }
+            }
+        }
+        // The epilogue: accumulators 0, 1 are row g, columns 2t and 2t + 1 of the tile, 2, 3
+        // row g + 8 (none past a constant M of at most 8).
+        let these_values: Vec<Value> = these.iter().map(|&i| matmuls[i]).collect();
+        let stored: Vec<Value> = if segmented {
+            stores
+                .iter()
+                .copied()
+                .filter(|&v| matmuls_of(e, group, v).contains(&these[0]))
+                .collect()
+        } else {
+            stores.to_vec()
+        };
+        // Two columns a store where every stored width is even (2t + 1 < N when 2t < N).
+        let paired = stored
+            .iter()
+            .all(|&o| matches!(g.shape(o).last(), Some(Dim::Const(n)) if n % 2 == 0));
+        let col = e.bind(
+            &mut gather,
+            "col",
+            ity,
+            add(col0.clone(), index(tig.clone() * i32c(2))),
+        );
+        let halves = if !symbolic_rows && plan.rows <= 8 {
+            1
+        } else {
+            2
+        };
+        for half in 0..halves {
+            let row = e.bind(
+                &mut gather,
+                "row",
+                ity,
+                index(gid.clone() + i32c(8 * half as i64)),
+            );
+            let at = OutputElement {
+                batch: &[],
+                row: &row,
+                col: &col,
+                rows: &m_size,
+            };
+            if paired {
+                let accs: Vec<Vec<VarId>> = acc
+                    .iter()
+                    .map(|a| a[2 * half..2 * half + 2].to_vec())
+                    .collect();
+                epilogue_lanes(e, &mut gather, &these_values, &accs, &at, None, &stored)?;
+            } else {
+                for j in 0..2 {
+                    let col_j = e.bind(&mut gather, "col", ity, add(col.clone(), e.ix(j)));
+                    let at = OutputElement { col: &col_j, ..at };
+                    let accs: Vec<Vec<VarId>> =
+                        acc.iter().map(|a| vec![a[2 * half + j as usize]]).collect();
+                    epilogue_lanes(e, &mut gather, &these_values, &accs, &at, None, &stored)?;
+                }
+            }
+        }
+        out.push(Stmt::if_then(first_warp, gather));
+        Ok(())
+    };
+    match &segment {
+        Some(which) => {
+            let mut branches = Vec::new();
+            for i in 0..plan.b.len() {
+                let mut branch = Vec::new();
+                e.push_scope();
+                column(e, &mut branch, &[i])?;
+                e.pop_scope();
+                branches.push(branch);
+            }
+            body.extend(by_segment(which, branches));
+        }
+        None => {
+            let all: Vec<usize> = (0..plan.b.len()).collect();
+            column(e, &mut body, &all)?;
+        }
+    }
+    for &m in &matmuls {
+        e.fused.insert(m);
+    }
+    for &(_, permute, _) in &plan.b {
+        e.fused.insert(permute);
+    }
+    if symbolic_rows {
+        // A symbolic M of 0 reads no row (row M - 1 would be outside A).
+        let zero = e.ix(0);
+        let rest = body.split_off(prelude);
+        body.push(Stmt::if_then(lt(zero, m_size), rest));
+    }
+    let what = kernel_name(&plan.name(), &matmuls, stores);
+    let blocks = if segmented {
+        plan.segments.iter().map(|s| s.blocks).sum()
+    } else {
+        plan.b[0].2.div_ceil(u64::from(COLUMNS))
+    };
+    Ok(Body {
+        what,
+        block_dim: 32 * warps,
+        grid: [SizeExpr::Const(blocks), super::one(), super::one()],
+        stmts: body,
+    })
+}
