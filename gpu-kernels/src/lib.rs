@@ -192,6 +192,12 @@ pub struct GemmTuning {
     /// 16-byte weight vectors a lane of the GEMV template loads together per step (fewer
     /// when the row is shorter or fused matmuls would hold too many registers).
     pub gemv_unroll: u32,
+    /// Whether a GEMV whose A is the normalized rows of a row-mean kernel (an RMSNorm) that
+    /// stores nothing else, read by GEMVs only (q/k/v, gate/up, the LM head at decode
+    /// sizes), computes the rows' statistic and the element-wise part itself into shared
+    /// memory, in the row kernel's order (`templates::NormPrologues`: the norm kernel
+    /// disappears from the GEMV variant).
+    pub norm_prologue: bool,
 }
 
 impl Default for GemmTuning {
@@ -215,6 +221,7 @@ impl Default for GemmTuning {
             trigger: false,
             gemv: true,
             gemv_unroll: 8,
+            norm_prologue: true,
         }
     }
 }
@@ -223,7 +230,7 @@ impl GemmTuning {
     /// The knob names [`GemmTuning::set`] takes.
     pub const KEYS: &'static str =
         "segments, splits, rowsum, kvwrite, maxsplits, tile, warps, bk, stages, raster, dbuf, pairs, \
-         smem, prefetch, prefetch_mib, trigger, gemv, gemvunroll";
+         smem, prefetch, prefetch_mib, trigger, gemv, gemvunroll, normgemv";
 
     /// Sets knob `key` (the `KILN_TUNE_GEMM` names, [`GemmTuning::KEYS`]) from `value`: a
     /// number (`0|1` for switches), or `AxB` for `tile` and `warps`.
@@ -258,6 +265,7 @@ impl GemmTuning {
             "trigger" => self.trigger = number()? != 0,
             "gemv" => self.gemv = number()? != 0,
             "gemvunroll" => self.gemv_unroll = number()?.max(1),
+            "normgemv" => self.norm_prologue = number()? != 0,
             _ => return Err(format!("unknown key `{key}` ({})", Self::KEYS)),
         }
         Ok(())

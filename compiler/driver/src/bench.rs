@@ -299,7 +299,9 @@ const TUNE_PAGED: &str = "KILN_TUNE_PAGED";
 /// `trigger=0|1` (a decode GEMM block lets the next kernel launch after its main loop;
 /// default 1), `gemv=0|1` (matmuls of at most 4 rows of a `linear` weight take the GEMV
 /// template, a warp a column, no split-K; default 1), `gemvunroll=N` (16-byte weight vectors
-/// a lane loads together per step; default 8); for prefill GEMMs (16-bit, M > 64)
+/// a lane loads together per step; default 8), `normgemv=0|1` (a GEMV whose A is an
+/// RMSNorm's rows, read by GEMVs only, computes the norm itself, no norm kernel; default 1);
+/// for prefill GEMMs (16-bit, M > 64)
 /// `tile=BMxBN` (block tile), `warps=WMxWN`, `bk=N` (k slice), `stages=N` (0: as many as fit
 /// in shared memory; the table's tile where the overrides make one the template cannot
 /// run), `raster=N` (block rows of a rasterization group; 0 or 1: row-major blocks) and
@@ -416,7 +418,7 @@ pub(crate) fn apply_tuning(options: &mut CompileOptions) -> Result<()> {
     if !gemm_items.is_empty() {
         eprintln!(
             "kiln bench: {TUNE_GEMM}: segments {}, splits {}, rowsum {}, kvwrite {}, maxsplits {}, \
-             prefetch {}, prefetch_mib {}, trigger {}, gemv {}, gemvunroll {}, \
+             prefetch {}, prefetch_mib {}, trigger {}, gemv {}, gemvunroll {}, normgemv {}, \
              tile {}x{}, warps {}x{}, bk {}, stages {}, raster {}, dbuf {}, pairs {}, smem {} KiB \
              (0: the table's)",
             u8::from(gemm.segments),
@@ -429,6 +431,7 @@ pub(crate) fn apply_tuning(options: &mut CompileOptions) -> Result<()> {
             u8::from(gemm.trigger),
             u8::from(gemm.gemv),
             gemm.gemv_unroll,
+            u8::from(gemm.norm_prologue),
             gemm.tile.0,
             gemm.tile.1,
             gemm.warps.0,
