@@ -182,3 +182,19 @@ fn the_norm_gemv_kernels_assemble_without_spills() {
         println!("{target:?} {name}: {regs} registers");
     }
 }
+
+#[test]
+fn the_norm_gemv_kernel_snapshot() {
+    // Two rows of 2048 (the row kernel's block of 256 threads played by four warps).
+    let module = lower("norm_gemv.kiln", SRC, None, None);
+    let compiled = compile_function(&module, "two", &options(true)).unwrap();
+    let ptx = kiln_ptx::emit_ptx(
+        &compiled.kernels,
+        kiln_ptx::Target::Sm90a,
+        &Default::default(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(ptx.contains("bar.sync"), "{ptx}");
+    assert!(ptx.contains("st.shared.v4"), "{ptx}");
+    insta::assert_snapshot!(ptx);
+}

@@ -16,7 +16,7 @@
 //! input rows are read twice (through L1): once for the statistic, once for the rows.
 
 use super::reduce::{self, Acc, Red};
-use super::{gemv, reads_by_group, size_variant, split_plan, stored_values, Variant};
+use super::{gemv, index_type, reads_by_group, size_variant, split_plan, stored_values, Variant};
 use super::{KvWrites, RowSums};
 use crate::emit::{add, lt, min_e, mul, sub, Binding, EResult, Emitter};
 use crate::graph::FuncGraph;
@@ -101,7 +101,8 @@ impl NormPrologues {
     /// rows as A and the GEMV applying, all with the same run-time variants (which the row
     /// group takes, as with [`RowSums`]: a row group that adds split-K sums only where the
     /// GEMMs it adds are GEMVs in the GEMV variant too); the rows no function result and
-    /// read in no loop; at most [`MAX_ROW_BYTES`] of rows in a block.
+    /// read in no loop; at most [`MAX_ROW_BYTES`] of rows in a block; 32-bit indexing in
+    /// both kernels; nothing the row kernel reads updated in place before the last reader.
     pub(crate) fn find(
         g: &FuncGraph<'_>,
         part: &Partition<'_>,
@@ -151,7 +152,23 @@ impl NormPrologues {
             };
             let dtype = g.ty(norm.rows).dtype;
             let mut ok = wanted.as_ref().is_none_or(|w| w.2)
-                && rows_held * norm.k * dtype.size_bytes() as u64 <= MAX_ROW_BYTES;
+                && rows_held * norm.k * dtype.size_bytes() as u64 <= MAX_ROW_BYTES
+                && index_type(g, row, options) == Ty::I32;
+            // What the row kernel reads stays as it was until the last reader runs: no
+            // `kv_write` (the only in-place update) in between touches it.
+            let last = readers
+                .iter()
+                .map(|&mg| part.groups[mg].pos)
+                .max()
+                .unwrap_or(0);
+            let inputs: BTreeSet<Value> = reads[rg].iter().map(|&v| base(part, v)).collect();
+            let updated = part.groups.iter().enumerate().any(|(gid, other)| {
+                matches!(other.kind, GroupKind::KvWrite)
+                    && other.pos > row.pos
+                    && other.pos < last
+                    && reads[gid].iter().any(|&v| inputs.contains(&base(part, v)))
+            });
+            ok = ok && !updated;
             for &mg in &readers {
                 let gemm = &part.groups[mg];
                 let takes_rows = matches!(gemm.kind, GroupKind::Matmul { .. })
@@ -163,6 +180,7 @@ impl NormPrologues {
                     });
                 ok = ok
                     && takes_rows
+                    && index_type(g, gemm, options) == Ty::I32
                     && variant(mg) == wanted
                     && takes_gemv(g, part, mg, options, in_variant);
             }
