@@ -133,6 +133,7 @@ impl RowSums {
         sums
     }
 
+    /// The split-K GEMMs whose sums a row group adds.
     fn find_sums(&mut self, g: &FuncGraph<'_>, part: &Partition<'_>, options: &crate::Options) {
         let sums = self;
         let reads = reads_by_group(g, part);
