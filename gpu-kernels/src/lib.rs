@@ -226,6 +226,12 @@ pub struct GemmTuning {
     pub mma_gemv_unroll: u32,
     /// Warps of a tensor-core GEMV block, splitting K (1 to 16).
     pub mma_gemv_warps: u32,
+    /// Whether a GEMV whose A is the normalized rows of a row-mean kernel (an RMSNorm) that
+    /// stores nothing else, read by GEMVs only (q/k/v, gate/up, the LM head at decode
+    /// sizes), computes the rows' statistic and the element-wise part itself into shared
+    /// memory, in the row kernel's order (`templates::NormPrologues`: the norm kernel
+    /// disappears from the GEMV variant).
+    pub norm_prologue: bool,
 }
 
 impl Default for GemmTuning {
@@ -253,6 +259,7 @@ impl Default for GemmTuning {
             mma_gemv: true,
             mma_gemv_unroll: 8,
             mma_gemv_warps: 4,
+            norm_prologue: true,
         }
     }
 }
@@ -261,7 +268,7 @@ impl GemmTuning {
     /// The knob names [`GemmTuning::set`] takes.
     pub const KEYS: &'static str =
         "segments, splits, rowsum, kvwrite, maxsplits, tile, warps, bk, stages, raster, dbuf, pairs, \
-         smem, prefetch, prefetch_mib, trigger, gemv, gemvunroll, wgmma, mmagemv, \
+         smem, prefetch, prefetch_mib, trigger, gemv, gemvunroll, normgemv, wgmma, mmagemv, \
          mmagemvunroll, mmagemvwarps";
 
     /// Sets knob `key` (the `KILN_TUNE_GEMM` names, [`GemmTuning::KEYS`]) from `value`: a
@@ -301,6 +308,7 @@ impl GemmTuning {
             "mmagemv" => self.mma_gemv = number()? != 0,
             "mmagemvunroll" => self.mma_gemv_unroll = number()?.max(1),
             "mmagemvwarps" => self.mma_gemv_warps = number()?.clamp(1, 16),
+            "normgemv" => self.norm_prologue = number()? != 0,
             _ => return Err(format!("unknown key `{key}` ({})", Self::KEYS)),
         }
         Ok(())

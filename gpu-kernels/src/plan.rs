@@ -37,7 +37,8 @@ pub(crate) struct PlanBuilder<'a, 'f> {
     /// Small constant tensors of distinct elements (`kiln_opt::small_constants`): a group
     /// that stores only such values is no kernel, its buffers hold the values.
     constants: BTreeMap<Value, Tensor>,
-    /// Split-K GEMM groups whose sums a row-reduction kernel adds.
+    /// Split-K GEMM groups whose sums a row-reduction kernel adds, and the row groups whose
+    /// rows the GEMVs reading them compute (`templates::NormPrologues`).
     row_sums: templates::RowSums,
     /// `kv_write` groups whose writes a split-K GEMM's sum kernel performs.
     kv_writes: templates::KvWrites,

@@ -301,11 +301,13 @@ const TUNE_PAGED: &str = "KILN_TUNE_PAGED";
 /// `trigger=0|1` (a decode GEMM block lets the next kernel launch after its main loop;
 /// default 1), `gemv=0|1` (matmuls of at most 4 rows of a `linear` weight take the GEMV
 /// template, a warp a column, no split-K; default 1), `gemvunroll=N` (16-byte weight vectors
-/// a lane loads together per step; default 8), `mmagemv=0|1` (matmuls of 5 to 16 rows of a
-/// `linear` weight take the tensor-core GEMV, m16n8k16 products on weights loaded straight
-/// into registers, no split-K across blocks; default 1), `mmagemvunroll=N` (32-wide k chunks
-/// a warp of it loads together per step; default 8, at most 8 for one matmul) and
-/// `mmagemvwarps=N` (warps of its block, splitting K; default 4); for prefill GEMMs (16-bit, M > 64)
+/// a lane loads together per step; default 8), `normgemv=0|1` (a GEMV whose A is an
+/// RMSNorm's rows, read by GEMVs only, computes the norm itself, no norm kernel; default 1),
+/// `mmagemv=0|1` (matmuls of 5 to 16 rows of a `linear` weight take the tensor-core GEMV,
+/// m16n8k16 products on weights loaded straight into registers, no split-K across blocks;
+/// default 0), `mmagemvunroll=N` (32-wide k chunks a warp of it loads together per step;
+/// default 8, at most 8 for one matmul) and `mmagemvwarps=N` (warps of its block, splitting
+/// K; default 4); for prefill GEMMs (16-bit, M > 64)
 /// `tile=BMxBN` (block tile), `warps=WMxWN`, `bk=N` (k slice), `stages=N` (0: as many as fit
 /// in shared memory; the table's tile where the overrides make one the template cannot
 /// run), `raster=N` (block rows of a rasterization group; 0 or 1: row-major blocks) and
@@ -429,8 +431,8 @@ pub(crate) fn apply_tuning(options: &mut CompileOptions) -> Result<()> {
     if !gemm_items.is_empty() {
         eprintln!(
             "kiln bench: {TUNE_GEMM}: segments {}, splits {}, rowsum {}, kvwrite {}, maxsplits {}, \
-             prefetch {}, prefetch_mib {}, trigger {}, gemv {}, gemvunroll {}, mmagemv {}, \
-             mmagemvunroll {}, mmagemvwarps {}, \
+             prefetch {}, prefetch_mib {}, trigger {}, gemv {}, gemvunroll {}, normgemv {}, \
+             mmagemv {}, mmagemvunroll {}, mmagemvwarps {}, \
              tile {}x{}, warps {}x{}, bk {}, stages {}, raster {}, dbuf {}, pairs {}, smem {} KiB \
              (0: the table's)",
             u8::from(gemm.segments),
@@ -443,6 +445,7 @@ pub(crate) fn apply_tuning(options: &mut CompileOptions) -> Result<()> {
             u8::from(gemm.trigger),
             u8::from(gemm.gemv),
             gemm.gemv_unroll,
+            u8::from(gemm.norm_prologue),
             u8::from(gemm.mma_gemv),
             gemm.mma_gemv_unroll,
             gemm.mma_gemv_warps,

@@ -66,6 +66,9 @@ pub(crate) struct GemvPlan {
     /// Whether a block lets the next kernel launch after its last weight loads
     /// (`GemmTuning::trigger`).
     trigger: bool,
+    /// The row kernel whose normalized rows (A) the block computes itself into shared
+    /// memory (`super::NormPrologues`).
+    norm: Option<super::norm_gemv::NormPrologue>,
 }
 
 /// Elements of a 16-byte vector.
@@ -170,14 +173,22 @@ pub(crate) fn plan(
         segments,
         prefetch,
         trigger: options.gemm.trigger,
+        norm: None,
     })
 }
 
 impl GemvPlan {
-    /// `gemv_w4_u8`, `gemv_w4_u8_seg` for a grid of segments.
+    /// `gemv_w4_u8`, `gemv_w4_u8_seg` for a grid of segments, `_norm` with a norm
+    /// prologue.
     fn name(&self) -> String {
         let seg = if self.segments.is_empty() { "" } else { "_seg" };
-        format!("gemv_w{WARPS}_u{}{seg}", self.unroll)
+        let norm = if self.norm.is_some() { "_norm" } else { "" };
+        format!("gemv_w{WARPS}_u{}{seg}{norm}", self.unroll)
+    }
+
+    /// The plan computing A from the rows of `norm`'s row kernel.
+    pub(crate) fn with_norm(self, norm: Option<super::norm_gemv::NormPrologue>) -> GemvPlan {
+        GemvPlan { norm, ..self }
     }
 }
 
@@ -207,7 +218,6 @@ pub(crate) fn emit(
     let m_size = e.dim(&out_shape[0]);
     let symbolic_rows = out_shape[0].as_const().is_none();
     let k = plan.k as i64;
-    let a_buf = e.buffer(plan.a_source, kiln_kir::Access::Read);
     // The rows of A each lane reads (rows past a symbolic M are skipped).
     let mut a_rows = Vec::new();
     for r in 0..plan.rows as i64 {
@@ -258,6 +268,13 @@ pub(crate) fn emit(
     }
     // What runs before the wait stays outside the branch on a symbolic M below.
     let prelude = body.len();
+    // A: the stored rows, or the rows of a norm the block computes into shared memory.
+    let a_buf = match &plan.norm {
+        Some(norm) => {
+            super::norm_gemv::emit(e, &mut body, norm, plan.rows, &m_size, symbolic_rows)?
+        }
+        None => e.buffer(plan.a_source, kiln_kir::Access::Read),
+    };
     // The matmuls of this block (all, or one segment's), their column and loop.
     let column = |e: &mut Emitter<'_, '_>, out: &mut Vec<Stmt>, these: &[usize]| -> EResult<()> {
         let n = plan.b[these[0]].2 as i64;

@@ -11,6 +11,7 @@ mod mma_gemm;
 mod mma_gemv;
 mod mma_softmax;
 mod mma_warp_tiles;
+mod norm_gemv;
 mod paged_decode;
 pub(crate) mod persistent_loop;
 mod pointwise;
@@ -22,6 +23,7 @@ pub use gemv::GEMV_ROWS;
 pub use matmul::MatmulTiling;
 pub use mma_gemm::{choose_splits, choose_tile, MmaTile, SMALL_ROWS};
 pub use mma_gemv::MMA_GEMV_ROWS;
+pub(crate) use norm_gemv::NormPrologues;
 
 use crate::emit::{Emitter, ParamArg, SplitSum};
 use crate::error::{EmitError, FusionError};
@@ -114,19 +116,30 @@ pub(crate) struct RowSums {
     pub by_row: BTreeMap<usize, Vec<usize>>,
     /// GEMM group → the row group that adds its sums.
     pub by_gemm: BTreeMap<usize, usize>,
+    /// Row groups whose rows the GEMVs reading them compute instead (the same pairing of
+    /// a row group with GEMMs, the row group taking their variants: [`NormPrologues`]).
+    pub prologues: NormPrologues,
 }
 
 impl RowSums {
-    /// Finds the pairs (none unless tensor cores and [`crate::GemmTuning::row_sums`] are on).
+    /// Finds the pairs (none unless tensor cores and [`crate::GemmTuning::row_sums`] are on),
+    /// then the norm prologues ([`NormPrologues::find`]).
     pub(crate) fn find(
         g: &FuncGraph<'_>,
         part: &Partition<'_>,
         options: &crate::Options,
     ) -> RowSums {
         let mut sums = RowSums::default();
-        if !options.tensor_cores || !options.gemm.row_sums {
-            return sums;
+        if options.tensor_cores && options.gemm.row_sums {
+            sums.find_sums(g, part, options);
         }
+        sums.prologues = NormPrologues::find(g, part, options, &sums);
+        sums
+    }
+
+    /// The split-K GEMMs whose sums a row group adds.
+    fn find_sums(&mut self, g: &FuncGraph<'_>, part: &Partition<'_>, options: &crate::Options) {
+        let sums = self;
         let reads = reads_by_group(g, part);
         for (mg, group) in part.groups.iter().enumerate() {
             if !matches!(group.kind, GroupKind::Matmul { .. }) {
@@ -162,7 +175,6 @@ impl RowSums {
                 sums.by_gemm.insert(mg, row);
             }
         }
-        sums
     }
 }
 
@@ -547,6 +559,15 @@ pub(crate) fn size_variant(
         // So has a `kv_write` group whose writes a GEMM's sum kernel may perform.
         return size_variant(g, part, mg, options, rows, kv);
     }
+    if let Some(&mg) = rows
+        .prologues
+        .by_row
+        .get(&gid)
+        .and_then(|gemms| gemms.first())
+    {
+        // And a row group whose rows the GEMVs reading them compute ([`NormPrologues`]).
+        return size_variant(g, part, mg, options, rows, kv);
+    }
     let mut e = Emitter::new(g, &part.stored, Ty::I32);
     e.owned = group.owned.clone();
     match &group.kind {
@@ -613,6 +634,10 @@ pub(crate) fn build(
             return Ok(None);
         }
     }
+    if rows.prologues.absorbed(g, part, gid, options, variant) {
+        // The GEMVs reading its rows compute them ([`NormPrologues`]).
+        return Ok(None);
+    }
     let stores: Vec<Value> = group
         .roots
         .iter()
@@ -632,7 +657,10 @@ pub(crate) fn build(
     let mut e = new_emitter();
     if let GroupKind::Matmul { .. } = &group.kind {
         if let Some(plan) = gemv::plan(&e, group, variant, options) {
-            // At most four rows: a warp a column, no split-K.
+            // At most four rows: a warp a column, no split-K; A perhaps a norm's rows it
+            // computes itself.
+            let norm = rows.prologues.of_gemm(g, part, gid, options, variant);
+            let plan = plan.with_norm(norm);
             let body = gemv::emit(&mut e, group, &stores, &plan);
             let built = finish(g, e, body, out_dtype(g, &stores))?;
             return Ok(Some(Launches {

@@ -14,8 +14,11 @@ use kiln_ir::{DType, Dim, Op, ReduceOp, Value};
 use kiln_kir::{BinOp, Const, Expr, Special, Stmt, Ty, UnOp, VarId};
 
 const WARP: u32 = 32;
-const ROW_BLOCK: u32 = 256;
+pub(crate) const ROW_BLOCK: u32 = 256;
 const WARPS_PER_BLOCK: u32 = 4;
+/// The longest constant row a warp reduces alone (longer ones take a block of
+/// [`ROW_BLOCK`] threads).
+pub(crate) const WARP_ROW_MAX: u64 = 1024;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub(crate) enum Red {
@@ -234,6 +237,11 @@ impl Acc {
         });
     }
 
+    /// The accumulator's register (a sum before the mean's division).
+    pub(crate) fn value(&self) -> VarId {
+        self.val
+    }
+
     /// The reduction's value: the mean divides by the count; arg-reductions give the index.
     pub(crate) fn result(&self, count: Expr) -> Expr {
         match self.red {
@@ -334,7 +342,7 @@ pub(crate) fn emit_rows(
 ) -> EResult<Body> {
     let g = e.g;
     let const_len: Option<u64> = inner.iter().map(Dim::as_const).product();
-    let per_warp = matches!(const_len, Some(n) if n <= 1024);
+    let per_warp = matches!(const_len, Some(n) if n <= WARP_ROW_MAX);
     let mut body = Vec::new();
     let ity = e.index_ty;
     let rows = e.numel(outer);
@@ -532,7 +540,7 @@ impl StridedPass<'_> {
 
 /// Contiguous elements per thread and step: 8 (16-byte loads of 16-bit data) when the row
 /// is long enough to give every thread of the row a full step, else 4, 2 or 1.
-fn row_lanes(last: Option<&Dim>, const_len: Option<u64>, stride: u32) -> usize {
+pub(crate) fn row_lanes(last: Option<&Dim>, const_len: Option<u64>, stride: u32) -> usize {
     let wide = lanes_for(last, 2);
     match const_len {
         Some(n) if wide == 8 && n >= u64::from(stride) * 8 => 8,

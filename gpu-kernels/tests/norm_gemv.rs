@@ -1,0 +1,200 @@
+//! The RMSNorm computed in the GEMV's prologue (`templates::NormPrologues`,
+//! `GemmTuning::norm_prologue`): where every reader of an RMSNorm's rows is a GEMV, the
+//! GEMV block computes the rows itself and the norm kernel launches nothing. The plans with
+//! and without it run on the kir interpreter (against the graph interpreter) and on
+//! Cranelift and must give the same bits (the statistic is added in the row kernel's order
+//! and the rows rounded to their dtype as the row kernel stores them): M = 1 to 4 through a
+//! symbolic row count and a constant one, rows of a warp (K ≤ 1024, a ragged last chunk)
+//! and of a block (K = 2048, and 1040 with a ragged last chunk), bf16 and f16, q/k/v
+//! segments, gate/up, a residual add before the norm, the gathered rows of an LM head;
+//! the norm kept where something else reads its rows and from five rows on. The 1.1B
+//! decode step at one token: 33 kernels fewer; ptxas for the five targets without spills.
+
+mod common;
+
+use common::{
+    assert_assembles_without_spills, count, inputs_for, llama_1b, llama_decode_launches, lower,
+    same_bits_with_and_without, toolchain,
+};
+use kiln_gpu_kernels::{compile_function, GemmTuning, Options};
+use std::collections::BTreeMap;
+
+const SRC: &str = "import nn
+fn qkv(h: bf16[T, 1024], g: bf16[1024], q: bf16[64, 1024], k: bf16[32, 1024], v: bf16[32, 1024]) -> (bf16[T, 64], bf16[T, 32], bf16[T, 32]) {
+    let x = rms_norm(h, g, 0.00001)
+    (linear(x, q), linear(x, k), linear(x, v))
+}
+fn mlp(h: bf16[T, 2048], g: bf16[2048], gate: bf16[40, 2048], up: bf16[40, 2048]) -> bf16[T, 40] {
+    let x = rms_norm(h, g, 0.00001)
+    silu(linear(x, gate)) * linear(x, up)
+}
+fn ragged(x: f16[T, 264], w: f16[264, 264], g: f16[264], w2: f16[37, 264]) -> (f16[T, 264], f16[T, 37]) {
+    let h = x + linear(x, w)
+    (h, linear(rms_norm(h, g, 0.00001), w2))
+}
+fn head(h: bf16[4, 1040], last: i32[T], g: bf16[1040], w: bf16[45, 1040]) -> bf16[T, 45] {
+    linear(rms_norm(h[last], g, 0.00001), w)
+}
+fn shared(h: bf16[T, 264], g: bf16[264], w: bf16[37, 264]) -> (bf16[T, 264], bf16[T, 37]) {
+    let x = rms_norm(h, g, 0.00001)
+    (x, linear(x, w))
+}
+fn two(h: bf16[2, 2048], g: bf16[2048], w: bf16[30, 2048]) -> bf16[2, 30] {
+    linear(rms_norm(h, g, 0.00001), w)
+}
+";
+
+fn options(on: bool) -> Options {
+    Options {
+        gemm: GemmTuning {
+            norm_prologue: on,
+            ..GemmTuning::default()
+        },
+        ..Options::default()
+    }
+}
+
+/// Runs `function` at `T = t` with and without the prologue (kir interpreter against the
+/// graph interpreter, and Cranelift; the same bits) and returns both plans' launches.
+fn same_bits(function: &str, t: usize) -> (Vec<String>, Vec<String>) {
+    let module = lower("norm_gemv.kiln", SRC, None, None);
+    let func = module.function(function).unwrap();
+    let symbols = BTreeMap::from([("T".to_string(), t)]);
+    let inputs = inputs_for(func, &symbols, t, 23);
+    same_bits_with_and_without(&module, function, &inputs, t, options)
+}
+
+#[test]
+fn one_to_four_rows_compute_the_norm_in_the_gemv() {
+    for function in ["qkv", "mlp", "ragged", "head"] {
+        for t in 1..=4 {
+            let (with, without) = same_bits(function, t);
+            assert_eq!(count(&with, "rms_norm"), 0, "{function} T={t}: {with:?}");
+            assert_eq!(count(&with, "_norm"), 1, "{function} T={t}: {with:?}");
+            assert_eq!(
+                count(&without, "rms_norm"),
+                1,
+                "{function} T={t}: {without:?}"
+            );
+            assert_eq!(count(&without, "_norm"), 1, "{function} T={t}: {without:?}");
+            assert_eq!(with.len() + 1, without.len(), "{function} T={t}: {with:?}");
+        }
+    }
+    // The segments of q/k/v and the shared warp of gate/up keep their shapes.
+    let (with, _) = same_bits("qkv", 2);
+    assert!(with[0].starts_with("gemv_w4_u4_seg_norm_x3"), "{with:?}");
+    let (with, _) = same_bits("mlp", 3);
+    assert!(with[0].starts_with("gemv_w4_u4_norm_x2"), "{with:?}");
+}
+
+#[test]
+fn five_rows_and_more_keep_the_norm_kernel() {
+    for function in ["qkv", "mlp", "ragged"] {
+        for t in [5, 16] {
+            let (with, without) = same_bits(function, t);
+            assert_eq!(with, without, "{function} T={t}");
+            assert_eq!(count(&with, "rms_norm"), 1, "{function} T={t}: {with:?}");
+            assert_eq!(count(&with, "gemv"), 0, "{function} T={t}: {with:?}");
+        }
+    }
+}
+
+#[test]
+fn rows_read_by_anything_else_keep_the_norm_kernel() {
+    for t in 1..=4 {
+        let (with, without) = same_bits("shared", t);
+        assert_eq!(with, without, "T={t}");
+        assert_eq!(count(&with, "rms_norm"), 1, "T={t}: {with:?}");
+    }
+}
+
+#[test]
+fn constant_rows_lose_the_norm_kernel_outright() {
+    let module = lower("norm_gemv.kiln", SRC, None, None);
+    let compiled = compile_function(&module, "two", &options(true)).unwrap();
+    let names: Vec<&str> = compiled.kernels.iter().map(|k| k.name.as_str()).collect();
+    assert_eq!(names, ["k0_gemv_w4_u8_norm_bf16"]);
+    let (with, without) = same_bits("two", 2);
+    assert_eq!((with.len(), without.len()), (1, 2), "{with:?} {without:?}");
+}
+
+#[test]
+fn the_knob_parses() {
+    let mut tuning = GemmTuning::default();
+    assert!(tuning.norm_prologue);
+    tuning.set("normgemv", "0").unwrap();
+    assert!(!tuning.norm_prologue);
+    tuning.set("normgemv", "1").unwrap();
+    assert!(tuning.norm_prologue);
+}
+
+#[test]
+fn the_1b_llama_decode_step_launches_no_norm_kernel_at_one_token() {
+    let module = llama_1b();
+    let (with, kernels) = llama_decode_launches(&module, &options(true));
+    let (without, _) = llama_decode_launches(&module, &options(false));
+    println!(
+        "decode step launches: {} with the norm prologue, {} without",
+        with.len(),
+        without.len()
+    );
+    // Two norms a layer and the final one: the first layer's reads the embedding rows,
+    // the final one the gathered last rows, both through the GEMV's element expressions.
+    assert_eq!(count(&without, "rms_norm"), 33, "{without:?}");
+    assert_eq!(count(&with, "rms_norm"), 0, "{with:?}");
+    assert_eq!(with.len() + 33, without.len(), "{with:?}");
+    assert_eq!(count(&with, "_norm"), 16 * 2 + 1, "{with:?}");
+    // The prefill-sized variants keep their norm kernels.
+    assert!(
+        kernels.iter().any(|k| k.name.contains("rms_norm")),
+        "no norm kernel left for the larger variants"
+    );
+}
+
+#[test]
+fn the_norm_gemv_kernels_assemble_without_spills() {
+    let Some(toolchain) = toolchain() else { return };
+    let (_, kernels) = llama_decode_launches(&llama_1b(), &options(true));
+    let mut norms: Vec<kiln_kir::Kernel> = kernels
+        .into_iter()
+        .filter(|k| k.name.contains("gemv") && k.name.contains("_norm"))
+        .collect();
+    // One of each distinct body (the layers share them).
+    let mut seen = std::collections::BTreeSet::new();
+    norms.retain(|k| seen.insert(k.name.split_once('_').map_or("", |(_, n)| n).to_string()));
+    let module = lower("norm_gemv.kiln", SRC, None, None);
+    for function in ["ragged", "head"] {
+        let compiled = compile_function(&module, function, &options(true)).unwrap();
+        norms.extend(
+            compiled
+                .kernels
+                .into_iter()
+                .filter(|k| k.name.contains("gemv") && k.name.contains("_norm")),
+        );
+    }
+    assert!(
+        norms.len() >= 5,
+        "{:?}",
+        norms.iter().map(|k| &k.name).collect::<Vec<_>>()
+    );
+    let registers = assert_assembles_without_spills(&toolchain, &norms);
+    for (target, name, regs) in &registers {
+        println!("{target:?} {name}: {regs} registers");
+    }
+}
+
+#[test]
+fn the_norm_gemv_kernel_snapshot() {
+    // Two rows of 2048 (the row kernel's block of 256 threads played by four warps).
+    let module = lower("norm_gemv.kiln", SRC, None, None);
+    let compiled = compile_function(&module, "two", &options(true)).unwrap();
+    let ptx = kiln_ptx::emit_ptx(
+        &compiled.kernels,
+        kiln_ptx::Target::Sm90a,
+        &Default::default(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(ptx.contains("bar.sync"), "{ptx}");
+    assert!(ptx.contains("st.shared.v4"), "{ptx}");
+    insta::assert_snapshot!(ptx);
+}
