@@ -192,6 +192,13 @@ pub struct GemmTuning {
     /// 16-byte weight vectors a lane of the GEMV template loads together per step (fewer
     /// when the row is shorter or fused matmuls would hold too many registers).
     pub gemv_unroll: u32,
+    /// Whether the GEMV of a grid of segments (decode q/k/v at most [`GEMV_ROWS`] tokens)
+    /// stores the rows of a segment whose values only `kv_write`s read straight into the
+    /// caches at their slots (`templates::KvWrites`, as the split-K sum kernel does with
+    /// `kv_writes`): a warp of the k segment owns both columns of a rotary pair, lane 0
+    /// applies RoPE and writes both; the `kv_write` kernel disappears (one launch fewer a
+    /// layer).
+    pub gemv_kv_writes: bool,
 }
 
 impl Default for GemmTuning {
@@ -215,6 +222,7 @@ impl Default for GemmTuning {
             trigger: false,
             gemv: true,
             gemv_unroll: 8,
+            gemv_kv_writes: true,
         }
     }
 }
@@ -223,7 +231,7 @@ impl GemmTuning {
     /// The knob names [`GemmTuning::set`] takes.
     pub const KEYS: &'static str =
         "segments, splits, rowsum, kvwrite, maxsplits, tile, warps, bk, stages, raster, dbuf, pairs, \
-         smem, prefetch, prefetch_mib, trigger, gemv, gemvunroll";
+         smem, prefetch, prefetch_mib, trigger, gemv, gemvunroll, gemvkvwrite";
 
     /// Sets knob `key` (the `KILN_TUNE_GEMM` names, [`GemmTuning::KEYS`]) from `value`: a
     /// number (`0|1` for switches), or `AxB` for `tile` and `warps`.
@@ -258,6 +266,7 @@ impl GemmTuning {
             "trigger" => self.trigger = number()? != 0,
             "gemv" => self.gemv = number()? != 0,
             "gemvunroll" => self.gemv_unroll = number()?.max(1),
+            "gemvkvwrite" => self.gemv_kv_writes = number()? != 0,
             _ => return Err(format!("unknown key `{key}` ({})", Self::KEYS)),
         }
         Ok(())

@@ -416,7 +416,7 @@ pub(crate) fn apply_tuning(options: &mut CompileOptions) -> Result<()> {
     if !gemm_items.is_empty() {
         eprintln!(
             "kiln bench: {TUNE_GEMM}: segments {}, splits {}, rowsum {}, kvwrite {}, maxsplits {}, \
-             prefetch {}, prefetch_mib {}, trigger {}, gemv {}, gemvunroll {}, \
+             prefetch {}, prefetch_mib {}, trigger {}, gemv {}, gemvunroll {}, gemvkvwrite {}, \
              tile {}x{}, warps {}x{}, bk {}, stages {}, raster {}, dbuf {}, pairs {}, smem {} KiB \
              (0: the table's)",
             u8::from(gemm.segments),
@@ -429,6 +429,7 @@ pub(crate) fn apply_tuning(options: &mut CompileOptions) -> Result<()> {
             u8::from(gemm.trigger),
             u8::from(gemm.gemv),
             gemm.gemv_unroll,
+            u8::from(gemm.gemv_kv_writes),
             gemm.tile.0,
             gemm.tile.1,
             gemm.warps.0,
