@@ -19,9 +19,9 @@
 //! the column (`silu(gate) * up`). Matmuls of different widths (GQA's q/k/v) get a grid of
 //! segments as in the tensor-core template (`mma_gemm::segments`, [`WARPS`]-column block
 //! columns): block column x belongs to the matmul whose run of blocks holds it (a
-//! block-uniform choice), when every stored value comes from one matmul. RoPE after q/k/v
-//! stays in its own pointwise kernel (it reads the rotary partner column, another warp's):
-//! the GEMV stores q, k and v as the tensor-core template's sum kernel did.
+//! block-uniform choice), when every stored value comes from one matmul. A segment whose
+//! values only a `kv_write` reads writes its rows into the cache itself (`gemv_kv`,
+//! `templates::KvWrites`): with RoPE, a warp of that segment owns a rotary pair of columns.
 //!
 //! Columns past N load row N - 1 (no guard in the loop) and store nothing. A symbolic M
 //! (the GEMV variant of a plan that picks it at run time for M at most [`GEMV_ROWS`]) is
