@@ -299,7 +299,9 @@ const TUNE_PAGED: &str = "KILN_TUNE_PAGED";
 /// `trigger=0|1` (a decode GEMM block lets the next kernel launch after its main loop;
 /// default 1), `gemv=0|1` (matmuls of at most 4 rows of a `linear` weight take the GEMV
 /// template, a warp a column, no split-K; default 1), `gemvunroll=N` (16-byte weight vectors
-/// a lane loads together per step; default 8); for prefill GEMMs (16-bit, M > 64)
+/// a lane loads together per step; default 8), `gemvkvwrite=0|1` (the q/k/v GEMV of
+/// segments stores RoPE'd k and v straight into the paged caches, no `kv_write` kernel;
+/// default 1); for prefill GEMMs (16-bit, M > 64)
 /// `tile=BMxBN` (block tile), `warps=WMxWN`, `bk=N` (k slice), `stages=N` (0: as many as fit
 /// in shared memory; the table's tile where the overrides make one the template cannot
 /// run), `raster=N` (block rows of a rasterization group; 0 or 1: row-major blocks) and
