@@ -87,6 +87,11 @@ pub(crate) struct HeldRow {
     pub value: Value,
     pub axis: usize,
     pub regs: Vec<Expr>,
+    /// The positions along `axis` of the registers when the thread holds only some of its
+    /// line (a GEMV warp's columns, `templates::KvWrites`): a read selects the register
+    /// whose position it equals, the last for any other (which only reads whose result
+    /// is not selected make). Empty: positions `0..regs.len()`.
+    pub at: Vec<Expr>,
 }
 
 /// A value the kernel keeps in a shared-memory array (the persistent loop template): one
@@ -696,6 +701,17 @@ impl<'a, 'f> Emitter<'a, 'f> {
     /// else a chain of selects over the registers.
     fn held_element(&mut self, out: &mut Vec<Stmt>, row: &HeldRow, at: &Expr) -> Expr {
         let len = row.regs.len() as i64;
+        if !row.at.is_empty() {
+            let ity = self.index_ty;
+            let at = self.bind(out, "at", ity, at.clone());
+            let mut e = row.regs[row.regs.len() - 1].clone();
+            for (j, position) in row.at.iter().enumerate().rev().skip(1) {
+                let here = bin(BinOp::Eq, at.clone(), position.clone());
+                e = Expr::Select(Box::new(here), Box::new(row.regs[j].clone()), Box::new(e));
+            }
+            let ty = self.cty(row.value);
+            return self.bind(out, "held", ty, e);
+        }
         match self.range(at) {
             Some((lo, hi)) if lo == hi && (0..len).contains(&lo) => row.regs[lo as usize].clone(),
             _ => {

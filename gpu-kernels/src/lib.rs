@@ -232,6 +232,13 @@ pub struct GemmTuning {
     /// memory, in the row kernel's order (`templates::NormPrologues`: the norm kernel
     /// disappears from the GEMV variant).
     pub norm_prologue: bool,
+    /// Whether the GEMV of a grid of segments (decode q/k/v at most [`GEMV_ROWS`] tokens)
+    /// stores the rows of a segment whose values only `kv_write`s read straight into the
+    /// caches at their slots (`templates::KvWrites`, as the split-K sum kernel does with
+    /// `kv_writes`): a warp of the k segment owns both columns of a rotary pair, lane 0
+    /// applies RoPE and writes both; the `kv_write` kernel disappears (one launch fewer a
+    /// layer).
+    pub gemv_kv_writes: bool,
 }
 
 impl Default for GemmTuning {
@@ -260,6 +267,7 @@ impl Default for GemmTuning {
             mma_gemv_unroll: 8,
             mma_gemv_warps: 4,
             norm_prologue: true,
+            gemv_kv_writes: true,
         }
     }
 }
@@ -269,7 +277,7 @@ impl GemmTuning {
     pub const KEYS: &'static str =
         "segments, splits, rowsum, kvwrite, maxsplits, tile, warps, bk, stages, raster, dbuf, pairs, \
          smem, prefetch, prefetch_mib, trigger, gemv, gemvunroll, normgemv, wgmma, mmagemv, \
-         mmagemvunroll, mmagemvwarps";
+         mmagemvunroll, mmagemvwarps, gemvkvwrite";
 
     /// Sets knob `key` (the `KILN_TUNE_GEMM` names, [`GemmTuning::KEYS`]) from `value`: a
     /// number (`0|1` for switches), or `AxB` for `tile` and `warps`.
@@ -309,6 +317,7 @@ impl GemmTuning {
             "mmagemvunroll" => self.mma_gemv_unroll = number()?.max(1),
             "mmagemvwarps" => self.mma_gemv_warps = number()?.clamp(1, 16),
             "normgemv" => self.norm_prologue = number()? != 0,
+            "gemvkvwrite" => self.gemv_kv_writes = number()? != 0,
             _ => return Err(format!("unknown key `{key}` ({})", Self::KEYS)),
         }
         Ok(())

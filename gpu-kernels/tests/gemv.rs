@@ -184,10 +184,16 @@ fn the_1b_llama_decode_step_has_no_split_k_left() {
     assert_eq!(count(&with, "splitk"), 0, "{with:?}");
     assert_eq!(count(&with, "mma_gemm"), 0, "{with:?}");
     // Without: 16 × 3 sum kernels (q/k/v, o-proj and down-proj, less the 31 whose sums
-    // the next RMSNorm adds), and the 33 RMSNorm kernels whose rows the GEMVs compute
-    // (`templates::NormPrologues`, tests/norm_gemv.rs).
+    // the next RMSNorm adds), the 33 RMSNorm kernels whose rows the GEMVs compute
+    // (`templates::NormPrologues`, tests/norm_gemv.rs) and the 16 kv_write kernels whose
+    // writes each q/k/v GEMV performs (`GemmTuning::gemv_kv_writes`).
     assert_eq!(count(&with, "rms_norm"), 0, "{with:?}");
-    assert_eq!(with.len() + 17 + 33, without.len(), "{with:?}\n{without:?}");
+    assert_eq!(count(&with, "kv_write"), 0, "{with:?}");
+    assert_eq!(
+        with.len() + 17 + 33 + 16,
+        without.len(),
+        "{with:?}\n{without:?}"
+    );
 }
 
 #[test]

@@ -77,11 +77,12 @@ fn the_sum_kernel_of_a_split_qkv_grid_writes_k_and_v_into_the_caches() {
 }
 
 #[test]
-fn the_gemv_variant_keeps_the_kv_write_kernel() {
+fn the_gemv_variant_writes_k_and_v_itself() {
     // With the GEMV on (the default), at most four tokens take it: q/k/v in one kernel of
-    // segments storing q, k and v, RoPE and the writes in their own kernels, the same bits
-    // whether the switch is on or off (it is moot: the GEMV never splits); 7 and 16 tokens
-    // take the split grid whose sum kernel performs the writes.
+    // segments that also writes RoPE'd k and v into the caches (`GemmTuning::gemv_kv_writes`,
+    // tests/gemv_kv_writes.rs), the same bits whether this switch is on or off (it is moot:
+    // the GEMV never splits); 7 and 16 tokens take the split grid whose sum kernel performs
+    // the writes with the switch on, the kv_write kernel without.
     let module = lower("kv_writes.kiln", SRC, None, None);
     let func = module.function("qkv").unwrap();
     for t in [1, 4, 7, 16] {
@@ -97,8 +98,12 @@ fn the_gemv_variant_keeps_the_kv_write_kernel() {
         let (with, without) = same_bits_with_and_without(&module, "qkv", &inputs, t, with_gemv);
         if t <= 4 {
             assert_eq!(with, without, "T={t}");
-            assert_eq!(count(&with, "gemv_w4_u8_seg_x3"), 1, "T={t}: {with:?}");
-            assert_eq!(count(&with, "kv_write_x2"), 1, "T={t}: {with:?}");
+            assert_eq!(
+                count(&with, "gemv_w4_u8_seg_x3_kv_write"),
+                1,
+                "T={t}: {with:?}"
+            );
+            assert_eq!(count(&with, "kv_write_x2"), 0, "T={t}: {with:?}");
         } else {
             assert_eq!(count(&with, "_sum_x3_kv_write"), 1, "T={t}: {with:?}");
             assert_eq!(with.len() + 1, without.len(), "T={t}: {with:?}");

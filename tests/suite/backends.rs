@@ -492,6 +492,83 @@ fn llama_step_with_the_gemv_on_the_cpu_backend() {
 }
 
 #[test]
+fn llama_steps_with_kv_writes_in_the_qkv_gemv_on_the_cpu_backend() {
+    // Four tokens (a padding token among them) on tiny-llama and tiny-qwen2 (q/k/v biases)
+    // in bf16: the q/k/v GEMV of segments writes RoPE'd k and v into the paged caches at
+    // their slots (`GemmTuning::gemv_kv_writes`; slot -1 stores nothing): no kv_write
+    // kernel, the same bits on Cranelift as with the kv_write kernels, and within bf16
+    // tolerance of the interpreter.
+    for fixture in ["tiny-llama", "tiny-qwen2"] {
+        let dir = repo_root().join("tests/fixtures").join(fixture);
+        let mut config = read_json(&dir.join("config.json"));
+        config["kv_block_size"] = serde_json::json!(4);
+        let weights: BTreeMap<String, Tensor> = load_safetensors(&dir.join("model.safetensors"))
+            .into_iter()
+            .map(|(n, t)| (n, t.cast(DType::BF16)))
+            .collect();
+        let path = repo_root().join("models/llama.kiln");
+        let source = std::fs::read_to_string(&path).expect("program");
+        let name = format!("models/llama.kiln ({fixture}, bf16, kv writes in the GEMV)");
+        let options = kiln_lower::Options {
+            param_dtype: DType::BF16,
+            entries: Some(vec!["step".to_string()]),
+        };
+        let lowered = compile_source_with(&name, &source, path.parent(), Some(&config), &options)
+            .unwrap_or_else(|d| panic!("{d}"));
+        let func = &lowered.module.functions[0];
+        let inputs =
+            paged_step_inputs_of(func, &mut Rng(0x6E3F), &[(0, 3), (0, 4), (1, 8)], [1, 2]);
+        let mut optimized = lowered.module.clone();
+        kiln_opt::optimize(&mut optimized).expect("optimize");
+        let layers = config["num_hidden_layers"].as_u64().expect("layers") as usize;
+        let mut results = Vec::new();
+        for on in [true, false] {
+            let mut fusion = kiln_gpu_kernels::Options::default();
+            fusion.gemm.gemv_kv_writes = on;
+            let compiled = kiln_gpu_kernels::compile_module(&optimized, &fusion).unwrap();
+            let plan = &compiled.plans[0];
+            let sizes: BTreeMap<String, u64> = plan
+                .symbols
+                .iter()
+                .map(|s| (s.name.clone(), inputs[s.input].shape[s.axis] as u64))
+                .collect();
+            let names = launches(&plan.steps, &compiled.kernels, &sizes);
+            let count = |part: &str| names.iter().filter(|k| k.contains(part)).count();
+            // tiny-qwen2's first layer keeps its kv_write kernel: RoPE's cosines are stored
+            // in bf16 by a pointwise kernel after the GEMV (`KvWrites` computes only f32
+            // values inline).
+            let kept = usize::from(fixture == "tiny-qwen2");
+            let (fused, kernels) = if on {
+                (layers - kept, kept)
+            } else {
+                (0, layers)
+            };
+            assert_eq!(count("_seg_x3_kv_write"), fused, "{name}: {names:?}");
+            assert_eq!(count("kv_write_x2"), kernels, "{name}: {names:?}");
+            let executor = kiln_cpu::CpuExecutor::new(&compiled.kernels).unwrap();
+            results.push(
+                executor
+                    .run(plan, &inputs, &|n| weights.get(n))
+                    .unwrap_or_else(|e| panic!("{name}: {e}")),
+            );
+        }
+        for (i, (a, b)) in results[0].iter().zip(&results[1]).enumerate() {
+            assert_eq!(a.to_le_bytes(), b.to_le_bytes(), "{name}: result {i}");
+        }
+        let fusion = kiln_gpu_kernels::Options::default();
+        check_lowered(
+            Backend::Cpu,
+            &fusion,
+            &name,
+            lowered,
+            &weights,
+            Some(inputs),
+            Some(2e-2),
+        );
+    }
+}
+
+#[test]
 fn llama_step_with_split_k_sums_in_rms_norms_on_the_cpu_backend() {
     // A Llama shape whose o-proj (K = 8 × 128) and down-proj (K = 1024) split K across
     // blocks at decode sizes: each RMSNorm that reads a residual add adds the split-K sums

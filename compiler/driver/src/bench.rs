@@ -307,7 +307,9 @@ const TUNE_PAGED: &str = "KILN_TUNE_PAGED";
 /// m16n8k16 products on weights loaded straight into registers, no split-K across blocks;
 /// default 0), `mmagemvunroll=N` (32-wide k chunks a warp of it loads together per step;
 /// default 8, at most 8 for one matmul) and `mmagemvwarps=N` (warps of its block, splitting
-/// K; default 4); for prefill GEMMs (16-bit, M > 64)
+/// K; default 4), `gemvkvwrite=0|1` (the q/k/v GEMV of segments stores RoPE'd k and v
+/// straight into the paged caches, no `kv_write` kernel; default 1); for prefill GEMMs
+/// (16-bit, M > 64)
 /// `tile=BMxBN` (block tile), `warps=WMxWN`, `bk=N` (k slice), `stages=N` (0: as many as fit
 /// in shared memory; the table's tile where the overrides make one the template cannot
 /// run), `raster=N` (block rows of a rasterization group; 0 or 1: row-major blocks) and
@@ -432,7 +434,7 @@ pub(crate) fn apply_tuning(options: &mut CompileOptions) -> Result<()> {
         eprintln!(
             "kiln bench: {TUNE_GEMM}: segments {}, splits {}, rowsum {}, kvwrite {}, maxsplits {}, \
              prefetch {}, prefetch_mib {}, trigger {}, gemv {}, gemvunroll {}, normgemv {}, \
-             mmagemv {}, mmagemvunroll {}, mmagemvwarps {}, \
+             mmagemv {}, mmagemvunroll {}, mmagemvwarps {}, gemvkvwrite {}, \
              tile {}x{}, warps {}x{}, bk {}, stages {}, raster {}, dbuf {}, pairs {}, smem {} KiB \
              (0: the table's)",
             u8::from(gemm.segments),
@@ -449,6 +451,7 @@ pub(crate) fn apply_tuning(options: &mut CompileOptions) -> Result<()> {
             u8::from(gemm.mma_gemv),
             gemm.mma_gemv_unroll,
             gemm.mma_gemv_warps,
+            u8::from(gemm.gemv_kv_writes),
             gemm.tile.0,
             gemm.tile.1,
             gemm.warps.0,

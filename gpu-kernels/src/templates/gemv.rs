@@ -19,14 +19,15 @@
 //! the column (`silu(gate) * up`). Matmuls of different widths (GQA's q/k/v) get a grid of
 //! segments as in the tensor-core template (`mma_gemm::segments`, [`WARPS`]-column block
 //! columns): block column x belongs to the matmul whose run of blocks holds it (a
-//! block-uniform choice), when every stored value comes from one matmul. RoPE after q/k/v
-//! stays in its own pointwise kernel (it reads the rotary partner column, another warp's):
-//! the GEMV stores q, k and v as the tensor-core template's sum kernel did.
+//! block-uniform choice), when every stored value comes from one matmul. A segment whose
+//! values only a `kv_write` reads writes its rows into the cache itself (`gemv_kv`,
+//! `templates::KvWrites`): with RoPE, a warp of that segment owns a rotary pair of columns.
 //!
 //! Columns past N load row N - 1 (no guard in the loop) and store nothing. A symbolic M
 //! (the GEMV variant of a plan that picks it at run time for M at most [`GEMV_ROWS`]) is
 //! held as four rows whose work past M is skipped by a branch every thread takes alike.
 
+use super::gemv_kv::{pair_columns, write_columns, GemvWrites};
 use super::matmul::{epilogue_at, kernel_name, OutputElement};
 use super::mma_gemm::{
     by_segment, i32c, matmuls_of, segment_of_block, segments, transposed_weight, Segment,
@@ -69,6 +70,8 @@ pub(crate) struct GemvPlan {
     /// The row kernel whose normalized rows (A) the block computes itself into shared
     /// memory (`super::NormPrologues`).
     norm: Option<super::norm_gemv::NormPrologue>,
+    /// The `kv_write`s its segments perform (`templates::KvWrites`, [`GemvPlan::write_kv`]).
+    writes: Option<GemvWrites>,
 }
 
 /// Elements of a 16-byte vector.
@@ -174,10 +177,24 @@ pub(crate) fn plan(
         prefetch,
         trigger: options.gemm.trigger,
         norm: None,
+        writes: None,
     })
 }
 
 impl GemvPlan {
+    /// Whether the grid is one of segments (matmuls of different widths).
+    pub(crate) fn segmented(&self) -> bool {
+        !self.segments.is_empty()
+    }
+
+    /// Has the segments perform `writes` (a paired segment's warps each owning a rotary
+    /// pair of columns: half its block columns).
+    pub(crate) fn write_kv(&mut self, writes: GemvWrites) {
+        let widths: Vec<u64> = self.b.iter().map(|s| s.2).collect();
+        self.segments = writes.segments(&widths, WARPS);
+        self.writes = Some(writes);
+    }
+
     /// `gemv_w4_u8`, `gemv_w4_u8_seg` for a grid of segments, `_norm` with a norm
     /// prologue.
     fn name(&self) -> String {
@@ -234,6 +251,16 @@ pub(crate) fn emit(
     };
     let col = index(block * i32c(i64::from(WARPS)) + warp);
     let col = e.bind(&mut body, "col", ity, col);
+    // The columns of matmul i a warp computes: `col`, or the rotary pair `col` numbers in a
+    // segment whose `kv_write` reads partners (`gemv_kv`).
+    let write_of = |i: usize| {
+        let writes = plan.writes.as_ref()?;
+        writes.by_matmul[i].as_ref()
+    };
+    let warp_columns = |e: &mut Emitter<'_, '_>, out: &mut Vec<Stmt>, i: usize| match write_of(i) {
+        Some(w) if w.paired => pair_columns(e, out, &col, w.dim),
+        _ => vec![col.clone()],
+    };
     // Before the grid-dependency wait (address arithmetic and prefetches only, so the
     // previous kernel may still run): lane 0 asks L2 for the start of the warp's weight
     // rows, which stream from HBM while the previous kernel finishes.
@@ -241,18 +268,20 @@ pub(crate) fn emit(
         let bytes = i32c((len * g.ty(plan.b[0].0).dtype.size_bytes() as u64) as i64);
         let first_lane = lane.clone().equals(i32c(0));
         let rows = |e: &mut Emitter<'_, '_>, these: &[usize]| -> Vec<Stmt> {
-            let prefetches = these
-                .iter()
-                .map(|&i| {
-                    let (weight, _, n) = plan.b[i];
-                    Stmt::PrefetchL2 {
+            let mut stmts = Vec::new();
+            let mut prefetches = Vec::new();
+            for &i in these {
+                let (weight, _, n) = plan.b[i];
+                for c in warp_columns(e, &mut stmts, i) {
+                    prefetches.push(Stmt::PrefetchL2 {
                         buf: e.buffer(weight, kiln_kir::Access::Read),
-                        index: mul(crate::emit::min_e(col.clone(), e.ix(n as i64 - 1)), e.ix(k)),
+                        index: mul(crate::emit::min_e(c, e.ix(n as i64 - 1)), e.ix(k)),
                         bytes: bytes.clone(),
-                    }
-                })
-                .collect();
-            vec![Stmt::if_then(first_lane.clone(), prefetches)]
+                    });
+                }
+            }
+            stmts.push(Stmt::if_then(first_lane.clone(), prefetches));
+            stmts
         };
         match &segment {
             Some(which) => {
@@ -278,20 +307,30 @@ pub(crate) fn emit(
     // The matmuls of this block (all, or one segment's), their column and loop.
     let column = |e: &mut Emitter<'_, '_>, out: &mut Vec<Stmt>, these: &[usize]| -> EResult<()> {
         let n = plan.b[these[0]].2 as i64;
-        let row = e.bind(
-            out,
-            "w_row",
-            ity,
-            mul(crate::emit::min_e(col.clone(), e.ix(n - 1)), e.ix(k)),
-        );
-        let w_bufs: Vec<_> = these
+        // The dot products of the warp: each matmul's at `col`, or a rotary pair's two.
+        let cols = warp_columns(e, out, these[0]);
+        let streams: Vec<(usize, Expr)> = if cols.len() > 1 {
+            cols.iter().map(|c| (these[0], c.clone())).collect()
+        } else {
+            these.iter().map(|&i| (i, col.clone())).collect()
+        };
+        let w_rows: Vec<Expr> = streams
             .iter()
-            .map(|&i| e.buffer(plan.b[i].0, kiln_kir::Access::Read))
+            .map(|(_, c)| {
+                let at = mul(crate::emit::min_e(c.clone(), e.ix(n - 1)), e.ix(k));
+                e.bind(out, "w_row", ity, at)
+            })
+            .collect();
+        let w_bufs: Vec<_> = streams
+            .iter()
+            .map(|&(i, _)| e.buffer(plan.b[i].0, kiln_kir::Access::Read))
             .collect();
         let rows = plan.rows as usize;
+        let per_step = VECTOR as u32 * streams.len() as u32;
+        let unroll = plan.unroll.min(MAX_WEIGHT_REGISTERS / per_step).max(1);
         // Two accumulators a row (even and odd vectors): two dependent chains of FMAs.
-        let chains = if plan.unroll > 1 { 2 } else { 1 };
-        let acc: Vec<Vec<Vec<VarId>>> = these
+        let chains = if unroll > 1 { 2 } else { 1 };
+        let acc: Vec<Vec<Vec<VarId>>> = streams
             .iter()
             .map(|_| {
                 (0..rows)
@@ -303,7 +342,7 @@ pub(crate) fn emit(
             out.push(Stmt::Assign(a, Expr::f32(0.0)));
         }
         let vector = VECTOR as i64;
-        let unroll = i64::from(plan.unroll);
+        let unroll = i64::from(unroll);
         let step = 32 * vector * unroll;
         // The vectors at `k0 + u * 32 * 8` (u in `vectors`), each under `ok(u)` if given.
         let fold = |e: &mut Emitter<'_, '_>,
@@ -323,7 +362,7 @@ pub(crate) fn emit(
                     .iter()
                     .map(|_| (0..vector).map(|_| e.var("w", Ty::F32)).collect())
                     .collect();
-                for (buf, dsts) in w_bufs.iter().zip(&regs) {
+                for ((buf, row), dsts) in w_bufs.iter().zip(&w_rows).zip(&regs) {
                     let load = Stmt::LoadVec {
                         dsts: dsts.clone(),
                         buf: *buf,
@@ -450,20 +489,36 @@ pub(crate) fn emit(
         for r in 0..rows {
             let accs: Vec<VarId> = acc.iter().map(|a| a[r]).collect();
             let row = e.ix(r as i64);
-            let at = OutputElement {
-                batch: &[],
-                row: &row,
-                col: &col,
-                rows: &m_size,
+            // A rotary pair's two columns each take the epilogue.
+            let per_column: Vec<(&Expr, &[VarId])> = if cols.len() > 1 {
+                cols.iter().zip(accs.chunks(1)).collect()
+            } else {
+                vec![(&col, &accs[..])]
             };
-            epilogue_at(
+            for (c, accs) in per_column {
+                let at = OutputElement {
+                    batch: &[],
+                    row: &row,
+                    col: c,
+                    rows: &m_size,
+                };
+                epilogue_at(e, out, &these_values, accs, &at, Some(&first_lane), &stored)?;
+            }
+        }
+        if let Some(write) = write_of(these[0]).filter(|_| segmented) {
+            let owned = &plan.writes.as_ref().expect("writes").owned;
+            let m = symbolic_rows.then_some(&m_size);
+            write_columns(
                 e,
                 out,
-                &these_values,
-                &accs,
-                &at,
-                Some(&first_lane),
+                write,
+                owned,
                 &stored,
+                &cols,
+                plan.rows,
+                m,
+                &first_lane,
+                n as u64,
             )?;
         }
         Ok(())
@@ -497,7 +552,10 @@ pub(crate) fn emit(
         let rest = body.split_off(prelude);
         body.push(Stmt::if_then(lt(zero, m_size), rest));
     }
-    let what = kernel_name(&plan.name(), &matmuls, stores);
+    let mut what = kernel_name(&plan.name(), &matmuls, stores);
+    if plan.writes.is_some() {
+        what = format!("{what}_kv_write");
+    }
     let blocks = if segmented {
         plan.segments.iter().map(|s| s.blocks).sum()
     } else {

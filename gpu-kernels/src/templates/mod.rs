@@ -5,6 +5,7 @@
 mod attention;
 mod flash_attention;
 mod gemv;
+mod gemv_kv;
 mod kv_cache;
 mod matmul;
 mod mma_gemm;
@@ -207,12 +208,18 @@ pub(crate) struct KvFused {
     /// the f32 values a pointwise kernel after the GEMM stores (RoPE's angles of the first
     /// layer, stored before their first reader), computed inline to the same bits.
     pub owned: BTreeSet<Value>,
+    /// Whether a split-K sum kernel may perform the writes ([`crate::GemmTuning::kv_writes`]).
+    pub split: bool,
+    /// When the GEMV may perform them ([`crate::GemmTuning::gemv_kv_writes`]), per write
+    /// whether its rows read a column's rotary partner (`gemv_kv`).
+    pub gemv: Option<Vec<bool>>,
 }
 
 impl KvWrites {
-    /// Finds the pairs (none unless tensor cores and [`crate::GemmTuning::kv_writes`] are
-    /// on; never for a GEMM whose sums a row group adds). `constants`: the values the plan
-    /// holds as constants (`kiln_opt::small_constants`), ready before any kernel runs.
+    /// Finds the pairs (none unless tensor cores and [`crate::GemmTuning::kv_writes`] or,
+    /// for the GEMV, [`crate::GemmTuning::gemv_kv_writes`] are on; never for a GEMM whose
+    /// sums a row group adds). `constants`: the values the plan holds as constants
+    /// (`kiln_opt::small_constants`), ready before any kernel runs.
     pub(crate) fn find(
         g: &FuncGraph<'_>,
         part: &Partition<'_>,
@@ -221,7 +228,7 @@ impl KvWrites {
         constants: &BTreeSet<Value>,
     ) -> KvWrites {
         let mut found = KvWrites::default();
-        if !options.tensor_cores || !options.gemm.kv_writes {
+        if !options.tensor_cores || !(options.gemm.kv_writes || options.gemm.gemv_kv_writes) {
             return found;
         }
         let reads = reads_by_group(g, part);
@@ -229,13 +236,20 @@ impl KvWrites {
             if !matches!(group.kind, GroupKind::KvWrite) {
                 continue;
             }
-            let Some((mg, fused)) = kv_gemm(g, part, &reads, constants, kg) else {
+            let Some((mg, mut fused)) = kv_gemm(g, part, &reads, constants, kg) else {
                 continue;
             };
             let splits = [Variant::Small, Variant::Large]
                 .into_iter()
                 .any(|small| split_plan(g, part, mg, options, small, true).is_some());
-            if splits && !rows.by_gemm.contains_key(&mg) {
+            fused.split = options.gemm.kv_writes && splits;
+            let gemv = [Variant::Gemv, Variant::Small, Variant::Large]
+                .into_iter()
+                .any(|variant| segmented_gemv(g, part, mg, options, variant));
+            if options.gemm.gemv_kv_writes && gemv {
+                fused.gemv = gemv_kv::pairs(g, part, mg, &fused, &stored_values(part, mg));
+            }
+            if (fused.split || fused.gemv.is_some()) && !rows.by_gemm.contains_key(&mg) {
                 found.by_kv.insert(kg, mg);
                 found.by_gemm.insert(mg, fused);
             }
@@ -368,6 +382,8 @@ fn kv_gemm(
         kv: kg,
         writes,
         owned,
+        split: false,
+        gemv: None,
     };
     // Every stored value of those segments is read by these writes only.
     for &s in &stores {
@@ -519,6 +535,21 @@ fn split_plan(
         .filter(|p| options.tensor_cores && p.split().is_some() && p.segmented() == segmented)
 }
 
+/// Whether GEMM group `mg` takes the GEMV in `variant` as a grid of segments (whose
+/// segments may perform `kv_write`s, [`KvWrites`]).
+fn segmented_gemv(
+    g: &FuncGraph<'_>,
+    part: &Partition<'_>,
+    mg: usize,
+    options: &crate::Options,
+    variant: Variant,
+) -> bool {
+    let group = &part.groups[mg];
+    let mut e = Emitter::new(g, &part.stored, Ty::I32);
+    e.owned = group.owned.clone();
+    gemv::plan(&e, group, variant, options).is_some_and(|p| p.segmented())
+}
+
 /// A group whose kernels come in two variants, chosen at run time by a symbol's value
 /// (`Step::BySize`): [`build`] with [`Variant::Small`] for values of at most `at_most`;
 /// with `gemv`, a third one, [`Variant::Gemv`], for values of at most [`GEMV_ROWS`].
@@ -629,8 +660,11 @@ pub(crate) fn build(
 ) -> Result<Option<Launches>, FusionError> {
     let group = &part.groups[gid];
     if let Some(&mg) = kv.by_kv.get(&gid) {
-        if split_plan(g, part, mg, options, variant, true).is_some() {
-            // The GEMM's sum kernel stores the rows ([`KvWrites`]).
+        let fused = &kv.by_gemm[&mg];
+        let by_sum = fused.split && split_plan(g, part, mg, options, variant, true).is_some();
+        let by_gemv = fused.gemv.is_some() && segmented_gemv(g, part, mg, options, variant);
+        if by_sum || by_gemv {
+            // The GEMM's sum kernel or GEMV stores the rows ([`KvWrites`]).
             return Ok(None);
         }
     }
@@ -658,9 +692,17 @@ pub(crate) fn build(
     if let GroupKind::Matmul { .. } = &group.kind {
         if let Some(plan) = gemv::plan(&e, group, variant, options) {
             // At most four rows: a warp a column, no split-K; A perhaps a norm's rows it
-            // computes itself.
+            // computes itself; the `kv_write`s its segments perform ([`KvWrites`]), in the
+            // wider index type of the two groups.
             let norm = rows.prologues.of_gemm(g, part, gid, options, variant);
-            let plan = plan.with_norm(norm);
+            let mut plan = plan.with_norm(norm);
+            let fused = kv.by_gemm.get(&gid).filter(|f| f.gemv.is_some());
+            if let Some(fused) = fused.filter(|_| plan.segmented()) {
+                if index_type(g, &part.groups[fused.kv], options) == Ty::I64 {
+                    e.index_ty = Ty::I64;
+                }
+                plan.write_kv(gemv_kv::GemvWrites::of(g, fused, group.roots.len()));
+            }
             let body = gemv::emit(&mut e, group, &stores, &plan);
             let built = finish(g, e, body, out_dtype(g, &stores))?;
             return Ok(Some(Launches {
@@ -705,7 +747,7 @@ pub(crate) fn build(
         }
         // The `kv_write`s its sum kernel performs ([`KvWrites`]), in the wider index type
         // of the two groups.
-        let fused = kv.by_gemm.get(&gid).filter(|_| plan.segmented());
+        let fused = kv.by_gemm.get(&gid).filter(|f| f.split && plan.segmented());
         let mut e = new_emitter();
         if fused.is_some_and(|f| index_type(g, &part.groups[f.kv], options) == Ty::I64) {
             e.index_ty = Ty::I64;

@@ -215,6 +215,7 @@ pub(crate) fn emit_small(
         value: h,
         axis,
         regs: regs.clone(),
+        at: Vec::new(),
     });
     let mut names = vec![format!("sort{len}")];
     // The reductions over the sorted line (the axis is the last one here).
