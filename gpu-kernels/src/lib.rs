@@ -230,7 +230,10 @@ pub struct GemmTuning {
     /// stores nothing else, read by GEMVs only (q/k/v, gate/up, the LM head at decode
     /// sizes), computes the rows' statistic and the element-wise part itself into shared
     /// memory, in the row kernel's order (`templates::NormPrologues`: the norm kernel
-    /// disappears from the GEMV variant).
+    /// disappears from the GEMV variant). Off by default: the H100 decode step of the 1.1B
+    /// Llama took 1.604 ms a token with it against 1.279 without (each block computes the
+    /// statistic before its weight loads start; Nsight Compute: gate/up 29.1 µs against
+    /// 25.3 + 3.0, the LM head 77.7 against about 51).
     pub norm_prologue: bool,
     /// Whether the GEMV of a grid of segments (decode q/k/v at most [`GEMV_ROWS`] tokens)
     /// stores the rows of a segment whose values only `kv_write`s read straight into the
@@ -266,7 +269,7 @@ impl Default for GemmTuning {
             mma_gemv: true,
             mma_gemv_unroll: 8,
             mma_gemv_warps: 4,
-            norm_prologue: true,
+            norm_prologue: false,
             gemv_kv_writes: true,
         }
     }
@@ -453,8 +456,10 @@ pub struct PagedTuning {
     /// against 7.7 µs for the partial, Nsight Compute). Default 16: at one token the grid
     /// is one block per key/value head, so the warps a block are the keys in flight (16
     /// warps of `unroll` 8: 128 keys a step; ptxas caps them at 128 registers, no spills on
-    /// the five targets). Not yet measured on the H100 (`KILN_TUNE_PAGED=onepass=0` for the
-    /// A/B, `onepass=8`, `onepass=32,unroll=4`).
+    /// the five targets). Off (0) by default: on the H100 the one-pass kernel took 14.3 µs
+    /// a layer of the 1.1B decode step against 11.8 for the partial and merge kernels
+    /// (Nsight Compute; 8 blocks at one token), and the step 1.54-1.60 ms against 1.51
+    /// without it (`KILN_TUNE_PAGED=onepass=16`; `onepass=8` 1.52).
     pub one_pass: u32,
 }
 
@@ -471,7 +476,7 @@ impl Default for PagedTuning {
             blocks_per_sm: 0,
             lanes: 16,
             mma_warps: 1,
-            one_pass: 16,
+            one_pass: 0,
         }
     }
 }

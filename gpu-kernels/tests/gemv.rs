@@ -167,7 +167,9 @@ fn the_switch_turns_the_gemv_off() {
 
 /// The 1.1B Llama decode step's kernels at one token of one sequence.
 fn llama_step(gemv: bool) -> (Vec<String>, Vec<kiln_kir::Kernel>) {
-    llama_decode_launches(&llama_1b(), &options(gemv))
+    let mut options = options(gemv);
+    options.gemm.norm_prologue = true;
+    llama_decode_launches(&llama_1b(), &options)
 }
 
 #[test]
@@ -188,7 +190,8 @@ fn the_1b_llama_decode_step_has_no_split_k_left() {
     // (`templates::NormPrologues`, tests/norm_gemv.rs) and the 16 kv_write kernels whose
     // writes each q/k/v GEMV performs (`GemmTuning::gemv_kv_writes`).
     assert_eq!(count(&with, "rms_norm"), 0, "{with:?}");
-    assert_eq!(count(&with, "kv_write"), 0, "{with:?}");
+    let kv_write_kernels = with.iter().filter(|n| n.starts_with("kv_write")).count();
+    assert_eq!(kv_write_kernels, 0, "{with:?}");
     assert_eq!(
         with.len() + 17 + 33 + 16,
         without.len(),

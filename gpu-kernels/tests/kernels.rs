@@ -165,9 +165,10 @@ fn attend(q: bf16[N, 32, 128], k_cache: bf16[2, NB, 16, 8, 128], v_cache: bf16[2
         };
         kernels[*kernel].grid.clone()
     };
-    // By default the short tables take one pass (`PagedTuning::one_pass`): one kernel.
-    let compiled =
-        kiln_gpu_kernels::compile_function(&module, "attend", &Options::default()).unwrap();
+    // With `PagedTuning::one_pass` the short tables take one pass: one kernel.
+    let mut one_pass = Options::default();
+    one_pass.paged.one_pass = 16;
+    let compiled = kiln_gpu_kernels::compile_function(&module, "attend", &one_pass).unwrap();
     let [kiln_kir::Step::BySize { small, large, .. }] = compiled.plan.steps.as_slice() else {
         panic!("one choice by size: {:?}", compiled.plan.steps);
     };

@@ -94,7 +94,9 @@ fn five_rows_and_more_keep_the_norm_kernel() {
             let (with, without) = same_bits(function, t);
             assert_eq!(with, without, "{function} T={t}");
             assert_eq!(count(&with, "rms_norm"), 1, "{function} T={t}: {with:?}");
-            assert_eq!(count(&with, "gemv"), 0, "{function} T={t}: {with:?}");
+            // Past four rows no GEMV (the tensor-core GEMV or the decode tile).
+            let gemvs = with.iter().filter(|n| n.starts_with("gemv")).count();
+            assert_eq!(gemvs, 0, "{function} T={t}: {with:?}");
         }
     }
 }
@@ -121,6 +123,8 @@ fn constant_rows_lose_the_norm_kernel_outright() {
 #[test]
 fn the_knob_parses() {
     let mut tuning = GemmTuning::default();
+    assert!(!tuning.norm_prologue, "off by default (slower on the H100)");
+    tuning.set("normgemv", "1").unwrap();
     assert!(tuning.norm_prologue);
     tuning.set("normgemv", "0").unwrap();
     assert!(!tuning.norm_prologue);

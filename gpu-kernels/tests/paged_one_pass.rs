@@ -121,7 +121,7 @@ const SHAPES: [(&str, usize, usize, usize, usize); 5] = [
 
 #[test]
 fn short_tables_take_one_pass_and_equal_the_interpreter() {
-    let options = Options::default();
+    let options = switched(16);
     for shape in SHAPES {
         // 160 positions: one pass of 16 warps (two steps of 128 keys at most).
         let names = run(shape, 160, &options);
@@ -142,7 +142,7 @@ fn short_tables_take_one_pass_and_equal_the_interpreter() {
 #[test]
 fn long_tables_keep_the_partial_and_merge_kernels() {
     // 1040 positions: past the short variant's 512, two partitions of 1024.
-    let options = Options::default();
+    let options = switched(16);
     for shape in [SHAPES[0], SHAPES[1], SHAPES[2]] {
         let names = run(shape, 1040, &options);
         assert_eq!(
@@ -218,7 +218,7 @@ fn switched(one_pass: u32) -> Options {
 #[test]
 fn the_1b_llama_decode_step_launches_16_kernels_fewer() {
     let module = llama_1b();
-    let (with, kernels) = llama_decode_launches(&module, &Options::default());
+    let (with, kernels) = llama_decode_launches(&module, &switched(16));
     let (without, _) = llama_decode_launches(&module, &switched(0));
     assert_eq!(count(&with, "paged_attention_one_pass"), 16, "{with:?}");
     assert_eq!(count(&with, "paged_attention_merge"), 0, "{with:?}");
@@ -236,7 +236,7 @@ fn the_1b_llama_decode_step_launches_16_kernels_fewer() {
     assert!(one_pass.iter().all(|k| k.block_dim == 512));
     // Tables past 512 positions keep both kernels (the long-context variant).
     let sizes = [("T", 1), ("B", 1), ("MB", 40), ("NB", 64)];
-    let (long, _) = llama_step_launches(&module, &Options::default(), &sizes);
+    let (long, _) = llama_step_launches(&module, &switched(16), &sizes);
     assert_eq!(count(&long, "paged_attention_one_pass"), 0, "{long:?}");
     assert_eq!(count(&long, "paged_attention_merge"), 16, "{long:?}");
 }
@@ -263,7 +263,7 @@ fn one_pass_kernels(options: &Options) -> Vec<kiln_kir::Kernel> {
 
 #[test]
 fn the_one_pass_kernel_snapshot() {
-    let kernels = one_pass_kernels(&Options::default());
+    let kernels = one_pass_kernels(&switched(16));
     assert_eq!(kernels.len(), 2);
     let ptx = kiln_ptx::emit_ptx(&kernels[..1], kiln_ptx::Target::Sm90a, &Default::default())
         .unwrap_or_else(|e| panic!("{e}"));
@@ -276,7 +276,7 @@ fn one_pass_kernels_assemble_for_every_target_without_spills() {
     let Some(toolchain) = common::toolchain() else {
         return;
     };
-    let mut kernels = one_pass_kernels(&Options::default());
+    let mut kernels = one_pass_kernels(&switched(16));
     kernels.extend(one_pass_kernels(&switched(8)));
     let registers = common::assert_assembles_without_spills(&toolchain, &kernels);
     assert_eq!(registers.len(), 5 * kernels.len());

@@ -446,7 +446,8 @@ fn llama_step_with_the_gemv_on_the_cpu_backend() {
     let inputs = paged_step_inputs_of(func, &mut Rng(0x6E3F), &[(0, 3), (0, 4), (1, 8)], [1, 2]);
     let mut optimized = lowered.module.clone();
     kiln_opt::optimize(&mut optimized).expect("optimize");
-    let fusion = kiln_gpu_kernels::Options::default();
+    let mut fusion = kiln_gpu_kernels::Options::default();
+    fusion.gemm.norm_prologue = true;
     let compiled = kiln_gpu_kernels::compile_module(&optimized, &fusion).unwrap();
     let plan = &compiled.plans[0];
     let sizes: BTreeMap<String, u64> = plan
@@ -816,8 +817,9 @@ fn check_paged_attention(backend: Backend) {
     let (short_part, short_context) = (defaults.short_part, defaults.short_context);
     // (part, unroll, warps, short_part, short_context, tile, stages, tensor-core warps);
     // tile 0 is the register design. Short tables (the 320 positions here, at most
-    // `short_context`) take the one-pass kernel of `one_pass` warps (0: partial and merge).
-    let one_pass = defaults.one_pass;
+    // `short_context`) take the one-pass kernel of `one_pass` warps (0, the default: partial
+    // and merge).
+    let one_pass = 16;
     let settings = [
         (128, 8, 4, short_part, short_context, 0, 0, 0, one_pass),
         (128, 8, 4, short_part, short_context, 0, 0, 0, 0),
