@@ -88,6 +88,9 @@ pub(crate) struct MmaGemvPlan {
     warps: u32,
     /// The grid's segments, one per matmul, when the widths differ.
     segments: Vec<Segment>,
+    /// The k elements of each weight row a block prefetches into L2 before its
+    /// grid-dependency wait (`GemmTuning::prefetch`; `None`: no prefetch).
+    prefetch: Option<u64>,
     /// Whether a block lets the next kernel launch after its last weight loads
     /// (`GemmTuning::trigger`).
     trigger: bool,
@@ -149,6 +152,7 @@ pub(crate) fn plan(
         let n = g.shape(mm)[1].as_const()?;
         b.push((weight, permute, n));
     }
+    let widths: Vec<u64> = b.iter().map(|s| s.2).collect();
     let one_width = b.iter().all(|s| s.2 == b[0].2);
     let segments = if one_width {
         Vec::new()
@@ -161,7 +165,6 @@ pub(crate) fn plan(
         if !single {
             return None;
         }
-        let widths: Vec<u64> = b.iter().map(|s| s.2).collect();
         segments(&widths, COLUMNS)
     };
     let sets = if segments.is_empty() { b.len() } else { 1 } as u32;
@@ -184,6 +187,7 @@ pub(crate) fn plan(
         unroll,
         warps,
         segments,
+        prefetch: super::gemv::prefetch_share(&options.gemm, &widths, k, dtype),
         trigger: options.gemm.trigger,
     })
 }
@@ -258,6 +262,42 @@ pub(crate) fn emit(
         ity,
         index(block * i32c(i64::from(COLUMNS))),
     );
+    // Before the grid-dependency wait (address arithmetic and prefetches only, so the
+    // previous kernel may still run): the four lanes `t = 0` of warp 0 ask L2 for the
+    // start of the block's eight weight rows (row `g` each; all of K while the weights fit
+    // the budget), which stream from HBM while the previous kernel finishes.
+    if let Some(len) = plan.prefetch {
+        let bytes = i32c((len * g.ty(plan.b[0].0).dtype.size_bytes() as u64) as i64);
+        let rows = |e: &mut Emitter<'_, '_>, these: &[usize]| -> Vec<Stmt> {
+            let row = add(col0.clone(), index(gid.clone()));
+            let prefetches = these
+                .iter()
+                .map(|&i| {
+                    let (weight, _, n) = plan.b[i];
+                    // Rows past N (clamped to N - 1 by the loads) are not asked for again.
+                    let fetch = Stmt::PrefetchL2 {
+                        buf: e.buffer(weight, kiln_kir::Access::Read),
+                        index: mul(row.clone(), e.ix(k)),
+                        bytes: bytes.clone(),
+                    };
+                    Stmt::if_then(lt(row.clone(), e.ix(n as i64)), vec![fetch])
+                })
+                .collect();
+            let lanes = Stmt::if_then(tig.clone().equals(i32c(0)), prefetches);
+            vec![Stmt::if_then(warp.clone().equals(i32c(0)), vec![lanes])]
+        };
+        match &segment {
+            Some(which) => {
+                let branches = (0..plan.b.len()).map(|i| rows(e, &[i])).collect();
+                body.extend(by_segment(which, branches));
+            }
+            None => {
+                let all: Vec<usize> = (0..plan.b.len()).collect();
+                body.extend(rows(e, &all));
+            }
+        }
+        body.push(Stmt::GridDependencyWait);
+    }
     // What runs before here stays outside the branch on a symbolic M below.
     let prelude = body.len();
     let column = |e: &mut Emitter<'_, '_>, out: &mut Vec<Stmt>, these: &[usize]| -> EResult<()> {
