@@ -98,7 +98,7 @@ fn five_to_sixteen_rows_take_the_mma_gemv_and_match_the_interpreter() {
 fn fused_matmuls_share_a_block_or_take_segments() {
     let names = run("gate_up", 8, true);
     assert!(
-        names[0].contains("mma_gemv_n8_w4_u4") && names[0].contains("_x2_epilogue"),
+        names[0].contains("mma_gemv_n8_w4_u2") && names[0].contains("_x2_epilogue"),
         "{names:?}"
     );
     assert!(!names[0].contains("_seg"), "{names:?}");
