@@ -219,7 +219,8 @@ pub struct GemmTuning {
     /// does not take (5 to 16 rows, a constant or the decode variant of a symbolic row
     /// count) take the tensor-core GEMV (`templates/mma_gemv.rs`: m16n8k16 products on
     /// weight registers loaded straight from global memory, no split-K across blocks, no
-    /// sum kernel) instead of the tensor-core decode tile.
+    /// sum kernel) instead of the tensor-core decode tile. Off by default until measured
+    /// against the decode tile on an H100 (`KILN_TUNE_GEMM=mmagemv=1`).
     pub mma_gemv: bool,
     /// 32-wide k chunks a warp of the tensor-core GEMV loads together per step (fewer when
     /// K is shorter or fused matmuls would hold too many registers).
@@ -266,7 +267,7 @@ impl Default for GemmTuning {
             gemv: true,
             gemv_unroll: 8,
             wgmma: true,
-            mma_gemv: true,
+            mma_gemv: false,
             mma_gemv_unroll: 8,
             mma_gemv_warps: 4,
             norm_prologue: false,

@@ -7,8 +7,10 @@
 //! (lane 0, one prefetch a row). The prefetches are checked by running the statements before each
 //! kernel's wait in the interpreter (which also checks each range lies inside its weight);
 //! the PTX of a split decode GEMM for sm_90a is a reviewed snapshot, and the prefetching
-//! kernels assemble for every target without spills. The tensor-core GEMV of 5 to 16 rows,
-//! which does not prefetch, is off here so that the decode tile takes those rows.
+//! kernels assemble for every target without spills. The tensor-core GEMV of 5 to 16 rows
+//! (`GemmTuning::mma_gemv`, off by default) does the same for its 8 columns a block (the
+//! lanes `t = 0` of warp 0, one prefetch a row) when switched on in place of the decode
+//! tile.
 
 mod common;
 
@@ -51,6 +53,13 @@ fn prefetching() -> Options {
         },
         ..Options::default()
     }
+}
+
+/// [`prefetching`] with the tensor-core GEMV taking 5 to 16 rows.
+fn prefetching_mma_gemv() -> Options {
+    let mut options = prefetching();
+    options.gemm.mma_gemv = true;
+    options
 }
 
 /// The decode-sized tensor-core kernel of `function` (the `T ≤ 16` variant).
@@ -105,10 +114,15 @@ fn each_decode_block_prefetches_its_weight_slice() {
     let module = lower("prefetch.kiln", SRC, None, None);
     let budget = 24u64 << 20;
     // (kernel kind, weight rows a block column covers): the tensor-core decode tile's 32
-    // columns, the GEMV's 4 warps of one column each.
-    for (kind, block_rows) in [("mma_gemm_16x", 32u64), ("gemv_", 4)] {
+    // columns, the GEMV's 4 warps of one column each, the tensor-core GEMV's 8 columns.
+    for (kind, block_rows) in [("mma_gemm_16x", 32u64), ("gemv_", 4), ("mma_gemv_", 8)] {
+        let options = if kind == "mma_gemv_" {
+            prefetching_mma_gemv()
+        } else {
+            prefetching()
+        };
         for function in ["o_proj", "qkv", "gate_up", "down", "lm_head", "ragged"] {
-            let kernel = variant_kernel(&module, function, &prefetching(), kind);
+            let kernel = variant_kernel(&module, function, &options, kind);
             let prefix = before_wait(&kernel);
             let weights = weights(function);
             // Zeroed buffers: each weight exactly its size (the interpreter checks every

@@ -654,11 +654,11 @@ fn gemm_knobs_parse_from_their_kiln_tune_names() {
         ("bk", "64"),
         ("smem", "227"),
         ("maxsplits", "2"),
-        ("mmagemv", "0"),
+        ("mmagemv", "1"),
     ] {
         tuning.set(key, value).unwrap();
     }
-    assert!(!tuning.mma_gemv && GemmTuning::default().mma_gemv);
+    assert!(tuning.mma_gemv && !GemmTuning::default().mma_gemv);
     assert_eq!(
         (tuning.tile, tuning.warps, tuning.stages, tuning.raster),
         ((128, 256), (2, 4), 4, 8)

@@ -4,8 +4,9 @@
 //! the large tile), ragged N (not a multiple of the block's 8 columns) and K (a multiple of
 //! 8 but not of 32 or of the unrolled step, with and without whole steps), bf16 and f16,
 //! fused epilogues (bias, residual, gate/up SwiGLU, q/k/v of unequal widths followed by
-//! RoPE, an input reshaped from attention heads); the off switch (`GemmTuning::mma_gemv`);
-//! a PTX snapshot and ptxas for every target.
+//! RoPE, an input reshaped from attention heads); the off switch (`GemmTuning::mma_gemv`,
+//! off by default); the L2 prefetch before the grid-dependency wait and the early trigger
+//! (`GemmTuning::prefetch`, `trigger`); a PTX snapshot and ptxas for every target.
 
 mod common;
 
@@ -97,7 +98,7 @@ fn five_to_sixteen_rows_take_the_mma_gemv_and_match_the_interpreter() {
 fn fused_matmuls_share_a_block_or_take_segments() {
     let names = run("gate_up", 8, true);
     assert!(
-        names[0].contains("mma_gemv_n8_w4_u4") && names[0].contains("_x2_epilogue"),
+        names[0].contains("mma_gemv_n8_w4_u2") && names[0].contains("_x2_epilogue"),
         "{names:?}"
     );
     assert!(!names[0].contains("_seg"), "{names:?}");
@@ -162,6 +163,50 @@ fn the_block_knobs_keep_the_results() {
 }
 
 #[test]
+fn the_prefetch_and_the_trigger_keep_the_results() {
+    // `KILN_TUNE_GEMM=mmagemv=1,prefetch=P,trigger=T`: the interpreter also checks that
+    // every prefetch lies inside its weight and is 16-byte aligned.
+    let module = lower("mma_gemv.kiln", SRC, None, None);
+    assert!(!GemmTuning::default().mma_gemv);
+    for (prefetch, trigger) in [(true, true), (true, false), (false, true)] {
+        let mut options = Options::default();
+        for (key, on) in [
+            ("mmagemv", true),
+            ("prefetch", prefetch),
+            ("trigger", trigger),
+        ] {
+            options.gemm.set(key, if on { "1" } else { "0" }).unwrap();
+        }
+        for (function, m) in [
+            ("plain", 5),
+            ("long_k", 16),
+            ("gate_up", 9),
+            ("qkv_rope", 16),
+        ] {
+            let func = module.function(function).unwrap();
+            let symbols = BTreeMap::from([("M".to_string(), m)]);
+            let inputs = inputs_for(func, &symbols, m, 5);
+            let compiled = check(&module, function, &inputs, &BTreeMap::new(), &options);
+            let kernel = compiled
+                .kernels
+                .iter()
+                .find(|k| k.name.contains("mma_gemv"))
+                .unwrap_or_else(|| panic!("{function}: no tensor-core GEMV"));
+            let waits = kernel
+                .body
+                .iter()
+                .filter(|s| **s == kiln_kir::Stmt::GridDependencyWait)
+                .count();
+            let text = kernel.to_string();
+            let what = format!("{function} prefetch={prefetch} trigger={trigger}");
+            assert_eq!(waits, usize::from(prefetch), "{what}");
+            assert_eq!(text.contains("prefetch_l2("), prefetch, "{what}");
+            assert_eq!(text.contains("launch_dependents"), trigger, "{what}");
+        }
+    }
+}
+
+#[test]
 fn the_mma_gemv_kernels_assemble_without_spills() {
     let Some(toolchain) = toolchain() else { return };
     let module = lower("mma_gemv.kiln", SRC, None, None);
@@ -169,16 +214,21 @@ fn the_mma_gemv_kernels_assemble_without_spills() {
     for function in [
         "plain", "long_k", "gate_up", "qkv_rope", "nine", "sixteen", "o_proj",
     ] {
-        let compiled = compile_function(&module, function, &options(true)).unwrap();
-        kernels.extend(
-            compiled
-                .kernels
-                .into_iter()
-                .filter(|k| k.name.contains("mma_gemv")),
-        );
+        let mut prefetching = options(true);
+        prefetching.gemm.prefetch = true;
+        prefetching.gemm.trigger = true;
+        for options in [options(true), prefetching] {
+            let compiled = compile_function(&module, function, &options).unwrap();
+            kernels.extend(
+                compiled
+                    .kernels
+                    .into_iter()
+                    .filter(|k| k.name.contains("mma_gemv")),
+            );
+        }
     }
     assert!(
-        kernels.len() >= 7,
+        kernels.len() >= 14,
         "{:?}",
         kernels.iter().map(|k| &k.name).collect::<Vec<_>>()
     );

@@ -352,7 +352,8 @@ fn check_bf16_steps(backend: Backend) {
             .unwrap_or_else(|d| panic!("{d}"));
         let mut optimized = lowered.module.clone();
         kiln_opt::optimize(&mut optimized).expect("optimize");
-        let fusion = kiln_gpu_kernels::Options::default();
+        let mut fusion = kiln_gpu_kernels::Options::default();
+        fusion.gemm.mma_gemv = true;
         let compiled = kiln_gpu_kernels::compile_module(&optimized, &fusion).unwrap();
         assert!(
             compiled

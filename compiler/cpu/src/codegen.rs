@@ -738,6 +738,34 @@ impl Emitter<'_, '_> {
                 let value = self.expr_of_type(lane, value, ty)?;
                 self.builder.def_var(self.vars[var.0 as usize], value);
             }
+            Stmt::LoadVec { dsts, buf, index }
+                if self.operand(*buf).is_ok_and(|o| {
+                    dsts.first().is_some_and(|&d| {
+                        self.var_ty(d)
+                            .is_ok_and(|ty| kiln_kir::loads_raw_pairs(o.dtype, ty))
+                    })
+                }) =>
+            {
+                // Raw 16-bit element pairs: one little-endian 32-bit word a register.
+                let operand = self.operand(*buf)?;
+                for dst in dsts {
+                    if self.var_ty(*dst)? != Ty::I32 {
+                        return Err(self
+                            .invalid(format!("register {} of a raw pair load is not i32", dst.0)));
+                    }
+                }
+                let first = self.checked_index(lane, &operand, index, 2 * dsts.len())?;
+                let mut loaded = Vec::with_capacity(dsts.len());
+                for pair in 0..dsts.len() {
+                    let index = self.builder.ins().iadd_imm_s(first, 2 * pair as i64);
+                    let address = self.element_address(&operand, index);
+                    let flags = data_flags();
+                    loaded.push(self.builder.ins().load(types::I32, flags, address, 0));
+                }
+                for (dst, value) in dsts.iter().zip(loaded) {
+                    self.builder.def_var(self.vars[dst.0 as usize], value);
+                }
+            }
             Stmt::LoadVec { dsts, buf, index } => {
                 let width = dsts.len();
                 let operand = self.operand(*buf)?;

@@ -351,6 +351,32 @@ fn vector_loads_and_stores_with_narrow_float_rounding() {
 }
 
 #[test]
+fn raw_pair_loads_copy_the_bits_of_16_bit_elements() {
+    // `LoadVec` of I32 registers from bf16/f16 memory: two elements' bits a register, in
+    // both the interpreter and Cranelift (NaN payloads and subnormals pass unchanged).
+    let mut rng = Rng::new(29);
+    for dtype in [DType::BF16, DType::F16] {
+        for words in [1, 2, 4] {
+            let kernel = kiln_kir::examples::raw_pairs_copy(dtype, words);
+            let blocks = 3u64;
+            let mut x: Vec<u8> = (0..blocks as usize * 64 * words * 2)
+                .map(|_| rng.f32_in(0.0, 256.0) as u8)
+                .collect();
+            x[..8].copy_from_slice(&[0x01, 0x7f, 0xc1, 0xff, 0x01, 0x00, 0x00, 0x80]);
+            let args = [
+                Arg::Buffer(x.clone()),
+                Arg::Buffer(vec![0; blocks as usize * 32 * words * 4]),
+            ];
+            check(&kernel, [blocks, 1, 1], &args, Tolerance::Exact);
+            let native = run_native(&kernel, [blocks, 1, 1], &args).unwrap();
+            assert_eq!(native[1], x, "{}", kernel.name);
+            let interpreted = common::run_interpreter(&kernel, [blocks, 1, 1], &args);
+            assert_eq!(interpreted[1], x, "{}", kernel.name);
+        }
+    }
+}
+
+#[test]
 fn three_dimensional_grid_with_min_max_and_casts() {
     let mut k = KernelBuilder::new("grid_3d", 32);
     let out = k.buffer("out", DType::I32, Access::Write);

@@ -726,8 +726,9 @@ impl Gpu {
 mod tests {
     use super::*;
 
-    /// The kernel names each decode GEMM case compiles to with the default options.
-    fn decode_kernels(function: &str) -> Vec<String> {
+    /// The kernel names each decode GEMM case compiles to with the default options, the
+    /// tensor-core GEMV switched to `mma_gemv`.
+    fn decode_kernels(function: &str, mma_gemv: bool) -> Vec<String> {
         let (program, diags) = kiln_lower::Program::load_source("bench.kiln", PROGRAM, None);
         assert!(!diags.iter().any(|d| d.is_error()));
         let options = kiln_lower::Options {
@@ -737,25 +738,34 @@ mod tests {
         let (lowered, _) = kiln_lower::lower(&program, None, &options);
         let mut module = lowered.expect("lowered").module;
         kiln_opt::optimize(&mut module).expect("optimized");
-        let compiled =
-            kiln_gpu_kernels::compile_module(&module, &kiln_gpu_kernels::Options::default())
-                .expect("compiled");
+        let mut fusion = kiln_gpu_kernels::Options::default();
+        fusion.gemm.mma_gemv = mma_gemv;
+        let compiled = kiln_gpu_kernels::compile_module(&module, &fusion).expect("compiled");
         compiled.kernels.iter().map(|k| k.name.clone()).collect()
     }
 
     #[test]
     fn the_decode_gemm_cases_take_the_gemvs() {
-        // M = 1: the GEMV; M = 16: the tensor-core GEMV, one kernel a GEMM, no sum kernel.
+        // M = 1: the GEMV; M = 16 with `mmagemv=1`: the tensor-core GEMV, one kernel a GEMM,
+        // no sum kernel.
         for (function, kind, gemms) in [
             ("decode_m1_4096", "gemv_w4", 4),
             ("decode_m1_14336", "gemv_w4", 1),
             ("decode_m16_4096", "mma_gemv_n8_w4_u8", 4),
             ("decode_m16_14336", "mma_gemv_n8_w4_u8", 1),
         ] {
-            let names = decode_kernels(function);
+            let names = decode_kernels(function, true);
             assert_eq!(names.len(), gemms, "{function}: {names:?}");
             assert!(
                 names.iter().all(|n| n.contains(kind)),
+                "{function}: {names:?}"
+            );
+        }
+        // By default (`mmagemv=0`) M = 16 takes the tensor-core decode tile.
+        for function in ["decode_m16_4096", "decode_m16_14336"] {
+            let names = decode_kernels(function, false);
+            assert!(
+                names.iter().all(|n| !n.contains("gemv")),
                 "{function}: {names:?}"
             );
         }

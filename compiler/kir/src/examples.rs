@@ -710,3 +710,36 @@ pub fn wgmma_tile(input: MmaInput, n: u32, fence: bool) -> Kernel {
     }
     kb.finish(body)
 }
+
+/// A copy through raw element pairs (`kiln_kir::loads_raw_pairs`): thread t loads `words`
+/// (1, 2 or 4) `I32` registers of `x` (bf16 or f16) from element `2 * words * t` (one
+/// `LoadVec`, two elements a register, no conversion) and stores them to `out` (i32) from
+/// word `words * t`: `out` ends with the bytes of `x`.
+///
+/// Parameters: `x` (read, `dtype`), `out` (write, i32). Grid: any number of 32-thread
+/// blocks; `x` holds `64 * words` elements a block, `out` `32 * words` words.
+pub fn raw_pairs_copy(dtype: DType, words: usize) -> Kernel {
+    let mut k = KernelBuilder::new(format!("raw_pairs_copy_{dtype}_x{words}"), 32);
+    let x = k.buffer("x", dtype, Access::Read);
+    let out = k.buffer("out", DType::I32, Access::Write);
+    let t = k.var("t", Ty::I64);
+    let dsts: Vec<VarId> = (0..words)
+        .map(|i| k.var(format!("w{i}"), Ty::I32))
+        .collect();
+    let mut body = vec![
+        Stmt::assign(
+            t,
+            (Expr::block_idx(0) * Expr::i32(32) + Expr::thread_idx()).cast(Ty::I64),
+        ),
+        Stmt::LoadVec {
+            dsts: dsts.clone(),
+            buf: x,
+            index: Expr::var(t) * Expr::i64(2 * words as i64),
+        },
+    ];
+    for (i, &w) in dsts.iter().enumerate() {
+        let at = Expr::var(t) * Expr::i64(words as i64) + Expr::i64(i as i64);
+        body.push(Stmt::store(out, at, Expr::var(w)));
+    }
+    k.finish(body)
+}

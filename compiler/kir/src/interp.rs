@@ -388,14 +388,27 @@ impl Interpreter<'_, '_> {
             }
             Stmt::LoadVec { dsts, buf, index } => {
                 let mut loaded = Vec::new();
+                // Raw pairs: two 16-bit elements' bits a register (`loads_raw_pairs`).
+                let raw = self.raw_pairs(*buf, dsts);
+                let per_dst = if raw { 2 } else { 1 };
                 for (t, start) in self.eval_all(index, mask, stmt, path)? {
                     let start = self
-                        .vector_start(start, dsts.len())
+                        .vector_start(start, dsts.len() * per_dst)
                         .map_err(|m| fail(self, t, m))?;
                     for (lane, &dst) in dsts.iter().enumerate() {
-                        let value = self
-                            .read(*buf, start + lane as i64)
-                            .map_err(|m| fail(self, t, m))?;
+                        let value = if raw {
+                            let at = start + 2 * lane as i64;
+                            let half = |i: i64| -> Result<u32, String> {
+                                let b = self.element_bytes(*buf, at + i)?;
+                                Ok(u32::from(u16::from_le_bytes([b[0], b[1]])))
+                            };
+                            let lo = half(0).map_err(|m| fail(self, t, m))?;
+                            let hi = half(1).map_err(|m| fail(self, t, m))?;
+                            Const::I32((lo | hi << 16) as i32)
+                        } else {
+                            self.read(*buf, start + lane as i64)
+                                .map_err(|m| fail(self, t, m))?
+                        };
                         loaded.push((t, dst, value));
                     }
                 }
@@ -897,6 +910,23 @@ impl Interpreter<'_, '_> {
     fn eval_index(&self, index: &Expr, thread: usize) -> Result<i64, String> {
         let value = self.eval(index, thread)?;
         int_value(value).ok_or_else(|| format!("index {value:?} is not an integer"))
+    }
+
+    /// Whether a `LoadVec` of `buf` into `dsts` loads raw element pairs
+    /// ([`crate::kernel::loads_raw_pairs`]).
+    fn raw_pairs(&self, buf: Buf, dsts: &[VarId]) -> bool {
+        let dtype = match buf {
+            Buf::Global(p) => self
+                .globals
+                .get(p as usize)
+                .and_then(Option::as_ref)
+                .map(|g| g.dtype),
+            Buf::Shared(s) => self.shared.get(s as usize).map(|a| a.dtype),
+        };
+        match (dtype, dsts.first()) {
+            (Some(dtype), Some(&d)) => crate::kernel::loads_raw_pairs(dtype, self.kernel.var_ty(d)),
+            _ => false,
+        }
     }
 
     /// The element at `index` of `buf` as a load sees it: bounds and, for shared memory,

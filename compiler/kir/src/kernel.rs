@@ -352,7 +352,11 @@ pub enum Expr {
 pub enum Stmt {
     Assign(VarId, Expr),
     /// `dsts.len()` consecutive elements from `index` (a multiple of `dsts.len()`, which is
-    /// 2, 4 or 8 and at most 16 bytes of memory).
+    /// 2, 4 or 8 and at most 16 bytes of memory). With `I32` destinations from a bf16 or
+    /// f16 buffer ([`loads_raw_pairs`]) the elements' raw bits instead: `2 * dsts.len()`
+    /// elements (1, 2 or 4 destinations; `index` a multiple of that count), destination i
+    /// holding elements `2i` (bits 0..16) and `2i + 1`, as `PackHalves` packs them (an
+    /// `Mma` operand without conversions).
     LoadVec {
         dsts: Vec<VarId>,
         buf: Buf,
@@ -572,6 +576,12 @@ impl Kernel {
     pub fn var_ty(&self, v: VarId) -> Ty {
         self.vars[v.0 as usize].ty
     }
+}
+
+/// Whether a `LoadVec` of a `dtype` buffer into registers of type `ty` loads raw element
+/// pairs: `I32` registers from bf16 or f16 memory, two elements a register.
+pub fn loads_raw_pairs(dtype: DType, ty: Ty) -> bool {
+    matches!(dtype, DType::BF16 | DType::F16) && ty == Ty::I32
 }
 
 /// [`UnOp::Exp2`]'s meaning on every backend: `2^x` with subnormal inputs read as zero and

@@ -249,8 +249,18 @@ impl Checker<'_> {
                 }
             }
             Stmt::LoadVec { dsts, buf, index } => {
-                let element = self.memory_ty(*buf, Use::Read, site)?;
-                self.check_vector_width(*buf, dsts.len(), site)?;
+                let dtype = self.memory_dtype(*buf, Use::Read, site)?;
+                let raw = match dsts.first() {
+                    Some(&d) => crate::kernel::loads_raw_pairs(dtype, self.var_ty(d, site)?),
+                    None => false,
+                };
+                let element = if raw {
+                    Ty::I32
+                } else {
+                    Ty::compute_type_of(dtype)
+                };
+                let width = dsts.len() * if raw { 2 } else { 1 };
+                self.check_vector_width(*buf, width, site)?;
                 self.check_index(index, site)?;
                 let mut seen = BTreeSet::new();
                 for &dst in dsts {

@@ -158,15 +158,8 @@ pub(crate) fn plan(
         .min(MAX_WEIGHT_REGISTERS / per_vector)
         .min(vectors)
         .max(1);
-    // The weights' share that fits the prefetch budget, in whole 16-byte vectors.
-    let weight_bytes: u64 = b.iter().map(|s| s.2 * k * dtype.size_bytes() as u64).sum();
-    let budget = super::mma_gemm::prefetch_budget(&options.gemm);
-    let share = if weight_bytes <= budget {
-        k
-    } else {
-        (u128::from(k) * u128::from(budget) / u128::from(weight_bytes)) as u64 / VECTOR * VECTOR
-    };
-    let prefetch = (options.gemm.prefetch && share > 0).then_some(share);
+    let widths: Vec<u64> = b.iter().map(|s| s.2).collect();
+    let prefetch = prefetch_share(&options.gemm, &widths, k, dtype);
     Some(GemvPlan {
         a_source,
         b,
@@ -207,6 +200,29 @@ impl GemvPlan {
     pub(crate) fn with_norm(self, norm: Option<super::norm_gemv::NormPrologue>) -> GemvPlan {
         GemvPlan { norm, ..self }
     }
+}
+
+/// The k elements of every `[N, K]` weight row (N of `widths`, K `k`) a GEMV block prefetches into L2 before its grid-dependency wait under `tuning`:
+/// all of K while the weights take at most the prefetch budget, else that share of it, in
+/// whole 16-byte vectors; `None` with `GemmTuning::prefetch` off or nothing to prefetch.
+/// Shared by the GEMV and the tensor-core GEMV.
+pub(super) fn prefetch_share(
+    tuning: &crate::GemmTuning,
+    widths: &[u64],
+    k: u64,
+    dtype: DType,
+) -> Option<u64> {
+    let weight_bytes: u64 = widths
+        .iter()
+        .map(|n| n * k * dtype.size_bytes() as u64)
+        .sum();
+    let budget = super::mma_gemm::prefetch_budget(tuning);
+    let share = if weight_bytes <= budget {
+        k
+    } else {
+        (u128::from(k) * u128::from(budget) / u128::from(weight_bytes)) as u64 / VECTOR * VECTOR
+    };
+    (tuning.prefetch && share > 0).then_some(share)
 }
 
 pub(crate) fn emit(

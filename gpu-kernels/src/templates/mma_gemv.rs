@@ -31,8 +31,9 @@
 //! step (the GEMV reads four times). Rows past M read row M - 1 (their products land in
 //! accumulator rows that are never stored: an output row depends on its A row alone), so
 //! no lane branches; a constant M of at most 8 reads no second row at all (zero
-//! registers). The loads arrive as f32 and are packed back to the 16-bit type exactly
-//! (`PackHalves`, a round trip of representable values).
+//! registers). Every 16-byte vector (A and B) is loaded as four raw 32-bit registers of
+//! element pairs (a `LoadVec` of `I32` destinations, `kiln_kir::loads_raw_pairs`): the
+//! bits are the `mma` operands as they are, no conversion to f32 and back.
 //!
 //! A K that is not a multiple of the step ends with guarded chunks: a lane's vector outside
 //! K (K is a multiple of 8, so a vector is wholly in or out) leaves its A and B registers 0,
@@ -66,6 +67,12 @@ pub const COLUMNS: u32 = 8;
 /// Packed weight registers a lane's step may hold across its fused matmuls.
 const MAX_WEIGHT_REGISTERS: u32 = 32;
 
+/// [`MAX_WEIGHT_REGISTERS`] for horizontally fused matmuls of one width (gate/up): with raw
+/// loads ptxas keeps more loads in flight across steps, and 32 or 24 (steps of 4 or 3
+/// chunks) spill on sm_80 under the 128 registers of four blocks an SM; 16 (2 chunks)
+/// take 126 to 128 on every target without spills.
+const MAX_FUSED_WEIGHT_REGISTERS: u32 = 16;
+
 /// Elements of a 16-byte vector.
 const VECTOR: u64 = 8;
 
@@ -88,6 +95,9 @@ pub(crate) struct MmaGemvPlan {
     warps: u32,
     /// The grid's segments, one per matmul, when the widths differ.
     segments: Vec<Segment>,
+    /// The k elements of each weight row a block prefetches into L2 before its
+    /// grid-dependency wait (`GemmTuning::prefetch`; `None`: no prefetch).
+    prefetch: Option<u64>,
     /// Whether a block lets the next kernel launch after its last weight loads
     /// (`GemmTuning::trigger`).
     trigger: bool,
@@ -149,6 +159,7 @@ pub(crate) fn plan(
         let n = g.shape(mm)[1].as_const()?;
         b.push((weight, permute, n));
     }
+    let widths: Vec<u64> = b.iter().map(|s| s.2).collect();
     let one_width = b.iter().all(|s| s.2 == b[0].2);
     let segments = if one_width {
         Vec::new()
@@ -161,7 +172,6 @@ pub(crate) fn plan(
         if !single {
             return None;
         }
-        let widths: Vec<u64> = b.iter().map(|s| s.2).collect();
         segments(&widths, COLUMNS)
     };
     let sets = if segments.is_empty() { b.len() } else { 1 } as u32;
@@ -172,7 +182,13 @@ pub(crate) fn plan(
     let unroll = options
         .gemm
         .mma_gemv_unroll
-        .min(MAX_WEIGHT_REGISTERS / (4 * sets))
+        .min(
+            if sets > 1 {
+                MAX_FUSED_WEIGHT_REGISTERS
+            } else {
+                MAX_WEIGHT_REGISTERS
+            } / (4 * sets),
+        )
         .min(chunks)
         .max(1);
     Some(MmaGemvPlan {
@@ -184,6 +200,7 @@ pub(crate) fn plan(
         unroll,
         warps,
         segments,
+        prefetch: super::gemv::prefetch_share(&options.gemm, &widths, k, dtype),
         trigger: options.gemm.trigger,
     })
 }
@@ -258,6 +275,42 @@ pub(crate) fn emit(
         ity,
         index(block * i32c(i64::from(COLUMNS))),
     );
+    // Before the grid-dependency wait (address arithmetic and prefetches only, so the
+    // previous kernel may still run): the four lanes `t = 0` of warp 0 ask L2 for the
+    // start of the block's eight weight rows (row `g` each; all of K while the weights fit
+    // the budget), which stream from HBM while the previous kernel finishes.
+    if let Some(len) = plan.prefetch {
+        let bytes = i32c((len * g.ty(plan.b[0].0).dtype.size_bytes() as u64) as i64);
+        let rows = |e: &mut Emitter<'_, '_>, these: &[usize]| -> Vec<Stmt> {
+            let row = add(col0.clone(), index(gid.clone()));
+            let prefetches = these
+                .iter()
+                .map(|&i| {
+                    let (weight, _, n) = plan.b[i];
+                    // Rows past N (clamped to N - 1 by the loads) are not asked for again.
+                    let fetch = Stmt::PrefetchL2 {
+                        buf: e.buffer(weight, kiln_kir::Access::Read),
+                        index: mul(row.clone(), e.ix(k)),
+                        bytes: bytes.clone(),
+                    };
+                    Stmt::if_then(lt(row.clone(), e.ix(n as i64)), vec![fetch])
+                })
+                .collect();
+            let lanes = Stmt::if_then(tig.clone().equals(i32c(0)), prefetches);
+            vec![Stmt::if_then(warp.clone().equals(i32c(0)), vec![lanes])]
+        };
+        match &segment {
+            Some(which) => {
+                let branches = (0..plan.b.len()).map(|i| rows(e, &[i])).collect();
+                body.extend(by_segment(which, branches));
+            }
+            None => {
+                let all: Vec<usize> = (0..plan.b.len()).collect();
+                body.extend(rows(e, &all));
+            }
+        }
+        body.push(Stmt::GridDependencyWait);
+    }
     // What runs before here stays outside the branch on a symbolic M below.
     let prelude = body.len();
     let column = |e: &mut Emitter<'_, '_>, out: &mut Vec<Stmt>, these: &[usize]| -> EResult<()> {
@@ -310,14 +363,15 @@ pub(crate) fn emit(
                     e.bind(out, "kj", ity, at)
                 })
                 .collect();
-            // Each chunk's loads: into f32 registers, zero outside K when guarded.
+            // Each chunk's loads: a 16-byte vector as four raw 32-bit registers (element
+            // pairs, already `Mma` operands), zero outside K when guarded.
             let load = |e: &mut Emitter<'_, '_>,
                         out: &mut Vec<Stmt>,
                         buf: kiln_kir::Buf,
                         at: Expr,
                         j: usize|
              -> Vec<VarId> {
-                let dsts: Vec<VarId> = (0..VECTOR).map(|_| e.var("v", Ty::F32)).collect();
+                let dsts: Vec<VarId> = (0..VECTOR / 2).map(|_| e.var("p", Ty::I32)).collect();
                 let stmt = Stmt::LoadVec {
                     dsts: dsts.clone(),
                     buf,
@@ -325,7 +379,7 @@ pub(crate) fn emit(
                 };
                 if guarded {
                     for &d in &dsts {
-                        out.push(Stmt::Assign(d, Expr::f32(0.0)));
+                        out.push(Stmt::Assign(d, Expr::i32(0)));
                     }
                     let inside = lt(offsets[j].clone(), e.ix(k));
                     out.push(Stmt::if_then(inside, vec![stmt]));
@@ -343,33 +397,17 @@ pub(crate) fn emit(
                         .collect()
                 })
                 .collect();
-            let pack = |e: &mut Emitter<'_, '_>, out: &mut Vec<Stmt>, v: &[VarId]| -> Vec<VarId> {
-                v.chunks(2)
-                    .map(|pair| {
-                        let dst = e.var("p", Ty::I32);
-                        out.push(Stmt::PackHalves {
-                            dst,
-                            input,
-                            lo: Expr::var(pair[0]),
-                            hi: Expr::var(pair[1]),
-                        });
-                        dst
-                    })
-                    .collect()
-            };
             for (j, vectors) in weights.iter().enumerate() {
                 // A rows g and g + 8 at this lane's 8 k, packed: registers 0, 1 are the
                 // first product's `a0/a2` (row g) and `a1/a3` (row g + 8) pairs, 2, 3 the
                 // second's.
                 let mut packed_a = Vec::new();
                 for at in &a_at {
-                    let x = load(e, out, a_buf, at.clone(), j);
-                    packed_a.push(pack(e, out, &x));
+                    packed_a.push(load(e, out, a_buf, at.clone(), j));
                 }
                 let hi = |i: usize| packed_a.get(1).map_or(zero_pack, |p| p[i]);
                 let lo = |i: usize| packed_a[0][i];
-                for (set, v) in vectors.iter().enumerate() {
-                    let w = pack(e, out, v);
+                for (set, w) in vectors.iter().enumerate() {
                     for half in 0..2 {
                         let c = acc[set];
                         out.push(Stmt::Mma {

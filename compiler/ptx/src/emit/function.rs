@@ -473,6 +473,20 @@ impl<'k, 'c> FunctionEmitter<'k, 'c> {
                 let value = self.expr(value)?;
                 self.store(*buf, index, value)?;
             }
+            Stmt::LoadVec { dsts, buf, index }
+                if dsts.first().is_some_and(|&d| {
+                    kiln_kir::loads_raw_pairs(
+                        self.dtype(*buf).unwrap_or(DType::F32),
+                        self.kernel.var_ty(d),
+                    )
+                }) =>
+            {
+                let dsts = dsts
+                    .iter()
+                    .map(|&v| self.var_reg(v))
+                    .collect::<Result<Vec<_>, _>>()?;
+                self.load_raw_pairs(&dsts, *buf, index)?;
+            }
             Stmt::LoadVec { dsts, buf, index } => {
                 let dsts = dsts
                     .iter()

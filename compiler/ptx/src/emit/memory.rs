@@ -276,6 +276,27 @@ impl FunctionEmitter<'_, '_> {
         self.unpack_elements(dtype, &words, dsts)
     }
 
+    /// `Stmt::LoadVec` of raw 16-bit element pairs into the 32-bit registers `dsts`
+    /// (`kiln_kir::loads_raw_pairs`): one `ld.b32` vector, no conversion.
+    pub(super) fn load_raw_pairs(
+        &mut self,
+        dsts: &[Reg],
+        buf: Buf,
+        index: &Expr,
+    ) -> Result<(), EmitError> {
+        if !matches!(dsts.len(), 1 | 2 | 4) {
+            return Err(self.error(format!("a vector of {} raw element pairs", dsts.len())));
+        }
+        let address = self.address(buf, index, 2, false)?;
+        let opcode = format!("ld.{}{}.b32", address.space, isa::vector_suffix(dsts.len()));
+        let list = match dsts {
+            [one] => one.to_string(),
+            _ => brace_list(dsts),
+        };
+        self.inst(&opcode, &[&list, &address.text]);
+        Ok(())
+    }
+
     /// `Stmt::LdMatrix`: `ldmatrix.sync.aligned.m8n8.xN[.trans].shared.b16`.
     pub(super) fn ldmatrix(
         &mut self,
