@@ -224,6 +224,55 @@ pub(super) fn prefetch_share(
     };
     (tuning.prefetch && share > 0).then_some(share)
 }
+/// Emits `column` once per matmul of a grid of segments (each in its own scope, the branch
+/// chosen by `segment`) or once over all of them, then marks the matmuls and their weight
+/// permutes `b` fused: the column loop the GEMV templates share.
+pub(crate) fn emit_columns(
+    e: &mut Emitter<'_, '_>,
+    body: &mut Vec<Stmt>,
+    segment: Option<&Expr>,
+    b: &[(Value, Value, u64)],
+    matmuls: &[Value],
+    mut column: impl FnMut(&mut Emitter<'_, '_>, &mut Vec<Stmt>, &[usize]) -> EResult<()>,
+) -> EResult<()> {
+    match segment {
+        Some(which) => {
+            let mut branches = Vec::new();
+            for i in 0..b.len() {
+                let mut branch = Vec::new();
+                e.push_scope();
+                column(e, &mut branch, &[i])?;
+                e.pop_scope();
+                branches.push(branch);
+            }
+            body.extend(by_segment(which, branches));
+        }
+        None => {
+            let all: Vec<usize> = (0..b.len()).collect();
+            column(e, body, &all)?;
+        }
+    }
+    for &m in matmuls {
+        e.fused.insert(m);
+    }
+    for &(_, permute, _) in b {
+        e.fused.insert(permute);
+    }
+    Ok(())
+}
+
+/// Puts the statements of `body` after `prelude` under `0 < m_size`: a symbolic row count of
+/// 0 reads no row.
+pub(crate) fn guard_rows(
+    e: &mut Emitter<'_, '_>,
+    body: &mut Vec<Stmt>,
+    prelude: usize,
+    m_size: Expr,
+) {
+    let zero = e.ix(0);
+    let rest = body.split_off(prelude);
+    body.push(Stmt::if_then(lt(zero, m_size), rest));
+}
 
 pub(crate) fn emit(
     e: &mut Emitter<'_, '_>,
@@ -539,34 +588,9 @@ pub(crate) fn emit(
         }
         Ok(())
     };
-    match &segment {
-        Some(which) => {
-            let mut branches = Vec::new();
-            for i in 0..plan.b.len() {
-                let mut branch = Vec::new();
-                e.push_scope();
-                column(e, &mut branch, &[i])?;
-                e.pop_scope();
-                branches.push(branch);
-            }
-            body.extend(by_segment(which, branches));
-        }
-        None => {
-            let all: Vec<usize> = (0..plan.b.len()).collect();
-            column(e, &mut body, &all)?;
-        }
-    }
-    for &m in &matmuls {
-        e.fused.insert(m);
-    }
-    for &(_, permute, _) in &plan.b {
-        e.fused.insert(permute);
-    }
+    emit_columns(e, &mut body, segment.as_ref(), &plan.b, &matmuls, column)?;
     if symbolic_rows {
-        // A symbolic M of 0 reads no row.
-        let zero = e.ix(0);
-        let rest = body.split_off(prelude);
-        body.push(Stmt::if_then(lt(zero, m_size), rest));
+        guard_rows(e, &mut body, prelude, m_size);
     }
     let mut what = kernel_name(&plan.name(), &matmuls, stores);
     if plan.writes.is_some() {

@@ -546,34 +546,10 @@ pub(crate) fn emit(
         out.push(Stmt::if_then(first_warp, gather));
         Ok(())
     };
-    match &segment {
-        Some(which) => {
-            let mut branches = Vec::new();
-            for i in 0..plan.b.len() {
-                let mut branch = Vec::new();
-                e.push_scope();
-                column(e, &mut branch, &[i])?;
-                e.pop_scope();
-                branches.push(branch);
-            }
-            body.extend(by_segment(which, branches));
-        }
-        None => {
-            let all: Vec<usize> = (0..plan.b.len()).collect();
-            column(e, &mut body, &all)?;
-        }
-    }
-    for &m in &matmuls {
-        e.fused.insert(m);
-    }
-    for &(_, permute, _) in &plan.b {
-        e.fused.insert(permute);
-    }
+    super::gemv::emit_columns(e, &mut body, segment.as_ref(), &plan.b, &matmuls, column)?;
     if symbolic_rows {
-        // A symbolic M of 0 reads no row (row M - 1 would be outside A).
-        let zero = e.ix(0);
-        let rest = body.split_off(prelude);
-        body.push(Stmt::if_then(lt(zero, m_size), rest));
+        // Row M - 1 would be outside A.
+        super::gemv::guard_rows(e, &mut body, prelude, m_size);
     }
     let what = kernel_name(&plan.name(), &matmuls, stores);
     let blocks = if segmented {
