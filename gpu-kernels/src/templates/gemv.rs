@@ -108,30 +108,7 @@ pub(crate) fn plan(
     if !matches!(dtype, DType::BF16 | DType::F16) {
         return None;
     }
-    let mut a_source = a;
-    while !e.is_loaded(a_source) {
-        let Some(Op::Reshape { .. }) = g.op(a_source) else {
-            return None;
-        };
-        a_source = g.inst(a_source)?.operands[0];
-    }
-    let k = g.shape(a).last()?.as_const()?;
-    if k == 0 || k % VECTOR != 0 {
-        return None;
-    }
-    let mut b = Vec::new();
-    for &mm in &group.roots {
-        let inst = g.inst(mm)?;
-        if inst.operands[0] != a {
-            return None;
-        }
-        let (permute, weight, _) = transposed_weight(e, inst.operands[1], false)?;
-        if g.ty(weight).dtype != dtype || g.shape(weight).len() != 2 {
-            return None;
-        }
-        let n = g.shape(mm)[1].as_const()?;
-        b.push((weight, permute, n));
-    }
+    let (a_source, k, b) = linear_operands(e, group, a)?;
     let one_width = b.iter().all(|s| s.2 == b[0].2);
     let segments = if one_width {
         Vec::new()
@@ -224,6 +201,47 @@ pub(super) fn prefetch_share(
     };
     (tuning.prefetch && share > 0).then_some(share)
 }
+/// A matmul's `[N, K]` weight, the permute that transposes it, and N.
+pub(crate) type WeightOperand = (Value, Value, u64);
+
+/// The operands of a group of `linear` matmuls sharing their A (bf16 or f16) that the GEMV
+/// templates take: A's stored source (through reshapes), K (a positive multiple of 8) and,
+/// per matmul, its `[N, K]` weight, the permute that transposes it and N. `None` where a
+/// matmul reads another A, a weight of another type or rank, or a symbolic size.
+pub(crate) fn linear_operands(
+    e: &Emitter<'_, '_>,
+    group: &Group,
+    a: Value,
+) -> Option<(Value, u64, Vec<WeightOperand>)> {
+    let g = e.g;
+    let dtype = g.ty(a).dtype;
+    let mut a_source = a;
+    while !e.is_loaded(a_source) {
+        let Some(Op::Reshape { .. }) = g.op(a_source) else {
+            return None;
+        };
+        a_source = g.inst(a_source)?.operands[0];
+    }
+    let k = g.shape(a).last()?.as_const()?;
+    if k == 0 || k % VECTOR != 0 {
+        return None;
+    }
+    let mut b = Vec::new();
+    for &mm in &group.roots {
+        let inst = g.inst(mm)?;
+        if inst.operands[0] != a {
+            return None;
+        }
+        let (permute, weight, _) = transposed_weight(e, inst.operands[1], false)?;
+        if g.ty(weight).dtype != dtype || g.shape(weight).len() != 2 {
+            return None;
+        }
+        let n = g.shape(mm)[1].as_const()?;
+        b.push((weight, permute, n));
+    }
+    Some((a_source, k, b))
+}
+
 /// Emits `column` once per matmul of a grid of segments (each in its own scope, the branch
 /// chosen by `segment`) or once over all of them, then marks the matmuls and their weight
 /// permutes `b` fused: the column loop the GEMV templates share.

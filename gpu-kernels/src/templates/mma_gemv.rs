@@ -49,13 +49,12 @@
 
 use super::matmul::{epilogue_lanes, kernel_name, OutputElement};
 use super::mma_gemm::{
-    and_mask, by_segment, i32c, matmuls_of, segment_of_block, segments, shr, transposed_weight,
-    Segment,
+    and_mask, by_segment, i32c, matmuls_of, segment_of_block, segments, shr, Segment,
 };
 use super::{Body, Variant};
 use crate::emit::{add, lt, min_e, mul, EResult, Emitter};
 use crate::partition::Group;
-use kiln_ir::{DType, Dim, Op, Value};
+use kiln_ir::{DType, Dim, Value};
 use kiln_kir::{Expr, MmaInput, SizeExpr, Special, Stmt, Ty, VarId};
 
 /// The most rows (M) the template takes: one m16 tile.
@@ -135,30 +134,7 @@ pub(crate) fn plan(
         DType::F16 => MmaInput::F16,
         _ => return None,
     };
-    let mut a_source = a;
-    while !e.is_loaded(a_source) {
-        let Some(Op::Reshape { .. }) = g.op(a_source) else {
-            return None;
-        };
-        a_source = g.inst(a_source)?.operands[0];
-    }
-    let k = g.shape(a).last()?.as_const()?;
-    if k == 0 || k % VECTOR != 0 {
-        return None;
-    }
-    let mut b = Vec::new();
-    for &mm in &group.roots {
-        let inst = g.inst(mm)?;
-        if inst.operands[0] != a {
-            return None;
-        }
-        let (permute, weight, _) = transposed_weight(e, inst.operands[1], false)?;
-        if g.ty(weight).dtype != dtype || g.shape(weight).len() != 2 {
-            return None;
-        }
-        let n = g.shape(mm)[1].as_const()?;
-        b.push((weight, permute, n));
-    }
+    let (a_source, k, b) = super::gemv::linear_operands(e, group, a)?;
     let widths: Vec<u64> = b.iter().map(|s| s.2).collect();
     let one_width = b.iter().all(|s| s.2 == b[0].2);
     let segments = if one_width {
