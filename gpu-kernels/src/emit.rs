@@ -197,13 +197,17 @@ impl<'a, 'f> Emitter<'a, 'f> {
         Buf::Shared(id)
     }
 
-    /// The buffer parameter of value `v`, declared on first use.
+    /// The buffer parameter of value `v`, declared on first use. A checkpoint tensor (a
+    /// `param`) that is read is [`Access::Constant`]: no kernel writes it, so its loads may
+    /// precede the grid-dependency wait.
     pub fn buffer(&mut self, v: Value, access: Access) -> Buf {
+        let access = match (access, self.g.op(v)) {
+            (Access::Read, Some(Op::Param { .. })) => Access::Constant,
+            _ => access,
+        };
         if let Some(&i) = self.buffer_params.get(&v) {
             if let Param::Buffer { access: a, .. } = &mut self.params[i as usize] {
-                if *a != access {
-                    *a = Access::ReadWrite;
-                }
+                *a = a.and(access);
             }
             return Buf::Global(i);
         }

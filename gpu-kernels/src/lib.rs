@@ -201,6 +201,17 @@ pub struct GemmTuning {
     /// GEMM (gate/up → down) could only start prefetching when the last block had exited.
     /// Off by default with `prefetch` (the decode step measured faster without both).
     pub trigger: bool,
+    /// Whether every kernel without a trigger of its own lets the next kernel launch right
+    /// after its grid-dependency wait (`griddepcontrol.launch_dependents`), so that the
+    /// next one's blocks load their constant weights (`preload`) while this one runs. After
+    /// the wait, not before it: a kernel launched early cannot let a third one launch
+    /// before it has started its own work.
+    pub early_trigger: bool,
+    /// Whether a GEMV block loads its first step of weights before its grid-dependency
+    /// wait (weights are checkpoint tensors, [`kiln_kir::Access::Constant`]): with
+    /// programmatic dependent launch those loads, and a norm prologue's statistic after the
+    /// wait, overlap the end of the kernel before it.
+    pub preload: bool,
     /// Whether matmuls of at most [`GEMV_ROWS`] rows (a constant, or a symbolic row count
     /// as a further run-time variant) of `linear` weights take the GEMV template
     /// (`templates/gemv.rs`: a warp a column, 16-byte weight loads, no split-K, no sum
@@ -265,6 +276,8 @@ impl Default for GemmTuning {
             prefetch: false,
             prefetch_mib: 0,
             trigger: false,
+            early_trigger: false,
+            preload: true,
             gemv: true,
             gemv_unroll: 8,
             wgmma: true,
@@ -281,7 +294,7 @@ impl GemmTuning {
     /// The knob names [`GemmTuning::set`] takes.
     pub const KEYS: &'static str =
         "segments, splits, rowsum, kvwrite, maxsplits, tile, warps, bk, stages, raster, dbuf, pairs, \
-         smem, prefetch, prefetch_mib, trigger, gemv, gemvunroll, normgemv, wgmma, mmagemv, \
+         smem, prefetch, prefetch_mib, trigger, early, preload, gemv, gemvunroll, normgemv, wgmma, mmagemv, \
          mmagemvunroll, mmagemvwarps, gemvkvwrite";
 
     /// Sets knob `key` (the `KILN_TUNE_GEMM` names, [`GemmTuning::KEYS`]) from `value`: a
@@ -315,6 +328,8 @@ impl GemmTuning {
             "prefetch" => self.prefetch = number()? != 0,
             "prefetch_mib" => self.prefetch_mib = number()?,
             "trigger" => self.trigger = number()? != 0,
+            "early" => self.early_trigger = number()? != 0,
+            "preload" => self.preload = number()? != 0,
             "gemv" => self.gemv = number()? != 0,
             "gemvunroll" => self.gemv_unroll = number()?.max(1),
             "wgmma" => self.wgmma = number()? != 0,

@@ -17,7 +17,9 @@ use crate::stats::KernelStats;
 use crate::templates::{self, Variant};
 use crate::Options;
 use kiln_ir::{Dim, Op, Tensor, Value};
-use kiln_kir::{Arg, BufferDecl, BufferId, BufferKind, Kernel, Plan, SizeExpr, Step, SymBinding};
+use kiln_kir::{
+    Arg, BufferDecl, BufferId, BufferKind, Kernel, Plan, SizeExpr, Step, Stmt, SymBinding,
+};
 use std::collections::{BTreeMap, BTreeSet};
 
 const ALIGN: u64 = 256;
@@ -473,6 +475,9 @@ impl<'a, 'f> PlanBuilder<'a, 'f> {
 
     /// The index of `kernel` in the package, reusing an identical one.
     fn intern(&mut self, mut kernel: Kernel, what: &str) -> usize {
+        if self.options.gemm.early_trigger {
+            trigger_after_wait(&mut kernel);
+        }
         for (i, k) in self.kernels.iter().enumerate() {
             kernel.name.clone_from(&k.name);
             if *k == kernel {
@@ -798,6 +803,37 @@ fn launched_kernels(steps: &[Step], out: &mut BTreeSet<usize>) {
                 launched_kernels(large, out);
             }
             Step::Copy { .. } => {}
+        }
+    }
+}
+
+/// Lets the kernel launched after `kernel` start once every block of `kernel` has passed its
+/// grid-dependency wait (`GemmTuning::early_trigger`), unless `kernel` triggers itself. The
+/// implicit wait at the start becomes an explicit one so that the trigger follows it.
+fn trigger_after_wait(kernel: &mut Kernel) {
+    fn triggers(stmts: &[Stmt]) -> bool {
+        stmts.iter().any(|s| match s {
+            Stmt::LaunchDependents => true,
+            Stmt::If {
+                then, otherwise, ..
+            } => triggers(then) || triggers(otherwise),
+            Stmt::For { body, .. } => triggers(body),
+            _ => false,
+        })
+    }
+    if triggers(&kernel.body) {
+        return;
+    }
+    match kernel
+        .body
+        .iter()
+        .position(|s| *s == Stmt::GridDependencyWait)
+    {
+        Some(wait) => kernel.body.insert(wait + 1, Stmt::LaunchDependents),
+        None => {
+            kernel
+                .body
+                .splice(0..0, [Stmt::GridDependencyWait, Stmt::LaunchDependents]);
         }
     }
 }

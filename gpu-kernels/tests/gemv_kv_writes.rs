@@ -69,7 +69,7 @@ fn same_bits(function: &str, t: usize) -> (Vec<String>, Vec<String>) {
         _ => 4,
     };
     inputs[at] = Tensor::from_ints(DType::I32, &[t], slots);
-    same_bits_with_and_without(&module, function, &inputs, t, options)
+    same_bits_with_and_without(&module, function, &inputs, &BTreeMap::new(), t, options)
 }
 
 #[test]

@@ -60,7 +60,7 @@ fn same_bits(function: &str, t: usize) -> (Vec<String>, Vec<String>) {
         .collect();
     let at = if function == "qkv" { 5 } else { 4 };
     inputs[at] = Tensor::from_ints(DType::I32, &[t], slots);
-    same_bits_with_and_without(&module, function, &inputs, t, options)
+    same_bits_with_and_without(&module, function, &inputs, &BTreeMap::new(), t, options)
 }
 
 #[test]
@@ -95,7 +95,8 @@ fn the_gemv_variant_writes_k_and_v_itself() {
             o.gemm.gemv = true;
             o
         };
-        let (with, without) = same_bits_with_and_without(&module, "qkv", &inputs, t, with_gemv);
+        let (with, without) =
+            same_bits_with_and_without(&module, "qkv", &inputs, &BTreeMap::new(), t, with_gemv);
         if t <= 4 {
             assert_eq!(with, without, "T={t}");
             assert_eq!(

@@ -61,7 +61,7 @@ fn same_bits(function: &str, t: usize) -> (Vec<String>, Vec<String>) {
     let func = module.function(function).unwrap();
     let symbols = BTreeMap::from([("T".to_string(), t)]);
     let inputs = inputs_for(func, &symbols, t, 23);
-    same_bits_with_and_without(&module, function, &inputs, t, options)
+    same_bits_with_and_without(&module, function, &inputs, &BTreeMap::new(), t, options)
 }
 
 #[test]

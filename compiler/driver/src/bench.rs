@@ -296,13 +296,15 @@ const TUNE_PAGED: &str = "KILN_TUNE_PAGED";
 /// kernel of a split-K q/k/v grid stores k and v straight into the paged caches, no
 /// `kv_write` kernel; default 0) and `maxsplits=N` (the most blocks a decode GEMM's k slices
 /// are split over; default 0, the template's 8), `prefetch=0|1` (each decode GEMM block
-/// asks L2 for its weight slice before its grid-dependency wait; default 1), `prefetch_mib=N`
+/// asks L2 for its weight slice before its grid-dependency wait; default 0), `prefetch_mib=N`
 /// (the most weight MiB a decode GEMM prefetches; default 0, the template's 24),
 /// `trigger=0|1` (a decode GEMM block lets the next kernel launch after its main loop;
-/// default 1), `gemv=0|1` (matmuls of at most 4 rows of a `linear` weight take the GEMV
+/// default 0), `early=0|1` (every other kernel lets the next launch right after its
+/// grid-dependency wait; default 0), `preload=0|1` (a GEMV block loads its first weights
+/// before its grid-dependency wait; default 1), `gemv=0|1` (matmuls of at most 4 rows of a `linear` weight take the GEMV
 /// template, a warp a column, no split-K; default 1), `gemvunroll=N` (16-byte weight vectors
 /// a lane loads together per step; default 8), `normgemv=0|1` (a GEMV whose A is an
-/// RMSNorm's rows, read by GEMVs only, computes the norm itself, no norm kernel; default 1),
+/// RMSNorm's rows, read by GEMVs only, computes the norm itself, no norm kernel; default 0),
 /// `mmagemv=0|1` (matmuls of 5 to 16 rows of a `linear` weight take the tensor-core GEMV,
 /// m16n8k16 products on weights loaded straight into registers, no split-K across blocks;
 /// default 0), `mmagemvunroll=N` (32-wide k chunks a warp of it loads together per step;
@@ -433,7 +435,7 @@ pub(crate) fn apply_tuning(options: &mut CompileOptions) -> Result<()> {
     if !gemm_items.is_empty() {
         eprintln!(
             "kiln bench: {TUNE_GEMM}: segments {}, splits {}, rowsum {}, kvwrite {}, maxsplits {}, \
-             prefetch {}, prefetch_mib {}, trigger {}, gemv {}, gemvunroll {}, normgemv {}, \
+             prefetch {}, prefetch_mib {}, trigger {}, early {}, preload {}, gemv {}, gemvunroll {}, normgemv {}, \
              mmagemv {}, mmagemvunroll {}, mmagemvwarps {}, gemvkvwrite {}, \
              tile {}x{}, warps {}x{}, bk {}, stages {}, raster {}, dbuf {}, pairs {}, smem {} KiB \
              (0: the table's)",
@@ -445,6 +447,8 @@ pub(crate) fn apply_tuning(options: &mut CompileOptions) -> Result<()> {
             u8::from(gemm.prefetch),
             gemm.prefetch_mib,
             u8::from(gemm.trigger),
+            u8::from(gemm.early_trigger),
+            u8::from(gemm.preload),
             u8::from(gemm.gemv),
             gemm.gemv_unroll,
             u8::from(gemm.norm_prologue),

@@ -72,8 +72,9 @@
 //! Programmatic dependent launch (sm_90 and later; elsewhere these are no-ops):
 //! - A kernel waits for the kernel launched before it to finish (and its writes to become
 //!   visible) before its first statement, or, when its body holds a top-level
-//!   `GridDependencyWait`, there. The statements before that marker may touch no memory:
-//!   they are address arithmetic (`Assign`s without `Load`s, `If` and `For` of such) and
+//!   `GridDependencyWait`, there. The statements before that marker may touch no memory
+//!   that a kernel writes: they are address arithmetic, loads of [`Access::Constant`]
+//!   buffers (`Assign`s and `LoadVec`s that load nothing else, `If` and `For` of such) and
 //!   `PrefetchL2` hints, so they may run while the previous kernel still runs.
 //! - `PrefetchL2` asks L2 to fetch `bytes` bytes of a global buffer from element `index`:
 //!   only a hint (L2 is the coherence point, so a later load after the wait still sees
@@ -462,6 +463,31 @@ pub enum Access {
     Read,
     Write,
     ReadWrite,
+    /// Read only, and written by no kernel of the program (a checkpoint tensor): its loads
+    /// may precede the `GridDependencyWait`, since the kernel still running before this
+    /// one cannot be writing it.
+    Constant,
+}
+
+impl Access {
+    /// Whether the kernel may read the buffer.
+    pub fn reads(self) -> bool {
+        !matches!(self, Access::Write)
+    }
+
+    /// Whether the kernel may write the buffer.
+    pub fn writes(self) -> bool {
+        matches!(self, Access::Write | Access::ReadWrite)
+    }
+
+    /// The access of a buffer used both as `self` and as `other` by one kernel.
+    pub fn and(self, other: Access) -> Access {
+        match (self, other) {
+            _ if self == other => self,
+            (Access::Read | Access::Constant, Access::Read | Access::Constant) => Access::Read,
+            _ => Access::ReadWrite,
+        }
+    }
 }
 
 /// A kernel parameter.

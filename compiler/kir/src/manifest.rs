@@ -5,7 +5,7 @@
 //! target plus the PTX for JIT, made by `fatbinary`), `kernels.<sm>.ptx` for each target,
 //! and `ptxas.<sm>.log`.
 
-use crate::kernel::{Access, Kernel, Param, SizeExpr, Ty};
+use crate::kernel::{Kernel, Param, SizeExpr, Ty};
 use crate::plan::Plan;
 use kiln_ir::DType;
 use serde::{Deserialize, Serialize};
@@ -55,7 +55,7 @@ impl KernelInfo {
                     } => ParamLayout::Buffer {
                         name: name.clone(),
                         dtype: *dtype,
-                        writes: *access != Access::Read,
+                        writes: access.writes(),
                     },
                     Param::Scalar { name, ty } => ParamLayout::Scalar {
                         name: name.clone(),

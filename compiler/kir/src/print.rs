@@ -109,6 +109,7 @@ fn access_name(access: Access) -> &'static str {
         Access::Read => "read",
         Access::Write => "write",
         Access::ReadWrite => "read_write",
+        Access::Constant => "constant",
     }
 }
 

@@ -51,9 +51,10 @@
 //!     dtype; both indices are `I32`/`I64`; `src_len` is `I32`.
 //! 22. `PrefetchL2`: a readable global buffer, an `I32`/`I64` index, `bytes` `I32`;
 //! 23. `GridDependencyWait`: at most one, at the top level of the body; every statement
-//!     before it is an `Assign` whose value loads nothing, a `PrefetchL2` whose operands
-//!     load nothing, or an `If` / `For` whose condition or bounds load nothing and whose
-//!     statements follow the same rule (no memory is touched before the wait).
+//!     before it is an `Assign` whose value loads nothing, a `LoadVec` of a constant
+//!     buffer, a `PrefetchL2`, or an `If` / `For`, whose operands, condition or bounds load
+//!     nothing but constant buffers, and whose statements follow the same rule (no memory
+//!     that a kernel writes is touched before the wait).
 //! 24. `Wgmma`: collectives only under block-uniform control flow in a block of whole
 //!     warpgroups (`block_dim` a multiple of 128); an `Mma` of f16 or bf16 inputs, `n` a
 //!     multiple of 8 in 8..=256, `n / 2` distinct `F32` registers `d`, both operands in
@@ -124,31 +125,39 @@ pub fn verify_kernel(kernel: &Kernel) -> Result<(), KirError> {
     checker.check_wait_placement()
 }
 
-/// Whether `expr` reads memory.
-fn loads(expr: &Expr) -> bool {
+/// Whether `expr` reads memory that is not [`Access::Constant`] (`constant` says which
+/// buffers are).
+fn loads(expr: &Expr, constant: &dyn Fn(Buf) -> bool) -> bool {
+    let loads = |e: &Expr| loads(e, constant);
     match expr {
         Expr::Const(_) | Expr::Param(_) | Expr::Special(_) | Expr::Var(_) => false,
         Expr::Unary(_, a) | Expr::Cast(_, a) => loads(a),
         Expr::Binary(_, a, b) => loads(a) || loads(b),
         Expr::Fma(a, b, c) | Expr::Select(a, b, c) => loads(a) || loads(b) || loads(c),
-        Expr::Load { .. } => true,
+        Expr::Load { buf, index } => !constant(*buf) || loads(index),
     }
 }
 
 /// The first statement of `stmts` (nested ones included) that may not run before the
 /// grid-dependency wait (rule 23), with its path below `path`.
-fn before_wait_violation<'s>(stmts: &'s [Stmt], path: &str) -> Option<(String, &'s Stmt)> {
+fn before_wait_violation<'s>(
+    stmts: &'s [Stmt],
+    path: &str,
+    constant: &dyn Fn(Buf) -> bool,
+) -> Option<(String, &'s Stmt)> {
+    let loads = |e: &Expr| loads(e, constant);
     for (i, stmt) in stmts.iter().enumerate() {
         let here = format!("{path}[{i}]");
         let found = match stmt {
             Stmt::Assign(_, value) if !loads(value) => None,
+            Stmt::LoadVec { buf, index, .. } if constant(*buf) && !loads(index) => None,
             Stmt::PrefetchL2 { index, bytes, .. } if !loads(index) && !loads(bytes) => None,
             Stmt::If {
                 cond,
                 then,
                 otherwise,
-            } if !loads(cond) => before_wait_violation(then, &format!("{here}.then"))
-                .or_else(|| before_wait_violation(otherwise, &format!("{here}.else"))),
+            } if !loads(cond) => before_wait_violation(then, &format!("{here}.then"), constant)
+                .or_else(|| before_wait_violation(otherwise, &format!("{here}.else"), constant)),
             Stmt::For {
                 start,
                 end,
@@ -156,7 +165,7 @@ fn before_wait_violation<'s>(stmts: &'s [Stmt], path: &str) -> Option<(String, &
                 body,
                 ..
             } if !loads(start) && !loads(end) && !loads(step) => {
-                before_wait_violation(body, &format!("{here}.body"))
+                before_wait_violation(body, &format!("{here}.body"), constant)
             }
             _ => Some((here, stmt)),
         };
@@ -658,10 +667,21 @@ impl Checker<'_> {
             ));
         }
         if let Some(&wait) = top.first() {
-            if let Some((path, stmt)) = before_wait_violation(&body[..wait], "body") {
+            let params = &self.kernel.params;
+            let constant = |buf: Buf| match buf {
+                Buf::Global(i) => matches!(
+                    params.get(i as usize),
+                    Some(Param::Buffer {
+                        access: Access::Constant,
+                        ..
+                    })
+                ),
+                Buf::Shared(_) => false,
+            };
+            if let Some((path, stmt)) = before_wait_violation(&body[..wait], "body", &constant) {
                 return Err(self.error(
                     &site(path, stmt),
-                    "touches memory before the grid-dependency wait (only address arithmetic and L2 prefetches may)",
+                    "touches memory before the grid-dependency wait (only address arithmetic, loads of constant buffers and L2 prefetches may)",
                 ));
             }
         }
@@ -705,8 +725,8 @@ impl Checker<'_> {
                     access,
                 }) => {
                     let allowed = match usage {
-                        Use::Read => matches!(access, Access::Read | Access::ReadWrite),
-                        Use::Write => matches!(access, Access::Write | Access::ReadWrite),
+                        Use::Read => access.reads(),
+                        Use::Write => access.writes(),
                     };
                     if !allowed {
                         let verb = match usage {

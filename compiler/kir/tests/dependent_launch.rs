@@ -65,17 +65,20 @@ fn the_statements_print() {
     }
 }
 
-/// A kernel of 32 threads over `x: f32[n]` (read), `out: f32` (write), `tile: f32[32]`
-/// (shared) and registers `a: i32`, `f: f32`, `b: i64`.
+/// A kernel of 32 threads over `x: f32[n]` (read), `out: f32` (write), `w: f32[n]`
+/// (constant), `tile: f32[32]` (shared) and registers `a: i32`, `f: f32`, `b: i64`,
+/// `v0..v3: f32`.
 fn kernel_with(body: impl FnOnce(&Regs) -> Vec<Stmt>) -> Kernel {
     let mut k = KernelBuilder::new("k", 32);
     let regs = Regs {
         x: k.buffer("x", DType::F32, Access::Read),
         out: k.buffer("out", DType::F32, Access::Write),
+        w: k.buffer("w", DType::F32, Access::Constant),
         tile: k.shared("tile", DType::F32, 32),
         a: k.var("a", Ty::I32),
         f: k.var("f", Ty::F32),
         b: k.var("b", Ty::I64),
+        v: (0..4).map(|i| k.var(format!("v{i}"), Ty::F32)).collect(),
     };
     let body = body(&regs);
     k.finish(body)
@@ -84,10 +87,12 @@ fn kernel_with(body: impl FnOnce(&Regs) -> Vec<Stmt>) -> Kernel {
 struct Regs {
     x: kiln_kir::Buf,
     out: kiln_kir::Buf,
+    w: kiln_kir::Buf,
     tile: kiln_kir::Buf,
     a: kiln_kir::VarId,
     f: kiln_kir::VarId,
     b: kiln_kir::VarId,
+    v: Vec<kiln_kir::VarId>,
 }
 
 fn prefetch(r: &Regs, index: Expr, bytes: Expr) -> Stmt {
@@ -181,6 +186,40 @@ fn only_address_arithmetic_and_prefetches_run_before_the_wait() {
         }),
         "below the top level",
     );
+    // Loads of a constant buffer (a checkpoint tensor no kernel writes) may precede it,
+    // also inside branches and loops; their indices may load only constant buffers too.
+    let constant = kernel_with(|r| {
+        vec![
+            Stmt::LoadVec {
+                dsts: r.v.clone(),
+                buf: r.w,
+                index: Expr::thread_idx() * Expr::i32(4),
+            },
+            Stmt::if_then(
+                Expr::load(r.w, Expr::i32(0)).lt(Expr::f32(1.0)),
+                vec![Stmt::assign(r.f, Expr::load(r.w, Expr::i32(4)))],
+            ),
+            Stmt::GridDependencyWait,
+            copy(r),
+        ]
+    });
+    verify_kernel(&constant).unwrap();
+    rejects(
+        &before(|r| Stmt::LoadVec {
+            dsts: r.v.clone(),
+            buf: r.x,
+            index: Expr::i32(0),
+        }),
+        "loads of constant buffers",
+    );
+    rejects(
+        &before(|r| Stmt::LoadVec {
+            dsts: r.v.clone(),
+            buf: r.w,
+            index: Expr::load(r.x, Expr::i32(0)).cast(Ty::I32),
+        }),
+        "touches memory before",
+    );
     // After the wait (or without one) anything goes, prefetches included.
     let after = kernel_with(|r| vec![copy(r), prefetch(r, Expr::i32(4), Expr::i32(32))]);
     verify_kernel(&after).unwrap();
@@ -233,6 +272,7 @@ fn run_prefetch(index: i32, bytes: i32) -> Result<(), String> {
     let buffers = [
         Tensor::zeros(DType::F32, &[40]),
         Tensor::zeros(DType::F32, &[1]),
+        Tensor::zeros(DType::F32, &[8]),
     ];
     run(&kernel, [1, 1, 1], &buffers, &[])
         .map(|_| ())

@@ -67,6 +67,10 @@ pub(crate) struct GemvPlan {
     /// Whether a block lets the next kernel launch after its last weight loads
     /// (`GemmTuning::trigger`).
     trigger: bool,
+    /// Whether a block loads its first step of weights before the grid-dependency wait
+    /// (`GemmTuning::preload`, where every weight is a checkpoint tensor, which no kernel
+    /// writes; only where K holds a whole step).
+    preload: bool,
     /// The row kernel whose normalized rows (A) the block computes itself into shared
     /// memory (`super::NormPrologues`).
     norm: Option<super::norm_gemv::NormPrologue>,
@@ -76,6 +80,24 @@ pub(crate) struct GemvPlan {
 
 /// Elements of a 16-byte vector.
 const VECTOR: u64 = 8;
+
+/// What the loop over K of a warp's matmuls needs: the columns, and per stream (a matmul's
+/// column, or one of a rotary pair's two) its weight row and buffer.
+struct Columns {
+    /// N of the matmuls.
+    n: i64,
+    /// The warp's output columns (one, or a rotary pair's two).
+    cols: Vec<Expr>,
+    w_rows: Vec<Expr>,
+    w_bufs: Vec<kiln_kir::Buf>,
+    /// 16-byte weight vectors a lane loads per step.
+    unroll: i64,
+    /// The lane's first element of a step.
+    lane_k: Expr,
+    /// Per vector of the first step and stream, the registers holding its weights, when
+    /// they were loaded before the grid-dependency wait.
+    first: Option<Vec<Vec<Vec<VarId>>>>,
+}
 
 /// The plan for `group` when the GEMV applies in `variant`: `linear` matmuls of bf16 or f16
 /// operands of one dtype, `[M, K] @ [N, K].T` without batch dims, A read straight from a
@@ -137,6 +159,9 @@ pub(crate) fn plan(
         .max(1);
     let widths: Vec<u64> = b.iter().map(|s| s.2).collect();
     let prefetch = prefetch_share(&options.gemm, &widths, k, dtype);
+    let preload = options.gemm.preload
+        && b.iter()
+            .all(|w| matches!(g.op(w.0), Some(Op::Param { .. })));
     Some(GemvPlan {
         a_source,
         b,
@@ -146,6 +171,7 @@ pub(crate) fn plan(
         segments,
         prefetch,
         trigger: options.gemm.trigger,
+        preload,
         norm: None,
         writes: None,
     })
@@ -376,19 +402,11 @@ pub(crate) fn emit(
                 body.extend(rows(e, &all));
             }
         }
-        body.push(Stmt::GridDependencyWait);
     }
-    // What runs before the wait stays outside the branch on a symbolic M below.
-    let prelude = body.len();
-    // A: the stored rows, or the rows of a norm the block computes into shared memory.
-    let a_buf = match &plan.norm {
-        Some(norm) => {
-            super::norm_gemv::emit(e, &mut body, norm, plan.rows, &m_size, symbolic_rows)?
-        }
-        None => e.buffer(plan.a_source, kiln_kir::Access::Read),
-    };
-    // The matmuls of this block (all, or one segment's), their column and loop.
-    let column = |e: &mut Emitter<'_, '_>, out: &mut Vec<Stmt>, these: &[usize]| -> EResult<()> {
+    // The warp's columns, weight rows and unroll for the matmuls `these` (all, or one
+    // segment's).
+    let vector = VECTOR as i64;
+    let setup = |e: &mut Emitter<'_, '_>, out: &mut Vec<Stmt>, these: &[usize]| {
         let n = plan.b[these[0]].2 as i64;
         // The dot products of the warp: each matmul's at `col`, or a rotary pair's two.
         let cols = warp_columns(e, out, these[0]);
@@ -408,12 +426,100 @@ pub(crate) fn emit(
             .iter()
             .map(|&(i, _)| e.buffer(plan.b[i].0, kiln_kir::Access::Read))
             .collect();
-        let rows = plan.rows as usize;
         let per_step = VECTOR as u32 * streams.len() as u32;
         let unroll = plan.unroll.min(MAX_WEIGHT_REGISTERS / per_step).max(1);
+        let lane_k = e.bind(out, "lane_k", ity, index(lane.clone() * i32c(vector)));
+        Columns {
+            n,
+            cols,
+            w_rows,
+            w_bufs,
+            unroll: i64::from(unroll),
+            lane_k,
+            first: None,
+        }
+    };
+    // Before the wait, where K holds a whole step: the first step's weight vectors, into
+    // one set of registers that every segment shares (so that the branches leave no more
+    // registers live than one of them).
+    let mut ready: Vec<Option<Columns>> = (0..plan.b.len()).map(|_| None).collect();
+    let preload = plan.preload && (k / (32 * vector * i64::from(plan.unroll))) > 0;
+    if preload {
+        let pool: Vec<VarId> = (0..MAX_WEIGHT_REGISTERS)
+            .map(|_| e.var("w", Ty::F32))
+            .collect();
+        let mut load_first = |e: &mut Emitter<'_, '_>, these: &[usize]| -> Vec<Stmt> {
+            let mut out = Vec::new();
+            let mut columns = setup(e, &mut out, these);
+            if k / (32 * vector * columns.unroll) > 0 {
+                let mut regs = pool.chunks(VECTOR as usize);
+                let first: Vec<Vec<Vec<VarId>>> = (0..columns.unroll)
+                    .map(|u| {
+                        let at = add(columns.lane_k.clone(), e.ix(u * 32 * vector));
+                        let at = e.bind(&mut out, "k0", ity, at);
+                        columns
+                            .w_bufs
+                            .iter()
+                            .zip(&columns.w_rows)
+                            .map(|(&buf, row)| {
+                                let dsts = regs.next().expect("the unroll fits the pool").to_vec();
+                                out.push(Stmt::LoadVec {
+                                    dsts: dsts.clone(),
+                                    buf,
+                                    index: add(row.clone(), at.clone()),
+                                });
+                                dsts
+                            })
+                            .collect()
+                    })
+                    .collect();
+                columns.first = Some(first);
+            }
+            ready[these[0]] = Some(columns);
+            out
+        };
+        match &segment {
+            Some(which) => {
+                let branches = (0..plan.b.len()).map(|i| load_first(e, &[i])).collect();
+                body.extend(by_segment(which, branches));
+            }
+            None => {
+                let all: Vec<usize> = (0..plan.b.len()).collect();
+                body.extend(load_first(e, &all));
+            }
+        }
+    }
+    if plan.prefetch.is_some() || preload {
+        body.push(Stmt::GridDependencyWait);
+    }
+    // What runs before the wait stays outside the branch on a symbolic M below.
+    let prelude = body.len();
+    // A: the stored rows, or the rows of a norm the block computes into shared memory.
+    let a_buf = match &plan.norm {
+        Some(norm) => {
+            super::norm_gemv::emit(e, &mut body, norm, plan.rows, &m_size, symbolic_rows)?
+        }
+        None => e.buffer(plan.a_source, kiln_kir::Access::Read),
+    };
+    // The matmuls of this block (all, or one segment's), their column and loop.
+    let column = |e: &mut Emitter<'_, '_>, out: &mut Vec<Stmt>, these: &[usize]| -> EResult<()> {
+        let columns = match ready[these[0]].take() {
+            Some(columns) => columns,
+            None => setup(e, out, these),
+        };
+        let Columns {
+            n,
+            cols,
+            w_rows,
+            w_bufs,
+            unroll,
+            lane_k,
+            first,
+        } = columns;
+        let rows = plan.rows as usize;
         // Two accumulators a row (even and odd vectors): two dependent chains of FMAs.
         let chains = if unroll > 1 { 2 } else { 1 };
-        let acc: Vec<Vec<Vec<VarId>>> = streams
+        let acc: Vec<Vec<Vec<VarId>>> = w_rows
             .iter()
             .map(|_| {
                 (0..rows)
@@ -424,15 +530,15 @@ pub(crate) fn emit(
         for &a in acc.iter().flatten().flatten() {
             out.push(Stmt::Assign(a, Expr::f32(0.0)));
         }
-        let vector = VECTOR as i64;
-        let unroll = i64::from(unroll);
         let step = 32 * vector * unroll;
-        // The vectors at `k0 + u * 32 * 8` (u in `vectors`), each under `ok(u)` if given.
+        // The vectors at `k0 + u * 32 * 8` (u in `vectors`), each under `ok(u)` if given;
+        // with `loaded`, the weight vectors already in those registers.
         let fold = |e: &mut Emitter<'_, '_>,
                     out: &mut Vec<Stmt>,
                     k0: Expr,
                     vectors: i64,
-                    ok: &dyn Fn(i64) -> Option<Expr>| {
+                    ok: &dyn Fn(i64) -> Option<Expr>,
+                    loaded: Option<&Vec<Vec<Vec<VarId>>>>| {
             let k0 = e.bind(out, "k0", ity, k0);
             let offsets: Vec<Expr> = (0..vectors)
                 .map(|u| add(k0.clone(), e.ix(u * 32 * vector)))
@@ -440,7 +546,13 @@ pub(crate) fn emit(
             let offset = |u: i64| offsets[u as usize].clone();
             let mut weights = Vec::new();
             let mut guarded: Vec<Vec<Stmt>> = (0..vectors).map(|_| Vec::new()).collect();
+            if let Some(loaded) = loaded {
+                weights.clone_from(loaded);
+            }
             for u in 0..vectors {
+                if loaded.is_some() {
+                    break;
+                }
                 let regs: Vec<Vec<VarId>> = w_bufs
                     .iter()
                     .map(|_| (0..vector).map(|_| e.var("w", Ty::F32)).collect())
@@ -500,10 +612,15 @@ pub(crate) fn emit(
                 }
             }
         };
-        // Whole steps, then the tail of `tail` vectors over the lanes.
-        let lane_k = e.bind(out, "lane_k", ity, index(lane.clone() * i32c(vector)));
+        // Whole steps (the first from the registers loaded before the wait), then the tail
+        // of `tail` vectors over the lanes.
         let full = k / step;
-        if full > 0 {
+        let mut start = 0;
+        if let Some(first) = &first {
+            fold(e, out, lane_k.clone(), unroll, &|_| None, Some(first));
+            start = step;
+        }
+        if full * step > start {
             let s = e.var("kstep", ity);
             let mut inner = Vec::new();
             fold(
@@ -512,10 +629,11 @@ pub(crate) fn emit(
                 add(Expr::var(s), lane_k.clone()),
                 unroll,
                 &|_| None,
+                None,
             );
             out.push(Stmt::For {
                 var: s,
-                start: e.ix(0),
+                start: e.ix(start),
                 end: e.ix(full * step),
                 step: e.ix(step),
                 body: inner,
@@ -525,9 +643,14 @@ pub(crate) fn emit(
         if tail > 0 {
             let k0 = add(e.ix(full * step), lane_k.clone());
             let lane_e = lane.clone();
-            fold(e, out, k0, (tail + 31) / 32, &|u| {
-                Some(lt(lane_e.clone() + i32c(u * 32), i32c(tail)))
-            });
+            fold(
+                e,
+                out,
+                k0,
+                (tail + 31) / 32,
+                &|u| Some(lt(lane_e.clone() + i32c(u * 32), i32c(tail))),
+                None,
+            );
         }
         // Every weight load is issued: the next kernel may launch (and prefetch).
         if plan.trigger {

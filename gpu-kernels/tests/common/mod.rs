@@ -57,7 +57,7 @@ impl Machine<'_> {
                     for (p, a) in k.params.iter().zip(args) {
                         match (p, a) {
                             (Param::Buffer { access, .. }, Arg::Buffer(b)) => {
-                                let writes = *access != kiln_kir::Access::Read;
+                                let writes = access.writes();
                                 bufs.push((*b, self.bytes(*b).to_vec(), writes));
                             }
                             (Param::Scalar { .. }, Arg::Sym(s)) => {
@@ -271,6 +271,27 @@ pub fn inputs_for(
         .collect()
 }
 
+/// Random values for every checkpoint tensor (`param`) `func` reads, by name (seeded).
+pub fn weights_for(func: &Function, seed: u64) -> BTreeMap<String, Tensor> {
+    let mut rng = Rng(seed);
+    let mut weights = BTreeMap::new();
+    for (name, ty) in func.checkpoint_params() {
+        let shape: Vec<usize> = ty
+            .shape
+            .dims()
+            .iter()
+            .map(|d| d.as_const().expect("a constant param shape") as usize)
+            .collect();
+        let count: usize = shape.iter().product();
+        let values = (0..count).map(|_| rng.next() as f32).collect();
+        weights.insert(
+            name.to_string(),
+            Tensor::from_floats(ty.dtype, &shape, values),
+        );
+    }
+    weights
+}
+
 /// The relative error of `got` against `want`: max |a - b| / max |b| (NaN where exactly one
 /// side is NaN).
 pub fn rel_err(got: &Tensor, want: &Tensor) -> f64 {
@@ -300,6 +321,20 @@ pub fn lower(
 ) -> Module {
     let lowered =
         kiln_tests::compile_source(name, source, dir, config).unwrap_or_else(|d| panic!("{d}"));
+    let mut module = lowered.module;
+    kiln_opt::optimize(&mut module).unwrap_or_else(|e| panic!("{e}"));
+    module
+}
+
+/// [`lower`] for a program whose `param`s (declared without a dtype) are bf16 checkpoint
+/// tensors, as a model's are when compiled for bf16.
+pub fn lower_with(name: &str, source: &str) -> Module {
+    let options = kiln_lower::Options {
+        param_dtype: DType::BF16,
+        entries: None,
+    };
+    let lowered = kiln_tests::compile_source_with(name, source, None, None, &options)
+        .unwrap_or_else(|d| panic!("{d}"));
     let mut module = lowered.module;
     kiln_opt::optimize(&mut module).unwrap_or_else(|e| panic!("{e}"));
     module
@@ -587,15 +622,15 @@ pub fn same_bits_with_and_without(
     module: &Module,
     function: &str,
     inputs: &[Tensor],
+    weights: &BTreeMap<String, Tensor>,
     t: usize,
     options: impl Fn(bool) -> Options,
 ) -> (Vec<String>, Vec<String>) {
-    let weights = BTreeMap::new();
     let mut results: Vec<(String, Vec<Tensor>)> = Vec::new();
     let mut names = Vec::new();
     for on in [true, false] {
-        let compiled = check(module, function, inputs, &weights, &options(on));
-        let got = run_plan(&compiled.kernels, &compiled.plan, inputs, &weights).unwrap();
+        let compiled = check(module, function, inputs, weights, &options(on));
+        let got = run_plan(&compiled.kernels, &compiled.plan, inputs, weights).unwrap();
         results.push((format!("switch {on}, kir interpreter"), got));
         let cpu = kiln_cpu::CpuExecutor::new(&compiled.kernels).unwrap_or_else(|e| panic!("{e}"));
         let got = cpu

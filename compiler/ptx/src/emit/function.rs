@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 
 use kiln_ir::DType;
 use kiln_kir::print::Names;
-use kiln_kir::{Access, Buf, Const, Expr, Kernel, Param, SharedLayout, Special, Stmt, Ty, VarId};
+use kiln_kir::{Buf, Const, Expr, Kernel, Param, SharedLayout, Special, Stmt, Ty, VarId};
 
 use super::features::Feature;
 use super::isa::{self, BinaryLowering, CastLowering, UnaryLowering};
@@ -928,7 +928,7 @@ impl<'k, 'c> FunctionEmitter<'k, 'c> {
             Buf::Global(index) => match self.kernel.params.get(index as usize) {
                 Some(Param::Buffer { access, .. }) => Ok(Place::Global {
                     pointer: self.params[index as usize],
-                    read_only: *access == Access::Read,
+                    read_only: !access.writes(),
                 }),
                 _ => Err(self.error(format!("parameter {index} is not a buffer"))),
             },
