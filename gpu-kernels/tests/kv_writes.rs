@@ -43,24 +43,61 @@ fn options(kv_writes: bool) -> Options {
     }
 }
 
+/// The caches' slots: 6 blocks of 4.
+const SLOTS: i64 = 24;
+
+/// The slots of `t` tokens: padding (-1) for two tokens in seven, the rest scattered over
+/// the caches' blocks and offsets, each slot taken once: a token whose slot an earlier one
+/// took is padding too. Two tokens writing one slot would race: the blocks of a `kv_write`
+/// kernel run in no set order (on a GPU, and on the CPU backend's worker threads), so which
+/// token's row a shared slot keeps depends on timing, and the runs of one plan differ.
+fn slots(t: usize) -> Vec<i64> {
+    let mut taken = [false; SLOTS as usize];
+    (0..t as i64)
+        .map(|i| match i % 7 {
+            2 | 5 => -1,
+            _ => {
+                let slot = (i * 5 + 3) % SLOTS;
+                if std::mem::replace(&mut taken[slot as usize], true) {
+                    -1
+                } else {
+                    slot
+                }
+            }
+        })
+        .collect()
+}
+
 /// Runs `function` at `t` tokens with and without the fused writes on the kir interpreter
 /// (against the graph interpreter) and on Cranelift; asserts the four results are the same
-/// bits and returns the launches of both plans. Slots: padding (-1), the rest scattered
-/// over the cache's blocks and offsets.
+/// bits and returns the launches of both plans. Slots: [`slots`].
 fn same_bits(function: &str, t: usize) -> (Vec<String>, Vec<String>) {
     let module = lower("kv_writes.kiln", SRC, None, None);
     let func = module.function(function).unwrap();
     let symbols = BTreeMap::from([("T".to_string(), t)]);
     let mut inputs = inputs_for(func, &symbols, t, 17);
-    let slots: Vec<i64> = (0..t as i64)
-        .map(|i| match i % 7 {
-            2 | 5 => -1,
-            _ => (i * 5 + 3) % 24,
-        })
-        .collect();
+    let slots = slots(t);
     let at = if function == "qkv" { 5 } else { 4 };
     inputs[at] = Tensor::from_ints(DType::I32, &[t], slots);
     same_bits_with_and_without(&module, function, &inputs, &BTreeMap::new(), t, options)
+}
+
+#[test]
+fn no_two_tokens_write_one_slot() {
+    // The bits compared across plans and backends are defined only when every slot is
+    // written at most once (see `slots`); 40 tokens outnumber the 24 slots.
+    for t in [1, 3, 7, 16, 24, 25, 40, 64] {
+        let slots = slots(t);
+        let written: Vec<i64> = slots.iter().copied().filter(|&s| s >= 0).collect();
+        let distinct: std::collections::BTreeSet<i64> = written.iter().copied().collect();
+        assert_eq!(distinct.len(), written.len(), "T={t}: {slots:?}");
+        assert!(written.iter().all(|&s| s < SLOTS), "T={t}: {slots:?}");
+        // Up to one token a slot, only the two tokens in seven are padding.
+        if t <= SLOTS as usize {
+            let tokens = (0..t).filter(|i| !matches!(i % 7, 2 | 5)).count();
+            assert_eq!(written.len(), tokens, "T={t}: {slots:?}");
+        }
+    }
 }
 
 #[test]
