@@ -139,7 +139,11 @@ fn run(
         }
         same_bits(got, want, &format!("{what} against {first}"));
     }
-    same_bits(&results[2].1, &results[1].1, "the second Cranelift run of the fused path");
+    same_bits(
+        &results[2].1,
+        &results[1].1,
+        "the second Cranelift run of the fused path",
+    );
     let off = names.pop().unwrap();
     (names.pop().unwrap(), off)
 }
@@ -207,7 +211,11 @@ fn the_1b_llama_decode_step_launches_16_kernels_fewer() {
     // The long-context variant merges in its last block too.
     let sizes = [("T", 1), ("B", 1), ("MB", 40), ("NB", 64)];
     let (long, _) = llama_step_launches(&module, &options(true), &sizes);
-    assert_eq!(count(&long, "paged_attention_partial_merge"), 16, "{long:?}");
+    assert_eq!(
+        count(&long, "paged_attention_partial_merge"),
+        16,
+        "{long:?}"
+    );
     assert_eq!(count(&long, "paged_attention_merge"), 0, "{long:?}");
     let fused: Vec<_> = kernels
         .iter()
@@ -245,7 +253,12 @@ fn fused_merge_kernels_assemble_for_every_target_without_spills() {
         )
         .unwrap_or_else(|e| panic!("{e}"));
         assert!(ptx.contains("atom.global.add.u32"), "{}", kernel.name);
-        assert_eq!(ptx.matches("fence.acq_rel.gpu;").count(), 2, "{}", kernel.name);
+        assert_eq!(
+            ptx.matches("fence.acq_rel.gpu;").count(),
+            2,
+            "{}",
+            kernel.name
+        );
     }
     let Some(toolchain) = common::toolchain() else {
         return;

@@ -28,7 +28,8 @@ use crate::fission::{BlockItem, Fission, Segment};
 use crate::helpers::{Helper, HelperType};
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::{
-    types, AbiParam, AtomicRmwOp, Block, BlockArg, Endianness, FuncRef, InstBuilder, MemFlagsData, Type, Value,
+    types, AbiParam, AtomicRmwOp, Block, BlockArg, Endianness, FuncRef, InstBuilder, MemFlagsData,
+    Type, Value,
 };
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext, Variable};
 use cranelift_jit::{JITBuilder, JITModule};

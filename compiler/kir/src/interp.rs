@@ -656,7 +656,11 @@ impl Interpreter<'_, '_> {
                     let add = self.eval(value, t).map_err(|m| fail(self, t, m))?;
                     let old = self.read(*buf, i).map_err(|m| fail(self, t, m))?;
                     let (Const::I32(a), Const::I32(b)) = (old, add) else {
-                        return Err(fail(self, t, format!("an atomic add of {add:?} to {old:?}")));
+                        return Err(fail(
+                            self,
+                            t,
+                            format!("an atomic add of {add:?} to {old:?}"),
+                        ));
                     };
                     self.write(*buf, i, Const::I32(a.wrapping_add(b)))
                         .map_err(|m| fail(self, t, m))?;

@@ -542,10 +542,9 @@ impl Checker<'_> {
                 self.memory_dtype(*buf, Use::Read, site)?;
                 let dtype = self.memory_dtype(*buf, Use::Write, site)?;
                 if dtype != DType::I32 {
-                    return Err(self.error(
-                        site,
-                        format!("an atomic add to {dtype} elements, not i32"),
-                    ));
+                    return Err(
+                        self.error(site, format!("an atomic add to {dtype} elements, not i32"))
+                    );
                 }
                 self.check_index(index, site)?;
                 let ty = self.expr_ty(value, site)?;
@@ -556,7 +555,10 @@ impl Checker<'_> {
                 if ty != Ty::I32 {
                     return Err(self.error(
                         site,
-                        format!("atomic destination {} is {ty}, not i32", self.names.var(*dst)),
+                        format!(
+                            "atomic destination {} is {ty}, not i32",
+                            self.names.var(*dst)
+                        ),
                     ));
                 }
             }

@@ -1361,8 +1361,8 @@ fn last_block_merge(
         let head = kvh.clone() * e.ix(group as i64) + gi;
         let head = e.bind(&mut item_body, "head", ity, head);
         // As the merge kernel's thread c of block (token, head).
-        let row = (token.clone() * heads.clone() + head.clone()) * parts.clone()
-            * e.ix(d as i64 + 2);
+        let row =
+            (token.clone() * heads.clone() + head.clone()) * parts.clone() * e.ix(d as i64 + 2);
         let row = e.bind(&mut item_body, "first", ity, row);
         item_body.push(Stmt::Assign(most, f(f32::NEG_INFINITY)));
         let pv = e.var("p", ity);
