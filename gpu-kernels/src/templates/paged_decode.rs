@@ -7,8 +7,10 @@
 //! their loads issued together. The block's warps are merged through shared memory
 //! into one partial result per query head (running max, sum and weighted values) in an f32
 //! workspace; a second kernel merges the partitions of each (token, head) in order and
-//! stores the output. Keys are read through the block table; a token with a negative
-//! sequence (padding) gets zeros.
+//! stores the output. By default (`PagedTuning::fused_merge`) there is no second kernel:
+//! the block that finishes last among a (token, key/value head)'s partitions, found with an
+//! atomic counter, merges them the same way ([`last_block_merge`]). Keys are read through
+//! the block table; a token with a negative sequence (padding) gets zeros.
 //!
 //! Short block tables (the variant of at most `PagedTuning::short_context` positions) take
 //! one pass instead (`PagedTuning::one_pass`, [`PagedShape::one_pass`]): one block per
