@@ -47,6 +47,9 @@ pub(crate) enum ParamArg {
     /// The split-K workspace of another group, the GEMM group `n` whose partial sums this
     /// kernel adds itself ([`SplitSum`]).
     GroupWorkspace(usize),
+    /// `I32` counters that are zero before each launch (`BufferKind::Zeroed`), at least
+    /// this many; the plan gives every kernel asking for the same count the same buffer.
+    Counters(SizeExpr),
 }
 
 /// The split-K partial sums of a GEMM group that the kernel being built adds itself in
@@ -237,6 +240,19 @@ impl<'a, 'f> Emitter<'a, 'f> {
             access,
         });
         self.args.push(ParamArg::Workspace(slot));
+        Buf::Global(i)
+    }
+
+    /// The buffer parameter of `count` zeroed `I32` counters ([`ParamArg::Counters`]); the
+    /// kernel leaves every counter it changes at zero when its launch ends.
+    pub fn counters(&mut self, count: SizeExpr) -> Buf {
+        let i = self.params.len() as u32;
+        self.params.push(Param::Buffer {
+            name: format!("counters{i}"),
+            dtype: DType::I32,
+            access: Access::ReadWrite,
+        });
+        self.args.push(ParamArg::Counters(count));
         Buf::Global(i)
     }
 

@@ -479,6 +479,17 @@ pub struct PagedTuning {
     /// (Nsight Compute; 8 blocks at one token), and the step 1.54-1.60 ms against 1.51
     /// without it (`KILN_TUNE_PAGED=onepass=16`; `onepass=8` 1.52).
     pub one_pass: u32,
+    /// Whether the partial kernel merges the partitions itself (`KILN_TUNE_PAGED=
+    /// fusedmerge=0|1`): each block stores its partition's state, then one thread makes the
+    /// block's stores visible at GPU scope and counts the block in a per-(token, key/value
+    /// head) counter (`BufferKind::Zeroed`) with an atomic add; the block that arrives last
+    /// reads every partition's state, merges them as the merge kernel does (same order,
+    /// same operations: the same bits) and stores the output, then sets the counter back
+    /// to zero for the next launch. One launch a layer fewer (16 in the 1.1B decode step,
+    /// whose merge kernels took 4.2 µs a layer on the H100, mostly fixed cost); the last
+    /// block reads only the partition states, (D + 2) floats a partition and query head.
+    /// Default on; off: the separate merge kernel.
+    pub fused_merge: bool,
 }
 
 impl Default for PagedTuning {
@@ -495,6 +506,7 @@ impl Default for PagedTuning {
             lanes: 16,
             mma_warps: 1,
             one_pass: 0,
+            fused_merge: true,
         }
     }
 }

@@ -16,7 +16,7 @@ use crate::partition::{Item, Partition};
 use crate::stats::KernelStats;
 use crate::templates::{self, Variant};
 use crate::Options;
-use kiln_ir::{Dim, Op, Tensor, Value};
+use kiln_ir::{DType, Dim, Op, Tensor, Value};
 use kiln_kir::{
     Arg, BufferDecl, BufferId, BufferKind, Kernel, Plan, SizeExpr, Step, Stmt, SymBinding,
 };
@@ -46,6 +46,9 @@ pub(crate) struct PlanBuilder<'a, 'f> {
     kv_writes: templates::KvWrites,
     /// The split-K workspace of each such GEMM group, once launched.
     group_workspaces: BTreeMap<usize, BufferId>,
+    /// The zeroed counter buffers by element count (every launch leaves them zero, so the
+    /// kernels asking for one count share it: the layers' paged attention).
+    counters: Vec<(SizeExpr, BufferId)>,
 }
 
 impl<'a, 'f> PlanBuilder<'a, 'f> {
@@ -78,7 +81,25 @@ impl<'a, 'f> PlanBuilder<'a, 'f> {
             row_sums,
             kv_writes,
             group_workspaces: BTreeMap::new(),
+            counters: Vec::new(),
         }
+    }
+
+    /// The `BufferKind::Zeroed` buffer of `count` `I32` counters (declared on first use).
+    fn counters(&mut self, count: &SizeExpr) -> BufferId {
+        if let Some((_, id)) = self.counters.iter().find(|(c, _)| c == count) {
+            return *id;
+        }
+        let id = BufferId(self.buffers.len() as u32);
+        self.buffers.push(BufferDecl {
+            id,
+            dtype: DType::I32,
+            shape: vec![count.clone()],
+            kind: BufferKind::Zeroed,
+            offset: None,
+        });
+        self.counters.push((count.clone(), id));
+        id
     }
 
     fn shape_of(&self, v: Value) -> Vec<SizeExpr> {
@@ -395,6 +416,7 @@ impl<'a, 'f> PlanBuilder<'a, 'f> {
                         })
                     }
                 },
+                ParamArg::Counters(count) => (self.counters(count), None),
                 ParamArg::Sym(s) => {
                     args.push(Arg::Sym(s.clone()));
                     continue;

@@ -197,6 +197,7 @@ fn the_switch_restores_the_partial_and_merge_kernels() {
     let options = Options {
         paged: PagedTuning {
             one_pass: 0,
+            fused_merge: false,
             ..PagedTuning::default()
         },
         ..Options::default()
@@ -209,9 +210,12 @@ fn the_switch_restores_the_partial_and_merge_kernels() {
     }
 }
 
+/// The one-pass kernel of `one_pass` warps (0: off) against the partial and merge kernels
+/// (the partial kernel's own merge, `PagedTuning::fused_merge`, off).
 fn switched(one_pass: u32) -> Options {
     let mut options = Options::default();
     options.paged.one_pass = one_pass;
+    options.paged.fused_merge = false;
     options
 }
 

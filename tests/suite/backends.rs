@@ -818,8 +818,8 @@ fn check_paged_attention(backend: Backend) {
     let (short_part, short_context) = (defaults.short_part, defaults.short_context);
     // (part, unroll, warps, short_part, short_context, tile, stages, tensor-core warps);
     // tile 0 is the register design. Short tables (the 320 positions here, at most
-    // `short_context`) take the one-pass kernel of `one_pass` warps (0, the default: partial
-    // and merge).
+    // `short_context`) take the one-pass kernel of `one_pass` warps (0, the default: the
+    // partial kernel, whose last block of a token and head group merges).
     let one_pass = 16;
     let settings = [
         (128, 8, 4, short_part, short_context, 0, 0, 0, one_pass),
@@ -857,6 +857,14 @@ fn check_paged_attention(backend: Backend) {
         };
         check_paged_attention_with(backend, &fusion);
     }
+    // The separate merge kernel (`PagedTuning::fused_merge` off; on by default: the
+    // partial kernel's last block of a token and head group merges).
+    fusion.paged = kiln_gpu_kernels::PagedTuning {
+        one_pass: 0,
+        fused_merge: false,
+        ..defaults
+    };
+    check_paged_attention_with(backend, &fusion);
 }
 
 fn check_paged_attention_with(backend: Backend, fusion: &kiln_gpu_kernels::Options) {

@@ -28,7 +28,8 @@ use crate::fission::{BlockItem, Fission, Segment};
 use crate::helpers::{Helper, HelperType};
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::{
-    types, AbiParam, Block, BlockArg, Endianness, FuncRef, InstBuilder, MemFlagsData, Type, Value,
+    types, AbiParam, AtomicRmwOp, Block, BlockArg, Endianness, FuncRef, InstBuilder, MemFlagsData,
+    Type, Value,
 };
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext, Variable};
 use cranelift_jit::{JITBuilder, JITModule};
@@ -902,6 +903,35 @@ impl Emitter<'_, '_> {
             Stmt::Wgmma(_) => return Err(self.invalid("wgmma has no CPU lowering")),
             // Kernels run one after another, and the CPU has no L2 to hint.
             Stmt::GridDependencyWait | Stmt::PrefetchL2 { .. } | Stmt::LaunchDependents => {}
+            // Blocks run on several OS threads at once: a real (sequentially consistent)
+            // read-modify-write, whose release/acquire ordering covers the stores before it.
+            // The element is 4-byte aligned: buffers come from the allocator (16-byte
+            // aligned) and the index is of `I32` elements.
+            Stmt::AtomicAdd {
+                dst,
+                buf,
+                index,
+                value,
+            } => {
+                let operand = self.operand(*buf)?;
+                if operand.dtype != DType::I32 {
+                    return Err(self.invalid("an atomic add to a buffer that is not i32"));
+                }
+                let at = self.checked_index(lane, &operand, index, 1)?;
+                let address = self.element_address(&operand, at);
+                let (add, _) = self.expr(lane, value)?;
+                let old = self.builder.ins().atomic_rmw(
+                    types::I32,
+                    MemFlagsData::trusted().with_endianness(Endianness::Little),
+                    AtomicRmwOp::Add,
+                    address,
+                    add,
+                );
+                self.builder.def_var(self.vars[dst.0 as usize], old);
+            }
+            Stmt::Fence => {
+                self.builder.ins().fence();
+            }
             Stmt::Barrier | Stmt::ShuffleXor { .. } | Stmt::Mma { .. } | Stmt::LdMatrix { .. } => {
                 return Err(self.invalid(
                     "a barrier or warp collective under thread-dependent control flow \

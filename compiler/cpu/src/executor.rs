@@ -321,7 +321,12 @@ impl<'p> PlanRun<'p> {
                     storage[root].copy_from_slice(bytes);
                     continue;
                 }
-                BufferKind::Output(_) | BufferKind::Temp | BufferKind::View(_) => continue,
+                // Zeroed buffers start zeroed like every allocation here (a run allocates
+                // its buffers afresh; the launches of one run share them).
+                BufferKind::Output(_)
+                | BufferKind::Temp
+                | BufferKind::Zeroed
+                | BufferKind::View(_) => continue,
             };
             if tensor.dtype != info.dtype || tensor.shape != info.shape {
                 return Err(setup_error(format!(

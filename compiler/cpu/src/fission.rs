@@ -114,6 +114,8 @@ pub(crate) fn synchronises(stmt: &Stmt) -> bool {
         | Stmt::GridDependencyWait
         | Stmt::PrefetchL2 { .. }
         | Stmt::LaunchDependents
+        | Stmt::AtomicAdd { .. }
+        | Stmt::Fence
         | Stmt::Wgmma(_) => false,
     }
 }
@@ -173,6 +175,8 @@ fn split(stmts: &[Stmt]) -> Vec<BlockItem<'_>> {
             | Stmt::GridDependencyWait
             | Stmt::PrefetchL2 { .. }
             | Stmt::LaunchDependents
+            | Stmt::AtomicAdd { .. }
+            | Stmt::Fence
             | Stmt::Wgmma(_) => {
                 unreachable!("only synchronising statements end a run")
             }
@@ -336,7 +340,16 @@ pub(crate) fn stmt_vars(stmt: &Stmt, touched: &mut BTreeSet<VarId>, written: &mu
         | Stmt::CpAsyncWait(_)
         | Stmt::GridDependencyWait
         | Stmt::PrefetchL2 { .. }
+        | Stmt::Fence
         | Stmt::LaunchDependents => {}
+        Stmt::AtomicAdd {
+            dst, index, value, ..
+        } => {
+            written.insert(*dst);
+            touched.insert(*dst);
+            expr_vars(index, touched);
+            expr_vars(value, touched);
+        }
         // Rejected before lowering (`codegen::compile`).
         Stmt::Wgmma(_) => {}
         Stmt::ShuffleXor { dst, src, .. } => {

@@ -463,3 +463,41 @@ fn prefetching_copy_runs_its_prefetches_and_launch_control_as_no_ops() {
         }
     }
 }
+
+#[test]
+fn atomic_adds_are_atomic_across_blocks_running_at_once() {
+    // Many blocks on several threads at once: every count seen once, the last block's total
+    // (partials added in block order) the interpreter's bits, the counter back at zero.
+    let blocks = 257usize;
+    let mut rng = Rng::new(29);
+    let x = random_buffer(&mut rng, DType::F32, blocks * 32);
+    let args = [
+        Arg::Buffer(x),
+        Arg::Buffer(vec![0; blocks * 4]),
+        Arg::Buffer(vec![0; 4]),
+        Arg::Buffer(vec![0; blocks * 4]),
+        Arg::Buffer(vec![0; 4]),
+        Arg::Scalar(Const::I64(blocks as i64)),
+    ];
+    let grid = [blocks as u64, 1, 1];
+    let kernel = examples::last_block_total(true);
+    let want = common::run_interpreter(&kernel, grid, &args);
+    let ints = |bytes: &[u8]| -> Vec<i32> {
+        bytes
+            .chunks(4)
+            .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    };
+    for _ in 0..4 {
+        let got = common::run_native(&kernel, grid, &args).expect("runs");
+        assert_eq!(got[1], want[1], "partials");
+        assert_eq!(ints(&got[2]), vec![0], "the counter is reset");
+        let mut arrivals = ints(&got[3]);
+        arrivals.sort_unstable();
+        assert_eq!(arrivals, (0..blocks as i32).collect::<Vec<_>>());
+        assert_eq!(got[4], want[4], "the last block's total");
+    }
+    let kernel = examples::last_block_total(false);
+    let got = common::run_native(&kernel, grid, &args).expect("runs");
+    assert_eq!(ints(&got[2]), vec![blocks as i32], "without the reset");
+}

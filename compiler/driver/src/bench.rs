@@ -284,7 +284,8 @@ const TUNE_POINTWISE: &str = "KILN_TUNE_POINTWISE";
 /// `lanes=N` (lanes splitting a key's head dim in it), `mma=N` (warps of the tensor-core
 /// staged design, `mma.sync` scores and weighted values; 0: the CUDA-core one), `onepass=N`
 /// (warps of the short-context variant's one-pass kernel, no merge kernel; 0: the partial
-/// and merge kernels of `short_part` partitions); defaults in
+/// and merge kernels of `short_part` partitions), `fusedmerge=0|1` (the partial kernel's
+/// last block of a token and head group merges the partitions, no merge kernel); defaults in
 /// [`kiln_gpu_kernels::PagedTuning`]. Example: `KILN_TUNE_PAGED=tile=32,stages=2,part=256`.
 const TUNE_PAGED: &str = "KILN_TUNE_PAGED";
 
@@ -402,9 +403,10 @@ pub(crate) fn apply_tuning(options: &mut CompileOptions) -> Result<()> {
             "blocks" => paged.blocks_per_sm = u32::try_from(n.min(32)).unwrap_or(32),
             "mma" => paged.mma_warps = u32::try_from(raw.min(32)).unwrap_or(32),
             "onepass" => paged.one_pass = u32::try_from(raw.min(32)).unwrap_or(32),
+            "fusedmerge" => paged.fused_merge = raw != 0,
             _ => bail!(
                 "{TUNE_PAGED}: unknown key `{key}` (part, unroll, warps, short_part, \
-                 short_context, tile, stages, blocks, lanes, mma, onepass)"
+                 short_context, tile, stages, blocks, lanes, mma, onepass, fusedmerge)"
             ),
         }
     }
@@ -412,7 +414,7 @@ pub(crate) fn apply_tuning(options: &mut CompileOptions) -> Result<()> {
         eprintln!(
             "kiln bench: {TUNE_PAGED}: part {}, unroll {}, warps {}, short_part {} up to {} keys, \
              tile {} ({} stages, {} blocks an SM, {} lanes a key, {} tensor-core warps), \
-             one-pass short kernel of {} warps",
+             one-pass short kernel of {} warps, fused merge {}",
             paged.part,
             paged.unroll,
             paged.warps,
@@ -423,7 +425,8 @@ pub(crate) fn apply_tuning(options: &mut CompileOptions) -> Result<()> {
             paged.blocks_per_sm,
             paged.lanes,
             paged.mma_warps,
-            paged.one_pass
+            paged.one_pass,
+            paged.fused_merge
         );
     }
     let gemm_items = tuning_pairs(TUNE_GEMM)?;

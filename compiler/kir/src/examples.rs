@@ -634,6 +634,97 @@ pub fn prefetch_copy(dtype: DType) -> Kernel {
     ])
 }
 
+/// The "last block" pattern (`AtomicAdd`, `Fence`): block b of 32 threads stores the sum
+/// of its 32 elements of `x` as `partial[b]` (thread 0, in order), counts itself in
+/// `counter[0]` (thread 0: `Fence`, `AtomicAdd`, `Fence`), records the count it saw in
+/// `arrival[b]` and tells its threads through shared memory across a barrier whether it
+/// came last; the last block's thread 0 adds the partials in block order into `out[0]` and
+/// sets the counter back to zero (unless `reset` is false).
+///
+/// Parameters: `x` (f32 read), `partial` (f32 read-write), `counter` (i32 read-write, one
+/// element, zero before the launch), `arrival` (i32 write), `out` (f32 write, one
+/// element); `n: i64` blocks. Grid: `n` blocks of 32 threads.
+pub fn last_block_total(reset: bool) -> Kernel {
+    let mut k = KernelBuilder::new("last_block_total", 32);
+    k.grid(grid_x(SizeExpr::Sym("n".to_string())));
+    let x = k.buffer("x", DType::F32, Access::Read);
+    let partial = k.buffer("partial", DType::F32, Access::ReadWrite);
+    let counter = k.buffer("counter", DType::I32, Access::ReadWrite);
+    let arrival = k.buffer("arrival", DType::I32, Access::Write);
+    let out = k.buffer("out", DType::F32, Access::Write);
+    let n = k.scalar("n", Ty::I64);
+    let last = k.shared("last", DType::I32, 1);
+    let (sum, i, old) = (
+        k.var("sum", Ty::F32),
+        k.var("i", Ty::I64),
+        k.var("old", Ty::I32),
+    );
+    let block = Expr::block_idx(0).cast(Ty::I64);
+    let thread0 = Expr::thread_idx().equals(Expr::i32(0));
+    let mut total = vec![Stmt::assign(sum, Expr::f32(0.0))];
+    total.push(Stmt::for_range(
+        i,
+        Expr::i64(0),
+        n.clone(),
+        Expr::i64(1),
+        vec![Stmt::assign(
+            sum,
+            Expr::var(sum) + Expr::load(partial, Expr::var(i)),
+        )],
+    ));
+    total.push(Stmt::store(out, Expr::i64(0), Expr::var(sum)));
+    if reset {
+        total.push(Stmt::store(counter, Expr::i64(0), Expr::i32(0)));
+    }
+    k.finish(vec![
+        Stmt::if_then(
+            thread0.clone(),
+            vec![
+                Stmt::assign(sum, Expr::f32(0.0)),
+                Stmt::for_range(
+                    i,
+                    Expr::i64(0),
+                    Expr::i64(32),
+                    Expr::i64(1),
+                    vec![Stmt::assign(
+                        sum,
+                        Expr::var(sum)
+                            + Expr::load(x, block.clone() * Expr::i64(32) + Expr::var(i)),
+                    )],
+                ),
+                Stmt::store(partial, block.clone(), Expr::var(sum)),
+            ],
+        ),
+        Stmt::Barrier,
+        Stmt::if_then(
+            thread0.clone(),
+            vec![
+                Stmt::Fence,
+                Stmt::AtomicAdd {
+                    dst: old,
+                    buf: counter,
+                    index: Expr::i64(0),
+                    value: Expr::i32(1),
+                },
+                Stmt::Fence,
+                Stmt::store(arrival, block, Expr::var(old)),
+                Stmt::store(
+                    last,
+                    Expr::i32(0),
+                    Expr::var(old)
+                        .equals((n - Expr::i64(1)).cast(Ty::I32))
+                        .cast(Ty::I32),
+                ),
+            ],
+        ),
+        Stmt::Barrier,
+        Stmt::if_then(
+            Expr::load(last, Expr::i32(0)).equals(Expr::i32(1)),
+            vec![Stmt::if_then(thread0, total)],
+        ),
+    ])
+}
+
 /// Hopper's warpgroup product ([`crate::wgmma`]): one warpgroup copies a 64 × 64 A and an
 /// `n` × 64 B (both K-major, `[rows, 64]` row-major in memory) into 128-byte swizzled shared
 /// tiles with `cp.async`, fences the async proxy (unless `fence` is false: a kernel the

@@ -642,7 +642,31 @@ impl Interpreter<'_, '_> {
                     self.copies[t].open.push(copy);
                 }
             }
-            Stmt::GridDependencyWait | Stmt::LaunchDependents => {}
+            Stmt::GridDependencyWait | Stmt::LaunchDependents | Stmt::Fence => {}
+            Stmt::AtomicAdd {
+                dst,
+                buf,
+                index,
+                value,
+            } => {
+                // Blocks run one after another and the active threads in order: each
+                // add sees every add before it.
+                for t in Self::active(mask) {
+                    let i = self.eval_index(index, t).map_err(|m| fail(self, t, m))?;
+                    let add = self.eval(value, t).map_err(|m| fail(self, t, m))?;
+                    let old = self.read(*buf, i).map_err(|m| fail(self, t, m))?;
+                    let (Const::I32(a), Const::I32(b)) = (old, add) else {
+                        return Err(fail(
+                            self,
+                            t,
+                            format!("an atomic add of {add:?} to {old:?}"),
+                        ));
+                    };
+                    self.write(*buf, i, Const::I32(a.wrapping_add(b)))
+                        .map_err(|m| fail(self, t, m))?;
+                    self.set_register(t, *dst, old);
+                }
+            }
             Stmt::Wgmma(op) => self.run_wgmma(stmt, op, mask, path)?,
             Stmt::PrefetchL2 { buf, index, bytes } => {
                 for t in Self::active(mask) {

@@ -84,6 +84,16 @@
 //! - `LaunchDependents` lets the kernel launched after this one start once every block
 //!   has executed it or exited (by default, once every block has exited): that kernel
 //!   still waits for this one's completion at its own wait, so it changes timing only.
+//!
+//! Communication between the blocks of one launch (a "last block" reduction):
+//! - `AtomicAdd` adds an `I32` value to an element of an `I32` global buffer and gives the
+//!   thread the element's value before the add: one indivisible read-modify-write at GPU
+//!   scope (relaxed: it orders nothing else), whatever other blocks do at the same time.
+//! - `Fence` (per thread, at GPU scope, acquire and release) orders the thread's memory
+//!   operations before it against those after it for every block: a block that stores,
+//!   has its threads meet at a `Barrier`, and lets one thread execute `Fence` then
+//!   `AtomicAdd` publishes its stores to the block whose `AtomicAdd` reads that add's
+//!   result and which then executes `Fence` (and a `Barrier` before its other threads read).
 
 use kiln_ir::DType;
 use std::fmt;
@@ -455,6 +465,16 @@ pub enum Stmt {
     LaunchDependents,
     /// A warpgroup matrix-multiply statement (sm_90a; [`crate::wgmma`]).
     Wgmma(crate::wgmma::WgmmaOp),
+    /// `dst` (`I32`) = element `index` of the `I32` global buffer `buf`, which gets `value`
+    /// (`I32`) added in the same indivisible step (module documentation; per thread).
+    AtomicAdd {
+        dst: VarId,
+        buf: Buf,
+        index: Expr,
+        value: Expr,
+    },
+    /// A GPU-scope acquire-release fence (module documentation; per thread).
+    Fence,
 }
 
 /// How a kernel may touch a global buffer.

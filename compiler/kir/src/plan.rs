@@ -27,6 +27,12 @@ pub enum BufferKind {
     Constant(Vec<u8>),
     /// An intermediate, placed in the arena at `offset` bytes (see [`Plan::arena_bytes`]).
     Temp,
+    /// Counters (`I32`) that are zero before every launch that uses them: an executor zeroes
+    /// the buffer when it allocates it and keeps it between runs (never in the arena);
+    /// every kernel that changes an element sets it back to zero before the launch ends
+    /// (paged attention's partition counters: the last block of a (token, head group)
+    /// merges, then resets its counter).
+    Zeroed,
     /// The same memory as another buffer (a reshape of a contiguous tensor).
     View(BufferId),
 }

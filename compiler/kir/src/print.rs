@@ -379,6 +379,19 @@ impl<'k> Names<'k> {
                 self.expr(bytes)
             ),
             Stmt::LaunchDependents => "launch_dependents".to_string(),
+            Stmt::AtomicAdd {
+                dst,
+                buf,
+                index,
+                value,
+            } => format!(
+                "{} = atomic_add({}[{}], {})",
+                self.var(*dst),
+                self.buf(*buf),
+                self.expr(index),
+                self.expr(value)
+            ),
+            Stmt::Fence => "fence_gpu".to_string(),
             Stmt::Wgmma(op) => self.wgmma(op),
         }
     }
@@ -479,6 +492,7 @@ fn write_buffer_decl(f: &mut fmt::Formatter<'_>, decl: &BufferDecl) -> fmt::Resu
         BufferKind::Weight(name) => write!(f, "weight {name:?}")?,
         BufferKind::Constant(bytes) => write!(f, "constant ({} bytes)", bytes.len())?,
         BufferKind::Temp => write!(f, "temp")?,
+        BufferKind::Zeroed => write!(f, "zeroed")?,
         BufferKind::View(of) => write!(f, "view of b{}", of.0)?,
     }
     if let Some(offset) = &decl.offset {

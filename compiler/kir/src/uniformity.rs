@@ -56,6 +56,10 @@ fn collect_stored_globals(stmts: &[Stmt], out: &mut BTreeSet<u32>) {
                 buf: Buf::Global(index),
                 ..
             }
+            | Stmt::AtomicAdd {
+                buf: Buf::Global(index),
+                ..
+            }
             | Stmt::StoreVec {
                 buf: Buf::Global(index),
                 ..
@@ -209,7 +213,10 @@ impl Uniformity {
                 | Stmt::CpAsyncWait(_)
                 | Stmt::GridDependencyWait
                 | Stmt::PrefetchL2 { .. }
+                | Stmt::Fence
                 | Stmt::LaunchDependents => {}
+                // Each thread's add returns another value.
+                Stmt::AtomicAdd { dst, .. } => self.mark_non_uniform(*dst, changed),
             }
         }
     }

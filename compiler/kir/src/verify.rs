@@ -539,9 +539,42 @@ impl Checker<'_> {
                     return Err(self.error(site, format!("the L2 prefetch size is {ty}, not i32")));
                 }
             }
+            Stmt::AtomicAdd {
+                dst,
+                buf,
+                index,
+                value,
+            } => {
+                let Buf::Global(_) = buf else {
+                    return Err(self.error(site, "an atomic add to a shared array"));
+                };
+                self.memory_dtype(*buf, Use::Read, site)?;
+                let dtype = self.memory_dtype(*buf, Use::Write, site)?;
+                if dtype != DType::I32 {
+                    return Err(
+                        self.error(site, format!("an atomic add to {dtype} elements, not i32"))
+                    );
+                }
+                self.check_index(index, site)?;
+                let ty = self.expr_ty(value, site)?;
+                if ty != Ty::I32 {
+                    return Err(self.error(site, format!("the atomic addend is {ty}, not i32")));
+                }
+                let ty = self.var_ty(*dst, site)?;
+                if ty != Ty::I32 {
+                    return Err(self.error(
+                        site,
+                        format!(
+                            "atomic destination {} is {ty}, not i32",
+                            self.names.var(*dst)
+                        ),
+                    ));
+                }
+            }
             Stmt::CpAsyncCommit
             | Stmt::CpAsyncWait(_)
             | Stmt::GridDependencyWait
+            | Stmt::Fence
             | Stmt::LaunchDependents => {}
             Stmt::Wgmma(op) => self.check_wgmma(op, site, uniform_flow)?,
         }
@@ -983,7 +1016,7 @@ pub(crate) fn vars_written(stmts: &[Stmt], out: &mut BTreeSet<VarId>) {
             Stmt::Mma { d, .. } => out.extend(d.iter().copied()),
             Stmt::Wgmma(crate::wgmma::WgmmaOp::Mma { d, .. }) => out.extend(d.iter().copied()),
             Stmt::Wgmma(_) => {}
-            Stmt::PackHalves { dst, .. } => {
+            Stmt::PackHalves { dst, .. } | Stmt::AtomicAdd { dst, .. } => {
                 out.insert(*dst);
             }
             Stmt::For { var, body, .. } => {
@@ -1004,6 +1037,7 @@ pub(crate) fn vars_written(stmts: &[Stmt], out: &mut BTreeSet<VarId>) {
             | Stmt::CpAsyncWait(_)
             | Stmt::GridDependencyWait
             | Stmt::PrefetchL2 { .. }
+            | Stmt::Fence
             | Stmt::LaunchDependents => {}
         }
     }

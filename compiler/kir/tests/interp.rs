@@ -801,3 +801,69 @@ fn integer_fma_wraps() {
     assert_eq!(result[0].to_i64_vec(), expected32);
     assert_eq!(result[1].to_i64_vec(), expected64);
 }
+
+/// Runs [`kiln_kir::examples::last_block_total`] over `blocks` blocks from a zeroed
+/// counter: (partials, counter, arrivals, out).
+fn last_block(reset: bool, blocks: usize) -> (Vec<f32>, i64, Vec<i64>, f32) {
+    let kernel = kiln_kir::examples::last_block_total(reset);
+    let x: Vec<f32> = (0..blocks * 32).map(|i| (i % 7) as f32 - 2.5).collect();
+    let buffers = [
+        floats(DType::F32, &x),
+        zeros(DType::F32, blocks),
+        zeros(DType::I32, 1),
+        zeros(DType::I32, blocks),
+        zeros(DType::F32, 1),
+    ];
+    let out = run(
+        &kernel,
+        [blocks as u64, 1, 1],
+        &buffers,
+        &[Const::I64(blocks as i64)],
+    )
+    .unwrap();
+    (
+        out[1].to_f32_vec(),
+        out[2].to_i64_vec()[0],
+        out[3].to_i64_vec(),
+        out[4].to_f32_vec()[0],
+    )
+}
+
+#[test]
+fn atomic_adds_count_the_blocks_in_order_and_the_last_one_sees_every_store() {
+    let (partials, counter, arrivals, out) = last_block(true, 5);
+    // Blocks run one after another: block b sees b earlier adds.
+    assert_eq!(arrivals, vec![0, 1, 2, 3, 4]);
+    assert_eq!(counter, 0, "the last block resets the counter");
+    let want: f32 = partials.iter().sum();
+    assert_eq!(out, want);
+    assert_ne!(out, 0.0);
+    let (_, counter, _, _) = last_block(false, 5);
+    assert_eq!(counter, 5, "without the reset the counter keeps the count");
+}
+
+#[test]
+fn an_atomic_add_needs_an_i32_global_buffer() {
+    let mut k = KernelBuilder::new("atomic_f32", 32);
+    let buf = k.buffer("x", DType::F32, Access::ReadWrite);
+    let old = k.var("old", Ty::I32);
+    let kernel = k.finish(vec![Stmt::AtomicAdd {
+        dst: old,
+        buf,
+        index: Expr::i32(0),
+        value: Expr::i32(1),
+    }]);
+    let err = kiln_kir::verify::verify_kernel(&kernel).unwrap_err();
+    assert!(err.to_string().contains("not i32"), "{err}");
+    let mut k = KernelBuilder::new("atomic_read_only", 32);
+    let buf = k.buffer("x", DType::I32, Access::Read);
+    let old = k.var("old", Ty::I32);
+    let kernel = k.finish(vec![Stmt::AtomicAdd {
+        dst: old,
+        buf,
+        index: Expr::i32(0),
+        value: Expr::i32(1),
+    }]);
+    let err = kiln_kir::verify::verify_kernel(&kernel).unwrap_err();
+    assert!(err.to_string().contains("writes buffer"), "{err}");
+}

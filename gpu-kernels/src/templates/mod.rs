@@ -788,10 +788,18 @@ pub(crate) fn build(
             }
         }
         if let Some(shape) = paged_decode::PagedShape::of(&e, *out, &tuning) {
-            // Split over the sequence: partial softmax per partition, then the merge.
+            // Split over the sequence: partial softmax per partition, then the merge (by
+            // the partial kernel's last block of a token and head group, or a kernel).
             let workspace = paged_decode::workspace(&e, *out, &shape);
             let body = paged_decode::emit_partial(&mut e, *out, &shape);
             let partial = finish(g, e, body, out_dtype(g, &stores))?;
+            if shape.merges() {
+                return Ok(Some(Launches {
+                    kernels: vec![partial],
+                    workspaces: vec![workspace],
+                    shared_workspace: false,
+                }));
+            }
             let mut e = new_emitter();
             let body = paged_decode::emit_merge(&mut e, *out, &shape);
             let merge = finish(g, e, body, out_dtype(g, &stores))?;

@@ -7,8 +7,10 @@
 //! their loads issued together. The block's warps are merged through shared memory
 //! into one partial result per query head (running max, sum and weighted values) in an f32
 //! workspace; a second kernel merges the partitions of each (token, head) in order and
-//! stores the output. Keys are read through the block table; a token with a negative
-//! sequence (padding) gets zeros.
+//! stores the output. By default (`PagedTuning::fused_merge`) there is no second kernel:
+//! the block that finishes last among a (token, key/value head)'s partitions, found with an
+//! atomic counter, merges them the same way ([`last_block_merge`]). Keys are read through
+//! the block table; a token with a negative sequence (padding) gets zeros.
 //!
 //! Short block tables (the variant of at most `PagedTuning::short_context` positions) take
 //! one pass instead (`PagedTuning::one_pass`, [`PagedShape::one_pass`]): one block per
@@ -75,6 +77,9 @@ pub(crate) struct PagedShape {
     /// The one-pass kernel's block-table entries held in shared memory (0: the partial
     /// and merge kernels). See [`PagedShape::one_pass`].
     table: usize,
+    /// Whether the partial kernel's last block of a (token, key/value head) merges the
+    /// partitions ([`last_block_merge`]; `PagedTuning::fused_merge`): no merge kernel.
+    fused_merge: bool,
 }
 
 impl PagedShape {
@@ -104,6 +109,7 @@ impl PagedShape {
             lanes: 32,
             mma: None,
             table: 0,
+            fused_merge: tuning.fused_merge,
         };
         let (kt, vt) = (
             e.g.ty(inst.operands[1]).dtype,
@@ -189,6 +195,11 @@ impl PagedShape {
     /// Whether this is the one-pass kernel ([`PagedShape::one_pass`]).
     pub(crate) fn whole(&self) -> bool {
         self.table > 0
+    }
+
+    /// Whether the partial kernel merges the partitions itself (no merge kernel).
+    pub(crate) fn merges(&self) -> bool {
+        self.fused_merge && !self.whole()
     }
 
     fn threads(&self) -> u32 {
@@ -1158,7 +1169,13 @@ fn merge_block(
     let (kvh, token, part) = (st.kvh.clone(), st.token.clone(), st.part.clone());
     body.push(Stmt::Barrier);
     // The one-pass kernel stores the output; the partial kernel its partition's state.
-    let ws = (!shape.whole()).then(|| e.workspace(0, DType::F32, Access::Write));
+    // Read back by the last block when the partial kernel merges.
+    let access = if shape.merges() {
+        Access::ReadWrite
+    } else {
+        Access::Write
+    };
+    let ws = (!shape.whole()).then(|| e.workspace(0, DType::F32, access));
     let parts = if shape.whole() {
         e.ix(1)
     } else {
@@ -1242,9 +1259,18 @@ fn merge_block(
         }
     }
     let q_shape = g.shape(g.inst(out).expect("paged_attention").operands[0]);
+    if let (Some(ws), true) = (ws, shape.merges()) {
+        last_block_merge(e, &mut body, out, shape, st, ws, stats)?;
+    }
     let (what, parts) = if shape.whole() {
         e.fused.insert(out);
         ("paged_attention_one_pass", super::one())
+    } else if shape.merges() {
+        e.fused.insert(out);
+        (
+            "paged_attention_partial_merge",
+            partitions(e, out, shape.part),
+        )
     } else {
         ("paged_attention_partial", partitions(e, out, shape.part))
     };
@@ -1258,6 +1284,167 @@ fn merge_block(
         ],
         stmts: body,
     })
+}
+
+/// The partial kernel's merge of the partitions ([`PagedShape::merges`]), after the block
+/// stored its partition's state in the workspace: the block's threads meet at a barrier
+/// (every store of the block done), then thread 0 executes a GPU-scope fence and adds 1 to
+/// the (token, key/value head)'s counter; the add that returns `partitions - 1` is the
+/// last, and its fence after the add makes every other block's stores (published by their
+/// fence before their add) visible to it (kir `AtomicAdd`/`Fence`: release, atomic,
+/// acquire). Thread 0 tells the block through shared memory (`stats`, free once the warps
+/// are merged) across a barrier; in the last block thread t merges entries t, t + threads,
+/// ... of the group's (head, column) pairs from the workspace exactly as [`emit_merge`]'s
+/// thread does (the same loads, order and operations: the same bits) and stores the
+/// output, and thread 0 sets the counter back to zero: every block has counted, and the
+/// next launch that uses the counter runs after this one ends.
+fn last_block_merge(
+    e: &mut Emitter<'_, '_>,
+    body: &mut Vec<Stmt>,
+    out: Value,
+    shape: &PagedShape,
+    st: &Partial,
+    ws: Buf,
+    stats: Buf,
+) -> EResult<()> {
+    let g = e.g;
+    let ity = e.index_ty;
+    let (d, group, threads) = (shape.d, shape.group, shape.threads());
+    let (kvh, token) = (st.kvh.clone(), st.token.clone());
+    let q_shape = g.shape(g.inst(out).expect("paged_attention").operands[0]);
+    let count = super::mul_size(
+        size_of_dims(&q_shape[0..1]),
+        SizeExpr::Const(shape.kv_heads as u64),
+    );
+    let counters = e.counters(count);
+    let parts = partitions_expr(e, out, shape.part);
+    let parts = e.bind(body, "parts", ity, parts);
+    let slot = token.clone() * e.ix(shape.kv_heads as i64) + kvh.clone();
+    let slot = e.bind(body, "counter", ity, slot);
+    let tid = e.special(Special::ThreadIdx);
+    let thread0 = tid.clone().equals(e.ix(0));
+    let arrived = e.var("arrived", Ty::I32);
+    body.push(Stmt::Barrier);
+    body.push(Stmt::If {
+        cond: thread0.clone(),
+        then: vec![
+            Stmt::Fence,
+            Stmt::AtomicAdd {
+                dst: arrived,
+                buf: counters,
+                index: slot.clone(),
+                value: Expr::i32(1),
+            },
+            Stmt::Fence,
+            Stmt::store(
+                stats,
+                e.ix(0),
+                Expr::select(
+                    Expr::var(arrived).equals(i32_of(parts.clone() - e.ix(1))),
+                    f(1.0),
+                    f(0.0),
+                ),
+            ),
+        ],
+        otherwise: Vec::new(),
+    });
+    body.push(Stmt::Barrier);
+    let mut merge = Vec::new();
+    let most = e.var("most", Ty::F32);
+    let (total, weighted) = (e.var("total", Ty::F32), e.var("weighted", Ty::F32));
+    let at = e.var("at", ity);
+    let scale = e.var("scale", Ty::F32);
+    let heads = e.ix((shape.kv_heads * group) as i64);
+    for first in (0..group * d).step_by(threads as usize) {
+        let mut item_body = Vec::new();
+        let item = e.bind(&mut merge, "item", ity, tid.clone() + e.ix(first as i64));
+        let gi = e.bind(&mut item_body, "g", ity, item.clone() / e.ix(d as i64));
+        let c = e.bind(&mut item_body, "c", ity, item.clone() % e.ix(d as i64));
+        let head = kvh.clone() * e.ix(group as i64) + gi;
+        let head = e.bind(&mut item_body, "head", ity, head);
+        // As the merge kernel's thread c of block (token, head).
+        let row =
+            (token.clone() * heads.clone() + head.clone()) * parts.clone() * e.ix(d as i64 + 2);
+        let row = e.bind(&mut item_body, "first", ity, row);
+        item_body.push(Stmt::Assign(most, f(f32::NEG_INFINITY)));
+        let pv = e.var("p", ity);
+        item_body.push(Stmt::For {
+            var: pv,
+            start: e.ix(0),
+            end: parts.clone(),
+            step: e.ix(1),
+            body: vec![Stmt::Assign(
+                most,
+                Expr::var(most).max(Expr::load(
+                    ws,
+                    row.clone() + Expr::var(pv) * e.ix(d as i64 + 2) + e.ix(d as i64),
+                )),
+            )],
+        });
+        item_body.push(Stmt::Assign(total, f(0.0)));
+        item_body.push(Stmt::Assign(weighted, f(0.0)));
+        let pw = e.var("p", ity);
+        item_body.push(Stmt::For {
+            var: pw,
+            start: e.ix(0),
+            end: parts.clone(),
+            step: e.ix(1),
+            body: vec![
+                Stmt::Assign(at, row + Expr::var(pw) * e.ix(d as i64 + 2)),
+                Stmt::Assign(
+                    scale,
+                    Expr::select(
+                        Expr::var(most).gt(f(f32::NEG_INFINITY)),
+                        (Expr::load(ws, Expr::var(at) + e.ix(d as i64)) - Expr::var(most))
+                            .apply(UnOp::Exp),
+                        f(0.0),
+                    ),
+                ),
+                Stmt::Assign(
+                    total,
+                    Expr::fma(
+                        Expr::load(ws, Expr::var(at) + e.ix(d as i64 + 1)),
+                        Expr::var(scale),
+                        Expr::var(total),
+                    ),
+                ),
+                Stmt::Assign(
+                    weighted,
+                    Expr::fma(
+                        Expr::load(ws, Expr::var(at) + c.clone()),
+                        Expr::var(scale),
+                        Expr::var(weighted),
+                    ),
+                ),
+            ],
+        });
+        let value = Expr::select(
+            Expr::var(total).gt(f(0.0)),
+            Expr::binary(BinOp::Div, Expr::var(weighted), Expr::var(total)),
+            f(0.0),
+        );
+        e.store(&mut item_body, out, &[token.clone(), head, c], vec![value]);
+        if first + threads as usize <= group * d {
+            merge.extend(item_body);
+        } else {
+            merge.push(Stmt::If {
+                cond: item.lt(e.ix((group * d) as i64)),
+                then: item_body,
+                otherwise: Vec::new(),
+            });
+        }
+    }
+    merge.push(Stmt::If {
+        cond: thread0,
+        then: vec![Stmt::store(counters, slot, Expr::i32(0))],
+        otherwise: Vec::new(),
+    });
+    body.push(Stmt::If {
+        cond: Expr::load(stats, e.ix(0)).gt(f(0.5)),
+        then: merge,
+        otherwise: Vec::new(),
+    });
+    Ok(())
 }
 
 /// The second kernel: one block of D threads per (token, head) merges the partitions in

@@ -162,6 +162,14 @@ pub fn run_plan(
                     len,
                 }
             }
+            BufferKind::Zeroed => {
+                memory.push(vec![0u8; len]);
+                Loc {
+                    alloc: memory.len() - 1,
+                    offset: 0,
+                    len,
+                }
+            }
             BufferKind::View(base) => {
                 let l: Loc = locs[base.0 as usize];
                 assert_eq!(l.len, len, "a view and its base differ in size");

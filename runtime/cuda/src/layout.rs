@@ -43,7 +43,18 @@ pub fn arena_bytes(plan: &Plan, symbols: &SymbolValues) -> Result<usize, CudaErr
 pub fn working_bytes(plan: &Plan, symbols: &SymbolValues) -> Result<usize, CudaError> {
     let mut bytes = arena_bytes(plan, symbols)?;
     let in_place = |id: &BufferId| plan.inputs.contains(id) && plan.outputs.contains(id);
-    let own: BTreeSet<BufferId> = plan.inputs.iter().chain(&plan.outputs).copied().collect();
+    let zeroed = plan
+        .buffers
+        .iter()
+        .filter(|decl| decl.kind == BufferKind::Zeroed)
+        .map(|decl| decl.id);
+    let own: BTreeSet<BufferId> = plan
+        .inputs
+        .iter()
+        .chain(&plan.outputs)
+        .copied()
+        .chain(zeroed)
+        .collect();
     for id in own.iter().filter(|id| !in_place(id)) {
         bytes += buffer_bytes(plan, buffer_decl(plan, *id)?, symbols)?;
     }
@@ -59,7 +70,10 @@ pub fn place(plan: &Plan, id: BufferId, symbols: &SymbolValues) -> Result<Placem
         detail,
     };
     match &decl.kind {
-        BufferKind::Input(_) | BufferKind::Output(_) | BufferKind::Constant(_) => Ok(Placement {
+        BufferKind::Input(_)
+        | BufferKind::Output(_)
+        | BufferKind::Constant(_)
+        | BufferKind::Zeroed => Ok(Placement {
             storage: Storage::Own(id),
             offset: 0,
             bytes,

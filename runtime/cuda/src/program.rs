@@ -102,7 +102,7 @@ pub struct CudaProgram {
     options: ProgramOptions,
     /// Bound weights by checkpoint name.
     weights: BTreeMap<String, DeviceBuffer>,
-    /// The allocations of `Input` and `Output` buffers.
+    /// The allocations of `Input`, `Output` and `Zeroed` buffers.
     own: BTreeMap<BufferId, DeviceBuffer>,
     arena: Option<DeviceBuffer>,
     /// Captured graphs by symbol values; `None` for a capture with no work in it.
@@ -504,7 +504,12 @@ impl CudaProgram {
                 }
                 continue;
             }
-            if matches!(decl.kind, BufferKind::Input(_) | BufferKind::Output(_)) {
+            // Zeroed counters: a new allocation is zeroed (`alloc`), and kernels leave the
+            // elements they use zero, so growing needs no copy.
+            if matches!(
+                decl.kind,
+                BufferKind::Input(_) | BufferKind::Output(_) | BufferKind::Zeroed
+            ) {
                 let needed = buffer_bytes(plan, decl, symbols)?;
                 if self
                     .own

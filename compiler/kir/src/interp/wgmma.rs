@@ -341,7 +341,14 @@ fn head_vars(stmt: &Stmt, out: &mut BTreeSet<VarId>) {
             exprs.extend([lo, hi]);
         }
         Stmt::PrefetchL2 { index, bytes, .. } => exprs.extend([index, bytes]),
+        Stmt::AtomicAdd {
+            dst, index, value, ..
+        } => {
+            out.insert(*dst);
+            exprs.extend([index, value]);
+        }
         Stmt::Barrier
+        | Stmt::Fence
         | Stmt::CpAsyncCommit
         | Stmt::CpAsyncWait(_)
         | Stmt::GridDependencyWait

@@ -594,6 +594,17 @@ impl<'k, 'c> FunctionEmitter<'k, 'c> {
                 }
             }
             Stmt::Wgmma(op) => self.wgmma(op)?,
+            Stmt::AtomicAdd {
+                dst,
+                buf,
+                index,
+                value,
+            } => {
+                let dst = self.var_reg(*dst)?;
+                self.atomic_add(dst, *buf, index, value)?;
+            }
+            // Acquire and release at GPU scope (see `atomic_add` for the rule it serves).
+            Stmt::Fence => self.inst("fence.acq_rel.gpu", &[]),
         }
         Ok(())
     }

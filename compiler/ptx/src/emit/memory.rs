@@ -326,6 +326,34 @@ impl FunctionEmitter<'_, '_> {
     /// `Stmt::CpAsync`: `cp.async.cg.shared.global [dst], [src], 16[, src-size]`, the
     /// source size in bytes (omitted when it is a constant 16).
     /// `cp.async.bulk.prefetch.L2.global [address], size;` (the caller checked the feature).
+    /// `dst = atomicAdd(&buf[index], value)`: a relaxed GPU-scope `atom` (the default of an
+    /// `atom` without qualifiers). What it publishes is ordered by the `Fence`s around it
+    /// (`fence.acq_rel.gpu`, `Stmt::Fence`): in the PTX memory model a release fence
+    /// followed by a strong (atomic) write in one thread, and a strong read of that value
+    /// followed by an acquire fence in another, synchronize at GPU scope, and `bar.sync`
+    /// before the first and after the second extends that order to the other threads of both
+    /// blocks (causality order is transitive), so plain `ld.global` loads after it see the
+    /// stores made before it. Never `.nc`: the buffers are written by the kernel.
+    pub(super) fn atomic_add(
+        &mut self,
+        dst: Reg,
+        buf: Buf,
+        index: &Expr,
+        value: &Expr,
+    ) -> Result<(), EmitError> {
+        let address = self.address(buf, index, 4, true)?;
+        if address.space != "global" {
+            return Err(self.error(format!("an atomic add to {} memory", address.space)));
+        }
+        let value = self.expr(value)?;
+        let value = match value.operand {
+            Operand::Imm(Scalar::I32(n)) => Operand::Imm(Scalar::I32(n)),
+            operand => Operand::Reg(self.reg(operand, RegKind::B32)),
+        };
+        self.inst("atom.global.add.u32", &[&dst, &address.text, &value]);
+        Ok(())
+    }
+
     pub(super) fn prefetch_l2(
         &mut self,
         buf: Buf,

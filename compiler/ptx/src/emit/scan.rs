@@ -136,8 +136,15 @@ pub(super) fn definite_assignment(
             | Stmt::CpAsyncCommit
             | Stmt::CpAsyncWait(_)
             | Stmt::GridDependencyWait
+            | Stmt::Fence
             | Stmt::LaunchDependents => {}
             Stmt::PrefetchL2 { index, bytes, .. } => read(&[index, bytes], assigned, read_first),
+            Stmt::AtomicAdd {
+                dst, index, value, ..
+            } => {
+                read(&[index, value], assigned, read_first);
+                assigned.insert(*dst);
+            }
             Stmt::ShuffleXor { dst, src, .. } => {
                 if !assigned.contains(src) {
                     read_first.insert(*src);
@@ -260,6 +267,10 @@ pub(super) fn collect_specials(stmts: &[Stmt], out: &mut BTreeSet<usize>) {
                 collect_specials_expr(index, out);
                 collect_specials_expr(bytes, out);
             }
+            Stmt::AtomicAdd { index, value, .. } => {
+                collect_specials_expr(index, out);
+                collect_specials_expr(value, out);
+            }
             Stmt::Wgmma(WgmmaOp::Mma { a, b, .. }) => {
                 collect_specials_expr(&a.index, out);
                 collect_specials_expr(&b.index, out);
@@ -271,6 +282,7 @@ pub(super) fn collect_specials(stmts: &[Stmt], out: &mut BTreeSet<usize>) {
             | Stmt::CpAsyncCommit
             | Stmt::CpAsyncWait(_)
             | Stmt::GridDependencyWait
+            | Stmt::Fence
             | Stmt::LaunchDependents => {}
         }
     }

@@ -406,6 +406,8 @@ pub fn coverage() -> Vec<Kernel> {
             }
         }
     }
+    // Blocks that count themselves (`atom`, `fence.acq_rel.gpu`).
+    kernels.push(examples::last_block_total(true));
     let binary_ops = [
         BinOp::Add,
         BinOp::Sub,
