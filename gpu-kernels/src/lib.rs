@@ -207,10 +207,10 @@ pub struct GemmTuning {
     /// the wait, not before it: a kernel launched early cannot let a third one launch
     /// before it has started its own work.
     pub early_trigger: bool,
-    /// Whether a GEMV block loads its first step of weights before its grid-dependency
-    /// wait (weights are checkpoint tensors, [`kiln_kir::Access::Constant`]): with
-    /// programmatic dependent launch those loads, and a norm prologue's statistic after the
-    /// wait, overlap the end of the kernel before it.
+    /// Whether a GEMV block (and a tensor-core GEMV warp, `mma_gemv`) loads its first step
+    /// of weights before its grid-dependency wait (weights are checkpoint tensors,
+    /// [`kiln_kir::Access::Constant`]): with programmatic dependent launch those loads, and
+    /// a norm prologue's statistic after the wait, overlap the end of the kernel before it.
     pub preload: bool,
     /// Whether matmuls of at most [`GEMV_ROWS`] rows (a constant, or a symbolic row count
     /// as a further run-time variant) of `linear` weights take the GEMV template

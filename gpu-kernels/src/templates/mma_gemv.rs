@@ -46,6 +46,12 @@
 //! decode templates (`mma_gemm::segments`). Columns past N load row N - 1 and store
 //! nothing. A symbolic M (the decode variant of a plan, `Step::BySize`, at most
 //! [`MMA_GEMV_ROWS`] rows) is held as 16 rows.
+//!
+//! Where every weight is a checkpoint tensor (`kiln_kir::Access::Constant`, which no kernel
+//! writes) and K holds a whole step, a warp loads its first step of weight vectors before
+//! the grid-dependency wait (`GemmTuning::preload`), after the L2 prefetch if there is one,
+//! into one set of registers that every segment shares; the A loads (activations, which the
+//! kernel before may still be writing) and the products follow the wait.
 
 use super::matmul::{epilogue_lanes, kernel_name, OutputElement};
 use super::mma_gemm::{
@@ -100,6 +106,20 @@ pub(crate) struct MmaGemvPlan {
     /// Whether a block lets the next kernel launch after its last weight loads
     /// (`GemmTuning::trigger`).
     trigger: bool,
+    /// Whether a warp loads its first step of weights before the grid-dependency wait
+    /// (`GemmTuning::preload`, where every weight is a checkpoint tensor; only where K holds
+    /// a whole step).
+    preload: bool,
+}
+
+/// A warp's weight rows for the matmuls of a block (all, or one segment's), and the
+/// registers of its first step when they were loaded before the grid-dependency wait.
+struct Weights {
+    /// The offset of the lane's weight row (row `col0 + g`, clamped to N - 1).
+    w_row: Expr,
+    w_bufs: Vec<kiln_kir::Buf>,
+    /// Per chunk of the first step and matmul, the four packed registers of its vector.
+    first: Option<Vec<Vec<Vec<VarId>>>>,
 }
 
 /// The plan for `group` when the template applies in `variant`: `linear` matmuls of bf16
@@ -167,6 +187,10 @@ pub(crate) fn plan(
         )
         .min(chunks)
         .max(1);
+    // Checkpoint tensors only: no kernel writes them, so they may be read before the wait.
+    let preload = options.gemm.preload
+        && b.iter()
+            .all(|w| matches!(g.op(w.0), Some(kiln_ir::Op::Param { .. })));
     Some(MmaGemvPlan {
         input,
         a_source,
@@ -178,6 +202,7 @@ pub(crate) fn plan(
         segments,
         prefetch: super::gemv::prefetch_share(&options.gemm, &widths, k, dtype),
         trigger: options.gemm.trigger,
+        preload,
     })
 }
 
@@ -285,11 +310,24 @@ pub(crate) fn emit(
                 body.extend(rows(e, &all));
             }
         }
-        body.push(Stmt::GridDependencyWait);
     }
-    // What runs before here stays outside the branch on a symbolic M below.
-    let prelude = body.len();
-    let column = |e: &mut Emitter<'_, '_>, out: &mut Vec<Stmt>, these: &[usize]| -> EResult<()> {
+    // The lane's k in the chunks `base + (j * warps) * 32` (j in `0..chunks`).
+    let chunk_offsets =
+        |e: &mut Emitter<'_, '_>, out: &mut Vec<Stmt>, base: Expr, chunks: i64| -> Vec<Expr> {
+            let lane_k = add(
+                index(warp.clone() * i32c(CHUNK as i64) + tig.clone() * i32c(VECTOR as i64)),
+                base,
+            );
+            let lane_k = e.bind(out, "k0", ity, lane_k);
+            (0..chunks)
+                .map(|j| {
+                    let at = add(lane_k.clone(), e.ix(j * i64::from(warps) * CHUNK as i64));
+                    e.bind(out, "kj", ity, at)
+                })
+                .collect()
+        };
+    // The warp's weight rows and buffers for the matmuls `these` (all, or one segment's).
+    let setup = |e: &mut Emitter<'_, '_>, out: &mut Vec<Stmt>, these: &[usize]| -> Weights {
         let n = plan.b[these[0]].2 as i64;
         let w_row = e.bind(
             out,
@@ -300,16 +338,86 @@ pub(crate) fn emit(
                 e.ix(k),
             ),
         );
+        let w_bufs = these
+            .iter()
+            .map(|&i| e.buffer(plan.b[i].0, kiln_kir::Access::Read))
+            .collect();
+        Weights {
+            w_row,
+            w_bufs,
+            first: None,
+        }
+    };
+    let unroll = i64::from(plan.unroll);
+    let step = i64::from(warps) * CHUNK as i64 * unroll;
+    let full = k / step;
+    // Before the wait, where K holds a whole step: the first step's weight vectors, into
+    // one set of registers that every segment shares (so that the branches leave no more
+    // registers live than one of them).
+    let mut ready: Vec<Option<Weights>> = (0..plan.b.len()).map(|_| None).collect();
+    let preload = plan.preload && full > 0;
+    if preload {
+        let pool: Vec<VarId> = (0..MAX_WEIGHT_REGISTERS)
+            .map(|_| e.var("p", Ty::I32))
+            .collect();
+        let mut load_first = |e: &mut Emitter<'_, '_>, these: &[usize]| -> Vec<Stmt> {
+            let mut out = Vec::new();
+            let mut weights = setup(e, &mut out, these);
+            let offsets = chunk_offsets(e, &mut out, e.ix(0), unroll);
+            let mut regs = pool.chunks(VECTOR as usize / 2);
+            let first = offsets
+                .iter()
+                .map(|at| {
+                    weights
+                        .w_bufs
+                        .iter()
+                        .map(|&buf| {
+                            let dsts = regs.next().expect("the step fits the pool").to_vec();
+                            out.push(Stmt::LoadVec {
+                                dsts: dsts.clone(),
+                                buf,
+                                index: add(weights.w_row.clone(), at.clone()),
+                            });
+                            dsts
+                        })
+                        .collect()
+                })
+                .collect();
+            weights.first = Some(first);
+            ready[these[0]] = Some(weights);
+            out
+        };
+        match &segment {
+            Some(which) => {
+                let branches = (0..plan.b.len()).map(|i| load_first(e, &[i])).collect();
+                body.extend(by_segment(which, branches));
+            }
+            None => {
+                let all: Vec<usize> = (0..plan.b.len()).collect();
+                body.extend(load_first(e, &all));
+            }
+        }
+    }
+    if plan.prefetch.is_some() || preload {
+        body.push(Stmt::GridDependencyWait);
+    }
+    // What runs before here stays outside the branch on a symbolic M below.
+    let prelude = body.len();
+    let column = |e: &mut Emitter<'_, '_>, out: &mut Vec<Stmt>, these: &[usize]| -> EResult<()> {
+        let Weights {
+            w_row,
+            w_bufs,
+            first,
+        } = match ready[these[0]].take() {
+            Some(weights) => weights,
+            None => setup(e, out, these),
+        };
         let a_at: Vec<Expr> = a_rows
             .iter()
             .map(|r| {
                 let at = mul(r.clone(), e.ix(k));
                 e.bind(out, "a_row", ity, at)
             })
-            .collect();
-        let w_bufs: Vec<_> = these
-            .iter()
-            .map(|&i| e.buffer(plan.b[i].0, kiln_kir::Access::Read))
             .collect();
         let acc: Vec<[VarId; 4]> = these
             .iter()
@@ -322,23 +430,15 @@ pub(crate) fn emit(
         out.push(Stmt::Assign(zero_pack, Expr::i32(0)));
         let input = plan.input;
         // Chunks `base + (j * warps) * 32` (j in `chunks`) of this warp and lane, each
-        // lane's vector under `k < K` when `guarded`.
+        // lane's vector under `k < K` when `guarded`; with `loaded`, the weight vectors
+        // already in those registers.
         let fold = |e: &mut Emitter<'_, '_>,
                     out: &mut Vec<Stmt>,
                     base: Expr,
                     chunks: i64,
-                    guarded: bool| {
-            let lane_k = add(
-                index(warp.clone() * i32c(CHUNK as i64) + tig.clone() * i32c(VECTOR as i64)),
-                base,
-            );
-            let lane_k = e.bind(out, "k0", ity, lane_k);
-            let offsets: Vec<Expr> = (0..chunks)
-                .map(|j| {
-                    let at = add(lane_k.clone(), e.ix(j * i64::from(warps) * CHUNK as i64));
-                    e.bind(out, "kj", ity, at)
-                })
-                .collect();
+                    guarded: bool,
+                    loaded: Option<&Vec<Vec<Vec<VarId>>>>| {
+            let offsets = chunk_offsets(e, out, base, chunks);
             // Each chunk's loads: a 16-byte vector as four raw 32-bit registers (element
             // pairs, already `Mma` operands), zero outside K when guarded.
             let load = |e: &mut Emitter<'_, '_>,
@@ -365,14 +465,17 @@ pub(crate) fn emit(
                 dsts
             };
             // The weight vectors first, all in flight before any product.
-            let weights: Vec<Vec<Vec<VarId>>> = (0..chunks as usize)
-                .map(|j| {
-                    w_bufs
-                        .iter()
-                        .map(|&buf| load(e, out, buf, w_row.clone(), j))
-                        .collect()
-                })
-                .collect();
+            let weights: Vec<Vec<Vec<VarId>>> = match loaded {
+                Some(loaded) => loaded.clone(),
+                None => (0..chunks as usize)
+                    .map(|j| {
+                        w_bufs
+                            .iter()
+                            .map(|&buf| load(e, out, buf, w_row.clone(), j))
+                            .collect()
+                    })
+                    .collect(),
+            };
             for (j, vectors) in weights.iter().enumerate() {
                 // A rows g and g + 8 at this lane's 8 k, packed: registers 0, 1 are the
                 // first product's `a0/a2` (row g) and `a1/a3` (row g + 8) pairs, 2, 3 the
@@ -402,16 +505,20 @@ pub(crate) fn emit(
                 }
             }
         };
-        let unroll = i64::from(plan.unroll);
-        let step = i64::from(warps) * CHUNK as i64 * unroll;
-        let full = k / step;
-        if full > 0 {
+        // Whole steps (the first from the registers loaded before the wait), then the
+        // guarded rest.
+        let mut start = 0;
+        if let Some(first) = &first {
+            fold(e, out, e.ix(0), unroll, false, Some(first));
+            start = step;
+        }
+        if full * step > start {
             let s = e.var("kstep", ity);
             let mut inner = Vec::new();
-            fold(e, &mut inner, Expr::var(s), unroll, false);
+            fold(e, &mut inner, Expr::var(s), unroll, false, None);
             out.push(Stmt::For {
                 var: s,
-                start: e.ix(0),
+                start: e.ix(start),
                 end: e.ix(full * step),
                 step: e.ix(step),
                 body: inner,
@@ -421,7 +528,7 @@ pub(crate) fn emit(
         if rest > 0 {
             let per_round = i64::from(warps) * CHUNK as i64;
             let chunks = (rest + per_round - 1) / per_round;
-            fold(e, out, e.ix(full * step), chunks, true);
+            fold(e, out, e.ix(full * step), chunks, true, None);
         }
         // Every weight load is issued: the next kernel may launch.
         if plan.trigger {
