@@ -189,6 +189,9 @@ impl GemvPlan {
         let widths: Vec<u64> = self.b.iter().map(|s| s.2).collect();
         self.segments = writes.segments(&widths, WARPS);
         self.writes = Some(writes);
+        // The rotary pairs' two weight streams and the cache writes leave no registers for
+        // a preloaded step: ptxas spilled on sm_90a with it.
+        self.preload = false;
     }
 
     /// `gemv_w4_u8`, `gemv_w4_u8_seg` for a grid of segments, `_norm` with a norm
