@@ -220,6 +220,12 @@ pub struct GemmTuning {
     /// 16-byte weight vectors a lane of the GEMV template loads together per step (fewer
     /// when the row is shorter or fused matmuls would hold too many registers).
     pub gemv_unroll: u32,
+    /// The most blocks of a GEMV that is not a grid of segments (0: no cap, a block for
+    /// every group of 4 columns, `templates/gemv.rs`): with a cap below the column groups,
+    /// each block loops over the groups `blockIdx.x, blockIdx.x + grid, ...`, so that what
+    /// a block does once (a norm prologue, the first weights loaded before the
+    /// grid-dependency wait) is paid once a block rather than once a group. Default 0.
+    pub gemv_blocks: u32,
     /// Whether prefill bf16/f16 GEMMs of `linear` weights take the `wgmma` template
     /// (`templates/wgmma_gemm.rs`: two warpgroups, a 128 × 256 tile, 128-byte swizzled
     /// `cp.async` stages read by `wgmma` descriptors) where every target has it
@@ -280,6 +286,7 @@ impl Default for GemmTuning {
             preload: true,
             gemv: true,
             gemv_unroll: 8,
+            gemv_blocks: 0,
             wgmma: true,
             mma_gemv: false,
             mma_gemv_unroll: 8,
@@ -294,7 +301,7 @@ impl GemmTuning {
     /// The knob names [`GemmTuning::set`] takes.
     pub const KEYS: &'static str =
         "segments, splits, rowsum, kvwrite, maxsplits, tile, warps, bk, stages, raster, dbuf, pairs, \
-         smem, prefetch, prefetch_mib, trigger, early, preload, gemv, gemvunroll, normgemv, wgmma, mmagemv, \
+         smem, prefetch, prefetch_mib, trigger, early, preload, gemv, gemvunroll, gemvblocks, normgemv, wgmma, mmagemv, \
          mmagemvunroll, mmagemvwarps, gemvkvwrite";
 
     /// Sets knob `key` (the `KILN_TUNE_GEMM` names, [`GemmTuning::KEYS`]) from `value`: a
@@ -332,6 +339,7 @@ impl GemmTuning {
             "preload" => self.preload = number()? != 0,
             "gemv" => self.gemv = number()? != 0,
             "gemvunroll" => self.gemv_unroll = number()?.max(1),
+            "gemvblocks" => self.gemv_blocks = number()?,
             "wgmma" => self.wgmma = number()? != 0,
             "mmagemv" => self.mma_gemv = number()? != 0,
             "mmagemvunroll" => self.mma_gemv_unroll = number()?.max(1),

@@ -304,7 +304,10 @@ const TUNE_PAGED: &str = "KILN_TUNE_PAGED";
 /// grid-dependency wait; default 0), `preload=0|1` (a GEMV block loads its first weights
 /// before its grid-dependency wait; default 1), `gemv=0|1` (matmuls of at most 4 rows of a `linear` weight take the GEMV
 /// template, a warp a column, no split-K; default 1), `gemvunroll=N` (16-byte weight vectors
-/// a lane loads together per step; default 8), `normgemv=0|1` (a GEMV whose A is an
+/// a lane loads together per step; default 8), `gemvblocks=N` (the most blocks of a GEMV
+/// that is not a grid of segments, each looping over column groups so that its norm
+/// prologue and preload are paid once a block; default 0, a block a group of 4 columns),
+/// `normgemv=0|1` (a GEMV whose A is an
 /// RMSNorm's rows, read by GEMVs only, computes the norm itself, no norm kernel; default 0),
 /// `mmagemv=0|1` (matmuls of 5 to 16 rows of a `linear` weight take the tensor-core GEMV,
 /// m16n8k16 products on weights loaded straight into registers, no split-K across blocks;
@@ -438,7 +441,7 @@ pub(crate) fn apply_tuning(options: &mut CompileOptions) -> Result<()> {
     if !gemm_items.is_empty() {
         eprintln!(
             "kiln bench: {TUNE_GEMM}: segments {}, splits {}, rowsum {}, kvwrite {}, maxsplits {}, \
-             prefetch {}, prefetch_mib {}, trigger {}, early {}, preload {}, gemv {}, gemvunroll {}, normgemv {}, \
+             prefetch {}, prefetch_mib {}, trigger {}, early {}, preload {}, gemv {}, gemvunroll {}, gemvblocks {}, normgemv {}, \
              mmagemv {}, mmagemvunroll {}, mmagemvwarps {}, gemvkvwrite {}, \
              tile {}x{}, warps {}x{}, bk {}, stages {}, raster {}, dbuf {}, pairs {}, smem {} KiB \
              (0: the table's)",
@@ -454,6 +457,7 @@ pub(crate) fn apply_tuning(options: &mut CompileOptions) -> Result<()> {
             u8::from(gemm.preload),
             u8::from(gemm.gemv),
             gemm.gemv_unroll,
+            gemm.gemv_blocks,
             u8::from(gemm.norm_prologue),
             u8::from(gemm.mma_gemv),
             gemm.mma_gemv_unroll,

@@ -23,6 +23,12 @@
 //! values only a `kv_write` reads writes its rows into the cache itself (`gemv_kv`,
 //! `templates::KvWrites`): with RoPE, a warp of that segment owns a rotary pair of columns.
 //!
+//! With `GemmTuning::gemv_blocks` below the column groups of a grid that is not one of
+//! segments, the grid is that many blocks and each block loops over the groups
+//! `blockIdx.x, blockIdx.x + grid, ...` (a `For` with the constant grid as its stride):
+//! the norm prologue, the prefetch and the preload run once a block, for its first group
+//! (which is peeled from the loop when preloaded), the epilogue once a group.
+//!
 //! Columns past N load row N - 1 (no guard in the loop) and store nothing. A symbolic M
 //! (the GEMV variant of a plan that picks it at run time for M at most [`GEMV_ROWS`]) is
 //! held as four rows whose work past M is skipped by a branch every thread takes alike.
@@ -76,6 +82,9 @@ pub(crate) struct GemvPlan {
     norm: Option<super::norm_gemv::NormPrologue>,
     /// The `kv_write`s its segments perform (`templates::KvWrites`, [`GemvPlan::write_kv`]).
     writes: Option<GemvWrites>,
+    /// The most blocks of a grid that is not one of segments (`GemmTuning::gemv_blocks`;
+    /// 0: a block a column group).
+    max_blocks: u64,
 }
 
 /// Elements of a 16-byte vector.
@@ -174,6 +183,7 @@ pub(crate) fn plan(
         preload,
         norm: None,
         writes: None,
+        max_blocks: u64::from(options.gemm.gemv_blocks),
     })
 }
 
@@ -195,11 +205,23 @@ impl GemvPlan {
     }
 
     /// `gemv_w4_u8`, `gemv_w4_u8_seg` for a grid of segments, `_norm` with a norm
-    /// prologue.
+    /// prologue, `_g528` for 528 blocks looping over the column groups.
     fn name(&self) -> String {
         let seg = if self.segments.is_empty() { "" } else { "_seg" };
         let norm = if self.norm.is_some() { "_norm" } else { "" };
-        format!("gemv_w{WARPS}_u{}{seg}{norm}", self.unroll)
+        let looped = self
+            .looped_grid()
+            .map(|grid| format!("_g{grid}"))
+            .unwrap_or_default();
+        format!("gemv_w{WARPS}_u{}{seg}{norm}{looped}", self.unroll)
+    }
+
+    /// The blocks of a grid that is not one of segments when they loop over column groups
+    /// (fewer than the groups); `None`: a block a group, or a grid of segments.
+    fn looped_grid(&self) -> Option<u64> {
+        let groups = self.b[0].2.div_ceil(u64::from(WARPS));
+        (self.segments.is_empty() && self.max_blocks > 0 && self.max_blocks < groups)
+            .then_some(self.max_blocks)
     }
 
     /// The plan computing A from the rows of `norm`'s row kernel.
@@ -361,7 +383,7 @@ pub(crate) fn emit(
     } else {
         (None, Expr::Special(Special::BlockIdx(0)))
     };
-    let col = index(block * i32c(i64::from(WARPS)) + warp);
+    let col = index(block * i32c(i64::from(WARPS)) + warp.clone());
     let col = e.bind(&mut body, "col", ity, col);
     // The columns of matmul i a warp computes: `col`, or the rotary pair `col` numbers in a
     // segment whose `kv_write` reads partners (`gemv_kv`).
@@ -369,10 +391,11 @@ pub(crate) fn emit(
         let writes = plan.writes.as_ref()?;
         writes.by_matmul[i].as_ref()
     };
-    let warp_columns = |e: &mut Emitter<'_, '_>, out: &mut Vec<Stmt>, i: usize| match write_of(i) {
-        Some(w) if w.paired => pair_columns(e, out, &col, w.dim),
-        _ => vec![col.clone()],
-    };
+    let warp_columns =
+        |e: &mut Emitter<'_, '_>, out: &mut Vec<Stmt>, i: usize, col: &Expr| match write_of(i) {
+            Some(w) if w.paired => pair_columns(e, out, col, w.dim),
+            _ => vec![col.clone()],
+        };
     // Before the grid-dependency wait (address arithmetic and prefetches only, so the
     // previous kernel may still run): lane 0 asks L2 for the start of the warp's weight
     // rows, which stream from HBM while the previous kernel finishes.
@@ -384,7 +407,7 @@ pub(crate) fn emit(
             let mut prefetches = Vec::new();
             for &i in these {
                 let (weight, _, n) = plan.b[i];
-                for c in warp_columns(e, &mut stmts, i) {
+                for c in warp_columns(e, &mut stmts, i, &col) {
                     prefetches.push(Stmt::PrefetchL2 {
                         buf: e.buffer(weight, kiln_kir::Access::Read),
                         index: mul(crate::emit::min_e(c, e.ix(n as i64 - 1)), e.ix(k)),
@@ -409,10 +432,10 @@ pub(crate) fn emit(
     // The warp's columns, weight rows and unroll for the matmuls `these` (all, or one
     // segment's).
     let vector = VECTOR as i64;
-    let setup = |e: &mut Emitter<'_, '_>, out: &mut Vec<Stmt>, these: &[usize]| {
+    let setup = |e: &mut Emitter<'_, '_>, out: &mut Vec<Stmt>, these: &[usize], col: &Expr| {
         let n = plan.b[these[0]].2 as i64;
         // The dot products of the warp: each matmul's at `col`, or a rotary pair's two.
-        let cols = warp_columns(e, out, these[0]);
+        let cols = warp_columns(e, out, these[0], col);
         let streams: Vec<(usize, Expr)> = if cols.len() > 1 {
             cols.iter().map(|c| (these[0], c.clone())).collect()
         } else {
@@ -453,7 +476,7 @@ pub(crate) fn emit(
             .collect();
         let mut load_first = |e: &mut Emitter<'_, '_>, these: &[usize]| -> Vec<Stmt> {
             let mut out = Vec::new();
-            let mut columns = setup(e, &mut out, these);
+            let mut columns = setup(e, &mut out, these, &col);
             if k / (32 * vector * columns.unroll) > 0 {
                 let mut regs = pool.chunks(VECTOR as usize);
                 let first: Vec<Vec<Vec<VarId>>> = (0..columns.unroll)
@@ -505,10 +528,15 @@ pub(crate) fn emit(
         None => e.buffer(plan.a_source, kiln_kir::Access::Read),
     };
     // The matmuls of this block (all, or one segment's), their column and loop.
-    let column = |e: &mut Emitter<'_, '_>, out: &mut Vec<Stmt>, these: &[usize]| -> EResult<()> {
+    let looped = plan.looped_grid();
+    let mut column = |e: &mut Emitter<'_, '_>,
+                      out: &mut Vec<Stmt>,
+                      these: &[usize],
+                      col: &Expr|
+     -> EResult<()> {
         let columns = match ready[these[0]].take() {
             Some(columns) => columns,
-            None => setup(e, out, these),
+            None => setup(e, out, these, col),
         };
         let Columns {
             n,
@@ -655,8 +683,9 @@ pub(crate) fn emit(
                 None,
             );
         }
-        // Every weight load is issued: the next kernel may launch (and prefetch).
-        if plan.trigger {
+        // Every weight load is issued: the next kernel may launch (and prefetch). A block
+        // looping over column groups lets it launch after its last group.
+        if plan.trigger && looped.is_none() {
             out.push(Stmt::LaunchDependents);
         }
         // The chains added, then the lanes' sums: every lane ends with the total.
@@ -702,7 +731,7 @@ pub(crate) fn emit(
             let per_column: Vec<(&Expr, &[VarId])> = if cols.len() > 1 {
                 cols.iter().zip(accs.chunks(1)).collect()
             } else {
-                vec![(&col, &accs[..])]
+                vec![(col, &accs[..])]
             };
             for (c, accs) in per_column {
                 let at = OutputElement {
@@ -732,7 +761,53 @@ pub(crate) fn emit(
         }
         Ok(())
     };
-    emit_columns(e, &mut body, segment.as_ref(), &plan.b, &matmuls, column)?;
+    match looped {
+        None => emit_columns(
+            e,
+            &mut body,
+            segment.as_ref(),
+            &plan.b,
+            &matmuls,
+            |e, out, these| column(e, out, these, &col),
+        )?,
+        Some(grid) => {
+            // The block's groups: the first (peeled where its first weights are already in
+            // registers), then every `grid`-th after it, below the groups.
+            let groups = plan.b[0].2.div_ceil(u64::from(WARPS)) as i64;
+            let mut start = e.special(Special::BlockIdx(0));
+            if preload {
+                e.push_scope();
+                emit_columns(e, &mut body, None, &plan.b, &matmuls, |e, out, these| {
+                    column(e, out, these, &col)
+                })?;
+                e.pop_scope();
+                start = add(start, e.ix(grid as i64));
+            }
+            let group_var = e.var("group", ity);
+            e.set_range(group_var, 0, groups - 1);
+            let mut inner = Vec::new();
+            e.push_scope();
+            let at = add(
+                mul(Expr::var(group_var), e.ix(i64::from(WARPS))),
+                index(warp.clone()),
+            );
+            let group_col = e.bind(&mut inner, "col", ity, at);
+            emit_columns(e, &mut inner, None, &plan.b, &matmuls, |e, out, these| {
+                column(e, out, these, &group_col)
+            })?;
+            e.pop_scope();
+            body.push(Stmt::For {
+                var: group_var,
+                start,
+                end: e.ix(groups),
+                step: e.ix(grid as i64),
+                body: inner,
+            });
+            if plan.trigger {
+                body.push(Stmt::LaunchDependents);
+            }
+        }
+    }
     if symbolic_rows {
         guard_rows(e, &mut body, prelude, m_size);
     }
@@ -743,7 +818,7 @@ pub(crate) fn emit(
     let blocks = if segmented {
         plan.segments.iter().map(|s| s.blocks).sum()
     } else {
-        plan.b[0].2.div_ceil(u64::from(WARPS))
+        looped.unwrap_or_else(|| plan.b[0].2.div_ceil(u64::from(WARPS)))
     };
     Ok(Body {
         what,
