@@ -205,12 +205,18 @@ pub struct GemmTuning {
     /// after its grid-dependency wait (`griddepcontrol.launch_dependents`), so that the
     /// next one's blocks load their constant weights (`preload`) while this one runs. After
     /// the wait, not before it: a kernel launched early cannot let a third one launch
-    /// before it has started its own work.
+    /// before it has started its own work. Off by default: the 1.1B decode step on the H100
+    /// measured 1.315 / 1.299 ms a token with it against 1.307 / 1.315 without, within
+    /// the runs' noise (`…-decode-ab-1f8206f.txt`).
     pub early_trigger: bool,
     /// Whether a GEMV block (and a tensor-core GEMV warp, `mma_gemv`) loads its first step
     /// of weights before its grid-dependency wait (weights are checkpoint tensors,
     /// [`kiln_kir::Access::Constant`]): with programmatic dependent launch those loads, and
     /// a norm prologue's statistic after the wait, overlap the end of the kernel before it.
+    /// Not in the q/k/v grid that writes the KV caches (ptxas spilled with it). Off by
+    /// default: the 1.1B decode step on the H100 measured no faster with it (1.401, 1.307,
+    /// 1.315 ms a token against 1.259, 1.329 and, with the merge kernel, 1.226 / 1.330
+    /// without; `…-decode-ab-{c505a83,1f8206f}.txt`).
     pub preload: bool,
     /// Whether matmuls of at most [`GEMV_ROWS`] rows (a constant, or a symbolic row count
     /// as a further run-time variant) of `linear` weights take the GEMV template
@@ -283,7 +289,7 @@ impl Default for GemmTuning {
             prefetch_mib: 0,
             trigger: false,
             early_trigger: false,
-            preload: true,
+            preload: false,
             gemv: true,
             gemv_unroll: 8,
             gemv_blocks: 0,
@@ -496,10 +502,13 @@ pub struct PagedTuning {
     /// to zero for the next launch. One launch a layer fewer (16 in the 1.1B decode step,
     /// whose merge kernels took 4.2 µs a layer on the H100, mostly fixed cost); the last
     /// block reads only the partition states, (D + 2) floats a partition and query head.
-    /// Default on, for short block tables only (the variant of at most `short_context`
-    /// positions): on the H100 the long-context case (64 sequences of 4096 keys) read
-    /// 2198 GB/s with it against 2518 with the merge kernel, so long tables keep the merge
-    /// kernel. Off: the merge kernel everywhere.
+    /// For short block tables only (the variant of at most `short_context` positions): on
+    /// the H100 the long-context case (64 sequences of 4096 keys) read 2198 GB/s with it
+    /// against 2518 with the merge kernel. Off by default: in the 1.1B decode step
+    /// (Nsight Compute, `…-decode-step-ncu-efa79d4.csv`) the partial kernel with the merge
+    /// took 12.2 µs against 7.7 + 4.2 for the partial and merge kernels, since the last
+    /// block's merge runs after every other block, as the merge kernel did, and the wall
+    /// clock showed no gain.
     pub fused_merge: bool,
 }
 
@@ -517,7 +526,7 @@ impl Default for PagedTuning {
             lanes: 16,
             mma_warps: 1,
             one_pass: 0,
-            fused_merge: true,
+            fused_merge: false,
         }
     }
 }
