@@ -502,9 +502,8 @@ pub struct PagedTuning {
     /// to zero for the next launch. One launch a layer fewer (16 in the 1.1B decode step,
     /// whose merge kernels took 4.2 µs a layer on the H100, mostly fixed cost); the last
     /// block reads only the partition states, (D + 2) floats a partition and query head.
-    /// For short block tables only (the variant of at most `short_context` positions): on
-    /// the H100 the long-context case (64 sequences of 4096 keys) read 2198 GB/s with it
-    /// against 2518 with the merge kernel. Off by default: in the 1.1B decode step
+    /// Off by default: on the H100 the long-context case (64 sequences of 4096 keys) read
+    /// 2198 GB/s with it against 2518 with the merge kernel, and in the 1.1B decode step
     /// (Nsight Compute, `…-decode-step-ncu-efa79d4.csv`) the partial kernel with the merge
     /// took 12.2 µs against 7.7 + 4.2 for the partial and merge kernels, since the last
     /// block's merge runs after every other block, as the merge kernel did, and the wall

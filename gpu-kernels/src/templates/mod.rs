@@ -762,8 +762,6 @@ pub(crate) fn build(
     }
     if let GroupKind::PagedAttention(out) = &group.kind {
         let mut tuning = options.paged;
-        // Long tables keep the merge kernel (`PagedTuning::fused_merge`).
-        tuning.fused_merge &= small;
         if small {
             tuning.part = tuning.short_part;
             tuning.tile = 0;
