@@ -285,7 +285,8 @@ const TUNE_POINTWISE: &str = "KILN_TUNE_POINTWISE";
 /// staged design, `mma.sync` scores and weighted values; 0: the CUDA-core one), `onepass=N`
 /// (warps of the short-context variant's one-pass kernel, no merge kernel; 0: the partial
 /// and merge kernels of `short_part` partitions), `fusedmerge=0|1` (the partial kernel's
-/// last block of a token and head group merges the partitions, no merge kernel); defaults in
+/// last block of a token and head group merges the partitions, no merge kernel; default 0);
+/// defaults in
 /// [`kiln_gpu_kernels::PagedTuning`]. Example: `KILN_TUNE_PAGED=tile=32,stages=2,part=256`.
 const TUNE_PAGED: &str = "KILN_TUNE_PAGED";
 
@@ -302,8 +303,8 @@ const TUNE_PAGED: &str = "KILN_TUNE_PAGED";
 /// `trigger=0|1` (a decode GEMM block lets the next kernel launch after its main loop;
 /// default 0), `early=0|1` (every other kernel lets the next launch right after its
 /// grid-dependency wait; default 0), `preload=0|1` (a GEMV block loads its first weights
-/// before its grid-dependency wait; default 1), `gemv=0|1` (matmuls of at most 4 rows of a `linear` weight take the GEMV
-/// template, a warp a column, no split-K; default 1), `gemvunroll=N` (16-byte weight vectors
+/// before its grid-dependency wait; default 0), `gemv=0|1` (matmuls of at most 4 rows of
+/// a `linear` weight take the GEMV template, a warp a column, no split-K; default 1), `gemvunroll=N` (16-byte weight vectors
 /// a lane loads together per step; default 8), `gemvblocks=N` (the most blocks of a GEMV
 /// that is not a grid of segments, each looping over column groups so that its norm
 /// prologue and preload are paid once a block; default 0, a block a group of 4 columns),

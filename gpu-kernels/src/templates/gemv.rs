@@ -29,6 +29,12 @@
 //! the norm prologue, the prefetch and the preload run once a block, for its first group
 //! (which is peeled from the loop when preloaded), the epilogue once a group.
 //!
+//! With `GemmTuning::preload`, where every weight is a checkpoint tensor (no kernel writes
+//! it: `kiln_kir::Access::Constant`) and K holds a whole step, a block issues its first
+//! step's weight loads, into one set of registers every segment shares, before its
+//! `GridDependencyWait`; the activations (and a norm prologue) come after the wait. Both
+//! options are off by default: neither made the 1.1B decode step faster on the H100.
+//!
 //! Columns past N load row N - 1 (no guard in the loop) and store nothing. A symbolic M
 //! (the GEMV variant of a plan that picks it at run time for M at most [`GEMV_ROWS`]) is
 //! held as four rows whose work past M is skipped by a branch every thread takes alike.
@@ -330,6 +336,26 @@ pub(crate) fn emit_columns(
     Ok(())
 }
 
+/// The statements `matmuls(e, these)` makes for the block's matmuls: one matmul's in each
+/// branch of a grid of segments (`segment` the block's), or all `n` at once.
+pub(crate) fn per_segment(
+    e: &mut Emitter<'_, '_>,
+    segment: Option<&Expr>,
+    n: usize,
+    mut matmuls: impl FnMut(&mut Emitter<'_, '_>, &[usize]) -> Vec<Stmt>,
+) -> Vec<Stmt> {
+    match segment {
+        Some(which) => {
+            let branches = (0..n).map(|i| matmuls(e, &[i])).collect();
+            by_segment(which, branches)
+        }
+        None => {
+            let all: Vec<usize> = (0..n).collect();
+            matmuls(e, &all)
+        }
+    }
+}
+
 /// Puts the statements of `body` after `prelude` under `0 < m_size`: a symbolic row count of
 /// 0 reads no row.
 pub(crate) fn guard_rows(
@@ -418,16 +444,8 @@ pub(crate) fn emit(
             stmts.push(Stmt::if_then(first_lane.clone(), prefetches));
             stmts
         };
-        match &segment {
-            Some(which) => {
-                let branches = (0..plan.b.len()).map(|i| rows(e, &[i])).collect();
-                body.extend(by_segment(which, branches));
-            }
-            None => {
-                let all: Vec<usize> = (0..plan.b.len()).collect();
-                body.extend(rows(e, &all));
-            }
-        }
+        let stmts = per_segment(e, segment.as_ref(), plan.b.len(), rows);
+        body.extend(stmts);
     }
     // The warp's columns, weight rows and unroll for the matmuls `these` (all, or one
     // segment's).
@@ -474,7 +492,7 @@ pub(crate) fn emit(
         let pool: Vec<VarId> = (0..MAX_WEIGHT_REGISTERS)
             .map(|_| e.var("w", Ty::F32))
             .collect();
-        let mut load_first = |e: &mut Emitter<'_, '_>, these: &[usize]| -> Vec<Stmt> {
+        let load_first = |e: &mut Emitter<'_, '_>, these: &[usize]| -> Vec<Stmt> {
             let mut out = Vec::new();
             let mut columns = setup(e, &mut out, these, &col);
             if k / (32 * vector * columns.unroll) > 0 {
@@ -504,16 +522,8 @@ pub(crate) fn emit(
             ready[these[0]] = Some(columns);
             out
         };
-        match &segment {
-            Some(which) => {
-                let branches = (0..plan.b.len()).map(|i| load_first(e, &[i])).collect();
-                body.extend(by_segment(which, branches));
-            }
-            None => {
-                let all: Vec<usize> = (0..plan.b.len()).collect();
-                body.extend(load_first(e, &all));
-            }
-        }
+        let stmts = per_segment(e, segment.as_ref(), plan.b.len(), load_first);
+        body.extend(stmts);
     }
     if plan.prefetch.is_some() || preload {
         body.push(Stmt::GridDependencyWait);

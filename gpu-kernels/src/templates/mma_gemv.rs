@@ -54,9 +54,7 @@
 //! kernel before may still be writing) and the products follow the wait.
 
 use super::matmul::{epilogue_lanes, kernel_name, OutputElement};
-use super::mma_gemm::{
-    and_mask, by_segment, i32c, matmuls_of, segment_of_block, segments, shr, Segment,
-};
+use super::mma_gemm::{and_mask, i32c, matmuls_of, segment_of_block, segments, shr, Segment};
 use super::{Body, Variant};
 use crate::emit::{add, lt, min_e, mul, EResult, Emitter};
 use crate::partition::Group;
@@ -300,16 +298,8 @@ pub(crate) fn emit(
             let lanes = Stmt::if_then(tig.clone().equals(i32c(0)), prefetches);
             vec![Stmt::if_then(warp.clone().equals(i32c(0)), vec![lanes])]
         };
-        match &segment {
-            Some(which) => {
-                let branches = (0..plan.b.len()).map(|i| rows(e, &[i])).collect();
-                body.extend(by_segment(which, branches));
-            }
-            None => {
-                let all: Vec<usize> = (0..plan.b.len()).collect();
-                body.extend(rows(e, &all));
-            }
-        }
+        let stmts = super::gemv::per_segment(e, segment.as_ref(), plan.b.len(), rows);
+        body.extend(stmts);
     }
     // The lane's k in the chunks `base + (j * warps) * 32` (j in `0..chunks`).
     let chunk_offsets =
@@ -360,7 +350,7 @@ pub(crate) fn emit(
         let pool: Vec<VarId> = (0..MAX_WEIGHT_REGISTERS)
             .map(|_| e.var("p", Ty::I32))
             .collect();
-        let mut load_first = |e: &mut Emitter<'_, '_>, these: &[usize]| -> Vec<Stmt> {
+        let load_first = |e: &mut Emitter<'_, '_>, these: &[usize]| -> Vec<Stmt> {
             let mut out = Vec::new();
             let mut weights = setup(e, &mut out, these);
             let offsets = chunk_offsets(e, &mut out, e.ix(0), unroll);
@@ -387,16 +377,8 @@ pub(crate) fn emit(
             ready[these[0]] = Some(weights);
             out
         };
-        match &segment {
-            Some(which) => {
-                let branches = (0..plan.b.len()).map(|i| load_first(e, &[i])).collect();
-                body.extend(by_segment(which, branches));
-            }
-            None => {
-                let all: Vec<usize> = (0..plan.b.len()).collect();
-                body.extend(load_first(e, &all));
-            }
-        }
+        let stmts = super::gemv::per_segment(e, segment.as_ref(), plan.b.len(), load_first);
+        body.extend(stmts);
     }
     if plan.prefetch.is_some() || preload {
         body.push(Stmt::GridDependencyWait);

@@ -7,9 +7,10 @@
 //! their loads issued together. The block's warps are merged through shared memory
 //! into one partial result per query head (running max, sum and weighted values) in an f32
 //! workspace; a second kernel merges the partitions of each (token, head) in order and
-//! stores the output. By default (`PagedTuning::fused_merge`) there is no second kernel:
-//! the block that finishes last among a (token, key/value head)'s partitions, found with an
-//! atomic counter, merges them the same way ([`last_block_merge`]). Keys are read through
+//! stores the output. With `PagedTuning::fused_merge` (off by default: no faster on the H100)
+//! there is no second kernel: the block that finishes last among a (token, key/value
+//! head)'s partitions, found with an atomic counter, merges them the same way
+//! ([`last_block_merge`]). Keys are read through
 //! the block table; a token with a negative sequence (padding) gets zeros.
 //!
 //! Short block tables (the variant of at most `PagedTuning::short_context` positions) take
@@ -1350,10 +1351,6 @@ fn last_block_merge(
     });
     body.push(Stmt::Barrier);
     let mut merge = Vec::new();
-    let most = e.var("most", Ty::F32);
-    let (total, weighted) = (e.var("total", Ty::F32), e.var("weighted", Ty::F32));
-    let at = e.var("at", ity);
-    let scale = e.var("scale", Ty::F32);
     let heads = e.ix((shape.kv_heads * group) as i64);
     for first in (0..group * d).step_by(threads as usize) {
         let mut item_body = Vec::new();
@@ -1366,63 +1363,7 @@ fn last_block_merge(
         let row =
             (token.clone() * heads.clone() + head.clone()) * parts.clone() * e.ix(d as i64 + 2);
         let row = e.bind(&mut item_body, "first", ity, row);
-        item_body.push(Stmt::Assign(most, f(f32::NEG_INFINITY)));
-        let pv = e.var("p", ity);
-        item_body.push(Stmt::For {
-            var: pv,
-            start: e.ix(0),
-            end: parts.clone(),
-            step: e.ix(1),
-            body: vec![Stmt::Assign(
-                most,
-                Expr::var(most).max(Expr::load(
-                    ws,
-                    row.clone() + Expr::var(pv) * e.ix(d as i64 + 2) + e.ix(d as i64),
-                )),
-            )],
-        });
-        item_body.push(Stmt::Assign(total, f(0.0)));
-        item_body.push(Stmt::Assign(weighted, f(0.0)));
-        let pw = e.var("p", ity);
-        item_body.push(Stmt::For {
-            var: pw,
-            start: e.ix(0),
-            end: parts.clone(),
-            step: e.ix(1),
-            body: vec![
-                Stmt::Assign(at, row + Expr::var(pw) * e.ix(d as i64 + 2)),
-                Stmt::Assign(
-                    scale,
-                    Expr::select(
-                        Expr::var(most).gt(f(f32::NEG_INFINITY)),
-                        (Expr::load(ws, Expr::var(at) + e.ix(d as i64)) - Expr::var(most))
-                            .apply(UnOp::Exp),
-                        f(0.0),
-                    ),
-                ),
-                Stmt::Assign(
-                    total,
-                    Expr::fma(
-                        Expr::load(ws, Expr::var(at) + e.ix(d as i64 + 1)),
-                        Expr::var(scale),
-                        Expr::var(total),
-                    ),
-                ),
-                Stmt::Assign(
-                    weighted,
-                    Expr::fma(
-                        Expr::load(ws, Expr::var(at) + c.clone()),
-                        Expr::var(scale),
-                        Expr::var(weighted),
-                    ),
-                ),
-            ],
-        });
-        let value = Expr::select(
-            Expr::var(total).gt(f(0.0)),
-            Expr::binary(BinOp::Div, Expr::var(weighted), Expr::var(total)),
-            f(0.0),
-        );
+        let value = merged(e, &mut item_body, ws, &row, &parts, d, &c);
         e.store(&mut item_body, out, &[token.clone(), head, c], vec![value]);
         if first + threads as usize <= group * d {
             merge.extend(item_body);
@@ -1447,29 +1388,21 @@ fn last_block_merge(
     Ok(())
 }
 
-/// The second kernel: one block of D threads per (token, head) merges the partitions in
-/// order and stores the output.
-pub(crate) fn emit_merge(e: &mut Emitter<'_, '_>, out: Value, shape: &PagedShape) -> EResult<Body> {
-    let g = e.g;
+/// The merged output element `c` of the partitions' states at `row` of the workspace `ws`
+/// (`parts` states of `d + 2` floats: the weighted values, the maximum, the sum): the
+/// largest maximum, then the states rescaled to it and added in partition order. Shared by
+/// the merge kernel and the partial kernel's last block, so both give the same bits.
+fn merged(
+    e: &mut Emitter<'_, '_>,
+    body: &mut Vec<Stmt>,
+    ws: Buf,
+    row: &Expr,
+    parts: &Expr,
+    d: usize,
+    c: &Expr,
+) -> Expr {
     let ity = e.index_ty;
-    let d = shape.d;
-    let heads = (shape.kv_heads * shape.group) as i64;
-    let mut body = Vec::new();
-    let flat = e.special(Special::BlockIdx(0));
-    let flat = e.bind(&mut body, "row", ity, flat);
-    let token = e.bind(&mut body, "token", ity, flat.clone() / e.ix(heads));
-    let head = e.bind(&mut body, "head", ity, flat.clone() % e.ix(heads));
-    let c = e.special(Special::ThreadIdx);
-    let c = e.bind(&mut body, "c", ity, c);
-    let ws = e.workspace(0, DType::F32, Access::Read);
-    let parts = partitions_expr(e, out, shape.part);
-    let parts = e.bind(&mut body, "parts", ity, parts);
-    let row = e.bind(
-        &mut body,
-        "first",
-        ity,
-        flat * parts.clone() * e.ix(d as i64 + 2),
-    );
+    let (row, parts) = (row.clone(), parts.clone());
     let most = e.var("most", Ty::F32);
     body.push(Stmt::Assign(most, f(f32::NEG_INFINITY)));
     let pv = e.var("p", ity);
@@ -1526,11 +1459,37 @@ pub(crate) fn emit_merge(e: &mut Emitter<'_, '_>, out: Value, shape: &PagedShape
             ),
         ],
     });
-    let value = Expr::select(
+    Expr::select(
         Expr::var(total).gt(f(0.0)),
         Expr::binary(BinOp::Div, Expr::var(weighted), Expr::var(total)),
         f(0.0),
+    )
+}
+
+/// The second kernel: one block of D threads per (token, head) merges the partitions in
+/// order and stores the output.
+pub(crate) fn emit_merge(e: &mut Emitter<'_, '_>, out: Value, shape: &PagedShape) -> EResult<Body> {
+    let g = e.g;
+    let ity = e.index_ty;
+    let d = shape.d;
+    let heads = (shape.kv_heads * shape.group) as i64;
+    let mut body = Vec::new();
+    let flat = e.special(Special::BlockIdx(0));
+    let flat = e.bind(&mut body, "row", ity, flat);
+    let token = e.bind(&mut body, "token", ity, flat.clone() / e.ix(heads));
+    let head = e.bind(&mut body, "head", ity, flat.clone() % e.ix(heads));
+    let c = e.special(Special::ThreadIdx);
+    let c = e.bind(&mut body, "c", ity, c);
+    let ws = e.workspace(0, DType::F32, Access::Read);
+    let parts = partitions_expr(e, out, shape.part);
+    let parts = e.bind(&mut body, "parts", ity, parts);
+    let row = e.bind(
+        &mut body,
+        "first",
+        ity,
+        flat * parts.clone() * e.ix(d as i64 + 2),
     );
+    let value = merged(e, &mut body, ws, &row, &parts, d, &c);
     e.store(&mut body, out, &[token, head, c], vec![value]);
     e.fused.insert(out);
     let q_shape = g.shape(out).to_vec();
