@@ -12,11 +12,11 @@
 mod common;
 
 use common::{
-    assert_assembles_without_spills, inputs_for, lower_with, same_bits_with_and_without, toolchain,
-    weights_for,
+    assert_assembles_without_spills, inputs_for, loads_before_wait, lower_with,
+    same_bits_with_and_without, toolchain, weights_for,
 };
 use kiln_gpu_kernels::{compile_function, GemmTuning, Options};
-use kiln_kir::{Access, Buf, Kernel, Param, Stmt};
+use kiln_kir::{Access, Kernel, Param, Stmt};
 use std::collections::BTreeMap;
 
 const SRC: &str = "import nn
@@ -76,49 +76,6 @@ fn gemvs(kernels: &[Kernel]) -> Vec<&Kernel> {
     kernels.iter().filter(|k| k.name.contains("gemv")).collect()
 }
 
-/// Whether `buf` is a constant buffer of `kernel`.
-fn constant(kernel: &Kernel, buf: Buf) -> bool {
-    match buf {
-        Buf::Global(i) => matches!(
-            kernel.params[i as usize],
-            Param::Buffer {
-                access: Access::Constant,
-                ..
-            }
-        ),
-        Buf::Shared(_) => false,
-    }
-}
-
-/// The weight loads of `stmts` (nested ones included) and whether each is of a constant
-/// buffer.
-fn loads_before(kernel: &Kernel, stmts: &[Stmt], out: &mut Vec<bool>) {
-    for stmt in stmts {
-        match stmt {
-            Stmt::LoadVec { buf, .. } => out.push(constant(kernel, *buf)),
-            Stmt::If {
-                then, otherwise, ..
-            } => {
-                loads_before(kernel, then, out);
-                loads_before(kernel, otherwise, out);
-            }
-            Stmt::For { body, .. } => loads_before(kernel, body, out),
-            _ => {}
-        }
-    }
-}
-
-/// The loads a GEMV kernel issues before its top-level wait (`None`: no explicit wait).
-fn preloads(kernel: &Kernel) -> Option<Vec<bool>> {
-    let wait = kernel
-        .body
-        .iter()
-        .position(|s| *s == Stmt::GridDependencyWait)?;
-    let mut out = Vec::new();
-    loads_before(kernel, &kernel.body[..wait], &mut out);
-    Some(out)
-}
-
 #[test]
 fn preloaded_gemvs_give_the_same_bits() {
     for t in [1, 3, 4] {
@@ -126,7 +83,8 @@ fn preloaded_gemvs_give_the_same_bits() {
             let kernels = same_bits(function, t, false);
             let gemv = gemvs(&kernels);
             assert_eq!(gemv.len(), 1, "@{function}: {:?}", kernels_names(&kernels));
-            let loads = preloads(gemv[0]).unwrap_or_else(|| panic!("@{function}: no wait"));
+            let loads =
+                loads_before_wait(gemv[0]).unwrap_or_else(|| panic!("@{function}: no wait"));
             assert!(
                 !loads.is_empty(),
                 "@{function}: nothing loaded before the wait"
@@ -151,7 +109,7 @@ fn the_norm_prologue_runs_after_the_wait_and_the_first_weights() {
             .expect("an explicit wait");
         let before = format!("{:?}", &gemv[0].body[..wait]);
         assert!(!before.contains("Barrier"), "{before}");
-        assert!(!preloads(gemv[0]).unwrap().is_empty());
+        assert!(!loads_before_wait(gemv[0]).unwrap().is_empty());
     }
 }
 
@@ -161,7 +119,7 @@ fn weights_computed_by_kernels_are_not_preloaded() {
     let kernels = same_bits("activations", 1, false);
     let gemv = gemvs(&kernels);
     assert_eq!(gemv.len(), 1);
-    assert_eq!(preloads(gemv[0]), None);
+    assert_eq!(loads_before_wait(gemv[0]), None);
     assert!(gemv[0].params.iter().all(|p| !matches!(
         p,
         Param::Buffer {
@@ -177,7 +135,7 @@ fn the_switch_off_leaves_the_wait_at_the_start() {
     for function in ["plain", "gate_up", "qkv_rope"] {
         let compiled = compile_function(&module, function, &options(false, false)).unwrap();
         for kernel in gemvs(&compiled.kernels) {
-            assert_eq!(preloads(kernel), None, "@{function}");
+            assert_eq!(loads_before_wait(kernel), None, "@{function}");
         }
     }
 }

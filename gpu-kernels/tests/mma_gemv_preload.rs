@@ -13,11 +13,11 @@
 mod common;
 
 use common::{
-    assert_assembles_without_spills, inputs_for, lower_with, same_bits_with_and_without, toolchain,
-    weights_for,
+    assert_assembles_without_spills, before_wait, inputs_for, lower_with,
+    same_bits_with_and_without, toolchain, weights_for, Before,
 };
 use kiln_gpu_kernels::{compile_function, GemmTuning, Options};
-use kiln_kir::{Access, Buf, Kernel, Param, Stmt};
+use kiln_kir::{Access, Kernel, Param, Stmt};
 use std::collections::BTreeMap;
 
 const SRC: &str = "import nn
@@ -99,63 +99,6 @@ fn mma_gemv(kernels: &[Kernel]) -> &Kernel {
 
 fn names(kernels: &[Kernel]) -> Vec<&str> {
     kernels.iter().map(|k| k.name.as_str()).collect()
-}
-
-/// Whether `buf` is a constant buffer of `kernel`.
-fn constant(kernel: &Kernel, buf: Buf) -> bool {
-    match buf {
-        Buf::Global(i) => matches!(
-            kernel.params[i as usize],
-            Param::Buffer {
-                access: Access::Constant,
-                ..
-            }
-        ),
-        Buf::Shared(_) => false,
-    }
-}
-
-/// What a kernel does before its wait: an L2 prefetch, or a load (of a constant buffer or
-/// not).
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Before {
-    Prefetch,
-    Load { constant: bool },
-}
-
-/// The prefetches and loads of `stmts` (nested ones included) in order.
-fn events(kernel: &Kernel, stmts: &[Stmt], out: &mut Vec<Before>) {
-    for stmt in stmts {
-        match stmt {
-            Stmt::LoadVec { buf, .. } => out.push(Before::Load {
-                constant: constant(kernel, *buf),
-            }),
-            Stmt::PrefetchL2 { .. } => out.push(Before::Prefetch),
-            Stmt::If {
-                then, otherwise, ..
-            } => {
-                events(kernel, then, out);
-                events(kernel, otherwise, out);
-            }
-            Stmt::For { body, .. } => events(kernel, body, out),
-            _ => {}
-        }
-    }
-}
-
-/// The prefetches and loads before the kernel's one top-level wait (`None`: no explicit
-/// wait); the kernel passes the kir verifier (rule 23: only constant buffers are read
-/// before the wait).
-fn before_wait(kernel: &Kernel) -> Option<Vec<Before>> {
-    kiln_kir::verify_kernel(kernel).unwrap_or_else(|e| panic!("{e}"));
-    let waits: Vec<usize> = (0..kernel.body.len())
-        .filter(|&i| kernel.body[i] == Stmt::GridDependencyWait)
-        .collect();
-    assert!(waits.len() <= 1, "{}: {} waits", kernel.name, waits.len());
-    let wait = *waits.first()?;
-    let mut out = Vec::new();
-    events(kernel, &kernel.body[..wait], &mut out);
-    Some(out)
 }
 
 /// The loads among `before` and whether all are of constant buffers.

@@ -672,3 +672,75 @@ pub fn mma_options() -> kiln_gpu_kernels::Options {
     options.gemm.mma_gemv = false;
     options
 }
+
+/// Whether `buf` is a constant buffer of `kernel`.
+pub fn constant(kernel: &Kernel, buf: kiln_kir::Buf) -> bool {
+    match buf {
+        kiln_kir::Buf::Global(i) => matches!(
+            kernel.params[i as usize],
+            kiln_kir::Param::Buffer {
+                access: kiln_kir::Access::Constant,
+                ..
+            }
+        ),
+        kiln_kir::Buf::Shared(_) => false,
+    }
+}
+
+/// What a kernel does before its wait: an L2 prefetch, or a load (of a constant buffer or
+/// not).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Before {
+    Prefetch,
+    Load { constant: bool },
+}
+
+/// The prefetches and loads of `stmts` (nested ones included) in order.
+pub fn events(kernel: &Kernel, stmts: &[kiln_kir::Stmt], out: &mut Vec<Before>) {
+    for stmt in stmts {
+        match stmt {
+            kiln_kir::Stmt::LoadVec { buf, .. } => out.push(Before::Load {
+                constant: constant(kernel, *buf),
+            }),
+            kiln_kir::Stmt::PrefetchL2 { .. } => out.push(Before::Prefetch),
+            kiln_kir::Stmt::If {
+                then, otherwise, ..
+            } => {
+                events(kernel, then, out);
+                events(kernel, otherwise, out);
+            }
+            kiln_kir::Stmt::For { body, .. } => events(kernel, body, out),
+            _ => {}
+        }
+    }
+}
+
+/// The prefetches and loads before the kernel's one top-level wait (`None`: no explicit
+/// wait); the kernel passes the kir verifier (rule 23: only constant buffers are read
+/// before the wait).
+pub fn before_wait(kernel: &Kernel) -> Option<Vec<Before>> {
+    kiln_kir::verify_kernel(kernel).unwrap_or_else(|e| panic!("{e}"));
+    let waits: Vec<usize> = (0..kernel.body.len())
+        .filter(|&i| kernel.body[i] == kiln_kir::Stmt::GridDependencyWait)
+        .collect();
+    assert!(waits.len() <= 1, "{}: {} waits", kernel.name, waits.len());
+    let wait = *waits.first()?;
+    let mut out = Vec::new();
+    events(kernel, &kernel.body[..wait], &mut out);
+    Some(out)
+}
+
+/// The loads before the kernel's top-level wait (`None`: no explicit wait), each whether it
+/// is of a constant buffer.
+pub fn loads_before_wait(kernel: &Kernel) -> Option<Vec<bool>> {
+    let before = before_wait(kernel)?;
+    Some(
+        before
+            .into_iter()
+            .filter_map(|b| match b {
+                Before::Load { constant } => Some(constant),
+                Before::Prefetch => None,
+            })
+            .collect(),
+    )
+}
