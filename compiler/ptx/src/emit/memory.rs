@@ -323,9 +323,6 @@ impl FunctionEmitter<'_, '_> {
         Ok(())
     }
 
-    /// `Stmt::CpAsync`: `cp.async.cg.shared.global [dst], [src], 16[, src-size]`, the
-    /// source size in bytes (omitted when it is a constant 16).
-    /// `cp.async.bulk.prefetch.L2.global [address], size;` (the caller checked the feature).
     /// `dst = atomicAdd(&buf[index], value)`: a relaxed GPU-scope `atom` (the default of an
     /// `atom` without qualifiers). What it publishes is ordered by the `Fence`s around it
     /// (`fence.acq_rel.gpu`, `Stmt::Fence`): in the PTX memory model a release fence
@@ -354,6 +351,7 @@ impl FunctionEmitter<'_, '_> {
         Ok(())
     }
 
+    /// `cp.async.bulk.prefetch.L2.global [address], size;` (the caller checked the feature).
     pub(super) fn prefetch_l2(
         &mut self,
         buf: Buf,
@@ -374,6 +372,8 @@ impl FunctionEmitter<'_, '_> {
         Ok(())
     }
 
+    /// `Stmt::CpAsync`: `cp.async.cg.shared.global [dst], [src], 16[, src-size]`, the
+    /// source size in bytes (omitted when it is a constant 16).
     pub(super) fn cp_async(
         &mut self,
         dst: Buf,
