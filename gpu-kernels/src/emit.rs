@@ -204,8 +204,8 @@ impl<'a, 'f> Emitter<'a, 'f> {
     /// `param`) that is read is [`Access::Constant`]: no kernel writes it, so its loads may
     /// precede the grid-dependency wait.
     pub fn buffer(&mut self, v: Value, access: Access) -> Buf {
-        let access = match (access, self.g.op(v)) {
-            (Access::Read, Some(Op::Param { .. })) => Access::Constant,
+        let access = match access {
+            Access::Read if self.g.is_checkpoint(v) => Access::Constant,
             _ => access,
         };
         if let Some(&i) = self.buffer_params.get(&v) {

@@ -112,6 +112,12 @@ impl<'f> FuncGraph<'f> {
         }
     }
 
+    /// A checkpoint tensor (`param`): no kernel of the program writes it, so a kernel may
+    /// load it before its grid-dependency wait (`Access::Constant`).
+    pub fn is_checkpoint(&self, v: Value) -> bool {
+        matches!(self.op(v), Some(Op::Param { .. }))
+    }
+
     /// Reductions and matmuls: values a kernel root computes.
     pub fn is_heavy(&self, v: Value) -> bool {
         matches!(

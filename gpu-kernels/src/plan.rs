@@ -833,17 +833,8 @@ fn launched_kernels(steps: &[Step], out: &mut BTreeSet<usize>) {
 /// grid-dependency wait (`GemmTuning::early_trigger`), unless `kernel` triggers itself. The
 /// implicit wait at the start becomes an explicit one so that the trigger follows it.
 fn trigger_after_wait(kernel: &mut Kernel) {
-    fn triggers(stmts: &[Stmt]) -> bool {
-        stmts.iter().any(|s| match s {
-            Stmt::LaunchDependents => true,
-            Stmt::If {
-                then, otherwise, ..
-            } => triggers(then) || triggers(otherwise),
-            Stmt::For { body, .. } => triggers(body),
-            _ => false,
-        })
-    }
-    if triggers(&kernel.body) {
+    let triggers = |s: &Stmt| *s == Stmt::LaunchDependents;
+    if kernel.body.iter().any(|s| s.any(&triggers)) {
         return;
     }
     match kernel

@@ -216,6 +216,18 @@ impl Stmt {
         }
     }
 
+    /// Whether `pred` holds for this statement or one nested in its branches or loop body.
+    pub fn any(&self, pred: &dyn Fn(&Stmt) -> bool) -> bool {
+        pred(self)
+            || match self {
+                Stmt::If {
+                    then, otherwise, ..
+                } => then.iter().chain(otherwise).any(|s| s.any(pred)),
+                Stmt::For { body, .. } => body.iter().any(|s| s.any(pred)),
+                _ => false,
+            }
+    }
+
     /// `if cond { then }` with no else branch.
     pub fn if_then(cond: impl Into<Expr>, then: Vec<Stmt>) -> Stmt {
         Stmt::If {

@@ -176,18 +176,6 @@ fn before_wait_violation<'s>(
     None
 }
 
-/// Whether some statement of `stmts` (nested ones included) is a `GridDependencyWait`.
-fn has_wait(stmts: &[Stmt]) -> bool {
-    stmts.iter().any(|stmt| match stmt {
-        Stmt::GridDependencyWait => true,
-        Stmt::If {
-            then, otherwise, ..
-        } => has_wait(then) || has_wait(otherwise),
-        Stmt::For { body, .. } => has_wait(body),
-        _ => false,
-    })
-}
-
 /// Whether `name` is a PTX identifier (without the leading `%` that PTX also allows).
 pub fn is_ptx_identifier(name: &str) -> bool {
     let mut chars = name.chars();
@@ -679,13 +667,9 @@ impl Checker<'_> {
             location: format!("statement {path} `{}`", self.names.stmt_head(stmt)),
         };
         for (i, stmt) in body.iter().enumerate() {
-            let nested = match stmt {
-                Stmt::If {
-                    then, otherwise, ..
-                } => has_wait(then) || has_wait(otherwise),
-                Stmt::For { body, .. } => has_wait(body),
-                _ => false,
-            };
+            // A wait inside this statement, not the statement itself.
+            let nested =
+                *stmt != Stmt::GridDependencyWait && stmt.any(&|s| *s == Stmt::GridDependencyWait);
             if nested {
                 return Err(self.error(
                     &site(format!("body[{i}]"), stmt),

@@ -48,7 +48,7 @@ use super::{Body, Variant};
 use crate::emit::{add, lt, mul, EResult, Emitter};
 use crate::partition::Group;
 use kiln_ir::{DType, Dim, Op, Value};
-use kiln_kir::{Expr, SizeExpr, Special, Stmt, Ty, VarId};
+use kiln_kir::{Buf, Expr, SizeExpr, Special, Stmt, Ty, VarId};
 
 /// The most rows (M) the template takes: every row's accumulators live in each lane.
 pub const GEMV_ROWS: u64 = 4;
@@ -174,9 +174,9 @@ pub(crate) fn plan(
         .max(1);
     let widths: Vec<u64> = b.iter().map(|s| s.2).collect();
     let prefetch = prefetch_share(&options.gemm, &widths, k, dtype);
-    let preload = options.gemm.preload
-        && b.iter()
-            .all(|w| matches!(g.op(w.0), Some(Op::Param { .. })));
+    // A whole step needs K of at least one vector a lane (the unroll is cut to K).
+    let preload =
+        options.gemm.preload && k >= 32 * VECTOR && b.iter().all(|w| g.is_checkpoint(w.0));
     Some(GemvPlan {
         a_source,
         b,
@@ -356,6 +356,36 @@ pub(crate) fn per_segment(
     }
 }
 
+/// A preload's first step: for each of `offsets` and each `(buffer, row)` stream, one
+/// `width`-element vector at `row + offset` into the next registers of `pool`, which every
+/// segment of a grid shares. Returns the registers by offset and stream.
+pub(crate) fn load_into_pool(
+    out: &mut Vec<Stmt>,
+    pool: &[VarId],
+    width: usize,
+    offsets: &[Expr],
+    streams: &[(Buf, Expr)],
+) -> Vec<Vec<Vec<VarId>>> {
+    let mut regs = pool.chunks(width);
+    offsets
+        .iter()
+        .map(|at| {
+            streams
+                .iter()
+                .map(|(buf, row)| {
+                    let dsts = regs.next().expect("the step fits the pool").to_vec();
+                    out.push(Stmt::LoadVec {
+                        dsts: dsts.clone(),
+                        buf: *buf,
+                        index: add(row.clone(), at.clone()),
+                    });
+                    dsts
+                })
+                .collect()
+        })
+        .collect()
+}
+
 /// Puts the statements of `body` after `prelude` under `0 < m_size`: a symbolic row count of
 /// 0 reads no row.
 pub(crate) fn guard_rows(
@@ -487,7 +517,7 @@ pub(crate) fn emit(
     // one set of registers that every segment shares (so that the branches leave no more
     // registers live than one of them).
     let mut ready: Vec<Option<Columns>> = (0..plan.b.len()).map(|_| None).collect();
-    let preload = plan.preload && (k / (32 * vector * i64::from(plan.unroll))) > 0;
+    let preload = plan.preload;
     if preload {
         let pool: Vec<VarId> = (0..MAX_WEIGHT_REGISTERS)
             .map(|_| e.var("w", Ty::F32))
@@ -495,30 +525,20 @@ pub(crate) fn emit(
         let load_first = |e: &mut Emitter<'_, '_>, these: &[usize]| -> Vec<Stmt> {
             let mut out = Vec::new();
             let mut columns = setup(e, &mut out, these, &col);
-            if k / (32 * vector * columns.unroll) > 0 {
-                let mut regs = pool.chunks(VECTOR as usize);
-                let first: Vec<Vec<Vec<VarId>>> = (0..columns.unroll)
-                    .map(|u| {
-                        let at = add(columns.lane_k.clone(), e.ix(u * 32 * vector));
-                        let at = e.bind(&mut out, "k0", ity, at);
-                        columns
-                            .w_bufs
-                            .iter()
-                            .zip(&columns.w_rows)
-                            .map(|(&buf, row)| {
-                                let dsts = regs.next().expect("the unroll fits the pool").to_vec();
-                                out.push(Stmt::LoadVec {
-                                    dsts: dsts.clone(),
-                                    buf,
-                                    index: add(row.clone(), at.clone()),
-                                });
-                                dsts
-                            })
-                            .collect()
-                    })
-                    .collect();
-                columns.first = Some(first);
-            }
+            let offsets: Vec<Expr> = (0..columns.unroll)
+                .map(|u| {
+                    let at = add(columns.lane_k.clone(), e.ix(u * 32 * vector));
+                    e.bind(&mut out, "k0", ity, at)
+                })
+                .collect();
+            let streams: Vec<(Buf, Expr)> = columns
+                .w_bufs
+                .iter()
+                .copied()
+                .zip(columns.w_rows.iter().cloned())
+                .collect();
+            let first = load_into_pool(&mut out, &pool, VECTOR as usize, &offsets, &streams);
+            columns.first = Some(first);
             ready[these[0]] = Some(columns);
             out
         };

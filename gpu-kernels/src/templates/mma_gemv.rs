@@ -59,7 +59,7 @@ use super::{Body, Variant};
 use crate::emit::{add, lt, min_e, mul, EResult, Emitter};
 use crate::partition::Group;
 use kiln_ir::{DType, Dim, Value};
-use kiln_kir::{Expr, MmaInput, SizeExpr, Special, Stmt, Ty, VarId};
+use kiln_kir::{Buf, Expr, MmaInput, SizeExpr, Special, Stmt, Ty, VarId};
 
 /// The most rows (M) the template takes: one m16 tile.
 pub const MMA_GEMV_ROWS: u64 = 16;
@@ -187,8 +187,8 @@ pub(crate) fn plan(
         .max(1);
     // Checkpoint tensors only: no kernel writes them, so they may be read before the wait.
     let preload = options.gemm.preload
-        && b.iter()
-            .all(|w| matches!(g.op(w.0), Some(kiln_ir::Op::Param { .. })));
+        && k >= CHUNK * u64::from(warps)
+        && b.iter().all(|w| g.is_checkpoint(w.0));
     Some(MmaGemvPlan {
         input,
         a_source,
@@ -345,7 +345,7 @@ pub(crate) fn emit(
     // one set of registers that every segment shares (so that the branches leave no more
     // registers live than one of them).
     let mut ready: Vec<Option<Weights>> = (0..plan.b.len()).map(|_| None).collect();
-    let preload = plan.preload && full > 0;
+    let preload = plan.preload;
     if preload {
         let pool: Vec<VarId> = (0..MAX_WEIGHT_REGISTERS)
             .map(|_| e.var("p", Ty::I32))
@@ -354,25 +354,18 @@ pub(crate) fn emit(
             let mut out = Vec::new();
             let mut weights = setup(e, &mut out, these);
             let offsets = chunk_offsets(e, &mut out, e.ix(0), unroll);
-            let mut regs = pool.chunks(VECTOR as usize / 2);
-            let first = offsets
+            let streams: Vec<(Buf, Expr)> = weights
+                .w_bufs
                 .iter()
-                .map(|at| {
-                    weights
-                        .w_bufs
-                        .iter()
-                        .map(|&buf| {
-                            let dsts = regs.next().expect("the step fits the pool").to_vec();
-                            out.push(Stmt::LoadVec {
-                                dsts: dsts.clone(),
-                                buf,
-                                index: add(weights.w_row.clone(), at.clone()),
-                            });
-                            dsts
-                        })
-                        .collect()
-                })
+                .map(|&buf| (buf, weights.w_row.clone()))
                 .collect();
+            let first = super::gemv::load_into_pool(
+                &mut out,
+                &pool,
+                VECTOR as usize / 2,
+                &offsets,
+                &streams,
+            );
             weights.first = Some(first);
             ready[these[0]] = Some(weights);
             out
