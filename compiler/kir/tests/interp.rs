@@ -844,26 +844,20 @@ fn atomic_adds_count_the_blocks_in_order_and_the_last_one_sees_every_store() {
 
 #[test]
 fn an_atomic_add_needs_an_i32_global_buffer() {
-    let mut k = KernelBuilder::new("atomic_f32", 32);
-    let buf = k.buffer("x", DType::F32, Access::ReadWrite);
-    let old = k.var("old", Ty::I32);
-    let kernel = k.finish(vec![Stmt::AtomicAdd {
-        dst: old,
-        buf,
-        index: Expr::i32(0),
-        value: Expr::i32(1),
-    }]);
-    let err = kiln_kir::verify::verify_kernel(&kernel).unwrap_err();
-    assert!(err.to_string().contains("not i32"), "{err}");
-    let mut k = KernelBuilder::new("atomic_read_only", 32);
-    let buf = k.buffer("x", DType::I32, Access::Read);
-    let old = k.var("old", Ty::I32);
-    let kernel = k.finish(vec![Stmt::AtomicAdd {
-        dst: old,
-        buf,
-        index: Expr::i32(0),
-        value: Expr::i32(1),
-    }]);
-    let err = kiln_kir::verify::verify_kernel(&kernel).unwrap_err();
-    assert!(err.to_string().contains("writes buffer"), "{err}");
+    for (dtype, access, expected) in [
+        (DType::F32, Access::ReadWrite, "not i32"),
+        (DType::I32, Access::Read, "writes buffer"),
+    ] {
+        let mut k = KernelBuilder::new("atomic", 32);
+        let buf = k.buffer("x", dtype, access);
+        let old = k.var("old", Ty::I32);
+        let kernel = k.finish(vec![Stmt::AtomicAdd {
+            dst: old,
+            buf,
+            index: Expr::i32(0),
+            value: Expr::i32(1),
+        }]);
+        let err = kiln_kir::verify::verify_kernel(&kernel).unwrap_err();
+        assert!(err.to_string().contains(expected), "{err}");
+    }
 }
