@@ -5,7 +5,9 @@
 //! each step's logits copied back to the host as generation needs them. Reports the time per
 //! decoded token and its fraction of the weight-streaming limit (the bytes of every weight a
 //! decode step reads, divided by the copy bandwidth measured in the same run), and with
-//! `benches/torch_peers.py decode` output, transformers' `generate` on the same shapes.
+//! `benches/torch_peers.py decode` output, transformers' `generate` on the same shapes. The
+//! last decode step is also replayed on the device alone (CUDA events around its graph), which
+//! splits a token's time into the GPU's share and the host's.
 
 use crate::bench::{read_peers, Gpu};
 use anyhow::{anyhow, Context, Result};
@@ -38,6 +40,9 @@ pub(crate) struct DecodeArgs {
 use kiln_driver::bench_serve::LLAMA_1B;
 
 const BLOCK_TOKENS: usize = 16;
+
+/// Replays of the last decode step timed on the device alone.
+const GPU_STEP_RUNS: usize = 50;
 
 pub(crate) fn run(args: DecodeArgs) -> Result<ExitCode> {
     if args.prompt == 0 || args.new_tokens < 2 {
@@ -129,6 +134,9 @@ pub(crate) fn run(args: DecodeArgs) -> Result<ExitCode> {
     let (prefill_ms, decode_ms) = timed.expect("two runs");
     let decode_steps = args.new_tokens - 1;
     let ms_per_token = decode_ms / decode_steps as f64;
+    // The last decode step replayed on the device alone: the GPU's share of a token, the
+    // rest being the host's (input copies, the logits copy, the argmax, launching).
+    let gpu_step = plans.time_last_kept_run(STEP_ENTRY, GPU_STEP_RUNS)?;
     let limit_ms = weight_bytes as f64 / (copy_gbs * 1e9) * 1e3;
     let torch = read_peers(args.torch_json.as_deref())?;
     let torch_ms = torch
@@ -145,6 +153,14 @@ pub(crate) fn run(args: DecodeArgs) -> Result<ExitCode> {
         args.prompt,
         1e3 / ms_per_token,
         100.0 * limit_ms / ms_per_token
+    );
+    println!(
+        "kiln: the last decode step on the GPU alone {:.3} ms (median of {GPU_STEP_RUNS} \
+         replays, {:.3}-{:.3}); the host's share of a token {:.3} ms",
+        gpu_step.median_ms,
+        gpu_step.min_ms,
+        gpu_step.max_ms,
+        ms_per_token - gpu_step.median_ms
     );
     if let Some(t) = torch_ms {
         println!(
@@ -169,6 +185,9 @@ pub(crate) fn run(args: DecodeArgs) -> Result<ExitCode> {
             "decode_tokens_per_s": 1e3 / ms_per_token,
             "fraction_of_weight_streaming_limit": limit_ms / ms_per_token,
             "end_to_end_tokens_per_s": args.new_tokens as f64 / ((prefill_ms + decode_ms) / 1e3),
+            "gpu_ms_last_decode_step": gpu_step.median_ms,
+            "gpu_fraction_of_weight_streaming_limit": limit_ms / gpu_step.median_ms,
+            "host_ms_per_token": ms_per_token - gpu_step.median_ms,
         },
         "transformers": torch,
         "speedup_vs_transformers": torch_ms.map(|t| t / ms_per_token),

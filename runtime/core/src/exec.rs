@@ -327,6 +327,19 @@ impl CudaPlans {
         bytes.map_err(|e| backend_error(function, e))
     }
 
+    /// Times `runs` replays of entry `function`'s last kept run on the device alone
+    /// ([`CudaProgram::time_last_kept_run`]): its GPU time without the host's share.
+    pub fn time_last_kept_run(
+        &mut self,
+        function: &str,
+        runs: usize,
+    ) -> Result<kiln_cuda::Timing, RuntimeError> {
+        let program = self.program(function)?;
+        program
+            .time_last_kept_run(runs)
+            .map_err(|e| backend_error(function, e))
+    }
+
     /// The package (and through it the device) the plans run on.
     pub fn package(&self) -> &Arc<CudaPackage> {
         &self.package

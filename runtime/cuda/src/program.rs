@@ -110,6 +110,9 @@ pub struct CudaProgram {
     /// The dtype and shape of each input updated in place whose device contents are kept
     /// between runs (see [`CudaProgram::run_graph_kept`]).
     kept: BTreeMap<usize, (DType, Vec<usize>)>,
+    /// The symbol values of the last [`CudaProgram::run_graph_kept`], whose steps
+    /// [`CudaProgram::time_last_kept_run`] replays.
+    last_kept: Option<SymbolValues>,
 }
 
 impl CudaProgram {
@@ -135,6 +138,7 @@ impl CudaProgram {
             arena: None,
             graphs: BTreeMap::new(),
             kept: BTreeMap::new(),
+            last_kept: None,
         })
     }
 
@@ -303,6 +307,7 @@ impl CudaProgram {
         } else {
             self.execute(&plan.steps, &symbols, &[], false)?;
         }
+        self.last_kept = Some(symbols.clone());
         let outputs: Vec<BufferId> = plan
             .outputs
             .iter()
@@ -384,6 +389,31 @@ impl CudaProgram {
         } else {
             time_on_device(&device, runs, &mut || {
                 self.execute(&self.plan().steps, &symbols, inputs, false)
+            })
+        }
+    }
+
+    /// Times `runs` more runs (after warm-up) of the steps of the last
+    /// [`CudaProgram::run_graph_kept`] with CUDA events, through its graph when graphs
+    /// apply: on the device contents that run left, nothing copied in or out. This is the
+    /// GPU's share of such a run, without the host's input copies, synchronization and
+    /// output copies. The steps run again on the same inputs, so a plan that updates its
+    /// inputs in place must write the same values again (a decode step rewrites its token's
+    /// cache slots with the same keys and values).
+    pub fn time_last_kept_run(&mut self, runs: usize) -> Result<Timing, CudaError> {
+        let Some(symbols) = self.last_kept.clone() else {
+            return Err(CudaError::BadInput {
+                plan: self.plan().function.clone(),
+                index: 0,
+                detail: "no kept run to time: run it with `run_graph_kept` first".into(),
+            });
+        };
+        let device = self.package.device().clone();
+        if self.graphs_apply() {
+            time_on_device(&device, runs, &mut || self.replay(&symbols, &[]))
+        } else {
+            time_on_device(&device, runs, &mut || {
+                self.execute(&self.plan().steps, &symbols, &[], false)
             })
         }
     }
