@@ -113,6 +113,8 @@ pub(crate) fn run(args: DecodeArgs) -> Result<ExitCode> {
             }],
         )?;
         tokens.push(argmax(&logits[0]));
+        plans.reset_kept_run_times(STEP_ENTRY)?;
+        let mut argmax_time = std::time::Duration::ZERO;
         let prefilled = Instant::now();
         while tokens.len() < longest {
             let logits = model.step(
@@ -123,15 +125,20 @@ pub(crate) fn run(args: DecodeArgs) -> Result<ExitCode> {
                     blocks: &table,
                 }],
             )?;
+            let picked = Instant::now();
             tokens.push(argmax(&logits[0]));
+            argmax_time += picked.elapsed();
         }
         let end = Instant::now();
         timed = Some((
             (prefilled - start).as_secs_f64() * 1e3,
             (end - prefilled).as_secs_f64() * 1e3,
+            argmax_time,
         ));
     }
-    let (prefill_ms, decode_ms) = timed.expect("two runs");
+    let (prefill_ms, decode_ms, argmax_time) = timed.expect("two runs");
+    let host = plans.kept_run_times(STEP_ENTRY)?;
+    let per_token_us = |d: std::time::Duration| d.as_secs_f64() * 1e6 / host.runs.max(1) as f64;
     let decode_steps = args.new_tokens - 1;
     let ms_per_token = decode_ms / decode_steps as f64;
     // The last decode step replayed on the device alone: the GPU's share of a token, the
@@ -162,6 +169,16 @@ pub(crate) fn run(args: DecodeArgs) -> Result<ExitCode> {
         gpu_step.max_ms,
         ms_per_token - gpu_step.median_ms
     );
+    println!(
+        "kiln: a decode step's host phases (us a token): prepare {:.1}, upload {:.1}, launch \
+         {:.1}, wait {:.1}, read back {:.1}; argmax {:.1}",
+        per_token_us(host.prepare),
+        per_token_us(host.upload),
+        per_token_us(host.launch),
+        per_token_us(host.wait),
+        per_token_us(host.read),
+        per_token_us(argmax_time)
+    );
     if let Some(t) = torch_ms {
         println!(
             "transformers generate: {t:.3} ms/token ({:.1} tokens/s); kiln is {:.2}x",
@@ -188,6 +205,14 @@ pub(crate) fn run(args: DecodeArgs) -> Result<ExitCode> {
             "gpu_ms_last_decode_step": gpu_step.median_ms,
             "gpu_fraction_of_weight_streaming_limit": limit_ms / gpu_step.median_ms,
             "host_ms_per_token": ms_per_token - gpu_step.median_ms,
+            "host_us_per_token": {
+                "prepare": per_token_us(host.prepare),
+                "upload": per_token_us(host.upload),
+                "launch": per_token_us(host.launch),
+                "wait": per_token_us(host.wait),
+                "read_back": per_token_us(host.read),
+                "argmax": per_token_us(argmax_time),
+            },
         },
         "transformers": torch,
         "speedup_vs_transformers": torch_ms.map(|t| t / ms_per_token),

@@ -340,6 +340,21 @@ impl CudaPlans {
             .map_err(|e| backend_error(function, e))
     }
 
+    /// Where the host's time of entry `function`'s kept runs went since the last
+    /// [`CudaPlans::reset_kept_run_times`] ([`CudaProgram::kept_run_times`]).
+    pub fn kept_run_times(
+        &mut self,
+        function: &str,
+    ) -> Result<kiln_cuda::KeptRunTimes, RuntimeError> {
+        Ok(self.program(function)?.kept_run_times().clone())
+    }
+
+    /// Starts entry `function`'s [`CudaPlans::kept_run_times`] over.
+    pub fn reset_kept_run_times(&mut self, function: &str) -> Result<(), RuntimeError> {
+        self.program(function)?.reset_kept_run_times();
+        Ok(())
+    }
+
     /// The package (and through it the device) the plans run on.
     pub fn package(&self) -> &Arc<CudaPackage> {
         &self.package

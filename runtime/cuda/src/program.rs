@@ -14,6 +14,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use kiln_ir::{DType, Tensor};
@@ -113,6 +114,26 @@ pub struct CudaProgram {
     /// The symbol values of the last [`CudaProgram::run_graph_kept`], whose steps
     /// [`CudaProgram::time_last_kept_run`] replays.
     last_kept: Option<SymbolValues>,
+    /// Where the host's time of the kept runs went ([`CudaProgram::kept_run_times`]).
+    kept_times: KeptRunTimes,
+}
+
+/// The host's time in [`CudaProgram::run_graph_kept`], by phase, summed over runs: what a
+/// benchmark reports to show where a decode step's time outside the GPU goes.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct KeptRunTimes {
+    /// Runs summed.
+    pub runs: u64,
+    /// Binding the symbols, checking the inputs, sizing the device memory.
+    pub prepare: std::time::Duration,
+    /// Copying the given inputs to the device.
+    pub upload: std::time::Duration,
+    /// Launching the graph (or the steps).
+    pub launch: std::time::Duration,
+    /// Waiting for the device to finish.
+    pub wait: std::time::Duration,
+    /// Copying the outputs back into host tensors.
+    pub read: std::time::Duration,
 }
 
 impl CudaProgram {
@@ -139,6 +160,7 @@ impl CudaProgram {
             graphs: BTreeMap::new(),
             kept: BTreeMap::new(),
             last_kept: None,
+            kept_times: KeptRunTimes::default(),
         })
     }
 
@@ -251,6 +273,7 @@ impl CudaProgram {
     /// device contents the previous run left in it, so it is neither copied in nor out; the
     /// first run gives it. Returns the outputs that are not inputs updated in place.
     pub fn run_graph_kept(&mut self, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, CudaError> {
+        let started = Instant::now();
         let package = self.package.clone();
         let plan = package.plan_at(self.plan_index);
         if has_loop(&plan.steps) {
@@ -295,7 +318,9 @@ impl CudaProgram {
             check_input(plan, index, tensor, &symbols)?;
         }
         self.allocate(plan, &symbols)?;
+        let prepared = Instant::now();
         self.upload(plan, &given, &symbols)?;
+        let uploaded = Instant::now();
         for &index in &updated {
             if let Some(tensor) = inputs.get(index).copied().flatten() {
                 self.kept
@@ -308,13 +333,35 @@ impl CudaProgram {
             self.execute(&plan.steps, &symbols, &[], false)?;
         }
         self.last_kept = Some(symbols.clone());
+        let launched = Instant::now();
         let outputs: Vec<BufferId> = plan
             .outputs
             .iter()
             .copied()
             .filter(|id| !plan.inputs.contains(id))
             .collect();
-        self.read_outputs(&outputs, &symbols)
+        let waited = self.wait(plan, &symbols).map(|()| Instant::now());
+        let read = self.read_outputs(&outputs, &symbols);
+        let times = &mut self.kept_times;
+        times.runs += 1;
+        times.prepare += prepared - started;
+        times.upload += uploaded - prepared;
+        times.launch += launched - uploaded;
+        if let Ok(waited) = waited {
+            times.wait += waited - launched;
+            times.read += waited.elapsed();
+        }
+        read
+    }
+
+    /// Where the host's time of the kept runs went so far.
+    pub fn kept_run_times(&self) -> &KeptRunTimes {
+        &self.kept_times
+    }
+
+    /// Starts [`CudaProgram::kept_run_times`] over.
+    pub fn reset_kept_run_times(&mut self) {
+        self.kept_times = KeptRunTimes::default();
     }
 
     /// Keeps input `index` (one the plan updates in place) on the device as zeros of `dtype`
@@ -594,16 +641,7 @@ impl CudaProgram {
     ) -> Result<Vec<Tensor>, CudaError> {
         let plan = self.plan();
         let device = self.package.device();
-        device.stream().synchronize().map_err(|error| {
-            CudaError::driver(
-                format!(
-                    "running plan `{}` ({symbols}); to find the kernel that failed, run with \
-                     {SYNC_LAUNCHES_ENV}=1",
-                    plan.function
-                ),
-                error,
-            )
-        })?;
+        self.wait(plan, symbols)?;
         outputs
             .iter()
             .map(|&id| {
@@ -613,6 +651,24 @@ impl CudaProgram {
                 Ok(host_tensor(decl.dtype, &shape, &bytes))
             })
             .collect()
+    }
+
+    /// Waits for the device's stream to finish the steps of a run of `plan`.
+    fn wait(&self, plan: &Plan, symbols: &SymbolValues) -> Result<(), CudaError> {
+        self.package
+            .device()
+            .stream()
+            .synchronize()
+            .map_err(|error| {
+                CudaError::driver(
+                    format!(
+                        "running plan `{}` ({symbols}); to find the kernel that failed, run with \
+                     {SYNC_LAUNCHES_ENV}=1",
+                        plan.function
+                    ),
+                    error,
+                )
+            })
     }
 
     /// The device bytes of buffer `id` for `symbols`.
