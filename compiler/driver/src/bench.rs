@@ -88,6 +88,10 @@ fn paged_decode(q: bf16[B, 32, 128], k_cache: bf16[1, NB, 16, 8, 128], v_cache: 
                 block_tables: i32[B, MB], seq: i32[B], pos: i32[B]) -> bf16[B, 32, 128] {
     paged_attention(q, k_cache, v_cache, block_tables, seq, pos, 0)
 }
+fn paged_decode_short(q: bf16[B, 32, 128], k_cache: bf16[1, NB, 16, 8, 128], v_cache: bf16[1, NB, 16, 8, 128],
+                      block_tables: i32[B, MB], seq: i32[B], pos: i32[B]) -> bf16[B, 32, 128] {
+    paged_attention(q, k_cache, v_cache, block_tables, seq, pos, 0)
+}
 ";
 
 /// Decode attention of BASELINES.md: 64 sequences of 4096 cached tokens, GQA 32/8, D 128.
@@ -212,7 +216,9 @@ fn cases() -> Vec<Case> {
         gemm_case("decode_m16_4096", 16, 4096, 4096, 4, 21),
         gemm_case("decode_m1_14336", 1, 14336, 4096, 1, 26),
         gemm_case("decode_m16_14336", 16, 14336, 4096, 1, 28),
-        paged_decode_case(30),
+        paged_decode_case("paged_decode", PAGED_BATCH, PAGED_CONTEXT, 30),
+        // The decode step's attention: one sequence of 256 tokens.
+        paged_decode_case("paged_decode_short", 1, 256, 32),
         prefill_case("prefill_causal", true, 40),
         prefill_case("prefill", false, 44),
     ]
@@ -233,10 +239,11 @@ fn prefill_case(function: &'static str, causal: bool, seed: u64) -> Case {
     }
 }
 
-/// One decode token per sequence over `PAGED_CONTEXT` cached tokens each, in blocks of 16
-/// scattered over the cache (a fixed pseudo-random permutation); bytes = the K and V read.
-fn paged_decode_case(seed: u64) -> Case {
-    let (batch, per_seq) = (PAGED_BATCH, PAGED_CONTEXT / 16);
+/// One decode token for each of `batch` sequences over `context` cached tokens each, in
+/// blocks of 16 scattered over the cache (a fixed pseudo-random permutation); bytes = the K
+/// and V read.
+fn paged_decode_case(function: &'static str, batch: usize, context: usize, seed: u64) -> Case {
+    let per_seq = context / 16;
     let blocks = batch * per_seq;
     let cache = [1, blocks, 16, 8, 128];
     let mut order: Vec<i64> = (0..blocks as i64).collect();
@@ -249,14 +256,14 @@ fn paged_decode_case(seed: u64) -> Case {
     }
     let int = |shape: &[usize], v: Vec<i64>| Tensor::from_ints(DType::I32, shape, v);
     Case {
-        function: "paged_decode",
+        function,
         inputs: vec![
             random_bf16(&[batch, 32, 128], seed),
             random_bf16(&cache, seed + 1),
             random_bf16(&cache, seed + 2),
             int(&[batch, per_seq], order),
             int(&[batch], (0..batch as i64).collect()),
-            int(&[batch], vec![PAGED_CONTEXT as i64 - 1; batch]),
+            int(&[batch], vec![context as i64 - 1; batch]),
         ],
         bytes: (2 * blocks * 16 * 8 * 128 * 2) as u64,
         flops: None,

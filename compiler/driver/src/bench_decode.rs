@@ -225,12 +225,7 @@ pub(crate) fn run(args: DecodeArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The greedy token of a logits row (the first of the largest; 0 for a row of NaN).
 fn argmax(values: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, v) in values.iter().enumerate() {
-        if *v > values[best] {
-            best = i;
-        }
-    }
-    best as u32
+    kiln_runtime::sampling::argmax(values).unwrap_or(0)
 }

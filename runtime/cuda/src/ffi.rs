@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use cudarc::driver::sys::{self, CUjit_option, CUresult};
 use cudarc::driver::{
-    result, CudaContext, CudaGraph, CudaSlice, CudaStream, DevicePtr, DriverError,
+    result, CudaContext, CudaGraph, CudaSlice, CudaStream, DevicePtr, DriverError, PinnedHostSlice,
 };
 
 use crate::launch::LaunchShape;
@@ -48,6 +48,8 @@ pub(crate) const REQUIRED_DRIVER_SYMBOLS: &[&str] = &[
     "cuMemFree_v2",
     "cuMemsetD8Async",
     "cuMemcpyHtoDAsync_v2",
+    "cuMemHostAlloc",
+    "cuMemFreeHost",
     "cuMemcpyDtoHAsync_v2",
     "cuMemcpyDtoDAsync_v2",
     "cuModuleLoadDataEx",
@@ -222,6 +224,139 @@ pub(crate) fn copy_device_to_host(
     // driver's write completes while the slice is still ours.
     unsafe { result::memcpy_dtoh_async(destination, source.address, stream.cu_stream()) }?;
     stream.synchronize()
+}
+
+/// Page-locked host memory through which a program's inputs go to the device and its
+/// outputs come back. Copies from and to page-locked memory are DMA transfers the driver
+/// neither stages nor waits for, which makes the small copies of a decode step cheap. Its
+/// bytes are rewritten only once the copies reading them are done: after an upload the
+/// staging is pending until [`PinnedStaging::finished`] says the stream was synchronized,
+/// and the next use synchronizes first if it was not.
+#[derive(Default)]
+pub(crate) struct PinnedStaging {
+    memory: Option<PinnedHostSlice<u8>>,
+    /// Whether copies reading `memory` may still be queued on the stream.
+    pending: bool,
+}
+
+impl std::fmt::Debug for PinnedStaging {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let bytes = self.memory.as_ref().map_or(0, PinnedHostSlice::num_bytes);
+        write!(f, "PinnedStaging({bytes} bytes)")
+    }
+}
+
+/// Each staged copy starts at a multiple of this many bytes.
+const STAGING_ALIGN: usize = 256;
+
+impl PinnedStaging {
+    /// The stream was synchronized: no copy reads the memory any more.
+    pub(crate) fn finished(&mut self) {
+        self.pending = false;
+    }
+
+    /// The memory, at least `bytes` long (grown to a power of two), once no queued copy
+    /// reads it.
+    fn memory(&mut self, stream: &CudaStream, bytes: usize) -> Result<&mut [u8], DriverError> {
+        if self.pending {
+            stream.synchronize()?;
+            self.pending = false;
+        }
+        if self.memory.as_ref().is_none_or(|m| m.num_bytes() < bytes) {
+            // Dropping the old memory waits for its (never recorded) event and frees it.
+            self.memory = None;
+            let size = bytes.next_power_of_two().max(4096);
+            // SAFETY: flags 0 asks for ordinary cached page-locked memory; its bytes are
+            // uninitialized, and kiln writes every byte of a part before copying it.
+            let memory = unsafe { stream.context().alloc_pinned_with_flags::<u8>(size, 0) }?;
+            self.memory = Some(memory);
+        }
+        let memory = self.memory.as_mut().expect("allocated above");
+        memory.as_mut_slice()
+    }
+
+    /// Copies each part's host bytes to the start of its region (stream-ordered, returning
+    /// before the copies are done).
+    pub(crate) fn upload(
+        &mut self,
+        stream: &CudaStream,
+        parts: &[(DeviceRegion<'_>, &[u8])],
+    ) -> Result<(), DriverError> {
+        if parts
+            .iter()
+            .any(|(region, bytes)| bytes.len() > region.bytes)
+        {
+            return Err(DriverError(CUresult::CUDA_ERROR_INVALID_VALUE));
+        }
+        let offsets = staged_offsets(parts.iter().map(|(_, bytes)| bytes.len()));
+        let total = offsets.last().copied().unwrap_or(0);
+        if total == 0 {
+            return Ok(());
+        }
+        let memory = self.memory(stream, total)?;
+        for ((_, bytes), window) in parts.iter().zip(offsets.windows(2)) {
+            memory[window[0]..window[0] + bytes.len()].copy_from_slice(bytes);
+        }
+        stream.context().bind_to_thread()?;
+        self.pending = true;
+        let memory = self.memory.as_ref().expect("allocated above").as_slice()?;
+        for ((region, bytes), window) in parts.iter().zip(offsets.windows(2)) {
+            if bytes.is_empty() {
+                continue;
+            }
+            let source = &memory[window[0]..window[0] + bytes.len()];
+            // SAFETY: the destination lies inside a live allocation and holds at least
+            // `source.len()` bytes (checked above); the source is page-locked memory this
+            // staging owns, which is neither freed nor rewritten before the stream has
+            // finished this copy (`pending`).
+            unsafe { result::memcpy_htod_async(region.address, source, stream.cu_stream()) }?;
+        }
+        Ok(())
+    }
+
+    /// Copies the regions back, waits for the stream, and returns each region's bytes (in
+    /// the staging memory, valid until its next use).
+    pub(crate) fn download(
+        &mut self,
+        stream: &CudaStream,
+        regions: &[DeviceRegion<'_>],
+    ) -> Result<Vec<&[u8]>, DriverError> {
+        let offsets = staged_offsets(regions.iter().map(DeviceRegion::len));
+        let total = offsets.last().copied().unwrap_or(0);
+        if total == 0 {
+            return Ok(regions.iter().map(|_| &[][..]).collect());
+        }
+        let memory = self.memory(stream, total)?;
+        stream.context().bind_to_thread()?;
+        for (region, window) in regions.iter().zip(offsets.windows(2)) {
+            if region.bytes == 0 {
+                continue;
+            }
+            let destination = &mut memory[window[0]..window[0] + region.bytes];
+            // SAFETY: the source lies inside a live allocation of `region.bytes` bytes; the
+            // destination is page-locked memory this staging owns, exclusively borrowed
+            // until the stream is synchronized below.
+            unsafe { result::memcpy_dtoh_async(destination, region.address, stream.cu_stream()) }?;
+        }
+        stream.synchronize()?;
+        let memory = self.memory.as_ref().expect("allocated above").as_slice()?;
+        Ok(regions
+            .iter()
+            .zip(offsets.windows(2))
+            .map(|(region, window)| &memory[window[0]..window[0] + region.bytes])
+            .collect())
+    }
+}
+
+/// The staging offsets of parts of `lengths` bytes, each aligned to [`STAGING_ALIGN`],
+/// followed by the total.
+fn staged_offsets(lengths: impl Iterator<Item = usize>) -> Vec<usize> {
+    let mut offsets = vec![0];
+    for length in lengths {
+        let end = offsets.last().copied().unwrap_or(0) + length;
+        offsets.push(end.next_multiple_of(STAGING_ALIGN));
+    }
+    offsets
 }
 
 /// Copies `bytes` bytes from the start of `source` to the start of `destination`
@@ -540,5 +675,25 @@ impl std::fmt::Debug for ModuleLoadFailure {
             .field("error", &self.error.0)
             .field("jit_log", &self.jit_log)
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{staged_offsets, STAGING_ALIGN};
+
+    #[test]
+    fn staged_parts_start_aligned_and_do_not_overlap() {
+        let lengths = [4, 0, 1000, 256, 3];
+        let offsets = staged_offsets(lengths.iter().copied());
+        assert_eq!(offsets.len(), lengths.len() + 1);
+        for (i, length) in lengths.iter().enumerate() {
+            assert_eq!(offsets[i] % STAGING_ALIGN, 0, "part {i} starts unaligned");
+            assert!(
+                offsets[i] + length <= offsets[i + 1],
+                "part {i} overlaps the next"
+            );
+        }
+        assert_eq!(offsets, vec![0, 256, 256, 1280, 1536, 1792]);
     }
 }

@@ -13,7 +13,7 @@
 //! addresses, so every (re-)allocation of the program's memory drops them all first.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
@@ -27,7 +27,7 @@ use crate::binding::{
 };
 use crate::device::{host_tensor, CudaDevice, DeviceBuffer};
 use crate::error::CudaError;
-use crate::ffi::{self, ArgValue, CapturedGraph, DeviceRegion, LaunchOrder};
+use crate::ffi::{self, ArgValue, CapturedGraph, DeviceRegion, LaunchOrder, PinnedStaging};
 use crate::launch::LaunchShape;
 use crate::layout::{arena_bytes, place, Storage};
 use crate::package::CudaPackage;
@@ -116,6 +116,12 @@ pub struct CudaProgram {
     last_kept: Option<SymbolValues>,
     /// Where the host's time of the kept runs went ([`CudaProgram::kept_run_times`]).
     kept_times: KeptRunTimes,
+    /// The page-locked host memory inputs and outputs are copied through (a lock, so that
+    /// copies can be staged while device regions borrow the program).
+    staging: Mutex<PinnedStaging>,
+    /// The symbol values the device memory was last sized for: [`CudaProgram::allocate`]
+    /// has nothing to do for them again (what replaces a buffer elsewhere clears it).
+    allocated_for: Option<SymbolValues>,
 }
 
 /// The host's time in [`CudaProgram::run_graph_kept`], by phase, summed over runs: what a
@@ -161,6 +167,8 @@ impl CudaProgram {
             kept: BTreeMap::new(),
             last_kept: None,
             kept_times: KeptRunTimes::default(),
+            staging: Mutex::new(PinnedStaging::default()),
+            allocated_for: None,
         })
     }
 
@@ -395,6 +403,7 @@ impl CudaProgram {
         // A new buffer is zeroed; captured graphs hold the old one's address.
         self.graphs.clear();
         self.own.remove(&decl.id);
+        self.allocated_for = None;
         self.own.insert(decl.id, package.device().alloc(bytes)?);
         self.kept.insert(index, (dtype, shape.to_vec()));
         Ok(())
@@ -537,6 +546,9 @@ impl CudaProgram {
     /// Checks that every weight is bound and sizes the device memory for `symbols`
     /// (re-allocating only what must grow, which drops the captured graphs).
     fn allocate(&mut self, plan: &Plan, symbols: &SymbolValues) -> Result<(), CudaError> {
+        if self.allocated_for.as_ref() == Some(symbols) {
+            return Ok(());
+        }
         let package = self.package.clone();
         for decl in &plan.buffers {
             if let BufferKind::Weight(name) = &decl.kind {
@@ -598,11 +610,12 @@ impl CudaProgram {
                 }
             }
         }
-
+        self.allocated_for = Some(symbols.clone());
         Ok(())
     }
 
-    /// Copies the given inputs (by input index) to their device buffers.
+    /// Copies the given inputs (by input index) to their device buffers, through the
+    /// page-locked staging memory.
     fn upload(
         &self,
         plan: &Plan,
@@ -610,21 +623,35 @@ impl CudaProgram {
         symbols: &SymbolValues,
     ) -> Result<(), CudaError> {
         let device = self.package.device();
-        for &(index, tensor) in inputs {
-            let id = plan.inputs[index];
-            let region = self.region(plan, id, symbols)?;
-            let bytes = tensor.to_le_bytes();
-            ffi::copy_host_to_device(device.stream(), region, &bytes).map_err(|error| {
+        let bytes: Vec<Vec<u8>> = inputs.iter().map(|(_, t)| t.to_le_bytes()).collect();
+        let mut parts = Vec::with_capacity(inputs.len());
+        for (&(index, _), bytes) in inputs.iter().zip(&bytes) {
+            let region = self.region(plan, plan.inputs[index], symbols)?;
+            parts.push((region, bytes.as_slice()));
+        }
+        self.staging()
+            .upload(device.stream(), &parts)
+            .map_err(|error| {
+                let ids: Vec<String> = inputs
+                    .iter()
+                    .map(|&(index, _)| format!("b{}", plan.inputs[index].0))
+                    .collect();
                 CudaError::driver(
                     format!(
-                        "copying input b{} of plan `{}` to the device",
-                        id.0, plan.function
+                        "copying inputs {} of plan `{}` to the device",
+                        ids.join(", "),
+                        plan.function
                     ),
                     error,
                 )
-            })?;
-        }
-        Ok(())
+            })
+    }
+
+    /// The staging memory (a poisoned lock only means a copy failed; the memory is whole).
+    fn staging(&self) -> std::sync::MutexGuard<'_, PinnedStaging> {
+        self.staging
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Waits for the steps and copies the outputs back.
@@ -642,33 +669,45 @@ impl CudaProgram {
         let plan = self.plan();
         let device = self.package.device();
         self.wait(plan, symbols)?;
-        outputs
+        let mut regions = Vec::with_capacity(outputs.len());
+        let mut types = Vec::with_capacity(outputs.len());
+        for &id in outputs {
+            let decl = buffer_decl(plan, id)?;
+            types.push((decl.dtype, buffer_shape(plan, decl, symbols)?));
+            regions.push(self.region(plan, id, symbols)?);
+        }
+        let mut staging = self.staging();
+        let bytes = staging
+            .download(device.stream(), &regions)
+            .map_err(|error| {
+                CudaError::driver(
+                    format!("copying the outputs of plan `{}` back", plan.function),
+                    error,
+                )
+            })?;
+        Ok(types
             .iter()
-            .map(|&id| {
-                let decl = buffer_decl(plan, id)?;
-                let shape = buffer_shape(plan, decl, symbols)?;
-                let bytes = device.read_region(self.region(plan, id, symbols)?)?;
-                Ok(host_tensor(decl.dtype, &shape, &bytes))
-            })
-            .collect()
+            .zip(bytes)
+            .map(|((dtype, shape), bytes)| host_tensor(*dtype, shape, bytes))
+            .collect())
     }
 
     /// Waits for the device's stream to finish the steps of a run of `plan`.
     fn wait(&self, plan: &Plan, symbols: &SymbolValues) -> Result<(), CudaError> {
-        self.package
-            .device()
-            .stream()
-            .synchronize()
-            .map_err(|error| {
-                CudaError::driver(
-                    format!(
-                        "running plan `{}` ({symbols}); to find the kernel that failed, run with \
+        let synchronized = self.package.device().stream().synchronize();
+        if synchronized.is_ok() {
+            self.staging().finished();
+        }
+        synchronized.map_err(|error| {
+            CudaError::driver(
+                format!(
+                    "running plan `{}` ({symbols}); to find the kernel that failed, run with \
                      {SYNC_LAUNCHES_ENV}=1",
-                        plan.function
-                    ),
-                    error,
-                )
-            })
+                    plan.function
+                ),
+                error,
+            )
+        })
     }
 
     /// The device bytes of buffer `id` for `symbols`.
