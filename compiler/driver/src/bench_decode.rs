@@ -1,8 +1,8 @@
 //! `kiln bench decode`: decode speed on the GPU of a Llama-shaped model with random bf16
 //! weights (by default the 1.1B shape of BASELINES.md: hidden 2048, 16 layers, 32 query and
 //! 8 key/value heads, ffn 8192, vocab 32000), batch 1, through models/llama.kiln's KV-cached
-//! `step` entry: one prefill step over the prompt, then one step per new token (greedy),
-//! each step's logits copied back to the host as generation needs them. Reports the time per
+//! `step` entry: one prefill step over the prompt, then one step per new token (greedy: the
+//! step's argmax, made on the device, is all that is copied back). Reports the time per
 //! decoded token and its fraction of the weight-streaming limit (the bytes of every weight a
 //! decode step reads, divided by the copy bandwidth measured in the same run), and with
 //! `benches/torch_peers.py decode` output, transformers' `generate` on the same shapes. The
@@ -104,7 +104,7 @@ pub(crate) fn run(args: DecodeArgs) -> Result<ExitCode> {
     for _ in 0..2 {
         let mut tokens = prompt.clone();
         let start = Instant::now();
-        let logits = model.step(
+        let next = model.step_greedy(
             &mut plans,
             &[StepSequence {
                 tokens: &tokens,
@@ -112,12 +112,11 @@ pub(crate) fn run(args: DecodeArgs) -> Result<ExitCode> {
                 blocks: &table,
             }],
         )?;
-        tokens.push(argmax(&logits[0]));
+        tokens.push(next[0]);
         plans.reset_kept_run_times(STEP_ENTRY)?;
-        let mut argmax_time = std::time::Duration::ZERO;
         let prefilled = Instant::now();
         while tokens.len() < longest {
-            let logits = model.step(
+            let next = model.step_greedy(
                 &mut plans,
                 &[StepSequence {
                     tokens: &tokens,
@@ -125,24 +124,21 @@ pub(crate) fn run(args: DecodeArgs) -> Result<ExitCode> {
                     blocks: &table,
                 }],
             )?;
-            let picked = Instant::now();
-            tokens.push(argmax(&logits[0]));
-            argmax_time += picked.elapsed();
+            tokens.push(next[0]);
         }
         let end = Instant::now();
         timed = Some((
             (prefilled - start).as_secs_f64() * 1e3,
             (end - prefilled).as_secs_f64() * 1e3,
-            argmax_time,
         ));
     }
-    let (prefill_ms, decode_ms, argmax_time) = timed.expect("two runs");
+    let (prefill_ms, decode_ms) = timed.expect("two runs");
     let host = plans.kept_run_times(STEP_ENTRY)?;
     let per_token_us = |d: std::time::Duration| d.as_secs_f64() * 1e6 / host.runs.max(1) as f64;
     let decode_steps = args.new_tokens - 1;
     let ms_per_token = decode_ms / decode_steps as f64;
     // The last decode step replayed on the device alone: the GPU's share of a token, the
-    // rest being the host's (input copies, the logits copy, the argmax, launching).
+    // rest being the host's (input copies, launching, copying the greedy tokens back).
     let gpu_step = plans.time_last_kept_run(STEP_ENTRY, GPU_STEP_RUNS)?;
     let limit_ms = weight_bytes as f64 / (copy_gbs * 1e9) * 1e3;
     let torch = read_peers(args.torch_json.as_deref())?;
@@ -171,13 +167,12 @@ pub(crate) fn run(args: DecodeArgs) -> Result<ExitCode> {
     );
     println!(
         "kiln: a decode step's host phases (us a token): prepare {:.1}, upload {:.1}, launch \
-         {:.1}, wait {:.1}, read back {:.1}; argmax {:.1}",
+         {:.1}, wait {:.1}, read back {:.1}",
         per_token_us(host.prepare),
         per_token_us(host.upload),
         per_token_us(host.launch),
         per_token_us(host.wait),
-        per_token_us(host.read),
-        per_token_us(argmax_time)
+        per_token_us(host.read)
     );
     if let Some(t) = torch_ms {
         println!(
@@ -211,7 +206,6 @@ pub(crate) fn run(args: DecodeArgs) -> Result<ExitCode> {
                 "launch": per_token_us(host.launch),
                 "wait": per_token_us(host.wait),
                 "read_back": per_token_us(host.read),
-                "argmax": per_token_us(argmax_time),
             },
         },
         "transformers": torch,
@@ -223,9 +217,4 @@ pub(crate) fn run(args: DecodeArgs) -> Result<ExitCode> {
         eprintln!("kiln: wrote {}", path.display());
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// The greedy token of a logits row (the first of the largest; 0 for a row of NaN).
-fn argmax(values: &[f32]) -> u32 {
-    kiln_runtime::sampling::argmax(values).unwrap_or(0)
 }

@@ -27,6 +27,18 @@ pub trait Executor {
         function: &str,
         inputs: Vec<Option<Tensor>>,
     ) -> Result<Vec<Tensor>, RuntimeError>;
+    /// Like [`Executor::run_kept`], returning only the results at the positions `wanted`
+    /// (among those `run_kept` returns), in that order. The GPU copies back only those: a
+    /// greedy decode step reads its tokens, not its logits.
+    fn run_kept_outputs(
+        &mut self,
+        function: &str,
+        inputs: Vec<Option<Tensor>>,
+        wanted: &[usize],
+    ) -> Result<Vec<Tensor>, RuntimeError> {
+        let returned = self.run_kept(function, inputs)?;
+        pick_outputs(function, returned, wanted)
+    }
     /// Makes input `index` of `function` (one it updates in place) a kept value of zeros of
     /// `dtype` and `shape`, without a host tensor of that size, when the executor can (the
     /// GPU makes the zeros on the device); returns whether it did. When it returns false,
@@ -94,6 +106,26 @@ impl KeptInputs {
         }
         Ok(returned)
     }
+}
+
+/// The results at the positions `wanted` of those a run of `function` returned.
+fn pick_outputs(
+    function: &str,
+    returned: Vec<Tensor>,
+    wanted: &[usize],
+) -> Result<Vec<Tensor>, RuntimeError> {
+    let count = returned.len();
+    let mut slots: Vec<Option<Tensor>> = returned.into_iter().map(Some).collect();
+    wanted
+        .iter()
+        .map(|&i| {
+            slots.get_mut(i).and_then(Option::take).ok_or_else(|| {
+                RuntimeError::Input(format!(
+                    "`{function}`: result {i} was asked for (once), but it returns {count}"
+                ))
+            })
+        })
+        .collect()
 }
 
 fn no_entry(module: &Module, function: &str) -> RuntimeError {
@@ -286,6 +318,19 @@ impl Executor for CudaPlans {
         let refs: Vec<Option<&Tensor>> = inputs.iter().map(Option::as_ref).collect();
         program
             .run_graph_kept(&refs)
+            .map_err(|e| backend_error(function, e))
+    }
+
+    fn run_kept_outputs(
+        &mut self,
+        function: &str,
+        inputs: Vec<Option<Tensor>>,
+        wanted: &[usize],
+    ) -> Result<Vec<Tensor>, RuntimeError> {
+        let program = self.program(function)?;
+        let refs: Vec<Option<&Tensor>> = inputs.iter().map(Option::as_ref).collect();
+        program
+            .run_graph_kept_outputs(&refs, Some(wanted))
             .map_err(|e| backend_error(function, e))
     }
 

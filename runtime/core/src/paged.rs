@@ -7,8 +7,9 @@
 //!
 //! The entry's signature (checked by [`PagedModel::new`]):
 //! `step(tokens: i32[T], pos: i32[T], seq: i32[T], slots: i32[T], block_tables: i32[B, MB],
-//! last: i32[B], k_cache, v_cache: [L, NB, BS, KV, D]) -> (logits: f32[B, vocab], k_cache,
-//! v_cache)`.
+//! last: i32[B], k_cache, v_cache: [L, NB, BS, KV, D]) -> (logits: f32[B, vocab],
+//! greedy: i64[B], k_cache, v_cache)`, `greedy` each row's argmax: [`PagedModel::step_greedy`]
+//! copies back only those tokens.
 
 use crate::generate::LogitsModel;
 use crate::{Executor, RuntimeError};
@@ -16,6 +17,10 @@ use kiln_ir::{DType, Tensor};
 
 /// The name of the KV-cached entry of the model programs that have one.
 pub const STEP_ENTRY: &str = "step";
+
+/// The step's results that are not caches: its logits, then its greedy tokens.
+const LOGITS: usize = 0;
+const GREEDY: usize = 1;
 
 /// One sequence's part of a step.
 #[derive(Clone, Copy, Debug)]
@@ -86,12 +91,17 @@ impl PagedModel {
             RuntimeError::Input(format!(
                 "`{entry}` is not a KV-cached step entry ({why}); expected step(tokens: i32[T], \
                  pos: i32[T], seq: i32[T], slots: i32[T], block_tables: i32[B, MB], last: \
-                 i32[B], k_cache, v_cache: [L, NB, BS, KV, D]) -> (f32[B, vocab], k_cache, v_cache)"
+                 i32[B], k_cache, v_cache: [L, NB, BS, KV, D]) -> (f32[B, vocab], i64[B], \
+                 k_cache, v_cache)"
             ))
         };
         let params = func.params();
-        if params.len() != 8 || func.results().len() != 3 {
-            return Err(bad("it takes 8 inputs and returns 3 results"));
+        if params.len() != 8 || func.results().len() != 4 {
+            return Err(bad("it takes 8 inputs and returns 4 results"));
+        }
+        let greedy = func.ty(func.results()[1]);
+        if greedy.dtype != DType::I64 || greedy.shape.0.len() != 1 {
+            return Err(bad(&format!("its greedy tokens are {greedy}")));
         }
         for (i, rank) in [(0, 1), (1, 1), (2, 1), (3, 1), (4, 2), (5, 1)] {
             let ty = func.ty(params[i]);
@@ -111,7 +121,7 @@ impl PagedModel {
             )));
         }
         let updated = kiln_ir::in_place_inputs(func);
-        if updated[1..] != [Some(6), Some(7)] {
+        if updated[2..] != [Some(6), Some(7)] {
             return Err(bad(
                 "its last two results are not the caches updated in place",
             ));
@@ -171,6 +181,49 @@ impl PagedModel {
         executor: &mut dyn Executor,
         batch: &[StepSequence<'_>],
     ) -> Result<Vec<Vec<f32>>, RuntimeError> {
+        let logits = self.run(executor, batch, LOGITS)?;
+        let [rows, vocab] = logits.shape[..] else {
+            return Err(RuntimeError::Input(format!(
+                "`{}` returned logits of shape {:?}, expected [B, vocab]",
+                self.entry, logits.shape
+            )));
+        };
+        self.check_rows(rows, batch.len())?;
+        let values = logits.to_f32_vec();
+        Ok(values.chunks(vocab.max(1)).map(<[f32]>::to_vec).collect())
+    }
+
+    /// Runs one step on `executor` and returns each sequence's greedy next token (the
+    /// argmax of its logits, the lowest id on ties), made by the step itself: on the GPU
+    /// only these integers come back, not the logits.
+    pub fn step_greedy(
+        &mut self,
+        executor: &mut dyn Executor,
+        batch: &[StepSequence<'_>],
+    ) -> Result<Vec<u32>, RuntimeError> {
+        let greedy = self.run(executor, batch, GREEDY)?;
+        self.check_rows(greedy.shape.first().copied().unwrap_or(0), batch.len())?;
+        greedy
+            .to_i64_vec()
+            .into_iter()
+            .map(|token| {
+                u32::try_from(token).map_err(|_| {
+                    RuntimeError::Input(format!(
+                        "`{}` returned the greedy token {token}, not a vocabulary id",
+                        self.entry
+                    ))
+                })
+            })
+            .collect()
+    }
+
+    /// Runs one step and returns its result `which` ([`LOGITS`] or [`GREEDY`]).
+    fn run(
+        &mut self,
+        executor: &mut dyn Executor,
+        batch: &[StepSequence<'_>],
+        which: usize,
+    ) -> Result<Tensor, RuntimeError> {
         let mut inputs: Vec<Option<Tensor>> =
             self.step_inputs(batch)?.into_iter().map(Some).collect();
         let kept_zeros = |executor: &mut dyn Executor| -> Result<bool, RuntimeError> {
@@ -188,26 +241,24 @@ impl PagedModel {
                 Tensor::from_f32(&dims, vec![0.0; dims.iter().product()]).cast(self.cache.dtype);
             inputs.extend([Some(zeros.clone()), Some(zeros)]);
         }
-        let results = executor.run_kept(&self.entry, inputs)?;
+        let results = executor.run_kept_outputs(&self.entry, inputs, &[which])?;
         self.started = true;
-        let logits = results
-            .first()
-            .ok_or_else(|| RuntimeError::Input(format!("`{}` returned nothing", self.entry)))?;
-        let [rows, vocab] = logits.shape[..] else {
-            return Err(RuntimeError::Input(format!(
-                "`{}` returned logits of shape {:?}, expected [B, vocab]",
-                self.entry, logits.shape
-            )));
-        };
-        if rows != batch.len() {
-            return Err(RuntimeError::Input(format!(
-                "`{}` returned {rows} logits rows for {} sequences",
-                self.entry,
-                batch.len()
-            )));
+        results
+            .into_iter()
+            .next()
+            .ok_or_else(|| RuntimeError::Input(format!("`{}` returned nothing", self.entry)))
+    }
+
+    /// Checks that a result has a row for each of the step's `sequences`.
+    fn check_rows(&self, rows: usize, sequences: usize) -> Result<(), RuntimeError> {
+        if rows == sequences {
+            Ok(())
+        } else {
+            Err(RuntimeError::Input(format!(
+                "`{}` returned {rows} rows for {sequences} sequences",
+                self.entry
+            )))
         }
-        let values = logits.to_f32_vec();
-        Ok(values.chunks(vocab.max(1)).map(<[f32]>::to_vec).collect())
     }
 
     /// The six step inputs before the caches: tokens, pos, seq, slots, block_tables, last.

@@ -94,3 +94,45 @@ fn a_full_cache_is_an_error_that_leaves_the_model_usable() {
         .expect("fits after the failed step");
     assert!(paged.describe().contains("Cranelift"));
 }
+
+#[test]
+fn the_steps_greedy_tokens_are_the_argmax_of_its_logits() {
+    use kiln_runtime::{Executor, PagedModel, StepSequence, STEP_ENTRY};
+    let (module, weights) = program();
+    let mut plans = CpuPlans::compile(module, weights, &mut NoProgress).expect("compiles");
+    let table: Vec<u32> = (0..3).collect();
+    let other: Vec<u32> = (3..6).collect();
+    let a: Vec<u32> = (0..40).map(|i| (i * 37 + 11) % 500).collect();
+    let b: Vec<u32> = (0..25).map(|i| (i * 53 + 7) % 500).collect();
+    // Two models over the same blocks, one reading logits and one greedy tokens: each step
+    // writes the same cache values, so both see the same cache.
+    let module = plans.module().clone();
+    let mut by_logits = PagedModel::new(&module, STEP_ENTRY, 6, 16, 48).expect("step entry");
+    let mut greedy = PagedModel::new(&module, STEP_ENTRY, 6, 16, 48).expect("step entry");
+    // (tokens, cached) of a and of b: prefills, one decode step each, chunks of 9 and 4.
+    for ((a_len, a_cached), (b_len, b_cached)) in [
+        ((30, 0), (20, 0)),
+        ((31, 30), (21, 20)),
+        ((40, 31), (25, 21)),
+    ] {
+        let batch = [
+            StepSequence {
+                tokens: &a[..a_len],
+                cached: a_cached,
+                blocks: &table,
+            },
+            StepSequence {
+                tokens: &b[..b_len],
+                cached: b_cached,
+                blocks: &other,
+            },
+        ];
+        let logits = by_logits.step(&mut plans, &batch).expect("step");
+        let tokens = greedy.step_greedy(&mut plans, &batch).expect("greedy step");
+        let want: Vec<u32> = logits
+            .iter()
+            .map(|row| kiln_runtime::sampling::argmax(row).expect("a finite logit"))
+            .collect();
+        assert_eq!(tokens, want, "step of {a_len} and {b_len} tokens");
+    }
+}

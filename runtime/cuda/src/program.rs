@@ -281,6 +281,18 @@ impl CudaProgram {
     /// device contents the previous run left in it, so it is neither copied in nor out; the
     /// first run gives it. Returns the outputs that are not inputs updated in place.
     pub fn run_graph_kept(&mut self, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, CudaError> {
+        self.run_graph_kept_outputs(inputs, None)
+    }
+
+    /// Like [`CudaProgram::run_graph_kept`], copying back only the returned outputs at the
+    /// positions `wanted` (among the outputs it returns; all of them with `None`), in that
+    /// order: a decode step that only needs its greedy tokens leaves its logits on the
+    /// device.
+    pub fn run_graph_kept_outputs(
+        &mut self,
+        inputs: &[Option<&Tensor>],
+        wanted: Option<&[usize]>,
+    ) -> Result<Vec<Tensor>, CudaError> {
         let started = Instant::now();
         let package = self.package.clone();
         let plan = package.plan_at(self.plan_index);
@@ -291,6 +303,27 @@ impl CudaProgram {
             });
         }
         check_input_count(plan, inputs.len())?;
+        let returned: Vec<BufferId> = plan
+            .outputs
+            .iter()
+            .copied()
+            .filter(|id| !plan.inputs.contains(id))
+            .collect();
+        let outputs = match wanted {
+            None => returned,
+            Some(wanted) => wanted
+                .iter()
+                .map(|&i| {
+                    returned.get(i).copied().ok_or_else(|| CudaError::BadPlan {
+                        plan: plan.function.clone(),
+                        detail: format!(
+                            "output {i} was asked for, but the plan returns {}",
+                            returned.len()
+                        ),
+                    })
+                })
+                .collect::<Result<_, _>>()?,
+        };
         let updated: Vec<usize> = plan
             .outputs
             .iter()
@@ -342,12 +375,6 @@ impl CudaProgram {
         }
         self.last_kept = Some(symbols.clone());
         let launched = Instant::now();
-        let outputs: Vec<BufferId> = plan
-            .outputs
-            .iter()
-            .copied()
-            .filter(|id| !plan.inputs.contains(id))
-            .collect();
         let waited = self.wait(plan, &symbols).map(|()| Instant::now());
         let read = self.read_outputs(&outputs, &symbols);
         let times = &mut self.kept_times;
