@@ -657,7 +657,7 @@ impl Engine {
             if gone.contains(&id) {
                 continue;
             }
-            match self.sample(id, scheduled.sample_index, &row) {
+            match self.sample(id, scheduled.sample_index, row) {
                 Ok(token) => sampled.push(SampledToken {
                     seq_id: scheduled.seq_id,
                     ..token
@@ -684,8 +684,10 @@ impl Engine {
         self.report(&sampled);
     }
 
-    /// Runs the block copies and the model; returns one logits row per sampling sequence.
-    fn run_model(&mut self, batch: &Batch) -> Result<Vec<Vec<f32>>, String> {
+    /// Runs the block copies and the model; returns one row per sampling sequence: its
+    /// greedy token where every sampling sequence takes the plain argmax and the runner
+    /// makes it (so the logits stay where the model ran), else its logits.
+    fn run_model(&mut self, batch: &Batch) -> Result<Vec<StepRow>, String> {
         for scheduled in &batch.sequences {
             let request = self
                 .requests
@@ -717,11 +719,32 @@ impl Engine {
         self.runner
             .copy_blocks(&batch.block_copies)
             .map_err(|e| e.to_string())?;
-        let rows = self.runner.logits(&inputs).map_err(|e| e.to_string())?;
+        let plain_argmax = batch.sequences.iter().filter(|s| s.samples_token).all(|s| {
+            self.requests[&s.request_id].samples[&s.sample_index]
+                .sampler
+                .takes_plain_argmax()
+        });
+        let greedy = if plain_argmax {
+            self.runner
+                .greedy_tokens(&inputs)
+                .map_err(|e| e.to_string())?
+        } else {
+            None
+        };
+        let rows: Vec<StepRow> = match greedy {
+            Some(tokens) => tokens.into_iter().map(StepRow::Greedy).collect(),
+            None => self
+                .runner
+                .logits(&inputs)
+                .map_err(|e| e.to_string())?
+                .into_iter()
+                .map(StepRow::Logits)
+                .collect(),
+        };
         let expected = inputs.iter().filter(|i| i.samples_token).count();
         if rows.len() != expected {
             return Err(format!(
-                "the runner returned {} logits rows for {expected} sampling sequences",
+                "the runner returned {} rows for {expected} sampling sequences",
                 rows.len()
             ));
         }
@@ -733,7 +756,7 @@ impl Engine {
         &mut self,
         id: RequestId,
         sample_index: usize,
-        row: &[f32],
+        row: StepRow,
     ) -> Result<SampledToken, SampleError> {
         let now = Instant::now();
         let request = self
@@ -745,10 +768,13 @@ impl Engine {
         let sample = request
             .sample(sample_index, &self.codec)
             .map_err(SampleError::Failed)?;
-        let drawn = sample
-            .sampler
-            .sample(row)
-            .map_err(|e| SampleError::Failed(e.to_string()))?;
+        let drawn = match row {
+            StepRow::Logits(logits) => sample
+                .sampler
+                .sample(&logits)
+                .map_err(|e| SampleError::Failed(e.to_string()))?,
+            StepRow::Greedy(token) => sample.sampler.accept_argmax(token),
+        };
         let token = drawn.token;
         sample.token_ids.push(token);
         sample.num_generated += 1;
@@ -852,6 +878,14 @@ impl Engine {
             }
         }
     }
+}
+
+/// What the model gave a sampling sequence in one step.
+enum StepRow {
+    /// The logits of its last position.
+    Logits(Vec<f32>),
+    /// The argmax of those logits, for a sampler that takes the plain argmax.
+    Greedy(u32),
 }
 
 /// Why one sample could not advance.

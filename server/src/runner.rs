@@ -58,6 +58,17 @@ pub trait ModelRunner: Send {
     /// last-position logits of each sequence with `samples_token`, in batch order.
     fn logits(&mut self, batch: &[SequenceInput<'_>]) -> Result<Vec<Vec<f32>>, RunnerError>;
 
+    /// Like [`ModelRunner::logits`], but returns the argmax of each of those rows (the
+    /// lowest id on ties), made where the model runs so that the logits need not come back;
+    /// `None`, having run nothing, where the runner cannot (then ask for the logits).
+    fn greedy_tokens(
+        &mut self,
+        batch: &[SequenceInput<'_>],
+    ) -> Result<Option<Vec<u32>>, RunnerError> {
+        let _ = batch;
+        Ok(None)
+    }
+
     /// Performs copy-on-write block copies before the step's forward pass. Runners that
     /// keep no KV cache have nothing to copy.
     fn copy_blocks(&mut self, copies: &[BlockCopy]) -> Result<(), RunnerError> {
@@ -218,8 +229,18 @@ impl PagedRunner {
     }
 }
 
-impl ModelRunner for PagedRunner {
-    fn logits(&mut self, batch: &[SequenceInput<'_>]) -> Result<Vec<Vec<f32>>, RunnerError> {
+impl PagedRunner {
+    /// Runs one step over `batch` through `step` (the model's logits or its greedy tokens, a
+    /// row per sequence) and returns the rows of the sequences that sample a token.
+    fn run<Row>(
+        &mut self,
+        batch: &[SequenceInput<'_>],
+        step: impl FnOnce(
+            &mut PagedModel,
+            &mut dyn Executor,
+            &[StepSequence<'_>],
+        ) -> Result<Vec<Row>, RuntimeError>,
+    ) -> Result<Vec<Row>, RunnerError> {
         let block_size = self.model.cache_shape().block_size;
         let tables: Vec<Vec<u32>> = batch
             .iter()
@@ -241,7 +262,7 @@ impl ModelRunner for PagedRunner {
                 }
             })
             .collect();
-        let rows = self.model.step(self.executor.as_mut(), &steps)?;
+        let rows = step(&mut self.model, self.executor.as_mut(), &steps)?;
         for blocks in &tables {
             for b in blocks {
                 self.copied_into.remove(b);
@@ -253,6 +274,22 @@ impl ModelRunner for PagedRunner {
             .filter(|(_, input)| input.samples_token)
             .map(|(row, _)| row)
             .collect())
+    }
+}
+
+impl ModelRunner for PagedRunner {
+    fn logits(&mut self, batch: &[SequenceInput<'_>]) -> Result<Vec<Vec<f32>>, RunnerError> {
+        self.run(batch, |model, executor, steps| model.step(executor, steps))
+    }
+
+    fn greedy_tokens(
+        &mut self,
+        batch: &[SequenceInput<'_>],
+    ) -> Result<Option<Vec<u32>>, RunnerError> {
+        let tokens = self.run(batch, |model, executor, steps| {
+            model.step_greedy(executor, steps)
+        })?;
+        Ok(Some(tokens))
     }
 
     fn copy_blocks(&mut self, copies: &[BlockCopy]) -> Result<(), RunnerError> {

@@ -1,7 +1,8 @@
 //! Completions and chat completions over real HTTP against a live server: JSON and streamed
 //! answers agree, chat content as a string or as parts, stop strings and stop token ids, `n`,
-//! logprobs, `stream_options.include_usage`, `max_tokens` defaults, priority scheduling, and
-//! a smoke test of the real default model.
+//! logprobs, greedy tokens from the model against the host's argmax,
+//! `stream_options.include_usage`, `max_tokens` defaults, priority scheduling, and a smoke test
+//! of the real default model.
 
 mod common;
 
@@ -466,4 +467,33 @@ async fn the_default_model_chats_through_its_own_tokenizer_and_template() {
     let content = answer["choices"][0]["message"]["content"].as_str().unwrap();
     assert!(!content.is_empty(), "{answer}");
     assert!(answer["usage"]["prompt_tokens"].as_u64().unwrap() > 3);
+}
+
+/// A plain greedy request takes the model's own argmax (the runner's `greedy_tokens`: only
+/// token ids come back from the step); asking for logprobs needs the logits and the host's
+/// argmax. Both must pick the same tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn greedy_tokens_from_the_model_equal_the_hosts_argmax_of_its_logits() {
+    let server = TestServer::start(config_for(tiny_chat_model())).await;
+    for prompt in ["abc", "The quick brown fox", "0 1 2 3"] {
+        let request = |logprobs: Option<u32>| {
+            let mut body = json!({"prompt": prompt, "max_tokens": 12, "temperature": 0,
+                                  "ignore_eos": true});
+            if let Some(n) = logprobs {
+                body["logprobs"] = json!(n);
+            }
+            body
+        };
+        let on_the_model = ok(&server, "/v1/completions", request(None)).await;
+        let on_the_host = ok(&server, "/v1/completions", request(Some(1))).await;
+        assert_eq!(
+            text_of(&on_the_model),
+            text_of(&on_the_host),
+            "prompt {prompt:?}"
+        );
+        assert_eq!(
+            on_the_model["usage"]["completion_tokens"], 12,
+            "{on_the_model}"
+        );
+    }
 }

@@ -272,6 +272,28 @@ impl Sampler {
         &self.params
     }
 
+    /// Whether the next token is the plain argmax of the raw logits: greedy decoding with no
+    /// penalty and no logprobs. A runner may then give the token without the logits (the
+    /// model's argmax, made on the device); [`Sampler::accept_argmax`] takes it.
+    pub fn takes_plain_argmax(&self) -> bool {
+        self.params.is_greedy()
+            && self.params.repetition_penalty == 1.0
+            && self.params.presence_penalty == 0.0
+            && self.params.frequency_penalty == 0.0
+            && self.params.logprobs.is_none()
+    }
+
+    /// Records `token`, the argmax of the logits computed by the model for a sampler that
+    /// [`Sampler::takes_plain_argmax`], as generated: what [`Sampler::sample`] returns for
+    /// those logits (but where a logit is NaN: the model's argmax takes NaN as the largest).
+    pub fn accept_argmax(&mut self, token: u32) -> SampledToken {
+        self.record_output_token(token);
+        SampledToken {
+            token,
+            logprobs: None,
+        }
+    }
+
     /// Records `token` as generated (sampled or forced), for the penalties.
     pub fn record_output_token(&mut self, token: u32) {
         self.seen.insert(token);
