@@ -60,6 +60,11 @@ pub const WARPS: u32 = 4;
 /// cut to stay within it.
 const MAX_WEIGHT_REGISTERS: u32 = 64;
 
+/// Weight registers a step of a warp of several weight streams (gate/up) may hold when it
+/// computes a norm's rows: the rows' elements take registers of their own, and ptxas
+/// spilled the pair at 64 with the first step held over the statistic (sm_80 to sm_120).
+const NORM_WEIGHT_REGISTERS: u32 = 48;
+
 /// What the template needs to know about a matmul group it takes.
 pub(crate) struct GemvPlan {
     /// The stored value holding A (`[M, K]` row-major, through reshapes).
@@ -238,8 +243,26 @@ impl GemvPlan {
     }
 
     /// The plan computing A from the rows of `norm`'s row kernel.
+    /// A warp of several weight streams (gate/up) holds at most
+    /// [`NORM_WEIGHT_REGISTERS`] of them a step.
     pub(crate) fn with_norm(self, norm: Option<super::norm_gemv::NormPrologue>) -> GemvPlan {
-        GemvPlan { norm, ..self }
+        let sets = if self.segments.is_empty() {
+            self.b.len()
+        } else {
+            1
+        } as u32;
+        let unroll = if norm.is_some() && sets > 1 {
+            self.unroll
+                .min(NORM_WEIGHT_REGISTERS / (VECTOR as u32 * sets))
+                .max(1)
+        } else {
+            self.unroll
+        };
+        GemvPlan {
+            norm,
+            unroll,
+            ..self
+        }
     }
 }
 

@@ -94,12 +94,17 @@ impl NormPrologues {
     /// rows as A and the GEMV applying, all with the same run-time variants (which the row
     /// group takes, as with [`RowSums`]: a row group that adds split-K sums only where the
     /// GEMMs it adds are GEMVs in the GEMV variant too); the rows no function result and
-    /// read in no loop; 32-bit indexing in both kernels; nothing the row kernel reads updated in place before the last reader.
+    /// read in no loop; 32-bit indexing in both kernels; nothing the row kernel reads
+    /// updated in place before the last reader; no reader a grid of segments that performs
+    /// `kv_write`s (`kv`, the q/k/v GEMV writing the caches: with the first step's weights
+    /// held over the statistic, ptxas spilled it on every target, so that norm keeps its
+    /// row kernel).
     pub(crate) fn find(
         g: &FuncGraph<'_>,
         part: &Partition<'_>,
         options: &crate::Options,
         sums: &RowSums,
+        kv: &KvWrites,
     ) -> NormPrologues {
         let mut found = NormPrologues::default();
         if !options.tensor_cores || !options.gemm.gemv || !options.gemm.norm_prologue {
@@ -164,8 +169,11 @@ impl NormPrologues {
                         g.inst(m)
                             .is_some_and(|inst| inst.operands.first() == Some(&norm.rows))
                     });
+                let writes_kv = kv.by_gemm.get(&mg).is_some_and(|f| f.gemv.is_some())
+                    && super::segmented_gemv(g, part, mg, options, in_variant);
                 ok = ok
                     && takes_rows
+                    && !writes_kv
                     && index_type(g, gemm, options) == Ty::I32
                     && variant(mg) == wanted
                     && takes_gemv(g, part, mg, options, in_variant);
