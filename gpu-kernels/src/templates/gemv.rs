@@ -62,8 +62,13 @@ const MAX_WEIGHT_REGISTERS: u32 = 64;
 
 /// Weight registers a step of a warp of several weight streams (gate/up) may hold when it
 /// computes a norm's rows: the rows' elements take registers of their own, and ptxas
-/// spilled the pair at 64 with the first step held over the statistic (sm_80 to sm_120).
+/// spilled the pair at 64 with the first step held over the statistic (sm_80 to sm_120);
+/// in a grid of blocks looping over the column groups (`GemmTuning::gemv_blocks`) it
+/// spilled at 48 (sm_89 to sm_120), so there [`NORM_WEIGHT_REGISTERS_LOOPED`].
 const NORM_WEIGHT_REGISTERS: u32 = 48;
+
+/// [`NORM_WEIGHT_REGISTERS`] in a grid of looping blocks.
+const NORM_WEIGHT_REGISTERS_LOOPED: u32 = 32;
 
 /// What the template needs to know about a matmul group it takes.
 pub(crate) struct GemvPlan {
@@ -244,17 +249,21 @@ impl GemvPlan {
 
     /// The plan computing A from the rows of `norm`'s row kernel.
     /// A warp of several weight streams (gate/up) holds at most
-    /// [`NORM_WEIGHT_REGISTERS`] of them a step.
+    /// [`NORM_WEIGHT_REGISTERS`] of them a step ([`NORM_WEIGHT_REGISTERS_LOOPED`] in a grid
+    /// of looping blocks).
     pub(crate) fn with_norm(self, norm: Option<super::norm_gemv::NormPrologue>) -> GemvPlan {
         let sets = if self.segments.is_empty() {
             self.b.len()
         } else {
             1
         } as u32;
+        let cap = if self.looped_grid().is_some() {
+            NORM_WEIGHT_REGISTERS_LOOPED
+        } else {
+            NORM_WEIGHT_REGISTERS
+        };
         let unroll = if norm.is_some() && sets > 1 {
-            self.unroll
-                .min(NORM_WEIGHT_REGISTERS / (VECTOR as u32 * sets))
-                .max(1)
+            self.unroll.min(cap / (VECTOR as u32 * sets)).max(1)
         } else {
             self.unroll
         };
