@@ -171,11 +171,23 @@ fn the_norm_gemv_kernels_assemble_without_spills() {
         .into_iter()
         .filter(|k| k.name.contains("gemv") && k.name.contains("_norm"))
         .collect();
-    // One of each distinct body (the layers share them).
+    // And q/k/v's where its GEMV leaves the cache writes to the kv_write kernel.
+    let mut no_kv = options(true);
+    no_kv.gemm.gemv_kv_writes = false;
+    let (names, kernels) = llama_decode_launches(&llama_1b(), &no_kv);
+    assert_eq!(count(&names, "seg_norm_x3"), 16, "{names:?}");
+    assert_eq!(count(&names, "rms_norm"), 0, "{names:?}");
+    norms.extend(
+        kernels
+            .into_iter()
+            .filter(|k| k.name.contains("gemv") && k.name.contains("seg_norm")),
+    );
+    // One of each distinct body (layers differ: the first layer's norm reads the
+    // embedding rows).
     let mut seen = std::collections::BTreeSet::new();
-    norms.retain(|k| seen.insert(k.name.split_once('_').map_or("", |(_, n)| n).to_string()));
+    norms.retain(|k| seen.insert(format!("{:?}{:?}", k.params, k.body)));
     let module = lower("norm_gemv.kiln", SRC, None, None);
-    for function in ["ragged", "head"] {
+    for function in ["qkv", "ragged", "head"] {
         let compiled = compile_function(&module, function, &options(true)).unwrap();
         norms.extend(
             compiled
