@@ -26,14 +26,21 @@
 //! With `GemmTuning::gemv_blocks` below the column groups of a grid that is not one of
 //! segments, the grid is that many blocks and each block loops over the groups
 //! `blockIdx.x, blockIdx.x + grid, ...` (a `For` with the constant grid as its stride):
-//! the norm prologue, the prefetch and the preload run once a block, for its first group
-//! (which is peeled from the loop when preloaded), the epilogue once a group.
+//! the norm's statistic, the prefetch and the first step's loads run once a block, for its
+//! first group (which is peeled from the loop when its first weights are loaded early),
+//! the epilogue once a group.
 //!
 //! With `GemmTuning::preload`, where every weight is a checkpoint tensor (no kernel writes
 //! it: `kiln_kir::Access::Constant`) and K holds a whole step, a block issues its first
 //! step's weight loads, into one set of registers every segment shares, before its
-//! `GridDependencyWait`; the activations (and a norm prologue) come after the wait. Both
+//! `GridDependencyWait`; the activations (and a norm's statistic) come after the wait. Both
 //! options are off by default: neither made the 1.1B decode step faster on the H100.
+//!
+//! With a norm whose rows are A (`norm_gemv`, `GemmTuning::norm_prologue`) each warp
+//! issues its first step's weight loads the same way (after the wait unless preloaded),
+//! then computes the rows' statistic itself, and the main loop computes each A vector from
+//! the norm's element-wise expressions instead of loading it: no shared memory, no
+//! barrier.
 //!
 //! Columns past N load row N - 1 (no guard in the loop) and store nothing. A symbolic M
 //! (the GEMV variant of a plan that picks it at run time for M at most [`GEMV_ROWS`]) is
@@ -93,8 +100,8 @@ pub(crate) struct GemvPlan {
     /// (`GemmTuning::preload`, where every weight is a checkpoint tensor, which no kernel
     /// writes; only where K holds a whole step).
     preload: bool,
-    /// The row kernel whose normalized rows (A) the block computes itself into shared
-    /// memory (`super::NormPrologues`).
+    /// The row kernel whose normalized rows (A) each warp computes itself
+    /// (`super::NormPrologues`).
     norm: Option<super::norm_gemv::NormPrologue>,
     /// The `kv_write`s its segments perform (`templates::KvWrites`, [`GemvPlan::write_kv`]).
     writes: Option<GemvWrites>,

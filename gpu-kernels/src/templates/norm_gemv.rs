@@ -1,19 +1,32 @@
 //! The RMSNorm a GEMV computes in its prologue ([`NormPrologues`],
 //! `GemmTuning::norm_prologue`): when the only value a row-mean kernel stores is the
 //! normalized rows (`rms_norm`: `mean(x*x)`, rsqrt, then element-wise) and every kernel
-//! reading them is a GEMV taking them as its A, the GEMV block computes the rows itself
-//! and the row kernel launches nothing in that variant.
+//! reading them is a GEMV taking them as its A, the GEMV computes the rows itself and the
+//! row kernel launches nothing in that variant.
 //!
-//! The block (four warps) first reduces each row as the row kernel would: the row kernel's
-//! threads (a warp for rows of at most [`reduce::WARP_ROW_MAX`] elements, else a block of
-//! [`reduce::ROW_BLOCK`]) are played by the block's warps, each warp one of the row
-//! kernel's warps at a time (a warp's lanes the same lanes, each folding the same elements
-//! in the same order, the same shuffle tree), the warp sums in shared memory added in warp
-//! order: the same f32 statistic, bit for bit. Every thread then computes its share of the
-//! normalized rows through the group's element-wise expressions (the statistic bound as
-//! the row kernel binds it) and stores them to a shared array of the rows' dtype, rounded
-//! as the row kernel's store rounds them; the GEMV's main loop reads A from there. The
-//! input rows are read twice (through L1): once for the statistic, once for the rows.
+//! Warp-local, without shared memory or a barrier. Each warp first issues its first K
+//! step's weight loads into registers (after the grid-dependency wait; before it where
+//! `GemmTuning::preload` applies), so that their DRAM latency overlaps the statistic. Then,
+//! for each row it holds (rows past a symbolic M skipped), its lanes read the norm's input
+//! row in 16-byte vectors, lane `l` the vectors `l`, `l + 32`, ..., fold `x * x` in f32
+//! (`reduce::Acc`) and add the lanes by the shuffle tree, so that every lane has the sum;
+//! the mean divides it by K as `Acc::result` does, and the values of the statistic's shape
+//! computed from it (`mean + eps`, its rsqrt) are computed once a row. The main loop then
+//! computes each A vector from the group's element-wise expression of the normalized rows
+//! (`x * inv * w`) and rounds it to the rows' dtype (`UnOp::RoundBf16` / `RoundF16`) as the
+//! row kernel's store rounds it. Every warp computes the same bits, so all columns see the
+//! same rows.
+//!
+//! Numerics: for rows of at most [`reduce::WARP_ROW_MAX`] elements the walk is the row
+//! kernel's (a warp a row) and the rows are the row kernel's, bit for bit. Longer rows
+//! (the 1.1B Llama's 2048) are added in this warp order rather than the row kernel's block
+//! order (a warp's sums added in shared memory), so the statistic may differ from the row
+//! kernel's in its last bits; the rows' rounding is the row kernel's.
+//!
+//! The input rows are read once for the statistic and again (through L1) in the main loop,
+//! by every warp. The q/k/v grid that writes the caches keeps its norm kernel (ptxas
+//! spilled it with the first step held), and a warp of several weight streams (gate/up)
+//! holds fewer weight registers a step (`gemv::NORM_WEIGHT_REGISTERS`).
 
 use super::reduce::{self, Acc, Red};
 use super::{gemv, index_type, reads_by_group, size_variant, split_plan, stored_values, Variant};
