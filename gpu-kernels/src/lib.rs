@@ -252,13 +252,17 @@ pub struct GemmTuning {
     /// Warps of a tensor-core GEMV block, splitting K (1 to 16).
     pub mma_gemv_warps: u32,
     /// Whether a GEMV whose A is the normalized rows of a row-mean kernel (an RMSNorm) that
-    /// stores nothing else, read by GEMVs only (q/k/v, gate/up, the LM head at decode
-    /// sizes), computes the rows' statistic and the element-wise part itself into shared
-    /// memory, in the row kernel's order (`templates::NormPrologues`: the norm kernel
-    /// disappears from the GEMV variant). Off by default: the H100 decode step of the 1.1B
-    /// Llama took 1.604 ms a token with it against 1.279 without (each block computes the
-    /// statistic before its weight loads start; Nsight Compute: gate/up 29.1 µs against
-    /// 25.3 + 3.0, the LM head 77.7 against about 51).
+    /// stores nothing else, read by GEMVs only (gate/up, the LM head at decode sizes, q/k/v
+    /// unless its GEMV writes the caches), computes them itself (`templates::NormPrologues`:
+    /// the norm kernel disappears from the GEMV variant): each warp issues its first
+    /// step's weight loads, computes the rows' statistic (a warp's order: rows longer than
+    /// 1024 elements may differ from the row kernel's sum in the last bits) and the
+    /// element-wise part in registers, rounded as the row kernel stores it; no shared
+    /// memory, no barrier. Off by default until measured: the earlier block-wide design
+    /// (the row kernel's order, a barrier, the rows in shared memory before any weight
+    /// load) took 1.604 ms a token of the 1.1B Llama's decode step on the H100 against
+    /// 1.279 without (Nsight Compute: gate/up 29.1 µs against 25.3 + 3.0, the LM head 77.7
+    /// against about 51).
     pub norm_prologue: bool,
     /// Whether the GEMV of a grid of segments (decode q/k/v at most [`GEMV_ROWS`] tokens)
     /// stores the rows of a segment whose values only `kv_write`s read straight into the

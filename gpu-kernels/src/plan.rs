@@ -58,7 +58,7 @@ impl<'a, 'f> PlanBuilder<'a, 'f> {
         options: &'a Options,
         kernels: &'a mut Vec<Kernel>,
     ) -> PlanBuilder<'a, 'f> {
-        let row_sums = templates::RowSums::find(g, part, options);
+        let mut row_sums = templates::RowSums::find(g, part, options);
         let constants = kiln_opt::small_constants(g.func);
         let kv_writes = templates::KvWrites::find(
             g,
@@ -67,6 +67,8 @@ impl<'a, 'f> PlanBuilder<'a, 'f> {
             &row_sums,
             &constants.keys().copied().collect(),
         );
+        row_sums.prologues =
+            templates::NormPrologues::find(g, part, options, &row_sums, &kv_writes);
         PlanBuilder {
             g,
             part,

@@ -1275,6 +1275,15 @@ impl Emitter<'_, '_> {
                 let one = self.builder.ins().f32const(1.0);
                 self.builder.ins().fdiv(one, x)
             }
+            (UnOp::RoundBf16 | UnOp::RoundF16, Ty::F32) => {
+                let (to, back) = if op == UnOp::RoundBf16 {
+                    (Helper::F32ToBf16, Helper::Bf16ToF32)
+                } else {
+                    (Helper::F32ToF16, Helper::F16ToF32)
+                };
+                let bits = self.call_helper(to, &[x]);
+                self.call_helper(back, &[bits])
+            }
             (UnOp::Not, Ty::Pred) => self.builder.ins().bxor_imm_s(x, 1),
             (UnOp::Not, Ty::I32 | Ty::I64) => self.builder.ins().bnot(x),
             _ => return Err(self.invalid(format!("{op:?} of a {ty} operand"))),

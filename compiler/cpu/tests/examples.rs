@@ -125,6 +125,34 @@ fn every_unary_op_on_f32() {
 }
 
 #[test]
+fn the_roundings_to_16_bit_floats_match_the_interpreter() {
+    // Ties, values past f16's range, subnormals of both types, NaN: the store's rounding.
+    let mut rng = Rng::new(6);
+    for op in UnOp::ROUNDINGS {
+        let n = 300;
+        let kernel = examples::unary_map(op, DType::F32);
+        let mut values = unary_inputs(&mut rng, op, n);
+        let more = [
+            1.0 + 1.0 / 256.0,
+            1.0 + 3.0 / 256.0,
+            1.0 + 1.0 / 2048.0,
+            1.0 + 3.0 / 2048.0,
+            70000.0,
+            -1e-6,
+            1e-40,
+            3.0e38,
+        ];
+        values[10..10 + more.len()].copy_from_slice(&more);
+        let args = [
+            Arg::Buffer(common::floats_as(DType::F32, &values)),
+            Arg::Buffer(vec![0; n * 4]),
+            Arg::Scalar(Const::I64(n as i64)),
+        ];
+        check(&kernel, grid_over(n), &args, Tolerance::Exact);
+    }
+}
+
+#[test]
 fn unary_ops_on_narrow_floats_and_integers() {
     let mut rng = Rng::new(5);
     for dtype in FLOAT_DTYPES {

@@ -1225,6 +1225,8 @@ pub fn unary(op: UnOp, a: Const) -> Result<Const, String> {
         (UnOp::Floor, Const::F32(x)) => Const::F32(libm::floorf(x)),
         (UnOp::Ceil, Const::F32(x)) => Const::F32(libm::ceilf(x)),
         (UnOp::Recip, Const::F32(x)) => Const::F32(1.0 / x),
+        (UnOp::RoundBf16, Const::F32(x)) => Const::F32(bf16::from_f32(x).to_f32()),
+        (UnOp::RoundF16, Const::F32(x)) => Const::F32(f16::from_f32(x).to_f32()),
         (op, a) => return Err(format!("{op:?} does not apply to {a:?}")),
     })
 }

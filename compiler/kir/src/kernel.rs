@@ -198,12 +198,19 @@ pub enum UnOp {
     /// ([`exp2_ftz`]; a softmax term below 2^-126 of its row's largest is negligible, and the
     /// flush makes it one instruction instead of four).
     Exp2,
+    /// `x` rounded to bf16 (nearest even, as a store of a bf16 element rounds it) and back:
+    /// a value computed in registers with the bits another kernel would read from a bf16
+    /// buffer.
+    RoundBf16,
+    /// `x` rounded to f16 (nearest even, as a store of an f16 element rounds it) and back.
+    RoundF16,
     /// Logical not of a `Pred`, bitwise not of an integer.
     Not,
 }
 
 impl UnOp {
-    /// Every operator that takes an `F32` (all but `Not`), in declaration order.
+    /// Every arithmetic operator that takes an `F32` (all but `Not` and the roundings to a
+    /// 16-bit type, [`UnOp::ROUNDINGS`]), in declaration order.
     pub const FLOAT: [UnOp; 15] = [
         UnOp::Neg,
         UnOp::Abs,
@@ -221,6 +228,9 @@ impl UnOp {
         UnOp::Recip,
         UnOp::Exp2,
     ];
+
+    /// The roundings of an `F32` to a 16-bit float type and back.
+    pub const ROUNDINGS: [UnOp; 2] = [UnOp::RoundBf16, UnOp::RoundF16];
 }
 
 /// Binary operators. Operands share one type; comparisons give `Pred`; `And`/`Or`/`Xor`

@@ -57,6 +57,8 @@ pub fn unop_name(op: UnOp) -> &'static str {
         UnOp::Floor => "floor",
         UnOp::Ceil => "ceil",
         UnOp::Recip => "recip",
+        UnOp::RoundBf16 => "round_bf16",
+        UnOp::RoundF16 => "round_f16",
         UnOp::Not => "not",
     }
 }

@@ -14,7 +14,8 @@
 //! 4. `Var` refers to a declared register; `Param(i)` to a `Param::Scalar` (its type);
 //!    `Special` is `I32`, and `BlockIdx`'s axis is 0, 1 or 2;
 //! 5. `Unary`: `Neg`, `Abs` take `I32`, `I64` or `F32`; `Not` takes `Pred` or an integer;
-//!    the other operators (`Exp` … `Recip`) take `F32`; the result has the operand's type;
+//!    the other operators (`Exp` … `Exp2`, the roundings `RoundBf16` and `RoundF16`) take
+//!    `F32`; the result has the operand's type;
 //! 6. `Binary`: both operands have one type; `Add`, `Sub`, `Mul`, `Div`, `Rem`, `Min`,
 //!    `Max` take `I32`, `I64` or `F32`; `Pow` takes `F32`; `And`, `Or`, `Xor` take `Pred`
 //!    or integers; `Shl`, `Shr` take integers; `Eq`, `Ne` take any type and `Lt`, `Le`,

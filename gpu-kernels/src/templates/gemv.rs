@@ -26,14 +26,21 @@
 //! With `GemmTuning::gemv_blocks` below the column groups of a grid that is not one of
 //! segments, the grid is that many blocks and each block loops over the groups
 //! `blockIdx.x, blockIdx.x + grid, ...` (a `For` with the constant grid as its stride):
-//! the norm prologue, the prefetch and the preload run once a block, for its first group
-//! (which is peeled from the loop when preloaded), the epilogue once a group.
+//! the norm's statistic, the prefetch and the first step's loads run once a block, for its
+//! first group (which is peeled from the loop when its first weights are loaded early),
+//! the epilogue once a group.
 //!
 //! With `GemmTuning::preload`, where every weight is a checkpoint tensor (no kernel writes
 //! it: `kiln_kir::Access::Constant`) and K holds a whole step, a block issues its first
 //! step's weight loads, into one set of registers every segment shares, before its
-//! `GridDependencyWait`; the activations (and a norm prologue) come after the wait. Both
+//! `GridDependencyWait`; the activations (and a norm's statistic) come after the wait. Both
 //! options are off by default: neither made the 1.1B decode step faster on the H100.
+//!
+//! With a norm whose rows are A (`norm_gemv`, `GemmTuning::norm_prologue`) each warp
+//! issues its first step's weight loads the same way (after the wait unless preloaded),
+//! then computes the rows' statistic itself, and the main loop computes each A vector from
+//! the norm's element-wise expressions instead of loading it: no shared memory, no
+//! barrier.
 //!
 //! Columns past N load row N - 1 (no guard in the loop) and store nothing. A symbolic M
 //! (the GEMV variant of a plan that picks it at run time for M at most [`GEMV_ROWS`]) is
@@ -60,6 +67,16 @@ pub const WARPS: u32 = 4;
 /// cut to stay within it.
 const MAX_WEIGHT_REGISTERS: u32 = 64;
 
+/// Weight registers a step of a warp of several weight streams (gate/up) may hold when it
+/// computes a norm's rows: the rows' elements take registers of their own, and ptxas
+/// spilled the pair at 64 with the first step held over the statistic (sm_80 to sm_120);
+/// in a grid of blocks looping over the column groups (`GemmTuning::gemv_blocks`) it
+/// spilled at 48 (sm_89 to sm_120), so there [`NORM_WEIGHT_REGISTERS_LOOPED`].
+const NORM_WEIGHT_REGISTERS: u32 = 48;
+
+/// [`NORM_WEIGHT_REGISTERS`] in a grid of looping blocks.
+const NORM_WEIGHT_REGISTERS_LOOPED: u32 = 32;
+
 /// What the template needs to know about a matmul group it takes.
 pub(crate) struct GemvPlan {
     /// The stored value holding A (`[M, K]` row-major, through reshapes).
@@ -83,8 +100,8 @@ pub(crate) struct GemvPlan {
     /// (`GemmTuning::preload`, where every weight is a checkpoint tensor, which no kernel
     /// writes; only where K holds a whole step).
     preload: bool,
-    /// The row kernel whose normalized rows (A) the block computes itself into shared
-    /// memory (`super::NormPrologues`).
+    /// The row kernel whose normalized rows (A) each warp computes itself
+    /// (`super::NormPrologues`).
     norm: Option<super::norm_gemv::NormPrologue>,
     /// The `kv_write`s its segments perform (`templates::KvWrites`, [`GemvPlan::write_kv`]).
     writes: Option<GemvWrites>,
@@ -230,9 +247,38 @@ impl GemvPlan {
             .then_some(self.max_blocks)
     }
 
+    /// Whether a block loads its first step of weights into registers before anything
+    /// else: before the grid-dependency wait where preloaded, else, with a norm to compute,
+    /// right after it (where K holds a whole step).
+    fn first_loads(&self) -> bool {
+        self.preload || (self.norm.is_some() && self.k >= 32 * VECTOR)
+    }
+
     /// The plan computing A from the rows of `norm`'s row kernel.
+    /// A warp of several weight streams (gate/up) holds at most
+    /// [`NORM_WEIGHT_REGISTERS`] of them a step ([`NORM_WEIGHT_REGISTERS_LOOPED`] in a grid
+    /// of looping blocks).
     pub(crate) fn with_norm(self, norm: Option<super::norm_gemv::NormPrologue>) -> GemvPlan {
-        GemvPlan { norm, ..self }
+        let sets = if self.segments.is_empty() {
+            self.b.len()
+        } else {
+            1
+        } as u32;
+        let cap = if self.looped_grid().is_some() {
+            NORM_WEIGHT_REGISTERS_LOOPED
+        } else {
+            NORM_WEIGHT_REGISTERS
+        };
+        let unroll = if norm.is_some() && sets > 1 {
+            self.unroll.min(cap / (VECTOR as u32 * sets)).max(1)
+        } else {
+            self.unroll
+        };
+        GemvPlan {
+            norm,
+            unroll,
+            ..self
+        }
     }
 }
 
@@ -513,16 +559,18 @@ pub(crate) fn emit(
             first: None,
         }
     };
-    // Before the wait, where K holds a whole step: the first step's weight vectors, into
-    // one set of registers that every segment shares (so that the branches leave no more
-    // registers live than one of them).
+    // The first step's weight vectors, into one set of registers that every segment shares
+    // (so that the branches leave no more registers live than one of them): before the
+    // wait where preloaded, else right after it where the block computes a norm's rows,
+    // so that their DRAM latency overlaps the rows' statistic.
     let mut ready: Vec<Option<Columns>> = (0..plan.b.len()).map(|_| None).collect();
     let preload = plan.preload;
-    if preload {
+    let early = plan.first_loads();
+    let mut load_first = |e: &mut Emitter<'_, '_>, body: &mut Vec<Stmt>| {
         let pool: Vec<VarId> = (0..MAX_WEIGHT_REGISTERS)
             .map(|_| e.var("w", Ty::F32))
             .collect();
-        let load_first = |e: &mut Emitter<'_, '_>, these: &[usize]| -> Vec<Stmt> {
+        let load = |e: &mut Emitter<'_, '_>, these: &[usize]| -> Vec<Stmt> {
             let mut out = Vec::new();
             let mut columns = setup(e, &mut out, these, &col);
             let offsets: Vec<Expr> = (0..columns.unroll)
@@ -542,20 +590,29 @@ pub(crate) fn emit(
             ready[these[0]] = Some(columns);
             out
         };
-        let stmts = per_segment(e, segment.as_ref(), plan.b.len(), load_first);
+        let stmts = per_segment(e, segment.as_ref(), plan.b.len(), load);
         body.extend(stmts);
+    };
+    if preload {
+        load_first(e, &mut body);
     }
     if plan.prefetch.is_some() || preload {
         body.push(Stmt::GridDependencyWait);
     }
-    // What runs before the wait stays outside the branch on a symbolic M below.
+    if early && !preload {
+        load_first(e, &mut body);
+    }
+    // What runs before the wait (and the first weights) stays outside the branch on a
+    // symbolic M below.
     let prelude = body.len();
-    // A: the stored rows, or the rows of a norm the block computes into shared memory.
+    // A: the stored rows, or the rows of a norm whose statistic each warp computes here
+    // and whose elements the main loop computes in registers.
     let a_buf = match &plan.norm {
         Some(norm) => {
-            super::norm_gemv::emit(e, &mut body, norm, plan.rows, &m_size, symbolic_rows)?
+            super::norm_gemv::emit(e, &mut body, norm, plan.rows, &m_size, symbolic_rows)?;
+            None
         }
-        None => e.buffer(plan.a_source, kiln_kir::Access::Read),
+        None => Some(e.buffer(plan.a_source, kiln_kir::Access::Read)),
     };
     // The matmuls of this block (all, or one segment's), their column and loop.
     let looped = plan.looped_grid();
@@ -599,7 +656,8 @@ pub(crate) fn emit(
                     k0: Expr,
                     vectors: i64,
                     ok: &dyn Fn(i64) -> Option<Expr>,
-                    loaded: Option<&Vec<Vec<Vec<VarId>>>>| {
+                    loaded: Option<&Vec<Vec<Vec<VarId>>>>|
+         -> EResult<()> {
             let k0 = e.bind(out, "k0", ity, k0);
             let offsets: Vec<Expr> = (0..vectors)
                 .map(|u| add(k0.clone(), e.ix(u * 32 * vector)))
@@ -641,11 +699,37 @@ pub(crate) fn emit(
                 for (r, a_row) in a_rows.iter().enumerate() {
                     let mut row_stmts = Vec::new();
                     let x: Vec<VarId> = (0..vector).map(|_| e.var("x", Ty::F32)).collect();
-                    row_stmts.push(Stmt::LoadVec {
-                        dsts: x.clone(),
-                        buf: a_buf,
-                        index: add(a_row.clone(), offset(u as i64)),
-                    });
+                    match (a_buf, &plan.norm) {
+                        (Some(buf), _) => row_stmts.push(Stmt::LoadVec {
+                            dsts: x.clone(),
+                            buf,
+                            index: add(a_row.clone(), offset(u as i64)),
+                        }),
+                        (None, Some(norm)) => {
+                            // A row of the norm, as its row kernel would have stored it.
+                            // Rows after the first in scopes of their own (a row past a
+                            // symbolic M is skipped); they reuse the first row's weight of
+                            // the norm.
+                            if r > 0 {
+                                e.push_scope();
+                            }
+                            let vals = super::norm_gemv::elements(
+                                e,
+                                &mut row_stmts,
+                                norm,
+                                r as u64,
+                                offset(u as i64),
+                                vector as usize,
+                            );
+                            if r > 0 {
+                                e.pop_scope();
+                            }
+                            for (&xj, v) in x.iter().zip(vals?) {
+                                row_stmts.push(Stmt::Assign(xj, v));
+                            }
+                        }
+                        (None, None) => unreachable!("A is a buffer or a norm's rows"),
+                    }
                     for (set, w) in regs.iter().enumerate() {
                         let cell = acc[set][r][u % chains];
                         for (wj, xj) in w.iter().zip(&x) {
@@ -672,13 +756,14 @@ pub(crate) fn emit(
                     out.push(Stmt::if_then(cond, stmts));
                 }
             }
+            Ok(())
         };
         // Whole steps (the first from the registers loaded before the wait), then the tail
         // of `tail` vectors over the lanes.
         let full = k / step;
         let mut start = 0;
         if let Some(first) = &first {
-            fold(e, out, lane_k.clone(), unroll, &|_| None, Some(first));
+            fold(e, out, lane_k.clone(), unroll, &|_| None, Some(first))?;
             start = step;
         }
         if full * step > start {
@@ -691,7 +776,7 @@ pub(crate) fn emit(
                 unroll,
                 &|_| None,
                 None,
-            );
+            )?;
             out.push(Stmt::For {
                 var: s,
                 start: e.ix(start),
@@ -711,7 +796,7 @@ pub(crate) fn emit(
                 (tail + 31) / 32,
                 &|u| Some(lt(lane_e.clone() + i32c(u * 32), i32c(tail))),
                 None,
-            );
+            )?;
         }
         // Every weight load is issued: the next kernel may launch (and prefetch). A block
         // looping over column groups lets it launch after its last group.
@@ -805,7 +890,7 @@ pub(crate) fn emit(
             // registers), then every `grid`-th after it, below the groups.
             let groups = plan.b[0].2.div_ceil(u64::from(WARPS)) as i64;
             let mut start = e.special(Special::BlockIdx(0));
-            if preload {
+            if early {
                 e.push_scope();
                 emit_columns(e, &mut body, None, &plan.b, &matmuls, |e, out, these| {
                     column(e, out, these, &col)

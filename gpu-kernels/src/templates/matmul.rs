@@ -966,6 +966,8 @@ pub(crate) fn epilogue_lanes(
     let mut idx = at.batch.to_vec();
     idx.extend([at.row.clone(), at.col.clone()]);
     let last = idx.len() - 1;
+    // The kernel's own bindings (a norm's statistic the GEMV computed) stay.
+    let held = e.bindings.len();
     for (&m, cells) in matmuls.iter().zip(accs) {
         for (c, &a) in cells.iter().enumerate() {
             let mut index = idx.clone();
@@ -998,7 +1000,7 @@ pub(crate) fn epilogue_lanes(
             otherwise: Vec::new(),
         });
     }
-    e.bindings.clear();
+    e.bindings.truncate(held);
     Ok(())
 }
 

@@ -123,8 +123,8 @@ pub(crate) struct RowSums {
 }
 
 impl RowSums {
-    /// Finds the pairs (none unless tensor cores and [`crate::GemmTuning::row_sums`] are on),
-    /// then the norm prologues ([`NormPrologues::find`]).
+    /// Finds the pairs (none unless tensor cores and [`crate::GemmTuning::row_sums`] are on);
+    /// the norm prologues are found once the `kv_write`s are ([`NormPrologues::find`]).
     pub(crate) fn find(
         g: &FuncGraph<'_>,
         part: &Partition<'_>,
@@ -134,7 +134,6 @@ impl RowSums {
         if options.tensor_cores && options.gemm.row_sums {
             sums.find_sums(g, part, options);
         }
-        sums.prologues = NormPrologues::find(g, part, options, &sums);
         sums
     }
 

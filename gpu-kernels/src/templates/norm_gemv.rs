@@ -1,36 +1,42 @@
 //! The RMSNorm a GEMV computes in its prologue ([`NormPrologues`],
 //! `GemmTuning::norm_prologue`): when the only value a row-mean kernel stores is the
 //! normalized rows (`rms_norm`: `mean(x*x)`, rsqrt, then element-wise) and every kernel
-//! reading them is a GEMV taking them as its A, the GEMV block computes the rows itself
-//! and the row kernel launches nothing in that variant.
+//! reading them is a GEMV taking them as its A, the GEMV computes the rows itself and the
+//! row kernel launches nothing in that variant.
 //!
-//! The block (four warps) first reduces each row as the row kernel would: the row kernel's
-//! threads (a warp for rows of at most [`reduce::WARP_ROW_MAX`] elements, else a block of
-//! [`reduce::ROW_BLOCK`]) are played by the block's warps, each warp one of the row
-//! kernel's warps at a time (a warp's lanes the same lanes, each folding the same elements
-//! in the same order, the same shuffle tree), the warp sums in shared memory added in warp
-//! order: the same f32 statistic, bit for bit. Every thread then computes its share of the
-//! normalized rows through the group's element-wise expressions (the statistic bound as
-//! the row kernel binds it) and stores them to a shared array of the rows' dtype, rounded
-//! as the row kernel's store rounds them; the GEMV's main loop reads A from there. The
-//! input rows are read twice (through L1): once for the statistic, once for the rows.
+//! Warp-local, without shared memory or a barrier. Each warp first issues its first K
+//! step's weight loads into registers (after the grid-dependency wait; before it where
+//! `GemmTuning::preload` applies), so that their DRAM latency overlaps the statistic. Then,
+//! for each row it holds (rows past a symbolic M skipped), its lanes read the norm's input
+//! row in 16-byte vectors, lane `l` the vectors `l`, `l + 32`, ..., fold `x * x` in f32
+//! (`reduce::Acc`) and add the lanes by the shuffle tree, so that every lane has the sum;
+//! the mean divides it by K as `Acc::result` does, and the values of the statistic's shape
+//! computed from it (`mean + eps`, its rsqrt) are computed once a row. The main loop then
+//! computes each A vector from the group's element-wise expression of the normalized rows
+//! (`x * inv * w`) and rounds it to the rows' dtype (`UnOp::RoundBf16` / `RoundF16`) as the
+//! row kernel's store rounds it. Every warp computes the same bits, so all columns see the
+//! same rows.
+//!
+//! Numerics: for rows of at most [`reduce::WARP_ROW_MAX`] elements the walk is the row
+//! kernel's (a warp a row) and the rows are the row kernel's, bit for bit. Longer rows
+//! (the 1.1B Llama's 2048) are added in this warp order rather than the row kernel's block
+//! order (a warp's sums added in shared memory), so the statistic may differ from the row
+//! kernel's in its last bits; the rows' rounding is the row kernel's.
+//!
+//! The input rows are read once for the statistic and again (through L1) in the main loop,
+//! by every warp. The q/k/v grid that writes the caches keeps its norm kernel (ptxas
+//! spilled it with the first step held), and a warp of several weight streams (gate/up)
+//! holds fewer weight registers a step (`gemv::NORM_WEIGHT_REGISTERS`).
 
 use super::reduce::{self, Acc, Red};
 use super::{gemv, index_type, reads_by_group, size_variant, split_plan, stored_values, Variant};
 use super::{KvWrites, RowSums};
-use crate::emit::{add, lt, min_e, mul, sub, Binding, EResult, Emitter};
+use crate::emit::{add, lt, min_e, mul, Binding, EResult, Emitter};
 use crate::graph::FuncGraph;
 use crate::partition::{GroupKind, Partition};
 use kiln_ir::{DType, Dim, Op, ReduceOp, Value};
-use kiln_kir::{BinOp, Buf, Expr, Special, Stmt, Ty};
+use kiln_kir::{Expr, Special, Stmt, Ty, UnOp};
 use std::collections::{BTreeMap, BTreeSet};
-
-/// The most bytes of normalized rows a GEMV block keeps in shared memory (four rows of
-/// 4096 16-bit elements; static shared memory stays below 48 KiB).
-const MAX_ROW_BYTES: u64 = 32 * 1024;
-
-/// Warps of a GEMV block (its threads compute the rows).
-const WARPS: u64 = gemv::WARPS as u64;
 
 /// Row groups whose normalized rows the GEMVs reading them compute ([`NormPrologues`]
 /// applies in the variants where every reader takes the GEMV).
@@ -101,13 +107,17 @@ impl NormPrologues {
     /// rows as A and the GEMV applying, all with the same run-time variants (which the row
     /// group takes, as with [`RowSums`]: a row group that adds split-K sums only where the
     /// GEMMs it adds are GEMVs in the GEMV variant too); the rows no function result and
-    /// read in no loop; at most [`MAX_ROW_BYTES`] of rows in a block; 32-bit indexing in
-    /// both kernels; nothing the row kernel reads updated in place before the last reader.
+    /// read in no loop; 32-bit indexing in both kernels; nothing the row kernel reads
+    /// updated in place before the last reader; no reader a grid of segments that performs
+    /// `kv_write`s (`kv`, the q/k/v GEMV writing the caches: with the first step's weights
+    /// held over the statistic, ptxas spilled it on every target, so that norm keeps its
+    /// row kernel).
     pub(crate) fn find(
         g: &FuncGraph<'_>,
         part: &Partition<'_>,
         options: &crate::Options,
         sums: &RowSums,
+        kv: &KvWrites,
     ) -> NormPrologues {
         let mut found = NormPrologues::default();
         if !options.tensor_cores || !options.gemm.gemv || !options.gemm.norm_prologue {
@@ -146,14 +156,8 @@ impl NormPrologues {
             } else {
                 Variant::Large
             };
-            let rows_held = match g.shape(norm.rows)[0] {
-                Dim::Const(m) => m,
-                Dim::Sym(_) => gemv::GEMV_ROWS,
-            };
-            let dtype = g.ty(norm.rows).dtype;
-            let mut ok = wanted.as_ref().is_none_or(|w| w.2)
-                && rows_held * norm.k * dtype.size_bytes() as u64 <= MAX_ROW_BYTES
-                && index_type(g, row, options) == Ty::I32;
+            let mut ok =
+                wanted.as_ref().is_none_or(|w| w.2) && index_type(g, row, options) == Ty::I32;
             // What the row kernel reads stays as it was until the last reader runs: no
             // `kv_write` (the only in-place update) in between touches it.
             let last = readers
@@ -178,8 +182,11 @@ impl NormPrologues {
                         g.inst(m)
                             .is_some_and(|inst| inst.operands.first() == Some(&norm.rows))
                     });
+                let writes_kv = kv.by_gemm.get(&mg).is_some_and(|f| f.gemv.is_some())
+                    && super::segmented_gemv(g, part, mg, options, in_variant);
                 ok = ok
                     && takes_rows
+                    && !writes_kv
                     && index_type(g, gemm, options) == Ty::I32
                     && variant(mg) == wanted
                     && takes_gemv(g, part, mg, options, in_variant);
@@ -272,8 +279,14 @@ fn only_in_region(g: &FuncGraph<'_>, part: &Partition<'_>, v: Value, region: usi
 }
 
 /// Emits the prologue into `out` for `rows` rows held (`m_size` the row count; rows past a
-/// symbolic one skipped) and returns the shared array `[rows, K]` of normalized rows.
-/// Block-uniform: its barriers are reached by every thread.
+/// symbolic one skipped): each warp computes every row's statistic itself (no shared memory,
+/// no barrier) and binds it, with the row-broadcast values computed from it (the `eps` sum
+/// and its rsqrt), in `e.bindings` at `[r, 0]` for row `r`, so that the main loop's reads of
+/// the normalized rows (`e.elem(norm.rows, [r, k], ..)`, rounded by [`round`]) use them.
+///
+/// The walk is the row kernel's for rows of a warp: lane `l` folds the vectors `l`,
+/// `l + 32`, ... of the row (`x * x` in f32, `reduce::Acc`), then the shuffle tree; every
+/// lane ends with the same sum and the mean divides it by K as `Acc::result` does.
 pub(crate) fn emit(
     e: &mut Emitter<'_, '_>,
     out: &mut Vec<Stmt>,
@@ -281,52 +294,55 @@ pub(crate) fn emit(
     rows: u64,
     m_size: &Expr,
     symbolic_rows: bool,
-) -> EResult<Buf> {
+) -> EResult<()> {
     let g = e.g;
     let ity = e.index_ty;
     e.owned.extend(norm.owned.iter().copied());
     e.fused.insert(norm.mean);
     let k = norm.k;
-    // The row kernel's walk: its threads a row, elements a thread and step.
-    let threads = if k <= reduce::WARP_ROW_MAX {
-        32
-    } else {
-        reduce::ROW_BLOCK
-    };
     let kdim = Dim::Const(k);
-    let lanes = reduce::row_lanes(Some(&kdim), Some(k), threads) as u64;
-    let step = u64::from(threads) * lanes;
+    let lanes = reduce::row_lanes(Some(&kdim), Some(k), 32) as u64;
+    let step = 32 * lanes;
     let chunks = k.div_ceil(step);
-    let row_warps = u64::from(threads / 32);
-    let pairs = rows * row_warps;
-    let partial = e.shared_array("norm_partial", DType::F32, pairs as u32);
-    let lane = Expr::Special(Special::LaneId);
-    let warp = Expr::Special(Special::WarpId);
-    let last_row = e.bind(out, "last_row", ity, sub(m_size.clone(), e.ix(1)));
     let in_dtype = g.ty(norm.input).dtype;
-    // Pair p = (row, row-kernel warp) goes to warp p mod 4, in rounds.
-    for round in 0..pairs.div_ceil(WARPS) {
+    // The values of the row's statistic's shape computed from it (`mean + eps`, its rsqrt):
+    // once a row, not once an element.
+    let stat_shape = g.shape(norm.mean).to_vec();
+    let scalars: Vec<Value> = norm
+        .owned
+        .iter()
+        .copied()
+        .filter(|&v| v != norm.mean && !g.is_heavy(v) && g.shape(v) == stat_shape.as_slice())
+        .collect();
+    let lane = index(ity, Expr::Special(Special::LaneId));
+    let first = e.bind(out, "j", ity, mul(lane, e.ix(lanes as i64)));
+    // The row scalars' bindings, made once every row's are computed (a value bound at some
+    // rows is read only there).
+    let mut bound = Vec::new();
+    for r in 0..rows {
+        let mut stmts = Vec::new();
         e.push_scope();
-        let p = add(e.ix((round * WARPS) as i64), index(ity, warp.clone()));
-        let p = e.bind(out, "pair", ity, p);
-        let row = crate::emit::div(p.clone(), e.ix(row_warps as i64));
-        // Pairs past the rows read the last row (their sums are never used).
-        let row = e.bind(out, "stat_row", ity, min_e(row, last_row.clone()));
-        let rw = crate::emit::rem(p.clone(), e.ix(row_warps as i64));
-        let tid = add(mul(rw, e.ix(32)), index(ity, lane.clone()));
-        let tid = e.bind(out, "tid", ity, tid);
-        let acc = Acc::new(e, out, Red::Mean, in_dtype);
-        let first = e.bind(out, "j", ity, mul(tid, e.ix(lanes as i64)));
+        let row = e.ix(r as i64);
+        let acc = Acc::new(e, &mut stmts, Red::Mean, in_dtype);
         for c in 0..chunks {
             let start = add(first.clone(), e.ix((c * step) as i64));
             let (j, valid) = if (c + 1) * step > k {
-                let valid = e.bind(out, "in_row", Ty::Pred, lt(start.clone(), e.ix(k as i64)));
+                // The ragged last chunk: lanes past the row read its last vector and fold 0.
+                let valid = e.bind(
+                    &mut stmts,
+                    "in_row",
+                    Ty::Pred,
+                    lt(start.clone(), e.ix(k as i64)),
+                );
                 let last = e.ix((k - lanes) as i64);
-                (e.bind(out, "j", ity, min_e(start, last)), Some(valid))
+                (
+                    e.bind(&mut stmts, "j", ity, min_e(start, last)),
+                    Some(valid),
+                )
             } else {
-                (e.bind(out, "j", ity, start), None)
+                (e.bind(&mut stmts, "j", ity, start), None)
             };
-            let vals = e.elem(out, norm.input, &[row.clone(), j], lanes as usize)?;
+            let vals = e.elem(&mut stmts, norm.input, &[row.clone(), j], lanes as usize)?;
             for x in vals {
                 let x = match &valid {
                     Some(valid) => Expr::Select(
@@ -336,80 +352,29 @@ pub(crate) fn emit(
                     ),
                     None => x,
                 };
-                acc.fold(e, out, x, None);
+                acc.fold(e, &mut stmts, x, None);
             }
         }
-        acc.warp_reduce(e, out);
-        let store = Stmt::Store {
-            buf: partial,
-            index: p.clone(),
-            value: Expr::var(acc.value()),
-        };
-        let first_lane = lane.clone().equals(Expr::Const(kiln_kir::Const::I32(0)));
-        let cond = crate::emit::and(first_lane, lt(p, e.ix(pairs as i64)));
-        out.push(Stmt::if_then(cond, vec![store]));
-        e.pop_scope();
-    }
-    out.push(Stmt::Barrier);
-    // Each row's statistic (the warp sums in order, as the row kernel's block adds them),
-    // then the thread's vectors of the normalized row into shared memory.
-    let dtype = g.ty(norm.rows).dtype;
-    let held = e.shared_array("norm_rows", dtype, (rows * k) as u32);
-    let tid = index(ity, Expr::Special(Special::ThreadIdx));
-    let tid = e.bind(out, "t", ity, tid);
-    let vector = 8u64;
-    let block_step = u64::from(gemv::WARPS) * 32 * vector;
-    for r in 0..rows {
-        let mut stmts = Vec::new();
-        e.push_scope();
-        let total = e.var("norm_sum", Ty::F32);
-        let at = |i: u64| Expr::Load {
-            buf: partial,
-            index: Box::new(Expr::Const(kiln_kir::Const::I32(i as i32))),
-        };
-        stmts.push(Stmt::Assign(total, at(r * row_warps)));
-        for w in 1..row_warps {
-            stmts.push(Stmt::assign(
-                total,
-                Expr::var(total) + at(r * row_warps + w),
-            ));
-        }
-        // As `Acc::result` divides (the count a constant of the index type).
-        let mean = crate::emit::bin(
-            BinOp::Div,
-            Expr::var(total),
-            Expr::Cast(Ty::F32, Box::new(e.ix(k as i64))),
-        );
+        acc.warp_reduce(e, &mut stmts);
+        let mean = acc.result(e.ix(k as i64));
         let mean = e.bind(&mut stmts, "mean", Ty::F32, mean);
-        let held_bindings = e.bindings.len();
+        let at = vec![e.ix(r as i64), e.ix(0)];
         e.bindings.push(Binding {
             value: norm.mean,
-            index: vec![e.ix(r as i64), e.ix(0)],
+            index: at.clone(),
             expr: mean,
         });
-        for c in 0..k.div_ceil(block_step) {
-            let pos = add(
-                mul(tid.clone(), e.ix(vector as i64)),
-                e.ix((c * block_step) as i64),
-            );
-            let pos = e.bind(&mut stmts, "pos", ity, pos);
-            let mut chunk = Vec::new();
-            e.push_scope();
-            let vals = e.elem(&mut chunk, norm.rows, &[e.ix(r as i64), pos.clone()], 8);
-            e.pop_scope();
-            let vals = vals?;
-            chunk.push(Stmt::StoreVec {
-                buf: held,
-                index: add(e.ix((r * k) as i64), pos.clone()),
-                values: vals,
+        for &v in &scalars {
+            let x = e.elem(&mut stmts, v, &at, 1)?;
+            let ty = Ty::compute_type_of(g.ty(v).dtype);
+            let x = e.bind(&mut stmts, "row_scale", ty, x[0].clone());
+            bound.push(Binding {
+                value: v,
+                index: at.clone(),
+                expr: x,
             });
-            if (c + 1) * block_step > k {
-                stmts.push(Stmt::if_then(lt(pos, e.ix(k as i64)), chunk));
-            } else {
-                stmts.extend(chunk);
-            }
         }
-        e.bindings.truncate(held_bindings);
+
         e.pop_scope();
         if symbolic_rows && r > 0 {
             out.push(Stmt::if_then(lt(e.ix(r as i64), m_size.clone()), stmts));
@@ -417,8 +382,31 @@ pub(crate) fn emit(
             out.extend(stmts);
         }
     }
-    out.push(Stmt::Barrier);
-    Ok(held)
+    e.bindings.extend(bound);
+    Ok(())
+}
+
+/// The `width` elements of normalized row `r` from `k0` on, computed in registers through
+/// the group's element-wise expressions (after [`emit`] bound the row's statistic) and
+/// rounded to the rows' dtype as the row kernel's store rounds them.
+pub(crate) fn elements(
+    e: &mut Emitter<'_, '_>,
+    out: &mut Vec<Stmt>,
+    norm: &NormPrologue,
+    r: u64,
+    k0: Expr,
+    width: usize,
+) -> EResult<Vec<Expr>> {
+    let op = match e.g.ty(norm.rows).dtype {
+        DType::F16 => UnOp::RoundF16,
+        _ => UnOp::RoundBf16,
+    };
+    let row = e.ix(r as i64);
+    let vals = e.elem(out, norm.rows, &[row, k0], width)?;
+    Ok(vals
+        .into_iter()
+        .map(|x| Expr::Unary(op, Box::new(x)))
+        .collect())
 }
 
 /// `x` (an i32 special) in the index type.

@@ -237,11 +237,6 @@ impl Acc {
         });
     }
 
-    /// The accumulator's register (a sum before the mean's division).
-    pub(crate) fn value(&self) -> VarId {
-        self.val
-    }
-
     /// The reduction's value: the mean divides by the count; arg-reductions give the index.
     pub(crate) fn result(&self, count: Expr) -> Expr {
         match self.red {

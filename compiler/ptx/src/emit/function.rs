@@ -792,6 +792,10 @@ impl<'k, 'c> FunctionEmitter<'k, 'c> {
                 dst
             }
             UnaryLowering::Routine(function) => self.math(function, &[input]),
+            UnaryLowering::Round(dtype) => {
+                let raw = self.narrow(dtype, a)?;
+                self.widen(dtype, raw)?
+            }
         };
         Ok(Value {
             operand: result.into(),

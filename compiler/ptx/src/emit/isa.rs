@@ -17,6 +17,8 @@ pub enum UnaryLowering {
     Inst(&'static str),
     /// An inlined routine.
     Routine(MathFunction),
+    /// The conversion a store of the 16-bit float type makes, then a load's.
+    Round(DType),
 }
 
 /// The unary operator table; `None` for type combinations the verifier rejects.
@@ -45,6 +47,8 @@ pub fn unary(op: UnOp, ty: Ty) -> Option<UnaryLowering> {
         (UnOp::Sigmoid, Ty::F32) => Routine(MathFunction::Sigmoid),
         (UnOp::Erf, Ty::F32) => Routine(MathFunction::Erf),
         (UnOp::Rsqrt, Ty::F32) => Routine(MathFunction::Rsqrt),
+        (UnOp::RoundBf16, Ty::F32) => UnaryLowering::Round(DType::BF16),
+        (UnOp::RoundF16, Ty::F32) => UnaryLowering::Round(DType::F16),
         _ => return None,
     })
 }

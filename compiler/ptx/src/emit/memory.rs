@@ -130,7 +130,7 @@ impl FunctionEmitter<'_, '_> {
     }
 
     /// A scalar `raw` register of `dtype` (as [`isa::element`] loads it) → compute type.
-    fn widen(&mut self, dtype: DType, raw: Reg) -> Result<Reg, EmitError> {
+    pub(super) fn widen(&mut self, dtype: DType, raw: Reg) -> Result<Reg, EmitError> {
         Ok(match dtype {
             DType::F32 | DType::I32 | DType::I64 => raw,
             DType::F16 => self.unary_into(RegKind::F32, "cvt.f32.f16", raw),
@@ -210,7 +210,7 @@ impl FunctionEmitter<'_, '_> {
     }
 
     /// A compute-type value → the raw register a scalar store of `dtype` writes.
-    fn narrow(&mut self, dtype: DType, value: Value) -> Result<Reg, EmitError> {
+    pub(super) fn narrow(&mut self, dtype: DType, value: Value) -> Result<Reg, EmitError> {
         let input = self.value_reg(value);
         Ok(match dtype {
             DType::F32 | DType::I32 | DType::I64 => input,
