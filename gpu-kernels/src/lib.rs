@@ -264,6 +264,10 @@ pub struct GemmTuning {
     /// 1.279 without (Nsight Compute: gate/up 29.1 µs against 25.3 + 3.0, the LM head 77.7
     /// against about 51).
     pub norm_prologue: bool,
+    /// With [`GemmTuning::norm_prologue`], whether the q/k/v GEMV that writes the caches
+    /// computes its norm too, with no weight loads held over the statistic (with them
+    /// ptxas spilled it on every target); off by default until measured.
+    pub norm_prologue_kv_writes: bool,
     /// Whether the GEMV of a grid of segments (decode q/k/v at most [`GEMV_ROWS`] tokens)
     /// stores the rows of a segment whose values only `kv_write`s read straight into the
     /// caches at their slots (`templates::KvWrites`, as the split-K sum kernel does with
@@ -302,6 +306,7 @@ impl Default for GemmTuning {
             mma_gemv_unroll: 8,
             mma_gemv_warps: 4,
             norm_prologue: false,
+            norm_prologue_kv_writes: false,
             gemv_kv_writes: true,
         }
     }
@@ -311,7 +316,7 @@ impl GemmTuning {
     /// The knob names [`GemmTuning::set`] takes.
     pub const KEYS: &'static str =
         "segments, splits, rowsum, kvwrite, maxsplits, tile, warps, bk, stages, raster, dbuf, pairs, \
-         smem, prefetch, prefetch_mib, trigger, early, preload, gemv, gemvunroll, gemvblocks, normgemv, wgmma, mmagemv, \
+         smem, prefetch, prefetch_mib, trigger, early, preload, gemv, gemvunroll, gemvblocks, normgemv, normqkv, wgmma, mmagemv, \
          mmagemvunroll, mmagemvwarps, gemvkvwrite";
 
     /// Sets knob `key` (the `KILN_TUNE_GEMM` names, [`GemmTuning::KEYS`]) from `value`: a
@@ -355,6 +360,7 @@ impl GemmTuning {
             "mmagemvunroll" => self.mma_gemv_unroll = number()?.max(1),
             "mmagemvwarps" => self.mma_gemv_warps = number()?.clamp(1, 16),
             "normgemv" => self.norm_prologue = number()? != 0,
+            "normqkv" => self.norm_prologue_kv_writes = number()? != 0,
             "gemvkvwrite" => self.gemv_kv_writes = number()? != 0,
             _ => return Err(format!("unknown key `{key}` ({})", Self::KEYS)),
         }

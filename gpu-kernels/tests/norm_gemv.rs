@@ -280,3 +280,23 @@ fn the_norm_gemv_kernel_snapshot() {
     assert!(ptx.contains("cvt.rn.bf16.f32"), "{ptx}");
     insta::assert_snapshot!(ptx);
 }
+
+#[test]
+fn with_normqkv_the_cache_writing_qkv_gemv_computes_its_norm_too_without_spills() {
+    let module = llama_1b();
+    let mut with_qkv = options(true);
+    with_qkv.gemm.norm_prologue_kv_writes = true;
+    let (names, kernels) = llama_decode_launches(&module, &with_qkv);
+    // Every norm of the step is computed by the GEMVs reading it.
+    assert_eq!(count(&names, "rms_norm"), 0, "{names:?}");
+    assert_eq!(count(&names, "seg_norm_x3_kv_write"), 16, "{names:?}");
+    let Some(toolchain) = toolchain() else { return };
+    let mut seen = std::collections::BTreeSet::new();
+    let qkv: Vec<kiln_kir::Kernel> = kernels
+        .into_iter()
+        .filter(|k| k.name.contains("seg_norm"))
+        .filter(|k| seen.insert(format!("{:?}{:?}", k.params, k.body)))
+        .collect();
+    assert!(!qkv.is_empty());
+    assert_assembles_without_spills(&toolchain, &qkv);
+}

@@ -317,6 +317,8 @@ const TUNE_PAGED: &str = "KILN_TUNE_PAGED";
 /// prologue and preload are paid once a block; default 0, a block a group of 4 columns),
 /// `normgemv=0|1` (a GEMV whose A is an
 /// RMSNorm's rows, read by GEMVs only, computes the norm itself, no norm kernel; default 0),
+/// `normqkv=0|1` (with it, the q/k/v GEMV that writes the caches computes its norm too;
+/// default 0),
 /// `mmagemv=0|1` (matmuls of 5 to 16 rows of a `linear` weight take the tensor-core GEMV,
 /// m16n8k16 products on weights loaded straight into registers, no split-K across blocks;
 /// default 0), `mmagemvunroll=N` (32-wide k chunks a warp of it loads together per step;
@@ -450,7 +452,7 @@ pub(crate) fn apply_tuning(options: &mut CompileOptions) -> Result<()> {
         eprintln!(
             "kiln bench: {TUNE_GEMM}: segments {}, splits {}, rowsum {}, kvwrite {}, maxsplits {}, \
              prefetch {}, prefetch_mib {}, trigger {}, early {}, preload {}, gemv {}, gemvunroll {}, gemvblocks {}, normgemv {}, \
-             mmagemv {}, mmagemvunroll {}, mmagemvwarps {}, gemvkvwrite {}, \
+             normqkv {}, mmagemv {}, mmagemvunroll {}, mmagemvwarps {}, gemvkvwrite {}, \
              tile {}x{}, warps {}x{}, bk {}, stages {}, raster {}, dbuf {}, pairs {}, smem {} KiB \
              (0: the table's)",
             u8::from(gemm.segments),
@@ -467,6 +469,7 @@ pub(crate) fn apply_tuning(options: &mut CompileOptions) -> Result<()> {
             gemm.gemv_unroll,
             gemm.gemv_blocks,
             u8::from(gemm.norm_prologue),
+            u8::from(gemm.norm_prologue_kv_writes),
             u8::from(gemm.mma_gemv),
             gemm.mma_gemv_unroll,
             gemm.mma_gemv_warps,

@@ -251,7 +251,8 @@ impl GemvPlan {
     /// else: before the grid-dependency wait where preloaded, else, with a norm to compute,
     /// right after it (where K holds a whole step).
     fn first_loads(&self) -> bool {
-        self.preload || (self.norm.is_some() && self.k >= 32 * VECTOR)
+        // A grid writing the caches holds no weights over the statistic (ptxas spilled).
+        self.preload || (self.norm.is_some() && self.k >= 32 * VECTOR && self.writes.is_none())
     }
 
     /// The plan computing A from the rows of `norm`'s row kernel.

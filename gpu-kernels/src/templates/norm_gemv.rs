@@ -111,7 +111,8 @@ impl NormPrologues {
     /// updated in place before the last reader; no reader a grid of segments that performs
     /// `kv_write`s (`kv`, the q/k/v GEMV writing the caches: with the first step's weights
     /// held over the statistic, ptxas spilled it on every target, so that norm keeps its
-    /// row kernel).
+    /// row kernel) unless [`crate::GemmTuning::norm_prologue_kv_writes`] asks for it, then
+    /// without weights held over the statistic.
     pub(crate) fn find(
         g: &FuncGraph<'_>,
         part: &Partition<'_>,
@@ -186,7 +187,7 @@ impl NormPrologues {
                     && super::segmented_gemv(g, part, mg, options, in_variant);
                 ok = ok
                     && takes_rows
-                    && !writes_kv
+                    && (!writes_kv || options.gemm.norm_prologue_kv_writes)
                     && index_type(g, gemm, options) == Ty::I32
                     && variant(mg) == wanted
                     && takes_gemv(g, part, mg, options, in_variant);
