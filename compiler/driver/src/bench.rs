@@ -320,8 +320,9 @@ const TUNE_PAGED: &str = "KILN_TUNE_PAGED";
 /// `mmagemv=0|1` (matmuls of 5 to 16 rows of a `linear` weight take the tensor-core GEMV,
 /// m16n8k16 products on weights loaded straight into registers, no split-K across blocks;
 /// default 0), `mmagemvunroll=N` (32-wide k chunks a warp of it loads together per step;
-/// default 8, at most 8 for one matmul) and `mmagemvwarps=N` (warps of its block, splitting
-/// K; default 4), `gemvkvwrite=0|1` (the q/k/v GEMV of segments stores RoPE'd k and v
+/// default 8, at most 8 for one matmul), `mmagemvwarps=N` (warps of its block, splitting
+/// K; default 4) and `mmagemvtiles=N` (n8 tiles of its block, 1, 2 or 4, each warp reading
+/// A once a chunk for all of them; default 1), `gemvkvwrite=0|1` (the q/k/v GEMV of segments stores RoPE'd k and v
 /// straight into the paged caches, no `kv_write` kernel; default 1); for prefill GEMMs
 /// (16-bit, M > 64)
 /// `tile=BMxBN` (block tile), `warps=WMxWN`, `bk=N` (k slice), `stages=N` (0: as many as fit
@@ -450,7 +451,7 @@ pub(crate) fn apply_tuning(options: &mut CompileOptions) -> Result<()> {
         eprintln!(
             "kiln bench: {TUNE_GEMM}: segments {}, splits {}, rowsum {}, kvwrite {}, maxsplits {}, \
              prefetch {}, prefetch_mib {}, trigger {}, early {}, preload {}, gemv {}, gemvunroll {}, gemvblocks {}, normgemv {}, \
-             mmagemv {}, mmagemvunroll {}, mmagemvwarps {}, gemvkvwrite {}, \
+             mmagemv {}, mmagemvunroll {}, mmagemvwarps {}, mmagemvtiles {}, gemvkvwrite {}, \
              tile {}x{}, warps {}x{}, bk {}, stages {}, raster {}, dbuf {}, pairs {}, smem {} KiB \
              (0: the table's)",
             u8::from(gemm.segments),
@@ -470,6 +471,7 @@ pub(crate) fn apply_tuning(options: &mut CompileOptions) -> Result<()> {
             u8::from(gemm.mma_gemv),
             gemm.mma_gemv_unroll,
             gemm.mma_gemv_warps,
+            gemm.mma_gemv_tiles,
             u8::from(gemm.gemv_kv_writes),
             gemm.tile.0,
             gemm.tile.1,
