@@ -247,7 +247,7 @@ pub struct GemmTuning {
     /// against the decode tile on an H100 (`KILN_TUNE_GEMM=mmagemv=1`).
     pub mma_gemv: bool,
     /// 32-wide k chunks a warp of the tensor-core GEMV loads together per step (fewer when
-    /// K is shorter or fused matmuls would hold too many registers).
+    /// K is shorter or fused matmuls or several tiles would hold too many registers).
     pub mma_gemv_unroll: u32,
     /// Warps of a tensor-core GEMV block, splitting K (1 to 16).
     pub mma_gemv_warps: u32,

@@ -4,11 +4,17 @@
 //! `mma.sync` m16n8k16 products whose B fragments come straight from global memory.
 //!
 //! Every weight element is used once, so the weights skip shared memory: a block owns
-//! [`COLUMNS`] output columns (one n8 tile) and is `warps` warps (`GemmTuning::mma_gemv_warps`,
-//! 4 by default) that split K among them (warp w takes the 32-wide k chunks `w, w + warps,
-//! ..`); a lane loads 16-byte
-//! vectors of weight row `n = lane / 4` (8 consecutive k: `8t .. 8t + 7` of a chunk,
-//! `t = lane % 4`), `unroll` chunks in flight before any is used. No split of K across
+//! `tiles` n8 tiles (`GemmTuning::mma_gemv_tiles`, 1, 2 or 4; 1 by default), `8 * tiles`
+//! consecutive output columns, and is `warps` warps (`GemmTuning::mma_gemv_warps`, 4 by
+//! default) that split K among them (warp w takes the 32-wide k chunks `w, w + warps, ..`);
+//! a lane loads 16-byte vectors of weight row `n = lane / 4` of each tile (8 consecutive k:
+//! `8t .. 8t + 7` of a chunk, `t = lane % 4`), `unroll` chunks in flight before any is used,
+//! then a chunk's A registers once for all tiles and one `mma` pair a tile into the tile's
+//! accumulators. More tiles read A (from L2) fewer times: every block reads all of A, so
+//! at 4096 columns one tile a block reads 512 × 128 KiB of A for 32 MiB of weights, two
+//! tiles half that. The weight registers a lane's step holds stay within the budget
+//! (`unroll` is cut by the tiles). A tile's products and the warps' sums run in the same
+//! order whatever the tiles, so the results are the same bits. No split of K across
 //! blocks, no workspace and no sum kernel.
 //!
 //! Why the registers as loaded are B fragments: m16n8k16 gives thread `(g, t)` (`g = lane /
@@ -27,8 +33,8 @@
 //! A (at most 16 activation rows, padded to 16) is read from global memory, the same 16-byte
 //! vectors in every block (cache hits after the first), not staged in shared memory: a
 //! block reads all of K, 128 KiB of A at K = 4096 and 16 rows, more than a block's shared
-//! memory, and each A element is read by one lane of a warp, twice the weight bytes a warp
-//! step (the GEMV reads four times). Rows past M read row M - 1 (their products land in
+//! memory, and each A element is read by one lane of a warp, twice the weight bytes of one
+//! tile a warp step (`2 / tiles` times for `tiles` tiles; the GEMV reads four times). Rows past M read row M - 1 (their products land in
 //! accumulator rows that are never stored: an output row depends on its A row alone), so
 //! no lane branches; a constant M of at most 8 reads no second row at all (zero
 //! registers). Every 16-byte vector (A and B) is loaded as four raw 32-bit registers of
@@ -38,12 +44,13 @@
 //! A K that is not a multiple of the step ends with guarded chunks: a lane's vector outside
 //! K (K is a multiple of 8, so a vector is wholly in or out) leaves its A and B registers 0,
 //! and the products run in every lane (an `mma` needs the whole warp). The warps' partial
-//! sums meet through shared memory in warp order; warp 0 runs the matmul templates'
-//! epilogue (`matmul::epilogue_lanes`: bias, activation, residual, gate/up, cast) on its
-//! accumulators (rows g and g+8, columns 2t and 2t+1 of the tile). Horizontally fused
+//! sums (of every tile) meet through shared memory in warp order; warp 0 runs the matmul
+//! templates' epilogue (`matmul::epilogue_lanes`: bias, activation, residual, gate/up,
+//! cast) on its accumulators (rows g and g+8, columns 2t and 2t+1 of each tile). Horizontally fused
 //! matmuls of one width (gate and up) share the block (a weight vector of each per chunk,
 //! A once); matmuls of different widths (q/k/v) get a grid of segments as in the other
-//! decode templates (`mma_gemm::segments`). Columns past N load row N - 1 and store
+//! decode templates (`mma_gemm::segments`, `8 * tiles`-column block columns). Columns past
+//! N load row N - 1 and store
 //! nothing. A symbolic M (the decode variant of a plan, `Step::BySize`, at most
 //! [`MMA_GEMV_ROWS`] rows) is held as 16 rows.
 //!
@@ -64,16 +71,19 @@ use kiln_kir::{Buf, Expr, MmaInput, SizeExpr, Special, Stmt, Ty, VarId};
 /// The most rows (M) the template takes: one m16 tile.
 pub const MMA_GEMV_ROWS: u64 = 16;
 
-/// Output columns of a block (one n8 tile; every warp of the block has the same).
+/// Output columns of an n8 tile (a block has `tiles` of them; every warp of the block has
+/// the same).
 pub const COLUMNS: u32 = 8;
 
-/// Packed weight registers a lane's step may hold across its fused matmuls.
+/// Packed weight registers a lane's step may hold across its fused matmuls and tiles.
 const MAX_WEIGHT_REGISTERS: u32 = 32;
 
 /// [`MAX_WEIGHT_REGISTERS`] for horizontally fused matmuls of one width (gate/up): with raw
 /// loads ptxas keeps more loads in flight across steps, and 32 or 24 (steps of 4 or 3
 /// chunks) spill on sm_80 under the 128 registers of four blocks an SM; 16 (2 chunks)
-/// take 126 to 128 on every target without spills.
+/// take 126 to 128 on every target without spills. A step holds one chunk at least: gate/up
+/// at four tiles a block hold 32 (one chunk of 8 vectors), which still take 128 registers
+/// without spills on every target.
 const MAX_FUSED_WEIGHT_REGISTERS: u32 = 16;
 
 /// Elements of a 16-byte vector.
@@ -323,9 +333,9 @@ pub(crate) fn emit(
         }
     };
     // Before the grid-dependency wait (address arithmetic and prefetches only, so the
-    // previous kernel may still run): the four lanes `t = 0` of warp 0 ask L2 for the
-    // start of the block's eight weight rows (row `g` each; all of K while the weights fit
-    // the budget), which stream from HBM while the previous kernel finishes.
+    // previous kernel may still run): the eight lanes `t = 0` of warp 0 ask L2 for the
+    // start of the block's `8 * tiles` weight rows (row `g` of each tile; all of K while the
+    // weights fit the budget), which stream from HBM while the previous kernel finishes.
     if let Some(len) = plan.prefetch {
         let bytes = i32c((len * g.ty(plan.b[0].0).dtype.size_bytes() as u64) as i64);
         let rows = |e: &mut Emitter<'_, '_>, these: &[usize]| -> Vec<Stmt> {
