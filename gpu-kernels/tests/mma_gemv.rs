@@ -272,21 +272,27 @@ fn tiled(tiles: u32) -> Options {
 #[test]
 fn the_tiled_mma_gemv_kernels_assemble_without_spills() {
     // M = 16, K = 4096 at N = 4096 and 14336 (the decode GEMMs of issue #5), gate/up, q/k/v
-    // segments and a ragged K, at 1, 2 and 4 tiles a block.
+    // segments and a ragged K, at 1, 2 and 4 tiles a block, with and without the L2
+    // prefetch and the trigger.
     let Some(toolchain) = toolchain() else { return };
     let module = lower("mma_gemv.kiln", SRC, None, None);
     for tiles in [1, 2, 4] {
         let mut kernels = Vec::new();
-        for function in ["o_proj", "up_proj", "gate_up", "qkv_rope", "long_k"] {
-            let compiled = compile_function(&module, function, &tiled(tiles)).unwrap();
-            kernels.extend(
-                compiled
-                    .kernels
-                    .into_iter()
-                    .filter(|k| k.name.contains("mma_gemv")),
-            );
+        let mut prefetching = tiled(tiles);
+        prefetching.gemm.prefetch = true;
+        prefetching.gemm.trigger = true;
+        for options in [tiled(tiles), prefetching] {
+            for function in ["o_proj", "up_proj", "gate_up", "qkv_rope", "long_k"] {
+                let compiled = compile_function(&module, function, &options).unwrap();
+                kernels.extend(
+                    compiled
+                        .kernels
+                        .into_iter()
+                        .filter(|k| k.name.contains("mma_gemv")),
+                );
+            }
         }
-        assert!(kernels.len() >= 5, "tiles={tiles}");
+        assert!(kernels.len() >= 10, "tiles={tiles}");
         let suffix = format!("_t{tiles}");
         for kernel in &kernels {
             assert_eq!(kernel.name.contains(&suffix), tiles > 1, "{}", kernel.name);

@@ -7,10 +7,11 @@
 //! steps, gate/up sharing a block, q/k/v of unequal widths as a grid of segments (widths
 //! 64/32/24) followed by RoPE, the residual epilogue; with and without the first weights
 //! loaded before the wait, the L2 prefetch and the trigger. The kernels' names and grids
-//! follow the knob.
+//! follow the knob; the preloading kernels assemble without spills on every target.
 
 mod common;
 
+use common::{assert_assembles_without_spills, toolchain};
 use common::{inputs_for, launches, loads_before_wait};
 use common::{lower_with, same_bits_with_and_without, weights_for};
 use kiln_gpu_kernels::{compile_function, GemmTuning, Options};
@@ -148,4 +149,27 @@ fn the_tiles_knob_takes_one_two_or_four() {
     }
     assert!(tuning.set("mmagemvtiles", "two").is_err());
     assert!(GemmTuning::KEYS.contains("mmagemvtiles"));
+}
+
+#[test]
+fn preloading_tiled_kernels_assemble_without_spills() {
+    // The first step's weights of every tile held across the wait.
+    let Some(toolchain) = toolchain() else { return };
+    let module = lower_with("tiles.kiln", SRC);
+    for tiles in [2, 4] {
+        let mut kernels = Vec::new();
+        for function in ["plain", "long_k", "gate_up", "qkv_rope", "sixteen"] {
+            let compiled = compile_function(&module, function, &options(tiles, true)).unwrap();
+            kernels.extend(
+                compiled
+                    .kernels
+                    .into_iter()
+                    .filter(|k| k.name.contains("mma_gemv")),
+            );
+        }
+        assert_eq!(kernels.len(), 5, "tiles={tiles}");
+        for (target, name, regs) in assert_assembles_without_spills(&toolchain, &kernels) {
+            println!("tiles={tiles} {target:?} {name}: {regs} registers");
+        }
+    }
 }
