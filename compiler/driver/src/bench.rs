@@ -748,8 +748,8 @@ mod tests {
     use super::*;
 
     /// The kernel names each decode GEMM case compiles to with the default options, the
-    /// tensor-core GEMV switched to `mma_gemv`.
-    fn decode_kernels(function: &str, mma_gemv: bool) -> Vec<String> {
+    /// tensor-core GEMV switched to `mma_gemv` with `tiles` n8 tiles a block.
+    fn decode_kernels(function: &str, mma_gemv: bool, tiles: u32) -> Vec<String> {
         let (program, diags) = kiln_lower::Program::load_source("bench.kiln", PROGRAM, None);
         assert!(!diags.iter().any(|d| d.is_error()));
         let options = kiln_lower::Options {
@@ -761,6 +761,7 @@ mod tests {
         kiln_opt::optimize(&mut module).expect("optimized");
         let mut fusion = kiln_gpu_kernels::Options::default();
         fusion.gemm.mma_gemv = mma_gemv;
+        fusion.gemm.mma_gemv_tiles = tiles;
         let compiled = kiln_gpu_kernels::compile_module(&module, &fusion).expect("compiled");
         compiled.kernels.iter().map(|k| k.name.clone()).collect()
     }
@@ -768,14 +769,18 @@ mod tests {
     #[test]
     fn the_decode_gemm_cases_take_the_gemvs() {
         // M = 1: the GEMV; M = 16 with `mmagemv=1`: the tensor-core GEMV, one kernel a GEMM,
-        // no sum kernel.
-        for (function, kind, gemms) in [
-            ("decode_m1_4096", "gemv_w4", 4),
-            ("decode_m1_14336", "gemv_w4", 1),
-            ("decode_m16_4096", "mma_gemv_n8_w4_u8", 4),
-            ("decode_m16_14336", "mma_gemv_n8_w4_u8", 1),
+        // no sum kernel; `mmagemvtiles=2|4`: 2 or 4 n8 tiles a block, fewer chunks a step.
+        for (function, kind, gemms, tiles) in [
+            ("decode_m1_4096", "gemv_w4", 4, 1),
+            ("decode_m1_14336", "gemv_w4", 1, 1),
+            ("decode_m16_4096", "mma_gemv_n8_w4_u8_", 4, 1),
+            ("decode_m16_14336", "mma_gemv_n8_w4_u8_", 1, 1),
+            ("decode_m16_4096", "mma_gemv_n8_w4_u4_t2_", 4, 2),
+            ("decode_m16_14336", "mma_gemv_n8_w4_u4_t2_", 1, 2),
+            ("decode_m16_4096", "mma_gemv_n8_w4_u2_t4_", 4, 4),
+            ("decode_m16_14336", "mma_gemv_n8_w4_u2_t4_", 1, 4),
         ] {
-            let names = decode_kernels(function, true);
+            let names = decode_kernels(function, true, tiles);
             assert_eq!(names.len(), gemms, "{function}: {names:?}");
             assert!(
                 names.iter().all(|n| n.contains(kind)),
@@ -784,7 +789,7 @@ mod tests {
         }
         // By default (`mmagemv=0`) M = 16 takes the tensor-core decode tile.
         for function in ["decode_m16_4096", "decode_m16_14336"] {
-            let names = decode_kernels(function, false);
+            let names = decode_kernels(function, false, 1);
             assert!(
                 names.iter().all(|n| !n.contains("gemv")),
                 "{function}: {names:?}"
