@@ -247,10 +247,14 @@ pub struct GemmTuning {
     /// against the decode tile on an H100 (`KILN_TUNE_GEMM=mmagemv=1`).
     pub mma_gemv: bool,
     /// 32-wide k chunks a warp of the tensor-core GEMV loads together per step (fewer when
-    /// K is shorter or fused matmuls would hold too many registers).
+    /// K is shorter or fused matmuls or several tiles would hold too many registers).
     pub mma_gemv_unroll: u32,
     /// Warps of a tensor-core GEMV block, splitting K (1 to 16).
     pub mma_gemv_warps: u32,
+    /// n8 tiles of a tensor-core GEMV block (1, 2 or 4; others round down to one of
+    /// these): each warp loads its A fragments once a chunk for all of them and issues one
+    /// `mma` a tile, so that a block reads A once for `8 * tiles` columns. 1 by default.
+    pub mma_gemv_tiles: u32,
     /// Whether a GEMV whose A is the normalized rows of a row-mean kernel (an RMSNorm) that
     /// stores nothing else, read by GEMVs only (gate/up, the LM head at decode sizes, q/k/v
     /// unless its GEMV writes the caches), computes them itself (`templates::NormPrologues`:
@@ -305,6 +309,7 @@ impl Default for GemmTuning {
             mma_gemv: false,
             mma_gemv_unroll: 8,
             mma_gemv_warps: 4,
+            mma_gemv_tiles: 1,
             norm_prologue: false,
             norm_prologue_kv_writes: false,
             gemv_kv_writes: true,
@@ -317,7 +322,7 @@ impl GemmTuning {
     pub const KEYS: &'static str =
         "segments, splits, rowsum, kvwrite, maxsplits, tile, warps, bk, stages, raster, dbuf, pairs, \
          smem, prefetch, prefetch_mib, trigger, early, preload, gemv, gemvunroll, gemvblocks, normgemv, normqkv, wgmma, mmagemv, \
-         mmagemvunroll, mmagemvwarps, gemvkvwrite";
+         mmagemvunroll, mmagemvwarps, mmagemvtiles, gemvkvwrite";
 
     /// Sets knob `key` (the `KILN_TUNE_GEMM` names, [`GemmTuning::KEYS`]) from `value`: a
     /// number (`0|1` for switches), or `AxB` for `tile` and `warps`.
@@ -359,6 +364,13 @@ impl GemmTuning {
             "mmagemv" => self.mma_gemv = number()? != 0,
             "mmagemvunroll" => self.mma_gemv_unroll = number()?.max(1),
             "mmagemvwarps" => self.mma_gemv_warps = number()?.clamp(1, 16),
+            "mmagemvtiles" => {
+                self.mma_gemv_tiles = match number()? {
+                    0 | 1 => 1,
+                    2 | 3 => 2,
+                    _ => 4,
+                }
+            }
             "normgemv" => self.norm_prologue = number()? != 0,
             "normqkv" => self.norm_prologue_kv_writes = number()? != 0,
             "gemvkvwrite" => self.gemv_kv_writes = number()? != 0,

@@ -6,7 +6,9 @@
 //! fused epilogues (bias, residual, gate/up SwiGLU, q/k/v of unequal widths followed by
 //! RoPE, an input reshaped from attention heads); the off switch (`GemmTuning::mma_gemv`,
 //! off by default); the L2 prefetch before the grid-dependency wait and the early trigger
-//! (`GemmTuning::prefetch`, `trigger`); a PTX snapshot and ptxas for every target.
+//! (`GemmTuning::prefetch`, `trigger`); PTX snapshots (one and two n8 tiles a block) and
+//! ptxas for every target, at 1, 2 and 4 tiles a block (`GemmTuning::mma_gemv_tiles`; the
+//! tiles' results are checked in `mma_gemv_tiles.rs`).
 
 mod common;
 
@@ -32,6 +34,7 @@ fn five(x: bf16[5, 264], w: bf16[37, 264], b: bf16[37]) -> bf16[5, 37] { gelu(li
 fn nine(x: f16[9, 1040], w: f16[33, 1040], r: f16[9, 33]) -> f16[9, 33] { linear(x, w) + r }
 fn sixteen(x: bf16[16, 2056], w: bf16[67, 2056]) -> bf16[16, 67] { linear(x, w) }
 fn o_proj(x: bf16[16, 4096], w: bf16[4096, 4096], r: bf16[16, 4096]) -> bf16[16, 4096] { linear(x, w) + r }
+fn up_proj(x: bf16[16, 4096], w: bf16[14336, 4096]) -> bf16[16, 14336] { linear(x, w) }
 ";
 
 fn options(mma_gemv: bool) -> Options {
@@ -256,5 +259,76 @@ fn the_o_proj_mma_gemv_kernel_snapshot() {
     .unwrap_or_else(|e| panic!("{e}"));
     assert!(ptx.contains("mma.sync.aligned.m16n8k16"), "{ptx}");
     assert!(!ptx.contains("ldmatrix"), "{ptx}");
+    insta::assert_snapshot!(ptx);
+}
+
+/// The tensor-core GEMV on with `tiles` n8 tiles a block.
+fn tiled(tiles: u32) -> Options {
+    let mut options = options(true);
+    options.gemm.mma_gemv_tiles = tiles;
+    options
+}
+
+#[test]
+fn the_tiled_mma_gemv_kernels_assemble_without_spills() {
+    // M = 16, K = 4096 at N = 4096 and 14336 (the decode GEMMs of issue #5), gate/up, q/k/v
+    // segments and a ragged K, at 1, 2 and 4 tiles a block, with and without the L2
+    // prefetch and the trigger.
+    let Some(toolchain) = toolchain() else { return };
+    let module = lower("mma_gemv.kiln", SRC, None, None);
+    for tiles in [1, 2, 4] {
+        let mut kernels = Vec::new();
+        let mut prefetching = tiled(tiles);
+        prefetching.gemm.prefetch = true;
+        prefetching.gemm.trigger = true;
+        for options in [tiled(tiles), prefetching] {
+            for function in ["o_proj", "up_proj", "gate_up", "qkv_rope", "long_k"] {
+                let compiled = compile_function(&module, function, &options).unwrap();
+                kernels.extend(
+                    compiled
+                        .kernels
+                        .into_iter()
+                        .filter(|k| k.name.contains("mma_gemv")),
+                );
+            }
+        }
+        assert!(kernels.len() >= 10, "tiles={tiles}");
+        let suffix = format!("_t{tiles}");
+        for kernel in &kernels {
+            assert_eq!(kernel.name.contains(&suffix), tiles > 1, "{}", kernel.name);
+        }
+        let registers = assert_assembles_without_spills(&toolchain, &kernels);
+        for (target, name, regs) in &registers {
+            println!("tiles={tiles} {target:?} {name}: {regs} registers");
+        }
+    }
+}
+
+#[test]
+fn the_o_proj_mma_gemv_kernel_with_two_tiles_snapshot() {
+    // The o-proj of the snapshot above with 16 columns a block: A loaded once a chunk for
+    // both tiles, two products a half-chunk, 256 blocks.
+    let module = lower("mma_gemv.kiln", SRC, None, None);
+    let compiled = compile_function(&module, "o_proj", &tiled(2)).unwrap();
+    assert_eq!(compiled.kernels.len(), 1);
+    assert_eq!(
+        compiled.kernels[0].name,
+        "k0_mma_gemv_n8_w4_u4_t2_epilogue_bf16"
+    );
+    assert_eq!(
+        compiled.kernels[0].grid[0],
+        kiln_kir::SizeExpr::Const(4096 / 16)
+    );
+    let ptx = kiln_ptx::emit_ptx(
+        &compiled.kernels,
+        kiln_ptx::Target::Sm90a,
+        &Default::default(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        ptx.matches("mma.sync.aligned.m16n8k16").count(),
+        16,
+        "{ptx}"
+    );
     insta::assert_snapshot!(ptx);
 }

@@ -329,7 +329,8 @@ fn llama_steps_in_bf16_on_the_gpu_equal_the_interpreter() {
 
 /// The Llama program's KV-cached `step` in bf16 on tiny-llama and tiny-qwen2 (q/k/v biases)
 /// with the fixtures' weights rounded to bf16: 6 tokens take the tensor-core GEMV
-/// (`GemmTuning::mma_gemv`), q/k/v (64, 32 and 32 wide under GQA) a grid of segments. Tolerance 2e-2 for
+/// (`GemmTuning::mma_gemv`, at 1, 2 and 4 n8 tiles a block), q/k/v (64, 32 and 32 wide
+/// under GQA) a grid of segments. Tolerance 2e-2 for
 /// every output, the f32 logits too: the interpreter rounds each op's result to bf16, the
 /// kernels only what they store.
 fn check_bf16_steps(backend: Backend) {
@@ -352,17 +353,27 @@ fn check_bf16_steps(backend: Backend) {
             .unwrap_or_else(|d| panic!("{d}"));
         let mut optimized = lowered.module.clone();
         kiln_opt::optimize(&mut optimized).expect("optimize");
-        let mut fusion = kiln_gpu_kernels::Options::default();
-        fusion.gemm.mma_gemv = true;
-        let compiled = kiln_gpu_kernels::compile_module(&optimized, &fusion).unwrap();
-        assert!(
-            compiled
-                .kernels
-                .iter()
-                .any(|k| k.name.contains("mma_gemv_n8_w4_u1_seg")),
-            "{name}: a grid of segments for q/k/v"
-        );
-        check_lowered(backend, &fusion, &name, lowered, &weights, None, Some(2e-2));
+        // One, two and four n8 tiles a block (`GemmTuning::mma_gemv_tiles`).
+        for (tiles, seg) in [(1, "_u1_seg"), (2, "_u1_t2_seg"), (4, "_u1_t4_seg")] {
+            let mut fusion = kiln_gpu_kernels::Options::default();
+            fusion.gemm.mma_gemv = true;
+            fusion.gemm.mma_gemv_tiles = tiles;
+            let compiled = kiln_gpu_kernels::compile_module(&optimized, &fusion).unwrap();
+            let want = format!("mma_gemv_n8_w4{seg}");
+            assert!(
+                compiled.kernels.iter().any(|k| k.name.contains(&want)),
+                "{name}: a grid of segments for q/k/v, {want}"
+            );
+            check_lowered(
+                backend,
+                &fusion,
+                &name,
+                lowered.clone(),
+                &weights,
+                None,
+                Some(2e-2),
+            );
+        }
     }
 }
 

@@ -322,8 +322,9 @@ const TUNE_PAGED: &str = "KILN_TUNE_PAGED";
 /// `mmagemv=0|1` (matmuls of 5 to 16 rows of a `linear` weight take the tensor-core GEMV,
 /// m16n8k16 products on weights loaded straight into registers, no split-K across blocks;
 /// default 0), `mmagemvunroll=N` (32-wide k chunks a warp of it loads together per step;
-/// default 8, at most 8 for one matmul) and `mmagemvwarps=N` (warps of its block, splitting
-/// K; default 4), `gemvkvwrite=0|1` (the q/k/v GEMV of segments stores RoPE'd k and v
+/// default 8, at most 8 for one matmul), `mmagemvwarps=N` (warps of its block, splitting
+/// K; default 4) and `mmagemvtiles=N` (n8 tiles of its block, 1, 2 or 4, each warp reading
+/// A once a chunk for all of them; default 1), `gemvkvwrite=0|1` (the q/k/v GEMV of segments stores RoPE'd k and v
 /// straight into the paged caches, no `kv_write` kernel; default 1); for prefill GEMMs
 /// (16-bit, M > 64)
 /// `tile=BMxBN` (block tile), `warps=WMxWN`, `bk=N` (k slice), `stages=N` (0: as many as fit
@@ -452,7 +453,7 @@ pub(crate) fn apply_tuning(options: &mut CompileOptions) -> Result<()> {
         eprintln!(
             "kiln bench: {TUNE_GEMM}: segments {}, splits {}, rowsum {}, kvwrite {}, maxsplits {}, \
              prefetch {}, prefetch_mib {}, trigger {}, early {}, preload {}, gemv {}, gemvunroll {}, gemvblocks {}, normgemv {}, \
-             normqkv {}, mmagemv {}, mmagemvunroll {}, mmagemvwarps {}, gemvkvwrite {}, \
+             normqkv {}, mmagemv {}, mmagemvunroll {}, mmagemvwarps {}, mmagemvtiles {}, gemvkvwrite {}, \
              tile {}x{}, warps {}x{}, bk {}, stages {}, raster {}, dbuf {}, pairs {}, smem {} KiB \
              (0: the table's)",
             u8::from(gemm.segments),
@@ -473,6 +474,7 @@ pub(crate) fn apply_tuning(options: &mut CompileOptions) -> Result<()> {
             u8::from(gemm.mma_gemv),
             gemm.mma_gemv_unroll,
             gemm.mma_gemv_warps,
+            gemm.mma_gemv_tiles,
             u8::from(gemm.gemv_kv_writes),
             gemm.tile.0,
             gemm.tile.1,
@@ -749,8 +751,8 @@ mod tests {
     use super::*;
 
     /// The kernel names each decode GEMM case compiles to with the default options, the
-    /// tensor-core GEMV switched to `mma_gemv`.
-    fn decode_kernels(function: &str, mma_gemv: bool) -> Vec<String> {
+    /// tensor-core GEMV switched to `mma_gemv` with `tiles` n8 tiles a block.
+    fn decode_kernels(function: &str, mma_gemv: bool, tiles: u32) -> Vec<String> {
         let (program, diags) = kiln_lower::Program::load_source("bench.kiln", PROGRAM, None);
         assert!(!diags.iter().any(|d| d.is_error()));
         let options = kiln_lower::Options {
@@ -762,6 +764,7 @@ mod tests {
         kiln_opt::optimize(&mut module).expect("optimized");
         let mut fusion = kiln_gpu_kernels::Options::default();
         fusion.gemm.mma_gemv = mma_gemv;
+        fusion.gemm.mma_gemv_tiles = tiles;
         let compiled = kiln_gpu_kernels::compile_module(&module, &fusion).expect("compiled");
         compiled.kernels.iter().map(|k| k.name.clone()).collect()
     }
@@ -769,14 +772,18 @@ mod tests {
     #[test]
     fn the_decode_gemm_cases_take_the_gemvs() {
         // M = 1: the GEMV; M = 16 with `mmagemv=1`: the tensor-core GEMV, one kernel a GEMM,
-        // no sum kernel.
-        for (function, kind, gemms) in [
-            ("decode_m1_4096", "gemv_w4", 4),
-            ("decode_m1_14336", "gemv_w4", 1),
-            ("decode_m16_4096", "mma_gemv_n8_w4_u8", 4),
-            ("decode_m16_14336", "mma_gemv_n8_w4_u8", 1),
+        // no sum kernel; `mmagemvtiles=2|4`: 2 or 4 n8 tiles a block, fewer chunks a step.
+        for (function, kind, gemms, tiles) in [
+            ("decode_m1_4096", "gemv_w4", 4, 1),
+            ("decode_m1_14336", "gemv_w4", 1, 1),
+            ("decode_m16_4096", "mma_gemv_n8_w4_u8_", 4, 1),
+            ("decode_m16_14336", "mma_gemv_n8_w4_u8_", 1, 1),
+            ("decode_m16_4096", "mma_gemv_n8_w4_u4_t2_", 4, 2),
+            ("decode_m16_14336", "mma_gemv_n8_w4_u4_t2_", 1, 2),
+            ("decode_m16_4096", "mma_gemv_n8_w4_u2_t4_", 4, 4),
+            ("decode_m16_14336", "mma_gemv_n8_w4_u2_t4_", 1, 4),
         ] {
-            let names = decode_kernels(function, true);
+            let names = decode_kernels(function, true, tiles);
             assert_eq!(names.len(), gemms, "{function}: {names:?}");
             assert!(
                 names.iter().all(|n| n.contains(kind)),
@@ -785,7 +792,7 @@ mod tests {
         }
         // By default (`mmagemv=0`) M = 16 takes the tensor-core decode tile.
         for function in ["decode_m16_4096", "decode_m16_14336"] {
-            let names = decode_kernels(function, false);
+            let names = decode_kernels(function, false, 1);
             assert!(
                 names.iter().all(|n| !n.contains("gemv")),
                 "{function}: {names:?}"

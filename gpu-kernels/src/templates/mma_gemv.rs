@@ -4,11 +4,17 @@
 //! `mma.sync` m16n8k16 products whose B fragments come straight from global memory.
 //!
 //! Every weight element is used once, so the weights skip shared memory: a block owns
-//! [`COLUMNS`] output columns (one n8 tile) and is `warps` warps (`GemmTuning::mma_gemv_warps`,
-//! 4 by default) that split K among them (warp w takes the 32-wide k chunks `w, w + warps,
-//! ..`); a lane loads 16-byte
-//! vectors of weight row `n = lane / 4` (8 consecutive k: `8t .. 8t + 7` of a chunk,
-//! `t = lane % 4`), `unroll` chunks in flight before any is used. No split of K across
+//! `tiles` n8 tiles (`GemmTuning::mma_gemv_tiles`, 1, 2 or 4; 1 by default), `8 * tiles`
+//! consecutive output columns, and is `warps` warps (`GemmTuning::mma_gemv_warps`, 4 by
+//! default) that split K among them (warp w takes the 32-wide k chunks `w, w + warps, ..`);
+//! a lane loads 16-byte vectors of weight row `n = lane / 4` of each tile (8 consecutive k:
+//! `8t .. 8t + 7` of a chunk, `t = lane % 4`), `unroll` chunks in flight before any is used,
+//! then a chunk's A registers once for all tiles and one `mma` pair a tile into the tile's
+//! accumulators. More tiles read A (from L2) fewer times: every block reads all of A, so
+//! at 4096 columns one tile a block reads 512 × 128 KiB of A for 32 MiB of weights, two
+//! tiles half that. The weight registers a lane's step holds stay within the budget
+//! (`unroll` is cut by the tiles). A tile's products and the warps' sums run in the same
+//! order whatever the tiles, so the results are the same bits. No split of K across
 //! blocks, no workspace and no sum kernel.
 //!
 //! Why the registers as loaded are B fragments: m16n8k16 gives thread `(g, t)` (`g = lane /
@@ -27,8 +33,8 @@
 //! A (at most 16 activation rows, padded to 16) is read from global memory, the same 16-byte
 //! vectors in every block (cache hits after the first), not staged in shared memory: a
 //! block reads all of K, 128 KiB of A at K = 4096 and 16 rows, more than a block's shared
-//! memory, and each A element is read by one lane of a warp, twice the weight bytes a warp
-//! step (the GEMV reads four times). Rows past M read row M - 1 (their products land in
+//! memory, and each A element is read by one lane of a warp, twice the weight bytes of one
+//! tile a warp step (`2 / tiles` times for `tiles` tiles; the GEMV reads four times). Rows past M read row M - 1 (their products land in
 //! accumulator rows that are never stored: an output row depends on its A row alone), so
 //! no lane branches; a constant M of at most 8 reads no second row at all (zero
 //! registers). Every 16-byte vector (A and B) is loaded as four raw 32-bit registers of
@@ -38,12 +44,13 @@
 //! A K that is not a multiple of the step ends with guarded chunks: a lane's vector outside
 //! K (K is a multiple of 8, so a vector is wholly in or out) leaves its A and B registers 0,
 //! and the products run in every lane (an `mma` needs the whole warp). The warps' partial
-//! sums meet through shared memory in warp order; warp 0 runs the matmul templates'
-//! epilogue (`matmul::epilogue_lanes`: bias, activation, residual, gate/up, cast) on its
-//! accumulators (rows g and g+8, columns 2t and 2t+1 of the tile). Horizontally fused
+//! sums (of every tile) meet through shared memory in warp order; warp 0 runs the matmul
+//! templates' epilogue (`matmul::epilogue_lanes`: bias, activation, residual, gate/up,
+//! cast) on its accumulators (rows g and g+8, columns 2t and 2t+1 of each tile). Horizontally fused
 //! matmuls of one width (gate and up) share the block (a weight vector of each per chunk,
 //! A once); matmuls of different widths (q/k/v) get a grid of segments as in the other
-//! decode templates (`mma_gemm::segments`). Columns past N load row N - 1 and store
+//! decode templates (`mma_gemm::segments`, `8 * tiles`-column block columns). Columns past
+//! N load row N - 1 and store
 //! nothing. A symbolic M (the decode variant of a plan, `Step::BySize`, at most
 //! [`MMA_GEMV_ROWS`] rows) is held as 16 rows.
 //!
@@ -64,16 +71,19 @@ use kiln_kir::{Buf, Expr, MmaInput, SizeExpr, Special, Stmt, Ty, VarId};
 /// The most rows (M) the template takes: one m16 tile.
 pub const MMA_GEMV_ROWS: u64 = 16;
 
-/// Output columns of a block (one n8 tile; every warp of the block has the same).
+/// Output columns of an n8 tile (a block has `tiles` of them; every warp of the block has
+/// the same).
 pub const COLUMNS: u32 = 8;
 
-/// Packed weight registers a lane's step may hold across its fused matmuls.
+/// Packed weight registers a lane's step may hold across its fused matmuls and tiles.
 const MAX_WEIGHT_REGISTERS: u32 = 32;
 
 /// [`MAX_WEIGHT_REGISTERS`] for horizontally fused matmuls of one width (gate/up): with raw
 /// loads ptxas keeps more loads in flight across steps, and 32 or 24 (steps of 4 or 3
 /// chunks) spill on sm_80 under the 128 registers of four blocks an SM; 16 (2 chunks)
-/// take 126 to 128 on every target without spills.
+/// take 126 to 128 on every target without spills. A step holds one chunk at least: gate/up
+/// at four tiles a block hold 32 (one chunk of 8 vectors), which still take 128 registers
+/// without spills on every target.
 const MAX_FUSED_WEIGHT_REGISTERS: u32 = 16;
 
 /// Elements of a 16-byte vector.
@@ -96,6 +106,9 @@ pub(crate) struct MmaGemvPlan {
     unroll: u32,
     /// Warps of a block, splitting K.
     warps: u32,
+    /// n8 tiles of a block (`GemmTuning::mma_gemv_tiles`: 1, 2 or 4), every warp computing
+    /// all of them from one load of its A registers a chunk.
+    tiles: u32,
     /// The grid's segments, one per matmul, when the widths differ.
     segments: Vec<Segment>,
     /// The k elements of each weight row a block prefetches into L2 before its
@@ -113,11 +126,24 @@ pub(crate) struct MmaGemvPlan {
 /// A warp's weight rows for the matmuls of a block (all, or one segment's), and the
 /// registers of its first step when they were loaded before the grid-dependency wait.
 struct Weights {
-    /// The offset of the lane's weight row (row `col0 + g`, clamped to N - 1).
-    w_row: Expr,
+    /// Per tile, the offset of the lane's weight row (row `col0 + 8 * tile + g`, clamped
+    /// to N - 1).
+    w_rows: Vec<Expr>,
     w_bufs: Vec<kiln_kir::Buf>,
-    /// Per chunk of the first step and matmul, the four packed registers of its vector.
+    /// Per chunk of the first step and stream (matmul-major, then tile), the four packed
+    /// registers of its vector.
     first: Option<Vec<Vec<Vec<VarId>>>>,
+}
+
+impl Weights {
+    /// The weight streams of a chunk, matmul-major then tile: stream `set * tiles + tile`
+    /// feeds accumulator set `set * tiles + tile`.
+    fn streams(&self) -> Vec<(Buf, Expr)> {
+        self.w_bufs
+            .iter()
+            .flat_map(|&buf| self.w_rows.iter().map(move |row| (buf, row.clone())))
+            .collect()
+    }
 }
 
 /// The plan for `group` when the template applies in `variant`: `linear` matmuls of bf16
@@ -155,6 +181,11 @@ pub(crate) fn plan(
     let (a_source, k, b) = super::gemv::linear_operands(e, group, a)?;
     let widths: Vec<u64> = b.iter().map(|s| s.2).collect();
     let one_width = b.iter().all(|s| s.2 == b[0].2);
+    let tiles = match options.gemm.mma_gemv_tiles {
+        0 | 1 => 1,
+        2 | 3 => 2,
+        _ => 4,
+    };
     let segments = if one_width {
         Vec::new()
     } else {
@@ -166,7 +197,7 @@ pub(crate) fn plan(
         if !single {
             return None;
         }
-        segments(&widths, COLUMNS)
+        segments(&widths, COLUMNS * tiles)
     };
     let sets = if segments.is_empty() { b.len() } else { 1 } as u32;
     // At least one whole step where K allows (a shorter K leaves every chunk to the guarded
@@ -181,7 +212,7 @@ pub(crate) fn plan(
                 MAX_FUSED_WEIGHT_REGISTERS
             } else {
                 MAX_WEIGHT_REGISTERS
-            } / (4 * sets),
+            } / (4 * sets * tiles),
         )
         .min(chunks)
         .max(1);
@@ -197,6 +228,7 @@ pub(crate) fn plan(
         rows,
         unroll,
         warps,
+        tiles,
         segments,
         prefetch: super::gemv::prefetch_share(&options.gemm, &widths, k, dtype),
         trigger: options.gemm.trigger,
@@ -205,10 +237,24 @@ pub(crate) fn plan(
 }
 
 impl MmaGemvPlan {
-    /// `mma_gemv_n8_w4_u8`, `mma_gemv_n8_w4_u8_seg` for a grid of segments.
+    /// `mma_gemv_n8_w4_u8`, `mma_gemv_n8_w4_u8_seg` for a grid of segments, `_t2` after
+    /// the unroll for two n8 tiles a block.
     fn name(&self) -> String {
         let seg = if self.segments.is_empty() { "" } else { "_seg" };
-        format!("mma_gemv_n{COLUMNS}_w{}_u{}{seg}", self.warps, self.unroll)
+        let tiles = if self.tiles > 1 {
+            format!("_t{}", self.tiles)
+        } else {
+            String::new()
+        };
+        format!(
+            "mma_gemv_n{COLUMNS}_w{}_u{}{tiles}{seg}",
+            self.warps, self.unroll
+        )
+    }
+
+    /// Output columns of a block.
+    fn block_columns(&self) -> u32 {
+        COLUMNS * self.tiles
     }
 }
 
@@ -272,19 +318,31 @@ pub(crate) fn emit(
         &mut body,
         "col0",
         ity,
-        index(block * i32c(i64::from(COLUMNS))),
+        index(block * i32c(i64::from(plan.block_columns()))),
     );
+    let tiles = plan.tiles as usize;
+    // The lane's weight row `g` of tile `tile` (before the clamp to N - 1).
+    let tile_row = |tile: usize| -> Expr {
+        if tile == 0 {
+            add(col0.clone(), index(gid.clone()))
+        } else {
+            add(
+                col0.clone(),
+                index(gid.clone() + i32c(i64::from(COLUMNS) * tile as i64)),
+            )
+        }
+    };
     // Before the grid-dependency wait (address arithmetic and prefetches only, so the
-    // previous kernel may still run): the four lanes `t = 0` of warp 0 ask L2 for the
-    // start of the block's eight weight rows (row `g` each; all of K while the weights fit
-    // the budget), which stream from HBM while the previous kernel finishes.
+    // previous kernel may still run): the eight lanes `t = 0` of warp 0 ask L2 for the
+    // start of the block's `8 * tiles` weight rows (row `g` of each tile; all of K while the
+    // weights fit the budget), which stream from HBM while the previous kernel finishes.
     if let Some(len) = plan.prefetch {
         let bytes = i32c((len * g.ty(plan.b[0].0).dtype.size_bytes() as u64) as i64);
         let rows = |e: &mut Emitter<'_, '_>, these: &[usize]| -> Vec<Stmt> {
-            let row = add(col0.clone(), index(gid.clone()));
-            let prefetches = these
-                .iter()
-                .map(|&i| {
+            let mut prefetches = Vec::new();
+            for tile in 0..tiles {
+                let row = tile_row(tile);
+                for &i in these {
                     let (weight, _, n) = plan.b[i];
                     // Rows past N (clamped to N - 1 by the loads) are not asked for again.
                     let fetch = Stmt::PrefetchL2 {
@@ -292,9 +350,9 @@ pub(crate) fn emit(
                         index: mul(row.clone(), e.ix(k)),
                         bytes: bytes.clone(),
                     };
-                    Stmt::if_then(lt(row.clone(), e.ix(n as i64)), vec![fetch])
-                })
-                .collect();
+                    prefetches.push(Stmt::if_then(lt(row.clone(), e.ix(n as i64)), vec![fetch]));
+                }
+            }
             let lanes = Stmt::if_then(tig.clone().equals(i32c(0)), prefetches);
             vec![Stmt::if_then(warp.clone().equals(i32c(0)), vec![lanes])]
         };
@@ -319,21 +377,18 @@ pub(crate) fn emit(
     // The warp's weight rows and buffers for the matmuls `these` (all, or one segment's).
     let setup = |e: &mut Emitter<'_, '_>, out: &mut Vec<Stmt>, these: &[usize]| -> Weights {
         let n = plan.b[these[0]].2 as i64;
-        let w_row = e.bind(
-            out,
-            "w_row",
-            ity,
-            mul(
-                min_e(add(col0.clone(), index(gid.clone())), e.ix(n - 1)),
-                e.ix(k),
-            ),
-        );
+        let w_rows = (0..tiles)
+            .map(|tile| {
+                let row = min_e(tile_row(tile), e.ix(n - 1));
+                e.bind(out, "w_row", ity, mul(row, e.ix(k)))
+            })
+            .collect();
         let w_bufs = these
             .iter()
             .map(|&i| e.buffer(plan.b[i].0, kiln_kir::Access::Read))
             .collect();
         Weights {
-            w_row,
+            w_rows,
             w_bufs,
             first: None,
         }
@@ -347,18 +402,14 @@ pub(crate) fn emit(
     let mut ready: Vec<Option<Weights>> = (0..plan.b.len()).map(|_| None).collect();
     let preload = plan.preload;
     if preload {
-        let pool: Vec<VarId> = (0..MAX_WEIGHT_REGISTERS)
-            .map(|_| e.var("p", Ty::I32))
-            .collect();
+        let sets = if segmented { 1 } else { plan.b.len() as u32 };
+        let pool_size = MAX_WEIGHT_REGISTERS.max(plan.unroll * 4 * sets * plan.tiles);
+        let pool: Vec<VarId> = (0..pool_size).map(|_| e.var("p", Ty::I32)).collect();
         let load_first = |e: &mut Emitter<'_, '_>, these: &[usize]| -> Vec<Stmt> {
             let mut out = Vec::new();
             let mut weights = setup(e, &mut out, these);
             let offsets = chunk_offsets(e, &mut out, e.ix(0), unroll);
-            let streams: Vec<(Buf, Expr)> = weights
-                .w_bufs
-                .iter()
-                .map(|&buf| (buf, weights.w_row.clone()))
-                .collect();
+            let streams = weights.streams();
             let first = super::gemv::load_into_pool(
                 &mut out,
                 &pool,
@@ -379,14 +430,12 @@ pub(crate) fn emit(
     // What runs before here stays outside the branch on a symbolic M below.
     let prelude = body.len();
     let column = |e: &mut Emitter<'_, '_>, out: &mut Vec<Stmt>, these: &[usize]| -> EResult<()> {
-        let Weights {
-            w_row,
-            w_bufs,
-            first,
-        } = match ready[these[0]].take() {
+        let weights = match ready[these[0]].take() {
             Some(weights) => weights,
             None => setup(e, out, these),
         };
+        let streams = weights.streams();
+        let first = weights.first;
         let a_at: Vec<Expr> = a_rows
             .iter()
             .map(|r| {
@@ -394,7 +443,8 @@ pub(crate) fn emit(
                 e.bind(out, "a_row", ity, at)
             })
             .collect();
-        let acc: Vec<[VarId; 4]> = these
+        // Per matmul and tile (matmul-major), the four accumulators of the lane.
+        let acc: Vec<[VarId; 4]> = streams
             .iter()
             .map(|_| std::array::from_fn(|_| e.var("acc", Ty::F32)))
             .collect();
@@ -444,9 +494,9 @@ pub(crate) fn emit(
                 Some(loaded) => loaded.clone(),
                 None => (0..chunks as usize)
                     .map(|j| {
-                        w_bufs
+                        streams
                             .iter()
-                            .map(|&buf| load(e, out, buf, w_row.clone(), j))
+                            .map(|(buf, row)| load(e, out, *buf, row.clone(), j))
                             .collect()
                     })
                     .collect(),
@@ -561,43 +611,51 @@ pub(crate) fn emit(
         let paired = stored
             .iter()
             .all(|&o| matches!(g.shape(o).last(), Some(Dim::Const(n)) if n % 2 == 0));
-        let col = e.bind(
-            &mut gather,
-            "col",
-            ity,
-            add(col0.clone(), index(tig.clone() * i32c(2))),
-        );
         let halves = if !symbolic_rows && plan.rows <= 8 {
             1
         } else {
             2
         };
-        for half in 0..halves {
-            let row = e.bind(
-                &mut gather,
-                "row",
-                ity,
-                index(gid.clone() + i32c(8 * half as i64)),
-            );
-            let at = OutputElement {
-                batch: &[],
-                row: &row,
-                col: &col,
-                rows: &m_size,
-            };
-            if paired {
-                let accs: Vec<Vec<VarId>> = acc
-                    .iter()
-                    .map(|a| a[2 * half..2 * half + 2].to_vec())
-                    .collect();
-                epilogue_lanes(e, &mut gather, &these_values, &accs, &at, None, &stored)?;
+        for tile in 0..tiles {
+            // This tile's accumulators, one set a matmul.
+            let tile_acc: Vec<[VarId; 4]> = (0..these.len())
+                .map(|set| acc[set * tiles + tile])
+                .collect();
+            let first_col = if tile == 0 {
+                index(tig.clone() * i32c(2))
             } else {
-                for j in 0..2 {
-                    let col_j = e.bind(&mut gather, "col", ity, add(col.clone(), e.ix(j)));
-                    let at = OutputElement { col: &col_j, ..at };
-                    let accs: Vec<Vec<VarId>> =
-                        acc.iter().map(|a| vec![a[2 * half + j as usize]]).collect();
+                index(tig.clone() * i32c(2) + i32c(i64::from(COLUMNS) * tile as i64))
+            };
+            let col = e.bind(&mut gather, "col", ity, add(col0.clone(), first_col));
+            for half in 0..halves {
+                let row = e.bind(
+                    &mut gather,
+                    "row",
+                    ity,
+                    index(gid.clone() + i32c(8 * half as i64)),
+                );
+                let at = OutputElement {
+                    batch: &[],
+                    row: &row,
+                    col: &col,
+                    rows: &m_size,
+                };
+                if paired {
+                    let accs: Vec<Vec<VarId>> = tile_acc
+                        .iter()
+                        .map(|a| a[2 * half..2 * half + 2].to_vec())
+                        .collect();
                     epilogue_lanes(e, &mut gather, &these_values, &accs, &at, None, &stored)?;
+                } else {
+                    for j in 0..2 {
+                        let col_j = e.bind(&mut gather, "col", ity, add(col.clone(), e.ix(j)));
+                        let at = OutputElement { col: &col_j, ..at };
+                        let accs: Vec<Vec<VarId>> = tile_acc
+                            .iter()
+                            .map(|a| vec![a[2 * half + j as usize]])
+                            .collect();
+                        epilogue_lanes(e, &mut gather, &these_values, &accs, &at, None, &stored)?;
+                    }
                 }
             }
         }
@@ -613,7 +671,7 @@ pub(crate) fn emit(
     let blocks = if segmented {
         plan.segments.iter().map(|s| s.blocks).sum()
     } else {
-        plan.b[0].2.div_ceil(u64::from(COLUMNS))
+        plan.b[0].2.div_ceil(u64::from(plan.block_columns()))
     };
     Ok(Body {
         what,
