@@ -253,7 +253,9 @@ pub struct GemmTuning {
     pub mma_gemv_warps: u32,
     /// n8 tiles of a tensor-core GEMV block (1, 2 or 4; others round down to one of
     /// these): each warp loads its A fragments once a chunk for all of them and issues one
-    /// `mma` a tile, so that a block reads A once for `8 * tiles` columns. 1 by default.
+    /// `mma` a tile, so that a block reads A once for `8 * tiles` columns. 1 by default:
+    /// at M = 16 on the H100, 2 and 4 tiles measured no faster (4096²: 70% and 64% of the
+    /// copy bandwidth against 70% with one).
     pub mma_gemv_tiles: u32,
     /// Whether a GEMV whose A is the normalized rows of a row-mean kernel (an RMSNorm) that
     /// stores nothing else, read by GEMVs only (gate/up, the LM head at decode sizes, q/k/v
@@ -262,15 +264,15 @@ pub struct GemmTuning {
     /// step's weight loads, computes the rows' statistic (a warp's order: rows longer than
     /// 1024 elements may differ from the row kernel's sum in the last bits) and the
     /// element-wise part in registers, rounded as the row kernel stores it; no shared
-    /// memory, no barrier. Off by default until measured: the earlier block-wide design
-    /// (the row kernel's order, a barrier, the rows in shared memory before any weight
-    /// load) took 1.604 ms a token of the 1.1B Llama's decode step on the H100 against
-    /// 1.279 without (Nsight Compute: gate/up 29.1 µs against 25.3 + 3.0, the LM head 77.7
-    /// against about 51).
+    /// memory, no barrier. Off by default: slower on the H100, where the 1.1B Llama's
+    /// decode step took 1.293 ms on the GPU alone against 1.096 without (and the earlier
+    /// block-wide design, the rows in shared memory behind two barriers, 1.604 ms a token
+    /// against 1.279).
     pub norm_prologue: bool,
     /// With [`GemmTuning::norm_prologue`], whether the q/k/v GEMV that writes the caches
     /// computes its norm too, with no weight loads held over the statistic (with them
-    /// ptxas spilled it on every target); off by default until measured.
+    /// ptxas spilled it on every target); off by default: slower still on the H100 (the
+    /// step on the GPU alone 1.518 ms against 1.293 with the other norms only).
     pub norm_prologue_kv_writes: bool,
     /// Whether the GEMV of a grid of segments (decode q/k/v at most [`GEMV_ROWS`] tokens)
     /// stores the rows of a segment whose values only `kv_write`s read straight into the
