@@ -241,22 +241,33 @@ fn the_mma_gemv_kernels_assemble_without_spills() {
     }
 }
 
-#[test]
-fn the_o_proj_mma_gemv_kernel_snapshot() {
-    // A 4096 × 4096 o-proj at 16 tokens, the residual add its epilogue.
+/// The o-proj's one kernel under `options`, named `name` with a grid of `blocks`, and its
+/// sm_90a PTX.
+fn o_proj_ptx(options: &Options, name: &str, blocks: u64) -> String {
     let module = lower("mma_gemv.kiln", SRC, None, None);
-    let compiled = compile_function(&module, "o_proj", &options(true)).unwrap();
+    let compiled = compile_function(&module, "o_proj", options).unwrap();
     assert_eq!(compiled.kernels.len(), 1);
+    assert_eq!(compiled.kernels[0].name, name);
     assert_eq!(
-        compiled.kernels[0].name,
-        "k0_mma_gemv_n8_w4_u8_epilogue_bf16"
+        compiled.kernels[0].grid[0],
+        kiln_kir::SizeExpr::Const(blocks)
     );
-    let ptx = kiln_ptx::emit_ptx(
+    kiln_ptx::emit_ptx(
         &compiled.kernels,
         kiln_ptx::Target::Sm90a,
         &Default::default(),
     )
-    .unwrap_or_else(|e| panic!("{e}"));
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[test]
+fn the_o_proj_mma_gemv_kernel_snapshot() {
+    // A 4096 × 4096 o-proj at 16 tokens, the residual add its epilogue.
+    let ptx = o_proj_ptx(
+        &options(true),
+        "k0_mma_gemv_n8_w4_u8_epilogue_bf16",
+        4096 / 8,
+    );
     assert!(ptx.contains("mma.sync.aligned.m16n8k16"), "{ptx}");
     assert!(!ptx.contains("ldmatrix"), "{ptx}");
     insta::assert_snapshot!(ptx);
@@ -308,23 +319,11 @@ fn the_tiled_mma_gemv_kernels_assemble_without_spills() {
 fn the_o_proj_mma_gemv_kernel_with_two_tiles_snapshot() {
     // The o-proj of the snapshot above with 16 columns a block: A loaded once a chunk for
     // both tiles, two products a half-chunk, 256 blocks.
-    let module = lower("mma_gemv.kiln", SRC, None, None);
-    let compiled = compile_function(&module, "o_proj", &tiled(2)).unwrap();
-    assert_eq!(compiled.kernels.len(), 1);
-    assert_eq!(
-        compiled.kernels[0].name,
-        "k0_mma_gemv_n8_w4_u4_t2_epilogue_bf16"
+    let ptx = o_proj_ptx(
+        &tiled(2),
+        "k0_mma_gemv_n8_w4_u4_t2_epilogue_bf16",
+        4096 / 16,
     );
-    assert_eq!(
-        compiled.kernels[0].grid[0],
-        kiln_kir::SizeExpr::Const(4096 / 16)
-    );
-    let ptx = kiln_ptx::emit_ptx(
-        &compiled.kernels,
-        kiln_ptx::Target::Sm90a,
-        &Default::default(),
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
         ptx.matches("mma.sync.aligned.m16n8k16").count(),
         16,

@@ -566,7 +566,7 @@ pub(crate) fn emit(
     // so that their DRAM latency overlaps the rows' statistic.
     let mut ready: Vec<Option<Columns>> = (0..plan.b.len()).map(|_| None).collect();
     let preload = plan.preload;
-    let early = plan.first_loads();
+    let loads_first = plan.first_loads();
     let mut load_first = |e: &mut Emitter<'_, '_>, body: &mut Vec<Stmt>| {
         let pool: Vec<VarId> = (0..MAX_WEIGHT_REGISTERS)
             .map(|_| e.var("w", Ty::F32))
@@ -600,7 +600,7 @@ pub(crate) fn emit(
     if plan.prefetch.is_some() || preload {
         body.push(Stmt::GridDependencyWait);
     }
-    if early && !preload {
+    if loads_first && !preload {
         load_first(e, &mut body);
     }
     // What runs before the wait (and the first weights) stays outside the branch on a
@@ -891,7 +891,7 @@ pub(crate) fn emit(
             // registers), then every `grid`-th after it, below the groups.
             let groups = plan.b[0].2.div_ceil(u64::from(WARPS)) as i64;
             let mut start = e.special(Special::BlockIdx(0));
-            if early {
+            if loads_first {
                 e.push_scope();
                 emit_columns(e, &mut body, None, &plan.b, &matmuls, |e, out, these| {
                     column(e, out, these, &col)

@@ -28,7 +28,7 @@ pub trait Executor {
         inputs: Vec<Option<Tensor>>,
     ) -> Result<Vec<Tensor>, RuntimeError>;
     /// Like [`Executor::run_kept`], returning only the results at the positions `wanted`
-    /// (among those `run_kept` returns), in that order. The GPU copies back only those: a
+    /// (among those `run_kept` returns, each at most once), in that order. The GPU copies back only those: a
     /// greedy decode step reads its tokens, not its logits.
     fn run_kept_outputs(
         &mut self,
@@ -314,11 +314,7 @@ impl Executor for CudaPlans {
         function: &str,
         inputs: Vec<Option<Tensor>>,
     ) -> Result<Vec<Tensor>, RuntimeError> {
-        let program = self.program(function)?;
-        let refs: Vec<Option<&Tensor>> = inputs.iter().map(Option::as_ref).collect();
-        program
-            .run_graph_kept(&refs)
-            .map_err(|e| backend_error(function, e))
+        self.run_kept_selected(function, &inputs, None)
     }
 
     fn run_kept_outputs(
@@ -327,11 +323,7 @@ impl Executor for CudaPlans {
         inputs: Vec<Option<Tensor>>,
         wanted: &[usize],
     ) -> Result<Vec<Tensor>, RuntimeError> {
-        let program = self.program(function)?;
-        let refs: Vec<Option<&Tensor>> = inputs.iter().map(Option::as_ref).collect();
-        program
-            .run_graph_kept_outputs(&refs, Some(wanted))
-            .map_err(|e| backend_error(function, e))
+        self.run_kept_selected(function, &inputs, Some(wanted))
     }
 
     fn keep_zeros(
@@ -350,6 +342,21 @@ impl Executor for CudaPlans {
 }
 
 impl CudaPlans {
+    /// A kept run of `function` ([`CudaProgram::run_graph_kept_outputs`]) copying back the
+    /// returned results at the positions `wanted` (all with `None`).
+    fn run_kept_selected(
+        &mut self,
+        function: &str,
+        inputs: &[Option<Tensor>],
+        wanted: Option<&[usize]>,
+    ) -> Result<Vec<Tensor>, RuntimeError> {
+        let program = self.program(function)?;
+        let refs: Vec<Option<&Tensor>> = inputs.iter().map(Option::as_ref).collect();
+        program
+            .run_graph_kept_outputs(&refs, wanted)
+            .map_err(|e| backend_error(function, e))
+    }
+
     /// Makes entry `function`'s program and uploads its weights now rather than on its first
     /// run (so that the device memory left for other uses, a KV cache, can be measured).
     pub fn load(&mut self, function: &str) -> Result<(), RuntimeError> {

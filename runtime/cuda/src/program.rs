@@ -375,17 +375,16 @@ impl CudaProgram {
         }
         self.last_kept = Some(symbols.clone());
         let launched = Instant::now();
-        let waited = self.wait(plan, &symbols).map(|()| Instant::now());
+        self.wait(plan, &symbols)?;
+        let waited = Instant::now();
         let read = self.read_outputs(&outputs, &symbols);
         let times = &mut self.kept_times;
         times.runs += 1;
         times.prepare += prepared - started;
         times.upload += uploaded - prepared;
         times.launch += launched - uploaded;
-        if let Ok(waited) = waited {
-            times.wait += waited - launched;
-            times.read += waited.elapsed();
-        }
+        times.wait += waited - launched;
+        times.read += waited.elapsed();
         read
     }
 
@@ -683,11 +682,12 @@ impl CudaProgram {
 
     /// Waits for the steps and copies the outputs back.
     fn finish(&self, symbols: &SymbolValues) -> Result<Vec<Tensor>, CudaError> {
-        let outputs = self.plan().outputs.clone();
-        self.read_outputs(&outputs, symbols)
+        let plan = self.plan();
+        self.wait(plan, symbols)?;
+        self.read_outputs(&plan.outputs, symbols)
     }
 
-    /// Waits for the steps and copies the buffers `outputs` back.
+    /// Copies the buffers `outputs` back, once the steps are done ([`CudaProgram::wait`]).
     fn read_outputs(
         &self,
         outputs: &[BufferId],
@@ -695,7 +695,6 @@ impl CudaProgram {
     ) -> Result<Vec<Tensor>, CudaError> {
         let plan = self.plan();
         let device = self.package.device();
-        self.wait(plan, symbols)?;
         let mut regions = Vec::with_capacity(outputs.len());
         let mut types = Vec::with_capacity(outputs.len());
         for &id in outputs {
