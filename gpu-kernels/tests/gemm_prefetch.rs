@@ -247,6 +247,8 @@ fn the_knobs_turn_the_prefetch_and_the_trigger_off() {
             gemm: GemmTuning {
                 prefetch,
                 trigger,
+                // The early trigger (on by default) would add a trigger to every kernel.
+                early_trigger: false,
                 mma_gemv: false,
                 ..GemmTuning::default()
             },
