@@ -189,6 +189,15 @@ fn staged_head_dim_96_equals_the_interpreter() {
 }
 
 #[test]
+fn more_partitions_than_a_merge_chunk_equal_the_interpreter() {
+    // 96 positions in partitions of 8 and 9: 12 and 11 partitions, so the merge walks a
+    // whole chunk of 8 states and a ragged one (positions past the last partition clamped
+    // and left out of the sums), and the shorter contexts leave partitions empty.
+    assert!(!run("f32", 8, 2, 32, 16, tuning(8, 1, 0, 2, 32)));
+    assert!(!run("bf16", 8, 2, 64, 16, tuning(9, 2, 0, 2, 32)));
+}
+
+#[test]
 fn staged_gqa_32_8_equals_the_interpreter() {
     // The benchmark's head counts at head dim 32: four warps, tiles of 16 (8 lanes a key),
     // tiles inside the cache blocks of 16 (one block-table read a tile).

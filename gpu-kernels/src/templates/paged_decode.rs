@@ -1388,10 +1388,19 @@ fn last_block_merge(
     Ok(())
 }
 
+/// Partitions whose states [`merged`] loads together: one round trip to memory for up to
+/// this many partitions, where a loop of one partition a step waited for each in turn.
+const MERGE_CHUNK: usize = 8;
+
 /// The merged output element `c` of the partitions' states at `row` of the workspace `ws`
 /// (`parts` states of `d + 2` floats: the weighted values, the maximum, the sum): the
 /// largest maximum, then the states rescaled to it and added in partition order. Shared by
 /// the merge kernel and the partial kernel's last block, so both give the same bits.
+///
+/// Both passes walk the partitions [`MERGE_CHUNK`] at a time, every load of a chunk issued
+/// before any is used. A chunk's positions past the last partition read the last one
+/// (clamped): the maximum of a repeated state is unchanged, and the sums leave them out, so
+/// the operations and their order are those of one partition a step.
 fn merged(
     e: &mut Emitter<'_, '_>,
     body: &mut Vec<Stmt>,
@@ -1402,62 +1411,83 @@ fn merged(
     c: &Expr,
 ) -> Expr {
     let ity = e.index_ty;
-    let (row, parts) = (row.clone(), parts.clone());
+    let stride = d as i64 + 2;
+    let chunk = MERGE_CHUNK as i64;
+    // The state of chunk position `u` from the chunk at `k`: (in range, its row offset).
+    let position = |e: &mut Emitter<'_, '_>, out: &mut Vec<Stmt>, k: VarId, u: usize| {
+        let p = Expr::var(k) + e.ix(u as i64);
+        let in_range = e.bind(out, "in_range", Ty::Pred, p.clone().lt(parts.clone()));
+        let clamped = p.min(parts.clone() - e.ix(1));
+        let at = e.bind(out, "at", ity, row.clone() + clamped * e.ix(stride));
+        (in_range, at)
+    };
     let most = e.var("most", Ty::F32);
     body.push(Stmt::Assign(most, f(f32::NEG_INFINITY)));
-    let pv = e.var("p", ity);
+    let k_max = e.var("p", ity);
+    let mut max_step = Vec::new();
+    let mut maxima = Vec::with_capacity(MERGE_CHUNK);
+    for u in 0..MERGE_CHUNK {
+        let (_, at) = position(e, &mut max_step, k_max, u);
+        maxima.push(e.bind(
+            &mut max_step,
+            "m",
+            Ty::F32,
+            Expr::load(ws, at + e.ix(d as i64)),
+        ));
+    }
+    for m in maxima {
+        max_step.push(Stmt::Assign(most, Expr::var(most).max(m)));
+    }
     body.push(Stmt::For {
-        var: pv,
+        var: k_max,
         start: e.ix(0),
         end: parts.clone(),
-        step: e.ix(1),
-        body: vec![Stmt::Assign(
-            most,
-            Expr::var(most).max(Expr::load(
-                ws,
-                row.clone() + Expr::var(pv) * e.ix(d as i64 + 2) + e.ix(d as i64),
-            )),
-        )],
+        step: e.ix(chunk),
+        body: max_step,
     });
     let (total, weighted) = (e.var("total", Ty::F32), e.var("weighted", Ty::F32));
     body.push(Stmt::Assign(total, f(0.0)));
     body.push(Stmt::Assign(weighted, f(0.0)));
-    let pw = e.var("p", ity);
-    let at = e.var("at", ity);
+    let k_sum = e.var("p", ity);
+    let mut sum_step = Vec::new();
+    let mut states = Vec::with_capacity(MERGE_CHUNK);
+    for u in 0..MERGE_CHUNK {
+        let (in_range, at) = position(e, &mut sum_step, k_sum, u);
+        let m = Expr::load(ws, at.clone() + e.ix(d as i64));
+        let m = e.bind(&mut sum_step, "m", Ty::F32, m);
+        let l = Expr::load(ws, at.clone() + e.ix(d as i64 + 1));
+        let l = e.bind(&mut sum_step, "l", Ty::F32, l);
+        let v = e.bind(&mut sum_step, "v", Ty::F32, Expr::load(ws, at + c.clone()));
+        states.push((in_range, m, l, v));
+    }
     let scale = e.var("scale", Ty::F32);
+    for (in_range, m, l, v) in states {
+        sum_step.push(Stmt::Assign(
+            scale,
+            Expr::select(
+                Expr::var(most).gt(f(f32::NEG_INFINITY)),
+                (m - Expr::var(most)).apply(UnOp::Exp),
+                f(0.0),
+            ),
+        ));
+        let keep = |acc: VarId, next: Expr| {
+            Stmt::Assign(acc, Expr::select(in_range.clone(), next, Expr::var(acc)))
+        };
+        sum_step.push(keep(
+            total,
+            Expr::fma(l, Expr::var(scale), Expr::var(total)),
+        ));
+        sum_step.push(keep(
+            weighted,
+            Expr::fma(v, Expr::var(scale), Expr::var(weighted)),
+        ));
+    }
     body.push(Stmt::For {
-        var: pw,
+        var: k_sum,
         start: e.ix(0),
-        end: parts,
-        step: e.ix(1),
-        body: vec![
-            Stmt::Assign(at, row + Expr::var(pw) * e.ix(d as i64 + 2)),
-            Stmt::Assign(
-                scale,
-                Expr::select(
-                    Expr::var(most).gt(f(f32::NEG_INFINITY)),
-                    (Expr::load(ws, Expr::var(at) + e.ix(d as i64)) - Expr::var(most))
-                        .apply(UnOp::Exp),
-                    f(0.0),
-                ),
-            ),
-            Stmt::Assign(
-                total,
-                Expr::fma(
-                    Expr::load(ws, Expr::var(at) + e.ix(d as i64 + 1)),
-                    Expr::var(scale),
-                    Expr::var(total),
-                ),
-            ),
-            Stmt::Assign(
-                weighted,
-                Expr::fma(
-                    Expr::load(ws, Expr::var(at) + c.clone()),
-                    Expr::var(scale),
-                    Expr::var(weighted),
-                ),
-            ),
-        ],
+        end: parts.clone(),
+        step: e.ix(chunk),
+        body: sum_step,
     });
     Expr::select(
         Expr::var(total).gt(f(0.0)),

@@ -395,12 +395,7 @@ pub(crate) fn emit_rows(
         names.push(red);
         let acc = Acc::new(e, &mut body, red, g.ty(input).dtype);
         match &walk {
-            Walk::Strided => {
-                let pass = strided.pass(e, &mut |e, pass, at, j| {
-                    fold_lanes(e, pass, &acc, input, at, j, None, lanes)
-                })?;
-                body.push(pass);
-            }
+            Walk::Strided => body.push(strided.fold_pass(e, &acc, input)?),
             Walk::Resident(chunks) => {
                 for c in chunks {
                     let valid = c.valid.as_ref();
@@ -531,6 +526,63 @@ impl StridedPass<'_> {
             body,
         })
     }
+
+    /// The loop folding `input` into `acc`, [`strided_unroll`] positions a step: the
+    /// step's loads first, then its folds in position order (the order of one position a
+    /// step). A position past the row's end reads the row's last `lanes` elements and
+    /// folds them as the identity.
+    fn fold_pass(&self, e: &mut Emitter<'_, '_>, acc: &Acc, input: Value) -> EResult<Stmt> {
+        let ity = e.index_ty;
+        let unroll = strided_unroll(self.lanes);
+        let j = e.var("j", ity);
+        let mut body = Vec::new();
+        e.push_scope();
+        let loaded = (0..unroll).try_fold(Vec::with_capacity(unroll), |mut loaded, u| {
+            let (at_j, valid) = if u == 0 {
+                (Expr::Var(j), None)
+            } else {
+                let p = add(Expr::Var(j), e.ix(self.step * u as i64));
+                let valid = e.bind(
+                    &mut body,
+                    "in_row",
+                    Ty::Pred,
+                    lt(p.clone(), self.len.clone()),
+                );
+                let last = sub(self.len.clone(), e.ix(self.lanes as i64));
+                (e.bind(&mut body, "j", ity, min_e(p, last)), Some(valid))
+            };
+            let mut at = self.row_idx.to_vec();
+            at.extend(e.delinearize(&mut body, at_j.clone(), self.inner));
+            let vals = e.elem(&mut body, input, &at, self.lanes)?;
+            loaded.push((at_j, valid, vals));
+            Ok(loaded)
+        });
+        let loaded = match loaded {
+            Ok(loaded) => loaded,
+            Err(err) => {
+                e.pop_scope();
+                return Err(err);
+            }
+        };
+        for (at_j, valid, vals) in loaded {
+            fold_values(e, &mut body, acc, vals, &at_j, valid.as_ref());
+        }
+        e.pop_scope();
+        Ok(Stmt::For {
+            var: j,
+            start: mul(self.tid.clone(), e.ix(self.lanes as i64)),
+            end: self.len.clone(),
+            step: e.ix(self.step * unroll as i64),
+            body,
+        })
+    }
+}
+
+/// Positions of `lanes` elements a thread folds per step of the strided walk, their loads
+/// issued before any is folded: a loop of one position a step waits for each load in
+/// turn (on the H100 the argmax over 32000 logits by one block took 11.5 µs that way).
+fn strided_unroll(lanes: usize) -> usize {
+    (32 / lanes).clamp(1, 8)
 }
 
 /// Contiguous elements per thread and step: 8 (16-byte loads of 16-bit data) when the row
@@ -602,6 +654,19 @@ fn fold_lanes(
     lanes: usize,
 ) -> EResult<()> {
     let vals = e.elem(out, input, at, lanes)?;
+    fold_values(e, out, acc, vals, j, valid);
+    Ok(())
+}
+
+/// [`fold_lanes`] of values already loaded.
+fn fold_values(
+    e: &mut Emitter<'_, '_>,
+    out: &mut Vec<Stmt>,
+    acc: &Acc,
+    vals: Vec<Expr>,
+    j: &Expr,
+    valid: Option<&Expr>,
+) {
     for (k, x) in vals.into_iter().enumerate() {
         let mut pos = acc
             .red
@@ -621,7 +686,6 @@ fn fold_lanes(
         }
         acc.fold(e, out, x, pos);
     }
-    Ok(())
 }
 
 /// Stores `lanes` elements of each of `outputs` at `at`.
