@@ -137,7 +137,7 @@ fn the_gemv_variant_writes_k_and_v_itself() {
         if t <= 4 {
             assert_eq!(with, without, "T={t}");
             assert_eq!(
-                count(&with, "gemv_w4_u8_seg_x3_kv_write"),
+                count(&with, "gemv_w4_u4_seg_x3_kv_write"),
                 1,
                 "T={t}: {with:?}"
             );

@@ -177,6 +177,8 @@ fn the_prefetch_and_the_trigger_keep_the_results() {
             ("mmagemv", true),
             ("prefetch", prefetch),
             ("trigger", trigger),
+            // The early trigger (on by default) would add a wait and a trigger.
+            ("early", false),
         ] {
             options.gemm.set(key, if on { "1" } else { "0" }).unwrap();
         }

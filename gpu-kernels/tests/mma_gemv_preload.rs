@@ -57,6 +57,8 @@ fn options(preload: bool, prefetch: bool) -> Options {
             mma_gemv: true,
             preload,
             prefetch,
+            // Where the wait sits is the subject here: no trigger after it.
+            early_trigger: false,
             ..GemmTuning::default()
         },
         ..Options::default()

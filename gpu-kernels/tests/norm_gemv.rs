@@ -120,7 +120,7 @@ fn constant_rows_lose_the_norm_kernel_outright() {
     let module = lower("norm_gemv.kiln", SRC, None, None);
     let compiled = compile_function(&module, "two", &options(true)).unwrap();
     let names: Vec<&str> = compiled.kernels.iter().map(|k| k.name.as_str()).collect();
-    assert_eq!(names, ["k0_gemv_w4_u8_norm_bf16"]);
+    assert_eq!(names, ["k0_gemv_w4_u4_norm_bf16"]);
     let (with, without) = same_bits("two", 2);
     assert_eq!((with.len(), without.len()), (1, 2), "{with:?} {without:?}");
 }
@@ -154,7 +154,7 @@ fn the_1b_llama_decode_step_launches_no_norm_kernel_at_one_token() {
     assert_eq!(count(&with, "rms_norm"), 16, "{with:?}");
     assert_eq!(with.len() + 17, without.len(), "{with:?}");
     assert_eq!(count(&with, "_norm_x2"), 16, "{with:?}");
-    assert_eq!(count(&with, "gemv_w4_u8_norm_epilogue"), 1, "{with:?}");
+    assert_eq!(count(&with, "gemv_w4_u4_norm_epilogue"), 1, "{with:?}");
     assert_eq!(count(&with, "seg_norm"), 0, "{with:?}");
     // The prefill-sized variants keep their norm kernels.
     assert!(
