@@ -255,14 +255,21 @@ impl PinnedStaging {
         self.pending = false;
     }
 
-    /// The memory, at least `bytes` long (grown to a power of two), once no queued copy
-    /// reads it.
-    fn memory(&mut self, stream: &CudaStream, bytes: usize) -> Result<&mut [u8], DriverError> {
-        if self.pending {
+    /// The memory, at least `bytes` long (grown to a power of two). With `host_writes`
+    /// (the host is about to write it) or a new allocation, once no queued copy uses it;
+    /// else at once: copies queued now run after the queued ones, in stream order.
+    fn memory(
+        &mut self,
+        stream: &CudaStream,
+        bytes: usize,
+        host_writes: bool,
+    ) -> Result<&mut [u8], DriverError> {
+        let grow = self.memory.as_ref().is_none_or(|m| m.num_bytes() < bytes);
+        if self.pending && (host_writes || grow) {
             stream.synchronize()?;
             self.pending = false;
         }
-        if self.memory.as_ref().is_none_or(|m| m.num_bytes() < bytes) {
+        if grow {
             // Dropping the old memory waits for its (never recorded) event and frees it.
             self.memory = None;
             let size = bytes.next_power_of_two().max(4096);
@@ -293,7 +300,7 @@ impl PinnedStaging {
         if total == 0 {
             return Ok(());
         }
-        let memory = self.memory(stream, total)?;
+        let memory = self.memory(stream, total, true)?;
         for ((_, bytes), window) in parts.iter().zip(offsets.windows(2)) {
             memory[window[0]..window[0] + bytes.len()].copy_from_slice(bytes);
         }
@@ -314,19 +321,23 @@ impl PinnedStaging {
         Ok(())
     }
 
-    /// Copies the regions back, waits for the stream, and returns each region's bytes (in
-    /// the staging memory, valid until its next use).
-    pub(crate) fn download(
+    /// Queues copies of the regions into the staging memory behind the work already on
+    /// the stream, without waiting: once the stream has been synchronized (and
+    /// [`PinnedStaging::finished`] called), [`PinnedStaging::downloaded`] returns their
+    /// bytes. A decode step queues its outputs' copies right after its launch, so that one
+    /// wait covers both.
+    pub(crate) fn queue_download(
         &mut self,
         stream: &CudaStream,
         regions: &[DeviceRegion<'_>],
-    ) -> Result<Vec<&[u8]>, DriverError> {
+    ) -> Result<QueuedDownload, DriverError> {
         let offsets = staged_offsets(regions.iter().map(DeviceRegion::len));
         let total = offsets.last().copied().unwrap_or(0);
+        let lengths: Vec<usize> = regions.iter().map(DeviceRegion::len).collect();
         if total == 0 {
-            return Ok(regions.iter().map(|_| &[][..]).collect());
+            return Ok(QueuedDownload { offsets, lengths });
         }
-        let memory = self.memory(stream, total)?;
+        let memory = self.memory(stream, total, false)?;
         stream.context().bind_to_thread()?;
         for (region, window) in regions.iter().zip(offsets.windows(2)) {
             if region.bytes == 0 {
@@ -334,18 +345,43 @@ impl PinnedStaging {
             }
             let destination = &mut memory[window[0]..window[0] + region.bytes];
             // SAFETY: the source lies inside a live allocation of `region.bytes` bytes; the
-            // destination is page-locked memory this staging owns, exclusively borrowed
-            // until the stream is synchronized below.
+            // destination is page-locked memory this staging owns, which is neither freed
+            // nor read or written by the host before the stream has finished this copy
+            // (`pending`; `downloaded` is called after a synchronize).
             unsafe { result::memcpy_dtoh_async(destination, region.address, stream.cu_stream()) }?;
         }
-        stream.synchronize()?;
-        let memory = self.memory.as_ref().expect("allocated above").as_slice()?;
-        Ok(regions
+        self.pending = true;
+        Ok(QueuedDownload { offsets, lengths })
+    }
+
+    /// The bytes of a [`PinnedStaging::queue_download`], once the stream has finished it
+    /// (an error while copies may still be pending).
+    pub(crate) fn downloaded(&self, queued: &QueuedDownload) -> Result<Vec<&[u8]>, DriverError> {
+        if queued.lengths.iter().all(|&n| n == 0) {
+            return Ok(queued.lengths.iter().map(|_| &[][..]).collect());
+        }
+        if self.pending {
+            return Err(DriverError(CUresult::CUDA_ERROR_NOT_READY));
+        }
+        let memory = self
+            .memory
+            .as_ref()
+            .expect("allocated by queue_download")
+            .as_slice()?;
+        Ok(queued
+            .lengths
             .iter()
-            .zip(offsets.windows(2))
-            .map(|(region, window)| &memory[window[0]..window[0] + region.bytes])
+            .zip(queued.offsets.windows(2))
+            .map(|(&n, window)| &memory[window[0]..window[0] + n])
             .collect())
     }
+}
+
+/// Where [`PinnedStaging::queue_download`] put each region's bytes.
+#[derive(Debug)]
+pub(crate) struct QueuedDownload {
+    offsets: Vec<usize>,
+    lengths: Vec<usize>,
 }
 
 /// The staging offsets of parts of `lengths` bytes, each aligned to [`STAGING_ALIGN`],

@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::DriverError;
 use kiln_ir::{DType, Tensor};
 use kiln_kir::manifest::ParamLayout;
 use kiln_kir::{Arg, BufferId, BufferKind, Plan, Step};
@@ -27,7 +28,9 @@ use crate::binding::{
 };
 use crate::device::{host_tensor, CudaDevice, DeviceBuffer};
 use crate::error::CudaError;
-use crate::ffi::{self, ArgValue, CapturedGraph, DeviceRegion, LaunchOrder, PinnedStaging};
+use crate::ffi::{
+    self, ArgValue, CapturedGraph, DeviceRegion, LaunchOrder, PinnedStaging, QueuedDownload,
+};
 use crate::launch::LaunchShape;
 use crate::layout::{arena_bytes, place, Storage};
 use crate::package::CudaPackage;
@@ -374,10 +377,11 @@ impl CudaProgram {
             self.execute(&plan.steps, &symbols, &[], false)?;
         }
         self.last_kept = Some(symbols.clone());
+        let queued = self.queue_outputs(&outputs, &symbols)?;
         let launched = Instant::now();
         self.wait(plan, &symbols)?;
         let waited = Instant::now();
-        let read = self.read_outputs(&outputs, &symbols);
+        let read = self.take_outputs(&queued);
         let times = &mut self.kept_times;
         times.runs += 1;
         times.prepare += prepared - started;
@@ -683,16 +687,19 @@ impl CudaProgram {
     /// Waits for the steps and copies the outputs back.
     fn finish(&self, symbols: &SymbolValues) -> Result<Vec<Tensor>, CudaError> {
         let plan = self.plan();
+        let queued = self.queue_outputs(&plan.outputs, symbols)?;
         self.wait(plan, symbols)?;
-        self.read_outputs(&plan.outputs, symbols)
+        self.take_outputs(&queued)
     }
 
-    /// Copies the buffers `outputs` back, once the steps are done ([`CudaProgram::wait`]).
-    fn read_outputs(
+    /// Queues the copies of buffers `outputs` back behind the steps on the stream (no
+    /// wait): after [`CudaProgram::wait`], [`CudaProgram::take_outputs`] returns them, so
+    /// that one wait covers the steps and the copies.
+    fn queue_outputs(
         &self,
         outputs: &[BufferId],
         symbols: &SymbolValues,
-    ) -> Result<Vec<Tensor>, CudaError> {
+    ) -> Result<QueuedOutputs, CudaError> {
         let plan = self.plan();
         let device = self.package.device();
         let mut regions = Vec::with_capacity(outputs.len());
@@ -702,20 +709,35 @@ impl CudaProgram {
             types.push((decl.dtype, buffer_shape(plan, decl, symbols)?));
             regions.push(self.region(plan, id, symbols)?);
         }
-        let mut staging = self.staging();
+        let staged = self
+            .staging()
+            .queue_download(device.stream(), &regions)
+            .map_err(|error| self.copy_back_error(error))?;
+        Ok(QueuedOutputs { types, staged })
+    }
+
+    /// The outputs of [`CudaProgram::queue_outputs`], once [`CudaProgram::wait`] returned.
+    fn take_outputs(&self, queued: &QueuedOutputs) -> Result<Vec<Tensor>, CudaError> {
+        let staging = self.staging();
         let bytes = staging
-            .download(device.stream(), &regions)
-            .map_err(|error| {
-                CudaError::driver(
-                    format!("copying the outputs of plan `{}` back", plan.function),
-                    error,
-                )
-            })?;
-        Ok(types
+            .downloaded(&queued.staged)
+            .map_err(|error| self.copy_back_error(error))?;
+        Ok(queued
+            .types
             .iter()
             .zip(bytes)
             .map(|((dtype, shape), bytes)| host_tensor(*dtype, shape, bytes))
             .collect())
+    }
+
+    fn copy_back_error(&self, error: DriverError) -> CudaError {
+        CudaError::driver(
+            format!(
+                "copying the outputs of plan `{}` back",
+                self.plan().function
+            ),
+            error,
+        )
     }
 
     /// Waits for the device's stream to finish the steps of a run of `plan`.
@@ -999,4 +1021,11 @@ fn copy_between(
             )
         },
     )
+}
+
+/// Outputs whose copies back are queued on the stream ([`CudaProgram::queue_outputs`]).
+struct QueuedOutputs {
+    /// Each output's dtype and shape.
+    types: Vec<(DType, Vec<usize>)>,
+    staged: QueuedDownload,
 }
