@@ -1413,13 +1413,11 @@ fn merged(
     let ity = e.index_ty;
     let stride = d as i64 + 2;
     let chunk = MERGE_CHUNK as i64;
-    // The state of chunk position `u` from the chunk at `k`: (in range, its row offset).
+    // The row offset of chunk position `u` from the chunk at `k` (clamped to the last
+    // partition).
     let position = |e: &mut Emitter<'_, '_>, out: &mut Vec<Stmt>, k: VarId, u: usize| {
-        let p = Expr::var(k) + e.ix(u as i64);
-        let in_range = e.bind(out, "in_range", Ty::Pred, p.clone().lt(parts.clone()));
-        let clamped = p.min(parts.clone() - e.ix(1));
-        let at = e.bind(out, "at", ity, row.clone() + clamped * e.ix(stride));
-        (in_range, at)
+        let clamped = (Expr::var(k) + e.ix(u as i64)).min(parts.clone() - e.ix(1));
+        e.bind(out, "at", ity, row.clone() + clamped * e.ix(stride))
     };
     let most = e.var("most", Ty::F32);
     body.push(Stmt::Assign(most, f(f32::NEG_INFINITY)));
@@ -1427,7 +1425,7 @@ fn merged(
     let mut max_step = Vec::new();
     let mut maxima = Vec::with_capacity(MERGE_CHUNK);
     for u in 0..MERGE_CHUNK {
-        let (_, at) = position(e, &mut max_step, k_max, u);
+        let at = position(e, &mut max_step, k_max, u);
         maxima.push(e.bind(
             &mut max_step,
             "m",
@@ -1452,7 +1450,14 @@ fn merged(
     let mut sum_step = Vec::new();
     let mut states = Vec::with_capacity(MERGE_CHUNK);
     for u in 0..MERGE_CHUNK {
-        let (in_range, at) = position(e, &mut sum_step, k_sum, u);
+        let in_range = Expr::var(k_sum) + e.ix(u as i64);
+        let in_range = e.bind(
+            &mut sum_step,
+            "in_range",
+            Ty::Pred,
+            in_range.lt(parts.clone()),
+        );
+        let at = position(e, &mut sum_step, k_sum, u);
         let m = Expr::load(ws, at.clone() + e.ix(d as i64));
         let m = e.bind(&mut sum_step, "m", Ty::F32, m);
         let l = Expr::load(ws, at.clone() + e.ix(d as i64 + 1));

@@ -530,44 +530,15 @@ impl StridedPass<'_> {
     /// The loop folding `input` into `acc`, [`strided_unroll`] positions a step: the
     /// step's loads first, then its folds in position order (the order of one position a
     /// step). A position past the row's end reads the row's last `lanes` elements and
-    /// folds them as the identity.
+    /// folds them as the identity ([`clamped_chunk`]).
     fn fold_pass(&self, e: &mut Emitter<'_, '_>, acc: &Acc, input: Value) -> EResult<Stmt> {
-        let ity = e.index_ty;
         let unroll = strided_unroll(self.lanes);
-        let j = e.var("j", ity);
+        let j = e.var("j", e.index_ty);
         let mut body = Vec::new();
         e.push_scope();
-        let loaded = (0..unroll).try_fold(Vec::with_capacity(unroll), |mut loaded, u| {
-            let (at_j, valid) = if u == 0 {
-                (Expr::Var(j), None)
-            } else {
-                let p = add(Expr::Var(j), e.ix(self.step * u as i64));
-                let valid = e.bind(
-                    &mut body,
-                    "in_row",
-                    Ty::Pred,
-                    lt(p.clone(), self.len.clone()),
-                );
-                let last = sub(self.len.clone(), e.ix(self.lanes as i64));
-                (e.bind(&mut body, "j", ity, min_e(p, last)), Some(valid))
-            };
-            let mut at = self.row_idx.to_vec();
-            at.extend(e.delinearize(&mut body, at_j.clone(), self.inner));
-            let vals = e.elem(&mut body, input, &at, self.lanes)?;
-            loaded.push((at_j, valid, vals));
-            Ok(loaded)
-        });
-        let loaded = match loaded {
-            Ok(loaded) => loaded,
-            Err(err) => {
-                e.pop_scope();
-                return Err(err);
-            }
-        };
-        for (at_j, valid, vals) in loaded {
-            fold_values(e, &mut body, acc, vals, &at_j, valid.as_ref());
-        }
+        let folded = self.fold_step(e, &mut body, j, unroll, acc, input);
         e.pop_scope();
+        folded?;
         Ok(Stmt::For {
             var: j,
             start: mul(self.tid.clone(), e.ix(self.lanes as i64)),
@@ -576,6 +547,52 @@ impl StridedPass<'_> {
             body,
         })
     }
+
+    /// One step of [`StridedPass::fold_pass`] from position `j`.
+    fn fold_step(
+        &self,
+        e: &mut Emitter<'_, '_>,
+        body: &mut Vec<Stmt>,
+        j: VarId,
+        unroll: usize,
+        acc: &Acc,
+        input: Value,
+    ) -> EResult<()> {
+        let mut loaded = Vec::with_capacity(unroll);
+        for u in 0..unroll {
+            let (at_j, valid) = if u == 0 {
+                (Expr::Var(j), None)
+            } else {
+                let start = add(Expr::Var(j), e.ix(self.step * u as i64));
+                let (at_j, valid) = clamped_chunk(e, body, start, self.len.clone(), self.lanes);
+                (at_j, Some(valid))
+            };
+            let mut at = self.row_idx.to_vec();
+            at.extend(e.delinearize(body, at_j.clone(), self.inner));
+            let vals = e.elem(body, input, &at, self.lanes)?;
+            loaded.push((at_j, valid, vals));
+        }
+        for (at_j, valid, vals) in loaded {
+            fold_values(e, body, acc, vals, &at_j, valid.as_ref());
+        }
+        Ok(())
+    }
+}
+
+/// The chunk of `lanes` elements at flat position `start`, which may lie past the end of a
+/// row of `len` elements: the position clamped to the row's last `lanes` elements (always
+/// readable) and whether the chunk lies in the row (else it is read but neither folded nor
+/// stored).
+fn clamped_chunk(
+    e: &mut Emitter<'_, '_>,
+    body: &mut Vec<Stmt>,
+    start: Expr,
+    len: Expr,
+    lanes: usize,
+) -> (Expr, Expr) {
+    let valid = e.bind(body, "in_row", Ty::Pred, lt(start.clone(), len.clone()));
+    let last = sub(len, e.ix(lanes as i64));
+    (e.bind(body, "j", e.index_ty, min_e(start, last)), valid)
 }
 
 /// Positions of `lanes` elements a thread folds per step of the strided walk, their loads
@@ -621,14 +638,8 @@ fn resident_chunks(
         let start = add(first.clone(), e.ix((c * step) as i64));
         let partial = (c + 1) * step > len;
         let (j, valid) = if partial {
-            let valid = e.bind(
-                body,
-                "in_row",
-                Ty::Pred,
-                lt(start.clone(), e.ix(len as i64)),
-            );
-            let last = e.ix((len - lanes as u64) as i64);
-            (e.bind(body, "j", ity, min_e(start, last)), Some(valid))
+            let (j, valid) = clamped_chunk(e, body, start, e.ix(len as i64), lanes);
+            (j, Some(valid))
         } else {
             (e.bind(body, "j", ity, start), None)
         };

@@ -28,8 +28,8 @@ pub trait Executor {
         inputs: Vec<Option<Tensor>>,
     ) -> Result<Vec<Tensor>, RuntimeError>;
     /// Like [`Executor::run_kept`], returning only the results at the positions `wanted`
-    /// (among those `run_kept` returns, each at most once), in that order. The GPU copies back only those: a
-    /// greedy decode step reads its tokens, not its logits.
+    /// (among those `run_kept` returns, each at most once), in that order. The GPU copies
+    /// back only those: a greedy decode step reads its tokens, not its logits.
     fn run_kept_outputs(
         &mut self,
         function: &str,

@@ -12,6 +12,7 @@
 
 use std::ffi::{c_void, CString};
 use std::marker::PhantomData;
+use std::ops::Range;
 use std::sync::Arc;
 
 use cudarc::driver::sys::{self, CUjit_option, CUresult};
@@ -333,17 +334,21 @@ impl PinnedStaging {
     ) -> Result<QueuedDownload, DriverError> {
         let offsets = staged_offsets(regions.iter().map(DeviceRegion::len));
         let total = offsets.last().copied().unwrap_or(0);
-        let lengths: Vec<usize> = regions.iter().map(DeviceRegion::len).collect();
+        let parts: Vec<Range<usize>> = regions
+            .iter()
+            .zip(&offsets)
+            .map(|(region, &offset)| offset..offset + region.bytes)
+            .collect();
         if total == 0 {
-            return Ok(QueuedDownload { offsets, lengths });
+            return Ok(QueuedDownload { parts });
         }
         let memory = self.memory(stream, total, false)?;
         stream.context().bind_to_thread()?;
-        for (region, window) in regions.iter().zip(offsets.windows(2)) {
-            if region.bytes == 0 {
+        for (region, part) in regions.iter().zip(&parts) {
+            if part.is_empty() {
                 continue;
             }
-            let destination = &mut memory[window[0]..window[0] + region.bytes];
+            let destination = &mut memory[part.clone()];
             // SAFETY: the source lies inside a live allocation of `region.bytes` bytes; the
             // destination is page-locked memory this staging owns, which is neither freed
             // nor read or written by the host before the stream has finished this copy
@@ -351,14 +356,14 @@ impl PinnedStaging {
             unsafe { result::memcpy_dtoh_async(destination, region.address, stream.cu_stream()) }?;
         }
         self.pending = true;
-        Ok(QueuedDownload { offsets, lengths })
+        Ok(QueuedDownload { parts })
     }
 
     /// The bytes of a [`PinnedStaging::queue_download`], once the stream has finished it
     /// (an error while copies may still be pending).
     pub(crate) fn downloaded(&self, queued: &QueuedDownload) -> Result<Vec<&[u8]>, DriverError> {
-        if queued.lengths.iter().all(|&n| n == 0) {
-            return Ok(queued.lengths.iter().map(|_| &[][..]).collect());
+        if queued.parts.iter().all(Range::is_empty) {
+            return Ok(queued.parts.iter().map(|_| &[][..]).collect());
         }
         if self.pending {
             return Err(DriverError(CUresult::CUDA_ERROR_NOT_READY));
@@ -369,19 +374,17 @@ impl PinnedStaging {
             .expect("allocated by queue_download")
             .as_slice()?;
         Ok(queued
-            .lengths
+            .parts
             .iter()
-            .zip(queued.offsets.windows(2))
-            .map(|(&n, window)| &memory[window[0]..window[0] + n])
+            .map(|part| &memory[part.clone()])
             .collect())
     }
 }
 
-/// Where [`PinnedStaging::queue_download`] put each region's bytes.
+/// Where [`PinnedStaging::queue_download`] put each region's bytes in the staging memory.
 #[derive(Debug)]
 pub(crate) struct QueuedDownload {
-    offsets: Vec<usize>,
-    lengths: Vec<usize>,
+    parts: Vec<Range<usize>>,
 }
 
 /// The staging offsets of parts of `lengths` bytes, each aligned to [`STAGING_ALIGN`],
