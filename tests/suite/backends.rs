@@ -1075,3 +1075,146 @@ fn consensus_decisions_on_the_cpu_backend_equal_the_interpreter() {
 fn consensus_decisions_on_the_gpu_equal_the_interpreter() {
     check_consensus_decisions(kiln_driver::backend::BackendChoice::Gpu);
 }
+
+// ---------------------------------------------------------------------------------------
+// Decode steps submitted ahead, their tokens fed on the executor
+// ---------------------------------------------------------------------------------------
+
+/// models/llama.kiln's `step` on tiny-llama in bf16 (blocks of 4 tokens) and its weights.
+fn tiny_llama_step() -> (kiln_lower::Lowered, Arc<kiln_runtime::Weights>) {
+    let dir = repo_root().join("tests/fixtures/tiny-llama");
+    let mut config = read_json(&dir.join("config.json"));
+    config["kv_block_size"] = serde_json::json!(4);
+    let path = repo_root().join("models/llama.kiln");
+    let source = std::fs::read_to_string(&path).expect("program");
+    let options = kiln_lower::Options {
+        param_dtype: DType::BF16,
+        entries: Some(vec!["step".to_string()]),
+    };
+    let lowered = compile_source_with(
+        "llama.kiln",
+        &source,
+        path.parent(),
+        Some(&config),
+        &options,
+    )
+    .unwrap_or_else(|d| panic!("{d}"));
+    let weights = kiln_runtime::Weights::load(&dir, &lowered.params).expect("weights");
+    (lowered, Arc::new(weights))
+}
+
+/// Greedy decoding of two sequences with every step submitted before the step before it is
+/// collected, its tokens that step's greedy tokens fed on the executor
+/// (`PagedModel::submit_greedy`, chained), gives the tokens of step-by-step decoding
+/// (`step_greedy`, each token read back before the next step); the two runs use disjoint
+/// cache blocks of one executor and the same batch shapes. A chained step over other
+/// sequences than the step before, or a collect with nothing submitted, is an error that
+/// leaves the model usable.
+fn check_chained_greedy(executor: &mut dyn kiln_runtime::Executor) {
+    use kiln_runtime::{PagedModel, StepSequence, STEP_ENTRY};
+    const PROMPT: usize = 5;
+    const NEW: usize = 9;
+    let prompts: [Vec<u32>; 2] = [
+        (0..PROMPT as u32).map(|i| (i * 37 + 11) % 256).collect(),
+        (0..PROMPT as u32).map(|i| (i * 53 + 7) % 256).collect(),
+    ];
+    let module = executor.module().clone();
+    // 4 blocks of 4 tokens hold a sequence (5 + 9 tokens); two runs of two sequences.
+    let mut model = PagedModel::new(&module, STEP_ENTRY, 16, 4, 16).expect("step entry");
+    let blocks: Vec<Vec<u32>> = (0..4).map(|s| (4 * s..4 * s + 4).collect()).collect();
+    fn batch<'a>(
+        tokens: &'a [Vec<u32>; 2],
+        cached: usize,
+        blocks: &'a [Vec<u32>],
+    ) -> Vec<StepSequence<'a>> {
+        tokens
+            .iter()
+            .zip(blocks)
+            .map(|(tokens, blocks)| StepSequence {
+                tokens,
+                cached,
+                blocks,
+            })
+            .collect()
+    }
+    let push = |tokens: &mut [Vec<u32>; 2], next: &[u32]| {
+        for (sequence, &token) in tokens.iter_mut().zip(next) {
+            sequence.push(token);
+        }
+    };
+    let mut want = prompts.clone();
+    let mut cached = 0;
+    while want[0].len() < PROMPT + NEW {
+        let next = model
+            .step_greedy(executor, &batch(&want, cached, &blocks[..2]))
+            .expect("step");
+        cached = want[0].len();
+        push(&mut want, &next);
+    }
+
+    let mut got = prompts.clone();
+    let first = model
+        .step_greedy(executor, &batch(&got, 0, &blocks[2..]))
+        .expect("prefill");
+    push(&mut got, &first);
+    // Tokens whose values the host has; the rest are placeholders of submitted steps.
+    let mut known = got[0].len();
+    let mut chained = false;
+    while got[0].len() < PROMPT + NEW {
+        let cached = got[0].len() - 1;
+        model
+            .submit_greedy(executor, &batch(&got, cached, &blocks[2..]), chained)
+            .expect("submit");
+        if chained {
+            let next = model.collect_greedy(executor).expect("collect");
+            for (sequence, token) in got.iter_mut().zip(next) {
+                sequence[known] = token;
+            }
+            known += 1;
+        }
+        push(&mut got, &[u32::MAX, u32::MAX]);
+        chained = true;
+    }
+    let next = model.collect_greedy(executor).expect("collect the last");
+    for (sequence, token) in got.iter_mut().zip(next) {
+        sequence[known] = token;
+    }
+    assert_eq!(got, want, "{}", executor.describe());
+
+    let one = [StepSequence {
+        tokens: &got[0],
+        cached: got[0].len() - 1,
+        blocks: &blocks[2],
+    }];
+    let err = model.submit_greedy(executor, &one, true).unwrap_err();
+    assert!(err.to_string().contains("had 2 sequences, not 1"), "{err}");
+    let err = model.collect_greedy(executor).unwrap_err();
+    assert!(err.to_string().contains("not collected"), "{err}");
+    let again = model
+        .step_greedy(executor, &batch(&prompts, 0, &blocks[2..]))
+        .expect("the model is still usable");
+    assert_eq!(again, first);
+}
+
+#[test]
+fn chained_greedy_steps_on_the_cpu_backend_equal_step_by_step() {
+    let (lowered, weights) = tiny_llama_step();
+    let mut plans =
+        kiln_runtime::CpuPlans::compile(lowered.module, weights, &mut kiln_runtime::NoProgress)
+            .expect("compiles");
+    check_chained_greedy(&mut plans);
+    let (lowered, weights) = tiny_llama_step();
+    let mut interpreter = kiln_runtime::Interpreter::new(lowered.module, weights);
+    check_chained_greedy(&mut interpreter);
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU; run with --include-ignored on a machine with one"]
+fn chained_greedy_steps_on_the_gpu_equal_step_by_step() {
+    let (device, toolchain, target) = gpu();
+    let (lowered, weights) = tiny_llama_step();
+    let parts = (device.clone(), *target, toolchain.clone());
+    let mut plans = kiln_driver::backend::gpu_plans("llama.kiln", lowered, weights, parts)
+        .expect("compiles for the GPU");
+    check_chained_greedy(&mut plans);
+}

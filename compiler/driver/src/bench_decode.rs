@@ -8,6 +8,12 @@
 //! `benches/torch_peers.py decode` output, transformers' `generate` on the same shapes. The
 //! last decode step is also replayed on the device alone (CUDA events around its graph), which
 //! splits a token's time into the GPU's share and the host's.
+//!
+//! Decode steps overlap the host's work with the device's: each step is submitted before the
+//! one before it is collected, its token taken from that step's greedy token on the device
+//! (`PagedModel::submit_greedy`, chained), so the host prepares, copies and launches step
+//! n + 1 while the GPU computes step n. `--sync-steps` waits for each token first (the
+//! host's share then adds to every token).
 
 use crate::bench::{read_peers, Gpu};
 use anyhow::{anyhow, Context, Result};
@@ -32,6 +38,10 @@ pub(crate) struct DecodeArgs {
     /// transformers' numbers for the same shapes (`benches/torch_peers.py decode`).
     #[arg(long, value_name = "FILE")]
     torch_json: Option<PathBuf>,
+    /// Wait for each step's token before submitting the next one (no overlap of the host's
+    /// work with the device's).
+    #[arg(long)]
+    sync_steps: bool,
     /// Also write the JSON here.
     #[arg(long, short = 'o', value_name = "FILE")]
     out: Option<PathBuf>,
@@ -115,16 +125,20 @@ pub(crate) fn run(args: DecodeArgs) -> Result<ExitCode> {
         tokens.push(next[0]);
         plans.reset_kept_run_times(STEP_ENTRY)?;
         let prefilled = Instant::now();
-        while tokens.len() < longest {
-            let next = model.step_greedy(
-                &mut plans,
-                &[StepSequence {
-                    tokens: &tokens,
-                    cached: tokens.len() - 1,
-                    blocks: &table,
-                }],
-            )?;
-            tokens.push(next[0]);
+        if args.sync_steps {
+            while tokens.len() < longest {
+                let next = model.step_greedy(
+                    &mut plans,
+                    &[StepSequence {
+                        tokens: &tokens,
+                        cached: tokens.len() - 1,
+                        blocks: &table,
+                    }],
+                )?;
+                tokens.push(next[0]);
+            }
+        } else {
+            decode_overlapped(&mut model, &mut plans, &mut tokens, longest, &table)?;
         }
         let end = Instant::now();
         timed = Some((
@@ -182,6 +196,7 @@ pub(crate) fn run(args: DecodeArgs) -> Result<ExitCode> {
         );
     }
     let out = gpu.record(serde_json::json!({
+        "steps_overlapped": !args.sync_steps,
         "config": config,
         "params": params,
         "dtype": "bf16",
@@ -217,4 +232,38 @@ pub(crate) fn run(args: DecodeArgs) -> Result<ExitCode> {
         eprintln!("kiln: wrote {}", path.display());
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Decodes greedily until `tokens` holds `longest` tokens, each step submitted before the one
+/// before it is collected: a step's token is the greedy token of the step before, taken on
+/// the device, and stands in `tokens` as a placeholder until that step is collected.
+fn decode_overlapped(
+    model: &mut PagedModel,
+    plans: &mut CudaPlans,
+    tokens: &mut Vec<u32>,
+    longest: usize,
+    table: &[u32],
+) -> Result<()> {
+    /// Any id: a chained step's new token is not read from the host.
+    const PLACEHOLDER: u32 = 0;
+    let mut next_known = tokens.len();
+    let mut chained = false;
+    while tokens.len() < longest {
+        let batch = [StepSequence {
+            tokens,
+            cached: tokens.len() - 1,
+            blocks: table,
+        }];
+        model.submit_greedy(plans, &batch, chained)?;
+        if chained {
+            tokens[next_known] = model.collect_greedy(plans)?[0];
+            next_known += 1;
+        }
+        tokens.push(PLACEHOLDER);
+        chained = true;
+    }
+    if chained {
+        tokens[next_known] = model.collect_greedy(plans)?[0];
+    }
+    Ok(())
 }

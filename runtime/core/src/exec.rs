@@ -4,9 +4,9 @@
 use crate::cpu::CpuProgram;
 use crate::progress::Progress;
 use crate::{RuntimeError, Weights};
-use kiln_cuda::{CudaPackage, CudaProgram};
+use kiln_cuda::{CudaPackage, CudaProgram, FedInput, PendingRun};
 use kiln_ir::{DType, Module, Tensor};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
 /// A lowered program with its weights, ready to run its entry functions.
@@ -39,6 +39,22 @@ pub trait Executor {
         let returned = self.run_kept(function, inputs)?;
         pick_outputs(function, returned, wanted)
     }
+    /// Queues a kept run of `function` (as [`Executor::run_kept_outputs`]) whose results
+    /// [`Executor::collect_kept_outputs`] returns; the GPU returns at once, so that the
+    /// host prepares the next run while the device computes this one (the CPU backends run
+    /// it here). Each of `fed` names an input given as `None` that takes a result of the
+    /// run of `function` submitted just before this one, without the host reading it: a
+    /// decode step's tokens from the step before's greedy tokens. The input has the
+    /// result's shape, and its dtype or, for an `i64` result, `i32`.
+    fn submit_kept_outputs(
+        &mut self,
+        function: &str,
+        inputs: Vec<Option<Tensor>>,
+        wanted: &[usize],
+        fed: &[FedInput],
+    ) -> Result<(), RuntimeError>;
+    /// The wanted results of the oldest run of `function` submitted and not collected yet.
+    fn collect_kept_outputs(&mut self, function: &str) -> Result<Vec<Tensor>, RuntimeError>;
     /// Makes input `index` of `function` (one it updates in place) a kept value of zeros of
     /// `dtype` and `shape`, without a host tensor of that size, when the executor can (the
     /// GPU makes the zeros on the device); returns whether it did. When it returns false,
@@ -108,6 +124,91 @@ impl KeptInputs {
     }
 }
 
+/// Submitted runs of the host backends, which run them at once: each function's last
+/// returned results (what a later run's fed inputs take) and the wanted results not
+/// collected yet, oldest first.
+#[derive(Default)]
+struct SubmittedRuns {
+    last: BTreeMap<String, Vec<Tensor>>,
+    waiting: BTreeMap<String, VecDeque<Vec<Tensor>>>,
+}
+
+impl SubmittedRuns {
+    /// `inputs` with the `fed` ones filled from the last run's results, converted to the
+    /// inputs' dtypes as the GPU's copy converts them.
+    fn feed(
+        &self,
+        module: &Module,
+        function: &str,
+        mut inputs: Vec<Option<Tensor>>,
+        fed: &[FedInput],
+    ) -> Result<Vec<Option<Tensor>>, RuntimeError> {
+        let func = module
+            .function(function)
+            .ok_or_else(|| no_entry(module, function))?;
+        for &FedInput { input, result } in fed {
+            let bad = |why: String| {
+                RuntimeError::Input(format!("`{function}` input {input} cannot be fed: {why}"))
+            };
+            let source = self
+                .last
+                .get(function)
+                .and_then(|last| last.get(result))
+                .ok_or_else(|| bad(format!("no earlier run returned a result {result}")))?;
+            let Some(slot) = inputs.get_mut(input).filter(|slot| slot.is_none()) else {
+                return Err(bad("give it as `None`".into()));
+            };
+            let dtype = func.ty(func.params()[input]).dtype;
+            let narrowing = source.dtype == DType::I64 && dtype == DType::I32;
+            *slot = Some(if source.dtype == dtype {
+                source.clone()
+            } else if narrowing {
+                let values = source
+                    .to_i64_vec()
+                    .iter()
+                    .map(|&v| v as i32 as i64)
+                    .collect();
+                Tensor::from_ints(dtype, &source.shape, values)
+            } else {
+                return Err(bad(format!(
+                    "result {result} is {}, the input {dtype}",
+                    source.dtype
+                )));
+            });
+        }
+        Ok(inputs)
+    }
+
+    /// Keeps a run's `returned` results as the last ones and queues its `wanted` ones.
+    fn record(
+        &mut self,
+        function: &str,
+        returned: Vec<Tensor>,
+        wanted: &[usize],
+    ) -> Result<(), RuntimeError> {
+        let picked = pick_outputs(function, returned.clone(), wanted)?;
+        self.last.insert(function.to_string(), returned);
+        self.waiting
+            .entry(function.to_string())
+            .or_default()
+            .push_back(picked);
+        Ok(())
+    }
+
+    fn collect(&mut self, function: &str) -> Result<Vec<Tensor>, RuntimeError> {
+        self.waiting
+            .get_mut(function)
+            .and_then(VecDeque::pop_front)
+            .ok_or_else(|| nothing_submitted(function))
+    }
+}
+
+fn nothing_submitted(function: &str) -> RuntimeError {
+    RuntimeError::Input(format!(
+        "no run of `{function}` was submitted that is not collected yet"
+    ))
+}
+
 /// The results at the positions `wanted` of those a run of `function` returned.
 fn pick_outputs(
     function: &str,
@@ -148,6 +249,7 @@ pub struct Interpreter {
     module: Module,
     weights: Arc<Weights>,
     kept: KeptInputs,
+    submitted: SubmittedRuns,
 }
 
 impl Interpreter {
@@ -156,6 +258,7 @@ impl Interpreter {
             module,
             weights,
             kept: KeptInputs::default(),
+            submitted: SubmittedRuns::default(),
         }
     }
 }
@@ -189,6 +292,22 @@ impl Executor for Interpreter {
             crate::run(crate::Backend::Interpreter, module, function, full, weights)
         })
     }
+
+    fn submit_kept_outputs(
+        &mut self,
+        function: &str,
+        inputs: Vec<Option<Tensor>>,
+        wanted: &[usize],
+        fed: &[FedInput],
+    ) -> Result<(), RuntimeError> {
+        let inputs = self.submitted.feed(&self.module, function, inputs, fed)?;
+        let returned = self.run_kept(function, inputs)?;
+        self.submitted.record(function, returned, wanted)
+    }
+
+    fn collect_kept_outputs(&mut self, function: &str) -> Result<Vec<Tensor>, RuntimeError> {
+        self.submitted.collect(function)
+    }
 }
 
 /// The program optimized and fused into kernels, compiled for this CPU with Cranelift
@@ -199,6 +318,7 @@ pub struct CpuPlans {
     weights: Arc<Weights>,
     /// Inputs updated in place, by entry and input index, kept in host memory.
     kept: BTreeMap<String, BTreeMap<usize, kiln_cpu::KeptInput>>,
+    submitted: SubmittedRuns,
 }
 
 impl CpuPlans {
@@ -214,6 +334,7 @@ impl CpuPlans {
             program,
             weights,
             kept: BTreeMap::new(),
+            submitted: SubmittedRuns::default(),
         })
     }
 
@@ -246,6 +367,22 @@ impl Executor for CpuPlans {
         let kept = self.kept.entry(function.to_string()).or_default();
         self.program.run_kept(function, &refs, kept, &self.weights)
     }
+
+    fn submit_kept_outputs(
+        &mut self,
+        function: &str,
+        inputs: Vec<Option<Tensor>>,
+        wanted: &[usize],
+        fed: &[FedInput],
+    ) -> Result<(), RuntimeError> {
+        let inputs = self.submitted.feed(&self.module, function, inputs, fed)?;
+        let returned = self.run_kept(function, inputs)?;
+        self.submitted.record(function, returned, wanted)
+    }
+
+    fn collect_kept_outputs(&mut self, function: &str) -> Result<Vec<Tensor>, RuntimeError> {
+        self.submitted.collect(function)
+    }
 }
 
 /// A compiled package loaded on a GPU: one [`CudaProgram`] per entry, its weights uploaded
@@ -257,6 +394,8 @@ pub struct CudaPlans {
     weights: Arc<Weights>,
     batch_invariant: bool,
     max_graphs: Option<usize>,
+    /// Submitted runs by entry, oldest first ([`Executor::submit_kept_outputs`]).
+    submitted: BTreeMap<String, VecDeque<PendingRun>>,
 }
 
 impl CudaPlans {
@@ -269,6 +408,7 @@ impl CudaPlans {
             weights,
             batch_invariant: false,
             max_graphs: None,
+            submitted: BTreeMap::new(),
         }
     }
 
@@ -324,6 +464,36 @@ impl Executor for CudaPlans {
         wanted: &[usize],
     ) -> Result<Vec<Tensor>, RuntimeError> {
         self.run_kept_selected(function, &inputs, Some(wanted))
+    }
+
+    fn submit_kept_outputs(
+        &mut self,
+        function: &str,
+        inputs: Vec<Option<Tensor>>,
+        wanted: &[usize],
+        fed: &[FedInput],
+    ) -> Result<(), RuntimeError> {
+        let refs: Vec<Option<&Tensor>> = inputs.iter().map(Option::as_ref).collect();
+        let pending = self
+            .program(function)?
+            .submit_kept(&refs, Some(wanted), fed)
+            .map_err(|e| backend_error(function, e))?;
+        self.submitted
+            .entry(function.to_string())
+            .or_default()
+            .push_back(pending);
+        Ok(())
+    }
+
+    fn collect_kept_outputs(&mut self, function: &str) -> Result<Vec<Tensor>, RuntimeError> {
+        let pending = self
+            .submitted
+            .get_mut(function)
+            .and_then(VecDeque::pop_front)
+            .ok_or_else(|| nothing_submitted(function))?;
+        self.program(function)?
+            .collect(pending)
+            .map_err(|e| backend_error(function, e))
     }
 
     fn keep_zeros(

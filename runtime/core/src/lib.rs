@@ -36,6 +36,7 @@ pub use generate::{
     Completion, GenerateError, GenerationEvent, Generator, LogitsModel, ProgramLogits, RequestId,
 };
 pub use generation_config::GenerationConfig;
+pub use kiln_cuda::FedInput;
 pub use paged::{CacheShape, PagedLogits, PagedModel, StepSequence, STEP_ENTRY};
 pub use progress::{NoProgress, Progress, ProgressUnit};
 pub use sampling::{FinishReason, Sampler, SamplingError, SamplingParams};

@@ -12,8 +12,9 @@
 //! copies back only those tokens.
 
 use crate::generate::LogitsModel;
-use crate::{Executor, RuntimeError};
+use crate::{Executor, FedInput, RuntimeError};
 use kiln_ir::{DType, Tensor};
+use std::collections::VecDeque;
 
 /// The name of the KV-cached entry of the model programs that have one.
 pub const STEP_ENTRY: &str = "step";
@@ -72,6 +73,11 @@ pub struct PagedModel {
     table_width: usize,
     /// Whether the executor holds the caches (after the first step).
     started: bool,
+    /// The sequences of each greedy step submitted and not collected yet, oldest first.
+    submitted: VecDeque<usize>,
+    /// The sequences of the last step run or submitted: what a chained step's tokens come
+    /// from.
+    last_rows: Option<usize>,
 }
 
 impl PagedModel {
@@ -151,6 +157,8 @@ impl PagedModel {
             table_width: max_len.div_ceil(block_size),
             entry: entry.to_string(),
             started: false,
+            submitted: VecDeque::new(),
+            last_rows: None,
         })
     }
 
@@ -201,8 +209,77 @@ impl PagedModel {
         executor: &mut dyn Executor,
         batch: &[StepSequence<'_>],
     ) -> Result<Vec<u32>, RuntimeError> {
-        let greedy = self.run(executor, batch, GREEDY)?;
-        self.check_rows(greedy.shape.first().copied().unwrap_or(0), batch.len())?;
+        self.submit_greedy(executor, batch, false)?;
+        self.collect_greedy(executor)
+    }
+
+    /// Queues a step like [`PagedModel::step_greedy`] and returns without its tokens, which
+    /// [`PagedModel::collect_greedy`] returns, steps in the order they were submitted. On
+    /// the GPU the step is launched and the host is free: a decode loop submits the next
+    /// step before it collects this one, so the device never waits for the host.
+    ///
+    /// With `chained`, each sequence's one new token is the greedy token that the step run
+    /// or submitted just before made for the same row (the same sequences in the same
+    /// order), taken on the executor: the host does not need it to submit this step. The
+    /// last entry of each sequence's `tokens` is then not read (any value will do).
+    pub fn submit_greedy(
+        &mut self,
+        executor: &mut dyn Executor,
+        batch: &[StepSequence<'_>],
+        chained: bool,
+    ) -> Result<(), RuntimeError> {
+        if chained {
+            if self.last_rows != Some(batch.len()) {
+                return Err(RuntimeError::Input(format!(
+                    "a chained step takes its tokens from the step before, which had {} \
+                     sequences, not {}",
+                    self.last_rows.map_or("no".into(), |rows| rows.to_string()),
+                    batch.len()
+                )));
+            }
+            if let Some(b) = batch.iter().position(|s| s.cached + 1 != s.tokens.len()) {
+                return Err(RuntimeError::Input(format!(
+                    "sequence {b} of a chained step computes {} tokens; a chained step \
+                     computes one token a sequence",
+                    batch[b].tokens.len().saturating_sub(batch[b].cached)
+                )));
+            }
+        }
+        let mut inputs = self.inputs(executor, batch)?;
+        let fed = if chained {
+            inputs[0] = None;
+            vec![FedInput {
+                input: 0,
+                result: GREEDY,
+            }]
+        } else {
+            Vec::new()
+        };
+        executor.submit_kept_outputs(&self.entry, inputs, &[GREEDY], &fed)?;
+        self.started = true;
+        self.submitted.push_back(batch.len());
+        self.last_rows = Some(batch.len());
+        Ok(())
+    }
+
+    /// The greedy tokens of the oldest step of [`PagedModel::submit_greedy`] not collected
+    /// yet, one a sequence of that step.
+    pub fn collect_greedy(
+        &mut self,
+        executor: &mut dyn Executor,
+    ) -> Result<Vec<u32>, RuntimeError> {
+        let rows = self.submitted.pop_front().ok_or_else(|| {
+            RuntimeError::Input(format!(
+                "no step of `{}` was submitted that is not collected yet",
+                self.entry
+            ))
+        })?;
+        let results = executor.collect_kept_outputs(&self.entry)?;
+        let greedy = results
+            .into_iter()
+            .next()
+            .ok_or_else(|| RuntimeError::Input(format!("`{}` returned nothing", self.entry)))?;
+        self.check_rows(greedy.shape.first().copied().unwrap_or(0), rows)?;
         greedy
             .to_i64_vec()
             .into_iter()
@@ -224,6 +301,23 @@ impl PagedModel {
         batch: &[StepSequence<'_>],
         which: usize,
     ) -> Result<Tensor, RuntimeError> {
+        let inputs = self.inputs(executor, batch)?;
+        let results = executor.run_kept_outputs(&self.entry, inputs, &[which])?;
+        self.started = true;
+        self.last_rows = Some(batch.len());
+        results
+            .into_iter()
+            .next()
+            .ok_or_else(|| RuntimeError::Input(format!("`{}` returned nothing", self.entry)))
+    }
+
+    /// A step's inputs: the six of [`PagedModel::step_inputs`], then the caches (zeros on
+    /// the first step, where the executor cannot keep them as zeros itself; kept after).
+    fn inputs(
+        &mut self,
+        executor: &mut dyn Executor,
+        batch: &[StepSequence<'_>],
+    ) -> Result<Vec<Option<Tensor>>, RuntimeError> {
         let mut inputs: Vec<Option<Tensor>> =
             self.step_inputs(batch)?.into_iter().map(Some).collect();
         let kept_zeros = |executor: &mut dyn Executor| -> Result<bool, RuntimeError> {
@@ -241,12 +335,7 @@ impl PagedModel {
                 Tensor::from_f32(&dims, vec![0.0; dims.iter().product()]).cast(self.cache.dtype);
             inputs.extend([Some(zeros.clone()), Some(zeros)]);
         }
-        let results = executor.run_kept_outputs(&self.entry, inputs, &[which])?;
-        self.started = true;
-        results
-            .into_iter()
-            .next()
-            .ok_or_else(|| RuntimeError::Input(format!("`{}` returned nothing", self.entry)))
+        Ok(inputs)
     }
 
     /// Checks that a result has a row for each of the step's `sequences`.

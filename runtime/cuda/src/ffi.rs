@@ -53,6 +53,7 @@ pub(crate) const REQUIRED_DRIVER_SYMBOLS: &[&str] = &[
     "cuMemFreeHost",
     "cuMemcpyDtoHAsync_v2",
     "cuMemcpyDtoDAsync_v2",
+    "cuMemcpy2DAsync_v2",
     "cuModuleLoadDataEx",
     "cuModuleGetFunction",
     "cuFuncSetAttribute",
@@ -424,6 +425,57 @@ pub(crate) fn copy_device_to_device(
             stream.cu_stream(),
         )
     }
+}
+
+/// Copies `count` elements of `from` bytes each, from the start of `source`, into
+/// elements of `to` bytes at the start of `destination`, keeping each element's first
+/// (low, on the little-endian devices CUDA runs on) `to` bytes: an `i64` to `i32`
+/// narrowing where `to` < `from`, a plain copy where they are equal. Stream-ordered, one
+/// strided copy (`cuMemcpy2DAsync`: `count` rows of `to` bytes, source rows `from` bytes
+/// apart).
+pub(crate) fn copy_narrowing(
+    stream: &CudaStream,
+    destination: DeviceRegion<'_>,
+    source: DeviceRegion<'_>,
+    count: usize,
+    (from, to): (usize, usize),
+) -> Result<(), DriverError> {
+    let fits = |region: &DeviceRegion<'_>, size: usize| {
+        count.checked_mul(size).is_some_and(|b| b <= region.bytes)
+    };
+    if to == 0 || to > from || !fits(&source, from) || !fits(&destination, to) {
+        return Err(DriverError(CUresult::CUDA_ERROR_INVALID_VALUE));
+    }
+    if count == 0 {
+        return Ok(());
+    }
+    if to == from {
+        return copy_device_to_device(stream, destination, source, count * to);
+    }
+    let copy = sys::CUDA_MEMCPY2D {
+        srcXInBytes: 0,
+        srcY: 0,
+        srcMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+        srcHost: std::ptr::null(),
+        srcDevice: source.address,
+        srcArray: std::ptr::null_mut(),
+        srcPitch: from,
+        dstXInBytes: 0,
+        dstY: 0,
+        dstMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+        dstHost: std::ptr::null_mut(),
+        dstDevice: destination.address,
+        dstArray: std::ptr::null_mut(),
+        dstPitch: to,
+        WidthInBytes: to,
+        Height: count,
+    };
+    stream.context().bind_to_thread()?;
+    // SAFETY: both regions lie inside live allocations, the source holds `count` rows of
+    // `from` bytes and the destination `count` rows of `to` bytes (checked above); the
+    // allocations are freed stream-ordered on this same stream, so they outlive the copy,
+    // and the descriptor is read before the call returns.
+    unsafe { sys::cuMemcpy2DAsync_v2(&copy, stream.cu_stream()) }.result()
 }
 
 /// A loaded `CUmodule`, unloaded on drop.

@@ -41,7 +41,8 @@ pub use probe::{
     probe_device, DeviceInfo, DriverLibrary, DriverVersion,
 };
 pub use program::{
-    CudaProgram, KeptRunTimes, ProgramOptions, DEPENDENT_LAUNCH_ENV, GRAPHS_ENV, SYNC_LAUNCHES_ENV,
+    CudaProgram, FedInput, KeptRunTimes, PendingRun, ProgramOptions, DEPENDENT_LAUNCH_ENV,
+    GRAPHS_ENV, SYNC_LAUNCHES_ENV,
 };
 pub use timing::{Timing, WARMUP_RUNS};
 pub use validate::check_plan;

@@ -1,7 +1,8 @@
 //! Running one plan of a package on the GPU.
 //!
 //! A [`CudaProgram`] owns the device memory of one plan: the weights (uploaded once by
-//! [`CudaProgram::bind_weights`]), one allocation per input and output buffer, and one
+//! [`CudaProgram::bind_weights`]), one allocation holding the inputs side by side (one copy
+//! brings a run's inputs in), one per output buffer and per input updated in place, and one
 //! arena holding every temp buffer at its offset. Allocations are sized for the symbol
 //! values of each run and re-allocated only when they must grow. A run binds the symbols
 //! from the input shapes, copies the inputs in, executes the steps on the device's stream
@@ -17,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-use cudarc::driver::DriverError;
+use cudarc::driver::{CudaEvent, DriverError};
 use kiln_ir::{DType, Tensor};
 use kiln_kir::manifest::ParamLayout;
 use kiln_kir::{Arg, BufferId, BufferKind, Plan, Step};
@@ -32,7 +33,7 @@ use crate::ffi::{
     self, ArgValue, CapturedGraph, DeviceRegion, LaunchOrder, PinnedStaging, QueuedDownload,
 };
 use crate::launch::LaunchShape;
-use crate::layout::{arena_bytes, place, Storage};
+use crate::layout::{arena_bytes, input_block, place, Storage};
 use crate::package::CudaPackage;
 use crate::timing::{time_on_device, Timing};
 use crate::validate::{check_plan, has_loop};
@@ -106,8 +107,12 @@ pub struct CudaProgram {
     options: ProgramOptions,
     /// Bound weights by checkpoint name.
     weights: BTreeMap<String, DeviceBuffer>,
-    /// The allocations of `Input`, `Output` and `Zeroed` buffers.
+    /// The allocations of `Output`, `Zeroed` and constant buffers and of the inputs the
+    /// plan updates in place.
     own: BTreeMap<BufferId, DeviceBuffer>,
+    /// The inputs the plan does not update in place, side by side
+    /// ([`crate::layout::input_block`]).
+    inputs: Option<DeviceBuffer>,
     arena: Option<DeviceBuffer>,
     /// Captured graphs by symbol values; `None` for a capture with no work in it.
     graphs: BTreeMap<SymbolValues, Option<CapturedGraph>>,
@@ -119,12 +124,18 @@ pub struct CudaProgram {
     last_kept: Option<SymbolValues>,
     /// Where the host's time of the kept runs went ([`CudaProgram::kept_run_times`]).
     kept_times: KeptRunTimes,
-    /// The page-locked host memory inputs and outputs are copied through (a lock, so that
-    /// copies can be staged while device regions borrow the program).
-    staging: Mutex<PinnedStaging>,
+    /// The page-locked host memory inputs and outputs are copied through, one piece a run
+    /// in flight: a run takes a free one (a new one when none is), and a submitted kept run
+    /// ([`PendingRun`]) holds its own until it is collected, so that the next run's inputs
+    /// can be written while it runs. (A lock, so that copies can be staged while device
+    /// regions borrow the program.)
+    staging: Mutex<Vec<PinnedStaging>>,
     /// The symbol values the device memory was last sized for: [`CudaProgram::allocate`]
     /// has nothing to do for them again (what replaces a buffer elsewhere clears it).
     allocated_for: Option<SymbolValues>,
+    /// Counts the replacements of input, output, zeroed or arena memory
+    /// ([`CudaProgram::memory_replaced`]): a fed input's result must not have moved.
+    memory_generation: u64,
 }
 
 /// The host's time in [`CudaProgram::run_graph_kept`], by phase, summed over runs: what a
@@ -165,13 +176,15 @@ impl CudaProgram {
             options,
             weights: BTreeMap::new(),
             own: BTreeMap::new(),
+            inputs: None,
             arena: None,
             graphs: BTreeMap::new(),
             kept: BTreeMap::new(),
             last_kept: None,
             kept_times: KeptRunTimes::default(),
-            staging: Mutex::new(PinnedStaging::default()),
+            staging: Mutex::new(Vec::new()),
             allocated_for: None,
+            memory_generation: 0,
         })
     }
 
@@ -296,6 +309,27 @@ impl CudaProgram {
         inputs: &[Option<&Tensor>],
         wanted: Option<&[usize]>,
     ) -> Result<Vec<Tensor>, CudaError> {
+        let pending = self.submit_kept(inputs, wanted, &[])?;
+        self.collect(pending)
+    }
+
+    /// Queues a run like [`CudaProgram::run_graph_kept_outputs`] (inputs copied in, the
+    /// graph launched, the wanted outputs' copies back queued behind it) and returns without
+    /// waiting for it: [`CudaProgram::collect`] waits and returns the outputs. The host can
+    /// meanwhile prepare and submit the next run, which the device starts as soon as this
+    /// one is done (a decode loop whose host work overlaps the device's).
+    ///
+    /// Each of `fed` names an input (given as `None`) that takes a result of the kept run
+    /// submitted before this one, copied on the device behind that run (stream order):
+    /// the next step's tokens from this step's greedy tokens, which the host has not seen
+    /// yet. The input has the result's shape and its dtype or, for an `i64` result, `i32`
+    /// (each value's low half: token ids fit).
+    pub fn submit_kept(
+        &mut self,
+        inputs: &[Option<&Tensor>],
+        wanted: Option<&[usize]>,
+        fed: &[FedInput],
+    ) -> Result<PendingRun, CudaError> {
         let started = Instant::now();
         let package = self.package.clone();
         let plan = package.plan_at(self.plan_index);
@@ -313,18 +347,10 @@ impl CudaProgram {
             .filter(|id| !plan.inputs.contains(id))
             .collect();
         let outputs = match wanted {
-            None => returned,
+            None => returned.clone(),
             Some(wanted) => wanted
                 .iter()
-                .map(|&i| {
-                    returned.get(i).copied().ok_or_else(|| CudaError::BadPlan {
-                        plan: plan.function.clone(),
-                        detail: format!(
-                            "output {i} was asked for, but the plan returns {}",
-                            returned.len()
-                        ),
-                    })
-                })
+                .map(|&i| returned_output(plan, &returned, i))
                 .collect::<Result<_, _>>()?,
         };
         let updated: Vec<usize> = plan
@@ -332,12 +358,15 @@ impl CudaProgram {
             .iter()
             .filter_map(|id| plan.inputs.iter().position(|i| i == id))
             .collect();
+        let feeds = self.feeds(plan, &returned, inputs, fed)?;
         let mut shapes: Vec<Vec<usize>> = Vec::with_capacity(inputs.len());
         for (index, input) in inputs.iter().enumerate() {
-            match (input, self.kept.get(&index)) {
-                (Some(tensor), _) => shapes.push(tensor.shape.clone()),
-                (None, Some((_, shape))) => shapes.push(shape.clone()),
-                (None, None) => {
+            let feed = feeds.iter().find(|f| f.input == index);
+            match (input, self.kept.get(&index), feed) {
+                (Some(tensor), _, _) => shapes.push(tensor.shape.clone()),
+                (None, _, Some(feed)) => shapes.push(feed.shape.clone()),
+                (None, Some((_, shape)), None) => shapes.push(shape.clone()),
+                (None, None, None) => {
                     let detail = if updated.contains(&index) {
                         "no value is kept on the device for this input yet: give it"
                     } else {
@@ -363,7 +392,14 @@ impl CudaProgram {
         }
         self.allocate(plan, &symbols)?;
         let prepared = Instant::now();
-        self.upload(plan, &given, &symbols)?;
+        let mut staging = self.take_staging();
+        let uploaded = self
+            .upload(plan, &given, &symbols, &mut staging)
+            .and_then(|()| self.copy_feeds(plan, &feeds, &symbols));
+        if let Err(error) = uploaded {
+            self.give_back_staging(staging);
+            return Err(error);
+        }
         let uploaded = Instant::now();
         for &index in &updated {
             if let Some(tensor) = inputs.get(index).copied().flatten() {
@@ -371,25 +407,162 @@ impl CudaProgram {
                     .insert(index, (tensor.dtype, tensor.shape.clone()));
             }
         }
-        if self.graphs_apply() {
-            self.replay(&symbols, &[])?;
+        let launched = if self.graphs_apply() {
+            self.replay(&symbols, &[])
         } else {
-            self.execute(&plan.steps, &symbols, &[], false)?;
-        }
+            self.execute(&plan.steps, &symbols, &[], false)
+        };
         self.last_kept = Some(symbols.clone());
-        let queued = self.queue_outputs(&outputs, &symbols)?;
-        let launched = Instant::now();
-        self.wait(plan, &symbols)?;
-        let waited = Instant::now();
-        let read = self.take_outputs(&queued);
+        let queued = launched.and_then(|()| self.queue_outputs(&outputs, &symbols, &mut staging));
+        let done = queued.and_then(|queued| {
+            let stream = package.device().stream();
+            match stream.record_event(None) {
+                Ok(done) => Ok((queued, done)),
+                Err(error) => Err(self.run_error(plan, &symbols, error)),
+            }
+        });
+        let (queued, done) = match done {
+            Ok(done) => done,
+            Err(error) => {
+                self.give_back_staging(staging);
+                return Err(error);
+            }
+        };
         let times = &mut self.kept_times;
         times.runs += 1;
         times.prepare += prepared - started;
         times.upload += uploaded - prepared;
-        times.launch += launched - uploaded;
-        times.wait += waited - launched;
+        times.launch += uploaded.elapsed();
+        Ok(PendingRun {
+            staging,
+            queued,
+            done,
+            symbols,
+        })
+    }
+
+    /// Waits for a run of [`CudaProgram::submit_kept`] and returns its outputs. Runs may be
+    /// collected in any order; each one's outputs are its own.
+    pub fn collect(&mut self, run: PendingRun) -> Result<Vec<Tensor>, CudaError> {
+        let started = Instant::now();
+        let PendingRun {
+            mut staging,
+            queued,
+            done,
+            symbols,
+        } = run;
+        if let Err(error) = done.synchronize() {
+            // The copies into the staging memory may not have run: drop it with the run.
+            self.package.device().stream().synchronize().ok();
+            return Err(self.run_error(self.plan(), &symbols, error));
+        }
+        let waited = Instant::now();
+        staging.finished();
+        let read = self.take_outputs(&queued, &staging);
+        self.give_back_staging(staging);
+        let times = &mut self.kept_times;
+        times.wait += waited - started;
         times.read += waited.elapsed();
         read
+    }
+
+    /// The inputs of a submitted run that take a result of the kept run before it, checked
+    /// against the plan: where each result lies (for the last kept run's symbols) and the
+    /// input's shape.
+    fn feeds(
+        &self,
+        plan: &Plan,
+        returned: &[BufferId],
+        inputs: &[Option<&Tensor>],
+        fed: &[FedInput],
+    ) -> Result<Vec<Feed>, CudaError> {
+        let mut feeds: Vec<Feed> = Vec::with_capacity(fed.len());
+        for &FedInput { input, result } in fed {
+            let bad = |detail: String| CudaError::BadInput {
+                plan: plan.function.clone(),
+                index: input,
+                detail,
+            };
+            if inputs.get(input).is_none_or(Option::is_some) {
+                return Err(bad(format!(
+                    "it is fed from result {result}, so give it as `None` (the run has {} inputs)",
+                    inputs.len()
+                )));
+            }
+            if feeds.iter().any(|f| f.input == input) || self.kept.contains_key(&input) {
+                return Err(bad(
+                    "it is fed twice, or it is an input the plan updates in place".into(),
+                ));
+            }
+            let Some(last) = &self.last_kept else {
+                return Err(bad(
+                    "there is no earlier kept run whose result could feed it".into(),
+                ));
+            };
+            let source = returned_output(plan, returned, result)?;
+            let from = buffer_decl(plan, source)?;
+            let to = buffer_decl(plan, plan.inputs[input])?;
+            let narrowing = from.dtype == DType::I64 && to.dtype == DType::I32;
+            if from.dtype != to.dtype && !narrowing {
+                return Err(bad(format!(
+                    "result {result} is {}, which cannot feed an input of {}",
+                    from.dtype, to.dtype
+                )));
+            }
+            feeds.push(Feed {
+                input,
+                source,
+                generation: self.memory_generation,
+                shape: buffer_shape(plan, from, last)?,
+                last: last.clone(),
+                sizes: (from.dtype.size_bytes(), to.dtype.size_bytes()),
+            });
+        }
+        Ok(feeds)
+    }
+
+    /// Queues the copies of `feeds` (after [`CudaProgram::allocate`] for the run's
+    /// `symbols`). The results are those of the last kept run, in buffers it did not
+    /// outgrow: a result whose memory was re-allocated since is an error, not stale data.
+    fn copy_feeds(
+        &self,
+        plan: &Plan,
+        feeds: &[Feed],
+        symbols: &SymbolValues,
+    ) -> Result<(), CudaError> {
+        for feed in feeds {
+            if self.memory_generation != feed.generation {
+                return Err(CudaError::BadInput {
+                    plan: plan.function.clone(),
+                    index: feed.input,
+                    detail: format!(
+                        "sizing the device memory for this run replaced buffers, so the result \
+                         that feeds it (b{}) may be gone: give the input instead",
+                        feed.source.0
+                    ),
+                });
+            }
+            let source = self.region(plan, feed.source, &feed.last)?;
+            let destination = self.region(plan, plan.inputs[feed.input], symbols)?;
+            let count = feed.shape.iter().product::<usize>();
+            ffi::copy_narrowing(
+                self.package.device().stream(),
+                destination,
+                source,
+                count,
+                feed.sizes,
+            )
+            .map_err(|error| {
+                CudaError::driver(
+                    format!(
+                        "copying buffer b{} of the last run into input {} of plan `{}`",
+                        feed.source.0, feed.input, plan.function
+                    ),
+                    error,
+                )
+            })?;
+        }
+        Ok(())
     }
 
     /// Where the host's time of the kept runs went so far.
@@ -431,7 +604,7 @@ impl CudaProgram {
         let decl = buffer_decl(plan, id)?;
         let bytes = shape.iter().product::<usize>() * dtype.size_bytes();
         // A new buffer is zeroed; captured graphs hold the old one's address.
-        self.graphs.clear();
+        self.memory_replaced();
         self.own.remove(&decl.id);
         self.allocated_for = None;
         self.own.insert(decl.id, package.device().alloc(bytes)?);
@@ -569,8 +742,10 @@ impl CudaProgram {
         check_inputs(plan, inputs, &symbols)?;
         self.allocate(plan, &symbols)?;
         let given: Vec<(usize, &Tensor)> = inputs.iter().enumerate().collect();
-        self.upload(plan, &given, &symbols)?;
-        Ok(symbols)
+        let mut staging = self.take_staging();
+        let uploaded = self.upload(plan, &given, &symbols, &mut staging);
+        self.give_back_staging(staging);
+        uploaded.map(|()| symbols)
     }
 
     /// Checks that every weight is bound and sizes the device memory for `symbols`
@@ -598,8 +773,17 @@ impl CudaProgram {
             .as_ref()
             .is_none_or(|arena| arena.len() < arena_needed)
         {
-            self.graphs.clear();
+            self.memory_replaced();
             self.arena = Some(device.alloc(arena_needed)?);
+        }
+        let (_, inputs_needed) = input_block(plan, symbols)?;
+        if self
+            .inputs
+            .as_ref()
+            .is_none_or(|inputs| inputs.len() < inputs_needed)
+        {
+            self.memory_replaced();
+            self.inputs = Some(device.alloc(inputs_needed)?);
         }
         for decl in &plan.buffers {
             // Constants: allocated and written once (no kernel writes them).
@@ -618,24 +802,27 @@ impl CudaProgram {
                     }
                     let buffer = device.alloc(bytes.len())?;
                     device.write(&buffer, bytes)?;
-                    self.graphs.clear();
+                    self.memory_replaced();
                     self.own.insert(decl.id, buffer);
                 }
                 continue;
             }
             // Zeroed counters: a new allocation is zeroed (`alloc`), and kernels leave the
-            // elements they use zero, so growing needs no copy.
-            if matches!(
-                decl.kind,
-                BufferKind::Input(_) | BufferKind::Output(_) | BufferKind::Zeroed
-            ) {
+            // elements they use zero, so growing needs no copy. The other inputs are in
+            // `inputs`.
+            let own = match decl.kind {
+                BufferKind::Input(_) => plan.outputs.contains(&decl.id),
+                BufferKind::Output(_) | BufferKind::Zeroed => true,
+                _ => false,
+            };
+            if own {
                 let needed = buffer_bytes(plan, decl, symbols)?;
                 if self
                     .own
                     .get(&decl.id)
                     .is_none_or(|buffer| buffer.len() < needed)
                 {
-                    self.graphs.clear();
+                    self.memory_replaced();
                     self.own.insert(decl.id, device.alloc(needed)?);
                 }
             }
@@ -645,51 +832,116 @@ impl CudaProgram {
     }
 
     /// Copies the given inputs (by input index) to their device buffers, through the
-    /// page-locked staging memory.
+    /// page-locked staging memory: each run of given inputs lying side by side in the
+    /// inputs' allocation (no input between them left out) as one copy, padding included,
+    /// and each input updated in place by a copy of its own.
     fn upload(
         &self,
         plan: &Plan,
         inputs: &[(usize, &Tensor)],
         symbols: &SymbolValues,
+        staging: &mut PinnedStaging,
     ) -> Result<(), CudaError> {
         let device = self.package.device();
-        let bytes: Vec<Vec<u8>> = inputs.iter().map(|(_, t)| t.to_le_bytes()).collect();
-        let mut parts = Vec::with_capacity(inputs.len());
-        for (&(index, _), bytes) in inputs.iter().zip(&bytes) {
-            let region = self.region(plan, plan.inputs[index], symbols)?;
-            parts.push((region, bytes.as_slice()));
+        let given_bytes = |id: BufferId| {
+            inputs
+                .iter()
+                .find(|&&(index, _)| plan.inputs[index] == id)
+                .map(|(_, tensor)| tensor.to_le_bytes())
+        };
+        // Runs of the inputs' allocation: (offset, bytes from there on).
+        let (placed, _) = input_block(plan, symbols)?;
+        let mut runs: Vec<(usize, Vec<u8>)> = Vec::new();
+        let mut extend_run = false;
+        for &(id, offset) in &placed {
+            let Some(bytes) = given_bytes(id) else {
+                extend_run = false;
+                continue;
+            };
+            match runs.last_mut() {
+                Some((start, run)) if extend_run => {
+                    run.resize(offset - *start, 0);
+                    run.extend_from_slice(&bytes);
+                }
+                _ => runs.push((offset, bytes)),
+            }
+            extend_run = true;
         }
-        self.staging()
-            .upload(device.stream(), &parts)
-            .map_err(|error| {
-                let ids: Vec<String> = inputs
-                    .iter()
-                    .map(|&(index, _)| format!("b{}", plan.inputs[index].0))
-                    .collect();
-                CudaError::driver(
-                    format!(
-                        "copying inputs {} of plan `{}` to the device",
-                        ids.join(", "),
-                        plan.function
-                    ),
-                    error,
-                )
-            })
+        let own: Vec<(BufferId, Vec<u8>)> = inputs
+            .iter()
+            .map(|&(index, tensor)| (plan.inputs[index], tensor))
+            .filter(|(id, _)| !placed.iter().any(|(p, _)| p == id))
+            .map(|(id, tensor)| (id, tensor.to_le_bytes()))
+            .collect();
+        let mut parts = Vec::with_capacity(runs.len() + own.len());
+        if !runs.is_empty() {
+            let block = self.inputs.as_ref().ok_or_else(|| CudaError::BadPlan {
+                plan: plan.function.clone(),
+                detail: "the inputs have no device memory (not prepared)".into(),
+            })?;
+            for (offset, bytes) in &runs {
+                let region =
+                    device.region_of(block, *offset, bytes.len(), "copying inputs into")?;
+                parts.push((region, bytes.as_slice()));
+            }
+        }
+        for (id, bytes) in &own {
+            parts.push((self.region(plan, *id, symbols)?, bytes.as_slice()));
+        }
+        staging.upload(device.stream(), &parts).map_err(|error| {
+            let ids: Vec<String> = inputs
+                .iter()
+                .map(|&(index, _)| format!("b{}", plan.inputs[index].0))
+                .collect();
+            CudaError::driver(
+                format!(
+                    "copying inputs {} of plan `{}` to the device",
+                    ids.join(", "),
+                    plan.function
+                ),
+                error,
+            )
+        })
     }
 
-    /// The staging memory (a poisoned lock only means a copy failed; the memory is whole).
-    fn staging(&self) -> std::sync::MutexGuard<'_, PinnedStaging> {
+    /// Input, output, zeroed or arena memory was replaced: the captured graphs hold the
+    /// old addresses, and the results a fed input would take are gone.
+    fn memory_replaced(&mut self) {
+        self.graphs.clear();
+        self.memory_generation += 1;
+    }
+
+    /// The free staging memories (a poisoned lock only means a copy failed; the memory is
+    /// whole).
+    fn free_staging(&self) -> std::sync::MutexGuard<'_, Vec<PinnedStaging>> {
         self.staging
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// A staging memory for a run's copies. One given back with copies still queued is
+    /// safe to take: it waits for them before the host rewrites it.
+    fn take_staging(&self) -> PinnedStaging {
+        self.free_staging().pop().unwrap_or_default()
+    }
+
+    fn give_back_staging(&self, staging: PinnedStaging) {
+        self.free_staging().push(staging);
+    }
+
     /// Waits for the steps and copies the outputs back.
     fn finish(&self, symbols: &SymbolValues) -> Result<Vec<Tensor>, CudaError> {
         let plan = self.plan();
-        let queued = self.queue_outputs(&plan.outputs, symbols)?;
-        self.wait(plan, symbols)?;
-        self.take_outputs(&queued)
+        let mut staging = self.take_staging();
+        let read = self
+            .queue_outputs(&plan.outputs, symbols, &mut staging)
+            .and_then(|queued| {
+                self.wait(plan, symbols)?;
+                staging.finished();
+                self.take_outputs(&queued, &staging)
+            });
+        self.give_back_staging(staging);
+        read
     }
 
     /// Queues the copies of buffers `outputs` back behind the steps on the stream (no
@@ -699,6 +951,7 @@ impl CudaProgram {
         &self,
         outputs: &[BufferId],
         symbols: &SymbolValues,
+        staging: &mut PinnedStaging,
     ) -> Result<QueuedOutputs, CudaError> {
         let plan = self.plan();
         let device = self.package.device();
@@ -709,16 +962,18 @@ impl CudaProgram {
             types.push((decl.dtype, buffer_shape(plan, decl, symbols)?));
             regions.push(self.region(plan, id, symbols)?);
         }
-        let staged = self
-            .staging()
+        let staged = staging
             .queue_download(device.stream(), &regions)
             .map_err(|error| self.copy_back_error(error))?;
         Ok(QueuedOutputs { types, staged })
     }
 
     /// The outputs of [`CudaProgram::queue_outputs`], once [`CudaProgram::wait`] returned.
-    fn take_outputs(&self, queued: &QueuedOutputs) -> Result<Vec<Tensor>, CudaError> {
-        let staging = self.staging();
+    fn take_outputs(
+        &self,
+        queued: &QueuedOutputs,
+        staging: &PinnedStaging,
+    ) -> Result<Vec<Tensor>, CudaError> {
         let bytes = staging
             .downloaded(&queued.staged)
             .map_err(|error| self.copy_back_error(error))?;
@@ -744,18 +999,23 @@ impl CudaProgram {
     fn wait(&self, plan: &Plan, symbols: &SymbolValues) -> Result<(), CudaError> {
         let synchronized = self.package.device().stream().synchronize();
         if synchronized.is_ok() {
-            self.staging().finished();
+            self.free_staging()
+                .iter_mut()
+                .for_each(PinnedStaging::finished);
         }
-        synchronized.map_err(|error| {
-            CudaError::driver(
-                format!(
-                    "running plan `{}` ({symbols}); to find the kernel that failed, run with \
-                     {SYNC_LAUNCHES_ENV}=1",
-                    plan.function
-                ),
-                error,
-            )
-        })
+        synchronized.map_err(|error| self.run_error(plan, symbols, error))
+    }
+
+    /// A failure of the device's work for a run of `plan`.
+    fn run_error(&self, plan: &Plan, symbols: &SymbolValues, error: DriverError) -> CudaError {
+        CudaError::driver(
+            format!(
+                "running plan `{}` ({symbols}); to find the kernel that failed, run with \
+                 {SYNC_LAUNCHES_ENV}=1",
+                plan.function
+            ),
+            error,
+        )
     }
 
     /// The device bytes of buffer `id` for `symbols`.
@@ -768,6 +1028,7 @@ impl CudaProgram {
         let placement = place(plan, id, symbols)?;
         let buffer = match &placement.storage {
             Storage::Own(owner) => self.own.get(owner),
+            Storage::Inputs => self.inputs.as_ref(),
             Storage::Weight(name) => self.weights.get(name),
             Storage::Arena => self.arena.as_ref(),
         };
@@ -1023,7 +1284,61 @@ fn copy_between(
     )
 }
 
+/// The output at position `index` among those a kept run returns (`returned`).
+fn returned_output(
+    plan: &Plan,
+    returned: &[BufferId],
+    index: usize,
+) -> Result<BufferId, CudaError> {
+    returned
+        .get(index)
+        .copied()
+        .ok_or_else(|| CudaError::BadPlan {
+            plan: plan.function.clone(),
+            detail: format!(
+                "output {index} was asked for, but the plan returns {}",
+                returned.len()
+            ),
+        })
+}
+
+/// An input of a kept run that takes a result of the kept run before it
+/// ([`CudaProgram::submit_kept`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FedInput {
+    /// The input's position among the plan's inputs.
+    pub input: usize,
+    /// The result's position among the outputs the run returns (those not updated in
+    /// place).
+    pub result: usize,
+}
+
+/// A [`FedInput`] checked: where the result lies and the input's shape.
+struct Feed {
+    input: usize,
+    source: BufferId,
+    /// [`CudaProgram::memory_generation`] before the run sized the memory.
+    generation: u64,
+    shape: Vec<usize>,
+    /// The symbol values of the run that made the result.
+    last: SymbolValues,
+    /// Bytes of an element of the result and of the input.
+    sizes: (usize, usize),
+}
+
+/// A kept run queued on the device ([`CudaProgram::submit_kept`]), to be given to
+/// [`CudaProgram::collect`]: it holds the staging memory its outputs are copied into.
+#[derive(Debug)]
+pub struct PendingRun {
+    staging: PinnedStaging,
+    queued: QueuedOutputs,
+    /// Recorded on the stream behind the run's output copies.
+    done: CudaEvent,
+    symbols: SymbolValues,
+}
+
 /// Outputs whose copies back are queued on the stream ([`CudaProgram::queue_outputs`]).
+#[derive(Debug)]
 struct QueuedOutputs {
     /// Each output's dtype and shape.
     types: Vec<(DType, Vec<usize>)>,

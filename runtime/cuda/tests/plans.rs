@@ -158,13 +158,18 @@ fn buffers_are_placed_in_their_storage() {
     let plan = two_launch_plan();
     let symbols = SymbolValues::from_pairs([("n", 10)]);
     let at = |id: u32| place(&plan, BufferId(id), &symbols).unwrap();
+    // The inputs side by side, each at a multiple of 256 bytes.
     assert_eq!(
-        at(0),
-        Placement {
-            storage: Storage::Own(BufferId(0)),
-            offset: 0,
+        [at(0), at(1)],
+        [0, 256].map(|offset| Placement {
+            storage: Storage::Inputs,
+            offset,
             bytes: 40
-        }
+        })
+    );
+    assert_eq!(
+        kiln_cuda::layout::input_block(&plan, &symbols).unwrap(),
+        (vec![(BufferId(0), 0), (BufferId(1), 256)], 512)
     );
     assert_eq!(at(2).storage, Storage::Arena);
     // A view is its base's memory from offset 0.
@@ -193,12 +198,21 @@ fn buffers_are_placed_in_their_storage() {
 fn working_bytes_count_the_arena_and_the_buffers_not_updated_in_place() {
     let symbols = SymbolValues::from_pairs([("n", 10)]);
     let mut plan = two_launch_plan();
-    // The arena (n f32), two inputs and two outputs of n f32 each.
-    assert_eq!(working_bytes(&plan, &symbols).unwrap(), 5 * 40);
-    // An input the plan updates in place is left to the caller (a server's KV cache).
+    // The arena (n f32), the inputs' allocation (two inputs of n f32, each padded to 256
+    // bytes) and two outputs of n f32.
+    assert_eq!(
+        working_bytes(&plan, &symbols).unwrap(),
+        40 + 2 * 256 + 2 * 40
+    );
+    // An input the plan updates in place is left to the caller (a server's KV cache), and
+    // has an allocation of its own.
     plan.outputs[1] = BufferId(1);
     plan.buffers.remove(5);
-    assert_eq!(working_bytes(&plan, &symbols).unwrap(), 3 * 40);
+    assert_eq!(working_bytes(&plan, &symbols).unwrap(), 40 + 256 + 40);
+    assert_eq!(
+        place(&plan, BufferId(1), &symbols).unwrap().storage,
+        Storage::Own(BufferId(1))
+    );
     let unbound = working_bytes(&plan, &SymbolValues::new()).unwrap_err();
     assert!(unbound.to_string().contains("n"), "{unbound}");
 }
