@@ -1218,3 +1218,42 @@ fn chained_greedy_steps_on_the_gpu_equal_step_by_step() {
         .expect("compiles for the GPU");
     check_chained_greedy(&mut plans);
 }
+
+/// Reductions over constant rows of a vocabulary's length (a block of threads a row, several
+/// positions' loads a step): the greedy argmax over 32000 logits, a sum over 20001
+/// elements, a softmax that stores the row; random data, so the argmax has no ties.
+const LONG_ROWS: &str = "
+fn greedy(x: f32[3, 32000]) -> i64[3] { argmax(x, axis: -1) }
+fn total(x: bf16[2, 20001]) -> f32[2] { sum(f32(x), axis: -1) }
+fn probabilities(x: f32[2, 20001]) -> f32[2, 20001] {
+    let e = exp(x - max(x, axis: -1, keep: true))
+    e / sum(e, axis: -1, keep: true)
+}
+";
+
+#[test]
+fn long_rows_on_the_cpu_backend_equal_the_interpreter() {
+    check_program(
+        Backend::Cpu,
+        "long_rows.kiln",
+        LONG_ROWS,
+        None,
+        None,
+        &BTreeMap::new(),
+        None,
+    );
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU; run with --include-ignored on a machine with one"]
+fn long_rows_on_the_gpu_equal_the_interpreter() {
+    check_program(
+        Backend::Gpu,
+        "long_rows.kiln",
+        LONG_ROWS,
+        None,
+        None,
+        &BTreeMap::new(),
+        None,
+    );
+}
