@@ -16,7 +16,8 @@
 //! to the request's final text.
 
 use crate::sampling::{
-    FinishReason, Sampler, SamplingError, SamplingParams, StopStringMatcher, TokenLogprobs,
+    FinishReason, SampledToken, Sampler, SamplingError, SamplingParams, StopStringMatcher,
+    TokenLogprobs,
 };
 use crate::tokenizer::{IncrementalDecoder, Tokenizer, TokenizerError};
 use crate::{Executor, RuntimeError};
@@ -43,6 +44,15 @@ pub enum GenerateError {
 /// A model seen from the generator: the logits of the last position of each sequence.
 pub trait LogitsModel {
     fn last_logits(&mut self, sequences: &[Vec<i64>]) -> Result<Vec<Vec<f32>>, RuntimeError>;
+    /// Each sequence's greedy next token (the argmax of its last logits, the lowest id on
+    /// ties), made by the model itself without the logits, or `None` where the model
+    /// cannot make it (the generator then asks for the logits). The generator asks when
+    /// every request takes the plain argmax (`Sampler::takes_plain_argmax`): a KV-cached
+    /// model on the GPU copies back a token a sequence instead of its logits.
+    fn last_greedy(&mut self, sequences: &[Vec<i64>]) -> Option<Result<Vec<u32>, RuntimeError>> {
+        let _ = sequences;
+        None
+    }
 }
 
 impl<F> LogitsModel for F
@@ -267,18 +277,37 @@ impl<M: LogitsModel> Generator<M> {
             return Ok(Vec::new());
         }
         let sequences: Vec<Vec<i64>> = self.active.iter().map(|r| r.sequence.clone()).collect();
-        let rows = self.model.last_logits(&sequences)?;
-        if rows.len() != sequences.len() {
-            return Err(GenerateError::BatchMismatch {
-                expected: sequences.len(),
-                returned: rows.len(),
-            });
+        let mismatch = |returned: usize| GenerateError::BatchMismatch {
+            expected: sequences.len(),
+            returned,
+        };
+        let plain_argmax = self.active.iter().all(|r| r.sampler.takes_plain_argmax());
+        let greedy = match plain_argmax {
+            true => self.model.last_greedy(&sequences).transpose()?,
+            false => None,
+        };
+        let mut sampled = Vec::with_capacity(sequences.len());
+        if let Some(tokens) = greedy {
+            if tokens.len() != sequences.len() {
+                return Err(mismatch(tokens.len()));
+            }
+            for (request, token) in self.active.iter_mut().zip(tokens) {
+                sampled.push(request.sampler.accept_argmax(token));
+            }
+        } else {
+            let rows = self.model.last_logits(&sequences)?;
+            if rows.len() != sequences.len() {
+                return Err(mismatch(rows.len()));
+            }
+            for (request, row) in self.active.iter_mut().zip(&rows) {
+                sampled.push(request.sampler.sample(row)?);
+            }
         }
-        let mut events = Vec::with_capacity(rows.len());
-        for (request, row) in self.active.iter_mut().zip(&rows) {
+        let mut events = Vec::with_capacity(sampled.len());
+        for (request, sampled) in self.active.iter_mut().zip(sampled) {
             events.push(advance(
                 request,
-                row,
+                sampled,
                 &self.eos_token_ids,
                 self.max_sequence_len,
             )?);
@@ -335,14 +364,13 @@ impl<M: LogitsModel> Generator<M> {
     }
 }
 
-/// Samples one token for `request` from `row` and applies the stop conditions.
+/// Adds the token sampled for `request` and applies the stop conditions.
 fn advance(
     request: &mut Request,
-    row: &[f32],
+    sampled: SampledToken,
     eos_token_ids: &[u32],
     max_sequence_len: Option<usize>,
 ) -> Result<GenerationEvent, GenerateError> {
-    let sampled = request.sampler.sample(row)?;
     let token = sampled.token;
     request.sequence.push(i64::from(token));
     let generated = request.sequence.len() - request.prompt_len;

@@ -3,7 +3,7 @@
 //! blocks, and runs it on an [`Executor`] that keeps the paged caches between steps (on the
 //! GPU they never leave the device); [`PagedLogits`] is a [`LogitsModel`] for the
 //! [`Generator`](crate::Generator) that gives each sequence only the tokens it has not
-//! cached yet, managing the blocks itself.
+//! cached yet, managing the blocks itself, and gives greedy requests the step's own argmax.
 //!
 //! The entry's signature (checked by [`PagedModel::new`]):
 //! `step(tokens: i32[T], pos: i32[T], seq: i32[T], slots: i32[T], block_tables: i32[B, MB],
@@ -453,6 +453,27 @@ impl<'e> PagedLogits<'e> {
 
 impl LogitsModel for PagedLogits<'_> {
     fn last_logits(&mut self, sequences: &[Vec<i64>]) -> Result<Vec<Vec<f32>>, RuntimeError> {
+        self.run_step(sequences, PagedModel::step)
+    }
+
+    fn last_greedy(&mut self, sequences: &[Vec<i64>]) -> Option<Result<Vec<u32>, RuntimeError>> {
+        Some(self.run_step(sequences, PagedModel::step_greedy))
+    }
+}
+
+impl PagedLogits<'_> {
+    /// Runs `step` (logits or greedy tokens) over `sequences`, each computing only what its
+    /// cached sequence does not hold, with the blocks of the sequences nobody extends any
+    /// more given back; after an error nothing is known to be cached.
+    fn run_step<T>(
+        &mut self,
+        sequences: &[Vec<i64>],
+        step: fn(
+            &mut PagedModel,
+            &mut dyn Executor,
+            &[StepSequence<'_>],
+        ) -> Result<T, RuntimeError>,
+    ) -> Result<T, RuntimeError> {
         let mut tokens = Vec::with_capacity(sequences.len());
         for (i, s) in sequences.iter().enumerate() {
             let ids: Result<Vec<u32>, _> = s.iter().map(|&t| u32::try_from(t)).collect();
@@ -513,8 +534,8 @@ impl LogitsModel for PagedLogits<'_> {
                 blocks,
             })
             .collect();
-        let logits = self.model.step(&mut *self.executor, &batch);
-        match logits {
+        let ran = step(&mut self.model, &mut *self.executor, &batch);
+        match ran {
             Ok(rows) => {
                 self.cached = tokens
                     .into_iter()

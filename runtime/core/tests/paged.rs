@@ -5,6 +5,7 @@
 
 use kiln_runtime::{CpuPlans, Interpreter, LogitsModel, NoProgress, PagedLogits, ProgramLogits};
 use kiln_runtime::{RuntimeError, Weights};
+use std::cell::Cell;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -135,4 +136,74 @@ fn the_steps_greedy_tokens_are_the_argmax_of_its_logits() {
             .collect();
         assert_eq!(tokens, want, "step of {a_len} and {b_len} tokens");
     }
+}
+
+/// A [`PagedLogits`] that counts the calls of each kind and offers the greedy tokens only
+/// when `offer_greedy`.
+struct Counting<'m, 'e> {
+    inner: &'m mut PagedLogits<'e>,
+    offer_greedy: bool,
+    logits: &'m Cell<usize>,
+    greedy: &'m Cell<usize>,
+}
+
+impl LogitsModel for Counting<'_, '_> {
+    fn last_logits(&mut self, sequences: &[Vec<i64>]) -> Result<Vec<Vec<f32>>, RuntimeError> {
+        self.logits.set(self.logits.get() + 1);
+        self.inner.last_logits(sequences)
+    }
+
+    fn last_greedy(&mut self, sequences: &[Vec<i64>]) -> Option<Result<Vec<u32>, RuntimeError>> {
+        if !self.offer_greedy {
+            return None;
+        }
+        self.greedy.set(self.greedy.get() + 1);
+        self.inner.last_greedy(sequences)
+    }
+}
+
+#[test]
+fn greedy_generation_takes_the_steps_tokens_and_equals_the_logits_path() {
+    use kiln_runtime::{Generator, SamplingParams, Tokenizer};
+    let (module, weights) = program();
+    let mut plans = CpuPlans::compile(module, weights, &mut NoProgress).expect("compiles");
+    let tokenizer = Tokenizer::from_dir(&default_model()).expect("tokenizer");
+    let prompt: Vec<u32> = (0..9).map(|i| (i * 41 + 5) % 500).collect();
+    let greedy = SamplingParams {
+        max_tokens: Some(12),
+        ignore_eos: true,
+        ..SamplingParams::greedy()
+    };
+    let mut generate = |offer_greedy: bool, params: &SamplingParams| {
+        let mut paged = PagedLogits::new(&mut plans, 4, 16, 48).expect("step entry");
+        let (logits, greedy) = (Cell::new(0), Cell::new(0));
+        let counting = Counting {
+            inner: &mut paged,
+            offer_greedy,
+            logits: &logits,
+            greedy: &greedy,
+        };
+        let mut generator = Generator::new(counting, tokenizer.clone());
+        let completion = generator
+            .complete(&prompt, params.clone(), |_| {})
+            .expect("generates");
+        (completion.token_ids, logits.get(), greedy.get())
+    };
+    // Every step of a greedy request takes the step's own argmax, no logits.
+    let (tokens, logits, steps) = generate(true, &greedy);
+    assert_eq!((tokens.len(), logits, steps), (12, 0, 12));
+    let (want, logits, steps) = generate(false, &greedy);
+    assert_eq!((logits, steps), (12, 0));
+    assert_eq!(
+        tokens, want,
+        "the step's argmax is the host's argmax of its logits"
+    );
+    // A sampled request needs the logits even where the model offers the tokens.
+    let sampled = SamplingParams {
+        temperature: 0.8,
+        seed: Some(3),
+        ..greedy.clone()
+    };
+    let (_, logits, steps) = generate(true, &sampled);
+    assert_eq!((logits, steps), (12, 0));
 }
