@@ -33,7 +33,7 @@ use crate::ffi::{
     self, ArgValue, CapturedGraph, DeviceRegion, LaunchOrder, PinnedStaging, QueuedDownload,
 };
 use crate::launch::LaunchShape;
-use crate::layout::{arena_bytes, input_block, place, Storage};
+use crate::layout::{arena_bytes, input_block, place, Placement, Storage};
 use crate::package::CudaPackage;
 use crate::timing::{time_on_device, Timing};
 use crate::validate::{check_plan, has_loop};
@@ -133,6 +133,10 @@ pub struct CudaProgram {
     /// The symbol values the device memory was last sized for: [`CudaProgram::allocate`]
     /// has nothing to do for them again (what replaces a buffer elsewhere clears it).
     allocated_for: Option<SymbolValues>,
+    /// Every buffer's placement for `allocated_for`, computed once by
+    /// [`CudaProgram::allocate`] rather than at each launch argument (a run that is not a
+    /// graph replay resolves each kernel's buffers).
+    placements: BTreeMap<BufferId, Placement>,
     /// Counts the replacements of input, output, zeroed or arena memory
     /// ([`CudaProgram::memory_replaced`]): a fed input's result must not have moved.
     memory_generation: u64,
@@ -184,6 +188,7 @@ impl CudaProgram {
             kept_times: KeptRunTimes::default(),
             staging: Mutex::new(Vec::new()),
             allocated_for: None,
+            placements: BTreeMap::new(),
             memory_generation: 0,
         })
     }
@@ -827,6 +832,11 @@ impl CudaProgram {
                 }
             }
         }
+        self.placements = plan
+            .buffers
+            .iter()
+            .map(|decl| Ok((decl.id, place(plan, decl.id, symbols)?)))
+            .collect::<Result<_, CudaError>>()?;
         self.allocated_for = Some(symbols.clone());
         Ok(())
     }
@@ -1025,7 +1035,10 @@ impl CudaProgram {
         id: BufferId,
         symbols: &SymbolValues,
     ) -> Result<DeviceRegion<'_>, CudaError> {
-        let placement = place(plan, id, symbols)?;
+        let placement = match self.placements.get(&id) {
+            Some(placement) if self.allocated_for.as_ref() == Some(symbols) => placement.clone(),
+            _ => place(plan, id, symbols)?,
+        };
         let buffer = match &placement.storage {
             Storage::Own(owner) => self.own.get(owner),
             Storage::Inputs => self.inputs.as_ref(),
