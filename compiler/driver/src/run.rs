@@ -403,10 +403,18 @@ fn generate(
         let blocks = longest.div_ceil(CACHE_BLOCK_TOKENS);
         let mut model = PagedLogits::new(executor, blocks, CACHE_BLOCK_TOKENS, longest)?;
         for _ in 0..n {
-            let rows = model.last_logits(std::slice::from_ref(&tokens))?;
-            let best = argmax(rows.first().map(Vec::as_slice).unwrap_or_default());
-            tokens.push(best as i64);
-            out.push(best as i64);
+            // The step's own argmax (the first of equal logits): a token comes back, not
+            // the logits.
+            let next = model
+                .last_greedy(std::slice::from_ref(&tokens))
+                .ok_or_else(|| anyhow!("the KV-cached step gives no greedy tokens"))??;
+            let best = i64::from(
+                *next
+                    .first()
+                    .ok_or_else(|| anyhow!("the step returned no token"))?,
+            );
+            tokens.push(best);
+            out.push(best);
         }
         return Ok(out);
     }
