@@ -382,23 +382,7 @@ fn the_largest_step_is_sized_from_the_paged_models_input_shapes() {
     // What the GPU server reserves before sizing its KV cache: the step plan's symbols bound
     // from `PagedModel::step_shapes` (no dim names assumed), and its working bytes, which
     // grow with the tokens of the step and leave out the caches it updates in place.
-    let dir = repo_root().join("tests/fixtures/tiny-llama");
-    let mut config = read_json(&dir.join("config.json"));
-    config["kv_block_size"] = serde_json::json!(4);
-    let path = repo_root().join("models/llama.kiln");
-    let source = std::fs::read_to_string(&path).expect("program");
-    let options = kiln_lower::Options {
-        param_dtype: DType::BF16,
-        entries: Some(vec!["step".to_string()]),
-    };
-    let lowered = compile_source_with(
-        "llama.kiln",
-        &source,
-        path.parent(),
-        Some(&config),
-        &options,
-    )
-    .unwrap_or_else(|d| panic!("{d}"));
+    let lowered = llama_step_bf16("tiny-llama");
     let compiled = kiln_gpu_kernels::compile_function(
         &lowered.module,
         "step",
@@ -1080,9 +1064,10 @@ fn consensus_decisions_on_the_gpu_equal_the_interpreter() {
 // Decode steps submitted ahead, their tokens fed on the executor
 // ---------------------------------------------------------------------------------------
 
-/// models/llama.kiln's `step` on tiny-llama in bf16 (blocks of 4 tokens) and its weights.
-fn tiny_llama_step() -> (kiln_lower::Lowered, Arc<kiln_runtime::Weights>) {
-    let dir = repo_root().join("tests/fixtures/tiny-llama");
+/// models/llama.kiln lowered with its `step` entry alone, bf16 parameters and cache blocks
+/// of 4 tokens, for the config of tests/fixtures/`fixture`.
+fn llama_step_bf16(fixture: &str) -> kiln_lower::Lowered {
+    let dir = repo_root().join("tests/fixtures").join(fixture);
     let mut config = read_json(&dir.join("config.json"));
     config["kv_block_size"] = serde_json::json!(4);
     let path = repo_root().join("models/llama.kiln");
@@ -1091,14 +1076,20 @@ fn tiny_llama_step() -> (kiln_lower::Lowered, Arc<kiln_runtime::Weights>) {
         param_dtype: DType::BF16,
         entries: Some(vec!["step".to_string()]),
     };
-    let lowered = compile_source_with(
+    compile_source_with(
         "llama.kiln",
         &source,
         path.parent(),
         Some(&config),
         &options,
     )
-    .unwrap_or_else(|d| panic!("{d}"));
+    .unwrap_or_else(|d| panic!("{d}"))
+}
+
+/// [`llama_step_bf16`] on tiny-llama, and its weights.
+fn tiny_llama_step() -> (kiln_lower::Lowered, Arc<kiln_runtime::Weights>) {
+    let lowered = llama_step_bf16("tiny-llama");
+    let dir = repo_root().join("tests/fixtures/tiny-llama");
     let weights = kiln_runtime::Weights::load(&dir, &lowered.params).expect("weights");
     (lowered, Arc::new(weights))
 }

@@ -135,17 +135,14 @@ struct SubmittedRuns {
 
 impl SubmittedRuns {
     /// `inputs` with the `fed` ones filled from the last run's results, converted to the
-    /// inputs' dtypes as the GPU's copy converts them.
+    /// inputs' dtypes (`dtypes`, the entry's parameters) as the GPU's copy converts them.
     fn feed(
         &self,
-        module: &Module,
+        dtypes: &[DType],
         function: &str,
         mut inputs: Vec<Option<Tensor>>,
         fed: &[FedInput],
     ) -> Result<Vec<Option<Tensor>>, RuntimeError> {
-        let func = module
-            .function(function)
-            .ok_or_else(|| no_entry(module, function))?;
         for &FedInput { input, result } in fed {
             let bad = |why: String| {
                 RuntimeError::Input(format!("`{function}` input {input} cannot be fed: {why}"))
@@ -158,7 +155,9 @@ impl SubmittedRuns {
             let Some(slot) = inputs.get_mut(input).filter(|slot| slot.is_none()) else {
                 return Err(bad("give it as `None`".into()));
             };
-            let dtype = func.ty(func.params()[input]).dtype;
+            let Some(&dtype) = dtypes.get(input) else {
+                return Err(bad("the entry has no such input".into()));
+            };
             let narrowing = source.dtype == DType::I64 && dtype == DType::I32;
             *slot = Some(if source.dtype == dtype {
                 source.clone()
@@ -201,6 +200,25 @@ impl SubmittedRuns {
             .and_then(VecDeque::pop_front)
             .ok_or_else(|| nothing_submitted(function))
     }
+}
+
+/// [`Executor::submit_kept_outputs`] on a host backend: the run at once, its fed inputs
+/// from the last run's results, its wanted results queued in `submitted(executor)`.
+fn submit_on_host<E: Executor>(
+    executor: &mut E,
+    submitted: fn(&mut E) -> &mut SubmittedRuns,
+    function: &str,
+    inputs: Vec<Option<Tensor>>,
+    (wanted, fed): (&[usize], &[FedInput]),
+) -> Result<(), RuntimeError> {
+    let module = executor.module();
+    let func = module
+        .function(function)
+        .ok_or_else(|| no_entry(module, function))?;
+    let dtypes: Vec<DType> = func.params().iter().map(|&p| func.ty(p).dtype).collect();
+    let inputs = submitted(executor).feed(&dtypes, function, inputs, fed)?;
+    let returned = executor.run_kept(function, inputs)?;
+    submitted(executor).record(function, returned, wanted)
 }
 
 fn nothing_submitted(function: &str) -> RuntimeError {
@@ -300,9 +318,7 @@ impl Executor for Interpreter {
         wanted: &[usize],
         fed: &[FedInput],
     ) -> Result<(), RuntimeError> {
-        let inputs = self.submitted.feed(&self.module, function, inputs, fed)?;
-        let returned = self.run_kept(function, inputs)?;
-        self.submitted.record(function, returned, wanted)
+        submit_on_host(self, |e| &mut e.submitted, function, inputs, (wanted, fed))
     }
 
     fn collect_kept_outputs(&mut self, function: &str) -> Result<Vec<Tensor>, RuntimeError> {
@@ -375,9 +391,7 @@ impl Executor for CpuPlans {
         wanted: &[usize],
         fed: &[FedInput],
     ) -> Result<(), RuntimeError> {
-        let inputs = self.submitted.feed(&self.module, function, inputs, fed)?;
-        let returned = self.run_kept(function, inputs)?;
-        self.submitted.record(function, returned, wanted)
+        submit_on_host(self, |e| &mut e.submitted, function, inputs, (wanted, fed))
     }
 
     fn collect_kept_outputs(&mut self, function: &str) -> Result<Vec<Tensor>, RuntimeError> {

@@ -772,23 +772,14 @@ impl CudaProgram {
         }
 
         let device = package.device();
-        let arena_needed = arena_bytes(plan, symbols)?;
-        if self
-            .arena
-            .as_ref()
-            .is_none_or(|arena| arena.len() < arena_needed)
-        {
+        if let Some(arena) = grown(device, self.arena.as_ref(), arena_bytes(plan, symbols)?)? {
             self.memory_replaced();
-            self.arena = Some(device.alloc(arena_needed)?);
+            self.arena = Some(arena);
         }
         let (_, inputs_needed) = input_block(plan, symbols)?;
-        if self
-            .inputs
-            .as_ref()
-            .is_none_or(|inputs| inputs.len() < inputs_needed)
-        {
+        if let Some(inputs) = grown(device, self.inputs.as_ref(), inputs_needed)? {
             self.memory_replaced();
-            self.inputs = Some(device.alloc(inputs_needed)?);
+            self.inputs = Some(inputs);
         }
         for decl in &plan.buffers {
             // Constants: allocated and written once (no kernel writes them).
@@ -822,13 +813,9 @@ impl CudaProgram {
             };
             if own {
                 let needed = buffer_bytes(plan, decl, symbols)?;
-                if self
-                    .own
-                    .get(&decl.id)
-                    .is_none_or(|buffer| buffer.len() < needed)
-                {
+                if let Some(buffer) = grown(device, self.own.get(&decl.id), needed)? {
                     self.memory_replaced();
-                    self.own.insert(decl.id, device.alloc(needed)?);
+                    self.own.insert(decl.id, buffer);
                 }
             }
         }
@@ -1295,6 +1282,19 @@ fn copy_between(
             )
         },
     )
+}
+
+/// A new (zeroed) allocation of `needed` bytes where `current` is missing or smaller; `None`
+/// where it is large enough.
+fn grown(
+    device: &CudaDevice,
+    current: Option<&DeviceBuffer>,
+    needed: usize,
+) -> Result<Option<DeviceBuffer>, CudaError> {
+    match current {
+        Some(buffer) if buffer.len() >= needed => Ok(None),
+        _ => device.alloc(needed).map(Some),
+    }
 }
 
 /// The output at position `index` among those a kept run returns (`returned`).
