@@ -224,16 +224,25 @@ pub struct GemmTuning {
     /// kernel) instead of the tensor-core decode tile.
     pub gemv: bool,
     /// 16-byte weight vectors a lane of the GEMV template loads together per step (fewer
-    /// when the row is shorter or fused matmuls would hold too many registers). 4 by
-    /// default: the 1.1B decode step on the GPU alone took 1.084 ms with 4 against 1.097
-    /// with 8, and 1.067 with the early trigger too (`…-decode-knobs2-7c945f7.txt`).
+    /// when the row is shorter or fused matmuls would hold too many registers), in GEMVs
+    /// holding more than one row. 4 by default: the 1.1B decode step on the GPU alone took
+    /// 1.084 ms with 4 against 1.097 with 8, and 1.067 with the early trigger too
+    /// (`…-decode-knobs2-7c945f7.txt`, when the step ran the four-row variant).
     pub gemv_unroll: u32,
+    /// [`GemmTuning::gemv_unroll`] for GEMVs holding one row (M = 1, and the one-row
+    /// variant of a symbolic row count). 8 by default: the 1.1B decode step on the H100's
+    /// GPU alone took 1.015–1.018 ms with 8 against 1.023–1.025 with 4
+    /// (`…-decode-gemv-one-row-knobs-wip.txt`).
+    pub gemv_unroll_one: u32,
     /// The most blocks of a GEMV that is not a grid of segments (0: no cap, a block for
     /// every group of 4 columns, `templates/gemv.rs`): with a cap below the column groups,
     /// each block loops over the groups `blockIdx.x, blockIdx.x + grid, ...`, so that what
     /// a block does once (a norm prologue, the first weights loaded before the
     /// grid-dependency wait) is paid once a block rather than once a group. Default 0.
     pub gemv_blocks: u32,
+    /// The blocks an SM a GEMV block asks ptxas to fit (`Kernel::blocks_per_sm`, capping
+    /// its registers: 65536 / (128 · N) a thread); 0: the template's 4 (128 registers).
+    pub gemv_occupancy: u32,
     /// Whether prefill bf16/f16 GEMMs of `linear` weights take the `wgmma` template
     /// (`templates/wgmma_gemm.rs`: two warpgroups, a 128 × 256 tile, 128-byte swizzled
     /// `cp.async` stages read by `wgmma` descriptors) where every target has it
@@ -308,7 +317,9 @@ impl Default for GemmTuning {
             preload: false,
             gemv: true,
             gemv_unroll: 4,
+            gemv_unroll_one: 8,
             gemv_blocks: 0,
+            gemv_occupancy: 0,
             wgmma: true,
             mma_gemv: false,
             mma_gemv_unroll: 8,
@@ -325,7 +336,7 @@ impl GemmTuning {
     /// The knob names [`GemmTuning::set`] takes.
     pub const KEYS: &'static str =
         "segments, splits, rowsum, kvwrite, maxsplits, tile, warps, bk, stages, raster, dbuf, pairs, \
-         smem, prefetch, prefetch_mib, trigger, early, preload, gemv, gemvunroll, gemvblocks, normgemv, normqkv, wgmma, mmagemv, \
+         smem, prefetch, prefetch_mib, trigger, early, preload, gemv, gemvunroll, gemvunroll1, gemvblocks, gemvocc, normgemv, normqkv, wgmma, mmagemv, \
          mmagemvunroll, mmagemvwarps, mmagemvtiles, gemvkvwrite";
 
     /// Sets knob `key` (the `KILN_TUNE_GEMM` names, [`GemmTuning::KEYS`]) from `value`: a
@@ -363,7 +374,9 @@ impl GemmTuning {
             "preload" => self.preload = number()? != 0,
             "gemv" => self.gemv = number()? != 0,
             "gemvunroll" => self.gemv_unroll = number()?.max(1),
+            "gemvunroll1" => self.gemv_unroll_one = number()?.max(1),
             "gemvblocks" => self.gemv_blocks = number()?,
+            "gemvocc" => self.gemv_occupancy = number()?,
             "wgmma" => self.wgmma = number()? != 0,
             "mmagemv" => self.mma_gemv = number()? != 0,
             "mmagemvunroll" => self.mma_gemv_unroll = number()?.max(1),

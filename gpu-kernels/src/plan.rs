@@ -277,12 +277,15 @@ impl<'a, 'f> PlanBuilder<'a, 'f> {
         ) {
             let small = self.launch_variant(gid, Variant::Small)?;
             let large = self.launch_variant(gid, Variant::Large)?;
-            let gemv = if variant.gemv {
-                self.launch_variant(gid, Variant::Gemv)?
+            let (gemv, gemv_one) = if variant.gemv {
+                (
+                    self.launch_variant(gid, Variant::Gemv)?,
+                    self.launch_variant(gid, Variant::GemvOne)?,
+                )
             } else {
-                Vec::new()
+                (Vec::new(), Vec::new())
             };
-            if small.is_empty() && large.is_empty() && gemv.is_empty() {
+            if small.is_empty() && large.is_empty() && gemv.is_empty() && gemv_one.is_empty() {
                 return Ok(Vec::new());
             }
             let by_size = Step::BySize {
@@ -294,12 +297,19 @@ impl<'a, 'f> PlanBuilder<'a, 'f> {
             if !variant.gemv {
                 return Ok(vec![by_size]);
             }
-            // The GEMV for the fewest rows, then the decode tile, then the large tile.
-            return Ok(vec![Step::BySize {
-                symbol: variant.symbol,
+            // The one-row GEMV, the GEMV for a few rows, then the decode tile, then the
+            // large tile.
+            let few = Step::BySize {
+                symbol: variant.symbol.clone(),
                 at_most: templates::GEMV_ROWS,
                 small: gemv,
                 large: vec![by_size],
+            };
+            return Ok(vec![Step::BySize {
+                symbol: variant.symbol,
+                at_most: 1,
+                small: gemv_one,
+                large: vec![few],
             }]);
         }
         self.launch_variant(gid, Variant::Large)

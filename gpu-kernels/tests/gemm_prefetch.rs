@@ -68,7 +68,7 @@ fn decode_kernel(module: &kiln_ir::Module, function: &str, options: &Options) ->
 }
 
 /// The one kernel of `function` whose name holds `kind` (`mma_gemm_16x`: the decode tile;
-/// `gemv_`: the GEMV of at most 4 rows).
+/// `_m1_` / `_m4_`: the GEMV of one row / at most 4 rows).
 fn variant_kernel(
     module: &kiln_ir::Module,
     function: &str,
@@ -114,8 +114,15 @@ fn each_decode_block_prefetches_its_weight_slice() {
     let module = lower("prefetch.kiln", SRC, None, None);
     let budget = 24u64 << 20;
     // (kernel kind, weight rows a block column covers): the tensor-core decode tile's 32
-    // columns, the GEMV's 4 warps of one column each, the tensor-core GEMV's 8 columns.
-    for (kind, block_rows) in [("mma_gemm_16x", 32u64), ("gemv_", 4), ("mma_gemv_", 8)] {
+    // columns, the GEMV's 4 warps of one column each (its one-row and four-row variants),
+    // the tensor-core GEMV's 8 columns.
+    let kinds = [
+        ("mma_gemm_16x", 32u64),
+        ("_m1_", 4),
+        ("_m4_", 4),
+        ("mma_gemv_", 8),
+    ];
+    for (kind, block_rows) in kinds {
         let options = if kind == "mma_gemv_" {
             prefetching_mma_gemv()
         } else {

@@ -235,7 +235,7 @@ fn the_o_proj_gemv_kernel_snapshot() {
     let module = lower("gemv.kiln", SRC, None, None);
     let compiled = compile_function(&module, "o_proj", &options(true)).unwrap();
     assert_eq!(compiled.kernels.len(), 1);
-    assert_eq!(compiled.kernels[0].name, "k0_gemv_w4_u4_epilogue_bf16");
+    assert_eq!(compiled.kernels[0].name, "k0_gemv_w4_u8_m1_epilogue_bf16");
     let ptx = kiln_ptx::emit_ptx(
         &compiled.kernels,
         kiln_ptx::Target::Sm90a,

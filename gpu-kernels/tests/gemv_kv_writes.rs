@@ -119,7 +119,11 @@ fn the_1b_llama_decode_step_launches_16_kernels_fewer() {
         with.len(),
         without.len()
     );
-    assert_eq!(count(&with, "gemv_w4_u4_seg_x3_kv_write"), 16, "{with:?}");
+    assert_eq!(
+        count(&with, "gemv_w4_u8_m1_seg_x3_kv_write"),
+        16,
+        "{with:?}"
+    );
     assert_eq!(count(&with, "kv_write_x2"), 0, "{with:?}");
     assert_eq!(count(&without, "kv_write_x2"), 16, "{without:?}");
     assert_eq!(with.len() + 16, without.len());

@@ -73,9 +73,17 @@ fn same_bits(function: &str, t: usize, norm_prologue: bool) -> Vec<Kernel> {
         .kernels
 }
 
-/// The GEMV kernels among `kernels`.
+/// The GEMV kernels among `kernels`: a symbolic row count has two, the one-row variant
+/// (`_m1`) and the one for up to four rows (`_m4`).
 fn gemvs(kernels: &[Kernel]) -> Vec<&Kernel> {
-    kernels.iter().filter(|k| k.name.contains("gemv")).collect()
+    let gemvs: Vec<&Kernel> = kernels.iter().filter(|k| k.name.contains("gemv")).collect();
+    let names: Vec<&str> = gemvs.iter().map(|k| k.name.as_str()).collect();
+    assert_eq!(gemvs.len(), 2, "{names:?}");
+    assert!(
+        names[0].contains("_m1") != names[1].contains("_m1"),
+        "{names:?}"
+    );
+    gemvs
 }
 
 #[test]
@@ -83,15 +91,15 @@ fn preloaded_gemvs_give_the_same_bits() {
     for t in [1, 3, 4] {
         for function in ["plain", "long_k", "gate_up", "qkv_rope"] {
             let kernels = same_bits(function, t, false);
-            let gemv = gemvs(&kernels);
-            assert_eq!(gemv.len(), 1, "@{function}: {:?}", kernels_names(&kernels));
-            let loads =
-                loads_before_wait(gemv[0]).unwrap_or_else(|| panic!("@{function}: no wait"));
-            assert!(
-                !loads.is_empty(),
-                "@{function}: nothing loaded before the wait"
-            );
-            assert!(loads.iter().all(|&c| c), "@{function}: a non-constant load");
+            for gemv in gemvs(&kernels) {
+                let loads =
+                    loads_before_wait(gemv).unwrap_or_else(|| panic!("@{function}: no wait"));
+                assert!(
+                    !loads.is_empty(),
+                    "@{function}: nothing loaded before the wait"
+                );
+                assert!(loads.iter().all(|&c| c), "@{function}: a non-constant load");
+            }
         }
     }
 }
@@ -100,18 +108,18 @@ fn preloaded_gemvs_give_the_same_bits() {
 fn the_norm_prologue_runs_after_the_wait_and_the_first_weights() {
     for t in [1, 2] {
         let kernels = same_bits("normed", t, true);
-        let gemv = gemvs(&kernels);
-        assert_eq!(gemv.len(), 1);
-        assert!(gemv[0].name.contains("_norm"), "{}", gemv[0].name);
-        // No barrier (the norm's reduction) before the wait; the weights' loads are there.
-        let wait = gemv[0]
-            .body
-            .iter()
-            .position(|s| *s == Stmt::GridDependencyWait)
-            .expect("an explicit wait");
-        let before = format!("{:?}", &gemv[0].body[..wait]);
-        assert!(!before.contains("Barrier"), "{before}");
-        assert!(!loads_before_wait(gemv[0]).unwrap().is_empty());
+        for gemv in gemvs(&kernels) {
+            assert!(gemv.name.contains("_norm"), "{}", gemv.name);
+            // No barrier (the norm's reduction) before the wait; the weights' loads are there.
+            let wait = gemv
+                .body
+                .iter()
+                .position(|s| *s == Stmt::GridDependencyWait)
+                .expect("an explicit wait");
+            let before = format!("{:?}", &gemv.body[..wait]);
+            assert!(!before.contains("Barrier"), "{before}");
+            assert!(!loads_before_wait(gemv).unwrap().is_empty());
+        }
     }
 }
 
@@ -119,16 +127,16 @@ fn the_norm_prologue_runs_after_the_wait_and_the_first_weights() {
 fn weights_computed_by_kernels_are_not_preloaded() {
     // `y` is an input: another kernel could be writing it, so it waits first.
     let kernels = same_bits("activations", 1, false);
-    let gemv = gemvs(&kernels);
-    assert_eq!(gemv.len(), 1);
-    assert_eq!(loads_before_wait(gemv[0]), None);
-    assert!(gemv[0].params.iter().all(|p| !matches!(
-        p,
-        Param::Buffer {
-            access: Access::Constant,
-            ..
-        }
-    )));
+    for gemv in gemvs(&kernels) {
+        assert_eq!(loads_before_wait(gemv), None);
+        assert!(gemv.params.iter().all(|p| !matches!(
+            p,
+            Param::Buffer {
+                access: Access::Constant,
+                ..
+            }
+        )));
+    }
 }
 
 #[test]
@@ -163,10 +171,6 @@ fn preloaded_gemvs_assemble_without_spills() {
     }
     let registers = assert_assembles_without_spills(&toolchain, &kernels);
     assert!(!registers.is_empty());
-}
-
-fn kernels_names(kernels: &[Kernel]) -> Vec<&str> {
-    kernels.iter().map(|k| k.name.as_str()).collect()
 }
 
 #[test]

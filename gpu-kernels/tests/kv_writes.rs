@@ -136,11 +136,7 @@ fn the_gemv_variant_writes_k_and_v_itself() {
             same_bits_with_and_without(&module, "qkv", &inputs, &BTreeMap::new(), t, with_gemv);
         if t <= 4 {
             assert_eq!(with, without, "T={t}");
-            assert_eq!(
-                count(&with, "gemv_w4_u4_seg_x3_kv_write"),
-                1,
-                "T={t}: {with:?}"
-            );
+            assert_eq!(count(&with, "_seg_x3_kv_write"), 1, "T={t}: {with:?}");
             assert_eq!(count(&with, "kv_write_x2"), 0, "T={t}: {with:?}");
         } else {
             assert_eq!(count(&with, "_sum_x3_kv_write"), 1, "T={t}: {with:?}");

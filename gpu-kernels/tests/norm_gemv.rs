@@ -86,10 +86,10 @@ fn one_to_four_rows_compute_the_norm_in_the_gemv() {
     }
     // The segments of q/k/v and the shared warp of gate/up keep their shapes.
     let (with, _) = same_bits("qkv", 2);
-    assert!(with[0].starts_with("gemv_w4_u4_seg_norm_x3"), "{with:?}");
+    assert!(with[0].starts_with("gemv_w4_u4_m4_seg_norm_x3"), "{with:?}");
     let (with, _) = same_bits("mlp", 3);
     // At most 48 weight registers a step for the pair (`gemv::NORM_WEIGHT_REGISTERS`).
-    assert!(with[0].starts_with("gemv_w4_u3_norm_x2"), "{with:?}");
+    assert!(with[0].starts_with("gemv_w4_u3_m4_norm_x2"), "{with:?}");
 }
 
 #[test]
@@ -120,7 +120,7 @@ fn constant_rows_lose_the_norm_kernel_outright() {
     let module = lower("norm_gemv.kiln", SRC, None, None);
     let compiled = compile_function(&module, "two", &options(true)).unwrap();
     let names: Vec<&str> = compiled.kernels.iter().map(|k| k.name.as_str()).collect();
-    assert_eq!(names, ["k0_gemv_w4_u4_norm_bf16"]);
+    assert_eq!(names, ["k0_gemv_w4_u4_m2_norm_bf16"]);
     let (with, without) = same_bits("two", 2);
     assert_eq!((with.len(), without.len()), (1, 2), "{with:?} {without:?}");
 }
@@ -154,7 +154,7 @@ fn the_1b_llama_decode_step_launches_no_norm_kernel_at_one_token() {
     assert_eq!(count(&with, "rms_norm"), 16, "{with:?}");
     assert_eq!(with.len() + 17, without.len(), "{with:?}");
     assert_eq!(count(&with, "_norm_x2"), 16, "{with:?}");
-    assert_eq!(count(&with, "gemv_w4_u4_norm_epilogue"), 1, "{with:?}");
+    assert_eq!(count(&with, "gemv_w4_u4_m1_norm_epilogue"), 1, "{with:?}");
     assert_eq!(count(&with, "seg_norm"), 0, "{with:?}");
     // The prefill-sized variants keep their norm kernels.
     assert!(

@@ -312,9 +312,11 @@ const TUNE_PAGED: &str = "KILN_TUNE_PAGED";
 /// grid-dependency wait; default 0), `preload=0|1` (a GEMV block loads its first weights
 /// before its grid-dependency wait; default 0), `gemv=0|1` (matmuls of at most 4 rows of
 /// a `linear` weight take the GEMV template, a warp a column, no split-K; default 1), `gemvunroll=N` (16-byte weight vectors
-/// a lane loads together per step; default 8), `gemvblocks=N` (the most blocks of a GEMV
+/// a lane loads together per step in GEMVs of more than one row; default 4), `gemvunroll1=N`
+/// (the same for GEMVs of one row; default 8), `gemvblocks=N` (the most blocks of a GEMV
 /// that is not a grid of segments, each looping over column groups so that its norm
 /// prologue and preload are paid once a block; default 0, a block a group of 4 columns),
+/// `gemvocc=N` (the blocks an SM a GEMV asks ptxas to fit; default 0, the template's 4),
 /// `normgemv=0|1` (a GEMV whose A is an
 /// RMSNorm's rows, read by GEMVs only, computes the norm itself, no norm kernel; default 0),
 /// `normqkv=0|1` (with it, the q/k/v GEMV that writes the caches computes its norm too;
@@ -452,7 +454,7 @@ pub(crate) fn apply_tuning(options: &mut CompileOptions) -> Result<()> {
     if !gemm_items.is_empty() {
         eprintln!(
             "kiln bench: {TUNE_GEMM}: segments {}, splits {}, rowsum {}, kvwrite {}, maxsplits {}, \
-             prefetch {}, prefetch_mib {}, trigger {}, early {}, preload {}, gemv {}, gemvunroll {}, gemvblocks {}, normgemv {}, \
+             prefetch {}, prefetch_mib {}, trigger {}, early {}, preload {}, gemv {}, gemvunroll {}, gemvunroll1 {}, gemvblocks {}, gemvocc {}, normgemv {}, \
              normqkv {}, mmagemv {}, mmagemvunroll {}, mmagemvwarps {}, mmagemvtiles {}, gemvkvwrite {}, \
              tile {}x{}, warps {}x{}, bk {}, stages {}, raster {}, dbuf {}, pairs {}, smem {} KiB \
              (0: the table's)",
@@ -468,7 +470,9 @@ pub(crate) fn apply_tuning(options: &mut CompileOptions) -> Result<()> {
             u8::from(gemm.preload),
             u8::from(gemm.gemv),
             gemm.gemv_unroll,
+            gemm.gemv_unroll_one,
             gemm.gemv_blocks,
+            gemm.gemv_occupancy,
             u8::from(gemm.norm_prologue),
             u8::from(gemm.norm_prologue_kv_writes),
             u8::from(gemm.mma_gemv),

@@ -67,15 +67,22 @@ pub const WARPS: u32 = 4;
 /// cut to stay within it.
 const MAX_WEIGHT_REGISTERS: u32 = 64;
 
-/// Weight registers a step of a warp of several weight streams (gate/up) may hold when it
-/// computes a norm's rows: the rows' elements take registers of their own, and ptxas
-/// spilled the pair at 64 with the first step held over the statistic (sm_80 to sm_120);
+/// Weight registers a step of a warp may hold when it computes a norm's rows: the rows'
+/// elements take registers of their own, and ptxas spilled the pair at 64 with the first step held over the statistic (sm_80 to sm_120);
 /// in a grid of blocks looping over the column groups (`GemmTuning::gemv_blocks`) it
 /// spilled at 48 (sm_89 to sm_120), so there [`NORM_WEIGHT_REGISTERS_LOOPED`].
 const NORM_WEIGHT_REGISTERS: u32 = 48;
 
 /// [`NORM_WEIGHT_REGISTERS`] in a grid of looping blocks.
 const NORM_WEIGHT_REGISTERS_LOOPED: u32 = 32;
+
+/// The most vectors of one weight stream a warp computing a norm's rows loads a step:
+/// ptxas spilled the one-row q/k/v grid with the norm at 6 and the LM head at 8 (sm_90a).
+const NORM_STREAM_VECTORS: u32 = 4;
+
+/// The blocks an SM a GEMV asks ptxas to fit by default: four (ptxas keeps to 128
+/// registers), 16 warps, each with `unroll` 16-byte loads a lane in flight.
+const DEFAULT_BLOCKS_PER_SM: u32 = 65536 / (128 * 32 * WARPS);
 
 /// What the template needs to know about a matmul group it takes.
 pub(crate) struct GemvPlan {
@@ -108,6 +115,8 @@ pub(crate) struct GemvPlan {
     /// The most blocks of a grid that is not one of segments (`GemmTuning::gemv_blocks`;
     /// 0: a block a column group).
     max_blocks: u64,
+    /// The blocks an SM ptxas must fit (`GemmTuning::gemv_occupancy`).
+    blocks_per_sm: u32,
 }
 
 /// Elements of a 16-byte vector.
@@ -134,7 +143,7 @@ struct Columns {
 /// The plan for `group` when the GEMV applies in `variant`: `linear` matmuls of bf16 or f16
 /// operands of one dtype, `[M, K] @ [N, K].T` without batch dims, A read straight from a
 /// buffer (through reshapes), K a constant multiple of 8, every N constant, M a constant of
-/// at most [`GEMV_ROWS`] or symbolic in the [`Variant::Gemv`] variant, and for matmuls of
+/// at most [`GEMV_ROWS`] or symbolic in a GEMV variant ([`Variant::gemv_rows`]), and for matmuls of
 /// different widths every stored value computed from one of them. Only with tensor cores
 /// and [`crate::GemmTuning::gemv`] on (it replaces the tensor-core decode tile).
 pub(crate) fn plan(
@@ -154,7 +163,7 @@ pub(crate) fn plan(
     };
     let rows = match m {
         Dim::Const(m) if *m <= GEMV_ROWS => *m,
-        Dim::Sym(_) if variant == Variant::Gemv => GEMV_ROWS,
+        Dim::Sym(_) => variant.gemv_rows()?,
         _ => return None,
     };
     let a = g.inst(first)?.operands[0];
@@ -183,9 +192,12 @@ pub(crate) fn plan(
     // At least one whole step where K allows: a K shorter than the step would leave every
     // vector to the guarded tail.
     let vectors = u32::try_from(k / (32 * VECTOR)).unwrap_or(u32::MAX);
-    let unroll = options
-        .gemm
-        .gemv_unroll
+    let wanted = if rows == 1 {
+        options.gemm.gemv_unroll_one
+    } else {
+        options.gemm.gemv_unroll
+    };
+    let unroll = wanted
         .min(MAX_WEIGHT_REGISTERS / per_vector)
         .min(vectors)
         .max(1);
@@ -207,6 +219,10 @@ pub(crate) fn plan(
         norm: None,
         writes: None,
         max_blocks: u64::from(options.gemm.gemv_blocks),
+        blocks_per_sm: match options.gemm.gemv_occupancy {
+            0 => DEFAULT_BLOCKS_PER_SM,
+            n => n.min(65536 / (32 * 32 * WARPS)),
+        },
     })
 }
 
@@ -227,8 +243,9 @@ impl GemvPlan {
         self.preload = false;
     }
 
-    /// `gemv_w4_u8`, `gemv_w4_u8_seg` for a grid of segments, `_norm` with a norm
-    /// prologue, `_g528` for 528 blocks looping over the column groups.
+    /// `gemv_w4_u8_m1` (4 warps, 8 vectors a step, one row held; `_m4` for up to four),
+    /// `gemv_w4_u8_m1_seg` for a grid of segments, `_norm` with a norm prologue, `_g528`
+    /// for 528 blocks looping over the column groups.
     fn name(&self) -> String {
         let seg = if self.segments.is_empty() { "" } else { "_seg" };
         let norm = if self.norm.is_some() { "_norm" } else { "" };
@@ -236,7 +253,10 @@ impl GemvPlan {
             .looped_grid()
             .map(|grid| format!("_g{grid}"))
             .unwrap_or_default();
-        format!("gemv_w{WARPS}_u{}{seg}{norm}{looped}", self.unroll)
+        format!(
+            "gemv_w{WARPS}_u{}_m{}{seg}{norm}{looped}",
+            self.unroll, self.rows
+        )
     }
 
     /// The blocks of a grid that is not one of segments when they loop over column groups
@@ -256,9 +276,9 @@ impl GemvPlan {
     }
 
     /// The plan computing A from the rows of `norm`'s row kernel.
-    /// A warp of several weight streams (gate/up) holds at most
-    /// [`NORM_WEIGHT_REGISTERS`] of them a step ([`NORM_WEIGHT_REGISTERS_LOOPED`] in a grid
-    /// of looping blocks).
+    /// A warp holds at most [`NORM_STREAM_VECTORS`] vectors of a weight stream a step and
+    /// [`NORM_WEIGHT_REGISTERS`] weight registers in all ([`NORM_WEIGHT_REGISTERS_LOOPED`]
+    /// in a grid of looping blocks).
     pub(crate) fn with_norm(self, norm: Option<super::norm_gemv::NormPrologue>) -> GemvPlan {
         let sets = if self.segments.is_empty() {
             self.b.len()
@@ -270,8 +290,11 @@ impl GemvPlan {
         } else {
             NORM_WEIGHT_REGISTERS
         };
-        let unroll = if norm.is_some() && sets > 1 {
-            self.unroll.min(cap / (VECTOR as u32 * sets)).max(1)
+        let unroll = if norm.is_some() {
+            self.unroll
+                .min(NORM_STREAM_VECTORS)
+                .min(cap / (VECTOR as u32 * sets))
+                .max(1)
         } else {
             self.unroll
         };
@@ -463,9 +486,7 @@ pub(crate) fn emit(
             x
         }
     };
-    // Four blocks an SM at least (ptxas keeps to 128 registers): 16 warps, each with
-    // `unroll` 16-byte loads a lane in flight.
-    e.blocks_per_sm = 65536 / (128 * 32 * WARPS);
+    e.blocks_per_sm = plan.blocks_per_sm;
     let mut body = Vec::new();
     let lane = e.bind(&mut body, "lane", Ty::I32, Expr::Special(Special::LaneId));
     let warp = e.bind(&mut body, "warp", Ty::I32, Expr::Special(Special::WarpId));
@@ -534,7 +555,7 @@ pub(crate) fn emit(
         let streams: Vec<(usize, Expr)> = if cols.len() > 1 {
             cols.iter().map(|c| (these[0], c.clone())).collect()
         } else {
-            these.iter().map(|&i| (i, col.clone())).collect()
+            these.iter().map(|&i| (i, cols[0].clone())).collect()
         };
         let w_rows: Vec<Expr> = streams
             .iter()
@@ -847,7 +868,7 @@ pub(crate) fn emit(
             let per_column: Vec<(&Expr, &[VarId])> = if cols.len() > 1 {
                 cols.iter().zip(accs.chunks(1)).collect()
             } else {
-                vec![(col, &accs[..])]
+                vec![(&cols[0], &accs[..])]
             };
             for (c, accs) in per_column {
                 let at = OutputElement {

@@ -78,12 +78,26 @@ pub(crate) enum Variant {
     Small,
     /// The GEMV of a GEMM with a symbolic row count, for at most [`GEMV_ROWS`] rows.
     Gemv,
+    /// The GEMV of a GEMM with a symbolic row count for one row (decode at batch 1): the
+    /// lanes hold one row's accumulators and activations, with no branch on the row count
+    /// inside the loop over K, so each step's loads issue together.
+    GemvOne,
 }
 
 impl Variant {
     /// Whether the templates other than the GEMV build their small variant.
     pub(crate) fn small(self) -> bool {
         self != Variant::Large
+    }
+
+    /// The rows a GEMV of a symbolic row count holds in this variant (none: not a GEMV
+    /// variant).
+    pub(crate) fn gemv_rows(self) -> Option<u64> {
+        match self {
+            Variant::Gemv => Some(GEMV_ROWS),
+            Variant::GemvOne => Some(1),
+            Variant::Small | Variant::Large => None,
+        }
     }
 }
 
