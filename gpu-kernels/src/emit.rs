@@ -231,6 +231,49 @@ impl<'a, 'f> Emitter<'a, 'f> {
         Buf::Global(i)
     }
 
+    /// Moves each top-level vector load of a checkpoint tensor in `stmts` up to just after
+    /// the last top-level statement writing a register its index reads: its latency then
+    /// overlaps the work between (a norm's weights, loaded after the row's reduction
+    /// otherwise, come with the row's first loads). Safe because no kernel writes a
+    /// checkpoint tensor ([`Access::Constant`]), the index reads the same registers with
+    /// the same values, and the load stays unconditional; nothing else moves.
+    pub fn hoist_constant_loads(&self, stmts: &mut Vec<Stmt>) {
+        let constant = |buf: &Buf| match buf {
+            Buf::Global(i) => matches!(
+                self.params.get(*i as usize),
+                Some(Param::Buffer {
+                    access: Access::Constant,
+                    ..
+                })
+            ),
+            _ => false,
+        };
+        for i in 0..stmts.len() {
+            let Stmt::LoadVec { dsts, buf, index } = &stmts[i] else {
+                continue;
+            };
+            if !constant(buf) {
+                continue;
+            }
+            let mut reads = BTreeSet::new();
+            kiln_kir::verify::vars_read(index, &mut reads);
+            let writes_any = |stmt: &Stmt, vars: &BTreeSet<VarId>| {
+                let mut written = BTreeSet::new();
+                kiln_kir::verify::vars_written(std::slice::from_ref(stmt), &mut written);
+                !written.is_disjoint(vars)
+            };
+            let target = (0..i)
+                .rev()
+                .find(|&j| writes_any(&stmts[j], &reads))
+                .map_or(0, |j| j + 1);
+            let dsts: BTreeSet<VarId> = dsts.iter().copied().collect();
+            if target < i && !stmts[target..i].iter().any(|s| writes_any(s, &dsts)) {
+                let load = stmts.remove(i);
+                stmts.insert(target, load);
+            }
+        }
+    }
+
     /// The buffer parameter of the group's workspace `slot` (f32 or another `dtype`).
     pub fn workspace(&mut self, slot: usize, dtype: DType, access: Access) -> Buf {
         let i = self.params.len() as u32;

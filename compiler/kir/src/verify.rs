@@ -968,7 +968,7 @@ impl Checker<'_> {
 }
 
 /// Every register that `expr` reads.
-pub(crate) fn vars_read(expr: &Expr, out: &mut BTreeSet<VarId>) {
+pub fn vars_read(expr: &Expr, out: &mut BTreeSet<VarId>) {
     match expr {
         Expr::Const(_) | Expr::Param(_) | Expr::Special(_) => {}
         Expr::Var(var) => {
@@ -989,7 +989,7 @@ pub(crate) fn vars_read(expr: &Expr, out: &mut BTreeSet<VarId>) {
 }
 
 /// Every register that some statement of `stmts` writes (nested ones included).
-pub(crate) fn vars_written(stmts: &[Stmt], out: &mut BTreeSet<VarId>) {
+pub fn vars_written(stmts: &[Stmt], out: &mut BTreeSet<VarId>) {
     for stmt in stmts {
         match stmt {
             Stmt::Assign(var, _) | Stmt::ShuffleXor { dst: var, .. } => {

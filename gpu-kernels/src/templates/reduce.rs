@@ -478,6 +478,9 @@ pub(crate) fn emit_rows(
         }),
         None => body.extend(epilogue),
     }
+    // The epilogue's weights (a norm's gain and bias) load with the row, not after its
+    // reduction.
+    e.hoist_constant_loads(&mut body);
     let mut what = describe(&names, g, group);
     for sum in &e.split_sums {
         what = format!("{what}_splitk{}_sum", sum.splits);
