@@ -238,21 +238,11 @@ impl<'a, 'f> Emitter<'a, 'f> {
     /// checkpoint tensor ([`Access::Constant`]), the index reads the same registers with
     /// the same values, and the load stays unconditional; nothing else moves.
     pub fn hoist_constant_loads(&self, stmts: &mut Vec<Stmt>) {
-        let constant = |buf: &Buf| match buf {
-            Buf::Global(i) => matches!(
-                self.params.get(*i as usize),
-                Some(Param::Buffer {
-                    access: Access::Constant,
-                    ..
-                })
-            ),
-            _ => false,
-        };
         for i in 0..stmts.len() {
             let Stmt::LoadVec { dsts, buf, index } = &stmts[i] else {
                 continue;
             };
-            if !constant(buf) {
+            if !kiln_kir::constant_buffer(&self.params, *buf) {
                 continue;
             }
             let mut reads = BTreeSet::new();

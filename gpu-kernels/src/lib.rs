@@ -241,7 +241,10 @@ pub struct GemmTuning {
     /// grid-dependency wait) is paid once a block rather than once a group. Default 0.
     pub gemv_blocks: u32,
     /// The blocks an SM a GEMV block asks ptxas to fit (`Kernel::blocks_per_sm`, capping
-    /// its registers: 65536 / (128 · N) a thread); 0: the template's 4 (128 registers).
+    /// its registers at 65536 / (128 · N) a thread; 1 to 16). 4 by default (128 registers):
+    /// on the H100 the 1.1B decode step took 1.069 / 1.175 / 1.295 ms with 5 / 6 / 8 against
+    /// 1.058–1.064 with the four-row kernels (`…-decode-gemv-occupancy-wip.txt`), and no
+    /// less with the one-row ones at 6.
     pub gemv_occupancy: u32,
     /// Whether prefill bf16/f16 GEMMs of `linear` weights take the `wgmma` template
     /// (`templates/wgmma_gemm.rs`: two warpgroups, a 128 × 256 tile, 128-byte swizzled
@@ -319,7 +322,7 @@ impl Default for GemmTuning {
             gemv_unroll: 4,
             gemv_unroll_one: 8,
             gemv_blocks: 0,
-            gemv_occupancy: 0,
+            gemv_occupancy: 4,
             wgmma: true,
             mma_gemv: false,
             mma_gemv_unroll: 8,
@@ -376,7 +379,7 @@ impl GemmTuning {
             "gemvunroll" => self.gemv_unroll = number()?.max(1),
             "gemvunroll1" => self.gemv_unroll_one = number()?.max(1),
             "gemvblocks" => self.gemv_blocks = number()?,
-            "gemvocc" => self.gemv_occupancy = number()?,
+            "gemvocc" => self.gemv_occupancy = number()?.clamp(1, 16),
             "wgmma" => self.wgmma = number()? != 0,
             "mmagemv" => self.mma_gemv = number()? != 0,
             "mmagemvunroll" => self.mma_gemv_unroll = number()?.max(1),

@@ -298,13 +298,17 @@ impl<'a, 'f> PlanBuilder<'a, 'f> {
                 return Ok(vec![by_size]);
             }
             // The one-row GEMV, the GEMV for a few rows, then the decode tile, then the
-            // large tile.
+            // large tile; no one-row choice where it launches what the few-row one does (a
+            // row group taking the GEMVs' variants).
             let few = Step::BySize {
                 symbol: variant.symbol.clone(),
                 at_most: templates::GEMV_ROWS,
-                small: gemv,
+                small: gemv.clone(),
                 large: vec![by_size],
             };
+            if gemv_one == gemv {
+                return Ok(vec![few]);
+            }
             return Ok(vec![Step::BySize {
                 symbol: variant.symbol,
                 at_most: 1,

@@ -4,9 +4,9 @@
 
 mod common;
 
-use common::{check, inputs_for, lower_with, weights_for};
+use common::{check, constant, inputs_for, lower_with, weights_for};
 use kiln_gpu_kernels::Options;
-use kiln_kir::{Access, Buf, Param, Stmt};
+use kiln_kir::Stmt;
 use std::collections::BTreeMap;
 
 const SRC: &str = "import nn
@@ -17,20 +17,6 @@ model Norms {
     fn layer(h: f32[T, 2048]) -> f32[T, 2048] { layer_norm(h, g, b, 0.00001) }
 }
 ";
-
-/// Whether `buf` is a checkpoint tensor of `params`.
-fn constant(params: &[Param], buf: &Buf) -> bool {
-    match buf {
-        Buf::Global(i) => matches!(
-            params.get(*i as usize),
-            Some(Param::Buffer {
-                access: Access::Constant,
-                ..
-            })
-        ),
-        _ => false,
-    }
-}
 
 #[test]
 fn norm_weights_load_before_the_rows_reduction() {
@@ -55,7 +41,7 @@ fn norm_weights_load_before_the_rows_reduction() {
             .unwrap_or_else(|| panic!("{function}: no barrier at the top level"));
         let early = body[..barrier]
             .iter()
-            .filter(|s| matches!(s, Stmt::LoadVec { buf, .. } if constant(&kernel.params, buf)))
+            .filter(|s| matches!(s, Stmt::LoadVec { buf, .. } if constant(kernel, *buf)))
             .count();
         assert_eq!(early, weights, "{function}: {kernel}");
     }

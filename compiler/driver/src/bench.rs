@@ -316,7 +316,7 @@ const TUNE_PAGED: &str = "KILN_TUNE_PAGED";
 /// (the same for GEMVs of one row; default 8), `gemvblocks=N` (the most blocks of a GEMV
 /// that is not a grid of segments, each looping over column groups so that its norm
 /// prologue and preload are paid once a block; default 0, a block a group of 4 columns),
-/// `gemvocc=N` (the blocks an SM a GEMV asks ptxas to fit; default 0, the template's 4),
+/// `gemvocc=N` (the blocks an SM a GEMV asks ptxas to fit; default 4),
 /// `normgemv=0|1` (a GEMV whose A is an
 /// RMSNorm's rows, read by GEMVs only, computes the norm itself, no norm kernel; default 0),
 /// `normqkv=0|1` (with it, the q/k/v GEMV that writes the caches computes its norm too;

@@ -634,6 +634,21 @@ impl Kernel {
     }
 }
 
+/// Whether `buf` is a buffer parameter of `params` declared [`Access::Constant`] (a
+/// checkpoint tensor, which no kernel writes).
+pub fn constant_buffer(params: &[Param], buf: Buf) -> bool {
+    match buf {
+        Buf::Global(i) => matches!(
+            params.get(i as usize),
+            Some(Param::Buffer {
+                access: Access::Constant,
+                ..
+            })
+        ),
+        Buf::Shared(_) => false,
+    }
+}
+
 /// Whether a `LoadVec` of a `dtype` buffer into registers of type `ty` loads raw element
 /// pairs: `I32` registers from bf16 or f16 memory, two elements a register.
 pub fn loads_raw_pairs(dtype: DType, ty: Ty) -> bool {

@@ -24,7 +24,7 @@ pub mod wgmma;
 pub use build::KernelBuilder;
 pub use error::KirError;
 pub use interp::{launch_grid, run_kernel, run_kernel_prefetching, Prefetch};
-pub use kernel::loads_raw_pairs;
+pub use kernel::{constant_buffer, loads_raw_pairs};
 pub use kernel::{
     Access, BinOp, Buf, Const, Expr, Kernel, MmaInput, Param, Shared, SizeExpr, Special, Stmt, Ty,
     UnOp, Var, VarId,

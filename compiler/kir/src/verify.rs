@@ -66,7 +66,7 @@
 //! first printed line).
 
 use crate::error::KirError;
-use crate::kernel::{Access, BinOp, Buf, Expr, Kernel, Param, Special, Stmt, Ty, UnOp, VarId};
+use crate::kernel::{BinOp, Buf, Expr, Kernel, Param, Special, Stmt, Ty, UnOp, VarId};
 use crate::print::{binop_symbol, unop_name, Names};
 use crate::uniformity::{uniformity, Uniformity};
 use kiln_ir::DType;
@@ -686,16 +686,7 @@ impl Checker<'_> {
         }
         if let Some(&wait) = top.first() {
             let params = &self.kernel.params;
-            let constant = |buf: Buf| match buf {
-                Buf::Global(i) => matches!(
-                    params.get(i as usize),
-                    Some(Param::Buffer {
-                        access: Access::Constant,
-                        ..
-                    })
-                ),
-                Buf::Shared(_) => false,
-            };
+            let constant = |buf: Buf| crate::kernel::constant_buffer(params, buf);
             if let Some((path, stmt)) = before_wait_violation(&body[..wait], "body", &constant) {
                 return Err(self.error(
                     &site(path, stmt),

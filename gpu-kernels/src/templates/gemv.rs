@@ -68,7 +68,8 @@ pub const WARPS: u32 = 4;
 const MAX_WEIGHT_REGISTERS: u32 = 64;
 
 /// Weight registers a step of a warp may hold when it computes a norm's rows: the rows'
-/// elements take registers of their own, and ptxas spilled the pair at 64 with the first step held over the statistic (sm_80 to sm_120);
+/// elements take registers of their own, and ptxas spilled the pair at 64 with the first
+/// step held over the statistic (sm_80 to sm_120);
 /// in a grid of blocks looping over the column groups (`GemmTuning::gemv_blocks`) it
 /// spilled at 48 (sm_89 to sm_120), so there [`NORM_WEIGHT_REGISTERS_LOOPED`].
 const NORM_WEIGHT_REGISTERS: u32 = 48;
@@ -79,10 +80,6 @@ const NORM_WEIGHT_REGISTERS_LOOPED: u32 = 32;
 /// The most vectors of one weight stream a warp computing a norm's rows loads a step:
 /// ptxas spilled the one-row q/k/v grid with the norm at 6 and the LM head at 8 (sm_90a).
 const NORM_STREAM_VECTORS: u32 = 4;
-
-/// The blocks an SM a GEMV asks ptxas to fit by default: four (ptxas keeps to 128
-/// registers), 16 warps, each with `unroll` 16-byte loads a lane in flight.
-const DEFAULT_BLOCKS_PER_SM: u32 = 65536 / (128 * 32 * WARPS);
 
 /// What the template needs to know about a matmul group it takes.
 pub(crate) struct GemvPlan {
@@ -219,10 +216,7 @@ pub(crate) fn plan(
         norm: None,
         writes: None,
         max_blocks: u64::from(options.gemm.gemv_blocks),
-        blocks_per_sm: match options.gemm.gemv_occupancy {
-            0 => DEFAULT_BLOCKS_PER_SM,
-            n => n.min(65536 / (32 * 32 * WARPS)),
-        },
+        blocks_per_sm: options.gemm.gemv_occupancy,
     })
 }
 
@@ -486,6 +480,8 @@ pub(crate) fn emit(
             x
         }
     };
+    // `GemmTuning::gemv_occupancy` blocks an SM (4: 16 warps, each with `unroll` 16-byte
+    // loads a lane in flight, ptxas keeping to 128 registers).
     e.blocks_per_sm = plan.blocks_per_sm;
     let mut body = Vec::new();
     let lane = e.bind(&mut body, "lane", Ty::I32, Expr::Special(Special::LaneId));
@@ -555,7 +551,7 @@ pub(crate) fn emit(
         let streams: Vec<(usize, Expr)> = if cols.len() > 1 {
             cols.iter().map(|c| (these[0], c.clone())).collect()
         } else {
-            these.iter().map(|&i| (i, cols[0].clone())).collect()
+            these.iter().map(|&i| (i, col.clone())).collect()
         };
         let w_rows: Vec<Expr> = streams
             .iter()
@@ -868,7 +864,7 @@ pub(crate) fn emit(
             let per_column: Vec<(&Expr, &[VarId])> = if cols.len() > 1 {
                 cols.iter().zip(accs.chunks(1)).collect()
             } else {
-                vec![(&cols[0], &accs[..])]
+                vec![(col, &accs[..])]
             };
             for (c, accs) in per_column {
                 let at = OutputElement {

@@ -675,16 +675,7 @@ pub fn mma_options() -> kiln_gpu_kernels::Options {
 
 /// Whether `buf` is a constant buffer of `kernel`.
 pub fn constant(kernel: &Kernel, buf: kiln_kir::Buf) -> bool {
-    match buf {
-        kiln_kir::Buf::Global(i) => matches!(
-            kernel.params[i as usize],
-            kiln_kir::Param::Buffer {
-                access: kiln_kir::Access::Constant,
-                ..
-            }
-        ),
-        kiln_kir::Buf::Shared(_) => false,
-    }
+    kiln_kir::constant_buffer(&kernel.params, buf)
 }
 
 /// What a kernel does before its wait: an L2 prefetch, or a load (of a constant buffer or
