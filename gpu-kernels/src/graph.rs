@@ -112,6 +112,16 @@ impl<'f> FuncGraph<'f> {
         }
     }
 
+    /// A function input that no `kv_write` updates in place: the runtime copies it in
+    /// before the step's first kernel and no kernel writes it, so a kernel may load it
+    /// before its grid-dependency wait (`Access::Settled`).
+    pub fn is_step_input(&self, v: Value) -> bool {
+        matches!(self.def[v.0 as usize], Some(Def::Input))
+            && !self.users[v.0 as usize]
+                .iter()
+                .any(|(_, inst)| matches!(inst.op, Op::KvWrite { .. }) && inst.operands[0] == v)
+    }
+
     /// A checkpoint tensor (`param`): no kernel of the program writes it, so a kernel may
     /// load it before its grid-dependency wait (`Access::Constant`).
     pub fn is_checkpoint(&self, v: Value) -> bool {

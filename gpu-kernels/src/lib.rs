@@ -209,6 +209,14 @@ pub struct GemmTuning {
     /// (`gemv_unroll`) the 1.1B decode step on the H100, timed on the GPU alone, took
     /// 1.067 ms against 1.097 without either (`…-decode-knobs2-7c945f7.txt`).
     pub early_trigger: bool,
+    /// Whether a kernel without a grid-dependency wait of its own waits after its leading
+    /// statements that may precede the wait when they load something (constant or settled
+    /// buffers: a norm's gain, loaded first by the row kernels), instead of before its body,
+    /// so that those loads overlap the kernel before it (`KILN_TUNE_GEMM=earlyloads=0|1`).
+    /// Off by default: on the H100 the 1.1B decode step on the GPU alone took 0.997 /
+    /// 1.001 ms with the norms' gains before the wait against 0.985 / 0.987 without
+    /// (`…-decode-early-loads-wip.txt`).
+    pub early_loads: bool,
     /// Whether a GEMV block (and a tensor-core GEMV warp, `mma_gemv`) loads its first step
     /// of weights before its grid-dependency wait (weights are checkpoint tensors,
     /// [`kiln_kir::Access::Constant`]): with programmatic dependent launch those loads, and
@@ -317,6 +325,7 @@ impl Default for GemmTuning {
             prefetch_mib: 0,
             trigger: false,
             early_trigger: true,
+            early_loads: false,
             preload: false,
             gemv: true,
             gemv_unroll: 4,
@@ -339,7 +348,7 @@ impl GemmTuning {
     /// The knob names [`GemmTuning::set`] takes.
     pub const KEYS: &'static str =
         "segments, splits, rowsum, kvwrite, maxsplits, tile, warps, bk, stages, raster, dbuf, pairs, \
-         smem, prefetch, prefetch_mib, trigger, early, preload, gemv, gemvunroll, gemvunroll1, gemvblocks, gemvocc, normgemv, normqkv, wgmma, mmagemv, \
+         smem, prefetch, prefetch_mib, trigger, early, earlyloads, preload, gemv, gemvunroll, gemvunroll1, gemvblocks, gemvocc, normgemv, normqkv, wgmma, mmagemv, \
          mmagemvunroll, mmagemvwarps, mmagemvtiles, gemvkvwrite";
 
     /// Sets knob `key` (the `KILN_TUNE_GEMM` names, [`GemmTuning::KEYS`]) from `value`: a
@@ -374,6 +383,7 @@ impl GemmTuning {
             "prefetch_mib" => self.prefetch_mib = number()?,
             "trigger" => self.trigger = number()? != 0,
             "early" => self.early_trigger = number()? != 0,
+            "earlyloads" => self.early_loads = number()? != 0,
             "preload" => self.preload = number()? != 0,
             "gemv" => self.gemv = number()? != 0,
             "gemvunroll" => self.gemv_unroll = number()?.max(1),
@@ -551,6 +561,16 @@ pub struct PagedTuning {
     /// block's merge runs after every other block, as the merge kernel did, and the wall
     /// clock showed no gain.
     pub fused_merge: bool,
+    /// Whether the register design's blocks load the first step of their keys and values
+    /// (and the block-table entries, sequences and positions those need) before the
+    /// grid-dependency wait (`KILN_TUNE_PAGED=preload=0|1`), so that with programmatic
+    /// dependent launch the cache's DRAM latency overlaps the end of the kernel before it
+    /// (the q/k/v GEMV). Rows of the step's own tokens, which that kernel may be writing,
+    /// are loaded again after the wait (`kiln_kir::Access::Settled`): a key position `j`
+    /// of a token at position `p` in a step of `T` tokens is an earlier step's when
+    /// `j ≤ p - T` (a sequence's tokens in one step hold consecutive positions). It
+    /// applies where the sequences, positions and block tables are step inputs.
+    pub preload: bool,
 }
 
 impl Default for PagedTuning {
@@ -568,6 +588,7 @@ impl Default for PagedTuning {
             mma_warps: 1,
             one_pass: 0,
             fused_merge: false,
+            preload: true,
         }
     }
 }

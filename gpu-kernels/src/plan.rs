@@ -513,6 +513,9 @@ impl<'a, 'f> PlanBuilder<'a, 'f> {
 
     /// The index of `kernel` in the package, reusing an identical one.
     fn intern(&mut self, mut kernel: Kernel, what: &str) -> usize {
+        if self.options.gemm.early_loads {
+            wait_after_early_loads(&mut kernel);
+        }
         if self.options.gemm.early_trigger {
             trigger_after_wait(&mut kernel);
         }
@@ -842,6 +845,24 @@ fn launched_kernels(steps: &[Step], out: &mut BTreeSet<usize>) {
             }
             Step::Copy { .. } => {}
         }
+    }
+}
+
+/// Moves the implicit grid-dependency wait of `kernel` (before the body, when it has no
+/// explicit one) below the leading statements that may precede it, when they load
+/// something (`GemmTuning::early_loads`, off by default): a norm's gain, which the row
+/// kernel loads first (`Emitter::hoist_constant_loads`), then comes while the previous
+/// kernel still runs.
+fn wait_after_early_loads(kernel: &mut Kernel) {
+    if kernel.body.contains(&Stmt::GridDependencyWait) {
+        return;
+    }
+    let early = kiln_kir::verify::early_statements(kernel);
+    if kernel.body[..early]
+        .iter()
+        .any(kiln_kir::verify::stmt_loads)
+    {
+        kernel.body.insert(early, Stmt::GridDependencyWait);
     }
 }
 

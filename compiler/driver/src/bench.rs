@@ -292,8 +292,9 @@ const TUNE_POINTWISE: &str = "KILN_TUNE_POINTWISE";
 /// staged design, `mma.sync` scores and weighted values; 0: the CUDA-core one), `onepass=N`
 /// (warps of the short-context variant's one-pass kernel, no merge kernel; 0: the partial
 /// and merge kernels of `short_part` partitions), `fusedmerge=0|1` (the partial kernel's
-/// last block of a token and head group merges the partitions, no merge kernel; default 0);
-/// defaults in
+/// last block of a token and head group merges the partitions, no merge kernel; default 0),
+/// `preload=0|1` (the register design loads its first keys and values before its
+/// grid-dependency wait; default 1); defaults in
 /// [`kiln_gpu_kernels::PagedTuning`]. Example: `KILN_TUNE_PAGED=tile=32,stages=2,part=256`.
 const TUNE_PAGED: &str = "KILN_TUNE_PAGED";
 
@@ -309,7 +310,8 @@ const TUNE_PAGED: &str = "KILN_TUNE_PAGED";
 /// (the most weight MiB a decode GEMM prefetches; default 0, the template's 24),
 /// `trigger=0|1` (a decode GEMM block lets the next kernel launch after its main loop;
 /// default 0), `early=0|1` (every other kernel lets the next launch right after its
-/// grid-dependency wait; default 0), `preload=0|1` (a GEMV block loads its first weights
+/// grid-dependency wait; default 1), `earlyloads=0|1` (a kernel without a wait of its own
+/// waits after its leading loads of constant or settled buffers, a norm's gain; default 0), `preload=0|1` (a GEMV block loads its first weights
 /// before its grid-dependency wait; default 0), `gemv=0|1` (matmuls of at most 4 rows of
 /// a `linear` weight take the GEMV template, a warp a column, no split-K; default 1), `gemvunroll=N` (16-byte weight vectors
 /// a lane loads together per step in GEMVs of more than one row; default 4), `gemvunroll1=N`
@@ -420,9 +422,10 @@ pub(crate) fn apply_tuning(options: &mut CompileOptions) -> Result<()> {
             "mma" => paged.mma_warps = u32::try_from(raw.min(32)).unwrap_or(32),
             "onepass" => paged.one_pass = u32::try_from(raw.min(32)).unwrap_or(32),
             "fusedmerge" => paged.fused_merge = raw != 0,
+            "preload" => paged.preload = raw != 0,
             _ => bail!(
                 "{TUNE_PAGED}: unknown key `{key}` (part, unroll, warps, short_part, \
-                 short_context, tile, stages, blocks, lanes, mma, onepass, fusedmerge)"
+                 short_context, tile, stages, blocks, lanes, mma, onepass, fusedmerge, preload)"
             ),
         }
     }
@@ -454,7 +457,7 @@ pub(crate) fn apply_tuning(options: &mut CompileOptions) -> Result<()> {
     if !gemm_items.is_empty() {
         eprintln!(
             "kiln bench: {TUNE_GEMM}: segments {}, splits {}, rowsum {}, kvwrite {}, maxsplits {}, \
-             prefetch {}, prefetch_mib {}, trigger {}, early {}, preload {}, gemv {}, gemvunroll {}, gemvunroll1 {}, gemvblocks {}, gemvocc {}, normgemv {}, \
+             prefetch {}, prefetch_mib {}, trigger {}, early {}, earlyloads {}, preload {}, gemv {}, gemvunroll {}, gemvunroll1 {}, gemvblocks {}, gemvocc {}, normgemv {}, \
              normqkv {}, mmagemv {}, mmagemvunroll {}, mmagemvwarps {}, mmagemvtiles {}, gemvkvwrite {}, \
              tile {}x{}, warps {}x{}, bk {}, stages {}, raster {}, dbuf {}, pairs {}, smem {} KiB \
              (0: the table's)",
@@ -467,6 +470,7 @@ pub(crate) fn apply_tuning(options: &mut CompileOptions) -> Result<()> {
             gemm.prefetch_mib,
             u8::from(gemm.trigger),
             u8::from(gemm.early_trigger),
+            u8::from(gemm.early_loads),
             u8::from(gemm.preload),
             u8::from(gemm.gemv),
             gemm.gemv_unroll,

@@ -211,7 +211,11 @@ pub enum Op {
     /// p lives at `[layer, block_tables[seq[n], p / BS], p % BS]`. Scores, softmax and sums
     /// round as in `attention` (one row of it). A token with a negative `seq` (padding) gets
     /// zeros. Block or table entries out of range are run-time errors in the interpreter;
-    /// compiled kernels must only be given valid tables.
+    /// compiled kernels must only be given valid tables. Compiled kernels also assume what
+    /// a serving step guarantees: a sequence's tokens in one call hold consecutive
+    /// positions, and the call's `kv_write`s store only its own tokens' rows, so a key
+    /// position `j ≤ pos[n] - N` was written before the call (the paged kernel may load
+    /// those rows before the `kv_write` before it has finished).
     PagedAttention {
         layer: usize,
         scale: f64,

@@ -118,90 +118,149 @@ pub fn run_kernel_prefetching(
     buffers: &mut [&mut [u8]],
     scalars: &[Const],
 ) -> Result<Vec<Prefetch>, KirError> {
-    verify_kernel(kernel)?;
-    let launch_error = |message: String| KirError::new(&kernel.name, "launch", message);
-
-    let buffer_params = kernel
-        .params
-        .iter()
-        .filter(|p| matches!(p, Param::Buffer { .. }))
-        .count();
-    let scalar_params = kernel.params.len() - buffer_params;
-    if buffers.len() != buffer_params {
-        return Err(launch_error(format!(
-            "{} buffers given for {buffer_params} buffer parameters",
-            buffers.len()
-        )));
-    }
-    if scalars.len() != scalar_params {
-        return Err(launch_error(format!(
-            "{} scalars given for {scalar_params} scalar parameters",
-            scalars.len()
-        )));
-    }
-    for (axis, &blocks) in grid.iter().enumerate() {
-        if blocks > i32::MAX as u64 {
-            return Err(launch_error(format!(
-                "{blocks} blocks along axis {axis}: block indices are i32"
-            )));
-        }
-    }
-
-    let mut globals: Vec<Option<GlobalBuffer<'_>>> = Vec::with_capacity(kernel.params.len());
-    let mut scalar_values: Vec<Option<Const>> = Vec::with_capacity(kernel.params.len());
-    let mut buffer_slots = buffers.iter_mut();
-    let mut scalar_slots = scalars.iter();
-    for param in &kernel.params {
-        match param {
-            Param::Buffer { name, dtype, .. } => {
-                let bytes: &mut [u8] = buffer_slots.next().expect("counted above");
-                if !bytes.len().is_multiple_of(dtype.size_bytes()) {
-                    return Err(launch_error(format!(
-                        "buffer `{name}` has {} bytes, not a whole number of {dtype} elements",
-                        bytes.len()
-                    )));
-                }
-                globals.push(Some(GlobalBuffer {
-                    name,
-                    dtype: *dtype,
-                    bytes,
-                }));
-                scalar_values.push(None);
-            }
-            Param::Scalar { name, ty } => {
-                let value = *scalar_slots.next().expect("counted above");
-                if value.ty() != *ty {
-                    return Err(launch_error(format!(
-                        "scalar `{name}` is {ty}, but a {} value was given",
-                        value.ty()
-                    )));
-                }
-                globals.push(None);
-                scalar_values.push(Some(value));
-            }
-        }
-    }
-
-    let mut interpreter = Interpreter {
-        kernel,
-        names: Names::new(kernel),
-        scalars: scalar_values,
-        globals,
-        shared: Vec::new(),
-        registers: Vec::new(),
-        copies: Vec::new(),
-        block: [0; 3],
-        prefetches: Vec::new(),
-        proxy: wgmma::AsyncProxy::default(),
-    };
-    for z in 0..grid[2] {
-        for y in 0..grid[1] {
-            for x in 0..grid[0] {
-                interpreter.run_block([x, y, z])?;
-            }
-        }
+    let mut interpreter = Interpreter::new(kernel, grid, buffers, scalars)?;
+    for block in blocks(grid) {
+        interpreter.begin_block(block);
+        interpreter.run_body(0..kernel.body.len())?;
     }
     Ok(interpreter.prefetches)
+}
+
+/// Runs `kernel` as programmatic dependent launch may run it on the GPU: the statements of
+/// every block before its `GridDependencyWait` read `before` (the memory as the kernel
+/// launched before this one may still find it), then the rest of every block runs on
+/// `buffers` (that kernel's writes done). A kernel whose early loads read memory the
+/// previous kernel writes reads the stale values here, as it may on the GPU. `before`
+/// holds the buffers in `buffers`' order; the early statements write no memory.
+pub fn run_kernel_across_wait(
+    kernel: &Kernel,
+    grid: [u64; 3],
+    before: &[&[u8]],
+    buffers: &mut [&mut [u8]],
+    scalars: &[Const],
+) -> Result<(), KirError> {
+    let wait = kernel
+        .body
+        .iter()
+        .position(|s| *s == Stmt::GridDependencyWait)
+        .unwrap_or(0);
+    let mut early: Vec<Vec<u8>> = before.iter().map(|b| b.to_vec()).collect();
+    let mut early: Vec<&mut [u8]> = early.iter_mut().map(|b| b.as_mut_slice()).collect();
+    let mut saved = Vec::new();
+    {
+        let mut interpreter = Interpreter::new(kernel, grid, &mut early, scalars)?;
+        for block in blocks(grid) {
+            interpreter.begin_block(block);
+            interpreter.run_body(0..wait)?;
+            saved.push(interpreter.take_block());
+        }
+    }
+    let mut interpreter = Interpreter::new(kernel, grid, buffers, scalars)?;
+    for (block, state) in blocks(grid).zip(saved) {
+        interpreter.resume_block(block, state);
+        interpreter.run_body(wait..kernel.body.len())?;
+    }
+    Ok(())
+}
+
+/// The blocks of `grid` in launch order (x fastest).
+fn blocks(grid: [u64; 3]) -> impl Iterator<Item = [u64; 3]> {
+    (0..grid[2])
+        .flat_map(move |z| (0..grid[1]).flat_map(move |y| (0..grid[0]).map(move |x| [x, y, z])))
+}
+
+/// What a block holds between statements: registers, shared memory, copies in flight.
+struct BlockState {
+    shared: Vec<SharedArray>,
+    registers: Vec<Vec<Const>>,
+    copies: Vec<AsyncCopies>,
+    proxy: wgmma::AsyncProxy,
+}
+
+impl<'k: 'b, 'b> Interpreter<'k, 'b> {
+    /// Checks the kernel and its arguments and binds them.
+    fn new(
+        kernel: &'k Kernel,
+        grid: [u64; 3],
+        buffers: &'b mut [&mut [u8]],
+        scalars: &[Const],
+    ) -> Result<Interpreter<'k, 'b>, KirError> {
+        verify_kernel(kernel)?;
+        let launch_error = |message: String| KirError::new(&kernel.name, "launch", message);
+
+        let buffer_params = kernel
+            .params
+            .iter()
+            .filter(|p| matches!(p, Param::Buffer { .. }))
+            .count();
+        let scalar_params = kernel.params.len() - buffer_params;
+        if buffers.len() != buffer_params {
+            return Err(launch_error(format!(
+                "{} buffers given for {buffer_params} buffer parameters",
+                buffers.len()
+            )));
+        }
+        if scalars.len() != scalar_params {
+            return Err(launch_error(format!(
+                "{} scalars given for {scalar_params} scalar parameters",
+                scalars.len()
+            )));
+        }
+        for (axis, &blocks) in grid.iter().enumerate() {
+            if blocks > i32::MAX as u64 {
+                return Err(launch_error(format!(
+                    "{blocks} blocks along axis {axis}: block indices are i32"
+                )));
+            }
+        }
+
+        let mut globals: Vec<Option<GlobalBuffer<'_>>> = Vec::with_capacity(kernel.params.len());
+        let mut scalar_values: Vec<Option<Const>> = Vec::with_capacity(kernel.params.len());
+        let mut buffer_slots = buffers.iter_mut();
+        let mut scalar_slots = scalars.iter();
+        for param in &kernel.params {
+            match param {
+                Param::Buffer { name, dtype, .. } => {
+                    let bytes: &mut [u8] = buffer_slots.next().expect("counted above");
+                    if !bytes.len().is_multiple_of(dtype.size_bytes()) {
+                        return Err(launch_error(format!(
+                            "buffer `{name}` has {} bytes, not a whole number of {dtype} elements",
+                            bytes.len()
+                        )));
+                    }
+                    globals.push(Some(GlobalBuffer {
+                        name,
+                        dtype: *dtype,
+                        bytes,
+                    }));
+                    scalar_values.push(None);
+                }
+                Param::Scalar { name, ty } => {
+                    let value = *scalar_slots.next().expect("counted above");
+                    if value.ty() != *ty {
+                        return Err(launch_error(format!(
+                            "scalar `{name}` is {ty}, but a {} value was given",
+                            value.ty()
+                        )));
+                    }
+                    globals.push(None);
+                    scalar_values.push(Some(value));
+                }
+            }
+        }
+        Ok(Interpreter {
+            kernel,
+            names: Names::new(kernel),
+            scalars: scalar_values,
+            globals,
+            shared: Vec::new(),
+            registers: Vec::new(),
+            copies: Vec::new(),
+            block: [0; 3],
+            prefetches: Vec::new(),
+            proxy: wgmma::AsyncProxy::default(),
+        })
+    }
 }
 
 /// A global buffer argument.
@@ -293,7 +352,8 @@ impl Interpreter<'_, '_> {
         self.kernel.block_dim as usize
     }
 
-    fn run_block(&mut self, block: [u64; 3]) -> Result<(), KirError> {
+    /// Starts `block`: zeroed registers and shared memory, no copies in flight.
+    fn begin_block(&mut self, block: [u64; 3]) {
         self.block = block;
         let zeros: Vec<Const> = self.kernel.vars.iter().map(|v| zero_of(v.ty)).collect();
         self.registers = vec![zeros; self.threads()];
@@ -313,10 +373,38 @@ impl Interpreter<'_, '_> {
             .collect();
         let lens: Vec<usize> = self.kernel.shared.iter().map(|s| s.len as usize).collect();
         self.proxy = wgmma::AsyncProxy::new(&lens, self.threads());
+    }
+
+    /// The running block's state, to resume it later ([`Interpreter::resume_block`]).
+    fn take_block(&mut self) -> BlockState {
+        BlockState {
+            shared: std::mem::take(&mut self.shared),
+            registers: std::mem::take(&mut self.registers),
+            copies: std::mem::take(&mut self.copies),
+            proxy: std::mem::take(&mut self.proxy),
+        }
+    }
+
+    fn resume_block(&mut self, block: [u64; 3], state: BlockState) {
+        self.block = block;
+        self.shared = state.shared;
+        self.registers = state.registers;
+        self.copies = state.copies;
+        self.proxy = state.proxy;
+    }
+
+    /// Runs the top-level statements `range` of the body in every thread of the block.
+    fn run_body(&mut self, range: std::ops::Range<usize>) -> Result<(), KirError> {
         let all_active = vec![true; self.threads()];
         let mut path = Path::new();
         let body = &self.kernel.body;
-        self.run_stmts(body, Branch::Body, &all_active, &mut path)
+        for i in range {
+            path.push((Branch::Body, i));
+            let result = self.run_stmt(&body[i], &all_active, &mut path);
+            path.pop();
+            result?;
+        }
+        Ok(())
     }
 
     /// An error at the statement at `path`, in `thread` of the running block when given.

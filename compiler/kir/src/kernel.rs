@@ -74,7 +74,7 @@
 //!   visible) before its first statement, or, when its body holds a top-level
 //!   `GridDependencyWait`, there. The statements before that marker may touch no memory
 //!   that a kernel writes: they are address arithmetic, loads of [`Access::Constant`]
-//!   buffers (`Assign`s and `LoadVec`s that load nothing else, `If` and `For` of such) and
+//!   and [`Access::Settled`] buffers (`Assign`s and `LoadVec`s that load nothing else, `If` and `For` of such) and
 //!   `PrefetchL2` hints, so they may run while the previous kernel still runs.
 //! - `PrefetchL2` asks L2 to fetch `bytes` bytes of a global buffer from element `index`:
 //!   only a hint (L2 is the coherence point, so a later load after the wait still sees
@@ -497,6 +497,13 @@ pub enum Access {
     /// may precede the `GridDependencyWait`, since the kernel still running before this
     /// one cannot be writing it.
     Constant,
+    /// Read only, and the elements this kernel loads before its `GridDependencyWait` are
+    /// written by no kernel that may still be running: a step's inputs (copied in before
+    /// its first kernel) and, by the paged attention template's contract, the KV-cache rows
+    /// of positions before the step's tokens (written by earlier steps; the rows the step
+    /// writes are loaded again after the wait). Unlike [`Access::Constant`], kernels may
+    /// write other elements of it, so its loads move across nothing else.
+    Settled,
 }
 
 impl Access {
@@ -514,6 +521,10 @@ impl Access {
     pub fn and(self, other: Access) -> Access {
         match (self, other) {
             _ if self == other => self,
+            // A template declares a buffer settled for its loads before the wait; its other
+            // loads of it, after the wait, keep that.
+            (Access::Settled, Access::Read | Access::Constant)
+            | (Access::Read | Access::Constant, Access::Settled) => Access::Settled,
             (Access::Read | Access::Constant, Access::Read | Access::Constant) => Access::Read,
             _ => Access::ReadWrite,
         }
@@ -642,6 +653,21 @@ pub fn constant_buffer(params: &[Param], buf: Buf) -> bool {
             params.get(i as usize),
             Some(Param::Buffer {
                 access: Access::Constant,
+                ..
+            })
+        ),
+        Buf::Shared(_) => false,
+    }
+}
+
+/// Whether a kernel may load `buf` before its `GridDependencyWait`: a buffer parameter of
+/// `params` declared [`Access::Constant`] or [`Access::Settled`].
+pub fn settled_buffer(params: &[Param], buf: Buf) -> bool {
+    match buf {
+        Buf::Global(i) => matches!(
+            params.get(i as usize),
+            Some(Param::Buffer {
+                access: Access::Constant | Access::Settled,
                 ..
             })
         ),

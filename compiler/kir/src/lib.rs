@@ -23,8 +23,10 @@ pub mod wgmma;
 
 pub use build::KernelBuilder;
 pub use error::KirError;
-pub use interp::{launch_grid, run_kernel, run_kernel_prefetching, Prefetch};
-pub use kernel::{constant_buffer, loads_raw_pairs};
+pub use interp::{
+    launch_grid, run_kernel, run_kernel_across_wait, run_kernel_prefetching, Prefetch,
+};
+pub use kernel::{constant_buffer, loads_raw_pairs, settled_buffer};
 pub use kernel::{
     Access, BinOp, Buf, Const, Expr, Kernel, MmaInput, Param, Shared, SizeExpr, Special, Stmt, Ty,
     UnOp, Var, VarId,

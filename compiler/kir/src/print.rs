@@ -112,6 +112,7 @@ fn access_name(access: Access) -> &'static str {
         Access::Write => "write",
         Access::ReadWrite => "read_write",
         Access::Constant => "constant",
+        Access::Settled => "settled",
     }
 }
 

@@ -52,10 +52,10 @@
 //!     dtype; both indices are `I32`/`I64`; `src_len` is `I32`.
 //! 22. `PrefetchL2`: a readable global buffer, an `I32`/`I64` index, `bytes` `I32`;
 //! 23. `GridDependencyWait`: at most one, at the top level of the body; every statement
-//!     before it is an `Assign` whose value loads nothing, a `LoadVec` of a constant
-//!     buffer, a `PrefetchL2`, or an `If` / `For`, whose operands, condition or bounds load
-//!     nothing but constant buffers, and whose statements follow the same rule (no memory
-//!     that a kernel writes is touched before the wait).
+//!     before it is an `Assign` whose value loads nothing, a `LoadVec` of a constant or
+//!     settled buffer, a `PrefetchL2`, or an `If` / `For`, whose operands, condition or
+//!     bounds load nothing but constant or settled buffers, and whose statements follow the
+//!     same rule (no memory that a running kernel may write is touched before the wait).
 //! 24. `Wgmma`: collectives only under block-uniform control flow in a block of whole
 //!     warpgroups (`block_dim` a multiple of 128); an `Mma` of f16 or bf16 inputs, `n` a
 //!     multiple of 8 in 8..=256, `n / 2` distinct `F32` registers `d`, both operands in
@@ -126,8 +126,8 @@ pub fn verify_kernel(kernel: &Kernel) -> Result<(), KirError> {
     checker.check_wait_placement()
 }
 
-/// Whether `expr` reads memory that is not [`Access::Constant`] (`constant` says which
-/// buffers are).
+/// Whether `expr` reads memory that is neither [`Access::Constant`] nor [`Access::Settled`]
+/// (`constant` says which buffers are either).
 fn loads(expr: &Expr, constant: &dyn Fn(Buf) -> bool) -> bool {
     let loads = |e: &Expr| loads(e, constant);
     match expr {
@@ -137,6 +137,28 @@ fn loads(expr: &Expr, constant: &dyn Fn(Buf) -> bool) -> bool {
         Expr::Fma(a, b, c) | Expr::Select(a, b, c) => loads(a) || loads(b) || loads(c),
         Expr::Load { buf, index } => !constant(*buf) || loads(index),
     }
+}
+
+/// How many of `kernel`'s leading top-level statements may run before a grid-dependency
+/// wait (rule 23): address arithmetic, loads of constant or settled buffers, L2 prefetches,
+/// and branches and loops of those. An explicit wait ends them.
+pub fn early_statements(kernel: &Kernel) -> usize {
+    let settled = |buf: Buf| crate::kernel::settled_buffer(&kernel.params, buf);
+    kernel
+        .body
+        .iter()
+        .take_while(|s| before_wait_violation(std::slice::from_ref(*s), "body", &settled).is_none())
+        .count()
+}
+
+/// Whether `stmt` (nested statements included) loads global or shared memory.
+pub fn stmt_loads(stmt: &Stmt) -> bool {
+    let any = |e: &Expr| loads(e, &|_| false);
+    stmt.any(&|s| match s {
+        Stmt::LoadVec { .. } => true,
+        Stmt::Assign(_, value) => any(value),
+        _ => false,
+    })
 }
 
 /// The first statement of `stmts` (nested ones included) that may not run before the
@@ -686,11 +708,11 @@ impl Checker<'_> {
         }
         if let Some(&wait) = top.first() {
             let params = &self.kernel.params;
-            let constant = |buf: Buf| crate::kernel::constant_buffer(params, buf);
+            let constant = |buf: Buf| crate::kernel::settled_buffer(params, buf);
             if let Some((path, stmt)) = before_wait_violation(&body[..wait], "body", &constant) {
                 return Err(self.error(
                     &site(path, stmt),
-                    "touches memory before the grid-dependency wait (only address arithmetic, loads of constant buffers and L2 prefetches may)",
+                    "touches memory before the grid-dependency wait (only address arithmetic, loads of constant or settled buffers and L2 prefetches may)",
                 ));
             }
         }

@@ -1,7 +1,8 @@
 //! Programmatic dependent launch in the kernel IR: the grid-dependency wait marker, L2
 //! prefetches before it and the early-launch trigger — where the verifier allows them, how
 //! they print, and the interpreter running them as no-ops that still check each prefetch's
-//! range, size and alignment.
+//! range, size and alignment; settled buffers loaded before the wait, and the interpreter
+//! giving those loads the memory from before the previous kernel.
 
 mod common;
 
@@ -9,8 +10,8 @@ use common::{floats, run};
 use kiln_ir::{DType, Tensor};
 use kiln_kir::examples::prefetch_copy;
 use kiln_kir::{
-    run_kernel_prefetching, verify_kernel, Access, Const, Expr, Kernel, KernelBuilder, Prefetch,
-    Stmt, Ty,
+    run_kernel_across_wait, run_kernel_prefetching, verify_kernel, Access, Const, Expr, Kernel,
+    KernelBuilder, Prefetch, Stmt, Ty,
 };
 
 fn copy_of(dtype: DType, n: usize) -> Vec<f32> {
@@ -210,7 +211,7 @@ fn only_address_arithmetic_and_prefetches_run_before_the_wait() {
             buf: r.x,
             index: Expr::i32(0),
         }),
-        "loads of constant buffers",
+        "loads of constant or settled buffers",
     );
     rejects(
         &before(|r| Stmt::LoadVec {
@@ -301,4 +302,50 @@ fn the_interpreter_checks_each_prefetch() {
         assert!(error.contains(expected), "{error} lacks {expected:?}");
         assert!(error.contains("thread 0"), "{error} names no thread");
     }
+}
+
+/// One thread loads `s[0]` before the wait and again after it, and stores both into `out`;
+/// `s` is declared `access`.
+fn early_and_late(access: Access) -> Kernel {
+    let mut k = KernelBuilder::new("early_and_late", 32);
+    let s = k.buffer("s", DType::F32, access);
+    let out = k.buffer("out", DType::F32, Access::Write);
+    let (early, late) = (k.var("early", Ty::F32), k.var("late", Ty::F32));
+    let first = Expr::thread_idx().equals(Expr::i32(0));
+    k.finish(vec![
+        Stmt::assign(early, Expr::load(s, Expr::i32(0))),
+        Stmt::GridDependencyWait,
+        Stmt::assign(late, Expr::load(s, Expr::i32(0))),
+        Stmt::if_then(
+            first,
+            vec![
+                Stmt::store(out, Expr::i32(0), Expr::var(early)),
+                Stmt::store(out, Expr::i32(1), Expr::var(late)),
+            ],
+        ),
+    ])
+}
+
+#[test]
+fn settled_loads_may_precede_the_wait_and_read_the_memory_before_the_previous_kernel() {
+    rejects(&early_and_late(Access::Read), "touches memory before");
+    let kernel = early_and_late(Access::Settled);
+    verify_kernel(&kernel).unwrap();
+    assert!(kernel.to_string().contains("settled"), "{kernel}");
+    let before = 1.5f32.to_le_bytes();
+    let mut s = 2.5f32.to_le_bytes();
+    let mut out = [0u8; 8];
+    run_kernel_across_wait(
+        &kernel,
+        [1, 1, 1],
+        &[&before, &[0u8; 8]],
+        &mut [&mut s, &mut out],
+        &[],
+    )
+    .unwrap();
+    let got: Vec<f32> = out
+        .chunks(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    assert_eq!(got, vec![1.5, 2.5]);
 }

@@ -13,6 +13,13 @@
 //! ([`last_block_merge`]). Keys are read through
 //! the block table; a token with a negative sequence (padding) gets zeros.
 //!
+//! With `PagedTuning::preload` the register design's partial kernel loads its first key
+//! step (the sequence, position, block-table entries and this lane's key and value
+//! columns) before its grid-dependency wait, so that with programmatic dependent launch
+//! the cache's latency overlaps the q/k/v kernel before it; the query rows come after the
+//! wait, and the rows of the step's own tokens (positions `j > p - T`, which that kernel
+//! may still be writing) are loaded again ([`preloaded_step`]; `kiln_kir::Access::Settled`).
+//!
 //! Short block tables (the variant of at most `PagedTuning::short_context` positions) take
 //! one pass instead (`PagedTuning::one_pass`, [`PagedShape::one_pass`]): one block per
 //! (key/value head, token) over the whole table in the register design, the table's row
@@ -81,6 +88,10 @@ pub(crate) struct PagedShape {
     /// Whether the partial kernel's last block of a (token, key/value head) merges the
     /// partitions ([`last_block_merge`]; `PagedTuning::fused_merge`): no merge kernel.
     fused_merge: bool,
+    /// Whether the register design loads its first key step before the grid-dependency
+    /// wait (`PagedTuning::preload`; the sequences, positions and block tables are step
+    /// inputs).
+    preload: bool,
 }
 
 impl PagedShape {
@@ -111,6 +122,10 @@ impl PagedShape {
             mma: None,
             table: 0,
             fused_merge: tuning.fused_merge,
+            preload: tuning.preload
+                && [3, 4, 5]
+                    .iter()
+                    .all(|&i| e.g.is_step_input(inst.operands[i])),
         };
         let (kt, vt) = (
             e.g.ty(inst.operands[1]).dtype,
@@ -196,6 +211,12 @@ impl PagedShape {
     /// Whether this is the one-pass kernel ([`PagedShape::one_pass`]).
     pub(crate) fn whole(&self) -> bool {
         self.table > 0
+    }
+
+    /// Whether the kernel loads its first key step before its grid-dependency wait: the
+    /// register design's partial kernel (not the one-pass one) with `preload`.
+    pub(crate) fn preloads(&self) -> bool {
+        self.preload && !self.staged() && self.mma.is_none() && !self.whole()
     }
 
     /// Whether the partial kernel merges the partitions itself (no merge kernel).
@@ -318,11 +339,16 @@ struct Partial {
     slot: Expr,
     /// The token's sequence (negative: padding).
     seq: Expr,
+    /// The token's keys: its position + 1 (0 for padding).
+    context: Expr,
     start: Expr,
     end: Expr,
     block_size: Expr,
     /// The one-pass kernel's block-table row in shared memory.
     table: Option<Buf>,
+    /// The loads of `qv` when the caller places them (after the grid-dependency wait of a
+    /// preloading kernel); empty when the prologue emitted them.
+    query_loads: Vec<Stmt>,
     qv: Vec<Vec<Expr>>,
     m: Vec<VarId>,
     l: Vec<VarId>,
@@ -330,7 +356,8 @@ struct Partial {
 }
 
 /// The first kernel's prologue: coordinates, key range, and for the CUDA-core designs
-/// (`registers`) the query rows and zeroed state.
+/// (`registers`) the query rows and zeroed state. A preloading kernel's query loads are
+/// left in [`Partial::query_loads`] for after its grid-dependency wait.
 fn prologue(
     e: &mut Emitter<'_, '_>,
     body: &mut Vec<Stmt>,
@@ -338,6 +365,7 @@ fn prologue(
     shape: &PagedShape,
     registers: bool,
 ) -> EResult<Partial> {
+    let mut query_loads = Vec::new();
     let g = e.g;
     let inst = g.inst(out).expect("paged_attention");
     let [q, k_cache, seq, pos] = [0, 1, 4, 5].map(|i| inst.operands[i]);
@@ -383,7 +411,7 @@ fn prologue(
         body,
         "end",
         ity,
-        context.min(start.clone() + e.ix(shape.part as i64)),
+        context.clone().min(start.clone() + e.ix(shape.part as i64)),
     );
     let block_size = e.dim(&g.shape(k_cache)[2]);
     // The query rows of the group, this lane's columns, in registers (the tensor-core
@@ -392,15 +420,23 @@ fn prologue(
     let mut qv: Vec<Vec<Expr>> = Vec::with_capacity(held);
     for gi in 0..held {
         let head = kvh.clone() * e.ix(group as i64) + e.ix(gi as i64);
-        let head = e.bind(body, "head", ity, head);
+        let head = e.bind(&mut query_loads, "head", ity, head);
         e.push_scope();
-        let vals = e.elem(body, q, &[token.clone(), head, col.clone()], per_lane)?;
+        let vals = e.elem(
+            &mut query_loads,
+            q,
+            &[token.clone(), head, col.clone()],
+            per_lane,
+        )?;
         e.pop_scope();
         let regs = vals
             .into_iter()
-            .map(|v| e.bind(body, "q", Ty::F32, v))
+            .map(|v| e.bind(&mut query_loads, "q", Ty::F32, v))
             .collect();
         qv.push(regs);
+    }
+    if !shape.preloads() {
+        body.append(&mut query_loads);
     }
     // The one-pass kernel's table row, its loads in flight with the query rows'.
     let table = if shape.whole() {
@@ -430,10 +466,12 @@ fn prologue(
         col,
         slot,
         seq: s,
+        context,
         start,
         end,
         block_size,
         table,
+        query_loads,
         qv,
         m,
         l,
@@ -596,44 +634,41 @@ fn online_step(
     }
 }
 
-/// The first kernel: one partition of one token for the query heads of one key/value head.
-pub(crate) fn emit_partial(
+/// One key step's loads of a warp in the register design: its `unroll` keys from `j0 +
+/// warp · unroll`, each key's validity, and this lane's columns of its key and value rows.
+struct KeyStep {
+    valid: Vec<Expr>,
+    /// The keys' positions.
+    keys_at: Vec<Expr>,
+    /// The cache coordinates of each key's rows.
+    rows: Vec<[Expr; 5]>,
+    keys: Vec<Vec<Expr>>,
+    values: Vec<Vec<Expr>>,
+}
+
+/// The loads of the key step at `j0` into `step` (see [`KeyStep`]).
+fn key_step(
     e: &mut Emitter<'_, '_>,
+    step: &mut Vec<Stmt>,
     out: Value,
     shape: &PagedShape,
-) -> EResult<Body> {
+    st: &Partial,
+    j0: Expr,
+) -> EResult<KeyStep> {
     let g = e.g;
     let inst = g.inst(out).expect("paged_attention");
     let [k_cache, v_cache, tables] = [1, 2, 3].map(|i| inst.operands[i]);
     let ity = e.index_ty;
-    let mut body = Vec::new();
-    if let Some(input) = shape.mma {
-        return mma_partial(e, out, shape, input);
-    }
-    let st = prologue(e, &mut body, out, shape, true)?;
-    if shape.staged() {
-        e.blocks_per_sm = shape.blocks_per_sm;
-        staged_loop(e, &mut body, out, shape, &st)?;
-        return epilogue(e, body, out, shape, &st);
-    }
-    let per_lane = shape.per_lane();
-    let (warps, unroll) = (shape.warps, shape.unroll);
-    let (start, end, warp, kvh, col) = (
-        st.start.clone(),
-        st.end.clone(),
-        st.warp.clone(),
-        st.kvh.clone(),
-        st.col.clone(),
-    );
+    let (per_lane, unroll) = (shape.per_lane(), shape.unroll);
+    let (start, end, warp) = (st.start.clone(), st.end.clone(), st.warp.clone());
     let block_size = st.block_size.clone();
-    // The loop over key steps: block-uniform bounds; warp w takes keys
-    // j0 + w·unroll .. + unroll of each step.
-    let j0 = e.var("j0", ity);
-    let mut step = Vec::new();
-    e.push_scope();
-    let mut valid = Vec::with_capacity(unroll);
-    let mut keys: Vec<Vec<Expr>> = Vec::with_capacity(unroll);
-    let mut values: Vec<Vec<Expr>> = Vec::with_capacity(unroll);
+    let mut loaded = KeyStep {
+        valid: Vec::with_capacity(unroll),
+        keys_at: Vec::with_capacity(unroll),
+        rows: Vec::with_capacity(unroll),
+        keys: Vec::with_capacity(unroll),
+        values: Vec::with_capacity(unroll),
+    };
     // With a constant block size that `unroll` divides (and partitions that start at
     // multiples of it), a warp's keys of a step lie in one cache block: one block-table
     // read per warp and step, no division per key. A warp whose first key is past the end
@@ -642,30 +677,31 @@ pub(crate) fn emit_partial(
         Dim::Const(bs)
             if bs.is_multiple_of(unroll as u64) && shape.part.is_multiple_of(unroll as u64) =>
         {
-            let first = Expr::var(j0) + warp.clone() * e.ix(unroll as i64);
+            let first = j0.clone() + warp.clone() * e.ix(unroll as i64);
             let first = Expr::select(first.clone().lt(end.clone()), first, start.clone());
-            let first = e.bind(&mut step, "first", ity, first);
-            let block = cache_block(e, &mut step, tables, &st, first.clone())?;
-            let block = e.bind(&mut step, "block", ity, block);
+            let first = e.bind(step, "first", ity, first);
+            let block = cache_block(e, step, tables, st, first.clone())?;
+            let block = e.bind(step, "block", ity, block);
             let slot = first % block_size.clone();
-            Some((block, e.bind(&mut step, "slot", ity, slot)))
+            Some((block, e.bind(step, "slot", ity, slot)))
         }
         _ => None,
     };
     for u in 0..unroll {
-        let j = Expr::var(j0) + warp.clone() * e.ix(unroll as i64) + e.ix(u as i64);
-        let j = e.bind(&mut step, "j", ity, j);
-        let ok = e.bind(&mut step, "key_ok", Ty::Pred, j.clone().lt(end.clone()));
-        valid.push(ok);
+        let j = j0.clone() + warp.clone() * e.ix(unroll as i64) + e.ix(u as i64);
+        let j = e.bind(step, "j", ity, j);
+        let ok = e.bind(step, "key_ok", Ty::Pred, j.clone().lt(end.clone()));
+        loaded.valid.push(ok.clone());
+        loaded.keys_at.push(j.clone());
         let (block, slot) = match &warp_block {
             // Keys past the end stay inside the warp's block (weight 0).
             Some((block, first)) => (block.clone(), first.clone() + e.ix(u as i64)),
             None => {
                 // Out-of-range keys read the partition's first key (valid memory, weight 0).
-                let jc = Expr::select(valid[u].clone(), j, start.clone());
-                let jc = e.bind(&mut step, "key", ity, jc);
-                let block = cache_block(e, &mut step, tables, &st, jc.clone())?;
-                let block = e.bind(&mut step, "block", ity, block);
+                let jc = Expr::select(ok, j, start.clone());
+                let jc = e.bind(step, "key", ity, jc);
+                let block = cache_block(e, step, tables, st, jc.clone())?;
+                let block = e.bind(step, "block", ity, block);
                 (block, jc % block_size.clone())
             }
         };
@@ -673,29 +709,148 @@ pub(crate) fn emit_partial(
             e.ix(shape.layer as i64),
             block,
             slot,
-            kvh.clone(),
-            col.clone(),
+            st.kvh.clone(),
+            st.col.clone(),
         ];
-        let kx = e.elem(&mut step, k_cache, &row, per_lane)?;
-        let vx = e.elem(&mut step, v_cache, &row, per_lane)?;
-        keys.push(
+        let kx = e.elem(step, k_cache, &row, per_lane)?;
+        let vx = e.elem(step, v_cache, &row, per_lane)?;
+        loaded.keys.push(
             kx.into_iter()
-                .map(|x| e.bind(&mut step, "k", Ty::F32, x))
+                .map(|x| e.bind(step, "k", Ty::F32, x))
                 .collect(),
         );
-        values.push(
+        loaded.values.push(
             vx.into_iter()
-                .map(|x| e.bind(&mut step, "v", Ty::F32, x))
+                .map(|x| e.bind(step, "v", Ty::F32, x))
                 .collect(),
         );
+        loaded.rows.push(row);
     }
+    Ok(loaded)
+}
+
+/// A preloading kernel's first key step (`PagedShape::preloads`): its loads before the
+/// grid-dependency wait, then the query rows, then, for keys of the step's own tokens
+/// (positions `j ≥ context − T` of a step of `T` tokens: the q/k/v kernel before this one
+/// may still be writing their rows when the early loads run), the rows loaded again,
+/// then the online step. A block whose partition holds no key (past the token's end, a
+/// padding token) does none of it.
+fn preloaded_step(
+    e: &mut Emitter<'_, '_>,
+    body: &mut Vec<Stmt>,
+    out: Value,
+    shape: &PagedShape,
+    st: &mut Partial,
+) -> EResult<()> {
+    let g = e.g;
+    let inst = g.inst(out).expect("paged_attention");
+    let [q, k_cache, v_cache] = [0, 1, 2].map(|i| inst.operands[i]);
+    let ity = e.index_ty;
+    let any = e.bind(
+        body,
+        "any_key",
+        Ty::Pred,
+        st.start.clone().lt(st.end.clone()),
+    );
+    let mut early = Vec::new();
+    e.push_scope();
+    let loaded = key_step(e, &mut early, out, shape, st, st.start.clone())?;
     e.pop_scope();
-    online_step(e, &mut step, shape, &st, &valid, &keys, &values);
+    body.push(Stmt::if_then(any.clone(), early));
+    body.push(Stmt::GridDependencyWait);
+    body.append(&mut st.query_loads);
+    let mut late = Vec::new();
+    let tokens = e.dim(&g.shape(q)[0]);
+    let fresh = e.bind(&mut late, "fresh", ity, st.context.clone() - tokens);
+    for u in 0..shape.unroll {
+        let again = Expr::binary(
+            BinOp::And,
+            loaded.valid[u].clone(),
+            loaded.keys_at[u].clone().ge(fresh.clone()),
+        );
+        let mut reload = Vec::new();
+        e.push_scope();
+        let kx = e.elem(&mut reload, k_cache, &loaded.rows[u], shape.per_lane())?;
+        let vx = e.elem(&mut reload, v_cache, &loaded.rows[u], shape.per_lane())?;
+        e.pop_scope();
+        for (held, x) in loaded.keys[u]
+            .iter()
+            .zip(kx)
+            .chain(loaded.values[u].iter().zip(vx))
+        {
+            let Expr::Var(reg) = held else {
+                unreachable!("a loaded key or value is bound to a register")
+            };
+            reload.push(Stmt::Assign(*reg, x));
+        }
+        late.push(Stmt::if_then(again, reload));
+    }
+    online_step(
+        e,
+        &mut late,
+        shape,
+        st,
+        &loaded.valid,
+        &loaded.keys,
+        &loaded.values,
+    );
+    body.push(Stmt::if_then(any, late));
+    Ok(())
+}
+
+/// The first kernel: one partition of one token for the query heads of one key/value head.
+pub(crate) fn emit_partial(
+    e: &mut Emitter<'_, '_>,
+    out: Value,
+    shape: &PagedShape,
+) -> EResult<Body> {
+    let g = e.g;
+    let inst = g.inst(out).expect("paged_attention");
+    let ity = e.index_ty;
+    let mut body = Vec::new();
+    if let Some(input) = shape.mma {
+        return mma_partial(e, out, shape, input);
+    }
+    if shape.preloads() {
+        // What the early loads read: step inputs, and the caches' rows of earlier steps.
+        for i in 1..6 {
+            e.buffer(inst.operands[i], Access::Settled);
+        }
+    }
+    let mut st = prologue(e, &mut body, out, shape, true)?;
+    if shape.staged() {
+        e.blocks_per_sm = shape.blocks_per_sm;
+        staged_loop(e, &mut body, out, shape, &st)?;
+        return epilogue(e, body, out, shape, &st);
+    }
+    // The loop over key steps: block-uniform bounds; warp w takes keys
+    // j0 + w·unroll .. + unroll of each step.
+    let stride = e.ix(i64::from(shape.warps) * shape.unroll as i64);
+    let first = if shape.preloads() {
+        preloaded_step(e, &mut body, out, shape, &mut st)?;
+        st.start.clone() + stride.clone()
+    } else {
+        st.start.clone()
+    };
+    let j0 = e.var("j0", ity);
+    let mut step = Vec::new();
+    e.push_scope();
+    let loaded = key_step(e, &mut step, out, shape, &st, Expr::var(j0))?;
+    e.pop_scope();
+    online_step(
+        e,
+        &mut step,
+        shape,
+        &st,
+        &loaded.valid,
+        &loaded.keys,
+        &loaded.values,
+    );
     body.push(Stmt::For {
         var: j0,
-        start: start.clone(),
-        end: end.clone(),
-        step: e.ix(i64::from(warps) * unroll as i64),
+        start: first,
+        end: st.end.clone(),
+        step: stride,
         body: step,
     });
     epilogue(e, body, out, shape, &st)

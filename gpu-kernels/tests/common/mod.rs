@@ -28,6 +28,10 @@ struct Machine<'a> {
     symbols: BTreeMap<String, u64>,
     memory: Vec<Vec<u8>>,
     locs: Vec<Loc>,
+    /// The memory before the last launch, when a launch came last: what the next kernel's
+    /// statements before its grid-dependency wait read (programmatic dependent launch may
+    /// run them before that launch's writes). A copy waits for everything before it.
+    before_last: Option<Vec<Vec<u8>>>,
 }
 
 impl Machine<'_> {
@@ -69,9 +73,18 @@ impl Machine<'_> {
                         }
                     }
                     {
+                        let earlier = self.before_last.replace(self.memory.clone());
+                        let earlier = earlier.as_ref().unwrap_or(&self.memory);
+                        let before: Vec<&[u8]> = bufs
+                            .iter()
+                            .map(|(b, _, _)| {
+                                let l = self.locs[b.0 as usize];
+                                &earlier[l.alloc][l.offset..l.offset + l.len]
+                            })
+                            .collect();
                         let mut slices: Vec<&mut [u8]> =
                             bufs.iter_mut().map(|(_, d, _)| d.as_mut_slice()).collect();
-                        kiln_kir::run_kernel(k, grid, &mut slices, &scalars)
+                        kiln_kir::run_kernel_across_wait(k, grid, &before, &mut slices, &scalars)
                             .map_err(|e| e.to_string())?;
                     }
                     for (b, data, writes) in bufs {
@@ -83,6 +96,7 @@ impl Machine<'_> {
                 Step::Copy { src, dst } => {
                     let data = self.bytes(*src).to_vec();
                     self.write(*dst, &data);
+                    self.before_last = None;
                 }
                 Step::Loop {
                     count,
@@ -102,12 +116,14 @@ impl Machine<'_> {
                     }
                     for it in 0..n {
                         self.write(*counter, &it.to_le_bytes());
+                        self.before_last = None;
                         self.run(body)?;
                         for (c, x) in carried.iter().zip(next) {
                             let data = self.bytes(*x).to_vec();
                             self.write(*c, &data);
                         }
                     }
+                    self.before_last = None;
                 }
                 Step::BySize { .. } => {
                     let symbols = &self.symbols;
@@ -192,6 +208,7 @@ pub fn run_plan(
         symbols,
         memory,
         locs,
+        before_last: None,
     };
     for b in &plan.buffers {
         match &b.kind {
