@@ -481,7 +481,8 @@ pub struct PagedTuning {
     /// long-context case (64 × 4096 keys, GQA 32/8, D 128) read 1214 GB/s with 8 and 1131
     /// with 4 (`…-paged-tuning-c7ac524.txt`); 167 registers, no spills on the five targets.
     pub unroll: usize,
-    /// Warps of a block of the first kernel.
+    /// Warps of a block of the first kernel (the short variant takes `short_warps`, and
+    /// `short_unroll` for `unroll`).
     pub warps: u32,
     /// Key positions of a partition when the block tables hold at most `short_context`
     /// positions (a variant the plan picks at run time by the block tables' width): short
@@ -492,6 +493,15 @@ pub struct PagedTuning {
     pub short_part: u64,
     /// The most key positions (block-table width × block size) the short variant serves.
     pub short_context: u64,
+    /// The short variant's `warps` and `unroll` (its partial kernel is the register
+    /// design). 8 warps of 4 keys a step: on the H100 the 1.1B decode step (≤ 256 keys) on
+    /// the GPU alone took 0.962 / 0.962 / 0.963 ms against 0.988 / 0.988 with 4 warps of 8
+    /// (both with the preload), 0.972 / 0.973 with 16 of 2, 0.978 / 0.980 with 8 of 8 in
+    /// partitions of 64, 0.987 with 16 of 4 in partitions of 64, 0.996 with 4 of 4 in
+    /// partitions of 16, 1.026 with 2 of 8 in partitions of 16 and 1.031 with 16 of 8 in
+    /// partitions of 128 (`…-decode-paged-short-sweep{,2}-wip.txt`).
+    pub short_warps: u32,
+    pub short_unroll: usize,
     /// Keys of one shared-memory tile of the staged designs of the long-context kernel
     /// (`templates/paged_decode.rs`: key and value tiles copied by `cp.async`, `stages - 1`
     /// tiles ahead of the math); 0 keeps the register design (a warp's keys loaded into
@@ -581,6 +591,8 @@ impl Default for PagedTuning {
             warps: 4,
             short_part: 32,
             short_context: 512,
+            short_warps: 8,
+            short_unroll: 4,
             tile: 16,
             stages: 4,
             blocks_per_sm: 0,

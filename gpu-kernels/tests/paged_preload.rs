@@ -159,8 +159,9 @@ fn early_cache_loads_see_the_steps_own_rows_after_the_wait() {
     let early = before_wait(&kernel);
     assert!(!early.is_empty(), "no explicit wait");
     for cache in ["kc", "vc"] {
-        // One step of 8 keys a warp (`unroll`) before the wait.
-        assert_eq!(loads_of(early, param(cache)), 8, "{cache}");
+        // One step of the short variant's keys a warp before the wait.
+        let keys = PagedTuning::default().short_unroll;
+        assert_eq!(loads_of(early, param(cache)), keys, "{cache}");
     }
     assert_eq!(loads_of(early, param("q")), 0, "queries before the wait");
 }

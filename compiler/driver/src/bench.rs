@@ -285,7 +285,8 @@ const TUNE_POINTWISE: &str = "KILN_TUNE_POINTWISE";
 /// `KILN_TUNE_PAGED`: `part=N` (key positions of a paged-attention partition), `unroll=N`
 /// (keys a warp takes per step), `warps=N` (warps of the partial kernel's block),
 /// `short_part=N` and `short_context=N` (the partition for block tables of at most that many
-/// positions; `short_part` ≥ `part` turns the variant off), `tile=N` (keys of a shared-memory
+/// positions; `short_part` ≥ `part` turns the variant off), `short_warps=N` and
+/// `short_unroll=N` (that variant's warps and keys a warp step), `tile=N` (keys of a shared-memory
 /// tile of the staged long-context design; 0: the register design), `stages=N` (its tiles
 /// in flight), `blocks=N` (blocks an SM ptxas fits the staged kernel's registers for) and
 /// `lanes=N` (lanes splitting a key's head dim in it), `mma=N` (warps of the tensor-core
@@ -415,6 +416,8 @@ pub(crate) fn apply_tuning(options: &mut CompileOptions) -> Result<()> {
             "warps" => paged.warps = u32::try_from(n.min(32)).unwrap_or(32),
             "short_part" => paged.short_part = n,
             "short_context" => paged.short_context = n,
+            "short_warps" => paged.short_warps = u32::try_from(n.min(32)).unwrap_or(32),
+            "short_unroll" => paged.short_unroll = n as usize,
             "tile" => paged.tile = raw,
             "stages" => paged.stages = n,
             "lanes" => paged.lanes = u32::try_from(n.min(32)).unwrap_or(32),
@@ -425,13 +428,14 @@ pub(crate) fn apply_tuning(options: &mut CompileOptions) -> Result<()> {
             "preload" => paged.preload = raw != 0,
             _ => bail!(
                 "{TUNE_PAGED}: unknown key `{key}` (part, unroll, warps, short_part, \
-                 short_context, tile, stages, blocks, lanes, mma, onepass, fusedmerge, preload)"
+                 short_context, short_warps, short_unroll, tile, stages, blocks, lanes, mma, onepass, fusedmerge, preload)"
             ),
         }
     }
     if !paged_items.is_empty() {
         eprintln!(
-            "kiln bench: {TUNE_PAGED}: part {}, unroll {}, warps {}, short_part {} up to {} keys, \
+            "kiln bench: {TUNE_PAGED}: part {}, unroll {}, warps {}, short_part {} up to {} keys \
+             ({} warps of {} keys a step), \
              tile {} ({} stages, {} blocks an SM, {} lanes a key, {} tensor-core warps), \
              one-pass short kernel of {} warps, fused merge {}",
             paged.part,
@@ -439,6 +443,8 @@ pub(crate) fn apply_tuning(options: &mut CompileOptions) -> Result<()> {
             paged.warps,
             paged.short_part,
             paged.short_context,
+            paged.short_warps,
+            paged.short_unroll,
             paged.tile,
             paged.stages,
             paged.blocks_per_sm,

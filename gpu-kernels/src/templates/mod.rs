@@ -777,11 +777,14 @@ pub(crate) fn build(
         let mut tuning = options.paged;
         if small {
             tuning.part = tuning.short_part;
+            tuning.warps = tuning.short_warps;
+            tuning.unroll = tuning.short_unroll;
             tuning.tile = 0;
             // Short block tables: one pass over each, no merge kernel (the variant serves
             // tables of at most `short_context` positions, a whole one a partition).
             let whole = crate::PagedTuning {
                 part: tuning.short_context.max(1),
+                unroll: options.paged.unroll,
                 ..tuning
             };
             let entries = match g.shape(g.inst(*out).expect("paged_attention").operands[1])[2] {
