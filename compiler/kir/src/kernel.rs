@@ -502,7 +502,9 @@ pub enum Access {
     /// its first kernel) and, by the paged attention template's contract, the KV-cache rows
     /// of positions before the step's tokens (written by earlier steps; the rows the step
     /// writes are loaded again after the wait). Unlike [`Access::Constant`], kernels may
-    /// write other elements of it, so its loads move across nothing else.
+    /// write other elements of it, so its loads move across nothing else, and a backend
+    /// with incoherent caches reads it around them (the PTX emitter loads it with
+    /// `ld.global.cg`, L2 only: no line an early load brought in stale serves a later one).
     Settled,
 }
 

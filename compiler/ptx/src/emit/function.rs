@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 
 use kiln_ir::DType;
 use kiln_kir::print::Names;
-use kiln_kir::{Buf, Const, Expr, Kernel, Param, SharedLayout, Special, Stmt, Ty, VarId};
+use kiln_kir::{Access, Buf, Const, Expr, Kernel, Param, SharedLayout, Special, Stmt, Ty, VarId};
 
 use super::features::Feature;
 use super::isa::{self, BinaryLowering, CastLowering, UnaryLowering};
@@ -67,8 +67,9 @@ pub struct Value {
 /// Where a buffer lives.
 #[derive(Clone, Debug)]
 pub enum Place {
-    /// A global buffer: the register holding its (global-window) address.
-    Global { pointer: Reg, read_only: bool },
+    /// A global buffer: the register holding its (global-window) address, and how the
+    /// kernel may touch it.
+    Global { pointer: Reg, access: Access },
     /// A shared array: the symbol it is addressed from, the array's byte offset from that
     /// symbol (nonzero only in the dynamic window) and the register holding its 32-bit
     /// address.
@@ -943,7 +944,7 @@ impl<'k, 'c> FunctionEmitter<'k, 'c> {
             Buf::Global(index) => match self.kernel.params.get(index as usize) {
                 Some(Param::Buffer { access, .. }) => Ok(Place::Global {
                     pointer: self.params[index as usize],
-                    read_only: !access.writes(),
+                    access: *access,
                 }),
                 _ => Err(self.error(format!("parameter {index} is not a buffer"))),
             },

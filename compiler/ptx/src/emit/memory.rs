@@ -2,7 +2,7 @@
 //! memory dtypes and compute types.
 //!
 //! - Global buffers are 64-bit addresses (`ld.global.nc` when the kernel only reads the
-//!   buffer); shared arrays use 32-bit shared-window addresses, and constant indices
+//!   buffer, `ld.global.cg` — L2 only — for `Access::Settled` buffers); shared arrays use 32-bit shared-window addresses, and constant indices
 //!   become `[symbol+offset]`.
 //! - Half floats travel as `.b16` (`ld.b16`, never `.f16`); bytes (i8, bool, f8) are
 //!   `ld/st.u8`/`.s8` through 16-bit registers (PTX has no 8-bit register operations).
@@ -14,7 +14,7 @@
 //!   exact routines of [`crate::numeric::convert`] (encode) and bit placement (decode).
 
 use kiln_ir::DType;
-use kiln_kir::{Buf, Expr, Ty};
+use kiln_kir::{Access, Buf, Expr, Ty};
 
 use super::features::Feature;
 use super::function::{FunctionEmitter, Place, Value};
@@ -50,11 +50,14 @@ impl FunctionEmitter<'_, '_> {
             .and_then(|i| i.checked_mul(i64::from(bytes)))
             .filter(|offset| i32::try_from(*offset).is_ok());
         match place {
-            Place::Global { pointer, read_only } => {
-                let space = if read_only && !write {
-                    "global.nc"
-                } else {
-                    "global"
+            Place::Global { pointer, access } => {
+                // Settled buffers may change while the kernel runs (a row its early loads
+                // read stale is loaded again after the wait): their loads stay out of the
+                // non-coherent L1, so that no stale line serves a later load.
+                let space = match access {
+                    _ if write || access.writes() => "global",
+                    Access::Settled => "global.cg",
+                    _ => "global.nc",
                 };
                 if let Some(offset) = offset {
                     return Ok(Address {
