@@ -286,12 +286,12 @@ const TUNE_POINTWISE: &str = "KILN_TUNE_POINTWISE";
 /// (keys a warp takes per step), `warps=N` (warps of the partial kernel's block),
 /// `short_part=N` and `short_context=N` (the partition for block tables of at most that many
 /// positions; `short_part` ≥ `part` turns the variant off), `short_warps=N` and
-/// `short_unroll=N` (that variant's warps and keys a warp step), `tile=N` (keys of a shared-memory
-/// tile of the staged long-context design; 0: the register design), `stages=N` (its tiles
-/// in flight), `blocks=N` (blocks an SM ptxas fits the staged kernel's registers for) and
-/// `lanes=N` (lanes splitting a key's head dim in it), `mma=N` (warps of the tensor-core
-/// staged design, `mma.sync` scores and weighted values; 0: the CUDA-core one), `onepass=N`
-/// (warps of the short-context variant's one-pass kernel, no merge kernel; 0: the partial
+/// `short_unroll=N` (that variant's warps and keys a warp step), `tile=N` (keys of a
+/// shared-memory tile of the staged long-context design; 0: the register design),
+/// `stages=N` (its tiles in flight), `blocks=N` (blocks an SM ptxas fits the staged
+/// kernel's registers for) and `lanes=N` (lanes splitting a key's head dim in it), `mma=N`
+/// (warps of the tensor-core staged design, `mma.sync` scores and weighted values; 0: the
+/// CUDA-core one), `onepass=N` (warps of the short-context variant's one-pass kernel, no merge kernel; 0: the partial
 /// and merge kernels of `short_part` partitions), `fusedmerge=0|1` (the partial kernel's
 /// last block of a token and head group merges the partitions, no merge kernel; default 0),
 /// `preload=0|1` (the register design loads its first keys and values before its
@@ -312,8 +312,9 @@ const TUNE_PAGED: &str = "KILN_TUNE_PAGED";
 /// `trigger=0|1` (a decode GEMM block lets the next kernel launch after its main loop;
 /// default 0), `early=0|1` (every other kernel lets the next launch right after its
 /// grid-dependency wait; default 1), `earlyloads=0|1` (a kernel without a wait of its own
-/// waits after its leading loads of constant or settled buffers, a norm's gain; default 0), `preload=0|1` (a GEMV block loads its first weights
-/// before its grid-dependency wait; default 0), `gemv=0|1` (matmuls of at most 4 rows of
+/// waits after its leading loads of constant or settled buffers, a norm's gain; default 0),
+/// `preload=0|1` (a GEMV block loads its first weights before its grid-dependency wait;
+/// default 0), `gemv=0|1` (matmuls of at most 4 rows of
 /// a `linear` weight take the GEMV template, a warp a column, no split-K; default 1), `gemvunroll=N` (16-byte weight vectors
 /// a lane loads together per step in GEMVs of more than one row; default 4), `gemvunroll1=N`
 /// (the same for GEMVs of one row; default 8), `gemvblocks=N` (the most blocks of a GEMV
@@ -428,7 +429,8 @@ pub(crate) fn apply_tuning(options: &mut CompileOptions) -> Result<()> {
             "preload" => paged.preload = raw != 0,
             _ => bail!(
                 "{TUNE_PAGED}: unknown key `{key}` (part, unroll, warps, short_part, \
-                 short_context, short_warps, short_unroll, tile, stages, blocks, lanes, mma, onepass, fusedmerge, preload)"
+                 short_context, short_warps, short_unroll, tile, stages, blocks, lanes, mma, \
+                 onepass, fusedmerge, preload)"
             ),
         }
     }

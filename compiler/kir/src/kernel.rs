@@ -74,8 +74,9 @@
 //!   visible) before its first statement, or, when its body holds a top-level
 //!   `GridDependencyWait`, there. The statements before that marker may touch no memory
 //!   that a kernel writes: they are address arithmetic, loads of [`Access::Constant`]
-//!   and [`Access::Settled`] buffers (`Assign`s and `LoadVec`s that load nothing else, `If` and `For` of such) and
-//!   `PrefetchL2` hints, so they may run while the previous kernel still runs.
+//!   and [`Access::Settled`] buffers (`Assign`s and `LoadVec`s that load nothing else,
+//!   `If` and `For` of such) and `PrefetchL2` hints, so they may run while the previous
+//!   kernel still runs.
 //! - `PrefetchL2` asks L2 to fetch `bytes` bytes of a global buffer from element `index`:
 //!   only a hint (L2 is the coherence point, so a later load after the wait still sees
 //!   the previous kernel's writes). `bytes` is a positive multiple of 16, the start 16-byte
@@ -647,34 +648,30 @@ impl Kernel {
     }
 }
 
+/// How `buf` is declared among `params`: its access when it is a buffer parameter.
+fn buffer_access(params: &[Param], buf: Buf) -> Option<Access> {
+    let Buf::Global(i) = buf else {
+        return None;
+    };
+    match params.get(i as usize)? {
+        Param::Buffer { access, .. } => Some(*access),
+        Param::Scalar { .. } => None,
+    }
+}
+
 /// Whether `buf` is a buffer parameter of `params` declared [`Access::Constant`] (a
 /// checkpoint tensor, which no kernel writes).
 pub fn constant_buffer(params: &[Param], buf: Buf) -> bool {
-    match buf {
-        Buf::Global(i) => matches!(
-            params.get(i as usize),
-            Some(Param::Buffer {
-                access: Access::Constant,
-                ..
-            })
-        ),
-        Buf::Shared(_) => false,
-    }
+    buffer_access(params, buf) == Some(Access::Constant)
 }
 
 /// Whether a kernel may load `buf` before its `GridDependencyWait`: a buffer parameter of
 /// `params` declared [`Access::Constant`] or [`Access::Settled`].
 pub fn settled_buffer(params: &[Param], buf: Buf) -> bool {
-    match buf {
-        Buf::Global(i) => matches!(
-            params.get(i as usize),
-            Some(Param::Buffer {
-                access: Access::Constant | Access::Settled,
-                ..
-            })
-        ),
-        Buf::Shared(_) => false,
-    }
+    matches!(
+        buffer_access(params, buf),
+        Some(Access::Constant | Access::Settled)
+    )
 }
 
 /// Whether a `LoadVec` of a `dtype` buffer into registers of type `ty` loads raw element

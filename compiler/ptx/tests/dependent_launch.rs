@@ -18,16 +18,21 @@ fn instructions(ptx: &str) -> Vec<&str> {
         .collect()
 }
 
+/// `kernel` alone, emitted for `target` with the default options.
+fn emit_one(kernel: &Kernel, target: Target) -> kiln_ptx::PtxModule {
+    emit_module(
+        std::slice::from_ref(kernel),
+        target,
+        &EmitOptions::default(),
+    )
+    .unwrap()
+}
+
 #[test]
 fn the_wait_follows_the_prefetch_on_targets_with_dependent_launch() {
     let kernel = prefetch_copy(DType::BF16);
     for target in Target::ALL {
-        let module = emit_module(
-            std::slice::from_ref(&kernel),
-            target,
-            &EmitOptions::default(),
-        )
-        .unwrap();
+        let module = emit_one(&kernel, target);
         let lines = instructions(&module.text);
         let find = |prefix: &str| -> Vec<usize> {
             (0..lines.len())
@@ -122,12 +127,7 @@ fn early_and_late() -> Kernel {
 fn settled_loads_bypass_the_non_coherent_cache() {
     let kernel = early_and_late();
     for target in Target::ALL {
-        let module = emit_module(
-            std::slice::from_ref(&kernel),
-            target,
-            &EmitOptions::default(),
-        )
-        .unwrap();
+        let module = emit_one(&kernel, target);
         let lines = instructions(&module.text);
         let loads: Vec<&&str> = lines
             .iter()

@@ -781,11 +781,12 @@ pub(crate) fn build(
             tuning.unroll = tuning.short_unroll;
             tuning.tile = 0;
             // Short block tables: one pass over each, no merge kernel (the variant serves
-            // tables of at most `short_context` positions, a whole one a partition).
+            // tables of at most `short_context` positions, a whole one a partition; its
+            // own warps, the register design's `unroll`).
             let whole = crate::PagedTuning {
                 part: tuning.short_context.max(1),
-                unroll: options.paged.unroll,
-                ..tuning
+                tile: 0,
+                ..options.paged
             };
             let entries = match g.shape(g.inst(*out).expect("paged_attention").operands[1])[2] {
                 Dim::Const(bs) if bs > 0 => tuning.short_context / bs,

@@ -2,8 +2,8 @@
 //! memory dtypes and compute types.
 //!
 //! - Global buffers are 64-bit addresses (`ld.global.nc` when the kernel only reads the
-//!   buffer, `ld.global.cg` — L2 only — for `Access::Settled` buffers); shared arrays use 32-bit shared-window addresses, and constant indices
-//!   become `[symbol+offset]`.
+//!   buffer, `ld.global.cg` — L2 only — for `Access::Settled` buffers); shared arrays use
+//!   32-bit shared-window addresses, and constant indices become `[symbol+offset]`.
 //! - Half floats travel as `.b16` (`ld.b16`, never `.f16`); bytes (i8, bool, f8) are
 //!   `ld/st.u8`/`.s8` through 16-bit registers (PTX has no 8-bit register operations).
 //! - Vectors: 4- and 8-byte elements move as `.v2`/`.v4` of themselves; 16-bit and 8-bit
